@@ -1,0 +1,192 @@
+//! quinn endpoints for jmp: server (exporter) and client, TLS 1.3 with the ring provider, and
+//! the client's certificate pinning.
+
+use crate::identity::{Fingerprint, Identity};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A peer that stays silent this long is gone. Long enough to ride out a short network blip,
+/// short enough that `jmp attach` starts reconnecting soon after a real loss.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: quinn::ConnectError,
+    },
+    #[error("cannot reach the exporter at {addr}: {source}")]
+    Connection {
+        addr: SocketAddr,
+        source: quinn::ConnectionError,
+    },
+    #[error(
+        "the exporter at {addr} presented certificate {got}, but {expected} is pinned for it. \
+         This is what an impostor would look like. If the exporter's identity was regenerated on \
+         purpose, pin the new fingerprint (jmpd prints it at start)"
+    )]
+    FingerprintMismatch {
+        addr: SocketAddr,
+        expected: Fingerprint,
+        got: Fingerprint,
+    },
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("10 s fits a QUIC varint"),
+    ));
+    // Every TCP connection through a forward is a stream: allow many at once.
+    t.max_concurrent_bidi_streams(1024u32.into());
+    t
+}
+
+/// The exporter's endpoint on an already bound socket (so tests and `jmp local` bind port 0).
+pub fn server_endpoint(
+    socket: std::net::UdpSocket,
+    identity: &Identity,
+    alpn: &[u8],
+) -> Result<quinn::Endpoint, ConnectError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ConnectError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(vec![identity.cert.clone()], identity.key())
+        .map_err(|e| ConnectError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| ConnectError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport_config()));
+    let endpoint_config = quinn::EndpointConfig::new(Arc::new(identity.reset_key()));
+    quinn::Endpoint::new(
+        endpoint_config,
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| ConnectError::Tls(format!("cannot create endpoint: {e}")))
+}
+
+/// A client endpoint bound to an ephemeral port of the right address family.
+pub fn client_endpoint(peer: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let bind: SocketAddr = if peer.is_ipv6() {
+        "[::]:0".parse().expect("literal")
+    } else {
+        "0.0.0.0:0".parse().expect("literal")
+    };
+    quinn::Endpoint::client(bind)
+}
+
+/// Accepts any certificate at the TLS layer but still verifies the handshake signature with the
+/// certificate's key, so the peer provably holds the key of the certificate whose fingerprint
+/// [`connect`] then compares with the pin before a single byte (the token) is sent.
+#[derive(Debug)]
+struct PinVerifier {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // TLS 1.2 is never negotiated (QUIC requires 1.3).
+        Err(rustls::Error::General("TLS 1.2 is not used by jmp".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn client_config(alpn: &[u8]) -> Result<quinn::ClientConfig, ConnectError> {
+    let provider = provider();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ConnectError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinVerifier { provider }))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| ConnectError::Tls(e.to_string()))?;
+    let mut c = quinn::ClientConfig::new(Arc::new(crypto));
+    c.transport_config(Arc::new(transport_config()));
+    Ok(c)
+}
+
+/// Connects and checks the exporter's certificate against `pin`. Returns the connection and the
+/// fingerprint seen (for trust-on-first-use, when `pin` is `None`).
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    alpn: &[u8],
+    pin: Option<Fingerprint>,
+) -> Result<(quinn::Connection, Fingerprint), ConnectError> {
+    let connecting = endpoint
+        .connect_with(client_config(alpn)?, addr, "jmp-exporter")
+        .map_err(|source| ConnectError::Connect { addr, source })?;
+    let conn = connecting
+        .await
+        .map_err(|source| ConnectError::Connection { addr, source })?;
+    let got = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|certs| certs.first().map(|c| Fingerprint::of(c.as_ref())))
+        .ok_or_else(|| ConnectError::Tls("the exporter presented no certificate".into()))?;
+    if let Some(expected) = pin {
+        if expected != got {
+            conn.close(0u32.into(), b"certificate fingerprint mismatch");
+            return Err(ConnectError::FingerprintMismatch {
+                addr,
+                expected,
+                got,
+            });
+        }
+    }
+    Ok((conn, got))
+}

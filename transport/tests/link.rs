@@ -1,0 +1,216 @@
+//! The Link over a real quinn connection on loopback: handshake, stream and datagram channels,
+//! refusals, pinning, and a session ended with a reason.
+
+use bytes::Bytes;
+use jmp_protocol::*;
+use jmp_transport::link::LinkError;
+use jmp_transport::*;
+use std::net::SocketAddr;
+
+struct Server {
+    addr: SocketAddr,
+    fingerprint: Fingerprint,
+    _endpoint: quinn::Endpoint,
+}
+
+/// An exporter that welcomes token "good", echoes stream channels on device "echo", echoes
+/// datagram channels on "dg", rejects everything else.
+async fn server() -> Server {
+    let id = Identity::generate().expect("identity");
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = sock.local_addr().expect("addr");
+    let endpoint = server_endpoint(sock, &id, ALPN_EXPORTER).expect("endpoint");
+    let ep = endpoint.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            tokio::spawn(async move {
+                let conn = incoming.await.expect("handshake");
+                let mut link = Link::exporter(conn).await.expect("link");
+                while let Some(ev) = link.events.recv().await {
+                    match ev {
+                        LinkEvent::Hello(h) if h.token == "good" => link.handle.welcome(Welcome {
+                            exporter: "test".into(),
+                            features: features::ALL,
+                            devices: vec![DeviceInfo {
+                                name: "echo".into(),
+                                kind: "test".into(),
+                                detail: String::new(),
+                            }],
+                        }),
+                        LinkEvent::Hello(_) => {
+                            link.handle.bye(ErrorCode::Unauthorized, "bad token")
+                        }
+                        LinkEvent::Incoming(inc) if inc.open.device == "echo" => {
+                            let mut pipe = inc.accept_stream(5).expect("stream");
+                            tokio::spawn(async move {
+                                while let Ok(Some(b)) = pipe.rx.recv().await {
+                                    if pipe.tx.send(b).await.is_err() {
+                                        break;
+                                    }
+                                }
+                                let _ = pipe.tx.finish();
+                            });
+                        }
+                        LinkEvent::Incoming(inc) if inc.open.device == "dg" => {
+                            let mut dg = inc.accept_datagram().expect("datagram");
+                            tokio::spawn(async move {
+                                while let Some(m) = dg.recv().await {
+                                    let _ = dg.send(&m);
+                                }
+                            });
+                        }
+                        LinkEvent::Incoming(inc) => {
+                            let reason = format!("no device {:?}", inc.open.device);
+                            inc.reject(ErrorCode::NoSuchDevice, reason);
+                        }
+                        LinkEvent::Ended { .. } => break,
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    Server {
+        addr,
+        fingerprint: id.fingerprint(),
+        _endpoint: endpoint,
+    }
+}
+
+fn hello(token: &str) -> Hello {
+    Hello {
+        features: features::ALL,
+        client: "test".into(),
+        session: 1,
+        token: token.into(),
+    }
+}
+
+#[tokio::test]
+async fn stream_and_datagram_channels_work_and_refusals_have_reasons() {
+    let s = server().await;
+    let ep = client_endpoint(s.addr).expect("client endpoint");
+    let (conn, fp) = connect(&ep, s.addr, ALPN_EXPORTER, Some(s.fingerprint))
+        .await
+        .expect("connect");
+    assert_eq!(fp, s.fingerprint);
+    let (link, welcome) = Link::client(conn, hello("good")).await.expect("welcome");
+    assert_eq!(welcome.exporter, "test");
+
+    // Several stream channels at once, each echoing its own data.
+    let mut tasks = Vec::new();
+    for i in 0..8u8 {
+        let h = link.handle.clone();
+        tasks.push(tokio::spawn(async move {
+            let (pipe, offset) = h.open_stream("echo", None).await.expect("open");
+            assert_eq!(offset, 5);
+            let data: Vec<u8> = (0..100_000u32).map(|x| (x as u8) ^ i).collect();
+            let (mut tx, mut rx) = pipe.split();
+            let sent = data.clone();
+            let w = tokio::spawn(async move {
+                for c in sent.chunks(7000) {
+                    tx.send(Bytes::copy_from_slice(c)).await.expect("send");
+                }
+                tx.finish().expect("finish");
+            });
+            let mut got = Vec::new();
+            while let Some(b) = rx.recv().await.expect("recv") {
+                got.extend_from_slice(&b);
+            }
+            w.await.expect("writer");
+            assert_eq!(got, data, "channel {i} echoes byte-exact and then ends");
+        }));
+    }
+    for t in tasks {
+        t.await.expect("channel task");
+    }
+
+    let err = link
+        .handle
+        .open_stream("nope", None)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.code, ErrorCode::NoSuchDevice);
+    assert!(err.reason.contains("nope"), "{err}");
+
+    let mut dg = link
+        .handle
+        .open_datagram("dg")
+        .await
+        .expect("datagram channel");
+    assert!(dg.max_size() >= 1100, "max datagram {}", dg.max_size());
+    let mut got = None;
+    for _ in 0..50 {
+        dg.send(b"frame").expect("send datagram");
+        if let Ok(Some(m)) =
+            tokio::time::timeout(std::time::Duration::from_millis(100), dg.recv()).await
+        {
+            got = Some(m);
+            break;
+        }
+    }
+    assert_eq!(got.as_deref(), Some(&b"frame"[..]));
+
+    // Ending the session carries the reason to the peer and closes the connection.
+    link.handle.bye(ErrorCode::Ok, "done");
+}
+
+#[tokio::test]
+async fn wrong_token_is_refused_with_the_reason() {
+    let s = server().await;
+    let ep = client_endpoint(s.addr).expect("client endpoint");
+    let (conn, _) = connect(&ep, s.addr, ALPN_EXPORTER, None)
+        .await
+        .expect("connect");
+    match Link::client(conn, hello("bad")).await {
+        Err(LinkError::Refused { code, reason }) => {
+            assert_eq!(code, ErrorCode::Unauthorized);
+            assert_eq!(reason, "bad token");
+        }
+        Err(other) => panic!("expected a refusal, got {other}"),
+        Ok(_) => panic!("expected a refusal, got a welcome"),
+    }
+}
+
+#[tokio::test]
+async fn pinned_fingerprint_mismatch_is_refused_before_hello() {
+    let s = server().await;
+    let other = Identity::generate().expect("identity").fingerprint();
+    let ep = client_endpoint(s.addr).expect("client endpoint");
+    match connect(&ep, s.addr, ALPN_EXPORTER, Some(other)).await {
+        Err(ConnectError::FingerprintMismatch { expected, got, .. }) => {
+            assert_eq!(expected, other);
+            assert_eq!(got, s.fingerprint);
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("connected despite a wrong pin"),
+    }
+}
+
+#[tokio::test]
+async fn garbage_on_the_control_stream_ends_only_that_session() {
+    let s = server().await;
+    let ep = client_endpoint(s.addr).expect("client endpoint");
+    let (conn, _) = connect(&ep, s.addr, ALPN_EXPORTER, None)
+        .await
+        .expect("connect");
+    let (mut send, _recv) = conn.open_bi().await.expect("stream");
+    send.write_all(&[0x05, 0xff, 0xff, 0xff, 0xff, 0xff])
+        .await
+        .expect("write");
+    let e = conn.closed().await;
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code.into_inner(), ErrorCode::Protocol.to_wire());
+            let reason = String::from_utf8_lossy(&c.reason).into_owned();
+            assert!(reason.contains("unknown message type 0xff"), "{reason}");
+        }
+        other => panic!("expected a protocol close, got {other}"),
+    }
+    // The server still serves others.
+    let (conn, _) = connect(&ep, s.addr, ALPN_EXPORTER, None)
+        .await
+        .expect("connect again");
+    assert!(Link::client(conn, hello("good")).await.is_ok());
+}
