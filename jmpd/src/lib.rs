@@ -1,1 +1,151 @@
-//! stub
+//! jmpd: the exporter daemon. Reads an ExporterConfig, keeps the exporter's TLS identity, and
+//! serves the board's devices to the one client holding it.
+//!
+//! Owns: the command line, logging, the identity's location, binding, signals. The serving
+//! itself is `jmp_devices::exporter` (shared with `jmp local`). Does not own: leases (the
+//! controller), device logic (jmp-devices).
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use jmp_devices::config::ExporterConfig;
+use jmp_devices::exporter::{Exporter, TokenAuth};
+use jmp_transport::{server_endpoint, Identity};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use tracing::{info, warn};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "jmpd",
+    version,
+    about = "jmp exporter daemon: serves a lab board's devices over QUIC"
+)]
+pub struct Args {
+    /// Exporter configuration (YAML).
+    #[arg(short, long, default_value = "/etc/jmp/exporter.yaml")]
+    pub config: PathBuf,
+    /// Validate the configuration and exit, without opening devices or binding.
+    #[arg(long)]
+    pub check_config: bool,
+    /// Print the exporter's certificate fingerprint (creating the identity if needed) and exit.
+    #[arg(long)]
+    pub print_fingerprint: bool,
+    /// Override `listen` from the config.
+    #[arg(long)]
+    pub listen: Option<String>,
+}
+
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("JMP_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("jmpd: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Default place for the identity: /var/lib/jmp/<name> for root, else under XDG_DATA_HOME.
+fn default_state_dir(name: &str) -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/jmp").join(name);
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    base.join("jmp/exporters").join(name)
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let mut cfg = ExporterConfig::load(&args.config)?;
+    if let Some(l) = &args.listen {
+        cfg.listen = l.clone();
+        cfg.validate().map_err(|e| anyhow!("--listen: {e}"))?;
+    }
+    let Some(auth) = cfg.auth.clone() else {
+        bail!(
+            "{}: auth.tokenFile is required (the token clients present with --token-file)",
+            args.config.display()
+        );
+    };
+    if args.check_config {
+        println!(
+            "{}: ok: exporter {} with {} device(s): {}",
+            args.config.display(),
+            cfg.metadata.name,
+            cfg.export.0.len(),
+            cfg.export
+                .0
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return Ok(());
+    }
+    let state_dir = cfg
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| default_state_dir(&cfg.metadata.name));
+    let identity = Identity::load_or_create(&state_dir)?;
+    if args.print_fingerprint {
+        println!("{}", identity.fingerprint());
+        return Ok(());
+    }
+    let (token_auth, created) = TokenAuth::from_file(&auth.token_file).map_err(|e| anyhow!(e))?;
+    let listen = cfg.listen_addr().map_err(|e| anyhow!(e))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(async move {
+        let socket = std::net::UdpSocket::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
+        let local = socket.local_addr()?;
+        let endpoint = server_endpoint(socket, &identity, jmp_protocol::ALPN_EXPORTER)?;
+        if created {
+            warn!(
+                "created token file {}; clients attach with: jmp attach --exporter HOST:{} --token-file <a copy of it>",
+                auth.token_file.display(),
+                local.port()
+            );
+        }
+        let exporter = Arc::new(Exporter::from_config(&cfg, Arc::new(token_auth)));
+        // One line on stdout when ready, for people, scripts and tests alike.
+        println!(
+            "jmpd: exporter {} listening on {local} fingerprint {}",
+            exporter.name(),
+            identity.fingerprint()
+        );
+        let _ = std::io::stdout().flush();
+        info!(devices = cfg.export.0.len(), "serving");
+        exporter.serve(endpoint, shutdown_signal()).await;
+        info!("stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM"),
+        _ = int.recv() => info!("SIGINT"),
+    }
+}

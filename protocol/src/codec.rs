@@ -157,7 +157,7 @@ impl FrameDecoder {
 
     /// The next complete message, `Ok(None)` if more bytes are needed. After an error the stream
     /// is unusable: the caller must close the connection.
-    pub fn next<T: Codec>(&mut self) -> Result<Option<T>, DecodeError> {
+    pub fn next_message<T: Codec>(&mut self) -> Result<Option<T>, DecodeError> {
         let mut peek: &[u8] = &self.buf;
         let len = match get_varint(&mut peek, "frame length") {
             Ok(len) => len,
@@ -212,7 +212,7 @@ mod tests {
         put_varint(&mut b, (MAX_FRAME + 1) as u64);
         d.feed(&b);
         assert!(matches!(
-            d.next::<crate::Message>(),
+            d.next_message::<crate::Message>(),
             Err(DecodeError::FrameTooLarge(_))
         ));
     }

@@ -49,6 +49,9 @@ impl std::fmt::Debug for Hello {
 pub struct Welcome {
     pub exporter: String,
     pub features: u64,
+    /// Random per exporter process. Serial offsets are only comparable within one instance: a
+    /// client that sees a new instance (the exporter restarted) does not resume, it replays.
+    pub instance: u64,
     pub devices: Vec<DeviceInfo>,
 }
 
@@ -360,6 +363,7 @@ impl Codec for Message {
                 buf.put_u8(T_WELCOME);
                 put_str(buf, &w.exporter);
                 put_varint(buf, w.features);
+                buf.put_u64(w.instance);
                 put_varint(buf, w.devices.len() as u64);
                 for d in &w.devices {
                     put_str(buf, &d.name);
@@ -425,6 +429,7 @@ impl Codec for Message {
             T_WELCOME => {
                 let exporter = get_str(buf, "exporter")?;
                 let features = get_varint(buf, "features")?;
+                let instance = get_u64(buf, "instance")?;
                 let n = get_count(buf, "device count", 3)?;
                 let mut devices = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -437,6 +442,7 @@ impl Codec for Message {
                 Message::Welcome(Welcome {
                     exporter,
                     features,
+                    instance,
                     devices,
                 })
             }
@@ -504,6 +510,7 @@ impl Codec for Message {
             Message::Welcome(w) => {
                 str_len(&w.exporter)
                     + varint_len(w.features)
+                    + 8
                     + varint_len(w.devices.len() as u64)
                     + w.devices
                         .iter()

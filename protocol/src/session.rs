@@ -437,6 +437,7 @@ mod tests {
         e.welcome(Welcome {
             exporter: "x".into(),
             features: 0,
+            instance: 1,
             devices: vec![],
         });
         pump(&mut e, &mut c, now);

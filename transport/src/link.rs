@@ -527,7 +527,7 @@ impl Task {
                     Ok(Some(c)) => {
                         self.decoder.feed(&c.bytes);
                         loop {
-                            match self.decoder.next::<Message>() {
+                            match self.decoder.next_message::<Message>() {
                                 Ok(Some(m)) => self.session.handle_message(m, Instant::now()),
                                 Ok(None) => break,
                                 Err(e) => {

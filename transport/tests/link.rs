@@ -31,6 +31,7 @@ async fn server() -> Server {
                         LinkEvent::Hello(h) if h.token == "good" => link.handle.welcome(Welcome {
                             exporter: "test".into(),
                             features: features::ALL,
+                            instance: 1,
                             devices: vec![DeviceInfo {
                                 name: "echo".into(),
                                 kind: "test".into(),

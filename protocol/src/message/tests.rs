@@ -22,6 +22,7 @@ fn examples() -> Vec<(&'static str, Message)> {
             Message::Welcome(Welcome {
                 exporter: "rpi4-01".into(),
                 features: crate::features::ALL,
+                instance: 0x1122_3344_5566_7788,
                 devices: vec![
                     DeviceInfo {
                         name: "console".into(),
@@ -164,7 +165,7 @@ fn docs_hex_snapshots_match_the_codec() {
         let mut d = FrameDecoder::new();
         d.feed(bytes);
         assert_eq!(
-            d.next::<Message>().ok().flatten().as_ref(),
+            d.next_message::<Message>().ok().flatten().as_ref(),
             Some(msg),
             "{name} decodes"
         );
@@ -228,6 +229,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
             .prop_map(|(exporter, features, devs)| Message::Welcome(Welcome {
                 exporter,
                 features,
+                instance: features.rotate_left(17),
                 devices: devs
                     .into_iter()
                     .map(|(name, kind, detail)| DeviceInfo { name, kind, detail })
@@ -290,7 +292,7 @@ proptest! {
         let mut got = Vec::new();
         for piece in wire.chunks(cut) {
             d.feed(piece);
-            while let Some(m) = d.next::<Message>().expect("valid frames decode") {
+            while let Some(m) = d.next_message::<Message>().expect("valid frames decode") {
                 got.push(m);
             }
         }
@@ -312,7 +314,7 @@ proptest! {
         d.feed(&bytes[..cut]);
         // Any result is fine; a panic or an endless loop is not.
         for _ in 0..4 {
-            match d.next::<Message>() {
+            match d.next_message::<Message>() {
                 Ok(Some(_)) => continue,
                 _ => break,
             }
@@ -325,7 +327,7 @@ proptest! {
         let _ = Message::decode_exact(&bytes);
         let mut d = FrameDecoder::new();
         d.feed(&bytes);
-        let _ = d.next::<Message>();
+        let _ = d.next_message::<Message>();
     }
 }
 

@@ -1,0 +1,175 @@
+//! The console history: every byte a serial device printed gets an offset (counted since the
+//! exporter started); the last `capacity` bytes are kept so that a client attaching late, or
+//! coming back after a network blip, gets what it missed.
+//!
+//! The device's reader is the only writer; channels read from their own offset and wait on the
+//! end offset. A slow channel never slows the device: it falls behind, and if it falls further
+//! behind than the capacity it skips ahead and learns how much it lost.
+
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use tokio::sync::watch;
+
+pub const DEFAULT_CAPACITY: usize = 64 * 1024;
+
+pub struct History {
+    ring: Mutex<Ring>,
+    end: watch::Sender<u64>,
+}
+
+struct Ring {
+    buf: VecDeque<u8>,
+    /// Offset of `buf[0]`.
+    start: u64,
+    capacity: usize,
+}
+
+/// What [`History::read`] found at an offset.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Read {
+    /// Offset of `data[0]`: larger than asked for when the asked-for bytes were already dropped.
+    pub offset: u64,
+    pub data: Bytes,
+}
+
+impl History {
+    pub fn new(capacity: usize) -> Self {
+        History {
+            ring: Mutex::new(Ring {
+                buf: VecDeque::with_capacity(capacity.min(1 << 20)),
+                start: 0,
+                capacity: capacity.max(1),
+            }),
+            end: watch::channel(0).0,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ring> {
+        // A poisoned lock only means a panic elsewhere mid-copy; the ring is still consistent
+        // enough to serve bytes (worst case a few garbled ones), better than a dead console.
+        self.ring.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn push(&self, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let end = {
+            let mut r = self.lock();
+            let cap = r.capacity;
+            // Keep only what fits; drop the oldest first.
+            let (dropped, data) = if data.len() > cap {
+                (data.len() - cap, &data[data.len() - cap..])
+            } else {
+                (0, data)
+            };
+            // Bytes too old to keep still count: clear the ring and advance past them.
+            if dropped > 0 {
+                let n = r.buf.len();
+                r.buf.clear();
+                r.start += (n + dropped) as u64;
+            }
+            let overflow = (r.buf.len() + data.len()).saturating_sub(cap);
+            r.buf.drain(..overflow);
+            r.start += overflow as u64;
+            r.buf.extend(data);
+            r.start + r.buf.len() as u64
+        };
+        // Offsets count every byte, also the ones too old to keep.
+        self.end.send_replace(end);
+    }
+
+    /// Offset one past the last byte printed.
+    pub fn end(&self) -> u64 {
+        *self.end.borrow()
+    }
+
+    /// Offset of the oldest byte still kept.
+    pub fn start(&self) -> u64 {
+        self.lock().start
+    }
+
+    /// Up to `max` bytes from `offset` (or from the oldest kept byte, if `offset` is older).
+    /// Empty when `offset` is at the end.
+    pub fn read(&self, offset: u64, max: usize) -> Read {
+        let r = self.lock();
+        let from = offset.max(r.start);
+        let end = r.start + r.buf.len() as u64;
+        if from >= end {
+            return Read {
+                offset: from.min(end),
+                data: Bytes::new(),
+            };
+        }
+        let skip = (from - r.start) as usize;
+        let n = (r.buf.len() - skip).min(max);
+        let (a, b) = r.buf.as_slices();
+        let mut out = Vec::with_capacity(n);
+        if skip < a.len() {
+            let take = (a.len() - skip).min(n);
+            out.extend_from_slice(&a[skip..skip + take]);
+            out.extend_from_slice(&b[..n - take]);
+        } else {
+            let s = skip - a.len();
+            out.extend_from_slice(&b[s..s + n]);
+        }
+        Read {
+            offset: from,
+            data: Bytes::from(out),
+        }
+    }
+
+    /// Wakes when the end moves.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.end.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_from_offsets_and_skips_what_was_dropped() {
+        let h = History::new(8);
+        h.push(b"abcdef");
+        assert_eq!(h.end(), 6);
+        assert_eq!(h.read(0, 100).data, Bytes::from_static(b"abcdef"));
+        assert_eq!(h.read(4, 100).data, Bytes::from_static(b"ef"));
+        assert_eq!(h.read(6, 100).data, Bytes::new());
+        h.push(b"ghijk"); // 11 bytes printed, 8 kept: "defghijk"
+        assert_eq!(h.end(), 11);
+        assert_eq!(h.start(), 3);
+        let r = h.read(1, 100);
+        assert_eq!(r.offset, 3, "offsets 1..3 were lost");
+        assert_eq!(r.data, Bytes::from_static(b"defghijk"));
+        let r = h.read(5, 3);
+        assert_eq!((r.offset, r.data), (5, Bytes::from_static(b"fgh")));
+        // A push larger than the capacity keeps its tail and still counts every byte.
+        h.push(b"0123456789");
+        assert_eq!(h.end(), 21);
+        assert_eq!(h.read(0, 100).data, Bytes::from_static(b"23456789"));
+        assert_eq!(h.read(0, 100).offset, 13);
+    }
+
+    #[test]
+    fn wraparound_reads_are_contiguous() {
+        let h = History::new(5);
+        for chunk in [&b"ab"[..], b"cd", b"ef", b"gh", b"ij"] {
+            h.push(chunk);
+        }
+        assert_eq!(h.read(0, 100).data, Bytes::from_static(b"fghij"));
+        assert_eq!(h.read(7, 2).data, Bytes::from_static(b"hi"));
+    }
+
+    #[tokio::test]
+    async fn subscribers_wake_on_new_output() {
+        let h = std::sync::Arc::new(History::new(64));
+        let mut rx = h.subscribe();
+        let h2 = h.clone();
+        tokio::spawn(async move { h2.push(b"x") });
+        rx.changed().await.expect("sender alive");
+        assert_eq!(*rx.borrow(), 1);
+    }
+}

@@ -1,0 +1,355 @@
+//! The client's local serial device: a pty whose slave a local program opens like a tty.
+//!
+//! Two kernel facts carry this file (see shared/FACTS.md): with packet mode (TIOCPKT) on the
+//! master and EXTPROC on the slave, every tcsetattr by the local program produces an event on
+//! the master, so line settings can be forwarded to the real port; and the master can read the
+//! slave's termios, including arbitrary speeds through termios2. We hold a slave fd ourselves so
+//! that termios survives between programs and the master never reads EIO when no program has the
+//! device open.
+
+use bytes::{Bytes, BytesMut};
+use jmp_protocol::{FlowControl, LineSettings, Parity};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use tokio::io::unix::AsyncFd;
+
+/// Packet-mode status bit: the slave's termios changed (with EXTPROC set).
+const TIOCPKT_IOCTL: u8 = 0x40;
+
+pub struct Pty {
+    master: AsyncFd<OwnedFd>,
+    _slave: OwnedFd,
+    slave_path: PathBuf,
+}
+
+/// One read from the master.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Packet {
+    /// Bytes the local program wrote.
+    Data(Bytes),
+    /// The local program changed line settings (tcsetattr).
+    SettingsChanged,
+    /// Other packet-mode status (flush, start/stop): nothing to forward.
+    Status(u8),
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn get_termios2(fd: libc::c_int) -> io::Result<libc::termios2> {
+    // SAFETY: termios2 is plain data; TCGETS2 fills it completely.
+    unsafe {
+        let mut t: libc::termios2 = std::mem::zeroed();
+        cvt(libc::ioctl(
+            fd,
+            libc::TCGETS2,
+            &mut t as *mut libc::termios2,
+        ))?;
+        Ok(t)
+    }
+}
+
+fn set_termios2(fd: libc::c_int, t: &libc::termios2) -> io::Result<()> {
+    // SAFETY: t is a valid termios2 for the duration of the call.
+    unsafe { cvt(libc::ioctl(fd, libc::TCSETS2, t as *const libc::termios2)).map(|_| ()) }
+}
+
+impl Pty {
+    pub fn open() -> io::Result<Pty> {
+        let pair = nix::pty::openpty(None, None).map_err(io::Error::from)?;
+        let (master, slave) = (pair.master, pair.slave);
+        let slave_path = nix::unistd::ttyname(&slave).map_err(io::Error::from)?;
+        let sfd = slave.as_raw_fd();
+        // SAFETY: plain termios calls on fds we own.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            cvt(libc::tcgetattr(sfd, &mut t))?;
+            libc::cfmakeraw(&mut t);
+            t.c_lflag |= libc::EXTPROC;
+            t.c_cflag |= libc::CLOCAL | libc::CREAD;
+            cvt(libc::tcsetattr(sfd, libc::TCSANOW, &t))?;
+            let one: libc::c_int = 1;
+            cvt(libc::ioctl(
+                master.as_raw_fd(),
+                libc::TIOCPKT,
+                &one as *const libc::c_int,
+            ))?;
+            let flags = cvt(libc::fcntl(master.as_raw_fd(), libc::F_GETFL))?;
+            cvt(libc::fcntl(
+                master.as_raw_fd(),
+                libc::F_SETFL,
+                flags | libc::O_NONBLOCK,
+            ))?;
+        }
+        Ok(Pty {
+            master: crate::async_fd(master)?,
+            _slave: slave,
+            slave_path,
+        })
+    }
+
+    /// The kernel's name of the slave (`/dev/pts/N`).
+    pub fn slave_path(&self) -> &Path {
+        &self.slave_path
+    }
+
+    /// Gives the slave to `uid:gid`, readable and writable by that user only.
+    pub fn set_owner(&self, uid: u32, gid: u32) -> io::Result<()> {
+        std::os::unix::fs::chown(&self.slave_path, Some(uid), Some(gid))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&self.slave_path, std::fs::Permissions::from_mode(0o600))
+    }
+
+    pub async fn read(&self, buf: &mut BytesMut) -> io::Result<Packet> {
+        buf.clear();
+        buf.reserve(16 * 1024);
+        loop {
+            let mut guard = self.master.readable().await?;
+            let res = guard.try_io(|fd| {
+                let spare = buf.spare_capacity_mut();
+                // SAFETY: reading into the uninitialised spare capacity; only the bytes the
+                // kernel reports as read are marked initialised.
+                let n = unsafe {
+                    libc::read(
+                        fd.as_raw_fd(),
+                        spare.as_mut_ptr() as *mut libc::c_void,
+                        spare.len(),
+                    )
+                };
+                if n < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                unsafe { buf.set_len(n as usize) };
+                Ok(n as usize)
+            });
+            match res {
+                Ok(Ok(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(Ok(_)) => {
+                    let status = buf[0];
+                    if status == 0 {
+                        let _ = buf.split_to(1);
+                        return Ok(Packet::Data(buf.split().freeze()));
+                    }
+                    if status & TIOCPKT_IOCTL != 0 {
+                        return Ok(Packet::SettingsChanged);
+                    }
+                    return Ok(Packet::Status(status));
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Writes all of `data` for the local program to read (waits while the pty is full).
+    pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let mut guard = self.master.writable().await?;
+            match guard.try_io(|fd| {
+                // SAFETY: data is a valid slice.
+                let n = unsafe {
+                    libc::write(
+                        fd.as_raw_fd(),
+                        data.as_ptr() as *const libc::c_void,
+                        data.len(),
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            }) {
+                Ok(Ok(n)) => data = &data[n..],
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The line settings the local program has set on the slave. A pty always reports 8 data
+    /// bits and no parity (the kernel forces them), so those are never forwarded from here.
+    pub fn line_settings(&self) -> io::Result<LineSettings> {
+        let t = get_termios2(self.master.get_ref().as_raw_fd())?;
+        let flow = if t.c_cflag & libc::CRTSCTS != 0 {
+            FlowControl::Hardware
+        } else if t.c_iflag & (libc::IXON | libc::IXOFF) != 0 {
+            FlowControl::Software
+        } else {
+            FlowControl::None
+        };
+        let data_bits = match t.c_cflag & libc::CSIZE {
+            libc::CS5 => 5,
+            libc::CS6 => 6,
+            libc::CS7 => 7,
+            _ => 8,
+        };
+        let parity = if t.c_cflag & libc::PARENB == 0 {
+            Parity::None
+        } else if t.c_cflag & libc::PARODD != 0 {
+            Parity::Odd
+        } else {
+            Parity::Even
+        };
+        Ok(LineSettings {
+            baud: t.c_ospeed.max(1),
+            data_bits,
+            parity,
+            stop_bits: if t.c_cflag & libc::CSTOPB != 0 { 2 } else { 1 },
+            flow,
+        })
+    }
+
+    /// Presets the speed the local program will read back (the exporter's configured baud), so
+    /// that `stty -F` or pyserial show the board's real rate before anyone changes it.
+    pub fn set_speed(&self, baud: u32) -> io::Result<()> {
+        let fd = self.master.get_ref().as_raw_fd();
+        let mut t = get_termios2(fd)?;
+        t.c_cflag &= !libc::CBAUD;
+        t.c_cflag |= libc::BOTHER;
+        t.c_ispeed = baud;
+        t.c_ospeed = baud;
+        set_termios2(fd, &t)
+    }
+
+    /// Whether settings changes are still reported as events. A program that writes its own
+    /// lflag from scratch clears EXTPROC; then it is set again (through the master, which
+    /// changes the slave's termios), so that the next change is reported too.
+    pub fn ensure_extproc(&self) -> io::Result<bool> {
+        let fd = self.master.get_ref().as_raw_fd();
+        let mut t = get_termios2(fd)?;
+        if t.c_lflag & libc::EXTPROC != 0 {
+            return Ok(true);
+        }
+        t.c_lflag |= libc::EXTPROC;
+        set_termios2(fd, &t)?;
+        Ok(false)
+    }
+}
+
+/// A symlink at a stable path pointing at the pty's slave; removed on drop if it still points
+/// there (a newer attachment may have taken the path over).
+pub struct StableLink {
+    path: PathBuf,
+    target: PathBuf,
+}
+
+impl StableLink {
+    pub fn create(path: &Path, target: &Path) -> io::Result<StableLink> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(path)?,
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "{} exists and is not a symlink; not replacing it",
+                        path.display()
+                    ),
+                ))
+            }
+            Err(_) => {}
+        }
+        std::os::unix::fs::symlink(target, path)?;
+        Ok(StableLink {
+            path: path.to_path_buf(),
+            target: target.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for StableLink {
+    fn drop(&mut self) {
+        if std::fs::read_link(&self.path).ok().as_deref() == Some(self.target.as_path()) {
+            let _ = std::fs::remove_file(&self.path);
+            if let Some(dir) = self.path.parent() {
+                // Only removes the exporter's folder when it is empty.
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[tokio::test]
+    async fn bytes_both_ways_and_settings_events() {
+        let pty = Pty::open().expect("pty");
+        let mut slave = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(pty.slave_path())
+            .expect("open slave");
+        let all: Vec<u8> = (0..=255u8).collect();
+        slave.write_all(&all).expect("write");
+        let mut got = Vec::new();
+        let mut buf = BytesMut::new();
+        while got.len() < all.len() {
+            match pty.read(&mut buf).await.expect("read") {
+                Packet::Data(d) => got.extend_from_slice(&d),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, all, "raw mode passes every byte value unchanged");
+
+        pty.write_all(&all).await.expect("write master");
+        let mut back = vec![0u8; 256];
+        slave.read_exact(&mut back).expect("read slave");
+        assert_eq!(back, all);
+
+        // A settings change by the program is an event; the new speed can be read back.
+        let fd = slave.as_raw_fd();
+        let mut t = get_termios2(fd).expect("termios2");
+        t.c_cflag &= !libc::CBAUD;
+        t.c_cflag |= libc::BOTHER | libc::CSTOPB | libc::CRTSCTS;
+        t.c_ispeed = 250_000;
+        t.c_ospeed = 250_000;
+        set_termios2(fd, &t).expect("set");
+        loop {
+            match pty.read(&mut buf).await.expect("read") {
+                Packet::SettingsChanged => break,
+                Packet::Status(_) => continue,
+                Packet::Data(d) => panic!("unexpected data {d:?}"),
+            }
+        }
+        let s = pty.line_settings().expect("settings");
+        assert_eq!(s.baud, 250_000);
+        assert_eq!(s.stop_bits, 2);
+        assert_eq!(s.flow, FlowControl::Hardware);
+    }
+
+    #[test]
+    fn stable_link_replaces_stale_links_and_cleans_up() {
+        let dir = std::env::temp_dir().join(format!("jmp-link-{}", std::process::id()));
+        let path = dir.join("exp").join("console");
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::os::unix::fs::symlink("/nonexistent", &path).expect("stale link");
+        {
+            let l = StableLink::create(&path, Path::new("/dev/null")).expect("link");
+            assert_eq!(
+                std::fs::read_link(l.path()).expect("readlink"),
+                Path::new("/dev/null")
+            );
+        }
+        assert!(std::fs::symlink_metadata(&path).is_err(), "removed on drop");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

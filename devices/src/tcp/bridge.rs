@@ -1,0 +1,224 @@
+//! Client side of a TCP forward: a local listening port whose every accepted connection
+//! becomes one stream channel to the exporter, which connects to the target for it.
+//!
+//! The listener outlives links. While there is no link, new connections wait in the kernel's
+//! backlog; a connection accepted just as the link went away is kept and served on the next
+//! link rather than dropped.
+
+use super::forward::forward;
+use crate::{BoxFuture, Bridge, BridgeExit, Refusal};
+use jmp_protocol::ErrorCode;
+use jmp_transport::{LinkHandle, OpenError};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tracing::{debug, warn, Instrument};
+
+/// How long an open that failed with a session-level code waits to see whether the
+/// connection closes: the link task fails pending opens just before it closes the connection.
+const SESSION_END_GRACE: Duration = Duration::from_secs(1);
+/// Pause after a failed accept (out of file descriptors): retrying at once would spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// A local connection not yet carried by a channel.
+struct Local {
+    stream: TcpStream,
+    peer: SocketAddr,
+}
+
+/// What a connection's task reports back to the bridge. The receiver lives in the bridge, not
+/// in `run`, so reports sent after a `run` was dropped reach the next one.
+enum Back {
+    /// The link went away before the channel opened: serve this connection on the next link.
+    Retry(Local),
+    /// The exporter has no such device.
+    Refused(Refusal),
+}
+
+/// A local TCP port forwarded to a `tcp` device of the exporter.
+pub struct TcpBridge {
+    device: String,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    /// Connections handed back by their tasks because the link was lost; served first by the
+    /// next `run`.
+    pending: VecDeque<Local>,
+    back_tx: mpsc::UnboundedSender<Back>,
+    back_rx: mpsc::UnboundedReceiver<Back>,
+}
+
+impl std::fmt::Debug for TcpBridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpBridge")
+            .field("device", &self.device)
+            .field("local_addr", &self.local_addr)
+            .finish()
+    }
+}
+
+impl TcpBridge {
+    /// Listens on `addr` (port 0 picks a free port; see [`TcpBridge::local_addr`]).
+    pub async fn bind(device: String, addr: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        let local_addr = listener.local_addr()?;
+        let (back_tx, back_rx) = mpsc::unbounded_channel();
+        Ok(TcpBridge {
+            device,
+            listener,
+            local_addr,
+            pending: VecDeque::new(),
+            back_tx,
+            back_rx,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    fn spawn(&self, link: &LinkHandle, local: Local) {
+        let span = tracing::debug_span!("tcp", device = %self.device, peer = %local.peer);
+        tokio::spawn(
+            serve_connection(
+                link.clone(),
+                self.device.clone(),
+                local,
+                self.back_tx.clone(),
+            )
+            .instrument(span),
+        );
+    }
+}
+
+impl Bridge for TcpBridge {
+    fn device(&self) -> &str {
+        &self.device
+    }
+
+    fn kind(&self) -> &str {
+        "tcp"
+    }
+
+    fn local(&self) -> String {
+        self.local_addr.to_string()
+    }
+
+    fn run<'a>(&'a mut self, link: &'a LinkHandle) -> BoxFuture<'a, BridgeExit> {
+        Box::pin(async move {
+            let conn = link.connection().clone();
+            while let Some(local) = self.pending.pop_front() {
+                self.spawn(link, local);
+            }
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = conn.closed() => return BridgeExit::LinkLost,
+                    back = self.back_rx.recv() => match back {
+                        Some(Back::Retry(local)) => {
+                            // A task of an earlier link may report late, while this link is
+                            // fine: then serve it now.
+                            if conn.close_reason().is_some() {
+                                self.pending.push_back(local);
+                                return BridgeExit::LinkLost;
+                            }
+                            self.spawn(link, local);
+                        }
+                        Some(Back::Refused(r)) => return BridgeExit::Refused(r),
+                        // Unreachable: the bridge holds a sender.
+                        None => {}
+                    },
+                    accepted = self.listener.accept() => match accepted {
+                        Ok((stream, peer)) => {
+                            debug!(device = %self.device, %peer, "local connection");
+                            self.spawn(link, Local { stream, peer });
+                        }
+                        Err(e) => {
+                            warn!("{}: accept on {} failed: {e}", self.device, self.local_addr);
+                            tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        }
+                    },
+                }
+            }
+        })
+    }
+}
+
+/// Opens a channel for one local connection and forwards it to the end.
+async fn serve_connection(
+    link: LinkHandle,
+    device: String,
+    local: Local,
+    back: mpsc::UnboundedSender<Back>,
+) {
+    if let Err(e) = local.stream.set_nodelay(true) {
+        debug!("cannot set TCP_NODELAY: {e}");
+    }
+    let (pipe, _) = match link.open_stream(&device, None).await {
+        Ok(p) => p,
+        Err(e) => {
+            if link_is_gone(&link, &e).await {
+                debug!("the link went away before the channel opened; kept for the next link");
+                // If the bridge itself is gone, so is the listener: closing is then right.
+                let _ = back.send(Back::Retry(local));
+                return;
+            }
+            let peer = local.peer;
+            match e.code {
+                ErrorCode::ConnectFailed => warn!(
+                    %peer,
+                    "{device}: the exporter could not connect: {}", e.reason
+                ),
+                code => warn!(
+                    %peer,
+                    "{device}: the exporter refused the channel: {} ({code})", e.reason
+                ),
+            }
+            if e.code == ErrorCode::NoSuchDevice {
+                let _ = back.send(Back::Refused(Refusal::new(e.code, e.reason)));
+            }
+            // Dropping the socket closes it: the local client sees the forward end at once.
+            return;
+        }
+    };
+    let channel = pipe.channel;
+    let out = forward(local.stream, pipe).await;
+    match out.error {
+        None => debug!(
+            channel,
+            sent = out.sent,
+            received = out.received,
+            "tcp channel done"
+        ),
+        Some(e) => debug!(
+            channel,
+            sent = out.sent,
+            received = out.received,
+            "tcp channel aborted: {e}"
+        ),
+    }
+    // Lets the session forget the channel; the exporter side has already ended its forward or
+    // will on the stream's end.
+    link.close(channel, ErrorCode::Ok, "");
+}
+
+/// Whether an open failed because the link is gone rather than because the exporter refused
+/// the channel.
+async fn link_is_gone(link: &LinkHandle, e: &OpenError) -> bool {
+    let conn = link.connection();
+    if conn.close_reason().is_some() {
+        return true;
+    }
+    match e.code {
+        ErrorCode::ConnectFailed
+        | ErrorCode::NoSuchDevice
+        | ErrorCode::DeviceUnavailable
+        | ErrorCode::Unsupported => false,
+        _ => tokio::time::timeout(SESSION_END_GRACE, conn.closed())
+            .await
+            .is_ok(),
+    }
+}

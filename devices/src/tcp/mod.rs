@@ -1,0 +1,9 @@
+//! TCP port forwards: each local connection is one stream channel; the exporter connects to the
+//! device's host:port (as seen from the exporter) per channel.
+
+pub mod bridge;
+pub mod driver;
+mod forward;
+
+pub use bridge::TcpBridge;
+pub use driver::TcpDriver;
