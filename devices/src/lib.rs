@@ -75,6 +75,10 @@ pub trait Bridge: Send + 'static {
     fn kind(&self) -> &str;
     /// Where the device appeared locally: a path or an address.
     fn local(&self) -> String;
+
+    /// Called with every Welcome, before `run` on that link (a serial bridge learns whether the
+    /// exporter restarted, and so whether its offsets still mean anything).
+    fn on_welcome(&mut self, _welcome: &jmp_protocol::Welcome) {}
     /// Serves the local endpoint over `link` until the link is gone. The caller may also drop
     /// the future at any time (it learned first that the link is gone): state that must survive
     /// reconnects lives in `self`, never only in the future.

@@ -1,1 +1,611 @@
-//! stub
+//! jmp: the client CLI. `attach` makes a remote board's devices local; `local` runs a board on
+//! this machine (the built-in simulated one, or a config's); `serial` sends what a pty cannot
+//! carry; `detach` ends a background attachment.
+//!
+//! Owns: command line, output formats, exit codes, background processes and their state files,
+//! the control socket of a running attachment. Does not own: the wire (jmp-transport), devices
+//! (jmp-devices).
+
+pub mod attach;
+pub mod known;
+pub mod paths;
+mod state;
+
+use anyhow::{anyhow, bail, Context, Result};
+use attach::{ControlRequest, Outcome, Pin, Ready, SerialOp};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use jmp_protocol::{FlowControl, LineSettings, Parity};
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio::sync::mpsc;
+use tracing::{error, info};
+
+/// An error that carries the process exit code (the table in docs/protocol.md).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Exit {
+    pub code: i32,
+    pub message: String,
+}
+
+fn exit(code: i32, message: impl Into<String>) -> anyhow::Error {
+    Exit {
+        code,
+        message: message.into(),
+    }
+    .into()
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "jmp",
+    version,
+    about = "jmp: a remote lab board as local devices"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Attach an exporter: its serial consoles become local ptys, its TCP ports local ports.
+    Attach(AttachArgs),
+    /// Stop a background attachment (`jmp attach -d`).
+    Detach {
+        /// Exporter name (default: the only attachment).
+        exporter: Option<String>,
+        /// Stop all attachments.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Run a board on this machine: the built-in simulated board, or an exporter config.
+    Local {
+        #[command(subcommand)]
+        cmd: LocalCmd,
+    },
+    /// What a pty cannot carry: break, parity and data bits, modem lines.
+    Serial {
+        #[command(subcommand)]
+        cmd: SerialCmd,
+    },
+    /// List attachments on this machine.
+    Status {
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+struct AttachArgs {
+    /// Exporter address, HOST:PORT (port 7700 if omitted).
+    #[arg(long)]
+    exporter: String,
+    /// File holding the exporter's token.
+    #[arg(long)]
+    token_file: PathBuf,
+    /// Expected certificate fingerprint (sha256:...). Default: trust on first use, recorded in
+    /// ~/.config/jmp/known_exporters.
+    #[arg(long)]
+    fingerprint: Option<String>,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+struct CommonArgs {
+    /// Where serial devices appear (default /dev/jmp as root, else $XDG_RUNTIME_DIR/jmp).
+    #[arg(long)]
+    dev_dir: Option<PathBuf>,
+    /// Local address of a TCP forward: LOCAL=DEVICE, LOCAL a port or ADDR:PORT (default: an
+    /// ephemeral port on 127.0.0.1).
+    #[arg(long = "forward", value_name = "LOCAL=DEVICE")]
+    forwards: Vec<String>,
+    /// Name shown to others who find the board busy (default user@host).
+    #[arg(long)]
+    name: Option<String>,
+    /// Output once ready: a table, or exactly one JSON line.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    /// Return once the devices are ready, leaving the attachment in the background.
+    #[arg(short, long)]
+    detach: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum LocalCmd {
+    /// Start a local exporter in the background and attach it.
+    Start(LocalArgs),
+    /// Stop the local exporter started by `jmp local start`.
+    Stop,
+    #[command(hide = true)]
+    Run(LocalArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct LocalArgs {
+    /// Exporter config of a board wired to this machine (default: the simulated board).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum SerialCmd {
+    /// Send a break on the real port.
+    Break {
+        device: String,
+        #[arg(long, default_value_t = 250)]
+        ms: u32,
+        #[arg(long)]
+        exporter: Option<String>,
+    },
+    /// Set line settings on the real port, including those a pty cannot carry (parity, 5-7
+    /// data bits). Unspecified settings stay as they are.
+    Set {
+        device: String,
+        #[arg(long)]
+        baud: Option<u32>,
+        #[arg(long, value_parser = clap::value_parser!(u8).range(5..=8))]
+        data_bits: Option<u8>,
+        #[arg(long, value_enum)]
+        parity: Option<ParityArg>,
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+        stop_bits: Option<u8>,
+        #[arg(long, value_enum)]
+        flow: Option<FlowArg>,
+        #[arg(long)]
+        exporter: Option<String>,
+    },
+    /// Set the modem control lines DTR and RTS on the real port.
+    Modem {
+        device: String,
+        #[arg(long, value_enum)]
+        dtr: Option<OnOff>,
+        #[arg(long, value_enum)]
+        rts: Option<OnOff>,
+        #[arg(long)]
+        exporter: Option<String>,
+    },
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum ParityArg {
+    None,
+    Odd,
+    Even,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum FlowArg {
+    None,
+    Xonxoff,
+    Rtscts,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("JMP_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e.downcast_ref::<Exit>().map(|x| x.code).unwrap_or(1);
+            eprintln!("jmp: error: {e:#}");
+            ExitCode::from(code.clamp(1, 255) as u8)
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Attach(a) => {
+            if a.common.detach && std::env::var_os(state::CHILD_ENV).is_none() {
+                return state::spawn_background(a.common.output == Format::Json);
+            }
+            attach_cmd(a)
+        }
+        Cmd::Detach { exporter, all } => state::detach(exporter.as_deref(), all),
+        Cmd::Local { cmd } => match cmd {
+            LocalCmd::Start(l) => local_start(l),
+            LocalCmd::Stop => local_stop(),
+            LocalCmd::Run(l) => local_run(l),
+        },
+        Cmd::Serial { cmd } => serial_cmd(cmd),
+        Cmd::Status { output } => state::status(output == Format::Json),
+    }
+}
+
+fn resolve(exporter: &str) -> Result<SocketAddr> {
+    let with_port = if exporter
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        exporter.to_string()
+    } else {
+        format!("{exporter}:{}", jmp_devices::config::DEFAULT_PORT)
+    };
+    with_port
+        .to_socket_addrs()
+        .map_err(|e| {
+            exit(
+                2,
+                format!("cannot resolve exporter address {exporter:?}: {e}"),
+            )
+        })?
+        .next()
+        .ok_or_else(|| {
+            exit(
+                2,
+                format!("exporter address {exporter:?} resolves to nothing"),
+            )
+        })
+}
+
+fn parse_forwards(list: &[String]) -> Result<HashMap<String, SocketAddr>> {
+    let mut out = HashMap::new();
+    for f in list {
+        let (local, device) = f.split_once('=').ok_or_else(|| {
+            exit(
+                2,
+                format!("--forward {f:?}: expected LOCAL=DEVICE, e.g. 2222=ssh"),
+            )
+        })?;
+        let addr = if let Ok(port) = local.parse::<u16>() {
+            SocketAddr::from(([127, 0, 0, 1], port))
+        } else {
+            local.parse().map_err(|_| {
+                exit(
+                    2,
+                    format!("--forward {f:?}: {local:?} is not a port or ADDR:PORT"),
+                )
+            })?
+        };
+        out.insert(device.to_string(), addr);
+    }
+    Ok(out)
+}
+
+fn read_token(path: &PathBuf) -> Result<String> {
+    let t = std::fs::read_to_string(path)
+        .map_err(|e| exit(2, format!("cannot read token file {}: {e}", path.display())))?;
+    let t = t.trim().to_string();
+    if t.is_empty() {
+        return Err(exit(2, format!("token file {} is empty", path.display())));
+    }
+    Ok(t)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: removing local devices"),
+        _ = int.recv() => info!("interrupted: removing local devices"),
+    }
+}
+
+fn print_ready(ready: &Ready, json: bool) -> Result<(), String> {
+    let mut out = std::io::stdout().lock();
+    let text = if json || std::env::var_os(state::CHILD_ENV).is_some() {
+        // A background child always reports JSON to its parent, which formats it.
+        serde_json::to_string(ready).map_err(|e| e.to_string())? + "\n"
+    } else {
+        ready.table()
+    };
+    out.write_all(text.as_bytes()).map_err(|e| e.to_string())?;
+    out.flush().map_err(|e| e.to_string())?;
+    drop(out);
+    state::after_ready();
+    Ok(())
+}
+
+fn outcome_to_result(o: Outcome, exporter: &str) -> Result<()> {
+    match o {
+        Outcome::Detached => Ok(()),
+        Outcome::Ended { code, reason } => {
+            error!("{exporter}: session ended: {reason} ({code})");
+            Err(exit(code.exit_code(), format!("session ended: {reason}")))
+        }
+    }
+}
+
+fn attach_cmd(a: AttachArgs) -> Result<()> {
+    let addr = resolve(&a.exporter)?;
+    let token = read_token(&a.token_file)?;
+    let pin = match &a.fingerprint {
+        Some(f) => Pin::Fingerprint(f.parse().map_err(|e: String| exit(2, e))?),
+        None => Pin::Tofu {
+            file: known::file(),
+            name: a.exporter.clone(),
+        },
+    };
+    let opts = attach::Options {
+        addr,
+        token,
+        pin,
+        dev_dir: a
+            .common
+            .dev_dir
+            .clone()
+            .unwrap_or_else(paths::default_dev_dir),
+        forwards: parse_forwards(&a.common.forwards)?,
+        client: a
+            .common
+            .name
+            .clone()
+            .unwrap_or_else(paths::default_client_name),
+        owner: Some(paths::invoking_user()),
+    };
+    let json = a.common.output == Format::Json;
+    runtime()?.block_on(run_attachment(opts, json, None))
+}
+
+/// Runs one attachment with its state file and control socket; `extra` is registered as the
+/// owner of the state (local mode).
+async fn run_attachment(
+    opts: attach::Options,
+    json: bool,
+    local_pid_file: Option<PathBuf>,
+) -> Result<()> {
+    let (ctl_tx, ctl_rx) = mpsc::channel::<ControlRequest>(8);
+    let exporter_name = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let guard = std::sync::Arc::new(std::sync::Mutex::new(None::<state::StateGuard>));
+    let (g2, n2) = (guard.clone(), exporter_name.clone());
+    let on_ready = move |r: &Ready| -> Result<(), String> {
+        let sg = state::StateGuard::create(r, ctl_tx.clone(), local_pid_file.clone())?;
+        *g2.lock().unwrap_or_else(|e| e.into_inner()) = Some(sg);
+        *n2.lock().unwrap_or_else(|e| e.into_inner()) = r.exporter.clone();
+        print_ready(r, json)
+    };
+    let res = attach::run(opts, on_ready, shutdown_signal(), ctl_rx).await;
+    // Devices are gone once `attach::run` returns; now the state files.
+    guard.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let name = exporter_name
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    match res {
+        Ok(o) => outcome_to_result(o, &name),
+        Err(e) => Err(exit(e.exit_code(), e.to_string())),
+    }
+}
+
+fn local_start(l: LocalArgs) -> Result<()> {
+    if let Some(existing) = state::local_running()? {
+        // Idempotent for CI: a second start reports what is already there.
+        let text = if l.common.output == Format::Json {
+            serde_json::to_string(&existing)? + "\n"
+        } else {
+            existing.table()
+        };
+        print!("{text}");
+        return Ok(());
+    }
+    state::spawn_background(l.common.output == Format::Json)
+}
+
+fn local_stop() -> Result<()> {
+    state::local_stop()
+}
+
+fn local_run(l: LocalArgs) -> Result<()> {
+    use jmp_devices::config::ExporterConfig;
+    use jmp_devices::exporter::{Exporter, TokenAuth};
+    let mut cfg = match &l.config {
+        Some(p) => ExporterConfig::load(p).map_err(|e| exit(2, e.to_string()))?,
+        None => ExporterConfig::simulated(),
+    };
+    // In-process: nothing but this process can reach it.
+    cfg.listen = "127.0.0.1:0".into();
+    let token = jmp_devices::exporter::random_token().map_err(|e| anyhow!(e))?;
+    let identity = jmp_transport::Identity::generate()?;
+    let json = l.common.output == Format::Json;
+    runtime()?.block_on(async move {
+        let socket =
+            std::net::UdpSocket::bind("127.0.0.1:0").context("cannot bind the local exporter")?;
+        let addr = socket.local_addr()?;
+        let endpoint =
+            jmp_transport::server_endpoint(socket, &identity, jmp_protocol::ALPN_EXPORTER)?;
+        let exporter = std::sync::Arc::new(Exporter::from_config(
+            &cfg,
+            std::sync::Arc::new(TokenAuth::new(&token)),
+        ));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(exporter.serve(endpoint, async move {
+            let _ = stop_rx.await;
+        }));
+        let opts = attach::Options {
+            addr,
+            token,
+            pin: Pin::Fingerprint(identity.fingerprint()),
+            dev_dir: l
+                .common
+                .dev_dir
+                .clone()
+                .unwrap_or_else(paths::default_dev_dir),
+            forwards: parse_forwards(&l.common.forwards)?,
+            client: l
+                .common
+                .name
+                .clone()
+                .unwrap_or_else(paths::default_client_name),
+            owner: Some(paths::invoking_user()),
+        };
+        let res = run_attachment(opts, json, Some(state::local_file())).await;
+        let _ = stop_tx.send(());
+        let _ = server.await;
+        res
+    })
+}
+
+fn serial_cmd(cmd: SerialCmd) -> Result<()> {
+    let (device, exporter, req) = match cmd {
+        SerialCmd::Break {
+            device,
+            ms,
+            exporter,
+        } => (
+            device,
+            exporter,
+            serde_json::json!({"op": "break", "ms": ms}),
+        ),
+        SerialCmd::Set {
+            device,
+            baud,
+            data_bits,
+            parity,
+            stop_bits,
+            flow,
+            exporter,
+        } => (
+            device,
+            exporter,
+            serde_json::json!({
+                "op": "set",
+                "baud": baud,
+                "data_bits": data_bits,
+                "parity": parity.map(|p| format!("{p:?}").to_lowercase()),
+                "stop_bits": stop_bits,
+                "flow": flow.map(|f| format!("{f:?}").to_lowercase()),
+            }),
+        ),
+        SerialCmd::Modem {
+            device,
+            dtr,
+            rts,
+            exporter,
+        } => (
+            device,
+            exporter,
+            serde_json::json!({
+                "op": "modem",
+                "dtr": dtr.map(|v| matches!(v, OnOff::On)),
+                "rts": rts.map(|v| matches!(v, OnOff::On)),
+            }),
+        ),
+    };
+    let st = state::find(exporter.as_deref())?;
+    let mut req = req;
+    req["device"] = serde_json::Value::String(device);
+    let mut sock = std::os::unix::net::UnixStream::connect(&st.socket).map_err(|e| {
+        anyhow!(
+            "cannot reach the attachment of {} at {}: {e}",
+            st.ready.exporter,
+            st.socket.display()
+        )
+    })?;
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    writeln!(sock, "{req}")?;
+    let mut line = String::new();
+    std::io::BufReader::new(&sock).read_line(&mut line)?;
+    let reply: serde_json::Value =
+        serde_json::from_str(&line).map_err(|e| anyhow!("bad reply from the attachment: {e}"))?;
+    if let Some(ok) = reply.get("ok").and_then(|v| v.as_str()) {
+        println!("{ok}");
+        Ok(())
+    } else {
+        let err = reply
+            .get("error")
+            .and_then(|v| v.as_str())
+            .unwrap_or("unknown error");
+        bail!("{err}")
+    }
+}
+
+/// Turns a control-socket request into an attachment request.
+pub(crate) fn parse_request(v: &serde_json::Value) -> Result<(String, SerialOp), String> {
+    let device = v
+        .get("device")
+        .and_then(|d| d.as_str())
+        .ok_or("request without device")?
+        .to_string();
+    let op = match v.get("op").and_then(|o| o.as_str()) {
+        Some("break") => SerialOp::Break {
+            millis: v
+                .get("ms")
+                .and_then(|m| m.as_u64())
+                .unwrap_or(250)
+                .min(60_000) as u32,
+        },
+        Some("modem") => SerialOp::Modem {
+            dtr: v.get("dtr").and_then(|x| x.as_bool()),
+            rts: v.get("rts").and_then(|x| x.as_bool()),
+        },
+        Some("set") => {
+            let baud = v.get("baud").and_then(|x| x.as_u64()).map(|b| b as u32);
+            let data_bits = v.get("data_bits").and_then(|x| x.as_u64()).map(|b| b as u8);
+            let stop_bits = v.get("stop_bits").and_then(|x| x.as_u64()).map(|b| b as u8);
+            let parity = match v.get("parity").and_then(|x| x.as_str()) {
+                None => None,
+                Some("none") => Some(Parity::None),
+                Some("odd") => Some(Parity::Odd),
+                Some("even") => Some(Parity::Even),
+                Some(p) => return Err(format!("unknown parity {p:?}")),
+            };
+            let flow = match v.get("flow").and_then(|x| x.as_str()) {
+                None => None,
+                Some("none") => Some(FlowControl::None),
+                Some("xonxoff") => Some(FlowControl::Software),
+                Some("rtscts") => Some(FlowControl::Hardware),
+                Some(f) => return Err(format!("unknown flow control {f:?}")),
+            };
+            SerialOp::Set(Box::new(move |mut s: LineSettings| {
+                if let Some(b) = baud {
+                    s.baud = b;
+                }
+                if let Some(d) = data_bits {
+                    s.data_bits = d;
+                }
+                if let Some(p) = parity {
+                    s.parity = p;
+                }
+                if let Some(st) = stop_bits {
+                    s.stop_bits = st;
+                }
+                if let Some(f) = flow {
+                    s.flow = f;
+                }
+                s
+            }))
+        }
+        other => return Err(format!("unknown operation {other:?}")),
+    };
+    Ok((device, op))
+}

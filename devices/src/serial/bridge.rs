@@ -15,6 +15,7 @@ use bytes::BytesMut;
 use jmp_protocol::{ControlBody, ErrorCode, LineSettings};
 use jmp_transport::LinkHandle;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{debug, info, warn};
 
@@ -22,7 +23,74 @@ use tracing::{debug, info, warn};
 /// EXTPROC stops producing until it is set again).
 const SETTINGS_POLL: Duration = Duration::from_millis(500);
 
+/// Out-of-band requests for the console's real port (`jmp serial break|set|modem`), usable
+/// while the bridge runs. Holds the current channel's control sender and the line settings the
+/// real port has as far as we know (configured, then whatever was applied since).
+#[derive(Clone)]
+pub struct SerialControl {
+    inner: Arc<Mutex<ControlState>>,
+}
+
+struct ControlState {
+    tx: Option<jmp_transport::ControlTx>,
+    settings: LineSettings,
+}
+
+impl SerialControl {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn settings(&self) -> LineSettings {
+        self.lock().settings
+    }
+
+    /// Sends `body` on the current channel. Line settings become the known settings.
+    pub fn send(&self, body: ControlBody) -> Result<(), String> {
+        let mut st = self.lock();
+        let sent = st.tx.as_ref().is_some_and(|tx| tx.send(body.clone()));
+        if !sent {
+            return Err("the link to the exporter is down; try again once it is back".into());
+        }
+        if let ControlBody::LineSettings(s) = body {
+            st.settings = s;
+        }
+        Ok(())
+    }
+}
+
+/// Parses the settings an exporter advertises in a serial device's detail ("115200 8N1 ...").
+pub fn parse_detail(detail: &str) -> Option<LineSettings> {
+    let mut words = detail.split_whitespace();
+    let baud: u32 = words.next()?.parse().ok()?;
+    let frame = words.next()?.as_bytes();
+    if frame.len() != 3 {
+        return None;
+    }
+    let data_bits = (frame[0] as char).to_digit(10)? as u8;
+    let parity = match frame[1] {
+        b'N' => jmp_protocol::Parity::None,
+        b'O' => jmp_protocol::Parity::Odd,
+        b'E' => jmp_protocol::Parity::Even,
+        _ => return None,
+    };
+    let stop_bits = (frame[2] as char).to_digit(10)? as u8;
+    let flow = match words.next() {
+        Some("rts/cts") => jmp_protocol::FlowControl::Hardware,
+        Some("xon/xoff") => jmp_protocol::FlowControl::Software,
+        _ => jmp_protocol::FlowControl::None,
+    };
+    Some(LineSettings {
+        baud,
+        data_bits,
+        parity,
+        stop_bits,
+        flow,
+    })
+}
+
 pub struct SerialBridge {
+    control: SerialControl,
     device: String,
     pty: Pty,
     link: StableLink,
@@ -38,15 +106,16 @@ pub struct SerialBridge {
 
 impl SerialBridge {
     /// Creates the pty and its stable link `dir/<exporter>/<device>`. `owner`: uid/gid to give
-    /// the device to (the invoking user); `baud`: the exporter's configured speed, preset so
-    /// local programs read it back.
+    /// the device to (the invoking user); `configured`: the exporter's line settings, whose
+    /// speed is preset so local programs read it back.
     pub fn create(
         device: &str,
         exporter: &str,
         dir: &Path,
         owner: Option<(u32, u32)>,
-        baud: Option<u32>,
+        configured: Option<LineSettings>,
     ) -> std::io::Result<SerialBridge> {
+        let baud = configured.map(|c| c.baud);
         let pty = Pty::open()?;
         if let Some((uid, gid)) = owner {
             pty.set_owner(uid, gid)?;
@@ -60,6 +129,12 @@ impl SerialBridge {
         })?;
         let last_settings = pty.line_settings().ok();
         Ok(SerialBridge {
+            control: SerialControl {
+                inner: Arc::new(Mutex::new(ControlState {
+                    tx: None,
+                    settings: configured.unwrap_or_default(),
+                })),
+            },
             device: device.to_string(),
             pty,
             link,
@@ -68,6 +143,10 @@ impl SerialBridge {
             local_settings: None,
             last_settings,
         })
+    }
+
+    pub fn control(&self) -> SerialControl {
+        self.control.clone()
     }
 
     pub fn path(&self) -> PathBuf {
@@ -115,7 +194,9 @@ impl SerialBridge {
         self.seen = Some((self.instance, offset));
         if let Some(s) = self.local_settings {
             pipe.control_tx.send(ControlBody::LineSettings(s));
+            self.control.lock().settings = s;
         }
+        self.control.lock().tx = Some(pipe.control_tx.clone());
         let instance = self.instance;
         let jmp_transport::Pipe {
             mut tx,
@@ -125,6 +206,7 @@ impl SerialBridge {
             ..
         } = pipe;
         let SerialBridge {
+            control,
             device,
             pty,
             seen,
@@ -168,7 +250,7 @@ impl SerialBridge {
                             }
                         }
                         Ok(Packet::SettingsChanged) => {
-                            forward_settings(pty, device, last_settings, local_settings, &control_tx);
+                            forward_settings(pty, device, last_settings, local_settings, &control_tx, control);
                         }
                         Ok(Packet::Status(_)) => {}
                         Err(e) => {
@@ -177,7 +259,7 @@ impl SerialBridge {
                         }
                     },
                     _ = poll.tick() => {
-                        forward_settings(pty, device, last_settings, local_settings, &control_tx);
+                        forward_settings(pty, device, last_settings, local_settings, &control_tx, control);
                     }
                     c = control_rx.recv() => match c {
                         Some(ControlBody::Notice(text)) => warn!(%device, "exporter: {text}"),
@@ -201,6 +283,7 @@ fn forward_settings(
     last: &mut Option<LineSettings>,
     local: &mut Option<LineSettings>,
     control_tx: &jmp_transport::ControlTx,
+    control: &SerialControl,
 ) {
     let _ = pty.ensure_extproc();
     let Ok(now) = pty.line_settings() else {
@@ -212,7 +295,14 @@ fn forward_settings(
     info!(%device, settings = %now, "local program changed line settings; applying them on the exporter");
     *last = Some(now);
     *local = Some(now);
-    control_tx.send(ControlBody::LineSettings(now));
+    // What a pty cannot carry (data bits, parity) stays as the port has it.
+    let mut applied = now;
+    let known = control.settings();
+    applied.data_bits = known.data_bits;
+    applied.parity = known.parity;
+    *local = Some(applied);
+    control.lock().settings = applied;
+    control_tx.send(ControlBody::LineSettings(applied));
 }
 
 impl Bridge for SerialBridge {
@@ -226,6 +316,10 @@ impl Bridge for SerialBridge {
 
     fn local(&self) -> String {
         self.link.path().display().to_string()
+    }
+
+    fn on_welcome(&mut self, welcome: &jmp_protocol::Welcome) {
+        self.set_instance(welcome.instance);
     }
 
     fn run<'a>(&'a mut self, link: &'a LinkHandle) -> BoxFuture<'a, BridgeExit> {
