@@ -73,7 +73,11 @@ pub fn server_endpoint(
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| ConnectError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(transport_config()));
-    let endpoint_config = quinn::EndpointConfig::new(Arc::new(identity.reset_key()));
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(identity.reset_key()));
+    let cid_key = identity.cid_key();
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     quinn::Endpoint::new(
         endpoint_config,
         Some(server),

@@ -113,6 +113,18 @@ impl Identity {
     /// Key material for stateless resets, derived from the private key so that a restarted
     /// exporter can reset connections its previous run held (the client then reconnects at
     /// once instead of waiting for its idle timeout).
+    /// Key of the connection-id generator: quinn validates a packet's connection id with it
+    /// before it answers with a stateless reset, so it must survive restarts too.
+    pub(crate) fn cid_key(&self) -> u64 {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"jmp connection ids v1");
+        ctx.update(&self.key_der);
+        let d = ctx.finish();
+        let mut k = [0u8; 8];
+        k.copy_from_slice(&d.as_ref()[..8]);
+        u64::from_le_bytes(k)
+    }
+
     pub(crate) fn reset_key(&self) -> ring::hmac::Key {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         ctx.update(b"jmp stateless reset v1");
