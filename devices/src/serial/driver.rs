@@ -54,7 +54,11 @@ impl SerialDriver {
     pub fn start(name: String, source: Source, history_bytes: usize) -> Self {
         let history = Arc::new(History::new(history_bytes));
         let (tx, rx) = mpsc::channel(64);
-        let unavailable = Arc::new(Mutex::new(None));
+        // A tty is unusable until its task has opened it (moments after start).
+        let unavailable = Arc::new(Mutex::new(match &source {
+            Source::Tty { path, .. } => Some(format!("{path} is being opened")),
+            Source::Sim { .. } => None,
+        }));
         let detail = match &source {
             Source::Tty { path, settings } => format!("{settings} {path}"),
             Source::Sim { .. } => format!("{} simulated board", LineSettings::default()),
