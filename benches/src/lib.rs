@@ -1,1 +1,12 @@
-//! stub
+//! jmp benchmarks: every benchmark runs its baseline and its peers in the same run, interleaved
+//! round by round, and reports medians and ratios. The driver is `src/main.rs`
+//! (`cargo run --release -p jmp-bench -- [all|serial|tcp|quinn|memory] [--rounds N]`); the method
+//! and recorded figures are in `docs/benchmarks.md`.
+
+pub mod jmp;
+pub mod memory;
+pub mod proc;
+pub mod quic;
+pub mod serial;
+pub mod stats;
+pub mod tcp;

@@ -307,17 +307,21 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the runtime")
 }
 
-async fn shutdown_signal() {
+/// Registers SIGTERM/SIGINT handlers now (not when first polled: a signal arriving between
+/// "ready" and the first poll would otherwise kill the process with its devices in place) and
+/// returns a future that completes on either. Call inside the runtime.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: removing local devices"),
-        _ = int.recv() => info!("interrupted: removing local devices"),
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let (Ok(mut term), Ok(mut int)) = (term, int) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: removing local devices"),
+            _ = int.recv() => info!("interrupted: removing local devices"),
+        }
     }
 }
 

@@ -549,11 +549,12 @@ impl Task {
                     Some(c) => self.command(c),
                     None => self.session.bye(ErrorCode::Ok, "closed"),
                 },
-                s = streams => {
-                    if let Some((channel, send, recv)) = s {
-                        self.stream_arrived(channel, send, recv);
-                    }
-                }
+                s = streams => match s {
+                    Some((channel, send, recv)) => self.stream_arrived(channel, send, recv),
+                    // The accept loop ended (the connection is going): never poll it again,
+                    // it would be ready forever and starve `closed()` below.
+                    None => self.streams = None,
+                },
                 d = self.conn.read_datagram(), if dg_open => match d {
                     Ok(d) => self.datagram(d),
                     Err(_) => {

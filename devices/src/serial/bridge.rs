@@ -2,6 +2,12 @@
 //! link. The pty, its path and its settings outlive connections: after a network blip the
 //! local program keeps its open file and simply sees the output resume.
 //!
+//! Board output waits in a bounded buffer (64 KiB, oldest dropped) while no program has the
+//! device open, and is delivered once a program has opened it and finished setting it up (no
+//! termios change or input flush for 50 ms): programs such as pyserial, picocom or
+//! `tty.setraw` flush pending input when they open a port, and would otherwise throw away the
+//! boot log the exporter replayed.
+//!
 //! Documented behaviour during an outage: board output is not lost (the exporter keeps it in
 //! its history and sends what the bridge missed when the link returns, from the offset it had
 //! reached); bytes typed locally meanwhile are read and **discarded**, with a warning counting
@@ -9,19 +15,49 @@
 //! meanwhile) is worse than losing them, which is also what a console cable to an unpowered
 //! board does.
 
-use super::pty::{Packet, Pty, StableLink};
+use super::pty::{Packet, Pty, StableLink, TIOCPKT_FLUSHREAD};
 use crate::{BoxFuture, Bridge, BridgeExit, Refusal};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use jmp_protocol::{ControlBody, ErrorCode, LineSettings};
-use jmp_transport::LinkHandle;
+use jmp_transport::{ControlTx, LinkHandle, PipeRx, PipeTx};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 /// How often termios is polled in addition to packet-mode events (which a program that clears
 /// EXTPROC stops producing until it is set again).
 const SETTINGS_POLL: Duration = Duration::from_millis(500);
+/// How often a closed device is checked for a program opening it.
+const OPEN_POLL: Duration = Duration::from_millis(20);
+/// Quiet time after an open (no settings change, no flush) before held output is delivered.
+const SETTLE: Duration = Duration::from_millis(50);
+/// Board output held while no program reads it.
+const HOLD_LIMIT: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tty {
+    /// No program has the device open.
+    Closed,
+    /// Just opened; output is held until the program is done configuring.
+    Settling(Instant),
+    Open,
+}
+
+/// The channel of the current link, while there is one.
+struct Chan {
+    tx: PipeTx,
+    rx: PipeRx,
+    control_rx: tokio::sync::mpsc::UnboundedReceiver<ControlBody>,
+    control_tx: ControlTx,
+}
+
+/// Typed bytes waiting for the channel. The sending runs in its own task so that the pump
+/// never stops reading board output while QUIC flow control holds typed bytes back (the board
+/// may be waiting for us to read before it reads more).
+const TYPED_DEPTH: usize = 32;
 
 /// Out-of-band requests for the console's real port (`jmp serial break|set|modem`), usable
 /// while the bridge runs. Holds the current channel's control sender and the line settings the
@@ -102,6 +138,9 @@ pub struct SerialBridge {
     local_settings: Option<LineSettings>,
     /// Last settings sent or found, to forward changes only.
     last_settings: Option<LineSettings>,
+    /// Board output not yet in the pty (survives reconnects: it is ours once received).
+    held: VecDeque<u8>,
+    tty: Tty,
 }
 
 impl SerialBridge {
@@ -142,6 +181,8 @@ impl SerialBridge {
             instance: 0,
             local_settings: None,
             last_settings,
+            held: VecDeque::new(),
+            tty: Tty::Closed,
         })
     }
 
@@ -197,112 +238,172 @@ impl SerialBridge {
             self.control.lock().settings = s;
         }
         self.control.lock().tx = Some(pipe.control_tx.clone());
-        let instance = self.instance;
-        let jmp_transport::Pipe {
-            mut tx,
-            mut rx,
-            mut control_rx,
-            control_tx,
-            ..
-        } = pipe;
-        let SerialBridge {
-            control,
-            device,
-            pty,
-            seen,
-            local_settings,
-            last_settings,
-            ..
-        } = self;
-        let pty = &*pty;
-        let device = &*device;
-        // Board → local program. The offset is advanced only after the bytes are in the pty,
-        // so a cancelled future never skips output.
-        let inbound = async {
-            loop {
-                match rx.recv().await {
-                    Ok(Some(b)) => {
-                        if let Err(e) = pty.write_all(&b).await {
-                            warn!(%device, "cannot write to the local pty: {e}");
-                            return BridgeExit::LinkLost;
+        let chan = Chan {
+            tx: pipe.tx,
+            rx: pipe.rx,
+            control_rx: pipe.control_rx,
+            control_tx: pipe.control_tx,
+        };
+        self.pump(Some(chan)).await
+    }
+
+    /// Moves bytes between the pty and the channel (or, without a channel, keeps the pty
+    /// serviced: typed bytes are discarded, held output is delivered to a program that opens
+    /// the device). State that must outlive a cancelled pump lives in `self`.
+    async fn pump(&mut self, chan: Option<Chan>) -> BridgeExit {
+        let (mut rx, mut control_rx, control_tx, typed) = match chan {
+            Some(c) => {
+                let (typed_tx, mut typed_rx) = tokio::sync::mpsc::channel::<Bytes>(TYPED_DEPTH);
+                let mut tx = c.tx;
+                tokio::spawn(async move {
+                    while let Some(b) = typed_rx.recv().await {
+                        if tx.send(b).await.is_err() {
+                            return;
                         }
-                        if let Some((_, off)) = seen.as_mut() {
+                    }
+                });
+                (
+                    Some(c.rx),
+                    Some(c.control_rx),
+                    Some(c.control_tx),
+                    Some(typed_tx),
+                )
+            }
+            None => (None, None, None, None),
+        };
+        let mut buf = BytesMut::new();
+        let mut settings_poll = tokio::time::interval(SETTINGS_POLL);
+        settings_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut open_poll = tokio::time::interval(OPEN_POLL);
+        open_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut discarded = 0usize;
+        loop {
+            let open = self.tty == Tty::Open;
+            let closed = self.tty == Tty::Closed;
+            let settle_at = match self.tty {
+                Tty::Settling(t) => Some(t),
+                _ => None,
+            };
+            let can_take = rx.is_some() && (closed || self.held.len() < HOLD_LIMIT);
+            // Read typed bytes only when they can be queued (or are discarded: no link).
+            let can_type = typed.as_ref().is_none_or(|t| t.capacity() > 0);
+            let (front, _) = self.held.as_slices();
+            tokio::select! {
+                // Board → held output.
+                r = async { rx.as_mut().expect("guarded").recv().await }, if can_take => match r {
+                    Ok(Some(b)) => {
+                        tracing::trace!(device = %self.device, len = b.len(), "board output");
+                        if let Some((_, off)) = self.seen.as_mut() {
                             *off += b.len() as u64;
-                        } else {
-                            *seen = Some((instance, offset + b.len() as u64));
+                        }
+                        self.held.extend(b.iter());
+                        let over = self.held.len().saturating_sub(HOLD_LIMIT);
+                        if over > 0 {
+                            // Only while nobody reads: an open device applies backpressure.
+                            self.held.drain(..over);
+                            debug!(device = %self.device, "dropped {over} bytes of output nobody was reading");
                         }
                     }
                     Ok(None) | Err(_) => return BridgeExit::LinkLost,
-                }
-            }
-        };
-        // Local program → board, and settings changes.
-        let outbound = async {
-            let mut buf = BytesMut::new();
-            let mut poll = tokio::time::interval(SETTINGS_POLL);
-            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    p = pty.read(&mut buf) => match p {
-                        Ok(Packet::Data(d)) => {
-                            if tx.send(d).await.is_err() {
+                },
+                // Held output → the local program.
+                w = self.pty.write_some(front), if open && !front.is_empty() => match w {
+                    Ok(n) => {
+                        self.held.drain(..n);
+                    }
+                    Err(e) => {
+                        debug!(device = %self.device, "pty write: {e}");
+                        self.tty = Tty::Closed;
+                    }
+                },
+                // The local program → board, settings, open/close.
+                p = self.pty.read(&mut buf), if !closed && can_type => match p {
+                    Ok(Packet::Data(d)) => match typed.as_ref() {
+                        Some(t) => {
+                            if t.try_send(d).is_err() {
                                 return BridgeExit::LinkLost;
                             }
                         }
-                        Ok(Packet::SettingsChanged) => {
-                            forward_settings(pty, device, last_settings, local_settings, &control_tx, control);
-                        }
-                        Ok(Packet::Status(_)) => {}
-                        Err(e) => {
-                            warn!(%device, "cannot read the local pty: {e}");
-                            return BridgeExit::LinkLost;
+                        None => {
+                            discarded += d.len();
+                            warn!(device = %self.device, "link down: discarded {} typed bytes ({discarded} in this outage)", d.len());
                         }
                     },
-                    _ = poll.tick() => {
-                        forward_settings(pty, device, last_settings, local_settings, &control_tx, control);
+                    Ok(Packet::SettingsChanged) => {
+                        self.settings_changed(control_tx.as_ref());
+                        if let Tty::Settling(_) = self.tty {
+                            self.tty = Tty::Settling(Instant::now() + SETTLE);
+                        }
                     }
-                    c = control_rx.recv() => match c {
-                        Some(ControlBody::Notice(text)) => warn!(%device, "exporter: {text}"),
-                        Some(other) => debug!(%device, ?other, "ignoring control message"),
-                        None => return BridgeExit::LinkLost,
-                    },
+                    Ok(Packet::Status(flags)) => {
+                        if flags & TIOCPKT_FLUSHREAD != 0 {
+                            if let Tty::Settling(_) = self.tty {
+                                self.tty = Tty::Settling(Instant::now() + SETTLE);
+                            }
+                        }
+                    }
+                    Ok(Packet::Hangup) => {
+                        debug!(device = %self.device, "closed by the local program");
+                        self.tty = Tty::Closed;
+                    }
+                    Err(e) => {
+                        warn!(device = %self.device, "cannot read the local pty: {e}");
+                        self.tty = Tty::Closed;
+                    }
+                },
+                _ = open_poll.tick(), if closed => {
+                    if self.pty.slave_open() {
+                        debug!(device = %self.device, "opened by a local program");
+                        if let Err(e) = self.pty.reregister() {
+                            warn!(device = %self.device, "cannot watch the local pty: {e}");
+                            continue;
+                        }
+                        self.tty = Tty::Settling(Instant::now() + SETTLE);
+                    }
+                }
+                _ = tokio::time::sleep_until(settle_at.unwrap_or_else(Instant::now)), if settle_at.is_some() => {
+                    debug!(device = %self.device, held = self.held.len(), "settled: delivering output");
+                    self.tty = Tty::Open;
+                }
+                _ = settings_poll.tick() => {
+                    self.settings_changed(control_tx.as_ref());
+                }
+                c = async { control_rx.as_mut().expect("guarded").recv().await }, if control_rx.is_some() => match c {
+                    Some(ControlBody::Notice(text)) => warn!(device = %self.device, "exporter: {text}"),
+                    Some(other) => debug!(device = %self.device, ?other, "ignoring control message"),
+                    None => return BridgeExit::LinkLost,
+                },
+                // The typed-bytes sender task ended: the channel is gone.
+                _ = async { typed.as_ref().expect("guarded").closed().await }, if typed.is_some() => {
+                    return BridgeExit::LinkLost;
                 }
             }
-        };
-        tokio::select! {
-            r = inbound => r,
-            r = outbound => r,
         }
     }
-}
 
-/// Sends the pty's settings to the exporter if a local program changed them.
-fn forward_settings(
-    pty: &Pty,
-    device: &str,
-    last: &mut Option<LineSettings>,
-    local: &mut Option<LineSettings>,
-    control_tx: &jmp_transport::ControlTx,
-    control: &SerialControl,
-) {
-    let _ = pty.ensure_extproc();
-    let Ok(now) = pty.line_settings() else {
-        return;
-    };
-    if *last == Some(now) {
-        return;
+    /// A local program may have changed line settings: forward them (with a channel) or
+    /// remember them for the next link.
+    fn settings_changed(&mut self, control_tx: Option<&ControlTx>) {
+        let _ = self.pty.ensure_extproc();
+        let Ok(now) = self.pty.line_settings() else {
+            return;
+        };
+        if self.last_settings == Some(now) {
+            return;
+        }
+        self.last_settings = Some(now);
+        // What a pty cannot carry (data bits, parity) stays as the port has it.
+        let mut applied = now;
+        let known = self.control.settings();
+        applied.data_bits = known.data_bits;
+        applied.parity = known.parity;
+        self.local_settings = Some(applied);
+        self.control.lock().settings = applied;
+        if let Some(tx) = control_tx {
+            info!(device = %self.device, settings = %applied, "local program changed line settings; applying them on the exporter");
+            tx.send(ControlBody::LineSettings(applied));
+        }
     }
-    info!(%device, settings = %now, "local program changed line settings; applying them on the exporter");
-    *last = Some(now);
-    *local = Some(now);
-    // What a pty cannot carry (data bits, parity) stays as the port has it.
-    let mut applied = now;
-    let known = control.settings();
-    applied.data_bits = known.data_bits;
-    applied.parity = known.parity;
-    *local = Some(applied);
-    control.lock().settings = applied;
-    control_tx.send(ControlBody::LineSettings(applied));
 }
 
 impl Bridge for SerialBridge {
@@ -328,31 +429,7 @@ impl Bridge for SerialBridge {
 
     fn idle(&mut self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let mut buf = BytesMut::new();
-            let mut discarded = 0usize;
-            loop {
-                match self.pty.read(&mut buf).await {
-                    Ok(Packet::Data(d)) => {
-                        discarded += d.len();
-                        warn!(
-                            device = %self.device,
-                            "link down: discarded {} typed bytes ({discarded} in this outage)",
-                            d.len()
-                        );
-                    }
-                    Ok(Packet::SettingsChanged) => {
-                        let _ = self.pty.ensure_extproc();
-                        if let Ok(s) = self.pty.line_settings() {
-                            if self.last_settings != Some(s) {
-                                self.last_settings = Some(s);
-                                self.local_settings = Some(s);
-                            }
-                        }
-                    }
-                    Ok(Packet::Status(_)) => {}
-                    Err(_) => std::future::pending::<()>().await,
-                }
-            }
+            self.pump(None).await;
         })
     }
 }

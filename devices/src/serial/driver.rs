@@ -169,6 +169,7 @@ async fn serve_channel(ch: SerialChannel, pipe: Pipe) {
     } = pipe;
     let history = ch.history.clone();
     let mut offset = ch.offset;
+    let cursor = history.cursor(offset);
     // Device → client: from our offset, as fast as the channel takes it.
     let out = async {
         let mut end = history.subscribe();
@@ -187,6 +188,7 @@ async fn serve_channel(ch: SerialChannel, pipe: Pipe) {
             if tx.send(r.data).await.is_err() {
                 return;
             }
+            cursor.advance(offset);
         }
     };
     // Client → device.
@@ -292,15 +294,16 @@ fn open_tty(
     Ok((port, afd))
 }
 
-async fn read_fd(fd: &AsyncFd<OwnedFd>, buf: &mut BytesMut) -> std::io::Result<usize> {
+async fn read_fd(fd: &AsyncFd<OwnedFd>, buf: &mut BytesMut, max: usize) -> std::io::Result<usize> {
     buf.clear();
-    buf.reserve(16 * 1024);
+    buf.reserve(max);
     loop {
         let mut guard = fd.readable().await?;
         let res = guard.try_io(|fd| {
             let spare = buf.spare_capacity_mut();
-            // SAFETY: the kernel writes at most spare.len() bytes; only those are marked set.
-            let n = unsafe { libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+            let len = spare.len().min(max);
+            // SAFETY: the kernel writes at most len bytes; only those are marked set.
+            let n = unsafe { libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), len) };
             if n < 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -419,27 +422,42 @@ async fn tty_task(
         info!(device = %name, %path, %settings, "serial port open");
         last_error.clear();
         set_status(None);
-        let mut buf = BytesMut::new();
-        let reason = loop {
-            tokio::select! {
-                r = read_fd(&fd, &mut buf) => match r {
-                    Ok(0) => break "end of file".to_string(),
+        // Reading and writing run side by side: a write waiting for the board to read must
+        // never stop us reading what the board prints (it may be waiting for exactly that).
+        let chunk = (history.capacity() / 2).clamp(1, 16 * 1024);
+        let reader = async {
+            let mut buf = BytesMut::new();
+            loop {
+                history.wait_room(chunk).await;
+                match read_fd(&fd, &mut buf, chunk).await {
+                    Ok(0) => return "end of file".to_string(),
                     Ok(_) => history.push(&buf),
-                    Err(e) => break e.to_string(),
-                },
-                c = cmds.recv() => match c {
-                    None => return,
+                    Err(e) => return e.to_string(),
+                }
+            }
+        };
+        let writer = async {
+            loop {
+                match cmds.recv().await {
+                    None => return None,
                     Some(PortCmd::Write(b)) => {
                         if let Err(e) = write_fd(&fd, &b).await {
-                            break e.to_string();
+                            return Some(e.to_string());
                         }
                     }
                     Some(PortCmd::Control(body, reply)) => {
                         let r = apply(&mut port, &path, &body, &mut settings).await;
                         let _ = reply.send(r);
                     }
-                },
+                }
             }
+        };
+        let reason = tokio::select! {
+            r = reader => r,
+            w = writer => match w {
+                None => return,
+                Some(r) => r,
+            },
         };
         let why = format!("{path} vanished: {reason}");
         warn!(device = %name, "{why}; reopening");

@@ -3,19 +3,49 @@
 //! coming back after a network blip, gets what it missed.
 //!
 //! The device's reader is the only writer; channels read from their own offset and wait on the
-//! end offset. A slow channel never slows the device: it falls behind, and if it falls further
-//! behind than the capacity it skips ahead and learns how much it lost.
+//! end offset. A live channel holds a [`Cursor`]: the reader does not overwrite bytes a cursor
+//! has not passed yet, it waits ([`History::wait_room`]) and so leaves the device's output in
+//! the device (a pty's or UART driver's buffer, hardware flow control) — a slow client slows
+//! the console down instead of losing bytes. Without a live channel the reader never waits; a
+//! client coming back later resumes from what is still kept, and learns how much it lost.
 
 use bytes::Bytes;
-use std::collections::VecDeque;
-use std::sync::Mutex;
-use tokio::sync::watch;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{watch, Notify};
 
 pub const DEFAULT_CAPACITY: usize = 64 * 1024;
 
 pub struct History {
     ring: Mutex<Ring>,
     end: watch::Sender<u64>,
+    /// Live channels' positions: bytes before the smallest are sent.
+    cursors: Mutex<HashMap<u64, u64>>,
+    next_cursor: AtomicU64,
+    /// Woken when a cursor moves or goes away.
+    room: Notify,
+}
+
+/// A live channel's position in the history; dropping it releases the reader.
+pub struct Cursor {
+    history: Arc<History>,
+    id: u64,
+}
+
+impl Cursor {
+    /// Everything before `offset` has been sent.
+    pub fn advance(&self, offset: u64) {
+        self.history.lock_cursors().insert(self.id, offset);
+        self.history.room.notify_waiters();
+    }
+}
+
+impl Drop for Cursor {
+    fn drop(&mut self) {
+        self.history.lock_cursors().remove(&self.id);
+        self.history.room.notify_waiters();
+    }
 }
 
 struct Ring {
@@ -42,6 +72,50 @@ impl History {
                 capacity: capacity.max(1),
             }),
             end: watch::channel(0).0,
+            cursors: Mutex::new(HashMap::new()),
+            next_cursor: AtomicU64::new(0),
+            room: Notify::new(),
+        }
+    }
+
+    fn lock_cursors(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u64>> {
+        self.cursors.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.lock().capacity
+    }
+
+    /// Registers a live channel at `offset`.
+    pub fn cursor(self: &Arc<Self>, offset: u64) -> Cursor {
+        let id = self.next_cursor.fetch_add(1, Ordering::Relaxed);
+        self.lock_cursors().insert(id, offset);
+        Cursor {
+            history: self.clone(),
+            id,
+        }
+    }
+
+    /// Whether `n` more bytes can be pushed without dropping bytes a live channel still needs.
+    pub fn has_room(&self, n: usize) -> bool {
+        let Some(min) = self.lock_cursors().values().min().copied() else {
+            return true;
+        };
+        let end = self.end();
+        let cap = self.capacity() as u64;
+        end.saturating_sub(min) + n as u64 <= cap
+    }
+
+    /// Waits until [`History::has_room`] for `n` bytes.
+    pub async fn wait_room(&self, n: usize) {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.has_room(n) {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -161,6 +235,28 @@ mod tests {
         }
         assert_eq!(h.read(0, 100).data, Bytes::from_static(b"fghij"));
         assert_eq!(h.read(7, 2).data, Bytes::from_static(b"hi"));
+    }
+
+    #[tokio::test]
+    async fn live_cursors_hold_the_reader_back() {
+        let h = std::sync::Arc::new(History::new(8));
+        assert!(h.has_room(100), "no live channel: never wait");
+        let c = h.cursor(0);
+        h.push(b"abcdef");
+        assert!(h.has_room(2));
+        assert!(
+            !h.has_room(3),
+            "would overwrite bytes the channel has not sent"
+        );
+        let h2 = h.clone();
+        let waiter = tokio::spawn(async move { h2.wait_room(3).await });
+        c.advance(4);
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+            .await
+            .expect("woken by the cursor moving")
+            .expect("task");
+        drop(c);
+        assert!(h.has_room(1000));
     }
 
     #[tokio::test]

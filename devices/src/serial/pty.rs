@@ -3,9 +3,9 @@
 //! Two kernel facts carry this file (see shared/FACTS.md): with packet mode (TIOCPKT) on the
 //! master and EXTPROC on the slave, every tcsetattr by the local program produces an event on
 //! the master, so line settings can be forwarded to the real port; and the master can read the
-//! slave's termios, including arbitrary speeds through termios2. We hold a slave fd ourselves so
-//! that termios survives between programs and the master never reads EIO when no program has the
-//! device open.
+//! slave's termios, including arbitrary speeds through termios2. We hold no slave fd: then the
+//! master reads EIO (and polls as hung up) while no program has the device open, which is how
+//! the bridge knows when to hold output back and when to deliver it.
 
 use bytes::{Bytes, BytesMut};
 use jmp_protocol::{FlowControl, LineSettings, Parity};
@@ -19,7 +19,6 @@ const TIOCPKT_IOCTL: u8 = 0x40;
 
 pub struct Pty {
     master: AsyncFd<OwnedFd>,
-    _slave: OwnedFd,
     slave_path: PathBuf,
 }
 
@@ -32,7 +31,12 @@ pub enum Packet {
     SettingsChanged,
     /// Other packet-mode status (flush, start/stop): nothing to forward.
     Status(u8),
+    /// No program has the device open (the last one closed it).
+    Hangup,
 }
+
+/// Packet-mode status bit: the program discarded its pending input (tcflush, TCSAFLUSH).
+pub const TIOCPKT_FLUSHREAD: u8 = 0x01;
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
@@ -87,9 +91,10 @@ impl Pty {
                 flags | libc::O_NONBLOCK,
             ))?;
         }
+        // Settings stay with the pty after our descriptor closes (the master keeps it alive).
+        drop(slave);
         Ok(Pty {
             master: crate::async_fd(master)?,
-            _slave: slave,
             slave_path,
         })
     }
@@ -142,8 +147,58 @@ impl Pty {
                     return Ok(Packet::Status(status));
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Ok(Packet::Hangup),
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Registers the master with the reactor afresh. Needed whenever a program opens the
+    /// device after a hangup: tokio takes the hangup as a permanent end of reading, so the old
+    /// registration would report readable forever and reads would spin on EAGAIN.
+    pub fn reregister(&mut self) -> io::Result<()> {
+        let dup = self.master.get_ref().try_clone()?;
+        // The old registration (and its descriptor) goes; the duplicate keeps the pty open.
+        self.master = crate::async_fd(dup)?;
+        Ok(())
+    }
+
+    /// Whether a program has the slave open now (the master is not hung up).
+    pub fn slave_open(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.master.get_ref().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n >= 0 && pfd.revents & libc::POLLHUP == 0
+    }
+
+    /// Writes some of `data` (waits until the pty can take at least one byte).
+    pub async fn write_some(&self, data: &[u8]) -> io::Result<usize> {
+        loop {
+            let mut guard = self.master.writable().await?;
+            match guard.try_io(|fd| {
+                // SAFETY: data is a valid slice.
+                let n = unsafe {
+                    libc::write(
+                        fd.as_raw_fd(),
+                        data.as_ptr() as *const libc::c_void,
+                        data.len(),
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            }) {
+                Ok(Ok(n)) => return Ok(n),
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => {}
             }
         }
     }
@@ -293,15 +348,20 @@ mod tests {
     #[tokio::test]
     async fn bytes_both_ways_and_settings_events() {
         let pty = Pty::open().expect("pty");
+        assert!(!pty.slave_open(), "nobody has it open yet");
+        let mut buf = BytesMut::new();
+        assert_eq!(pty.read(&mut buf).await.expect("read"), Packet::Hangup);
         let mut slave = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(pty.slave_path())
             .expect("open slave");
         let all: Vec<u8> = (0..=255u8).collect();
+        assert!(pty.slave_open());
+        let mut pty = pty;
+        pty.reregister().expect("fresh readiness after the hangup");
         slave.write_all(&all).expect("write");
         let mut got = Vec::new();
-        let mut buf = BytesMut::new();
         while got.len() < all.len() {
             match pty.read(&mut buf).await.expect("read") {
                 Packet::Data(d) => got.extend_from_slice(&d),
@@ -327,6 +387,7 @@ mod tests {
             match pty.read(&mut buf).await.expect("read") {
                 Packet::SettingsChanged => break,
                 Packet::Status(_) => continue,
+                Packet::Hangup => panic!("hung up while open"),
                 Packet::Data(d) => panic!("unexpected data {d:?}"),
             }
         }
@@ -334,6 +395,13 @@ mod tests {
         assert_eq!(s.baud, 250_000);
         assert_eq!(s.stop_bits, 2);
         assert_eq!(s.flow, FlowControl::Hardware);
+        drop(slave);
+        assert!(
+            !pty.slave_open(),
+            "closing the last slave fd hangs the master up"
+        );
+        // Settings survive the close: the next program finds them.
+        assert_eq!(pty.line_settings().expect("settings").baud, 250_000);
     }
 
     #[test]

@@ -1,0 +1,138 @@
+//! `cargo run --release -p jmp-bench -- [all|serial|tcp|quinn|memory] [--rounds N]
+//! [--iperf-seconds S] [--no-build] [--bin-dir DIR]`
+//!
+//! `--bin-dir` takes `jmpd` and `jmp` from DIR instead of building the workspace (to measure a
+//! fixed commit while the working tree changes).
+//!
+//! Runs each benchmark's baseline and peers in the same run, interleaved round by round, prints
+//! a markdown table per benchmark (medians, ratios, PASS/MISS against the targets) and writes
+//! everything as JSON to `target/bench-results.json`.
+
+use anyhow::{bail, Result};
+use jmp_bench::{jmp, memory, quic, serial, tcp};
+use std::process::Command;
+
+struct Args {
+    which: Vec<String>,
+    rounds: usize,
+    iperf_seconds: u32,
+    build: bool,
+    bin_dir: Option<std::path::PathBuf>,
+}
+
+fn parse() -> Result<Args> {
+    let mut a = Args {
+        which: Vec::new(),
+        rounds: 5,
+        iperf_seconds: 5,
+        build: true,
+        bin_dir: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--rounds" => a.rounds = it.next().unwrap_or_default().parse()?,
+            "--iperf-seconds" => a.iperf_seconds = it.next().unwrap_or_default().parse()?,
+            "--no-build" => a.build = false,
+            "--bin-dir" => a.bin_dir = it.next().map(Into::into),
+            "all" => a
+                .which
+                .extend(["serial", "tcp", "quinn", "memory"].map(String::from)),
+            "serial" | "tcp" | "quinn" | "memory" => a.which.push(x),
+            "-h" | "--help" => {
+                println!(
+                    "usage: jmp-bench [all|serial|tcp|quinn|memory]... [--rounds N] \
+                     [--iperf-seconds S] [--no-build] [--bin-dir DIR]"
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (try --help)"),
+        }
+    }
+    if a.which.is_empty() {
+        a.which = ["serial", "tcp", "quinn", "memory"]
+            .map(String::from)
+            .to_vec();
+    }
+    if a.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    Ok(a)
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn main() -> Result<()> {
+    let args = parse()?;
+    let date = sh("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]);
+    let command = format!(
+        "cargo run --release -p jmp-bench -- {}",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    );
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let kernel = sh("uname", &["-r"]);
+    let bins = jmp::bins(args.build, args.bin_dir.clone())?;
+
+    println!("## jmp benchmarks\n");
+    println!("- date: {date}");
+    println!("- command: `{}`", command.trim_end());
+    println!("- machine: {cores} cores, kernel {kernel}");
+    println!("- jmpd: {}", bins.jmpd.display());
+    println!(
+        "- rounds: {} (interleaved; medians reported)\n",
+        args.rounds
+    );
+
+    let mut results = serde_json::Map::new();
+    results.insert("date".into(), date.clone().into());
+    results.insert("command".into(), command.trim_end().into());
+    results.insert("cores".into(), cores.into());
+    results.insert("kernel".into(), kernel.into());
+    results.insert("rounds".into(), args.rounds.into());
+    results.insert("jmpd".into(), bins.jmpd.display().to_string().into());
+    let mut failed = false;
+    for w in &args.which {
+        eprintln!("running {w} ...");
+        let r = match w.as_str() {
+            "serial" => serial::run(&bins, args.rounds),
+            "tcp" => tcp::run(&bins, args.rounds, args.iperf_seconds),
+            "quinn" => quic::run(args.rounds),
+            "memory" => memory::run(&bins, args.rounds),
+            _ => unreachable!("parsed"),
+        };
+        match r {
+            Ok((md, js)) => {
+                println!("{md}");
+                results.insert(w.clone(), js);
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                if msg.starts_with("SKIP:") {
+                    println!("### {w}\n\n{msg}\n");
+                } else {
+                    failed = true;
+                    println!("### {w}\n\nFAILED: {msg}\n");
+                }
+                results.insert(w.clone(), serde_json::json!({ "error": msg }));
+            }
+        }
+    }
+    let out = jmp::workspace_dir().join("target/bench-results.json");
+    std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&serde_json::Value::Object(results))?,
+    )?;
+    println!("Results as JSON: {}", out.display());
+    if failed {
+        bail!("a benchmark failed");
+    }
+    Ok(())
+}
