@@ -45,8 +45,16 @@ fn changed_fingerprint_is_refused_loudly() {
     );
     assert_ne!(yaml, yaml2);
     let second = env.start_jmpd(&yaml2);
-    assert_ne!(second.fingerprint, known.split_whitespace().nth(1).unwrap_or(""));
-    let out = run("jmp-attach-mismatch", attach_tofu(), &env.logs, Duration::from_secs(30));
+    assert_ne!(
+        second.fingerprint,
+        known.split_whitespace().nth(1).unwrap_or("")
+    );
+    let out = run(
+        "jmp-attach-mismatch",
+        attach_tofu(),
+        &env.logs,
+        Duration::from_secs(30),
+    );
     assert!(!out.status.success(), "attach must fail: {}", out.stderr);
     assert!(
         out.stderr.contains("impostor") && out.stderr.contains(&second.fingerprint),

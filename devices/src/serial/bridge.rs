@@ -297,9 +297,11 @@ impl SerialBridge {
                             *off += b.len() as u64;
                         }
                         self.held.extend(b.iter());
+                        // Only while no program has the device open is old output dropped; an
+                        // open (or settling) device applies backpressure instead: `can_take`
+                        // stops taking at the limit, so `held` exceeds it by one chunk at most.
                         let over = self.held.len().saturating_sub(HOLD_LIMIT);
-                        if over > 0 {
-                            // Only while nobody reads: an open device applies backpressure.
+                        if over > 0 && self.tty == Tty::Closed {
                             self.held.drain(..over);
                             debug!(device = %self.device, "dropped {over} bytes of output nobody was reading");
                         }
