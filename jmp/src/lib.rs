@@ -613,3 +613,76 @@ pub(crate) fn parse_request(v: &serde_json::Value) -> Result<(String, SerialOp),
     };
     Ok((device, op))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwards_parse_ports_and_addresses_and_name_bad_ones() {
+        let f = parse_forwards(&["2222=ssh".into(), "127.0.0.2:8080=web".into()]).expect("valid");
+        assert_eq!(f["ssh"], SocketAddr::from(([127, 0, 0, 1], 2222)));
+        assert_eq!(
+            f["web"],
+            "127.0.0.2:8080".parse::<SocketAddr>().expect("addr")
+        );
+        for bad in ["ssh", "x=ssh", "99999=ssh"] {
+            let e = parse_forwards(&[bad.into()]).expect_err(bad);
+            assert!(e.to_string().contains(bad), "{e}");
+            assert_eq!(e.downcast_ref::<Exit>().map(|x| x.code), Some(2));
+        }
+    }
+
+    #[test]
+    fn exporter_address_gets_the_default_port() {
+        assert_eq!(resolve("127.0.0.1").expect("resolves").port(), 7700);
+        assert_eq!(resolve("127.0.0.1:9").expect("resolves").port(), 9);
+    }
+
+    #[test]
+    fn serial_set_requests_merge_into_current_settings() {
+        let v =
+            serde_json::json!({"device": "console", "op": "set", "parity": "even", "data_bits": 7});
+        let (device, op) = parse_request(&v).expect("valid");
+        assert_eq!(device, "console");
+        let SerialOp::Set(f) = op else {
+            panic!("not a set")
+        };
+        let s = f(LineSettings::default());
+        assert_eq!(
+            (s.baud, s.data_bits, s.parity, s.stop_bits),
+            (115_200, 7, Parity::Even, 1)
+        );
+        let bad = serde_json::json!({"device": "console", "op": "set", "parity": "mark"});
+        assert!(parse_request(&bad)
+            .err()
+            .is_some_and(|e| e.contains("mark")));
+        let unknown = serde_json::json!({"device": "console", "op": "explode"});
+        assert!(parse_request(&unknown).is_err());
+    }
+
+    #[test]
+    fn table_aligns_columns() {
+        let r = Ready {
+            exporter: "x".into(),
+            fingerprint: "sha256:00".into(),
+            pid: 1,
+            devices: vec![
+                attach::DeviceRow {
+                    name: "console".into(),
+                    kind: "serial".into(),
+                    local: "/dev/jmp/x/console".into(),
+                },
+                attach::DeviceRow {
+                    name: "ssh".into(),
+                    kind: "tcp".into(),
+                    local: "127.0.0.1:2222".into(),
+                },
+            ],
+        };
+        assert_eq!(
+            r.table(),
+            "console  serial  /dev/jmp/x/console\nssh      tcp     127.0.0.1:2222\n"
+        );
+    }
+}
