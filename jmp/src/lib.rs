@@ -300,11 +300,7 @@ fn read_token(path: &PathBuf) -> Result<String> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")
+    jmp_transport::runtime().context("cannot start the runtime")
 }
 
 /// Registers SIGTERM/SIGINT handlers now (not when first polled: a signal arriving between

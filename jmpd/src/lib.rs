@@ -106,11 +106,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let (token_auth, created) = TokenAuth::from_file(&auth.token_file).map_err(|e| anyhow!(e))?;
     let listen = cfg.listen_addr().map_err(|e| anyhow!(e))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
+    let rt = jmp_transport::runtime().context("cannot start the runtime")?;
     rt.block_on(async move {
         let socket = std::net::UdpSocket::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
         let local = socket.local_addr()?;

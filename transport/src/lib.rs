@@ -18,3 +18,22 @@ pub use endpoint::{client_endpoint, connect, server_endpoint, ConnectError};
 pub use identity::{Fingerprint, Identity, IdentityError};
 pub use link::{Incoming, Link, LinkEvent, LinkHandle, OpenError};
 pub use pipe::{ControlTx, DatagramPipe, Pipe, PipeError, PipeRx, PipeTx};
+
+/// The runtime jmp's processes run on. Single-threaded by default: a console round trip crosses
+/// several tasks (pty, link, quinn's connection driver), and on the small machines this runs on
+/// a wakeup across threads costs more than the parallelism gains. `JMP_WORKER_THREADS=N` gives
+/// a multi-threaded runtime with N workers.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    match std::env::var("JMP_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        Some(n) if n > 0 => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    }
+}
