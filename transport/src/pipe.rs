@@ -117,6 +117,39 @@ impl PipeRx {
         }
     }
 
+    /// Up to `out`'s capacity of chunks at once (appended to `out`); `false` at end of stream.
+    /// Receivers that write to a socket use this with `writev`: QUIC delivers data in
+    /// packet-sized chunks, and one syscall per chunk would cost more than the transfer.
+    pub async fn recv_many(&mut self, out: &mut Vec<Bytes>, max: usize) -> Result<bool, PipeError> {
+        let max = max.max(1);
+        match &mut self.0 {
+            RxInner::Quic(r) => {
+                let mut bufs: [Bytes; 32] = Default::default();
+                let n = max.min(bufs.len());
+                match r.read_chunks(&mut bufs[..n]).await? {
+                    Some(got) => {
+                        out.extend(bufs.into_iter().take(got));
+                        Ok(true)
+                    }
+                    None => Ok(false),
+                }
+            }
+            RxInner::Mem(rx) => {
+                match rx.recv().await {
+                    None => return Ok(false),
+                    Some(first) => out.push(first?),
+                }
+                while out.len() < max {
+                    match rx.try_recv() {
+                        Ok(b) => out.push(b?),
+                        Err(_) => break,
+                    }
+                }
+                Ok(true)
+            }
+        }
+    }
+
     /// Tells the peer to stop sending (its writes fail with `Reset(code)`).
     pub fn stop(&mut self, code: u64) {
         match &mut self.0 {

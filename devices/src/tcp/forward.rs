@@ -119,9 +119,45 @@ async fn pipe_to_tcp(
     wr: &mut WriteHalf<'_>,
     count: &mut u64,
 ) -> Result<(), Failure> {
-    while let Some(chunk) = rx.recv().await.map_err(Failure::Pipe)? {
-        wr.write_all(&chunk).await.map_err(Failure::Tcp)?;
-        *count += chunk.len() as u64;
+    // Many packet-sized chunks per writev: one syscall per chunk would dominate the cost.
+    let mut chunks: Vec<bytes::Bytes> = Vec::with_capacity(32);
+    while rx.recv_many(&mut chunks, 32).await.map_err(Failure::Pipe)? {
+        *count += chunks.iter().map(|c| c.len() as u64).sum::<u64>();
+        write_all_vectored(wr, &mut chunks)
+            .await
+            .map_err(Failure::Tcp)?;
     }
     wr.shutdown().await.map_err(Failure::Tcp)
+}
+
+/// Writes every chunk (emptying `chunks`), as few syscalls as the socket allows.
+async fn write_all_vectored(
+    wr: &mut WriteHalf<'_>,
+    chunks: &mut Vec<bytes::Bytes>,
+) -> std::io::Result<()> {
+    use bytes::Buf;
+    let mut first = 0;
+    while first < chunks.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = chunks[first..]
+            .iter()
+            .map(|c| std::io::IoSlice::new(c))
+            .collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        drop(slices);
+        while n > 0 {
+            let c = &mut chunks[first];
+            if n >= c.len() {
+                n -= c.len();
+                first += 1;
+            } else {
+                c.advance(n);
+                n = 0;
+            }
+        }
+    }
+    chunks.clear();
+    Ok(())
 }
