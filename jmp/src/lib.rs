@@ -21,7 +21,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio::sync::mpsc;
-use tracing::{error, info};
+use tracing::error;
 
 /// An error that carries the process exit code (the table in docs/protocol.md).
 #[derive(Debug, thiserror::Error)]
@@ -303,24 +303,6 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     jmp_transport::runtime().context("cannot start the runtime")
 }
 
-/// Registers SIGTERM/SIGINT handlers now (not when first polled: a signal arriving between
-/// "ready" and the first poll would otherwise kill the process with its devices in place) and
-/// returns a future that completes on either. Call inside the runtime.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    async move {
-        let (Ok(mut term), Ok(mut int)) = (term, int) else {
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM: removing local devices"),
-            _ = int.recv() => info!("interrupted: removing local devices"),
-        }
-    }
-}
-
 fn print_ready(ready: &Ready, json: bool) -> Result<(), String> {
     let mut out = std::io::stdout().lock();
     let text = if json || std::env::var_os(state::CHILD_ENV).is_some() {
@@ -394,7 +376,13 @@ async fn run_attachment(
         *n2.lock().unwrap_or_else(|e| e.into_inner()) = r.exporter.clone();
         print_ready(r, json)
     };
-    let res = attach::run(opts, on_ready, shutdown_signal(), ctl_rx).await;
+    let res = attach::run(
+        opts,
+        on_ready,
+        jmp_transport::shutdown_signal("removing local devices"),
+        ctl_rx,
+    )
+    .await;
     // Devices are gone once `attach::run` returns; now the state files.
     guard.lock().unwrap_or_else(|e| e.into_inner()).take();
     let name = exporter_name

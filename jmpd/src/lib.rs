@@ -119,7 +119,7 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
         let exporter = Arc::new(Exporter::from_config(&cfg, Arc::new(token_auth)));
-        let shutdown = shutdown_signal();
+        let shutdown = jmp_transport::shutdown_signal("shutting down");
         // One line on stdout when ready, for people, scripts and tests alike.
         println!(
             "jmpd: exporter {} listening on {local} fingerprint {}",
@@ -132,22 +132,4 @@ pub fn run(args: Args) -> Result<()> {
         info!("stopped");
         Ok(())
     })
-}
-
-/// Registers SIGTERM/SIGINT handlers now (not when first polled: a signal arriving between
-/// "ready" and the first poll would otherwise kill the process with its devices in place) and
-/// returns a future that completes on either. Call inside the runtime.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    async move {
-        let (Ok(mut term), Ok(mut int)) = (term, int) else {
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM"),
-            _ = int.recv() => info!("SIGINT"),
-        }
-    }
 }

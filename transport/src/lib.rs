@@ -37,3 +37,22 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
             .build(),
     }
 }
+
+/// Registers SIGTERM/SIGINT handlers now (not when first polled: a signal arriving between
+/// "ready" and the first poll would otherwise kill the process with its devices in place) and
+/// returns a future that completes on either, logging `what` ("removing local devices").
+/// Call inside the runtime.
+pub fn shutdown_signal(what: &'static str) -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let (Ok(mut term), Ok(mut int)) = (term, int) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: {what}"),
+            _ = int.recv() => tracing::info!("interrupted: {what}"),
+        }
+    }
+}

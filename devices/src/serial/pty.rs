@@ -206,27 +206,8 @@ impl Pty {
     /// Writes all of `data` for the local program to read (waits while the pty is full).
     pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
-            let mut guard = self.master.writable().await?;
-            match guard.try_io(|fd| {
-                // SAFETY: data is a valid slice.
-                let n = unsafe {
-                    libc::write(
-                        fd.as_raw_fd(),
-                        data.as_ptr() as *const libc::c_void,
-                        data.len(),
-                    )
-                };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            }) {
-                Ok(Ok(n)) => data = &data[n..],
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => {}
-            }
+            let n = self.write_some(data).await?;
+            data = &data[n..];
         }
         Ok(())
     }
