@@ -24,7 +24,14 @@ cargo test --workspace --no-fail-fast -- --test-threads="${JMP_TEST_THREADS:-2}"
 status=${PIPESTATUS[0]}
 set -e
 skips=$(grep -c '^SKIP: ' "$log" || true)
-echo
-echo "test.sh: skipped tests: $skips"
 grep '^SKIP: ' "$log" | sort | uniq -c || true
+# One closing line with the totals over every test binary (cargo prints one summary per binary,
+# the last of which is often an empty doc-test run).
+read -r passed failed < <(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;/) p += $i; if ($(i+1) ~ /^failed;/) f += $i } } END { print p + 0, f + 0 }' "$log")
+echo
+echo "tests: $passed passed, $failed failed, $skips skipped"
+if [ "$status" -eq 0 ] && [ "$passed" -eq 0 ]; then
+    echo "test.sh: no test ran"
+    exit 1
+fi
 exit "$status"
