@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod exporter;
+pub(crate) mod fdio;
 pub mod serial;
 pub mod tcp;
 

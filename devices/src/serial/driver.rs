@@ -294,51 +294,6 @@ fn open_tty(
     Ok((port, afd))
 }
 
-async fn read_fd(fd: &AsyncFd<OwnedFd>, buf: &mut BytesMut, max: usize) -> std::io::Result<usize> {
-    buf.clear();
-    buf.reserve(max);
-    loop {
-        let mut guard = fd.readable().await?;
-        let res = guard.try_io(|fd| {
-            let spare = buf.spare_capacity_mut();
-            let len = spare.len().min(max);
-            // SAFETY: the kernel writes at most len bytes; only those are marked set.
-            let n = unsafe { libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), len) };
-            if n < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            unsafe { buf.set_len(n as usize) };
-            Ok(n as usize)
-        });
-        match res {
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Ok(r) => return r,
-            Err(_would_block) => continue,
-        }
-    }
-}
-
-async fn write_fd(fd: &AsyncFd<OwnedFd>, mut data: &[u8]) -> std::io::Result<()> {
-    while !data.is_empty() {
-        let mut guard = fd.writable().await?;
-        match guard.try_io(|fd| {
-            // SAFETY: data is a valid slice.
-            let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
-            if n < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        }) {
-            Ok(Ok(n)) => data = &data[n..],
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_would_block) => {}
-        }
-    }
-    Ok(())
-}
-
 async fn apply(
     port: &mut serialport::TTYPort,
     path: &str,
@@ -429,7 +384,7 @@ async fn tty_task(
             let mut buf = BytesMut::new();
             loop {
                 history.wait_room(chunk).await;
-                match read_fd(&fd, &mut buf, chunk).await {
+                match crate::fdio::read(&fd, &mut buf, chunk).await {
                     Ok(0) => return "end of file".to_string(),
                     Ok(_) => history.push(&buf),
                     Err(e) => return e.to_string(),
@@ -441,7 +396,7 @@ async fn tty_task(
                 match cmds.recv().await {
                     None => return None,
                     Some(PortCmd::Write(b)) => {
-                        if let Err(e) = write_fd(&fd, &b).await {
+                        if let Err(e) = crate::fdio::write_all(&fd, &b).await {
                             return Some(e.to_string());
                         }
                     }

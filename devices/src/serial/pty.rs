@@ -112,45 +112,19 @@ impl Pty {
     }
 
     pub async fn read(&self, buf: &mut BytesMut) -> io::Result<Packet> {
-        buf.clear();
-        buf.reserve(16 * 1024);
-        loop {
-            let mut guard = self.master.readable().await?;
-            let res = guard.try_io(|fd| {
-                let spare = buf.spare_capacity_mut();
-                // SAFETY: reading into the uninitialised spare capacity; only the bytes the
-                // kernel reports as read are marked initialised.
-                let n = unsafe {
-                    libc::read(
-                        fd.as_raw_fd(),
-                        spare.as_mut_ptr() as *mut libc::c_void,
-                        spare.len(),
-                    )
-                };
-                if n < 0 {
-                    return Err(io::Error::last_os_error());
+        match crate::fdio::read(&self.master, buf, 16 * 1024).await {
+            Ok(0) => Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => Ok(match buf[0] {
+                0 => {
+                    let _ = buf.split_to(1);
+                    Packet::Data(buf.split().freeze())
                 }
-                unsafe { buf.set_len(n as usize) };
-                Ok(n as usize)
-            });
-            match res {
-                Ok(Ok(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(Ok(_)) => {
-                    let status = buf[0];
-                    if status == 0 {
-                        let _ = buf.split_to(1);
-                        return Ok(Packet::Data(buf.split().freeze()));
-                    }
-                    if status & TIOCPKT_IOCTL != 0 {
-                        return Ok(Packet::SettingsChanged);
-                    }
-                    return Ok(Packet::Status(status));
-                }
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Ok(Packet::Hangup),
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
-            }
+                status if status & TIOCPKT_IOCTL != 0 => Packet::SettingsChanged,
+                status => Packet::Status(status),
+            }),
+            // The master reads EIO while no program has the slave open.
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => Ok(Packet::Hangup),
+            Err(e) => Err(e),
         }
     }
 
@@ -178,38 +152,12 @@ impl Pty {
 
     /// Writes some of `data` (waits until the pty can take at least one byte).
     pub async fn write_some(&self, data: &[u8]) -> io::Result<usize> {
-        loop {
-            let mut guard = self.master.writable().await?;
-            match guard.try_io(|fd| {
-                // SAFETY: data is a valid slice.
-                let n = unsafe {
-                    libc::write(
-                        fd.as_raw_fd(),
-                        data.as_ptr() as *const libc::c_void,
-                        data.len(),
-                    )
-                };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            }) {
-                Ok(Ok(n)) => return Ok(n),
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => {}
-            }
-        }
+        crate::fdio::write_some(&self.master, data).await
     }
 
     /// Writes all of `data` for the local program to read (waits while the pty is full).
-    pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            let n = self.write_some(data).await?;
-            data = &data[n..];
-        }
-        Ok(())
+    pub async fn write_all(&self, data: &[u8]) -> io::Result<()> {
+        crate::fdio::write_all(&self.master, data).await
     }
 
     /// The line settings the local program has set on the slave. A pty always reports 8 data
