@@ -121,6 +121,21 @@ struct CommonArgs {
     detach: bool,
 }
 
+impl CommonArgs {
+    /// The attachment's options from what every attaching command shares.
+    fn options(&self, addr: SocketAddr, token: String, pin: Pin) -> Result<attach::Options> {
+        Ok(attach::Options {
+            addr,
+            token,
+            pin,
+            dev_dir: self.dev_dir.clone().unwrap_or_else(paths::default_dev_dir),
+            forwards: parse_forwards(&self.forwards)?,
+            client: self.name.clone().unwrap_or_else(paths::default_client_name),
+            owner: Some(paths::invoking_user()),
+        })
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum LocalCmd {
     /// Start a local exporter in the background and attach it.
@@ -338,23 +353,7 @@ fn attach_cmd(a: AttachArgs) -> Result<()> {
             name: a.exporter.clone(),
         },
     };
-    let opts = attach::Options {
-        addr,
-        token,
-        pin,
-        dev_dir: a
-            .common
-            .dev_dir
-            .clone()
-            .unwrap_or_else(paths::default_dev_dir),
-        forwards: parse_forwards(&a.common.forwards)?,
-        client: a
-            .common
-            .name
-            .clone()
-            .unwrap_or_else(paths::default_client_name),
-        owner: Some(paths::invoking_user()),
-    };
+    let opts = a.common.options(addr, token, pin)?;
     let json = a.common.output == Format::Json;
     runtime()?.block_on(run_attachment(opts, json, None))
 }
@@ -439,23 +438,9 @@ fn local_run(l: LocalArgs) -> Result<()> {
         let server = tokio::spawn(exporter.serve(endpoint, async move {
             let _ = stop_rx.await;
         }));
-        let opts = attach::Options {
-            addr,
-            token,
-            pin: Pin::Fingerprint(identity.fingerprint()),
-            dev_dir: l
-                .common
-                .dev_dir
-                .clone()
-                .unwrap_or_else(paths::default_dev_dir),
-            forwards: parse_forwards(&l.common.forwards)?,
-            client: l
-                .common
-                .name
-                .clone()
-                .unwrap_or_else(paths::default_client_name),
-            owner: Some(paths::invoking_user()),
-        };
+        let opts = l
+            .common
+            .options(addr, token, Pin::Fingerprint(identity.fingerprint()))?;
         let res = run_attachment(opts, json, Some(state::local_file())).await;
         let _ = stop_tx.send(());
         let _ = server.await;

@@ -116,6 +116,33 @@ impl LinkHandle {
         &self.conn
     }
 
+    /// Client: asks the task for a channel id and queues the Open. Returns the id and where
+    /// the answer (the device offset, or the refusal) will arrive.
+    async fn request_open(
+        &self,
+        device: &str,
+        mode: ChannelMode,
+        resume_from: Option<u64>,
+        control: mpsc::UnboundedSender<ControlBody>,
+        datagrams: Option<mpsc::Sender<Bytes>>,
+    ) -> Result<(u64, oneshot::Receiver<Result<u64, OpenError>>), OpenError> {
+        let (id_tx, id_rx) = oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        self.cmds
+            .send(Command::Open {
+                device: device.to_string(),
+                mode,
+                resume_from,
+                id: id_tx,
+                done: done_tx,
+                control,
+                datagrams,
+            })
+            .map_err(|_| gone())?;
+        let channel = id_rx.await.map_err(|_| gone())?.ok_or_else(gone)?;
+        Ok((channel, done_rx))
+    }
+
     /// Client: opens a stream channel on `device`. Returns the pipe and the device offset its
     /// first byte has (serial resume; 0 otherwise).
     pub async fn open_stream(
@@ -124,20 +151,9 @@ impl LinkHandle {
         resume_from: Option<u64>,
     ) -> Result<(Pipe, u64), OpenError> {
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
-        let (id_tx, id_rx) = oneshot::channel();
-        let (done_tx, done_rx) = oneshot::channel();
-        self.cmds
-            .send(Command::Open {
-                device: device.to_string(),
-                mode: ChannelMode::Stream,
-                resume_from,
-                id: id_tx,
-                done: done_tx,
-                control: ctl_tx,
-                datagrams: None,
-            })
-            .map_err(|_| gone())?;
-        let channel = id_rx.await.map_err(|_| gone())?.ok_or_else(gone)?;
+        let (channel, done_rx) = self
+            .request_open(device, ChannelMode::Stream, resume_from, ctl_tx, None)
+            .await?;
         // The stream goes out at once, before the answer: the exporter pairs it by id, and a
         // TCP forward's first bytes are not held back by a round trip.
         let opened = async {
@@ -176,20 +192,9 @@ impl LinkHandle {
     pub async fn open_datagram(&self, device: &str) -> Result<DatagramPipe, OpenError> {
         let (ctl_tx, _ctl_rx) = mpsc::unbounded_channel();
         let (dg_tx, dg_rx) = mpsc::channel(DATAGRAM_DEPTH);
-        let (id_tx, id_rx) = oneshot::channel();
-        let (done_tx, done_rx) = oneshot::channel();
-        self.cmds
-            .send(Command::Open {
-                device: device.to_string(),
-                mode: ChannelMode::Datagram,
-                resume_from: None,
-                id: id_tx,
-                done: done_tx,
-                control: ctl_tx,
-                datagrams: Some(dg_tx),
-            })
-            .map_err(|_| gone())?;
-        let channel = id_rx.await.map_err(|_| gone())?.ok_or_else(gone)?;
+        let (channel, done_rx) = self
+            .request_open(device, ChannelMode::Datagram, None, ctl_tx, Some(dg_tx))
+            .await?;
         done_rx.await.map_err(|_| gone())??;
         Ok(DatagramPipe::quic(channel, self.conn.clone(), dg_rx))
     }
