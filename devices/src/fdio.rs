@@ -1,0 +1,63 @@
+//! Non-blocking reads and writes on a descriptor registered with tokio (a pty master, a tty):
+//! the one place that turns readiness into `read(2)`/`write(2)`, for the serial driver and the
+//! client pty alike.
+
+use bytes::BytesMut;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use tokio::io::unix::AsyncFd;
+
+/// Reads at most `max` bytes into `buf` (cleared first). `Ok(0)` is end of file.
+pub async fn read(fd: &AsyncFd<OwnedFd>, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+    buf.clear();
+    buf.reserve(max);
+    loop {
+        let mut guard = fd.readable().await?;
+        let res = guard.try_io(|fd| {
+            let spare = buf.spare_capacity_mut();
+            let len = spare.len().min(max);
+            // SAFETY: the kernel writes at most `len` bytes into the spare capacity; only the
+            // bytes it reports as read are marked initialised.
+            let n = unsafe { libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), len) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            unsafe { buf.set_len(n as usize) };
+            Ok(n as usize)
+        });
+        match res {
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Ok(r) => return r,
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+/// Writes some of `data`, waiting until the descriptor takes at least one byte.
+pub async fn write_some(fd: &AsyncFd<OwnedFd>, data: &[u8]) -> io::Result<usize> {
+    loop {
+        let mut guard = fd.writable().await?;
+        match guard.try_io(|fd| {
+            // SAFETY: data is a valid slice.
+            let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        }) {
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(r) => return r,
+            Err(_would_block) => {}
+        }
+    }
+}
+
+/// Writes all of `data`.
+pub async fn write_all(fd: &AsyncFd<OwnedFd>, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        let n = write_some(fd, data).await?;
+        data = &data[n..];
+    }
+    Ok(())
+}
