@@ -2,16 +2,19 @@
 //!
 //! Owns: the control messages and their one codec ([`codec`], [`message`]), the error-code table
 //! shared by the wire and the CLIs' exit codes ([`ErrorCode`]), the per-connection channel session
-//! state machine ([`session`]), and labels with Kubernetes-style selectors ([`selector`]).
+//! state machine ([`session`]), labels with Kubernetes-style selectors ([`selector`]), the
+//! controller API's messages ([`ctl`]) and the claims of the tokens it signs ([`token`]).
 //!
 //! Does not own: sockets, tasks, clocks or TLS. Nothing here performs I/O or reads the time; the
 //! caller passes `now` in. `cargo tree -p jmp-protocol` must never show tokio or quinn (CI checks).
 
 pub mod codec;
+pub mod ctl;
 pub mod error;
 pub mod message;
 pub mod selector;
 pub mod session;
+pub mod token;
 
 pub use codec::{Codec, DecodeError, FrameDecoder};
 pub use error::ErrorCode;

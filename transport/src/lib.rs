@@ -7,12 +7,16 @@
 //! protocol `Session`); [`Pipe`]s, the byte channels devices use, over QUIC streams or in memory
 //! ([`pipe::pair`]) for tests; and datagram channels.
 //!
+//! Also: calls on the controller API ([`ctl`]) and signing/verifying its tokens ([`token`]).
+//!
 //! Does not own: what a device does with its bytes (jmp-devices), tokens' meaning or leases.
 
+pub mod ctl;
 pub mod endpoint;
 pub mod identity;
 pub mod link;
 pub mod pipe;
+pub mod token;
 
 pub use endpoint::{client_endpoint, connect, server_endpoint, ConnectError};
 pub use identity::{Fingerprint, Identity, IdentityError};

@@ -1,0 +1,455 @@
+//! The controller API (ALPN `jmp-ctl/1`), spoken by `jmp` (users, CI, admins) and by `jmpd`
+//! (exporters registering).
+//!
+//! One call per QUIC bidirectional stream. The caller writes one frame holding a [`Call`] and
+//! finishes its side; the controller answers with frames holding [`Reply`] values, the last of
+//! which is final ([`Reply::is_final`]). A call can therefore report progress: a lease request
+//! that waits in the queue sends [`Reply::Queued`] each time its place changes, then the lease.
+//! An exporter's [`Request::Register`] stream stays open for as long as the exporter is online,
+//! and the controller pushes [`Reply::ExporterState`] on it whenever the exporter's lease changes.
+//!
+//! A frame is a QUIC varint length followed by that many bytes of JSON. JSON rather than the
+//! binary codec of the exporter's control stream because these messages are few, large and
+//! evolving (selectors, label maps, lists of thousands of exporters) and because an operator can
+//! read them in a capture; unknown fields are ignored so that either side can add some.
+//!
+//! Times on this API are Unix seconds; durations are seconds.
+
+use crate::codec::{get_varint, put_varint, varint_len, DecodeError};
+use crate::selector::Labels;
+use serde::{Deserialize, Serialize};
+
+/// Largest frame either side accepts (a listing of 10,000 exporters fits comfortably).
+pub const MAX_CTL_FRAME: usize = 16 * 1024 * 1024;
+
+/// What the caller sends first on a stream.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Call {
+    /// The caller's credential (a client, exporter or admin token issued by this controller).
+    pub credential: String,
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// Who the credential belongs to. Answered with [`Reply::Identity`].
+    Whoami,
+    /// Ask for a lease. Answered with `Lease`, or `Queued`… then `Lease`, or `Error`.
+    CreateLease(LeaseRequest),
+    /// The caller's leases (admins: everyone's with `all`).
+    GetLeases {
+        #[serde(default)]
+        all: bool,
+    },
+    /// Change a lease's end: a new total duration counted from its start, or an extension.
+    UpdateLease {
+        name: String,
+        #[serde(default)]
+        duration_secs: Option<u64>,
+        #[serde(default)]
+        extend_secs: Option<u64>,
+    },
+    /// Release leases (and withdraw waiting requests of the same names). `all`: every lease of
+    /// the caller.
+    DeleteLease {
+        #[serde(default)]
+        names: Vec<String>,
+        #[serde(default)]
+        all: bool,
+    },
+    /// What `jmp attach` needs to reach the leased exporter: answered with [`Reply::Access`].
+    /// `name: None` picks the caller's only active lease.
+    LeaseAccess {
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// Exporters visible to the caller, optionally filtered by a selector.
+    GetExporters {
+        #[serde(default)]
+        selector: Option<String>,
+    },
+    /// Admin: create (or replace the credential of) a client.
+    CreateClient(ClientSpec),
+    /// Admin: create (or replace the credential of) an exporter.
+    CreateExporter(ExporterSpec),
+    /// Admin: list clients (one by name if given).
+    GetClients {
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// Admin: delete a client; its leases end and its credential is revoked.
+    DeleteClient { name: String },
+    /// Admin: delete an exporter; its lease ends and its credential is revoked.
+    DeleteExporter { name: String },
+    /// Admin: a disabled exporter is never leased (its current lease ends).
+    SetExporterEnabled { name: String, enabled: bool },
+    /// Any identity: issue a new credential for the caller and revoke the one used for this call.
+    Rotate,
+    /// Exporter: come online. The stream stays open; the controller pushes `ExporterState`.
+    Register(Registration),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct LeaseRequest {
+    /// Chosen by the caller, so that a retried request (after a lost connection or a controller
+    /// restart) finds the same queue place or lease instead of creating another.
+    pub request_id: String,
+    /// Kubernetes label selector over exporters' labels ("" matches all).
+    #[serde(default)]
+    pub selector: String,
+    /// A specific exporter by name (still subject to the selector and the client's policy).
+    #[serde(default)]
+    pub exporter: Option<String>,
+    pub duration_secs: u64,
+    /// Not before this time (Unix seconds): the request joins the queue at that moment.
+    #[serde(default)]
+    pub begin_time: Option<u64>,
+    /// How long to wait in the queue; 0 means fail at once if nothing is free.
+    #[serde(default)]
+    pub wait_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ClientSpec {
+    pub name: String,
+    #[serde(default)]
+    pub labels: Labels,
+    /// Selector the client's leases are limited to ("" = any exporter).
+    #[serde(default)]
+    pub allow: String,
+    /// Longest lease the client may hold (0 = the controller's default).
+    #[serde(default)]
+    pub max_duration_secs: u64,
+    /// Admin rights (creating identities, seeing every lease).
+    #[serde(default)]
+    pub admin: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ExporterSpec {
+    pub name: String,
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+/// Sent by jmpd when it registers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Registration {
+    /// `host:port` clients connect to.
+    pub address: String,
+    /// The exporter's TLS certificate fingerprint (`sha256:…`), which clients pin.
+    pub fingerprint: String,
+    /// Labels from the exporter's own config. The admin's labels win where both name a key.
+    #[serde(default)]
+    pub labels: Labels,
+    #[serde(default)]
+    pub devices: Vec<DeviceSummary>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct DeviceSummary {
+    pub name: String,
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "reply", rename_all = "kebab-case")]
+pub enum Reply {
+    Error(CtlError),
+    Identity {
+        kind: IdentityKind,
+        name: String,
+        #[serde(default)]
+        admin: bool,
+    },
+    /// The request waits. `position` is 1 for the head of the queue among requests competing
+    /// for the same exporters; `behind` is the lease it waits for (the one that ends soonest).
+    Queued {
+        request_id: String,
+        position: u32,
+        #[serde(default)]
+        behind: Option<String>,
+        /// When the wait gives up (Unix seconds).
+        wait_until: u64,
+    },
+    Lease(LeaseInfo),
+    Leases {
+        leases: Vec<LeaseInfo>,
+    },
+    Access(Access),
+    Exporters {
+        exporters: Vec<ExporterInfo>,
+    },
+    Clients {
+        clients: Vec<ClientInfo>,
+    },
+    /// A new credential (create or rotate). `token` is secret.
+    Credential(Credential),
+    Deleted {
+        names: Vec<String>,
+    },
+    Done,
+    /// Pushed on a Register stream: the exporter's current lease (if any) and the public key
+    /// lease tokens are signed with.
+    ExporterState {
+        #[serde(default)]
+        lease: Option<ActiveLease>,
+        /// Leases that ended since the last push, with why; jmpd ends their sessions.
+        #[serde(default)]
+        ended: Vec<EndedLease>,
+        enabled: bool,
+    },
+}
+
+impl Reply {
+    /// Whether this is the last frame of a call (everything but progress and pushes).
+    pub fn is_final(&self) -> bool {
+        !matches!(self, Reply::Queued { .. } | Reply::ExporterState { .. })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdentityKind {
+    Client,
+    Exporter,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum CtlErrorCode {
+    /// Bad, expired, revoked or unknown credential.
+    Unauthorized,
+    /// Authenticated, but not allowed (admin-only call, outside the client's policy).
+    Forbidden,
+    NotFound,
+    /// Malformed request (bad selector, zero duration, …): the message names what.
+    Invalid,
+    /// Nothing matches the selector (and the policy) at all.
+    NoMatch,
+    /// Matching exporters exist but all are leased.
+    AllBusy,
+    /// Matching exporters exist but none is online (or all are disabled).
+    AllOffline,
+    /// `--wait` ran out.
+    Timeout,
+    /// More than one active lease, and the call needs exactly one.
+    Ambiguous,
+    Internal,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct CtlError {
+    pub code: CtlErrorCode,
+    pub message: String,
+}
+
+impl CtlError {
+    pub fn new(code: CtlErrorCode, message: impl Into<String>) -> Self {
+        CtlError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// `jmp`'s exit code for this refusal (documented in the README).
+    pub fn exit_code(&self) -> i32 {
+        match self.code {
+            CtlErrorCode::Unauthorized => 3,
+            CtlErrorCode::AllBusy | CtlErrorCode::Timeout => 4,
+            CtlErrorCode::NotFound | CtlErrorCode::NoMatch | CtlErrorCode::AllOffline => 5,
+            CtlErrorCode::Forbidden => 10,
+            CtlErrorCode::Invalid | CtlErrorCode::Ambiguous => 2,
+            CtlErrorCode::Internal => 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LeaseInfo {
+    pub name: String,
+    pub client: String,
+    pub exporter: String,
+    #[serde(default)]
+    pub selector: String,
+    pub begin: u64,
+    pub end: u64,
+    pub request_id: String,
+}
+
+/// What `jmp attach` needs; the controller is not on the data path after this.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Access {
+    pub lease: LeaseInfo,
+    /// Lease token for the exporter's Hello (an EdDSA JWT, see [`crate::token`]).
+    pub token: String,
+    pub address: String,
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExporterInfo {
+    pub name: String,
+    pub labels: Labels,
+    pub online: bool,
+    pub enabled: bool,
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub devices: Vec<DeviceSummary>,
+    /// The lease holding it, if any (name and client).
+    #[serde(default)]
+    pub lease: Option<String>,
+    #[serde(default)]
+    pub client: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClientInfo {
+    pub name: String,
+    pub labels: Labels,
+    pub allow: String,
+    pub max_duration_secs: u64,
+    #[serde(default)]
+    pub admin: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Credential {
+    pub kind: IdentityKind,
+    pub name: String,
+    pub token: String,
+    /// How to reach and trust the controller, so the credential is all a client needs.
+    pub endpoint: String,
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ActiveLease {
+    pub name: String,
+    pub client: String,
+    pub end: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EndedLease {
+    pub name: String,
+    pub reason: String,
+}
+
+/// Appends one frame (varint length + JSON) to `out`.
+pub fn encode<T: Serialize>(msg: &T, out: &mut Vec<u8>) {
+    // Serializing these plain data types cannot fail (no maps with non-string keys).
+    let body = serde_json::to_vec(msg).unwrap_or_default();
+    let mut len = bytes::BytesMut::with_capacity(varint_len(body.len() as u64));
+    put_varint(&mut len, body.len() as u64);
+    out.extend_from_slice(&len);
+    out.extend_from_slice(&body);
+}
+
+/// Errors reading a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlDecodeError {
+    #[error(transparent)]
+    Frame(#[from] DecodeError),
+    #[error("frame of {0} bytes exceeds the {MAX_CTL_FRAME}-byte limit")]
+    TooLarge(u64),
+    #[error("malformed message: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Takes one whole frame off the front of `buf`, if there is one.
+pub fn decode<T: for<'de> Deserialize<'de>>(
+    buf: &mut Vec<u8>,
+) -> Result<Option<T>, CtlDecodeError> {
+    let mut cur: &[u8] = buf;
+    let len = match get_varint(&mut cur, "frame length") {
+        Ok(l) => l,
+        Err(DecodeError::Truncated { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    if len > MAX_CTL_FRAME as u64 {
+        return Err(CtlDecodeError::TooLarge(len));
+    }
+    let head = buf.len() - cur.len();
+    let len = len as usize;
+    if cur.len() < len {
+        return Ok(None);
+    }
+    let msg = serde_json::from_slice(&cur[..len])?;
+    buf.drain(..head + len);
+    Ok(Some(msg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_round_trips_through_a_frame_split_anywhere() {
+        let call = Call {
+            credential: "tok".into(),
+            request: Request::CreateLease(LeaseRequest {
+                request_id: "r1".into(),
+                selector: "board=rpi4".into(),
+                duration_secs: 60,
+                wait_secs: 30,
+                ..Default::default()
+            }),
+        };
+        let mut wire = Vec::new();
+        encode(&call, &mut wire);
+        for split in 0..wire.len() {
+            let mut buf = wire[..split].to_vec();
+            assert!(decode::<Call>(&mut buf).unwrap().is_none(), "split {split}");
+            buf.extend_from_slice(&wire[split..]);
+            assert_eq!(decode::<Call>(&mut buf).unwrap(), Some(call.clone()));
+            assert!(buf.is_empty());
+        }
+    }
+
+    #[test]
+    fn oversized_and_malformed_frames_are_errors_naming_the_problem() {
+        let mut buf = Vec::new();
+        let mut len = bytes::BytesMut::new();
+        put_varint(&mut len, (MAX_CTL_FRAME + 1) as u64);
+        buf.extend_from_slice(&len);
+        let e = decode::<Call>(&mut buf).unwrap_err();
+        assert!(e.to_string().contains("exceeds"), "{e}");
+
+        let mut buf = Vec::new();
+        buf.push(5);
+        buf.extend_from_slice(b"{\"x\":");
+        let e = decode::<Call>(&mut buf).unwrap_err();
+        assert!(e.to_string().contains("malformed"), "{e}");
+
+        let mut buf = Vec::new();
+        encode(&serde_json::json!({"credential": "t", "op": "launch-missiles"}), &mut buf);
+        let e = decode::<Call>(&mut buf).unwrap_err();
+        assert!(e.to_string().contains("launch-missiles"), "{e}");
+    }
+
+    #[test]
+    fn the_wire_form_is_plain_json_with_an_op_tag() {
+        let call = Call {
+            credential: "c".into(),
+            request: Request::DeleteLease {
+                names: vec!["l1".into()],
+                all: false,
+            },
+        };
+        let v = serde_json::to_value(&call).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"credential": "c", "op": "delete-lease", "names": ["l1"], "all": false})
+        );
+        let r = Reply::Error(CtlError::new(CtlErrorCode::AllBusy, "busy"));
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            serde_json::json!({"reply": "error", "code": "all-busy", "message": "busy"})
+        );
+    }
+}
