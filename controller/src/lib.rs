@@ -3,13 +3,188 @@
 //! selector, queued fairly and ended on time; lease tokens jmpd verifies offline; metrics.
 //!
 //! Owns: [`book`] (the lease logic, pure and driven by `now`), [`store`] (the `LeaseStore`
-//! trait and its embedded redb default), the API server, token signing, `/metrics`.
+//! trait and its embedded redb default), [`core`] (the one task that owns state and commits
+//! it), [`api`] (the QUIC endpoint), token signing, [`metrics`] and `/metrics`.
 //! Does not own: the data path (clients connect straight to exporters), the wire codec
 //! (jmp-protocol), QUIC and token crypto (jmp-transport).
 
+pub mod api;
 pub mod book;
+pub mod core;
+pub mod metrics;
 pub mod store;
 
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+use anyhow::{anyhow, Context, Result};
+use clap::Parser;
+use jmp_protocol::ctl::ClientConfig;
+use jmp_protocol::token::ControllerRef;
+use jmp_transport::token::Signer;
+use jmp_transport::{server_endpoint, Identity};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use tracing::info;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "jmp-controller",
+    version,
+    about = "jmp controller: identities, exporters, leases by label selector, lease tokens, metrics"
+)]
+pub struct Args {
+    /// Where the signing key, TLS identity, admin credential and the lease database live.
+    #[arg(long, default_value = "/var/lib/jmp-controller")]
+    pub data_dir: PathBuf,
+    /// QUIC address for clients and exporters.
+    #[arg(long, default_value = "0.0.0.0:7800")]
+    pub listen: SocketAddr,
+    /// HTTP address for /metrics and /healthz ("" to disable).
+    #[arg(long, default_value = "127.0.0.1:9100")]
+    pub metrics: String,
+    /// `host:port` written into credentials (default: the listen address, with this host's
+    /// name when listening on all addresses).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Longest lease for clients whose policy sets none, e.g. `24h`.
+    #[arg(long, default_value = "24h", value_parser = parse_duration_arg)]
+    pub max_duration: u64,
+}
+
+fn parse_duration_arg(s: &str) -> Result<u64, String> {
+    jmp_protocol::duration::parse_secs(s).map_err(|e| e.to_string())
+}
+
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("JMP_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("jmp-controller: error: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("jmp-controller: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn advertise(args: &Args, bound: SocketAddr) -> String {
+    if let Some(a) = &args.advertise {
+        return a.clone();
+    }
+    if bound.ip().is_unspecified() {
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "localhost".into());
+        format!("{host}:{}", bound.port())
+    } else {
+        bound.to_string()
+    }
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create data dir {}", args.data_dir.display()))?;
+    let identity = Identity::load_or_create(&args.data_dir.join("tls"))
+        .with_context(|| format!("TLS identity in {}", args.data_dir.display()))?;
+    let signer = Signer::load_or_create(&args.data_dir.join("signing.key"))?;
+    let verifier = signer.verifier();
+    let socket = std::net::UdpSocket::bind(args.listen)
+        .with_context(|| format!("cannot bind {}", args.listen))?;
+    let bound = socket.local_addr()?;
+    let endpoint = server_endpoint(socket, &identity, jmp_protocol::ALPN_CONTROLLER)?;
+    let fingerprint = identity.fingerprint().to_string();
+    let auth = Arc::new(core::Authority {
+        ctl: ControllerRef {
+            endpoint: advertise(&args, bound),
+            fingerprint: fingerprint.clone(),
+            key: signer.public_key(),
+        },
+        signer,
+    });
+    let metrics = Arc::new(metrics::Metrics::new());
+    let db = args.data_dir.join("leases.redb");
+    let store = store::RedbStore::open(&db)?;
+    let mut core = core::Core::open(
+        store,
+        "redb",
+        auth.clone(),
+        metrics.clone(),
+        args.max_duration,
+    )
+    .with_context(|| format!("loading {}", db.display()))?;
+
+    // The admin credential: written once, readable by its owner (root) only. Removing the file
+    // and restarting issues a new one and revokes the old.
+    let admin_file = args.data_dir.join("admin.yaml");
+    if !admin_file.exists() || !core.has_client("admin") {
+        let _ = std::fs::remove_file(&admin_file);
+        let cred = core.issue_admin("admin")?;
+        let yaml = serde_norway::to_string(&ClientConfig::new(&cred))?;
+        write_secret(&admin_file, &yaml)
+            .with_context(|| format!("cannot write {}", admin_file.display()))?;
+        info!("admin credential written to {}", admin_file.display());
+    }
+
+    let shutdown = jmp_transport::shutdown_signal("controller shutting down");
+    let (tx, rx) = tokio::sync::mpsc::channel(4096);
+    let core_task = tokio::spawn(core.run(rx));
+    if let Some(addr) = metrics::parse_addr(&args.metrics).map_err(|e| anyhow!(e))? {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind --metrics {addr}"))?;
+        let m = metrics.clone();
+        let shown = l.local_addr()?;
+        tokio::spawn(async move {
+            let _ = metrics::serve_http(l, m, std::future::pending()).await;
+        });
+        info!("metrics on http://{shown}/metrics");
+        println!("jmp-controller: metrics on http://{shown}/metrics");
+    }
+    println!(
+        "jmp-controller: listening on {bound} fingerprint {fingerprint} admin {}",
+        args.data_dir.join("admin.yaml").display()
+    );
+    let _ = std::io::stdout().flush();
+    let api = api::Api::new(tx, verifier);
+    api.serve(endpoint, shutdown).await;
+    drop(core_task);
+    Ok(())
+}
+
+/// Writes a secret file (mode 0600), replacing any earlier one.
+pub fn write_secret(path: &std::path::Path, content: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(content.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }

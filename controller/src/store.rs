@@ -1,0 +1,321 @@
+//! Durable state of the controller behind one trait, [`LeaseStore`].
+//!
+//! The controller keeps its working state in memory (the [`crate::book::LeaseBook`] and the
+//! identity registry) and persists every change before it answers the call that caused it, so a
+//! `kill -9` loses nothing that was acknowledged. The trait is shaped for an etcd backend too:
+//! a flat key space per table, a store-wide **revision**, and commits that are
+//! **compare-and-swap** on that revision (an etcd `Txn` comparing a revision key). A controller
+//! that loses a CAS knows another instance wrote in between and must reload; with the embedded
+//! store there is only ever one writer, so a conflict means a bug and is reported as such.
+//! Watches (etcd's way to learn of other controllers' writes) would be an added method with a
+//! default that returns nothing; no caller needs them while one controller runs.
+//!
+//! Values are JSON, so `redb` files and etcd keys stay inspectable with generic tools.
+
+use std::path::Path;
+
+/// The tables (etcd: key prefixes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    Clients,
+    Exporters,
+    Leases,
+    Waiting,
+}
+
+impl Table {
+    pub const ALL: [Table; 4] = [
+        Table::Clients,
+        Table::Exporters,
+        Table::Leases,
+        Table::Waiting,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Clients => "clients",
+            Table::Exporters => "exporters",
+            Table::Leases => "leases",
+            Table::Waiting => "waiting",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Put {
+        table: Table,
+        key: String,
+        value: Vec<u8>,
+    },
+    Delete {
+        table: Table,
+        key: String,
+    },
+}
+
+/// Everything stored, as of `revision`.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub revision: u64,
+    pub records: Vec<(Table, String, Vec<u8>)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store revision is {found}, expected {expected}: another writer changed it")]
+    Conflict { expected: u64, found: u64 },
+    #[error("store {path}: {why}")]
+    Io { path: String, why: String },
+}
+
+pub trait LeaseStore: Send + 'static {
+    /// Reads everything (at start).
+    fn load(&mut self) -> Result<Snapshot, StoreError>;
+    /// Applies `ops` atomically and durably if the revision is still `expected`; returns the new
+    /// revision. Nothing is applied on error.
+    fn commit(&mut self, expected: u64, ops: &[Op]) -> Result<u64, StoreError>;
+}
+
+/// The embedded default: one redb file. redb commits are atomic and, with the default
+/// durability, fsynced before `commit` returns, so a crash leaves either all of a commit or none.
+pub struct RedbStore {
+    db: redb::Database,
+    path: String,
+}
+
+const META: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+
+fn table_def(t: Table) -> redb::TableDefinition<'static, &'static str, &'static [u8]> {
+    redb::TableDefinition::new(t.name())
+}
+
+impl RedbStore {
+    pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        let p = path.display().to_string();
+        let db = redb::Database::create(path).map_err(|e| StoreError::Io {
+            path: p.clone(),
+            why: e.to_string(),
+        })?;
+        let s = RedbStore { db, path: p };
+        // Create the tables so that reads of a fresh store find them.
+        let tx = s.db.begin_write().map_err(|e| s.err(e))?;
+        {
+            tx.open_table(META).map_err(|e| s.err(e))?;
+            for t in Table::ALL {
+                tx.open_table(table_def(t)).map_err(|e| s.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| s.err(e))?;
+        Ok(s)
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Io {
+            path: self.path.clone(),
+            why: e.to_string(),
+        }
+    }
+}
+
+impl LeaseStore for RedbStore {
+    fn load(&mut self) -> Result<Snapshot, StoreError> {
+        use redb::{ReadableDatabase, ReadableTable};
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let meta = tx.open_table(META).map_err(|e| self.err(e))?;
+        let revision = meta
+            .get("revision")
+            .map_err(|e| self.err(e))?
+            .map(|v| v.value())
+            .unwrap_or(0);
+        let mut records = Vec::new();
+        for t in Table::ALL {
+            let table = tx.open_table(table_def(t)).map_err(|e| self.err(e))?;
+            for row in table.iter().map_err(|e| self.err(e))? {
+                let (k, v) = row.map_err(|e| self.err(e))?;
+                records.push((t, k.value().to_string(), v.value().to_vec()));
+            }
+        }
+        Ok(Snapshot { revision, records })
+    }
+
+    fn commit(&mut self, expected: u64, ops: &[Op]) -> Result<u64, StoreError> {
+        use redb::ReadableTable;
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let next = {
+            let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
+            let found = meta
+                .get("revision")
+                .map_err(|e| self.err(e))?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            if found != expected {
+                // Dropping the transaction aborts it.
+                return Err(StoreError::Conflict { expected, found });
+            }
+            meta.insert("revision", found + 1)
+                .map_err(|e| self.err(e))?;
+            found + 1
+        };
+        for t in Table::ALL {
+            if !ops.iter().any(|op| op_table(op) == t) {
+                continue;
+            }
+            let mut table = tx.open_table(table_def(t)).map_err(|e| self.err(e))?;
+            for op in ops.iter().filter(|op| op_table(op) == t) {
+                match op {
+                    Op::Put { key, value, .. } => {
+                        table
+                            .insert(key.as_str(), value.as_slice())
+                            .map_err(|e| self.err(e))?;
+                    }
+                    Op::Delete { key, .. } => {
+                        table.remove(key.as_str()).map_err(|e| self.err(e))?;
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(next)
+    }
+}
+
+fn op_table(op: &Op) -> Table {
+    match op {
+        Op::Put { table, .. } | Op::Delete { table, .. } => *table,
+    }
+}
+
+/// In memory, for tests and benchmarks of the logic around the store.
+#[derive(Default)]
+pub struct MemStore {
+    revision: u64,
+    data: std::collections::BTreeMap<(Table, String), Vec<u8>>,
+}
+
+impl LeaseStore for MemStore {
+    fn load(&mut self) -> Result<Snapshot, StoreError> {
+        Ok(Snapshot {
+            revision: self.revision,
+            records: self
+                .data
+                .iter()
+                .map(|((t, k), v)| (*t, k.clone(), v.clone()))
+                .collect(),
+        })
+    }
+
+    fn commit(&mut self, expected: u64, ops: &[Op]) -> Result<u64, StoreError> {
+        if expected != self.revision {
+            return Err(StoreError::Conflict {
+                expected,
+                found: self.revision,
+            });
+        }
+        for op in ops {
+            match op {
+                Op::Put { table, key, value } => {
+                    self.data.insert((*table, key.clone()), value.clone());
+                }
+                Op::Delete { table, key } => {
+                    self.data.remove(&(*table, key.clone()));
+                }
+            }
+        }
+        self.revision += 1;
+        Ok(self.revision)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(t: Table, k: &str, v: &str) -> Op {
+        Op::Put {
+            table: t,
+            key: k.into(),
+            value: v.as_bytes().to_vec(),
+        }
+    }
+
+    fn exercise(store: &mut dyn LeaseStore) {
+        let s = store.load().unwrap();
+        assert_eq!(s.revision, 0);
+        assert!(s.records.is_empty());
+        let r1 = store
+            .commit(
+                0,
+                &[put(Table::Leases, "l1", "a"), put(Table::Clients, "c", "x")],
+            )
+            .unwrap();
+        assert_eq!(r1, 1);
+        // A stale revision changes nothing.
+        let e = store
+            .commit(0, &[put(Table::Leases, "l2", "b")])
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            StoreError::Conflict {
+                expected: 0,
+                found: 1
+            }
+        ));
+        let r2 = store
+            .commit(
+                1,
+                &[
+                    Op::Delete {
+                        table: Table::Leases,
+                        key: "l1".into(),
+                    },
+                    put(Table::Waiting, "w", "y"),
+                ],
+            )
+            .unwrap();
+        assert_eq!(r2, 2);
+        let mut recs = store.load().unwrap().records;
+        recs.sort();
+        assert_eq!(
+            recs,
+            vec![
+                (Table::Clients, "c".into(), b"x".to_vec()),
+                (Table::Waiting, "w".into(), b"y".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
+    fn mem_store_commits_atomically_with_cas() {
+        exercise(&mut MemStore::default());
+    }
+
+    #[test]
+    fn redb_store_commits_with_cas_and_survives_reopen() {
+        let dir = std::env::temp_dir().join(format!("jmp-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.redb");
+        {
+            let mut s = RedbStore::open(&path).unwrap();
+            exercise(&mut s);
+        }
+        let mut s = RedbStore::open(&path).unwrap();
+        let snap = s.load().unwrap();
+        assert_eq!(snap.revision, 2);
+        assert_eq!(snap.records.len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_unopenable_store_names_its_path() {
+        let e = match RedbStore::open(Path::new("/proc/no/such/dir/state.redb")) {
+            Err(e) => e,
+            Ok(_) => panic!("opened a store under /proc"),
+        };
+        assert!(
+            e.to_string().contains("/proc/no/such/dir/state.redb"),
+            "{e}"
+        );
+    }
+}

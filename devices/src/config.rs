@@ -40,7 +40,26 @@ pub struct ExporterConfig {
     pub state_dir: Option<PathBuf>,
     #[serde(default)]
     pub auth: Option<Auth>,
+    /// Register with a controller, which leases this exporter out; clients then present lease
+    /// tokens. May be combined with `auth` (a direct token for the lab's own use).
+    #[serde(default)]
+    pub controller: Option<ControllerSection>,
     pub export: Export,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ControllerSection {
+    /// The exporter credential (`jmp admin create exporter NAME > FILE`). It also says where
+    /// the controller is and how to trust it.
+    pub token_file: PathBuf,
+    /// Override the controller's `host:port` named in the credential.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// `host:port` clients reach this exporter at (default: `listen`, with this host's name
+    /// when listening on all addresses).
+    #[serde(default)]
+    pub address: Option<String>,
 }
 
 fn default_listen() -> String {
@@ -228,6 +247,14 @@ impl DeviceSpec {
         }
     }
 
+    /// The kind a client sees (`serial` for both real and simulated consoles).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DeviceSpec::Serial { .. } | DeviceSpec::SimConsole { .. } => "serial",
+            DeviceSpec::Tcp { .. } => "tcp",
+        }
+    }
+
     pub fn history_bytes(&self) -> usize {
         match self {
             DeviceSpec::Serial { history, .. } | DeviceSpec::SimConsole { history, .. } => history
@@ -368,6 +395,7 @@ impl ExporterConfig {
             listen: "127.0.0.1:0".into(),
             state_dir: None,
             auth: None,
+            controller: None,
             export: Export(vec![(
                 "console".into(),
                 DeviceSpec::SimConsole {

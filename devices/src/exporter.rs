@@ -17,11 +17,30 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, info_span, warn, Instrument};
 
-/// Decides whether a Hello may attach. Direct mode checks a shared token; the controller's
-/// lease tokens plug in here too.
+/// Decides whether a Hello may attach. Direct mode checks a shared token; jmpd's lease-token
+/// check (controller mode) implements it too.
 pub trait Authorizer: Send + Sync + 'static {
     /// `Err(reason)`: refused, and the reason is shown to the client.
-    fn check(&self, hello: &Hello) -> Result<(), String>;
+    fn check(&self, hello: &Hello) -> Result<Admission, String>;
+}
+
+/// What an accepted Hello is entitled to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Admission {
+    /// The lease it attaches under (controller mode); `None` in direct mode.
+    pub lease: Option<String>,
+    /// When the session must end (Unix seconds); `None`: no limit.
+    pub until: Option<u64>,
+}
+
+/// How long before a lease's end the attached user is warned.
+pub const LEASE_WARNING: Duration = Duration::from_secs(300);
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Direct mode: the client must present the token from the exporter's token file.
@@ -84,10 +103,10 @@ pub fn write_secret(path: &Path, content: &str) -> std::io::Result<()> {
 }
 
 impl Authorizer for TokenAuth {
-    fn check(&self, hello: &Hello) -> Result<(), String> {
+    fn check(&self, hello: &Hello) -> Result<Admission, String> {
         // Comparing digests keeps the comparison's timing independent of the secret.
         if sha256(hello.token.trim().as_bytes()) == self.digest {
-            Ok(())
+            Ok(Admission::default())
         } else if hello.token.is_empty() {
             Err("no token presented".into())
         } else {
@@ -102,6 +121,9 @@ struct Holder {
     since: Instant,
     conn: u64,
     link: LinkHandle,
+    lease: Option<String>,
+    until: Option<u64>,
+    warned: bool,
 }
 
 pub struct Exporter {
@@ -169,6 +191,58 @@ impl Exporter {
         self.lock_holder().as_ref().map(|h| h.client.clone())
     }
 
+    /// Ends the session of `lease`, if it is attached, telling the client why.
+    pub fn end_lease(&self, lease: &str, reason: &str) {
+        let mut holder = self.lock_holder();
+        if holder
+            .as_ref()
+            .is_some_and(|h| h.lease.as_deref() == Some(lease))
+        {
+            if let Some(h) = holder.take() {
+                info!(client = %h.client, lease, "ending session: {reason}");
+                h.link.bye(ErrorCode::LeaseEnded, reason.to_string());
+            }
+        }
+    }
+
+    /// A lease's end moved (extended or shortened); `until` in Unix seconds.
+    pub fn set_lease_end(&self, lease: &str, until: u64) {
+        let mut holder = self.lock_holder();
+        if let Some(h) = holder.as_mut() {
+            if h.lease.as_deref() == Some(lease) && h.until != Some(until) {
+                h.until = Some(until);
+                h.warned = false;
+            }
+        }
+    }
+
+    /// Ends a session whose lease ran out and warns one whose lease ends soon. Runs on a short
+    /// period, so a session ends within a second of its lease even with no controller around.
+    fn lease_watchdog(&self) {
+        let now = unix_now();
+        let mut holder = self.lock_holder();
+        let Some(h) = holder.as_mut() else { return };
+        let Some(until) = h.until else { return };
+        let lease = h.lease.clone().unwrap_or_default();
+        if now >= until {
+            info!(client = %h.client, %lease, "lease expired; ending the session");
+            h.link
+                .bye(ErrorCode::LeaseEnded, format!("lease {lease} expired"));
+            *holder = None;
+        } else if !h.warned && until - now <= LEASE_WARNING.as_secs() {
+            h.warned = true;
+            let left = until - now;
+            h.link.control(
+                0,
+                jmp_protocol::ControlBody::Notice(format!(
+                    "lease {lease} ends in {}m{:02}s; extend it with: jmp update lease {lease} --extend 30m",
+                    left / 60,
+                    left % 60
+                )),
+            );
+        }
+    }
+
     /// Accepts connections until `shutdown` completes, then tells the holder why and closes.
     pub async fn serve(
         self: Arc<Self>,
@@ -176,9 +250,12 @@ impl Exporter {
         shutdown: impl Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
+        let mut watchdog = tokio::time::interval(Duration::from_millis(250));
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                _ = watchdog.tick() => self.lease_watchdog(),
                 incoming = endpoint.accept() => match incoming {
                     Some(i) => {
                         let me = self.clone();
@@ -231,17 +308,36 @@ impl Exporter {
             }
             _ => return,
         };
-        if let Err(why) = self.auth.check(&hello) {
-            warn!(client = %hello.client, "refused {peer}: {why}");
-            link.handle
-                .bye(ErrorCode::Unauthorized, format!("{}: {why}", self.name));
-            drain(&mut link).await;
-            return;
-        }
+        let admission = match self.auth.check(&hello) {
+            Ok(a) => a,
+            Err(why) => {
+                warn!(client = %hello.client, "refused {peer}: {why}");
+                link.handle
+                    .bye(ErrorCode::Unauthorized, format!("{}: {why}", self.name));
+                drain(&mut link).await;
+                return;
+            }
+        };
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         // Decided under the lock, acted on outside it (a guard must not live across an await).
         let busy = {
             let mut holder = self.lock_holder();
+            if let Some(h) = holder.as_ref() {
+                if admission.lease.is_some() && h.lease != admission.lease {
+                    // A valid token for another lease means the holder's lease is over (the
+                    // controller granted the board again), even if its end has not reached us.
+                    h.link.bye(
+                        ErrorCode::LeaseEnded,
+                        format!(
+                            "lease {} ended; {} is now leased to {}",
+                            h.lease.as_deref().unwrap_or("(direct)"),
+                            self.name,
+                            hello.client
+                        ),
+                    );
+                    *holder = None;
+                }
+            }
             match holder.as_ref() {
                 Some(h) if h.session != hello.session => Some(format!(
                     "{} is held by {} (attached {}s ago)",
@@ -264,6 +360,9 @@ impl Exporter {
                         since: Instant::now(),
                         conn: conn_id,
                         link: link.handle.clone(),
+                        lease: admission.lease.clone(),
+                        until: admission.until,
+                        warned: false,
                     });
                     None
                 }

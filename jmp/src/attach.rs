@@ -34,9 +34,15 @@ pub enum Pin {
     Tofu { file: PathBuf, name: String },
 }
 
+/// Fetches a fresh token before a reconnect (controller mode: a lease token carries the lease's
+/// end, which an extension moves). `None`: keep the one we have.
+pub type TokenRefresh =
+    Box<dyn Fn() -> futures::future::BoxFuture<'static, Option<String>> + Send + Sync>;
+
 pub struct Options {
     pub addr: SocketAddr,
     pub token: String,
+    pub token_refresh: Option<TokenRefresh>,
     pub pin: Pin,
     pub dev_dir: PathBuf,
     /// device name → local address for TCP forwards.
@@ -122,6 +128,7 @@ struct Session {
     opts: Options,
     endpoint: quinn::Endpoint,
     session_id: u64,
+    token: std::sync::Mutex<String>,
 }
 
 impl Session {
@@ -153,7 +160,7 @@ impl Session {
             features: features::ALL,
             client: self.opts.client.clone(),
             session: self.session_id,
-            token: self.opts.token.clone(),
+            token: self.token.lock().map(|t| t.clone()).unwrap_or_default(),
         };
         match Link::client(conn, hello).await {
             Ok((link, welcome)) => Ok((link, welcome, fp)),
@@ -184,6 +191,7 @@ pub async fn run(
     let mut id = [0u8; 8];
     rand::Rng::fill(&mut rand::thread_rng(), &mut id);
     let session = Session {
+        token: std::sync::Mutex::new(opts.token.clone()),
         opts,
         endpoint,
         session_id: u64::from_le_bytes(id),
@@ -329,6 +337,15 @@ pub async fn run(
             let wait = backoff;
             let attempt = async {
                 tokio::time::sleep(wait).await;
+                if let Some(refresh) = &session.opts.token_refresh {
+                    if let Ok(Some(t)) =
+                        tokio::time::timeout(Duration::from_secs(3), refresh()).await
+                    {
+                        if let Ok(mut cur) = session.token.lock() {
+                            *cur = t;
+                        }
+                    }
+                }
                 session.connect().await
             };
             tokio::pin!(attempt);

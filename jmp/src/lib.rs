@@ -7,6 +7,7 @@
 //! (jmp-devices).
 
 pub mod attach;
+pub mod ctl;
 pub mod known;
 pub mod paths;
 mod state;
@@ -77,6 +78,259 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
+    /// Client configurations (which controller, as whom).
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// Create a lease.
+    Create {
+        #[command(subcommand)]
+        what: CreateCmd,
+    },
+    /// List leases or exporters.
+    Get {
+        #[command(subcommand)]
+        what: GetCmd,
+    },
+    /// Change a lease's duration.
+    Update {
+        #[command(subcommand)]
+        what: UpdateCmd,
+    },
+    /// Release leases.
+    Delete {
+        #[command(subcommand)]
+        what: DeleteCmd,
+    },
+    /// Identities: create, list and delete clients and exporters (needs the admin credential).
+    Admin {
+        #[command(subcommand)]
+        cmd: AdminCmd,
+        /// Admin credential (default: ~/.config/jmp/admin.yaml, then
+        /// /var/lib/jmp-controller/admin.yaml).
+        #[arg(long, env = "JMP_ADMIN_CONFIG", global = true)]
+        admin_config: Option<PathBuf>,
+    },
+    /// The client's own credential.
+    Auth {
+        #[command(subcommand)]
+        cmd: AuthCmd,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct ClientSel {
+    /// Client config to use (default: the current one, see `jmp config client use`).
+    #[arg(long, env = "JMP_CLIENT")]
+    client: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Manage client configs under ~/.config/jmp/clients/.
+    Client {
+        #[command(subcommand)]
+        cmd: ConfigClientCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigClientCmd {
+    /// Create (or replace) a client config from a file (`jmp admin create client --out`) or
+    /// from its parts.
+    Create {
+        name: String,
+        /// A client config file to import.
+        #[arg(long, conflicts_with_all = ["endpoint", "fingerprint", "token"])]
+        from: Option<PathBuf>,
+        #[arg(long, requires_all = ["fingerprint", "token"])]
+        endpoint: Option<String>,
+        #[arg(long)]
+        fingerprint: Option<String>,
+        #[arg(long)]
+        token: Option<String>,
+        /// Do not make it the current client.
+        #[arg(long)]
+        no_use: bool,
+    },
+    /// Make a client config the current one.
+    Use { name: String },
+    /// List client configs (the current one marked with *).
+    List {
+        #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
+        output: ctl::Out,
+    },
+    /// Delete a client config.
+    Delete { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum CreateCmd {
+    /// Lease an exporter chosen by label selector (or by name); prints the lease's name.
+    Lease {
+        /// Label selector (Kubernetes syntax); repeated selectors must all match.
+        #[arg(short = 'l', long = "selector")]
+        selector: Vec<String>,
+        /// A specific exporter by name.
+        #[arg(short = 'n', long = "name")]
+        exporter: Option<String>,
+        /// How long to hold it, e.g. 30m, 2h.
+        #[arg(long, default_value = "30m")]
+        duration: String,
+        /// Not before this time (RFC 3339, e.g. 2026-11-25T14:00:00Z).
+        #[arg(long)]
+        begin_time: Option<String>,
+        /// Wait in the queue up to this many seconds if nothing is free (0: fail at once).
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+        #[arg(short, long, value_enum, default_value_t = ctl::Out::Name)]
+        output: ctl::Out,
+        #[command(flatten)]
+        client: ClientSel,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GetCmd {
+    /// Your leases (and waiting requests); -a: everyone's.
+    Leases {
+        #[arg(short, long)]
+        all: bool,
+        #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
+        output: ctl::Out,
+        #[command(flatten)]
+        client: ClientSel,
+    },
+    /// Exporters you may lease.
+    Exporters {
+        #[arg(short = 'l', long = "selector")]
+        selector: Vec<String>,
+        /// Extra columns: leases, online.
+        #[arg(long, value_delimiter = ',')]
+        with: Vec<String>,
+        #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
+        output: ctl::Out,
+        #[command(flatten)]
+        client: ClientSel,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum UpdateCmd {
+    /// Set a lease's total duration (from its start) or extend it.
+    Lease {
+        name: String,
+        #[arg(long, conflicts_with = "extend", required_unless_present = "extend")]
+        duration: Option<String>,
+        #[arg(long)]
+        extend: Option<String>,
+        #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
+        output: ctl::Out,
+        #[command(flatten)]
+        client: ClientSel,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DeleteCmd {
+    /// Release leases by name (default: your only lease); --all: all of yours.
+    Lease {
+        names: Vec<String>,
+        #[arg(long, conflicts_with = "names")]
+        all: bool,
+        #[command(flatten)]
+        client: ClientSel,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminCmd {
+    Create {
+        #[command(subcommand)]
+        what: AdminCreate,
+    },
+    Get {
+        #[command(subcommand)]
+        what: AdminGet,
+    },
+    Delete {
+        #[command(subcommand)]
+        what: AdminDelete,
+    },
+    /// Take an exporter out of service (its lease ends; it is not leased until enabled).
+    Disable { kind: ExporterWord, name: String },
+    /// Put an exporter back into service.
+    Enable { kind: ExporterWord, name: String },
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum ExporterWord {
+    Exporter,
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminCreate {
+    /// A client identity and its policy; prints (or writes) its client config.
+    Client {
+        name: String,
+        /// Labels (k=v), e.g. team=platform for metrics.
+        #[arg(short = 'l', long = "label")]
+        labels: Vec<String>,
+        /// Selector of exporters it may lease (default: any).
+        #[arg(long, default_value = "")]
+        allow: String,
+        /// Longest lease it may hold, e.g. 2h (default: the controller's --max-duration).
+        #[arg(long)]
+        max_duration: Option<String>,
+        /// Give it admin rights.
+        #[arg(long)]
+        admin: bool,
+        /// Write the client config to this file (0600) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also store it under ~/.config/jmp/clients/ (and make it current if none is).
+        #[arg(long)]
+        save: bool,
+    },
+    /// An exporter identity; prints its credential (jmpd's controller.tokenFile).
+    Exporter {
+        name: String,
+        #[arg(short = 'l', long = "label")]
+        labels: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminGet {
+    Clients {
+        name: Option<String>,
+        #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
+        output: ctl::Out,
+    },
+    Exporters {
+        #[arg(short = 'l', long = "selector")]
+        selector: Vec<String>,
+        #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
+        output: ctl::Out,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminDelete {
+    /// Delete a client: its leases end, its credential is revoked.
+    Client { name: String },
+    /// Delete an exporter: its lease ends, its credential is revoked.
+    Exporter { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuthCmd {
+    /// Replace this client's credential with a new one; the old one is revoked at once.
+    Rotate {
+        #[command(flatten)]
+        client: ClientSel,
+    },
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -87,12 +341,18 @@ enum Format {
 
 #[derive(Args, Debug, Clone)]
 struct AttachArgs {
-    /// Exporter address, HOST:PORT (port 7700 if omitted).
+    /// Direct mode: exporter address, HOST:PORT (port 7700 if omitted). Without it, attach
+    /// the exporter of a lease from the controller.
+    #[arg(long, requires = "token_file", conflicts_with = "lease")]
+    exporter: Option<String>,
+    /// Direct mode: file holding the exporter's token.
     #[arg(long)]
-    exporter: String,
-    /// File holding the exporter's token.
+    token_file: Option<PathBuf>,
+    /// The lease to attach (default: your only active lease).
     #[arg(long)]
-    token_file: PathBuf,
+    lease: Option<String>,
+    #[command(flatten)]
+    client: ClientSel,
     /// Expected certificate fingerprint (sha256:...). Default: trust on first use, recorded in
     /// ~/.config/jmp/known_exporters.
     #[arg(long)]
@@ -127,6 +387,7 @@ impl CommonArgs {
         Ok(attach::Options {
             addr,
             token,
+            token_refresh: None,
             pin,
             dev_dir: self.dev_dir.clone().unwrap_or_else(paths::default_dev_dir),
             forwards: parse_forwards(&self.forwards)?,
@@ -251,8 +512,20 @@ fn dispatch(cli: Cli) -> Result<()> {
         },
         Cmd::Serial { cmd } => serial_cmd(cmd),
         Cmd::Status { output } => state::status(output == Format::Json),
+        Cmd::Config { cmd } => match cmd {
+            ConfigCmd::Client { cmd } => config_client(cmd),
+        },
+        Cmd::Create { what } => create_cmd(what),
+        Cmd::Get { what } => get_cmd(what),
+        Cmd::Update { what } => update_cmd(what),
+        Cmd::Delete { what } => delete_cmd(what),
+        Cmd::Admin { cmd, admin_config } => admin_cmd(cmd, admin_config),
+        Cmd::Auth { cmd } => auth_cmd(cmd),
     }
 }
+
+mod verbs;
+use verbs::*;
 
 fn resolve(exporter: &str) -> Result<SocketAddr> {
     let with_port = if exporter
@@ -344,13 +617,16 @@ fn outcome_to_result(o: Outcome, exporter: &str) -> Result<()> {
 }
 
 fn attach_cmd(a: AttachArgs) -> Result<()> {
-    let addr = resolve(&a.exporter)?;
-    let token = read_token(&a.token_file)?;
+    let (Some(exporter), Some(token_file)) = (&a.exporter, &a.token_file) else {
+        return attach_lease(a);
+    };
+    let addr = resolve(exporter)?;
+    let token = read_token(token_file)?;
     let pin = match &a.fingerprint {
         Some(f) => Pin::Fingerprint(f.parse().map_err(|e: String| exit(2, e))?),
         None => Pin::Tofu {
             file: known::file(),
-            name: a.exporter.clone(),
+            name: exporter.clone(),
         },
     };
     let opts = a.common.options(addr, token, pin)?;

@@ -5,10 +5,12 @@
 //! itself is `jmp_devices::exporter` (shared with `jmp local`). Does not own: leases (the
 //! controller), device logic (jmp-devices).
 
+pub mod controller;
+
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use jmp_devices::config::ExporterConfig;
-use jmp_devices::exporter::{Exporter, TokenAuth};
+use jmp_devices::exporter::{Authorizer, Exporter, TokenAuth};
 use jmp_transport::{server_endpoint, Identity};
 use std::io::Write;
 use std::path::PathBuf;
@@ -74,12 +76,13 @@ pub fn run(args: Args) -> Result<()> {
         cfg.listen = l.clone();
         cfg.validate().map_err(|e| anyhow!("--listen: {e}"))?;
     }
-    let Some(auth) = cfg.auth.clone() else {
+    if cfg.auth.is_none() && cfg.controller.is_none() {
         bail!(
-            "{}: auth.tokenFile is required (the token clients present with --token-file)",
+            "{}: either auth.tokenFile (direct mode: the token clients present with --token-file) \
+             or controller.tokenFile (leases from a controller) is required",
             args.config.display()
         );
-    };
+    }
     if args.check_config {
         println!(
             "{}: ok: exporter {} with {} device(s): {}",
@@ -104,21 +107,76 @@ pub fn run(args: Args) -> Result<()> {
         println!("{}", identity.fingerprint());
         return Ok(());
     }
-    let (token_auth, created) = TokenAuth::from_file(&auth.token_file).map_err(|e| anyhow!(e))?;
+    let mut created_token = None;
+    let direct = match &cfg.auth {
+        Some(a) => {
+            let (t, created) = TokenAuth::from_file(&a.token_file).map_err(|e| anyhow!(e))?;
+            if created {
+                created_token = Some(a.token_file.clone());
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    let (registrar, direct) = match &cfg.controller {
+        Some(c) => {
+            let cred = std::fs::read_to_string(&c.token_file).with_context(|| {
+                format!(
+                    "controller.tokenFile {} (create it with: jmp admin create exporter {} > FILE)",
+                    c.token_file.display(),
+                    cfg.metadata.name
+                )
+            })?;
+            let r =
+                controller::Registrar::new(&cfg.metadata.name, cred, c.endpoint.clone(), direct)
+                    .map_err(|e| anyhow!("{}: {e}", c.token_file.display()))?;
+            (Some(r), None)
+        }
+        None => (None, direct),
+    };
+    let auth: Arc<dyn Authorizer> = match (&registrar, direct) {
+        (Some(r), _) => r.auth.clone(),
+        (None, Some(d)) => Arc::new(d),
+        (None, None) => unreachable!("checked above"),
+    };
     let listen = cfg.listen_addr().map_err(|e| anyhow!(e))?;
     let rt = jmp_transport::runtime().context("cannot start the runtime")?;
     rt.block_on(async move {
         let socket = std::net::UdpSocket::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
         let local = socket.local_addr()?;
         let endpoint = server_endpoint(socket, &identity, jmp_protocol::ALPN_EXPORTER)?;
-        if created {
+        if let Some(f) = created_token {
             warn!(
                 "created token file {}; clients attach with: jmp attach --exporter HOST:{} --token-file <a copy of it>",
-                auth.token_file.display(),
+                f.display(),
                 local.port()
             );
         }
-        let exporter = Arc::new(Exporter::from_config(&cfg, Arc::new(token_auth)));
+        let exporter = Arc::new(Exporter::from_config(&cfg, auth));
+        if let Some(r) = registrar {
+            let address = cfg
+                .controller
+                .as_ref()
+                .and_then(|c| c.address.clone())
+                .unwrap_or_else(|| advertised(local));
+            let devices = cfg
+                .export
+                .0
+                .iter()
+                .map(|(n, spec)| jmp_protocol::ctl::DeviceSummary {
+                    name: n.clone(),
+                    kind: spec.kind().to_string(),
+                })
+                .collect();
+            info!("registering with controller {} as reachable at {address}", r.controller());
+            tokio::spawn(r.run(
+                exporter.clone(),
+                address,
+                identity.fingerprint().to_string(),
+                cfg.metadata.labels.clone(),
+                devices,
+            ));
+        }
         let shutdown = jmp_transport::shutdown_signal("shutting down");
         // One line on stdout when ready, for people, scripts and tests alike.
         println!(
@@ -132,4 +190,17 @@ pub fn run(args: Args) -> Result<()> {
         info!("stopped");
         Ok(())
     })
+}
+
+/// The address clients should use: the bound one, with this host's name if bound to all.
+fn advertised(local: std::net::SocketAddr) -> String {
+    if local.ip().is_unspecified() {
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "localhost".into());
+        format!("{host}:{}", local.port())
+    } else {
+        local.to_string()
+    }
 }

@@ -168,6 +168,9 @@ pub enum Reply {
     /// for the same exporters; `behind` is the lease it waits for (the one that ends soonest).
     Queued {
         request_id: String,
+        /// The name the lease will have (and by which `jmp delete lease` withdraws it).
+        #[serde(default)]
+        lease: String,
         position: u32,
         #[serde(default)]
         behind: Option<String>,
@@ -278,6 +281,10 @@ pub struct LeaseInfo {
     pub begin: u64,
     pub end: u64,
     pub request_id: String,
+    /// `active`, or `waiting` for a request still in the queue (then `exporter` is empty and
+    /// `begin`/`end` are the earliest it may begin and when it gives up).
+    #[serde(default)]
+    pub status: String,
 }
 
 /// What `jmp attach` needs; the controller is not on the data path after this.
@@ -338,6 +345,45 @@ pub struct ActiveLease {
 pub struct EndedLease {
     pub name: String,
     pub reason: String,
+}
+
+/// A client's configuration file (`~/.config/jmp/clients/<name>.yaml`): everything `jmp`
+/// needs to reach the controller as this identity. The token is secret; the file is 0600.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    #[serde(rename = "apiVersion")]
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ClientMeta,
+    /// The controller's `host:port`.
+    pub endpoint: String,
+    /// The controller's certificate fingerprint, pinned.
+    pub fingerprint: String,
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientMeta {
+    pub name: String,
+}
+
+pub const API_VERSION: &str = "jmp.dev/v1alpha1";
+
+impl ClientConfig {
+    pub fn new(c: &Credential) -> ClientConfig {
+        ClientConfig {
+            api_version: API_VERSION.into(),
+            kind: "ClientConfig".into(),
+            metadata: ClientMeta {
+                name: c.name.clone(),
+            },
+            endpoint: c.endpoint.clone(),
+            fingerprint: c.fingerprint.clone(),
+            token: c.token.clone(),
+        }
+    }
 }
 
 /// Appends one frame (varint length + JSON) to `out`.
@@ -427,7 +473,10 @@ mod tests {
         assert!(e.to_string().contains("malformed"), "{e}");
 
         let mut buf = Vec::new();
-        encode(&serde_json::json!({"credential": "t", "op": "launch-missiles"}), &mut buf);
+        encode(
+            &serde_json::json!({"credential": "t", "op": "launch-missiles"}),
+            &mut buf,
+        );
         let e = decode::<Call>(&mut buf).unwrap_err();
         assert!(e.to_string().contains("launch-missiles"), "{e}");
     }

@@ -10,6 +10,7 @@
 
 pub mod codec;
 pub mod ctl;
+pub mod duration;
 pub mod error;
 pub mod message;
 pub mod selector;

@@ -147,6 +147,8 @@ impl ReplyTx {
     }
 
     pub async fn error(self, code: CtlErrorCode, message: impl Into<String>) {
-        let _ = self.finish(&Reply::Error(CtlError::new(code, message))).await;
+        let _ = self
+            .finish(&Reply::Error(CtlError::new(code, message)))
+            .await;
     }
 }

@@ -49,7 +49,8 @@ impl Signer {
                 let rng = ring::rand::SystemRandom::new();
                 let doc = Ed25519KeyPair::generate_pkcs8(&rng)
                     .map_err(|_| err("cannot generate a key".into()))?;
-                crate::identity::write_private(path, doc.as_ref()).map_err(|e| err(e.to_string()))?;
+                crate::identity::write_private(path, doc.as_ref())
+                    .map_err(|e| err(e.to_string()))?;
                 doc.as_ref().to_vec()
             }
             Err(e) => return Err(err(e.to_string())),

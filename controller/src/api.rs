@@ -1,0 +1,194 @@
+//! The controller's QUIC endpoint: accepts connections, reads one call per stream, checks the
+//! credential's signature, and hands the call to the core task. Replies flow back on the same
+//! stream. Nothing here decides anything; malformed input ends only its own stream.
+
+use crate::core::{Caller, Cmd};
+use jmp_protocol::ctl::{CtlErrorCode, Reply, Request};
+use jmp_protocol::token::TokenKind;
+use jmp_transport::ctl::{read_call, ReplyTx};
+use jmp_transport::token::{peek, Verifier};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use tracing::{debug, info, info_span, Instrument};
+
+/// How long a caller may take to send its request after opening a stream.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Api {
+    pub core: mpsc::Sender<Cmd>,
+    pub verifier: Verifier,
+    next_stream: AtomicU64,
+}
+
+impl Api {
+    pub fn new(core: mpsc::Sender<Cmd>, verifier: Verifier) -> Arc<Api> {
+        Arc::new(Api {
+            core,
+            verifier,
+            next_stream: AtomicU64::new(1),
+        })
+    }
+
+    pub async fn serve(
+        self: Arc<Self>,
+        endpoint: quinn::Endpoint,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                inc = endpoint.accept() => match inc {
+                    Some(i) => {
+                        let me = self.clone();
+                        let peer = i.remote_address();
+                        tokio::spawn(me.connection(i).instrument(info_span!("conn", %peer)));
+                    }
+                    None => break,
+                },
+            }
+        }
+        endpoint.close(0u32.into(), b"controller shutting down");
+        let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
+    }
+
+    async fn connection(self: Arc<Self>, incoming: quinn::Incoming) {
+        let peer = incoming.remote_address();
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                info!("handshake from {peer} failed: {e}");
+                return;
+            }
+        };
+        loop {
+            match conn.accept_bi().await {
+                Ok((send, recv)) => {
+                    let me = self.clone();
+                    let conn = conn.clone();
+                    tokio::spawn(async move { me.stream(conn, send, recv).await });
+                }
+                Err(e) => {
+                    debug!("connection from {peer} ended: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn authenticate(&self, credential: &str) -> Result<Caller, String> {
+        if credential.trim().is_empty() {
+            return Err("no credential presented".into());
+        }
+        let kind = peek(credential).map_err(|e| e.to_string())?.kind;
+        if kind == TokenKind::Lease {
+            return Err("a lease token is not a credential for the controller".into());
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let c = self
+            .verifier
+            .verify(credential, kind, now)
+            .map_err(|e| e.to_string())?;
+        Ok(Caller {
+            kind,
+            name: c.sub,
+            jti: c.jti,
+        })
+    }
+
+    async fn stream(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let mut tx = ReplyTx(send);
+        let call = match tokio::time::timeout(CALL_TIMEOUT, read_call(&mut recv)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                info!("bad call from {}: {e}", conn.remote_address());
+                tx.error(CtlErrorCode::Invalid, e.to_string()).await;
+                return;
+            }
+            Err(_) => {
+                tx.error(CtlErrorCode::Invalid, "no request within 10s")
+                    .await;
+                return;
+            }
+        };
+        let caller = match self.authenticate(&call.credential) {
+            Ok(c) => c,
+            Err(why) => {
+                info!("refused a call from {}: {why}", conn.remote_address());
+                tx.error(
+                    CtlErrorCode::Unauthorized,
+                    format!("credential refused: {why}"),
+                )
+                .await;
+                return;
+            }
+        };
+        let register = matches!(call.request, Request::Register(_));
+        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let (rtx, mut rrx) = mpsc::unbounded_channel::<Reply>();
+        if self
+            .core
+            .send(Cmd::Call {
+                caller,
+                request: call.request,
+                reply: rtx,
+                stream,
+            })
+            .await
+            .is_err()
+        {
+            tx.error(CtlErrorCode::Internal, "controller is shutting down")
+                .await;
+            return;
+        }
+        // Forward replies until the final one. Meanwhile watch for the caller going away: a
+        // waiting lease request or a registration must not outlive its caller unnoticed. An
+        // exporter keeps its request side open while it is online, so its end is the signal.
+        let gone = async {
+            if register {
+                let mut buf = [0u8; 256];
+                while let Ok(Some(_)) = recv.read(&mut buf).await {}
+            } else {
+                std::future::pending::<()>().await
+            }
+        };
+        tokio::pin!(gone);
+        let closed = conn.closed();
+        tokio::pin!(closed);
+        loop {
+            tokio::select! {
+                r = rrx.recv() => match r {
+                    Some(r) => {
+                        let fin = r.is_final();
+                        if tx.send(&r).await.is_err() {
+                            break;
+                        }
+                        if fin {
+                            let _ = tx.0.finish();
+                            if !register {
+                                return;
+                            }
+                            break;
+                        }
+                    }
+                    None => break,
+                },
+                _ = &mut gone => break,
+                _ = &mut closed => break,
+            }
+        }
+        let _ = self.core.send(Cmd::Gone { stream }).await;
+        let _ = tx.0.finish();
+    }
+}

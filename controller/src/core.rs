@@ -1,0 +1,1465 @@
+//! The controller's one owner of state: a task that holds the [`LeaseBook`], the identity
+//! registry and the store, and applies commands in batches.
+//!
+//! Why one task and batches: the book's decisions (who gets which exporter, in which order)
+//! must be serial to be fair, and every decision must be durable before anyone hears of it. The
+//! task takes every command that is waiting, applies them in arrival order, commits all their
+//! changes in **one** store transaction, and only then sends the replies and pushes. A burst of
+//! a thousand requests costs a handful of fsyncs, not a thousand; a crash before the commit
+//! loses only calls that were never answered (and that the callers therefore retry, by
+//! request id, without duplicates).
+//!
+//! If the store cannot be written (disk full, I/O error), the batch's callers get an error and
+//! the controller exits: its memory is then ahead of its disk, and the only state that may be
+//! served is the durable one, which a restart (systemd `Restart=`) reloads.
+
+use crate::book::{
+    Change, EndReason, Event, Lease, LeaseBook, Millis, NewRequest, Outcome, Refusal, RequestState,
+    Waiting,
+};
+use crate::metrics::Metrics;
+use crate::store::{LeaseStore, Op, Table};
+use jmp_protocol::ctl::{
+    Access, ActiveLease, ClientInfo, ClientSpec, Credential, CtlError, CtlErrorCode, DeviceSummary,
+    EndedLease, ExporterInfo, ExporterSpec, IdentityKind, LeaseInfo, LeaseRequest, Registration,
+    Reply, Request,
+};
+use jmp_protocol::selector::{parse_label, Labels, Selector};
+use jmp_protocol::token::{Claims, ControllerRef, TokenKind};
+use jmp_transport::token::Signer;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+/// How long a waiting request (or an undelivered grant) survives its requester going away,
+/// so that a network blip or a controller restart does not cost its place in the queue.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(15);
+
+/// Longest lease when neither the client's policy nor the controller's flag says.
+pub const DEFAULT_MAX_DURATION_SECS: u64 = 24 * 3600;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClientRecord {
+    pub name: String,
+    #[serde(default)]
+    pub labels: Labels,
+    #[serde(default)]
+    pub allow: String,
+    #[serde(default)]
+    pub max_duration_secs: u64,
+    #[serde(default)]
+    pub admin: bool,
+    /// The id of the one valid credential; anything else is revoked.
+    pub jti: String,
+    pub created: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExporterRecord {
+    pub name: String,
+    /// Set by the admin; wins over `config_labels`.
+    #[serde(default)]
+    pub labels: Labels,
+    #[serde(default)]
+    pub config_labels: Labels,
+    pub enabled: bool,
+    pub jti: String,
+    pub created: u64,
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub fingerprint: String,
+    #[serde(default)]
+    pub devices: Vec<DeviceSummary>,
+}
+
+impl ExporterRecord {
+    pub fn effective_labels(&self) -> Labels {
+        let mut l = self.config_labels.clone();
+        l.extend(self.labels.clone());
+        l
+    }
+}
+
+/// A verified credential's identity (signature checked by the API task; revocation here).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub kind: TokenKind,
+    pub name: String,
+    pub jti: String,
+}
+
+pub enum Cmd {
+    /// A call; replies go to `reply`, the last one final.
+    Call {
+        caller: Caller,
+        request: Request,
+        reply: mpsc::UnboundedSender<Reply>,
+        /// Identifies the stream, so a later `Gone` matches only its own call.
+        stream: u64,
+    },
+    /// The caller of `stream` went away (stream stopped, connection lost).
+    Gone { stream: u64 },
+}
+
+/// The key pair and the controller reference put into credentials.
+pub struct Authority {
+    pub signer: Signer,
+    pub ctl: ControllerRef,
+}
+
+pub const ISSUER: &str = "jmp-controller";
+
+struct Watcher {
+    tx: mpsc::UnboundedSender<Reply>,
+    stream: u64,
+    last: Option<(u32, Option<String>)>,
+    wait_until: u64,
+}
+
+struct Link {
+    tx: mpsc::UnboundedSender<Reply>,
+    stream: u64,
+}
+
+pub struct Core<S: LeaseStore> {
+    store: S,
+    store_name: &'static str,
+    revision: u64,
+    book: LeaseBook,
+    clients: BTreeMap<String, ClientRecord>,
+    exporters: BTreeMap<String, ExporterRecord>,
+    dirty: BTreeSet<(Table, String)>,
+    /// request id → who is waiting for its answer.
+    watchers: HashMap<String, Watcher>,
+    /// stream → request id, for `Gone`.
+    watcher_streams: HashMap<u64, String>,
+    /// Requests (waiting, or granted but not yet delivered) whose requester went away, and
+    /// when they are given up.
+    orphans: HashMap<String, Instant>,
+    links: HashMap<String, Link>,
+    link_streams: HashMap<u64, String>,
+    push: BTreeSet<String>,
+    ended: HashMap<String, Vec<EndedLease>>,
+    auth: Arc<Authority>,
+    metrics: Arc<Metrics>,
+    default_max_secs: u64,
+    /// Replies held back until the batch is durable.
+    out: Vec<(mpsc::UnboundedSender<Reply>, Reply)>,
+    positions_dirty: bool,
+}
+
+pub fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn err(code: CtlErrorCode, msg: impl Into<String>) -> Reply {
+    Reply::Error(CtlError::new(code, msg))
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    hex::encode(b)
+}
+
+fn fmt_secs(s: u64) -> String {
+    if s % 3600 == 0 && s >= 3600 {
+        format!("{}h", s / 3600)
+    } else if s % 60 == 0 && s >= 60 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// Names of clients and exporters: what a label value may be (they appear in labels, file
+/// names and metrics).
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    parse_label(&format!("name={name}"))
+        .map(|_| ())
+        .map_err(|e| format!("invalid {what} name {name:?}: {}", e.message))?;
+    if name.is_empty() {
+        return Err(format!("{what} name must not be empty"));
+    }
+    Ok(())
+}
+
+pub fn lease_info(l: &Lease) -> LeaseInfo {
+    LeaseInfo {
+        name: l.name.clone(),
+        client: l.client.clone(),
+        exporter: l.exporter.clone(),
+        selector: l.selector.clone(),
+        begin: l.begin / 1000,
+        end: l.end / 1000,
+        request_id: l.request_id.clone(),
+        status: "active".into(),
+    }
+}
+
+fn waiting_info(w: &Waiting) -> LeaseInfo {
+    LeaseInfo {
+        name: w.lease_name.clone(),
+        client: w.client.clone(),
+        exporter: w.exporter.clone().unwrap_or_default(),
+        selector: w.selector.clone(),
+        begin: w.not_before / 1000,
+        end: w.wait_until / 1000,
+        request_id: w.request_id.clone(),
+        status: "waiting".into(),
+    }
+}
+
+impl<S: LeaseStore> Core<S> {
+    /// Loads the durable state and rebuilds the book. Exporters start offline.
+    pub fn open(
+        mut store: S,
+        store_name: &'static str,
+        auth: Arc<Authority>,
+        metrics: Arc<Metrics>,
+        default_max_secs: u64,
+    ) -> anyhow::Result<Core<S>> {
+        let snap = store.load()?;
+        let mut clients = BTreeMap::new();
+        let mut exporters = BTreeMap::new();
+        let mut leases = Vec::new();
+        let mut waiting = Vec::new();
+        for (t, k, v) in snap.records {
+            let bad = |e: serde_json::Error| {
+                anyhow::anyhow!("store record {}/{k} is not readable: {e}", t.name())
+            };
+            match t {
+                Table::Clients => {
+                    clients.insert(k.clone(), serde_json::from_slice(&v).map_err(bad)?);
+                }
+                Table::Exporters => {
+                    exporters.insert(k.clone(), serde_json::from_slice(&v).map_err(bad)?);
+                }
+                Table::Leases => leases.push(serde_json::from_slice(&v).map_err(bad)?),
+                Table::Waiting => waiting.push(serde_json::from_slice(&v).map_err(bad)?),
+            }
+        }
+        let book = LeaseBook::restore(
+            exporters
+                .values()
+                .map(|e: &ExporterRecord| (e.name.clone(), e.effective_labels(), e.enabled))
+                .collect(),
+            leases,
+            waiting,
+        );
+        info!(
+            clients = clients.len(),
+            exporters = exporters.len(),
+            leases = book.leases().count(),
+            waiting = book.waiting().count(),
+            revision = snap.revision,
+            "state loaded"
+        );
+        let mut core = Core {
+            store,
+            store_name,
+            revision: snap.revision,
+            book,
+            clients,
+            exporters,
+            dirty: BTreeSet::new(),
+            watchers: HashMap::new(),
+            watcher_streams: HashMap::new(),
+            orphans: HashMap::new(),
+            links: HashMap::new(),
+            link_streams: HashMap::new(),
+            push: BTreeSet::new(),
+            ended: HashMap::new(),
+            auth,
+            metrics,
+            default_max_secs,
+            out: Vec::new(),
+            positions_dirty: false,
+        };
+        // Waiting requests restored from the store have no requester connected yet: give
+        // them the grace period to come back.
+        let restored: Vec<String> = core.book.waiting().map(|w| w.request_id.clone()).collect();
+        for id in restored {
+            core.orphans.insert(id, Instant::now() + ORPHAN_GRACE);
+        }
+        Ok(core)
+    }
+
+    /// Issues (or re-issues) the admin credential, revoking any earlier one.
+    pub fn issue_admin(&mut self, name: &str) -> anyhow::Result<Credential> {
+        let rec = ClientRecord {
+            name: name.into(),
+            labels: Labels::new(),
+            allow: String::new(),
+            max_duration_secs: 0,
+            admin: true,
+            jti: random_hex(12),
+            created: now_ms() / 1000,
+        };
+        let cred = self.credential(IdentityKind::Client, name, &rec.jti, true)?;
+        self.clients.insert(name.into(), rec);
+        self.dirty.insert((Table::Clients, name.into()));
+        self.persist()?;
+        Ok(cred)
+    }
+
+    pub fn has_client(&self, name: &str) -> bool {
+        self.clients.contains_key(name)
+    }
+
+    fn credential(
+        &self,
+        kind: IdentityKind,
+        name: &str,
+        jti: &str,
+        admin: bool,
+    ) -> Result<Credential, jmp_transport::token::TokenError> {
+        let claims = Claims {
+            iss: ISSUER.into(),
+            sub: name.into(),
+            kind: match kind {
+                IdentityKind::Client => TokenKind::Client,
+                IdentityKind::Exporter => TokenKind::Exporter,
+            },
+            jti: jti.into(),
+            iat: now_ms() / 1000,
+            exp: None,
+            client: None,
+            exporter: None,
+            ctl: Some(self.auth.ctl.clone()),
+            admin,
+        };
+        Ok(Credential {
+            kind,
+            name: name.into(),
+            token: self.auth.signer.sign(&claims)?,
+            endpoint: self.auth.ctl.endpoint.clone(),
+            fingerprint: self.auth.ctl.fingerprint.clone(),
+        })
+    }
+
+    /// The task: applies commands in batches until every sender is gone.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        let mut batch = Vec::new();
+        loop {
+            let deadline = self.next_wakeup();
+            tokio::select! {
+                n = rx.recv_many(&mut batch, 1024) => if n == 0 { break },
+                _ = sleep_until_ms(deadline) => {}
+            }
+            let now = now_ms();
+            for cmd in batch.drain(..) {
+                self.handle(now, cmd);
+            }
+            let events = self.book.tick(now);
+            self.on_events(now, events);
+            self.reap_orphans(now);
+            if let Err(e) = self.persist() {
+                error!("cannot write the store: {e:#}; answering errors and exiting");
+                let msg = format!("controller store failed: {e}");
+                for (tx, _) in self.out.drain(..) {
+                    let _ = tx.send(err(CtlErrorCode::Internal, msg.clone()));
+                }
+                std::process::exit(70);
+            }
+            for (tx, r) in self.out.drain(..) {
+                let _ = tx.send(r);
+            }
+            self.send_pushes();
+            if self.positions_dirty {
+                self.positions_dirty = false;
+                self.send_positions(now);
+            }
+            self.update_gauges();
+        }
+    }
+
+    fn next_wakeup(&self) -> Option<Millis> {
+        let orphan = self.orphans.values().min().map(|i| {
+            let left = i.saturating_duration_since(Instant::now());
+            now_ms() + left.as_millis() as u64
+        });
+        match (self.book.next_deadline(), orphan) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn team(&self, client: &str) -> String {
+        self.clients
+            .get(client)
+            .and_then(|c| c.labels.get("team").cloned())
+            .unwrap_or_default()
+    }
+
+    fn persist(&mut self) -> anyhow::Result<()> {
+        let mut ops = Vec::new();
+        for ch in self.book.take_changes() {
+            match ch {
+                Change::Lease(name) => ops.push(match self.book.lease(&name) {
+                    Some(l) => Op::Put {
+                        table: Table::Leases,
+                        key: name,
+                        value: serde_json::to_vec(l)?,
+                    },
+                    None => Op::Delete {
+                        table: Table::Leases,
+                        key: name,
+                    },
+                }),
+                Change::Waiting(id) => ops.push(match self.book.waiting_by_id(&id) {
+                    Some(w) => Op::Put {
+                        table: Table::Waiting,
+                        key: id,
+                        value: serde_json::to_vec(w)?,
+                    },
+                    None => Op::Delete {
+                        table: Table::Waiting,
+                        key: id,
+                    },
+                }),
+                // Exporter records are written from the registry below.
+                Change::Exporter(_) => {}
+            }
+        }
+        for (t, k) in std::mem::take(&mut self.dirty) {
+            let v = match t {
+                Table::Clients => self.clients.get(&k).map(serde_json::to_vec),
+                Table::Exporters => self.exporters.get(&k).map(serde_json::to_vec),
+                _ => None,
+            };
+            ops.push(match v {
+                Some(v) => Op::Put {
+                    table: t,
+                    key: k,
+                    value: v?,
+                },
+                None => Op::Delete { table: t, key: k },
+            });
+        }
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        self.revision = self.store.commit(self.revision, &ops)?;
+        self.metrics
+            .store_commit
+            .with_label_values(&[self.store_name])
+            .observe(t0.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    fn reply(&mut self, tx: &mpsc::UnboundedSender<Reply>, r: Reply) {
+        self.out.push((tx.clone(), r));
+    }
+
+    fn handle(&mut self, now: Millis, cmd: Cmd) {
+        match cmd {
+            Cmd::Gone { stream } => {
+                if let Some(id) = self.watcher_streams.remove(&stream) {
+                    if self.watchers.get(&id).is_some_and(|w| w.stream == stream) {
+                        self.watchers.remove(&id);
+                        info!(request = %id, "requester went away; keeping its place for {}s", ORPHAN_GRACE.as_secs());
+                        self.orphans.insert(id, Instant::now() + ORPHAN_GRACE);
+                    }
+                }
+                if let Some(name) = self.link_streams.remove(&stream) {
+                    if self.links.get(&name).is_some_and(|l| l.stream == stream) {
+                        self.links.remove(&name);
+                        info!(exporter = %name, "offline");
+                        let ev = self.book.set_online(now, &name, false);
+                        self.on_events(now, ev);
+                    }
+                }
+            }
+            Cmd::Call {
+                caller,
+                request,
+                reply,
+                stream,
+            } => {
+                if let Err(r) = self.authenticate(&caller) {
+                    self.reply(&reply, r);
+                    return;
+                }
+                self.call(now, caller, request, reply, stream);
+            }
+        }
+    }
+
+    fn authenticate(&self, c: &Caller) -> Result<(), Reply> {
+        let jti = match c.kind {
+            TokenKind::Client => self.clients.get(&c.name).map(|r| &r.jti),
+            TokenKind::Exporter => self.exporters.get(&c.name).map(|r| &r.jti),
+            TokenKind::Lease => {
+                return Err(err(
+                    CtlErrorCode::Unauthorized,
+                    "a lease token is not a credential for the controller",
+                ))
+            }
+        };
+        match jti {
+            None => Err(err(
+                CtlErrorCode::Unauthorized,
+                format!("unknown {} {:?} (deleted?)", c.kind.as_str(), c.name),
+            )),
+            Some(j) if *j != c.jti => Err(err(
+                CtlErrorCode::Unauthorized,
+                format!(
+                    "this credential of {} {:?} was revoked (rotated or re-created); use the new one",
+                    c.kind.as_str(),
+                    c.name
+                ),
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn is_admin(&self, c: &Caller) -> bool {
+        c.kind == TokenKind::Client && self.clients.get(&c.name).is_some_and(|r| r.admin)
+    }
+
+    fn call(
+        &mut self,
+        now: Millis,
+        caller: Caller,
+        request: Request,
+        tx: mpsc::UnboundedSender<Reply>,
+        stream: u64,
+    ) {
+        let admin = self.is_admin(&caller);
+        let admin_only = matches!(
+            request,
+            Request::CreateClient(_)
+                | Request::CreateExporter(_)
+                | Request::GetClients { .. }
+                | Request::DeleteClient { .. }
+                | Request::DeleteExporter { .. }
+                | Request::SetExporterEnabled { .. }
+        );
+        if admin_only && !admin {
+            self.reply(
+                &tx,
+                err(
+                    CtlErrorCode::Forbidden,
+                    format!("{} is not an admin", caller.name),
+                ),
+            );
+            return;
+        }
+        let client_only = matches!(
+            request,
+            Request::CreateLease(_)
+                | Request::UpdateLease { .. }
+                | Request::DeleteLease { .. }
+                | Request::LeaseAccess { .. }
+        );
+        if client_only && caller.kind != TokenKind::Client {
+            self.reply(
+                &tx,
+                err(CtlErrorCode::Forbidden, "only clients hold leases"),
+            );
+            return;
+        }
+        let r = match request {
+            Request::Whoami => Reply::Identity {
+                kind: match caller.kind {
+                    TokenKind::Exporter => IdentityKind::Exporter,
+                    _ => IdentityKind::Client,
+                },
+                name: caller.name.clone(),
+                admin,
+            },
+            Request::CreateLease(req) => return self.create_lease(now, &caller, req, tx, stream),
+            Request::GetLeases { all } => {
+                let mine = |c: &str| all || c == caller.name;
+                let mut leases: Vec<LeaseInfo> = self
+                    .book
+                    .leases()
+                    .filter(|l| mine(&l.client))
+                    .map(lease_info)
+                    .collect();
+                leases.extend(
+                    self.book
+                        .waiting()
+                        .filter(|w| mine(&w.client))
+                        .map(waiting_info),
+                );
+                Reply::Leases { leases }
+            }
+            Request::UpdateLease {
+                name,
+                duration_secs,
+                extend_secs,
+            } => self.update_lease(now, &caller, admin, &name, duration_secs, extend_secs),
+            Request::DeleteLease { names, all } => {
+                self.delete_leases(now, &caller, admin, names, all)
+            }
+            Request::LeaseAccess { name } => self.access(now, &caller, name),
+            Request::GetExporters { selector } => self.get_exporters(&caller, admin, selector),
+            Request::CreateClient(spec) => self.create_client(spec),
+            Request::CreateExporter(spec) => self.create_exporter(now, spec),
+            Request::GetClients { name } => {
+                let clients: Vec<ClientInfo> = self
+                    .clients
+                    .values()
+                    .filter(|c| name.as_ref().is_none_or(|n| *n == c.name))
+                    .map(|c| ClientInfo {
+                        name: c.name.clone(),
+                        labels: c.labels.clone(),
+                        allow: c.allow.clone(),
+                        max_duration_secs: c.max_duration_secs,
+                        admin: c.admin,
+                    })
+                    .collect();
+                if clients.is_empty() && name.is_some() {
+                    err(
+                        CtlErrorCode::NotFound,
+                        format!("no client {:?}", name.unwrap_or_default()),
+                    )
+                } else {
+                    Reply::Clients { clients }
+                }
+            }
+            Request::DeleteClient { name } => self.delete_client(now, &name),
+            Request::DeleteExporter { name } => self.delete_exporter(now, &name),
+            Request::SetExporterEnabled { name, enabled } => match self.exporters.get_mut(&name) {
+                None => err(CtlErrorCode::NotFound, format!("no exporter {name:?}")),
+                Some(rec) => {
+                    rec.enabled = enabled;
+                    let labels = rec.effective_labels();
+                    self.dirty.insert((Table::Exporters, name.clone()));
+                    let ev = self.book.upsert_exporter(now, &name, labels, enabled);
+                    self.on_events(now, ev);
+                    self.push.insert(name.clone());
+                    Reply::Done
+                }
+            },
+            Request::Rotate => self.rotate(&caller),
+            Request::Register(reg) => return self.register(now, &caller, reg, tx, stream),
+        };
+        self.reply(&tx, r);
+    }
+
+    fn client_policy(&self, client: &str) -> (Selector, String, u64) {
+        let rec = self.clients.get(client);
+        let allow = rec.map(|c| c.allow.clone()).unwrap_or_default();
+        let max = rec
+            .map(|c| c.max_duration_secs)
+            .filter(|m| *m > 0)
+            .unwrap_or(self.default_max_secs);
+        (Selector::parse(&allow).unwrap_or_default(), allow, max)
+    }
+
+    fn create_lease(
+        &mut self,
+        now: Millis,
+        caller: &Caller,
+        req: LeaseRequest,
+        tx: mpsc::UnboundedSender<Reply>,
+        stream: u64,
+    ) {
+        let team = self.team(&caller.name);
+        let refuse = |me: &mut Self, result: &str, r: Reply| {
+            me.metrics
+                .requests
+                .with_label_values(&[result, &team])
+                .inc();
+            me.reply(&tx, r);
+        };
+        if req.request_id.is_empty() || req.request_id.len() > 128 {
+            return refuse(
+                self,
+                "invalid",
+                err(CtlErrorCode::Invalid, "request_id must be 1-128 characters"),
+            );
+        }
+        let selector = match Selector::parse(&req.selector) {
+            Ok(s) => s,
+            Err(e) => {
+                return refuse(
+                    self,
+                    "invalid",
+                    err(CtlErrorCode::Invalid, format!("selector: {e}")),
+                )
+            }
+        };
+        if req.duration_secs == 0 {
+            return refuse(
+                self,
+                "invalid",
+                err(CtlErrorCode::Invalid, "duration must be positive"),
+            );
+        }
+        let (policy, allow, max) = self.client_policy(&caller.name);
+        if req.duration_secs > max {
+            return refuse(
+                self,
+                "forbidden",
+                err(
+                    CtlErrorCode::Forbidden,
+                    format!(
+                        "a lease of {} is longer than client {} may hold (at most {})",
+                        fmt_secs(req.duration_secs),
+                        caller.name,
+                        fmt_secs(max)
+                    ),
+                ),
+            );
+        }
+        let not_before = req.begin_time.map(|t| t * 1000).unwrap_or(now).max(now);
+        let wait_until = (req.wait_secs > 0).then(|| not_before + req.wait_secs * 1000);
+        let mut lease_name = random_hex(8);
+        while self.book.lease(&lease_name).is_some() {
+            lease_name = random_hex(8);
+        }
+        let sel_text = selector.to_string();
+        let (outcome, events) = self.book.request(
+            now,
+            NewRequest {
+                request_id: req.request_id.clone(),
+                lease_name,
+                client: caller.name.clone(),
+                selector,
+                policy,
+                exporter: req.exporter.clone(),
+                duration: req.duration_secs * 1000,
+                not_before,
+                wait_until,
+            },
+        );
+        match outcome {
+            Outcome::Granted(lease) => {
+                self.metrics
+                    .requests
+                    .with_label_values(&["granted", &team])
+                    .inc();
+                self.metrics
+                    .grants
+                    .with_label_values(&["immediate", &team])
+                    .inc();
+                self.metrics.wait.with_label_values(&[&team]).observe(0.0);
+                info!(lease = %lease.name, client = %lease.client, exporter = %lease.exporter, "granted");
+                self.push.insert(lease.exporter.clone());
+                let r = Reply::Lease(lease_info(&lease));
+                self.reply(&tx, r);
+            }
+            Outcome::Queued { position, behind } => {
+                self.metrics
+                    .requests
+                    .with_label_values(&["queued", &team])
+                    .inc();
+                let until = wait_until.unwrap_or(not_before);
+                self.watch(&req.request_id, tx.clone(), stream, until);
+                if let Some(w) = self.watchers.get_mut(&req.request_id) {
+                    w.last = Some((position, behind.clone()));
+                }
+                let lease = self.lease_name_of(&req.request_id);
+                self.reply(
+                    &tx,
+                    Reply::Queued {
+                        request_id: req.request_id,
+                        lease,
+                        position,
+                        behind,
+                        wait_until: until / 1000,
+                    },
+                );
+            }
+            Outcome::Refused(r) => {
+                let (code, result) = match &r {
+                    Refusal::NoSuchExporter(_) => (CtlErrorCode::NoMatch, "no_match"),
+                    Refusal::NoMatch => (CtlErrorCode::NoMatch, "no_match"),
+                    Refusal::OutsidePolicy { .. } => (CtlErrorCode::Forbidden, "outside_policy"),
+                    Refusal::AllOffline { .. } => (CtlErrorCode::AllOffline, "all_offline"),
+                    Refusal::AllBusy { .. } => (CtlErrorCode::AllBusy, "all_busy"),
+                    Refusal::BadDuration => (CtlErrorCode::Invalid, "invalid"),
+                    Refusal::LeaseNameInUse(_) => (CtlErrorCode::Internal, "invalid"),
+                };
+                let shown = if sel_text.is_empty() {
+                    "(any)".to_string()
+                } else {
+                    sel_text.clone()
+                };
+                let mut msg = r.message(&shown, &allow);
+                if matches!(r, Refusal::AllBusy { .. }) {
+                    msg.push_str("; add --wait SECONDS to queue for one");
+                }
+                refuse(self, result, err(code, msg));
+            }
+            Outcome::Existing(RequestState::Leased(lease)) => {
+                self.orphans.remove(&req.request_id);
+                self.reply(&tx, Reply::Lease(lease_info(&lease)));
+            }
+            Outcome::Existing(RequestState::Waiting {
+                position,
+                behind,
+                wait_until,
+            }) => {
+                self.orphans.remove(&req.request_id);
+                self.watch(&req.request_id, tx.clone(), stream, wait_until);
+                let lease = self.lease_name_of(&req.request_id);
+                self.reply(
+                    &tx,
+                    Reply::Queued {
+                        request_id: req.request_id,
+                        lease,
+                        position,
+                        behind,
+                        wait_until: wait_until / 1000,
+                    },
+                );
+            }
+        }
+        self.on_events(now, events);
+    }
+
+    fn lease_name_of(&self, request_id: &str) -> String {
+        self.book
+            .waiting_by_id(request_id)
+            .map(|w| w.lease_name.clone())
+            .unwrap_or_default()
+    }
+
+    fn watch(&mut self, id: &str, tx: mpsc::UnboundedSender<Reply>, stream: u64, until: u64) {
+        self.watchers.insert(
+            id.to_string(),
+            Watcher {
+                tx,
+                stream,
+                last: None,
+                wait_until: until,
+            },
+        );
+        self.watcher_streams.insert(stream, id.to_string());
+    }
+
+    fn own_lease(&self, caller: &Caller, admin: bool, name: &str) -> Result<Lease, Reply> {
+        match self.book.lease(name) {
+            Some(l) if admin || l.client == caller.name => Ok(l.clone()),
+            Some(l) => Err(err(
+                CtlErrorCode::Forbidden,
+                format!("lease {name} belongs to {}", l.client),
+            )),
+            None => Err(err(
+                CtlErrorCode::NotFound,
+                format!("no active lease {name:?} (ended, or never granted)"),
+            )),
+        }
+    }
+
+    fn update_lease(
+        &mut self,
+        now: Millis,
+        caller: &Caller,
+        admin: bool,
+        name: &str,
+        duration: Option<u64>,
+        extend: Option<u64>,
+    ) -> Reply {
+        let lease = match self.own_lease(caller, admin, name) {
+            Ok(l) => l,
+            Err(r) => return r,
+        };
+        let end = match (duration, extend) {
+            (Some(d), None) => lease.begin + d * 1000,
+            (None, Some(e)) => lease.end + e * 1000,
+            _ => {
+                return err(
+                    CtlErrorCode::Invalid,
+                    "give exactly one of --duration and --extend",
+                )
+            }
+        };
+        let (_, _, max) = self.client_policy(&lease.client);
+        let total = end.saturating_sub(lease.begin) / 1000;
+        if !admin && total > max {
+            return err(
+                CtlErrorCode::Forbidden,
+                format!(
+                    "lease {name} would last {} in all; client {} may hold a lease for at most {}",
+                    fmt_secs(total),
+                    lease.client,
+                    fmt_secs(max)
+                ),
+            );
+        }
+        match self.book.set_end(now, name, end) {
+            Ok(l) => {
+                info!(lease = %name, end = l.end / 1000, "lease end changed");
+                self.push.insert(l.exporter.clone());
+                // A shortened lease that is already over ends now.
+                let ev = self.book.tick(now);
+                self.on_events(now, ev);
+                Reply::Lease(lease_info(&l))
+            }
+            Err(e) => err(CtlErrorCode::NotFound, e),
+        }
+    }
+
+    fn delete_leases(
+        &mut self,
+        now: Millis,
+        caller: &Caller,
+        admin: bool,
+        names: Vec<String>,
+        all: bool,
+    ) -> Reply {
+        let mut targets = Vec::new();
+        if all {
+            targets.extend(
+                self.book
+                    .leases()
+                    .filter(|l| l.client == caller.name)
+                    .map(|l| l.name.clone()),
+            );
+            targets.extend(
+                self.book
+                    .waiting()
+                    .filter(|w| w.client == caller.name)
+                    .map(|w| w.lease_name.clone()),
+            );
+        } else {
+            let mut unknown = Vec::new();
+            for n in &names {
+                let owner = self.book.lease(n).map(|l| l.client.clone()).or_else(|| {
+                    self.book
+                        .waiting()
+                        .find(|w| w.lease_name == *n)
+                        .map(|w| w.client.clone())
+                });
+                match owner {
+                    Some(o) if admin || o == caller.name => targets.push(n.clone()),
+                    Some(o) => {
+                        return err(CtlErrorCode::Forbidden, format!("lease {n} belongs to {o}"))
+                    }
+                    None => unknown.push(n.clone()),
+                }
+            }
+            if !unknown.is_empty() {
+                return err(
+                    CtlErrorCode::NotFound,
+                    format!("no lease named {}", unknown.join(", ")),
+                );
+            }
+        }
+        for n in &targets {
+            // Withdrawn waiting requests: tell whoever waits on them.
+            if let Some(id) = self
+                .book
+                .waiting()
+                .find(|w| w.lease_name == *n)
+                .map(|w| w.request_id.clone())
+            {
+                if let Some(w) = self.watchers.remove(&id) {
+                    let r = err(CtlErrorCode::NotFound, format!("request {n} was deleted"));
+                    self.out.push((w.tx, r));
+                }
+                self.positions_dirty = true;
+            }
+            let ev = self.book.release(now, n);
+            self.on_events(now, ev);
+        }
+        Reply::Deleted { names: targets }
+    }
+
+    fn access(&mut self, now: Millis, caller: &Caller, name: Option<String>) -> Reply {
+        let lease = match name {
+            Some(n) => match self.own_lease(caller, false, &n) {
+                Ok(l) => l,
+                Err(r) => return r,
+            },
+            None => {
+                let mine: Vec<&Lease> = self
+                    .book
+                    .leases()
+                    .filter(|l| l.client == caller.name)
+                    .collect();
+                match mine.as_slice() {
+                    [l] => (*l).clone(),
+                    [] => {
+                        return err(
+                            CtlErrorCode::NotFound,
+                            format!(
+                                "client {} has no active lease (jmp create lease -l SELECTOR)",
+                                caller.name
+                            ),
+                        )
+                    }
+                    many => {
+                        let names: Vec<&str> = many.iter().map(|l| l.name.as_str()).collect();
+                        return err(
+                            CtlErrorCode::Ambiguous,
+                            format!(
+                                "client {} holds {} leases ({}); pick one with --lease",
+                                caller.name,
+                                many.len(),
+                                names.join(", ")
+                            ),
+                        );
+                    }
+                }
+            }
+        };
+        let Some(rec) = self.exporters.get(&lease.exporter) else {
+            return err(
+                CtlErrorCode::NotFound,
+                format!("exporter {} is gone", lease.exporter),
+            );
+        };
+        if rec.address.is_empty() {
+            return err(
+                CtlErrorCode::AllOffline,
+                format!(
+                    "exporter {} has never registered, so its address is unknown",
+                    rec.name
+                ),
+            );
+        }
+        let claims = Claims {
+            iss: ISSUER.into(),
+            sub: lease.name.clone(),
+            kind: TokenKind::Lease,
+            jti: random_hex(8),
+            iat: now / 1000,
+            exp: Some(lease.end.div_ceil(1000)),
+            client: Some(lease.client.clone()),
+            exporter: Some(lease.exporter.clone()),
+            ctl: None,
+            admin: false,
+        };
+        match self.auth.signer.sign(&claims) {
+            Ok(token) => Reply::Access(Access {
+                lease: lease_info(&lease),
+                token,
+                address: rec.address.clone(),
+                fingerprint: rec.fingerprint.clone(),
+            }),
+            Err(e) => err(CtlErrorCode::Internal, e.to_string()),
+        }
+    }
+
+    fn get_exporters(&self, caller: &Caller, admin: bool, selector: Option<String>) -> Reply {
+        let sel = match Selector::parse(selector.as_deref().unwrap_or("")) {
+            Ok(s) => s,
+            Err(e) => return err(CtlErrorCode::Invalid, format!("selector: {e}")),
+        };
+        let (policy, _, _) = self.client_policy(&caller.name);
+        let exporters = self
+            .exporters
+            .values()
+            .filter_map(|rec| {
+                let labels = rec.effective_labels();
+                if !sel.matches(&labels) || (!admin && !policy.matches(&labels)) {
+                    return None;
+                }
+                let st = self.book.exporter(&rec.name);
+                let lease = self.book.lease_of_exporter(&rec.name);
+                Some(ExporterInfo {
+                    name: rec.name.clone(),
+                    labels,
+                    online: st.is_some_and(|s| s.online),
+                    enabled: rec.enabled,
+                    address: rec.address.clone(),
+                    devices: rec.devices.clone(),
+                    lease: lease.map(|l| l.name.clone()),
+                    client: lease.map(|l| l.client.clone()),
+                })
+            })
+            .collect();
+        Reply::Exporters { exporters }
+    }
+
+    fn create_client(&mut self, spec: ClientSpec) -> Reply {
+        if let Err(e) = check_name("client", &spec.name) {
+            return err(CtlErrorCode::Invalid, e);
+        }
+        if let Err(e) = Selector::parse(&spec.allow) {
+            return err(CtlErrorCode::Invalid, format!("--allow: {e}"));
+        }
+        let rec = ClientRecord {
+            name: spec.name.clone(),
+            labels: spec.labels,
+            allow: spec.allow,
+            max_duration_secs: spec.max_duration_secs,
+            admin: spec.admin,
+            jti: random_hex(12),
+            created: now_ms() / 1000,
+        };
+        match self.credential(IdentityKind::Client, &rec.name, &rec.jti, rec.admin) {
+            Ok(c) => {
+                info!(client = %rec.name, "client created (any earlier credential revoked)");
+                self.dirty.insert((Table::Clients, rec.name.clone()));
+                self.clients.insert(rec.name.clone(), rec);
+                Reply::Credential(c)
+            }
+            Err(e) => err(CtlErrorCode::Internal, e.to_string()),
+        }
+    }
+
+    fn create_exporter(&mut self, now: Millis, spec: ExporterSpec) -> Reply {
+        if let Err(e) = check_name("exporter", &spec.name) {
+            return err(CtlErrorCode::Invalid, e);
+        }
+        let jti = random_hex(12);
+        let rec = match self.exporters.remove(&spec.name) {
+            Some(mut r) => {
+                r.labels = spec.labels;
+                r.jti = jti;
+                r
+            }
+            None => ExporterRecord {
+                name: spec.name.clone(),
+                labels: spec.labels,
+                config_labels: Labels::new(),
+                enabled: true,
+                jti,
+                created: now / 1000,
+                address: String::new(),
+                fingerprint: String::new(),
+                devices: Vec::new(),
+            },
+        };
+        let cred = self.credential(IdentityKind::Exporter, &rec.name, &rec.jti, false);
+        let ev = self
+            .book
+            .upsert_exporter(now, &rec.name, rec.effective_labels(), rec.enabled);
+        self.dirty.insert((Table::Exporters, rec.name.clone()));
+        // A re-issued credential revokes the old one: drop the old registration.
+        if let Some(l) = self.links.remove(&rec.name) {
+            let _ = l.tx.send(err(
+                CtlErrorCode::Unauthorized,
+                "this exporter's credential was re-issued",
+            ));
+            let ev = self.book.set_online(now, &rec.name, false);
+            self.on_events(now, ev);
+        }
+        self.exporters.insert(rec.name.clone(), rec);
+        self.on_events(now, ev);
+        match cred {
+            Ok(c) => Reply::Credential(c),
+            Err(e) => err(CtlErrorCode::Internal, e.to_string()),
+        }
+    }
+
+    fn delete_client(&mut self, now: Millis, name: &str) -> Reply {
+        if self.clients.remove(name).is_none() {
+            return err(CtlErrorCode::NotFound, format!("no client {name:?}"));
+        }
+        self.dirty.insert((Table::Clients, name.into()));
+        let waiting: Vec<String> = self
+            .book
+            .waiting()
+            .filter(|w| w.client == name)
+            .map(|w| w.request_id.clone())
+            .collect();
+        for id in waiting {
+            if let Some(w) = self.watchers.remove(&id) {
+                self.out.push((
+                    w.tx,
+                    err(
+                        CtlErrorCode::Unauthorized,
+                        format!("client {name} was deleted"),
+                    ),
+                ));
+            }
+        }
+        let ev = self.book.remove_client(now, name);
+        self.on_events(now, ev);
+        self.positions_dirty = true;
+        info!(client = %name, "client deleted");
+        Reply::Deleted {
+            names: vec![name.into()],
+        }
+    }
+
+    fn delete_exporter(&mut self, now: Millis, name: &str) -> Reply {
+        if self.exporters.remove(name).is_none() {
+            return err(CtlErrorCode::NotFound, format!("no exporter {name:?}"));
+        }
+        self.dirty.insert((Table::Exporters, name.into()));
+        let ev = self.book.remove_exporter(now, name);
+        self.on_events(now, ev);
+        self.send_pushes();
+        if let Some(l) = self.links.remove(name) {
+            let _ = l.tx.send(err(
+                CtlErrorCode::Unauthorized,
+                format!("exporter {name} was deleted"),
+            ));
+        }
+        info!(exporter = %name, "exporter deleted");
+        Reply::Deleted {
+            names: vec![name.into()],
+        }
+    }
+
+    fn rotate(&mut self, caller: &Caller) -> Reply {
+        let jti = random_hex(12);
+        let (kind, admin) = match caller.kind {
+            TokenKind::Exporter => match self.exporters.get_mut(&caller.name) {
+                Some(r) => {
+                    r.jti = jti.clone();
+                    self.dirty.insert((Table::Exporters, caller.name.clone()));
+                    (IdentityKind::Exporter, false)
+                }
+                None => return err(CtlErrorCode::NotFound, "exporter gone"),
+            },
+            _ => match self.clients.get_mut(&caller.name) {
+                Some(r) => {
+                    r.jti = jti.clone();
+                    self.dirty.insert((Table::Clients, caller.name.clone()));
+                    (IdentityKind::Client, r.admin)
+                }
+                None => return err(CtlErrorCode::NotFound, "client gone"),
+            },
+        };
+        info!(name = %caller.name, "credential rotated; the old one is revoked");
+        match self.credential(kind, &caller.name, &jti, admin) {
+            Ok(c) => Reply::Credential(c),
+            Err(e) => err(CtlErrorCode::Internal, e.to_string()),
+        }
+    }
+
+    fn register(
+        &mut self,
+        now: Millis,
+        caller: &Caller,
+        reg: Registration,
+        tx: mpsc::UnboundedSender<Reply>,
+        stream: u64,
+    ) {
+        if caller.kind != TokenKind::Exporter {
+            self.reply(&tx, err(CtlErrorCode::Forbidden, "only exporters register"));
+            return;
+        }
+        let name = caller.name.clone();
+        let Some(rec) = self.exporters.get_mut(&name) else {
+            return;
+        };
+        let changed = rec.address != reg.address
+            || rec.fingerprint != reg.fingerprint
+            || rec.config_labels != reg.labels
+            || rec.devices != reg.devices;
+        if changed {
+            rec.address = reg.address;
+            rec.fingerprint = reg.fingerprint;
+            rec.config_labels = reg.labels;
+            rec.devices = reg.devices;
+            self.dirty.insert((Table::Exporters, name.clone()));
+        }
+        let labels = rec.effective_labels();
+        let enabled = rec.enabled;
+        if let Some(old) = self.links.insert(
+            name.clone(),
+            Link {
+                tx: tx.clone(),
+                stream,
+            },
+        ) {
+            let _ = old.tx.send(err(
+                CtlErrorCode::Unauthorized,
+                "replaced by a newer registration of the same exporter",
+            ));
+        }
+        self.link_streams.insert(stream, name.clone());
+        let mut ev = self.book.upsert_exporter(now, &name, labels, enabled);
+        ev.extend(self.book.set_online(now, &name, true));
+        info!(exporter = %name, "online");
+        self.push.insert(name);
+        self.on_events(now, ev);
+    }
+
+    fn on_events(&mut self, now: Millis, events: Vec<Event>) {
+        for e in events {
+            match e {
+                Event::Granted { lease } => {
+                    let team = self.team(&lease.client);
+                    self.metrics
+                        .grants
+                        .with_label_values(&["queued", &team])
+                        .inc();
+                    self.metrics
+                        .wait
+                        .with_label_values(&[&team])
+                        .observe(lease.begin.saturating_sub(lease.requested) as f64 / 1000.0);
+                    info!(lease = %lease.name, client = %lease.client, exporter = %lease.exporter, "granted from the queue");
+                    self.push.insert(lease.exporter.clone());
+                    self.positions_dirty = true;
+                    match self.watchers.remove(&lease.request_id) {
+                        Some(w) => {
+                            self.watcher_streams.remove(&w.stream);
+                            self.out.push((w.tx, Reply::Lease(lease_info(&lease))));
+                        }
+                        None => {
+                            // Nobody is listening right now: keep it for the grace period, in
+                            // which a retry of the same request id picks it up.
+                            self.orphans
+                                .entry(lease.request_id.clone())
+                                .or_insert_with(|| Instant::now() + ORPHAN_GRACE);
+                        }
+                    }
+                }
+                Event::Ended { lease, reason } => {
+                    let team = self.team(&lease.client);
+                    let held = now.min(lease.end).saturating_sub(lease.begin) as f64 / 1000.0;
+                    self.metrics
+                        .held
+                        .with_label_values(&[reason.as_str(), &team])
+                        .observe(held);
+                    info!(lease = %lease.name, client = %lease.client, exporter = %lease.exporter, reason = reason.as_str(), "lease ended");
+                    self.ended
+                        .entry(lease.exporter.clone())
+                        .or_default()
+                        .push(EndedLease {
+                            name: lease.name.clone(),
+                            reason: match reason {
+                                EndReason::Expired => format!("lease {} expired", lease.name),
+                                EndReason::Released => {
+                                    format!("lease {} was released", lease.name)
+                                }
+                                other => format!("lease {} ended: {}", lease.name, other.as_str()),
+                            },
+                        });
+                    self.push.insert(lease.exporter.clone());
+                    self.orphans.remove(&lease.request_id);
+                    self.positions_dirty = true;
+                }
+                Event::WaitExpired { request } => {
+                    let team = self.team(&request.client);
+                    self.metrics.wait_timeouts.with_label_values(&[&team]).inc();
+                    self.orphans.remove(&request.request_id);
+                    if let Some(w) = self.watchers.remove(&request.request_id) {
+                        self.watcher_streams.remove(&w.stream);
+                        let waited = (now.saturating_sub(request.arrived)) / 1000;
+                        self.out.push((
+                            w.tx,
+                            err(
+                                CtlErrorCode::Timeout,
+                                format!(
+                                    "waited {} for an exporter matching '{}'; none became free",
+                                    fmt_secs(waited),
+                                    request.selector
+                                ),
+                            ),
+                        ));
+                    }
+                    self.positions_dirty = true;
+                }
+            }
+        }
+    }
+
+    /// Requests whose requester did not come back within the grace period are withdrawn; a
+    /// lease granted to nobody is released, so a board never stays leased to a vanished caller.
+    fn reap_orphans(&mut self, now: Millis) {
+        let t = Instant::now();
+        let due: Vec<String> = self
+            .orphans
+            .iter()
+            .filter(|(_, d)| **d <= t)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            self.orphans.remove(&id);
+            if let Some(w) = self.book.waiting_by_id(&id).cloned() {
+                warn!(request = %id, client = %w.client, "requester did not come back; withdrawing its request");
+                let ev = self.book.release(now, &w.lease_name);
+                self.on_events(now, ev);
+                self.positions_dirty = true;
+                continue;
+            }
+            let granted = self
+                .book
+                .leases()
+                .find(|l| l.request_id == id)
+                .map(|l| l.name.clone());
+            if let Some(l) = granted {
+                warn!(lease = %l, "lease was granted while its requester was away and nobody picked it up; releasing it");
+                let ev = self.book.release(now, &l);
+                self.on_events(now, ev);
+            }
+        }
+    }
+
+    fn send_pushes(&mut self) {
+        for name in std::mem::take(&mut self.push) {
+            let ended = self.ended.remove(&name).unwrap_or_default();
+            let Some(link) = self.links.get(&name) else {
+                continue;
+            };
+            let lease = self.book.lease_of_exporter(&name).map(|l| ActiveLease {
+                name: l.name.clone(),
+                client: l.client.clone(),
+                end: l.end.div_ceil(1000),
+            });
+            let enabled = self.exporters.get(&name).is_some_and(|r| r.enabled);
+            let _ = link.tx.send(Reply::ExporterState {
+                lease,
+                ended,
+                enabled,
+            });
+        }
+        self.ended.clear();
+    }
+
+    fn send_positions(&mut self, now: Millis) {
+        let ids: Vec<String> = self.watchers.keys().cloned().collect();
+        for id in ids {
+            let Some(pos) = self.book.position(now, &id) else {
+                continue;
+            };
+            if let Some(w) = self.watchers.get_mut(&id) {
+                if w.last.as_ref() != Some(&pos) {
+                    w.last = Some(pos.clone());
+                    let lease = self
+                        .book
+                        .waiting_by_id(&id)
+                        .map(|w| w.lease_name.clone())
+                        .unwrap_or_default();
+                    let _ = w.tx.send(Reply::Queued {
+                        request_id: id.clone(),
+                        lease,
+                        position: pos.0,
+                        behind: pos.1,
+                        wait_until: w.wait_until / 1000,
+                    });
+                }
+            }
+        }
+    }
+
+    fn update_gauges(&self) {
+        let (mut online, mut disabled) = (0, 0);
+        for (_, st) in self.book.exporters() {
+            online += st.online as i64;
+            disabled += (!st.enabled) as i64;
+        }
+        let leased = self.book.leases().count() as i64;
+        let m = &self.metrics;
+        m.exporters
+            .with_label_values(&["registered"])
+            .set(self.exporters.len() as i64);
+        m.exporters.with_label_values(&["online"]).set(online);
+        m.exporters.with_label_values(&["leased"]).set(leased);
+        m.exporters.with_label_values(&["disabled"]).set(disabled);
+        m.leases_active.set(leased);
+        m.queue_length.set(self.book.waiting().count() as i64);
+    }
+}
+
+async fn sleep_until_ms(deadline: Option<Millis>) {
+    match deadline {
+        None => std::future::pending().await,
+        Some(d) => {
+            let now = now_ms();
+            tokio::time::sleep(Duration::from_millis(d.saturating_sub(now))).await
+        }
+    }
+}

@@ -1,0 +1,561 @@
+//! The controller side of `jmp`: client configs, leases, exporters, admin verbs.
+//!
+//! Client configs live in `~/.config/jmp/clients/<name>.yaml` (0600: they hold the credential);
+//! `~/.config/jmp/config.yaml` names the current one. Every call is one QUIC stream to the
+//! controller, whose certificate is pinned by the fingerprint in the client config.
+
+use crate::{exit, paths};
+use anyhow::{Context, Result};
+use jmp_protocol::ctl::{
+    Access, Call, ClientConfig, ClientInfo, Credential, CtlErrorCode, ExporterInfo, LeaseInfo,
+    Reply, Request,
+};
+use jmp_transport::ctl::{call, CallError, ReplyStream};
+use jmp_transport::{client_endpoint, connect};
+use serde::{Deserialize, Serialize};
+use std::io::{IsTerminal, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub fn clients_dir() -> PathBuf {
+    paths::config_dir().join("clients")
+}
+
+fn current_file() -> PathBuf {
+    paths::config_dir().join("config.yaml")
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct UserConfig {
+    #[serde(default)]
+    current_client: Option<String>,
+}
+
+fn read_user_config() -> UserConfig {
+    std::fs::read_to_string(current_file())
+        .ok()
+        .and_then(|t| serde_norway::from_str(&t).ok())
+        .unwrap_or_default()
+}
+
+fn write_user_config(c: &UserConfig) -> Result<()> {
+    let p = current_file();
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(&p, serde_norway::to_string(c)?)
+        .with_context(|| format!("cannot write {}", p.display()))
+}
+
+/// Makes `name` the current client config.
+pub fn set_current(name: &str) -> Result<()> {
+    let mut c = read_user_config();
+    c.current_client = Some(name.to_string());
+    write_user_config(&c)
+}
+
+pub fn read_client_file(path: &Path) -> Result<ClientConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        exit(
+            2,
+            format!("cannot read client config {}: {e}", path.display()),
+        )
+    })?;
+    let c: ClientConfig = serde_norway::from_str(&text)
+        .map_err(|e| exit(2, format!("client config {}: {e}", path.display())))?;
+    if c.kind != "ClientConfig" {
+        return Err(exit(
+            2,
+            format!("{}: kind {:?} is not ClientConfig", path.display(), c.kind),
+        ));
+    }
+    Ok(c)
+}
+
+/// Writes a client config (0600), replacing an existing file.
+pub fn write_client_file(path: &Path, c: &ClientConfig) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let tmp = path.with_extension("yaml.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(serde_norway::to_string(c)?.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn client_path(name: &str) -> PathBuf {
+    clients_dir().join(format!("{name}.yaml"))
+}
+
+/// The client config to use: `--client NAME` (or `$JMP_CLIENT`), else the current one.
+/// `$JMP_CLIENT_CONFIG` names a file directly (CI secrets mounted as files).
+pub fn load_client(name: Option<&str>) -> Result<(ClientConfig, PathBuf)> {
+    if name.is_none() {
+        if let Some(p) = std::env::var_os("JMP_CLIENT_CONFIG") {
+            let p = PathBuf::from(p);
+            return Ok((read_client_file(&p)?, p));
+        }
+    }
+    let name = match name {
+        Some(n) => n.to_string(),
+        None => read_user_config().current_client.ok_or_else(|| {
+            exit(
+                2,
+                format!(
+                    "no client config selected: create one (jmp config client create) and choose it \
+                     with jmp config client use NAME (looked in {})",
+                    clients_dir().display()
+                ),
+            )
+        })?,
+    };
+    let p = client_path(&name);
+    if !p.exists() {
+        return Err(exit(
+            2,
+            format!("no client config {name:?} (expected {})", p.display()),
+        ));
+    }
+    Ok((read_client_file(&p)?, p))
+}
+
+/// The admin credential: `--admin-config`/`$JMP_ADMIN_CONFIG`, `~/.config/jmp/admin.yaml`, or
+/// the controller's own `/var/lib/jmp-controller/admin.yaml` (root on the controller host).
+pub fn load_admin(path: Option<&Path>) -> Result<ClientConfig> {
+    let candidates: Vec<PathBuf> = match path {
+        Some(p) => vec![p.to_path_buf()],
+        None => vec![
+            paths::config_dir().join("admin.yaml"),
+            PathBuf::from("/var/lib/jmp-controller/admin.yaml"),
+        ],
+    };
+    for c in &candidates {
+        if c.exists() {
+            return read_client_file(c);
+        }
+    }
+    Err(exit(
+        2,
+        format!(
+            "no admin credential found (looked at {}); pass --admin-config FILE",
+            candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    ))
+}
+
+/// A connection to the controller as one identity.
+pub struct Ctl {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    credential: String,
+    pub endpoint_name: String,
+}
+
+fn resolve(endpoint: &str) -> Result<SocketAddr> {
+    endpoint
+        .to_socket_addrs()
+        .map_err(|e| exit(1, format!("cannot resolve controller {endpoint:?}: {e}")))?
+        .next()
+        .ok_or_else(|| exit(1, format!("controller {endpoint:?} resolves to nothing")))
+}
+
+pub fn call_error(e: CallError, endpoint: &str) -> anyhow::Error {
+    match e {
+        CallError::Refused(r) => exit(r.exit_code(), r.message),
+        other => exit(1, format!("controller {endpoint}: {other}")),
+    }
+}
+
+impl Ctl {
+    pub async fn connect(cfg: &ClientConfig) -> Result<Ctl> {
+        let addr = resolve(&cfg.endpoint)?;
+        let pin = cfg
+            .fingerprint
+            .parse()
+            .map_err(|e: String| exit(2, format!("client config fingerprint: {e}")))?;
+        let ep = client_endpoint(addr).context("cannot open a UDP socket")?;
+        let (conn, _) = connect(&ep, addr, jmp_protocol::ALPN_CONTROLLER, Some(pin))
+            .await
+            .map_err(|e| exit(1, format!("controller {}: {e}", cfg.endpoint)))?;
+        Ok(Ctl {
+            _endpoint: ep,
+            conn,
+            credential: cfg.token.clone(),
+            endpoint_name: cfg.endpoint.clone(),
+        })
+    }
+
+    pub async fn stream(&self, request: Request) -> Result<ReplyStream, CallError> {
+        let c = Call {
+            credential: self.credential.clone(),
+            request,
+        };
+        Ok(call(&self.conn, &c, false).await?.0)
+    }
+
+    pub async fn call(&self, request: Request) -> Result<Reply> {
+        let s = self
+            .stream(request)
+            .await
+            .map_err(|e| call_error(e, &self.endpoint_name))?;
+        s.last()
+            .await
+            .map_err(|e| call_error(e, &self.endpoint_name))
+    }
+
+    pub fn close(&self) {
+        self.conn.close(0u32.into(), b"");
+    }
+}
+
+pub fn unexpected(r: Reply) -> anyhow::Error {
+    exit(1, format!("unexpected answer from the controller: {r:?}"))
+}
+
+// ---------- output ----------
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Out {
+    Table,
+    Json,
+    Yaml,
+    Name,
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn fmt_time(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+}
+
+pub fn fmt_left(secs: i64) -> String {
+    if secs <= 0 {
+        return "0s".into();
+    }
+    let s = secs as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let mut s = String::new();
+    let line = |cells: Vec<&str>, s: &mut String| {
+        let n = cells.len();
+        for (i, c) in cells.into_iter().enumerate() {
+            if i + 1 == n {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:w$}  ", w = w[i]));
+            }
+        }
+        s.push('\n');
+    };
+    line(header.to_vec(), &mut s);
+    for r in &rows {
+        line(r.iter().map(|c| c.as_str()).collect(), &mut s);
+    }
+    s
+}
+
+pub fn print_leases(leases: &[LeaseInfo], out: Out) -> Result<()> {
+    let now = unix_now() as i64;
+    let text = match out {
+        Out::Json => serde_json::to_string_pretty(leases)? + "\n",
+        Out::Yaml => serde_norway::to_string(leases)?,
+        Out::Name => leases.iter().map(|l| format!("{}\n", l.name)).collect(),
+        Out::Table => table(
+            &[
+                "NAME",
+                "CLIENT",
+                "EXPORTER",
+                "STATUS",
+                "SELECTOR",
+                "BEGIN",
+                "END",
+                "REMAINING",
+            ],
+            leases
+                .iter()
+                .map(|l| {
+                    vec![
+                        l.name.clone(),
+                        l.client.clone(),
+                        if l.exporter.is_empty() {
+                            "-".into()
+                        } else {
+                            l.exporter.clone()
+                        },
+                        l.status.clone(),
+                        if l.selector.is_empty() {
+                            "-".into()
+                        } else {
+                            l.selector.clone()
+                        },
+                        fmt_time(l.begin),
+                        fmt_time(l.end),
+                        fmt_left(l.end as i64 - now),
+                    ]
+                })
+                .collect(),
+        ),
+    };
+    print!("{text}");
+    Ok(())
+}
+
+pub fn print_exporters(exps: &[ExporterInfo], with: &[String], out: Out) -> Result<()> {
+    let text = match out {
+        Out::Json => serde_json::to_string_pretty(exps)? + "\n",
+        Out::Yaml => serde_norway::to_string(exps)?,
+        Out::Name => exps.iter().map(|e| format!("{}\n", e.name)).collect(),
+        Out::Table => {
+            let online = with.iter().any(|w| w == "online");
+            let leases = with.iter().any(|w| w == "leases");
+            let mut header = vec!["NAME", "LABELS"];
+            if online {
+                header.push("ONLINE");
+            }
+            if leases {
+                header.extend(["LEASED BY", "LEASE"]);
+            }
+            let rows = exps
+                .iter()
+                .map(|e| {
+                    let mut r = vec![
+                        e.name.clone(),
+                        e.labels
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ];
+                    if online {
+                        r.push(
+                            match (e.online, e.enabled) {
+                                (_, false) => "disabled",
+                                (true, _) => "yes",
+                                (false, _) => "no",
+                            }
+                            .into(),
+                        );
+                    }
+                    if leases {
+                        r.push(e.client.clone().unwrap_or_else(|| "-".into()));
+                        r.push(e.lease.clone().unwrap_or_else(|| "-".into()));
+                    }
+                    r
+                })
+                .collect();
+            table(&header, rows)
+        }
+    };
+    print!("{text}");
+    Ok(())
+}
+
+pub fn print_clients(clients: &[ClientInfo], out: Out) -> Result<()> {
+    let text = match out {
+        Out::Json => serde_json::to_string_pretty(clients)? + "\n",
+        Out::Yaml => serde_norway::to_string(clients)?,
+        Out::Name => clients.iter().map(|c| format!("{}\n", c.name)).collect(),
+        Out::Table => table(
+            &["NAME", "LABELS", "ALLOW", "MAX DURATION", "ADMIN"],
+            clients
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.name.clone(),
+                        c.labels
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        if c.allow.is_empty() {
+                            "(any)".into()
+                        } else {
+                            c.allow.clone()
+                        },
+                        if c.max_duration_secs == 0 {
+                            "(default)".into()
+                        } else {
+                            fmt_left(c.max_duration_secs as i64)
+                        },
+                        if c.admin { "yes" } else { "no" }.into(),
+                    ]
+                })
+                .collect(),
+        ),
+    };
+    print!("{text}");
+    Ok(())
+}
+
+// ---------- lease creation with a live queue line ----------
+
+pub struct CreateLease {
+    pub request: jmp_protocol::ctl::LeaseRequest,
+    pub out: Out,
+}
+
+/// Shows the queue place: one live line on a terminal, a line per change otherwise.
+struct Progress {
+    tty: bool,
+    shown: bool,
+}
+
+impl Progress {
+    fn show(&mut self, position: u32, behind: &Option<String>, wait_until: u64) {
+        let left = fmt_left(wait_until as i64 - unix_now() as i64);
+        let behind = behind
+            .as_ref()
+            .map(|b| format!(", behind lease {b}"))
+            .unwrap_or_default();
+        let text =
+            format!("waiting: position {position} in the queue{behind} (gives up in {left})");
+        let mut e = std::io::stderr().lock();
+        if self.tty {
+            let _ = write!(e, "\r\x1b[2K{text}");
+        } else {
+            let _ = writeln!(e, "{text}");
+        }
+        let _ = e.flush();
+        self.shown = true;
+    }
+
+    fn done(&mut self) {
+        if self.tty && self.shown {
+            let _ = write!(std::io::stderr(), "\r\x1b[2K");
+            self.shown = false;
+        }
+    }
+}
+
+/// Requests a lease and waits for it (across controller restarts and network blips, by
+/// re-sending the same request id). Ctrl-C withdraws a waiting request.
+pub async fn create_lease(cfg: &ClientConfig, c: CreateLease) -> Result<LeaseInfo> {
+    let mut progress = Progress {
+        tty: std::io::stderr().is_terminal(),
+        shown: false,
+    };
+    let give_up = unix_now() + c.request.wait_secs + 30;
+    let interrupted = jmp_transport::shutdown_signal("withdrawing the lease request");
+    tokio::pin!(interrupted);
+    let mut pending_lease: Option<String> = None;
+    let mut backoff = Duration::from_millis(300);
+    let mut last: Option<(u32, Option<String>, u64)> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let attempt: Result<LeaseInfo, CallError> = async {
+            let ctl = Ctl::connect(cfg)
+                .await
+                .map_err(|e| CallError::Stream(e.to_string()))?;
+            let mut s = ctl
+                .stream(Request::CreateLease(c.request.clone()))
+                .await?;
+            loop {
+                tokio::select! {
+                    r = s.next() => match r? {
+                        Some(Reply::Queued { lease, position, behind, wait_until, .. }) => {
+                            pending_lease = Some(lease);
+                            progress.show(position, &behind, wait_until);
+                            last = Some((position, behind, wait_until));
+                        }
+                        Some(Reply::Lease(l)) => return Ok(l),
+                        Some(other) => return Err(CallError::Stream(format!("unexpected answer {other:?}"))),
+                        None => return Err(CallError::NoAnswer),
+                    },
+                    _ = tick.tick(), if progress.tty => {
+                        if let Some((p, b, w)) = &last {
+                            progress.show(*p, b, *w);
+                        }
+                    }
+                    _ = &mut interrupted => {
+                        progress.done();
+                        if let Some(name) = &pending_lease {
+                            let _ = ctl.call(Request::DeleteLease { names: vec![name.clone()], all: false }).await;
+                            eprintln!("jmp: withdrew the waiting request {name}");
+                        }
+                        return Err(CallError::Refused(jmp_protocol::ctl::CtlError::new(CtlErrorCode::Timeout, "interrupted")));
+                    }
+                }
+            }
+        }
+        .await;
+        match attempt {
+            Ok(l) => {
+                progress.done();
+                return Ok(l);
+            }
+            Err(CallError::Refused(e)) if e.message == "interrupted" => {
+                return Err(exit(130, "interrupted"));
+            }
+            Err(e) if e.is_transient() && c.request.wait_secs > 0 && unix_now() < give_up => {
+                progress.done();
+                eprintln!(
+                    "jmp: controller {}: {e}; retrying in {:.1}s (the request keeps its place)",
+                    cfg.endpoint,
+                    backoff.as_secs_f64()
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(3));
+            }
+            Err(e) => {
+                progress.done();
+                return Err(call_error(e, &cfg.endpoint));
+            }
+        }
+    }
+}
+
+pub fn print_lease(l: &LeaseInfo, out: Out) -> Result<()> {
+    match out {
+        Out::Name => println!("{}", l.name),
+        Out::Json => println!("{}", serde_json::to_string(l)?),
+        Out::Yaml => print!("{}", serde_norway::to_string(l)?),
+        Out::Table => print_leases(std::slice::from_ref(l), Out::Table)?,
+    }
+    Ok(())
+}
+
+pub fn credential_config(c: &Credential) -> ClientConfig {
+    ClientConfig::new(c)
+}
+
+/// The access to the caller's lease (`name`, or its only active one).
+pub async fn access(ctl: &Ctl, name: Option<String>) -> Result<Access> {
+    match ctl.call(Request::LeaseAccess { name }).await? {
+        Reply::Access(a) => Ok(a),
+        other => Err(unexpected(other)),
+    }
+}

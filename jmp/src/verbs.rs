@@ -1,0 +1,539 @@
+//! The controller verbs of the CLI (`config client`, `create|get|update|delete lease`,
+//! `get exporters`, `admin`, `auth rotate`, `attach` by lease), on top of [`crate::ctl`].
+
+use super::*;
+use crate::ctl::{self as c, Ctl, Out};
+use jmp_protocol::ctl::{ClientConfig, ClientSpec, ExporterSpec, LeaseRequest, Reply, Request};
+use jmp_protocol::duration::parse_secs;
+use jmp_protocol::selector::{parse_label, Labels, Selector};
+
+fn duration_arg(flag: &str, s: &str) -> Result<u64> {
+    let d = parse_secs(s).map_err(|e| exit(2, format!("{flag}: {e}")))?;
+    if d == 0 {
+        return Err(exit(2, format!("{flag}: must be more than zero")));
+    }
+    Ok(d)
+}
+
+/// Repeated `-l` selectors, each checked here so the error names its position in what the
+/// user typed.
+fn selector_arg(list: &[String]) -> Result<String> {
+    let mut sel = Selector::default();
+    for s in list {
+        let one = Selector::parse(s).map_err(|e| exit(2, format!("--selector: {e}")))?;
+        sel = sel.and(one);
+    }
+    Ok(sel.to_string())
+}
+
+fn labels_arg(list: &[String]) -> Result<Labels> {
+    let mut out = Labels::new();
+    for l in list {
+        let (k, v) = parse_label(l).map_err(|e| exit(2, format!("--label: {e}")))?;
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 12];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut b);
+    hex::encode(b)
+}
+
+pub(super) fn config_client(cmd: ConfigClientCmd) -> Result<()> {
+    match cmd {
+        ConfigClientCmd::Create {
+            name,
+            from,
+            endpoint,
+            fingerprint,
+            token,
+            no_use,
+        } => {
+            jmp_devices::config::validate_name("client name", &name).map_err(|e| exit(2, e))?;
+            let mut cfg = match (from, endpoint, fingerprint, token) {
+                (Some(f), _, _, _) => c::read_client_file(&f)?,
+                (None, Some(endpoint), Some(fingerprint), Some(token)) => ClientConfig {
+                    api_version: jmp_protocol::ctl::API_VERSION.into(),
+                    kind: "ClientConfig".into(),
+                    metadata: jmp_protocol::ctl::ClientMeta { name: name.clone() },
+                    endpoint,
+                    fingerprint,
+                    token,
+                },
+                _ => {
+                    return Err(exit(
+                        2,
+                        "give --from FILE, or --endpoint, --fingerprint and --token",
+                    ))
+                }
+            };
+            cfg.fingerprint
+                .parse::<jmp_transport::Fingerprint>()
+                .map_err(|e| exit(2, format!("--fingerprint: {e}")))?;
+            cfg.metadata.name = name.clone();
+            let path = c::clients_dir().join(format!("{name}.yaml"));
+            c::write_client_file(&path, &cfg)?;
+            println!("client config {name} written to {}", path.display());
+            if !no_use {
+                set_current(&name)?;
+            }
+            Ok(())
+        }
+        ConfigClientCmd::Use { name } => {
+            let path = c::clients_dir().join(format!("{name}.yaml"));
+            if !path.exists() {
+                return Err(exit(
+                    2,
+                    format!("no client config {name:?} (expected {})", path.display()),
+                ));
+            }
+            set_current(&name)
+        }
+        ConfigClientCmd::List { output } => {
+            let current = c::load_client(None).ok().map(|(cfg, _)| cfg.metadata.name);
+            let mut rows = Vec::new();
+            if let Ok(rd) = std::fs::read_dir(c::clients_dir()) {
+                for e in rd.flatten() {
+                    let p = e.path();
+                    if p.extension().is_some_and(|x| x == "yaml") {
+                        if let Ok(cfg) = c::read_client_file(&p) {
+                            rows.push(cfg);
+                        }
+                    }
+                }
+            }
+            rows.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+            match output {
+                Out::Name => {
+                    for r in &rows {
+                        println!("{}", r.metadata.name);
+                    }
+                }
+                Out::Json | Out::Yaml => {
+                    // Never print tokens in listings.
+                    let v: Vec<serde_json::Value> = rows
+                        .iter()
+                        .map(|r| {
+                            serde_json::json!({
+                                "name": r.metadata.name,
+                                "endpoint": r.endpoint,
+                                "current": Some(&r.metadata.name) == current.as_ref(),
+                            })
+                        })
+                        .collect();
+                    if output == Out::Json {
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                    } else {
+                        print!("{}", serde_norway::to_string(&v)?);
+                    }
+                }
+                Out::Table => {
+                    println!("CURRENT  NAME  ENDPOINT");
+                    for r in &rows {
+                        let mark = if Some(&r.metadata.name) == current.as_ref() {
+                            "*"
+                        } else {
+                            ""
+                        };
+                        println!("{mark:7}  {}  {}", r.metadata.name, r.endpoint);
+                    }
+                }
+            }
+            Ok(())
+        }
+        ConfigClientCmd::Delete { name } => {
+            let path = c::clients_dir().join(format!("{name}.yaml"));
+            std::fs::remove_file(&path)
+                .map_err(|e| exit(2, format!("cannot delete {}: {e}", path.display())))?;
+            println!("client config {name} deleted");
+            Ok(())
+        }
+    }
+}
+
+fn set_current(name: &str) -> Result<()> {
+    c::set_current(name)?;
+    println!("using client {name}");
+    Ok(())
+}
+
+pub(super) fn create_cmd(what: CreateCmd) -> Result<()> {
+    let CreateCmd::Lease {
+        selector,
+        exporter,
+        duration,
+        begin_time,
+        wait,
+        output,
+        client,
+    } = what;
+    let sel = selector_arg(&selector)?;
+    if sel.is_empty() && exporter.is_none() {
+        return Err(exit(
+            2,
+            "say which exporter: --selector KEY=VALUE (repeatable) or --name EXPORTER",
+        ));
+    }
+    let duration_secs = duration_arg("--duration", &duration)?;
+    let begin = match begin_time {
+        Some(t) => Some(
+            humantime::parse_rfc3339_weak(&t)
+                .map_err(|e| {
+                    exit(
+                        2,
+                        format!("--begin-time {t:?}: {e} (use e.g. 2026-11-25T14:00:00Z)"),
+                    )
+                })?
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        ),
+        None => None,
+    };
+    let (cfg, _) = c::load_client(client.client.as_deref())?;
+    let req = LeaseRequest {
+        request_id: random_id(),
+        selector: sel,
+        exporter,
+        duration_secs,
+        begin_time: begin,
+        wait_secs: wait,
+    };
+    runtime()?.block_on(async {
+        let lease = c::create_lease(
+            &cfg,
+            c::CreateLease {
+                request: req,
+                out: output,
+            },
+        )
+        .await?;
+        c::print_lease(&lease, output)
+    })
+}
+
+pub(super) fn get_cmd(what: GetCmd) -> Result<()> {
+    match what {
+        GetCmd::Leases {
+            all,
+            output,
+            client,
+        } => {
+            let (cfg, _) = c::load_client(client.client.as_deref())?;
+            runtime()?.block_on(async {
+                let ctl = Ctl::connect(&cfg).await?;
+                match ctl.call(Request::GetLeases { all }).await? {
+                    Reply::Leases { leases } => c::print_leases(&leases, output),
+                    other => Err(c::unexpected(other)),
+                }
+            })
+        }
+        GetCmd::Exporters {
+            selector,
+            with,
+            output,
+            client,
+        } => {
+            let sel = selector_arg(&selector)?;
+            for w in &with {
+                if w != "leases" && w != "online" {
+                    return Err(exit(2, format!("--with {w:?}: expected leases or online")));
+                }
+            }
+            let (cfg, _) = c::load_client(client.client.as_deref())?;
+            runtime()?.block_on(async {
+                let ctl = Ctl::connect(&cfg).await?;
+                match ctl
+                    .call(Request::GetExporters {
+                        selector: Some(sel),
+                    })
+                    .await?
+                {
+                    Reply::Exporters { exporters } => c::print_exporters(&exporters, &with, output),
+                    other => Err(c::unexpected(other)),
+                }
+            })
+        }
+    }
+}
+
+pub(super) fn update_cmd(what: UpdateCmd) -> Result<()> {
+    let UpdateCmd::Lease {
+        name,
+        duration,
+        extend,
+        output,
+        client,
+    } = what;
+    let duration_secs = duration
+        .as_deref()
+        .map(|d| duration_arg("--duration", d))
+        .transpose()?;
+    let extend_secs = extend
+        .as_deref()
+        .map(|d| duration_arg("--extend", d))
+        .transpose()?;
+    let (cfg, _) = c::load_client(client.client.as_deref())?;
+    runtime()?.block_on(async {
+        let ctl = Ctl::connect(&cfg).await?;
+        match ctl
+            .call(Request::UpdateLease {
+                name,
+                duration_secs,
+                extend_secs,
+            })
+            .await?
+        {
+            Reply::Lease(l) => c::print_lease(&l, output),
+            other => Err(c::unexpected(other)),
+        }
+    })
+}
+
+pub(super) fn delete_cmd(what: DeleteCmd) -> Result<()> {
+    let DeleteCmd::Lease { names, all, client } = what;
+    let (cfg, _) = c::load_client(client.client.as_deref())?;
+    runtime()?.block_on(async {
+        let ctl = Ctl::connect(&cfg).await?;
+        let names = if names.is_empty() && !all {
+            // The caller's only lease (active or waiting).
+            let leases = match ctl.call(Request::GetLeases { all: false }).await? {
+                Reply::Leases { leases } => leases,
+                other => return Err(c::unexpected(other)),
+            };
+            match leases.as_slice() {
+                [l] => vec![l.name.clone()],
+                [] => return Err(exit(5, "you hold no lease")),
+                many => {
+                    return Err(exit(
+                        2,
+                        format!(
+                            "you hold {} leases ({}); name them or use --all",
+                            many.len(),
+                            many.iter()
+                                .map(|l| l.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ))
+                }
+            }
+        } else {
+            names
+        };
+        match ctl.call(Request::DeleteLease { names, all }).await? {
+            Reply::Deleted { names } => {
+                for n in names {
+                    println!("lease {n} deleted");
+                }
+                Ok(())
+            }
+            other => Err(c::unexpected(other)),
+        }
+    })
+}
+
+pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<()> {
+    let cfg = c::load_admin(admin_config.as_deref())?;
+    let enable = matches!(cmd, AdminCmd::Enable { .. });
+    let rt = runtime()?;
+    rt.block_on(async {
+        let ctl = Ctl::connect(&cfg).await?;
+        match cmd {
+            AdminCmd::Create { what } => match what {
+                AdminCreate::Client {
+                    name,
+                    labels,
+                    allow,
+                    max_duration,
+                    admin,
+                    out,
+                    save,
+                } => {
+                    if let Err(e) = Selector::parse(&allow) {
+                        return Err(exit(2, format!("--allow: {e}")));
+                    }
+                    let spec = ClientSpec {
+                        name: name.clone(),
+                        labels: labels_arg(&labels)?,
+                        allow,
+                        max_duration_secs: max_duration
+                            .as_deref()
+                            .map(|d| duration_arg("--max-duration", d))
+                            .transpose()?
+                            .unwrap_or(0),
+                        admin,
+                    };
+                    let cred = match ctl.call(Request::CreateClient(spec)).await? {
+                        Reply::Credential(cr) => cr,
+                        other => return Err(c::unexpected(other)),
+                    };
+                    let cc = c::credential_config(&cred);
+                    if save {
+                        let p = c::clients_dir().join(format!("{name}.yaml"));
+                        c::write_client_file(&p, &cc)?;
+                        eprintln!("client config saved to {}", p.display());
+                        if c::load_client(None).is_err() {
+                            set_current(&name)?;
+                        }
+                    }
+                    match out {
+                        Some(p) => {
+                            c::write_client_file(&p, &cc)?;
+                            eprintln!("client {name} created; its config is in {}", p.display());
+                        }
+                        None if !save => print!("{}", serde_norway::to_string(&cc)?),
+                        None => {}
+                    }
+                    Ok(())
+                }
+                AdminCreate::Exporter { name, labels } => {
+                    let spec = ExporterSpec {
+                        name,
+                        labels: labels_arg(&labels)?,
+                    };
+                    match ctl.call(Request::CreateExporter(spec)).await? {
+                        Reply::Credential(cr) => {
+                            println!("{}", cr.token);
+                            Ok(())
+                        }
+                        other => Err(c::unexpected(other)),
+                    }
+                }
+            },
+            AdminCmd::Get { what } => match what {
+                AdminGet::Clients { name, output } => {
+                    match ctl.call(Request::GetClients { name }).await? {
+                        Reply::Clients { clients } => c::print_clients(&clients, output),
+                        other => Err(c::unexpected(other)),
+                    }
+                }
+                AdminGet::Exporters { selector, output } => {
+                    let sel = selector_arg(&selector)?;
+                    match ctl
+                        .call(Request::GetExporters {
+                            selector: Some(sel),
+                        })
+                        .await?
+                    {
+                        Reply::Exporters { exporters } => c::print_exporters(
+                            &exporters,
+                            &["online".into(), "leases".into()],
+                            output,
+                        ),
+                        other => Err(c::unexpected(other)),
+                    }
+                }
+            },
+            AdminCmd::Delete { what } => {
+                let (req, what) = match what {
+                    AdminDelete::Client { name } => (
+                        Request::DeleteClient { name: name.clone() },
+                        format!("client {name}"),
+                    ),
+                    AdminDelete::Exporter { name } => (
+                        Request::DeleteExporter { name: name.clone() },
+                        format!("exporter {name}"),
+                    ),
+                };
+                match ctl.call(req).await? {
+                    Reply::Deleted { .. } => {
+                        println!("{what} deleted");
+                        Ok(())
+                    }
+                    other => Err(c::unexpected(other)),
+                }
+            }
+            AdminCmd::Disable { name, .. } | AdminCmd::Enable { name, .. } => {
+                let enabled = enable;
+                match ctl
+                    .call(Request::SetExporterEnabled {
+                        name: name.clone(),
+                        enabled,
+                    })
+                    .await?
+                {
+                    Reply::Done => {
+                        println!(
+                            "exporter {name} {}",
+                            if enabled { "enabled" } else { "disabled" }
+                        );
+                        Ok(())
+                    }
+                    other => Err(c::unexpected(other)),
+                }
+            }
+        }
+    })
+}
+
+pub(super) fn auth_cmd(cmd: AuthCmd) -> Result<()> {
+    let AuthCmd::Rotate { client } = cmd;
+    let (cfg, path) = c::load_client(client.client.as_deref())?;
+    runtime()?.block_on(async {
+        let ctl = Ctl::connect(&cfg).await?;
+        match ctl.call(Request::Rotate).await? {
+            Reply::Credential(cr) => {
+                let mut next = cfg.clone();
+                next.token = cr.token;
+                c::write_client_file(&path, &next)?;
+                println!(
+                    "credential of {} rotated and saved to {}; the old one is revoked",
+                    cr.name,
+                    path.display()
+                );
+                Ok(())
+            }
+            other => Err(c::unexpected(other)),
+        }
+    })
+}
+
+/// `jmp attach` without `--exporter`: ask the controller for the lease's exporter and token,
+/// then connect straight to the exporter.
+pub(super) fn attach_lease(a: AttachArgs) -> Result<()> {
+    let (cfg, _) = c::load_client(a.client.client.as_deref())?;
+    let json = a.common.output == Format::Json;
+    runtime()?.block_on(async {
+        let ctl = Ctl::connect(&cfg).await?;
+        let access = c::access(&ctl, a.lease.clone()).await?;
+        ctl.close();
+        let addr = access
+            .address
+            .to_socket_addrs()
+            .map_err(|e| exit(1, format!("exporter address {:?}: {e}", access.address)))?
+            .next()
+            .ok_or_else(|| {
+                exit(
+                    1,
+                    format!("exporter address {:?} resolves to nothing", access.address),
+                )
+            })?;
+        let pin = Pin::Fingerprint(access.fingerprint.parse().map_err(|e: String| {
+            exit(1, format!("exporter fingerprint from the controller: {e}"))
+        })?);
+        let mut opts = a.common.options(addr, access.token.clone(), pin)?;
+        let lease = access.lease.name.clone();
+        tracing::info!(
+            "lease {lease}: exporter {} at {}, until {}",
+            access.lease.exporter,
+            access.address,
+            c::fmt_time(access.lease.end)
+        );
+        // Before each reconnect, a fresh token: the lease may have been extended since.
+        let refresh_cfg = cfg.clone();
+        opts.token_refresh = Some(Box::new(move || {
+            let cfg = refresh_cfg.clone();
+            let lease = lease.clone();
+            Box::pin(async move {
+                let ctl = Ctl::connect(&cfg).await.ok()?;
+                let a = c::access(&ctl, Some(lease)).await.ok()?;
+                ctl.close();
+                Some(a.token)
+            })
+        }));
+        run_attachment(opts, json, None).await
+    })
+}

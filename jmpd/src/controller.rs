@@ -1,0 +1,259 @@
+//! Controller mode of jmpd: register with the controller, keep the registration alive, learn
+//! which lease currently holds this exporter, and admit clients that present a valid lease token.
+//!
+//! The controller is not on the data path and need not be up: lease tokens are checked offline
+//! with the controller's public key (from this exporter's own credential) and expire on their
+//! own. What the controller adds when it is reachable: lease ends before expiry (deleted,
+//! revoked), extensions, and which lease is current.
+
+use jmp_devices::exporter::{Admission, Authorizer, Exporter, TokenAuth};
+use jmp_protocol::ctl::{Call, DeviceSummary, Registration, Reply, Request};
+use jmp_protocol::token::{Claims, TokenKind};
+use jmp_protocol::Hello;
+use jmp_transport::ctl::{call, CallError};
+use jmp_transport::token::{peek, Verifier};
+use jmp_transport::{client_endpoint, connect, Fingerprint};
+use std::collections::HashMap;
+use std::net::ToSocketAddrs;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tracing::{info, warn};
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// What the controller last told us.
+#[derive(Default)]
+struct View {
+    /// Whether the controller has told us anything since start (until then, any valid token
+    /// for this exporter is accepted).
+    known: bool,
+    current: Option<(String, u64)>,
+    ended: HashMap<String, String>,
+}
+
+pub struct LeaseAuth {
+    exporter: String,
+    verifier: Verifier,
+    view: Mutex<View>,
+    /// A direct-mode token accepted as well (`auth.tokenFile` beside `controller`).
+    direct: Option<TokenAuth>,
+}
+
+impl LeaseAuth {
+    fn view(&self) -> std::sync::MutexGuard<'_, View> {
+        self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Authorizer for LeaseAuth {
+    fn check(&self, hello: &Hello) -> Result<Admission, String> {
+        let token = hello.token.trim();
+        if token.split('.').count() != 3 {
+            return match &self.direct {
+                Some(d) => d.check(hello),
+                None if token.is_empty() => Err(
+                    "no lease token presented (lease this exporter first: jmp create lease, then jmp attach)"
+                        .into(),
+                ),
+                None => Err("invalid token: not a lease token".into()),
+            };
+        }
+        let c = self
+            .verifier
+            .verify(token, TokenKind::Lease, now())
+            .map_err(|e| format!("lease token refused: {e}"))?;
+        let exporter = c.exporter.clone().unwrap_or_default();
+        if exporter != self.exporter {
+            return Err(format!(
+                "lease token refused: it is for exporter {exporter:?}, this is {:?}",
+                self.exporter
+            ));
+        }
+        let view = self.view();
+        if let Some(why) = view.ended.get(&c.sub) {
+            return Err(format!("lease token refused: {why}"));
+        }
+        let mut until = c.exp;
+        if view.known {
+            match &view.current {
+                Some((name, end)) if *name == c.sub => until = Some(*end),
+                _ => {
+                    return Err(format!(
+                        "lease token refused: lease {} is not this exporter's current lease",
+                        c.sub
+                    ))
+                }
+            }
+        }
+        Ok(Admission {
+            lease: Some(c.sub),
+            until,
+        })
+    }
+}
+
+/// Everything needed to run controller mode, from the exporter's credential file.
+pub struct Registrar {
+    pub auth: Arc<LeaseAuth>,
+    credential: String,
+    claims: Claims,
+    endpoint: String,
+}
+
+impl Registrar {
+    pub fn new(
+        exporter: &str,
+        credential: String,
+        endpoint_override: Option<String>,
+        direct: Option<TokenAuth>,
+    ) -> Result<Registrar, String> {
+        let claims = peek(&credential).map_err(|e| format!("exporter credential: {e}"))?;
+        if claims.kind != TokenKind::Exporter {
+            return Err(format!(
+                "the credential is a {} credential, not an exporter's",
+                claims.kind.as_str()
+            ));
+        }
+        let ctl = claims
+            .ctl
+            .clone()
+            .ok_or("the credential does not name its controller")?;
+        if claims.sub != exporter {
+            return Err(format!(
+                "the credential is for exporter {:?} but this config's metadata.name is {exporter:?}",
+                claims.sub
+            ));
+        }
+        let verifier = Verifier::from_public_key(&ctl.key).map_err(|e| e.to_string())?;
+        // The credential must be signed by the key it names (a copy-paste check, not security:
+        // the controller checks the credential itself).
+        verifier
+            .verify(&credential, TokenKind::Exporter, now())
+            .map_err(|e| format!("exporter credential: {e}"))?;
+        Ok(Registrar {
+            auth: Arc::new(LeaseAuth {
+                exporter: exporter.into(),
+                verifier,
+                view: Mutex::new(View::default()),
+                direct,
+            }),
+            credential,
+            endpoint: endpoint_override.unwrap_or(ctl.endpoint),
+            claims,
+        })
+    }
+
+    pub fn controller(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Registers and stays registered (reconnecting with backoff) for as long as it runs.
+    pub async fn run(
+        self,
+        exporter: Arc<Exporter>,
+        address: String,
+        fingerprint: String,
+        labels: std::collections::BTreeMap<String, String>,
+        devices: Vec<DeviceSummary>,
+    ) {
+        let reg = Registration {
+            address,
+            fingerprint,
+            labels,
+            devices,
+        };
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            match self.session(&exporter, &reg).await {
+                Ok(()) => backoff = Duration::from_millis(500),
+                Err(e) => {
+                    warn!(
+                        "controller {}: {e}; retrying in {:.1}s",
+                        self.endpoint,
+                        backoff.as_secs_f64()
+                    );
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    async fn session(&self, exporter: &Exporter, reg: &Registration) -> Result<(), String> {
+        let ctl = self.claims.ctl.as_ref().ok_or("no controller")?;
+        let addr = self
+            .endpoint
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve: {e}"))?
+            .next()
+            .ok_or("resolves to no address")?;
+        let pin: Fingerprint = ctl
+            .fingerprint
+            .parse()
+            .map_err(|e| format!("credential's controller fingerprint: {e}"))?;
+        let ep = client_endpoint(addr).map_err(|e| e.to_string())?;
+        let (conn, _) = connect(&ep, addr, jmp_protocol::ALPN_CONTROLLER, Some(pin))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut replies, _keep) = call(
+            &conn,
+            &Call {
+                credential: self.credential.clone(),
+                request: Request::Register(reg.clone()),
+            },
+            true,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut first = true;
+        loop {
+            match replies.next().await {
+                Ok(Some(Reply::ExporterState {
+                    lease,
+                    ended,
+                    enabled,
+                })) => {
+                    if first {
+                        info!(
+                            "registered with controller {} as {}{}",
+                            self.endpoint,
+                            self.claims.sub,
+                            if enabled { "" } else { " (disabled)" }
+                        );
+                        first = false;
+                    }
+                    {
+                        let mut v = self.auth.view();
+                        v.known = true;
+                        for e in &ended {
+                            v.ended.insert(e.name.clone(), e.reason.clone());
+                        }
+                        // Only recent ends matter (tokens expire); keep the map small.
+                        if v.ended.len() > 1024 {
+                            v.ended.clear();
+                        }
+                        v.current = lease.as_ref().map(|l| (l.name.clone(), l.end));
+                    }
+                    for e in &ended {
+                        exporter.end_lease(&e.name, &e.reason);
+                    }
+                    if let Some(l) = &lease {
+                        exporter.set_lease_end(&l.name, l.end);
+                    }
+                }
+                Ok(Some(other)) => warn!("unexpected reply from the controller: {other:?}"),
+                Ok(None) => return Err("registration ended".into()),
+                Err(CallError::Refused(e)) => return Err(format!("refused: {e}")),
+                Err(e) => {
+                    conn.close(0u32.into(), b"");
+                    return Err(e.to_string());
+                }
+            }
+        }
+    }
+}
