@@ -170,9 +170,9 @@ fn random_hex(bytes: usize) -> String {
 }
 
 fn fmt_secs(s: u64) -> String {
-    if s % 3600 == 0 && s >= 3600 {
+    if s.is_multiple_of(3600) && s >= 3600 {
         format!("{}h", s / 3600)
-    } else if s % 60 == 0 && s >= 60 {
+    } else if s.is_multiple_of(60) && s >= 60 {
         format!("{}m", s / 60)
     } else {
         format!("{s}s")
@@ -485,8 +485,8 @@ impl<S: LeaseStore> Core<S> {
                 reply,
                 stream,
             } => {
-                if let Err(r) = self.authenticate(&caller) {
-                    self.reply(&reply, r);
+                if let Err(e) = self.authenticate(&caller) {
+                    self.reply(&reply, Reply::Error(e));
                     return;
                 }
                 self.call(now, caller, request, reply, stream);
@@ -494,23 +494,23 @@ impl<S: LeaseStore> Core<S> {
         }
     }
 
-    fn authenticate(&self, c: &Caller) -> Result<(), Reply> {
+    fn authenticate(&self, c: &Caller) -> Result<(), CtlError> {
         let jti = match c.kind {
             TokenKind::Client => self.clients.get(&c.name).map(|r| &r.jti),
             TokenKind::Exporter => self.exporters.get(&c.name).map(|r| &r.jti),
             TokenKind::Lease => {
-                return Err(err(
+                return Err(CtlError::new(
                     CtlErrorCode::Unauthorized,
                     "a lease token is not a credential for the controller",
                 ))
             }
         };
         match jti {
-            None => Err(err(
+            None => Err(CtlError::new(
                 CtlErrorCode::Unauthorized,
                 format!("unknown {} {:?} (deleted?)", c.kind.as_str(), c.name),
             )),
-            Some(j) if *j != c.jti => Err(err(
+            Some(j) if *j != c.jti => Err(CtlError::new(
                 CtlErrorCode::Unauthorized,
                 format!(
                     "this credential of {} {:?} was revoked (rotated or re-created); use the new one",
@@ -841,14 +841,14 @@ impl<S: LeaseStore> Core<S> {
         self.watcher_streams.insert(stream, id.to_string());
     }
 
-    fn own_lease(&self, caller: &Caller, admin: bool, name: &str) -> Result<Lease, Reply> {
+    fn own_lease(&self, caller: &Caller, admin: bool, name: &str) -> Result<Lease, CtlError> {
         match self.book.lease(name) {
             Some(l) if admin || l.client == caller.name => Ok(l.clone()),
-            Some(l) => Err(err(
+            Some(l) => Err(CtlError::new(
                 CtlErrorCode::Forbidden,
                 format!("lease {name} belongs to {}", l.client),
             )),
-            None => Err(err(
+            None => Err(CtlError::new(
                 CtlErrorCode::NotFound,
                 format!("no active lease {name:?} (ended, or never granted)"),
             )),
@@ -866,7 +866,7 @@ impl<S: LeaseStore> Core<S> {
     ) -> Reply {
         let lease = match self.own_lease(caller, admin, name) {
             Ok(l) => l,
-            Err(r) => return r,
+            Err(e) => return Reply::Error(e),
         };
         let end = match (duration, extend) {
             (Some(d), None) => lease.begin + d * 1000,
@@ -974,7 +974,7 @@ impl<S: LeaseStore> Core<S> {
         let lease = match name {
             Some(n) => match self.own_lease(caller, false, &n) {
                 Ok(l) => l,
-                Err(r) => return r,
+                Err(e) => return Reply::Error(e),
             },
             None => {
                 let mine: Vec<&Lease> = self
