@@ -205,6 +205,24 @@ impl Exporter {
         }
     }
 
+    /// The controller says `current` is this exporter's lease now: a session attached under any
+    /// other lease is over (its end was missed while the controller was unreachable).
+    pub fn keep_only_lease(&self, current: Option<&str>) {
+        let mut holder = self.lock_holder();
+        let stale = holder
+            .as_ref()
+            .and_then(|h| h.lease.as_deref())
+            .is_some_and(|l| Some(l) != current);
+        if stale {
+            if let Some(h) = holder.take() {
+                let lease = h.lease.unwrap_or_default();
+                info!(client = %h.client, %lease, "ending session: its lease is no longer current");
+                h.link
+                    .bye(ErrorCode::LeaseEnded, format!("lease {lease} ended"));
+            }
+        }
+    }
+
     /// A lease's end moved (extended or shortened); `until` in Unix seconds.
     pub fn set_lease_end(&self, lease: &str, until: u64) {
         let mut holder = self.lock_holder();
@@ -308,7 +326,15 @@ impl Exporter {
             }
             _ => return,
         };
-        let admission = match self.auth.check(&hello) {
+        // A lease granted a moment ago may not have reached this exporter from the controller
+        // yet (the client can be faster than the push): a refusal is checked once more after a
+        // short wait. It also slows down token guessing.
+        let mut checked = self.auth.check(&hello);
+        if checked.is_err() {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            checked = self.auth.check(&hello);
+        }
+        let admission = match checked {
             Ok(a) => a,
             Err(why) => {
                 warn!(client = %hello.client, "refused {peer}: {why}");

@@ -242,6 +242,7 @@ impl Registrar {
                     for e in &ended {
                         exporter.end_lease(&e.name, &e.reason);
                     }
+                    exporter.keep_only_lease(lease.as_ref().map(|l| l.name.as_str()));
                     if let Some(l) = &lease {
                         exporter.set_lease_end(&l.name, l.end);
                     }
