@@ -18,6 +18,8 @@ use crate::book::{
     Waiting,
 };
 use crate::metrics::Metrics;
+#[cfg(test)]
+use crate::store::MemStore;
 use crate::store::{LeaseStore, Op, Table};
 use jmp_protocol::ctl::{
     Access, ActiveLease, ClientInfo, ClientSpec, Credential, CtlError, CtlErrorCode, DeviceSummary,
@@ -150,6 +152,7 @@ pub struct Core<S: LeaseStore> {
     /// Replies held back until the batch is durable.
     out: Vec<(mpsc::UnboundedSender<Reply>, Reply)>,
     positions_dirty: bool,
+    orphan_grace: Duration,
 }
 
 pub fn now_ms() -> Millis {
@@ -282,14 +285,20 @@ impl<S: LeaseStore> Core<S> {
             default_max_secs,
             out: Vec::new(),
             positions_dirty: false,
+            orphan_grace: ORPHAN_GRACE,
         };
         // Waiting requests restored from the store have no requester connected yet: give
         // them the grace period to come back.
         let restored: Vec<String> = core.book.waiting().map(|w| w.request_id.clone()).collect();
         for id in restored {
-            core.orphans.insert(id, Instant::now() + ORPHAN_GRACE);
+            core.orphans.insert(id, Instant::now() + core.orphan_grace);
         }
         Ok(core)
+    }
+
+    /// Changes [`ORPHAN_GRACE`] (tests).
+    pub fn set_orphan_grace(&mut self, d: Duration) {
+        self.orphan_grace = d;
     }
 
     /// Issues (or re-issues) the admin credential, revoking any earlier one.
@@ -466,8 +475,8 @@ impl<S: LeaseStore> Core<S> {
                 if let Some(id) = self.watcher_streams.remove(&stream) {
                     if self.watchers.get(&id).is_some_and(|w| w.stream == stream) {
                         self.watchers.remove(&id);
-                        info!(request = %id, "requester went away; keeping its place for {}s", ORPHAN_GRACE.as_secs());
-                        self.orphans.insert(id, Instant::now() + ORPHAN_GRACE);
+                        info!(request = %id, "requester went away; keeping its place for {}s", self.orphan_grace.as_secs());
+                        self.orphans.insert(id, Instant::now() + self.orphan_grace);
                     }
                 }
                 if let Some(name) = self.link_streams.remove(&stream) {
@@ -1300,9 +1309,10 @@ impl<S: LeaseStore> Core<S> {
                         None => {
                             // Nobody is listening right now: keep it for the grace period, in
                             // which a retry of the same request id picks it up.
+                            let grace = self.orphan_grace;
                             self.orphans
                                 .entry(lease.request_id.clone())
-                                .or_insert_with(|| Instant::now() + ORPHAN_GRACE);
+                                .or_insert_with(|| Instant::now() + grace);
                         }
                     }
                 }
@@ -1461,5 +1471,310 @@ async fn sleep_until_ms(deadline: Option<Millis>) {
             let now = now_ms();
             tokio::time::sleep(Duration::from_millis(d.saturating_sub(now))).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RedbStore;
+    use jmp_protocol::ctl::{LeaseRequest, Registration};
+    use jmp_transport::token::peek;
+
+    struct Harness {
+        tx: mpsc::Sender<Cmd>,
+        admin: Caller,
+        next: u64,
+    }
+
+    fn caller_of(c: &Credential) -> Caller {
+        let claims = peek(&c.token).expect("credential parses");
+        Caller {
+            kind: claims.kind,
+            name: claims.sub,
+            jti: claims.jti,
+        }
+    }
+
+    fn authority() -> Arc<Authority> {
+        let der = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+            .unwrap();
+        let signer = Signer::from_pkcs8(der.as_ref()).unwrap();
+        Arc::new(Authority {
+            ctl: ControllerRef {
+                endpoint: "127.0.0.1:1".into(),
+                fingerprint: "sha256:00".into(),
+                key: signer.public_key(),
+            },
+            signer,
+        })
+    }
+
+    fn start<S: LeaseStore>(store: S, auth: Arc<Authority>, grace: Duration) -> Harness {
+        let mut core = Core::open(store, "test", auth, Arc::new(Metrics::new()), 3600).unwrap();
+        core.set_orphan_grace(grace);
+        let admin = caller_of(&core.issue_admin("admin").unwrap());
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(core.run(rx));
+        Harness { tx, admin, next: 1 }
+    }
+
+    impl Harness {
+        /// Starts a call; returns its stream id and reply channel.
+        async fn start_call(
+            &mut self,
+            caller: &Caller,
+            request: Request,
+        ) -> (u64, mpsc::UnboundedReceiver<Reply>) {
+            let (rtx, rrx) = mpsc::unbounded_channel();
+            self.next += 1;
+            self.tx
+                .send(Cmd::Call {
+                    caller: caller.clone(),
+                    request,
+                    reply: rtx,
+                    stream: self.next,
+                })
+                .await
+                .unwrap();
+            (self.next, rrx)
+        }
+
+        async fn call(&mut self, caller: &Caller, request: Request) -> Reply {
+            let (_, mut rx) = self.start_call(caller, request).await;
+            loop {
+                let r = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                    .await
+                    .expect("an answer")
+                    .expect("an answer");
+                if r.is_final() {
+                    return r;
+                }
+            }
+        }
+
+        async fn client(&mut self, name: &str, allow: &str, max: u64) -> Caller {
+            let admin = self.admin.clone();
+            match self
+                .call(
+                    &admin,
+                    Request::CreateClient(ClientSpec {
+                        name: name.into(),
+                        allow: allow.into(),
+                        max_duration_secs: max,
+                        ..Default::default()
+                    }),
+                )
+                .await
+            {
+                Reply::Credential(c) => caller_of(&c),
+                other => panic!("{other:?}"),
+            }
+        }
+
+        /// Creates an exporter and brings it online; the receiver keeps it registered.
+        async fn exporter(
+            &mut self,
+            name: &str,
+            labels: &[(&str, &str)],
+        ) -> mpsc::UnboundedReceiver<Reply> {
+            let admin = self.admin.clone();
+            let cred = match self
+                .call(
+                    &admin,
+                    Request::CreateExporter(ExporterSpec {
+                        name: name.into(),
+                        labels: labels
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
+                    }),
+                )
+                .await
+            {
+                Reply::Credential(c) => c,
+                other => panic!("{other:?}"),
+            };
+            let (_, mut rx) = self
+                .start_call(
+                    &caller_of(&cred),
+                    Request::Register(Registration {
+                        address: "127.0.0.1:9".into(),
+                        fingerprint: "sha256:11".into(),
+                        ..Default::default()
+                    }),
+                )
+                .await;
+            assert!(matches!(rx.recv().await, Some(Reply::ExporterState { .. })));
+            rx
+        }
+    }
+
+    fn lease_req(id: &str, sel: &str, secs: u64, wait: u64) -> Request {
+        Request::CreateLease(LeaseRequest {
+            request_id: id.into(),
+            selector: sel.into(),
+            duration_secs: secs,
+            wait_secs: wait,
+            ..Default::default()
+        })
+    }
+
+    fn code(r: &Reply) -> Option<CtlErrorCode> {
+        match r {
+            Reply::Error(e) => Some(e.code),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn revoked_credentials_policy_and_duration_limits_are_refused_with_reasons() {
+        let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
+        let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
+        let _b = h.exporter("imx8-01", &[("board", "imx8")]).await;
+        let old = h.client("ci", "board=rpi4", 7200).await;
+        let r = h.call(&old, lease_req("r1", "board=imx8", 60, 0)).await;
+        assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+        assert!(
+            format!("{r:?}").contains("board=rpi4"),
+            "names the policy: {r:?}"
+        );
+        let r = h
+            .call(&old, lease_req("r2", "board=rpi4", 3 * 3600, 0))
+            .await;
+        assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+        assert!(format!("{r:?}").contains("at most 2h"), "{r:?}");
+        // Rotating revokes the credential used for the call.
+        let new = match h.call(&old, Request::Rotate).await {
+            Reply::Credential(c) => caller_of(&c),
+            other => panic!("{other:?}"),
+        };
+        let r = h.call(&old, Request::Whoami).await;
+        assert_eq!(code(&r), Some(CtlErrorCode::Unauthorized), "{r:?}");
+        assert!(format!("{r:?}").contains("revoked"), "{r:?}");
+        assert!(matches!(
+            h.call(&new, Request::Whoami).await,
+            Reply::Identity { .. }
+        ));
+        // Non-admins cannot create identities.
+        let r = h
+            .call(
+                &new,
+                Request::CreateClient(ClientSpec {
+                    name: "x".into(),
+                    ..Default::default()
+                }),
+            )
+            .await;
+        assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_waiting_request_whose_requester_vanished_is_withdrawn_and_its_grant_released() {
+        let mut h = start(MemStore::default(), authority(), Duration::from_millis(300));
+        let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
+        let c1 = h.client("c1", "", 0).await;
+        let c2 = h.client("c2", "", 0).await;
+        let l1 = match h.call(&c1, lease_req("r1", "board=rpi4", 600, 0)).await {
+            Reply::Lease(l) => l,
+            other => panic!("{other:?}"),
+        };
+        // c2 waits, then goes away without a word.
+        let (stream, mut rx) = h
+            .start_call(&c2, lease_req("r2", "board=rpi4", 600, 60))
+            .await;
+        assert!(matches!(
+            rx.recv().await,
+            Some(Reply::Queued { position: 1, .. })
+        ));
+        h.tx.send(Cmd::Gone { stream }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        // Its place is gone: freeing the exporter does not lease it to nobody.
+        assert!(matches!(
+            h.call(
+                &c1,
+                Request::DeleteLease {
+                    names: vec![l1.name],
+                    all: false
+                }
+            )
+            .await,
+            Reply::Deleted { .. }
+        ));
+        let admin = h.admin.clone();
+        match h.call(&admin, Request::GetLeases { all: true }).await {
+            Reply::Leases { leases } => assert!(leases.is_empty(), "{leases:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_requester_that_comes_back_in_time_keeps_its_place_and_gets_its_lease() {
+        let mut h = start(MemStore::default(), authority(), Duration::from_secs(30));
+        let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
+        let c1 = h.client("c1", "", 0).await;
+        let c2 = h.client("c2", "", 0).await;
+        let l1 = match h.call(&c1, lease_req("r1", "board=rpi4", 600, 0)).await {
+            Reply::Lease(l) => l,
+            other => panic!("{other:?}"),
+        };
+        let (stream, mut rx) = h
+            .start_call(&c2, lease_req("r2", "board=rpi4", 600, 60))
+            .await;
+        assert!(matches!(rx.recv().await, Some(Reply::Queued { .. })));
+        h.tx.send(Cmd::Gone { stream }).await.unwrap();
+        h.call(
+            &c1,
+            Request::DeleteLease {
+                names: vec![l1.name],
+                all: false,
+            },
+        )
+        .await;
+        // The retry (same request id) finds the lease granted while it was away, not a new one.
+        match h.call(&c2, lease_req("r2", "board=rpi4", 600, 60)).await {
+            Reply::Lease(l) => {
+                assert_eq!(l.request_id, "r2");
+                assert_eq!(l.exporter, "rpi4-01");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn granted_leases_survive_a_restart_from_the_store() {
+        let dir = std::env::temp_dir().join(format!("jmp-core-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("leases.redb");
+        let auth = authority();
+        let (lease, client) = {
+            let mut h = start(RedbStore::open(&db).unwrap(), auth.clone(), ORPHAN_GRACE);
+            let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
+            let c = h.client("c1", "", 0).await;
+            let l = match h.call(&c, lease_req("r1", "board=rpi4", 600, 0)).await {
+                Reply::Lease(l) => l,
+                other => panic!("{other:?}"),
+            };
+            // Stop the core: every sender gone ends its task, which drops the store.
+            drop(h);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            (l, c)
+        };
+        let mut h = start(RedbStore::open(&db).unwrap(), auth, ORPHAN_GRACE);
+        match h.call(&client, Request::GetLeases { all: false }).await {
+            Reply::Leases { leases } => {
+                assert_eq!(leases.len(), 1, "{leases:?}");
+                assert_eq!(leases[0].name, lease.name);
+                assert_eq!(leases[0].exporter, "rpi4-01");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The same request id after the restart is the same lease, not a second one.
+        match h.call(&client, lease_req("r1", "board=rpi4", 600, 0)).await {
+            Reply::Lease(l) => assert_eq!(l.name, lease.name),
+            other => panic!("{other:?}"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
