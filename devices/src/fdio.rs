@@ -34,21 +34,29 @@ pub async fn read(fd: &AsyncFd<OwnedFd>, buf: &mut BytesMut, max: usize) -> io::
 }
 
 /// Writes some of `data`, waiting until the descriptor takes at least one byte.
+///
+/// `fd` is registered for readability only (see `crate::async_fd`), so a write is tried at once;
+/// only when the descriptor is full does a temporary registration of a duplicate wait for room.
+/// Registering a descriptor that is already writable reports it at once, so no wake-up is lost
+/// between the failed write and the registration.
 pub async fn write_some(fd: &AsyncFd<OwnedFd>, data: &[u8]) -> io::Result<usize> {
     loop {
-        let mut guard = fd.writable().await?;
-        match guard.try_io(|fd| {
-            // SAFETY: data is a valid slice.
-            let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
+        // SAFETY: data is a valid slice; the descriptor stays open while `fd` lives.
+        let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => {
+                let dup = fd.get_ref().try_clone()?;
+                // SAFETY: `dup` is owned by the AsyncFd and closed only when it is dropped.
+                let w =
+                    unsafe { AsyncFd::register_with_interest(dup, tokio::io::Interest::WRITABLE) }?;
+                let _ready = w.writable().await?;
             }
-        }) {
-            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-            Ok(r) => return r,
-            Err(_would_block) => {}
+            _ => return Err(e),
         }
     }
 }

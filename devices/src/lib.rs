@@ -97,7 +97,13 @@ pub trait Bridge: Send + 'static {
 pub(crate) fn async_fd(
     fd: std::os::fd::OwnedFd,
 ) -> std::io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    // Readable interest only: with writable interest too, every read the *other* end of a pty
+    // or tty makes wakes this process (the kernel signals "writable again" on each), a
+    // context switch for nothing on every console round trip. Writes try the descriptor
+    // directly and register for writability only while it is full (`fdio::write_some`).
     // SAFETY: an OwnedFd stays open and names the same file description until it is dropped,
     // which happens only together with the AsyncFd that owns it.
-    Ok(unsafe { tokio::io::unix::AsyncFd::register(fd) }?)
+    Ok(unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    }?)
 }
