@@ -1,0 +1,1786 @@
+//! The controller end to end: a real `jmp-controller` process per test (own data dir and ports),
+//! identities made with the `jmp admin` CLI, exporters that are real `jmpd` processes or (where
+//! only the lease book matters) registrations opened straight over the controller API, and
+//! clients that are `jmp` processes or API calls from this test.
+//!
+//! Every timeout here is a hang guard, never a measurement.
+
+use jmp_e2e::*;
+use jmp_protocol::ctl::{
+    Call, ClientConfig, ClientSpec, CtlErrorCode, ExporterSpec, LeaseInfo, LeaseRequest,
+    Registration, Reply, Request,
+};
+use jmp_protocol::selector::{Labels, Selector};
+use jmp_transport::ctl::{call, call_once, CallError};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Hang guard for waits that ride on the product's own timers (the 10 s QUIC idle timeout that
+/// tells the controller an exporter is gone, queue waits, reconnect backoffs).
+const LONG: Duration = Duration::from_secs(90);
+
+fn is_link(p: &str) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn show(out: &RunOutput) -> String {
+    format!(
+        "status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status, out.stdout, out.stderr
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// The controller process and one test's lab around it
+
+struct Controller {
+    proc: Proc,
+    addr: SocketAddr,
+    fingerprint: String,
+    admin_file: PathBuf,
+    metrics: SocketAddr,
+}
+
+fn start_controller(logs: &Path, data: &Path, listen: &str) -> Controller {
+    let mut cmd = Command::new(bin("jmp-controller"));
+    cmd.arg("--data-dir")
+        .arg(data)
+        .args(["--listen", listen, "--metrics", "127.0.0.1:0"])
+        .env("JMP_LOG", "info");
+    let mut proc = Proc::spawn("jmp-controller", cmd, logs);
+    let m = proc.expect_line(READY, "the controller's metrics line", |l| {
+        l.starts_with("jmp-controller: metrics on ")
+    });
+    let metrics = m
+        .trim_start_matches("jmp-controller: metrics on http://")
+        .trim_end_matches("/metrics")
+        .parse()
+        .unwrap_or_else(|e| panic!("metrics address in {m:?}: {e}"));
+    let l = proc.expect_line(READY, "the controller's listening line", |l| {
+        l.starts_with("jmp-controller: listening on ")
+    });
+    let w: Vec<&str> = l.split_whitespace().collect();
+    let ["jmp-controller:", "listening", "on", addr, "fingerprint", fp, "admin", admin] =
+        w.as_slice()
+    else {
+        panic!("unexpected listening line {l:?}")
+    };
+    Controller {
+        addr: addr.parse().expect("listen address"),
+        fingerprint: fp.to_string(),
+        admin_file: PathBuf::from(admin),
+        metrics,
+        proc,
+    }
+}
+
+struct Lab {
+    env: TestEnv,
+    data: PathBuf,
+    ctl: Controller,
+}
+
+impl Lab {
+    fn new(tag: &str) -> Lab {
+        Self::listening(tag, "127.0.0.1:0")
+    }
+
+    fn listening(tag: &str, listen: &str) -> Lab {
+        let env = TestEnv::new(tag);
+        let data = env.root.join("controller");
+        let ctl = start_controller(&env.logs, &data, listen);
+        assert!(
+            ctl.admin_file.is_file(),
+            "no admin credential at {}",
+            ctl.admin_file.display()
+        );
+        Lab { env, data, ctl }
+    }
+
+    /// `jmp` with this lab's directories and admin credential, and no client chosen.
+    fn jmp(&self) -> Command {
+        let mut c = self.env.jmp();
+        c.env("JMP_ADMIN_CONFIG", &self.ctl.admin_file)
+            .env_remove("JMP_CLIENT")
+            .env_remove("JMP_CLIENT_CONFIG");
+        c
+    }
+
+    fn admin(&self, args: &[&str]) -> Command {
+        let mut c = self.jmp();
+        c.arg("admin").args(args);
+        c
+    }
+
+    /// `jmp ARGS` as the client config `client` (by name, `JMP_CLIENT`).
+    fn as_client(&self, client: &str, args: &[&str]) -> Command {
+        let mut c = self.jmp();
+        c.env("JMP_CLIENT", client).args(args);
+        c
+    }
+
+    /// `jmp ARGS` with the admin credential used as a client config (`get leases -a`).
+    fn as_admin(&self, args: &[&str]) -> Command {
+        let mut c = self.jmp();
+        c.env("JMP_CLIENT_CONFIG", &self.ctl.admin_file).args(args);
+        c
+    }
+
+    fn run(&self, label: &str, cmd: Command) -> RunOutput {
+        run(label, cmd, &self.env.logs, READY)
+    }
+
+    /// Runs `cmd`, which must succeed; its stdout.
+    fn ok(&self, label: &str, cmd: Command) -> String {
+        let out = self.run(label, cmd);
+        assert!(out.status.success(), "{label} failed: {}", show(&out));
+        out.stdout
+    }
+
+    fn spawn(&self, label: &str, cmd: Command) -> Proc {
+        Proc::spawn(label, cmd, &self.env.logs)
+    }
+
+    /// A client made with `jmp admin create client` and imported with `jmp config client
+    /// create --no-use`; returns its config file.
+    fn create_client(&self, name: &str, extra: &[&str]) -> PathBuf {
+        let file = self.env.root.join(format!("{name}.client.yaml"));
+        let mut c = self.admin(&["create", "client", name, "--out"]);
+        c.arg(&file).args(extra);
+        self.ok("admin-create-client", c);
+        let mut c = self.jmp();
+        c.args(["config", "client", "create", name, "--from"])
+            .arg(&file)
+            .arg("--no-use");
+        self.ok("config-client-create", c);
+        file
+    }
+
+    /// An exporter identity (admin labels `labels`); returns the file holding its credential.
+    fn create_exporter(&self, name: &str, labels: &[&str]) -> PathBuf {
+        let mut c = self.admin(&["create", "exporter", name]);
+        for l in labels {
+            c.args(["-l", l]);
+        }
+        let token = self.ok("admin-create-exporter", c);
+        assert!(!token.trim().is_empty(), "no exporter credential printed");
+        let f = self.env.root.join(format!("{name}.token"));
+        write_private(&f, &format!("{}\n", token.trim()));
+        f
+    }
+
+    /// A controller-mode jmpd config for `name` (own state dir, so a restart keeps its
+    /// identity) on `port` (0: any).
+    fn exporter_config(&self, name: &str, token: &Path, port: u16) -> PathBuf {
+        let state = self.env.root.join(format!("state-{name}"));
+        let yaml = format!(
+            "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: {name}, labels: {{site: e2e}}}}\nlisten: 127.0.0.1:{port}\nstateDir: {}\ncontroller: {{tokenFile: {}}}\nexport:\n  console: {{type: sim-console}}\n",
+            state.display(),
+            token.display()
+        );
+        let p = self.env.root.join(format!("{name}.exporter.yaml"));
+        std::fs::write(&p, yaml).expect("write exporter config");
+        p
+    }
+
+    /// Starts jmpd and waits until it has registered with the controller.
+    fn start_jmpd(&self, config: &Path) -> Jmpd {
+        let mut cmd = Command::new(jmpd_bin());
+        cmd.arg("--config").arg(config).env("JMP_LOG", "info");
+        let mut proc = Proc::spawn("jmpd", cmd, &self.env.logs);
+        let line = proc.expect_line(READY, "jmpd's ready line", |l| {
+            l.starts_with("jmpd: exporter ")
+        });
+        let (name, addr, fingerprint) = parse_jmpd_ready(&line)
+            .unwrap_or_else(|| panic!("unexpected jmpd ready line: {line:?}"));
+        assert!(
+            poll_until(LONG, || proc
+                .stderr()
+                .contains("registered with controller")),
+            "jmpd {name} never registered: {}",
+            proc.describe()
+        );
+        Jmpd {
+            proc,
+            name,
+            addr,
+            fingerprint,
+        }
+    }
+
+    /// Every lease and waiting request (`jmp get leases -a -o json` as the admin).
+    fn leases(&self) -> Vec<Value> {
+        let out = self.ok(
+            "get-leases",
+            self.as_admin(&["get", "leases", "-a", "-o", "json"]),
+        );
+        match serde_json::from_str(&out) {
+            Ok(Value::Array(v)) => v,
+            other => panic!("get leases -o json printed {out:?} ({other:?})"),
+        }
+    }
+
+    /// `jmp admin get exporters -o json`.
+    fn exporters(&self) -> Vec<Value> {
+        let out = self.ok(
+            "admin-get-exporters",
+            self.admin(&["get", "exporters", "-o", "json"]),
+        );
+        match serde_json::from_str(&out) {
+            Ok(Value::Array(v)) => v,
+            other => panic!("admin get exporters -o json printed {out:?} ({other:?})"),
+        }
+    }
+
+    fn exporter(&self, name: &str) -> Value {
+        self.exporters()
+            .into_iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("no exporter {name} listed"))
+    }
+
+    fn admin_token(&self) -> String {
+        config_token(&self.ctl.admin_file)
+    }
+}
+
+fn config_token(file: &Path) -> String {
+    let text = std::fs::read_to_string(file).expect("read client config");
+    let c: ClientConfig = serde_norway::from_str(&text).expect("parse client config");
+    c.token
+}
+
+/// The one-line JSON lease printed by `jmp create lease -o json`.
+fn lease_json(stdout: &str) -> Value {
+    let line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON lease in {stdout:?}"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("bad lease JSON {line:?}: {e}"))
+}
+
+fn find_lease<'a>(leases: &'a [Value], name: &str) -> Option<&'a Value> {
+    leases.iter().find(|l| l["name"] == name)
+}
+
+/// Polls `p`'s stderr until it contains `needle`, failing if the process exits first.
+fn wait_stderr(p: &mut Proc, needle: &str, timeout: Duration) {
+    let ok = poll_until(timeout, || p.stderr().contains(needle) || !p.is_running());
+    if !(ok && p.stderr().contains(needle)) {
+        panic!("no {needle:?} on stderr of {}", p.describe());
+    }
+}
+
+/// Asserts what must hold of any listing: one active lease per exporter, unique lease names
+/// and request ids.
+fn check_listing(leases: &[LeaseInfo], context: &str) {
+    let mut exporters = HashMap::new();
+    let mut names = HashSet::new();
+    let mut ids = HashSet::new();
+    for l in leases {
+        assert!(
+            names.insert(l.name.clone()),
+            "{context}: lease name {} listed twice: {leases:#?}",
+            l.name
+        );
+        assert!(
+            ids.insert(l.request_id.clone()),
+            "{context}: request id {} listed twice: {leases:#?}",
+            l.request_id
+        );
+        if l.status == "active" {
+            assert!(
+                !l.exporter.is_empty(),
+                "{context}: active lease without exporter: {l:?}"
+            );
+            assert!(
+                l.begin <= l.end,
+                "{context}: lease ends before it begins: {l:?}"
+            );
+            if let Some(other) = exporters.insert(l.exporter.clone(), l.name.clone()) {
+                panic!(
+                    "{context}: exporter {} is in two active leases, {other} and {}: {leases:#?}",
+                    l.exporter, l.name
+                );
+            }
+        } else {
+            // A waiting request by name shows the exporter it asks for (protocol/src/ctl.rs
+            // says `exporter` is empty while waiting; core.rs fills in the requested name).
+            assert_eq!(l.status, "waiting", "{context}: odd status in {l:?}");
+        }
+    }
+}
+
+fn check_listing_json(leases: &[Value], context: &str) {
+    let v: Vec<LeaseInfo> = leases
+        .iter()
+        .map(|l| serde_json::from_value(l.clone()).expect("a LeaseInfo"))
+        .collect();
+    check_listing(&v, context);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The controller API from this test (QUIC, as jmp and jmpd speak it)
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+struct Api {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+}
+
+impl Api {
+    async fn connect(addr: SocketAddr, fingerprint: &str) -> Result<Api, String> {
+        let endpoint = jmp_transport::client_endpoint(addr).map_err(|e| e.to_string())?;
+        let pin = fingerprint.parse()?;
+        let fut = jmp_transport::connect(&endpoint, addr, jmp_protocol::ALPN_CONTROLLER, Some(pin));
+        let (conn, _) = tokio::time::timeout(Duration::from_secs(3), fut)
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok(Api {
+            _endpoint: endpoint,
+            conn,
+        })
+    }
+
+    async fn call(&self, credential: &str, request: Request) -> Result<Reply, CallError> {
+        let c = Call {
+            credential: credential.to_string(),
+            request,
+        };
+        tokio::time::timeout(LONG, call_once(&self.conn, &c))
+            .await
+            .unwrap_or_else(|_| panic!("no answer to {c:?} within {LONG:?}"))
+    }
+
+    async fn leases(&self, admin: &str) -> Vec<LeaseInfo> {
+        match self.call(admin, Request::GetLeases { all: true }).await {
+            Ok(Reply::Leases { leases }) => leases,
+            other => panic!("GetLeases: {other:?}"),
+        }
+    }
+
+    async fn exporters(&self, cred: &str) -> Vec<jmp_protocol::ctl::ExporterInfo> {
+        match self
+            .call(cred, Request::GetExporters { selector: None })
+            .await
+        {
+            Ok(Reply::Exporters { exporters }) => exporters,
+            other => panic!("GetExporters: {other:?}"),
+        }
+    }
+}
+
+fn refusal(r: &Result<Reply, CallError>) -> Option<CtlErrorCode> {
+    match r {
+        Err(CallError::Refused(e)) => Some(e.code),
+        _ => None,
+    }
+}
+
+/// An exporter that registers over the API and stays registered, re-registering (like jmpd)
+/// whenever the connection or the registration stream ends. Runs until aborted.
+async fn keep_registered(addr: SocketAddr, fingerprint: String, credential: String, port: u16) {
+    let reg = Registration {
+        address: format!("127.0.0.1:{port}"),
+        fingerprint: fingerprint.clone(),
+        labels: Labels::new(),
+        devices: Vec::new(),
+    };
+    loop {
+        if let Ok(api) = Api::connect(addr, &fingerprint).await {
+            let c = Call {
+                credential: credential.clone(),
+                request: Request::Register(reg.clone()),
+            };
+            if let Ok((mut replies, _keep_open)) = call(&api.conn, &c, true).await {
+                while let Ok(Some(_)) = replies.next().await {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Creates exporters over the API (as admin) and keeps each registered from a task; waits
+/// until all are online. Returns the tasks (abort them to take the exporters offline).
+async fn api_exporters(
+    addr: SocketAddr,
+    fingerprint: &str,
+    admin: &str,
+    exporters: &[(String, Labels)],
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let api = Api::connect(addr, fingerprint).await.expect("connect");
+    let mut tasks = Vec::new();
+    for (i, (name, labels)) in exporters.iter().enumerate() {
+        let cred = match api
+            .call(
+                admin,
+                Request::CreateExporter(ExporterSpec {
+                    name: name.clone(),
+                    labels: labels.clone(),
+                }),
+            )
+            .await
+        {
+            Ok(Reply::Credential(c)) => c.token,
+            other => panic!("CreateExporter {name}: {other:?}"),
+        };
+        tasks.push(tokio::spawn(keep_registered(
+            addr,
+            fingerprint.to_string(),
+            cred,
+            9000 + i as u16,
+        )));
+    }
+    wait_online(&api, admin, exporters.len()).await;
+    tasks
+}
+
+async fn wait_online(api: &Api, admin: &str, n: usize) {
+    let deadline = Instant::now() + LONG;
+    loop {
+        let online = api
+            .exporters(admin)
+            .await
+            .iter()
+            .filter(|e| e.online)
+            .count();
+        if online >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {online} of {n} exporters came online"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// xorshift64*: reproducible from the seed, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Fair queue
+
+#[test]
+fn waiters_are_served_in_arrival_order() {
+    let lab = Lab::new("ctl-fair");
+    let mut jmpds = Vec::new();
+    for name in ["rpi4-a", "rpi4-b"] {
+        let token = lab.create_exporter(name, &["board=rpi4"]);
+        jmpds.push(lab.start_jmpd(&lab.exporter_config(name, &token, 0)));
+    }
+    for c in ["c1", "c2", "c3", "c4"] {
+        lab.create_client(c, &[]);
+    }
+    let create = |c: &str| {
+        lab.as_client(
+            c,
+            &[
+                "create",
+                "lease",
+                "-l",
+                "board=rpi4",
+                "--duration",
+                "10m",
+                "-o",
+                "json",
+            ],
+        )
+    };
+    let l1 = lease_json(&lab.ok("c1-create", create("c1")));
+    let l2 = lease_json(&lab.ok("c2-create", create("c2")));
+    assert_ne!(l1["exporter"], l2["exporter"], "{l1} {l2}");
+
+    let waiting = |c: &str| {
+        let mut cmd = create(c);
+        cmd.args(["--wait", "60"]);
+        cmd
+    };
+    let mut w3 = lab.spawn("c3-wait", waiting("c3"));
+    wait_stderr(&mut w3, "waiting: position 1", LONG);
+    let mut w4 = lab.spawn("c4-wait", waiting("c4"));
+    wait_stderr(&mut w4, "waiting: position 2", LONG);
+
+    let leases = lab.leases();
+    check_listing_json(&leases, "two waiting");
+    let waiting_clients: Vec<&Value> = leases
+        .iter()
+        .filter(|l| l["status"] == "waiting")
+        .map(|l| &l["client"])
+        .collect();
+    assert_eq!(waiting_clients.len(), 2, "{leases:#?}");
+
+    // c1's exporter goes to c3, who came first, not to c4.
+    lab.ok(
+        "c1-delete",
+        lab.as_client("c1", &["delete", "lease", l1["name"].as_str().unwrap()]),
+    );
+    let g3 = lease_json(&w3.expect_line(LONG, "c3's lease", |l| l.starts_with('{')));
+    assert!(w3.expect_exit(READY).success(), "{}", w3.describe());
+    assert_eq!(g3["client"], "c3");
+    assert_eq!(g3["exporter"], l1["exporter"], "c3 must get c1's exporter");
+    assert!(w4.is_running(), "c4 must still wait: {}", w4.describe());
+    wait_stderr(&mut w4, "waiting: position 1", LONG);
+
+    let leases = lab.leases();
+    check_listing_json(&leases, "after c1's delete");
+    let l3 = find_lease(&leases, g3["name"].as_str().unwrap()).expect("c3's lease listed");
+    assert_eq!(l3["status"], "active");
+    assert_eq!(l3["exporter"], l1["exporter"]);
+    let w4_entry = leases
+        .iter()
+        .find(|l| l["client"] == "c4")
+        .expect("c4's request listed");
+    assert_eq!(w4_entry["status"], "waiting", "{leases:#?}");
+    assert!(find_lease(&leases, l1["name"].as_str().unwrap()).is_none());
+
+    lab.ok(
+        "c2-delete",
+        lab.as_client("c2", &["delete", "lease", l2["name"].as_str().unwrap()]),
+    );
+    let g4 = lease_json(&w4.expect_line(LONG, "c4's lease", |l| l.starts_with('{')));
+    assert!(w4.expect_exit(READY).success(), "{}", w4.describe());
+    assert_eq!(g4["client"], "c4");
+    assert_eq!(g4["exporter"], l2["exporter"], "c4 must get c2's exporter");
+    assert_eq!(
+        g4["name"], w4_entry["name"],
+        "the lease keeps the name it had while waiting"
+    );
+
+    let leases = lab.leases();
+    check_listing_json(&leases, "end");
+    assert_eq!(leases.len(), 2, "{leases:#?}");
+    for (g, exporter) in [(&g3, &l1["exporter"]), (&g4, &l2["exporter"])] {
+        let l = find_lease(&leases, g["name"].as_str().unwrap()).expect("listed");
+        assert_eq!(l["status"], "active");
+        assert_eq!(&l["exporter"], exporter);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Randomized operations never lease an exporter twice
+
+struct RandomCtx {
+    addr: SocketAddr,
+    fingerprint: String,
+    admin: String,
+    labels: BTreeMap<String, Labels>,
+    ops: usize,
+    checks: AtomicUsize,
+    grants: AtomicUsize,
+    /// Refused as busy, gave up waiting, updated, deleted, found already ended.
+    busy: AtomicUsize,
+    timeouts: AtomicUsize,
+    updates: AtomicUsize,
+    deletes: AtomicUsize,
+    ended: AtomicUsize,
+}
+
+const SELECTORS: &[&str] = &[
+    "board=rpi4",
+    "board=imx8",
+    "idx in (0,1)",
+    "idx notin (0)",
+    "board",
+    "board=rpi4,idx=2",
+    "idx!=3",
+];
+
+async fn random_worker(ctx: Arc<RandomCtx>, me: String, token: String, seed: u64) {
+    let api = Api::connect(ctx.addr, &ctx.fingerprint)
+        .await
+        .expect("connect");
+    let mut rng = Rng::new(seed);
+    let mut mine: Vec<String> = Vec::new();
+    let exporters: Vec<String> = ctx.labels.keys().cloned().collect();
+    for op in 0..ctx.ops {
+        let roll = rng.below(100);
+        let what: String;
+        if roll < 55 {
+            // Create, at once (wait 0) or waiting 1-3 s; by selector or by name.
+            let by_name = rng.below(5) == 0;
+            let (selector, exporter) = if by_name {
+                let e = &exporters[rng.below(exporters.len() as u64) as usize];
+                (String::new(), Some(e.clone()))
+            } else {
+                let s = SELECTORS[rng.below(SELECTORS.len() as u64) as usize];
+                (s.to_string(), None)
+            };
+            // Mostly short leases (1-2 s, which expire during the run), some longer.
+            let duration_secs = match rng.below(10) {
+                0..=5 => 1 + rng.below(2),
+                6..=8 => 3 + rng.below(4),
+                _ => 10 + rng.below(20),
+            };
+            let wait_secs = if roll < 35 { 0 } else { 1 + rng.below(3) };
+            let request_id = format!("{me}-{op}");
+            what = format!(
+                "create {request_id} selector {selector:?} exporter {exporter:?} for {duration_secs}s wait {wait_secs}s"
+            );
+            let r = api
+                .call(
+                    &token,
+                    Request::CreateLease(LeaseRequest {
+                        request_id,
+                        selector: selector.clone(),
+                        exporter: exporter.clone(),
+                        duration_secs,
+                        begin_time: None,
+                        wait_secs,
+                    }),
+                )
+                .await;
+            match r {
+                Ok(Reply::Lease(l)) => {
+                    ctx.grants.fetch_add(1, Ordering::Relaxed);
+                    let labels = ctx.labels.get(&l.exporter).unwrap_or_else(|| {
+                        panic!("{what}: granted unknown exporter {}", l.exporter)
+                    });
+                    let sel = Selector::parse(&selector).expect("test selector");
+                    assert!(
+                        sel.matches(labels),
+                        "{what}: granted {} whose labels {labels:?} do not match",
+                        l.exporter
+                    );
+                    if let Some(e) = &exporter {
+                        assert_eq!(&l.exporter, e, "{what}: granted another exporter");
+                    }
+                    assert_eq!(l.client, me);
+                    // Still running leases must be in the book.
+                    let listing = api.leases(&ctx.admin).await;
+                    if l.end > unix_now() {
+                        let found = listing.iter().find(|x| x.name == l.name);
+                        assert!(
+                            found.is_some_and(|x| x.exporter == l.exporter && x.status == "active"),
+                            "{what}: granted {l:?} but the listing says {found:?}"
+                        );
+                    }
+                    mine.push(l.name);
+                }
+                Ok(other) => panic!("{what}: unexpected reply {other:?}"),
+                Err(CallError::Refused(e)) if wait_secs == 0 && e.code == CtlErrorCode::AllBusy => {
+                    ctx.busy.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(CallError::Refused(e)) if wait_secs > 0 && e.code == CtlErrorCode::Timeout => {
+                    ctx.timeouts.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => panic!("{what}: {e:?}"),
+            }
+        } else if roll < 72 && !mine.is_empty() {
+            let i = rng.below(mine.len() as u64) as usize;
+            let name = mine[i].clone();
+            let (duration_secs, extend_secs) = if rng.below(2) == 0 {
+                (None, Some(1 + rng.below(5)))
+            } else {
+                (Some(1 + rng.below(3)), None)
+            };
+            what = format!("update {name} duration {duration_secs:?} extend {extend_secs:?}");
+            let r = api
+                .call(
+                    &token,
+                    Request::UpdateLease {
+                        name: name.clone(),
+                        duration_secs,
+                        extend_secs,
+                    },
+                )
+                .await;
+            match r {
+                Ok(Reply::Lease(l)) => {
+                    ctx.updates.fetch_add(1, Ordering::Relaxed);
+                    assert_eq!(l.name, name, "{what}");
+                    if let Some(d) = duration_secs {
+                        // `end` is rounded down to seconds like `begin`.
+                        assert!(l.end <= l.begin + d + 1, "{what}: {l:?}");
+                    }
+                }
+                Ok(other) => panic!("{what}: unexpected reply {other:?}"),
+                Err(CallError::Refused(e)) if e.code == CtlErrorCode::NotFound => {
+                    ctx.ended.fetch_add(1, Ordering::Relaxed);
+                    mine.swap_remove(i);
+                }
+                Err(e) => panic!("{what}: {e:?}"),
+            }
+        } else if roll < 90 && !mine.is_empty() {
+            let i = rng.below(mine.len() as u64) as usize;
+            let name = mine.swap_remove(i);
+            what = format!("delete {name}");
+            let r = api
+                .call(
+                    &token,
+                    Request::DeleteLease {
+                        names: vec![name.clone()],
+                        all: false,
+                    },
+                )
+                .await;
+            match r {
+                Ok(Reply::Deleted { names }) => {
+                    ctx.deletes.fetch_add(1, Ordering::Relaxed);
+                    assert_eq!(names, vec![name], "{what}");
+                }
+                Ok(other) => panic!("{what}: unexpected reply {other:?}"),
+                // It expired (or was shortened into the past) first.
+                Err(CallError::Refused(e)) if e.code == CtlErrorCode::NotFound => {
+                    ctx.ended.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => panic!("{what}: {e:?}"),
+            }
+        } else {
+            let ms = rng.below(400);
+            what = format!("sleep {ms}ms");
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        let listing = api.leases(&ctx.admin).await;
+        check_listing(&listing, &format!("{me} after op {op} ({what})"));
+        ctx.checks.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn random_operations_never_lease_an_exporter_twice() {
+    let seed: u64 = std::env::var("JMP_E2E_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_240_917);
+    println!("seed {seed} (set JMP_E2E_SEED to change it)");
+    raw_stderr(&format!(
+        "random_operations_never_lease_an_exporter_twice: seed {seed}"
+    ));
+    let lab = Lab::new("ctl-random");
+    let rt = runtime();
+    let (addr, fp, admin) = (lab.ctl.addr, lab.ctl.fingerprint.clone(), lab.admin_token());
+    const CLIENTS: usize = 5;
+    const OPS: usize = 60;
+    let labels: BTreeMap<String, Labels> = (0..4)
+        .map(|i| {
+            let board = if i % 2 == 0 { "rpi4" } else { "imx8" };
+            (
+                format!("rnd-{i}"),
+                Labels::from([
+                    ("board".to_string(), board.to_string()),
+                    ("idx".to_string(), i.to_string()),
+                ]),
+            )
+        })
+        .collect();
+    let fut = async {
+        let exps: Vec<(String, Labels)> =
+            labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let registrations = api_exporters(addr, &fp, &admin, &exps).await;
+        let api = Api::connect(addr, &fp).await.expect("connect");
+        let mut tokens = Vec::new();
+        for k in 0..CLIENTS {
+            let spec = ClientSpec {
+                name: format!("rc{k}"),
+                ..Default::default()
+            };
+            match api.call(&admin, Request::CreateClient(spec)).await {
+                Ok(Reply::Credential(c)) => tokens.push(c.token),
+                other => panic!("CreateClient: {other:?}"),
+            }
+        }
+        let ctx = Arc::new(RandomCtx {
+            addr,
+            fingerprint: fp.clone(),
+            admin: admin.clone(),
+            labels: labels.clone(),
+            ops: OPS,
+            checks: AtomicUsize::new(0),
+            grants: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
+            timeouts: AtomicUsize::new(0),
+            updates: AtomicUsize::new(0),
+            deletes: AtomicUsize::new(0),
+            ended: AtomicUsize::new(0),
+        });
+        // A checker looking at the book continuously while the workers run.
+        let stop = Arc::new(AtomicBool::new(false));
+        let checker = {
+            let (ctx, stop) = (ctx.clone(), stop.clone());
+            tokio::spawn(async move {
+                let api = Api::connect(ctx.addr, &ctx.fingerprint)
+                    .await
+                    .expect("connect");
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let l = api.leases(&ctx.admin).await;
+                    check_listing(&l, &format!("checker pass {n}"));
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                n
+            })
+        };
+        let workers: Vec<_> = tokens
+            .iter()
+            .enumerate()
+            .map(|(k, t)| {
+                tokio::spawn(random_worker(
+                    ctx.clone(),
+                    format!("rc{k}"),
+                    t.clone(),
+                    seed.wrapping_add(k as u64 * 7919),
+                ))
+            })
+            .collect();
+        for w in workers {
+            if let Err(e) = w.await {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let passes = match checker.await {
+            Ok(n) => n,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        let n = |a: &AtomicUsize| a.load(Ordering::Relaxed);
+        let summary = format!(
+            "{} ops: {} grants, {} busy, {} wait timeouts, {} updates, {} deletes, {} found ended; \
+             {} checks after ops, {passes} checker passes",
+            CLIENTS * OPS,
+            n(&ctx.grants),
+            n(&ctx.busy),
+            n(&ctx.timeouts),
+            n(&ctx.updates),
+            n(&ctx.deletes),
+            n(&ctx.ended),
+            n(&ctx.checks)
+        );
+        println!("{summary}");
+        // The mix must have exercised every kind of operation (else the run proves little).
+        for (what, c) in [
+            ("grants", &ctx.grants),
+            ("busy refusals", &ctx.busy),
+            ("updates", &ctx.updates),
+            ("deletes", &ctx.deletes),
+            ("leases that ended on their own", &ctx.ended),
+        ] {
+            assert!(n(c) > 0, "no {what}: {summary}");
+        }
+
+        // Everything can be deleted, and then every exporter is free.
+        for t in &tokens {
+            match api
+                .call(
+                    t,
+                    Request::DeleteLease {
+                        names: vec![],
+                        all: true,
+                    },
+                )
+                .await
+            {
+                Ok(Reply::Deleted { .. }) => {}
+                other => panic!("DeleteLease all: {other:?}"),
+            }
+        }
+        let left = api.leases(&admin).await;
+        assert!(left.is_empty(), "leases left after deleting all: {left:#?}");
+        for e in api.exporters(&admin).await {
+            assert!(e.online && e.enabled, "{e:?}");
+            assert_eq!(e.lease, None, "{} still leased: {e:?}", e.name);
+        }
+        let mut got = HashSet::new();
+        for i in 0..labels.len() {
+            let r = api
+                .call(
+                    &tokens[0],
+                    Request::CreateLease(LeaseRequest {
+                        request_id: format!("final-{i}"),
+                        selector: "board".into(),
+                        duration_secs: 60,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+            match r {
+                Ok(Reply::Lease(l)) => assert!(got.insert(l.exporter.clone()), "{l:?}"),
+                other => panic!("final lease {i}: {other:?}"),
+            }
+        }
+        let r = api
+            .call(
+                &tokens[1],
+                Request::CreateLease(LeaseRequest {
+                    request_id: "final-busy".into(),
+                    selector: "board".into(),
+                    duration_secs: 60,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        assert_eq!(refusal(&r), Some(CtlErrorCode::AllBusy), "{r:?}");
+        check_listing(&api.leases(&admin).await, "final");
+        for r in registrations {
+            r.abort();
+        }
+    };
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(240), fut)
+            .await
+            .expect("the randomized run hung")
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. kill -9 of the controller in the middle of a burst
+
+type Granted = Arc<Mutex<HashMap<String, (LeaseInfo, bool)>>>;
+
+/// A lease request that waits and, like `jmp create lease`, retries with the same request id
+/// when the connection is lost. Records the lease, and whether it was told before `killed`.
+async fn persistent_request(
+    addr: SocketAddr,
+    fingerprint: String,
+    credential: String,
+    request_id: String,
+    killed: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    granted: Granted,
+) -> LeaseInfo {
+    let mut first = true;
+    loop {
+        if let Ok(api) = Api::connect(addr, &fingerprint).await {
+            let c = Call {
+                credential: credential.clone(),
+                request: Request::CreateLease(LeaseRequest {
+                    request_id: request_id.clone(),
+                    selector: "board=burst".into(),
+                    duration_secs: 600,
+                    wait_secs: 60,
+                    ..Default::default()
+                }),
+            };
+            if first {
+                sent.fetch_add(1, Ordering::SeqCst);
+                first = false;
+            }
+            if let Ok((mut s, _)) = call(&api.conn, &c, false).await {
+                loop {
+                    match s.next().await {
+                        Ok(Some(Reply::Lease(l))) => {
+                            let before = !killed.load(Ordering::SeqCst);
+                            granted
+                                .lock()
+                                .unwrap()
+                                .insert(request_id.clone(), (l.clone(), before));
+                            return l;
+                        }
+                        Ok(Some(Reply::Queued { .. })) => {}
+                        Ok(Some(other)) => panic!("{request_id}: unexpected {other:?}"),
+                        Ok(None) => break,
+                        Err(e) if e.is_transient() => break,
+                        Err(e) => panic!("{request_id}: refused: {e}"),
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[test]
+fn controller_killed_mid_burst_keeps_what_it_promised() {
+    let port = free_udp_port();
+    let mut lab = Lab::listening("ctl-kill", &format!("127.0.0.1:{port}"));
+    let rt = runtime();
+    let (addr, fp, admin) = (lab.ctl.addr, lab.ctl.fingerprint.clone(), lab.admin_token());
+    assert_eq!(addr.port(), port);
+
+    // Exporters registered over the API, re-registering on their own after the restart.
+    let mut registrations = Vec::new();
+    for i in 0..4 {
+        let name = format!("burst-{i}");
+        let token = std::fs::read_to_string(lab.create_exporter(&name, &["board=burst"]))
+            .unwrap()
+            .trim()
+            .to_string();
+        registrations.push(rt.spawn(keep_registered(addr, fp.clone(), token, 9100 + i)));
+    }
+    rt.block_on(async {
+        let api = Api::connect(addr, &fp).await.expect("connect");
+        wait_online(&api, &admin, 4).await;
+    });
+    let api_tokens: Vec<String> = (0..4)
+        .map(|i| config_token(&lab.create_client(&format!("api{i}"), &[])))
+        .collect();
+    for i in 0..3 {
+        lab.create_client(&format!("cli{i}"), &[]);
+    }
+
+    let killed = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let granted: Granted = Arc::default();
+    let request = |j: usize, delay: Duration| {
+        let (fp, cred) = (fp.clone(), api_tokens[j % 4].clone());
+        let (killed, sent, granted) = (killed.clone(), sent.clone(), granted.clone());
+        rt.spawn(async move {
+            tokio::time::sleep(delay).await;
+            persistent_request(
+                addr,
+                fp,
+                cred,
+                format!("burst-req-{j}"),
+                killed,
+                sent,
+                granted,
+            )
+            .await
+        })
+    };
+    // Four requests take the four exporters.
+    let mut tasks: Vec<_> = (0..4).map(|j| request(j, Duration::ZERO)).collect();
+    assert!(
+        poll_until(LONG, || granted.lock().unwrap().len() == 4),
+        "the first four requests were not granted: {:?}",
+        granted.lock().unwrap()
+    );
+    // Three CLI clients queue.
+    let mut clis: Vec<Proc> = (0..3)
+        .map(|i| {
+            lab.spawn(
+                &format!("cli{i}-wait"),
+                lab.as_client(
+                    &format!("cli{i}"),
+                    &[
+                        "create",
+                        "lease",
+                        "-l",
+                        "board=burst",
+                        "--wait",
+                        "60",
+                        "--duration",
+                        "10m",
+                        "-o",
+                        "json",
+                    ],
+                ),
+            )
+        })
+        .collect();
+    for p in clis.iter_mut() {
+        wait_stderr(p, "waiting: position", LONG);
+    }
+    // The burst: twelve more requests, 30 ms apart; one lease is released in the middle of it
+    // (its exporter goes to the head of the queue), and the controller dies part way.
+    tasks.extend((4..16).map(|j| request(j, Duration::from_millis(30 * (j as u64 - 4)))));
+    assert!(poll_until(LONG, || sent.load(Ordering::SeqCst) >= 7));
+    let first = granted.lock().unwrap()["burst-req-0"].0.clone();
+    rt.block_on(async {
+        let api = Api::connect(addr, &fp).await.expect("connect");
+        let r = api
+            .call(
+                &admin,
+                Request::DeleteLease {
+                    names: vec![first.name.clone()],
+                    all: false,
+                },
+            )
+            .await;
+        assert!(matches!(r, Ok(Reply::Deleted { .. })), "{r:?}");
+    });
+    assert!(poll_until(LONG, || sent.load(Ordering::SeqCst) >= 10));
+    killed.store(true, Ordering::SeqCst);
+    lab.ctl.proc.kill9();
+    // Which CLI clients had their lease printed before the kill.
+    let mut told: Vec<(usize, Value)> = Vec::new();
+    for (i, p) in clis.iter_mut().enumerate() {
+        if !p.is_running() {
+            assert!(
+                p.try_status().unwrap().success(),
+                "cli{i}: {}",
+                p.describe()
+            );
+            told.push((i, lease_json(&p.stdout_so_far())));
+        }
+    }
+    let told_api: Vec<LeaseInfo> = granted
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|(l, before)| *before && l.name != first.name)
+        .map(|(l, _)| l.clone())
+        .collect();
+    println!(
+        "at the kill: {} requests sent, {} API leases and {} CLI leases told",
+        sent.load(Ordering::SeqCst),
+        told_api.len(),
+        told.len()
+    );
+    assert!(told_api.len() >= 3);
+
+    // Down for a moment, then back on the same port with the same data.
+    std::thread::sleep(Duration::from_secs(1));
+    lab.ctl = start_controller(&lab.env.logs, &lab.data, &format!("127.0.0.1:{port}"));
+    assert_eq!(lab.ctl.addr, addr);
+    assert_eq!(
+        lab.ctl.fingerprint, fp,
+        "the restart must keep the identity"
+    );
+
+    let leases = lab.leases();
+    check_listing_json(&leases, "right after the restart");
+    for l in &told_api {
+        let found = find_lease(&leases, &l.name)
+            .unwrap_or_else(|| panic!("granted lease {l:?} lost in the crash: {leases:#?}"));
+        assert_eq!(found["exporter"], l.exporter.as_str(), "{found}");
+        assert_eq!(found["status"], "active");
+        assert_eq!(found["request_id"], l.request_id.as_str());
+    }
+    for (i, l) in &told {
+        let found = find_lease(&leases, l["name"].as_str().unwrap())
+            .unwrap_or_else(|| panic!("cli{i}'s lease {l} lost in the crash: {leases:#?}"));
+        assert_eq!(found["exporter"], l["exporter"], "{found}");
+        assert_eq!(found["status"], "active");
+    }
+
+    // Release every lease of the API clients until every waiting request (CLI and API) has
+    // its lease; the CLI clients resume on their own.
+    let deadline = Instant::now() + Duration::from_secs(150);
+    loop {
+        let leases = lab.leases();
+        check_listing_json(&leases, "while draining");
+        let mut running = 0;
+        for p in clis.iter_mut() {
+            running += p.is_running() as usize;
+        }
+        let api_left = tasks.iter().filter(|t| !t.is_finished()).count();
+        if running == 0 && api_left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{running} CLI and {api_left} API requests never got a lease; leases: {leases:#?}\n{}",
+            clis.iter_mut()
+                .map(|p| p.describe())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        let names: Vec<&str> = leases
+            .iter()
+            .filter(|l| l["status"] == "active" && l["client"].as_str().unwrap().starts_with("api"))
+            .map(|l| l["name"].as_str().unwrap())
+            .collect();
+        if !names.is_empty() {
+            let mut c = lab.as_admin(&["delete", "lease"]);
+            c.args(&names);
+            lab.ok("admin-delete", c);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let mut cli_leases = Vec::new();
+    for (i, p) in clis.iter_mut().enumerate() {
+        let st = p.expect_exit(READY);
+        assert!(st.success(), "cli{i}: {}", p.describe());
+        cli_leases.push(lease_json(&p.stdout_so_far()));
+        if told.iter().all(|(t, _)| *t != i) {
+            // It was waiting when the controller died, and resumed.
+            assert!(
+                p.stderr().contains("retrying"),
+                "cli{i} never noticed the controller died: {}",
+                p.describe()
+            );
+        }
+    }
+    assert!(
+        told.len() < clis.len(),
+        "every CLI client had its lease before the kill; nothing resumed"
+    );
+    for t in tasks {
+        if let Err(e) = rt.block_on(t) {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+    let leases = lab.leases();
+    check_listing_json(&leases, "at the end");
+    for (i, l) in cli_leases.iter().enumerate() {
+        let found = find_lease(&leases, l["name"].as_str().unwrap())
+            .unwrap_or_else(|| panic!("cli{i}'s lease {l} not listed: {leases:#?}"));
+        assert_eq!(found["exporter"], l["exporter"]);
+        assert_eq!(found["status"], "active");
+    }
+    assert_eq!(granted.lock().unwrap().len(), 16);
+    for r in registrations {
+        r.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4, 5. A lease's end ends the attached session
+
+/// A lab with one jmpd exporter `name` (board=`board`) and one client `u`.
+fn lab_with_one_board(tag: &str, name: &str, board: &str) -> (Lab, Jmpd) {
+    let lab = Lab::new(tag);
+    let token = lab.create_exporter(name, &[&format!("board={board}")]);
+    let jmpd = lab.start_jmpd(&lab.exporter_config(name, &token, 0));
+    lab.create_client("u", &[]);
+    (lab, jmpd)
+}
+
+fn attach_lease(lab: &Lab, client: &str, extra: &[&str]) -> (Proc, Value) {
+    let mut cmd = lab.as_client(client, &["attach", "-o", "json", "--dev-dir"]);
+    cmd.arg(&lab.env.dev).args(extra);
+    let mut p = lab.spawn("jmp-attach", cmd);
+    let line = p.expect_line(READY, "jmp attach's JSON line", |l| {
+        l.trim_start().starts_with('{')
+    });
+    let v = serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"));
+    (p, v)
+}
+
+#[test]
+fn lease_expiry_ends_a_live_attach() {
+    let (lab, _jmpd) = lab_with_one_board("ctl-expiry", "short-01", "short");
+    let name = lab.ok(
+        "create",
+        lab.as_client(
+            "u",
+            &["create", "lease", "-l", "board=short", "--duration", "4s"],
+        ),
+    );
+    let name = name.trim().to_string();
+    let (mut attach, v) = attach_lease(&lab, "u", &[]);
+    let path = local_of(&v, "console");
+    assert!(is_link(&path), "{path} is not a symlink");
+    let st = attach.expect_exit(LONG);
+    assert_eq!(st.code(), Some(6), "{}", attach.describe());
+    let err = attach.stderr();
+    assert!(
+        err.contains("expired"),
+        "attach should say the lease expired: {err}"
+    );
+    assert!(
+        err.contains(&format!("lease {name} ends in")),
+        "a short lease is warned about at once: {err}"
+    );
+    assert!(
+        !is_link(&path),
+        "{path} still exists after the lease expired"
+    );
+    assert!(poll_until(READY, || find_lease(&lab.leases(), &name).is_none()));
+}
+
+#[test]
+fn deleting_the_lease_ends_the_session() {
+    let (lab, _jmpd) = lab_with_one_board("ctl-release", "rel-01", "rel");
+    let name = lab
+        .ok(
+            "create",
+            lab.as_client(
+                "u",
+                &["create", "lease", "-l", "board=rel", "--duration", "10m"],
+            ),
+        )
+        .trim()
+        .to_string();
+    let (mut attach, v) = attach_lease(&lab, "u", &[]);
+    let path = local_of(&v, "console");
+    assert!(is_link(&path));
+    assert!(attach.is_running());
+    lab.ok("delete", lab.as_client("u", &["delete", "lease", &name]));
+    let st = attach.expect_exit(LONG);
+    assert_eq!(st.code(), Some(6), "{}", attach.describe());
+    let err = attach.stderr();
+    assert!(
+        err.contains("released"),
+        "attach should say released: {err}"
+    );
+    assert!(!is_link(&path), "{path} still exists after the lease ended");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Credentials and lease tokens
+
+#[test]
+fn revoked_foreign_and_tampered_tokens_are_refused() {
+    let lab = Lab::new("ctl-tokens");
+    let ta = lab.create_exporter("tok-a", &["board=tok"]);
+    let tb = lab.create_exporter("tok-b", &["board=tok"]);
+    let a = lab.start_jmpd(&lab.exporter_config("tok-a", &ta, 0));
+    let b = lab.start_jmpd(&lab.exporter_config("tok-b", &tb, 0));
+
+    // (a) A rotated credential: the old file is refused as revoked, the new one works.
+    let file = lab.create_client("rot", &[]);
+    let saved = lab.env.config.join("clients/rot.yaml");
+    let old = lab.env.root.join("rot-old.yaml");
+    std::fs::copy(&saved, &old).expect("copy the client config");
+    let out = lab.ok("rotate", lab.as_client("rot", &["auth", "rotate"]));
+    assert!(out.contains("rotated"), "{out}");
+    let mut c = lab.jmp();
+    c.env("JMP_CLIENT_CONFIG", &old).args(["get", "leases"]);
+    let out = lab.run("old-credential", c);
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    assert!(out.stderr.contains("revoked"), "{}", show(&out));
+    let mut c = lab.jmp();
+    c.env("JMP_CLIENT_CONFIG", &file).args(["get", "leases"]);
+    let out = lab.run("admin-create-copy", c);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the file from admin create is the old credential too: {}",
+        show(&out)
+    );
+    lab.ok("new-credential", lab.as_client("rot", &["get", "leases"]));
+
+    // (b) A lease token for exporter A, presented to B.
+    let lease = lab
+        .ok(
+            "lease-a",
+            lab.as_client(
+                "rot",
+                &["create", "lease", "-n", "tok-a", "--duration", "10m"],
+            ),
+        )
+        .trim()
+        .to_string();
+    let (a_addr, a_fp) = (a.addr, a.fingerprint.clone());
+    let token = runtime().block_on(async {
+        let api = Api::connect(lab.ctl.addr, &lab.ctl.fingerprint)
+            .await
+            .expect("connect");
+        let cred = config_token(&saved);
+        match api
+            .call(
+                &cred,
+                Request::LeaseAccess {
+                    name: Some(lease.clone()),
+                },
+            )
+            .await
+        {
+            Ok(Reply::Access(a)) => {
+                assert_eq!(a.lease.exporter, "tok-a");
+                assert_eq!(a.address, a_addr.to_string());
+                assert_eq!(a.fingerprint, a_fp);
+                a.token
+            }
+            other => panic!("LeaseAccess: {other:?}"),
+        }
+    });
+    let direct = |label: &str, j: &Jmpd, token: &str| {
+        let f = lab.env.root.join(format!("{}.lease-token", unique(label)));
+        write_private(&f, token);
+        let mut c = lab.jmp();
+        c.args(["attach", "--exporter", &j.addr.to_string(), "--token-file"])
+            .arg(&f)
+            .args(["--fingerprint", &j.fingerprint, "--dev-dir"])
+            .arg(&lab.env.dev)
+            .args(["-o", "json"]);
+        c
+    };
+    let out = lab.run("token-a-on-b", direct("a-on-b", &b, &token));
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    assert!(
+        out.stderr.contains("tok-a") && out.stderr.contains("refused"),
+        "the refusal names the exporter the token is for: {}",
+        show(&out)
+    );
+    // The same token is good on A (the control).
+    let mut p = lab.spawn("token-a-on-a", direct("a-on-a", &a, &token));
+    p.expect_line(READY, "attach's JSON line", |l| l.starts_with('{'));
+    p.stop();
+
+    // (c) The same token with one character of its payload changed.
+    let parts: Vec<&str> = token.split('.').collect();
+    assert_eq!(parts.len(), 3, "{token}");
+    let mut payload: Vec<char> = parts[1].chars().collect();
+    let i = payload.len() / 2;
+    payload[i] = if payload[i] == 'A' { 'B' } else { 'A' };
+    let tampered = format!(
+        "{}.{}.{}",
+        parts[0],
+        payload.into_iter().collect::<String>(),
+        parts[2]
+    );
+    let out = lab.run("tampered", direct("tampered", &a, &tampered));
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    assert!(out.stderr.contains("refused"), "{}", show(&out));
+
+    // (d) A deleted client's credential.
+    lab.create_client("gone", &[]);
+    lab.ok("gone-works", lab.as_client("gone", &["get", "leases"]));
+    lab.ok("delete-client", lab.admin(&["delete", "client", "gone"]));
+    let out = lab.run("gone-refused", lab.as_client("gone", &["get", "leases"]));
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    assert!(
+        out.stderr.contains("\"gone\"") && out.stderr.contains("deleted"),
+        "{}",
+        show(&out)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Bad input
+
+#[test]
+fn bad_input_is_refused_with_a_clear_message() {
+    let mut lab = Lab::new("ctl-bad");
+    let token = lab.create_exporter("bad-rpi4", &["board=rpi4"]);
+    let _jmpd = lab.start_jmpd(&lab.exporter_config("bad-rpi4", &token, 0));
+    lab.create_exporter("bad-imx8", &["board=imx8"]);
+    lab.create_client(
+        "limited",
+        &["--allow", "board=rpi4", "--max-duration", "2h"],
+    );
+    lab.create_client("other", &[]);
+    let expect = |label: &str, args: &[&str], code: i32, needles: &[&str]| {
+        let out = lab.run(label, lab.as_client("limited", args));
+        assert_eq!(out.status.code(), Some(code), "{label}: {}", show(&out));
+        for n in needles {
+            assert!(
+                out.stderr.contains(n),
+                "{label}: stderr lacks {n:?}: {}",
+                show(&out)
+            );
+        }
+        out
+    };
+    expect(
+        "bad-selector",
+        &["create", "lease", "-l", "board in (a,"],
+        2,
+        &["position"],
+    );
+    expect(
+        "bad-duration",
+        &["create", "lease", "-l", "board=rpi4", "--duration", "30x"],
+        2,
+        &["--duration", "position"],
+    );
+    expect(
+        "outside-policy",
+        &["create", "lease", "-l", "board=imx8"],
+        10,
+        &["policy", "board=rpi4"],
+    );
+    expect(
+        "too-long",
+        &["create", "lease", "-l", "board=rpi4", "--duration", "3h"],
+        10,
+        &["at most 2h"],
+    );
+    expect(
+        "no-match",
+        &["create", "lease", "-l", "board=nope"],
+        5,
+        &["board=nope"],
+    );
+    lab.ok(
+        "take-it",
+        lab.as_client("other", &["create", "lease", "-l", "board=rpi4"]),
+    );
+    expect(
+        "all-busy",
+        &["create", "lease", "-l", "board=rpi4"],
+        4,
+        &["--wait"],
+    );
+
+    let mut c = lab.jmp();
+    c.env("JMP_CLIENT", "nosuch").args(["get", "leases"]);
+    let out = lab.run("unknown-client", c);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        out.stderr.contains("no client config \"nosuch\""),
+        "{}",
+        show(&out)
+    );
+
+    // Garbage on the controller's UDP port.
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    for (i, len) in [1usize, 7, 64, 1200, 1500].into_iter().enumerate() {
+        let mut junk = pseudo_random(len, i as u64 + 1);
+        sock.send_to(&junk, lab.ctl.addr).expect("send");
+        // A long header with QUIC v1 and nonsense after it.
+        junk[0] = 0xc3;
+        if len >= 5 {
+            junk[1..5].copy_from_slice(&[0, 0, 0, 1]);
+        }
+        sock.send_to(&junk, lab.ctl.addr).expect("send");
+    }
+    let out = lab.ok(
+        "after-garbage",
+        lab.as_client("other", &["get", "exporters", "--with", "online"]),
+    );
+    assert!(out.contains("bad-rpi4"), "{out}");
+    assert!(lab.ctl.proc.is_running(), "{}", lab.ctl.proc.describe());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Metrics
+
+fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to the metrics port");
+    s.set_read_timeout(Some(READY)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).expect("read the answer");
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {text:?}"));
+    (head.to_string(), body.to_string())
+}
+
+#[test]
+fn metrics_pass_promtool_and_carry_the_team() {
+    if !which("promtool") {
+        skip("promtool not installed (apt-get install prometheus)");
+        return;
+    }
+    let (lab, _jmpd) = lab_with_one_board("ctl-metrics", "met-01", "met");
+    lab.create_client("blue1", &["-l", "team=blue"]);
+    lab.create_client("blue2", &["-l", "team=blue"]);
+    let create = |c: &str, extra: &[&str]| {
+        let mut cmd = lab.as_client(
+            c,
+            &["create", "lease", "-l", "board=met", "--duration", "10m"],
+        );
+        cmd.args(extra);
+        cmd
+    };
+    let l1 = lab
+        .ok("blue1-create", create("blue1", &[]))
+        .trim()
+        .to_string();
+    let mut w = lab.spawn("blue2-wait", create("blue2", &["--wait", "60"]));
+    wait_stderr(&mut w, "waiting: position 1", LONG);
+    let out = lab.run(
+        "blue1-no-match",
+        lab.as_client("blue1", &["create", "lease", "-l", "board=none"]),
+    );
+    assert_eq!(out.status.code(), Some(5), "{}", show(&out));
+    lab.ok(
+        "blue1-delete",
+        lab.as_client("blue1", &["delete", "lease", &l1]),
+    );
+    let l2 = w.expect_line(LONG, "blue2's lease", |l| !l.trim().is_empty());
+    assert!(w.expect_exit(READY).success(), "{}", w.describe());
+    lab.ok(
+        "blue2-delete",
+        lab.as_client("blue2", &["delete", "lease", l2.trim()]),
+    );
+
+    let (head, body) = http_get(lab.ctl.metrics, "/metrics");
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200"),
+        "{head}"
+    );
+    let mut p = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    p.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = p.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed ({}):\n{}{}\n--- body ---\n{body}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let has = |prefix: &str, needles: &[&str]| {
+        body.lines()
+            .any(|l| l.starts_with(prefix) && needles.iter().all(|n| l.contains(n)))
+    };
+    assert!(
+        has(
+            "jmp_lease_requests_total{",
+            &["team=\"blue\"", "result=\"granted\""]
+        ),
+        "{body}"
+    );
+    assert!(
+        has(
+            "jmp_lease_requests_total{",
+            &["team=\"blue\"", "result=\"no_match\""]
+        ),
+        "{body}"
+    );
+    assert!(
+        has("jmp_lease_wait_seconds_count{", &["team=\"blue\"", "} 2"]),
+        "two grants (one at once, one from the queue): {body}"
+    );
+    assert!(
+        has(
+            "jmp_lease_held_seconds_count{",
+            &["team=\"blue\"", "reason=\"released\"", "} 2"]
+        ),
+        "{body}"
+    );
+    assert!(has("jmp_exporters{state=\"online\"} 1", &[]), "{body}");
+
+    let (head, body) = http_get(lab.ctl.metrics, "/healthz");
+    assert!(head.contains(" 200"), "{head}");
+    assert_eq!(body.trim(), "ok");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. An exporter going offline does not end its lease
+
+fn online_column(lab: &Lab, name: &str) -> String {
+    let out = lab.ok(
+        "get-exporters",
+        lab.as_client("u", &["get", "exporters", "--with", "online"]),
+    );
+    let row = out
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .unwrap_or_else(|| panic!("no row for {name} in:\n{out}"));
+    row.split_whitespace()
+        .nth(2)
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn exporter_offline_keeps_its_lease_and_comes_back() {
+    let lab = Lab::new("ctl-offline");
+    let token = lab.create_exporter("off-01", &["board=off"]);
+    let config = lab.exporter_config("off-01", &token, free_udp_port());
+    let mut jmpd = lab.start_jmpd(&config);
+    lab.create_client("u", &[]);
+    let name = lab
+        .ok(
+            "create",
+            lab.as_client(
+                "u",
+                &["create", "lease", "-n", "off-01", "--duration", "10m"],
+            ),
+        )
+        .trim()
+        .to_string();
+    assert_eq!(online_column(&lab, "off-01"), "yes");
+
+    jmpd.proc.kill9();
+    assert!(
+        poll_until(LONG, || online_column(&lab, "off-01") == "no"),
+        "the controller never noticed off-01 went away"
+    );
+    let l = lab.leases();
+    let found = find_lease(&l, &name).unwrap_or_else(|| panic!("lease gone: {l:#?}"));
+    assert_eq!(found["status"], "active");
+    assert_eq!(found["exporter"], "off-01");
+
+    let jmpd2 = lab.start_jmpd(&config);
+    assert_eq!(jmpd2.fingerprint, jmpd.fingerprint);
+    assert!(poll_until(LONG, || online_column(&lab, "off-01") == "yes"));
+    let (attach, v) = attach_lease(&lab, "u", &["--lease", &name]);
+    let mut c = Console::open(local_of(&v, "console"));
+    let deadline = Instant::now() + LONG;
+    loop {
+        c.write(b"\r");
+        let got = String::from_utf8_lossy(&c.read_some(Duration::from_millis(1000))).to_string();
+        if got.contains("login: ") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no login prompt on {}",
+            c.path.display()
+        );
+    }
+    c.drain();
+    sim_login_and_echo(&mut c, "back-online");
+    drop(attach);
+    let l = lab.leases();
+    assert!(find_lease(&l, &name).is_some(), "{l:#?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. Disabled exporters
+
+#[test]
+fn disabling_an_exporter_ends_its_lease_until_enabled() {
+    let (lab, _jmpd) = lab_with_one_board("ctl-disable", "dis-01", "dis");
+    let name = lab
+        .ok(
+            "create",
+            lab.as_client(
+                "u",
+                &["create", "lease", "-n", "dis-01", "--duration", "10m"],
+            ),
+        )
+        .trim()
+        .to_string();
+    let (mut attach, v) = attach_lease(&lab, "u", &[]);
+    let path = local_of(&v, "console");
+    lab.ok("disable", lab.admin(&["disable", "exporter", "dis-01"]));
+    let st = attach.expect_exit(LONG);
+    assert_eq!(st.code(), Some(6), "{}", attach.describe());
+    assert!(
+        attach.stderr().contains("disabled"),
+        "{}",
+        attach.describe()
+    );
+    assert!(!is_link(&path));
+    assert!(find_lease(&lab.leases(), &name).is_none());
+    assert_eq!(online_column(&lab, "dis-01"), "disabled");
+    assert_eq!(lab.exporter("dis-01")["enabled"], false);
+
+    for args in [
+        &["create", "lease", "-n", "dis-01"][..],
+        &["create", "lease", "-l", "board=dis"][..],
+    ] {
+        let out = lab.run("create-disabled", lab.as_client("u", args));
+        assert_eq!(out.status.code(), Some(5), "{}", show(&out));
+        assert!(
+            out.stderr.contains("not online and enabled"),
+            "{}",
+            show(&out)
+        );
+    }
+
+    lab.ok("enable", lab.admin(&["enable", "exporter", "dis-01"]));
+    assert_eq!(online_column(&lab, "dis-01"), "yes");
+    let again = lab.ok(
+        "create-again",
+        lab.as_client("u", &["create", "lease", "-n", "dis-01", "-o", "json"]),
+    );
+    let l = lease_json(&again);
+    assert_eq!(l["exporter"], "dis-01");
+    let (_attach, _v) = attach_lease(&lab, "u", &[]);
+}
