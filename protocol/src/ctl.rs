@@ -281,8 +281,9 @@ pub struct LeaseInfo {
     pub begin: u64,
     pub end: u64,
     pub request_id: String,
-    /// `active`, or `waiting` for a request still in the queue (then `exporter` is empty and
-    /// `begin`/`end` are the earliest it may begin and when it gives up).
+    /// `active`, or `waiting` for a request still in the queue (then `exporter` is the exporter
+    /// asked for by name, or empty, and `begin`/`end` are the earliest it may begin and when it
+    /// gives up).
     #[serde(default)]
     pub status: String,
 }
