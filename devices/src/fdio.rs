@@ -8,7 +8,19 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use tokio::io::unix::AsyncFd;
 
 /// Reads at most `max` bytes into `buf` (cleared first). `Ok(0)` is end of file.
-pub async fn read(fd: &AsyncFd<OwnedFd>, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+///
+/// A tty read returns everything that is buffered, so a short read means the descriptor is
+/// drained: its readiness is cleared then, which saves the `read` that would only return EAGAIN
+/// on every wake-up (a console round trip is made of few bytes and many wake-ups). A later
+/// arrival is still seen: tokio only clears the readiness this read observed. In pty packet mode
+/// (`packet`), a status packet is one byte however much data waits behind it, so only data
+/// packets (first byte 0) count as drained.
+pub async fn read(
+    fd: &AsyncFd<OwnedFd>,
+    buf: &mut BytesMut,
+    max: usize,
+    packet: bool,
+) -> io::Result<usize> {
     buf.clear();
     buf.reserve(max);
     loop {
@@ -23,11 +35,17 @@ pub async fn read(fd: &AsyncFd<OwnedFd>, buf: &mut BytesMut, max: usize) -> io::
                 return Err(io::Error::last_os_error());
             }
             unsafe { buf.set_len(n as usize) };
-            Ok(n as usize)
+            Ok((n as usize, len))
         });
         match res {
             Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Ok(r) => return r,
+            Ok(Ok((n, len))) => {
+                if n > 0 && n < len && (!packet || buf[0] == 0) {
+                    guard.clear_ready();
+                }
+                return Ok(n);
+            }
+            Ok(Err(e)) => return Err(e),
             Err(_would_block) => continue,
         }
     }

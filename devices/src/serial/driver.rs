@@ -384,7 +384,7 @@ async fn tty_task(
             let mut buf = BytesMut::new();
             loop {
                 history.wait_room(chunk).await;
-                match crate::fdio::read(&fd, &mut buf, chunk).await {
+                match crate::fdio::read(&fd, &mut buf, chunk, false).await {
                     Ok(0) => return "end of file".to_string(),
                     Ok(_) => history.push(&buf),
                     Err(e) => return e.to_string(),

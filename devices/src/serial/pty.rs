@@ -112,7 +112,7 @@ impl Pty {
     }
 
     pub async fn read(&self, buf: &mut BytesMut) -> io::Result<Packet> {
-        match crate::fdio::read(&self.master, buf, 16 * 1024).await {
+        match crate::fdio::read(&self.master, buf, 16 * 1024, true).await {
             Ok(0) => Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(_) => Ok(match buf[0] {
                 0 => {
