@@ -121,13 +121,8 @@ pub fn server_endpoint(
     endpoint_config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
-    quinn::Endpoint::new(
-        endpoint_config,
-        Some(server),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|e| ConnectError::Tls(format!("cannot create endpoint: {e}")))
+    make_endpoint(endpoint_config, Some(server), socket)
+        .map_err(|e| ConnectError::Tls(format!("cannot create endpoint: {e}")))
 }
 
 /// A client endpoint bound to an ephemeral port of the right address family.
@@ -138,11 +133,25 @@ pub fn client_endpoint(peer: SocketAddr) -> std::io::Result<quinn::Endpoint> {
         "0.0.0.0:0".parse().expect("literal")
     };
     let socket = std::net::UdpSocket::bind(bind)?;
-    quinn::Endpoint::new(
-        endpoint_config(None),
-        None,
-        socket,
-        Arc::new(quinn::TokioRuntime),
+    make_endpoint(endpoint_config(None), None, socket)
+}
+
+/// An endpoint over [`crate::udp::QuietUdp`] (fewer wake-ups per round trip), or over quinn's
+/// own tokio socket with `JMP_UDP_SOCKET=quinn` (for comparing the two in benchmarks).
+fn make_endpoint(
+    config: quinn::EndpointConfig,
+    server: Option<quinn::ServerConfig>,
+    socket: std::net::UdpSocket,
+) -> std::io::Result<quinn::Endpoint> {
+    let runtime = Arc::new(quinn::TokioRuntime);
+    if std::env::var("JMP_UDP_SOCKET").is_ok_and(|v| v == "quinn") {
+        return quinn::Endpoint::new(config, server, socket, runtime);
+    }
+    quinn::Endpoint::new_with_abstract_socket(
+        config,
+        server,
+        crate::udp::QuietUdp::new(socket)?,
+        runtime,
     )
 }
 

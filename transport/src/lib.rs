@@ -17,6 +17,7 @@ pub mod identity;
 pub mod link;
 pub mod pipe;
 pub mod token;
+pub mod udp;
 
 pub use endpoint::{client_endpoint, connect, server_endpoint, ConnectError};
 pub use identity::{Fingerprint, Identity, IdentityError};
