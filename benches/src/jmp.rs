@@ -17,6 +17,8 @@ pub fn workspace_dir() -> PathBuf {
 pub struct Bins {
     pub jmpd: PathBuf,
     pub jmp: PathBuf,
+    /// Checked by the controller benchmark only (older `--bin-dir`s may lack it).
+    pub controller: PathBuf,
 }
 
 /// Builds the workspace's release binaries (unless `build` is false) and locates them in
@@ -39,6 +41,7 @@ pub fn bins(build: bool, bin_dir: Option<PathBuf>) -> Result<Bins> {
     let b = Bins {
         jmpd: dir.join("jmpd"),
         jmp: dir.join("jmp"),
+        controller: dir.join("jmp-controller"),
     };
     for p in [&b.jmpd, &b.jmp] {
         if !p.exists() {

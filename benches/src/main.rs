@@ -1,15 +1,15 @@
-//! `cargo run --release -p jmp-bench -- [all|serial|tcp|quinn|memory] [--rounds N]
+//! `cargo run --release -p jmp-bench -- [all|serial|tcp|quinn|memory|controller] [--rounds N]
 //! [--iperf-seconds S] [--no-build] [--bin-dir DIR]`
 //!
-//! `--bin-dir` takes `jmpd` and `jmp` from DIR instead of building the workspace (to measure a
-//! fixed commit while the working tree changes).
+//! `--bin-dir` takes `jmpd`, `jmp` and `jmp-controller` from DIR instead of building the
+//! workspace (to measure a fixed commit while the working tree changes).
 //!
 //! Runs each benchmark's baseline and peers in the same run, interleaved round by round, prints
 //! a markdown table per benchmark (medians, ratios, PASS/MISS against the targets) and writes
 //! everything as JSON to `target/bench-results.json`.
 
 use anyhow::{bail, Result};
-use jmp_bench::{jmp, memory, quic, serial, tcp};
+use jmp_bench::{controller, jmp, memory, quic, serial, tcp};
 use std::process::Command;
 
 struct Args {
@@ -37,11 +37,11 @@ fn parse() -> Result<Args> {
             "--bin-dir" => a.bin_dir = it.next().map(Into::into),
             "all" => a
                 .which
-                .extend(["serial", "tcp", "quinn", "memory"].map(String::from)),
-            "serial" | "tcp" | "quinn" | "memory" => a.which.push(x),
+                .extend(["serial", "tcp", "quinn", "memory", "controller"].map(String::from)),
+            "serial" | "tcp" | "quinn" | "memory" | "controller" => a.which.push(x),
             "-h" | "--help" => {
                 println!(
-                    "usage: jmp-bench [all|serial|tcp|quinn|memory]... [--rounds N] \
+                    "usage: jmp-bench [all|serial|tcp|quinn|memory|controller]... [--rounds N] \
                      [--iperf-seconds S] [--no-build] [--bin-dir DIR]"
                 );
                 std::process::exit(0);
@@ -50,7 +50,7 @@ fn parse() -> Result<Args> {
         }
     }
     if a.which.is_empty() {
-        a.which = ["serial", "tcp", "quinn", "memory"]
+        a.which = ["serial", "tcp", "quinn", "memory", "controller"]
             .map(String::from)
             .to_vec();
     }
@@ -106,6 +106,7 @@ fn main() -> Result<()> {
             "tcp" => tcp::run(&bins, args.rounds, args.iperf_seconds),
             "quinn" => quic::run(args.rounds),
             "memory" => memory::run(&bins, args.rounds),
+            "controller" => controller::run(&bins, args.rounds),
             _ => unreachable!("parsed"),
         };
         match r {
