@@ -7,8 +7,8 @@
 //! **compare-and-swap** on that revision (an etcd `Txn` comparing a revision key). A controller
 //! that loses a CAS knows another instance wrote in between and must reload; with the embedded
 //! store there is only ever one writer, so a conflict means a bug and is reported as such.
-//! Watches (etcd's way to learn of other controllers' writes) would be an added method with a
-//! default that returns nothing; no caller needs them while one controller runs.
+//! Watches (etcd's way to learn of other controllers' writes) are `changes_since`, whose default
+//! says there are no other writers; no caller needs them while one controller runs.
 //!
 //! Values are JSON, so `redb` files and etcd keys stay inspectable with generic tools.
 
@@ -75,6 +75,13 @@ pub trait LeaseStore: Send + 'static {
     /// Applies `ops` atomically and durably if the revision is still `expected`; returns the new
     /// revision. Nothing is applied on error.
     fn commit(&mut self, expected: u64, ops: &[Op]) -> Result<u64, StoreError>;
+
+    /// What other writers changed after `revision` (etcd: a watch from that revision), so that
+    /// a controller that lost a compare-and-swap can catch up instead of reloading everything.
+    /// `None`: this store has no other writers (the embedded one).
+    fn changes_since(&mut self, _revision: u64) -> Result<Option<Vec<Op>>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// The embedded default: one redb file. redb commits are atomic and, with the default

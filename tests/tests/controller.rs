@@ -1784,3 +1784,100 @@ fn disabling_an_exporter_ends_its_lease_until_enabled() {
     assert_eq!(l["exporter"], "dis-01");
     let (_attach, _v) = attach_lease(&lab, "u", &[]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 11. The Jumpstarter workflow, as its documentation writes it
+
+/// Kills a background attachment by PID if the test ends before it does.
+struct PidGuard(i32);
+
+impl Drop for PidGuard {
+    fn drop(&mut self) {
+        if pid_alive(self.0) {
+            kill_pid(self.0);
+        }
+    }
+}
+
+#[test]
+fn the_jumpstarter_workflow_works_as_written() {
+    let lab = Lab::new("ctl-workflow");
+    let token = lab.create_exporter("rpi4-01", &["board=rpi4", "project=myproject"]);
+    let _jmpd = lab.start_jmpd(&lab.exporter_config("rpi4-01", &token, 0));
+    // The admin's side.
+    let file = lab.env.root.join("ci-client.yaml");
+    let mut c = lab.admin(&[
+        "create",
+        "client",
+        "ci-client",
+        "--allow",
+        "project=myproject",
+        "--max-duration",
+        "2h",
+        "--out",
+    ]);
+    c.arg(&file);
+    lab.ok("admin-create-client", c);
+    let mut c = lab.jmp();
+    c.args(["config", "client", "create", "ci-client", "--from"])
+        .arg(&file)
+        .arg("--no-use");
+    lab.ok("config-client-create", c);
+
+    // The user's side: exactly the documented commands (plus --dev-dir and -o json, so the
+    // test finds the device).
+    let mut c = lab.jmp();
+    c.args(["config", "client", "use", "ci-client"]);
+    lab.ok("config-client-use", c);
+    let mut c = lab.jmp();
+    c.args([
+        "create",
+        "lease",
+        "--selector",
+        "project=myproject",
+        "--wait",
+        "300",
+    ]);
+    let name = lab.ok("create-lease", c).trim().to_string();
+    assert!(
+        !name.is_empty() && !name.contains(char::is_whitespace),
+        "create lease should print the lease name, printed {name:?}"
+    );
+    let mut c = lab.jmp();
+    c.args(["attach", "-d", "-o", "json", "--dev-dir"])
+        .arg(&lab.env.dev);
+    let v = lease_json(&lab.ok("attach-d", c));
+    let pid = v["pid"].as_i64().expect("pid in attach's JSON") as i32;
+    let _guard = PidGuard(pid);
+    assert_eq!(v["exporter"], "rpi4-01");
+    let path = local_of(&v, "console");
+    // "pytest tests/hardware_tests/": use the console like a test would.
+    let mut console = Console::open(&path);
+    let deadline = Instant::now() + LONG;
+    loop {
+        console.write(b"\r");
+        let got =
+            String::from_utf8_lossy(&console.read_some(Duration::from_millis(1000))).to_string();
+        if got.contains("login: ") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no login prompt on {path}");
+    }
+    console.drain();
+    sim_login_and_echo(&mut console, "workflow");
+    drop(console);
+
+    let mut c = lab.jmp();
+    c.args(["delete", "lease"]);
+    let out = lab.ok("delete-lease", c);
+    assert!(
+        out.contains(&name),
+        "delete lease should name {name}: {out}"
+    );
+    // The background attachment ends on its own and takes its device with it.
+    assert!(
+        poll_until(LONG, || !pid_alive(pid) && !is_link(&path)),
+        "the background attach (pid {pid}) or its device {path} outlived the lease"
+    );
+    assert!(find_lease(&lab.leases(), &name).is_none());
+}

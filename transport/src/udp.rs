@@ -94,8 +94,7 @@ impl AsyncUdpSocket for QuietUdp {
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
         let r = self.state.send(self.io.get_ref().into(), transmit);
-        if r
-            .as_ref()
+        if r.as_ref()
             .is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock)
         {
             self.full.store(true, Ordering::Release);
