@@ -49,6 +49,9 @@ impl Signer {
                 let rng = ring::rand::SystemRandom::new();
                 let doc = Ed25519KeyPair::generate_pkcs8(&rng)
                     .map_err(|_| err("cannot generate a key".into()))?;
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+                }
                 crate::identity::write_private(path, doc.as_ref())
                     .map_err(|e| err(e.to_string()))?;
                 doc.as_ref().to_vec()
