@@ -1881,3 +1881,81 @@ fn the_jumpstarter_workflow_works_as_written() {
     );
     assert!(find_lease(&lab.leases(), &name).is_none());
 }
+
+// ---------------------------------------------------------------------------------------------
+// 12. Ctrl-C withdraws a waiting request; update lease moves the end
+
+#[test]
+fn interrupting_a_waiting_request_withdraws_it_and_extend_moves_the_end() {
+    let (lab, _jmpd) = lab_with_one_board("ctl-withdraw", "wd-01", "wd");
+    let held = lab.ok(
+        "create",
+        lab.as_client(
+            "u",
+            &[
+                "create",
+                "lease",
+                "-l",
+                "board=wd",
+                "--duration",
+                "10m",
+                "-o",
+                "json",
+            ],
+        ),
+    );
+    let held = lease_json(&held);
+    let name = held["name"].as_str().expect("lease name").to_string();
+
+    // `jmp update lease --extend` moves the end by exactly that much.
+    let out = lab.ok(
+        "update",
+        lab.as_client(
+            "u",
+            &["update", "lease", &name, "--extend", "10m", "-o", "json"],
+        ),
+    );
+    let updated = lease_json(&out);
+    assert_eq!(
+        updated["end"].as_u64().unwrap(),
+        held["end"].as_u64().unwrap() + 600,
+        "{held} -> {updated}"
+    );
+    // Beyond the client's limit is refused (the lab's client has the default 24h).
+    let out = lab.run(
+        "update-too-long",
+        lab.as_client("u", &["update", "lease", &name, "--duration", "48h"]),
+    );
+    assert_eq!(out.status.code(), Some(10), "{}", show(&out));
+
+    // A second request waits behind it; Ctrl-C withdraws it.
+    let mut waiter = lab.spawn(
+        "create-wait",
+        lab.as_client("u", &["create", "lease", "-l", "board=wd", "--wait", "120"]),
+    );
+    wait_stderr(&mut waiter, "position 1", LONG);
+    assert!(
+        lab.leases().iter().any(|l| l["status"] == "waiting"),
+        "{:#?}",
+        lab.leases()
+    );
+    waiter.signal(nix::sys::signal::Signal::SIGINT);
+    let st = waiter.expect_exit(LONG);
+    assert_eq!(st.code(), Some(130), "{}", waiter.describe());
+    assert!(
+        waiter.stderr().contains("withdrew"),
+        "{}",
+        waiter.describe()
+    );
+    assert!(
+        poll_until(LONG, || !lab
+            .leases()
+            .iter()
+            .any(|l| l["status"] == "waiting")),
+        "the withdrawn request is still queued: {:#?}",
+        lab.leases()
+    );
+    // Releasing the lease now leaves the exporter free (nobody was waiting any more).
+    lab.ok("delete", lab.as_client("u", &["delete", "lease", &name]));
+    assert!(lab.leases().is_empty(), "{:#?}", lab.leases());
+}
