@@ -84,6 +84,15 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     if args.check_config {
+        // The controller credential is checked too (readable, an exporter credential for this
+        // name, signed by the key it names): no network, nothing bound.
+        if let Some(c) = &cfg.controller {
+            let cred = std::fs::read_to_string(&c.token_file)
+                .with_context(|| format!("controller.tokenFile {}", c.token_file.display()))?;
+            let r = controller::Registrar::new(&cfg.metadata.name, cred, c.endpoint.clone(), None)
+                .map_err(|e| anyhow!("{}: {e}", c.token_file.display()))?;
+            println!("controller: {} (credential ok)", r.controller());
+        }
         println!(
             "{}: ok: exporter {} with {} device(s): {}",
             args.config.display(),

@@ -1959,3 +1959,33 @@ fn interrupting_a_waiting_request_withdraws_it_and_extend_moves_the_end() {
     lab.ok("delete", lab.as_client("u", &["delete", "lease", &name]));
     assert!(lab.leases().is_empty(), "{:#?}", lab.leases());
 }
+
+// ---------------------------------------------------------------------------------------------
+// 13. jmpd --check-config checks the controller credential
+
+#[test]
+fn check_config_validates_the_controller_credential() {
+    let lab = Lab::new("ctl-checkconfig");
+    let token = lab.create_exporter("chk-01", &["board=chk"]);
+    let check = |config: &Path| {
+        let mut c = Command::new(jmpd_bin());
+        c.arg("--config").arg(config).arg("--check-config");
+        lab.run("jmpd-check-config", c)
+    };
+    let out = check(&lab.exporter_config("chk-01", &token, 0));
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(out.stdout.contains("credential ok"), "{}", show(&out));
+
+    // Another exporter's credential.
+    let other = lab.create_exporter("chk-02", &["board=chk"]);
+    let out = check(&lab.exporter_config("chk-01", &other, 0));
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(out.stderr.contains("chk-02"), "{}", show(&out));
+
+    // Garbage.
+    let bad = lab.env.root.join("garbage.token");
+    write_private(&bad, "not a token\n");
+    let out = check(&lab.exporter_config("chk-01", &bad, 0));
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(out.stderr.contains("garbage.token"), "{}", show(&out));
+}
