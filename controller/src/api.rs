@@ -135,6 +135,7 @@ impl Api {
             }
         };
         let register = matches!(call.request, Request::Register(_));
+        let create = matches!(call.request, Request::CreateLease(_));
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let (rtx, mut rrx) = mpsc::unbounded_channel::<Reply>();
         if self
@@ -155,12 +156,14 @@ impl Api {
         // Forward replies until the final one. Meanwhile watch for the caller going away: a
         // waiting lease request or a registration must not outlive its caller unnoticed. An
         // exporter keeps its request side open while it is online, so its end is the signal.
+        let stopped = tx.0.stopped();
         let gone = async {
             if register {
                 let mut buf = [0u8; 256];
                 while let Ok(Some(_)) = recv.read(&mut buf).await {}
             } else {
-                std::future::pending::<()>().await
+                // The caller stopped reading (gave up) before its answer.
+                let _ = stopped.await;
             }
         };
         tokio::pin!(gone);
@@ -176,10 +179,13 @@ impl Api {
                         }
                         if fin {
                             let _ = tx.0.finish();
-                            if !register {
-                                return;
+                            if register {
+                                break;
                             }
-                            break;
+                            if create {
+                                self.confirm(&tx, stream).await;
+                            }
+                            return;
                         }
                     }
                     None => break,
@@ -190,5 +196,25 @@ impl Api {
         }
         let _ = self.core.send(Cmd::Gone { stream }).await;
         let _ = tx.0.finish();
+    }
+
+    /// Tells the core whether a lease reply reached its caller: the peer acknowledged the whole
+    /// stream, stopped it after reading, or closed its connection on purpose. A lease granted
+    /// from the queue to a caller that died meanwhile is otherwise held for nobody.
+    async fn confirm(&self, tx: &ReplyTx, stream: u64) {
+        use quinn::{ConnectionError, StoppedError};
+        let delivered = matches!(
+            tokio::time::timeout(Duration::from_secs(20), tx.0.stopped()).await,
+            Ok(Ok(_))
+                | Ok(Err(StoppedError::ConnectionLost(
+                    ConnectionError::ApplicationClosed(_)
+                )))
+        );
+        let cmd = if delivered {
+            Cmd::Delivered { stream }
+        } else {
+            Cmd::Gone { stream }
+        };
+        let _ = self.core.send(cmd).await;
     }
 }

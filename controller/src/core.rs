@@ -105,6 +105,9 @@ pub enum Cmd {
     },
     /// The caller of `stream` went away (stream stopped, connection lost).
     Gone { stream: u64 },
+    /// The caller of `stream` received its final reply (the peer acknowledged it, or closed
+    /// its connection on purpose after reading it).
+    Delivered { stream: u64 },
 }
 
 /// The key pair and the controller reference put into credentials.
@@ -471,6 +474,15 @@ impl<S: LeaseStore> Core<S> {
 
     fn handle(&mut self, now: Millis, cmd: Cmd) {
         match cmd {
+            Cmd::Delivered { stream } => {
+                // A lease granted from the queue reached its requester: no longer at risk of
+                // being held for nobody.
+                if let Some(id) = self.watcher_streams.remove(&stream) {
+                    if self.watchers.get(&id).is_none_or(|w| w.stream != stream) {
+                        self.orphans.remove(&id);
+                    }
+                }
+            }
             Cmd::Gone { stream } => {
                 if let Some(id) = self.watcher_streams.remove(&stream) {
                     if self.watchers.get(&id).is_some_and(|w| w.stream == stream) {
@@ -478,6 +490,9 @@ impl<S: LeaseStore> Core<S> {
                         info!(request = %id, "requester went away; keeping its place for {}s", self.orphan_grace.as_secs());
                         self.orphans.insert(id, Instant::now() + self.orphan_grace);
                     }
+                    // Otherwise its lease was granted and sent but never confirmed: the orphan
+                    // mark set at the grant stays, and the lease is released when it runs out
+                    // unless the requester comes back for it (same request id).
                 }
                 if let Some(name) = self.link_streams.remove(&stream) {
                     if self.links.get(&name).is_some_and(|l| l.stream == stream) {
@@ -707,6 +722,40 @@ impl<S: LeaseStore> Core<S> {
                 err(CtlErrorCode::Invalid, "duration must be positive"),
             );
         }
+        // A request id names one client's request: another client presenting it (by accident
+        // or on purpose) must not take over its place or its lease.
+        let owner = self
+            .book
+            .waiting_by_id(&req.request_id)
+            .map(|w| w.client.clone())
+            .or_else(|| {
+                self.book
+                    .leases()
+                    .find(|l| l.request_id == req.request_id)
+                    .map(|l| l.client.clone())
+            });
+        if owner.is_some_and(|o| o != caller.name) {
+            return refuse(
+                self,
+                "invalid",
+                err(
+                    CtlErrorCode::Invalid,
+                    "request_id is in use by another client",
+                ),
+            );
+        }
+        // Bounds before any arithmetic on values from the wire.
+        const TEN_YEARS: u64 = 10 * 365 * 24 * 3600;
+        if req.wait_secs > TEN_YEARS || req.begin_time.is_some_and(|t| t > now / 1000 + TEN_YEARS) {
+            return refuse(
+                self,
+                "invalid",
+                err(
+                    CtlErrorCode::Invalid,
+                    "wait or begin time is more than ten years away",
+                ),
+            );
+        }
         let (policy, allow, max) = self.client_policy(&caller.name);
         if req.duration_secs > max {
             return refuse(
@@ -723,8 +772,13 @@ impl<S: LeaseStore> Core<S> {
                 ),
             );
         }
-        let not_before = req.begin_time.map(|t| t * 1000).unwrap_or(now).max(now);
-        let wait_until = (req.wait_secs > 0).then(|| not_before + req.wait_secs * 1000);
+        let not_before = req
+            .begin_time
+            .map(|t| t.saturating_mul(1000))
+            .unwrap_or(now)
+            .max(now);
+        let wait_until = (req.wait_secs > 0)
+            .then(|| not_before.saturating_add(req.wait_secs.saturating_mul(1000)));
         let mut lease_name = random_hex(8);
         while self.book.lease(&lease_name).is_some() {
             lease_name = random_hex(8);
@@ -739,7 +793,7 @@ impl<S: LeaseStore> Core<S> {
                 selector,
                 policy,
                 exporter: req.exporter.clone(),
-                duration: req.duration_secs * 1000,
+                duration: req.duration_secs.saturating_mul(1000),
                 not_before,
                 wait_until,
             },
@@ -878,8 +932,8 @@ impl<S: LeaseStore> Core<S> {
             Err(e) => return Reply::Error(e),
         };
         let end = match (duration, extend) {
-            (Some(d), None) => lease.begin + d * 1000,
-            (None, Some(e)) => lease.end + e * 1000,
+            (Some(d), None) => lease.begin.saturating_add(d.saturating_mul(1000)),
+            (None, Some(e)) => lease.end.saturating_add(e.saturating_mul(1000)),
             _ => {
                 return err(
                     CtlErrorCode::Invalid,
@@ -968,9 +1022,11 @@ impl<S: LeaseStore> Core<S> {
                 .map(|w| w.request_id.clone())
             {
                 if let Some(w) = self.watchers.remove(&id) {
+                    self.watcher_streams.remove(&w.stream);
                     let r = err(CtlErrorCode::NotFound, format!("request {n} was deleted"));
                     self.out.push((w.tx, r));
                 }
+                self.orphans.remove(&id);
                 self.positions_dirty = true;
             }
             let ev = self.book.release(now, n);
@@ -1170,7 +1226,9 @@ impl<S: LeaseStore> Core<S> {
             .map(|w| w.request_id.clone())
             .collect();
         for id in waiting {
+            self.orphans.remove(&id);
             if let Some(w) = self.watchers.remove(&id) {
+                self.watcher_streams.remove(&w.stream);
                 self.out.push((
                     w.tx,
                     err(
@@ -1196,11 +1254,24 @@ impl<S: LeaseStore> Core<S> {
         self.dirty.insert((Table::Exporters, name.into()));
         let ev = self.book.remove_exporter(now, name);
         self.on_events(now, ev);
-        self.send_pushes();
+        // Its lease's end and then the refusal reach jmpd after the commit, like everything.
+        self.push.remove(name);
         if let Some(l) = self.links.remove(name) {
-            let _ = l.tx.send(err(
-                CtlErrorCode::Unauthorized,
-                format!("exporter {name} was deleted"),
+            let ended = self.ended.remove(name).unwrap_or_default();
+            self.out.push((
+                l.tx.clone(),
+                Reply::ExporterState {
+                    lease: None,
+                    ended,
+                    enabled: false,
+                },
+            ));
+            self.out.push((
+                l.tx,
+                err(
+                    CtlErrorCode::Unauthorized,
+                    format!("exporter {name} was deleted"),
+                ),
             ));
         }
         info!(exporter = %name, "exporter deleted");
@@ -1303,7 +1374,11 @@ impl<S: LeaseStore> Core<S> {
                     self.positions_dirty = true;
                     match self.watchers.remove(&lease.request_id) {
                         Some(w) => {
-                            self.watcher_streams.remove(&w.stream);
+                            // The stream stays mapped to the request until its caller confirms
+                            // receipt (`Delivered`); until then the grant counts as unclaimed.
+                            let grace = self.orphan_grace;
+                            self.orphans
+                                .insert(lease.request_id.clone(), Instant::now() + grace);
                             self.out.push((w.tx, Reply::Lease(lease_info(&lease))));
                         }
                         None => {
@@ -1776,5 +1851,84 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_queued_grant_that_never_reaches_its_requester_is_released() {
+        let mut h = start(MemStore::default(), authority(), Duration::from_millis(400));
+        let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
+        let c1 = h.client("c1", "", 0).await;
+        let c2 = h.client("c2", "", 0).await;
+        let c3 = h.client("c3", "", 0).await;
+        let l1 = match h.call(&c1, lease_req("r1", "board=rpi4", 600, 0)).await {
+            Reply::Lease(l) => l,
+            other => panic!("{other:?}"),
+        };
+        // c2 waits; the grant is sent to it, but its stream dies before confirming.
+        let (s2, mut rx2) = h
+            .start_call(&c2, lease_req("r2", "board=rpi4", 600, 60))
+            .await;
+        assert!(matches!(rx2.recv().await, Some(Reply::Queued { .. })));
+        h.call(
+            &c1,
+            Request::DeleteLease {
+                names: vec![l1.name],
+                all: false,
+            },
+        )
+        .await;
+        assert!(matches!(rx2.recv().await, Some(Reply::Lease(_))));
+        h.tx.send(Cmd::Gone { stream: s2 }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let admin = h.admin.clone();
+        match h.call(&admin, Request::GetLeases { all: true }).await {
+            Reply::Leases { leases } => assert!(leases.is_empty(), "held for nobody: {leases:?}"),
+            other => panic!("{other:?}"),
+        }
+
+        // The same again, but delivered: the lease stays.
+        let l3 = match h.call(&c3, lease_req("r3", "board=rpi4", 600, 0)).await {
+            Reply::Lease(l) => l,
+            other => panic!("{other:?}"),
+        };
+        let (s4, mut rx4) = h
+            .start_call(&c2, lease_req("r4", "board=rpi4", 600, 60))
+            .await;
+        assert!(matches!(rx4.recv().await, Some(Reply::Queued { .. })));
+        h.call(
+            &c3,
+            Request::DeleteLease {
+                names: vec![l3.name],
+                all: false,
+            },
+        )
+        .await;
+        assert!(matches!(rx4.recv().await, Some(Reply::Lease(_))));
+        h.tx.send(Cmd::Delivered { stream: s4 }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        match h.call(&admin, Request::GetLeases { all: true }).await {
+            Reply::Leases { leases } => {
+                assert_eq!(leases.len(), 1, "{leases:?}");
+                assert_eq!(leases[0].request_id, "r4");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Another client cannot take over a request id.
+        let r = h.call(&c1, lease_req("r4", "board=rpi4", 600, 0)).await;
+        assert_eq!(code(&r), Some(CtlErrorCode::Invalid), "{r:?}");
+        // Values from the wire that would overflow are refused, not wrapped.
+        let r = h
+            .call(
+                &c1,
+                Request::CreateLease(LeaseRequest {
+                    request_id: "r5".into(),
+                    selector: "board=rpi4".into(),
+                    duration_secs: 60,
+                    wait_secs: u64::MAX,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        assert_eq!(code(&r), Some(CtlErrorCode::Invalid), "{r:?}");
     }
 }

@@ -166,9 +166,18 @@ pub async fn run(args: Args) -> Result<()> {
     );
     let _ = std::io::stdout().flush();
     let api = api::Api::new(tx, verifier);
-    api.serve(endpoint, shutdown).await;
-    drop(core_task);
-    Ok(())
+    tokio::select! {
+        _ = api.serve(endpoint, shutdown) => Ok(()),
+        // The core only ends if it fails (a bug): serving on without it would answer every
+        // call with an error forever, so the process ends and its supervisor restarts it.
+        r = core_task => Err(anyhow!(
+            "the controller's core task ended ({}); exiting so that a restart reloads the store",
+            match r {
+                Err(e) if e.is_panic() => "it panicked",
+                _ => "unexpectedly",
+            }
+        )),
+    }
 }
 
 /// Writes a secret file (mode 0600), replacing any earlier one.

@@ -221,6 +221,13 @@ impl Ctl {
     pub fn close(&self) {
         self.conn.close(0u32.into(), b"");
     }
+
+    /// Closes the connection and waits (briefly) until the close has left: the controller
+    /// takes a deliberate close after a lease reply as proof that the reply arrived.
+    pub async fn finish(self) {
+        self.conn.close(0u32.into(), b"done");
+        let _ = tokio::time::timeout(Duration::from_millis(500), self._endpoint.wait_idle()).await;
+    }
 }
 
 pub fn unexpected(r: Reply) -> anyhow::Error {
@@ -468,7 +475,13 @@ pub async fn create_lease(cfg: &ClientConfig, c: CreateLease) -> Result<LeaseInf
         tty: std::io::stderr().is_terminal(),
         shown: false,
     };
-    let give_up = unix_now() + c.request.wait_secs + 30;
+    // Retrying is safe (the request id makes it idempotent), so transient failures are retried
+    // for the whole wait plus a margin, and for a short while even without --wait (a grant whose
+    // answer was lost is found again instead of being left to nobody).
+    // Whether a request may have reached the controller (before that, without --wait, an
+    // unreachable controller is an error at once).
+    let mut sent = false;
+    let mut give_up = unix_now() + c.request.wait_secs.max(15) + 30;
     let interrupted = jmp_transport::shutdown_signal("withdrawing the lease request");
     tokio::pin!(interrupted);
     let mut pending_lease: Option<String> = None;
@@ -480,6 +493,7 @@ pub async fn create_lease(cfg: &ClientConfig, c: CreateLease) -> Result<LeaseInf
             let ctl = Ctl::connect(cfg)
                 .await
                 .map_err(|e| CallError::Stream(e.to_string()))?;
+            sent = true;
             let mut s = ctl
                 .stream(Request::CreateLease(c.request.clone()))
                 .await?;
@@ -488,10 +502,15 @@ pub async fn create_lease(cfg: &ClientConfig, c: CreateLease) -> Result<LeaseInf
                     r = s.next() => match r? {
                         Some(Reply::Queued { lease, position, behind, wait_until, .. }) => {
                             pending_lease = Some(lease);
+                            give_up = give_up.max(wait_until + 30);
                             progress.show(position, &behind, wait_until);
                             last = Some((position, behind, wait_until));
                         }
-                        Some(Reply::Lease(l)) => return Ok(l),
+                        Some(Reply::Lease(l)) => {
+                            drop(s);
+                            ctl.finish().await;
+                            return Ok(l);
+                        }
                         Some(other) => return Err(CallError::Stream(format!("unexpected answer {other:?}"))),
                         None => return Err(CallError::NoAnswer),
                     },
@@ -520,7 +539,11 @@ pub async fn create_lease(cfg: &ClientConfig, c: CreateLease) -> Result<LeaseInf
             Err(CallError::Refused(e)) if e.message == "interrupted" => {
                 return Err(exit(130, "interrupted"));
             }
-            Err(e) if e.is_transient() && c.request.wait_secs > 0 && unix_now() < give_up => {
+            Err(e)
+                if e.is_transient()
+                    && (sent || c.request.wait_secs > 0)
+                    && unix_now() < give_up =>
+            {
                 progress.done();
                 eprintln!(
                     "jmp: controller {}: {e}; retrying in {:.1}s (the request keeps its place)",

@@ -169,8 +169,14 @@ impl Registrar {
         };
         let mut backoff = Duration::from_millis(500);
         loop {
-            match self.session(&exporter, &reg).await {
-                Ok(()) => backoff = Duration::from_millis(500),
+            let mut registered = false;
+            let res = self.session(&exporter, &reg, &mut registered).await;
+            if registered {
+                // It was up: a later loss starts the backoff afresh.
+                backoff = Duration::from_millis(500);
+            }
+            match res {
+                Ok(()) => {}
                 Err(e) => {
                     warn!(
                         "controller {}: {e}; retrying in {:.1}s",
@@ -184,7 +190,12 @@ impl Registrar {
         }
     }
 
-    async fn session(&self, exporter: &Exporter, reg: &Registration) -> Result<(), String> {
+    async fn session(
+        &self,
+        exporter: &Exporter,
+        reg: &Registration,
+        registered: &mut bool,
+    ) -> Result<(), String> {
         let ctl = self.claims.ctl.as_ref().ok_or("no controller")?;
         let addr = self
             .endpoint
@@ -218,6 +229,7 @@ impl Registrar {
                     ended,
                     enabled,
                 })) => {
+                    *registered = true;
                     if first {
                         info!(
                             "registered with controller {} as {}{}",
