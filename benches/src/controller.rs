@@ -82,15 +82,7 @@ fn start_controller(bins: &Bins, dir: &TempDir) -> Result<Controller> {
             break l;
         }
     };
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let after = |w: &str| {
-        words
-            .iter()
-            .position(|x| *x == w)
-            .and_then(|i| words.get(i + 1))
-            .map(|s| s.to_string())
-            .ok_or_else(|| anyhow!("unexpected controller ready line: {line}"))
-    };
+    let after = |w: &str| crate::proc::word_after(&line, w, "controller");
     let addr: SocketAddr = after("on")?.parse()?;
     let fingerprint: Fingerprint = after("fingerprint")?
         .parse()

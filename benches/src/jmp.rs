@@ -85,15 +85,7 @@ pub fn start_jmpd(bins: &Bins, dir: &TempDir, devices: &[(&str, String)]) -> Res
     )?;
     let line = proc.line(Duration::from_secs(20))?;
     // "jmpd: exporter NAME listening on ADDR fingerprint sha256:HEX"
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let after = |w: &str| {
-        words
-            .iter()
-            .position(|x| *x == w)
-            .and_then(|i| words.get(i + 1))
-            .map(|s| s.to_string())
-            .ok_or_else(|| anyhow!("unexpected jmpd ready line: {line}"))
-    };
+    let after = |w: &str| crate::proc::word_after(&line, w, "jmpd");
     Ok(Exporter {
         addr: after("on")?,
         fingerprint: after("fingerprint")?,

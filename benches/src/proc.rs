@@ -148,6 +148,17 @@ impl Drop for TempDir {
 }
 
 /// A currently free TCP port on 127.0.0.1.
+/// The word after `key` in a program's ready line ("listening on ADDR fingerprint FP").
+pub fn word_after(line: &str, key: &str, what: &str) -> Result<String> {
+    let mut words = line.split_whitespace();
+    words
+        .by_ref()
+        .find(|w| *w == key)
+        .and(words.next())
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("unexpected {what} ready line: {line}"))
+}
+
 pub fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())

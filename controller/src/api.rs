@@ -6,11 +6,11 @@ use crate::core::{Caller, Cmd};
 use jmp_protocol::ctl::{CtlErrorCode, Reply, Request};
 use jmp_protocol::token::TokenKind;
 use jmp_transport::ctl::{read_call, ReplyTx};
-use jmp_transport::token::{peek, Verifier};
+use jmp_transport::token::Verifier;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, Instrument};
 
@@ -83,20 +83,16 @@ impl Api {
         if credential.trim().is_empty() {
             return Err("no credential presented".into());
         }
-        let kind = peek(credential).map_err(|e| e.to_string())?.kind;
-        if kind == TokenKind::Lease {
-            return Err("a lease token is not a credential for the controller".into());
-        }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        // One decode: the signature is checked, then the kind.
         let c = self
             .verifier
-            .verify(credential, kind, now)
+            .verify_any(credential, jmp_transport::unix_now())
             .map_err(|e| e.to_string())?;
+        if c.kind == TokenKind::Lease {
+            return Err("a lease token is not a credential for the controller".into());
+        }
         Ok(Caller {
-            kind,
+            kind: c.kind,
             name: c.sub,
             jti: c.jti,
         })

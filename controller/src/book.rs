@@ -812,6 +812,13 @@ impl LeaseBook {
     }
 
     /// The state of a known request: its live lease, or its place in the queue.
+    /// The live lease granted for `request_id`, if any (by index).
+    pub fn lease_by_request(&self, request_id: &str) -> Option<&Lease> {
+        self.lease_by_request
+            .get(request_id)
+            .and_then(|name| self.leases.get(name))
+    }
+
     pub fn request_state(&self, now: Millis, request_id: &str) -> Option<RequestState> {
         if let Some(name) = self.lease_by_request.get(request_id) {
             return self.leases.get(name).cloned().map(RequestState::Leased);

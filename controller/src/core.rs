@@ -158,6 +158,13 @@ pub struct Core<S: LeaseStore> {
     orphan_grace: Duration,
 }
 
+/// The lease name a waiting request will get ("" if it is not waiting).
+fn lease_name_of(book: &LeaseBook, request_id: &str) -> String {
+    book.waiting_by_id(request_id)
+        .map(|w| w.lease_name.clone())
+        .unwrap_or_default()
+}
+
 pub fn now_ms() -> Millis {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -730,8 +737,7 @@ impl<S: LeaseStore> Core<S> {
             .map(|w| w.client.clone())
             .or_else(|| {
                 self.book
-                    .leases()
-                    .find(|l| l.request_id == req.request_id)
+                    .lease_by_request(&req.request_id)
                     .map(|l| l.client.clone())
             });
         if owner.is_some_and(|o| o != caller.name) {
@@ -824,7 +830,7 @@ impl<S: LeaseStore> Core<S> {
                 if let Some(w) = self.watchers.get_mut(&req.request_id) {
                     w.last = Some((position, behind.clone()));
                 }
-                let lease = self.lease_name_of(&req.request_id);
+                let lease = lease_name_of(&self.book, &req.request_id);
                 self.reply(
                     &tx,
                     Reply::Queued {
@@ -868,7 +874,7 @@ impl<S: LeaseStore> Core<S> {
             }) => {
                 self.orphans.remove(&req.request_id);
                 self.watch(&req.request_id, tx.clone(), stream, wait_until);
-                let lease = self.lease_name_of(&req.request_id);
+                let lease = lease_name_of(&self.book, &req.request_id);
                 self.reply(
                     &tx,
                     Reply::Queued {
@@ -882,13 +888,6 @@ impl<S: LeaseStore> Core<S> {
             }
         }
         self.on_events(now, events);
-    }
-
-    fn lease_name_of(&self, request_id: &str) -> String {
-        self.book
-            .waiting_by_id(request_id)
-            .map(|w| w.lease_name.clone())
-            .unwrap_or_default()
     }
 
     fn watch(&mut self, id: &str, tx: mpsc::UnboundedSender<Reply>, stream: u64, until: u64) {
@@ -1460,11 +1459,7 @@ impl<S: LeaseStore> Core<S> {
                 self.positions_dirty = true;
                 continue;
             }
-            let granted = self
-                .book
-                .leases()
-                .find(|l| l.request_id == id)
-                .map(|l| l.name.clone());
+            let granted = self.book.lease_by_request(&id).map(|l| l.name.clone());
             if let Some(l) = granted {
                 warn!(lease = %l, "lease was granted while its requester was away and nobody picked it up; releasing it");
                 let ev = self.book.release(now, &l);
@@ -1503,11 +1498,7 @@ impl<S: LeaseStore> Core<S> {
             if let Some(w) = self.watchers.get_mut(&id) {
                 if w.last.as_ref() != Some(&pos) {
                     w.last = Some(pos.clone());
-                    let lease = self
-                        .book
-                        .waiting_by_id(&id)
-                        .map(|w| w.lease_name.clone())
-                        .unwrap_or_default();
+                    let lease = lease_name_of(&self.book, &id);
                     let _ = w.tx.send(Reply::Queued {
                         request_id: id.clone(),
                         lease,

@@ -58,14 +58,7 @@ fn parse_duration_arg(s: &str) -> Result<u64, String> {
 
 pub fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("JMP_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    jmp_transport::init_logging(true);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -140,7 +133,7 @@ pub async fn run(args: Args) -> Result<()> {
         let _ = std::fs::remove_file(&admin_file);
         let cred = core.issue_admin("admin")?;
         let yaml = serde_norway::to_string(&ClientConfig::new(&cred))?;
-        write_secret(&admin_file, &yaml)
+        jmp_transport::write_secret_file(&admin_file, yaml.as_bytes())
             .with_context(|| format!("cannot write {}", admin_file.display()))?;
         info!("admin credential written to {}", admin_file.display());
     }
@@ -178,22 +171,4 @@ pub async fn run(args: Args) -> Result<()> {
             }
         )),
     }
-}
-
-/// Writes a secret file (mode 0600), replacing any earlier one.
-pub fn write_secret(path: &std::path::Path, content: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(content.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }

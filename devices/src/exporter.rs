@@ -36,13 +36,6 @@ pub struct Admission {
 /// How long before a lease's end the attached user is warned.
 pub const LEASE_WARNING: Duration = Duration::from_secs(300);
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Direct mode: the client must present the token from the exporter's token file.
 pub struct TokenAuth {
     digest: [u8; 32],
@@ -237,7 +230,7 @@ impl Exporter {
     /// Ends a session whose lease ran out and warns one whose lease ends soon. Runs on a short
     /// period, so a session ends within a second of its lease even with no controller around.
     fn lease_watchdog(&self) {
-        let now = unix_now();
+        let now = jmp_transport::unix_now();
         let mut holder = self.lock_holder();
         let Some(h) = holder.as_mut() else { return };
         let Some(until) = h.until else { return };

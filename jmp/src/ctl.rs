@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{IsTerminal, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 pub fn clients_dir() -> PathBuf {
     paths::config_dir().join("clients")
@@ -74,24 +74,10 @@ pub fn read_client_file(path: &Path) -> Result<ClientConfig> {
     Ok(c)
 }
 
-/// Writes a client config (0600), replacing an existing file.
+/// Writes a client config (0600: it holds the credential), replacing an existing file.
 pub fn write_client_file(path: &Path, c: &ClientConfig) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    let tmp = path.with_extension("yaml.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(serde_norway::to_string(c)?.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    jmp_transport::write_secret_file(path, serde_norway::to_string(c)?.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn client_path(name: &str) -> PathBuf {
@@ -244,12 +230,7 @@ pub enum Out {
     Name,
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use jmp_transport::unix_now;
 
 pub fn fmt_time(unix: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()

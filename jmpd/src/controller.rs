@@ -16,15 +16,8 @@ use jmp_transport::{client_endpoint, connect, Fingerprint};
 use std::collections::HashMap;
 use std::net::ToSocketAddrs;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tracing::{info, warn};
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 /// What the controller last told us.
 #[derive(Default)]
@@ -65,7 +58,7 @@ impl Authorizer for LeaseAuth {
         }
         let c = self
             .verifier
-            .verify(token, TokenKind::Lease, now())
+            .verify(token, TokenKind::Lease, jmp_transport::unix_now())
             .map_err(|e| format!("lease token refused: {e}"))?;
         let exporter = c.exporter.clone().unwrap_or_default();
         if exporter != self.exporter {
@@ -133,7 +126,7 @@ impl Registrar {
         // The credential must be signed by the key it names (a copy-paste check, not security:
         // the controller checks the credential itself).
         verifier
-            .verify(&credential, TokenKind::Exporter, now())
+            .verify(&credential, TokenKind::Exporter, jmp_transport::unix_now())
             .map_err(|e| format!("exporter credential: {e}"))?;
         Ok(Registrar {
             auth: Arc::new(LeaseAuth {

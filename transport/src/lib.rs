@@ -61,3 +61,47 @@ pub fn shutdown_signal(what: &'static str) -> impl std::future::Future<Output = 
         }
     }
 }
+
+/// Logging for jmp's programs: to stderr, level from `JMP_LOG` (default `info`), colours only
+/// on a terminal. `targets`: show the module of each line (daemons) or not (the CLI).
+pub fn init_logging(targets: bool) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("JMP_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(targets)
+        .init();
+}
+
+/// Wall-clock Unix seconds (token expiry, lease ends). 0 if the clock is before 1970.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Replaces `path` with `content`, readable by its owner only (credentials, client configs).
+/// Written to a temporary file first and renamed, so a reader never sees half a secret.
+pub fn write_secret_file(path: &std::path::Path, content: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(content)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

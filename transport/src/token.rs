@@ -112,6 +112,19 @@ impl Verifier {
     /// Checks signature, kind and expiry (against `now`, Unix seconds, with [`LEEWAY_SECS`]).
     /// Revocation is the caller's business (the controller's store; jmpd's pushed lease ends).
     pub fn verify(&self, token: &str, kind: TokenKind, now: u64) -> Result<Claims, TokenError> {
+        let claims = self.verify_any(token, now)?;
+        if claims.kind != kind {
+            return Err(TokenError::WrongKind {
+                expected: kind.as_str(),
+                found: claims.kind.as_str(),
+            });
+        }
+        Ok(claims)
+    }
+
+    /// Checks signature and expiry, for callers that accept more than one kind (the
+    /// controller's API takes client and exporter credentials alike).
+    pub fn verify_any(&self, token: &str, now: u64) -> Result<Claims, TokenError> {
         let mut v = Validation::new(Algorithm::EdDSA);
         v.validate_exp = false;
         v.validate_aud = false;
@@ -122,12 +135,6 @@ impl Verifier {
                 _ => TokenError::Malformed(e.to_string()),
             })?
             .claims;
-        if claims.kind != kind {
-            return Err(TokenError::WrongKind {
-                expected: kind.as_str(),
-                found: claims.kind.as_str(),
-            });
-        }
         if let Some(exp) = claims.exp {
             if now > exp + LEEWAY_SECS {
                 return Err(TokenError::Expired(now - exp));
