@@ -8,6 +8,7 @@ pub mod jmp;
 pub mod memory;
 pub mod proc;
 pub mod quic;
+pub mod relay;
 pub mod serial;
 pub mod stats;
 pub mod tcp;

@@ -9,7 +9,7 @@
 //! everything as JSON to `target/bench-results.json`.
 
 use anyhow::{bail, Result};
-use jmp_bench::{controller, jmp, memory, quic, serial, tcp};
+use jmp_bench::{controller, jmp, memory, quic, relay, serial, tcp};
 use std::process::Command;
 
 struct Args {
@@ -69,6 +69,11 @@ fn sh(cmd: &str, args: &[&str]) -> String {
 }
 
 fn main() -> Result<()> {
+    // The serial benchmark's reference relays run as children of this binary.
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("relay") {
+        return relay::main(&argv[2..]);
+    }
     let args = parse()?;
     let date = sh("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]);
     let command = format!(

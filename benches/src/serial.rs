@@ -1,6 +1,8 @@
 //! Serial echo: a "board" (an echo thread on a pty master) reached three ways, measured from a
 //! client that opens a tty: the board's own pty slave (the floor), jmp's local pty (jmpd exports
-//! the slave as `type: serial`), and ser2net (`chardelay: false`) + a socat local pty.
+//! the slave as `type: serial`), and ser2net (`chardelay: false`) + a socat local pty. Two
+//! reference relays (`relay.rs`) show the bounds: the least any two-process relay costs here,
+//! and the least a relay over jmp's QUIC endpoints costs.
 
 use crate::jmp::{start_attach, start_jmpd, Attach, Bins, Exporter};
 use crate::proc::{free_port, wait_listening, wait_path, which, Proc, TempDir};
@@ -294,6 +296,8 @@ pub struct Bulk {
 /// One way of reaching a board, with everything it needs kept alive.
 struct Route {
     name: &'static str,
+    /// Reference relays are measured for latency only (the UDP one drops bytes under load).
+    latency_only: bool,
     client: Client,
     _procs: Vec<Proc>,
     _board: Board,
@@ -303,6 +307,7 @@ fn direct() -> Result<Route> {
     let board = Board::new()?;
     Ok(Route {
         name: "direct pty (floor)",
+        latency_only: false,
         client: Client::open(&board.path)?,
         _procs: vec![],
         _board: board,
@@ -327,6 +332,7 @@ fn jmp(bins: &Bins, dir: &TempDir) -> Result<Route> {
     let client = Client::open(Path::new(&local))?;
     Ok(Route {
         name: "jmp",
+        latency_only: false,
         client,
         // Attach first so it stops before the exporter.
         _procs: vec![att.proc, exp.proc],
@@ -373,8 +379,53 @@ fn ser2net(dir: &TempDir) -> Result<Route> {
     let client = Client::open(&link)?;
     Ok(Route {
         name: "ser2net + socat",
+        latency_only: false,
         client,
         _procs: vec![socat, s2n],
+        _board: board,
+    })
+}
+
+pub const UDP_BOUND: &str = "bound: plain UDP relay";
+pub const QUIC_BOUND: &str = "bound: bare quinn relay";
+pub const SPIN_BOUND: &str = "bound: UDP relay, 200 µs busy-poll";
+
+/// A reference relay pair (see `relay.rs`), run as children of this binary: `server` on the
+/// board's tty prints what `client` needs; `client` prints the local pty it made.
+fn reference(
+    dir: &TempDir,
+    name: &'static str,
+    server: &str,
+    client: &str,
+    extra: &[&str],
+) -> Result<Route> {
+    let board = Board::new()?;
+    let me = std::env::current_exe().context("own executable")?;
+    let mut srv = Proc::spawn(
+        server,
+        Command::new(&me)
+            .args(["relay", server])
+            .arg(&board.path)
+            .args(extra),
+        &dir.join(&format!("{server}.log")),
+        true,
+    )?;
+    let hello = srv.line(Duration::from_secs(10))?;
+    let mut cli = Proc::spawn(
+        client,
+        Command::new(&me)
+            .args(["relay", client])
+            .args(hello.split_whitespace()),
+        &dir.join(&format!("{client}.log")),
+        true,
+    )?;
+    let local = cli.line(Duration::from_secs(10))?;
+    let client = Client::open(Path::new(local.trim()))?;
+    Ok(Route {
+        name,
+        latency_only: true,
+        client,
+        _procs: vec![cli, srv],
         _board: board,
     })
 }
@@ -391,6 +442,7 @@ struct Rounds {
 pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
     let dir_jmp = TempDir::new("serial-jmp")?;
     let dir_s2n = TempDir::new("serial-ser2net")?;
+    let dir_ref = TempDir::new("serial-reference")?;
     let mut skips = Vec::new();
     let mut paths = vec![direct().context("direct pty")?];
     match jmp(bins, &dir_jmp) {
@@ -400,6 +452,16 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
     match ser2net(&dir_s2n) {
         Ok(p) => paths.push(p),
         Err(e) => skips.push(format!("SKIP: ser2net + socat path: {e:#}")),
+    }
+    for (name, server, client, extra) in [
+        (UDP_BOUND, "udp-tty", "udp-pty", &[][..]),
+        (SPIN_BOUND, "udp-tty", "udp-pty", &["200"][..]),
+        (QUIC_BOUND, "quic-server", "quic-client", &[][..]),
+    ] {
+        match reference(&dir_ref, name, server, client, extra) {
+            Ok(p) => paths.push(p),
+            Err(e) => skips.push(format!("SKIP: {name}: {e:#}")),
+        }
     }
     for s in &skips {
         eprintln!("{s}");
@@ -418,7 +480,16 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
                     (f64::NAN, f64::NAN)
                 }
             };
-            let (bulk, lost) = match p.client.bulk(BULK_BYTES) {
+            let bulk = if p.latency_only {
+                Ok(Bulk {
+                    mb_s: f64::NAN,
+                    lost: 0,
+                    first_diff: None,
+                })
+            } else {
+                p.client.bulk(BULK_BYTES)
+            };
+            let (bulk, lost) = match bulk {
                 Ok(b) => {
                     if let Some(d) = b.first_diff {
                         eprintln!(
@@ -429,7 +500,12 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
                             b.lost
                         );
                     }
-                    (b.mb_s, b.lost as f64)
+                    let lost = if p.latency_only {
+                        f64::NAN
+                    } else {
+                        b.lost as f64
+                    };
+                    (b.mb_s, lost)
                 }
                 Err(e) => {
                     eprintln!("  round {}: {} bulk: {e:#}", r + 1, p.name);
@@ -437,12 +513,12 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
                 }
             };
             eprintln!(
-                "  serial round {}: {:<20} p50 {:>7.1} µs  p99 {:>7.1} µs  bulk {:>7.1} MB/s",
+                "  serial round {}: {:<24} p50 {:>7.1} µs  p99 {:>7.1} µs  bulk {:>7} MB/s",
                 r + 1,
                 p.name,
                 p50,
                 p99,
-                bulk
+                cell(bulk, 1)
             );
             out.p50.push(p50);
             out.p99.push(p99);
@@ -511,6 +587,24 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
         t_bulk.describe(),
         bulk_verdict
     ));
+    let udp = find(UDP_BOUND);
+    let quic = find(QUIC_BOUND);
+    let spin = find(SPIN_BOUND);
+    md.push_str(&format!(
+        "- {UDP_BOUND} p50 / ser2net+socat p50 = {}: the least a two-process relay costs on this \
+         machine (blocking poll loops over plain UDP, no encryption, no runtime). A target below \
+         it cannot be met by any relay that sleeps between bytes.\n\
+         - jmp p50 / {QUIC_BOUND} p50 = {}: what jmp's protocol and features add to QUIC and \
+         the runtime; {QUIC_BOUND} / {UDP_BOUND} = {}: what QUIC and the runtime add to a \
+         plain relay.\n\
+         - {SPIN_BOUND} p50 / ser2net+socat p50 = {}: busy-polling instead of sleeping (each relay \
+         keeps a CPU busy while bytes flow, competing with the board and the client for the \
+         cores).\n",
+        cell(udp.0 / s2n.0, 2),
+        cell(jm.0 / quic.0, 2),
+        cell(quic.0 / udp.0, 2),
+        cell(spin.0 / s2n.0, 2),
+    ));
     for s in &skips {
         md.push_str(&format!("- {s}\n"));
     }
@@ -532,6 +626,12 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
             {"what": "jmp p50 / ser2net+socat p50", "value": json(lat_ratio), "target": t_lat.describe(), "verdict": t_lat.verdict(lat_ratio)},
             {"what": "jmp bulk / ser2net+socat bulk", "value": json(bulk_ratio), "target": t_bulk.describe(), "verdict": bulk_verdict},
         ],
+        "bounds": {
+            "udp_relay_p50_over_ser2net": json(udp.0 / s2n.0),
+            "jmp_p50_over_quinn_relay": json(jm.0 / quic.0),
+            "quinn_relay_p50_over_udp_relay": json(quic.0 / udp.0),
+            "busy_poll_udp_relay_p50_over_ser2net": json(spin.0 / s2n.0),
+        },
         "skips": skips,
     });
     // Close clients before the processes behind them stop.
