@@ -156,6 +156,8 @@ pub struct Core<S: LeaseStore> {
     out: Vec<(mpsc::UnboundedSender<Reply>, Reply)>,
     positions_dirty: bool,
     orphan_grace: Duration,
+    /// The request ids in the store's `unclaimed` table (see [`Table::Unclaimed`]).
+    unclaimed_stored: BTreeSet<String>,
 }
 
 /// The lease name a waiting request will get ("" if it is not waiting).
@@ -244,6 +246,7 @@ impl<S: LeaseStore> Core<S> {
         let mut exporters = BTreeMap::new();
         let mut leases = Vec::new();
         let mut waiting = Vec::new();
+        let mut unclaimed = BTreeSet::new();
         for (t, k, v) in snap.records {
             let bad = |e: serde_json::Error| {
                 anyhow::anyhow!("store record {}/{k} is not readable: {e}", t.name())
@@ -257,6 +260,9 @@ impl<S: LeaseStore> Core<S> {
                 }
                 Table::Leases => leases.push(serde_json::from_slice(&v).map_err(bad)?),
                 Table::Waiting => waiting.push(serde_json::from_slice(&v).map_err(bad)?),
+                Table::Unclaimed => {
+                    unclaimed.insert(k.clone());
+                }
             }
         }
         let book = LeaseBook::restore(
@@ -296,6 +302,7 @@ impl<S: LeaseStore> Core<S> {
             out: Vec::new(),
             positions_dirty: false,
             orphan_grace: ORPHAN_GRACE,
+            unclaimed_stored: unclaimed,
         };
         // Waiting requests restored from the store have no requester connected yet: give
         // them the grace period to come back.
@@ -303,12 +310,28 @@ impl<S: LeaseStore> Core<S> {
         for id in restored {
             core.orphans.insert(id, Instant::now() + core.orphan_grace);
         }
+        // So do leases granted but not yet claimed when the previous process stopped. (Ids
+        // whose lease has ended meanwhile are dropped from the store at the next commit.)
+        let unclaimed: Vec<String> = core
+            .unclaimed_stored
+            .iter()
+            .filter(|id| core.book.lease_by_request(id).is_some())
+            .cloned()
+            .collect();
+        for id in unclaimed {
+            core.orphans.insert(id, Instant::now() + core.orphan_grace);
+        }
         Ok(core)
     }
 
     /// Changes [`ORPHAN_GRACE`] (tests).
+    /// Deadlines already set (those restored by [`Core::open`]) are capped to the new grace.
     pub fn set_orphan_grace(&mut self, d: Duration) {
         self.orphan_grace = d;
+        let cap = Instant::now() + d;
+        for deadline in self.orphans.values_mut() {
+            *deadline = (*deadline).min(cap);
+        }
     }
 
     /// Issues (or re-issues) the admin credential, revoking any earlier one.
@@ -448,6 +471,32 @@ impl<S: LeaseStore> Core<S> {
                 Change::Exporter(_) => {}
             }
         }
+        // Granted-but-unclaimed leases: the orphans that hold a lease. Written as a difference
+        // against what the store has, so a batch without such changes writes nothing.
+        let unclaimed: BTreeSet<String> = self
+            .orphans
+            .keys()
+            .filter(|id| self.book.lease_by_request(id).is_some())
+            .cloned()
+            .collect();
+        for id in unclaimed.difference(&self.unclaimed_stored) {
+            let lease = self
+                .book
+                .lease_by_request(id)
+                .map(|l| l.name.clone())
+                .unwrap_or_default();
+            ops.push(Op::Put {
+                table: Table::Unclaimed,
+                key: id.clone(),
+                value: serde_json::to_vec(&lease)?,
+            });
+        }
+        for id in self.unclaimed_stored.difference(&unclaimed) {
+            ops.push(Op::Delete {
+                table: Table::Unclaimed,
+                key: id.clone(),
+            });
+        }
         for (t, k) in std::mem::take(&mut self.dirty) {
             let v = match t {
                 Table::Clients => self.clients.get(&k).map(serde_json::to_vec),
@@ -468,6 +517,7 @@ impl<S: LeaseStore> Core<S> {
         }
         let t0 = Instant::now();
         self.revision = self.store.commit(self.revision, &ops)?;
+        self.unclaimed_stored = unclaimed;
         self.metrics
             .store_commit
             .with_label_values(&[self.store_name])
@@ -1841,6 +1891,79 @@ mod tests {
             Reply::Lease(l) => assert_eq!(l.name, lease.name),
             other => panic!("{other:?}"),
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn an_unclaimed_grant_is_released_after_a_restart_too() {
+        let dir = std::env::temp_dir().join(format!("jmp-core-unclaimed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("leases.redb");
+        let auth = authority();
+        let grace = Duration::from_millis(400);
+        // Two exporters; on each, a lease is granted from the queue to a waiter. The waiter on
+        // rpi4-01 confirms receipt; the one on rpi4-02 is still unconfirmed when the
+        // controller stops (it crashed, or the requester died with it).
+        {
+            let mut h = start(RedbStore::open(&db).unwrap(), auth.clone(), grace);
+            let a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
+            let b = h.exporter("rpi4-02", &[("board", "rpi4")]).await;
+            let c1 = h.client("c1", "", 0).await;
+            let c2 = h.client("c2", "", 0).await;
+            let mut first = Vec::new();
+            for id in ["h1", "h2"] {
+                match h.call(&c1, lease_req(id, "board=rpi4", 600, 0)).await {
+                    Reply::Lease(l) => first.push(l.name),
+                    other => panic!("{other:?}"),
+                }
+            }
+            let mut waiters = Vec::new();
+            for id in ["w1", "w2"] {
+                let (s, mut rx) = h
+                    .start_call(&c2, lease_req(id, "board=rpi4", 600, 60))
+                    .await;
+                assert!(matches!(rx.recv().await, Some(Reply::Queued { .. })));
+                waiters.push((s, rx));
+            }
+            h.call(
+                &c1,
+                Request::DeleteLease {
+                    names: first,
+                    all: false,
+                },
+            )
+            .await;
+            for (_, rx) in waiters.iter_mut() {
+                assert!(matches!(rx.recv().await, Some(Reply::Lease(_))));
+            }
+            h.tx.send(Cmd::Delivered {
+                stream: waiters[0].0,
+            })
+            .await
+            .unwrap();
+            // Let the core commit the confirmation, then stop it.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop((waiters, a, b, h));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let mut h = start(RedbStore::open(&db).unwrap(), auth, grace);
+        let admin = h.admin.clone();
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        match h.call(&admin, Request::GetLeases { all: true }).await {
+            Reply::Leases { leases } => {
+                let mut ids: Vec<&str> = leases.iter().map(|l| l.request_id.as_str()).collect();
+                ids.sort();
+                assert_eq!(
+                    ids,
+                    ["w1"],
+                    "the unclaimed grant is held for nobody: {leases:?}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(h);
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let _ = std::fs::remove_dir_all(&dir);
     }
 

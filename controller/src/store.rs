@@ -21,14 +21,19 @@ pub enum Table {
     Exporters,
     Leases,
     Waiting,
+    /// Request ids of leases granted from the queue whose requester has not yet confirmed
+    /// receipt (value: the lease name). Kept so that a restart gives them the grace period
+    /// again instead of holding them for nobody until they expire.
+    Unclaimed,
 }
 
 impl Table {
-    pub const ALL: [Table; 4] = [
+    pub const ALL: [Table; 5] = [
         Table::Clients,
         Table::Exporters,
         Table::Leases,
         Table::Waiting,
+        Table::Unclaimed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -37,6 +42,7 @@ impl Table {
             Table::Exporters => "exporters",
             Table::Leases => "leases",
             Table::Waiting => "waiting",
+            Table::Unclaimed => "unclaimed",
         }
     }
 }
