@@ -1313,6 +1313,7 @@ impl<S: LeaseStore> Core<S> {
                     lease: None,
                     ended,
                     enabled: false,
+                    at: now / 1000,
                 },
             ));
             self.out.push((
@@ -1534,6 +1535,7 @@ impl<S: LeaseStore> Core<S> {
                 lease,
                 ended,
                 enabled,
+                at: jmp_transport::unix_now(),
             });
         }
         self.ended.clear();

@@ -14,6 +14,7 @@ use jmp_devices::tcp::TcpBridge;
 use jmp_devices::{Bridge, BridgeExit};
 use jmp_protocol::{features, ControlBody, ErrorCode, Hello, Welcome};
 use jmp_transport::link::LinkError;
+use jmp_transport::token::peek;
 use jmp_transport::{client_endpoint, connect, ConnectError, Fingerprint, Link, LinkEvent};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -132,6 +133,28 @@ struct Session {
 }
 
 impl Session {
+    /// After the exporter ended the session for its lease: asks the controller (when attached
+    /// by lease) for a fresh token. One that ends later than ours means the lease was extended
+    /// and the exporter had not heard (it was cut off from the controller): keep it and
+    /// reconnect. A lease that really ended yields no token, or none that ends later.
+    async fn extended_token(&self) -> bool {
+        let Some(refresh) = &self.opts.token_refresh else {
+            return false;
+        };
+        let Ok(Some(fresh)) = tokio::time::timeout(Duration::from_secs(3), refresh()).await else {
+            return false;
+        };
+        let exp = |t: &str| peek(t).ok().and_then(|c| c.exp).unwrap_or(0);
+        let Ok(mut cur) = self.token.lock() else {
+            return false;
+        };
+        if exp(&fresh) > exp(&cur).max(jmp_transport::unix_now()) {
+            *cur = fresh;
+            return true;
+        }
+        false
+    }
+
     async fn connect(&self) -> Result<(Link, Welcome, Fingerprint), AttachError> {
         let pin = match &self.opts.pin {
             Pin::Fingerprint(f) => Some(*f),
@@ -322,7 +345,10 @@ pub async fn run(
         };
         let (code, reason) = ended;
         if is_final(code) {
-            return Ok(Outcome::Ended { code, reason });
+            if !(code == ErrorCode::LeaseEnded && session.extended_token().await) {
+                return Ok(Outcome::Ended { code, reason });
+            }
+            warn!("{reason} according to the exporter, but the controller has extended it; reconnecting");
         }
         warn!(
             "link to {} lost: {reason}; keeping the local devices and reconnecting",

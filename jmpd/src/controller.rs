@@ -27,6 +27,8 @@ struct View {
     known: bool,
     current: Option<(String, u64)>,
     ended: HashMap<String, String>,
+    /// The controller's clock when it sent this view (0: unknown).
+    at: u64,
 }
 
 pub struct LeaseAuth {
@@ -74,7 +76,15 @@ impl Authorizer for LeaseAuth {
         let mut until = c.exp;
         if view.known {
             match &view.current {
-                Some((name, end)) if *name == c.sub => until = Some(*end),
+                // The pushed end, unless the token is newer news: issued after the push, it
+                // carries the end as of its issue (a push about an extension can be missed
+                // while jmpd is cut off from the controller; the client's token is not).
+                Some((name, end)) if *name == c.sub => {
+                    until = match c.exp {
+                        Some(exp) if view.at > 0 && c.iat > view.at => Some(exp),
+                        _ => Some(*end),
+                    }
+                }
                 _ => {
                     return Err(format!(
                         "lease token refused: lease {} is not this exporter's current lease",
@@ -221,6 +231,7 @@ impl Registrar {
                     lease,
                     ended,
                     enabled,
+                    at,
                 })) => {
                     *registered = true;
                     if first {
@@ -243,6 +254,7 @@ impl Registrar {
                             v.ended.clear();
                         }
                         v.current = lease.as_ref().map(|l| (l.name.clone(), l.end));
+                        v.at = at;
                     }
                     for e in &ended {
                         exporter.end_lease(&e.name, &e.reason);
@@ -261,5 +273,80 @@ impl Registrar {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jmp_transport::token::Signer;
+
+    fn hello(signer: &Signer, lease: &str, iat: u64, exp: u64) -> Hello {
+        let claims = Claims {
+            iss: "test".into(),
+            sub: lease.into(),
+            kind: TokenKind::Lease,
+            jti: format!("{iat}-{exp}"),
+            iat,
+            exp: Some(exp),
+            client: Some("c1".into()),
+            exporter: Some("e1".into()),
+            ctl: None,
+            admin: false,
+        };
+        Hello {
+            features: 0,
+            client: "c1".into(),
+            session: 1,
+            token: signer.sign(&claims).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_token_newer_than_the_last_push_tells_the_lease_end() {
+        let dir = std::env::temp_dir().join(format!("jmpd-leaseauth-{}", std::process::id()));
+        let signer = Signer::load_or_create(&dir.join("key")).unwrap();
+        let now = jmp_transport::unix_now();
+        let pushed_end = now + 100;
+        let auth = LeaseAuth {
+            exporter: "e1".into(),
+            verifier: Verifier::from_public_key(&signer.public_key()).unwrap(),
+            view: Mutex::new(View {
+                known: true,
+                current: Some(("L1".into(), pushed_end)),
+                ended: HashMap::new(),
+                at: now - 10,
+            }),
+            direct: None,
+        };
+        let until = |h: &Hello| auth.check(h).map(|a| a.until);
+        // Issued before the push: the push is the newer word on the lease's end.
+        assert_eq!(
+            until(&hello(&signer, "L1", now - 20, now + 1000)),
+            Ok(Some(pushed_end))
+        );
+        // Issued after it: the lease was extended (or shortened) and the push about it missed.
+        assert_eq!(
+            until(&hello(&signer, "L1", now - 5, now + 1000)),
+            Ok(Some(now + 1000))
+        );
+        assert_eq!(
+            until(&hello(&signer, "L1", now - 5, now + 50)),
+            Ok(Some(now + 50))
+        );
+        // Issued in the push's second: which came first is unknown, so the push counts.
+        assert_eq!(
+            until(&hello(&signer, "L1", now - 10, now + 1000)),
+            Ok(Some(pushed_end))
+        );
+        // A newer token does not make another lease current.
+        assert!(until(&hello(&signer, "L2", now - 5, now + 1000)).is_err());
+        // A controller that does not say when it pushed (older version): the push counts.
+        auth.view().at = 0;
+        assert_eq!(
+            until(&hello(&signer, "L1", now - 5, now + 1000)),
+            Ok(Some(pushed_end))
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -203,6 +203,11 @@ pub enum Reply {
         #[serde(default)]
         ended: Vec<EndedLease>,
         enabled: bool,
+        /// The controller's clock (Unix seconds) when it sent this. A lease token issued later
+        /// (`iat` > `at`) is newer news about the lease than this push: jmpd follows the
+        /// token's end when it missed a push (an extension while it was cut off). 0: unknown.
+        #[serde(default)]
+        at: u64,
     },
 }
 
