@@ -138,10 +138,7 @@ impl Session {
     /// and the exporter had not heard (it was cut off from the controller): keep it and
     /// reconnect. A lease that really ended yields no token, or none that ends later.
     async fn extended_token(&self) -> bool {
-        let Some(refresh) = &self.opts.token_refresh else {
-            return false;
-        };
-        let Ok(Some(fresh)) = tokio::time::timeout(Duration::from_secs(3), refresh()).await else {
+        let Some(fresh) = self.fresh_token().await else {
             return false;
         };
         let exp = |t: &str| peek(t).ok().and_then(|c| c.exp).unwrap_or(0);
@@ -153,6 +150,15 @@ impl Session {
             return true;
         }
         false
+    }
+
+    /// A fresh token from the controller, when attached by lease and it answers within 3 s.
+    async fn fresh_token(&self) -> Option<String> {
+        let refresh = self.opts.token_refresh.as_ref()?;
+        tokio::time::timeout(Duration::from_secs(3), refresh())
+            .await
+            .ok()
+            .flatten()
     }
 
     async fn connect(&self) -> Result<(Link, Welcome, Fingerprint), AttachError> {
@@ -363,13 +369,9 @@ pub async fn run(
             let wait = backoff;
             let attempt = async {
                 tokio::time::sleep(wait).await;
-                if let Some(refresh) = &session.opts.token_refresh {
-                    if let Ok(Some(t)) =
-                        tokio::time::timeout(Duration::from_secs(3), refresh()).await
-                    {
-                        if let Ok(mut cur) = session.token.lock() {
-                            *cur = t;
-                        }
+                if let Some(t) = session.fresh_token().await {
+                    if let Ok(mut cur) = session.token.lock() {
+                        *cur = t;
                     }
                 }
                 session.connect().await
