@@ -23,29 +23,26 @@ struct Server {
     _endpoint: quinn::Endpoint,
 }
 
-/// A plain quinn server: counts the bytes of every bidi stream.
-fn plain_server() -> Result<Server> {
+/// A server on an ephemeral loopback port with jmp's endpoint setup; `serve` runs for each
+/// accepted connection and reports each finished stream's byte count.
+fn server<F, Fut>(serve: F) -> Result<Server>
+where
+    F: Fn(quinn::Connection, mpsc::UnboundedSender<usize>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let id = Identity::generate()?;
     let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
     let addr = sock.local_addr()?;
     let endpoint = server_endpoint(sock, &id, ALPN_EXPORTER)?;
     let (tx, done) = mpsc::unbounded_channel();
     let ep = endpoint.clone();
+    let serve = std::sync::Arc::new(serve);
     tokio::spawn(async move {
         while let Some(inc) = ep.accept().await {
-            let tx = tx.clone();
+            let (serve, tx) = (serve.clone(), tx.clone());
             tokio::spawn(async move {
                 let Ok(conn) = inc.await else { return };
-                while let Ok((_send, mut recv)) = conn.accept_bi().await {
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let mut n = 0usize;
-                        while let Ok(Some(c)) = recv.read_chunk(CHUNK, true).await {
-                            n += c.bytes.len();
-                        }
-                        let _ = tx.send(n);
-                    });
-                }
+                serve(conn, tx).await
             });
         }
     });
@@ -57,60 +54,58 @@ fn plain_server() -> Result<Server> {
     })
 }
 
+/// A plain quinn server: counts the bytes of every bidi stream.
+fn plain_server() -> Result<Server> {
+    server(|conn, tx| async move {
+        while let Ok((_send, mut recv)) = conn.accept_bi().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut n = 0usize;
+                while let Ok(Some(c)) = recv.read_chunk(CHUNK, true).await {
+                    n += c.bytes.len();
+                }
+                let _ = tx.send(n);
+            });
+        }
+    })
+}
+
 /// A jmp exporter Link server: welcomes everyone, accepts stream channels on "sink" and counts
 /// their bytes.
 fn jmp_server() -> Result<Server> {
-    let id = Identity::generate()?;
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
-    let addr = sock.local_addr()?;
-    let endpoint = server_endpoint(sock, &id, ALPN_EXPORTER)?;
-    let (tx, done) = mpsc::unbounded_channel();
-    let ep = endpoint.clone();
-    tokio::spawn(async move {
-        while let Some(inc) = ep.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let Ok(conn) = inc.await else { return };
-                let Ok(mut link) = Link::exporter(conn).await else {
-                    return;
-                };
-                while let Some(ev) = link.events.recv().await {
-                    match ev {
-                        LinkEvent::Hello(_) => link.handle.welcome(Welcome {
-                            exporter: "bench".into(),
-                            features: features::ALL,
-                            instance: 1,
-                            devices: vec![DeviceInfo {
-                                name: "sink".into(),
-                                kind: "bench".into(),
-                                detail: String::new(),
-                            }],
-                        }),
-                        LinkEvent::Incoming(inc) => {
-                            let Some(mut pipe) = inc.accept_stream(0) else {
-                                continue;
-                            };
-                            let tx = tx.clone();
-                            tokio::spawn(async move {
-                                let mut n = 0usize;
-                                while let Ok(Some(b)) = pipe.rx.recv().await {
-                                    n += b.len();
-                                }
-                                let _ = tx.send(n);
-                            });
+    server(|conn, tx| async move {
+        let Ok(mut link) = Link::exporter(conn).await else {
+            return;
+        };
+        while let Some(ev) = link.events.recv().await {
+            match ev {
+                LinkEvent::Hello(_) => link.handle.welcome(Welcome {
+                    exporter: "bench".into(),
+                    features: features::ALL,
+                    instance: 1,
+                    devices: vec![DeviceInfo {
+                        name: "sink".into(),
+                        kind: "bench".into(),
+                        detail: String::new(),
+                    }],
+                }),
+                LinkEvent::Incoming(inc) => {
+                    let Some(mut pipe) = inc.accept_stream(0) else {
+                        continue;
+                    };
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let mut n = 0usize;
+                        while let Ok(Some(b)) = pipe.rx.recv().await {
+                            n += b.len();
                         }
-                        LinkEvent::Ended { .. } => break,
-                        _ => {}
-                    }
+                        let _ = tx.send(n);
+                    });
                 }
-            });
+                LinkEvent::Ended { .. } => break,
+                _ => {}
+            }
         }
-    });
-    Ok(Server {
-        addr,
-        fingerprint: id.fingerprint(),
-        done,
-        _endpoint: endpoint,
     })
 }
 

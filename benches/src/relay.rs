@@ -186,12 +186,7 @@ async fn quic_relay(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<()> {
-    // SAFETY: fcntl on a valid fd.
-    unsafe {
-        let fd = tty.as_raw_fd();
-        let fl = libc::fcntl(fd, libc::F_GETFL);
-        libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
-    }
+    crate::serial::set_nonblocking(tty.as_raw_fd());
     // SAFETY: the AsyncFd owns the File, so the fd stays open and unchanged while registered.
     let afd = std::sync::Arc::new(unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(tty, tokio::io::Interest::READABLE)

@@ -40,6 +40,15 @@ pub fn set_raw(fd: RawFd) -> Result<()> {
     Ok(())
 }
 
+/// Sets O_NONBLOCK on `fd`.
+pub fn set_nonblocking(fd: RawFd) {
+    // SAFETY: fcntl on a valid fd.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+}
+
 /// Waits until `fd` is readable (or writable); false on timeout.
 fn poll(fd: RawFd, events: libc::c_short, timeout: Duration) -> Result<bool> {
     let mut p = libc::pollfd {
@@ -77,12 +86,7 @@ impl Board {
         let stop = Arc::new(AtomicBool::new(false));
         let master = File::from(pty.master);
         // Non-blocking, so that a stuck path never wedges the board thread (and its join).
-        // SAFETY: fcntl on a valid fd.
-        unsafe {
-            let fd = master.as_raw_fd();
-            let fl = libc::fcntl(fd, libc::F_GETFL);
-            libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
-        }
+        set_nonblocking(master.as_raw_fd());
         // Like a UART, receiving never waits for sending: one thread reads the master into an
         // unbounded queue, another writes the queue back. (An echo loop that stops reading while
         // its write is blocked deadlocks jmpd's serial driver; see docs/benchmarks.md.)
