@@ -4,8 +4,8 @@
 use crate::stats::{cell, json, median, Target};
 use anyhow::{anyhow, Context, Result};
 use bytes::Bytes;
-use jmp_protocol::{features, DeviceInfo, ErrorCode, Hello, Welcome, ALPN_EXPORTER};
-use jmp_transport::{
+use jmp_protocol::{features, DeviceInfo, DeviceState, ErrorCode, Hello, Kind, Welcome, ALPN_EXPORTER};
+use jmp_transport::{ChannelIo, Channels, 
     client_endpoint, connect, server_endpoint, Fingerprint, Identity, Link, LinkEvent,
 };
 use std::net::SocketAddr;
@@ -85,12 +85,14 @@ fn jmp_server() -> Result<Server> {
                     instance: 1,
                     devices: vec![DeviceInfo {
                         name: "sink".into(),
-                        kind: "bench".into(),
+                        kind: Kind::from_wire("bench"),
+                        state: DeviceState::Available,
+                        params: Bytes::new(),
                         detail: String::new(),
                     }],
                 }),
                 LinkEvent::Incoming(inc) => {
-                    let Some(mut pipe) = inc.accept_stream(0) else {
+                    let Some(ChannelIo::Stream(mut pipe)) = inc.accept(Bytes::new()) else {
                         continue;
                     };
                     let tx = tx.clone();
@@ -150,7 +152,7 @@ async fn jmp_round(s: &mut Server, total: usize) -> Result<f64> {
     let t0 = Instant::now();
     let (pipe, _offset) = link
         .handle
-        .open_stream("sink", None)
+        .open_stream("sink", Bytes::new())
         .await
         .map_err(|e| anyhow!("open_stream: {e}"))?;
     let (mut tx, _rx) = pipe.split();

@@ -1,61 +1,131 @@
-//! jmp-devices: the device kinds, one folder each, and the exporter's serving of them.
+//! jmp-devices: the device kinds, one folder each, and the seams they plug into.
 //!
-//! Each kind has `driver.rs` (exporter side: serves one channel of the device on a [`Pipe`]),
-//! `bridge.rs` (client side: creates the local endpoint, a pty or a listening port, and pumps
-//! it over channels of the current link) and, where the kind has one, `sim.rs` (a simulated board
-//! backend for the quick start and tests). [`exporter`] turns a config's device table into a
-//! served QUIC endpoint (used by `jmpd`, and in-process by `jmp local`); [`config`] is the
-//! exporter's YAML.
+//! Each kind's folder holds its config spec (`spec.rs`: what an exporter config says, with its
+//! own `validate()`), `driver.rs` (exporter side: serves the device's channels and requests),
+//! `bridge.rs` (client side: creates the local endpoints, a pty, a listening port, and pumps
+//! them over channels of the current link), its typed client operations (`ops.rs`) and, where
+//! the kind has one, `sim.rs` (a simulated board backend for the quick start and tests).
+//! [`registry`] is the one file that lists the kinds.
 //!
-//! Does not own: the wire or the connection (jmp-transport), the CLI, leases.
+//! The seams, and only these: [`Driver`] and [`Channel`] on the exporter, [`Bridge`] on the
+//! client. Both sides talk through jmp-transport's [`Channels`] / [`Incoming`] abstractions,
+//! which the QUIC link and an in-memory pair implement alike, so this crate names no QUIC type
+//! and every kind is tested over memory first ([`testing`]).
+//!
+//! Does not own: the wire's generic layer or the connection (jmp-transport), the exporter's
+//! serving and seat logic (jmp-exporter), the CLI, leases.
 
-pub mod config;
-pub mod exporter;
+pub mod board;
 pub(crate) mod fdio;
+pub mod places;
+pub mod power;
+pub mod registry;
 pub mod serial;
+pub mod serve;
+pub mod spec;
 pub mod tcp;
+pub mod testing;
 
-use jmp_protocol::{DeviceInfo, ErrorCode, Open};
-use jmp_transport::{LinkHandle, Pipe};
-use std::future::Future;
-use std::pin::Pin;
+pub use jmp_protocol::Refusal;
+pub use jmp_transport::BoxFuture;
 
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+use bytes::Bytes;
+use jmp_protocol::{ChannelMode, DeviceInfo, DeviceState, ErrorCode, Kind, Open};
+use jmp_transport::{ChannelIo, Channels};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::watch;
 
-/// Why a channel was refused: sent to the client as `Reject { code, reason }`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{reason}")]
-pub struct Refusal {
-    pub code: ErrorCode,
-    pub reason: String,
+/// A device's state and typed parameters as the exporter knows them now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceStatus {
+    pub state: DeviceState,
+    /// The kind's `DeviceInfo.params`.
+    pub params: Bytes,
 }
 
-impl Refusal {
-    pub fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
-        Refusal {
-            code,
-            reason: reason.into(),
+impl DeviceStatus {
+    pub fn available(params: Bytes) -> Self {
+        DeviceStatus {
+            state: DeviceState::Available,
+            params,
         }
     }
 }
 
 /// Exporter side of a device kind. One per exported device, alive as long as the exporter.
 pub trait Driver: Send + Sync + 'static {
-    fn info(&self) -> DeviceInfo;
+    fn name(&self) -> &str;
+    fn kind(&self) -> Kind;
+    /// Text for people ("/dev/ttyUSB0 115200 8N1"); never parsed.
+    fn detail(&self) -> String;
+    /// The device's state and params, updated as they change; the exporter pushes changes to
+    /// the attached client.
+    fn status(&self) -> watch::Receiver<DeviceStatus>;
+    /// The channel modes the device serves (none: requests only).
+    fn modes(&self) -> &'static [ChannelMode];
 
     /// Decides on a channel request. On success the returned [`Channel`] is served on the
-    /// channel's pipe; the exporter accepts the QUIC stream only then, so a refusal (target port
-    /// closed, serial port vanished) reaches the client as a `Reject` with the reason.
-    fn open<'a>(&'a self, req: &'a Open) -> BoxFuture<'a, Result<Box<dyn Channel>, Refusal>>;
+    /// channel; the exporter accepts the channel only then, so a refusal (target port closed,
+    /// serial port vanished) reaches the client as a `Reject` with the reason.
+    fn open<'a>(&'a self, req: &'a Open) -> BoxFuture<'a, Result<Box<dyn Channel>, Refusal>> {
+        let _ = req;
+        Box::pin(async move {
+            Err(Refusal::new(
+                ErrorCode::Unsupported,
+                format!("{}: a {} device has no channels", self.name(), self.kind()),
+            ))
+        })
+    }
+
+    /// A device request (the kind's `Request` body); the kind's answer.
+    fn request<'a>(&'a self, body: Bytes) -> BoxFuture<'a, Result<Bytes, Refusal>> {
+        let _ = body;
+        Box::pin(async move {
+            Err(Refusal::new(
+                ErrorCode::Unsupported,
+                format!("{}: a {} device takes no requests", self.name(), self.kind()),
+            ))
+        })
+    }
+}
+
+/// The `DeviceInfo` a Welcome lists for `d`, as of now.
+pub fn info(d: &dyn Driver) -> DeviceInfo {
+    let st = d.status().borrow().clone();
+    DeviceInfo {
+        name: d.name().to_string(),
+        kind: d.kind(),
+        state: st.state,
+        params: st.params,
+        detail: d.detail(),
+    }
+}
+
+/// Refuses an open in a mode the driver does not serve (checked by the exporter before
+/// `Driver::open`).
+pub fn check_mode(d: &dyn Driver, mode: ChannelMode) -> Result<(), Refusal> {
+    if d.modes().contains(&mode) {
+        return Ok(());
+    }
+    let what = match mode {
+        ChannelMode::Stream => "stream",
+        ChannelMode::Datagram => "datagram",
+    };
+    Err(Refusal::new(
+        ErrorCode::Unsupported,
+        format!("{}: a {} device serves no {what} channels", d.name(), d.kind()),
+    ))
 }
 
 /// One accepted channel of a device, ready to be served.
 pub trait Channel: Send + 'static {
-    /// Device-output offset of the first byte the channel will send (serial resume; else 0).
-    fn offset(&self) -> u64;
+    /// The kind's answer to the open (`Opened.params`).
+    fn params(&self) -> Bytes;
 
-    /// Moves bytes between the pipe and the device until either side ends.
-    fn serve(self: Box<Self>, pipe: Pipe) -> BoxFuture<'static, ()>;
+    /// Moves data between the channel and the device until either side ends.
+    fn serve(self: Box<Self>, io: ChannelIo) -> BoxFuture<'static, ()>;
 }
 
 /// How a bridge's run over one link ended.
@@ -67,23 +137,85 @@ pub enum BridgeExit {
     Refused(Refusal),
 }
 
-/// Client side of a device kind: the local endpoint (pty, listening port) outlives any one
-/// connection; `run` is called once per link and returns when that link is gone.
+/// Where a device appeared on this machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "at", rename_all = "lowercase")]
+pub enum Local {
+    /// A device node or its stable link (a serial pty).
+    Path(PathBuf),
+    /// A listening socket (a TCP forward, a socketcand port).
+    Address(std::net::SocketAddr),
+    /// A network interface (vcan, TUN).
+    Interface(String),
+    /// A mount point (storage).
+    Mount(PathBuf),
+}
+
+/// One local endpoint of a bridge, with what it is for when a bridge has several ("slcan",
+/// "socketcand").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(flatten)]
+    pub local: Local,
+}
+
+impl Endpoint {
+    pub fn new(local: Local) -> Self {
+        Endpoint { role: None, local }
+    }
+
+    pub fn with_role(role: &str, local: Local) -> Self {
+        Endpoint {
+            role: Some(role.to_string()),
+            local,
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(r) = &self.role {
+            write!(f, "{r}:")?;
+        }
+        match &self.local {
+            Local::Path(p) | Local::Mount(p) => write!(f, "{}", p.display()),
+            Local::Address(a) => write!(f, "{a}"),
+            Local::Interface(i) => write!(f, "{i}"),
+        }
+    }
+}
+
+/// What a bridge needs to know about where it lives.
+#[derive(Debug, Clone)]
+pub struct BridgeCtx {
+    /// The exporter's name (checked against `jmp_protocol::name`: safe as a path component).
+    pub exporter: String,
+    /// Where device nodes and links go (`/dev/jmp`, `$XDG_RUNTIME_DIR/jmp`).
+    pub dev_dir: PathBuf,
+    /// The user local devices belong to (uid, gid).
+    pub owner: Option<(u32, u32)>,
+}
+
+/// Client side of a device kind: the local endpoints (pty, listening port) outlive any one
+/// connection; `run` is called once per link and returns when that link is gone. Each bridge
+/// runs in its own task for the life of the attachment.
 pub trait Bridge: Send + 'static {
     /// Device name on the exporter.
     fn device(&self) -> &str;
-    /// Device kind ("serial", "tcp").
-    fn kind(&self) -> &str;
-    /// Where the device appeared locally: a path or an address.
-    fn local(&self) -> String;
+    fn kind(&self) -> Kind;
+    /// Where the device appeared locally (none for a kind used only through commands).
+    fn endpoints(&self) -> Vec<Endpoint>;
 
-    /// Called with every Welcome, before `run` on that link (a serial bridge learns whether the
-    /// exporter restarted, and so whether its offsets still mean anything).
-    fn on_welcome(&mut self, _welcome: &jmp_protocol::Welcome) {}
-    /// Serves the local endpoint over `link` until the link is gone. The caller may also drop
+    /// Called with every Welcome, before `run` on that link: the device as the exporter lists
+    /// it now and the exporter's instance (a serial bridge learns whether the exporter
+    /// restarted, and so whether its offsets still mean anything).
+    fn on_welcome(&mut self, _info: &DeviceInfo, _instance: u64) {}
+    /// Serves the local endpoints over `link` until the link is gone. The caller may also drop
     /// the future at any time (it learned first that the link is gone): state that must survive
     /// reconnects lives in `self`, never only in the future.
-    fn run<'a>(&'a mut self, link: &'a LinkHandle) -> BoxFuture<'a, BridgeExit>;
+    fn run<'a>(&'a mut self, link: Arc<dyn Channels>) -> BoxFuture<'a, BridgeExit>;
 
     /// Runs while there is no link (between a loss and the next connection), until dropped.
     /// A serial bridge drains and discards what is typed meanwhile; a TCP bridge leaves new

@@ -1,26 +1,71 @@
-//! Serial driver tests over in-memory pipes: the simulated board, history replay and resume,
-//! and a real tty (a pty pair standing in for the board's UART) with settings applied to it.
+//! Serial consoles without a network: the driver over in-memory pipes (the simulated board,
+//! history replay and resume, a real tty with settings and requests applied to it, a missing
+//! port), then the bridge and the driver on both ends of an in-memory session (a pty a local
+//! program opens, as it would through QUIC).
 
 use bytes::Bytes;
+use jmp_devices::board::SimBoard;
 use jmp_devices::serial::driver::{SerialDriver, Source};
-use jmp_devices::Driver;
-use jmp_protocol::{ChannelMode, ControlBody, ErrorCode, FlowControl, LineSettings, Open, Parity};
+use jmp_devices::serial::spec::LinePolicy;
+use jmp_devices::serve::DeviceSet;
+use jmp_devices::testing::mem_session;
+use jmp_devices::{Bridge, BridgeCtx, DeviceStatus, Driver};
+use jmp_protocol::codec::{to_bytes, Codec};
+use jmp_protocol::kinds::serial::{
+    Control, DeviceParams, FlowControl, LineChange, LineSettings, OpenParams, OpenedParams,
+    Parity, Request, Response,
+};
+use jmp_protocol::{ChannelMode, DeviceState, ErrorCode, Kind, Open};
 use jmp_transport::pipe::pair;
+use jmp_transport::{ChannelIo, ChannelMsg};
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::time::Duration;
+
+/// Hang guard only.
+const GUARD: Duration = Duration::from_secs(20);
 
 fn open(resume_from: Option<u64>) -> Open {
     Open {
         channel: 1,
         device: "console".into(),
         mode: ChannelMode::Stream,
-        resume_from,
+        params: to_bytes(&OpenParams { resume_from }),
     }
+}
+
+fn sim(hostname: &str, history: usize) -> SerialDriver {
+    SerialDriver::start(
+        "console".into(),
+        Source::Sim {
+            hostname: hostname.into(),
+            board: SimBoard::new(),
+        },
+        history,
+    )
+}
+
+fn offset(ch: &dyn jmp_devices::Channel) -> u64 {
+    OpenedParams::decode_exact(&ch.params())
+        .expect("serial opened params")
+        .offset
+}
+
+/// Waits (on the driver's status events) until `pred` holds.
+async fn status_until(d: &dyn Driver, what: &str, pred: impl Fn(&DeviceStatus) -> bool) -> DeviceStatus {
+    let mut rx = d.status();
+    let got = tokio::time::timeout(GUARD, rx.wait_for(|s| pred(s)))
+        .await
+        .unwrap_or_else(|_| panic!("no status {what}: {:?}", d.status().borrow()))
+        .expect("driver alive")
+        .clone();
+    got
 }
 
 /// Reads from the client end until `needle` shows up (or panics after a generous guard).
 async fn read_until(rx: &mut jmp_transport::PipeRx, acc: &mut Vec<u8>, needle: &str) {
-    let guard = tokio::time::timeout(Duration::from_secs(20), async {
+    let guard = tokio::time::timeout(GUARD, async {
         while !String::from_utf8_lossy(acc).contains(needle) {
             match rx.recv().await {
                 Ok(Some(b)) => acc.extend_from_slice(&b),
@@ -38,17 +83,11 @@ async fn read_until(rx: &mut jmp_transport::PipeRx, acc: &mut Vec<u8>, needle: &
 
 #[tokio::test]
 async fn sim_console_replays_history_and_answers() {
-    let d = SerialDriver::start(
-        "console".into(),
-        Source::Sim {
-            hostname: "simhost".into(),
-        },
-        64 * 1024,
-    );
+    let d = sim("simhost", 64 * 1024);
     let ch = d.open(&open(None)).await.expect("open");
-    assert_eq!(ch.offset(), 0, "first attach replays from the start");
+    assert_eq!(offset(ch.as_ref()), 0, "first attach replays from the start");
     let (client, exporter) = pair(16);
-    tokio::spawn(ch.serve(exporter));
+    tokio::spawn(ch.serve(ChannelIo::Stream(exporter)));
     let (mut tx, mut rx) = client.split();
     let mut acc = Vec::new();
     read_until(&mut rx, &mut acc, "simhost login: ").await;
@@ -68,9 +107,9 @@ async fn sim_console_replays_history_and_answers() {
         .expect("send");
     read_until(&mut rx, &mut acc, "after\r\nroot@simhost").await;
     let ch2 = d.open(&open(Some(seen))).await.expect("open");
-    assert_eq!(ch2.offset(), seen);
+    assert_eq!(offset(ch2.as_ref()), seen);
     let (client2, exporter2) = pair(16);
-    tokio::spawn(ch2.serve(exporter2));
+    tokio::spawn(ch2.serve(ChannelIo::Stream(exporter2)));
     let (_tx2, mut rx2) = client2.split();
     let mut acc2 = Vec::new();
     read_until(&mut rx2, &mut acc2, "after\r\nroot@simhost").await;
@@ -83,28 +122,42 @@ async fn sim_console_replays_history_and_answers() {
 
 #[tokio::test]
 async fn small_history_reports_the_gap() {
-    let d = SerialDriver::start(
-        "console".into(),
-        Source::Sim {
-            hostname: "h".into(),
-        },
-        64,
-    );
-    // Wait for the boot log, much longer than 64 bytes.
-    for _ in 0..200 {
-        if d.history().end() > 64 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let d = sim("h", 64);
+    // The boot log is much longer than 64 bytes: wait for it on the history's end offset.
+    let mut end = d.history().subscribe();
+    tokio::time::timeout(GUARD, end.wait_for(|e| *e > 64))
+        .await
+        .expect("boot log")
+        .expect("history alive");
     let end = d.history().end();
-    assert!(end > 64);
     let ch = d.open(&open(Some(1))).await.expect("open");
     assert_eq!(
-        ch.offset(),
+        offset(ch.as_ref()),
         end - 64,
         "resume clamps to the oldest byte still kept"
     );
+}
+
+#[tokio::test]
+async fn bad_open_parameters_and_requests_are_refused_with_the_field() {
+    let d = sim("h", 4096);
+    let mut o = open(None);
+    o.params = Bytes::from_static(&[7]);
+    let r = d.open(&o).await.err().expect("refused");
+    assert_eq!(r.code, ErrorCode::Protocol);
+    assert!(r.reason.contains("resume"), "{}", r.reason);
+    let r = d
+        .request(Bytes::from_static(&[0x09]))
+        .await
+        .expect_err("unknown request");
+    assert!(r.reason.contains("serial request"), "{}", r.reason);
+    // A break longer than the exporter allows is refused before the port is touched.
+    let r = d
+        .request(to_bytes(&Request::Break { millis: 60_000 }))
+        .await
+        .expect_err("too long");
+    assert_eq!(r.code, ErrorCode::Unsupported);
+    assert!(r.reason.contains("60000 ms"), "{}", r.reason);
 }
 
 /// A pty pair: the slave is "the board's UART" that jmpd opens; the master is the board.
@@ -131,41 +184,43 @@ fn speed_of(master: &std::os::fd::OwnedFd) -> u32 {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_tty_bytes_and_settings() {
-    let (master, path) = board_pty();
-    let settings = LineSettings {
-        baud: 115_200,
-        data_bits: 8,
-        parity: Parity::None,
-        stop_bits: 1,
-        flow: FlowControl::None,
-    };
-    let d = SerialDriver::start(
+fn settings_of(st: &DeviceStatus) -> LineSettings {
+    DeviceParams::decode_exact(&st.params)
+        .expect("serial params")
+        .settings
+}
+
+const S115200: LineSettings = LineSettings {
+    baud: 115_200,
+    data_bits: 8,
+    parity: Parity::None,
+    stop_bits: 1,
+    flow: FlowControl::None,
+};
+
+fn tty(path: &str, policy: LinePolicy) -> SerialDriver {
+    SerialDriver::start(
         "console".into(),
         Source::Tty {
-            path: path.clone(),
-            settings,
+            path: path.into(),
+            settings: S115200,
+            policy,
         },
         4096,
-    );
-    let mut opened = None;
-    for _ in 0..100 {
-        match d.open(&open(None)).await {
-            Ok(ch) => {
-                opened = Some(ch);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-    let ch = opened.expect("the port opens");
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_tty_bytes_settings_and_requests() {
+    let (master, path) = board_pty();
+    let d = tty(&path, LinePolicy::Follow);
+    status_until(&d, "available", |s| s.state == DeviceState::Available).await;
+    let ch = d.open(&open(None)).await.expect("the port is open");
     let (client, exporter) = pair(16);
-    tokio::spawn(ch.serve(exporter));
+    tokio::spawn(ch.serve(ChannelIo::Stream(exporter)));
     let jmp_transport::Pipe {
         mut tx,
         mut rx,
-        mut control_rx,
         control_tx,
         ..
     } = client;
@@ -175,7 +230,7 @@ async fn real_tty_bytes_and_settings() {
     nix::unistd::write(&master, &all).expect("board writes");
     let mut got = Vec::new();
     while got.len() < 256 {
-        let b = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        let b = tokio::time::timeout(GUARD, rx.recv())
             .await
             .expect("no hang")
             .expect("recv")
@@ -199,72 +254,148 @@ async fn real_tty_bytes_and_settings() {
         }
         read
     });
-    let read = tokio::time::timeout(Duration::from_secs(20), read)
+    let read = tokio::time::timeout(GUARD, read)
         .await
         .expect("no hang")
         .expect("reader");
     assert_eq!(read, b"hi\x00\x03\x11\x13");
 
-    // Settings from the client reach the real port.
+    // A local program's settings (what a pty carries) reach the real port; the device's
+    // status reports the port's new settings, data bits and parity kept.
     assert_eq!(speed_of(&master), 115_200);
-    control_tx.send(ControlBody::LineSettings(LineSettings {
-        baud: 250_000,
-        ..settings
-    }));
-    let mut speed = 0;
-    for _ in 0..200 {
-        speed = speed_of(&master);
-        if speed == 250_000 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(speed, 250_000, "non-standard speed applied to the port");
+    control_tx.control(to_bytes(&Control::Follow(LineChange {
+        baud: Some(250_000),
+        stop_bits: Some(2),
+        ..LineChange::default()
+    })));
+    let st = status_until(&d, "250000", |s| settings_of(s).baud == 250_000).await;
+    assert_eq!(settings_of(&st).stop_bits, 2);
+    assert_eq!(speed_of(&master), 250_000, "non-standard speed applied to the port");
 
-    // What a pty cannot do comes back as a notice naming it.
-    control_tx.send(ControlBody::ModemLines {
-        dtr: Some(true),
-        rts: None,
-    });
-    let notice = tokio::time::timeout(Duration::from_secs(10), control_rx.recv())
+    // A request merges with the port's settings and answers with the result.
+    let resp = d
+        .request(to_bytes(&Request::Set(LineChange {
+            parity: Some(Parity::Even),
+            data_bits: Some(7),
+            ..LineChange::default()
+        })))
         .await
-        .expect("notice");
-    match notice {
-        Some(ControlBody::Notice(text)) => assert!(text.contains("DTR"), "{text}"),
+        .expect("applied");
+    let s = Response::decode_exact(&resp).expect("response").settings;
+    assert_eq!(
+        (s.baud, s.data_bits, s.parity, s.stop_bits),
+        (250_000, 7, Parity::Even, 2)
+    );
+    // What the port cannot do is a failure naming it (a pty has no modem lines).
+    let e = d
+        .request(to_bytes(&Request::Modem {
+            dtr: Some(true),
+            rts: None,
+        }))
+        .await
+        .expect_err("a pty has no DTR");
+    assert_eq!(e.code, ErrorCode::Failed);
+    assert!(e.reason.contains("DTR"), "{}", e.reason);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_line_settings_refuse_changes_with_a_notice() {
+    let (master, path) = board_pty();
+    let d = tty(&path, LinePolicy::Fixed);
+    status_until(&d, "available", |s| s.state == DeviceState::Available).await;
+    let ch = d.open(&open(None)).await.expect("open");
+    let (mut client, exporter) = pair(16);
+    tokio::spawn(ch.serve(ChannelIo::Stream(exporter)));
+    client.control_tx.control(to_bytes(&Control::Follow(LineChange {
+        baud: Some(9600),
+        ..LineChange::default()
+    })));
+    match tokio::time::timeout(GUARD, client.control_rx.recv()).await {
+        Ok(Some(ChannelMsg::Notice(text))) => assert!(text.contains("lineSettings: fixed"), "{text}"),
         other => panic!("expected a notice, got {other:?}"),
     }
+    assert_eq!(speed_of(&master), 115_200, "the port keeps its configured speed");
 }
 
 #[tokio::test]
 async fn missing_port_is_refused_with_the_reason_and_retried() {
-    let d = SerialDriver::start(
-        "console".into(),
-        Source::Tty {
-            path: "/dev/ttyNOPE9".into(),
-            settings: LineSettings::default(),
-        },
-        4096,
-    );
-    let mut refusal = None;
-    for _ in 0..100 {
-        match d.open(&open(None)).await {
-            Err(r) => {
-                refusal = Some(r);
-                break;
-            }
-            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-    // The first open may race the port task's first attempt; the second must be refused.
-    let r = match refusal {
-        Some(r) => r,
-        None => panic!("a missing port must be refused"),
-    };
+    let d = tty("/dev/ttyNOPE9", LinePolicy::Follow);
+    let st = status_until(&d, "unavailable naming the port", |s| {
+        matches!(&s.state, DeviceState::Unavailable(w) if w.contains("cannot open"))
+    })
+    .await;
+    assert!(matches!(&st.state, DeviceState::Unavailable(w) if w.contains("/dev/ttyNOPE9")));
+    let r = d.open(&open(None)).await.err().expect("refused");
     assert_eq!(r.code, ErrorCode::DeviceUnavailable);
     assert!(r.reason.contains("/dev/ttyNOPE9"), "{}", r.reason);
+    let info = jmp_devices::info(&d);
+    assert_eq!(info.kind, Kind::Serial);
+    assert!(matches!(info.state, DeviceState::Unavailable(_)));
+}
+
+/// The bridge and the driver over an in-memory session: the pty appears under the device
+/// directory, a program opening it gets the boot log (held until it opened), and its typing
+/// reaches the board.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_over_an_in_memory_session() {
+    let dir = std::env::temp_dir().join(format!("jmp-serial-bridge-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let driver: Arc<dyn Driver> = Arc::new(sim("memhost", 64 * 1024));
+    let info = jmp_devices::info(driver.as_ref());
+    let devices = DeviceSet::new("board1", vec![driver]);
+    let (link, _server) = mem_session(devices);
+    let ctx = BridgeCtx {
+        exporter: "board1".into(),
+        dev_dir: dir.clone(),
+        owner: None,
+    };
+    let mut bridge = jmp_devices::serial::SerialBridge::create(&info, &ctx).expect("pty");
+    let path = dir.join("board1").join("console");
+    assert_eq!(bridge.path(), path);
+    assert_eq!(bridge.endpoints().len(), 1);
+    bridge.on_welcome(&info, 1);
+    let run = tokio::spawn(async move {
+        let exit = bridge.run(link).await;
+        (bridge, exit)
+    });
+    // A local program, as pyserial would: open, raw mode, read.
+    let console = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open the local device");
+    // SAFETY: termios on a descriptor we own.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        libc::tcgetattr(console.as_raw_fd(), &mut t);
+        libc::cfmakeraw(&mut t);
+        libc::tcsetattr(console.as_raw_fd(), libc::TCSANOW, &t);
+    }
+    let transcript = tokio::task::spawn_blocking(move || {
+        let mut c = console;
+        let mut acc = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut wait_for = |c: &mut std::fs::File, acc: &mut Vec<u8>, s: &str| {
+            while !String::from_utf8_lossy(acc).contains(s) {
+                let n = c.read(&mut buf).expect("read the pty");
+                acc.extend_from_slice(&buf[..n]);
+            }
+        };
+        wait_for(&mut c, &mut acc, "memhost login: ");
+        c.write_all(b"root\r").expect("type");
+        wait_for(&mut c, &mut acc, "Password: ");
+        String::from_utf8_lossy(&acc).into_owned()
+    });
+    let t = tokio::time::timeout(GUARD, transcript)
+        .await
+        .expect("no hang")
+        .expect("reader");
+    assert!(t.contains("U-Boot"), "the boot log was replayed: {t}");
+    run.abort();
+    let _ = run.await;
     assert!(
-        d.info().detail.contains("unavailable"),
-        "{}",
-        d.info().detail
+        std::fs::symlink_metadata(&path).is_err(),
+        "the link is removed with the bridge"
     );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,13 +1,13 @@
-//! TCP forwards: the driver over an in-memory pipe (echo, half-close, refused target), then the
-//! bridge and the driver on both ends of a real QUIC link (many concurrent connections, a
-//! refused target, an unknown device, a lost link and the next one).
+//! TCP forwards: the driver over an in-memory pipe (echo, half-close, refused target), the
+//! bridge and the driver over an in-memory session, then on both ends of a real QUIC link (many
+//! concurrent connections, a refused target, an unknown device, a lost link and the next one).
 
 use bytes::Bytes;
+use jmp_devices::serve::DeviceSet;
 use jmp_devices::tcp::{TcpBridge, TcpDriver};
-use jmp_devices::{Bridge, BridgeExit, Driver};
+use jmp_devices::{Bridge, BridgeExit, Driver, Local};
 use jmp_protocol::*;
 use jmp_transport::*;
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -72,7 +72,7 @@ fn open(device: &str, mode: ChannelMode) -> Open {
         channel: 1,
         device: device.into(),
         mode,
-        resume_from: None,
+        params: Bytes::new(),
     }
 }
 
@@ -104,18 +104,20 @@ async fn pipe_roundtrip(pipe: Pipe, data: Vec<u8>) -> Vec<u8> {
 async fn driver_echoes_a_mebibyte_byte_exact() {
     let target = echo_server().await;
     let driver = TcpDriver::new("echo".into(), "127.0.0.1".into(), target.port());
-    let info = driver.info();
+    let info = jmp_devices::info(&driver);
     assert_eq!(info.name, "echo");
-    assert_eq!(info.kind, "tcp");
+    assert_eq!(info.kind, Kind::Tcp);
     assert_eq!(info.detail, format!("127.0.0.1:{}", target.port()));
+    let params = jmp_protocol::kinds::tcp::DeviceParams::decode_exact(&info.params).expect("params");
+    assert_eq!((params.host.as_str(), params.port), ("127.0.0.1", target.port()));
 
     let ch = driver
         .open(&open("echo", ChannelMode::Stream))
         .await
         .expect("open");
-    assert_eq!(ch.offset(), 0);
+    assert!(ch.params().is_empty());
     let (a, b) = pipe::pair(16);
-    let serving = tokio::spawn(ch.serve(a));
+    let serving = tokio::spawn(ch.serve(ChannelIo::Stream(a)));
     let data = pattern(1 << 20, 1);
     let got = guard("echo", pipe_roundtrip(b, data.clone())).await;
     assert_eq!(got.len(), data.len());
@@ -132,7 +134,7 @@ async fn driver_keeps_half_close_both_ways() {
         .await
         .expect("open");
     let (a, b) = pipe::pair(16);
-    let serving = tokio::spawn(ch.serve(a));
+    let serving = tokio::spawn(ch.serve(ChannelIo::Stream(a)));
     let got = guard(
         "reply after half-close",
         pipe_roundtrip(b, pattern(5000, 2)),
@@ -154,15 +156,15 @@ async fn driver_refuses_unreachable_targets_and_datagrams_with_reasons() {
     assert!(r.reason.contains(&dead.to_string()), "{}", r.reason);
     assert!(r.reason.starts_with("connect to "), "{}", r.reason);
 
-    let r = match driver.open(&open("ssh", ChannelMode::Datagram)).await {
-        Err(r) => r,
-        Ok(_) => panic!("a tcp device accepted a datagram channel"),
-    };
+    let r = jmp_devices::check_mode(&driver, ChannelMode::Datagram)
+        .expect_err("a tcp device serves no datagram channels");
     assert_eq!(r.code, ErrorCode::Unsupported);
+    assert!(r.reason.contains("datagram"), "{}", r.reason);
 }
 
-/// An exporter serving the given drivers through the real Link, the way jmpd does: open the
-/// device first, accept the stream only on success, else reject with the driver's reason.
+/// An exporter serving the given drivers through the real Link, the way jmpd does (the same
+/// dispatch: open the device first, accept the stream only on success, else reject with the
+/// driver's reason).
 async fn exporter(drivers: Vec<TcpDriver>) -> (SocketAddr, Fingerprint) {
     exporter_stalling(drivers, None).await
 }
@@ -174,10 +176,11 @@ async fn exporter_stalling(
     stall: Option<Arc<tokio::sync::Notify>>,
 ) -> (SocketAddr, Fingerprint) {
     let stall = Arc::new(std::sync::Mutex::new(stall));
-    let drivers: Arc<HashMap<String, Arc<dyn Driver>>> = Arc::new(
+    let devices = DeviceSet::new(
+        "test",
         drivers
             .into_iter()
-            .map(|d| (d.info().name, Arc::new(d) as Arc<dyn Driver>))
+            .map(|d| Arc::new(d) as Arc<dyn Driver>)
             .collect(),
     );
     let id = Identity::generate().expect("identity");
@@ -186,7 +189,7 @@ async fn exporter_stalling(
     let endpoint = server_endpoint(sock, &id, ALPN_EXPORTER).expect("endpoint");
     tokio::spawn(async move {
         while let Some(incoming) = endpoint.accept().await {
-            let drivers = drivers.clone();
+            let devices = devices.clone();
             let stall = stall.clone();
             tokio::spawn(async move {
                 let mut held = Vec::new();
@@ -200,7 +203,7 @@ async fn exporter_stalling(
                             exporter: "test".into(),
                             features: features::ALL,
                             instance: 1,
-                            devices: drivers.values().map(|d| d.info()).collect(),
+                            devices: devices.infos(),
                         }),
                         LinkEvent::Incoming(inc) => {
                             let stalled = stall.lock().expect("lock").take();
@@ -209,23 +212,7 @@ async fn exporter_stalling(
                                 notify.notify_one();
                                 continue;
                             }
-                            let driver = drivers.get(&inc.open.device).cloned();
-                            tokio::spawn(async move {
-                                let Some(driver) = driver else {
-                                    let reason = format!("no device {:?}", inc.open.device);
-                                    inc.reject(ErrorCode::NoSuchDevice, reason);
-                                    return;
-                                };
-                                let opened = driver.open(&inc.open).await;
-                                match opened {
-                                    Ok(ch) => {
-                                        if let Some(pipe) = inc.accept_stream(ch.offset()) {
-                                            tokio::spawn(ch.serve(pipe));
-                                        }
-                                    }
-                                    Err(r) => inc.reject(r.code, r.reason),
-                                }
-                            });
+                            devices.serve_incoming(inc);
                         }
                         LinkEvent::Ended { .. } => break,
                         _ => {}
@@ -256,10 +243,11 @@ async fn client(addr: SocketAddr, fp: Fingerprint) -> (Link, impl Sized) {
 /// Runs the bridge on `link` in its own task, handing the bridge back with how the run ended.
 fn run_bridge(
     mut bridge: TcpBridge,
-    link: LinkHandle,
+    link: impl Channels,
 ) -> tokio::task::JoinHandle<(TcpBridge, BridgeExit)> {
+    let link: Arc<dyn Channels> = Arc::new(link);
     tokio::spawn(async move {
-        let exit = bridge.run(&link).await;
+        let exit = bridge.run(link).await;
         (bridge, exit)
     })
 }
@@ -281,6 +269,55 @@ async fn local_roundtrip(addr: SocketAddr, data: Vec<u8>) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_to_driver_over_an_in_memory_session() {
+    let target = echo_server().await;
+    let driver: Arc<dyn Driver> = Arc::new(TcpDriver::new(
+        "echo".into(),
+        "127.0.0.1".into(),
+        target.port(),
+    ));
+    let (link, _server) = jmp_devices::testing::mem_session(DeviceSet::new("mem", vec![driver]));
+    let bridge = TcpBridge::bind("echo".into(), "127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("bind bridge");
+    let local = bridge.local_addr();
+    let link: Arc<dyn Channels> = link;
+    let running = {
+        let mut bridge = bridge;
+        let link = link.clone();
+        tokio::spawn(async move {
+            let exit = bridge.run(link).await;
+            (bridge, exit)
+        })
+    };
+    for i in 0..5u32 {
+        let data = pattern(300 * 1024, 50 + i);
+        let got = guard("echo over memory", local_roundtrip(local, data.clone())).await;
+        assert!(got == data, "connection {i} differs");
+    }
+    // A half-closing protocol too.
+    let counted = count_server().await;
+    let d2: Arc<dyn Driver> = Arc::new(TcpDriver::new(
+        "count".into(),
+        "127.0.0.1".into(),
+        counted.port(),
+    ));
+    let (link2, _s2) = jmp_devices::testing::mem_session(DeviceSet::new("mem", vec![d2]));
+    let b2 = TcpBridge::bind("count".into(), "127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("bind");
+    let l2 = b2.local_addr();
+    let r2 = {
+        let mut b2 = b2;
+        tokio::spawn(async move { b2.run(link2).await })
+    };
+    let got = guard("half-close", local_roundtrip(l2, pattern(7777, 3))).await;
+    assert_eq!(String::from_utf8_lossy(&got), "got 7777 bytes");
+    running.abort();
+    r2.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_to_driver_over_quic_carries_many_connections_with_half_close() {
     let target = echo_server().await;
     let (addr, fp) = exporter(vec![TcpDriver::new(
@@ -294,9 +331,12 @@ async fn bridge_to_driver_over_quic_carries_many_connections_with_half_close() {
         .await
         .expect("bind bridge");
     let local = bridge.local_addr();
-    assert_eq!(bridge.kind(), "tcp");
+    assert_eq!(bridge.kind(), Kind::Tcp);
     assert_eq!(bridge.device(), "echo");
-    assert_eq!(bridge.local(), format!("127.0.0.1:{}", local.port()));
+    assert_eq!(
+        bridge.endpoints().first().map(|e| e.local.clone()),
+        Some(Local::Address(local))
+    );
     let running = run_bridge(bridge, link.handle.clone());
 
     let clients: Vec<_> = (0..20u32)

@@ -1,28 +1,31 @@
 //! `jmp attach`: connect to an exporter, create the local devices, keep them working across
-//! network blips, remove them on the way out.
+//! network blips, remove them on the way out. Nothing here names a device kind: the registry
+//! makes each device's bridge, and each bridge runs in its own task.
 //!
 //! The local devices are created once, after the first Welcome, and live until the attachment
-//! ends; connections come and go underneath them. The first connection's failure is final (a
-//! typo'd address or a wrong token should fail fast); later losses are retried with backoff,
-//! except refusals that a retry cannot fix (wrong token, board taken by someone else).
+//! ends; connections come and go underneath them. The current connection is published on a
+//! watch channel ([`LinkSlot`]): every bridge task follows it (running on a link, idling
+//! between links), and so does the control socket (device requests use the current link). The
+//! first connection's failure is final (a typo'd address or a wrong token should fail fast);
+//! later losses are retried with backoff, except refusals that a retry cannot fix (wrong token,
+//! board taken by someone else).
 
 use crate::known;
-use futures::stream::{FuturesUnordered, StreamExt};
-use jmp_devices::serial::bridge::{parse_detail, SerialControl};
-use jmp_devices::serial::SerialBridge;
-use jmp_devices::tcp::TcpBridge;
-use jmp_devices::{Bridge, BridgeExit};
-use jmp_protocol::{features, ControlBody, ErrorCode, Hello, Welcome};
+use jmp_devices::registry::{self, ClientOptions};
+use jmp_devices::{Bridge, BridgeCtx, BridgeExit, Endpoint};
+use jmp_protocol::{features, DeviceInfo, DeviceState, ErrorCode, Hello, Kind, Welcome};
 use jmp_transport::link::LinkError;
 use jmp_transport::token::peek;
-use jmp_transport::{client_endpoint, connect, ConnectError, Fingerprint, Link, LinkEvent};
-use serde::Serialize;
-use std::collections::HashMap;
+use jmp_transport::{
+    client_endpoint, connect, Channels, ConnectError, Fingerprint, Link, LinkEvent,
+};
+use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -46,37 +49,107 @@ pub struct Options {
     pub token_refresh: Option<TokenRefresh>,
     pub pin: Pin,
     pub dev_dir: PathBuf,
-    /// device name → local address for TCP forwards.
-    pub forwards: HashMap<String, SocketAddr>,
+    /// The kinds' own options (`--forward`, ...).
+    pub devices: ClientOptions,
     pub client: String,
     pub owner: Option<(u32, u32)>,
+    /// The lease attached under (controller mode), for status output.
+    pub lease: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// One device of an attachment, as `jmp attach`, `jmp status` and `-o json` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRow {
     pub name: String,
-    pub kind: String,
+    pub kind: Kind,
+    /// The first endpoint as text ("" for none): what scripts written for one endpoint read.
     pub local: String,
+    pub endpoints: Vec<Endpoint>,
+    #[serde(flatten)]
+    pub state: DeviceState,
+    /// The kind's short state for people ("115200 8N1", "power on").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+impl DeviceRow {
+    fn new(info: &DeviceInfo, endpoints: Vec<Endpoint>) -> Self {
+        DeviceRow {
+            name: info.name.clone(),
+            kind: info.kind.clone(),
+            local: endpoints.first().map(|e| e.to_string()).unwrap_or_default(),
+            endpoints,
+            state: info.state.clone(),
+            summary: registry::summary(&info.kind, &info.params),
+        }
+    }
+
+    fn update(&mut self, state: &DeviceState, params: &[u8]) {
+        self.state = state.clone();
+        self.summary = registry::summary(&self.kind, params);
+    }
+}
+
+/// What an attachment prints once its devices exist (one JSON line with `-o json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ready {
     pub exporter: String,
     pub fingerprint: String,
     pub pid: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
     pub devices: Vec<DeviceRow>,
 }
 
-impl Ready {
-    pub fn table(&self) -> String {
-        let w0 = self.devices.iter().map(|d| d.name.len()).max().unwrap_or(0);
-        let w1 = self.devices.iter().map(|d| d.kind.len()).max().unwrap_or(0);
-        let mut s = String::new();
-        for d in &self.devices {
-            s.push_str(&format!("{:w0$}  {:w1$}  {}\n", d.name, d.kind, d.local));
-        }
-        s
+fn endpoints_text(d: &DeviceRow) -> String {
+    if d.endpoints.is_empty() {
+        "-".to_string()
+    } else {
+        d.endpoints
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("  ")
     }
+}
+
+fn state_text(d: &DeviceRow) -> String {
+    match &d.state {
+        DeviceState::Available => d.summary.clone().unwrap_or_default(),
+        DeviceState::Unavailable(why) => format!("unavailable: {why}"),
+    }
+}
+
+impl Ready {
+    /// NAME KIND LOCAL STATE, one device a line.
+    pub fn table(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .devices
+            .iter()
+            .map(|d| {
+                let mut r = vec![d.name.clone(), d.kind.to_string(), endpoints_text(d)];
+                let st = state_text(d);
+                if !st.is_empty() {
+                    r.push(st);
+                }
+                r
+            })
+            .collect();
+        crate::table::render(None, &rows)
+    }
+}
+
+/// The attachment as it is now (for `jmp status` through the control socket).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Live {
+    #[serde(flatten)]
+    pub ready: Ready,
+    /// `up`, or `reconnecting` (the local devices stay meanwhile).
+    pub link: String,
+    /// Unix seconds of the last change of `link`.
+    pub since: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<PathBuf>,
 }
 
 /// Why the attachment ended.
@@ -102,34 +175,112 @@ impl AttachError {
     pub fn exit_code(&self) -> i32 {
         match self {
             AttachError::Refused { code, .. } => code.exit_code(),
-            _ => 1,
+            _ => jmp_protocol::exit::FAILURE,
         }
     }
 }
 
-/// A request from `jmp serial` (through the control socket).
-pub struct ControlRequest {
-    pub device: String,
-    pub op: SerialOp,
-    pub reply: oneshot::Sender<Result<String, String>>,
+/// The current connection, as bridges and the control socket follow it. `gen` grows with
+/// every change, so a follower can tell a new link from the one it just lost.
+#[derive(Clone, Default)]
+pub struct LinkSlot {
+    pub gen: u64,
+    pub link: Option<Arc<dyn Channels>>,
+    pub welcome: Option<Arc<Welcome>>,
 }
 
-pub enum SerialOp {
-    Break {
-        millis: u32,
-    },
-    Set(Box<dyn FnOnce(jmp_protocol::LineSettings) -> jmp_protocol::LineSettings + Send>),
-    Modem {
-        dtr: Option<bool>,
-        rts: Option<bool>,
-    },
+/// What the attachment shares with its control socket.
+pub struct Shared {
+    pub live: Mutex<Live>,
+    pub links: watch::Receiver<LinkSlot>,
+}
+
+impl Shared {
+    pub fn live(&self) -> Live {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Live)) {
+        f(&mut self.live.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+/// A connection to an exporter, as every `jmp` command that talks to one makes it: pinning,
+/// trust on first use, Hello.
+pub struct Connector {
+    pub addr: SocketAddr,
+    pub pin: Pin,
+    pub client: String,
+    pub session: u64,
+    pub features: u64,
+    endpoint: quinn::Endpoint,
+    pub token: Mutex<String>,
+}
+
+impl Connector {
+    pub fn new(addr: SocketAddr, pin: Pin, client: String, token: String, features: u64) -> Result<Self, AttachError> {
+        let endpoint = client_endpoint(addr)
+            .map_err(|e| AttachError::Other(format!("cannot open a UDP socket: {e}")))?;
+        let mut id = [0u8; 8];
+        ring_fill(&mut id)?;
+        Ok(Connector {
+            addr,
+            pin,
+            client,
+            session: u64::from_le_bytes(id),
+            features,
+            endpoint,
+            token: Mutex::new(token),
+        })
+    }
+
+    pub async fn connect(&self) -> Result<(Link, Welcome, Fingerprint), AttachError> {
+        let pin = match &self.pin {
+            Pin::Fingerprint(f) => Some(*f),
+            Pin::Tofu { file, name } => known::lookup(file, name).map_err(AttachError::Other)?,
+        };
+        let (conn, fp) = connect(&self.endpoint, self.addr, jmp_protocol::ALPN_EXPORTER, pin).await?;
+        if let (Pin::Tofu { file, name }, None) = (&self.pin, pin) {
+            match known::record(file, name, fp) {
+                Ok(()) => info!(
+                    "trusting exporter {name} ({fp}) from now on; recorded in {}",
+                    file.display()
+                ),
+                Err(e) => warn!(
+                    "cannot record {name}'s fingerprint in {}: {e}",
+                    file.display()
+                ),
+            }
+        }
+        let hello = Hello {
+            features: self.features,
+            client: self.client.clone(),
+            session: self.session,
+            token: self.token.lock().map(|t| t.clone()).unwrap_or_default(),
+        };
+        match Link::client(conn, hello).await {
+            Ok((link, welcome)) => Ok((link, welcome, fp)),
+            Err(LinkError::Refused { code, reason }) => Err(AttachError::Refused { code, reason }),
+            Err(e) => Err(AttachError::Other(e.to_string())),
+        }
+    }
+
+    /// Lets a last message (a Bye) leave before the endpoint goes.
+    pub async fn linger(&self, link: &Link) {
+        let _ = tokio::time::timeout(Duration::from_millis(300), link.handle.connection_closed()).await;
+    }
+}
+
+fn ring_fill(b: &mut [u8]) -> Result<(), AttachError> {
+    use rand::RngCore;
+    rand::rngs::OsRng
+        .try_fill_bytes(b)
+        .map_err(|e| AttachError::Other(format!("the system's random source failed: {e}")))
 }
 
 struct Session {
     opts: Options,
-    endpoint: quinn::Endpoint,
-    session_id: u64,
-    token: std::sync::Mutex<String>,
+    connector: Connector,
 }
 
 impl Session {
@@ -142,7 +293,7 @@ impl Session {
             return false;
         };
         let exp = |t: &str| peek(t).ok().and_then(|c| c.exp).unwrap_or(0);
-        let Ok(mut cur) = self.token.lock() else {
+        let Ok(mut cur) = self.connector.token.lock() else {
             return false;
         };
         if exp(&fresh) > exp(&cur).max(jmp_transport::unix_now()) {
@@ -160,43 +311,6 @@ impl Session {
             .ok()
             .flatten()
     }
-
-    async fn connect(&self) -> Result<(Link, Welcome, Fingerprint), AttachError> {
-        let pin = match &self.opts.pin {
-            Pin::Fingerprint(f) => Some(*f),
-            Pin::Tofu { file, name } => known::lookup(file, name).map_err(AttachError::Other)?,
-        };
-        let (conn, fp) = connect(
-            &self.endpoint,
-            self.opts.addr,
-            jmp_protocol::ALPN_EXPORTER,
-            pin,
-        )
-        .await?;
-        if let (Pin::Tofu { file, name }, None) = (&self.opts.pin, pin) {
-            match known::record(file, name, fp) {
-                Ok(()) => info!(
-                    "trusting exporter {name} ({fp}) from now on; recorded in {}",
-                    file.display()
-                ),
-                Err(e) => warn!(
-                    "cannot record {name}'s fingerprint in {}: {e}",
-                    file.display()
-                ),
-            }
-        }
-        let hello = Hello {
-            features: features::ALL,
-            client: self.opts.client.clone(),
-            session: self.session_id,
-            token: self.token.lock().map(|t| t.clone()).unwrap_or_default(),
-        };
-        match Link::client(conn, hello).await {
-            Ok((link, welcome)) => Ok((link, welcome, fp)),
-            Err(LinkError::Refused { code, reason }) => Err(AttachError::Refused { code, reason }),
-            Err(e) => Err(AttachError::Other(e.to_string())),
-        }
-    }
 }
 
 /// Refusals a retry cannot fix.
@@ -207,151 +321,190 @@ fn is_final(code: ErrorCode) -> bool {
     )
 }
 
+/// One bridge for the life of the attachment, in its own task: it runs on each link the slot
+/// publishes and idles between them. A device the exporter refused for good stays idle (its
+/// local endpoint stays, with a warning).
+async fn bridge_task(mut bridge: Box<dyn Bridge>, mut links: watch::Receiver<LinkSlot>) {
+    let mut done_gen = 0u64;
+    let mut refused = false;
+    loop {
+        let slot = links.borrow_and_update().clone();
+        let runnable = !refused && slot.gen != done_gen;
+        match (runnable, slot.link, slot.welcome) {
+            (true, Some(link), Some(welcome)) => {
+                if let Some(info) = welcome.devices.iter().find(|d| d.name == bridge.device()) {
+                    bridge.on_welcome(info, welcome.instance);
+                }
+                let exit = tokio::select! {
+                    exit = bridge.run(link) => Some(exit),
+                    c = links.changed() => {
+                        if c.is_err() {
+                            // The attachment is ending; the task is about to be aborted.
+                            std::future::pending::<()>().await;
+                        }
+                        None
+                    }
+                };
+                match exit {
+                    Some(BridgeExit::Refused(r)) => {
+                        warn!("{}: {} ({}); this device stays unavailable", bridge.device(), r.reason, r.code);
+                        refused = true;
+                    }
+                    Some(BridgeExit::LinkLost) => done_gen = slot.gen,
+                    None => {}
+                }
+            }
+            _ => {
+                let changed = tokio::select! {
+                    _ = bridge.idle() => links.changed().await,
+                    c = links.changed() => c,
+                };
+                if changed.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+}
+
 /// Runs an attachment until `shutdown` or a final refusal. `on_ready` is called once the local
-/// devices exist (it prints the table, writes state files).
+/// devices exist (it prints the table, writes state files, starts the control socket with the
+/// returned [`Shared`]).
 pub async fn run(
     opts: Options,
-    on_ready: impl FnOnce(&Ready) -> Result<(), String>,
+    on_ready: impl FnOnce(&Ready, Arc<Shared>) -> Result<(), String>,
     shutdown: impl Future<Output = ()>,
-    mut controls: mpsc::Receiver<ControlRequest>,
 ) -> Result<Outcome, AttachError> {
-    let endpoint = client_endpoint(opts.addr)
-        .map_err(|e| AttachError::Other(format!("cannot open a UDP socket: {e}")))?;
-    let mut id = [0u8; 8];
-    rand::Rng::fill(&mut rand::thread_rng(), &mut id);
-    let session = Session {
-        token: std::sync::Mutex::new(opts.token.clone()),
-        opts,
-        endpoint,
-        session_id: u64::from_le_bytes(id),
-    };
-    let (link, welcome, fp) = session.connect().await?;
+    let connector = Connector::new(
+        opts.addr,
+        match &opts.pin {
+            Pin::Fingerprint(f) => Pin::Fingerprint(*f),
+            Pin::Tofu { file, name } => Pin::Tofu {
+                file: file.clone(),
+                name: name.clone(),
+            },
+        },
+        opts.client.clone(),
+        opts.token.clone(),
+        features::ALL,
+    )?;
+    let session = Session { opts, connector };
+    let (link, welcome, fp) = session.connector.connect().await?;
+    session
+        .opts
+        .devices
+        .check(&welcome.exporter, &welcome.devices)
+        .map_err(AttachError::Other)?;
 
     // Local devices, in the exporter's order.
+    let ctx = BridgeCtx {
+        exporter: welcome.exporter.clone(),
+        dev_dir: session.opts.dev_dir.clone(),
+        owner: session.opts.owner,
+    };
     let mut bridges: Vec<Box<dyn Bridge>> = Vec::new();
-    let mut serial_controls: HashMap<String, SerialControl> = HashMap::new();
     let mut rows = Vec::new();
     for d in &welcome.devices {
-        let b: Box<dyn Bridge> = match d.kind.as_str() {
-            "serial" => {
-                let b = SerialBridge::create(
-                    &d.name,
-                    &welcome.exporter,
-                    &session.opts.dev_dir,
-                    session.opts.owner,
-                    parse_detail(&d.detail),
-                )
-                .map_err(|e| {
-                    AttachError::Other(format!(
-                        "{}: cannot create the local serial device: {e}",
-                        d.name
-                    ))
-                })?;
-                serial_controls.insert(d.name.clone(), b.control());
-                Box::new(b)
+        match registry::bridge(d, &ctx, &session.opts.devices).await {
+            Ok(Some(b)) => {
+                rows.push(DeviceRow::new(d, b.endpoints()));
+                bridges.push(b);
             }
-            "tcp" => {
-                let addr = session
-                    .opts
-                    .forwards
-                    .get(&d.name)
-                    .copied()
-                    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
-                Box::new(
-                    TcpBridge::bind(d.name.clone(), addr)
-                        .await
-                        .map_err(|e| AttachError::Other(format!("{}: {e}", d.name)))?,
-                )
-            }
-            other => {
+            Ok(None) => {
                 warn!(
-                    "{}: device kind {other:?} is not supported by this jmp; skipping it",
-                    d.name
+                    "{}: device kind {:?} is not supported by this jmp; listed, not bridged",
+                    d.name,
+                    jmp_protocol::name::escape(d.kind.as_str())
                 );
-                continue;
+                rows.push(DeviceRow::new(d, Vec::new()));
             }
-        };
-        if d.detail.contains("unavailable") {
-            warn!("{}: {}", d.name, d.detail);
+            Err(e) => return Err(AttachError::Other(format!("{}: {e}", d.name))),
         }
-        rows.push(DeviceRow {
-            name: d.name.clone(),
-            kind: b.kind().to_string(),
-            local: b.local(),
-        });
-        bridges.push(b);
-    }
-    for f in session.opts.forwards.keys() {
-        if !welcome
-            .devices
-            .iter()
-            .any(|d| &d.name == f && d.kind == "tcp")
-        {
-            return Err(AttachError::Other(format!(
-                "--forward names {f:?}, which is not a TCP device of {}",
-                welcome.exporter
-            )));
+        if let DeviceState::Unavailable(why) = &d.state {
+            warn!("{}: unavailable: {why}", d.name);
         }
     }
     let ready = Ready {
         exporter: welcome.exporter.clone(),
         fingerprint: fp.to_string(),
         pid: std::process::id(),
+        lease: session.opts.lease.clone(),
         devices: rows,
     };
-    on_ready(&ready).map_err(AttachError::Other)?;
+
+    let mut gen = 1u64;
+    let (slot_tx, slot_rx) = watch::channel(LinkSlot {
+        gen,
+        link: Some(Arc::new(link.handle.clone()) as Arc<dyn Channels>),
+        welcome: Some(Arc::new(welcome.clone())),
+    });
+    let shared = Arc::new(Shared {
+        live: Mutex::new(Live {
+            ready: ready.clone(),
+            link: "up".into(),
+            since: jmp_transport::unix_now(),
+            log: std::env::var_os("JMP_LOG_FILE").map(PathBuf::from),
+        }),
+        links: slot_rx.clone(),
+    });
+    let tasks: Vec<tokio::task::JoinHandle<()>> = bridges
+        .into_iter()
+        .map(|b| tokio::spawn(bridge_task(b, slot_rx.clone())))
+        .collect();
+    // Aborts the bridge tasks and waits until each has dropped its bridge (so the local
+    // devices are gone when `run` returns).
+    let stop_bridges = |tasks: Vec<tokio::task::JoinHandle<()>>| async move {
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    };
+    if let Err(e) = on_ready(&ready, shared.clone()) {
+        stop_bridges(tasks).await;
+        return Err(AttachError::Other(e));
+    }
     info!(exporter = %welcome.exporter, "attached");
 
     tokio::pin!(shutdown);
-    let mut disabled = vec![false; bridges.len()];
     let mut current = Some((link, welcome));
     loop {
         // ---- connected ----
         let Some((mut link, welcome)) = current.take() else {
             unreachable!("the loop always reconnects before coming back here");
         };
-        for b in bridges.iter_mut() {
-            b.on_welcome(&welcome);
-        }
-        let ended: (ErrorCode, String) = {
-            let handle = link.handle.clone();
-            let mut runs: FuturesUnordered<_> = bridges
-                .iter_mut()
-                .enumerate()
-                .filter(|(i, _)| !disabled[*i])
-                .map(|(i, b)| {
-                    let h = &handle;
-                    async move { (i, b.device().to_string(), b.run(h).await) }
-                })
-                .collect();
-            loop {
-                tokio::select! {
-                    _ = &mut shutdown => {
-                        link.handle.bye(ErrorCode::Ok, "client detached");
-                        // Let the Bye leave before the endpoint goes.
-                        drop(runs);
-                        let _ = tokio::time::timeout(Duration::from_millis(300), link.handle.connection().closed()).await;
-                        return Ok(Outcome::Detached);
-                    }
-                    ev = link.events.recv() => match ev {
-                        Some(LinkEvent::Ended { code, reason, .. }) => break (code, reason),
-                        Some(LinkEvent::Control(ControlBody::Notice(text))) => warn!("exporter: {text}"),
-                        Some(_) => {}
-                        None => break (ErrorCode::Internal, "the link task ended".into()),
-                    },
-                    Some((i, device, exit)) = runs.next(), if !runs.is_empty() => {
-                        if let BridgeExit::Refused(r) = exit {
-                            warn!("{device}: {} ({}); this device stays unavailable", r.reason, r.code);
-                            disabled[i] = true;
-                        }
-                    }
-                    Some(req) = controls.recv() => answer(req, &serial_controls),
+        let ended: (ErrorCode, String) = loop {
+            tokio::select! {
+                _ = &mut shutdown => {
+                    link.handle.bye(ErrorCode::Ok, "client detached");
+                    session.connector.linger(&link).await;
+                    stop_bridges(tasks).await;
+                    return Ok(Outcome::Detached);
                 }
+                ev = link.events.recv() => match ev {
+                    Some(LinkEvent::Ended { code, reason, .. }) => break (code, reason),
+                    Some(LinkEvent::Notice(text)) => warn!("exporter: {}", jmp_protocol::name::escape(&text)),
+                    Some(LinkEvent::Status(s)) => {
+                        match &s.state {
+                            DeviceState::Available => info!("{}: available", s.device),
+                            DeviceState::Unavailable(why) => warn!("{}: unavailable: {}", s.device, jmp_protocol::name::escape(why)),
+                        }
+                        shared.update(|l| {
+                            if let Some(d) = l.ready.devices.iter_mut().find(|d| d.name == s.device) {
+                                d.update(&s.state, &s.params);
+                            }
+                        });
+                    }
+                    Some(_) => {}
+                    None => break (ErrorCode::Internal, "the link task ended".into()),
+                },
             }
         };
         let (code, reason) = ended;
         if is_final(code) {
             if !(code == ErrorCode::LeaseEnded && session.extended_token().await) {
+                stop_bridges(tasks).await;
                 return Ok(Outcome::Ended { code, reason });
             }
             warn!("{reason} according to the exporter, but the controller has extended it; reconnecting");
@@ -360,39 +513,46 @@ pub async fn run(
             "link to {} lost: {reason}; keeping the local devices and reconnecting",
             welcome.exporter
         );
+        gen += 1;
+        slot_tx.send_replace(LinkSlot {
+            gen,
+            link: None,
+            welcome: None,
+        });
+        shared.update(|l| {
+            l.link = "reconnecting".into();
+            l.since = jmp_transport::unix_now();
+        });
 
         // ---- disconnected: reconnect with backoff while bridges idle ----
         let lost_at = Instant::now();
         let mut backoff = BACKOFF_MIN;
-        let mut idles: FuturesUnordered<_> = bridges.iter_mut().map(|b| b.idle()).collect();
         let reconnected = loop {
             let wait = backoff;
             let attempt = async {
                 tokio::time::sleep(wait).await;
                 if let Some(t) = session.fresh_token().await {
-                    if let Ok(mut cur) = session.token.lock() {
+                    if let Ok(mut cur) = session.connector.token.lock() {
                         *cur = t;
                     }
                 }
-                session.connect().await
+                session.connector.connect().await
             };
-            tokio::pin!(attempt);
-            let res = loop {
-                tokio::select! {
-                    _ = &mut shutdown => return Ok(Outcome::Detached),
-                    r = &mut attempt => break r,
-                    _ = idles.next(), if !idles.is_empty() => {}
-                    Some(req) = controls.recv() => {
-                        let _ = req.reply.send(Err("the link to the exporter is down; try again once it is back".into()));
-                    }
+            let res = tokio::select! {
+                _ = &mut shutdown => {
+                    stop_bridges(tasks).await;
+                    return Ok(Outcome::Detached);
                 }
+                r = attempt => r,
             };
             match res {
                 Ok((l, w, _)) => break (l, w),
                 Err(AttachError::Refused { code, reason }) if is_final(code) => {
+                    stop_bridges(tasks).await;
                     return Ok(Outcome::Ended { code, reason });
                 }
                 Err(AttachError::Connect(e @ ConnectError::FingerprintMismatch { .. })) => {
+                    stop_bridges(tasks).await;
                     return Err(AttachError::Connect(e));
                 }
                 Err(e) => {
@@ -404,42 +564,26 @@ pub async fn run(
                 }
             }
         };
-        drop(idles);
         info!(
             "reconnected to {} after {:.1}s",
             reconnected.1.exporter,
             lost_at.elapsed().as_secs_f64()
         );
+        gen += 1;
+        shared.update(|l| {
+            l.link = "up".into();
+            l.since = jmp_transport::unix_now();
+            for d in &reconnected.1.devices {
+                if let Some(row) = l.ready.devices.iter_mut().find(|r| r.name == d.name) {
+                    row.update(&d.state, &d.params);
+                }
+            }
+        });
+        slot_tx.send_replace(LinkSlot {
+            gen,
+            link: Some(Arc::new(reconnected.0.handle.clone()) as Arc<dyn Channels>),
+            welcome: Some(Arc::new(reconnected.1.clone())),
+        });
         current = Some(reconnected);
     }
-}
-
-fn answer(req: ControlRequest, controls: &HashMap<String, SerialControl>) {
-    let Some(c) = controls.get(&req.device) else {
-        let mut have: Vec<&String> = controls.keys().collect();
-        have.sort();
-        let _ = req.reply.send(Err(format!(
-            "no serial device {:?} in this attachment (serial devices: {})",
-            req.device,
-            have.iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-        return;
-    };
-    let res = match req.op {
-        SerialOp::Break { millis } => c
-            .send(ControlBody::Break { millis })
-            .map(|_| format!("{}: break of {millis} ms sent", req.device)),
-        SerialOp::Set(f) => {
-            let s = f(c.settings());
-            c.send(ControlBody::LineSettings(s))
-                .map(|_| format!("{}: line settings {s} sent", req.device))
-        }
-        SerialOp::Modem { dtr, rts } => c
-            .send(ControlBody::ModemLines { dtr, rts })
-            .map(|_| format!("{}: modem lines sent", req.device)),
-    };
-    let _ = req.reply.send(res);
 }

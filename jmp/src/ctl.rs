@@ -251,29 +251,7 @@ pub fn fmt_left(secs: i64) -> String {
 }
 
 fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
-    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            w[i] = w[i].max(c.len());
-        }
-    }
-    let mut s = String::new();
-    let line = |cells: Vec<&str>, s: &mut String| {
-        let n = cells.len();
-        for (i, c) in cells.into_iter().enumerate() {
-            if i + 1 == n {
-                s.push_str(c);
-            } else {
-                s.push_str(&format!("{c:w$}  ", w = w[i]));
-            }
-        }
-        s.push('\n');
-    };
-    line(header.to_vec(), &mut s);
-    for r in &rows {
-        line(r.iter().map(|c| c.as_str()).collect(), &mut s);
-    }
-    s
+    crate::table::render(Some(header), &rows)
 }
 
 pub fn print_leases(leases: &[LeaseInfo], out: Out) -> Result<()> {

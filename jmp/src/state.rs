@@ -2,16 +2,16 @@
 //! found (`jmp serial`, `jmp detach`, `jmp status`) and stopped.
 //!
 //! Every running attachment writes `<runtime dir>/attach-<exporter>.json` (its Ready line, pid,
-//! control socket) and listens on `attach-<exporter>.sock`; both are removed when it ends. A
-//! file whose pid is gone is stale and ignored (and removed).
+//! control socket) and listens on `attach-<exporter>.sock` ([`crate::ctlsock`]); both are
+//! removed when it ends. A file whose pid is gone is stale and ignored (and removed).
 
-use crate::attach::{ControlRequest, Ready};
+use crate::attach::{Live, Ready, Shared};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, Read, Seek};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tracing::warn;
 
 /// Set in the environment of a background child: run in the foreground, report Ready as one
@@ -20,44 +20,19 @@ pub const CHILD_ENV: &str = "JMP_BACKGROUND_CHILD";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StateFile {
-    pub ready: ReadyOwned,
+    pub ready: Ready,
     pub socket: PathBuf,
     pub log: Option<PathBuf>,
+    /// Local mode: the config it runs (none: the built-in simulated board).
+    #[serde(default)]
+    pub config: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ReadyOwned {
-    pub exporter: String,
-    pub fingerprint: String,
-    pub pid: u32,
-    pub devices: Vec<Row>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Row {
-    pub name: String,
-    pub kind: String,
-    pub local: String,
-}
-
-impl ReadyOwned {
-    pub fn table(&self) -> String {
-        Ready {
-            exporter: self.exporter.clone(),
-            fingerprint: self.fingerprint.clone(),
-            pid: self.pid,
-            devices: self
-                .devices
-                .iter()
-                .map(|r| crate::attach::DeviceRow {
-                    name: r.name.clone(),
-                    kind: r.kind.clone(),
-                    local: r.local.clone(),
-                })
-                .collect(),
-        }
-        .table()
-    }
+/// Local mode's own state file and the config it runs.
+#[derive(Debug, Clone)]
+pub struct LocalState {
+    pub file: PathBuf,
+    pub config: Option<PathBuf>,
 }
 
 fn dir() -> PathBuf {
@@ -88,6 +63,11 @@ fn read_state(path: &Path) -> Option<StateFile> {
         let _ = std::fs::remove_file(path);
         None
     }
+}
+
+/// Every running attachment, by exporter name.
+pub fn all() -> Vec<StateFile> {
+    all_states()
 }
 
 fn all_states() -> Vec<StateFile> {
@@ -138,8 +118,8 @@ pub struct StateGuard {
 impl StateGuard {
     pub fn create(
         r: &Ready,
-        controls: mpsc::Sender<ControlRequest>,
-        local: Option<PathBuf>,
+        shared: Arc<Shared>,
+        local: Option<LocalState>,
     ) -> Result<StateGuard, String> {
         let d = dir();
         std::fs::create_dir_all(&d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
@@ -157,30 +137,18 @@ impl StateGuard {
         let listener = tokio::net::UnixListener::bind(&sock_path)
             .map_err(|e| format!("cannot create control socket {}: {e}", sock_path.display()))?;
         let state = StateFile {
-            ready: ReadyOwned {
-                exporter: r.exporter.clone(),
-                fingerprint: r.fingerprint.clone(),
-                pid: r.pid,
-                devices: r
-                    .devices
-                    .iter()
-                    .map(|d| Row {
-                        name: d.name.clone(),
-                        kind: d.kind.clone(),
-                        local: d.local.clone(),
-                    })
-                    .collect(),
-            },
+            ready: r.clone(),
             socket: sock_path.clone(),
             log: std::env::var_os("JMP_LOG_FILE").map(PathBuf::from),
+            config: local.as_ref().and_then(|l| l.config.clone()),
         };
         let text = serde_json::to_string_pretty(&state).map_err(|e| e.to_string())?;
         let mut files = vec![sock_path];
-        for p in std::iter::once(json_path).chain(local) {
+        for p in std::iter::once(json_path).chain(local.map(|l| l.file)) {
             std::fs::write(&p, &text).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
             files.push(p);
         }
-        let server = tokio::spawn(serve_controls(listener, controls));
+        let server = tokio::spawn(crate::ctlsock::serve(listener, shared));
         Ok(StateGuard { files, server })
     }
 }
@@ -191,51 +159,6 @@ impl Drop for StateGuard {
         for f in &self.files {
             let _ = std::fs::remove_file(f);
         }
-    }
-}
-
-async fn serve_controls(
-    listener: tokio::net::UnixListener,
-    controls: mpsc::Sender<ControlRequest>,
-) {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    while let Ok((stream, _)) = listener.accept().await {
-        let controls = controls.clone();
-        tokio::spawn(async move {
-            let (r, mut w) = stream.into_split();
-            let mut line = String::new();
-            if BufReader::new(r).read_line(&mut line).await.is_err() {
-                return;
-            }
-            let reply = match serde_json::from_str::<serde_json::Value>(&line)
-                .map_err(|e| format!("bad request: {e}"))
-                .and_then(|v| crate::parse_request(&v))
-            {
-                Err(e) => Err(e),
-                Ok((device, op)) => {
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    if controls
-                        .send(ControlRequest {
-                            device,
-                            op,
-                            reply: tx,
-                        })
-                        .await
-                        .is_err()
-                    {
-                        Err("the attachment is ending".to_string())
-                    } else {
-                        rx.await
-                            .unwrap_or_else(|_| Err("the attachment is ending".into()))
-                    }
-                }
-            };
-            let v = match reply {
-                Ok(m) => serde_json::json!({ "ok": m }),
-                Err(e) => serde_json::json!({ "error": e }),
-            };
-            let _ = w.write_all(format!("{v}\n").as_bytes()).await;
-        });
     }
 }
 
@@ -312,7 +235,7 @@ pub fn spawn_background(json: bool) -> Result<()> {
         }
         .into());
     }
-    let ready: ReadyOwned = serde_json::from_str(line.trim())
+    let ready: Ready = serde_json::from_str(line.trim())
         .context("bad ready line from the background attachment")?;
     if json {
         print!("{}", line);
@@ -356,8 +279,8 @@ pub fn detach(exporter: Option<&str>, all: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn local_running() -> Result<Option<ReadyOwned>> {
-    Ok(read_state(&local_file()).map(|s| s.ready))
+pub fn local_running() -> Option<StateFile> {
+    read_state(&local_file())
 }
 
 pub fn local_stop() -> Result<()> {
@@ -375,23 +298,52 @@ pub fn local_stop() -> Result<()> {
     }
 }
 
+/// The attachment's live state from its control socket, or, if it does not answer, what its
+/// state file says (link unknown).
+pub fn live(st: &StateFile) -> Live {
+    let req = crate::ctlsock::Request {
+        v: crate::ctlsock::VERSION,
+        op: crate::ctlsock::Op::Status,
+    };
+    match crate::ctlsock::call(&st.socket, &req, Duration::from_secs(2)) {
+        Ok(crate::ctlsock::Reply {
+            body: crate::ctlsock::ReplyBody::Status(l),
+            ..
+        }) => l,
+        _ => Live {
+            ready: st.ready.clone(),
+            link: "unknown".into(),
+            since: 0,
+            log: st.log.clone(),
+        },
+    }
+}
+
 pub fn status(json: bool) -> Result<()> {
-    let all = all_states();
+    let all: Vec<Live> = all_states().iter().map(live).collect();
+    let mut out = String::new();
     if json {
-        let list: Vec<&ReadyOwned> = all.iter().map(|s| &s.ready).collect();
-        println!("{}", serde_json::to_string(&list)?);
+        out = serde_json::to_string(&all)? + "\n";
     } else if all.is_empty() {
-        println!("no attachment is running");
+        out.push_str("no attachment is running\n");
     } else {
-        for s in all {
-            println!(
-                "{} (pid {}, {})",
-                s.ready.exporter, s.ready.pid, s.ready.fingerprint
-            );
-            for line in s.ready.table().lines() {
-                println!("  {line}");
+        for l in &all {
+            let r = &l.ready;
+            out.push_str(&format!(
+                "{} (pid {}, link {}{}, {})\n",
+                jmp_protocol::name::escape(&r.exporter),
+                r.pid,
+                l.link,
+                r.lease.as_deref().map(|x| format!(", lease {x}")).unwrap_or_default(),
+                r.fingerprint
+            ));
+            for line in r.table().lines() {
+                out.push_str(&format!("  {line}\n"));
+            }
+            if let Some(log) = &l.log {
+                out.push_str(&format!("  log: {}\n", log.display()));
             }
         }
     }
-    Ok(())
+    crate::print_out(&out)
 }

@@ -51,7 +51,7 @@ pub(super) fn config_client(cmd: ConfigClientCmd) -> Result<()> {
             token,
             no_use,
         } => {
-            jmp_devices::config::validate_name("client name", &name).map_err(|e| exit(2, e))?;
+            jmp_protocol::name::check("client name", &name).map_err(|e| exit(2, e.to_string()))?;
             let mut cfg = match (from, endpoint, fingerprint, token) {
                 (Some(f), _, _, _) => c::read_client_file(&f)?,
                 (None, Some(endpoint), Some(fingerprint), Some(token)) => ClientConfig {

@@ -6,7 +6,7 @@
 //! own. What the controller adds when it is reachable: lease ends before expiry (deleted,
 //! revoked), extensions, and which lease is current.
 
-use jmp_devices::exporter::{Admission, Authorizer, Exporter, TokenAuth};
+use jmp_exporter::{Admission, AuthError, Authorizer, Exporter, TokenAuth};
 use jmp_protocol::ctl::{Call, DeviceSummary, Registration, Reply, Request};
 use jmp_protocol::token::{Claims, TokenKind};
 use jmp_protocol::Hello;
@@ -35,6 +35,9 @@ pub struct LeaseAuth {
     exporter: String,
     verifier: Verifier,
     view: Mutex<View>,
+    /// Ticks on every push from the controller (a Hello waiting for its lease to be
+    /// confirmed waits on it).
+    pushes: tokio::sync::watch::Sender<u64>,
     /// A direct-mode token accepted as well (`auth.tokenFile` beside `controller`).
     direct: Option<TokenAuth>,
 }
@@ -46,32 +49,33 @@ impl LeaseAuth {
 }
 
 impl Authorizer for LeaseAuth {
-    fn check(&self, hello: &Hello) -> Result<Admission, String> {
+    fn check(&self, hello: &Hello) -> Result<Admission, AuthError> {
         let token = hello.token.trim();
         if token.split('.').count() != 3 {
             return match &self.direct {
                 Some(d) => d.check(hello),
-                None if token.is_empty() => Err(
+                None if token.is_empty() => Err(AuthError::Refused(
                     "no lease token presented (lease this exporter first: jmp create lease, then jmp attach)"
                         .into(),
-                ),
-                None => Err("invalid token: not a lease token".into()),
+                )),
+                None => Err(AuthError::Refused("invalid token: not a lease token".into())),
             };
         }
         let c = self
             .verifier
             .verify(token, TokenKind::Lease, jmp_transport::unix_now())
-            .map_err(|e| format!("lease token refused: {e}"))?;
+            .map_err(|e| AuthError::Refused(format!("lease token refused: {e}")))?;
         let exporter = c.exporter.clone().unwrap_or_default();
         if exporter != self.exporter {
-            return Err(format!(
-                "lease token refused: it is for exporter {exporter:?}, this is {:?}",
+            return Err(AuthError::Refused(format!(
+                "lease token refused: it is for exporter {:?}, this is {:?}",
+                jmp_protocol::name::escape(&exporter),
                 self.exporter
-            ));
+            )));
         }
         let view = self.view();
         if let Some(why) = view.ended.get(&c.sub) {
-            return Err(format!("lease token refused: {why}"));
+            return Err(AuthError::Refused(format!("lease token refused: {why}")));
         }
         let mut until = c.exp;
         if view.known {
@@ -85,18 +89,28 @@ impl Authorizer for LeaseAuth {
                         _ => Some(*end),
                     }
                 }
+                // Valid, but not current as far as the controller last said: a grant newer
+                // than its last push, or a lease that is over. The next push decides.
                 _ => {
-                    return Err(format!(
+                    return Err(AuthError::NotYet(format!(
                         "lease token refused: lease {} is not this exporter's current lease",
                         c.sub
-                    ))
+                    )))
                 }
             }
         }
         Ok(Admission {
             lease: Some(c.sub),
             until,
+            client: c.client.clone(),
+            // Until the controller has spoken, the token is the only word on the lease: it
+            // may attach to a free board but not end another live session.
+            confirmed: view.known,
         })
+    }
+
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.pushes.subscribe())
     }
 }
 
@@ -143,6 +157,7 @@ impl Registrar {
                 exporter: exporter.into(),
                 verifier,
                 view: Mutex::new(View::default()),
+                pushes: tokio::sync::watch::Sender::new(0),
                 direct,
             }),
             credential,
@@ -256,6 +271,7 @@ impl Registrar {
                         v.current = lease.as_ref().map(|l| (l.name.clone(), l.end));
                         v.at = at;
                     }
+                    self.auth.pushes.send_modify(|n| *n = n.wrapping_add(1));
                     for e in &ended {
                         exporter.end_lease(&e.name, &e.reason);
                     }
@@ -317,9 +333,10 @@ mod tests {
                 ended: HashMap::new(),
                 at: now - 10,
             }),
+            pushes: tokio::sync::watch::Sender::new(0),
             direct: None,
         };
-        let until = |h: &Hello| auth.check(h).map(|a| a.until);
+        let until = |h: &Hello| auth.check(h).map(|a| a.until).map_err(|_| ());
         // Issued before the push: the push is the newer word on the lease's end.
         assert_eq!(
             until(&hello(&signer, "L1", now - 20, now + 1000)),

@@ -1,16 +1,16 @@
 //! jmpd: the exporter daemon. Reads an ExporterConfig, keeps the exporter's TLS identity, and
 //! serves the board's devices to the one client holding it.
 //!
-//! Owns: the command line, logging, the identity's location, binding, signals. The serving
-//! itself is `jmp_devices::exporter` (shared with `jmp local`). Does not own: leases (the
-//! controller), device logic (jmp-devices).
+//! Owns: the command line, logging, the identity's location, binding, signals, and controller
+//! mode (registering, lease tokens: [`controller`]). The serving itself is jmp-exporter
+//! (shared with `jmp local`). Does not own: leases (the controller), device logic
+//! (jmp-devices).
 
 pub mod controller;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use jmp_devices::config::ExporterConfig;
-use jmp_devices::exporter::{Authorizer, Exporter, TokenAuth};
+use jmp_exporter::{Authorizer, Exporter, ExporterConfig, TokenAuth};
 use jmp_transport::{server_endpoint, Identity};
 use std::io::Write;
 use std::path::PathBuf;
@@ -154,7 +154,7 @@ pub fn run(args: Args) -> Result<()> {
                 local.port()
             );
         }
-        let exporter = Arc::new(Exporter::from_config(&cfg, auth));
+        let exporter = Arc::new(Exporter::from_config(&cfg, auth).map_err(|e| anyhow!(e))?);
         if let Some(r) = registrar {
             let address = cfg
                 .controller
@@ -167,7 +167,7 @@ pub fn run(args: Args) -> Result<()> {
                 .iter()
                 .map(|(n, spec)| jmp_protocol::ctl::DeviceSummary {
                     name: n.clone(),
-                    kind: spec.kind().to_string(),
+                    kind: spec.kind().as_str().to_string(),
                 })
                 .collect();
             info!("registering with controller {} as reachable at {address}", r.controller());

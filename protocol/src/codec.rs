@@ -117,6 +117,66 @@ pub fn get_str(buf: &mut &[u8], what: &'static str) -> Result<String, DecodeErro
     Ok(s)
 }
 
+pub fn bytes_len(b: &[u8]) -> usize {
+    varint_len(b.len() as u64) + b.len()
+}
+
+/// Writes `varint(len) || bytes`: a kind's body inside a generic message.
+pub fn put_bytes(buf: &mut BytesMut, b: &[u8]) {
+    put_varint(buf, b.len() as u64);
+    buf.put_slice(b);
+}
+
+pub fn get_bytes(buf: &mut &[u8], what: &'static str) -> Result<bytes::Bytes, DecodeError> {
+    let len = get_varint(buf, what)?;
+    if len > buf.len() as u64 {
+        return Err(DecodeError::Truncated(what));
+    }
+    let len = len as usize;
+    let b = bytes::Bytes::copy_from_slice(&buf[..len]);
+    buf.advance(len);
+    Ok(b)
+}
+
+pub fn opt_varint_len(v: Option<u64>) -> usize {
+    1 + v.map_or(0, varint_len)
+}
+
+/// `0` for none, `1 || varint` for some.
+pub fn put_opt_varint(buf: &mut BytesMut, v: Option<u64>) {
+    match v {
+        None => buf.put_u8(0),
+        Some(v) => {
+            buf.put_u8(1);
+            put_varint(buf, v);
+        }
+    }
+}
+
+pub fn get_opt_varint(buf: &mut &[u8], what: &'static str) -> Result<Option<u64>, DecodeError> {
+    match get_u8(buf, what)? {
+        0 => Ok(None),
+        1 => get_varint(buf, what).map(Some),
+        v => Err(DecodeError::Invalid {
+            field: what,
+            value: v.into(),
+        }),
+    }
+}
+
+/// A varint that must fit a `u32`.
+pub fn get_u32_varint(buf: &mut &[u8], what: &'static str) -> Result<u32, DecodeError> {
+    let v = get_varint(buf, what)?;
+    u32::try_from(v).map_err(|_| DecodeError::Invalid { field: what, value: v })
+}
+
+/// Encodes a value into a fresh buffer of exactly its length (a kind's body).
+pub fn to_bytes<T: Codec>(v: &T) -> bytes::Bytes {
+    let mut b = BytesMut::with_capacity(v.encoded_len());
+    v.encode(&mut b);
+    b.freeze()
+}
+
 /// A count of list elements; each element takes at least `min_elem` bytes, which bounds the
 /// count by the input actually present.
 pub fn get_count(

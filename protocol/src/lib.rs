@@ -1,8 +1,11 @@
 //! jmp-protocol: the wire protocol of jmp, sans-IO.
 //!
-//! Owns: the control messages and their one codec ([`codec`], [`message`]), the error-code table
-//! shared by the wire and the CLIs' exit codes ([`ErrorCode`]), the per-connection channel session
-//! state machine ([`session`]), labels with Kubernetes-style selectors ([`selector`]), the
+//! Owns: the generic control messages and their one codec ([`codec`], [`message`]), each device
+//! kind's own wire inside them ([`kinds`]: typed parameters, requests and answers), the
+//! error-code table shared by the wire and the CLIs' exit codes ([`ErrorCode`], [`exit`]), the
+//! per-connection session state machine ([`session`]: handshake, channels, the pairing of
+//! streams with their `Open`, requests and their deadlines), the one rule for names that
+//! become local paths ([`name`]), labels with Kubernetes-style selectors ([`selector`]), the
 //! controller API's messages ([`ctl`]) and the claims of the tokens it signs ([`token`]).
 //!
 //! Does not own: sockets, tasks, clocks or TLS. Nothing here performs I/O or reads the time; the
@@ -12,13 +15,16 @@ pub mod codec;
 pub mod ctl;
 pub mod duration;
 pub mod error;
+pub mod kinds;
 pub mod message;
+pub mod name;
 pub mod selector;
 pub mod session;
 pub mod token;
 
 pub use codec::{Codec, DecodeError, FrameDecoder};
-pub use error::ErrorCode;
+pub use error::{exit, ErrorCode, Refusal};
+pub use kinds::Kind;
 pub use message::*;
 
 /// ALPN between a client and an exporter. The ALPN carries the major version; `Hello` carries
@@ -27,14 +33,19 @@ pub const ALPN_EXPORTER: &[u8] = b"jmp/1";
 /// ALPN to the controller.
 pub const ALPN_CONTROLLER: &[u8] = b"jmp-ctl/1";
 
-/// Feature bits sent in `Hello`/`Welcome`. Unknown bits are ignored by the receiver.
+/// Feature bits sent in `Hello` (what the client speaks) and `Welcome` (what this exporter
+/// serves: only what at least one of its devices uses). Unknown bits are ignored.
 pub mod features {
-    /// Serial channels accept `Open.resume_from` and answer with the offset they start at.
-    pub const SERIAL_RESUME: u64 = 1 << 0;
-    /// Serial line settings, break and modem lines via `Control`.
-    pub const SERIAL_CONTROL: u64 = 1 << 1;
     /// Datagram channels.
-    pub const DATAGRAMS: u64 = 1 << 2;
-    /// Everything this build speaks.
-    pub const ALL: u64 = SERIAL_RESUME | SERIAL_CONTROL | DATAGRAMS;
+    pub const DATAGRAMS: u64 = 1 << 0;
+    /// Device requests (`Request`/`Done`).
+    pub const REQUESTS: u64 = 1 << 1;
+    /// Device status pushes (`Status`).
+    pub const STATUS: u64 = 1 << 2;
+    /// In `Hello` only: this session makes device requests and opens no channels (`jmp power`
+    /// without an attachment). It does not take the board: it is admitted beside the holder's
+    /// own session, or while nobody holds it, and never replaces anyone.
+    pub const ONE_SHOT: u64 = 1 << 3;
+    /// Everything this build speaks (`ONE_SHOT` is a choice, not a capability).
+    pub const ALL: u64 = DATAGRAMS | REQUESTS | STATUS;
 }

@@ -1,13 +1,23 @@
 //! Control messages: the only things ever sent on the control stream (the first bidirectional
 //! stream of a connection), each in one length-delimited frame (see [`crate::codec`]).
 //!
+//! These messages are generic: what is particular to a device kind travels inside them as
+//! opaque bytes (`params`, `body`) whose codec lives in that kind's module under
+//! [`crate::kinds`].
+//!
 //! Channel ids are chosen by the client, start at 1 and are never reused within a connection;
-//! channel 0 means "the session itself" (used by `Control` notices). A stream channel's QUIC
-//! stream starts with `varint(channel id)`; a datagram starts with `varint(channel id)`.
+//! channel 0 means "the session itself" (used by `Notice`). A stream channel's QUIC stream
+//! starts with `varint(channel id)`; a datagram starts with `varint(channel id)`. Request ids
+//! are chosen by the client, start at 1 and are never reused within a connection.
 
 use crate::codec::*;
 use crate::error::ErrorCode;
-use bytes::{BufMut, BytesMut};
+use crate::kinds::Kind;
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Most devices one exporter may offer (and one Welcome may list). A board has a handful;
+/// the bound keeps a hostile exporter from exhausting the client's ptys or ports.
+pub const MAX_DEVICES: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -19,6 +29,10 @@ pub enum Message {
     Close(Close),
     Control(Control),
     Bye(Bye),
+    Request(Request),
+    Done(Done),
+    Notice(Notice),
+    Status(Status),
 }
 
 /// Client → exporter, first message. The token is a secret: never log it (Debug masks it).
@@ -48,23 +62,35 @@ impl std::fmt::Debug for Hello {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Welcome {
     pub exporter: String,
+    /// What this exporter serves (`crate::features`).
     pub features: u64,
-    /// Random per exporter process. Serial offsets are only comparable within one instance: a
-    /// client that sees a new instance (the exporter restarted) does not resume, it replays.
+    /// Random per exporter process. Per-device offsets (serial history) are only comparable
+    /// within one instance: a client that sees a new instance does not resume, it replays.
     pub instance: u64,
     pub devices: Vec<DeviceInfo>,
+}
+
+/// Whether a device can be used now.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "state", content = "reason", rename_all = "lowercase")]
+pub enum DeviceState {
+    Available,
+    /// Exists, but cannot be used now (port unplugged, adapter missing), and why.
+    Unavailable(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceInfo {
     pub name: String,
-    /// "serial", "tcp", ...: a string so a new device kind needs no wire change.
-    pub kind: String,
-    /// Free text for people: "/dev/ttyUSB0 115200 8N1", "192.168.10.2:22".
+    pub kind: Kind,
+    pub state: DeviceState,
+    /// The kind's typed parameters (e.g. `kinds::serial::DeviceParams`).
+    pub params: Bytes,
+    /// Free text for people: "/dev/ttyUSB0 115200 8N1", "192.168.10.2:22". Never parsed.
     pub detail: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ChannelMode {
     Stream,
     Datagram,
@@ -76,18 +102,16 @@ pub struct Open {
     pub channel: u64,
     pub device: String,
     pub mode: ChannelMode,
-    /// Serial: the device-output offset the client has already seen; `None` on first attach
-    /// (then the exporter replays its whole history).
-    pub resume_from: Option<u64>,
+    /// The kind's open parameters (e.g. `kinds::serial::OpenParams`).
+    pub params: Bytes,
 }
 
 /// Exporter → client: the channel is open.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Opened {
     pub channel: u64,
-    /// Serial: the device-output offset of the first byte sent on the stream. Larger than the
-    /// client's `resume_from` when history was lost in between. 0 for other devices.
-    pub offset: u64,
+    /// The kind's answer (e.g. `kinds::serial::OpenedParams`).
+    pub params: Bytes,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,83 +128,11 @@ pub struct Close {
     pub reason: String,
 }
 
-/// Out-of-band settings for a channel's device (either direction).
+/// A kind's out-of-band message for an open channel (either direction, not answered).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Control {
     pub channel: u64,
-    pub body: ControlBody,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ControlBody {
-    /// Apply these line settings to the real port.
-    LineSettings(LineSettings),
-    /// Send a break of this many milliseconds.
-    Break { millis: u32 },
-    /// Set modem lines; `None` leaves a line as it is.
-    ModemLines {
-        dtr: Option<bool>,
-        rts: Option<bool>,
-    },
-    /// Text for the user (exporter → client), e.g. why a setting could not be applied.
-    Notice(String),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Parity {
-    None,
-    Odd,
-    Even,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlowControl {
-    None,
-    Software,
-    Hardware,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LineSettings {
-    pub baud: u32,
-    /// 5..=8
-    pub data_bits: u8,
-    pub parity: Parity,
-    /// 1 or 2
-    pub stop_bits: u8,
-    pub flow: FlowControl,
-}
-
-impl Default for LineSettings {
-    fn default() -> Self {
-        LineSettings {
-            baud: 115_200,
-            data_bits: 8,
-            parity: Parity::None,
-            stop_bits: 1,
-            flow: FlowControl::None,
-        }
-    }
-}
-
-impl std::fmt::Display for LineSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let p = match self.parity {
-            Parity::None => 'N',
-            Parity::Odd => 'O',
-            Parity::Even => 'E',
-        };
-        let flow = match self.flow {
-            FlowControl::None => "",
-            FlowControl::Software => " xon/xoff",
-            FlowControl::Hardware => " rts/cts",
-        };
-        write!(
-            f,
-            "{} {}{}{}{}",
-            self.baud, self.data_bits, p, self.stop_bits, flow
-        )
-    }
+    pub body: Bytes,
 }
 
 /// Either side, last message: why the session ends.
@@ -188,6 +140,42 @@ impl std::fmt::Display for LineSettings {
 pub struct Bye {
     pub code: ErrorCode,
     pub reason: String,
+}
+
+/// Client → exporter: an operation on a device (power cycle, serial break), answered by exactly
+/// one `Done` with the same id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub id: u64,
+    pub device: String,
+    /// The kind's request (e.g. `kinds::power::Request`).
+    pub body: Bytes,
+}
+
+/// Exporter → client: the result of `Request { id }`: `code` ok with the kind's answer in
+/// `body`, or why it failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Done {
+    pub id: u64,
+    pub code: ErrorCode,
+    pub reason: String,
+    pub body: Bytes,
+}
+
+/// Text for the user (either direction); channel 0 is the session (a lease ending soon).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    pub channel: u64,
+    pub text: String,
+}
+
+/// Exporter → client: a device's state or parameters changed (a port vanished or came back,
+/// power went off).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub device: String,
+    pub state: DeviceState,
+    pub params: Bytes,
 }
 
 const T_HELLO: u8 = 0x01;
@@ -198,155 +186,77 @@ const T_REJECT: u8 = 0x05;
 const T_CLOSE: u8 = 0x06;
 const T_CONTROL: u8 = 0x07;
 const T_BYE: u8 = 0x08;
+const T_REQUEST: u8 = 0x09;
+const T_DONE: u8 = 0x0a;
+const T_NOTICE: u8 = 0x0b;
+const T_STATUS: u8 = 0x0c;
 
-const C_LINE: u8 = 0x01;
-const C_BREAK: u8 = 0x02;
-const C_MODEM: u8 = 0x03;
-const C_NOTICE: u8 = 0x04;
-
-fn tri(v: Option<bool>) -> u8 {
-    match v {
-        None => 0,
-        Some(false) => 1,
-        Some(true) => 2,
+fn put_state(buf: &mut BytesMut, s: &DeviceState) {
+    match s {
+        DeviceState::Available => buf.put_u8(0),
+        DeviceState::Unavailable(why) => {
+            buf.put_u8(1);
+            put_str(buf, why);
+        }
     }
 }
 
-fn get_tri(buf: &mut &[u8], what: &'static str) -> Result<Option<bool>, DecodeError> {
-    match get_u8(buf, what)? {
-        0 => Ok(None),
-        1 => Ok(Some(false)),
-        2 => Ok(Some(true)),
+fn state_len(s: &DeviceState) -> usize {
+    1 + match s {
+        DeviceState::Available => 0,
+        DeviceState::Unavailable(why) => str_len(why),
+    }
+}
+
+fn get_state(buf: &mut &[u8]) -> Result<DeviceState, DecodeError> {
+    match get_u8(buf, "device state")? {
+        0 => Ok(DeviceState::Available),
+        1 => Ok(DeviceState::Unavailable(get_str(buf, "unavailable reason")?)),
         v => Err(DecodeError::Invalid {
-            field: what,
+            field: "device state",
             value: v.into(),
         }),
     }
 }
 
-impl Codec for ControlBody {
+fn put_code(buf: &mut BytesMut, c: ErrorCode) {
+    put_varint(buf, c.to_wire())
+}
+
+fn get_code(buf: &mut &[u8]) -> Result<ErrorCode, DecodeError> {
+    Ok(ErrorCode::from_wire(get_varint(buf, "code")?))
+}
+
+fn code_len(c: ErrorCode) -> usize {
+    varint_len(c.to_wire())
+}
+
+impl Codec for DeviceInfo {
     fn encode(&self, buf: &mut BytesMut) {
-        match self {
-            ControlBody::LineSettings(l) => {
-                buf.put_u8(C_LINE);
-                put_varint(buf, l.baud.into());
-                buf.put_u8(l.data_bits);
-                buf.put_u8(match l.parity {
-                    Parity::None => 0,
-                    Parity::Odd => 1,
-                    Parity::Even => 2,
-                });
-                buf.put_u8(l.stop_bits);
-                buf.put_u8(match l.flow {
-                    FlowControl::None => 0,
-                    FlowControl::Software => 1,
-                    FlowControl::Hardware => 2,
-                });
-            }
-            ControlBody::Break { millis } => {
-                buf.put_u8(C_BREAK);
-                put_varint(buf, (*millis).into());
-            }
-            ControlBody::ModemLines { dtr, rts } => {
-                buf.put_u8(C_MODEM);
-                buf.put_u8(tri(*dtr));
-                buf.put_u8(tri(*rts));
-            }
-            ControlBody::Notice(s) => {
-                buf.put_u8(C_NOTICE);
-                put_str(buf, s);
-            }
-        }
+        put_str(buf, &self.name);
+        put_str(buf, self.kind.as_str());
+        put_state(buf, &self.state);
+        put_bytes(buf, &self.params);
+        put_str(buf, &self.detail);
     }
 
     fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
-        match get_u8(buf, "control type")? {
-            C_LINE => {
-                let baud = get_varint(buf, "baud")?;
-                let baud =
-                    u32::try_from(baud)
-                        .ok()
-                        .filter(|b| *b > 0)
-                        .ok_or(DecodeError::Invalid {
-                            field: "baud",
-                            value: baud,
-                        })?;
-                let data_bits = get_u8(buf, "data bits")?;
-                if !(5..=8).contains(&data_bits) {
-                    return Err(DecodeError::Invalid {
-                        field: "data bits",
-                        value: data_bits.into(),
-                    });
-                }
-                let parity = match get_u8(buf, "parity")? {
-                    0 => Parity::None,
-                    1 => Parity::Odd,
-                    2 => Parity::Even,
-                    v => {
-                        return Err(DecodeError::Invalid {
-                            field: "parity",
-                            value: v.into(),
-                        })
-                    }
-                };
-                let stop_bits = get_u8(buf, "stop bits")?;
-                if !(1..=2).contains(&stop_bits) {
-                    return Err(DecodeError::Invalid {
-                        field: "stop bits",
-                        value: stop_bits.into(),
-                    });
-                }
-                let flow = match get_u8(buf, "flow control")? {
-                    0 => FlowControl::None,
-                    1 => FlowControl::Software,
-                    2 => FlowControl::Hardware,
-                    v => {
-                        return Err(DecodeError::Invalid {
-                            field: "flow control",
-                            value: v.into(),
-                        })
-                    }
-                };
-                Ok(ControlBody::LineSettings(LineSettings {
-                    baud,
-                    data_bits,
-                    parity,
-                    stop_bits,
-                    flow,
-                }))
-            }
-            C_BREAK => {
-                let ms = get_varint(buf, "break duration")?;
-                let millis = u32::try_from(ms).map_err(|_| DecodeError::Invalid {
-                    field: "break duration",
-                    value: ms,
-                })?;
-                Ok(ControlBody::Break { millis })
-            }
-            C_MODEM => Ok(ControlBody::ModemLines {
-                dtr: get_tri(buf, "dtr")?,
-                rts: get_tri(buf, "rts")?,
-            }),
-            C_NOTICE => Ok(ControlBody::Notice(get_str(buf, "notice")?)),
-            t => Err(DecodeError::Invalid {
-                field: "control type",
-                value: t.into(),
-            }),
-        }
+        Ok(DeviceInfo {
+            name: get_str(buf, "device name")?,
+            kind: Kind::from_wire(&get_str(buf, "device kind")?),
+            state: get_state(buf)?,
+            params: get_bytes(buf, "device params")?,
+            detail: get_str(buf, "device detail")?,
+        })
     }
 
     fn encoded_len(&self) -> usize {
-        1 + match self {
-            ControlBody::LineSettings(l) => varint_len(l.baud.into()) + 4,
-            ControlBody::Break { millis } => varint_len((*millis).into()),
-            ControlBody::ModemLines { .. } => 2,
-            ControlBody::Notice(s) => str_len(s),
-        }
+        str_len(&self.name)
+            + str_len(self.kind.as_str())
+            + state_len(&self.state)
+            + bytes_len(&self.params)
+            + str_len(&self.detail)
     }
-}
-
-fn opt_len(v: Option<u64>) -> usize {
-    1 + v.map_or(0, varint_len)
 }
 
 impl Codec for Message {
@@ -366,9 +276,7 @@ impl Codec for Message {
                 buf.put_u64(w.instance);
                 put_varint(buf, w.devices.len() as u64);
                 for d in &w.devices {
-                    put_str(buf, &d.name);
-                    put_str(buf, &d.kind);
-                    put_str(buf, &d.detail);
+                    d.encode(buf);
                 }
             }
             Message::Open(o) => {
@@ -379,40 +287,58 @@ impl Codec for Message {
                     ChannelMode::Stream => 0,
                     ChannelMode::Datagram => 1,
                 });
-                match o.resume_from {
-                    None => buf.put_u8(0),
-                    Some(off) => {
-                        buf.put_u8(1);
-                        put_varint(buf, off);
-                    }
-                }
+                put_bytes(buf, &o.params);
             }
             Message::Opened(o) => {
                 buf.put_u8(T_OPENED);
                 put_varint(buf, o.channel);
-                put_varint(buf, o.offset);
+                put_bytes(buf, &o.params);
             }
             Message::Reject(r) => {
                 buf.put_u8(T_REJECT);
                 put_varint(buf, r.channel);
-                put_varint(buf, r.code.to_wire());
+                put_code(buf, r.code);
                 put_str(buf, &r.reason);
             }
             Message::Close(c) => {
                 buf.put_u8(T_CLOSE);
                 put_varint(buf, c.channel);
-                put_varint(buf, c.code.to_wire());
+                put_code(buf, c.code);
                 put_str(buf, &c.reason);
             }
             Message::Control(c) => {
                 buf.put_u8(T_CONTROL);
                 put_varint(buf, c.channel);
-                c.body.encode(buf);
+                put_bytes(buf, &c.body);
             }
             Message::Bye(b) => {
                 buf.put_u8(T_BYE);
-                put_varint(buf, b.code.to_wire());
+                put_code(buf, b.code);
                 put_str(buf, &b.reason);
+            }
+            Message::Request(r) => {
+                buf.put_u8(T_REQUEST);
+                put_varint(buf, r.id);
+                put_str(buf, &r.device);
+                put_bytes(buf, &r.body);
+            }
+            Message::Done(d) => {
+                buf.put_u8(T_DONE);
+                put_varint(buf, d.id);
+                put_code(buf, d.code);
+                put_str(buf, &d.reason);
+                put_bytes(buf, &d.body);
+            }
+            Message::Notice(n) => {
+                buf.put_u8(T_NOTICE);
+                put_varint(buf, n.channel);
+                put_str(buf, &n.text);
+            }
+            Message::Status(s) => {
+                buf.put_u8(T_STATUS);
+                put_str(buf, &s.device);
+                put_state(buf, &s.state);
+                put_bytes(buf, &s.params);
             }
         }
     }
@@ -430,14 +356,17 @@ impl Codec for Message {
                 let exporter = get_str(buf, "exporter")?;
                 let features = get_varint(buf, "features")?;
                 let instance = get_u64(buf, "instance")?;
-                let n = get_count(buf, "device count", 3)?;
+                // Five bytes is the smallest device (four empty strings and a state byte).
+                let n = get_count(buf, "device count", 5)?;
+                if n > MAX_DEVICES {
+                    return Err(DecodeError::Invalid {
+                        field: "device count",
+                        value: n as u64,
+                    });
+                }
                 let mut devices = Vec::with_capacity(n);
                 for _ in 0..n {
-                    devices.push(DeviceInfo {
-                        name: get_str(buf, "device name")?,
-                        kind: get_str(buf, "device kind")?,
-                        detail: get_str(buf, "device detail")?,
-                    });
+                    devices.push(DeviceInfo::decode(buf)?);
                 }
                 Message::Welcome(Welcome {
                     exporter,
@@ -449,22 +378,12 @@ impl Codec for Message {
             T_OPEN => {
                 let channel = get_varint(buf, "channel")?;
                 let device = get_str(buf, "device")?;
-                let mode = match get_u8(buf, "channel mode")? {
+                let mode = match get_u8(buf, "mode")? {
                     0 => ChannelMode::Stream,
                     1 => ChannelMode::Datagram,
                     v => {
                         return Err(DecodeError::Invalid {
-                            field: "channel mode",
-                            value: v.into(),
-                        })
-                    }
-                };
-                let resume_from = match get_u8(buf, "resume flag")? {
-                    0 => None,
-                    1 => Some(get_varint(buf, "resume offset")?),
-                    v => {
-                        return Err(DecodeError::Invalid {
-                            field: "resume flag",
+                            field: "mode",
                             value: v.into(),
                         })
                     }
@@ -473,30 +392,50 @@ impl Codec for Message {
                     channel,
                     device,
                     mode,
-                    resume_from,
+                    params: get_bytes(buf, "open params")?,
                 })
             }
             T_OPENED => Message::Opened(Opened {
                 channel: get_varint(buf, "channel")?,
-                offset: get_varint(buf, "offset")?,
+                params: get_bytes(buf, "opened params")?,
             }),
             T_REJECT => Message::Reject(Reject {
                 channel: get_varint(buf, "channel")?,
-                code: ErrorCode::from_wire(get_varint(buf, "code")?),
+                code: get_code(buf)?,
                 reason: get_str(buf, "reason")?,
             }),
             T_CLOSE => Message::Close(Close {
                 channel: get_varint(buf, "channel")?,
-                code: ErrorCode::from_wire(get_varint(buf, "code")?),
+                code: get_code(buf)?,
                 reason: get_str(buf, "reason")?,
             }),
             T_CONTROL => Message::Control(Control {
                 channel: get_varint(buf, "channel")?,
-                body: ControlBody::decode(buf)?,
+                body: get_bytes(buf, "control body")?,
             }),
             T_BYE => Message::Bye(Bye {
-                code: ErrorCode::from_wire(get_varint(buf, "code")?),
+                code: get_code(buf)?,
                 reason: get_str(buf, "reason")?,
+            }),
+            T_REQUEST => Message::Request(Request {
+                id: get_varint(buf, "request id")?,
+                device: get_str(buf, "device")?,
+                body: get_bytes(buf, "request body")?,
+            }),
+            T_DONE => Message::Done(Done {
+                id: get_varint(buf, "request id")?,
+                code: get_code(buf)?,
+                reason: get_str(buf, "reason")?,
+                body: get_bytes(buf, "done body")?,
+            }),
+            T_NOTICE => Message::Notice(Notice {
+                channel: get_varint(buf, "channel")?,
+                text: get_str(buf, "notice")?,
+            }),
+            T_STATUS => Message::Status(Status {
+                device: get_str(buf, "device")?,
+                state: get_state(buf)?,
+                params: get_bytes(buf, "status params")?,
             }),
             t => return Err(DecodeError::UnknownType(t)),
         })
@@ -512,15 +451,12 @@ impl Codec for Message {
                     + varint_len(w.features)
                     + 8
                     + varint_len(w.devices.len() as u64)
-                    + w.devices
-                        .iter()
-                        .map(|d| str_len(&d.name) + str_len(&d.kind) + str_len(&d.detail))
-                        .sum::<usize>()
+                    + w.devices.iter().map(|d| d.encoded_len()).sum::<usize>()
             }
             Message::Open(o) => {
-                varint_len(o.channel) + str_len(&o.device) + 1 + opt_len(o.resume_from)
+                varint_len(o.channel) + str_len(&o.device) + 1 + bytes_len(&o.params)
             }
-            Message::Opened(o) => varint_len(o.channel) + varint_len(o.offset),
+            Message::Opened(o) => varint_len(o.channel) + bytes_len(&o.params),
             Message::Reject(Reject {
                 channel,
                 code,
@@ -530,9 +466,15 @@ impl Codec for Message {
                 channel,
                 code,
                 reason,
-            }) => varint_len(*channel) + varint_len(code.to_wire()) + str_len(reason),
-            Message::Control(c) => varint_len(c.channel) + c.body.encoded_len(),
-            Message::Bye(b) => varint_len(b.code.to_wire()) + str_len(&b.reason),
+            }) => varint_len(*channel) + code_len(*code) + str_len(reason),
+            Message::Control(c) => varint_len(c.channel) + bytes_len(&c.body),
+            Message::Bye(b) => code_len(b.code) + str_len(&b.reason),
+            Message::Request(r) => varint_len(r.id) + str_len(&r.device) + bytes_len(&r.body),
+            Message::Done(d) => {
+                varint_len(d.id) + code_len(d.code) + str_len(&d.reason) + bytes_len(&d.body)
+            }
+            Message::Notice(n) => varint_len(n.channel) + str_len(&n.text),
+            Message::Status(s) => str_len(&s.device) + state_len(&s.state) + bytes_len(&s.params),
         }
     }
 }
@@ -549,11 +491,15 @@ impl Message {
             Message::Close(_) => "Close",
             Message::Control(_) => "Control",
             Message::Bye(_) => "Bye",
+            Message::Request(_) => "Request",
+            Message::Done(_) => "Done",
+            Message::Notice(_) => "Notice",
+            Message::Status(_) => "Status",
         }
     }
 
     /// One frame (length prefix included), ready to write on the control stream.
-    pub fn to_frame(&self) -> bytes::Bytes {
+    pub fn to_frame(&self) -> Bytes {
         let mut b = BytesMut::new();
         encode_frame(self, &mut b);
         b.freeze()

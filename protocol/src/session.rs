@@ -1,15 +1,27 @@
-//! The channel session state machine: which control message is legal when, which channels exist,
+//! The session state machine: which control message is legal when, which channels exist, the
+//! pairing of an exporter's incoming data streams with their `Open`, requests and their answers,
 //! and when a pending step has waited too long. Sans-IO in the quinn-proto style: input through
 //! `handle_*`, commands as methods, output through `poll_*`. Time is only what callers pass in.
 //!
 //! One `Session` per connection, owned by the one task that owns the connection (transport's
 //! Link). A protocol violation by the peer ends the session with `Bye { Protocol }` rather than a
-//! panic: everything handled here came from the network.
+//! panic: everything handled here came from the network. Every collection here is bounded, so a
+//! peer cannot grow this side's memory without bound.
 
 use crate::error::ErrorCode;
 use crate::message::*;
-use std::collections::{BTreeMap, VecDeque};
+use crate::name;
+use bytes::Bytes;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
+
+/// Streams an exporter holds for `Open`s that have not arrived yet (the two race).
+pub const MAX_ORPHAN_STREAMS: usize = 256;
+/// Channels (open or opening) one connection may have.
+pub const MAX_CHANNELS: usize = 4096;
+/// Device requests one connection may have unanswered at the exporter; beyond that a request
+/// is answered at once with `busy`.
+pub const MAX_REQUESTS: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -30,34 +42,40 @@ pub enum State {
 pub enum Event {
     /// Exporter: the client said Hello; answer with [`Session::welcome`] or [`Session::bye`].
     Hello(Hello),
-    /// Client: the exporter accepted us.
+    /// Client: the exporter accepted us (its names already checked against [`crate::name`]).
     Welcome(Welcome),
-    /// Exporter: the client wants a channel; answer with [`Session::opened`] or
-    /// [`Session::reject`].
-    OpenRequested(Open),
+    /// Exporter: a channel request, ready to decide: answer with [`Session::opened`] or
+    /// [`Session::reject`]. For a stream channel its stream has arrived (reported through
+    /// [`Session::handle_stream`]) and belongs to this request now.
+    Incoming(Open),
+    /// Exporter: reset the stream held for this channel (its `Open` never came, or was
+    /// refused before the stream arrived).
+    DropStream(u64),
     /// Client: a channel we asked for is open.
-    Opened {
-        channel: u64,
-        offset: u64,
-    },
-    /// Client: a channel we asked for was refused (or timed out: code `Internal`).
+    Opened { channel: u64, params: Bytes },
+    /// Client: a channel we asked for was refused, timed out, or the session ended first.
     Rejected {
         channel: u64,
         code: ErrorCode,
         reason: String,
     },
-    Control {
-        channel: u64,
-        body: ControlBody,
-    },
+    Control { channel: u64, body: Bytes },
     /// The peer closed a channel.
     Closed {
         channel: u64,
         code: ErrorCode,
         reason: String,
     },
-    /// The session is over. `by_peer`: the other side said Bye; otherwise we ended it (a
-    /// protocol violation, a timeout, or our own `bye`).
+    /// Exporter: a device request; answer with [`Session::done`].
+    Request(Request),
+    /// Client: the answer to a request (from the exporter, or made here when its deadline
+    /// passed or the session ended first).
+    Done(Done),
+    Notice(Notice),
+    /// Client: a device's state changed.
+    Status(Status),
+    /// The session is over; always the last event. `by_peer`: the other side said Bye;
+    /// otherwise we ended it (a protocol violation, a timeout, or our own `bye`).
     Ended {
         code: ErrorCode,
         reason: String,
@@ -65,22 +83,32 @@ pub enum Event {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Chan {
     /// Client asked, exporter has not answered yet.
-    Opening {
-        deadline: Instant,
-    },
+    Opening { deadline: Instant },
+    /// Exporter: a stream `Open` whose stream has not arrived yet.
+    AwaitingStream { open: Open, deadline: Instant },
     /// Exporter: request delivered to the application, not answered yet.
     Requested,
     Open,
+}
+
+/// What the exporter's transport does with a data stream it just read the header of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamVerdict {
+    /// Hold it: an [`Event::Incoming`] or [`Event::DropStream`] for its channel follows.
+    Keep,
+    /// Reset it now (a used channel id, a duplicate, too many waiting).
+    Refuse,
 }
 
 #[derive(Debug, Clone, Copy)]
 pub struct Config {
     /// How long the handshake may take (Hello → Welcome).
     pub handshake_timeout: Duration,
-    /// How long an Open may wait for its answer.
+    /// How long an Open may wait for its answer, and an exporter for the other half of a
+    /// channel (its stream, or its `Open`).
     pub open_timeout: Duration,
 }
 
@@ -103,6 +131,12 @@ pub struct Session {
     /// Client: the next id to hand out. Exporter: one more than the highest id seen; ids are
     /// never reused, so anything below it that is not in `channels` was closed.
     next_channel: u64,
+    /// Exporter: streams that arrived before their `Open`, and until when they wait.
+    orphans: BTreeMap<u64, Instant>,
+    /// Client: requests sent and not answered, with their deadlines. Exporter: requests
+    /// delivered and not answered.
+    requests: BTreeMap<u64, Option<Instant>>,
+    next_request: u64,
     outbox: VecDeque<Message>,
     events: VecDeque<Event>,
 }
@@ -127,6 +161,9 @@ impl Session {
             handshake_deadline: Some(now + config.handshake_timeout),
             channels: BTreeMap::new(),
             next_channel: 1,
+            orphans: BTreeMap::new(),
+            requests: BTreeMap::new(),
+            next_request: 1,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -151,44 +188,31 @@ impl Session {
             return;
         }
         match (self.role, self.state, msg) {
-            (_, _, Message::Bye(b)) => {
-                self.state = State::Closed;
-                self.channels.clear();
-                self.events.push_back(Event::Ended {
-                    code: b.code,
-                    reason: b.reason,
-                    by_peer: true,
-                });
-            }
+            (_, _, Message::Bye(b)) => self.ended(b.code, b.reason, true),
             (Role::Exporter, State::Handshake, Message::Hello(h))
                 if self.handshake_deadline.is_some() =>
             {
                 // The application decides (it may check a token with the controller's key);
                 // a second Hello meanwhile is a violation, caught by the guard above.
-                let _ = now;
                 self.handshake_deadline = None;
                 self.events.push_back(Event::Hello(h));
             }
             (Role::Client, State::Handshake, Message::Welcome(w)) => {
+                if let Err(why) = check_welcome(&w) {
+                    return self.violation(format!("the exporter's Welcome is refused: {why}"));
+                }
                 self.state = State::Established;
                 self.handshake_deadline = None;
                 self.events.push_back(Event::Welcome(w));
             }
-            (Role::Exporter, State::Established, Message::Open(o)) => {
-                if o.channel == 0 || o.channel < self.next_channel {
-                    return self.violation(format!("Open reuses channel id {}", o.channel));
-                }
-                self.next_channel = o.channel.saturating_add(1);
-                self.channels.insert(o.channel, Chan::Requested);
-                self.events.push_back(Event::OpenRequested(o));
-            }
+            (Role::Exporter, State::Established, Message::Open(o)) => self.open_arrived(o, now),
             (Role::Client, State::Established, Message::Opened(o)) => {
                 match self.channels.get_mut(&o.channel) {
                     Some(c @ Chan::Opening { .. }) => {
                         *c = Chan::Open;
                         self.events.push_back(Event::Opened {
                             channel: o.channel,
-                            offset: o.offset,
+                            params: o.params,
                         });
                     }
                     _ => self.violation(format!(
@@ -213,20 +237,26 @@ impl Session {
                     )),
                 }
             }
-            (_, State::Established, Message::Close(c)) => {
-                if self.channels.remove(&c.channel).is_some() {
-                    self.events.push_back(Event::Closed {
-                        channel: c.channel,
-                        code: c.code,
-                        reason: c.reason,
-                    });
-                } else if !self.was_used(c.channel) {
-                    self.violation(format!("Close for unknown channel {}", c.channel));
+            (_, State::Established, Message::Close(c)) => match self.channels.remove(&c.channel) {
+                Some(Chan::AwaitingStream { .. }) => {
+                    // Closed before its stream came: nothing was delivered, nothing to say.
                 }
-                // Otherwise both sides closed at once: nothing to do.
-            }
+                Some(_) => self.events.push_back(Event::Closed {
+                    channel: c.channel,
+                    code: c.code,
+                    reason: c.reason,
+                }),
+                None => {
+                    if self.orphans.remove(&c.channel).is_some() {
+                        self.events.push_back(Event::DropStream(c.channel));
+                    } else if !self.was_used(c.channel) {
+                        self.violation(format!("Close for unknown channel {}", c.channel));
+                    }
+                    // Otherwise both sides closed at once: nothing to do.
+                }
+            },
             (_, State::Established, Message::Control(c)) => {
-                if c.channel == 0 || self.channels.contains_key(&c.channel) {
+                if matches!(self.channels.get(&c.channel), Some(Chan::Open)) {
                     self.events.push_back(Event::Control {
                         channel: c.channel,
                         body: c.body,
@@ -235,7 +265,102 @@ impl Session {
                     self.violation(format!("Control for unknown channel {}", c.channel));
                 }
             }
+            (_, State::Established, Message::Notice(n)) => {
+                if n.channel == 0 || self.channels.contains_key(&n.channel) {
+                    self.events.push_back(Event::Notice(n));
+                } else if !self.was_used(n.channel) {
+                    self.violation(format!("Notice for unknown channel {}", n.channel));
+                }
+            }
+            (Role::Exporter, State::Established, Message::Request(r)) => {
+                if r.id == 0 || r.id < self.next_request {
+                    return self.violation(format!("Request reuses id {}", r.id));
+                }
+                self.next_request = r.id.saturating_add(1);
+                if self.requests.len() >= MAX_REQUESTS {
+                    self.outbox.push_back(Message::Done(Done {
+                        id: r.id,
+                        code: ErrorCode::Busy,
+                        reason: format!("more than {MAX_REQUESTS} requests in flight"),
+                        body: Bytes::new(),
+                    }));
+                    return;
+                }
+                self.requests.insert(r.id, None);
+                self.events.push_back(Event::Request(r));
+            }
+            (Role::Client, State::Established, Message::Done(d)) => {
+                if self.requests.remove(&d.id).is_some() {
+                    self.events.push_back(Event::Done(d));
+                } else if d.id == 0 || d.id >= self.next_request {
+                    self.violation(format!("Done for request {} never made", d.id));
+                }
+                // Otherwise it answers a request that already timed out here: too late.
+            }
+            (Role::Client, State::Established, Message::Status(s)) => {
+                self.events.push_back(Event::Status(s));
+            }
             (_, _, m) => self.violation(format!("unexpected {} in this state", m.name())),
+        }
+    }
+
+    fn open_arrived(&mut self, o: Open, now: Instant) {
+        if o.channel == 0 || o.channel < self.next_channel {
+            return self.violation(format!("Open reuses channel id {}", o.channel));
+        }
+        if self.channels.len() >= MAX_CHANNELS {
+            return self.violation(format!("more than {MAX_CHANNELS} channels"));
+        }
+        self.next_channel = o.channel.saturating_add(1);
+        // Orphans with lower ids than this Open will never get theirs: ids only grow.
+        let stale: Vec<u64> = self.orphans.range(..o.channel).map(|(c, _)| *c).collect();
+        for c in stale {
+            self.orphans.remove(&c);
+            self.events.push_back(Event::DropStream(c));
+        }
+        let has_stream = self.orphans.remove(&o.channel).is_some();
+        match (o.mode, has_stream) {
+            (ChannelMode::Stream, true) | (ChannelMode::Datagram, false) => {
+                self.channels.insert(o.channel, Chan::Requested);
+                self.events.push_back(Event::Incoming(o));
+            }
+            (ChannelMode::Stream, false) => {
+                let deadline = now + self.config.open_timeout;
+                self.channels
+                    .insert(o.channel, Chan::AwaitingStream { open: o, deadline });
+            }
+            (ChannelMode::Datagram, true) => {
+                self.violation(format!("a stream was opened for datagram channel {}", o.channel));
+            }
+        }
+    }
+
+    /// Exporter: a data stream arrived naming `channel` in its header.
+    pub fn handle_stream(&mut self, channel: u64, now: Instant) -> StreamVerdict {
+        if self.role != Role::Exporter || self.state != State::Established {
+            return StreamVerdict::Refuse;
+        }
+        match self.channels.get(&channel) {
+            Some(Chan::AwaitingStream { .. }) => {
+                if let Some(Chan::AwaitingStream { open, .. }) = self.channels.remove(&channel) {
+                    self.channels.insert(channel, Chan::Requested);
+                    self.events.push_back(Event::Incoming(open));
+                }
+                StreamVerdict::Keep
+            }
+            Some(_) => StreamVerdict::Refuse,
+            None if channel == 0
+                || channel < self.next_channel
+                || self.orphans.contains_key(&channel)
+                || self.orphans.len() >= MAX_ORPHAN_STREAMS =>
+            {
+                StreamVerdict::Refuse
+            }
+            None => {
+                self.orphans
+                    .insert(channel, now + self.config.open_timeout);
+                StreamVerdict::Keep
+            }
         }
     }
 
@@ -260,22 +385,65 @@ impl Session {
         let expired: Vec<u64> = self
             .channels
             .iter()
-            .filter(|(_, c)| matches!(c, Chan::Opening { deadline } if now >= *deadline))
+            .filter(|(_, c)| match c {
+                Chan::Opening { deadline } | Chan::AwaitingStream { deadline, .. } => {
+                    now >= *deadline
+                }
+                _ => false,
+            })
             .map(|(id, _)| *id)
             .collect();
         for channel in expired {
-            self.channels.remove(&channel);
-            self.events.push_back(Event::Rejected {
-                channel,
-                code: ErrorCode::Internal,
-                reason: "the exporter did not answer the open in time".into(),
-            });
-            // Tell the exporter too, in case its answer is merely late.
-            self.outbox.push_back(Message::Close(Close {
-                channel,
-                code: ErrorCode::Internal,
-                reason: "open timed out".into(),
-            }));
+            match self.channels.remove(&channel) {
+                Some(Chan::Opening { .. }) => {
+                    self.events.push_back(Event::Rejected {
+                        channel,
+                        code: ErrorCode::Timeout,
+                        reason: "the exporter did not answer the open in time".into(),
+                    });
+                    // Tell the exporter too, in case its answer is merely late.
+                    self.outbox.push_back(Message::Close(Close {
+                        channel,
+                        code: ErrorCode::Timeout,
+                        reason: "open timed out".into(),
+                    }));
+                }
+                Some(Chan::AwaitingStream { .. }) => {
+                    self.outbox.push_back(Message::Reject(Reject {
+                        channel,
+                        code: ErrorCode::Protocol,
+                        reason: "the channel's stream never arrived".into(),
+                    }));
+                }
+                _ => {}
+            }
+        }
+        let orphans: Vec<u64> = self
+            .orphans
+            .iter()
+            .filter(|(_, d)| now >= **d)
+            .map(|(c, _)| *c)
+            .collect();
+        for c in orphans {
+            self.orphans.remove(&c);
+            self.events.push_back(Event::DropStream(c));
+        }
+        if self.role == Role::Client {
+            let late: Vec<u64> = self
+                .requests
+                .iter()
+                .filter(|(_, d)| d.is_some_and(|d| now >= d))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in late {
+                self.requests.remove(&id);
+                self.events.push_back(Event::Done(Done {
+                    id,
+                    code: ErrorCode::Timeout,
+                    reason: "no answer from the exporter in time".into(),
+                    body: Bytes::new(),
+                }));
+            }
         }
     }
 
@@ -294,10 +462,13 @@ impl Session {
         &mut self,
         device: &str,
         mode: ChannelMode,
-        resume_from: Option<u64>,
+        params: Bytes,
         now: Instant,
     ) -> Option<u64> {
-        if self.role != Role::Client || self.state != State::Established {
+        if self.role != Role::Client
+            || self.state != State::Established
+            || self.channels.len() >= MAX_CHANNELS
+        {
             return None;
         }
         let channel = self.next_channel;
@@ -312,21 +483,21 @@ impl Session {
             channel,
             device: device.to_string(),
             mode,
-            resume_from,
+            params,
         }));
         Some(channel)
     }
 
-    /// Exporter: the channel requested by `OpenRequested` is ready.
-    pub fn opened(&mut self, channel: u64, offset: u64) {
+    /// Exporter: the channel delivered by `Incoming` is ready.
+    pub fn opened(&mut self, channel: u64, params: Bytes) {
         if let Some(c @ Chan::Requested) = self.channels.get_mut(&channel) {
             *c = Chan::Open;
             self.outbox
-                .push_back(Message::Opened(Opened { channel, offset }));
+                .push_back(Message::Opened(Opened { channel, params }));
         }
     }
 
-    /// Exporter: refuse the channel requested by `OpenRequested`.
+    /// Exporter: refuse the channel delivered by `Incoming`.
     pub fn reject(&mut self, channel: u64, code: ErrorCode, reason: impl Into<String>) {
         if let Some(Chan::Requested) = self.channels.get(&channel) {
             self.channels.remove(&channel);
@@ -349,15 +520,67 @@ impl Session {
         }
     }
 
-    /// Either side: send out-of-band settings for an open channel (or 0: the session).
-    pub fn control(&mut self, channel: u64, body: ControlBody) -> bool {
+    /// Either side: a kind's out-of-band message for an open channel.
+    pub fn control(&mut self, channel: u64, body: Bytes) -> bool {
         let ok = self.state == State::Established
-            && (channel == 0 || matches!(self.channels.get(&channel), Some(Chan::Open)));
+            && matches!(self.channels.get(&channel), Some(Chan::Open));
         if ok {
             self.outbox
                 .push_back(Message::Control(Control { channel, body }));
         }
         ok
+    }
+
+    /// Either side: text for the user, about a channel or (0) the session.
+    pub fn notice(&mut self, channel: u64, text: impl Into<String>) -> bool {
+        let ok = self.state == State::Established
+            && (channel == 0 || self.channels.contains_key(&channel));
+        if ok {
+            self.outbox.push_back(Message::Notice(Notice {
+                channel,
+                text: text.into(),
+            }));
+        }
+        ok
+    }
+
+    /// Client: a device request, answered by an [`Event::Done`] with the returned id (made
+    /// here if no answer comes by `deadline`, or if the session ends first).
+    pub fn request(&mut self, device: &str, body: Bytes, deadline: Option<Instant>) -> Option<u64> {
+        if self.role != Role::Client || self.state != State::Established {
+            return None;
+        }
+        let id = self.next_request;
+        self.next_request += 1;
+        self.requests.insert(id, deadline);
+        self.outbox.push_back(Message::Request(Request {
+            id,
+            device: device.to_string(),
+            body,
+        }));
+        Some(id)
+    }
+
+    /// Exporter: the answer to the request delivered as `Request { id }`.
+    pub fn done(&mut self, id: u64, code: ErrorCode, reason: impl Into<String>, body: Bytes) {
+        if self.role == Role::Exporter
+            && self.state == State::Established
+            && self.requests.remove(&id).is_some()
+        {
+            self.outbox.push_back(Message::Done(Done {
+                id,
+                code,
+                reason: reason.into(),
+                body,
+            }));
+        }
+    }
+
+    /// Exporter: a device's state changed.
+    pub fn status(&mut self, status: Status) {
+        if self.role == Role::Exporter && self.state == State::Established {
+            self.outbox.push_back(Message::Status(status));
+        }
     }
 
     /// End the session, telling the peer why.
@@ -372,17 +595,45 @@ impl Session {
     }
 
     fn end(&mut self, code: ErrorCode, reason: String) {
-        self.state = State::Closed;
-        self.channels.clear();
-        self.handshake_deadline = None;
         self.outbox.push_back(Message::Bye(Bye {
             code,
             reason: reason.clone(),
         }));
+        self.ended(code, reason, false);
+    }
+
+    /// Everything still waiting is answered with the end's reason, then `Ended`.
+    fn ended(&mut self, code: ErrorCode, reason: String, by_peer: bool) {
+        self.state = State::Closed;
+        self.handshake_deadline = None;
+        let channels = std::mem::take(&mut self.channels);
+        for (channel, c) in channels {
+            if let Chan::Opening { .. } = c {
+                self.events.push_back(Event::Rejected {
+                    channel,
+                    code,
+                    reason: reason.clone(),
+                });
+            }
+        }
+        for channel in std::mem::take(&mut self.orphans).into_keys() {
+            self.events.push_back(Event::DropStream(channel));
+        }
+        if self.role == Role::Client {
+            for id in std::mem::take(&mut self.requests).into_keys() {
+                self.events.push_back(Event::Done(Done {
+                    id,
+                    code,
+                    reason: reason.clone(),
+                    body: Bytes::new(),
+                }));
+            }
+        }
+        self.requests.clear();
         self.events.push_back(Event::Ended {
             code,
             reason,
-            by_peer: false,
+            by_peer,
         });
     }
 
@@ -401,231 +652,36 @@ impl Session {
         if self.state == State::Closed {
             return None;
         }
-        let opens = self.channels.values().filter_map(|c| match c {
-            Chan::Opening { deadline } => Some(*deadline),
+        let chans = self.channels.values().filter_map(|c| match c {
+            Chan::Opening { deadline } | Chan::AwaitingStream { deadline, .. } => Some(*deadline),
             _ => None,
         });
-        self.handshake_deadline.into_iter().chain(opens).min()
+        let requests = self.requests.values().filter_map(|d| *d);
+        self.handshake_deadline
+            .into_iter()
+            .chain(chans)
+            .chain(self.orphans.values().copied())
+            .chain(requests)
+            .min()
     }
+}
+
+/// Names in a Welcome become local paths, interface names and log lines: each must follow
+/// [`crate::name`], and device names must be distinct.
+fn check_welcome(w: &Welcome) -> Result<(), String> {
+    name::check("exporter name", &w.exporter).map_err(|e| e.to_string())?;
+    if w.devices.len() > MAX_DEVICES {
+        return Err(format!("it lists {} devices (at most {MAX_DEVICES})", w.devices.len()));
+    }
+    let mut seen = BTreeSet::new();
+    for d in &w.devices {
+        name::check("device name", &d.name).map_err(|e| e.to_string())?;
+        if !seen.insert(d.name.as_str()) {
+            return Err(format!("device {} is listed twice", d.name));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn hello() -> Hello {
-        Hello {
-            features: 0,
-            client: "c".into(),
-            session: 7,
-            token: "t".into(),
-        }
-    }
-
-    /// Moves every queued message from one session to the other.
-    fn pump(from: &mut Session, to: &mut Session, now: Instant) {
-        while let Some(m) = from.poll_transmit() {
-            to.handle_message(m, now);
-        }
-    }
-
-    fn established(now: Instant) -> (Session, Session) {
-        let mut c = Session::client(hello(), Config::default(), now);
-        let mut e = Session::exporter(Config::default(), now);
-        pump(&mut c, &mut e, now);
-        assert!(matches!(e.poll_event(), Some(Event::Hello(h)) if h.session == 7));
-        e.welcome(Welcome {
-            exporter: "x".into(),
-            features: 0,
-            instance: 1,
-            devices: vec![],
-        });
-        pump(&mut e, &mut c, now);
-        assert!(matches!(c.poll_event(), Some(Event::Welcome(_))));
-        assert_eq!(c.state(), State::Established);
-        assert_eq!(e.state(), State::Established);
-        (c, e)
-    }
-
-    #[test]
-    fn open_accept_close() {
-        let t0 = Instant::now();
-        let (mut c, mut e) = established(t0);
-        let ch = c.open("console", ChannelMode::Stream, None, t0);
-        assert_eq!(ch, Some(1));
-        pump(&mut c, &mut e, t0);
-        assert!(matches!(e.poll_event(), Some(Event::OpenRequested(o)) if o.device == "console"));
-        e.opened(1, 42);
-        pump(&mut e, &mut c, t0);
-        assert_eq!(
-            c.poll_event(),
-            Some(Event::Opened {
-                channel: 1,
-                offset: 42
-            })
-        );
-        assert!(c.control(1, ControlBody::Break { millis: 5 }));
-        pump(&mut c, &mut e, t0);
-        assert!(matches!(
-            e.poll_event(),
-            Some(Event::Control { channel: 1, .. })
-        ));
-        c.close(1, ErrorCode::Ok, "");
-        pump(&mut c, &mut e, t0);
-        assert!(matches!(
-            e.poll_event(),
-            Some(Event::Closed { channel: 1, .. })
-        ));
-        assert_eq!(e.open_channels(), 0);
-        // A late Control for the closed channel is a race, not a violation.
-        e.handle_message(
-            Message::Control(Control {
-                channel: 1,
-                body: ControlBody::Break { millis: 1 },
-            }),
-            t0,
-        );
-        assert_eq!(e.state(), State::Established);
-    }
-
-    #[test]
-    fn reject_reaches_the_client() {
-        let t0 = Instant::now();
-        let (mut c, mut e) = established(t0);
-        c.open("ssh", ChannelMode::Stream, None, t0);
-        pump(&mut c, &mut e, t0);
-        e.poll_event();
-        e.reject(1, ErrorCode::ConnectFailed, "refused");
-        pump(&mut e, &mut c, t0);
-        assert_eq!(
-            c.poll_event(),
-            Some(Event::Rejected {
-                channel: 1,
-                code: ErrorCode::ConnectFailed,
-                reason: "refused".into()
-            })
-        );
-        assert_eq!(c.open_channels(), 0);
-    }
-
-    #[test]
-    fn open_times_out_on_virtual_time() {
-        let t0 = Instant::now();
-        let (mut c, mut e) = established(t0);
-        c.open("console", ChannelMode::Stream, None, t0);
-        pump(&mut c, &mut e, t0);
-        let deadline = c.poll_timeout().expect("an open is pending");
-        assert_eq!(deadline, t0 + Config::default().open_timeout);
-        c.handle_timeout(deadline - Duration::from_millis(1));
-        assert_eq!(c.poll_event(), None);
-        c.handle_timeout(deadline);
-        assert!(matches!(
-            c.poll_event(),
-            Some(Event::Rejected { channel: 1, .. })
-        ));
-        assert!(matches!(
-            c.poll_transmit(),
-            Some(Message::Close(Close { channel: 1, .. }))
-        ));
-        assert_eq!(c.poll_timeout(), None);
-    }
-
-    #[test]
-    fn handshake_times_out() {
-        let t0 = Instant::now();
-        let mut e = Session::exporter(Config::default(), t0);
-        e.handle_timeout(t0 + Duration::from_secs(11));
-        assert!(matches!(
-            e.poll_event(),
-            Some(Event::Ended {
-                code: ErrorCode::Protocol,
-                by_peer: false,
-                ..
-            })
-        ));
-        assert!(matches!(e.poll_transmit(), Some(Message::Bye(_))));
-        assert_eq!(e.state(), State::Closed);
-    }
-
-    #[test]
-    fn violations_end_the_session_with_a_reason() {
-        let t0 = Instant::now();
-        // Open before Hello.
-        let mut e = Session::exporter(Config::default(), t0);
-        e.handle_message(
-            Message::Open(Open {
-                channel: 1,
-                device: "x".into(),
-                mode: ChannelMode::Stream,
-                resume_from: None,
-            }),
-            t0,
-        );
-        match e.poll_event() {
-            Some(Event::Ended { code, reason, .. }) => {
-                assert_eq!(code, ErrorCode::Protocol);
-                assert!(reason.contains("Open"), "{reason}");
-            }
-            other => panic!("{other:?}"),
-        }
-        // Reused channel id.
-        let (_c, mut e) = established(t0);
-        let open = Message::Open(Open {
-            channel: 3,
-            device: "x".into(),
-            mode: ChannelMode::Stream,
-            resume_from: None,
-        });
-        e.handle_message(open.clone(), t0);
-        e.poll_event();
-        e.handle_message(open, t0);
-        assert!(matches!(
-            e.poll_event(),
-            Some(Event::Ended {
-                code: ErrorCode::Protocol,
-                ..
-            })
-        ));
-        // Opened for a channel never asked for.
-        let (mut c, _e) = established(t0);
-        c.handle_message(
-            Message::Opened(Opened {
-                channel: 9,
-                offset: 0,
-            }),
-            t0,
-        );
-        assert!(matches!(
-            c.poll_event(),
-            Some(Event::Ended {
-                code: ErrorCode::Protocol,
-                ..
-            })
-        ));
-    }
-
-    #[test]
-    fn bye_from_peer_is_reported_once() {
-        let t0 = Instant::now();
-        let (mut c, mut e) = established(t0);
-        e.bye(ErrorCode::LeaseEnded, "lease expired");
-        pump(&mut e, &mut c, t0);
-        assert_eq!(
-            c.poll_event(),
-            Some(Event::Ended {
-                code: ErrorCode::LeaseEnded,
-                reason: "lease expired".into(),
-                by_peer: true
-            })
-        );
-        c.handle_message(
-            Message::Bye(Bye {
-                code: ErrorCode::Ok,
-                reason: String::new(),
-            }),
-            t0,
-        );
-        assert_eq!(c.poll_event(), None);
-        assert_eq!(c.open("x", ChannelMode::Stream, None, t0), None);
-    }
-}
+mod tests;

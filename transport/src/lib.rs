@@ -4,13 +4,16 @@
 //! quinn endpoints configured for jmp (ALPN, keep-alive, idle timeout, a stateless-reset key that
 //! survives restarts so a client learns at once that a restarted exporter lost its connection);
 //! certificate pinning on the client; the [`Link`] (one task owns one connection and its
-//! protocol `Session`); [`Pipe`]s, the byte channels devices use, over QUIC streams or in memory
-//! ([`pipe::pair`]) for tests; and datagram channels.
+//! protocol `Session`); [`Channels`], the seam devices open channels and make requests through,
+//! implemented by the link and by an in-memory pair ([`channels::mem`]) for tests; [`Pipe`]s,
+//! the byte channels devices use, over QUIC streams or in memory ([`pipe::pair`]); and
+//! datagram channels.
 //!
 //! Also: calls on the controller API ([`ctl`]) and signing/verifying its tokens ([`token`]).
 //!
 //! Does not own: what a device does with its bytes (jmp-devices), tokens' meaning or leases.
 
+pub mod channels;
 pub mod ctl;
 pub mod endpoint;
 pub mod identity;
@@ -21,8 +24,9 @@ pub mod udp;
 
 pub use endpoint::{client_endpoint, connect, server_endpoint, ConnectError};
 pub use identity::{Fingerprint, Identity, IdentityError};
-pub use link::{Incoming, Link, LinkEvent, LinkHandle, OpenError};
-pub use pipe::{ControlTx, DatagramPipe, Pipe, PipeError, PipeRx, PipeTx};
+pub use channels::{BoxFuture, ChannelIo, Channels, Incoming, IncomingRequest};
+pub use link::{Link, LinkEvent, LinkHandle, OpenError};
+pub use pipe::{ChannelMsg, ControlTx, DatagramPipe, DatagramRx, DatagramTx, Pipe, PipeError, PipeRx, PipeTx};
 
 /// The runtime jmp's processes run on. Single-threaded by default: a console round trip crosses
 /// several tasks (pty, link, quinn's connection driver), and on the small machines this runs on

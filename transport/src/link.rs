@@ -1,25 +1,35 @@
 //! The Link: one task owns one QUIC connection and its protocol [`Session`]; everyone else talks
-//! to it through a cloneable [`LinkHandle`] (commands) and receives [`LinkEvent`]s.
+//! to it through a cloneable [`LinkHandle`] (commands; on the client it is the [`Channels`]
+//! devices open channels through) and receives [`LinkEvent`]s.
 //!
-//! The task reads control frames, feeds the session, writes what the session wants sent, pairs
-//! an exporter's incoming streams with their `Open`, routes each channel's `Control` messages to
-//! the [`Pipe`] that owns the channel, and routes datagrams by channel id. Payload never passes
-//! through this task: stream channels are read and written directly by their holders.
+//! The task reads control frames, feeds the session, writes what the session wants sent, holds
+//! an exporter's incoming streams until the session pairs them with their `Open`, routes each
+//! channel's out-of-band messages to the pipe that owns the channel, routes datagrams by channel
+//! id, and resolves requests. Payload never passes through this task: stream channels are read
+//! and written directly by their holders.
+//!
+//! Every queue from this task to a consumer is bounded. A consumer that lets its queue fill
+//! (the application not reading events, a driver not reading its channel's control messages)
+//! ends the session with a reason instead of growing memory; datagrams beyond a channel's
+//! queue are dropped, as a busy bus drops frames.
 
-use crate::pipe::{ControlTx, DatagramPipe, Pipe, PipeRx, PipeTx};
+use crate::channels::{BoxFuture, ChannelIo, Channels, Incoming, IncomingRequest};
+use crate::pipe::{ChannelMsg, ControlTx, DatagramPipe, Pipe, PipeRx, PipeTx, CONTROL_DEPTH};
 use bytes::Bytes;
 use jmp_protocol::codec::get_varint;
-use jmp_protocol::session::{Config, Event, Session, State};
+use jmp_protocol::session::{Config, Event, Session, State, StreamVerdict};
 use jmp_protocol::*;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-/// A stream that names a channel no `Open` announced is dropped after this long.
-const ORPHAN_STREAM_TIMEOUT: Duration = Duration::from_secs(15);
 /// Datagrams queued per channel before new ones are dropped (a busy bus drops frames too).
 const DATAGRAM_DEPTH: usize = 1024;
+/// Events queued for the application.
+const EVENT_DEPTH: usize = 1024;
+/// Streams whose header has been read, queued for the task.
+const STREAM_DEPTH: usize = 64;
 
 #[derive(Debug)]
 pub enum LinkEvent {
@@ -30,8 +40,12 @@ pub enum LinkEvent {
     Hello(Hello),
     /// Exporter: a channel request, with its stream when it is a stream channel.
     Incoming(Incoming),
-    /// A session-level control message (channel 0). Per-channel ones go to the channel's Pipe.
-    Control(ControlBody),
+    /// Exporter: a device request.
+    Request(IncomingRequest),
+    /// A notice about the session (channel 0). Per-channel ones go to the channel's pipe.
+    Notice(String),
+    /// Client: a device's state changed.
+    Status(Status),
     /// The peer closed a channel.
     Closed {
         channel: u64,
@@ -46,27 +60,23 @@ pub enum LinkEvent {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{reason} ({code})")]
-pub struct OpenError {
-    pub code: ErrorCode,
-    pub reason: String,
-}
+/// Kept for callers that name the old type: the same as [`Refusal`].
+pub type OpenError = Refusal;
 
 enum Command {
     Open {
         device: String,
         mode: ChannelMode,
-        resume_from: Option<u64>,
+        params: Bytes,
         id: oneshot::Sender<Option<u64>>,
-        done: oneshot::Sender<Result<u64, OpenError>>,
-        control: mpsc::UnboundedSender<ControlBody>,
+        done: oneshot::Sender<Result<Bytes, Refusal>>,
+        control: mpsc::Sender<ChannelMsg>,
         datagrams: Option<mpsc::Sender<Bytes>>,
     },
     Accept {
         channel: u64,
-        offset: u64,
-        control: mpsc::UnboundedSender<ControlBody>,
+        params: Bytes,
+        control: mpsc::Sender<ChannelMsg>,
         datagrams: Option<mpsc::Sender<Bytes>>,
     },
     Reject {
@@ -74,15 +84,27 @@ enum Command {
         code: ErrorCode,
         reason: String,
     },
-    Control {
+    ChannelMsg {
         channel: u64,
-        body: ControlBody,
+        msg: ChannelMsg,
     },
     Close {
         channel: u64,
         code: ErrorCode,
         reason: String,
     },
+    Request {
+        device: String,
+        body: Bytes,
+        deadline: Instant,
+        done: oneshot::Sender<Result<Bytes, Refusal>>,
+    },
+    Done {
+        id: u64,
+        result: Result<Bytes, Refusal>,
+    },
+    Notice(String),
+    Status(Status),
     Welcome(Welcome),
     Bye {
         code: ErrorCode,
@@ -91,7 +113,8 @@ enum Command {
 }
 
 /// Commands to a Link's task. Cheap to clone; the task ends when the session ends, after which
-/// commands are ignored.
+/// commands are ignored. The command queue is unbounded: only this process's own code sends on
+/// it, each command in answer to something it chose to do.
 #[derive(Clone)]
 pub struct LinkHandle {
     cmds: mpsc::UnboundedSender<Command>,
@@ -104,35 +127,37 @@ impl std::fmt::Debug for LinkHandle {
     }
 }
 
-fn gone() -> OpenError {
-    OpenError {
-        code: ErrorCode::Internal,
-        reason: "the connection is closed".into(),
-    }
+fn gone() -> Refusal {
+    Refusal::new(ErrorCode::Internal, "the connection is closed")
 }
 
 impl LinkHandle {
-    pub fn connection(&self) -> &quinn::Connection {
-        &self.conn
+    pub fn remote_address(&self) -> std::net::SocketAddr {
+        self.conn.remote_address()
+    }
+
+    /// The connection's round-trip estimate (for status output).
+    pub fn rtt(&self) -> Duration {
+        self.conn.rtt()
     }
 
     /// Client: asks the task for a channel id and queues the Open. Returns the id and where
-    /// the answer (the device offset, or the refusal) will arrive.
+    /// the answer (the kind's params, or the refusal) will arrive.
     async fn request_open(
         &self,
         device: &str,
         mode: ChannelMode,
-        resume_from: Option<u64>,
-        control: mpsc::UnboundedSender<ControlBody>,
+        params: Bytes,
+        control: mpsc::Sender<ChannelMsg>,
         datagrams: Option<mpsc::Sender<Bytes>>,
-    ) -> Result<(u64, oneshot::Receiver<Result<u64, OpenError>>), OpenError> {
+    ) -> Result<(u64, oneshot::Receiver<Result<Bytes, Refusal>>), Refusal> {
         let (id_tx, id_rx) = oneshot::channel();
         let (done_tx, done_rx) = oneshot::channel();
         self.cmds
             .send(Command::Open {
                 device: device.to_string(),
                 mode,
-                resume_from,
+                params,
                 id: id_tx,
                 done: done_tx,
                 control,
@@ -143,39 +168,30 @@ impl LinkHandle {
         Ok((channel, done_rx))
     }
 
-    /// Client: opens a stream channel on `device`. Returns the pipe and the device offset its
-    /// first byte has (serial resume; 0 otherwise).
-    pub async fn open_stream(
-        &self,
-        device: &str,
-        resume_from: Option<u64>,
-    ) -> Result<(Pipe, u64), OpenError> {
-        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+    async fn open_stream_inner(&self, device: &str, params: Bytes) -> Result<(Pipe, Bytes), Refusal> {
+        let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_DEPTH);
         let (channel, done_rx) = self
-            .request_open(device, ChannelMode::Stream, resume_from, ctl_tx, None)
+            .request_open(device, ChannelMode::Stream, params, ctl_tx, None)
             .await?;
         // The stream goes out at once, before the answer: the exporter pairs it by id, and a
         // TCP forward's first bytes are not held back by a round trip.
         let opened = async {
-            let (mut send, recv) = self.conn.open_bi().await.map_err(|e| OpenError {
-                code: ErrorCode::Internal,
-                reason: format!("cannot open a stream: {e}"),
-            })?;
+            let failed = |e: String| Refusal::new(ErrorCode::Internal, format!("cannot open a stream: {e}"));
+            let (mut send, recv) = self.conn.open_bi().await.map_err(|e| failed(e.to_string()))?;
             let header = channel_header(channel).freeze();
-            send.write_chunk(header).await.map_err(|e| OpenError {
-                code: ErrorCode::Internal,
-                reason: format!("cannot open a stream: {e}"),
-            })?;
-            Ok::<_, OpenError>((send, recv))
+            send.write_chunk(header)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            Ok::<_, Refusal>((send, recv))
         };
         let (send, recv) = match opened.await {
             Ok(s) => s,
             Err(e) => {
-                self.close(channel, ErrorCode::Internal, e.reason.clone());
+                self.close_channel(channel, ErrorCode::Internal, e.reason.clone());
                 return Err(e);
             }
         };
-        let offset = done_rx.await.map_err(|_| gone())??;
+        let params = done_rx.await.map_err(|_| gone())??;
         Ok((
             Pipe {
                 channel,
@@ -184,37 +200,77 @@ impl LinkHandle {
                 control_rx: ctl_rx,
                 control_tx: ControlTx::Link(self.clone(), channel),
             },
-            offset,
+            params,
         ))
     }
 
-    /// Client: opens a datagram channel on `device`.
-    pub async fn open_datagram(&self, device: &str) -> Result<DatagramPipe, OpenError> {
-        let (ctl_tx, _ctl_rx) = mpsc::unbounded_channel();
+    async fn open_datagram_inner(
+        &self,
+        device: &str,
+        params: Bytes,
+    ) -> Result<(DatagramPipe, Bytes), Refusal> {
+        let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_DEPTH);
         let (dg_tx, dg_rx) = mpsc::channel(DATAGRAM_DEPTH);
         let (channel, done_rx) = self
-            .request_open(device, ChannelMode::Datagram, None, ctl_tx, Some(dg_tx))
+            .request_open(device, ChannelMode::Datagram, params, ctl_tx, Some(dg_tx))
             .await?;
-        done_rx.await.map_err(|_| gone())??;
-        Ok(DatagramPipe::quic(channel, self.conn.clone(), dg_rx))
+        let params = done_rx.await.map_err(|_| gone())??;
+        Ok((
+            DatagramPipe::quic(
+                channel,
+                self.conn.clone(),
+                dg_rx,
+                ctl_rx,
+                ControlTx::Link(self.clone(), channel),
+            ),
+            params,
+        ))
     }
 
-    /// Sends a control message for an open channel (0: the session). False if the link is gone.
-    pub fn control(&self, channel: u64, body: ControlBody) -> bool {
-        self.cmds.send(Command::Control { channel, body }).is_ok()
+    async fn request_inner(
+        &self,
+        device: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, Refusal> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(Command::Request {
+                device: device.to_string(),
+                body,
+                deadline: Instant::now() + timeout,
+                done: tx,
+            })
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
     }
 
-    pub fn close(&self, channel: u64, code: ErrorCode, reason: impl Into<String>) {
+    /// Queues an out-of-band message for an open channel. False if the link is gone.
+    pub(crate) fn channel_msg(&self, channel: u64, msg: ChannelMsg) -> bool {
+        self.cmds.send(Command::ChannelMsg { channel, msg }).is_ok()
+    }
+
+    fn close_channel(&self, channel: u64, code: ErrorCode, reason: String) {
         let _ = self.cmds.send(Command::Close {
             channel,
             code,
-            reason: reason.into(),
+            reason,
         });
     }
 
     /// Exporter: accept the client's Hello.
     pub fn welcome(&self, welcome: Welcome) {
         let _ = self.cmds.send(Command::Welcome(welcome));
+    }
+
+    /// Exporter: a notice for the attached user about the session.
+    pub fn notice(&self, text: impl Into<String>) {
+        let _ = self.cmds.send(Command::Notice(text.into()));
+    }
+
+    /// Exporter: tell the client a device's state changed.
+    pub fn status(&self, status: Status) {
+        let _ = self.cmds.send(Command::Status(status));
     }
 
     /// End the session, telling the peer why (the connection closes with this code and reason).
@@ -224,95 +280,112 @@ impl LinkHandle {
             reason: reason.into(),
         });
     }
-}
 
-/// An exporter's pending channel. Accept or reject it; dropping it rejects it.
-pub struct Incoming {
-    pub open: Open,
-    stream: Option<(quinn::SendStream, quinn::RecvStream)>,
-    /// `None` once answered (or if the application already dropped the link).
-    link: Option<LinkHandle>,
-}
+    /// Completes when the connection is gone.
+    pub async fn connection_closed(&self) {
+        self.conn.closed().await;
+    }
 
-impl std::fmt::Debug for Incoming {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Incoming")
-            .field("open", &self.open)
-            .finish()
+    pub(crate) fn accept(
+        &self,
+        open: &Open,
+        stream: Option<(quinn::SendStream, quinn::RecvStream)>,
+        params: Bytes,
+    ) -> Option<ChannelIo> {
+        let channel = open.channel;
+        let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_DEPTH);
+        let control_tx = ControlTx::Link(self.clone(), channel);
+        match open.mode {
+            ChannelMode::Stream => {
+                let (send, recv) = stream?;
+                self.cmds
+                    .send(Command::Accept {
+                        channel,
+                        params,
+                        control: ctl_tx,
+                        datagrams: None,
+                    })
+                    .ok()?;
+                Some(ChannelIo::Stream(Pipe {
+                    channel,
+                    tx: PipeTx::quic(send),
+                    rx: PipeRx::quic(recv),
+                    control_rx: ctl_rx,
+                    control_tx,
+                }))
+            }
+            ChannelMode::Datagram => {
+                let (dg_tx, dg_rx) = mpsc::channel(DATAGRAM_DEPTH);
+                self.cmds
+                    .send(Command::Accept {
+                        channel,
+                        params,
+                        control: ctl_tx,
+                        datagrams: Some(dg_tx),
+                    })
+                    .ok()?;
+                Some(ChannelIo::Datagram(DatagramPipe::quic(
+                    channel,
+                    self.conn.clone(),
+                    dg_rx,
+                    ctl_rx,
+                    control_tx,
+                )))
+            }
+        }
+    }
+
+    pub(crate) fn reject(&self, channel: u64, code: ErrorCode, reason: String) {
+        let _ = self.cmds.send(Command::Reject {
+            channel,
+            code,
+            reason,
+        });
+    }
+
+    pub(crate) fn done(&self, id: u64, result: Result<Bytes, Refusal>) {
+        let _ = self.cmds.send(Command::Done { id, result });
     }
 }
 
-impl Incoming {
-    /// Accepts a stream channel; `offset` is the device offset of the first byte sent (serial).
-    /// `None` if this is a datagram channel.
-    pub fn accept_stream(mut self, offset: u64) -> Option<Pipe> {
-        let (send, recv) = self.stream.take()?;
-        let link = self.link.take()?;
-        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
-        let channel = self.open.channel;
-        let _ = link.cmds.send(Command::Accept {
-            channel,
-            offset,
-            control: ctl_tx,
-            datagrams: None,
-        });
-        Some(Pipe {
-            channel,
-            tx: PipeTx::quic(send),
-            rx: PipeRx::quic(recv),
-            control_rx: ctl_rx,
-            control_tx: ControlTx::Link(link, channel),
+impl Channels for LinkHandle {
+    fn open_stream<'a>(
+        &'a self,
+        device: &'a str,
+        params: Bytes,
+    ) -> BoxFuture<'a, Result<(Pipe, Bytes), Refusal>> {
+        Box::pin(self.open_stream_inner(device, params))
+    }
+
+    fn open_datagram<'a>(
+        &'a self,
+        device: &'a str,
+        params: Bytes,
+    ) -> BoxFuture<'a, Result<(DatagramPipe, Bytes), Refusal>> {
+        Box::pin(self.open_datagram_inner(device, params))
+    }
+
+    fn request<'a>(
+        &'a self,
+        device: &'a str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Bytes, Refusal>> {
+        Box::pin(self.request_inner(device, body, timeout))
+    }
+
+    fn close(&self, channel: u64, code: ErrorCode, reason: &str) {
+        self.close_channel(channel, code, reason.to_string());
+    }
+
+    fn closed(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.conn.closed().await;
         })
     }
 
-    /// Accepts a datagram channel. `None` if this is a stream channel.
-    pub fn accept_datagram(mut self) -> Option<DatagramPipe> {
-        if self.open.mode != ChannelMode::Datagram {
-            return None;
-        }
-        let link = self.link.take()?;
-        let (ctl_tx, _ctl_rx) = mpsc::unbounded_channel();
-        let (dg_tx, dg_rx) = mpsc::channel(DATAGRAM_DEPTH);
-        let _ = link.cmds.send(Command::Accept {
-            channel: self.open.channel,
-            offset: 0,
-            control: ctl_tx,
-            datagrams: Some(dg_tx),
-        });
-        Some(DatagramPipe::quic(
-            self.open.channel,
-            link.conn.clone(),
-            dg_rx,
-        ))
-    }
-
-    pub fn reject(mut self, code: ErrorCode, reason: impl Into<String>) {
-        self.reject_inner(code, reason.into());
-    }
-
-    fn reject_inner(&mut self, code: ErrorCode, reason: String) {
-        if let Some((mut send, mut recv)) = self.stream.take() {
-            let _ = send.reset(quinn::VarInt::from_u32(code.to_wire() as u32));
-            let _ = recv.stop(quinn::VarInt::from_u32(code.to_wire() as u32));
-        }
-        if let Some(link) = self.link.take() {
-            let _ = link.cmds.send(Command::Reject {
-                channel: self.open.channel,
-                code,
-                reason,
-            });
-        }
-    }
-}
-
-impl Drop for Incoming {
-    fn drop(&mut self) {
-        if self.link.is_some() {
-            self.reject_inner(
-                ErrorCode::Internal,
-                "the exporter dropped the request".into(),
-            );
-        }
+    fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
     }
 }
 
@@ -320,7 +393,7 @@ impl Drop for Incoming {
 /// for commands.
 pub struct Link {
     pub handle: LinkHandle,
-    pub events: mpsc::UnboundedReceiver<LinkEvent>,
+    pub events: mpsc::Receiver<LinkEvent>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -370,9 +443,7 @@ impl Link {
             Ok(Err(e)) => return Err(LinkError::Connection(e.to_string())),
             Err(_) => {
                 conn.close(
-                    ErrorCode::Protocol
-                        .to_wire()
-                        .try_into()
+                    quinn::VarInt::from_u64(ErrorCode::Protocol.to_wire())
                         .unwrap_or(quinn::VarInt::from_u32(1)),
                     b"no control stream",
                 );
@@ -381,7 +452,7 @@ impl Link {
                 ));
             }
         };
-        let (stream_tx, stream_rx) = mpsc::channel(64);
+        let (stream_tx, stream_rx) = mpsc::channel(STREAM_DEPTH);
         tokio::spawn(accept_streams(conn.clone(), stream_tx));
         let session = Session::exporter(Config::default(), Instant::now());
         Ok(Self::spawn(conn, session, send, recv, Some(stream_rx)))
@@ -395,7 +466,7 @@ impl Link {
         streams: Option<mpsc::Receiver<(u64, quinn::SendStream, quinn::RecvStream)>>,
     ) -> Link {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let (ev_tx, ev_rx) = mpsc::channel(EVENT_DEPTH);
         let task = Task {
             conn: conn.clone(),
             session,
@@ -405,11 +476,11 @@ impl Link {
             events: ev_tx,
             cmds: cmd_rx,
             streams,
+            held: HashMap::new(),
             opening: HashMap::new(),
-            requested: HashMap::new(),
-            orphans: HashMap::new(),
             routes: HashMap::new(),
             dg_routes: HashMap::new(),
+            requests: HashMap::new(),
             self_tx: cmd_tx.downgrade(),
         };
         tokio::spawn(task.run());
@@ -426,11 +497,11 @@ async fn accept_streams(
     conn: quinn::Connection,
     out: mpsc::Sender<(u64, quinn::SendStream, quinn::RecvStream)>,
 ) {
+    let timeout = Config::default().open_timeout;
     while let Ok((send, mut recv)) = conn.accept_bi().await {
         let out = out.clone();
         tokio::spawn(async move {
-            let header = tokio::time::timeout(ORPHAN_STREAM_TIMEOUT, read_header(&mut recv)).await;
-            match header {
+            match tokio::time::timeout(timeout, read_header(&mut recv)).await {
                 Ok(Some(channel)) => {
                     let _ = out.send((channel, send, recv)).await;
                 }
@@ -455,8 +526,8 @@ async fn read_header(recv: &mut quinn::RecvStream) -> Option<u64> {
 }
 
 struct PendingOpen {
-    done: oneshot::Sender<Result<u64, OpenError>>,
-    control: mpsc::UnboundedSender<ControlBody>,
+    done: oneshot::Sender<Result<Bytes, Refusal>>,
+    control: mpsc::Sender<ChannelMsg>,
     datagrams: Option<mpsc::Sender<Bytes>>,
 }
 
@@ -466,18 +537,18 @@ struct Task {
     ctl_send: quinn::SendStream,
     ctl_recv: quinn::RecvStream,
     decoder: FrameDecoder,
-    events: mpsc::UnboundedSender<LinkEvent>,
+    events: mpsc::Sender<LinkEvent>,
     cmds: mpsc::UnboundedReceiver<Command>,
-    /// Exporter only: data streams with their channel id.
+    /// Exporter only: data streams with their channel id, as their headers are read.
     streams: Option<mpsc::Receiver<(u64, quinn::SendStream, quinn::RecvStream)>>,
+    /// Exporter: streams the session told us to keep until it pairs them (or drops them).
+    held: HashMap<u64, (quinn::SendStream, quinn::RecvStream)>,
     /// Client: opens waiting for Opened/Reject.
     opening: HashMap<u64, PendingOpen>,
-    /// Exporter: stream Opens waiting for their stream.
-    requested: HashMap<u64, Open>,
-    /// Exporter: streams waiting for their Open (the two race).
-    orphans: HashMap<u64, (quinn::SendStream, quinn::RecvStream, Instant)>,
-    routes: HashMap<u64, mpsc::UnboundedSender<ControlBody>>,
+    routes: HashMap<u64, mpsc::Sender<ChannelMsg>>,
     dg_routes: HashMap<u64, mpsc::Sender<Bytes>>,
+    /// Client: requests waiting for their Done.
+    requests: HashMap<u64, oneshot::Sender<Result<Bytes, Refusal>>>,
     self_tx: mpsc::WeakUnboundedSender<Command>,
 }
 
@@ -499,6 +570,11 @@ fn describe(e: &quinn::ConnectionError) -> (ErrorCode, String) {
     }
 }
 
+fn reset((mut send, mut recv): (quinn::SendStream, quinn::RecvStream)) {
+    let _ = send.reset(0u32.into());
+    let _ = recv.stop(0u32.into());
+}
+
 impl Task {
     async fn run(mut self) {
         // Once the control stream or datagrams fail, the connection is going away: wait for
@@ -511,6 +587,8 @@ impl Task {
             }
             self.dispatch_events();
             if self.session.state() == State::Closed {
+                // What dispatching just queued (a Bye for an overflow) still goes out.
+                let _ = self.flush().await;
                 break;
             }
             let timeout = self.session.poll_timeout();
@@ -543,19 +621,23 @@ impl Task {
                             }
                         }
                     }
-                    Ok(None) => {
-                        buf_ended = true;
-                    }
-                    Err(_) => {
-                        buf_ended = true;
-                    }
+                    Ok(None) | Err(_) => buf_ended = true,
                 },
                 cmd = self.cmds.recv() => match cmd {
                     Some(c) => self.command(c),
                     None => self.session.bye(ErrorCode::Ok, "closed"),
                 },
                 s = streams => match s {
-                    Some((channel, send, recv)) => self.stream_arrived(channel, send, recv),
+                    Some((channel, send, recv)) => {
+                        match self.session.handle_stream(channel, Instant::now()) {
+                            StreamVerdict::Keep => {
+                                if let Some(old) = self.held.insert(channel, (send, recv)) {
+                                    reset(old);
+                                }
+                            }
+                            StreamVerdict::Refuse => reset((send, recv)),
+                        }
+                    }
                     // The accept loop ended (the connection is going): never poll it again,
                     // it would be ready forever and starve `closed()` below.
                     None => self.streams = None,
@@ -573,9 +655,8 @@ impl Task {
                     self.session.handle_message(Message::Bye(Bye { code, reason }), Instant::now());
                 }
             }
-            self.expire_orphans();
         }
-        self.finish().await;
+        self.finish();
     }
 
     /// Writes everything the session queued. A Bye also closes the connection with the same code
@@ -599,14 +680,19 @@ impl Task {
             match ev {
                 Event::Hello(h) => self.emit(LinkEvent::Hello(h)),
                 Event::Welcome(w) => self.emit(LinkEvent::Welcome(w)),
-                Event::OpenRequested(open) => self.open_requested(open),
-                Event::Opened { channel, offset } => {
+                Event::Incoming(open) => self.incoming(open),
+                Event::DropStream(channel) => {
+                    if let Some(s) = self.held.remove(&channel) {
+                        reset(s);
+                    }
+                }
+                Event::Opened { channel, params } => {
                     if let Some(p) = self.opening.remove(&channel) {
                         self.routes.insert(channel, p.control);
                         if let Some(d) = p.datagrams {
                             self.dg_routes.insert(channel, d);
                         }
-                        let _ = p.done.send(Ok(offset));
+                        let _ = p.done.send(Ok(params));
                     }
                 }
                 Event::Rejected {
@@ -615,15 +701,14 @@ impl Task {
                     reason,
                 } => {
                     if let Some(p) = self.opening.remove(&channel) {
-                        let _ = p.done.send(Err(OpenError { code, reason }));
+                        let _ = p.done.send(Err(Refusal { code, reason }));
                     }
                 }
-                Event::Control { channel: 0, body } => self.emit(LinkEvent::Control(body)),
                 Event::Control { channel, body } => {
-                    if let Some(r) = self.routes.get(&channel) {
-                        let _ = r.send(body);
-                    }
+                    self.route(channel, ChannelMsg::Control(body));
                 }
+                Event::Notice(n) if n.channel == 0 => self.emit(LinkEvent::Notice(n.text)),
+                Event::Notice(n) => self.route(n.channel, ChannelMsg::Notice(n.text)),
                 Event::Closed {
                     channel,
                     code,
@@ -631,23 +716,46 @@ impl Task {
                 } => {
                     self.routes.remove(&channel);
                     self.dg_routes.remove(&channel);
-                    self.requested.remove(&channel);
                     self.emit(LinkEvent::Closed {
                         channel,
                         code,
                         reason,
                     });
                 }
+                Event::Request(r) => {
+                    if let Some(link) = self.handle() {
+                        self.emit(LinkEvent::Request(IncomingRequest::quic(r, link)));
+                    }
+                }
+                Event::Done(d) => {
+                    if let Some(tx) = self.requests.remove(&d.id) {
+                        let r = if d.code == ErrorCode::Ok {
+                            Ok(d.body)
+                        } else {
+                            Err(Refusal {
+                                code: d.code,
+                                reason: d.reason,
+                            })
+                        };
+                        let _ = tx.send(r);
+                    }
+                }
+                Event::Status(s) => self.emit(LinkEvent::Status(s)),
                 Event::Ended {
                     code,
                     reason,
                     by_peer,
                 } => {
+                    // The session has answered every open and request it knew of; anything
+                    // not yet handed to it fails the same way.
                     for (_, p) in self.opening.drain() {
-                        let _ = p.done.send(Err(OpenError {
-                            code,
-                            reason: reason.clone(),
-                        }));
+                        let _ = p.done.send(Err(Refusal::new(code, reason.clone())));
+                    }
+                    for (_, tx) in self.requests.drain() {
+                        let _ = tx.send(Err(Refusal::new(code, reason.clone())));
+                    }
+                    for (_, s) in self.held.drain() {
+                        reset(s);
                     }
                     self.emit(LinkEvent::Ended {
                         code,
@@ -659,8 +767,41 @@ impl Task {
         }
     }
 
-    fn emit(&self, ev: LinkEvent) {
-        let _ = self.events.send(ev);
+    /// Delivers an event; a full queue means the application stopped reading: the session
+    /// ends rather than buffer without bound.
+    fn emit(&mut self, ev: LinkEvent) {
+        match self.events.try_send(ev) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(ev)) => {
+                if !matches!(ev, LinkEvent::Ended { .. }) {
+                    warn!("link events are not being read; ending the session");
+                    self.session
+                        .bye(ErrorCode::Internal, "the other side stopped reading its events");
+                }
+            }
+        }
+    }
+
+    fn route(&mut self, channel: u64, msg: ChannelMsg) {
+        let Some(r) = self.routes.get(&channel) else {
+            return;
+        };
+        match r.try_send(msg) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.routes.remove(&channel);
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!(channel, "a channel's control messages are not being read");
+                self.session.bye(
+                    ErrorCode::Internal,
+                    format!(
+                        "channel {channel}: more than {CONTROL_DEPTH} control messages waiting; the device is not keeping up"
+                    ),
+                );
+            }
+        }
     }
 
     /// A handle for an `Incoming` to answer through. Weak inside the task, so that the task
@@ -672,49 +813,24 @@ impl Task {
         })
     }
 
-    fn open_requested(&mut self, open: Open) {
-        match open.mode {
-            ChannelMode::Datagram => {
-                let link = self.handle();
-                self.emit(LinkEvent::Incoming(Incoming {
-                    open,
-                    stream: None,
-                    link,
-                }));
-            }
-            ChannelMode::Stream => {
-                if let Some((send, recv, _)) = self.orphans.remove(&open.channel) {
-                    let link = self.handle();
-                    self.emit(LinkEvent::Incoming(Incoming {
-                        open,
-                        stream: Some((send, recv)),
-                        link,
-                    }));
-                } else {
-                    self.requested.insert(open.channel, open);
+    fn incoming(&mut self, open: Open) {
+        let stream = match open.mode {
+            ChannelMode::Stream => match self.held.remove(&open.channel) {
+                Some(s) => Some(s),
+                None => {
+                    // The session pairs only streams it told us to keep.
+                    self.session.reject(
+                        open.channel,
+                        ErrorCode::Internal,
+                        "the channel's stream was lost",
+                    );
+                    return;
                 }
-            }
-        }
-    }
-
-    fn stream_arrived(
-        &mut self,
-        channel: u64,
-        mut send: quinn::SendStream,
-        mut recv: quinn::RecvStream,
-    ) {
-        if let Some(open) = self.requested.remove(&channel) {
-            let link = self.handle();
-            self.emit(LinkEvent::Incoming(Incoming {
-                open,
-                stream: Some((send, recv)),
-                link,
-            }));
-        } else if self.orphans.len() < 256 && !self.orphans.contains_key(&channel) {
-            self.orphans.insert(channel, (send, recv, Instant::now()));
-        } else {
-            let _ = send.reset(0u32.into());
-            let _ = recv.stop(0u32.into());
+            },
+            ChannelMode::Datagram => None,
+        };
+        if let Some(link) = self.handle() {
+            self.emit(LinkEvent::Incoming(Incoming::quic(open, stream, link)));
         }
     }
 
@@ -736,13 +852,13 @@ impl Task {
             Command::Open {
                 device,
                 mode,
-                resume_from,
+                params,
                 id,
                 done,
                 control,
                 datagrams,
             } => {
-                let channel = self.session.open(&device, mode, resume_from, now);
+                let channel = self.session.open(&device, mode, params, now);
                 let _ = id.send(channel);
                 match channel {
                     Some(channel) => {
@@ -762,7 +878,7 @@ impl Task {
             }
             Command::Accept {
                 channel,
-                offset,
+                params,
                 control,
                 datagrams,
             } => {
@@ -770,16 +886,21 @@ impl Task {
                 if let Some(d) = datagrams {
                     self.dg_routes.insert(channel, d);
                 }
-                self.session.opened(channel, offset);
+                self.session.opened(channel, params);
             }
             Command::Reject {
                 channel,
                 code,
                 reason,
             } => self.session.reject(channel, code, reason),
-            Command::Control { channel, body } => {
-                self.session.control(channel, body);
-            }
+            Command::ChannelMsg { channel, msg } => match msg {
+                ChannelMsg::Control(body) => {
+                    self.session.control(channel, body);
+                }
+                ChannelMsg::Notice(text) => {
+                    self.session.notice(channel, text);
+                }
+            },
             Command::Close {
                 channel,
                 code,
@@ -789,29 +910,35 @@ impl Task {
                 self.dg_routes.remove(&channel);
                 self.session.close(channel, code, reason);
             }
+            Command::Request {
+                device,
+                body,
+                deadline,
+                done,
+            } => match self.session.request(&device, body, Some(deadline)) {
+                Some(id) => {
+                    self.requests.insert(id, done);
+                }
+                None => {
+                    let _ = done.send(Err(gone()));
+                }
+            },
+            Command::Done { id, result } => match result {
+                Ok(body) => self.session.done(id, ErrorCode::Ok, "", body),
+                Err(r) => self.session.done(id, r.code, r.reason, Bytes::new()),
+            },
+            Command::Notice(text) => {
+                self.session.notice(0, text);
+            }
+            Command::Status(s) => self.session.status(s),
             Command::Welcome(w) => self.session.welcome(w),
             Command::Bye { code, reason } => self.session.bye(code, reason),
         }
     }
 
-    fn expire_orphans(&mut self) {
-        if self.orphans.is_empty() {
-            return;
-        }
-        let now = Instant::now();
-        self.orphans.retain(|_, (send, recv, since)| {
-            let keep = now.duration_since(*since) < ORPHAN_STREAM_TIMEOUT;
-            if !keep {
-                let _ = send.reset(0u32.into());
-                let _ = recv.stop(0u32.into());
-            }
-            keep
-        });
-    }
-
     /// After the session ended: make sure the connection is closed (a Bye from us already closed
     /// it with its code; a Bye from the peer is answered by closing with code 0).
-    async fn finish(&mut self) {
+    fn finish(&mut self) {
         self.routes.clear();
         self.dg_routes.clear();
         self.conn.close(0u32.into(), b"");

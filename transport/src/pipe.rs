@@ -2,12 +2,16 @@
 //!
 //! A [`Pipe`] is one stream channel: an ordered byte stream each way, carried as `Bytes` chunks
 //! (over QUIC: `write_chunk`/`read_chunk`, no per-byte copy), with half-close, plus that
-//! channel's out-of-band control messages. [`pair`] makes two connected in-memory pipes so that
-//! device tests run without a network. A [`DatagramPipe`] carries unreliable messages.
+//! channel's out-of-band messages ([`ChannelMsg`]). A [`DatagramPipe`] carries unreliable
+//! messages, and out-of-band messages the same way. [`pair`] and [`datagram_pair`] make two
+//! connected in-memory ends so that device tests run without a network.
 
 use bytes::{Bytes, BytesMut};
-use jmp_protocol::ControlBody;
 use tokio::sync::mpsc;
+
+/// Out-of-band messages one channel may have queued for its holder. A holder that lets more
+/// pile up is not reading them, and the link ends the session rather than buffer without bound.
+pub const CONTROL_DEPTH: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PipeError {
@@ -17,6 +21,9 @@ pub enum PipeError {
     ConnectionLost(String),
     #[error("the channel is closed")]
     Closed,
+    /// A datagram larger than the path allows now; send it on a stream instead.
+    #[error("a datagram of {size} bytes is larger than the {max} bytes the path allows now")]
+    TooLarge { size: usize, max: usize },
 }
 
 impl From<quinn::WriteError> for PipeError {
@@ -117,9 +124,9 @@ impl PipeRx {
         }
     }
 
-    /// Up to `out`'s capacity of chunks at once (appended to `out`); `false` at end of stream.
-    /// Receivers that write to a socket use this with `writev`: QUIC delivers data in
-    /// packet-sized chunks, and one syscall per chunk would cost more than the transfer.
+    /// Up to `max` chunks at once (appended to `out`); `false` at end of stream. Receivers
+    /// that write to a socket use this with `writev`: QUIC delivers data in packet-sized
+    /// chunks, and one syscall per chunk would cost more than the transfer.
     pub async fn recv_many(&mut self, out: &mut Vec<Bytes>, max: usize) -> Result<bool, PipeError> {
         let max = max.max(1);
         match &mut self.0 {
@@ -161,20 +168,40 @@ impl PipeRx {
     }
 }
 
-/// Sends this channel's control messages to the peer.
+/// An out-of-band message for a channel's holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelMsg {
+    /// The kind's `Control` body (decode it with the kind's codec).
+    Control(Bytes),
+    /// Text for people about this channel.
+    Notice(String),
+}
+
+/// Sends this channel's out-of-band messages to the peer.
 #[derive(Clone)]
 pub enum ControlTx {
     Link(crate::link::LinkHandle, u64),
-    Mem(mpsc::UnboundedSender<ControlBody>),
+    Mem(mpsc::Sender<ChannelMsg>),
 }
 
 impl ControlTx {
-    /// Queues a control message; false if the channel or the link is gone.
-    pub fn send(&self, body: ControlBody) -> bool {
+    fn send(&self, m: ChannelMsg) -> bool {
         match self {
-            ControlTx::Link(link, channel) => link.control(*channel, body),
-            ControlTx::Mem(tx) => tx.send(body).is_ok(),
+            ControlTx::Link(link, channel) => link.channel_msg(*channel, m),
+            // In memory a full queue means the peer is not reading: the same failure as a link
+            // that ended the session for it.
+            ControlTx::Mem(tx) => tx.try_send(m).is_ok(),
         }
+    }
+
+    /// Queues a kind's control body; false if the channel or the link is gone.
+    pub fn control(&self, body: Bytes) -> bool {
+        self.send(ChannelMsg::Control(body))
+    }
+
+    /// Queues a notice for the peer's user; false if the channel or the link is gone.
+    pub fn notice(&self, text: impl Into<String>) -> bool {
+        self.send(ChannelMsg::Notice(text.into()))
     }
 }
 
@@ -184,8 +211,8 @@ pub struct Pipe {
     pub channel: u64,
     pub tx: PipeTx,
     pub rx: PipeRx,
-    /// Control messages the peer sent for this channel.
-    pub control_rx: mpsc::UnboundedReceiver<ControlBody>,
+    /// Out-of-band messages the peer sent for this channel.
+    pub control_rx: mpsc::Receiver<ChannelMsg>,
     pub control_tx: ControlTx,
 }
 
@@ -195,26 +222,35 @@ impl Pipe {
     }
 }
 
+fn control_pair() -> ((ControlTx, mpsc::Receiver<ChannelMsg>), (ControlTx, mpsc::Receiver<ChannelMsg>)) {
+    let (a_tx, b_rx) = mpsc::channel(CONTROL_DEPTH);
+    let (b_tx, a_rx) = mpsc::channel(CONTROL_DEPTH);
+    ((ControlTx::Mem(a_tx), a_rx), (ControlTx::Mem(b_tx), b_rx))
+}
+
 /// Two in-memory pipes wired to each other, with `depth` chunks of buffering each way (the
 /// stand-in for QUIC flow control). For device tests.
 pub fn pair(depth: usize) -> (Pipe, Pipe) {
+    pair_on(1, depth)
+}
+
+pub(crate) fn pair_on(channel: u64, depth: usize) -> (Pipe, Pipe) {
     let (a_tx, b_rx) = mpsc::channel(depth);
     let (b_tx, a_rx) = mpsc::channel(depth);
-    let (a_ctl_tx, b_ctl_rx) = mpsc::unbounded_channel();
-    let (b_ctl_tx, a_ctl_rx) = mpsc::unbounded_channel();
+    let ((a_ctl_tx, a_ctl_rx), (b_ctl_tx, b_ctl_rx)) = control_pair();
     let a = Pipe {
-        channel: 1,
+        channel,
         tx: PipeTx(TxInner::Mem(Some(a_tx))),
         rx: PipeRx(RxInner::Mem(a_rx)),
         control_rx: a_ctl_rx,
-        control_tx: ControlTx::Mem(a_ctl_tx),
+        control_tx: a_ctl_tx,
     };
     let b = Pipe {
-        channel: 1,
+        channel,
         tx: PipeTx(TxInner::Mem(Some(b_tx))),
         rx: PipeRx(RxInner::Mem(b_rx)),
         control_rx: b_ctl_rx,
-        control_tx: ControlTx::Mem(b_ctl_tx),
+        control_tx: b_ctl_tx,
     };
     (a, b)
 }
@@ -227,42 +263,73 @@ enum DgTx {
     Mem(mpsc::Sender<Bytes>),
 }
 
-/// One datagram channel: unreliable, unordered messages of at most [`DatagramPipe::max_size`]
-/// bytes. Messages that arrive while the receiver is behind are dropped, like a busy bus.
+/// Largest datagram an in-memory pair carries: about what QUIC allows right after the
+/// handshake, so tests meet the same limit.
+pub const MEM_DATAGRAM_MAX: usize = 1150;
+
+/// One datagram channel: unreliable messages of at most [`DatagramTx::max_size`] bytes,
+/// plus the channel's out-of-band messages (reliable, in order). Messages that arrive while the
+/// receiver is behind are dropped, like a busy bus; kinds that must count losses number their
+/// messages. The halves are separate fields so one task can wait on both directions.
 pub struct DatagramPipe {
     pub channel: u64,
-    tx: DgTx,
-    rx: mpsc::Receiver<Bytes>,
+    pub tx: DatagramTx,
+    pub rx: DatagramRx,
+    pub control_rx: mpsc::Receiver<ChannelMsg>,
+    pub control_tx: ControlTx,
 }
 
-impl DatagramPipe {
-    pub(crate) fn quic(channel: u64, conn: quinn::Connection, rx: mpsc::Receiver<Bytes>) -> Self {
-        let header = jmp_protocol::channel_header(channel).freeze();
-        DatagramPipe {
-            channel,
-            tx: DgTx::Quic { conn, header },
-            rx,
+/// The sending half of a datagram channel (cheap to clone).
+#[derive(Clone)]
+pub struct DatagramTx(DgTx);
+
+/// The receiving half of a datagram channel.
+pub struct DatagramRx(mpsc::Receiver<Bytes>);
+
+impl Clone for DgTx {
+    fn clone(&self) -> Self {
+        match self {
+            DgTx::Quic { conn, header } => DgTx::Quic {
+                conn: conn.clone(),
+                header: header.clone(),
+            },
+            DgTx::Mem(tx) => DgTx::Mem(tx.clone()),
         }
     }
+}
 
+impl DatagramTx {
     /// Largest payload that fits one datagram now (grows with MTU discovery).
     pub fn max_size(&self) -> usize {
-        match &self.tx {
+        match &self.0 {
             DgTx::Quic { conn, header } => conn
                 .max_datagram_size()
                 .unwrap_or(0)
                 .saturating_sub(header.len()),
-            DgTx::Mem(_) => 1200,
+            DgTx::Mem(_) => MEM_DATAGRAM_MAX,
         }
     }
 
+    /// Sends one message at once (never waits). `TooLarge` if it does not fit one datagram
+    /// now; nothing is sent then.
     pub fn send(&self, payload: &[u8]) -> Result<(), PipeError> {
-        match &self.tx {
+        let max = self.max_size();
+        if payload.len() > max {
+            return Err(PipeError::TooLarge {
+                size: payload.len(),
+                max,
+            });
+        }
+        match &self.0 {
             DgTx::Quic { conn, header } => {
                 let mut b = BytesMut::with_capacity(header.len() + payload.len());
                 b.extend_from_slice(header);
                 b.extend_from_slice(payload);
                 conn.send_datagram(b.freeze()).map_err(|e| match e {
+                    quinn::SendDatagramError::TooLarge => PipeError::TooLarge {
+                        size: payload.len(),
+                        max: self.max_size(),
+                    },
                     quinn::SendDatagramError::ConnectionLost(e) => {
                         PipeError::ConnectionLost(e.to_string())
                     }
@@ -275,8 +342,41 @@ impl DatagramPipe {
             },
         }
     }
+}
 
+impl DatagramRx {
     /// The next message, `None` when the channel or connection is gone.
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        self.0.recv().await
+    }
+}
+
+impl DatagramPipe {
+    pub(crate) fn quic(
+        channel: u64,
+        conn: quinn::Connection,
+        rx: mpsc::Receiver<Bytes>,
+        control_rx: mpsc::Receiver<ChannelMsg>,
+        control_tx: ControlTx,
+    ) -> Self {
+        let header = jmp_protocol::channel_header(channel).freeze();
+        DatagramPipe {
+            channel,
+            tx: DatagramTx(DgTx::Quic { conn, header }),
+            rx: DatagramRx(rx),
+            control_rx,
+            control_tx,
+        }
+    }
+
+    pub fn max_size(&self) -> usize {
+        self.tx.max_size()
+    }
+
+    pub fn send(&self, payload: &[u8]) -> Result<(), PipeError> {
+        self.tx.send(payload)
+    }
+
     pub async fn recv(&mut self) -> Option<Bytes> {
         self.rx.recv().await
     }
@@ -284,18 +384,27 @@ impl DatagramPipe {
 
 /// Two in-memory datagram pipes wired to each other.
 pub fn datagram_pair(depth: usize) -> (DatagramPipe, DatagramPipe) {
+    datagram_pair_on(1, depth)
+}
+
+pub(crate) fn datagram_pair_on(channel: u64, depth: usize) -> (DatagramPipe, DatagramPipe) {
     let (a_tx, b_rx) = mpsc::channel(depth);
     let (b_tx, a_rx) = mpsc::channel(depth);
+    let ((a_ctl_tx, a_ctl_rx), (b_ctl_tx, b_ctl_rx)) = control_pair();
     (
         DatagramPipe {
-            channel: 1,
-            tx: DgTx::Mem(a_tx),
-            rx: a_rx,
+            channel,
+            tx: DatagramTx(DgTx::Mem(a_tx)),
+            rx: DatagramRx(a_rx),
+            control_rx: a_ctl_rx,
+            control_tx: a_ctl_tx,
         },
         DatagramPipe {
-            channel: 1,
-            tx: DgTx::Mem(b_tx),
-            rx: b_rx,
+            channel,
+            tx: DatagramTx(DgTx::Mem(b_tx)),
+            rx: DatagramRx(b_rx),
+            control_rx: b_ctl_rx,
+            control_tx: b_ctl_tx,
         },
     )
 }
@@ -313,10 +422,29 @@ mod tests {
         assert_eq!(b.rx.recv().await, Ok(None));
         b.tx.reset(7);
         assert_eq!(a.rx.recv().await, Err(PipeError::Reset(7)));
-        assert!(a.control_tx.send(ControlBody::Break { millis: 1 }));
+        assert!(a.control_tx.control(Bytes::from_static(b"\x02")));
         assert_eq!(
             b.control_rx.recv().await,
-            Some(ControlBody::Break { millis: 1 })
+            Some(ChannelMsg::Control(Bytes::from_static(b"\x02")))
+        );
+    }
+
+    #[tokio::test]
+    async fn datagram_pair_refuses_too_large_and_keeps_control() {
+        let (a, mut b) = datagram_pair(4);
+        assert_eq!(
+            a.send(&[0u8; MEM_DATAGRAM_MAX + 1]),
+            Err(PipeError::TooLarge {
+                size: MEM_DATAGRAM_MAX + 1,
+                max: MEM_DATAGRAM_MAX
+            })
+        );
+        a.send(b"frame").expect("fits");
+        assert_eq!(b.recv().await, Some(Bytes::from_static(b"frame")));
+        assert!(a.control_tx.notice("hi"));
+        assert_eq!(
+            b.control_rx.recv().await,
+            Some(ChannelMsg::Notice("hi".into()))
         );
     }
 }

@@ -1,5 +1,6 @@
-//! The Link over a real quinn connection on loopback: handshake, stream and datagram channels,
-//! refusals, pinning, and a session ended with a reason.
+//! The Link over a real quinn connection on loopback: handshake, stream and datagram channels
+//! (with their control messages), too-large datagrams, device requests, refusals, pinning, and
+//! a session ended with a reason.
 
 use bytes::Bytes;
 use jmp_protocol::*;
@@ -13,8 +14,10 @@ struct Server {
     _endpoint: quinn::Endpoint,
 }
 
-/// An exporter that welcomes token "good", echoes stream channels on device "echo", echoes
-/// datagram channels on "dg", rejects everything else.
+/// An exporter that welcomes token "good", echoes stream channels on device "echo" (answering
+/// the open's params reversed), echoes datagram channels on "dg" and answers each control
+/// message on them with the same body plus "!", answers requests on "clock" with their body
+/// repeated and never answers requests on "slow"; rejects everything else.
 async fn server() -> Server {
     let id = Identity::generate().expect("identity");
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
@@ -26,6 +29,7 @@ async fn server() -> Server {
             tokio::spawn(async move {
                 let conn = incoming.await.expect("handshake");
                 let mut link = Link::exporter(conn).await.expect("link");
+                let mut slow = Vec::new();
                 while let Some(ev) = link.events.recv().await {
                     match ev {
                         LinkEvent::Hello(h) if h.token == "good" => link.handle.welcome(Welcome {
@@ -34,7 +38,9 @@ async fn server() -> Server {
                             instance: 1,
                             devices: vec![DeviceInfo {
                                 name: "echo".into(),
-                                kind: "test".into(),
+                                kind: Kind::from_wire("test"),
+                                state: DeviceState::Available,
+                                params: Bytes::new(),
                                 detail: String::new(),
                             }],
                         }),
@@ -42,7 +48,11 @@ async fn server() -> Server {
                             link.handle.bye(ErrorCode::Unauthorized, "bad token")
                         }
                         LinkEvent::Incoming(inc) if inc.open.device == "echo" => {
-                            let mut pipe = inc.accept_stream(5).expect("stream");
+                            let mut p = inc.open.params.to_vec();
+                            p.reverse();
+                            let Some(ChannelIo::Stream(mut pipe)) = inc.accept(Bytes::from(p)) else {
+                                panic!("a stream")
+                            };
                             tokio::spawn(async move {
                                 while let Ok(Some(b)) = pipe.rx.recv().await {
                                     if pipe.tx.send(b).await.is_err() {
@@ -53,16 +63,42 @@ async fn server() -> Server {
                             });
                         }
                         LinkEvent::Incoming(inc) if inc.open.device == "dg" => {
-                            let mut dg = inc.accept_datagram().expect("datagram");
+                            let Some(ChannelIo::Datagram(mut dg)) = inc.accept(Bytes::new()) else {
+                                panic!("a datagram channel")
+                            };
                             tokio::spawn(async move {
-                                while let Some(m) = dg.recv().await {
-                                    let _ = dg.send(&m);
+                                loop {
+                                    tokio::select! {
+                                        m = dg.rx.recv() => match m {
+                                            Some(m) => { let _ = dg.tx.send(&m); }
+                                            None => break,
+                                        },
+                                        c = dg.control_rx.recv() => match c {
+                                            Some(ChannelMsg::Control(b)) => {
+                                                let mut v = b.to_vec();
+                                                v.push(b'!');
+                                                dg.control_tx.control(Bytes::from(v));
+                                            }
+                                            Some(_) => {}
+                                            None => break,
+                                        },
+                                    }
                                 }
                             });
                         }
                         LinkEvent::Incoming(inc) => {
                             let reason = format!("no device {:?}", inc.open.device);
                             inc.reject(ErrorCode::NoSuchDevice, reason);
+                        }
+                        LinkEvent::Request(r) if r.device == "clock" => {
+                            let mut v = r.body.to_vec();
+                            v.extend_from_slice(&r.body);
+                            r.answer(Ok(Bytes::from(v)));
+                        }
+                        LinkEvent::Request(r) if r.device == "slow" => slow.push(r),
+                        LinkEvent::Request(r) => {
+                            let reason = format!("no device {:?}", r.device);
+                            r.answer(Err(Refusal::new(ErrorCode::NoSuchDevice, reason)));
                         }
                         LinkEvent::Ended { .. } => break,
                         _ => {}
@@ -103,8 +139,11 @@ async fn stream_and_datagram_channels_work_and_refusals_have_reasons() {
     for i in 0..8u8 {
         let h = link.handle.clone();
         tasks.push(tokio::spawn(async move {
-            let (pipe, offset) = h.open_stream("echo", None).await.expect("open");
-            assert_eq!(offset, 5);
+            let (pipe, params) = h
+                .open_stream("echo", Bytes::from_static(b"abc"))
+                .await
+                .expect("open");
+            assert_eq!(&params[..], b"cba", "the kind's answer to the open's params");
             let data: Vec<u8> = (0..100_000u32).map(|x| (x as u8) ^ i).collect();
             let (mut tx, mut rx) = pipe.split();
             let sent = data.clone();
@@ -128,16 +167,16 @@ async fn stream_and_datagram_channels_work_and_refusals_have_reasons() {
 
     let err = link
         .handle
-        .open_stream("nope", None)
+        .open_stream("nope", Bytes::new())
         .await
         .err()
         .expect("refused");
     assert_eq!(err.code, ErrorCode::NoSuchDevice);
     assert!(err.reason.contains("nope"), "{err}");
 
-    let mut dg = link
+    let (mut dg, _) = link
         .handle
-        .open_datagram("dg")
+        .open_datagram("dg", Bytes::new())
         .await
         .expect("datagram channel");
     assert!(dg.max_size() >= 1100, "max datagram {}", dg.max_size());
@@ -152,6 +191,42 @@ async fn stream_and_datagram_channels_work_and_refusals_have_reasons() {
         }
     }
     assert_eq!(got.as_deref(), Some(&b"frame"[..]));
+    // A datagram channel keeps its control messages, both ways, reliably.
+    assert!(dg.control_tx.control(Bytes::from_static(b"bitrate?")));
+    assert_eq!(
+        dg.control_rx.recv().await,
+        Some(ChannelMsg::Control(Bytes::from_static(b"bitrate?!")))
+    );
+    // Too large for one datagram: its own error, nothing sent, the link fine.
+    let big = vec![0u8; dg.max_size() + 1];
+    match dg.send(&big) {
+        Err(PipeError::TooLarge { size, max }) => {
+            assert_eq!(size, big.len());
+            assert_eq!(max, big.len() - 1);
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    dg.send(b"after").expect("the channel still works");
+
+    // Requests: answered, refused with the reason, or timed out on the client's deadline.
+    let r = link
+        .handle
+        .request("clock", Bytes::from_static(b"ab"), std::time::Duration::from_secs(5))
+        .await
+        .expect("answered");
+    assert_eq!(&r[..], b"abab");
+    let e = link
+        .handle
+        .request("nope", Bytes::new(), std::time::Duration::from_secs(5))
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code, ErrorCode::NoSuchDevice);
+    let e = link
+        .handle
+        .request("slow", Bytes::new(), std::time::Duration::from_millis(200))
+        .await
+        .expect_err("no answer");
+    assert_eq!(e.code, ErrorCode::Timeout);
 
     // Ending the session carries the reason to the peer and closes the connection.
     link.handle.bye(ErrorCode::Ok, "done");

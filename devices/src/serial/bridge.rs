@@ -16,13 +16,17 @@
 //! board does.
 
 use super::pty::{Packet, Pty, StableLink, TIOCPKT_FLUSHREAD};
-use crate::{BoxFuture, Bridge, BridgeExit, Refusal};
+use crate::{BoxFuture, Bridge, BridgeCtx, BridgeExit, Endpoint, Local, Refusal};
 use bytes::{Bytes, BytesMut};
-use jmp_protocol::{ControlBody, ErrorCode, LineSettings};
-use jmp_transport::{ControlTx, LinkHandle, PipeRx, PipeTx};
+use jmp_protocol::codec::{to_bytes, Codec};
+use jmp_protocol::kinds::serial::{
+    Control, DeviceParams, LineChange, LineSettings, OpenParams, OpenedParams,
+};
+use jmp_protocol::{DeviceInfo, ErrorCode, Kind};
+use jmp_transport::{ChannelMsg, Channels, ControlTx, PipeRx, PipeTx};
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -50,7 +54,7 @@ enum Tty {
 struct Chan {
     tx: PipeTx,
     rx: PipeRx,
-    control_rx: tokio::sync::mpsc::UnboundedReceiver<ControlBody>,
+    control_rx: tokio::sync::mpsc::Receiver<ChannelMsg>,
     control_tx: ControlTx,
 }
 
@@ -59,83 +63,16 @@ struct Chan {
 /// may be waiting for us to read before it reads more).
 const TYPED_DEPTH: usize = 32;
 
-/// Out-of-band requests for the console's real port (`jmp serial break|set|modem`), usable
-/// while the bridge runs. Holds the current channel's control sender and the line settings the
-/// real port has as far as we know (configured, then whatever was applied since).
-#[derive(Clone)]
-pub struct SerialControl {
-    inner: Arc<Mutex<ControlState>>,
-}
-
-struct ControlState {
-    tx: Option<jmp_transport::ControlTx>,
-    settings: LineSettings,
-}
-
-impl SerialControl {
-    fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn settings(&self) -> LineSettings {
-        self.lock().settings
-    }
-
-    /// Sends `body` on the current channel. Line settings become the known settings.
-    pub fn send(&self, body: ControlBody) -> Result<(), String> {
-        let mut st = self.lock();
-        let sent = st.tx.as_ref().is_some_and(|tx| tx.send(body.clone()));
-        if !sent {
-            return Err("the link to the exporter is down; try again once it is back".into());
-        }
-        if let ControlBody::LineSettings(s) = body {
-            st.settings = s;
-        }
-        Ok(())
-    }
-}
-
-/// Parses the settings an exporter advertises in a serial device's detail ("115200 8N1 ...").
-pub fn parse_detail(detail: &str) -> Option<LineSettings> {
-    let mut words = detail.split_whitespace();
-    let baud: u32 = words.next()?.parse().ok()?;
-    let frame = words.next()?.as_bytes();
-    if frame.len() != 3 {
-        return None;
-    }
-    let data_bits = (frame[0] as char).to_digit(10)? as u8;
-    let parity = match frame[1] {
-        b'N' => jmp_protocol::Parity::None,
-        b'O' => jmp_protocol::Parity::Odd,
-        b'E' => jmp_protocol::Parity::Even,
-        _ => return None,
-    };
-    let stop_bits = (frame[2] as char).to_digit(10)? as u8;
-    let flow = match words.next() {
-        Some("rts/cts") => jmp_protocol::FlowControl::Hardware,
-        Some("xon/xoff") => jmp_protocol::FlowControl::Software,
-        _ => jmp_protocol::FlowControl::None,
-    };
-    Some(LineSettings {
-        baud,
-        data_bits,
-        parity,
-        stop_bits,
-        flow,
-    })
-}
-
 pub struct SerialBridge {
-    control: SerialControl,
     device: String,
     pty: Pty,
     link: StableLink,
     /// Exporter instance and device offset reached: where to resume after a reconnect.
     seen: Option<(u64, u64)>,
     instance: u64,
-    /// Settings a local program chose during this attachment (re-applied after a reconnect:
-    /// the exporter may have restarted with its configured defaults).
-    local_settings: Option<LineSettings>,
+    /// What a local program set during this attachment (re-applied after a reconnect: the
+    /// exporter may have restarted with its configured defaults).
+    local_settings: Option<LineChange>,
     /// Last settings sent or found, to forward changes only.
     last_settings: Option<LineSettings>,
     /// Board output not yet in the pty (survives reconnects: it is ours once received).
@@ -144,37 +81,29 @@ pub struct SerialBridge {
 }
 
 impl SerialBridge {
-    /// Creates the pty and its stable link `dir/<exporter>/<device>`. `owner`: uid/gid to give
-    /// the device to (the invoking user); `configured`: the exporter's line settings, whose
-    /// speed is preset so local programs read it back.
-    pub fn create(
-        device: &str,
-        exporter: &str,
-        dir: &Path,
-        owner: Option<(u32, u32)>,
-        configured: Option<LineSettings>,
-    ) -> std::io::Result<SerialBridge> {
-        let baud = configured.map(|c| c.baud);
+    /// Creates the pty and its stable link `<dev dir>/<exporter>/<device>` (see
+    /// [`crate::places`]: the names are checked and the link never leaves the device directory).
+    /// The pty belongs to `ctx.owner`; its speed is preset to the exporter's configured one so
+    /// local programs read it back.
+    pub fn create(info: &DeviceInfo, ctx: &BridgeCtx) -> std::io::Result<SerialBridge> {
+        let configured = DeviceParams::decode_exact(&info.params)
+            .ok()
+            .map(|p| p.settings);
         let pty = Pty::open()?;
-        if let Some((uid, gid)) = owner {
+        if let Some((uid, gid)) = ctx.owner {
             pty.set_owner(uid, gid)?;
         }
-        if let Some(b) = baud {
-            pty.set_speed(b)?;
+        if let Some(c) = configured {
+            pty.set_speed(c.baud)?;
         }
-        let path = dir.join(exporter).join(device);
+        let dir = crate::places::exporter_dir(&ctx.dev_dir, &ctx.exporter)?;
+        let path = crate::places::entry(&dir, &info.name)?;
         let link = StableLink::create(&path, pty.slave_path()).map_err(|e| {
             std::io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))
         })?;
         let last_settings = pty.line_settings().ok();
         Ok(SerialBridge {
-            control: SerialControl {
-                inner: Arc::new(Mutex::new(ControlState {
-                    tx: None,
-                    settings: configured.unwrap_or_default(),
-                })),
-            },
-            device: device.to_string(),
+            device: info.name.clone(),
             pty,
             link,
             seen: None,
@@ -184,10 +113,6 @@ impl SerialBridge {
             held: VecDeque::new(),
             tty: Tty::Closed,
         })
-    }
-
-    pub fn control(&self) -> SerialControl {
-        self.control.clone()
     }
 
     pub fn path(&self) -> PathBuf {
@@ -200,14 +125,25 @@ impl SerialBridge {
         self.instance = instance;
     }
 
-    async fn run_link(&mut self, link: &LinkHandle) -> BridgeExit {
+    async fn run_link(&mut self, link: Arc<dyn Channels>) -> BridgeExit {
         let resume = match self.seen {
             Some((inst, off)) if inst == self.instance => Some(off),
             _ => None,
         };
+        let params = to_bytes(&OpenParams {
+            resume_from: resume,
+        });
         let (pipe, offset) = loop {
-            match link.open_stream(&self.device, resume).await {
-                Ok(x) => break x,
+            match link.open_stream(&self.device, params.clone()).await {
+                Ok((pipe, opened)) => match OpenedParams::decode_exact(&opened) {
+                    Ok(o) => break (pipe, o.offset),
+                    Err(e) => {
+                        return BridgeExit::Refused(Refusal::new(
+                            ErrorCode::Protocol,
+                            format!("{}: bad answer to the open: {e}", self.device),
+                        ))
+                    }
+                },
                 Err(e) if e.code == ErrorCode::DeviceUnavailable => {
                     // The port is gone for now (unplugged); the exporter retries it. So do we,
                     // keeping the local device in place.
@@ -233,11 +169,9 @@ impl SerialBridge {
             None => {}
         }
         self.seen = Some((self.instance, offset));
-        if let Some(s) = self.local_settings {
-            pipe.control_tx.send(ControlBody::LineSettings(s));
-            self.control.lock().settings = s;
+        if let Some(c) = self.local_settings {
+            pipe.control_tx.control(to_bytes(&Control::Follow(c)));
         }
-        self.control.lock().tx = Some(pipe.control_tx.clone());
         let chan = Chan {
             tx: pipe.tx,
             rx: pipe.rx,
@@ -371,8 +305,8 @@ impl SerialBridge {
                     self.settings_changed(control_tx.as_ref());
                 }
                 c = async { control_rx.as_mut().expect("guarded").recv().await }, if control_rx.is_some() => match c {
-                    Some(ControlBody::Notice(text)) => warn!(device = %self.device, "exporter: {text}"),
-                    Some(other) => debug!(device = %self.device, ?other, "ignoring control message"),
+                    Some(ChannelMsg::Notice(text)) => warn!(device = %self.device, "exporter: {}", jmp_protocol::name::escape(&text)),
+                    Some(ChannelMsg::Control(_)) => debug!(device = %self.device, "ignoring a control message"),
                     None => return BridgeExit::LinkLost,
                 },
                 // The typed-bytes sender task ended: the channel is gone.
@@ -394,16 +328,18 @@ impl SerialBridge {
             return;
         }
         self.last_settings = Some(now);
-        // What a pty cannot carry (data bits, parity) stays as the port has it.
-        let mut applied = now;
-        let known = self.control.settings();
-        applied.data_bits = known.data_bits;
-        applied.parity = known.parity;
-        self.local_settings = Some(applied);
-        self.control.lock().settings = applied;
+        // Only what a pty carries: data bits and parity stay as the real port has them (the
+        // exporter merges).
+        let change = LineChange {
+            baud: Some(now.baud),
+            stop_bits: Some(now.stop_bits),
+            flow: Some(now.flow),
+            ..LineChange::default()
+        };
+        self.local_settings = Some(change);
         if let Some(tx) = control_tx {
-            info!(device = %self.device, settings = %applied, "local program changed line settings; applying them on the exporter");
-            tx.send(ControlBody::LineSettings(applied));
+            info!(device = %self.device, baud = now.baud, stop_bits = now.stop_bits, flow = ?now.flow, "local program changed line settings; applying them on the exporter");
+            tx.control(to_bytes(&Control::Follow(change)));
         }
     }
 }
@@ -413,19 +349,19 @@ impl Bridge for SerialBridge {
         &self.device
     }
 
-    fn kind(&self) -> &str {
-        "serial"
+    fn kind(&self) -> Kind {
+        Kind::Serial
     }
 
-    fn local(&self) -> String {
-        self.link.path().display().to_string()
+    fn endpoints(&self) -> Vec<Endpoint> {
+        vec![Endpoint::new(Local::Path(self.link.path().to_path_buf()))]
     }
 
-    fn on_welcome(&mut self, welcome: &jmp_protocol::Welcome) {
-        self.set_instance(welcome.instance);
+    fn on_welcome(&mut self, _info: &DeviceInfo, instance: u64) {
+        self.set_instance(instance);
     }
 
-    fn run<'a>(&'a mut self, link: &'a LinkHandle) -> BoxFuture<'a, BridgeExit> {
+    fn run<'a>(&'a mut self, link: Arc<dyn Channels>) -> BoxFuture<'a, BridgeExit> {
         Box::pin(self.run_link(link))
     }
 

@@ -1,22 +1,29 @@
 //! Exporter side of a serial console.
 //!
 //! One port task per device, alive as long as the exporter: it reads the port continuously into
-//! the [`History`] (so output printed while nobody is attached is kept) and performs writes and
-//! settings changes sent by channels. A port that cannot be opened or vanishes (USB unplugged) is
-//! retried every second; meanwhile channels are refused with the reason, and the rest of the
-//! exporter keeps serving.
+//! the [`History`] (so output printed while nobody is attached is kept) and performs writes,
+//! settings changes and requests sent by channels. A port that cannot be opened or vanishes
+//! (USB unplugged) is retried every second; meanwhile channels and requests are refused with
+//! the reason, the device's status says why, and the rest of the exporter keeps serving.
 
 use super::history::History;
 use super::sim::SimConsole;
-use crate::{BoxFuture, Channel, Driver, Refusal};
+use super::spec::LinePolicy;
+use crate::board::SimBoard;
+use crate::{BoxFuture, Channel, DeviceStatus, Driver, Refusal};
 use bytes::{Bytes, BytesMut};
-use jmp_protocol::{ControlBody, DeviceInfo, ErrorCode, FlowControl, LineSettings, Open, Parity};
-use jmp_transport::Pipe;
+use jmp_protocol::codec::{to_bytes, Codec};
+use jmp_protocol::kinds::serial::{
+    Control, DeviceParams, FlowControl, LineSettings, OpenParams, OpenedParams, Parity, Request,
+    Response, MAX_BREAK_MS,
+};
+use jmp_protocol::{ChannelMode, DeviceState, ErrorCode, Kind, Open};
+use jmp_transport::{ChannelIo, ChannelMsg};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
@@ -30,14 +37,15 @@ pub enum Source {
     Tty {
         path: String,
         settings: LineSettings,
+        policy: LinePolicy,
     },
-    /// The built-in simulated board.
-    Sim { hostname: String },
+    /// The built-in simulated board, following the board's power.
+    Sim { hostname: String, board: SimBoard },
 }
 
 enum PortCmd {
     Write(Bytes),
-    Control(ControlBody, oneshot::Sender<Result<(), String>>),
+    Request(Request, oneshot::Sender<Result<LineSettings, String>>),
 }
 
 pub struct SerialDriver {
@@ -45,8 +53,17 @@ pub struct SerialDriver {
     detail: String,
     history: Arc<History>,
     cmds: mpsc::Sender<PortCmd>,
-    /// `Some(reason)` while the port cannot be used.
-    unavailable: Arc<Mutex<Option<String>>>,
+    status: watch::Receiver<DeviceStatus>,
+}
+
+fn status_of(settings: LineSettings, unavailable: Option<String>) -> DeviceStatus {
+    DeviceStatus {
+        state: match unavailable {
+            None => DeviceState::Available,
+            Some(why) => DeviceState::Unavailable(why),
+        },
+        params: to_bytes(&DeviceParams { settings }),
+    }
 }
 
 impl SerialDriver {
@@ -54,28 +71,36 @@ impl SerialDriver {
     pub fn start(name: String, source: Source, history_bytes: usize) -> Self {
         let history = Arc::new(History::new(history_bytes));
         let (tx, rx) = mpsc::channel(64);
-        // A tty is unusable until its task has opened it (moments after start).
-        let unavailable = Arc::new(Mutex::new(match &source {
-            Source::Tty { path, .. } => Some(format!("{path} is being opened")),
-            Source::Sim { .. } => None,
-        }));
-        let detail = match &source {
-            Source::Tty { path, settings } => format!("{settings} {path}"),
-            Source::Sim { .. } => format!("{} simulated board", LineSettings::default()),
+        let (detail, initial) = match &source {
+            Source::Tty { path, settings, .. } => (
+                format!("{settings} {path}"),
+                // A tty is unusable until its task has opened it (moments after start).
+                status_of(*settings, Some(format!("{path} is being opened"))),
+            ),
+            Source::Sim { .. } => (
+                format!("{} simulated board", LineSettings::default()),
+                status_of(LineSettings::default(), None),
+            ),
         };
+        let (status_tx, status) = watch::channel(initial);
         match source {
-            Source::Tty { path, settings } => {
+            Source::Tty {
+                path,
+                settings,
+                policy,
+            } => {
                 tokio::spawn(tty_task(
                     name.clone(),
                     path,
                     settings,
+                    policy,
                     history.clone(),
                     rx,
-                    unavailable.clone(),
+                    status_tx,
                 ));
             }
-            Source::Sim { hostname } => {
-                tokio::spawn(sim_task(hostname, history.clone(), rx));
+            Source::Sim { hostname, board } => {
+                tokio::spawn(sim_task(hostname, board, history.clone(), rx));
             }
         }
         SerialDriver {
@@ -83,7 +108,7 @@ impl SerialDriver {
             detail,
             history,
             cmds: tx,
-            unavailable,
+            status,
         }
     }
 
@@ -91,35 +116,40 @@ impl SerialDriver {
         &self.history
     }
 
-    /// Why the port cannot be used now, if it cannot.
-    pub fn unavailable(&self) -> Option<String> {
-        self.unavailable
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    fn unavailable(&self) -> Option<String> {
+        match &self.status.borrow().state {
+            DeviceState::Available => None,
+            DeviceState::Unavailable(why) => Some(why.clone()),
+        }
     }
 }
 
 impl Driver for SerialDriver {
-    fn info(&self) -> DeviceInfo {
-        DeviceInfo {
-            name: self.name.clone(),
-            kind: "serial".into(),
-            detail: match self.unavailable() {
-                Some(why) => format!("{} (unavailable: {why})", self.detail),
-                None => self.detail.clone(),
-            },
-        }
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> Kind {
+        Kind::Serial
+    }
+
+    fn detail(&self) -> String {
+        self.detail.clone()
+    }
+
+    fn status(&self) -> watch::Receiver<DeviceStatus> {
+        self.status.clone()
+    }
+
+    fn modes(&self) -> &'static [ChannelMode] {
+        &[ChannelMode::Stream]
     }
 
     fn open<'a>(&'a self, req: &'a Open) -> BoxFuture<'a, Result<Box<dyn Channel>, Refusal>> {
         Box::pin(async move {
-            if req.mode != jmp_protocol::ChannelMode::Stream {
-                return Err(Refusal::new(
-                    ErrorCode::Unsupported,
-                    format!("{}: serial channels are streams", self.name),
-                ));
-            }
+            let params = OpenParams::decode_exact(&req.params).map_err(|e| {
+                Refusal::new(ErrorCode::Protocol, format!("{}: bad open parameters: {e}", self.name))
+            })?;
             if let Some(why) = self.unavailable() {
                 return Err(Refusal::new(
                     ErrorCode::DeviceUnavailable,
@@ -128,7 +158,7 @@ impl Driver for SerialDriver {
             }
             let start = self.history.start();
             let end = self.history.end();
-            let offset = match req.resume_from {
+            let offset = match params.resume_from {
                 Some(r) => r.clamp(start, end),
                 None => start,
             };
@@ -138,6 +168,41 @@ impl Driver for SerialDriver {
                 cmds: self.cmds.clone(),
                 offset,
             }) as Box<dyn Channel>)
+        })
+    }
+
+    fn request<'a>(&'a self, body: Bytes) -> BoxFuture<'a, Result<Bytes, Refusal>> {
+        Box::pin(async move {
+            let req = Request::decode_exact(&body).map_err(|e| {
+                Refusal::new(ErrorCode::Protocol, format!("{}: bad request: {e}", self.name))
+            })?;
+            if let Request::Break { millis } = req {
+                if millis > MAX_BREAK_MS {
+                    return Err(Refusal::new(
+                        ErrorCode::Unsupported,
+                        format!(
+                            "{}: a break of {millis} ms is longer than the {MAX_BREAK_MS} ms allowed",
+                            self.name
+                        ),
+                    ));
+                }
+            }
+            if let Some(why) = self.unavailable() {
+                return Err(Refusal::new(
+                    ErrorCode::DeviceUnavailable,
+                    format!("{}: {why}", self.name),
+                ));
+            }
+            let (tx, rx) = oneshot::channel();
+            let gone = || Refusal::new(ErrorCode::Shutdown, format!("{}: the port task ended", self.name));
+            self.cmds
+                .send(PortCmd::Request(req, tx))
+                .await
+                .map_err(|_| gone())?;
+            match rx.await.map_err(|_| gone())? {
+                Ok(settings) => Ok(to_bytes(&Response { settings })),
+                Err(why) => Err(Refusal::new(ErrorCode::Failed, format!("{}: {why}", self.name))),
+            }
         })
     }
 }
@@ -150,17 +215,23 @@ struct SerialChannel {
 }
 
 impl Channel for SerialChannel {
-    fn offset(&self) -> u64 {
-        self.offset
+    fn params(&self) -> Bytes {
+        to_bytes(&OpenedParams {
+            offset: self.offset,
+        })
     }
 
-    fn serve(self: Box<Self>, pipe: Pipe) -> BoxFuture<'static, ()> {
-        Box::pin(serve_channel(*self, pipe))
+    fn serve(self: Box<Self>, io: ChannelIo) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            if let ChannelIo::Stream(pipe) = io {
+                serve_channel(*self, pipe).await;
+            }
+        })
     }
 }
 
-async fn serve_channel(ch: SerialChannel, pipe: Pipe) {
-    let Pipe {
+async fn serve_channel(ch: SerialChannel, pipe: jmp_transport::Pipe) {
+    let jmp_transport::Pipe {
         mut tx,
         mut rx,
         mut control_rx,
@@ -200,22 +271,33 @@ async fn serve_channel(ch: SerialChannel, pipe: Pipe) {
             }
         }
     };
+    // A local program's settings, to follow on the real port. Failures go back as notices.
     let ctl = async {
-        while let Some(body) = control_rx.recv().await {
+        while let Some(m) = control_rx.recv().await {
+            let ChannelMsg::Control(body) = m else {
+                continue;
+            };
+            let change = match Control::decode_exact(&body) {
+                Ok(Control::Follow(c)) => c,
+                Err(e) => {
+                    control_tx.notice(format!("{}: bad control message: {e}", ch.name));
+                    continue;
+                }
+            };
             let (reply_tx, reply_rx) = oneshot::channel();
             if ch
                 .cmds
-                .send(PortCmd::Control(body.clone(), reply_tx))
+                .send(PortCmd::Request(Request::Set(change), reply_tx))
                 .await
                 .is_err()
             {
                 return;
             }
             match reply_rx.await {
-                Ok(Ok(())) => debug!(device = %ch.name, ?body, "applied"),
+                Ok(Ok(s)) => debug!(device = %ch.name, settings = %s, "applied"),
                 Ok(Err(why)) => {
                     warn!(device = %ch.name, "{why}");
-                    control_tx.send(ControlBody::Notice(format!("{}: {why}", ch.name)));
+                    control_tx.notice(format!("{}: {why}", ch.name));
                 }
                 Err(_) => return,
             }
@@ -284,6 +366,7 @@ fn open_tty(
             std::io::Error::last_os_error()
         ));
     }
+    // SAFETY: `fd` is a fresh descriptor owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: fcntl on a descriptor we own.
     unsafe {
@@ -294,19 +377,30 @@ fn open_tty(
     Ok((port, afd))
 }
 
+/// Performs a request on the real port; returns the settings afterwards.
 async fn apply(
     port: &mut serialport::TTYPort,
     path: &str,
-    body: &ControlBody,
+    req: &Request,
     current: &mut LineSettings,
-) -> Result<(), String> {
+    policy: LinePolicy,
+) -> Result<LineSettings, String> {
     use serialport::SerialPort;
     let fail = |what: &str, e: serialport::Error| {
         format!("cannot set {what} on {path}: {}", e.description)
     };
-    match body {
-        ControlBody::LineSettings(s) => {
-            let (data_bits, parity, stop_bits, flow) = to_serialport(s);
+    match req {
+        Request::Set(change) => {
+            let s = change.apply(*current);
+            if s == *current {
+                return Ok(s);
+            }
+            if policy == LinePolicy::Fixed {
+                return Err(format!(
+                    "line settings are fixed at {current} by the exporter's config (lineSettings: fixed); {s} not applied"
+                ));
+            }
+            let (data_bits, parity, stop_bits, flow) = to_serialport(&s);
             port.set_baud_rate(s.baud)
                 .map_err(|e| fail("baud rate", e))?;
             port.set_data_bits(data_bits)
@@ -316,16 +410,17 @@ async fn apply(
                 .map_err(|e| fail("stop bits", e))?;
             port.set_flow_control(flow)
                 .map_err(|e| fail("flow control", e))?;
-            *current = *s;
+            *current = s;
             info!(%path, settings = %s, "line settings applied");
-            Ok(())
+            Ok(s)
         }
-        ControlBody::Break { millis } => {
+        Request::Break { millis } => {
             port.set_break().map_err(|e| fail("break", e))?;
             tokio::time::sleep(Duration::from_millis((*millis).into())).await;
-            port.clear_break().map_err(|e| fail("break", e))
+            port.clear_break().map_err(|e| fail("break", e))?;
+            Ok(*current)
         }
-        ControlBody::ModemLines { dtr, rts } => {
+        Request::Modem { dtr, rts } => {
             if let Some(v) = dtr {
                 port.write_data_terminal_ready(*v)
                     .map_err(|e| fail("DTR", e))?;
@@ -333,9 +428,9 @@ async fn apply(
             if let Some(v) = rts {
                 port.write_request_to_send(*v).map_err(|e| fail("RTS", e))?;
             }
-            Ok(())
+            Ok(*current)
         }
-        ControlBody::Notice(_) => Ok(()),
+        Request::Get => Ok(*current),
     }
 }
 
@@ -343,11 +438,19 @@ async fn tty_task(
     name: String,
     path: String,
     mut settings: LineSettings,
+    policy: LinePolicy,
     history: Arc<History>,
     mut cmds: mpsc::Receiver<PortCmd>,
-    unavailable: Arc<Mutex<Option<String>>>,
+    status: watch::Sender<DeviceStatus>,
 ) {
-    let set_status = |s: Option<String>| *unavailable.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    let set_status = |settings: LineSettings, s: Option<String>| {
+        status.send_if_modified(|cur| {
+            let new = status_of(settings, s);
+            let changed = *cur != new;
+            *cur = new;
+            changed
+        });
+    };
     let mut last_error = String::new();
     loop {
         let (mut port, fd) = match open_tty(&path, &settings) {
@@ -357,7 +460,7 @@ async fn tty_task(
                     warn!(device = %name, "{e}; retrying every second");
                     last_error = e.clone();
                 }
-                set_status(Some(e.clone()));
+                set_status(settings, Some(e.clone()));
                 // Keep answering channels meanwhile, so nothing waits on a dead port.
                 let deadline = tokio::time::sleep(REOPEN_INTERVAL);
                 tokio::pin!(deadline);
@@ -367,7 +470,7 @@ async fn tty_task(
                         c = cmds.recv() => match c {
                             None => return,
                             Some(PortCmd::Write(_)) => {}
-                            Some(PortCmd::Control(_, reply)) => { let _ = reply.send(Err(e.clone())); }
+                            Some(PortCmd::Request(_, reply)) => { let _ = reply.send(Err(e.clone())); }
                         }
                     }
                 }
@@ -376,7 +479,7 @@ async fn tty_task(
         };
         info!(device = %name, %path, %settings, "serial port open");
         last_error.clear();
-        set_status(None);
+        set_status(settings, None);
         // Reading and writing run side by side: a write waiting for the board to read must
         // never stop us reading what the board prints (it may be waiting for exactly that).
         let chunk = (history.capacity() / 2).clamp(1, 16 * 1024);
@@ -400,8 +503,11 @@ async fn tty_task(
                             return Some(e.to_string());
                         }
                     }
-                    Some(PortCmd::Control(body, reply)) => {
-                        let r = apply(&mut port, &path, &body, &mut settings).await;
+                    Some(PortCmd::Request(req, reply)) => {
+                        let r = apply(&mut port, &path, &req, &mut settings, policy).await;
+                        if r.is_ok() {
+                            set_status(settings, None);
+                        }
                         let _ = reply.send(r);
                     }
                 }
@@ -416,22 +522,54 @@ async fn tty_task(
         };
         let why = format!("{path} vanished: {reason}");
         warn!(device = %name, "{why}; reopening");
-        set_status(Some(why));
+        set_status(settings, Some(why));
         drop(fd);
         drop(port);
         tokio::time::sleep(REOPEN_INTERVAL).await;
     }
 }
 
-async fn sim_task(hostname: String, history: Arc<History>, mut cmds: mpsc::Receiver<PortCmd>) {
+/// The simulated board's console. While the board's power is off it prints nothing and
+/// ignores what is typed (an unpowered UART); power on boots it again, boot log first.
+async fn sim_task(
+    hostname: String,
+    board: SimBoard,
+    history: Arc<History>,
+    mut cmds: mpsc::Receiver<PortCmd>,
+) {
     let mut sim = SimConsole::new(&hostname);
-    history.push(&sim.boot());
-    while let Some(cmd) = cmds.recv().await {
-        match cmd {
-            PortCmd::Write(b) => history.push(&sim.input(&b)),
-            PortCmd::Control(_, reply) => {
-                // A simulated UART takes any settings.
-                let _ = reply.send(Ok(()));
+    let mut power = board.subscribe();
+    let mut on = *power.borrow_and_update();
+    if on {
+        history.push(&sim.boot());
+    }
+    let mut settings = LineSettings::default();
+    loop {
+        tokio::select! {
+            cmd = cmds.recv() => match cmd {
+                None => return,
+                Some(PortCmd::Write(b)) => {
+                    if on {
+                        history.push(&sim.input(&b));
+                    }
+                }
+                Some(PortCmd::Request(req, reply)) => {
+                    // A simulated UART takes any settings.
+                    if let Request::Set(c) = req {
+                        settings = c.apply(settings);
+                    }
+                    let _ = reply.send(Ok(settings));
+                }
+            },
+            changed = power.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let now_on = *power.borrow_and_update();
+                if now_on && !on {
+                    history.push(&sim.boot());
+                }
+                on = now_on;
             }
         }
     }

@@ -8,7 +8,7 @@
 //! the bridge knows when to hold output back and when to deliver it.
 
 use bytes::{Bytes, BytesMut};
-use jmp_protocol::{FlowControl, LineSettings, Parity};
+use jmp_protocol::kinds::serial::{FlowControl, LineSettings, Parity};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -228,23 +228,9 @@ pub struct StableLink {
 }
 
 impl StableLink {
+    /// Places the link at `path`, which [`crate::places::entry`] has prepared (its folder
+    /// checked, a stale link removed).
     pub fn create(path: &Path, target: &Path) -> io::Result<StableLink> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(path)?,
-            Ok(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!(
-                        "{} exists and is not a symlink; not replacing it",
-                        path.display()
-                    ),
-                ))
-            }
-            Err(_) => {}
-        }
         std::os::unix::fs::symlink(target, path)?;
         Ok(StableLink {
             path: path.to_path_buf(),
@@ -335,18 +321,21 @@ mod tests {
 
     #[test]
     fn stable_link_replaces_stale_links_and_cleans_up() {
-        let dir = std::env::temp_dir().join(format!("jmp-link-{}", std::process::id()));
-        let path = dir.join("exp").join("console");
-        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-        std::os::unix::fs::symlink("/nonexistent", &path).expect("stale link");
+        let base = std::env::temp_dir().join(format!("jmp-link-{}", std::process::id()));
+        let dir = crate::places::exporter_dir(&base, "exp").expect("dir");
+        std::os::unix::fs::symlink("/nonexistent", dir.join("console")).expect("stale link");
         {
+            let path = crate::places::entry(&dir, "console").expect("entry");
             let l = StableLink::create(&path, Path::new("/dev/null")).expect("link");
             assert_eq!(
                 std::fs::read_link(l.path()).expect("readlink"),
                 Path::new("/dev/null")
             );
         }
-        assert!(std::fs::symlink_metadata(&path).is_err(), "removed on drop");
-        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            std::fs::symlink_metadata(dir.join("console")).is_err(),
+            "removed on drop"
+        );
+        let _ = std::fs::remove_dir_all(&base);
     }
 }

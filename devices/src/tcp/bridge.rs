@@ -6,11 +6,12 @@
 //! link rather than dropped.
 
 use super::forward::forward;
-use crate::{BoxFuture, Bridge, BridgeExit, Refusal};
-use jmp_protocol::ErrorCode;
-use jmp_transport::{LinkHandle, OpenError};
-use std::collections::VecDeque;
+use crate::{BoxFuture, Bridge, BridgeExit, Endpoint, Local, Refusal};
+use jmp_protocol::{DeviceInfo, ErrorCode, Kind};
+use jmp_transport::Channels;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -23,7 +24,7 @@ const SESSION_END_GRACE: Duration = Duration::from_secs(1);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// A local connection not yet carried by a channel.
-struct Local {
+struct LocalConn {
     stream: TcpStream,
     peer: SocketAddr,
 }
@@ -32,7 +33,7 @@ struct Local {
 /// in `run`, so reports sent after a `run` was dropped reach the next one.
 enum Back {
     /// The link went away before the channel opened: serve this connection on the next link.
-    Retry(Local),
+    Retry(LocalConn),
     /// The exporter has no such device.
     Refused(Refusal),
 }
@@ -44,7 +45,7 @@ pub struct TcpBridge {
     local_addr: SocketAddr,
     /// Connections handed back by their tasks because the link was lost; served first by the
     /// next `run`.
-    pending: VecDeque<Local>,
+    pending: VecDeque<LocalConn>,
     back_tx: mpsc::UnboundedSender<Back>,
     back_rx: mpsc::UnboundedReceiver<Back>,
 }
@@ -80,7 +81,7 @@ impl TcpBridge {
         self.local_addr
     }
 
-    fn spawn(&self, link: &LinkHandle, local: Local) {
+    fn spawn(&self, link: &Arc<dyn Channels>, local: LocalConn) {
         let span = tracing::debug_span!("tcp", device = %self.device, peer = %local.peer);
         tokio::spawn(
             serve_connection(
@@ -99,29 +100,29 @@ impl Bridge for TcpBridge {
         &self.device
     }
 
-    fn kind(&self) -> &str {
-        "tcp"
+    fn kind(&self) -> Kind {
+        Kind::Tcp
     }
 
-    fn local(&self) -> String {
-        self.local_addr.to_string()
+    fn endpoints(&self) -> Vec<Endpoint> {
+        vec![Endpoint::new(Local::Address(self.local_addr))]
     }
 
-    fn run<'a>(&'a mut self, link: &'a LinkHandle) -> BoxFuture<'a, BridgeExit> {
+    fn run<'a>(&'a mut self, link: Arc<dyn Channels>) -> BoxFuture<'a, BridgeExit> {
         Box::pin(async move {
-            let conn = link.connection().clone();
+            let link = &link;
             while let Some(local) = self.pending.pop_front() {
                 self.spawn(link, local);
             }
             loop {
                 tokio::select! {
                     biased;
-                    _ = conn.closed() => return BridgeExit::LinkLost,
+                    _ = link.closed() => return BridgeExit::LinkLost,
                     back = self.back_rx.recv() => match back {
                         Some(Back::Retry(local)) => {
                             // A task of an earlier link may report late, while this link is
                             // fine: then serve it now.
-                            if conn.close_reason().is_some() {
+                            if link.is_closed() {
                                 self.pending.push_back(local);
                                 return BridgeExit::LinkLost;
                             }
@@ -134,7 +135,7 @@ impl Bridge for TcpBridge {
                     accepted = self.listener.accept() => match accepted {
                         Ok((stream, peer)) => {
                             debug!(device = %self.device, %peer, "local connection");
-                            self.spawn(link, Local { stream, peer });
+                            self.spawn(link, LocalConn { stream, peer });
                         }
                         Err(e) => {
                             warn!("{}: accept on {} failed: {e}", self.device, self.local_addr);
@@ -149,18 +150,18 @@ impl Bridge for TcpBridge {
 
 /// Opens a channel for one local connection and forwards it to the end.
 async fn serve_connection(
-    link: LinkHandle,
+    link: Arc<dyn Channels>,
     device: String,
-    local: Local,
+    local: LocalConn,
     back: mpsc::UnboundedSender<Back>,
 ) {
     if let Err(e) = local.stream.set_nodelay(true) {
         debug!("cannot set TCP_NODELAY: {e}");
     }
-    let (pipe, _) = match link.open_stream(&device, None).await {
+    let (pipe, _) = match link.open_stream(&device, bytes::Bytes::new()).await {
         Ok(p) => p,
         Err(e) => {
-            if link_is_gone(&link, &e).await {
+            if link_is_gone(link.as_ref(), &e).await {
                 debug!("the link went away before the channel opened; kept for the next link");
                 // If the bridge itself is gone, so is the listener: closing is then right.
                 let _ = back.send(Back::Retry(local));
@@ -207,9 +208,8 @@ async fn serve_connection(
 
 /// Whether an open failed because the link is gone rather than because the exporter refused
 /// the channel.
-async fn link_is_gone(link: &LinkHandle, e: &OpenError) -> bool {
-    let conn = link.connection();
-    if conn.close_reason().is_some() {
+async fn link_is_gone(link: &dyn Channels, e: &Refusal) -> bool {
+    if link.is_closed() {
         return true;
     }
     match e.code {
@@ -217,8 +217,91 @@ async fn link_is_gone(link: &LinkHandle, e: &OpenError) -> bool {
         | ErrorCode::NoSuchDevice
         | ErrorCode::DeviceUnavailable
         | ErrorCode::Unsupported => false,
-        _ => tokio::time::timeout(SESSION_END_GRACE, conn.closed())
+        _ => tokio::time::timeout(SESSION_END_GRACE, link.closed())
             .await
             .is_ok(),
+    }
+}
+
+/// `jmp attach` options of TCP forwards.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ClientArgs {
+    /// Local address of a TCP forward: LOCAL=DEVICE, LOCAL a port or ADDR:PORT (default: an
+    /// ephemeral port on 127.0.0.1).
+    #[arg(long = "forward", value_name = "LOCAL=DEVICE")]
+    pub forwards: Vec<String>,
+}
+
+impl ClientArgs {
+    /// device name → local address.
+    pub fn parse(&self) -> Result<HashMap<String, SocketAddr>, String> {
+        let mut out = HashMap::new();
+        for f in &self.forwards {
+            let (local, device) = f
+                .split_once('=')
+                .ok_or_else(|| format!("--forward {f:?}: expected LOCAL=DEVICE, e.g. 2222=ssh"))?;
+            let addr = if let Ok(port) = local.parse::<u16>() {
+                SocketAddr::from(([127, 0, 0, 1], port))
+            } else {
+                local
+                    .parse()
+                    .map_err(|_| format!("--forward {f:?}: {local:?} is not a port or ADDR:PORT"))?
+            };
+            out.insert(device.to_string(), addr);
+        }
+        Ok(out)
+    }
+
+    /// Every forward must name a TCP device of the exporter.
+    pub fn check(&self, exporter: &str, devices: &[DeviceInfo]) -> Result<(), String> {
+        for name in self.parse()?.keys() {
+            if !devices
+                .iter()
+                .any(|d| &d.name == name && d.kind == Kind::Tcp)
+            {
+                return Err(format!(
+                    "--forward names {name:?}, which is not a TCP device of {exporter}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The bridge for `info`, listening where `--forward` says (else an ephemeral loopback port).
+pub async fn create(info: &DeviceInfo, args: &ClientArgs) -> Result<TcpBridge, String> {
+    let addr = args
+        .parse()?
+        .get(&info.name)
+        .copied()
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    TcpBridge::bind(info.name.clone(), addr)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwards_parse_ports_and_addresses_and_name_bad_ones() {
+        let a = ClientArgs {
+            forwards: vec!["2222=ssh".into(), "127.0.0.2:8080=web".into()],
+        };
+        let f = a.parse().expect("valid");
+        assert_eq!(f["ssh"], SocketAddr::from(([127, 0, 0, 1], 2222)));
+        assert_eq!(
+            f["web"],
+            "127.0.0.2:8080".parse::<SocketAddr>().expect("addr")
+        );
+        for bad in ["ssh", "x=ssh", "99999=ssh"] {
+            let e = ClientArgs {
+                forwards: vec![bad.into()],
+            }
+            .parse()
+            .expect_err(bad);
+            assert!(e.contains(bad), "{e}");
+        }
     }
 }

@@ -3,10 +3,14 @@
 //! cannot be reached.
 
 use super::forward::forward;
-use crate::{BoxFuture, Channel, Driver, Refusal};
-use jmp_protocol::{ChannelMode, DeviceInfo, ErrorCode, Open};
-use jmp_transport::Pipe;
+use crate::{BoxFuture, Channel, DeviceStatus, Driver, Refusal};
+use bytes::Bytes;
+use jmp_protocol::codec::to_bytes;
+use jmp_protocol::kinds::tcp::DeviceParams;
+use jmp_protocol::{ChannelMode, ErrorCode, Kind, Open};
+use jmp_transport::ChannelIo;
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -15,16 +19,28 @@ use tracing::debug;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A TCP target reachable from the exporter, exported as a device.
-#[derive(Debug, Clone)]
 pub struct TcpDriver {
     name: String,
     host: String,
     port: u16,
+    status: watch::Receiver<DeviceStatus>,
 }
 
 impl TcpDriver {
     pub fn new(name: String, host: String, port: u16) -> Self {
-        TcpDriver { name, host, port }
+        let params = to_bytes(&DeviceParams {
+            host: host.clone(),
+            port,
+        });
+        // The target's reachability is only known per connection (each open connects): the
+        // device itself is always available, a failed connect is that channel's refusal.
+        let (_, status) = watch::channel(DeviceStatus::available(params));
+        TcpDriver {
+            name,
+            host,
+            port,
+            status,
+        }
     }
 
     /// `host:port`, with an IPv6 literal in brackets so the port stays unambiguous.
@@ -38,22 +54,28 @@ impl TcpDriver {
 }
 
 impl Driver for TcpDriver {
-    fn info(&self) -> DeviceInfo {
-        DeviceInfo {
-            name: self.name.clone(),
-            kind: "tcp".into(),
-            detail: self.target(),
-        }
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> Kind {
+        Kind::Tcp
+    }
+
+    fn detail(&self) -> String {
+        self.target()
+    }
+
+    fn status(&self) -> watch::Receiver<DeviceStatus> {
+        self.status.clone()
+    }
+
+    fn modes(&self) -> &'static [ChannelMode] {
+        &[ChannelMode::Stream]
     }
 
     fn open<'a>(&'a self, req: &'a Open) -> BoxFuture<'a, Result<Box<dyn Channel>, Refusal>> {
         Box::pin(async move {
-            if req.mode == ChannelMode::Datagram {
-                return Err(Refusal::new(
-                    ErrorCode::Unsupported,
-                    format!("{}: a tcp device carries streams, not datagrams", self.name),
-                ));
-            }
             let target = self.target();
             let host = self.host.trim_start_matches('[').trim_end_matches(']');
             let connect = TcpStream::connect((host, self.port));
@@ -96,12 +118,13 @@ struct TcpChannel {
 }
 
 impl Channel for TcpChannel {
-    fn offset(&self) -> u64 {
-        0
+    fn params(&self) -> Bytes {
+        Bytes::new()
     }
 
-    fn serve(self: Box<Self>, pipe: Pipe) -> BoxFuture<'static, ()> {
+    fn serve(self: Box<Self>, io: ChannelIo) -> BoxFuture<'static, ()> {
         Box::pin(async move {
+            let ChannelIo::Stream(pipe) = io else { return };
             let TcpChannel { device, stream } = *self;
             let channel = pipe.channel;
             let out = forward(stream, pipe).await;

@@ -4,6 +4,8 @@
 pub mod bridge;
 pub mod driver;
 mod forward;
+pub mod spec;
 
-pub use bridge::TcpBridge;
+pub use bridge::{ClientArgs, TcpBridge};
 pub use driver::TcpDriver;
+pub use spec::TcpSpec;

@@ -3,10 +3,15 @@
 //! never panic.
 
 use super::*;
+use bytes::Bytes;
 use proptest::prelude::*;
 
 /// The examples of docs/protocol.md, by the name their fenced block carries (` ```hex NAME`).
 fn examples() -> Vec<(&'static str, Message)> {
+    use crate::kinds::{serial, tcp};
+    let console = serial::DeviceParams {
+        settings: serial::LineSettings::default(),
+    };
     vec![
         (
             "hello",
@@ -21,18 +26,25 @@ fn examples() -> Vec<(&'static str, Message)> {
             "welcome",
             Message::Welcome(Welcome {
                 exporter: "rpi4-01".into(),
-                features: crate::features::ALL,
+                features: crate::features::REQUESTS | crate::features::STATUS,
                 instance: 0x1122_3344_5566_7788,
                 devices: vec![
                     DeviceInfo {
                         name: "console".into(),
-                        kind: "serial".into(),
+                        kind: Kind::Serial,
+                        state: DeviceState::Available,
+                        params: to_bytes(&console),
                         detail: "115200 8N1".into(),
                     },
                     DeviceInfo {
                         name: "ssh".into(),
-                        kind: "tcp".into(),
-                        detail: "192.168.10.2:22".into(),
+                        kind: Kind::Tcp,
+                        state: DeviceState::Unavailable("no route".into()),
+                        params: to_bytes(&tcp::DeviceParams {
+                            host: "192.168.10.2".into(),
+                            port: 22,
+                        }),
+                        detail: String::new(),
                     },
                 ],
             }),
@@ -43,14 +55,16 @@ fn examples() -> Vec<(&'static str, Message)> {
                 channel: 1,
                 device: "console".into(),
                 mode: ChannelMode::Stream,
-                resume_from: Some(4096),
+                params: to_bytes(&serial::OpenParams {
+                    resume_from: Some(4096),
+                }),
             }),
         ),
         (
             "opened",
             Message::Opened(Opened {
                 channel: 1,
-                offset: 4096,
+                params: to_bytes(&serial::OpenedParams { offset: 4096 }),
             }),
         ),
         (
@@ -70,40 +84,47 @@ fn examples() -> Vec<(&'static str, Message)> {
             }),
         ),
         (
-            "control-line",
+            "control",
             Message::Control(Control {
                 channel: 1,
-                body: ControlBody::LineSettings(LineSettings {
-                    baud: 250_000,
-                    data_bits: 8,
-                    parity: Parity::None,
-                    stop_bits: 2,
-                    flow: FlowControl::Hardware,
-                }),
+                body: to_bytes(&serial::Control::Follow(serial::LineChange {
+                    baud: Some(9600),
+                    stop_bits: Some(1),
+                    flow: Some(serial::FlowControl::None),
+                    ..serial::LineChange::default()
+                })),
             }),
         ),
         (
-            "control-break",
-            Message::Control(Control {
-                channel: 1,
-                body: ControlBody::Break { millis: 250 },
+            "request",
+            Message::Request(Request {
+                id: 1,
+                device: "power".into(),
+                body: to_bytes(&crate::kinds::power::Request::Cycle { off_ms: None }),
             }),
         ),
         (
-            "control-modem",
-            Message::Control(Control {
-                channel: 1,
-                body: ControlBody::ModemLines {
-                    dtr: Some(true),
-                    rts: None,
-                },
+            "done",
+            Message::Done(Done {
+                id: 1,
+                code: ErrorCode::Failed,
+                reason: "exit 1: relay busy".into(),
+                body: Bytes::new(),
             }),
         ),
         (
-            "control-notice",
-            Message::Control(Control {
-                channel: 1,
-                body: ControlBody::Notice("parity unsupported".into()),
+            "notice",
+            Message::Notice(Notice {
+                channel: 0,
+                text: "lease ends in 5m".into(),
+            }),
+        ),
+        (
+            "status",
+            Message::Status(Status {
+                device: "console".into(),
+                state: DeviceState::Unavailable("unplugged".into()),
+                params: Bytes::new(),
             }),
         ),
         (
@@ -114,6 +135,20 @@ fn examples() -> Vec<(&'static str, Message)> {
             }),
         ),
     ]
+}
+
+/// The kinds' bodies documented in docs/protocol.md (not frames: the bytes inside a message).
+fn kind_examples() -> Vec<(&'static str, Vec<u8>)> {
+    let mut v = crate::kinds::serial::examples();
+    v.extend(crate::kinds::tcp::examples());
+    v.extend(crate::kinds::power::examples());
+    v
+}
+
+fn decode_kind_example(name: &str, bytes: &[u8]) -> bool {
+    crate::kinds::serial::decode_example(name, bytes)
+        || crate::kinds::tcp::decode_example(name, bytes)
+        || crate::kinds::power::decode_example(name, bytes)
 }
 
 /// Hex blocks of docs/protocol.md: ` ```hex NAME ` ... ` ``` `, whitespace and `#` comments
@@ -170,9 +205,24 @@ fn docs_hex_snapshots_match_the_codec() {
             "{name} decodes"
         );
     }
+    let kinds = kind_examples();
+    for (name, encoded) in &kinds {
+        let Some((_, bytes)) = docs.iter().find(|(n, _)| n == name) else {
+            panic!(
+                "docs/protocol.md lacks the example `{name}`; it encodes as:\n```hex {name}\n{}\n```",
+                hex::encode(encoded)
+            );
+        };
+        assert_eq!(
+            hex::encode(bytes),
+            hex::encode(encoded),
+            "example `{name}` in docs/protocol.md differs from the codec"
+        );
+        assert!(decode_kind_example(name, bytes), "{name} decodes");
+    }
     for (name, _) in &docs {
         assert!(
-            examples.iter().any(|(n, _)| n == name),
+            examples.iter().any(|(n, _)| n == name) || kinds.iter().any(|(n, _)| n == name),
             "docs/protocol.md has an example `{name}` that no test checks"
         );
     }
@@ -186,28 +236,36 @@ fn arb_code() -> impl Strategy<Value = ErrorCode> {
     (0u64..20).prop_map(ErrorCode::from_wire)
 }
 
-fn arb_body() -> impl Strategy<Value = ControlBody> {
+fn arb_bytes() -> impl Strategy<Value = Bytes> {
+    proptest::collection::vec(any::<u8>(), 0..24).prop_map(Bytes::from)
+}
+
+fn arb_state() -> impl Strategy<Value = DeviceState> {
     prop_oneof![
-        (1u32..=4_000_000, 5u8..=8, 0u8..3, 1u8..=2, 0u8..3).prop_map(
-            |(baud, data_bits, p, stop_bits, f)| {
-                ControlBody::LineSettings(LineSettings {
-                    baud,
-                    data_bits,
-                    parity: [Parity::None, Parity::Odd, Parity::Even][p as usize],
-                    stop_bits,
-                    flow: [
-                        FlowControl::None,
-                        FlowControl::Software,
-                        FlowControl::Hardware,
-                    ][f as usize],
-                })
-            }
-        ),
-        any::<u32>().prop_map(|millis| ControlBody::Break { millis }),
-        (any::<Option<bool>>(), any::<Option<bool>>())
-            .prop_map(|(dtr, rts)| ControlBody::ModemLines { dtr, rts }),
-        arb_string().prop_map(ControlBody::Notice),
+        Just(DeviceState::Available),
+        arb_string().prop_map(DeviceState::Unavailable)
     ]
+}
+
+fn arb_kind() -> impl Strategy<Value = Kind> {
+    prop_oneof![
+        Just(Kind::Serial),
+        Just(Kind::Tcp),
+        Just(Kind::Power),
+        "[a-z]{1,8}".prop_map(|s| Kind::from_wire(&s)),
+    ]
+}
+
+fn arb_device() -> impl Strategy<Value = DeviceInfo> {
+    (arb_string(), arb_kind(), arb_state(), arb_bytes(), arb_string()).prop_map(
+        |(name, kind, state, params, detail)| DeviceInfo {
+            name,
+            kind,
+            state,
+            params,
+            detail,
+        },
+    )
 }
 
 fn arb_message() -> impl Strategy<Value = Message> {
@@ -224,24 +282,16 @@ fn arb_message() -> impl Strategy<Value = Message> {
         (
             arb_string(),
             varint.clone(),
-            proptest::collection::vec((arb_string(), arb_string(), arb_string()), 0..5)
+            proptest::collection::vec(arb_device(), 0..5)
         )
-            .prop_map(|(exporter, features, devs)| Message::Welcome(Welcome {
+            .prop_map(|(exporter, features, devices)| Message::Welcome(Welcome {
                 exporter,
                 features,
                 instance: features.rotate_left(17),
-                devices: devs
-                    .into_iter()
-                    .map(|(name, kind, detail)| DeviceInfo { name, kind, detail })
-                    .collect()
+                devices
             })),
-        (
-            varint.clone(),
-            arb_string(),
-            any::<bool>(),
-            proptest::option::of(varint.clone())
-        )
-            .prop_map(|(channel, device, dg, resume_from)| Message::Open(Open {
+        (varint.clone(), arb_string(), any::<bool>(), arb_bytes()).prop_map(
+            |(channel, device, dg, params)| Message::Open(Open {
                 channel,
                 device,
                 mode: if dg {
@@ -249,10 +299,11 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 } else {
                     ChannelMode::Stream
                 },
-                resume_from
-            })),
-        (varint.clone(), varint.clone())
-            .prop_map(|(channel, offset)| Message::Opened(Opened { channel, offset })),
+                params
+            })
+        ),
+        (varint.clone(), arb_bytes())
+            .prop_map(|(channel, params)| Message::Opened(Opened { channel, params })),
         (varint.clone(), arb_code(), arb_string()).prop_map(|(channel, code, reason)| {
             Message::Reject(Reject {
                 channel,
@@ -267,9 +318,27 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 reason,
             })
         }),
-        (varint, arb_body())
+        (varint.clone(), arb_bytes())
             .prop_map(|(channel, body)| Message::Control(Control { channel, body })),
         (arb_code(), arb_string()).prop_map(|(code, reason)| Message::Bye(Bye { code, reason })),
+        (varint.clone(), arb_string(), arb_bytes())
+            .prop_map(|(id, device, body)| Message::Request(Request { id, device, body })),
+        (varint.clone(), arb_code(), arb_string(), arb_bytes()).prop_map(
+            |(id, code, reason, body)| Message::Done(Done {
+                id,
+                code,
+                reason,
+                body
+            })
+        ),
+        (varint, arb_string()).prop_map(|(channel, text)| Message::Notice(Notice { channel, text })),
+        (arb_string(), arb_state(), arb_bytes()).prop_map(|(device, state, params)| {
+            Message::Status(Status {
+                device,
+                state,
+                params,
+            })
+        }),
     ]
 }
 
@@ -346,15 +415,6 @@ fn hello_debug_masks_the_token() {
 
 #[test]
 fn invalid_fields_are_named() {
-    // Control/LineSettings with 9 data bits.
-    let bytes = [T_CONTROL, 0x01, C_LINE, 0x01, 9, 0, 1, 0];
-    assert_eq!(
-        Message::decode_exact(&bytes),
-        Err(DecodeError::Invalid {
-            field: "data bits",
-            value: 9
-        })
-    );
     assert_eq!(
         Message::decode_exact(&[0x7f]),
         Err(DecodeError::UnknownType(0x7f))
@@ -362,6 +422,40 @@ fn invalid_fields_are_named() {
     assert_eq!(
         Message::decode_exact(&[T_OPENED, 1, 0, 0]),
         Err(DecodeError::Trailing(1))
+    );
+    assert_eq!(
+        Message::decode_exact(&[T_OPEN, 1, 0, 7, 0]),
+        Err(DecodeError::Invalid {
+            field: "mode",
+            value: 7
+        })
+    );
+}
+
+#[test]
+fn a_welcome_listing_more_devices_than_allowed_is_refused_by_the_decoder() {
+    let w = Welcome {
+        exporter: "x".into(),
+        features: 0,
+        instance: 0,
+        devices: (0..=MAX_DEVICES)
+            .map(|i| DeviceInfo {
+                name: format!("d{i}"),
+                kind: Kind::Serial,
+                state: DeviceState::Available,
+                params: Bytes::new(),
+                detail: String::new(),
+            })
+            .collect(),
+    };
+    let mut b = BytesMut::new();
+    Message::Welcome(w).encode(&mut b);
+    assert_eq!(
+        Message::decode_exact(&b),
+        Err(DecodeError::Invalid {
+            field: "device count",
+            value: MAX_DEVICES as u64 + 1
+        })
     );
 }
 
@@ -373,5 +467,8 @@ fn print_examples() {
     for (name, msg) in examples() {
         let f = msg.to_frame();
         println!("```hex {name}\n{}\n```\n", hex::encode(&f));
+    }
+    for (name, b) in kind_examples() {
+        println!("```hex {name}\n{}\n```\n", hex::encode(&b));
     }
 }

@@ -1,7 +1,7 @@
 //! Every example config shipped in examples/ parses and validates (an example that does not
 //! work is worse than none).
 
-use jmp_devices::config::ExporterConfig;
+use jmp_exporter::ExporterConfig;
 
 #[test]
 fn shipped_examples_are_valid() {

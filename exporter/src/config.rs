@@ -1,0 +1,411 @@
+//! The exporter's configuration (YAML, Kubernetes-like, as Jumpstarter users know it).
+//!
+//! Unknown fields are errors naming the device, the field and its line; every value is
+//! validated before anything is opened or bound, so `jmpd --check-config` catches what a start
+//! would fail on. Secrets are never in this file: the token lives in `auth.tokenFile`.
+
+use jmp_devices::registry::DeviceSpec;
+use jmp_protocol::name;
+use jmp_protocol::selector::validate_label;
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub const API_VERSION: &str = "jmp.dev/v1alpha1";
+pub const DEFAULT_PORT: u16 = 7700;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The config as written; devices are turned into their kinds' specs by [`ExporterConfig::parse`]
+/// so that an error inside a device's table can name the device, the field and the line.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConfig {
+    api_version: String,
+    kind: String,
+    metadata: Metadata,
+    #[serde(default = "default_listen")]
+    listen: String,
+    #[serde(default)]
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    auth: Option<Auth>,
+    #[serde(default)]
+    controller: Option<ControllerSection>,
+    export: RawExport,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExporterConfig {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub listen: String,
+    /// Where the exporter keeps its TLS identity. Default: /var/lib/jmp/<name> as root, else
+    /// $XDG_DATA_HOME/jmp/exporters/<name>.
+    pub state_dir: Option<PathBuf>,
+    pub auth: Option<Auth>,
+    /// Register with a controller, which leases this exporter out; clients then present lease
+    /// tokens. May be combined with `auth` (a direct token for the lab's own use).
+    pub controller: Option<ControllerSection>,
+    pub export: Export,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ControllerSection {
+    /// The exporter credential (`jmp admin create exporter NAME --out FILE`). It also says
+    /// where the controller is and how to trust it.
+    pub token_file: PathBuf,
+    /// Override the controller's `host:port` named in the credential.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// `host:port` clients reach this exporter at (default: `listen`, with this host's name
+    /// when listening on all addresses).
+    #[serde(default)]
+    pub address: Option<String>,
+}
+
+fn default_listen() -> String {
+    format!("0.0.0.0:{DEFAULT_PORT}")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Auth {
+    /// A file holding the direct-mode token clients must present. Created (0600, random) on
+    /// first start if missing.
+    pub token_file: PathBuf,
+}
+
+/// The device table, in the order the config lists it.
+#[derive(Debug, Clone, Default)]
+pub struct Export(pub Vec<(String, DeviceSpec)>);
+
+/// Devices as written: name and table, in order.
+#[derive(Debug, Clone, Default)]
+struct RawExport(Vec<(String, serde_norway::Value)>);
+
+impl<'de> Deserialize<'de> for RawExport {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawExport;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of device name to device")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawExport, A::Error> {
+                let mut out: Vec<(String, serde_norway::Value)> = Vec::new();
+                while let Some((name, spec)) = map.next_entry::<String, serde_norway::Value>()? {
+                    if out.iter().any(|(n, _)| *n == name) {
+                        return Err(serde::de::Error::custom(format!(
+                            "device {name:?} is listed twice"
+                        )));
+                    }
+                    out.push((name, spec));
+                }
+                Ok(RawExport(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The line (1-based) of `field` (a dotted path inside the device's table) in the block of
+/// device `device` under `export:`, or of the device itself. Found in the text because the
+/// YAML crate keeps no positions for values once they are trees.
+fn locate(text: &str, device: &str, field: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let export = lines
+        .iter()
+        .position(|l| l.trim_end() == "export:" || l.starts_with("export:"))?;
+    let key = |l: &str, k: &str| {
+        let t = l.trim_start();
+        t.strip_prefix(k)
+            .is_some_and(|r| r.trim_start().starts_with(':'))
+            || t.strip_prefix(&format!("\"{k}\""))
+                .is_some_and(|r| r.trim_start().starts_with(':'))
+    };
+    let dev_line = (export + 1..lines.len()).find(|&i| key(lines[i], device))?;
+    let first = field.split('.').next().unwrap_or("");
+    if first.is_empty() {
+        return Some(dev_line + 1);
+    }
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let dev_indent = indent(lines[dev_line]);
+    // A flow mapping on the device's own line ({type: serial, prot: 1}).
+    let own = lines[dev_line];
+    if own.contains('{') && (own.contains(&format!(" {first}:")) || own.contains(&format!("{{{first}:"))) {
+        return Some(dev_line + 1);
+    }
+    for (i, l) in lines.iter().enumerate().skip(dev_line + 1) {
+        if !l.trim().is_empty() && indent(l) <= dev_indent {
+            break;
+        }
+        if key(l, first) || l.contains(&format!(" {first}:")) || l.contains(&format!("{{{first}:")) {
+            return Some(i + 1);
+        }
+    }
+    Some(dev_line + 1)
+}
+
+impl ExporterConfig {
+    pub fn load(path: &Path) -> Result<ExporterConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<ExporterConfig, String> {
+        let raw: RawConfig = serde_norway::from_str(text).map_err(|e| e.to_string())?;
+        let mut export = Vec::new();
+        for (dev, value) in raw.export.0 {
+            let at = |field: &str| {
+                locate(text, &dev, field)
+                    .map(|l| format!(" (line {l})"))
+                    .unwrap_or_default()
+            };
+            let shown = name::escape(&dev).into_owned();
+            let mut table = match value {
+                serde_norway::Value::Mapping(m) => m,
+                _ => {
+                    return Err(format!(
+                        "export.{shown}{}: expected a table like {{type: serial, path: /dev/ttyUSB0}}",
+                        at("")
+                    ))
+                }
+            };
+            let ty = match table.remove("type") {
+                Some(serde_norway::Value::String(t)) => t,
+                Some(_) => return Err(format!("export.{shown}{}: type must be a string", at("type"))),
+                None => {
+                    return Err(format!(
+                        "export.{shown}{}: no type (one of: {})",
+                        at(""),
+                        DeviceSpec::TYPES.join(", ")
+                    ))
+                }
+            };
+            let spec = DeviceSpec::from_yaml(&ty, serde_norway::Value::Mapping(table)).map_err(
+                |e| {
+                    let field = if e.path.is_empty() {
+                        String::new()
+                    } else {
+                        format!(".{}", e.path)
+                    };
+                    format!("export.{shown}{field}{}: {}", at(&e.path), e.message)
+                },
+            )?;
+            spec.validate()
+                .map_err(|m| format!("export.{shown}{}: {m}", at("")))?;
+            export.push((dev, spec));
+        }
+        let c = ExporterConfig {
+            api_version: raw.api_version,
+            kind: raw.kind,
+            metadata: raw.metadata,
+            listen: raw.listen,
+            state_dir: raw.state_dir,
+            auth: raw.auth,
+            controller: raw.controller,
+            export: Export(export),
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.api_version != API_VERSION {
+            return Err(format!(
+                "apiVersion {:?} is not supported (expected {API_VERSION:?})",
+                self.api_version
+            ));
+        }
+        if self.kind != "ExporterConfig" {
+            return Err(format!("kind {:?} is not ExporterConfig", self.kind));
+        }
+        name::check("metadata.name", &self.metadata.name).map_err(|e| e.to_string())?;
+        for (k, v) in &self.metadata.labels {
+            validate_label(k, v).map_err(|e| format!("metadata.labels: {e}"))?;
+        }
+        self.listen_addr()?;
+        if self.export.0.is_empty() {
+            return Err("export: no devices listed".into());
+        }
+        if self.export.0.len() > jmp_protocol::MAX_DEVICES {
+            return Err(format!(
+                "export: {} devices listed; at most {} are allowed",
+                self.export.0.len(),
+                jmp_protocol::MAX_DEVICES
+            ));
+        }
+        for (dev, _) in &self.export.0 {
+            name::check("export: device name", dev).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
+        self.listen.parse().map_err(|_| {
+            format!(
+                "listen {:?} is not an address like 0.0.0.0:7700",
+                self.listen
+            )
+        })
+    }
+
+    /// The built-in simulated board `jmp local start` runs without a config: a console and a
+    /// power switch (power starts on).
+    pub fn simulated() -> ExporterConfig {
+        ExporterConfig::parse(SIMULATED).unwrap_or_else(|e| {
+            // The text is a constant, checked by a test: this cannot happen in a build that
+            // passed its tests.
+            panic!("the built-in simulated board's config is invalid: {e}")
+        })
+    }
+}
+
+/// The simulated board's config, also the example of the local-mode config format
+/// (examples/local-config.yaml carries it verbatim; a test checks).
+pub const SIMULATED: &str = r#"apiVersion: jmp.dev/v1alpha1
+kind: ExporterConfig
+metadata:
+  name: sim
+  labels: {board: sim, vendor: acme, model: widget-v2}
+listen: 127.0.0.1:0
+export:
+  console: {type: sim-console, hostname: jmp-sim}
+  power:   {type: power-sim}
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: jmp.dev/v1alpha1
+kind: ExporterConfig
+metadata:
+  name: rpi4-01
+  labels: {board: rpi4, arch: arm64, team: platform}
+listen: 0.0.0.0:7700
+auth: {tokenFile: /etc/jmp/rpi4-01.token}
+export:
+  console: {type: serial, path: /dev/ttyUSB0, baudrate: 115200}
+  ssh:     {type: tcp, host: 192.168.10.2, port: 22}
+  sim:     {type: sim-console, history: 1MiB}
+  power:
+    type: power
+    command:
+      on: [relay, "1", "on"]
+      off: [relay, "1", "off"]
+    cycleDelay: 3s
+"#;
+
+    #[test]
+    fn the_design_example_parses_in_order() {
+        let c = ExporterConfig::parse(GOOD).expect("valid");
+        let names: Vec<_> = c.export.0.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["console", "ssh", "sim", "power"]);
+        match &c.export.0[0].1 {
+            DeviceSpec::Serial(s) => assert_eq!(s.baudrate, 115_200),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.metadata.labels["team"], "platform");
+    }
+
+    fn err(yaml: &str) -> String {
+        ExporterConfig::parse(yaml).expect_err("must be rejected")
+    }
+
+    #[test]
+    fn errors_name_the_device_the_field_and_its_line() {
+        let e = err(&GOOD.replace("baudrate: 115200", "baud: 115200"));
+        assert!(e.contains("export.console"), "{e}");
+        assert!(e.contains("unknown field `baud`"), "{e}");
+        assert!(e.contains("line 10"), "{e}");
+        let e = err(&GOOD.replace("listen:", "lisen:"));
+        assert!(e.contains("unknown field `lisen`"), "{e}");
+        let e = err(&GOOD.replace("type: tcp", "type: tpc"));
+        assert!(e.contains("export.ssh.type") && e.contains("\"tpc\""), "{e}");
+        assert!(e.contains("line 11"), "{e}");
+        // A bad value in a block-style table: the field and its own line.
+        let e = err(&GOOD.replace("cycleDelay: 3s", "cycleDelay: soon"));
+        assert!(e.contains("export.power.cycleDelay"), "{e}");
+        assert!(e.contains("line 18"), "{e}");
+        let e = err(&GOOD.replace(
+            "path: /dev/ttyUSB0, baudrate",
+            "path: /dev/ttyUSB0, parity: evn, baudrate",
+        ));
+        assert!(e.contains("export.console.parity"), "{e}");
+        assert!(e.contains("evn"), "{e}");
+        let e = err(&GOOD.replace("      off: [relay, \"1\", \"off\"]\n", ""));
+        assert!(e.contains("export.power.command"), "{e}");
+        assert!(e.contains("off"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        for (from, to, want) in [
+            ("jmp.dev/v1alpha1", "jmp.dev/v9", "apiVersion"),
+            ("name: rpi4-01", "name: rpi4/01", "metadata.name"),
+            ("port: 22", "port: 0", "export.ssh"),
+            ("0.0.0.0:7700", "nowhere", "listen \"nowhere\""),
+            ("history: 1MiB", "history: 1TiB", "unknown unit"),
+            ("board: rpi4", "board: -rpi4", "metadata.labels"),
+            (
+                "baudrate: 115200}",
+                "baudrate: 115200, dataBits: 9}",
+                "dataBits 9",
+            ),
+            ("on: [relay, \"1\", \"on\"]", "on: []", "command.on is empty"),
+        ] {
+            let e = err(&GOOD.replace(from, to));
+            assert!(e.contains(want), "{from} -> {to}: {e}");
+        }
+        let e = err(&GOOD.replace(
+            "  ssh:     {type: tcp, host: 192.168.10.2, port: 22}\n",
+            "  console: {type: tcp, host: h, port: 1}\n",
+        ));
+        assert!(e.contains("listed twice"), "{e}");
+        let e = err(&GOOD.replace("  ssh:  ", "  ../x:"));
+        assert!(e.contains("device name"), "{e}");
+    }
+
+    #[test]
+    fn the_simulated_board_parses_and_matches_the_example_file() {
+        let c = ExporterConfig::simulated();
+        assert_eq!(c.metadata.name, "sim");
+        let kinds: Vec<_> = c.export.0.iter().map(|(_, s)| s.kind()).collect();
+        assert_eq!(kinds, [jmp_protocol::Kind::Serial, jmp_protocol::Kind::Power]);
+        let example = include_str!("../../examples/local-config.yaml");
+        assert!(
+            example.contains(SIMULATED),
+            "examples/local-config.yaml must carry the built-in simulated board's config"
+        );
+    }
+}

@@ -1,0 +1,451 @@
+//! The seat: who holds the board. A pure state machine (no I/O, no clock: `now` is passed in)
+//! deciding whether a new session may attach, whom it replaces, and when a lease's end or
+//! warning is due. The exporter acts on the [`Action`]s it returns.
+//!
+//! The rules, in order, for a new session that its token admits:
+//! 1. Nobody holds the board: it attaches.
+//! 2. The holder has the same session id (the same `jmp attach` reconnecting after a network
+//!    blip): the new connection replaces the old (`replaced`).
+//! 3. Both attach under leases and the leases differ: if the controller has confirmed the new
+//!    lease as current, the holder's lease is over (`lease ended`) and the new one attaches.
+//!    If it has not (jmpd restarted and has not heard from the controller yet), a token alone
+//!    cannot end a live session: the new one is refused as `busy`, saying why.
+//! 4. The same client (the token's client in controller mode, the Hello's name in direct mode)
+//!    under the same lease, with a new session id: a `jmp attach` that crashed and was started
+//!    again, or another one of that client. The newer replaces the older (`replaced`), so a
+//!    crash never locks its own client out until the old connection times out.
+//! 5. Otherwise the board is busy: refused, naming the holder.
+//!
+//! A one-shot session (a `jmp power` without an attachment) never takes the board and never
+//! replaces anyone: it is admitted while nobody holds the board, or beside a holder that is the
+//! same client under the same lease; otherwise it is busy.
+
+use crate::auth::Admission;
+use jmp_protocol::ErrorCode;
+use std::time::{Duration, Instant};
+
+/// How long before a lease's end the attached user is warned.
+pub const LEASE_WARNING: Duration = Duration::from_secs(300);
+
+/// Something the exporter must do to a session, named by its handle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action<H> {
+    /// End that session, telling its client why.
+    Bye {
+        handle: H,
+        code: ErrorCode,
+        reason: String,
+    },
+    /// Tell its user something (a lease ending soon).
+    Notice { handle: H, text: String },
+}
+
+/// The answer to a session that asks to attach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict<H> {
+    /// It holds the board now; first end whoever held it before (if anyone).
+    Admit { evict: Option<Action<H>> },
+    Refuse { code: ErrorCode, reason: String },
+}
+
+/// A session asking for the board.
+#[derive(Debug, Clone)]
+pub struct Claim<'a, H> {
+    /// Distinguishes connections (a reconnect is a new connection of the same session).
+    pub conn: u64,
+    pub handle: H,
+    /// The Hello's self-declared name ("alice@laptop"), for messages.
+    pub client: &'a str,
+    pub session: u64,
+    pub admission: &'a Admission,
+    /// Requests only; does not take the board (`features::ONE_SHOT`).
+    pub one_shot: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Holder<H> {
+    conn: u64,
+    handle: H,
+    client: String,
+    /// Who it is for rule 4: the token's client, else the Hello's name.
+    identity: String,
+    session: u64,
+    lease: Option<String>,
+    until: Option<u64>,
+    warned: bool,
+    since: Instant,
+}
+
+#[derive(Debug)]
+pub struct Seat<H> {
+    exporter: String,
+    holder: Option<Holder<H>>,
+}
+
+impl<H: Clone> Seat<H> {
+    pub fn new(exporter: &str) -> Self {
+        Seat {
+            exporter: exporter.to_string(),
+            holder: None,
+        }
+    }
+
+    /// Who holds the board now, if anyone.
+    pub fn holder(&self) -> Option<&str> {
+        self.holder.as_ref().map(|h| h.client.as_str())
+    }
+
+    /// The lease the holder attached under, if any.
+    pub fn holder_lease(&self) -> Option<&str> {
+        self.holder.as_ref().and_then(|h| h.lease.as_deref())
+    }
+
+    pub fn admit(&mut self, c: Claim<'_, H>, now: Instant) -> Verdict<H> {
+        let identity = c
+            .admission
+            .client
+            .clone()
+            .unwrap_or_else(|| c.client.to_string());
+        if c.one_shot {
+            return match &self.holder {
+                None => Verdict::Admit { evict: None },
+                Some(h) if h.identity == identity && h.lease == c.admission.lease => {
+                    Verdict::Admit { evict: None }
+                }
+                Some(h) => Verdict::Refuse {
+                    code: ErrorCode::Busy,
+                    reason: format!(
+                        "{} is held by {} (attached {}s ago)",
+                        self.exporter,
+                        h.client,
+                        now.saturating_duration_since(h.since).as_secs()
+                    ),
+                },
+            };
+        }
+        let evict = match &self.holder {
+            None => None,
+            Some(h) if h.session == c.session => Some(Action::Bye {
+                handle: h.handle.clone(),
+                code: ErrorCode::Replaced,
+                reason: "replaced by a new connection of the same session".into(),
+            }),
+            Some(h)
+                if c.admission.lease.is_some()
+                    && h.lease.is_some()
+                    && h.lease != c.admission.lease =>
+            {
+                let held = h.lease.clone().unwrap_or_default();
+                if !c.admission.confirmed {
+                    return Verdict::Refuse {
+                        code: ErrorCode::Busy,
+                        reason: format!(
+                            "{} is held by {} under lease {held}; it has not heard from the controller since it started, so lease {} cannot end that session yet (try again in a moment)",
+                            self.exporter,
+                            h.client,
+                            c.admission.lease.as_deref().unwrap_or_default()
+                        ),
+                    };
+                }
+                Some(Action::Bye {
+                    handle: h.handle.clone(),
+                    code: ErrorCode::LeaseEnded,
+                    reason: format!(
+                        "lease {held} ended; {} is now leased to {}",
+                        self.exporter, c.client
+                    ),
+                })
+            }
+            Some(h) if h.identity == identity && h.lease == c.admission.lease => {
+                Some(Action::Bye {
+                    handle: h.handle.clone(),
+                    code: ErrorCode::Replaced,
+                    reason: format!(
+                        "replaced by a newer attachment of the same client ({})",
+                        c.client
+                    ),
+                })
+            }
+            Some(h) => {
+                return Verdict::Refuse {
+                    code: ErrorCode::Busy,
+                    reason: format!(
+                        "{} is held by {} (attached {}s ago)",
+                        self.exporter,
+                        h.client,
+                        now.saturating_duration_since(h.since).as_secs()
+                    ),
+                }
+            }
+        };
+        self.holder = Some(Holder {
+            conn: c.conn,
+            handle: c.handle,
+            client: c.client.to_string(),
+            identity,
+            session: c.session,
+            lease: c.admission.lease.clone(),
+            until: c.admission.until,
+            warned: false,
+            since: now,
+        });
+        Verdict::Admit { evict }
+    }
+
+    /// Nobody holds the board any more (the exporter is shutting down); the holder's handle.
+    pub fn vacate(&mut self) -> Option<H> {
+        self.holder.take().map(|h| h.handle)
+    }
+
+    /// The connection `conn` ended; if it held the board, nobody does now.
+    pub fn detached(&mut self, conn: u64) {
+        if self.holder.as_ref().is_some_and(|h| h.conn == conn) {
+            self.holder = None;
+        }
+    }
+
+    fn take_if(&mut self, pred: impl Fn(&Holder<H>) -> bool) -> Option<Holder<H>> {
+        if self.holder.as_ref().is_some_and(pred) {
+            self.holder.take()
+        } else {
+            None
+        }
+    }
+
+    /// `lease` ended (deleted, revoked): its session, if attached, ends.
+    pub fn end_lease(&mut self, lease: &str, reason: &str) -> Option<Action<H>> {
+        self.take_if(|h| h.lease.as_deref() == Some(lease))
+            .map(|h| Action::Bye {
+                handle: h.handle,
+                code: ErrorCode::LeaseEnded,
+                reason: reason.to_string(),
+            })
+    }
+
+    /// The controller says `current` is this exporter's lease now: a session attached under
+    /// any other lease is over (its end was missed while the controller was unreachable).
+    pub fn keep_only_lease(&mut self, current: Option<&str>) -> Option<Action<H>> {
+        self.take_if(|h| h.lease.is_some() && h.lease.as_deref() != current)
+            .map(|h| {
+                let lease = h.lease.unwrap_or_default();
+                Action::Bye {
+                    handle: h.handle,
+                    code: ErrorCode::LeaseEnded,
+                    reason: format!("lease {lease} ended"),
+                }
+            })
+    }
+
+    /// A lease's end moved (extended or shortened); `until` in Unix seconds.
+    pub fn set_lease_end(&mut self, lease: &str, until: u64) {
+        if let Some(h) = self.holder.as_mut() {
+            if h.lease.as_deref() == Some(lease) && h.until != Some(until) {
+                h.until = Some(until);
+                h.warned = false;
+            }
+        }
+    }
+
+    /// Ends a session whose lease ran out and warns one whose lease ends soon. `unix_now` in
+    /// seconds; called on a short period, so a session ends within a second of its lease even
+    /// with no controller around.
+    pub fn tick(&mut self, unix_now: u64) -> Option<Action<H>> {
+        let h = self.holder.as_mut()?;
+        let until = h.until?;
+        let lease = h.lease.clone().unwrap_or_default();
+        if unix_now >= until {
+            let h = self.holder.take()?;
+            return Some(Action::Bye {
+                handle: h.handle,
+                code: ErrorCode::LeaseEnded,
+                reason: format!("lease {lease} expired"),
+            });
+        }
+        if !h.warned && until - unix_now <= LEASE_WARNING.as_secs() {
+            h.warned = true;
+            let left = until - unix_now;
+            return Some(Action::Notice {
+                handle: h.handle.clone(),
+                text: format!(
+                    "lease {lease} ends in {}m{:02}s; extend it with: jmp update lease {lease} --extend 30m",
+                    left / 60,
+                    left % 60
+                ),
+            });
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(name: &str, client: &str, confirmed: bool) -> Admission {
+        Admission {
+            lease: Some(name.into()),
+            until: Some(1000),
+            client: Some(client.into()),
+            confirmed,
+        }
+    }
+
+    fn claim<'a>(conn: u64, client: &'a str, session: u64, a: &'a Admission) -> Claim<'a, u64> {
+        Claim {
+            conn,
+            handle: conn,
+            client,
+            session,
+            admission: a,
+            one_shot: false,
+        }
+    }
+
+    fn evicted(v: &Verdict<u64>) -> Option<(u64, ErrorCode)> {
+        match v {
+            Verdict::Admit {
+                evict: Some(Action::Bye { handle, code, .. }),
+            } => Some((*handle, *code)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn first_comes_in_and_others_are_busy() {
+        let t0 = Instant::now();
+        let mut s = Seat::new("rpi4");
+        let direct = Admission::default();
+        assert_eq!(
+            s.admit(claim(1, "alice@a", 10, &direct), t0),
+            Verdict::Admit { evict: None }
+        );
+        let later = t0 + Duration::from_secs(42);
+        match s.admit(claim(2, "bob@b", 20, &direct), later) {
+            Verdict::Refuse { code, reason } => {
+                assert_eq!(code, ErrorCode::Busy);
+                assert!(reason.contains("alice@a") && reason.contains("42s"), "{reason}");
+            }
+            v => panic!("{v:?}"),
+        }
+        assert_eq!(s.holder(), Some("alice@a"));
+        s.detached(2);
+        assert_eq!(s.holder(), Some("alice@a"), "a refused connection frees nothing");
+        s.detached(1);
+        assert_eq!(s.holder(), None);
+    }
+
+    #[test]
+    fn the_same_session_reconnecting_replaces_its_old_connection() {
+        let t0 = Instant::now();
+        let mut s = Seat::new("rpi4");
+        let a = Admission::default();
+        s.admit(claim(1, "alice@a", 10, &a), t0);
+        let v = s.admit(claim(2, "alice@a", 10, &a), t0);
+        assert_eq!(evicted(&v), Some((1, ErrorCode::Replaced)));
+        // The old connection ending later does not free the board.
+        s.detached(1);
+        assert_eq!(s.holder(), Some("alice@a"));
+    }
+
+    #[test]
+    fn a_crashed_attach_of_the_same_client_is_replaced_not_busy() {
+        let t0 = Instant::now();
+        let mut s = Seat::new("rpi4");
+        let l1 = lease("L1", "ci-client", true);
+        s.admit(claim(1, "ci@runner", 10, &l1), t0);
+        // A new process (new session id) of the same client and lease.
+        let v = s.admit(claim(2, "ci@runner", 11, &l1), t0);
+        assert_eq!(evicted(&v), Some((1, ErrorCode::Replaced)));
+        // Direct mode: the same self-declared name.
+        let mut s = Seat::new("rpi4");
+        let d = Admission::default();
+        s.admit(claim(1, "alice@a", 10, &d), t0);
+        assert_eq!(
+            evicted(&s.admit(claim(2, "alice@a", 11, &d), t0)),
+            Some((1, ErrorCode::Replaced))
+        );
+    }
+
+    #[test]
+    fn a_confirmed_newer_lease_ends_the_old_one_an_unconfirmed_one_cannot() {
+        let t0 = Instant::now();
+        let mut s = Seat::new("rpi4");
+        let l1 = lease("L1", "alice", true);
+        s.admit(claim(1, "alice@a", 10, &l1), t0);
+        // jmpd restarted and has not heard from the controller: L2's token alone.
+        let l2 = lease("L2", "bob", false);
+        match s.admit(claim(2, "bob@b", 20, &l2), t0) {
+            Verdict::Refuse { code, reason } => {
+                assert_eq!(code, ErrorCode::Busy);
+                assert!(reason.contains("not heard from the controller"), "{reason}");
+            }
+            v => panic!("{v:?}"),
+        }
+        assert_eq!(s.holder_lease(), Some("L1"));
+        // Once the controller confirms L2 is current, L1 is over.
+        let l2 = lease("L2", "bob", true);
+        let v = s.admit(claim(3, "bob@b", 20, &l2), t0);
+        assert_eq!(evicted(&v), Some((1, ErrorCode::LeaseEnded)));
+        assert_eq!(s.holder_lease(), Some("L2"));
+        // A different client under the same lease is busy (rule 4 needs the same client).
+        let l2_other = lease("L2", "mallory", true);
+        assert!(matches!(
+            s.admit(claim(4, "m@x", 30, &l2_other), t0),
+            Verdict::Refuse { code: ErrorCode::Busy, .. }
+        ));
+    }
+
+    #[test]
+    fn a_one_shot_session_never_takes_the_board_or_replaces_anyone() {
+        let t0 = Instant::now();
+        let mut s = Seat::new("rpi4");
+        let l1 = lease("L1", "alice", true);
+        let mut c = claim(1, "alice@a", 10, &l1);
+        c.one_shot = true;
+        assert_eq!(s.admit(c, t0), Verdict::Admit { evict: None });
+        assert_eq!(s.holder(), None, "a one-shot session holds nothing");
+        s.admit(claim(2, "alice@a", 11, &l1), t0);
+        let mut c = claim(3, "alice@a", 12, &l1);
+        c.one_shot = true;
+        assert_eq!(s.admit(c, t0), Verdict::Admit { evict: None }, "beside its own client");
+        assert_eq!(s.holder_lease(), Some("L1"));
+        let other = lease("L1", "bob", true);
+        let mut c = claim(4, "bob@b", 13, &other);
+        c.one_shot = true;
+        assert!(matches!(s.admit(c, t0), Verdict::Refuse { code: ErrorCode::Busy, .. }));
+    }
+
+    #[test]
+    fn leases_end_expire_and_warn_on_virtual_time() {
+        let t0 = Instant::now();
+        let mut s = Seat::new("rpi4");
+        let mut l1 = lease("L1", "alice", true);
+        l1.until = Some(1000);
+        s.admit(claim(1, "alice@a", 10, &l1), t0);
+        assert_eq!(s.tick(600), None, "more than five minutes left");
+        match s.tick(700) {
+            Some(Action::Notice { handle: 1, text }) => assert!(text.contains("5m00s"), "{text}"),
+            a => panic!("{a:?}"),
+        }
+        assert_eq!(s.tick(701), None, "warned once");
+        // Extended: warned again near the new end.
+        s.set_lease_end("L1", 2000);
+        assert_eq!(s.tick(1000), None);
+        assert!(matches!(s.tick(1700), Some(Action::Notice { .. })));
+        assert!(matches!(
+            s.tick(2000),
+            Some(Action::Bye { handle: 1, code: ErrorCode::LeaseEnded, .. })
+        ));
+        assert_eq!(s.holder(), None);
+        // Ended by the controller, and superseded.
+        s.admit(claim(2, "alice@a", 10, &l1), t0);
+        assert_eq!(s.end_lease("other", "deleted"), None);
+        assert!(matches!(s.end_lease("L1", "deleted"), Some(Action::Bye { handle: 2, .. })));
+        s.admit(claim(3, "alice@a", 10, &l1), t0);
+        assert_eq!(s.keep_only_lease(Some("L1")), None);
+        assert!(matches!(
+            s.keep_only_lease(None),
+            Some(Action::Bye { handle: 3, code: ErrorCode::LeaseEnded, .. })
+        ));
+    }
+}

@@ -1,0 +1,297 @@
+//! Serving a board: accept connections on a QUIC endpoint, check each client's token, let the
+//! [`Seat`] decide who holds the board, and hand each channel and request to its device.
+//!
+//! A misbehaving client (garbage, a wrong token, a protocol violation) only ever ends its own
+//! connection; the exporter keeps serving. Nothing here names a device kind.
+
+use crate::auth::{AuthError, Authorizer};
+use crate::config::ExporterConfig;
+use crate::seat::{Action, Claim, Seat, Verdict};
+use jmp_devices::board::SimBoard;
+use jmp_devices::registry::BuildCtx;
+use jmp_devices::serve::DeviceSet;
+use jmp_protocol::{features, name, ChannelMode, ErrorCode, Status, Welcome};
+use jmp_transport::{Link, LinkEvent, LinkHandle};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn, Instrument};
+
+/// How long a Hello whose lease the controller has not confirmed yet waits for the push.
+const CONFIRM_WAIT: Duration = Duration::from_secs(2);
+
+pub struct Exporter {
+    name: String,
+    devices: DeviceSet,
+    auth: Arc<dyn Authorizer>,
+    instance: u64,
+    features: u64,
+    seat: Mutex<Seat<LinkHandle>>,
+    next_conn: AtomicU64,
+}
+
+impl Exporter {
+    /// Starts every device of the config (serial ports are opened, and retried, in the
+    /// background). Needs a tokio runtime.
+    pub fn from_config(cfg: &ExporterConfig, auth: Arc<dyn Authorizer>) -> Result<Exporter, String> {
+        let board = SimBoard::new();
+        let ctx = BuildCtx {
+            exporter: &cfg.metadata.name,
+            board: &board,
+        };
+        let drivers = cfg
+            .export
+            .0
+            .iter()
+            .map(|(name, spec)| spec.start(name, &ctx))
+            .collect::<Vec<_>>();
+        let datagrams = drivers
+            .iter()
+            .any(|d| d.modes().contains(&ChannelMode::Datagram));
+        let instance = crate::auth::random_u64()?;
+        Ok(Exporter {
+            name: cfg.metadata.name.clone(),
+            devices: DeviceSet::new(&cfg.metadata.name, drivers),
+            auth,
+            instance,
+            features: features::REQUESTS
+                | features::STATUS
+                | if datagrams { features::DATAGRAMS } else { 0 },
+            seat: Mutex::new(Seat::new(&cfg.metadata.name)),
+            next_conn: AtomicU64::new(1),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn devices(&self) -> &DeviceSet {
+        &self.devices
+    }
+
+    fn seat(&self) -> std::sync::MutexGuard<'_, Seat<LinkHandle>> {
+        self.seat.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn act(&self, a: Option<Action<LinkHandle>>) {
+        match a {
+            None => {}
+            Some(Action::Bye {
+                handle,
+                code,
+                reason,
+            }) => {
+                info!("ending the session from {}: {reason}", handle.remote_address());
+                handle.bye(code, reason);
+            }
+            Some(Action::Notice { handle, text }) => handle.notice(text),
+        }
+    }
+
+    /// Who holds the board now, if anyone.
+    pub fn holder(&self) -> Option<String> {
+        self.seat().holder().map(str::to_string)
+    }
+
+    /// Ends the session of `lease`, if it is attached, telling the client why.
+    pub fn end_lease(&self, lease: &str, reason: &str) {
+        let a = self.seat().end_lease(lease, reason);
+        self.act(a);
+    }
+
+    /// The controller says `current` is this exporter's lease now.
+    pub fn keep_only_lease(&self, current: Option<&str>) {
+        let a = self.seat().keep_only_lease(current);
+        self.act(a);
+    }
+
+    /// A lease's end moved (extended or shortened); `until` in Unix seconds.
+    pub fn set_lease_end(&self, lease: &str, until: u64) {
+        self.seat().set_lease_end(lease, until);
+    }
+
+    /// Accepts connections until `shutdown` completes, then tells the holder why and closes.
+    pub async fn serve(
+        self: Arc<Self>,
+        endpoint: quinn::Endpoint,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let mut watchdog = tokio::time::interval(Duration::from_millis(250));
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = watchdog.tick() => {
+                    let a = self.seat().tick(jmp_transport::unix_now());
+                    self.act(a);
+                }
+                incoming = endpoint.accept() => match incoming {
+                    Some(i) => {
+                        let me = self.clone();
+                        let peer = i.remote_address();
+                        let span = tracing::info_span!("conn", %peer);
+                        tokio::spawn(async move { me.connection(i).await }.instrument(span));
+                    }
+                    None => break,
+                },
+            }
+        }
+        let holder = self.seat().vacate();
+        if let Some(h) = holder {
+            h.bye(
+                ErrorCode::Shutdown,
+                format!("exporter {} is shutting down", self.name),
+            );
+        }
+        // Give the Bye a moment to leave, then close whatever is left.
+        let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
+        endpoint.close(
+            quinn::VarInt::from_u64(ErrorCode::Shutdown.to_wire()).unwrap_or(quinn::VarInt::MAX),
+            b"exporter shutting down",
+        );
+    }
+
+    async fn connection(self: Arc<Self>, incoming: quinn::Incoming) {
+        let peer = incoming.remote_address();
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                // Garbage and port scans end here; nothing else is affected.
+                debug!("handshake from {peer} failed: {e}");
+                return;
+            }
+        };
+        let mut link = match Link::exporter(conn).await {
+            Ok(l) => l,
+            Err(e) => {
+                info!("connection from {peer} ended before Hello: {e}");
+                return;
+            }
+        };
+        let hello = match link.events.recv().await {
+            Some(LinkEvent::Hello(h)) => h,
+            Some(LinkEvent::Ended { reason, .. }) => {
+                info!("connection from {peer} ended before Hello: {}", name::escape(&reason));
+                return;
+            }
+            _ => return,
+        };
+        let client = name::escape(&hello.client).into_owned();
+        let admission = match self.auth.check(&hello) {
+            Ok(a) => Ok(a),
+            Err(AuthError::NotYet(why)) => {
+                // A lease granted a moment ago may not have reached this exporter from the
+                // controller yet (the client can be faster than the push): wait for the next
+                // push, then decide.
+                match self.auth.changes() {
+                    Some(mut changes) => {
+                        let _ = tokio::time::timeout(CONFIRM_WAIT, changes.changed()).await;
+                        self.auth.check(&hello).map_err(|e| match e {
+                            AuthError::NotYet(w) | AuthError::Refused(w) => w,
+                        })
+                    }
+                    None => Err(why),
+                }
+            }
+            Err(AuthError::Refused(why)) => Err(why),
+        };
+        let admission = match admission {
+            Ok(a) => a,
+            Err(why) => {
+                warn!(client = %client, "refused {peer}: {why}");
+                link.handle
+                    .bye(ErrorCode::Unauthorized, format!("{}: {why}", self.name));
+                drain(&mut link).await;
+                return;
+            }
+        };
+        let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let one_shot = hello.features & features::ONE_SHOT != 0;
+        let verdict = self.seat().admit(
+            Claim {
+                conn: conn_id,
+                handle: link.handle.clone(),
+                client: &hello.client,
+                session: hello.session,
+                admission: &admission,
+                one_shot,
+            },
+            Instant::now(),
+        );
+        match verdict {
+            Verdict::Refuse { code, reason } => {
+                warn!(client = %client, "refused {peer}: {reason}");
+                link.handle.bye(code, reason);
+                drain(&mut link).await;
+                return;
+            }
+            Verdict::Admit { evict } => self.act(evict),
+        }
+        link.handle.welcome(Welcome {
+            exporter: self.name.clone(),
+            features: self.features,
+            instance: self.instance,
+            devices: self.devices.infos(),
+        });
+        info!(client = %client, lease = admission.lease.as_deref().unwrap_or("-"), "attached from {peer}");
+        let watchers = self.watch_status(&link.handle);
+        while let Some(ev) = link.events.recv().await {
+            match ev {
+                LinkEvent::Incoming(inc) if one_shot => inc.reject(
+                    ErrorCode::Unsupported,
+                    "a one-shot session makes device requests only; attach to open channels",
+                ),
+                LinkEvent::Incoming(inc) => self.devices.serve_incoming(inc),
+                LinkEvent::Request(r) => self.devices.serve_request(r),
+                LinkEvent::Ended {
+                    code,
+                    reason,
+                    by_peer,
+                } => {
+                    info!(client = %client, %code, by_peer, "detached: {}", name::escape(&reason));
+                    break;
+                }
+                other => debug!(?other, "event"),
+            }
+        }
+        for w in watchers {
+            w.abort();
+        }
+        self.seat().detached(conn_id);
+    }
+
+    /// Pushes every change of a device's status to the attached client (one small task per
+    /// device, ended with the session).
+    fn watch_status(&self, link: &LinkHandle) -> Vec<tokio::task::JoinHandle<()>> {
+        self.devices
+            .iter()
+            .map(|d| {
+                let mut rx = d.status();
+                rx.borrow_and_update();
+                let device = d.name().to_string();
+                let link = link.clone();
+                tokio::spawn(async move {
+                    while rx.changed().await.is_ok() {
+                        let st = rx.borrow_and_update().clone();
+                        link.status(Status {
+                            device: device.clone(),
+                            state: st.state,
+                            params: st.params,
+                        });
+                    }
+                })
+            })
+            .collect()
+    }
+}
+
+async fn drain(link: &mut Link) {
+    while let Some(ev) = link.events.recv().await {
+        if matches!(ev, LinkEvent::Ended { .. }) {
+            break;
+        }
+    }
+}

@@ -1,0 +1,498 @@
+//! The command line, as clap definitions only: what each verb takes. What the verbs do lives in
+//! the modules named after their jobs (attach, local, device, verbs, state).
+
+use crate::ctl;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "jmp",
+    version,
+    about = "jmp: a remote lab board as local devices"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Cmd {
+    /// Attach an exporter: its serial consoles become local ptys, its TCP ports local ports.
+    Attach(AttachArgs),
+    /// Stop a background attachment (`jmp attach -d`).
+    Detach {
+        /// Exporter name (default: the only attachment).
+        exporter: Option<String>,
+        /// Stop all attachments.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Run a board on this machine: the built-in simulated board, or an exporter config.
+    Local {
+        #[command(subcommand)]
+        cmd: LocalCmd,
+    },
+    /// What a pty cannot carry: break, parity and data bits, modem lines.
+    Serial {
+        #[command(subcommand)]
+        cmd: SerialCmd,
+    },
+    /// Switch the board's power: on, off, cycle, status.
+    Power {
+        #[command(subcommand)]
+        cmd: PowerCmd,
+    },
+    /// List attachments on this machine.
+    Status {
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Client configurations (which controller, as whom).
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// Create a lease.
+    Create {
+        #[command(subcommand)]
+        what: CreateCmd,
+    },
+    /// List leases or exporters.
+    Get {
+        #[command(subcommand)]
+        what: GetCmd,
+    },
+    /// Change a lease's duration.
+    Update {
+        #[command(subcommand)]
+        what: UpdateCmd,
+    },
+    /// Release leases.
+    Delete {
+        #[command(subcommand)]
+        what: DeleteCmd,
+    },
+    /// Identities: create, list and delete clients and exporters (needs the admin credential).
+    Admin {
+        #[command(subcommand)]
+        cmd: AdminCmd,
+        /// Admin credential (default: ~/.config/jmp/admin.yaml, then
+        /// /var/lib/jmp-controller/admin.yaml).
+        #[arg(long, env = "JMP_ADMIN_CONFIG", global = true)]
+        admin_config: Option<PathBuf>,
+    },
+    /// The client's own credential.
+    Auth {
+        #[command(subcommand)]
+        cmd: AuthCmd,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct ClientSel {
+    /// Client config to use (default: the current one, see `jmp config client use`).
+    #[arg(long, env = "JMP_CLIENT")]
+    pub(crate) client: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum ConfigCmd {
+    /// Manage client configs under ~/.config/jmp/clients/.
+    Client {
+        #[command(subcommand)]
+        cmd: ConfigClientCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum ConfigClientCmd {
+    /// Create (or replace) a client config from a file (`jmp admin create client --out`) or
+    /// from its parts.
+    Create {
+        name: String,
+        /// A client config file to import.
+        #[arg(long, conflicts_with_all = ["endpoint", "fingerprint", "token"])]
+        from: Option<PathBuf>,
+        #[arg(long, requires_all = ["fingerprint", "token"])]
+        endpoint: Option<String>,
+        #[arg(long)]
+        fingerprint: Option<String>,
+        #[arg(long)]
+        token: Option<String>,
+        /// Do not make it the current client.
+        #[arg(long)]
+        no_use: bool,
+    },
+    /// Make a client config the current one.
+    Use { name: String },
+    /// List client configs (the current one marked with *).
+    List {
+        #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
+        output: ctl::Out,
+    },
+    /// Delete a client config.
+    Delete { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum CreateCmd {
+    /// Lease an exporter chosen by label selector (or by name); prints the lease's name.
+    Lease {
+        /// Label selector (Kubernetes syntax); repeated selectors must all match.
+        #[arg(short = 'l', long = "selector")]
+        selector: Vec<String>,
+        /// A specific exporter by name.
+        #[arg(short = 'n', long = "name")]
+        exporter: Option<String>,
+        /// How long to hold it, e.g. 30m, 2h.
+        #[arg(long, default_value = "30m")]
+        duration: String,
+        /// Not before this time (RFC 3339, e.g. 2026-11-25T14:00:00Z).
+        #[arg(long)]
+        begin_time: Option<String>,
+        /// Wait in the queue up to this many seconds if nothing is free (0: fail at once).
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+        #[arg(short, long, value_enum, default_value_t = ctl::Out::Name)]
+        output: ctl::Out,
+        #[command(flatten)]
+        client: ClientSel,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum GetCmd {
+    /// Your leases (and waiting requests); -a: everyone's.
+    Leases {
+        #[arg(short, long)]
+        all: bool,
+        #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
+        output: ctl::Out,
+        #[command(flatten)]
+        client: ClientSel,
+    },
+    /// Exporters you may lease.
+    Exporters {
+        #[arg(short = 'l', long = "selector")]
+        selector: Vec<String>,
+        /// Extra columns: leases, online.
+        #[arg(long, value_delimiter = ',')]
+        with: Vec<String>,
+        #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
+        output: ctl::Out,
+        #[command(flatten)]
+        client: ClientSel,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum UpdateCmd {
+    /// Set a lease's total duration (from its start) or extend it.
+    Lease {
+        name: String,
+        #[arg(long, conflicts_with = "extend", required_unless_present = "extend")]
+        duration: Option<String>,
+        #[arg(long)]
+        extend: Option<String>,
+        #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
+        output: ctl::Out,
+        #[command(flatten)]
+        client: ClientSel,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum DeleteCmd {
+    /// Release leases by name (default: your only lease); --all: all of yours.
+    Lease {
+        names: Vec<String>,
+        #[arg(long, conflicts_with = "names")]
+        all: bool,
+        #[command(flatten)]
+        client: ClientSel,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum AdminCmd {
+    Create {
+        #[command(subcommand)]
+        what: AdminCreate,
+    },
+    Get {
+        #[command(subcommand)]
+        what: AdminGet,
+    },
+    Delete {
+        #[command(subcommand)]
+        what: AdminDelete,
+    },
+    /// Take an exporter out of service (its lease ends; it is not leased until enabled).
+    Disable { kind: ExporterWord, name: String },
+    /// Put an exporter back into service.
+    Enable { kind: ExporterWord, name: String },
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+pub(crate) enum ExporterWord {
+    Exporter,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum AdminCreate {
+    /// A client identity and its policy; prints (or writes) its client config.
+    Client {
+        name: String,
+        /// Labels (k=v), e.g. team=platform for metrics.
+        #[arg(short = 'l', long = "label")]
+        labels: Vec<String>,
+        /// Selector of exporters it may lease (default: any).
+        #[arg(long, default_value = "")]
+        allow: String,
+        /// Longest lease it may hold, e.g. 2h (default: the controller's --max-duration).
+        #[arg(long)]
+        max_duration: Option<String>,
+        /// Give it admin rights.
+        #[arg(long)]
+        admin: bool,
+        /// Write the client config to this file (0600) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also store it under ~/.config/jmp/clients/ (and make it current if none is).
+        #[arg(long)]
+        save: bool,
+    },
+    /// An exporter identity; prints its credential (jmpd's controller.tokenFile).
+    Exporter {
+        name: String,
+        #[arg(short = 'l', long = "label")]
+        labels: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum AdminGet {
+    Clients {
+        name: Option<String>,
+        #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
+        output: ctl::Out,
+    },
+    Exporters {
+        #[arg(short = 'l', long = "selector")]
+        selector: Vec<String>,
+        #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
+        output: ctl::Out,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum AdminDelete {
+    /// Delete a client: its leases end, its credential is revoked.
+    Client { name: String },
+    /// Delete an exporter: its lease ends, its credential is revoked.
+    Exporter { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum AuthCmd {
+    /// Replace this client's credential with a new one; the old one is revoked at once.
+    Rotate {
+        #[command(flatten)]
+        client: ClientSel,
+    },
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct AttachArgs {
+    /// Direct mode: exporter address, HOST:PORT (port 7700 if omitted). Without it, attach
+    /// the exporter of a lease from the controller.
+    #[arg(long, requires = "token_file", conflicts_with = "lease")]
+    pub(crate) exporter: Option<String>,
+    /// Direct mode: file holding the exporter's token.
+    #[arg(long)]
+    pub(crate) token_file: Option<PathBuf>,
+    /// The lease to attach (default: your only active lease).
+    #[arg(long)]
+    pub(crate) lease: Option<String>,
+    #[command(flatten)]
+    pub(crate) client: ClientSel,
+    /// Expected certificate fingerprint (sha256:...). Default: trust on first use, recorded in
+    /// ~/.config/jmp/known_exporters.
+    #[arg(long)]
+    pub(crate) fingerprint: Option<String>,
+    #[command(flatten)]
+    pub(crate) common: CommonArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct CommonArgs {
+    /// Where serial devices appear (default /dev/jmp as root, else $XDG_RUNTIME_DIR/jmp).
+    #[arg(long)]
+    pub(crate) dev_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) devices: jmp_devices::registry::ClientOptions,
+    /// Name shown to others who find the board busy (default user@host).
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+    /// Output once ready: a table, or exactly one JSON line.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    pub(crate) output: Format,
+    /// Return once the devices are ready, leaving the attachment in the background.
+    #[arg(short, long)]
+    pub(crate) detach: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum LocalCmd {
+    /// Start a local exporter in the background and attach it (returns once the devices
+    /// exist, as `attach -d` does).
+    Start(LocalArgs),
+    /// Stop the local exporter started by `jmp local start`.
+    Stop,
+    #[command(hide = true)]
+    Run(LocalArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct LocalArgs {
+    /// Exporter config of a board wired to this machine (default: the simulated board).
+    #[arg(long)]
+    pub(crate) config: Option<PathBuf>,
+    /// If a local exporter is already running with another config, stop it first (without
+    /// this, that is an error).
+    #[arg(long)]
+    pub(crate) restart: bool,
+    #[command(flatten)]
+    pub(crate) common: CommonArgs,
+}
+
+/// Which board a device command goes to: a running attachment (by its exporter's name, or the
+/// only one), a lease (`--lease`), or an exporter reached directly (`--exporter HOST:PORT
+/// --token-file F`).
+#[derive(Args, Debug, Clone)]
+pub(crate) struct Target {
+    /// The exporter: the name of a running attachment's exporter, or with --token-file its
+    /// address HOST:PORT (direct mode, its own connection).
+    #[arg(long)]
+    pub(crate) exporter: Option<String>,
+    /// Direct mode: file holding the exporter's token.
+    #[arg(long, env = "JMP_TOKEN_FILE")]
+    pub(crate) token_file: Option<PathBuf>,
+    /// Direct mode: the exporter's certificate fingerprint (default: known_exporters).
+    #[arg(long)]
+    pub(crate) fingerprint: Option<String>,
+    /// A lease from the controller (default: the running attachment, else your only lease).
+    #[arg(long, env = "JMP_LEASE")]
+    pub(crate) lease: Option<String>,
+    #[command(flatten)]
+    pub(crate) client: ClientSel,
+    /// Output: a line for people, or the typed answer as JSON.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    pub(crate) output: Format,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum SerialCmd {
+    /// Send a break on the real port.
+    Break {
+        /// The serial device (default: the only one).
+        device: Option<String>,
+        #[arg(long, default_value_t = 250)]
+        ms: u32,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Set line settings on the real port, including those a pty cannot carry (parity, 5-7
+    /// data bits). Unspecified settings stay as they are.
+    Set {
+        device: Option<String>,
+        #[arg(long)]
+        baud: Option<u32>,
+        #[arg(long, value_parser = clap::value_parser!(u8).range(5..=8))]
+        data_bits: Option<u8>,
+        #[arg(long, value_enum)]
+        parity: Option<ParityArg>,
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+        stop_bits: Option<u8>,
+        #[arg(long, value_enum)]
+        flow: Option<FlowArg>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Set the modem control lines DTR and RTS on the real port.
+    Modem {
+        device: Option<String>,
+        #[arg(long, value_enum)]
+        dtr: Option<OnOff>,
+        #[arg(long, value_enum)]
+        rts: Option<OnOff>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Show the real port's line settings.
+    Get {
+        device: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum PowerCmd {
+    /// Switch the board on.
+    On {
+        /// The power device (default: the only one).
+        device: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Switch the board off.
+    Off {
+        device: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Off, wait, on.
+    Cycle {
+        device: Option<String>,
+        /// How long to stay off, e.g. 500ms, 5s (default: the exporter's cycleDelay).
+        #[arg(long)]
+        delay: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Show the power state.
+    Status {
+        device: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+pub(crate) enum ParityArg {
+    None,
+    Odd,
+    Even,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+pub(crate) enum FlowArg {
+    None,
+    Xonxoff,
+    Rtscts,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+pub(crate) enum OnOff {
+    On,
+    Off,
+}
+

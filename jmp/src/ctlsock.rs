@@ -1,0 +1,362 @@
+//! The attachment's local control socket: how `jmp status`, `jmp power`, `jmp serial` (and the
+//! Python test integrations) talk to a running attachment. One JSON line each way per
+//! connection, with a version, in the shapes of [`Request`] and [`Reply`] below. This is a
+//! contract other programs depend on: the snapshot tests pin every shape; change them only by
+//! adding fields or bumping [`VERSION`].
+
+use crate::attach::{Live, Shared};
+use jmp_devices::registry::{DeviceRequest, DeviceResponse};
+use jmp_protocol::{ErrorCode, Kind, Refusal};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const VERSION: u32 = 1;
+
+/// Longest request line accepted (a request is a few hundred bytes).
+const MAX_LINE: u64 = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub v: u32,
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Op {
+    /// The attachment as it is now.
+    Status,
+    /// An operation on a device; `device` may be left out when the attachment has exactly one
+    /// device of the request's kind.
+    Device {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device: Option<String>,
+        request: DeviceRequest,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    pub v: u32,
+    #[serde(flatten)]
+    pub body: ReplyBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "kebab-case")]
+pub enum ReplyBody {
+    Status(Live),
+    Done {
+        device: String,
+        response: DeviceResponse,
+        /// One line for people.
+        message: String,
+    },
+    Error {
+        /// The wire code's name (`failed`, `timeout`, `no such device`, ...).
+        code: String,
+        /// The exit code `jmp` uses for it.
+        exit: i32,
+        message: String,
+    },
+}
+
+impl Reply {
+    fn new(body: ReplyBody) -> Self {
+        Reply { v: VERSION, body }
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Reply::new(ReplyBody::Error {
+            code: code.as_str().to_string(),
+            exit: code.exit_code(),
+            message: message.into(),
+        })
+    }
+}
+
+/// The device of `kind` named `device`, or the only one of that kind, among `devices`.
+pub fn pick<'a>(
+    exporter: &str,
+    devices: impl Iterator<Item = (&'a str, &'a Kind)>,
+    device: Option<&str>,
+    kind: &Kind,
+) -> Result<String, Refusal> {
+    let of_kind: Vec<&str> = devices.filter(|(_, k)| *k == kind).map(|(n, _)| n).collect();
+    match device {
+        Some(d) if of_kind.contains(&d) => Ok(d.to_string()),
+        Some(d) => Err(Refusal::new(
+            ErrorCode::NoSuchDevice,
+            format!(
+                "{exporter} has no {kind} device {:?} ({kind} devices: {})",
+                jmp_protocol::name::escape(d),
+                if of_kind.is_empty() {
+                    "none".to_string()
+                } else {
+                    of_kind.join(", ")
+                }
+            ),
+        )),
+        None => match of_kind.as_slice() {
+            [one] => Ok(one.to_string()),
+            [] => Err(Refusal::new(
+                ErrorCode::NoSuchDevice,
+                format!("{exporter} has no {kind} device"),
+            )),
+            many => Err(Refusal::new(
+                ErrorCode::NoSuchDevice,
+                format!(
+                    "{exporter} has several {kind} devices ({}); name one",
+                    many.join(", ")
+                ),
+            )),
+        },
+    }
+}
+
+/// Which device of `live` a request means, or why none.
+pub fn pick_device(live: &Live, device: Option<&str>, req: &DeviceRequest) -> Result<String, Reply> {
+    pick(
+        &live.ready.exporter,
+        live.ready.devices.iter().map(|d| (d.name.as_str(), &d.kind)),
+        device,
+        &req.kind(),
+    )
+    .map_err(|r| Reply::error(r.code, r.reason))
+}
+
+async fn answer(shared: &Shared, req: Request) -> Reply {
+    if req.v != VERSION {
+        return Reply::error(
+            ErrorCode::Unsupported,
+            format!(
+                "control socket version {} is not spoken by this attachment (it speaks {VERSION})",
+                req.v
+            ),
+        );
+    }
+    match req.op {
+        Op::Status => Reply::new(ReplyBody::Status(shared.live())),
+        Op::Device { device, request } => {
+            let live = shared.live();
+            let device = match pick_device(&live, device.as_deref(), &request) {
+                Ok(d) => d,
+                Err(r) => return r,
+            };
+            let link = shared.links.borrow().link.clone();
+            let Some(link) = link else {
+                return Reply::error(
+                    ErrorCode::Internal,
+                    "the link to the exporter is down; try again once it is back",
+                );
+            };
+            match request.run(link.as_ref(), &device).await {
+                Ok((response, message)) => Reply::new(ReplyBody::Done {
+                    device,
+                    response,
+                    message,
+                }),
+                Err(r) => Reply::error(r.code, r.reason),
+            }
+        }
+    }
+}
+
+/// Serves the socket until the task is aborted (the attachment ending).
+pub async fn serve(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    while let Ok((stream, _)) = listener.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            let mut reader = BufReader::new(r.take(MAX_LINE));
+            let read = reader.read_line(&mut line);
+            match tokio::time::timeout(Duration::from_secs(10), read).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+            let reply = match serde_json::from_str::<Request>(&line) {
+                Ok(req) => answer(&shared, req).await,
+                Err(e) => Reply::error(ErrorCode::Protocol, format!("bad request: {e}")),
+            };
+            if let Ok(mut text) = serde_json::to_string(&reply) {
+                text.push('\n');
+                let _ = w.write_all(text.as_bytes()).await;
+            }
+        });
+    }
+}
+
+/// Asks the attachment listening at `socket`; `timeout` bounds the whole exchange.
+pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Reply, String> {
+    use std::io::{BufRead, Write};
+    let mut sock = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| format!("cannot reach the attachment at {}: {e}", socket.display()))?;
+    sock.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    sock.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    let mut text = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    text.push('\n');
+    sock.write_all(text.as_bytes())
+        .map_err(|e| format!("writing to {}: {e}", socket.display()))?;
+    let mut line = String::new();
+    std::io::BufReader::new(&sock)
+        .read_line(&mut line)
+        .map_err(|e| format!("reading from {}: {e}", socket.display()))?;
+    serde_json::from_str(&line).map_err(|e| format!("bad reply from the attachment: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attach::{DeviceRow, Ready};
+    use jmp_devices::{Endpoint, Local};
+    use jmp_protocol::kinds::{power, serial};
+    use jmp_protocol::DeviceState;
+
+    fn json<T: Serialize>(v: &T) -> String {
+        serde_json::to_string(v).expect("serializes")
+    }
+
+    fn round<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(v: &T, want: &str) {
+        assert_eq!(json(v), want);
+        assert_eq!(&serde_json::from_str::<T>(want).expect("parses"), v);
+    }
+
+    /// The contract, pinned: each shape as it is on the socket.
+    #[test]
+    fn snapshots_of_every_request_and_reply() {
+        round(
+            &Request { v: 1, op: Op::Status },
+            r#"{"v":1,"op":"status"}"#,
+        );
+        round(
+            &Request {
+                v: 1,
+                op: Op::Device {
+                    device: None,
+                    request: DeviceRequest::Power(power::Request::Cycle { off_ms: Some(500) }),
+                },
+            },
+            r#"{"v":1,"op":"device","request":{"kind":"power","request":{"cycle":{"off_ms":500}}}}"#,
+        );
+        round(
+            &Request {
+                v: 1,
+                op: Op::Device {
+                    device: Some("console".into()),
+                    request: DeviceRequest::Serial(serial::Request::Break { millis: 250 }),
+                },
+            },
+            r#"{"v":1,"op":"device","device":"console","request":{"kind":"serial","request":{"break":{"millis":250}}}}"#,
+        );
+        round(
+            &Request {
+                v: 1,
+                op: Op::Device {
+                    device: Some("console".into()),
+                    request: DeviceRequest::Serial(serial::Request::Set(serial::LineChange {
+                        parity: Some(serial::Parity::Even),
+                        data_bits: Some(7),
+                        ..Default::default()
+                    })),
+                },
+            },
+            r#"{"v":1,"op":"device","device":"console","request":{"kind":"serial","request":{"set":{"data_bits":7,"parity":"even"}}}}"#,
+        );
+        round(
+            &Reply::new(ReplyBody::Done {
+                device: "power".into(),
+                response: DeviceResponse::Power(power::Response {
+                    state: power::PowerState::On,
+                    readable: true,
+                }),
+                message: "power: cycled; power is on".into(),
+            }),
+            r#"{"v":1,"reply":"done","device":"power","response":{"kind":"power","response":{"state":"on","readable":true}},"message":"power: cycled; power is on"}"#,
+        );
+        round(
+            &Reply::error(ErrorCode::Failed, "power: power on failed: relay exited with status 1"),
+            r#"{"v":1,"reply":"error","code":"failed","exit":8,"message":"power: power on failed: relay exited with status 1"}"#,
+        );
+        let live = Live {
+            ready: Ready {
+                exporter: "rpi4-01".into(),
+                fingerprint: "sha256:ab".into(),
+                pid: 42,
+                lease: Some("L1".into()),
+                devices: vec![
+                    DeviceRow {
+                        name: "console".into(),
+                        kind: Kind::Serial,
+                        local: "/dev/jmp/rpi4-01/console".into(),
+                        endpoints: vec![Endpoint::new(Local::Path("/dev/jmp/rpi4-01/console".into()))],
+                        state: DeviceState::Available,
+                        summary: Some("115200 8N1".into()),
+                    },
+                    DeviceRow {
+                        name: "power".into(),
+                        kind: Kind::Power,
+                        local: String::new(),
+                        endpoints: vec![],
+                        state: DeviceState::Unavailable("relay unplugged".into()),
+                        summary: None,
+                    },
+                ],
+            },
+            link: "up".into(),
+            since: 1_795_000_000,
+            log: None,
+        };
+        round(
+            &Reply::new(ReplyBody::Status(live)),
+            concat!(
+                r#"{"v":1,"reply":"status","exporter":"rpi4-01","fingerprint":"sha256:ab","pid":42,"lease":"L1","devices":["#,
+                r#"{"name":"console","kind":"serial","local":"/dev/jmp/rpi4-01/console","endpoints":[{"type":"path","at":"/dev/jmp/rpi4-01/console"}],"state":"available","summary":"115200 8N1"},"#,
+                r#"{"name":"power","kind":"power","local":"","endpoints":[],"state":"unavailable","reason":"relay unplugged"}],"#,
+                r#""link":"up","since":1795000000}"#
+            ),
+        );
+    }
+
+    #[test]
+    fn a_request_without_a_device_picks_the_only_one_of_its_kind() {
+        let row = |name: &str, kind: Kind| DeviceRow {
+            name: name.into(),
+            kind,
+            local: String::new(),
+            endpoints: vec![],
+            state: DeviceState::Available,
+            summary: None,
+        };
+        let mut live = Live {
+            ready: Ready {
+                exporter: "x".into(),
+                fingerprint: String::new(),
+                pid: 1,
+                lease: None,
+                devices: vec![row("console", Kind::Serial), row("power", Kind::Power)],
+            },
+            link: "up".into(),
+            since: 0,
+            log: None,
+        };
+        let p = DeviceRequest::Power(power::Request::On);
+        assert_eq!(pick_device(&live, None, &p).ok().as_deref(), Some("power"));
+        assert!(pick_device(&live, Some("console"), &p).is_err(), "wrong kind");
+        live.ready.devices.push(row("power2", Kind::Power));
+        match pick_device(&live, None, &p) {
+            Err(Reply {
+                body: ReplyBody::Error { message, exit, .. },
+                ..
+            }) => {
+                assert!(message.contains("several"), "{message}");
+                assert_eq!(exit, 5);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

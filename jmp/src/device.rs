@@ -1,0 +1,265 @@
+//! `jmp serial` and `jmp power`: an operation on one device, sent where the board is. Through
+//! the running attachment's control socket when there is one (it has the connection), else on a
+//! one-shot connection of its own: direct mode with `--exporter HOST:PORT --token-file F`, or
+//! the lease's token from the controller. Either way the command returns when the exporter
+//! reports the result, and a failure exits with the code of the table.
+
+use crate::attach::{Connector, Pin};
+use crate::cli::{FlowArg, Format, OnOff, ParityArg, PowerCmd, SerialCmd, Target};
+use crate::ctlsock::{self, Op, ReplyBody};
+use crate::{exit, known, paths, print_out, read_token, resolve, runtime, state};
+use anyhow::Result;
+use jmp_devices::registry::{DeviceRequest, DeviceResponse};
+use jmp_protocol::exit as code;
+use jmp_protocol::kinds::{power, serial};
+use jmp_protocol::{features, ErrorCode, Refusal};
+use std::time::Duration;
+
+pub(crate) fn serial_cmd(cmd: SerialCmd) -> Result<()> {
+    let (device, target, req) = match cmd {
+        SerialCmd::Break { device, ms, target } => {
+            (device, target, serial::Request::Break { millis: ms })
+        }
+        SerialCmd::Set {
+            device,
+            baud,
+            data_bits,
+            parity,
+            stop_bits,
+            flow,
+            target,
+        } => (
+            device,
+            target,
+            serial::Request::Set(serial::LineChange {
+                baud,
+                data_bits,
+                parity: parity.map(|p| match p {
+                    ParityArg::None => serial::Parity::None,
+                    ParityArg::Odd => serial::Parity::Odd,
+                    ParityArg::Even => serial::Parity::Even,
+                }),
+                stop_bits,
+                flow: flow.map(|f| match f {
+                    FlowArg::None => serial::FlowControl::None,
+                    FlowArg::Xonxoff => serial::FlowControl::Software,
+                    FlowArg::Rtscts => serial::FlowControl::Hardware,
+                }),
+            }),
+        ),
+        SerialCmd::Modem {
+            device,
+            dtr,
+            rts,
+            target,
+        } => {
+            let on = |v: Option<OnOff>| v.map(|v| matches!(v, OnOff::On));
+            (
+                device,
+                target,
+                serial::Request::Modem {
+                    dtr: on(dtr),
+                    rts: on(rts),
+                },
+            )
+        }
+        SerialCmd::Get { device, target } => (device, target, serial::Request::Get),
+    };
+    run(device, target, DeviceRequest::Serial(req))
+}
+
+pub(crate) fn power_cmd(cmd: PowerCmd) -> Result<()> {
+    let (device, target, req) = match cmd {
+        PowerCmd::On { device, target } => (device, target, power::Request::On),
+        PowerCmd::Off { device, target } => (device, target, power::Request::Off),
+        PowerCmd::Status { device, target } => (device, target, power::Request::Status),
+        PowerCmd::Cycle {
+            device,
+            delay,
+            target,
+        } => {
+            let off_ms = match delay {
+                None => None,
+                Some(d) => {
+                    let d = humantime::parse_duration(d.trim())
+                        .or_else(|_| d.trim().parse::<u64>().map(Duration::from_secs))
+                        .map_err(|_| {
+                            exit(
+                                code::USAGE,
+                                format!("--delay {d:?}: not a duration (examples: 500ms, 5s)"),
+                            )
+                        })?;
+                    Some(u32::try_from(d.as_millis()).map_err(|_| {
+                        exit(code::USAGE, format!("--delay {d:?} is too long"))
+                    })?)
+                }
+            };
+            (device, target, power::Request::Cycle { off_ms })
+        }
+    };
+    run(device, target, DeviceRequest::Power(req))
+}
+
+/// The answer, printed as the user asked; a failure becomes the table's exit code.
+fn finish(target: &Target, result: Result<(String, DeviceResponse, String), Refusal>) -> Result<()> {
+    match result {
+        Ok((device, response, message)) => {
+            if target.output == Format::Json {
+                let v = serde_json::json!({"device": device, "response": response, "message": message});
+                print_out(&format!("{v}\n"))
+            } else {
+                print_out(&format!("{}\n", jmp_protocol::name::escape(&message)))
+            }
+        }
+        Err(r) => Err(exit(r.code.exit_code(), r.reason)),
+    }
+}
+
+fn run(device: Option<String>, target: Target, req: DeviceRequest) -> Result<()> {
+    if target.token_file.is_some() {
+        return finish(&target, direct(device, &target, &req));
+    }
+    // A running attachment of that exporter (or the only one, or the lease's).
+    let running = match (&target.exporter, &target.lease) {
+        (Some(e), _) => state::find(Some(e)).ok(),
+        (None, Some(l)) => state::all().into_iter().find(|s| s.ready.lease.as_deref() == Some(l)),
+        (None, None) => state::find(None).ok(),
+    };
+    if let Some(st) = running {
+        let reply = ctlsock::call(
+            &st.socket,
+            &ctlsock::Request {
+                v: ctlsock::VERSION,
+                op: Op::Device {
+                    device,
+                    request: req,
+                },
+            },
+            // The attachment applies the request's own timeout; this only guards a hang.
+            Duration::from_secs(1400),
+        )
+        .map_err(|e| exit(code::FAILURE, e))?;
+        return match reply.body {
+            ReplyBody::Done {
+                device,
+                response,
+                message,
+            } => finish(&target, Ok((device, response, message))),
+            ReplyBody::Error { exit: x, message, .. } => Err(exit(x, message)),
+            ReplyBody::Status(_) => Err(exit(code::FAILURE, "unexpected status reply")),
+        };
+    }
+    if let Some(e) = &target.exporter {
+        return Err(exit(
+            code::USAGE,
+            format!(
+                "no attachment of exporter {e:?} is running; to reach it directly give --exporter HOST:PORT with --token-file"
+            ),
+        ));
+    }
+    finish(&target, by_lease(device, &target, &req))
+}
+
+/// One request on a one-shot connection (it does not take the board).
+async fn one_shot(
+    connector: Connector,
+    device: Option<String>,
+    req: &DeviceRequest,
+) -> Result<(String, DeviceResponse, String), Refusal> {
+    let (link, welcome, _) = connector.connect().await.map_err(|e| match e {
+        crate::attach::AttachError::Refused { code, reason } => Refusal::new(code, reason),
+        other => Refusal::new(ErrorCode::Internal, other.to_string()),
+    })?;
+    let device = ctlsock::pick(
+        &welcome.exporter,
+        welcome.devices.iter().map(|d| (d.name.as_str(), &d.kind)),
+        device.as_deref(),
+        &req.kind(),
+    );
+    let result = match device {
+        Ok(device) => req
+            .run(&link.handle, &device)
+            .await
+            .map(|(resp, msg)| (device, resp, msg)),
+        Err(r) => Err(r),
+    };
+    link.handle.bye(ErrorCode::Ok, "done");
+    connector.linger(&link).await;
+    result
+}
+
+fn direct(device: Option<String>, target: &Target, req: &DeviceRequest) -> Result<(String, DeviceResponse, String), Refusal> {
+    let usage = |m: String| Refusal::new(ErrorCode::Protocol, m);
+    let exporter = target
+        .exporter
+        .as_ref()
+        .ok_or_else(|| usage("--token-file needs --exporter HOST:PORT".into()))?;
+    let token_file = target.token_file.as_ref().ok_or_else(|| usage("no token file".into()))?;
+    let addr = resolve(exporter).map_err(|e| usage(e.to_string()))?;
+    let token = read_token(token_file).map_err(|e| usage(e.to_string()))?;
+    let pin = match &target.fingerprint {
+        Some(f) => Pin::Fingerprint(f.parse().map_err(usage)?),
+        None => Pin::Tofu {
+            file: known::file(),
+            name: exporter.clone(),
+        },
+    };
+    let rt = runtime().map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
+    rt.block_on(async {
+        let connector = Connector::new(
+            addr,
+            pin,
+            paths::default_client_name(),
+            token,
+            features::ALL | features::ONE_SHOT,
+        )
+        .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
+        one_shot(connector, device, req).await
+    })
+}
+
+fn by_lease(device: Option<String>, target: &Target, req: &DeviceRequest) -> Result<(String, DeviceResponse, String), Refusal> {
+    let fail = |e: anyhow::Error| {
+        let code = e.downcast_ref::<crate::Exit>().map(|x| x.code);
+        Refusal::new(
+            match code {
+                Some(3) => ErrorCode::Unauthorized,
+                Some(4) => ErrorCode::Busy,
+                Some(5) => ErrorCode::NoSuchDevice,
+                _ => ErrorCode::Internal,
+            },
+            format!("no attachment is running, and the controller: {e:#}"),
+        )
+    };
+    let (cfg, _) = crate::ctl::load_client(target.client.client.as_deref()).map_err(fail)?;
+    let rt = runtime().map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
+    rt.block_on(async {
+        let ctl = crate::ctl::Ctl::connect(&cfg).await.map_err(fail)?;
+        let access = crate::ctl::access(&ctl, target.lease.clone())
+            .await
+            .map_err(fail)?;
+        ctl.close();
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&access.address)
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| {
+                Refusal::new(
+                    ErrorCode::Internal,
+                    format!("exporter address {:?} does not resolve", access.address),
+                )
+            })?;
+        let fp = access
+            .fingerprint
+            .parse()
+            .map_err(|e: String| Refusal::new(ErrorCode::Internal, e))?;
+        let connector = Connector::new(
+            addr,
+            Pin::Fingerprint(fp),
+            paths::default_client_name(),
+            access.token,
+            features::ALL | features::ONE_SHOT,
+        )
+        .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
+        one_shot(connector, device, req).await
+    })
+}

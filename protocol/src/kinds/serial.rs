@@ -1,0 +1,676 @@
+//! Serial consoles on the wire.
+//!
+//! - `DeviceInfo.params`: [`DeviceParams`] (the real port's line settings as configured).
+//! - `Open.params`: [`OpenParams`] (where to resume); `Opened.params`: [`OpenedParams`] (the
+//!   offset the stream starts at).
+//! - Stream payload: raw bytes both ways.
+//! - `Control.body` (client → exporter, no answer): [`Control`]: a local program changed the
+//!   pty's settings (only what a pty carries: speed, stop bits, flow control); a failure to
+//!   apply them comes back as a `Notice`.
+//! - `Request.body`: [`Request`] (what a pty cannot carry: parity, data bits, break, modem
+//!   lines), answered by `Done.body`: [`Response`], the real port's settings afterwards.
+
+use crate::codec::*;
+use bytes::{BufMut, BytesMut};
+use serde::{Deserialize, Serialize};
+
+/// Longest break the exporter performs; a longer request is refused (it would hold the port).
+pub const MAX_BREAK_MS: u32 = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Parity {
+    None,
+    Odd,
+    Even,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowControl {
+    None,
+    #[serde(alias = "xonxoff")]
+    Software,
+    #[serde(alias = "rtscts")]
+    Hardware,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineSettings {
+    pub baud: u32,
+    /// 5..=8
+    pub data_bits: u8,
+    pub parity: Parity,
+    /// 1 or 2
+    pub stop_bits: u8,
+    pub flow: FlowControl,
+}
+
+impl Default for LineSettings {
+    fn default() -> Self {
+        LineSettings {
+            baud: 115_200,
+            data_bits: 8,
+            parity: Parity::None,
+            stop_bits: 1,
+            flow: FlowControl::None,
+        }
+    }
+}
+
+impl std::fmt::Display for LineSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = match self.parity {
+            Parity::None => 'N',
+            Parity::Odd => 'O',
+            Parity::Even => 'E',
+        };
+        let flow = match self.flow {
+            FlowControl::None => "",
+            FlowControl::Software => " xon/xoff",
+            FlowControl::Hardware => " rts/cts",
+        };
+        write!(
+            f,
+            "{} {}{}{}{}",
+            self.baud, self.data_bits, p, self.stop_bits, flow
+        )
+    }
+}
+
+/// A partial change of line settings: what is `None` stays as the real port has it (the
+/// exporter merges, so the client needs no copy of the port's state).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineChange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baud: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_bits: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parity: Option<Parity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_bits: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow: Option<FlowControl>,
+}
+
+impl LineChange {
+    pub fn apply(&self, mut s: LineSettings) -> LineSettings {
+        if let Some(b) = self.baud {
+            s.baud = b;
+        }
+        if let Some(d) = self.data_bits {
+            s.data_bits = d;
+        }
+        if let Some(p) = self.parity {
+            s.parity = p;
+        }
+        if let Some(st) = self.stop_bits {
+            s.stop_bits = st;
+        }
+        if let Some(f) = self.flow {
+            s.flow = f;
+        }
+        s
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceParams {
+    pub settings: LineSettings,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpenParams {
+    /// The device-output offset the client has already seen; `None` on first attach (then the
+    /// exporter replays its whole history).
+    pub resume_from: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenedParams {
+    /// The device-output offset of the first byte sent on the stream. Larger than the client's
+    /// `resume_from` when history was lost in between.
+    pub offset: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// A local program changed these line settings on the pty: apply them to the real port
+    /// (what the change leaves out stays as the port has it).
+    Follow(LineChange),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Request {
+    /// Change line settings (including those a pty cannot carry).
+    Set(LineChange),
+    /// Send a break of this many milliseconds (at most [`MAX_BREAK_MS`]).
+    Break { millis: u32 },
+    /// Set modem lines; `None` leaves a line as it is.
+    Modem {
+        #[serde(default)]
+        dtr: Option<bool>,
+        #[serde(default)]
+        rts: Option<bool>,
+    },
+    /// Only report the settings.
+    Get,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// The real port's settings after the request.
+    pub settings: LineSettings,
+}
+
+const LINE_LEN: usize = 4;
+
+fn put_line(buf: &mut BytesMut, l: &LineSettings) {
+    put_varint(buf, l.baud.into());
+    buf.put_u8(l.data_bits);
+    buf.put_u8(parity_wire(l.parity));
+    buf.put_u8(l.stop_bits);
+    buf.put_u8(flow_wire(l.flow));
+}
+
+fn line_len(l: &LineSettings) -> usize {
+    varint_len(l.baud.into()) + LINE_LEN
+}
+
+fn parity_wire(p: Parity) -> u8 {
+    match p {
+        Parity::None => 0,
+        Parity::Odd => 1,
+        Parity::Even => 2,
+    }
+}
+
+fn flow_wire(f: FlowControl) -> u8 {
+    match f {
+        FlowControl::None => 0,
+        FlowControl::Software => 1,
+        FlowControl::Hardware => 2,
+    }
+}
+
+fn get_baud(buf: &mut &[u8]) -> Result<u32, DecodeError> {
+    let baud = get_varint(buf, "baud")?;
+    u32::try_from(baud)
+        .ok()
+        .filter(|b| *b > 0)
+        .ok_or(DecodeError::Invalid {
+            field: "baud",
+            value: baud,
+        })
+}
+
+fn get_data_bits(buf: &mut &[u8]) -> Result<u8, DecodeError> {
+    let d = get_u8(buf, "data bits")?;
+    if (5..=8).contains(&d) {
+        Ok(d)
+    } else {
+        Err(DecodeError::Invalid {
+            field: "data bits",
+            value: d.into(),
+        })
+    }
+}
+
+fn get_parity(buf: &mut &[u8]) -> Result<Parity, DecodeError> {
+    match get_u8(buf, "parity")? {
+        0 => Ok(Parity::None),
+        1 => Ok(Parity::Odd),
+        2 => Ok(Parity::Even),
+        v => Err(DecodeError::Invalid {
+            field: "parity",
+            value: v.into(),
+        }),
+    }
+}
+
+fn get_stop_bits(buf: &mut &[u8]) -> Result<u8, DecodeError> {
+    let s = get_u8(buf, "stop bits")?;
+    if (1..=2).contains(&s) {
+        Ok(s)
+    } else {
+        Err(DecodeError::Invalid {
+            field: "stop bits",
+            value: s.into(),
+        })
+    }
+}
+
+fn get_flow(buf: &mut &[u8]) -> Result<FlowControl, DecodeError> {
+    match get_u8(buf, "flow control")? {
+        0 => Ok(FlowControl::None),
+        1 => Ok(FlowControl::Software),
+        2 => Ok(FlowControl::Hardware),
+        v => Err(DecodeError::Invalid {
+            field: "flow control",
+            value: v.into(),
+        }),
+    }
+}
+
+fn get_line(buf: &mut &[u8]) -> Result<LineSettings, DecodeError> {
+    Ok(LineSettings {
+        baud: get_baud(buf)?,
+        data_bits: get_data_bits(buf)?,
+        parity: get_parity(buf)?,
+        stop_bits: get_stop_bits(buf)?,
+        flow: get_flow(buf)?,
+    })
+}
+
+fn tri(v: Option<bool>) -> u8 {
+    match v {
+        None => 0,
+        Some(false) => 1,
+        Some(true) => 2,
+    }
+}
+
+fn get_tri(buf: &mut &[u8], what: &'static str) -> Result<Option<bool>, DecodeError> {
+    match get_u8(buf, what)? {
+        0 => Ok(None),
+        1 => Ok(Some(false)),
+        2 => Ok(Some(true)),
+        v => Err(DecodeError::Invalid {
+            field: what,
+            value: v.into(),
+        }),
+    }
+}
+
+impl Codec for LineSettings {
+    fn encode(&self, buf: &mut BytesMut) {
+        put_line(buf, self)
+    }
+    fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
+        get_line(buf)
+    }
+    fn encoded_len(&self) -> usize {
+        line_len(self)
+    }
+}
+
+impl Codec for DeviceParams {
+    fn encode(&self, buf: &mut BytesMut) {
+        put_line(buf, &self.settings)
+    }
+    fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
+        Ok(DeviceParams {
+            settings: get_line(buf)?,
+        })
+    }
+    fn encoded_len(&self) -> usize {
+        line_len(&self.settings)
+    }
+}
+
+impl Codec for OpenParams {
+    fn encode(&self, buf: &mut BytesMut) {
+        put_opt_varint(buf, self.resume_from)
+    }
+    fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
+        Ok(OpenParams {
+            resume_from: get_opt_varint(buf, "resume")?,
+        })
+    }
+    fn encoded_len(&self) -> usize {
+        opt_varint_len(self.resume_from)
+    }
+}
+
+impl Codec for OpenedParams {
+    fn encode(&self, buf: &mut BytesMut) {
+        put_varint(buf, self.offset)
+    }
+    fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
+        Ok(OpenedParams {
+            offset: get_varint(buf, "offset")?,
+        })
+    }
+    fn encoded_len(&self) -> usize {
+        varint_len(self.offset)
+    }
+}
+
+const C_LINE: u8 = 0x01;
+
+impl Codec for Control {
+    fn encode(&self, buf: &mut BytesMut) {
+        match self {
+            Control::Follow(c) => {
+                buf.put_u8(C_LINE);
+                c.encode(buf);
+            }
+        }
+    }
+    fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
+        match get_u8(buf, "serial control")? {
+            C_LINE => Ok(Control::Follow(LineChange::decode(buf)?)),
+            t => Err(DecodeError::Invalid {
+                field: "serial control",
+                value: t.into(),
+            }),
+        }
+    }
+    fn encoded_len(&self) -> usize {
+        1 + match self {
+            Control::Follow(c) => c.encoded_len(),
+        }
+    }
+}
+
+const R_SET: u8 = 0x01;
+const R_BREAK: u8 = 0x02;
+const R_MODEM: u8 = 0x03;
+const R_GET: u8 = 0x04;
+
+// A change is a presence bitmap (baud, data bits, parity, stop bits, flow) followed by the
+// present fields in that order.
+impl Codec for LineChange {
+    fn encode(&self, buf: &mut BytesMut) {
+        let mut bits = 0u8;
+        for (i, present) in [
+            self.baud.is_some(),
+            self.data_bits.is_some(),
+            self.parity.is_some(),
+            self.stop_bits.is_some(),
+            self.flow.is_some(),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if present {
+                bits |= 1 << i;
+            }
+        }
+        buf.put_u8(bits);
+        if let Some(b) = self.baud {
+            put_varint(buf, b.into());
+        }
+        if let Some(d) = self.data_bits {
+            buf.put_u8(d);
+        }
+        if let Some(p) = self.parity {
+            buf.put_u8(parity_wire(p));
+        }
+        if let Some(s) = self.stop_bits {
+            buf.put_u8(s);
+        }
+        if let Some(f) = self.flow {
+            buf.put_u8(flow_wire(f));
+        }
+    }
+    fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
+        let bits = get_u8(buf, "line change")?;
+        if bits & !0x1f != 0 {
+            return Err(DecodeError::Invalid {
+                field: "line change",
+                value: bits.into(),
+            });
+        }
+        let has = |i: u8| bits & (1 << i) != 0;
+        Ok(LineChange {
+            baud: if has(0) { Some(get_baud(buf)?) } else { None },
+            data_bits: if has(1) {
+                Some(get_data_bits(buf)?)
+            } else {
+                None
+            },
+            parity: if has(2) { Some(get_parity(buf)?) } else { None },
+            stop_bits: if has(3) {
+                Some(get_stop_bits(buf)?)
+            } else {
+                None
+            },
+            flow: if has(4) { Some(get_flow(buf)?) } else { None },
+        })
+    }
+    fn encoded_len(&self) -> usize {
+        1 + self.baud.map_or(0, |b| varint_len(b.into()))
+            + usize::from(self.data_bits.is_some())
+            + usize::from(self.parity.is_some())
+            + usize::from(self.stop_bits.is_some())
+            + usize::from(self.flow.is_some())
+    }
+}
+
+impl Codec for Request {
+    fn encode(&self, buf: &mut BytesMut) {
+        match self {
+            Request::Set(c) => {
+                buf.put_u8(R_SET);
+                c.encode(buf);
+            }
+            Request::Break { millis } => {
+                buf.put_u8(R_BREAK);
+                put_varint(buf, (*millis).into());
+            }
+            Request::Modem { dtr, rts } => {
+                buf.put_u8(R_MODEM);
+                buf.put_u8(tri(*dtr));
+                buf.put_u8(tri(*rts));
+            }
+            Request::Get => buf.put_u8(R_GET),
+        }
+    }
+    fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
+        match get_u8(buf, "serial request")? {
+            R_SET => Ok(Request::Set(LineChange::decode(buf)?)),
+            R_BREAK => Ok(Request::Break {
+                millis: get_u32_varint(buf, "break duration")?,
+            }),
+            R_MODEM => Ok(Request::Modem {
+                dtr: get_tri(buf, "dtr")?,
+                rts: get_tri(buf, "rts")?,
+            }),
+            R_GET => Ok(Request::Get),
+            t => Err(DecodeError::Invalid {
+                field: "serial request",
+                value: t.into(),
+            }),
+        }
+    }
+    fn encoded_len(&self) -> usize {
+        1 + match self {
+            Request::Set(c) => c.encoded_len(),
+            Request::Break { millis } => varint_len((*millis).into()),
+            Request::Modem { .. } => 2,
+            Request::Get => 0,
+        }
+    }
+}
+
+impl Codec for Response {
+    fn encode(&self, buf: &mut BytesMut) {
+        put_line(buf, &self.settings)
+    }
+    fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
+        Ok(Response {
+            settings: get_line(buf)?,
+        })
+    }
+    fn encoded_len(&self) -> usize {
+        line_len(&self.settings)
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn examples() -> Vec<(&'static str, Vec<u8>)> {
+    let l = LineSettings {
+        baud: 250_000,
+        data_bits: 8,
+        parity: Parity::None,
+        stop_bits: 2,
+        flow: FlowControl::Hardware,
+    };
+    vec![
+        ("serial-params", to_bytes(&DeviceParams { settings: l }).to_vec()),
+        (
+            "serial-open",
+            to_bytes(&OpenParams {
+                resume_from: Some(4096),
+            })
+            .to_vec(),
+        ),
+        ("serial-opened", to_bytes(&OpenedParams { offset: 4096 }).to_vec()),
+        (
+            "serial-control-follow",
+            to_bytes(&Control::Follow(LineChange {
+                baud: Some(250_000),
+                stop_bits: Some(2),
+                flow: Some(FlowControl::Hardware),
+                ..LineChange::default()
+            }))
+            .to_vec(),
+        ),
+        (
+            "serial-request-set",
+            to_bytes(&Request::Set(LineChange {
+                parity: Some(Parity::Even),
+                data_bits: Some(7),
+                ..LineChange::default()
+            }))
+            .to_vec(),
+        ),
+        (
+            "serial-request-break",
+            to_bytes(&Request::Break { millis: 250 }).to_vec(),
+        ),
+        (
+            "serial-request-modem",
+            to_bytes(&Request::Modem {
+                dtr: Some(true),
+                rts: None,
+            })
+            .to_vec(),
+        ),
+        ("serial-response", to_bytes(&Response { settings: l }).to_vec()),
+    ]
+}
+
+#[cfg(test)]
+pub(crate) fn decode_example(name: &str, bytes: &[u8]) -> bool {
+    match name {
+        "serial-params" => DeviceParams::decode_exact(bytes).is_ok(),
+        "serial-open" => OpenParams::decode_exact(bytes).is_ok(),
+        "serial-opened" => OpenedParams::decode_exact(bytes).is_ok(),
+        "serial-control-follow" => Control::decode_exact(bytes).is_ok(),
+        n if n.starts_with("serial-request") => Request::decode_exact(bytes).is_ok(),
+        "serial-response" => Response::decode_exact(bytes).is_ok(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kinds::testing::*;
+    use proptest::prelude::*;
+
+    pub(crate) fn arb_line() -> impl Strategy<Value = LineSettings> {
+        (1u32..=4_000_000, 5u8..=8, 0usize..3, 1u8..=2, 0usize..3).prop_map(
+            |(baud, data_bits, p, stop_bits, f)| LineSettings {
+                baud,
+                data_bits,
+                parity: [Parity::None, Parity::Odd, Parity::Even][p],
+                stop_bits,
+                flow: [
+                    FlowControl::None,
+                    FlowControl::Software,
+                    FlowControl::Hardware,
+                ][f],
+            },
+        )
+    }
+
+    fn arb_change() -> impl Strategy<Value = LineChange> {
+        (
+            proptest::option::of(1u32..=4_000_000),
+            proptest::option::of(5u8..=8),
+            proptest::option::of(0usize..3),
+            proptest::option::of(1u8..=2),
+            proptest::option::of(0usize..3),
+        )
+            .prop_map(|(baud, data_bits, p, stop_bits, f)| LineChange {
+                baud,
+                data_bits,
+                parity: p.map(|p| [Parity::None, Parity::Odd, Parity::Even][p]),
+                stop_bits,
+                flow: f.map(|f| {
+                    [
+                        FlowControl::None,
+                        FlowControl::Software,
+                        FlowControl::Hardware,
+                    ][f]
+                }),
+            })
+    }
+
+    fn arb_request() -> impl Strategy<Value = Request> {
+        prop_oneof![
+            arb_change().prop_map(Request::Set),
+            any::<u32>().prop_map(|millis| Request::Break { millis }),
+            (any::<Option<bool>>(), any::<Option<bool>>())
+                .prop_map(|(dtr, rts)| Request::Modem { dtr, rts }),
+            Just(Request::Get),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn bodies_round_trip(l in arb_line(), c in arb_change(), r in arb_request(), off in proptest::option::of(0u64..=VARINT_MAX)) {
+            round_trip(&DeviceParams { settings: l });
+            round_trip(&Control::Follow(c));
+            round_trip(&Response { settings: l });
+            round_trip(&r);
+            round_trip(&OpenParams { resume_from: off });
+            round_trip(&OpenedParams { offset: off.unwrap_or(0) });
+        }
+
+        #[test]
+        fn corrupted_bodies_never_panic(r in arb_request(), flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4), cut in any::<usize>()) {
+            let b = to_bytes(&r);
+            corrupt::<Request>(&b, &flips, cut);
+            corrupt::<Control>(&b, &flips, cut);
+            corrupt::<LineChange>(&b, &flips, cut);
+        }
+    }
+
+    #[test]
+    fn invalid_fields_are_named() {
+        assert_eq!(
+            Control::decode_exact(&[C_LINE, 0x02, 9]),
+            Err(DecodeError::Invalid {
+                field: "data bits",
+                value: 9
+            })
+        );
+        assert_eq!(
+            Request::decode_exact(&[R_SET, 0x20]),
+            Err(DecodeError::Invalid {
+                field: "line change",
+                value: 0x20
+            })
+        );
+    }
+
+    #[test]
+    fn a_change_keeps_what_it_does_not_name() {
+        let c = LineChange {
+            parity: Some(Parity::Even),
+            data_bits: Some(7),
+            ..LineChange::default()
+        };
+        let s = c.apply(LineSettings::default());
+        assert_eq!(
+            (s.baud, s.data_bits, s.parity, s.stop_bits),
+            (115_200, 7, Parity::Even, 1)
+        );
+    }
+}
