@@ -4,9 +4,12 @@
 use crate::stats::{cell, json, median, Target};
 use anyhow::{anyhow, Context, Result};
 use bytes::Bytes;
-use jmp_protocol::{features, DeviceInfo, DeviceState, ErrorCode, Hello, Kind, Welcome, ALPN_EXPORTER};
-use jmp_transport::{ChannelIo, Channels, 
-    client_endpoint, connect, server_endpoint, Fingerprint, Identity, Link, LinkEvent,
+use jmp_protocol::{
+    features, DeviceInfo, DeviceState, ErrorCode, Hello, Kind, Welcome, ALPN_EXPORTER,
+};
+use jmp_transport::{
+    client_endpoint, connect, server_endpoint, ChannelIo, Channels, Fingerprint, Identity, Link,
+    LinkEvent,
 };
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

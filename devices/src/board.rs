@@ -29,7 +29,8 @@ impl SimBoard {
 
     /// Switches power; subscribers see only real changes.
     pub fn set_power(&self, on: bool) {
-        self.power.send_if_modified(|p| std::mem::replace(p, on) != on);
+        self.power
+            .send_if_modified(|p| std::mem::replace(p, on) != on);
     }
 
     /// Power changes, for a sim backend to follow.

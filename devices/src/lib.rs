@@ -85,7 +85,11 @@ pub trait Driver: Send + Sync + 'static {
         Box::pin(async move {
             Err(Refusal::new(
                 ErrorCode::Unsupported,
-                format!("{}: a {} device takes no requests", self.name(), self.kind()),
+                format!(
+                    "{}: a {} device takes no requests",
+                    self.name(),
+                    self.kind()
+                ),
             ))
         })
     }
@@ -115,7 +119,11 @@ pub fn check_mode(d: &dyn Driver, mode: ChannelMode) -> Result<(), Refusal> {
     };
     Err(Refusal::new(
         ErrorCode::Unsupported,
-        format!("{}: a {} device serves no {what} channels", d.name(), d.kind()),
+        format!(
+            "{}: a {} device serves no {what} channels",
+            d.name(),
+            d.kind()
+        ),
     ))
 }
 

@@ -90,12 +90,17 @@ mod tests {
         assert_eq!(ByteSize::parse("2 MiB"), Ok(ByteSize(2 << 20)));
         assert_eq!(ByteSize::parse("2GiB"), Ok(ByteSize(2 << 30)));
         assert!(ByteSize::parse("x").unwrap_err().contains("\"x\""));
-        assert!(ByteSize::parse("1TiB").unwrap_err().contains("unknown unit"));
+        assert!(ByteSize::parse("1TiB")
+            .unwrap_err()
+            .contains("unknown unit"));
         assert_eq!(
             DurationSpec::parse("500ms"),
             Ok(DurationSpec(Duration::from_millis(500)))
         );
-        assert_eq!(DurationSpec::parse("3"), Ok(DurationSpec(Duration::from_secs(3))));
+        assert_eq!(
+            DurationSpec::parse("3"),
+            Ok(DurationSpec(Duration::from_secs(3)))
+        );
         assert!(DurationSpec::parse("soon").unwrap_err().contains("soon"));
     }
 }

@@ -98,7 +98,9 @@ async fn ask(d: &dyn Driver, r: Request) -> Result<Response, jmp_protocol::Refus
 }
 
 fn state_of(st: &DeviceStatus) -> PowerState {
-    DeviceParams::decode_exact(&st.params).expect("params").state
+    DeviceParams::decode_exact(&st.params)
+        .expect("params")
+        .state
 }
 
 #[tokio::test]
@@ -110,24 +112,42 @@ async fn commands_switch_cycle_and_report_state() {
 
     let r = ask(&d, Request::On).await.expect("on");
     assert_eq!((r.state, r.readable), (PowerState::On, true));
-    assert_eq!(state_of(&status.borrow_and_update()), PowerState::On, "published");
+    assert_eq!(
+        state_of(&status.borrow_and_update()),
+        PowerState::On,
+        "published"
+    );
     let r = ask(&d, Request::Off).await.expect("off");
     assert_eq!(r.state, PowerState::Off);
     let r = ask(&d, Request::Status).await.expect("status");
-    assert_eq!(r.state, PowerState::Off, "read back from the status command");
+    assert_eq!(
+        r.state,
+        PowerState::Off,
+        "read back from the status command"
+    );
 
     // A cycle is off, the delay, on; the request's own delay wins over the configured one.
     let t0 = Instant::now();
-    let r = ask(&d, Request::Cycle { off_ms: Some(500) }).await.expect("cycle");
+    let r = ask(&d, Request::Cycle { off_ms: Some(500) })
+        .await
+        .expect("cycle");
     assert_eq!(r.state, PowerState::On);
-    assert!(t0.elapsed() >= Duration::from_millis(500), "stayed off for the delay");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(500),
+        "stayed off for the delay"
+    );
     let calls = relay.calls();
     let ops: Vec<&str> = calls.iter().map(|(o, _)| o.as_str()).collect();
     assert_eq!(ops, ["on", "off", "off", "on"]);
     let gap = calls[3].1 - calls[2].1;
-    assert!(gap >= 0.5, "on came {gap:.3}s after off; the delay is 500 ms");
+    assert!(
+        gap >= 0.5,
+        "on came {gap:.3}s after off; the delay is 500 ms"
+    );
     // The configured delay when the request names none.
-    ask(&d, Request::Cycle { off_ms: None }).await.expect("cycle");
+    ask(&d, Request::Cycle { off_ms: None })
+        .await
+        .expect("cycle");
     let calls = relay.calls();
     assert!(calls[5].1 - calls[4].1 >= 0.3);
 }
@@ -138,11 +158,21 @@ async fn a_failing_command_reports_its_stderr_and_a_hanging_one_is_killed() {
     let d = relay.driver("fail", false, Duration::from_millis(400));
     let e = ask(&d, Request::On).await.expect_err("fails");
     assert_eq!(e.code, ErrorCode::Failed);
-    assert!(e.reason.contains("relay board busy: port 3 locked"), "{}", e.reason);
+    assert!(
+        e.reason.contains("relay board busy: port 3 locked"),
+        "{}",
+        e.reason
+    );
     assert!(e.reason.contains("exited with status 1"), "{}", e.reason);
-    assert_eq!(state_of(&d.status().borrow()), PowerState::Unknown, "nothing claimed");
+    assert_eq!(
+        state_of(&d.status().borrow()),
+        PowerState::Unknown,
+        "nothing claimed"
+    );
     // A cycle whose on fails reports the failure (after the off that worked).
-    let e = ask(&d, Request::Cycle { off_ms: Some(10) }).await.expect_err("on fails");
+    let e = ask(&d, Request::Cycle { off_ms: Some(10) })
+        .await
+        .expect_err("on fails");
     assert_eq!(e.code, ErrorCode::Failed);
     assert_eq!(state_of(&d.status().borrow()), PowerState::Off);
     // Without a status command the state is what was last set, and says so.
@@ -162,14 +192,22 @@ async fn a_failing_command_reports_its_stderr_and_a_hanging_one_is_killed() {
 async fn bad_requests_are_refused_with_the_field() {
     let relay = Relay::new("bad");
     let d = relay.driver("on", false, Duration::from_secs(5));
-    let e = d.request(Bytes::from_static(&[0x7f])).await.expect_err("bad");
+    let e = d
+        .request(Bytes::from_static(&[0x7f]))
+        .await
+        .expect_err("bad");
     assert_eq!(e.code, ErrorCode::Protocol);
     assert!(e.reason.contains("power request"), "{}", e.reason);
     assert!(d.modes().is_empty(), "power has no channels");
 }
 
 /// Reads until `pred` holds for everything read so far.
-async fn read_until(pipe: &mut jmp_transport::Pipe, acc: &mut Vec<u8>, what: &str, pred: impl Fn(&str) -> bool) {
+async fn read_until(
+    pipe: &mut jmp_transport::Pipe,
+    acc: &mut Vec<u8>,
+    what: &str,
+    pred: impl Fn(&str) -> bool,
+) {
     tokio::time::timeout(GUARD, async {
         while !pred(&String::from_utf8_lossy(acc)) {
             match pipe.rx.recv().await {
@@ -200,8 +238,11 @@ async fn the_simulated_boards_console_follows_its_power() {
         },
         64 * 1024,
     ));
-    let power: Arc<dyn Driver> =
-        Arc::new(PowerDriver::sim("power", board.clone(), Duration::from_millis(50)));
+    let power: Arc<dyn Driver> = Arc::new(PowerDriver::sim(
+        "power",
+        board.clone(),
+        Duration::from_millis(50),
+    ));
     let (link, _server) =
         jmp_devices::testing::mem_session(DeviceSet::new("simb", vec![console, power]));
     let (mut pipe, _) = jmp_transport::Channels::open_stream(
@@ -212,7 +253,10 @@ async fn the_simulated_boards_console_follows_its_power() {
     .await
     .expect("console channel");
     let mut acc = Vec::new();
-    read_until(&mut pipe, &mut acc, "the first login prompt", |s| s.ends_with("simb login: ")).await;
+    read_until(&mut pipe, &mut acc, "the first login prompt", |s| {
+        s.ends_with("simb login: ")
+    })
+    .await;
     assert_eq!(boots(&String::from_utf8_lossy(&acc)), 1);
 
     let (resp, msg) = DeviceRequest::Power(Request::Off)
@@ -228,8 +272,13 @@ async fn the_simulated_boards_console_follows_its_power() {
         })
     );
     // Typed while off: an unpowered board does not echo, and does not keep it for later.
-    pipe.tx.send(Bytes::from_static(b"root
-")).await.expect("type");
+    pipe.tx
+        .send(Bytes::from_static(
+            b"root
+",
+        ))
+        .await
+        .expect("type");
     DeviceRequest::Power(Request::On)
         .run(link.as_ref(), "power")
         .await
@@ -248,5 +297,8 @@ async fn the_simulated_boards_console_follows_its_power() {
         .run(link.as_ref(), "power")
         .await
         .expect("cycle");
-    read_until(&mut pipe, &mut acc, "a third boot", |s| boots(s) == 3 && s.ends_with("simb login: ")).await;
+    read_until(&mut pipe, &mut acc, "a third boot", |s| {
+        boots(s) == 3 && s.ends_with("simb login: ")
+    })
+    .await;
 }

@@ -12,8 +12,8 @@ use jmp_devices::testing::mem_session;
 use jmp_devices::{Bridge, BridgeCtx, DeviceStatus, Driver};
 use jmp_protocol::codec::{to_bytes, Codec};
 use jmp_protocol::kinds::serial::{
-    Control, DeviceParams, FlowControl, LineChange, LineSettings, OpenParams, OpenedParams,
-    Parity, Request, Response,
+    Control, DeviceParams, FlowControl, LineChange, LineSettings, OpenParams, OpenedParams, Parity,
+    Request, Response,
 };
 use jmp_protocol::{ChannelMode, DeviceState, ErrorCode, Kind, Open};
 use jmp_transport::pipe::pair;
@@ -53,7 +53,11 @@ fn offset(ch: &dyn jmp_devices::Channel) -> u64 {
 }
 
 /// Waits (on the driver's status events) until `pred` holds.
-async fn status_until(d: &dyn Driver, what: &str, pred: impl Fn(&DeviceStatus) -> bool) -> DeviceStatus {
+async fn status_until(
+    d: &dyn Driver,
+    what: &str,
+    pred: impl Fn(&DeviceStatus) -> bool,
+) -> DeviceStatus {
     let mut rx = d.status();
     let got = tokio::time::timeout(GUARD, rx.wait_for(|s| pred(s)))
         .await
@@ -85,7 +89,11 @@ async fn read_until(rx: &mut jmp_transport::PipeRx, acc: &mut Vec<u8>, needle: &
 async fn sim_console_replays_history_and_answers() {
     let d = sim("simhost", 64 * 1024);
     let ch = d.open(&open(None)).await.expect("open");
-    assert_eq!(offset(ch.as_ref()), 0, "first attach replays from the start");
+    assert_eq!(
+        offset(ch.as_ref()),
+        0,
+        "first attach replays from the start"
+    );
     let (client, exporter) = pair(16);
     tokio::spawn(ch.serve(ChannelIo::Stream(exporter)));
     let (mut tx, mut rx) = client.split();
@@ -270,7 +278,11 @@ async fn real_tty_bytes_settings_and_requests() {
     })));
     let st = status_until(&d, "250000", |s| settings_of(s).baud == 250_000).await;
     assert_eq!(settings_of(&st).stop_bits, 2);
-    assert_eq!(speed_of(&master), 250_000, "non-standard speed applied to the port");
+    assert_eq!(
+        speed_of(&master),
+        250_000,
+        "non-standard speed applied to the port"
+    );
 
     // A request merges with the port's settings and answers with the result.
     let resp = d
@@ -306,23 +318,33 @@ async fn fixed_line_settings_refuse_changes_with_a_notice() {
     let ch = d.open(&open(None)).await.expect("open");
     let (mut client, exporter) = pair(16);
     tokio::spawn(ch.serve(ChannelIo::Stream(exporter)));
-    client.control_tx.control(to_bytes(&Control::Follow(LineChange {
-        baud: Some(9600),
-        ..LineChange::default()
-    })));
+    client
+        .control_tx
+        .control(to_bytes(&Control::Follow(LineChange {
+            baud: Some(9600),
+            ..LineChange::default()
+        })));
     match tokio::time::timeout(GUARD, client.control_rx.recv()).await {
-        Ok(Some(ChannelMsg::Notice(text))) => assert!(text.contains("lineSettings: fixed"), "{text}"),
+        Ok(Some(ChannelMsg::Notice(text))) => {
+            assert!(text.contains("lineSettings: fixed"), "{text}")
+        }
         other => panic!("expected a notice, got {other:?}"),
     }
-    assert_eq!(speed_of(&master), 115_200, "the port keeps its configured speed");
+    assert_eq!(
+        speed_of(&master),
+        115_200,
+        "the port keeps its configured speed"
+    );
 }
 
 #[tokio::test]
 async fn missing_port_is_refused_with_the_reason_and_retried() {
     let d = tty("/dev/ttyNOPE9", LinePolicy::Follow);
-    let st = status_until(&d, "unavailable naming the port", |s| {
-        matches!(&s.state, DeviceState::Unavailable(w) if w.contains("cannot open"))
-    })
+    let st = status_until(
+        &d,
+        "unavailable naming the port",
+        |s| matches!(&s.state, DeviceState::Unavailable(w) if w.contains("cannot open")),
+    )
     .await;
     assert!(matches!(&st.state, DeviceState::Unavailable(w) if w.contains("/dev/ttyNOPE9")));
     let r = d.open(&open(None)).await.err().expect("refused");

@@ -108,8 +108,12 @@ async fn driver_echoes_a_mebibyte_byte_exact() {
     assert_eq!(info.name, "echo");
     assert_eq!(info.kind, Kind::Tcp);
     assert_eq!(info.detail, format!("127.0.0.1:{}", target.port()));
-    let params = jmp_protocol::kinds::tcp::DeviceParams::decode_exact(&info.params).expect("params");
-    assert_eq!((params.host.as_str(), params.port), ("127.0.0.1", target.port()));
+    let params =
+        jmp_protocol::kinds::tcp::DeviceParams::decode_exact(&info.params).expect("params");
+    assert_eq!(
+        (params.host.as_str(), params.port),
+        ("127.0.0.1", target.port())
+    );
 
     let ch = driver
         .open(&open("echo", ChannelMode::Stream))

@@ -154,14 +154,17 @@ fn locate(text: &str, device: &str, field: &str) -> Option<usize> {
     let dev_indent = indent(lines[dev_line]);
     // A flow mapping on the device's own line ({type: serial, prot: 1}).
     let own = lines[dev_line];
-    if own.contains('{') && (own.contains(&format!(" {first}:")) || own.contains(&format!("{{{first}:"))) {
+    if own.contains('{')
+        && (own.contains(&format!(" {first}:")) || own.contains(&format!("{{{first}:")))
+    {
         return Some(dev_line + 1);
     }
     for (i, l) in lines.iter().enumerate().skip(dev_line + 1) {
         if !l.trim().is_empty() && indent(l) <= dev_indent {
             break;
         }
-        if key(l, first) || l.contains(&format!(" {first}:")) || l.contains(&format!("{{{first}:")) {
+        if key(l, first) || l.contains(&format!(" {first}:")) || l.contains(&format!("{{{first}:"))
+        {
             return Some(i + 1);
         }
     }
@@ -192,16 +195,19 @@ impl ExporterConfig {
             let shown = name::escape(&dev).into_owned();
             let mut table = match value {
                 serde_norway::Value::Mapping(m) => m,
-                _ => {
-                    return Err(format!(
-                        "export.{shown}{}: expected a table like {{type: serial, path: /dev/ttyUSB0}}",
-                        at("")
-                    ))
-                }
+                _ => return Err(format!(
+                    "export.{shown}{}: expected a table like {{type: serial, path: /dev/ttyUSB0}}",
+                    at("")
+                )),
             };
             let ty = match table.remove("type") {
                 Some(serde_norway::Value::String(t)) => t,
-                Some(_) => return Err(format!("export.{shown}{}: type must be a string", at("type"))),
+                Some(_) => {
+                    return Err(format!(
+                        "export.{shown}{}: type must be a string",
+                        at("type")
+                    ))
+                }
                 None => {
                     return Err(format!(
                         "export.{shown}{}: no type (one of: {})",
@@ -210,16 +216,15 @@ impl ExporterConfig {
                     ))
                 }
             };
-            let spec = DeviceSpec::from_yaml(&ty, serde_norway::Value::Mapping(table)).map_err(
-                |e| {
+            let spec =
+                DeviceSpec::from_yaml(&ty, serde_norway::Value::Mapping(table)).map_err(|e| {
                     let field = if e.path.is_empty() {
                         String::new()
                     } else {
                         format!(".{}", e.path)
                     };
                     format!("export.{shown}{field}{}: {}", at(&e.path), e.message)
-                },
-            )?;
+                })?;
             spec.validate()
                 .map_err(|m| format!("export.{shown}{}: {m}", at("")))?;
             export.push((dev, spec));
@@ -351,7 +356,10 @@ export:
         let e = err(&GOOD.replace("listen:", "lisen:"));
         assert!(e.contains("unknown field `lisen`"), "{e}");
         let e = err(&GOOD.replace("type: tcp", "type: tpc"));
-        assert!(e.contains("export.ssh.type") && e.contains("\"tpc\""), "{e}");
+        assert!(
+            e.contains("export.ssh.type") && e.contains("\"tpc\""),
+            "{e}"
+        );
         assert!(e.contains("line 11"), "{e}");
         // A bad value in a block-style table: the field and its own line.
         let e = err(&GOOD.replace("cycleDelay: 3s", "cycleDelay: soon"));
@@ -382,7 +390,11 @@ export:
                 "baudrate: 115200, dataBits: 9}",
                 "dataBits 9",
             ),
-            ("on: [relay, \"1\", \"on\"]", "on: []", "command.on is empty"),
+            (
+                "on: [relay, \"1\", \"on\"]",
+                "on: []",
+                "command.on is empty",
+            ),
         ] {
             let e = err(&GOOD.replace(from, to));
             assert!(e.contains(want), "{from} -> {to}: {e}");
@@ -401,7 +413,10 @@ export:
         let c = ExporterConfig::simulated();
         assert_eq!(c.metadata.name, "sim");
         let kinds: Vec<_> = c.export.0.iter().map(|(_, s)| s.kind()).collect();
-        assert_eq!(kinds, [jmp_protocol::Kind::Serial, jmp_protocol::Kind::Power]);
+        assert_eq!(
+            kinds,
+            [jmp_protocol::Kind::Serial, jmp_protocol::Kind::Power]
+        );
         let example = include_str!("../../examples/local-config.yaml");
         assert!(
             example.contains(SIMULATED),

@@ -44,8 +44,13 @@ pub enum Action<H> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict<H> {
     /// It holds the board now; first end whoever held it before (if anyone).
-    Admit { evict: Option<Action<H>> },
-    Refuse { code: ErrorCode, reason: String },
+    Admit {
+        evict: Option<Action<H>>,
+    },
+    Refuse {
+        code: ErrorCode,
+        reason: String,
+    },
 }
 
 /// A session asking for the board.
@@ -323,13 +328,20 @@ mod tests {
         match s.admit(claim(2, "bob@b", 20, &direct), later) {
             Verdict::Refuse { code, reason } => {
                 assert_eq!(code, ErrorCode::Busy);
-                assert!(reason.contains("alice@a") && reason.contains("42s"), "{reason}");
+                assert!(
+                    reason.contains("alice@a") && reason.contains("42s"),
+                    "{reason}"
+                );
             }
             v => panic!("{v:?}"),
         }
         assert_eq!(s.holder(), Some("alice@a"));
         s.detached(2);
-        assert_eq!(s.holder(), Some("alice@a"), "a refused connection frees nothing");
+        assert_eq!(
+            s.holder(),
+            Some("alice@a"),
+            "a refused connection frees nothing"
+        );
         s.detached(1);
         assert_eq!(s.holder(), None);
     }
@@ -391,7 +403,10 @@ mod tests {
         let l2_other = lease("L2", "mallory", true);
         assert!(matches!(
             s.admit(claim(4, "m@x", 30, &l2_other), t0),
-            Verdict::Refuse { code: ErrorCode::Busy, .. }
+            Verdict::Refuse {
+                code: ErrorCode::Busy,
+                ..
+            }
         ));
     }
 
@@ -407,12 +422,22 @@ mod tests {
         s.admit(claim(2, "alice@a", 11, &l1), t0);
         let mut c = claim(3, "alice@a", 12, &l1);
         c.one_shot = true;
-        assert_eq!(s.admit(c, t0), Verdict::Admit { evict: None }, "beside its own client");
+        assert_eq!(
+            s.admit(c, t0),
+            Verdict::Admit { evict: None },
+            "beside its own client"
+        );
         assert_eq!(s.holder_lease(), Some("L1"));
         let other = lease("L1", "bob", true);
         let mut c = claim(4, "bob@b", 13, &other);
         c.one_shot = true;
-        assert!(matches!(s.admit(c, t0), Verdict::Refuse { code: ErrorCode::Busy, .. }));
+        assert!(matches!(
+            s.admit(c, t0),
+            Verdict::Refuse {
+                code: ErrorCode::Busy,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -434,18 +459,29 @@ mod tests {
         assert!(matches!(s.tick(1700), Some(Action::Notice { .. })));
         assert!(matches!(
             s.tick(2000),
-            Some(Action::Bye { handle: 1, code: ErrorCode::LeaseEnded, .. })
+            Some(Action::Bye {
+                handle: 1,
+                code: ErrorCode::LeaseEnded,
+                ..
+            })
         ));
         assert_eq!(s.holder(), None);
         // Ended by the controller, and superseded.
         s.admit(claim(2, "alice@a", 10, &l1), t0);
         assert_eq!(s.end_lease("other", "deleted"), None);
-        assert!(matches!(s.end_lease("L1", "deleted"), Some(Action::Bye { handle: 2, .. })));
+        assert!(matches!(
+            s.end_lease("L1", "deleted"),
+            Some(Action::Bye { handle: 2, .. })
+        ));
         s.admit(claim(3, "alice@a", 10, &l1), t0);
         assert_eq!(s.keep_only_lease(Some("L1")), None);
         assert!(matches!(
             s.keep_only_lease(None),
-            Some(Action::Bye { handle: 3, code: ErrorCode::LeaseEnded, .. })
+            Some(Action::Bye {
+                handle: 3,
+                code: ErrorCode::LeaseEnded,
+                ..
+            })
         ));
     }
 }

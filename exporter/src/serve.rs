@@ -34,7 +34,10 @@ pub struct Exporter {
 impl Exporter {
     /// Starts every device of the config (serial ports are opened, and retried, in the
     /// background). Needs a tokio runtime.
-    pub fn from_config(cfg: &ExporterConfig, auth: Arc<dyn Authorizer>) -> Result<Exporter, String> {
+    pub fn from_config(
+        cfg: &ExporterConfig,
+        auth: Arc<dyn Authorizer>,
+    ) -> Result<Exporter, String> {
         let board = SimBoard::new();
         let ctx = BuildCtx {
             exporter: &cfg.metadata.name,
@@ -83,7 +86,10 @@ impl Exporter {
                 code,
                 reason,
             }) => {
-                info!("ending the session from {}: {reason}", handle.remote_address());
+                info!(
+                    "ending the session from {}: {reason}",
+                    handle.remote_address()
+                );
                 handle.bye(code, reason);
             }
             Some(Action::Notice { handle, text }) => handle.notice(text),
@@ -174,7 +180,10 @@ impl Exporter {
         let hello = match link.events.recv().await {
             Some(LinkEvent::Hello(h)) => h,
             Some(LinkEvent::Ended { reason, .. }) => {
-                info!("connection from {peer} ended before Hello: {}", name::escape(&reason));
+                info!(
+                    "connection from {peer} ended before Hello: {}",
+                    name::escape(&reason)
+                );
                 return;
             }
             _ => return,

@@ -218,7 +218,13 @@ pub struct Connector {
 }
 
 impl Connector {
-    pub fn new(addr: SocketAddr, pin: Pin, client: String, token: String, features: u64) -> Result<Self, AttachError> {
+    pub fn new(
+        addr: SocketAddr,
+        pin: Pin,
+        client: String,
+        token: String,
+        features: u64,
+    ) -> Result<Self, AttachError> {
         let endpoint = client_endpoint(addr)
             .map_err(|e| AttachError::Other(format!("cannot open a UDP socket: {e}")))?;
         let mut id = [0u8; 8];
@@ -239,7 +245,8 @@ impl Connector {
             Pin::Fingerprint(f) => Some(*f),
             Pin::Tofu { file, name } => known::lookup(file, name).map_err(AttachError::Other)?,
         };
-        let (conn, fp) = connect(&self.endpoint, self.addr, jmp_protocol::ALPN_EXPORTER, pin).await?;
+        let (conn, fp) =
+            connect(&self.endpoint, self.addr, jmp_protocol::ALPN_EXPORTER, pin).await?;
         if let (Pin::Tofu { file, name }, None) = (&self.pin, pin) {
             match known::record(file, name, fp) {
                 Ok(()) => info!(
@@ -267,7 +274,8 @@ impl Connector {
 
     /// Lets a last message (a Bye) leave before the endpoint goes.
     pub async fn linger(&self, link: &Link) {
-        let _ = tokio::time::timeout(Duration::from_millis(300), link.handle.connection_closed()).await;
+        let _ =
+            tokio::time::timeout(Duration::from_millis(300), link.handle.connection_closed()).await;
     }
 }
 
@@ -347,7 +355,12 @@ async fn bridge_task(mut bridge: Box<dyn Bridge>, mut links: watch::Receiver<Lin
                 };
                 match exit {
                     Some(BridgeExit::Refused(r)) => {
-                        warn!("{}: {} ({}); this device stays unavailable", bridge.device(), r.reason, r.code);
+                        warn!(
+                            "{}: {} ({}); this device stays unavailable",
+                            bridge.device(),
+                            r.reason,
+                            r.code
+                        );
                         refused = true;
                     }
                     Some(BridgeExit::LinkLost) => done_gen = slot.gen,

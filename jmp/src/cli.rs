@@ -45,6 +45,7 @@ pub(crate) enum Cmd {
     },
     /// List attachments on this machine.
     Status {
+        /// A table for people, or JSON (one array of attachments) for scripts.
         #[arg(short, long, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
@@ -110,14 +111,18 @@ pub(crate) enum ConfigClientCmd {
     /// Create (or replace) a client config from a file (`jmp admin create client --out`) or
     /// from its parts.
     Create {
+        /// Name of the client config (~/.config/jmp/clients/NAME.yaml).
         name: String,
         /// A client config file to import.
         #[arg(long, conflicts_with_all = ["endpoint", "fingerprint", "token"])]
         from: Option<PathBuf>,
+        /// The controller's HOST:PORT (with --fingerprint and --token, instead of --from).
         #[arg(long, requires_all = ["fingerprint", "token"])]
         endpoint: Option<String>,
+        /// The controller's certificate fingerprint (sha256:...).
         #[arg(long)]
         fingerprint: Option<String>,
+        /// The client credential (a secret: prefer --from with a 0600 file).
         #[arg(long)]
         token: Option<String>,
         /// Do not make it the current client.
@@ -125,14 +130,21 @@ pub(crate) enum ConfigClientCmd {
         no_use: bool,
     },
     /// Make a client config the current one.
-    Use { name: String },
+    Use {
+        /// Name of the client config.
+        name: String,
+    },
     /// List client configs (the current one marked with *).
     List {
+        /// Output format.
         #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
         output: ctl::Out,
     },
     /// Delete a client config.
-    Delete { name: String },
+    Delete {
+        /// Name of the client config.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -154,6 +166,7 @@ pub(crate) enum CreateCmd {
         /// Wait in the queue up to this many seconds if nothing is free (0: fail at once).
         #[arg(long, default_value_t = 0)]
         wait: u64,
+        /// Output: the lease's name (default), a table, JSON or YAML.
         #[arg(short, long, value_enum, default_value_t = ctl::Out::Name)]
         output: ctl::Out,
         #[command(flatten)]
@@ -165,8 +178,10 @@ pub(crate) enum CreateCmd {
 pub(crate) enum GetCmd {
     /// Your leases (and waiting requests); -a: everyone's.
     Leases {
+        /// Everyone's leases, not only yours.
         #[arg(short, long)]
         all: bool,
+        /// Output format.
         #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
         output: ctl::Out,
         #[command(flatten)]
@@ -174,11 +189,13 @@ pub(crate) enum GetCmd {
     },
     /// Exporters you may lease.
     Exporters {
+        /// Only exporters matching this label selector (repeatable: all must match).
         #[arg(short = 'l', long = "selector")]
         selector: Vec<String>,
         /// Extra columns: leases, online.
         #[arg(long, value_delimiter = ',')]
         with: Vec<String>,
+        /// Output format.
         #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
         output: ctl::Out,
         #[command(flatten)]
@@ -190,11 +207,15 @@ pub(crate) enum GetCmd {
 pub(crate) enum UpdateCmd {
     /// Set a lease's total duration (from its start) or extend it.
     Lease {
+        /// The lease.
         name: String,
+        /// The lease's new total duration, counted from its start (e.g. 2h).
         #[arg(long, conflicts_with = "extend", required_unless_present = "extend")]
         duration: Option<String>,
+        /// Move the lease's end this much later (e.g. 30m).
         #[arg(long)]
         extend: Option<String>,
+        /// Output format.
         #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
         output: ctl::Out,
         #[command(flatten)]
@@ -206,7 +227,9 @@ pub(crate) enum UpdateCmd {
 pub(crate) enum DeleteCmd {
     /// Release leases by name (default: your only lease); --all: all of yours.
     Lease {
+        /// The leases to release (default: your only lease).
         names: Vec<String>,
+        /// Release all of your leases.
         #[arg(long, conflicts_with = "names")]
         all: bool,
         #[command(flatten)]
@@ -216,22 +239,35 @@ pub(crate) enum DeleteCmd {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum AdminCmd {
+    /// Create a client or exporter identity.
     Create {
         #[command(subcommand)]
         what: AdminCreate,
     },
+    /// List clients or exporters.
     Get {
         #[command(subcommand)]
         what: AdminGet,
     },
+    /// Delete a client or exporter (its leases end, its credential is revoked).
     Delete {
         #[command(subcommand)]
         what: AdminDelete,
     },
     /// Take an exporter out of service (its lease ends; it is not leased until enabled).
-    Disable { kind: ExporterWord, name: String },
+    Disable {
+        /// The word `exporter`.
+        kind: ExporterWord,
+        /// The exporter.
+        name: String,
+    },
     /// Put an exporter back into service.
-    Enable { kind: ExporterWord, name: String },
+    Enable {
+        /// The word `exporter`.
+        kind: ExporterWord,
+        /// The exporter.
+        name: String,
+    },
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -243,6 +279,7 @@ pub(crate) enum ExporterWord {
 pub(crate) enum AdminCreate {
     /// A client identity and its policy; prints (or writes) its client config.
     Client {
+        /// The client's name.
         name: String,
         /// Labels (k=v), e.g. team=platform for metrics.
         #[arg(short = 'l', long = "label")]
@@ -265,22 +302,33 @@ pub(crate) enum AdminCreate {
     },
     /// An exporter identity; prints its credential (jmpd's controller.tokenFile).
     Exporter {
+        /// The exporter's name (its config's metadata.name).
         name: String,
+        /// Labels (k=v); the admin's labels win over the exporter config's.
         #[arg(short = 'l', long = "label")]
         labels: Vec<String>,
+        /// Write the credential to this file (0600) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum AdminGet {
+    /// Client identities and their policies.
     Clients {
+        /// Only this client.
         name: Option<String>,
+        /// Output format.
         #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
         output: ctl::Out,
     },
+    /// Exporter identities, with their registration state.
     Exporters {
+        /// Only exporters matching this label selector.
         #[arg(short = 'l', long = "selector")]
         selector: Vec<String>,
+        /// Output format.
         #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
         output: ctl::Out,
     },
@@ -289,9 +337,15 @@ pub(crate) enum AdminGet {
 #[derive(Subcommand, Debug)]
 pub(crate) enum AdminDelete {
     /// Delete a client: its leases end, its credential is revoked.
-    Client { name: String },
+    Client {
+        /// The client.
+        name: String,
+    },
     /// Delete an exporter: its lease ends, its credential is revoked.
-    Exporter { name: String },
+    Exporter {
+        /// The exporter.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -404,6 +458,7 @@ pub(crate) enum SerialCmd {
     Break {
         /// The serial device (default: the only one).
         device: Option<String>,
+        /// How long, in milliseconds (at most 10000).
         #[arg(long, default_value_t = 250)]
         ms: u32,
         #[command(flatten)]
@@ -412,15 +467,21 @@ pub(crate) enum SerialCmd {
     /// Set line settings on the real port, including those a pty cannot carry (parity, 5-7
     /// data bits). Unspecified settings stay as they are.
     Set {
+        /// The serial device (default: the only one).
         device: Option<String>,
+        /// Speed in bits per second (any number the port takes, e.g. 250000).
         #[arg(long)]
         baud: Option<u32>,
+        /// Data bits, 5 to 8.
         #[arg(long, value_parser = clap::value_parser!(u8).range(5..=8))]
         data_bits: Option<u8>,
+        /// Parity.
         #[arg(long, value_enum)]
         parity: Option<ParityArg>,
+        /// Stop bits, 1 or 2.
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
         stop_bits: Option<u8>,
+        /// Flow control.
         #[arg(long, value_enum)]
         flow: Option<FlowArg>,
         #[command(flatten)]
@@ -428,9 +489,12 @@ pub(crate) enum SerialCmd {
     },
     /// Set the modem control lines DTR and RTS on the real port.
     Modem {
+        /// The serial device (default: the only one).
         device: Option<String>,
+        /// Data Terminal Ready (often wired to a board's reset).
         #[arg(long, value_enum)]
         dtr: Option<OnOff>,
+        /// Request To Send (often wired to a boot-mode pin).
         #[arg(long, value_enum)]
         rts: Option<OnOff>,
         #[command(flatten)]
@@ -438,6 +502,7 @@ pub(crate) enum SerialCmd {
     },
     /// Show the real port's line settings.
     Get {
+        /// The serial device (default: the only one).
         device: Option<String>,
         #[command(flatten)]
         target: Target,
@@ -455,12 +520,14 @@ pub(crate) enum PowerCmd {
     },
     /// Switch the board off.
     Off {
+        /// The power device (default: the only one).
         device: Option<String>,
         #[command(flatten)]
         target: Target,
     },
     /// Off, wait, on.
     Cycle {
+        /// The power device (default: the only one).
         device: Option<String>,
         /// How long to stay off, e.g. 500ms, 5s (default: the exporter's cycleDelay).
         #[arg(long)]
@@ -470,6 +537,7 @@ pub(crate) enum PowerCmd {
     },
     /// Show the power state.
     Status {
+        /// The power device (default: the only one).
         device: Option<String>,
         #[command(flatten)]
         target: Target,
@@ -495,4 +563,3 @@ pub(crate) enum OnOff {
     On,
     Off,
 }
-

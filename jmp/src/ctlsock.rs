@@ -85,7 +85,10 @@ pub fn pick<'a>(
     device: Option<&str>,
     kind: &Kind,
 ) -> Result<String, Refusal> {
-    let of_kind: Vec<&str> = devices.filter(|(_, k)| *k == kind).map(|(n, _)| n).collect();
+    let of_kind: Vec<&str> = devices
+        .filter(|(_, k)| *k == kind)
+        .map(|(n, _)| n)
+        .collect();
     match device {
         Some(d) if of_kind.contains(&d) => Ok(d.to_string()),
         Some(d) => Err(Refusal::new(
@@ -118,14 +121,20 @@ pub fn pick<'a>(
 }
 
 /// Which device of `live` a request means, or why none.
-pub fn pick_device(live: &Live, device: Option<&str>, req: &DeviceRequest) -> Result<String, Reply> {
+pub fn pick_device(
+    live: &Live,
+    device: Option<&str>,
+    req: &DeviceRequest,
+) -> Result<String, Refusal> {
     pick(
         &live.ready.exporter,
-        live.ready.devices.iter().map(|d| (d.name.as_str(), &d.kind)),
+        live.ready
+            .devices
+            .iter()
+            .map(|d| (d.name.as_str(), &d.kind)),
         device,
         &req.kind(),
     )
-    .map_err(|r| Reply::error(r.code, r.reason))
 }
 
 async fn answer(shared: &Shared, req: Request) -> Reply {
@@ -144,7 +153,7 @@ async fn answer(shared: &Shared, req: Request) -> Reply {
             let live = shared.live();
             let device = match pick_device(&live, device.as_deref(), &request) {
                 Ok(d) => d,
-                Err(r) => return r,
+                Err(r) => return Reply::error(r.code, r.reason),
             };
             let link = shared.links.borrow().link.clone();
             let Some(link) = link else {
@@ -196,8 +205,10 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Reply, St
     use std::io::{BufRead, Write};
     let mut sock = std::os::unix::net::UnixStream::connect(socket)
         .map_err(|e| format!("cannot reach the attachment at {}: {e}", socket.display()))?;
-    sock.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    sock.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    sock.set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
     let mut text = serde_json::to_string(req).map_err(|e| e.to_string())?;
     text.push('\n');
     sock.write_all(text.as_bytes())
@@ -221,7 +232,10 @@ mod tests {
         serde_json::to_string(v).expect("serializes")
     }
 
-    fn round<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(v: &T, want: &str) {
+    fn round<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
+        v: &T,
+        want: &str,
+    ) {
         assert_eq!(json(v), want);
         assert_eq!(&serde_json::from_str::<T>(want).expect("parses"), v);
     }
@@ -230,7 +244,10 @@ mod tests {
     #[test]
     fn snapshots_of_every_request_and_reply() {
         round(
-            &Request { v: 1, op: Op::Status },
+            &Request {
+                v: 1,
+                op: Op::Status,
+            },
             r#"{"v":1,"op":"status"}"#,
         );
         round(
@@ -279,7 +296,10 @@ mod tests {
             r#"{"v":1,"reply":"done","device":"power","response":{"kind":"power","response":{"state":"on","readable":true}},"message":"power: cycled; power is on"}"#,
         );
         round(
-            &Reply::error(ErrorCode::Failed, "power: power on failed: relay exited with status 1"),
+            &Reply::error(
+                ErrorCode::Failed,
+                "power: power on failed: relay exited with status 1",
+            ),
             r#"{"v":1,"reply":"error","code":"failed","exit":8,"message":"power: power on failed: relay exited with status 1"}"#,
         );
         let live = Live {
@@ -293,7 +313,9 @@ mod tests {
                         name: "console".into(),
                         kind: Kind::Serial,
                         local: "/dev/jmp/rpi4-01/console".into(),
-                        endpoints: vec![Endpoint::new(Local::Path("/dev/jmp/rpi4-01/console".into()))],
+                        endpoints: vec![Endpoint::new(Local::Path(
+                            "/dev/jmp/rpi4-01/console".into(),
+                        ))],
                         state: DeviceState::Available,
                         summary: Some("115200 8N1".into()),
                     },
@@ -346,15 +368,15 @@ mod tests {
         };
         let p = DeviceRequest::Power(power::Request::On);
         assert_eq!(pick_device(&live, None, &p).ok().as_deref(), Some("power"));
-        assert!(pick_device(&live, Some("console"), &p).is_err(), "wrong kind");
+        assert!(
+            pick_device(&live, Some("console"), &p).is_err(),
+            "wrong kind"
+        );
         live.ready.devices.push(row("power2", Kind::Power));
         match pick_device(&live, None, &p) {
-            Err(Reply {
-                body: ReplyBody::Error { message, exit, .. },
-                ..
-            }) => {
-                assert!(message.contains("several"), "{message}");
-                assert_eq!(exit, 5);
+            Err(r) => {
+                assert!(r.reason.contains("several"), "{}", r.reason);
+                assert_eq!(r.code.exit_code(), 5);
             }
             other => panic!("{other:?}"),
         }

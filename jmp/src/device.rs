@@ -89,9 +89,10 @@ pub(crate) fn power_cmd(cmd: PowerCmd) -> Result<()> {
                                 format!("--delay {d:?}: not a duration (examples: 500ms, 5s)"),
                             )
                         })?;
-                    Some(u32::try_from(d.as_millis()).map_err(|_| {
-                        exit(code::USAGE, format!("--delay {d:?} is too long"))
-                    })?)
+                    Some(
+                        u32::try_from(d.as_millis())
+                            .map_err(|_| exit(code::USAGE, format!("--delay {d:?} is too long")))?,
+                    )
                 }
             };
             (device, target, power::Request::Cycle { off_ms })
@@ -101,11 +102,15 @@ pub(crate) fn power_cmd(cmd: PowerCmd) -> Result<()> {
 }
 
 /// The answer, printed as the user asked; a failure becomes the table's exit code.
-fn finish(target: &Target, result: Result<(String, DeviceResponse, String), Refusal>) -> Result<()> {
+fn finish(
+    target: &Target,
+    result: Result<(String, DeviceResponse, String), Refusal>,
+) -> Result<()> {
     match result {
         Ok((device, response, message)) => {
             if target.output == Format::Json {
-                let v = serde_json::json!({"device": device, "response": response, "message": message});
+                let v =
+                    serde_json::json!({"device": device, "response": response, "message": message});
                 print_out(&format!("{v}\n"))
             } else {
                 print_out(&format!("{}\n", jmp_protocol::name::escape(&message)))
@@ -122,7 +127,9 @@ fn run(device: Option<String>, target: Target, req: DeviceRequest) -> Result<()>
     // A running attachment of that exporter (or the only one, or the lease's).
     let running = match (&target.exporter, &target.lease) {
         (Some(e), _) => state::find(Some(e)).ok(),
-        (None, Some(l)) => state::all().into_iter().find(|s| s.ready.lease.as_deref() == Some(l)),
+        (None, Some(l)) => state::all()
+            .into_iter()
+            .find(|s| s.ready.lease.as_deref() == Some(l)),
         (None, None) => state::find(None).ok(),
     };
     if let Some(st) = running {
@@ -145,7 +152,9 @@ fn run(device: Option<String>, target: Target, req: DeviceRequest) -> Result<()>
                 response,
                 message,
             } => finish(&target, Ok((device, response, message))),
-            ReplyBody::Error { exit: x, message, .. } => Err(exit(x, message)),
+            ReplyBody::Error {
+                exit: x, message, ..
+            } => Err(exit(x, message)),
             ReplyBody::Status(_) => Err(exit(code::FAILURE, "unexpected status reply")),
         };
     }
@@ -188,13 +197,20 @@ async fn one_shot(
     result
 }
 
-fn direct(device: Option<String>, target: &Target, req: &DeviceRequest) -> Result<(String, DeviceResponse, String), Refusal> {
+fn direct(
+    device: Option<String>,
+    target: &Target,
+    req: &DeviceRequest,
+) -> Result<(String, DeviceResponse, String), Refusal> {
     let usage = |m: String| Refusal::new(ErrorCode::Protocol, m);
     let exporter = target
         .exporter
         .as_ref()
         .ok_or_else(|| usage("--token-file needs --exporter HOST:PORT".into()))?;
-    let token_file = target.token_file.as_ref().ok_or_else(|| usage("no token file".into()))?;
+    let token_file = target
+        .token_file
+        .as_ref()
+        .ok_or_else(|| usage("no token file".into()))?;
     let addr = resolve(exporter).map_err(|e| usage(e.to_string()))?;
     let token = read_token(token_file).map_err(|e| usage(e.to_string()))?;
     let pin = match &target.fingerprint {
@@ -218,7 +234,11 @@ fn direct(device: Option<String>, target: &Target, req: &DeviceRequest) -> Resul
     })
 }
 
-fn by_lease(device: Option<String>, target: &Target, req: &DeviceRequest) -> Result<(String, DeviceResponse, String), Refusal> {
+fn by_lease(
+    device: Option<String>,
+    target: &Target,
+    req: &DeviceRequest,
+) -> Result<(String, DeviceResponse, String), Refusal> {
     let fail = |e: anyhow::Error| {
         let code = e.downcast_ref::<crate::Exit>().map(|x| x.code);
         Refusal::new(

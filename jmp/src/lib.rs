@@ -63,8 +63,14 @@ pub fn main() -> ExitCode {
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let code = e.downcast_ref::<Exit>().map(|x| x.code).unwrap_or(code::FAILURE);
-            eprintln!("jmp: error: {}", jmp_protocol::name::escape(&format!("{e:#}")));
+            let code = e
+                .downcast_ref::<Exit>()
+                .map(|x| x.code)
+                .unwrap_or(code::FAILURE);
+            eprintln!(
+                "jmp: error: {}",
+                jmp_protocol::name::escape(&format!("{e:#}"))
+            );
             ExitCode::from(code.clamp(1, 255) as u8)
         }
     }

@@ -334,7 +334,10 @@ pub fn status(json: bool) -> Result<()> {
                 jmp_protocol::name::escape(&r.exporter),
                 r.pid,
                 l.link,
-                r.lease.as_deref().map(|x| format!(", lease {x}")).unwrap_or_default(),
+                r.lease
+                    .as_deref()
+                    .map(|x| format!(", lease {x}"))
+                    .unwrap_or_default(),
                 r.fingerprint
             ));
             for line in r.table().lines() {

@@ -56,7 +56,11 @@ mod tests {
     #[test]
     fn columns_align_and_escapes_are_defused() {
         let rows = vec![
-            vec!["console".to_string(), "serial".into(), "/dev/jmp/x/console".into()],
+            vec![
+                "console".to_string(),
+                "serial".into(),
+                "/dev/jmp/x/console".into(),
+            ],
             vec!["ssh".to_string(), "tcp".into(), "127.0.0.1:2222".into()],
         ];
         assert_eq!(

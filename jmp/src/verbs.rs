@@ -389,14 +389,23 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                     }
                     Ok(())
                 }
-                AdminCreate::Exporter { name, labels } => {
+                AdminCreate::Exporter { name, labels, out } => {
                     let spec = ExporterSpec {
-                        name,
+                        name: name.clone(),
                         labels: labels_arg(&labels)?,
                     };
                     match ctl.call(Request::CreateExporter(spec)).await? {
                         Reply::Credential(cr) => {
-                            println!("{}", cr.token);
+                            match out {
+                                // A credential is a secret: written 0600, never through a
+                                // shell redirection that leaves it 0644.
+                                Some(p) => {
+                                    jmp_transport::write_secret_file(&p, format!("{}\n", cr.token).as_bytes())
+                                        .map_err(|e| exit(1, format!("cannot write {}: {e}", p.display())))?;
+                                    eprintln!("exporter {name} created; its credential is in {} (mode 0600)", p.display());
+                                }
+                                None => println!("{}", cr.token),
+                            }
                             Ok(())
                         }
                         other => Err(c::unexpected(other)),

@@ -167,7 +167,10 @@ pub fn get_opt_varint(buf: &mut &[u8], what: &'static str) -> Result<Option<u64>
 /// A varint that must fit a `u32`.
 pub fn get_u32_varint(buf: &mut &[u8], what: &'static str) -> Result<u32, DecodeError> {
     let v = get_varint(buf, what)?;
-    u32::try_from(v).map_err(|_| DecodeError::Invalid { field: what, value: v })
+    u32::try_from(v).map_err(|_| DecodeError::Invalid {
+        field: what,
+        value: v,
+    })
 }
 
 /// Encodes a value into a fresh buffer of exactly its length (a kind's body).

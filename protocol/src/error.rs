@@ -35,12 +35,21 @@ pub mod exit {
         (FAILURE, "anything else"),
         (USAGE, "bad arguments or files"),
         (UNAUTHORIZED, "token or credential refused"),
-        (BUSY, "board held by someone else, all leased, or --wait ran out"),
-        (UNAVAILABLE, "no exporter matches, none online, or no such device"),
+        (
+            BUSY,
+            "board held by someone else, all leased, or --wait ran out",
+        ),
+        (
+            UNAVAILABLE,
+            "no exporter matches, none online, or no such device",
+        ),
         (LEASE_ENDED, "the lease ended"),
         (REPLACED, "the session was replaced"),
         (DEVICE_FAILED, "a device operation failed or timed out"),
-        (CONNECT_FAILED, "a TCP forward's target could not be reached"),
+        (
+            CONNECT_FAILED,
+            "a TCP forward's target could not be reached",
+        ),
         (FORBIDDEN, "the client's policy forbids it"),
         (INTERRUPTED, "interrupted"),
     ];
@@ -248,7 +257,11 @@ mod tests {
         let readme = include_str!("../../README.md");
         let proto = include_str!("../../docs/protocol.md");
         assert_eq!(codes(&section(readme, "### Exit codes")), want, "README.md");
-        assert_eq!(codes(&section(proto, "### Exit codes")), want, "docs/protocol.md");
+        assert_eq!(
+            codes(&section(proto, "### Exit codes")),
+            want,
+            "docs/protocol.md"
+        );
         for (c, _) in exit::TABLE {
             assert!(*c >= 0 && *c <= 255);
         }

@@ -211,7 +211,10 @@ fn state_len(s: &DeviceState) -> usize {
 fn get_state(buf: &mut &[u8]) -> Result<DeviceState, DecodeError> {
     match get_u8(buf, "device state")? {
         0 => Ok(DeviceState::Available),
-        1 => Ok(DeviceState::Unavailable(get_str(buf, "unavailable reason")?)),
+        1 => Ok(DeviceState::Unavailable(get_str(
+            buf,
+            "unavailable reason",
+        )?)),
         v => Err(DecodeError::Invalid {
             field: "device state",
             value: v.into(),

@@ -52,14 +52,20 @@ pub enum Event {
     /// refused before the stream arrived).
     DropStream(u64),
     /// Client: a channel we asked for is open.
-    Opened { channel: u64, params: Bytes },
+    Opened {
+        channel: u64,
+        params: Bytes,
+    },
     /// Client: a channel we asked for was refused, timed out, or the session ended first.
     Rejected {
         channel: u64,
         code: ErrorCode,
         reason: String,
     },
-    Control { channel: u64, body: Bytes },
+    Control {
+        channel: u64,
+        body: Bytes,
+    },
     /// The peer closed a channel.
     Closed {
         channel: u64,
@@ -86,9 +92,14 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Chan {
     /// Client asked, exporter has not answered yet.
-    Opening { deadline: Instant },
+    Opening {
+        deadline: Instant,
+    },
     /// Exporter: a stream `Open` whose stream has not arrived yet.
-    AwaitingStream { open: Open, deadline: Instant },
+    AwaitingStream {
+        open: Open,
+        deadline: Instant,
+    },
     /// Exporter: request delivered to the application, not answered yet.
     Requested,
     Open,
@@ -330,7 +341,10 @@ impl Session {
                     .insert(o.channel, Chan::AwaitingStream { open: o, deadline });
             }
             (ChannelMode::Datagram, true) => {
-                self.violation(format!("a stream was opened for datagram channel {}", o.channel));
+                self.violation(format!(
+                    "a stream was opened for datagram channel {}",
+                    o.channel
+                ));
             }
         }
     }
@@ -357,8 +371,7 @@ impl Session {
                 StreamVerdict::Refuse
             }
             None => {
-                self.orphans
-                    .insert(channel, now + self.config.open_timeout);
+                self.orphans.insert(channel, now + self.config.open_timeout);
                 StreamVerdict::Keep
             }
         }
@@ -671,7 +684,10 @@ impl Session {
 fn check_welcome(w: &Welcome) -> Result<(), String> {
     name::check("exporter name", &w.exporter).map_err(|e| e.to_string())?;
     if w.devices.len() > MAX_DEVICES {
-        return Err(format!("it lists {} devices (at most {MAX_DEVICES})", w.devices.len()));
+        return Err(format!(
+            "it lists {} devices (at most {MAX_DEVICES})",
+            w.devices.len()
+        ));
     }
     let mut seen = BTreeSet::new();
     for d in &w.devices {

@@ -22,11 +22,13 @@ pub mod pipe;
 pub mod token;
 pub mod udp;
 
+pub use channels::{BoxFuture, ChannelIo, Channels, Incoming, IncomingRequest};
 pub use endpoint::{client_endpoint, connect, server_endpoint, ConnectError};
 pub use identity::{Fingerprint, Identity, IdentityError};
-pub use channels::{BoxFuture, ChannelIo, Channels, Incoming, IncomingRequest};
 pub use link::{Link, LinkEvent, LinkHandle, OpenError};
-pub use pipe::{ChannelMsg, ControlTx, DatagramPipe, DatagramRx, DatagramTx, Pipe, PipeError, PipeRx, PipeTx};
+pub use pipe::{
+    ChannelMsg, ControlTx, DatagramPipe, DatagramRx, DatagramTx, Pipe, PipeError, PipeRx, PipeTx,
+};
 
 /// The runtime jmp's processes run on. Single-threaded by default: a console round trip crosses
 /// several tasks (pty, link, quinn's connection driver), and on the small machines this runs on

@@ -168,7 +168,11 @@ impl LinkHandle {
         Ok((channel, done_rx))
     }
 
-    async fn open_stream_inner(&self, device: &str, params: Bytes) -> Result<(Pipe, Bytes), Refusal> {
+    async fn open_stream_inner(
+        &self,
+        device: &str,
+        params: Bytes,
+    ) -> Result<(Pipe, Bytes), Refusal> {
         let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_DEPTH);
         let (channel, done_rx) = self
             .request_open(device, ChannelMode::Stream, params, ctl_tx, None)
@@ -176,8 +180,13 @@ impl LinkHandle {
         // The stream goes out at once, before the answer: the exporter pairs it by id, and a
         // TCP forward's first bytes are not held back by a round trip.
         let opened = async {
-            let failed = |e: String| Refusal::new(ErrorCode::Internal, format!("cannot open a stream: {e}"));
-            let (mut send, recv) = self.conn.open_bi().await.map_err(|e| failed(e.to_string()))?;
+            let failed =
+                |e: String| Refusal::new(ErrorCode::Internal, format!("cannot open a stream: {e}"));
+            let (mut send, recv) = self
+                .conn
+                .open_bi()
+                .await
+                .map_err(|e| failed(e.to_string()))?;
             let header = channel_header(channel).freeze();
             send.write_chunk(header)
                 .await
@@ -776,8 +785,10 @@ impl Task {
             Err(mpsc::error::TrySendError::Full(ev)) => {
                 if !matches!(ev, LinkEvent::Ended { .. }) {
                     warn!("link events are not being read; ending the session");
-                    self.session
-                        .bye(ErrorCode::Internal, "the other side stopped reading its events");
+                    self.session.bye(
+                        ErrorCode::Internal,
+                        "the other side stopped reading its events",
+                    );
                 }
             }
         }

@@ -222,7 +222,10 @@ impl Pipe {
     }
 }
 
-fn control_pair() -> ((ControlTx, mpsc::Receiver<ChannelMsg>), (ControlTx, mpsc::Receiver<ChannelMsg>)) {
+fn control_pair() -> (
+    (ControlTx, mpsc::Receiver<ChannelMsg>),
+    (ControlTx, mpsc::Receiver<ChannelMsg>),
+) {
     let (a_tx, b_rx) = mpsc::channel(CONTROL_DEPTH);
     let (b_tx, a_rx) = mpsc::channel(CONTROL_DEPTH);
     ((ControlTx::Mem(a_tx), a_rx), (ControlTx::Mem(b_tx), b_rx))

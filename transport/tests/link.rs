@@ -50,7 +50,8 @@ async fn server() -> Server {
                         LinkEvent::Incoming(inc) if inc.open.device == "echo" => {
                             let mut p = inc.open.params.to_vec();
                             p.reverse();
-                            let Some(ChannelIo::Stream(mut pipe)) = inc.accept(Bytes::from(p)) else {
+                            let Some(ChannelIo::Stream(mut pipe)) = inc.accept(Bytes::from(p))
+                            else {
                                 panic!("a stream")
                             };
                             tokio::spawn(async move {
@@ -143,7 +144,11 @@ async fn stream_and_datagram_channels_work_and_refusals_have_reasons() {
                 .open_stream("echo", Bytes::from_static(b"abc"))
                 .await
                 .expect("open");
-            assert_eq!(&params[..], b"cba", "the kind's answer to the open's params");
+            assert_eq!(
+                &params[..],
+                b"cba",
+                "the kind's answer to the open's params"
+            );
             let data: Vec<u8> = (0..100_000u32).map(|x| (x as u8) ^ i).collect();
             let (mut tx, mut rx) = pipe.split();
             let sent = data.clone();
@@ -211,7 +216,11 @@ async fn stream_and_datagram_channels_work_and_refusals_have_reasons() {
     // Requests: answered, refused with the reason, or timed out on the client's deadline.
     let r = link
         .handle
-        .request("clock", Bytes::from_static(b"ab"), std::time::Duration::from_secs(5))
+        .request(
+            "clock",
+            Bytes::from_static(b"ab"),
+            std::time::Duration::from_secs(5),
+        )
         .await
         .expect("answered");
     assert_eq!(&r[..], b"abab");

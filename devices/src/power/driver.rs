@@ -276,7 +276,10 @@ impl Driver for PowerDriver {
     fn request<'a>(&'a self, body: Bytes) -> BoxFuture<'a, Result<Bytes, Refusal>> {
         Box::pin(async move {
             let req = Request::decode_exact(&body).map_err(|e| {
-                Refusal::new(ErrorCode::Protocol, format!("{}: bad request: {e}", self.name))
+                Refusal::new(
+                    ErrorCode::Protocol,
+                    format!("{}: bad request: {e}", self.name),
+                )
             })?;
             let state = self.perform(req).await?;
             Ok(to_bytes(&Response {

@@ -26,7 +26,11 @@ pub async fn request(
 
 /// One line for people saying what happened.
 pub fn describe(device: &str, req: &Request, resp: &Response) -> String {
-    let how = if resp.readable { "" } else { " (as last set; the exporter cannot read it)" };
+    let how = if resp.readable {
+        ""
+    } else {
+        " (as last set; the exporter cannot read it)"
+    };
     match req {
         Request::On | Request::Off | Request::Cycle { .. } => {
             let verb = match req {

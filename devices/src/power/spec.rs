@@ -101,8 +101,7 @@ impl PowerSimSpec {
         Arc::new(super::PowerDriver::sim(
             name,
             board.clone(),
-            self.cycle_delay
-                .map_or(Duration::from_millis(200), |d| d.0),
+            self.cycle_delay.map_or(Duration::from_millis(200), |d| d.0),
         ))
     }
 }

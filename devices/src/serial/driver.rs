@@ -148,7 +148,10 @@ impl Driver for SerialDriver {
     fn open<'a>(&'a self, req: &'a Open) -> BoxFuture<'a, Result<Box<dyn Channel>, Refusal>> {
         Box::pin(async move {
             let params = OpenParams::decode_exact(&req.params).map_err(|e| {
-                Refusal::new(ErrorCode::Protocol, format!("{}: bad open parameters: {e}", self.name))
+                Refusal::new(
+                    ErrorCode::Protocol,
+                    format!("{}: bad open parameters: {e}", self.name),
+                )
             })?;
             if let Some(why) = self.unavailable() {
                 return Err(Refusal::new(
@@ -174,7 +177,10 @@ impl Driver for SerialDriver {
     fn request<'a>(&'a self, body: Bytes) -> BoxFuture<'a, Result<Bytes, Refusal>> {
         Box::pin(async move {
             let req = Request::decode_exact(&body).map_err(|e| {
-                Refusal::new(ErrorCode::Protocol, format!("{}: bad request: {e}", self.name))
+                Refusal::new(
+                    ErrorCode::Protocol,
+                    format!("{}: bad request: {e}", self.name),
+                )
             })?;
             if let Request::Break { millis } = req {
                 if millis > MAX_BREAK_MS {
@@ -194,14 +200,22 @@ impl Driver for SerialDriver {
                 ));
             }
             let (tx, rx) = oneshot::channel();
-            let gone = || Refusal::new(ErrorCode::Shutdown, format!("{}: the port task ended", self.name));
+            let gone = || {
+                Refusal::new(
+                    ErrorCode::Shutdown,
+                    format!("{}: the port task ended", self.name),
+                )
+            };
             self.cmds
                 .send(PortCmd::Request(req, tx))
                 .await
                 .map_err(|_| gone())?;
             match rx.await.map_err(|_| gone())? {
                 Ok(settings) => Ok(to_bytes(&Response { settings })),
-                Err(why) => Err(Refusal::new(ErrorCode::Failed, format!("{}: {why}", self.name))),
+                Err(why) => Err(Refusal::new(
+                    ErrorCode::Failed,
+                    format!("{}: {why}", self.name),
+                )),
             }
         })
     }

@@ -35,7 +35,10 @@ impl SimConsoleSpec {
         Arc::new(SerialDriver::start(
             name.to_string(),
             driver::Source::Sim {
-                hostname: self.hostname.clone().unwrap_or_else(|| exporter.to_string()),
+                hostname: self
+                    .hostname
+                    .clone()
+                    .unwrap_or_else(|| exporter.to_string()),
                 board: board.clone(),
             },
             spec::history_bytes(self.history),

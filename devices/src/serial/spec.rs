@@ -70,10 +70,9 @@ fn default_flow() -> FlowControl {
 
 fn check_history(h: Option<ByteSize>) -> Result<(), String> {
     match h {
-        Some(h) if h.0 == 0 || h.0 > MAX_HISTORY => Err(format!(
-            "history {} must be between 1 byte and 64MiB",
-            h.0
-        )),
+        Some(h) if h.0 == 0 || h.0 > MAX_HISTORY => {
+            Err(format!("history {} must be between 1 byte and 64MiB", h.0))
+        }
         _ => Ok(()),
     }
 }

@@ -10,8 +10,8 @@ use jmp_protocol::kinds::tcp::DeviceParams;
 use jmp_protocol::{ChannelMode, ErrorCode, Kind, Open};
 use jmp_transport::ChannelIo;
 use std::time::Duration;
-use tokio::sync::watch;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tracing::debug;
 
 /// Longer than any LAN needs, short enough that the client's user is not left waiting on a

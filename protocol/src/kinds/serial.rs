@@ -510,7 +510,10 @@ pub(crate) fn examples() -> Vec<(&'static str, Vec<u8>)> {
         flow: FlowControl::Hardware,
     };
     vec![
-        ("serial-params", to_bytes(&DeviceParams { settings: l }).to_vec()),
+        (
+            "serial-params",
+            to_bytes(&DeviceParams { settings: l }).to_vec(),
+        ),
         (
             "serial-open",
             to_bytes(&OpenParams {
@@ -518,7 +521,10 @@ pub(crate) fn examples() -> Vec<(&'static str, Vec<u8>)> {
             })
             .to_vec(),
         ),
-        ("serial-opened", to_bytes(&OpenedParams { offset: 4096 }).to_vec()),
+        (
+            "serial-opened",
+            to_bytes(&OpenedParams { offset: 4096 }).to_vec(),
+        ),
         (
             "serial-control-follow",
             to_bytes(&Control::Follow(LineChange {
@@ -550,7 +556,10 @@ pub(crate) fn examples() -> Vec<(&'static str, Vec<u8>)> {
             })
             .to_vec(),
         ),
-        ("serial-response", to_bytes(&Response { settings: l }).to_vec()),
+        (
+            "serial-response",
+            to_bytes(&Response { settings: l }).to_vec(),
+        ),
     ]
 }
 

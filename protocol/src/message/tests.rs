@@ -257,15 +257,20 @@ fn arb_kind() -> impl Strategy<Value = Kind> {
 }
 
 fn arb_device() -> impl Strategy<Value = DeviceInfo> {
-    (arb_string(), arb_kind(), arb_state(), arb_bytes(), arb_string()).prop_map(
-        |(name, kind, state, params, detail)| DeviceInfo {
+    (
+        arb_string(),
+        arb_kind(),
+        arb_state(),
+        arb_bytes(),
+        arb_string(),
+    )
+        .prop_map(|(name, kind, state, params, detail)| DeviceInfo {
             name,
             kind,
             state,
             params,
             detail,
-        },
-    )
+        })
 }
 
 fn arb_message() -> impl Strategy<Value = Message> {
@@ -331,7 +336,8 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 body
             })
         ),
-        (varint, arb_string()).prop_map(|(channel, text)| Message::Notice(Notice { channel, text })),
+        (varint, arb_string())
+            .prop_map(|(channel, text)| Message::Notice(Notice { channel, text })),
         (arb_string(), arb_state(), arb_bytes()).prop_map(|(device, state, params)| {
             Message::Status(Status {
                 device,

@@ -128,7 +128,11 @@ fn a_stream_open_whose_stream_never_comes_is_rejected() {
     pump(&mut e, &mut c, later);
     assert!(matches!(
         c.poll_event(),
-        Some(Event::Rejected { channel: 1, code: ErrorCode::Protocol, .. })
+        Some(Event::Rejected {
+            channel: 1,
+            code: ErrorCode::Protocol,
+            ..
+        })
     ));
 }
 
@@ -141,7 +145,10 @@ fn datagram_opens_need_no_stream() {
     assert_eq!(incoming(&mut e).mode, ChannelMode::Datagram);
     e.opened(1, Bytes::new());
     pump(&mut e, &mut c, t0);
-    assert!(matches!(c.poll_event(), Some(Event::Opened { channel: 1, .. })));
+    assert!(matches!(
+        c.poll_event(),
+        Some(Event::Opened { channel: 1, .. })
+    ));
     assert!(c.control(1, Bytes::from_static(b"ctl")));
     pump(&mut c, &mut e, t0);
     assert_eq!(
@@ -181,7 +188,10 @@ fn reject_and_close_reach_the_other_side() {
     c.poll_event();
     c.close(2, ErrorCode::Ok, "");
     pump(&mut c, &mut e, t0);
-    assert!(matches!(e.poll_event(), Some(Event::Closed { channel: 2, .. })));
+    assert!(matches!(
+        e.poll_event(),
+        Some(Event::Closed { channel: 2, .. })
+    ));
     // A late Control for the closed channel is a race, not a violation.
     e.handle_message(
         Message::Control(Control {
@@ -281,7 +291,10 @@ fn requests_are_answered_or_time_out_or_fail_with_the_session() {
             body: Bytes::new()
         }))
     );
-    assert!(matches!(c.poll_event(), Some(Event::Ended { by_peer: true, .. })));
+    assert!(matches!(
+        c.poll_event(),
+        Some(Event::Ended { by_peer: true, .. })
+    ));
 }
 
 #[test]
@@ -300,7 +313,10 @@ fn too_many_requests_are_answered_busy_and_ids_never_reused() {
     pump(&mut e, &mut c, t0);
     assert!(matches!(
         c.poll_event(),
-        Some(Event::Done(Done { code: ErrorCode::Busy, .. }))
+        Some(Event::Done(Done {
+            code: ErrorCode::Busy,
+            ..
+        }))
     ));
     e.handle_message(
         Message::Request(Request {
@@ -312,7 +328,10 @@ fn too_many_requests_are_answered_busy_and_ids_never_reused() {
     );
     assert!(matches!(
         e.poll_event(),
-        Some(Event::Ended { code: ErrorCode::Protocol, .. })
+        Some(Event::Ended {
+            code: ErrorCode::Protocol,
+            ..
+        })
     ));
 }
 
@@ -332,7 +351,11 @@ fn a_welcome_with_names_that_would_escape_a_directory_is_refused() {
         w.exporter = exporter.into();
         c.handle_message(Message::Welcome(w), t0);
         match c.poll_event() {
-            Some(Event::Ended { code, reason, by_peer }) => {
+            Some(Event::Ended {
+                code,
+                reason,
+                by_peer,
+            }) => {
                 assert_eq!(code, ErrorCode::Protocol);
                 assert!(!by_peer);
                 assert!(reason.contains(want), "{reason}");
@@ -431,11 +454,17 @@ fn opens_pending_at_the_end_are_rejected_and_orphans_dropped() {
     c.open("console", ChannelMode::Stream, Bytes::new(), t0);
     e.handle_stream(9, t0);
     c.bye(ErrorCode::Ok, "bye");
-    assert!(matches!(c.poll_event(), Some(Event::Rejected { channel: 1, .. })));
+    assert!(matches!(
+        c.poll_event(),
+        Some(Event::Rejected { channel: 1, .. })
+    ));
     assert!(matches!(c.poll_event(), Some(Event::Ended { .. })));
     pump(&mut c, &mut e, t0);
     assert_eq!(e.poll_event(), Some(Event::DropStream(9)));
-    assert!(matches!(e.poll_event(), Some(Event::Ended { by_peer: true, .. })));
+    assert!(matches!(
+        e.poll_event(),
+        Some(Event::Ended { by_peer: true, .. })
+    ));
 }
 
 #[test]
