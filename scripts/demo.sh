@@ -15,8 +15,8 @@ trap '$jmp local stop >/dev/null' EXIT
 
 echo
 echo "# the board's console is an ordinary tty at $console; a session on it:"
-python3 - "$console" <<'PY'
-import os, sys, termios, time, tty, select
+python3 - "$console" "$jmp" <<'PY'
+import os, subprocess, sys, termios, time, tty, select
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_NOCTTY)
 tty.setraw(fd)
 def read_until(marker, timeout=10):
@@ -36,6 +36,15 @@ transcript += say("uname -a\r", "# ")
 transcript += say("echo hello from the board\r", "# ")
 print(transcript.replace("\r\n", "\n"))
 ok = "hello from the board\n" in transcript.replace("\r\n", "\n")
+# Power: the board's power switch is a command; the console shows it booting again.
+print("$ jmp power cycle")
+cycle = subprocess.run([sys.argv[2], "power", "cycle"], capture_output=True, text=True)
+print(cycle.stdout.strip() or cycle.stderr.strip())
+reboot = read_until(b"login: ")
+lines = [l for l in reboot.replace("\r\n", "\n").splitlines() if l.strip()]
+print("# the console after the cycle:")
+print("\n".join(lines[:3] + ["..."] + lines[-2:]))
+ok = ok and cycle.returncode == 0 and "U-Boot" in reboot
 os.close(fd)
 sys.exit(0 if ok else 1)
 PY

@@ -4,6 +4,7 @@
 //! `~/.config/jmp/config.yaml` names the current one. Every call is one QUIC stream to the
 //! controller, whose certificate is pinned by the fingerprint in the client config.
 
+use jmp_protocol::exit as code;
 use crate::{exit, paths};
 use anyhow::{Context, Result};
 use jmp_protocol::ctl::{
@@ -64,7 +65,7 @@ pub fn read_client_file(path: &Path) -> Result<ClientConfig> {
         )
     })?;
     let c: ClientConfig = serde_norway::from_str(&text)
-        .map_err(|e| exit(2, format!("client config {}: {e}", path.display())))?;
+        .map_err(|e| exit(code::USAGE, format!("client config {}: {e}", path.display())))?;
     if c.kind != "ClientConfig" {
         return Err(exit(
             2,
@@ -155,15 +156,15 @@ pub struct Ctl {
 fn resolve(endpoint: &str) -> Result<SocketAddr> {
     endpoint
         .to_socket_addrs()
-        .map_err(|e| exit(1, format!("cannot resolve controller {endpoint:?}: {e}")))?
+        .map_err(|e| exit(code::FAILURE, format!("cannot resolve controller {endpoint:?}: {e}")))?
         .next()
-        .ok_or_else(|| exit(1, format!("controller {endpoint:?} resolves to nothing")))
+        .ok_or_else(|| exit(code::FAILURE, format!("controller {endpoint:?} resolves to nothing")))
 }
 
 pub fn call_error(e: CallError, endpoint: &str) -> anyhow::Error {
     match e {
         CallError::Refused(r) => exit(r.exit_code(), r.message),
-        other => exit(1, format!("controller {endpoint}: {other}")),
+        other => exit(code::FAILURE, format!("controller {endpoint}: {other}")),
     }
 }
 
@@ -173,11 +174,11 @@ impl Ctl {
         let pin = cfg
             .fingerprint
             .parse()
-            .map_err(|e: String| exit(2, format!("client config fingerprint: {e}")))?;
+            .map_err(|e: String| exit(code::USAGE, format!("client config fingerprint: {e}")))?;
         let ep = client_endpoint(addr).context("cannot open a UDP socket")?;
         let (conn, _) = connect(&ep, addr, jmp_protocol::ALPN_CONTROLLER, Some(pin))
             .await
-            .map_err(|e| exit(1, format!("controller {}: {e}", cfg.endpoint)))?;
+            .map_err(|e| exit(code::FAILURE, format!("controller {}: {e}", cfg.endpoint)))?;
         Ok(Ctl {
             _endpoint: ep,
             conn,
@@ -217,7 +218,7 @@ impl Ctl {
 }
 
 pub fn unexpected(r: Reply) -> anyhow::Error {
-    exit(1, format!("unexpected answer from the controller: {r:?}"))
+    exit(code::FAILURE, format!("unexpected answer from the controller: {r:?}"))
 }
 
 // ---------- output ----------
@@ -496,7 +497,7 @@ pub async fn create_lease(cfg: &ClientConfig, c: CreateLease) -> Result<LeaseInf
                 return Ok(l);
             }
             Err(CallError::Refused(e)) if e.message == "interrupted" => {
-                return Err(exit(130, "interrupted"));
+                return Err(exit(code::INTERRUPTED, "interrupted"));
             }
             Err(e)
                 if e.is_transient()

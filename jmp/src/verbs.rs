@@ -8,9 +8,9 @@ use jmp_protocol::duration::parse_secs;
 use jmp_protocol::selector::{parse_label, Labels, Selector};
 
 fn duration_arg(flag: &str, s: &str) -> Result<u64> {
-    let d = parse_secs(s).map_err(|e| exit(2, format!("{flag}: {e}")))?;
+    let d = parse_secs(s).map_err(|e| exit(code::USAGE, format!("{flag}: {e}")))?;
     if d == 0 {
-        return Err(exit(2, format!("{flag}: must be more than zero")));
+        return Err(exit(code::USAGE, format!("{flag}: must be more than zero")));
     }
     Ok(d)
 }
@@ -20,7 +20,7 @@ fn duration_arg(flag: &str, s: &str) -> Result<u64> {
 fn selector_arg(list: &[String]) -> Result<String> {
     let mut sel = Selector::default();
     for s in list {
-        let one = Selector::parse(s).map_err(|e| exit(2, format!("--selector: {e}")))?;
+        let one = Selector::parse(s).map_err(|e| exit(code::USAGE, format!("--selector: {e}")))?;
         sel = sel.and(one);
     }
     Ok(sel.to_string())
@@ -29,7 +29,7 @@ fn selector_arg(list: &[String]) -> Result<String> {
 fn labels_arg(list: &[String]) -> Result<Labels> {
     let mut out = Labels::new();
     for l in list {
-        let (k, v) = parse_label(l).map_err(|e| exit(2, format!("--label: {e}")))?;
+        let (k, v) = parse_label(l).map_err(|e| exit(code::USAGE, format!("--label: {e}")))?;
         out.insert(k, v);
     }
     Ok(out)
@@ -51,7 +51,7 @@ pub(super) fn config_client(cmd: ConfigClientCmd) -> Result<()> {
             token,
             no_use,
         } => {
-            jmp_protocol::name::check("client name", &name).map_err(|e| exit(2, e.to_string()))?;
+            jmp_protocol::name::check("client name", &name).map_err(|e| exit(code::USAGE, e.to_string()))?;
             let mut cfg = match (from, endpoint, fingerprint, token) {
                 (Some(f), _, _, _) => c::read_client_file(&f)?,
                 (None, Some(endpoint), Some(fingerprint), Some(token)) => ClientConfig {
@@ -71,7 +71,7 @@ pub(super) fn config_client(cmd: ConfigClientCmd) -> Result<()> {
             };
             cfg.fingerprint
                 .parse::<jmp_transport::Fingerprint>()
-                .map_err(|e| exit(2, format!("--fingerprint: {e}")))?;
+                .map_err(|e| exit(code::USAGE, format!("--fingerprint: {e}")))?;
             cfg.metadata.name = name.clone();
             let path = c::clients_dir().join(format!("{name}.yaml"));
             c::write_client_file(&path, &cfg)?;
@@ -146,7 +146,7 @@ pub(super) fn config_client(cmd: ConfigClientCmd) -> Result<()> {
         ConfigClientCmd::Delete { name } => {
             let path = c::clients_dir().join(format!("{name}.yaml"));
             std::fs::remove_file(&path)
-                .map_err(|e| exit(2, format!("cannot delete {}: {e}", path.display())))?;
+                .map_err(|e| exit(code::USAGE, format!("cannot delete {}: {e}", path.display())))?;
             println!("client config {name} deleted");
             Ok(())
         }
@@ -239,7 +239,7 @@ pub(super) fn get_cmd(what: GetCmd) -> Result<()> {
             let sel = selector_arg(&selector)?;
             for w in &with {
                 if w != "leases" && w != "online" {
-                    return Err(exit(2, format!("--with {w:?}: expected leases or online")));
+                    return Err(exit(code::USAGE, format!("--with {w:?}: expected leases or online")));
                 }
             }
             let (cfg, _) = c::load_client(client.client.as_deref())?;
@@ -305,7 +305,7 @@ pub(super) fn delete_cmd(what: DeleteCmd) -> Result<()> {
             };
             match leases.as_slice() {
                 [l] => vec![l.name.clone()],
-                [] => return Err(exit(5, "you hold no lease")),
+                [] => return Err(exit(code::UNAVAILABLE, "you hold no lease")),
                 many => {
                     return Err(exit(
                         2,
@@ -353,7 +353,7 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                     save,
                 } => {
                     if let Err(e) = Selector::parse(&allow) {
-                        return Err(exit(2, format!("--allow: {e}")));
+                        return Err(exit(code::USAGE, format!("--allow: {e}")));
                     }
                     let spec = ClientSpec {
                         name: name.clone(),
@@ -401,7 +401,7 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                                 // shell redirection that leaves it 0644.
                                 Some(p) => {
                                     jmp_transport::write_secret_file(&p, format!("{}\n", cr.token).as_bytes())
-                                        .map_err(|e| exit(1, format!("cannot write {}: {e}", p.display())))?;
+                                        .map_err(|e| exit(code::FAILURE, format!("cannot write {}: {e}", p.display())))?;
                                     eprintln!("exporter {name} created; its credential is in {} (mode 0600)", p.display());
                                 }
                                 None => println!("{}", cr.token),
@@ -512,7 +512,7 @@ pub(super) fn attach_lease(a: AttachArgs) -> Result<()> {
         let addr = access
             .address
             .to_socket_addrs()
-            .map_err(|e| exit(1, format!("exporter address {:?}: {e}", access.address)))?
+            .map_err(|e| exit(code::FAILURE, format!("exporter address {:?}: {e}", access.address)))?
             .next()
             .ok_or_else(|| {
                 exit(
@@ -521,7 +521,7 @@ pub(super) fn attach_lease(a: AttachArgs) -> Result<()> {
                 )
             })?;
         let pin = Pin::Fingerprint(access.fingerprint.parse().map_err(|e: String| {
-            exit(1, format!("exporter fingerprint from the controller: {e}"))
+            exit(code::FAILURE, format!("exporter fingerprint from the controller: {e}"))
         })?);
         let mut opts = a.common.options(addr, access.token.clone(), pin)?;
         let lease = access.lease.name.clone();

@@ -15,6 +15,7 @@
 //!
 //! Times on this API are Unix seconds; durations are seconds.
 
+use crate::error::exit;
 use crate::codec::{get_varint, put_varint, varint_len, DecodeError};
 use crate::selector::Labels;
 use serde::{Deserialize, Serialize};
@@ -266,12 +267,14 @@ impl CtlError {
     /// `jmp`'s exit code for this refusal (documented in the README).
     pub fn exit_code(&self) -> i32 {
         match self.code {
-            CtlErrorCode::Unauthorized => 3,
-            CtlErrorCode::AllBusy | CtlErrorCode::Timeout => 4,
-            CtlErrorCode::NotFound | CtlErrorCode::NoMatch | CtlErrorCode::AllOffline => 5,
-            CtlErrorCode::Forbidden => 10,
-            CtlErrorCode::Invalid | CtlErrorCode::Ambiguous => 2,
-            CtlErrorCode::Internal => 1,
+            CtlErrorCode::Unauthorized => exit::UNAUTHORIZED,
+            CtlErrorCode::AllBusy | CtlErrorCode::Timeout => exit::BUSY,
+            CtlErrorCode::NotFound | CtlErrorCode::NoMatch | CtlErrorCode::AllOffline => {
+                exit::UNAVAILABLE
+            }
+            CtlErrorCode::Forbidden => exit::FORBIDDEN,
+            CtlErrorCode::Invalid | CtlErrorCode::Ambiguous => exit::USAGE,
+            CtlErrorCode::Internal => exit::FAILURE,
         }
     }
 }

@@ -103,6 +103,7 @@ impl SimConsole {
             "[    1.234567] EXT4-fs (mmcblk0p2): mounted filesystem with ordered data mode",
             "[    1.345678] Run /sbin/init as init process",
             "[    2.345678] random: crng init done",
+            "[    2.456789] systemd[1]: Startup finished: boot complete",
             "",
         ];
         let mut out = String::new();
