@@ -2,7 +2,9 @@
 //! [--iperf-seconds S] [--no-build] [--bin-dir DIR]`
 //!
 //! `--bin-dir` takes `jmpd`, `jmp` and `jmp-controller` from DIR instead of building the
-//! workspace (to measure a fixed commit while the working tree changes).
+//! workspace (to measure a fixed commit while the working tree changes). `--compare-bin-dir
+//! DIR` adds DIR's `jmpd` and `jmp` as one more path of the serial benchmark, in the same
+//! interleaved rounds (to show a change's effect: DIR holds the build from before it).
 //!
 //! Runs each benchmark's baseline and peers in the same run, interleaved round by round, prints
 //! a markdown table per benchmark (medians, ratios, PASS/MISS against the targets) and writes
@@ -18,6 +20,7 @@ struct Args {
     iperf_seconds: u32,
     build: bool,
     bin_dir: Option<std::path::PathBuf>,
+    compare: Option<std::path::PathBuf>,
 }
 
 fn parse() -> Result<Args> {
@@ -27,6 +30,7 @@ fn parse() -> Result<Args> {
         iperf_seconds: 5,
         build: true,
         bin_dir: None,
+        compare: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -35,6 +39,7 @@ fn parse() -> Result<Args> {
             "--iperf-seconds" => a.iperf_seconds = it.next().unwrap_or_default().parse()?,
             "--no-build" => a.build = false,
             "--bin-dir" => a.bin_dir = it.next().map(Into::into),
+            "--compare-bin-dir" => a.compare = it.next().map(Into::into),
             "all" => a
                 .which
                 .extend(["serial", "tcp", "quinn", "memory", "controller"].map(String::from)),
@@ -42,7 +47,7 @@ fn parse() -> Result<Args> {
             "-h" | "--help" => {
                 println!(
                     "usage: jmp-bench [all|serial|tcp|quinn|memory|controller]... [--rounds N] \
-                     [--iperf-seconds S] [--no-build] [--bin-dir DIR]"
+                     [--iperf-seconds S] [--no-build] [--bin-dir DIR] [--compare-bin-dir DIR]"
                 );
                 std::process::exit(0);
             }
@@ -85,6 +90,10 @@ fn main() -> Result<()> {
         .unwrap_or(0);
     let kernel = sh("uname", &["-r"]);
     let bins = jmp::bins(args.build, args.bin_dir.clone())?;
+    let compare = match &args.compare {
+        Some(d) => Some(jmp::bins(false, Some(d.clone()))?),
+        None => None,
+    };
 
     println!("## jmp benchmarks\n");
     println!("- date: {date}");
@@ -107,7 +116,7 @@ fn main() -> Result<()> {
     for w in &args.which {
         eprintln!("running {w} ...");
         let r = match w.as_str() {
-            "serial" => serial::run(&bins, args.rounds),
+            "serial" => serial::run(&bins, compare.as_ref(), args.rounds),
             "tcp" => tcp::run(&bins, args.rounds, args.iperf_seconds),
             "quinn" => quic::run(args.rounds),
             "memory" => memory::run(&bins, args.rounds),

@@ -299,7 +299,7 @@ pub struct Bulk {
 
 /// One way of reaching a board, with everything it needs kept alive.
 struct Route {
-    name: &'static str,
+    name: String,
     /// Reference relays are measured for latency only (the UDP one drops bytes under load).
     latency_only: bool,
     client: Client,
@@ -310,7 +310,7 @@ struct Route {
 fn direct() -> Result<Route> {
     let board = Board::new()?;
     Ok(Route {
-        name: "direct pty (floor)",
+        name: "direct pty (floor)".into(),
         latency_only: false,
         client: Client::open(&board.path)?,
         _procs: vec![],
@@ -318,7 +318,7 @@ fn direct() -> Result<Route> {
     })
 }
 
-fn jmp(bins: &Bins, dir: &TempDir) -> Result<Route> {
+fn jmp(bins: &Bins, dir: &TempDir, name: &str) -> Result<Route> {
     let board = Board::new()?;
     let exp: Exporter = start_jmpd(
         bins,
@@ -335,7 +335,7 @@ fn jmp(bins: &Bins, dir: &TempDir) -> Result<Route> {
     let local = att.local("console")?;
     let client = Client::open(Path::new(&local))?;
     Ok(Route {
-        name: "jmp",
+        name: name.into(),
         latency_only: false,
         client,
         // Attach first so it stops before the exporter.
@@ -382,7 +382,7 @@ fn ser2net(dir: &TempDir) -> Result<Route> {
     std::thread::sleep(Duration::from_millis(200));
     let client = Client::open(&link)?;
     Ok(Route {
-        name: "ser2net + socat",
+        name: "ser2net + socat".into(),
         latency_only: false,
         client,
         _procs: vec![socat, s2n],
@@ -426,7 +426,7 @@ fn reference(
     let local = cli.line(Duration::from_secs(10))?;
     let client = Client::open(Path::new(local.trim()))?;
     Ok(Route {
-        name,
+        name: name.into(),
         latency_only: true,
         client,
         _procs: vec![cli, srv],
@@ -442,16 +442,32 @@ struct Rounds {
     lost: Vec<f64>,
 }
 
+/// The name of the `--compare-bin-dir` build's path.
+pub const COMPARE: &str = "jmp (--compare-bin-dir)";
+
 /// Runs the serial benchmark; returns (markdown, json).
-pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
+pub fn run(
+    bins: &Bins,
+    compare: Option<&Bins>,
+    rounds: usize,
+) -> Result<(String, serde_json::Value)> {
     let dir_jmp = TempDir::new("serial-jmp")?;
+    let dir_cmp = TempDir::new("serial-jmp-compare")?;
     let dir_s2n = TempDir::new("serial-ser2net")?;
     let dir_ref = TempDir::new("serial-reference")?;
     let mut skips = Vec::new();
     let mut paths = vec![direct().context("direct pty")?];
-    match jmp(bins, &dir_jmp) {
+    match jmp(bins, &dir_jmp, "jmp") {
         Ok(p) => paths.push(p),
         Err(e) => skips.push(format!("SKIP: jmp path: {e:#}")),
+    }
+    if let Some(c) = compare {
+        // Another build of jmp (`--compare-bin-dir`), e.g. an earlier commit, measured in the
+        // same interleaved rounds.
+        match jmp(c, &dir_cmp, COMPARE) {
+            Ok(p) => paths.push(p),
+            Err(e) => skips.push(format!("SKIP: {COMPARE} path: {e:#}")),
+        }
     }
     match ser2net(&dir_s2n) {
         Ok(p) => paths.push(p),
