@@ -18,10 +18,12 @@ pub const DEFAULT_PORT: u16 = 7700;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    // Not `source`: the io error is part of this message, and an error chain printing it
+    // again would report a missing file twice.
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
@@ -173,9 +175,9 @@ fn locate(text: &str, device: &str, field: &str) -> Option<usize> {
 
 impl ExporterConfig {
     pub fn load(path: &Path) -> Result<ExporterConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::parse(&text).map_err(|message| ConfigError::Invalid {
             path: path.to_path_buf(),

@@ -9,7 +9,20 @@ use std::path::PathBuf;
 #[command(
     name = "jmp",
     version,
-    about = "jmp: a remote lab board as local devices"
+    about = "jmp: a remote lab board as local devices",
+    after_help = "Environment:\n  \
+    JMP_CLIENT         client config to use (as --client)\n  \
+    JMP_CLIENT_CONFIG  a client config file to use instead of ~/.config/jmp/clients/\n  \
+    JMP_LEASE          the lease a command means when none is named (CI: bind a job to its lease)\n  \
+    JMP_TOKEN          direct mode: the exporter's token itself (as --token-file, without a file)\n  \
+    JMP_TOKEN_FILE     direct mode: the exporter's token file\n  \
+    JMP_ADMIN_CONFIG   the admin credential for `jmp admin`\n  \
+    JMP_RUNTIME_DIR    where attachments keep state files and control sockets\n  \
+    JMP_CONFIG_DIR     where client configs and known_exporters live\n  \
+    JMP_LOG            log level (error, warn, info, debug, trace; default info)\n\n\
+Exit codes: 0 ok, 1 other failure, 2 usage, 3 unauthorized, 4 busy, 5 not found or\n\
+unavailable, 6 lease ended, 7 replaced, 8 device operation failed, 9 forward target\n\
+unreachable, 10 forbidden by policy, 130 interrupted."
 )]
 pub(crate) struct Cli {
     #[command(subcommand)]
@@ -87,6 +100,29 @@ pub(crate) enum Cmd {
     Auth {
         #[command(subcommand)]
         cmd: AuthCmd,
+    },
+    /// Exporter fingerprints this machine trusts (~/.config/jmp/known_exporters).
+    Trust {
+        #[command(subcommand)]
+        cmd: TrustCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum TrustCmd {
+    /// List trusted exporters and their fingerprints.
+    List,
+    /// Trust this fingerprint for an exporter (after checking it: jmpd prints it at start).
+    Pin {
+        /// The exporter's address, HOST[:PORT].
+        addr: String,
+        /// sha256:... as jmpd prints it.
+        fingerprint: String,
+    },
+    /// Forget an exporter's fingerprint (the next attach trusts what it sees, and says so).
+    Forget {
+        /// The exporter's address, HOST[:PORT].
+        addr: String,
     },
 }
 
@@ -367,11 +403,19 @@ pub(crate) enum Format {
 pub(crate) struct AttachArgs {
     /// Direct mode: exporter address, HOST:PORT (port 7700 if omitted). Without it, attach
     /// the exporter of a lease from the controller.
-    #[arg(long, requires = "token_file", conflicts_with = "lease")]
+    #[arg(long, conflicts_with = "lease")]
     pub(crate) exporter: Option<String>,
     /// Direct mode: file holding the exporter's token.
-    #[arg(long)]
+    #[arg(long, env = "JMP_TOKEN_FILE")]
     pub(crate) token_file: Option<PathBuf>,
+    /// Direct mode: the exporter's token itself (CI secrets in the environment).
+    #[arg(
+        long,
+        env = "JMP_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub(crate) token: Option<String>,
     /// The lease to attach (default: your only active lease).
     #[arg(long)]
     pub(crate) lease: Option<String>,
@@ -439,6 +483,14 @@ pub(crate) struct Target {
     /// Direct mode: file holding the exporter's token.
     #[arg(long, env = "JMP_TOKEN_FILE")]
     pub(crate) token_file: Option<PathBuf>,
+    /// Direct mode: the exporter's token itself (CI secrets in the environment).
+    #[arg(
+        long,
+        env = "JMP_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub(crate) token: Option<String>,
     /// Direct mode: the exporter's certificate fingerprint (default: known_exporters).
     #[arg(long)]
     pub(crate) fingerprint: Option<String>,

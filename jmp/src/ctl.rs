@@ -314,7 +314,7 @@ pub fn print_leases(leases: &[LeaseInfo], out: Out) -> Result<()> {
                 .collect(),
         ),
     };
-    print!("{text}");
+    out!("{text}");
     Ok(())
 }
 
@@ -364,7 +364,7 @@ pub fn print_exporters(exps: &[ExporterInfo], with: &[String], out: Out) -> Resu
             table(&header, rows)
         }
     };
-    print!("{text}");
+    out!("{text}");
     Ok(())
 }
 
@@ -401,7 +401,7 @@ pub fn print_clients(clients: &[ClientInfo], out: Out) -> Result<()> {
                 .collect(),
         ),
     };
-    print!("{text}");
+    out!("{text}");
     Ok(())
 }
 
@@ -540,9 +540,9 @@ pub async fn create_lease(cfg: &ClientConfig, c: CreateLease) -> Result<LeaseInf
 
 pub fn print_lease(l: &LeaseInfo, out: Out) -> Result<()> {
     match out {
-        Out::Name => println!("{}", l.name),
-        Out::Json => println!("{}", serde_json::to_string(l)?),
-        Out::Yaml => print!("{}", serde_norway::to_string(l)?),
+        Out::Name => outln!("{}", l.name),
+        Out::Json => outln!("{}", serde_json::to_string(l)?),
+        Out::Yaml => out!("{}", serde_norway::to_string(l)?),
         Out::Table => print_leases(std::slice::from_ref(l), Out::Table)?,
     }
     Ok(())

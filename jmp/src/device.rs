@@ -7,7 +7,7 @@
 use crate::attach::{Connector, Pin};
 use crate::cli::{FlowArg, Format, OnOff, ParityArg, PowerCmd, SerialCmd, Target};
 use crate::ctlsock::{self, Op, ReplyBody};
-use crate::{exit, known, paths, print_out, read_token, resolve, runtime, state};
+use crate::{exit, known, paths, print_out, resolve, runtime, state};
 use anyhow::Result;
 use jmp_devices::registry::{DeviceRequest, DeviceResponse};
 use jmp_protocol::exit as code;
@@ -121,8 +121,9 @@ fn finish(
 }
 
 fn run(device: Option<String>, target: Target, req: DeviceRequest) -> Result<()> {
-    if target.token_file.is_some() {
-        return finish(&target, direct(device, &target, &req));
+    if target.token_file.is_some() || target.token.is_some() {
+        let r = direct(device, &target, &req)?;
+        return finish(&target, r);
     }
     // A running attachment of that exporter (or the only one, or the lease's).
     let running = match (&target.exporter, &target.lease) {
@@ -197,31 +198,31 @@ async fn one_shot(
     result
 }
 
+/// Direct mode. Usage errors (no address, an unreadable token file) are the outer error; what
+/// the exporter answered is the inner result.
 fn direct(
     device: Option<String>,
     target: &Target,
     req: &DeviceRequest,
-) -> Result<(String, DeviceResponse, String), Refusal> {
-    let usage = |m: String| Refusal::new(ErrorCode::Protocol, m);
-    let exporter = target
-        .exporter
-        .as_ref()
-        .ok_or_else(|| usage("--token-file needs --exporter HOST:PORT".into()))?;
-    let token_file = target
-        .token_file
-        .as_ref()
-        .ok_or_else(|| usage("no token file".into()))?;
-    let addr = resolve(exporter).map_err(|e| usage(e.to_string()))?;
-    let token = read_token(token_file).map_err(|e| usage(e.to_string()))?;
+) -> Result<Result<(String, DeviceResponse, String), Refusal>> {
+    let exporter = target.exporter.as_ref().ok_or_else(|| {
+        exit(
+            code::USAGE,
+            "--token-file (or JMP_TOKEN) needs --exporter HOST:PORT",
+        )
+    })?;
+    let addr = resolve(exporter)?;
+    let token = crate::direct_token(&target.token, &target.token_file)?
+        .ok_or_else(|| exit(code::USAGE, "no token given"))?;
     let pin = match &target.fingerprint {
-        Some(f) => Pin::Fingerprint(f.parse().map_err(usage)?),
+        Some(f) => Pin::Fingerprint(f.parse().map_err(|e: String| exit(code::USAGE, e))?),
         None => Pin::Tofu {
             file: known::file(),
-            name: exporter.clone(),
+            name: known::normalize(exporter),
         },
     };
-    let rt = runtime().map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
-    rt.block_on(async {
+    let rt = runtime()?;
+    Ok(rt.block_on(async {
         let connector = Connector::new(
             addr,
             pin,
@@ -231,7 +232,7 @@ fn direct(
         )
         .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
         one_shot(connector, device, req).await
-    })
+    }))
 }
 
 fn by_lease(

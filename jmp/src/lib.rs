@@ -8,17 +8,6 @@
 //! files, and the attachment's control socket ([`ctlsock`]). Does not own: the wire
 //! (jmp-transport), devices (jmp-devices), the exporter (jmp-exporter).
 
-pub mod attach;
-pub mod cli;
-pub mod ctl;
-pub mod ctlsock;
-pub mod device;
-pub mod known;
-pub mod local;
-pub mod paths;
-mod state;
-pub mod table;
-
 use anyhow::{Context, Result};
 use attach::{Outcome, Pin, Ready};
 use clap::Parser;
@@ -47,7 +36,8 @@ pub(crate) fn exit(code: i32, message: impl Into<String>) -> anyhow::Error {
 }
 
 /// Writes `text` to stdout. A closed pipe (`jmp status | head -1`) ends the program quietly
-/// with success, as Unix tools do; it is never a panic.
+/// with success, as Unix tools do; it is never a panic. Every normal output of `jmp` goes
+/// through here ([`out!`], [`outln!`]).
 pub(crate) fn print_out(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
@@ -56,6 +46,33 @@ pub(crate) fn print_out(text: &str) -> Result<()> {
         Err(e) => Err(e.into()),
     }
 }
+
+/// `print!` that survives a closed pipe (see [`print_out`]); other write errors are ignored
+/// as `print!` would panic on them.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        let _ = $crate::print_out(&format!($($t)*));
+    }};
+}
+
+/// `println!` that survives a closed pipe.
+macro_rules! outln {
+    () => { out!("\n") };
+    ($($t:tt)*) => {{
+        let _ = $crate::print_out(&format!("{}\n", format_args!($($t)*)));
+    }};
+}
+
+pub mod attach;
+pub mod cli;
+pub mod ctl;
+pub mod ctlsock;
+pub mod device;
+pub mod known;
+pub mod local;
+pub mod paths;
+mod state;
+pub mod table;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -102,7 +119,48 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Delete { what } => verbs::delete_cmd(what),
         Cmd::Admin { cmd, admin_config } => verbs::admin_cmd(cmd, admin_config),
         Cmd::Auth { cmd } => verbs::auth_cmd(cmd),
+        Cmd::Trust { cmd } => trust_cmd(cmd),
     }
+}
+
+fn trust_cmd(cmd: TrustCmd) -> Result<()> {
+    let file = known::file();
+    match cmd {
+        TrustCmd::List => {
+            let rows: Vec<Vec<String>> = known::list(&file)
+                .map_err(|e| exit(code::FAILURE, e))?
+                .into_iter()
+                .map(|(a, f)| vec![a, f])
+                .collect();
+            if rows.is_empty() {
+                outln!("no exporter is trusted yet ({})", file.display());
+            } else {
+                out!(
+                    "{}",
+                    table::render(Some(&["EXPORTER", "FINGERPRINT"]), &rows)
+                );
+            }
+        }
+        TrustCmd::Pin { addr, fingerprint } => {
+            let fp: jmp_transport::Fingerprint = fingerprint
+                .parse()
+                .map_err(|e: String| exit(code::USAGE, e))?;
+            known::pin(&file, &addr, fp).map_err(|e| exit(code::FAILURE, e))?;
+            outln!("{} now trusted as {fp}", known::normalize(&addr));
+        }
+        TrustCmd::Forget { addr } => {
+            match known::forget(&file, &addr).map_err(|e| exit(code::FAILURE, e))? {
+                0 => {
+                    return Err(exit(
+                        code::UNAVAILABLE,
+                        format!("{} is not trusted", known::normalize(&addr)),
+                    ))
+                }
+                _ => outln!("forgot {}", known::normalize(&addr)),
+            }
+        }
+    }
+    Ok(())
 }
 
 mod verbs;
@@ -118,12 +176,20 @@ impl CommonArgs {
         self.devices
             .parse_check()
             .map_err(|e| exit(code::USAGE, e))?;
+        let dev_dir = match &self.dev_dir {
+            Some(d) => d.clone(),
+            None => {
+                let d = paths::default_dev_dir();
+                paths::check_fallback(&d).map_err(|e| exit(code::FAILURE, e))?;
+                d
+            }
+        };
         Ok(attach::Options {
             addr,
             token,
             token_refresh: None,
             pin,
-            dev_dir: self.dev_dir.clone().unwrap_or_else(paths::default_dev_dir),
+            dev_dir,
             devices: self.devices.clone(),
             client: self.name.clone().unwrap_or_else(paths::default_client_name),
             owner: Some(paths::invoking_user()),
@@ -205,17 +271,36 @@ fn outcome_to_result(o: Outcome, exporter: &str) -> Result<()> {
     }
 }
 
+/// Direct mode's token: `--token`/`JMP_TOKEN`, else the `--token-file`; `None` if neither.
+pub(crate) fn direct_token(
+    token: &Option<String>,
+    file: &Option<PathBuf>,
+) -> Result<Option<String>> {
+    match (token, file) {
+        (Some(t), _) if !t.trim().is_empty() => Ok(Some(t.trim().to_string())),
+        (Some(_), _) => Err(exit(code::USAGE, "--token (JMP_TOKEN) is empty")),
+        (None, Some(f)) => read_token(f).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
 fn attach_cmd(a: AttachArgs) -> Result<()> {
-    let (Some(exporter), Some(token_file)) = (&a.exporter, &a.token_file) else {
+    let token = direct_token(&a.token, &a.token_file)?;
+    let Some(exporter) = &a.exporter else {
         return verbs::attach_lease(a);
     };
+    let Some(token) = token else {
+        return Err(exit(
+            code::USAGE,
+            "--exporter needs the exporter's token: --token-file FILE (or JMP_TOKEN_FILE, JMP_TOKEN)",
+        ));
+    };
     let addr = resolve(exporter)?;
-    let token = read_token(token_file)?;
     let pin = match &a.fingerprint {
         Some(f) => Pin::Fingerprint(f.parse().map_err(|e: String| exit(code::USAGE, e))?),
         None => Pin::Tofu {
             file: known::file(),
-            name: exporter.clone(),
+            name: known::normalize(exporter),
         },
     };
     let opts = a.common.options(addr, token, pin)?;

@@ -7,6 +7,7 @@
 
 use crate::attach::{Live, Ready, Shared};
 use anyhow::{anyhow, bail, Context, Result};
+use jmp_protocol::exit as code;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, Read, Seek};
 use std::path::{Path, PathBuf};
@@ -26,6 +27,10 @@ pub struct StateFile {
     /// Local mode: the config it runs (none: the built-in simulated board).
     #[serde(default)]
     pub config: Option<PathBuf>,
+    /// The process's start time (clock ticks since boot, /proc/PID/stat field 22): a pid the
+    /// kernel has since given to another process does not match, so it is never signalled.
+    #[serde(default)]
+    pub start_time: Option<u64>,
 }
 
 /// Local mode's own state file and the config it runs.
@@ -43,24 +48,59 @@ pub fn local_file() -> PathBuf {
     dir().join("local.json")
 }
 
-fn alive(pid: u32) -> bool {
-    // A zombie is dead for our purposes: its devices are gone.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|st| st != "Z" && st != "X"),
-        Err(_) => false,
+/// State letter and start time of `pid` from /proc/PID/stat.
+fn proc_stat(pid: u32) -> Option<(String, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields resume after the
+    // last ')'. Field 3 is the state, field 22 the start time.
+    let (_, rest) = s.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some((fields.first()?.to_string(), fields.get(19)?.parse().ok()?))
+}
+
+pub fn start_time(pid: u32) -> Option<u64> {
+    proc_stat(pid).map(|(_, t)| t)
+}
+
+/// Whether the attachment recorded in `st` still runs: its pid is alive (a zombie is dead for
+/// our purposes: its devices are gone) and, when recorded, started at the recorded time.
+fn alive(st: &StateFile) -> bool {
+    match proc_stat(st.ready.pid) {
+        Some((state, started)) => {
+            state != "Z" && state != "X" && st.start_time.is_none_or(|t| t == started)
+        }
+        None => false,
     }
+}
+
+/// What a dead attachment left: its state file, its control socket and its device links
+/// (only symlinks: a link is all jmp ever puts there). A dangling console link would
+/// otherwise follow a reused pty number into some other program's terminal.
+fn clean_dead(path: &Path, st: &StateFile) {
+    for d in &st.ready.devices {
+        for e in &d.endpoints {
+            if let jmp_devices::Local::Path(p) = &e.local {
+                if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()) {
+                    let _ = std::fs::remove_file(p);
+                    if let Some(dir) = p.parent() {
+                        // Only when empty.
+                        let _ = std::fs::remove_dir(dir);
+                    }
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&st.socket);
+    let _ = std::fs::remove_file(path);
 }
 
 fn read_state(path: &Path) -> Option<StateFile> {
     let text = std::fs::read_to_string(path).ok()?;
     let st: StateFile = serde_json::from_str(&text).ok()?;
-    if alive(st.ready.pid) {
+    if alive(&st) {
         Some(st)
     } else {
-        let _ = std::fs::remove_file(path);
+        clean_dead(path, &st);
         None
     }
 }
@@ -87,24 +127,34 @@ fn all_states() -> Vec<StateFile> {
     out
 }
 
-/// The attachment of `exporter`, or the only one.
+/// The attachment of `exporter`, or the only one. The rule of every verb that acts on one
+/// object: naming one (or implying "the only one") that does not exist exits 5; verbs that
+/// stop or clean up everything (`--all`, `jmp local stop`) succeed when there is nothing to do.
 pub fn find(exporter: Option<&str>) -> Result<StateFile> {
     let all = all_states();
     match exporter {
         Some(name) => all
             .into_iter()
             .find(|s| s.ready.exporter == name)
-            .ok_or_else(|| anyhow!("no attachment of exporter {name:?} is running")),
+            .ok_or_else(|| {
+                crate::exit(
+                    code::UNAVAILABLE,
+                    format!("no attachment of exporter {name:?} is running"),
+                )
+            }),
         None => match all.len() {
-            0 => bail!("no attachment is running"),
+            0 => Err(crate::exit(code::UNAVAILABLE, "no attachment is running")),
             1 => Ok(all.into_iter().next().expect("one element")),
-            _ => bail!(
-                "several attachments are running ({}); name one with --exporter",
-                all.iter()
-                    .map(|s| s.ready.exporter.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            _ => Err(crate::exit(
+                code::USAGE,
+                format!(
+                    "several attachments are running ({}); name one",
+                    all.iter()
+                        .map(|s| s.ready.exporter.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
         },
     }
 }
@@ -122,7 +172,8 @@ impl StateGuard {
         local: Option<LocalState>,
     ) -> Result<StateGuard, String> {
         let d = dir();
-        std::fs::create_dir_all(&d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+        crate::paths::check_fallback(&d)?;
+        crate::paths::private_dir(&d)?;
         let json_path = d.join(format!("attach-{}.json", r.exporter));
         let sock_path = d.join(format!("attach-{}.sock", r.exporter));
         if let Some(other) = read_state(&json_path) {
@@ -141,6 +192,7 @@ impl StateGuard {
             socket: sock_path.clone(),
             log: std::env::var_os("JMP_LOG_FILE").map(PathBuf::from),
             config: local.as_ref().and_then(|l| l.config.clone()),
+            start_time: start_time(std::process::id()),
         };
         let text = serde_json::to_string_pretty(&state).map_err(|e| e.to_string())?;
         let mut files = vec![sock_path];
@@ -177,6 +229,41 @@ pub fn after_ready() {
     }
 }
 
+/// Logs of background attachments that have ended are kept for a day (the post-mortem of a
+/// failed CI job), and at most [`KEEP_LOGS`] of them; the logs of running ones are never touched.
+const KEEP_LOGS: usize = 20;
+
+fn clean_logs(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut dead: Vec<(std::time::SystemTime, PathBuf)> = rd
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid: u32 = name
+                .strip_prefix("jmp-")?
+                .strip_suffix(".log")?
+                .parse()
+                .ok()?;
+            if proc_stat(pid).is_some_and(|(st, _)| st != "Z" && st != "X") {
+                return None;
+            }
+            let modified = e.metadata().ok()?.modified().ok()?;
+            Some((modified, e.path()))
+        })
+        .collect();
+    dead.sort();
+    let day = Duration::from_secs(24 * 3600);
+    let excess = dead.len().saturating_sub(KEEP_LOGS);
+    for (i, (modified, path)) in dead.iter().enumerate() {
+        let old = modified.elapsed().is_ok_and(|a| a > day);
+        if i < excess || old {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// Re-runs this command as a background child (`attach -d` → `attach`, `local start` →
 /// `local run`), waits for its Ready line, prints it, returns. The child logs to a file in the
 /// runtime dir.
@@ -190,7 +277,9 @@ pub fn spawn_background(json: bool) -> Result<()> {
         }
     }
     let d = dir();
-    std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
+    crate::paths::check_fallback(&d).map_err(|e| anyhow!(e))?;
+    crate::paths::private_dir(&d).map_err(|e| anyhow!(e))?;
+    clean_logs(&d);
     let log_path = d.join(format!("jmp-{}.log", std::process::id()));
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("cannot create {}", log_path.display()))?;
@@ -238,25 +327,77 @@ pub fn spawn_background(json: bool) -> Result<()> {
     let ready: Ready = serde_json::from_str(line.trim())
         .context("bad ready line from the background attachment")?;
     if json {
-        print!("{}", line);
+        out!("{}", line);
     } else {
-        print!("{}", ready.table());
+        out!("{}", ready.table());
     }
     Ok(())
 }
 
-fn stop_pid(pid: u32, what: &str) -> Result<()> {
-    let p = nix::unistd::Pid::from_raw(pid as i32);
-    nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGTERM)
-        .with_context(|| format!("cannot signal {what} (pid {pid})"))?;
-    for _ in 0..200 {
-        if !alive(pid) {
-            return Ok(());
+/// A process handle that cannot be confused with a later process of the same pid.
+struct PidFd(std::os::fd::OwnedFd);
+
+impl PidFd {
+    fn open(pid: u32) -> std::io::Result<PidFd> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
         }
-        std::thread::sleep(Duration::from_millis(50));
+        // SAFETY: a fresh descriptor owned by nothing else.
+        Ok(PidFd(unsafe {
+            std::os::fd::OwnedFd::from_raw_fd(fd as i32)
+        }))
+    }
+
+    fn signal(&self, sig: libc::c_int) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: pidfd_send_signal on a pidfd we own, no siginfo.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.0.as_raw_fd(),
+                sig,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits until the process has exited (the pidfd becomes readable), at most `timeout`.
+    fn exited(&self, timeout: Duration) -> bool {
+        use std::os::fd::AsFd;
+        let mut fds = [nix::poll::PollFd::new(
+            self.0.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)), Ok(n) if n > 0)
+    }
+}
+
+/// Stops the attachment of `st`: SIGTERM, up to 10 s for it to remove its devices, then
+/// SIGKILL. Through a pidfd opened before checking the start time, so a recycled pid is never
+/// signalled.
+fn stop(st: &StateFile, what: &str) -> Result<()> {
+    let pid = st.ready.pid;
+    let fd = PidFd::open(pid).with_context(|| format!("{what} (pid {pid}) is gone"))?;
+    if !alive(st) {
+        bail!("{what}: pid {pid} now belongs to another process; not signalling it (the state file was stale and is removed)");
+    }
+    fd.signal(libc::SIGTERM)
+        .with_context(|| format!("cannot signal {what} (pid {pid})"))?;
+    if fd.exited(Duration::from_secs(10)) {
+        return Ok(());
     }
     warn!("{what} (pid {pid}) did not stop within 10 s; killing it");
-    let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+    let _ = fd.signal(libc::SIGKILL);
+    fd.exited(Duration::from_secs(5));
     Ok(())
 }
 
@@ -267,14 +408,11 @@ pub fn detach(exporter: Option<&str>, all: bool) -> Result<()> {
         vec![find(exporter)?]
     };
     if targets.is_empty() {
-        println!("no attachment is running");
+        outln!("no attachment is running");
     }
     for st in targets {
-        stop_pid(
-            st.ready.pid,
-            &format!("the attachment of {}", st.ready.exporter),
-        )?;
-        println!("detached {}", st.ready.exporter);
+        stop(&st, &format!("the attachment of {}", st.ready.exporter))?;
+        outln!("detached {}", st.ready.exporter);
     }
     Ok(())
 }
@@ -286,13 +424,13 @@ pub fn local_running() -> Option<StateFile> {
 pub fn local_stop() -> Result<()> {
     match read_state(&local_file()) {
         None => {
-            println!("no local exporter is running");
+            outln!("no local exporter is running");
             Ok(())
         }
         Some(st) => {
-            stop_pid(st.ready.pid, "the local exporter")?;
+            stop(&st, "the local exporter")?;
             let _ = std::fs::remove_file(local_file());
-            println!("stopped local exporter {}", st.ready.exporter);
+            outln!("stopped local exporter {}", st.ready.exporter);
             Ok(())
         }
     }

@@ -76,7 +76,7 @@ pub(super) fn config_client(cmd: ConfigClientCmd) -> Result<()> {
             cfg.metadata.name = name.clone();
             let path = c::clients_dir().join(format!("{name}.yaml"));
             c::write_client_file(&path, &cfg)?;
-            println!("client config {name} written to {}", path.display());
+            outln!("client config {name} written to {}", path.display());
             if !no_use {
                 set_current(&name)?;
             }
@@ -109,7 +109,7 @@ pub(super) fn config_client(cmd: ConfigClientCmd) -> Result<()> {
             match output {
                 Out::Name => {
                     for r in &rows {
-                        println!("{}", r.metadata.name);
+                        outln!("{}", r.metadata.name);
                     }
                 }
                 Out::Json | Out::Yaml => {
@@ -125,20 +125,20 @@ pub(super) fn config_client(cmd: ConfigClientCmd) -> Result<()> {
                         })
                         .collect();
                     if output == Out::Json {
-                        println!("{}", serde_json::to_string_pretty(&v)?);
+                        outln!("{}", serde_json::to_string_pretty(&v)?);
                     } else {
-                        print!("{}", serde_norway::to_string(&v)?);
+                        out!("{}", serde_norway::to_string(&v)?);
                     }
                 }
                 Out::Table => {
-                    println!("CURRENT  NAME  ENDPOINT");
+                    outln!("CURRENT  NAME  ENDPOINT");
                     for r in &rows {
                         let mark = if Some(&r.metadata.name) == current.as_ref() {
                             "*"
                         } else {
                             ""
                         };
-                        println!("{mark:7}  {}  {}", r.metadata.name, r.endpoint);
+                        outln!("{mark:7}  {}  {}", r.metadata.name, r.endpoint);
                     }
                 }
             }
@@ -152,7 +152,7 @@ pub(super) fn config_client(cmd: ConfigClientCmd) -> Result<()> {
                     format!("cannot delete {}: {e}", path.display()),
                 )
             })?;
-            println!("client config {name} deleted");
+            outln!("client config {name} deleted");
             Ok(())
         }
     }
@@ -160,7 +160,7 @@ pub(super) fn config_client(cmd: ConfigClientCmd) -> Result<()> {
 
 fn set_current(name: &str) -> Result<()> {
     c::set_current(name)?;
-    println!("using client {name}");
+    outln!("using client {name}");
     Ok(())
 }
 
@@ -334,7 +334,7 @@ pub(super) fn delete_cmd(what: DeleteCmd) -> Result<()> {
         match ctl.call(Request::DeleteLease { names, all }).await? {
             Reply::Deleted { names } => {
                 for n in names {
-                    println!("lease {n} deleted");
+                    outln!("lease {n} deleted");
                 }
                 Ok(())
             }
@@ -392,7 +392,7 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                             c::write_client_file(&p, &cc)?;
                             eprintln!("client {name} created; its config is in {}", p.display());
                         }
-                        None if !save => print!("{}", serde_norway::to_string(&cc)?),
+                        None if !save => out!("{}", serde_norway::to_string(&cc)?),
                         None => {}
                     }
                     Ok(())
@@ -412,7 +412,7 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                                         .map_err(|e| exit(code::FAILURE, format!("cannot write {}: {e}", p.display())))?;
                                     eprintln!("exporter {name} created; its credential is in {} (mode 0600)", p.display());
                                 }
-                                None => println!("{}", cr.token),
+                                None => outln!("{}", cr.token),
                             }
                             Ok(())
                         }
@@ -457,7 +457,7 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                 };
                 match ctl.call(req).await? {
                     Reply::Deleted { .. } => {
-                        println!("{what} deleted");
+                        outln!("{what} deleted");
                         Ok(())
                     }
                     other => Err(c::unexpected(other)),
@@ -473,7 +473,7 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                     .await?
                 {
                     Reply::Done => {
-                        println!(
+                        outln!(
                             "exporter {name} {}",
                             if enabled { "enabled" } else { "disabled" }
                         );
@@ -496,7 +496,7 @@ pub(super) fn auth_cmd(cmd: AuthCmd) -> Result<()> {
                 let mut next = cfg.clone();
                 next.token = cr.token;
                 c::write_client_file(&path, &next)?;
-                println!(
+                outln!(
                     "credential of {} rotated and saved to {}; the old one is revoked",
                     cr.name,
                     path.display()

@@ -22,17 +22,26 @@ pub enum ConnectError {
         addr: SocketAddr,
         source: quinn::ConnectError,
     },
-    #[error("cannot reach the exporter at {addr}: {source}")]
+    #[error("cannot reach the {peer} at {addr}: {source}")]
     Connection {
+        peer: &'static str,
         addr: SocketAddr,
         source: quinn::ConnectionError,
     },
+    #[error("no answer from the {peer} at {addr} within {}s (is it running, and is UDP to it allowed?)", timeout.as_secs())]
+    NoAnswer {
+        peer: &'static str,
+        addr: SocketAddr,
+        timeout: Duration,
+    },
     #[error(
-        "the exporter at {addr} presented certificate {got}, but {expected} is pinned for it. \
-         This is what an impostor would look like. If the exporter's identity was regenerated on \
-         purpose, pin the new fingerprint (jmpd prints it at start)"
+        "the {peer} at {addr} presented certificate {got}, but {expected} is pinned for it. \
+         This is what an impostor would look like. If its identity was regenerated on purpose \
+         (a re-imaged lab host), trust the new one with `jmp trust pin {addr} {got}` after \
+         checking it (jmpd prints its fingerprint at start)"
     )]
     FingerprintMismatch {
+        peer: &'static str,
         addr: SocketAddr,
         expected: Fingerprint,
         got: Fingerprint,
@@ -221,29 +230,48 @@ fn client_config(alpn: &[u8]) -> Result<quinn::ClientConfig, ConnectError> {
     Ok(c)
 }
 
-/// Connects and checks the exporter's certificate against `pin`. Returns the connection and the
-/// fingerprint seen (for trust-on-first-use, when `pin` is `None`).
+/// How long a handshake may take before the peer counts as not answering. A QUIC client gets no
+/// error for a port nothing listens on (ICMP is not reported), so without this a stopped
+/// controller would cost the idle timeout on every command.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects and checks the peer's certificate against `pin`. Returns the connection and the
+/// fingerprint seen (for trust-on-first-use, when `pin` is `None`). The ALPN says what the peer
+/// is (exporter or controller), for the error messages.
 pub async fn connect(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     alpn: &[u8],
     pin: Option<Fingerprint>,
 ) -> Result<(quinn::Connection, Fingerprint), ConnectError> {
+    let peer = if alpn == jmp_protocol::ALPN_CONTROLLER {
+        "controller"
+    } else {
+        "exporter"
+    };
     let connecting = endpoint
         .connect_with(client_config(alpn)?, addr, "jmp-exporter")
         .map_err(|source| ConnectError::Connect { addr, source })?;
-    let conn = connecting
-        .await
-        .map_err(|source| ConnectError::Connection { addr, source })?;
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+        Ok(c) => c.map_err(|source| ConnectError::Connection { peer, addr, source })?,
+        Err(_) => {
+            return Err(ConnectError::NoAnswer {
+                peer,
+                addr,
+                timeout: HANDSHAKE_TIMEOUT,
+            })
+        }
+    };
     let got = conn
         .peer_identity()
         .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
         .and_then(|certs| certs.first().map(|c| Fingerprint::of(c.as_ref())))
-        .ok_or_else(|| ConnectError::Tls("the exporter presented no certificate".into()))?;
+        .ok_or_else(|| ConnectError::Tls(format!("the {peer} presented no certificate")))?;
     if let Some(expected) = pin {
         if expected != got {
             conn.close(0u32.into(), b"certificate fingerprint mismatch");
             return Err(ConnectError::FingerprintMismatch {
+                peer,
                 addr,
                 expected,
                 got,
