@@ -16,11 +16,38 @@ use tracing::{debug, info, info_span, Instrument};
 
 /// How long a caller may take to send its request after opening a stream.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may exist without one call that presented a valid credential.
+const AUTH_DEADLINE: Duration = Duration::from_secs(10);
+/// Calls read at once on a connection that has not authenticated yet (each may buffer up to
+/// `MAX_CALL_FRAME` before its credential can be checked).
+const PRE_AUTH_STREAMS: usize = 4;
 
 pub struct Api {
     pub core: mpsc::Sender<Cmd>,
     pub verifier: Verifier,
     next_stream: AtomicU64,
+    gate: Arc<jmp_transport::gate::Gate>,
+}
+
+/// One connection's authentication: closed after [`AUTH_DEADLINE`] unless a call on it
+/// presents a valid credential; until then few of its streams are read at once.
+struct ConnAuth {
+    authenticated: tokio::sync::watch::Sender<bool>,
+    pre_auth: tokio::sync::Semaphore,
+    ticket: std::sync::Mutex<Option<jmp_transport::gate::Ticket>>,
+}
+
+impl ConnAuth {
+    fn authenticated(&self) {
+        self.authenticated.send_replace(true);
+        if let Some(t) = self.ticket.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            t.release();
+        }
+    }
+
+    fn is_authenticated(&self) -> bool {
+        *self.authenticated.borrow()
+    }
 }
 
 impl Api {
@@ -29,6 +56,7 @@ impl Api {
             core,
             verifier,
             next_stream: AtomicU64::new(1),
+            gate: jmp_transport::gate::Gate::new(jmp_transport::gate::Limits::default()),
         })
     }
 
@@ -43,9 +71,12 @@ impl Api {
                 _ = &mut shutdown => break,
                 inc = endpoint.accept() => match inc {
                     Some(i) => {
+                        let Some((i, ticket)) = jmp_transport::gate::admit(&self.gate, i) else {
+                            continue;
+                        };
                         let me = self.clone();
                         let peer = i.remote_address();
-                        tokio::spawn(me.connection(i).instrument(info_span!("conn", %peer)));
+                        tokio::spawn(me.connection(i, ticket).instrument(info_span!("conn", %peer)));
                     }
                     None => break,
                 },
@@ -55,7 +86,11 @@ impl Api {
         let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
     }
 
-    async fn connection(self: Arc<Self>, incoming: quinn::Incoming) {
+    async fn connection(
+        self: Arc<Self>,
+        incoming: quinn::Incoming,
+        ticket: jmp_transport::gate::Ticket,
+    ) {
         let peer = incoming.remote_address();
         let conn = match incoming.await {
             Ok(c) => c,
@@ -64,12 +99,33 @@ impl Api {
                 return;
             }
         };
+        let auth = Arc::new(ConnAuth {
+            authenticated: tokio::sync::watch::Sender::new(false),
+            pre_auth: tokio::sync::Semaphore::new(PRE_AUTH_STREAMS),
+            ticket: std::sync::Mutex::new(Some(ticket)),
+        });
+        // A connection that never authenticates does not live on.
+        {
+            let conn = conn.clone();
+            let mut ok = auth.authenticated.subscribe();
+            tokio::spawn(async move {
+                let authed = tokio::time::timeout(AUTH_DEADLINE, ok.wait_for(|a| *a)).await;
+                if !matches!(authed, Ok(Ok(_))) {
+                    conn.close(
+                        quinn::VarInt::from_u64(jmp_protocol::ErrorCode::Unauthorized.to_wire())
+                            .unwrap_or(quinn::VarInt::from_u32(2)),
+                        b"no valid credential within 10 s",
+                    );
+                }
+            });
+        }
         loop {
             match conn.accept_bi().await {
                 Ok((send, recv)) => {
                     let me = self.clone();
                     let conn = conn.clone();
-                    tokio::spawn(async move { me.stream(conn, send, recv).await });
+                    let auth = auth.clone();
+                    tokio::spawn(async move { me.stream(conn, auth, send, recv).await });
                 }
                 Err(e) => {
                     debug!("connection from {peer} ended: {e}");
@@ -101,10 +157,27 @@ impl Api {
     async fn stream(
         self: Arc<Self>,
         conn: quinn::Connection,
+        auth: Arc<ConnAuth>,
         send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
         let mut tx = ReplyTx(send);
+        // Until the connection has authenticated, only a few of its calls are read at once.
+        let permit = if auth.is_authenticated() {
+            None
+        } else {
+            match auth.pre_auth.try_acquire() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    tx.error(
+                        CtlErrorCode::Unauthorized,
+                        "too many calls before a credential was accepted",
+                    )
+                    .await;
+                    return;
+                }
+            }
+        };
         let call = match tokio::time::timeout(CALL_TIMEOUT, read_call(&mut recv)).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
@@ -119,7 +192,11 @@ impl Api {
             }
         };
         let caller = match self.authenticate(&call.credential) {
-            Ok(c) => c,
+            Ok(c) => {
+                auth.authenticated();
+                drop(permit);
+                c
+            }
             Err(why) => {
                 info!("refused a call from {}: {why}", conn.remote_address());
                 tx.error(

@@ -66,6 +66,13 @@ pub struct Lease {
     pub requested: Millis,
     pub begin: Millis,
     pub end: Millis,
+    /// The CI job (or other scope) that asked for it, as the client said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// Made as a reservation (a begin time, no caller waiting): nobody is expected to claim
+    /// the grant at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reserved: bool,
 }
 
 /// A request waiting for an exporter.
@@ -88,6 +95,11 @@ pub struct Waiting {
     pub not_before: Millis,
     /// The request gives up at this time if still waiting; never before `not_before`.
     pub wait_until: Millis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// A reservation: it keeps its place without a caller waiting on it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reserved: bool,
 }
 
 /// A lease request as the server received it.
@@ -106,6 +118,8 @@ pub struct NewRequest {
     /// future, in which case it waits until `not_before` and gives up then if not served.
     /// `Some(t)` with `t < not_before` is treated as `not_before` for the same reason.
     pub wait_until: Option<Millis>,
+    pub job: Option<String>,
+    pub reserved: bool,
 }
 
 /// Why a lease ended.
@@ -690,6 +704,8 @@ impl LeaseBook {
                     requested: now,
                     begin: now,
                     end: now.saturating_add(req.duration),
+                    job: req.job,
+                    reserved: req.reserved,
                 };
                 self.insert_lease(lease.clone());
                 return (Outcome::Granted(lease), events);
@@ -737,6 +753,8 @@ impl LeaseBook {
                 arrived: now,
                 not_before,
                 wait_until,
+                job: req.job,
+                reserved: req.reserved,
             },
             selector: req.selector,
             policy: req.policy,
@@ -1212,6 +1230,8 @@ impl LeaseBook {
             requested: w.arrived,
             begin: self.clock,
             end: self.clock.saturating_add(w.duration),
+            job: w.job,
+            reserved: w.reserved,
         };
         self.insert_lease(lease.clone());
         events.push(Event::Granted { lease });
@@ -1392,6 +1412,8 @@ mod tests {
             duration: 100,
             not_before: 0,
             wait_until: None,
+            job: None,
+            reserved: false,
         }
     }
 
@@ -3017,6 +3039,8 @@ mod tests {
                         duration: *duration,
                         not_before,
                         wait_until,
+                        job: None,
+                        reserved: false,
                     };
                     let (outcome, ev) = self.book.request(now, req);
                     let b = &self.book;

@@ -34,11 +34,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// How long a waiting request (or an undelivered grant) survives its requester going away,
 /// so that a network blip or a controller restart does not cost its place in the queue.
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(15);
+/// Default of `--max-waiting-per-client`: enough for a CI matrix, too few to fill a queue.
+pub const MAX_WAITING_PER_CLIENT: usize = 16;
 
 /// Longest lease when neither the client's policy nor the controller's flag says.
 pub const DEFAULT_MAX_DURATION_SECS: u64 = 24 * 3600;
@@ -72,8 +74,13 @@ pub struct ExporterRecord {
     pub created: u64,
     #[serde(default)]
     pub address: String,
+    /// Bound at the first registration; a registration with another one is refused until an
+    /// admin rebinds the exporter (a leaked credential cannot redirect clients elsewhere).
     #[serde(default)]
     pub fingerprint: String,
+    /// The last fingerprint a refused registration presented.
+    #[serde(default)]
+    pub rejected_fingerprint: Option<String>,
     #[serde(default)]
     pub devices: Vec<DeviceSummary>,
 }
@@ -152,6 +159,8 @@ pub struct Core<S: LeaseStore> {
     auth: Arc<Authority>,
     metrics: Arc<Metrics>,
     default_max_secs: u64,
+    /// Waiting requests one client may have at once.
+    max_waiting: usize,
     /// Replies held back until the batch is durable.
     out: Vec<(mpsc::UnboundedSender<Reply>, Reply)>,
     positions_dirty: bool,
@@ -216,6 +225,7 @@ pub fn lease_info(l: &Lease) -> LeaseInfo {
         end: l.end / 1000,
         request_id: l.request_id.clone(),
         status: "active".into(),
+        job: l.job.clone(),
     }
 }
 
@@ -228,7 +238,8 @@ fn waiting_info(w: &Waiting) -> LeaseInfo {
         begin: w.not_before / 1000,
         end: w.wait_until / 1000,
         request_id: w.request_id.clone(),
-        status: "waiting".into(),
+        status: if w.reserved { "reserved" } else { "waiting" }.into(),
+        job: w.job.clone(),
     }
 }
 
@@ -299,6 +310,7 @@ impl<S: LeaseStore> Core<S> {
             auth,
             metrics,
             default_max_secs,
+            max_waiting: MAX_WAITING_PER_CLIENT,
             out: Vec::new(),
             positions_dirty: false,
             orphan_grace: ORPHAN_GRACE,
@@ -306,7 +318,13 @@ impl<S: LeaseStore> Core<S> {
         };
         // Waiting requests restored from the store have no requester connected yet: give
         // them the grace period to come back.
-        let restored: Vec<String> = core.book.waiting().map(|w| w.request_id.clone()).collect();
+        // (A reservation needs nobody: it keeps its place.)
+        let restored: Vec<String> = core
+            .book
+            .waiting()
+            .filter(|w| !w.reserved)
+            .map(|w| w.request_id.clone())
+            .collect();
         for id in restored {
             core.orphans.insert(id, Instant::now() + core.orphan_grace);
         }
@@ -322,6 +340,11 @@ impl<S: LeaseStore> Core<S> {
             core.orphans.insert(id, Instant::now() + core.orphan_grace);
         }
         Ok(core)
+    }
+
+    /// Changes how many requests one client may have waiting (`--max-waiting-per-client`).
+    pub fn set_max_waiting(&mut self, n: usize) {
+        self.max_waiting = n.max(1);
     }
 
     /// Changes [`ORPHAN_GRACE`] (tests).
@@ -544,8 +567,14 @@ impl<S: LeaseStore> Core<S> {
                 if let Some(id) = self.watcher_streams.remove(&stream) {
                     if self.watchers.get(&id).is_some_and(|w| w.stream == stream) {
                         self.watchers.remove(&id);
-                        info!(request = %id, "requester went away; keeping its place for {}s", self.orphan_grace.as_secs());
-                        self.orphans.insert(id, Instant::now() + self.orphan_grace);
+                        let reserved = self.book.waiting_by_id(&id).is_some_and(|w| w.reserved);
+                        if reserved {
+                            // A reservation keeps its place with or without a caller.
+                            debug!(request = %id, "a caller waiting on a reservation went away");
+                        } else {
+                            info!(request = %id, "requester went away; keeping its place for {}s", self.orphan_grace.as_secs());
+                            self.orphans.insert(id, Instant::now() + self.orphan_grace);
+                        }
                     }
                     // Otherwise its lease was granted and sent but never confirmed: the orphan
                     // mark set at the grant stays, and the lease is released when it runs out
@@ -624,6 +653,7 @@ impl<S: LeaseStore> Core<S> {
                 | Request::DeleteClient { .. }
                 | Request::DeleteExporter { .. }
                 | Request::SetExporterEnabled { .. }
+                | Request::RebindExporter { .. }
         );
         if admin_only && !admin {
             self.reply(
@@ -720,6 +750,16 @@ impl<S: LeaseStore> Core<S> {
                     let ev = self.book.upsert_exporter(now, &name, labels, enabled);
                     self.on_events(now, ev);
                     self.push.insert(name.clone());
+                    Reply::Done
+                }
+            },
+            Request::RebindExporter { name } => match self.exporters.get_mut(&name) {
+                None => err(CtlErrorCode::NotFound, format!("no exporter {name:?}")),
+                Some(rec) => {
+                    info!(exporter = %name, old = %rec.fingerprint, "fingerprint unbound by an admin; the next registration binds one");
+                    rec.fingerprint.clear();
+                    rec.rejected_fingerprint = None;
+                    self.dirty.insert((Table::Exporters, name.clone()));
                     Reply::Done
                 }
             },
@@ -828,13 +868,51 @@ impl<S: LeaseStore> Core<S> {
                 ),
             );
         }
+        if req
+            .job
+            .as_ref()
+            .is_some_and(|j| j.is_empty() || j.len() > 128)
+        {
+            return refuse(
+                self,
+                "invalid",
+                err(CtlErrorCode::Invalid, "job must be 1-128 characters"),
+            );
+        }
+        // A quota on waiting requests, so one client cannot fill the queue (a retry of a
+        // request already waiting is not a new one).
+        let waiting_mine = self
+            .book
+            .waiting()
+            .filter(|w| w.client == caller.name && w.request_id != req.request_id)
+            .count();
+        if waiting_mine >= self.max_waiting {
+            return refuse(
+                self,
+                "quota",
+                err(
+                    CtlErrorCode::Forbidden,
+                    format!(
+                        "client {} already has {waiting_mine} requests waiting (at most {} per client); withdraw some with jmp delete lease NAME",
+                        caller.name, self.max_waiting
+                    ),
+                ),
+            );
+        }
         let not_before = req
             .begin_time
             .map(|t| t.saturating_mul(1000))
             .unwrap_or(now)
             .max(now);
-        let wait_until = (req.wait_secs > 0)
-            .then(|| not_before.saturating_add(req.wait_secs.saturating_mul(1000)));
+        // A begin time in the future without --wait is a reservation: answered at once, it
+        // waits in the queue from its begin time until granted or until its would-be end.
+        let reserved = not_before > now && req.wait_secs == 0;
+        let wait_until = if reserved {
+            Some(not_before.saturating_add(req.duration_secs.saturating_mul(1000)))
+        } else {
+            (req.wait_secs > 0)
+                .then(|| not_before.saturating_add(req.wait_secs.saturating_mul(1000)))
+        };
         let mut lease_name = random_hex(8);
         while self.book.lease(&lease_name).is_some() {
             lease_name = random_hex(8);
@@ -852,6 +930,8 @@ impl<S: LeaseStore> Core<S> {
                 duration: req.duration_secs.saturating_mul(1000),
                 not_before,
                 wait_until,
+                job: req.job.clone(),
+                reserved,
             },
         );
         match outcome {
@@ -869,6 +949,20 @@ impl<S: LeaseStore> Core<S> {
                 self.push.insert(lease.exporter.clone());
                 let r = Reply::Lease(lease_info(&lease));
                 self.reply(&tx, r);
+            }
+            Outcome::Queued { .. } if reserved => {
+                self.metrics
+                    .requests
+                    .with_label_values(&["reserved", &team])
+                    .inc();
+                let info = self.book.waiting_by_id(&req.request_id).map(waiting_info);
+                match info {
+                    Some(i) => {
+                        info!(lease = %i.name, client = %i.client, begin = i.begin, "reserved");
+                        self.reply(&tx, Reply::Lease(i));
+                    }
+                    None => self.reply(&tx, err(CtlErrorCode::Internal, "reservation lost")),
+                }
             }
             Outcome::Queued { position, behind } => {
                 self.metrics
@@ -1185,6 +1279,8 @@ impl<S: LeaseStore> Core<S> {
                     devices: rec.devices.clone(),
                     lease: lease.map(|l| l.name.clone()),
                     client: lease.map(|l| l.client.clone()),
+                    fingerprint: rec.fingerprint.clone(),
+                    fingerprint_refused: rec.rejected_fingerprint.clone(),
                 })
             })
             .collect();
@@ -1238,6 +1334,7 @@ impl<S: LeaseStore> Core<S> {
                 created: now / 1000,
                 address: String::new(),
                 fingerprint: String::new(),
+                rejected_fingerprint: None,
                 devices: Vec::new(),
             },
         };
@@ -1373,6 +1470,31 @@ impl<S: LeaseStore> Core<S> {
         let Some(rec) = self.exporters.get_mut(&name) else {
             return;
         };
+        if !rec.fingerprint.is_empty() && rec.fingerprint != reg.fingerprint {
+            warn!(
+                exporter = %name,
+                bound = %rec.fingerprint,
+                presented = %reg.fingerprint,
+                address = %reg.address,
+                "registration refused: another TLS fingerprint than the one bound to this exporter (re-imaged host, or a leaked credential)"
+            );
+            let bound = rec.fingerprint.clone();
+            if rec.rejected_fingerprint.as_ref() != Some(&reg.fingerprint) {
+                rec.rejected_fingerprint = Some(reg.fingerprint.clone());
+                self.dirty.insert((Table::Exporters, name.clone()));
+            }
+            self.reply(
+                &tx,
+                err(
+                    CtlErrorCode::Unauthorized,
+                    format!(
+                        "exporter {name} is bound to TLS fingerprint {bound} (from its first registration); this one is {}. If its host was re-imaged, an admin accepts the new identity with `jmp admin rebind exporter {name}`",
+                        reg.fingerprint
+                    ),
+                ),
+            );
+            return;
+        }
         let changed = rec.address != reg.address
             || rec.fingerprint != reg.fingerprint
             || rec.config_labels != reg.labels
@@ -1430,6 +1552,9 @@ impl<S: LeaseStore> Core<S> {
                             self.orphans
                                 .insert(lease.request_id.clone(), Instant::now() + grace);
                             self.out.push((w.tx, Reply::Lease(lease_info(&lease))));
+                        }
+                        None if lease.reserved => {
+                            // A reservation's grant is claimed when its holder attaches.
                         }
                         None => {
                             // Nobody is listening right now: keep it for the grace period, in

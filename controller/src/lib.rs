@@ -50,6 +50,9 @@ pub struct Args {
     /// Longest lease for clients whose policy sets none, e.g. `24h`.
     #[arg(long, default_value = "24h", value_parser = parse_duration_arg)]
     pub max_duration: u64,
+    /// Waiting lease requests one client may have at once (more are refused, saying so).
+    #[arg(long, default_value_t = core::MAX_WAITING_PER_CLIENT)]
+    pub max_waiting_per_client: usize,
 }
 
 fn parse_duration_arg(s: &str) -> Result<u64, String> {
@@ -125,6 +128,7 @@ pub async fn run(args: Args) -> Result<()> {
         args.max_duration,
     )
     .with_context(|| format!("loading {}", db.display()))?;
+    core.set_max_waiting(args.max_waiting_per_client);
 
     // The admin credential: written once, readable by its owner (root) only. Removing the file
     // and restarting issues a new one and revokes the old.

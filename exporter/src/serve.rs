@@ -23,6 +23,8 @@ const CONFIRM_WAIT: Duration = Duration::from_secs(2);
 
 pub struct Exporter {
     name: String,
+    /// Connections that have not yet been admitted by the seat (see `jmp_transport::gate`).
+    gate: Arc<jmp_transport::gate::Gate>,
     devices: DeviceSet,
     auth: Arc<dyn Authorizer>,
     instance: u64,
@@ -55,6 +57,7 @@ impl Exporter {
         let instance = crate::auth::random_u64()?;
         Ok(Exporter {
             name: cfg.metadata.name.clone(),
+            gate: jmp_transport::gate::Gate::new(jmp_transport::gate::Limits::default()),
             devices: DeviceSet::new(&cfg.metadata.name, drivers),
             auth,
             instance,
@@ -72,6 +75,11 @@ impl Exporter {
 
     pub fn devices(&self) -> &DeviceSet {
         &self.devices
+    }
+
+    /// Connections that have not yet been admitted.
+    pub fn pending_connections(&self) -> usize {
+        self.gate.pending()
     }
 
     fn seat(&self) -> std::sync::MutexGuard<'_, Seat<LinkHandle>> {
@@ -136,10 +144,15 @@ impl Exporter {
                 }
                 incoming = endpoint.accept() => match incoming {
                     Some(i) => {
+                        // Refused or told to retry here, before any handshake work, when too
+                        // many connections are still unauthenticated.
+                        let Some((i, ticket)) = jmp_transport::gate::admit(&self.gate, i) else {
+                            continue;
+                        };
                         let me = self.clone();
                         let peer = i.remote_address();
                         let span = tracing::info_span!("conn", %peer);
-                        tokio::spawn(async move { me.connection(i).await }.instrument(span));
+                        tokio::spawn(async move { me.connection(i, ticket).await }.instrument(span));
                     }
                     None => break,
                 },
@@ -160,7 +173,11 @@ impl Exporter {
         );
     }
 
-    async fn connection(self: Arc<Self>, incoming: quinn::Incoming) {
+    async fn connection(
+        self: Arc<Self>,
+        incoming: quinn::Incoming,
+        ticket: jmp_transport::gate::Ticket,
+    ) {
         let peer = incoming.remote_address();
         let conn = match incoming.await {
             Ok(c) => c,
@@ -239,6 +256,8 @@ impl Exporter {
             }
             Verdict::Admit { evict } => self.act(evict),
         }
+        // Admitted: this connection no longer counts against the unauthenticated limits.
+        ticket.release();
         link.handle.welcome(Welcome {
             exporter: self.name.clone(),
             features: self.features,

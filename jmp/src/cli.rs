@@ -304,6 +304,15 @@ pub(crate) enum AdminCmd {
         /// The exporter.
         name: String,
     },
+    /// Accept a new TLS identity for an exporter whose host was re-imaged: its next
+    /// registration binds the fingerprint it presents (until then one registering with a
+    /// different fingerprint than the bound one is refused).
+    Rebind {
+        /// The word `exporter`.
+        kind: ExporterWord,
+        /// The exporter.
+        name: String,
+    },
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -403,7 +412,7 @@ pub(crate) enum Format {
 pub(crate) struct AttachArgs {
     /// Direct mode: exporter address, HOST:PORT (port 7700 if omitted). Without it, attach
     /// the exporter of a lease from the controller.
-    #[arg(long, conflicts_with = "lease")]
+    #[arg(long)]
     pub(crate) exporter: Option<String>,
     /// Direct mode: file holding the exporter's token.
     #[arg(long, env = "JMP_TOKEN_FILE")]
@@ -416,8 +425,9 @@ pub(crate) struct AttachArgs {
         conflicts_with = "token_file"
     )]
     pub(crate) token: Option<String>,
-    /// The lease to attach (default: your only active lease).
-    #[arg(long)]
+    /// The lease to attach (default: this CI job's lease, else your only lease). A reservation
+    /// is waited for until it begins.
+    #[arg(long, env = "JMP_LEASE")]
     pub(crate) lease: Option<String>,
     #[command(flatten)]
     pub(crate) client: ClientSel,

@@ -333,6 +333,12 @@ pub fn print_exporters(exps: &[ExporterInfo], with: &[String], out: Out) -> Resu
             if leases {
                 header.extend(["LEASED BY", "LEASE"]);
             }
+            // A refused registration with another fingerprint is shown to everyone who can
+            // see the exporter: a re-imaged host, or someone holding its leaked credential.
+            let refused = exps.iter().any(|e| e.fingerprint_refused.is_some());
+            if refused {
+                header.push("WARNING");
+            }
             let rows = exps
                 .iter()
                 .map(|e| {
@@ -357,6 +363,15 @@ pub fn print_exporters(exps: &[ExporterInfo], with: &[String], out: Out) -> Resu
                     if leases {
                         r.push(e.client.clone().unwrap_or_else(|| "-".into()));
                         r.push(e.lease.clone().unwrap_or_else(|| "-".into()));
+                    }
+                    if refused {
+                        r.push(match &e.fingerprint_refused {
+                            Some(f) => format!(
+                                "registration with another fingerprint ({f}) refused; bound: {}",
+                                e.fingerprint
+                            ),
+                            None => String::new(),
+                        });
                     }
                     r
                 })
@@ -403,6 +418,60 @@ pub fn print_clients(clients: &[ClientInfo], out: Out) -> Result<()> {
     };
     out!("{text}");
     Ok(())
+}
+
+// ---------- which lease a command means ----------
+
+/// The CI job this process runs in, as the lease it creates is tagged: `JMP_JOB`, else the job
+/// id the CI system sets (GitHub Actions, GitLab CI, Jenkins, Buildkite). Two jobs on one runner
+/// with one client config then each find their own lease.
+pub fn current_job() -> Option<String> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    if let Some(j) = var("JMP_JOB") {
+        return Some(j);
+    }
+    if let (Some(run), Some(job)) = (var("GITHUB_RUN_ID"), var("GITHUB_JOB")) {
+        let attempt = var("GITHUB_RUN_ATTEMPT").unwrap_or_else(|| "1".into());
+        return Some(format!("github:{run}.{attempt}/{job}"));
+    }
+    if let Some(j) = var("CI_JOB_ID") {
+        return Some(format!("gitlab:{j}"));
+    }
+    if let Some(j) = var("BUILDKITE_JOB_ID") {
+        return Some(format!("buildkite:{j}"));
+    }
+    var("BUILD_TAG").map(|j| format!("jenkins:{j}"))
+}
+
+/// The lease a command means when the user named none: `JMP_LEASE` (handled by clap), else
+/// the one lease of this job, else `None` (the controller then takes the client's only lease).
+pub async fn job_lease(ctl: &Ctl) -> Result<Option<String>> {
+    let Some(job) = current_job() else {
+        return Ok(None);
+    };
+    let leases = match ctl.call(Request::GetLeases { all: false }).await? {
+        Reply::Leases { leases } => leases,
+        other => return Err(unexpected(other)),
+    };
+    let mine: Vec<&LeaseInfo> = leases
+        .iter()
+        .filter(|l| l.job.as_deref() == Some(job.as_str()))
+        .collect();
+    match mine.as_slice() {
+        [l] => Ok(Some(l.name.clone())),
+        [] => Err(exit(
+            code::UNAVAILABLE,
+            format!("job {job} holds no lease (create one with jmp create lease; or name one with --lease / JMP_LEASE)"),
+        )),
+        many => Err(exit(
+            code::USAGE,
+            format!(
+                "job {job} holds {} leases ({}); name one with --lease / JMP_LEASE",
+                many.len(),
+                many.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        )),
+    }
 }
 
 // ---------- lease creation with a live queue line ----------
@@ -465,6 +534,9 @@ pub async fn create_lease(cfg: &ClientConfig, c: CreateLease) -> Result<LeaseInf
     let mut backoff = Duration::from_millis(300);
     let mut last: Option<(u32, Option<String>, u64)> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Waiting behind a lease of this very client (a leftover of a failed job) is said out loud
+    // once per lease: otherwise the job just waits for its own leftover to expire.
+    let mut told_behind: Option<String> = None;
     loop {
         let attempt: Result<LeaseInfo, CallError> = async {
             let ctl = Ctl::connect(cfg)
@@ -480,6 +552,19 @@ pub async fn create_lease(cfg: &ClientConfig, c: CreateLease) -> Result<LeaseInf
                         Some(Reply::Queued { lease, position, behind, wait_until, .. }) => {
                             pending_lease = Some(lease);
                             give_up = give_up.max(wait_until + 30);
+                            if let Some(b) = behind.as_ref().filter(|b| told_behind.as_ref() != Some(*b)) {
+                                told_behind = Some(b.clone());
+                                if let Ok(Reply::Leases { leases }) = ctl.call(Request::GetLeases { all: false }).await {
+                                    if let Some(l) = leases.iter().find(|l| &l.name == b && l.status == "active") {
+                                        progress.done();
+                                        eprintln!(
+                                            "jmp: waiting behind lease {b}, which is your own client's (job {}, since {}); if what holds it is gone: jmp delete lease {b}",
+                                            l.job.as_deref().unwrap_or("none"),
+                                            fmt_time(l.begin)
+                                        );
+                                    }
+                                }
+                            }
                             progress.show(position, &behind, wait_until);
                             last = Some((position, behind, wait_until));
                         }

@@ -47,7 +47,10 @@ pub(crate) fn start(l: LocalArgs) -> Result<()> {
                 ),
             ));
         }
-        state::local_stop()?;
+        // stdout is for the new exporter's ready line (scripts parse it).
+        if let Some(name) = state::stop_local()? {
+            eprintln!("jmp: stopped local exporter {name} (--restart)");
+        }
     }
     if let Some(p) = &l.config {
         // Fail here, with the config's own message, rather than in the background child.

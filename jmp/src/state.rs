@@ -421,19 +421,24 @@ pub fn local_running() -> Option<StateFile> {
     read_state(&local_file())
 }
 
-pub fn local_stop() -> Result<()> {
+/// Stops the local exporter, if one runs (nothing to stop is success); its name.
+pub fn stop_local() -> Result<Option<String>> {
     match read_state(&local_file()) {
-        None => {
-            outln!("no local exporter is running");
-            Ok(())
-        }
+        None => Ok(None),
         Some(st) => {
             stop(&st, "the local exporter")?;
             let _ = std::fs::remove_file(local_file());
-            outln!("stopped local exporter {}", st.ready.exporter);
-            Ok(())
+            Ok(Some(st.ready.exporter))
         }
     }
+}
+
+pub fn local_stop() -> Result<()> {
+    match stop_local()? {
+        None => outln!("no local exporter is running"),
+        Some(name) => outln!("stopped local exporter {name}"),
+    }
+    Ok(())
 }
 
 /// The attachment's live state from its control socket, or, if it does not answer, what its

@@ -205,6 +205,7 @@ pub(super) fn create_cmd(what: CreateCmd) -> Result<()> {
         duration_secs,
         begin_time: begin,
         wait_secs: wait,
+        job: c::current_job(),
     };
     runtime()?.block_on(async {
         let lease = c::create_lease(
@@ -300,36 +301,50 @@ pub(super) fn update_cmd(what: UpdateCmd) -> Result<()> {
     })
 }
 
+/// `JMP_LEASE`, when set: the lease every command of this job means.
+fn lease_env() -> Option<String> {
+    std::env::var("JMP_LEASE")
+        .ok()
+        .filter(|l| !l.trim().is_empty())
+}
+
+/// The caller's only lease (active or waiting), or why there is none.
+async fn names_of_only_lease(ctl: &Ctl) -> Result<Vec<String>> {
+    let leases = match ctl.call(Request::GetLeases { all: false }).await? {
+        Reply::Leases { leases } => leases,
+        other => return Err(c::unexpected(other)),
+    };
+    match leases.as_slice() {
+        [l] => Ok(vec![l.name.clone()]),
+        [] => Err(exit(code::UNAVAILABLE, "you hold no lease")),
+        many => Err(exit(
+            code::USAGE,
+            format!(
+                "you hold {} leases ({}); name them or use --all",
+                many.len(),
+                many.iter()
+                    .map(|l| l.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}
+
 pub(super) fn delete_cmd(what: DeleteCmd) -> Result<()> {
     let DeleteCmd::Lease { names, all, client } = what;
     let (cfg, _) = c::load_client(client.client.as_deref())?;
     runtime()?.block_on(async {
         let ctl = Ctl::connect(&cfg).await?;
-        let names = if names.is_empty() && !all {
-            // The caller's only lease (active or waiting).
-            let leases = match ctl.call(Request::GetLeases { all: false }).await? {
-                Reply::Leases { leases } => leases,
-                other => return Err(c::unexpected(other)),
-            };
-            match leases.as_slice() {
-                [l] => vec![l.name.clone()],
-                [] => return Err(exit(code::UNAVAILABLE, "you hold no lease")),
-                many => {
-                    return Err(exit(
-                        2,
-                        format!(
-                            "you hold {} leases ({}); name them or use --all",
-                            many.len(),
-                            many.iter()
-                                .map(|l| l.name.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                    ))
-                }
-            }
-        } else {
+        // Named, else JMP_LEASE, else this CI job's lease, else the client's only one.
+        let names = if !names.is_empty() || all {
             names
+        } else if let Some(l) = lease_env() {
+            vec![l]
+        } else if let Some(l) = c::job_lease(&ctl).await? {
+            vec![l]
+        } else {
+            names_of_only_lease(&ctl).await?
         };
         match ctl.call(Request::DeleteLease { names, all }).await? {
             Reply::Deleted { names } => {
@@ -463,6 +478,15 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                     other => Err(c::unexpected(other)),
                 }
             }
+            AdminCmd::Rebind { name, .. } => {
+                match ctl.call(Request::RebindExporter { name: name.clone() }).await? {
+                    Reply::Done => {
+                        outln!("exporter {name}: fingerprint unbound; its next registration binds the one it presents");
+                        Ok(())
+                    }
+                    other => Err(c::unexpected(other)),
+                }
+            }
             AdminCmd::Disable { name, .. } | AdminCmd::Enable { name, .. } => {
                 let enabled = enable;
                 match ctl
@@ -515,7 +539,18 @@ pub(super) fn attach_lease(a: AttachArgs) -> Result<()> {
     let json = a.common.output == Format::Json;
     runtime()?.block_on(async {
         let ctl = Ctl::connect(&cfg).await?;
-        let access = c::access(&ctl, a.lease.clone()).await?;
+        // Named (or JMP_LEASE), else this CI job's lease, else the client's only one.
+        let name = match a.lease.clone() {
+            Some(l) => Some(l),
+            None => c::job_lease(&ctl).await?,
+        };
+        let access = match c::access(&ctl, name.clone()).await {
+            Ok(a) => a,
+            Err(e) => match wait_for_reservation(&cfg, &ctl, name.as_deref()).await? {
+                Some(granted) => c::access(&ctl, Some(granted)).await?,
+                None => return Err(e),
+            },
+        };
         ctl.close();
         let addr = access
             .address
@@ -529,7 +564,7 @@ pub(super) fn attach_lease(a: AttachArgs) -> Result<()> {
             .next()
             .ok_or_else(|| {
                 exit(
-                    1,
+                    code::FAILURE,
                     format!("exporter address {:?} resolves to nothing", access.address),
                 )
             })?;
@@ -541,6 +576,7 @@ pub(super) fn attach_lease(a: AttachArgs) -> Result<()> {
         })?);
         let mut opts = a.common.options(addr, access.token.clone(), pin)?;
         let lease = access.lease.name.clone();
+        opts.lease = Some(lease.clone());
         tracing::info!(
             "lease {lease}: exporter {} at {}, until {}",
             access.lease.exporter,
@@ -561,4 +597,52 @@ pub(super) fn attach_lease(a: AttachArgs) -> Result<()> {
         }));
         run_attachment(opts, json, None).await
     })
+}
+
+/// `jmp attach` on a reservation (or a request still waiting): waits, with the queue line, until
+/// it is granted, and returns its name; `None` if `name` (or the client's only request) is not
+/// waiting at all.
+async fn wait_for_reservation(
+    cfg: &ClientConfig,
+    ctl: &Ctl,
+    name: Option<&str>,
+) -> Result<Option<String>> {
+    let leases = match ctl.call(Request::GetLeases { all: false }).await? {
+        Reply::Leases { leases } => leases,
+        other => return Err(c::unexpected(other)),
+    };
+    let waiting: Vec<&jmp_protocol::ctl::LeaseInfo> = leases
+        .iter()
+        .filter(|l| l.status != "active" && name.is_none_or(|n| n == l.name))
+        .collect();
+    let [w] = waiting.as_slice() else {
+        return Ok(None);
+    };
+    if w.status == "reserved" {
+        eprintln!(
+            "jmp: lease {} is reserved from {}; waiting for it to begin",
+            w.name,
+            c::fmt_time(w.begin)
+        );
+    }
+    // The same request id finds its place in the queue; waiting on it returns the lease once
+    // granted (or fails when the request gives up).
+    let req = LeaseRequest {
+        request_id: w.request_id.clone(),
+        selector: w.selector.clone(),
+        exporter: (!w.exporter.is_empty()).then(|| w.exporter.clone()),
+        duration_secs: 1,
+        begin_time: None,
+        wait_secs: w.end.saturating_sub(jmp_transport::unix_now()).max(1),
+        job: w.job.clone(),
+    };
+    let l = c::create_lease(
+        cfg,
+        c::CreateLease {
+            request: req,
+            out: Out::Name,
+        },
+    )
+    .await?;
+    Ok(Some(l.name))
 }

@@ -319,6 +319,40 @@ mod tests {
     }
 
     #[test]
+    fn before_the_controller_has_spoken_a_token_admits_but_is_not_confirmed() {
+        let dir = std::env::temp_dir().join(format!("jmpd-leaseauth0-{}", std::process::id()));
+        let signer = Signer::load_or_create(&dir.join("key")).unwrap();
+        let now = jmp_transport::unix_now();
+        let auth = LeaseAuth {
+            exporter: "e1".into(),
+            verifier: Verifier::from_public_key(&signer.public_key()).unwrap(),
+            view: Mutex::new(View::default()),
+            pushes: tokio::sync::watch::Sender::new(0),
+            direct: None,
+        };
+        // jmpd just restarted: the token's word alone (it may not end another session: the
+        // seat's rule), and its own end.
+        let a = auth.check(&hello(&signer, "L1", now, now + 60)).expect("admitted");
+        assert_eq!(a.lease.as_deref(), Some("L1"));
+        assert_eq!(a.client.as_deref(), Some("c1"));
+        assert!(!a.confirmed);
+        assert_eq!(a.until, Some(now + 60));
+        // Once the controller has said L1 is current, the same token is confirmed; another
+        // lease's token must wait for the next push (it may be a grant newer than the push).
+        {
+            let mut v = auth.view();
+            v.known = true;
+            v.current = Some(("L1".into(), now + 60));
+        }
+        assert!(auth.check(&hello(&signer, "L1", now, now + 60)).expect("ok").confirmed);
+        assert!(matches!(
+            auth.check(&hello(&signer, "L2", now, now + 60)),
+            Err(AuthError::NotYet(_))
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_token_newer_than_the_last_push_tells_the_lease_end() {
         let dir = std::env::temp_dir().join(format!("jmpd-leaseauth-{}", std::process::id()));
         let signer = Signer::load_or_create(&dir.join("key")).unwrap();

@@ -86,6 +86,9 @@ pub enum Request {
     DeleteExporter { name: String },
     /// Admin: a disabled exporter is never leased (its current lease ends).
     SetExporterEnabled { name: String, enabled: bool },
+    /// Admin: forget the TLS fingerprint bound to an exporter at its first registration, so
+    /// that its next registration binds a new one (its host was re-imaged).
+    RebindExporter { name: String },
     /// Any identity: issue a new credential for the caller and revoke the one used for this call.
     Rotate,
     /// Exporter: come online. The stream stays open; the controller pushes `ExporterState`.
@@ -107,9 +110,15 @@ pub struct LeaseRequest {
     /// Not before this time (Unix seconds): the request joins the queue at that moment.
     #[serde(default)]
     pub begin_time: Option<u64>,
-    /// How long to wait in the queue; 0 means fail at once if nothing is free.
+    /// How long to wait in the queue; 0 means fail at once if nothing is free — except with a
+    /// begin time in the future: then it is a reservation, answered at once, that joins the
+    /// queue at the begin time and waits there until granted or until its would-be end.
     #[serde(default)]
     pub wait_secs: u64,
+    /// The CI job (or any scope) making the request (`JMP_JOB`, or the CI system's job id), so
+    /// that a job's commands find its own lease among its client's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -289,11 +298,13 @@ pub struct LeaseInfo {
     pub begin: u64,
     pub end: u64,
     pub request_id: String,
-    /// `active`, or `waiting` for a request still in the queue (then `exporter` is the exporter
-    /// asked for by name, or empty, and `begin`/`end` are the earliest it may begin and when it
-    /// gives up).
+    /// `active`, or `waiting` for a request still in the queue, or `reserved` for a
+    /// reservation not yet begun (then `exporter` is the exporter asked for by name, or empty,
+    /// and `begin`/`end` are the earliest it may begin and when it gives up).
     #[serde(default)]
     pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
 }
 
 /// What `jmp attach` needs; the controller is not on the data path after this.
@@ -321,6 +332,13 @@ pub struct ExporterInfo {
     pub lease: Option<String>,
     #[serde(default)]
     pub client: Option<String>,
+    /// The TLS fingerprint bound at its first registration (clients pin it).
+    #[serde(default)]
+    pub fingerprint: String,
+    /// A registration refused because it presented another fingerprint than the bound one:
+    /// either the host was re-imaged (an admin rebinds it) or its credential leaked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint_refused: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -410,15 +428,30 @@ pub fn encode<T: Serialize>(msg: &T, out: &mut Vec<u8>) {
 pub enum CtlDecodeError {
     #[error(transparent)]
     Frame(#[from] DecodeError),
-    #[error("frame of {0} bytes exceeds the {MAX_CTL_FRAME}-byte limit")]
-    TooLarge(u64),
+    #[error("frame of {0} bytes exceeds the {1}-byte limit")]
+    TooLarge(u64, usize),
     #[error("malformed message: {0}")]
     Json(#[from] serde_json::Error),
 }
 
+/// Largest call frame the controller reads. Calls are small (a credential and a request); the
+/// large frames are replies (lists of thousands of exporters). A caller's credential is checked
+/// only once its frame is whole, so this is also what an unauthenticated stream can make the
+/// controller buffer.
+pub const MAX_CALL_FRAME: usize = 64 * 1024;
+
 /// Takes one whole frame off the front of `buf`, if there is one.
 pub fn decode<T: for<'de> Deserialize<'de>>(
     buf: &mut Vec<u8>,
+) -> Result<Option<T>, CtlDecodeError> {
+    decode_limited(buf, MAX_CTL_FRAME)
+}
+
+/// [`decode`] with a smaller limit: a frame announcing more than `max` bytes is refused from
+/// its length prefix, before its body is buffered.
+pub fn decode_limited<T: for<'de> Deserialize<'de>>(
+    buf: &mut Vec<u8>,
+    max: usize,
 ) -> Result<Option<T>, CtlDecodeError> {
     let mut cur: &[u8] = buf;
     let len = match get_varint(&mut cur, "frame length") {
@@ -426,8 +459,9 @@ pub fn decode<T: for<'de> Deserialize<'de>>(
         Err(DecodeError::Truncated { .. }) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    if len > MAX_CTL_FRAME as u64 {
-        return Err(CtlDecodeError::TooLarge(len));
+    let max = max.min(MAX_CTL_FRAME);
+    if len > max as u64 {
+        return Err(CtlDecodeError::TooLarge(len, max));
     }
     let head = buf.len() - cur.len();
     let len = len as usize;

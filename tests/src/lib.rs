@@ -7,6 +7,8 @@
 //! Does not own: building the binaries (`cargo build --workspace --bins` must have run) nor any
 //! timing assertion: every timeout here is a hang guard, never a measurement.
 
+pub mod lab;
+
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::fs::File;

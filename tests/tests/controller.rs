@@ -5,10 +5,11 @@
 //!
 //! Every timeout here is a hang guard, never a measurement.
 
+use jmp_e2e::lab::*;
 use jmp_e2e::*;
 use jmp_protocol::ctl::{
-    Call, ClientConfig, ClientSpec, CtlErrorCode, ExporterSpec, LeaseInfo, LeaseRequest,
-    Registration, Reply, Request,
+    Call, ClientSpec, CtlErrorCode, ExporterSpec, LeaseInfo, LeaseRequest, Registration, Reply,
+    Request,
 };
 use jmp_protocol::selector::{Labels, Selector};
 use jmp_transport::ctl::{call, call_once, CallError};
@@ -16,274 +17,11 @@ use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// Hang guard for waits that ride on the product's own timers (the 10 s QUIC idle timeout that
-/// tells the controller an exporter is gone, queue waits, reconnect backoffs).
-const LONG: Duration = Duration::from_secs(90);
-
-fn is_link(p: &str) -> bool {
-    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink())
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn show(out: &RunOutput) -> String {
-    format!(
-        "status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status, out.stdout, out.stderr
-    )
-}
-
-// ---------------------------------------------------------------------------------------------
-// The controller process and one test's lab around it
-
-struct Controller {
-    proc: Proc,
-    addr: SocketAddr,
-    fingerprint: String,
-    admin_file: PathBuf,
-    metrics: SocketAddr,
-}
-
-fn start_controller(logs: &Path, data: &Path, listen: &str) -> Controller {
-    let mut cmd = Command::new(bin("jmp-controller"));
-    cmd.arg("--data-dir")
-        .arg(data)
-        .args(["--listen", listen, "--metrics", "127.0.0.1:0"])
-        .env("JMP_LOG", "info");
-    let mut proc = Proc::spawn("jmp-controller", cmd, logs);
-    let m = proc.expect_line(READY, "the controller's metrics line", |l| {
-        l.starts_with("jmp-controller: metrics on ")
-    });
-    let metrics = m
-        .trim_start_matches("jmp-controller: metrics on http://")
-        .trim_end_matches("/metrics")
-        .parse()
-        .unwrap_or_else(|e| panic!("metrics address in {m:?}: {e}"));
-    let l = proc.expect_line(READY, "the controller's listening line", |l| {
-        l.starts_with("jmp-controller: listening on ")
-    });
-    let w: Vec<&str> = l.split_whitespace().collect();
-    let ["jmp-controller:", "listening", "on", addr, "fingerprint", fp, "admin", admin] =
-        w.as_slice()
-    else {
-        panic!("unexpected listening line {l:?}")
-    };
-    Controller {
-        addr: addr.parse().expect("listen address"),
-        fingerprint: fp.to_string(),
-        admin_file: PathBuf::from(admin),
-        metrics,
-        proc,
-    }
-}
-
-struct Lab {
-    env: TestEnv,
-    data: PathBuf,
-    ctl: Controller,
-}
-
-impl Lab {
-    fn new(tag: &str) -> Lab {
-        Self::listening(tag, "127.0.0.1:0")
-    }
-
-    fn listening(tag: &str, listen: &str) -> Lab {
-        let env = TestEnv::new(tag);
-        let data = env.root.join("controller");
-        let ctl = start_controller(&env.logs, &data, listen);
-        assert!(
-            ctl.admin_file.is_file(),
-            "no admin credential at {}",
-            ctl.admin_file.display()
-        );
-        Lab { env, data, ctl }
-    }
-
-    /// `jmp` with this lab's directories and admin credential, and no client chosen.
-    fn jmp(&self) -> Command {
-        let mut c = self.env.jmp();
-        c.env("JMP_ADMIN_CONFIG", &self.ctl.admin_file)
-            .env_remove("JMP_CLIENT")
-            .env_remove("JMP_CLIENT_CONFIG");
-        c
-    }
-
-    fn admin(&self, args: &[&str]) -> Command {
-        let mut c = self.jmp();
-        c.arg("admin").args(args);
-        c
-    }
-
-    /// `jmp ARGS` as the client config `client` (by name, `JMP_CLIENT`).
-    fn as_client(&self, client: &str, args: &[&str]) -> Command {
-        let mut c = self.jmp();
-        c.env("JMP_CLIENT", client).args(args);
-        c
-    }
-
-    /// `jmp ARGS` with the admin credential used as a client config (`get leases -a`).
-    fn as_admin(&self, args: &[&str]) -> Command {
-        let mut c = self.jmp();
-        c.env("JMP_CLIENT_CONFIG", &self.ctl.admin_file).args(args);
-        c
-    }
-
-    fn run(&self, label: &str, cmd: Command) -> RunOutput {
-        run(label, cmd, &self.env.logs, READY)
-    }
-
-    /// Runs `cmd`, which must succeed; its stdout.
-    fn ok(&self, label: &str, cmd: Command) -> String {
-        let out = self.run(label, cmd);
-        assert!(out.status.success(), "{label} failed: {}", show(&out));
-        out.stdout
-    }
-
-    fn spawn(&self, label: &str, cmd: Command) -> Proc {
-        Proc::spawn(label, cmd, &self.env.logs)
-    }
-
-    /// A client made with `jmp admin create client` and imported with `jmp config client
-    /// create --no-use`; returns its config file.
-    fn create_client(&self, name: &str, extra: &[&str]) -> PathBuf {
-        let file = self.env.root.join(format!("{name}.client.yaml"));
-        let mut c = self.admin(&["create", "client", name, "--out"]);
-        c.arg(&file).args(extra);
-        self.ok("admin-create-client", c);
-        let mut c = self.jmp();
-        c.args(["config", "client", "create", name, "--from"])
-            .arg(&file)
-            .arg("--no-use");
-        self.ok("config-client-create", c);
-        file
-    }
-
-    /// An exporter identity (admin labels `labels`); returns the file holding its credential.
-    fn create_exporter(&self, name: &str, labels: &[&str]) -> PathBuf {
-        let mut c = self.admin(&["create", "exporter", name]);
-        for l in labels {
-            c.args(["-l", l]);
-        }
-        let token = self.ok("admin-create-exporter", c);
-        assert!(!token.trim().is_empty(), "no exporter credential printed");
-        let f = self.env.root.join(format!("{name}.token"));
-        write_private(&f, &format!("{}\n", token.trim()));
-        f
-    }
-
-    /// A controller-mode jmpd config for `name` (own state dir, so a restart keeps its
-    /// identity) on `port` (0: any).
-    fn exporter_config(&self, name: &str, token: &Path, port: u16) -> PathBuf {
-        let state = self.env.root.join(format!("state-{name}"));
-        let yaml = format!(
-            "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: {name}, labels: {{site: e2e}}}}\nlisten: 127.0.0.1:{port}\nstateDir: {}\ncontroller: {{tokenFile: {}}}\nexport:\n  console: {{type: sim-console}}\n",
-            state.display(),
-            token.display()
-        );
-        let p = self.env.root.join(format!("{name}.exporter.yaml"));
-        std::fs::write(&p, yaml).expect("write exporter config");
-        p
-    }
-
-    /// Starts jmpd and waits until it has registered with the controller.
-    fn start_jmpd(&self, config: &Path) -> Jmpd {
-        let mut cmd = Command::new(jmpd_bin());
-        cmd.arg("--config").arg(config).env("JMP_LOG", "info");
-        let mut proc = Proc::spawn("jmpd", cmd, &self.env.logs);
-        let line = proc.expect_line(READY, "jmpd's ready line", |l| {
-            l.starts_with("jmpd: exporter ")
-        });
-        let (name, addr, fingerprint) = parse_jmpd_ready(&line)
-            .unwrap_or_else(|| panic!("unexpected jmpd ready line: {line:?}"));
-        assert!(
-            poll_until(LONG, || proc
-                .stderr()
-                .contains("registered with controller")),
-            "jmpd {name} never registered: {}",
-            proc.describe()
-        );
-        Jmpd {
-            proc,
-            name,
-            addr,
-            fingerprint,
-        }
-    }
-
-    /// Every lease and waiting request (`jmp get leases -a -o json` as the admin).
-    fn leases(&self) -> Vec<Value> {
-        let out = self.ok(
-            "get-leases",
-            self.as_admin(&["get", "leases", "-a", "-o", "json"]),
-        );
-        match serde_json::from_str(&out) {
-            Ok(Value::Array(v)) => v,
-            other => panic!("get leases -o json printed {out:?} ({other:?})"),
-        }
-    }
-
-    /// `jmp admin get exporters -o json`.
-    fn exporters(&self) -> Vec<Value> {
-        let out = self.ok(
-            "admin-get-exporters",
-            self.admin(&["get", "exporters", "-o", "json"]),
-        );
-        match serde_json::from_str(&out) {
-            Ok(Value::Array(v)) => v,
-            other => panic!("admin get exporters -o json printed {out:?} ({other:?})"),
-        }
-    }
-
-    fn exporter(&self, name: &str) -> Value {
-        self.exporters()
-            .into_iter()
-            .find(|e| e["name"] == name)
-            .unwrap_or_else(|| panic!("no exporter {name} listed"))
-    }
-
-    fn admin_token(&self) -> String {
-        config_token(&self.ctl.admin_file)
-    }
-}
-
-fn config_token(file: &Path) -> String {
-    let text = std::fs::read_to_string(file).expect("read client config");
-    let c: ClientConfig = serde_norway::from_str(&text).expect("parse client config");
-    c.token
-}
-
-/// The one-line JSON lease printed by `jmp create lease -o json`.
-fn lease_json(stdout: &str) -> Value {
-    let line = stdout
-        .lines()
-        .find(|l| l.trim_start().starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON lease in {stdout:?}"));
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("bad lease JSON {line:?}: {e}"))
-}
-
-fn find_lease<'a>(leases: &'a [Value], name: &str) -> Option<&'a Value> {
-    leases.iter().find(|l| l["name"] == name)
-}
-
-/// Polls `p`'s stderr until it contains `needle`, failing if the process exits first.
-fn wait_stderr(p: &mut Proc, needle: &str, timeout: Duration) {
-    let ok = poll_until(timeout, || p.stderr().contains(needle) || !p.is_running());
-    if !(ok && p.stderr().contains(needle)) {
-        panic!("no {needle:?} on stderr of {}", p.describe());
-    }
-}
+use std::time::{Duration, Instant};
 
 /// Asserts what must hold of any listing: one active lease per exporter, unique lease names
 /// and request ids.
@@ -666,6 +404,7 @@ async fn random_worker(ctx: Arc<RandomCtx>, me: String, token: String, seed: u64
                         duration_secs,
                         begin_time: None,
                         wait_secs,
+                        job: None,
                     }),
                 )
                 .await;
@@ -1251,25 +990,6 @@ fn controller_killed_mid_burst_keeps_what_it_promised() {
 // 4, 5. A lease's end ends the attached session
 
 /// A lab with one jmpd exporter `name` (board=`board`) and one client `u`.
-fn lab_with_one_board(tag: &str, name: &str, board: &str) -> (Lab, Jmpd) {
-    let lab = Lab::new(tag);
-    let token = lab.create_exporter(name, &[&format!("board={board}")]);
-    let jmpd = lab.start_jmpd(&lab.exporter_config(name, &token, 0));
-    lab.create_client("u", &[]);
-    (lab, jmpd)
-}
-
-fn attach_lease(lab: &Lab, client: &str, extra: &[&str]) -> (Proc, Value) {
-    let mut cmd = lab.as_client(client, &["attach", "-o", "json", "--dev-dir"]);
-    cmd.arg(&lab.env.dev).args(extra);
-    let mut p = lab.spawn("jmp-attach", cmd);
-    let line = p.expect_line(READY, "jmp attach's JSON line", |l| {
-        l.trim_start().starts_with('{')
-    });
-    let v = serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"));
-    (p, v)
-}
-
 #[test]
 fn lease_expiry_ends_a_live_attach() {
     let (lab, _jmpd) = lab_with_one_board("ctl-expiry", "short-01", "short");

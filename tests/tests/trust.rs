@@ -71,4 +71,42 @@ fn changed_fingerprint_is_refused_loudly() {
         "jmpd log: {}",
         second.proc.stderr()
     );
+    // The message says how to re-trust a re-imaged exporter, and doing so works.
+    assert!(out.stderr.contains("jmp trust pin"), "{}", out.stderr);
+    let mut c = env.jmp();
+    c.args(["trust", "pin", &addr, &second.fingerprint]);
+    let pinned = run("jmp-trust-pin", c, &env.logs, Duration::from_secs(30));
+    assert!(pinned.status.success(), "{}", pinned.stderr);
+    let mut a = Proc::spawn("jmp-attach-repinned", attach_tofu(), &env.logs);
+    a.expect_line(READY, "ready line after re-pinning", |l| l.starts_with('{'));
+    a.stop();
+    let mut c = env.jmp();
+    c.args(["trust", "list"]);
+    let listed = run("jmp-trust-list", c, &env.logs, Duration::from_secs(30));
+    assert!(
+        listed.stdout.contains(&second.fingerprint),
+        "{}",
+        listed.stdout
+    );
+    let mut c = env.jmp();
+    c.args(["trust", "forget", &addr]);
+    assert!(
+        run("jmp-trust-forget", c, &env.logs, Duration::from_secs(30))
+            .status
+            .success()
+    );
+    let mut c = env.jmp();
+    c.args(["trust", "forget", &addr]);
+    let again = run(
+        "jmp-trust-forget-again",
+        c,
+        &env.logs,
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        again.status.code(),
+        Some(5),
+        "forgetting what is not trusted: {}",
+        again.stderr
+    );
 }

@@ -110,11 +110,12 @@ pub async fn call_once(conn: &quinn::Connection, c: &Call) -> Result<Reply, Call
     call(conn, c, false).await?.0.last().await
 }
 
-/// Controller side: reads the request frame of a newly accepted stream.
+/// Controller side: reads the request frame of a newly accepted stream (at most
+/// [`ctl::MAX_CALL_FRAME`] bytes: the caller is not authenticated yet).
 pub async fn read_call(recv: &mut quinn::RecvStream) -> Result<Call, CallError> {
     let mut buf = Vec::new();
     loop {
-        if let Some(c) = ctl::decode::<Call>(&mut buf)? {
+        if let Some(c) = ctl::decode_limited::<Call>(&mut buf, ctl::MAX_CALL_FRAME)? {
             return Ok(c);
         }
         match recv.read_chunk(64 * 1024, true).await {

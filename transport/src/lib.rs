@@ -16,6 +16,7 @@
 pub mod channels;
 pub mod ctl;
 pub mod endpoint;
+pub mod gate;
 pub mod identity;
 pub mod link;
 pub mod pipe;
