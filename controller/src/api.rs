@@ -104,17 +104,38 @@ impl Api {
             pre_auth: tokio::sync::Semaphore::new(PRE_AUTH_STREAMS),
             ticket: std::sync::Mutex::new(Some(ticket)),
         });
-        // A connection that never authenticates does not live on.
+        // A connection that never authenticates does not live on, and one displaced by newer
+        // unauthenticated connections goes at once (see jmp_transport::gate).
         {
             let conn = conn.clone();
+            let auth = auth.clone();
             let mut ok = auth.authenticated.subscribe();
             tokio::spawn(async move {
-                let authed = tokio::time::timeout(AUTH_DEADLINE, ok.wait_for(|a| *a)).await;
-                if !matches!(authed, Ok(Ok(_))) {
+                let deadline = tokio::time::timeout(AUTH_DEADLINE, ok.wait_for(|a| *a));
+                let displaced = async {
+                    let t = auth
+                        .ticket
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_ref()
+                        .map(|t| t.go_handle());
+                    match t {
+                        Some(go) => go.notified().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let why: &[u8] = tokio::select! {
+                    r = deadline => match r {
+                        Ok(Ok(_)) => return,
+                        _ => b"no valid credential within 10 s",
+                    },
+                    _ = displaced => b"displaced by newer connections before it authenticated",
+                };
+                if !auth.is_authenticated() {
                     conn.close(
                         quinn::VarInt::from_u64(jmp_protocol::ErrorCode::Unauthorized.to_wire())
                             .unwrap_or(quinn::VarInt::from_u32(2)),
-                        b"no valid credential within 10 s",
+                        why,
                     );
                 }
             });

@@ -95,6 +95,48 @@ pub fn entry(dir: &Path, device: &str) -> io::Result<PathBuf> {
     Ok(path)
 }
 
+/// `<base>/current`: a link to the folder of the attachment made last, so that a script can
+/// name `/dev/jmp/current/console` without knowing the exporter. Removed when that attachment
+/// ends (if it still points at its folder). With several attachments at once it names the
+/// newest; `jmp shell` gives each command its own board's paths instead.
+pub struct CurrentLink {
+    path: PathBuf,
+    target: PathBuf,
+}
+
+impl CurrentLink {
+    pub fn place(base: &Path, exporter: &str) -> io::Result<CurrentLink> {
+        name::check("exporter name", exporter).map_err(|e| refuse(e.to_string()))?;
+        ensure_dir(base)?;
+        let path = base.join("current");
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if !m.file_type().is_symlink() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a symlink", path.display()),
+                ))
+            }
+            _ => {}
+        }
+        // Relative, so the link stays right if the device directory is moved or bind-mounted;
+        // made beside it and renamed over it, so a reader never finds it missing.
+        let target = PathBuf::from(exporter);
+        let tmp = base.join(format!(".current.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&target, &tmp)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(CurrentLink { path, target })
+    }
+}
+
+impl Drop for CurrentLink {
+    fn drop(&mut self) {
+        if std::fs::read_link(&self.path).ok().as_deref() == Some(self.target.as_path()) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +179,30 @@ mod tests {
         assert!(e.to_string().contains("writable by others"), "{e}");
         let _ = std::fs::remove_dir_all(&base);
         let _ = std::fs::remove_dir_all(&elsewhere);
+    }
+
+    #[test]
+    fn current_points_at_the_newest_and_goes_with_it() {
+        let base = tmp("current");
+        let a = CurrentLink::place(&base, "board-a").expect("a");
+        assert_eq!(
+            std::fs::read_link(base.join("current")).ok(),
+            Some(PathBuf::from("board-a"))
+        );
+        let b = CurrentLink::place(&base, "board-b").expect("b");
+        assert_eq!(
+            std::fs::read_link(base.join("current")).ok(),
+            Some(PathBuf::from("board-b"))
+        );
+        drop(a);
+        assert!(
+            base.join("current").symlink_metadata().is_ok(),
+            "a does not remove b's"
+        );
+        drop(b);
+        assert!(base.join("current").symlink_metadata().is_err());
+        assert!(CurrentLink::place(&base, "../x").is_err());
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     #[test]

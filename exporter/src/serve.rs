@@ -179,61 +179,18 @@ impl Exporter {
         ticket: jmp_transport::gate::Ticket,
     ) {
         let peer = incoming.remote_address();
-        let conn = match incoming.await {
-            Ok(c) => c,
-            Err(e) => {
-                // Garbage and port scans end here; nothing else is affected.
-                debug!("handshake from {peer} failed: {e}");
-                return;
+        // Until admitted, a newer connection may displace this one (see jmp_transport::gate).
+        let admitted = tokio::select! {
+            a = self.authenticate(incoming) => a,
+            _ = ticket.displaced() => {
+                debug!("displaced by newer connections before it authenticated: {peer}");
+                None
             }
         };
-        let mut link = match Link::exporter(conn).await {
-            Ok(l) => l,
-            Err(e) => {
-                info!("connection from {peer} ended before Hello: {e}");
-                return;
-            }
-        };
-        let hello = match link.events.recv().await {
-            Some(LinkEvent::Hello(h)) => h,
-            Some(LinkEvent::Ended { reason, .. }) => {
-                info!(
-                    "connection from {peer} ended before Hello: {}",
-                    name::escape(&reason)
-                );
-                return;
-            }
-            _ => return,
+        let Some((mut link, hello, admission)) = admitted else {
+            return;
         };
         let client = name::escape(&hello.client).into_owned();
-        let admission = match self.auth.check(&hello) {
-            Ok(a) => Ok(a),
-            Err(AuthError::NotYet(why)) => {
-                // A lease granted a moment ago may not have reached this exporter from the
-                // controller yet (the client can be faster than the push): wait for the next
-                // push, then decide.
-                match self.auth.changes() {
-                    Some(mut changes) => {
-                        let _ = tokio::time::timeout(CONFIRM_WAIT, changes.changed()).await;
-                        self.auth.check(&hello).map_err(|e| match e {
-                            AuthError::NotYet(w) | AuthError::Refused(w) => w,
-                        })
-                    }
-                    None => Err(why),
-                }
-            }
-            Err(AuthError::Refused(why)) => Err(why),
-        };
-        let admission = match admission {
-            Ok(a) => a,
-            Err(why) => {
-                warn!(client = %client, "refused {peer}: {why}");
-                link.handle
-                    .bye(ErrorCode::Unauthorized, format!("{}: {why}", self.name));
-                drain(&mut link).await;
-                return;
-            }
-        };
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let one_shot = hello.features & features::ONE_SHOT != 0;
         let verdict = self.seat().admit(
@@ -289,6 +246,70 @@ impl Exporter {
             w.abort();
         }
         self.seat().detached(conn_id);
+    }
+
+    /// The handshake, the Hello and the token check: the part of a connection's life before the
+    /// seat decides. `None` when it ended or was refused (the client has been told why).
+    async fn authenticate(
+        &self,
+        incoming: quinn::Incoming,
+    ) -> Option<(Link, jmp_protocol::Hello, crate::auth::Admission)> {
+        let peer = incoming.remote_address();
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                // Garbage and port scans end here; nothing else is affected.
+                debug!("handshake from {peer} failed: {e}");
+                return None;
+            }
+        };
+        let mut link = match Link::exporter(conn).await {
+            Ok(l) => l,
+            Err(e) => {
+                info!("connection from {peer} ended before Hello: {e}");
+                return None;
+            }
+        };
+        let hello = match link.events.recv().await {
+            Some(LinkEvent::Hello(h)) => h,
+            Some(LinkEvent::Ended { reason, .. }) => {
+                info!(
+                    "connection from {peer} ended before Hello: {}",
+                    name::escape(&reason)
+                );
+                return None;
+            }
+            _ => return None,
+        };
+        let client = name::escape(&hello.client).into_owned();
+        let admission = match self.auth.check(&hello) {
+            Ok(a) => Ok(a),
+            Err(AuthError::NotYet(why)) => {
+                // A lease granted a moment ago may not have reached this exporter from the
+                // controller yet (the client can be faster than the push): wait for the next
+                // push, then decide.
+                match self.auth.changes() {
+                    Some(mut changes) => {
+                        let _ = tokio::time::timeout(CONFIRM_WAIT, changes.changed()).await;
+                        self.auth.check(&hello).map_err(|e| match e {
+                            AuthError::NotYet(w) | AuthError::Refused(w) => w,
+                        })
+                    }
+                    None => Err(why),
+                }
+            }
+            Err(AuthError::Refused(why)) => Err(why),
+        };
+        match admission {
+            Ok(a) => Some((link, hello, a)),
+            Err(why) => {
+                warn!(client = %client, "refused {peer}: {why}");
+                link.handle
+                    .bye(ErrorCode::Unauthorized, format!("{}: {why}", self.name));
+                drain(&mut link).await;
+                None
+            }
+        }
     }
 
     /// Pushes every change of a device's status to the attached client (one small task per

@@ -444,6 +444,14 @@ pub async fn run(
         lease: session.opts.lease.clone(),
         devices: rows,
     };
+    // `<dev dir>/current`, when the kinds made anything under the device directory.
+    let _current = if ctx.dev_dir.join(&welcome.exporter).is_dir() {
+        jmp_devices::places::CurrentLink::place(&ctx.dev_dir, &welcome.exporter)
+            .map_err(|e| warn!("cannot place {}/current: {e}", ctx.dev_dir.display()))
+            .ok()
+    } else {
+        None
+    };
 
     let mut gen = 1u64;
     let (slot_tx, slot_rx) = watch::channel(LinkSlot {

@@ -33,6 +33,12 @@ pub(crate) struct Cli {
 pub(crate) enum Cmd {
     /// Attach an exporter: its serial consoles become local ptys, its TCP ports local ports.
     Attach(AttachArgs),
+    /// Run a command (default: your shell) with a board attached: the devices' local endpoints
+    /// are in its environment (JMP_DEV_<DEVICE>=path or address), and `jmp power`/`jmp serial`
+    /// inside it mean this board. Attaches first (as `jmp attach` with the same options) unless
+    /// that board is already attached; detaches afterwards if it attached. Exits with the
+    /// command's status.
+    Shell(ShellArgs),
     /// Stop a background attachment (`jmp attach -d`).
     Detach {
         /// Exporter name (default: the only attachment).
@@ -440,6 +446,15 @@ pub(crate) struct AttachArgs {
 }
 
 #[derive(Args, Debug, Clone)]
+pub(crate) struct ShellArgs {
+    #[command(flatten)]
+    pub(crate) attach: AttachArgs,
+    /// The command and its arguments, after `--` (default: $SHELL).
+    #[arg(last = true)]
+    pub(crate) command: Vec<String>,
+}
+
+#[derive(Args, Debug, Clone)]
 pub(crate) struct CommonArgs {
     /// Where serial devices appear (default /dev/jmp as root, else $XDG_RUNTIME_DIR/jmp).
     #[arg(long)]
@@ -486,9 +501,10 @@ pub(crate) struct LocalArgs {
 /// --token-file F`).
 #[derive(Args, Debug, Clone)]
 pub(crate) struct Target {
-    /// The exporter: the name of a running attachment's exporter, or with --token-file its
-    /// address HOST:PORT (direct mode, its own connection).
-    #[arg(long)]
+    /// The exporter: the name of a running attachment's exporter (inside `jmp shell`:
+    /// JMP_EXPORTER), or with --token-file its address HOST:PORT (direct mode, its own
+    /// connection).
+    #[arg(long, env = "JMP_EXPORTER")]
     pub(crate) exporter: Option<String>,
     /// Direct mode: file holding the exporter's token.
     #[arg(long, env = "JMP_TOKEN_FILE")]

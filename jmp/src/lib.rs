@@ -71,6 +71,7 @@ pub mod device;
 pub mod known;
 pub mod local;
 pub mod paths;
+mod shell;
 mod state;
 pub mod table;
 
@@ -101,6 +102,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
             attach_cmd(a)
         }
+        Cmd::Shell(s) => shell::run(s),
         Cmd::Detach { exporter, all } => state::detach(exporter.as_deref(), all),
         Cmd::Local { cmd } => match cmd {
             LocalCmd::Start(l) => local::start(l),

@@ -268,14 +268,26 @@ fn clean_logs(dir: &Path) {
 /// `local run`), waits for its Ready line, prints it, returns. The child logs to a file in the
 /// runtime dir.
 pub fn spawn_background(json: bool) -> Result<()> {
-    use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe().context("cannot find the jmp executable")?;
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     if let Some(pos) = args.iter().position(|a| a == "start") {
         if args.first().is_some_and(|a| a == "local") {
             args[pos] = "run".into();
         }
     }
+    let (line, ready) = start_background(&args)?;
+    if json {
+        out!("{}", line);
+    } else {
+        out!("{}", ready.table());
+    }
+    Ok(())
+}
+
+/// Runs `jmp ARGS` as a background child (its own session, logging to the runtime dir) and
+/// waits for its Ready line; the line as printed and parsed.
+pub fn start_background(args: &[std::ffi::OsString]) -> Result<(String, Ready)> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("cannot find the jmp executable")?;
     let d = dir();
     crate::paths::check_fallback(&d).map_err(|e| anyhow!(e))?;
     crate::paths::private_dir(&d).map_err(|e| anyhow!(e))?;
@@ -284,7 +296,7 @@ pub fn spawn_background(json: bool) -> Result<()> {
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("cannot create {}", log_path.display()))?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.args(&args)
+    cmd.args(args)
         .env(CHILD_ENV, "1")
         .env("JMP_LOG_FILE", &log_path)
         .stdin(std::process::Stdio::null())
@@ -326,12 +338,7 @@ pub fn spawn_background(json: bool) -> Result<()> {
     }
     let ready: Ready = serde_json::from_str(line.trim())
         .context("bad ready line from the background attachment")?;
-    if json {
-        out!("{}", line);
-    } else {
-        out!("{}", ready.table());
-    }
-    Ok(())
+    Ok((line, ready))
 }
 
 /// A process handle that cannot be confused with a later process of the same pid.
@@ -399,6 +406,11 @@ fn stop(st: &StateFile, what: &str) -> Result<()> {
     let _ = fd.signal(libc::SIGKILL);
     fd.exited(Duration::from_secs(5));
     Ok(())
+}
+
+/// Stops one attachment found by its state (as `jmp detach` does).
+pub fn stop_attachment(st: &StateFile) -> Result<()> {
+    stop(st, &format!("the attachment of {}", st.ready.exporter))
 }
 
 pub fn detach(exporter: Option<&str>, all: bool) -> Result<()> {

@@ -332,7 +332,9 @@ mod tests {
         };
         // jmpd just restarted: the token's word alone (it may not end another session: the
         // seat's rule), and its own end.
-        let a = auth.check(&hello(&signer, "L1", now, now + 60)).expect("admitted");
+        let a = auth
+            .check(&hello(&signer, "L1", now, now + 60))
+            .expect("admitted");
         assert_eq!(a.lease.as_deref(), Some("L1"));
         assert_eq!(a.client.as_deref(), Some("c1"));
         assert!(!a.confirmed);
@@ -344,7 +346,11 @@ mod tests {
             v.known = true;
             v.current = Some(("L1".into(), now + 60));
         }
-        assert!(auth.check(&hello(&signer, "L1", now, now + 60)).expect("ok").confirmed);
+        assert!(
+            auth.check(&hello(&signer, "L1", now, now + 60))
+                .expect("ok")
+                .confirmed
+        );
         assert!(matches!(
             auth.check(&hello(&signer, "L2", now, now + 60)),
             Err(AuthError::NotYet(_))

@@ -2,12 +2,15 @@
 //! in the expensive, unauthenticated part of their life at once — the QUIC handshake and the
 //! time until their credential or token has been checked — in total and per source address.
 //!
-//! Beyond the limits a new connection is refused before its handshake (`Incoming::refuse`,
-//! which costs one packet), and once past a soft limit a source must first prove its address
-//! with a QUIC Retry, so a flood of spoofed Initials cannot fill the table. An authenticated
-//! connection leaves the gate ([`Ticket::release`]): a holder's session is never refused
-//! because of a flood, and the flood's connections time out on their own (the handshake and the
-//! session's Hello deadline, 10 s each).
+//! At a limit, the newest connection does not wait behind the flood: the *oldest*
+//! unauthenticated connection (of that source, or in all) is displaced — told through its
+//! ticket to close — so a legitimate client that completes its handshake and Hello in a few
+//! milliseconds gets through even while a flood holds every place, unless the flood opens
+//! more connections in that time than a source may hold. Past a soft limit a source must first
+//! prove its address with a QUIC Retry, so spoofed Initials cannot take places at all. An
+//! authenticated connection leaves the gate ([`Ticket::release`]): a holder's session is never
+//! touched by a flood, and the flood's connections time out on their own (the handshake and
+//! the session's Hello deadline, 10 s each) when nothing displaces them sooner.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -36,8 +39,42 @@ impl Default for Limits {
 
 #[derive(Default)]
 struct Counts {
-    total: usize,
+    next: u64,
+    /// Places held, oldest first: ticket id, source, and how to tell it to go.
+    held: std::collections::BTreeMap<u64, (IpAddr, Arc<tokio::sync::Notify>)>,
     by_source: HashMap<IpAddr, usize>,
+}
+
+impl Counts {
+    fn total(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Frees the oldest place matching `pred` and tells its connection to go.
+    fn displace(&mut self, pred: impl Fn(&IpAddr) -> bool) -> bool {
+        let Some(id) = self
+            .held
+            .iter()
+            .find(|(_, (src, _))| pred(src))
+            .map(|(id, _)| *id)
+        else {
+            return false;
+        };
+        if let Some((src, go)) = self.held.remove(&id) {
+            go.notify_one();
+            self.forget_source(src);
+        }
+        true
+    }
+
+    fn forget_source(&mut self, src: IpAddr) {
+        if let Some(n) = self.by_source.get_mut(&src) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.by_source.remove(&src);
+            }
+        }
+    }
 }
 
 pub struct Gate {
@@ -50,41 +87,38 @@ pub enum Decision {
     Accept(Ticket),
     /// Ask it to prove its address first (it comes back validated).
     Retry,
-    /// Too many from here or in all: refuse it (the reason is for the log).
-    Refuse(&'static str),
 }
 
 /// A place in the gate, held from the connection's arrival until it has authenticated (or is
-/// gone: dropping the ticket frees the place).
+/// gone: dropping the ticket frees the place). A newer connection may displace it: then
+/// [`Ticket::displaced`] completes and the connection must close.
 pub struct Ticket {
     gate: Arc<Gate>,
-    source: IpAddr,
-    held: bool,
+    id: u64,
+    go: Arc<tokio::sync::Notify>,
 }
 
 impl Ticket {
     /// The connection authenticated: it no longer counts against the limits.
-    pub fn release(mut self) {
-        self.free();
+    pub fn release(self) {}
+
+    /// Completes when a newer connection has taken this one's place.
+    pub async fn displaced(&self) {
+        self.go.notified().await
     }
 
-    fn free(&mut self) {
-        if std::mem::take(&mut self.held) {
-            let mut c = self.gate.lock();
-            c.total = c.total.saturating_sub(1);
-            if let Some(n) = c.by_source.get_mut(&self.source) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    c.by_source.remove(&self.source);
-                }
-            }
-        }
+    /// What [`Ticket::displaced`] waits on, for a task that does not hold the ticket.
+    pub fn go_handle(&self) -> Arc<tokio::sync::Notify> {
+        self.go.clone()
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.free();
+        let mut c = self.gate.lock();
+        if let Some((src, _)) = c.held.remove(&self.id) {
+            c.forget_source(src);
+        }
     }
 }
 
@@ -103,28 +137,30 @@ impl Gate {
     /// Decides on a connection from `source`; `validated`: it has already passed a Retry.
     pub fn decide(self: &Arc<Self>, source: IpAddr, validated: bool) -> Decision {
         let mut c = self.lock();
-        let from_here = c.by_source.get(&source).copied().unwrap_or(0);
-        if c.total >= self.limits.total {
-            return Decision::Refuse("too many connections are authenticating");
-        }
-        if from_here >= self.limits.per_source {
-            return Decision::Refuse("too many connections from this address are authenticating");
-        }
-        if !validated && c.total >= self.limits.retry_above {
+        if !validated && c.total() >= self.limits.retry_above {
             return Decision::Retry;
         }
-        c.total += 1;
+        if c.by_source.get(&source).copied().unwrap_or(0) >= self.limits.per_source {
+            c.displace(|s| *s == source);
+        }
+        if c.total() >= self.limits.total {
+            c.displace(|_| true);
+        }
+        let id = c.next;
+        c.next += 1;
+        let go = Arc::new(tokio::sync::Notify::new());
+        c.held.insert(id, (source, go.clone()));
         *c.by_source.entry(source).or_insert(0) += 1;
         Decision::Accept(Ticket {
             gate: self.clone(),
-            source,
-            held: true,
+            id,
+            go,
         })
     }
 
     /// Unauthenticated connections now (for tests and metrics).
     pub fn pending(&self) -> usize {
-        self.lock().total
+        self.lock().total()
     }
 }
 
@@ -139,11 +175,6 @@ pub fn admit(gate: &Arc<Gate>, incoming: quinn::Incoming) -> Option<(quinn::Inco
             let _ = incoming.retry();
             None
         }
-        Decision::Refuse(why) => {
-            tracing::debug!(%source, "refused a connection: {why}");
-            incoming.refuse();
-            None
-        }
     }
 }
 
@@ -156,34 +187,53 @@ mod tests {
     }
 
     #[test]
-    fn limits_hold_per_source_and_in_total_and_tickets_free_their_place() {
+    fn the_oldest_unauthenticated_place_is_displaced_and_tickets_free_their_place() {
         let g = Gate::new(Limits {
             total: 4,
             per_source: 2,
             retry_above: 3,
         });
         let accept = |g: &Arc<Gate>, s, v| match g.decide(s, v) {
-            Decision::Accept(t) => Some(t),
-            _ => None,
+            Decision::Accept(t) => t,
+            Decision::Retry => panic!("asked to retry"),
         };
-        let a1 = accept(&g, ip(1), false).expect("first");
-        let _a2 = accept(&g, ip(1), false).expect("second from the same source");
+        let displaced = |t: &Ticket| t.go.clone();
+        let a1 = accept(&g, ip(1), false);
+        let a2 = accept(&g, ip(1), false);
+        let a1_go = displaced(&a1);
+        // A third from one source takes the oldest place of that source.
+        let a3 = accept(&g, ip(1), true);
         assert!(
-            matches!(g.decide(ip(1), true), Decision::Refuse(_)),
-            "a third from one source is refused"
+            futures_lite_now(a1_go.notified()),
+            "the oldest of that source was told to go"
         );
-        let _b1 = accept(&g, ip(2), false).expect("another source");
+        assert_eq!(g.pending(), 2);
+        drop(a1);
+        assert_eq!(g.pending(), 2, "a displaced ticket frees nothing twice");
+        let b1 = accept(&g, ip(2), false);
         assert!(
             matches!(g.decide(ip(3), false), Decision::Retry),
             "past the soft limit an unvalidated source must retry"
         );
-        let _c1 = accept(&g, ip(3), true).expect("validated");
-        assert!(matches!(g.decide(ip(4), true), Decision::Refuse(_)), "full");
+        let _c1 = accept(&g, ip(3), true);
         assert_eq!(g.pending(), 4);
-        a1.release();
+        // Full: the oldest in all goes (a2).
+        let a2_go = displaced(&a2);
+        let _d1 = accept(&g, ip(4), true);
+        assert!(futures_lite_now(a2_go.notified()));
+        assert_eq!(g.pending(), 4);
+        a3.release();
         assert_eq!(g.pending(), 3, "authenticated: no longer counted");
-        drop(_b1);
+        drop(b1);
         assert_eq!(g.pending(), 2, "gone: its place is free");
-        assert!(accept(&g, ip(4), true).is_some());
+    }
+
+    /// Whether a `Notified` is ready now (a permit was stored by `notify_one`).
+    fn futures_lite_now(n: tokio::sync::futures::Notified<'_>) -> bool {
+        use std::future::Future;
+        let mut n = std::pin::pin!(n);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        n.as_mut().poll(&mut cx).is_ready()
     }
 }
