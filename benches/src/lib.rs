@@ -1,9 +1,10 @@
 //! jmp benchmarks: every benchmark runs its baseline and its peers in the same run, interleaved
 //! round by round, and reports medians and ratios. The driver is `src/main.rs`
-//! (`cargo run --release -p jmp-bench -- [all|serial|tcp|quinn|memory|controller]
+//! (`cargo run --release -p jmp-bench -- [all|serial|tcp|quinn|memory|controller|flood]
 //! [--rounds N]`); the method and recorded figures are in `docs/benchmarks.md`.
 
 pub mod controller;
+pub mod flood;
 pub mod jmp;
 pub mod memory;
 pub mod proc;

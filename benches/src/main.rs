@@ -11,7 +11,7 @@
 //! everything as JSON to `target/bench-results.json`.
 
 use anyhow::{bail, Result};
-use jmp_bench::{controller, jmp, memory, quic, relay, serial, tcp};
+use jmp_bench::{controller, flood, jmp, memory, quic, relay, serial, tcp};
 use std::process::Command;
 
 struct Args {
@@ -40,13 +40,13 @@ fn parse() -> Result<Args> {
             "--no-build" => a.build = false,
             "--bin-dir" => a.bin_dir = it.next().map(Into::into),
             "--compare-bin-dir" => a.compare = it.next().map(Into::into),
-            "all" => a
-                .which
-                .extend(["serial", "tcp", "quinn", "memory", "controller"].map(String::from)),
-            "serial" | "tcp" | "quinn" | "memory" | "controller" => a.which.push(x),
+            "all" => a.which.extend(
+                ["serial", "tcp", "quinn", "memory", "controller", "flood"].map(String::from),
+            ),
+            "serial" | "tcp" | "quinn" | "memory" | "controller" | "flood" => a.which.push(x),
             "-h" | "--help" => {
                 println!(
-                    "usage: jmp-bench [all|serial|tcp|quinn|memory|controller]... [--rounds N] \
+                    "usage: jmp-bench [all|serial|tcp|quinn|memory|controller|flood]... [--rounds N] \
                      [--iperf-seconds S] [--no-build] [--bin-dir DIR] [--compare-bin-dir DIR]"
                 );
                 std::process::exit(0);
@@ -55,7 +55,7 @@ fn parse() -> Result<Args> {
         }
     }
     if a.which.is_empty() {
-        a.which = ["serial", "tcp", "quinn", "memory", "controller"]
+        a.which = ["serial", "tcp", "quinn", "memory", "controller", "flood"]
             .map(String::from)
             .to_vec();
     }
@@ -121,6 +121,7 @@ fn main() -> Result<()> {
             "quinn" => quic::run(args.rounds),
             "memory" => memory::run(&bins, args.rounds),
             "controller" => controller::run(&bins, args.rounds),
+            "flood" => flood::run(&bins, args.rounds),
             _ => unreachable!("parsed"),
         };
         match r {

@@ -39,6 +39,8 @@ pub fn main(args: &[String]) -> Result<()> {
             .ok_or_else(|| anyhow!("relay: missing argument {i}"))
     };
     match arg(0)? {
+        // The connection flood of the flood benchmark: `flood ADDR FINGERPRINT N`.
+        "flood" => crate::flood::flood_main(&args[1..]),
         // Board side: `udp-tty PATH [SPIN_US]` binds an ephemeral port, prints it, and serves the first
         // peer that sends a datagram.
         "udp-tty" => {

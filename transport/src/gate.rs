@@ -2,27 +2,39 @@
 //! in the expensive, unauthenticated part of their life at once — the QUIC handshake and the
 //! time until their credential or token has been checked — in total and per source address.
 //!
-//! At a limit, the newest connection does not wait behind the flood: the *oldest*
-//! unauthenticated connection (of that source, or in all) is displaced — told through its
-//! ticket to close — so a legitimate client that completes its handshake and Hello in a few
-//! milliseconds gets through even while a flood holds every place, unless the flood opens
-//! more connections in that time than a source may hold. Past a soft limit a source must first
-//! prove its address with a QUIC Retry, so spoofed Initials cannot take places at all. An
-//! authenticated connection leaves the gate ([`Ticket::release`]): a holder's session is never
-//! touched by a flood, and the flood's connections time out on their own (the handshake and
-//! the session's Hello deadline, 10 s each) when nothing displaces them sooner.
+//! Three rules keep memory and CPU bounded whatever arrives:
+//! - **A rate per source.** Each source address may start [`Limits::rate`] connections a
+//!   second (with a burst of [`Limits::per_source`]); beyond that new ones are refused before
+//!   any handshake work (`Incoming::refuse`, one packet). Every accepted connection costs a
+//!   handshake and, once closed, some seconds of draining state in quinn: the rate bounds both.
+//! - **Places.** At most [`Limits::per_source`] unauthenticated connections per source and
+//!   [`Limits::total`] in all. When a place is needed and the oldest holder (of that source,
+//!   or in all) has had [`Limits::grace`] to authenticate — far more than a real client needs
+//!   for its handshake and Hello — it is displaced (told through its ticket to close) instead
+//!   of the newcomer being refused, so idle connections cannot hold the door shut.
+//! - **Address validation.** Past [`Limits::retry_above`] unauthenticated connections a source
+//!   must first prove its address with a QUIC Retry, so spoofed Initials take no places.
+//!
+//! An authenticated connection leaves the gate ([`Ticket::release`]): a holder's session is
+//! never touched by a flood. A flood from the holder's own address can delay that address's
+//! *new* connections; it cannot hurt the established session or exhaust the daemon.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Limits of a [`Gate`].
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Unauthenticated connections at once.
     pub total: usize,
-    /// Unauthenticated connections from one source address at once.
+    /// Unauthenticated connections from one source address at once, and its burst.
     pub per_source: usize,
+    /// New connections a second one source may start (sustained).
+    pub rate: f64,
+    /// How long a place is safe from displacement.
+    pub grace: Duration,
     /// Above this many, a source must pass a Retry (address validation) first.
     pub retry_above: usize,
 }
@@ -32,6 +44,8 @@ impl Default for Limits {
         Limits {
             total: 256,
             per_source: 32,
+            rate: 20.0,
+            grace: Duration::from_millis(500),
             retry_above: 64,
         }
     }
@@ -40,9 +54,11 @@ impl Default for Limits {
 #[derive(Default)]
 struct Counts {
     next: u64,
-    /// Places held, oldest first: ticket id, source, and how to tell it to go.
-    held: std::collections::BTreeMap<u64, (IpAddr, Arc<tokio::sync::Notify>)>,
+    /// Places held, oldest first: ticket id, source, since when, and how to tell it to go.
+    held: std::collections::BTreeMap<u64, (IpAddr, Instant, Arc<tokio::sync::Notify>)>,
     by_source: HashMap<IpAddr, usize>,
+    /// Token buckets of new connections per source: tokens and when last filled.
+    buckets: HashMap<IpAddr, (f64, Instant)>,
 }
 
 impl Counts {
@@ -50,17 +66,21 @@ impl Counts {
         self.held.len()
     }
 
-    /// Frees the oldest place matching `pred` and tells its connection to go.
-    fn displace(&mut self, pred: impl Fn(&IpAddr) -> bool) -> bool {
-        let Some(id) = self
+    /// Frees the oldest place matching `pred` if it has had its grace, and tells its
+    /// connection to go; false if there is none to free.
+    fn displace(&mut self, now: Instant, grace: Duration, pred: impl Fn(&IpAddr) -> bool) -> bool {
+        let Some((id, since)) = self
             .held
             .iter()
-            .find(|(_, (src, _))| pred(src))
-            .map(|(id, _)| *id)
+            .find(|(_, (src, _, _))| pred(src))
+            .map(|(id, (_, since, _))| (*id, *since))
         else {
             return false;
         };
-        if let Some((src, go)) = self.held.remove(&id) {
+        if now.duration_since(since) < grace {
+            return false;
+        }
+        if let Some((src, _, go)) = self.held.remove(&id) {
             go.notify_one();
             self.forget_source(src);
         }
@@ -87,6 +107,8 @@ pub enum Decision {
     Accept(Ticket),
     /// Ask it to prove its address first (it comes back validated).
     Retry,
+    /// Refuse it before any handshake work (the reason is for the log).
+    Refuse(&'static str),
 }
 
 /// A place in the gate, held from the connection's arrival until it has authenticated (or is
@@ -116,7 +138,7 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         let mut c = self.gate.lock();
-        if let Some((src, _)) = c.held.remove(&self.id) {
+        if let Some((src, _, _)) = c.held.remove(&self.id) {
             c.forget_source(src);
         }
     }
@@ -136,20 +158,43 @@ impl Gate {
 
     /// Decides on a connection from `source`; `validated`: it has already passed a Retry.
     pub fn decide(self: &Arc<Self>, source: IpAddr, validated: bool) -> Decision {
+        self.decide_at(source, validated, Instant::now())
+    }
+
+    fn decide_at(self: &Arc<Self>, source: IpAddr, validated: bool, now: Instant) -> Decision {
+        let l = self.limits;
         let mut c = self.lock();
-        if !validated && c.total() >= self.limits.retry_above {
+        if !validated && c.total() >= l.retry_above {
             return Decision::Retry;
         }
-        if c.by_source.get(&source).copied().unwrap_or(0) >= self.limits.per_source {
-            c.displace(|s| *s == source);
+        // The source's rate first: a refused connection costs nothing.
+        let burst = l.per_source as f64;
+        if c.buckets.len() > 4 * l.total {
+            // Forget full buckets (sources that have been quiet): the map stays small.
+            c.buckets
+                .retain(|_, (t, at)| *t + now.duration_since(*at).as_secs_f64() * l.rate < burst);
         }
-        if c.total() >= self.limits.total {
-            c.displace(|_| true);
+        let (tokens, at) = c.buckets.entry(source).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * l.rate).min(burst);
+        *at = now;
+        if *tokens < 1.0 {
+            return Decision::Refuse("this address starts connections faster than allowed");
+        }
+        if c.by_source.get(&source).copied().unwrap_or(0) >= l.per_source
+            && !c.displace(now, l.grace, |s| *s == source)
+        {
+            return Decision::Refuse("this address holds all its places with fresh connections");
+        }
+        if c.total() >= l.total && !c.displace(now, l.grace, |_| true) {
+            return Decision::Refuse("all places are held by fresh connections");
+        }
+        if let Some((t, _)) = c.buckets.get_mut(&source) {
+            *t -= 1.0;
         }
         let id = c.next;
         c.next += 1;
         let go = Arc::new(tokio::sync::Notify::new());
-        c.held.insert(id, (source, go.clone()));
+        c.held.insert(id, (source, now, go.clone()));
         *c.by_source.entry(source).or_insert(0) += 1;
         Decision::Accept(Ticket {
             gate: self.clone(),
@@ -175,6 +220,11 @@ pub fn admit(gate: &Arc<Gate>, incoming: quinn::Incoming) -> Option<(quinn::Inco
             let _ = incoming.retry();
             None
         }
+        Decision::Refuse(why) => {
+            tracing::debug!(%source, "refused a connection: {why}");
+            incoming.refuse();
+            None
+        }
     }
 }
 
@@ -187,22 +237,31 @@ mod tests {
     }
 
     #[test]
-    fn the_oldest_unauthenticated_place_is_displaced_and_tickets_free_their_place() {
+    fn rates_places_and_displacement_of_the_old_on_virtual_time() {
         let g = Gate::new(Limits {
             total: 4,
             per_source: 2,
+            rate: 10.0,
+            grace: Duration::from_millis(500),
             retry_above: 3,
         });
-        let accept = |g: &Arc<Gate>, s, v| match g.decide(s, v) {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let accept = |g: &Arc<Gate>, s, v, t| match g.decide_at(s, v, t) {
             Decision::Accept(t) => t,
             Decision::Retry => panic!("asked to retry"),
+            Decision::Refuse(why) => panic!("refused: {why}"),
         };
-        let displaced = |t: &Ticket| t.go.clone();
-        let a1 = accept(&g, ip(1), false);
-        let a2 = accept(&g, ip(1), false);
-        let a1_go = displaced(&a1);
-        // A third from one source takes the oldest place of that source.
-        let a3 = accept(&g, ip(1), true);
+        let a1 = accept(&g, ip(1), false, at(0));
+        let _a2 = accept(&g, ip(1), false, at(0));
+        // A third from one source while its places are fresh: refused (and the burst is used).
+        assert!(matches!(
+            g.decide_at(ip(1), true, at(100)),
+            Decision::Refuse(_)
+        ));
+        // Once the oldest has had its grace, a newcomer (with a token again) displaces it.
+        let a1_go = a1.go.clone();
+        let _a3 = accept(&g, ip(1), true, at(600));
         assert!(
             futures_lite_now(a1_go.notified()),
             "the oldest of that source was told to go"
@@ -210,22 +269,33 @@ mod tests {
         assert_eq!(g.pending(), 2);
         drop(a1);
         assert_eq!(g.pending(), 2, "a displaced ticket frees nothing twice");
-        let b1 = accept(&g, ip(2), false);
+        // The rate: 10 a second with a burst of 2. At 650 ms one token and a half are there
+        // (the oldest place, a2, has had its grace: it goes); right after, none is.
+        let a2_go = _a2.go.clone();
+        let _a4 = accept(&g, ip(1), true, at(650));
+        assert!(futures_lite_now(a2_go.notified()));
+        assert!(matches!(
+            g.decide_at(ip(1), true, at(660)),
+            Decision::Refuse(_)
+        ));
+        let b1 = accept(&g, ip(2), false, at(700));
         assert!(
-            matches!(g.decide(ip(3), false), Decision::Retry),
+            matches!(g.decide_at(ip(3), false, at(700)), Decision::Retry),
             "past the soft limit an unvalidated source must retry"
         );
-        let _c1 = accept(&g, ip(3), true);
+        let c1 = accept(&g, ip(3), true, at(700));
         assert_eq!(g.pending(), 4);
-        // Full: the oldest in all goes (a2).
-        let a2_go = displaced(&a2);
-        let _d1 = accept(&g, ip(4), true);
-        assert!(futures_lite_now(a2_go.notified()));
+        // Full in all, every place fresh: refused; later the oldest in all goes.
+        assert!(matches!(
+            g.decide_at(ip(4), true, at(800)),
+            Decision::Refuse(_)
+        ));
+        let _d1 = accept(&g, ip(4), true, at(1300));
         assert_eq!(g.pending(), 4);
-        a3.release();
+        c1.release();
         assert_eq!(g.pending(), 3, "authenticated: no longer counted");
         drop(b1);
-        assert_eq!(g.pending(), 2, "gone: its place is free");
+        assert!(g.pending() <= 3, "gone: its place is free");
     }
 
     /// Whether a `Notified` is ready now (a permit was stored by `notify_one`).
