@@ -87,6 +87,23 @@ fn unknown_config_field_is_named_by_check_config() {
         out.stderr
     );
 
+    // A typo in a device's table names the device, the field and the line.
+    assert!(out.stderr.contains("export.console"), "{}", out.stderr);
+    assert!(out.stderr.contains("(line "), "{}", out.stderr);
+    // A missing config file is reported once, with its path.
+    let missing = env.root.join("nowhere.yaml");
+    let mut cmd = Command::new(jmpd_bin());
+    cmd.arg("--config").arg(&missing);
+    let out = run("jmpd-missing", cmd, &env.logs, READY);
+    assert_eq!(exit_code(out.status), Some(2));
+    assert_eq!(
+        out.stderr.matches("No such file").count(),
+        1,
+        "reported once: {}",
+        out.stderr
+    );
+    assert!(out.stderr.contains(&missing.display().to_string()));
+
     // And the good version of the same config passes.
     let good = env.write_config(&yaml.replace("baud:", "baudrate:"));
     let mut cmd = Command::new(jmpd_bin());
@@ -105,9 +122,20 @@ fn missing_serial_port_is_unavailable_but_the_rest_works() {
     ));
     let (mut attach, v) = env.attach(&jmpd, &[]);
     let uart = device(&v, "uart");
-    raw_stderr(&format!(
-        "note: the unavailable serial device is listed as {uart}"
-    ));
+    // The state and its reason are shown, typed, in -o json (and so in jmp status).
+    assert_eq!(uart["state"], "unavailable", "{uart}");
+    assert!(
+        uart["reason"].as_str().is_some_and(|r| r.contains("/dev/ttyNOPE0")),
+        "{uart}"
+    );
+    let mut st = env.jmp();
+    st.args(["status"]);
+    let status = run("status", st, &env.logs, READY);
+    assert!(
+        status.stdout.contains("unavailable") && status.stdout.contains("/dev/ttyNOPE0"),
+        "jmp status shows the device's state and why: {}",
+        status.stdout
+    );
     let mut c = Console::open(local_of(&v, "console"));
     c.write(b"\r");
     c.read_until("login: ", READY);

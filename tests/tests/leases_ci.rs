@@ -394,3 +394,18 @@ fn connections_that_never_authenticate_are_closed_and_bounded() {
     // A real caller is served meanwhile and afterwards.
     lab.ok("whoami", lab.as_admin(&["get", "leases"]));
 }
+
+#[test]
+fn a_stopped_controller_is_named_and_reported_quickly() {
+    let mut lab = Lab::new("ci-ctl-down");
+    lab.create_client("u", &[]);
+    lab.ctl.proc.kill9();
+    let out = lab.run("get-leases-down", lab.as_client("u", &["get", "leases"]));
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("controller") && !out.stderr.contains("exporter"),
+        "the message names the controller: {}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("no answer"), "{}", out.stderr);
+}
