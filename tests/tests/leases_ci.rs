@@ -409,3 +409,27 @@ fn a_stopped_controller_is_named_and_reported_quickly() {
     );
     assert!(out.stderr.contains("no answer"), "{}", out.stderr);
 }
+
+#[test]
+fn an_exporter_credential_is_written_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = Lab::new("ci-out");
+    let file = lab.env.root.join("e.token");
+    let mut c = lab.admin(&["create", "exporter", "priv-01", "--out"]);
+    c.arg(&file);
+    let out = lab.run("create-exporter-out", c);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stdout.trim().is_empty(),
+        "the secret is not printed: {}",
+        out.stdout
+    );
+    let mode = std::fs::metadata(&file)
+        .expect("written")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+    let token = std::fs::read_to_string(&file).expect("read");
+    assert_eq!(token.trim().split('.').count(), 3, "a credential: {token}");
+}

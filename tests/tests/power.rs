@@ -180,6 +180,16 @@ fn power_without_an_attachment_runs_the_exporters_commands() {
     // A bad --delay is a usage error.
     let o = power(&["cycle", "power", "--delay", "soonish"]);
     assert_eq!(o.status.code(), Some(2), "{}", o.stderr);
+    // The token from the environment (CI secrets), no file.
+    let mut c = env.jmp();
+    c.args(["power", "status", "power", "--exporter"])
+        .arg(jmpd.addr.to_string())
+        .arg("--fingerprint")
+        .arg(&jmpd.fingerprint)
+        .env("JMP_TOKEN", TOKEN);
+    let o = run("jmp-power-env-token", c, &env.logs, TIMEOUT);
+    assert!(o.status.success(), "{}", o.stderr);
+    assert!(o.stdout.contains("power is"), "{}", o.stdout);
 }
 
 #[test]

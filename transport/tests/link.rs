@@ -299,3 +299,63 @@ async fn garbage_on_the_control_stream_ends_only_that_session() {
         .expect("connect again");
     assert!(Link::client(conn, hello("good")).await.is_ok());
 }
+
+/// A driver that never reads its channel's control messages cannot make the link buffer
+/// without bound: past the channel's queue the session ends, saying why.
+#[tokio::test]
+async fn control_messages_nobody_reads_end_the_session_with_a_reason() {
+    let id = Identity::generate().expect("identity");
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = sock.local_addr().expect("addr");
+    let endpoint = server_endpoint(sock, &id, ALPN_EXPORTER).expect("endpoint");
+    let ep = endpoint.clone();
+    tokio::spawn(async move {
+        let Some(incoming) = ep.accept().await else {
+            return;
+        };
+        let conn = incoming.await.expect("handshake");
+        let mut link = Link::exporter(conn).await.expect("link");
+        let mut keep = Vec::new();
+        while let Some(ev) = link.events.recv().await {
+            match ev {
+                LinkEvent::Hello(_) => link.handle.welcome(Welcome {
+                    exporter: "deaf".into(),
+                    features: features::ALL,
+                    instance: 1,
+                    devices: vec![],
+                }),
+                // Accepted, and its control messages never read.
+                LinkEvent::Incoming(inc) => keep.push(inc.accept(Bytes::new())),
+                LinkEvent::Ended { .. } => break,
+                _ => {}
+            }
+        }
+    });
+    let ep = client_endpoint(addr).expect("client endpoint");
+    let (conn, _) = connect(&ep, addr, ALPN_EXPORTER, Some(id.fingerprint()))
+        .await
+        .expect("connect");
+    let (mut link, _) = Link::client(conn, hello("any")).await.expect("welcome");
+    let (dg, _) = link
+        .handle
+        .open_datagram("deaf", Bytes::new())
+        .await
+        .expect("open");
+    for _ in 0..(jmp_transport::pipe::CONTROL_DEPTH * 2) {
+        dg.control_tx.control(Bytes::from_static(b"x"));
+    }
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match link.events.recv().await {
+                Some(LinkEvent::Ended { code, reason, .. }) => return (code, reason),
+                Some(_) => {}
+                None => return (ErrorCode::Internal, "no event".to_string()),
+            }
+        }
+    })
+    .await
+    .expect("the session ends");
+    assert_eq!(ended.0, ErrorCode::Internal);
+    assert!(ended.1.contains("not keeping up"), "{}", ended.1);
+    drop(endpoint);
+}
