@@ -18,9 +18,12 @@ fi
 
 # A private venv: the system Python is left alone, and tests find it at a fixed place.
 venv="$here/target/pyenv"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import serial, can' 2>/dev/null; then
+# The repository's own package (python/, editable: the tests run the working tree) with the
+# frameworks it plugs into: pytest and Robot Framework.
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import serial, can, pytest, robot, jmp_testing, JmpLibrary' 2>/dev/null; then
     echo "install-test-deps: python venv at $venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check pyserial python-can
+    "$venv/bin/pip" install -q --disable-pip-version-check pyserial python-can pytest robotframework
+    "$venv/bin/pip" install -q --disable-pip-version-check -e "$here/python"
 fi
 echo "install-test-deps: ok"

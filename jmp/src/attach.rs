@@ -150,6 +150,10 @@ pub struct Live {
     pub since: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log: Option<PathBuf>,
+    /// The board of `jmp local start` (filled in by `jmp status`, which knows which one that
+    /// is; absent in the control socket's own answer).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
 }
 
 /// Why the attachment ended.
@@ -465,6 +469,7 @@ pub async fn run(
             link: "up".into(),
             since: jmp_transport::unix_now(),
             log: std::env::var_os("JMP_LOG_FILE").map(PathBuf::from),
+            local: false,
         }),
         links: slot_rx.clone(),
     });

@@ -18,6 +18,8 @@ use std::path::PathBuf;
     JMP_TOKEN_FILE     direct mode: the exporter's token file\n  \
     JMP_ADMIN_CONFIG   the admin credential for `jmp admin`\n  \
     JMP_RUNTIME_DIR    where attachments keep state files and control sockets\n  \
+    JMP_DEV_DIR        where serial devices appear (as --dev-dir)\n  \
+    JMP_JOB            the CI job a lease is tagged with (default: the CI system's job id)\n  \
     JMP_CONFIG_DIR     where client configs and known_exporters live\n  \
     JMP_LOG            log level (error, warn, info, debug, trace; default info)\n\n\
 Exit codes: 0 ok, 1 other failure, 2 usage, 3 unauthorized, 4 busy, 5 not found or\n\
@@ -211,6 +213,11 @@ pub(crate) enum CreateCmd {
         /// Output: the lease's name (default), a table, JSON or YAML.
         #[arg(short, long, value_enum, default_value_t = ctl::Out::Name)]
         output: ctl::Out,
+        /// Use an active lease this CI job (outside CI: this client, untagged) already holds on
+        /// a matching exporter instead of queueing behind it; JSON output then says
+        /// `"reused": true`. For test runners started after the pipeline leased the board.
+        #[arg(long)]
+        reuse: bool,
         #[command(flatten)]
         client: ClientSel,
     },
@@ -449,15 +456,25 @@ pub(crate) struct AttachArgs {
 pub(crate) struct ShellArgs {
     #[command(flatten)]
     pub(crate) attach: AttachArgs,
-    /// The command and its arguments, after `--` (default: $SHELL).
-    #[arg(last = true)]
+    /// Local mode: run the board of this exporter config on this machine for the command (as
+    /// `jmp local start --config`; a local exporter already running with it is used, one
+    /// started here is stopped afterwards).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["exporter", "lease", "token_file", "token"])]
+    pub(crate) exporter_config: Option<PathBuf>,
+    /// The command and its arguments (default: $SHELL); everything after the first word that
+    /// is not an option of jmp shell is the command's, `--` optional.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
     pub(crate) command: Vec<String>,
 }
 
 #[derive(Args, Debug, Clone)]
 pub(crate) struct CommonArgs {
     /// Where serial devices appear (default /dev/jmp as root, else $XDG_RUNTIME_DIR/jmp).
-    #[arg(long)]
+    #[arg(long, env = "JMP_DEV_DIR")]
     pub(crate) dev_dir: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) devices: jmp_devices::registry::ClientOptions,

@@ -332,6 +332,7 @@ mod tests {
             link: "up".into(),
             since: 1_795_000_000,
             log: None,
+            local: false,
         };
         round(
             &Reply::new(ReplyBody::Status(live)),
@@ -365,6 +366,7 @@ mod tests {
             link: "up".into(),
             since: 0,
             log: None,
+            local: false,
         };
         let p = DeviceRequest::Power(power::Request::On);
         assert_eq!(pick_device(&live, None, &p).ok().as_deref(), Some("power"));

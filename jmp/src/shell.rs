@@ -50,18 +50,74 @@ pub(crate) fn environment(r: &Ready) -> Vec<(String, String)> {
     env
 }
 
-/// The attach options as typed: the arguments between `shell` and `--`.
-fn attach_args() -> Vec<OsString> {
+/// The attach options as typed: the arguments between `shell` and the command (which clap
+/// took as the trailing words, after an optional `--`).
+fn attach_args(command_len: usize) -> Vec<OsString> {
     let all: Vec<OsString> = std::env::args_os().collect();
     let start = all
         .iter()
         .position(|a| a == "shell")
         .map_or(all.len(), |i| i + 1);
-    let end = all.iter().position(|a| a == "--").unwrap_or(all.len());
-    all.get(start..end.max(start)).unwrap_or_default().to_vec()
+    let mut end = all.len().saturating_sub(command_len).max(start);
+    if end > start && all[end - 1] == "--" {
+        end -= 1;
+    }
+    all.get(start..end).unwrap_or_default().to_vec()
 }
 
-pub(crate) fn run(s: ShellArgs) -> Result<()> {
+/// `--exporter-config`: the local exporter running with that config, else one started for
+/// the command (`Some` state: stop it afterwards).
+fn local_board(
+    s: &ShellArgs,
+    config: &std::path::Path,
+) -> Result<(Ready, Option<state::StateFile>)> {
+    let wanted = std::fs::canonicalize(config).map_err(|e| {
+        exit(
+            code::USAGE,
+            format!("cannot read {}: {e}", config.display()),
+        )
+    })?;
+    if let Some(existing) = state::local_running() {
+        if existing.config.as_deref() == Some(wanted.as_path()) {
+            return Ok((existing.ready, None));
+        }
+        return Err(exit(
+            code::USAGE,
+            format!(
+                "a local exporter is already running with {} (pid {}); `jmp local stop` first",
+                existing
+                    .config
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "the built-in simulated board".into()),
+                existing.ready.pid
+            ),
+        ));
+    }
+    // Fail here, with the config's own message, rather than in the background child.
+    jmp_exporter::ExporterConfig::load(&wanted).map_err(|e| exit(code::USAGE, e.to_string()))?;
+    let mut args: Vec<OsString> = vec!["local".into(), "run".into(), "--config".into()];
+    args.push(wanted.into_os_string());
+    // The other options as typed (--dev-dir, --forward, --name and the kinds' own): `jmp
+    // local run` takes the same ones as attach does.
+    let mut typed = attach_args(s.command.len()).into_iter();
+    while let Some(a) = typed.next() {
+        if a == "--exporter-config" {
+            typed.next();
+        } else if !a.to_string_lossy().starts_with("--exporter-config=") {
+            args.push(a);
+        }
+    }
+    args.extend(["-o".into(), "json".into()]);
+    let (_, ready) = state::start_background(&args)?;
+    let st = state::local_running()
+        .ok_or_else(|| exit(code::FAILURE, "the local exporter ended at once"))?;
+    Ok((ready, Some(st)))
+}
+
+/// The attachment of this board already running, else one started for the command (`Some`
+/// state: stop it afterwards).
+fn attached_board(s: &ShellArgs) -> Result<(Ready, Option<state::StateFile>)> {
     // An attachment already running for this board is used as it is.
     let by_name = s
         .attach
@@ -76,16 +132,26 @@ pub(crate) fn run(s: ShellArgs) -> Result<()> {
         (None, None) if s.attach.exporter.is_none() => state::find(None).ok(),
         _ => None,
     };
-    let (ready, ours) = match existing {
-        Some(st) => (st.ready, None),
+    match existing {
+        Some(st) => Ok((st.ready, None)),
         None => {
             let mut args: Vec<OsString> = vec!["attach".into()];
-            args.extend(attach_args());
+            args.extend(attach_args(s.command.len()));
             args.extend(["-o".into(), "json".into()]);
             let (_, ready) = state::start_background(&args)?;
             let st = state::find(Some(&ready.exporter))?;
-            (ready, Some(st))
+            Ok((ready, Some(st)))
         }
+    }
+}
+
+pub(crate) fn run(s: ShellArgs) -> Result<()> {
+    let (ready, ours, local) = if let Some(cfg) = &s.exporter_config {
+        let (ready, ours) = local_board(&s, cfg)?;
+        (ready, ours, true)
+    } else {
+        let (ready, ours) = attached_board(&s)?;
+        (ready, ours, false)
     };
     let (program, rest) = match s.command.split_first() {
         Some((p, rest)) => (p.clone(), rest.to_vec()),
@@ -99,7 +165,12 @@ pub(crate) fn run(s: ShellArgs) -> Result<()> {
         .envs(environment(&ready))
         .status();
     if let Some(st) = &ours {
-        if let Err(e) = state::stop_attachment(st) {
+        let stopped = if local {
+            state::stop_local().map(|_| ())
+        } else {
+            state::stop_attachment(st)
+        };
+        if let Err(e) = stopped {
             eprintln!("jmp: {e:#}");
         }
     }

@@ -470,12 +470,20 @@ pub fn live(st: &StateFile) -> Live {
             link: "unknown".into(),
             since: 0,
             log: st.log.clone(),
+            local: false,
         },
     }
 }
 
 pub fn status(json: bool) -> Result<()> {
-    let all: Vec<Live> = all_states().iter().map(live).collect();
+    let local_pid = local_running().map(|l| l.ready.pid);
+    let all: Vec<Live> = all_states()
+        .iter()
+        .map(|st| Live {
+            local: Some(st.ready.pid) == local_pid,
+            ..live(st)
+        })
+        .collect();
     let mut out = String::new();
     if json {
         out = serde_json::to_string(&all)? + "\n";
@@ -485,8 +493,9 @@ pub fn status(json: bool) -> Result<()> {
         for l in &all {
             let r = &l.ready;
             out.push_str(&format!(
-                "{} (pid {}, link {}{}, {})\n",
+                "{}{} (pid {}, link {}{}, {})\n",
                 jmp_protocol::name::escape(&r.exporter),
+                if l.local { " [local]" } else { "" },
                 r.pid,
                 l.link,
                 r.lease

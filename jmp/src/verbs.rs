@@ -172,6 +172,7 @@ pub(super) fn create_cmd(what: CreateCmd) -> Result<()> {
         begin_time,
         wait,
         output,
+        reuse,
         client,
     } = what;
     let sel = selector_arg(&selector)?;
@@ -208,6 +209,23 @@ pub(super) fn create_cmd(what: CreateCmd) -> Result<()> {
         job: c::current_job(),
     };
     runtime()?.block_on(async {
+        if reuse {
+            let ctl = Ctl::connect(&cfg).await?;
+            if let Some(l) = reusable_lease(&ctl, &req).await? {
+                eprintln!("jmp: using lease {} on {} (--reuse)", l.name, l.exporter);
+                return match output {
+                    c::Out::Json => {
+                        let mut v = serde_json::to_value(&l)?;
+                        if let Some(m) = v.as_object_mut() {
+                            m.insert("reused".into(), serde_json::Value::Bool(true));
+                        }
+                        outln!("{v}");
+                        Ok(())
+                    }
+                    other => c::print_lease(&l, other),
+                };
+            }
+        }
         let lease = c::create_lease(
             &cfg,
             c::CreateLease {
@@ -218,6 +236,41 @@ pub(super) fn create_cmd(what: CreateCmd) -> Result<()> {
         .await?;
         c::print_lease(&lease, output)
     })
+}
+
+/// `--reuse`: an active lease of this job (outside CI: of this client, with no job tag) on an
+/// exporter `req` would match; the oldest when there are several.
+async fn reusable_lease(
+    ctl: &Ctl,
+    req: &LeaseRequest,
+) -> Result<Option<jmp_protocol::ctl::LeaseInfo>> {
+    let leases = match ctl.call(Request::GetLeases { all: false }).await? {
+        Reply::Leases { leases } => leases,
+        other => return Err(c::unexpected(other)),
+    };
+    let mut mine: Vec<jmp_protocol::ctl::LeaseInfo> = leases
+        .into_iter()
+        .filter(|l| l.status == "active" && l.job == req.job)
+        .collect();
+    if mine.is_empty() {
+        return Ok(None);
+    }
+    let matching: Vec<String> = match ctl
+        .call(Request::GetExporters {
+            selector: Some(req.selector.clone()),
+        })
+        .await?
+    {
+        Reply::Exporters { exporters } => exporters
+            .into_iter()
+            .filter(|e| req.exporter.as_ref().is_none_or(|n| *n == e.name))
+            .map(|e| e.name)
+            .collect(),
+        other => return Err(c::unexpected(other)),
+    };
+    mine.retain(|l| matching.contains(&l.exporter));
+    mine.sort_by_key(|l| l.begin);
+    Ok(mine.into_iter().next())
 }
 
 pub(super) fn get_cmd(what: GetCmd) -> Result<()> {

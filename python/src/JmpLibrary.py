@@ -1,0 +1,5 @@
+"""Robot Framework imports `Library    JmpLibrary` from this module."""
+
+from jmp_testing.robot_library import JmpLibrary
+
+__all__ = ["JmpLibrary"]

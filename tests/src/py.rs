@@ -1,0 +1,189 @@
+//! Running the Python integrations (python/: the pytest plugin and the Robot Framework
+//! library) from the e2e tests: the test venv's tools with a test's private jmp directories,
+//! and a guard that leaves nothing of jmp running whatever the test did.
+
+use crate::{jmp_bin, kill_pid, run, skip, target_dir, workspace_root, RunOutput, TestEnv};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// Hang guard for a whole pytest or robot run.
+pub const RUN: Duration = Duration::from_secs(180);
+
+/// Variables of the CI systems jmp reads the job from: cleared, so that the CI running these
+/// tests does not tag the test's leases (a test sets its own).
+pub const CI_VARS: &[&str] = &[
+    "JMP_JOB",
+    "JMP_LEASE",
+    "JMP_EXPORTER",
+    "JMP_TOKEN",
+    "JMP_TOKEN_FILE",
+    "JMP_CLIENT",
+    "JMP_CLIENT_CONFIG",
+    "GITHUB_RUN_ID",
+    "GITHUB_JOB",
+    "GITHUB_RUN_ATTEMPT",
+    "GITHUB_ENV",
+    "CI_JOB_ID",
+    "BUILDKITE_JOB_ID",
+    "BUILD_TAG",
+];
+
+/// The venv's bin directory if it has the package installed (scripts/install-test-deps.sh),
+/// else `None` after printing SKIP.
+pub fn venv_bin() -> Option<PathBuf> {
+    static BIN: OnceLock<Option<PathBuf>> = OnceLock::new();
+    let found = BIN
+        .get_or_init(|| {
+            let bin = workspace_root().join("target/pyenv/bin");
+            let ok = Command::new(bin.join("python"))
+                .args(["-c", "import jmp_testing, pytest, robot, JmpLibrary"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then_some(bin)
+        })
+        .clone();
+    if found.is_none() {
+        skip("the test venv has no jmp-testing/pytest/robotframework (run scripts/install-test-deps.sh)");
+    }
+    found
+}
+
+/// The Python test files: tests/python/.
+pub fn py_dir() -> PathBuf {
+    workspace_root().join("tests/python")
+}
+
+/// PATH with the venv's tools and the jmp under test first.
+pub fn path_with(bin: &Path) -> String {
+    format!(
+        "{}:{}:{}",
+        bin.display(),
+        target_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// `TOOL ARGS` from the venv (pytest, robot, python) with `env`'s jmp directories, run in
+/// tests/python.
+pub fn tool(env: &TestEnv, bin: &Path, name: &str) -> Command {
+    let mut c = Command::new(bin.join(name));
+    for v in CI_VARS {
+        c.env_remove(v);
+    }
+    c.env("JMP_RUNTIME_DIR", &env.runtime)
+        .env("JMP_CONFIG_DIR", &env.config)
+        .env("JMP_DEV_DIR", &env.dev)
+        .env("JMP_BIN", jmp_bin())
+        .env("PATH", path_with(bin))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env_remove("JMP_LOG")
+        .current_dir(py_dir());
+    if name == "pytest" {
+        c.args([
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "console_output_style=classic",
+        ]);
+    }
+    c
+}
+
+pub fn run_tool(env: &TestEnv, label: &str, cmd: Command) -> RunOutput {
+    run(label, cmd, &env.logs, RUN)
+}
+
+/// The attachments `jmp status -o json` lists for `env`.
+pub fn attachments(env: &TestEnv) -> Vec<serde_json::Value> {
+    let mut c = env.jmp();
+    c.args(["status", "-o", "json"]);
+    let out = run("jmp-status", c, &env.logs, crate::READY);
+    assert!(out.status.success(), "jmp status: {}", out.stderr);
+    match serde_json::from_str(&out.stdout) {
+        Ok(serde_json::Value::Array(v)) => v,
+        other => panic!("jmp status -o json printed {:?} ({other:?})", out.stdout),
+    }
+}
+
+/// On drop: stops the local exporter and every attachment of `env`, then kills by PID any
+/// attachment process still alive.
+pub struct Leftovers<'a> {
+    pub env: &'a TestEnv,
+}
+
+impl Drop for Leftovers<'_> {
+    fn drop(&mut self) {
+        let pids: Vec<i32> = {
+            let mut c = self.env.jmp();
+            c.args(["status", "-o", "json"]);
+            let out = run("jmp-status", c, &self.env.logs, crate::READY);
+            serde_json::from_str::<Vec<serde_json::Value>>(&out.stdout)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|a| a["pid"].as_i64())
+                .map(|p| p as i32)
+                .collect()
+        };
+        for args in [&["local", "stop"][..], &["detach", "--all"][..]] {
+            let mut c = self.env.jmp();
+            c.args(args);
+            let _ = run("jmp-cleanup", c, &self.env.logs, Duration::from_secs(15));
+        }
+        for p in pids {
+            kill_pid(p);
+        }
+    }
+}
+
+/// The numbers of a JUnit XML report pytest wrote: (tests, failures + errors, skipped).
+pub fn junit_counts(path: &Path) -> (u32, u32, u32) {
+    let xml = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("no JUnit report at {}: {e}", path.display()));
+    let attr = |name: &str| -> u32 {
+        let key = format!(" {name}=\"");
+        xml.find(&key)
+            .and_then(|i| {
+                let rest = &xml[i + key.len()..];
+                rest[..rest.find('"')?].parse().ok()
+            })
+            .unwrap_or_else(|| panic!("no {name} in {}", &xml[..xml.len().min(400)]))
+    };
+    (
+        attr("tests"),
+        attr("failures") + attr("errors"),
+        attr("skipped"),
+    )
+}
+
+/// An exporter config for the simulated board (console and power) with the labels the
+/// examples select: vendor=acme, model=widget-v2 (and project=myproject, the CI recipes').
+pub fn widget_export() -> &'static str {
+    "console: {type: sim-console, hostname: jmp-sim}\npower: {type: power-sim}\n"
+}
+
+/// A lab (controller) with one simulated board, widget-01 (console and power), labelled
+/// vendor=acme, model=widget-v2 (the examples' selector) and project=myproject (the CI
+/// recipes'), and a client config `ci-client` (imported, not made current).
+pub fn widget_lab(tag: &str) -> (crate::lab::Lab, crate::Jmpd) {
+    let lab = crate::lab::Lab::new(tag);
+    let token = lab.create_exporter(
+        "widget-01",
+        &["vendor=acme", "model=widget-v2", "project=myproject"],
+    );
+    let yaml = format!(
+        "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: widget-01}}\nlisten: 127.0.0.1:0\nstateDir: {}\ncontroller: {{tokenFile: {}}}\nexport:\n  {}",
+        lab.env.root.join("state-widget").display(),
+        token.display(),
+        widget_export().trim_end().replace('\n', "\n  ")
+    );
+    let p = lab.env.root.join("widget-01.exporter.yaml");
+    std::fs::write(&p, yaml + "\n").expect("write exporter config");
+    let jmpd = lab.start_jmpd(&p);
+    lab.create_client("ci-client", &[]);
+    (lab, jmpd)
+}
