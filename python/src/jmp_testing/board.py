@@ -233,10 +233,12 @@ def _attached(jmp: Jmp, spec: BoardSpec, args: List[str], mode: str) -> Board:
     return b
 
 
-def acquire(spec: BoardSpec, jmp: Optional[Jmp] = None, on_lease=None) -> Board:
+def acquire(spec: BoardSpec, jmp: Optional[Jmp] = None, on_lease=None, open_consoles: bool = True) -> Board:
     """The board `spec` means (see the module's docstring for the order). `on_lease` is called
     with a lease's name as soon as one is created, before it is attached, so that an
-    interruption in between still releases it."""
+    interruption in between still releases it. With `open_consoles`, the consoles are read
+    from now on (one reader per pty: a second Board on the same attachment would split its
+    output, so a caller that may already hold one opens them itself)."""
     jmp = jmp or Jmp()
     if spec.exporter:
         args = ["--exporter", spec.exporter]
@@ -247,11 +249,12 @@ def acquire(spec: BoardSpec, jmp: Optional[Jmp] = None, on_lease=None) -> Board:
         board = _attached(jmp, spec, args, "direct")
     else:
         board = _existing(jmp) or _leased(jmp, spec, on_lease)
-    try:
-        board.open_consoles()
-    except Exception:
-        board.release()
-        raise
+    if open_consoles:
+        try:
+            board.open_consoles()
+        except Exception:
+            board.release()
+            raise
     log.info("using %r", board)
     return board
 

@@ -76,7 +76,18 @@ class _Boards:
         key = (spec, owner)
         b = self.boards.get(key)
         if b is None:
-            b = acquire(spec, self.jmp, on_lease=self._pending)
+            b = acquire(spec, self.jmp, on_lease=self._pending, open_consoles=False)
+            if b.mode in ("shell", "local"):
+                # The one board of this machine, whatever the spec: share its consoles.
+                for other in self.boards.values():
+                    if other.mode == b.mode and other.exporter == b.exporter:
+                        b = other
+                        break
+            try:
+                b.open_consoles()
+            except Exception:
+                b.release()
+                raise
             with self.lock:
                 if b.lease:
                     self.pending.pop(b.lease, None)
@@ -90,7 +101,13 @@ class _Boards:
     def release(self, owner: Optional[str] = None) -> List[str]:
         with self.lock:
             keys = [k for k in self.boards if owner is None or k[1] == owner]
-            boards = [self.boards.pop(k) for k in keys]
+            popped = [self.boards.pop(k) for k in keys]
+            # A board shared by several keys (the machine's one local or shell board) goes
+            # when its last key does.
+            boards = []
+            for b in popped:
+                if all(b is not o for o in self.boards.values()) and all(b is not o for o in boards):
+                    boards.append(b)
             pending = {} if owner is not None else dict(self.pending)
             if owner is None:
                 self.pending.clear()
