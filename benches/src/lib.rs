@@ -8,6 +8,7 @@ pub mod flood;
 pub mod jmp;
 pub mod memory;
 pub mod proc;
+pub mod pytest;
 pub mod quic;
 pub mod relay;
 pub mod serial;

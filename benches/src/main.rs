@@ -1,4 +1,4 @@
-//! `cargo run --release -p jmp-bench -- [all|serial|tcp|quinn|memory|controller] [--rounds N]
+//! `cargo run --release -p jmp-bench -- [all|serial|tcp|quinn|memory|controller|flood|pytest] [--rounds N]
 //! [--iperf-seconds S] [--no-build] [--bin-dir DIR]`
 //!
 //! `--bin-dir` takes `jmpd`, `jmp` and `jmp-controller` from DIR instead of building the
@@ -11,7 +11,7 @@
 //! everything as JSON to `target/bench-results.json`.
 
 use anyhow::{bail, Result};
-use jmp_bench::{controller, flood, jmp, memory, quic, relay, serial, tcp};
+use jmp_bench::{controller, flood, jmp, memory, pytest, quic, relay, serial, tcp};
 use std::process::Command;
 
 struct Args {
@@ -41,12 +41,23 @@ fn parse() -> Result<Args> {
             "--bin-dir" => a.bin_dir = it.next().map(Into::into),
             "--compare-bin-dir" => a.compare = it.next().map(Into::into),
             "all" => a.which.extend(
-                ["serial", "tcp", "quinn", "memory", "controller", "flood"].map(String::from),
+                [
+                    "serial",
+                    "tcp",
+                    "quinn",
+                    "memory",
+                    "controller",
+                    "flood",
+                    "pytest",
+                ]
+                .map(String::from),
             ),
-            "serial" | "tcp" | "quinn" | "memory" | "controller" | "flood" => a.which.push(x),
+            "serial" | "tcp" | "quinn" | "memory" | "controller" | "flood" | "pytest" => {
+                a.which.push(x)
+            }
             "-h" | "--help" => {
                 println!(
-                    "usage: jmp-bench [all|serial|tcp|quinn|memory|controller|flood]... [--rounds N] \
+                    "usage: jmp-bench [all|serial|tcp|quinn|memory|controller|flood|pytest]... [--rounds N] \
                      [--iperf-seconds S] [--no-build] [--bin-dir DIR] [--compare-bin-dir DIR]"
                 );
                 std::process::exit(0);
@@ -55,9 +66,17 @@ fn parse() -> Result<Args> {
         }
     }
     if a.which.is_empty() {
-        a.which = ["serial", "tcp", "quinn", "memory", "controller", "flood"]
-            .map(String::from)
-            .to_vec();
+        a.which = [
+            "serial",
+            "tcp",
+            "quinn",
+            "memory",
+            "controller",
+            "flood",
+            "pytest",
+        ]
+        .map(String::from)
+        .to_vec();
     }
     if a.rounds == 0 {
         bail!("--rounds must be at least 1");
@@ -122,6 +141,7 @@ fn main() -> Result<()> {
             "memory" => memory::run(&bins, args.rounds),
             "controller" => controller::run(&bins, args.rounds),
             "flood" => flood::run(&bins, args.rounds),
+            "pytest" => pytest::run(&bins, args.rounds),
             _ => unreachable!("parsed"),
         };
         match r {

@@ -294,11 +294,11 @@ def _leased(jmp: Jmp, spec: BoardSpec, on_lease) -> Board:
         if created and on_lease is not None:
             on_lease(name, spec.client)
     try:
-        # A lease already attached on this machine (the pipeline's own `jmp attach -d`).
-        for a in jmp.status():
-            if a.get("lease") == name:
-                b = Board(jmp, a, "lease", spec)
-                break
+        # A lease already attached on this machine (the pipeline's own `jmp attach -d`); one
+        # created just now cannot be.
+        existing = [] if created else [a for a in jmp.status() if a.get("lease") == name]
+        if existing:
+            b = Board(jmp, existing[0], "lease", spec)
         else:
             args = ["--lease", name] + (["--client", spec.client] if spec.client else [])
             b = _attached(jmp, spec, args, "lease")
