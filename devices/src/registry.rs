@@ -50,8 +50,7 @@ fn de<T: serde::de::DeserializeOwned>(v: serde_norway::Value) -> Result<T, Field
 
 impl DeviceSpec {
     /// The `type:` names, for error messages.
-    pub const TYPES: &'static [&'static str] =
-        &[
+    pub const TYPES: &'static [&'static str] = &[
         "serial",
         "sim-console",
         "tcp",
@@ -188,13 +187,15 @@ pub fn summary(kind: &Kind, params: &[u8]) -> Option<String> {
         Kind::Power => kinds::power::DeviceParams::decode_exact(params)
             .ok()
             .map(|p| format!("power {}", p.state)),
-        Kind::Network => kinds::net::DeviceParams::decode_exact(params).ok().map(|p| {
-            p.subnets
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        }),
+        Kind::Network => kinds::net::DeviceParams::decode_exact(params)
+            .ok()
+            .map(|p| {
+                p.subnets
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }),
         Kind::Udp => kinds::udp::DeviceParams::decode_exact(params)
             .ok()
             .map(|p| format!("to udp {}:{}", p.host, p.port)),

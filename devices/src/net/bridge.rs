@@ -27,6 +27,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `jmp attach` options of network devices.
 #[derive(clap::Args, Debug, Clone, Default)]
+// Its own group id: clap names groups after the struct, and tcp's is a `ClientArgs` too.
+#[group(id = "network-args")]
 pub struct ClientArgs {
     /// Reach network devices through a SOCKS5 proxy on [ADDR:]PORT (127.0.0.1 by default)
     /// instead of a TUN: no privileges needed; names resolve on the exporter (socks5h).
@@ -87,8 +89,9 @@ pub async fn create(
     ctx: &BridgeCtx,
     args: &ClientArgs,
 ) -> Result<NetBridge, String> {
-    let params = DeviceParams::decode_exact(&info.params)
-        .map_err(|e| format!("the exporter's description of this network device is unreadable: {e}"))?;
+    let params = DeviceParams::decode_exact(&info.params).map_err(|e| {
+        format!("the exporter's description of this network device is unreadable: {e}")
+    })?;
     let device = info.name.clone();
     if let Some(addr) = args.parse()? {
         let listener = TcpListener::bind(addr)
@@ -179,7 +182,10 @@ async fn open_failed(link: &dyn Channels, device: &str, what: &str, e: Refusal) 
         return BridgeExit::Refused(e);
     }
     if !link.is_closed() {
-        warn!("{device}: the exporter refused the {what}: {} ({})", e.reason, e.code);
+        warn!(
+            "{device}: the exporter refused the {what}: {} ({})",
+            e.reason, e.code
+        );
     }
     link.closed().await;
     BridgeExit::LinkLost
@@ -201,7 +207,11 @@ async fn run_tunnel(
         Ok(a) => a,
         Err(e) => {
             warn!("{device}: the exporter's tunnel answer is unreadable: {e}");
-            link.close(pipe.channel, ErrorCode::Protocol, "unreadable tunnel answer");
+            link.close(
+                pipe.channel,
+                ErrorCode::Protocol,
+                "unreadable tunnel answer",
+            );
             link.closed().await;
             return BridgeExit::LinkLost;
         }
@@ -225,6 +235,10 @@ async fn run_tunnel(
         );
         t.assigned = Some(assigned);
     }
+    info!(
+        "{device}: tunnel up on {} ({})",
+        t.tun.name, assigned.client
+    );
     let peer = PeerTx::new(pipe.tx.clone());
     let mut guards = Vec::new();
     let fb = to_bytes(&Open::Fallback {
@@ -234,7 +248,9 @@ async fn run_tunnel(
         Ok((fpipe, _)) => {
             let (q_tx, q_rx) = mpsc::channel(pump::FALLBACK_DEPTH);
             let _ = peer.fallback.set(q_tx);
-            guards.push(TaskGuard(tokio::spawn(pump::fallback_writer(q_rx, fpipe.tx))));
+            guards.push(TaskGuard(tokio::spawn(pump::fallback_writer(
+                q_rx, fpipe.tx,
+            ))));
             let w = TunWriter::new(t.tun.dev.clone());
             let stats = t.stats.clone();
             let dev = device.to_string();
@@ -243,7 +259,10 @@ async fn run_tunnel(
                 pump::fallback_to_tun(fpipe.rx, w, &dev, &stats, accept).await;
             })));
         }
-        Err(e) => debug!("{device}: no fallback stream ({}): packets larger than a datagram are dropped", e.reason),
+        Err(e) => debug!(
+            "{device}: no fallback stream ({}): packets larger than a datagram are dropped",
+            e.reason
+        ),
     }
     // Into the TUN.
     {
@@ -256,13 +275,13 @@ async fn run_tunnel(
             pump::datagrams_to_tun(rx, w, &dev, &stats, accept).await;
         })));
     }
-    // Out of the TUN: only packets from our address into the exported subnets (the kernel
-    // also sends its own chatter to any interface that is up).
+    // Out of the TUN: only packets from our address (the kernel also sends its own chatter
+    // to any interface that is up). Where they go is the exporter's to decide: it forwards
+    // into its subnets only, and counts the rest.
     let up = {
         let mut r = TunReader::new(t.tun.dev.clone());
         let stats = t.stats.clone();
         let dev = device.to_string();
-        let subnets = subnets.to_vec();
         let me = assigned.client;
         tokio::spawn(async move {
             loop {
@@ -272,7 +291,7 @@ async fn run_tunnel(
                         let Ok(p) = super::packet::parse_ipv4(seg) else {
                             return;
                         };
-                        if p.src != me || !subnets.iter().any(|s| s.contains(p.dst)) {
+                        if p.src != me {
                             return;
                         }
                         if peer.send(seg, &dev, &stats).is_err() {
@@ -307,7 +326,9 @@ fn to_client(
 ) -> impl Fn(&super::packet::Ipv4Info) -> bool + Send + 'static {
     move |p| {
         if p.dst != a.client {
-            stats.spoofed.hit(&device, format_args!("to {} from the exporter", p.dst));
+            stats
+                .spoofed
+                .hit(&device, format_args!("to {} from the exporter", p.dst));
             return false;
         }
         if p.src != a.gateway && !subnets.iter().any(|s| s.contains(p.src)) {
@@ -379,7 +400,9 @@ async fn serve_socks(
         Request::Connect(t) => t,
         Request::Other(cmd, t) => {
             info!("{device}: SOCKS command {cmd} to {t} refused: only CONNECT is served");
-            let _ = stream.write_all(&socks::reply(socks::REP_COMMAND, None)).await;
+            let _ = stream
+                .write_all(&socks::reply(socks::REP_COMMAND, None))
+                .await;
             return;
         }
     };
@@ -392,9 +415,15 @@ async fn serve_socks(
     if refused_here {
         info!(
             "{device}: SOCKS connect to {target} refused: outside the exported subnets ({})",
-            subnets.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
+            subnets
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
-        let _ = stream.write_all(&socks::reply(socks::REP_NOT_ALLOWED, None)).await;
+        let _ = stream
+            .write_all(&socks::reply(socks::REP_NOT_ALLOWED, None))
+            .await;
         return;
     }
     let (host, port) = target.host_port();
@@ -402,13 +431,22 @@ async fn serve_socks(
     match link.open_stream(&device, open).await {
         Ok((pipe, params)) => {
             let bound = Connected::decode_exact(&params).ok().map(|c| c.bound);
-            if stream.write_all(&socks::reply(socks::REP_OK, bound)).await.is_err() {
+            if stream
+                .write_all(&socks::reply(socks::REP_OK, bound))
+                .await
+                .is_err()
+            {
                 link.close(pipe.channel, ErrorCode::Ok, "");
                 return;
             }
             let channel = pipe.channel;
             let out = crate::tcp::forward::forward(stream, pipe).await;
-            debug!(channel, sent = out.sent, received = out.received, "SOCKS connection done");
+            debug!(
+                channel,
+                sent = out.sent,
+                received = out.received,
+                "SOCKS connection done"
+            );
             link.close(channel, ErrorCode::Ok, "");
         }
         Err(e) => {
@@ -419,7 +457,10 @@ async fn serve_socks(
             } else {
                 code
             };
-            info!("{device}: SOCKS connect to {target} refused: {} (SOCKS reply {code})", e.reason);
+            info!(
+                "{device}: SOCKS connect to {target} refused: {} (SOCKS reply {code})",
+                e.reason
+            );
             let _ = stream.write_all(&socks::reply(code, None)).await;
         }
     }

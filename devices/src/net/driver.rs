@@ -133,9 +133,10 @@ impl Tunnel {
     fn from_client(&self, addr: Ipv4Addr) -> impl Fn(&super::packet::Ipv4Info) -> bool + '_ {
         move |p| {
             if p.src != addr {
-                self.stats
-                    .spoofed
-                    .hit(&self.device, format_args!("{} from the tunnel of {addr}", p.src));
+                self.stats.spoofed.hit(
+                    &self.device,
+                    format_args!("{} from the tunnel of {addr}", p.src),
+                );
                 return false;
             }
             if !self.subnets.iter().any(|s| s.contains(p.dst)) {
@@ -234,7 +235,10 @@ impl NetDriver {
         let (addr, gen) = t.assign(want).ok_or_else(|| {
             Refusal::new(
                 ErrorCode::DeviceUnavailable,
-                format!("{}: every address of the tunnel range {} is taken", self.name, t.range),
+                format!(
+                    "{}: every address of the tunnel range {} is taken",
+                    self.name, t.range
+                ),
             )
         })?;
         info!(device = %self.name, %addr, "tunnel opened");
@@ -274,11 +278,9 @@ impl NetDriver {
         let addrs: Vec<Ipv4Addr> = match host.parse::<Ipv4Addr>() {
             Ok(a) => vec![a],
             Err(_) => {
-                let looked = tokio::time::timeout(
-                    RESOLVE_TIMEOUT,
-                    tokio::net::lookup_host((host, port)),
-                )
-                .await;
+                let looked =
+                    tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port)))
+                        .await;
                 match looked {
                     Ok(Ok(it)) => it
                         .filter_map(|a| match a {
@@ -309,7 +311,11 @@ impl NetDriver {
                 refusal::NOT_ALLOWED,
                 format!(
                     "{shown} ({}) is outside the exported subnets ({})",
-                    if found.is_empty() { "no IPv4 address".to_string() } else { found.join(", ") },
+                    if found.is_empty() {
+                        "no IPv4 address".to_string()
+                    } else {
+                        found.join(", ")
+                    },
                     list.join(", ")
                 ),
             );
@@ -330,7 +336,10 @@ impl NetDriver {
             Err(_) => {
                 return Err(refuse(
                     refusal::HOST_UNREACHABLE,
-                    format!("connect to {target}: no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+                    format!(
+                        "connect to {target}: no answer within {} s",
+                        CONNECT_TIMEOUT.as_secs()
+                    ),
                 ))
             }
         };
@@ -461,8 +470,7 @@ impl Channel for TunnelChannel {
             }
             let _control = pipe.control_rx;
             let w = TunWriter::new(t.dev.clone());
-            pump::datagrams_to_tun(pipe.rx, w, &t.device, &t.stats, t.from_client(self.addr))
-                .await;
+            pump::datagrams_to_tun(pipe.rx, w, &t.device, &t.stats, t.from_client(self.addr)).await;
             t.release(self.addr, self.gen);
             info!(device = %t.device, addr = %self.addr, "tunnel closed");
         })
@@ -512,7 +520,11 @@ impl Channel for ConnectChannel {
         Box::pin(async move {
             let ChannelIo::Stream(pipe) = io else { return };
             let out = crate::tcp::forward::forward(self.stream, pipe).await;
-            debug!(sent = out.sent, received = out.received, "SOCKS connection done");
+            debug!(
+                sent = out.sent,
+                received = out.received,
+                "SOCKS connection done"
+            );
         })
     }
 }

@@ -37,7 +37,10 @@ mod tests {
 
     #[test]
     fn short_names_are_kept_long_ones_shortened_distinctly_bad_ones_refused() {
-        assert_eq!(ifname(CLIENT_PREFIX, "rpi4-01").as_deref(), Ok("jmp-rpi4-01"));
+        assert_eq!(
+            ifname(CLIENT_PREFIX, "rpi4-01").as_deref(),
+            Ok("jmp-rpi4-01")
+        );
         assert_eq!(
             ifname(CLIENT_PREFIX, "elevenchars").as_deref(),
             Ok("jmp-elevenchars")

@@ -50,7 +50,20 @@ pub(crate) fn parse_ipv4(p: &[u8]) -> Result<Ipv4Info, Malformed> {
 #[cfg(test)]
 pub(crate) fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
     let total = 20 + payload.len();
-    let mut p = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, 64, 17, 0, 0];
+    let mut p = vec![
+        0x45,
+        0,
+        (total >> 8) as u8,
+        total as u8,
+        0,
+        0,
+        0x40,
+        0,
+        64,
+        17,
+        0,
+        0,
+    ];
     p.extend_from_slice(&src.octets());
     p.extend_from_slice(&dst.octets());
     let mut sum = 0u32;

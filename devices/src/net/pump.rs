@@ -55,7 +55,7 @@ impl Drops {
     pub fn hit(&self, device: &str, detail: impl std::fmt::Display) {
         let n = self.n.fetch_add(1, Ordering::Relaxed) + 1;
         if is_power_of_ten(n) {
-            warn!("{device}: dropped {n} packet(s) so far: {}: {detail}", self.what);
+            warn!("{device}: {}: {detail} (dropped; {n} so far)", self.what);
         } else {
             debug!("{device}: dropped a packet: {}: {detail}", self.what);
         }
@@ -182,7 +182,9 @@ impl TunReader {
             }
             Err(e) if e.raw_os_error().is_some() => Err(e),
             Err(e) => {
-                stats.malformed.hit(device, format_args!("from the TUN: {e}"));
+                stats
+                    .malformed
+                    .hit(device, format_args!("from the TUN: {e}"));
                 Ok(())
             }
         }
@@ -235,7 +237,12 @@ impl TunWriter {
             .await
         {
             Ok(_) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EBADFD) || e.raw_os_error() == Some(libc::EBADF) => Err(e),
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBADFD)
+                    || e.raw_os_error() == Some(libc::EBADF) =>
+            {
+                Err(e)
+            }
             Err(e) => {
                 debug!("{device}: writing to the TUN: {e}");
                 Ok(())
@@ -260,7 +267,9 @@ fn checked(pkt: &[u8], device: &str, stats: &Stats, accept: &impl Fn(&Ipv4Info) 
     match parse_ipv4(pkt) {
         Ok(info) => accept(&info),
         Err(e) => {
-            stats.malformed.hit(device, format_args!("from the link: {e}"));
+            stats
+                .malformed
+                .hit(device, format_args!("from the link: {e}"));
             false
         }
     }

@@ -131,7 +131,10 @@ pub async fn handshake(s: &mut TcpStream) -> Result<Request, SocksError> {
 
 /// A reply with `code` and the bound address (zeros when there is none).
 pub fn reply(code: u8, bound: Option<std::net::SocketAddrV4>) -> [u8; 10] {
-    let b = bound.unwrap_or(std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0));
+    let b = bound.unwrap_or(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::UNSPECIFIED,
+        0,
+    ));
     let ip = b.ip().octets();
     let port = b.port().to_be_bytes();
     [
@@ -167,7 +170,10 @@ mod tests {
         g.extend_from_slice(b"board");
         g.extend_from_slice(&22u16.to_be_bytes());
         let (r, answer) = client_server(g).await;
-        assert_eq!(r.expect("request"), Request::Connect(Target::Name("board".into(), 22)));
+        assert_eq!(
+            r.expect("request"),
+            Request::Connect(Target::Name("board".into(), 22))
+        );
         assert_eq!(answer, vec![5, 0]);
 
         let g = vec![5, 2, 2, 0, 5, 1, 0, 1, 192, 168, 10, 2, 0, 80];

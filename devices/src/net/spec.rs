@@ -40,7 +40,9 @@ pub struct NetPlan {
 impl NetSpec {
     pub fn plan(&self) -> Result<NetPlan, String> {
         if self.subnets.is_empty() {
-            return Err("subnets is empty: name the board's networks, e.g. [192.168.10.0/24]".into());
+            return Err(
+                "subnets is empty: name the board's networks, e.g. [192.168.10.0/24]".into(),
+            );
         }
         let mut subnets: Vec<Subnet> = Vec::new();
         for s in &self.subnets {
@@ -119,7 +121,9 @@ mod tests {
             .validate()
             .expect_err("overlap");
         assert!(e.contains("192.168.0.0/16 overlaps 192.168.10.0/24"), "{e}");
-        let e = spec(&["0.0.0.0/0"], None, None).validate().expect_err("all");
+        let e = spec(&["0.0.0.0/0"], None, None)
+            .validate()
+            .expect_err("all");
         assert!(e.contains("everything"), "{e}");
         let e = spec(&["192.168.10.0/24"], Some("192.168.10.0/28"), None)
             .validate()

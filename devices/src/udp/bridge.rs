@@ -57,7 +57,10 @@ impl UdpBridge {
 
 /// The bridge for `info`, on the address `--forward` gives it (else an ephemeral loopback
 /// port).
-pub async fn create(info: &DeviceInfo, forwards: &HashMap<String, SocketAddr>) -> Result<UdpBridge, String> {
+pub async fn create(
+    info: &DeviceInfo,
+    forwards: &HashMap<String, SocketAddr>,
+) -> Result<UdpBridge, String> {
     let addr = forwards
         .get(&info.name)
         .copied()
@@ -146,7 +149,10 @@ async fn flow(
         Ok(p) => p,
         Err(e) => {
             if !link.is_closed() {
-                warn!("{device}: the exporter refused the flow from {peer}: {} ({})", e.reason, e.code);
+                warn!(
+                    "{device}: the exporter refused the flow from {peer}: {} ({})",
+                    e.reason, e.code
+                );
             }
             if e.code == ErrorCode::NoSuchDevice {
                 let _ = back.send(e);

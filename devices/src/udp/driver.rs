@@ -74,7 +74,8 @@ impl Driver for UdpDriver {
     fn open<'a>(&'a self, _req: &'a Open) -> BoxFuture<'a, Result<Box<dyn Channel>, Refusal>> {
         Box::pin(async move {
             let target = self.target();
-            let fail = |e: String| Refusal::new(ErrorCode::ConnectFailed, format!("udp {target}: {e}"));
+            let fail =
+                |e: String| Refusal::new(ErrorCode::ConnectFailed, format!("udp {target}: {e}"));
             let host = self.host.trim_start_matches('[').trim_end_matches(']');
             let addr: SocketAddr = tokio::net::lookup_host((host, self.port))
                 .await
@@ -86,7 +87,9 @@ impl Driver for UdpDriver {
             } else {
                 (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
             };
-            let sock = UdpSocket::bind(bind).await.map_err(|e| fail(e.to_string()))?;
+            let sock = UdpSocket::bind(bind)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
             sock.connect(addr).await.map_err(|e| fail(e.to_string()))?;
             Ok(Box::new(UdpChannel {
                 device: self.name.clone(),
@@ -110,7 +113,9 @@ impl Channel for UdpChannel {
 
     fn serve(self: Box<Self>, io: ChannelIo) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            let ChannelIo::Datagram(pipe) = io else { return };
+            let ChannelIo::Datagram(pipe) = io else {
+                return;
+            };
             let UdpChannel {
                 device,
                 sock,

@@ -416,9 +416,8 @@ mod tests {
     use proptest::prelude::*;
 
     fn arb_subnet() -> impl Strategy<Value = Subnet> {
-        (any::<u32>(), 0u8..=32).prop_map(|(a, p)| {
-            Subnet::new(Ipv4Addr::from(a & mask(p)), p).expect("masked address")
-        })
+        (any::<u32>(), 0u8..=32)
+            .prop_map(|(a, p)| Subnet::new(Ipv4Addr::from(a & mask(p)), p).expect("masked address"))
     }
 
     fn arb_open() -> impl Strategy<Value = Open> {
