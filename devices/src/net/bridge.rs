@@ -6,7 +6,7 @@
 //! exported subnets, and none is added if it would overlap a route the machine already has.
 //! Dropping the bridge closes the TUN, which takes its address and routes with it.
 
-use super::pump::{self, PeerTx, Stats, TaskGuard, TunReader, TunWriter};
+use super::pump::{self, Carry, PeerTx, Read, Stats, TaskGuard, TunReader, TunWriter};
 use super::socks::{self, Request, Target};
 use super::tun::{self, Tun, TunError};
 use super::{ifname, sys};
@@ -283,27 +283,28 @@ async fn run_tunnel(
         let stats = t.stats.clone();
         let dev = device.to_string();
         let me = assigned.client;
+        let carry = Carry::from_env();
         tokio::spawn(async move {
             loop {
-                let mut gone = false;
-                let res = r
-                    .read(&dev, &stats, |seg| {
-                        let Ok(p) = super::packet::parse_ipv4(seg) else {
-                            return;
-                        };
-                        if p.src != me {
-                            return;
+                let sent = match r.read(carry, &dev, &stats).await {
+                    Ok(Read::Packets(segs)) => segs
+                        .into_iter()
+                        .filter(|p| super::packet::parse_ipv4(p).is_ok_and(|p| p.src == me))
+                        .try_for_each(|seg| peer.send(seg, &dev, &stats)),
+                    Ok(Read::Super(segment, pkt)) => {
+                        if super::packet::parse_ipv4(pkt).is_ok_and(|p| p.src == me) {
+                            peer.send_super(segment, pkt).await
+                        } else {
+                            Ok(())
                         }
-                        if peer.send(seg, &dev, &stats).is_err() {
-                            gone = true;
-                        }
-                    })
-                    .await;
-                if let Err(e) = res {
-                    warn!("{dev}: reading the TUN failed: {e}");
-                    return;
-                }
-                if gone {
+                    }
+                    Ok(Read::Nothing) => Ok(()),
+                    Err(e) => {
+                        warn!("{dev}: reading the TUN failed: {e}");
+                        return;
+                    }
+                };
+                if sent.is_err() {
                     return;
                 }
             }

@@ -12,7 +12,7 @@
 //! SOCKS CONNECTs; tunnel opens are refused with the reason.
 
 use super::nat::NatTable;
-use super::pump::{self, PeerTx, Stats, TaskGuard, TunReader, TunWriter};
+use super::pump::{self, Carry, PeerTx, Read, Stats, TaskGuard, TunReader, TunWriter};
 use super::spec::NetPlan;
 use super::{ifname, sys, tun};
 use crate::{BoxFuture, Channel, DeviceStatus, Driver, Refusal};
@@ -39,7 +39,7 @@ struct Peer {
     /// channel's end must then not remove the newer entry.
     gen: u64,
     tx: Option<PeerTx>,
-    fallback: Arc<OnceLock<mpsc::Sender<Bytes>>>,
+    fallback: Arc<OnceLock<mpsc::Sender<pump::Frame>>>,
 }
 
 /// The tunnel side: what the TUN reader and the channels share.
@@ -102,29 +102,53 @@ impl Tunnel {
         }
     }
 
+    /// The tunnel a packet out of the TUN goes to (its destination's).
+    fn route(&self, pkt: &[u8]) -> Option<PeerTx> {
+        // IPv6 and the like: the tunnel carries IPv4 only.
+        let info = super::packet::parse_ipv4(pkt).ok()?;
+        let peers = self.peers();
+        let tx = peers.get(&info.dst).and_then(|p| p.tx.clone());
+        if tx.is_none() {
+            self.stats.unrouted.hit(&self.device, info.dst);
+        }
+        tx
+    }
+
     /// Packets out of the TUN, each to the tunnel of its destination.
     async fn read_tun(self: Arc<Self>) {
         let mut r = TunReader::new(self.dev.clone());
         let device = self.device.clone();
+        let carry = Carry::from_env();
         loop {
-            let res = r
-                .read(&device, &self.stats, |seg| {
-                    let Ok(info) = super::packet::parse_ipv4(seg) else {
-                        // IPv6 and the like: the tunnel carries IPv4 only.
-                        return;
-                    };
-                    let peers = self.peers();
-                    match peers.get(&info.dst).and_then(|p| p.tx.as_ref()) {
-                        Some(tx) => {
+            match r.read(carry, &device, &self.stats).await {
+                Ok(Read::Packets(segs)) => {
+                    for seg in segs {
+                        if let Some(tx) = self.route(seg) {
                             let _ = tx.send(seg, &device, &self.stats);
                         }
-                        None => self.stats.unrouted.hit(&device, info.dst),
                     }
-                })
-                .await;
-            if let Err(e) = res {
-                error!("{device}: reading the TUN {} failed: {e}", self.tun_name);
-                return;
+                }
+                Ok(Read::Super(segment, pkt)) => {
+                    if let Some(tx) = self.route(pkt) {
+                        if tx.has_stream() {
+                            // A tunnel whose stream is gone is closing; its packets are lost.
+                            let _ = tx.send_super(segment, pkt).await;
+                        } else {
+                            self.stats.too_large.hit(
+                                &device,
+                                format_args!(
+                                    "a super-packet of {} bytes for a tunnel without a stream",
+                                    pkt.len()
+                                ),
+                            );
+                        }
+                    }
+                }
+                Ok(Read::Nothing) => {}
+                Err(e) => {
+                    error!("{device}: reading the TUN {} failed: {e}", self.tun_name);
+                    return;
+                }
             }
         }
     }
@@ -481,7 +505,7 @@ impl Channel for TunnelChannel {
 struct FallbackChannel {
     tunnel: Arc<Tunnel>,
     addr: Ipv4Addr,
-    fallback: Arc<OnceLock<mpsc::Sender<Bytes>>>,
+    fallback: Arc<OnceLock<mpsc::Sender<pump::Frame>>>,
 }
 
 impl Channel for FallbackChannel {

@@ -1,15 +1,17 @@
 //! Carrying IP packets between a TUN and a tunnel's channels, the same way on both ends.
 //!
-//! Out of the TUN: one read returns a packet or a super-packet (GSO, up to 64 KiB), which
-//! tun-rs splits into MTU-sized segments with their checksums completed; each segment is
-//! one QUIC datagram. A segment that does not fit the datagram size the path allows now
-//! (before MTU discovery, or on a narrow path) goes on the fallback stream instead, so it is
-//! late rather than lost. Into the TUN: datagrams that arrived together are coalesced again
-//! (tun-rs GRO) and written as few super-packets, one write each.
+//! Out of the TUN, one read returns an ordinary packet or a super-packet (TSO/GSO, up to
+//! 64 KiB). An ordinary packet is one QUIC datagram (its checksum completed first); one that
+//! does not fit the datagram size the path allows now (before MTU discovery, on a narrow path)
+//! goes on the tunnel's stream instead, late rather than lost. A super-packet goes whole on
+//! the stream with its segment size, and the far kernel cuts it up again: one write for 64 KiB
+//! on both ends, where splitting it into datagrams would cost a QUIC packet's bookkeeping,
+//! a wake-up and a GRO pass per 1400 bytes. [`Carry::Datagrams`] (`JMP_NET_CARRY=datagrams`,
+//! for measurements) splits super-packets into datagrams instead. The numbers behind the
+//! choice, and what it means under loss, are in docs/benchmarks.md.
 //!
-//! Why datagrams and not a stream for the bulk: a lost datagram is a lost packet for the inner
-//! TCP, which recovers on its own; a stream would retransmit it and hold back everything
-//! behind it, the TCP-over-TCP stall. The numbers behind the choice are in docs/benchmarks.md.
+//! Into the TUN, datagrams that arrived together are coalesced (tun-rs GRO) into as few
+//! writes as possible.
 //!
 //! Every packet from the other side is checked ([`super::packet`]) and filtered by the caller
 //! before it reaches the kernel; what is dropped is counted ([`Drops`]).
@@ -23,7 +25,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
-use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
+use tun_rs::{AsyncDevice, GROTable, VirtioNetHdr, VIRTIO_NET_HDR_LEN};
+
+// From linux/virtio_net.h (tun-rs exports the GSO types it splits, not these two).
+const GSO_NONE: u8 = 0;
+const F_NEEDS_CSUM: u8 = 1;
 
 /// Segments one TUN read can yield (64 KiB of 536-byte segments fit).
 const SEGMENTS: usize = 128;
@@ -32,10 +38,29 @@ const SEGMENT_ROOM: usize = 4096;
 const READ_ROOM: usize = VIRTIO_NET_HDR_LEN + 65535;
 /// Packets coalesced per TUN write batch.
 const WRITE_BATCH: usize = 64;
-/// Packets queued for the fallback stream before more are dropped (it is for rare packets).
-pub(crate) const FALLBACK_DEPTH: usize = 256;
+/// Frames queued for the tunnel's stream. Full, the TUN reader waits: the TUN's own queue
+/// then fills and the kernel drops there, which is the inner TCP's congestion signal.
+pub(crate) const FALLBACK_DEPTH: usize = 64;
 /// Bytes framed into one write on the fallback stream.
 const FALLBACK_CHUNK: usize = 256 * 1024;
+
+/// How super-packets travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Carry {
+    /// Whole, on the tunnel's stream (the default).
+    Stream,
+    /// Split into segments, one datagram each.
+    Datagrams,
+}
+
+impl Carry {
+    pub fn from_env() -> Carry {
+        match std::env::var("JMP_NET_CARRY").as_deref() {
+            Ok("datagrams") => Carry::Datagrams,
+            _ => Carry::Stream,
+        }
+    }
+}
 
 /// One reason for dropping packets, counted. Logged at the 1st, 10th, 100th, ... drop so that
 /// a flood does not flood the log.
@@ -96,11 +121,14 @@ impl Stats {
     }
 }
 
-/// The way to the peer: datagrams, and the fallback stream for what does not fit one.
+/// A packet for the tunnel's stream: its segment size (0: ordinary) and bytes.
+pub(crate) type Frame = (u16, Bytes);
+
+/// The way to the peer: datagrams, and the tunnel's stream.
 #[derive(Clone)]
 pub(crate) struct PeerTx {
     pub dg: DatagramTx,
-    pub fallback: Arc<OnceLock<mpsc::Sender<Bytes>>>,
+    pub fallback: Arc<OnceLock<mpsc::Sender<Frame>>>,
 }
 
 /// Why a packet could not be sent at all: the link is gone.
@@ -115,12 +143,14 @@ impl PeerTx {
         }
     }
 
+    /// An ordinary packet: a datagram, or the stream if it does not fit one (dropped and
+    /// counted if that is congested).
     pub fn send(&self, pkt: &[u8], device: &str, stats: &Stats) -> Result<(), Gone> {
         match self.dg.send(pkt) {
             Ok(()) => Ok(()),
             Err(PipeError::TooLarge { size, max }) => {
                 match self.fallback.get() {
-                    Some(f) => match f.try_send(Bytes::copy_from_slice(pkt)) {
+                    Some(f) => match f.try_send((0, Bytes::copy_from_slice(pkt))) {
                         Ok(()) => {}
                         Err(mpsc::error::TrySendError::Full(_)) => {
                             stats.congested.hit(device, format_args!("{size} bytes"))
@@ -138,9 +168,35 @@ impl PeerTx {
             Err(_) => Err(Gone),
         }
     }
+
+    /// Whether super-packets can go on the stream.
+    pub fn has_stream(&self) -> bool {
+        self.fallback.get().is_some_and(|f| !f.is_closed())
+    }
+
+    /// A super-packet, whole, on the stream: waits while the stream is behind.
+    pub async fn send_super(&self, segment: u16, pkt: &[u8]) -> Result<(), Gone> {
+        let Some(f) = self.fallback.get() else {
+            return Err(Gone);
+        };
+        f.send((segment, Bytes::copy_from_slice(pkt)))
+            .await
+            .map_err(|_| Gone)
+    }
 }
 
-/// Reads the TUN, a packet or a super-packet split into segments at a time.
+/// What one TUN read yielded.
+pub(crate) enum Read<'a> {
+    /// Packets, checksums complete (an ordinary packet, or a super-packet's segments).
+    Packets(Vec<&'a [u8]>),
+    /// A super-packet, whole: its segment size and bytes (transport checksum partial, as the
+    /// receiving kernel expects it with the segment size).
+    Super(u16, &'a [u8]),
+    /// Nothing usable (counted).
+    Nothing,
+}
+
+/// Reads the TUN, one packet or super-packet at a time.
 pub(crate) struct TunReader {
     dev: Arc<AsyncDevice>,
     original: Vec<u8>,
@@ -150,45 +206,107 @@ pub(crate) struct TunReader {
 
 impl TunReader {
     pub fn new(dev: Arc<AsyncDevice>) -> Self {
-        let mut bufs = vec![vec![0u8; SEGMENT_ROOM]; SEGMENTS];
-        bufs[0] = vec![0u8; 65535];
         TunReader {
             dev,
             original: vec![0u8; READ_ROOM],
-            bufs,
+            bufs: vec![vec![0u8; SEGMENT_ROOM]; SEGMENTS],
             sizes: vec![0; SEGMENTS],
         }
     }
 
-    /// Waits for the next read and hands each segment to `f`. An error is the descriptor's
-    /// (the TUN is gone); a packet the kernel handed over that cannot be split is counted as
-    /// malformed and skipped.
+    /// Waits for the next read. An error is the descriptor's (the TUN is gone); a packet the
+    /// kernel handed over that cannot be used is counted as malformed.
     pub async fn read(
         &mut self,
+        carry: Carry,
         device: &str,
         stats: &Stats,
-        mut f: impl FnMut(&[u8]),
-    ) -> std::io::Result<()> {
-        match self
-            .dev
-            .recv_multiple(&mut self.original, &mut self.bufs, &mut self.sizes, 0)
-            .await
-        {
-            Ok(n) => {
-                for i in 0..n {
-                    f(&self.bufs[i][..self.sizes[i]]);
-                }
-                Ok(())
+    ) -> std::io::Result<Read<'_>> {
+        let n = self.dev.recv(&mut self.original).await?;
+        if n <= VIRTIO_NET_HDR_LEN {
+            stats
+                .malformed
+                .hit(device, format_args!("a TUN read of {n} bytes"));
+            return Ok(Read::Nothing);
+        }
+        let Ok(hdr) = VirtioNetHdr::decode(&self.original[..VIRTIO_NET_HDR_LEN]) else {
+            stats
+                .malformed
+                .hit(device, "an unreadable offload header from the TUN");
+            return Ok(Read::Nothing);
+        };
+        let (head, pkt) = self.original[..n].split_at_mut(VIRTIO_NET_HDR_LEN);
+        let _ = head;
+        if hdr.gso_type == GSO_NONE {
+            if hdr.flags & F_NEEDS_CSUM != 0
+                && !complete_checksum(pkt, hdr.csum_start, hdr.csum_offset)
+            {
+                stats
+                    .malformed
+                    .hit(device, "a checksum offset outside the packet");
+                return Ok(Read::Nothing);
             }
-            Err(e) if e.raw_os_error().is_some() => Err(e),
+            return Ok(Read::Packets(vec![&*pkt]));
+        }
+        if carry == Carry::Stream && hdr.gso_type == tun_rs::VIRTIO_NET_HDR_GSO_TCPV4 {
+            return Ok(Read::Super(hdr.gso_size, &*pkt));
+        }
+        match tun_rs::gso_split(pkt, hdr, &mut self.bufs, &mut self.sizes, 0, false) {
+            Ok(k) => Ok(Read::Packets(
+                self.bufs[..k]
+                    .iter()
+                    .zip(&self.sizes)
+                    .map(|(b, n)| &b[..*n])
+                    .collect(),
+            )),
             Err(e) => {
                 stats
                     .malformed
-                    .hit(device, format_args!("from the TUN: {e}"));
-                Ok(())
+                    .hit(device, format_args!("a super-packet from the TUN: {e}"));
+                Ok(Read::Nothing)
             }
         }
     }
+}
+
+/// Completes a partial transport checksum (the kernel's CHECKSUM_PARTIAL: the field holds the
+/// pseudo-header sum). `false` if the offsets do not fit the packet.
+fn complete_checksum(p: &mut [u8], start: u16, offset: u16) -> bool {
+    let (start, at) = (usize::from(start), usize::from(start) + usize::from(offset));
+    if at + 2 > p.len() || start > p.len() {
+        return false;
+    }
+    let initial = u16::from_be_bytes([p[at], p[at + 1]]);
+    p[at] = 0;
+    p[at + 1] = 0;
+    let sum = !tun_rs::checksum(&p[start..], u64::from(initial));
+    p[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    true
+}
+
+/// The offload header for a super-packet of `segment`-byte segments (TCP over IPv4, checksum
+/// partial), or `None` if the packet is not one.
+fn super_header(p: &[u8], segment: u16) -> Option<[u8; VIRTIO_NET_HDR_LEN]> {
+    let ihl = usize::from(*p.first()? & 0x0f) * 4;
+    if *p.get(9)? != 6 || segment == 0 {
+        return None;
+    }
+    let tcp_len = usize::from(*p.get(ihl + 12)? >> 4) * 4;
+    let hdr_len = ihl + tcp_len;
+    if tcp_len < 20 || hdr_len > p.len() {
+        return None;
+    }
+    let h = VirtioNetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: tun_rs::VIRTIO_NET_HDR_GSO_TCPV4,
+        hdr_len: hdr_len as u16,
+        gso_size: segment,
+        csum_start: ihl as u16,
+        csum_offset: 16,
+    };
+    let mut out = [0u8; VIRTIO_NET_HDR_LEN];
+    h.encode(&mut out).ok()?;
+    Some(out)
 }
 
 /// Writes packets to the TUN in batches, coalescing what it can.
@@ -251,6 +369,37 @@ impl TunWriter {
     }
 }
 
+impl TunWriter {
+    /// Writes one super-packet whole (after the batch so far, to keep the order).
+    pub async fn write_super(
+        &mut self,
+        device: &str,
+        segment: u16,
+        pkt: &[u8],
+    ) -> std::io::Result<bool> {
+        let Some(h) = super_header(pkt, segment) else {
+            return Ok(false);
+        };
+        self.flush(device).await?;
+        let mut b = Vec::with_capacity(VIRTIO_NET_HDR_LEN + pkt.len());
+        b.extend_from_slice(&h);
+        b.extend_from_slice(pkt);
+        match self.dev.send(&b).await {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBADFD)
+                    || e.raw_os_error() == Some(libc::EBADF) =>
+            {
+                Err(e)
+            }
+            Err(e) => {
+                debug!("{device}: writing a super-packet to the TUN: {e}");
+                Ok(true)
+            }
+        }
+    }
+}
+
 /// The result of polling a future once without waiting.
 fn now<F: Future>(f: F) -> Option<F::Output> {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -306,16 +455,15 @@ pub(crate) async fn datagrams_to_tun(
     }
 }
 
-/// Packets queued for the fallback stream, framed and written until the queue or the stream
-/// ends.
-pub(crate) async fn fallback_writer(mut q: mpsc::Receiver<Bytes>, mut tx: PipeTx) {
+/// Frames queued for the tunnel's stream, written until the queue or the stream ends.
+pub(crate) async fn fallback_writer(mut q: mpsc::Receiver<Frame>, mut tx: PipeTx) {
     let mut buf = BytesMut::new();
-    while let Some(p) = q.recv().await {
-        put_fallback_frame(&mut buf, &p);
+    while let Some((seg, p)) = q.recv().await {
+        put_fallback_frame(&mut buf, seg, &p);
         while buf.len() < FALLBACK_CHUNK {
             match q.try_recv() {
-                Ok(p) => {
-                    put_fallback_frame(&mut buf, &p);
+                Ok((seg, p)) => {
+                    put_fallback_frame(&mut buf, seg, &p);
                 }
                 Err(_) => break,
             }
@@ -327,7 +475,7 @@ pub(crate) async fn fallback_writer(mut q: mpsc::Receiver<Bytes>, mut tx: PipeTx
     let _ = tx.finish();
 }
 
-/// Frames from the fallback stream into the TUN until the stream ends.
+/// Frames from the tunnel's stream into the TUN until the stream ends.
 pub(crate) async fn fallback_to_tun(
     mut rx: PipeRx,
     mut w: TunWriter,
@@ -341,12 +489,24 @@ pub(crate) async fn fallback_to_tun(
             Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
             Ok(None) | Err(_) => return,
         }
-        while let Some(p) = next_fallback_frame(&mut buf) {
-            if checked(&p, device, stats, &accept) {
-                w.push(&p);
+        while let Some((seg, p)) = next_fallback_frame(&mut buf) {
+            if !checked(&p, device, stats, &accept) {
+                continue;
             }
-            if w.is_full() && w.flush(device).await.is_err() {
-                return;
+            if seg == 0 {
+                w.push(&p);
+                if w.is_full() && w.flush(device).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            match w.write_super(device, seg, &p).await {
+                Ok(true) => {}
+                Ok(false) => stats.malformed.hit(
+                    device,
+                    format_args!("a super-packet from the link that is not TCP/IPv4"),
+                ),
+                Err(_) => return,
             }
         }
         if w.flush(device).await.is_err() {

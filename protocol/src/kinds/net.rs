@@ -4,9 +4,12 @@
 //! - `DeviceInfo.params` is [`DeviceParams`]: the exported IPv4 subnets and the tunnel's MTU.
 //! - A tunnel is a datagram channel opened with [`Open::Tunnel`]; the exporter answers with
 //!   [`Assigned`] (the client's tunnel address, kept across reconnects when the client asks for
-//!   it again). Each datagram is one whole IPv4 packet, checksums complete. Packets too large
-//!   for a datagram right now travel on the tunnel's *fallback* stream channel
-//!   ([`Open::Fallback`]), each as a 2-byte big-endian length and the packet.
+//!   it again). Each datagram is one whole IPv4 packet, checksums complete. The tunnel's
+//!   stream channel ([`Open::Fallback`]) carries what a datagram cannot: the kernel's
+//!   super-packets (TSO/GSO, up to 64 KiB, resegmented by the receiving kernel) and packets
+//!   larger than the datagram size the path allows now. Each frame there is a 2-byte
+//!   big-endian length, a 2-byte segment size (0: an ordinary packet; else the MSS the
+//!   super-packet is cut into) and the packet.
 //! - A SOCKS CONNECT is a stream channel opened with [`Open::Connect`]: the exporter resolves
 //!   the name, connects only to addresses inside its subnets, answers with [`Connected`] and
 //!   then carries raw bytes like a TCP forward. A refusal's reason starts with one of the
@@ -320,28 +323,32 @@ pub mod refusal {
 /// Largest packet a fallback frame carries (its length is a u16).
 pub const FALLBACK_MAX: usize = u16::MAX as usize;
 
-/// Appends one fallback-stream frame: a 2-byte big-endian length, then the packet. `false`
-/// (nothing written) for a packet longer than [`FALLBACK_MAX`].
-pub fn put_fallback_frame(buf: &mut BytesMut, packet: &[u8]) -> bool {
+/// Appends one tunnel-stream frame: a 2-byte big-endian length, the 2-byte segment size
+/// (0 for an ordinary packet), then the packet. `false` (nothing written) for a packet longer
+/// than [`FALLBACK_MAX`].
+pub fn put_fallback_frame(buf: &mut BytesMut, segment: u16, packet: &[u8]) -> bool {
     if packet.len() > FALLBACK_MAX {
         return false;
     }
     buf.put_u16(packet.len() as u16);
+    buf.put_u16(segment);
     buf.put_slice(packet);
     true
 }
 
-/// Splits whole fallback frames off the front of `buf`; what remains is an incomplete frame.
-pub fn next_fallback_frame(buf: &mut BytesMut) -> Option<bytes::Bytes> {
-    if buf.len() < 2 {
+/// Splits the next whole frame off the front of `buf` (its segment size and packet); what
+/// remains is an incomplete frame.
+pub fn next_fallback_frame(buf: &mut BytesMut) -> Option<(u16, bytes::Bytes)> {
+    if buf.len() < 4 {
         return None;
     }
     let len = u16::from_be_bytes([buf[0], buf[1]]) as usize;
-    if buf.len() < 2 + len {
+    let segment = u16::from_be_bytes([buf[2], buf[3]]);
+    if buf.len() < 4 + len {
         return None;
     }
-    let _ = buf.split_to(2);
-    Some(buf.split_to(len).freeze())
+    let _ = buf.split_to(4);
+    Some((segment, buf.split_to(len).freeze()))
 }
 
 #[cfg(test)]
@@ -458,10 +465,10 @@ mod tests {
 
         /// Fallback frames come back whole and in order however the stream splits them.
         #[test]
-        fn fallback_frames_survive_any_split(packets in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..3000), 0..8), cuts in proptest::collection::vec(any::<usize>(), 0..8)) {
+        fn fallback_frames_survive_any_split(packets in proptest::collection::vec((any::<u16>(), proptest::collection::vec(any::<u8>(), 0..3000)), 0..8), cuts in proptest::collection::vec(any::<usize>(), 0..8)) {
             let mut wire = BytesMut::new();
-            for p in &packets {
-                prop_assert!(put_fallback_frame(&mut wire, p));
+            for (seg, p) in &packets {
+                prop_assert!(put_fallback_frame(&mut wire, *seg, p));
             }
             let wire = wire.freeze();
             let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (wire.len() + 1)).collect();
@@ -473,8 +480,8 @@ mod tests {
             for c in cuts {
                 buf.extend_from_slice(&wire[at..c]);
                 at = c;
-                while let Some(f) = next_fallback_frame(&mut buf) {
-                    got.push(f.to_vec());
+                while let Some((seg, f)) = next_fallback_frame(&mut buf) {
+                    got.push((seg, f.to_vec()));
                 }
             }
             prop_assert_eq!(got, packets);
