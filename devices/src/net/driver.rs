@@ -198,6 +198,16 @@ impl NetDriver {
             Err(e) => return Self::unavailable(name, e),
         };
         let side = start_tunnel(name, exporter, &plan);
+        Self::with(name, plan, side)
+    }
+
+    /// A device that serves SOCKS CONNECTs only, making no TUN and changing nothing on the
+    /// machine (tunnel opens are refused with `why`).
+    pub fn without_tunnel(name: &str, plan: NetPlan, why: &str) -> Self {
+        Self::with(name, plan, Err(why.to_string()))
+    }
+
+    fn with(name: &str, plan: NetPlan, side: Result<TunnelSide, String>) -> Self {
         let subnets: Vec<String> = plan.subnets.iter().map(|s| s.to_string()).collect();
         let detail = match &side {
             Ok(s) => format!(

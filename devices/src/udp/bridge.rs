@@ -53,6 +53,11 @@ impl UdpBridge {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
+
+    /// Local datagrams dropped because they were larger than a datagram of the link.
+    pub fn dropped_too_large(&self) -> u64 {
+        self.too_large.count()
+    }
 }
 
 /// The bridge for `info`, on the address `--forward` gives it (else an ephemeral loopback
