@@ -6,6 +6,7 @@
 pub mod controller;
 pub mod jmp;
 pub mod memory;
+pub mod net;
 pub mod proc;
 pub mod quic;
 pub mod relay;

@@ -1,4 +1,4 @@
-//! `cargo run --release -p jmp-bench -- [all|serial|tcp|quinn|memory|controller] [--rounds N]
+//! `cargo run --release -p jmp-bench -- [all|serial|tcp|quinn|memory|controller|net] [--rounds N]
 //! [--iperf-seconds S] [--no-build] [--bin-dir DIR]`
 //!
 //! `--bin-dir` takes `jmpd`, `jmp` and `jmp-controller` from DIR instead of building the
@@ -9,7 +9,7 @@
 //! everything as JSON to `target/bench-results.json`.
 
 use anyhow::{bail, Result};
-use jmp_bench::{controller, jmp, memory, quic, relay, serial, tcp};
+use jmp_bench::{controller, jmp, memory, net, quic, relay, serial, tcp};
 use std::process::Command;
 
 struct Args {
@@ -37,11 +37,11 @@ fn parse() -> Result<Args> {
             "--bin-dir" => a.bin_dir = it.next().map(Into::into),
             "all" => a
                 .which
-                .extend(["serial", "tcp", "quinn", "memory", "controller"].map(String::from)),
-            "serial" | "tcp" | "quinn" | "memory" | "controller" => a.which.push(x),
+                .extend(["serial", "tcp", "quinn", "memory", "controller", "net"].map(String::from)),
+            "serial" | "tcp" | "quinn" | "memory" | "controller" | "net" => a.which.push(x),
             "-h" | "--help" => {
                 println!(
-                    "usage: jmp-bench [all|serial|tcp|quinn|memory|controller]... [--rounds N] \
+                    "usage: jmp-bench [all|serial|tcp|quinn|memory|controller|net]... [--rounds N] \
                      [--iperf-seconds S] [--no-build] [--bin-dir DIR]"
                 );
                 std::process::exit(0);
@@ -71,8 +71,12 @@ fn sh(cmd: &str, args: &[&str]) -> String {
 fn main() -> Result<()> {
     // The serial benchmark's reference relays run as children of this binary.
     let argv: Vec<String> = std::env::args().collect();
-    if argv.get(1).map(String::as_str) == Some("relay") {
-        return relay::main(&argv[2..]);
+    match argv.get(1).map(String::as_str) {
+        Some("relay") => return relay::main(&argv[2..]),
+        // The network benchmark's helpers, run inside its namespaces.
+        Some("net-blast") => return net::blast_main(&argv[2..]),
+        Some("net-socks-get") => return net::socks_get_main(&argv[2..]),
+        _ => {}
     }
     let args = parse()?;
     let date = sh("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]);
@@ -112,6 +116,7 @@ fn main() -> Result<()> {
             "quinn" => quic::run(args.rounds),
             "memory" => memory::run(&bins, args.rounds),
             "controller" => controller::run(&bins, args.rounds),
+            "net" => net::run(&bins, args.rounds, args.iperf_seconds),
             _ => unreachable!("parsed"),
         };
         match r {
