@@ -35,9 +35,9 @@ fn parse() -> Result<Args> {
             "--iperf-seconds" => a.iperf_seconds = it.next().unwrap_or_default().parse()?,
             "--no-build" => a.build = false,
             "--bin-dir" => a.bin_dir = it.next().map(Into::into),
-            "all" => a
-                .which
-                .extend(["serial", "tcp", "quinn", "memory", "controller", "net"].map(String::from)),
+            "all" => a.which.extend(
+                ["serial", "tcp", "quinn", "memory", "controller", "net"].map(String::from),
+            ),
             "serial" | "tcp" | "quinn" | "memory" | "controller" | "net" => a.which.push(x),
             "-h" | "--help" => {
                 println!(

@@ -191,24 +191,49 @@ fn wireguard(
         })?;
     }
     let lan = format!("10.{net}.0");
+    // Each pair its own port: both lab ends share the lab namespace.
+    let port = format!("51{net}");
     ip_in(
         &t.lab,
         &[
-            "wg", "set", &li, "private-key", &lk.display().to_string(), "listen-port", "51820",
-            "peer", &cpub, "allowed-ips", &format!("{lan}.2/32"),
+            "wg",
+            "set",
+            &li,
+            "private-key",
+            &lk.display().to_string(),
+            "listen-port",
+            &port,
+            "peer",
+            &cpub,
+            "allowed-ips",
+            &format!("{lan}.2/32"),
         ],
     )?;
     ip_in(
         &t.client,
         &[
-            "wg", "set", &ci, "private-key", &ck.display().to_string(), "peer", &lpub,
-            "endpoint", &format!("{}:51820", netns::LAB_ADDR), "allowed-ips",
+            "wg",
+            "set",
+            &ci,
+            "private-key",
+            &ck.display().to_string(),
+            "peer",
+            &lpub,
+            "endpoint",
+            &format!("{}:{port}", netns::LAB_ADDR),
+            "allowed-ips",
             &format!("{SUBNET},{lan}.0/24"),
         ],
     )?;
-    ip_in(&t.client, &["ip", "addr", "add", &format!("{lan}.2/32"), "dev", &ci])?;
+    ip_in(
+        &t.client,
+        &["ip", "addr", "add", &format!("{lan}.2/32"), "dev", &ci],
+    )?;
     ip_in(&t.client, &["ip", "link", "set", &ci, "mtu", "1420", "up"])?;
-    ip_in(&t.lab, &["ip", "addr", "add", &format!("{lan}.1/24"), "dev", &li])?;
+    ip_in(
+        &t.lab,
+        &["ip", "addr", "add", &format!("{lan}.1/24"), "dev", &li],
+    )?;
     ip_in(&t.lab, &["ip", "link", "set", &li, "mtu", "1420", "up"])?;
     Ok(Path_ {
         name: label.to_string(),
@@ -266,20 +291,18 @@ fn sshd(t: &Topology, dir: &TempDir) -> Result<(Proc, PathBuf)> {
 
 fn ssh_cmd(t: &Topology, key: &Path) -> Command {
     let mut c = in_ns(&t.client, "ssh");
-    c.args(["-N", "-p", "2222", "-i"])
-        .arg(key)
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ExitOnForwardFailure=yes",
-            "-o",
-            "LogLevel=ERROR",
-        ]);
+    c.args(["-N", "-p", "2222", "-i"]).arg(key).args([
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-o",
+        "LogLevel=ERROR",
+    ]);
     c
 }
 
@@ -299,9 +322,33 @@ fn ssh_w(t: &Topology, dir: &TempDir, key: &Path) -> Result<Path_> {
             ip_in(ns, &["ip", "link", "show", &dev]).is_ok()
         })?;
     }
-    ip_in(&t.client, &["ip", "addr", "add", "10.96.0.2/32", "peer", "10.96.0.1", "dev", &dev])?;
+    ip_in(
+        &t.client,
+        &[
+            "ip",
+            "addr",
+            "add",
+            "10.96.0.2/32",
+            "peer",
+            "10.96.0.1",
+            "dev",
+            &dev,
+        ],
+    )?;
     ip_in(&t.client, &["ip", "link", "set", &dev, "up"])?;
-    ip_in(&t.lab, &["ip", "addr", "add", "10.96.0.1/32", "peer", "10.96.0.2", "dev", &dev])?;
+    ip_in(
+        &t.lab,
+        &[
+            "ip",
+            "addr",
+            "add",
+            "10.96.0.1/32",
+            "peer",
+            "10.96.0.2",
+            "dev",
+            &dev,
+        ],
+    )?;
     ip_in(&t.lab, &["ip", "link", "set", &dev, "up"])?;
     Ok(Path_ {
         name: "ssh -w".into(),
@@ -326,7 +373,10 @@ fn set_loss(t: &Topology, pct: u32) -> Result<()> {
                 .args(["-f", "-"])
                 .stdin(std::process::Stdio::piped())
                 .spawn()?;
-            c.stdin.take().expect("piped").write_all(script.as_bytes())?;
+            c.stdin
+                .take()
+                .expect("piped")
+                .write_all(script.as_bytes())?;
             if !c.wait()?.success() {
                 bail!("nft loss table in {ns}");
             }
@@ -355,7 +405,15 @@ fn iperf_once(t: &Topology, streams: u32, seconds: u32) -> Result<f64> {
     let out = in_ns(&t.client, "timeout")
         .arg((seconds * 4 + 20).to_string())
         .arg("iperf3")
-        .args(["-c", BOARD, "-t", &seconds.to_string(), "-P", &streams.to_string(), "-J"])
+        .args([
+            "-c",
+            BOARD,
+            "-t",
+            &seconds.to_string(),
+            "-P",
+            &streams.to_string(),
+            "-J",
+        ])
         .output()
         .context("iperf3 -c")?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
@@ -391,7 +449,9 @@ fn ping(t: &Topology) -> Result<f64> {
 /// `jmp-bench net-blast ADDR`: serves zeros to every connection until it closes (the board's
 /// side of the SOCKS measurement).
 pub fn blast_main(args: &[String]) -> Result<()> {
-    let addr = args.first().ok_or_else(|| anyhow!("usage: net-blast ADDR"))?;
+    let addr = args
+        .first()
+        .ok_or_else(|| anyhow!("usage: net-blast ADDR"))?;
     let l = TcpListener::bind(addr)?;
     println!("listening");
     std::io::stdout().flush()?;
@@ -444,7 +504,13 @@ pub fn socks_get_main(args: &[String]) -> Result<()> {
 fn socks_get(t: &Topology, proxy: &str, seconds: u32) -> Result<f64> {
     let me = std::env::current_exe()?;
     let out = in_ns(&t.client, me)
-        .args(["net-socks-get", proxy, BOARD, &BLAST_PORT.to_string(), &seconds.to_string()])
+        .args([
+            "net-socks-get",
+            proxy,
+            BOARD,
+            &BLAST_PORT.to_string(),
+            &seconds.to_string(),
+        ])
         .output()?;
     if !out.status.success() {
         bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
@@ -506,27 +572,32 @@ pub fn run(bins: &Bins, rounds: usize, seconds: u32) -> Result<(String, serde_js
         log_has(&dj.join("attach.log"), "tunnel up on")
     })?;
     let attach_pid = attach.pid();
-    let jmp_src = ip_in(&t.client, &["ip", "-4", "-o", "addr", "show", "dev", "jmp-bench"])?
-        .split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .and_then(|a| a.split('/').next())
-        .map(str::to_string)
-        .ok_or_else(|| anyhow!("jmp-bench has no address"))?;
+    let jmp_src = ip_in(
+        &t.client,
+        &["ip", "-4", "-o", "addr", "show", "dev", "jmp-bench"],
+    )?
+    .split_whitespace()
+    .skip_while(|w| *w != "inet")
+    .nth(1)
+    .and_then(|a| a.split('/').next())
+    .map(str::to_string)
+    .ok_or_else(|| anyhow!("jmp-bench has no address"))?;
     paths.push(Path_ {
         name: "jmp".into(),
         route: vec!["dev".into(), "jmp-bench".into(), "src".into(), jmp_src],
         _procs: vec![attach, jmpd],
     });
     let dw = TempDir::new("net-wg")?;
-    match which("wireguard-go").ok_or_else(|| anyhow!("wireguard-go is not installed")).and_then(|wg| {
-        wireguard(&t, &dw, "wireguard-go", "wg", 98, &|ifn| {
-            let mut c = Command::new(&wg);
-            c.args(["-f", ifn])
-                .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1");
-            c
-        })
-    }) {
+    match which("wireguard-go")
+        .ok_or_else(|| anyhow!("wireguard-go is not installed"))
+        .and_then(|wg| {
+            wireguard(&t, &dw, "wireguard-go", "wg", 98, &|ifn| {
+                let mut c = Command::new(&wg);
+                c.args(["-f", ifn])
+                    .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1");
+                c
+            })
+        }) {
         Ok(p) => paths.push(p),
         Err(e) => skips.push(format!("SKIP: wireguard-go: {e:#}")),
     }
@@ -622,12 +693,19 @@ pub fn run(bins: &Bins, rounds: usize, seconds: u32) -> Result<(String, serde_js
         } else {
             f64::NAN
         };
-        eprintln!("  net round {}: jmp --socks {a:.2} Gbit/s, ssh -D {b:.2}", r + 1);
+        eprintln!(
+            "  net round {}: jmp --socks {a:.2} Gbit/s, ssh -D {b:.2}",
+            r + 1
+        );
         socks[0].push(a);
         socks[1].push(b);
         // At rest: after this round's traffic, once idle.
         std::thread::sleep(Duration::from_secs(2));
-        rss_rest.push(rss_kib(attach_pid).map(|(r, _)| r as f64 / 1024.0).unwrap_or(f64::NAN));
+        rss_rest.push(
+            rss_kib(attach_pid)
+                .map(|(r, _)| r as f64 / 1024.0)
+                .unwrap_or(f64::NAN),
+        );
     }
     let med = |li: usize, name: &str, what: usize| {
         paths

@@ -154,7 +154,7 @@ impl Tunnel {
     }
 
     /// The filter for packets from the tunnel of `addr`.
-    fn from_client(&self, addr: Ipv4Addr) -> impl Fn(&super::packet::Ipv4Info) -> bool + '_ {
+    fn filter_from(&self, addr: Ipv4Addr) -> impl Fn(&super::packet::Ipv4Info) -> bool + '_ {
         move |p| {
             if p.src != addr {
                 self.stats.spoofed.hit(
@@ -504,7 +504,7 @@ impl Channel for TunnelChannel {
             }
             let _control = pipe.control_rx;
             let w = TunWriter::new(t.dev.clone());
-            pump::datagrams_to_tun(pipe.rx, w, &t.device, &t.stats, t.from_client(self.addr)).await;
+            pump::datagrams_to_tun(pipe.rx, w, &t.device, &t.stats, t.filter_from(self.addr)).await;
             t.release(self.addr, self.gen);
             info!(device = %t.device, addr = %self.addr, "tunnel closed");
         })
@@ -533,7 +533,7 @@ impl Channel for FallbackChannel {
             let _control = pipe.control_rx;
             let writer = TaskGuard(tokio::spawn(pump::fallback_writer(q_rx, pipe.tx)));
             let w = TunWriter::new(t.dev.clone());
-            pump::fallback_to_tun(pipe.rx, w, &t.device, &t.stats, t.from_client(self.addr)).await;
+            pump::fallback_to_tun(pipe.rx, w, &t.device, &t.stats, t.filter_from(self.addr)).await;
             drop(writer);
         })
     }
