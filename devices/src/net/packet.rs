@@ -23,8 +23,15 @@ pub(crate) enum Malformed {
 }
 
 pub(crate) fn parse_ipv4(p: &[u8]) -> Result<Ipv4Info, Malformed> {
-    if p.len() < 20 {
-        return Err(Malformed::Short(p.len()));
+    parse_ipv4_head(p, p.len())
+}
+
+/// The same for a packet of `len` bytes of which `head` holds the first ones (at least the
+/// IPv4 header: a packet spread over several buffers).
+pub(crate) fn parse_ipv4_head(head: &[u8], len: usize) -> Result<Ipv4Info, Malformed> {
+    let p = head;
+    if p.len() < 20 || len < 20 {
+        return Err(Malformed::Short(len.min(p.len())));
     }
     let version = p[0] >> 4;
     if version != 4 {
@@ -35,10 +42,10 @@ pub(crate) fn parse_ipv4(p: &[u8]) -> Result<Ipv4Info, Malformed> {
         return Err(Malformed::HeaderLength(ihl));
     }
     let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
-    if total != p.len() {
+    if total != len {
         return Err(Malformed::TotalLength {
             said: total,
-            has: p.len(),
+            has: len,
         });
     }
     Ok(Ipv4Info {

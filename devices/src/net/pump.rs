@@ -18,7 +18,7 @@
 
 use super::packet::{parse_ipv4, Ipv4Info};
 use bytes::{Bytes, BytesMut};
-use jmp_protocol::kinds::net::{next_fallback_frame, put_fallback_frame};
+use jmp_protocol::kinds::net::put_fallback_frame;
 use jmp_transport::{DatagramRx, DatagramTx, PipeError, PipeRx, PipeTx};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,8 +41,10 @@ const WRITE_BATCH: usize = 64;
 /// Frames queued for the tunnel's stream. Full, the TUN reader waits: the TUN's own queue
 /// then fills and the kernel drops there, which is the inner TCP's congestion signal.
 pub(crate) const FALLBACK_DEPTH: usize = 64;
-/// Bytes framed into one write on the fallback stream.
+/// Bytes framed into one write on the tunnel's stream.
 const FALLBACK_CHUNK: usize = 256 * 1024;
+/// Frames at least this long are sent as their own chunk rather than copied into a batch.
+const SMALL_FRAME: usize = 4096;
 
 /// How super-packets travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -286,14 +288,14 @@ fn complete_checksum(p: &mut [u8], start: u16, offset: u16) -> bool {
 
 /// The offload header for a super-packet of `segment`-byte segments (TCP over IPv4, checksum
 /// partial), or `None` if the packet is not one.
-fn super_header(p: &[u8], segment: u16) -> Option<[u8; VIRTIO_NET_HDR_LEN]> {
+fn super_header(p: &[u8], len: usize, segment: u16) -> Option<[u8; VIRTIO_NET_HDR_LEN]> {
     let ihl = usize::from(*p.first()? & 0x0f) * 4;
     if *p.get(9)? != 6 || segment == 0 {
         return None;
     }
     let tcp_len = usize::from(*p.get(ihl + 12)? >> 4) * 4;
     let hdr_len = ihl + tcp_len;
-    if tcp_len < 20 || hdr_len > p.len() {
+    if tcp_len < 20 || hdr_len > len {
         return None;
     }
     let h = VirtioNetHdr {
@@ -370,34 +372,89 @@ impl TunWriter {
 }
 
 impl TunWriter {
-    /// Writes one super-packet whole (after the batch so far, to keep the order).
+    /// Writes one super-packet whole, gathered from `parts` (after the batch so far, to keep
+    /// the order); `head` holds its first bytes. `false`: not a TCP/IPv4 super-packet.
     pub async fn write_super(
         &mut self,
         device: &str,
         segment: u16,
-        pkt: &[u8],
+        head: &[u8],
+        parts: &[Bytes],
     ) -> std::io::Result<bool> {
-        let Some(h) = super_header(pkt, segment) else {
+        let len = parts.iter().map(|p| p.len()).sum();
+        let Some(h) = super_header(head, len, segment) else {
             return Ok(false);
         };
         self.flush(device).await?;
-        let mut b = Vec::with_capacity(VIRTIO_NET_HDR_LEN + pkt.len());
-        b.extend_from_slice(&h);
-        b.extend_from_slice(pkt);
-        match self.dev.send(&b).await {
+        let mut iov = Vec::with_capacity(parts.len() + 1);
+        iov.push(std::io::IoSlice::new(&h));
+        iov.extend(parts.iter().map(|p| std::io::IoSlice::new(p)));
+        match self.dev.send_vectored(&iov).await {
             Ok(_) => Ok(true),
-            Err(e)
-                if e.raw_os_error() == Some(libc::EBADFD)
-                    || e.raw_os_error() == Some(libc::EBADF) =>
-            {
-                Err(e)
-            }
+            Err(e) if e.raw_os_error() == Some(libc::EBADFD) || e.raw_os_error() == Some(libc::EBADF) => Err(e),
             Err(e) => {
                 debug!("{device}: writing a super-packet to the TUN: {e}");
                 Ok(true)
             }
         }
     }
+}
+
+/// Cuts the tunnel stream into frames without copying what they carry: each frame is the list
+/// of received chunks (slices of them) that hold it.
+#[derive(Default)]
+pub(crate) struct Frames {
+    head: BytesMut,
+    segment: u16,
+    /// Bytes of the current frame's packet still missing (`None`: its header is incomplete).
+    missing: Option<usize>,
+    parts: Vec<Bytes>,
+}
+
+impl Frames {
+    /// Feeds one chunk; appends the frames it completes (segment size, packet parts).
+    pub fn feed(&mut self, mut chunk: Bytes, out: &mut Vec<(u16, Vec<Bytes>)>) {
+        while !chunk.is_empty() {
+            let missing = match self.missing {
+                Some(m) => m,
+                None => {
+                    let k = (4 - self.head.len()).min(chunk.len());
+                    self.head.extend_from_slice(&chunk.split_to(k));
+                    if self.head.len() < 4 {
+                        return;
+                    }
+                    let len = usize::from(u16::from_be_bytes([self.head[0], self.head[1]]));
+                    self.segment = u16::from_be_bytes([self.head[2], self.head[3]]);
+                    self.head.clear();
+                    len
+                }
+            };
+            let k = missing.min(chunk.len());
+            if k > 0 {
+                self.parts.push(chunk.split_to(k));
+            }
+            if missing > k {
+                self.missing = Some(missing - k);
+                return;
+            }
+            self.missing = None;
+            out.push((self.segment, std::mem::take(&mut self.parts)));
+        }
+    }
+}
+
+/// The first bytes of a packet in parts (enough for its IPv4 and TCP headers).
+fn head_of(parts: &[Bytes], head: &mut [u8; 128]) -> usize {
+    let mut n = 0;
+    for p in parts {
+        let k = (head.len() - n).min(p.len());
+        head[n..n + k].copy_from_slice(&p[..k]);
+        n += k;
+        if n == head.len() {
+            break;
+        }
+    }
+    n
 }
 
 /// The result of polling a future once without waiting.
@@ -455,20 +512,32 @@ pub(crate) async fn datagrams_to_tun(
     }
 }
 
-/// Frames queued for the tunnel's stream, written until the queue or the stream ends.
+/// Frames queued for the tunnel's stream, written until the queue or the stream ends. Small
+/// frames are batched into one chunk; a super-packet's bytes go as their own chunk, uncopied.
 pub(crate) async fn fallback_writer(mut q: mpsc::Receiver<Frame>, mut tx: PipeTx) {
     let mut buf = BytesMut::new();
-    while let Some((seg, p)) = q.recv().await {
-        put_fallback_frame(&mut buf, seg, &p);
-        while buf.len() < FALLBACK_CHUNK {
-            match q.try_recv() {
-                Ok((seg, p)) => {
-                    put_fallback_frame(&mut buf, seg, &p);
+    while let Some(mut f) = q.recv().await {
+        loop {
+            if f.1.len() < SMALL_FRAME {
+                put_fallback_frame(&mut buf, f.0, &f.1);
+            } else {
+                put_fallback_frame(&mut buf, f.0, &[]);
+                // The header said 0 bytes: rewrite the length for the packet sent apart.
+                let at = buf.len() - 4;
+                buf[at..at + 2].copy_from_slice(&(f.1.len() as u16).to_be_bytes());
+                if tx.send(buf.split().freeze()).await.is_err() || tx.send(f.1).await.is_err() {
+                    return;
                 }
+            }
+            if buf.len() >= FALLBACK_CHUNK {
+                break;
+            }
+            match q.try_recv() {
+                Ok(next) => f = next,
                 Err(_) => break,
             }
         }
-        if tx.send(buf.split().freeze()).await.is_err() {
+        if !buf.is_empty() && tx.send(buf.split().freeze()).await.is_err() {
             return;
         }
     }
@@ -483,29 +552,48 @@ pub(crate) async fn fallback_to_tun(
     stats: &Stats,
     accept: impl Fn(&Ipv4Info) -> bool,
 ) {
-    let mut buf = BytesMut::new();
+    let mut frames = Frames::default();
+    let mut done = Vec::new();
+    let mut chunks = Vec::with_capacity(32);
+    let mut head = [0u8; 128];
     loop {
-        match rx.recv().await {
-            Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
-            Ok(None) | Err(_) => return,
+        chunks.clear();
+        match rx.recv_many(&mut chunks, 32).await {
+            Ok(true) => {}
+            Ok(false) | Err(_) => return,
         }
-        while let Some((seg, p)) = next_fallback_frame(&mut buf) {
-            if !checked(&p, device, stats, &accept) {
+        for c in chunks.drain(..) {
+            frames.feed(c, &mut done);
+        }
+        for (seg, parts) in done.drain(..) {
+            let len: usize = parts.iter().map(|p| p.len()).sum();
+            let n = head_of(&parts, &mut head);
+            let ok = match super::packet::parse_ipv4_head(&head[..n], len) {
+                Ok(info) => accept(&info),
+                Err(e) => {
+                    stats.malformed.hit(device, format_args!("from the link: {e}"));
+                    false
+                }
+            };
+            if !ok {
                 continue;
             }
             if seg == 0 {
+                let mut p = BytesMut::with_capacity(len);
+                for part in &parts {
+                    p.extend_from_slice(part);
+                }
                 w.push(&p);
                 if w.is_full() && w.flush(device).await.is_err() {
                     return;
                 }
                 continue;
             }
-            match w.write_super(device, seg, &p).await {
+            match w.write_super(device, seg, &head[..n], &parts).await {
                 Ok(true) => {}
-                Ok(false) => stats.malformed.hit(
-                    device,
-                    format_args!("a super-packet from the link that is not TCP/IPv4"),
-                ),
+                Ok(false) => stats
+                    .malformed
+                    .hit(device, "a super-packet from the link that is not TCP/IPv4"),
                 Err(_) => return,
             }
         }
@@ -527,6 +615,33 @@ impl Drop for TaskGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// However the stream is cut into chunks, the frames come out whole and in order.
+        #[test]
+        fn frames_survive_any_chunking(packets in proptest::collection::vec((proptest::prelude::any::<u16>(), proptest::collection::vec(proptest::prelude::any::<u8>(), 0..5000)), 0..6), cuts in proptest::collection::vec(proptest::prelude::any::<usize>(), 0..12)) {
+            let mut wire = BytesMut::new();
+            for (seg, p) in &packets {
+                put_fallback_frame(&mut wire, *seg, p);
+            }
+            let wire = wire.freeze();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (wire.len() + 1)).collect();
+            cuts.sort_unstable();
+            cuts.push(wire.len());
+            let mut f = Frames::default();
+            let mut out = Vec::new();
+            let mut at = 0;
+            for c in cuts {
+                f.feed(wire.slice(at..c), &mut out);
+                at = c;
+            }
+            let got: Vec<(u16, Vec<u8>)> = out
+                .into_iter()
+                .map(|(s, parts)| (s, parts.concat()))
+                .collect();
+            proptest::prop_assert_eq!(got, packets);
+        }
+    }
 
     #[test]
     fn drops_are_logged_at_powers_of_ten() {
