@@ -519,6 +519,42 @@ fn bad_configs_and_conflicting_routes_are_refused_naming_them_and_change_nothing
         p.stderr()
     );
     assert_eq!(t.leftovers(&t.client), Vec::<String>::new());
-    drop(jmpd);
-    t.remove();
+    t.sh(&t.client, &["ip", "route", "del", "192.168.0.0/16"]);
+
+    // Something else has the TUN's name: refused, naming it, and left alone.
+    t.sh(
+        &t.client,
+        &[
+            "ip", "link", "add", TUN, "type", "veth", "peer", "name", "zz0",
+        ],
+    );
+    let mut p = Proc::spawn(
+        "jmp-attach-taken",
+        in_netns(&t.client, env.attach_cmd(&jmpd, &[])),
+        &env.logs,
+    );
+    assert!(!p.expect_exit(READY).success());
+    assert!(
+        p.stderr()
+            .contains(&format!("the interface {TUN} exists and is not a TUN")),
+        "{}",
+        p.stderr()
+    );
+    assert!(t
+        .sh(&t.client, &["ip", "-d", "link", "show", TUN])
+        .contains("veth"));
+    t.sh(&t.client, &["ip", "link", "del", TUN]);
+
+    // A persistent TUN of that name left by some earlier run is replaced.
+    t.sh(
+        &t.client,
+        &["ip", "tuntap", "add", "dev", TUN, "mode", "tun"],
+    );
+    let (attach, _) = env.attach_in(Some(&t.client), &jmpd, &[]);
+    wait_stderr(
+        &attach,
+        &format!("removed {TUN}, a TUN left behind by an earlier run"),
+    );
+    wait_stderr(&attach, &format!("tunnel up on {TUN}"));
+    stop_and_check_clean(t, attach, jmpd);
 }

@@ -391,7 +391,12 @@ impl TunWriter {
         iov.extend(parts.iter().map(|p| std::io::IoSlice::new(p)));
         match self.dev.send_vectored(&iov).await {
             Ok(_) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::EBADFD) || e.raw_os_error() == Some(libc::EBADF) => Err(e),
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBADFD)
+                    || e.raw_os_error() == Some(libc::EBADF) =>
+            {
+                Err(e)
+            }
             Err(e) => {
                 debug!("{device}: writing a super-packet to the TUN: {e}");
                 Ok(true)
@@ -571,7 +576,9 @@ pub(crate) async fn fallback_to_tun(
             let ok = match super::packet::parse_ipv4_head(&head[..n], len) {
                 Ok(info) => accept(&info),
                 Err(e) => {
-                    stats.malformed.hit(device, format_args!("from the link: {e}"));
+                    stats
+                        .malformed
+                        .hit(device, format_args!("from the link: {e}"));
                     false
                 }
             };
