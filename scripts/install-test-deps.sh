@@ -4,7 +4,10 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 
-apt_pkgs=(picocom tio tmux socat ser2net iperf3 openssh-client openssh-server iproute2 procps python3-venv prometheus)
+apt_pkgs=(picocom tio tmux socat ser2net iperf3 openssh-client openssh-server iproute2 procps python3-venv prometheus
+    # network devices: NAT and loss (nft), SOCKS through ssh (nc -X 5), the tests' clients, and
+    # the benchmark's peers (wireguard-go, wg) and offload switches (ethtool)
+    nftables netcat-openbsd curl iputils-ping ethtool wireguard-go wireguard-tools)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -25,5 +28,10 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import serial, can, p
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check pyserial python-can pytest robotframework
     "$venv/bin/pip" install -q --disable-pip-version-check -e "$here/python"
+fi
+# boringtun-cli for `jmp-bench net` only (about 3 minutes to build; the tests do not need it).
+if [ -n "${JMP_BENCH:-}" ] && ! command -v boringtun-cli >/dev/null && [ ! -x "$HOME/.cargo/bin/boringtun-cli" ]; then
+    echo "install-test-deps: cargo install boringtun-cli"
+    cargo install --locked boringtun-cli
 fi
 echo "install-test-deps: ok"

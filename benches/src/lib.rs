@@ -7,6 +7,7 @@ pub mod controller;
 pub mod flood;
 pub mod jmp;
 pub mod memory;
+pub mod net;
 pub mod proc;
 pub mod pytest;
 pub mod quic;

@@ -1,4 +1,4 @@
-//! `cargo run --release -p jmp-bench -- [all|serial|tcp|quinn|memory|controller|flood|pytest] [--rounds N]
+//! `cargo run --release -p jmp-bench -- [all|BENCHMARK...] [--rounds N]
 //! [--iperf-seconds S] [--no-build] [--bin-dir DIR]`
 //!
 //! `--bin-dir` takes `jmpd`, `jmp` and `jmp-controller` from DIR instead of building the
@@ -11,7 +11,19 @@
 //! everything as JSON to `target/bench-results.json`.
 
 use anyhow::{bail, Result};
-use jmp_bench::{controller, flood, jmp, memory, pytest, quic, relay, serial, tcp};
+use jmp_bench::{controller, flood, jmp, memory, net, pytest, quic, relay, serial, tcp};
+
+/// Every benchmark, in the order `all` runs them (one line each: device kinds add theirs).
+const BENCHES: &[&str] = &[
+    "serial",
+    "tcp",
+    "quinn",
+    "memory",
+    "controller",
+    "flood",
+    "pytest",
+    "net",
+];
 use std::process::Command;
 
 struct Args {
@@ -40,25 +52,13 @@ fn parse() -> Result<Args> {
             "--no-build" => a.build = false,
             "--bin-dir" => a.bin_dir = it.next().map(Into::into),
             "--compare-bin-dir" => a.compare = it.next().map(Into::into),
-            "all" => a.which.extend(
-                [
-                    "serial",
-                    "tcp",
-                    "quinn",
-                    "memory",
-                    "controller",
-                    "flood",
-                    "pytest",
-                ]
-                .map(String::from),
-            ),
-            "serial" | "tcp" | "quinn" | "memory" | "controller" | "flood" | "pytest" => {
-                a.which.push(x)
-            }
+            "all" => a.which.extend(BENCHES.iter().map(|b| b.to_string())),
+            b if BENCHES.contains(&b) => a.which.push(x),
             "-h" | "--help" => {
                 println!(
-                    "usage: jmp-bench [all|serial|tcp|quinn|memory|controller|flood|pytest]... [--rounds N] \
-                     [--iperf-seconds S] [--no-build] [--bin-dir DIR] [--compare-bin-dir DIR]"
+                    "usage: jmp-bench [all|{}]... [--rounds N] [--iperf-seconds S] [--no-build] \
+                     [--bin-dir DIR] [--compare-bin-dir DIR]",
+                    BENCHES.join("|")
                 );
                 std::process::exit(0);
             }
@@ -66,17 +66,7 @@ fn parse() -> Result<Args> {
         }
     }
     if a.which.is_empty() {
-        a.which = [
-            "serial",
-            "tcp",
-            "quinn",
-            "memory",
-            "controller",
-            "flood",
-            "pytest",
-        ]
-        .map(String::from)
-        .to_vec();
+        a.which = BENCHES.iter().map(|b| b.to_string()).collect();
     }
     if a.rounds == 0 {
         bail!("--rounds must be at least 1");
@@ -95,8 +85,12 @@ fn sh(cmd: &str, args: &[&str]) -> String {
 fn main() -> Result<()> {
     // The serial benchmark's reference relays run as children of this binary.
     let argv: Vec<String> = std::env::args().collect();
-    if argv.get(1).map(String::as_str) == Some("relay") {
-        return relay::main(&argv[2..]);
+    match argv.get(1).map(String::as_str) {
+        Some("relay") => return relay::main(&argv[2..]),
+        // The network benchmark's helpers, run inside its namespaces.
+        Some("net-blast") => return net::blast_main(&argv[2..]),
+        Some("net-socks-get") => return net::socks_get_main(&argv[2..]),
+        _ => {}
     }
     let args = parse()?;
     let date = sh("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]);
@@ -142,6 +136,7 @@ fn main() -> Result<()> {
             "controller" => controller::run(&bins, args.rounds),
             "flood" => flood::run(&bins, args.rounds),
             "pytest" => pytest::run(&bins, args.rounds),
+            "net" => net::run(&bins, args.rounds, args.iperf_seconds),
             _ => unreachable!("parsed"),
         };
         match r {

@@ -17,6 +17,7 @@
 
 pub mod board;
 pub(crate) mod fdio;
+pub mod net;
 pub mod places;
 pub mod power;
 pub mod registry;
@@ -25,6 +26,7 @@ pub mod serve;
 pub mod spec;
 pub mod tcp;
 pub mod testing;
+pub mod udp;
 
 pub use jmp_protocol::Refusal;
 pub use jmp_transport::BoxFuture;

@@ -3,7 +3,7 @@
 //! kind.
 
 use crate::board::SimBoard;
-use crate::{power, serial, tcp, Bridge, BridgeCtx, Driver};
+use crate::{net, power, serial, tcp, udp, Bridge, BridgeCtx, Driver};
 use jmp_protocol::codec::Codec;
 use jmp_protocol::{DeviceInfo, Kind, Refusal};
 use jmp_transport::Channels;
@@ -19,6 +19,8 @@ pub enum DeviceSpec {
     Tcp(tcp::TcpSpec),
     Power(power::PowerSpec),
     PowerSim(power::PowerSimSpec),
+    Network(net::NetSpec),
+    Udp(udp::UdpSpec),
 }
 
 /// What the exporter builds drivers with.
@@ -48,8 +50,15 @@ fn de<T: serde::de::DeserializeOwned>(v: serde_norway::Value) -> Result<T, Field
 
 impl DeviceSpec {
     /// The `type:` names, for error messages.
-    pub const TYPES: &'static [&'static str] =
-        &["serial", "sim-console", "tcp", "power", "power-sim"];
+    pub const TYPES: &'static [&'static str] = &[
+        "serial",
+        "sim-console",
+        "tcp",
+        "power",
+        "power-sim",
+        "network",
+        "udp",
+    ];
 
     /// Reads a device's table whose `type:` was `ty` (the rest of the table in `v`).
     pub fn from_yaml(ty: &str, v: serde_norway::Value) -> Result<DeviceSpec, FieldError> {
@@ -59,6 +68,8 @@ impl DeviceSpec {
             "tcp" => DeviceSpec::Tcp(de(v)?),
             "power" => DeviceSpec::Power(de(v)?),
             "power-sim" => DeviceSpec::PowerSim(de(v)?),
+            "network" => DeviceSpec::Network(de(v)?),
+            "udp" => DeviceSpec::Udp(de(v)?),
             other => {
                 return Err(FieldError {
                     path: "type".into(),
@@ -77,6 +88,8 @@ impl DeviceSpec {
             DeviceSpec::Serial(_) | DeviceSpec::SimConsole(_) => Kind::Serial,
             DeviceSpec::Tcp(_) => Kind::Tcp,
             DeviceSpec::Power(_) | DeviceSpec::PowerSim(_) => Kind::Power,
+            DeviceSpec::Network(_) => Kind::Network,
+            DeviceSpec::Udp(_) => Kind::Udp,
         }
     }
 
@@ -87,6 +100,8 @@ impl DeviceSpec {
             DeviceSpec::Tcp(s) => s.validate(),
             DeviceSpec::Power(s) => s.validate(),
             DeviceSpec::PowerSim(s) => s.validate(),
+            DeviceSpec::Network(s) => s.validate(),
+            DeviceSpec::Udp(s) => s.validate(),
         }
     }
 
@@ -98,6 +113,8 @@ impl DeviceSpec {
             DeviceSpec::Tcp(s) => s.start(name),
             DeviceSpec::Power(s) => s.start(name, ctx.exporter),
             DeviceSpec::PowerSim(s) => s.start(name, ctx.board),
+            DeviceSpec::Network(s) => s.start(name, ctx.exporter),
+            DeviceSpec::Udp(s) => s.start(name),
         }
     }
 }
@@ -105,20 +122,34 @@ impl DeviceSpec {
 /// `jmp attach` options that belong to a kind, flattened into the command line.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ClientOptions {
+    /// `--forward`, for TCP and UDP devices alike.
     #[command(flatten)]
     pub tcp: tcp::ClientArgs,
+    #[command(flatten)]
+    pub net: net::ClientArgs,
 }
 
 impl ClientOptions {
     /// Checks the options against what the exporter offers (a `--forward` naming a device that
     /// is not a TCP device, ...).
     pub fn check(&self, exporter: &str, devices: &[DeviceInfo]) -> Result<(), String> {
-        self.tcp.check(exporter, devices)
+        for name in self.tcp.parse()?.keys() {
+            if !devices
+                .iter()
+                .any(|d| &d.name == name && matches!(d.kind, Kind::Tcp | Kind::Udp))
+            {
+                return Err(format!(
+                    "--forward names {name:?}, which is not a TCP or UDP device of {exporter}"
+                ));
+            }
+        }
+        self.net.check(exporter, devices)
     }
 
     /// Checks what can be checked before connecting (syntax).
     pub fn parse_check(&self) -> Result<(), String> {
-        self.tcp.parse().map(|_| ())
+        self.tcp.parse()?;
+        self.net.parse().map(|_| ())
     }
 }
 
@@ -136,6 +167,8 @@ pub async fn bridge(
         ),
         Kind::Tcp => Box::new(tcp::bridge::create(info, &opts.tcp).await?),
         Kind::Power => Box::new(power::PowerBridge::new(info)),
+        Kind::Network => Box::new(net::bridge::create(info, ctx, &opts.net).await?),
+        Kind::Udp => Box::new(udp::bridge::create(info, &opts.tcp.parse()?).await?),
         Kind::Other(_) => return Ok(None),
     };
     Ok(Some(b))
@@ -154,6 +187,18 @@ pub fn summary(kind: &Kind, params: &[u8]) -> Option<String> {
         Kind::Power => kinds::power::DeviceParams::decode_exact(params)
             .ok()
             .map(|p| format!("power {}", p.state)),
+        Kind::Network => kinds::net::DeviceParams::decode_exact(params)
+            .ok()
+            .map(|p| {
+                p.subnets
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }),
+        Kind::Udp => kinds::udp::DeviceParams::decode_exact(params)
+            .ok()
+            .map(|p| format!("to udp {}:{}", p.host, p.port)),
         Kind::Other(_) => None,
     }
 }

@@ -8,6 +8,7 @@
 //! timing assertion: every timeout here is a hang guard, never a measurement.
 
 pub mod lab;
+pub mod netns;
 pub mod py;
 
 use nix::sys::signal::{kill, Signal};
@@ -567,9 +568,18 @@ impl TestEnv {
 
     /// Starts jmpd with `yaml`, waiting for its ready line.
     pub fn start_jmpd(&self, yaml: &str) -> Jmpd {
+        self.start_jmpd_in(None, yaml)
+    }
+
+    /// Starts jmpd inside network namespace `ns` (`None`: this one).
+    pub fn start_jmpd_in(&self, ns: Option<&str>, yaml: &str) -> Jmpd {
         let cfg = self.write_config(yaml);
         let mut cmd = Command::new(jmpd_bin());
         cmd.arg("--config").arg(&cfg).env("JMP_LOG", "info");
+        let cmd = match ns {
+            Some(ns) => in_netns(ns, cmd),
+            None => cmd,
+        };
         let mut proc = Proc::spawn("jmpd", cmd, &self.logs);
         let line = proc.expect_line(READY, "jmpd's ready line", |l| {
             l.starts_with("jmpd: exporter ")
@@ -603,7 +613,21 @@ impl TestEnv {
 
     /// `jmp attach` in the foreground; returns once it printed its JSON ready line.
     pub fn attach(&self, jmpd: &Jmpd, extra: &[&str]) -> (Proc, serde_json::Value) {
+        self.attach_in(None, jmpd, extra)
+    }
+
+    /// `jmp attach` inside network namespace `ns` (`None`: this one).
+    pub fn attach_in(
+        &self,
+        ns: Option<&str>,
+        jmpd: &Jmpd,
+        extra: &[&str],
+    ) -> (Proc, serde_json::Value) {
         let cmd = self.attach_cmd(jmpd, extra);
+        let cmd = match ns {
+            Some(ns) => in_netns(ns, cmd),
+            None => cmd,
+        };
         let mut p = Proc::spawn("jmp-attach", cmd, &self.logs);
         let line = p.expect_line(READY, "jmp attach's JSON line", |l| {
             l.trim_start().starts_with('{')
@@ -612,6 +636,25 @@ impl TestEnv {
             .unwrap_or_else(|e| panic!("jmp attach printed invalid JSON ({e}): {line:?}"));
         (p, v)
     }
+}
+
+/// `cmd` run inside network namespace `ns` (`ip netns exec`, which execs the program: the
+/// PID stays the program's, so guards still kill the right process).
+pub fn in_netns(ns: &str, cmd: Command) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns])
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    if let Some(d) = cmd.get_current_dir() {
+        c.current_dir(d);
+    }
+    c
 }
 
 /// Parses `jmpd: exporter NAME listening on ADDR fingerprint sha256:HEX`.

@@ -95,6 +95,17 @@ fn transport_config() -> quinn::TransportConfig {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(max_mtu());
     t.mtu_discovery_config(Some(mtu));
+    // For experiments (docs/benchmarks.md): the congestion controller, `cubic` (quinn's
+    // default) unless `JMP_CONGESTION` says `bbr` or `newreno`.
+    match std::env::var("JMP_CONGESTION").as_deref() {
+        Ok("bbr") => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        }
+        Ok("newreno") => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()));
+        }
+        _ => {}
+    }
     t
 }
 

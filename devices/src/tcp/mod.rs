@@ -3,7 +3,7 @@
 
 pub mod bridge;
 pub mod driver;
-mod forward;
+pub(crate) mod forward;
 pub mod spec;
 
 pub use bridge::{ClientArgs, TcpBridge};

@@ -7,9 +7,11 @@
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub mod net;
 pub mod power;
 pub mod serial;
 pub mod tcp;
+pub mod udp;
 
 /// Declares the kinds: the variant and its name on the wire, in configs and in output.
 macro_rules! kinds {
@@ -47,6 +49,8 @@ kinds! {
     Serial => "serial",
     Tcp => "tcp",
     Power => "power",
+    Network => "network",
+    Udp => "udp",
 }
 
 impl std::fmt::Display for Kind {

@@ -1,0 +1,238 @@
+//! The machine's network configuration as the tunnel reads and changes it: interfaces, routes
+//! and per-interface sysctls, through `ip` (iproute2) and `/proc/sys`. Every change names an
+//! interface jmp created; the only exception, the `via` interface's forwarding flag, is
+//! restored by [`super::nat`].
+
+use jmp_protocol::kinds::net::Subnet;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// A command that failed, with what it said.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{command}: {message}")]
+pub struct CmdError {
+    pub command: String,
+    pub message: String,
+}
+
+/// Runs `prog args...`; its stdout, or an error with its stderr.
+pub(crate) fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<String, CmdError> {
+    use std::io::Write;
+    let command = format!("{prog} {}", args.join(" "));
+    let err = |message: String| CmdError {
+        command: command.clone(),
+        message,
+    };
+    let mut c = Command::new(prog);
+    c.args(args)
+        .stdin(if stdin.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().map_err(|e| err(format!("cannot run it: {e}")))?;
+    if let (Some(text), Some(mut si)) = (stdin, child.stdin.take()) {
+        si.write_all(text.as_bytes())
+            .map_err(|e| err(format!("cannot write its input: {e}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| err(format!("cannot wait for it: {e}")))?;
+    if !out.status.success() {
+        let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(err(if msg.is_empty() {
+            format!("exited with {}", out.status)
+        } else {
+            msg
+        }));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub(crate) fn ip(args: &[&str]) -> Result<String, CmdError> {
+    run("ip", args, None)
+}
+
+/// An interface name Linux would accept and that no tool reads as something else.
+pub(crate) fn check_ifname(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > super::ifname::IFNAME_MAX
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        || name.starts_with(['-', '.'])
+    {
+        return Err(format!(
+            "{:?} is not an interface name (1-15 letters, digits, '.', '_' or '-')",
+            jmp_protocol::name::escape(name)
+        ));
+    }
+    Ok(())
+}
+
+fn sys_class(name: &str) -> PathBuf {
+    PathBuf::from("/sys/class/net").join(name)
+}
+
+pub(crate) fn interface_exists(name: &str) -> bool {
+    check_ifname(name).is_ok() && sys_class(name).exists()
+}
+
+/// What is in the way of creating a TUN called `name`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Existing {
+    None,
+    /// A TUN nobody holds that stays (IFF_PERSIST): a leftover.
+    PersistentTun,
+    /// A TUN some process holds open.
+    HeldTun,
+    /// Some other kind of interface.
+    Other,
+}
+
+pub(crate) fn existing(name: &str) -> Existing {
+    let dir = sys_class(name);
+    if !dir.exists() {
+        return Existing::None;
+    }
+    // Only TUN/TAP devices have `tun_flags`; IFF_PERSIST is 0x800.
+    match std::fs::read_to_string(dir.join("tun_flags")) {
+        Ok(s) => {
+            let flags = u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).unwrap_or(0);
+            if flags & 0x800 != 0 {
+                Existing::PersistentTun
+            } else {
+                Existing::HeldTun
+            }
+        }
+        Err(_) => Existing::Other,
+    }
+}
+
+/// Writes a per-interface sysctl (`net/ipv4/conf/IF/forwarding`); returns the old value.
+pub(crate) fn set_sysctl(path: &str, value: &str) -> Result<String, String> {
+    let p = PathBuf::from("/proc/sys").join(path);
+    let old = std::fs::read_to_string(&p)
+        .map_err(|e| format!("cannot read {}: {e}", p.display()))?
+        .trim()
+        .to_string();
+    if old != value {
+        std::fs::write(&p, value).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+    }
+    Ok(old)
+}
+
+pub(crate) fn get_sysctl(path: &str) -> Option<String> {
+    std::fs::read_to_string(PathBuf::from("/proc/sys").join(path))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// A route of the main table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Route {
+    pub dst: Subnet,
+    pub dev: String,
+    /// As `ip route` prints it, for messages.
+    pub text: String,
+}
+
+/// The main table's IPv4 routes, without the default route (which every subnet "overlaps"
+/// and which the tunnel's more specific routes are meant to win over).
+pub(crate) fn routes() -> Result<Vec<Route>, CmdError> {
+    let out = ip(&["-j", "-4", "route", "show", "table", "main"])?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| CmdError {
+        command: "ip -j -4 route show table main".into(),
+        message: format!("unreadable output: {e}"),
+    })?;
+    let mut routes = Vec::new();
+    for r in v.as_array().into_iter().flatten() {
+        let Some(dst) = r["dst"].as_str() else {
+            continue;
+        };
+        if dst == "default" {
+            continue;
+        }
+        let Ok(subnet) = dst.parse::<Subnet>() else {
+            continue;
+        };
+        let dev = r["dev"].as_str().unwrap_or("").to_string();
+        let mut text = dst.to_string();
+        if let Some(g) = r["gateway"].as_str() {
+            text.push_str(&format!(" via {g}"));
+        }
+        if !dev.is_empty() {
+            text.push_str(&format!(" dev {dev}"));
+        }
+        routes.push(Route {
+            dst: subnet,
+            dev,
+            text,
+        });
+    }
+    Ok(routes)
+}
+
+/// The first existing route (not on `own`) that overlaps `subnet`.
+pub(crate) fn conflict(routes: &[Route], subnet: &Subnet, own: &str) -> Option<Route> {
+    routes
+        .iter()
+        .find(|r| r.dev != own && r.dst.overlaps(subnet))
+        .cloned()
+}
+
+pub(crate) fn add_route(subnet: &Subnet, dev: &str, src: Ipv4Addr) -> Result<(), CmdError> {
+    ip(&[
+        "-4",
+        "route",
+        "replace",
+        &subnet.to_string(),
+        "dev",
+        dev,
+        "src",
+        &src.to_string(),
+    ])
+    .map(|_| ())
+}
+
+pub(crate) fn set_address(dev: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), CmdError> {
+    ip(&["-4", "addr", "flush", "dev", dev])?;
+    ip(&["-4", "addr", "add", &format!("{addr}/{prefix}"), "dev", dev]).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_names_are_checked_and_loopback_exists() {
+        assert!(check_ifname("eth1").is_ok());
+        for bad in ["", "a/b", "sixteen-chars-xx", "-x", "a b", "."] {
+            assert!(check_ifname(bad).is_err(), "{bad:?}");
+        }
+        assert!(interface_exists("lo"));
+        assert!(!interface_exists("nosuchif0"));
+        assert_eq!(existing("lo"), Existing::Other);
+        assert_eq!(existing("nosuchif0"), Existing::None);
+    }
+
+    #[test]
+    fn conflicts_ignore_our_own_interface() {
+        let r = |d: &str, dev: &str| Route {
+            dst: d.parse().expect("subnet"),
+            dev: dev.into(),
+            text: format!("{d} dev {dev}"),
+        };
+        let routes = vec![r("192.168.0.0/16", "eth0"), r("10.1.0.0/24", "jmp-x")];
+        let lan: Subnet = "192.168.10.0/24".parse().expect("subnet");
+        assert_eq!(
+            conflict(&routes, &lan, "jmp-x").map(|r| r.text),
+            Some("192.168.0.0/16 dev eth0".into())
+        );
+        let other: Subnet = "10.1.0.0/24".parse().expect("subnet");
+        assert_eq!(conflict(&routes, &other, "jmp-x"), None);
+    }
+}
