@@ -19,7 +19,7 @@ Everything goes through the `jmp` command line and the local devices it creates.
 from ._cli import Jmp, JmpError, JmpNotFound
 from .board import Board, BoardSpec, NoBoard, acquire
 from .console import Console, ConsoleClosed, ConsoleTimeout
-from .devices import Can, Device, Forward, Power, Storage
+from .devices import Can, Device, Forward, Network, Power, Storage
 
 __all__ = [
     "Board",
@@ -34,6 +34,7 @@ __all__ = [
     "JmpError",
     "JmpNotFound",
     "JmpTest",
+    "Network",
     "NoBoard",
     "Power",
     "Storage",

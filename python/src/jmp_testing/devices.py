@@ -135,4 +135,29 @@ class Can(Device):
         return can.Bus(interface=interface, **args)
 
 
-KINDS = {"tcp": Forward, "udp": Forward, "power": Power, "storage": Storage, "can": Can}
+class Network(Device):
+    """The board's network: a TUN interface routing its subnets (attach as root), or a SOCKS5
+    proxy that reaches them by name (without root, `jmp attach --socks`)."""
+
+    @property
+    def interface(self) -> Optional[str]:
+        e = self.endpoint("interface")
+        return str(e["at"]) if e else None
+
+    @property
+    def socks(self) -> Optional[Tuple[str, int]]:
+        e = self.endpoint("address", role="socks")
+        if e is None:
+            return None
+        host, _, port = str(e["at"]).rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+KINDS = {
+    "tcp": Forward,
+    "udp": Forward,
+    "power": Power,
+    "storage": Storage,
+    "can": Can,
+    "network": Network,
+}
