@@ -4,7 +4,8 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 
-apt_pkgs=(picocom tio tmux socat ser2net iperf3 openssh-client openssh-server iproute2 procps python3-venv prometheus)
+apt_pkgs=(picocom tio tmux socat ser2net iperf3 openssh-client openssh-server iproute2 procps python3-venv prometheus
+          can-utils qemu-system-x86 busybox-static kmod xz-utils)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -18,9 +19,18 @@ fi
 
 # A private venv: the system Python is left alone, and tests find it at a fixed place.
 venv="$here/target/pyenv"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import serial, can' 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import serial, can, isotp, can_remote, jumpstarter_driver_can' 2>/dev/null; then
     echo "install-test-deps: python venv at $venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check pyserial python-can
+    # python-can and can-isotp: the CAN tests' third-party clients; python-can-remote and
+    # jumpstarter-driver-can: the CAN benchmark's peers.
+    "$venv/bin/pip" install -q --disable-pip-version-check pyserial python-can can-isotp \
+        python-can-remote jumpstarter-driver-can
+fi
+
+# The CAN guest test's kernel: Debian's distribution kernel (it has vcan, can-raw and 9p as
+# modules; this machine's own kernel has no CAN), unpacked, not installed.
+if [ -z "${JMP_NO_APT:-}" ]; then
+    "$here/tests/guest/vcan-guest.sh" setup
 fi
 echo "install-test-deps: ok"

@@ -3,7 +3,7 @@
 //! kind.
 
 use crate::board::SimBoard;
-use crate::{power, serial, tcp, Bridge, BridgeCtx, Driver};
+use crate::{can, power, serial, tcp, Bridge, BridgeCtx, Driver};
 use jmp_protocol::codec::Codec;
 use jmp_protocol::{DeviceInfo, Kind, Refusal};
 use jmp_transport::Channels;
@@ -19,6 +19,8 @@ pub enum DeviceSpec {
     Tcp(tcp::TcpSpec),
     Power(power::PowerSpec),
     PowerSim(power::PowerSimSpec),
+    Can(can::CanSpec),
+    CanSim(can::CanSimSpec),
 }
 
 /// What the exporter builds drivers with.
@@ -49,7 +51,7 @@ fn de<T: serde::de::DeserializeOwned>(v: serde_norway::Value) -> Result<T, Field
 impl DeviceSpec {
     /// The `type:` names, for error messages.
     pub const TYPES: &'static [&'static str] =
-        &["serial", "sim-console", "tcp", "power", "power-sim"];
+        &["serial", "sim-console", "tcp", "power", "power-sim", "can", "can-sim"];
 
     /// Reads a device's table whose `type:` was `ty` (the rest of the table in `v`).
     pub fn from_yaml(ty: &str, v: serde_norway::Value) -> Result<DeviceSpec, FieldError> {
@@ -59,6 +61,8 @@ impl DeviceSpec {
             "tcp" => DeviceSpec::Tcp(de(v)?),
             "power" => DeviceSpec::Power(de(v)?),
             "power-sim" => DeviceSpec::PowerSim(de(v)?),
+            "can" => DeviceSpec::Can(de(v)?),
+            "can-sim" => DeviceSpec::CanSim(de(v)?),
             other => {
                 return Err(FieldError {
                     path: "type".into(),
@@ -77,6 +81,7 @@ impl DeviceSpec {
             DeviceSpec::Serial(_) | DeviceSpec::SimConsole(_) => Kind::Serial,
             DeviceSpec::Tcp(_) => Kind::Tcp,
             DeviceSpec::Power(_) | DeviceSpec::PowerSim(_) => Kind::Power,
+            DeviceSpec::Can(_) | DeviceSpec::CanSim(_) => Kind::Can,
         }
     }
 
@@ -87,6 +92,8 @@ impl DeviceSpec {
             DeviceSpec::Tcp(s) => s.validate(),
             DeviceSpec::Power(s) => s.validate(),
             DeviceSpec::PowerSim(s) => s.validate(),
+            DeviceSpec::Can(s) => s.validate(),
+            DeviceSpec::CanSim(s) => s.validate(),
         }
     }
 
@@ -98,6 +105,8 @@ impl DeviceSpec {
             DeviceSpec::Tcp(s) => s.start(name),
             DeviceSpec::Power(s) => s.start(name, ctx.exporter),
             DeviceSpec::PowerSim(s) => s.start(name, ctx.board),
+            DeviceSpec::Can(s) => s.start(name),
+            DeviceSpec::CanSim(s) => s.start(name, ctx.board),
         }
     }
 }
@@ -107,18 +116,22 @@ impl DeviceSpec {
 pub struct ClientOptions {
     #[command(flatten)]
     pub tcp: tcp::ClientArgs,
+    #[command(flatten)]
+    pub can: can::ClientArgs,
 }
 
 impl ClientOptions {
     /// Checks the options against what the exporter offers (a `--forward` naming a device that
     /// is not a TCP device, ...).
     pub fn check(&self, exporter: &str, devices: &[DeviceInfo]) -> Result<(), String> {
-        self.tcp.check(exporter, devices)
+        self.tcp.check(exporter, devices)?;
+        self.can.check(exporter, devices)
     }
 
     /// Checks what can be checked before connecting (syntax).
     pub fn parse_check(&self) -> Result<(), String> {
-        self.tcp.parse().map(|_| ())
+        self.tcp.parse()?;
+        self.can.parse().map(|_| ())
     }
 }
 
@@ -136,6 +149,7 @@ pub async fn bridge(
         ),
         Kind::Tcp => Box::new(tcp::bridge::create(info, &opts.tcp).await?),
         Kind::Power => Box::new(power::PowerBridge::new(info)),
+        Kind::Can => Box::new(can::CanBridge::create(info, ctx, opts.can.for_device(&info.name)?).await?),
         Kind::Other(_) => return Ok(None),
     };
     Ok(Some(b))
@@ -154,6 +168,9 @@ pub fn summary(kind: &Kind, params: &[u8]) -> Option<String> {
         Kind::Power => kinds::power::DeviceParams::decode_exact(params)
             .ok()
             .map(|p| format!("power {}", p.state)),
+        Kind::Can => kinds::can::DeviceParams::decode_exact(params)
+            .ok()
+            .map(|p| p.to_string()),
         Kind::Other(_) => None,
     }
 }

@@ -70,6 +70,10 @@ pub struct DeviceRow {
     /// The kind's short state for people ("115200 8N1", "power on").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<String>,
+    /// What the local side adds (a CAN bridge's lost or refused frames); see
+    /// `Bridge::local_status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notes: Option<String>,
 }
 
 impl DeviceRow {
@@ -81,6 +85,7 @@ impl DeviceRow {
             endpoints,
             state: info.state.clone(),
             summary: registry::summary(&info.kind, &info.params),
+            notes: None,
         }
     }
 
@@ -114,9 +119,14 @@ fn endpoints_text(d: &DeviceRow) -> String {
 }
 
 fn state_text(d: &DeviceRow) -> String {
-    match &d.state {
+    let s = match &d.state {
         DeviceState::Available => d.summary.clone().unwrap_or_default(),
         DeviceState::Unavailable(why) => format!("unavailable: {why}"),
+    };
+    match d.notes.as_deref() {
+        Some(n) if !n.is_empty() && !s.is_empty() => format!("{s}; {n}"),
+        Some(n) if !n.is_empty() => n.to_string(),
+        _ => s,
     }
 }
 
@@ -460,10 +470,28 @@ pub async fn run(
         }),
         links: slot_rx.clone(),
     });
-    let tasks: Vec<tokio::task::JoinHandle<()>> = bridges
+    // Bridges that report their own state: it follows into the rows `jmp status` shows.
+    let notes: Vec<(String, watch::Receiver<String>)> = bridges
+        .iter()
+        .filter_map(|b| b.local_status().map(|rx| (b.device().to_string(), rx)))
+        .collect();
+    let mut tasks: Vec<tokio::task::JoinHandle<()>> = bridges
         .into_iter()
         .map(|b| tokio::spawn(bridge_task(b, slot_rx.clone())))
         .collect();
+    for (device, mut rx) in notes {
+        let shared = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let text = rx.borrow_and_update().clone();
+                shared.update(|l| {
+                    if let Some(d) = l.ready.devices.iter_mut().find(|d| d.name == device) {
+                        d.notes = (!text.is_empty()).then(|| text.clone());
+                    }
+                });
+            }
+        }));
+    }
     // Aborts the bridge tasks and waits until each has dropped its bridge (so the local
     // devices are gone when `run` returns).
     let stop_bridges = |tasks: Vec<tokio::task::JoinHandle<()>>| async move {

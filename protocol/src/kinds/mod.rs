@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub mod can;
 pub mod power;
 pub mod serial;
 pub mod tcp;
@@ -47,6 +48,7 @@ kinds! {
     Serial => "serial",
     Tcp => "tcp",
     Power => "power",
+    Can => "can",
 }
 
 impl std::fmt::Display for Kind {
