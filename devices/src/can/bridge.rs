@@ -317,7 +317,7 @@ impl CanBridge {
                     }
                     self.linked_before = true;
                     self.up_tx.send_replace(true);
-                    let ended = self.pump(chan).await;
+                    let ended = self.pump(chan, link.as_ref()).await;
                     self.up_tx.send_replace(false);
                     self.drain_refused();
                     if link.is_closed() {
@@ -361,7 +361,7 @@ impl CanBridge {
 
     /// Moves frames until the channel ends; `Some(reason)` when it ended for a reason worth
     /// telling (the link's end is seen by the caller).
-    async fn pump(&mut self, chan: Chan) -> Option<String> {
+    async fn pump(&mut self, chan: Chan, link: &dyn Channels) -> Option<String> {
         let sh = self.shared.clone();
         let mut seq_out: u64 = 0;
         let mut track = SeqTracker::default();
@@ -387,6 +387,7 @@ impl CanBridge {
                 let mut reader = RecordReader::new();
                 loop {
                     tokio::select! {
+                        _ = link.closed() => return None,
                         c = rx.recv() => match c {
                             Ok(Some(b)) => {
                                 reader.push(&b);
@@ -431,6 +432,7 @@ impl CanBridge {
                 } = d;
                 loop {
                     tokio::select! {
+                        _ = link.closed() => return None,
                         d = rx.recv() => match d {
                             Some(d) => match decode_datagram(&d) {
                                 Ok(rs) => for r in rs { deliver(r, &mut track) },

@@ -258,7 +258,7 @@ impl CanDriver {
             ),
             Source::Sim(c) => (
                 "simulated ECU".to_string(),
-                DeviceParams::new(c.bitrate, 0, false, BusState::ErrorActive),
+                DeviceParams::new(c.bitrate, 0, true, BusState::ErrorActive),
                 None,
             ),
         };
