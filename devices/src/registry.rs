@@ -117,7 +117,7 @@ pub struct ClientOptions {
     #[command(flatten)]
     pub tcp: tcp::ClientArgs,
     #[command(flatten)]
-    pub can: can::ClientArgs,
+    pub can: can::CanArgs,
 }
 
 impl ClientOptions {

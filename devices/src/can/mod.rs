@@ -15,7 +15,7 @@ pub mod vcan;
 
 pub use bridge::CanBridge;
 pub use driver::CanDriver;
-pub use ops::ClientArgs;
+pub use ops::CanArgs;
 pub use spec::{CanSimSpec, CanSpec};
 
 use crate::board::SimBoard;

@@ -37,7 +37,7 @@ pub struct DeviceOptions {
 }
 
 #[derive(clap::Args, Debug, Clone, Default)]
-pub struct ClientArgs {
+pub struct CanArgs {
     /// How CAN devices appear: vcan, slcan, socketcand, or a list (slcan,socketcand); DEV=MODE
     /// for one device. Default: a vcan interface where the kernel has CAN and jmp may create
     /// interfaces, else an slcan pty and a socketcand port.
@@ -111,7 +111,7 @@ fn split_dev<'a>(opt: &str, v: &'a str) -> Result<(&'a str, &'a str), String> {
         .ok_or_else(|| format!("{opt} {v:?}: expected DEV=VALUE"))
 }
 
-impl ClientArgs {
+impl CanArgs {
     /// Options per device name; `""` holds the ones given for every device.
     pub fn parse(&self) -> Result<HashMap<String, DeviceOptions>, String> {
         let mut m: HashMap<String, DeviceOptions> = HashMap::new();
@@ -187,7 +187,7 @@ mod tests {
 
     #[test]
     fn options_per_device_and_for_all() {
-        let a = ClientArgs {
+        let a = CanArgs {
             can_as: vec!["slcan".into(), "ecu=socketcand,slcan".into()],
             can_name: vec!["can0=body0".into()],
             can_filter: vec!["ecu=7E8:7FF,18DAF100:1FFFFF00".into()],
@@ -210,14 +210,14 @@ mod tests {
         let can0 = a.for_device("can0").expect("valid");
         assert_eq!(can0.ifname.as_deref(), Some("body0"));
         assert_eq!(can0.fronts.map(|f| f.slcan), Some(true));
-        let bad = ClientArgs {
+        let bad = CanArgs {
             can_filter: vec!["x=800:7FF".into()],
-            ..ClientArgs::default()
+            ..CanArgs::default()
         };
         assert!(bad.parse().is_err_and(|e| e.contains("larger than")));
-        let bad = ClientArgs {
+        let bad = CanArgs {
             can_as: vec!["tun".into()],
-            ..ClientArgs::default()
+            ..CanArgs::default()
         };
         assert!(bad.parse().is_err());
     }
