@@ -50,8 +50,15 @@ fn de<T: serde::de::DeserializeOwned>(v: serde_norway::Value) -> Result<T, Field
 
 impl DeviceSpec {
     /// The `type:` names, for error messages.
-    pub const TYPES: &'static [&'static str] =
-        &["serial", "sim-console", "tcp", "power", "power-sim", "can", "can-sim"];
+    pub const TYPES: &'static [&'static str] = &[
+        "serial",
+        "sim-console",
+        "tcp",
+        "power",
+        "power-sim",
+        "can",
+        "can-sim",
+    ];
 
     /// Reads a device's table whose `type:` was `ty` (the rest of the table in `v`).
     pub fn from_yaml(ty: &str, v: serde_norway::Value) -> Result<DeviceSpec, FieldError> {
@@ -149,7 +156,9 @@ pub async fn bridge(
         ),
         Kind::Tcp => Box::new(tcp::bridge::create(info, &opts.tcp).await?),
         Kind::Power => Box::new(power::PowerBridge::new(info)),
-        Kind::Can => Box::new(can::CanBridge::create(info, ctx, opts.can.for_device(&info.name)?).await?),
+        Kind::Can => {
+            Box::new(can::CanBridge::create(info, ctx, opts.can.for_device(&info.name)?).await?)
+        }
         Kind::Other(_) => return Ok(None),
     };
     Ok(Some(b))

@@ -133,7 +133,10 @@ async fn sim_ecu_through_socketcand_and_slcan_over_memory() {
         let mut s = Scd::connect(addr, "ecu");
         // The counter frame arrives with the exporter's receive time.
         let m = s.msg();
-        assert!(m.starts_with("< frame 100 ") && m.ends_with("4A4D5000 >"), "{m}");
+        assert!(
+            m.starts_with("< frame 100 ") && m.ends_with("4A4D5000 >"),
+            "{m}"
+        );
         // Mirrored: classic, extended, remote, FD.
         s.send("< send 123 3 1 2 3 >");
         assert!(s.next_non_counter().ends_with(" 010203 >"));
@@ -145,11 +148,17 @@ async fn sim_ecu_through_socketcand_and_slcan_over_memory() {
         assert!(m.starts_with("< rtr 7DF ") && m.ends_with(" 8 >"), "{m}");
         s.send(&format!("< fdsend 123 1 {} >", "AB".repeat(64)));
         let m = s.next_non_counter();
-        assert!(m.starts_with("< fdframe 123 ") && m.contains(&"AB".repeat(64)), "{m}");
+        assert!(
+            m.starts_with("< fdframe 123 ") && m.contains(&"AB".repeat(64)),
+            "{m}"
+        );
         // ISO-TP single frame: 10 03 → 50 03.
         s.send("< send 7E0 8 2 10 3 CC CC CC CC CC >");
         let m = s.next_non_counter();
-        assert!(m.starts_with("< frame 7E8 ") && m.ends_with(" 025003CCCCCCCCCC >"), "{m}");
+        assert!(
+            m.starts_with("< frame 7E8 ") && m.ends_with(" 025003CCCCCCCCCC >"),
+            "{m}"
+        );
         // Bad input: named, and the connection keeps working.
         s.send("< send 123 9 1 2 3 4 5 6 7 8 9 >");
         let m = s.next_non_counter();
@@ -177,7 +186,12 @@ async fn sim_ecu_through_socketcand_and_slcan_over_memory() {
         let until = |needle: &[u8], got: &mut Vec<u8>| {
             let t0 = std::time::Instant::now();
             while !got.windows(needle.len()).any(|w| w == needle) {
-                assert!(t0.elapsed() < GUARD, "no {:?} in {:?}", String::from_utf8_lossy(needle), String::from_utf8_lossy(got));
+                assert!(
+                    t0.elapsed() < GUARD,
+                    "no {:?} in {:?}",
+                    String::from_utf8_lossy(needle),
+                    String::from_utf8_lossy(got)
+                );
                 if let Ok(b) = rx.recv_timeout(Duration::from_millis(200)) {
                     got.extend_from_slice(&b);
                 }
@@ -196,10 +210,16 @@ async fn sim_ecu_through_socketcand_and_slcan_over_memory() {
     })
     .await
     .expect("client");
-    assert!(r.windows(2).any(|w| w == b"z\r"), "the frame was acknowledged");
+    assert!(
+        r.windows(2).any(|w| w == b"z\r"),
+        "the frame was acknowledged"
+    );
     // Cutting the session ends the bridge's run; dropping the bridge removes its fronts.
     server.abort();
-    let bridge = tokio::time::timeout(GUARD, run).await.expect("run ends").expect("bridge");
+    let bridge = tokio::time::timeout(GUARD, run)
+        .await
+        .expect("run ends")
+        .expect("bridge");
     drop(bridge);
     let st = d.status().borrow().clone();
     let p = DeviceParams::decode_exact(&st.params).expect("params");
@@ -311,16 +331,23 @@ async fn slcan_adapter_backend_sets_the_bit_rate_and_keeps_the_order() {
         let _ = bridge.run(link).await;
         bridge
     });
-    let _ = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let mut s = Scd::connect(addr, "body");
         s.send("< send 111 0 >");
         assert!(s.msg().starts_with("< frame 111 "));
         for i in 0..200u32 {
-            s.send(&format!("< send {:08X} 4 {:X} 1 2 3 >", 0x1000_0000 + i, i % 256));
+            s.send(&format!(
+                "< send {:08X} 4 {:X} 1 2 3 >",
+                0x1000_0000 + i,
+                i % 256
+            ));
         }
         for i in 0..200u32 {
             let m = s.msg();
-            assert!(m.starts_with(&format!("< frame {:08X} ", 0x1000_0000 + i)), "in order: {m}");
+            assert!(
+                m.starts_with(&format!("< frame {:08X} ", 0x1000_0000 + i)),
+                "in order: {m}"
+            );
         }
     })
     .await
@@ -349,9 +376,13 @@ fn configs_are_checked_naming_the_field() {
             .and_then(|s| s.validate().map(|_| s))
     };
     assert!(spec("{type: can, interface: can0, bitrate: 500000}").is_ok());
-    assert!(spec("{type: can, slcan: {path: /dev/ttyACM0}}").is_err_and(|e| e.contains("bitrate is required")));
-    assert!(spec("{type: can, slcan: {path: /dev/x}, bitrate: 123}").is_err_and(|e| e.contains("S0-S9")));
-    assert!(spec("{type: can, interface: 'a/b'}").is_err_and(|e| e.contains("not an interface name")));
+    assert!(spec("{type: can, slcan: {path: /dev/ttyACM0}}")
+        .is_err_and(|e| e.contains("bitrate is required")));
+    assert!(spec("{type: can, slcan: {path: /dev/x}, bitrate: 123}")
+        .is_err_and(|e| e.contains("S0-S9")));
+    assert!(
+        spec("{type: can, interface: 'a/b'}").is_err_and(|e| e.contains("not an interface name"))
+    );
     assert!(spec("{type: can}").is_err_and(|e| e.contains("give interface")));
     assert!(spec("{type: can-sim, load: 1000000}").is_err_and(|e| e.contains("allowed")));
     assert!(spec("{type: can-sim, colour: red}").is_err_and(|e| e.contains("unknown field")));

@@ -39,7 +39,11 @@ fn client(py: &std::path::Path, env: &TestEnv, args: &[&str]) -> serde_json::Val
 
 fn assert_mirrored(r: &serde_json::Value, what: &str) {
     assert_eq!(r["received"], r["sent"], "{what}: every frame back: {r}");
-    assert_eq!(r["mismatches"], serde_json::json!([]), "{what}: in order, unchanged: {r}");
+    assert_eq!(
+        r["mismatches"],
+        serde_json::json!([]),
+        "{what}: in order, unchanged: {r}"
+    );
 }
 
 fn python_can() -> Option<std::path::PathBuf> {
@@ -66,7 +70,9 @@ fn sim_ecu_through_python_can_slcan_and_socketcand() {
     let d = device(&v, "ecu");
     assert_eq!(d["kind"], "can", "{v}");
     assert!(
-        d["summary"].as_str().is_some_and(|s| s.starts_with("500 kbit/s")),
+        d["summary"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("500 kbit/s")),
         "{v}"
     );
     let slcan = endpoint(&v, "ecu", "slcan");
@@ -78,7 +84,12 @@ fn sim_ecu_through_python_can_slcan_and_socketcand() {
     let r = client(&py, &env, &["socketcand", &scd, "ecu", "reqresp"]);
     assert_eq!(r["ok"], true, "socketcand request/response: {r}");
     // The frame carries the exporter's receive time (here: moments ago, same clock).
-    assert!(r["timestamp_age_s"].as_f64().is_some_and(|a| (0.0..5.0).contains(&a)), "{r}");
+    assert!(
+        r["timestamp_age_s"]
+            .as_f64()
+            .is_some_and(|a| (0.0..5.0).contains(&a)),
+        "{r}"
+    );
     let r = client(&py, &env, &["slcan", &slcan, "isotp"]);
     assert_eq!(r["ok"], true, "ISO-TP through slcan: {r}");
     let r = client(&py, &env, &["socketcand", &scd, "ecu", "isotp"]);
@@ -169,7 +180,9 @@ fn emulated_adapter_mirrors_survives_unplug_and_resumes() {
     let mut emu_cmd = Command::new(&py);
     emu_cmd.arg(board_dir().join("slcan_adapter.py")).arg(&link);
     let mut emu = Proc::spawn_with_stdin("slcan-adapter", emu_cmd, &env.logs);
-    emu.expect_line(READY, "the adapter's ready line", |l| l.starts_with("ready "));
+    emu.expect_line(READY, "the adapter's ready line", |l| {
+        l.starts_with("ready ")
+    });
     let jmpd = env.start_jmpd(&env.exporter_yaml(
         "lab",
         "127.0.0.1:0",
@@ -199,15 +212,25 @@ fn emulated_adapter_mirrors_survives_unplug_and_resumes() {
             .as_str()
             .is_some_and(|r| r.contains("vanished") || r.contains("cannot open"))
     });
-    assert!(gone, "jmp status names the vanished adapter: {}", status_row(&env, "body"));
+    assert!(
+        gone,
+        "jmp status names the vanished adapter: {}",
+        status_row(&env, "body")
+    );
     // The daemon keeps serving its other devices.
     let r = client(&py, &env, &["socketcand", &ecu, "ecu", "reqresp"]);
-    assert_eq!(r["ok"], true, "the ECU still answers while the adapter is out: {r}");
+    assert_eq!(
+        r["ok"], true,
+        "the ECU still answers while the adapter is out: {r}"
+    );
     // A frame sent now is refused, not queued: an error frame comes back.
     let mut s = Scd::open(&scd, "body");
     s.send("< send 123 1 AA >");
     let m = s.until("< error ");
-    assert!(m.starts_with("< error 00000004 "), "controller error frame: {m}");
+    assert!(
+        m.starts_with("< error 00000004 "),
+        "controller error frame: {m}"
+    );
     // Plugged back: jmpd reopens it, traffic resumes through the same local endpoints.
     emu.send_line("plug");
     emu.expect_line(READY, "plug", |l| l == "done plug");
@@ -215,8 +238,13 @@ fn emulated_adapter_mirrors_survives_unplug_and_resumes() {
     assert!(back, "the adapter is back: {}", status_row(&env, "body"));
     let resumed = poll_until(TIMEOUT, || {
         let mut c = Command::new(&py);
-        c.arg(board_dir().join("can_client.py"))
-            .args(["socketcand", &scd, "body", "mirror", "100"]);
+        c.arg(board_dir().join("can_client.py")).args([
+            "socketcand",
+            &scd,
+            "body",
+            "mirror",
+            "100",
+        ]);
         let out = run("can-client", c, &env.logs, TIMEOUT);
         serde_json::from_str::<serde_json::Value>(out.stdout.trim())
             .is_ok_and(|r| r["received"] == 100)
@@ -251,13 +279,17 @@ fn jmpd_killed_mid_traffic_fronts_stay_and_resume() {
     s.until("< frame 100 ");
     jmpd.proc.kill9();
     // The local fronts stay: the pty link and the port are still there.
-    assert!(std::fs::symlink_metadata(&slcan).is_ok(), "slcan link stays");
+    assert!(
+        std::fs::symlink_metadata(&slcan).is_ok(),
+        "slcan link stays"
+    );
     let refused = poll_until(TIMEOUT, || {
         let mut s2 = Scd::open(&scd, "ecu");
         s2.send("< send 7E0 8 2 10 3 CC CC CC CC CC >");
         // Until the client notices, the frame may still go out on the dying link; after, it
         // is refused with an error frame.
-        s2.0.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+        s2.0.set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
         let mut b = [0u8; 4096];
         let n = s2.0.read(&mut b).unwrap_or(0);
         String::from_utf8_lossy(&b[..n]).contains("< error 00000004 ")
@@ -278,7 +310,9 @@ fn jmpd_killed_mid_traffic_fronts_stay_and_resume() {
     s.until("< frame 100 ");
     let row = status_row(&env, "ecu");
     assert!(
-        row["notes"].as_str().is_some_and(|n| n.contains("refused while disconnected")),
+        row["notes"]
+            .as_str()
+            .is_some_and(|n| n.contains("refused while disconnected")),
         "jmp status counts what was refused during the outage: {row}"
     );
     attach.stop();

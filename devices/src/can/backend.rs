@@ -127,14 +127,20 @@ pub async fn sim_task(hub: Arc<Hub>, c: SimConfig, mut bus: mpsc::Receiver<Frame
 // ---------------------------------------------------------------------------------------------
 // slcan adapters
 
-fn open_tty(path: &str, baud: u32) -> Result<(serialport::TTYPort, tokio::io::unix::AsyncFd<OwnedFd>), String> {
+fn open_tty(
+    path: &str,
+    baud: u32,
+) -> Result<(serialport::TTYPort, tokio::io::unix::AsyncFd<OwnedFd>), String> {
     let port = serialport::new(path, baud)
         .open_native()
         .map_err(|e| format!("cannot open {path}: {}", e.description))?;
     // SAFETY: dup returns a new descriptor we own (or -1, checked).
     let fd = unsafe { libc::dup(port.as_raw_fd()) };
     if fd < 0 {
-        return Err(format!("cannot use {path}: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "cannot use {path}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     // SAFETY: `fd` is a fresh descriptor owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };

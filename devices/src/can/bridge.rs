@@ -167,8 +167,9 @@ impl CanBridge {
         ctx: &BridgeCtx,
         opts: DeviceOptions,
     ) -> Result<CanBridge, String> {
-        let params = DeviceParams::decode_exact(&info.params)
-            .unwrap_or_else(|_| DeviceParams::new(0, 0, true, jmp_protocol::kinds::can::BusState::Unknown));
+        let params = DeviceParams::decode_exact(&info.params).unwrap_or_else(|_| {
+            DeviceParams::new(0, 0, true, jmp_protocol::kinds::can::BusState::Unknown)
+        });
         let (to_bus, to_bus_rx) = mpsc::channel(TO_BUS_QUEUE);
         let (from_bus, _) = broadcast::channel(FRONT_QUEUE);
         let (up_tx, up) = watch::channel(false);
@@ -238,8 +239,10 @@ impl CanBridge {
             &lock_dir,
         )?);
         info!(device = %self.device, interface = %v.name, "vcan interface created");
-        self.endpoints
-            .push(Endpoint::with_role("vcan", Local::Interface(v.name.clone())));
+        self.endpoints.push(Endpoint::with_role(
+            "vcan",
+            Local::Interface(v.name.clone()),
+        ));
         let sh = self.shared.clone();
         self.tasks.push(tokio::spawn(vcan_front(v.clone(), sh)));
         self.vcan = Some(v);
@@ -265,8 +268,9 @@ impl CanBridge {
     }
 
     async fn start_socketcand(&mut self, port: Option<u16>) -> std::io::Result<()> {
-        let l = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port.unwrap_or(0))))
-            .await?;
+        let l =
+            tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port.unwrap_or(0))))
+                .await?;
         let addr = l.local_addr()?;
         self.endpoints
             .push(Endpoint::with_role("socketcand", Local::Address(addr)));
@@ -310,7 +314,10 @@ impl CanBridge {
                         .map(|o| o.missed)
                         .unwrap_or(0);
                     if self.linked_before && missed > 0 {
-                        self.shared.counters.missed.fetch_add(missed, Ordering::Relaxed);
+                        self.shared
+                            .counters
+                            .missed
+                            .fetch_add(missed, Ordering::Relaxed);
                         warn!(device = %self.device, missed, "the bus carried frames while this client was disconnected; they were not delivered");
                         self.shared.update_status();
                         self.shared.inject(error::CRTL_RX_OVERFLOW);
@@ -367,13 +374,14 @@ impl CanBridge {
         let mut track = SeqTracker::default();
         let mut frames = Vec::with_capacity(256);
         let mut buf = BytesMut::new();
-        let deliver = |r: Record, track: &mut SeqTracker| {
-            match track.accept(r.seq) {
-                None => sh.lost(0, ""),
-                Some(gap) => {
-                    sh.lost(gap, "frames from the bus were lost on the way (sequence gap)");
-                    let _ = sh.from_bus.send(r);
-                }
+        let deliver = |r: Record, track: &mut SeqTracker| match track.accept(r.seq) {
+            None => sh.lost(0, ""),
+            Some(gap) => {
+                sh.lost(
+                    gap,
+                    "frames from the bus were lost on the way (sequence gap)",
+                );
+                let _ = sh.from_bus.send(r);
             }
         };
         match chan {
@@ -568,7 +576,7 @@ struct SlcanState {
 }
 
 fn rate_text(b: u32) -> String {
-    if b % 1000 == 0 {
+    if b.is_multiple_of(1000) {
         format!("{} kbit/s", b / 1000)
     } else {
         format!("{b} bit/s")
@@ -727,7 +735,7 @@ async fn slcan_front(mut pty: Pty, sh: Shared) {
                     match r {
                         Ok(rec) => {
                             if st.open && opened {
-                                let ts = st.timestamps.then(|| ((rec.time_us / 1000) % 60_000) as u16);
+                                let ts = st.timestamps.then_some(((rec.time_us / 1000) % 60_000) as u16);
                                 let _ = slcan::encode_frame(&mut frames_out, &rec.frame, ts);
                             }
                         }

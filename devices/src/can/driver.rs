@@ -162,7 +162,11 @@ impl Hub {
         });
     }
 
-    fn subscribe(&self, filters: Vec<Filter>, notices: ControlTx) -> (u64, mpsc::Receiver<Record>, u64) {
+    fn subscribe(
+        &self,
+        filters: Vec<Filter>,
+        notices: ControlTx,
+    ) -> (u64, mpsc::Receiver<Record>, u64) {
         let (tx, rx) = mpsc::channel(CHANNEL_QUEUE);
         let id = self.next_sub.fetch_add(1, Ordering::Relaxed);
         let mut subs = self.subs.lock().unwrap_or_else(|e| e.into_inner());
@@ -447,7 +451,10 @@ async fn serve_stream(ch: CanChannel, pipe: Pipe) {
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        let msg = format!("{}: bad frame from the client: {e}; closing the channel", hub.name());
+                        let msg = format!(
+                            "{}: bad frame from the client: {e}; closing the channel",
+                            hub.name()
+                        );
                         warn!("{msg}");
                         control_tx.notice(msg);
                         return;
@@ -492,7 +499,11 @@ async fn serve_datagram(ch: CanChannel, d: DatagramPipe) {
                 if !buf.is_empty() && buf.len() + r.encoded_len() > max {
                     // A full datagram that QUIC cannot take now is lost like any other; the
                     // client counts it from the sequence numbers.
-                    if let Err(jmp_transport::PipeError::Closed | jmp_transport::PipeError::ConnectionLost(_)) = tx.send(&buf) {
+                    if let Err(
+                        jmp_transport::PipeError::Closed
+                        | jmp_transport::PipeError::ConnectionLost(_),
+                    ) = tx.send(&buf)
+                    {
                         return;
                     }
                     buf.clear();
@@ -500,7 +511,10 @@ async fn serve_datagram(ch: CanChannel, d: DatagramPipe) {
                 r.encode(&mut buf);
             }
             if !buf.is_empty() {
-                if let Err(jmp_transport::PipeError::Closed | jmp_transport::PipeError::ConnectionLost(_)) = tx.send(&buf) {
+                if let Err(
+                    jmp_transport::PipeError::Closed | jmp_transport::PipeError::ConnectionLost(_),
+                ) = tx.send(&buf)
+                {
                     return;
                 }
                 buf.clear();

@@ -87,12 +87,19 @@ pub fn parse_filters(s: &str) -> Result<Vec<Filter>, String> {
             .split_once(':')
             .ok_or_else(|| format!("filter {part:?}: expected ID:MASK in hex, e.g. 7E8:7FF"))?;
         let extended = id.len() > 3;
-        let id = u32::from_str_radix(id, 16).map_err(|_| format!("filter {part:?}: {id:?} is not hex"))?;
-        let mask =
-            u32::from_str_radix(mask, 16).map_err(|_| format!("filter {part:?}: {mask:?} is not hex"))?;
-        let max = if extended { MAX_EXTENDED_ID } else { MAX_STANDARD_ID };
+        let id = u32::from_str_radix(id, 16)
+            .map_err(|_| format!("filter {part:?}: {id:?} is not hex"))?;
+        let mask = u32::from_str_radix(mask, 16)
+            .map_err(|_| format!("filter {part:?}: {mask:?} is not hex"))?;
+        let max = if extended {
+            MAX_EXTENDED_ID
+        } else {
+            MAX_STANDARD_ID
+        };
         if id > max {
-            return Err(format!("filter {part:?}: id 0x{id:x} is larger than 0x{max:x}"));
+            return Err(format!(
+                "filter {part:?}: id 0x{id:x} is larger than 0x{max:x}"
+            ));
         }
         out.push(Filter {
             id,
@@ -118,7 +125,11 @@ impl CanArgs {
         let transport = match self.can_transport.as_deref() {
             None | Some("stream") => Transport::Stream,
             Some("datagram") => Transport::Datagram,
-            Some(o) => return Err(format!("--can-transport {o:?}: expected stream or datagram")),
+            Some(o) => {
+                return Err(format!(
+                    "--can-transport {o:?}: expected stream or datagram"
+                ))
+            }
         };
         m.entry(String::new()).or_default().transport = transport;
         for a in &self.can_as {
@@ -161,7 +172,10 @@ impl CanArgs {
     pub fn check(&self, exporter: &str, devices: &[DeviceInfo]) -> Result<(), String> {
         let m = self.parse()?;
         for name in m.keys().filter(|k| !k.is_empty()) {
-            if !devices.iter().any(|d| &d.name == name && d.kind == Kind::Can) {
+            if !devices
+                .iter()
+                .any(|d| &d.name == name && d.kind == Kind::Can)
+            {
                 let cans: Vec<&str> = devices
                     .iter()
                     .filter(|d| d.kind == Kind::Can)

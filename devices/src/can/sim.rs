@@ -160,7 +160,7 @@ impl SimEcu {
                         tx.block_left = u32::from(d[1]);
                         self.send_cfs(out);
                     }
-                    1 => {} // wait: the next flow control follows
+                    1 => {}              // wait: the next flow control follows
                     _ => self.tx = None, // overflow: abort
                 }
             }

@@ -55,7 +55,10 @@ pub enum HostLine {
 /// A line an adapter sends to its host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdapterLine {
-    Frame { frame: Frame, timestamp: Option<u16> },
+    Frame {
+        frame: Frame,
+        timestamp: Option<u16>,
+    },
     /// `\r`, `z\r` or `Z\r`: the last command or frame was accepted.
     Ok,
     /// `\a`: the last command or frame was refused.
@@ -76,7 +79,8 @@ fn hex_val(c: u8) -> Option<u8> {
 fn hex_num(line: &[u8], s: &[u8], what: &str) -> Result<u32, SlcanError> {
     let mut v = 0u32;
     for &c in s {
-        v = (v << 4) | u32::from(hex_val(c).ok_or_else(|| err(line, format!("{what} is not hex")))?);
+        v = (v << 4)
+            | u32::from(hex_val(c).ok_or_else(|| err(line, format!("{what} is not hex")))?);
     }
     Ok(v)
 }
@@ -128,8 +132,8 @@ fn parse_frame(line: &[u8]) -> Result<(Frame, Option<u16>), SlcanError> {
             return Err(err(
                 line,
                 format!(
-                    "{n} characters after the data (longer than DLC {dlc} allows; a timestamp has 4)"
-                ),
+                "{n} characters after the data (longer than DLC {dlc} allows; a timestamp has 4)"
+            ),
             ))
         }
     };
@@ -194,7 +198,10 @@ pub fn parse_host_line(line: &[u8]) -> Result<HostLine, SlcanError> {
         b'M' | b'm' | b'X' | b'W' | b'Q' | b'U' => Ok(HostLine::Ignored(first as char)),
         c => Err(err(
             line,
-            format!("unknown command {:?}", (c as char).escape_default().to_string()),
+            format!(
+                "unknown command {:?}",
+                (c as char).escape_default().to_string()
+            ),
         )),
     }
 }
@@ -210,7 +217,9 @@ pub fn parse_adapter_line(line: &[u8]) -> Result<AdapterLine, SlcanError> {
             let (frame, timestamp) = parse_frame(line)?;
             Ok(AdapterLine::Frame { frame, timestamp })
         }
-        Some(_) => Ok(AdapterLine::Info(String::from_utf8_lossy(line).into_owned())),
+        Some(_) => Ok(AdapterLine::Info(
+            String::from_utf8_lossy(line).into_owned(),
+        )),
     }
 }
 
@@ -270,7 +279,10 @@ impl LineSplitter {
             match c {
                 b'\r' => {
                     if self.overlong {
-                        line(Err(err(&self.buf, format!("longer than {MAX_LINE} characters"))));
+                        line(Err(err(
+                            &self.buf,
+                            format!("longer than {MAX_LINE} characters"),
+                        )));
                     } else {
                         line(Ok(&self.buf));
                     }
@@ -323,14 +335,20 @@ mod tests {
         for len in 0..=8u8 {
             let data: Vec<u8> = (0..len).collect();
             round(Frame::new(0x7ff, 0, &data).expect("valid"), None);
-            round(Frame::new(0x1fff_ffff, EXTENDED, &data).expect("valid"), Some(59_999));
+            round(
+                Frame::new(0x1fff_ffff, EXTENDED, &data).expect("valid"),
+                Some(59_999),
+            );
             round(Frame::remote(0x123, false, len).expect("valid"), None);
             round(Frame::remote(0x1234_5678, true, len).expect("valid"), None);
         }
         for len in FD_LENGTHS {
             let data: Vec<u8> = (0..len).map(|i| i ^ 0x5a).collect();
             round(Frame::new(0x123, FD, &data).expect("valid"), None);
-            round(Frame::new(0x1abc_def0, FD | BRS | EXTENDED, &data).expect("valid"), Some(7));
+            round(
+                Frame::new(0x1abc_def0, FD | BRS | EXTENDED, &data).expect("valid"),
+                Some(7),
+            );
         }
     }
 
@@ -366,7 +384,9 @@ mod tests {
         let mut got = Vec::new();
         s.feed(&[b'x'; MAX_LINE + 10], |_| {});
         s.feed(b"\rt1230\r\x07\n", |l| got.push(l.map(|l| l.to_vec())));
-        assert!(got[0].as_ref().is_err_and(|e| e.why.contains("longer than")));
+        assert!(got[0]
+            .as_ref()
+            .is_err_and(|e| e.why.contains("longer than")));
         assert_eq!(got[1], Ok(b"t1230".to_vec()));
         assert_eq!(got[2], Ok(b"\x07".to_vec()));
     }

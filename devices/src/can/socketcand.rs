@@ -197,21 +197,31 @@ mod tests {
         assert_eq!(parse(" rawmode "), Ok(Command::RawMode));
         assert_eq!(
             parse(" send 123 2 de ad "),
-            Ok(Command::Send(Frame::new(0x123, 0, &[0xde, 0xad]).expect("valid")))
+            Ok(Command::Send(
+                Frame::new(0x123, 0, &[0xde, 0xad]).expect("valid")
+            ))
         );
         assert_eq!(
             parse(" send 1AAAAAAA 0 "),
-            Ok(Command::Send(Frame::new(0x1aaa_aaaa, EXTENDED, &[]).expect("valid")))
+            Ok(Command::Send(
+                Frame::new(0x1aaa_aaaa, EXTENDED, &[]).expect("valid")
+            ))
         );
         assert_eq!(
             parse(" sendrtr 123 8 "),
-            Ok(Command::Send(Frame::remote(0x123, false, 8).expect("valid")))
+            Ok(Command::Send(
+                Frame::remote(0x123, false, 8).expect("valid")
+            ))
         );
         assert_eq!(
             parse(" fdsend 123 1 00112233445566778899AABB "),
             Ok(Command::Send(
-                Frame::new(0x123, FD | BRS, &[0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb])
-                    .expect("valid")
+                Frame::new(
+                    0x123,
+                    FD | BRS,
+                    &[0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb]
+                )
+                .expect("valid")
             ))
         );
         assert!(parse(" send 123 9 1 2 3 4 5 6 7 8 9 ").is_err_and(|e| e.0.contains("at most 8")));
@@ -229,13 +239,22 @@ mod tests {
         );
         assert_eq!(out, b"< frame 123 1700000000.000042 1122 >");
         out.clear();
-        encode_frame(&mut out, &Frame::remote(0x1234_5678, true, 4).expect("valid"), 1);
+        encode_frame(
+            &mut out,
+            &Frame::remote(0x1234_5678, true, 4).expect("valid"),
+            1,
+        );
         assert_eq!(out, b"< rtr 12345678 0.000001 4 >");
         let mut s = Splitter::default();
         let mut got = Vec::new();
-        s.feed(b"< hi >< open x >\n< ok", |m| got.push(m.map(str::to_string)));
+        s.feed(b"< hi >< open x >\n< ok", |m| {
+            got.push(m.map(str::to_string))
+        });
         s.feed(b" >x", |m| got.push(m.map(str::to_string)));
-        assert_eq!(got[..3], [Ok(" hi ".into()), Ok(" open x ".into()), Ok(" ok ".into())]);
+        assert_eq!(
+            got[..3],
+            [Ok(" hi ".into()), Ok(" open x ".into()), Ok(" ok ".into())]
+        );
         assert!(got[3].is_err());
     }
 }

@@ -106,7 +106,10 @@ pub const SLCAN_DATA_BITRATES: [(u32, char); 4] = [
 ];
 
 pub fn slcan_bitrate_code(b: u32) -> Option<char> {
-    SLCAN_BITRATES.iter().find(|(r, _)| *r == b).map(|(_, c)| *c)
+    SLCAN_BITRATES
+        .iter()
+        .find(|(r, _)| *r == b)
+        .map(|(_, c)| *c)
 }
 
 pub fn slcan_data_bitrate_code(b: u32) -> Option<char> {

@@ -72,10 +72,8 @@ pub fn from_socketcan(f: &CanAnyFrame) -> Option<Frame> {
             Some(Frame::error(id, d))
         }
         CanAnyFrame::Fd(fd) => {
-            let flags = FD
-                | ext
-                | if fd.is_brs() { BRS } else { 0 }
-                | if fd.is_esi() { ESI } else { 0 };
+            let flags =
+                FD | ext | if fd.is_brs() { BRS } else { 0 } | if fd.is_esi() { ESI } else { 0 };
             Frame::new(id, flags, fd.data()).ok()
         }
     }
@@ -225,7 +223,9 @@ pub fn cleanup_stale(lock_dir: &Path) {
         if let Ok(Some(_held)) = try_lock(&p) {
             if ifindex(&name).is_some() {
                 match delete_interface(&name) {
-                    Ok(()) => info!(interface = %name, "removed a vcan interface a previous jmp left behind"),
+                    Ok(()) => {
+                        info!(interface = %name, "removed a vcan interface a previous jmp left behind")
+                    }
                     Err(e) => warn!(interface = %name, "cannot remove a stale vcan interface: {e}"),
                 }
             }
@@ -300,4 +300,3 @@ impl Drop for VcanFront {
         let _ = std::fs::remove_file(&self.lock_path);
     }
 }
-

@@ -263,7 +263,8 @@ pub struct Filter {
 impl Filter {
     /// Whether `f` passes. Error frames always do: they are the bus's state, not traffic.
     pub fn matches(&self, f: &Frame) -> bool {
-        f.is_error() || (f.is_extended() == self.extended && (f.id & self.mask) == (self.id & self.mask))
+        f.is_error()
+            || (f.is_extended() == self.extended && (f.id & self.mask) == (self.id & self.mask))
     }
 }
 
@@ -373,9 +374,9 @@ impl std::fmt::Display for DeviceParams {
     /// `500 kbit/s, FD 2 Mbit/s, error-active, TEC 0 REC 0, rx 10 tx 3`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         fn rate(b: u32) -> String {
-            if b >= 1_000_000 && b % 1_000_000 == 0 {
+            if b >= 1_000_000 && b.is_multiple_of(1_000_000) {
                 format!("{} Mbit/s", b / 1_000_000)
-            } else if b >= 1000 && b % 1000 == 0 {
+            } else if b >= 1000 && b.is_multiple_of(1000) {
                 format!("{} kbit/s", b / 1000)
             } else {
                 format!("{b} bit/s")
@@ -728,7 +729,10 @@ pub(crate) fn examples() -> Vec<(&'static str, Vec<u8>)> {
             })
             .to_vec(),
         ),
-        ("can-opened", to_bytes(&OpenedParams { missed: 42 }).to_vec()),
+        (
+            "can-opened",
+            to_bytes(&OpenedParams { missed: 42 }).to_vec(),
+        ),
         ("can-record", to_bytes(&example_record()).to_vec()),
         (
             "can-record-fd",
@@ -796,9 +800,7 @@ mod tests {
                     | if ext { EXTENDED } else { 0 }
                     | if brs { BRS } else { 0 }
                     | if esi { ESI } else { 0 };
-                let data: Vec<u8> = (0..FD_LENGTHS[dlc])
-                    .map(|i| i.wrapping_mul(fill))
-                    .collect();
+                let data: Vec<u8> = (0..FD_LENGTHS[dlc]).map(|i| i.wrapping_mul(fill)).collect();
                 Frame::new(id, flags, &data).expect("valid fd")
             });
         let err = (0u32..=MAX_EXTENDED_ID, any::<[u8; 8]>()).prop_map(|(c, d)| Frame::error(c, d));
@@ -820,7 +822,12 @@ mod tests {
             any::<bool>(),
             0u8..6,
             any::<(u32, u32)>(),
-            (0u64..=VARINT_MAX, 0u64..=VARINT_MAX, 0u64..=VARINT_MAX, 0u64..=VARINT_MAX),
+            (
+                0u64..=VARINT_MAX,
+                0u64..=VARINT_MAX,
+                0u64..=VARINT_MAX,
+                0u64..=VARINT_MAX,
+            ),
         )
             .prop_map(|(b, d, fd, st, (te, re), (rx, tx, dr, rf))| DeviceParams {
                 bitrate: b,
@@ -917,7 +924,10 @@ mod tests {
         );
         assert_eq!(Frame::new(0x1, FD, &[0; 9]), Err(FrameError::FdLength(9)));
         assert_eq!(Frame::new(0x1, BRS, &[]), Err(FrameError::FdOnlyFlag));
-        assert_eq!(Frame::remote(0x1, false, 9), Err(FrameError::ClassicLength(9)));
+        assert_eq!(
+            Frame::remote(0x1, false, 9),
+            Err(FrameError::ClassicLength(9))
+        );
         // A record claiming 9 bytes in a classic frame: refused before the data is read.
         let mut b = to_bytes(&example_record()).to_vec();
         let len_at = b.len() - 4 - 1;
