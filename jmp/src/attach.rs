@@ -527,15 +527,21 @@ pub async fn run(
                     Some(LinkEvent::Ended { code, reason, .. }) => break (code, reason),
                     Some(LinkEvent::Notice(text)) => warn!("exporter: {}", jmp_protocol::name::escape(&text)),
                     Some(LinkEvent::Status(s)) => {
-                        match &s.state {
-                            DeviceState::Available => info!("{}: available", s.device),
-                            DeviceState::Unavailable(why) => warn!("{}: unavailable: {}", s.device, jmp_protocol::name::escape(why)),
-                        }
+                        // Only changes of state are logged: a status push may carry only new
+                        // counters (a CAN bus's frame counts, once a second).
+                        let mut changed = true;
                         shared.update(|l| {
                             if let Some(d) = l.ready.devices.iter_mut().find(|d| d.name == s.device) {
+                                changed = d.state != s.state;
                                 d.update(&s.state, &s.params);
                             }
                         });
+                        if changed {
+                            match &s.state {
+                                DeviceState::Available => info!("{}: available", s.device),
+                                DeviceState::Unavailable(why) => warn!("{}: unavailable: {}", s.device, jmp_protocol::name::escape(why)),
+                            }
+                        }
                     }
                     Some(_) => {}
                     None => break (ErrorCode::Internal, "the link task ended".into()),

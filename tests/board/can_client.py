@@ -2,7 +2,8 @@
 """python-can as a local program would use jmp's CAN fronts; prints one JSON line.
 
 Usage:
-  can_client.py slcan PATH MODE [N]          (MODE: mirror | isotp | reqresp)
+  can_client.py slcan PATH MODE [N]          (MODE: mirror | isotp | reqresp | echo-ecu)
+  can_client.py socketcan IFACE MODE [N]
   can_client.py socketcand HOST:PORT BUS MODE [N]
 mirror: sends N frames of every class the front carries (11- and 29-bit ids, every DLC 0-8,
 remote frames and 64-byte CAN FD frames where the front and python-can carry them) with at
@@ -14,7 +15,11 @@ import json, sys, threading, time
 import can
 
 kind = sys.argv[1]
-if kind == "slcan":
+if kind == "socketcan":
+    bus = can.Bus(interface="socketcan", channel=sys.argv[2], fd=True)
+    mode, rest = sys.argv[3], sys.argv[4:]
+    rich = True
+elif kind == "slcan":
     bus = can.Bus(interface="slcan", channel=sys.argv[2], bitrate=500000, sleep_after_open=0)
     mode, rest = sys.argv[3], sys.argv[4:]
     rich = True   # python-can's slcan carries RTR and CAN FD
@@ -113,8 +118,21 @@ def reqresp():
     return {"ok": False}
 
 
+def echo_ecu():
+    """Mirrors every frame (an ECU on a real SocketCAN bus, for the exporter's backend test)."""
+    print("echo-ecu ready", flush=True)
+    while True:
+        m = bus.recv(60.0)
+        if m is None:
+            return {"ok": True}
+        if not m.is_error_frame:
+            bus.send(m)
+
+
 try:
-    if mode == "mirror":
+    if mode == "echo-ecu":
+        r = echo_ecu()
+    elif mode == "mirror":
         r = mirror(int(rest[0]) if rest else 1000)
     elif mode == "isotp":
         r = isotp_exchange()

@@ -38,7 +38,7 @@ const FRONT_QUEUE: usize = 8192;
 /// Frames from local programs queued for the channel.
 const TO_BUS_QUEUE: usize = 1024;
 /// How long before retrying an open the exporter refused as unavailable.
-const RETRY: Duration = Duration::from_millis(500);
+const RETRY: Duration = Duration::from_secs(2);
 /// socketcand: frames wait this long after `< ok >` to rawmode, so that the answer arrives on
 /// its own (python-can compares one `recv` with the exact answer).
 const RAWMODE_HOLDOFF: Duration = Duration::from_millis(30);
