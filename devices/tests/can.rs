@@ -228,6 +228,48 @@ async fn sim_ecu_through_socketcand_and_slcan_over_memory() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_are_applied_on_the_exporter() {
+    let board = SimBoard::new();
+    let d = sim(&board);
+    let devices = DeviceSet::new("exp", vec![d.clone()]);
+    let infos = devices.infos();
+    let (link, server) = mem_session(devices);
+    let c = ctx("filter");
+    let mut opts = both();
+    opts.filters = jmp_devices::can::ops::parse_filters("7E8:7FF").expect("filter");
+    let mut bridge = jmp_devices::can::CanBridge::create(&infos[0], &c, opts)
+        .await
+        .expect("fronts");
+    let addr = bridge
+        .endpoints()
+        .iter()
+        .find_map(|e| match &e.local {
+            Local::Address(a) => Some(*a),
+            _ => None,
+        })
+        .expect("socketcand");
+    bridge.on_welcome(&infos[0], 1);
+    let run = tokio::spawn(async move {
+        let _ = bridge.run(link).await;
+        bridge
+    });
+    let first = tokio::task::spawn_blocking(move || {
+        let mut s = Scd::connect(addr, "ecu");
+        // Mirrored on 0x123 and the counter on 0x100 every 20 ms: both filtered out on the
+        // exporter; the ISO-TP answer on 0x7e8 passes, and is the first thing that arrives.
+        s.send("< send 123 1 AA >");
+        s.send("< send 7E0 8 2 10 3 CC CC CC CC CC >");
+        s.msg()
+    })
+    .await
+    .expect("client");
+    assert!(first.starts_with("< frame 7E8 "), "{first}");
+    server.abort();
+    let _ = tokio::time::timeout(GUARD, run).await.expect("run ends");
+    let _ = std::fs::remove_dir_all(&c.dev_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sim_ecu_is_silent_while_the_board_is_off() {
     let board = SimBoard::new();
     let d = sim(&board);

@@ -375,7 +375,9 @@ impl CanBridge {
         let mut frames = Vec::with_capacity(256);
         let mut buf = BytesMut::new();
         let deliver = |r: Record, track: &mut SeqTracker| match track.accept(r.seq) {
-            None => sh.lost(0, ""),
+            // Overtaken by a later record: dropped to keep the order (it was counted lost
+            // when the gap opened).
+            None => {}
             Some(gap) => {
                 sh.lost(
                     gap,
