@@ -204,6 +204,17 @@ async fn sim_ecu_through_socketcand_and_slcan_over_memory() {
         f.write_all(b"S6\rO\rt1232ABCD\r").expect("write");
         until(b"z\r", &mut got);
         until(b"t1232ABCD\r", &mut got);
+        // With timestamps on, frames carry the exporter's receive time (ms within a minute).
+        f.write_all(b"Z1\rt1231AA\r").expect("write");
+        until(b"t1231AA", &mut got);
+        let at = got.windows(7).rposition(|w| w == b"t1231AA").expect("seen") + 7;
+        until(b"\r", &mut got);
+        let ts = &got[at..at + 5];
+        assert!(
+            ts[..4].iter().all(|c| c.is_ascii_hexdigit()) && ts[4] == b'\r',
+            "a 4-digit timestamp: {:?}",
+            String::from_utf8_lossy(&got[at..])
+        );
         f.write_all(b"t12\r").expect("write");
         until(b"\x07", &mut got);
         got
@@ -290,20 +301,21 @@ async fn sim_ecu_is_silent_while_the_board_is_off() {
 
 /// An emulated slcan adapter: the master of a pty whose slave the exporter opens, answering as
 /// a CANable does and mirroring every frame.
-fn adapter() -> (std::os::fd::OwnedFd, String) {
+fn adapter() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd, String) {
     let p = nix::pty::openpty(None, None).expect("openpty");
     let path = nix::unistd::ttyname(&p.slave).expect("ttyname");
     // Raw mode on the slave, so that `\r` arrives as sent.
     let mut t = nix::sys::termios::tcgetattr(&p.slave).expect("tcgetattr");
     nix::sys::termios::cfmakeraw(&mut t);
     nix::sys::termios::tcsetattr(&p.slave, nix::sys::termios::SetArg::TCSANOW, &t).expect("raw");
-    drop(p.slave);
-    (p.master, path.display().to_string())
+    // The slave stays open for the test's life (as a USB adapter's node stays while plugged):
+    // the master never sees a hangup between the exporter's opens.
+    (p.master, p.slave, path.display().to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slcan_adapter_backend_sets_the_bit_rate_and_keeps_the_order() {
-    let (master, path) = adapter();
+    let (master, _slave, path) = adapter();
     let d = Arc::new(CanDriver::start(
         "body",
         Source::Slcan {
