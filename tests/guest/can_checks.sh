@@ -43,7 +43,7 @@ ok python-can-reqresp
 r=$("$PY" "$BOARD/can_client.py" socketcan jmp0 isotp 2> /tmp/g/py2.err) || fail python-can-isotp "$r"
 echo "$r" | grep -q '"ok": true' || fail python-can-isotp "$r"
 ok python-can-isotp
-r=$("$PY" "$BOARD/can_client.py" socketcan jmp0 mirror 4000 2> /tmp/g/py3.err) || fail python-can-mirror "$r"
+r=$(taskset -c 0 "$PY" "$BOARD/can_client.py" socketcan jmp0 mirror 4000 2> /tmp/g/py3.err) || fail python-can-mirror "$r"
 echo "$r" | grep -q '"received": 4000, "mismatches": \[\]' || fail python-can-mirror "$r"
 ok python-can-mirror
 # A crashed attachment leaves its interface behind; the next one removes it at start.
@@ -76,7 +76,7 @@ YAML
 JP=$!
 wait_for /tmp/g/jmpd.out 'listening on' || fail jmpd-vcan "jmpd not ready"
 GFP=$(sed -n 's/.*fingerprint \(sha256:[0-9a-f]*\).*/\1/p' /tmp/g/jmpd.out)
-"$PY" "$BOARD/can_client.py" socketcan vcan0 echo-ecu > /tmp/g/ecu.out 2> /tmp/g/ecu.err &
+taskset -c 0 "$PY" "$BOARD/can_client.py" socketcan vcan0 echo-ecu > /tmp/g/ecu.out 2> /tmp/g/ecu.err &
 EP=$!
 wait_for /tmp/g/ecu.out 'echo-ecu ready' || fail jmpd-vcan "no ECU"
 "$BIN/jmp" attach --exporter 127.0.0.1:7811 --token-file /tmp/g/gtoken --fingerprint "$GFP" \

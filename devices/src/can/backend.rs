@@ -321,6 +321,10 @@ async fn socketcan_session(
 ) -> Option<String> {
     let mut poll = tokio::time::interval(Duration::from_secs(1));
     let mut told = false;
+    let writer = match super::vcan::Writer::start(interface, sock) {
+        Ok(w) => w,
+        Err(e) => return Some(e),
+    };
     loop {
         tokio::select! {
             r = sock.read_frame_with_timestamp() => match r {
@@ -340,15 +344,11 @@ async fn socketcan_session(
             },
             f = bus.recv() => {
                 let f = f?;
-                match super::vcan::write(sock, &f).await {
-                    Ok(()) => {
-                        told = false;
-                        hub.params().tx_frames += 1;
-                    }
-                    Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) || e.raw_os_error() == Some(libc::ENODEV) => {
-                        return Some(format!("cannot send: {e}"));
-                    }
-                    Err(e) => refuse(hub, &format!("{interface}: {e}"), &mut told),
+                if writer.send(&f) {
+                    told = false;
+                    hub.params().tx_frames += 1;
+                } else {
+                    refuse(hub, &format!("{interface}: the transmit queue is full"), &mut told);
                 }
             }
             _ = poll.tick() => {

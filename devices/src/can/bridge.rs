@@ -557,8 +557,8 @@ async fn vcan_front(v: Arc<super::vcan::VcanFront>, sh: Shared) {
             },
             r = bus.recv() => match r {
                 Ok(rec) => {
-                    if let Err(e) = v.write(&rec.frame).await {
-                        debug!(device = %sh.device, "cannot write {} to {}: {e}", rec.frame, v.name);
+                    if !v.write(&rec.frame) {
+                        sh.lost(1, "the vcan interface's readers fell behind");
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => sh.lost(n, "the vcan front fell behind"),

@@ -79,7 +79,31 @@ pub fn from_socketcan(f: &CanAnyFrame) -> Option<Frame> {
     }
 }
 
-fn to_socketcan(f: &Frame) -> CanAnyFrame {
+/// A frame as the kernel's `can_frame` or `canfd_frame`.
+enum Raw {
+    Classic(libc::can_frame),
+    Fd(libc::canfd_frame),
+}
+
+impl Raw {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: both are plain C structs; their bytes are what the kernel reads.
+        unsafe {
+            match self {
+                Raw::Classic(c) => std::slice::from_raw_parts(
+                    (c as *const libc::can_frame).cast::<u8>(),
+                    std::mem::size_of::<libc::can_frame>(),
+                ),
+                Raw::Fd(c) => std::slice::from_raw_parts(
+                    (c as *const libc::canfd_frame).cast::<u8>(),
+                    std::mem::size_of::<libc::canfd_frame>(),
+                ),
+            }
+        }
+    }
+}
+
+fn to_socketcan(f: &Frame) -> Raw {
     let mut can_id = f.id;
     if f.flags & EXTENDED != 0 {
         can_id |= CAN_EFF_FLAG;
@@ -95,7 +119,7 @@ fn to_socketcan(f: &Frame) -> CanAnyFrame {
         c.flags = if f.flags & BRS != 0 { CANFD_BRS } else { 0 }
             | if f.flags & ESI != 0 { CANFD_ESI } else { 0 };
         c.data[..f.data().len()].copy_from_slice(f.data());
-        CanAnyFrame::from(c)
+        Raw::Fd(c)
     } else {
         if f.flags & RTR != 0 {
             can_id |= CAN_RTR_FLAG;
@@ -106,23 +130,7 @@ fn to_socketcan(f: &Frame) -> CanAnyFrame {
         c.can_dlc = f.len.min(8);
         let d = f.data();
         c.data[..d.len().min(8)].copy_from_slice(&d[..d.len().min(8)]);
-        CanAnyFrame::from(c)
-    }
-}
-
-/// Writes one frame; a full transmit queue (ENOBUFS) is waited out for a while, as a driver
-/// waits for its controller.
-pub async fn write(sock: &socketcan::tokio::CanFdSocket, f: &Frame) -> io::Result<()> {
-    let frame = to_socketcan(f);
-    let mut tries = 0;
-    loop {
-        match sock.write_frame(&frame).await {
-            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) && tries < 200 => {
-                tries += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-            }
-            r => return r,
-        }
+        Raw::Classic(c)
     }
 }
 
@@ -170,11 +178,119 @@ pub fn apply_bitrate(interface: &str, bitrate: u32) {
 }
 
 /// The client's vcan interface: created at attach, removed on drop.
+///
+/// Frames for local readers are written by one thread pinned to one CPU. A vcan hands each
+/// written frame to the receive backlog of the CPU the writer runs on; when the kernel defers
+/// that work (a loaded machine) and the writer has moved to another CPU meanwhile, two frames
+/// can reach readers in the wrong order. One writer on one CPU keeps them in order.
 pub struct VcanFront {
     pub name: String,
     pub sock: socketcan::tokio::CanFdSocket,
+    writer: Writer,
     lock_path: PathBuf,
     _lock: std::fs::File,
+}
+
+/// Pins the calling thread to the CPU it runs on now.
+fn pin_to_current_cpu() {
+    // SAFETY: sched_getcpu has no preconditions; cpu_set_t is plain data, zeroed then filled
+    // with CPU_SET for a CPU number the kernel just reported.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        if cpu < 0 {
+            return;
+        }
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            warn!(
+                "cannot pin the vcan writer to CPU {cpu}: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// Frames written to a SocketCAN interface in order, by one thread pinned to one CPU (see
+/// [`VcanFront`] for why); the exporter's SocketCAN backend writes through one too. It writes
+/// on a duplicate of the reading socket's descriptor: the same socket, so the kernel does not
+/// loop the frames back to the reader (a frame read back would be sent to the bus again).
+pub struct Writer(std::sync::mpsc::SyncSender<Frame>);
+
+impl Writer {
+    pub fn start(name: &str, sock: &impl AsRawFd) -> Result<Writer, String> {
+        // SAFETY: dup of a descriptor that is open for the duration of the call.
+        let fd = unsafe { libc::dup(sock.as_raw_fd()) };
+        if fd < 0 {
+            return Err(format!("cannot use {name}: {}", io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh descriptor owned by nothing else.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let (tx, rx) = std::sync::mpsc::sync_channel(4096);
+        writer_thread(name.to_string(), fd, rx)?;
+        Ok(Writer(tx))
+    }
+
+    /// Queues `f`; false when the queue is full or the writer ended (the interface is gone).
+    pub fn send(&self, f: &Frame) -> bool {
+        self.0.try_send(*f).is_ok()
+    }
+}
+
+/// Writes one frame on the (non-blocking) socket, waiting out a full socket or transmit queue.
+fn write_raw(fd: &std::os::fd::OwnedFd, f: &Frame) -> io::Result<()> {
+    let raw = to_socketcan(f);
+    let b = raw.bytes();
+    let mut full = 0;
+    loop {
+        // SAFETY: writing `b.len()` bytes from a live slice.
+        let n = unsafe { libc::write(fd.as_raw_fd(), b.as_ptr().cast(), b.len()) };
+        if n == b.len() as isize {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) => {
+                let mut p = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut p, 1, 100) };
+            }
+            Some(libc::ENOBUFS) if full < 200 => {
+                full += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Some(libc::EINTR) => {}
+            _ => return Err(e),
+        }
+    }
+}
+
+fn writer_thread(
+    name: String,
+    fd: std::os::fd::OwnedFd,
+    rx: std::sync::mpsc::Receiver<Frame>,
+) -> Result<(), String> {
+    let what = format!("can-{name}");
+    std::thread::Builder::new()
+        .name(what.clone())
+        .spawn(move || {
+            pin_to_current_cpu();
+            while let Ok(f) = rx.recv() {
+                match write_raw(&fd, &f) {
+                    Ok(()) => {}
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ENODEV | libc::ENETDOWN)) => {
+                        return
+                    }
+                    Err(e) => warn!(interface = %name, "cannot write {f}: {e}"),
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start {what}: {e}"))?;
+    Ok(())
 }
 
 fn try_lock(path: &Path) -> io::Result<Option<std::fs::File>> {
@@ -274,9 +390,18 @@ impl VcanFront {
                 return Err(format!("cannot open {name}: {e}"));
             }
         };
+        // A full queue means local readers do not keep up: the caller counts the loss.
+        let writer = match Writer::start(&name, &sock) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = delete_interface(&name);
+                return Err(e);
+            }
+        };
         Ok(VcanFront {
             name,
             sock,
+            writer,
             lock_path,
             _lock: lock,
         })
@@ -287,8 +412,9 @@ impl VcanFront {
         Ok(from_socketcan(&f))
     }
 
-    pub async fn write(&self, f: &Frame) -> io::Result<()> {
-        write(&self.sock, f).await
+    /// Queues `f` for local readers; false when the queue is full (readers fell behind).
+    pub fn write(&self, f: &Frame) -> bool {
+        self.writer.send(f)
     }
 }
 
