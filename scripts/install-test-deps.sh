@@ -7,7 +7,9 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 apt_pkgs=(picocom tio tmux socat ser2net iperf3 openssh-client openssh-server iproute2 procps python3-venv prometheus
     # network devices: NAT and loss (nft), SOCKS through ssh (nc -X 5), the tests' clients, and
     # the benchmark's peers (wireguard-go, wg) and offload switches (ethtool)
-    nftables netcat-openbsd curl iputils-ping ethtool wireguard-go wireguard-tools)
+    nftables netcat-openbsd curl iputils-ping ethtool wireguard-go wireguard-tools
+    # CAN: candump/cansend, and the qemu guest whose kernel has SocketCAN (this one has not)
+    can-utils qemu-system-x86 busybox-static kmod xz-utils)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -22,12 +24,20 @@ fi
 # A private venv: the system Python is left alone, and tests find it at a fixed place.
 venv="$here/target/pyenv"
 # The repository's own package (python/, editable: the tests run the working tree) with the
-# frameworks it plugs into: pytest and Robot Framework.
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import serial, can, pytest, robot, jmp_testing, JmpLibrary' 2>/dev/null; then
+# frameworks it plugs into (pytest, Robot Framework); python-can and can-isotp, the CAN tests'
+# third-party clients; python-can-remote and jumpstarter-driver-can, the CAN benchmark's peers.
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import serial, can, isotp, can_remote, jumpstarter_driver_can, pytest, robot, jmp_testing, JmpLibrary' 2>/dev/null; then
     echo "install-test-deps: python venv at $venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check pyserial python-can pytest robotframework
+    "$venv/bin/pip" install -q --disable-pip-version-check pyserial python-can can-isotp \
+        python-can-remote jumpstarter-driver-can pytest robotframework
     "$venv/bin/pip" install -q --disable-pip-version-check -e "$here/python"
+fi
+
+# The CAN guest test's kernel: Debian's distribution kernel (it has vcan, can-raw and 9p as
+# modules; this machine's own kernel has no CAN), unpacked, not installed.
+if [ -z "${JMP_NO_APT:-}" ]; then
+    "$here/tests/guest/vcan-guest.sh" setup
 fi
 # boringtun-cli for `jmp-bench net` only (about 3 minutes to build; the tests do not need it).
 if [ -n "${JMP_BENCH:-}" ] && ! command -v boringtun-cli >/dev/null && [ ! -x "$HOME/.cargo/bin/boringtun-cli" ]; then

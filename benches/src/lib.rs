@@ -1,8 +1,9 @@
 //! jmp benchmarks: every benchmark runs its baseline and its peers in the same run, interleaved
 //! round by round, and reports medians and ratios. The driver is `src/main.rs`
-//! (`cargo run --release -p jmp-bench -- [all|serial|tcp|quinn|memory|controller|flood]
+//! (`cargo run --release -p jmp-bench -- [all|BENCHMARK...]
 //! [--rounds N]`); the method and recorded figures are in `docs/benchmarks.md`.
 
+pub mod can;
 pub mod controller;
 pub mod flood;
 pub mod jmp;

@@ -11,7 +11,7 @@
 //! everything as JSON to `target/bench-results.json`.
 
 use anyhow::{bail, Result};
-use jmp_bench::{controller, flood, jmp, memory, net, pytest, quic, relay, serial, tcp};
+use jmp_bench::{can, controller, flood, jmp, memory, net, pytest, quic, relay, serial, tcp};
 
 /// Every benchmark, in the order `all` runs them (one line each: device kinds add theirs).
 const BENCHES: &[&str] = &[
@@ -23,6 +23,7 @@ const BENCHES: &[&str] = &[
     "flood",
     "pytest",
     "net",
+    "can",
 ];
 use std::process::Command;
 
@@ -137,6 +138,7 @@ fn main() -> Result<()> {
             "flood" => flood::run(&bins, args.rounds),
             "pytest" => pytest::run(&bins, args.rounds),
             "net" => net::run(&bins, args.rounds, args.iperf_seconds),
+            "can" => can::run(&bins, args.rounds),
             _ => unreachable!("parsed"),
         };
         match r {

@@ -16,6 +16,7 @@
 //! serving and seat logic (jmp-exporter), the CLI, leases.
 
 pub mod board;
+pub mod can;
 pub(crate) mod fdio;
 pub mod net;
 pub mod places;
@@ -232,6 +233,13 @@ pub trait Bridge: Send + 'static {
     /// connections waiting in the listen backlog, served once the link is back.
     fn idle(&mut self) -> BoxFuture<'_, ()> {
         Box::pin(std::future::pending())
+    }
+
+    /// The bridge's own state for people, as it changes (frames lost on the way, refused while
+    /// the link was down); shown beside the exporter's summary in `jmp status`. `None` for a
+    /// kind with nothing to add.
+    fn local_status(&self) -> Option<watch::Receiver<String>> {
+        None
     }
 }
 

@@ -3,7 +3,7 @@
 //! kind.
 
 use crate::board::SimBoard;
-use crate::{net, power, serial, tcp, udp, Bridge, BridgeCtx, Driver};
+use crate::{can, net, power, serial, tcp, udp, Bridge, BridgeCtx, Driver};
 use jmp_protocol::codec::Codec;
 use jmp_protocol::{DeviceInfo, Kind, Refusal};
 use jmp_transport::Channels;
@@ -21,6 +21,8 @@ pub enum DeviceSpec {
     PowerSim(power::PowerSimSpec),
     Network(net::NetSpec),
     Udp(udp::UdpSpec),
+    Can(can::CanSpec),
+    CanSim(can::CanSimSpec),
 }
 
 /// What the exporter builds drivers with.
@@ -58,6 +60,8 @@ impl DeviceSpec {
         "power-sim",
         "network",
         "udp",
+        "can",
+        "can-sim",
     ];
 
     /// Reads a device's table whose `type:` was `ty` (the rest of the table in `v`).
@@ -70,6 +74,8 @@ impl DeviceSpec {
             "power-sim" => DeviceSpec::PowerSim(de(v)?),
             "network" => DeviceSpec::Network(de(v)?),
             "udp" => DeviceSpec::Udp(de(v)?),
+            "can" => DeviceSpec::Can(de(v)?),
+            "can-sim" => DeviceSpec::CanSim(de(v)?),
             other => {
                 return Err(FieldError {
                     path: "type".into(),
@@ -90,6 +96,7 @@ impl DeviceSpec {
             DeviceSpec::Power(_) | DeviceSpec::PowerSim(_) => Kind::Power,
             DeviceSpec::Network(_) => Kind::Network,
             DeviceSpec::Udp(_) => Kind::Udp,
+            DeviceSpec::Can(_) | DeviceSpec::CanSim(_) => Kind::Can,
         }
     }
 
@@ -102,6 +109,8 @@ impl DeviceSpec {
             DeviceSpec::PowerSim(s) => s.validate(),
             DeviceSpec::Network(s) => s.validate(),
             DeviceSpec::Udp(s) => s.validate(),
+            DeviceSpec::Can(s) => s.validate(),
+            DeviceSpec::CanSim(s) => s.validate(),
         }
     }
 
@@ -115,6 +124,8 @@ impl DeviceSpec {
             DeviceSpec::PowerSim(s) => s.start(name, ctx.board),
             DeviceSpec::Network(s) => s.start(name, ctx.exporter),
             DeviceSpec::Udp(s) => s.start(name),
+            DeviceSpec::Can(s) => s.start(name),
+            DeviceSpec::CanSim(s) => s.start(name, ctx.board),
         }
     }
 }
@@ -127,6 +138,8 @@ pub struct ClientOptions {
     pub tcp: tcp::ClientArgs,
     #[command(flatten)]
     pub net: net::ClientArgs,
+    #[command(flatten)]
+    pub can: can::CanArgs,
 }
 
 impl ClientOptions {
@@ -143,13 +156,15 @@ impl ClientOptions {
                 ));
             }
         }
-        self.net.check(exporter, devices)
+        self.net.check(exporter, devices)?;
+        self.can.check(exporter, devices)
     }
 
     /// Checks what can be checked before connecting (syntax).
     pub fn parse_check(&self) -> Result<(), String> {
         self.tcp.parse()?;
-        self.net.parse().map(|_| ())
+        self.net.parse()?;
+        self.can.parse().map(|_| ())
     }
 }
 
@@ -169,6 +184,9 @@ pub async fn bridge(
         Kind::Power => Box::new(power::PowerBridge::new(info)),
         Kind::Network => Box::new(net::bridge::create(info, ctx, &opts.net).await?),
         Kind::Udp => Box::new(udp::bridge::create(info, &opts.tcp.parse()?).await?),
+        Kind::Can => {
+            Box::new(can::CanBridge::create(info, ctx, opts.can.for_device(&info.name)?).await?)
+        }
         Kind::Other(_) => return Ok(None),
     };
     Ok(Some(b))
@@ -199,6 +217,9 @@ pub fn summary(kind: &Kind, params: &[u8]) -> Option<String> {
         Kind::Udp => kinds::udp::DeviceParams::decode_exact(params)
             .ok()
             .map(|p| format!("to udp {}:{}", p.host, p.port)),
+        Kind::Can => kinds::can::DeviceParams::decode_exact(params)
+            .ok()
+            .map(|p| p.to_string()),
         Kind::Other(_) => None,
     }
 }

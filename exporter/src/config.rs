@@ -309,6 +309,7 @@ listen: 127.0.0.1:0
 export:
   console: {type: sim-console, hostname: jmp-sim}
   power:   {type: power-sim}
+  ecu:     {type: can-sim}
 "#;
 
 #[cfg(test)]
@@ -419,7 +420,11 @@ export:
         let kinds: Vec<_> = c.export.0.iter().map(|(_, s)| s.kind()).collect();
         assert_eq!(
             kinds,
-            [jmp_protocol::Kind::Serial, jmp_protocol::Kind::Power]
+            [
+                jmp_protocol::Kind::Serial,
+                jmp_protocol::Kind::Power,
+                jmp_protocol::Kind::Can
+            ]
         );
         let example = include_str!("../../examples/local-config.yaml");
         assert!(

@@ -70,6 +70,10 @@ pub struct DeviceRow {
     /// The kind's short state for people ("115200 8N1", "power on").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<String>,
+    /// What the local side adds (a CAN bridge's lost or refused frames); see
+    /// `Bridge::local_status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notes: Option<String>,
 }
 
 impl DeviceRow {
@@ -81,6 +85,7 @@ impl DeviceRow {
             endpoints,
             state: info.state.clone(),
             summary: registry::summary(&info.kind, &info.params),
+            notes: None,
         }
     }
 
@@ -114,9 +119,14 @@ fn endpoints_text(d: &DeviceRow) -> String {
 }
 
 fn state_text(d: &DeviceRow) -> String {
-    match &d.state {
+    let s = match &d.state {
         DeviceState::Available => d.summary.clone().unwrap_or_default(),
         DeviceState::Unavailable(why) => format!("unavailable: {why}"),
+    };
+    match d.notes.as_deref() {
+        Some(n) if !n.is_empty() && !s.is_empty() => format!("{s}; {n}"),
+        Some(n) if !n.is_empty() => n.to_string(),
+        _ => s,
     }
 }
 
@@ -473,10 +483,28 @@ pub async fn run(
         }),
         links: slot_rx.clone(),
     });
-    let tasks: Vec<tokio::task::JoinHandle<()>> = bridges
+    // Bridges that report their own state: it follows into the rows `jmp status` shows.
+    let notes: Vec<(String, watch::Receiver<String>)> = bridges
+        .iter()
+        .filter_map(|b| b.local_status().map(|rx| (b.device().to_string(), rx)))
+        .collect();
+    let mut tasks: Vec<tokio::task::JoinHandle<()>> = bridges
         .into_iter()
         .map(|b| tokio::spawn(bridge_task(b, slot_rx.clone())))
         .collect();
+    for (device, mut rx) in notes {
+        let shared = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let text = rx.borrow_and_update().clone();
+                shared.update(|l| {
+                    if let Some(d) = l.ready.devices.iter_mut().find(|d| d.name == device) {
+                        d.notes = (!text.is_empty()).then(|| text.clone());
+                    }
+                });
+            }
+        }));
+    }
     // Aborts the bridge tasks and waits until each has dropped its bridge (so the local
     // devices are gone when `run` returns).
     let stop_bridges = |tasks: Vec<tokio::task::JoinHandle<()>>| async move {
@@ -512,15 +540,21 @@ pub async fn run(
                     Some(LinkEvent::Ended { code, reason, .. }) => break (code, reason),
                     Some(LinkEvent::Notice(text)) => warn!("exporter: {}", jmp_protocol::name::escape(&text)),
                     Some(LinkEvent::Status(s)) => {
-                        match &s.state {
-                            DeviceState::Available => info!("{}: available", s.device),
-                            DeviceState::Unavailable(why) => warn!("{}: unavailable: {}", s.device, jmp_protocol::name::escape(why)),
-                        }
+                        // Only changes of state are logged: a status push may carry only new
+                        // counters (a CAN bus's frame counts, once a second).
+                        let mut changed = true;
                         shared.update(|l| {
                             if let Some(d) = l.ready.devices.iter_mut().find(|d| d.name == s.device) {
+                                changed = d.state != s.state;
                                 d.update(&s.state, &s.params);
                             }
                         });
+                        if changed {
+                            match &s.state {
+                                DeviceState::Available => info!("{}: available", s.device),
+                                DeviceState::Unavailable(why) => warn!("{}: unavailable: {}", s.device, jmp_protocol::name::escape(why)),
+                            }
+                        }
                     }
                     Some(_) => {}
                     None => break (ErrorCode::Internal, "the link task ended".into()),

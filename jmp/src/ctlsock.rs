@@ -318,6 +318,7 @@ mod tests {
                         ))],
                         state: DeviceState::Available,
                         summary: Some("115200 8N1".into()),
+                        notes: None,
                     },
                     DeviceRow {
                         name: "power".into(),
@@ -326,6 +327,7 @@ mod tests {
                         endpoints: vec![],
                         state: DeviceState::Unavailable("relay unplugged".into()),
                         summary: None,
+                        notes: None,
                     },
                 ],
             },
@@ -354,6 +356,7 @@ mod tests {
             endpoints: vec![],
             state: DeviceState::Available,
             summary: None,
+            notes: None,
         };
         let mut live = Live {
             ready: Ready {

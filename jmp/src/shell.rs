@@ -201,6 +201,7 @@ mod tests {
             endpoints: e,
             state: DeviceState::Available,
             summary: None,
+            notes: None,
         };
         let r = Ready {
             exporter: "rpi4-01".into(),

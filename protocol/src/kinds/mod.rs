@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub mod can;
 pub mod net;
 pub mod power;
 pub mod serial;
@@ -51,6 +52,7 @@ kinds! {
     Power => "power",
     Network => "network",
     Udp => "udp",
+    Can => "can",
 }
 
 impl std::fmt::Display for Kind {

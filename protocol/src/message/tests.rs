@@ -144,6 +144,7 @@ fn kind_examples() -> Vec<(&'static str, Vec<u8>)> {
     v.extend(crate::kinds::power::examples());
     v.extend(crate::kinds::net::examples());
     v.extend(crate::kinds::udp::examples());
+    v.extend(crate::kinds::can::examples());
     v
 }
 
@@ -153,6 +154,7 @@ fn decode_kind_example(name: &str, bytes: &[u8]) -> bool {
         || crate::kinds::power::decode_example(name, bytes)
         || crate::kinds::net::decode_example(name, bytes)
         || crate::kinds::udp::decode_example(name, bytes)
+        || crate::kinds::can::decode_example(name, bytes)
 }
 
 /// Hex blocks of docs/protocol.md: ` ```hex NAME ` ... ` ``` `, whitespace and `#` comments
