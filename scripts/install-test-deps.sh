@@ -4,7 +4,9 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 
-apt_pkgs=(picocom tio tmux socat ser2net iperf3 openssh-client openssh-server iproute2 procps python3-venv prometheus)
+apt_pkgs=(picocom tio tmux socat ser2net iperf3 openssh-client openssh-server iproute2 procps python3-venv prometheus
+    # storage: FUSE, the tools its tests run on the mount, and the benchmark's peers
+    fuse3 fio sshfs nbdkit libnbd-bin bmap-tools dosfstools e2fsprogs fdisk util-linux mount qemu-utils zstd xz-utils bzip2)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

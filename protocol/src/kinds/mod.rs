@@ -9,6 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub mod power;
 pub mod serial;
+pub mod storage;
 pub mod tcp;
 
 /// Declares the kinds: the variant and its name on the wire, in configs and in output.
@@ -47,6 +48,7 @@ kinds! {
     Serial => "serial",
     Tcp => "tcp",
     Power => "power",
+    Storage => "storage",
 }
 
 impl std::fmt::Display for Kind {
