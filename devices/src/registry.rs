@@ -3,7 +3,7 @@
 //! kind.
 
 use crate::board::SimBoard;
-use crate::{power, serial, tcp, Bridge, BridgeCtx, Driver};
+use crate::{power, serial, storage, tcp, Bridge, BridgeCtx, Driver};
 use jmp_protocol::codec::Codec;
 use jmp_protocol::{DeviceInfo, Kind, Refusal};
 use jmp_transport::Channels;
@@ -19,6 +19,8 @@ pub enum DeviceSpec {
     Tcp(tcp::TcpSpec),
     Power(power::PowerSpec),
     PowerSim(power::PowerSimSpec),
+    Storage(storage::StorageSpec),
+    StorageSim(storage::StorageSimSpec),
 }
 
 /// What the exporter builds drivers with.
@@ -49,7 +51,15 @@ fn de<T: serde::de::DeserializeOwned>(v: serde_norway::Value) -> Result<T, Field
 impl DeviceSpec {
     /// The `type:` names, for error messages.
     pub const TYPES: &'static [&'static str] =
-        &["serial", "sim-console", "tcp", "power", "power-sim"];
+        &[
+        "serial",
+        "sim-console",
+        "tcp",
+        "power",
+        "power-sim",
+        "storage",
+        "storage-sim",
+    ];
 
     /// Reads a device's table whose `type:` was `ty` (the rest of the table in `v`).
     pub fn from_yaml(ty: &str, v: serde_norway::Value) -> Result<DeviceSpec, FieldError> {
@@ -59,6 +69,8 @@ impl DeviceSpec {
             "tcp" => DeviceSpec::Tcp(de(v)?),
             "power" => DeviceSpec::Power(de(v)?),
             "power-sim" => DeviceSpec::PowerSim(de(v)?),
+            "storage" => DeviceSpec::Storage(de(v)?),
+            "storage-sim" => DeviceSpec::StorageSim(de(v)?),
             other => {
                 return Err(FieldError {
                     path: "type".into(),
@@ -77,6 +89,7 @@ impl DeviceSpec {
             DeviceSpec::Serial(_) | DeviceSpec::SimConsole(_) => Kind::Serial,
             DeviceSpec::Tcp(_) => Kind::Tcp,
             DeviceSpec::Power(_) | DeviceSpec::PowerSim(_) => Kind::Power,
+            DeviceSpec::Storage(_) | DeviceSpec::StorageSim(_) => Kind::Storage,
         }
     }
 
@@ -87,6 +100,8 @@ impl DeviceSpec {
             DeviceSpec::Tcp(s) => s.validate(),
             DeviceSpec::Power(s) => s.validate(),
             DeviceSpec::PowerSim(s) => s.validate(),
+            DeviceSpec::Storage(s) => s.validate(),
+            DeviceSpec::StorageSim(s) => s.validate(),
         }
     }
 
@@ -98,6 +113,8 @@ impl DeviceSpec {
             DeviceSpec::Tcp(s) => s.start(name),
             DeviceSpec::Power(s) => s.start(name, ctx.exporter),
             DeviceSpec::PowerSim(s) => s.start(name, ctx.board),
+            DeviceSpec::Storage(s) => s.start(name, ctx.board),
+            DeviceSpec::StorageSim(s) => s.start(name, ctx.exporter, ctx.board),
         }
     }
 }
@@ -136,6 +153,10 @@ pub async fn bridge(
         ),
         Kind::Tcp => Box::new(tcp::bridge::create(info, &opts.tcp).await?),
         Kind::Power => Box::new(power::PowerBridge::new(info)),
+        Kind::Storage => Box::new(
+            storage::StorageBridge::create(info, ctx)
+                .map_err(|e| format!("cannot mount the storage device: {e}"))?,
+        ),
         Kind::Other(_) => return Ok(None),
     };
     Ok(Some(b))
@@ -154,6 +175,18 @@ pub fn summary(kind: &Kind, params: &[u8]) -> Option<String> {
         Kind::Power => kinds::power::DeviceParams::decode_exact(params)
             .ok()
             .map(|p| format!("power {}", p.state)),
+        Kind::Storage => kinds::storage::DeviceParams::decode_exact(params)
+            .ok()
+            .map(|p| {
+                let rw = if p.accepts_writes() {
+                    "rw"
+                } else if p.writable {
+                    "ro: board on"
+                } else {
+                    "ro"
+                };
+                format!("{} MiB {rw}", p.size >> 20)
+            }),
         Kind::Other(_) => None,
     }
 }
@@ -165,6 +198,7 @@ pub fn summary(kind: &Kind, params: &[u8]) -> Option<String> {
 pub enum DeviceRequest {
     Serial(jmp_protocol::kinds::serial::Request),
     Power(jmp_protocol::kinds::power::Request),
+    Storage(jmp_protocol::kinds::storage::DeviceRequest),
 }
 
 /// Its typed answer.
@@ -173,6 +207,7 @@ pub enum DeviceRequest {
 pub enum DeviceResponse {
     Serial(jmp_protocol::kinds::serial::Response),
     Power(jmp_protocol::kinds::power::Response),
+    Storage(jmp_protocol::kinds::storage::DeviceResponse),
 }
 
 impl DeviceRequest {
@@ -180,6 +215,7 @@ impl DeviceRequest {
         match self {
             DeviceRequest::Serial(_) => Kind::Serial,
             DeviceRequest::Power(_) => Kind::Power,
+            DeviceRequest::Storage(_) => Kind::Storage,
         }
     }
 
@@ -203,6 +239,11 @@ impl DeviceRequest {
                     DeviceResponse::Power(resp),
                     power::ops::describe(device, r, &resp),
                 ))
+            }
+            DeviceRequest::Storage(r) => {
+                let resp = storage::ops::request(link, device, r).await?;
+                let line = storage::ops::describe(device, &resp);
+                Ok((DeviceResponse::Storage(resp), line))
             }
         }
     }

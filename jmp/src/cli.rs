@@ -387,7 +387,8 @@ pub(crate) struct AttachArgs {
 
 #[derive(Args, Debug, Clone)]
 pub(crate) struct CommonArgs {
-    /// Where serial devices appear (default /dev/jmp as root, else $XDG_RUNTIME_DIR/jmp).
+    /// Where local devices appear: serial links and storage mounts (default: links in /dev/jmp
+    /// and mounts in /run/jmp as root, else both in $XDG_RUNTIME_DIR/jmp).
     #[arg(long)]
     pub(crate) dev_dir: Option<PathBuf>,
     #[command(flatten)]

@@ -1,0 +1,1 @@
+//! Flash and dump (placeholder while the module is written).

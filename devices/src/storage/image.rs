@@ -1,0 +1,1 @@
+//! Image formats (placeholder while the module is written).
