@@ -16,6 +16,7 @@ use jmp_protocol::kinds::storage::{
 use jmp_protocol::{ChannelMode, DeviceState, ErrorCode, Kind, Open};
 use jmp_transport::{ChannelIo, PipeTx};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -46,6 +47,9 @@ pub struct Inner {
     state: watch::Sender<DeviceStatus>,
     status: watch::Receiver<DeviceStatus>,
     slow: Option<SlowRange>,
+    /// The channel that wrote last (0: none yet), and the counter naming channels.
+    writer: AtomicU64,
+    channels: AtomicU64,
 }
 
 /// The exporter's storage device (the `Driver`); its channels hold its [`Inner`].
@@ -74,6 +78,8 @@ impl StorageDriver {
             state,
             status,
             slow,
+            writer: AtomicU64::new(0),
+            channels: AtomicU64::new(1),
         });
         let _ = d.medium();
         if let Some(board) = &d.board {
@@ -187,7 +193,25 @@ impl Inner {
         Ok(())
     }
 
-    fn run(&self, m: &Medium, op: Op, payload: Vec<Bytes>) -> Result<(Response, Option<Bytes>), Failure> {
+    /// Channel `ch` is about to write: if another channel wrote before, whatever a client
+    /// cached may be stale, so the generation moves (a flash beside a mount).
+    fn writing(&self, ch: u64) {
+        let prev = self.writer.swap(ch, Ordering::Relaxed);
+        if prev != 0 && prev != ch {
+            self.state.send_modify(|st| {
+                if let Ok(mut p) = DeviceParams::decode_exact(&st.params) {
+                    p.generation += 1;
+                    st.params = to_bytes(&p);
+                }
+            });
+        }
+    }
+
+    fn run(&self, ch: u64, m: &Medium, op: Op, payload: Vec<Bytes>) -> Result<(Response, Option<Bytes>), Failure> {
+        if matches!(op, Op::Write { .. } | Op::WriteZstd { .. } | Op::Zero { .. } | Op::Discard { .. }) {
+            self.may_write()?;
+            self.writing(ch);
+        }
         let ok = Response::Ok { id: 0 };
         match op {
             Op::Read {
@@ -218,12 +242,10 @@ impl Inner {
                 Ok((Response::Data { id: 0, len }, Some(data)))
             }
             Op::Write { offset, .. } => {
-                self.may_write()?;
                 m.write(offset, &payload)?;
                 Ok((ok, None))
             }
             Op::WriteZstd { offset, len, .. } => {
-                self.may_write()?;
                 let z: Vec<u8> = payload.iter().flat_map(|b| b.iter().copied()).collect();
                 let data = zstd::bulk::decompress(&z, len as usize).map_err(|e| {
                     Failure::new(
@@ -245,12 +267,10 @@ impl Inner {
                 Ok((ok, None))
             }
             Op::Zero { offset, len } => {
-                self.may_write()?;
                 m.zero(offset, len)?;
                 Ok((ok, None))
             }
             Op::Discard { offset, len } => {
-                self.may_write()?;
                 m.discard(offset, len)?;
                 Ok((ok, None))
             }
@@ -316,6 +336,7 @@ impl Driver for StorageDriver {
                 .medium()
                 .map_err(|f| Refusal::new(ErrorCode::DeviceUnavailable, f.message))?;
             Ok(Box::new(StorageChannel {
+                id: self.0.channels.fetch_add(1, Ordering::Relaxed),
                 driver: self.0.clone(),
                 medium,
             }) as Box<dyn Channel>)
@@ -348,6 +369,7 @@ impl Driver for StorageDriver {
 }
 
 struct StorageChannel {
+    id: u64,
     driver: Arc<Inner>,
     medium: Arc<Medium>,
 }
@@ -391,8 +413,9 @@ impl Channel for StorageChannel {
                     let driver = self.driver.clone();
                     let medium = self.medium.clone();
                     let out = out.clone();
+                    let ch = self.id;
                     tokio::task::spawn_blocking(move || {
-                        let r = match driver.run(&medium, req.op, payload) {
+                        let r = match driver.run(ch, &medium, req.op, payload) {
                             Ok((r, data)) => (with_id(r, req.id), data),
                             Err(f) => {
                                 driver.lost(&f);
