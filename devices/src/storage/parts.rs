@@ -134,8 +134,8 @@ mod tests {
         let _ = std::fs::remove_file(&p);
         sim::ensure_image(&p, 64 << 20, table).expect("image");
         let f = std::fs::File::open(&p).expect("open");
-        let read = |off: u64, buf: &mut [u8]| f.read_exact_at(buf, off);
-        let parts = read(&read, 64 << 20, 512);
+        let read_at = |off: u64, buf: &mut [u8]| f.read_exact_at(buf, off);
+        let parts = super::read(&read_at, 64 << 20, 512);
         let _ = std::fs::remove_file(&p);
         parts
     }
