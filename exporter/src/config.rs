@@ -305,6 +305,7 @@ listen: 127.0.0.1:0
 export:
   console: {type: sim-console, hostname: jmp-sim}
   power:   {type: power-sim}
+  sd:      {type: storage-sim, size: 256MiB}
 "#;
 
 #[cfg(test)]

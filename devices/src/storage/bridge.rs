@@ -27,34 +27,65 @@ pub struct StorageBridge {
     client: Client,
     mounted: Option<Arc<Mounted>>,
     follow: Option<tokio::task::JoinHandle<()>>,
+    /// The mount point is ours (made under the mount dir): removed after unmounting.
+    remove_dir: bool,
 }
 
 impl StorageBridge {
-    /// Mounts the device (call inside the runtime that will run the bridge).
+    /// Mounts the device at `<mount dir>/<exporter>/<device>/` (call inside the runtime that
+    /// will run the bridge).
     pub fn create(info: &DeviceInfo, ctx: &BridgeCtx) -> std::io::Result<StorageBridge> {
-        let p = DeviceParams::decode_exact(&info.params).map_err(|e| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("bad storage parameters from the exporter: {e}"),
-            )
-        })?;
         let dir = places::exporter_dir(&ctx.mount_dir, &ctx.exporter)?;
         let path = places::mount_point(&dir, &info.name)?;
-        let client = Client::new(&info.name, Retry::Resend);
         let owner = ctx.owner.unwrap_or_else(|| {
             (
                 nix::unistd::geteuid().as_raw(),
                 nix::unistd::getegid().as_raw(),
             )
         });
-        let mounted = Arc::new(Mounted::mount(&path, client.clone(), owner, p.writable)?);
+        let b = Self::mount(info, path, owner)?;
         if let Some((uid, gid)) = ctx.owner {
             let _ = nix::unistd::chown(
-                &path,
+                &b.path,
                 Some(nix::unistd::Uid::from_raw(uid)),
                 Some(nix::unistd::Gid::from_raw(gid)),
             );
         }
+        Ok(b)
+    }
+
+    /// Mounts the device at a path the user chose (`jmp-mount`): an empty directory, or a
+    /// dead mount of a killed process, which is cleaned first.
+    pub fn at(info: &DeviceInfo, path: &std::path::Path, owner: (u32, u32)) -> std::io::Result<StorageBridge> {
+        if let Err(e) = std::fs::symlink_metadata(path) {
+            if e.raw_os_error() == Some(libc::ENOTCONN) {
+                warn!("{}: a dead mount of an earlier run; unmounting it", path.display());
+                places::detach(path)?;
+            } else {
+                return Err(e);
+            }
+        }
+        if places::is_mount_point(path) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} is mounted already", path.display()),
+            ));
+        }
+        let mut b = Self::mount(info, path.to_path_buf(), owner)?;
+        // Not ours to remove afterwards.
+        b.remove_dir = false;
+        Ok(b)
+    }
+
+    fn mount(info: &DeviceInfo, path: PathBuf, owner: (u32, u32)) -> std::io::Result<StorageBridge> {
+        let p = DeviceParams::decode_exact(&info.params).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("bad storage parameters from the exporter: {e}"),
+            )
+        })?;
+        let client = Client::new(&info.name, Retry::Resend);
+        let mounted = Arc::new(Mounted::mount(&path, client.clone(), owner, p.writable)?);
         let follow = tokio::spawn(mount::follow(client.clone(), Arc::downgrade(&mounted)));
         Ok(StorageBridge {
             device: info.name.clone(),
@@ -62,6 +93,7 @@ impl StorageBridge {
             client,
             mounted: Some(mounted),
             follow: Some(follow),
+            remove_dir: true,
         })
     }
 
@@ -82,7 +114,9 @@ impl Drop for StorageBridge {
         // The last reference: unmounts (the follow task's is gone with the abort, or about
         // to be).
         drop(self.mounted.take());
-        let _ = std::fs::remove_dir(&self.path);
+        if self.remove_dir {
+            let _ = std::fs::remove_dir(&self.path);
+        }
     }
 }
 
