@@ -120,7 +120,7 @@ fn finish(
     }
 }
 
-fn run(device: Option<String>, target: Target, req: DeviceRequest) -> Result<()> {
+pub(crate) fn run(device: Option<String>, target: Target, req: DeviceRequest) -> Result<()> {
     if target.token_file.is_some() {
         return finish(&target, direct(device, &target, &req));
     }
@@ -155,7 +155,9 @@ fn run(device: Option<String>, target: Target, req: DeviceRequest) -> Result<()>
             ReplyBody::Error {
                 exit: x, message, ..
             } => Err(exit(x, message)),
-            ReplyBody::Status(_) => Err(exit(code::FAILURE, "unexpected status reply")),
+            ReplyBody::Status(_) | ReplyBody::Channel { .. } => {
+                Err(exit(code::FAILURE, "unexpected reply from the attachment"))
+            }
         };
     }
     if let Some(e) = &target.exporter {
@@ -202,24 +204,17 @@ fn direct(
     target: &Target,
     req: &DeviceRequest,
 ) -> Result<(String, DeviceResponse, String), Refusal> {
-    let usage = |m: String| Refusal::new(ErrorCode::Protocol, m);
-    let exporter = target
-        .exporter
-        .as_ref()
-        .ok_or_else(|| usage("--token-file needs --exporter HOST:PORT".into()))?;
-    let token_file = target
-        .token_file
-        .as_ref()
-        .ok_or_else(|| usage("no token file".into()))?;
-    let addr = resolve(exporter).map_err(|e| usage(e.to_string()))?;
-    let token = read_token(token_file).map_err(|e| usage(e.to_string()))?;
-    let pin = match &target.fingerprint {
-        Some(f) => Pin::Fingerprint(f.parse().map_err(usage)?),
-        None => Pin::Tofu {
-            file: known::file(),
-            name: exporter.clone(),
-        },
-    };
+    let (addr, pin, token) = direct_access(target)?;
+    one_shot_at(addr, pin, token, device, req)
+}
+
+fn one_shot_at(
+    addr: std::net::SocketAddr,
+    pin: Pin,
+    token: String,
+    device: Option<String>,
+    req: &DeviceRequest,
+) -> Result<(String, DeviceResponse, String), Refusal> {
     let rt = runtime().map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
     rt.block_on(async {
         let connector = Connector::new(
@@ -239,6 +234,15 @@ fn by_lease(
     target: &Target,
     req: &DeviceRequest,
 ) -> Result<(String, DeviceResponse, String), Refusal> {
+    let rt = runtime().map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
+    let (addr, pin, token) = rt.block_on(lease_access(target))?;
+    drop(rt);
+    one_shot_at(addr, pin, token, device, req)
+}
+
+/// The exporter of the lease `target` names (or the caller's only lease): its address, its
+/// pinned certificate and a lease token.
+pub(crate) async fn lease_access(target: &Target) -> Result<(std::net::SocketAddr, Pin, String), Refusal> {
     let fail = |e: anyhow::Error| {
         let code = e.downcast_ref::<crate::Exit>().map(|x| x.code);
         Refusal::new(
@@ -252,34 +256,46 @@ fn by_lease(
         )
     };
     let (cfg, _) = crate::ctl::load_client(target.client.client.as_deref()).map_err(fail)?;
-    let rt = runtime().map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
-    rt.block_on(async {
-        let ctl = crate::ctl::Ctl::connect(&cfg).await.map_err(fail)?;
-        let access = crate::ctl::access(&ctl, target.lease.clone())
-            .await
-            .map_err(fail)?;
-        ctl.close();
-        let addr = std::net::ToSocketAddrs::to_socket_addrs(&access.address)
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| {
-                Refusal::new(
-                    ErrorCode::Internal,
-                    format!("exporter address {:?} does not resolve", access.address),
-                )
-            })?;
-        let fp = access
-            .fingerprint
-            .parse()
-            .map_err(|e: String| Refusal::new(ErrorCode::Internal, e))?;
-        let connector = Connector::new(
-            addr,
-            Pin::Fingerprint(fp),
-            paths::default_client_name(),
-            access.token,
-            features::ALL | features::ONE_SHOT,
-        )
-        .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
-        one_shot(connector, device, req).await
-    })
+    let ctl = crate::ctl::Ctl::connect(&cfg).await.map_err(fail)?;
+    let access = crate::ctl::access(&ctl, target.lease.clone())
+        .await
+        .map_err(fail)?;
+    ctl.close();
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&access.address)
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::Internal,
+                format!("exporter address {:?} does not resolve", access.address),
+            )
+        })?;
+    let fp = access
+        .fingerprint
+        .parse()
+        .map_err(|e: String| Refusal::new(ErrorCode::Internal, e))?;
+    Ok((addr, Pin::Fingerprint(fp), access.token))
+}
+
+/// The exporter `--exporter HOST:PORT --token-file F` names (direct mode).
+pub(crate) fn direct_access(target: &Target) -> Result<(std::net::SocketAddr, Pin, String), Refusal> {
+    let usage = |m: String| Refusal::new(ErrorCode::Protocol, m);
+    let exporter = target
+        .exporter
+        .as_ref()
+        .ok_or_else(|| usage("--token-file needs --exporter HOST:PORT".into()))?;
+    let token_file = target
+        .token_file
+        .as_ref()
+        .ok_or_else(|| usage("no token file".into()))?;
+    let addr = resolve(exporter).map_err(|e| usage(e.to_string()))?;
+    let token = read_token(token_file).map_err(|e| usage(e.to_string()))?;
+    let pin = match &target.fingerprint {
+        Some(f) => Pin::Fingerprint(f.parse().map_err(usage)?),
+        None => Pin::Tofu {
+            file: known::file(),
+            name: exporter.clone(),
+        },
+    };
+    Ok((addr, pin, token))
 }

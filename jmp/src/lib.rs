@@ -17,6 +17,7 @@ pub mod known;
 pub mod local;
 pub mod paths;
 mod state;
+pub mod storage;
 pub mod table;
 
 use anyhow::{Context, Result};
@@ -92,6 +93,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         },
         Cmd::Serial { cmd } => device::serial_cmd(cmd),
         Cmd::Power { cmd } => device::power_cmd(cmd),
+        Cmd::Storage { cmd } => storage::storage_cmd(cmd),
         Cmd::Status { output } => state::status(output == Format::Json),
         Cmd::Config { cmd } => match cmd {
             ConfigCmd::Client { cmd } => verbs::config_client(cmd),
