@@ -43,15 +43,9 @@ impl StorageBridge {
                 nix::unistd::getegid().as_raw(),
             )
         });
-        let b = Self::mount(info, path, owner)?;
-        if let Some((uid, gid)) = ctx.owner {
-            let _ = nix::unistd::chown(
-                &b.path,
-                Some(nix::unistd::Uid::from_raw(uid)),
-                Some(nix::unistd::Gid::from_raw(gid)),
-            );
-        }
-        Ok(b)
+        // No chown of the mount point afterwards: the mounted root reports `owner` itself,
+        // and a chown would be a FUSE request answered on the thread this runs on.
+        Self::mount(info, path, owner)
     }
 
     /// Mounts the device at a path the user chose (`jmp-mount`): an empty directory, or a

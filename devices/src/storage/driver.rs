@@ -50,6 +50,8 @@ pub struct Inner {
     /// The channel that wrote last (0: none yet), and the counter naming channels.
     writer: AtomicU64,
     channels: AtomicU64,
+    /// Channels being served now.
+    open: AtomicU64,
 }
 
 /// The exporter's storage device (the `Driver`); its channels hold its [`Inner`].
@@ -80,6 +82,7 @@ impl StorageDriver {
             slow,
             writer: AtomicU64::new(0),
             channels: AtomicU64::new(1),
+            open: AtomicU64::new(0),
         });
         let _ = d.medium();
         if let Some(board) = &d.board {
@@ -193,11 +196,12 @@ impl Inner {
         Ok(())
     }
 
-    /// Channel `ch` is about to write: if another channel wrote before, whatever a client
-    /// cached may be stale, so the generation moves (a flash beside a mount).
+    /// Channel `ch` is about to write: if it is not the one that wrote last and other
+    /// channels are open, what they cached may go stale, so the generation moves (a flash
+    /// beside a mount). A lone writer keeps everyone's cache.
     fn writing(&self, ch: u64) {
         let prev = self.writer.swap(ch, Ordering::Relaxed);
-        if prev != 0 && prev != ch {
+        if prev != ch && self.open.load(Ordering::Relaxed) > 1 {
             self.state.send_modify(|st| {
                 if let Ok(mut p) = DeviceParams::decode_exact(&st.params) {
                     p.generation += 1;
@@ -382,6 +386,8 @@ impl Channel for StorageChannel {
     fn serve(self: Box<Self>, io: ChannelIo) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             let ChannelIo::Stream(pipe) = io else { return };
+            self.driver.open.fetch_add(1, Ordering::Relaxed);
+            let _open = OpenGuard(self.driver.clone());
             let (tx, mut rx) = pipe.split();
             let (out, outq) = mpsc::channel::<(Response, Option<Bytes>)>(IN_FLIGHT * 2);
             let writer = tokio::spawn(write_responses(tx, outq, self.driver.status.clone()));
@@ -438,6 +444,15 @@ impl Channel for StorageChannel {
             // Answers of requests still running go out before the channel ends.
             let _ = writer.await;
         })
+    }
+}
+
+/// Counts a channel as open while it is served.
+struct OpenGuard(Arc<Inner>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

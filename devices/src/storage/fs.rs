@@ -214,15 +214,17 @@ impl Filesystem for StorageFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        if ino == INodeNo::ROOT {
+            // chown/chmod/utimes of the mount point: its owner is the attachment's user.
+            return reply.attr(&TTL, &self.attr(1, 0, true));
+        }
         let Some(e) = self.files.by_ino(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
-        // A medium has the size it has: "truncating" to that size (as `dd conv=notrunc`
-        // avoids but some tools do) is fine, any other size is not. Times are ignored.
-        match size {
-            Some(s) if s != e.len => reply.error(Errno::EPERM),
-            _ => reply.attr(&TTL, &self.attr(e.ino, e.len, false)),
-        }
+        // A medium has the size it has. Truncation is ignored, as a block device ignores
+        // `O_TRUNC` (bmaptool and dd open their destination so); times are ignored too.
+        let _ = size;
+        reply.attr(&TTL, &self.attr(e.ino, e.len, false))
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -406,6 +408,15 @@ impl Filesystem for StorageFs {
             }
         }
         reply.ok();
+    }
+
+    // Extended attributes are not kept: ENOSYS tells the kernel once, and it stops asking.
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
