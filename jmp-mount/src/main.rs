@@ -97,8 +97,18 @@ fn run(args: Args) -> Result<()> {
         tokio::pin!(shutdown);
         let mut current = Some(link);
         let mut backoff = Duration::from_millis(200);
+        // The link of the moment, to say goodbye on: an exporter that is not told keeps the
+        // board held for this process until its idle timeout.
+        let mut last: Option<jmp_transport::LinkHandle>;
+        let bye = |h: Option<jmp_transport::LinkHandle>| async move {
+            if let Some(h) = h {
+                h.bye(jmp_protocol::ErrorCode::Ok, "unmounted");
+                let _ = tokio::time::timeout(Duration::from_millis(300), h.connection_closed()).await;
+            }
+        };
         loop {
             if let Some(mut link) = current.take() {
+                last = Some(link.handle.clone());
                 let handle: Arc<dyn Channels> = Arc::new(link.handle.clone());
                 let ended = async {
                     while let Some(ev) = link.events.recv().await {
@@ -109,7 +119,11 @@ fn run(args: Args) -> Result<()> {
                     "the link task ended".to_string()
                 };
                 tokio::select! {
-                    _ = &mut shutdown => return Ok(()),
+                    _ = &mut shutdown => {
+                        drop(bridge);
+                        bye(last.take()).await;
+                        return Ok(());
+                    }
                     exit = bridge.run(handle) => {
                         if let BridgeExit::Refused(r) = exit {
                             bail!("{}: {}", info.name, r.reason);
@@ -119,7 +133,10 @@ fn run(args: Args) -> Result<()> {
                 }
             }
             tokio::select! {
-                _ = &mut shutdown => return Ok(()),
+                _ = &mut shutdown => {
+                    drop(bridge);
+                    return Ok(());
+                }
                 _ = bridge.idle() => {}
                 r = async {
                     tokio::time::sleep(backoff).await;
