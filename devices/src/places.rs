@@ -103,7 +103,10 @@ pub fn mount_point(dir: &Path, device: &str) -> io::Result<PathBuf> {
     let path = dir.join(device);
     match std::fs::symlink_metadata(&path) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            tracing::warn!("{}: a dead mount of an earlier run; unmounting it", path.display());
+            tracing::warn!(
+                "{}: a dead mount of an earlier run; unmounting it",
+                path.display()
+            );
             detach(&path)?;
         }
         Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(&path)?,
@@ -111,14 +114,20 @@ pub fn mount_point(dir: &Path, device: &str) -> io::Result<PathBuf> {
             if is_mount_point(&path) {
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
-                    format!("{} is mounted already (by another running jmp?)", path.display()),
+                    format!(
+                        "{} is mounted already (by another running jmp?)",
+                        path.display()
+                    ),
                 ));
             }
         }
         Ok(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a directory; not using it", path.display()),
+                format!(
+                    "{} exists and is not a directory; not using it",
+                    path.display()
+                ),
             ))
         }
         Err(_) => {}

@@ -50,8 +50,7 @@ fn de<T: serde::de::DeserializeOwned>(v: serde_norway::Value) -> Result<T, Field
 
 impl DeviceSpec {
     /// The `type:` names, for error messages.
-    pub const TYPES: &'static [&'static str] =
-        &[
+    pub const TYPES: &'static [&'static str] = &[
         "serial",
         "sim-console",
         "tcp",

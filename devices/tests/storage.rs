@@ -37,8 +37,19 @@ impl Drop for Img {
     }
 }
 
-fn driver(img: &Img, writable: bool, board: Option<SimBoard>, slow: Option<SlowRange>) -> Arc<dyn Driver> {
-    Arc::new(StorageDriver::start("sd", img.0.clone(), writable, board, slow))
+fn driver(
+    img: &Img,
+    writable: bool,
+    board: Option<SimBoard>,
+    slow: Option<SlowRange>,
+) -> Arc<dyn Driver> {
+    Arc::new(StorageDriver::start(
+        "sd",
+        img.0.clone(),
+        writable,
+        board,
+        slow,
+    ))
 }
 
 /// A client serving one channel of `link` in a task.
@@ -54,8 +65,22 @@ async fn connect(link: Arc<dyn Channels>) -> (Client, tokio::task::JoinHandle<()
     (c, t)
 }
 
-async fn read(c: &Client, offset: u64, len: u64) -> Result<Bytes, jmp_devices::storage::medium::Failure> {
-    match c.call(Op::Read { offset, len, compress: false }, None).await? {
+async fn read(
+    c: &Client,
+    offset: u64,
+    len: u64,
+) -> Result<Bytes, jmp_devices::storage::medium::Failure> {
+    match c
+        .call(
+            Op::Read {
+                offset,
+                len,
+                compress: false,
+            },
+            None,
+        )
+        .await?
+    {
         Reply::Data(d) => Ok(d),
         other => panic!("read answered {other:?}"),
     }
@@ -73,7 +98,14 @@ async fn reads_writes_flush_zero_and_hash_over_memory() {
         let c = c.clone();
         let d = data.clone();
         calls.push(tokio::spawn(async move {
-            c.call(Op::Write { offset: i << 20, len: d.len() as u64 }, Some(d)).await
+            c.call(
+                Op::Write {
+                    offset: i << 20,
+                    len: d.len() as u64,
+                },
+                Some(d),
+            )
+            .await
         }));
     }
     for t in calls {
@@ -82,19 +114,54 @@ async fn reads_writes_flush_zero_and_hash_over_memory() {
     assert_eq!(c.call(Op::Flush, None).await.expect("flush"), Reply::Done);
     let f = std::fs::File::open(&img.0).expect("image");
     for i in 0..16u64 {
-        assert_eq!(read(&c, i << 20, data.len() as u64).await.expect("read"), data);
+        assert_eq!(
+            read(&c, i << 20, data.len() as u64).await.expect("read"),
+            data
+        );
         let mut on_disk = vec![0u8; data.len()];
         f.read_exact_at(&mut on_disk, i << 20).expect("pread");
-        assert_eq!(on_disk, data, "the exporter's image holds the write at {i} MiB");
+        assert_eq!(
+            on_disk, data,
+            "the exporter's image holds the write at {i} MiB"
+        );
     }
     // A compressed read of zeros comes back as zeros.
-    c.call(Op::Zero { offset: 0, len: 1 << 20 }, None).await.expect("zero");
-    match c.call(Op::Read { offset: 0, len: 1 << 20, compress: true }, None).await.expect("read") {
+    c.call(
+        Op::Zero {
+            offset: 0,
+            len: 1 << 20,
+        },
+        None,
+    )
+    .await
+    .expect("zero");
+    match c
+        .call(
+            Op::Read {
+                offset: 0,
+                len: 1 << 20,
+                compress: true,
+            },
+            None,
+        )
+        .await
+        .expect("read")
+    {
         Reply::Data(d) => assert!(d.len() == 1 << 20 && d.iter().all(|b| *b == 0)),
         other => panic!("{other:?}"),
     }
     let want = ring::digest::digest(&ring::digest::SHA256, &data);
-    match c.call(Op::Hash { offset: 1 << 20, len: data.len() as u64 }, None).await.expect("hash") {
+    match c
+        .call(
+            Op::Hash {
+                offset: 1 << 20,
+                len: data.len() as u64,
+            },
+            None,
+        )
+        .await
+        .expect("hash")
+    {
         Reply::Hash(h) => assert_eq!(&h[..], want.as_ref()),
         other => panic!("{other:?}"),
     }
@@ -105,8 +172,15 @@ async fn reads_writes_flush_zero_and_hash_over_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_read_does_not_hold_up_the_others() {
     let img = Img::new("slow");
-    let slow = SlowRange { offset: 0, len: 4096, delay: Duration::from_secs(3) };
-    let (link, _srv) = mem_session(DeviceSet::new("b", vec![driver(&img, true, None, Some(slow))]));
+    let slow = SlowRange {
+        offset: 0,
+        len: 4096,
+        delay: Duration::from_secs(3),
+    };
+    let (link, _srv) = mem_session(DeviceSet::new(
+        "b",
+        vec![driver(&img, true, None, Some(slow))],
+    ));
     let (c, _t) = connect(link).await;
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
     let c2 = c.clone();
@@ -116,34 +190,65 @@ async fn a_slow_read_does_not_hold_up_the_others() {
     });
     // The slow read is on the wire first; twenty others finish while it is still running.
     for i in 1..=20u64 {
-        tokio::time::timeout(GUARD, read(&c, i << 20, 65536)).await.expect("hang guard").expect("read");
+        tokio::time::timeout(GUARD, read(&c, i << 20, 65536))
+            .await
+            .expect("hang guard")
+            .expect("read");
     }
     assert!(
-        matches!(done_rx.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Empty)),
+        matches!(
+            done_rx.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+        ),
         "the slow read should still be running"
     );
-    assert_eq!(tokio::time::timeout(GUARD, done_rx).await.expect("hang guard").ok(), Some(true));
+    assert_eq!(
+        tokio::time::timeout(GUARD, done_rx)
+            .await
+            .expect("hang guard")
+            .ok(),
+        Some(true)
+    );
 }
 
 #[tokio::test]
 async fn a_shared_medium_refuses_writes_while_the_board_is_on_and_moves_its_generation() {
     let img = Img::new("shared");
     let board = SimBoard::new(); // starts powered
-    let (link, _srv) = mem_session(DeviceSet::new("b", vec![driver(&img, true, Some(board.clone()), None)]));
+    let (link, _srv) = mem_session(DeviceSet::new(
+        "b",
+        vec![driver(&img, true, Some(board.clone()), None)],
+    ));
     let (c, _t) = connect(link).await;
     let p0 = c.params().expect("params");
     assert!(p0.shared && p0.board_on && !p0.accepts_writes(), "{p0:?}");
-    let w = |c: Client| async move { c.call(Op::Write { offset: 0, len: 3 }, Some(Bytes::from_static(b"abc"))).await };
+    let w = |c: Client| async move {
+        c.call(
+            Op::Write { offset: 0, len: 3 },
+            Some(Bytes::from_static(b"abc")),
+        )
+        .await
+    };
     let e = w(c.clone()).await.expect_err("refused while on");
     assert_eq!(e.error, StorageError::BoardHolds);
     assert!(e.message.contains("power is on"), "{e}");
     let mut watch = c.watch_params();
     board.set_power(false);
-    tokio::time::timeout(GUARD, watch.wait_for(|p| p.is_some_and(|p| !p.board_on))).await.expect("changed pushed").expect("watch");
+    tokio::time::timeout(GUARD, watch.wait_for(|p| p.is_some_and(|p| !p.board_on)))
+        .await
+        .expect("changed pushed")
+        .expect("watch");
     assert_eq!(w(c.clone()).await.expect("accepted while off"), Reply::Done);
     board.set_power(true);
-    let p = *tokio::time::timeout(GUARD, watch.wait_for(|p| p.is_some_and(|p| p.board_on))).await.expect("changed").expect("watch");
-    assert_eq!(p.map(|p| p.generation), Some(p0.generation + 1), "power-on moves the generation");
+    let p = *tokio::time::timeout(GUARD, watch.wait_for(|p| p.is_some_and(|p| p.board_on)))
+        .await
+        .expect("changed")
+        .expect("watch");
+    assert_eq!(
+        p.map(|p| p.generation),
+        Some(p0.generation + 1),
+        "power-on moves the generation"
+    );
 }
 
 #[tokio::test]
@@ -151,7 +256,13 @@ async fn a_read_only_medium_says_so() {
     let img = Img::new("ro");
     let (link, _srv) = mem_session(DeviceSet::new("b", vec![driver(&img, false, None, None)]));
     let (c, _t) = connect(link).await;
-    let e = c.call(Op::Write { offset: 0, len: 1 }, Some(Bytes::from_static(b"x"))).await.expect_err("ro");
+    let e = c
+        .call(
+            Op::Write { offset: 0, len: 1 },
+            Some(Bytes::from_static(b"x")),
+        )
+        .await
+        .expect_err("ro");
     assert_eq!(e.error, StorageError::ReadOnly);
     assert!(e.message.contains("writable: true"), "{e}");
 }
@@ -163,10 +274,23 @@ async fn another_writer_moves_the_generation_so_caches_drop() {
     let (a, _ta) = connect(link.clone()).await;
     let (b, _tb) = connect(link).await;
     let g0 = a.params().expect("p").generation;
-    a.call(Op::Write { offset: 0, len: 1 }, Some(Bytes::from_static(b"a"))).await.expect("a writes");
+    a.call(
+        Op::Write { offset: 0, len: 1 },
+        Some(Bytes::from_static(b"a")),
+    )
+    .await
+    .expect("a writes");
     let mut wa = a.watch_params();
-    b.call(Op::Write { offset: 0, len: 1 }, Some(Bytes::from_static(b"b"))).await.expect("b writes");
-    let p = *tokio::time::timeout(GUARD, wa.wait_for(|p| p.is_some_and(|p| p.generation > g0))).await.expect("a hears").expect("watch");
+    b.call(
+        Op::Write { offset: 0, len: 1 },
+        Some(Bytes::from_static(b"b")),
+    )
+    .await
+    .expect("b writes");
+    let p = *tokio::time::timeout(GUARD, wa.wait_for(|p| p.is_some_and(|p| p.generation > g0)))
+        .await
+        .expect("a hears")
+        .expect("watch");
     assert!(p.is_some());
 }
 
@@ -181,7 +305,12 @@ async fn the_mount_shows_the_disk_and_its_partitions() {
     let dir = std::env::temp_dir().join(format!("jmp-storage-mnt-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
-    let ctx = BridgeCtx { exporter: "b".into(), dev_dir: dir.clone(), mount_dir: dir.clone(), owner: None };
+    let ctx = BridgeCtx {
+        exporter: "b".into(),
+        dev_dir: dir.clone(),
+        mount_dir: dir.clone(),
+        owner: None,
+    };
     let mut bridge = jmp_devices::storage::StorageBridge::create(&info, &ctx).expect("mount");
     let mnt = bridge.path().to_path_buf();
     let run = tokio::spawn(async move {
@@ -191,30 +320,58 @@ async fn the_mount_shows_the_disk_and_its_partitions() {
     let m = mnt.clone();
     let img_path = img.0.clone();
     tokio::task::spawn_blocking(move || {
-        let mut names: Vec<String> = std::fs::read_dir(&m).expect("ls").map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<String> = std::fs::read_dir(&m)
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
         names.sort();
         assert_eq!(names, ["disk", "p1", "p2"]);
         let layout = sim::layout(SIZE, Table::Mbr);
         assert_eq!(std::fs::metadata(m.join("disk")).expect("stat").len(), SIZE);
-        assert_eq!(std::fs::metadata(m.join("p1")).expect("stat").len(), layout[0].1);
-        assert_eq!(std::fs::metadata(m.join("p2")).expect("stat").len(), layout[1].1);
+        assert_eq!(
+            std::fs::metadata(m.join("p1")).expect("stat").len(),
+            layout[0].1
+        );
+        assert_eq!(
+            std::fs::metadata(m.join("p2")).expect("stat").len(),
+            layout[1].1
+        );
         // p2 at offset 0 is the disk at the partition's offset.
-        let f = std::fs::OpenOptions::new().read(true).write(true).open(m.join("p2")).expect("open p2");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.join("p2"))
+            .expect("open p2");
         f.write_all_at(b"through the mount", 8192).expect("write");
         f.sync_all().expect("fsync");
         let mut back = [0u8; 17];
-        std::fs::File::open(m.join("disk")).expect("disk").read_exact_at(&mut back, layout[1].0 + 8192).expect("read");
+        std::fs::File::open(m.join("disk"))
+            .expect("disk")
+            .read_exact_at(&mut back, layout[1].0 + 8192)
+            .expect("read");
         assert_eq!(&back, b"through the mount");
-        std::fs::File::open(&img_path).expect("img").read_exact_at(&mut back, layout[1].0 + 8192).expect("read");
+        std::fs::File::open(&img_path)
+            .expect("img")
+            .read_exact_at(&mut back, layout[1].0 + 8192)
+            .expect("read");
         assert_eq!(&back, b"through the mount", "the exporter's image has it");
         // Unimplemented operations answer ENOSYS / EPERM, never pretend.
         let e = std::fs::File::create(m.join("new")).expect_err("no new files");
-        assert!(matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EPERM) | Some(libc::EACCES)), "{e}");
+        assert!(
+            matches!(
+                e.raw_os_error(),
+                Some(libc::ENOSYS) | Some(libc::EPERM) | Some(libc::EACCES)
+            ),
+            "{e}"
+        );
     })
     .await
     .expect("checks");
     run.abort();
     let _ = run.await;
-    assert!(!jmp_devices::places::is_mount_point(&mnt), "unmounted when the bridge is dropped");
+    assert!(
+        !jmp_devices::places::is_mount_point(&mnt),
+        "unmounted when the bridge is dropped"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

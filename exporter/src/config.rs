@@ -195,10 +195,12 @@ impl ExporterConfig {
             let shown = name::escape(&dev).into_owned();
             let mut table = match value {
                 serde_norway::Value::Mapping(m) => m,
-                _ => return Err(format!(
+                _ => {
+                    return Err(format!(
                     "export.{shown}{}: expected a table like {{type: serial, path: /dev/ttyUSB0}}",
                     at("")
-                )),
+                ))
+                }
             };
             let ty = match table.remove("type") {
                 Some(serde_norway::Value::String(t)) => t,

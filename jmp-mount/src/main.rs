@@ -15,7 +15,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
-#[command(name = "jmp-mount", version, about = "Mount a jmp exporter's storage device with FUSE")]
+#[command(
+    name = "jmp-mount",
+    version,
+    about = "Mount a jmp exporter's storage device with FUSE"
+)]
 struct Args {
     /// The exporter's address, HOST:PORT.
     #[arg(long)]
@@ -54,7 +58,10 @@ fn run(args: Args) -> Result<()> {
         .trim()
         .to_string();
     let mut pin: Option<Fingerprint> = match &args.fingerprint {
-        Some(f) => Some(f.parse().map_err(|e: String| anyhow!("--fingerprint: {e}"))?),
+        Some(f) => Some(
+            f.parse()
+                .map_err(|e: String| anyhow!("--fingerprint: {e}"))?,
+        ),
         None => None,
     };
     let rt = jmp_transport::runtime()?;
@@ -65,34 +72,64 @@ fn run(args: Args) -> Result<()> {
             let endpoint = endpoint.clone();
             let token = token.clone();
             async move {
-                let (conn, fp) = jmp_transport::connect(&endpoint, addr, jmp_protocol::ALPN_EXPORTER, pin).await?;
+                let (conn, fp) =
+                    jmp_transport::connect(&endpoint, addr, jmp_protocol::ALPN_EXPORTER, pin)
+                        .await?;
                 let hello = Hello {
                     features: features::ALL,
-                    client: format!("jmp-mount@{}", nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()),
+                    client: format!(
+                        "jmp-mount@{}",
+                        nix::unistd::gethostname()
+                            .ok()
+                            .and_then(|h| h.into_string().ok())
+                            .unwrap_or_default()
+                    ),
                     session,
                     token,
                 };
-                let (link, welcome) = Link::client(conn, hello).await.map_err(|e| anyhow!("{e}"))?;
+                let (link, welcome) = Link::client(conn, hello)
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?;
                 anyhow::Ok((link, welcome, fp))
             }
         };
         let (link, welcome, fp) = connect(pin).await?;
         if pin.is_none() {
-            eprintln!("jmp-mount: trusting {} ({fp}) for this run; pass --fingerprint {fp} next time", args.exporter);
+            eprintln!(
+                "jmp-mount: trusting {} ({fp}) for this run; pass --fingerprint {fp} next time",
+                args.exporter
+            );
             pin = Some(fp);
         }
-        let storage: Vec<_> = welcome.devices.iter().filter(|d| d.kind == Kind::Storage).collect();
+        let storage: Vec<_> = welcome
+            .devices
+            .iter()
+            .filter(|d| d.kind == Kind::Storage)
+            .collect();
         let info = match &args.device {
-            Some(d) => storage.iter().find(|i| &i.name == d).ok_or_else(|| anyhow!("{} has no storage device {d:?}", welcome.exporter))?,
+            Some(d) => storage
+                .iter()
+                .find(|i| &i.name == d)
+                .ok_or_else(|| anyhow!("{} has no storage device {d:?}", welcome.exporter))?,
             None => match storage.as_slice() {
                 [one] => one,
                 [] => bail!("{} has no storage device", welcome.exporter),
-                _ => bail!("{} has several storage devices; name one with --device", welcome.exporter),
+                _ => bail!(
+                    "{} has several storage devices; name one with --device",
+                    welcome.exporter
+                ),
             },
         };
-        let owner = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
+        let owner = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
         let mut bridge = StorageBridge::at(info, &args.mountpoint, owner)?;
-        println!("jmp-mount: {} mounted at {}", info.name, args.mountpoint.display());
+        println!(
+            "jmp-mount: {} mounted at {}",
+            info.name,
+            args.mountpoint.display()
+        );
         let shutdown = jmp_transport::shutdown_signal("unmounting");
         tokio::pin!(shutdown);
         let mut current = Some(link);
@@ -103,7 +140,8 @@ fn run(args: Args) -> Result<()> {
         let bye = |h: Option<jmp_transport::LinkHandle>| async move {
             if let Some(h) = h {
                 h.bye(jmp_protocol::ErrorCode::Ok, "unmounted");
-                let _ = tokio::time::timeout(Duration::from_millis(300), h.connection_closed()).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(300), h.connection_closed()).await;
             }
         };
         loop {

@@ -4,13 +4,13 @@
 //! `~/.config/jmp/config.yaml` names the current one. Every call is one QUIC stream to the
 //! controller, whose certificate is pinned by the fingerprint in the client config.
 
-use jmp_protocol::exit as code;
 use crate::{exit, paths};
 use anyhow::{Context, Result};
 use jmp_protocol::ctl::{
     Access, Call, ClientConfig, ClientInfo, Credential, CtlErrorCode, ExporterInfo, LeaseInfo,
     Reply, Request,
 };
+use jmp_protocol::exit as code;
 use jmp_transport::ctl::{call, CallError, ReplyStream};
 use jmp_transport::{client_endpoint, connect};
 use serde::{Deserialize, Serialize};
@@ -64,8 +64,12 @@ pub fn read_client_file(path: &Path) -> Result<ClientConfig> {
             format!("cannot read client config {}: {e}", path.display()),
         )
     })?;
-    let c: ClientConfig = serde_norway::from_str(&text)
-        .map_err(|e| exit(code::USAGE, format!("client config {}: {e}", path.display())))?;
+    let c: ClientConfig = serde_norway::from_str(&text).map_err(|e| {
+        exit(
+            code::USAGE,
+            format!("client config {}: {e}", path.display()),
+        )
+    })?;
     if c.kind != "ClientConfig" {
         return Err(exit(
             2,
@@ -156,9 +160,19 @@ pub struct Ctl {
 fn resolve(endpoint: &str) -> Result<SocketAddr> {
     endpoint
         .to_socket_addrs()
-        .map_err(|e| exit(code::FAILURE, format!("cannot resolve controller {endpoint:?}: {e}")))?
+        .map_err(|e| {
+            exit(
+                code::FAILURE,
+                format!("cannot resolve controller {endpoint:?}: {e}"),
+            )
+        })?
         .next()
-        .ok_or_else(|| exit(code::FAILURE, format!("controller {endpoint:?} resolves to nothing")))
+        .ok_or_else(|| {
+            exit(
+                code::FAILURE,
+                format!("controller {endpoint:?} resolves to nothing"),
+            )
+        })
 }
 
 pub fn call_error(e: CallError, endpoint: &str) -> anyhow::Error {
@@ -218,7 +232,10 @@ impl Ctl {
 }
 
 pub fn unexpected(r: Reply) -> anyhow::Error {
-    exit(code::FAILURE, format!("unexpected answer from the controller: {r:?}"))
+    exit(
+        code::FAILURE,
+        format!("unexpected answer from the controller: {r:?}"),
+    )
 }
 
 // ---------- output ----------

@@ -71,7 +71,10 @@ pub enum ReplyBody {
         message: String,
     },
     /// The channel is open; raw bytes follow. `params`: the kind's `Opened.params` (hex).
-    Channel { device: String, params: String },
+    Channel {
+        device: String,
+        params: String,
+    },
     Error {
         /// The wire code's name (`failed`, `timeout`, `no such device`, ...).
         code: String,
@@ -188,7 +191,9 @@ async fn answer(shared: &Shared, req: Request) -> Reply {
                 Err(r) => Reply::error(r.code, r.reason),
             }
         }
-        Op::Channel { .. } => Reply::error(ErrorCode::Internal, "a channel is relayed, not answered"),
+        Op::Channel { .. } => {
+            Reply::error(ErrorCode::Internal, "a channel is relayed, not answered")
+        }
     }
 }
 
@@ -202,7 +207,10 @@ async fn open_channel(
     let live = shared.live();
     let device = pick(
         &live.ready.exporter,
-        live.ready.devices.iter().map(|d| (d.name.as_str(), &d.kind)),
+        live.ready
+            .devices
+            .iter()
+            .map(|d| (d.name.as_str(), &d.kind)),
         device.as_deref(),
         kind,
     )
@@ -281,7 +289,12 @@ pub async fn serve(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
             let reply = match serde_json::from_str::<Request>(&line) {
                 Ok(Request {
                     v: VERSION,
-                    op: Op::Channel { device, kind, params },
+                    op:
+                        Op::Channel {
+                            device,
+                            kind,
+                            params,
+                        },
                 }) => match open_channel(&shared, device, &kind, &params).await {
                     Ok((device, pipe, opened)) => {
                         let text = send(Reply::new(ReplyBody::Channel {

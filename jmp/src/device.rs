@@ -242,7 +242,9 @@ fn by_lease(
 
 /// The exporter of the lease `target` names (or the caller's only lease): its address, its
 /// pinned certificate and a lease token.
-pub(crate) async fn lease_access(target: &Target) -> Result<(std::net::SocketAddr, Pin, String), Refusal> {
+pub(crate) async fn lease_access(
+    target: &Target,
+) -> Result<(std::net::SocketAddr, Pin, String), Refusal> {
     let fail = |e: anyhow::Error| {
         let code = e.downcast_ref::<crate::Exit>().map(|x| x.code);
         Refusal::new(
@@ -278,7 +280,9 @@ pub(crate) async fn lease_access(target: &Target) -> Result<(std::net::SocketAdd
 }
 
 /// The exporter `--exporter HOST:PORT --token-file F` names (direct mode).
-pub(crate) fn direct_access(target: &Target) -> Result<(std::net::SocketAddr, Pin, String), Refusal> {
+pub(crate) fn direct_access(
+    target: &Target,
+) -> Result<(std::net::SocketAddr, Pin, String), Refusal> {
     let usage = |m: String| Refusal::new(ErrorCode::Protocol, m);
     let exporter = target
         .exporter

@@ -126,7 +126,10 @@ impl CommonArgs {
             token_refresh: None,
             pin,
             dev_dir: self.dev_dir.clone().unwrap_or_else(paths::default_dev_dir),
-            mount_dir: self.dev_dir.clone().unwrap_or_else(paths::default_mount_dir),
+            mount_dir: self
+                .dev_dir
+                .clone()
+                .unwrap_or_else(paths::default_mount_dir),
             devices: self.devices.clone(),
             client: self.name.clone().unwrap_or_else(paths::default_client_name),
             owner: Some(paths::invoking_user()),

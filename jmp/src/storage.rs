@@ -41,7 +41,14 @@ pub(crate) fn storage_cmd(cmd: StorageCmd) -> Result<()> {
             target,
         } => {
             let (device, img) = split(args);
-            flash_cmd(device, PathBuf::from(img), bmap, verify, !no_compress, target)
+            flash_cmd(
+                device,
+                PathBuf::from(img),
+                bmap,
+                verify,
+                !no_compress,
+                target,
+            )
         }
         StorageCmd::Dump { args, target } => {
             let (device, out) = split(args);
@@ -103,7 +110,15 @@ async fn via_attachment(target: &Target, device: Option<String>) -> Result<Optio
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut sock = tokio::net::UnixStream::connect(&st.socket)
         .await
-        .map_err(|e| exit(code::FAILURE, format!("cannot reach the attachment at {}: {e}", st.socket.display())))?;
+        .map_err(|e| {
+            exit(
+                code::FAILURE,
+                format!(
+                    "cannot reach the attachment at {}: {e}",
+                    st.socket.display()
+                ),
+            )
+        })?;
     let req = ctlsock::Request {
         v: ctlsock::VERSION,
         op: Op::Channel {
@@ -118,7 +133,12 @@ async fn via_attachment(target: &Target, device: Option<String>) -> Result<Optio
     // Byte by byte up to the newline: what follows it is the channel's.
     let mut reply = Vec::new();
     loop {
-        let b = sock.read_u8().await.map_err(|e| exit(code::FAILURE, format!("the attachment closed the socket: {e}")))?;
+        let b = sock.read_u8().await.map_err(|e| {
+            exit(
+                code::FAILURE,
+                format!("the attachment closed the socket: {e}"),
+            )
+        })?;
         if b == b'\n' || reply.len() > 64 * 1024 {
             break;
         }
@@ -128,7 +148,9 @@ async fn via_attachment(target: &Target, device: Option<String>) -> Result<Optio
         .map_err(|e| exit(code::FAILURE, format!("bad reply from the attachment: {e}")))?;
     let (device, params) = match reply.body {
         ReplyBody::Channel { device, params } => (device, params),
-        ReplyBody::Error { exit: x, message, .. } => return Err(exit(x, message)),
+        ReplyBody::Error {
+            exit: x, message, ..
+        } => return Err(exit(x, message)),
         _ => return Err(exit(code::FAILURE, "unexpected reply from the attachment")),
     };
     let params = hex::decode(&params)
@@ -158,8 +180,14 @@ async fn own_connection(target: &Target, device: Option<String>) -> Result<Opene
     } else {
         lease_access(target).await.map_err(refused)?
     };
-    let connector = Connector::new(addr, pin, paths::default_client_name(), token, features::ALL)
-        .map_err(|e| exit(code::FAILURE, e.to_string()))?;
+    let connector = Connector::new(
+        addr,
+        pin,
+        paths::default_client_name(),
+        token,
+        features::ALL,
+    )
+    .map_err(|e| exit(code::FAILURE, e.to_string()))?;
     let (link, welcome, _) = connector.connect().await.map_err(|e| match e {
         crate::attach::AttachError::Refused { code, reason } => exit(code.exit_code(), reason),
         other => exit(code::FAILURE, other.to_string()),
@@ -284,7 +312,10 @@ fn flash_cmd(
     let bmap = match &bmap {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| bad_file(p, e.to_string()))?;
-            Some(image::parse_bmap(&text).map_err(|e| bad_file(p, format!("not a usable bmap: {e}")))?)
+            Some(
+                image::parse_bmap(&text)
+                    .map_err(|e| bad_file(p, format!("not a usable bmap: {e}")))?,
+            )
         }
         None => None,
     };
@@ -351,7 +382,10 @@ fn dump_cmd(device: Option<String>, out: PathBuf, target: Target) -> Result<()> 
         let stop = stop_on_interrupt();
         let mut shown = Shown::new("dumping", Some(opened.params.size));
         let started = Instant::now();
-        let r = flash::dump(&opened.client, opened.params, &out, stop, |p| shown.update(p)).await;
+        let r = flash::dump(&opened.client, opened.params, &out, stop, |p| {
+            shown.update(p)
+        })
+        .await;
         shown.done();
         let device = opened.device.clone();
         opened.close().await;
@@ -364,7 +398,10 @@ fn dump_cmd(device: Option<String>, out: PathBuf, target: Target) -> Result<()> 
             )),
             Err(e) => {
                 let _ = std::fs::remove_file(&out);
-                Err(exit(ErrorCode::Failed.exit_code(), format!("{device}: dump failed: {e}; {} removed", out.display())))
+                Err(exit(
+                    ErrorCode::Failed.exit_code(),
+                    format!("{device}: dump failed: {e}; {} removed", out.display()),
+                ))
             }
         }
     })

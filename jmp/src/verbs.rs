@@ -51,7 +51,8 @@ pub(super) fn config_client(cmd: ConfigClientCmd) -> Result<()> {
             token,
             no_use,
         } => {
-            jmp_protocol::name::check("client name", &name).map_err(|e| exit(code::USAGE, e.to_string()))?;
+            jmp_protocol::name::check("client name", &name)
+                .map_err(|e| exit(code::USAGE, e.to_string()))?;
             let mut cfg = match (from, endpoint, fingerprint, token) {
                 (Some(f), _, _, _) => c::read_client_file(&f)?,
                 (None, Some(endpoint), Some(fingerprint), Some(token)) => ClientConfig {
@@ -145,8 +146,12 @@ pub(super) fn config_client(cmd: ConfigClientCmd) -> Result<()> {
         }
         ConfigClientCmd::Delete { name } => {
             let path = c::clients_dir().join(format!("{name}.yaml"));
-            std::fs::remove_file(&path)
-                .map_err(|e| exit(code::USAGE, format!("cannot delete {}: {e}", path.display())))?;
+            std::fs::remove_file(&path).map_err(|e| {
+                exit(
+                    code::USAGE,
+                    format!("cannot delete {}: {e}", path.display()),
+                )
+            })?;
             println!("client config {name} deleted");
             Ok(())
         }
@@ -239,7 +244,10 @@ pub(super) fn get_cmd(what: GetCmd) -> Result<()> {
             let sel = selector_arg(&selector)?;
             for w in &with {
                 if w != "leases" && w != "online" {
-                    return Err(exit(code::USAGE, format!("--with {w:?}: expected leases or online")));
+                    return Err(exit(
+                        code::USAGE,
+                        format!("--with {w:?}: expected leases or online"),
+                    ));
                 }
             }
             let (cfg, _) = c::load_client(client.client.as_deref())?;
@@ -512,7 +520,12 @@ pub(super) fn attach_lease(a: AttachArgs) -> Result<()> {
         let addr = access
             .address
             .to_socket_addrs()
-            .map_err(|e| exit(code::FAILURE, format!("exporter address {:?}: {e}", access.address)))?
+            .map_err(|e| {
+                exit(
+                    code::FAILURE,
+                    format!("exporter address {:?}: {e}", access.address),
+                )
+            })?
             .next()
             .ok_or_else(|| {
                 exit(
@@ -521,7 +534,10 @@ pub(super) fn attach_lease(a: AttachArgs) -> Result<()> {
                 )
             })?;
         let pin = Pin::Fingerprint(access.fingerprint.parse().map_err(|e: String| {
-            exit(code::FAILURE, format!("exporter fingerprint from the controller: {e}"))
+            exit(
+                code::FAILURE,
+                format!("exporter fingerprint from the controller: {e}"),
+            )
         })?);
         let mut opts = a.common.options(addr, access.token.clone(), pin)?;
         let lease = access.lease.name.clone();

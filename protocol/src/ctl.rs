@@ -15,8 +15,8 @@
 //!
 //! Times on this API are Unix seconds; durations are seconds.
 
-use crate::error::exit;
 use crate::codec::{get_varint, put_varint, varint_len, DecodeError};
+use crate::error::exit;
 use crate::selector::Labels;
 use serde::{Deserialize, Serialize};
 

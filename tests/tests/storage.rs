@@ -17,7 +17,8 @@ const SIM: u64 = 128 << 20;
 
 /// Tools the tests run; all are installed by scripts/install-test-deps.sh.
 const TOOLS: &[&str] = &[
-    "dd", "cmp", "fdisk", "sfdisk", "fio", "losetup", "e2fsck", "bmaptool", "qemu-img", "zstd", "mount", "umount",
+    "dd", "cmp", "fdisk", "sfdisk", "fio", "losetup", "e2fsck", "bmaptool", "qemu-img", "zstd",
+    "mount", "umount",
 ];
 
 fn missing_tool() -> Option<&'static str> {
@@ -32,7 +33,12 @@ fn sh(env: &TestEnv, label: &str, script: &str) -> RunOutput {
     let mut c = Command::new("bash");
     c.args(["-euo", "pipefail", "-c", script]);
     let out = run(label, c, &env.logs, T);
-    assert!(out.status.success(), "{label}: {script}\n{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.status.success(),
+        "{label}: {script}\n{}\n{}",
+        out.stdout,
+        out.stderr
+    );
     out
 }
 
@@ -89,14 +95,19 @@ fn layout(size: u64) -> [(u64, u64); 2] {
 #[test]
 fn the_mounted_card_works_with_real_tools() {
     if let Some(t) = missing_tool() {
-        return skip(&format!("{t} is missing (scripts/install-test-deps.sh installs it)"));
+        return skip(&format!(
+            "{t} is missing (scripts/install-test-deps.sh installs it)"
+        ));
     }
     let env = TestEnv::new("storage-tools");
     let img = env.root.join("sd.img");
     let jmpd = env.start_jmpd(&env.exporter_yaml(
         "sboard",
         "127.0.0.1:0",
-        &format!("sd: {{type: storage-sim, size: 128MiB, path: {}}}", img.display()),
+        &format!(
+            "sd: {{type: storage-sim, size: 128MiB, path: {}}}",
+            img.display()
+        ),
     ));
     let (attach, v) = env.attach(&jmpd, &[]);
     let m = mount_of(&v, "sd");
@@ -116,10 +127,18 @@ fn the_mounted_card_works_with_real_tools() {
     // fdisk and sfdisk read the table through the mount.
     let disk = m.join("disk");
     let out = sh(&env, "fdisk", &format!("fdisk -l {}", disk.display()));
-    assert!(out.stdout.contains("134217728 bytes") && out.stdout.contains("W95 FAT32"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("134217728 bytes") && out.stdout.contains("W95 FAT32"),
+        "{}",
+        out.stdout
+    );
     let out = sh(&env, "sfdisk", &format!("sfdisk -d {}", disk.display()));
     assert!(
-        out.stdout.contains(&format!("start=        {}, size=       {}", p1_off / 512, p1_len / 512)),
+        out.stdout.contains(&format!(
+            "start=        {}, size=       {}",
+            p1_off / 512,
+            p1_len / 512
+        )),
         "{}",
         out.stdout
     );
@@ -144,7 +163,11 @@ fn the_mounted_card_works_with_real_tools() {
     // exporter's image passes e2fsck and holds the new file.
     let mnt = env.root.join("rootfs");
     std::fs::create_dir_all(&mnt).expect("mkdir");
-    sh(&env, "mount", &format!("mount -o loop {} {}", m.join("p2").display(), mnt.display()));
+    sh(
+        &env,
+        "mount",
+        &format!("mount -o loop {} {}", m.join("p2").display(), mnt.display()),
+    );
     {
         let _m = Mounted(mnt.clone());
         assert_eq!(
@@ -157,11 +180,18 @@ fn the_mounted_card_works_with_real_tools() {
     let out = sh(
         &env,
         "e2fsck",
-        &format!("losetup --find --show --read-only -o {p2_off} --sizelimit {p2_len} {}", img.display()),
+        &format!(
+            "losetup --find --show --read-only -o {p2_off} --sizelimit {p2_len} {}",
+            img.display()
+        ),
     );
     let lo = Loop(out.stdout.trim().to_string());
     sh(&env, "e2fsck", &format!("e2fsck -n -f {}", lo.0));
-    let out = sh(&env, "debugfs", &format!("debugfs -R 'cat /written.txt' {} 2>/dev/null", lo.0));
+    let out = sh(
+        &env,
+        "debugfs",
+        &format!("debugfs -R 'cat /written.txt' {} 2>/dev/null", lo.0),
+    );
     assert_eq!(out.stdout.trim(), "written through jmp");
     drop(lo);
 
@@ -182,7 +212,11 @@ fn the_mounted_card_works_with_real_tools() {
     sh(
         &env,
         "cmp-p1",
-        &format!("cmp {}/p1 <(dd if={} bs=1M skip=1 count=32 status=none)", m.display(), img.display()),
+        &format!(
+            "cmp {}/p1 <(dd if={} bs=1M skip=1 count=32 status=none)",
+            m.display(),
+            img.display()
+        ),
     );
 
     // bmaptool copy onto the mounted disk: the mapped ranges land on the exporter.
@@ -197,23 +231,42 @@ fn the_mounted_card_works_with_real_tools() {
             disk = disk.display()
         ),
     );
-    assert_eq!(read_at(&img, 70 << 20, 3 << 20), read_at(&b, 70 << 20, 3 << 20));
+    assert_eq!(
+        read_at(&img, 70 << 20, 3 << 20),
+        read_at(&b, 70 << 20, 3 << 20)
+    );
 
     // qemu-img sees a raw disk of the right size and converts it faithfully.
-    let out = sh(&env, "qemu-img", &format!("qemu-img info {}", disk.display()));
-    assert!(out.stdout.contains("file format: raw") && out.stdout.contains("134217728 bytes"), "{}", out.stdout);
+    let out = sh(
+        &env,
+        "qemu-img",
+        &format!("qemu-img info {}", disk.display()),
+    );
+    assert!(
+        out.stdout.contains("file format: raw") && out.stdout.contains("134217728 bytes"),
+        "{}",
+        out.stdout
+    );
     let q = env.root.join("q.qcow2");
     let out = sh(
         &env,
         "qemu-img",
-        &format!("qemu-img convert -O qcow2 {d} {q}; qemu-img compare {d} {q}", d = disk.display(), q = q.display()),
+        &format!(
+            "qemu-img convert -O qcow2 {d} {q}; qemu-img compare {d} {q}",
+            d = disk.display(),
+            q = q.display()
+        ),
     );
     assert!(out.stdout.contains("identical"), "{}", out.stdout);
 
     // Ending the attachment unmounts.
     let mut attach = attach;
     attach.stop();
-    assert!(poll_until(T, || !jmp_devices_is_mounted(&m)), "{} still mounted", m.display());
+    assert!(
+        poll_until(T, || !jmp_devices_is_mounted(&m)),
+        "{} still mounted",
+        m.display()
+    );
 }
 
 fn jmp_devices_is_mounted(p: &Path) -> bool {
@@ -228,7 +281,7 @@ fn jmp_devices_is_mounted(p: &Path) -> bool {
 fn source(env: &TestEnv) -> PathBuf {
     let src = env.root.join("src.img");
     sh(
-        &env,
+        env,
         "src",
         &format!(
             "truncate -s 64M {s}; dd if=/dev/urandom of={s} bs=1M count=6 seek=1 conv=notrunc status=none;\
@@ -255,7 +308,9 @@ fn flash(env: &TestEnv, jmpd: &Jmpd, dev: &str, args: &[&str]) -> RunOutput {
 #[test]
 fn flash_zst_with_and_without_bmap_and_bad_input_fails_clearly() {
     if let Some(t) = missing_tool() {
-        return skip(&format!("{t} is missing (scripts/install-test-deps.sh installs it)"));
+        return skip(&format!(
+            "{t} is missing (scripts/install-test-deps.sh installs it)"
+        ));
     }
     let env = TestEnv::new("storage-flash");
     let card = env.root.join("card.img");
@@ -263,13 +318,25 @@ fn flash_zst_with_and_without_bmap_and_bad_input_fails_clearly() {
     // A small tmpfs as the lab host's disk: the image file there cannot grow past 16 MiB.
     let small = env.root.join("small");
     std::fs::create_dir_all(&small).expect("mkdir");
-    sh(&env, "tmpfs", &format!("mount -t tmpfs -o size=16m jmp-e2e-small {}", small.display()));
+    sh(
+        &env,
+        "tmpfs",
+        &format!(
+            "mount -t tmpfs -o size=16m jmp-e2e-small {}",
+            small.display()
+        ),
+    );
     let _small = Mounted(small.clone());
     let full = small.join("full.img");
     sh(
         &env,
         "images",
-        &format!("truncate -s 64M {}; truncate -s 64M {}; truncate -s 64M {}", card.display(), ro.display(), full.display()),
+        &format!(
+            "truncate -s 64M {}; truncate -s 64M {}; truncate -s 64M {}",
+            card.display(),
+            ro.display(),
+            full.display()
+        ),
     );
     let jmpd = env.start_jmpd(&env.exporter_yaml(
         "fboard",
@@ -287,18 +354,46 @@ fn flash_zst_with_and_without_bmap_and_bad_input_fails_clearly() {
     // Without bmap: zero runs are zeroed on the exporter, the rest written; byte-identical.
     let out = flash(&env, &jmpd, "card", &[&zst, "--verify"]);
     assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
-    assert!(out.stdout.contains("verified on the exporter") && out.stdout.contains("flushed"), "{}", out.stdout);
-    assert!(out.stderr.contains("flashing 100%"), "a line per 10% when not on a terminal: {}", out.stderr);
-    sh(&env, "cmp", &format!("cmp {} {}", src.display(), card.display()));
+    assert!(
+        out.stdout.contains("verified on the exporter") && out.stdout.contains("flushed"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stderr.contains("flashing 100%"),
+        "a line per 10% when not on a terminal: {}",
+        out.stderr
+    );
+    sh(
+        &env,
+        "cmp",
+        &format!("cmp {} {}", src.display(), card.display()),
+    );
 
     // With bmap, onto a blank card: only mapped ranges are written; byte-identical again.
-    sh(&env, "blank", &format!("truncate -s 0 {c}; truncate -s 64M {c}", c = card.display()));
-    sh(&env, "bmap", &format!("bmaptool -q create -o {s}.bmap {s}", s = src.display()));
+    sh(
+        &env,
+        "blank",
+        &format!("truncate -s 0 {c}; truncate -s 64M {c}", c = card.display()),
+    );
+    sh(
+        &env,
+        "bmap",
+        &format!("bmaptool -q create -o {s}.bmap {s}", s = src.display()),
+    );
     let bmap = format!("{}.bmap", src.display());
     let out = flash(&env, &jmpd, "card", &[&zst, "--bmap", &bmap, "--verify"]);
     assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
-    assert!(out.stdout.contains("left out by the bmap"), "{}", out.stdout);
-    sh(&env, "cmp", &format!("cmp {} {}", src.display(), card.display()));
+    assert!(
+        out.stdout.contains("left out by the bmap"),
+        "{}",
+        out.stdout
+    );
+    sh(
+        &env,
+        "cmp",
+        &format!("cmp {} {}", src.display(), card.display()),
+    );
 
     // A bmap whose checksum does not match the image.
     let lying = env.root.join("lying.bmap");
@@ -307,9 +402,18 @@ fn flash_zst_with_and_without_bmap_and_bad_input_fails_clearly() {
     let mut t = text.into_bytes();
     t[i] = if t[i] == b'0' { b'1' } else { b'0' };
     std::fs::write(&lying, t).expect("write");
-    let out = flash(&env, &jmpd, "card", &[&zst, "--bmap", lying.to_str().unwrap()]);
+    let out = flash(
+        &env,
+        &jmpd,
+        "card",
+        &[&zst, "--bmap", lying.to_str().unwrap()],
+    );
     assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
-    assert!(out.stderr.contains("bmap checksum mismatch"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("bmap checksum mismatch"),
+        "{}",
+        out.stderr
+    );
 
     // A corrupt and a truncated .zst.
     let bad = env.root.join("bad.img.zst");
@@ -321,19 +425,31 @@ fn flash_zst_with_and_without_bmap_and_bad_input_fails_clearly() {
     std::fs::write(&bad, &z).expect("write");
     let out = flash(&env, &jmpd, "card", &[bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
-    assert!(out.stderr.contains("truncated or corrupt"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("truncated or corrupt"),
+        "{}",
+        out.stderr
+    );
     let cut = env.root.join("cut.img.zst");
     std::fs::write(&cut, &z[..mid]).expect("write");
     let out = flash(&env, &jmpd, "card", &[cut.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
-    assert!(out.stderr.contains("truncated or corrupt"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("truncated or corrupt"),
+        "{}",
+        out.stderr
+    );
 
     // An image larger than the medium: refused before anything is written.
     let big = env.root.join("big.img");
     sh(&env, "big", &format!("truncate -s 80M {}", big.display()));
     let out = flash(&env, &jmpd, "card", &[big.to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(out.stderr.contains("larger than the medium") && out.stderr.contains("nothing was written"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("larger than the medium") && out.stderr.contains("nothing was written"),
+        "{}",
+        out.stderr
+    );
 
     // A read-only medium.
     let out = flash(&env, &jmpd, "ro", &[&zst]);
@@ -343,10 +459,26 @@ fn flash_zst_with_and_without_bmap_and_bad_input_fails_clearly() {
     // The lab host's disk fills up midway: the error says so, and the ranges it reports as
     // acknowledged are on the exporter's image exactly.
     let rnd = env.root.join("rnd.img");
-    sh(&env, "rnd", &format!("dd if=/dev/urandom of={} bs=1M count=40 status=none", rnd.display()));
-    let out = flash(&env, &jmpd, "full", &[rnd.to_str().unwrap(), "--no-compress"]);
+    sh(
+        &env,
+        "rnd",
+        &format!(
+            "dd if=/dev/urandom of={} bs=1M count=40 status=none",
+            rnd.display()
+        ),
+    );
+    let out = flash(
+        &env,
+        &jmpd,
+        "full",
+        &[rnd.to_str().unwrap(), "--no-compress"],
+    );
     assert_eq!(out.status.code(), Some(8), "{}", out.stderr);
-    assert!(out.stderr.contains("the lab host's disk is full"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("the lab host's disk is full"),
+        "{}",
+        out.stderr
+    );
     let ranges = out
         .stderr
         .split("byte ranges ")
@@ -357,23 +489,36 @@ fn flash_zst_with_and_without_bmap_and_bad_input_fails_clearly() {
     for r in ranges.split(", ") {
         let (s, e) = r.split_once("..").unwrap_or_else(|| panic!("range {r:?}"));
         let (s, e): (u64, u64) = (s.parse().expect("start"), e.parse().expect("end"));
-        assert_eq!(read_at(&full, s, (e - s) as usize), read_at(&rnd, s, (e - s) as usize), "range {s}..{e}");
+        assert_eq!(
+            read_at(&full, s, (e - s) as usize),
+            read_at(&rnd, s, (e - s) as usize),
+            "range {s}..{e}"
+        );
         acked += e - s;
     }
-    assert!(acked > 0 && acked < 40 << 20, "{acked} bytes acknowledged: {}", out.stderr);
+    assert!(
+        acked > 0 && acked < 40 << 20,
+        "{acked} bytes acknowledged: {}",
+        out.stderr
+    );
 }
 
 #[test]
 fn a_killed_mount_is_cleaned_up_by_the_next_one() {
     if let Some(t) = missing_tool() {
-        return skip(&format!("{t} is missing (scripts/install-test-deps.sh installs it)"));
+        return skip(&format!(
+            "{t} is missing (scripts/install-test-deps.sh installs it)"
+        ));
     }
     let env = TestEnv::new("storage-kill");
     let img = env.root.join("sd.img");
     let jmpd = env.start_jmpd(&env.exporter_yaml(
         "kboard",
         "127.0.0.1:0",
-        &format!("sd: {{type: storage-sim, size: 64MiB, path: {}}}", img.display()),
+        &format!(
+            "sd: {{type: storage-sim, size: 64MiB, path: {}}}",
+            img.display()
+        ),
     ));
     let want = read_at(&img, 0, 4096);
 
@@ -391,7 +536,9 @@ fn a_killed_mount_is_cleaned_up_by_the_next_one() {
             .arg(&jmpd.fingerprint)
             .arg(&mnt);
         let mut p = Proc::spawn("jmp-mount", c, &env.logs);
-        p.expect_line(READY, "jmp-mount's ready line", |l| l.contains("mounted at"));
+        p.expect_line(READY, "jmp-mount's ready line", |l| {
+            l.contains("mounted at")
+        });
         p
     };
     let mut first = start();
@@ -402,7 +549,10 @@ fn a_killed_mount_is_cleaned_up_by_the_next_one() {
     let mut second = start();
     assert_eq!(read_at(&mnt.join("disk"), 0, 4096), want);
     second.stop();
-    assert!(poll_until(T, || !jmp_devices_is_mounted(&mnt)), "jmp-mount unmounts on SIGTERM");
+    assert!(
+        poll_until(T, || !jmp_devices_is_mounted(&mnt)),
+        "jmp-mount unmounts on SIGTERM"
+    );
 
     // The same with jmp attach, which serves the mount in-process.
     let (mut a, v) = env.attach(&jmpd, &[]);
@@ -420,7 +570,9 @@ fn a_killed_mount_is_cleaned_up_by_the_next_one() {
 #[test]
 fn killing_jmpd_mid_read_gives_an_error_or_the_right_data() {
     if let Some(t) = missing_tool() {
-        return skip(&format!("{t} is missing (scripts/install-test-deps.sh installs it)"));
+        return skip(&format!(
+            "{t} is missing (scripts/install-test-deps.sh installs it)"
+        ));
     }
     let env = TestEnv::new("storage-jmpd-kill");
     let img = env.root.join("sd.img");
@@ -428,7 +580,10 @@ fn killing_jmpd_mid_read_gives_an_error_or_the_right_data() {
     let yaml = env.exporter_yaml(
         "jboard",
         &format!("127.0.0.1:{port}"),
-        &format!("sd: {{type: storage-sim, size: 128MiB, path: {}}}", img.display()),
+        &format!(
+            "sd: {{type: storage-sim, size: 128MiB, path: {}}}",
+            img.display()
+        ),
     );
     let mut jmpd = env.start_jmpd(&yaml);
     let (_attach, v) = env.attach(&jmpd, &[]);
@@ -442,19 +597,30 @@ fn killing_jmpd_mid_read_gives_an_error_or_the_right_data() {
         .args(["bs=16k", "iflag=direct", "status=none"]);
     let mut dd = Proc::spawn("dd", c, &env.logs);
     assert!(
-        poll_until(T, || std::fs::metadata(&out).is_ok_and(|m| m.len() >= 4 << 20)),
+        poll_until(T, || std::fs::metadata(&out)
+            .is_ok_and(|m| m.len() >= 4 << 20)),
         "dd makes progress"
     );
     jmpd.proc.kill9();
     // The exporter comes back on the same port; the mount's requests are sent again.
     let _jmpd2 = env.start_jmpd(&yaml);
     let status = dd.expect_exit(T);
-    raw_stderr(&format!("storage: dd across a jmpd kill -9 ended with {status}"));
+    raw_stderr(&format!(
+        "storage: dd across a jmpd kill -9 ended with {status}"
+    ));
     if status.success() {
-        sh(&env, "cmp", &format!("cmp {} {}", out.display(), img.display()));
+        sh(
+            &env,
+            "cmp",
+            &format!("cmp {} {}", out.display(), img.display()),
+        );
     } else {
         // An error is fine; what was copied before it is still the card's.
         let got = std::fs::read(&out).expect("copy");
-        assert_eq!(got, read_at(&img, 0, got.len()), "the partial copy is the card's data");
+        assert_eq!(
+            got,
+            read_at(&img, 0, got.len()),
+            "the partial copy is the card's data"
+        );
     }
 }

@@ -50,10 +50,17 @@ impl StorageBridge {
 
     /// Mounts the device at a path the user chose (`jmp-mount`): an empty directory, or a
     /// dead mount of a killed process, which is cleaned first.
-    pub fn at(info: &DeviceInfo, path: &std::path::Path, owner: (u32, u32)) -> std::io::Result<StorageBridge> {
+    pub fn at(
+        info: &DeviceInfo,
+        path: &std::path::Path,
+        owner: (u32, u32),
+    ) -> std::io::Result<StorageBridge> {
         if let Err(e) = std::fs::symlink_metadata(path) {
             if e.raw_os_error() == Some(libc::ENOTCONN) {
-                warn!("{}: a dead mount of an earlier run; unmounting it", path.display());
+                warn!(
+                    "{}: a dead mount of an earlier run; unmounting it",
+                    path.display()
+                );
                 places::detach(path)?;
             } else {
                 return Err(e);
@@ -71,7 +78,11 @@ impl StorageBridge {
         Ok(b)
     }
 
-    fn mount(info: &DeviceInfo, path: PathBuf, owner: (u32, u32)) -> std::io::Result<StorageBridge> {
+    fn mount(
+        info: &DeviceInfo,
+        path: PathBuf,
+        owner: (u32, u32),
+    ) -> std::io::Result<StorageBridge> {
         let p = DeviceParams::decode_exact(&info.params).map_err(|e| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidData,

@@ -11,7 +11,9 @@
 use super::medium::Failure;
 use bytes::{Bytes, BytesMut};
 use jmp_protocol::codec::Codec;
-use jmp_protocol::kinds::storage::{frame, DeviceParams, FrameReader, Op, Request, Response, StorageError};
+use jmp_protocol::kinds::storage::{
+    frame, DeviceParams, FrameReader, Op, Request, Response, StorageError,
+};
 use jmp_transport::{BoxFuture, PipeRx, PipeTx};
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -120,7 +122,10 @@ impl<R: tokio::io::AsyncRead + Unpin + Send> ChunkRx for StreamRx<R> {
 }
 
 fn lost(device: &str, why: &str) -> Failure {
-    Failure::new(StorageError::Io, format!("{device}: the link to the exporter is lost: {why}"))
+    Failure::new(
+        StorageError::Io,
+        format!("{device}: the link to the exporter is lost: {why}"),
+    )
 }
 
 impl Client {
@@ -299,7 +304,7 @@ impl Client {
                 };
                 reader.push(chunk);
                 while let Some((resp, payload)) = reader
-                    .next()
+                    .next_frame()
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?
                 {
                     self.complete(resp, payload)?;
@@ -335,7 +340,10 @@ impl Client {
                     Ok(d) if d.len() as u64 == len => Ok(Reply::Data(Bytes::from(d))),
                     _ => Err(Failure::new(
                         StorageError::BadData,
-                        format!("{}: compressed data from the exporter does not decompress", self.0.device),
+                        format!(
+                            "{}: compressed data from the exporter does not decompress",
+                            self.0.device
+                        ),
                     )),
                 }
             }
@@ -346,9 +354,15 @@ impl Client {
                 // is broken, so end it (what is in flight is resent or failed).
                 (p.done)(Err(Failure::new(
                     StorageError::Io,
-                    format!("{}: the exporter answered {op:?} with {other:?}", self.0.device),
+                    format!(
+                        "{}: the exporter answered {op:?} with {other:?}",
+                        self.0.device
+                    ),
                 )));
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "mismatched answer"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "mismatched answer",
+                ));
             }
         };
         (p.done)(out);

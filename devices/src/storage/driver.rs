@@ -139,7 +139,8 @@ impl Inner {
                     board_on: self.board.as_ref().is_some_and(|b| b.powered()),
                     generation,
                 };
-                self.state.send_replace(DeviceStatus::available(to_bytes(&p)));
+                self.state
+                    .send_replace(DeviceStatus::available(to_bytes(&p)));
                 *g = Some(m.clone());
                 Ok(m)
             }
@@ -211,8 +212,17 @@ impl Inner {
         }
     }
 
-    fn run(&self, ch: u64, m: &Medium, op: Op, payload: Vec<Bytes>) -> Result<(Response, Option<Bytes>), Failure> {
-        if matches!(op, Op::Write { .. } | Op::WriteZstd { .. } | Op::Zero { .. } | Op::Discard { .. }) {
+    fn run(
+        &self,
+        ch: u64,
+        m: &Medium,
+        op: Op,
+        payload: Vec<Bytes>,
+    ) -> Result<(Response, Option<Bytes>), Failure> {
+        if matches!(
+            op,
+            Op::Write { .. } | Op::WriteZstd { .. } | Op::Zero { .. } | Op::Discard { .. }
+        ) {
             self.may_write()?;
             self.writing(ch);
         }
@@ -254,7 +264,10 @@ impl Inner {
                 let data = zstd::bulk::decompress(&z, len as usize).map_err(|e| {
                     Failure::new(
                         StorageError::BadData,
-                        format!("{}: a compressed write at {offset} does not decompress: {e}", self.name),
+                        format!(
+                            "{}: a compressed write at {offset} does not decompress: {e}",
+                            self.name
+                        ),
                     )
                 })?;
                 if data.len() as u64 != len {
@@ -316,12 +329,18 @@ impl Driver for StorageDriver {
 
     fn detail(&self) -> String {
         let p = self.0.params();
-        let size = p.map(|p| format!(" {} MiB", p.size >> 20)).unwrap_or_default();
+        let size = p
+            .map(|p| format!(" {} MiB", p.size >> 20))
+            .unwrap_or_default();
         let rw = match p {
             Some(p) if p.writable => "",
             _ => " read-only",
         };
-        let shared = if self.0.board.is_some() { " shared with the board" } else { "" };
+        let shared = if self.0.board.is_some() {
+            " shared with the board"
+        } else {
+            ""
+        };
         format!("{}{size}{rw}{shared}", self.0.path.display())
     }
 
@@ -350,7 +369,10 @@ impl Driver for StorageDriver {
     fn request<'a>(&'a self, body: Bytes) -> BoxFuture<'a, Result<Bytes, Refusal>> {
         Box::pin(async move {
             let req = DeviceRequest::decode_exact(&body).map_err(|e| {
-                Refusal::new(ErrorCode::Protocol, format!("{}: bad request: {e}", self.0.name))
+                Refusal::new(
+                    ErrorCode::Protocol,
+                    format!("{}: bad request: {e}", self.0.name),
+                )
             })?;
             let medium = self
                 .0
@@ -405,7 +427,7 @@ impl Channel for StorageChannel {
                 };
                 reader.push(chunk);
                 loop {
-                    let (req, payload) = match reader.next() {
+                    let (req, payload) = match reader.next_frame() {
                         Ok(Some(r)) => r,
                         Ok(None) => break,
                         Err(e) => {

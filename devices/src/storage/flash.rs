@@ -137,12 +137,26 @@ impl fmt::Display for FlashError {
 
 impl std::error::Error for FlashError {}
 
+/// SHA-256s of the image's data, per range `[start, end)`, for verifying.
+type Hashes = Vec<(u64, u64, [u8; 32])>;
+
 /// What the producer hands the sender.
 enum Piece {
-    Data { offset: u64, raw: u64, zstd: bool, bytes: Bytes },
-    Zero { offset: u64, len: u64 },
+    Data {
+        offset: u64,
+        raw: u64,
+        zstd: bool,
+        bytes: Bytes,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
     /// The image ended after this many bytes; sha256 of its data per verify range.
-    End { image: u64, hashes: Vec<(u64, u64, [u8; 32])> },
+    End {
+        image: u64,
+        hashes: Hashes,
+    },
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -187,7 +201,11 @@ impl Producer {
 
     fn run(mut self) -> Result<(), String> {
         let size = self.params.size;
-        if let Some(s) = self.image.size.or(self.opts.bmap.as_ref().map(|b| b.image_size)) {
+        if let Some(s) = self
+            .image
+            .size
+            .or(self.opts.bmap.as_ref().map(|b| b.image_size))
+        {
             if s > size {
                 return Err(format!(
                     "the image is larger than the medium: {s} bytes onto {size}; nothing was written"
@@ -201,10 +219,17 @@ impl Producer {
             None => Vec::new(),
         };
         let mut range_ctx: Vec<Option<ring::digest::Context>> = match &bmap {
-            Some(b) => b.ranges.iter().map(|_| Some(ring::digest::Context::new(b.checksum.algorithm()))).collect(),
+            Some(b) => b
+                .ranges
+                .iter()
+                .map(|_| Some(ring::digest::Context::new(b.checksum.algorithm())))
+                .collect(),
             None => Vec::new(),
         };
-        let mut vctx: Vec<ring::digest::Context> = vranges.iter().map(|_| ring::digest::Context::new(&ring::digest::SHA256)).collect();
+        let mut vctx: Vec<ring::digest::Context> = vranges
+            .iter()
+            .map(|_| ring::digest::Context::new(&ring::digest::SHA256))
+            .collect();
         let mut whole = ring::digest::Context::new(&ring::digest::SHA256);
         let mut buf = vec![0u8; UNIT];
         let mut pos = 0u64;
@@ -231,7 +256,9 @@ impl Producer {
             if let Some(b) = &bmap {
                 if let Some(b_end) = Some(b.image_size) {
                     if pos >= b_end {
-                        return Err(format!("the image is longer than its bmap says ({b_end} bytes)"));
+                        return Err(format!(
+                            "the image is longer than its bmap says ({b_end} bytes)"
+                        ));
                     }
                 }
                 for (i, r) in b.ranges.iter().enumerate() {
@@ -275,7 +302,10 @@ impl Producer {
                         zero_run = match zero_run {
                             Some((s, e)) if e == off => Some((s, off + grain.len() as u64)),
                             Some((s, e)) => {
-                                if !self.send(Piece::Zero { offset: s, len: e - s }) {
+                                if !self.send(Piece::Zero {
+                                    offset: s,
+                                    len: e - s,
+                                }) {
                                     return Ok(());
                                 }
                                 Some((off, off + grain.len() as u64))
@@ -286,7 +316,10 @@ impl Producer {
                         continue;
                     }
                     if let Some((s, e)) = zero_run.take() {
-                        if !self.send(Piece::Zero { offset: s, len: e - s }) {
+                        if !self.send(Piece::Zero {
+                            offset: s,
+                            len: e - s,
+                        }) {
                             return Ok(());
                         }
                     }
@@ -308,7 +341,10 @@ impl Producer {
             pos += n as u64;
         }
         if let Some((s, e)) = zero_run.take() {
-            if !self.send(Piece::Zero { offset: s, len: e - s }) {
+            if !self.send(Piece::Zero {
+                offset: s,
+                len: e - s,
+            }) {
                 return Ok(());
             }
         }
@@ -366,7 +402,11 @@ pub async fn flash(
         };
         return Err(FlashError {
             what: format!("{}: {what}", client.device()),
-            code: Some(if params.writable { StorageError::BoardHolds } else { StorageError::ReadOnly }),
+            code: Some(if params.writable {
+                StorageError::BoardHolds
+            } else {
+                StorageError::ReadOnly
+            }),
             acknowledged: Ranges::default(),
             flushed: false,
         });
@@ -375,7 +415,10 @@ pub async fn flash(
     let (tx, mut rx) = tokio::sync::mpsc::channel(MAX_IN_FLIGHT);
     let verify = opts.verify;
     let mut report = Report {
-        skipped: opts.bmap.as_ref().map_or(0, |b| b.image_size - b.mapped_bytes()),
+        skipped: opts
+            .bmap
+            .as_ref()
+            .map_or(0, |b| b.image_size - b.mapped_bytes()),
         ..Report::default()
     };
     let producer = Producer {
@@ -392,10 +435,15 @@ pub async fn flash(
     });
     let shared = Arc::new(Mutex::new(Shared::default()));
     let lock = |s: &Arc<Mutex<Shared>>| s.lock().unwrap_or_else(|e| e.into_inner()).acked.clone();
-    let mut end: Option<(u64, Vec<(u64, u64, [u8; 32])>)> = None;
+    let mut end: Option<(u64, Hashes)> = None;
     let mut failed: Option<(String, Option<StorageError>)> = None;
     while let Some(piece) = rx.recv().await {
-        if let Some(f) = shared.lock().unwrap_or_else(|e| e.into_inner()).failure.clone() {
+        if let Some(f) = shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .failure
+            .clone()
+        {
             failed = Some((f.message, Some(f.error)));
             break;
         }
@@ -407,11 +455,20 @@ pub async fn flash(
             }
         };
         let (op, payload, start, len) = match piece {
-            Piece::Data { offset, raw, zstd, bytes } => {
+            Piece::Data {
+                offset,
+                raw,
+                zstd,
+                bytes,
+            } => {
                 report.written += raw;
                 report.wire += bytes.len() as u64;
                 let op = if zstd {
-                    Op::WriteZstd { offset, len: raw, clen: bytes.len() as u64 }
+                    Op::WriteZstd {
+                        offset,
+                        len: raw,
+                        clen: bytes.len() as u64,
+                    }
                 } else {
                     Op::Write { offset, len: raw }
                 };
@@ -454,7 +511,12 @@ pub async fn flash(
     let _ = prod.await;
     // Everything submitted has its answer before anything is claimed.
     client.wait_below(1).await;
-    if let Some(f) = shared.lock().unwrap_or_else(|e| e.into_inner()).failure.clone() {
+    if let Some(f) = shared
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .failure
+        .clone()
+    {
         failed.get_or_insert((f.message, Some(f.error)));
     }
     if failed.is_none() && end.is_none() {
@@ -532,11 +594,21 @@ pub async fn dump(
     let outp = out.to_path_buf();
     let writer = tokio::task::spawn_blocking(move || -> io::Result<()> {
         let mut w: Box<dyn Write> = match format {
-            Format::Raw => Box::new(Sparse { f: file, pos: 0, len: 0 }),
+            Format::Raw => Box::new(Sparse {
+                f: file,
+                pos: 0,
+                len: 0,
+            }),
             Format::Zstd => Box::new(zstd::stream::write::Encoder::new(file, 3)?.auto_finish()),
-            Format::Gzip => Box::new(flate2::write::GzEncoder::new(file, flate2::Compression::fast())),
+            Format::Gzip => Box::new(flate2::write::GzEncoder::new(
+                file,
+                flate2::Compression::fast(),
+            )),
             Format::Xz => Box::new(liblzma::write::XzEncoder::new(file, 3)),
-            Format::Bzip2 => Box::new(bzip2::write::BzEncoder::new(file, bzip2::Compression::fast())),
+            Format::Bzip2 => Box::new(bzip2::write::BzEncoder::new(
+                file,
+                bzip2::Compression::fast(),
+            )),
         };
         while let Some(b) = rx.blocking_recv() {
             w.write_all(&b)?;
@@ -556,7 +628,15 @@ pub async fn dump(
                 let c = client.clone();
                 let off = next;
                 pending.push_back(tokio::spawn(async move {
-                    c.call(Op::Read { offset: off, len, compress: true }, None).await
+                    c.call(
+                        Op::Read {
+                            offset: off,
+                            len,
+                            compress: true,
+                        },
+                        None,
+                    )
+                    .await
                 }));
                 next += len;
             }
@@ -573,7 +653,11 @@ pub async fn dump(
             if tx.send(d).await.is_err() {
                 return Err(format!("writing {} failed", out.display()));
             }
-            progress(&Progress { done: wire_done, total: Some(size), wire: wire_done });
+            progress(&Progress {
+                done: wire_done,
+                total: Some(size),
+                wire: wire_done,
+            });
         }
         Ok(())
     }

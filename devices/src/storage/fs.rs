@@ -411,7 +411,14 @@ impl Filesystem for StorageFs {
     }
 
     // Extended attributes are not kept: ENOSYS tells the kernel once, and it stops asking.
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
         reply.error(Errno::ENOSYS);
     }
 

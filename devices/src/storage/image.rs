@@ -24,7 +24,8 @@ impl Format {
             Format::Xz
         } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
             Format::Zstd
-        } else if head.starts_with(b"BZh") && head.get(3).is_some_and(|c| (b'1'..=b'9').contains(c)) {
+        } else if head.starts_with(b"BZh") && head.get(3).is_some_and(|c| (b'1'..=b'9').contains(c))
+        {
             Format::Bzip2
         } else {
             Format::Raw
@@ -70,24 +71,37 @@ pub fn open(path: &Path) -> io::Result<Image> {
     let n = read_up_to(&mut f, &mut head)?;
     let format = Format::detect(&head[..n]);
     let f2 = std::fs::File::open(path)?;
-    let (reader, size, raw): (Box<dyn Read + Send>, Option<u64>, Option<std::fs::File>) = match format {
-        Format::Raw => (
-            Box::new(BufReader::with_capacity(1 << 20, f2.try_clone()?)),
-            Some(f2.metadata()?.len()),
-            Some(f2),
-        ),
-        Format::Gzip => (Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(f2))), None, None),
-        Format::Xz => (
-            Box::new(liblzma::read::XzDecoder::new_multi_decoder(BufReader::new(f2))),
-            None,
-            None,
-        ),
-        Format::Zstd => {
-            let size = zstd::zstd_safe::get_frame_content_size(&head[..n]).ok().flatten();
-            (Box::new(zstd::stream::read::Decoder::new(f2)?), size, None)
-        }
-        Format::Bzip2 => (Box::new(bzip2::read::MultiBzDecoder::new(BufReader::new(f2))), None, None),
-    };
+    let (reader, size, raw): (Box<dyn Read + Send>, Option<u64>, Option<std::fs::File>) =
+        match format {
+            Format::Raw => (
+                Box::new(BufReader::with_capacity(1 << 20, f2.try_clone()?)),
+                Some(f2.metadata()?.len()),
+                Some(f2),
+            ),
+            Format::Gzip => (
+                Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(f2))),
+                None,
+                None,
+            ),
+            Format::Xz => (
+                Box::new(liblzma::read::XzDecoder::new_multi_decoder(BufReader::new(
+                    f2,
+                ))),
+                None,
+                None,
+            ),
+            Format::Zstd => {
+                let size = zstd::zstd_safe::get_frame_content_size(&head[..n])
+                    .ok()
+                    .flatten();
+                (Box::new(zstd::stream::read::Decoder::new(f2)?), size, None)
+            }
+            Format::Bzip2 => (
+                Box::new(bzip2::read::MultiBzDecoder::new(BufReader::new(f2))),
+                None,
+                None,
+            ),
+        };
     Ok(Image {
         format,
         reader,
@@ -313,13 +327,27 @@ mod tests {
         assert_eq!(
             b.ranges,
             vec![
-                MappedRange { start: 0, end: 4096, checksum: Some(vec![0xab, 0xcd]) },
-                MappedRange { start: 8192, end: 10000, checksum: Some(vec![0xef, 0x01]) },
+                MappedRange {
+                    start: 0,
+                    end: 4096,
+                    checksum: Some(vec![0xab, 0xcd])
+                },
+                MappedRange {
+                    start: 8192,
+                    end: 10000,
+                    checksum: Some(vec![0xef, 0x01])
+                },
             ]
         );
         let bad = x.replace("> 2 <", "> 2-x <");
-        assert!(matches!(parse_bmap(&bad), Err(BmapError::Invalid { what: "Range", .. })));
+        assert!(matches!(
+            parse_bmap(&bad),
+            Err(BmapError::Invalid { what: "Range", .. })
+        ));
         let bad = x.replace("<BlockSize> 4096 </BlockSize>", "");
-        assert!(matches!(parse_bmap(&bad), Err(BmapError::Missing("BlockSize"))));
+        assert!(matches!(
+            parse_bmap(&bad),
+            Err(BmapError::Missing("BlockSize"))
+        ));
     }
 }

@@ -200,12 +200,19 @@ impl Medium {
         self.check_write()?;
         let len: usize = data.iter().map(|b| b.len()).sum();
         self.check_range(offset, len as u64)?;
-        let mut parts: Vec<&[u8]> = data.iter().map(|b| &b[..]).filter(|b| !b.is_empty()).collect();
+        let mut parts: Vec<&[u8]> = data
+            .iter()
+            .map(|b| &b[..])
+            .filter(|b| !b.is_empty())
+            .collect();
         let mut at = offset;
         let mut first = 0;
         while first < parts.len() {
             let end = (first + IOV_MAX).min(parts.len());
-            let iov: Vec<io::IoSlice> = parts[first..end].iter().map(|p| io::IoSlice::new(p)).collect();
+            let iov: Vec<io::IoSlice> = parts[first..end]
+                .iter()
+                .map(|p| io::IoSlice::new(p))
+                .collect();
             let n = match nix::sys::uio::pwritev(&self.file, &iov, at as libc::off_t) {
                 Ok(0) => {
                     return Err(Failure::new(
@@ -305,7 +312,7 @@ impl Medium {
             None
         };
         let bs = u64::from(self.block_size.max(512));
-        let aligned = direct.is_some() && offset % bs == 0 && len % bs == 0;
+        let aligned = direct.is_some() && offset.is_multiple_of(bs) && len.is_multiple_of(bs);
         let mut buf = AlignedBuf::new(HASH_CHUNK);
         let mut at = offset;
         while at < offset + len {

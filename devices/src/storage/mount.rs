@@ -67,7 +67,10 @@ impl Drop for Mounted {
             if let Err(e) = s.umount_and_join() {
                 // Busy (a program has a file open, a loop device sits on a partition):
                 // detach it now; the kernel ends it when the last user lets go.
-                warn!("unmounting {}: {e}; detaching it lazily", self.path.display());
+                warn!(
+                    "unmounting {}: {e}; detaching it lazily",
+                    self.path.display()
+                );
                 let _ = crate::places::detach(&self.path);
             }
         }
@@ -76,7 +79,11 @@ impl Drop for Mounted {
 
 /// Reads the medium's partition table through `client` (blocking: call from a blocking
 /// thread, with the runtime that serves the client's channel in `rt`).
-pub fn read_table(client: &Client, rt: &tokio::runtime::Handle, p: &DeviceParams) -> Vec<parts::Partition> {
+pub fn read_table(
+    client: &Client,
+    rt: &tokio::runtime::Handle,
+    p: &DeviceParams,
+) -> Vec<parts::Partition> {
     let read = |off: u64, buf: &mut [u8]| -> io::Result<()> {
         let r = rt.block_on(client.call(
             Op::Read {
@@ -120,7 +127,10 @@ pub async fn follow(client: Client, mounted: std::sync::Weak<Mounted>) {
             };
             if seen != Some(p.generation) {
                 if seen.is_some() {
-                    info!(device = client.device(), "the medium changed (generation {}): dropping the cache", p.generation);
+                    info!(
+                        device = client.device(),
+                        "the medium changed (generation {}): dropping the cache", p.generation
+                    );
                     invalidate(&mounted).await;
                 }
                 seen = Some(p.generation);

@@ -40,7 +40,11 @@ pub fn describe(device: &str, resp: &DeviceResponse) -> String {
             } else {
                 "read-only"
             },
-            if p.shared { ", shared with the board" } else { "" }
+            if p.shared {
+                ", shared with the board"
+            } else {
+                ""
+            }
         ),
         DeviceResponse::Hash { sha256 } => format!("{device}: sha256 {}", hex::encode(sha256)),
     }

@@ -130,7 +130,8 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     fn parts_of(table: Table) -> Vec<Partition> {
-        let p = std::env::temp_dir().join(format!("jmp-parts-{table:?}-{}.img", std::process::id()));
+        let p =
+            std::env::temp_dir().join(format!("jmp-parts-{table:?}-{}.img", std::process::id()));
         let _ = std::fs::remove_file(&p);
         sim::ensure_image(&p, 64 << 20, table).expect("image");
         let f = std::fs::File::open(&p).expect("open");

@@ -102,9 +102,8 @@ fn write_mbr(f: &std::fs::File, parts: &[(u64, u64); 2]) -> io::Result<()> {
 
 fn write_gpt(f: &std::fs::File, size: u64, parts: &[(u64, u64); 2]) -> io::Result<()> {
     let mut dev = f.try_clone()?;
-    let pmbr = gpt::mbr::ProtectiveMBR::with_lb_size(
-        u32::try_from(size / SECTOR - 1).unwrap_or(u32::MAX),
-    );
+    let pmbr =
+        gpt::mbr::ProtectiveMBR::with_lb_size(u32::try_from(size / SECTOR - 1).unwrap_or(u32::MAX));
     pmbr.overwrite_lba0(&mut dev).map_err(other)?;
     let mut disk = gpt::GptConfig::new()
         .writable(true)
@@ -114,15 +113,8 @@ fn write_gpt(f: &std::fs::File, size: u64, parts: &[(u64, u64); 2]) -> io::Resul
     let names = ["boot", "rootfs"];
     let types = [gpt::partition_types::EFI, gpt::partition_types::LINUX_FS];
     for (i, ((off, len), ty)) in parts.iter().zip(types).enumerate() {
-        disk.add_partition_at(
-            names[i],
-            i as u32 + 1,
-            off / SECTOR,
-            len / SECTOR,
-            ty,
-            0,
-        )
-        .map_err(other)?;
+        disk.add_partition_at(names[i], i as u32 + 1, off / SECTOR, len / SECTOR, ty, 0)
+            .map_err(other)?;
     }
     disk.write().map_err(other)?;
     Ok(())

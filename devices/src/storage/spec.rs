@@ -90,12 +90,15 @@ impl StorageSimSpec {
                 SIM_MAX >> 30
             ));
         }
-        if self.size.0 % (1 << 20) != 0 {
+        if !self.size.0.is_multiple_of(1 << 20) {
             return Err("size must be a whole number of MiB".into());
         }
         if let Some(p) = &self.path {
             if !p.is_absolute() {
-                return Err(format!("path {:?} must be absolute", p.display().to_string()));
+                return Err(format!(
+                    "path {:?} must be absolute",
+                    p.display().to_string()
+                ));
             }
         }
         Ok(())
@@ -113,7 +116,11 @@ impl StorageSimSpec {
         let path = self.image_path(exporter, name);
         if let Err(e) = super::sim::ensure_image(&path, self.size.0, self.table) {
             // The driver then reports the device unavailable, naming the path.
-            tracing::warn!(device = name, "cannot make the simulated card {}: {e}", path.display());
+            tracing::warn!(
+                device = name,
+                "cannot make the simulated card {}: {e}",
+                path.display()
+            );
         }
         Arc::new(super::StorageDriver::start(
             name,

@@ -344,13 +344,13 @@ impl StorageError {
     /// The errno a program reading or writing the mounted medium gets.
     pub fn errno(self) -> i32 {
         match self {
-            StorageError::Io | StorageError::Gone => 5,   // EIO
-            StorageError::ReadOnly => 30,                 // EROFS
-            StorageError::OutOfRange => 22,               // EINVAL
-            StorageError::NoSpace => 28,                  // ENOSPC
-            StorageError::BoardHolds => 16,               // EBUSY
-            StorageError::Unsupported => 95,              // EOPNOTSUPP
-            StorageError::BadData => 74,                  // EBADMSG
+            StorageError::Io | StorageError::Gone => 5, // EIO
+            StorageError::ReadOnly => 30,               // EROFS
+            StorageError::OutOfRange => 22,             // EINVAL
+            StorageError::NoSpace => 28,                // ENOSPC
+            StorageError::BoardHolds => 16,             // EBUSY
+            StorageError::Unsupported => 95,            // EOPNOTSUPP
+            StorageError::BadData => 74,                // EBADMSG
         }
     }
 
@@ -584,7 +584,7 @@ impl<T: Framed> FrameReader<T> {
 
     /// The next frame and its payload (as received chunks, in order), `Ok(None)` until both
     /// are complete. After an error the stream is unusable.
-    pub fn next(&mut self) -> Result<Option<(T, Vec<Bytes>)>, DecodeError> {
+    pub fn next_frame(&mut self) -> Result<Option<(T, Vec<Bytes>)>, DecodeError> {
         if self.pending.is_none() {
             // The header is small: copy at most its bytes together to decode it.
             let mut head = [0u8; 8];
@@ -869,7 +869,7 @@ pub(crate) fn examples() -> Vec<(&'static str, Vec<u8>)> {
 fn reads_as<T: Framed>(bytes: &[u8]) -> bool {
     let mut r = FrameReader::<T>::new();
     r.push(Bytes::copy_from_slice(bytes));
-    matches!(r.next(), Ok(Some(_))) && r.buffered() == 0
+    matches!(r.next_frame(), Ok(Some(_))) && r.buffered() == 0
 }
 
 #[cfg(test)]
@@ -938,8 +938,11 @@ mod tests {
         prop_oneof![
             id.clone().prop_map(|id| Response::Ok { id }),
             (id.clone(), arb_len()).prop_map(|(id, len)| Response::Data { id, len }),
-            (id.clone(), arb_len(), arb_len())
-                .prop_map(|(id, len, clen)| Response::DataZstd { id, len, clen }),
+            (id.clone(), arb_len(), arb_len()).prop_map(|(id, len, clen)| Response::DataZstd {
+                id,
+                len,
+                clen
+            }),
             (id.clone(), any::<[u8; 32]>()).prop_map(|(id, sha256)| Response::Hash { id, sha256 }),
             (id, 0usize..8, "[a-z :/]{0,40}").prop_map(|(id, e, message)| Response::Error {
                 id,
@@ -1003,7 +1006,7 @@ mod tests {
                 i += 1;
                 reader.push(Bytes::copy_from_slice(&stream[at..at + n]));
                 at += n;
-                while let Some((r, payload)) = reader.next().expect("valid stream") {
+                while let Some((r, payload)) = reader.next_frame().expect("valid stream") {
                     let data: Vec<u8> = payload.iter().flat_map(|b| b.iter().copied()).collect();
                     prop_assert_eq!(data.len() as u64, r.payload_len());
                     prop_assert!(data.iter().enumerate().all(|(i, b)| *b == i as u8));
@@ -1027,14 +1030,14 @@ mod tests {
             }
             let mut reader = FrameReader::<Response>::new();
             reader.push(Bytes::from(b));
-            while let Ok(Some(_)) = reader.next() {}
+            while let Ok(Some(_)) = reader.next_frame() {}
         }
 
         #[test]
         fn random_bytes_never_panic_the_reader(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let mut reader = FrameReader::<Request>::new();
             reader.push(Bytes::from(bytes));
-            while let Ok(Some(_)) = reader.next() {}
+            while let Ok(Some(_)) = reader.next_frame() {}
         }
     }
 
@@ -1080,14 +1083,20 @@ mod tests {
         // A header claiming more than MAX_HEADER is refused before anything is buffered.
         let mut r = FrameReader::<Response>::new();
         r.push(Bytes::from_static(&[0x7f, 0xff]));
-        assert!(matches!(r.next(), Err(DecodeError::FrameTooLarge(_))));
+        assert!(matches!(r.next_frame(), Err(DecodeError::FrameTooLarge(_))));
     }
 
     #[test]
     fn device_requests_read_as_json_for_the_control_socket() {
         let r: DeviceRequest =
             serde_json::from_str(r#"{"hash":{"offset":0,"len":4096}}"#).expect("json");
-        assert_eq!(r, DeviceRequest::Hash { offset: 0, len: 4096 });
+        assert_eq!(
+            r,
+            DeviceRequest::Hash {
+                offset: 0,
+                len: 4096
+            }
+        );
         let a = DeviceResponse::Hash { sha256: [0xab; 32] };
         let j = serde_json::to_string(&a).expect("json");
         assert!(j.contains(&"ab".repeat(32)), "{j}");
