@@ -110,7 +110,7 @@ impl DeviceSpec {
             DeviceSpec::Serial(s) => s.start(name),
             DeviceSpec::SimConsole(s) => s.start(name, ctx.exporter, ctx.board),
             DeviceSpec::Tcp(s) => s.start(name),
-            DeviceSpec::Power(s) => s.start(name, ctx.exporter),
+            DeviceSpec::Power(s) => s.start(name, ctx.exporter, ctx.board),
             DeviceSpec::PowerSim(s) => s.start(name, ctx.board),
             DeviceSpec::Storage(s) => s.start(name, ctx.board),
             DeviceSpec::StorageSim(s) => s.start(name, ctx.exporter, ctx.board),

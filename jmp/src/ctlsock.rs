@@ -405,6 +405,39 @@ mod tests {
             r#"{"v":1,"op":"device","device":"console","request":{"kind":"serial","request":{"set":{"data_bits":7,"parity":"even"}}}}"#,
         );
         round(
+            &Request {
+                v: 1,
+                op: Op::Channel {
+                    device: Some("sd".into()),
+                    kind: Kind::Storage,
+                    params: String::new(),
+                },
+            },
+            r#"{"v":1,"op":"channel","device":"sd","kind":"storage"}"#,
+        );
+        round(
+            &Request {
+                v: 1,
+                op: Op::Device {
+                    device: None,
+                    request: DeviceRequest::Storage(
+                        jmp_protocol::kinds::storage::DeviceRequest::Hash {
+                            offset: 0,
+                            len: 4096,
+                        },
+                    ),
+                },
+            },
+            r#"{"v":1,"op":"device","request":{"kind":"storage","request":{"hash":{"offset":0,"len":4096}}}}"#,
+        );
+        round(
+            &Reply::new(ReplyBody::Channel {
+                device: "sd".into(),
+                params: "90000000420007 03".replace(' ', ""),
+            }),
+            r#"{"v":1,"reply":"channel","device":"sd","params":"9000000042000703"}"#,
+        );
+        round(
             &Reply::new(ReplyBody::Done {
                 device: "power".into(),
                 response: DeviceResponse::Power(power::Response {
