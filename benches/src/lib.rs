@@ -1,6 +1,6 @@
 //! jmp benchmarks: every benchmark runs its baseline and its peers in the same run, interleaved
 //! round by round, and reports medians and ratios. The driver is `src/main.rs`
-//! (`cargo run --release -p jmp-bench -- [all|serial|tcp|quinn|memory|controller]
+//! (`cargo run --release -p jmp-bench -- [all|serial|tcp|quinn|memory|controller|storage]
 //! [--rounds N]`); the method and recorded figures are in `docs/benchmarks.md`.
 
 pub mod controller;
@@ -11,4 +11,5 @@ pub mod quic;
 pub mod relay;
 pub mod serial;
 pub mod stats;
+pub mod storage;
 pub mod tcp;

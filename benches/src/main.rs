@@ -1,4 +1,4 @@
-//! `cargo run --release -p jmp-bench -- [all|serial|tcp|quinn|memory|controller] [--rounds N]
+//! `cargo run --release -p jmp-bench -- [all|serial|tcp|quinn|memory|controller|storage] [--rounds N]
 //! [--iperf-seconds S] [--no-build] [--bin-dir DIR]`
 //!
 //! `--bin-dir` takes `jmpd`, `jmp` and `jmp-controller` from DIR instead of building the
@@ -9,7 +9,7 @@
 //! everything as JSON to `target/bench-results.json`.
 
 use anyhow::{bail, Result};
-use jmp_bench::{controller, jmp, memory, quic, relay, serial, tcp};
+use jmp_bench::{controller, jmp, memory, quic, relay, serial, storage, tcp};
 use std::process::Command;
 
 struct Args {
@@ -35,13 +35,13 @@ fn parse() -> Result<Args> {
             "--iperf-seconds" => a.iperf_seconds = it.next().unwrap_or_default().parse()?,
             "--no-build" => a.build = false,
             "--bin-dir" => a.bin_dir = it.next().map(Into::into),
-            "all" => a
-                .which
-                .extend(["serial", "tcp", "quinn", "memory", "controller"].map(String::from)),
-            "serial" | "tcp" | "quinn" | "memory" | "controller" => a.which.push(x),
+            "all" => a.which.extend(
+                ["serial", "tcp", "quinn", "memory", "controller", "storage"].map(String::from),
+            ),
+            "serial" | "tcp" | "quinn" | "memory" | "controller" | "storage" => a.which.push(x),
             "-h" | "--help" => {
                 println!(
-                    "usage: jmp-bench [all|serial|tcp|quinn|memory|controller]... [--rounds N] \
+                    "usage: jmp-bench [all|serial|tcp|quinn|memory|controller|storage]... [--rounds N] \
                      [--iperf-seconds S] [--no-build] [--bin-dir DIR]"
                 );
                 std::process::exit(0);
@@ -112,6 +112,7 @@ fn main() -> Result<()> {
             "quinn" => quic::run(args.rounds),
             "memory" => memory::run(&bins, args.rounds),
             "controller" => controller::run(&bins, args.rounds),
+            "storage" => storage::run(&bins, args.rounds),
             _ => unreachable!("parsed"),
         };
         match r {
