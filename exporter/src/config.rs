@@ -418,7 +418,11 @@ export:
         let kinds: Vec<_> = c.export.0.iter().map(|(_, s)| s.kind()).collect();
         assert_eq!(
             kinds,
-            [jmp_protocol::Kind::Serial, jmp_protocol::Kind::Power]
+            [
+                jmp_protocol::Kind::Serial,
+                jmp_protocol::Kind::Power,
+                jmp_protocol::Kind::Storage
+            ]
         );
         let example = include_str!("../../examples/local-config.yaml");
         assert!(
