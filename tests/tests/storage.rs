@@ -624,3 +624,44 @@ fn killing_jmpd_mid_read_gives_an_error_or_the_right_data() {
         );
     }
 }
+
+#[test]
+fn a_card_shared_with_the_board_takes_writes_only_while_it_is_off() {
+    if let Some(t) = missing_tool() {
+        return skip(&format!(
+            "{t} is missing (scripts/install-test-deps.sh installs it)"
+        ));
+    }
+    let env = TestEnv::new("storage-shared");
+    let img = env.root.join("sd.img");
+    let jmpd = env.start_jmpd(&env.exporter_yaml(
+        "mux",
+        "127.0.0.1:0",
+        &format!(
+            "sd: {{type: storage-sim, size: 64MiB, path: {}, sharedWithBoard: true}}\npower: {{type: power-sim}}",
+            img.display()
+        ),
+    ));
+    let src = source(&env);
+    let zst = format!("{}.zst", src.display());
+    // The simulated board starts powered: the card is the board's.
+    let out = flash(&env, &jmpd, "sd", &[&zst]);
+    assert_eq!(out.status.code(), Some(8), "{}", out.stderr);
+    assert!(out.stderr.contains("power is on"), "{}", out.stderr);
+    let mut c = env.jmp();
+    c.args(["power", "off", "--exporter"])
+        .arg(jmpd.addr.to_string())
+        .arg("--token-file")
+        .arg(&env.token_file)
+        .arg("--fingerprint")
+        .arg(&jmpd.fingerprint);
+    let off = run("jmp-power-off", c, &env.logs, T);
+    assert!(off.status.success(), "{}", off.stderr);
+    let out = flash(&env, &jmpd, "sd", &[&zst, "--verify"]);
+    assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
+    sh(
+        &env,
+        "cmp",
+        &format!("cmp {} {}", src.display(), img.display()),
+    );
+}
