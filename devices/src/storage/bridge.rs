@@ -66,6 +66,8 @@ impl StorageBridge {
                 return Err(e);
             }
         }
+        // The mount table lists absolute, resolved paths.
+        let path = &std::fs::canonicalize(path)?;
         if places::is_mount_point(path) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,

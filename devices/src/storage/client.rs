@@ -226,7 +226,6 @@ impl Client {
         let now = Instant::now();
         let mut st = self.lock();
         let mut expired = Vec::new();
-        st.waiting.retain_mut(|_| true);
         let mut keep = VecDeque::new();
         while let Some((id, p)) = st.waiting.pop_front() {
             if now.duration_since(p.since) > patience {
