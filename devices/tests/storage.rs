@@ -375,3 +375,118 @@ async fn the_mount_shows_the_disk_and_its_partitions() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every image format flashes to the same bytes, and a dump reads them back (zstd and sparse
+/// raw), over memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_format_flashes_and_dumps_back_identically() {
+    use jmp_devices::storage::{flash, image};
+    use std::io::Write;
+    use std::sync::atomic::AtomicBool;
+    let img = Img::new("formats");
+    let (link, _srv) = mem_session(DeviceSet::new("b", vec![driver(&img, true, None, None)]));
+    let (c, _t) = connect(link).await;
+    let dir = std::env::temp_dir().join(format!("jmp-storage-formats-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    // 8 MiB: text that compresses, random-looking bytes that do not, and zeros.
+    let mut raw = vec![0u8; 8 << 20];
+    for (i, b) in raw[..1 << 20].iter_mut().enumerate() {
+        *b = b"jmp storage "[i % 12];
+    }
+    let mut x = 0x9e37_79b9_u32;
+    for b in raw[3 << 20..5 << 20].iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8;
+    }
+    let write = |name: &str, bytes: Vec<u8>| {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).expect("write");
+        p
+    };
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&raw).expect("gz");
+    let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 1);
+    xz.write_all(&raw).expect("xz");
+    let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+    bz.write_all(&raw).expect("bz2");
+    let files = [
+        (write("a.img", raw.clone()), image::Format::Raw),
+        (
+            write("a.img.gz", gz.finish().expect("gz")),
+            image::Format::Gzip,
+        ),
+        (
+            write("a.img.xz", xz.finish().expect("xz")),
+            image::Format::Xz,
+        ),
+        (
+            write("a.img.zst", zstd::bulk::compress(&raw, 3).expect("zst")),
+            image::Format::Zstd,
+        ),
+        (
+            write("a.img.bz2", bz.finish().expect("bz2")),
+            image::Format::Bzip2,
+        ),
+    ];
+    for (path, format) in &files {
+        // Scribble over the card first so a format that wrote nothing would show.
+        c.call(
+            Op::Write { offset: 0, len: 4 },
+            Some(Bytes::from_static(b"junk")),
+        )
+        .await
+        .expect("scribble");
+        let im = image::open(path).expect("open");
+        assert_eq!(im.format, *format, "{}", path.display());
+        let rep = flash::flash(
+            &c,
+            c.params().expect("params"),
+            im,
+            flash::Options {
+                bmap: None,
+                verify: true,
+                compress: true,
+            },
+            Arc::new(AtomicBool::new(false)),
+            |_| {},
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(rep.verified && rep.image == raw.len() as u64, "{rep:?}");
+        assert!(
+            rep.zeroed >= 3 << 20 && rep.wire < rep.written,
+            "zeros are not sent, text is compressed: {rep:?}"
+        );
+        assert_eq!(read_image(&img.0, raw.len()), raw, "{}", path.display());
+    }
+    for out in ["dump.img.zst", "dump.img"] {
+        let p = dir.join(out);
+        flash::dump(
+            &c,
+            c.params().expect("params"),
+            &p,
+            Arc::new(AtomicBool::new(false)),
+            |_| {},
+        )
+        .await
+        .expect("dump");
+        let mut back = Vec::new();
+        let mut im = image::open(&p).expect("open dump");
+        std::io::Read::read_to_end(&mut im.reader, &mut back).expect("read dump");
+        assert_eq!(back.len() as u64, SIZE);
+        assert_eq!(&back[..raw.len()], &raw[..], "{out}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn read_image(p: &std::path::Path, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    std::fs::File::open(p)
+        .expect("image")
+        .read_exact_at(&mut b, 0)
+        .expect("pread");
+    b
+}

@@ -395,6 +395,30 @@ fn flash_zst_with_and_without_bmap_and_bad_input_fails_clearly() {
         &format!("cmp {} {}", src.display(), card.display()),
     );
 
+    // The raw image (holes found with SEEK_DATA, never read), with and without its bmap.
+    for extra in [vec![], vec!["--bmap", bmap.as_str()]] {
+        sh(
+            &env,
+            "blank",
+            &format!("truncate -s 0 {c}; truncate -s 64M {c}", c = card.display()),
+        );
+        let mut args = vec![src.to_str().unwrap(), "--verify"];
+        args.extend(extra.iter().copied());
+        let out = flash(&env, &jmpd, "card", &args);
+        assert!(
+            out.status.success(),
+            "{:?}: {}\n{}",
+            args,
+            out.stdout,
+            out.stderr
+        );
+        sh(
+            &env,
+            "cmp",
+            &format!("cmp {} {}", src.display(), card.display()),
+        );
+    }
+
     // A bmap whose checksum does not match the image.
     let lying = env.root.join("lying.bmap");
     let text = std::fs::read_to_string(&bmap).expect("bmap");

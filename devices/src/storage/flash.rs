@@ -160,8 +160,9 @@ enum Piece {
 }
 
 fn is_zero(b: &[u8]) -> bool {
-    // Checked a word at a time by the compiler's vectorised compare.
-    b.iter().all(|x| *x == 0)
+    // An OR over each page without an early exit vectorises; `all()` would not.
+    b.chunks(4096)
+        .all(|c| c.iter().fold(0u8, |a, x| a | x) == 0)
 }
 
 struct Producer {
@@ -212,143 +213,216 @@ impl Producer {
                 ));
             }
         }
-        let bmap = self.opts.bmap.clone();
-        // Verify ranges: the bmap's mapped ranges, else the whole image.
-        let mut vranges: Vec<(u64, u64)> = match &bmap {
-            Some(b) => b.ranges.iter().map(|r| (r.start, r.end)).collect(),
-            None => Vec::new(),
+        let mut out = Out {
+            zero: None,
+            verify: self.opts.verify.then(Vec::new),
+            stopped: false,
         };
-        let mut range_ctx: Vec<Option<ring::digest::Context>> = match &bmap {
-            Some(b) => b
-                .ranges
-                .iter()
-                .map(|_| Some(ring::digest::Context::new(b.checksum.algorithm())))
-                .collect(),
-            None => Vec::new(),
+        let end = match (self.opts.bmap.take(), self.image.raw.take()) {
+            (Some(b), raw) => self.mapped(&b, raw.as_ref(), &mut out)?,
+            (None, Some(f)) => self.raw_holes(&f, &mut out)?,
+            (None, None) => self.stream(&mut out)?,
         };
-        let mut vctx: Vec<ring::digest::Context> = vranges
-            .iter()
-            .map(|_| ring::digest::Context::new(&ring::digest::SHA256))
+        if out.stopped {
+            return Ok(());
+        }
+        out.flush_zero(&self)?;
+        let hashes = out
+            .verify
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(s, e, c)| (s, e, digest(c)))
             .collect();
-        let mut whole = ring::digest::Context::new(&ring::digest::SHA256);
+        self.send(Piece::End { image: end, hashes });
+        Ok(())
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// A compressed image without a bmap: everything is decompressed and classified.
+    fn stream(&mut self, out: &mut Out) -> Result<u64, String> {
+        let size = self.params.size;
         let mut buf = vec![0u8; UNIT];
         let mut pos = 0u64;
-        let mut zero_run: Option<(u64, u64)> = None;
         loop {
-            if self.stop.load(Ordering::Relaxed) {
+            if self.stopped() {
                 return Err("interrupted".into());
             }
-            let n = super::image::read_up_to(&mut self.image.reader, &mut buf).map_err(|e| {
-                format!(
-                    "the {} image is truncated or corrupt at byte {pos} of its data: {e}",
-                    self.image.format.as_str()
-                )
-            })?;
+            let n = self.read_stream(&mut buf, pos)?;
             if n == 0 {
-                break;
+                return Ok(pos);
             }
-            let block = &buf[..n];
             if pos + n as u64 > size {
                 return Err(format!(
                     "the image is larger than the medium ({size} bytes): it goes on past byte {size}"
                 ));
             }
-            if let Some(b) = &bmap {
-                if let Some(b_end) = Some(b.image_size) {
-                    if pos >= b_end {
-                        return Err(format!(
-                            "the image is longer than its bmap says ({b_end} bytes)"
-                        ));
-                    }
-                }
-                for (i, r) in b.ranges.iter().enumerate() {
-                    let s = r.start.max(pos);
-                    let e = r.end.min(pos + n as u64);
-                    if s >= e {
-                        continue;
-                    }
-                    let part = &block[(s - pos) as usize..(e - pos) as usize];
-                    if let Some(c) = range_ctx[i].as_mut() {
-                        c.update(part);
-                    }
-                    vctx[i].update(part);
-                    // Send in units of at most UNIT (a range may be huge).
-                    if !self.data(s, part) {
-                        return Ok(());
-                    }
-                    if e == r.end {
-                        if let (Some(want), Some(c)) = (&r.checksum, range_ctx[i].take()) {
-                            let got = c.finish();
-                            if got.as_ref() != want.as_slice() {
-                                return Err(format!(
-                                    "bmap checksum mismatch for bytes {}..{}: the image or its bmap is corrupt (expected {}, the image has {})",
-                                    r.start,
-                                    r.end,
-                                    hex::encode(want),
-                                    hex::encode(got.as_ref())
-                                ));
-                            }
-                        }
-                    }
-                }
-            } else {
-                whole.update(block);
-                let mut at = 0;
-                while at < n {
-                    let end = (at + ZERO_GRAIN).min(n);
-                    let grain = &block[at..end];
-                    let off = pos + at as u64;
-                    if is_zero(grain) {
-                        zero_run = match zero_run {
-                            Some((s, e)) if e == off => Some((s, off + grain.len() as u64)),
-                            Some((s, e)) => {
-                                if !self.send(Piece::Zero {
-                                    offset: s,
-                                    len: e - s,
-                                }) {
-                                    return Ok(());
-                                }
-                                Some((off, off + grain.len() as u64))
-                            }
-                            None => Some((off, off + grain.len() as u64)),
-                        };
-                        at = end;
-                        continue;
-                    }
-                    if let Some((s, e)) = zero_run.take() {
-                        if !self.send(Piece::Zero {
-                            offset: s,
-                            len: e - s,
-                        }) {
-                            return Ok(());
-                        }
-                    }
-                    // Extend the data segment over the following non-zero grains.
-                    let mut dend = end;
-                    while dend < n {
-                        let ge = (dend + ZERO_GRAIN).min(n);
-                        if is_zero(&block[dend..ge]) {
-                            break;
-                        }
-                        dend = ge;
-                    }
-                    if !self.data(off, &block[at..dend]) {
-                        return Ok(());
-                    }
-                    at = dend;
-                }
+            if !out.classify(self, pos, &buf[..n]) {
+                return Ok(pos);
             }
             pos += n as u64;
         }
-        if let Some((s, e)) = zero_run.take() {
-            if !self.send(Piece::Zero {
-                offset: s,
-                len: e - s,
-            }) {
-                return Ok(());
+    }
+
+    fn read_stream(&mut self, buf: &mut [u8], pos: u64) -> Result<usize, String> {
+        super::image::read_up_to(&mut self.image.reader, buf).map_err(|e| {
+            format!(
+                "the {} image is truncated or corrupt at byte {pos} of its data: {e}",
+                self.image.format.as_str()
+            )
+        })
+    }
+
+    /// A raw image without a bmap: its holes (`SEEK_DATA`/`SEEK_HOLE`) are zeroed without
+    /// being read; what it holds is read with `pread` and classified.
+    fn raw_holes(&mut self, f: &std::fs::File, out: &mut Out) -> Result<u64, String> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::FileExt;
+        let len = self.image.size.unwrap_or(0);
+        let fd = f.as_raw_fd();
+        let seek = |at: u64, whence: libc::c_int| -> u64 {
+            // SAFETY: lseek on an open descriptor; it only moves that descriptor's offset,
+            // which nothing else here uses (reads are positioned).
+            let r = unsafe { libc::lseek(fd, at as libc::off_t, whence) };
+            if r < 0 {
+                // ENXIO past the last data; a file system without holes: all data.
+                if whence == libc::SEEK_DATA {
+                    len
+                } else {
+                    len.max(at)
+                }
+            } else {
+                (r as u64).min(len)
+            }
+        };
+        let mut buf = vec![0u8; UNIT];
+        let mut pos = 0u64;
+        while pos < len {
+            if self.stopped() {
+                return Err("interrupted".into());
+            }
+            let data = seek(pos, libc::SEEK_DATA);
+            if data > pos {
+                out.zero_run(self, pos, data)?;
+                pos = data;
+                continue;
+            }
+            let hole = seek(pos, libc::SEEK_HOLE).max(pos + 1);
+            let n = (hole - pos).min(UNIT as u64) as usize;
+            f.read_exact_at(&mut buf[..n], pos)
+                .map_err(|e| format!("reading the image at byte {pos}: {e}"))?;
+            if !out.classify(self, pos, &buf[..n]) {
+                return Ok(pos);
+            }
+            pos += n as u64;
+        }
+        Ok(len)
+    }
+
+    /// With a bmap: only the mapped ranges are written (read with `pread` from a raw image,
+    /// picked out of the decompressed stream otherwise), each checked against its checksum.
+    fn mapped(
+        &mut self,
+        b: &Bmap,
+        raw: Option<&std::fs::File>,
+        out: &mut Out,
+    ) -> Result<u64, String> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; UNIT];
+        let mut pos = 0u64; // stream position (compressed images)
+        for r in &b.ranges {
+            let mut check = r
+                .checksum
+                .as_ref()
+                .map(|_| ring::digest::Context::new(b.checksum.algorithm()));
+            // The verify hash is SHA-256; a sha256 bmap's own checksum serves for both.
+            let reuse = b.checksum == super::image::Checksum::Sha256 && check.is_some();
+            let mut vhash = (out.verify.is_some() && !reuse)
+                .then(|| ring::digest::Context::new(&ring::digest::SHA256));
+            let mut at = r.start;
+            if raw.is_none() {
+                // Skip the unmapped stretch of the stream before this range.
+                while pos < r.start {
+                    let k = (r.start - pos).min(UNIT as u64) as usize;
+                    let n = self.read_stream(&mut buf[..k], pos)?;
+                    if n == 0 {
+                        return Err(format!("the image ends at byte {pos}, before its bmap's range {}..{}: it is truncated", r.start, r.end));
+                    }
+                    pos += n as u64;
+                }
+            }
+            while at < r.end {
+                if self.stopped() {
+                    return Err("interrupted".into());
+                }
+                let k = (r.end - at).min(UNIT as u64) as usize;
+                match raw {
+                    Some(f) => f
+                        .read_exact_at(&mut buf[..k], at)
+                        .map_err(|e| format!("reading the image at byte {at}: {e}"))?,
+                    None => {
+                        let n = self.read_stream(&mut buf[..k], pos)?;
+                        if n < k {
+                            return Err(format!("the image ends at byte {}, inside its bmap's range {}..{}: it is truncated", pos + n as u64, r.start, r.end));
+                        }
+                        pos += n as u64;
+                    }
+                }
+                let part = &buf[..k];
+                if let Some(c) = check.as_mut() {
+                    c.update(part);
+                }
+                if let Some(c) = vhash.as_mut() {
+                    c.update(part);
+                }
+                if !self.data(at, part) {
+                    out.stopped = true;
+                    return Ok(at);
+                }
+                at += k as u64;
+            }
+            if let (Some(want), Some(c)) = (&r.checksum, check) {
+                let got = c.finish();
+                if got.as_ref() != want.as_slice() {
+                    return Err(format!(
+                        "bmap checksum mismatch for bytes {}..{}: the image or its bmap is corrupt (expected {}, the image has {})",
+                        r.start,
+                        r.end,
+                        hex::encode(want),
+                        hex::encode(got.as_ref())
+                    ));
+                }
+                if reuse {
+                    if let Some(v) = out.verify.as_mut() {
+                        let mut h = [0u8; 32];
+                        h.copy_from_slice(got.as_ref());
+                        v.push((r.start, r.end, Hash::Done(h)));
+                    }
+                }
+            }
+            if let (Some(v), Some(c)) = (out.verify.as_mut(), vhash) {
+                v.push((r.start, r.end, Hash::Running(c)));
             }
         }
-        if let Some(b) = &bmap {
+        if raw.is_none() {
+            // The rest of the stream must decompress (a corrupt tail is still a corrupt image)
+            // and must not be longer than the bmap says.
+            loop {
+                let n = self.read_stream(&mut buf, pos)?;
+                if n == 0 {
+                    break;
+                }
+                pos += n as u64;
+                if pos > b.image_size {
+                    return Err(format!(
+                        "the image is longer than its bmap says ({} bytes)",
+                        b.image_size
+                    ));
+                }
+            }
             if pos < b.image_size {
                 return Err(format!(
                     "the image ends at byte {pos}, but its bmap says {} bytes: it is truncated",
@@ -356,25 +430,108 @@ impl Producer {
                 ));
             }
         }
-        let hashes = if bmap.is_some() {
-            vranges
-                .drain(..)
-                .zip(vctx)
-                .map(|((s, e), c)| {
-                    let mut h = [0u8; 32];
-                    h.copy_from_slice(c.finish().as_ref());
-                    (s, e, h)
-                })
-                .collect()
-        } else if pos > 0 {
-            let mut h = [0u8; 32];
-            h.copy_from_slice(whole.finish().as_ref());
-            vec![(0, pos, h)]
-        } else {
-            Vec::new()
-        };
-        self.send(Piece::End { image: pos, hashes });
+        Ok(b.image_size)
+    }
+}
+
+/// A verify hash: still being computed, or known (a sha256 bmap's checksum).
+enum Hash {
+    Running(ring::digest::Context),
+    Done([u8; 32]),
+}
+
+fn digest(h: Hash) -> [u8; 32] {
+    match h {
+        Hash::Done(d) => d,
+        Hash::Running(c) => {
+            let mut d = [0u8; 32];
+            d.copy_from_slice(c.finish().as_ref());
+            d
+        }
+    }
+}
+
+/// Verify ranges are cut at this size so a mismatch names a useful range.
+const VERIFY_RANGE: u64 = 64 << 20;
+
+/// What the producer has pending: a run of zeros not yet sent, and the verify hashes.
+struct Out {
+    zero: Option<(u64, u64)>,
+    verify: Option<Vec<(u64, u64, Hash)>>,
+    /// The sender is gone (the flash is ending): stop quietly.
+    stopped: bool,
+}
+
+impl Out {
+    fn flush_zero(&mut self, p: &Producer) -> Result<(), String> {
+        if let Some((s, e)) = self.zero.take() {
+            if !p.send(Piece::Zero {
+                offset: s,
+                len: e - s,
+            }) {
+                self.stopped = true;
+            }
+        }
         Ok(())
+    }
+
+    fn zero_run(&mut self, p: &Producer, s: u64, e: u64) -> Result<(), String> {
+        self.zero = match self.zero {
+            Some((zs, ze)) if ze == s => Some((zs, e)),
+            Some(_) => {
+                self.flush_zero(p)?;
+                Some((s, e))
+            }
+            None => Some((s, e)),
+        };
+        Ok(())
+    }
+
+    fn hash(&mut self, off: u64, b: &[u8]) {
+        let Some(v) = self.verify.as_mut() else {
+            return;
+        };
+        let end = off + b.len() as u64;
+        if let Some((s, e, Hash::Running(c))) = v.last_mut() {
+            if *e == off && end - *s <= VERIFY_RANGE {
+                c.update(b);
+                *e = end;
+                return;
+            }
+        }
+        let mut c = ring::digest::Context::new(&ring::digest::SHA256);
+        c.update(b);
+        v.push((off, end, Hash::Running(c)));
+    }
+
+    /// Sends `block` at `off` as zero runs and data; false once the sender is gone.
+    fn classify(&mut self, p: &Producer, off: u64, block: &[u8]) -> bool {
+        let n = block.len();
+        let mut at = 0;
+        while at < n {
+            let end = (at + ZERO_GRAIN).min(n);
+            if is_zero(&block[at..end]) {
+                let _ = self.zero_run(p, off + at as u64, off + end as u64);
+                at = end;
+                continue;
+            }
+            let mut dend = end;
+            while dend < n {
+                let ge = (dend + ZERO_GRAIN).min(n);
+                if is_zero(&block[dend..ge]) {
+                    break;
+                }
+                dend = ge;
+            }
+            let _ = self.flush_zero(p);
+            self.hash(off + at as u64, &block[at..dend]);
+            if self.stopped || !p.data(off + at as u64, &block[at..dend]) {
+                self.stopped = true;
+                return false;
+            }
+            at = dend;
+        }
+        !self.stopped
     }
 }
 
