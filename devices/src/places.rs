@@ -101,14 +101,14 @@ pub fn entry(dir: &Path, device: &str) -> io::Result<PathBuf> {
 pub fn mount_point(dir: &Path, device: &str) -> io::Result<PathBuf> {
     name::check("device name", device).map_err(|e| refuse(e.to_string()))?;
     let path = dir.join(device);
+    if is_dead_mount(&path) {
+        tracing::warn!(
+            "{}: a dead mount of an earlier run; unmounting it",
+            path.display()
+        );
+        detach(&path)?;
+    }
     match std::fs::symlink_metadata(&path) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            tracing::warn!(
-                "{}: a dead mount of an earlier run; unmounting it",
-                path.display()
-            );
-            detach(&path)?;
-        }
         Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(&path)?,
         Ok(m) if m.is_dir() => {
             if is_mount_point(&path) {
@@ -144,6 +144,17 @@ pub fn mount_point(dir: &Path, device: &str) -> io::Result<PathBuf> {
         ));
     }
     Ok(path)
+}
+
+/// Whether `path` is a FUSE mount whose process is gone ("transport endpoint is not
+/// connected"). Listing it asks the (dead) server; a plain stat may be answered from the
+/// kernel's attribute cache for a moment after the kill.
+pub fn is_dead_mount(path: &Path) -> bool {
+    let dead = |e: &io::Error| e.raw_os_error() == Some(libc::ENOTCONN);
+    match std::fs::symlink_metadata(path) {
+        Err(e) => dead(&e),
+        Ok(_) => std::fs::read_dir(path).is_err_and(|e| dead(&e)),
+    }
 }
 
 /// Whether `path` is listed as a mount point in this process's mount table.

@@ -55,16 +55,12 @@ impl StorageBridge {
         path: &std::path::Path,
         owner: (u32, u32),
     ) -> std::io::Result<StorageBridge> {
-        if let Err(e) = std::fs::symlink_metadata(path) {
-            if e.raw_os_error() == Some(libc::ENOTCONN) {
-                warn!(
-                    "{}: a dead mount of an earlier run; unmounting it",
-                    path.display()
-                );
-                places::detach(path)?;
-            } else {
-                return Err(e);
-            }
+        if places::is_dead_mount(path) {
+            warn!(
+                "{}: a dead mount of an earlier run; unmounting it",
+                path.display()
+            );
+            places::detach(path)?;
         }
         // The mount table lists absolute, resolved paths.
         let path = &std::fs::canonicalize(path)?;
