@@ -9,7 +9,9 @@ apt_pkgs=(picocom tio tmux socat ser2net iperf3 openssh-client openssh-server ip
     # the benchmark's peers (wireguard-go, wg) and offload switches (ethtool)
     nftables netcat-openbsd curl iputils-ping ethtool wireguard-go wireguard-tools
     # CAN: candump/cansend, and the qemu guest whose kernel has SocketCAN (this one has not)
-    can-utils qemu-system-x86 busybox-static kmod xz-utils)
+    can-utils qemu-system-x86 busybox-static kmod xz-utils
+    # storage: FUSE, the tools its tests run on the mount, and the benchmark's peers
+    fuse3 fio sshfs nbdkit libnbd-bin bmap-tools dosfstools e2fsprogs fdisk util-linux mount qemu-utils zstd bzip2)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -15,4 +15,5 @@ pub mod quic;
 pub mod relay;
 pub mod serial;
 pub mod stats;
+pub mod storage;
 pub mod tcp;

@@ -11,7 +11,9 @@
 //! everything as JSON to `target/bench-results.json`.
 
 use anyhow::{bail, Result};
-use jmp_bench::{can, controller, flood, jmp, memory, net, pytest, quic, relay, serial, tcp};
+use jmp_bench::{
+    can, controller, flood, jmp, memory, net, pytest, quic, relay, serial, storage, tcp,
+};
 
 /// Every benchmark, in the order `all` runs them (one line each: device kinds add theirs).
 const BENCHES: &[&str] = &[
@@ -24,6 +26,7 @@ const BENCHES: &[&str] = &[
     "pytest",
     "net",
     "can",
+    "storage",
 ];
 use std::process::Command;
 
@@ -139,6 +142,7 @@ fn main() -> Result<()> {
             "pytest" => pytest::run(&bins, args.rounds),
             "net" => net::run(&bins, args.rounds, args.iperf_seconds),
             "can" => can::run(&bins, args.rounds),
+            "storage" => storage::run(&bins, args.rounds),
             _ => unreachable!("parsed"),
         };
         match r {

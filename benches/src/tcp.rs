@@ -50,9 +50,17 @@ fn keygen(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn ssh(dir: &TempDir, iperf_port: u16) -> Result<Route> {
+/// A private sshd on 127.0.0.1 that accepts `key` for this user (also used by the storage
+/// benchmark's sshfs).
+pub struct Sshd {
+    pub proc: Proc,
+    pub port: u16,
+    pub key: std::path::PathBuf,
+    pub user: String,
+}
+
+pub fn sshd(dir: &TempDir) -> Result<Sshd> {
     let sshd = which("/usr/sbin/sshd").ok_or_else(|| anyhow!("/usr/sbin/sshd is missing"))?;
-    let ssh = which("ssh").ok_or_else(|| anyhow!("ssh is missing"))?;
     which("ssh-keygen").ok_or_else(|| anyhow!("ssh-keygen is missing"))?;
     std::fs::create_dir_all("/run/sshd").context("mkdir /run/sshd")?;
     let host_key = dir.join("host_key");
@@ -72,7 +80,7 @@ fn ssh(dir: &TempDir, iperf_port: u16) -> Result<Route> {
             "Port {ssh_port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
              StrictModes no\nPidFile {}\nUsePAM no\nPermitRootLogin prohibit-password\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-             AllowTcpForwarding yes\nLogLevel ERROR\n",
+             AllowTcpForwarding yes\nSubsystem sftp internal-sftp\nLogLevel ERROR\n",
             host_key.display(),
             auth.display(),
             dir.join("sshd.pid").display()
@@ -85,6 +93,22 @@ fn ssh(dir: &TempDir, iperf_port: u16) -> Result<Route> {
         false,
     )?;
     wait_listening(ssh_port, &mut d, Duration::from_secs(10))?;
+    Ok(Sshd {
+        proc: d,
+        port: ssh_port,
+        key: user_key,
+        user,
+    })
+}
+
+fn ssh(dir: &TempDir, iperf_port: u16) -> Result<Route> {
+    let ssh = which("ssh").ok_or_else(|| anyhow!("ssh is missing"))?;
+    let Sshd {
+        proc: d,
+        port: ssh_port,
+        key: user_key,
+        user,
+    } = sshd(dir)?;
     let port = free_port()?;
     let mut c = Proc::spawn(
         "ssh -L",

@@ -25,6 +25,7 @@ pub mod registry;
 pub mod serial;
 pub mod serve;
 pub mod spec;
+pub mod storage;
 pub mod tcp;
 pub mod testing;
 pub mod udp;
@@ -205,6 +206,9 @@ pub struct BridgeCtx {
     pub exporter: String,
     /// Where device nodes and links go (`/dev/jmp`, `$XDG_RUNTIME_DIR/jmp`).
     pub dev_dir: PathBuf,
+    /// Where mounts go (`/run/jmp` for root: a FUSE mount has no place in /dev; else the
+    /// dev dir).
+    pub mount_dir: PathBuf,
     /// The user local devices belong to (uid, gid).
     pub owner: Option<(u32, u32)>,
 }

@@ -137,6 +137,105 @@ impl Drop for CurrentLink {
     }
 }
 
+/// `dir/<device>/` as a mount point, created if missing: the name checked; a mount left
+/// there by a killed process ("transport endpoint is not connected") unmounted first; a stale
+/// symlink removed. A live mount, a file, or a directory with something in it is an error.
+pub fn mount_point(dir: &Path, device: &str) -> io::Result<PathBuf> {
+    name::check("device name", device).map_err(|e| refuse(e.to_string()))?;
+    let path = dir.join(device);
+    if is_dead_mount(&path) {
+        tracing::warn!(
+            "{}: a dead mount of an earlier run; unmounting it",
+            path.display()
+        );
+        detach(&path)?;
+    }
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(&path)?,
+        Ok(m) if m.is_dir() => {
+            if is_mount_point(&path) {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "{} is mounted already (by another running jmp?)",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a directory; not using it",
+                    path.display()
+                ),
+            ))
+        }
+        Err(_) => {}
+    }
+    match std::fs::DirBuilder::new().mode(0o755).create(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    if std::fs::read_dir(&path)?.next().is_some() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} is not empty; not mounting over it", path.display()),
+        ));
+    }
+    Ok(path)
+}
+
+/// Whether `path` is a FUSE mount whose process is gone ("transport endpoint is not
+/// connected"). Listing it asks the (dead) server; a plain stat may be answered from the
+/// kernel's attribute cache for a moment after the kill.
+pub fn is_dead_mount(path: &Path) -> bool {
+    let dead = |e: &io::Error| e.raw_os_error() == Some(libc::ENOTCONN);
+    match std::fs::symlink_metadata(path) {
+        Err(e) => dead(&e),
+        Ok(_) => std::fs::read_dir(path).is_err_and(|e| dead(&e)),
+    }
+}
+
+/// Whether `path` is listed as a mount point in this process's mount table.
+pub fn is_mount_point(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    // Field 5 is the mount point, with spaces and the like octal-escaped.
+    table.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|m| m.replace("\\040", " ") == want)
+    })
+}
+
+/// Detaches the mount at `path` now (the kernel ends it when its last user lets go): as root
+/// with `umount2(MNT_DETACH)`, else with `fusermount3 -uz` (a user's own FUSE mount).
+pub fn detach(path: &Path) -> io::Result<()> {
+    match nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EPERM) => {
+            let st = std::process::Command::new("fusermount3")
+                .arg("-uz")
+                .arg(path)
+                .status()?;
+            if st.success() {
+                Ok(())
+            } else {
+                Err(io::Error::other(format!(
+                    "fusermount3 -uz {} failed ({st})",
+                    path.display()
+                )))
+            }
+        }
+        Err(e) => Err(io::Error::from(e)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 //! kind.
 
 use crate::board::SimBoard;
-use crate::{can, net, power, serial, tcp, udp, Bridge, BridgeCtx, Driver};
+use crate::{can, net, power, serial, storage, tcp, udp, Bridge, BridgeCtx, Driver};
 use jmp_protocol::codec::Codec;
 use jmp_protocol::{DeviceInfo, Kind, Refusal};
 use jmp_transport::Channels;
@@ -23,6 +23,8 @@ pub enum DeviceSpec {
     Udp(udp::UdpSpec),
     Can(can::CanSpec),
     CanSim(can::CanSimSpec),
+    Storage(storage::StorageSpec),
+    StorageSim(storage::StorageSimSpec),
 }
 
 /// What the exporter builds drivers with.
@@ -62,6 +64,8 @@ impl DeviceSpec {
         "udp",
         "can",
         "can-sim",
+        "storage",
+        "storage-sim",
     ];
 
     /// Reads a device's table whose `type:` was `ty` (the rest of the table in `v`).
@@ -76,6 +80,8 @@ impl DeviceSpec {
             "udp" => DeviceSpec::Udp(de(v)?),
             "can" => DeviceSpec::Can(de(v)?),
             "can-sim" => DeviceSpec::CanSim(de(v)?),
+            "storage" => DeviceSpec::Storage(de(v)?),
+            "storage-sim" => DeviceSpec::StorageSim(de(v)?),
             other => {
                 return Err(FieldError {
                     path: "type".into(),
@@ -97,6 +103,7 @@ impl DeviceSpec {
             DeviceSpec::Network(_) => Kind::Network,
             DeviceSpec::Udp(_) => Kind::Udp,
             DeviceSpec::Can(_) | DeviceSpec::CanSim(_) => Kind::Can,
+            DeviceSpec::Storage(_) | DeviceSpec::StorageSim(_) => Kind::Storage,
         }
     }
 
@@ -111,6 +118,8 @@ impl DeviceSpec {
             DeviceSpec::Udp(s) => s.validate(),
             DeviceSpec::Can(s) => s.validate(),
             DeviceSpec::CanSim(s) => s.validate(),
+            DeviceSpec::Storage(s) => s.validate(),
+            DeviceSpec::StorageSim(s) => s.validate(),
         }
     }
 
@@ -120,12 +129,14 @@ impl DeviceSpec {
             DeviceSpec::Serial(s) => s.start(name),
             DeviceSpec::SimConsole(s) => s.start(name, ctx.exporter, ctx.board),
             DeviceSpec::Tcp(s) => s.start(name),
-            DeviceSpec::Power(s) => s.start(name, ctx.exporter),
+            DeviceSpec::Power(s) => s.start(name, ctx.exporter, ctx.board),
             DeviceSpec::PowerSim(s) => s.start(name, ctx.board),
             DeviceSpec::Network(s) => s.start(name, ctx.exporter),
             DeviceSpec::Udp(s) => s.start(name),
             DeviceSpec::Can(s) => s.start(name),
             DeviceSpec::CanSim(s) => s.start(name, ctx.board),
+            DeviceSpec::Storage(s) => s.start(name, ctx.board),
+            DeviceSpec::StorageSim(s) => s.start(name, ctx.exporter, ctx.board),
         }
     }
 }
@@ -187,6 +198,10 @@ pub async fn bridge(
         Kind::Can => {
             Box::new(can::CanBridge::create(info, ctx, opts.can.for_device(&info.name)?).await?)
         }
+        Kind::Storage => Box::new(
+            storage::StorageBridge::create(info, ctx)
+                .map_err(|e| format!("cannot mount the storage device: {e}"))?,
+        ),
         Kind::Other(_) => return Ok(None),
     };
     Ok(Some(b))
@@ -220,6 +235,18 @@ pub fn summary(kind: &Kind, params: &[u8]) -> Option<String> {
         Kind::Can => kinds::can::DeviceParams::decode_exact(params)
             .ok()
             .map(|p| p.to_string()),
+        Kind::Storage => kinds::storage::DeviceParams::decode_exact(params)
+            .ok()
+            .map(|p| {
+                let rw = if p.accepts_writes() {
+                    "rw"
+                } else if p.writable {
+                    "ro: board on"
+                } else {
+                    "ro"
+                };
+                format!("{} MiB {rw}", p.size >> 20)
+            }),
         Kind::Other(_) => None,
     }
 }
@@ -231,6 +258,7 @@ pub fn summary(kind: &Kind, params: &[u8]) -> Option<String> {
 pub enum DeviceRequest {
     Serial(jmp_protocol::kinds::serial::Request),
     Power(jmp_protocol::kinds::power::Request),
+    Storage(jmp_protocol::kinds::storage::DeviceRequest),
 }
 
 /// Its typed answer.
@@ -239,6 +267,7 @@ pub enum DeviceRequest {
 pub enum DeviceResponse {
     Serial(jmp_protocol::kinds::serial::Response),
     Power(jmp_protocol::kinds::power::Response),
+    Storage(jmp_protocol::kinds::storage::DeviceResponse),
 }
 
 impl DeviceRequest {
@@ -246,6 +275,7 @@ impl DeviceRequest {
         match self {
             DeviceRequest::Serial(_) => Kind::Serial,
             DeviceRequest::Power(_) => Kind::Power,
+            DeviceRequest::Storage(_) => Kind::Storage,
         }
     }
 
@@ -269,6 +299,11 @@ impl DeviceRequest {
                     DeviceResponse::Power(resp),
                     power::ops::describe(device, r, &resp),
                 ))
+            }
+            DeviceRequest::Storage(r) => {
+                let resp = storage::ops::request(link, device, r).await?;
+                let line = storage::ops::describe(device, &resp);
+                Ok((DeviceResponse::Storage(resp), line))
             }
         }
     }

@@ -39,6 +39,7 @@ fn ctx(tag: &str) -> BridgeCtx {
     let _ = std::fs::remove_dir_all(&dir);
     BridgeCtx {
         exporter: "exp".into(),
+        mount_dir: dir.clone(),
         dev_dir: dir,
         owner: None,
     }

@@ -85,6 +85,7 @@ async fn socks_connects_by_name_on_the_exporter_and_answers_refusals_with_their_
     let ctx = BridgeCtx {
         exporter: "e".into(),
         dev_dir: std::env::temp_dir(),
+        mount_dir: std::env::temp_dir(),
         owner: None,
     };
     let args = bridge::ClientArgs {

@@ -75,6 +75,7 @@ esac
         PowerDriver::commands(
             "power",
             "rpi4",
+            jmp_devices::board::SimBoard::new(),
             CommandSpec {
                 on: self.argv(on),
                 off: self.argv("off"),

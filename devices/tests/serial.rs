@@ -369,6 +369,7 @@ async fn bridge_over_an_in_memory_session() {
     let ctx = BridgeCtx {
         exporter: "board1".into(),
         dev_dir: dir.clone(),
+        mount_dir: dir.clone(),
         owner: None,
     };
     let mut bridge = jmp_devices::serial::SerialBridge::create(&info, &ctx).expect("pty");

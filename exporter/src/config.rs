@@ -310,6 +310,7 @@ export:
   console: {type: sim-console, hostname: jmp-sim}
   power:   {type: power-sim}
   ecu:     {type: can-sim}
+  sd:      {type: storage-sim, size: 256MiB}
 "#;
 
 #[cfg(test)]
@@ -423,7 +424,8 @@ export:
             [
                 jmp_protocol::Kind::Serial,
                 jmp_protocol::Kind::Power,
-                jmp_protocol::Kind::Can
+                jmp_protocol::Kind::Can,
+                jmp_protocol::Kind::Storage
             ]
         );
         let example = include_str!("../../examples/local-config.yaml");

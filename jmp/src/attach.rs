@@ -49,6 +49,8 @@ pub struct Options {
     pub token_refresh: Option<TokenRefresh>,
     pub pin: Pin,
     pub dev_dir: PathBuf,
+    /// Where mounts go (storage).
+    pub mount_dir: PathBuf,
     /// The kinds' own options (`--forward`, ...).
     pub devices: ClientOptions,
     pub client: String,
@@ -427,6 +429,7 @@ pub async fn run(
     let ctx = BridgeCtx {
         exporter: welcome.exporter.clone(),
         dev_dir: session.opts.dev_dir.clone(),
+        mount_dir: session.opts.mount_dir.clone(),
         owner: session.opts.owner,
     };
     let mut bridges: Vec<Box<dyn Bridge>> = Vec::new();

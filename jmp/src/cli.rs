@@ -64,6 +64,11 @@ pub(crate) enum Cmd {
         #[command(subcommand)]
         cmd: PowerCmd,
     },
+    /// The board's storage: flash an image onto it, dump it, show it.
+    Storage {
+        #[command(subcommand)]
+        cmd: StorageCmd,
+    },
     /// List attachments on this machine.
     Status {
         /// A table for people, or JSON (one array of attachments) for scripts.
@@ -473,7 +478,8 @@ pub(crate) struct ShellArgs {
 
 #[derive(Args, Debug, Clone)]
 pub(crate) struct CommonArgs {
-    /// Where serial devices appear (default /dev/jmp as root, else $XDG_RUNTIME_DIR/jmp).
+    /// Where local devices appear: serial links and storage mounts (default: links in /dev/jmp
+    /// and mounts in /run/jmp as root, else both in $XDG_RUNTIME_DIR/jmp).
     #[arg(long, env = "JMP_DEV_DIR")]
     pub(crate) dev_dir: Option<PathBuf>,
     #[command(flatten)]
@@ -657,4 +663,42 @@ pub(crate) enum FlowArg {
 pub(crate) enum OnOff {
     On,
     Off,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum StorageCmd {
+    /// Write an image onto the medium: raw, .gz, .xz, .zst or .bz2 (told by content); zero
+    /// runs and bmap-unmapped ranges cost nothing on the link; flushed before success.
+    Flash {
+        /// [DEVICE] IMAGE: the storage device (default: the only one) and the image file.
+        #[arg(num_args = 1..=2, value_names = ["DEVICE", "IMAGE"], required = true)]
+        args: Vec<String>,
+        /// bmaptool's block map: only its mapped ranges are written, their checksums checked.
+        #[arg(long)]
+        bmap: Option<PathBuf>,
+        /// Afterwards compare SHA-256s computed on the exporter with the image's.
+        #[arg(long)]
+        verify: bool,
+        /// Send data uncompressed (compression is used where it saves a tenth or more).
+        #[arg(long)]
+        no_compress: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Read the whole medium into a file: raw and sparse, or compressed as its name says
+    /// (.zst, .gz, .xz, .bz2).
+    Dump {
+        /// [DEVICE] OUTPUT: the storage device (default: the only one) and the output file.
+        #[arg(num_args = 1..=2, value_names = ["DEVICE", "OUTPUT"], required = true)]
+        args: Vec<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Show the medium's size, block size and whether it can be written now.
+    Info {
+        /// The storage device (default: the only one).
+        device: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
 }

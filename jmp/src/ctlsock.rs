@@ -3,6 +3,11 @@
 //! connection, with a version, in the shapes of [`Request`] and [`Reply`] below. This is a
 //! contract other programs depend on: the snapshot tests pin every shape; change them only by
 //! adding fields or bumping [`VERSION`].
+//!
+//! One op turns the connection into a channel: `channel` opens a stream channel on a device
+//! over the attachment's link, answers with a `channel` reply line, and from then on relays
+//! raw bytes both ways until either side ends (how `jmp storage flash` streams an image
+//! through the attachment's one connection).
 
 use crate::attach::{Live, Shared};
 use jmp_devices::registry::{DeviceRequest, DeviceResponse};
@@ -36,6 +41,16 @@ pub enum Op {
         device: Option<String>,
         request: DeviceRequest,
     },
+    /// Opens a stream channel on a device of `kind` (`device` may be left out when there is
+    /// one of that kind) with the kind's open parameters (hex); after the `channel` reply the
+    /// connection carries the channel's raw bytes.
+    Channel {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device: Option<String>,
+        kind: Kind,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        params: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +69,11 @@ pub enum ReplyBody {
         response: DeviceResponse,
         /// One line for people.
         message: String,
+    },
+    /// The channel is open; raw bytes follow. `params`: the kind's `Opened.params` (hex).
+    Channel {
+        device: String,
+        params: String,
     },
     Error {
         /// The wire code's name (`failed`, `timeout`, `no such device`, ...).
@@ -171,6 +191,79 @@ async fn answer(shared: &Shared, req: Request) -> Reply {
                 Err(r) => Reply::error(r.code, r.reason),
             }
         }
+        Op::Channel { .. } => {
+            Reply::error(ErrorCode::Internal, "a channel is relayed, not answered")
+        }
+    }
+}
+
+/// Opens the channel a `channel` op asks for; the device and the pipe, or the error reply.
+async fn open_channel(
+    shared: &Shared,
+    device: Option<String>,
+    kind: &Kind,
+    params: &str,
+) -> Result<(String, jmp_transport::Pipe, bytes::Bytes), Reply> {
+    let live = shared.live();
+    let device = pick(
+        &live.ready.exporter,
+        live.ready
+            .devices
+            .iter()
+            .map(|d| (d.name.as_str(), &d.kind)),
+        device.as_deref(),
+        kind,
+    )
+    .map_err(|r| Reply::error(r.code, r.reason))?;
+    let params = hex::decode(params)
+        .map_err(|e| Reply::error(ErrorCode::Protocol, format!("bad channel params: {e}")))?;
+    let link = shared.links.borrow().link.clone();
+    let Some(link) = link else {
+        return Err(Reply::error(
+            ErrorCode::Internal,
+            "the link to the exporter is down; try again once it is back",
+        ));
+    };
+    let (pipe, opened) = link
+        .open_stream(&device, bytes::Bytes::from(params))
+        .await
+        .map_err(|r| Reply::error(r.code, r.reason))?;
+    Ok((device, pipe, opened))
+}
+
+/// Relays raw bytes between the socket and the channel until either ends.
+async fn relay(
+    mut r: impl tokio::io::AsyncRead + Unpin,
+    mut w: impl tokio::io::AsyncWrite + Unpin,
+    pipe: jmp_transport::Pipe,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut tx, mut rx) = pipe.split();
+    let up = async {
+        loop {
+            let mut b = bytes::BytesMut::with_capacity(256 << 10);
+            match r.read_buf(&mut b).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if tx.send(b.freeze()).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = tx.finish();
+    };
+    let down = async {
+        while let Ok(Some(b)) = rx.recv().await {
+            if w.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+        let _ = w.shutdown().await;
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
     }
 }
 
@@ -188,14 +281,41 @@ pub async fn serve(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return,
             }
+            let send = |reply: Reply| {
+                let mut text = serde_json::to_string(&reply).unwrap_or_default();
+                text.push('\n');
+                text
+            };
             let reply = match serde_json::from_str::<Request>(&line) {
+                Ok(Request {
+                    v: VERSION,
+                    op:
+                        Op::Channel {
+                            device,
+                            kind,
+                            params,
+                        },
+                }) => match open_channel(&shared, device, &kind, &params).await {
+                    Ok((device, pipe, opened)) => {
+                        let text = send(Reply::new(ReplyBody::Channel {
+                            device,
+                            params: hex::encode(&opened),
+                        }));
+                        if w.write_all(text.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        // The request line was read through a buffer: bytes after it are the
+                        // channel's, so the relay reads them first.
+                        let pre = std::io::Cursor::new(reader.buffer().to_vec());
+                        let rest = reader.into_inner().into_inner();
+                        return relay(pre.chain(rest), w, pipe).await;
+                    }
+                    Err(reply) => reply,
+                },
                 Ok(req) => answer(&shared, req).await,
                 Err(e) => Reply::error(ErrorCode::Protocol, format!("bad request: {e}")),
             };
-            if let Ok(mut text) = serde_json::to_string(&reply) {
-                text.push('\n');
-                let _ = w.write_all(text.as_bytes()).await;
-            }
+            let _ = w.write_all(send(reply).as_bytes()).await;
         });
     }
 }
@@ -283,6 +403,39 @@ mod tests {
                 },
             },
             r#"{"v":1,"op":"device","device":"console","request":{"kind":"serial","request":{"set":{"data_bits":7,"parity":"even"}}}}"#,
+        );
+        round(
+            &Request {
+                v: 1,
+                op: Op::Channel {
+                    device: Some("sd".into()),
+                    kind: Kind::Storage,
+                    params: String::new(),
+                },
+            },
+            r#"{"v":1,"op":"channel","device":"sd","kind":"storage"}"#,
+        );
+        round(
+            &Request {
+                v: 1,
+                op: Op::Device {
+                    device: None,
+                    request: DeviceRequest::Storage(
+                        jmp_protocol::kinds::storage::DeviceRequest::Hash {
+                            offset: 0,
+                            len: 4096,
+                        },
+                    ),
+                },
+            },
+            r#"{"v":1,"op":"device","request":{"kind":"storage","request":{"hash":{"offset":0,"len":4096}}}}"#,
+        );
+        round(
+            &Reply::new(ReplyBody::Channel {
+                device: "sd".into(),
+                params: "90000000420007 03".replace(' ', ""),
+            }),
+            r#"{"v":1,"reply":"channel","device":"sd","params":"9000000042000703"}"#,
         );
         round(
             &Reply::new(ReplyBody::Done {

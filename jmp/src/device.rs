@@ -120,7 +120,7 @@ fn finish(
     }
 }
 
-fn run(device: Option<String>, target: Target, req: DeviceRequest) -> Result<()> {
+pub(crate) fn run(device: Option<String>, target: Target, req: DeviceRequest) -> Result<()> {
     if target.token_file.is_some() || target.token.is_some() {
         let r = direct(device, &target, &req)?;
         return finish(&target, r);
@@ -156,7 +156,9 @@ fn run(device: Option<String>, target: Target, req: DeviceRequest) -> Result<()>
             ReplyBody::Error {
                 exit: x, message, ..
             } => Err(exit(x, message)),
-            ReplyBody::Status(_) => Err(exit(code::FAILURE, "unexpected status reply")),
+            ReplyBody::Status(_) | ReplyBody::Channel { .. } => {
+                Err(exit(code::FAILURE, "unexpected reply from the attachment"))
+            }
         };
     }
     if let Some(e) = &target.exporter {
@@ -205,6 +207,84 @@ fn direct(
     target: &Target,
     req: &DeviceRequest,
 ) -> Result<Result<(String, DeviceResponse, String), Refusal>> {
+    let (addr, pin, token) = direct_parts(target)?;
+    Ok(one_shot_at(addr, pin, token, device, req))
+}
+
+fn one_shot_at(
+    addr: std::net::SocketAddr,
+    pin: Pin,
+    token: String,
+    device: Option<String>,
+    req: &DeviceRequest,
+) -> Result<(String, DeviceResponse, String), Refusal> {
+    let rt = runtime().map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
+    rt.block_on(async {
+        let connector = Connector::new(
+            addr,
+            pin,
+            paths::default_client_name(),
+            token,
+            features::ALL | features::ONE_SHOT,
+        )
+        .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
+        one_shot(connector, device, req).await
+    })
+}
+
+fn by_lease(
+    device: Option<String>,
+    target: &Target,
+    req: &DeviceRequest,
+) -> Result<(String, DeviceResponse, String), Refusal> {
+    let rt = runtime().map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
+    let (addr, pin, token) = rt.block_on(lease_access(target))?;
+    drop(rt);
+    one_shot_at(addr, pin, token, device, req)
+}
+
+/// The exporter of the lease `target` names (or the caller's only lease): its address, its
+/// pinned certificate and a lease token.
+pub(crate) async fn lease_access(
+    target: &Target,
+) -> Result<(std::net::SocketAddr, Pin, String), Refusal> {
+    let fail = |e: anyhow::Error| {
+        let code = e.downcast_ref::<crate::Exit>().map(|x| x.code);
+        Refusal::new(
+            match code {
+                Some(3) => ErrorCode::Unauthorized,
+                Some(4) => ErrorCode::Busy,
+                Some(5) => ErrorCode::NoSuchDevice,
+                _ => ErrorCode::Internal,
+            },
+            format!("no attachment is running, and the controller: {e:#}"),
+        )
+    };
+    let (cfg, _) = crate::ctl::load_client(target.client.client.as_deref()).map_err(fail)?;
+    let ctl = crate::ctl::Ctl::connect(&cfg).await.map_err(fail)?;
+    let access = crate::ctl::access(&ctl, target.lease.clone())
+        .await
+        .map_err(fail)?;
+    ctl.close();
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&access.address)
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::Internal,
+                format!("exporter address {:?} does not resolve", access.address),
+            )
+        })?;
+    let fp = access
+        .fingerprint
+        .parse()
+        .map_err(|e: String| Refusal::new(ErrorCode::Internal, e))?;
+    Ok((addr, Pin::Fingerprint(fp), access.token))
+}
+
+/// The exporter `--exporter HOST:PORT` with `--token-file F` (or `--token`, `JMP_TOKEN`)
+/// names (direct mode); what is missing or unreadable is a usage error.
+fn direct_parts(target: &Target) -> Result<(std::net::SocketAddr, Pin, String)> {
     let exporter = target.exporter.as_ref().ok_or_else(|| {
         exit(
             code::USAGE,
@@ -221,66 +301,12 @@ fn direct(
             name: known::normalize(exporter),
         },
     };
-    let rt = runtime()?;
-    Ok(rt.block_on(async {
-        let connector = Connector::new(
-            addr,
-            pin,
-            paths::default_client_name(),
-            token,
-            features::ALL | features::ONE_SHOT,
-        )
-        .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
-        one_shot(connector, device, req).await
-    }))
+    Ok((addr, pin, token))
 }
 
-fn by_lease(
-    device: Option<String>,
+/// [`direct_parts`] for callers that report a refusal (`jmp storage`).
+pub(crate) fn direct_access(
     target: &Target,
-    req: &DeviceRequest,
-) -> Result<(String, DeviceResponse, String), Refusal> {
-    let fail = |e: anyhow::Error| {
-        let code = e.downcast_ref::<crate::Exit>().map(|x| x.code);
-        Refusal::new(
-            match code {
-                Some(3) => ErrorCode::Unauthorized,
-                Some(4) => ErrorCode::Busy,
-                Some(5) => ErrorCode::NoSuchDevice,
-                _ => ErrorCode::Internal,
-            },
-            format!("no attachment is running, and the controller: {e:#}"),
-        )
-    };
-    let (cfg, _) = crate::ctl::load_client(target.client.client.as_deref()).map_err(fail)?;
-    let rt = runtime().map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
-    rt.block_on(async {
-        let ctl = crate::ctl::Ctl::connect(&cfg).await.map_err(fail)?;
-        let access = crate::ctl::access(&ctl, target.lease.clone())
-            .await
-            .map_err(fail)?;
-        ctl.close();
-        let addr = std::net::ToSocketAddrs::to_socket_addrs(&access.address)
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| {
-                Refusal::new(
-                    ErrorCode::Internal,
-                    format!("exporter address {:?} does not resolve", access.address),
-                )
-            })?;
-        let fp = access
-            .fingerprint
-            .parse()
-            .map_err(|e: String| Refusal::new(ErrorCode::Internal, e))?;
-        let connector = Connector::new(
-            addr,
-            Pin::Fingerprint(fp),
-            paths::default_client_name(),
-            access.token,
-            features::ALL | features::ONE_SHOT,
-        )
-        .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
-        one_shot(connector, device, req).await
-    })
+) -> Result<(std::net::SocketAddr, Pin, String), Refusal> {
+    direct_parts(target).map_err(|e| Refusal::new(ErrorCode::Protocol, format!("{e:#}")))
 }

@@ -73,6 +73,7 @@ pub mod local;
 pub mod paths;
 mod shell;
 mod state;
+pub mod storage;
 pub mod table;
 
 pub fn main() -> ExitCode {
@@ -111,6 +112,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         },
         Cmd::Serial { cmd } => device::serial_cmd(cmd),
         Cmd::Power { cmd } => device::power_cmd(cmd),
+        Cmd::Storage { cmd } => storage::storage_cmd(cmd),
         Cmd::Status { output } => state::status(output == Format::Json),
         Cmd::Config { cmd } => match cmd {
             ConfigCmd::Client { cmd } => verbs::config_client(cmd),
@@ -191,6 +193,10 @@ impl CommonArgs {
             token,
             token_refresh: None,
             pin,
+            mount_dir: self
+                .dev_dir
+                .clone()
+                .unwrap_or_else(paths::default_mount_dir),
             dev_dir,
             devices: self.devices.clone(),
             client: self.name.clone().unwrap_or_else(paths::default_client_name),

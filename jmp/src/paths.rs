@@ -80,6 +80,16 @@ pub fn check_fallback(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Where mounts appear (storage): `/run/jmp` for root (FUSE mounts have no place in /dev),
+/// else the dev dir.
+pub fn default_mount_dir() -> PathBuf {
+    if is_root() {
+        PathBuf::from("/run/jmp")
+    } else {
+        default_dev_dir()
+    }
+}
+
 /// Runtime state of attachments (pid files, control sockets, logs). `JMP_RUNTIME_DIR` overrides.
 pub fn runtime_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("JMP_RUNTIME_DIR") {

@@ -19,6 +19,9 @@ enum Backend {
         spec: CommandSpec,
         timeout: Duration,
         exporter: String,
+        /// The exporter's board, told the real switch's state so that devices sharing the
+        /// board (a storage medium behind an SD-mux) follow it; unknown counts as on.
+        board: SimBoard,
     },
     Sim(SimBoard),
 }
@@ -41,6 +44,7 @@ impl PowerDriver {
     pub fn commands(
         name: &str,
         exporter: &str,
+        board: SimBoard,
         spec: CommandSpec,
         cycle_delay: Duration,
         timeout: Duration,
@@ -52,6 +56,7 @@ impl PowerDriver {
                 spec,
                 timeout,
                 exporter: exporter.to_string(),
+                board,
             },
             cycle_delay,
             status_of(PowerState::Unknown, readable),
@@ -94,6 +99,9 @@ impl PowerDriver {
     }
 
     fn publish(&self, s: PowerState) {
+        if let Backend::Commands { board, .. } = &self.backend {
+            board.set_power(s != PowerState::Off);
+        }
         let new = status_of(s, self.readable());
         self.state.send_if_modified(|cur| {
             let changed = *cur != new;
@@ -111,6 +119,7 @@ impl PowerDriver {
                 spec,
                 timeout,
                 exporter,
+                ..
             } => {
                 let argv = if on { &spec.on } else { &spec.off };
                 let out = command::run(
@@ -164,6 +173,7 @@ impl PowerDriver {
                 spec,
                 timeout,
                 exporter,
+                ..
             } => {
                 let Some(argv) = &spec.status else {
                     return Ok(self.current());

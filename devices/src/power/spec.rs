@@ -81,10 +81,11 @@ impl PowerSpec {
         check_wait("timeout", self.timeout)
     }
 
-    pub fn start(&self, name: &str, exporter: &str) -> Arc<dyn crate::Driver> {
+    pub fn start(&self, name: &str, exporter: &str, board: &SimBoard) -> Arc<dyn crate::Driver> {
         Arc::new(super::PowerDriver::commands(
             name,
             exporter,
+            board.clone(),
             self.command.clone(),
             self.cycle_delay.map_or(DEFAULT_CYCLE_DELAY, |d| d.0),
             self.timeout.map_or(DEFAULT_TIMEOUT, |d| d.0),

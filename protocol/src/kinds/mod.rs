@@ -11,6 +11,7 @@ pub mod can;
 pub mod net;
 pub mod power;
 pub mod serial;
+pub mod storage;
 pub mod tcp;
 pub mod udp;
 
@@ -53,6 +54,7 @@ kinds! {
     Network => "network",
     Udp => "udp",
     Can => "can",
+    Storage => "storage",
 }
 
 impl std::fmt::Display for Kind {

@@ -145,6 +145,7 @@ fn kind_examples() -> Vec<(&'static str, Vec<u8>)> {
     v.extend(crate::kinds::net::examples());
     v.extend(crate::kinds::udp::examples());
     v.extend(crate::kinds::can::examples());
+    v.extend(crate::kinds::storage::examples());
     v
 }
 
@@ -155,6 +156,7 @@ fn decode_kind_example(name: &str, bytes: &[u8]) -> bool {
         || crate::kinds::net::decode_example(name, bytes)
         || crate::kinds::udp::decode_example(name, bytes)
         || crate::kinds::can::decode_example(name, bytes)
+        || crate::kinds::storage::decode_example(name, bytes)
 }
 
 /// Hex blocks of docs/protocol.md: ` ```hex NAME ` ... ` ``` `, whitespace and `#` comments

@@ -1,0 +1,519 @@
+//! Exporter side of a storage device: opens the medium, publishes its parameters, and serves
+//! storage channels. Each request of a channel runs on its own blocking thread (`pread`,
+//! `pwritev`, `fsync` block), so a slow one never holds up the others; answers go back in the
+//! order they finish. A medium shared with the board (an SD-mux) refuses writes while the
+//! board's power is on, and every power-on bumps the generation so clients drop their caches.
+
+use super::medium::{Failure, Medium};
+use crate::board::SimBoard;
+use crate::{BoxFuture, Channel, DeviceStatus, Driver, Refusal};
+use bytes::Bytes;
+use jmp_protocol::codec::{to_bytes, Codec};
+use jmp_protocol::kinds::storage::{
+    frame, DeviceParams, DeviceRequest, DeviceResponse, FrameReader, Op, Request, Response,
+    StorageError, MAX_IO,
+};
+use jmp_protocol::{ChannelMode, DeviceState, ErrorCode, Kind, Open};
+use jmp_transport::{ChannelIo, PipeTx};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tracing::{debug, info, warn};
+
+/// Requests of one channel running at once; more wait in the stream (QUIC flow control then
+/// slows the client down).
+const IN_FLIGHT: usize = 32;
+
+/// A test hook: reads overlapping this range take this long (how the "a slow request does not
+/// stall the others" test makes one slow).
+#[derive(Debug, Clone, Copy)]
+pub struct SlowRange {
+    pub offset: u64,
+    pub len: u64,
+    pub delay: Duration,
+}
+
+/// Everything a driver and its channels share.
+pub struct Inner {
+    name: String,
+    path: PathBuf,
+    /// The config allows writing.
+    writable: bool,
+    /// Shared with the board: writes wait for its power to be off.
+    board: Option<SimBoard>,
+    medium: Mutex<Option<Arc<Medium>>>,
+    state: watch::Sender<DeviceStatus>,
+    status: watch::Receiver<DeviceStatus>,
+    slow: Option<SlowRange>,
+    /// The channel that wrote last (0: none yet), and the counter naming channels.
+    writer: AtomicU64,
+    channels: AtomicU64,
+    /// Channels being served now.
+    open: AtomicU64,
+}
+
+/// The exporter's storage device (the `Driver`); its channels hold its [`Inner`].
+pub struct StorageDriver(Arc<Inner>);
+
+impl StorageDriver {
+    /// A driver for `path`. `board`: the medium is shared with the board whose power it
+    /// follows. Call inside a tokio runtime (it follows the board's power in a task).
+    pub fn start(
+        name: &str,
+        path: PathBuf,
+        writable: bool,
+        board: Option<SimBoard>,
+        slow: Option<SlowRange>,
+    ) -> StorageDriver {
+        let (state, status) = watch::channel(DeviceStatus {
+            state: DeviceState::Unavailable("not opened yet".into()),
+            params: Bytes::new(),
+        });
+        let d = Arc::new(Inner {
+            name: name.to_string(),
+            path,
+            writable,
+            board,
+            medium: Mutex::new(None),
+            state,
+            status,
+            slow,
+            writer: AtomicU64::new(0),
+            channels: AtomicU64::new(1),
+            open: AtomicU64::new(0),
+        });
+        let _ = d.medium();
+        if let Some(board) = &d.board {
+            let mut power = board.subscribe();
+            let weak = Arc::downgrade(&d);
+            tokio::spawn(async move {
+                while power.changed().await.is_ok() {
+                    let on = *power.borrow_and_update();
+                    let Some(d) = weak.upgrade() else { break };
+                    d.power_changed(on);
+                }
+            });
+        }
+        StorageDriver(d)
+    }
+}
+
+impl Inner {
+    fn params(&self) -> Option<DeviceParams> {
+        DeviceParams::decode_exact(&self.status.borrow().params).ok()
+    }
+
+    fn power_changed(&self, on: bool) {
+        self.state.send_modify(|st| {
+            if let Ok(mut p) = DeviceParams::decode_exact(&st.params) {
+                p.board_on = on;
+                if on {
+                    // The board may write the card from now on: whatever a client cached is
+                    // suspect.
+                    p.generation += 1;
+                }
+                st.params = to_bytes(&p);
+            }
+        });
+        info!(device = %self.name, on, "board power changed; writes {}", if on { "refused" } else { "accepted" });
+    }
+
+    /// The open medium, opened (again) if it is not: a card put back in its reader.
+    fn medium(&self) -> Result<Arc<Medium>, Failure> {
+        let mut g = self.medium.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = g.as_ref() {
+            return Ok(m.clone());
+        }
+        match Medium::open(&self.path, self.writable) {
+            Ok(m) => {
+                let m = Arc::new(m);
+                let generation = self.params().map_or(0, |p| p.generation);
+                let p = DeviceParams {
+                    size: m.size,
+                    block_size: m.block_size,
+                    writable: m.writable,
+                    discard: true,
+                    shared: self.board.is_some(),
+                    board_on: self.board.as_ref().is_some_and(|b| b.powered()),
+                    generation,
+                };
+                self.state
+                    .send_replace(DeviceStatus::available(to_bytes(&p)));
+                *g = Some(m.clone());
+                Ok(m)
+            }
+            Err(e) => {
+                let why = format!("cannot open {}: {e}", self.path.display());
+                warn!(device = %self.name, "{why}");
+                self.state.send_replace(DeviceStatus {
+                    state: DeviceState::Unavailable(why.clone()),
+                    params: Bytes::new(),
+                });
+                Err(Failure::new(StorageError::Gone, why))
+            }
+        }
+    }
+
+    /// Forgets the medium after it reported itself gone, so the next open tries again.
+    fn lost(&self, f: &Failure) {
+        if f.error == StorageError::Gone {
+            *self.medium.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            self.state.send_replace(DeviceStatus {
+                state: DeviceState::Unavailable(f.message.clone()),
+                params: Bytes::new(),
+            });
+        }
+    }
+
+    /// Refuses a write while the board holds the medium or the config forbids writing.
+    fn may_write(&self) -> Result<(), Failure> {
+        let p = self.params().unwrap_or_default();
+        if !self.writable {
+            return Err(Failure::new(
+                StorageError::ReadOnly,
+                format!(
+                    "{}: read-only (the exporter's config does not say `writable: true`)",
+                    self.name
+                ),
+            ));
+        }
+        if !p.writable {
+            return Err(Failure::new(
+                StorageError::ReadOnly,
+                format!("{}: {} is read-only", self.name, self.path.display()),
+            ));
+        }
+        if p.shared && p.board_on {
+            return Err(Failure::new(
+                StorageError::BoardHolds,
+                format!(
+                    "{}: the board's power is on and the medium is shared with it (sharedWithBoard); switch the board off first",
+                    self.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Channel `ch` is about to write: if it is not the one that wrote last and other
+    /// channels are open, what they cached may go stale, so the generation moves (a flash
+    /// beside a mount). A lone writer keeps everyone's cache.
+    fn writing(&self, ch: u64) {
+        let prev = self.writer.swap(ch, Ordering::Relaxed);
+        if prev != ch && self.open.load(Ordering::Relaxed) > 1 {
+            self.state.send_modify(|st| {
+                if let Ok(mut p) = DeviceParams::decode_exact(&st.params) {
+                    p.generation += 1;
+                    st.params = to_bytes(&p);
+                }
+            });
+        }
+    }
+
+    fn run(
+        &self,
+        ch: u64,
+        m: &Medium,
+        op: Op,
+        payload: Vec<Bytes>,
+    ) -> Result<(Response, Option<Bytes>), Failure> {
+        if matches!(
+            op,
+            Op::Write { .. } | Op::WriteZstd { .. } | Op::Zero { .. } | Op::Discard { .. }
+        ) {
+            self.may_write()?;
+            self.writing(ch);
+        }
+        let ok = Response::Ok { id: 0 };
+        match op {
+            Op::Read {
+                offset,
+                len,
+                compress,
+            } => {
+                if let Some(s) = self.slow {
+                    if offset < s.offset + s.len && s.offset < offset + len {
+                        std::thread::sleep(s.delay);
+                    }
+                }
+                let data = m.read(offset, len as usize)?;
+                if compress {
+                    if let Ok(z) = zstd::bulk::compress(&data, 1) {
+                        if z.len() < data.len() {
+                            return Ok((
+                                Response::DataZstd {
+                                    id: 0,
+                                    len,
+                                    clen: z.len() as u64,
+                                },
+                                Some(Bytes::from(z)),
+                            ));
+                        }
+                    }
+                }
+                Ok((Response::Data { id: 0, len }, Some(data)))
+            }
+            Op::Write { offset, .. } => {
+                m.write(offset, &payload)?;
+                Ok((ok, None))
+            }
+            Op::WriteZstd { offset, len, .. } => {
+                let z: Vec<u8> = payload.iter().flat_map(|b| b.iter().copied()).collect();
+                let data = zstd::bulk::decompress(&z, len as usize).map_err(|e| {
+                    Failure::new(
+                        StorageError::BadData,
+                        format!(
+                            "{}: a compressed write at {offset} does not decompress: {e}",
+                            self.name
+                        ),
+                    )
+                })?;
+                if data.len() as u64 != len {
+                    return Err(Failure::new(
+                        StorageError::BadData,
+                        format!(
+                            "{}: a compressed write at {offset} holds {} bytes, not the {len} it claims",
+                            self.name,
+                            data.len()
+                        ),
+                    ));
+                }
+                m.write(offset, &[Bytes::from(data)])?;
+                Ok((ok, None))
+            }
+            Op::Zero { offset, len } => {
+                m.zero(offset, len)?;
+                Ok((ok, None))
+            }
+            Op::Discard { offset, len } => {
+                m.discard(offset, len)?;
+                Ok((ok, None))
+            }
+            Op::Flush => {
+                m.flush()?;
+                Ok((ok, None))
+            }
+            Op::Hash { offset, len } => Ok((
+                Response::Hash {
+                    id: 0,
+                    sha256: m.hash(offset, len)?,
+                },
+                None,
+            )),
+        }
+    }
+}
+
+fn with_id(r: Response, id: u64) -> Response {
+    match r {
+        Response::Ok { .. } => Response::Ok { id },
+        Response::Data { len, .. } => Response::Data { id, len },
+        Response::DataZstd { len, clen, .. } => Response::DataZstd { id, len, clen },
+        Response::Hash { sha256, .. } => Response::Hash { id, sha256 },
+        Response::Error { error, message, .. } => Response::Error { id, error, message },
+        c @ Response::Changed(_) => c,
+    }
+}
+
+impl Driver for StorageDriver {
+    // Everything reads the shared state; channels get their own `Arc` of it.
+    fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    fn kind(&self) -> Kind {
+        Kind::Storage
+    }
+
+    fn detail(&self) -> String {
+        let p = self.0.params();
+        let size = p
+            .map(|p| format!(" {} MiB", p.size >> 20))
+            .unwrap_or_default();
+        let rw = match p {
+            Some(p) if p.writable => "",
+            _ => " read-only",
+        };
+        let shared = if self.0.board.is_some() {
+            " shared with the board"
+        } else {
+            ""
+        };
+        format!("{}{size}{rw}{shared}", self.0.path.display())
+    }
+
+    fn status(&self) -> watch::Receiver<DeviceStatus> {
+        self.0.status.clone()
+    }
+
+    fn modes(&self) -> &'static [ChannelMode] {
+        &[ChannelMode::Stream]
+    }
+
+    fn open<'a>(&'a self, _req: &'a Open) -> BoxFuture<'a, Result<Box<dyn Channel>, Refusal>> {
+        Box::pin(async move {
+            let medium = self
+                .0
+                .medium()
+                .map_err(|f| Refusal::new(ErrorCode::DeviceUnavailable, f.message))?;
+            Ok(Box::new(StorageChannel {
+                id: self.0.channels.fetch_add(1, Ordering::Relaxed),
+                driver: self.0.clone(),
+                medium,
+            }) as Box<dyn Channel>)
+        })
+    }
+
+    fn request<'a>(&'a self, body: Bytes) -> BoxFuture<'a, Result<Bytes, Refusal>> {
+        Box::pin(async move {
+            let req = DeviceRequest::decode_exact(&body).map_err(|e| {
+                Refusal::new(
+                    ErrorCode::Protocol,
+                    format!("{}: bad request: {e}", self.0.name),
+                )
+            })?;
+            let medium = self
+                .0
+                .medium()
+                .map_err(|f| Refusal::new(ErrorCode::DeviceUnavailable, f.message))?;
+            let resp = match req {
+                DeviceRequest::Info => DeviceResponse::Info(self.0.params().unwrap_or_default()),
+                DeviceRequest::Hash { offset, len } => {
+                    let r = tokio::task::spawn_blocking(move || medium.hash(offset, len))
+                        .await
+                        .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
+                    DeviceResponse::Hash {
+                        sha256: r.map_err(|f| Refusal::new(ErrorCode::Failed, f.message))?,
+                    }
+                }
+            };
+            Ok(to_bytes(&resp))
+        })
+    }
+}
+
+struct StorageChannel {
+    id: u64,
+    driver: Arc<Inner>,
+    medium: Arc<Medium>,
+}
+
+impl Channel for StorageChannel {
+    fn params(&self) -> Bytes {
+        self.driver.status.borrow().params.clone()
+    }
+
+    fn serve(self: Box<Self>, io: ChannelIo) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let ChannelIo::Stream(pipe) = io else { return };
+            self.driver.open.fetch_add(1, Ordering::Relaxed);
+            let _open = OpenGuard(self.driver.clone());
+            let (tx, mut rx) = pipe.split();
+            let (out, outq) = mpsc::channel::<(Response, Option<Bytes>)>(IN_FLIGHT * 2);
+            let writer = tokio::spawn(write_responses(tx, outq, self.driver.status.clone()));
+            let permits = Arc::new(Semaphore::new(IN_FLIGHT));
+            let mut reader = FrameReader::<Request>::new();
+            let name = self.driver.name.clone();
+            'read: loop {
+                let chunk = match rx.recv().await {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(e) => {
+                        debug!(device = %name, "storage channel ended: {e}");
+                        break;
+                    }
+                };
+                reader.push(chunk);
+                loop {
+                    let (req, payload) = match reader.next_frame() {
+                        Ok(Some(r)) => r,
+                        Ok(None) => break,
+                        Err(e) => {
+                            warn!(device = %name, "bad storage request, closing the channel: {e}");
+                            break 'read;
+                        }
+                    };
+                    let Ok(permit) = permits.clone().acquire_owned().await else {
+                        break 'read;
+                    };
+                    let driver = self.driver.clone();
+                    let medium = self.medium.clone();
+                    let out = out.clone();
+                    let ch = self.id;
+                    tokio::task::spawn_blocking(move || {
+                        let r = match driver.run(ch, &medium, req.op, payload) {
+                            Ok((r, data)) => (with_id(r, req.id), data),
+                            Err(f) => {
+                                driver.lost(&f);
+                                (
+                                    Response::Error {
+                                        id: req.id,
+                                        error: f.error,
+                                        message: f.message,
+                                    },
+                                    None,
+                                )
+                            }
+                        };
+                        let _ = out.blocking_send(r);
+                        drop(permit);
+                    });
+                }
+            }
+            drop(out);
+            // Answers of requests still running go out before the channel ends.
+            let _ = writer.await;
+        })
+    }
+}
+
+/// Counts a channel as open while it is served.
+struct OpenGuard(Arc<Inner>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Writes answers as they finish, and a `changed` frame whenever the device's parameters
+/// change (power switched), until every sender is gone.
+async fn write_responses(
+    mut tx: PipeTx,
+    mut q: mpsc::Receiver<(Response, Option<Bytes>)>,
+    mut status: watch::Receiver<DeviceStatus>,
+) {
+    status.borrow_and_update();
+    let mut watching = true;
+    loop {
+        let (resp, data) = tokio::select! {
+            r = q.recv() => match r {
+                Some(r) => r,
+                None => break,
+            },
+            c = status.changed(), if watching => {
+                if c.is_err() {
+                    watching = false;
+                    continue;
+                }
+                let st = status.borrow_and_update().clone();
+                match DeviceParams::decode_exact(&st.params) {
+                    Ok(p) => (Response::Changed(p), None),
+                    Err(_) => continue,
+                }
+            }
+        };
+        debug_assert!(data.as_ref().is_none_or(|d| d.len() as u64 <= MAX_IO));
+        if tx.send(frame(&resp)).await.is_err() {
+            return;
+        }
+        if let Some(d) = data {
+            if tx.send(d).await.is_err() {
+                return;
+            }
+        }
+    }
+    let _ = tx.finish();
+}

@@ -1,0 +1,871 @@
+//! Flash and dump over a storage [`Client`].
+//!
+//! **Flash.** A producer thread reads the image (decompressing it), splits each megabyte into
+//! what carries data and runs of zeros, and for a bmap keeps only the mapped ranges, checking
+//! each range's checksum as it passes. Zero runs become `zero` requests (a punched hole or
+//! `BLKZEROOUT` on the exporter: nothing crosses the link); data that compresses well travels
+//! as zstd. Writes are acknowledged one by one and recorded, so an interruption reports exactly
+//! which ranges reached the exporter; success is claimed only after a flush, and `verify`
+//! compares SHA-256s computed on the exporter (no read-back over the link).
+//!
+//! **Dump.** Reads the medium in order, many requests in flight, asking the exporter to
+//! compress (zeros cost nothing on the link), and writes raw (sparse: zero blocks become holes)
+//! or compressed as the output's name says.
+
+use super::client::{Client, Reply, MAX_IN_FLIGHT};
+use super::image::{Bmap, Format, Image};
+use super::medium::Failure;
+use bytes::Bytes;
+use jmp_protocol::kinds::storage::{DeviceParams, Op, StorageError};
+use std::fmt;
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Unit of reading and writing.
+pub const UNIT: usize = 1 << 20;
+/// Granularity of zero detection: a run of zeros shorter than this is sent as data.
+pub const ZERO_GRAIN: usize = 64 << 10;
+
+/// Byte ranges `[start, end)`, merged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ranges(pub Vec<(u64, u64)>);
+
+impl Ranges {
+    pub fn add(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let v = &mut self.0;
+        let i = v.partition_point(|r| r.1 < start);
+        let mut s = start;
+        let mut e = end;
+        let mut j = i;
+        while j < v.len() && v[j].0 <= e {
+            s = s.min(v[j].0);
+            e = e.max(v[j].1);
+            j += 1;
+        }
+        v.splice(i..j, [(s, e)]);
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.0.iter().map(|(s, e)| e - s).sum()
+    }
+}
+
+impl fmt::Display for Ranges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("none");
+        }
+        for (i, (s, e)) in self.0.iter().take(12).enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{s}..{e}")?;
+        }
+        if self.0.len() > 12 {
+            write!(f, ", and {} more ranges", self.0.len() - 12)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub bmap: Option<Bmap>,
+    pub verify: bool,
+    /// Compress data on the link when it helps.
+    pub compress: bool,
+}
+
+/// Where a flash or dump is, for a progress display.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    /// Bytes of the image (flash) or medium (dump) dealt with.
+    pub done: u64,
+    /// What `done` will reach, when known.
+    pub total: Option<u64>,
+    /// Bytes that crossed the link.
+    pub wire: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// The image's (decompressed) length.
+    pub image: u64,
+    /// Bytes written as data.
+    pub written: u64,
+    /// Bytes zeroed without data on the link.
+    pub zeroed: u64,
+    /// Bytes a bmap left out.
+    pub skipped: u64,
+    pub wire: u64,
+    pub verified: bool,
+}
+
+/// A flash that did not complete: why, and exactly what the exporter acknowledged before.
+#[derive(Debug, Clone)]
+pub struct FlashError {
+    pub what: String,
+    pub code: Option<StorageError>,
+    pub acknowledged: Ranges,
+    /// The acknowledged ranges were flushed to the medium afterwards.
+    pub flushed: bool,
+}
+
+impl fmt::Display for FlashError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}; the exporter acknowledged {} bytes before it stopped (byte ranges {}){}",
+            self.what,
+            self.acknowledged.bytes(),
+            self.acknowledged,
+            if self.acknowledged.0.is_empty() {
+                ""
+            } else if self.flushed {
+                ", flushed to the medium"
+            } else {
+                ", not flushed: the medium may not hold all of them"
+            }
+        )
+    }
+}
+
+impl std::error::Error for FlashError {}
+
+/// SHA-256s of the image's data, per range `[start, end)`, for verifying.
+type Hashes = Vec<(u64, u64, [u8; 32])>;
+
+/// What the producer hands the sender.
+enum Piece {
+    Data {
+        offset: u64,
+        raw: u64,
+        zstd: bool,
+        bytes: Bytes,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+    /// The image ended after this many bytes; sha256 of its data per verify range.
+    End {
+        image: u64,
+        hashes: Hashes,
+    },
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    // An OR over each page without an early exit vectorises; `all()` would not.
+    b.chunks(4096)
+        .all(|c| c.iter().fold(0u8, |a, x| a | x) == 0)
+}
+
+struct Producer {
+    image: Image,
+    params: DeviceParams,
+    opts: Options,
+    stop: Arc<AtomicBool>,
+    tx: tokio::sync::mpsc::Sender<Result<Piece, String>>,
+}
+
+impl Producer {
+    fn send(&self, p: Piece) -> bool {
+        self.tx.blocking_send(Ok(p)).is_ok()
+    }
+
+    fn data(&self, offset: u64, b: &[u8]) -> bool {
+        if self.opts.compress {
+            if let Ok(z) = zstd::bulk::compress(b, 1) {
+                // Worth it only when the link saves a tenth.
+                if z.len() < b.len() - b.len() / 10 {
+                    return self.send(Piece::Data {
+                        offset,
+                        raw: b.len() as u64,
+                        zstd: true,
+                        bytes: Bytes::from(z),
+                    });
+                }
+            }
+        }
+        self.send(Piece::Data {
+            offset,
+            raw: b.len() as u64,
+            zstd: false,
+            bytes: Bytes::copy_from_slice(b),
+        })
+    }
+
+    fn run(mut self) -> Result<(), String> {
+        let size = self.params.size;
+        if let Some(s) = self
+            .image
+            .size
+            .or(self.opts.bmap.as_ref().map(|b| b.image_size))
+        {
+            if s > size {
+                return Err(format!(
+                    "the image is larger than the medium: {s} bytes onto {size}; nothing was written"
+                ));
+            }
+        }
+        let mut out = Out {
+            zero: None,
+            verify: self.opts.verify.then(Vec::new),
+            stopped: false,
+        };
+        let end = match (self.opts.bmap.take(), self.image.raw.take()) {
+            (Some(b), raw) => self.mapped(&b, raw.as_ref(), &mut out)?,
+            (None, Some(f)) => self.raw_holes(&f, &mut out)?,
+            (None, None) => self.stream(&mut out)?,
+        };
+        if out.stopped {
+            return Ok(());
+        }
+        out.flush_zero(&self)?;
+        let hashes = out
+            .verify
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(s, e, c)| (s, e, digest(c)))
+            .collect();
+        self.send(Piece::End { image: end, hashes });
+        Ok(())
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// A compressed image without a bmap: everything is decompressed and classified.
+    fn stream(&mut self, out: &mut Out) -> Result<u64, String> {
+        let size = self.params.size;
+        let mut buf = vec![0u8; UNIT];
+        let mut pos = 0u64;
+        loop {
+            if self.stopped() {
+                return Err("interrupted".into());
+            }
+            let n = self.read_stream(&mut buf, pos)?;
+            if n == 0 {
+                return Ok(pos);
+            }
+            if pos + n as u64 > size {
+                return Err(format!(
+                    "the image is larger than the medium ({size} bytes): it goes on past byte {size}"
+                ));
+            }
+            if !out.classify(self, pos, &buf[..n]) {
+                return Ok(pos);
+            }
+            pos += n as u64;
+        }
+    }
+
+    fn read_stream(&mut self, buf: &mut [u8], pos: u64) -> Result<usize, String> {
+        super::image::read_up_to(&mut self.image.reader, buf).map_err(|e| {
+            format!(
+                "the {} image is truncated or corrupt at byte {pos} of its data: {e}",
+                self.image.format.as_str()
+            )
+        })
+    }
+
+    /// A raw image without a bmap: its holes (`SEEK_DATA`/`SEEK_HOLE`) are zeroed without
+    /// being read; what it holds is read with `pread` and classified.
+    fn raw_holes(&mut self, f: &std::fs::File, out: &mut Out) -> Result<u64, String> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::FileExt;
+        let len = self.image.size.unwrap_or(0);
+        let fd = f.as_raw_fd();
+        let seek = |at: u64, whence: libc::c_int| -> u64 {
+            // SAFETY: lseek on an open descriptor; it only moves that descriptor's offset,
+            // which nothing else here uses (reads are positioned).
+            let r = unsafe { libc::lseek(fd, at as libc::off_t, whence) };
+            if r < 0 {
+                // ENXIO past the last data; a file system without holes: all data.
+                if whence == libc::SEEK_DATA {
+                    len
+                } else {
+                    len.max(at)
+                }
+            } else {
+                (r as u64).min(len)
+            }
+        };
+        let mut buf = vec![0u8; UNIT];
+        let mut pos = 0u64;
+        while pos < len {
+            if self.stopped() {
+                return Err("interrupted".into());
+            }
+            let data = seek(pos, libc::SEEK_DATA);
+            if data > pos {
+                out.zero_run(self, pos, data)?;
+                pos = data;
+                continue;
+            }
+            let hole = seek(pos, libc::SEEK_HOLE).max(pos + 1);
+            let n = (hole - pos).min(UNIT as u64) as usize;
+            f.read_exact_at(&mut buf[..n], pos)
+                .map_err(|e| format!("reading the image at byte {pos}: {e}"))?;
+            if !out.classify(self, pos, &buf[..n]) {
+                return Ok(pos);
+            }
+            pos += n as u64;
+        }
+        Ok(len)
+    }
+
+    /// With a bmap: only the mapped ranges are written (read with `pread` from a raw image,
+    /// picked out of the decompressed stream otherwise), each checked against its checksum.
+    fn mapped(
+        &mut self,
+        b: &Bmap,
+        raw: Option<&std::fs::File>,
+        out: &mut Out,
+    ) -> Result<u64, String> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; UNIT];
+        let mut pos = 0u64; // stream position (compressed images)
+        for r in &b.ranges {
+            let mut check = r
+                .checksum
+                .as_ref()
+                .map(|_| ring::digest::Context::new(b.checksum.algorithm()));
+            // The verify hash is SHA-256; a sha256 bmap's own checksum serves for both.
+            let reuse = b.checksum == super::image::Checksum::Sha256 && check.is_some();
+            let mut vhash = (out.verify.is_some() && !reuse)
+                .then(|| ring::digest::Context::new(&ring::digest::SHA256));
+            let mut at = r.start;
+            if raw.is_none() {
+                // Skip the unmapped stretch of the stream before this range.
+                while pos < r.start {
+                    let k = (r.start - pos).min(UNIT as u64) as usize;
+                    let n = self.read_stream(&mut buf[..k], pos)?;
+                    if n == 0 {
+                        return Err(format!("the image ends at byte {pos}, before its bmap's range {}..{}: it is truncated", r.start, r.end));
+                    }
+                    pos += n as u64;
+                }
+            }
+            while at < r.end {
+                if self.stopped() {
+                    return Err("interrupted".into());
+                }
+                let k = (r.end - at).min(UNIT as u64) as usize;
+                match raw {
+                    Some(f) => f
+                        .read_exact_at(&mut buf[..k], at)
+                        .map_err(|e| format!("reading the image at byte {at}: {e}"))?,
+                    None => {
+                        let n = self.read_stream(&mut buf[..k], pos)?;
+                        if n < k {
+                            return Err(format!("the image ends at byte {}, inside its bmap's range {}..{}: it is truncated", pos + n as u64, r.start, r.end));
+                        }
+                        pos += n as u64;
+                    }
+                }
+                let part = &buf[..k];
+                if let Some(c) = check.as_mut() {
+                    c.update(part);
+                }
+                if let Some(c) = vhash.as_mut() {
+                    c.update(part);
+                }
+                if !self.data(at, part) {
+                    out.stopped = true;
+                    return Ok(at);
+                }
+                at += k as u64;
+            }
+            if let (Some(want), Some(c)) = (&r.checksum, check) {
+                let got = c.finish();
+                if got.as_ref() != want.as_slice() {
+                    return Err(format!(
+                        "bmap checksum mismatch for bytes {}..{}: the image or its bmap is corrupt (expected {}, the image has {})",
+                        r.start,
+                        r.end,
+                        hex::encode(want),
+                        hex::encode(got.as_ref())
+                    ));
+                }
+                if reuse {
+                    if let Some(v) = out.verify.as_mut() {
+                        let mut h = [0u8; 32];
+                        h.copy_from_slice(got.as_ref());
+                        v.push((r.start, r.end, Hash::Done(h)));
+                    }
+                }
+            }
+            if let (Some(v), Some(c)) = (out.verify.as_mut(), vhash) {
+                v.push((r.start, r.end, Hash::Running(c)));
+            }
+        }
+        if raw.is_none() {
+            // The rest of the stream must decompress (a corrupt tail is still a corrupt image)
+            // and must not be longer than the bmap says.
+            loop {
+                let n = self.read_stream(&mut buf, pos)?;
+                if n == 0 {
+                    break;
+                }
+                pos += n as u64;
+                if pos > b.image_size {
+                    return Err(format!(
+                        "the image is longer than its bmap says ({} bytes)",
+                        b.image_size
+                    ));
+                }
+            }
+            if pos < b.image_size {
+                return Err(format!(
+                    "the image ends at byte {pos}, but its bmap says {} bytes: it is truncated",
+                    b.image_size
+                ));
+            }
+        }
+        Ok(b.image_size)
+    }
+}
+
+/// A verify hash: still being computed, or known (a sha256 bmap's checksum).
+enum Hash {
+    Running(ring::digest::Context),
+    Done([u8; 32]),
+}
+
+fn digest(h: Hash) -> [u8; 32] {
+    match h {
+        Hash::Done(d) => d,
+        Hash::Running(c) => {
+            let mut d = [0u8; 32];
+            d.copy_from_slice(c.finish().as_ref());
+            d
+        }
+    }
+}
+
+/// Verify ranges are cut at this size so a mismatch names a useful range.
+const VERIFY_RANGE: u64 = 64 << 20;
+
+/// What the producer has pending: a run of zeros not yet sent, and the verify hashes.
+struct Out {
+    zero: Option<(u64, u64)>,
+    verify: Option<Vec<(u64, u64, Hash)>>,
+    /// The sender is gone (the flash is ending): stop quietly.
+    stopped: bool,
+}
+
+impl Out {
+    fn flush_zero(&mut self, p: &Producer) -> Result<(), String> {
+        if let Some((s, e)) = self.zero.take() {
+            if !p.send(Piece::Zero {
+                offset: s,
+                len: e - s,
+            }) {
+                self.stopped = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn zero_run(&mut self, p: &Producer, s: u64, e: u64) -> Result<(), String> {
+        self.zero = match self.zero {
+            Some((zs, ze)) if ze == s => Some((zs, e)),
+            Some(_) => {
+                self.flush_zero(p)?;
+                Some((s, e))
+            }
+            None => Some((s, e)),
+        };
+        Ok(())
+    }
+
+    fn hash(&mut self, off: u64, b: &[u8]) {
+        let Some(v) = self.verify.as_mut() else {
+            return;
+        };
+        let end = off + b.len() as u64;
+        if let Some((s, e, Hash::Running(c))) = v.last_mut() {
+            if *e == off && end - *s <= VERIFY_RANGE {
+                c.update(b);
+                *e = end;
+                return;
+            }
+        }
+        let mut c = ring::digest::Context::new(&ring::digest::SHA256);
+        c.update(b);
+        v.push((off, end, Hash::Running(c)));
+    }
+
+    /// Sends `block` at `off` as zero runs and data; false once the sender is gone.
+    fn classify(&mut self, p: &Producer, off: u64, block: &[u8]) -> bool {
+        let n = block.len();
+        let mut at = 0;
+        while at < n {
+            let end = (at + ZERO_GRAIN).min(n);
+            if is_zero(&block[at..end]) {
+                let _ = self.zero_run(p, off + at as u64, off + end as u64);
+                at = end;
+                continue;
+            }
+            let mut dend = end;
+            while dend < n {
+                let ge = (dend + ZERO_GRAIN).min(n);
+                if is_zero(&block[dend..ge]) {
+                    break;
+                }
+                dend = ge;
+            }
+            let _ = self.flush_zero(p);
+            self.hash(off + at as u64, &block[at..dend]);
+            if self.stopped || !p.data(off + at as u64, &block[at..dend]) {
+                self.stopped = true;
+                return false;
+            }
+            at = dend;
+        }
+        !self.stopped
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    acked: Ranges,
+    failure: Option<Failure>,
+}
+
+/// Flashes `image` onto the medium behind `client`. `progress` is called as pieces are sent;
+/// `stop` set (Ctrl-C) ends it early, reporting what was written.
+pub async fn flash(
+    client: &Client,
+    params: DeviceParams,
+    image: Image,
+    opts: Options,
+    stop: Arc<AtomicBool>,
+    mut progress: impl FnMut(&Progress) + Send,
+) -> Result<Report, FlashError> {
+    if !params.accepts_writes() {
+        let what = if params.writable {
+            "the board's power is on and the medium is shared with it: switch the board off first"
+        } else {
+            "the medium is read-only (the exporter's config does not say `writable: true`, or the device is write-protected)"
+        };
+        return Err(FlashError {
+            what: format!("{}: {what}", client.device()),
+            code: Some(if params.writable {
+                StorageError::BoardHolds
+            } else {
+                StorageError::ReadOnly
+            }),
+            acknowledged: Ranges::default(),
+            flushed: false,
+        });
+    }
+    let total = image.size.or(opts.bmap.as_ref().map(|b| b.image_size));
+    let (tx, mut rx) = tokio::sync::mpsc::channel(MAX_IN_FLIGHT);
+    let verify = opts.verify;
+    let mut report = Report {
+        skipped: opts
+            .bmap
+            .as_ref()
+            .map_or(0, |b| b.image_size - b.mapped_bytes()),
+        ..Report::default()
+    };
+    let producer = Producer {
+        image,
+        params,
+        opts,
+        stop: stop.clone(),
+        tx: tx.clone(),
+    };
+    let prod = tokio::task::spawn_blocking(move || {
+        if let Err(e) = producer.run() {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let lock = |s: &Arc<Mutex<Shared>>| s.lock().unwrap_or_else(|e| e.into_inner()).acked.clone();
+    let mut end: Option<(u64, Hashes)> = None;
+    let mut failed: Option<(String, Option<StorageError>)> = None;
+    while let Some(piece) = rx.recv().await {
+        if let Some(f) = shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .failure
+            .clone()
+        {
+            failed = Some((f.message, Some(f.error)));
+            break;
+        }
+        let piece = match piece {
+            Ok(p) => p,
+            Err(e) => {
+                failed = Some((e, None));
+                break;
+            }
+        };
+        let (op, payload, start, len) = match piece {
+            Piece::Data {
+                offset,
+                raw,
+                zstd,
+                bytes,
+            } => {
+                report.written += raw;
+                report.wire += bytes.len() as u64;
+                let op = if zstd {
+                    Op::WriteZstd {
+                        offset,
+                        len: raw,
+                        clen: bytes.len() as u64,
+                    }
+                } else {
+                    Op::Write { offset, len: raw }
+                };
+                (op, Some(bytes), offset, raw)
+            }
+            Piece::Zero { offset, len } => {
+                report.zeroed += len;
+                (Op::Zero { offset, len }, None, offset, len)
+            }
+            Piece::End { image, hashes } => {
+                end = Some((image, hashes));
+                break;
+            }
+        };
+        client.wait_below(MAX_IN_FLIGHT).await;
+        let s = shared.clone();
+        client.submit(
+            op,
+            payload,
+            Box::new(move |r| {
+                let mut g = s.lock().unwrap_or_else(|e| e.into_inner());
+                match r {
+                    Ok(_) => g.acked.add(start, start + len),
+                    Err(f) => {
+                        g.failure.get_or_insert(f);
+                    }
+                }
+            }),
+        );
+        progress(&Progress {
+            done: start + len,
+            total,
+            wire: report.wire,
+        });
+    }
+    if failed.is_some() {
+        stop.store(true, Ordering::Relaxed);
+    }
+    drop(rx);
+    let _ = prod.await;
+    // Everything submitted has its answer before anything is claimed.
+    client.wait_below(1).await;
+    if let Some(f) = shared
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .failure
+        .clone()
+    {
+        failed.get_or_insert((f.message, Some(f.error)));
+    }
+    if failed.is_none() && end.is_none() {
+        failed = Some(("the image reader stopped without finishing".into(), None));
+    }
+    // Flush what was acknowledged either way, so the report can say it is on the medium.
+    let flushed = client.call(Op::Flush, None).await;
+    if let Some((what, code)) = failed {
+        return Err(FlashError {
+            what,
+            code,
+            acknowledged: lock(&shared),
+            flushed: flushed.is_ok(),
+        });
+    }
+    if let Err(f) = flushed {
+        return Err(FlashError {
+            what: format!("flushing failed: {}", f.message),
+            code: Some(f.error),
+            acknowledged: lock(&shared),
+            flushed: false,
+        });
+    }
+    let (image_len, hashes) = end.unwrap_or_default();
+    report.image = image_len;
+    if verify {
+        for (s, e, want) in hashes {
+            match client.call(Op::Hash { offset: s, len: e - s }, None).await {
+                Ok(Reply::Hash(got)) if got == want => {}
+                Ok(Reply::Hash(got)) => {
+                    return Err(FlashError {
+                        what: format!(
+                            "verification failed: bytes {s}..{e} on the medium have sha256 {}, the image {}",
+                            hex::encode(got),
+                            hex::encode(want)
+                        ),
+                        code: Some(StorageError::Io),
+                        acknowledged: lock(&shared),
+                        flushed: true,
+                    })
+                }
+                Ok(_) | Err(_) => {
+                    return Err(FlashError {
+                        what: format!("verification of bytes {s}..{e} could not be done on the exporter"),
+                        code: None,
+                        acknowledged: lock(&shared),
+                        flushed: true,
+                    })
+                }
+            }
+        }
+        report.verified = true;
+    }
+    progress(&Progress {
+        done: total.unwrap_or(report.image),
+        total: Some(total.unwrap_or(report.image)),
+        wire: report.wire,
+    });
+    Ok(report)
+}
+
+/// Reads the whole medium into `out` (raw and sparse, or compressed as its name says).
+pub async fn dump(
+    client: &Client,
+    params: DeviceParams,
+    out: &Path,
+    stop: Arc<AtomicBool>,
+    mut progress: impl FnMut(&Progress) + Send,
+) -> Result<u64, String> {
+    const CHUNK: u64 = 4 << 20;
+    let size = params.size;
+    let format = Format::for_output(out);
+    let file = std::fs::File::create(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let outp = out.to_path_buf();
+    let writer = tokio::task::spawn_blocking(move || -> io::Result<()> {
+        let mut w: Box<dyn Write> = match format {
+            Format::Raw => Box::new(Sparse {
+                f: file,
+                pos: 0,
+                len: 0,
+            }),
+            Format::Zstd => Box::new(zstd::stream::write::Encoder::new(file, 3)?.auto_finish()),
+            Format::Gzip => Box::new(flate2::write::GzEncoder::new(
+                file,
+                flate2::Compression::fast(),
+            )),
+            Format::Xz => Box::new(liblzma::write::XzEncoder::new(file, 3)),
+            Format::Bzip2 => Box::new(bzip2::write::BzEncoder::new(
+                file,
+                bzip2::Compression::fast(),
+            )),
+        };
+        while let Some(b) = rx.blocking_recv() {
+            w.write_all(&b)?;
+        }
+        w.flush()?;
+        drop(w);
+        let _ = outp;
+        Ok(())
+    });
+    let mut next = 0u64;
+    let mut pending = std::collections::VecDeque::new();
+    let mut wire_done = 0u64;
+    let result: Result<(), String> = async {
+        loop {
+            while next < size && pending.len() < 16 {
+                let len = CHUNK.min(size - next);
+                let c = client.clone();
+                let off = next;
+                pending.push_back(tokio::spawn(async move {
+                    c.call(
+                        Op::Read {
+                            offset: off,
+                            len,
+                            compress: true,
+                        },
+                        None,
+                    )
+                    .await
+                }));
+                next += len;
+            }
+            let Some(h) = pending.pop_front() else { break };
+            if stop.load(Ordering::Relaxed) {
+                return Err("interrupted".into());
+            }
+            let d = match h.await.map_err(|e| e.to_string())? {
+                Ok(Reply::Data(d)) => d,
+                Ok(_) => return Err("the exporter answered a read with something else".into()),
+                Err(f) => return Err(f.message),
+            };
+            wire_done += d.len() as u64;
+            if tx.send(d).await.is_err() {
+                return Err(format!("writing {} failed", out.display()));
+            }
+            progress(&Progress {
+                done: wire_done,
+                total: Some(size),
+                wire: wire_done,
+            });
+        }
+        Ok(())
+    }
+    .await;
+    drop(tx);
+    let w = writer.await.map_err(|e| e.to_string())?;
+    result?;
+    w.map_err(|e| format!("{}: {e}", out.display()))?;
+    Ok(size)
+}
+
+/// A raw output that leaves zero blocks as holes.
+struct Sparse {
+    f: std::fs::File,
+    pos: u64,
+    len: u64,
+}
+
+impl Write for Sparse {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        for block in buf.chunks(4096) {
+            if !is_zero(block) {
+                self.f.write_all_at(block, self.pos)?;
+            }
+            self.pos += block.len() as u64;
+        }
+        self.len = self.len.max(self.pos);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.f.set_len(self.len)?;
+        self.f.sync_all()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_merge() {
+        let mut r = Ranges::default();
+        r.add(10, 20);
+        r.add(30, 40);
+        r.add(20, 30);
+        r.add(0, 5);
+        assert_eq!(r.0, vec![(0, 5), (10, 40)]);
+        r.add(4, 11);
+        assert_eq!(r.0, vec![(0, 40)]);
+        assert_eq!(r.bytes(), 40);
+        assert_eq!(r.to_string(), "0..40");
+    }
+}

@@ -1,0 +1,174 @@
+//! A storage device mounted: the FUSE session, keeping its files in step with the medium
+//! (the partition table, read at the start and again whenever the generation changes, and
+//! the kernel's cache dropped then), and unmounting when dropped, lazily if a program still
+//! has a file open. Stale mounts of killed processes are cleaned by
+//! [`crate::places::mount_point`] before mounting.
+
+use super::client::{Client, Reply};
+use super::fs::{self, Files, StorageFs};
+use super::parts;
+use jmp_protocol::kinds::storage::{DeviceParams, Op};
+use std::ffi::OsStr;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tracing::{info, warn};
+
+/// A live mount; dropping it unmounts.
+pub struct Mounted {
+    path: PathBuf,
+    session: Option<fuser::BackgroundSession>,
+    pub files: Arc<Files>,
+    notifier: fuser::Notifier,
+}
+
+impl Mounted {
+    /// Mounts the filesystem of `client` at `path` (which must exist and be empty).
+    pub fn mount(
+        path: &Path,
+        client: Client,
+        owner: (u32, u32),
+        writable: bool,
+    ) -> io::Result<Mounted> {
+        let files = Arc::new(Files::default());
+        let others = nix::unistd::geteuid().is_root() && owner.0 != 0;
+        let fs = StorageFs::new(client.clone(), files.clone(), owner, writable);
+        let cfg = fs::config(client.device(), writable, others);
+        let session = fuser::Session::new(fs, path, &cfg)?.spawn()?;
+        let notifier = session.notifier();
+        raise_readahead(path);
+        info!(device = client.device(), "mounted at {}", path.display());
+        Ok(Mounted {
+            path: path.to_path_buf(),
+            session: Some(session),
+            files,
+            notifier,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Drops the kernel's cached pages and names of every file (the medium changed behind
+    /// this mount).
+    pub fn invalidate(&self) {
+        for e in self.files.entries() {
+            let _ = self.notifier.inval_inode(fuser::INodeNo(e.ino), 0, -1);
+            let _ = self
+                .notifier
+                .inval_entry(fuser::INodeNo::ROOT, OsStr::new(&e.name));
+        }
+    }
+}
+
+/// Read-ahead of the mount, in KiB: four 1 MiB requests in flight on a sequential read.
+const READAHEAD_KB: u32 = 4096;
+
+/// The kernel offers a FUSE mount only 128 KiB of read-ahead at INIT (the negotiated maximum
+/// cannot be raised there), which keeps one small request in flight on a sequential read.
+/// Root can raise it on the mount's backing device info; for others it stays as it is.
+fn raise_readahead(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    // A getattr of the root: answered by the fuser thread without waiting on anything.
+    let Ok(m) = std::fs::metadata(path) else {
+        return;
+    };
+    let dev = m.dev();
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    );
+    if let Err(e) = std::fs::write(&knob, READAHEAD_KB.to_string()) {
+        tracing::debug!("{knob}: {e}; read-ahead stays at the kernel's default");
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            if let Err(e) = s.umount_and_join() {
+                // Busy (a program has a file open, a loop device sits on a partition):
+                // detach it now; the kernel ends it when the last user lets go.
+                warn!(
+                    "unmounting {}: {e}; detaching it lazily",
+                    self.path.display()
+                );
+                let _ = crate::places::detach(&self.path);
+            }
+        }
+    }
+}
+
+/// Reads the medium's partition table through `client` (blocking: call from a blocking
+/// thread, with the runtime that serves the client's channel in `rt`).
+pub fn read_table(
+    client: &Client,
+    rt: &tokio::runtime::Handle,
+    p: &DeviceParams,
+) -> Vec<parts::Partition> {
+    let read = |off: u64, buf: &mut [u8]| -> io::Result<()> {
+        let r = rt.block_on(client.call(
+            Op::Read {
+                offset: off,
+                len: buf.len() as u64,
+                compress: false,
+            },
+            None,
+        ));
+        match r {
+            Ok(Reply::Data(d)) if d.len() == buf.len() => {
+                buf.copy_from_slice(&d);
+                Ok(())
+            }
+            Ok(_) => Err(io::Error::other("short read")),
+            Err(f) => Err(io::Error::other(f.message)),
+        }
+    };
+    parts::read(&read, p.size, p.block_size)
+}
+
+/// Invalidation waits for pages the kernel has locked, some of them for reads whose answers
+/// this runtime delivers: never do it on the runtime's own thread.
+async fn invalidate(mounted: &Arc<Mounted>) {
+    let m = mounted.clone();
+    let _ = tokio::task::spawn_blocking(move || m.invalidate()).await;
+}
+
+/// Keeps `mounted`'s files in step with the medium for as long as it runs: reads the table
+/// now, and again (after dropping the kernel's cache) whenever the generation changes.
+///
+/// Holds the mount weakly: the bridge's reference is the one whose drop unmounts.
+pub async fn follow(client: Client, mounted: std::sync::Weak<Mounted>) {
+    let mut params = client.watch_params();
+    let mut seen: Option<u64> = None;
+    loop {
+        let p = *params.borrow_and_update();
+        if let Some(p) = p {
+            let Some(mounted) = mounted.upgrade() else {
+                return;
+            };
+            if seen != Some(p.generation) {
+                if seen.is_some() {
+                    info!(
+                        device = client.device(),
+                        "the medium changed (generation {}): dropping the cache", p.generation
+                    );
+                    invalidate(&mounted).await;
+                }
+                seen = Some(p.generation);
+                let c = client.clone();
+                let rt = tokio::runtime::Handle::current();
+                let parts = tokio::task::spawn_blocking(move || read_table(&c, &rt, &p))
+                    .await
+                    .unwrap_or_default();
+                mounted.files.set(p.size, &parts);
+                invalidate(&mounted).await;
+            }
+        }
+        if params.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,492 @@
+//! Storage bridge-to-driver over an in-memory session: requests in flight at once, a slow one
+//! not holding up the others, writes refused while a shared board is powered, the generation
+//! moving on power-on and on another writer, and the FUSE mount (real kernel) over memory.
+
+use bytes::Bytes;
+use jmp_devices::board::SimBoard;
+use jmp_devices::serve::DeviceSet;
+use jmp_devices::storage::client::{self, Client, Reply, Retry};
+use jmp_devices::storage::spec::Table;
+use jmp_devices::storage::{sim, SlowRange, StorageDriver};
+use jmp_devices::testing::mem_session;
+use jmp_devices::{Bridge, BridgeCtx, Driver};
+use jmp_protocol::kinds::storage::{Op, StorageError};
+use jmp_transport::Channels;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+const SIZE: u64 = 64 << 20;
+const GUARD: Duration = Duration::from_secs(30);
+
+struct Img(PathBuf);
+
+impl Img {
+    fn new(tag: &str) -> Img {
+        let p = std::env::temp_dir().join(format!("jmp-storage-{tag}-{}.img", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        sim::ensure_image(&p, SIZE, Table::Mbr).expect("sim image");
+        Img(p)
+    }
+}
+
+impl Drop for Img {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn driver(
+    img: &Img,
+    writable: bool,
+    board: Option<SimBoard>,
+    slow: Option<SlowRange>,
+) -> Arc<dyn Driver> {
+    Arc::new(StorageDriver::start(
+        "sd",
+        img.0.clone(),
+        writable,
+        board,
+        slow,
+    ))
+}
+
+/// A client serving one channel of `link` in a task.
+async fn connect(link: Arc<dyn Channels>) -> (Client, tokio::task::JoinHandle<()>) {
+    let c = Client::new("sd", Retry::Fail);
+    let (tx, rx, p) = client::open(link.as_ref(), "sd").await.expect("open");
+    assert_eq!(p.size, SIZE);
+    c.set_params(p);
+    let c2 = c.clone();
+    let t = tokio::spawn(async move {
+        let _ = c2.serve(tx, rx).await;
+    });
+    (c, t)
+}
+
+async fn read(
+    c: &Client,
+    offset: u64,
+    len: u64,
+) -> Result<Bytes, jmp_devices::storage::medium::Failure> {
+    match c
+        .call(
+            Op::Read {
+                offset,
+                len,
+                compress: false,
+            },
+            None,
+        )
+        .await?
+    {
+        Reply::Data(d) => Ok(d),
+        other => panic!("read answered {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn reads_writes_flush_zero_and_hash_over_memory() {
+    let img = Img::new("rw");
+    let (link, _srv) = mem_session(DeviceSet::new("b", vec![driver(&img, true, None, None)]));
+    let (c, _t) = connect(link).await;
+    let data = Bytes::from((0..300_000u32).map(|i| (i * 7) as u8).collect::<Vec<u8>>());
+    // Many writes in flight at once, then reads of all of them.
+    let mut calls = Vec::new();
+    for i in 0..16u64 {
+        let c = c.clone();
+        let d = data.clone();
+        calls.push(tokio::spawn(async move {
+            c.call(
+                Op::Write {
+                    offset: i << 20,
+                    len: d.len() as u64,
+                },
+                Some(d),
+            )
+            .await
+        }));
+    }
+    for t in calls {
+        assert_eq!(t.await.expect("task").expect("write"), Reply::Done);
+    }
+    assert_eq!(c.call(Op::Flush, None).await.expect("flush"), Reply::Done);
+    let f = std::fs::File::open(&img.0).expect("image");
+    for i in 0..16u64 {
+        assert_eq!(
+            read(&c, i << 20, data.len() as u64).await.expect("read"),
+            data
+        );
+        let mut on_disk = vec![0u8; data.len()];
+        f.read_exact_at(&mut on_disk, i << 20).expect("pread");
+        assert_eq!(
+            on_disk, data,
+            "the exporter's image holds the write at {i} MiB"
+        );
+    }
+    // A compressed read of zeros comes back as zeros.
+    c.call(
+        Op::Zero {
+            offset: 0,
+            len: 1 << 20,
+        },
+        None,
+    )
+    .await
+    .expect("zero");
+    match c
+        .call(
+            Op::Read {
+                offset: 0,
+                len: 1 << 20,
+                compress: true,
+            },
+            None,
+        )
+        .await
+        .expect("read")
+    {
+        Reply::Data(d) => assert!(d.len() == 1 << 20 && d.iter().all(|b| *b == 0)),
+        other => panic!("{other:?}"),
+    }
+    let want = ring::digest::digest(&ring::digest::SHA256, &data);
+    match c
+        .call(
+            Op::Hash {
+                offset: 1 << 20,
+                len: data.len() as u64,
+            },
+            None,
+        )
+        .await
+        .expect("hash")
+    {
+        Reply::Hash(h) => assert_eq!(&h[..], want.as_ref()),
+        other => panic!("{other:?}"),
+    }
+    let e = read(&c, SIZE - 10, 20).await.expect_err("past the end");
+    assert_eq!(e.error, StorageError::OutOfRange);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_read_does_not_hold_up_the_others() {
+    let img = Img::new("slow");
+    let slow = SlowRange {
+        offset: 0,
+        len: 4096,
+        delay: Duration::from_secs(3),
+    };
+    let (link, _srv) = mem_session(DeviceSet::new(
+        "b",
+        vec![driver(&img, true, None, Some(slow))],
+    ));
+    let (c, _t) = connect(link).await;
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+    let c2 = c.clone();
+    tokio::spawn(async move {
+        let r = read(&c2, 0, 4096).await;
+        let _ = done_tx.send(r.is_ok());
+    });
+    // The slow read is on the wire first; twenty others finish while it is still running.
+    for i in 1..=20u64 {
+        tokio::time::timeout(GUARD, read(&c, i << 20, 65536))
+            .await
+            .expect("hang guard")
+            .expect("read");
+    }
+    assert!(
+        matches!(
+            done_rx.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+        ),
+        "the slow read should still be running"
+    );
+    assert_eq!(
+        tokio::time::timeout(GUARD, done_rx)
+            .await
+            .expect("hang guard")
+            .ok(),
+        Some(true)
+    );
+}
+
+#[tokio::test]
+async fn a_shared_medium_refuses_writes_while_the_board_is_on_and_moves_its_generation() {
+    let img = Img::new("shared");
+    let board = SimBoard::new(); // starts powered
+    let (link, _srv) = mem_session(DeviceSet::new(
+        "b",
+        vec![driver(&img, true, Some(board.clone()), None)],
+    ));
+    let (c, _t) = connect(link).await;
+    let p0 = c.params().expect("params");
+    assert!(p0.shared && p0.board_on && !p0.accepts_writes(), "{p0:?}");
+    let w = |c: Client| async move {
+        c.call(
+            Op::Write { offset: 0, len: 3 },
+            Some(Bytes::from_static(b"abc")),
+        )
+        .await
+    };
+    let e = w(c.clone()).await.expect_err("refused while on");
+    assert_eq!(e.error, StorageError::BoardHolds);
+    assert!(e.message.contains("power is on"), "{e}");
+    let mut watch = c.watch_params();
+    board.set_power(false);
+    tokio::time::timeout(GUARD, watch.wait_for(|p| p.is_some_and(|p| !p.board_on)))
+        .await
+        .expect("changed pushed")
+        .expect("watch");
+    assert_eq!(w(c.clone()).await.expect("accepted while off"), Reply::Done);
+    board.set_power(true);
+    let p = *tokio::time::timeout(GUARD, watch.wait_for(|p| p.is_some_and(|p| p.board_on)))
+        .await
+        .expect("changed")
+        .expect("watch");
+    assert_eq!(
+        p.map(|p| p.generation),
+        Some(p0.generation + 1),
+        "power-on moves the generation"
+    );
+}
+
+#[tokio::test]
+async fn a_read_only_medium_says_so() {
+    let img = Img::new("ro");
+    let (link, _srv) = mem_session(DeviceSet::new("b", vec![driver(&img, false, None, None)]));
+    let (c, _t) = connect(link).await;
+    let e = c
+        .call(
+            Op::Write { offset: 0, len: 1 },
+            Some(Bytes::from_static(b"x")),
+        )
+        .await
+        .expect_err("ro");
+    assert_eq!(e.error, StorageError::ReadOnly);
+    assert!(e.message.contains("writable: true"), "{e}");
+}
+
+#[tokio::test]
+async fn another_writer_moves_the_generation_so_caches_drop() {
+    let img = Img::new("writers");
+    let (link, _srv) = mem_session(DeviceSet::new("b", vec![driver(&img, true, None, None)]));
+    let (a, _ta) = connect(link.clone()).await;
+    let (b, _tb) = connect(link).await;
+    let g0 = a.params().expect("p").generation;
+    a.call(
+        Op::Write { offset: 0, len: 1 },
+        Some(Bytes::from_static(b"a")),
+    )
+    .await
+    .expect("a writes");
+    let mut wa = a.watch_params();
+    b.call(
+        Op::Write { offset: 0, len: 1 },
+        Some(Bytes::from_static(b"b")),
+    )
+    .await
+    .expect("b writes");
+    let p = *tokio::time::timeout(GUARD, wa.wait_for(|p| p.is_some_and(|p| p.generation > g0)))
+        .await
+        .expect("a hears")
+        .expect("watch");
+    assert!(p.is_some());
+}
+
+/// The real kernel: the bridge mounts FUSE over the in-memory session; the files are the disk
+/// and its partitions, sized exactly, and what is written through them lands in the image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mount_shows_the_disk_and_its_partitions() {
+    let img = Img::new("mount");
+    let d = driver(&img, true, None, None);
+    let info = jmp_devices::info(d.as_ref());
+    let (link, _srv) = mem_session(DeviceSet::new("b", vec![d]));
+    let dir = std::env::temp_dir().join(format!("jmp-storage-mnt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let ctx = BridgeCtx {
+        exporter: "b".into(),
+        dev_dir: dir.clone(),
+        mount_dir: dir.clone(),
+        owner: None,
+    };
+    let mut bridge = jmp_devices::storage::StorageBridge::create(&info, &ctx).expect("mount");
+    let mnt = bridge.path().to_path_buf();
+    let run = tokio::spawn(async move {
+        let exit = bridge.run(link).await;
+        (bridge, exit)
+    });
+    let m = mnt.clone();
+    let img_path = img.0.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut names: Vec<String> = std::fs::read_dir(&m)
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["disk", "p1", "p2"]);
+        let layout = sim::layout(SIZE, Table::Mbr);
+        assert_eq!(std::fs::metadata(m.join("disk")).expect("stat").len(), SIZE);
+        assert_eq!(
+            std::fs::metadata(m.join("p1")).expect("stat").len(),
+            layout[0].1
+        );
+        assert_eq!(
+            std::fs::metadata(m.join("p2")).expect("stat").len(),
+            layout[1].1
+        );
+        // p2 at offset 0 is the disk at the partition's offset.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.join("p2"))
+            .expect("open p2");
+        f.write_all_at(b"through the mount", 8192).expect("write");
+        f.sync_all().expect("fsync");
+        let mut back = [0u8; 17];
+        std::fs::File::open(m.join("disk"))
+            .expect("disk")
+            .read_exact_at(&mut back, layout[1].0 + 8192)
+            .expect("read");
+        assert_eq!(&back, b"through the mount");
+        std::fs::File::open(&img_path)
+            .expect("img")
+            .read_exact_at(&mut back, layout[1].0 + 8192)
+            .expect("read");
+        assert_eq!(&back, b"through the mount", "the exporter's image has it");
+        // Unimplemented operations answer ENOSYS / EPERM, never pretend.
+        let e = std::fs::File::create(m.join("new")).expect_err("no new files");
+        assert!(
+            matches!(
+                e.raw_os_error(),
+                Some(libc::ENOSYS) | Some(libc::EPERM) | Some(libc::EACCES)
+            ),
+            "{e}"
+        );
+    })
+    .await
+    .expect("checks");
+    run.abort();
+    let _ = run.await;
+    assert!(
+        !jmp_devices::places::is_mount_point(&mnt),
+        "unmounted when the bridge is dropped"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every image format flashes to the same bytes, and a dump reads them back (zstd and sparse
+/// raw), over memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_format_flashes_and_dumps_back_identically() {
+    use jmp_devices::storage::{flash, image};
+    use std::io::Write;
+    use std::sync::atomic::AtomicBool;
+    let img = Img::new("formats");
+    let (link, _srv) = mem_session(DeviceSet::new("b", vec![driver(&img, true, None, None)]));
+    let (c, _t) = connect(link).await;
+    let dir = std::env::temp_dir().join(format!("jmp-storage-formats-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    // 8 MiB: text that compresses, random-looking bytes that do not, and zeros.
+    let mut raw = vec![0u8; 8 << 20];
+    for (i, b) in raw[..1 << 20].iter_mut().enumerate() {
+        *b = b"jmp storage "[i % 12];
+    }
+    let mut x = 0x9e37_79b9_u32;
+    for b in raw[3 << 20..5 << 20].iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8;
+    }
+    let write = |name: &str, bytes: Vec<u8>| {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).expect("write");
+        p
+    };
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&raw).expect("gz");
+    let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 1);
+    xz.write_all(&raw).expect("xz");
+    let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+    bz.write_all(&raw).expect("bz2");
+    let files = [
+        (write("a.img", raw.clone()), image::Format::Raw),
+        (
+            write("a.img.gz", gz.finish().expect("gz")),
+            image::Format::Gzip,
+        ),
+        (
+            write("a.img.xz", xz.finish().expect("xz")),
+            image::Format::Xz,
+        ),
+        (
+            write("a.img.zst", zstd::bulk::compress(&raw, 3).expect("zst")),
+            image::Format::Zstd,
+        ),
+        (
+            write("a.img.bz2", bz.finish().expect("bz2")),
+            image::Format::Bzip2,
+        ),
+    ];
+    for (path, format) in &files {
+        // Scribble over the card first so a format that wrote nothing would show.
+        c.call(
+            Op::Write { offset: 0, len: 4 },
+            Some(Bytes::from_static(b"junk")),
+        )
+        .await
+        .expect("scribble");
+        let im = image::open(path).expect("open");
+        assert_eq!(im.format, *format, "{}", path.display());
+        let rep = flash::flash(
+            &c,
+            c.params().expect("params"),
+            im,
+            flash::Options {
+                bmap: None,
+                verify: true,
+                compress: true,
+            },
+            Arc::new(AtomicBool::new(false)),
+            |_| {},
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(rep.verified && rep.image == raw.len() as u64, "{rep:?}");
+        assert!(
+            rep.zeroed >= 3 << 20 && rep.wire < rep.written,
+            "zeros are not sent, text is compressed: {rep:?}"
+        );
+        assert_eq!(read_image(&img.0, raw.len()), raw, "{}", path.display());
+    }
+    for out in ["dump.img.zst", "dump.img"] {
+        let p = dir.join(out);
+        flash::dump(
+            &c,
+            c.params().expect("params"),
+            &p,
+            Arc::new(AtomicBool::new(false)),
+            |_| {},
+        )
+        .await
+        .expect("dump");
+        let mut back = Vec::new();
+        let mut im = image::open(&p).expect("open dump");
+        std::io::Read::read_to_end(&mut im.reader, &mut back).expect("read dump");
+        assert_eq!(back.len() as u64, SIZE);
+        assert_eq!(&back[..raw.len()], &raw[..], "{out}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn read_image(p: &std::path::Path, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    std::fs::File::open(p)
+        .expect("image")
+        .read_exact_at(&mut b, 0)
+        .expect("pread");
+    b
+}
