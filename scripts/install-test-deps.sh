@@ -5,6 +5,10 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 
 apt_pkgs=(picocom tio tmux socat ser2net iperf3 openssh-client openssh-server iproute2 procps python3-venv prometheus)
+# protoc and the well-known .proto files (libprotobuf-dev) build etcd-client's gRPC code, a
+# build dependency of jmp-controller; etcd-server and etcd-client (etcdctl) run the controller
+# cluster tests and the etcd benchmark.
+apt_pkgs+=(protobuf-compiler libprotobuf-dev etcd-server etcd-client)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -3,6 +3,7 @@
 //! (`cargo run --release -p jmp-bench -- [all|serial|tcp|quinn|memory|controller|flood]
 //! [--rounds N]`); the method and recorded figures are in `docs/benchmarks.md`.
 
+pub mod cluster;
 pub mod controller;
 pub mod flood;
 pub mod jmp;

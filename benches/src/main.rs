@@ -1,4 +1,4 @@
-//! `cargo run --release -p jmp-bench -- [all|serial|tcp|quinn|memory|controller] [--rounds N]
+//! `cargo run --release -p jmp-bench -- [all|serial|tcp|quinn|memory|controller|flood|etcd] [--rounds N]
 //! [--iperf-seconds S] [--no-build] [--bin-dir DIR]`
 //!
 //! `--bin-dir` takes `jmpd`, `jmp` and `jmp-controller` from DIR instead of building the
@@ -11,7 +11,7 @@
 //! everything as JSON to `target/bench-results.json`.
 
 use anyhow::{bail, Result};
-use jmp_bench::{controller, flood, jmp, memory, quic, relay, serial, tcp};
+use jmp_bench::{cluster, controller, flood, jmp, memory, quic, relay, serial, tcp};
 use std::process::Command;
 
 struct Args {
@@ -43,10 +43,12 @@ fn parse() -> Result<Args> {
             "all" => a.which.extend(
                 ["serial", "tcp", "quinn", "memory", "controller", "flood"].map(String::from),
             ),
-            "serial" | "tcp" | "quinn" | "memory" | "controller" | "flood" => a.which.push(x),
+            "serial" | "tcp" | "quinn" | "memory" | "controller" | "flood" | "etcd" => {
+                a.which.push(x)
+            }
             "-h" | "--help" => {
                 println!(
-                    "usage: jmp-bench [all|serial|tcp|quinn|memory|controller|flood]... [--rounds N] \
+                    "usage: jmp-bench [all|serial|tcp|quinn|memory|controller|flood|etcd]... [--rounds N] \
                      [--iperf-seconds S] [--no-build] [--bin-dir DIR] [--compare-bin-dir DIR]"
                 );
                 std::process::exit(0);
@@ -122,6 +124,7 @@ fn main() -> Result<()> {
             "memory" => memory::run(&bins, args.rounds),
             "controller" => controller::run(&bins, args.rounds),
             "flood" => flood::run(&bins, args.rounds),
+            "etcd" => cluster::run(&bins, args.rounds),
             _ => unreachable!("parsed"),
         };
         match r {
