@@ -250,19 +250,20 @@ impl Node {
             return Ok(false);
         };
         let sent = Instant::now();
+        // etcd-client's keep_alive sends one renewal and reads its answer before it returns
+        // (an answer with TTL 0, "lease not found", is an error): one call, one renewal.
         let r = self
             .etcd
-            .run(|mut c| async move {
-                let (_keeper, mut stream) = c.lease_keep_alive(lease).await?;
-                stream.message().await
-            })
-            .await?;
+            .run(|mut c| async move { c.lease_keep_alive(lease).await.map(|_| ()) })
+            .await;
         match r {
-            Some(resp) if resp.ttl() > 0 => {
+            Ok(()) => {
                 self.session = Some((lease, sent));
                 Ok(true)
             }
-            _ => Ok(false),
+            // Said by a member of the quorum (the lease is gone for good).
+            Err(e) if e.contains("lease not found") => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
@@ -521,11 +522,14 @@ pub async fn run(
                 }
             }
             Err(e) => {
-                if down_since.is_none() {
+                let since = *down_since.get_or_insert_with(|| {
                     error!("{e}");
-                    down_since = Some(Instant::now());
-                }
-                if node.leading.is_none() {
+                    Instant::now()
+                });
+                // A follower cut off from etcd keeps pointing at the leader for a TTL: the
+                // leader may well still serve (it stops by itself before its lease can run out).
+                let following = matches!(*node.role.borrow(), Role::Follower(_));
+                if node.leading.is_none() && !(following && since.elapsed() < node.args.ttl) {
                     node.unavailable(&e);
                 }
             }

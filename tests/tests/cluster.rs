@@ -177,7 +177,7 @@ fn exporters(
         write_private(&f, &format!("{}\n", cred.token));
         let mut cmd = Command::new(jmpd_bin());
         cmd.arg("--config")
-            .arg(jmpd_config(&env.root, name, &f))
+            .arg(jmpd_config(env.root.path(), name, &f))
             .env("JMP_LOG", "info");
         let mut p = Proc::spawn(&format!("jmpd-{name}"), cmd, &env.logs);
         assert!(
@@ -277,11 +277,11 @@ fn leases_survive_the_leader_controller_being_killed_again_and_again() {
         return;
     }
     let env = TestEnv::new("cluster-kill");
-    let etcd = Etcd::start(&env.root, &env.logs, 3);
-    let mut ctls = Controllers::start(&etcd, &env.root, &env.logs, 3);
+    let etcd = Etcd::start(env.root.path(), &env.logs, 3);
+    let mut ctls = Controllers::start(&etcd, env.root.path(), &env.logs, 3);
     let rt = runtime();
     let fp = ctls.ctls[0].as_ref().expect("c0").fingerprint.clone();
-    let (_admin_file, admin_token) = admin_config(&ctls, &env.root);
+    let (_admin_file, admin_token) = admin_config(&ctls, env.root.path());
     let eps = ctls.endpoints();
     let admin = Api::new(&eps, &fp, &admin_token);
     let _jmpds = exporters(
@@ -338,15 +338,17 @@ fn leases_survive_the_leader_controller_being_killed_again_and_again() {
             let mut held: BTreeMap<String, (String, String)> = BTreeMap::new();
             let mut refused: Vec<String> = Vec::new();
             let mut ops = 0u32;
+            let mut grants = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 ops += 1;
                 match rng.next() % 3 {
-                    0 | 1 if held.len() < 2 => {
+                    0 | 1 if held.is_empty() => {
                         let id = format!("r{i}-{}", seq.fetch_add(1, Ordering::Relaxed));
-                        let wait = if rng.next() % 2 == 0 { 0 } else { 3 };
+                        let wait = rng.next() % 2;
                         match c.lease(lease_req(&id, "board=rpi4", wait)).await {
                             Ok(l) => {
                                 assert_eq!(l.request_id, id);
+                                grants += 1;
                                 held.insert(l.name, (l.exporter, id));
                             }
                             Err(e) => {
@@ -384,14 +386,14 @@ fn leases_survive_the_leader_controller_being_killed_again_and_again() {
                 }
                 tokio::time::sleep(Duration::from_millis(20 + rng.next() % 80)).await;
             }
-            (held, refused, ops)
+            (held, refused, ops, grants)
         }));
     }
 
-    // Three kills of whichever controller leads; each killed one is started again.
+    // Four kills of whichever controller leads; each killed one is started again.
     let mut killed = Vec::new();
-    for _ in 0..3 {
-        std::thread::sleep(Duration::from_secs(2));
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_secs(3));
         let k = kill_leader(&rt, &etcd, &mut ctls, &admin);
         killed.push(k);
         ctls.spawn(k);
@@ -400,14 +402,18 @@ fn leases_survive_the_leader_controller_being_killed_again_and_again() {
     stop.store(true, Ordering::Relaxed);
     let mut believed: BTreeMap<String, (String, String)> = BTreeMap::new();
     let mut refused = Vec::new();
-    let mut total_ops = 0;
+    let (mut total_ops, mut total_grants) = (0, 0);
     for w in workers {
-        let (h, r, ops) = rt.block_on(w).expect("worker");
+        let (h, r, ops, g) = rt.block_on(w).expect("worker");
         believed.extend(h);
         refused.extend(r);
         total_ops += ops;
+        total_grants += g;
     }
-    assert!(total_ops > 20, "too little traffic to mean anything: {total_ops} operations");
+    assert!(
+        total_ops > 40 && total_grants > 10,
+        "too little traffic to mean anything: {total_ops} operations, {total_grants} grants"
+    );
 
     // What the controllers hold is exactly what the clients were told.
     let leases = all_leases(&rt, &admin);
@@ -456,7 +462,8 @@ fn leases_survive_the_leader_controller_being_killed_again_and_again() {
     }
     check_listing(&all_leases(&rt, &admin), "at the end");
     raw_stderr(&format!(
-        "cluster: {total_ops} operations, {} leases held at the end, controllers killed: {killed:?}",
+        "cluster: {total_ops} operations, {total_grants} grants, {} refused, {} leases held at the end, controllers killed: {killed:?}",
+        refused.len(),
         believed.len()
     ));
 }
@@ -468,11 +475,11 @@ fn an_etcd_member_down_changes_nothing_and_all_of_etcd_down_is_a_clear_error_the
         return;
     }
     let env = TestEnv::new("cluster-etcd-down");
-    let mut etcd = Etcd::start(&env.root, &env.logs, 3);
-    let ctls = Controllers::start(&etcd, &env.root, &env.logs, 3);
+    let mut etcd = Etcd::start(env.root.path(), &env.logs, 3);
+    let ctls = Controllers::start(&etcd, env.root.path(), &env.logs, 3);
     let rt = runtime();
     let fp = ctls.ctls[0].as_ref().expect("c0").fingerprint.clone();
-    let (admin_file, admin_token) = admin_config(&ctls, &env.root);
+    let (admin_file, admin_token) = admin_config(&ctls, env.root.path());
     let eps = ctls.endpoints();
     let admin = Api::new(&eps, &fp, &admin_token);
     let _jmpds = exporters(&rt, &admin, &env, &[("e0", "rpi4"), ("e1", "rpi4")]);
