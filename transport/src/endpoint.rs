@@ -267,6 +267,18 @@ pub async fn connect(
         .connect_with(client_config(alpn)?, addr, "jmp-exporter")
         .map_err(|source| ConnectError::Connect { addr, source })?;
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+        // The idle timeout (shorter than HANDSHAKE_TIMEOUT for the controller) ran out first.
+        Ok(Err(quinn::ConnectionError::TimedOut)) => {
+            return Err(ConnectError::NoAnswer {
+                peer,
+                addr,
+                timeout: if alpn == jmp_protocol::ALPN_CONTROLLER {
+                    CONTROLLER_IDLE_TIMEOUT
+                } else {
+                    IDLE_TIMEOUT.min(HANDSHAKE_TIMEOUT)
+                },
+            })
+        }
         Ok(c) => c.map_err(|source| ConnectError::Connection { peer, addr, source })?,
         Err(_) => {
             return Err(ConnectError::NoAnswer {
