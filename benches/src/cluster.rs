@@ -49,7 +49,9 @@ fn start_etcd(dir: &TempDir) -> Result<Etcd> {
                 .arg(format!("--listen-client-urls=http://127.0.0.1:{c}"))
                 .arg(format!("--advertise-client-urls=http://127.0.0.1:{c}"))
                 .arg(format!("--listen-peer-urls=http://127.0.0.1:{p}"))
-                .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{p}"))
+                .arg(format!(
+                    "--initial-advertise-peer-urls=http://127.0.0.1:{p}"
+                ))
                 .arg(format!("--initial-cluster={initial}"))
                 .arg("--initial-cluster-state=new")
                 .args(["--logger=zap", "--log-level=warn"]),
@@ -170,7 +172,13 @@ fn failover(bins: &Bins, etcd: &Etcd, rt: &tokio::runtime::Runtime) -> Result<Ve
     let data = |i: usize| dir.join(&format!("c{i}"));
     let log = |i: usize, k: usize| dir.join(&format!("c{i}-{k}.log"));
     let mut ctls: Vec<Option<Ctl>> = Vec::new();
-    ctls.push(Some(spawn_ctl(bins, &data(0), &listen[0], &extra, &log(0, 0))?));
+    ctls.push(Some(spawn_ctl(
+        bins,
+        &data(0),
+        &listen[0],
+        &extra,
+        &log(0, 0),
+    )?));
     let admin_file = data(0).join("admin.yaml");
     let t0 = Instant::now();
     while !admin_file.exists() {
@@ -181,7 +189,13 @@ fn failover(bins: &Bins, etcd: &Etcd, rt: &tokio::runtime::Runtime) -> Result<Ve
     }
     for i in 1..3 {
         copy_identity(&data(0), &data(i))?;
-        ctls.push(Some(spawn_ctl(bins, &data(i), &listen[i], &extra, &log(i, 0))?));
+        ctls.push(Some(spawn_ctl(
+            bins,
+            &data(i),
+            &listen[i],
+            &extra,
+            &log(i, 0),
+        )?));
     }
     let admin: ClientConfig = serde_norway::from_str(&std::fs::read_to_string(&admin_file)?)?;
     let pin: Fingerprint = admin
@@ -295,7 +309,13 @@ fn failover(bins: &Bins, etcd: &Etcd, rt: &tokio::runtime::Runtime) -> Result<Ve
             all: false,
         }))?;
         drop(victim);
-        ctls[idx] = Some(spawn_ctl(bins, &data(idx), &listen[idx], &extra, &log(idx, k))?);
+        ctls[idx] = Some(spawn_ctl(
+            bins,
+            &data(idx),
+            &listen[idx],
+            &extra,
+            &log(idx, k),
+        )?);
         // Let the restarted one become a member again before the next kill.
         std::thread::sleep(Duration::from_secs(2));
     }
@@ -331,23 +351,66 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
     Ok(report(&redb, &on_etcd, &fo, rounds))
 }
 
-fn report(redb: &Figures, etcd: &Figures, fo: &[f64], rounds: usize) -> (String, serde_json::Value) {
+fn report(
+    redb: &Figures,
+    etcd: &Figures,
+    fo: &[f64],
+    rounds: usize,
+) -> (String, serde_json::Value) {
     let p = |v: &[f64], q: f64| percentile(v, q);
     let burst = |f: &Figures| median(&f.bursts.iter().map(|b| b.total_ms).collect::<Vec<_>>());
     let burst_lat = |f: &Figures, q: f64| {
         p(
-            &f.bursts.iter().flat_map(|b| b.latency.clone()).collect::<Vec<_>>(),
+            &f.bursts
+                .iter()
+                .flat_map(|b| b.latency.clone())
+                .collect::<Vec<_>>(),
             q,
         )
     };
     let rows: Vec<(&str, f64, f64, usize)> = vec![
-        ("API grant p50 (ms), 1 exporter", p(&redb.api.0, 50.0), p(&etcd.api.0, 50.0), 2),
-        ("API grant p99 (ms), 1 exporter", p(&redb.api.0, 99.0), p(&etcd.api.0, 99.0), 2),
-        ("API grant p50 (ms), 10,000 exporters", p(&redb.scale_api.0, 50.0), p(&etcd.scale_api.0, 50.0), 2),
-        ("API grant p99 (ms), 10,000 exporters", p(&redb.scale_api.0, 99.0), p(&etcd.scale_api.0, 99.0), 2),
-        ("burst of 1,000 answered (ms, median of rounds)", burst(redb), burst(etcd), 0),
-        ("burst per-request p50 (ms)", burst_lat(redb, 50.0), burst_lat(etcd, 50.0), 1),
-        ("burst per-request p99 (ms)", burst_lat(redb, 99.0), burst_lat(etcd, 99.0), 1),
+        (
+            "API grant p50 (ms), 1 exporter",
+            p(&redb.api.0, 50.0),
+            p(&etcd.api.0, 50.0),
+            2,
+        ),
+        (
+            "API grant p99 (ms), 1 exporter",
+            p(&redb.api.0, 99.0),
+            p(&etcd.api.0, 99.0),
+            2,
+        ),
+        (
+            "API grant p50 (ms), 10,000 exporters",
+            p(&redb.scale_api.0, 50.0),
+            p(&etcd.scale_api.0, 50.0),
+            2,
+        ),
+        (
+            "API grant p99 (ms), 10,000 exporters",
+            p(&redb.scale_api.0, 99.0),
+            p(&etcd.scale_api.0, 99.0),
+            2,
+        ),
+        (
+            "burst of 1,000 answered (ms, median of rounds)",
+            burst(redb),
+            burst(etcd),
+            0,
+        ),
+        (
+            "burst per-request p50 (ms)",
+            burst_lat(redb, 50.0),
+            burst_lat(etcd, 50.0),
+            1,
+        ),
+        (
+            "burst per-request p99 (ms)",
+            burst_lat(redb, 99.0),
+            burst_lat(etcd, 99.0),
+            1,
+        ),
     ];
     let mut md = format!(
         "### Controllers on etcd\n\nRelease `jmp-controller` on a three-member etcd cluster \

@@ -263,7 +263,8 @@ impl Api {
                 return;
             }
             Role::Electing => {
-                let msg = "no controller is the leader yet (an election is under way); retry in a moment";
+                let msg =
+                    "no controller is the leader yet (an election is under way); retry in a moment";
                 let _ = tx
                     .finish(&Reply::Error(CtlError::not_leader(None, msg)))
                     .await;

@@ -93,7 +93,11 @@ enum IdentityCheck {
 
 /// Records this controller's identity as the cluster's if there is none yet; otherwise checks
 /// that it is the same.
-async fn check_identity(etcd: &Etcd, auth: &Authority, data_dir: &std::path::Path) -> IdentityCheck {
+async fn check_identity(
+    etcd: &Etcd,
+    auth: &Authority,
+    data_dir: &std::path::Path,
+) -> IdentityCheck {
     let me = ClusterIdentity {
         signing_key: auth.ctl.key.clone(),
         fingerprint: auth.ctl.fingerprint.clone(),
@@ -116,7 +120,10 @@ async fn check_identity(etcd: &Etcd, auth: &Authority, data_dir: &std::path::Pat
         Err(e) => return IdentityCheck::Unreachable(e),
     };
     if r.succeeded() {
-        info!("this controller's identity is now the cluster's (first controller on {})", etcd.prefix);
+        info!(
+            "this controller's identity is now the cluster's (first controller on {})",
+            etcd.prefix
+        );
         return IdentityCheck::Ok;
     }
     let theirs: Option<ClusterIdentity> = r.op_responses().into_iter().find_map(|o| match o {
@@ -234,10 +241,7 @@ impl Node {
         self.etcd
             .run(|mut c| {
                 let (k, v) = (member.clone(), addr.clone());
-                async move {
-                    c.put(k, v, Some(PutOptions::new().with_lease(lease)))
-                        .await
-                }
+                async move { c.put(k, v, Some(PutOptions::new().with_lease(lease))).await }
             })
             .await?;
         self.session = Some((lease, sent));
@@ -425,7 +429,11 @@ impl Node {
 
     async fn tick(&mut self) -> Result<(), String> {
         let ttl = self.args.ttl;
-        if self.leading.as_ref().is_some_and(|l| l.handle.is_finished()) {
+        if self
+            .leading
+            .as_ref()
+            .is_some_and(|l| l.handle.is_finished())
+        {
             // The core stopped: a commit failed (it said why in the log and to its callers).
             self.step_down("the store did not accept a commit").await;
             self.end_session();
@@ -442,7 +450,8 @@ impl Node {
             match self.renew().await {
                 Ok(true) => {}
                 Ok(false) => {
-                    self.step_down("etcd says this controller's lease expired").await;
+                    self.step_down("etcd says this controller's lease expired")
+                        .await;
                     self.end_session();
                     return Err("this controller's etcd lease expired".into());
                 }
@@ -452,7 +461,8 @@ impl Node {
         if let Some((_, ok)) = self.session {
             if ok.elapsed() > ttl * 3 / 4 {
                 // The lease may expire any moment: stop serving before it can.
-                self.step_down("no renewal of its etcd lease answered in time").await;
+                self.step_down("no renewal of its etcd lease answered in time")
+                    .await;
                 self.end_session();
                 return Err(format!(
                     "no answer from etcd for {} ms",

@@ -61,7 +61,9 @@ const PAGE: i64 = 1000;
 /// Parses `etcd://h1:2379,h2:2379` into the members' URLs.
 pub fn parse_url(s: &str) -> Result<Vec<String>, String> {
     let rest = s.strip_prefix("etcd://").ok_or_else(|| {
-        format!("--store {s:?}: expected redb (the embedded store) or etcd://HOST:PORT[,HOST:PORT...]")
+        format!(
+            "--store {s:?}: expected redb (the embedded store) or etcd://HOST:PORT[,HOST:PORT...]"
+        )
     })?;
     let eps: Vec<String> = rest
         .split(',')
@@ -182,11 +184,7 @@ impl Etcd {
         Err(format!("etcd unreachable ({})", errors.join("; ")))
     }
 
-    pub async fn get(
-        &self,
-        key: Vec<u8>,
-        opts: Option<GetOptions>,
-    ) -> Result<GetResponse, String> {
+    pub async fn get(&self, key: Vec<u8>, opts: Option<GetOptions>) -> Result<GetResponse, String> {
         self.run(|mut c| {
             let (k, o) = (key.clone(), opts.clone());
             async move { c.get(k, o).await }
@@ -303,8 +301,7 @@ impl Inner {
             .get(self.fence.key.clone(), None)
             .await
             .map_err(|e| self.unavailable(e))?;
-        Ok(r
-            .kvs()
+        Ok(r.kvs()
             .first()
             .is_some_and(|kv| kv.create_revision() == self.fence.create_revision))
     }
@@ -485,7 +482,11 @@ impl Inner {
         for c in chunks {
             self.fenced_txn(Self::to_txn_ops(c)).await?;
         }
-        let staged = meta.staged.as_ref().map(|s| s.id.clone()).unwrap_or_default();
+        let staged = meta
+            .staged
+            .as_ref()
+            .map(|s| s.id.clone())
+            .unwrap_or_default();
         let stage = self.etcd.key(&format!("stage/{staged}/"));
         let done = Meta {
             commit: random_id(),
@@ -719,7 +720,9 @@ mod tests {
         assert!(parse_url("http://h1:2379").unwrap_err().contains("etcd://"));
         assert!(parse_url("etcd://").unwrap_err().contains("no etcd member"));
         assert!(parse_url("etcd://h1").unwrap_err().contains("HOST:PORT"));
-        assert!(parse_url("etcd://h1:99999").unwrap_err().contains("HOST:PORT"));
+        assert!(parse_url("etcd://h1:99999")
+            .unwrap_err()
+            .contains("HOST:PORT"));
         assert_eq!(check_prefix("/jmp/").unwrap(), "/jmp");
         assert!(check_prefix("jmp").is_err());
         assert!(check_prefix("/").is_err());

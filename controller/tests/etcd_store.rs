@@ -30,7 +30,8 @@ fn free_port() -> u16 {
 }
 
 fn which(tool: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }
 
 fn start_etcd() -> (Member, String) {
@@ -42,7 +43,9 @@ fn start_etcd() -> (Member, String) {
         .arg(format!("--listen-client-urls=http://127.0.0.1:{c}"))
         .arg(format!("--advertise-client-urls=http://127.0.0.1:{c}"))
         .arg(format!("--listen-peer-urls=http://127.0.0.1:{p}"))
-        .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{p}"))
+        .arg(format!(
+            "--initial-advertise-peer-urls=http://127.0.0.1:{p}"
+        ))
         .arg(format!("--initial-cluster=default=http://127.0.0.1:{p}"))
         .args(["--logger=zap", "--log-level=error"])
         .stdout(Stdio::null())
@@ -102,7 +105,10 @@ fn the_etcd_store_is_atomic_fenced_and_finishes_what_a_dead_leader_left() {
         match rt.block_on(try_make_leader(&etcd, &leader_key)) {
             Ok(r) => break r,
             Err(e) => {
-                assert!(t0.elapsed() < Duration::from_secs(60), "etcd never answered: {e}");
+                assert!(
+                    t0.elapsed() < Duration::from_secs(60),
+                    "etcd never answered: {e}"
+                );
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
@@ -121,7 +127,13 @@ fn the_etcd_store_is_atomic_fenced_and_finishes_what_a_dead_leader_left() {
     assert_eq!(s.revision, 0);
     assert!(s.records.is_empty());
     let r1 = a
-        .commit(0, &[put(Table::Leases, "l1", "{}"), put(Table::Clients, "c", "{}")])
+        .commit(
+            0,
+            &[
+                put(Table::Leases, "l1", "{}"),
+                put(Table::Clients, "c", "{}"),
+            ],
+        )
         .unwrap();
     assert!(r1 > 0);
     // A stale revision changes nothing.
@@ -131,7 +143,13 @@ fn the_etcd_store_is_atomic_fenced_and_finishes_what_a_dead_leader_left() {
     }
     // Larger than one etcd transaction (128 operations): staged, still atomic.
     let big: Vec<Op> = (0..300)
-        .map(|i| put(Table::Exporters, &format!("e{i:03}"), &format!("{{\"i\":{i}}}")))
+        .map(|i| {
+            put(
+                Table::Exporters,
+                &format!("e{i:03}"),
+                &format!("{{\"i\":{i}}}"),
+            )
+        })
         .chain([Op::Delete {
             table: Table::Leases,
             key: "l1".into(),
@@ -142,15 +160,28 @@ fn the_etcd_store_is_atomic_fenced_and_finishes_what_a_dead_leader_left() {
     let s = a.load().unwrap();
     assert_eq!(s.revision, r2);
     assert_eq!(s.records.len(), 301, "300 exporters and the client");
-    assert!(!s.records.iter().any(|(t, k, _)| *t == Table::Leases && k == "l1"));
+    assert!(!s
+        .records
+        .iter()
+        .any(|(t, k, _)| *t == Table::Leases && k == "l1"));
     let stage = etcd.key("stage/");
     let left = rt
-        .block_on(etcd.get(
-            stage.clone(),
-            Some(etcd_client::GetOptions::new().with_range(prefix_end(&stage)).with_count_only()),
-        ))
+        .block_on(
+            etcd.get(
+                stage.clone(),
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_range(prefix_end(&stage))
+                        .with_count_only(),
+                ),
+            ),
+        )
         .unwrap();
-    assert_eq!(left.count(), 0, "a finished large commit leaves no staged parts");
+    assert_eq!(
+        left.count(),
+        0,
+        "a finished large commit leaves no staged parts"
+    );
 
     // Another controller takes the leader key: everything `a` writes from now on is refused,
     // even though nobody else has written yet.
@@ -201,15 +232,25 @@ fn the_etcd_store_is_atomic_fenced_and_finishes_what_a_dead_leader_left() {
             .any(|(t, k, v)| *t == Table::Leases && k == "s1" && v == b"{\"staged\":true}"),
         "the committed large change was finished"
     );
-    assert!(!s.records.iter().any(|(t, k, _)| *t == Table::Exporters && k == "e000"));
+    assert!(!s
+        .records
+        .iter()
+        .any(|(t, k, _)| *t == Table::Exporters && k == "e000"));
     assert_eq!(s.records.len(), 301);
     let left = rt
-        .block_on(etcd.get(
-            stage.clone(),
-            Some(etcd_client::GetOptions::new().with_range(prefix_end(&stage)).with_count_only()),
-        ))
+        .block_on(
+            etcd.get(
+                stage.clone(),
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_range(prefix_end(&stage))
+                        .with_count_only(),
+                ),
+            ),
+        )
         .unwrap();
     assert_eq!(left.count(), 0, "staged parts are gone after the load");
     // And commits go on from the revision that load returned.
-    b.commit(s.revision, &[put(Table::Waiting, "w", "{}")]).unwrap();
+    b.commit(s.revision, &[put(Table::Waiting, "w", "{}")])
+        .unwrap();
 }

@@ -590,10 +590,14 @@ mod tests {
             serde_json::to_value(&r).unwrap(),
             serde_json::json!({"reply": "error", "code": "not-leader", "message": "ask h2", "leader": "h2:7800"})
         );
-        let old: Reply =
-            serde_json::from_value(serde_json::json!({"reply": "error", "code": "internal", "message": "x"}))
-                .unwrap();
-        assert_eq!(old, Reply::Error(CtlError::new(CtlErrorCode::Internal, "x")));
+        let old: Reply = serde_json::from_value(
+            serde_json::json!({"reply": "error", "code": "internal", "message": "x"}),
+        )
+        .unwrap();
+        assert_eq!(
+            old,
+            Reply::Error(CtlError::new(CtlErrorCode::Internal, "x"))
+        );
     }
 
     #[test]

@@ -65,7 +65,10 @@ impl Etcd {
         cmd.args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&m.data)
-            .arg(format!("--listen-client-urls=http://127.0.0.1:{}", m.client))
+            .arg(format!(
+                "--listen-client-urls=http://127.0.0.1:{}",
+                m.client
+            ))
             .arg(format!(
                 "--advertise-client-urls=http://127.0.0.1:{}",
                 m.client
@@ -116,9 +119,7 @@ impl Etcd {
     }
 
     pub fn wait_healthy(&self) {
-        let ok = poll_until(LONG, || {
-            self.ctl(&["endpoint", "health"]).status.success()
-        });
+        let ok = poll_until(LONG, || self.ctl(&["endpoint", "health"]).status.success());
         assert!(ok, "etcd never became healthy: {}", {
             let o = self.ctl(&["endpoint", "health"]);
             format!("{}\n{}", o.stdout, o.stderr)
@@ -195,7 +196,10 @@ impl Controllers {
             poll_until(LONG, || admin.is_file()),
             "the first controller never became leader and wrote {}: {}",
             admin.display(),
-            c.ctls[0].as_mut().map(|x| x.proc.describe()).unwrap_or_default()
+            c.ctls[0]
+                .as_mut()
+                .map(|x| x.proc.describe())
+                .unwrap_or_default()
         );
         for i in 1..n {
             let d = c.data(i);

@@ -14,8 +14,7 @@ use jmp_e2e::cluster::{have_etcd, Controllers, Etcd};
 use jmp_e2e::lab::LONG;
 use jmp_e2e::*;
 use jmp_protocol::ctl::{
-    Call, ClientSpec, CtlError, CtlErrorCode, ExporterSpec, LeaseInfo, LeaseRequest, Reply,
-    Request,
+    Call, ClientSpec, CtlError, CtlErrorCode, ExporterSpec, LeaseInfo, LeaseRequest, Reply, Request,
 };
 use jmp_transport::ctl::{CallError, Controllers as CtlConn};
 use jmp_transport::Fingerprint;
@@ -167,7 +166,10 @@ fn exporters(
             match r {
                 Ok(Reply::Credential(c)) if c.endpoint.split(',').count() == 3 => break c,
                 Ok(Reply::Credential(_)) => {
-                    assert!(t0.elapsed() < LONG, "credentials never named all 3 controllers");
+                    assert!(
+                        t0.elapsed() < LONG,
+                        "credentials never named all 3 controllers"
+                    );
                     std::thread::sleep(Duration::from_millis(300));
                 }
                 other => panic!("create exporter {name}: {other:?}"),
@@ -213,7 +215,11 @@ fn check_listing(leases: &[LeaseInfo], context: &str) {
     let mut names = HashSet::new();
     let mut ids = HashSet::new();
     for l in leases {
-        assert!(names.insert(&l.name), "{context}: lease {} listed twice", l.name);
+        assert!(
+            names.insert(&l.name),
+            "{context}: lease {} listed twice",
+            l.name
+        );
         assert!(
             ids.insert(&l.request_id),
             "{context}: request {} listed twice: {leases:#?}",
@@ -243,7 +249,12 @@ impl Rng {
 }
 
 /// Kills the controller etcd names leader and waits until another one is named and answers.
-fn kill_leader(rt: &tokio::runtime::Runtime, etcd: &Etcd, ctls: &mut Controllers, admin: &Api) -> usize {
+fn kill_leader(
+    rt: &tokio::runtime::Runtime,
+    etcd: &Etcd,
+    ctls: &mut Controllers,
+    admin: &Api,
+) -> usize {
     let t0 = Instant::now();
     let old = loop {
         if let Some(l) = ctls.leader(etcd) {
@@ -266,7 +277,8 @@ fn kill_leader(rt: &tokio::runtime::Runtime, etcd: &Etcd, ctls: &mut Controllers
         std::thread::sleep(Duration::from_millis(100));
     }
     // The new leader serves.
-    rt.block_on(admin.definite(Request::Whoami)).expect("whoami");
+    rt.block_on(admin.definite(Request::Whoami))
+        .expect("whoami");
     old
 }
 
@@ -288,7 +300,12 @@ fn leases_survive_the_leader_controller_being_killed_again_and_again() {
         &rt,
         &admin,
         &env,
-        &[("e0", "rpi4"), ("e1", "rpi4"), ("e2", "rpi4"), ("solo", "solo")],
+        &[
+            ("e0", "rpi4"),
+            ("e1", "rpi4"),
+            ("e2", "rpi4"),
+            ("solo", "solo"),
+        ],
     );
     let clients: Vec<Arc<Api>> = (0..4)
         .map(|i| Arc::new(client(&rt, &admin, &eps, &fp, &format!("c{i}"))))
@@ -424,9 +441,9 @@ fn leases_survive_the_leader_controller_being_killed_again_and_again() {
         .map(|l| (l.name.as_str(), l))
         .collect();
     for (name, (exporter, id)) in &believed {
-        let l = active
-            .get(name.as_str())
-            .unwrap_or_else(|| panic!("lease {name} ({id}) was granted and never released, but is gone: {leases:#?}"));
+        let l = active.get(name.as_str()).unwrap_or_else(|| {
+            panic!("lease {name} ({id}) was granted and never released, but is gone: {leases:#?}")
+        });
         assert_eq!(&l.exporter, exporter, "lease {name} moved exporters");
     }
     assert_eq!(
@@ -503,7 +520,12 @@ fn an_etcd_member_down_changes_nothing_and_all_of_etcd_down_is_a_clear_error_the
     let out = jmp(&["get", "leases", "-a", "-o", "json"]);
     assert!(out.status.success(), "jmp get leases: {}", out.stderr);
     for l in [&l1, &l2] {
-        assert!(out.stdout.contains(&l.name), "lease {} missing: {}", l.name, out.stdout);
+        assert!(
+            out.stdout.contains(&l.name),
+            "lease {} missing: {}",
+            l.name,
+            out.stdout
+        );
     }
     etcd.restart(dead);
     etcd.wait_healthy();
@@ -552,7 +574,11 @@ fn an_etcd_member_down_changes_nothing_and_all_of_etcd_down_is_a_clear_error_the
         if out.status.success() {
             break out.stdout;
         }
-        assert!(t0.elapsed() < LONG, "no recovery after etcd returned: {}", out.stderr);
+        assert!(
+            t0.elapsed() < LONG,
+            "no recovery after etcd returned: {}",
+            out.stderr
+        );
         std::thread::sleep(Duration::from_millis(300));
     };
     for l in [&l1, &l2] {
