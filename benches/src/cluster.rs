@@ -187,15 +187,9 @@ fn failover(bins: &Bins, etcd: &Etcd, rt: &tokio::runtime::Runtime) -> Result<Ve
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    for i in 1..3 {
+    for (i, l) in listen.iter().enumerate().skip(1) {
         copy_identity(&data(0), &data(i))?;
-        ctls.push(Some(spawn_ctl(
-            bins,
-            &data(i),
-            &listen[i],
-            &extra,
-            &log(i, 0),
-        )?));
+        ctls.push(Some(spawn_ctl(bins, &data(i), l, &extra, &log(i, 0))?));
     }
     let admin: ClientConfig = serde_norway::from_str(&std::fs::read_to_string(&admin_file)?)?;
     let pin: Fingerprint = admin

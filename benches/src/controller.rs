@@ -649,7 +649,12 @@ pub(crate) fn phase_scale(
         let mut clients = Vec::new();
         for c in 0..CLIENTS {
             let cred = create_client(&held.2[0].conn, &admin, &format!("burst-{c}")).await?;
-            clients.push((open(addr, fp).await?, cred));
+            let conn = open(addr, fp).await?;
+            // One call first, as any client makes: until a connection has presented a valid
+            // credential the controller reads only a few of its calls at once (a burst on a
+            // fresh connection would be refused in part, by design).
+            ask(&conn.conn, &cred, Request::Whoami).await?;
+            clients.push((conn, cred));
         }
         let b = burst(&clients, &metrics).await?;
         eprintln!(

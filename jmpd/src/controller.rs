@@ -184,13 +184,16 @@ impl Registrar {
             labels,
             devices,
         };
-        let mut backoff = Duration::from_millis(500);
+        // Short at first: a lost registration is usually a controller failover, and the next
+        // leader is there within a few seconds.
+        const FIRST: Duration = Duration::from_millis(200);
+        let mut backoff = FIRST;
         loop {
             let mut registered = false;
             let res = self.session(&exporter, &reg, &mut registered).await;
             if registered {
                 // It was up: a later loss starts the backoff afresh.
-                backoff = Duration::from_millis(500);
+                backoff = FIRST;
             }
             match res {
                 Ok(()) => {}

@@ -317,9 +317,9 @@ fn leases_survive_the_leader_controller_being_killed_again_and_again() {
         .expect("c0 leases solo");
     let order = Arc::new(Mutex::new(Vec::new()));
     let mut waiters = Vec::new();
-    for i in 1..4usize {
+    for (i, client) in clients.iter().enumerate().skip(1) {
         // Its own connection: the random traffic below closes its client's after each grant.
-        let c = Api::new(&eps, &fp, &clients[i].cred);
+        let c = Api::new(&eps, &fp, &client.cred);
         let order = order.clone();
         waiters.push(rt.spawn(async move {
             let l = c

@@ -136,7 +136,7 @@ pub const LEADER_WAIT: Duration = Duration::from_secs(15);
 const ELECTION_POLL: Duration = Duration::from_millis(200);
 /// How long a controller named as leader may take to answer a handshake before it counts as
 /// dead (it may have just been killed) and the others are asked again.
-const REDIRECT_CONNECT: Duration = Duration::from_secs(2);
+const REDIRECT_CONNECT: Duration = Duration::from_secs(1);
 
 struct Current {
     _endpoint: quinn::Endpoint,
