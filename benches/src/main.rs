@@ -43,12 +43,11 @@ fn parse() -> Result<Args> {
             "all" => a.which.extend(
                 ["serial", "tcp", "quinn", "memory", "controller", "flood"].map(String::from),
             ),
-            "serial" | "tcp" | "quinn" | "memory" | "controller" | "flood" | "etcd" => {
-                a.which.push(x)
-            }
+            "serial" | "tcp" | "quinn" | "memory" | "controller" | "flood" | "etcd"
+            | "etcd-failover" => a.which.push(x),
             "-h" | "--help" => {
                 println!(
-                    "usage: jmp-bench [all|serial|tcp|quinn|memory|controller|flood|etcd]... [--rounds N] \
+                    "usage: jmp-bench [all|serial|tcp|quinn|memory|controller|flood|etcd|etcd-failover]... [--rounds N] \
                      [--iperf-seconds S] [--no-build] [--bin-dir DIR] [--compare-bin-dir DIR]"
                 );
                 std::process::exit(0);
@@ -124,7 +123,8 @@ fn main() -> Result<()> {
             "memory" => memory::run(&bins, args.rounds),
             "controller" => controller::run(&bins, args.rounds),
             "flood" => flood::run(&bins, args.rounds),
-            "etcd" => cluster::run(&bins, args.rounds),
+            "etcd" => cluster::run(&bins, args.rounds, false),
+            "etcd-failover" => cluster::run(&bins, args.rounds, true),
             _ => unreachable!("parsed"),
         };
         match r {

@@ -10,7 +10,7 @@
 //!
 //! **Failover time.** A leader killed with `-9` stops renewing its lease; etcd deletes the key
 //! when the lease expires (the TTL after its last renewal, checked by etcd about every 500 ms);
-//! the others see it gone within one poll ([`TICK`]), one wins, loads the store (a few hundred
+//! the others see it gone within one poll ([`TICK`], 100 ms), one wins, loads the store (a few hundred
 //! milliseconds for 10,000 exporters) and serves. Clients and exporters that were connected to
 //! the dead leader notice within the controller connection's idle timeout (3 s) and move to the
 //! new one, keeping their place by request id. So about TTL + 0.5 s until a new leader serves,
@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 /// How often a controller looks at the leader key and its lease.
-pub const TICK: Duration = Duration::from_millis(200);
+pub const TICK: Duration = Duration::from_millis(100);
 /// Default `--leader-ttl`. etcd's smallest lease TTL with its default election timeout is
 /// about 1.5 s; 2 s keeps failovers short while a leader paused for less than 1.5 s (a busy
 /// machine) keeps its place.
