@@ -12,6 +12,10 @@ apt_pkgs=(picocom tio tmux socat ser2net iperf3 openssh-client openssh-server ip
     can-utils qemu-system-x86 busybox-static kmod xz-utils
     # storage: FUSE, the tools its tests run on the mount, and the benchmark's peers
     fuse3 fio sshfs nbdkit libnbd-bin bmap-tools dosfstools e2fsprogs fdisk util-linux mount qemu-utils zstd bzip2)
+# protoc and the well-known .proto files (libprotobuf-dev) build etcd-client's gRPC code, a
+# build dependency of jmp-controller; etcd-server and etcd-client (etcdctl) run the controller
+# cluster tests and the etcd benchmark.
+apt_pkgs+=(protobuf-compiler libprotobuf-dev etcd-server etcd-client)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -60,14 +60,15 @@ struct Controller {
     admin_file: std::path::PathBuf,
 }
 
-fn start_controller(bins: &Bins, dir: &TempDir) -> Result<Controller> {
+fn start_controller(bins: &Bins, dir: &TempDir, extra: &[String]) -> Result<Controller> {
     let data = dir.join("data");
     let mut proc = Proc::spawn(
         "jmp-controller",
         Command::new(&bins.controller)
             .arg("--data-dir")
             .arg(&data)
-            .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]),
+            .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+            .args(extra),
         &dir.join("controller.log"),
         true,
     )?;
@@ -88,6 +89,11 @@ fn start_controller(bins: &Bins, dir: &TempDir) -> Result<Controller> {
         .parse()
         .map_err(|e: String| anyhow!("controller fingerprint: {e}"))?;
     let admin_file = std::path::PathBuf::from(after("admin")?);
+    // On etcd the admin credential is written once this controller has won the election.
+    let t0 = Instant::now();
+    while !admin_file.exists() && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let admin: ClientConfig = serde_norway::from_str(
         &std::fs::read_to_string(&admin_file)
             .with_context(|| format!("read {}", admin_file.display()))?,
@@ -130,13 +136,22 @@ fn metric(m: &[(String, f64)], name: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// (commits, seconds spent committing) of the redb store so far.
+/// (commits, seconds spent committing) of the store (redb or etcd) so far.
 fn commits(addr: &str) -> (f64, f64) {
     match scrape(addr) {
-        Ok(m) => (
-            metric(&m, "jmp_store_commit_seconds_count{backend=\"redb\"}"),
-            metric(&m, "jmp_store_commit_seconds_sum{backend=\"redb\"}"),
-        ),
+        Ok(m) => {
+            let sum = |name: &str| {
+                ["redb", "etcd"]
+                    .iter()
+                    .map(|b| metric(&m, &format!("{name}{{backend=\"{b}\"}}")))
+                    .filter(|v| !v.is_nan())
+                    .sum::<f64>()
+            };
+            (
+                sum("jmp_store_commit_seconds_count"),
+                sum("jmp_store_commit_seconds_sum"),
+            )
+        }
         Err(_) => (f64::NAN, f64::NAN),
     }
 }
@@ -346,12 +361,12 @@ pub fn burst_selector(j: usize) -> String {
     }
 }
 
-struct Burst {
-    total_ms: f64,
-    latency: Vec<f64>,
+pub(crate) struct Burst {
+    pub(crate) total_ms: f64,
+    pub(crate) latency: Vec<f64>,
     granted: usize,
     busy: usize,
-    errors: Vec<String>,
+    pub(crate) errors: Vec<String>,
     commits: f64,
 }
 
@@ -474,7 +489,7 @@ fn cli_rounds(
 }
 
 /// (grant or create ms, delete ms, round trip ms) samples.
-type Trips = (Vec<f64>, Vec<f64>, Vec<f64>);
+pub(crate) type Trips = (Vec<f64>, Vec<f64>, Vec<f64>);
 
 fn extend(into: &mut Trips, from: Trips) {
     into.0.extend(from.0);
@@ -484,10 +499,10 @@ fn extend(into: &mut Trips, from: Trips) {
 
 /// Latency samples pooled over rounds; one value per round for the rest.
 #[derive(Default)]
-struct Figures {
+pub(crate) struct Figures {
     connect: Vec<f64>,
     first_call: Vec<f64>,
-    api: Trips,
+    pub(crate) api: Trips,
     commit_mean_ms: Vec<f64>,
     commits_per_round: Vec<f64>,
     cli: Trips,
@@ -497,16 +512,22 @@ struct Figures {
     online: Vec<f64>,
     rss_registered: Vec<f64>,
     hwm_registered: Vec<f64>,
-    bursts: Vec<Burst>,
+    pub(crate) bursts: Vec<Burst>,
     rss_burst: Vec<f64>,
     hwm_burst: Vec<f64>,
-    scale_api: Trips,
+    pub(crate) scale_api: Trips,
 }
 
-/// Phase 1: connection setup, API and CLI round trips on a small controller.
-fn phase_round_trip(rt: &tokio::runtime::Runtime, bins: &Bins, f: &mut Figures) -> Result<()> {
+/// Phase 1: connection setup, API and CLI round trips on a small controller (`extra`: its
+/// store arguments).
+pub(crate) fn phase_round_trip(
+    rt: &tokio::runtime::Runtime,
+    bins: &Bins,
+    f: &mut Figures,
+    extra: &[String],
+) -> Result<()> {
     let dir = TempDir::new("controller-rt")?;
-    let ctl = start_controller(bins, &dir)?;
+    let ctl = start_controller(bins, &dir, extra)?;
     let (addr, fp, admin) = (ctl.addr, ctl.fingerprint, ctl.admin.token.clone());
     let held = rt.block_on(async {
         // Connection setup: the QUIC + TLS 1.3 handshake, then a first call (Whoami).
@@ -550,9 +571,14 @@ fn phase_round_trip(rt: &tokio::runtime::Runtime, bins: &Bins, f: &mut Figures) 
 }
 
 /// Phase 2: 10,000 exporters, the burst, RSS, round trips at scale.
-fn phase_scale(rt: &tokio::runtime::Runtime, bins: &Bins, f: &mut Figures) -> Result<()> {
+pub(crate) fn phase_scale(
+    rt: &tokio::runtime::Runtime,
+    bins: &Bins,
+    f: &mut Figures,
+    extra: &[String],
+) -> Result<()> {
     let dir = TempDir::new("controller-scale")?;
-    let mut ctl = start_controller(bins, &dir)?;
+    let mut ctl = start_controller(bins, &dir, extra)?;
     let (addr, fp, admin) = (ctl.addr, ctl.fingerprint, ctl.admin.token.clone());
     let pid = ctl.proc.pid();
     let metrics = ctl.metrics.clone();
@@ -623,7 +649,12 @@ fn phase_scale(rt: &tokio::runtime::Runtime, bins: &Bins, f: &mut Figures) -> Re
         let mut clients = Vec::new();
         for c in 0..CLIENTS {
             let cred = create_client(&held.2[0].conn, &admin, &format!("burst-{c}")).await?;
-            clients.push((open(addr, fp).await?, cred));
+            let conn = open(addr, fp).await?;
+            // One call first, as any client makes: until a connection has presented a valid
+            // credential the controller reads only a few of its calls at once (a burst on a
+            // fresh connection would be refused in part, by design).
+            ask(&conn.conn, &cred, Request::Whoami).await?;
+            clients.push((conn, cred));
         }
         let b = burst(&clients, &metrics).await?;
         eprintln!(
@@ -689,8 +720,8 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
     let mut f = Figures::default();
     for r in 0..rounds {
         eprintln!("  controller round {}/{rounds}", r + 1);
-        phase_round_trip(&rt, bins, &mut f)?;
-        phase_scale(&rt, bins, &mut f)?;
+        phase_round_trip(&rt, bins, &mut f, &[])?;
+        phase_scale(&rt, bins, &mut f, &[])?;
     }
     rt.shutdown_timeout(Duration::from_secs(2));
     Ok(report(&f, rounds))

@@ -4,6 +4,7 @@
 //! [--rounds N]`); the method and recorded figures are in `docs/benchmarks.md`.
 
 pub mod can;
+pub mod cluster;
 pub mod controller;
 pub mod flood;
 pub mod jmp;

@@ -12,7 +12,7 @@
 
 use anyhow::{bail, Result};
 use jmp_bench::{
-    can, controller, flood, jmp, memory, net, pytest, quic, relay, serial, storage, tcp,
+    can, cluster, controller, flood, jmp, memory, net, pytest, quic, relay, serial, storage, tcp,
 };
 
 /// Every benchmark, in the order `all` runs them (one line each: device kinds add theirs).
@@ -28,6 +28,9 @@ const BENCHES: &[&str] = &[
     "can",
     "storage",
 ];
+
+/// Run only when named: they need etcd and take minutes.
+const ON_REQUEST: &[&str] = &["etcd", "etcd-failover"];
 use std::process::Command;
 
 struct Args {
@@ -57,12 +60,13 @@ fn parse() -> Result<Args> {
             "--bin-dir" => a.bin_dir = it.next().map(Into::into),
             "--compare-bin-dir" => a.compare = it.next().map(Into::into),
             "all" => a.which.extend(BENCHES.iter().map(|b| b.to_string())),
-            b if BENCHES.contains(&b) => a.which.push(x),
+            b if BENCHES.contains(&b) || ON_REQUEST.contains(&b) => a.which.push(x),
             "-h" | "--help" => {
                 println!(
-                    "usage: jmp-bench [all|{}]... [--rounds N] [--iperf-seconds S] [--no-build] \
+                    "usage: jmp-bench [all|{}|{}]... [--rounds N] [--iperf-seconds S] [--no-build] \
                      [--bin-dir DIR] [--compare-bin-dir DIR]",
-                    BENCHES.join("|")
+                    BENCHES.join("|"),
+                    ON_REQUEST.join("|")
                 );
                 std::process::exit(0);
             }
@@ -143,6 +147,8 @@ fn main() -> Result<()> {
             "net" => net::run(&bins, args.rounds, args.iperf_seconds),
             "can" => can::run(&bins, args.rounds),
             "storage" => storage::run(&bins, args.rounds),
+            "etcd" => cluster::run(&bins, args.rounds, false),
+            "etcd-failover" => cluster::run(&bins, args.rounds, true),
             _ => unreachable!("parsed"),
         };
         match r {

@@ -2,8 +2,9 @@
 //! credential's signature, and hands the call to the core task. Replies flow back on the same
 //! stream. Nothing here decides anything; malformed input ends only its own stream.
 
+use crate::cluster::Role;
 use crate::core::{Caller, Cmd};
-use jmp_protocol::ctl::{CtlErrorCode, Reply, Request};
+use jmp_protocol::ctl::{CtlError, CtlErrorCode, Reply, Request};
 use jmp_protocol::token::TokenKind;
 use jmp_transport::ctl::{read_call, ReplyTx};
 use jmp_transport::token::Verifier;
@@ -23,7 +24,10 @@ const AUTH_DEADLINE: Duration = Duration::from_secs(10);
 const PRE_AUTH_STREAMS: usize = 4;
 
 pub struct Api {
-    pub core: mpsc::Sender<Cmd>,
+    /// Where calls go: the core while this controller leads (always, with one controller).
+    role: tokio::sync::watch::Receiver<Role>,
+    /// Keeps `role` open when nobody else holds its sender (one controller).
+    _fixed: Option<tokio::sync::watch::Sender<Role>>,
     pub verifier: Verifier,
     next_stream: AtomicU64,
     gate: Arc<jmp_transport::gate::Gate>,
@@ -51,9 +55,26 @@ impl ConnAuth {
 }
 
 impl Api {
+    /// One controller: every call goes to `core`.
     pub fn new(core: mpsc::Sender<Cmd>, verifier: Verifier) -> Arc<Api> {
+        let (tx, rx) = tokio::sync::watch::channel(Role::Leader(core));
+        Self::build(rx, Some(tx), verifier)
+    }
+
+    /// A controller of a cluster: calls go to the core while it leads; otherwise they are
+    /// answered with where the leader is (or why there is none).
+    pub fn with_role(role: tokio::sync::watch::Receiver<Role>, verifier: Verifier) -> Arc<Api> {
+        Self::build(role, None, verifier)
+    }
+
+    fn build(
+        role: tokio::sync::watch::Receiver<Role>,
+        fixed: Option<tokio::sync::watch::Sender<Role>>,
+        verifier: Verifier,
+    ) -> Arc<Api> {
         Arc::new(Api {
-            core,
+            role,
+            _fixed: fixed,
             verifier,
             next_stream: AtomicU64::new(1),
             gate: jmp_transport::gate::Gate::new(jmp_transport::gate::Limits::default()),
@@ -230,10 +251,33 @@ impl Api {
         };
         let register = matches!(call.request, Request::Register(_));
         let create = matches!(call.request, Request::CreateLease(_));
+        // Only the leader's core decides anything; another controller says where it is.
+        let role = self.role.borrow().clone();
+        let core = match role {
+            Role::Leader(core) => core,
+            Role::Follower(leader) => {
+                let msg = format!("this controller is not the leader; the leader is {leader}");
+                let _ = tx
+                    .finish(&Reply::Error(CtlError::not_leader(Some(leader), msg)))
+                    .await;
+                return;
+            }
+            Role::Electing => {
+                let msg =
+                    "no controller is the leader yet (an election is under way); retry in a moment";
+                let _ = tx
+                    .finish(&Reply::Error(CtlError::not_leader(None, msg)))
+                    .await;
+                return;
+            }
+            Role::Unavailable(why) => {
+                tx.error(CtlErrorCode::Unavailable, why).await;
+                return;
+            }
+        };
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let (rtx, mut rrx) = mpsc::unbounded_channel::<Reply>();
-        if self
-            .core
+        if core
             .send(Cmd::Call {
                 caller,
                 request: call.request,
@@ -277,7 +321,7 @@ impl Api {
                                 break;
                             }
                             if create {
-                                self.confirm(&tx, stream).await;
+                                Self::confirm(&core, &tx, stream).await;
                             }
                             return;
                         }
@@ -288,14 +332,14 @@ impl Api {
                 _ = &mut closed => break,
             }
         }
-        let _ = self.core.send(Cmd::Gone { stream }).await;
+        let _ = core.send(Cmd::Gone { stream }).await;
         let _ = tx.0.finish();
     }
 
     /// Tells the core whether a lease reply reached its caller: the peer acknowledged the whole
     /// stream, stopped it after reading, or closed its connection on purpose. A lease granted
     /// from the queue to a caller that died meanwhile is otherwise held for nobody.
-    async fn confirm(&self, tx: &ReplyTx, stream: u64) {
+    async fn confirm(core: &mpsc::Sender<Cmd>, tx: &ReplyTx, stream: u64) {
         use quinn::{ConnectionError, StoppedError};
         let delivered = matches!(
             tokio::time::timeout(Duration::from_secs(20), tx.0.stopped()).await,
@@ -309,6 +353,6 @@ impl Api {
         } else {
             Cmd::Gone { stream }
         };
-        let _ = self.core.send(cmd).await;
+        let _ = core.send(cmd).await;
     }
 }

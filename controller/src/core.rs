@@ -121,6 +121,40 @@ pub enum Cmd {
 pub struct Authority {
     pub signer: Signer,
     pub ctl: ControllerRef,
+    /// With several controllers: every live one's address, comma-separated, for the credentials
+    /// issued from now on (kept current by [`crate::cluster`]); `None`: `ctl.endpoint`.
+    pub cluster_endpoints: std::sync::RwLock<Option<String>>,
+}
+
+impl Authority {
+    pub fn new(signer: Signer, ctl: ControllerRef) -> Authority {
+        Authority {
+            signer,
+            ctl,
+            cluster_endpoints: std::sync::RwLock::new(None),
+        }
+    }
+
+    /// The controller reference credentials carry: how to reach (any of) the controllers.
+    pub fn ctl_ref(&self) -> ControllerRef {
+        let mut c = self.ctl.clone();
+        if let Some(e) = self
+            .cluster_endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            c.endpoint = e;
+        }
+        c
+    }
+
+    pub fn set_endpoints(&self, endpoints: String) {
+        *self
+            .cluster_endpoints
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(endpoints);
+    }
 }
 
 pub const ISSUER: &str = "jmp-controller";
@@ -386,6 +420,8 @@ impl<S: LeaseStore> Core<S> {
         jti: &str,
         admin: bool,
     ) -> Result<Credential, jmp_transport::token::TokenError> {
+        let ctl = self.auth.ctl_ref();
+        let endpoint = ctl.endpoint.clone();
         let claims = Claims {
             iss: ISSUER.into(),
             sub: name.into(),
@@ -398,20 +434,22 @@ impl<S: LeaseStore> Core<S> {
             exp: None,
             client: None,
             exporter: None,
-            ctl: Some(self.auth.ctl.clone()),
+            ctl: Some(ctl),
             admin,
         };
         Ok(Credential {
             kind,
             name: name.into(),
             token: self.auth.signer.sign(&claims)?,
-            endpoint: self.auth.ctl.endpoint.clone(),
+            endpoint,
             fingerprint: self.auth.ctl.fingerprint.clone(),
         })
     }
 
-    /// The task: applies commands in batches until every sender is gone.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+    /// The task: applies commands in batches until every sender is gone. Returns an error when
+    /// the store did not take a commit: then this memory may be ahead of the store, and must
+    /// not serve anything more (the caller exits, or steps down and reloads).
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) -> anyhow::Result<()> {
         let mut batch = Vec::new();
         loop {
             let deadline = self.next_wakeup();
@@ -427,12 +465,9 @@ impl<S: LeaseStore> Core<S> {
             self.on_events(now, events);
             self.reap_orphans(now);
             if let Err(e) = self.persist() {
-                error!("cannot write the store: {e:#}; answering errors and exiting");
-                let msg = format!("controller store failed: {e}");
-                for (tx, _) in self.out.drain(..) {
-                    let _ = tx.send(err(CtlErrorCode::Internal, msg.clone()));
-                }
-                std::process::exit(70);
+                error!("cannot write the store: {e:#}; answering errors and stopping");
+                self.fail_all(&e);
+                return Err(e);
             }
             for (tx, r) in self.out.drain(..) {
                 let _ = tx.send(r);
@@ -443,6 +478,37 @@ impl<S: LeaseStore> Core<S> {
                 self.send_positions(now);
             }
             self.update_gauges();
+        }
+        Ok(())
+    }
+
+    /// After a failed commit: everyone waiting on this core hears why, with an error that
+    /// tells them to retry where it makes sense (a waiting request keeps its place in the
+    /// store's queue, an exporter registers again).
+    fn fail_all(&mut self, e: &anyhow::Error) {
+        use crate::store::StoreError;
+        let reply = match e.downcast_ref::<StoreError>() {
+            Some(StoreError::Fenced(why)) => Reply::Error(CtlError::not_leader(
+                None,
+                format!("this controller stopped being the leader before the change was stored ({why}); retry"),
+            )),
+            Some(StoreError::Unavailable(why)) => err(
+                CtlErrorCode::Unavailable,
+                format!("the change was not confirmed by the lease store: {why}; retry (the request id makes a retry safe)"),
+            ),
+            _ => err(
+                CtlErrorCode::Internal,
+                format!("controller store failed: {e}"),
+            ),
+        };
+        for (tx, _) in self.out.drain(..) {
+            let _ = tx.send(reply.clone());
+        }
+        for (_, w) in self.watchers.drain() {
+            let _ = w.tx.send(reply.clone());
+        }
+        for (_, l) in self.links.drain() {
+            let _ = l.tx.send(reply.clone());
         }
     }
 
@@ -1743,14 +1809,12 @@ mod tests {
         let der = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
             .unwrap();
         let signer = Signer::from_pkcs8(der.as_ref()).unwrap();
-        Arc::new(Authority {
-            ctl: ControllerRef {
-                endpoint: "127.0.0.1:1".into(),
-                fingerprint: "sha256:00".into(),
-                key: signer.public_key(),
-            },
-            signer,
-        })
+        let ctl = ControllerRef {
+            endpoint: "127.0.0.1:1".into(),
+            fingerprint: "sha256:00".into(),
+            key: signer.public_key(),
+        };
+        Arc::new(Authority::new(signer, ctl))
     }
 
     fn start<S: LeaseStore>(store: S, auth: Arc<Authority>, grace: Duration) -> Harness {

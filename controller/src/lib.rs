@@ -3,14 +3,18 @@
 //! selector, queued fairly and ended on time; lease tokens jmpd verifies offline; metrics.
 //!
 //! Owns: [`book`] (the lease logic, pure and driven by `now`), [`store`] (the `LeaseStore`
-//! trait and its embedded redb default), [`core`] (the one task that owns state and commits
-//! it), [`api`] (the QUIC endpoint), token signing, [`metrics`] and `/metrics`.
+//! trait and its embedded redb default), [`etcd`] (the etcd backend), [`cluster`] (several
+//! controllers on one etcd: election, fencing, stepping down), [`core`] (the one task that
+//! owns state and commits it), [`api`] (the QUIC endpoint), token signing, [`metrics`] and
+//! `/metrics`.
 //! Does not own: the data path (clients connect straight to exporters), the wire codec
 //! (jmp-protocol), QUIC and token crypto (jmp-transport).
 
 pub mod api;
 pub mod book;
+pub mod cluster;
 pub mod core;
+pub mod etcd;
 pub mod metrics;
 pub mod store;
 
@@ -53,6 +57,18 @@ pub struct Args {
     /// Waiting lease requests one client may have at once (more are refused, saying so).
     #[arg(long, default_value_t = core::MAX_WAITING_PER_CLIENT)]
     pub max_waiting_per_client: usize,
+    /// Where leases and identities are kept: `redb` (a file in --data-dir, one controller) or
+    /// `etcd://HOST:PORT[,HOST:PORT...]` (an etcd cluster shared by several controllers, one
+    /// of which is elected leader; all must share signing.key and tls/ from --data-dir).
+    #[arg(long, default_value = "redb")]
+    pub store: String,
+    /// Key prefix in etcd (one prefix per lab).
+    #[arg(long, default_value = "/jmp")]
+    pub etcd_prefix: String,
+    /// TTL of the etcd lease that keeps this controller the leader: how long a dead leader
+    /// goes unnoticed. At least 2s (etcd's minimum with its default timings).
+    #[arg(long, default_value = "2s", value_parser = parse_duration_arg)]
+    pub leader_ttl: u64,
 }
 
 fn parse_duration_arg(s: &str) -> Result<u64, String> {
@@ -109,15 +125,16 @@ pub async fn run(args: Args) -> Result<()> {
     let bound = socket.local_addr()?;
     let endpoint = server_endpoint(socket, &identity, jmp_protocol::ALPN_CONTROLLER)?;
     let fingerprint = identity.fingerprint().to_string();
-    let auth = Arc::new(core::Authority {
-        ctl: ControllerRef {
-            endpoint: advertise(&args, bound),
-            fingerprint: fingerprint.clone(),
-            key: signer.public_key(),
-        },
-        signer,
-    });
+    let ctl = ControllerRef {
+        endpoint: advertise(&args, bound),
+        fingerprint: fingerprint.clone(),
+        key: signer.public_key(),
+    };
+    let auth = Arc::new(core::Authority::new(signer, ctl));
     let metrics = Arc::new(metrics::Metrics::new());
+    if args.store != "redb" {
+        return run_cluster(args, auth, metrics, endpoint, bound, fingerprint, verifier).await;
+    }
     let db = args.data_dir.join("leases.redb");
     let store = store::RedbStore::open(&db)?;
     let mut core = core::Core::open(
@@ -145,6 +162,27 @@ pub async fn run(args: Args) -> Result<()> {
     let shutdown = jmp_transport::shutdown_signal("controller shutting down");
     let (tx, rx) = tokio::sync::mpsc::channel(4096);
     let core_task = tokio::spawn(core.run(rx));
+    serve_metrics(&args, &metrics).await?;
+    print_listening(&args, bound, &fingerprint);
+    let api = api::Api::new(tx, verifier);
+    tokio::select! {
+        _ = api.serve(endpoint, shutdown) => Ok(()),
+        // The core only ends if it fails (the store refused a commit, or a bug): serving on
+        // without it would answer every call with an error forever, so the process ends and
+        // its supervisor restarts it, which reloads the durable state.
+        r = core_task => {
+            let why = match r {
+                Ok(Err(e)) => format!("the store did not take a commit: {e:#}"),
+                Err(e) if e.is_panic() => "it panicked".to_string(),
+                _ => "unexpectedly".to_string(),
+            };
+            eprintln!("jmp-controller: error: the controller's core task ended ({why}); exiting so that a restart reloads the store");
+            std::process::exit(70);
+        }
+    }
+}
+
+async fn serve_metrics(args: &Args, metrics: &Arc<metrics::Metrics>) -> Result<()> {
     if let Some(addr) = metrics::parse_addr(&args.metrics).map_err(|e| anyhow!(e))? {
         let l = tokio::net::TcpListener::bind(addr)
             .await
@@ -157,22 +195,69 @@ pub async fn run(args: Args) -> Result<()> {
         info!("metrics on http://{shown}/metrics");
         println!("jmp-controller: metrics on http://{shown}/metrics");
     }
+    Ok(())
+}
+
+fn print_listening(args: &Args, bound: SocketAddr, fingerprint: &str) {
     println!(
         "jmp-controller: listening on {bound} fingerprint {fingerprint} admin {}",
         args.data_dir.join("admin.yaml").display()
     );
     let _ = std::io::stdout().flush();
-    let api = api::Api::new(tx, verifier);
+}
+
+/// `--store etcd://...`: this controller takes part in its cluster's election and serves
+/// while it leads.
+async fn run_cluster(
+    args: Args,
+    auth: Arc<core::Authority>,
+    metrics: Arc<metrics::Metrics>,
+    endpoint: quinn::Endpoint,
+    bound: SocketAddr,
+    fingerprint: String,
+    verifier: jmp_transport::token::Verifier,
+) -> Result<()> {
+    let members = etcd::parse_url(&args.store).map_err(|e| anyhow!(e))?;
+    let prefix = etcd::check_prefix(&args.etcd_prefix).map_err(|e| anyhow!(e))?;
+    if args.leader_ttl < 2 {
+        anyhow::bail!("--leader-ttl must be at least 2s (etcd refuses shorter leases)");
+    }
+    let cargs = cluster::ClusterArgs {
+        members,
+        prefix,
+        advertise: advertise(&args, bound),
+        ttl: std::time::Duration::from_secs(args.leader_ttl),
+        data_dir: args.data_dir.clone(),
+        max_duration: args.max_duration,
+        max_waiting: args.max_waiting_per_client,
+    };
+    let (role_tx, role_rx) = tokio::sync::watch::channel(cluster::Role::Electing);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let signal = jmp_transport::shutdown_signal("controller shutting down");
+    tokio::spawn(async move {
+        signal.await;
+        stop_tx.send_replace(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    serve_metrics(&args, &metrics).await?;
+    print_listening(&args, bound, &fingerprint);
+    info!(
+        store = %args.store,
+        prefix = %args.etcd_prefix,
+        "joining the controller cluster"
+    );
+    let api = api::Api::with_role(role_rx, verifier);
+    let mut api_task = tokio::spawn(api.serve(endpoint, stopped(stop_rx.clone())));
+    let cluster = cluster::run(cargs, auth, metrics, role_tx, stopped(stop_rx));
     tokio::select! {
-        _ = api.serve(endpoint, shutdown) => Ok(()),
-        // The core only ends if it fails (a bug): serving on without it would answer every
-        // call with an error forever, so the process ends and its supervisor restarts it.
-        r = core_task => Err(anyhow!(
-            "the controller's core task ended ({}); exiting so that a restart reloads the store",
-            match r {
-                Err(e) if e.is_panic() => "it panicked",
-                _ => "unexpectedly",
-            }
-        )),
+        r = cluster => {
+            // Resigned on a signal (the API stops too), or refused to join.
+            r?;
+            let _ = api_task.await;
+            Ok(())
+        }
+        _ = &mut api_task => Ok(()),
     }
 }

@@ -73,6 +73,13 @@ pub enum StoreError {
     Conflict { expected: u64, found: u64 },
     #[error("store {path}: {why}")]
     Io { path: String, why: String },
+    /// etcd: this controller is no longer the leader (its leader key is gone or another's), so
+    /// its commits are refused by the store.
+    #[error("no longer the leader: {0}")]
+    Fenced(String),
+    /// etcd: the store cannot be reached, or did not say whether a commit was applied.
+    #[error("lease store unavailable: {0}")]
+    Unavailable(String),
 }
 
 pub trait LeaseStore: Send + 'static {

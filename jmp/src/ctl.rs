@@ -11,11 +11,9 @@ use jmp_protocol::ctl::{
     Reply, Request,
 };
 use jmp_protocol::exit as code;
-use jmp_transport::ctl::{call, CallError, ReplyStream};
-use jmp_transport::{client_endpoint, connect};
+use jmp_transport::ctl::{CallError, Controllers, ReplyStream};
 use serde::{Deserialize, Serialize};
 use std::io::{IsTerminal, Write};
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -149,53 +147,35 @@ pub fn load_admin(path: Option<&Path>) -> Result<ClientConfig> {
     ))
 }
 
-/// A connection to the controller as one identity.
+/// A connection to the controller as one identity. With several controllers (a cluster: the
+/// config's endpoint lists them, comma-separated), calls go to the leader wherever it is.
 pub struct Ctl {
-    _endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
+    ctls: Controllers,
     credential: String,
     pub endpoint_name: String,
-}
-
-fn resolve(endpoint: &str) -> Result<SocketAddr> {
-    endpoint
-        .to_socket_addrs()
-        .map_err(|e| {
-            exit(
-                code::FAILURE,
-                format!("cannot resolve controller {endpoint:?}: {e}"),
-            )
-        })?
-        .next()
-        .ok_or_else(|| {
-            exit(
-                code::FAILURE,
-                format!("controller {endpoint:?} resolves to nothing"),
-            )
-        })
 }
 
 pub fn call_error(e: CallError, endpoint: &str) -> anyhow::Error {
     match e {
         CallError::Refused(r) => exit(r.exit_code(), r.message),
+        CallError::Connect(m) => exit(code::FAILURE, m),
         other => exit(code::FAILURE, format!("controller {endpoint}: {other}")),
     }
 }
 
 impl Ctl {
     pub async fn connect(cfg: &ClientConfig) -> Result<Ctl> {
-        let addr = resolve(&cfg.endpoint)?;
         let pin = cfg
             .fingerprint
             .parse()
             .map_err(|e: String| exit(code::USAGE, format!("client config fingerprint: {e}")))?;
-        let ep = client_endpoint(addr).context("cannot open a UDP socket")?;
-        let (conn, _) = connect(&ep, addr, jmp_protocol::ALPN_CONTROLLER, Some(pin))
+        let ctls = Controllers::new(&cfg.endpoint, pin)
+            .map_err(|e| exit(code::USAGE, format!("client config endpoint: {e}")))?;
+        ctls.connect()
             .await
-            .map_err(|e| exit(code::FAILURE, format!("controller {}: {e}", cfg.endpoint)))?;
+            .map_err(|e| call_error(e, &cfg.endpoint))?;
         Ok(Ctl {
-            _endpoint: ep,
-            conn,
+            ctls,
             credential: cfg.token.clone(),
             endpoint_name: cfg.endpoint.clone(),
         })
@@ -206,28 +186,27 @@ impl Ctl {
             credential: self.credential.clone(),
             request,
         };
-        Ok(call(&self.conn, &c, false).await?.0)
+        Ok(self.ctls.call(&c, false).await?.0)
     }
 
     pub async fn call(&self, request: Request) -> Result<Reply> {
         let s = self
             .stream(request)
             .await
-            .map_err(|e| call_error(e, &self.endpoint_name))?;
+            .map_err(|e| call_error(e, &self.ctls.current()))?;
         s.last()
             .await
-            .map_err(|e| call_error(e, &self.endpoint_name))
+            .map_err(|e| call_error(e, &self.ctls.current()))
     }
 
     pub fn close(&self) {
-        self.conn.close(0u32.into(), b"");
+        self.ctls.close();
     }
 
     /// Closes the connection and waits (briefly) until the close has left: the controller
     /// takes a deliberate close after a lease reply as proof that the reply arrived.
     pub async fn finish(self) {
-        self.conn.close(0u32.into(), b"done");
-        let _ = tokio::time::timeout(Duration::from_millis(500), self._endpoint.wait_idle()).await;
+        self.ctls.finish().await;
     }
 }
 
@@ -604,7 +583,10 @@ pub async fn create_lease(cfg: &ClientConfig, c: CreateLease) -> Result<LeaseInf
             Err(e)
                 if e.is_transient()
                     && (sent || c.request.wait_secs > 0)
-                    && unix_now() < give_up =>
+                    && unix_now() < give_up
+                    // The store is down: a definite "nothing was done", worth waiting out
+                    // only for a request that waits anyway.
+                    && !(c.request.wait_secs == 0 && store_unavailable(&e)) =>
             {
                 progress.done();
                 eprintln!(
@@ -621,6 +603,10 @@ pub async fn create_lease(cfg: &ClientConfig, c: CreateLease) -> Result<LeaseInf
             }
         }
     }
+}
+
+fn store_unavailable(e: &CallError) -> bool {
+    matches!(e, CallError::Refused(r) if r.code == CtlErrorCode::Unavailable)
 }
 
 pub fn print_lease(l: &LeaseInfo, out: Out) -> Result<()> {

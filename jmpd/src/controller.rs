@@ -10,11 +10,10 @@ use jmp_exporter::{Admission, AuthError, Authorizer, Exporter, TokenAuth};
 use jmp_protocol::ctl::{Call, DeviceSummary, Registration, Reply, Request};
 use jmp_protocol::token::{Claims, TokenKind};
 use jmp_protocol::Hello;
-use jmp_transport::ctl::{call, CallError};
+use jmp_transport::ctl::{CallError, Controllers};
 use jmp_transport::token::{peek, Verifier};
-use jmp_transport::{client_endpoint, connect, Fingerprint};
+use jmp_transport::Fingerprint;
 use std::collections::HashMap;
-use std::net::ToSocketAddrs;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{info, warn};
@@ -185,13 +184,16 @@ impl Registrar {
             labels,
             devices,
         };
-        let mut backoff = Duration::from_millis(500);
+        // Short at first: a lost registration is usually a controller failover, and the next
+        // leader is there within a few seconds.
+        const FIRST: Duration = Duration::from_millis(200);
+        let mut backoff = FIRST;
         loop {
             let mut registered = false;
             let res = self.session(&exporter, &reg, &mut registered).await;
             if registered {
                 // It was up: a later loss starts the backoff afresh.
-                backoff = Duration::from_millis(500);
+                backoff = FIRST;
             }
             match res {
                 Ok(()) => {}
@@ -215,30 +217,25 @@ impl Registrar {
         registered: &mut bool,
     ) -> Result<(), String> {
         let ctl = self.claims.ctl.as_ref().ok_or("no controller")?;
-        let addr = self
-            .endpoint
-            .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve: {e}"))?
-            .next()
-            .ok_or("resolves to no address")?;
         let pin: Fingerprint = ctl
             .fingerprint
             .parse()
             .map_err(|e| format!("credential's controller fingerprint: {e}"))?;
-        let ep = client_endpoint(addr).map_err(|e| e.to_string())?;
-        let (conn, _) = connect(&ep, addr, jmp_protocol::ALPN_CONTROLLER, Some(pin))
+        // One controller, or the several of a cluster: the registration goes to the leader.
+        let ctls = Controllers::new(&self.endpoint, pin)?;
+        let (mut replies, _keep) = ctls
+            .call(
+                &Call {
+                    credential: self.credential.clone(),
+                    request: Request::Register(reg.clone()),
+                },
+                true,
+            )
             .await
-            .map_err(|e| e.to_string())?;
-        let (mut replies, _keep) = call(
-            &conn,
-            &Call {
-                credential: self.credential.clone(),
-                request: Request::Register(reg.clone()),
-            },
-            true,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+            .map_err(|e| {
+                ctls.close();
+                e.to_string()
+            })?;
         let mut first = true;
         loop {
             match replies.next().await {
@@ -252,7 +249,7 @@ impl Registrar {
                     if first {
                         info!(
                             "registered with controller {} as {}{}",
-                            self.endpoint,
+                            ctls.current(),
                             self.claims.sub,
                             if enabled { "" } else { " (disabled)" }
                         );
@@ -284,7 +281,7 @@ impl Registrar {
                 Ok(None) => return Err("registration ended".into()),
                 Err(CallError::Refused(e)) => return Err(format!("refused: {e}")),
                 Err(e) => {
-                    conn.close(0u32.into(), b"");
+                    ctls.close();
                     return Err(e.to_string());
                 }
             }

@@ -256,6 +256,12 @@ pub enum CtlErrorCode {
     /// More than one active lease, and the call needs exactly one.
     Ambiguous,
     Internal,
+    /// This controller of a cluster is not the leader: `leader` says which one is (absent
+    /// while an election is under way). Nothing was done; the caller repeats the call there.
+    NotLeader,
+    /// The controller's lease store (etcd) is unreachable or did not confirm a change; the
+    /// message says which. Nothing the caller was told about was lost; retrying is safe.
+    Unavailable,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, thiserror::Error)]
@@ -263,6 +269,9 @@ pub enum CtlErrorCode {
 pub struct CtlError {
     pub code: CtlErrorCode,
     pub message: String,
+    /// With [`CtlErrorCode::NotLeader`]: the leader's `host:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
 }
 
 impl CtlError {
@@ -270,7 +279,26 @@ impl CtlError {
         CtlError {
             code,
             message: message.into(),
+            leader: None,
         }
+    }
+
+    /// A non-leader's answer: where the leader is, if one is known.
+    pub fn not_leader(leader: Option<String>, message: impl Into<String>) -> Self {
+        CtlError {
+            code: CtlErrorCode::NotLeader,
+            message: message.into(),
+            leader,
+        }
+    }
+
+    /// Whether the same call may succeed later or elsewhere (a failover, the store coming
+    /// back), as opposed to a definite answer about the request.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self.code,
+            CtlErrorCode::NotLeader | CtlErrorCode::Unavailable
+        )
     }
 
     /// `jmp`'s exit code for this refusal (documented in the README).
@@ -278,9 +306,11 @@ impl CtlError {
         match self.code {
             CtlErrorCode::Unauthorized => exit::UNAUTHORIZED,
             CtlErrorCode::AllBusy | CtlErrorCode::Timeout => exit::BUSY,
-            CtlErrorCode::NotFound | CtlErrorCode::NoMatch | CtlErrorCode::AllOffline => {
-                exit::UNAVAILABLE
-            }
+            CtlErrorCode::NotFound
+            | CtlErrorCode::NoMatch
+            | CtlErrorCode::AllOffline
+            | CtlErrorCode::NotLeader
+            | CtlErrorCode::Unavailable => exit::UNAVAILABLE,
             CtlErrorCode::Forbidden => exit::FORBIDDEN,
             CtlErrorCode::Invalid | CtlErrorCode::Ambiguous => exit::USAGE,
             CtlErrorCode::Internal => exit::FAILURE,
@@ -413,6 +443,17 @@ impl ClientConfig {
     }
 }
 
+/// The controllers named by a credential's or config's `endpoint`: one `host:port`, or several
+/// separated by commas (the controllers of a cluster, any of which points to the leader).
+/// Blanks around each are ignored; empty entries are dropped.
+pub fn endpoints(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// Appends one frame (varint length + JSON) to `out`.
 pub fn encode<T: Serialize>(msg: &T, out: &mut Vec<u8>) {
     // Serializing these plain data types cannot fail (no maps with non-string keys).
@@ -543,5 +584,29 @@ mod tests {
             serde_json::to_value(&r).unwrap(),
             serde_json::json!({"reply": "error", "code": "all-busy", "message": "busy"})
         );
+        // A non-leader names the leader; an error from an older controller (no field) reads.
+        let r = Reply::Error(CtlError::not_leader(Some("h2:7800".into()), "ask h2"));
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            serde_json::json!({"reply": "error", "code": "not-leader", "message": "ask h2", "leader": "h2:7800"})
+        );
+        let old: Reply = serde_json::from_value(
+            serde_json::json!({"reply": "error", "code": "internal", "message": "x"}),
+        )
+        .unwrap();
+        assert_eq!(
+            old,
+            Reply::Error(CtlError::new(CtlErrorCode::Internal, "x"))
+        );
+    }
+
+    #[test]
+    fn an_endpoint_list_splits_on_commas() {
+        assert_eq!(endpoints("h1:7800"), ["h1:7800"]);
+        assert_eq!(
+            endpoints(" h1:7800, h2:7800 ,,h3:7800"),
+            ["h1:7800", "h2:7800", "h3:7800"]
+        );
+        assert!(endpoints(" , ").is_empty());
     }
 }

@@ -7,6 +7,7 @@
 //! Does not own: building the binaries (`cargo build --workspace --bins` must have run) nor any
 //! timing assertion: every timeout here is a hang guard, never a measurement.
 
+pub mod cluster;
 pub mod lab;
 pub mod netns;
 pub mod py;

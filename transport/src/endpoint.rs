@@ -14,6 +14,12 @@ use std::time::Duration;
 /// short enough that `jmp attach` starts reconnecting soon after a real loss.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// The same for connections to the controller, from jmp and jmpd. Shorter because noticing a
+/// dead controller is what a failover to another one waits for, and because nothing is lost
+/// by giving up early: a waiting lease request keeps its place for a grace period and is
+/// retried by its request id; an exporter re-registers within a second.
+pub const CONTROLLER_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+pub const CONTROLLER_KEEP_ALIVE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -237,7 +243,15 @@ fn client_config(alpn: &[u8]) -> Result<quinn::ClientConfig, ConnectError> {
     tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| ConnectError::Tls(e.to_string()))?;
     let mut c = quinn::ClientConfig::new(Arc::new(crypto));
-    c.transport_config(Arc::new(transport_config()));
+    let mut t = transport_config();
+    if alpn == jmp_protocol::ALPN_CONTROLLER {
+        // The peers agree on the smaller idle timeout, so this side alone decides.
+        t.keep_alive_interval(Some(CONTROLLER_KEEP_ALIVE));
+        t.max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(CONTROLLER_IDLE_TIMEOUT).expect("3 s fits a QUIC varint"),
+        ));
+    }
+    c.transport_config(Arc::new(t));
     Ok(c)
 }
 
@@ -264,6 +278,18 @@ pub async fn connect(
         .connect_with(client_config(alpn)?, addr, "jmp-exporter")
         .map_err(|source| ConnectError::Connect { addr, source })?;
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+        // The idle timeout (shorter than HANDSHAKE_TIMEOUT for the controller) ran out first.
+        Ok(Err(quinn::ConnectionError::TimedOut)) => {
+            return Err(ConnectError::NoAnswer {
+                peer,
+                addr,
+                timeout: if alpn == jmp_protocol::ALPN_CONTROLLER {
+                    CONTROLLER_IDLE_TIMEOUT
+                } else {
+                    IDLE_TIMEOUT.min(HANDSHAKE_TIMEOUT)
+                },
+            })
+        }
         Ok(c) => c.map_err(|source| ConnectError::Connection { peer, addr, source })?,
         Err(_) => {
             return Err(ConnectError::NoAnswer {
