@@ -280,6 +280,7 @@ fn registration(i: usize) -> Registration {
             name: "console".into(),
             kind: "sim-console".into(),
         }],
+        ..Default::default()
     }
 }
 

@@ -4,7 +4,8 @@
 //!
 //! Owns: [`book`] (the lease logic, pure and driven by `now`), [`store`] (the `LeaseStore`
 //! trait and its embedded redb default), [`core`] (the one task that owns state and commits
-//! it), [`api`] (the QUIC endpoint), token signing, [`metrics`] and `/metrics`.
+//! it), [`api`] (the QUIC endpoint), token signing, [`metrics`] and `/metrics`, and the
+//! [`relay`] for exporters behind NAT (it splices QUIC packets it cannot read).
 //! Does not own: the data path (clients connect straight to exporters), the wire codec
 //! (jmp-protocol), QUIC and token crypto (jmp-transport).
 
@@ -12,6 +13,7 @@ pub mod api;
 pub mod book;
 pub mod core;
 pub mod metrics;
+pub mod relay;
 pub mod store;
 
 use anyhow::{anyhow, Context, Result};
@@ -53,6 +55,18 @@ pub struct Args {
     /// Waiting lease requests one client may have at once (more are refused, saying so).
     #[arg(long, default_value_t = core::MAX_WAITING_PER_CLIENT)]
     pub max_waiting_per_client: usize,
+    /// Address relay sessions bind, for exporters that accept no inbound connection
+    /// (`controller: {relay: true}`); "" disables the relay. Default: the --listen address.
+    #[arg(long)]
+    pub relay_bind: Option<String>,
+    /// Port range for relay sessions, one port each (e.g. 40000-40999, for firewalls).
+    /// Default: any free port.
+    #[arg(long, value_parser = relay::parse_ports)]
+    pub relay_ports: Option<(u16, u16)>,
+    /// Host clients and exporters send relayed packets to. Default: the controller's host as
+    /// each of them reaches it.
+    #[arg(long)]
+    pub relay_host: Option<String>,
 }
 
 fn parse_duration_arg(s: &str) -> Result<u64, String> {
@@ -129,6 +143,21 @@ pub async fn run(args: Args) -> Result<()> {
     )
     .with_context(|| format!("loading {}", db.display()))?;
     core.set_max_waiting(args.max_waiting_per_client);
+    let relay_bind = match args.relay_bind.as_deref() {
+        None => Some(bound.ip()),
+        Some("") => None,
+        Some(a) => Some(
+            a.parse::<std::net::IpAddr>()
+                .map_err(|e| anyhow!("--relay-bind {a:?}: {e}"))?,
+        ),
+    };
+    if let Some(ip) = relay_bind {
+        core.set_relay(relay::RelayConfig {
+            bind: ip,
+            ports: args.relay_ports,
+            host: args.relay_host.clone(),
+        });
+    }
 
     // The admin credential: written once, readable by its owner (root) only. Removing the file
     // and restarting issues a new one and revokes the old.
@@ -163,6 +192,8 @@ pub async fn run(args: Args) -> Result<()> {
     );
     let _ = std::io::stdout().flush();
     let api = api::Api::new(tx, verifier);
+    jmp_transport::systemd::ready(&format!("serving on {bound}"));
+    jmp_transport::systemd::spawn_watchdog();
     tokio::select! {
         _ = api.serve(endpoint, shutdown) => Ok(()),
         // The core only ends if it fails (a bug): serving on without it would answer every

@@ -228,7 +228,7 @@ fn direct(
             pin,
             paths::default_client_name(),
             token,
-            features::ALL | features::ONE_SHOT,
+            features::CLIENT | features::ONE_SHOT,
         )
         .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
         one_shot(connector, device, req).await
@@ -278,7 +278,7 @@ fn by_lease(
             Pin::Fingerprint(fp),
             paths::default_client_name(),
             access.token,
-            features::ALL | features::ONE_SHOT,
+            features::CLIENT | features::ONE_SHOT,
         )
         .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
         one_shot(connector, device, req).await

@@ -577,6 +577,11 @@ pub(super) fn attach_lease(a: AttachArgs) -> Result<()> {
         let mut opts = a.common.options(addr, access.token.clone(), pin)?;
         let lease = access.lease.name.clone();
         opts.lease = Some(lease.clone());
+        // `--via relay` asks even when the exporter did not say it takes relayed sessions:
+        // the controller's refusal then says why.
+        if access.relay || a.via == crate::attach::Via::Relay {
+            opts.relay = Some(relay_route(&cfg, a.via));
+        }
         tracing::info!(
             "lease {lease}: exporter {} at {}, until {}",
             access.lease.exporter,
@@ -597,6 +602,41 @@ pub(super) fn attach_lease(a: AttachArgs) -> Result<()> {
         }));
         run_attachment(opts, json, None).await
     })
+}
+
+/// The controller's relay as a way to the exporter: each use asks the controller for a relay
+/// session with the lease token (the controller checks it), and resolves where the relay is.
+fn relay_route(cfg: &ClientConfig, via: crate::attach::Via) -> crate::attach::RelayRoute {
+    let cfg = cfg.clone();
+    crate::attach::RelayRoute {
+        via,
+        open: Box::new(move |token| {
+            let cfg = cfg.clone();
+            Box::pin(async move {
+                let ctl = Ctl::connect(&cfg).await.map_err(|e| format!("{e:#}"))?;
+                let at = ctl.remote();
+                let r = ctl
+                    .call(Request::Relay { token })
+                    .await
+                    .map_err(|e| format!("{e:#}"));
+                ctl.close();
+                let g = match r? {
+                    Reply::Relay(g) => g,
+                    other => return Err(format!("unexpected answer from the controller: {other:?}")),
+                };
+                let secret = jmp_protocol::relay::parse_secret(&g.secret)?;
+                let addr = match &g.host {
+                    None => SocketAddr::new(at.ip(), g.port),
+                    Some(h) => (h.as_str(), g.port)
+                        .to_socket_addrs()
+                        .map_err(|e| format!("relay host {h:?}: {e}"))?
+                        .next()
+                        .ok_or_else(|| format!("relay host {h:?} resolves to nothing"))?,
+                };
+                Ok((addr, secret))
+            })
+        }),
+    }
 }
 
 /// `jmp attach` on a reservation (or a request still waiting): waits, with the queue line, until

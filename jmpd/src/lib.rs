@@ -2,11 +2,15 @@
 //! serves the board's devices to the one client holding it.
 //!
 //! Owns: the command line, logging, the identity's location, binding, signals, and controller
-//! mode (registering, lease tokens: [`controller`]). The serving itself is jmp-exporter
+//! mode (registering, lease tokens, relayed sessions: [`controller`]), lease hooks
+//! ([`hooks`]), its own `/metrics` ([`metrics`]) and systemd's notify protocol. The serving
+//! itself is jmp-exporter
 //! (shared with `jmp local`). Does not own: leases (the controller), device logic
 //! (jmp-devices).
 
 pub mod controller;
+pub mod hooks;
+pub mod metrics;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
@@ -146,6 +150,12 @@ pub fn run(args: Args) -> Result<()> {
     rt.block_on(async move {
         let socket = std::net::UdpSocket::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
         let local = socket.local_addr()?;
+        // Relay punches leave from the QUIC socket itself (a duplicate of it), so that the
+        // relay's datagrams come back to the address QUIC listens on.
+        let relay_socket = match cfg.controller.as_ref().filter(|c| c.relay) {
+            Some(_) => Some(socket.try_clone().context("cannot duplicate the QUIC socket for the relay")?),
+            None => None,
+        };
         let endpoint = server_endpoint(socket, &identity, jmp_protocol::ALPN_EXPORTER)?;
         if let Some(f) = created_token {
             warn!(
@@ -155,6 +165,25 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
         let exporter = Arc::new(Exporter::from_config(&cfg, auth).map_err(|e| anyhow!(e))?);
+        let holder: metrics::Holder = Arc::default();
+        let metrics_line = match &cfg.metrics {
+            Some(m) => {
+                let addr: std::net::SocketAddr = m.parse().map_err(|_| anyhow!("metrics {m:?} is not an address"))?;
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot bind metrics {addr}"))?;
+                let shown = l.local_addr()?;
+                let jm = metrics::JmpdMetrics::new(exporter.clone(), holder.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = metrics::serve(l, jm).await {
+                        warn!("metrics server ended: {e}");
+                    }
+                });
+                Some(format!("jmpd: metrics on http://{shown}/metrics"))
+            }
+            None => None,
+        };
+        let hooks = hooks::LeaseHooks::new(&cfg, exporter.clone(), &state_dir);
         if let Some(r) = registrar {
             let address = cfg
                 .controller
@@ -171,15 +200,28 @@ pub fn run(args: Args) -> Result<()> {
                 })
                 .collect();
             info!("registering with controller {} as reachable at {address}", r.controller());
+            let (hooks, reports) = match hooks {
+                Some((h, rx)) => (Some(h), Some(rx)),
+                None => (None, None),
+            };
             tokio::spawn(r.run(
                 exporter.clone(),
                 address,
                 identity.fingerprint().to_string(),
                 cfg.metadata.labels.clone(),
                 devices,
+                controller::Extras {
+                    relay: relay_socket,
+                    hooks,
+                    reports,
+                    holder: Some(holder.clone()),
+                },
             ));
         }
         let shutdown = jmp_transport::shutdown_signal("shutting down");
+        if let Some(l) = &metrics_line {
+            println!("{l}");
+        }
         // One line on stdout when ready, for people, scripts and tests alike.
         println!(
             "jmpd: exporter {} listening on {local} fingerprint {}",
@@ -188,6 +230,8 @@ pub fn run(args: Args) -> Result<()> {
         );
         let _ = std::io::stdout().flush();
         info!(devices = cfg.export.0.len(), "serving");
+        jmp_transport::systemd::ready(&format!("serving {} on {local}", exporter.name()));
+        jmp_transport::systemd::spawn_watchdog();
         exporter.serve(endpoint, shutdown).await;
         info!("stopped");
         Ok(())

@@ -8,6 +8,7 @@
 //! timing assertion: every timeout here is a hang guard, never a measurement.
 
 pub mod lab;
+pub mod netns_relay;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;

@@ -145,6 +145,7 @@ async fn keep_registered(addr: SocketAddr, fingerprint: String, credential: Stri
         fingerprint: fingerprint.clone(),
         labels: Labels::new(),
         devices: Vec::new(),
+        ..Default::default()
     };
     loop {
         if let Ok(api) = Api::connect(addr, &fingerprint).await {
