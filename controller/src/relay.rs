@@ -38,6 +38,9 @@ const IDLE: Duration = Duration::from_secs(60);
 const PER_LEASE: usize = 4;
 /// Receive buffers per batch.
 const BATCH: usize = 8;
+/// How long a session outlives its lease: jmpd ends the session when it hears of the end (at
+/// once, on its registration stream), and its `Bye` saying why must still reach the client.
+pub const END_GRACE: Duration = Duration::from_secs(1);
 
 /// Where relay sessions listen.
 #[derive(Debug, Clone)]
@@ -177,12 +180,21 @@ impl Relays {
         Ok(grant(&exporter_secret))
     }
 
-    /// Ends every session of `lease` (it ended): their ports close at once.
+    /// Ends every session of `lease` (it ended): their ports close after [`END_GRACE`], time
+    /// for jmpd's `Bye` (why the session ended) to reach the client.
     pub fn end_lease(&mut self, lease: &str) {
-        for h in self.by_lease.remove(lease).unwrap_or_default() {
-            debug!(session = %h.id, lease, "ending relay session: the lease ended");
-            let _ = h.stop.send(Some("lease_ended"));
+        let handles = self.by_lease.remove(lease).unwrap_or_default();
+        if handles.is_empty() {
+            return;
         }
+        debug!(lease, sessions = handles.len(), "ending relay sessions: the lease ended");
+        tokio::spawn(async move {
+            tokio::time::sleep(END_GRACE).await;
+            for h in handles {
+                debug!(session = %h.id, "relay session: its lease ended");
+                let _ = h.stop.send(Some("lease_ended"));
+            }
+        });
     }
 }
 
@@ -235,8 +247,11 @@ impl Session {
         let size = (gro * 1500).max(65536);
         let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; size]).collect();
         let mut meta = [RecvMeta::default(); BATCH];
-        let mut exporter: Option<SocketAddr> = None;
-        let mut client: Option<SocketAddr> = None;
+        // Each side's address, and the local address it sent to: on a host with several
+        // addresses (a relay between two networks) the answers must come from the address the
+        // side sent to, or its NAT or firewall takes them for a new, inbound flow.
+        let mut exporter: Option<(SocketAddr, Option<IpAddr>)> = None;
+        let mut client: Option<(SocketAddr, Option<IpAddr>)> = None;
         let punch_deadline = tokio::time::Instant::now() + PUNCH_WAIT;
         let claim_deadline = tokio::time::Instant::now() + CLAIM_WAIT;
         let mut last = tokio::time::Instant::now();
@@ -282,10 +297,10 @@ impl Session {
                     if let Some((kind, secret)) = decode(data) {
                         match kind {
                             Kind::Punch if same_secret(&secret, &self.exporter_secret) => {
-                                if exporter != Some(m.addr) {
+                                if exporter.map(|e| e.0) != Some(m.addr) {
                                     debug!(session = %self.id, from = %m.addr, "exporter punched through");
                                 }
-                                exporter = Some(m.addr);
+                                exporter = Some((m.addr, m.dst_ip));
                                 if let Some((tx, grant)) = self.client_reply.take() {
                                     let _ = tx.send(Reply::Relay(grant));
                                 }
@@ -295,11 +310,12 @@ impl Session {
                                 if exporter.is_some()
                                     && same_secret(&secret, &self.client_secret) =>
                             {
-                                if client != Some(m.addr) {
+                                if client.map(|c| c.0) != Some(m.addr) {
                                     debug!(session = %self.id, from = %m.addr, "client claimed the session");
                                 }
-                                client = Some(m.addr);
-                                self.send(m.addr, &encode(Kind::Ack, &secret), None).await;
+                                client = Some((m.addr, m.dst_ip));
+                                self.send((m.addr, m.dst_ip), &encode(Kind::Ack, &secret), None)
+                                    .await;
                                 continue;
                             }
                             // Not this session's secret: it may be a QUIC packet that happens
@@ -308,9 +324,9 @@ impl Session {
                         }
                     }
                 }
-                let (to, counter) = if Some(m.addr) == exporter {
+                let (to, counter) = if Some(m.addr) == exporter.map(|e| e.0) {
                     (client, &to_client)
-                } else if Some(m.addr) == client {
+                } else if Some(m.addr) == client.map(|c| c.0) {
                     (exporter, &to_exporter)
                 } else {
                     // Neither side: someone else probing the port.
@@ -331,13 +347,18 @@ impl Session {
 
     /// Sends `data` (one datagram, or `segment`-sized ones) to `to`, waiting for room when the
     /// socket is full. Other errors drop it, as the network would.
-    async fn send(&self, to: SocketAddr, data: &[u8], segment: Option<usize>) {
+    async fn send(
+        &self,
+        (to, from): (SocketAddr, Option<IpAddr>),
+        data: &[u8],
+        segment: Option<usize>,
+    ) {
         let t = Transmit {
             destination: to,
             ecn: None,
             contents: data,
             segment_size: segment,
-            src_ip: None,
+            src_ip: from,
         };
         for _ in 0..16 {
             match self.udp.try_send(&t) {

@@ -64,6 +64,8 @@ pub struct Exporter {
     prep: tokio::sync::watch::Sender<Prep>,
     /// Lines of lease hooks' output, for the sessions waiting on or holding the board.
     hook_lines: tokio::sync::broadcast::Sender<String>,
+    /// The current preparation's output so far, for clients that start waiting late.
+    hook_backlog: Mutex<std::collections::VecDeque<String>>,
     stats: Stats,
 }
 
@@ -102,6 +104,7 @@ impl Exporter {
             next_conn: AtomicU64::new(1),
             prep: tokio::sync::watch::Sender::new(Prep::default()),
             hook_lines: tokio::sync::broadcast::channel(256).0,
+            hook_backlog: Mutex::default(),
             stats: Stats::default(),
         })
     }
@@ -148,6 +151,7 @@ impl Exporter {
     /// The board is being prepared for `lease` (its beforeLease hook runs; `what` says what,
     /// for the waiting user): its clients wait until [`Exporter::prepared`].
     pub fn preparing(&self, lease: &str, what: &str) {
+        self.backlog().clear();
         self.prep.send_replace(Prep {
             lease: Some(lease.to_string()),
             state: PrepState::Running { what: what.to_string() },
@@ -171,7 +175,18 @@ impl Exporter {
 
     /// A line of a lease hook's output, for whoever waits on or holds the board.
     pub fn hook_output(&self, line: &str) {
+        {
+            let mut b = self.backlog();
+            b.push_back(line.to_string());
+            while b.len() > 40 {
+                b.pop_front();
+            }
+        }
         let _ = self.hook_lines.send(line.to_string());
+    }
+
+    fn backlog(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<String>> {
+        self.hook_backlog.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Waits while the board is prepared for the lease this Hello attaches under, telling the
@@ -210,6 +225,12 @@ impl Exporter {
                 told = true;
                 link.handle
                     .notice(format!("{}: preparing board for lease {lease}: {what}", self.name));
+                // What the hook said before this client came (lines arriving meanwhile may be
+                // told twice, never lost: the subscription is older than this copy).
+                let earlier: Vec<String> = self.backlog().iter().cloned().collect();
+                for l in earlier {
+                    link.handle.notice(l);
+                }
             }
             tokio::select! {
                 _ = prep.changed() => {}

@@ -44,13 +44,13 @@ pub type TokenRefresh =
     Box<dyn Fn() -> futures::future::BoxFuture<'static, Option<String>> + Send + Sync>;
 
 /// Opens a relay session at the controller for the lease token given: the relay's address and
-/// the claim's secret.
+/// the claim's secret, or why not (`LeaseEnded` and `Unauthorized` are final).
 pub type RelayOpen = Box<
     dyn Fn(
             String,
         ) -> futures::future::BoxFuture<
             'static,
-            Result<(SocketAddr, jmp_protocol::relay::Secret), String>,
+            Result<(SocketAddr, jmp_protocol::relay::Secret), (ErrorCode, String)>,
         > + Send
         + Sync,
 >;
@@ -312,6 +312,7 @@ impl Connector {
             Via::Relay => relayed("--via relay".into()).await,
             Via::Auto if self.relayed.load(Relaxed) => match self.relayed(route, pin).await {
                 Ok(c) => Ok(c),
+                Err(e @ AttachError::Refused { .. }) => Err(e),
                 Err(e) => {
                     info!("the relay failed ({e}); trying {} directly", self.addr);
                     let c = direct().await?;
@@ -343,9 +344,13 @@ impl Connector {
         pin: Option<Fingerprint>,
     ) -> Result<(quinn::Connection, Fingerprint), AttachError> {
         let token = self.token.lock().map(|t| t.clone()).unwrap_or_default();
-        let (relay, secret) = (route.open)(token)
-            .await
-            .map_err(|e| AttachError::Other(format!("relay: {e}")))?;
+        let (relay, secret) = (route.open)(token).await.map_err(|(code, why)| {
+            if is_final(code) {
+                AttachError::Refused { code, reason: why }
+            } else {
+                AttachError::Other(format!("relay: {why}"))
+            }
+        })?;
         let bind: SocketAddr = if relay.is_ipv6() {
             "[::]:0".parse().expect("literal")
         } else {

@@ -613,25 +613,49 @@ fn relay_route(cfg: &ClientConfig, via: crate::attach::Via) -> crate::attach::Re
         open: Box::new(move |token| {
             let cfg = cfg.clone();
             Box::pin(async move {
-                let ctl = Ctl::connect(&cfg).await.map_err(|e| format!("{e:#}"))?;
-                let at = ctl.remote();
-                let r = ctl
-                    .call(Request::Relay { token })
+                use jmp_protocol::ErrorCode;
+                let other = |e: String| (ErrorCode::Internal, e);
+                let ctl = Ctl::connect(&cfg)
                     .await
-                    .map_err(|e| format!("{e:#}"));
+                    .map_err(|e| other(format!("{e:#}")))?;
+                let at = ctl.remote();
+                let r = match ctl.stream(Request::Relay { token }).await {
+                    Ok(s) => s.last().await,
+                    Err(e) => Err(e),
+                }
+                .map_err(|e| {
+                    use jmp_protocol::ctl::CtlErrorCode as C;
+                    use jmp_transport::ctl::CallError;
+                    // The lease is over, or the token or the request is refused: no retry
+                    // helps. Anything else (the exporter briefly away) may pass.
+                    let code = match &e {
+                        CallError::Refused(r) if r.code == C::NotFound => ErrorCode::LeaseEnded,
+                        CallError::Refused(r)
+                            if matches!(r.code, C::Unauthorized | C::Forbidden) =>
+                        {
+                            ErrorCode::Unauthorized
+                        }
+                        _ => ErrorCode::Internal,
+                    };
+                    (code, e.to_string())
+                });
                 ctl.close();
                 let g = match r? {
                     Reply::Relay(g) => g,
-                    other => return Err(format!("unexpected answer from the controller: {other:?}")),
+                    other_reply => {
+                        return Err(other(format!(
+                            "unexpected answer from the controller: {other_reply:?}"
+                        )))
+                    }
                 };
-                let secret = jmp_protocol::relay::parse_secret(&g.secret)?;
+                let secret = jmp_protocol::relay::parse_secret(&g.secret).map_err(other)?;
                 let addr = match &g.host {
                     None => SocketAddr::new(at.ip(), g.port),
                     Some(h) => (h.as_str(), g.port)
                         .to_socket_addrs()
-                        .map_err(|e| format!("relay host {h:?}: {e}"))?
+                        .map_err(|e| other(format!("relay host {h:?}: {e}")))?
                         .next()
-                        .ok_or_else(|| format!("relay host {h:?} resolves to nothing"))?,
+                        .ok_or_else(|| other(format!("relay host {h:?} resolves to nothing")))?,
                 };
                 Ok((addr, secret))
             })

@@ -348,12 +348,13 @@ impl LeaseHooks {
             child.wait().await
         };
         let status = tokio::time::timeout(timeout, work).await;
-        let out = tail.iter().cloned().collect::<Vec<_>>().join("\n");
+        // One line: it becomes a lease's end reason and a client's error message.
+        let out = tail.iter().cloned().collect::<Vec<_>>().join(" | ");
         let with_output = |head: String| {
             if out.is_empty() {
                 head
             } else {
-                format!("{head}; output:\n{out}")
+                format!("{head}; output: {out}")
             }
         };
         match status {

@@ -122,12 +122,17 @@ fn before_lease_preparing_then_failure_and_timeout_end_the_lease_with_the_hook_o
     let dir = lab.env.root.join("hookfiles");
     std::fs::create_dir_all(&dir).expect("mkdir");
     let (go, fail, hang) = (dir.join("go"), dir.join("fail"), dir.join("hang"));
+    let armed = dir.join("armed");
+    // It fails only once the test has seen the client wait (`armed`): else the lease may end
+    // before the client even asked for it.
     let script = format!(
         "echo \"flashing $JMP_LEASE for $JMP_CLIENT\"; \
-         if [ -e {f} ]; then echo 'flash failed: no image' >&2; exit 3; fi; \
+         if [ -e {f} ]; then while [ ! -e {a} ]; do sleep 0.05; done; \
+         echo 'flash failed: no image' >&2; exit 3; fi; \
          if [ -e {h} ]; then sleep 600; fi; \
          while [ ! -e {g} ]; do sleep 0.05; done; echo flashed",
         f = fail.display(),
+        a = armed.display(),
         h = hang.display(),
         g = go.display()
     );
@@ -136,7 +141,7 @@ fn before_lease_preparing_then_failure_and_timeout_end_the_lease_with_the_hook_o
         &lab,
         "hk-02",
         &token,
-        &format!("  beforeLease: {{run: {}, timeout: 3s}}", sh(&script)),
+        &format!("  beforeLease: {{run: {}, timeout: 8s}}", sh(&script)),
     );
     let jmpd = lab.start_jmpd(&cfg);
     lab.create_client("u", &[]);
@@ -161,6 +166,8 @@ fn before_lease_preparing_then_failure_and_timeout_end_the_lease_with_the_hook_o
     std::fs::write(&fail, "").expect("make the hook fail");
     let l2 = lease_of(&lab, "u", &["hk-02"]);
     let mut a = attach(&lab);
+    wait_stderr(&mut a, "preparing board", LONG);
+    std::fs::write(&armed, "").expect("let the hook fail");
     let st = a.expect_exit(LONG);
     let err = a.stderr();
     assert_eq!(st.code(), Some(6), "{}", a.describe());
@@ -178,10 +185,11 @@ fn before_lease_preparing_then_failure_and_timeout_end_the_lease_with_the_hook_o
     std::fs::write(&hang, "").expect("make the hook hang");
     let l3 = lease_of(&lab, "u", &["hk-02"]);
     let mut a = attach(&lab);
+    wait_stderr(&mut a, "preparing board", LONG);
     let st = a.expect_exit(LONG);
     let err = a.stderr();
     assert_eq!(st.code(), Some(6), "{}", a.describe());
-    assert!(err.contains("did not finish within 3s and was killed"), "{err}");
+    assert!(err.contains("did not finish within 8s and was killed"), "{err}");
     assert!(
         poll_until(LONG, || !lab.leases().iter().any(|l| l["name"] == l3.as_str())),
         "the lease outlived its hung beforeLease hook: {:?}",

@@ -5,7 +5,7 @@
 //! (and closes the relay's port).
 
 use jmp_e2e::lab::{config_token, lease_json, show, Controller, LONG};
-use jmp_e2e::netns_relay::{http_get, sample, RelayNet, RELAY_IP};
+use jmp_e2e::netns_relay::{http_get, sample, RelayNet, EXPORTER_IP, RELAY_IP};
 use jmp_e2e::*;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -113,7 +113,7 @@ fn attach_console_and_forward_through_the_relay_encrypted_until_the_lease_ends()
         &cfg,
         format!(
             "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: nat-01, labels: {{board: nat}}}}\n\
-             listen: 0.0.0.0:7700\nstateDir: {}\ncontroller: {{tokenFile: {}, relay: true}}\n\
+             listen: 0.0.0.0:7700\nstateDir: {}\ncontroller: {{tokenFile: {}, relay: true, address: '{EXPORTER_IP}:7700'}}\n\
              export:\n  console: {{type: sim-console}}\n  echo: {{type: tcp, host: 127.0.0.1, port: 7000}}\n",
             env.state.display(),
             token_file.display()
