@@ -172,7 +172,10 @@ pub enum Event {
     },
     /// An exporter did not report its cleanup after `lease` done within its declared time:
     /// it is grantable again.
-    CleanupOverdue { exporter: String, lease: String },
+    CleanupOverdue {
+        exporter: String,
+        lease: String,
+    },
 }
 
 /// The answer to [`LeaseBook::request`].
@@ -1336,10 +1339,8 @@ impl LeaseBook {
         let Some(e) = self.exporters.get(name) else {
             return;
         };
-        let on = e.state.online
-            && e.state.enabled
-            && e.lease.is_none()
-            && e.state.cleaning.is_none();
+        let on =
+            e.state.online && e.state.enabled && e.lease.is_none() && e.state.cleaning.is_none();
         if on && !self.grantable.get(e.slot) {
             self.dirty = true;
         }

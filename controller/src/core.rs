@@ -104,6 +104,9 @@ pub struct Caller {
     pub jti: String,
 }
 
+// A command is moved once, through the core's channel: the size of the largest (a call with
+// its request) costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Cmd {
     /// A call; replies go to `reply`, the last one final.
     Call {
@@ -1580,7 +1583,10 @@ impl<S: LeaseStore> Core<S> {
             let cleaning = self.book.exporter(&name).and_then(|e| e.cleaning.clone());
             if current.as_deref() != Some(owed.as_str()) && cleaning.is_none() {
                 info!(exporter = %name, lease = %owed, "exporter still owes its cleanup after a lease; not granted until done");
-                ev.extend(self.book.set_cleaning(now, &name, Some((now.saturating_add(d), owed))));
+                ev.extend(
+                    self.book
+                        .set_cleaning(now, &name, Some((now.saturating_add(d), owed))),
+                );
             }
         }
         ev.extend(self.book.set_online(now, &name, true));
@@ -1871,15 +1877,19 @@ impl<S: LeaseStore> Core<S> {
         let claims = self
             .verifier
             .verify(token, TokenKind::Lease, jmp_transport::unix_now())
-            .map_err(|x| e(CtlErrorCode::Unauthorized, format!("lease token refused: {x}")))?;
+            .map_err(|x| {
+                e(
+                    CtlErrorCode::Unauthorized,
+                    format!("lease token refused: {x}"),
+                )
+            })?;
         let lease = self.book.lease(&claims.sub).cloned().ok_or_else(|| {
             e(
                 CtlErrorCode::NotFound,
                 format!("lease {} is not active (it ended)", claims.sub),
             )
         })?;
-        if lease.client != caller.name || claims.client.as_deref() != Some(caller.name.as_str())
-        {
+        if lease.client != caller.name || claims.client.as_deref() != Some(caller.name.as_str()) {
             return Err(e(
                 CtlErrorCode::Forbidden,
                 format!("lease {} belongs to {}", lease.name, lease.client),
@@ -1937,8 +1947,10 @@ impl<S: LeaseStore> Core<S> {
                 }
                 warn!(exporter = %name, lease = %r.lease, end = r.end_lease, "beforeLease hook failed: {output}");
                 if r.end_lease {
-                    self.hook_failures
-                        .insert(r.lease.clone(), format!("beforeLease hook failed: {output}"));
+                    self.hook_failures.insert(
+                        r.lease.clone(),
+                        format!("beforeLease hook failed: {output}"),
+                    );
                     let ev = self.book.release(now, &r.lease);
                     self.on_events(now, ev);
                 }

@@ -105,9 +105,10 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(policy_used.clone())).expect("unique");
-        let relay_sessions = IntGauge::new("jmp_relay_sessions", "Relay sessions open now.")
-            .expect("valid metric");
-        r.register(Box::new(relay_sessions.clone())).expect("unique");
+        let relay_sessions =
+            IntGauge::new("jmp_relay_sessions", "Relay sessions open now.").expect("valid metric");
+        r.register(Box::new(relay_sessions.clone()))
+            .expect("unique");
         Metrics {
             relay_bytes: counter(
                 &r,

@@ -187,7 +187,11 @@ impl Relays {
         if handles.is_empty() {
             return;
         }
-        debug!(lease, sessions = handles.len(), "ending relay sessions: the lease ended");
+        debug!(
+            lease,
+            sessions = handles.len(),
+            "ending relay sessions: the lease ended"
+        );
         tokio::spawn(async move {
             tokio::time::sleep(END_GRACE).await;
             for h in handles {
@@ -216,10 +220,7 @@ impl Session {
         self.metrics.relay_sessions.inc();
         let reason = self.splice().await;
         self.metrics.relay_sessions.dec();
-        self.metrics
-            .relay_ended
-            .with_label_values(&[reason])
-            .inc();
+        self.metrics.relay_ended.with_label_values(&[reason]).inc();
         if let Some((tx, _)) = self.client_reply.take() {
             let why = match reason {
                 "no_punch" => format!(
@@ -237,10 +238,7 @@ impl Session {
 
     /// Moves datagrams until the session ends; why it ended.
     async fn splice(&mut self) -> &'static str {
-        let to_exporter = self
-            .metrics
-            .relay_bytes
-            .with_label_values(&["to_exporter"]);
+        let to_exporter = self.metrics.relay_bytes.with_label_values(&["to_exporter"]);
         let to_client = self.metrics.relay_bytes.with_label_values(&["to_client"]);
         let gro = self.udp.max_receive_segments().max(1);
         let gso = self.udp.max_transmit_segments().max(1);
@@ -384,7 +382,9 @@ mod tests {
     #[test]
     fn port_ranges_are_checked() {
         assert_eq!(parse_ports("40000-40010"), Ok((40000, 40010)));
-        assert!(parse_ports("40010-40000").unwrap_err().contains("ascending"));
+        assert!(parse_ports("40010-40000")
+            .unwrap_err()
+            .contains("ascending"));
         assert!(parse_ports("x").unwrap_err().contains("range"));
         assert!(parse_ports("1-99999").is_err());
     }
@@ -419,14 +419,11 @@ mod tests {
         assert_ne!(cg.secret, eg.secret, "each side has its own secret");
         let cli = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         // The exporter's secret does not claim the client side.
-        assert!(jmp_transport::relay::claim(
-            &cli,
-            relay,
-            &secret,
-            Duration::from_millis(600)
-        )
-        .await
-        .is_err());
+        assert!(
+            jmp_transport::relay::claim(&cli, relay, &secret, Duration::from_millis(600))
+                .await
+                .is_err()
+        );
         let csecret = jmp_protocol::relay::parse_secret(&cg.secret).unwrap();
         jmp_transport::relay::claim(&cli, relay, &csecret, Duration::from_secs(5))
             .await
@@ -447,7 +444,10 @@ mod tests {
         assert_eq!(&buf[..n], b"\x41after the stranger");
         exp.set_read_timeout(Some(Duration::from_millis(300)))
             .unwrap();
-        assert!(exp.recv_from(&mut buf).is_err(), "the stranger's datagram was dropped");
+        assert!(
+            exp.recv_from(&mut buf).is_err(),
+            "the stranger's datagram was dropped"
+        );
         // The lease ends: the session's port closes (a send to it is refused by ICMP).
         relays.end_lease("L1");
         let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

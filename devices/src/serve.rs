@@ -36,10 +36,7 @@ impl DeviceSet {
 
     /// The byte counters of each device, in config order (as [`DeviceSet::iter`]).
     pub fn bytes(&self) -> impl Iterator<Item = (&str, &DeviceBytes)> {
-        self.devices
-            .iter()
-            .map(|d| d.name())
-            .zip(self.bytes.iter())
+        self.devices.iter().map(|d| d.name()).zip(self.bytes.iter())
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Driver>> {

@@ -378,11 +378,17 @@ impl ExporterConfig {
                 &h.before_lease,
                 [OnFailure::EndLease, OnFailure::Warn],
             ),
-            ("afterLease", &h.after_lease, [OnFailure::Warn, OnFailure::Disable]),
+            (
+                "afterLease",
+                &h.after_lease,
+                [OnFailure::Warn, OnFailure::Disable],
+            ),
         ] {
             let Some(hook) = hook else { continue };
             if hook.run.is_empty() || hook.run[0].trim().is_empty() {
-                return Err(format!("hooks.{what}.run is empty (a program and its arguments)"));
+                return Err(format!(
+                    "hooks.{what}.run is empty (a program and its arguments)"
+                ));
             }
             if hook.timeout().is_zero() {
                 return Err(format!("hooks.{what}.timeout must be positive"));
@@ -562,9 +568,21 @@ export:
         assert_eq!(a.timeout(), HOOK_TIMEOUT);
         assert_eq!(a.on_failure, Some(OnFailure::Disable));
         for (from, to, want) in [
-            ("onFailure: disable", "onFailure: endLease", "afterLease.onFailure: endLease"),
-            ("timeout: 10m", "timeout: 10m, onFailure: disable", "beforeLease.onFailure"),
-            ("run: [flash, image.wic]", "run: []", "beforeLease.run is empty"),
+            (
+                "onFailure: disable",
+                "onFailure: endLease",
+                "afterLease.onFailure: endLease",
+            ),
+            (
+                "timeout: 10m",
+                "timeout: 10m, onFailure: disable",
+                "beforeLease.onFailure",
+            ),
+            (
+                "run: [flash, image.wic]",
+                "run: []",
+                "beforeLease.run is empty",
+            ),
             ("timeout: 10m", "timeout: soon", "invalid duration"),
             ("timeout: 10m", "timout: 10m", "unknown field `timout`"),
             ("127.0.0.1:9200", "everywhere", "metrics \"everywhere\""),
@@ -573,10 +591,7 @@ export:
             assert!(e.contains(want), "{from} -> {to}: {e}");
         }
         // Without a controller there are no leases to hook.
-        let e = err(&GOOD.replace(
-            "export:",
-            "hooks: {afterLease: {run: [x]}}\nexport:",
-        ));
+        let e = err(&GOOD.replace("export:", "hooks: {afterLease: {run: [x]}}\nexport:"));
         assert!(e.contains("need a controller"), "{e}");
         // Powering off needs something to power off.
         let e = err(&with_ctl.replace(

@@ -154,7 +154,9 @@ impl Exporter {
         self.backlog().clear();
         self.prep.send_replace(Prep {
             lease: Some(lease.to_string()),
-            state: PrepState::Running { what: what.to_string() },
+            state: PrepState::Running {
+                what: what.to_string(),
+            },
         });
     }
 
@@ -223,8 +225,10 @@ impl Exporter {
             }
             if !told {
                 told = true;
-                link.handle
-                    .notice(format!("{}: preparing board for lease {lease}: {what}", self.name));
+                link.handle.notice(format!(
+                    "{}: preparing board for lease {lease}: {what}",
+                    self.name
+                ));
                 // What the hook said before this client came (lines arriving meanwhile may be
                 // told twice, never lost: the subscription is older than this copy).
                 let earlier: Vec<String> = self.backlog().iter().cloned().collect();

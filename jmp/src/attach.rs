@@ -323,7 +323,9 @@ impl Connector {
             Via::Auto => match tokio::time::timeout(DIRECT_TRY, direct()).await {
                 Ok(Ok(c)) => Ok(c),
                 Ok(Err(e @ ConnectError::FingerprintMismatch { .. })) => Err(e.into()),
-                Ok(Err(e)) => relayed(format!("{} is not reachable directly ({e})", self.addr)).await,
+                Ok(Err(e)) => {
+                    relayed(format!("{} is not reachable directly ({e})", self.addr)).await
+                }
                 Err(_) => {
                     relayed(format!(
                         "no answer from {} directly within {}s",
@@ -361,7 +363,8 @@ impl Connector {
         jmp_transport::relay::claim(&sock, relay, &secret, Duration::from_secs(5))
             .await
             .map_err(other)?;
-        let ep = jmp_transport::client_endpoint_on(sock.into_std().map_err(other)?).map_err(other)?;
+        let ep =
+            jmp_transport::client_endpoint_on(sock.into_std().map_err(other)?).map_err(other)?;
         let (conn, fp) = connect(&ep, relay, jmp_protocol::ALPN_EXPORTER, pin).await?;
         info!("connected to the exporter through the controller's relay at {relay}");
         if let Ok(mut e) = self.relay_endpoint.lock() {

@@ -8,7 +8,9 @@
 
 use crate::hooks::LeaseHooks;
 use jmp_exporter::{Admission, AuthError, Authorizer, Exporter, TokenAuth};
-use jmp_protocol::ctl::{Call, DeviceSummary, HookReport, RelayGrant, Registration, Reply, Request};
+use jmp_protocol::ctl::{
+    Call, DeviceSummary, HookReport, Registration, RelayGrant, Reply, Request,
+};
 use jmp_protocol::token::{Claims, TokenKind};
 use jmp_protocol::Hello;
 use jmp_transport::ctl::{call, CallError};
@@ -302,9 +304,8 @@ impl Registrar {
                     *registered = true;
                     if first {
                         // Reports that could not be sent while the controller was away.
-                        let held: Vec<HookReport> = std::mem::take(
-                            &mut *pending.lock().unwrap_or_else(|e| e.into_inner()),
-                        );
+                        let held: Vec<HookReport> =
+                            std::mem::take(&mut *pending.lock().unwrap_or_else(|e| e.into_inner()));
                         for r in held {
                             self.report(&conn, r, pending);
                         }
@@ -362,7 +363,12 @@ impl Registrar {
 
 impl Registrar {
     /// Sends a hook's report; one that cannot be sent waits for the next registration.
-    fn report(&self, conn: &quinn::Connection, r: HookReport, pending: &Arc<Mutex<Vec<HookReport>>>) {
+    fn report(
+        &self,
+        conn: &quinn::Connection,
+        r: HookReport,
+        pending: &Arc<Mutex<Vec<HookReport>>>,
+    ) {
         let conn = conn.clone();
         let call = Call {
             credential: self.credential.clone(),

@@ -82,7 +82,7 @@ impl LeaseHooks {
         exporter: Arc<Exporter>,
         state_dir: &std::path::Path,
     ) -> Option<(Arc<LeaseHooks>, mpsc::UnboundedReceiver<HookReport>)> {
-        let h = cfg.hooks.clone().unwrap_or(HookConfig::default());
+        let h: HookConfig = cfg.hooks.clone().unwrap_or_default();
         if h.before_lease.is_none() && h.after_lease.is_none() && !cfg.power_off_after_lease {
             return None;
         }
@@ -117,7 +117,10 @@ impl LeaseHooks {
     fn save(&self, kept: &Persisted) {
         let text = serde_json::to_vec(kept).unwrap_or_default();
         if let Err(e) = jmp_transport::write_secret_file(&self.file, &text) {
-            warn!("cannot record the lease hooks' state in {}: {e}", self.file.display());
+            warn!(
+                "cannot record the lease hooks' state in {}: {e}",
+                self.file.display()
+            );
         }
     }
 
@@ -138,7 +141,10 @@ impl LeaseHooks {
     /// The lease whose cleanup this exporter still owes (for the registration).
     pub fn owed(&self) -> Option<String> {
         let st = self.state();
-        st.kept.owed.clone().filter(|_| self.cleanup_secs().is_some())
+        st.kept
+            .owed
+            .clone()
+            .filter(|_| self.cleanup_secs().is_some())
     }
 
     /// A push from the controller: the current lease, and the ended lease it waits for us to
@@ -200,7 +206,9 @@ impl LeaseHooks {
 
     async fn prepare(self: Arc<Self>, lease: ActiveLease, hook: Hook) {
         info!(lease = %lease.name, client = %lease.client, "beforeLease hook: {}", hook.run.join(" "));
-        let ran = self.run(&hook, "beforeLease", &lease.name, &lease.client).await;
+        let ran = self
+            .run(&hook, "beforeLease", &lease.name, &lease.client)
+            .await;
         let end = !ran.ok && hook.on_failure.unwrap_or(OnFailure::EndLease) == OnFailure::EndLease;
         let why = format!("beforeLease hook failed: {}", ran.summary);
         if ran.ok {
@@ -216,8 +224,10 @@ impl LeaseHooks {
             drop(st);
             self.save(&kept);
         }
-        self.exporter
-            .prepared(&lease.name, end.then(|| format!("lease {} ended: {why}", lease.name)));
+        self.exporter.prepared(
+            &lease.name,
+            end.then(|| format!("lease {} ended: {why}", lease.name)),
+        );
         if end {
             // Ends the attached or waiting session at once; the controller ends the lease.
             self.exporter
@@ -256,7 +266,9 @@ impl LeaseHooks {
                 }
                 let off = jmp_protocol::codec::to_bytes(&jmp_protocol::kinds::power::Request::Off);
                 match d.request(off).await {
-                    Ok(_) => info!(lease = %lease, device = d.name(), "powered off after the lease"),
+                    Ok(_) => {
+                        info!(lease = %lease, device = d.name(), "powered off after the lease")
+                    }
                     Err(r) => {
                         ok = false;
                         let line = format!("power off of {} failed: {}", d.name(), r.reason);
@@ -312,8 +324,14 @@ impl LeaseHooks {
         let pid = child.id();
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
         for r in [
-            child.stdout.take().map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-            child.stderr.take().map(|e| Box::new(e) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            child
+                .stdout
+                .take()
+                .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            child
+                .stderr
+                .take()
+                .map(|e| Box::new(e) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
         ]
         .into_iter()
         .flatten()

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 /// Who holds the board as the controller last said: (lease, client, team).
 pub type Holder = Arc<Mutex<Option<(String, String, String)>>>;
 
+/// A power device's clock: since when it is on (if it is), and how long it was on before.
+type PowerClock = Arc<Mutex<(Option<Instant>, Duration)>>;
+
 pub struct JmpdMetrics {
     registry: Registry,
     exporter: Arc<Exporter>,
@@ -22,7 +25,7 @@ pub struct JmpdMetrics {
     power_on: prometheus::CounterVec,
     holder_info: GaugeVec,
     /// Per power device: (on since, total on before that).
-    power: Vec<(String, Arc<Mutex<(Option<Instant>, Duration)>>)>,
+    power: Vec<(String, PowerClock)>,
 }
 
 impl JmpdMetrics {
@@ -38,8 +41,8 @@ impl JmpdMetrics {
         )
         .expect("valid metric");
         reg(Box::new(sessions.clone()));
-        let sessions_total = IntCounter::new("jmpd_sessions_total", "Sessions admitted.")
-            .expect("valid metric");
+        let sessions_total =
+            IntCounter::new("jmpd_sessions_total", "Sessions admitted.").expect("valid metric");
         reg(Box::new(sessions_total.clone()));
         let bytes = IntCounterVec::new(
             Opts::new(
@@ -76,7 +79,7 @@ impl JmpdMetrics {
             if d.kind() != jmp_protocol::Kind::Power {
                 continue;
             }
-            let clock = Arc::new(Mutex::new((None, Duration::ZERO)));
+            let clock: PowerClock = Arc::new(Mutex::new((None, Duration::ZERO)));
             power.push((d.name().to_string(), clock.clone()));
             let mut rx = d.status();
             tokio::spawn(async move {

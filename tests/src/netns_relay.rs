@@ -110,7 +110,15 @@ impl RelayNet {
             ip(&["-n", ns, "addr", "add", &addr, "dev", dev])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
         }
-        ip(&["-n", &self.client, "route", "add", "default", "via", RELAY_IP])?;
+        ip(&[
+            "-n",
+            &self.client,
+            "route",
+            "add",
+            "default",
+            "via",
+            RELAY_IP,
+        ])?;
         ip(&[
             "-n",
             &self.exporter,
@@ -123,7 +131,11 @@ impl RelayNet {
         // The relay namespace routes between the two: without the firewall, the client could
         // reach the exporter directly. It is the exporter's own firewall that stops that.
         let out = self
-            .cmd(&self.relay, "sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"])
+            .cmd(
+                &self.relay,
+                "sysctl",
+                &["-q", "-w", "net.ipv4.ip_forward=1"],
+            )
             .output()
             .map_err(|e| format!("sysctl: {e}"))?;
         if !out.status.success() {
@@ -190,7 +202,11 @@ impl RelayNet {
     /// Packets the exporter's firewall dropped (new inbound connections).
     pub fn dropped(&self) -> u64 {
         let out = self
-            .cmd(&self.exporter, "nft", &["list", "table", "inet", "jmp_relay_test"])
+            .cmd(
+                &self.exporter,
+                "nft",
+                &["list", "table", "inet", "jmp_relay_test"],
+            )
             .output()
             .expect("nft list");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -248,10 +264,8 @@ pub fn http_get(addr: &str, path: &str) -> String {
 /// The value of the first sample of `metric` (name with its labels, as printed) in a
 /// Prometheus text exposition.
 pub fn sample(text: &str, metric: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            (k == metric).then(|| v.parse().ok()).flatten()
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == metric).then(|| v.parse().ok()).flatten()
+    })
 }

@@ -125,7 +125,9 @@ fn missing_serial_port_is_unavailable_but_the_rest_works() {
     // The state and its reason are shown, typed, in -o json (and so in jmp status).
     assert_eq!(uart["state"], "unavailable", "{uart}");
     assert!(
-        uart["reason"].as_str().is_some_and(|r| r.contains("/dev/ttyNOPE0")),
+        uart["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("/dev/ttyNOPE0")),
         "{uart}"
     );
     let mut st = env.jmp();

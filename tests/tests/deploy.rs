@@ -179,13 +179,37 @@ fn alert_rules_check_and_every_queried_metric_exists() {
     lab.create_client("u", &["-l", "team=qa"]);
     let out = lab.ok(
         "create-lease",
-        lab.as_client("u", &["create", "lease", "-l", "board=mon", "--duration", "5m", "-o", "json"]),
+        lab.as_client(
+            "u",
+            &[
+                "create",
+                "lease",
+                "-l",
+                "board=mon",
+                "--duration",
+                "5m",
+                "-o",
+                "json",
+            ],
+        ),
     );
     let lease = lease_json(&out)["name"].as_str().expect("name").to_string();
     // A second request that gives up waiting.
     let gave_up = lab.run(
         "create-lease-wait",
-        lab.as_client("u", &["create", "lease", "-l", "board=mon", "--duration", "5m", "--wait", "1"]),
+        lab.as_client(
+            "u",
+            &[
+                "create",
+                "lease",
+                "-l",
+                "board=mon",
+                "--duration",
+                "5m",
+                "--wait",
+                "1",
+            ],
+        ),
     );
     assert_eq!(gave_up.status.code(), Some(4), "{}", gave_up.stderr);
     let (mut att, ready) = attach_lease(&lab, "u", &["--via", "relay"]);
@@ -195,10 +219,14 @@ fn alert_rules_check_and_every_queried_metric_exists() {
     let during_jmpd = http_get(&jmpd_metrics, "/metrics");
     let during_ctl = http_get(&lab.ctl.metrics.to_string(), "/metrics");
     assert!(
-        during_jmpd.contains("jmpd_holder_info{client=\"u\",lease=\"") && during_jmpd.contains("team=\"qa\""),
+        during_jmpd.contains("jmpd_holder_info{client=\"u\",lease=\"")
+            && during_jmpd.contains("team=\"qa\""),
         "{during_jmpd}"
     );
-    lab.ok("delete-lease", lab.as_client("u", &["delete", "lease", &lease]));
+    lab.ok(
+        "delete-lease",
+        lab.as_client("u", &["delete", "lease", &lease]),
+    );
     att.expect_exit(LONG);
     assert!(
         poll_until(LONG, || http_get(&lab.ctl.metrics.to_string(), "/metrics")
@@ -210,11 +238,11 @@ fn alert_rules_check_and_every_queried_metric_exists() {
 
     let mut served = BTreeSet::new();
     for text in [&during_jmpd, &during_ctl, &after_ctl, &after_jmpd] {
-        for l in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
-            let name = l
-                .split(|c: char| c == '{' || c == ' ')
-                .next()
-                .unwrap_or_default();
+        for l in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let name = l.split(['{', ' ']).next().unwrap_or_default();
             served.insert(name.to_string());
         }
     }
@@ -228,7 +256,9 @@ fn alert_rules_check_and_every_queried_metric_exists() {
     );
     for p in PENDING {
         if wanted.contains(*p) && !served.contains(*p) {
-            eprintln!("note: {p} is queried by deploy/ and not served yet (issue 12 part A adds it)");
+            eprintln!(
+                "note: {p} is queried by deploy/ and not served yet (issue 12 part A adds it)"
+            );
         }
     }
 }

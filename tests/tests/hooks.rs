@@ -25,7 +25,10 @@ fn hook_config(lab: &Lab, name: &str, token: &Path, hooks: &str) -> std::path::P
 
 /// The YAML flow list of `sh -c SCRIPT`.
 fn sh(script: &str) -> String {
-    format!("[sh, -c, {}]", serde_json::to_string(script).expect("json string"))
+    format!(
+        "[sh, -c, {}]",
+        serde_json::to_string(script).expect("json string")
+    )
 }
 
 fn lease_of(lab: &Lab, client: &str, extra: &[&str]) -> String {
@@ -65,7 +68,10 @@ fn the_board_is_granted_again_only_after_its_after_lease_hook() {
     lab.create_client("c2", &[]);
 
     let l1 = lease_of(&lab, "c1", &["hk-01"]);
-    lab.ok("delete-lease", lab.as_client("c1", &["delete", "lease", &l1]));
+    lab.ok(
+        "delete-lease",
+        lab.as_client("c1", &["delete", "lease", &l1]),
+    );
     assert!(
         poll_until(LONG, || started.exists()),
         "the afterLease hook never started: {}",
@@ -83,7 +89,18 @@ fn the_board_is_granted_again_only_after_its_after_lease_hook() {
         "create-lease-wait",
         lab.as_client(
             "c2",
-            &["create", "lease", "-l", "board=hk-01", "--duration", "5m", "--wait", "60", "-o", "json"],
+            &[
+                "create",
+                "lease",
+                "-l",
+                "board=hk-01",
+                "--duration",
+                "5m",
+                "--wait",
+                "60",
+                "-o",
+                "json",
+            ],
         ),
     );
     assert!(
@@ -111,7 +128,9 @@ fn the_board_is_granted_again_only_after_its_after_lease_hook() {
     // The hook's output went to jmpd's log, and its end came before the grant.
     let log = jmpd.proc.stderr();
     assert!(log.contains(&format!("cleaning after {l1}")), "{log}");
-    let done = log.find("afterLease hook done").expect("hook done in the log");
+    let done = log
+        .find("afterLease hook done")
+        .expect("hook done in the log");
     assert!(log.find("cleaned-up").is_some_and(|i| i < done), "{log}");
     assert!(lab.exporter("hk-01").get("state").is_none());
 }
@@ -159,7 +178,10 @@ fn before_lease_preparing_then_failure_and_timeout_end_the_lease_with_the_hook_o
     assert!(a.is_running(), "gave up while preparing: {}", a.describe());
     std::fs::write(&go, "").expect("let the hook finish");
     a.expect_line(LONG, "jmp attach's JSON line", |l| l.starts_with('{'));
-    lab.ok("delete-lease", lab.as_client("u", &["delete", "lease", &l1]));
+    lab.ok(
+        "delete-lease",
+        lab.as_client("u", &["delete", "lease", &l1]),
+    );
     assert_eq!(a.expect_exit(LONG).code(), Some(6), "{}", a.describe());
 
     // 2. The hook fails: the lease ends with its output, and the waiting client is told.
@@ -175,7 +197,10 @@ fn before_lease_preparing_then_failure_and_timeout_end_the_lease_with_the_hook_o
     assert!(err.contains("exited with status 3"), "{err}");
     assert!(err.contains("flash failed: no image"), "{err}");
     assert!(
-        poll_until(LONG, || !lab.leases().iter().any(|l| l["name"] == l2.as_str())),
+        poll_until(LONG, || !lab
+            .leases()
+            .iter()
+            .any(|l| l["name"] == l2.as_str())),
         "the lease outlived its failed beforeLease hook: {:?}",
         lab.leases()
     );
@@ -189,9 +214,15 @@ fn before_lease_preparing_then_failure_and_timeout_end_the_lease_with_the_hook_o
     let st = a.expect_exit(LONG);
     let err = a.stderr();
     assert_eq!(st.code(), Some(6), "{}", a.describe());
-    assert!(err.contains("did not finish within 8s and was killed"), "{err}");
     assert!(
-        poll_until(LONG, || !lab.leases().iter().any(|l| l["name"] == l3.as_str())),
+        err.contains("did not finish within 8s and was killed"),
+        "{err}"
+    );
+    assert!(
+        poll_until(LONG, || !lab
+            .leases()
+            .iter()
+            .any(|l| l["name"] == l3.as_str())),
         "the lease outlived its hung beforeLease hook: {:?}",
         lab.leases()
     );

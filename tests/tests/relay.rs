@@ -73,7 +73,10 @@ fn attach_console_and_forward_through_the_relay_encrypted_until_the_lease_ends()
     // Identities: an exporter behind NAT, and a client.
     let token = ok(
         "admin-create-exporter",
-        jmp(&net.relay, &["admin", "create", "exporter", "nat-01", "-l", "board=nat"]),
+        jmp(
+            &net.relay,
+            &["admin", "create", "exporter", "nat-01", "-l", "board=nat"],
+        ),
         &env.logs,
     );
     let token_file = env.root.join("nat-01.token");
@@ -123,9 +126,13 @@ fn attach_console_and_forward_through_the_relay_encrypted_until_the_lease_ends()
     let mut cmd = Command::new(jmpd_bin());
     cmd.arg("--config").arg(&cfg).env("JMP_LOG", "info");
     let mut jmpd = Proc::spawn("jmpd", net.wrap(&net.exporter, cmd), &env.logs);
-    jmpd.expect_line(READY, "jmpd's ready line", |l| l.starts_with("jmpd: exporter "));
+    jmpd.expect_line(READY, "jmpd's ready line", |l| {
+        l.starts_with("jmpd: exporter ")
+    });
     assert!(
-        poll_until(LONG, || jmpd.stderr().contains("registered with controller")),
+        poll_until(LONG, || jmpd
+            .stderr()
+            .contains("registered with controller")),
         "jmpd never registered: {}",
         jmpd.describe()
     );
@@ -135,7 +142,16 @@ fn attach_console_and_forward_through_the_relay_encrypted_until_the_lease_ends()
         "create-lease",
         jmp(
             &net.client,
-            &["create", "lease", "-l", "board=nat", "--duration", "10m", "-o", "json"],
+            &[
+                "create",
+                "lease",
+                "-l",
+                "board=nat",
+                "--duration",
+                "10m",
+                "-o",
+                "json",
+            ],
         ),
         &env.logs,
     );
@@ -149,7 +165,16 @@ fn attach_console_and_forward_through_the_relay_encrypted_until_the_lease_ends()
         net.cmd(
             &net.relay,
             "tcpdump",
-            &["-i", "any", "-U", "-s", "0", "-w", &pcap.display().to_string(), "udp"],
+            &[
+                "-i",
+                "any",
+                "-U",
+                "-s",
+                "0",
+                "-w",
+                &pcap.display().to_string(),
+                "udp",
+            ],
         ),
         &env.logs,
     );
@@ -189,7 +214,8 @@ fn attach_console_and_forward_through_the_relay_encrypted_until_the_lease_ends()
     let m2 = tcp_marker.clone();
     let echoed = net.enter(&net.client, move || {
         let mut s = std::net::TcpStream::connect(&fwd).expect("connect to the forward");
-        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
         s.write_all(m2.as_bytes()).expect("write");
         s.shutdown(std::net::Shutdown::Write).expect("shutdown");
         let mut back = String::new();
@@ -223,7 +249,9 @@ fn attach_console_and_forward_through_the_relay_encrypted_until_the_lease_ends()
     // The lease ends: the relayed session is cut, and the relay's port closes.
     let port: u16 = {
         let log = ctl.proc.stderr();
-        let at = log.find("relay session opened").expect("a relay session in the log");
+        let at = log
+            .find("relay session opened")
+            .expect("a relay session in the log");
         let rest = &log[at..];
         let p = rest.find("port=").expect("port in the log line");
         rest[p + 5..]
@@ -252,14 +280,18 @@ fn attach_console_and_forward_through_the_relay_encrypted_until_the_lease_ends()
     let closed = net.enter(&net.client, move || {
         let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
         s.connect((RELAY_IP, port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
         let mut buf = [0u8; 64];
         (0..25).any(|_| {
             let _ = s.send(b"\x40still there?");
             matches!(s.recv(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
         })
     });
-    assert!(closed, "the relay's port {port} still takes datagrams after the lease ended");
+    assert!(
+        closed,
+        "the relay's port {port} still takes datagrams after the lease ended"
+    );
     drop(echo);
     drop(jmpd);
     ctl.proc.stop();

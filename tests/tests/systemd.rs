@@ -19,7 +19,10 @@ fn units() -> Vec<(String, String)> {
         })
         .collect();
     v.sort();
-    assert!(v.len() >= 3, "expected the controller and both jmpd units: {v:?}");
+    assert!(
+        v.len() >= 3,
+        "expected the controller and both jmpd units: {v:?}"
+    );
     v
 }
 
@@ -76,7 +79,11 @@ fn every_unit_verifies_and_is_hardened() {
                     .and_then(|n| n.parse().ok())
             })
             .unwrap_or_else(|| panic!("{name}: no exposure level in: {text}"));
-        let limit = if name.starts_with("jmp-controller") { 2.0 } else { 4.0 };
+        let limit = if name.starts_with("jmp-controller") {
+            2.0
+        } else {
+            4.0
+        };
         eprintln!("{name}: exposure {score} (at most {limit})");
         assert!(
             score <= limit,

@@ -13,7 +13,9 @@ const CLAIM_RETRY: Duration = Duration::from_millis(250);
 /// Exporter: one punch to `relay` from `socket` (a duplicate of the exporter's QUIC socket, so
 /// the relay learns the address QUIC packets come from). Repeating it is harmless.
 pub fn punch(socket: &std::net::UdpSocket, relay: SocketAddr, secret: &Secret) -> io::Result<()> {
-    socket.send_to(&encode(Kind::Punch, secret), relay).map(|_| ())
+    socket
+        .send_to(&encode(Kind::Punch, secret), relay)
+        .map(|_| ())
 }
 
 /// Client: claims the relay session from `socket`, repeating until the relay acknowledges or
