@@ -13,3 +13,4 @@ pub mod relay;
 pub mod serial;
 pub mod stats;
 pub mod tcp;
+pub mod via_relay;

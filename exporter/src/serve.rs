@@ -344,18 +344,18 @@ impl Exporter {
         };
         let client = name::escape(&hello.client).into_owned();
         let one_shot = hello.features & features::ONE_SHOT != 0;
-        if !one_shot {
-            if let Err(end) = self
-                .wait_prepared(&mut link, &hello, admission.lease.as_deref())
-                .await
-            {
-                if let Some((code, reason)) = end {
-                    warn!(client = %client, "refused {peer}: {reason}");
-                    link.handle.bye(code, reason);
-                    drain(&mut link).await;
-                }
-                return;
+        // One-shot requests (a `jmp power cycle`) wait too: nothing touches the board while
+        // it is being prepared.
+        if let Err(end) = self
+            .wait_prepared(&mut link, &hello, admission.lease.as_deref())
+            .await
+        {
+            if let Some((code, reason)) = end {
+                warn!(client = %client, "refused {peer}: {reason}");
+                link.handle.bye(code, reason);
+                drain(&mut link).await;
             }
+            return;
         }
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let verdict = self.seat().admit(

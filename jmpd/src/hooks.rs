@@ -45,6 +45,10 @@ struct Persisted {
     /// A lease that began here and whose afterLease has not run yet.
     #[serde(default)]
     owed: Option<String>,
+    /// The last lease cleaned up after (its report may not have reached the controller: a
+    /// second request to clean up after it is answered, not run again).
+    #[serde(default)]
+    cleaned: Option<String>,
 }
 
 pub struct LeaseHooks {
@@ -57,6 +61,8 @@ pub struct LeaseHooks {
     state: Mutex<State>,
     /// Reports for the controller; the registrar sends them (again after a reconnect).
     reports: mpsc::UnboundedSender<HookReport>,
+    /// Signalled when a beforeLease hook ends (a cleanup of its lease waits for it).
+    prepared: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -105,6 +111,7 @@ impl LeaseHooks {
                     ..Default::default()
                 }),
                 reports: tx,
+                prepared: tokio::sync::Notify::new(),
             }),
             rx,
         ))
@@ -152,7 +159,17 @@ impl LeaseHooks {
     /// client of a new lease already finds the board "preparing".
     pub fn on_push(self: &Arc<Self>, lease: Option<&ActiveLease>, cleaning: Option<&str>) {
         let mut st = self.state();
-        if let Some(x) = cleaning {
+        if let Some(x) = cleaning.filter(|x| st.kept.cleaned.as_deref() == Some(*x)) {
+            // Done already; the report was lost on the way.
+            let _ = self.reports.send(HookReport {
+                lease: x.to_string(),
+                phase: HookPhase::After,
+                ok: true,
+                output: "cleaned up already".into(),
+                end_lease: false,
+                disable: false,
+            });
+        } else if let Some(x) = cleaning {
             if st.cleaning.as_deref() != Some(x) {
                 st.cleaning = Some(x.to_string());
                 drop(st);
@@ -224,6 +241,7 @@ impl LeaseHooks {
             drop(st);
             self.save(&kept);
         }
+        self.prepared.notify_waiters();
         self.exporter.prepared(
             &lease.name,
             end.then(|| format!("lease {} ended: {why}", lease.name)),
@@ -244,6 +262,17 @@ impl LeaseHooks {
     }
 
     async fn clean_up(self: Arc<Self>, lease: String) {
+        // A lease that ended while its beforeLease hook still ran: that hook finishes first,
+        // the two never run at once.
+        loop {
+            let done = self.prepared.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.state().preparing.as_deref() != Some(lease.as_str()) {
+                break;
+            }
+            done.await;
+        }
         let mut ok = true;
         let mut summary = String::new();
         let mut disable = false;
@@ -284,6 +313,7 @@ impl LeaseHooks {
             if st.kept.owed.as_deref() == Some(lease.as_str()) {
                 st.kept.owed = None;
             }
+            st.kept.cleaned = Some(lease.clone());
             let kept = st.kept.clone();
             drop(st);
             self.save(&kept);

@@ -41,6 +41,11 @@ pub struct Args {
     /// Override `listen` from the config.
     #[arg(long)]
     pub listen: Option<String>,
+    /// Print a systemd drop-in granting what this config's devices need beyond the hardened
+    /// unit (serial paths outside ttyS/ttyUSB/ttyACM, a network tunnel's CAP_NET_ADMIN), and
+    /// exit. Install it with `systemctl edit jmpd` (or jmpd@NAME).
+    #[arg(long)]
+    pub print_systemd: bool,
 }
 
 pub fn main() -> ExitCode {
@@ -79,6 +84,10 @@ pub fn run(args: Args) -> Result<()> {
              or controller.tokenFile (leases from a controller) is required",
             args.config.display()
         );
+    }
+    if args.print_systemd {
+        print!("{}", systemd_dropin(&cfg, &args.config));
+        return Ok(());
     }
     if args.check_config {
         // The controller credential is checked too (readable, an exporter credential for this
@@ -238,6 +247,70 @@ pub fn run(args: Args) -> Result<()> {
     })
 }
 
+/// A drop-in for the hardened units (systemd/jmpd.service): only what this config's devices
+/// need beyond what the unit grants every exporter (serial ports of the usual classes).
+pub fn systemd_dropin(cfg: &ExporterConfig, file: &std::path::Path) -> String {
+    use jmp_devices::registry::DeviceSpec;
+    let mut lines = vec![
+        format!(
+            "# systemd drop-in for jmpd: exporter {} from {}.",
+            cfg.metadata.name,
+            file.display()
+        ),
+        "# What its devices need beyond the hardened unit; install with `systemctl edit jmpd`."
+            .into(),
+        "[Service]".into(),
+    ];
+    let mut tunnel = false;
+    for (name, spec) in &cfg.export.0 {
+        match spec {
+            DeviceSpec::Serial(s) => {
+                let real = std::fs::canonicalize(&s.path)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| s.path.clone());
+                let base = std::path::Path::new(&real)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if ["ttyS", "ttyUSB", "ttyACM"]
+                    .iter()
+                    .any(|c| base.starts_with(c) && base[c.len()..].bytes().all(|b| b.is_ascii_digit()))
+                {
+                    lines.push(format!("# {name}: {real} is a serial port the unit already allows"));
+                } else {
+                    lines.push(format!("# {name}: serial port {}", s.path));
+                    lines.push(format!("DeviceAllow={} rw", s.path));
+                }
+            }
+            DeviceSpec::Power(_) => lines.push(format!(
+                "# {name}: power commands run inside this sandbox; grant what they use (e.g. DeviceAllow=char-usb_device rw is there for USB relays, IPAddressAllow= for a PDU)"
+            )),
+            other => {
+                let kind = other.kind();
+                if matches!(kind.as_str(), "net" | "tun" | "network") {
+                    tunnel = true;
+                    lines.push(format!("# {name}: a network tunnel"));
+                }
+            }
+        }
+    }
+    if tunnel {
+        lines.extend([
+            "AmbientCapabilities=CAP_NET_ADMIN".to_string(),
+            "CapabilityBoundingSet=CAP_NET_ADMIN".to_string(),
+            "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK".to_string(),
+            "DeviceAllow=/dev/net/tun rw".to_string(),
+        ]);
+    }
+    if cfg.hooks.is_some() {
+        lines.push(
+            "# lease hooks run inside this sandbox too (no new privileges, read-only OS, no W^X memory: a JIT needs MemoryDenyWriteExecute=no)"
+                .into(),
+        );
+    }
+    lines.join("\n") + "\n"
+}
+
 /// The address clients should use: the bound one, with this host's name if bound to all.
 fn advertised(local: std::net::SocketAddr) -> String {
     if local.ip().is_unspecified() {
@@ -248,5 +321,35 @@ fn advertised(local: std::net::SocketAddr) -> String {
         format!("{host}:{}", local.port())
     } else {
         local.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_systemd_drop_in_grants_only_what_the_devices_need() {
+        let cfg = ExporterConfig::parse(
+            "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {name: b1}\n\
+             auth: {tokenFile: /tmp/t}\nexport:\n  usb: {type: serial, path: /dev/ttyUSB7}\n\
+             \x20 byid: {type: serial, path: /dev/serial/by-id/usb-FTDI_x-if00}\n\
+             \x20 sim: {type: sim-console}\n",
+        )
+        .expect("config");
+        let d = systemd_dropin(&cfg, std::path::Path::new("/etc/jmp/b1.yaml"));
+        assert!(d.contains("[Service]"), "{d}");
+        assert!(
+            d.contains("DeviceAllow=/dev/serial/by-id/usb-FTDI_x-if00 rw"),
+            "{d}"
+        );
+        assert!(
+            !d.contains("DeviceAllow=/dev/ttyUSB7"),
+            "already allowed: {d}"
+        );
+        assert!(
+            !d.contains("CAP_NET_ADMIN"),
+            "no tunnel, no capability: {d}"
+        );
     }
 }

@@ -87,6 +87,20 @@ pub fn secret_hex(s: &Secret) -> String {
     s.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The examples of docs/protocol.md (checked by its hex test).
+#[cfg(test)]
+pub(crate) fn examples() -> Vec<(&'static str, Vec<u8>)> {
+    vec![(
+        "relay-claim",
+        encode(Kind::Claim, b"0123456789abcdef").to_vec(),
+    )]
+}
+
+#[cfg(test)]
+pub(crate) fn decode_example(name: &str, bytes: &[u8]) -> bool {
+    name == "relay-claim" && decode(bytes).is_some_and(|(k, _)| k == Kind::Claim)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -142,6 +142,7 @@ fn kind_examples() -> Vec<(&'static str, Vec<u8>)> {
     let mut v = crate::kinds::serial::examples();
     v.extend(crate::kinds::tcp::examples());
     v.extend(crate::kinds::power::examples());
+    v.extend(crate::relay::examples());
     v
 }
 
@@ -149,6 +150,7 @@ fn decode_kind_example(name: &str, bytes: &[u8]) -> bool {
     crate::kinds::serial::decode_example(name, bytes)
         || crate::kinds::tcp::decode_example(name, bytes)
         || crate::kinds::power::decode_example(name, bytes)
+        || crate::relay::decode_example(name, bytes)
 }
 
 /// Hex blocks of docs/protocol.md: ` ```hex NAME ` ... ` ``` `, whitespace and `#` comments
