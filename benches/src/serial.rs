@@ -662,8 +662,8 @@ pub fn run(
     ));
     let rel = find(VIA_RELAY);
     md.push_str(&format!(
-        "- {VIA_RELAY} / jmp: p50 × {}, bulk × {} (the relay adds one UDP splice in the \
-         controller: two more system calls and a process wake-up per batch of datagrams)\n",
+        "- {VIA_RELAY} / jmp: p50 × {}, bulk × {} (the relay is one more hop: the controller \
+         receives and resends each batch of datagrams)\n",
         cell(rel.0 / jm.0, 2),
         cell(rel.2 / jm.2, 2),
     ));

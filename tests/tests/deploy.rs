@@ -161,7 +161,7 @@ fn alert_rules_check_and_every_queried_metric_exists() {
         format!(
             "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: mon-01}}\n\
              listen: 127.0.0.1:0\nstateDir: {}\ncontroller: {{tokenFile: {}, relay: true}}\n\
-             metrics: 127.0.0.1:0\nhooks:\n  afterLease: {{run: [\"true\"]}}\n\
+             metrics: 127.0.0.1:0\npowerOffAfterLease: true\nhooks:\n  afterLease: {{run: [\"true\"]}}\n\
              export:\n  console: {{type: sim-console}}\n  power: {{type: power-sim}}\n",
             lab.env.root.join("state-mon").display(),
             token.display()
@@ -232,6 +232,15 @@ fn alert_rules_check_and_every_queried_metric_exists() {
         poll_until(LONG, || http_get(&lab.ctl.metrics.to_string(), "/metrics")
             .contains("jmp_relay_sessions_ended_total")),
         "the relay session never ended"
+    );
+    // The cleanup after the lease: the afterLease hook, then the board powered off.
+    assert!(
+        poll_until(LONG, || jmpd
+            .proc
+            .stderr()
+            .contains("powered off after the lease")),
+        "powerOffAfterLease did not power the board off: {}",
+        jmpd.proc.describe()
     );
     let after_ctl = http_get(&lab.ctl.metrics.to_string(), "/metrics");
     let after_jmpd = http_get(&jmpd_metrics, "/metrics");
