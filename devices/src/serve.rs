@@ -7,7 +7,8 @@ use jmp_transport::{Incoming, IncomingRequest};
 use std::sync::Arc;
 use tracing::{info, info_span, Instrument};
 
-/// Bytes a device's stream channels moved, each way (for the exporter's metrics).
+/// Bytes a device's channels moved, each way (stream bytes, datagram payloads; for the
+/// exporter's metrics).
 #[derive(Debug, Default)]
 pub struct DeviceBytes {
     /// From the client to the board.
@@ -86,10 +87,14 @@ impl DeviceSet {
                 match driver.open(&inc.open).await {
                     Ok(ch) => {
                         if let Some(mut io) = inc.accept(ch.params()) {
-                            if let (jmp_transport::ChannelIo::Stream(p), Some((sent, got))) =
-                                (&mut io, counters)
-                            {
-                                p.count(sent, got);
+                            match (&mut io, counters) {
+                                (jmp_transport::ChannelIo::Stream(p), Some((sent, got))) => {
+                                    p.count(sent, got)
+                                }
+                                (jmp_transport::ChannelIo::Datagram(d), Some((sent, got))) => {
+                                    d.count(sent, got)
+                                }
+                                _ => {}
                             }
                             ch.serve(io).await;
                         }

@@ -91,3 +91,69 @@ fn every_unit_verifies_and_is_hardened() {
         );
     }
 }
+
+/// `program ARGS` with `WATCHDOG_PID` set to its own pid, as systemd does.
+fn watched(program: &std::path::Path) -> Command {
+    let mut c = Command::new("sh");
+    c.args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\""])
+        .arg(program);
+    c
+}
+
+/// Reads datagrams from the notify socket until one contains `want`.
+fn expect_notify(sock: &std::os::unix::net::UnixDatagram, want: &str, who: &mut Proc) -> String {
+    let deadline = std::time::Instant::now() + READY;
+    let mut buf = [0u8; 4096];
+    while std::time::Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if msg.lines().any(|l| l == want) {
+                return msg;
+            }
+        }
+    }
+    panic!("no {want} from {}", who.describe());
+}
+
+#[test]
+fn the_daemons_tell_systemd_they_serve_and_ping_its_watchdog() {
+    let env = TestEnv::new("notify");
+    let path = env.root.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .expect("timeout");
+    // jmpd: READY=1 once it serves, then watchdog pings at half of WATCHDOG_USEC. systemd also
+    // names the watched process (WATCHDOG_PID): the shell's pid, which `exec` hands on.
+    let cfg = env.write_config(&env.exporter_yaml(
+        "notify-01",
+        "127.0.0.1:0",
+        "console: {type: sim-console}",
+    ));
+    let mut cmd = watched(&jmpd_bin());
+    cmd.arg("--config")
+        .arg(&cfg)
+        .env("NOTIFY_SOCKET", &path)
+        .env("WATCHDOG_USEC", "400000");
+    let mut jmpd = Proc::spawn("jmpd", cmd, &env.logs);
+    let ready = expect_notify(&sock, "READY=1", &mut jmpd);
+    assert!(ready.contains("STATUS=serving notify-01"), "{ready}");
+    // Printed before READY=1 (it reaches this test through another pipe, so perhaps later).
+    jmpd.expect_line(READY, "jmpd's ready line", |l| {
+        l.starts_with("jmpd: exporter notify-01 listening on")
+    });
+    expect_notify(&sock, "WATCHDOG=1", &mut jmpd);
+    expect_notify(&sock, "WATCHDOG=1", &mut jmpd);
+    jmpd.stop();
+    // The controller alike.
+    let mut cmd = watched(&bin("jmp-controller"));
+    cmd.arg("--data-dir")
+        .arg(env.root.join("controller"))
+        .args(["--listen", "127.0.0.1:0", "--metrics", ""])
+        .env("NOTIFY_SOCKET", &path)
+        .env("WATCHDOG_USEC", "400000");
+    let mut ctl = Proc::spawn("jmp-controller", cmd, &env.logs);
+    let ready = expect_notify(&sock, "READY=1", &mut ctl);
+    assert!(ready.contains("STATUS=serving on 127.0.0.1:"), "{ready}");
+    expect_notify(&sock, "WATCHDOG=1", &mut ctl);
+    ctl.stop();
+}

@@ -323,10 +323,10 @@ pub struct DatagramPipe {
 
 /// The sending half of a datagram channel (cheap to clone).
 #[derive(Clone)]
-pub struct DatagramTx(DgTx);
+pub struct DatagramTx(DgTx, Counter);
 
 /// The receiving half of a datagram channel.
-pub struct DatagramRx(mpsc::Receiver<Bytes>);
+pub struct DatagramRx(mpsc::Receiver<Bytes>, Counter);
 
 impl Clone for DgTx {
     fn clone(&self) -> Self {
@@ -362,6 +362,7 @@ impl DatagramTx {
                 max,
             });
         }
+        count(&self.1, payload.len());
         match &self.0 {
             DgTx::Quic { conn, header } => {
                 let mut b = BytesMut::with_capacity(header.len() + payload.len());
@@ -389,7 +390,11 @@ impl DatagramTx {
 impl DatagramRx {
     /// The next message, `None` when the channel or connection is gone.
     pub async fn recv(&mut self) -> Option<Bytes> {
-        self.0.recv().await
+        let d = self.0.recv().await;
+        if let Some(d) = &d {
+            count(&self.1, d.len());
+        }
+        d
     }
 }
 
@@ -404,8 +409,8 @@ impl DatagramPipe {
         let header = jmp_protocol::channel_header(channel).freeze();
         DatagramPipe {
             channel,
-            tx: DatagramTx(DgTx::Quic { conn, header }),
-            rx: DatagramRx(rx),
+            tx: DatagramTx(DgTx::Quic { conn, header }, None),
+            rx: DatagramRx(rx, None),
             control_rx,
             control_tx,
         }
@@ -413,6 +418,17 @@ impl DatagramPipe {
 
     pub fn max_size(&self) -> usize {
         self.tx.max_size()
+    }
+
+    /// Counts the payload bytes this end sends into `sent` and those it receives into
+    /// `received` (as [`Pipe::count`]).
+    pub fn count(
+        &mut self,
+        sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        self.tx.1 = Some(sent);
+        self.rx.1 = Some(received);
     }
 
     pub fn send(&self, payload: &[u8]) -> Result<(), PipeError> {
@@ -436,15 +452,15 @@ pub(crate) fn datagram_pair_on(channel: u64, depth: usize) -> (DatagramPipe, Dat
     (
         DatagramPipe {
             channel,
-            tx: DatagramTx(DgTx::Mem(a_tx)),
-            rx: DatagramRx(a_rx),
+            tx: DatagramTx(DgTx::Mem(a_tx), None),
+            rx: DatagramRx(a_rx, None),
             control_rx: a_ctl_rx,
             control_tx: a_ctl_tx,
         },
         DatagramPipe {
             channel,
-            tx: DatagramTx(DgTx::Mem(b_tx)),
-            rx: DatagramRx(b_rx),
+            tx: DatagramTx(DgTx::Mem(b_tx), None),
+            rx: DatagramRx(b_rx, None),
             control_rx: b_ctl_rx,
             control_tx: b_ctl_tx,
         },
