@@ -2718,6 +2718,13 @@ mod tests {
         SetEnd(usize, i64),
         /// restore() from the records, then the previously online exporters reconnect.
         Restart,
+        /// An exporter declares (or drops) a cleanup after each lease.
+        Cleanup {
+            exporter: usize,
+            cleanup: Option<Millis>,
+        },
+        /// An exporter reports its cleanup done.
+        Cleaned(usize),
     }
 
     fn arb_request() -> impl Strategy<Value = Op> {
@@ -2774,6 +2781,9 @@ mod tests {
             3 => any::<usize>().prop_map(Op::Release),
             2 => (any::<usize>(), -30i64..80).prop_map(|(i, d)| Op::SetEnd(i, d)),
             1 => Just(Op::Restart),
+            2 => (0..REGISTERED, proptest::option::weighted(0.7, 1u64..60))
+                .prop_map(|(exporter, cleanup)| Op::Cleanup { exporter, cleanup }),
+            3 => (0..REGISTERED).prop_map(Op::Cleaned),
         ]
     }
 
@@ -3071,6 +3081,21 @@ mod tests {
                     let ev = self
                         .book
                         .set_online(now, EXPORTER_NAMES[*exporter], *online);
+                    self.check_call(&pre, &ev, None)?;
+                }
+                Op::Cleanup { exporter, cleanup } => {
+                    self.book.set_cleanup(EXPORTER_NAMES[*exporter], *cleanup);
+                }
+                Op::Cleaned(e) => {
+                    let name = EXPORTER_NAMES[*e];
+                    let ev = self.book.set_cleaning(now, name, None);
+                    if self
+                        .book
+                        .exporter(name)
+                        .is_some_and(|x| x.cleaning.is_some())
+                    {
+                        return Err(format!("{name} still cleaning after it reported done"));
+                    }
                     self.check_call(&pre, &ev, None)?;
                 }
                 Op::Remove(e) => {

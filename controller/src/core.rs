@@ -2450,3 +2450,257 @@ mod tests {
         assert_eq!(code(&r), Some(CtlErrorCode::Invalid), "{r:?}");
     }
 }
+
+#[cfg(test)]
+mod relay_tests {
+    //! The relay's admission in the core: only the lease's own client, with a valid token of
+    //! an active lease, for an exporter that takes relayed sessions.
+    use super::*;
+    use crate::relay::RelayConfig;
+    use jmp_protocol::ctl::{ExporterSpec, LeaseRequest, Registration};
+    use jmp_transport::token::peek;
+
+    fn caller_of(c: &Credential) -> Caller {
+        let claims = peek(&c.token).expect("credential parses");
+        Caller {
+            kind: claims.kind,
+            name: claims.sub,
+            jti: claims.jti,
+        }
+    }
+
+    struct H {
+        tx: mpsc::Sender<Cmd>,
+        next: u64,
+    }
+
+    impl H {
+        async fn start_call(
+            &mut self,
+            c: &Caller,
+            request: Request,
+        ) -> mpsc::UnboundedReceiver<Reply> {
+            let (rtx, rrx) = mpsc::unbounded_channel();
+            self.next += 1;
+            self.tx
+                .send(Cmd::Call {
+                    caller: c.clone(),
+                    request,
+                    reply: rtx,
+                    stream: self.next,
+                })
+                .await
+                .unwrap();
+            rrx
+        }
+
+        async fn call(&mut self, c: &Caller, request: Request) -> Reply {
+            let mut rx = self.start_call(c, request).await;
+            tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("an answer")
+                .expect("an answer")
+        }
+    }
+
+    fn code(r: &Reply) -> Option<CtlErrorCode> {
+        match r {
+            Reply::Error(e) => Some(e.code),
+            _ => None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_relay_serves_only_the_lease_holder_of_a_relay_exporter_while_the_lease_lasts() {
+        let der = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+            .unwrap();
+        let signer = Signer::from_pkcs8(der.as_ref()).unwrap();
+        let auth = Arc::new(Authority {
+            ctl: ControllerRef {
+                endpoint: "127.0.0.1:1".into(),
+                fingerprint: "sha256:00".into(),
+                key: signer.public_key(),
+            },
+            signer,
+        });
+        let mut core = Core::open(
+            crate::store::MemStore::default(),
+            "test",
+            auth,
+            Arc::new(Metrics::new()),
+            3600,
+        )
+        .unwrap();
+        core.set_relay(RelayConfig {
+            bind: "127.0.0.1".parse().unwrap(),
+            ports: None,
+            host: None,
+        });
+        let admin = caller_of(&core.issue_admin("admin").unwrap());
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(core.run(rx));
+        let mut h = H { tx, next: 1 };
+        let mut links = Vec::new();
+        for (name, relay) in [("nat-01", true), ("lan-01", false)] {
+            let cred = match h
+                .call(
+                    &admin,
+                    Request::CreateExporter(ExporterSpec {
+                        name: name.into(),
+                        labels: [("site".to_string(), name.to_string())].into(),
+                    }),
+                )
+                .await
+            {
+                Reply::Credential(c) => caller_of(&c),
+                other => panic!("{other:?}"),
+            };
+            let mut link = h
+                .start_call(
+                    &cred,
+                    Request::Register(Registration {
+                        address: "127.0.0.1:9".into(),
+                        fingerprint: "sha256:11".into(),
+                        relay,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+            assert!(matches!(
+                link.recv().await,
+                Some(Reply::ExporterState { .. })
+            ));
+            links.push(link);
+        }
+        let mut clients = Vec::new();
+        for name in ["c1", "c2"] {
+            match h
+                .call(
+                    &admin,
+                    Request::CreateClient(ClientSpec {
+                        name: name.into(),
+                        ..Default::default()
+                    }),
+                )
+                .await
+            {
+                Reply::Credential(c) => clients.push(caller_of(&c)),
+                other => panic!("{other:?}"),
+            }
+        }
+        let (c1, c2) = (clients[0].clone(), clients[1].clone());
+        let mut tokens = Vec::new();
+        for (site, id) in [("nat-01", "r1"), ("lan-01", "r2")] {
+            let lease = match h
+                .call(
+                    &c1,
+                    Request::CreateLease(LeaseRequest {
+                        request_id: id.into(),
+                        selector: format!("site={site}"),
+                        duration_secs: 600,
+                        ..Default::default()
+                    }),
+                )
+                .await
+            {
+                Reply::Lease(l) => l,
+                other => panic!("{other:?}"),
+            };
+            match h
+                .call(
+                    &c1,
+                    Request::LeaseAccess {
+                        name: Some(lease.name.clone()),
+                    },
+                )
+                .await
+            {
+                Reply::Access(a) => {
+                    assert_eq!(a.relay, site == "nat-01", "{a:?}");
+                    tokens.push((lease.name, a.token));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Someone else's token, garbage, an exporter without the relay: refused.
+        let r = h
+            .call(
+                &c2,
+                Request::Relay {
+                    token: tokens[0].1.clone(),
+                },
+            )
+            .await;
+        assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+        let r = h
+            .call(
+                &c1,
+                Request::Relay {
+                    token: "x.y.z".into(),
+                },
+            )
+            .await;
+        assert_eq!(code(&r), Some(CtlErrorCode::Unauthorized), "{r:?}");
+        let r = h
+            .call(
+                &c1,
+                Request::Relay {
+                    token: tokens[1].1.clone(),
+                },
+            )
+            .await;
+        assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+        assert!(
+            format!("{r:?}").contains("takes no relayed sessions"),
+            "{r:?}"
+        );
+        // The holder: the exporter is told to punch; once it has, the client gets the session.
+        let mut answer = h
+            .start_call(
+                &c1,
+                Request::Relay {
+                    token: tokens[0].1.clone(),
+                },
+            )
+            .await;
+        let grant = loop {
+            match links[0].recv().await {
+                Some(Reply::RelayOpen(g)) => break g,
+                Some(Reply::ExporterState { .. }) => continue,
+                other => panic!("{other:?}"),
+            }
+        };
+        let exp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let secret = jmp_protocol::relay::parse_secret(&grant.secret).unwrap();
+        jmp_transport::relay::punch(
+            &exp,
+            format!("127.0.0.1:{}", grant.port).parse().unwrap(),
+            &secret,
+        )
+        .unwrap();
+        match answer.recv().await {
+            Some(Reply::Relay(g)) => assert_eq!(g.port, grant.port),
+            other => panic!("{other:?}"),
+        }
+        // The lease ends: its token opens nothing any more.
+        let r = h
+            .call(
+                &c1,
+                Request::DeleteLease {
+                    names: vec![tokens[0].0.clone()],
+                    all: false,
+                },
+            )
+            .await;
+        assert!(matches!(r, Reply::Deleted { .. }), "{r:?}");
+        let r = h
+            .call(
+                &c1,
+                Request::Relay {
+                    token: tokens[0].1.clone(),
+                },
+            )
+            .await;
+        assert_eq!(code(&r), Some(CtlErrorCode::NotFound), "{r:?}");
+    }
+}
