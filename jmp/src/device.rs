@@ -273,7 +273,7 @@ fn by_lease(
             .fingerprint
             .parse()
             .map_err(|e: String| Refusal::new(ErrorCode::Internal, e))?;
-        let connector = Connector::new(
+        let mut connector = Connector::new(
             addr,
             Pin::Fingerprint(fp),
             paths::default_client_name(),
@@ -281,6 +281,10 @@ fn by_lease(
             features::CLIENT | features::ONE_SHOT,
         )
         .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
+        // An exporter behind NAT is reached through the controller's relay, as by attach.
+        if access.relay {
+            connector.relay = Some(crate::verbs::relay_route(&cfg, crate::attach::Via::Auto));
+        }
         one_shot(connector, device, req).await
     })
 }

@@ -606,7 +606,10 @@ pub(super) fn attach_lease(a: AttachArgs) -> Result<()> {
 
 /// The controller's relay as a way to the exporter: each use asks the controller for a relay
 /// session with the lease token (the controller checks it), and resolves where the relay is.
-fn relay_route(cfg: &ClientConfig, via: crate::attach::Via) -> crate::attach::RelayRoute {
+pub(crate) fn relay_route(
+    cfg: &ClientConfig,
+    via: crate::attach::Via,
+) -> crate::attach::RelayRoute {
     let cfg = cfg.clone();
     crate::attach::RelayRoute {
         via,

@@ -117,7 +117,7 @@ fn attach_console_and_forward_through_the_relay_encrypted_until_the_lease_ends()
         format!(
             "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: nat-01, labels: {{board: nat}}}}\n\
              listen: 0.0.0.0:7700\nstateDir: {}\ncontroller: {{tokenFile: {}, relay: true, address: '{EXPORTER_IP}:7700'}}\n\
-             export:\n  console: {{type: sim-console}}\n  echo: {{type: tcp, host: 127.0.0.1, port: 7000}}\n",
+             export:\n  console: {{type: sim-console}}\n  echo: {{type: tcp, host: 127.0.0.1, port: 7000}}\n  power: {{type: power-sim}}\n",
             env.state.display(),
             token_file.display()
         ),
@@ -183,6 +183,13 @@ fn attach_console_and_forward_through_the_relay_encrypted_until_the_lease_ends()
         "tcpdump did not start: {}",
         dump.describe()
     );
+    // A one-shot request (no attachment) reaches the board through the relay too.
+    let power = ok(
+        "power-status",
+        jmp(&net.client, &["power", "status"]),
+        &env.logs,
+    );
+    assert!(power.contains("power is on"), "{power}");
     let dropped_before = net.dropped();
     let dev = env.dev.display().to_string();
     let mut c = jmp(&net.client, &["attach", "-o", "json", "--dev-dir", &dev]);
@@ -229,7 +236,8 @@ fn attach_console_and_forward_through_the_relay_encrypted_until_the_lease_ends()
     let to_exporter = sample(&m, "jmp_relay_bytes_total{direction=\"to_exporter\"}").unwrap_or(0.0);
     let to_client = sample(&m, "jmp_relay_bytes_total{direction=\"to_client\"}").unwrap_or(0.0);
     assert!(to_exporter > 0.0 && to_client > 0.0, "nothing relayed: {m}");
-    assert_eq!(sample(&m, "jmp_relay_sessions"), Some(1.0), "{m}");
+    // The attachment's, and the one-shot power request's (idle until the lease ends).
+    assert_eq!(sample(&m, "jmp_relay_sessions"), Some(2.0), "{m}");
     dump.stop();
     let captured = std::fs::read(&pcap).expect("read the capture");
     assert!(
