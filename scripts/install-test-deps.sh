@@ -11,7 +11,9 @@ apt_pkgs=(picocom tio tmux socat ser2net iperf3 openssh-client openssh-server ip
     # CAN: candump/cansend, and the qemu guest whose kernel has SocketCAN (this one has not)
     can-utils qemu-system-x86 busybox-static kmod xz-utils
     # storage: FUSE, the tools its tests run on the mount, and the benchmark's peers
-    fuse3 fio sshfs nbdkit libnbd-bin bmap-tools dosfstools e2fsprogs fdisk util-linux mount qemu-utils zstd bzip2)
+    fuse3 fio sshfs nbdkit libnbd-bin bmap-tools dosfstools e2fsprogs fdisk util-linux mount qemu-utils zstd bzip2
+    # the relay test's capture, and systemd-analyze for the units' test
+    tcpdump systemd)
 # protoc and the well-known .proto files (libprotobuf-dev) build etcd-client's gRPC code, a
 # build dependency of jmp-controller; etcd-server and etcd-client (etcdctl) run the controller
 # cluster tests and the etcd benchmark.

@@ -295,6 +295,7 @@ fn registration(i: usize) -> Registration {
             name: "console".into(),
             kind: "sim-console".into(),
         }],
+        ..Default::default()
     }
 }
 

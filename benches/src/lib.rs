@@ -18,3 +18,4 @@ pub mod serial;
 pub mod stats;
 pub mod storage;
 pub mod tcp;
+pub mod via_relay;

@@ -344,6 +344,36 @@ fn jmp(bins: &Bins, dir: &TempDir, name: &str) -> Result<Route> {
     })
 }
 
+/// The name of the relayed path.
+pub const VIA_RELAY: &str = "jmp via relay";
+
+/// jmp through the controller's relay (`jmp attach --via relay`).
+fn jmp_relay(bins: &Bins, dir: &TempDir) -> Result<Route> {
+    let board = Board::new()?;
+    let r = crate::via_relay::start(
+        bins,
+        dir,
+        &[(
+            "console",
+            format!(
+                "{{type: serial, path: {}, baudrate: 115200}}",
+                board.path.display()
+            ),
+        )],
+    )?;
+    let local = r.attach.local("console")?;
+    let client = Client::open(Path::new(&local))?;
+    let mut procs = vec![r.attach.proc];
+    procs.extend(r.procs);
+    Ok(Route {
+        name: VIA_RELAY.into(),
+        latency_only: false,
+        client,
+        _procs: procs,
+        _board: board,
+    })
+}
+
 fn ser2net(dir: &TempDir) -> Result<Route> {
     let ser2net = which("ser2net").ok_or_else(|| anyhow!("ser2net is not installed"))?;
     let socat = which("socat").ok_or_else(|| anyhow!("socat is not installed"))?;
@@ -455,6 +485,7 @@ pub fn run(
     let dir_cmp = TempDir::new("serial-jmp-compare")?;
     let dir_s2n = TempDir::new("serial-ser2net")?;
     let dir_ref = TempDir::new("serial-reference")?;
+    let dir_relay = TempDir::new("serial-relay")?;
     let mut skips = Vec::new();
     let mut paths = vec![direct().context("direct pty")?];
     match jmp(bins, &dir_jmp, "jmp") {
@@ -468,6 +499,10 @@ pub fn run(
             Ok(p) => paths.push(p),
             Err(e) => skips.push(format!("SKIP: {COMPARE} path: {e:#}")),
         }
+    }
+    match jmp_relay(bins, &dir_relay) {
+        Ok(p) => paths.push(p),
+        Err(e) => skips.push(format!("SKIP: {VIA_RELAY} path: {e:#}")),
     }
     match ser2net(&dir_s2n) {
         Ok(p) => paths.push(p),
@@ -625,6 +660,13 @@ pub fn run(
         cell(quic.0 / udp.0, 2),
         cell(spin.0 / s2n.0, 2),
     ));
+    let rel = find(VIA_RELAY);
+    md.push_str(&format!(
+        "- {VIA_RELAY} / jmp: p50 × {}, bulk × {} (the relay is one more hop: the controller \
+         receives and resends each batch of datagrams)\n",
+        cell(rel.0 / jm.0, 2),
+        cell(rel.2 / jm.2, 2),
+    ));
     for s in &skips {
         md.push_str(&format!("- {s}\n"));
     }
@@ -651,6 +693,8 @@ pub fn run(
             "jmp_p50_over_quinn_relay": json(jm.0 / quic.0),
             "quinn_relay_p50_over_udp_relay": json(quic.0 / udp.0),
             "busy_poll_udp_relay_p50_over_ser2net": json(spin.0 / s2n.0),
+            "via_relay_p50_over_jmp": json(rel.0 / jm.0),
+            "via_relay_bulk_over_jmp": json(rel.2 / jm.2),
         },
         "skips": skips,
     });

@@ -38,6 +38,31 @@ fn jmp(bins: &Bins, dir: &TempDir, iperf_port: u16) -> Result<Route> {
     })
 }
 
+/// The same forward through the controller's relay (`jmp attach --via relay`).
+fn jmp_relay(bins: &Bins, dir: &TempDir, iperf_port: u16) -> Result<Route> {
+    let r = crate::via_relay::start(
+        bins,
+        dir,
+        &[(
+            "iperf",
+            format!("{{type: tcp, host: 127.0.0.1, port: {iperf_port}}}"),
+        )],
+    )?;
+    let local = r.attach.local("iperf")?;
+    let port: u16 = local
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| anyhow!("unexpected local address {local}"))?;
+    let mut procs = vec![r.attach.proc];
+    procs.extend(r.procs);
+    Ok(Route {
+        name: "jmp forward via relay",
+        port,
+        _procs: procs,
+    })
+}
+
 fn keygen(path: &std::path::Path) -> Result<()> {
     let st = Command::new("ssh-keygen")
         .args(["-q", "-N", "", "-t", "ed25519", "-f"])
@@ -166,6 +191,7 @@ pub fn run(bins: &Bins, rounds: usize, seconds: u32) -> Result<(String, serde_js
     let dir = TempDir::new("tcp")?;
     let dir_jmp = TempDir::new("tcp-jmp")?;
     let dir_ssh = TempDir::new("tcp-ssh")?;
+    let dir_relay = TempDir::new("tcp-relay")?;
     let iperf_port = free_port()?;
     let mut server = Proc::spawn(
         "iperf3 -s",
@@ -183,6 +209,10 @@ pub fn run(bins: &Bins, rounds: usize, seconds: u32) -> Result<(String, serde_js
     match jmp(bins, &dir_jmp, iperf_port) {
         Ok(r) => routes.push(r),
         Err(e) => skips.push(format!("SKIP: jmp forward: {e:#}")),
+    }
+    match jmp_relay(bins, &dir_relay, iperf_port) {
+        Ok(r) => routes.push(r),
+        Err(e) => skips.push(format!("SKIP: jmp forward via relay: {e:#}")),
     }
     match ssh(&dir_ssh, iperf_port) {
         Ok(r) => routes.push(r),
@@ -223,6 +253,8 @@ pub fn run(bins: &Bins, rounds: usize, seconds: u32) -> Result<(String, serde_js
     };
     let ratio = find("jmp forward") / find("ssh -L");
     let t = Target::AtLeast(1.0);
+    let relay_ratio = find("jmp forward via relay") / find("jmp forward");
+    let t_relay = Target::AtLeast(0.7);
     let mut md = format!(
         "### TCP forward throughput (iperf3)\n\n`iperf3 -c 127.0.0.1 -p PORT -t {seconds} -J`, \
          one TCP stream, `end.sum_received.bits_per_second`. Medians over {rounds} interleaved \
@@ -242,6 +274,12 @@ pub fn run(bins: &Bins, rounds: usize, seconds: u32) -> Result<(String, serde_js
         t.describe(),
         t.verdict(ratio)
     ));
+    md.push_str(&format!(
+        "- jmp forward via relay / jmp forward = {} (target {}): **{}**\n",
+        cell(relay_ratio, 2),
+        t_relay.describe(),
+        t_relay.verdict(relay_ratio)
+    ));
     for s in &skips {
         md.push_str(&format!("- {s}\n"));
     }
@@ -253,7 +291,10 @@ pub fn run(bins: &Bins, rounds: usize, seconds: u32) -> Result<(String, serde_js
             "gbit_s": json(*m),
             "rounds_gbit_s": v.iter().map(|x| json(*x)).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
-        "targets": [{"what": "jmp forward / ssh -L", "value": json(ratio), "target": t.describe(), "verdict": t.verdict(ratio)}],
+        "targets": [
+            {"what": "jmp forward / ssh -L", "value": json(ratio), "target": t.describe(), "verdict": t.verdict(ratio)},
+            {"what": "jmp forward via relay / jmp forward", "value": json(relay_ratio), "target": t_relay.describe(), "verdict": t_relay.verdict(relay_ratio)},
+        ],
         "skips": skips,
     });
     drop(routes);

@@ -17,6 +17,11 @@
 //!   candidate. That is also why a new request never jumps the queue: it is only granted an
 //!   exporter that is grantable right now, and by this invariant no earlier waiter wants it.
 //! - **Deterministic choice.** Among several grantable candidates the lowest exporter name wins.
+//! - **Clean before the next lease.** An exporter that declared a cleanup
+//!   ([`LeaseBook::set_cleanup`]: its afterLease hook) is *cleaning* from the moment a lease on
+//!   it ends until it reports done ([`LeaseBook::set_cleaning`]) or its declared time has
+//!   passed; it is granted to nobody meanwhile. The end of the lease and the start of the
+//!   cleaning are one step, so no waiter can be granted the board in between.
 //!
 //! # Time
 //!
@@ -165,6 +170,12 @@ pub enum Event {
     WaitExpired {
         request: Waiting,
     },
+    /// An exporter did not report its cleanup after `lease` done within its declared time:
+    /// it is grantable again.
+    CleanupOverdue {
+        exporter: String,
+        lease: String,
+    },
 }
 
 /// The answer to [`LeaseBook::request`].
@@ -283,6 +294,11 @@ pub struct ExporterState {
     pub online: bool,
     /// Disabled by an admin: not leased out.
     pub enabled: bool,
+    /// How long the exporter may take to clean up after each lease (its afterLease hook);
+    /// `None`: it needs no cleanup. Declared at registration, not persisted.
+    pub cleanup: Option<Millis>,
+    /// Cleaning up after lease `.1` until `.0` at the latest: not grantable meanwhile.
+    pub cleaning: Option<(Millis, String)>,
 }
 
 /// A small fixed-universe bitset over exporter slots. Missing words are zero.
@@ -410,6 +426,8 @@ pub struct LeaseBook {
     leases: BTreeMap<String, Lease>,
     lease_by_request: BTreeMap<String, String>,
     lease_ends: BTreeSet<(Millis, String)>,
+    /// (until, exporter) of exporters cleaning up after a lease.
+    cleaning_ends: BTreeSet<(Millis, String)>,
     /// Waiting requests by seq.
     queue: BTreeMap<u64, QueueEntry>,
     queue_by_id: BTreeMap<String, u64>,
@@ -455,6 +473,8 @@ impl LeaseBook {
                 labels,
                 online: false,
                 enabled,
+                cleanup: None,
+                cleaning: None,
             };
             book.exporters.insert(
                 name,
@@ -568,6 +588,8 @@ impl LeaseBook {
                     labels,
                     online: false,
                     enabled,
+                    cleanup: None,
+                    cleaning: None,
                 };
                 self.exporters.insert(
                     name.to_owned(),
@@ -623,6 +645,38 @@ impl LeaseBook {
         events
     }
 
+    /// Declares how long `name` cleans up after each lease (`None`: it does not). Takes effect
+    /// at the next lease end. Unknown names are ignored.
+    pub fn set_cleanup(&mut self, name: &str, cleanup: Option<Millis>) {
+        if let Some(e) = self.exporters.get_mut(name) {
+            e.state.cleanup = cleanup;
+        }
+    }
+
+    /// Starts (`Some`: cleaning after `lease` until `until`, as an exporter reports at its
+    /// registration) or ends (`None`: the exporter reports it is done) a cleanup. Ending one
+    /// may grant the exporter to a waiter. Unknown names are ignored.
+    pub fn set_cleaning(
+        &mut self,
+        now: Millis,
+        name: &str,
+        cleaning: Option<(Millis, String)>,
+    ) -> Vec<Event> {
+        let mut events = self.advance(now);
+        if let Some(e) = self.exporters.get_mut(name) {
+            if let Some((old, _)) = e.state.cleaning.take() {
+                self.cleaning_ends.remove(&(old, name.to_owned()));
+            }
+            if let Some((until, lease)) = cleaning {
+                self.cleaning_ends.insert((until, name.to_owned()));
+                e.state.cleaning = Some((until, lease));
+            }
+            self.refresh_grantable(name);
+            self.fill(&mut events);
+        }
+        events
+    }
+
     /// Unregisters an exporter, ending its lease ([`EndReason::ExporterRemoved`]). Requests
     /// waiting for it by name keep waiting (it may be registered again).
     pub fn remove_exporter(&mut self, now: Millis, name: &str) -> Vec<Event> {
@@ -631,6 +685,9 @@ impl LeaseBook {
             self.end_lease(&lease, EndReason::ExporterRemoved, &mut events);
         }
         if let Some(e) = self.exporters.remove(name) {
+            if let Some((until, _)) = &e.state.cleaning {
+                self.cleaning_ends.remove(&(*until, name.to_owned()));
+            }
             for q in self.queue.values_mut() {
                 q.cand.set(e.slot, false);
             }
@@ -821,6 +878,7 @@ impl LeaseBook {
         [
             due_now,
             self.lease_ends.first().map(|(t, _)| *t),
+            self.cleaning_ends.first().map(|(t, _)| *t),
             self.not_before_idx.first().map(|(t, _)| *t),
             self.wait_until_idx.first().map(|(t, _)| *t),
         ]
@@ -928,7 +986,15 @@ impl LeaseBook {
             if !used_slots.insert(e.slot) {
                 return Err(format!("exporter '{name}': slot {} used twice", e.slot));
             }
-            let grantable = e.state.online && e.state.enabled && e.lease.is_none();
+            let grantable = e.state.online
+                && e.state.enabled
+                && e.lease.is_none()
+                && e.state.cleaning.is_none();
+            if let Some((until, _)) = &e.state.cleaning {
+                if !self.cleaning_ends.contains(&(*until, name.clone())) {
+                    return Err(format!("exporter '{name}': cleaning is not indexed"));
+                }
+            }
             if self.grantable.get(e.slot) != grantable {
                 return Err(format!(
                     "exporter '{name}': grantable index says {}, state says {grantable}",
@@ -1131,6 +1197,7 @@ impl LeaseBook {
                     e.state.online
                         && e.state.enabled
                         && e.lease.is_none()
+                        && e.state.cleaning.is_none()
                         && q.wants(n, &e.state.labels)
                 }) {
                     return Err(format!(
@@ -1164,6 +1231,21 @@ impl LeaseBook {
                 break;
             }
             self.end_lease(&name, EndReason::Expired, &mut events);
+        }
+        while let Some((until, name)) = self.cleaning_ends.first().cloned() {
+            if until > now {
+                break;
+            }
+            self.cleaning_ends.pop_first();
+            if let Some(e) = self.exporters.get_mut(&name) {
+                if let Some((_, lease)) = e.state.cleaning.take() {
+                    events.push(Event::CleanupOverdue {
+                        exporter: name.clone(),
+                        lease,
+                    });
+                }
+            }
+            self.refresh_grantable(&name);
         }
         while let Some(&(not_before, seq)) = self.not_before_idx.first() {
             if not_before > now {
@@ -1257,7 +1339,8 @@ impl LeaseBook {
         let Some(e) = self.exporters.get(name) else {
             return;
         };
-        let on = e.state.online && e.state.enabled && e.lease.is_none();
+        let on =
+            e.state.online && e.state.enabled && e.lease.is_none() && e.state.cleaning.is_none();
         if on && !self.grantable.get(e.slot) {
             self.dirty = true;
         }
@@ -1287,6 +1370,16 @@ impl LeaseBook {
             if e.lease.as_deref() == Some(name) {
                 e.lease = None;
                 self.slot_lease[e.slot] = None;
+                // The board is cleaned before anyone else gets it: in the same step as the
+                // end, so no grant can come in between.
+                if let Some(d) = e.state.cleanup {
+                    let until = self.clock.saturating_add(d);
+                    if let Some((old, _)) = e.state.cleaning.take() {
+                        self.cleaning_ends.remove(&(old, lease.exporter.clone()));
+                    }
+                    e.state.cleaning = Some((until, name.to_owned()));
+                    self.cleaning_ends.insert((until, lease.exporter.clone()));
+                }
             }
         }
         self.refresh_grantable(&lease.exporter);
@@ -1484,6 +1577,58 @@ mod tests {
 
     fn s(x: &str) -> String {
         x.to_owned()
+    }
+
+    #[test]
+    fn an_exporter_that_cleans_up_is_granted_only_once_it_is_done_or_overdue() {
+        let mut b = book_with(&[("rpi-1", RPI)]);
+        b.set_cleanup("rpi-1", Some(500));
+        let l1 = granted(&b.request(10, req("r1", "board=rpi4")).0);
+        // Someone waits; the lease is released: the same step starts the cleanup, so the
+        // waiter is not granted the board yet.
+        let (o, _) = b.request(20, wait_req("r2", "board=rpi4", 10_000));
+        assert!(matches!(o, Outcome::Queued { .. }), "{o:?}");
+        let ev = b.release(30, &l1.name);
+        assert_eq!(ended(&ev), vec![(s("L-r1"), EndReason::Released)]);
+        assert!(grants(&ev).is_empty(), "granted while cleaning: {ev:?}");
+        assert_eq!(
+            b.exporter("rpi-1").unwrap().cleaning,
+            Some((530, s("L-r1")))
+        );
+        ok(&b, 30);
+        // A newcomer without --wait is refused as busy, not offline.
+        assert!(matches!(
+            refused(&b.request(40, req("r3", "board=rpi4")).0),
+            Refusal::AllBusy { .. }
+        ));
+        assert_eq!(b.next_deadline(), Some(530));
+        // Done: the waiter gets it at once.
+        let ev = b.set_cleaning(100, "rpi-1", None);
+        assert_eq!(grants(&ev), vec![(s("r2"), s("rpi-1"))]);
+        ok(&b, 100);
+        // Its lease expires; this time the exporter never reports: overdue at its deadline.
+        let (o, _) = b.request(110, wait_req("r4", "board=rpi4", 10_000));
+        assert!(matches!(o, Outcome::Queued { .. }), "{o:?}");
+        let ev = b.tick(200);
+        assert_eq!(ended(&ev), vec![(s("L-r2"), EndReason::Expired)]);
+        assert!(grants(&ev).is_empty());
+        assert!(b.tick(699).is_empty());
+        let ev = b.tick(700);
+        assert!(ev.iter().any(|e| matches!(e, Event::CleanupOverdue { exporter, lease } if exporter == "rpi-1" && lease == "L-r2")), "{ev:?}");
+        assert_eq!(grants(&ev), vec![(s("r4"), s("rpi-1"))]);
+        ok(&b, 700);
+        // A cleanup reported at registration holds the board the same way.
+        let mut b = book_with(&[("rpi-1", RPI)]);
+        let ev = b.set_cleaning(0, "rpi-1", Some((50, s("old"))));
+        assert!(ev.is_empty());
+        assert!(matches!(
+            refused(&b.request(1, req("r1", "board=rpi4")).0),
+            Refusal::AllBusy { .. }
+        ));
+        ok(&b, 1);
+        b.remove_exporter(2, "rpi-1");
+        ok(&b, 2);
+        assert_eq!(b.next_deadline(), None);
     }
 
     #[test]
@@ -2573,6 +2718,13 @@ mod tests {
         SetEnd(usize, i64),
         /// restore() from the records, then the previously online exporters reconnect.
         Restart,
+        /// An exporter declares (or drops) a cleanup after each lease.
+        Cleanup {
+            exporter: usize,
+            cleanup: Option<Millis>,
+        },
+        /// An exporter reports its cleanup done.
+        Cleaned(usize),
     }
 
     fn arb_request() -> impl Strategy<Value = Op> {
@@ -2629,6 +2781,9 @@ mod tests {
             3 => any::<usize>().prop_map(Op::Release),
             2 => (any::<usize>(), -30i64..80).prop_map(|(i, d)| Op::SetEnd(i, d)),
             1 => Just(Op::Restart),
+            2 => (0..REGISTERED, proptest::option::weighted(0.7, 1u64..60))
+                .prop_map(|(exporter, cleanup)| Op::Cleanup { exporter, cleanup }),
+            3 => (0..REGISTERED).prop_map(Op::Cleaned),
         ]
     }
 
@@ -2864,6 +3019,7 @@ mod tests {
                     } => "event: expired",
                     Event::Ended { .. } => "event: ended otherwise",
                     Event::WaitExpired { .. } => "event: wait expired",
+                    Event::CleanupOverdue { .. } => "event: cleanup overdue",
                 });
             }
             Ok(())
@@ -2925,6 +3081,21 @@ mod tests {
                     let ev = self
                         .book
                         .set_online(now, EXPORTER_NAMES[*exporter], *online);
+                    self.check_call(&pre, &ev, None)?;
+                }
+                Op::Cleanup { exporter, cleanup } => {
+                    self.book.set_cleanup(EXPORTER_NAMES[*exporter], *cleanup);
+                }
+                Op::Cleaned(e) => {
+                    let name = EXPORTER_NAMES[*e];
+                    let ev = self.book.set_cleaning(now, name, None);
+                    if self
+                        .book
+                        .exporter(name)
+                        .is_some_and(|x| x.cleaning.is_some())
+                    {
+                        return Err(format!("{name} still cleaning after it reported done"));
+                    }
                     self.check_call(&pre, &ev, None)?;
                 }
                 Op::Remove(e) => {

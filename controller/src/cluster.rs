@@ -62,6 +62,8 @@ pub struct ClusterArgs {
     pub data_dir: PathBuf,
     pub max_duration: u64,
     pub max_waiting: usize,
+    /// The relay the leader runs (`None`: disabled).
+    pub relay: Option<crate::relay::RelayConfig>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -304,6 +306,7 @@ impl Node {
         let metrics = self.metrics.clone();
         let max = self.args.max_duration;
         let waiting = self.args.max_waiting;
+        let relay = self.args.relay.clone();
         let data_dir = self.args.data_dir.clone();
         let f = fence.clone();
         // The store's calls block (see crate::etcd): off the async workers.
@@ -311,6 +314,9 @@ impl Node {
             let store = EtcdStore::open(&members, &prefix, f)?;
             let mut core = Core::open(store, "etcd", auth, metrics, max)?;
             core.set_max_waiting(waiting);
+            if let Some(r) = relay {
+                core.set_relay(r);
+            }
             let admin_file = data_dir.join("admin.yaml");
             if !core.has_client("admin") {
                 let cred = core.issue_admin("admin")?;

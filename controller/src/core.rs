@@ -23,8 +23,8 @@ use crate::store::MemStore;
 use crate::store::{LeaseStore, Op, Table};
 use jmp_protocol::ctl::{
     Access, ActiveLease, ClientInfo, ClientSpec, Credential, CtlError, CtlErrorCode, DeviceSummary,
-    EndedLease, ExporterInfo, ExporterSpec, IdentityKind, LeaseInfo, LeaseRequest, Registration,
-    Reply, Request,
+    EndedLease, ExporterInfo, ExporterSpec, HookPhase, HookReport, IdentityKind, LeaseInfo,
+    LeaseRequest, Registration, Reply, Request,
 };
 use jmp_protocol::selector::{parse_label, Labels, Selector};
 use jmp_protocol::token::{Claims, ControllerRef, TokenKind};
@@ -83,6 +83,9 @@ pub struct ExporterRecord {
     pub rejected_fingerprint: Option<String>,
     #[serde(default)]
     pub devices: Vec<DeviceSummary>,
+    /// It takes relayed sessions (`controller: {relay: true}` in its config).
+    #[serde(default)]
+    pub relay: bool,
 }
 
 impl ExporterRecord {
@@ -101,6 +104,9 @@ pub struct Caller {
     pub jti: String,
 }
 
+// A command is moved once, through the core's channel: the size of the largest (a call with
+// its request) costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Cmd {
     /// A call; replies go to `reply`, the last one final.
     Call {
@@ -201,6 +207,16 @@ pub struct Core<S: LeaseStore> {
     orphan_grace: Duration,
     /// The request ids in the store's `unclaimed` table (see [`Table::Unclaimed`]).
     unclaimed_stored: BTreeSet<String>,
+    /// The relay for exporters behind NAT (`None`: this controller relays nothing).
+    relays: Option<crate::relay::Relays>,
+    /// Checks the lease tokens presented to the relay.
+    verifier: jmp_transport::token::Verifier,
+    /// Label sets of `jmp_lease_policy_used_ratio` exported now (removed when a lease ends).
+    policy_series: BTreeSet<(String, String, String)>,
+    policy_updated: Option<Instant>,
+    /// Why a lease is being ended by its exporter's failed beforeLease hook (shown to jmpd and
+    /// so to the client instead of "released").
+    hook_failures: HashMap<String, String>,
 }
 
 /// The lease name a waiting request will get ("" if it is not waiting).
@@ -326,6 +342,7 @@ impl<S: LeaseStore> Core<S> {
             revision = snap.revision,
             "state loaded"
         );
+        let verifier = auth.signer.verifier();
         let mut core = Core {
             store,
             store_name,
@@ -349,7 +366,17 @@ impl<S: LeaseStore> Core<S> {
             positions_dirty: false,
             orphan_grace: ORPHAN_GRACE,
             unclaimed_stored: unclaimed,
+            relays: None,
+            verifier,
+            policy_series: BTreeSet::new(),
+            policy_updated: None,
+            hook_failures: HashMap::new(),
         };
+        // Every known exporter is offline until it registers (the "offline" alert needs the
+        // series to exist).
+        for name in core.exporters.keys() {
+            core.metrics.exporter_up.with_label_values(&[name]).set(0);
+        }
         // Waiting requests restored from the store have no requester connected yet: give
         // them the grace period to come back.
         // (A reservation needs nobody: it keeps its place.)
@@ -374,6 +401,11 @@ impl<S: LeaseStore> Core<S> {
             core.orphans.insert(id, Instant::now() + core.orphan_grace);
         }
         Ok(core)
+    }
+
+    /// Serves the relay for exporters behind NAT (`--relay-bind`, `--relay-ports`).
+    pub fn set_relay(&mut self, cfg: crate::relay::RelayConfig) {
+        self.relays = Some(crate::relay::Relays::new(cfg, self.metrics.clone()));
     }
 
     /// Changes how many requests one client may have waiting (`--max-waiting-per-client`).
@@ -650,6 +682,7 @@ impl<S: LeaseStore> Core<S> {
                     if self.links.get(&name).is_some_and(|l| l.stream == stream) {
                         self.links.remove(&name);
                         info!(exporter = %name, "offline");
+                        self.metrics.exporter_up.with_label_values(&[&name]).set(0);
                         let ev = self.book.set_online(now, &name, false);
                         self.on_events(now, ev);
                     }
@@ -737,6 +770,7 @@ impl<S: LeaseStore> Core<S> {
                 | Request::UpdateLease { .. }
                 | Request::DeleteLease { .. }
                 | Request::LeaseAccess { .. }
+                | Request::Relay { .. }
         );
         if client_only && caller.kind != TokenKind::Client {
             self.reply(
@@ -830,6 +864,8 @@ impl<S: LeaseStore> Core<S> {
                 }
             },
             Request::Rotate => self.rotate(&caller),
+            Request::Relay { token } => return self.relay(&caller, &token, tx),
+            Request::LeaseHook(report) => self.lease_hook(now, &caller, report),
             Request::Register(reg) => return self.register(now, &caller, reg, tx, stream),
         };
         self.reply(&tx, r);
@@ -1315,6 +1351,7 @@ impl<S: LeaseStore> Core<S> {
                 token,
                 address: rec.address.clone(),
                 fingerprint: rec.fingerprint.clone(),
+                relay: rec.relay && self.relays.is_some(),
             }),
             Err(e) => err(CtlErrorCode::Internal, e.to_string()),
         }
@@ -1347,6 +1384,10 @@ impl<S: LeaseStore> Core<S> {
                     client: lease.map(|l| l.client.clone()),
                     fingerprint: rec.fingerprint.clone(),
                     fingerprint_refused: rec.rejected_fingerprint.clone(),
+                    state: st
+                        .and_then(|s| s.cleaning.as_ref())
+                        .map(|_| "cleaning".to_string()),
+                    relay: rec.relay,
                 })
             })
             .collect();
@@ -1402,6 +1443,7 @@ impl<S: LeaseStore> Core<S> {
                 fingerprint: String::new(),
                 rejected_fingerprint: None,
                 devices: Vec::new(),
+                relay: false,
             },
         };
         let cred = self.credential(IdentityKind::Exporter, &rec.name, &rec.jti, false);
@@ -1417,6 +1459,12 @@ impl<S: LeaseStore> Core<S> {
             ));
             let ev = self.book.set_online(now, &rec.name, false);
             self.on_events(now, ev);
+        }
+        if !self.links.contains_key(&rec.name) {
+            self.metrics
+                .exporter_up
+                .with_label_values(&[&rec.name])
+                .set(0);
         }
         self.exporters.insert(rec.name.clone(), rec);
         self.on_events(now, ev);
@@ -1477,6 +1525,7 @@ impl<S: LeaseStore> Core<S> {
                     ended,
                     enabled: false,
                     at: now / 1000,
+                    cleaning: None,
                 },
             ));
             self.out.push((
@@ -1488,6 +1537,7 @@ impl<S: LeaseStore> Core<S> {
             ));
         }
         info!(exporter = %name, "exporter deleted");
+        let _ = self.metrics.exporter_up.remove_label_values(&[name]);
         Reply::Deleted {
             names: vec![name.into()],
         }
@@ -1562,6 +1612,7 @@ impl<S: LeaseStore> Core<S> {
             return;
         }
         let changed = rec.address != reg.address
+            || rec.relay != reg.relay
             || rec.fingerprint != reg.fingerprint
             || rec.config_labels != reg.labels
             || rec.devices != reg.devices;
@@ -1570,6 +1621,7 @@ impl<S: LeaseStore> Core<S> {
             rec.fingerprint = reg.fingerprint;
             rec.config_labels = reg.labels;
             rec.devices = reg.devices;
+            rec.relay = reg.relay;
             self.dirty.insert((Table::Exporters, name.clone()));
         }
         let labels = rec.effective_labels();
@@ -1588,8 +1640,24 @@ impl<S: LeaseStore> Core<S> {
         }
         self.link_streams.insert(stream, name.clone());
         let mut ev = self.book.upsert_exporter(now, &name, labels, enabled);
+        // Its cleanup after each lease, and one it still owes (it restarted, or was cut off,
+        // before running it): held before it comes online, so nobody is granted it first.
+        let cleanup = reg.cleanup_secs.map(|s| s.saturating_mul(1000));
+        self.book.set_cleanup(&name, cleanup);
+        if let (Some(owed), Some(d)) = (reg.cleaning.clone(), cleanup) {
+            let current = self.book.lease_of_exporter(&name).map(|l| l.name.clone());
+            let cleaning = self.book.exporter(&name).and_then(|e| e.cleaning.clone());
+            if current.as_deref() != Some(owed.as_str()) && cleaning.is_none() {
+                info!(exporter = %name, lease = %owed, "exporter still owes its cleanup after a lease; not granted until done");
+                ev.extend(
+                    self.book
+                        .set_cleaning(now, &name, Some((now.saturating_add(d), owed))),
+                );
+            }
+        }
         ev.extend(self.book.set_online(now, &name, true));
         info!(exporter = %name, "online");
+        self.metrics.exporter_up.with_label_values(&[&name]).set(1);
         self.push.insert(name);
         self.on_events(now, ev);
     }
@@ -1632,7 +1700,14 @@ impl<S: LeaseStore> Core<S> {
                         }
                     }
                 }
+                Event::CleanupOverdue { exporter, lease } => {
+                    warn!(exporter = %exporter, lease = %lease, "the exporter did not report its cleanup after the lease within its declared time; it may be leased again");
+                    self.push.insert(exporter);
+                }
                 Event::Ended { lease, reason } => {
+                    if let Some(r) = self.relays.as_mut() {
+                        r.end_lease(&lease.name);
+                    }
                     let team = self.team(&lease.client);
                     let held = now.min(lease.end).saturating_sub(lease.begin) as f64 / 1000.0;
                     self.metrics
@@ -1646,6 +1721,11 @@ impl<S: LeaseStore> Core<S> {
                         .push(EndedLease {
                             name: lease.name.clone(),
                             reason: match reason {
+                                _ if self.hook_failures.contains_key(&lease.name) => format!(
+                                    "lease {} ended: {}",
+                                    lease.name,
+                                    self.hook_failures.remove(&lease.name).unwrap_or_default()
+                                ),
                                 EndReason::Expired => format!("lease {} expired", lease.name),
                                 EndReason::Released => {
                                     format!("lease {} was released", lease.name)
@@ -1720,13 +1800,24 @@ impl<S: LeaseStore> Core<S> {
                 name: l.name.clone(),
                 client: l.client.clone(),
                 end: l.end.div_ceil(1000),
+                team: self
+                    .clients
+                    .get(&l.client)
+                    .and_then(|c| c.labels.get("team").cloned())
+                    .unwrap_or_default(),
             });
+            let cleaning = self
+                .book
+                .exporter(&name)
+                .and_then(|e| e.cleaning.as_ref())
+                .map(|(_, l)| l.clone());
             let enabled = self.exporters.get(&name).is_some_and(|r| r.enabled);
             let _ = link.tx.send(Reply::ExporterState {
                 lease,
                 ended,
                 enabled,
                 at: jmp_transport::unix_now(),
+                cleaning,
             });
         }
         self.ended.clear();
@@ -1754,12 +1845,27 @@ impl<S: LeaseStore> Core<S> {
         }
     }
 
-    fn update_gauges(&self) {
-        let (mut online, mut disabled) = (0, 0);
+    fn update_gauges(&mut self) {
+        let (mut online, mut disabled, mut cleaning) = (0, 0, 0);
         for (_, st) in self.book.exporters() {
             online += st.online as i64;
             disabled += (!st.enabled) as i64;
+            cleaning += st.cleaning.is_some() as i64;
         }
+        self.metrics
+            .exporters
+            .with_label_values(&["cleaning"])
+            .set(cleaning);
+        let now = now_ms();
+        let oldest = self
+            .book
+            .waiting()
+            .filter(|w| !w.reserved && w.not_before <= now)
+            .map(|w| now.saturating_sub(w.not_before))
+            .max()
+            .unwrap_or(0);
+        self.metrics.queue_oldest.set(oldest as f64 / 1000.0);
+        self.update_policy_gauges(now);
         let leased = self.book.leases().count() as i64;
         let m = &self.metrics;
         m.exporters
@@ -1770,6 +1876,177 @@ impl<S: LeaseStore> Core<S> {
         m.exporters.with_label_values(&["disabled"]).set(disabled);
         m.leases_active.set(leased);
         m.queue_length.set(self.book.waiting().count() as i64);
+    }
+}
+
+impl<S: LeaseStore> Core<S> {
+    /// `jmp_lease_policy_used_ratio` per leased exporter: at most every 5 s (it changes
+    /// slowly, and a pass looks at every lease), and at once when the set of leases changed.
+    fn update_policy_gauges(&mut self, now: Millis) {
+        let due = self
+            .policy_updated
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
+        let count = self.book.leases().count();
+        if !due && count == self.policy_series.len() {
+            return;
+        }
+        self.policy_updated = Some(Instant::now());
+        let mut seen = BTreeSet::new();
+        let leases: Vec<(String, String, Millis)> = self
+            .book
+            .leases()
+            .map(|l| (l.exporter.clone(), l.client.clone(), l.begin))
+            .collect();
+        for (exporter, client, begin) in leases {
+            let (_, _, max) = self.client_policy(&client);
+            let team = self.team(&client);
+            let used = now.saturating_sub(begin) as f64 / (max.max(1) as f64 * 1000.0);
+            self.metrics
+                .policy_used
+                .with_label_values(&[&exporter, &client, &team])
+                .set(used);
+            seen.insert((exporter, client, team));
+        }
+        for gone in self.policy_series.difference(&seen) {
+            let _ = self
+                .metrics
+                .policy_used
+                .remove_label_values(&[&gone.0, &gone.1, &gone.2]);
+        }
+        self.policy_series = seen;
+    }
+
+    /// A client's `relay` call: checks its lease token and opens a relay session to the
+    /// lease's exporter. The answer comes from the session once the exporter punched through.
+    fn relay(&mut self, caller: &Caller, token: &str, tx: mpsc::UnboundedSender<Reply>) {
+        if let Err(e) = self.open_relay(caller, token, &tx) {
+            info!(client = %caller.name, "relay refused: {}", e.message);
+            self.reply(&tx, Reply::Error(e));
+        }
+    }
+
+    fn open_relay(
+        &mut self,
+        caller: &Caller,
+        token: &str,
+        tx: &mpsc::UnboundedSender<Reply>,
+    ) -> Result<(), CtlError> {
+        fn e(code: CtlErrorCode, m: impl Into<String>) -> CtlError {
+            CtlError::new(code, m)
+        }
+        if self.relays.is_none() {
+            return Err(e(
+                CtlErrorCode::Forbidden,
+                "this controller runs no relay (start it with --relay-bind ADDR)",
+            ));
+        }
+        let claims = self
+            .verifier
+            .verify(token, TokenKind::Lease, jmp_transport::unix_now())
+            .map_err(|x| {
+                e(
+                    CtlErrorCode::Unauthorized,
+                    format!("lease token refused: {x}"),
+                )
+            })?;
+        let lease = self.book.lease(&claims.sub).cloned().ok_or_else(|| {
+            e(
+                CtlErrorCode::NotFound,
+                format!("lease {} is not active (it ended)", claims.sub),
+            )
+        })?;
+        if lease.client != caller.name || claims.client.as_deref() != Some(caller.name.as_str()) {
+            return Err(e(
+                CtlErrorCode::Forbidden,
+                format!("lease {} belongs to {}", lease.name, lease.client),
+            ));
+        }
+        if claims.exporter.as_deref() != Some(lease.exporter.as_str()) {
+            return Err(e(
+                CtlErrorCode::Unauthorized,
+                "the lease token names another exporter than its lease",
+            ));
+        }
+        let relay_ok = self.exporters.get(&lease.exporter).is_some_and(|r| r.relay);
+        if !relay_ok {
+            return Err(e(
+                CtlErrorCode::Forbidden,
+                format!(
+                    "exporter {} takes no relayed sessions (its config has no controller: {{relay: true}})",
+                    lease.exporter
+                ),
+            ));
+        }
+        let Some(link) = self.links.get(&lease.exporter) else {
+            return Err(e(
+                CtlErrorCode::AllOffline,
+                format!(
+                    "exporter {} is not connected to the controller, so the relay cannot reach it",
+                    lease.exporter
+                ),
+            ));
+        };
+        let link_tx = link.tx.clone();
+        let Some(relays) = self.relays.as_mut() else {
+            return Ok(());
+        };
+        let grant = relays
+            .open(&lease.name, &lease.exporter, tx.clone())
+            .map_err(|x| e(CtlErrorCode::Internal, x))?;
+        let _ = link_tx.send(Reply::RelayOpen(grant));
+        Ok(())
+    }
+
+    /// An exporter reports a lease hook: a failed beforeLease may end its lease; a finished
+    /// afterLease ends the cleanup, so the exporter may be granted again.
+    fn lease_hook(&mut self, now: Millis, caller: &Caller, r: HookReport) -> Reply {
+        if caller.kind != TokenKind::Exporter {
+            return err(CtlErrorCode::Forbidden, "only exporters report lease hooks");
+        }
+        let name = caller.name.clone();
+        let output = r.output.trim();
+        match r.phase {
+            HookPhase::Before => {
+                let current = self.book.lease_of_exporter(&name).map(|l| l.name.clone());
+                if r.ok || current.as_deref() != Some(r.lease.as_str()) {
+                    return Reply::Done;
+                }
+                warn!(exporter = %name, lease = %r.lease, end = r.end_lease, "beforeLease hook failed: {output}");
+                if r.end_lease {
+                    self.hook_failures.insert(
+                        r.lease.clone(),
+                        format!("beforeLease hook failed: {output}"),
+                    );
+                    let ev = self.book.release(now, &r.lease);
+                    self.on_events(now, ev);
+                }
+                Reply::Done
+            }
+            HookPhase::After => {
+                let cleaning = self.book.exporter(&name).and_then(|e| e.cleaning.clone());
+                if !matches!(&cleaning, Some((_, l)) if *l == r.lease) {
+                    return Reply::Done;
+                }
+                if r.ok {
+                    info!(exporter = %name, lease = %r.lease, "cleaned up after the lease");
+                } else {
+                    warn!(exporter = %name, lease = %r.lease, disable = r.disable, "afterLease hook failed: {output}");
+                }
+                if !r.ok && r.disable {
+                    if let Some(rec) = self.exporters.get_mut(&name) {
+                        rec.enabled = false;
+                        let labels = rec.effective_labels();
+                        self.dirty.insert((Table::Exporters, name.clone()));
+                        let ev = self.book.upsert_exporter(now, &name, labels, false);
+                        self.on_events(now, ev);
+                    }
+                }
+                let ev = self.book.set_cleaning(now, &name, None);
+                self.on_events(now, ev);
+                self.push.insert(name);
+                Reply::Done
+            }
+        }
     }
 }
 
@@ -2235,5 +2512,257 @@ mod tests {
             )
             .await;
         assert_eq!(code(&r), Some(CtlErrorCode::Invalid), "{r:?}");
+    }
+}
+
+#[cfg(test)]
+mod relay_tests {
+    //! The relay's admission in the core: only the lease's own client, with a valid token of
+    //! an active lease, for an exporter that takes relayed sessions.
+    use super::*;
+    use crate::relay::RelayConfig;
+    use jmp_protocol::ctl::{ExporterSpec, LeaseRequest, Registration};
+    use jmp_transport::token::peek;
+
+    fn caller_of(c: &Credential) -> Caller {
+        let claims = peek(&c.token).expect("credential parses");
+        Caller {
+            kind: claims.kind,
+            name: claims.sub,
+            jti: claims.jti,
+        }
+    }
+
+    struct H {
+        tx: mpsc::Sender<Cmd>,
+        next: u64,
+    }
+
+    impl H {
+        async fn start_call(
+            &mut self,
+            c: &Caller,
+            request: Request,
+        ) -> mpsc::UnboundedReceiver<Reply> {
+            let (rtx, rrx) = mpsc::unbounded_channel();
+            self.next += 1;
+            self.tx
+                .send(Cmd::Call {
+                    caller: c.clone(),
+                    request,
+                    reply: rtx,
+                    stream: self.next,
+                })
+                .await
+                .unwrap();
+            rrx
+        }
+
+        async fn call(&mut self, c: &Caller, request: Request) -> Reply {
+            let mut rx = self.start_call(c, request).await;
+            tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("an answer")
+                .expect("an answer")
+        }
+    }
+
+    fn code(r: &Reply) -> Option<CtlErrorCode> {
+        match r {
+            Reply::Error(e) => Some(e.code),
+            _ => None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_relay_serves_only_the_lease_holder_of_a_relay_exporter_while_the_lease_lasts() {
+        let der = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+            .unwrap();
+        let signer = Signer::from_pkcs8(der.as_ref()).unwrap();
+        let ctl = ControllerRef {
+            endpoint: "127.0.0.1:1".into(),
+            fingerprint: "sha256:00".into(),
+            key: signer.public_key(),
+        };
+        let auth = Arc::new(Authority::new(signer, ctl));
+        let mut core = Core::open(
+            crate::store::MemStore::default(),
+            "test",
+            auth,
+            Arc::new(Metrics::new()),
+            3600,
+        )
+        .unwrap();
+        core.set_relay(RelayConfig {
+            bind: "127.0.0.1".parse().unwrap(),
+            ports: None,
+            host: None,
+        });
+        let admin = caller_of(&core.issue_admin("admin").unwrap());
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(core.run(rx));
+        let mut h = H { tx, next: 1 };
+        let mut links = Vec::new();
+        for (name, relay) in [("nat-01", true), ("lan-01", false)] {
+            let cred = match h
+                .call(
+                    &admin,
+                    Request::CreateExporter(ExporterSpec {
+                        name: name.into(),
+                        labels: [("site".to_string(), name.to_string())].into(),
+                    }),
+                )
+                .await
+            {
+                Reply::Credential(c) => caller_of(&c),
+                other => panic!("{other:?}"),
+            };
+            let mut link = h
+                .start_call(
+                    &cred,
+                    Request::Register(Registration {
+                        address: "127.0.0.1:9".into(),
+                        fingerprint: "sha256:11".into(),
+                        relay,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+            assert!(matches!(
+                link.recv().await,
+                Some(Reply::ExporterState { .. })
+            ));
+            links.push(link);
+        }
+        let mut clients = Vec::new();
+        for name in ["c1", "c2"] {
+            match h
+                .call(
+                    &admin,
+                    Request::CreateClient(ClientSpec {
+                        name: name.into(),
+                        ..Default::default()
+                    }),
+                )
+                .await
+            {
+                Reply::Credential(c) => clients.push(caller_of(&c)),
+                other => panic!("{other:?}"),
+            }
+        }
+        let (c1, c2) = (clients[0].clone(), clients[1].clone());
+        let mut tokens = Vec::new();
+        for (site, id) in [("nat-01", "r1"), ("lan-01", "r2")] {
+            let lease = match h
+                .call(
+                    &c1,
+                    Request::CreateLease(LeaseRequest {
+                        request_id: id.into(),
+                        selector: format!("site={site}"),
+                        duration_secs: 600,
+                        ..Default::default()
+                    }),
+                )
+                .await
+            {
+                Reply::Lease(l) => l,
+                other => panic!("{other:?}"),
+            };
+            match h
+                .call(
+                    &c1,
+                    Request::LeaseAccess {
+                        name: Some(lease.name.clone()),
+                    },
+                )
+                .await
+            {
+                Reply::Access(a) => {
+                    assert_eq!(a.relay, site == "nat-01", "{a:?}");
+                    tokens.push((lease.name, a.token));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Someone else's token, garbage, an exporter without the relay: refused.
+        let r = h
+            .call(
+                &c2,
+                Request::Relay {
+                    token: tokens[0].1.clone(),
+                },
+            )
+            .await;
+        assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+        let r = h
+            .call(
+                &c1,
+                Request::Relay {
+                    token: "x.y.z".into(),
+                },
+            )
+            .await;
+        assert_eq!(code(&r), Some(CtlErrorCode::Unauthorized), "{r:?}");
+        let r = h
+            .call(
+                &c1,
+                Request::Relay {
+                    token: tokens[1].1.clone(),
+                },
+            )
+            .await;
+        assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+        assert!(
+            format!("{r:?}").contains("takes no relayed sessions"),
+            "{r:?}"
+        );
+        // The holder: the exporter is told to punch; once it has, the client gets the session.
+        let mut answer = h
+            .start_call(
+                &c1,
+                Request::Relay {
+                    token: tokens[0].1.clone(),
+                },
+            )
+            .await;
+        let grant = loop {
+            match links[0].recv().await {
+                Some(Reply::RelayOpen(g)) => break g,
+                Some(Reply::ExporterState { .. }) => continue,
+                other => panic!("{other:?}"),
+            }
+        };
+        let exp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let secret = jmp_protocol::relay::parse_secret(&grant.secret).unwrap();
+        jmp_transport::relay::punch(
+            &exp,
+            format!("127.0.0.1:{}", grant.port).parse().unwrap(),
+            &secret,
+        )
+        .unwrap();
+        match answer.recv().await {
+            Some(Reply::Relay(g)) => assert_eq!(g.port, grant.port),
+            other => panic!("{other:?}"),
+        }
+        // The lease ends: its token opens nothing any more.
+        let r = h
+            .call(
+                &c1,
+                Request::DeleteLease {
+                    names: vec![tokens[0].0.clone()],
+                    all: false,
+                },
+            )
+            .await;
+        assert!(matches!(r, Reply::Deleted { .. }), "{r:?}");
+        let r = h
+            .call(
+                &c1,
+                Request::Relay {
+                    token: tokens[0].1.clone(),
+                },
+            )
+            .await;
+        assert_eq!(code(&r), Some(CtlErrorCode::NotFound), "{r:?}");
     }
 }

@@ -6,7 +6,8 @@
 //! trait and its embedded redb default), [`etcd`] (the etcd backend), [`cluster`] (several
 //! controllers on one etcd: election, fencing, stepping down), [`core`] (the one task that
 //! owns state and commits it), [`api`] (the QUIC endpoint), token signing, [`metrics`] and
-//! `/metrics`.
+//! `/metrics`, and the [`relay`] for exporters behind NAT (it splices QUIC packets it cannot
+//! read).
 //! Does not own: the data path (clients connect straight to exporters), the wire codec
 //! (jmp-protocol), QUIC and token crypto (jmp-transport).
 
@@ -16,6 +17,7 @@ pub mod cluster;
 pub mod core;
 pub mod etcd;
 pub mod metrics;
+pub mod relay;
 pub mod store;
 
 use anyhow::{anyhow, Context, Result};
@@ -69,6 +71,18 @@ pub struct Args {
     /// goes unnoticed. At least 2s (etcd's minimum with its default timings).
     #[arg(long, default_value = "2s", value_parser = parse_duration_arg)]
     pub leader_ttl: u64,
+    /// Address relay sessions bind, for exporters that accept no inbound connection
+    /// (`controller: {relay: true}`); "" disables the relay. Default: the --listen address.
+    #[arg(long)]
+    pub relay_bind: Option<String>,
+    /// Port range for relay sessions, one port each (e.g. 40000-40999, for firewalls).
+    /// Default: any free port.
+    #[arg(long, value_parser = relay::parse_ports)]
+    pub relay_ports: Option<(u16, u16)>,
+    /// Host clients and exporters send relayed packets to. Default: the controller's host as
+    /// each of them reaches it.
+    #[arg(long)]
+    pub relay_host: Option<String>,
 }
 
 fn parse_duration_arg(s: &str) -> Result<u64, String> {
@@ -146,6 +160,9 @@ pub async fn run(args: Args) -> Result<()> {
     )
     .with_context(|| format!("loading {}", db.display()))?;
     core.set_max_waiting(args.max_waiting_per_client);
+    if let Some(r) = relay_config(&args, bound)? {
+        core.set_relay(r);
+    }
 
     // The admin credential: written once, readable by its owner (root) only. Removing the file
     // and restarting issues a new one and revokes the old.
@@ -165,6 +182,8 @@ pub async fn run(args: Args) -> Result<()> {
     serve_metrics(&args, &metrics).await?;
     print_listening(&args, bound, &fingerprint);
     let api = api::Api::new(tx, verifier);
+    jmp_transport::systemd::ready(&format!("serving on {bound}"));
+    jmp_transport::systemd::spawn_watchdog();
     tokio::select! {
         _ = api.serve(endpoint, shutdown) => Ok(()),
         // The core only ends if it fails (the store refused a commit, or a bug): serving on
@@ -180,6 +199,22 @@ pub async fn run(args: Args) -> Result<()> {
             std::process::exit(70);
         }
     }
+}
+
+/// The relay's settings from `--relay-bind/--relay-ports/--relay-host` (`None`: disabled).
+fn relay_config(args: &Args, bound: SocketAddr) -> Result<Option<relay::RelayConfig>> {
+    let bind = match args.relay_bind.as_deref() {
+        None => bound.ip(),
+        Some("") => return Ok(None),
+        Some(a) => a
+            .parse::<std::net::IpAddr>()
+            .map_err(|e| anyhow!("--relay-bind {a:?}: {e}"))?,
+    };
+    Ok(Some(relay::RelayConfig {
+        bind,
+        ports: args.relay_ports,
+        host: args.relay_host.clone(),
+    }))
 }
 
 async fn serve_metrics(args: &Args, metrics: &Arc<metrics::Metrics>) -> Result<()> {
@@ -230,6 +265,7 @@ async fn run_cluster(
         data_dir: args.data_dir.clone(),
         max_duration: args.max_duration,
         max_waiting: args.max_waiting_per_client,
+        relay: relay_config(&args, bound)?,
     };
     let (role_tx, role_rx) = tokio::sync::watch::channel(cluster::Role::Electing);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -249,6 +285,8 @@ async fn run_cluster(
         "joining the controller cluster"
     );
     let api = api::Api::with_role(role_rx, verifier);
+    jmp_transport::systemd::ready(&format!("joining the cluster on {bound}"));
+    jmp_transport::systemd::spawn_watchdog();
     let mut api_task = tokio::spawn(api.serve(endpoint, stopped(stop_rx.clone())));
     let cluster = cluster::run(cargs, auth, metrics, role_tx, stopped(stop_rx));
     tokio::select! {

@@ -5,8 +5,8 @@
 //! bill wait and hold time per team.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +27,20 @@ pub struct Metrics {
     pub leases_active: IntGauge,
     pub queue_length: IntGauge,
     pub store_commit: HistogramVec,
+    /// Per exporter: 1 while it is registered and connected, 0 while it is offline (the
+    /// "exporter offline" alert of deploy/).
+    pub exporter_up: IntGaugeVec,
+    /// How long the oldest request now waiting has waited (0 with an empty queue).
+    pub queue_oldest: Gauge,
+    /// Per leased exporter: the share of its client's longest allowed lease that the lease
+    /// has used so far (1.0: it reaches the policy limit now).
+    pub policy_used: GaugeVec,
+    /// Relay sessions open now.
+    pub relay_sessions: IntGauge,
+    /// Bytes the relay moved, by direction (to_exporter, to_client).
+    pub relay_bytes: IntCounterVec,
+    /// Relay sessions that ended, by why (lease_ended, idle, no_punch, unclaimed, replaced).
+    pub relay_ended: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -67,7 +81,51 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(queue_length.clone())).expect("unique");
+        let exporter_up = IntGaugeVec::new(
+            Opts::new(
+                "jmp_exporter_up",
+                "Per exporter: 1 while registered and connected, 0 while offline.",
+            ),
+            &["exporter"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(exporter_up.clone())).expect("unique");
+        let queue_oldest = Gauge::new(
+            "jmp_lease_queue_oldest_wait_seconds",
+            "How long the oldest waiting lease request has waited.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(queue_oldest.clone())).expect("unique");
+        let policy_used = GaugeVec::new(
+            Opts::new(
+                "jmp_lease_policy_used_ratio",
+                "Per leased exporter: time held / the client's longest allowed lease.",
+            ),
+            &["exporter", "client", "team"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(policy_used.clone())).expect("unique");
+        let relay_sessions =
+            IntGauge::new("jmp_relay_sessions", "Relay sessions open now.").expect("valid metric");
+        r.register(Box::new(relay_sessions.clone()))
+            .expect("unique");
         Metrics {
+            relay_bytes: counter(
+                &r,
+                "jmp_relay_bytes_total",
+                "Bytes the relay moved between clients and exporters, by direction.",
+                &["direction"],
+            ),
+            relay_ended: counter(
+                &r,
+                "jmp_relay_sessions_ended_total",
+                "Relay sessions that ended, by why.",
+                &["reason"],
+            ),
+            exporter_up,
+            queue_oldest,
+            policy_used,
+            relay_sessions,
             requests: counter(
                 &r,
                 "jmp_lease_requests_total",

@@ -45,6 +45,12 @@ struct RawConfig {
     auth: Option<Auth>,
     #[serde(default)]
     controller: Option<ControllerSection>,
+    #[serde(default)]
+    hooks: Option<Hooks>,
+    #[serde(default)]
+    power_off_after_lease: bool,
+    #[serde(default)]
+    metrics: Option<String>,
     export: RawExport,
 }
 
@@ -61,7 +67,59 @@ pub struct ExporterConfig {
     /// Register with a controller, which leases this exporter out; clients then present lease
     /// tokens. May be combined with `auth` (a direct token for the lab's own use).
     pub controller: Option<ControllerSection>,
+    /// Commands run before and after each lease (controller mode).
+    pub hooks: Option<Hooks>,
+    /// Switch every power device off after each lease (after the afterLease hook).
+    pub power_off_after_lease: bool,
+    /// `host:port` for jmpd's own Prometheus `/metrics` (none: no metrics endpoint).
+    pub metrics: Option<String>,
     pub export: Export,
+}
+
+/// `hooks:`: commands jmpd runs around each lease, without a shell, in their own process
+/// group, with `JMP_EXPORTER`, `JMP_LEASE`, `JMP_CLIENT` and `JMP_HOOK` set.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Hooks {
+    /// Before a new lease's client may use the board (it waits, seeing "preparing board").
+    #[serde(default)]
+    pub before_lease: Option<Hook>,
+    /// After a lease ended; the controller grants the board to nobody until it is done.
+    #[serde(default)]
+    pub after_lease: Option<Hook>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Hook {
+    /// argv: the program and its arguments.
+    pub run: Vec<String>,
+    /// At most this long (default 5m); then it is killed with its process group and counts
+    /// as failed.
+    #[serde(default)]
+    pub timeout: Option<jmp_devices::spec::DurationSpec>,
+    /// What a failure does: beforeLease `endLease` (default: the lease ends, with the hook's
+    /// output as the reason) or `warn`; afterLease `warn` (default) or `disable` (the exporter
+    /// is disabled until an admin enables it).
+    #[serde(default)]
+    pub on_failure: Option<OnFailure>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum OnFailure {
+    EndLease,
+    Warn,
+    Disable,
+}
+
+/// A hook's default timeout.
+pub const HOOK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+impl Hook {
+    pub fn timeout(&self) -> std::time::Duration {
+        self.timeout.map_or(HOOK_TIMEOUT, |d| d.0)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -77,6 +135,11 @@ pub struct ControllerSection {
     /// when listening on all addresses).
     #[serde(default)]
     pub address: Option<String>,
+    /// Keep an outbound connection for the controller's relay: clients that cannot reach
+    /// this exporter (it is behind NAT or accepts no inbound connection) come through the
+    /// controller, still end-to-end encrypted.
+    #[serde(default)]
+    pub relay: bool,
 }
 
 fn default_listen() -> String {
@@ -241,6 +304,9 @@ impl ExporterConfig {
             state_dir: raw.state_dir,
             auth: raw.auth,
             controller: raw.controller,
+            hooks: raw.hooks,
+            power_off_after_lease: raw.power_off_after_lease,
+            metrics: raw.metrics,
             export: Export(export),
         };
         c.validate()?;
@@ -275,6 +341,69 @@ impl ExporterConfig {
         for (dev, _) in &self.export.0 {
             name::check("export: device name", dev).map_err(|e| e.to_string())?;
         }
+        self.validate_lease_actions()?;
+        if let Some(m) = &self.metrics {
+            m.parse::<SocketAddr>()
+                .map_err(|_| format!("metrics {m:?} is not an address like 127.0.0.1:9200"))?;
+        }
+        Ok(())
+    }
+
+    fn validate_lease_actions(&self) -> Result<(), String> {
+        let any = self
+            .hooks
+            .as_ref()
+            .is_some_and(|h| h.before_lease.is_some() || h.after_lease.is_some());
+        if (any || self.power_off_after_lease) && self.controller.is_none() {
+            return Err(
+                "hooks and powerOffAfterLease need a controller: section (leases come from the controller)"
+                    .into(),
+            );
+        }
+        if self.power_off_after_lease
+            && !self
+                .export
+                .0
+                .iter()
+                .any(|(_, s)| s.kind() == jmp_protocol::Kind::Power)
+        {
+            return Err("powerOffAfterLease: true, but no power device is exported".into());
+        }
+        let Some(h) = &self.hooks else {
+            return Ok(());
+        };
+        for (what, hook, allowed) in [
+            (
+                "beforeLease",
+                &h.before_lease,
+                [OnFailure::EndLease, OnFailure::Warn],
+            ),
+            (
+                "afterLease",
+                &h.after_lease,
+                [OnFailure::Warn, OnFailure::Disable],
+            ),
+        ] {
+            let Some(hook) = hook else { continue };
+            if hook.run.is_empty() || hook.run[0].trim().is_empty() {
+                return Err(format!(
+                    "hooks.{what}.run is empty (a program and its arguments)"
+                ));
+            }
+            if hook.timeout().is_zero() {
+                return Err(format!("hooks.{what}.timeout must be positive"));
+            }
+            if let Some(f) = hook.on_failure {
+                if !allowed.contains(&f) {
+                    return Err(format!(
+                        "hooks.{what}.onFailure: {} is not possible here (use {} or {})",
+                        on_failure_name(f),
+                        on_failure_name(allowed[0]),
+                        on_failure_name(allowed[1])
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -295,6 +424,14 @@ impl ExporterConfig {
             // passed its tests.
             panic!("the built-in simulated board's config is invalid: {e}")
         })
+    }
+}
+
+fn on_failure_name(f: OnFailure) -> &'static str {
+    match f {
+        OnFailure::EndLease => "endLease",
+        OnFailure::Warn => "warn",
+        OnFailure::Disable => "disable",
     }
 }
 
@@ -412,6 +549,58 @@ export:
         assert!(e.contains("listed twice"), "{e}");
         let e = err(&GOOD.replace("  ssh:  ", "  ../x:"));
         assert!(e.contains("device name"), "{e}");
+    }
+
+    #[test]
+    fn hooks_relay_and_metrics_are_read_and_checked() {
+        let with_ctl = GOOD.replace(
+            "auth: {tokenFile: /etc/jmp/rpi4-01.token}",
+            "controller: {tokenFile: /etc/jmp/rpi4-01.token, relay: true}\nmetrics: 127.0.0.1:9200\npowerOffAfterLease: true\nhooks:\n  beforeLease: {run: [flash, image.wic], timeout: 10m}\n  afterLease: {run: [reset-board], onFailure: disable}",
+        );
+        let c = ExporterConfig::parse(&with_ctl).expect("valid");
+        assert!(c.controller.as_ref().unwrap().relay);
+        assert_eq!(c.metrics.as_deref(), Some("127.0.0.1:9200"));
+        assert!(c.power_off_after_lease);
+        let h = c.hooks.as_ref().unwrap();
+        let b = h.before_lease.as_ref().unwrap();
+        assert_eq!(b.run, ["flash", "image.wic"]);
+        assert_eq!(b.timeout().as_secs(), 600);
+        assert_eq!(b.on_failure, None);
+        let a = h.after_lease.as_ref().unwrap();
+        assert_eq!(a.timeout(), HOOK_TIMEOUT);
+        assert_eq!(a.on_failure, Some(OnFailure::Disable));
+        for (from, to, want) in [
+            (
+                "onFailure: disable",
+                "onFailure: endLease",
+                "afterLease.onFailure: endLease",
+            ),
+            (
+                "timeout: 10m",
+                "timeout: 10m, onFailure: disable",
+                "beforeLease.onFailure",
+            ),
+            (
+                "run: [flash, image.wic]",
+                "run: []",
+                "beforeLease.run is empty",
+            ),
+            ("timeout: 10m", "timeout: soon", "invalid duration"),
+            ("timeout: 10m", "timout: 10m", "unknown field `timout`"),
+            ("127.0.0.1:9200", "everywhere", "metrics \"everywhere\""),
+        ] {
+            let e = err(&with_ctl.replace(from, to));
+            assert!(e.contains(want), "{from} -> {to}: {e}");
+        }
+        // Without a controller there are no leases to hook.
+        let e = err(&GOOD.replace("export:", "hooks: {afterLease: {run: [x]}}\nexport:"));
+        assert!(e.contains("need a controller"), "{e}");
+        // Powering off needs something to power off.
+        let e = err(&with_ctl.replace(
+            "  power:\n    type: power\n    command:\n      on: [relay, \"1\", \"on\"]\n      off: [relay, \"1\", \"off\"]\n    cycleDelay: 3s\n",
+            "",
+        ));
+        assert!(e.contains("no power device"), "{e}");
     }
 
     #[test]

@@ -15,4 +15,4 @@ pub mod serve;
 
 pub use auth::{Admission, AuthError, Authorizer, TokenAuth};
 pub use config::ExporterConfig;
-pub use serve::Exporter;
+pub use serve::{Exporter, Prep, PrepState, Stats};

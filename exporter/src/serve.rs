@@ -20,6 +20,36 @@ use tracing::{debug, info, warn, Instrument};
 
 /// How long a Hello whose lease the controller has not confirmed yet waits for the push.
 const CONFIRM_WAIT: Duration = Duration::from_secs(2);
+/// While the board is being prepared, a waiting client hears from us at least this often (its
+/// handshake clock restarts with every notice; it gives up after 10 s of silence).
+const PREPARING_NOTICE: Duration = Duration::from_secs(4);
+
+/// The preparation of the board for a lease (its beforeLease hook), as sessions see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Prep {
+    /// The lease being (or last) prepared.
+    pub lease: Option<String>,
+    pub state: PrepState,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum PrepState {
+    /// Ready (or nothing to prepare).
+    #[default]
+    Ready,
+    /// The hook runs: clients of this lease wait.
+    Running { what: String },
+    /// The hook failed and the lease ends: clients of this lease are told why.
+    Failed(String),
+}
+
+/// Counters for jmpd's metrics (the exporter library keeps them; jmpd serves them).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Sessions admitted and not yet ended (attachments and one-shot requests).
+    pub sessions: std::sync::atomic::AtomicI64,
+    pub sessions_total: std::sync::atomic::AtomicU64,
+}
 
 pub struct Exporter {
     name: String,
@@ -31,6 +61,12 @@ pub struct Exporter {
     features: u64,
     seat: Mutex<Seat<LinkHandle>>,
     next_conn: AtomicU64,
+    prep: tokio::sync::watch::Sender<Prep>,
+    /// Lines of lease hooks' output, for the sessions waiting on or holding the board.
+    hook_lines: tokio::sync::broadcast::Sender<String>,
+    /// The current preparation's output so far, for clients that start waiting late.
+    hook_backlog: Mutex<std::collections::VecDeque<String>>,
+    stats: Stats,
 }
 
 impl Exporter {
@@ -66,6 +102,10 @@ impl Exporter {
                 | if datagrams { features::DATAGRAMS } else { 0 },
             seat: Mutex::new(Seat::new(&cfg.metadata.name)),
             next_conn: AtomicU64::new(1),
+            prep: tokio::sync::watch::Sender::new(Prep::default()),
+            hook_lines: tokio::sync::broadcast::channel(256).0,
+            hook_backlog: Mutex::default(),
+            stats: Stats::default(),
         })
     }
 
@@ -101,6 +141,118 @@ impl Exporter {
                 handle.bye(code, reason);
             }
             Some(Action::Notice { handle, text }) => handle.notice(text),
+        }
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The board is being prepared for `lease` (its beforeLease hook runs; `what` says what,
+    /// for the waiting user): its clients wait until [`Exporter::prepared`].
+    pub fn preparing(&self, lease: &str, what: &str) {
+        self.backlog().clear();
+        self.prep.send_replace(Prep {
+            lease: Some(lease.to_string()),
+            state: PrepState::Running {
+                what: what.to_string(),
+            },
+        });
+    }
+
+    /// The preparation for `lease` is over: its waiting clients attach, or (`Some(why)`) are
+    /// told the lease ended and why.
+    pub fn prepared(&self, lease: &str, failure: Option<String>) {
+        self.prep.send_if_modified(|p| {
+            if p.lease.as_deref() != Some(lease) {
+                return false;
+            }
+            p.state = match failure {
+                Some(why) => PrepState::Failed(why),
+                None => PrepState::Ready,
+            };
+            true
+        });
+    }
+
+    /// A line of a lease hook's output, for whoever waits on or holds the board.
+    pub fn hook_output(&self, line: &str) {
+        {
+            let mut b = self.backlog();
+            b.push_back(line.to_string());
+            while b.len() > 40 {
+                b.pop_front();
+            }
+        }
+        let _ = self.hook_lines.send(line.to_string());
+    }
+
+    fn backlog(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<String>> {
+        self.hook_backlog.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits while the board is prepared for the lease this Hello attaches under, telling the
+    /// client so; `Err` ends the connection (with the code and reason, or `None`: it is gone).
+    async fn wait_prepared(
+        &self,
+        link: &mut Link,
+        hello: &jmp_protocol::Hello,
+        lease: Option<&str>,
+    ) -> Result<(), Option<(ErrorCode, String)>> {
+        let Some(lease) = lease else { return Ok(()) };
+        let mut prep = self.prep.subscribe();
+        let mut lines = self.hook_lines.subscribe();
+        let started = Instant::now();
+        let mut told = false;
+        loop {
+            let p = prep.borrow_and_update().clone();
+            if p.lease.as_deref() != Some(lease) {
+                return Ok(());
+            }
+            let what = match p.state {
+                PrepState::Ready => return Ok(()),
+                PrepState::Failed(why) => return Err(Some((ErrorCode::LeaseEnded, why))),
+                PrepState::Running { what } => what,
+            };
+            if hello.features & features::WAITS == 0 {
+                return Err(Some((
+                    ErrorCode::Busy,
+                    format!(
+                        "{}: preparing the board for lease {lease} ({what}); try again when it is done",
+                        self.name
+                    ),
+                )));
+            }
+            if !told {
+                told = true;
+                link.handle.notice(format!(
+                    "{}: preparing board for lease {lease}: {what}",
+                    self.name
+                ));
+                // What the hook said before this client came (lines arriving meanwhile may be
+                // told twice, never lost: the subscription is older than this copy).
+                let earlier: Vec<String> = self.backlog().iter().cloned().collect();
+                for l in earlier {
+                    link.handle.notice(l);
+                }
+            }
+            tokio::select! {
+                _ = prep.changed() => {}
+                l = lines.recv() => match l {
+                    Ok(line) => link.handle.notice(line),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => {}
+                },
+                _ = tokio::time::sleep(PREPARING_NOTICE) => link.handle.notice(format!(
+                    "{}: still preparing board ({}s)",
+                    self.name,
+                    started.elapsed().as_secs()
+                )),
+                ev = link.events.recv() => match ev {
+                    Some(LinkEvent::Ended { .. }) | None => return Err(None),
+                    Some(_) => {}
+                },
+            }
         }
     }
 
@@ -191,8 +343,21 @@ impl Exporter {
             return;
         };
         let client = name::escape(&hello.client).into_owned();
-        let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let one_shot = hello.features & features::ONE_SHOT != 0;
+        // One-shot requests (a `jmp power cycle`) wait too: nothing touches the board while
+        // it is being prepared.
+        if let Err(end) = self
+            .wait_prepared(&mut link, &hello, admission.lease.as_deref())
+            .await
+        {
+            if let Some((code, reason)) = end {
+                warn!(client = %client, "refused {peer}: {reason}");
+                link.handle.bye(code, reason);
+                drain(&mut link).await;
+            }
+            return;
+        }
+        let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let verdict = self.seat().admit(
             Claim {
                 conn: conn_id,
@@ -222,7 +387,23 @@ impl Exporter {
             devices: self.devices.infos(),
         });
         info!(client = %client, lease = admission.lease.as_deref().unwrap_or("-"), "attached from {peer}");
-        let watchers = self.watch_status(&link.handle);
+        self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        self.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
+        let mut watchers = self.watch_status(&link.handle);
+        {
+            // Lease hooks' output (a beforeLease hook that only warns) reaches the holder too.
+            let mut lines = self.hook_lines.subscribe();
+            let h = link.handle.clone();
+            watchers.push(tokio::spawn(async move {
+                loop {
+                    match lines.recv().await {
+                        Ok(l) => h.notice(l),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(_) => break,
+                    }
+                }
+            }));
+        }
         while let Some(ev) = link.events.recv().await {
             match ev {
                 LinkEvent::Incoming(inc) if one_shot => inc.reject(
@@ -245,6 +426,7 @@ impl Exporter {
         for w in watchers {
             w.abort();
         }
+        self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
         self.seat().detached(conn_id);
     }
 

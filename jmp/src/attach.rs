@@ -43,6 +43,39 @@ pub enum Pin {
 pub type TokenRefresh =
     Box<dyn Fn() -> futures::future::BoxFuture<'static, Option<String>> + Send + Sync>;
 
+/// Opens a relay session at the controller for the lease token given: the relay's address and
+/// the claim's secret, or why not (`LeaseEnded` and `Unauthorized` are final).
+pub type RelayOpen = Box<
+    dyn Fn(
+            String,
+        ) -> futures::future::BoxFuture<
+            'static,
+            Result<(SocketAddr, jmp_protocol::relay::Secret), (ErrorCode, String)>,
+        > + Send
+        + Sync,
+>;
+
+/// How `jmp attach` reaches an exporter of a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Via {
+    /// Straight to the exporter; through the controller's relay if it does not answer within
+    /// 2 s and takes relayed sessions.
+    Auto,
+    /// Only straight to the exporter.
+    Direct,
+    /// Only through the controller's relay.
+    Relay,
+}
+
+/// How long a direct connection may take before `--via auto` tries the relay.
+pub const DIRECT_TRY: Duration = Duration::from_secs(2);
+
+/// The relay as a second way to the exporter.
+pub struct RelayRoute {
+    pub open: RelayOpen,
+    pub via: Via,
+}
+
 pub struct Options {
     pub addr: SocketAddr,
     pub token: String,
@@ -57,6 +90,8 @@ pub struct Options {
     pub owner: Option<(u32, u32)>,
     /// The lease attached under (controller mode), for status output.
     pub lease: Option<String>,
+    /// The controller's relay, when the exporter takes relayed sessions.
+    pub relay: Option<RelayRoute>,
 }
 
 /// One device of an attachment, as `jmp attach`, `jmp status` and `-o json` show it.
@@ -231,6 +266,12 @@ pub struct Connector {
     pub features: u64,
     endpoint: quinn::Endpoint,
     pub token: Mutex<String>,
+    pub relay: Option<RelayRoute>,
+    /// The last connection went through the relay: the next one tries it first.
+    relayed: std::sync::atomic::AtomicBool,
+    /// The endpoint of the relayed connection (its own socket, the one that claimed the
+    /// session).
+    relay_endpoint: Mutex<Option<quinn::Endpoint>>,
 }
 
 impl Connector {
@@ -253,7 +294,99 @@ impl Connector {
             features,
             endpoint,
             token: Mutex::new(token),
+            relay: None,
+            relayed: std::sync::atomic::AtomicBool::new(false),
+            relay_endpoint: Mutex::new(None),
         })
+    }
+
+    /// Whether the current connection goes through the controller's relay.
+    pub fn is_relayed(&self) -> bool {
+        self.relayed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The QUIC connection, straight or through the relay (see [`Via`]).
+    async fn dial(
+        &self,
+        pin: Option<Fingerprint>,
+    ) -> Result<(quinn::Connection, Fingerprint), AttachError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let direct = || connect(&self.endpoint, self.addr, jmp_protocol::ALPN_EXPORTER, pin);
+        let Some(route) = &self.relay else {
+            return Ok(direct().await?);
+        };
+        let relayed = |why: String| async move {
+            info!("{why}; trying through the controller's relay");
+            let r = self.relayed(route, pin).await;
+            if r.is_ok() {
+                self.relayed.store(true, Relaxed);
+            }
+            r
+        };
+        match route.via {
+            Via::Direct => Ok(direct().await?),
+            Via::Relay => relayed("--via relay".into()).await,
+            Via::Auto if self.relayed.load(Relaxed) => match self.relayed(route, pin).await {
+                Ok(c) => Ok(c),
+                Err(e @ AttachError::Refused { .. }) => Err(e),
+                Err(e) => {
+                    info!("the relay failed ({e}); trying {} directly", self.addr);
+                    let c = direct().await?;
+                    self.relayed.store(false, Relaxed);
+                    Ok(c)
+                }
+            },
+            Via::Auto => match tokio::time::timeout(DIRECT_TRY, direct()).await {
+                Ok(Ok(c)) => Ok(c),
+                Ok(Err(e @ ConnectError::FingerprintMismatch { .. })) => Err(e.into()),
+                Ok(Err(e)) => {
+                    relayed(format!("{} is not reachable directly ({e})", self.addr)).await
+                }
+                Err(_) => {
+                    relayed(format!(
+                        "no answer from {} directly within {}s",
+                        self.addr,
+                        DIRECT_TRY.as_secs()
+                    ))
+                    .await
+                }
+            },
+        }
+    }
+
+    /// A relay session from the controller, claimed from a socket of our own, and QUIC to the
+    /// exporter through it: end to end, pinned to the exporter's fingerprint as always.
+    async fn relayed(
+        &self,
+        route: &RelayRoute,
+        pin: Option<Fingerprint>,
+    ) -> Result<(quinn::Connection, Fingerprint), AttachError> {
+        let token = self.token.lock().map(|t| t.clone()).unwrap_or_default();
+        let (relay, secret) = (route.open)(token).await.map_err(|(code, why)| {
+            if is_final(code) {
+                AttachError::Refused { code, reason: why }
+            } else {
+                AttachError::Other(format!("relay: {why}"))
+            }
+        })?;
+        let bind: SocketAddr = if relay.is_ipv6() {
+            "[::]:0".parse().expect("literal")
+        } else {
+            "0.0.0.0:0".parse().expect("literal")
+        };
+        let other = |e: std::io::Error| AttachError::Other(format!("relay at {relay}: {e}"));
+        let sock = tokio::net::UdpSocket::bind(bind).await.map_err(other)?;
+        jmp_transport::relay::claim(&sock, relay, &secret, Duration::from_secs(5))
+            .await
+            .map_err(other)?;
+        let ep =
+            jmp_transport::client_endpoint_on(sock.into_std().map_err(other)?).map_err(other)?;
+        let (conn, fp) = connect(&ep, relay, jmp_protocol::ALPN_EXPORTER, pin).await?;
+        info!("connected to the exporter through the controller's relay at {relay}");
+        if let Ok(mut e) = self.relay_endpoint.lock() {
+            *e = Some(ep);
+        }
+        Ok((conn, fp))
     }
 
     pub async fn connect(&self) -> Result<(Link, Welcome, Fingerprint), AttachError> {
@@ -261,8 +394,7 @@ impl Connector {
             Pin::Fingerprint(f) => Some(*f),
             Pin::Tofu { file, name } => known::lookup(file, name).map_err(AttachError::Other)?,
         };
-        let (conn, fp) =
-            connect(&self.endpoint, self.addr, jmp_protocol::ALPN_EXPORTER, pin).await?;
+        let (conn, fp) = self.dial(pin).await?;
         if let (Pin::Tofu { file, name }, None) = (&self.pin, pin) {
             match known::record(file, name, fp) {
                 Ok(()) => info!(
@@ -415,8 +547,11 @@ pub async fn run(
         },
         opts.client.clone(),
         opts.token.clone(),
-        features::ALL,
+        features::CLIENT,
     )?;
+    let mut opts = opts;
+    let mut connector = connector;
+    connector.relay = opts.relay.take();
     let session = Session { opts, connector };
     let (link, welcome, fp) = session.connector.connect().await?;
     session

@@ -453,6 +453,10 @@ pub(crate) struct AttachArgs {
     /// ~/.config/jmp/known_exporters.
     #[arg(long)]
     pub(crate) fingerprint: Option<String>,
+    /// How to reach the lease's exporter: auto (straight to it, through the controller's relay
+    /// if it does not answer within 2 s and takes relayed sessions), direct, or relay.
+    #[arg(long, env = "JMP_VIA", value_enum, default_value = "auto")]
+    pub(crate) via: crate::attach::Via,
     #[command(flatten)]
     pub(crate) common: CommonArgs,
 }

@@ -203,6 +203,12 @@ impl Ctl {
         self.ctls.close();
     }
 
+    /// The address of the controller the last call went to (the leader, with several), as
+    /// this connection reaches it: where its relay listens unless it names another host.
+    pub fn remote(&self) -> Option<std::net::SocketAddr> {
+        self.ctls.connection().map(|c| c.remote_address())
+    }
+
     /// Closes the connection and waits (briefly) until the close has left: the controller
     /// takes a deliberate close after a lease reply as proof that the reply arrived.
     pub async fn finish(self) {
@@ -315,6 +321,11 @@ pub fn print_exporters(exps: &[ExporterInfo], with: &[String], out: Out) -> Resu
             // A refused registration with another fingerprint is shown to everyone who can
             // see the exporter: a re-imaged host, or someone holding its leaked credential.
             let refused = exps.iter().any(|e| e.fingerprint_refused.is_some());
+            // Shown while some exporter is cleaning up after a lease (granted to nobody).
+            let states = exps.iter().any(|e| e.state.is_some());
+            if states {
+                header.push("STATE");
+            }
             if refused {
                 header.push("WARNING");
             }
@@ -342,6 +353,9 @@ pub fn print_exporters(exps: &[ExporterInfo], with: &[String], out: Out) -> Resu
                     if leases {
                         r.push(e.client.clone().unwrap_or_else(|| "-".into()));
                         r.push(e.lease.clone().unwrap_or_else(|| "-".into()));
+                    }
+                    if states {
+                        r.push(e.state.clone().unwrap_or_else(|| "-".into()));
                     }
                     if refused {
                         r.push(match &e.fingerprint_refused {

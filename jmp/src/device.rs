@@ -208,26 +208,47 @@ fn direct(
     req: &DeviceRequest,
 ) -> Result<Result<(String, DeviceResponse, String), Refusal>> {
     let (addr, pin, token) = direct_parts(target)?;
-    Ok(one_shot_at(addr, pin, token, device, req))
+    let reach = Reach {
+        addr,
+        pin,
+        token,
+        relay: None,
+    };
+    Ok(one_shot_at(reach, device, req))
+}
+
+/// How to reach an exporter without an attachment: its address, pinned certificate and
+/// token, and for one behind NAT the controller's relay.
+pub(crate) struct Reach {
+    pub addr: std::net::SocketAddr,
+    pub pin: Pin,
+    pub token: String,
+    pub relay: Option<crate::attach::RelayRoute>,
+}
+
+impl Reach {
+    pub(crate) fn connector(self, features: u64) -> Result<Connector, Refusal> {
+        let mut c = Connector::new(
+            self.addr,
+            self.pin,
+            paths::default_client_name(),
+            self.token,
+            features,
+        )
+        .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
+        c.relay = self.relay;
+        Ok(c)
+    }
 }
 
 fn one_shot_at(
-    addr: std::net::SocketAddr,
-    pin: Pin,
-    token: String,
+    reach: Reach,
     device: Option<String>,
     req: &DeviceRequest,
 ) -> Result<(String, DeviceResponse, String), Refusal> {
     let rt = runtime().map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
     rt.block_on(async {
-        let connector = Connector::new(
-            addr,
-            pin,
-            paths::default_client_name(),
-            token,
-            features::ALL | features::ONE_SHOT,
-        )
-        .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
+        let connector = reach.connector(features::CLIENT | features::ONE_SHOT)?;
         one_shot(connector, device, req).await
     })
 }
@@ -238,16 +259,14 @@ fn by_lease(
     req: &DeviceRequest,
 ) -> Result<(String, DeviceResponse, String), Refusal> {
     let rt = runtime().map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
-    let (addr, pin, token) = rt.block_on(lease_access(target))?;
+    let reach = rt.block_on(lease_access(target))?;
     drop(rt);
-    one_shot_at(addr, pin, token, device, req)
+    one_shot_at(reach, device, req)
 }
 
 /// The exporter of the lease `target` names (or the caller's only lease): its address, its
 /// pinned certificate and a lease token.
-pub(crate) async fn lease_access(
-    target: &Target,
-) -> Result<(std::net::SocketAddr, Pin, String), Refusal> {
+pub(crate) async fn lease_access(target: &Target) -> Result<Reach, Refusal> {
     let fail = |e: anyhow::Error| {
         let code = e.downcast_ref::<crate::Exit>().map(|x| x.code);
         Refusal::new(
@@ -279,7 +298,16 @@ pub(crate) async fn lease_access(
         .fingerprint
         .parse()
         .map_err(|e: String| Refusal::new(ErrorCode::Internal, e))?;
-    Ok((addr, Pin::Fingerprint(fp), access.token))
+    // An exporter behind NAT is reached through the controller's relay, as by attach.
+    let relay = access
+        .relay
+        .then(|| crate::verbs::relay_route(&cfg, crate::attach::Via::Auto));
+    Ok(Reach {
+        addr,
+        pin: Pin::Fingerprint(fp),
+        token: access.token,
+        relay,
+    })
 }
 
 /// The exporter `--exporter HOST:PORT` with `--token-file F` (or `--token`, `JMP_TOKEN`)
@@ -305,8 +333,13 @@ fn direct_parts(target: &Target) -> Result<(std::net::SocketAddr, Pin, String)> 
 }
 
 /// [`direct_parts`] for callers that report a refusal (`jmp storage`).
-pub(crate) fn direct_access(
-    target: &Target,
-) -> Result<(std::net::SocketAddr, Pin, String), Refusal> {
-    direct_parts(target).map_err(|e| Refusal::new(ErrorCode::Protocol, format!("{e:#}")))
+pub(crate) fn direct_access(target: &Target) -> Result<Reach, Refusal> {
+    let (addr, pin, token) =
+        direct_parts(target).map_err(|e| Refusal::new(ErrorCode::Protocol, format!("{e:#}")))?;
+    Ok(Reach {
+        addr,
+        pin,
+        token,
+        relay: None,
+    })
 }

@@ -202,6 +202,7 @@ impl CommonArgs {
             client: self.name.clone().unwrap_or_else(paths::default_client_name),
             owner: Some(paths::invoking_user()),
             lease: None,
+            relay: None,
         })
     }
 }

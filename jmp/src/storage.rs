@@ -10,7 +10,7 @@ use crate::attach::Connector;
 use crate::cli::{StorageCmd, Target};
 use crate::ctlsock::{self, Op, ReplyBody};
 use crate::device::{direct_access, lease_access};
-use crate::{exit, paths, print_out, runtime, state};
+use crate::{exit, print_out, runtime, state};
 use anyhow::Result;
 use jmp_devices::registry::DeviceRequest;
 use jmp_devices::storage::client::{self, Client, Retry, StreamRx, StreamTx};
@@ -175,19 +175,12 @@ async fn via_attachment(target: &Target, device: Option<String>) -> Result<Optio
 
 /// On a connection of its own (it holds the board while it runs).
 async fn own_connection(target: &Target, device: Option<String>) -> Result<Opened> {
-    let (addr, pin, token) = if target.token_file.is_some() || target.token.is_some() {
+    let reach = if target.token_file.is_some() || target.token.is_some() {
         direct_access(target).map_err(refused)?
     } else {
         lease_access(target).await.map_err(refused)?
     };
-    let connector = Connector::new(
-        addr,
-        pin,
-        paths::default_client_name(),
-        token,
-        features::ALL,
-    )
-    .map_err(|e| exit(code::FAILURE, e.to_string()))?;
+    let connector = reach.connector(features::CLIENT).map_err(refused)?;
     let (link, welcome, _) = connector.connect().await.map_err(|e| match e {
         crate::attach::AttachError::Refused { code, reason } => exit(code.exit_code(), reason),
         other => exit(code::FAILURE, other.to_string()),

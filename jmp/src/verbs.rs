@@ -630,6 +630,11 @@ pub(super) fn attach_lease(a: AttachArgs) -> Result<()> {
         let mut opts = a.common.options(addr, access.token.clone(), pin)?;
         let lease = access.lease.name.clone();
         opts.lease = Some(lease.clone());
+        // `--via relay` asks even when the exporter did not say it takes relayed sessions:
+        // the controller's refusal then says why.
+        if access.relay || a.via == crate::attach::Via::Relay {
+            opts.relay = Some(relay_route(&cfg, a.via));
+        }
         tracing::info!(
             "lease {lease}: exporter {} at {}, until {}",
             access.lease.exporter,
@@ -650,6 +655,73 @@ pub(super) fn attach_lease(a: AttachArgs) -> Result<()> {
         }));
         run_attachment(opts, json, None).await
     })
+}
+
+/// The controller's relay as a way to the exporter: each use asks the controller for a relay
+/// session with the lease token (the controller checks it), and resolves where the relay is.
+pub(crate) fn relay_route(
+    cfg: &ClientConfig,
+    via: crate::attach::Via,
+) -> crate::attach::RelayRoute {
+    let cfg = cfg.clone();
+    crate::attach::RelayRoute {
+        via,
+        open: Box::new(move |token| {
+            let cfg = cfg.clone();
+            Box::pin(async move {
+                use jmp_protocol::ErrorCode;
+                let other = |e: String| (ErrorCode::Internal, e);
+                let ctl = Ctl::connect(&cfg)
+                    .await
+                    .map_err(|e| other(format!("{e:#}")))?;
+                let r = match ctl.stream(Request::Relay { token }).await {
+                    Ok(s) => s.last().await,
+                    Err(e) => Err(e),
+                }
+                .map_err(|e| {
+                    use jmp_protocol::ctl::CtlErrorCode as C;
+                    use jmp_transport::ctl::CallError;
+                    // The lease is over, or the token or the request is refused: no retry
+                    // helps. Anything else (the exporter briefly away) may pass.
+                    let code = match &e {
+                        CallError::Refused(r) if r.code == C::NotFound => ErrorCode::LeaseEnded,
+                        CallError::Refused(r)
+                            if matches!(r.code, C::Unauthorized | C::Forbidden) =>
+                        {
+                            ErrorCode::Unauthorized
+                        }
+                        _ => ErrorCode::Internal,
+                    };
+                    (code, e.to_string())
+                });
+                // The controller that answered (the leader) runs the relay.
+                let at = ctl.remote();
+                ctl.close();
+                let g = match r? {
+                    Reply::Relay(g) => g,
+                    other_reply => {
+                        return Err(other(format!(
+                            "unexpected answer from the controller: {other_reply:?}"
+                        )))
+                    }
+                };
+                let secret = jmp_protocol::relay::parse_secret(&g.secret).map_err(other)?;
+                let addr = match &g.host {
+                    None => SocketAddr::new(
+                        at.ok_or_else(|| other("the controller's connection closed".into()))?
+                            .ip(),
+                        g.port,
+                    ),
+                    Some(h) => (h.as_str(), g.port)
+                        .to_socket_addrs()
+                        .map_err(|e| other(format!("relay host {h:?}: {e}")))?
+                        .next()
+                        .ok_or_else(|| other(format!("relay host {h:?} resolves to nothing")))?,
+                };
+                Ok((addr, secret))
+            })
+        }),
+    }
 }
 
 /// `jmp attach` on a reservation (or a request still waiting): waits, with the queue line, until

@@ -6,14 +6,18 @@
 //! own. What the controller adds when it is reachable: lease ends before expiry (deleted,
 //! revoked), extensions, and which lease is current.
 
+use crate::hooks::LeaseHooks;
 use jmp_exporter::{Admission, AuthError, Authorizer, Exporter, TokenAuth};
-use jmp_protocol::ctl::{Call, DeviceSummary, Registration, Reply, Request};
+use jmp_protocol::ctl::{
+    Call, DeviceSummary, HookReport, Registration, RelayGrant, Reply, Request,
+};
 use jmp_protocol::token::{Claims, TokenKind};
 use jmp_protocol::Hello;
 use jmp_transport::ctl::{CallError, Controllers};
 use jmp_transport::token::{peek, Verifier};
 use jmp_transport::Fingerprint;
 use std::collections::HashMap;
+use std::net::ToSocketAddrs;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{info, warn};
@@ -113,6 +117,19 @@ impl Authorizer for LeaseAuth {
     }
 }
 
+/// What controller mode does besides registering: relayed sessions, lease hooks, metrics.
+#[derive(Default)]
+pub struct Extras {
+    /// A duplicate of the exporter's QUIC socket, to punch through to relay sessions from
+    /// (`controller: {relay: true}`); `None`: no relayed sessions.
+    pub relay: Option<std::net::UdpSocket>,
+    pub hooks: Option<Arc<LeaseHooks>>,
+    /// The hooks' reports, sent to the controller (again after a reconnect if need be).
+    pub reports: Option<tokio::sync::mpsc::UnboundedReceiver<HookReport>>,
+    /// The current lease as the controller says, for jmpd's metrics.
+    pub holder: Option<crate::metrics::Holder>,
+}
+
 /// Everything needed to run controller mode, from the exporter's credential file.
 pub struct Registrar {
     pub auth: Arc<LeaseAuth>,
@@ -177,20 +194,40 @@ impl Registrar {
         fingerprint: String,
         labels: std::collections::BTreeMap<String, String>,
         devices: Vec<DeviceSummary>,
+        mut extras: Extras,
     ) {
         let reg = Registration {
             address,
             fingerprint,
             labels,
             devices,
+            relay: extras.relay.is_some(),
+            ..Default::default()
         };
+        let mut reports = extras.reports.take();
+        let pending: Arc<Mutex<Vec<HookReport>>> = Arc::default();
         // Short at first: a lost registration is usually a controller failover, and the next
         // leader is there within a few seconds.
         const FIRST: Duration = Duration::from_millis(200);
         let mut backoff = FIRST;
         loop {
             let mut registered = false;
-            let res = self.session(&exporter, &reg, &mut registered).await;
+            let mut reg = reg.clone();
+            if let Some(h) = &extras.hooks {
+                // Declared afresh at every registration: what it owes may have changed.
+                reg.cleanup_secs = h.cleanup_secs();
+                reg.cleaning = h.owed();
+            }
+            let res = self
+                .session(
+                    &exporter,
+                    &reg,
+                    &mut registered,
+                    &extras,
+                    &mut reports,
+                    &pending,
+                )
+                .await;
             if registered {
                 // It was up: a later loss starts the backoff afresh.
                 backoff = FIRST;
@@ -215,6 +252,9 @@ impl Registrar {
         exporter: &Exporter,
         reg: &Registration,
         registered: &mut bool,
+        extras: &Extras,
+        reports: &mut Option<tokio::sync::mpsc::UnboundedReceiver<HookReport>>,
+        pending: &Arc<Mutex<Vec<HookReport>>>,
     ) -> Result<(), String> {
         let ctl = self.claims.ctl.as_ref().ok_or("no controller")?;
         let pin: Fingerprint = ctl
@@ -236,17 +276,43 @@ impl Registrar {
                 ctls.close();
                 e.to_string()
             })?;
+        // The controller that took the registration (the leader): hook reports go to it, and
+        // its host runs the relay.
+        let conn = ctls
+            .connection()
+            .ok_or("the controller closed the connection")?;
+        let addr = conn.remote_address();
         let mut first = true;
         loop {
-            match replies.next().await {
+            let next = tokio::select! {
+                r = replies.next() => r,
+                Some(report) = async {
+                    match reports.as_mut() {
+                        Some(r) => r.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.report(&conn, report, pending);
+                    continue;
+                }
+            };
+            match next {
+                Ok(Some(Reply::RelayOpen(grant))) => self.punch(extras, addr, grant),
                 Ok(Some(Reply::ExporterState {
                     lease,
                     ended,
                     enabled,
                     at,
+                    cleaning,
                 })) => {
                     *registered = true;
                     if first {
+                        // Reports that could not be sent while the controller was away.
+                        let held: Vec<HookReport> =
+                            std::mem::take(&mut *pending.lock().unwrap_or_else(|e| e.into_inner()));
+                        for r in held {
+                            self.report(&conn, r, pending);
+                        }
                         info!(
                             "registered with controller {} as {}{}",
                             ctls.current(),
@@ -268,6 +334,16 @@ impl Registrar {
                         v.current = lease.as_ref().map(|l| (l.name.clone(), l.end));
                         v.at = at;
                     }
+                    if let Some(h) = &extras.holder {
+                        *h.lock().unwrap_or_else(|e| e.into_inner()) = lease
+                            .as_ref()
+                            .map(|l| (l.name.clone(), l.client.clone(), l.team.clone()));
+                    }
+                    // Before waiting connections hear of the push: a client of a new lease
+                    // must find the board "preparing", not ready.
+                    if let Some(h) = &extras.hooks {
+                        h.on_push(lease.as_ref(), cleaning.as_deref());
+                    }
                     self.auth.pushes.send_modify(|n| *n = n.wrapping_add(1));
                     for e in &ended {
                         exporter.end_lease(&e.name, &e.reason);
@@ -286,6 +362,62 @@ impl Registrar {
                 }
             }
         }
+    }
+}
+
+impl Registrar {
+    /// Sends a hook's report; one that cannot be sent waits for the next registration.
+    fn report(
+        &self,
+        conn: &quinn::Connection,
+        r: HookReport,
+        pending: &Arc<Mutex<Vec<HookReport>>>,
+    ) {
+        let conn = conn.clone();
+        let call = Call {
+            credential: self.credential.clone(),
+            request: Request::LeaseHook(r.clone()),
+        };
+        let pending = pending.clone();
+        tokio::spawn(async move {
+            if let Err(e) = jmp_transport::ctl::call_once(&conn, &call).await {
+                if e.is_transient() {
+                    pending.lock().unwrap_or_else(|e| e.into_inner()).push(r);
+                } else {
+                    warn!("the controller refused a lease hook report: {e}");
+                }
+            }
+        });
+    }
+
+    /// Punches through to a relay session from the exporter's QUIC socket (a few times: UDP
+    /// may lose one), so that the relay can reach this exporter behind its NAT.
+    fn punch(&self, extras: &Extras, controller: std::net::SocketAddr, grant: RelayGrant) {
+        let Some(sock) = extras.relay.as_ref().and_then(|s| s.try_clone().ok()) else {
+            warn!("the controller opened a relay session, but relay is not enabled in this config");
+            return;
+        };
+        let relay = match &grant.host {
+            None => Some(std::net::SocketAddr::new(controller.ip(), grant.port)),
+            Some(h) => (h.as_str(), grant.port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next()),
+        };
+        let (Some(relay), Ok(secret)) = (relay, jmp_protocol::relay::parse_secret(&grant.secret))
+        else {
+            warn!("unusable relay session from the controller: {grant:?}");
+            return;
+        };
+        info!(session = %grant.session, %relay, "punching through to a relay session");
+        tokio::spawn(async move {
+            for wait in [0u64, 50, 200, 500] {
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+                if let Err(e) = jmp_transport::relay::punch(&sock, relay, &secret) {
+                    warn!("relay punch to {relay}: {e}");
+                }
+            }
+        });
     }
 }
 

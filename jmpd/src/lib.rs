@@ -2,11 +2,15 @@
 //! serves the board's devices to the one client holding it.
 //!
 //! Owns: the command line, logging, the identity's location, binding, signals, and controller
-//! mode (registering, lease tokens: [`controller`]). The serving itself is jmp-exporter
+//! mode (registering, lease tokens, relayed sessions: [`controller`]), lease hooks
+//! ([`hooks`]), its own `/metrics` ([`metrics`]) and systemd's notify protocol. The serving
+//! itself is jmp-exporter
 //! (shared with `jmp local`). Does not own: leases (the controller), device logic
 //! (jmp-devices).
 
 pub mod controller;
+pub mod hooks;
+pub mod metrics;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
@@ -37,6 +41,11 @@ pub struct Args {
     /// Override `listen` from the config.
     #[arg(long)]
     pub listen: Option<String>,
+    /// Print a systemd drop-in granting what this config's devices need beyond the hardened
+    /// unit (serial paths outside ttyS/ttyUSB/ttyACM, a network tunnel's CAP_NET_ADMIN), and
+    /// exit. Install it with `systemctl edit jmpd` (or jmpd@NAME).
+    #[arg(long)]
+    pub print_systemd: bool,
 }
 
 pub fn main() -> ExitCode {
@@ -75,6 +84,10 @@ pub fn run(args: Args) -> Result<()> {
              or controller.tokenFile (leases from a controller) is required",
             args.config.display()
         );
+    }
+    if args.print_systemd {
+        print!("{}", systemd_dropin(&cfg, &args.config));
+        return Ok(());
     }
     if args.check_config {
         // The controller credential is checked too (readable, an exporter credential for this
@@ -146,6 +159,12 @@ pub fn run(args: Args) -> Result<()> {
     rt.block_on(async move {
         let socket = std::net::UdpSocket::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
         let local = socket.local_addr()?;
+        // Relay punches leave from the QUIC socket itself (a duplicate of it), so that the
+        // relay's datagrams come back to the address QUIC listens on.
+        let relay_socket = match cfg.controller.as_ref().filter(|c| c.relay) {
+            Some(_) => Some(socket.try_clone().context("cannot duplicate the QUIC socket for the relay")?),
+            None => None,
+        };
         let endpoint = server_endpoint(socket, &identity, jmp_protocol::ALPN_EXPORTER)?;
         if let Some(f) = created_token {
             warn!(
@@ -155,6 +174,25 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
         let exporter = Arc::new(Exporter::from_config(&cfg, auth).map_err(|e| anyhow!(e))?);
+        let holder: metrics::Holder = Arc::default();
+        let metrics_line = match &cfg.metrics {
+            Some(m) => {
+                let addr: std::net::SocketAddr = m.parse().map_err(|_| anyhow!("metrics {m:?} is not an address"))?;
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot bind metrics {addr}"))?;
+                let shown = l.local_addr()?;
+                let jm = metrics::JmpdMetrics::new(exporter.clone(), holder.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = metrics::serve(l, jm).await {
+                        warn!("metrics server ended: {e}");
+                    }
+                });
+                Some(format!("jmpd: metrics on http://{shown}/metrics"))
+            }
+            None => None,
+        };
+        let hooks = hooks::LeaseHooks::new(&cfg, exporter.clone(), &state_dir);
         if let Some(r) = registrar {
             let address = cfg
                 .controller
@@ -171,15 +209,28 @@ pub fn run(args: Args) -> Result<()> {
                 })
                 .collect();
             info!("registering with controller {} as reachable at {address}", r.controller());
+            let (hooks, reports) = match hooks {
+                Some((h, rx)) => (Some(h), Some(rx)),
+                None => (None, None),
+            };
             tokio::spawn(r.run(
                 exporter.clone(),
                 address,
                 identity.fingerprint().to_string(),
                 cfg.metadata.labels.clone(),
                 devices,
+                controller::Extras {
+                    relay: relay_socket,
+                    hooks,
+                    reports,
+                    holder: Some(holder.clone()),
+                },
             ));
         }
         let shutdown = jmp_transport::shutdown_signal("shutting down");
+        if let Some(l) = &metrics_line {
+            println!("{l}");
+        }
         // One line on stdout when ready, for people, scripts and tests alike.
         println!(
             "jmpd: exporter {} listening on {local} fingerprint {}",
@@ -188,10 +239,76 @@ pub fn run(args: Args) -> Result<()> {
         );
         let _ = std::io::stdout().flush();
         info!(devices = cfg.export.0.len(), "serving");
+        jmp_transport::systemd::ready(&format!("serving {} on {local}", exporter.name()));
+        jmp_transport::systemd::spawn_watchdog();
         exporter.serve(endpoint, shutdown).await;
         info!("stopped");
         Ok(())
     })
+}
+
+/// A drop-in for the hardened units (systemd/jmpd.service): only what this config's devices
+/// need beyond what the unit grants every exporter (serial ports of the usual classes).
+pub fn systemd_dropin(cfg: &ExporterConfig, file: &std::path::Path) -> String {
+    use jmp_devices::registry::DeviceSpec;
+    let mut lines = vec![
+        format!(
+            "# systemd drop-in for jmpd: exporter {} from {}.",
+            cfg.metadata.name,
+            file.display()
+        ),
+        "# What its devices need beyond the hardened unit; install with `systemctl edit jmpd`."
+            .into(),
+        "[Service]".into(),
+    ];
+    let mut tunnel = false;
+    for (name, spec) in &cfg.export.0 {
+        match spec {
+            DeviceSpec::Serial(s) => {
+                let real = std::fs::canonicalize(&s.path)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| s.path.clone());
+                let base = std::path::Path::new(&real)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if ["ttyS", "ttyUSB", "ttyACM"]
+                    .iter()
+                    .any(|c| base.starts_with(c) && base[c.len()..].bytes().all(|b| b.is_ascii_digit()))
+                {
+                    lines.push(format!("# {name}: {real} is a serial port the unit already allows"));
+                } else {
+                    lines.push(format!("# {name}: serial port {}", s.path));
+                    lines.push(format!("DeviceAllow={} rw", s.path));
+                }
+            }
+            DeviceSpec::Power(_) => lines.push(format!(
+                "# {name}: power commands run inside this sandbox; grant what they use (e.g. DeviceAllow=char-usb_device rw is there for USB relays, IPAddressAllow= for a PDU)"
+            )),
+            other => {
+                let kind = other.kind();
+                if matches!(kind.as_str(), "net" | "tun" | "network") {
+                    tunnel = true;
+                    lines.push(format!("# {name}: a network tunnel"));
+                }
+            }
+        }
+    }
+    if tunnel {
+        lines.extend([
+            "AmbientCapabilities=CAP_NET_ADMIN".to_string(),
+            "CapabilityBoundingSet=CAP_NET_ADMIN".to_string(),
+            "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK".to_string(),
+            "DeviceAllow=/dev/net/tun rw".to_string(),
+        ]);
+    }
+    if cfg.hooks.is_some() {
+        lines.push(
+            "# lease hooks run inside this sandbox too (no new privileges, read-only OS, no W^X memory: a JIT needs MemoryDenyWriteExecute=no)"
+                .into(),
+        );
+    }
+    lines.join("\n") + "\n"
 }
 
 /// The address clients should use: the bound one, with this host's name if bound to all.
@@ -204,5 +321,35 @@ fn advertised(local: std::net::SocketAddr) -> String {
         format!("{host}:{}", local.port())
     } else {
         local.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_systemd_drop_in_grants_only_what_the_devices_need() {
+        let cfg = ExporterConfig::parse(
+            "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {name: b1}\n\
+             auth: {tokenFile: /tmp/t}\nexport:\n  usb: {type: serial, path: /dev/ttyUSB7}\n\
+             \x20 byid: {type: serial, path: /dev/serial/by-id/usb-FTDI_x-if00}\n\
+             \x20 sim: {type: sim-console}\n",
+        )
+        .expect("config");
+        let d = systemd_dropin(&cfg, std::path::Path::new("/etc/jmp/b1.yaml"));
+        assert!(d.contains("[Service]"), "{d}");
+        assert!(
+            d.contains("DeviceAllow=/dev/serial/by-id/usb-FTDI_x-if00 rw"),
+            "{d}"
+        );
+        assert!(
+            !d.contains("DeviceAllow=/dev/ttyUSB7"),
+            "already allowed: {d}"
+        );
+        assert!(
+            !d.contains("CAP_NET_ADMIN"),
+            "no tunnel, no capability: {d}"
+        );
     }
 }

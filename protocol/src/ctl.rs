@@ -93,6 +93,55 @@ pub enum Request {
     Rotate,
     /// Exporter: come online. The stream stays open; the controller pushes `ExporterState`.
     Register(Registration),
+    /// Client: reach the leased exporter through the controller's relay (it accepts no inbound
+    /// connection). `token` is the lease token from `lease-access`: the relay serves only its
+    /// holder, for that lease's exporter, until the lease ends. Answered with [`Reply::Relay`]
+    /// once the exporter has punched through to the relay port.
+    Relay { token: String },
+    /// Exporter: a lease hook finished (see [`HookReport`]). Answered with `Done`.
+    LeaseHook(HookReport),
+}
+
+/// What jmpd reports when a lease hook has run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct HookReport {
+    /// The lease the hook ran for.
+    pub lease: String,
+    /// `before` (beforeLease) or `after` (afterLease, and powering off after the lease).
+    pub phase: HookPhase,
+    pub ok: bool,
+    /// The hook's output (its tail), or why it failed (exit status, timeout).
+    #[serde(default)]
+    pub output: String,
+    /// A failed beforeLease whose `onFailure` is `endLease`: end the lease, with `output`.
+    #[serde(default)]
+    pub end_lease: bool,
+    /// A failed afterLease whose `onFailure` is `disable`: take the exporter out of service.
+    #[serde(default)]
+    pub disable: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum HookPhase {
+    #[default]
+    Before,
+    After,
+}
+
+/// A relay session: a UDP port on the controller's host that splices the client's and the
+/// exporter's QUIC packets (it cannot read them). Each side gets its own secret.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RelayGrant {
+    /// Identifies the session in logs and metrics.
+    pub session: String,
+    /// The relay port, on `host`.
+    pub port: u16,
+    /// Where the relay listens; `None`: the controller's host as this side reaches it.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// 32 hex digits ([`crate::relay`]): the punch's (exporter) or the claim's (client).
+    pub secret: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -156,6 +205,18 @@ pub struct Registration {
     pub labels: Labels,
     #[serde(default)]
     pub devices: Vec<DeviceSummary>,
+    /// The exporter takes relayed sessions (`controller: {relay: true}`): clients that cannot
+    /// reach `address` come through the controller.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub relay: bool,
+    /// After every lease the exporter cleans up (its afterLease hook, powering off) for at
+    /// most this long; the controller grants it to nobody meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleanup_secs: Option<u64>,
+    /// A lease this exporter still owes its cleanup for (it restarted, or was cut off, before
+    /// it could run it); ignored while that lease is current.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleaning: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -218,13 +279,24 @@ pub enum Reply {
         /// token's end when it missed a push (an extension while it was cut off). 0: unknown.
         #[serde(default)]
         at: u64,
+        /// The ended lease the controller waits for the exporter to clean up after (its
+        /// afterLease hook); nobody is granted the exporter until it reports `lease-hook`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cleaning: Option<String>,
     },
+    /// The answer to `relay`: where the client sends its claim and its QUIC packets.
+    Relay(RelayGrant),
+    /// Pushed on a Register stream: punch through to this relay session now.
+    RelayOpen(RelayGrant),
 }
 
 impl Reply {
     /// Whether this is the last frame of a call (everything but progress and pushes).
     pub fn is_final(&self) -> bool {
-        !matches!(self, Reply::Queued { .. } | Reply::ExporterState { .. })
+        !matches!(
+            self,
+            Reply::Queued { .. } | Reply::ExporterState { .. } | Reply::RelayOpen(_)
+        )
     }
 }
 
@@ -345,6 +417,10 @@ pub struct Access {
     pub token: String,
     pub address: String,
     pub fingerprint: String,
+    /// The exporter also takes sessions through the controller's relay (`relay` call), for
+    /// clients that cannot reach `address`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub relay: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -369,6 +445,11 @@ pub struct ExporterInfo {
     /// either the host was re-imaged (an admin rebinds it) or its credential leaked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint_refused: Option<String>,
+    /// `cleaning` while its afterLease cleanup runs (it is granted to nobody meanwhile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub relay: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -396,6 +477,9 @@ pub struct ActiveLease {
     pub name: String,
     pub client: String,
     pub end: u64,
+    /// The client's `team` label ("" without one), for the exporter's metrics.
+    #[serde(default)]
+    pub team: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -18,6 +18,7 @@ pub mod error;
 pub mod kinds;
 pub mod message;
 pub mod name;
+pub mod relay;
 pub mod selector;
 pub mod session;
 pub mod token;
@@ -46,6 +47,12 @@ pub mod features {
     /// without an attachment). It does not take the board: it is admitted beside the holder's
     /// own session, or while nobody holds it, and never replaces anyone.
     pub const ONE_SHOT: u64 = 1 << 3;
+    /// In `Hello` only: this client understands session `Notice`s before `Welcome` ("preparing
+    /// board" while the exporter's beforeLease hook runs) and keeps waiting for the `Welcome`
+    /// while they come. An exporter never holds a client without it: it refuses as busy.
+    pub const WAITS: u64 = 1 << 4;
     /// Everything this build speaks (`ONE_SHOT` is a choice, not a capability).
     pub const ALL: u64 = DATAGRAMS | REQUESTS | STATUS;
+    /// What this build's `jmp` says in its Hello.
+    pub const CLIENT: u64 = ALL | WAITS;
 }

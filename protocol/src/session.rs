@@ -216,6 +216,13 @@ impl Session {
                 self.handshake_deadline = None;
                 self.events.push_back(Event::Welcome(w));
             }
+            (Role::Client, State::Handshake, Message::Notice(n)) if n.channel == 0 => {
+                // The exporter is still deciding (it prepares the board for this lease): each
+                // session notice restarts the handshake's clock, so a long preparation keeps
+                // the client waiting as long as the exporter keeps saying so.
+                self.handshake_deadline = Some(now + self.config.handshake_timeout);
+                self.events.push_back(Event::Notice(n));
+            }
             (Role::Exporter, State::Established, Message::Open(o)) => self.open_arrived(o, now),
             (Role::Client, State::Established, Message::Opened(o)) => {
                 match self.channels.get_mut(&o.channel) {
@@ -545,9 +552,16 @@ impl Session {
     }
 
     /// Either side: text for the user, about a channel or (0) the session.
+    /// An exporter may also send session notices (channel 0) after the Hello and before its
+    /// Welcome, to a client whose Hello has [`crate::features::WAITS`].
     pub fn notice(&mut self, channel: u64, text: impl Into<String>) -> bool {
-        let ok = self.state == State::Established
-            && (channel == 0 || self.channels.contains_key(&channel));
+        let deciding = self.role == Role::Exporter
+            && self.state == State::Handshake
+            && self.handshake_deadline.is_none()
+            && channel == 0;
+        let ok = deciding
+            || (self.state == State::Established
+                && (channel == 0 || self.channels.contains_key(&channel)));
         if ok {
             self.outbox.push_back(Message::Notice(Notice {
                 channel,

@@ -10,6 +10,7 @@
 pub mod cluster;
 pub mod lab;
 pub mod netns;
+pub mod netns_relay;
 pub mod py;
 
 use nix::sys::signal::{kill, Signal};

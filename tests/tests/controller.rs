@@ -145,6 +145,7 @@ async fn keep_registered(addr: SocketAddr, fingerprint: String, credential: Stri
         fingerprint: fingerprint.clone(),
         labels: Labels::new(),
         devices: Vec::new(),
+        ..Default::default()
     };
     loop {
         if let Ok(api) = Api::connect(addr, &fingerprint).await {
@@ -1418,10 +1419,15 @@ fn exporter_offline_keeps_its_lease_and_comes_back() {
     assert_eq!(online_column(&lab, "off-01"), "yes");
 
     jmpd.proc.kill9();
+    // Watched on the metrics port: a CLI run per poll would hit the controller's per-source
+    // connection rate limit (20/s) on a fast machine.
     assert!(
-        poll_until(LONG, || online_column(&lab, "off-01") == "no"),
+        poll_until(LONG, || http_get(lab.ctl.metrics, "/metrics")
+            .1
+            .contains("jmp_exporter_up{exporter=\"off-01\"} 0")),
         "the controller never noticed off-01 went away"
     );
+    assert_eq!(online_column(&lab, "off-01"), "no");
     let l = lab.leases();
     let found = find_lease(&l, &name).unwrap_or_else(|| panic!("lease gone: {l:#?}"));
     assert_eq!(found["status"], "active");
@@ -1429,7 +1435,10 @@ fn exporter_offline_keeps_its_lease_and_comes_back() {
 
     let jmpd2 = lab.start_jmpd(&config);
     assert_eq!(jmpd2.fingerprint, jmpd.fingerprint);
-    assert!(poll_until(LONG, || online_column(&lab, "off-01") == "yes"));
+    assert!(poll_until(LONG, || http_get(lab.ctl.metrics, "/metrics")
+        .1
+        .contains("jmp_exporter_up{exporter=\"off-01\"} 1")));
+    assert_eq!(online_column(&lab, "off-01"), "yes");
     let (attach, v) = attach_lease(&lab, "u", &["--lease", &name]);
     let mut c = Console::open(local_of(&v, "console"));
     let deadline = Instant::now() + LONG;

@@ -162,6 +162,12 @@ pub fn client_endpoint(peer: SocketAddr) -> std::io::Result<quinn::Endpoint> {
     make_endpoint(endpoint_config(None), None, socket)
 }
 
+/// A client endpoint on a socket the caller has already bound (and, for a relayed session,
+/// claimed at the relay: the relay forwards only what comes from the claiming address).
+pub fn client_endpoint_on(socket: std::net::UdpSocket) -> std::io::Result<quinn::Endpoint> {
+    make_endpoint(endpoint_config(None), None, socket)
+}
+
 /// An endpoint over [`crate::udp::QuietUdp`] (fewer wake-ups per round trip), or over quinn's
 /// own tokio socket with `JMP_UDP_SOCKET=quinn` (for comparing the two in benchmarks).
 fn make_endpoint(

@@ -20,11 +20,13 @@ pub mod gate;
 pub mod identity;
 pub mod link;
 pub mod pipe;
+pub mod relay;
+pub mod systemd;
 pub mod token;
 pub mod udp;
 
 pub use channels::{BoxFuture, ChannelIo, Channels, Incoming, IncomingRequest};
-pub use endpoint::{client_endpoint, connect, server_endpoint, ConnectError};
+pub use endpoint::{client_endpoint, client_endpoint_on, connect, server_endpoint, ConnectError};
 pub use identity::{Fingerprint, Identity, IdentityError};
 pub use link::{Link, LinkEvent, LinkHandle, OpenError};
 pub use pipe::{

@@ -423,10 +423,24 @@ impl LinkError {
 }
 
 impl Link {
-    /// Client side: opens the control stream, says Hello and waits for Welcome.
+    /// Client side: opens the control stream, says Hello and waits for Welcome. Session
+    /// notices before the Welcome (the exporter preparing the board) are logged.
     pub async fn client(
         conn: quinn::Connection,
         hello: Hello,
+    ) -> Result<(Link, Welcome), LinkError> {
+        Self::client_with(conn, hello, &mut |n| {
+            tracing::info!("exporter: {}", jmp_protocol::name::escape(n))
+        })
+        .await
+    }
+
+    /// [`Link::client`], handing each notice before the Welcome to `on_notice` (a Hello with
+    /// [`jmp_protocol::features::WAITS`] gets them while the exporter prepares the board).
+    pub async fn client_with(
+        conn: quinn::Connection,
+        hello: Hello,
+        on_notice: &mut (dyn FnMut(&str) + Send),
     ) -> Result<(Link, Welcome), LinkError> {
         let (send, recv) = conn
             .open_bi()
@@ -434,13 +448,20 @@ impl Link {
             .map_err(|e| LinkError::Connection(e.to_string()))?;
         let session = Session::client(hello, Config::default(), Instant::now());
         let mut link = Self::spawn(conn, session, send, recv, None);
-        match link.events.recv().await {
-            Some(LinkEvent::Welcome(w)) => Ok((link, w)),
-            Some(LinkEvent::Ended { code, reason, .. }) => Err(LinkError::Refused { code, reason }),
-            Some(other) => Err(LinkError::Connection(format!(
-                "unexpected {other:?} before Welcome"
-            ))),
-            None => Err(LinkError::Connection("the link task ended".into())),
+        loop {
+            match link.events.recv().await {
+                Some(LinkEvent::Welcome(w)) => return Ok((link, w)),
+                Some(LinkEvent::Notice(n)) => on_notice(&n),
+                Some(LinkEvent::Ended { code, reason, .. }) => {
+                    return Err(LinkError::Refused { code, reason })
+                }
+                Some(other) => {
+                    return Err(LinkError::Connection(format!(
+                        "unexpected {other:?} before Welcome"
+                    )))
+                }
+                None => return Err(LinkError::Connection("the link task ended".into())),
+            }
         }
     }
 

@@ -53,12 +53,21 @@ enum TxInner {
     Mem(Option<mpsc::Sender<Result<Bytes, PipeError>>>),
 }
 
+/// Bytes moved through a pipe half, for metrics (`None`: not counted).
+type Counter = Option<std::sync::Arc<std::sync::atomic::AtomicU64>>;
+
+fn count(c: &Counter, n: usize) {
+    if let Some(c) = c {
+        c.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The sending half of a stream channel.
-pub struct PipeTx(TxInner);
+pub struct PipeTx(TxInner, Counter);
 
 impl PipeTx {
     pub(crate) fn quic(s: quinn::SendStream) -> Self {
-        PipeTx(TxInner::Quic(s))
+        PipeTx(TxInner::Quic(s), None)
     }
 
     /// Sends a chunk. Returns once the transport has taken it (flow control applies: a slow
@@ -67,6 +76,7 @@ impl PipeTx {
         if data.is_empty() {
             return Ok(());
         }
+        count(&self.1, data.len());
         match &mut self.0 {
             TxInner::Quic(s) => Ok(s.write_chunk(data).await?),
             TxInner::Mem(Some(tx)) => tx.send(Ok(data)).await.map_err(|_| PipeError::Closed),
@@ -106,28 +116,46 @@ enum RxInner {
 }
 
 /// The receiving half of a stream channel.
-pub struct PipeRx(RxInner);
+pub struct PipeRx(RxInner, Counter);
 
 /// Largest chunk asked of quinn at once; larger reads only add latency for small writes.
 const READ_CHUNK: usize = 64 * 1024;
 
 impl PipeRx {
     pub(crate) fn quic(r: quinn::RecvStream) -> Self {
-        PipeRx(RxInner::Quic(r))
+        PipeRx(RxInner::Quic(r), None)
     }
 
     /// The next chunk, or `None` at end of stream (the peer finished).
     pub async fn recv(&mut self) -> Result<Option<Bytes>, PipeError> {
-        match &mut self.0 {
-            RxInner::Quic(r) => Ok(r.read_chunk(READ_CHUNK, true).await?.map(|c| c.bytes)),
-            RxInner::Mem(rx) => rx.recv().await.transpose(),
+        let r = match &mut self.0 {
+            RxInner::Quic(r) => r.read_chunk(READ_CHUNK, true).await?.map(|c| c.bytes),
+            RxInner::Mem(rx) => rx.recv().await.transpose()?,
+        };
+        if let Some(b) = &r {
+            count(&self.1, b.len());
         }
+        Ok(r)
     }
 
     /// Up to `max` chunks at once (appended to `out`); `false` at end of stream. Receivers
     /// that write to a socket use this with `writev`: QUIC delivers data in packet-sized
     /// chunks, and one syscall per chunk would cost more than the transfer.
     pub async fn recv_many(&mut self, out: &mut Vec<Bytes>, max: usize) -> Result<bool, PipeError> {
+        let before = out.len();
+        let r = self.recv_many_inner(out, max).await;
+        count(
+            &self.1,
+            out.iter().skip(before).map(|b| b.len()).sum::<usize>(),
+        );
+        r
+    }
+
+    async fn recv_many_inner(
+        &mut self,
+        out: &mut Vec<Bytes>,
+        max: usize,
+    ) -> Result<bool, PipeError> {
         let max = max.max(1);
         match &mut self.0 {
             RxInner::Quic(r) => {
@@ -220,6 +248,17 @@ impl Pipe {
     pub fn split(self) -> (PipeTx, PipeRx) {
         (self.tx, self.rx)
     }
+
+    /// Counts the bytes this end sends into `sent` and those it receives into `received`
+    /// (one relaxed atomic add per chunk).
+    pub fn count(
+        &mut self,
+        sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        self.tx.1 = Some(sent);
+        self.rx.1 = Some(received);
+    }
 }
 
 fn control_pair() -> (
@@ -243,15 +282,15 @@ pub(crate) fn pair_on(channel: u64, depth: usize) -> (Pipe, Pipe) {
     let ((a_ctl_tx, a_ctl_rx), (b_ctl_tx, b_ctl_rx)) = control_pair();
     let a = Pipe {
         channel,
-        tx: PipeTx(TxInner::Mem(Some(a_tx))),
-        rx: PipeRx(RxInner::Mem(a_rx)),
+        tx: PipeTx(TxInner::Mem(Some(a_tx)), None),
+        rx: PipeRx(RxInner::Mem(a_rx), None),
         control_rx: a_ctl_rx,
         control_tx: a_ctl_tx,
     };
     let b = Pipe {
         channel,
-        tx: PipeTx(TxInner::Mem(Some(b_tx))),
-        rx: PipeRx(RxInner::Mem(b_rx)),
+        tx: PipeTx(TxInner::Mem(Some(b_tx)), None),
+        rx: PipeRx(RxInner::Mem(b_rx), None),
         control_rx: b_ctl_rx,
         control_tx: b_ctl_tx,
     };
@@ -284,10 +323,10 @@ pub struct DatagramPipe {
 
 /// The sending half of a datagram channel (cheap to clone).
 #[derive(Clone)]
-pub struct DatagramTx(DgTx);
+pub struct DatagramTx(DgTx, Counter);
 
 /// The receiving half of a datagram channel.
-pub struct DatagramRx(mpsc::Receiver<Bytes>);
+pub struct DatagramRx(mpsc::Receiver<Bytes>, Counter);
 
 impl Clone for DgTx {
     fn clone(&self) -> Self {
@@ -323,6 +362,7 @@ impl DatagramTx {
                 max,
             });
         }
+        count(&self.1, payload.len());
         match &self.0 {
             DgTx::Quic { conn, header } => {
                 let mut b = BytesMut::with_capacity(header.len() + payload.len());
@@ -350,7 +390,11 @@ impl DatagramTx {
 impl DatagramRx {
     /// The next message, `None` when the channel or connection is gone.
     pub async fn recv(&mut self) -> Option<Bytes> {
-        self.0.recv().await
+        let d = self.0.recv().await;
+        if let Some(d) = &d {
+            count(&self.1, d.len());
+        }
+        d
     }
 }
 
@@ -365,8 +409,8 @@ impl DatagramPipe {
         let header = jmp_protocol::channel_header(channel).freeze();
         DatagramPipe {
             channel,
-            tx: DatagramTx(DgTx::Quic { conn, header }),
-            rx: DatagramRx(rx),
+            tx: DatagramTx(DgTx::Quic { conn, header }, None),
+            rx: DatagramRx(rx, None),
             control_rx,
             control_tx,
         }
@@ -374,6 +418,17 @@ impl DatagramPipe {
 
     pub fn max_size(&self) -> usize {
         self.tx.max_size()
+    }
+
+    /// Counts the payload bytes this end sends into `sent` and those it receives into
+    /// `received` (as [`Pipe::count`]).
+    pub fn count(
+        &mut self,
+        sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        self.tx.1 = Some(sent);
+        self.rx.1 = Some(received);
     }
 
     pub fn send(&self, payload: &[u8]) -> Result<(), PipeError> {
@@ -397,15 +452,15 @@ pub(crate) fn datagram_pair_on(channel: u64, depth: usize) -> (DatagramPipe, Dat
     (
         DatagramPipe {
             channel,
-            tx: DatagramTx(DgTx::Mem(a_tx)),
-            rx: DatagramRx(a_rx),
+            tx: DatagramTx(DgTx::Mem(a_tx), None),
+            rx: DatagramRx(a_rx, None),
             control_rx: a_ctl_rx,
             control_tx: a_ctl_tx,
         },
         DatagramPipe {
             channel,
-            tx: DatagramTx(DgTx::Mem(b_tx)),
-            rx: DatagramRx(b_rx),
+            tx: DatagramTx(DgTx::Mem(b_tx), None),
+            rx: DatagramRx(b_rx, None),
             control_rx: b_ctl_rx,
             control_tx: b_ctl_tx,
         },

@@ -45,6 +45,26 @@ impl QuietUdp {
     }
 }
 
+impl QuietUdp {
+    /// Asks the kernel for larger socket buffers (a relay moving a whole connection's packets
+    /// through one socket); best effort, as the kernel caps them.
+    pub fn set_buffer_sizes(&self, bytes: usize) {
+        let _ = self
+            .state
+            .set_recv_buffer_size(self.io.get_ref().into(), bytes);
+        let _ = self
+            .state
+            .set_send_buffer_size(self.io.get_ref().into(), bytes);
+    }
+
+    /// Waits until a send that found the socket full may be tried again.
+    pub async fn writable(self: &Arc<Self>) -> io::Result<()> {
+        let r = room(self.clone()).await;
+        self.full.store(false, Ordering::Release);
+        r
+    }
+}
+
 /// Waits until the socket has room, through a registration that exists only while waiting.
 async fn room(socket: Arc<QuietUdp>) -> io::Result<()> {
     let dup = socket.io.get_ref().try_clone()?;

@@ -146,6 +146,7 @@ fn kind_examples() -> Vec<(&'static str, Vec<u8>)> {
     v.extend(crate::kinds::udp::examples());
     v.extend(crate::kinds::can::examples());
     v.extend(crate::kinds::storage::examples());
+    v.extend(crate::relay::examples());
     v
 }
 
@@ -157,6 +158,7 @@ fn decode_kind_example(name: &str, bytes: &[u8]) -> bool {
         || crate::kinds::udp::decode_example(name, bytes)
         || crate::kinds::can::decode_example(name, bytes)
         || crate::kinds::storage::decode_example(name, bytes)
+        || crate::relay::decode_example(name, bytes)
 }
 
 /// Hex blocks of docs/protocol.md: ` ```hex NAME ` ... ` ``` `, whitespace and `#` comments
@@ -168,10 +170,9 @@ fn doc_snapshots() -> Vec<(String, Vec<u8>)> {
     for line in doc.lines() {
         if let Some((name, mut hexs)) = current.take() {
             if line.trim_start().starts_with("```") {
-                out.push((
-                    name,
-                    hex::decode(&hexs).expect("doc hex block is valid hex"),
-                ));
+                let bytes = hex::decode(&hexs)
+                    .unwrap_or_else(|e| panic!("doc hex block {name} is not valid hex: {e}"));
+                out.push((name, bytes));
             } else {
                 let code = line.split('#').next().unwrap_or("");
                 hexs.extend(code.chars().filter(|c| !c.is_whitespace()));

@@ -506,3 +506,56 @@ fn notices_and_status_flow() {
     assert!(matches!(c.poll_event(), Some(Event::Notice(n)) if n.text.contains("5m")));
     assert!(matches!(c.poll_event(), Some(Event::Status(s)) if s.device == "console"));
 }
+
+#[test]
+fn notices_before_welcome_keep_a_waiting_client_waiting() {
+    let t0 = Instant::now();
+    let mut c = Session::client(hello(), Config::default(), t0);
+    let mut e = Session::exporter(Config::default(), t0);
+    // Before the Hello the exporter has nobody to tell anything.
+    assert!(!e.notice(0, "too early"));
+    pump(&mut c, &mut e, t0);
+    assert!(matches!(e.poll_event(), Some(Event::Hello(_))));
+    // Preparing the board: notices every few seconds, each restarting the client's clock.
+    let mut t = t0;
+    for i in 0..5 {
+        t += Duration::from_secs(8);
+        assert!(e.notice(0, format!("preparing board ({i})")));
+        assert!(!e.notice(3, "not a channel yet"));
+        pump(&mut e, &mut c, t);
+        c.handle_timeout(t);
+        assert!(matches!(c.poll_event(), Some(Event::Notice(n)) if n.text.contains("preparing")));
+        assert_eq!(c.state(), State::Handshake);
+    }
+    e.welcome(welcome(&["console"]));
+    pump(&mut e, &mut c, t);
+    assert!(matches!(c.poll_event(), Some(Event::Welcome(_))));
+    // Silence for longer than the handshake timeout still ends a wait.
+    let mut c = Session::client(hello(), Config::default(), t0);
+    c.handle_message(
+        Message::Notice(Notice {
+            channel: 0,
+            text: "preparing".into(),
+        }),
+        t0,
+    );
+    assert!(matches!(c.poll_event(), Some(Event::Notice(_))));
+    c.handle_timeout(t0 + Duration::from_secs(11));
+    assert!(matches!(c.poll_event(), Some(Event::Ended { .. })));
+    // A channel notice before Welcome is still a violation.
+    let mut c = Session::client(hello(), Config::default(), t0);
+    c.handle_message(
+        Message::Notice(Notice {
+            channel: 2,
+            text: "x".into(),
+        }),
+        t0,
+    );
+    assert!(matches!(
+        c.poll_event(),
+        Some(Event::Ended {
+            code: ErrorCode::Protocol,
+            ..
+        })
+    ));
+}
