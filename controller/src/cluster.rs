@@ -62,6 +62,8 @@ pub struct ClusterArgs {
     pub data_dir: PathBuf,
     pub max_duration: u64,
     pub max_waiting: usize,
+    /// Usage history retention, ms (0: forever).
+    pub usage_retention: u64,
     /// The relay the leader runs (`None`: disabled).
     pub relay: Option<crate::relay::RelayConfig>,
 }
@@ -306,6 +308,7 @@ impl Node {
         let metrics = self.metrics.clone();
         let max = self.args.max_duration;
         let waiting = self.args.max_waiting;
+        let retention = self.args.usage_retention;
         let relay = self.args.relay.clone();
         let data_dir = self.args.data_dir.clone();
         let f = fence.clone();
@@ -314,6 +317,7 @@ impl Node {
             let store = EtcdStore::open(&members, &prefix, f)?;
             let mut core = Core::open(store, "etcd", auth, metrics, max)?;
             core.set_max_waiting(waiting);
+            core.set_usage_retention(retention);
             if let Some(r) = relay {
                 core.set_relay(r);
             }

@@ -217,7 +217,16 @@ pub struct Core<S: LeaseStore> {
     /// Why a lease is being ended by its exporter's failed beforeLease hook (shown to jmpd and
     /// so to the client instead of "released").
     hook_failures: HashMap<String, String>,
+    /// Ended leases, for usage reports.
+    usage: crate::usage::History,
+    /// Store writes of the history (new records, pruned ones) for the next commit.
+    usage_ops: Vec<Op>,
+    /// Per live lease: up to when its time is in `jmp_leased_seconds_total`.
+    accrued: HashMap<String, Millis>,
 }
+
+/// How often the leased-seconds counter catches up with the live leases.
+pub const ACCRUE_EVERY: Millis = 15_000;
 
 /// The lease name a waiting request will get ("" if it is not waiting).
 fn lease_name_of(book: &LeaseBook, request_id: &str) -> String {
@@ -308,6 +317,7 @@ impl<S: LeaseStore> Core<S> {
         let mut leases = Vec::new();
         let mut waiting = Vec::new();
         let mut unclaimed = BTreeSet::new();
+        let mut usage = crate::usage::History::new(crate::usage::DEFAULT_RETENTION_MS);
         for (t, k, v) in snap.records {
             let bad = |e: serde_json::Error| {
                 anyhow::anyhow!("store record {}/{k} is not readable: {e}", t.name())
@@ -324,6 +334,7 @@ impl<S: LeaseStore> Core<S> {
                 Table::Unclaimed => {
                     unclaimed.insert(k.clone());
                 }
+                Table::Usage => usage.restore(serde_json::from_slice(&v).map_err(bad)?),
             }
         }
         let book = LeaseBook::restore(
@@ -371,7 +382,17 @@ impl<S: LeaseStore> Core<S> {
             policy_series: BTreeSet::new(),
             policy_updated: None,
             hook_failures: HashMap::new(),
+            usage,
+            usage_ops: Vec::new(),
+            accrued: HashMap::new(),
         };
+        // Leases held across the restart: this process's counter starts at their time so far
+        // (the previous process's counter had it; Prometheus sees the reset).
+        let start = now_ms();
+        let live: Vec<String> = core.book.leases().map(|l| l.name.clone()).collect();
+        for name in live {
+            core.accrued.insert(name, start);
+        }
         // Every known exporter is offline until it registers (the "offline" alert needs the
         // series to exist).
         for name in core.exporters.keys() {
@@ -406,6 +427,11 @@ impl<S: LeaseStore> Core<S> {
     /// Serves the relay for exporters behind NAT (`--relay-bind`, `--relay-ports`).
     pub fn set_relay(&mut self, cfg: crate::relay::RelayConfig) {
         self.relays = Some(crate::relay::Relays::new(cfg, self.metrics.clone()));
+    }
+
+    /// How long ended leases stay in the usage history (`--usage-retention`; 0: forever).
+    pub fn set_usage_retention(&mut self, ms: Millis) {
+        self.usage.set_retention(ms);
     }
 
     /// Changes how many requests one client may have waiting (`--max-waiting-per-client`).
@@ -496,6 +522,9 @@ impl<S: LeaseStore> Core<S> {
             let events = self.book.tick(now);
             self.on_events(now, events);
             self.reap_orphans(now);
+            self.accrue(now);
+            let pruned = self.usage.prune(now);
+            self.usage_ops.extend(pruned);
             if let Err(e) = self.persist() {
                 error!("cannot write the store: {e:#}; answering errors and stopping");
                 self.fail_all(&e);
@@ -549,9 +578,39 @@ impl<S: LeaseStore> Core<S> {
             let left = i.saturating_duration_since(Instant::now());
             now_ms() + left.as_millis() as u64
         });
-        match (self.book.next_deadline(), orphan) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        // While leases are held the leased-seconds counter keeps up with them.
+        let accrue = (!self.accrued.is_empty()).then(|| now_ms() + ACCRUE_EVERY);
+        [self.book.next_deadline(), orphan, accrue]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Brings `jmp_leased_seconds_total` up to `now` for every live lease.
+    fn accrue(&mut self, now: Millis) {
+        let leases: Vec<(String, String, String, Millis, Millis)> = self
+            .book
+            .leases()
+            .map(|l| {
+                (
+                    l.name.clone(),
+                    l.client.clone(),
+                    l.exporter.clone(),
+                    l.begin,
+                    l.end,
+                )
+            })
+            .collect();
+        for (name, client, exporter, begin, end) in leases {
+            let from = *self.accrued.entry(name.clone()).or_insert(begin);
+            let to = now.min(end);
+            if to > from {
+                self.metrics
+                    .leased_seconds
+                    .with_label_values(&[&self.team(&client), &exporter])
+                    .inc_by((to - from) as f64 / 1000.0);
+                self.accrued.insert(name, to);
+            }
         }
     }
 
@@ -563,7 +622,8 @@ impl<S: LeaseStore> Core<S> {
     }
 
     fn persist(&mut self) -> anyhow::Result<()> {
-        let mut ops = Vec::new();
+        // The history's records go in the same commit as the ends of their leases.
+        let mut ops = std::mem::take(&mut self.usage_ops);
         for ch in self.book.take_changes() {
             match ch {
                 Change::Lease(name) => ops.push(match self.book.lease(&name) {
@@ -753,6 +813,7 @@ impl<S: LeaseStore> Core<S> {
                 | Request::DeleteExporter { .. }
                 | Request::SetExporterEnabled { .. }
                 | Request::RebindExporter { .. }
+                | Request::Usage(_)
         );
         if admin_only && !admin {
             self.reply(
@@ -866,6 +927,14 @@ impl<S: LeaseStore> Core<S> {
             Request::Rotate => self.rotate(&caller),
             Request::Relay { token } => return self.relay(&caller, &token, tx),
             Request::LeaseHook(report) => self.lease_hook(now, &caller, report),
+            Request::Usage(q) => {
+                let live: Vec<(&Lease, String)> = self
+                    .book
+                    .leases()
+                    .map(|l| (l, self.team(&l.client)))
+                    .collect();
+                Reply::Usage(self.usage.report(now, &q, live.into_iter()))
+            }
             Request::Register(reg) => return self.register(now, &caller, reg, tx, stream),
         };
         self.reply(&tx, r);
@@ -1710,6 +1779,25 @@ impl<S: LeaseStore> Core<S> {
                     }
                     let team = self.team(&lease.client);
                     let held = now.min(lease.end).saturating_sub(lease.begin) as f64 / 1000.0;
+                    // The rest of its time into the counter, then into the history.
+                    let from = self
+                        .accrued
+                        .remove(&lease.name)
+                        .unwrap_or(lease.begin)
+                        .max(lease.begin);
+                    let to = now.min(lease.end);
+                    if to > from {
+                        self.metrics
+                            .leased_seconds
+                            .with_label_values(&[&team, &lease.exporter])
+                            .inc_by((to - from) as f64 / 1000.0);
+                    }
+                    match self.usage.ended(now, &lease, &reason, team.clone()) {
+                        Ok(op) => self.usage_ops.push(op),
+                        Err(e) => {
+                            error!(lease = %lease.name, "cannot record the lease's usage: {e:#}")
+                        }
+                    }
                     self.metrics
                         .held
                         .with_label_values(&[reason.as_str(), &team])

@@ -19,6 +19,7 @@ pub mod etcd;
 pub mod metrics;
 pub mod relay;
 pub mod store;
+pub mod usage;
 
 use anyhow::{anyhow, Context, Result};
 use clap::Parser;
@@ -71,6 +72,10 @@ pub struct Args {
     /// goes unnoticed. At least 2s (etcd's minimum with its default timings).
     #[arg(long, default_value = "2s", value_parser = parse_duration_arg)]
     pub leader_ttl: u64,
+    /// How long the history of ended leases is kept for usage reports (`jmp admin usage`),
+    /// e.g. `400d`; `0` keeps it forever.
+    #[arg(long, default_value = "400d", value_parser = parse_duration_arg)]
+    pub usage_retention: u64,
     /// Address relay sessions bind, for exporters that accept no inbound connection
     /// (`controller: {relay: true}`); "" disables the relay. Default: the --listen address.
     #[arg(long)]
@@ -160,6 +165,7 @@ pub async fn run(args: Args) -> Result<()> {
     )
     .with_context(|| format!("loading {}", db.display()))?;
     core.set_max_waiting(args.max_waiting_per_client);
+    core.set_usage_retention(args.usage_retention.saturating_mul(1000));
     if let Some(r) = relay_config(&args, bound)? {
         core.set_relay(r);
     }
@@ -265,6 +271,7 @@ async fn run_cluster(
         data_dir: args.data_dir.clone(),
         max_duration: args.max_duration,
         max_waiting: args.max_waiting_per_client,
+        usage_retention: args.usage_retention.saturating_mul(1000),
         relay: relay_config(&args, bound)?,
     };
     let (role_tx, role_rx) = tokio::sync::watch::channel(cluster::Role::Electing);

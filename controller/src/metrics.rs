@@ -5,8 +5,8 @@
 //! bill wait and hold time per team.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,6 +41,10 @@ pub struct Metrics {
     pub relay_bytes: IntCounterVec,
     /// Relay sessions that ended, by why (lease_ended, idle, no_punch, unclaimed, replaced).
     pub relay_ended: IntCounterVec,
+    /// Seconds exporters were held, by the holder's team and the exporter; grows while a lease
+    /// lasts (at least every [`crate::core::ACCRUE_EVERY`]), so `increase(...[30d])` bills a
+    /// month even for leases that span its end.
+    pub leased_seconds: CounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -109,7 +113,18 @@ impl Metrics {
             IntGauge::new("jmp_relay_sessions", "Relay sessions open now.").expect("valid metric");
         r.register(Box::new(relay_sessions.clone()))
             .expect("unique");
+        let leased_seconds = CounterVec::new(
+            Opts::new(
+                "jmp_leased_seconds_total",
+                "Seconds exporters were leased, by the holder's team and the exporter.",
+            ),
+            &["team", "exporter"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(leased_seconds.clone()))
+            .expect("unique");
         Metrics {
+            leased_seconds,
             relay_bytes: counter(
                 &r,
                 "jmp_relay_bytes_total",

@@ -25,15 +25,18 @@ pub enum Table {
     /// receipt (value: the lease name). Kept so that a restart gives them the grace period
     /// again instead of holding them for nobody until they expire.
     Unclaimed,
+    /// The history of ended leases (see [`crate::usage`]), keyed `<end ms>/<lease>`.
+    Usage,
 }
 
 impl Table {
-    pub const ALL: [Table; 5] = [
+    pub const ALL: [Table; 6] = [
         Table::Clients,
         Table::Exporters,
         Table::Leases,
         Table::Waiting,
         Table::Unclaimed,
+        Table::Usage,
     ];
 
     pub fn name(self) -> &'static str {
@@ -43,6 +46,7 @@ impl Table {
             Table::Leases => "leases",
             Table::Waiting => "waiting",
             Table::Unclaimed => "unclaimed",
+            Table::Usage => "usage",
         }
     }
 }

@@ -322,6 +322,24 @@ pub(crate) enum AdminCmd {
         /// The exporter.
         name: String,
     },
+    /// Leased time over a window, per team, client, exporter or lease (chargeback), from the
+    /// controller's history of ended leases and the live ones; a lease across the window's
+    /// edge counts only its part inside.
+    Usage {
+        /// Window start: a date (2026-11-01, UTC midnight), an RFC 3339 time, or a duration
+        /// ago (30d).
+        #[arg(long)]
+        since: String,
+        /// Window end (exclusive), in the same forms (default: now).
+        #[arg(long)]
+        until: Option<String>,
+        /// What a row is.
+        #[arg(long, value_enum, default_value_t = UsageByArg::Team)]
+        by: UsageByArg,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = UsageOut::Table)]
+        output: UsageOut,
+    },
     /// Accept a new TLS identity for an exporter whose host was re-imaged: its next
     /// registration binds the fingerprint it presents (until then one registering with a
     /// different fingerprint than the bound one is refused).
@@ -331,6 +349,21 @@ pub(crate) enum AdminCmd {
         /// The exporter.
         name: String,
     },
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+pub(crate) enum UsageByArg {
+    Team,
+    Client,
+    Exporter,
+    Lease,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+pub(crate) enum UsageOut {
+    Table,
+    Csv,
+    Json,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]

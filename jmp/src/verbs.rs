@@ -6,6 +6,7 @@ use crate::ctl::{self as c, Ctl, Out};
 use jmp_protocol::ctl::{ClientConfig, ClientSpec, ExporterSpec, LeaseRequest, Reply, Request};
 use jmp_protocol::duration::parse_secs;
 use jmp_protocol::selector::{parse_label, Labels, Selector};
+use jmp_protocol::usage::UsageBy;
 
 fn duration_arg(flag: &str, s: &str) -> Result<u64> {
     let d = parse_secs(s).map_err(|e| exit(code::USAGE, format!("{flag}: {e}")))?;
@@ -411,6 +412,33 @@ pub(super) fn delete_cmd(what: DeleteCmd) -> Result<()> {
     })
 }
 
+/// A point in time for `--since`/`--until`, Unix ms: `2026-11-01` (UTC midnight), an RFC 3339
+/// time (`2026-11-01T08:00:00Z`), or a duration before `now` (`30d`).
+fn time_arg(flag: &str, s: &str, now: u64) -> Result<u64> {
+    let t = s.trim();
+    let bad = |why: String| {
+        exit(
+            code::USAGE,
+            format!("{flag} {t:?}: {why} (a date like 2026-11-01, an RFC 3339 time, or a duration ago like 30d)"),
+        )
+    };
+    if t.chars().next().is_some_and(|c| c.is_ascii_digit()) && t.contains('-') {
+        let full = if t.len() == 10 {
+            format!("{t}T00:00:00Z")
+        } else {
+            t.to_string()
+        };
+        let at = humantime::parse_rfc3339_weak(&full).map_err(|e| bad(e.to_string()))?;
+        let ms = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|_| bad("before 1970".into()))?
+            .as_millis();
+        return u64::try_from(ms).map_err(|_| bad("too far in the future".into()));
+    }
+    let ago = jmp_protocol::duration::parse_secs(t).map_err(|e| bad(e.to_string()))?;
+    Ok(now.saturating_sub(ago.saturating_mul(1000)))
+}
+
 pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<()> {
     let cfg = c::load_admin(admin_config.as_deref())?;
     let enable = matches!(cmd, AdminCmd::Enable { .. });
@@ -526,6 +554,60 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                 match ctl.call(req).await? {
                     Reply::Deleted { .. } => {
                         outln!("{what} deleted");
+                        Ok(())
+                    }
+                    other => Err(c::unexpected(other)),
+                }
+            }
+            AdminCmd::Usage {
+                since,
+                until,
+                by,
+                output,
+            } => {
+                let now = jmp_transport::unix_now().saturating_mul(1000);
+                let since = time_arg("--since", &since, now)?;
+                let until = until
+                    .as_deref()
+                    .map(|u| time_arg("--until", u, now))
+                    .transpose()?;
+                if until.is_some_and(|u| u <= since) {
+                    return Err(exit(code::USAGE, "--until must be after --since"));
+                }
+                let q = jmp_protocol::usage::UsageQuery {
+                    since,
+                    until,
+                    by: match by {
+                        UsageByArg::Team => UsageBy::Team,
+                        UsageByArg::Client => UsageBy::Client,
+                        UsageByArg::Exporter => UsageBy::Exporter,
+                        UsageByArg::Lease => UsageBy::Lease,
+                    },
+                };
+                match ctl.call(Request::Usage(q)).await? {
+                    Reply::Usage(r) => {
+                        if let Some(from) = r.history_from {
+                            eprintln!(
+                                "warning: the controller's usage history starts at {} (its --usage-retention): earlier leases are missing",
+                                c::fmt_time(from / 1000)
+                            );
+                        }
+                        if r.truncated {
+                            eprintln!(
+                                "warning: only the first {} leases are shown; narrow the window",
+                                r.rows.len()
+                            );
+                        }
+                        match output {
+                            UsageOut::Json => {
+                                outln!("{}", serde_json::to_string_pretty(&r.json())?)
+                            }
+                            UsageOut::Csv => out!("{}", r.csv()),
+                            UsageOut::Table => {
+                                let (header, rows) = r.table();
+                                out!("{}", crate::table::render(Some(&header), &rows))
+                            }
+                        }
                         Ok(())
                     }
                     other => Err(c::unexpected(other)),

@@ -100,6 +100,9 @@ pub enum Request {
     Relay { token: String },
     /// Exporter: a lease hook finished (see [`HookReport`]). Answered with `Done`.
     LeaseHook(HookReport),
+    /// Admin: leased time over a window, per team, client, exporter or lease, from the
+    /// history of ended leases and the live ones. Answered with [`Reply::Usage`].
+    Usage(crate::usage::UsageQuery),
 }
 
 /// What jmpd reports when a lease hook has run.
@@ -288,6 +291,8 @@ pub enum Reply {
     Relay(RelayGrant),
     /// Pushed on a Register stream: punch through to this relay session now.
     RelayOpen(RelayGrant),
+    /// The answer to `usage`.
+    Usage(crate::usage::UsageReport),
 }
 
 impl Reply {

@@ -22,6 +22,7 @@ pub mod relay;
 pub mod selector;
 pub mod session;
 pub mod token;
+pub mod usage;
 
 pub use codec::{Codec, DecodeError, FrameDecoder};
 pub use error::{exit, ErrorCode, Refusal};

@@ -1720,3 +1720,130 @@ fn check_config_validates_the_controller_credential() {
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
     assert!(out.stderr.contains("garbage.token"), "{}", show(&out));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Usage for chargeback: the history of ended leases, reported per team, client, exporter and
+// lease in the three formats, kept across a restart; the leased-seconds counter.
+
+#[test]
+fn usage_reports_ended_and_live_leases_per_team_and_survives_a_restart() {
+    let (mut lab, _jmpd) = lab_with_one_board("ctl-usage", "use-01", "use");
+    let red_file = lab.create_client("red1", &["-l", "team=red"]);
+    lab.create_client("green1", &["-l", "team=green"]);
+    let lease = |c: &str| {
+        lab.ok(
+            &format!("{c}-create"),
+            lab.as_client(
+                c,
+                &["create", "lease", "-l", "board=use", "--duration", "10m"],
+            ),
+        )
+        .trim()
+        .to_string()
+    };
+    let release = |c: &str, l: &str| {
+        lab.ok(
+            &format!("{c}-delete"),
+            lab.as_client(c, &["delete", "lease", l]),
+        );
+    };
+    let r1 = lease("red1");
+    release("red1", &r1);
+    let g1 = lease("green1");
+    release("green1", &g1);
+    let live = lease("red1");
+
+    let usage = |lab: &Lab, args: &[&str]| {
+        let mut a = vec!["usage", "--since", "1h"];
+        a.extend_from_slice(args);
+        lab.ok("usage", lab.admin(&a))
+    };
+    let check = |lab: &Lab, when: &str| {
+        // CSV per team: both teams, red with its two leases (one live).
+        let csv = usage(lab, &["--by", "team", "-o", "csv"]);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines[0], "team,leases,seconds,hours", "{when}: {csv}");
+        let row = |team: &str| {
+            lines
+                .iter()
+                .find(|l| l.split(',').next() == Some(team))
+                .unwrap_or_else(|| panic!("{when}: no {team} row in {csv}"))
+                .split(',')
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(row("red")[1], "2", "{when}: {csv}");
+        assert_eq!(row("green")[1], "1", "{when}: {csv}");
+        assert_eq!(lines.len(), 3, "{when}: only the two teams: {csv}");
+        // JSON per lease: each lease with its team, exporter and why it ended.
+        let j: Value = serde_json::from_str(&usage(lab, &["--by", "lease", "-o", "json"]))
+            .unwrap_or_else(|e| panic!("{when}: usage JSON: {e}"));
+        let rows = j["rows"].as_array().expect("rows");
+        let by_name = |n: &str| {
+            rows.iter()
+                .find(|r| r["lease"] == n)
+                .unwrap_or_else(|| panic!("{when}: lease {n} missing from {j}"))
+        };
+        assert_eq!(by_name(&r1)["reason"], "released", "{j}");
+        assert_eq!(by_name(&r1)["team"], "red", "{j}");
+        assert_eq!(by_name(&g1)["team"], "green", "{j}");
+        assert_eq!(by_name(&g1)["exporter"], "use-01", "{j}");
+        assert_eq!(by_name(&live)["reason"], "active", "{j}");
+        assert_eq!(j["total"]["leases"], 3, "{j}");
+        // The table per exporter ends with the total.
+        let table = usage(lab, &["--by", "exporter"]);
+        let last = table.lines().last().unwrap_or_default().to_string();
+        assert!(
+            table
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .starts_with("EXPORTER"),
+            "{table}"
+        );
+        assert!(table.contains("use-01"), "{table}");
+        assert_eq!(
+            last.split_whitespace().take(2).collect::<Vec<_>>(),
+            ["TOTAL", "3"],
+            "{when}: {table}"
+        );
+    };
+    check(&lab, "before the restart");
+
+    // The counter by team and exporter.
+    let (_, body) = http_get(lab.ctl.metrics, "/metrics");
+    let counted = |team: &str| {
+        body.lines().any(|l| {
+            l.starts_with("jmp_leased_seconds_total{")
+                && l.contains(&format!("team=\"{team}\""))
+                && l.contains("exporter=\"use-01\"")
+        })
+    };
+    assert!(counted("red") && counted("green"), "{body}");
+
+    // Only admins see usage; bad windows are named.
+    let out = lab.run(
+        "usage-as-client",
+        lab.admin(&[
+            "--admin-config",
+            &red_file.display().to_string(),
+            "usage",
+            "--since",
+            "1h",
+        ]),
+    );
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(out.stderr.contains("not an admin"), "{}", show(&out));
+    let out = lab.run(
+        "usage-bad-since",
+        lab.admin(&["usage", "--since", "yesterday-ish"]),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(out.stderr.contains("--since"), "{}", show(&out));
+
+    // The history is in the store: a restart keeps it.
+    let port = lab.ctl.addr.port();
+    lab.ctl.proc.stop();
+    lab.ctl = start_controller(&lab.env.logs, &lab.data, &format!("127.0.0.1:{port}"));
+    check(&lab, "after the restart");
+}

@@ -1,18 +1,13 @@
 //! deploy/: the Prometheus alert rules pass `promtool check rules`, and every metric the rules
 //! and the Grafana dashboard query is served by a live controller or jmpd after a lease's
 //! ordinary life (granted, attached through the relay, a request that gave up waiting,
-//! released). One name may be missing until the usage work lands in the controller:
-//! `jmp_leased_seconds_total` (it is listed in `PENDING`).
+//! released).
 
 use jmp_e2e::lab::{attach_lease, lease_json, wait_stderr, Lab, LONG};
 use jmp_e2e::netns_relay::http_get;
 use jmp_e2e::*;
 use std::collections::BTreeSet;
 use std::process::Command;
-
-/// Metrics the dashboard may query before the controller serves them (issue 12, part A:
-/// usage for chargeback).
-const PENDING: &[&str] = &["jmp_leased_seconds_total"];
 
 /// Metric names in a PromQL expression: identifiers that are not functions, keywords, label
 /// names (inside `{...}` or `by (...)`), strings, durations or Grafana variables.
@@ -255,19 +250,9 @@ fn alert_rules_check_and_every_queried_metric_exists() {
             served.insert(name.to_string());
         }
     }
-    let missing: Vec<&String> = wanted
-        .iter()
-        .filter(|m| !served.contains(*m) && !PENDING.contains(&m.as_str()))
-        .collect();
+    let missing: Vec<&String> = wanted.iter().filter(|m| !served.contains(*m)).collect();
     assert!(
         missing.is_empty(),
         "queried by deploy/ but served by neither the controller nor jmpd: {missing:?}\nserved: {served:?}"
     );
-    for p in PENDING {
-        if wanted.contains(*p) && !served.contains(*p) {
-            eprintln!(
-                "note: {p} is queried by deploy/ and not served yet (issue 12 part A adds it)"
-            );
-        }
-    }
 }
