@@ -7,7 +7,7 @@ use crate::core::{Caller, Cmd};
 use jmp_protocol::ctl::{CtlError, CtlErrorCode, Reply, Request};
 use jmp_protocol::token::TokenKind;
 use jmp_transport::ctl::{read_call, ReplyTx};
-use jmp_transport::token::Verifier;
+use jmp_transport::token::{TokenError, Verifier};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,6 +29,8 @@ pub struct Api {
     /// Keeps `role` open when nobody else holds its sender (one controller).
     _fixed: Option<tokio::sync::watch::Sender<Role>>,
     pub verifier: Verifier,
+    /// Seconds after its expiry a credential is still accepted (`--credential-skew`).
+    skew: AtomicU64,
     next_stream: AtomicU64,
     gate: Arc<jmp_transport::gate::Gate>,
 }
@@ -76,9 +78,14 @@ impl Api {
             role,
             _fixed: fixed,
             verifier,
+            skew: AtomicU64::new(300),
             next_stream: AtomicU64::new(1),
             gate: jmp_transport::gate::Gate::new(jmp_transport::gate::Limits::default()),
         })
+    }
+
+    pub fn set_credential_skew(&self, secs: u64) {
+        self.skew.store(secs, Ordering::Relaxed);
     }
 
     pub async fn serve(
@@ -182,10 +189,23 @@ impl Api {
             return Err("no credential presented".into());
         }
         // One decode: the signature is checked, then the kind.
+        let now = jmp_transport::unix_now();
         let c = self
             .verifier
-            .verify_any(credential, jmp_transport::unix_now())
-            .map_err(|e| e.to_string())?;
+            .verify_any_within(credential, now, self.skew.load(Ordering::Relaxed))
+            .map_err(|e| match e {
+                TokenError::Expired(ago) => {
+                    // Who it was, for the message only (the signature was not the problem
+                    // checked here, and nothing is granted on it).
+                    let who = jmp_transport::token::peek(credential)
+                        .map(|c| format!("{} {:?}", c.kind.as_str(), c.sub))
+                        .unwrap_or_else(|_| "this identity".into());
+                    format!(
+                        "the credential of {who} expired {ago}s ago; jmp and jmpd renew a credential in use before it expires, so this one was not used in time: ask an admin for a new one (jmp admin create client|exporter NAME)"
+                    )
+                }
+                other => other.to_string(),
+            })?;
         if c.kind == TokenKind::Lease {
             return Err("a lease token is not a credential for the controller".into());
         }

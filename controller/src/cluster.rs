@@ -64,6 +64,8 @@ pub struct ClusterArgs {
     pub max_waiting: usize,
     /// Usage history retention, ms (0: forever).
     pub usage_retention: u64,
+    /// `--credential-ttl`, seconds.
+    pub credential_ttl: u64,
     /// The relay the leader runs (`None`: disabled).
     pub relay: Option<crate::relay::RelayConfig>,
 }
@@ -309,6 +311,7 @@ impl Node {
         let max = self.args.max_duration;
         let waiting = self.args.max_waiting;
         let retention = self.args.usage_retention;
+        let ttl = self.args.credential_ttl;
         let relay = self.args.relay.clone();
         let data_dir = self.args.data_dir.clone();
         let f = fence.clone();
@@ -321,19 +324,8 @@ impl Node {
             if let Some(r) = relay {
                 core.set_relay(r);
             }
-            let admin_file = data_dir.join("admin.yaml");
-            if !core.has_client("admin") {
-                let cred = core.issue_admin("admin")?;
-                let yaml =
-                    serde_norway::to_string(&jmp_protocol::ctl::ClientConfig::new(&cred))?;
-                jmp_transport::write_secret_file(&admin_file, yaml.as_bytes())?;
-                info!("admin credential written to {}", admin_file.display());
-            } else if !admin_file.exists() {
-                info!(
-                    "the cluster's admin credential was issued by another controller; copy its admin.yaml to {} to use jmp admin here",
-                    admin_file.display()
-                );
-            }
+            core.set_credential_ttl(ttl);
+            core.ensure_admin_file(&data_dir.join("admin.yaml"), false)?;
             Ok(core)
         })
         .await

@@ -22,9 +22,9 @@ use crate::metrics::Metrics;
 use crate::store::MemStore;
 use crate::store::{LeaseStore, Op, Table};
 use jmp_protocol::ctl::{
-    Access, ActiveLease, ClientInfo, ClientSpec, Credential, CtlError, CtlErrorCode, DeviceSummary,
-    EndedLease, ExporterInfo, ExporterSpec, HookPhase, HookReport, IdentityKind, LeaseInfo,
-    LeaseRequest, Registration, Reply, Request,
+    Access, ActiveLease, ClientConfig, ClientInfo, ClientSpec, Credential, CtlError, CtlErrorCode,
+    DeviceSummary, EndedLease, ExporterInfo, ExporterSpec, HookPhase, HookReport, IdentityKind,
+    LeaseInfo, LeaseRequest, Registration, Reply, Request,
 };
 use jmp_protocol::selector::{parse_label, Labels, Selector};
 use jmp_protocol::token::{Claims, ControllerRef, TokenKind};
@@ -223,7 +223,12 @@ pub struct Core<S: LeaseStore> {
     usage_ops: Vec<Op>,
     /// Per live lease: up to when its time is in `jmp_leased_seconds_total`.
     accrued: HashMap<String, Millis>,
+    /// Lifetime of the credentials issued, seconds (`--credential-ttl`; 0: they never expire).
+    credential_ttl: u64,
 }
+
+/// Default of `--credential-ttl`: 90 days; `jmp` and `jmpd` renew when 30 are left.
+pub const DEFAULT_CREDENTIAL_TTL_SECS: u64 = 90 * 86_400;
 
 /// How often the leased-seconds counter catches up with the live leases.
 pub const ACCRUE_EVERY: Millis = 15_000;
@@ -385,6 +390,7 @@ impl<S: LeaseStore> Core<S> {
             usage,
             usage_ops: Vec::new(),
             accrued: HashMap::new(),
+            credential_ttl: DEFAULT_CREDENTIAL_TTL_SECS,
         };
         // Leases held across the restart: this process's counter starts at their time so far
         // (the previous process's counter had it; Prometheus sees the reset).
@@ -427,6 +433,68 @@ impl<S: LeaseStore> Core<S> {
     /// Serves the relay for exporters behind NAT (`--relay-bind`, `--relay-ports`).
     pub fn set_relay(&mut self, cfg: crate::relay::RelayConfig) {
         self.relays = Some(crate::relay::Relays::new(cfg, self.metrics.clone()));
+    }
+
+    /// Lifetime of the credentials this controller issues from now on (`--credential-ttl`;
+    /// 0: no expiry).
+    pub fn set_credential_ttl(&mut self, secs: u64) {
+        self.credential_ttl = secs;
+    }
+
+    /// The admin credential file at `path` is missing, not this controller's current admin
+    /// credential, or due for renewal: writes a good one there. A due one is renewed (same
+    /// id: copies elsewhere keep working); a missing or foreign one is re-issued, revoking
+    /// the old. `reissue: false` (a cluster member whose store already has an admin issued by
+    /// another controller) renews only a file that holds the current credential.
+    pub fn ensure_admin_file(
+        &mut self,
+        path: &std::path::Path,
+        reissue: bool,
+    ) -> anyhow::Result<()> {
+        let now = now_ms() / 1000;
+        let current = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_norway::from_str::<ClientConfig>(&t).ok())
+            .and_then(|c| {
+                self.verifier
+                    .verify_any_within(&c.token, now, u64::MAX)
+                    .ok()
+            })
+            .filter(|c| {
+                c.sub == "admin"
+                    && self
+                        .clients
+                        .get("admin")
+                        .is_some_and(|r| r.jti == c.jti && r.admin)
+            });
+        let cred = match current {
+            Some(c) if c.renew_at(None).is_none_or(|at| now < at) => return Ok(()),
+            Some(c) => {
+                info!(
+                    "the admin credential is due for renewal: renewing {}",
+                    path.display()
+                );
+                self.credential(IdentityKind::Client, "admin", &c.jti, true)?
+            }
+            None if reissue || !self.has_client("admin") => {
+                let _ = std::fs::remove_file(path);
+                self.issue_admin("admin")?
+            }
+            None => {
+                if !path.exists() {
+                    info!(
+                        "the cluster's admin credential was issued by another controller; copy its admin.yaml to {} to use jmp admin here",
+                        path.display()
+                    );
+                }
+                return Ok(());
+            }
+        };
+        let yaml = serde_norway::to_string(&ClientConfig::new(&cred))?;
+        jmp_transport::write_secret_file(path, yaml.as_bytes())
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        info!("admin credential written to {}", path.display());
+        Ok(())
     }
 
     /// How long ended leases stay in the usage history (`--usage-retention`; 0: forever).
@@ -489,7 +557,7 @@ impl<S: LeaseStore> Core<S> {
             },
             jti: jti.into(),
             iat: now_ms() / 1000,
-            exp: None,
+            exp: (self.credential_ttl > 0).then(|| now_ms() / 1000 + self.credential_ttl),
             client: None,
             exporter: None,
             ctl: Some(ctl),
@@ -925,6 +993,7 @@ impl<S: LeaseStore> Core<S> {
                 }
             },
             Request::Rotate => self.rotate(&caller),
+            Request::Renew => self.renew(&caller),
             Request::Relay { token } => return self.relay(&caller, &token, tx),
             Request::LeaseHook(report) => self.lease_hook(now, &caller, report),
             Request::Usage(q) => {
@@ -1639,6 +1708,21 @@ impl<S: LeaseStore> Core<S> {
         }
     }
 
+    /// The caller's credential again with a fresh expiry: the same id, so nothing is revoked
+    /// (a credential shared by many CI runners keeps working on all of them; `rotate` is the
+    /// one that revokes).
+    fn renew(&mut self, caller: &Caller) -> Reply {
+        let (kind, admin) = match caller.kind {
+            TokenKind::Exporter => (IdentityKind::Exporter, false),
+            _ => (IdentityKind::Client, self.is_admin(caller)),
+        };
+        debug!(name = %caller.name, "credential renewed");
+        match self.credential(kind, &caller.name, &caller.jti, admin) {
+            Ok(c) => Reply::Credential(c),
+            Err(e) => err(CtlErrorCode::Internal, e.to_string()),
+        }
+    }
+
     fn register(
         &mut self,
         now: Millis,
@@ -2328,6 +2412,26 @@ mod tests {
             h.call(&new, Request::Whoami).await,
             Reply::Identity { .. }
         ));
+        // Renewing does not: the same identity and id, a credential that expires, and the one
+        // used for the call still works (copies of it elsewhere keep working).
+        let renewed = match h.call(&new, Request::Renew).await {
+            Reply::Credential(c) => c,
+            other => panic!("{other:?}"),
+        };
+        let claims = jmp_transport::token::peek(&renewed.token).unwrap();
+        assert_eq!(claims.jti, new.jti);
+        assert_eq!(claims.sub, "ci");
+        assert_eq!(
+            claims.exp,
+            Some(claims.iat + DEFAULT_CREDENTIAL_TTL_SECS),
+            "credentials expire"
+        );
+        for c in [&new, &caller_of(&renewed)] {
+            assert!(matches!(
+                h.call(c, Request::Whoami).await,
+                Reply::Identity { .. }
+            ));
+        }
         // Non-admins cannot create identities.
         let r = h
             .call(

@@ -23,7 +23,6 @@ pub mod usage;
 
 use anyhow::{anyhow, Context, Result};
 use clap::Parser;
-use jmp_protocol::ctl::ClientConfig;
 use jmp_protocol::token::ControllerRef;
 use jmp_transport::token::Signer;
 use jmp_transport::{server_endpoint, Identity};
@@ -72,6 +71,14 @@ pub struct Args {
     /// goes unnoticed. At least 2s (etcd's minimum with its default timings).
     #[arg(long, default_value = "2s", value_parser = parse_duration_arg)]
     pub leader_ttl: u64,
+    /// Lifetime of the client and exporter credentials issued (created, rotated, renewed),
+    /// e.g. `90d`; `jmp` and `jmpd` renew theirs when a third of it is left. `0`: they never
+    /// expire.
+    #[arg(long, default_value = "90d", value_parser = parse_duration_arg)]
+    pub credential_ttl: u64,
+    /// How long after its expiry a credential is still accepted, for clocks that disagree.
+    #[arg(long, default_value = "5m", value_parser = parse_duration_arg)]
+    pub credential_skew: u64,
     /// How long the history of ended leases is kept for usage reports (`jmp admin usage`),
     /// e.g. `400d`; `0` keeps it forever.
     #[arg(long, default_value = "400d", value_parser = parse_duration_arg)]
@@ -170,17 +177,11 @@ pub async fn run(args: Args) -> Result<()> {
         core.set_relay(r);
     }
 
-    // The admin credential: written once, readable by its owner (root) only. Removing the file
-    // and restarting issues a new one and revokes the old.
+    // The admin credential: readable by its owner (root) only. Removing the file and
+    // restarting issues a new one and revokes the old; one near its expiry is renewed.
+    core.set_credential_ttl(args.credential_ttl);
     let admin_file = args.data_dir.join("admin.yaml");
-    if !admin_file.exists() || !core.has_client("admin") {
-        let _ = std::fs::remove_file(&admin_file);
-        let cred = core.issue_admin("admin")?;
-        let yaml = serde_norway::to_string(&ClientConfig::new(&cred))?;
-        jmp_transport::write_secret_file(&admin_file, yaml.as_bytes())
-            .with_context(|| format!("cannot write {}", admin_file.display()))?;
-        info!("admin credential written to {}", admin_file.display());
-    }
+    core.ensure_admin_file(&admin_file, true)?;
 
     let shutdown = jmp_transport::shutdown_signal("controller shutting down");
     let (tx, rx) = tokio::sync::mpsc::channel(4096);
@@ -188,6 +189,7 @@ pub async fn run(args: Args) -> Result<()> {
     serve_metrics(&args, &metrics).await?;
     print_listening(&args, bound, &fingerprint);
     let api = api::Api::new(tx, verifier);
+    api.set_credential_skew(args.credential_skew);
     jmp_transport::systemd::ready(&format!("serving on {bound}"));
     jmp_transport::systemd::spawn_watchdog();
     tokio::select! {
@@ -272,6 +274,7 @@ async fn run_cluster(
         max_duration: args.max_duration,
         max_waiting: args.max_waiting_per_client,
         usage_retention: args.usage_retention.saturating_mul(1000),
+        credential_ttl: args.credential_ttl,
         relay: relay_config(&args, bound)?,
     };
     let (role_tx, role_rx) = tokio::sync::watch::channel(cluster::Role::Electing);
@@ -292,6 +295,7 @@ async fn run_cluster(
         "joining the controller cluster"
     );
     let api = api::Api::with_role(role_rx, verifier);
+    api.set_credential_skew(args.credential_skew);
     jmp_transport::systemd::ready(&format!("joining the cluster on {bound}"));
     jmp_transport::systemd::spawn_watchdog();
     let mut api_task = tokio::spawn(api.serve(endpoint, stopped(stop_rx.clone())));

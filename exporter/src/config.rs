@@ -140,6 +140,10 @@ pub struct ControllerSection {
     /// controller, still end-to-end encrypted.
     #[serde(default)]
     pub relay: bool,
+    /// Renew the credential this long before it expires (e.g. `7d`); default: when a third
+    /// of its life is left. jmpd writes the renewed one back to `tokenFile`.
+    #[serde(default)]
+    pub renew_before: Option<jmp_devices::spec::DurationSpec>,
 }
 
 fn default_listen() -> String {

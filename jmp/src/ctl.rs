@@ -74,7 +74,42 @@ pub fn read_client_file(path: &Path) -> Result<ClientConfig> {
             format!("{}: kind {:?} is not ClientConfig", path.display(), c.kind),
         ));
     }
+    if let Some(b) = &c.renew_before {
+        jmp_protocol::duration::parse_secs(b).map_err(|e| {
+            exit(
+                code::USAGE,
+                format!("client config {}: renewBefore {b:?}: {e}", path.display()),
+            )
+        })?;
+    }
+    remember_source(&c.token, path);
     Ok(c)
+}
+
+/// The files this process read credentials from, by token: [`Ctl::connect`] renews a
+/// credential due for renewal in the file it came from.
+static SOURCES: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+
+fn remember_source(token: &str, path: &Path) {
+    let mut s = SOURCES.lock().unwrap_or_else(|e| e.into_inner());
+    s.retain(|(t, _)| t != token);
+    s.push((token.to_string(), path.to_path_buf()));
+}
+
+fn source_of(token: &str) -> Option<PathBuf> {
+    SOURCES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .find(|(t, _)| t == token)
+        .map(|(_, p)| p.clone())
+}
+
+/// When the credential `token` is to be renewed (Unix seconds), if it expires.
+fn renewal_due(token: &str, renew_before: Option<&str>) -> Option<(u64, u64)> {
+    let claims = jmp_transport::token::peek(token).ok()?;
+    let before = renew_before.and_then(|b| jmp_protocol::duration::parse_secs(b).ok());
+    Some((claims.renew_at(before)?, claims.exp?))
 }
 
 /// Writes a client config (0600: it holds the credential), replacing an existing file.
@@ -174,11 +209,82 @@ impl Ctl {
         ctls.connect()
             .await
             .map_err(|e| call_error(e, &cfg.endpoint))?;
-        Ok(Ctl {
+        let mut ctl = Ctl {
             ctls,
             credential: cfg.token.clone(),
             endpoint_name: cfg.endpoint.clone(),
-        })
+        };
+        ctl.renew_if_due(cfg).await;
+        Ok(ctl)
+    }
+
+    /// Renews the credential when it is due (see [`jmp_protocol::token::renew_at`]) and writes
+    /// the new one to the file it was read from. One process renews a file at a time (a lock
+    /// beside it); the others find it renewed. A failure only warns: the credential in hand is
+    /// still valid until it expires.
+    async fn renew_if_due(&mut self, cfg: &ClientConfig) {
+        let now = unix_now();
+        let Some((at, exp)) = renewal_due(&self.credential, cfg.renew_before.as_deref()) else {
+            return;
+        };
+        if now < at {
+            return;
+        }
+        let who = &cfg.metadata.name;
+        let Some(path) = source_of(&self.credential) else {
+            eprintln!(
+                "jmp: warning: the credential of {who} expires at {}; it was not read from a file, so it is not renewed in place: ask for a new one",
+                fmt_time(exp)
+            );
+            return;
+        };
+        let mut lock_path = path.clone().into_os_string();
+        lock_path.push(".lock");
+        let locked = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .ok()
+            .and_then(|f| nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).ok());
+        // Another process may have renewed it while this one waited for the lock.
+        let mut current = read_client_file(&path).unwrap_or_else(|_| cfg.clone());
+        if current.token != self.credential
+            && renewal_due(&current.token, current.renew_before.as_deref())
+                .is_some_and(|(at, _)| now < at)
+        {
+            self.credential = current.token;
+            return;
+        }
+        match self.call(Request::Renew).await {
+            Ok(Reply::Credential(c)) => {
+                current.token = c.token.clone();
+                self.credential = c.token;
+                match write_client_file(&path, &current) {
+                    Ok(()) => {
+                        remember_source(&self.credential, &path);
+                        let until = renewal_due(&self.credential, None).map_or(0, |(_, e)| e);
+                        eprintln!(
+                            "jmp: renewed the credential of {who} (valid until {}) in {}",
+                            fmt_time(until),
+                            path.display()
+                        );
+                    }
+                    Err(e) => eprintln!(
+                        "jmp: warning: renewed the credential of {who} but {e:#}: this run uses the new one; the file's still expires at {}",
+                        fmt_time(exp)
+                    ),
+                }
+            }
+            Ok(other) => eprintln!(
+                "jmp: warning: renewing the credential of {who}: unexpected answer {other:?}"
+            ),
+            Err(e) => eprintln!(
+                "jmp: warning: the credential of {who} expires at {} and could not be renewed: {e:#}",
+                fmt_time(exp)
+            ),
+        }
+        drop(locked);
     }
 
     pub async fn stream(&self, request: Request) -> Result<ReplyStream, CallError> {

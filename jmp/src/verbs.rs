@@ -63,6 +63,7 @@ pub(super) fn config_client(cmd: ConfigClientCmd) -> Result<()> {
                     endpoint,
                     fingerprint,
                     token,
+                    renew_before: None,
                 },
                 _ => {
                     return Err(exit(

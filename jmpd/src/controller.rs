@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::net::ToSocketAddrs;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// What the controller last told us.
 #[derive(Default)]
@@ -130,13 +130,27 @@ pub struct Extras {
     pub holder: Option<crate::metrics::Holder>,
 }
 
+fn fmt_unix(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+}
+
 /// Everything needed to run controller mode, from the exporter's credential file.
 pub struct Registrar {
     pub auth: Arc<LeaseAuth>,
-    credential: String,
+    /// The exporter credential in use: replaced when it is renewed.
+    credential: Mutex<String>,
     claims: Claims,
     endpoint: String,
+    /// Where the renewed credential is written (`controller.tokenFile`), and how long before
+    /// expiry it is renewed (`None`: a third of its life).
+    renewal: Option<(std::path::PathBuf, Option<u64>)>,
+    /// After a failed renewal, not before this.
+    renew_retry: Mutex<Option<tokio::time::Instant>>,
 }
+
+/// How long after a failed renewal jmpd tries again, and the least time between two
+/// renewals (a `renewBefore` as long as the credential's life must not renew in a loop).
+const RENEW_RETRY: Duration = Duration::from_secs(60);
 
 impl Registrar {
     pub fn new(
@@ -176,10 +190,83 @@ impl Registrar {
                 pushes: tokio::sync::watch::Sender::new(0),
                 direct,
             }),
-            credential,
+            credential: Mutex::new(credential),
             endpoint: endpoint_override.unwrap_or(ctl.endpoint),
             claims,
+            renewal: None,
+            renew_retry: Mutex::new(None),
         })
+    }
+
+    /// Renew the credential before it expires and write it to `token_file`.
+    pub fn renew_into(mut self, token_file: std::path::PathBuf, renew_before: Option<u64>) -> Self {
+        self.renewal = Some((token_file, renew_before));
+        self
+    }
+
+    fn credential(&self) -> String {
+        self.credential
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// When the credential in use is due for renewal (`None`: it does not expire, or jmpd
+    /// does not renew).
+    fn renewal_due(&self) -> Option<tokio::time::Instant> {
+        let (_, before) = self.renewal.as_ref()?;
+        let at = peek(&self.credential()).ok()?.renew_at(*before)?;
+        let now = jmp_transport::unix_now();
+        let due = tokio::time::Instant::now() + Duration::from_secs(at.saturating_sub(now));
+        let retry = *self.renew_retry.lock().unwrap_or_else(|e| e.into_inner());
+        Some(retry.map_or(due, |r| r.max(due)))
+    }
+
+    /// Renews the credential over the registration's connection and writes it to the token
+    /// file (atomically, 0600). A failure is logged and retried; the credential in hand
+    /// stays valid until it expires.
+    async fn renew(&self, conn: &quinn::Connection) {
+        let Some((file, _)) = &self.renewal else {
+            return;
+        };
+        let call = Call {
+            credential: self.credential(),
+            request: Request::Renew,
+        };
+        let exp = peek(&call.credential).ok().and_then(|c| c.exp).unwrap_or(0);
+        match jmp_transport::ctl::call_once(conn, &call).await {
+            Ok(Reply::Credential(c)) => {
+                *self.renew_retry.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(tokio::time::Instant::now() + RENEW_RETRY);
+                let until = peek(&c.token).ok().and_then(|c| c.exp).unwrap_or(0);
+                *self.credential.lock().unwrap_or_else(|e| e.into_inner()) = c.token.clone();
+                match jmp_transport::write_secret_file(file, format!("{}\n", c.token).as_bytes()) {
+                    Ok(()) => info!(
+                        "exporter credential renewed (valid until {}), written to {}",
+                        fmt_unix(until),
+                        file.display()
+                    ),
+                    Err(e) => error!(
+                        "exporter credential renewed, but it cannot be written to {}: {e}; this process uses it, the file's expires at {} (make tokenFile writable, e.g. under StateDirectory)",
+                        file.display(),
+                        fmt_unix(exp)
+                    ),
+                }
+            }
+            other => {
+                *self.renew_retry.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(tokio::time::Instant::now() + RENEW_RETRY);
+                let why = match other {
+                    Err(e) => e.to_string(),
+                    Ok(r) => format!("unexpected answer {r:?}"),
+                };
+                warn!(
+                    "the exporter credential expires at {} and could not be renewed: {why}; retrying in {}s",
+                    fmt_unix(exp),
+                    RENEW_RETRY.as_secs()
+                );
+            }
+        }
     }
 
     pub fn controller(&self) -> &str {
@@ -266,7 +353,7 @@ impl Registrar {
         let (mut replies, _keep) = ctls
             .call(
                 &Call {
-                    credential: self.credential.clone(),
+                    credential: self.credential(),
                     request: Request::Register(reg.clone()),
                 },
                 true,
@@ -284,8 +371,18 @@ impl Registrar {
         let addr = conn.remote_address();
         let mut first = true;
         loop {
+            let renew_at = self.renewal_due();
             let next = tokio::select! {
                 r = replies.next() => r,
+                _ = async {
+                    match renew_at {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.renew(&conn).await;
+                    continue;
+                }
                 Some(report) = async {
                     match reports.as_mut() {
                         Some(r) => r.recv().await,
@@ -375,7 +472,7 @@ impl Registrar {
     ) {
         let conn = conn.clone();
         let call = Call {
-            credential: self.credential.clone(),
+            credential: self.credential(),
             request: Request::LeaseHook(r.clone()),
         };
         let pending = pending.clone();

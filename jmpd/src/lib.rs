@@ -144,7 +144,8 @@ pub fn run(args: Args) -> Result<()> {
             })?;
             let r =
                 controller::Registrar::new(&cfg.metadata.name, cred, c.endpoint.clone(), direct)
-                    .map_err(|e| anyhow!("{}: {e}", c.token_file.display()))?;
+                    .map_err(|e| anyhow!("{}: {e}", c.token_file.display()))?
+                    .renew_into(c.token_file.clone(), c.renew_before.map(|d| d.0.as_secs()));
             (Some(r), None)
         }
         None => (None, direct),

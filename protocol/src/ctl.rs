@@ -91,6 +91,10 @@ pub enum Request {
     RebindExporter { name: String },
     /// Any identity: issue a new credential for the caller and revoke the one used for this call.
     Rotate,
+    /// Any identity: the same credential with a new expiry (same id, so copies of the old one
+    /// keep working until they expire on their own). `jmp` and `jmpd` call it before their
+    /// credential expires. Answered with `Credential`.
+    Renew,
     /// Exporter: come online. The stream stays open; the controller pushes `ExporterState`.
     Register(Registration),
     /// Client: reach the leased exporter through the controller's relay (it accepts no inbound
@@ -507,6 +511,14 @@ pub struct ClientConfig {
     /// The controller's certificate fingerprint, pinned.
     pub fingerprint: String,
     pub token: String,
+    /// Renew the credential this long before it expires (`7d`); default: when a third of its
+    /// life is left.
+    #[serde(
+        rename = "renewBefore",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub renew_before: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -528,6 +540,7 @@ impl ClientConfig {
             endpoint: c.endpoint.clone(),
             fingerprint: c.fingerprint.clone(),
             token: c.token.clone(),
+            renew_before: None,
         }
     }
 }

@@ -47,7 +47,8 @@ pub struct Claims {
     /// Unique id: a credential is valid only while it is the identity's current one.
     pub jti: String,
     pub iat: u64,
-    /// Expiry (Unix seconds). Lease tokens always have one; credentials none.
+    /// Expiry (Unix seconds). Lease tokens always have one; credentials one unless the
+    /// controller runs with `--credential-ttl 0` (see [`renew_at`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exp: Option<u64>,
     /// Lease tokens: who holds the lease.
@@ -62,4 +63,43 @@ pub struct Claims {
     /// Client credentials: admin rights.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub admin: bool,
+}
+
+impl Claims {
+    /// When a credential should be renewed, if it expires: see [`renew_at`].
+    pub fn renew_at(&self, renew_before: Option<u64>) -> Option<u64> {
+        self.exp.map(|exp| renew_at(self.iat, exp, renew_before))
+    }
+}
+
+/// When a credential issued at `iat` and expiring at `exp` (Unix seconds, the controller's
+/// clock) is renewed: `renew_before` seconds before it expires, by default when a third of its
+/// life is left. The holder compares this with its own clock, so a clock that is behind the
+/// controller's by less than that margin still renews in time (and one that is ahead renews
+/// early, which costs nothing); the controller also accepts a credential for its
+/// `--credential-skew` after `exp`. Never before `iat`.
+pub fn renew_at(iat: u64, exp: u64, renew_before: Option<u64>) -> u64 {
+    let life = exp.saturating_sub(iat);
+    let before = renew_before.unwrap_or(life / 3).min(life);
+    exp - before
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_a_third_of_the_life_before_expiry_or_as_configured() {
+        // 90 days: renewed at day 60.
+        let day = 86_400;
+        assert_eq!(renew_at(0, 90 * day, None), 60 * day);
+        assert_eq!(
+            renew_at(1_000, 1_000 + 90 * day, Some(7 * day)),
+            1_000 + 83 * day
+        );
+        // A margin longer than the life renews at once (never before it was issued).
+        assert_eq!(renew_at(1_000, 2_000, Some(5_000)), 1_000);
+        // A degenerate credential (exp before iat) is due at once too.
+        assert_eq!(renew_at(2_000, 1_000, None), 1_000);
+    }
 }

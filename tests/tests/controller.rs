@@ -1847,3 +1847,128 @@ fn usage_reports_ended_and_live_leases_per_team_and_survives_a_restart() {
     lab.ctl = start_controller(&lab.env.logs, &lab.data, &format!("127.0.0.1:{port}"));
     check(&lab, "after the restart");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Credentials expire; jmp and jmpd renew theirs before they do.
+
+fn token_of_config(file: &Path) -> String {
+    let c: jmp_protocol::ctl::ClientConfig =
+        serde_norway::from_str(&std::fs::read_to_string(file).expect("read client config"))
+            .expect("client config parses");
+    c.token
+}
+
+/// Waits until the clock has passed the second `token` was issued in: a renewal within the
+/// same second would sign the very same claims (same `iat`, `exp` and id) again.
+fn after_issue_second(token: &str) {
+    let iat = jmp_transport::token::peek(token.trim())
+        .expect("a token")
+        .iat;
+    assert!(poll_until(LONG, || jmp_e2e::lab::unix_now() > iat));
+}
+
+fn exp_of(token: &str) -> u64 {
+    jmp_transport::token::peek(token)
+        .expect("a token")
+        .exp
+        .expect("the credential expires")
+}
+
+#[test]
+fn credentials_are_renewed_in_place_by_jmp_and_jmpd_and_old_copies_keep_working() {
+    let lab = Lab::with_args("ctl-renew", "127.0.0.1:0", &["--credential-ttl", "1h"]);
+    // The exporter renews as soon as it registers (renewBefore as long as the life).
+    let token_file = lab.create_exporter("ren-01", &["board=ren"]);
+    let first_exporter_token = std::fs::read_to_string(&token_file).unwrap();
+    let cfg = lab.exporter_config("ren-01", &token_file, 0);
+    let yaml = std::fs::read_to_string(&cfg).unwrap().replace(
+        "controller: {tokenFile: ",
+        "controller: {renewBefore: 1h, tokenFile: ",
+    );
+    std::fs::write(&cfg, yaml).unwrap();
+    after_issue_second(&first_exporter_token);
+    let mut jmpd = lab.start_jmpd(&cfg);
+    assert!(
+        poll_until(LONG, || std::fs::read_to_string(&token_file)
+            .is_ok_and(|t| t != first_exporter_token)),
+        "jmpd did not write a renewed credential: {}",
+        jmpd.proc.describe()
+    );
+    let renewed = std::fs::read_to_string(&token_file).unwrap();
+    assert!(exp_of(renewed.trim()) >= exp_of(first_exporter_token.trim()));
+
+    // A client whose config asks for renewal an hour before expiry: due at once.
+    let file = lab.create_client("renewer", &[]);
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("{text}renewBefore: 1h\n")).unwrap();
+    let old_copy = lab.env.root.join("old-copy.yaml");
+    std::fs::copy(&file, &old_copy).unwrap();
+    let old = token_of_config(&file);
+    after_issue_second(&old);
+    let with_file = |f: &Path, label: &str| {
+        let mut c = lab.jmp();
+        c.env("JMP_CLIENT_CONFIG", f).args(["get", "exporters"]);
+        lab.run(label, c)
+    };
+    let out = with_file(&file, "renew-once");
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        out.stderr.contains("renewed the credential of renewer"),
+        "{}",
+        show(&out)
+    );
+    assert!(out.stdout.contains("ren-01"), "{}", show(&out));
+    let new = token_of_config(&file);
+    assert_ne!(new, old, "the file holds the renewed credential");
+    assert!(exp_of(&new) >= exp_of(&old));
+    let meta = std::fs::metadata(&file).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o600,
+        "the renewed config stays private"
+    );
+    // Renewal revokes nothing: a copy of the old credential (a CI secret) still works.
+    let out = with_file(&old_copy, "old-copy");
+    assert!(out.status.success(), "{}", show(&out));
+
+    // Several processes renewing one file at once: all succeed, the file stays valid.
+    let mut ps: Vec<Proc> = (0..4)
+        .map(|i| {
+            let mut c = lab.jmp();
+            c.env("JMP_CLIENT_CONFIG", &file).args(["get", "leases"]);
+            lab.spawn(&format!("renew-{i}"), c)
+        })
+        .collect();
+    for p in &mut ps {
+        assert!(p.expect_exit(LONG).success(), "{}", p.describe());
+    }
+    let out = with_file(&file, "after-the-crowd");
+    assert!(out.status.success(), "{}", show(&out));
+    // jmpd is still registered with its renewed credential.
+    assert_eq!(lab.exporter("ren-01")["online"], true);
+    jmpd.proc.stop();
+}
+
+#[test]
+fn an_expired_credential_is_refused_naming_the_identity_and_what_to_do() {
+    let lab = Lab::with_args(
+        "ctl-expire",
+        "127.0.0.1:0",
+        &["--credential-ttl", "3s", "--credential-skew", "0s"],
+    );
+    let file = lab.create_client("brief", &[]);
+    let exp = exp_of(&token_of_config(&file));
+    // Waiting for the clock itself: the credential's expiry is the event.
+    assert!(poll_until(LONG, || jmp_e2e::lab::unix_now() > exp + 1));
+    let mut c = lab.jmp();
+    c.env("JMP_CLIENT_CONFIG", &file).args(["get", "leases"]);
+    let out = lab.run("expired", c);
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(
+        out.stderr
+            .contains("the credential of client \"brief\" expired")
+            && out.stderr.contains("ask an admin for a new one"),
+        "{}",
+        show(&out)
+    );
+}

@@ -125,6 +125,17 @@ impl Verifier {
     /// Checks signature and expiry, for callers that accept more than one kind (the
     /// controller's API takes client and exporter credentials alike).
     pub fn verify_any(&self, token: &str, now: u64) -> Result<Claims, TokenError> {
+        self.verify_any_within(token, now, LEEWAY_SECS)
+    }
+
+    /// [`Verifier::verify_any`] with `leeway` seconds of tolerance after the expiry instead of
+    /// [`LEEWAY_SECS`] (the controller's `--credential-skew` for credentials).
+    pub fn verify_any_within(
+        &self,
+        token: &str,
+        now: u64,
+        leeway: u64,
+    ) -> Result<Claims, TokenError> {
         let mut v = Validation::new(Algorithm::EdDSA);
         v.validate_exp = false;
         v.validate_aud = false;
@@ -136,7 +147,7 @@ impl Verifier {
             })?
             .claims;
         if let Some(exp) = claims.exp {
-            if now > exp + LEEWAY_SECS {
+            if now > exp.saturating_add(leeway) {
                 return Err(TokenError::Expired(now - exp));
             }
         }
