@@ -199,6 +199,26 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
+/// How far a bridge's local cache of the device's contents (a storage mount's page cache) has
+/// caught up with the exporter: every change up to `generation` of exporter `instance` has
+/// been dropped from it, so reads from now on see at least that state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheState {
+    /// The exporter instance (from its Welcome; 0 when not known).
+    pub instance: u64,
+    /// `None` before the device's parameters were first heard.
+    pub generation: Option<u64>,
+}
+
+impl CacheState {
+    /// The cache has caught up with `generation` (of `instance`, when given: generations of
+    /// another exporter instance say nothing about this one).
+    pub fn covers(&self, instance: Option<u64>, generation: u64) -> bool {
+        instance.is_none_or(|i| i == self.instance)
+            && self.generation.is_some_and(|g| g >= generation)
+    }
+}
+
 /// What a bridge needs to know about where it lives.
 #[derive(Debug, Clone)]
 pub struct BridgeCtx {
@@ -243,6 +263,13 @@ pub trait Bridge: Send + 'static {
     /// the link was down); shown beside the exporter's summary in `jmp status`. `None` for a
     /// kind with nothing to add.
     fn local_status(&self) -> Option<watch::Receiver<String>> {
+        None
+    }
+
+    /// A bridge that caches the device's contents locally reports how far that cache has
+    /// caught up ([`CacheState`]): how `jmp storage flash` waits until every local mount has
+    /// dropped what it wrote over. `None` for a kind that caches nothing.
+    fn cache(&self) -> Option<watch::Receiver<CacheState>> {
         None
     }
 }

@@ -239,6 +239,10 @@ async fn a_shared_medium_refuses_writes_while_the_board_is_on_and_moves_its_gene
         .expect("changed pushed")
         .expect("watch");
     assert_eq!(w(c.clone()).await.expect("accepted while off"), Reply::Done);
+    // A first write by a channel moves the generation too (see the next test), and the
+    // change reaches the writer before the write's answer.
+    let g1 = c.params().expect("params").generation;
+    assert_eq!(g1, p0.generation + 1, "a new writer moves the generation");
     board.set_power(true);
     let p = *tokio::time::timeout(GUARD, watch.wait_for(|p| p.is_some_and(|p| p.board_on)))
         .await
@@ -246,7 +250,7 @@ async fn a_shared_medium_refuses_writes_while_the_board_is_on_and_moves_its_gene
         .expect("watch");
     assert_eq!(
         p.map(|p| p.generation),
-        Some(p0.generation + 1),
+        Some(g1 + 1),
         "power-on moves the generation"
     );
 }
@@ -292,6 +296,68 @@ async fn another_writer_moves_the_generation_so_caches_drop() {
         .expect("a hears")
         .expect("watch");
     assert!(p.is_some());
+}
+
+/// The rules a flash beside a mount relies on: a foreign writer's flush moves the generation
+/// again after its writes (pages another channel read meanwhile may be old), the writer hears
+/// each change before the answer that follows it (so it knows the generation its flush
+/// made), its end without a flush moves it too, and a lone writer's flush leaves everyone's
+/// cache alone (a mount's own fsyncs must not drop its cache).
+#[tokio::test]
+async fn a_writers_flush_and_end_move_the_generation_after_its_writes() {
+    let img = Img::new("flushgen");
+    let (link, _srv) = mem_session(DeviceSet::new("b", vec![driver(&img, true, None, None)]));
+    let write = |c: Client, at: u64| async move {
+        c.call(
+            Op::Write { offset: at, len: 1 },
+            Some(Bytes::from_static(b"w")),
+        )
+        .await
+        .expect("write")
+    };
+    let gen = |c: &Client| c.params().expect("params").generation;
+
+    // Alone: the first write moves the generation (a mount whose link is down must find out),
+    // its flush does not.
+    let (a, _ta) = connect(link.clone()).await;
+    write(a.clone(), 0).await;
+    let g_a = gen(&a);
+    a.call(Op::Flush, None).await.expect("flush");
+    assert_eq!(gen(&a), g_a, "a lone writer's flush keeps the generation");
+
+    // Beside a: b's first write moves it, and b hears that before the write's answer.
+    let (b, tb) = connect(link.clone()).await;
+    write(b.clone(), 4096).await;
+    let g1 = gen(&b);
+    assert!(g1 > g_a, "{g1} after {g_a}");
+    b.call(Op::Flush, None).await.expect("flush");
+    let g2 = gen(&b);
+    assert!(
+        g2 > g1,
+        "the flush moved it again ({g2} after {g1}), heard before its answer"
+    );
+    let mut wa = a.watch_params();
+    tokio::time::timeout(
+        GUARD,
+        wa.wait_for(|p| p.is_some_and(|p| p.generation >= g2)),
+    )
+    .await
+    .expect("a hears the flush's generation")
+    .expect("watch");
+
+    // A flush with nothing written since the last one keeps it.
+    b.call(Op::Flush, None).await.expect("flush");
+    assert_eq!(gen(&b), g2);
+
+    // b writes again and ends without a flush: the end moves it.
+    write(b.clone(), 8192).await;
+    let g3 = gen(&b);
+    tb.abort();
+    drop(b);
+    tokio::time::timeout(GUARD, wa.wait_for(|p| p.is_some_and(|p| p.generation > g3)))
+        .await
+        .expect("a hears the end of b's writes")
+        .expect("watch");
 }
 
 /// The real kernel: the bridge mounts FUSE over the in-memory session; the files are the disk

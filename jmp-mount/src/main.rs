@@ -125,6 +125,8 @@ fn run(args: Args) -> Result<()> {
             nix::unistd::getegid().as_raw(),
         );
         let mut bridge = StorageBridge::at(info, &args.mountpoint, owner)?;
+        // The exporter instance tags the mount's cache (a restarted exporter is a change).
+        bridge.on_welcome(info, welcome.instance);
         println!(
             "jmp-mount: {} mounted at {}",
             info.name,
@@ -180,7 +182,10 @@ fn run(args: Args) -> Result<()> {
                     tokio::time::sleep(backoff).await;
                     connect(pin).await
                 } => match r {
-                    Ok((link, _, _)) => {
+                    Ok((link, w, _)) => {
+                        if let Some(d) = w.devices.iter().find(|d| d.name == info.name) {
+                            bridge.on_welcome(d, w.instance);
+                        }
                         backoff = Duration::from_millis(200);
                         current = Some(link);
                     }

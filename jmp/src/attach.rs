@@ -244,6 +244,9 @@ pub struct LinkSlot {
 pub struct Shared {
     pub live: Mutex<Live>,
     pub links: watch::Receiver<LinkSlot>,
+    /// Per device that caches its contents locally (a storage mount): how far that cache has
+    /// caught up with the exporter (the control socket's `settle` waits on it).
+    pub caches: Vec<(String, watch::Receiver<jmp_devices::CacheState>)>,
 }
 
 impl Shared {
@@ -611,7 +614,12 @@ pub async fn run(
         link: Some(Arc::new(link.handle.clone()) as Arc<dyn Channels>),
         welcome: Some(Arc::new(welcome.clone())),
     });
+    let caches = bridges
+        .iter()
+        .filter_map(|b| b.cache().map(|rx| (b.device().to_string(), rx)))
+        .collect();
     let shared = Arc::new(Shared {
+        caches,
         live: Mutex::new(Live {
             ready: ready.clone(),
             link: "up".into(),

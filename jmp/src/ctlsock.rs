@@ -8,6 +8,11 @@
 //! over the attachment's link, answers with a `channel` reply line, and from then on relays
 //! raw bytes both ways until either side ends (how `jmp storage flash` streams an image
 //! through the attachment's one connection).
+//!
+//! `settle` waits until the local cache of a device (a storage mount's page cache) has caught
+//! up with a generation of the device (at most [`SETTLE_WAIT`]): `jmp storage flash` asks
+//! every attachment of the exporter before it reports success, so a read through a mount
+//! after it sees the new bytes.
 
 use crate::attach::{Live, Shared};
 use jmp_devices::registry::{DeviceRequest, DeviceResponse};
@@ -21,6 +26,10 @@ pub const VERSION: u32 = 1;
 
 /// Longest request line accepted (a request is a few hundred bytes).
 const MAX_LINE: u64 = 64 * 1024;
+
+/// How long a `settle` waits for a mount to catch up. Catching up is one invalidation and a
+/// partition table read once the change arrives; this long means the mount's link is down.
+pub const SETTLE_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
@@ -51,6 +60,15 @@ pub enum Op {
         #[serde(default, skip_serializing_if = "String::is_empty")]
         params: String,
     },
+    /// Waits until the local cache of `device` holds nothing older than `generation` of the
+    /// device (of exporter instance `instance`, when given), then answers `settled`; an error
+    /// (`timed out`) after [`SETTLE_WAIT`]. A device with no local cache is settled at once.
+    Settle {
+        device: String,
+        generation: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        instance: Option<u64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,10 +88,20 @@ pub enum ReplyBody {
         /// One line for people.
         message: String,
     },
-    /// The channel is open; raw bytes follow. `params`: the kind's `Opened.params` (hex).
+    /// The channel is open; raw bytes follow. `params`: the kind's `Opened.params` (hex);
+    /// `instance`: the exporter instance it was opened on (absent: not known).
     Channel {
         device: String,
         params: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        instance: Option<u64>,
+    },
+    /// The local cache of `device` has caught up: `generation` is the one it holds now
+    /// (absent: the device has no local cache here).
+    Settled {
+        device: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        generation: Option<u64>,
     },
     Error {
         /// The wire code's name (`failed`, `timeout`, `no such device`, ...).
@@ -194,6 +222,59 @@ async fn answer(shared: &Shared, req: Request) -> Reply {
         Op::Channel { .. } => {
             Reply::error(ErrorCode::Internal, "a channel is relayed, not answered")
         }
+        Op::Settle {
+            device,
+            generation,
+            instance,
+        } => settle(shared, device, instance, generation).await,
+    }
+}
+
+/// Waits (at most [`SETTLE_WAIT`]) until the local cache of `device` covers `generation`.
+async fn settle(shared: &Shared, device: String, instance: Option<u64>, generation: u64) -> Reply {
+    let Some((_, cache)) = shared.caches.iter().find(|(d, _)| *d == device) else {
+        return Reply::new(ReplyBody::Settled {
+            device,
+            generation: None,
+        });
+    };
+    let mut cache = cache.clone();
+    // Copied out at once: the watch's borrow must not be held across anything.
+    let waited = tokio::time::timeout(
+        SETTLE_WAIT,
+        cache.wait_for(|c| c.covers(instance, generation)),
+    )
+    .await
+    .map(|r| r.map(|c| *c));
+    match waited {
+        Ok(Ok(c)) => Reply::new(ReplyBody::Settled {
+            device,
+            generation: c.generation,
+        }),
+        Ok(Err(_)) => Reply::error(
+            ErrorCode::Internal,
+            format!("{device}: the attachment is ending; its mount is going away"),
+        ),
+        Err(_) => {
+            let now = *cache.borrow();
+            let live = shared.live();
+            let at = live
+                .ready
+                .devices
+                .iter()
+                .find(|d| d.name == device)
+                .map(|d| d.local.clone())
+                .unwrap_or_default();
+            Reply::error(
+                ErrorCode::Timeout,
+                format!(
+                    "{device}: the mount at {at} did not drop its cache within {}s (it holds generation {} of the medium, the write made {generation}; link {}): reads through it may still show the old data",
+                    SETTLE_WAIT.as_secs(),
+                    now.generation.map_or("none yet".to_string(), |g| g.to_string()),
+                    live.link,
+                ),
+            )
+        }
     }
 }
 
@@ -203,7 +284,7 @@ async fn open_channel(
     device: Option<String>,
     kind: &Kind,
     params: &str,
-) -> Result<(String, jmp_transport::Pipe, bytes::Bytes), Reply> {
+) -> Result<(String, jmp_transport::Pipe, bytes::Bytes, Option<u64>), Reply> {
     let live = shared.live();
     let device = pick(
         &live.ready.exporter,
@@ -217,7 +298,10 @@ async fn open_channel(
     .map_err(|r| Reply::error(r.code, r.reason))?;
     let params = hex::decode(params)
         .map_err(|e| Reply::error(ErrorCode::Protocol, format!("bad channel params: {e}")))?;
-    let link = shared.links.borrow().link.clone();
+    let (link, instance) = {
+        let slot = shared.links.borrow();
+        (slot.link.clone(), slot.welcome.as_ref().map(|w| w.instance))
+    };
     let Some(link) = link else {
         return Err(Reply::error(
             ErrorCode::Internal,
@@ -228,7 +312,7 @@ async fn open_channel(
         .open_stream(&device, bytes::Bytes::from(params))
         .await
         .map_err(|r| Reply::error(r.code, r.reason))?;
-    Ok((device, pipe, opened))
+    Ok((device, pipe, opened, instance))
 }
 
 /// Relays raw bytes between the socket and the channel until either ends.
@@ -296,10 +380,11 @@ pub async fn serve(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
                             params,
                         },
                 }) => match open_channel(&shared, device, &kind, &params).await {
-                    Ok((device, pipe, opened)) => {
+                    Ok((device, pipe, opened, instance)) => {
                         let text = send(Reply::new(ReplyBody::Channel {
                             device,
                             params: hex::encode(&opened),
+                            instance,
                         }));
                         if w.write_all(text.as_bytes()).await.is_err() {
                             return;
@@ -434,8 +519,42 @@ mod tests {
             &Reply::new(ReplyBody::Channel {
                 device: "sd".into(),
                 params: "90000000420007 03".replace(' ', ""),
+                instance: None,
             }),
             r#"{"v":1,"reply":"channel","device":"sd","params":"9000000042000703"}"#,
+        );
+        round(
+            &Reply::new(ReplyBody::Channel {
+                device: "sd".into(),
+                params: "9000000042000703".into(),
+                instance: Some(7),
+            }),
+            r#"{"v":1,"reply":"channel","device":"sd","params":"9000000042000703","instance":7}"#,
+        );
+        round(
+            &Request {
+                v: 1,
+                op: Op::Settle {
+                    device: "sd".into(),
+                    generation: 4,
+                    instance: Some(7),
+                },
+            },
+            r#"{"v":1,"op":"settle","device":"sd","generation":4,"instance":7}"#,
+        );
+        round(
+            &Reply::new(ReplyBody::Settled {
+                device: "sd".into(),
+                generation: Some(4),
+            }),
+            r#"{"v":1,"reply":"settled","device":"sd","generation":4}"#,
+        );
+        round(
+            &Reply::new(ReplyBody::Settled {
+                device: "console".into(),
+                generation: None,
+            }),
+            r#"{"v":1,"reply":"settled","device":"console"}"#,
         );
         round(
             &Reply::new(ReplyBody::Done {

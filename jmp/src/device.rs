@@ -156,7 +156,7 @@ pub(crate) fn run(device: Option<String>, target: Target, req: DeviceRequest) ->
             ReplyBody::Error {
                 exit: x, message, ..
             } => Err(exit(x, message)),
-            ReplyBody::Status(_) | ReplyBody::Channel { .. } => {
+            ReplyBody::Status(_) | ReplyBody::Channel { .. } | ReplyBody::Settled { .. } => {
                 Err(exit(code::FAILURE, "unexpected reply from the attachment"))
             }
         };

@@ -5,6 +5,17 @@
 //! controller), which holds the board for the duration. The flashing itself is
 //! `jmp_devices::storage::flash`; this module picks the connection, shows progress (a bar
 //! with rate and ETA on a terminal, a line per 10% otherwise) and maps failures to exit codes.
+//!
+//! **What a successful flash promises.** When `jmp storage flash` exits 0, every mount of the
+//! device served by a `jmp attach` of this user (the attachments `jmp status` lists, of the
+//! same exporter: name and fingerprint) has dropped its cache of what was written, so a read
+//! through it right after sees the new bytes. How: the exporter moves the device's generation
+//! after the flash's last write (at its flush) and sends the change on the flash's channel
+//! before the flush's answer, so the flash knows that generation when it is flushed; then it
+//! asks each such attachment to `settle` the device to it (the control socket waits until the
+//! mount has dropped its cache at that generation, see `ctlsock`), and fails if one cannot
+//! within 10 s. A `jmp-mount` of its own drops its cache when the change reaches it, with no
+//! such wait.
 
 use crate::attach::Connector;
 use crate::cli::{StorageCmd, Target};
@@ -68,6 +79,11 @@ struct Opened {
     client: Client,
     params: DeviceParams,
     device: String,
+    /// Whose device it is: the exporter's name and fingerprint (as attachments list them),
+    /// and the exporter instance when known.
+    exporter: String,
+    fingerprint: String,
+    instance: Option<u64>,
     serve: tokio::task::JoinHandle<()>,
     link: Option<(jmp_transport::Link, Connector)>,
 }
@@ -146,8 +162,12 @@ async fn via_attachment(target: &Target, device: Option<String>) -> Result<Optio
     }
     let reply: ctlsock::Reply = serde_json::from_slice(&reply)
         .map_err(|e| exit(code::FAILURE, format!("bad reply from the attachment: {e}")))?;
-    let (device, params) = match reply.body {
-        ReplyBody::Channel { device, params } => (device, params),
+    let (device, params, instance) = match reply.body {
+        ReplyBody::Channel {
+            device,
+            params,
+            instance,
+        } => (device, params, instance),
         ReplyBody::Error {
             exit: x, message, ..
         } => return Err(exit(x, message)),
@@ -168,6 +188,9 @@ async fn via_attachment(target: &Target, device: Option<String>) -> Result<Optio
         client,
         params,
         device,
+        exporter: st.ready.exporter.clone(),
+        fingerprint: st.ready.fingerprint.clone(),
+        instance,
         serve,
         link: None,
     }))
@@ -181,7 +204,7 @@ async fn own_connection(target: &Target, device: Option<String>) -> Result<Opene
         lease_access(target).await.map_err(refused)?
     };
     let connector = reach.connector(features::CLIENT).map_err(refused)?;
-    let (link, welcome, _) = connector.connect().await.map_err(|e| match e {
+    let (link, welcome, fingerprint) = connector.connect().await.map_err(|e| match e {
         crate::attach::AttachError::Refused { code, reason } => exit(code.exit_code(), reason),
         other => exit(code::FAILURE, other.to_string()),
     })?;
@@ -203,6 +226,9 @@ async fn own_connection(target: &Target, device: Option<String>) -> Result<Opene
         client,
         params,
         device,
+        exporter: welcome.exporter.clone(),
+        fingerprint: fingerprint.to_string(),
+        instance: Some(welcome.instance),
         serve,
         link: Some((link, connector)),
     })
@@ -336,7 +362,24 @@ fn flash_cmd(
         .await;
         shown.done();
         let device = opened.device.clone();
+        // The generation the flush made (its change came before the flush's answer).
+        let generation = opened.client.params().map(|p| p.generation);
+        let whose = (
+            opened.exporter.clone(),
+            opened.fingerprint.clone(),
+            opened.instance,
+        );
         opened.close().await;
+        if let (Ok(_), Some(g)) = (&r, generation) {
+            settle_local_mounts(&whose.0, &whose.1, &device, whose.2, g)
+                .await
+                .map_err(|e| {
+                    exit(
+                        ErrorCode::Timeout.exit_code(),
+                        format!("{device}: flashed {} and flushed, but {e}", img.display()),
+                    )
+                })?;
+        }
         match r {
             Ok(rep) => {
                 let secs = started.elapsed().as_secs_f64().max(1e-3);
@@ -366,6 +409,66 @@ fn flash_cmd(
             }
         }
     })
+}
+
+/// Asks every attachment of this user that serves a mount of `device` of the exporter
+/// (`exporter`, `fingerprint`) to drop its cache up to `generation`; returns once each has,
+/// or says which one could not (within the control socket's `SETTLE_WAIT`).
+async fn settle_local_mounts(
+    exporter: &str,
+    fingerprint: &str,
+    device: &str,
+    instance: Option<u64>,
+    generation: u64,
+) -> Result<(), String> {
+    let mounting: Vec<state::StateFile> = state::all()
+        .into_iter()
+        .filter(|s| {
+            s.ready.exporter == exporter
+                && s.ready.fingerprint == fingerprint
+                && s.ready.devices.iter().any(|d| {
+                    d.name == device
+                        && d.kind == Kind::Storage
+                        && d.endpoints
+                            .iter()
+                            .any(|e| matches!(e.local, jmp_devices::Local::Mount(_)))
+                })
+        })
+        .collect();
+    // One at a time: there is one attachment per exporter and user, so this is one wait.
+    for st in mounting {
+        let req = ctlsock::Request {
+            v: ctlsock::VERSION,
+            op: Op::Settle {
+                device: device.to_string(),
+                generation,
+                instance,
+            },
+        };
+        let socket = st.socket.clone();
+        // Past the attachment's own wait: its answer (or its timeout error) comes first.
+        let guard = ctlsock::SETTLE_WAIT + std::time::Duration::from_secs(5);
+        let reply = tokio::task::spawn_blocking(move || ctlsock::call(&socket, &req, guard))
+            .await
+            .map_err(|e| e.to_string())?;
+        let who = format!("the attachment of {exporter} (pid {})", st.ready.pid);
+        match reply.map(|r| r.body) {
+            Ok(ReplyBody::Settled { .. }) => {}
+            Ok(ReplyBody::Error { message, code, .. })
+                if code == ErrorCode::Protocol.as_str() && message.contains("settle") =>
+            {
+                // An attachment older than `settle`: it drops its cache when the change
+                // reaches it, which nothing here can wait for.
+                tracing::warn!(
+                    "{who} is older than this jmp and cannot confirm that its mount dropped its cache; a read through it right now may show the old data"
+                );
+            }
+            Ok(ReplyBody::Error { message, .. }) => return Err(format!("{who}: {message}")),
+            Ok(_) => return Err(format!("{who} answered `settle` with something else")),
+            Err(e) => return Err(format!("{who} could not be asked to drop its cache: {e}")),
+        }
+    }
+    Ok(())
 }
 
 fn dump_cmd(device: Option<String>, out: PathBuf, target: Target) -> Result<()> {

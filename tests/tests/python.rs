@@ -51,11 +51,11 @@ fn pytest_and_robot_against_a_local_board() {
     // reaching the client): the selector is not needed, the local board is used.
     let report = env.root.join("local.xml");
     let mut c = tool(&env, &bin, "pytest");
-    c.args(["hardware_tests", "jumpstarter", "-v"])
+    c.args(["hardware_tests", "jumpstarter", "kinds", "-v"])
         .arg(format!("--junitxml={}", report.display()));
     let out = run_tool(&env, "pytest-local", c);
     assert_passed(&out, "pytest in local mode");
-    assert_eq!(junit_counts(&report), (5, 0, 0), "{}", out.stdout);
+    assert_eq!(junit_counts(&report), (7, 0, 0), "{}", out.stdout);
 
     // Robot, ours and Jumpstarter's library name.
     let mut c = tool(&env, &bin, "robot");

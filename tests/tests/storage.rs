@@ -689,3 +689,97 @@ fn a_card_shared_with_the_board_takes_writes_only_while_it_is_off() {
         &format!("cmp {} {}", src.display(), img.display()),
     );
 }
+
+/// The coherence promise of `jmp storage flash`: once it exits 0, a read through the mount of
+/// `jmp attach` sees the new bytes, although the kernel keeps the mount's pages across opens.
+/// Each round caches the region (a read before), flashes different bytes while a second
+/// reader keeps reading it (pages cached during the flash must not survive it), and reads
+/// again at once. The flash goes through the attachment, the one way beside a running one (a
+/// flash on a connection of its own would replace the attachment, as any newer session of
+/// the same client does); half the rounds name it (`--exporter cboard`, as jmp-testing does),
+/// half let `jmp` find the only one.
+#[test]
+fn a_read_through_the_mount_right_after_a_flash_sees_the_new_bytes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    if let Some(t) = missing_tool() {
+        return skip(&format!(
+            "{t} is missing (scripts/install-test-deps.sh installs it)"
+        ));
+    }
+    const ROUNDS: usize = 20;
+    // The card's first sector (its partition table) is kept, so the mount's files stay the
+    // same; the rest of the region is new in every round.
+    const REGION: usize = 4 << 20;
+    let env = TestEnv::new("storage-coherence");
+    let img = env.root.join("sd.img");
+    let jmpd = env.start_jmpd(&env.exporter_yaml(
+        "cboard",
+        "127.0.0.1:0",
+        &format!(
+            "sd: {{type: storage-sim, size: 64MiB, path: {}}}",
+            img.display()
+        ),
+    ));
+    let (mut attach, v) = env.attach(&jmpd, &[]);
+    let m = mount_of(&v, "sd");
+    let _guard = MountPoint(m.clone());
+    let disk = m.join("disk");
+    let mbr = read_at(&img, 0, 512);
+    let image = env.root.join("round.raw");
+    for round in 0..ROUNDS {
+        let before = read_at(&disk, 0, REGION);
+        let mut data = vec![0u8; REGION];
+        data[..512].copy_from_slice(&mbr);
+        let mut f = std::fs::File::open("/dev/urandom").expect("urandom");
+        std::io::Read::read_exact(&mut f, &mut data[512..]).expect("random bytes");
+        assert_ne!(before, data, "round {round}: new bytes differ from the old");
+        std::fs::write(&image, &data).expect("image");
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (stop, disk) = (stop.clone(), disk.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = read_at(&disk, 0, REGION);
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        let mut c = env.jmp();
+        c.args(["storage", "flash", "sd"]).arg(&image);
+        if round % 2 == 1 {
+            c.args(["--exporter", "cboard"]);
+        }
+        let out = run("jmp-storage-flash-attached", c, &env.logs, T);
+        stop.store(true, Ordering::Relaxed);
+        let reads = reader.join().expect("the reader");
+        assert!(
+            out.status.success(),
+            "round {round}: {}\n{}",
+            out.stdout,
+            out.stderr
+        );
+        assert!(reads > 0, "round {round}: the reader read");
+        assert_eq!(
+            read_at(&img, 0, REGION),
+            data,
+            "round {round}: the exporter's card has the image"
+        );
+        let after = read_at(&disk, 0, REGION);
+        let stale = after
+            .chunks(4096)
+            .zip(data.chunks(4096))
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(
+            stale,
+            0,
+            "round {round}: {stale} of {} pages read through the mount right after the flash are not the flashed bytes",
+            REGION / 4096
+        );
+    }
+    attach.stop();
+}

@@ -6,7 +6,7 @@
 
 use super::client::{self, Client, Retry};
 use super::mount::{self, Mounted};
-use crate::{places, BoxFuture, Bridge, BridgeCtx, BridgeExit, Endpoint, Local};
+use crate::{places, BoxFuture, Bridge, BridgeCtx, BridgeExit, CacheState, Endpoint, Local};
 use jmp_protocol::codec::Codec;
 use jmp_protocol::kinds::storage::DeviceParams;
 use jmp_protocol::{DeviceInfo, ErrorCode, Kind};
@@ -27,6 +27,10 @@ pub struct StorageBridge {
     client: Client,
     mounted: Option<Arc<Mounted>>,
     follow: Option<tokio::task::JoinHandle<()>>,
+    /// What the mount's cache has caught up with (published by [`mount::follow`]).
+    cache: tokio::sync::watch::Receiver<CacheState>,
+    /// The exporter instance of the current link (from its Welcome).
+    instance: u64,
     /// The mount point is ours (made under the mount dir): removed after unmounting.
     remove_dir: bool,
 }
@@ -89,13 +93,20 @@ impl StorageBridge {
         })?;
         let client = Client::new(&info.name, Retry::Resend);
         let mounted = Arc::new(Mounted::mount(&path, client.clone(), owner, p.writable)?);
-        let follow = tokio::spawn(mount::follow(client.clone(), Arc::downgrade(&mounted)));
+        let (settled, cache) = tokio::sync::watch::channel(CacheState::default());
+        let follow = tokio::spawn(mount::follow(
+            client.clone(),
+            Arc::downgrade(&mounted),
+            settled,
+        ));
         Ok(StorageBridge {
             device: info.name.clone(),
             path,
             client,
             mounted: Some(mounted),
             follow: Some(follow),
+            cache,
+            instance: 0,
             remove_dir: true,
         })
     }
@@ -136,12 +147,22 @@ impl Bridge for StorageBridge {
         vec![Endpoint::new(Local::Mount(self.path.clone()))]
     }
 
+    fn on_welcome(&mut self, _info: &DeviceInfo, instance: u64) {
+        self.instance = instance;
+    }
+
+    fn cache(&self) -> Option<tokio::sync::watch::Receiver<CacheState>> {
+        Some(self.cache.clone())
+    }
+
     fn run<'a>(&'a mut self, link: Arc<dyn Channels>) -> BoxFuture<'a, BridgeExit> {
         Box::pin(async move {
             loop {
                 match client::open(link.as_ref(), &self.device).await {
                     Ok((tx, rx, p)) => {
-                        self.client.set_params(p);
+                        // Every new channel is a change for the mount: a restarted exporter
+                        // (another instance) may have had its medium rewritten.
+                        self.client.set_origin(self.instance, p);
                         if let Err(e) = self.client.serve(tx, rx).await {
                             if link.is_closed() {
                                 return BridgeExit::LinkLost;

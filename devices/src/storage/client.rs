@@ -69,6 +69,10 @@ struct Inner {
     room: Notify,
     next: AtomicU64,
     params: watch::Sender<Option<DeviceParams>>,
+    /// The exporter instance the parameters come from (0: not said). Written only while the
+    /// `params` watch is locked for writing ([`Client::set_origin`]), so whoever reads it
+    /// while holding a borrow of that watch sees the pair as it was set.
+    instance: AtomicU64,
     retry: Retry,
     device: String,
 }
@@ -136,6 +140,7 @@ impl Client {
             room: Notify::new(),
             next: AtomicU64::new(1),
             params: watch::Sender::new(None),
+            instance: AtomicU64::new(0),
             retry,
             device: device.to_string(),
         }))
@@ -153,6 +158,21 @@ impl Client {
     /// Parameter changes (the board's power, the generation).
     pub fn watch_params(&self) -> watch::Receiver<Option<DeviceParams>> {
         self.0.params.subscribe()
+    }
+
+    /// A new channel's parameters, from exporter `instance`. Always a change for watchers
+    /// (even with the same parameters): a mount checks its cache on every new channel.
+    pub fn set_origin(&self, instance: u64, p: DeviceParams) {
+        self.0.params.send_modify(|cur| {
+            self.0.instance.store(instance, Ordering::Relaxed);
+            *cur = Some(p);
+        });
+    }
+
+    /// The exporter instance of the parameters (see [`Client::set_origin`]); read it while
+    /// holding a borrow of [`Client::watch_params`] to get the pair.
+    pub fn instance(&self) -> u64 {
+        self.0.instance.load(Ordering::Relaxed)
     }
 
     pub fn set_params(&self, p: DeviceParams) {

@@ -3,6 +3,16 @@
 //! `pwritev`, `fsync` block), so a slow one never holds up the others; answers go back in the
 //! order they finish. A medium shared with the board (an SD-mux) refuses writes while the
 //! board's power is on, and every power-on bumps the generation so clients drop their caches.
+//!
+//! **Generations and writers.** A mount caches what it read; the generation tells it when
+//! that may be stale. It moves (1) when a channel writes that is not the one that wrote last
+//! (a flash beside a mount: the mount drops what it had), and (2) when such a channel's
+//! writes are done, at its flush or its end, if another channel was open meanwhile (pages a
+//! mount read *during* the flash may be old: they are dropped after its last write). The
+//! change is sent on every channel before any answer that follows it, so the writer's own
+//! flush answer comes after the generation that flush made: the writer knows which
+//! generation a mount must have reached to show its data (`jmp storage flash` waits for the
+//! local mounts to reach it, see jmp/src/storage.rs).
 
 use super::medium::{Failure, Medium};
 use crate::board::SimBoard;
@@ -16,7 +26,7 @@ use jmp_protocol::kinds::storage::{
 use jmp_protocol::{ChannelMode, DeviceState, ErrorCode, Kind, Open};
 use jmp_transport::{ChannelIo, PipeTx};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -47,7 +57,7 @@ pub struct Inner {
     state: watch::Sender<DeviceStatus>,
     status: watch::Receiver<DeviceStatus>,
     slow: Option<SlowRange>,
-    /// The channel that wrote last (0: none yet), and the counter naming channels.
+    /// The channel that wrote last (0: none yet), and the counter naming channels (from 1).
     writer: AtomicU64,
     channels: AtomicU64,
     /// Channels being served now.
@@ -197,35 +207,78 @@ impl Inner {
         Ok(())
     }
 
-    /// Channel `ch` is about to write: if it is not the one that wrote last and other
-    /// channels are open, what they cached may go stale, so the generation moves (a flash
-    /// beside a mount). A lone writer keeps everyone's cache.
-    fn writing(&self, ch: u64) {
-        let prev = self.writer.swap(ch, Ordering::Relaxed);
-        if prev != ch && self.open.load(Ordering::Relaxed) > 1 {
-            self.state.send_modify(|st| {
-                if let Ok(mut p) = DeviceParams::decode_exact(&st.params) {
-                    p.generation += 1;
-                    st.params = to_bytes(&p);
-                }
-            });
+    /// Moves the generation: whatever a client cached may be stale. Every channel hears it
+    /// (a `changed` frame) before any answer sent after this returns.
+    fn bump(&self) {
+        self.state.send_modify(|st| {
+            if let Ok(mut p) = DeviceParams::decode_exact(&st.params) {
+                p.generation += 1;
+                st.params = to_bytes(&p);
+            }
+        });
+    }
+
+    /// Channel `ch` is about to write: if it is not the one that wrote last, what others
+    /// cached may go stale, so the generation moves (a flash beside a mount). This holds even
+    /// when no other channel is open now: a mount whose link is down comes back to a
+    /// generation it has not seen, and drops its cache. A writer that stays the writer keeps
+    /// everyone's cache (a lone mount's own writes go through its cache).
+    fn writing(&self, ch: &Writes) {
+        if self.open.load(Ordering::Relaxed) > 1 {
+            ch.beside_others.store(true, Ordering::Relaxed);
+        }
+        let prev = self.writer.swap(ch.id, Ordering::Relaxed);
+        if prev != ch.id {
+            self.bump();
+        }
+    }
+
+    /// Channel `ch`'s writes so far are done (it flushed, or it ended): if another channel was
+    /// open while it wrote, that one may have read (and cached) old data after the bump of
+    /// the first write, so the generation moves again, after the last write.
+    fn writes_done(&self, ch: &Writes) {
+        let dirty = ch.dirty.swap(false, Ordering::AcqRel);
+        let others =
+            ch.beside_others.swap(false, Ordering::AcqRel) || self.open.load(Ordering::Relaxed) > 1;
+        if dirty && others {
+            self.bump();
         }
     }
 
     fn run(
         &self,
-        ch: u64,
+        ch: &Writes,
         m: &Medium,
         op: Op,
         payload: Vec<Bytes>,
     ) -> Result<(Response, Option<Bytes>), Failure> {
-        if matches!(
+        let write = matches!(
             op,
             Op::Write { .. } | Op::WriteZstd { .. } | Op::Zero { .. } | Op::Discard { .. }
-        ) {
+        );
+        if write {
             self.may_write()?;
             self.writing(ch);
         }
+        let r = self.execute(m, op, payload);
+        if write {
+            // Marked after the write (whatever its outcome: a failed write may have written
+            // part): a write still running when a flush finishes is covered by the next
+            // flush or the channel's end.
+            ch.dirty.store(true, Ordering::Release);
+        }
+        if matches!(op, Op::Flush) && r.is_ok() {
+            self.writes_done(ch);
+        }
+        r
+    }
+
+    fn execute(
+        &self,
+        m: &Medium,
+        op: Op,
+        payload: Vec<Bytes>,
+    ) -> Result<(Response, Option<Bytes>), Failure> {
         let ok = Response::Ok { id: 0 };
         match op {
             Op::Read {
@@ -359,7 +412,10 @@ impl Driver for StorageDriver {
                 .medium()
                 .map_err(|f| Refusal::new(ErrorCode::DeviceUnavailable, f.message))?;
             Ok(Box::new(StorageChannel {
-                id: self.0.channels.fetch_add(1, Ordering::Relaxed),
+                writes: Arc::new(Writes {
+                    id: self.0.channels.fetch_add(1, Ordering::Relaxed),
+                    ..Writes::default()
+                }),
                 driver: self.0.clone(),
                 medium,
             }) as Box<dyn Channel>)
@@ -395,9 +451,19 @@ impl Driver for StorageDriver {
 }
 
 struct StorageChannel {
-    id: u64,
+    writes: Arc<Writes>,
     driver: Arc<Inner>,
     medium: Arc<Medium>,
+}
+
+/// One channel's writing, as the generation rules need it (see the module's doc).
+#[derive(Debug, Default)]
+struct Writes {
+    id: u64,
+    /// It wrote since its last flush.
+    dirty: AtomicBool,
+    /// Another channel was open at one of those writes.
+    beside_others: AtomicBool,
 }
 
 impl Channel for StorageChannel {
@@ -409,7 +475,7 @@ impl Channel for StorageChannel {
         Box::pin(async move {
             let ChannelIo::Stream(pipe) = io else { return };
             self.driver.open.fetch_add(1, Ordering::Relaxed);
-            let _open = OpenGuard(self.driver.clone());
+            let _open = OpenGuard(self.driver.clone(), self.writes.clone());
             let (tx, mut rx) = pipe.split();
             let (out, outq) = mpsc::channel::<(Response, Option<Bytes>)>(IN_FLIGHT * 2);
             let writer = tokio::spawn(write_responses(tx, outq, self.driver.status.clone()));
@@ -441,9 +507,9 @@ impl Channel for StorageChannel {
                     let driver = self.driver.clone();
                     let medium = self.medium.clone();
                     let out = out.clone();
-                    let ch = self.id;
+                    let ch = self.writes.clone();
                     tokio::task::spawn_blocking(move || {
-                        let r = match driver.run(ch, &medium, req.op, payload) {
+                        let r = match driver.run(&ch, &medium, req.op, payload) {
                             Ok((r, data)) => (with_id(r, req.id), data),
                             Err(f) => {
                                 driver.lost(&f);
@@ -469,17 +535,22 @@ impl Channel for StorageChannel {
     }
 }
 
-/// Counts a channel as open while it is served.
-struct OpenGuard(Arc<Inner>);
+/// Counts a channel as open while it is served; at its end, writes it never flushed count
+/// as done (a flash killed halfway still moves the generation after its last write).
+struct OpenGuard(Arc<Inner>, Arc<Writes>);
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
+        // Before the count drops: `writes_done` counts this channel among the open ones.
+        self.0.writes_done(&self.1);
         self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// Writes answers as they finish, and a `changed` frame whenever the device's parameters
-/// change (power switched), until every sender is gone.
+/// change (power switched, the generation moved), until every sender is gone. A change made
+/// before an answer was queued goes out before that answer: a flush's answer follows the
+/// generation the flush made (the writer relies on it, see the module's doc).
 async fn write_responses(
     mut tx: PipeTx,
     mut q: mpsc::Receiver<(Response, Option<Bytes>)>,
@@ -488,9 +559,9 @@ async fn write_responses(
     status.borrow_and_update();
     let mut watching = true;
     loop {
-        let (resp, data) = tokio::select! {
+        let answer = tokio::select! {
             r = q.recv() => match r {
-                Some(r) => r,
+                Some(r) => Some(r),
                 None => break,
             },
             c = status.changed(), if watching => {
@@ -498,13 +569,20 @@ async fn write_responses(
                     watching = false;
                     continue;
                 }
-                let st = status.borrow_and_update().clone();
-                match DeviceParams::decode_exact(&st.params) {
-                    Ok(p) => (Response::Changed(p), None),
-                    Err(_) => continue,
-                }
+                None
             }
         };
+        // Checked for an answer too: `select!` may pick the answer although the change that
+        // happened before it is also ready.
+        if (watching && status.has_changed().unwrap_or(false)) || answer.is_none() {
+            let st = status.borrow_and_update().clone();
+            if let Ok(p) = DeviceParams::decode_exact(&st.params) {
+                if tx.send(frame(&Response::Changed(p))).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let Some((resp, data)) = answer else { continue };
         debug_assert!(data.as_ref().is_none_or(|d| d.len() as u64 <= MAX_IO));
         if tx.send(frame(&resp)).await.is_err() {
             return;

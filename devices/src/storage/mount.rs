@@ -137,19 +137,37 @@ async fn invalidate(mounted: &Arc<Mounted>) {
 }
 
 /// Keeps `mounted`'s files in step with the medium for as long as it runs: reads the table
-/// now, and again (after dropping the kernel's cache) whenever the generation changes.
+/// now, and again (after dropping the kernel's cache) whenever the generation or the
+/// exporter instance changes. `settled` says, after each, which (instance, generation) the
+/// cache has caught up with.
+///
+/// Why that is enough for a reader to see a flash's bytes once `settled` covers the
+/// generation the flash ended with: the exporter sends the change on this mount's channel
+/// after every answer to a read it ran before the flash's last write was done, so those
+/// answers reach the kernel first; invalidation then drops every cached page, and waits for
+/// pages still locked by reads in flight and drops them too. Reads after it go to the
+/// exporter and see the written data.
 ///
 /// Holds the mount weakly: the bridge's reference is the one whose drop unmounts.
-pub async fn follow(client: Client, mounted: std::sync::Weak<Mounted>) {
+pub async fn follow(
+    client: Client,
+    mounted: std::sync::Weak<Mounted>,
+    settled: tokio::sync::watch::Sender<crate::CacheState>,
+) {
     let mut params = client.watch_params();
-    let mut seen: Option<u64> = None;
+    let mut seen: Option<(u64, u64)> = None;
     loop {
-        let p = *params.borrow_and_update();
+        // The pair as `set_origin` set it: the instance is read under the watch's borrow.
+        let (p, instance) = {
+            let g = params.borrow_and_update();
+            (*g, client.instance())
+        };
         if let Some(p) = p {
             let Some(mounted) = mounted.upgrade() else {
                 return;
             };
-            if seen != Some(p.generation) {
+            let key = (instance, p.generation);
+            if seen != Some(key) {
                 if seen.is_some() {
                     info!(
                         device = client.device(),
@@ -157,7 +175,7 @@ pub async fn follow(client: Client, mounted: std::sync::Weak<Mounted>) {
                     );
                     invalidate(&mounted).await;
                 }
-                seen = Some(p.generation);
+                seen = Some(key);
                 let c = client.clone();
                 let rt = tokio::runtime::Handle::current();
                 let parts = tokio::task::spawn_blocking(move || read_table(&c, &rt, &p))
@@ -165,6 +183,10 @@ pub async fn follow(client: Client, mounted: std::sync::Weak<Mounted>) {
                     .unwrap_or_default();
                 mounted.files.set(p.size, &parts);
                 invalidate(&mounted).await;
+                settled.send_replace(crate::CacheState {
+                    instance,
+                    generation: Some(p.generation),
+                });
             }
         }
         if params.changed().await.is_err() {
