@@ -280,6 +280,74 @@ pub async fn connect(
     } else {
         "exporter"
     };
+    let conn = connect_retrying_refusals(endpoint, addr, alpn, peer).await?;
+    let got = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|certs| certs.first().map(|c| Fingerprint::of(c.as_ref())))
+        .ok_or_else(|| ConnectError::Tls(format!("the {peer} presented no certificate")))?;
+    if let Some(expected) = pin {
+        if expected != got {
+            conn.close(0u32.into(), b"certificate fingerprint mismatch");
+            return Err(ConnectError::FingerprintMismatch {
+                peer,
+                addr,
+                expected,
+                got,
+            });
+        }
+    }
+    Ok((conn, got))
+}
+
+/// Pauses before each new attempt after the peer refused a connection outright (its
+/// per-source connection rate: a CI host running many `jmp` commands at once). The peer refuses
+/// before any handshake work, so a retry is cheap for it; after the last pause the refusal is
+/// the answer.
+const REFUSED_BACKOFF: [Duration; 4] = [
+    Duration::from_millis(100),
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_millis(1000),
+];
+
+fn refused(e: &quinn::ConnectionError) -> bool {
+    matches!(e, quinn::ConnectionError::ConnectionClosed(c)
+        if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED)
+}
+
+async fn connect_retrying_refusals(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    alpn: &[u8],
+    peer: &'static str,
+) -> Result<quinn::Connection, ConnectError> {
+    let mut pauses = REFUSED_BACKOFF.iter();
+    loop {
+        match connect_once(endpoint, addr, alpn, peer).await {
+            Err(ConnectError::Connection { source, .. }) if refused(&source) => {
+                match pauses.next() {
+                    Some(p) => {
+                        // A little jitter, so that processes refused together do not all
+                        // come back in the same instant.
+                        let jitter = Duration::from_millis(u64::from(rand::random::<u8>() % 50));
+                        tracing::debug!(%addr, "the {peer} refused the connection; retrying in {:?}", *p + jitter);
+                        tokio::time::sleep(*p + jitter).await;
+                    }
+                    None => return Err(ConnectError::Connection { peer, addr, source }),
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn connect_once(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    alpn: &[u8],
+    peer: &'static str,
+) -> Result<quinn::Connection, ConnectError> {
     let connecting = endpoint
         .connect_with(client_config(alpn)?, addr, "jmp-exporter")
         .map_err(|source| ConnectError::Connect { addr, source })?;
@@ -305,21 +373,5 @@ pub async fn connect(
             })
         }
     };
-    let got = conn
-        .peer_identity()
-        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .and_then(|certs| certs.first().map(|c| Fingerprint::of(c.as_ref())))
-        .ok_or_else(|| ConnectError::Tls(format!("the {peer} presented no certificate")))?;
-    if let Some(expected) = pin {
-        if expected != got {
-            conn.close(0u32.into(), b"certificate fingerprint mismatch");
-            return Err(ConnectError::FingerprintMismatch {
-                peer,
-                addr,
-                expected,
-                got,
-            });
-        }
-    }
-    Ok((conn, got))
+    Ok(conn)
 }

@@ -359,3 +359,49 @@ async fn control_messages_nobody_reads_end_the_session_with_a_reason() {
     assert!(ended.1.contains("not keeping up"), "{}", ended.1);
     drop(endpoint);
 }
+
+/// A peer that refuses its first `refusals` connections outright (as the pre-authentication
+/// gate does past a source's rate), then accepts.
+async fn refusing_server(refusals: usize) -> (SocketAddr, quinn::Endpoint) {
+    let id = Identity::generate().expect("identity");
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = sock.local_addr().expect("addr");
+    let endpoint = server_endpoint(sock, &id, ALPN_EXPORTER).expect("endpoint");
+    let ep = endpoint.clone();
+    tokio::spawn(async move {
+        let mut seen = 0;
+        while let Some(incoming) = ep.accept().await {
+            seen += 1;
+            if seen <= refusals {
+                incoming.refuse();
+            } else if let Ok(conn) = incoming.await {
+                // Held open until the client is done.
+                tokio::spawn(async move { conn.closed().await });
+            }
+        }
+    });
+    (addr, endpoint)
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_retried_with_backoff_and_a_lasting_refusal_is_the_answer() {
+    // Refused twice (a rate limit's burst used up): the third attempt gets through.
+    let (addr, _server) = refusing_server(2).await;
+    let ep = client_endpoint(addr).expect("client endpoint");
+    let (conn, _) = connect(&ep, addr, ALPN_EXPORTER, None)
+        .await
+        .expect("connected after two refusals");
+    conn.close(0u32.into(), b"");
+    // Refused every time: after the backoff, the refusal is reported as such.
+    let (addr, _server) = refusing_server(usize::MAX).await;
+    let ep = client_endpoint(addr).expect("client endpoint");
+    let err = connect(&ep, addr, ALPN_EXPORTER, None)
+        .await
+        .expect_err("refused for good");
+    assert!(
+        matches!(&err, ConnectError::Connection { source, .. }
+            if matches!(source, quinn::ConnectionError::ConnectionClosed(c)
+                if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED)),
+        "{err}"
+    );
+}
