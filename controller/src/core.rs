@@ -59,6 +59,9 @@ pub struct ClientRecord {
     /// The id of the one valid credential; anything else is revoked.
     pub jti: String,
     pub created: u64,
+    /// When the newest credential issued to it expires (Unix seconds; 0: never).
+    #[serde(default)]
+    pub expires: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -474,7 +477,10 @@ impl<S: LeaseStore> Core<S> {
                     "the admin credential is due for renewal: renewing {}",
                     path.display()
                 );
-                self.credential(IdentityKind::Client, "admin", &c.jti, true)?
+                let cred = self.credential(IdentityKind::Client, "admin", &c.jti, true)?;
+                self.issued_to_client(&cred);
+                self.persist()?;
+                cred
             }
             None if reissue || !self.has_client("admin") => {
                 let _ = std::fs::remove_file(path);
@@ -527,9 +533,11 @@ impl<S: LeaseStore> Core<S> {
             admin: true,
             jti: random_hex(12),
             created: now_ms() / 1000,
+            expires: 0,
         };
         let cred = self.credential(IdentityKind::Client, name, &rec.jti, true)?;
         self.clients.insert(name.into(), rec);
+        self.issued_to_client(&cred);
         self.dirty.insert((Table::Clients, name.into()));
         self.persist()?;
         Ok(cred)
@@ -957,6 +965,7 @@ impl<S: LeaseStore> Core<S> {
                         allow: c.allow.clone(),
                         max_duration_secs: c.max_duration_secs,
                         admin: c.admin,
+                        credential_expires: (c.expires > 0).then_some(c.expires),
                     })
                     .collect();
                 if clients.is_empty() && name.is_some() {
@@ -1547,12 +1556,14 @@ impl<S: LeaseStore> Core<S> {
             admin: spec.admin,
             jti: random_hex(12),
             created: now_ms() / 1000,
+            expires: 0,
         };
         match self.credential(IdentityKind::Client, &rec.name, &rec.jti, rec.admin) {
             Ok(c) => {
                 info!(client = %rec.name, "client created (any earlier credential revoked)");
                 self.dirty.insert((Table::Clients, rec.name.clone()));
                 self.clients.insert(rec.name.clone(), rec);
+                self.issued_to_client(&c);
                 Reply::Credential(c)
             }
             Err(e) => err(CtlErrorCode::Internal, e.to_string()),
@@ -1703,8 +1714,28 @@ impl<S: LeaseStore> Core<S> {
         };
         info!(name = %caller.name, "credential rotated; the old one is revoked");
         match self.credential(kind, &caller.name, &jti, admin) {
-            Ok(c) => Reply::Credential(c),
+            Ok(c) => {
+                if matches!(c.kind, IdentityKind::Client) {
+                    self.issued_to_client(&c);
+                }
+                Reply::Credential(c)
+            }
             Err(e) => err(CtlErrorCode::Internal, e.to_string()),
+        }
+    }
+
+    /// Records when the credential just issued to client `name` expires (shown by `jmp admin
+    /// get clients`, so an admin sees a client that stopped renewing).
+    fn issued_to_client(&mut self, cred: &Credential) {
+        let exp = jmp_transport::token::peek(&cred.token)
+            .ok()
+            .and_then(|c| c.exp)
+            .unwrap_or(0);
+        if let Some(r) = self.clients.get_mut(&cred.name) {
+            if r.expires != exp {
+                r.expires = exp;
+                self.dirty.insert((Table::Clients, cred.name.clone()));
+            }
         }
     }
 
@@ -1718,7 +1749,12 @@ impl<S: LeaseStore> Core<S> {
         };
         debug!(name = %caller.name, "credential renewed");
         match self.credential(kind, &caller.name, &caller.jti, admin) {
-            Ok(c) => Reply::Credential(c),
+            Ok(c) => {
+                if matches!(c.kind, IdentityKind::Client) {
+                    self.issued_to_client(&c);
+                }
+                Reply::Credential(c)
+            }
             Err(e) => err(CtlErrorCode::Internal, e.to_string()),
         }
     }

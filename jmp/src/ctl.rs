@@ -488,7 +488,14 @@ pub fn print_clients(clients: &[ClientInfo], out: Out) -> Result<()> {
         Out::Yaml => serde_norway::to_string(clients)?,
         Out::Name => clients.iter().map(|c| format!("{}\n", c.name)).collect(),
         Out::Table => table(
-            &["NAME", "LABELS", "ALLOW", "MAX DURATION", "ADMIN"],
+            &[
+                "NAME",
+                "LABELS",
+                "ALLOW",
+                "MAX DURATION",
+                "ADMIN",
+                "CREDENTIAL EXPIRES",
+            ],
             clients
                 .iter()
                 .map(|c| {
@@ -510,6 +517,7 @@ pub fn print_clients(clients: &[ClientInfo], out: Out) -> Result<()> {
                             fmt_left(c.max_duration_secs as i64)
                         },
                         if c.admin { "yes" } else { "no" }.into(),
+                        c.credential_expires.map_or("never".into(), fmt_time),
                     ]
                 })
                 .collect(),

@@ -469,6 +469,10 @@ pub struct ClientInfo {
     pub max_duration_secs: u64,
     #[serde(default)]
     pub admin: bool,
+    /// When the newest credential issued to it (created, rotated or renewed) expires, Unix
+    /// seconds; `None`: it does not expire. A client that stopped renewing shows a date near.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_expires: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -1927,6 +1927,13 @@ fn credentials_are_renewed_in_place_by_jmp_and_jmpd_and_old_copies_keep_working(
         0o600,
         "the renewed config stays private"
     );
+    // The admin sees when the newest credential of the client expires.
+    let listed: Value = serde_json::from_str(&lab.ok(
+        "get-clients",
+        lab.admin(&["get", "clients", "renewer", "-o", "json"]),
+    ))
+    .expect("clients JSON");
+    assert_eq!(listed[0]["credential_expires"], exp_of(&new), "{listed}");
     // Renewal revokes nothing: a copy of the old credential (a CI secret) still works.
     let out = with_file(&old_copy, "old-copy");
     assert!(out.status.success(), "{}", show(&out));
