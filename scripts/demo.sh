@@ -49,4 +49,62 @@ os.close(fd)
 sys.exit(0 if ok else 1)
 PY
 echo
+echo "\$ jmp status      # the simulated board's other devices: its CAN ECU and its SD card"
+$jmp status
+echo
+echo "# the SD card is a mount, read here as any program would; the ECU answers on its CAN bus:"
+python3 - "$jmp" <<'PY'
+import json, os, socket, subprocess, sys, time
+jmp = sys.argv[1]
+st = json.loads(subprocess.run([jmp, "status", "-o", "json"], capture_output=True, text=True, check=True).stdout)[0]
+dev = {d["kind"]: d for d in st["devices"]}
+ok = True
+sd = dev.get("storage")
+if sd and sd["endpoints"]:
+    mount = sd["endpoints"][0]["at"]
+    print(f"$ ls {mount}")
+    print("  ".join(sorted(os.listdir(mount))))
+    with open(os.path.join(mount, "disk"), "rb") as f:
+        mbr = f.read(512)
+    # The partition table, read like fdisk would: the type byte and size of each MBR entry.
+    print("# its partition table (MBR entries: type, size):")
+    for i in range(4):
+        e = mbr[446 + 16 * i: 462 + 16 * i]
+        if e[4]:
+            print(f"  p{i + 1}: type 0x{e[4]:02x}, {int.from_bytes(e[12:16], 'little') * 512 // (1 << 20)} MiB")
+    ok = ok and mbr[510:512] == b"\x55\xaa"
+can = dev.get("can")
+addr = next((e["at"] for e in (can or {}).get("endpoints", []) if e.get("role") == "socketcand"), None)
+if addr:
+    host, port = addr.rsplit(":", 1)
+    print(f"# the ECU through the socketcand port {addr} (what python-can's socketcand interface speaks):")
+    s = socket.create_connection((host, int(port)), timeout=5)
+    f = s.makefile("rwb", buffering=0)
+    def word():
+        out = b""
+        while not out.endswith(b">"):
+            c = s.recv(1)
+            if not c:
+                raise SystemExit("socketcand port closed")
+            out += c
+        return out.decode().strip()
+    assert word() == "< hi >"
+    for cmd in (f"< open {can['name']} >", "< rawmode >"):
+        s.sendall(cmd.encode())
+        word()
+    req = "< send 7E0 3 02 10 03 >"
+    print(f"  sent   {req}   (UDS: start an extended diagnostic session)")
+    s.sendall(req.encode())
+    end = time.time() + 5
+    answer = None
+    while time.time() < end and answer is None:
+        w = word()
+        if w.startswith("< frame 7E8 "):
+            answer = w
+    print(f"  answer {answer}")
+    ok = ok and answer is not None
+    s.close()
+sys.exit(0 if ok else 1)
+PY
+echo
 echo "\$ jmp local stop"
