@@ -231,6 +231,19 @@ impl AttachError {
     }
 }
 
+/// Folders removed on drop if they are empty (see `_folders` in `attach`).
+struct EmptyFolders(Vec<PathBuf>);
+
+impl Drop for EmptyFolders {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            // Only an empty directory goes; anything else (a file, a live mount, another
+            // attachment's links) makes this fail, which is what must happen.
+            let _ = std::fs::remove_dir(f);
+        }
+    }
+}
+
 /// The current connection, as bridges and the control socket follow it. `gen` grows with
 /// every change, so a follower can tell a new link from the one it just lost.
 #[derive(Clone, Default)]
@@ -570,6 +583,13 @@ pub async fn run(
         mount_dir: session.opts.mount_dir.clone(),
         owner: session.opts.owner,
     };
+    // Declared before the bridges, so dropped after them: the exporter's folders they made
+    // go with them when nothing else is left in them (another attachment of the same exporter
+    // keeps its entries there, and remove_dir leaves a folder that is not empty).
+    let _folders = EmptyFolders(vec![
+        ctx.dev_dir.join(&welcome.exporter),
+        ctx.mount_dir.join(&welcome.exporter),
+    ]);
     let mut bridges: Vec<Box<dyn Bridge>> = Vec::new();
     let mut rows = Vec::new();
     for d in &welcome.devices {

@@ -2,6 +2,8 @@
 
 use jmp_e2e::*;
 use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
 #[test]
 fn local_start_shows_login_then_stop_removes_everything() {
@@ -113,5 +115,44 @@ fn attach_daemon_then_detach() {
     assert!(
         poll_until(READY, || !pid_alive(pid)),
         "{pid} still runs after jmp detach"
+    );
+}
+
+/// The README's quick start: `scripts/demo.sh` runs to the end against the simulated board
+/// (console login, power cycle, the SD card read through its mount, the ECU answering through
+/// the socketcand port), here in this test's own directories.
+#[test]
+fn the_quick_start_demo_runs_every_kind_of_the_simulated_board() {
+    let env = TestEnv::new("demo");
+    let mut c = Command::new(workspace_root().join("scripts/demo.sh"));
+    c.env("JMP_RUNTIME_DIR", &env.runtime)
+        .env("JMP_CONFIG_DIR", &env.config)
+        .env("JMP_DEV_DIR", &env.dev)
+        .env("JMP_BIN", jmp_bin())
+        .env_remove("JMP_LOG");
+    let out = run("demo", c, &env.logs, Duration::from_secs(600));
+    let all = format!("{}\n--- stderr ---\n{}", out.stdout, out.stderr);
+    assert!(out.status.success(), "demo.sh failed:\n{all}");
+    for needle in [
+        "hello from the board",
+        "power: cycled",
+        "U-Boot",
+        "disk  p1  p2",
+        "answer < frame 7E8 ",
+        "$ jmp local stop",
+    ] {
+        assert!(all.contains(needle), "demo output lacks {needle:?}:\n{all}");
+    }
+    // Nothing of the demo's is left in its directories (the stopped attachment removes its
+    // entries, mount and exporter folder as it exits).
+    let left = || -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(&env.dev)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default()
+    };
+    assert!(
+        poll_until(READY, || left().is_empty()),
+        "left in the dev dir: {:?}",
+        left()
     );
 }
