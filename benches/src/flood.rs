@@ -38,9 +38,13 @@ pub fn flood_main(args: &[String]) -> Result<()> {
             while tasks.len() < n {
                 let ep = ep.clone();
                 tasks.spawn(async move {
-                    if let Ok((c, _)) =
-                        jmp_transport::connect(&ep, addr, jmp_protocol::ALPN_EXPORTER, Some(fp))
-                            .await
+                    if let Ok((c, _)) = jmp_transport::connect_without_retry(
+                        &ep,
+                        addr,
+                        jmp_protocol::ALPN_EXPORTER,
+                        Some(fp),
+                    )
+                    .await
                     {
                         c.closed().await;
                     }

@@ -396,7 +396,7 @@ fn a_flood_of_unauthenticated_connections_is_bounded_and_the_holder_is_served() 
         let mut refused = 0;
         // Handshakes that never say Hello, faster and more than one address may start.
         for _ in 0..48 {
-            match connect(&ep, jmpd.addr, ALPN_EXPORTER, Some(fp)).await {
+            match connect_without_retry(&ep, jmpd.addr, ALPN_EXPORTER, Some(fp)).await {
                 Ok((c, _)) => conns.push(c),
                 Err(_) => refused += 1,
             }

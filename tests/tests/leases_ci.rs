@@ -369,8 +369,13 @@ fn connections_that_never_authenticate_are_closed_and_bounded() {
         let mut conns = Vec::new();
         let mut refused = 0;
         for _ in 0..40 {
-            match jmp_transport::connect(&ep, lab.ctl.addr, jmp_protocol::ALPN_CONTROLLER, Some(fp))
-                .await
+            match jmp_transport::connect_without_retry(
+                &ep,
+                lab.ctl.addr,
+                jmp_protocol::ALPN_CONTROLLER,
+                Some(fp),
+            )
+            .await
             {
                 Ok((c, _)) => conns.push(c),
                 Err(_) => refused += 1,

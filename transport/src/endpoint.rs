@@ -275,12 +275,33 @@ pub async fn connect(
     alpn: &[u8],
     pin: Option<Fingerprint>,
 ) -> Result<(quinn::Connection, Fingerprint), ConnectError> {
+    connect_inner(endpoint, addr, alpn, pin, &REFUSED_BACKOFF).await
+}
+
+/// [`connect`] without retrying a refusal: one attempt, whose refusal is the answer (tests of
+/// the peer's connection limits).
+pub async fn connect_without_retry(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    alpn: &[u8],
+    pin: Option<Fingerprint>,
+) -> Result<(quinn::Connection, Fingerprint), ConnectError> {
+    connect_inner(endpoint, addr, alpn, pin, &[]).await
+}
+
+async fn connect_inner(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    alpn: &[u8],
+    pin: Option<Fingerprint>,
+    retries: &[Duration],
+) -> Result<(quinn::Connection, Fingerprint), ConnectError> {
     let peer = if alpn == jmp_protocol::ALPN_CONTROLLER {
         "controller"
     } else {
         "exporter"
     };
-    let conn = connect_retrying_refusals(endpoint, addr, alpn, peer).await?;
+    let conn = connect_retrying_refusals(endpoint, addr, alpn, peer, retries).await?;
     let got = conn
         .peer_identity()
         .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
@@ -321,8 +342,9 @@ async fn connect_retrying_refusals(
     addr: SocketAddr,
     alpn: &[u8],
     peer: &'static str,
+    retries: &[Duration],
 ) -> Result<quinn::Connection, ConnectError> {
-    let mut pauses = REFUSED_BACKOFF.iter();
+    let mut pauses = retries.iter();
     loop {
         match connect_once(endpoint, addr, alpn, peer).await {
             Err(ConnectError::Connection { source, .. }) if refused(&source) => {

@@ -26,7 +26,10 @@ pub mod token;
 pub mod udp;
 
 pub use channels::{BoxFuture, ChannelIo, Channels, Incoming, IncomingRequest};
-pub use endpoint::{client_endpoint, client_endpoint_on, connect, server_endpoint, ConnectError};
+pub use endpoint::{
+    client_endpoint, client_endpoint_on, connect, connect_without_retry, server_endpoint,
+    ConnectError,
+};
 pub use identity::{Fingerprint, Identity, IdentityError};
 pub use link::{Link, LinkEvent, LinkHandle, OpenError};
 pub use pipe::{
