@@ -125,9 +125,11 @@ impl Drop for StorageBridge {
             jmp_protocol::kinds::storage::StorageError::Gone,
             format!("{}: the attachment is ending", self.device),
         ));
-        // The last reference: unmounts (the follow task's is gone with the abort, or about
-        // to be).
-        drop(self.mounted.take());
+        // Unmounted here, not by whichever holder drops the last reference: the follow task
+        // may still hold one in a blocking invalidation after its abort.
+        if let Some(m) = self.mounted.take() {
+            m.unmount();
+        }
         if self.remove_dir {
             let _ = std::fs::remove_dir(&self.path);
         }

@@ -17,7 +17,9 @@ use tracing::{info, warn};
 /// A live mount; dropping it unmounts.
 pub struct Mounted {
     path: PathBuf,
-    session: Option<fuser::BackgroundSession>,
+    /// Taken by [`Mounted::unmount`] (the bridge's drop) or the last reference's drop: the
+    /// bridge must not leave the unmount to whichever blocking task holds a reference last.
+    session: std::sync::Mutex<Option<fuser::BackgroundSession>>,
     pub files: Arc<Files>,
     notifier: fuser::Notifier,
 }
@@ -40,7 +42,7 @@ impl Mounted {
         info!(device = client.device(), "mounted at {}", path.display());
         Ok(Mounted {
             path: path.to_path_buf(),
-            session: Some(session),
+            session: std::sync::Mutex::new(Some(session)),
             files,
             notifier,
         })
@@ -85,9 +87,17 @@ fn raise_readahead(path: &Path) {
     }
 }
 
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
+impl Mounted {
+    /// Unmounts now (once; later calls and the drop do nothing). Other holders of the mount
+    /// (an invalidation or a table read in flight) find their requests to the kernel failing,
+    /// which they ignore.
+    pub fn unmount(&self) {
+        let taken = self
+            .session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(s) = taken {
             if let Err(e) = s.umount_and_join() {
                 // Busy (a program has a file open, a loop device sits on a partition):
                 // detach it now; the kernel ends it when the last user lets go.
@@ -98,6 +108,12 @@ impl Drop for Mounted {
                 let _ = crate::places::detach(&self.path);
             }
         }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        self.unmount();
     }
 }
 
