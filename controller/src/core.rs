@@ -226,6 +226,8 @@ pub struct Core<S: LeaseStore> {
     usage_ops: Vec<Op>,
     /// Per live lease: up to when its time is in `jmp_leased_seconds_total`.
     accrued: HashMap<String, Millis>,
+    /// When [`Core::accrue`] last walked the live leases.
+    accrued_at: Millis,
     /// Lifetime of the credentials issued, seconds (`--credential-ttl`; 0: they never expire).
     credential_ttl: u64,
 }
@@ -393,6 +395,7 @@ impl<S: LeaseStore> Core<S> {
             usage,
             usage_ops: Vec::new(),
             accrued: HashMap::new(),
+            accrued_at: 0,
             credential_ttl: DEFAULT_CREDENTIAL_TTL_SECS,
         };
         // Leases held across the restart: this process's counter starts at their time so far
@@ -662,31 +665,34 @@ impl<S: LeaseStore> Core<S> {
             .min()
     }
 
-    /// Brings `jmp_leased_seconds_total` up to `now` for every live lease.
+    /// Brings `jmp_leased_seconds_total` up to `now` for every live lease, at most every
+    /// [`ACCRUE_EVERY`] (a burst's many batches do not each walk every lease).
     fn accrue(&mut self, now: Millis) {
-        let leases: Vec<(String, String, String, Millis, Millis)> = self
-            .book
-            .leases()
-            .map(|l| {
-                (
-                    l.name.clone(),
-                    l.client.clone(),
-                    l.exporter.clone(),
-                    l.begin,
-                    l.end,
-                )
-            })
-            .collect();
-        for (name, client, exporter, begin, end) in leases {
-            let from = *self.accrued.entry(name.clone()).or_insert(begin);
-            let to = now.min(end);
-            if to > from {
-                self.metrics
-                    .leased_seconds
-                    .with_label_values(&[&self.team(&client), &exporter])
-                    .inc_by((to - from) as f64 / 1000.0);
-                self.accrued.insert(name, to);
-            }
+        if now < self.accrued_at.saturating_add(ACCRUE_EVERY) {
+            return;
+        }
+        self.accrued_at = now;
+        let live: Vec<Lease> = self.book.leases().cloned().collect();
+        for l in &live {
+            self.accrue_lease(l, now);
+        }
+    }
+
+    /// Adds `l`'s time not counted yet, up to `now` (or its end), to the leased-seconds counter.
+    fn accrue_lease(&mut self, l: &Lease, now: Millis) {
+        let from = self
+            .accrued
+            .get(&l.name)
+            .copied()
+            .unwrap_or(l.begin)
+            .max(l.begin);
+        let to = now.min(l.end);
+        if to > from {
+            self.metrics
+                .leased_seconds
+                .with_label_values(&[&self.team(&l.client), &l.exporter])
+                .inc_by((to - from) as f64 / 1000.0);
+            self.accrued.insert(l.name.clone(), to);
         }
     }
 
@@ -1900,18 +1906,8 @@ impl<S: LeaseStore> Core<S> {
                     let team = self.team(&lease.client);
                     let held = now.min(lease.end).saturating_sub(lease.begin) as f64 / 1000.0;
                     // The rest of its time into the counter, then into the history.
-                    let from = self
-                        .accrued
-                        .remove(&lease.name)
-                        .unwrap_or(lease.begin)
-                        .max(lease.begin);
-                    let to = now.min(lease.end);
-                    if to > from {
-                        self.metrics
-                            .leased_seconds
-                            .with_label_values(&[&team, &lease.exporter])
-                            .inc_by((to - from) as f64 / 1000.0);
-                    }
+                    self.accrue_lease(&lease, now);
+                    self.accrued.remove(&lease.name);
                     match self.usage.ended(now, &lease, &reason, team.clone()) {
                         Ok(op) => self.usage_ops.push(op),
                         Err(e) => {
@@ -2303,7 +2299,14 @@ mod tests {
     }
 
     fn start<S: LeaseStore>(store: S, auth: Arc<Authority>, grace: Duration) -> Harness {
-        let mut core = Core::open(store, "test", auth, Arc::new(Metrics::new()), 3600).unwrap();
+        run(
+            Core::open(store, "test", auth, Arc::new(Metrics::new()), 3600).unwrap(),
+            grace,
+        )
+    }
+
+    /// Runs `core` (set up as a test needs) with an admin and `grace` for orphans.
+    fn run<S: LeaseStore>(mut core: Core<S>, grace: Duration) -> Harness {
         core.set_orphan_grace(grace);
         let admin = caller_of(&core.issue_admin("admin").unwrap());
         let (tx, rx) = mpsc::channel(64);
@@ -2741,101 +2744,32 @@ mod tests {
             .await;
         assert_eq!(code(&r), Some(CtlErrorCode::Invalid), "{r:?}");
     }
-}
 
-#[cfg(test)]
-mod relay_tests {
-    //! The relay's admission in the core: only the lease's own client, with a valid token of
-    //! an active lease, for an exporter that takes relayed sessions.
-    use super::*;
-    use crate::relay::RelayConfig;
-    use jmp_protocol::ctl::{ExporterSpec, LeaseRequest, Registration};
-    use jmp_transport::token::peek;
-
-    fn caller_of(c: &Credential) -> Caller {
-        let claims = peek(&c.token).expect("credential parses");
-        Caller {
-            kind: claims.kind,
-            name: claims.sub,
-            jti: claims.jti,
-        }
-    }
-
-    struct H {
-        tx: mpsc::Sender<Cmd>,
-        next: u64,
-    }
-
-    impl H {
-        async fn start_call(
-            &mut self,
-            c: &Caller,
-            request: Request,
-        ) -> mpsc::UnboundedReceiver<Reply> {
-            let (rtx, rrx) = mpsc::unbounded_channel();
-            self.next += 1;
-            self.tx
-                .send(Cmd::Call {
-                    caller: c.clone(),
-                    request,
-                    reply: rtx,
-                    stream: self.next,
-                })
-                .await
-                .unwrap();
-            rrx
-        }
-
-        async fn call(&mut self, c: &Caller, request: Request) -> Reply {
-            let mut rx = self.start_call(c, request).await;
-            tokio::time::timeout(Duration::from_secs(10), rx.recv())
-                .await
-                .expect("an answer")
-                .expect("an answer")
-        }
-    }
-
-    fn code(r: &Reply) -> Option<CtlErrorCode> {
-        match r {
-            Reply::Error(e) => Some(e.code),
-            _ => None,
-        }
-    }
-
+    /// The relay's admission in the core: only the lease's own client, with a valid token of
+    /// an active lease, for an exporter that takes relayed sessions.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_relay_serves_only_the_lease_holder_of_a_relay_exporter_while_the_lease_lasts() {
-        let der = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
-            .unwrap();
-        let signer = Signer::from_pkcs8(der.as_ref()).unwrap();
-        let ctl = ControllerRef {
-            endpoint: "127.0.0.1:1".into(),
-            fingerprint: "sha256:00".into(),
-            key: signer.public_key(),
-        };
-        let auth = Arc::new(Authority::new(signer, ctl));
         let mut core = Core::open(
-            crate::store::MemStore::default(),
+            MemStore::default(),
             "test",
-            auth,
+            authority(),
             Arc::new(Metrics::new()),
             3600,
         )
         .unwrap();
-        core.set_relay(RelayConfig {
+        core.set_relay(crate::relay::RelayConfig {
             bind: "127.0.0.1".parse().unwrap(),
             ports: None,
             host: None,
         });
-        let admin = caller_of(&core.issue_admin("admin").unwrap());
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(core.run(rx));
-        let mut h = H { tx, next: 1 };
+        let mut h = run(core, ORPHAN_GRACE);
+        let admin = h.admin.clone();
         let mut links = Vec::new();
         for (name, relay) in [("nat-01", true), ("lan-01", false)] {
             let cred = match h
                 .call(
                     &admin,
-                    Request::CreateExporter(ExporterSpec {
+                    Request::CreateExporter(jmp_protocol::ctl::ExporterSpec {
                         name: name.into(),
                         labels: [("site".to_string(), name.to_string())].into(),
                     }),
@@ -2845,7 +2779,7 @@ mod relay_tests {
                 Reply::Credential(c) => caller_of(&c),
                 other => panic!("{other:?}"),
             };
-            let mut link = h
+            let (_, mut link) = h
                 .start_call(
                     &cred,
                     Request::Register(Registration {
@@ -2945,7 +2879,7 @@ mod relay_tests {
             "{r:?}"
         );
         // The holder: the exporter is told to punch; once it has, the client gets the session.
-        let mut answer = h
+        let (_, mut answer) = h
             .start_call(
                 &c1,
                 Request::Relay {
