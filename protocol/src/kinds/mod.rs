@@ -7,17 +7,14 @@
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-pub mod can;
-pub mod net;
-pub mod power;
-pub mod serial;
-pub mod storage;
-pub mod tcp;
-pub mod udp;
-
-/// Declares the kinds: the variant and its name on the wire, in configs and in output.
+/// Declares the kinds, one line each: the variant, its wire module (which must provide
+/// `examples()`, `decode_example()` and `fuzz()`, see [`Wire`]) and its name on the wire, in
+/// configs and in output. Tests and fuzz targets iterate [`WIRE`], so a kind cannot be left out
+/// of them.
 macro_rules! kinds {
-    ($($variant:ident => $name:literal),* $(,)?) => {
+    ($($variant:ident => $module:ident, $name:literal),* $(,)?) => {
+        $(pub mod $module;)*
+
         /// A device kind. On the wire it is a string, so that an exporter newer than its client
         /// can offer kinds the client does not know ([`Kind::Other`]: shown, not bridged).
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -44,17 +41,52 @@ macro_rules! kinds {
                 }
             }
         }
+
+        /// Every kind's wire module, in the order of [`Kind::ALL`].
+        pub const WIRE: &[Wire] = &[$(Wire {
+            kind: Kind::$variant,
+            module: stringify!($module),
+            examples: $module::examples,
+            decode_example: $module::decode_example,
+            fuzz: $module::fuzz,
+        }),*];
     };
 }
 
 kinds! {
-    Serial => "serial",
-    Tcp => "tcp",
-    Power => "power",
-    Network => "network",
-    Udp => "udp",
-    Can => "can",
-    Storage => "storage",
+    Serial => serial, "serial",
+    Tcp => tcp, "tcp",
+    Power => power, "power",
+    Network => net, "network",
+    Udp => udp, "udp",
+    Can => can, "can",
+    Storage => storage, "storage",
+}
+
+/// What every kind's wire module provides, so that tests, docs and fuzz targets cover each kind
+/// without naming it.
+pub struct Wire {
+    pub kind: Kind,
+    /// The module's name (`net` for `network`); its device parameters' example is named
+    /// `<module>-params`.
+    pub module: &'static str,
+    /// Named encodings of the kind's bodies: the hex examples of docs/protocol.md.
+    pub examples: fn() -> Vec<(&'static str, Vec<u8>)>,
+    /// Whether `bytes` decode as the body the example `name` shows.
+    pub decode_example: fn(&str, &[u8]) -> bool,
+    /// Decodes arbitrary bytes as every body of the kind (must never panic).
+    pub fuzz: fn(&[u8]),
+}
+
+impl Wire {
+    /// The encoded example of the kind's device parameters (`DeviceInfo.params`).
+    pub fn params_example(&self) -> Option<Vec<u8>> {
+        let name = format!("{}-params", self.module);
+        (self.examples)()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, b)| b)
+    }
 }
 
 impl std::fmt::Display for Kind {
@@ -120,5 +152,30 @@ mod tests {
             serde_json::to_string(&Kind::Serial).ok().as_deref(),
             Some("\"serial\"")
         );
+    }
+
+    #[test]
+    fn every_kind_has_its_wire_surface() {
+        assert_eq!(WIRE.len(), Kind::ALL.len());
+        for (w, k) in WIRE.iter().zip(Kind::ALL) {
+            assert_eq!(&w.kind, k);
+            assert!(
+                w.params_example().is_some(),
+                "{k}: no example named {}-params",
+                w.module
+            );
+            let examples = (w.examples)();
+            for (name, bytes) in &examples {
+                assert!(
+                    name.starts_with(w.module) || !name.contains('-'),
+                    "{k}: example {name} is not named after its module"
+                );
+                assert!((w.decode_example)(name, bytes), "{k}: {name} does not decode");
+                // The fuzz entry takes every example and every cut of it.
+                for cut in 0..=bytes.len() {
+                    (w.fuzz)(&bytes[..cut]);
+                }
+            }
+        }
     }
 }

@@ -139,25 +139,15 @@ fn examples() -> Vec<(&'static str, Message)> {
 
 /// The kinds' bodies documented in docs/protocol.md (not frames: the bytes inside a message).
 fn kind_examples() -> Vec<(&'static str, Vec<u8>)> {
-    let mut v = crate::kinds::serial::examples();
-    v.extend(crate::kinds::tcp::examples());
-    v.extend(crate::kinds::power::examples());
-    v.extend(crate::kinds::net::examples());
-    v.extend(crate::kinds::udp::examples());
-    v.extend(crate::kinds::can::examples());
-    v.extend(crate::kinds::storage::examples());
+    let mut v: Vec<_> = crate::kinds::WIRE.iter().flat_map(|w| (w.examples)()).collect();
     v.extend(crate::relay::examples());
     v
 }
 
 fn decode_kind_example(name: &str, bytes: &[u8]) -> bool {
-    crate::kinds::serial::decode_example(name, bytes)
-        || crate::kinds::tcp::decode_example(name, bytes)
-        || crate::kinds::power::decode_example(name, bytes)
-        || crate::kinds::net::decode_example(name, bytes)
-        || crate::kinds::udp::decode_example(name, bytes)
-        || crate::kinds::can::decode_example(name, bytes)
-        || crate::kinds::storage::decode_example(name, bytes)
+    crate::kinds::WIRE
+        .iter()
+        .any(|w| (w.decode_example)(name, bytes))
         || crate::relay::decode_example(name, bytes)
 }
 
