@@ -17,7 +17,7 @@
 
 pub mod board;
 pub mod can;
-pub(crate) mod fdio;
+pub mod common;
 pub mod net;
 pub mod places;
 pub mod power;

@@ -182,10 +182,10 @@ pub async fn slcan_task(
         if let Some(y) = y_code {
             init.push_str(&format!("Y{y}\r"));
         }
-        let _ = crate::fdio::write_all(&fd, init.as_bytes()).await;
+        let _ = crate::common::fdio::write_all(&fd, init.as_bytes()).await;
         // SAFETY: tcflush on a descriptor we own.
         unsafe { libc::tcflush(fd.get_ref().as_raw_fd(), libc::TCIFLUSH) };
-        if let Err(e) = crate::fdio::write_all(&fd, b"O\r").await {
+        if let Err(e) = crate::common::fdio::write_all(&fd, b"O\r").await {
             let why = format!("{path}: cannot start the adapter: {e}");
             hub.set_unavailable(Some(why.clone()));
             drop((port, fd));
@@ -222,7 +222,7 @@ async fn slcan_session(
         let mut bad: u64 = 0;
         let mut refused: u64 = 0;
         loop {
-            match crate::fdio::read(fd, &mut buf, 16 * 1024, false).await {
+            match crate::common::fdio::read(fd, &mut buf, 16 * 1024, false).await {
                 Ok(0) => return "end of file".to_string(),
                 Ok(_) => {}
                 Err(e) => return e.to_string(),
@@ -263,7 +263,7 @@ async fn slcan_session(
                     n += 1;
                 }
             }
-            if let Err(e) = crate::fdio::write_all(fd, &out).await {
+            if let Err(e) = crate::common::fdio::write_all(fd, &out).await {
                 hub.params().refused += n;
                 return Some(e.to_string());
             }

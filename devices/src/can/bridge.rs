@@ -15,7 +15,7 @@ use super::ops::{DeviceOptions, Fronts, Transport};
 use super::slcan::{self, HostLine, LineSplitter};
 use super::socketcand::{self, Command, Splitter};
 use super::spec::{slcan_bitrate_code, slcan_data_bitrate_code};
-use crate::serial::pty::{Packet, Pty, StableLink};
+use crate::common::pty::{Packet, Pty, StableLink};
 use crate::{BoxFuture, Bridge, BridgeCtx, BridgeExit, Endpoint, Local, Refusal};
 use bytes::BytesMut;
 use jmp_protocol::codec::{to_bytes, Codec};

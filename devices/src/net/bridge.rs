@@ -6,10 +6,11 @@
 //! exported subnets, and none is added if it would overlap a route the machine already has.
 //! Dropping the bridge closes the TUN, which takes its address and routes with it.
 
-use super::pump::{self, Carry, PeerTx, Read, Stats, TaskGuard, TunReader, TunWriter};
+use super::pump::{self, Carry, PeerTx, Read, Stats, TunReader, TunWriter};
 use super::socks::{self, Request, Target};
 use super::tun::{self, Tun, TunError};
 use super::{ifname, sys};
+use crate::common::TaskGuard;
 use crate::{BoxFuture, Bridge, BridgeCtx, BridgeExit, Endpoint, Local, Refusal};
 use jmp_protocol::codec::{to_bytes, Codec};
 use jmp_protocol::kinds::net::{refusal, Assigned, Connected, DeviceParams, Open, Subnet};
@@ -441,7 +442,7 @@ async fn serve_socks(
                 return;
             }
             let channel = pipe.channel;
-            let out = crate::tcp::forward::forward(stream, pipe).await;
+            let out = crate::common::forward::forward(stream, pipe).await;
             debug!(
                 channel,
                 sent = out.sent,

@@ -12,9 +12,10 @@
 //! SOCKS CONNECTs; tunnel opens are refused with the reason.
 
 use super::nat::NatTable;
-use super::pump::{self, Carry, PeerTx, Read, Stats, TaskGuard, TunReader, TunWriter};
+use super::pump::{self, Carry, PeerTx, Read, Stats, TunReader, TunWriter};
 use super::spec::NetPlan;
 use super::{ifname, sys, tun};
+use crate::common::TaskGuard;
 use crate::{BoxFuture, Channel, DeviceStatus, Driver, Refusal};
 use bytes::Bytes;
 use jmp_protocol::codec::{to_bytes, Codec};
@@ -553,7 +554,7 @@ impl Channel for ConnectChannel {
     fn serve(self: Box<Self>, io: ChannelIo) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             let ChannelIo::Stream(pipe) = io else { return };
-            let out = crate::tcp::forward::forward(self.stream, pipe).await;
+            let out = crate::common::forward::forward(self.stream, pipe).await;
             debug!(
                 sent = out.sent,
                 received = out.received,

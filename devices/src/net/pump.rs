@@ -17,11 +17,11 @@
 //! before it reaches the kernel; what is dropped is counted ([`Drops`]).
 
 use super::packet::{parse_ipv4, Ipv4Info};
+use crate::common::Drops;
 use bytes::{Bytes, BytesMut};
 use jmp_protocol::kinds::net::put_fallback_frame;
 use jmp_transport::{DatagramRx, DatagramTx, PipeError, PipeRx, PipeTx};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -62,42 +62,6 @@ impl Carry {
             _ => Carry::Stream,
         }
     }
-}
-
-/// One reason for dropping packets, counted. Logged at the 1st, 10th, 100th, ... drop so that
-/// a flood does not flood the log.
-pub(crate) struct Drops {
-    what: &'static str,
-    n: AtomicU64,
-}
-
-impl Drops {
-    pub const fn new(what: &'static str) -> Self {
-        Drops {
-            what,
-            n: AtomicU64::new(0),
-        }
-    }
-
-    pub fn hit(&self, device: &str, detail: impl std::fmt::Display) {
-        let n = self.n.fetch_add(1, Ordering::Relaxed) + 1;
-        if is_power_of_ten(n) {
-            warn!("{device}: {}: {detail} (dropped; {n} so far)", self.what);
-        } else {
-            debug!("{device}: dropped a packet: {}: {detail}", self.what);
-        }
-    }
-
-    pub fn count(&self) -> u64 {
-        self.n.load(Ordering::Relaxed)
-    }
-}
-
-fn is_power_of_ten(mut n: u64) -> bool {
-    while n >= 10 && n.is_multiple_of(10) {
-        n /= 10;
-    }
-    n == 1
 }
 
 /// What a tunnel end drops, by reason.
@@ -610,15 +574,6 @@ pub(crate) async fn fallback_to_tun(
     }
 }
 
-/// A spawned task aborted when this is dropped (a bridge's `run` can be dropped at any time).
-pub(crate) struct TaskGuard(pub tokio::task::JoinHandle<()>);
-
-impl Drop for TaskGuard {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -648,11 +603,5 @@ mod tests {
                 .collect();
             proptest::prop_assert_eq!(got, packets);
         }
-    }
-
-    #[test]
-    fn drops_are_logged_at_powers_of_ten() {
-        let hits: Vec<u64> = (1..=1000).filter(|n| is_power_of_ten(*n)).collect();
-        assert_eq!(hits, vec![1, 10, 100, 1000]);
     }
 }

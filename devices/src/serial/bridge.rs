@@ -15,12 +15,12 @@
 //! meanwhile) is worse than losing them, which is also what a console cable to an unpowered
 //! board does.
 
-use super::pty::{Packet, Pty, StableLink, TIOCPKT_FLUSHREAD};
+use crate::common::pty::{Packet, Pty, StableLink, TIOCPKT_FLUSHREAD};
 use crate::{BoxFuture, Bridge, BridgeCtx, BridgeExit, Endpoint, Local, Refusal};
 use bytes::{Bytes, BytesMut};
 use jmp_protocol::codec::{to_bytes, Codec};
 use jmp_protocol::kinds::serial::{
-    Control, DeviceParams, LineChange, LineSettings, OpenParams, OpenedParams,
+    Control, DeviceParams, FlowControl, LineChange, LineSettings, OpenParams, OpenedParams, Parity,
 };
 use jmp_protocol::{DeviceInfo, ErrorCode, Kind};
 use jmp_transport::{ChannelMsg, Channels, ControlTx, PipeRx, PipeTx};
@@ -101,7 +101,7 @@ impl SerialBridge {
         let link = StableLink::create(&path, pty.slave_path()).map_err(|e| {
             std::io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))
         })?;
-        let last_settings = pty.line_settings().ok();
+        let last_settings = line_settings(&pty).ok();
         Ok(SerialBridge {
             device: info.name.clone(),
             pty,
@@ -321,7 +321,7 @@ impl SerialBridge {
     /// remember them for the next link.
     fn settings_changed(&mut self, control_tx: Option<&ControlTx>) {
         let _ = self.pty.ensure_extproc();
-        let Ok(now) = self.pty.line_settings() else {
+        let Ok(now) = line_settings(&self.pty) else {
             return;
         };
         if self.last_settings == Some(now) {
@@ -370,4 +370,37 @@ impl Bridge for SerialBridge {
             self.pump(None).await;
         })
     }
+}
+
+/// The line settings a local program has set on a pty's slave. A pty always reports 8 data
+/// bits and no parity (the kernel forces them), so those are never forwarded from here.
+pub(crate) fn line_settings(pty: &Pty) -> std::io::Result<LineSettings> {
+    let t = pty.termios()?;
+    let flow = if t.c_cflag & libc::CRTSCTS != 0 {
+        FlowControl::Hardware
+    } else if t.c_iflag & (libc::IXON | libc::IXOFF) != 0 {
+        FlowControl::Software
+    } else {
+        FlowControl::None
+    };
+    let data_bits = match t.c_cflag & libc::CSIZE {
+        libc::CS5 => 5,
+        libc::CS6 => 6,
+        libc::CS7 => 7,
+        _ => 8,
+    };
+    let parity = if t.c_cflag & libc::PARENB == 0 {
+        Parity::None
+    } else if t.c_cflag & libc::PARODD != 0 {
+        Parity::Odd
+    } else {
+        Parity::Even
+    };
+    Ok(LineSettings {
+        baud: t.c_ospeed.max(1),
+        data_bits,
+        parity,
+        stop_bits: if t.c_cflag & libc::CSTOPB != 0 { 2 } else { 1 },
+        flow,
+    })
 }

@@ -501,7 +501,7 @@ async fn tty_task(
             let mut buf = BytesMut::new();
             loop {
                 history.wait_room(chunk).await;
-                match crate::fdio::read(&fd, &mut buf, chunk, false).await {
+                match crate::common::fdio::read(&fd, &mut buf, chunk, false).await {
                     Ok(0) => return "end of file".to_string(),
                     Ok(_) => history.push(&buf),
                     Err(e) => return e.to_string(),
@@ -513,7 +513,7 @@ async fn tty_task(
                 match cmds.recv().await {
                     None => return None,
                     Some(PortCmd::Write(b)) => {
-                        if let Err(e) = crate::fdio::write_all(&fd, &b).await {
+                        if let Err(e) = crate::common::fdio::write_all(&fd, &b).await {
                             return Some(e.to_string());
                         }
                     }

@@ -4,7 +4,6 @@ pub mod bridge;
 pub mod driver;
 pub mod history;
 pub mod ops;
-pub mod pty;
 pub mod sim;
 pub mod spec;
 

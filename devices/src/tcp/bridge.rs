@@ -5,7 +5,7 @@
 //! backlog; a connection accepted just as the link went away is kept and served on the next
 //! link rather than dropped.
 
-use super::forward::forward;
+use crate::common::forward::forward;
 use crate::{BoxFuture, Bridge, BridgeExit, Endpoint, Local, Refusal};
 use jmp_protocol::{DeviceInfo, ErrorCode, Kind};
 use jmp_transport::Channels;

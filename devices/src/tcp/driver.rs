@@ -2,7 +2,7 @@
 //! from the exporter to the device's host:port, refused with the OS's reason when the target
 //! cannot be reached.
 
-use super::forward::forward;
+use crate::common::forward::forward;
 use crate::{BoxFuture, Channel, DeviceStatus, Driver, Refusal};
 use bytes::Bytes;
 use jmp_protocol::codec::to_bytes;

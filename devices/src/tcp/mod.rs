@@ -3,7 +3,6 @@
 
 pub mod bridge;
 pub mod driver;
-pub(crate) mod forward;
 pub mod spec;
 
 pub use bridge::{ClientArgs, TcpBridge};

@@ -3,7 +3,7 @@
 //! [`FLOW_IDLE`] without traffic either way. The socket outlives links; flows do not (a new
 //! link opens new ones as datagrams arrive).
 
-use crate::net::pump::{Drops, TaskGuard};
+use crate::common::{Drops, TaskGuard};
 use crate::{BoxFuture, Bridge, BridgeExit, Endpoint, Local, Refusal};
 use bytes::Bytes;
 use jmp_protocol::{DeviceInfo, ErrorCode, Kind};

@@ -1,7 +1,7 @@
 //! Exporter side of a UDP forward: each channel (one client flow) gets a fresh UDP socket
 //! connected to the device's host:port; datagrams go both ways until the channel ends.
 
-use crate::net::pump::Drops;
+use crate::common::Drops;
 use crate::{BoxFuture, Channel, DeviceStatus, Driver, Refusal};
 use bytes::Bytes;
 use jmp_protocol::codec::to_bytes;

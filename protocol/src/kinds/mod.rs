@@ -170,7 +170,10 @@ mod tests {
                     name.starts_with(w.module) || !name.contains('-'),
                     "{k}: example {name} is not named after its module"
                 );
-                assert!((w.decode_example)(name, bytes), "{k}: {name} does not decode");
+                assert!(
+                    (w.decode_example)(name, bytes),
+                    "{k}: {name} does not decode"
+                );
                 // The fuzz entry takes every example and every cut of it.
                 for cut in 0..=bytes.len() {
                     (w.fuzz)(&bytes[..cut]);

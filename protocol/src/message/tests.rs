@@ -139,7 +139,10 @@ fn examples() -> Vec<(&'static str, Message)> {
 
 /// The kinds' bodies documented in docs/protocol.md (not frames: the bytes inside a message).
 fn kind_examples() -> Vec<(&'static str, Vec<u8>)> {
-    let mut v: Vec<_> = crate::kinds::WIRE.iter().flat_map(|w| (w.examples)()).collect();
+    let mut v: Vec<_> = crate::kinds::WIRE
+        .iter()
+        .flat_map(|w| (w.examples)())
+        .collect();
     v.extend(crate::relay::examples());
     v
 }

@@ -1,4 +1,5 @@
-//! The client's local serial device: a pty whose slave a local program opens like a tty.
+//! A pty whose slave a local program opens like a tty: the client's side of a serial console,
+//! and of a CAN bus's slcan front.
 //!
 //! Two kernel facts carry this file (see shared/FACTS.md): with packet mode (TIOCPKT) on the
 //! master and EXTPROC on the slave, every tcsetattr by the local program produces an event on
@@ -8,7 +9,6 @@
 //! the bridge knows when to hold output back and when to deliver it.
 
 use bytes::{Bytes, BytesMut};
-use jmp_protocol::kinds::serial::{FlowControl, LineSettings, Parity};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -112,7 +112,7 @@ impl Pty {
     }
 
     pub async fn read(&self, buf: &mut BytesMut) -> io::Result<Packet> {
-        match crate::fdio::read(&self.master, buf, 16 * 1024, true).await {
+        match crate::common::fdio::read(&self.master, buf, 16 * 1024, true).await {
             Ok(0) => Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(_) => Ok(match buf[0] {
                 0 => {
@@ -152,45 +152,18 @@ impl Pty {
 
     /// Writes some of `data` (waits until the pty can take at least one byte).
     pub async fn write_some(&self, data: &[u8]) -> io::Result<usize> {
-        crate::fdio::write_some(&self.master, data).await
+        crate::common::fdio::write_some(&self.master, data).await
     }
 
     /// Writes all of `data` for the local program to read (waits while the pty is full).
     pub async fn write_all(&self, data: &[u8]) -> io::Result<()> {
-        crate::fdio::write_all(&self.master, data).await
+        crate::common::fdio::write_all(&self.master, data).await
     }
 
-    /// The line settings the local program has set on the slave. A pty always reports 8 data
-    /// bits and no parity (the kernel forces them), so those are never forwarded from here.
-    pub fn line_settings(&self) -> io::Result<LineSettings> {
-        let t = get_termios2(self.master.get_ref().as_raw_fd())?;
-        let flow = if t.c_cflag & libc::CRTSCTS != 0 {
-            FlowControl::Hardware
-        } else if t.c_iflag & (libc::IXON | libc::IXOFF) != 0 {
-            FlowControl::Software
-        } else {
-            FlowControl::None
-        };
-        let data_bits = match t.c_cflag & libc::CSIZE {
-            libc::CS5 => 5,
-            libc::CS6 => 6,
-            libc::CS7 => 7,
-            _ => 8,
-        };
-        let parity = if t.c_cflag & libc::PARENB == 0 {
-            Parity::None
-        } else if t.c_cflag & libc::PARODD != 0 {
-            Parity::Odd
-        } else {
-            Parity::Even
-        };
-        Ok(LineSettings {
-            baud: t.c_ospeed.max(1),
-            data_bits,
-            parity,
-            stop_bits: if t.c_cflag & libc::CSTOPB != 0 { 2 } else { 1 },
-            flow,
-        })
+    /// The slave's termios as the local program set it (through the master; termios2, so
+    /// arbitrary speeds read back exactly).
+    pub fn termios(&self) -> io::Result<libc::termios2> {
+        get_termios2(self.master.get_ref().as_raw_fd())
     }
 
     /// Presets the speed the local program will read back (the exporter's configured baud), so

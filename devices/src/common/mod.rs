@@ -1,0 +1,13 @@
+//! Machinery that several kinds use and that names no kind: a pty playing a local device
+//! (serial consoles, slcan fronts), byte forwarding between a TCP socket and a stream channel
+//! (TCP forwards, SOCKS connections), counters of dropped items, task guards, and non-blocking
+//! descriptor I/O. A kind folder may use anything here; nothing here may use a kind folder.
+
+pub mod counters;
+pub(crate) mod fdio;
+pub(crate) mod forward;
+pub mod pty;
+pub mod task;
+
+pub use counters::Drops;
+pub use task::TaskGuard;
