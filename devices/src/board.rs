@@ -1,24 +1,26 @@
-//! The simulated board that the `*-sim` backends of one exporter share: today its power, so
-//! that `power-sim` switching off makes the simulated console go quiet and switching on boots
-//! it again. Every sim backend of an exporter gets the same [`SimBoard`].
+//! The board's state that the devices of one exporter share: today its power, as the power
+//! device last set it (a `power` device running commands, or `power-sim`). The simulated
+//! console goes quiet when it is off and boots again when it comes on; a storage medium shared
+//! with the board refuses writes while it is on. Every device of an exporter gets the same
+//! [`Board`].
 
 use tokio::sync::watch;
 
 #[derive(Clone, Debug)]
-pub struct SimBoard {
+pub struct Board {
     power: watch::Sender<bool>,
 }
 
-impl Default for SimBoard {
+impl Default for Board {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl SimBoard {
-    /// A board whose power is on (a simulated board with no power device is always on).
+impl Board {
+    /// A board whose power is on (a board with no power device is taken as always on).
     pub fn new() -> Self {
-        SimBoard {
+        Board {
             power: watch::Sender::new(true),
         }
     }

@@ -5,7 +5,8 @@
 //! `bridge.rs` (client side: creates the local endpoints, a pty, a listening port, and pumps
 //! them over channels of the current link), its typed client operations (`ops.rs`) and, where
 //! the kind has one, `sim.rs` (a simulated board backend for the quick start and tests).
-//! [`registry`] is the one file that lists the kinds.
+//! [`kind`] is what a kind is (one trait implementation per folder); [`registry`] is the one
+//! file that lists the kinds; [`common`] holds the machinery kinds share, naming none.
 //!
 //! The seams, and only these: [`Driver`] and [`Channel`] on the exporter, [`Bridge`] on the
 //! client. Both sides talk through jmp-transport's [`Channels`] / [`Incoming`] abstractions,
@@ -16,19 +17,15 @@
 //! serving and seat logic (jmp-exporter), the CLI, leases.
 
 pub mod board;
-pub mod can;
 pub mod common;
-pub mod net;
+pub mod kind;
 pub mod places;
-pub mod power;
 pub mod registry;
-pub mod serial;
+
+pub use registry::*;
 pub mod serve;
 pub mod spec;
-pub mod storage;
-pub mod tcp;
 pub mod testing;
-pub mod udp;
 
 pub use jmp_protocol::Refusal;
 pub use jmp_transport::BoxFuture;
@@ -83,6 +80,12 @@ pub trait Driver: Send + Sync + 'static {
         })
     }
 
+    /// The board's power switch, when this device is one: jmpd switches it off after a lease
+    /// (`powerOffAfterLease`) and counts its on-time, whatever the device's kind.
+    fn power_switch(&self) -> Option<&dyn PowerSwitch> {
+        None
+    }
+
     /// A device request (the kind's `Request` body); the kind's answer.
     fn request<'a>(&'a self, body: Bytes) -> BoxFuture<'a, Result<Bytes, Refusal>> {
         let _ = body;
@@ -97,6 +100,14 @@ pub trait Driver: Send + Sync + 'static {
             ))
         })
     }
+}
+
+/// A device that switches the board's power (see [`Driver::power_switch`]).
+pub trait PowerSwitch: Send + Sync {
+    /// Switches the board off; fails with the device's reason.
+    fn switch_off(&self) -> BoxFuture<'_, Result<(), Refusal>>;
+    /// Whether `status` (this device's) says the board is on.
+    fn is_on(&self, status: &DeviceStatus) -> bool;
 }
 
 /// The `DeviceInfo` a Welcome lists for `d`, as of now.
@@ -231,6 +242,9 @@ pub struct BridgeCtx {
     pub mount_dir: PathBuf,
     /// The user local devices belong to (uid, gid).
     pub owner: Option<(u32, u32)>,
+    /// Where a bridge that listens (`DeviceKind::LISTENS`) listens, as `--forward` chose for
+    /// this device; `None`: an ephemeral port on 127.0.0.1.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// Client side of a device kind: the local endpoints (pty, listening port) outlive any one

@@ -1,310 +1,344 @@
-//! The one file that lists the device kinds. Adding a kind adds its folder, its wire module in
-//! `jmp_protocol::kinds`, and a line in each table here; nothing else in the workspace names a
-//! kind.
+//! The one place that lists the device kinds: one line per kind in [`registry!`] below, naming
+//! the kind's variant, its folder and its [`DeviceKind`] implementation. Every list of kinds
+//! in the workspace is generated here from those implementations (the config's `type:` names,
+//! drivers, bridges, `jmp attach` options, `jmp` verbs, device requests and their answers,
+//! status summaries, the systemd sandbox), so none can drift and nothing else names a kind.
+//! A kind's wire module is listed the same way in `jmp_protocol::kinds`.
 
-use crate::board::SimBoard;
-use crate::{can, net, power, serial, storage, tcp, udp, Bridge, BridgeCtx, Driver};
-use jmp_protocol::codec::Codec;
-use jmp_protocol::{DeviceInfo, Kind, Refusal};
-use jmp_transport::Channels;
+use crate::kind::{
+    BuildCtx, ClientNeeds, DeviceKind, FieldError, KindConfig, KindVerb, Sandbox, Target,
+    VerbError, VerbHost,
+};
+use crate::{common, Bridge, BridgeCtx, Driver};
+use jmp_protocol::codec::{to_bytes, Codec};
+use jmp_protocol::{DeviceInfo, ErrorCode, Kind, Refusal};
+use jmp_transport::{BoxFuture, Channels};
 use serde::{Deserialize, Serialize};
-
 use std::sync::Arc;
 
-/// A device in an exporter config: `type:` picks the kind's spec.
-#[derive(Debug, Clone)]
-pub enum DeviceSpec {
-    Serial(serial::SerialSpec),
-    SimConsole(serial::SimConsoleSpec),
-    Tcp(tcp::TcpSpec),
-    Power(power::PowerSpec),
-    PowerSim(power::PowerSimSpec),
-    Network(net::NetSpec),
-    Udp(udp::UdpSpec),
-    Can(can::CanSpec),
-    CanSim(can::CanSimSpec),
-    Storage(storage::StorageSpec),
-    StorageSim(storage::StorageSimSpec),
-}
+macro_rules! registry {
+    ($($variant:ident => $module:ident::$kind:ident in $path:literal),* $(,)?) => {
+        $(#[path = $path] pub mod $module;)*
 
-/// What the exporter builds drivers with.
-pub struct BuildCtx<'a> {
-    pub exporter: &'a str,
-    /// Shared by every simulated backend of this exporter.
-    pub board: &'a SimBoard,
-}
+        /// A device in an exporter config: `type:` picks the kind, and the kind's config its
+        /// spec.
+        #[derive(Debug, Clone)]
+        pub enum DeviceSpec {
+            $($variant(<$module::$kind as DeviceKind>::Config),)*
+        }
 
-/// Why a device's table was refused: where in the table (`parity`, `command.on`) and what.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    /// The field's path inside the device's table; empty for the table itself.
-    pub path: String,
-    pub message: String,
-}
+        impl DeviceSpec {
+            /// Every `type:` name, with the kind it belongs to and an example table.
+            pub fn types() -> Vec<(Kind, &'static str, &'static str)> {
+                let mut v = Vec::new();
+                $(for (ty, example) in <<$module::$kind as DeviceKind>::Config as KindConfig>::TYPES {
+                    v.push((<$module::$kind as DeviceKind>::KIND, *ty, *example));
+                })*
+                v
+            }
 
-fn de<T: serde::de::DeserializeOwned>(v: serde_norway::Value) -> Result<T, FieldError> {
-    serde_path_to_error::deserialize(v).map_err(|e| FieldError {
-        path: match e.path().to_string() {
-            p if p == "." => String::new(),
-            p => p,
-        },
-        message: e.inner().to_string(),
-    })
-}
-
-impl DeviceSpec {
-    /// The `type:` names, for error messages.
-    pub const TYPES: &'static [&'static str] = &[
-        "serial",
-        "sim-console",
-        "tcp",
-        "power",
-        "power-sim",
-        "network",
-        "udp",
-        "can",
-        "can-sim",
-        "storage",
-        "storage-sim",
-    ];
-
-    /// Reads a device's table whose `type:` was `ty` (the rest of the table in `v`).
-    pub fn from_yaml(ty: &str, v: serde_norway::Value) -> Result<DeviceSpec, FieldError> {
-        Ok(match ty {
-            "serial" => DeviceSpec::Serial(de(v)?),
-            "sim-console" => DeviceSpec::SimConsole(de(v)?),
-            "tcp" => DeviceSpec::Tcp(de(v)?),
-            "power" => DeviceSpec::Power(de(v)?),
-            "power-sim" => DeviceSpec::PowerSim(de(v)?),
-            "network" => DeviceSpec::Network(de(v)?),
-            "udp" => DeviceSpec::Udp(de(v)?),
-            "can" => DeviceSpec::Can(de(v)?),
-            "can-sim" => DeviceSpec::CanSim(de(v)?),
-            "storage" => DeviceSpec::Storage(de(v)?),
-            "storage-sim" => DeviceSpec::StorageSim(de(v)?),
-            other => {
-                return Err(FieldError {
+            /// Reads a device's table whose `type:` was `ty` (the rest of the table in `v`).
+            pub fn from_yaml(ty: &str, v: serde_norway::Value) -> Result<DeviceSpec, FieldError> {
+                $(if <<$module::$kind as DeviceKind>::Config as KindConfig>::TYPES.iter().any(|(t, _)| *t == ty) {
+                    return Ok(DeviceSpec::$variant(KindConfig::from_yaml(ty, v)?));
+                })*
+                let known: Vec<&str> = Self::types().iter().map(|(_, t, _)| *t).collect();
+                Err(FieldError {
                     path: "type".into(),
                     message: format!(
                         "unknown device type {:?} (known: {})",
-                        jmp_protocol::name::escape(other),
-                        Self::TYPES.join(", ")
+                        jmp_protocol::name::escape(ty),
+                        known.join(", ")
                     ),
                 })
             }
-        })
-    }
 
-    pub fn kind(&self) -> Kind {
-        match self {
-            DeviceSpec::Serial(_) | DeviceSpec::SimConsole(_) => Kind::Serial,
-            DeviceSpec::Tcp(_) => Kind::Tcp,
-            DeviceSpec::Power(_) | DeviceSpec::PowerSim(_) => Kind::Power,
-            DeviceSpec::Network(_) => Kind::Network,
-            DeviceSpec::Udp(_) => Kind::Udp,
-            DeviceSpec::Can(_) | DeviceSpec::CanSim(_) => Kind::Can,
-            DeviceSpec::Storage(_) | DeviceSpec::StorageSim(_) => Kind::Storage,
+            pub fn kind(&self) -> Kind {
+                match self {
+                    $(DeviceSpec::$variant(_) => <$module::$kind as DeviceKind>::KIND,)*
+                }
+            }
+
+            fn config(&self) -> &dyn ConfigDyn {
+                match self {
+                    $(DeviceSpec::$variant(c) => c,)*
+                }
+            }
         }
-    }
 
+        /// `jmp attach` options: `--forward` for every kind whose bridge listens, and each
+        /// kind's own, flattened into the command line.
+        #[derive(clap::Args, Debug, Clone, Default)]
+        pub struct ClientOptions {
+            #[command(flatten)]
+            pub forward: common::listen::ForwardArgs,
+            $(
+                #[command(flatten)]
+                pub $module: <$module::$kind as DeviceKind>::Options,
+            )*
+        }
+
+        impl ClientOptions {
+            /// Checks what can be checked before connecting (syntax).
+            pub fn parse_check(&self) -> Result<(), String> {
+                self.forward.parse()?;
+                $(<$module::$kind as DeviceKind>::parse_options(&self.$module)?;)*
+                Ok(())
+            }
+
+            /// Checks the options against what the exporter offers (a `--forward` naming a
+            /// device that does not listen, a CAN option naming no CAN device, ...).
+            pub fn check(&self, exporter: &str, devices: &[DeviceInfo]) -> Result<(), String> {
+                for name in self.forward.parse()?.keys() {
+                    if !devices.iter().any(|d| &d.name == name && listens(&d.kind)) {
+                        let kinds: Vec<&str> = Kind::ALL.iter().filter(|k| listens(k)).map(|k| k.as_str()).collect();
+                        return Err(format!(
+                            "--forward names {name:?}, which is not a device of {exporter} that listens on a local port (kinds: {})",
+                            kinds.join(", ")
+                        ));
+                    }
+                }
+                $(<$module::$kind as DeviceKind>::check_options(&self.$module, exporter, devices)?;)*
+                Ok(())
+            }
+        }
+
+        /// Whether `kind`'s bridge listens on a local address (`--forward` may choose it).
+        pub fn listens(kind: &Kind) -> bool {
+            match kind {
+                $(Kind::$variant => <$module::$kind as DeviceKind>::LISTENS,)*
+                Kind::Other(_) => false,
+            }
+        }
+
+        /// The kinds' `jmp` verbs (`jmp power`, `jmp serial`, `jmp storage`), flattened into
+        /// `jmp`'s commands.
+        #[derive(clap::Subcommand, Debug)]
+        pub enum Verbs {
+            $(
+                #[command(flatten)]
+                $variant(<$module::$kind as DeviceKind>::Verb),
+            )*
+        }
+
+        impl Verbs {
+            pub fn run(self, host: &dyn VerbHost) -> BoxFuture<'_, Result<(), VerbError>> {
+                match self {
+                    $(Verbs::$variant(v) => KindVerb::run(v, host),)*
+                }
+            }
+        }
+
+        /// An operation on a device, as the kinds' verbs ask for it (through an attachment's
+        /// control socket or on their own connection). On the control socket it is JSON:
+        /// `{"kind":"power","request":{"cycle":{"off_ms":500}}}`.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "kind", content = "request", rename_all = "kebab-case")]
+        pub enum DeviceRequest {
+            $($variant(<$module::$kind as DeviceKind>::Request),)*
+        }
+
+        /// Its typed answer.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "kind", content = "response", rename_all = "kebab-case")]
+        pub enum DeviceResponse {
+            $($variant(<$module::$kind as DeviceKind>::Response),)*
+        }
+
+        impl DeviceRequest {
+            pub fn kind(&self) -> Kind {
+                match self {
+                    $(DeviceRequest::$variant(_) => <$module::$kind as DeviceKind>::KIND,)*
+                }
+            }
+
+            /// Performs it over `link`; the answer and one line for people.
+            pub async fn run(
+                &self,
+                link: &dyn Channels,
+                device: &str,
+            ) -> Result<(DeviceResponse, String), Refusal> {
+                match self {
+                    $(DeviceRequest::$variant(r) => {
+                        let resp = request::<$module::$kind>(link, device, r).await?;
+                        let line = <$module::$kind as DeviceKind>::describe(device, r, &resp);
+                        Ok((DeviceResponse::$variant(resp), line))
+                    })*
+                }
+            }
+        }
+
+        /// The client side of a device, or `None` for a kind this build does not know (it is
+        /// listed, not bridged).
+        pub async fn bridge(
+            info: &DeviceInfo,
+            ctx: &BridgeCtx,
+            opts: &ClientOptions,
+        ) -> Result<Option<Box<dyn Bridge>>, String> {
+            let mut ctx = ctx.clone();
+            if listens(&info.kind) {
+                ctx.listen = opts.forward.parse()?.get(&info.name).copied();
+            }
+            match &info.kind {
+                $(Kind::$variant => <$module::$kind as DeviceKind>::bridge(info, &ctx, &opts.$module).await.map(Some),)*
+                Kind::Other(_) => Ok(None),
+            }
+        }
+
+        /// What the bridge of `info` needs on this machine (checked before it is made).
+        pub fn client_needs(info: &DeviceInfo, opts: &ClientOptions) -> ClientNeeds {
+            match &info.kind {
+                $(Kind::$variant => <$module::$kind as DeviceKind>::client_needs(info, &opts.$module),)*
+                Kind::Other(_) => ClientNeeds::default(),
+            }
+        }
+
+        /// A short state for people (`jmp status`): a console's line settings, a switch's
+        /// power.
+        pub fn summary(kind: &Kind, params: &[u8]) -> Option<String> {
+            match kind {
+                $(Kind::$variant => <$module::$kind as DeviceKind>::summary(params),)*
+                Kind::Other(_) => None,
+            }
+        }
+    };
+}
+
+registry! {
+    Serial => serial::Serial in "serial/mod.rs",
+    Tcp => tcp::Tcp in "tcp/mod.rs",
+    Power => power::Power in "power/mod.rs",
+    Network => net::Network in "net/mod.rs",
+    Udp => udp::Udp in "udp/mod.rs",
+    Can => can::Can in "can/mod.rs",
+    Storage => storage::Storage in "storage/mod.rs",
+}
+
+/// A kind's config seen without its type, for the methods every kind has.
+trait ConfigDyn {
+    fn validate(&self) -> Result<(), String>;
+    fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn Driver>;
+    fn sandbox(&self, name: &str) -> Sandbox;
+    fn switches_power(&self) -> bool;
+}
+
+impl<C: KindConfig> ConfigDyn for C {
+    fn validate(&self) -> Result<(), String> {
+        KindConfig::validate(self)
+    }
+    fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn Driver> {
+        KindConfig::start(self, name, ctx)
+    }
+    fn sandbox(&self, name: &str) -> Sandbox {
+        KindConfig::sandbox(self, name)
+    }
+    fn switches_power(&self) -> bool {
+        KindConfig::switches_power(self)
+    }
+}
+
+impl DeviceSpec {
     pub fn validate(&self) -> Result<(), String> {
-        match self {
-            DeviceSpec::Serial(s) => s.validate(),
-            DeviceSpec::SimConsole(s) => s.validate(),
-            DeviceSpec::Tcp(s) => s.validate(),
-            DeviceSpec::Power(s) => s.validate(),
-            DeviceSpec::PowerSim(s) => s.validate(),
-            DeviceSpec::Network(s) => s.validate(),
-            DeviceSpec::Udp(s) => s.validate(),
-            DeviceSpec::Can(s) => s.validate(),
-            DeviceSpec::CanSim(s) => s.validate(),
-            DeviceSpec::Storage(s) => s.validate(),
-            DeviceSpec::StorageSim(s) => s.validate(),
-        }
+        self.config().validate()
     }
 
     /// Starts the device's driver (background tasks need a tokio runtime).
     pub fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn Driver> {
-        match self {
-            DeviceSpec::Serial(s) => s.start(name),
-            DeviceSpec::SimConsole(s) => s.start(name, ctx.exporter, ctx.board),
-            DeviceSpec::Tcp(s) => s.start(name),
-            DeviceSpec::Power(s) => s.start(name, ctx.exporter, ctx.board),
-            DeviceSpec::PowerSim(s) => s.start(name, ctx.board),
-            DeviceSpec::Network(s) => s.start(name, ctx.exporter),
-            DeviceSpec::Udp(s) => s.start(name),
-            DeviceSpec::Can(s) => s.start(name),
-            DeviceSpec::CanSim(s) => s.start(name, ctx.board),
-            DeviceSpec::Storage(s) => s.start(name, ctx.board),
-            DeviceSpec::StorageSim(s) => s.start(name, ctx.exporter, ctx.board),
+        self.config().start(name, ctx)
+    }
+
+    /// What the device needs from the exporter host's sandbox (`jmpd --print-systemd`).
+    pub fn sandbox(&self, name: &str) -> Sandbox {
+        self.config().sandbox(name)
+    }
+
+    /// The device switches the board's power.
+    pub fn switches_power(&self) -> bool {
+        self.config().switches_power()
+    }
+}
+
+/// One device request of kind `K` over `link`, its answer decoded.
+async fn request<K: DeviceKind>(
+    link: &dyn Channels,
+    device: &str,
+    req: &K::Request,
+) -> Result<K::Response, Refusal> {
+    let body = link.request(device, to_bytes(req), K::REQUEST_TIMEOUT).await?;
+    K::Response::decode_exact(&body).map_err(|e| {
+        Refusal::new(
+            ErrorCode::Protocol,
+            format!("{device}: bad answer from the exporter: {e}"),
+        )
+    })
+}
+
+/// What the kinds' request verbs (`jmp power on`, `jmp serial break`) share: the request sent
+/// where `target` says, the answer printed as the user asked.
+pub async fn run_request(
+    host: &dyn VerbHost,
+    target: &Target,
+    device: Option<String>,
+    req: DeviceRequest,
+) -> Result<(), VerbError> {
+    let (device, response, message) = host.request(target, device, req).await?;
+    if target.output == crate::kind::Format::Json {
+        let v = serde_json::json!({"device": device, "response": response, "message": message});
+        host.print(&format!("{v}\n"))
+    } else {
+        host.print(&format!("{}\n", jmp_protocol::name::escape(&message)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lists generated here agree with the protocol's: every kind is registered once, in
+    /// the protocol's order, and its request's JSON tag is its wire name.
+    #[test]
+    fn every_wire_kind_is_registered_and_named_alike() {
+        let types = DeviceSpec::types();
+        for k in Kind::ALL {
+            assert!(
+                types.iter().any(|(kind, _, _)| kind == k),
+                "{k}: no config type"
+            );
         }
-    }
-}
-
-/// `jmp attach` options that belong to a kind, flattened into the command line.
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct ClientOptions {
-    /// `--forward`, for TCP and UDP devices alike.
-    #[command(flatten)]
-    pub tcp: tcp::ClientArgs,
-    #[command(flatten)]
-    pub net: net::ClientArgs,
-    #[command(flatten)]
-    pub can: can::CanArgs,
-}
-
-impl ClientOptions {
-    /// Checks the options against what the exporter offers (a `--forward` naming a device that
-    /// is not a TCP device, ...).
-    pub fn check(&self, exporter: &str, devices: &[DeviceInfo]) -> Result<(), String> {
-        for name in self.tcp.parse()?.keys() {
-            if !devices
-                .iter()
-                .any(|d| &d.name == name && matches!(d.kind, Kind::Tcp | Kind::Udp))
-            {
-                return Err(format!(
-                    "--forward names {name:?}, which is not a TCP or UDP device of {exporter}"
-                ));
-            }
+        for (kind, ty, example) in &types {
+            let v: serde_norway::Value = serde_norway::from_str(example)
+                .unwrap_or_else(|e| panic!("{ty}: example {example:?}: {e}"));
+            let spec = DeviceSpec::from_yaml(ty, v)
+                .unwrap_or_else(|e| panic!("{ty}: example {example:?}: {e}"));
+            assert_eq!(&spec.kind(), kind, "{ty}");
+            spec.validate()
+                .unwrap_or_else(|e| panic!("{ty}: example {example:?}: {e}"));
         }
-        self.net.check(exporter, devices)?;
-        self.can.check(exporter, devices)
+        let mut names: Vec<&str> = types.iter().map(|(_, t, _)| *t).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), types.len(), "a type: name used twice");
     }
 
-    /// Checks what can be checked before connecting (syntax).
-    pub fn parse_check(&self) -> Result<(), String> {
-        self.tcp.parse()?;
-        self.net.parse()?;
-        self.can.parse().map(|_| ())
-    }
-}
-
-/// The client side of a device, or `None` for a kind this build does not know (it is listed,
-/// not bridged).
-pub async fn bridge(
-    info: &DeviceInfo,
-    ctx: &BridgeCtx,
-    opts: &ClientOptions,
-) -> Result<Option<Box<dyn Bridge>>, String> {
-    let b: Box<dyn Bridge> = match &info.kind {
-        Kind::Serial => Box::new(
-            serial::SerialBridge::create(info, ctx)
-                .map_err(|e| format!("cannot create the local serial device: {e}"))?,
-        ),
-        Kind::Tcp => Box::new(tcp::bridge::create(info, &opts.tcp).await?),
-        Kind::Power => Box::new(power::PowerBridge::new(info)),
-        Kind::Network => Box::new(net::bridge::create(info, ctx, &opts.net).await?),
-        Kind::Udp => Box::new(udp::bridge::create(info, &opts.tcp.parse()?).await?),
-        Kind::Can => {
-            Box::new(can::CanBridge::create(info, ctx, opts.can.for_device(&info.name)?).await?)
-        }
-        Kind::Storage => Box::new(
-            storage::StorageBridge::create(info, ctx)
-                .map_err(|e| format!("cannot mount the storage device: {e}"))?,
-        ),
-        Kind::Other(_) => return Ok(None),
-    };
-    Ok(Some(b))
-}
-
-/// A short state for people (`jmp status`): a console's line settings, a switch's power.
-pub fn summary(kind: &Kind, params: &[u8]) -> Option<String> {
-    use jmp_protocol::kinds;
-    match kind {
-        Kind::Serial => kinds::serial::DeviceParams::decode_exact(params)
-            .ok()
-            .map(|p| p.settings.to_string()),
-        Kind::Tcp => kinds::tcp::DeviceParams::decode_exact(params)
-            .ok()
-            .map(|p| format!("to {}:{}", p.host, p.port)),
-        Kind::Power => kinds::power::DeviceParams::decode_exact(params)
-            .ok()
-            .map(|p| format!("power {}", p.state)),
-        Kind::Network => kinds::net::DeviceParams::decode_exact(params)
-            .ok()
-            .map(|p| {
-                p.subnets
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            }),
-        Kind::Udp => kinds::udp::DeviceParams::decode_exact(params)
-            .ok()
-            .map(|p| format!("to udp {}:{}", p.host, p.port)),
-        Kind::Can => kinds::can::DeviceParams::decode_exact(params)
-            .ok()
-            .map(|p| p.to_string()),
-        Kind::Storage => kinds::storage::DeviceParams::decode_exact(params)
-            .ok()
-            .map(|p| {
-                let rw = if p.accepts_writes() {
-                    "rw"
-                } else if p.writable {
-                    "ro: board on"
-                } else {
-                    "ro"
-                };
-                format!("{} MiB {rw}", p.size >> 20)
-            }),
-        Kind::Other(_) => None,
-    }
-}
-
-/// An operation on a device, as `jmp serial` and `jmp power` ask for it (through an
-/// attachment's control socket or on their own connection).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", content = "request", rename_all = "kebab-case")]
-pub enum DeviceRequest {
-    Serial(jmp_protocol::kinds::serial::Request),
-    Power(jmp_protocol::kinds::power::Request),
-    Storage(jmp_protocol::kinds::storage::DeviceRequest),
-}
-
-/// Its typed answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", content = "response", rename_all = "kebab-case")]
-pub enum DeviceResponse {
-    Serial(jmp_protocol::kinds::serial::Response),
-    Power(jmp_protocol::kinds::power::Response),
-    Storage(jmp_protocol::kinds::storage::DeviceResponse),
-}
-
-impl DeviceRequest {
-    pub fn kind(&self) -> Kind {
-        match self {
-            DeviceRequest::Serial(_) => Kind::Serial,
-            DeviceRequest::Power(_) => Kind::Power,
-            DeviceRequest::Storage(_) => Kind::Storage,
+    #[test]
+    fn every_kind_summarises_its_wire_example() {
+        for w in jmp_protocol::kinds::WIRE {
+            let params = w.params_example().expect("tested in the protocol crate");
+            let s = summary(&w.kind, &params);
+            assert!(
+                s.as_deref().is_some_and(|s| !s.is_empty()),
+                "{}: no summary of its params example",
+                w.kind
+            );
         }
     }
 
-    /// Performs it over `link`; the answer and one line for people.
-    pub async fn run(
-        &self,
-        link: &dyn Channels,
-        device: &str,
-    ) -> Result<(DeviceResponse, String), Refusal> {
-        match self {
-            DeviceRequest::Serial(r) => {
-                let resp = serial::ops::request(link, device, r).await?;
-                Ok((
-                    DeviceResponse::Serial(resp),
-                    serial::ops::describe(device, r, &resp),
-                ))
-            }
-            DeviceRequest::Power(r) => {
-                let resp = power::ops::request(link, device, r).await?;
-                Ok((
-                    DeviceResponse::Power(resp),
-                    power::ops::describe(device, r, &resp),
-                ))
-            }
-            DeviceRequest::Storage(r) => {
-                let resp = storage::ops::request(link, device, r).await?;
-                let line = storage::ops::describe(device, &resp);
-                Ok((DeviceResponse::Storage(resp), line))
-            }
+    #[test]
+    fn an_unknown_type_lists_the_known_ones() {
+        let e = DeviceSpec::from_yaml("hologram", serde_norway::Value::Null).expect_err("unknown");
+        assert_eq!(e.path, "type");
+        for (_, ty, _) in DeviceSpec::types() {
+            assert!(e.message.contains(ty), "{e}");
         }
     }
 }

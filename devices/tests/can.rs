@@ -3,7 +3,7 @@
 //! simulated ECU mirrors, counts and answers ISO-TP; an emulated slcan adapter on a pty is the
 //! exporter's backend), and bad input refused naming what was wrong.
 
-use jmp_devices::board::SimBoard;
+use jmp_devices::board::Board;
 use jmp_devices::can::backend::SimConfig;
 use jmp_devices::can::driver::{CanDriver, Source};
 use jmp_devices::can::ops::{DeviceOptions, Fronts};
@@ -19,7 +19,7 @@ use std::time::Duration;
 
 const GUARD: Duration = Duration::from_secs(30);
 
-fn sim(board: &SimBoard) -> Arc<dyn Driver> {
+fn sim(board: &Board) -> Arc<dyn Driver> {
     Arc::new(CanDriver::start(
         "ecu",
         Source::Sim(SimConfig {
@@ -99,7 +99,7 @@ impl Scd {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sim_ecu_through_socketcand_and_slcan_over_memory() {
-    let board = SimBoard::new();
+    let board = Board::new();
     let d = sim(&board);
     let devices = DeviceSet::new("exp", vec![d.clone()]);
     let infos = devices.infos();
@@ -241,7 +241,7 @@ async fn sim_ecu_through_socketcand_and_slcan_over_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filters_are_applied_on_the_exporter() {
-    let board = SimBoard::new();
+    let board = Board::new();
     let d = sim(&board);
     let devices = DeviceSet::new("exp", vec![d.clone()]);
     let infos = devices.infos();
@@ -283,7 +283,7 @@ async fn filters_are_applied_on_the_exporter() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sim_ecu_is_silent_while_the_board_is_off() {
-    let board = SimBoard::new();
+    let board = Board::new();
     let d = sim(&board);
     board.set_power(false);
     let mut st = d.status();

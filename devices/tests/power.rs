@@ -4,7 +4,7 @@
 //! through an in-memory session the way `jmp power` makes them.
 
 use bytes::Bytes;
-use jmp_devices::board::SimBoard;
+use jmp_devices::board::Board;
 use jmp_devices::power::spec::CommandSpec;
 use jmp_devices::power::PowerDriver;
 use jmp_devices::serial::driver::{SerialDriver, Source};
@@ -75,7 +75,7 @@ esac
         PowerDriver::commands(
             "power",
             "rpi4",
-            jmp_devices::board::SimBoard::new(),
+            jmp_devices::board::Board::new(),
             CommandSpec {
                 on: self.argv(on),
                 off: self.argv("off"),
@@ -230,7 +230,7 @@ fn boots(s: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_simulated_boards_console_follows_its_power() {
     use jmp_devices::registry::{DeviceRequest, DeviceResponse};
-    let board = SimBoard::new();
+    let board = Board::new();
     let console: Arc<dyn Driver> = Arc::new(SerialDriver::start(
         "console".into(),
         Source::Sim {

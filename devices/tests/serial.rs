@@ -4,7 +4,7 @@
 //! program opens, as it would through QUIC).
 
 use bytes::Bytes;
-use jmp_devices::board::SimBoard;
+use jmp_devices::board::Board;
 use jmp_devices::serial::driver::{SerialDriver, Source};
 use jmp_devices::serial::spec::LinePolicy;
 use jmp_devices::serve::DeviceSet;
@@ -40,7 +40,7 @@ fn sim(hostname: &str, history: usize) -> SerialDriver {
         "console".into(),
         Source::Sim {
             hostname: hostname.into(),
-            board: SimBoard::new(),
+            board: Board::new(),
         },
         history,
     )

@@ -3,7 +3,7 @@
 //! moving on power-on and on another writer, and the FUSE mount (real kernel) over memory.
 
 use bytes::Bytes;
-use jmp_devices::board::SimBoard;
+use jmp_devices::board::Board;
 use jmp_devices::serve::DeviceSet;
 use jmp_devices::storage::client::{self, Client, Reply, Retry};
 use jmp_devices::storage::spec::Table;
@@ -40,7 +40,7 @@ impl Drop for Img {
 fn driver(
     img: &Img,
     writable: bool,
-    board: Option<SimBoard>,
+    board: Option<Board>,
     slow: Option<SlowRange>,
 ) -> Arc<dyn Driver> {
     Arc::new(StorageDriver::start(
@@ -214,7 +214,7 @@ async fn a_slow_read_does_not_hold_up_the_others() {
 #[tokio::test]
 async fn a_shared_medium_refuses_writes_while_the_board_is_on_and_moves_its_generation() {
     let img = Img::new("shared");
-    let board = SimBoard::new(); // starts powered
+    let board = Board::new(); // starts powered
     let (link, _srv) = mem_session(DeviceSet::new(
         "b",
         vec![driver(&img, true, Some(board.clone()), None)],

@@ -7,7 +7,7 @@
 use crate::auth::{AuthError, Authorizer};
 use crate::config::ExporterConfig;
 use crate::seat::{Action, Claim, Seat, Verdict};
-use jmp_devices::board::SimBoard;
+use jmp_devices::board::Board;
 use jmp_devices::registry::BuildCtx;
 use jmp_devices::serve::DeviceSet;
 use jmp_protocol::{features, name, ChannelMode, ErrorCode, Status, Welcome};
@@ -76,7 +76,7 @@ impl Exporter {
         cfg: &ExporterConfig,
         auth: Arc<dyn Authorizer>,
     ) -> Result<Exporter, String> {
-        let board = SimBoard::new();
+        let board = Board::new();
         let ctx = BuildCtx {
             exporter: &cfg.metadata.name,
             board: &board,

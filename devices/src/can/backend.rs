@@ -7,7 +7,7 @@
 use super::driver::{now_us, Hub};
 use super::sim::SimEcu;
 use super::slcan::{self, AdapterLine, LineSplitter};
-use crate::board::SimBoard;
+use crate::board::Board;
 use bytes::BytesMut;
 use jmp_protocol::kinds::can::{error, BusState, Frame};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -27,7 +27,7 @@ pub struct SimConfig {
     pub request_id: u32,
     pub response_id: u32,
     pub load: u32,
-    pub board: SimBoard,
+    pub board: Board,
 }
 
 /// Counts a refused frame and tells the channels the first time in an outage.

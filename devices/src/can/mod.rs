@@ -18,8 +18,106 @@ pub use driver::CanDriver;
 pub use ops::CanArgs;
 pub use spec::{CanSimSpec, CanSpec};
 
-use crate::board::SimBoard;
+use crate::board::Board;
+use crate::kind::{BuildCtx, DeviceKind, NoRequest, NoVerb, Sandbox, Spec};
+use crate::{BoxFuture, Bridge, BridgeCtx};
+use jmp_protocol::codec::Codec;
+use jmp_protocol::kinds::can as wire;
+use jmp_protocol::{DeviceInfo, Kind};
 use std::sync::Arc;
+
+/// The CAN bus kind.
+pub struct Can;
+
+crate::config_types! {
+    /// `type: can` (a SocketCAN interface or an slcan adapter) or `type: can-sim` (the
+    /// simulated ECU).
+    pub enum CanConfig {
+        Bus(CanSpec) = "can" => "{interface: can0, bitrate: 500000}",
+        Sim(CanSimSpec) = "can-sim" => "{period: 100ms}",
+    }
+}
+
+impl DeviceKind for Can {
+    const KIND: Kind = Kind::Can;
+    type Config = CanConfig;
+    type Options = CanArgs;
+    type Verb = NoVerb;
+    type Request = NoRequest;
+    type Response = NoRequest;
+
+    fn parse_options(opts: &CanArgs) -> Result<(), String> {
+        opts.parse().map(|_| ())
+    }
+
+    fn check_options(opts: &CanArgs, exporter: &str, devices: &[DeviceInfo]) -> Result<(), String> {
+        opts.check(exporter, devices)
+    }
+
+    fn bridge<'a>(
+        info: &'a DeviceInfo,
+        ctx: &'a BridgeCtx,
+        opts: &'a CanArgs,
+    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, String>> {
+        Box::pin(async move {
+            let b = CanBridge::create(info, ctx, opts.for_device(&info.name)?).await?;
+            Ok(Box::new(b) as Box<dyn Bridge>)
+        })
+    }
+
+    fn summary(params: &[u8]) -> Option<String> {
+        wire::DeviceParams::decode_exact(params)
+            .ok()
+            .map(|p| p.to_string())
+    }
+}
+
+impl Spec for CanSpec {
+    fn validate(&self) -> Result<(), String> {
+        CanSpec::validate(self)
+    }
+
+    fn start(&self, name: &str, _ctx: &BuildCtx) -> Arc<dyn crate::Driver> {
+        CanSpec::start(self, name)
+    }
+
+    /// SocketCAN: a raw CAN socket, and netlink for the bus state, error counters and (on a
+    /// real controller) the bit rate, which also needs CAP_NET_ADMIN. slcan: the adapter's
+    /// tty.
+    fn sandbox(&self, name: &str) -> Sandbox {
+        match (&self.interface, &self.slcan) {
+            (Some(i), _) => Sandbox {
+                families: vec!["AF_CAN", "AF_NETLINK"],
+                capabilities: if self.bitrate.is_some() {
+                    vec!["CAP_NET_ADMIN"]
+                } else {
+                    Vec::new()
+                },
+                notes: vec![format!(
+                    "{name}: SocketCAN interface {i}{}",
+                    if self.bitrate.is_some() {
+                        " (jmpd sets its bit rate)"
+                    } else {
+                        ""
+                    }
+                )],
+                ..Sandbox::default()
+            },
+            (None, Some(s)) => Sandbox::tty(name, &s.path, "slcan adapter"),
+            (None, None) => Sandbox::default(),
+        }
+    }
+}
+
+impl Spec for CanSimSpec {
+    fn validate(&self) -> Result<(), String> {
+        CanSimSpec::validate(self)
+    }
+
+    fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn crate::Driver> {
+        CanSimSpec::start(self, name, ctx.board)
+    }
+}
 
 impl CanSpec {
     pub fn start(&self, name: &str) -> Arc<dyn crate::Driver> {
@@ -48,7 +146,7 @@ impl CanSpec {
 
 impl CanSimSpec {
     /// `board`: the simulated board whose power the ECU follows.
-    pub fn start(&self, name: &str, board: &SimBoard) -> Arc<dyn crate::Driver> {
+    pub fn start(&self, name: &str, board: &Board) -> Arc<dyn crate::Driver> {
         Arc::new(CanDriver::start(
             name,
             driver::Source::Sim(backend::SimConfig {

@@ -4,6 +4,7 @@
 //! descriptor I/O. A kind folder may use anything here; nothing here may use a kind folder.
 
 pub mod counters;
+pub mod listen;
 pub(crate) mod fdio;
 pub(crate) mod forward;
 pub mod pty;

@@ -28,16 +28,15 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `jmp attach` options of network devices.
 #[derive(clap::Args, Debug, Clone, Default)]
-// Its own group id: clap names groups after the struct, and tcp's is a `ClientArgs` too.
 #[group(id = "network-args")]
-pub struct ClientArgs {
+pub struct NetArgs {
     /// Reach network devices through a SOCKS5 proxy on [ADDR:]PORT (127.0.0.1 by default)
     /// instead of a TUN: no privileges needed; names resolve on the exporter (socks5h).
     #[arg(long = "socks", value_name = "[ADDR:]PORT")]
     pub socks: Option<String>,
 }
 
-impl ClientArgs {
+impl NetArgs {
     pub fn parse(&self) -> Result<Option<SocketAddr>, String> {
         let Some(s) = &self.socks else {
             return Ok(None);
@@ -88,7 +87,7 @@ pub struct NetBridge {
 pub async fn create(
     info: &DeviceInfo,
     ctx: &BridgeCtx,
-    args: &ClientArgs,
+    args: &NetArgs,
 ) -> Result<NetBridge, String> {
     let params = DeviceParams::decode_exact(&info.params).map_err(|e| {
         format!("the exporter's description of this network device is unreadable: {e}")
@@ -476,7 +475,7 @@ mod tests {
 
     #[test]
     fn socks_option_parses_port_or_address() {
-        let a = |s: &str| ClientArgs {
+        let a = |s: &str| NetArgs {
             socks: Some(s.into()),
         };
         assert_eq!(
@@ -488,6 +487,6 @@ mod tests {
             Ok(Some("0.0.0.0:1080".parse().expect("addr")))
         );
         assert!(a("x").parse().unwrap_err().contains("\"x\""));
-        assert_eq!(ClientArgs::default().parse(), Ok(None));
+        assert_eq!(NetArgs::default().parse(), Ok(None));
     }
 }

@@ -23,6 +23,95 @@ pub mod spec;
 pub(crate) mod sys;
 pub(crate) mod tun;
 
-pub use bridge::{ClientArgs, NetBridge};
+pub use bridge::{NetArgs, NetBridge};
 pub use driver::NetDriver;
 pub use spec::NetSpec;
+
+use crate::kind::{
+    BuildCtx, ClientNeeds, DeviceKind, NoRequest, NoVerb, Sandbox, Spec,
+};
+use crate::{BoxFuture, Bridge, BridgeCtx};
+use jmp_protocol::codec::Codec;
+use jmp_protocol::kinds::net as wire;
+use jmp_protocol::{DeviceInfo, Kind};
+use std::sync::Arc;
+
+/// The network kind: a TUN tunnel (or SOCKS5) into the board's subnets.
+pub struct Network;
+
+crate::config_types! {
+    /// `type: network`.
+    pub enum NetConfig {
+        Subnets(NetSpec) = "network" => "{subnets: [192.168.10.0/24], via: lo}",
+    }
+}
+
+impl DeviceKind for Network {
+    const KIND: Kind = Kind::Network;
+    type Config = NetConfig;
+    type Options = NetArgs;
+    type Verb = NoVerb;
+    type Request = NoRequest;
+    type Response = NoRequest;
+
+    fn parse_options(opts: &NetArgs) -> Result<(), String> {
+        opts.parse().map(|_| ())
+    }
+
+    fn check_options(opts: &NetArgs, exporter: &str, devices: &[DeviceInfo]) -> Result<(), String> {
+        opts.check(exporter, devices)
+    }
+
+    fn bridge<'a>(
+        info: &'a DeviceInfo,
+        ctx: &'a BridgeCtx,
+        opts: &'a NetArgs,
+    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, String>> {
+        Box::pin(async move {
+            Ok(Box::new(bridge::create(info, ctx, opts).await?) as Box<dyn Bridge>)
+        })
+    }
+
+    fn summary(params: &[u8]) -> Option<String> {
+        wire::DeviceParams::decode_exact(params).ok().map(|p| {
+            p.subnets
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+    }
+
+    /// A TUN needs CAP_NET_ADMIN; SOCKS (`--socks`) needs nothing.
+    fn client_needs(_info: &DeviceInfo, opts: &NetArgs) -> ClientNeeds {
+        if opts.socks.is_some() {
+            return ClientNeeds::default();
+        }
+        ClientNeeds {
+            capabilities: vec!["CAP_NET_ADMIN"],
+            why: "the tunnel's TUN needs CAP_NET_ADMIN (run jmp attach as root), or add --socks [ADDR:]PORT to reach the subnets through SOCKS5 without privileges".into(),
+        }
+    }
+}
+
+impl Spec for NetSpec {
+    fn validate(&self) -> Result<(), String> {
+        NetSpec::validate(self)
+    }
+
+    fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn crate::Driver> {
+        NetSpec::start(self, name, ctx.exporter)
+    }
+
+    /// The tunnel: its TUN (/dev/net/tun, CAP_NET_ADMIN), addresses and forwarding over
+    /// netlink, and the nftables table `nft` loads (netlink too).
+    fn sandbox(&self, name: &str) -> Sandbox {
+        Sandbox {
+            devices: vec![("/dev/net/tun".into(), "rw")],
+            families: vec!["AF_NETLINK"],
+            capabilities: vec!["CAP_NET_ADMIN"],
+            notes: vec![format!("{name}: a network tunnel")],
+            ..Sandbox::default()
+        }
+    }
+}

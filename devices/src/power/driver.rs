@@ -4,7 +4,7 @@
 
 use super::command::{self, RunError};
 use super::spec::{CommandSpec, MAX_WAIT};
-use crate::board::SimBoard;
+use crate::board::Board;
 use crate::{BoxFuture, DeviceStatus, Driver, Refusal};
 use bytes::Bytes;
 use jmp_protocol::codec::{to_bytes, Codec};
@@ -21,9 +21,9 @@ enum Backend {
         exporter: String,
         /// The exporter's board, told the real switch's state so that devices sharing the
         /// board (a storage medium behind an SD-mux) follow it; unknown counts as on.
-        board: SimBoard,
+        board: Board,
     },
-    Sim(SimBoard),
+    Sim(Board),
 }
 
 pub struct PowerDriver {
@@ -44,7 +44,7 @@ impl PowerDriver {
     pub fn commands(
         name: &str,
         exporter: &str,
-        board: SimBoard,
+        board: Board,
         spec: CommandSpec,
         cycle_delay: Duration,
         timeout: Duration,
@@ -63,7 +63,7 @@ impl PowerDriver {
         )
     }
 
-    pub fn sim(name: &str, board: SimBoard, cycle_delay: Duration) -> Self {
+    pub fn sim(name: &str, board: Board, cycle_delay: Duration) -> Self {
         let on = board.powered();
         Self::new(
             name,
@@ -283,6 +283,10 @@ impl Driver for PowerDriver {
         &[]
     }
 
+    fn power_switch(&self) -> Option<&dyn crate::PowerSwitch> {
+        Some(self)
+    }
+
     fn request<'a>(&'a self, body: Bytes) -> BoxFuture<'a, Result<Bytes, Refusal>> {
         Box::pin(async move {
             let req = Request::decode_exact(&body).map_err(|e| {
@@ -297,5 +301,16 @@ impl Driver for PowerDriver {
                 readable: self.readable(),
             }))
         })
+    }
+}
+
+impl crate::PowerSwitch for PowerDriver {
+    fn switch_off(&self) -> BoxFuture<'_, Result<(), Refusal>> {
+        Box::pin(async move { self.perform(Request::Off).await.map(|_| ()) })
+    }
+
+    fn is_on(&self, status: &DeviceStatus) -> bool {
+        jmp_protocol::kinds::power::DeviceParams::decode_exact(&status.params)
+            .is_ok_and(|p| p.state == PowerState::On)
     }
 }

@@ -8,7 +8,95 @@ pub mod command;
 pub mod driver;
 pub mod ops;
 pub mod spec;
+pub mod verb;
 
 pub use bridge::PowerBridge;
 pub use driver::PowerDriver;
 pub use spec::{PowerSimSpec, PowerSpec};
+
+use crate::kind::{BuildCtx, DeviceKind, NoOptions, Sandbox, Spec};
+use crate::{BoxFuture, Bridge, BridgeCtx};
+use jmp_protocol::codec::Codec;
+use jmp_protocol::kinds::power as wire;
+use jmp_protocol::{DeviceInfo, Kind};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The power switch kind.
+pub struct Power;
+
+crate::config_types! {
+    /// `type: power` (commands run on the exporter host) or `type: power-sim` (the simulated
+    /// board's power).
+    pub enum PowerConfig {
+        Commands(PowerSpec) = "power" => "{command: {on: [relay, '3', 'on'], off: [relay, '3', 'off']}}",
+        Sim(PowerSimSpec) = "power-sim" => "{cycleDelay: 200ms}",
+    }
+}
+
+impl DeviceKind for Power {
+    const KIND: Kind = Kind::Power;
+    /// A guard against a hang only: the exporter enforces each command's own timeout and
+    /// answers `timeout`; a cycle is two commands and a delay.
+    const REQUEST_TIMEOUT: Duration = Duration::from_secs(1300);
+    type Config = PowerConfig;
+    type Options = NoOptions;
+    type Verb = verb::PowerVerb;
+    type Request = wire::Request;
+    type Response = wire::Response;
+
+    fn bridge<'a>(
+        info: &'a DeviceInfo,
+        _ctx: &'a BridgeCtx,
+        _opts: &'a NoOptions,
+    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, String>> {
+        Box::pin(async move { Ok(Box::new(PowerBridge::new(info)) as Box<dyn Bridge>) })
+    }
+
+    fn summary(params: &[u8]) -> Option<String> {
+        wire::DeviceParams::decode_exact(params)
+            .ok()
+            .map(|p| format!("power {}", p.state))
+    }
+
+    fn describe(device: &str, req: &wire::Request, resp: &wire::Response) -> String {
+        ops::describe(device, req, resp)
+    }
+}
+
+impl Spec for PowerSpec {
+    fn validate(&self) -> Result<(), String> {
+        PowerSpec::validate(self)
+    }
+
+    fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn crate::Driver> {
+        PowerSpec::start(self, name, ctx.exporter, ctx.board)
+    }
+
+    fn sandbox(&self, name: &str) -> Sandbox {
+        Sandbox {
+            notes: vec![format!(
+                "{name}: power commands run inside this sandbox; grant what they use (e.g. DeviceAllow=char-usb_device rw is there for USB relays, IPAddressAllow= for a PDU)"
+            )],
+            ..Sandbox::default()
+        }
+    }
+
+    fn switches_power(&self) -> bool {
+        true
+    }
+}
+
+impl Spec for PowerSimSpec {
+    fn validate(&self) -> Result<(), String> {
+        PowerSimSpec::validate(self)
+    }
+
+    fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn crate::Driver> {
+        PowerSimSpec::start(self, name, ctx.board)
+    }
+
+    fn switches_power(&self) -> bool {
+        true
+    }
+}

@@ -1,6 +1,6 @@
 //! What an exporter config says about a power switch.
 
-use crate::board::SimBoard;
+use crate::board::Board;
 use crate::spec::DurationSpec;
 use serde::Deserialize;
 use std::sync::Arc;
@@ -81,7 +81,7 @@ impl PowerSpec {
         check_wait("timeout", self.timeout)
     }
 
-    pub fn start(&self, name: &str, exporter: &str, board: &SimBoard) -> Arc<dyn crate::Driver> {
+    pub fn start(&self, name: &str, exporter: &str, board: &Board) -> Arc<dyn crate::Driver> {
         Arc::new(super::PowerDriver::commands(
             name,
             exporter,
@@ -98,7 +98,7 @@ impl PowerSimSpec {
         check_wait("cycleDelay", self.cycle_delay)
     }
 
-    pub fn start(&self, name: &str, board: &SimBoard) -> Arc<dyn crate::Driver> {
+    pub fn start(&self, name: &str, board: &Board) -> Arc<dyn crate::Driver> {
         Arc::new(super::PowerDriver::sim(
             name,
             board.clone(),

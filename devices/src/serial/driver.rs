@@ -9,7 +9,7 @@
 use super::history::History;
 use super::sim::SimConsole;
 use super::spec::LinePolicy;
-use crate::board::SimBoard;
+use crate::board::Board;
 use crate::{BoxFuture, Channel, DeviceStatus, Driver, Refusal};
 use bytes::{Bytes, BytesMut};
 use jmp_protocol::codec::{to_bytes, Codec};
@@ -40,7 +40,7 @@ pub enum Source {
         policy: LinePolicy,
     },
     /// The built-in simulated board, following the board's power.
-    Sim { hostname: String, board: SimBoard },
+    Sim { hostname: String, board: Board },
 }
 
 enum PortCmd {
@@ -547,7 +547,7 @@ async fn tty_task(
 /// ignores what is typed (an unpowered UART); power on boots it again, boot log first.
 async fn sim_task(
     hostname: String,
-    board: SimBoard,
+    board: Board,
     history: Arc<History>,
     mut cmds: mpsc::Receiver<PortCmd>,
 ) {

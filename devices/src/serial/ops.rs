@@ -1,28 +1,7 @@
 //! Typed client operations on a serial console: what a pty cannot carry (parity, data bits,
 //! break, modem lines), as device requests answered by the exporter with the port's settings.
 
-use jmp_protocol::codec::{to_bytes, Codec};
 use jmp_protocol::kinds::serial::{Request, Response};
-use jmp_protocol::{ErrorCode, Refusal};
-use jmp_transport::Channels;
-use std::time::Duration;
-
-/// How long a serial request may take: a break of the longest allowed duration, and margin.
-pub const TIMEOUT: Duration = Duration::from_secs(15);
-
-pub async fn request(
-    link: &dyn Channels,
-    device: &str,
-    req: &Request,
-) -> Result<Response, Refusal> {
-    let body = link.request(device, to_bytes(req), TIMEOUT).await?;
-    Response::decode_exact(&body).map_err(|e| {
-        Refusal::new(
-            ErrorCode::Protocol,
-            format!("{device}: bad answer from the exporter: {e}"),
-        )
-    })
-}
 
 /// One line for people saying what was done.
 pub fn describe(device: &str, req: &Request, resp: &Response) -> String {

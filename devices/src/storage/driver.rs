@@ -15,7 +15,7 @@
 //! local mounts to reach it, see jmp/src/storage.rs).
 
 use super::medium::{Failure, Medium};
-use crate::board::SimBoard;
+use crate::board::Board;
 use crate::{BoxFuture, Channel, DeviceStatus, Driver, Refusal};
 use bytes::Bytes;
 use jmp_protocol::codec::{to_bytes, Codec};
@@ -52,7 +52,7 @@ pub struct Inner {
     /// The config allows writing.
     writable: bool,
     /// Shared with the board: writes wait for its power to be off.
-    board: Option<SimBoard>,
+    board: Option<Board>,
     medium: Mutex<Option<Arc<Medium>>>,
     state: watch::Sender<DeviceStatus>,
     status: watch::Receiver<DeviceStatus>,
@@ -74,7 +74,7 @@ impl StorageDriver {
         name: &str,
         path: PathBuf,
         writable: bool,
-        board: Option<SimBoard>,
+        board: Option<Board>,
         slow: Option<SlowRange>,
     ) -> StorageDriver {
         let (state, status) = watch::channel(DeviceStatus {

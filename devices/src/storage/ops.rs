@@ -2,28 +2,7 @@
 //! hash computed on the exporter (what `jmp storage` asks through an attachment's control
 //! socket or a one-shot connection).
 
-use jmp_protocol::codec::{to_bytes, Codec};
-use jmp_protocol::kinds::storage::{DeviceRequest, DeviceResponse};
-use jmp_protocol::{ErrorCode, Refusal};
-use jmp_transport::Channels;
-use std::time::Duration;
-
-/// A hang guard: hashing a large card on the exporter reads all of it.
-pub const TIMEOUT: Duration = Duration::from_secs(3600);
-
-pub async fn request(
-    link: &dyn Channels,
-    device: &str,
-    req: &DeviceRequest,
-) -> Result<DeviceResponse, Refusal> {
-    let body = link.request(device, to_bytes(req), TIMEOUT).await?;
-    DeviceResponse::decode_exact(&body).map_err(|e| {
-        Refusal::new(
-            ErrorCode::Protocol,
-            format!("{device}: bad answer from the exporter: {e}"),
-        )
-    })
-}
+use jmp_protocol::kinds::storage::DeviceResponse;
 
 /// One line for people saying what happened.
 pub fn describe(device: &str, resp: &DeviceResponse) -> String {

@@ -2,7 +2,7 @@
 //! (`type: storage`), or a simulated card (`type: storage-sim`, a sparse image with a
 //! partition table, made at first start).
 
-use crate::board::SimBoard;
+use crate::board::Board;
 use crate::spec::ByteSize;
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -70,7 +70,7 @@ impl StorageSpec {
         Ok(())
     }
 
-    pub fn start(&self, name: &str, board: &SimBoard) -> Arc<dyn crate::Driver> {
+    pub fn start(&self, name: &str, board: &Board) -> Arc<dyn crate::Driver> {
         Arc::new(super::StorageDriver::start(
             name,
             self.path.clone(),
@@ -112,7 +112,7 @@ impl StorageSimSpec {
         })
     }
 
-    pub fn start(&self, name: &str, exporter: &str, board: &SimBoard) -> Arc<dyn crate::Driver> {
+    pub fn start(&self, name: &str, exporter: &str, board: &Board) -> Arc<dyn crate::Driver> {
         let path = self.image_path(exporter, name);
         if let Err(e) = super::sim::ensure_image(&path, self.size.0, self.table) {
             // The driver then reports the device unavailable, naming the path.

@@ -9,7 +9,7 @@ use crate::common::forward::forward;
 use crate::{BoxFuture, Bridge, BridgeExit, Endpoint, Local, Refusal};
 use jmp_protocol::{DeviceInfo, ErrorCode, Kind};
 use jmp_transport::Channels;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -223,85 +223,13 @@ async fn link_is_gone(link: &dyn Channels, e: &Refusal) -> bool {
     }
 }
 
-/// `jmp attach` options of TCP forwards.
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct ClientArgs {
-    /// Local address of a TCP forward: LOCAL=DEVICE, LOCAL a port or ADDR:PORT (default: an
-    /// ephemeral port on 127.0.0.1).
-    #[arg(long = "forward", value_name = "LOCAL=DEVICE")]
-    pub forwards: Vec<String>,
-}
-
-impl ClientArgs {
-    /// device name → local address.
-    pub fn parse(&self) -> Result<HashMap<String, SocketAddr>, String> {
-        let mut out = HashMap::new();
-        for f in &self.forwards {
-            let (local, device) = f
-                .split_once('=')
-                .ok_or_else(|| format!("--forward {f:?}: expected LOCAL=DEVICE, e.g. 2222=ssh"))?;
-            let addr = if let Ok(port) = local.parse::<u16>() {
-                SocketAddr::from(([127, 0, 0, 1], port))
-            } else {
-                local
-                    .parse()
-                    .map_err(|_| format!("--forward {f:?}: {local:?} is not a port or ADDR:PORT"))?
-            };
-            out.insert(device.to_string(), addr);
-        }
-        Ok(out)
-    }
-
-    /// Every forward must name a TCP device of the exporter.
-    pub fn check(&self, exporter: &str, devices: &[DeviceInfo]) -> Result<(), String> {
-        for name in self.parse()?.keys() {
-            if !devices
-                .iter()
-                .any(|d| &d.name == name && d.kind == Kind::Tcp)
-            {
-                return Err(format!(
-                    "--forward names {name:?}, which is not a TCP device of {exporter}"
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
 /// The bridge for `info`, listening where `--forward` says (else an ephemeral loopback port).
-pub async fn create(info: &DeviceInfo, args: &ClientArgs) -> Result<TcpBridge, String> {
-    let addr = args
-        .parse()?
-        .get(&info.name)
-        .copied()
+pub async fn create(info: &DeviceInfo, ctx: &crate::BridgeCtx) -> Result<TcpBridge, String> {
+    let addr = ctx
+        .listen
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
     TcpBridge::bind(info.name.clone(), addr)
         .await
         .map_err(|e| e.to_string())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn forwards_parse_ports_and_addresses_and_name_bad_ones() {
-        let a = ClientArgs {
-            forwards: vec!["2222=ssh".into(), "127.0.0.2:8080=web".into()],
-        };
-        let f = a.parse().expect("valid");
-        assert_eq!(f["ssh"], SocketAddr::from(([127, 0, 0, 1], 2222)));
-        assert_eq!(
-            f["web"],
-            "127.0.0.2:8080".parse::<SocketAddr>().expect("addr")
-        );
-        for bad in ["ssh", "x=ssh", "99999=ssh"] {
-            let e = ClientArgs {
-                forwards: vec![bad.into()],
-            }
-            .parse()
-            .expect_err(bad);
-            assert!(e.contains(bad), "{e}");
-        }
-    }
-}

@@ -5,6 +5,59 @@ pub mod bridge;
 pub mod driver;
 pub mod spec;
 
-pub use bridge::{ClientArgs, TcpBridge};
+pub use bridge::TcpBridge;
 pub use driver::TcpDriver;
 pub use spec::TcpSpec;
+
+use crate::kind::{BuildCtx, DeviceKind, NoOptions, NoRequest, NoVerb, Spec};
+use crate::{BoxFuture, Bridge, BridgeCtx};
+use jmp_protocol::codec::Codec;
+use jmp_protocol::kinds::tcp as wire;
+use jmp_protocol::{DeviceInfo, Kind};
+use std::sync::Arc;
+
+/// TCP forwards: a local port per device, a stream channel per connection.
+pub struct Tcp;
+
+crate::config_types! {
+    /// `type: tcp`.
+    pub enum TcpConfig {
+        Target(TcpSpec) = "tcp" => "{host: 192.168.10.2, port: 22}",
+    }
+}
+
+impl DeviceKind for Tcp {
+    const KIND: Kind = Kind::Tcp;
+    const LISTENS: bool = true;
+    type Config = TcpConfig;
+    type Options = NoOptions;
+    type Verb = NoVerb;
+    type Request = NoRequest;
+    type Response = NoRequest;
+
+    fn bridge<'a>(
+        info: &'a DeviceInfo,
+        ctx: &'a BridgeCtx,
+        _opts: &'a NoOptions,
+    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, String>> {
+        Box::pin(async move {
+            Ok(Box::new(bridge::create(info, ctx).await?) as Box<dyn Bridge>)
+        })
+    }
+
+    fn summary(params: &[u8]) -> Option<String> {
+        wire::DeviceParams::decode_exact(params)
+            .ok()
+            .map(|p| format!("to {}:{}", p.host, p.port))
+    }
+}
+
+impl Spec for TcpSpec {
+    fn validate(&self) -> Result<(), String> {
+        TcpSpec::validate(self)
+    }
+
+    fn start(&self, name: &str, _ctx: &BuildCtx) -> Arc<dyn crate::Driver> {
+        TcpSpec::start(self, name)
+    }
+}

@@ -62,13 +62,9 @@ impl UdpBridge {
 
 /// The bridge for `info`, on the address `--forward` gives it (else an ephemeral loopback
 /// port).
-pub async fn create(
-    info: &DeviceInfo,
-    forwards: &HashMap<String, SocketAddr>,
-) -> Result<UdpBridge, String> {
-    let addr = forwards
-        .get(&info.name)
-        .copied()
+pub async fn create(info: &DeviceInfo, ctx: &crate::BridgeCtx) -> Result<UdpBridge, String> {
+    let addr = ctx
+        .listen
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
     UdpBridge::bind(info.name.clone(), addr)
         .await

@@ -13,3 +13,56 @@ pub mod spec;
 pub use bridge::UdpBridge;
 pub use driver::UdpDriver;
 pub use spec::UdpSpec;
+
+use crate::kind::{BuildCtx, DeviceKind, NoOptions, NoRequest, NoVerb, Spec};
+use crate::{BoxFuture, Bridge, BridgeCtx};
+use jmp_protocol::codec::Codec;
+use jmp_protocol::kinds::udp as wire;
+use jmp_protocol::{DeviceInfo, Kind};
+use std::sync::Arc;
+
+/// UDP forwards: a local port per device, a datagram channel per flow.
+pub struct Udp;
+
+crate::config_types! {
+    /// `type: udp`.
+    pub enum UdpConfig {
+        Target(UdpSpec) = "udp" => "{host: 192.168.10.2, port: 69}",
+    }
+}
+
+impl DeviceKind for Udp {
+    const KIND: Kind = Kind::Udp;
+    const LISTENS: bool = true;
+    type Config = UdpConfig;
+    type Options = NoOptions;
+    type Verb = NoVerb;
+    type Request = NoRequest;
+    type Response = NoRequest;
+
+    fn bridge<'a>(
+        info: &'a DeviceInfo,
+        ctx: &'a BridgeCtx,
+        _opts: &'a NoOptions,
+    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, String>> {
+        Box::pin(async move {
+            Ok(Box::new(bridge::create(info, ctx).await?) as Box<dyn Bridge>)
+        })
+    }
+
+    fn summary(params: &[u8]) -> Option<String> {
+        wire::DeviceParams::decode_exact(params)
+            .ok()
+            .map(|p| format!("to udp {}:{}", p.host, p.port))
+    }
+}
+
+impl Spec for UdpSpec {
+    fn validate(&self) -> Result<(), String> {
+        UdpSpec::validate(self)
+    }
+
+    fn start(&self, name: &str, _ctx: &BuildCtx) -> Arc<dyn crate::Driver> {
+        UdpSpec::start(self, name)
+    }
+}

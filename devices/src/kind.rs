@@ -1,0 +1,450 @@
+//! The device-kind seam: what a kind is, as one trait implementation per kind folder.
+//!
+//! A kind ([`DeviceKind`]) brings its config (a [`KindConfig`]: its `type:` names, the real
+//! device and its simulated stand-in), its client options (clap `Args`, flattened into `jmp
+//! attach` and `jmp shell`), its verb (`jmp power ...`, a clap `Subcommand` flattened into
+//! `jmp`), its device requests and answers, its bridge, its one-line status summary, the
+//! sandbox it needs on the exporter host ([`Sandbox`], rendered by `jmpd --print-systemd`) and
+//! the privileges it needs on the client ([`ClientNeeds`]). `registry.rs` lists the kinds, one
+//! line each, and generates every list from these implementations, so nothing else in the
+//! workspace names a kind.
+
+use crate::board::Board;
+use crate::registry::{DeviceRequest, DeviceResponse};
+use crate::{Bridge, BridgeCtx, Driver};
+use bytes::Bytes;
+use jmp_protocol::codec::{Codec, DecodeError};
+use jmp_protocol::{DeviceInfo, Kind, Refusal};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::fmt::Debug;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use jmp_transport::BoxFuture;
+
+/// One device kind. Implemented by a unit struct in the kind's folder (`serial::Serial`).
+pub trait DeviceKind: Send + Sync + 'static {
+    /// The kind on the wire.
+    const KIND: Kind;
+    /// Whether the kind's bridge listens on a local address that `--forward LOCAL=DEVICE` may
+    /// choose (the address comes to the bridge as [`BridgeCtx::listen`]).
+    const LISTENS: bool = false;
+    /// How long a device request may take before the client gives up (a guard against a
+    /// hang: the exporter enforces each operation's own timeout and answers `timeout`).
+    const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// The kind's tables in an exporter config.
+    type Config: KindConfig;
+    /// `jmp attach` options that belong to the kind ([`NoOptions`] for none).
+    type Options: clap::Args + Clone + Debug + Default + Send + Sync + 'static;
+    /// The kind's own `jmp` verb ([`NoVerb`] for none).
+    type Verb: KindVerb;
+    /// The body of a device request (`Request.body`) and of its answer (`Done.body`);
+    /// [`NoRequest`] for a kind that takes none.
+    type Request: Codec + Serialize + DeserializeOwned + Debug + Clone + PartialEq + Send + Sync;
+    type Response: Codec + Serialize + DeserializeOwned + Debug + Clone + PartialEq + Send + Sync;
+
+    /// Checks the options before connecting (syntax).
+    fn parse_options(_opts: &Self::Options) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Checks the options against what the exporter offers (an option naming a device that
+    /// is not of this kind).
+    fn check_options(
+        _opts: &Self::Options,
+        _exporter: &str,
+        _devices: &[DeviceInfo],
+    ) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// The client side of one device of this kind.
+    fn bridge<'a>(
+        info: &'a DeviceInfo,
+        ctx: &'a BridgeCtx,
+        opts: &'a Self::Options,
+    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, String>>;
+
+    /// A short state for people (`jmp status`) from the device's parameters; `None` when they
+    /// do not decode.
+    fn summary(params: &[u8]) -> Option<String>;
+
+    /// One line for people about a request's answer (`jmp power cycle`: "power: cycled; power
+    /// is on").
+    fn describe(device: &str, _req: &Self::Request, _resp: &Self::Response) -> String {
+        format!("{device}: done")
+    }
+
+    /// What the bridge of `info` needs on the client to be made as asked (root for a TUN or
+    /// vhci). Checked before anything is created, so the user is told what to run.
+    fn client_needs(_info: &DeviceInfo, _opts: &Self::Options) -> ClientNeeds {
+        ClientNeeds::default()
+    }
+}
+
+/// A kind's config: the device tables of its `type:` names.
+pub trait KindConfig: Debug + Clone + Send + Sync + 'static {
+    /// The `type:` names of this kind with an example table of each (every example must parse
+    /// and validate: a test iterates them).
+    const TYPES: &'static [(&'static str, &'static str)];
+
+    /// Reads a table whose `type:` is `ty`, one of [`KindConfig::TYPES`].
+    fn from_yaml(ty: &str, v: serde_norway::Value) -> Result<Self, FieldError>;
+    fn validate(&self) -> Result<(), String>;
+    /// Starts the driver (background tasks need a tokio runtime).
+    fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn Driver>;
+    /// What the device needs from the exporter host's sandbox beyond the hardened unit.
+    fn sandbox(&self, name: &str) -> Sandbox;
+    /// The device switches the board's power (`powerOffAfterLease` needs one).
+    fn switches_power(&self) -> bool {
+        false
+    }
+}
+
+/// One table of a kind's config: a spec type with its own checks and driver.
+pub trait Spec: Debug + Clone + DeserializeOwned + Send + Sync + 'static {
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
+    fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn Driver>;
+    fn sandbox(&self, _name: &str) -> Sandbox {
+        Sandbox::default()
+    }
+    fn switches_power(&self) -> bool {
+        false
+    }
+}
+
+/// Declares a kind's config enum from its specs and their `type:` names (with one example
+/// table each):
+///
+/// ```ignore
+/// config_types! {
+///     /// A serial console.
+///     pub enum SerialConfig {
+///         Serial(SerialSpec) = "serial" => "{path: /dev/ttyUSB0, baudrate: 115200}",
+///         Sim(SimConsoleSpec) = "sim-console" => "{}",
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! config_types {
+    ($(#[$m:meta])* pub enum $name:ident { $($variant:ident($spec:ty) = $ty:literal => $example:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone)]
+        pub enum $name {
+            $($variant($spec),)+
+        }
+
+        impl $crate::kind::KindConfig for $name {
+            const TYPES: &'static [(&'static str, &'static str)] = &[$(($ty, $example)),+];
+
+            fn from_yaml(ty: &str, v: serde_norway::Value) -> Result<Self, $crate::kind::FieldError> {
+                match ty {
+                    $($ty => Ok($name::$variant($crate::kind::from_value(v)?)),)+
+                    other => Err($crate::kind::FieldError {
+                        path: "type".into(),
+                        message: format!("{other:?} is not a type of this kind"),
+                    }),
+                }
+            }
+
+            fn validate(&self) -> Result<(), String> {
+                match self {
+                    $($name::$variant(s) => $crate::kind::Spec::validate(s),)+
+                }
+            }
+
+            fn start(&self, name: &str, ctx: &$crate::kind::BuildCtx) -> std::sync::Arc<dyn $crate::Driver> {
+                match self {
+                    $($name::$variant(s) => $crate::kind::Spec::start(s, name, ctx),)+
+                }
+            }
+
+            fn sandbox(&self, name: &str) -> $crate::kind::Sandbox {
+                match self {
+                    $($name::$variant(s) => $crate::kind::Spec::sandbox(s, name),)+
+                }
+            }
+
+            fn switches_power(&self) -> bool {
+                match self {
+                    $($name::$variant(s) => $crate::kind::Spec::switches_power(s),)+
+                }
+            }
+        }
+    };
+}
+
+/// What the exporter builds drivers with.
+pub struct BuildCtx<'a> {
+    pub exporter: &'a str,
+    /// The board's shared state (its power, as the power device last set it), followed by
+    /// every device of this exporter that depends on it.
+    pub board: &'a Board,
+}
+
+/// Why a device's table was refused: where in the table (`parity`, `command.on`) and what.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct FieldError {
+    /// The field's path inside the device's table; empty for the table itself.
+    pub path: String,
+    pub message: String,
+}
+
+/// Deserializes a device table, keeping the path of the field that was wrong.
+pub fn from_value<T: DeserializeOwned>(v: serde_norway::Value) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize(v).map_err(|e| FieldError {
+        path: match e.path().to_string() {
+            p if p == "." => String::new(),
+            p => p,
+        },
+        message: e.inner().to_string(),
+    })
+}
+
+/// What a device needs from the exporter host beyond the hardened unit (systemd/jmpd.service),
+/// which grants every exporter AF_INET, AF_INET6 and AF_UNIX, the usual serial port classes
+/// (ttyS, ttyUSB, ttyACM), USB character devices, ptys, and writes to its state directory
+/// only. `jmpd --print-systemd` renders the union of its devices' needs as a drop-in.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Sandbox {
+    /// Device nodes (`DeviceAllow=`): a path or a class (`char-ttyUSB`), and `r` or `rw`.
+    pub devices: Vec<(String, &'static str)>,
+    /// Address families beyond the unit's (`AF_CAN`, `AF_NETLINK`).
+    pub families: Vec<&'static str>,
+    /// Capabilities (ambient and bounding: `CAP_NET_ADMIN`).
+    pub capabilities: Vec<&'static str>,
+    /// Paths the daemon writes (`ReadWritePaths=`): an image file, its folder.
+    pub write_paths: Vec<PathBuf>,
+    /// Notes for the operator: why each grant is there, what the unit cannot know.
+    pub notes: Vec<String>,
+}
+
+impl Sandbox {
+    /// A tty the device opens at `path` (a serial port, an slcan adapter): the unit allows
+    /// the usual classes (ttyS, ttyUSB, ttyACM) by device class, anything else (a
+    /// `/dev/serial/by-id` link to a tty of an unusual driver) by path.
+    pub fn tty(name: &str, path: &str, what: &str) -> Sandbox {
+        let real = std::fs::canonicalize(path)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| path.to_string());
+        let base = std::path::Path::new(&real)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let usual = ["ttyS", "ttyUSB", "ttyACM"].iter().any(|c| {
+            base.strip_prefix(c)
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        });
+        let mut s = Sandbox::default();
+        if usual {
+            s.notes
+                .push(format!("{name}: {real} is a {what} the unit already allows"));
+        } else {
+            s.notes.push(format!("{name}: {what} {path}"));
+            s.devices.push((path.to_string(), "rw"));
+        }
+        s
+    }
+
+    /// Adds `other`'s needs to these.
+    pub fn merge(&mut self, other: Sandbox) {
+        fn add<T: PartialEq>(to: &mut Vec<T>, from: Vec<T>) {
+            for x in from {
+                if !to.contains(&x) {
+                    to.push(x);
+                }
+            }
+        }
+        add(&mut self.devices, other.devices);
+        add(&mut self.families, other.families);
+        add(&mut self.capabilities, other.capabilities);
+        add(&mut self.write_paths, other.write_paths);
+        self.notes.extend(other.notes);
+    }
+}
+
+/// What a kind's bridge needs on the client machine.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ClientNeeds {
+    /// The bridge needs these capabilities (`CAP_NET_ADMIN` for a TUN); without them the
+    /// device is listed, not bridged, and `why` is shown.
+    pub capabilities: Vec<&'static str>,
+    /// What to tell a user who lacks them (what to run instead).
+    pub why: String,
+}
+
+/// A kind without `jmp attach` options.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct NoOptions {}
+
+/// A kind's `jmp` verb: a clap subcommand (one variant, named after the verb) run against the
+/// board its target names, through what `jmp` lends it ([`VerbHost`]).
+pub trait KindVerb: clap::Subcommand + Debug + Send + 'static {
+    fn run(self, host: &dyn VerbHost) -> BoxFuture<'_, Result<(), VerbError>>;
+}
+
+/// A kind without a verb.
+#[derive(clap::Subcommand, Debug)]
+pub enum NoVerb {}
+
+impl KindVerb for NoVerb {
+    fn run(self, _host: &dyn VerbHost) -> BoxFuture<'_, Result<(), VerbError>> {
+        match self {}
+    }
+}
+
+/// A kind that takes no device requests: no value of it exists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NoRequest {}
+
+impl Codec for NoRequest {
+    fn encode(&self, _buf: &mut bytes::BytesMut) {
+        match *self {}
+    }
+    fn decode(_buf: &mut &[u8]) -> Result<Self, DecodeError> {
+        Err(DecodeError::Invalid {
+            field: "request of a kind that takes none",
+            value: 0,
+        })
+    }
+    fn encoded_len(&self) -> usize {
+        match *self {}
+    }
+}
+
+/// Which board a device command goes to: a running attachment (by its exporter's name, or the
+/// only one), a lease (`--lease`), or an exporter reached directly (`--exporter HOST:PORT
+/// --token-file F`). Every kind's verb carries one.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Target {
+    /// The exporter: the name of a running attachment's exporter (inside `jmp shell`:
+    /// JMP_EXPORTER), or with --token-file its address HOST:PORT (direct mode, its own
+    /// connection).
+    #[arg(long, env = "JMP_EXPORTER")]
+    pub exporter: Option<String>,
+    /// Direct mode: file holding the exporter's token.
+    #[arg(long, env = "JMP_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Direct mode: the exporter's token itself (CI secrets in the environment).
+    #[arg(
+        long,
+        env = "JMP_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// Direct mode: the exporter's certificate fingerprint (default: known_exporters).
+    #[arg(long)]
+    pub fingerprint: Option<String>,
+    /// A lease from the controller (default: the running attachment, else your only lease).
+    #[arg(long, env = "JMP_LEASE")]
+    pub lease: Option<String>,
+    /// Client config to use (default: the current one, see `jmp config client use`).
+    #[arg(long, env = "JMP_CLIENT")]
+    pub client: Option<String>,
+    /// Output: a line for people, or the typed answer as JSON.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+}
+
+/// How a command prints its answer.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    #[default]
+    Table,
+    Json,
+}
+
+/// A verb's failure: the exit code of the one table (`jmp_protocol::exit`) and the message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct VerbError {
+    pub code: i32,
+    pub message: String,
+}
+
+impl VerbError {
+    pub fn new(code: i32, message: impl Into<String>) -> Self {
+        VerbError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Refusal> for VerbError {
+    fn from(r: Refusal) -> Self {
+        VerbError::new(r.code.exit_code(), r.reason)
+    }
+}
+
+/// What `jmp` lends a kind's verb: the board a [`Target`] names, through the running
+/// attachment (which has the connection) or on a connection of the verb's own.
+pub trait VerbHost: Send + Sync {
+    /// Sends a device request to `device` (default: the board's only device of the request's
+    /// kind) and waits for the answer: the device's name, the answer and one line for people.
+    fn request<'a>(
+        &'a self,
+        target: &'a Target,
+        device: Option<String>,
+        req: DeviceRequest,
+    ) -> BoxFuture<'a, Result<(String, DeviceResponse, String), VerbError>>;
+
+    /// Opens a stream channel to `device` (default: the only one of `kind`) for bulk work.
+    fn channel<'a>(
+        &'a self,
+        target: &'a Target,
+        kind: Kind,
+        device: Option<String>,
+    ) -> BoxFuture<'a, Result<VerbChannel, VerbError>>;
+
+    /// Waits until every local attachment of the channel's exporter that caches `device`'s
+    /// contents has caught up with `generation` (see [`crate::CacheState`]); says which one
+    /// could not.
+    fn settle<'a>(
+        &'a self,
+        ch: &'a ChannelOrigin,
+        generation: u64,
+    ) -> BoxFuture<'a, Result<(), String>>;
+
+    /// Writes the answer to stdout (a closed pipe ends the program quietly, as Unix tools do).
+    fn print(&self, text: &str) -> Result<(), VerbError>;
+}
+
+/// Whose device a verb's channel reaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelOrigin {
+    pub device: String,
+    /// The exporter's name and certificate fingerprint, as attachments list them.
+    pub exporter: String,
+    pub fingerprint: String,
+    /// The exporter's instance, when known.
+    pub instance: Option<u64>,
+}
+
+/// How a verb's channel is carried.
+pub enum VerbStream {
+    /// A stream channel of the verb's own connection.
+    Pipe(jmp_transport::PipeTx, jmp_transport::PipeRx),
+    /// Relayed through the running attachment's control socket.
+    Socket(
+        tokio::net::unix::OwnedWriteHalf,
+        tokio::net::unix::OwnedReadHalf,
+    ),
+}
+
+/// A stream channel lent to a verb, with the device's parameters as of its open.
+pub struct VerbChannel {
+    pub origin: ChannelOrigin,
+    /// The device's parameters (`DeviceInfo.params`).
+    pub params: Bytes,
+    pub stream: VerbStream,
+    /// Ends the verb's own connection (a `Bye`, then waiting for the peer to read it); `None`
+    /// for a channel through the attachment.
+    pub close: Option<Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>>,
+}
