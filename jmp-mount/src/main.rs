@@ -7,8 +7,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use jmp_devices::storage::StorageBridge;
 use jmp_devices::{Bridge, BridgeExit};
-use jmp_protocol::{features, Hello, Kind};
-use jmp_transport::{Channels, Fingerprint, Link, LinkEvent};
+use jmp_protocol::{features, Kind};
+use jmp_transport::connector::{Connector, Pin};
+use jmp_transport::{Channels, LinkEvent};
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -57,49 +58,30 @@ fn run(args: Args) -> Result<()> {
         .with_context(|| format!("reading {}", args.token_file.display()))?
         .trim()
         .to_string();
-    let mut pin: Option<Fingerprint> = match &args.fingerprint {
-        Some(f) => Some(
+    let pin = match &args.fingerprint {
+        Some(f) => Pin::Fingerprint(
             f.parse()
                 .map_err(|e: String| anyhow!("--fingerprint: {e}"))?,
         ),
-        None => None,
+        None => Pin::Any,
     };
+    let client = format!(
+        "jmp-mount@{}",
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default()
+    );
     let rt = jmp_transport::runtime()?;
     rt.block_on(async move {
-        let endpoint = jmp_transport::client_endpoint(addr)?;
-        let session = rand::random::<u64>();
-        let connect = |pin: Option<Fingerprint>| {
-            let endpoint = endpoint.clone();
-            let token = token.clone();
-            async move {
-                let (conn, fp) =
-                    jmp_transport::connect(&endpoint, addr, jmp_protocol::ALPN_EXPORTER, pin)
-                        .await?;
-                let hello = Hello {
-                    features: features::ALL,
-                    client: format!(
-                        "jmp-mount@{}",
-                        nix::unistd::gethostname()
-                            .ok()
-                            .and_then(|h| h.into_string().ok())
-                            .unwrap_or_default()
-                    ),
-                    session,
-                    token,
-                };
-                let (link, welcome) = Link::client(conn, hello)
-                    .await
-                    .map_err(|e| anyhow!("{e}"))?;
-                anyhow::Ok((link, welcome, fp))
-            }
-        };
-        let (link, welcome, fp) = connect(pin).await?;
-        if pin.is_none() {
+        let mut connector = Connector::new(addr, pin, client, token, features::ALL)?;
+        let (link, welcome, fp) = connector.connect().await?;
+        if matches!(connector.pin, Pin::Any) {
             eprintln!(
                 "jmp-mount: trusting {} ({fp}) for this run; pass --fingerprint {fp} next time",
                 args.exporter
             );
-            pin = Some(fp);
+            connector.pin = Pin::Fingerprint(fp);
         }
         let storage: Vec<_> = welcome
             .devices
@@ -180,7 +162,7 @@ fn run(args: Args) -> Result<()> {
                 _ = bridge.idle() => {}
                 r = async {
                     tokio::time::sleep(backoff).await;
-                    connect(pin).await
+                    connector.connect().await
                 } => match r {
                     Ok((link, w, _)) => {
                         if let Some(d) = w.devices.iter().find(|d| d.name == info.name) {

@@ -29,6 +29,8 @@ pub use error::{exit, ErrorCode, Refusal};
 pub use kinds::Kind;
 pub use message::*;
 
+/// The port an exporter listens on when its config or an address names none.
+pub const DEFAULT_EXPORTER_PORT: u16 = 7700;
 /// ALPN between a client and an exporter. The ALPN carries the major version; `Hello` carries
 /// feature bits for everything compatible.
 pub const ALPN_EXPORTER: &[u8] = b"jmp/1";

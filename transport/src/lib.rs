@@ -14,10 +14,12 @@
 //! Does not own: what a device does with its bytes (jmp-devices), tokens' meaning or leases.
 
 pub mod channels;
+pub mod connector;
 pub mod ctl;
 pub mod endpoint;
 pub mod gate;
 pub mod identity;
+pub mod known;
 pub mod link;
 pub mod pipe;
 pub mod relay;
