@@ -290,11 +290,10 @@ impl LeaseHooks {
         }
         if self.power_off {
             for d in self.exporter.devices().iter() {
-                if d.kind() != jmp_protocol::Kind::Power {
+                let Some(switch) = d.power_switch() else {
                     continue;
-                }
-                let off = jmp_protocol::codec::to_bytes(&jmp_protocol::kinds::power::Request::Off);
-                match d.request(off).await {
+                };
+                match switch.switch_off().await {
                     Ok(_) => {
                         info!(lease = %lease, device = d.name(), "powered off after the lease")
                     }

@@ -249,9 +249,12 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// A drop-in for the hardened units (systemd/jmpd.service): only what this config's devices
-/// need beyond what the unit grants every exporter (serial ports of the usual classes).
+/// need beyond what the unit grants every exporter, from each device kind's `sandbox()`.
 pub fn systemd_dropin(cfg: &ExporterConfig, file: &std::path::Path) -> String {
-    use jmp_devices::registry::DeviceSpec;
+    let mut need = jmp_devices::kind::Sandbox::default();
+    for (name, spec) in &cfg.export.0 {
+        need.merge(spec.sandbox(name));
+    }
     let mut lines = vec![
         format!(
             "# systemd drop-in for jmpd: exporter {} from {}.",
@@ -262,46 +265,24 @@ pub fn systemd_dropin(cfg: &ExporterConfig, file: &std::path::Path) -> String {
             .into(),
         "[Service]".into(),
     ];
-    let mut tunnel = false;
-    for (name, spec) in &cfg.export.0 {
-        match spec {
-            DeviceSpec::Serial(s) => {
-                let real = std::fs::canonicalize(&s.path)
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|_| s.path.clone());
-                let base = std::path::Path::new(&real)
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                if ["ttyS", "ttyUSB", "ttyACM"]
-                    .iter()
-                    .any(|c| base.starts_with(c) && base[c.len()..].bytes().all(|b| b.is_ascii_digit()))
-                {
-                    lines.push(format!("# {name}: {real} is a serial port the unit already allows"));
-                } else {
-                    lines.push(format!("# {name}: serial port {}", s.path));
-                    lines.push(format!("DeviceAllow={} rw", s.path));
-                }
-            }
-            DeviceSpec::Power(_) => lines.push(format!(
-                "# {name}: power commands run inside this sandbox; grant what they use (e.g. DeviceAllow=char-usb_device rw is there for USB relays, IPAddressAllow= for a PDU)"
-            )),
-            other => {
-                let kind = other.kind();
-                if matches!(kind.as_str(), "net" | "tun" | "network") {
-                    tunnel = true;
-                    lines.push(format!("# {name}: a network tunnel"));
-                }
-            }
-        }
+    lines.extend(need.notes.iter().map(|n| format!("# {n}")));
+    for (path, access) in &need.devices {
+        lines.push(format!("DeviceAllow={path} {access}"));
     }
-    if tunnel {
-        lines.extend([
-            "AmbientCapabilities=CAP_NET_ADMIN".to_string(),
-            "CapabilityBoundingSet=CAP_NET_ADMIN".to_string(),
-            "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK".to_string(),
-            "DeviceAllow=/dev/net/tun rw".to_string(),
-        ]);
+    if !need.families.is_empty() {
+        // systemd merges an allow-list given again with the unit's.
+        lines.push(format!(
+            "RestrictAddressFamilies={}",
+            need.families.join(" ")
+        ));
+    }
+    if !need.capabilities.is_empty() {
+        let caps = need.capabilities.join(" ");
+        lines.push(format!("AmbientCapabilities={caps}"));
+        lines.push(format!("CapabilityBoundingSet={caps}"));
+    }
+    for p in &need.write_paths {
+        lines.push(format!("ReadWritePaths={}", p.display()));
     }
     if cfg.hooks.is_some() {
         lines.push(
@@ -352,5 +333,48 @@ mod tests {
             !d.contains("CAP_NET_ADMIN"),
             "no tunnel, no capability: {d}"
         );
+    }
+
+    /// Every kind gets what it needs under the hardened unit: a SocketCAN interface its
+    /// address families, a block device its node, an image written in place its path, a
+    /// tunnel its TUN and capability.
+    #[test]
+    fn the_drop_in_grants_can_storage_serial_and_network_what_they_need() {
+        let cfg = ExporterConfig::parse(
+            "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {name: b2}\n\
+             auth: {tokenFile: /tmp/t}\nexport:\n\
+             \x20 can0: {type: can, interface: can0, bitrate: 500000}\n\
+             \x20 body: {type: can, slcan: {path: /dev/serial/by-id/usb-canable-if00}, bitrate: 500000}\n\
+             \x20 sd: {type: storage, path: /dev/sdb, writable: true}\n\
+             \x20 ro: {type: storage, path: /dev/sdc}\n\
+             \x20 img: {type: storage, path: /srv/images/board.img, writable: true}\n\
+             \x20 console: {type: serial, path: /dev/ttyUSB0}\n\
+             \x20 lan: {type: network, subnets: [192.168.10.0/24], via: lo}\n",
+        )
+        .expect("config");
+        let d = systemd_dropin(&cfg, std::path::Path::new("/etc/jmp/b2.yaml"));
+        let lines: Vec<&str> = d.lines().filter(|l| !l.starts_with('#')).collect();
+        for want in [
+            "[Service]",
+            "RestrictAddressFamilies=AF_CAN AF_NETLINK",
+            "DeviceAllow=/dev/serial/by-id/usb-canable-if00 rw",
+            "DeviceAllow=/dev/sdb rw",
+            "DeviceAllow=/dev/sdc r",
+            "ReadWritePaths=/srv/images/board.img",
+            "DeviceAllow=/dev/net/tun rw",
+            "AmbientCapabilities=CAP_NET_ADMIN",
+            "CapabilityBoundingSet=CAP_NET_ADMIN",
+        ] {
+            assert!(lines.contains(&want), "{want} missing from:\n{d}");
+        }
+        assert!(
+            !d.contains("DeviceAllow=/dev/ttyUSB0"),
+            "a ttyUSB is in the unit's classes: {d}"
+        );
+        // Each grant once, whatever number of devices needs it.
+        let mut sorted = lines.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), lines.len(), "{d}");
     }
 }

@@ -76,9 +76,10 @@ impl JmpdMetrics {
         ));
         let mut power = Vec::new();
         for d in exporter.devices().iter() {
-            if d.kind() != jmp_protocol::Kind::Power {
+            if d.power_switch().is_none() {
                 continue;
             }
+            let dev = d.clone();
             let clock: PowerClock = Arc::new(Mutex::new((None, Duration::ZERO)));
             power.push((d.name().to_string(), clock.clone()));
             let mut rx = d.status();
@@ -86,9 +87,7 @@ impl JmpdMetrics {
                 loop {
                     let on = {
                         let st = rx.borrow_and_update();
-                        <jmp_protocol::kinds::power::DeviceParams as jmp_protocol::Codec>::decode_exact(&st.params)
-                            .map(|p| p.state == jmp_protocol::kinds::power::PowerState::On)
-                            .unwrap_or(false)
+                        dev.power_switch().is_some_and(|s| s.is_on(&st))
                     };
                     {
                         let mut c = clock.lock().unwrap_or_else(|e| e.into_inner());
