@@ -42,8 +42,8 @@ pub trait DeviceKind: Send + Sync + 'static {
     type Verb: KindVerb;
     /// The body of a device request (`Request.body`) and of its answer (`Done.body`);
     /// [`NoRequest`] for a kind that takes none.
-    type Request: Codec + Serialize + DeserializeOwned + Debug + Clone + PartialEq + Send + Sync;
-    type Response: Codec + Serialize + DeserializeOwned + Debug + Clone + PartialEq + Send + Sync;
+    type Request: Codec + Serialize + DeserializeOwned + Debug + Clone + Eq + Send + Sync;
+    type Response: Codec + Serialize + DeserializeOwned + Debug + Clone + Eq + Send + Sync;
 
     /// Checks the options before connecting (syntax).
     fn parse_options(_opts: &Self::Options) -> Result<(), String> {
@@ -242,8 +242,9 @@ impl Sandbox {
         });
         let mut s = Sandbox::default();
         if usual {
-            s.notes
-                .push(format!("{name}: {real} is a {what} the unit already allows"));
+            s.notes.push(format!(
+                "{name}: {real} is a {what} the unit already allows"
+            ));
         } else {
             s.notes.push(format!("{name}: {what} {path}"));
             s.devices.push((path.to_string(), "rw"));
@@ -276,6 +277,27 @@ pub struct ClientNeeds {
     pub capabilities: Vec<&'static str>,
     /// What to tell a user who lacks them (what to run instead).
     pub why: String,
+}
+
+impl ClientNeeds {
+    /// What is missing on this machine for these needs, said for people; `None` when nothing.
+    pub fn unmet(&self) -> Option<String> {
+        let missing: Vec<&str> = self
+            .capabilities
+            .iter()
+            .copied()
+            .filter(|c| {
+                !c.parse::<caps::Capability>().is_ok_and(|cap| {
+                    caps::has_cap(None, caps::CapSet::Effective, cap).unwrap_or(false)
+                })
+            })
+            .collect();
+        if missing.is_empty() {
+            None
+        } else {
+            Some(format!("this needs {}: {}", missing.join(", "), self.why))
+        }
+    }
 }
 
 /// A kind without `jmp attach` options.

@@ -132,14 +132,14 @@ macro_rules! registry {
         /// An operation on a device, as the kinds' verbs ask for it (through an attachment's
         /// control socket or on their own connection). On the control socket it is JSON:
         /// `{"kind":"power","request":{"cycle":{"off_ms":500}}}`.
-        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
         #[serde(tag = "kind", content = "request", rename_all = "kebab-case")]
         pub enum DeviceRequest {
             $($variant(<$module::$kind as DeviceKind>::Request),)*
         }
 
         /// Its typed answer.
-        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
         #[serde(tag = "kind", content = "response", rename_all = "kebab-case")]
         pub enum DeviceResponse {
             $($variant(<$module::$kind as DeviceKind>::Response),)*
@@ -264,7 +264,9 @@ async fn request<K: DeviceKind>(
     device: &str,
     req: &K::Request,
 ) -> Result<K::Response, Refusal> {
-    let body = link.request(device, to_bytes(req), K::REQUEST_TIMEOUT).await?;
+    let body = link
+        .request(device, to_bytes(req), K::REQUEST_TIMEOUT)
+        .await?;
     K::Response::decode_exact(&body).map_err(|e| {
         Refusal::new(
             ErrorCode::Protocol,

@@ -42,6 +42,7 @@ fn ctx(tag: &str) -> BridgeCtx {
         mount_dir: dir.clone(),
         dev_dir: dir,
         owner: None,
+        listen: None,
     }
 }
 

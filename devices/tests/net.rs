@@ -87,8 +87,9 @@ async fn socks_connects_by_name_on_the_exporter_and_answers_refusals_with_their_
         dev_dir: std::env::temp_dir(),
         mount_dir: std::env::temp_dir(),
         owner: None,
+        listen: None,
     };
-    let args = bridge::ClientArgs {
+    let args = bridge::NetArgs {
         socks: Some("127.0.0.1:0".into()),
     };
     let mut b = bridge::create(&info, &ctx, &args).await.expect("bridge");

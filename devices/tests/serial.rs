@@ -371,6 +371,7 @@ async fn bridge_over_an_in_memory_session() {
         dev_dir: dir.clone(),
         mount_dir: dir.clone(),
         owner: None,
+        listen: None,
     };
     let mut bridge = jmp_devices::serial::SerialBridge::create(&info, &ctx).expect("pty");
     let path = dir.join("board1").join("console");

@@ -376,6 +376,7 @@ async fn the_mount_shows_the_disk_and_its_partitions() {
         dev_dir: dir.clone(),
         mount_dir: dir.clone(),
         owner: None,
+        listen: None,
     };
     let mut bridge = jmp_devices::storage::StorageBridge::create(&info, &ctx).expect("mount");
     let mnt = bridge.path().to_path_buf();

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 pub const API_VERSION: &str = "jmp.dev/v1alpha1";
-pub const DEFAULT_PORT: u16 = 7700;
+pub const DEFAULT_PORT: u16 = jmp_protocol::DEFAULT_EXPORTER_PORT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -283,7 +283,11 @@ impl ExporterConfig {
                     return Err(format!(
                         "export.{shown}{}: no type (one of: {})",
                         at(""),
-                        DeviceSpec::TYPES.join(", ")
+                        DeviceSpec::types()
+                            .iter()
+                            .map(|(_, t, _)| *t)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ))
                 }
             };
@@ -364,13 +368,7 @@ impl ExporterConfig {
                     .into(),
             );
         }
-        if self.power_off_after_lease
-            && !self
-                .export
-                .0
-                .iter()
-                .any(|(_, s)| s.kind() == jmp_protocol::Kind::Power)
-        {
+        if self.power_off_after_lease && !self.export.0.iter().any(|(_, s)| s.switches_power()) {
             return Err("powerOffAfterLease: true, but no power device is exported".into());
         }
         let Some(h) = &self.hooks else {
@@ -484,7 +482,9 @@ export:
         let names: Vec<_> = c.export.0.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["console", "ssh", "sim", "power"]);
         match &c.export.0[0].1 {
-            DeviceSpec::Serial(s) => assert_eq!(s.baudrate, 115_200),
+            DeviceSpec::Serial(jmp_devices::serial::SerialConfig::Tty(s)) => {
+                assert_eq!(s.baudrate, 115_200)
+            }
             other => panic!("{other:?}"),
         }
         assert_eq!(c.metadata.labels["team"], "platform");

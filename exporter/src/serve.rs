@@ -8,7 +8,7 @@ use crate::auth::{AuthError, Authorizer};
 use crate::config::ExporterConfig;
 use crate::seat::{Action, Claim, Seat, Verdict};
 use jmp_devices::board::Board;
-use jmp_devices::registry::BuildCtx;
+use jmp_devices::kind::BuildCtx;
 use jmp_devices::serve::DeviceSet;
 use jmp_protocol::{features, name, ChannelMode, ErrorCode, Status, Welcome};
 use jmp_transport::{Link, LinkEvent, LinkHandle};

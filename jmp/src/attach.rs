@@ -10,15 +10,14 @@
 //! later losses are retried with backoff, except refusals that a retry cannot fix (wrong token,
 //! board taken by someone else).
 
-use crate::known;
 use jmp_devices::registry::{self, ClientOptions};
 use jmp_devices::{Bridge, BridgeCtx, BridgeExit, Endpoint};
-use jmp_protocol::{features, DeviceInfo, DeviceState, ErrorCode, Hello, Kind, Welcome};
-use jmp_transport::link::LinkError;
-use jmp_transport::token::peek;
-use jmp_transport::{
-    client_endpoint, connect, Channels, ConnectError, Fingerprint, Link, LinkEvent,
+use jmp_protocol::{features, DeviceInfo, DeviceState, ErrorCode, Kind, Welcome};
+pub use jmp_transport::connector::{
+    is_final, Connector, ConnectorError as AttachError, Pin, RelayOpen, RelayRoute, Via, DIRECT_TRY,
 };
+use jmp_transport::token::peek;
+use jmp_transport::{Channels, ConnectError, LinkEvent};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -31,50 +30,10 @@ use tracing::{info, warn};
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-pub enum Pin {
-    /// `--fingerprint`: exactly this certificate.
-    Fingerprint(Fingerprint),
-    /// Trust on first use, recorded in the known-exporters file under this name.
-    Tofu { file: PathBuf, name: String },
-}
-
 /// Fetches a fresh token before a reconnect (controller mode: a lease token carries the lease's
 /// end, which an extension moves). `None`: keep the one we have.
 pub type TokenRefresh =
     Box<dyn Fn() -> futures::future::BoxFuture<'static, Option<String>> + Send + Sync>;
-
-/// Opens a relay session at the controller for the lease token given: the relay's address and
-/// the claim's secret, or why not (`LeaseEnded` and `Unauthorized` are final).
-pub type RelayOpen = Box<
-    dyn Fn(
-            String,
-        ) -> futures::future::BoxFuture<
-            'static,
-            Result<(SocketAddr, jmp_protocol::relay::Secret), (ErrorCode, String)>,
-        > + Send
-        + Sync,
->;
-
-/// How `jmp attach` reaches an exporter of a lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Via {
-    /// Straight to the exporter; through the controller's relay if it does not answer within
-    /// 2 s and takes relayed sessions.
-    Auto,
-    /// Only straight to the exporter.
-    Direct,
-    /// Only through the controller's relay.
-    Relay,
-}
-
-/// How long a direct connection may take before `--via auto` tries the relay.
-pub const DIRECT_TRY: Duration = Duration::from_secs(2);
-
-/// The relay as a second way to the exporter.
-pub struct RelayRoute {
-    pub open: RelayOpen,
-    pub via: Via,
-}
 
 pub struct Options {
     pub addr: SocketAddr,
@@ -212,25 +171,6 @@ pub enum Outcome {
     Ended { code: ErrorCode, reason: String },
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum AttachError {
-    #[error("{0}")]
-    Connect(#[from] ConnectError),
-    #[error("the exporter refused: {reason}")]
-    Refused { code: ErrorCode, reason: String },
-    #[error("{0}")]
-    Other(String),
-}
-
-impl AttachError {
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            AttachError::Refused { code, .. } => code.exit_code(),
-            _ => jmp_protocol::exit::FAILURE,
-        }
-    }
-}
-
 /// Folders removed on drop if they are empty (see `_folders` in `attach`).
 struct EmptyFolders(Vec<PathBuf>);
 
@@ -272,184 +212,6 @@ impl Shared {
     }
 }
 
-/// A connection to an exporter, as every `jmp` command that talks to one makes it: pinning,
-/// trust on first use, Hello.
-pub struct Connector {
-    pub addr: SocketAddr,
-    pub pin: Pin,
-    pub client: String,
-    pub session: u64,
-    pub features: u64,
-    endpoint: quinn::Endpoint,
-    pub token: Mutex<String>,
-    pub relay: Option<RelayRoute>,
-    /// The last connection went through the relay: the next one tries it first.
-    relayed: std::sync::atomic::AtomicBool,
-    /// The endpoint of the relayed connection (its own socket, the one that claimed the
-    /// session).
-    relay_endpoint: Mutex<Option<quinn::Endpoint>>,
-}
-
-impl Connector {
-    pub fn new(
-        addr: SocketAddr,
-        pin: Pin,
-        client: String,
-        token: String,
-        features: u64,
-    ) -> Result<Self, AttachError> {
-        let endpoint = client_endpoint(addr)
-            .map_err(|e| AttachError::Other(format!("cannot open a UDP socket: {e}")))?;
-        let mut id = [0u8; 8];
-        ring_fill(&mut id)?;
-        Ok(Connector {
-            addr,
-            pin,
-            client,
-            session: u64::from_le_bytes(id),
-            features,
-            endpoint,
-            token: Mutex::new(token),
-            relay: None,
-            relayed: std::sync::atomic::AtomicBool::new(false),
-            relay_endpoint: Mutex::new(None),
-        })
-    }
-
-    /// Whether the current connection goes through the controller's relay.
-    pub fn is_relayed(&self) -> bool {
-        self.relayed.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// The QUIC connection, straight or through the relay (see [`Via`]).
-    async fn dial(
-        &self,
-        pin: Option<Fingerprint>,
-    ) -> Result<(quinn::Connection, Fingerprint), AttachError> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let direct = || connect(&self.endpoint, self.addr, jmp_protocol::ALPN_EXPORTER, pin);
-        let Some(route) = &self.relay else {
-            return Ok(direct().await?);
-        };
-        let relayed = |why: String| async move {
-            info!("{why}; trying through the controller's relay");
-            let r = self.relayed(route, pin).await;
-            if r.is_ok() {
-                self.relayed.store(true, Relaxed);
-            }
-            r
-        };
-        match route.via {
-            Via::Direct => Ok(direct().await?),
-            Via::Relay => relayed("--via relay".into()).await,
-            Via::Auto if self.relayed.load(Relaxed) => match self.relayed(route, pin).await {
-                Ok(c) => Ok(c),
-                Err(e @ AttachError::Refused { .. }) => Err(e),
-                Err(e) => {
-                    info!("the relay failed ({e}); trying {} directly", self.addr);
-                    let c = direct().await?;
-                    self.relayed.store(false, Relaxed);
-                    Ok(c)
-                }
-            },
-            Via::Auto => match tokio::time::timeout(DIRECT_TRY, direct()).await {
-                Ok(Ok(c)) => Ok(c),
-                Ok(Err(e @ ConnectError::FingerprintMismatch { .. })) => Err(e.into()),
-                Ok(Err(e)) => {
-                    relayed(format!("{} is not reachable directly ({e})", self.addr)).await
-                }
-                Err(_) => {
-                    relayed(format!(
-                        "no answer from {} directly within {}s",
-                        self.addr,
-                        DIRECT_TRY.as_secs()
-                    ))
-                    .await
-                }
-            },
-        }
-    }
-
-    /// A relay session from the controller, claimed from a socket of our own, and QUIC to the
-    /// exporter through it: end to end, pinned to the exporter's fingerprint as always.
-    async fn relayed(
-        &self,
-        route: &RelayRoute,
-        pin: Option<Fingerprint>,
-    ) -> Result<(quinn::Connection, Fingerprint), AttachError> {
-        let token = self.token.lock().map(|t| t.clone()).unwrap_or_default();
-        let (relay, secret) = (route.open)(token).await.map_err(|(code, why)| {
-            if is_final(code) {
-                AttachError::Refused { code, reason: why }
-            } else {
-                AttachError::Other(format!("relay: {why}"))
-            }
-        })?;
-        let bind: SocketAddr = if relay.is_ipv6() {
-            "[::]:0".parse().expect("literal")
-        } else {
-            "0.0.0.0:0".parse().expect("literal")
-        };
-        let other = |e: std::io::Error| AttachError::Other(format!("relay at {relay}: {e}"));
-        let sock = tokio::net::UdpSocket::bind(bind).await.map_err(other)?;
-        jmp_transport::relay::claim(&sock, relay, &secret, Duration::from_secs(5))
-            .await
-            .map_err(other)?;
-        let ep =
-            jmp_transport::client_endpoint_on(sock.into_std().map_err(other)?).map_err(other)?;
-        let (conn, fp) = connect(&ep, relay, jmp_protocol::ALPN_EXPORTER, pin).await?;
-        info!("connected to the exporter through the controller's relay at {relay}");
-        if let Ok(mut e) = self.relay_endpoint.lock() {
-            *e = Some(ep);
-        }
-        Ok((conn, fp))
-    }
-
-    pub async fn connect(&self) -> Result<(Link, Welcome, Fingerprint), AttachError> {
-        let pin = match &self.pin {
-            Pin::Fingerprint(f) => Some(*f),
-            Pin::Tofu { file, name } => known::lookup(file, name).map_err(AttachError::Other)?,
-        };
-        let (conn, fp) = self.dial(pin).await?;
-        if let (Pin::Tofu { file, name }, None) = (&self.pin, pin) {
-            match known::record(file, name, fp) {
-                Ok(()) => info!(
-                    "trusting exporter {name} ({fp}) from now on; recorded in {}",
-                    file.display()
-                ),
-                Err(e) => warn!(
-                    "cannot record {name}'s fingerprint in {}: {e}",
-                    file.display()
-                ),
-            }
-        }
-        let hello = Hello {
-            features: self.features,
-            client: self.client.clone(),
-            session: self.session,
-            token: self.token.lock().map(|t| t.clone()).unwrap_or_default(),
-        };
-        match Link::client(conn, hello).await {
-            Ok((link, welcome)) => Ok((link, welcome, fp)),
-            Err(LinkError::Refused { code, reason }) => Err(AttachError::Refused { code, reason }),
-            Err(e) => Err(AttachError::Other(e.to_string())),
-        }
-    }
-
-    /// Lets a last message (a Bye) leave before the endpoint goes.
-    pub async fn linger(&self, link: &Link) {
-        let _ =
-            tokio::time::timeout(Duration::from_millis(300), link.handle.connection_closed()).await;
-    }
-}
-
-fn ring_fill(b: &mut [u8]) -> Result<(), AttachError> {
-    use rand::RngCore;
-    rand::rngs::OsRng
-        .try_fill_bytes(b)
-        .map_err(|e| AttachError::Other(format!("the system's random source failed: {e}")))
-}
-
 struct Session {
     opts: Options,
     connector: Connector,
@@ -483,14 +245,6 @@ impl Session {
             .ok()
             .flatten()
     }
-}
-
-/// Refusals a retry cannot fix.
-fn is_final(code: ErrorCode) -> bool {
-    matches!(
-        code,
-        ErrorCode::Unauthorized | ErrorCode::Busy | ErrorCode::Replaced | ErrorCode::LeaseEnded
-    )
 }
 
 /// One bridge for the life of the attachment, in its own task: it runs on each link the slot
@@ -554,13 +308,7 @@ pub async fn run(
 ) -> Result<Outcome, AttachError> {
     let connector = Connector::new(
         opts.addr,
-        match &opts.pin {
-            Pin::Fingerprint(f) => Pin::Fingerprint(*f),
-            Pin::Tofu { file, name } => Pin::Tofu {
-                file: file.clone(),
-                name: name.clone(),
-            },
-        },
+        opts.pin.clone(),
         opts.client.clone(),
         opts.token.clone(),
         features::CLIENT,
@@ -582,6 +330,7 @@ pub async fn run(
         dev_dir: session.opts.dev_dir.clone(),
         mount_dir: session.opts.mount_dir.clone(),
         owner: session.opts.owner,
+        listen: None,
     };
     // Declared before the bridges, so dropped after them: the exporter's folders they made
     // go with them when nothing else is left in them (another attachment of the same exporter
@@ -593,6 +342,11 @@ pub async fn run(
     let mut bridges: Vec<Box<dyn Bridge>> = Vec::new();
     let mut rows = Vec::new();
     for d in &welcome.devices {
+        if let Some(why) = registry::client_needs(d, &session.opts.devices).unmet() {
+            warn!("{}: listed, not bridged: {why}", d.name);
+            rows.push(DeviceRow::new(d, Vec::new()));
+            continue;
+        }
         match registry::bridge(d, &ctx, &session.opts.devices).await {
             Ok(Some(b)) => {
                 rows.push(DeviceRow::new(d, b.endpoints()));

@@ -54,21 +54,9 @@ pub(crate) enum Cmd {
         #[command(subcommand)]
         cmd: LocalCmd,
     },
-    /// What a pty cannot carry: break, parity and data bits, modem lines.
-    Serial {
-        #[command(subcommand)]
-        cmd: SerialCmd,
-    },
-    /// Switch the board's power: on, off, cycle, status.
-    Power {
-        #[command(subcommand)]
-        cmd: PowerCmd,
-    },
-    /// The board's storage: flash an image onto it, dump it, show it.
-    Storage {
-        #[command(subcommand)]
-        cmd: StorageCmd,
-    },
+    /// The device kinds' own verbs (`jmp power`, `jmp serial`, `jmp storage`).
+    #[command(flatten)]
+    Device(jmp_devices::registry::Verbs),
     /// List attachments on this machine.
     Status {
         /// A table for people, or JSON (one array of attachments) for scripts.
@@ -453,11 +441,7 @@ pub(crate) enum AuthCmd {
     },
 }
 
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub(crate) enum Format {
-    Table,
-    Json,
-}
+pub(crate) use jmp_devices::kind::Format;
 
 #[derive(Args, Debug, Clone)]
 pub(crate) struct AttachArgs {
@@ -489,7 +473,7 @@ pub(crate) struct AttachArgs {
     /// How to reach the lease's exporter: auto (straight to it, through the controller's relay
     /// if it does not answer within 2 s and takes relayed sessions), direct, or relay.
     #[arg(long, env = "JMP_VIA", value_enum, default_value = "auto")]
-    pub(crate) via: crate::attach::Via,
+    pub(crate) via: ViaArg,
     #[command(flatten)]
     pub(crate) common: CommonArgs,
 }
@@ -556,186 +540,24 @@ pub(crate) struct LocalArgs {
     pub(crate) common: CommonArgs,
 }
 
-/// Which board a device command goes to: a running attachment (by its exporter's name, or the
-/// only one), a lease (`--lease`), or an exporter reached directly (`--exporter HOST:PORT
-/// --token-file F`).
-#[derive(Args, Debug, Clone)]
-pub(crate) struct Target {
-    /// The exporter: the name of a running attachment's exporter (inside `jmp shell`:
-    /// JMP_EXPORTER), or with --token-file its address HOST:PORT (direct mode, its own
-    /// connection).
-    #[arg(long, env = "JMP_EXPORTER")]
-    pub(crate) exporter: Option<String>,
-    /// Direct mode: file holding the exporter's token.
-    #[arg(long, env = "JMP_TOKEN_FILE")]
-    pub(crate) token_file: Option<PathBuf>,
-    /// Direct mode: the exporter's token itself (CI secrets in the environment).
-    #[arg(
-        long,
-        env = "JMP_TOKEN",
-        hide_env_values = true,
-        conflicts_with = "token_file"
-    )]
-    pub(crate) token: Option<String>,
-    /// Direct mode: the exporter's certificate fingerprint (default: known_exporters).
-    #[arg(long)]
-    pub(crate) fingerprint: Option<String>,
-    /// A lease from the controller (default: the running attachment, else your only lease).
-    #[arg(long, env = "JMP_LEASE")]
-    pub(crate) lease: Option<String>,
-    #[command(flatten)]
-    pub(crate) client: ClientSel,
-    /// Output: a line for people, or the typed answer as JSON.
-    #[arg(short, long, value_enum, default_value_t = Format::Table)]
-    pub(crate) output: Format,
+/// `--via`: how `jmp attach` reaches an exporter of a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ViaArg {
+    /// Straight to the exporter; through the controller's relay if it does not answer within
+    /// 2 s and takes relayed sessions.
+    Auto,
+    /// Only straight to the exporter.
+    Direct,
+    /// Only through the controller's relay.
+    Relay,
 }
 
-#[derive(Subcommand, Debug)]
-pub(crate) enum SerialCmd {
-    /// Send a break on the real port.
-    Break {
-        /// The serial device (default: the only one).
-        device: Option<String>,
-        /// How long, in milliseconds (at most 10000).
-        #[arg(long, default_value_t = 250)]
-        ms: u32,
-        #[command(flatten)]
-        target: Target,
-    },
-    /// Set line settings on the real port, including those a pty cannot carry (parity, 5-7
-    /// data bits). Unspecified settings stay as they are.
-    Set {
-        /// The serial device (default: the only one).
-        device: Option<String>,
-        /// Speed in bits per second (any number the port takes, e.g. 250000).
-        #[arg(long)]
-        baud: Option<u32>,
-        /// Data bits, 5 to 8.
-        #[arg(long, value_parser = clap::value_parser!(u8).range(5..=8))]
-        data_bits: Option<u8>,
-        /// Parity.
-        #[arg(long, value_enum)]
-        parity: Option<ParityArg>,
-        /// Stop bits, 1 or 2.
-        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
-        stop_bits: Option<u8>,
-        /// Flow control.
-        #[arg(long, value_enum)]
-        flow: Option<FlowArg>,
-        #[command(flatten)]
-        target: Target,
-    },
-    /// Set the modem control lines DTR and RTS on the real port.
-    Modem {
-        /// The serial device (default: the only one).
-        device: Option<String>,
-        /// Data Terminal Ready (often wired to a board's reset).
-        #[arg(long, value_enum)]
-        dtr: Option<OnOff>,
-        /// Request To Send (often wired to a boot-mode pin).
-        #[arg(long, value_enum)]
-        rts: Option<OnOff>,
-        #[command(flatten)]
-        target: Target,
-    },
-    /// Show the real port's line settings.
-    Get {
-        /// The serial device (default: the only one).
-        device: Option<String>,
-        #[command(flatten)]
-        target: Target,
-    },
-}
-
-#[derive(Subcommand, Debug)]
-pub(crate) enum PowerCmd {
-    /// Switch the board on.
-    On {
-        /// The power device (default: the only one).
-        device: Option<String>,
-        #[command(flatten)]
-        target: Target,
-    },
-    /// Switch the board off.
-    Off {
-        /// The power device (default: the only one).
-        device: Option<String>,
-        #[command(flatten)]
-        target: Target,
-    },
-    /// Off, wait, on.
-    Cycle {
-        /// The power device (default: the only one).
-        device: Option<String>,
-        /// How long to stay off, e.g. 500ms, 5s (default: the exporter's cycleDelay).
-        #[arg(long)]
-        delay: Option<String>,
-        #[command(flatten)]
-        target: Target,
-    },
-    /// Show the power state.
-    Status {
-        /// The power device (default: the only one).
-        device: Option<String>,
-        #[command(flatten)]
-        target: Target,
-    },
-}
-
-#[derive(Copy, Clone, Debug, ValueEnum)]
-pub(crate) enum ParityArg {
-    None,
-    Odd,
-    Even,
-}
-
-#[derive(Copy, Clone, Debug, ValueEnum)]
-pub(crate) enum FlowArg {
-    None,
-    Xonxoff,
-    Rtscts,
-}
-
-#[derive(Copy, Clone, Debug, ValueEnum)]
-pub(crate) enum OnOff {
-    On,
-    Off,
-}
-
-#[derive(Subcommand, Debug)]
-pub(crate) enum StorageCmd {
-    /// Write an image onto the medium: raw, .gz, .xz, .zst or .bz2 (told by content); zero
-    /// runs and bmap-unmapped ranges cost nothing on the link; flushed before success.
-    Flash {
-        /// [DEVICE] IMAGE: the storage device (default: the only one) and the image file.
-        #[arg(num_args = 1..=2, value_names = ["DEVICE", "IMAGE"], required = true)]
-        args: Vec<String>,
-        /// bmaptool's block map: only its mapped ranges are written, their checksums checked.
-        #[arg(long)]
-        bmap: Option<PathBuf>,
-        /// Afterwards compare SHA-256s computed on the exporter with the image's.
-        #[arg(long)]
-        verify: bool,
-        /// Send data uncompressed (compression is used where it saves a tenth or more).
-        #[arg(long)]
-        no_compress: bool,
-        #[command(flatten)]
-        target: Target,
-    },
-    /// Read the whole medium into a file: raw and sparse, or compressed as its name says
-    /// (.zst, .gz, .xz, .bz2).
-    Dump {
-        /// [DEVICE] OUTPUT: the storage device (default: the only one) and the output file.
-        #[arg(num_args = 1..=2, value_names = ["DEVICE", "OUTPUT"], required = true)]
-        args: Vec<String>,
-        #[command(flatten)]
-        target: Target,
-    },
-    /// Show the medium's size, block size and whether it can be written now.
-    Info {
-        /// The storage device (default: the only one).
-        device: Option<String>,
-        #[command(flatten)]
-        target: Target,
-    },
+impl From<ViaArg> for crate::attach::Via {
+    fn from(v: ViaArg) -> Self {
+        match v {
+            ViaArg::Auto => crate::attach::Via::Auto,
+            ViaArg::Direct => crate::attach::Via::Direct,
+            ViaArg::Relay => crate::attach::Via::Relay,
+        }
+    }
 }

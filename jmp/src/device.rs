@@ -1,175 +1,148 @@
-//! `jmp serial` and `jmp power`: an operation on one device, sent where the board is. Through
-//! the running attachment's control socket when there is one (it has the connection), else on a
-//! one-shot connection of its own: direct mode with `--exporter HOST:PORT --token-file F`, or
-//! the lease's token from the controller. Either way the command returns when the exporter
-//! reports the result, and a failure exits with the code of the table.
+//! The kinds' verbs (`jmp power`, `jmp serial`, `jmp storage`, defined by each kind in
+//! jmp-devices): what `jmp` lends them ([`Host`], a `VerbHost`) to reach the board their
+//! target names. Through the running attachment's control socket when there is one (it has the
+//! connection), else on a connection of their own: direct mode with `--exporter HOST:PORT
+//! --token-file F`, or the lease's token from the controller. A request on an own connection
+//! is *one-shot* (`features::ONE_SHOT`: it never takes the board); a channel on one holds the
+//! board while the verb runs. Either way the command returns when the exporter reports the
+//! result, and a failure exits with the code of the table.
 
 use crate::attach::{Connector, Pin};
-use crate::cli::{FlowArg, Format, OnOff, ParityArg, PowerCmd, SerialCmd, Target};
 use crate::ctlsock::{self, Op, ReplyBody};
 use crate::{exit, known, paths, print_out, resolve, runtime, state};
 use anyhow::Result;
-use jmp_devices::registry::{DeviceRequest, DeviceResponse};
+use jmp_devices::kind::{
+    BoxFuture, ChannelOrigin, Target, VerbChannel, VerbError, VerbHost, VerbStream,
+};
+use jmp_devices::registry::{DeviceRequest, DeviceResponse, Verbs};
 use jmp_protocol::exit as code;
-use jmp_protocol::kinds::{power, serial};
-use jmp_protocol::{features, ErrorCode, Refusal};
+use jmp_protocol::{features, ErrorCode, Kind};
+use jmp_transport::Channels;
 use std::time::Duration;
 
-pub(crate) fn serial_cmd(cmd: SerialCmd) -> Result<()> {
-    let (device, target, req) = match cmd {
-        SerialCmd::Break { device, ms, target } => {
-            (device, target, serial::Request::Break { millis: ms })
-        }
-        SerialCmd::Set {
-            device,
-            baud,
-            data_bits,
-            parity,
-            stop_bits,
-            flow,
-            target,
-        } => (
-            device,
-            target,
-            serial::Request::Set(serial::LineChange {
-                baud,
-                data_bits,
-                parity: parity.map(|p| match p {
-                    ParityArg::None => serial::Parity::None,
-                    ParityArg::Odd => serial::Parity::Odd,
-                    ParityArg::Even => serial::Parity::Even,
-                }),
-                stop_bits,
-                flow: flow.map(|f| match f {
-                    FlowArg::None => serial::FlowControl::None,
-                    FlowArg::Xonxoff => serial::FlowControl::Software,
-                    FlowArg::Rtscts => serial::FlowControl::Hardware,
-                }),
-            }),
-        ),
-        SerialCmd::Modem {
-            device,
-            dtr,
-            rts,
-            target,
-        } => {
-            let on = |v: Option<OnOff>| v.map(|v| matches!(v, OnOff::On));
-            (
-                device,
-                target,
-                serial::Request::Modem {
-                    dtr: on(dtr),
-                    rts: on(rts),
-                },
-            )
-        }
-        SerialCmd::Get { device, target } => (device, target, serial::Request::Get),
-    };
-    run(device, target, DeviceRequest::Serial(req))
+/// Runs a kind's verb to its end; its failure becomes the table's exit code.
+pub(crate) fn run_verb(verb: Verbs) -> Result<()> {
+    let rt = runtime()?;
+    rt.block_on(verb.run(&Host))
+        .map_err(|e| exit(e.code, e.message))
 }
 
-pub(crate) fn power_cmd(cmd: PowerCmd) -> Result<()> {
-    let (device, target, req) = match cmd {
-        PowerCmd::On { device, target } => (device, target, power::Request::On),
-        PowerCmd::Off { device, target } => (device, target, power::Request::Off),
-        PowerCmd::Status { device, target } => (device, target, power::Request::Status),
-        PowerCmd::Cycle {
-            device,
-            delay,
-            target,
-        } => {
-            let off_ms = match delay {
-                None => None,
-                Some(d) => {
-                    let d = humantime::parse_duration(d.trim())
-                        .or_else(|_| d.trim().parse::<u64>().map(Duration::from_secs))
-                        .map_err(|_| {
-                            exit(
-                                code::USAGE,
-                                format!("--delay {d:?}: not a duration (examples: 500ms, 5s)"),
-                            )
-                        })?;
-                    Some(
-                        u32::try_from(d.as_millis())
-                            .map_err(|_| exit(code::USAGE, format!("--delay {d:?} is too long")))?,
-                    )
-                }
-            };
-            (device, target, power::Request::Cycle { off_ms })
-        }
-    };
-    run(device, target, DeviceRequest::Power(req))
+/// What `jmp` lends a verb.
+struct Host;
+
+fn fail(message: impl Into<String>) -> VerbError {
+    VerbError::new(code::FAILURE, message)
 }
 
-/// The answer, printed as the user asked; a failure becomes the table's exit code.
-fn finish(
-    target: &Target,
-    result: Result<(String, DeviceResponse, String), Refusal>,
-) -> Result<()> {
-    match result {
-        Ok((device, response, message)) => {
-            if target.output == Format::Json {
-                let v =
-                    serde_json::json!({"device": device, "response": response, "message": message});
-                print_out(&format!("{v}\n"))
-            } else {
-                print_out(&format!("{}\n", jmp_protocol::name::escape(&message)))
-            }
-        }
-        Err(r) => Err(exit(r.code.exit_code(), r.reason)),
-    }
+/// An `anyhow` error of `jmp`'s own (its exit code, when it carries one) as a verb's.
+fn from_anyhow(e: anyhow::Error) -> VerbError {
+    let code = e
+        .downcast_ref::<crate::Exit>()
+        .map_or(code::FAILURE, |x| x.code);
+    VerbError::new(code, format!("{e:#}"))
 }
 
-pub(crate) fn run(device: Option<String>, target: Target, req: DeviceRequest) -> Result<()> {
+/// The running attachment `target` names (by exporter, by lease, or the only one), if any.
+/// An exporter named without a token must be a running attachment's.
+fn running(target: &Target) -> Result<Option<state::StateFile>, VerbError> {
     if target.token_file.is_some() || target.token.is_some() {
-        let r = direct(device, &target, &req)?;
-        return finish(&target, r);
+        return Ok(None);
     }
-    // A running attachment of that exporter (or the only one, or the lease's).
-    let running = match (&target.exporter, &target.lease) {
+    let found = match (&target.exporter, &target.lease) {
         (Some(e), _) => state::find(Some(e)).ok(),
         (None, Some(l)) => state::all()
             .into_iter()
             .find(|s| s.ready.lease.as_deref() == Some(l)),
         (None, None) => state::find(None).ok(),
     };
-    if let Some(st) = running {
-        let reply = ctlsock::call(
-            &st.socket,
-            &ctlsock::Request {
-                v: ctlsock::VERSION,
-                op: Op::Device {
-                    device,
-                    request: req,
-                },
-            },
-            // The attachment applies the request's own timeout; this only guards a hang.
-            Duration::from_secs(1400),
-        )
-        .map_err(|e| exit(code::FAILURE, e))?;
-        return match reply.body {
-            ReplyBody::Done {
-                device,
-                response,
-                message,
-            } => finish(&target, Ok((device, response, message))),
-            ReplyBody::Error {
-                exit: x, message, ..
-            } => Err(exit(x, message)),
-            ReplyBody::Status(_) | ReplyBody::Channel { .. } | ReplyBody::Settled { .. } => {
-                Err(exit(code::FAILURE, "unexpected reply from the attachment"))
+    if found.is_none() {
+        if let Some(e) = &target.exporter {
+            return Err(VerbError::new(
+                code::USAGE,
+                format!(
+                    "no attachment of exporter {e:?} is running; to reach it directly give --exporter HOST:PORT with --token-file"
+                ),
+            ));
+        }
+    }
+    Ok(found)
+}
+
+impl VerbHost for Host {
+    fn request<'a>(
+        &'a self,
+        target: &'a Target,
+        device: Option<String>,
+        req: DeviceRequest,
+    ) -> BoxFuture<'a, Result<(String, DeviceResponse, String), VerbError>> {
+        Box::pin(async move {
+            if let Some(st) = running(target)? {
+                return via_attachment(&st, device, req).await;
             }
-        };
+            let reach = reach(target).await?;
+            let connector = reach.connector(features::CLIENT | features::ONE_SHOT)?;
+            one_shot(connector, device, &req).await
+        })
     }
-    if let Some(e) = &target.exporter {
-        return Err(exit(
-            code::USAGE,
-            format!(
-                "no attachment of exporter {e:?} is running; to reach it directly give --exporter HOST:PORT with --token-file"
-            ),
-        ));
+
+    fn channel<'a>(
+        &'a self,
+        target: &'a Target,
+        kind: Kind,
+        device: Option<String>,
+    ) -> BoxFuture<'a, Result<VerbChannel, VerbError>> {
+        Box::pin(async move {
+            if let Some(st) = running(target)? {
+                return channel_via_attachment(&st, kind, device).await;
+            }
+            own_channel(target, kind, device).await
+        })
     }
-    finish(&target, by_lease(device, &target, &req))
+
+    fn settle<'a>(
+        &'a self,
+        ch: &'a ChannelOrigin,
+        generation: u64,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(settle_local_caches(ch, generation))
+    }
+
+    fn print(&self, text: &str) -> Result<(), VerbError> {
+        print_out(text).map_err(from_anyhow)
+    }
+}
+
+/// A request through the running attachment's control socket.
+async fn via_attachment(
+    st: &state::StateFile,
+    device: Option<String>,
+    request: DeviceRequest,
+) -> Result<(String, DeviceResponse, String), VerbError> {
+    let req = ctlsock::Request {
+        v: ctlsock::VERSION,
+        op: Op::Device { device, request },
+    };
+    let socket = st.socket.clone();
+    // The attachment applies the request's own timeout; this only guards a hang.
+    let reply = tokio::task::spawn_blocking(move || {
+        ctlsock::call(&socket, &req, Duration::from_secs(1400))
+    })
+    .await
+    .map_err(|e| fail(e.to_string()))?
+    .map_err(fail)?;
+    match reply.body {
+        ReplyBody::Done {
+            device,
+            response,
+            message,
+        } => Ok((device, response, message)),
+        ReplyBody::Error {
+            exit: x, message, ..
+        } => Err(VerbError::new(x, message)),
+        ReplyBody::Status(_) | ReplyBody::Channel { .. } | ReplyBody::Settled { .. } => {
+            Err(fail("unexpected reply from the attachment"))
+        }
+    }
 }
 
 /// One request on a one-shot connection (it does not take the board).
@@ -177,11 +150,8 @@ async fn one_shot(
     connector: Connector,
     device: Option<String>,
     req: &DeviceRequest,
-) -> Result<(String, DeviceResponse, String), Refusal> {
-    let (link, welcome, _) = connector.connect().await.map_err(|e| match e {
-        crate::attach::AttachError::Refused { code, reason } => Refusal::new(code, reason),
-        other => Refusal::new(ErrorCode::Internal, other.to_string()),
-    })?;
+) -> Result<(String, DeviceResponse, String), VerbError> {
+    let (link, welcome, _) = connector.connect().await.map_err(connect_error)?;
     let device = ctlsock::pick(
         &welcome.exporter,
         welcome.devices.iter().map(|d| (d.name.as_str(), &d.kind)),
@@ -192,29 +162,22 @@ async fn one_shot(
         Ok(device) => req
             .run(&link.handle, &device)
             .await
-            .map(|(resp, msg)| (device, resp, msg)),
-        Err(r) => Err(r),
+            .map(|(resp, msg)| (device, resp, msg))
+            .map_err(VerbError::from),
+        Err(r) => Err(r.into()),
     };
     link.handle.bye(ErrorCode::Ok, "done");
     connector.linger(&link).await;
     result
 }
 
-/// Direct mode. Usage errors (no address, an unreadable token file) are the outer error; what
-/// the exporter answered is the inner result.
-fn direct(
-    device: Option<String>,
-    target: &Target,
-    req: &DeviceRequest,
-) -> Result<Result<(String, DeviceResponse, String), Refusal>> {
-    let (addr, pin, token) = direct_parts(target)?;
-    let reach = Reach {
-        addr,
-        pin,
-        token,
-        relay: None,
-    };
-    Ok(one_shot_at(reach, device, req))
+fn connect_error(e: crate::attach::AttachError) -> VerbError {
+    match e {
+        crate::attach::AttachError::Refused { code, reason } => {
+            VerbError::new(code.exit_code(), reason)
+        }
+        other => fail(other.to_string()),
+    }
 }
 
 /// How to reach an exporter without an attachment: its address, pinned certificate and
@@ -227,7 +190,7 @@ pub(crate) struct Reach {
 }
 
 impl Reach {
-    pub(crate) fn connector(self, features: u64) -> Result<Connector, Refusal> {
+    pub(crate) fn connector(self, features: u64) -> Result<Connector, VerbError> {
         let mut c = Connector::new(
             self.addr,
             self.pin,
@@ -235,69 +198,48 @@ impl Reach {
             self.token,
             features,
         )
-        .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
+        .map_err(|e| fail(e.to_string()))?;
         c.relay = self.relay;
         Ok(c)
     }
 }
 
-fn one_shot_at(
-    reach: Reach,
-    device: Option<String>,
-    req: &DeviceRequest,
-) -> Result<(String, DeviceResponse, String), Refusal> {
-    let rt = runtime().map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
-    rt.block_on(async {
-        let connector = reach.connector(features::CLIENT | features::ONE_SHOT)?;
-        one_shot(connector, device, req).await
-    })
-}
-
-fn by_lease(
-    device: Option<String>,
-    target: &Target,
-    req: &DeviceRequest,
-) -> Result<(String, DeviceResponse, String), Refusal> {
-    let rt = runtime().map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
-    let reach = rt.block_on(lease_access(target))?;
-    drop(rt);
-    one_shot_at(reach, device, req)
+/// The exporter `target` names directly (a token given), else its lease's.
+async fn reach(target: &Target) -> Result<Reach, VerbError> {
+    if target.token_file.is_some() || target.token.is_some() {
+        direct_reach(target).map_err(from_anyhow)
+    } else {
+        lease_reach(target).await
+    }
 }
 
 /// The exporter of the lease `target` names (or the caller's only lease): its address, its
-/// pinned certificate and a lease token.
-pub(crate) async fn lease_access(target: &Target) -> Result<Reach, Refusal> {
-    let fail = |e: anyhow::Error| {
-        let code = e.downcast_ref::<crate::Exit>().map(|x| x.code);
-        Refusal::new(
-            match code {
-                Some(3) => ErrorCode::Unauthorized,
-                Some(4) => ErrorCode::Busy,
-                Some(5) => ErrorCode::NoSuchDevice,
-                _ => ErrorCode::Internal,
-            },
-            format!("no attachment is running, and the controller: {e:#}"),
-        )
+/// pinned certificate and a lease token. The controller's refusals keep their exit codes.
+async fn lease_reach(target: &Target) -> Result<Reach, VerbError> {
+    let fail_ctl = |e: anyhow::Error| {
+        let mut v = from_anyhow(e);
+        v.message = format!(
+            "no attachment is running, and the controller: {}",
+            v.message
+        );
+        v
     };
-    let (cfg, _) = crate::ctl::load_client(target.client.client.as_deref()).map_err(fail)?;
-    let ctl = crate::ctl::Ctl::connect(&cfg).await.map_err(fail)?;
+    let (cfg, _) = crate::ctl::load_client(target.client.as_deref()).map_err(fail_ctl)?;
+    let ctl = crate::ctl::Ctl::connect(&cfg).await.map_err(fail_ctl)?;
     let access = crate::ctl::access(&ctl, target.lease.clone())
         .await
-        .map_err(fail)?;
+        .map_err(fail_ctl)?;
     ctl.close();
     let addr = std::net::ToSocketAddrs::to_socket_addrs(&access.address)
         .ok()
         .and_then(|mut a| a.next())
         .ok_or_else(|| {
-            Refusal::new(
-                ErrorCode::Internal,
-                format!("exporter address {:?} does not resolve", access.address),
-            )
+            fail(format!(
+                "exporter address {:?} does not resolve",
+                access.address
+            ))
         })?;
-    let fp = access
-        .fingerprint
-        .parse()
-        .map_err(|e: String| Refusal::new(ErrorCode::Internal, e))?;
+    let fp = access.fingerprint.parse().map_err(fail)?;
     // An exporter behind NAT is reached through the controller's relay, as by attach.
     let relay = access
         .relay
@@ -312,7 +254,7 @@ pub(crate) async fn lease_access(target: &Target) -> Result<Reach, Refusal> {
 
 /// The exporter `--exporter HOST:PORT` with `--token-file F` (or `--token`, `JMP_TOKEN`)
 /// names (direct mode); what is missing or unreadable is a usage error.
-fn direct_parts(target: &Target) -> Result<(std::net::SocketAddr, Pin, String)> {
+fn direct_reach(target: &Target) -> Result<Reach> {
     let exporter = target.exporter.as_ref().ok_or_else(|| {
         exit(
             code::USAGE,
@@ -329,17 +271,166 @@ fn direct_parts(target: &Target) -> Result<(std::net::SocketAddr, Pin, String)> 
             name: known::normalize(exporter),
         },
     };
-    Ok((addr, pin, token))
-}
-
-/// [`direct_parts`] for callers that report a refusal (`jmp storage`).
-pub(crate) fn direct_access(target: &Target) -> Result<Reach, Refusal> {
-    let (addr, pin, token) =
-        direct_parts(target).map_err(|e| Refusal::new(ErrorCode::Protocol, format!("{e:#}")))?;
     Ok(Reach {
         addr,
         pin,
         token,
         relay: None,
     })
+}
+
+/// A stream channel relayed by the running attachment's control socket.
+async fn channel_via_attachment(
+    st: &state::StateFile,
+    kind: Kind,
+    device: Option<String>,
+) -> Result<VerbChannel, VerbError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::UnixStream::connect(&st.socket)
+        .await
+        .map_err(|e| {
+            fail(format!(
+                "cannot reach the attachment at {}: {e}",
+                st.socket.display()
+            ))
+        })?;
+    let req = ctlsock::Request {
+        v: ctlsock::VERSION,
+        op: Op::Channel {
+            device,
+            kind,
+            params: String::new(),
+        },
+    };
+    let mut line = serde_json::to_string(&req).map_err(|e| fail(e.to_string()))?;
+    line.push('\n');
+    sock.write_all(line.as_bytes())
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    // Byte by byte up to the newline: what follows it is the channel's.
+    let mut reply = Vec::new();
+    loop {
+        let b = sock
+            .read_u8()
+            .await
+            .map_err(|e| fail(format!("the attachment closed the socket: {e}")))?;
+        if b == b'\n' || reply.len() > 64 * 1024 {
+            break;
+        }
+        reply.push(b);
+    }
+    let reply: ctlsock::Reply = serde_json::from_slice(&reply)
+        .map_err(|e| fail(format!("bad reply from the attachment: {e}")))?;
+    let (device, params, instance) = match reply.body {
+        ReplyBody::Channel {
+            device,
+            params,
+            instance,
+        } => (device, params, instance),
+        ReplyBody::Error {
+            exit: x, message, ..
+        } => return Err(VerbError::new(x, message)),
+        _ => return Err(fail("unexpected reply from the attachment")),
+    };
+    let params =
+        hex::decode(&params).map_err(|_| fail("bad channel parameters from the attachment"))?;
+    let (r, w) = sock.into_split();
+    Ok(VerbChannel {
+        origin: ChannelOrigin {
+            device,
+            exporter: st.ready.exporter.clone(),
+            fingerprint: st.ready.fingerprint.clone(),
+            instance,
+        },
+        params: params.into(),
+        stream: VerbStream::Socket(w, r),
+        close: None,
+    })
+}
+
+/// A stream channel on a connection of the verb's own (it holds the board while it runs).
+async fn own_channel(
+    target: &Target,
+    kind: Kind,
+    device: Option<String>,
+) -> Result<VerbChannel, VerbError> {
+    let connector = reach(target).await?.connector(features::CLIENT)?;
+    let (link, welcome, fingerprint) = connector.connect().await.map_err(connect_error)?;
+    let device = ctlsock::pick(
+        &welcome.exporter,
+        welcome.devices.iter().map(|d| (d.name.as_str(), &d.kind)),
+        device.as_deref(),
+        &kind,
+    )?;
+    let (pipe, params) = link
+        .handle
+        .open_stream(&device, bytes::Bytes::new())
+        .await?;
+    let (tx, rx) = pipe.split();
+    let origin = ChannelOrigin {
+        device,
+        exporter: welcome.exporter.clone(),
+        fingerprint: fingerprint.to_string(),
+        instance: Some(welcome.instance),
+    };
+    Ok(VerbChannel {
+        origin,
+        params,
+        stream: VerbStream::Pipe(tx, rx),
+        close: Some(Box::new(move || {
+            Box::pin(async move {
+                link.handle.bye(ErrorCode::Ok, "done");
+                connector.linger(&link).await;
+            })
+        })),
+    })
+}
+
+/// Asks every attachment of this user that has the device `ch` reached (same exporter name
+/// and fingerprint) to settle its local cache of it to `generation`; returns once each has,
+/// or says which one could not (within the control socket's `SETTLE_WAIT`). An attachment
+/// whose bridge of the device caches nothing answers at once.
+async fn settle_local_caches(ch: &ChannelOrigin, generation: u64) -> Result<(), String> {
+    let holding: Vec<state::StateFile> = state::all()
+        .into_iter()
+        .filter(|s| {
+            s.ready.exporter == ch.exporter
+                && s.ready.fingerprint == ch.fingerprint
+                && s.ready.devices.iter().any(|d| d.name == ch.device)
+        })
+        .collect();
+    // One at a time: there is one attachment per exporter and user, so this is one wait.
+    for st in holding {
+        let req = ctlsock::Request {
+            v: ctlsock::VERSION,
+            op: Op::Settle {
+                device: ch.device.clone(),
+                generation,
+                instance: ch.instance,
+            },
+        };
+        let socket = st.socket.clone();
+        // Past the attachment's own wait: its answer (or its timeout error) comes first.
+        let guard = ctlsock::SETTLE_WAIT + Duration::from_secs(5);
+        let reply = tokio::task::spawn_blocking(move || ctlsock::call(&socket, &req, guard))
+            .await
+            .map_err(|e| e.to_string())?;
+        let who = format!("the attachment of {} (pid {})", ch.exporter, st.ready.pid);
+        match reply.map(|r| r.body) {
+            Ok(ReplyBody::Settled { .. }) => {}
+            Ok(ReplyBody::Error { message, code, .. })
+                if code == ErrorCode::Protocol.as_str() && message.contains("settle") =>
+            {
+                // An attachment older than `settle`: it drops its cache when the change
+                // reaches it, which nothing here can wait for.
+                tracing::warn!(
+                    "{who} is older than this jmp and cannot confirm that its mount dropped its cache; a read through it right now may show the old data"
+                );
+            }
+            Ok(ReplyBody::Error { message, .. }) => return Err(format!("{who}: {message}")),
+            Ok(_) => return Err(format!("{who} answered `settle` with something else")),
+            Err(e) => return Err(format!("{who} could not be asked to drop its cache: {e}")),
+        }
+    }
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! jmp: the client CLI. `attach` makes a remote board's devices local; `local` runs a board on
-//! this machine (the built-in simulated one, or a config's); `power` and `serial` operate
-//! devices; `detach` ends a background attachment; the lease verbs talk to a controller.
+//! this machine (the built-in simulated one, or a config's); the device kinds' verbs (`power`,
+//! `serial`, `storage`, defined by the kinds) operate devices; `detach` ends a background
+//! attachment; the lease verbs talk to a controller.
 //!
 //! Owns: the command line ([`cli`], definitions only), one module per job ([`attach`],
 //! [`local`], [`device`], [`verbs`], [`state`]), output formats and the one table printer
@@ -73,7 +74,6 @@ pub mod local;
 pub mod paths;
 mod shell;
 mod state;
-pub mod storage;
 pub mod table;
 
 pub fn main() -> ExitCode {
@@ -110,9 +110,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             LocalCmd::Stop => state::local_stop(),
             LocalCmd::Run(l) => local::run(l),
         },
-        Cmd::Serial { cmd } => device::serial_cmd(cmd),
-        Cmd::Power { cmd } => device::power_cmd(cmd),
-        Cmd::Storage { cmd } => storage::storage_cmd(cmd),
+        Cmd::Device(verb) => device::run_verb(verb),
         Cmd::Status { output } => state::status(output == Format::Json),
         Cmd::Config { cmd } => match cmd {
             ConfigCmd::Client { cmd } => verbs::config_client(cmd),

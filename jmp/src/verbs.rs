@@ -715,8 +715,8 @@ pub(super) fn attach_lease(a: AttachArgs) -> Result<()> {
         opts.lease = Some(lease.clone());
         // `--via relay` asks even when the exporter did not say it takes relayed sessions:
         // the controller's refusal then says why.
-        if access.relay || a.via == crate::attach::Via::Relay {
-            opts.relay = Some(relay_route(&cfg, a.via));
+        if access.relay || a.via == crate::cli::ViaArg::Relay {
+            opts.relay = Some(relay_route(&cfg, a.via.into()));
         }
         tracing::info!(
             "lease {lease}: exporter {} at {}, until {}",

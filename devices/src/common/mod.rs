@@ -4,9 +4,9 @@
 //! descriptor I/O. A kind folder may use anything here; nothing here may use a kind folder.
 
 pub mod counters;
-pub mod listen;
 pub(crate) mod fdio;
 pub(crate) mod forward;
+pub mod listen;
 pub mod pty;
 pub mod task;
 
