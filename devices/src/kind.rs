@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 pub use jmp_transport::BoxFuture;
 
-/// One device kind. Implemented by a unit struct in the kind's folder (`serial::Serial`).
+/// One device kind. Implemented by a unit struct in the kind's folder.
 pub trait DeviceKind: Send + Sync + 'static {
     /// The kind on the wire.
     const KIND: Kind;
@@ -122,10 +122,10 @@ pub trait Spec: Debug + Clone + DeserializeOwned + Send + Sync + 'static {
 ///
 /// ```ignore
 /// config_types! {
-///     /// A serial console.
-///     pub enum SerialConfig {
-///         Serial(SerialSpec) = "serial" => "{path: /dev/ttyUSB0, baudrate: 115200}",
-///         Sim(SimConsoleSpec) = "sim-console" => "{}",
+///     /// A relay board's channel.
+///     pub enum RelayConfig {
+///         Board(RelaySpec) = "relay" => "{path: /dev/ttyUSB3, channel: 2}",
+///         Sim(RelaySimSpec) = "relay-sim" => "{}",
 ///     }
 /// }
 /// ```

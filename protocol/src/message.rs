@@ -84,7 +84,7 @@ pub struct DeviceInfo {
     pub name: String,
     pub kind: Kind,
     pub state: DeviceState,
-    /// The kind's typed parameters (e.g. `kinds::serial::DeviceParams`).
+    /// The kind's typed parameters (its wire module's `DeviceParams`).
     pub params: Bytes,
     /// Free text for people: "/dev/ttyUSB0 115200 8N1", "192.168.10.2:22". Never parsed.
     pub detail: String,
@@ -102,7 +102,7 @@ pub struct Open {
     pub channel: u64,
     pub device: String,
     pub mode: ChannelMode,
-    /// The kind's open parameters (e.g. `kinds::serial::OpenParams`).
+    /// The kind's open parameters (its wire module's `OpenParams`).
     pub params: Bytes,
 }
 
@@ -110,7 +110,7 @@ pub struct Open {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Opened {
     pub channel: u64,
-    /// The kind's answer (e.g. `kinds::serial::OpenedParams`).
+    /// The kind's answer (its wire module's `OpenedParams`).
     pub params: Bytes,
 }
 
@@ -148,7 +148,7 @@ pub struct Bye {
 pub struct Request {
     pub id: u64,
     pub device: String,
-    /// The kind's request (e.g. `kinds::power::Request`).
+    /// The kind's request (its wire module's `Request`).
     pub body: Bytes,
 }
 
