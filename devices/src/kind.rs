@@ -300,8 +300,9 @@ impl ClientNeeds {
     }
 }
 
-/// A kind without `jmp attach` options.
+/// A kind without `jmp attach` options. No argument group: several kinds flatten it.
 #[derive(clap::Args, Debug, Clone, Default)]
+#[group(skip)]
 pub struct NoOptions {}
 
 /// A kind's `jmp` verb: a clap subcommand (one variant, named after the verb) run against the

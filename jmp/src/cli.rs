@@ -561,3 +561,17 @@ impl From<ViaArg> for crate::attach::Via {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// clap's own consistency checks over every subcommand (argument and group names unique,
+    /// the kinds' flattened options and verbs included); they otherwise run only when a
+    /// command is parsed.
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}
