@@ -22,7 +22,7 @@
 //!   cached from boot on).
 //! - forwards from 127.0.0.1 on the host to guest ports (never another address), virtio disks
 //!   backed by host files (`/dev/vda`, `/dev/vdb`, ... in order), 16550 serial ports (`/dev/ttyS1`,
-//!   ...) whose other end is a Unix socket on the host.
+//!   ...) whose other end is a Unix socket on the host, real CAN controllers (`can0`, ...).
 //! - the guest reaches the host's 127.0.0.1 as 10.0.2.2 (qemu's user-mode network): nothing is
 //!   added to the host's namespaces.
 //!
@@ -82,6 +82,7 @@ pub struct GuestBuilder {
     forwards: Vec<(Proto, u16)>,
     disks: Vec<(PathBuf, bool)>,
     serials: usize,
+    can_controllers: usize,
 }
 
 impl GuestBuilder {
@@ -108,6 +109,15 @@ impl GuestBuilder {
     pub fn serial_port(mut self) -> Self {
         assert!(self.serials < 3, "the guest kernel has four 16550 ports");
         self.serials += 1;
+        self
+    }
+
+    /// `n` real CAN controllers (qemu's Kvaser PCI card: an SJA1000) on one emulated bus: the
+    /// guest's can0, can1, ... once the test ran `modprobe kvaser_pci` (there is no udev). The
+    /// emulation drops frames sent back to back, so it is for configuring a controller (bit
+    /// rate, state over netlink), not for traffic tests.
+    pub fn can_controllers(mut self, n: usize) -> Self {
+        self.can_controllers = n;
         self
     }
 
@@ -173,6 +183,7 @@ impl Guest {
             forwards: Vec::new(),
             disks: Vec::new(),
             serials: 0,
+            can_controllers: 0,
         }
     }
 
@@ -239,6 +250,12 @@ impl Guest {
                 sock.display()
             ));
             cmd.arg("-serial").arg(format!("chardev:ser{i}"));
+        }
+        if b.can_controllers > 0 {
+            cmd.args(["-object", "can-bus,id=canbus0"]);
+            for _ in 0..b.can_controllers {
+                cmd.args(["-device", "kvaser_pci,canbus=canbus0"]);
+            }
         }
         // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe. qemu (which the script execs,
         // keeping the PID) dies with the thread that booted it, should this process be killed
