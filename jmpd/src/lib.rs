@@ -42,8 +42,9 @@ pub struct Args {
     #[arg(long)]
     pub listen: Option<String>,
     /// Print a systemd drop-in granting what this config's devices need beyond the hardened
-    /// unit (serial paths outside ttyS/ttyUSB/ttyACM, a network tunnel's CAP_NET_ADMIN), and
-    /// exit. Install it with `systemctl edit jmpd` (or jmpd@NAME).
+    /// unit (AF_CAN for SocketCAN, block devices and writable images for storage, a network
+    /// tunnel's CAP_NET_ADMIN, serial paths outside ttyS/ttyUSB/ttyACM), and exit. Install it
+    /// with `systemctl edit jmpd` (or jmpd@NAME).
     #[arg(long)]
     pub print_systemd: bool,
 }
@@ -249,9 +250,62 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// A drop-in for the hardened units (systemd/jmpd.service): only what this config's devices
-/// need beyond what the unit grants every exporter (serial ports of the usual classes).
+/// need beyond what the unit grants every exporter (Internet and Unix sockets, serial ports of
+/// the usual classes, ptys, read access to the OS). Checked for real under systemd in
+/// tests/tests/systemd_guest.rs.
 pub fn systemd_dropin(cfg: &ExporterConfig, file: &std::path::Path) -> String {
     use jmp_devices::registry::DeviceSpec;
+    let mut sb = Sandbox::default();
+    for (name, spec) in &cfg.export.0 {
+        match spec {
+            DeviceSpec::Serial(s) => sb.serial_port(name, std::path::Path::new(&s.path)),
+            DeviceSpec::Power(_) => sb.note(format!(
+                "{name}: power commands run inside this sandbox; grant what they use (e.g. DeviceAllow=char-usb_device rw is there for USB relays, IPAddressAllow= for a PDU)"
+            )),
+            DeviceSpec::Network(_) => {
+                // The TUN (CAP_NET_ADMIN, /dev/net/tun), the NAT table (nft over netlink) and
+                // IPv4 forwarding on the TUN and on `via` (/proc/sys, which ProcSubset=pid hides
+                // and ProtectKernelTunables= makes read-only).
+                sb.note(format!("{name}: a network tunnel (TUN, nftables NAT, IPv4 forwarding)"));
+                sb.cap("CAP_NET_ADMIN");
+                sb.family("AF_NETLINK");
+                sb.set("DeviceAllow=/dev/net/tun rw".into());
+                sb.set("ProcSubset=all".into());
+                sb.set("ReadWritePaths=/proc/sys/net/ipv4/conf".into());
+            }
+            DeviceSpec::Can(c) => {
+                if let Some(i) = &c.interface {
+                    // A raw CAN socket, the bus state over netlink, and the writer thread pinned
+                    // to one CPU (frames stay in order: devices/src/can/vcan.rs).
+                    sb.note(format!("{name}: SocketCAN interface {i}"));
+                    sb.family("AF_CAN");
+                    sb.family("AF_NETLINK");
+                    sb.syscall("sched_setaffinity");
+                    if c.bitrate.is_some() {
+                        sb.note(format!("{name}: sets {i}'s bit rate (netlink, CAP_NET_ADMIN)"));
+                        sb.cap("CAP_NET_ADMIN");
+                    }
+                }
+                if let Some(s) = &c.slcan {
+                    sb.serial_port(name, std::path::Path::new(&s.path));
+                }
+            }
+            DeviceSpec::Storage(s) => sb.storage(name, &s.path, s.writable, false),
+            DeviceSpec::StorageSim(s) => match &s.path {
+                Some(p) => sb.storage(name, p, s.writable, true),
+                None => sb.note(format!(
+                    "{name}: its image is made in the service's private /tmp (PrivateTmp=yes), so anew at each start: give it a path to keep it"
+                )),
+            },
+            _ => {}
+        }
+    }
+    if cfg.hooks.is_some() {
+        sb.note(
+            "lease hooks run inside this sandbox too (no new privileges, read-only OS, no W^X memory: a JIT needs MemoryDenyWriteExecute=no)"
+                .into(),
+        );
+    }
     let mut lines = vec![
         format!(
             "# systemd drop-in for jmpd: exporter {} from {}.",
@@ -262,54 +316,150 @@ pub fn systemd_dropin(cfg: &ExporterConfig, file: &std::path::Path) -> String {
             .into(),
         "[Service]".into(),
     ];
-    let mut tunnel = false;
-    for (name, spec) in &cfg.export.0 {
-        match spec {
-            DeviceSpec::Serial(s) => {
-                let real = std::fs::canonicalize(&s.path)
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|_| s.path.clone());
-                let base = std::path::Path::new(&real)
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                if ["ttyS", "ttyUSB", "ttyACM"]
-                    .iter()
-                    .any(|c| base.starts_with(c) && base[c.len()..].bytes().all(|b| b.is_ascii_digit()))
-                {
-                    lines.push(format!("# {name}: {real} is a serial port the unit already allows"));
-                } else {
-                    lines.push(format!("# {name}: serial port {}", s.path));
-                    lines.push(format!("DeviceAllow={} rw", s.path));
-                }
-            }
-            DeviceSpec::Power(_) => lines.push(format!(
-                "# {name}: power commands run inside this sandbox; grant what they use (e.g. DeviceAllow=char-usb_device rw is there for USB relays, IPAddressAllow= for a PDU)"
-            )),
-            other => {
-                let kind = other.kind();
-                if matches!(kind.as_str(), "net" | "tun" | "network") {
-                    tunnel = true;
-                    lines.push(format!("# {name}: a network tunnel"));
-                }
-            }
+    lines.extend(sb.render());
+    lines.join("\n") + "\n"
+}
+
+/// What a config's devices need from systemd beyond the hardened unit, merged: each family,
+/// capability and system call once (systemd adds up repeated allow lists).
+#[derive(Default)]
+struct Sandbox {
+    notes: Vec<String>,
+    families: std::collections::BTreeSet<&'static str>,
+    caps: std::collections::BTreeSet<&'static str>,
+    syscalls: std::collections::BTreeSet<&'static str>,
+    settings: Vec<String>,
+}
+
+impl Sandbox {
+    fn note(&mut self, s: String) {
+        self.notes.push(s);
+    }
+    fn family(&mut self, f: &'static str) {
+        self.families.insert(f);
+    }
+    fn cap(&mut self, c: &'static str) {
+        self.caps.insert(c);
+    }
+    fn syscall(&mut self, c: &'static str) {
+        self.syscalls.insert(c);
+    }
+    fn set(&mut self, s: String) {
+        if !self.settings.contains(&s) {
+            self.settings.push(s);
         }
     }
-    if tunnel {
-        lines.extend([
-            "AmbientCapabilities=CAP_NET_ADMIN".to_string(),
-            "CapabilityBoundingSet=CAP_NET_ADMIN".to_string(),
-            "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK".to_string(),
-            "DeviceAllow=/dev/net/tun rw".to_string(),
-        ]);
+
+    /// A path as a unit file may hold it, or a note why not: a config is not trusted to add
+    /// lines (a newline) or systemd specifiers (`%`) to the unit.
+    fn unit_path(&mut self, name: &str, path: &std::path::Path) -> Option<String> {
+        let p = path.to_str().unwrap_or_default();
+        let ok = p.starts_with('/')
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/._-+:@,=~".contains(&b));
+        if !ok {
+            self.note(format!(
+                "{name}: {:?} cannot be written into a unit file: grant it by hand",
+                path.display().to_string()
+            ));
+        }
+        ok.then(|| p.to_string())
     }
-    if cfg.hooks.is_some() {
-        lines.push(
-            "# lease hooks run inside this sandbox too (no new privileges, read-only OS, no W^X memory: a JIT needs MemoryDenyWriteExecute=no)"
-                .into(),
-        );
+
+    /// The unit allows ttyS*, ttyUSB*, ttyACM* and ptys; any other device node by its path
+    /// (a by-id link is resolved by systemd when the unit starts).
+    fn serial_port(&mut self, name: &str, path: &std::path::Path) {
+        let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let base = real
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let classes = ["ttyS", "ttyUSB", "ttyACM"];
+        if classes
+            .iter()
+            .any(|c| base.starts_with(c) && base[c.len()..].bytes().all(|b| b.is_ascii_digit()))
+        {
+            self.note(format!(
+                "{name}: {} is a serial port the unit already allows",
+                real.display()
+            ));
+        } else if let Some(p) = self.unit_path(name, path) {
+            self.note(format!("{name}: serial port {p}"));
+            self.set(format!("DeviceAllow={p} rw"));
+        }
     }
-    lines.join("\n") + "\n"
+
+    /// A block device by its path (DevicePolicy=closed); an image file is readable under
+    /// ProtectSystem=strict, writable only if listed, and not there at all under a home
+    /// directory (ProtectHome=yes) or in /tmp (PrivateTmp=yes). `made`: jmpd creates the
+    /// image (a simulated card), so its directory must be writable.
+    fn storage(&mut self, name: &str, path: &std::path::Path, writable: bool, made: bool) {
+        use std::os::unix::fs::FileTypeExt;
+        let Some(p) = self.unit_path(name, path) else {
+            return;
+        };
+        let device = match std::fs::metadata(path) {
+            Ok(m) => m.file_type().is_block_device() || m.file_type().is_char_device(),
+            Err(_) => path.starts_with("/dev"),
+        };
+        if device {
+            self.note(format!("{name}: block device {p}"));
+            self.set(format!(
+                "DeviceAllow={p} {}",
+                if writable { "rw" } else { "r" }
+            ));
+            return;
+        }
+        self.note(format!(
+            "{name}: image {p}{}",
+            if writable {
+                ", writable"
+            } else {
+                ", read-only"
+            }
+        ));
+        if ["/home", "/root", "/run/user"]
+            .iter()
+            .any(|d| path.starts_with(d))
+        {
+            self.note(format!(
+                "{name}: ProtectHome=yes hides {p}: better move it out of the home directory"
+            ));
+            self.set("ProtectHome=read-only".into());
+        }
+        if ["/tmp", "/var/tmp"].iter().any(|d| path.starts_with(d)) {
+            self.note(format!(
+                "{name}: PrivateTmp=yes gives jmpd its own {p}: better move it out of /tmp"
+            ));
+            self.set("PrivateTmp=no".into());
+        }
+        if made {
+            // `-`: the directory may not be there yet (the image's maker creates it).
+            if let Some(dir) = path.parent().and_then(|d| d.to_str()) {
+                self.set(format!("ReadWritePaths=-{dir}"));
+            }
+        } else if writable {
+            self.set(format!("ReadWritePaths={p}"));
+        }
+    }
+
+    fn render(self) -> Vec<String> {
+        let mut out: Vec<String> = self.notes.into_iter().map(|n| format!("# {n}")).collect();
+        let join =
+            |s: &std::collections::BTreeSet<&str>| s.iter().copied().collect::<Vec<_>>().join(" ");
+        if !self.families.is_empty() {
+            out.push(format!("RestrictAddressFamilies={}", join(&self.families)));
+        }
+        if !self.caps.is_empty() {
+            out.push(format!("AmbientCapabilities={}", join(&self.caps)));
+            out.push(format!("CapabilityBoundingSet={}", join(&self.caps)));
+        }
+        if !self.syscalls.is_empty() {
+            out.push(format!("SystemCallFilter={}", join(&self.syscalls)));
+        }
+        out.extend(self.settings);
+        out
+    }
 }
 
 /// The address clients should use: the bound one, with this host's name if bound to all.
@@ -329,28 +479,130 @@ fn advertised(local: std::net::SocketAddr) -> String {
 mod tests {
     use super::*;
 
+    fn dropin(export: &str) -> String {
+        let cfg = ExporterConfig::parse(&format!(
+            "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: b1}}\n\
+             auth: {{tokenFile: /tmp/t}}\nexport:\n{export}"
+        ))
+        .expect("config");
+        systemd_dropin(&cfg, std::path::Path::new("/etc/jmp/b1.yaml"))
+    }
+
+    /// The directives (not the comments) after `[Service]`.
+    fn directives(d: &str) -> Vec<&str> {
+        let body = d.split_once("[Service]\n").expect("[Service]").1;
+        body.lines().filter(|l| !l.starts_with('#')).collect()
+    }
+
     #[test]
     fn the_systemd_drop_in_grants_only_what_the_devices_need() {
-        let cfg = ExporterConfig::parse(
-            "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {name: b1}\n\
-             auth: {tokenFile: /tmp/t}\nexport:\n  usb: {type: serial, path: /dev/ttyUSB7}\n\
+        let d = dropin(
+            "  usb: {type: serial, path: /dev/ttyUSB7}\n\
              \x20 byid: {type: serial, path: /dev/serial/by-id/usb-FTDI_x-if00}\n\
              \x20 sim: {type: sim-console}\n",
-        )
-        .expect("config");
-        let d = systemd_dropin(&cfg, std::path::Path::new("/etc/jmp/b1.yaml"));
+        );
         assert!(d.contains("[Service]"), "{d}");
-        assert!(
-            d.contains("DeviceAllow=/dev/serial/by-id/usb-FTDI_x-if00 rw"),
+        assert_eq!(
+            directives(&d),
+            ["DeviceAllow=/dev/serial/by-id/usb-FTDI_x-if00 rw"],
+            "ttyUSB7 is allowed already, a simulated console needs nothing: {d}"
+        );
+    }
+
+    /// What tests/tests/systemd_guest.rs found each kind needs under the hardened unit.
+    #[test]
+    fn every_kind_gets_what_it_needs_each_grant_once() {
+        let d = dropin(
+            "  can0: {type: can, interface: can0, bitrate: 500000}\n\
+             \x20 vcan: {type: can, interface: vcan0}\n\
+             \x20 canable: {type: can, slcan: {path: /dev/serial/by-id/usb-canable-if00}, bitrate: 500000}\n\
+             \x20 sd: {type: storage, path: /dev/sdz, writable: true}\n\
+             \x20 card: {type: storage, path: /dev/mmcblk9}\n\
+             \x20 img: {type: storage, path: /srv/jmp/b1.img, writable: true}\n\
+             \x20 golden: {type: storage, path: /srv/jmp/golden.img}\n\
+             \x20 console: {type: serial, path: /dev/ttyUSB7}\n\
+             \x20 lan: {type: network, subnets: [192.168.10.0/24], via: lo}\n",
+        );
+        let mut got = directives(&d);
+        got.sort();
+        let mut want = vec![
+            // SocketCAN: raw CAN sockets, the bus state and the bit rate over netlink, the
+            // writer pinned to a CPU; the bit rate and the tunnel need CAP_NET_ADMIN.
+            "RestrictAddressFamilies=AF_CAN AF_NETLINK",
+            "AmbientCapabilities=CAP_NET_ADMIN",
+            "CapabilityBoundingSet=CAP_NET_ADMIN",
+            "SystemCallFilter=sched_setaffinity",
+            // slcan on a by-id path.
+            "DeviceAllow=/dev/serial/by-id/usb-canable-if00 rw",
+            // Block devices, read-write only when writable.
+            "DeviceAllow=/dev/sdz rw",
+            "DeviceAllow=/dev/mmcblk9 r",
+            // A writable image; a read-only one is readable under ProtectSystem=strict.
+            "ReadWritePaths=/srv/jmp/b1.img",
+            // The tunnel: TUN, /proc/sys for forwarding.
+            "DeviceAllow=/dev/net/tun rw",
+            "ProcSubset=all",
+            "ReadWritePaths=/proc/sys/net/ipv4/conf",
+        ];
+        want.sort();
+        assert_eq!(got, want, "{d}");
+        for name in [
+            "can0", "vcan", "canable", "sd", "card", "img", "golden", "console", "lan",
+        ] {
+            assert!(
+                d.contains(&format!("\n# {name}: ")),
+                "no word on {name}: {d}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_virtual_can_bus_needs_no_capability() {
+        let d = dropin("  vcan: {type: can, interface: vcan0}\n");
+        assert_eq!(
+            directives(&d),
+            [
+                "RestrictAddressFamilies=AF_CAN AF_NETLINK",
+                "SystemCallFilter=sched_setaffinity"
+            ],
+            "{d}"
+        );
+    }
+
+    #[test]
+    fn images_in_home_or_tmp_and_simulated_cards() {
+        let d = dropin(
+            "  home: {type: storage, path: /root/b.img, writable: true}\n\
+             \x20 tmp: {type: storage, path: /tmp/b.img}\n\
+             \x20 sim: {type: storage-sim, size: 64MiB}\n\
+             \x20 kept: {type: storage-sim, size: 64MiB, path: /var/lib/jmp-sim/kept.img}\n",
+        );
+        let mut got = directives(&d);
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                "PrivateTmp=no",
+                "ProtectHome=read-only",
+                "ReadWritePaths=-/var/lib/jmp-sim",
+                "ReadWritePaths=/root/b.img",
+            ],
             "{d}"
         );
         assert!(
-            !d.contains("DeviceAllow=/dev/ttyUSB7"),
-            "already allowed: {d}"
+            d.contains("# sim: its image is made in the service's private /tmp"),
+            "{d}"
         );
-        assert!(
-            !d.contains("CAP_NET_ADMIN"),
-            "no tunnel, no capability: {d}"
+    }
+
+    #[test]
+    fn a_path_that_would_add_to_the_unit_is_not_written_into_it() {
+        let d = dropin(
+            "  a: {type: serial, path: \"/dev/x\\nExecStartPre=/bin/sh -c evil\"}\n\
+             \x20 b: {type: storage, path: \"/srv/%h.img\", writable: true}\n",
         );
+        assert!(directives(&d).is_empty(), "{d}");
+        assert!(!d.contains("\nExecStartPre"), "{d}");
+        assert!(d.contains("cannot be written into a unit file"), "{d}");
     }
 }

@@ -254,8 +254,15 @@ in the guest: {hw}",
             failures.push(format!("storage {name}: write: {e}"));
             continue;
         }
+        // The disk past the guest's page cache; the image (on tmpfs, which has no O_DIRECT)
+        // through it, where jmpd's write is.
+        let direct = if medium_path.starts_with("/dev/") {
+            "iflag=direct"
+        } else {
+            ""
+        };
         let landed = g.run(&format!(
-            "dd if={medium_path} bs=4096 skip={} count=1 iflag=direct status=none | cmp - {}/pattern",
+            "dd if={medium_path} bs=4096 skip={} count=1 {direct} status=none | cmp - {}/pattern",
             WRITE_AT / 4096,
             dir.display()
         ));
