@@ -111,3 +111,41 @@ fn a_minimal_guest_runs_commands_and_goes_away() {
 fn a_systemd_guest_runs_commands_and_goes_away() {
     exercise(Init::Systemd);
 }
+
+/// A test that fails with a guest up leaves neither qemu nor the guest's files behind.
+#[test]
+fn a_failing_test_leaves_no_guest_behind() {
+    let seen = std::sync::Mutex::new(None);
+    let r = std::panic::catch_unwind(|| {
+        let g = Guest::boot(Init::Minimal);
+        *seen.lock().unwrap() = Some((g.pid(), g.dir().to_path_buf()));
+        let out = g.run("exit 1");
+        assert!(out.success(), "deliberately failing: {out}");
+    });
+    assert!(r.is_err(), "the closure was meant to panic");
+    let (pid, dir) = seen.into_inner().unwrap().expect("the guest booted");
+    assert!(!pid_alive(pid), "qemu {pid} still runs");
+    assert!(!dir.exists(), "{} is still there", dir.display());
+}
+
+/// Should a test process die without unwinding (SIGKILL), its guests die with it: qemu gets
+/// SIGKILL when the thread that booted it ends. Seen here by a thread ending without dropping
+/// its guest.
+#[test]
+fn a_guest_dies_with_the_thread_that_booted_it() {
+    let (pid, dir) = std::thread::spawn(|| {
+        let g = Guest::boot(Init::Minimal);
+        let seen = (g.pid(), g.dir().to_path_buf());
+        std::mem::forget(g);
+        seen
+    })
+    .join()
+    .expect("boot");
+    let gone = poll_until(READY, || !pid_alive(pid));
+    // The forgotten guest's directory is this test's to remove.
+    let _ = std::fs::remove_dir_all(&dir);
+    if !gone {
+        kill_pid(pid);
+    }
+    assert!(gone, "qemu {pid} outlived the thread that booted it");
+}
