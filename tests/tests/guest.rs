@@ -34,6 +34,10 @@ fn exercise(init: Init) {
             assert_eq!(pid1.trim(), "systemd", "{pid1}");
             let state = g.run("systemctl is-system-running --wait");
             assert_eq!(state.stdout.trim(), "running", "{state}");
+            raw_stderr(&format!(
+                "guest Systemd: {}",
+                g.sh("systemd-analyze").trim()
+            ));
             assert!(g
                 .sh("systemctl is-active jmp-guest-agent")
                 .contains("active"));
