@@ -166,7 +166,8 @@ pub struct Guest {
     /// In a Mutex only so that the guest is Sync (`Proc` is not).
     qemu: Mutex<Option<Proc>>,
     qemu_pid: i32,
-    agent: UnixStream,
+    /// Requests are written whole under the lock: two threads' lines must not interleave.
+    agent: Mutex<UnixStream>,
     pending: Pending,
     next_id: AtomicU64,
     forwards: HashMap<(Proto, u16), u16>,
@@ -293,7 +294,7 @@ impl Guest {
             dir,
             qemu_pid: qemu.pid(),
             qemu: Mutex::new(Some(qemu)),
-            agent: agent_stream,
+            agent: Mutex::new(agent_stream),
             pending,
             next_id: AtomicU64::new(1),
             forwards,
@@ -413,7 +414,12 @@ impl Guest {
             .insert(id, tx);
         let mut line = json!({"id": id, "sh": script}).to_string();
         line.push('\n');
-        if let Err(e) = (&self.agent).write_all(line.as_bytes()) {
+        let sent = self
+            .agent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write_all(line.as_bytes());
+        if let Err(e) = sent {
             return Err(format!("cannot reach the guest's agent: {e}"));
         }
         let reply = rx.recv_timeout(timeout);
@@ -515,7 +521,11 @@ fn read_agent(stream: UnixStream, pending: Pending, hello: Sender<Value>) {
 
 impl Drop for Guest {
     fn drop(&mut self) {
-        let _ = self.agent.shutdown(std::net::Shutdown::Both);
+        let _ = self
+            .agent
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .shutdown(std::net::Shutdown::Both);
         if std::thread::panicking() {
             eprintln!(
                 "--- guest console (pid {}, last 60 lines) ---\n{}",
