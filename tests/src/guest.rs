@@ -83,6 +83,7 @@ pub struct GuestBuilder {
     disks: Vec<(PathBuf, bool)>,
     serials: usize,
     can_controllers: usize,
+    extra: Vec<String>,
 }
 
 impl GuestBuilder {
@@ -118,6 +119,14 @@ impl GuestBuilder {
     /// rate, state over netlink), not for traffic tests.
     pub fn can_controllers(mut self, n: usize) -> Self {
         self.can_controllers = n;
+        self
+    }
+
+    /// More qemu arguments, as they are (e.g. `-device qemu-xhci -device usb-storage,...` for
+    /// emulated USB devices). Paths in them are the test's to create and remove.
+    pub fn qemu_args<S: AsRef<str>>(mut self, args: &[S]) -> Self {
+        self.extra
+            .extend(args.iter().map(|a| a.as_ref().to_string()));
         self
     }
 
@@ -185,6 +194,7 @@ impl Guest {
             disks: Vec::new(),
             serials: 0,
             can_controllers: 0,
+            extra: Vec::new(),
         }
     }
 
@@ -258,6 +268,7 @@ impl Guest {
                 cmd.args(["-device", "kvaser_pci,canbus=canbus0"]);
             }
         }
+        cmd.args(&b.extra);
         // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe. qemu (which the script execs,
         // keeping the PID) dies with the thread that booted it, should this process be killed
         // before the guard's Drop runs.

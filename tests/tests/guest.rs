@@ -1,7 +1,8 @@
 //! The qemu guest harness itself (tests/src/guest.rs): both boots, commands with their status and
 //! output while the guest keeps running, concurrent commands, background processes, the host's
-//! private directory shared read-write, forwards from the host's loopback, and the guest gone
-//! (by PID) with its files when dropped. Prints each boot's time (measured, never asserted).
+//! private directory shared read-write, forwards from the host's loopback, extra qemu devices,
+//! and the guest gone (by PID) with its files when dropped. Prints each boot's time (measured,
+//! never asserted).
 
 use jmp_e2e::guest::{Guest, Init};
 use jmp_e2e::*;
@@ -9,7 +10,11 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 fn exercise(init: Init) {
-    let g = Guest::builder(init).forward_tcp(7000).boot();
+    // An emulated USB keyboard on an emulated xHCI: qemu arguments pass through.
+    let g = Guest::builder(init)
+        .forward_tcp(7000)
+        .qemu_args(&["-device", "qemu-xhci", "-device", "usb-kbd"])
+        .boot();
     raw_stderr(&format!(
         "guest {init:?}: agent ready {:.1} s after qemu started (guest uptime {:.1} s)",
         g.boot_time().as_secs_f64(),
@@ -46,6 +51,18 @@ fn exercise(init: Init) {
     // Modules load (vcan is not in this machine's kernel at all).
     g.sh("modprobe vcan && ip link add vcan0 type vcan && ip link set vcan0 up");
     assert!(g.sh("ip -o link show vcan0").contains("vcan0"));
+
+    // Its controller's module loaded by hand (no udev), the keyboard enumerates (qemu's vendor
+    // id 0627).
+    g.sh("modprobe xhci_pci");
+    assert!(
+        poll_until(READY, || g
+            .run("cat /sys/bus/usb/devices/*/idVendor")
+            .stdout
+            .contains("0627")),
+        "no USB keyboard in the guest: {}",
+        g.run("ls -l /sys/bus/usb/devices/")
+    );
 
     // The private directory is shared both ways; the host's root is read-only below a
     // writable overlay.
