@@ -42,10 +42,11 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import serial, can, i
     "$venv/bin/pip" install -q --disable-pip-version-check -e "$here/python"
 fi
 
-# The CAN guest test's kernel: Debian's distribution kernel (it has vcan, can-raw and 9p as
-# modules; this machine's own kernel has no CAN), unpacked, not installed.
+# The test guest's kernel and initramfs (tests/guest/guest.sh): Debian's distribution kernel (it
+# has vcan, can-raw, usbip and 9p as modules; this machine's own kernel has no CAN and cannot load
+# modules), unpacked, not installed. The guest's systemd is the host's (package systemd above).
 if [ -z "${JMP_NO_APT:-}" ]; then
-    "$here/tests/guest/vcan-guest.sh" setup
+    "$here/tests/guest/guest.sh" setup
 fi
 # boringtun-cli for `jmp-bench net` only (about 3 minutes to build; the tests do not need it).
 if [ -n "${JMP_BENCH:-}" ] && ! command -v boringtun-cli >/dev/null && [ ! -x "$HOME/.cargo/bin/boringtun-cli" ]; then

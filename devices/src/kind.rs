@@ -18,7 +18,7 @@ use jmp_protocol::{DeviceInfo, Kind, Refusal};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::fmt::Debug;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use jmp_transport::BoxFuture;
@@ -209,30 +209,81 @@ pub fn from_value<T: DeserializeOwned>(v: serde_norway::Value) -> Result<T, Fiel
 /// What a device needs from the exporter host beyond the hardened unit (systemd/jmpd.service),
 /// which grants every exporter AF_INET, AF_INET6 and AF_UNIX, the usual serial port classes
 /// (ttyS, ttyUSB, ttyACM), USB character devices, ptys, and writes to its state directory
-/// only. `jmpd --print-systemd` renders the union of its devices' needs as a drop-in.
+/// only. `jmpd --print-systemd` renders the union of its devices' needs as a drop-in
+/// ([`Sandbox::render`]). What each kind needs was found by running the hardened unit for real
+/// (tests/tests/systemd_guest.rs).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Sandbox {
-    /// Device nodes (`DeviceAllow=`): a path or a class (`char-ttyUSB`), and `r` or `rw`.
-    pub devices: Vec<(String, &'static str)>,
+    /// Why each grant is there, and what the unit cannot know (shown as comments).
+    pub notes: Vec<String>,
     /// Address families beyond the unit's (`AF_CAN`, `AF_NETLINK`).
     pub families: Vec<&'static str>,
-    /// Capabilities (ambient and bounding: `CAP_NET_ADMIN`).
+    /// Capabilities, ambient and in the bounding set (`CAP_NET_ADMIN`).
     pub capabilities: Vec<&'static str>,
-    /// Paths the daemon writes (`ReadWritePaths=`): an image file, its folder.
-    pub write_paths: Vec<PathBuf>,
-    /// Notes for the operator: why each grant is there, what the unit cannot know.
-    pub notes: Vec<String>,
+    /// System calls the unit's filter refuses (`sched_setaffinity`, in `@resources`).
+    pub syscalls: Vec<&'static str>,
+    /// Other unit lines (`DeviceAllow=/dev/sdb rw`, `ReadWritePaths=...`, `ProcSubset=all`),
+    /// each once.
+    pub settings: Vec<String>,
 }
 
 impl Sandbox {
+    pub fn note(&mut self, s: String) {
+        self.notes.push(s);
+    }
+    pub fn family(&mut self, f: &'static str) {
+        if !self.families.contains(&f) {
+            self.families.push(f);
+        }
+    }
+    pub fn cap(&mut self, c: &'static str) {
+        if !self.capabilities.contains(&c) {
+            self.capabilities.push(c);
+        }
+    }
+    pub fn syscall(&mut self, c: &'static str) {
+        if !self.syscalls.contains(&c) {
+            self.syscalls.push(c);
+        }
+    }
+    pub fn set(&mut self, s: String) {
+        if !self.settings.contains(&s) {
+            self.settings.push(s);
+        }
+    }
+
+    /// Adds `other`'s needs to these.
+    pub fn merge(&mut self, other: Sandbox) {
+        self.notes.extend(other.notes);
+        other.families.into_iter().for_each(|f| self.family(f));
+        other.capabilities.into_iter().for_each(|c| self.cap(c));
+        other.syscalls.into_iter().for_each(|c| self.syscall(c));
+        other.settings.into_iter().for_each(|s| self.set(s));
+    }
+
+    /// A path as a unit file may hold it, or a note why not: a config is not trusted to add
+    /// lines (a newline) or systemd specifiers (`%`) to the unit.
+    pub fn unit_path(&mut self, name: &str, path: &Path) -> Option<String> {
+        let p = path.to_str().unwrap_or_default();
+        let ok = p.starts_with('/')
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/._-+:@,=~".contains(&b));
+        if !ok {
+            self.note(format!(
+                "{name}: {:?} cannot be written into a unit file: grant it by hand",
+                path.display().to_string()
+            ));
+        }
+        ok.then(|| p.to_string())
+    }
+
     /// A tty the device opens at `path` (a serial port, an slcan adapter): the unit allows
-    /// the usual classes (ttyS, ttyUSB, ttyACM) by device class, anything else (a
-    /// `/dev/serial/by-id` link to a tty of an unusual driver) by path.
-    pub fn tty(name: &str, path: &str, what: &str) -> Sandbox {
-        let real = std::fs::canonicalize(path)
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| path.to_string());
-        let base = std::path::Path::new(&real)
+    /// ttyS*, ttyUSB*, ttyACM* and ptys; any other device node by its path (a by-id link is
+    /// resolved by systemd when the unit starts).
+    pub fn tty(name: &str, path: &Path, what: &str) -> Sandbox {
+        let mut s = Sandbox::default();
+        let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let base = real
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
@@ -240,32 +291,98 @@ impl Sandbox {
             base.strip_prefix(c)
                 .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
         });
-        let mut s = Sandbox::default();
         if usual {
-            s.notes.push(format!(
-                "{name}: {real} is a {what} the unit already allows"
+            s.note(format!(
+                "{name}: {} is a {what} the unit already allows",
+                real.display()
             ));
-        } else {
-            s.notes.push(format!("{name}: {what} {path}"));
-            s.devices.push((path.to_string(), "rw"));
+        } else if let Some(p) = s.unit_path(name, path) {
+            s.note(format!("{name}: {what} {p}"));
+            s.set(format!("DeviceAllow={p} rw"));
         }
         s
     }
 
-    /// Adds `other`'s needs to these.
-    pub fn merge(&mut self, other: Sandbox) {
-        fn add<T: PartialEq>(to: &mut Vec<T>, from: Vec<T>) {
-            for x in from {
-                if !to.contains(&x) {
-                    to.push(x);
-                }
-            }
+    /// A medium at `path`: a block device by its path (DevicePolicy=closed); an image file is
+    /// readable under ProtectSystem=strict, writable only if listed, and not there at all
+    /// under a home directory (ProtectHome=yes) or in /tmp (PrivateTmp=yes). `made`: jmpd
+    /// creates the image (a simulated card), so its directory must be writable.
+    pub fn medium(name: &str, path: &Path, writable: bool, made: bool) -> Sandbox {
+        use std::os::unix::fs::FileTypeExt;
+        let mut s = Sandbox::default();
+        let Some(p) = s.unit_path(name, path) else {
+            return s;
+        };
+        let device = match std::fs::metadata(path) {
+            Ok(m) => m.file_type().is_block_device() || m.file_type().is_char_device(),
+            Err(_) => path.starts_with("/dev"),
+        };
+        if device {
+            s.note(format!("{name}: block device {p}"));
+            s.set(format!(
+                "DeviceAllow={p} {}",
+                if writable { "rw" } else { "r" }
+            ));
+            return s;
         }
-        add(&mut self.devices, other.devices);
-        add(&mut self.families, other.families);
-        add(&mut self.capabilities, other.capabilities);
-        add(&mut self.write_paths, other.write_paths);
-        self.notes.extend(other.notes);
+        s.note(format!(
+            "{name}: image {p}{}",
+            if writable {
+                ", writable"
+            } else {
+                ", read-only"
+            }
+        ));
+        if ["/home", "/root", "/run/user"]
+            .iter()
+            .any(|d| path.starts_with(d))
+        {
+            s.note(format!(
+                "{name}: ProtectHome=yes hides {p}: better move it out of the home directory"
+            ));
+            s.set("ProtectHome=read-only".into());
+        }
+        if ["/tmp", "/var/tmp"].iter().any(|d| path.starts_with(d)) {
+            s.note(format!(
+                "{name}: PrivateTmp=yes gives jmpd its own {p}: better move it out of /tmp"
+            ));
+            s.set("PrivateTmp=no".into());
+        }
+        if made {
+            // `-`: the directory may not be there yet (the image's maker creates it).
+            if let Some(dir) = path.parent().and_then(|d| d.to_str()) {
+                s.set(format!("ReadWritePaths=-{dir}"));
+            }
+        } else if writable {
+            s.set(format!("ReadWritePaths={p}"));
+        }
+        s
+    }
+
+    /// The unit lines: notes as comments, then each allow list once (systemd adds a repeated
+    /// allow list to the unit's), then the other settings.
+    pub fn render(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.notes.iter().map(|n| format!("# {n}")).collect();
+        let join = |v: &[&str]| {
+            let mut v = v.to_vec();
+            v.sort_unstable();
+            v.join(" ")
+        };
+        if !self.families.is_empty() {
+            out.push(format!("RestrictAddressFamilies={}", join(&self.families)));
+        }
+        if !self.capabilities.is_empty() {
+            out.push(format!("AmbientCapabilities={}", join(&self.capabilities)));
+            out.push(format!(
+                "CapabilityBoundingSet={}",
+                join(&self.capabilities)
+            ));
+        }
+        if !self.syscalls.is_empty() {
+            out.push(format!("SystemCallFilter={}", join(&self.syscalls)));
+        }
+        out.extend(self.settings.iter().cloned());
+        out
     }
 }
 

@@ -42,8 +42,9 @@ pub struct Args {
     #[arg(long)]
     pub listen: Option<String>,
     /// Print a systemd drop-in granting what this config's devices need beyond the hardened
-    /// unit (serial paths outside ttyS/ttyUSB/ttyACM, a network tunnel's CAP_NET_ADMIN), and
-    /// exit. Install it with `systemctl edit jmpd` (or jmpd@NAME).
+    /// unit (AF_CAN for SocketCAN, block devices and writable images for storage, a network
+    /// tunnel's CAP_NET_ADMIN, serial paths outside ttyS/ttyUSB/ttyACM), and exit. Install it
+    /// with `systemctl edit jmpd` (or jmpd@NAME).
     #[arg(long)]
     pub print_systemd: bool,
 }
@@ -249,11 +250,18 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// A drop-in for the hardened units (systemd/jmpd.service): only what this config's devices
-/// need beyond what the unit grants every exporter, from each device kind's `sandbox()`.
+/// need beyond what the unit grants every exporter (Internet and Unix sockets, serial ports of
+/// the usual classes, ptys, its state directory), from each device kind's `sandbox()`.
 pub fn systemd_dropin(cfg: &ExporterConfig, file: &std::path::Path) -> String {
     let mut need = jmp_devices::kind::Sandbox::default();
     for (name, spec) in &cfg.export.0 {
         need.merge(spec.sandbox(name));
+    }
+    if cfg.hooks.is_some() {
+        need.note(
+            "lease hooks run inside this sandbox too (no new privileges, read-only OS, no W^X memory: a JIT needs MemoryDenyWriteExecute=no)"
+                .into(),
+        );
     }
     let mut lines = vec![
         format!(
@@ -265,31 +273,7 @@ pub fn systemd_dropin(cfg: &ExporterConfig, file: &std::path::Path) -> String {
             .into(),
         "[Service]".into(),
     ];
-    lines.extend(need.notes.iter().map(|n| format!("# {n}")));
-    for (path, access) in &need.devices {
-        lines.push(format!("DeviceAllow={path} {access}"));
-    }
-    if !need.families.is_empty() {
-        // systemd merges an allow-list given again with the unit's.
-        lines.push(format!(
-            "RestrictAddressFamilies={}",
-            need.families.join(" ")
-        ));
-    }
-    if !need.capabilities.is_empty() {
-        let caps = need.capabilities.join(" ");
-        lines.push(format!("AmbientCapabilities={caps}"));
-        lines.push(format!("CapabilityBoundingSet={caps}"));
-    }
-    for p in &need.write_paths {
-        lines.push(format!("ReadWritePaths={}", p.display()));
-    }
-    if cfg.hooks.is_some() {
-        lines.push(
-            "# lease hooks run inside this sandbox too (no new privileges, read-only OS, no W^X memory: a JIT needs MemoryDenyWriteExecute=no)"
-                .into(),
-        );
-    }
+    lines.extend(need.render());
     lines.join("\n") + "\n"
 }
 
@@ -310,71 +294,130 @@ fn advertised(local: std::net::SocketAddr) -> String {
 mod tests {
     use super::*;
 
+    fn dropin(export: &str) -> String {
+        let cfg = ExporterConfig::parse(&format!(
+            "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: b1}}\n\
+             auth: {{tokenFile: /tmp/t}}\nexport:\n{export}"
+        ))
+        .expect("config");
+        systemd_dropin(&cfg, std::path::Path::new("/etc/jmp/b1.yaml"))
+    }
+
+    /// The directives (not the comments) after `[Service]`.
+    fn directives(d: &str) -> Vec<&str> {
+        let body = d.split_once("[Service]\n").expect("[Service]").1;
+        body.lines().filter(|l| !l.starts_with('#')).collect()
+    }
+
     #[test]
     fn the_systemd_drop_in_grants_only_what_the_devices_need() {
-        let cfg = ExporterConfig::parse(
-            "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {name: b1}\n\
-             auth: {tokenFile: /tmp/t}\nexport:\n  usb: {type: serial, path: /dev/ttyUSB7}\n\
+        let d = dropin(
+            "  usb: {type: serial, path: /dev/ttyUSB7}\n\
              \x20 byid: {type: serial, path: /dev/serial/by-id/usb-FTDI_x-if00}\n\
              \x20 sim: {type: sim-console}\n",
-        )
-        .expect("config");
-        let d = systemd_dropin(&cfg, std::path::Path::new("/etc/jmp/b1.yaml"));
+        );
         assert!(d.contains("[Service]"), "{d}");
-        assert!(
-            d.contains("DeviceAllow=/dev/serial/by-id/usb-FTDI_x-if00 rw"),
-            "{d}"
-        );
-        assert!(
-            !d.contains("DeviceAllow=/dev/ttyUSB7"),
-            "already allowed: {d}"
-        );
-        assert!(
-            !d.contains("CAP_NET_ADMIN"),
-            "no tunnel, no capability: {d}"
+        assert_eq!(
+            directives(&d),
+            ["DeviceAllow=/dev/serial/by-id/usb-FTDI_x-if00 rw"],
+            "ttyUSB7 is allowed already, a simulated console needs nothing: {d}"
         );
     }
 
-    /// Every kind gets what it needs under the hardened unit: a SocketCAN interface its
-    /// address families, a block device its node, an image written in place its path, a
-    /// tunnel its TUN and capability.
+    /// What tests/tests/systemd_guest.rs found each kind needs under the hardened unit.
     #[test]
-    fn the_drop_in_grants_can_storage_serial_and_network_what_they_need() {
-        let cfg = ExporterConfig::parse(
-            "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {name: b2}\n\
-             auth: {tokenFile: /tmp/t}\nexport:\n\
-             \x20 can0: {type: can, interface: can0, bitrate: 500000}\n\
-             \x20 body: {type: can, slcan: {path: /dev/serial/by-id/usb-canable-if00}, bitrate: 500000}\n\
-             \x20 sd: {type: storage, path: /dev/sdb, writable: true}\n\
-             \x20 ro: {type: storage, path: /dev/sdc}\n\
-             \x20 img: {type: storage, path: /srv/images/board.img, writable: true}\n\
-             \x20 console: {type: serial, path: /dev/ttyUSB0}\n\
+    fn every_kind_gets_what_it_needs_each_grant_once() {
+        let d = dropin(
+            "  can0: {type: can, interface: can0, bitrate: 500000}\n\
+             \x20 vcan: {type: can, interface: vcan0}\n\
+             \x20 canable: {type: can, slcan: {path: /dev/serial/by-id/usb-canable-if00}, bitrate: 500000}\n\
+             \x20 sd: {type: storage, path: /dev/sdz, writable: true}\n\
+             \x20 card: {type: storage, path: /dev/mmcblk9}\n\
+             \x20 img: {type: storage, path: /srv/jmp/b1.img, writable: true}\n\
+             \x20 golden: {type: storage, path: /srv/jmp/golden.img}\n\
+             \x20 console: {type: serial, path: /dev/ttyUSB7}\n\
              \x20 lan: {type: network, subnets: [192.168.10.0/24], via: lo}\n",
-        )
-        .expect("config");
-        let d = systemd_dropin(&cfg, std::path::Path::new("/etc/jmp/b2.yaml"));
-        let lines: Vec<&str> = d.lines().filter(|l| !l.starts_with('#')).collect();
-        for want in [
-            "[Service]",
+        );
+        let mut got = directives(&d);
+        got.sort();
+        let mut want = vec![
+            // SocketCAN: raw CAN sockets, the bus state and the bit rate over netlink, the
+            // writer pinned to a CPU; the bit rate and the tunnel need CAP_NET_ADMIN.
             "RestrictAddressFamilies=AF_CAN AF_NETLINK",
-            "DeviceAllow=/dev/serial/by-id/usb-canable-if00 rw",
-            "DeviceAllow=/dev/sdb rw",
-            "DeviceAllow=/dev/sdc r",
-            "ReadWritePaths=/srv/images/board.img",
-            "DeviceAllow=/dev/net/tun rw",
             "AmbientCapabilities=CAP_NET_ADMIN",
             "CapabilityBoundingSet=CAP_NET_ADMIN",
+            "SystemCallFilter=sched_setaffinity",
+            // slcan on a by-id path.
+            "DeviceAllow=/dev/serial/by-id/usb-canable-if00 rw",
+            // Block devices, read-write only when writable.
+            "DeviceAllow=/dev/sdz rw",
+            "DeviceAllow=/dev/mmcblk9 r",
+            // A writable image; a read-only one is readable under ProtectSystem=strict.
+            "ReadWritePaths=/srv/jmp/b1.img",
+            // The tunnel: TUN, /proc/sys for forwarding.
+            "DeviceAllow=/dev/net/tun rw",
+            "ProcSubset=all",
+            "ReadWritePaths=/proc/sys/net/ipv4/conf",
+        ];
+        want.sort();
+        assert_eq!(got, want, "{d}");
+        for name in [
+            "can0", "vcan", "canable", "sd", "card", "img", "golden", "console", "lan",
         ] {
-            assert!(lines.contains(&want), "{want} missing from:\n{d}");
+            assert!(
+                d.contains(&format!("\n# {name}: ")),
+                "no word on {name}: {d}"
+            );
         }
-        assert!(
-            !d.contains("DeviceAllow=/dev/ttyUSB0"),
-            "a ttyUSB is in the unit's classes: {d}"
+    }
+
+    #[test]
+    fn a_virtual_can_bus_needs_no_capability() {
+        let d = dropin("  vcan: {type: can, interface: vcan0}\n");
+        assert_eq!(
+            directives(&d),
+            [
+                "RestrictAddressFamilies=AF_CAN AF_NETLINK",
+                "SystemCallFilter=sched_setaffinity"
+            ],
+            "{d}"
         );
-        // Each grant once, whatever number of devices needs it.
-        let mut sorted = lines.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        assert_eq!(sorted.len(), lines.len(), "{d}");
+    }
+
+    #[test]
+    fn images_in_home_or_tmp_and_simulated_cards() {
+        let d = dropin(
+            "  home: {type: storage, path: /root/b.img, writable: true}\n\
+             \x20 tmp: {type: storage, path: /tmp/b.img}\n\
+             \x20 sim: {type: storage-sim, size: 64MiB}\n\
+             \x20 kept: {type: storage-sim, size: 64MiB, path: /var/lib/jmp-sim/kept.img}\n",
+        );
+        let mut got = directives(&d);
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                "PrivateTmp=no",
+                "ProtectHome=read-only",
+                "ReadWritePaths=-/var/lib/jmp-sim",
+                "ReadWritePaths=/root/b.img",
+            ],
+            "{d}"
+        );
+        assert!(
+            d.contains("# sim: its image is made in the service's private /tmp"),
+            "{d}"
+        );
+    }
+
+    #[test]
+    fn a_path_that_would_add_to_the_unit_is_not_written_into_it() {
+        let d = dropin(
+            "  a: {type: serial, path: \"/dev/x\\nExecStartPre=/bin/sh -c evil\"}\n\
+             \x20 b: {type: storage, path: \"/srv/%h.img\", writable: true}\n",
+        );
+        assert!(directives(&d).is_empty(), "{d}");
+        assert!(!d.contains("\nExecStartPre"), "{d}");
+        assert!(d.contains("cannot be written into a unit file"), "{d}");
     }
 }

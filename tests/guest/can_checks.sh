@@ -1,4 +1,4 @@
-# Runs inside the vcan guest (tests/guest/vcan-guest.sh run), as root, with real SocketCAN.
+# Runs inside the test guest (tests/src/guest.rs, minimal boot), as root, with real SocketCAN.
 # The caller prepends: BIN (jmp and jmpd), PY (the venv's python), BOARD (tests/board),
 # EXPORTER (the host's jmpd as 10.0.2.2:PORT), TOKEN (its token file), FP (its fingerprint).
 # Prints "CHECK <name> ok" per check passed; exits non-zero at the first that fails.

@@ -8,6 +8,7 @@
 //! timing assertion: every timeout here is a hang guard, never a measurement.
 
 pub mod cluster;
+pub mod guest;
 pub mod lab;
 pub mod netns;
 pub mod netns_relay;

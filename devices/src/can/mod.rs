@@ -81,29 +81,26 @@ impl Spec for CanSpec {
         CanSpec::start(self, name)
     }
 
-    /// SocketCAN: a raw CAN socket, and netlink for the bus state, error counters and (on a
-    /// real controller) the bit rate, which also needs CAP_NET_ADMIN. slcan: the adapter's
-    /// tty.
+    /// SocketCAN: a raw CAN socket, the bus state over netlink, and the writer thread pinned
+    /// to one CPU (frames stay in order, see `vcan.rs`); setting a real controller's bit rate
+    /// also needs CAP_NET_ADMIN. slcan: the adapter's tty.
     fn sandbox(&self, name: &str) -> Sandbox {
         match (&self.interface, &self.slcan) {
-            (Some(i), _) => Sandbox {
-                families: vec!["AF_CAN", "AF_NETLINK"],
-                capabilities: if self.bitrate.is_some() {
-                    vec!["CAP_NET_ADMIN"]
-                } else {
-                    Vec::new()
-                },
-                notes: vec![format!(
-                    "{name}: SocketCAN interface {i}{}",
-                    if self.bitrate.is_some() {
-                        " (jmpd sets its bit rate)"
-                    } else {
-                        ""
-                    }
-                )],
-                ..Sandbox::default()
-            },
-            (None, Some(s)) => Sandbox::tty(name, &s.path, "slcan adapter"),
+            (Some(i), _) => {
+                let mut s = Sandbox::default();
+                s.note(format!("{name}: SocketCAN interface {i}"));
+                s.family("AF_CAN");
+                s.family("AF_NETLINK");
+                s.syscall("sched_setaffinity");
+                if self.bitrate.is_some() {
+                    s.note(format!(
+                        "{name}: sets {i}'s bit rate (netlink, CAP_NET_ADMIN)"
+                    ));
+                    s.cap("CAP_NET_ADMIN");
+                }
+                s
+            }
+            (None, Some(s)) => Sandbox::tty(name, std::path::Path::new(&s.path), "slcan adapter"),
             (None, None) => Sandbox::default(),
         }
     }

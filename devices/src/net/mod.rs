@@ -103,15 +103,19 @@ impl Spec for NetSpec {
         NetSpec::start(self, name, ctx.exporter)
     }
 
-    /// The tunnel: its TUN (/dev/net/tun, CAP_NET_ADMIN), addresses and forwarding over
-    /// netlink, and the nftables table `nft` loads (netlink too).
+    /// The tunnel: its TUN (/dev/net/tun, CAP_NET_ADMIN), the NAT table (nft over netlink)
+    /// and IPv4 forwarding on the TUN and on `via` (/proc/sys, which ProcSubset=pid hides and
+    /// ProtectKernelTunables= makes read-only).
     fn sandbox(&self, name: &str) -> Sandbox {
-        Sandbox {
-            devices: vec![("/dev/net/tun".into(), "rw")],
-            families: vec!["AF_NETLINK"],
-            capabilities: vec!["CAP_NET_ADMIN"],
-            notes: vec![format!("{name}: a network tunnel")],
-            ..Sandbox::default()
-        }
+        let mut s = Sandbox::default();
+        s.note(format!(
+            "{name}: a network tunnel (TUN, nftables NAT, IPv4 forwarding)"
+        ));
+        s.cap("CAP_NET_ADMIN");
+        s.family("AF_NETLINK");
+        s.set("DeviceAllow=/dev/net/tun rw".into());
+        s.set("ProcSubset=all".into());
+        s.set("ReadWritePaths=/proc/sys/net/ipv4/conf".into());
+        s
     }
 }

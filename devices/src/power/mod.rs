@@ -74,12 +74,11 @@ impl Spec for PowerSpec {
     }
 
     fn sandbox(&self, name: &str) -> Sandbox {
-        Sandbox {
-            notes: vec![format!(
-                "{name}: power commands run inside this sandbox; grant what they use (e.g. DeviceAllow=char-usb_device rw is there for USB relays, IPAddressAllow= for a PDU)"
-            )],
-            ..Sandbox::default()
-        }
+        let mut s = Sandbox::default();
+        s.note(format!(
+            "{name}: power commands run inside this sandbox; grant what they use (e.g. DeviceAllow=char-usb_device rw is there for USB relays, IPAddressAllow= for a PDU)"
+        ));
+        s
     }
 
     fn switches_power(&self) -> bool {

@@ -75,7 +75,7 @@ impl Spec for SerialSpec {
     }
 
     fn sandbox(&self, name: &str) -> Sandbox {
-        Sandbox::tty(name, &self.path, "serial port")
+        Sandbox::tty(name, std::path::Path::new(&self.path), "serial port")
     }
 }
 

@@ -91,32 +91,6 @@ impl DeviceKind for Storage {
     }
 }
 
-/// A medium at `path`: a device node is allowed by path (`r` or `rw`), an image file written
-/// in place needs its path writable under `ProtectSystem=strict`.
-fn medium_sandbox(name: &str, path: &std::path::Path, writable: bool) -> Sandbox {
-    use std::os::unix::fs::FileTypeExt;
-    let is_device = path.starts_with("/dev")
-        || std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
-    let mut s = Sandbox::default();
-    if is_device {
-        s.devices.push((
-            path.display().to_string(),
-            if writable { "rw" } else { "r" },
-        ));
-        s.notes.push(format!("{name}: block device {}", path.display()));
-    } else if writable {
-        s.write_paths.push(path.to_path_buf());
-        s.notes
-            .push(format!("{name}: image file {}, written in place", path.display()));
-    } else {
-        s.notes.push(format!(
-            "{name}: image file {}, read only (readable under the unit unless it is in /home, /root or /run/user: then add ProtectHome=read-only)",
-            path.display()
-        ));
-    }
-    s
-}
-
 impl Spec for StorageSpec {
     fn validate(&self) -> Result<(), String> {
         StorageSpec::validate(self)
@@ -127,7 +101,7 @@ impl Spec for StorageSpec {
     }
 
     fn sandbox(&self, name: &str) -> Sandbox {
-        medium_sandbox(name, &self.path, self.writable)
+        Sandbox::medium(name, &self.path, self.writable, false)
     }
 }
 
@@ -140,16 +114,18 @@ impl Spec for StorageSimSpec {
         StorageSimSpec::start(self, name, ctx.exporter, ctx.board)
     }
 
-    /// The default image lives in the unit's private /tmp; one of a given path is made at
-    /// first start, so its folder must be writable.
+    /// The default image is made in the unit's private /tmp, so anew at each start; one of
+    /// a given path is made at first start, so its folder must be writable.
     fn sandbox(&self, name: &str) -> Sandbox {
         match &self.path {
-            None => Sandbox::default(),
-            Some(p) => Sandbox {
-                write_paths: vec![p.parent().unwrap_or(p).to_path_buf()],
-                notes: vec![format!("{name}: simulated card image {}", p.display())],
-                ..Sandbox::default()
-            },
+            Some(p) => Sandbox::medium(name, p, self.writable, true),
+            None => {
+                let mut s = Sandbox::default();
+                s.note(format!(
+                    "{name}: its image is made in the service's private /tmp (PrivateTmp=yes), so anew at each start: give it a path to keep it"
+                ));
+                s
+            }
         }
     }
 }
