@@ -429,7 +429,7 @@ fn configs_are_checked_naming_the_field() {
         m.remove("type");
         DeviceSpec::from_yaml(&ty, serde_norway::Value::Mapping(m))
             .map_err(|e| e.message)
-            .and_then(|s| s.validate().map(|_| s))
+            .and_then(|s| s.validate().map(|_| s).map_err(|e| e.0))
     };
     assert!(spec("{type: can, interface: can0, bitrate: 500000}").is_ok());
     assert!(spec("{type: can, slcan: {path: /dev/ttyACM0}}")

@@ -322,7 +322,7 @@ pub async fn run(
         .opts
         .devices
         .check(&welcome.exporter, &welcome.devices)
-        .map_err(AttachError::Other)?;
+        .map_err(|e| AttachError::Other(e.to_string()))?;
 
     // Local devices, in the exporter's order.
     let ctx = BridgeCtx {

@@ -177,7 +177,7 @@ impl CommonArgs {
     ) -> Result<attach::Options> {
         self.devices
             .parse_check()
-            .map_err(|e| exit(code::USAGE, e))?;
+            .map_err(|e| exit(code::USAGE, e.to_string()))?;
         let dev_dir = match &self.dev_dir {
             Some(d) => d.clone(),
             None => {
