@@ -62,9 +62,14 @@ impl<S: LeaseStore> Core<S> {
         self.gauges.policy_updated = Some(Instant::now());
         let mut seen = BTreeSet::new();
         for l in self.book.leases() {
-            let (_, _, max) = self
+            // A holder whose policy cannot be read has no share to show.
+            let Ok(max) = self
                 .registry
-                .client_policy(&l.client, self.default_max_secs);
+                .client_policy(&l.client, self.default_max_secs)
+                .map(|p| p.max_secs)
+            else {
+                continue;
+            };
             let team = self.registry.team(&l.client);
             let used = now.saturating_sub(l.begin) as f64 / (max.max(1) as f64 * 1000.0);
             self.metrics

@@ -1,7 +1,7 @@
 //! Identities and their credentials: the signing key, issuing (create, rotate, renew) and
 //! revoking (re-create, rotate, delete) client and exporter credentials, and the admin's.
 
-use super::records::{ClientRecord, ExporterRecord};
+use super::records::{Allow, ClientRecord, ExporterRecord};
 use super::{err, now_ms, random_hex, Caller, Core};
 use crate::book::Millis;
 use crate::store::{LeaseStore, Table};
@@ -9,7 +9,7 @@ use jmp_protocol::ctl::{
     ClientConfig, ClientInfo, ClientSpec, Credential, CtlErrorCode, ExporterSpec, IdentityKind,
     Reply,
 };
-use jmp_protocol::selector::{parse_label, Labels, Selector};
+use jmp_protocol::selector::{parse_label, Labels};
 use jmp_protocol::token::{Claims, ControllerRef, TokenKind};
 use jmp_transport::token::Signer;
 use tracing::{debug, info};
@@ -137,7 +137,7 @@ impl<S: LeaseStore> Core<S> {
         let rec = ClientRecord {
             name: name.into(),
             labels: Labels::new(),
-            allow: String::new(),
+            allow: Allow::any(),
             max_duration_secs: 0,
             admin: true,
             jti: random_hex(12),
@@ -189,13 +189,14 @@ impl<S: LeaseStore> Core<S> {
         if let Err(e) = check_name("client", &spec.name) {
             return err(CtlErrorCode::Invalid, e);
         }
-        if let Err(e) = Selector::parse(&spec.allow) {
-            return err(CtlErrorCode::Invalid, format!("--allow: {e}"));
-        }
+        let allow = match Allow::parse(&spec.allow) {
+            Ok(a) => a,
+            Err(e) => return err(CtlErrorCode::Invalid, format!("--allow: {e}")),
+        };
         let rec = ClientRecord {
             name: spec.name.clone(),
             labels: spec.labels,
-            allow: spec.allow,
+            allow,
             max_duration_secs: spec.max_duration_secs,
             admin: spec.admin,
             jti: random_hex(12),
@@ -225,7 +226,7 @@ impl<S: LeaseStore> Core<S> {
             .map(|c| ClientInfo {
                 name: c.name.clone(),
                 labels: c.labels.clone(),
-                allow: c.allow.clone(),
+                allow: c.allow.text().to_string(),
                 max_duration_secs: c.max_duration_secs,
                 admin: c.admin,
                 credential_expires: (c.expires > 0).then_some(c.expires),

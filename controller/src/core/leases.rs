@@ -323,9 +323,16 @@ impl<S: LeaseStore> Core<S> {
                 ),
             );
         }
-        let (policy, allow, max) = self
+        let (policy, allow, max) = match self
             .registry
-            .client_policy(&caller.name, self.default_max_secs);
+            .client_policy(&caller.name, self.default_max_secs)
+        {
+            Ok(p) => (p.allow.clone(), p.text.to_string(), p.max_secs),
+            Err(e) => {
+                warn!(client = %caller.name, "lease request refused: {}", e.message);
+                return refuse(self, "forbidden", Reply::Error(e));
+            }
+        };
         if req.duration_secs > max {
             return refuse(
                 self,
@@ -563,11 +570,17 @@ impl<S: LeaseStore> Core<S> {
                 )
             }
         };
-        let (_, _, max) = self
-            .registry
-            .client_policy(&lease.client, self.default_max_secs);
         let total = end.saturating_sub(lease.begin) / 1000;
-        if !admin && total > max {
+        // An admin may set any end; a client only within its policy.
+        let max = match self
+            .registry
+            .client_policy(&lease.client, self.default_max_secs)
+        {
+            Ok(p) => p.max_secs,
+            Err(_) if admin => u64::MAX,
+            Err(e) => return Reply::Error(e),
+        };
+        if total > max {
             return err(
                 CtlErrorCode::Forbidden,
                 format!(

@@ -177,6 +177,15 @@ impl<S: LeaseStore> Core<S> {
                 Table::Usage => usage.restore(serde_json::from_slice(&v).map_err(bad)?),
             }
         }
+        for c in registry.clients.values() {
+            if let Err(e) = c.allow.selector() {
+                error!(
+                    client = %c.name,
+                    "the stored policy {:?} does not parse ({e}): this client may lease nothing until an admin sets a valid one",
+                    c.allow.text()
+                );
+            }
+        }
         let book = LeaseBook::restore(
             registry
                 .exporters
@@ -374,6 +383,26 @@ impl<S: LeaseStore> Core<S> {
             self.reply(
                 &tx,
                 err(CtlErrorCode::Forbidden, "only clients hold leases"),
+            );
+            return;
+        }
+        // An exporter needs no listing (its own lease reaches it on its registration stream):
+        // a leaked exporter credential must not map the lab's exporters, addresses and leases.
+        let listing = matches!(
+            request,
+            Request::GetExporters { .. } | Request::GetLeases { .. }
+        );
+        if listing && caller.kind != TokenKind::Client {
+            self.reply(
+                &tx,
+                err(
+                    CtlErrorCode::Forbidden,
+                    format!(
+                        "{} {} may not list exporters or leases (only clients list what they may lease)",
+                        caller.kind.as_str(),
+                        caller.name
+                    ),
+                ),
             );
             return;
         }

@@ -196,16 +196,26 @@ impl<S: LeaseStore> Core<S> {
             Ok(s) => s,
             Err(e) => return err(CtlErrorCode::Invalid, format!("selector: {e}")),
         };
-        let (policy, _, _) = self
-            .registry
-            .client_policy(&caller.name, self.default_max_secs);
+        // An admin sees every exporter; a client those its policy allows (none if its policy
+        // cannot be read).
+        let policy = if admin {
+            None
+        } else {
+            match self
+                .registry
+                .client_policy(&caller.name, self.default_max_secs)
+            {
+                Ok(p) => Some(p.allow),
+                Err(e) => return Reply::Error(e),
+            }
+        };
         let exporters = self
             .registry
             .exporters
             .values()
             .filter_map(|rec| {
                 let labels = rec.effective_labels();
-                if !sel.matches(&labels) || (!admin && !policy.matches(&labels)) {
+                if !sel.matches(&labels) || policy.is_some_and(|p| !p.matches(&labels)) {
                     return None;
                 }
                 let st = self.book.exporter(&rec.name);

@@ -108,6 +108,15 @@ impl Harness {
         name: &str,
         labels: &[(&str, &str)],
     ) -> mpsc::UnboundedReceiver<Reply> {
+        self.exporter_as(name, labels).await.1
+    }
+
+    /// [`Harness::exporter`], and the exporter's own identity.
+    async fn exporter_as(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> (Caller, mpsc::UnboundedReceiver<Reply>) {
         let admin = self.admin.clone();
         let cred = match self
             .call(
@@ -136,7 +145,7 @@ impl Harness {
             )
             .await;
         assert!(matches!(rx.recv().await, Some(Reply::ExporterState { .. })));
-        rx
+        (caller_of(&cred), rx)
     }
 }
 
@@ -661,4 +670,92 @@ async fn the_relay_serves_only_the_lease_holder_of_a_relay_exporter_while_the_le
         )
         .await;
     assert_eq!(code(&r), Some(CtlErrorCode::NotFound), "{r:?}");
+}
+
+/// A client record whose stored policy does not parse (another version wrote it, or a hand
+/// edit) loads, but its client is refused whatever needs the policy, naming the client; other
+/// clients are served as before.
+#[tokio::test]
+async fn a_client_whose_stored_policy_does_not_parse_is_refused_naming_it() {
+    let mut store = MemStore::default();
+    let rec = serde_json::json!({
+        "name": "broken", "allow": "board in (rpi4", "jti": "j-broken", "created": 0
+    });
+    store
+        .commit(
+            0,
+            &[crate::store::Op::Put {
+                table: Table::Clients,
+                key: "broken".into(),
+                value: serde_json::to_vec(&rec).unwrap(),
+            }],
+        )
+        .unwrap();
+    let mut h = start(store, authority(), ORPHAN_GRACE);
+    let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
+    let broken = Caller {
+        kind: TokenKind::Client,
+        name: "broken".into(),
+        jti: "j-broken".into(),
+    };
+    for req in [
+        lease_req("r1", "board=rpi4", 60, 0),
+        lease_req("r2", "board=rpi4", 60, 300),
+        Request::GetExporters { selector: None },
+    ] {
+        let r = h.call(&broken, req).await;
+        assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+        let text = format!("{r:?}");
+        assert!(
+            text.contains("policy of client broken") && text.contains("board in (rpi4"),
+            "names the client and its policy: {r:?}"
+        );
+    }
+    let admin = h.admin.clone();
+    match h.call(&admin, Request::GetLeases { all: true }).await {
+        Reply::Leases { leases } => assert!(leases.is_empty(), "nothing granted: {leases:?}"),
+        other => panic!("{other:?}"),
+    }
+    // The admin still sees the record as stored.
+    match h
+        .call(
+            &admin,
+            Request::GetClients {
+                name: Some("broken".into()),
+            },
+        )
+        .await
+    {
+        Reply::Clients { clients } => assert_eq!(clients[0].allow, "board in (rpi4"),
+        other => panic!("{other:?}"),
+    }
+    // A client with a readable policy is served as ever.
+    let good = h.client("good", "board=rpi4", 0).await;
+    assert!(matches!(
+        h.call(&good, lease_req("g1", "board=rpi4", 60, 0)).await,
+        Reply::Lease(_)
+    ));
+}
+
+/// A caller without a client record (an exporter's credential) gets no listing: neither the
+/// lab's exporters with their addresses and fingerprints nor its leases.
+#[tokio::test]
+async fn an_exporter_credential_lists_no_exporters_and_no_leases() {
+    let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
+    let (me, _link) = h.exporter_as("rpi4-01", &[("board", "rpi4")]).await;
+    let _b = h.exporter("imx8-01", &[("board", "imx8")]).await;
+    let c = h.client("c1", "", 0).await;
+    assert!(matches!(
+        h.call(&c, lease_req("r1", "board=imx8", 60, 0)).await,
+        Reply::Lease(_)
+    ));
+    for req in [
+        Request::GetExporters { selector: None },
+        Request::GetLeases { all: true },
+        Request::GetLeases { all: false },
+    ] {
+        let r = h.call(&me, req).await;
+        assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+        assert!(format!("{r:?}").contains("exporter rpi4-01"), "{r:?}");
+    }
 }
