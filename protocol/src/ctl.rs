@@ -71,8 +71,14 @@ pub enum Request {
         #[serde(default)]
         selector: Option<String>,
     },
-    /// Admin: create (or replace the credential of) a client.
+    /// Admin: create a client. A client of that name must not exist (its credential is
+    /// re-issued, and its policy changed, with [`Request::UpdateClient`]).
     CreateClient(ClientSpec),
+    /// Admin: change a client's policy, labels or admin rights (what is not given stays), and
+    /// with `reissue` give it a new credential (the old one is revoked). A narrowed policy
+    /// reaches the client's queued requests, reservations and leases at once. Answered with
+    /// `Credential` when re-issued, else `Clients` (the client as it is now).
+    UpdateClient(ClientUpdate),
     /// Admin: create (or replace the credential of) an exporter.
     CreateExporter(ExporterSpec),
     /// Admin: list clients (one by name if given).
@@ -191,6 +197,25 @@ pub struct ClientSpec {
     /// Admin rights (creating identities, seeing every lease).
     #[serde(default)]
     pub admin: bool,
+}
+
+/// What [`Request::UpdateClient`] changes: only the fields given.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ClientUpdate {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Labels>,
+    /// Selector the client's leases are limited to ("" = any exporter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<String>,
+    /// Longest lease the client may hold (0 = the controller's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_duration_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<bool>,
+    /// Issue a new credential (the old one is revoked at once).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reissue: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -499,6 +524,14 @@ pub struct ActiveLease {
 pub struct EndedLease {
     pub name: String,
     pub reason: String,
+    /// Until when a lease token of it may be valid (Unix seconds; 0: unknown): jmpd keeps
+    /// refusing them that long, across its own restarts.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub until: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// A client's configuration file (`~/.config/jmp/clients/<name>.yaml`): everything `jmp`

@@ -49,6 +49,18 @@ impl<S: LeaseStore> Core<S> {
         match reason {
             EndReason::Expired => format!("lease {} expired", lease.name),
             EndReason::Released => format!("lease {} was released", lease.name),
+            EndReason::PolicyChanged => {
+                let allow = self
+                    .registry
+                    .clients
+                    .get(&lease.client)
+                    .map(|c| c.allow.text().to_string())
+                    .unwrap_or_default();
+                format!(
+                    "lease {} ended: the policy of client {} no longer allows exporter {} (it allows '{allow}')",
+                    lease.name, lease.client, lease.exporter
+                )
+            }
             other => format!("lease {} ended: {}", lease.name, other.as_str()),
         }
     }

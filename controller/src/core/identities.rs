@@ -6,8 +6,8 @@ use super::{err, now_ms, random_hex, Caller, Core};
 use crate::book::Millis;
 use crate::store::{LeaseStore, Table};
 use jmp_protocol::ctl::{
-    ClientConfig, ClientInfo, ClientSpec, Credential, CtlErrorCode, ExporterSpec, IdentityKind,
-    Reply,
+    ClientConfig, ClientInfo, ClientSpec, ClientUpdate, Credential, CtlErrorCode, ExporterSpec,
+    IdentityKind, Reply,
 };
 use jmp_protocol::selector::{parse_label, Labels};
 use jmp_protocol::token::{Claims, ControllerRef, TokenKind};
@@ -189,6 +189,17 @@ impl<S: LeaseStore> Core<S> {
         if let Err(e) = check_name("client", &spec.name) {
             return err(CtlErrorCode::Invalid, e);
         }
+        // Re-running a create must not silently reset a client's policy and limits (and
+        // revoke the credential in use): the admin says which of those was meant.
+        if self.registry.clients.contains_key(&spec.name) {
+            let n = &spec.name;
+            return err(
+                CtlErrorCode::Invalid,
+                format!(
+                    "client {n} already exists. To give it a new credential (revoking the old one, keeping its policy): jmp admin create client {n} --replace. To change its policy: jmp admin update client {n} --allow SELECTOR --max-duration DURATION. To start over: jmp admin delete client {n}, then create it"
+                ),
+            );
+        }
         let allow = match Allow::parse(&spec.allow) {
             Ok(a) => a,
             Err(e) => return err(CtlErrorCode::Invalid, format!("--allow: {e}")),
@@ -214,6 +225,71 @@ impl<S: LeaseStore> Core<S> {
                 Reply::Credential(c)
             }
             Err(e) => err(CtlErrorCode::Internal, e.to_string()),
+        }
+    }
+
+    /// An admin changes a client: its policy (which reaches its queued requests, reservations
+    /// and leases at once), labels, admin rights, and with `reissue` its credential.
+    pub(super) fn update_client(&mut self, now: Millis, u: ClientUpdate) -> Reply {
+        let Some(rec) = self.registry.clients.get(&u.name) else {
+            return err(
+                CtlErrorCode::NotFound,
+                format!(
+                    "no client {:?} (create it with jmp admin create client NAME)",
+                    u.name
+                ),
+            );
+        };
+        let allow = match u.allow.as_deref().map(Allow::parse).transpose() {
+            Ok(a) => a,
+            Err(e) => return err(CtlErrorCode::Invalid, format!("--allow: {e}")),
+        };
+        let mut next = rec.clone();
+        if let Some(a) = allow {
+            next.allow = a;
+        }
+        if let Some(m) = u.max_duration_secs {
+            next.max_duration_secs = m;
+        }
+        if let Some(l) = u.labels {
+            next.labels = l;
+        }
+        if let Some(a) = u.admin {
+            next.admin = a;
+        }
+        if u.reissue {
+            next.jti = random_hex(12);
+        }
+        let policy_changed =
+            next.allow != rec.allow || next.max_duration_secs != rec.max_duration_secs;
+        // (Admin rights are the record's: a credential issued before a change follows it.)
+        let cred = if u.reissue {
+            match self.credential(IdentityKind::Client, &next.name, &next.jti, next.admin) {
+                Ok(c) => Some(c),
+                Err(e) => return err(CtlErrorCode::Internal, e.to_string()),
+            }
+        } else {
+            None
+        };
+        let name = next.name.clone();
+        info!(
+            client = %name,
+            allow = %next.allow.text(),
+            max_duration_secs = next.max_duration_secs,
+            reissued = cred.is_some(),
+            "client updated"
+        );
+        self.registry.clients.insert(name.clone(), next);
+        self.persist.dirty.insert((Table::Clients, name.clone()));
+        if policy_changed {
+            self.policy_changed(now, &name);
+        }
+        match cred {
+            Some(c) => {
+                self.issued_to_client(&c);
+                Reply::Credential(c)
+            }
+            None => self.get_clients(Some(name)),
         }
     }
 

@@ -41,6 +41,26 @@ fn waiting_info(w: &Waiting) -> LeaseInfo {
     }
 }
 
+/// A refusal's error code, its `jmp_lease_requests_total` result, and its message (naming the
+/// request's selector `sel`, "" for any, and the client's policy `allow`).
+fn refusal_reply(r: &Refusal, sel: &str, allow: &str) -> (CtlErrorCode, &'static str, String) {
+    let (code, result) = match r {
+        Refusal::NoSuchExporter(_) => (CtlErrorCode::NoMatch, "no_match"),
+        Refusal::NoMatch => (CtlErrorCode::NoMatch, "no_match"),
+        Refusal::OutsidePolicy { .. } => (CtlErrorCode::Forbidden, "outside_policy"),
+        Refusal::AllOffline { .. } => (CtlErrorCode::AllOffline, "all_offline"),
+        Refusal::AllBusy { .. } => (CtlErrorCode::AllBusy, "all_busy"),
+        Refusal::BadDuration => (CtlErrorCode::Invalid, "invalid"),
+        Refusal::LeaseNameInUse(_) => (CtlErrorCode::Internal, "invalid"),
+    };
+    let shown = if sel.is_empty() { "(any)" } else { sel };
+    let mut msg = r.message(shown, allow);
+    if matches!(r, Refusal::AllBusy { .. }) {
+        msg.push_str("; add --wait SECONDS to queue for one");
+    }
+    (code, result, msg)
+}
+
 /// The lease name a waiting request will get ("" if it is not waiting).
 fn lease_name_of(book: &LeaseBook, request_id: &str) -> String {
     book.waiting_by_id(request_id)
@@ -359,6 +379,19 @@ impl<S: LeaseStore> Core<S> {
                 err(CtlErrorCode::Invalid, "job must be 1-128 characters"),
             );
         }
+        // A request no registered exporter could ever serve is refused now with why, wait or
+        // not (waiting would only hide the reason until the wait ran out), and before the
+        // quota: it takes no place in the queue.
+        let known = self.book.request_state(now, &req.request_id).is_some();
+        if !known {
+            if let Some(r) = self
+                .book
+                .unservable(&selector, &policy, req.exporter.as_deref())
+            {
+                let (code, result, msg) = refusal_reply(&r, &selector.to_string(), &allow);
+                return refuse(self, result, err(code, msg));
+            }
+        }
         // A quota on waiting requests, so one client cannot fill the queue (a retry of a
         // request already waiting is not a new one).
         let waiting_mine = self
@@ -468,24 +501,7 @@ impl<S: LeaseStore> Core<S> {
                 );
             }
             Outcome::Refused(r) => {
-                let (code, result) = match &r {
-                    Refusal::NoSuchExporter(_) => (CtlErrorCode::NoMatch, "no_match"),
-                    Refusal::NoMatch => (CtlErrorCode::NoMatch, "no_match"),
-                    Refusal::OutsidePolicy { .. } => (CtlErrorCode::Forbidden, "outside_policy"),
-                    Refusal::AllOffline { .. } => (CtlErrorCode::AllOffline, "all_offline"),
-                    Refusal::AllBusy { .. } => (CtlErrorCode::AllBusy, "all_busy"),
-                    Refusal::BadDuration => (CtlErrorCode::Invalid, "invalid"),
-                    Refusal::LeaseNameInUse(_) => (CtlErrorCode::Internal, "invalid"),
-                };
-                let shown = if sel_text.is_empty() {
-                    "(any)".to_string()
-                } else {
-                    sel_text.clone()
-                };
-                let mut msg = r.message(&shown, &allow);
-                if matches!(r, Refusal::AllBusy { .. }) {
-                    msg.push_str("; add --wait SECONDS to queue for one");
-                }
+                let (code, result, msg) = refusal_reply(&r, &sel_text, &allow);
                 refuse(self, result, err(code, msg));
             }
             Outcome::Existing(RequestState::Leased(lease)) => {
@@ -516,21 +532,100 @@ impl<S: LeaseStore> Core<S> {
         self.on_events(now, events);
     }
 
-    pub(super) fn get_leases(&self, caller: &Caller, all: bool) -> Reply {
-        let mine = |c: &str| all || c == caller.name;
+    /// The caller's leases and requests; with `all`, also those of others that concern
+    /// exporters it may lease: the leases on them, and the requests competing for them (its
+    /// place in the queue depends on those). An admin sees everything. A client restricted to
+    /// some exporters learns nothing about the rest of the lab (who holds them, for how long,
+    /// which jobs run there).
+    pub(super) fn get_leases(&self, caller: &Caller, admin: bool, all: bool) -> Reply {
+        let policy = if all && !admin {
+            match self
+                .registry
+                .client_policy(&caller.name, self.default_max_secs)
+            {
+                Ok(p) => Some(p.allow),
+                Err(e) => return Reply::Error(e),
+            }
+        } else {
+            None
+        };
+        let allowed = |exporter: &str| {
+            policy.is_none_or(|p| {
+                self.book
+                    .exporter(exporter)
+                    .is_some_and(|e| p.matches(&e.labels))
+            })
+        };
+        let mine = |c: &str| c == caller.name;
         let mut leases: Vec<LeaseInfo> = self
             .book
             .leases()
-            .filter(|l| mine(&l.client))
+            .filter(|l| mine(&l.client) || (all && allowed(&l.exporter)))
             .map(lease_info)
             .collect();
         leases.extend(
             self.book
                 .waiting()
-                .filter(|w| mine(&w.client))
+                .filter(|w| {
+                    mine(&w.client)
+                        || (all
+                            && self
+                                .book
+                                .candidates(&w.request_id)
+                                .into_iter()
+                                .any(&allowed))
+                })
                 .map(waiting_info),
         );
         Reply::Leases { leases }
+    }
+
+    /// `client`'s policy changed: its waiting requests and reservations that it may no longer
+    /// be granted are withdrawn (their callers told why), the rest wait for what it now
+    /// allows, and its leases on exporters it no longer allows end.
+    pub(super) fn policy_changed(&mut self, now: Millis, client: &str) {
+        let (allow, text, max) = match self.registry.client_policy(client, self.default_max_secs) {
+            Ok(p) => (p.allow.clone(), p.text.to_string(), p.max_secs),
+            Err(e) => {
+                warn!(client, "policy changed but cannot be read: {}", e.message);
+                return;
+            }
+        };
+        let too_long: Vec<Waiting> = self
+            .book
+            .waiting()
+            .filter(|w| w.client == client && w.duration > max.saturating_mul(1000))
+            .cloned()
+            .collect();
+        for w in too_long {
+            let msg = format!(
+                "request {} was withdrawn: the policy of client {client} changed, and a lease of {} is longer than it may now hold (at most {})",
+                w.lease_name,
+                fmt_secs(w.duration / 1000),
+                fmt_secs(max)
+            );
+            info!(client, request = %w.request_id, "{msg}");
+            self.waiters.answer(
+                &w.request_id,
+                err(CtlErrorCode::Forbidden, msg),
+                &mut self.out,
+            );
+            let ev = self.book.release(now, &w.lease_name);
+            self.on_events(now, ev);
+        }
+        let (ev, withdrawn) = self.book.set_policy(now, client, &allow);
+        for (w, why) in withdrawn {
+            let (code, _, reason) = refusal_reply(&why, &w.selector, &text);
+            let msg = format!(
+                "request {} was withdrawn: the policy of client {client} changed: {reason}",
+                w.lease_name
+            );
+            info!(client, request = %w.request_id, "{msg}");
+            self.waiters
+                .answer(&w.request_id, err(code, msg), &mut self.out);
+        }
+        self.on_events(now, ev);
+        self.waiters.positions_dirty = true;
     }
 
     fn own_lease(&self, caller: &Caller, admin: bool, name: &str) -> Result<Lease, CtlError> {
@@ -733,6 +828,9 @@ impl<S: LeaseStore> Core<S> {
             ctl: None,
             admin: false,
         };
+        if let Some(exp) = claims.exp {
+            self.links.token_issued(&lease.name, exp);
+        }
         match self.auth.signer.sign(&claims) {
             Ok(token) => Reply::Access(Access {
                 lease: lease_info(&lease),

@@ -353,6 +353,7 @@ impl<S: LeaseStore> Core<S> {
         let admin_only = matches!(
             request,
             Request::CreateClient(_)
+                | Request::UpdateClient(_)
                 | Request::CreateExporter(_)
                 | Request::GetClients { .. }
                 | Request::DeleteClient { .. }
@@ -416,7 +417,7 @@ impl<S: LeaseStore> Core<S> {
                 admin,
             },
             Request::CreateLease(req) => return self.create_lease(now, &caller, req, tx, stream),
-            Request::GetLeases { all } => self.get_leases(&caller, all),
+            Request::GetLeases { all } => self.get_leases(&caller, admin, all),
             Request::UpdateLease {
                 name,
                 duration_secs,
@@ -428,6 +429,7 @@ impl<S: LeaseStore> Core<S> {
             Request::LeaseAccess { name } => self.access(now, &caller, name),
             Request::GetExporters { selector } => self.get_exporters(&caller, admin, selector),
             Request::CreateClient(spec) => self.create_client(spec),
+            Request::UpdateClient(u) => self.update_client(now, u),
             Request::CreateExporter(spec) => self.create_exporter(now, spec),
             Request::GetClients { name } => self.get_clients(name),
             Request::DeleteClient { name } => self.delete_client(now, &name),

@@ -28,17 +28,33 @@ pub(super) struct Links {
     pub push: BTreeSet<String>,
     /// Leases that ended since the last push, per exporter, with why.
     pub ended: HashMap<String, Vec<EndedLease>>,
+    /// Per live lease, the latest expiry of a lease token issued for it by this process
+    /// (Unix seconds): a token issued before its lease was shortened outlives the lease's end.
+    tokens_until: HashMap<String, u64>,
 }
 
 impl Links {
-    /// `lease` ended (`why` is what its exporter tells the client): its exporter hears of it.
+    /// A lease token of `lease` valid until `exp` (Unix seconds) was issued.
+    pub fn token_issued(&mut self, lease: &str, exp: u64) {
+        let until = self.tokens_until.entry(lease.to_string()).or_default();
+        *until = (*until).max(exp);
+    }
+
+    /// `lease` ended (`why` is what its exporter tells the client): its exporter hears of it,
+    /// and until when tokens of it may be presented.
     pub fn lease_ended(&mut self, lease: &Lease, why: String) {
+        let until = self
+            .tokens_until
+            .remove(&lease.name)
+            .unwrap_or(0)
+            .max(lease.end.div_ceil(1000));
         self.ended
             .entry(lease.exporter.clone())
             .or_default()
             .push(EndedLease {
                 name: lease.name.clone(),
                 reason: why,
+                until,
             });
         self.push.insert(lease.exporter.clone());
     }

@@ -108,15 +108,15 @@ impl Harness {
         name: &str,
         labels: &[(&str, &str)],
     ) -> mpsc::UnboundedReceiver<Reply> {
-        self.exporter_as(name, labels).await.1
+        self.exporter_as(name, labels).await.2
     }
 
-    /// [`Harness::exporter`], and the exporter's own identity.
+    /// [`Harness::exporter`], with the exporter's own identity and its registration's stream.
     async fn exporter_as(
         &mut self,
         name: &str,
         labels: &[(&str, &str)],
-    ) -> (Caller, mpsc::UnboundedReceiver<Reply>) {
+    ) -> (Caller, u64, mpsc::UnboundedReceiver<Reply>) {
         let admin = self.admin.clone();
         let cred = match self
             .call(
@@ -134,7 +134,7 @@ impl Harness {
             Reply::Credential(c) => c,
             other => panic!("{other:?}"),
         };
-        let (_, mut rx) = self
+        let (stream, mut rx) = self
             .start_call(
                 &caller_of(&cred),
                 Request::Register(Registration {
@@ -145,7 +145,7 @@ impl Harness {
             )
             .await;
         assert!(matches!(rx.recv().await, Some(Reply::ExporterState { .. })));
-        (caller_of(&cred), rx)
+        (caller_of(&cred), stream, rx)
     }
 }
 
@@ -742,7 +742,7 @@ async fn a_client_whose_stored_policy_does_not_parse_is_refused_naming_it() {
 #[tokio::test]
 async fn an_exporter_credential_lists_no_exporters_and_no_leases() {
     let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
-    let (me, _link) = h.exporter_as("rpi4-01", &[("board", "rpi4")]).await;
+    let (me, _, _link) = h.exporter_as("rpi4-01", &[("board", "rpi4")]).await;
     let _b = h.exporter("imx8-01", &[("board", "imx8")]).await;
     let c = h.client("c1", "", 0).await;
     assert!(matches!(
@@ -758,4 +758,380 @@ async fn an_exporter_credential_lists_no_exporters_and_no_leases() {
         assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
         assert!(format!("{r:?}").contains("exporter rpi4-01"), "{r:?}");
     }
+}
+
+fn update(name: &str) -> jmp_protocol::ctl::ClientUpdate {
+    jmp_protocol::ctl::ClientUpdate {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+/// Drains pushes on an exporter's registration stream until one reports `lease` ended;
+/// returns the reason it gives.
+async fn ended_reason(link: &mut mpsc::UnboundedReceiver<Reply>, lease: &str) -> String {
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(10), link.recv())
+            .await
+            .expect("a push")
+            .expect("the registration is open");
+        if let Reply::ExporterState { ended, .. } = r {
+            if let Some(e) = ended.iter().find(|e| e.name == lease) {
+                return e.reason.clone();
+            }
+        }
+    }
+}
+
+/// An admin narrows a client's policy: its lease on an exporter it may no longer use ends
+/// (the exporter is told why), its reservation and waiting request that only such exporters
+/// could serve are withdrawn (the waiting caller is told why), and a request the new policy
+/// still allows keeps waiting, for the allowed exporters only.
+#[tokio::test]
+async fn a_narrowed_policy_ends_leases_and_withdraws_requests_it_forbids() {
+    let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
+    let mut a = h.exporter("a-01", &[("board", "a")]).await;
+    let _b = h.exporter("b-01", &[("board", "b")]).await;
+    let c = h.client("c", "", 0).await;
+    let other = h.client("other", "", 0).await;
+    let lease = match h.call(&c, lease_req("l1", "board=a", 600, 0)).await {
+        Reply::Lease(l) => l,
+        r => panic!("{r:?}"),
+    };
+    assert!(matches!(
+        h.call(&other, lease_req("o1", "board=b", 600, 0)).await,
+        Reply::Lease(_)
+    ));
+    // A reservation for later, a request waiting for "a", one waiting for any board.
+    let begin = now_ms() / 1000 + 3600;
+    let r = h
+        .call(
+            &c,
+            Request::CreateLease(LeaseRequest {
+                request_id: "rsv".into(),
+                selector: "board=a".into(),
+                duration_secs: 600,
+                begin_time: Some(begin),
+                ..Default::default()
+            }),
+        )
+        .await;
+    assert!(
+        matches!(&r, Reply::Lease(l) if l.status == "reserved"),
+        "{r:?}"
+    );
+    let (_, mut waiting_a) = h.start_call(&c, lease_req("wa", "board=a", 600, 300)).await;
+    assert!(matches!(waiting_a.recv().await, Some(Reply::Queued { .. })));
+    let (_, mut waiting_any) = h.start_call(&c, lease_req("wany", "", 600, 300)).await;
+    assert!(matches!(
+        waiting_any.recv().await,
+        Some(Reply::Queued { .. })
+    ));
+
+    let admin = h.admin.clone();
+    let r = h
+        .call(
+            &admin,
+            Request::UpdateClient(jmp_protocol::ctl::ClientUpdate {
+                allow: Some("board=b".into()),
+                ..update("c")
+            }),
+        )
+        .await;
+    match &r {
+        Reply::Clients { clients } => assert_eq!(clients[0].allow, "board=b"),
+        r => panic!("{r:?}"),
+    }
+    let why = ended_reason(&mut a, &lease.name).await;
+    assert!(
+        why.contains("policy of client c no longer allows exporter a-01"),
+        "{why}"
+    );
+    let last = |rx: &mut mpsc::UnboundedReceiver<Reply>| {
+        let mut last = None;
+        while let Ok(r) = rx.try_recv() {
+            last = Some(r);
+        }
+        last
+    };
+    let r = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match waiting_a.recv().await {
+                Some(Reply::Queued { .. }) => continue,
+                other => break other,
+            }
+        }
+    })
+    .await
+    .expect("an answer");
+    let r = r.expect("an answer");
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+    assert!(
+        format!("{r:?}").contains("policy of client c changed"),
+        "{r:?}"
+    );
+    // The request for any board keeps waiting (for "b-01" now).
+    assert!(
+        !matches!(last(&mut waiting_any), Some(Reply::Error(_))),
+        "still waiting"
+    );
+    match h.call(&c, Request::GetLeases { all: false }).await {
+        Reply::Leases { leases } => {
+            let ids: Vec<&str> = leases.iter().map(|l| l.request_id.as_str()).collect();
+            assert_eq!(ids, ["wany"], "{leases:?}");
+        }
+        r => panic!("{r:?}"),
+    }
+    // Asking again for what the policy forbids is refused at once, with --wait too.
+    let r = h.call(&c, lease_req("again", "board=a", 600, 300)).await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+}
+
+/// `create client` refuses an existing name (it would reset the policy and revoke the
+/// credential in use); `update client` changes the policy or limits only, and `reissue` gives
+/// a new credential, keeping what is not given.
+#[tokio::test]
+async fn creating_an_existing_client_is_refused_and_update_changes_only_what_is_given() {
+    let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
+    let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
+    let c = h.client("ci", "board=rpi4", 7200).await;
+    let admin = h.admin.clone();
+    let r = h
+        .call(
+            &admin,
+            Request::CreateClient(ClientSpec {
+                name: "ci".into(),
+                ..Default::default()
+            }),
+        )
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Invalid), "{r:?}");
+    assert!(
+        format!("{r:?}").contains("already exists") && format!("{r:?}").contains("--replace"),
+        "{r:?}"
+    );
+    // Nothing changed: the credential in use still works, the policy is the same.
+    assert!(matches!(
+        h.call(&c, Request::Whoami).await,
+        Reply::Identity { .. }
+    ));
+    let info = |r: Reply| match r {
+        Reply::Clients { clients } => clients.into_iter().next().expect("one"),
+        r => panic!("{r:?}"),
+    };
+    let i = info(
+        h.call(
+            &admin,
+            Request::GetClients {
+                name: Some("ci".into()),
+            },
+        )
+        .await,
+    );
+    assert_eq!(
+        (i.allow.as_str(), i.max_duration_secs),
+        ("board=rpi4", 7200)
+    );
+    // Re-issue: a new credential, the old one revoked, the policy kept.
+    let new = match h
+        .call(
+            &admin,
+            Request::UpdateClient(jmp_protocol::ctl::ClientUpdate {
+                reissue: true,
+                ..update("ci")
+            }),
+        )
+        .await
+    {
+        Reply::Credential(cr) => caller_of(&cr),
+        r => panic!("{r:?}"),
+    };
+    assert_eq!(
+        code(&h.call(&c, Request::Whoami).await),
+        Some(CtlErrorCode::Unauthorized)
+    );
+    let r = h
+        .call(&new, lease_req("r1", "board=rpi4", 3 * 3600, 0))
+        .await;
+    assert!(
+        format!("{r:?}").contains("at most 2h"),
+        "limits kept: {r:?}"
+    );
+    // Only the duration changes; the selector stays.
+    let i = info(
+        h.call(
+            &admin,
+            Request::UpdateClient(jmp_protocol::ctl::ClientUpdate {
+                max_duration_secs: Some(4 * 3600),
+                ..update("ci")
+            }),
+        )
+        .await,
+    );
+    assert_eq!(
+        (i.allow.as_str(), i.max_duration_secs),
+        ("board=rpi4", 4 * 3600)
+    );
+    assert!(matches!(
+        h.call(&new, lease_req("r2", "board=rpi4", 3 * 3600, 0))
+            .await,
+        Reply::Lease(_)
+    ));
+    // A bad selector or an unknown client changes nothing.
+    let r = h
+        .call(
+            &admin,
+            Request::UpdateClient(jmp_protocol::ctl::ClientUpdate {
+                allow: Some("board in (".into()),
+                ..update("ci")
+            }),
+        )
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Invalid), "{r:?}");
+    let r = h
+        .call(&admin, Request::UpdateClient(update("nobody")))
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::NotFound), "{r:?}");
+}
+
+/// A request no registered exporter could ever serve is refused at once with why, even with
+/// a wait or a begin time, and takes no place in the queue (the quota does not hide the
+/// reason); one whose exporters are only offline or busy waits.
+#[tokio::test]
+async fn an_unservable_request_is_refused_at_once_even_with_a_wait() {
+    let mut core = Core::open(
+        MemStore::default(),
+        "test",
+        authority(),
+        Arc::new(Metrics::new()),
+        3600,
+    )
+    .unwrap();
+    core.set_max_waiting(1);
+    let mut h = run(core, ORPHAN_GRACE);
+    let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
+    let _imx = h.exporter("imx8-01", &[("board", "imx8")]).await;
+    let c = h.client("c", "board=rpi4", 0).await;
+    let holder = h.client("holder", "", 0).await;
+    assert!(matches!(
+        h.call(&holder, lease_req("h", "board=rpi4", 600, 0)).await,
+        Reply::Lease(_)
+    ));
+    // One waiting request fills c's quota of one.
+    let (_, mut w) = h
+        .start_call(&c, lease_req("w", "board=rpi4", 600, 300))
+        .await;
+    assert!(matches!(w.recv().await, Some(Reply::Queued { .. })));
+    let later = now_ms() / 1000 + 600;
+    let cases = [
+        (
+            lease_req("typo", "board=rpi5", 60, 300),
+            CtlErrorCode::NoMatch,
+            "no exporter matches selector 'board=rpi5'",
+        ),
+        (
+            Request::CreateLease(LeaseRequest {
+                request_id: "named".into(),
+                exporter: Some("rpi4-99".into()),
+                duration_secs: 60,
+                wait_secs: 300,
+                ..Default::default()
+            }),
+            CtlErrorCode::NoMatch,
+            "no exporter named 'rpi4-99'",
+        ),
+        (
+            Request::CreateLease(LeaseRequest {
+                request_id: "later".into(),
+                selector: "board=rpi5".into(),
+                duration_secs: 60,
+                begin_time: Some(later),
+                ..Default::default()
+            }),
+            CtlErrorCode::NoMatch,
+            "no exporter matches selector 'board=rpi5'",
+        ),
+        (
+            lease_req("imx", "board=imx8", 60, 300),
+            CtlErrorCode::Forbidden,
+            "1 exporter matches 'board=imx8' but none is allowed by this client's policy 'board=rpi4'",
+        ),
+    ];
+    for (req, want, text) in cases {
+        let r = h.call(&c, req).await;
+        assert_eq!(code(&r), Some(want), "{r:?}");
+        assert!(format!("{r:?}").contains(text), "names why: {r:?}");
+    }
+    // A servable request beyond the quota gets the quota's refusal.
+    let r = h.call(&c, lease_req("w2", "board=rpi4", 600, 300)).await;
+    assert!(format!("{r:?}").contains("at most 1 per client"), "{r:?}");
+    // An exporter that matches but is offline: the request waits for it.
+    let (_, stream, _pi0) = h.exporter_as("pi0-01", &[("board", "pi0")]).await;
+    h.tx.send(Cmd::Gone { stream }).await.unwrap();
+    let admin = h.admin.clone();
+    match h
+        .call(
+            &admin,
+            Request::GetExporters {
+                selector: Some("board=pi0".into()),
+            },
+        )
+        .await
+    {
+        Reply::Exporters { exporters } => assert!(!exporters[0].online, "{exporters:?}"),
+        r => panic!("{r:?}"),
+    }
+    let (_, mut q) = h
+        .start_call(&holder, lease_req("off", "board=pi0", 60, 300))
+        .await;
+    assert!(matches!(q.recv().await, Some(Reply::Queued { .. })));
+}
+
+/// `get leases -a` by a client restricted to some exporters lists the leases on those, and the
+/// requests competing for them, but nothing about the rest of the lab; an admin sees all.
+#[tokio::test]
+async fn a_restricted_client_lists_only_leases_on_exporters_it_may_lease() {
+    let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
+    let _a = h.exporter("team-a-01", &[("team", "a")]).await;
+    let _b = h.exporter("team-b-01", &[("team", "b")]).await;
+    let ra = h.client("ra", "team=a", 0).await;
+    let any = h.client("any", "", 0).await;
+    for (id, sel) in [("on-a", "team=a"), ("on-b", "team=b")] {
+        assert!(matches!(
+            h.call(&any, lease_req(id, sel, 600, 0)).await,
+            Reply::Lease(_)
+        ));
+    }
+    let (_, mut wb) = h
+        .start_call(&any, lease_req("wait-b", "team=b", 600, 300))
+        .await;
+    assert!(matches!(wb.recv().await, Some(Reply::Queued { .. })));
+    let (_, mut wa) = h
+        .start_call(&any, lease_req("wait-a", "team=a", 600, 300))
+        .await;
+    assert!(matches!(wa.recv().await, Some(Reply::Queued { .. })));
+    let ids = |r: Reply| -> Vec<String> {
+        match r {
+            Reply::Leases { leases } => {
+                let mut v: Vec<String> = leases.into_iter().map(|l| l.request_id).collect();
+                v.sort();
+                v
+            }
+            r => panic!("{r:?}"),
+        }
+    };
+    assert_eq!(
+        ids(h.call(&ra, Request::GetLeases { all: true }).await),
+        ["on-a", "wait-a"]
+    );
+    assert!(ids(h.call(&ra, Request::GetLeases { all: false }).await).is_empty());
+    assert_eq!(
+        ids(h.call(&any, Request::GetLeases { all: true }).await),
+        ["on-a", "on-b", "wait-a", "wait-b"]
+    );
+    let admin = h.admin.clone();
+    assert_eq!(
+        ids(h.call(&admin, Request::GetLeases { all: true }).await).len(),
+        4
+    );
 }
