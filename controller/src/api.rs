@@ -201,7 +201,7 @@ impl Api {
                         .map(|c| format!("{} {:?}", c.kind.as_str(), c.sub))
                         .unwrap_or_else(|_| "this identity".into());
                     format!(
-                        "the credential of {who} expired {ago}s ago; jmp and jmpd renew a credential in use before it expires, so this one was not used in time: ask an admin for a new one (jmp admin create client|exporter NAME)"
+                        "the credential of {who} expired {ago}s ago; jmp and jmpd renew a credential in use before it expires, so this one was not used in time: ask an admin for a new one (jmp admin create client NAME --replace, or jmp admin create exporter NAME)"
                     )
                 }
                 other => other.to_string(),
