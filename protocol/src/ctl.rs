@@ -249,6 +249,27 @@ pub struct Registration {
     /// it could run it); ignored while that lease is current.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cleaning: Option<String>,
+    /// That the registering process holds the private key of the TLS identity whose
+    /// `fingerprint` it registers (required: a leaked exporter credential alone cannot move the
+    /// exporter to another address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<IdentityProof>,
+}
+
+/// Label of the TLS keying material an exporter signs when it registers (RFC 8446 7.5); the
+/// context is the exporter's name.
+pub const REGISTRATION_BINDING: &[u8] = b"EXPORTER-jmp-registration";
+
+/// Proof of possession of a TLS key, for this connection only: `signature` is the key's
+/// ECDSA P-256 SHA-256 signature (ASN.1 DER) over 32 bytes of keying material exported from
+/// the connection the call arrives on ([`REGISTRATION_BINDING`], the exporter's name as
+/// context), which only the two ends of that connection can compute.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct IdentityProof {
+    /// The TLS certificate, DER, hex; its SHA-256 is the registered fingerprint.
+    pub certificate: String,
+    /// Hex.
+    pub signature: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]

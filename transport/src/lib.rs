@@ -20,6 +20,7 @@ pub mod gate;
 pub mod identity;
 pub mod link;
 pub mod pipe;
+pub mod possession;
 pub mod relay;
 pub mod systemd;
 pub mod token;

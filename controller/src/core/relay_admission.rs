@@ -89,8 +89,11 @@ impl<S: LeaseStore> Core<S> {
             return Ok(());
         };
         let grant = relays
-            .open(&lease.name, &lease.exporter, tx.clone())
-            .map_err(|x| e(CtlErrorCode::Internal, x))?;
+            .open(&lease.name, &lease.client, &lease.exporter, tx.clone())
+            .map_err(|x| match x {
+                crate::relay::OpenError::Busy(m) => e(CtlErrorCode::AllBusy, m),
+                crate::relay::OpenError::Failed(m) => e(CtlErrorCode::Internal, m),
+            })?;
         let _ = link_tx.send(Reply::RelayOpen(grant));
         Ok(())
     }
