@@ -678,6 +678,50 @@ pub fn decode_limited<T: for<'de> Deserialize<'de>>(
 mod tests {
     use super::*;
 
+    /// The controller API's examples in docs/protocol.md: every `→` line is a `Call` and every
+    /// `←` line a `Reply`, and each reads back as it was written (no field dropped or renamed).
+    #[test]
+    fn the_documented_examples_are_calls_and_replies() {
+        let doc = include_str!("../../docs/protocol.md");
+        let section = doc
+            .split("## The controller API")
+            .nth(1)
+            .expect("the controller API section");
+        let (mut calls, mut replies) = (0, 0);
+        for line in section.lines() {
+            let (json, call) = if let Some(j) = line.strip_prefix("→ ") {
+                (j, true)
+            } else if let Some(j) = line.strip_prefix("← ") {
+                (j, false)
+            } else {
+                continue;
+            };
+            let written: serde_json::Value =
+                serde_json::from_str(json).unwrap_or_else(|e| panic!("{line}: {e}"));
+            let read = if call {
+                calls += 1;
+                let c: Call = serde_json::from_str(json).unwrap_or_else(|e| panic!("{line}: {e}"));
+                serde_json::to_value(c).unwrap()
+            } else {
+                replies += 1;
+                let r: Reply = serde_json::from_str(json).unwrap_or_else(|e| panic!("{line}: {e}"));
+                serde_json::to_value(r).unwrap()
+            };
+            // Every field written is read (the serialiser may add defaults, e.g. nulls).
+            let (serde_json::Value::Object(w), serde_json::Value::Object(r)) = (&written, &read)
+            else {
+                panic!("{line}: not an object");
+            };
+            for (k, v) in w {
+                assert_eq!(r.get(k), Some(v), "{line}: field {k}");
+            }
+        }
+        assert!(
+            calls >= 4 && replies >= 6,
+            "{calls} calls, {replies} replies"
+        );
+    }
+
     #[test]
     fn a_call_round_trips_through_a_frame_split_anywhere() {
         let call = Call {
