@@ -1135,3 +1135,53 @@ async fn a_restricted_client_lists_only_leases_on_exporters_it_may_lease() {
         4
     );
 }
+
+/// A deleted client's reservation and waiting requests go with it (its waiting caller told
+/// why) and its leases end, their exporters told why.
+#[tokio::test]
+async fn a_deleted_clients_reservations_waiters_and_leases_go_with_it() {
+    let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
+    let mut a = h.exporter("a-01", &[("board", "a")]).await;
+    let c = h.client("c", "", 0).await;
+    let lease = match h.call(&c, lease_req("l1", "board=a", 600, 0)).await {
+        Reply::Lease(l) => l,
+        r => panic!("{r:?}"),
+    };
+    let r = h
+        .call(
+            &c,
+            Request::CreateLease(LeaseRequest {
+                request_id: "rsv".into(),
+                selector: "board=a".into(),
+                duration_secs: 600,
+                begin_time: Some(now_ms() / 1000 + 3600),
+                ..Default::default()
+            }),
+        )
+        .await;
+    assert!(
+        matches!(&r, Reply::Lease(l) if l.status == "reserved"),
+        "{r:?}"
+    );
+    let (_, mut waiting) = h.start_call(&c, lease_req("w", "board=a", 600, 300)).await;
+    assert!(matches!(waiting.recv().await, Some(Reply::Queued { .. })));
+    let admin = h.admin.clone();
+    assert!(matches!(
+        h.call(&admin, Request::DeleteClient { name: "c".into() })
+            .await,
+        Reply::Deleted { .. }
+    ));
+    let why = ended_reason(&mut a, &lease.name).await;
+    assert!(why.contains("client removed"), "{why}");
+    let r = loop {
+        match waiting.recv().await {
+            Some(Reply::Queued { .. }) => continue,
+            other => break other.expect("an answer"),
+        }
+    };
+    assert!(format!("{r:?}").contains("client c was deleted"), "{r:?}");
+    match h.call(&admin, Request::GetLeases { all: true }).await {
+        Reply::Leases { leases } => assert!(leases.is_empty(), "{leases:?}"),
+        r => panic!("{r:?}"),
+    }
+}
