@@ -57,7 +57,8 @@ fn check_listing(leases: &[LeaseInfo], context: &str) {
             }
         } else {
             // A waiting request by name shows the exporter it asks for (protocol/src/ctl.rs
-            // says `exporter` is empty while waiting; core.rs fills in the requested name).
+            // says `exporter` is empty while waiting; controller/src/core/leases.rs fills in the
+            // requested name).
             assert_eq!(l.status, "waiting", "{context}: odd status in {l:?}");
         }
     }
