@@ -286,17 +286,25 @@ async fn create_client(conn: &quinn::Connection, admin: &str, name: &str) -> Res
     }
 }
 
-fn registration(i: usize) -> Registration {
-    Registration {
+/// Exporter `e{i}`'s registration on `conn`, proving it holds `identity`'s key (one identity
+/// stands for every bench exporter: the controller checks the proof per registration).
+fn registration(
+    i: usize,
+    conn: &quinn::Connection,
+    identity: &jmp_transport::Identity,
+) -> Result<Registration> {
+    let proof = jmp_transport::possession::registration_proof(identity, conn, &format!("e{i}"))?;
+    Ok(Registration {
         address: format!("127.0.0.1:{}", 20000 + i % 40000),
-        fingerprint: format!("sha256:{:064x}", i),
+        fingerprint: identity.fingerprint().to_string(),
+        proof: Some(proof),
         labels: Labels::new(),
         devices: vec![DeviceSummary {
             name: "console".into(),
             kind: "sim-console".into(),
         }],
         ..Default::default()
-    }
+    })
 }
 
 /// Registers exporter `i` with `cred` on `conn`, keeps the request side open, reports the first
@@ -305,11 +313,19 @@ async fn hold_registration(
     conn: quinn::Connection,
     cred: String,
     i: usize,
+    identity: jmp_transport::Identity,
     online: tokio::sync::mpsc::UnboundedSender<Result<()>>,
 ) {
+    let reg = match registration(i, &conn, &identity) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = online.send(Err(e));
+            return;
+        }
+    };
     let c = Call {
         credential: cred,
-        request: Request::Register(registration(i)),
+        request: Request::Register(reg),
     };
     let (mut replies, send) = match call(&conn, &c, true).await {
         Ok(x) => x,
@@ -544,7 +560,8 @@ pub(crate) fn phase_round_trip(
         let cred = create_exporter(&a.conn, &admin, "e0", labels_of(0)).await?;
         let e = open(addr, fp).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let task = tokio::spawn(hold_registration(e.conn.clone(), cred, 0, tx));
+        let identity = jmp_transport::Identity::generate()?;
+        let task = tokio::spawn(hold_registration(e.conn.clone(), cred, 0, identity, tx));
         rx.recv()
             .await
             .ok_or_else(|| anyhow!("registration task ended"))??;
@@ -619,9 +636,16 @@ pub(crate) fn phase_scale(
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut regs = JoinSet::new();
         let t0 = Instant::now();
+        let identity = jmp_transport::Identity::generate()?;
         for (i, cred) in creds.into_iter().enumerate() {
             let conn = conns[i % REGISTER_CONNS].conn.clone();
-            regs.spawn(hold_registration(conn, cred, i, tx.clone()));
+            regs.spawn(hold_registration(
+                conn,
+                cred,
+                i,
+                identity.clone(),
+                tx.clone(),
+            ));
         }
         for _ in 0..EXPORTERS {
             match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {

@@ -17,6 +17,12 @@
 //!   candidate. That is also why a new request never jumps the queue: it is only granted an
 //!   exporter that is grantable right now, and by this invariant no earlier waiter wants it.
 //! - **Deterministic choice.** Among several grantable candidates the lowest exporter name wins.
+//! - **Only what can be served waits.** A request that no registered exporter could ever
+//!   serve (none matches its selector or name, or its client's policy forbids every match) is
+//!   refused at once, even with a wait or a begin time; one whose candidates are offline,
+//!   disabled or busy may wait. A client's policy narrowed later ([`LeaseBook::set_policy`])
+//!   withdraws its waiting requests that can no longer be served and ends its leases on
+//!   exporters the policy now forbids.
 //! - **Clean before the next lease.** An exporter that declared a cleanup
 //!   ([`LeaseBook::set_cleanup`]: its afterLease hook) is *cleaning* from the moment a lease on
 //!   it ends until it reports done ([`LeaseBook::set_cleaning`]) or its declared time has
@@ -135,6 +141,8 @@ pub enum EndReason {
     ExporterRemoved,
     ExporterDisabled,
     ClientRemoved,
+    /// Its client's policy no longer allows its exporter.
+    PolicyChanged,
 }
 
 impl EndReason {
@@ -145,6 +153,7 @@ impl EndReason {
             EndReason::ExporterRemoved => "exporter removed",
             EndReason::ExporterDisabled => "exporter disabled",
             EndReason::ClientRemoved => "client removed",
+            EndReason::PolicyChanged => "policy changed",
         }
     }
 }
@@ -408,6 +417,26 @@ struct Scan {
     /// ... and are online and enabled.
     usable: usize,
     cand: Bits,
+}
+
+impl Scan {
+    /// Why no registered exporter could ever serve the request (`None`: some could, once
+    /// online, enabled and free).
+    fn unservable(&self, exporter: Option<&str>) -> Option<Refusal> {
+        if self.named_missing {
+            Some(Refusal::NoSuchExporter(
+                exporter.unwrap_or_default().to_owned(),
+            ))
+        } else if self.matching == 0 {
+            Some(Refusal::NoMatch)
+        } else if self.candidates == 0 {
+            Some(Refusal::OutsidePolicy {
+                matching: self.matching,
+            })
+        } else {
+            None
+        }
+    }
 }
 
 /// The lease logic; see the module documentation.
@@ -769,21 +798,17 @@ impl LeaseBook {
             }
         }
         let scan = self.scan(&req.selector, &req.policy, req.exporter.as_deref());
+        // Waiting cannot help a request no registered exporter could ever serve.
+        if let Some(refusal) = scan.unservable(req.exporter.as_deref()) {
+            return (Outcome::Refused(refusal), events);
+        }
         let wait_until = match req.wait_until {
             Some(t) if t > now || not_before > now => Some(t.max(not_before)),
             None if not_before > now => Some(not_before),
             _ => None,
         };
         let Some(wait_until) = wait_until else {
-            let refusal = if scan.named_missing {
-                Refusal::NoSuchExporter(req.exporter.unwrap_or_default())
-            } else if scan.matching == 0 {
-                Refusal::NoMatch
-            } else if scan.candidates == 0 {
-                Refusal::OutsidePolicy {
-                    matching: scan.matching,
-                }
-            } else if scan.usable == 0 {
+            let refusal = if scan.usable == 0 {
                 Refusal::AllOffline {
                     matching: scan.candidates,
                 }
@@ -823,6 +848,88 @@ impl LeaseBook {
         self.enqueue(entry);
         let (position, behind) = self.position(now, &req.request_id).unwrap_or((1, None));
         (Outcome::Queued { position, behind }, events)
+    }
+
+    /// `client`'s policy is now `policy`: its waiting requests wait for what the new policy
+    /// allows, and those that no registered exporter could serve any more are withdrawn
+    /// (returned with why, no event); its leases on exporters the policy forbids end
+    /// ([`EndReason::PolicyChanged`]), and the freed exporters go to other waiters.
+    pub fn set_policy(
+        &mut self,
+        now: Millis,
+        client: &str,
+        policy: &Selector,
+    ) -> (Vec<Event>, Vec<(Waiting, Refusal)>) {
+        let mut events = self.advance(now);
+        let mine: Vec<u64> = self
+            .queue
+            .iter()
+            .filter(|(_, q)| q.w.client == client)
+            .map(|(seq, _)| *seq)
+            .collect();
+        let mut withdrawn = Vec::new();
+        for seq in mine {
+            let Some(q) = self.queue.get(&seq) else {
+                continue;
+            };
+            let scan = self.scan(&q.selector, policy, q.w.exporter.as_deref());
+            if let Some(why) = scan.unservable(q.w.exporter.as_deref()) {
+                if let Some(q) = self.dequeue(seq) {
+                    withdrawn.push((q.w, why));
+                }
+                continue;
+            }
+            if let Some(q) = self.queue.get_mut(&seq) {
+                q.policy = policy.clone();
+                q.w.policy = policy.to_string();
+                q.cand = scan.cand;
+                self.changes.insert(Change::Waiting(q.w.request_id.clone()));
+                // A wider policy may give it a grantable candidate.
+                self.dirty = true;
+            }
+        }
+        let forbidden: Vec<String> = self
+            .leases
+            .values()
+            .filter(|l| l.client == client)
+            .filter(|l| {
+                self.exporters
+                    .get(&l.exporter)
+                    .is_some_and(|e| !policy.matches(&e.state.labels))
+            })
+            .map(|l| l.name.clone())
+            .collect();
+        for name in forbidden {
+            self.end_lease(&name, EndReason::PolicyChanged, &mut events);
+        }
+        self.fill(&mut events);
+        (events, withdrawn)
+    }
+
+    /// Why no registered exporter could ever serve a request for `selector` within `policy`
+    /// (and by name `exporter`): waiting cannot help it. `None`: some could.
+    pub fn unservable(
+        &self,
+        selector: &Selector,
+        policy: &Selector,
+        exporter: Option<&str>,
+    ) -> Option<Refusal> {
+        self.scan(selector, policy, exporter).unservable(exporter)
+    }
+
+    /// The registered exporters a waiting request could be granted (by name).
+    pub fn candidates(&self, request_id: &str) -> Vec<&str> {
+        let Some(q) = self
+            .queue_by_id
+            .get(request_id)
+            .and_then(|s| self.queue.get(s))
+        else {
+            return Vec::new();
+        };
+        q.cand
+            .ones()
+            .filter_map(|slot| self.slots.get(slot)?.as_deref())
+            .collect()
     }
 
     /// Ends the lease `lease_name` ([`EndReason::Released`]) and grants the freed exporter to
@@ -1752,20 +1859,25 @@ mod tests {
         let ev = b.release(3, "L-r1");
         assert_eq!(grants(&ev), vec![(s("r2"), s("a"))]);
 
-        // A name that is not registered yet: waits, and gets it once it is registered and online.
+        // A name that is not registered: refused even with a wait (no wait can help); once
+        // registered, but offline, it waits, and gets it once online.
         let named = NewRequest {
             exporter: Some(s("c")),
             ..wait_req("r4", "board=rpi4", 500)
         };
         assert_eq!(
-            b.request(4, named).0,
+            b.request(4, named.clone()).0,
+            Outcome::Refused(Refusal::NoSuchExporter(s("c")))
+        );
+        assert!(b.upsert_exporter(5, "c", labels(RPI), true).is_empty());
+        ok(&b, 5);
+        assert_eq!(
+            b.request(5, named).0,
             Outcome::Queued {
                 position: 1,
                 behind: None
             }
         );
-        assert!(b.upsert_exporter(5, "c", labels(RPI), true).is_empty());
-        ok(&b, 5);
         let ev = b.set_online(6, "c", true);
         assert_eq!(grants(&ev), vec![(s("r4"), s("c"))]);
         ok(&b, 6);
@@ -1943,7 +2055,14 @@ mod tests {
 
     #[test]
     fn a_label_change_can_make_a_waiter_match() {
-        let mut b = book_with(&[("x", &[("board", "old")])]);
+        // "y" matches but is offline, so r1 may wait; "x" comes to match it.
+        let mut b = book_with(&[("x", &[("board", "old")]), ("y", RPI)]);
+        assert!(b.set_online(0, "y", false).is_empty());
+        // Nothing registered matches: no wait can help.
+        assert_eq!(
+            b.request(0, wait_req("r0", "board=imx8", 1000)).0,
+            Outcome::Refused(Refusal::NoMatch)
+        );
         assert!(matches!(
             b.request(0, wait_req("r1", "board=rpi4", 1000)).0,
             Outcome::Queued {
@@ -1960,6 +2079,59 @@ mod tests {
             .is_empty());
         assert!(b.lease("L-r1").is_some());
         ok(&b, 6);
+    }
+
+    #[test]
+    fn a_narrowed_policy_withdraws_what_it_forbids_and_a_wider_one_grants() {
+        let mut b = book_with(&[
+            ("a", &[("board", "rpi4"), ("team", "x")]),
+            ("b", &[("board", "rpi4"), ("team", "y")]),
+            ("c", &[("board", "imx8"), ("team", "x")]),
+        ]);
+        // alice holds "a", reserves any rpi4 for later, and waits for an imx8 behind c2.
+        granted(&b.request(0, req("r1", "board=rpi4")).0);
+        granted(
+            &b.request(
+                0,
+                NewRequest {
+                    client: s("c2"),
+                    ..req("r2", "board=imx8")
+                },
+            )
+            .0,
+        );
+        let reserve = NewRequest {
+            not_before: 100,
+            ..wait_req("r3", "board=rpi4", 500)
+        };
+        assert!(matches!(b.request(1, reserve).0, Outcome::Queued { .. }));
+        assert!(matches!(
+            b.request(1, wait_req("r4", "board=imx8", 500)).0,
+            Outcome::Queued { .. }
+        ));
+        b.take_changes();
+        // Now alice may use team y only: her lease on "a" ends, the rpi4 reservation waits for
+        // "b" alone, the imx8 request can never be served and is withdrawn.
+        let (ev, withdrawn) = b.set_policy(2, "alice", &sel("team=y"));
+        assert_eq!(ended(&ev), vec![(s("L-r1"), EndReason::PolicyChanged)]);
+        let withdrawn: Vec<(&str, &Refusal)> = withdrawn
+            .iter()
+            .map(|(w, r)| (w.request_id.as_str(), r))
+            .collect();
+        assert_eq!(
+            withdrawn,
+            vec![("r4", &Refusal::OutsidePolicy { matching: 1 })]
+        );
+        assert_eq!(b.candidates("r3"), vec!["b"]);
+        assert_eq!(b.waiting_by_id("r3").unwrap().policy, "team=y");
+        ok(&b, 2);
+        // Widening again lets the reservation take "a" at its begin; nothing else changes.
+        let (ev, withdrawn) = b.set_policy(3, "alice", &sel(""));
+        assert!(ev.is_empty() && withdrawn.is_empty());
+        assert_eq!(b.candidates("r3"), vec!["a", "b"]);
+        let ev = b.tick(100);
+        assert_eq!(grants(&ev), vec![(s("r3"), s("a"))]);
+        ok(&b, 100);
     }
 
     #[test]
@@ -2399,7 +2571,7 @@ mod tests {
         b.request(
             8,
             NewRequest {
-                exporter: Some(s("zz")),
+                exporter: Some(s("b")),
                 ..wait_req("r5", "", 700)
             },
         );
@@ -2703,6 +2875,11 @@ mod tests {
         },
         Remove(usize),
         RemoveClient(usize),
+        /// A client's policy changes (an admin narrows or widens it).
+        SetPolicy {
+            client: usize,
+            policy: usize,
+        },
         Request {
             client: usize,
             selector: usize,
@@ -2777,6 +2954,8 @@ mod tests {
                 .prop_map(|(exporter, online)| Op::Online { exporter, online }),
             1 => (0..REGISTERED).prop_map(Op::Remove),
             1 => (0..CLIENTS.len()).prop_map(Op::RemoveClient),
+            2 => (0..CLIENTS.len(), 0..POLICIES.len())
+                .prop_map(|(client, policy)| Op::SetPolicy { client, policy }),
             12 => arb_request(),
             3 => any::<usize>().prop_map(Op::Release),
             2 => (any::<usize>(), -30i64..80).prop_map(|(i, d)| Op::SetEnd(i, d)),
@@ -2859,6 +3038,14 @@ mod tests {
                 behind,
             },
         }
+    }
+
+    /// A refusal no wait can change.
+    fn is_unservable(r: &Refusal) -> bool {
+        matches!(
+            r,
+            Refusal::NoSuchExporter(_) | Refusal::NoMatch | Refusal::OutsidePolicy { .. }
+        )
     }
 
     /// Position from scratch: earlier waiters, active by `max(now, not_before)`, sharing a
@@ -3118,6 +3305,54 @@ mod tests {
                     }
                     self.check_call(&pre, &ev, None)?;
                 }
+                Op::SetPolicy { client, policy } => {
+                    let (client, policy) = (CLIENTS[*client], sel(POLICIES[*policy]));
+                    let (ev, withdrawn) = self.book.set_policy(now, client, &policy);
+                    let b = &self.book;
+                    for (w, why) in &withdrawn {
+                        let expected =
+                            naive_refusal(b, &sel(&w.selector), &policy, w.exporter.as_deref());
+                        if !is_unservable(&expected) || *why != expected {
+                            return Err(format!(
+                                "withdrew {} for {why:?}, expected {expected:?}",
+                                w.request_id
+                            ));
+                        }
+                        if w.client != client || !pre.waiting.contains_key(&w.request_id) {
+                            return Err(format!("withdrew {w:?}, not a waiter of {client}"));
+                        }
+                    }
+                    for w in b.waiting().filter(|w| w.client == client) {
+                        let r = naive_refusal(b, &sel(&w.selector), &policy, w.exporter.as_deref());
+                        if w.policy != policy.to_string() || is_unservable(&r) {
+                            return Err(format!(
+                                "{w:?} kept waiting under policy '{policy}' ({r:?})"
+                            ));
+                        }
+                    }
+                    for l in b.leases().filter(|l| l.client == client) {
+                        if b.exporter(&l.exporter)
+                            .is_some_and(|e| !policy.matches(&e.labels))
+                        {
+                            return Err(format!("{l:?} outlived a policy that forbids it"));
+                        }
+                    }
+                    if !withdrawn.is_empty() {
+                        self.stat("policy: withdrew a waiter");
+                    }
+                    if ev.iter().any(|e| {
+                        matches!(
+                            e,
+                            Event::Ended {
+                                reason: EndReason::PolicyChanged,
+                                ..
+                            }
+                        )
+                    }) {
+                        self.stat("policy: ended a lease");
+                    }
+                    self.check_call(&pre, &ev, None)?;
+                }
                 Op::Release(i) => {
                     let mut names: Vec<String> = pre.leases.keys().cloned().collect();
                     names.extend(pre.waiting.values().map(|w| w.lease_name.clone()));
@@ -3268,6 +3503,10 @@ mod tests {
                             if !may_wait || w.seq < b.waiting().map(|x| x.seq).max().unwrap_or(0) {
                                 return Err(format!("bad enqueue {w:?}"));
                             }
+                            let r = naive_refusal(b, &selector, &policy, exporter.as_deref());
+                            if is_unservable(&r) {
+                                return Err(format!("queued although unservable: {r:?}"));
+                            }
                             if b.position(now, &id) != Some((*position, behind.clone()))
                                 || naive_position(b, now, w) != *position
                             {
@@ -3289,10 +3528,15 @@ mod tests {
                             {
                                 Refusal::LeaseNameInUse(lease_name.clone())
                             } else {
-                                if may_wait {
+                                let naive =
+                                    naive_refusal(b, &selector, &policy, exporter.as_deref());
+                                if may_wait && !is_unservable(&naive) {
                                     return Err(format!("refused {r:?} although it may wait"));
                                 }
-                                naive_refusal(b, &selector, &policy, exporter.as_deref())
+                                if may_wait {
+                                    self.stat("refused at once although it may wait");
+                                }
+                                naive
                             };
                             if *r != expected {
                                 return Err(format!("refused {r:?}, expected {expected:?}"));
@@ -3373,6 +3617,9 @@ mod tests {
             "event: wait expired",
             "fifo: earlier waiter checked",
             "restart",
+            "refused at once although it may wait",
+            "policy: withdrew a waiter",
+            "policy: ended a lease",
         ] {
             assert!(
                 stats.get(what).is_some_and(|n| *n > 0),

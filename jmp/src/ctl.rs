@@ -295,6 +295,11 @@ impl Ctl {
         Ok(self.ctls.call(&c, false).await?.0)
     }
 
+    /// One call's final answer, its refusal kept as such (for callers that act on its code).
+    pub async fn try_call(&self, request: Request) -> Result<Reply, CallError> {
+        self.stream(request).await?.last().await
+    }
+
     pub async fn call(&self, request: Request) -> Result<Reply> {
         let s = self
             .stream(request)

@@ -3,10 +3,14 @@
 
 use super::*;
 use crate::ctl::{self as c, Ctl, Out};
-use jmp_protocol::ctl::{ClientConfig, ClientSpec, ExporterSpec, LeaseRequest, Reply, Request};
+use jmp_protocol::ctl::{
+    ClientConfig, ClientSpec, ClientUpdate, CtlErrorCode, ExporterSpec, LeaseRequest, Reply,
+    Request,
+};
 use jmp_protocol::duration::parse_secs;
 use jmp_protocol::selector::{parse_label, Labels, Selector};
 use jmp_protocol::usage::UsageBy;
+use jmp_transport::ctl::CallError;
 
 fn duration_arg(flag: &str, s: &str) -> Result<u64> {
     let d = parse_secs(s).map_err(|e| exit(code::USAGE, format!("{flag}: {e}")))?;
@@ -454,26 +458,61 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                     allow,
                     max_duration,
                     admin,
+                    replace,
                     out,
                     save,
                 } => {
-                    if let Err(e) = Selector::parse(&allow) {
+                    if let Some(Err(e)) = allow.as_deref().map(Selector::parse) {
                         return Err(exit(code::USAGE, format!("--allow: {e}")));
                     }
-                    let spec = ClientSpec {
-                        name: name.clone(),
-                        labels: labels_arg(&labels)?,
-                        allow,
-                        max_duration_secs: max_duration
-                            .as_deref()
-                            .map(|d| duration_arg("--max-duration", d))
-                            .transpose()?
-                            .unwrap_or(0),
-                        admin,
+                    let max_duration_secs = max_duration
+                        .as_deref()
+                        .map(|d| duration_arg("--max-duration", d))
+                        .transpose()?;
+                    let labels = labels_arg(&labels)?;
+                    let mut replaced = false;
+                    let reissued = if replace {
+                        let u = ClientUpdate {
+                            name: name.clone(),
+                            labels: (!labels.is_empty()).then(|| labels.clone()),
+                            allow: allow.clone(),
+                            max_duration_secs,
+                            admin: admin.then_some(true),
+                            reissue: true,
+                        };
+                        match ctl.try_call(Request::UpdateClient(u)).await {
+                            Ok(Reply::Credential(cr)) => {
+                                replaced = true;
+                                Some(cr)
+                            }
+                            Ok(other) => return Err(c::unexpected(other)),
+                            // Not there yet: --replace creates it.
+                            Err(CallError::Refused(e)) if e.code == CtlErrorCode::NotFound => None,
+                            Err(e) => return Err(c::call_error(e, &cfg.endpoint)),
+                        }
+                    } else {
+                        None
                     };
-                    let cred = match ctl.call(Request::CreateClient(spec)).await? {
-                        Reply::Credential(cr) => cr,
-                        other => return Err(c::unexpected(other)),
+                    let cred = match reissued {
+                        Some(cr) => cr,
+                        None => {
+                            let spec = ClientSpec {
+                                name: name.clone(),
+                                labels,
+                                allow: allow.unwrap_or_default(),
+                                max_duration_secs: max_duration_secs.unwrap_or(0),
+                                admin,
+                            };
+                            match ctl.call(Request::CreateClient(spec)).await? {
+                                Reply::Credential(cr) => cr,
+                                other => return Err(c::unexpected(other)),
+                            }
+                        }
+                    };
+                    let done = if replaced {
+                        "given a new credential (the old one is revoked)"
+                    } else {
+                        "created"
                     };
                     let cc = c::credential_config(&cred);
                     if save {
@@ -487,7 +526,7 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                     match out {
                         Some(p) => {
                             c::write_client_file(&p, &cc)?;
-                            eprintln!("client {name} created; its config is in {}", p.display());
+                            eprintln!("client {name} {done}; its config is in {}", p.display());
                         }
                         None if !save => out!("{}", serde_norway::to_string(&cc)?),
                         None => {}
@@ -517,6 +556,45 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                     }
                 }
             },
+            AdminCmd::Update {
+                what:
+                    AdminUpdate::Client {
+                        name,
+                        allow,
+                        max_duration,
+                        labels,
+                        output,
+                    },
+            } => {
+                if let Some(Err(e)) = allow.as_deref().map(Selector::parse) {
+                    return Err(exit(code::USAGE, format!("--allow: {e}")));
+                }
+                let max_duration_secs = match max_duration.as_deref() {
+                    None => None,
+                    Some("default") => Some(0),
+                    Some(d) => Some(duration_arg("--max-duration", d)?),
+                };
+                if allow.is_none() && max_duration_secs.is_none() && labels.is_empty() {
+                    return Err(exit(
+                        code::USAGE,
+                        "nothing to change: give --allow, --max-duration or --label (a new credential: jmp admin create client NAME --replace)",
+                    ));
+                }
+                let u = ClientUpdate {
+                    name,
+                    labels: (!labels.is_empty())
+                        .then(|| labels_arg(&labels))
+                        .transpose()?,
+                    allow,
+                    max_duration_secs,
+                    admin: None,
+                    reissue: false,
+                };
+                match ctl.call(Request::UpdateClient(u)).await? {
+                    Reply::Clients { clients } => c::print_clients(&clients, output),
+                    other => Err(c::unexpected(other)),
+                }
+            }
             AdminCmd::Get { what } => match what {
                 AdminGet::Clients { name, output } => {
                     match ctl.call(Request::GetClients { name }).await? {

@@ -57,7 +57,8 @@ fn check_listing(leases: &[LeaseInfo], context: &str) {
             }
         } else {
             // A waiting request by name shows the exporter it asks for (protocol/src/ctl.rs
-            // says `exporter` is empty while waiting; core.rs fills in the requested name).
+            // says `exporter` is empty while waiting; controller/src/core/leases.rs fills in the
+            // requested name).
             assert_eq!(l.status, "waiting", "{context}: odd status in {l:?}");
         }
     }
@@ -138,20 +139,30 @@ fn refusal(r: &Result<Reply, CallError>) -> Option<CtlErrorCode> {
 }
 
 /// An exporter that registers over the API and stays registered, re-registering (like jmpd)
-/// whenever the connection or the registration stream ends. Runs until aborted.
+/// whenever the connection or the registration stream ends. Runs until aborted. Each
+/// registration proves it holds its own TLS identity's key, on the connection it goes on.
 async fn keep_registered(addr: SocketAddr, fingerprint: String, credential: String, port: u16) {
+    let identity = jmp_transport::Identity::generate().expect("an identity");
+    let name = jmp_transport::token::peek(&credential)
+        .expect("an exporter credential")
+        .sub;
     let reg = Registration {
         address: format!("127.0.0.1:{port}"),
-        fingerprint: fingerprint.clone(),
+        fingerprint: identity.fingerprint().to_string(),
         labels: Labels::new(),
         devices: Vec::new(),
         ..Default::default()
     };
     loop {
         if let Ok(api) = Api::connect(addr, &fingerprint).await {
+            let mut reg = reg.clone();
+            reg.proof = Some(
+                jmp_transport::possession::registration_proof(&identity, &api.conn, &name)
+                    .expect("a proof"),
+            );
             let c = Call {
                 credential: credential.clone(),
-                request: Request::Register(reg.clone()),
+                request: Request::Register(reg),
             };
             if let Ok((mut replies, _keep_open)) = call(&api.conn, &c, true).await {
                 while let Ok(Some(_)) = replies.next().await {}

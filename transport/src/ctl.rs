@@ -273,6 +273,17 @@ impl Controllers {
         c: &Call,
         keep_open: bool,
     ) -> Result<(ReplyStream, Option<quinn::SendStream>), CallError> {
+        self.call_on(|_| Ok(c.clone()), keep_open).await
+    }
+
+    /// [`Controllers::call`] with the call made for the connection it goes out on (a call
+    /// that proves something about that connection, see [`crate::possession`]); `make`'s
+    /// error ends the call.
+    pub async fn call_on(
+        &self,
+        make: impl Fn(&quinn::Connection) -> Result<Call, String>,
+        keep_open: bool,
+    ) -> Result<(ReplyStream, Option<quinn::SendStream>), CallError> {
         let deadline = Instant::now() + LEADER_WAIT;
         // Where the last non-leader said the leader is.
         let mut redirect: Option<String> = None;
@@ -326,7 +337,8 @@ impl Controllers {
                 return Err(CallError::NoAnswer);
             };
             let here = self.current();
-            let failed = match call(&conn, c, keep_open).await {
+            let c = make(&conn).map_err(CallError::Stream)?;
+            let failed = match call(&conn, &c, keep_open).await {
                 Ok((mut rs, send)) => match rs.next().await {
                     Ok(Some(r)) => {
                         rs.pending = Some(r);

@@ -22,6 +22,7 @@ pub mod identity;
 pub mod known;
 pub mod link;
 pub mod pipe;
+pub mod possession;
 pub mod relay;
 pub mod systemd;
 pub mod token;
