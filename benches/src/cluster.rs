@@ -13,8 +13,8 @@ use crate::jmp::Bins;
 use crate::proc::{free_port, which, Proc, TempDir};
 use crate::stats::{cell, json, median, percentile, Target};
 use anyhow::{anyhow, bail, Context, Result};
-use jmp_protocol::ctl::{Call, ClientConfig, ExporterSpec, LeaseRequest, Reply, Request};
-use jmp_transport::ctl::{CallError, Controllers};
+use jmp_protocol::api::{Call, ClientConfig, ExporterSpec, LeaseRequest, Reply, Request};
+use jmp_transport::controller::{CallError, Controllers};
 use jmp_transport::Fingerprint;
 use std::path::Path;
 use std::process::Command;
@@ -151,7 +151,7 @@ async fn leader(listens: &[String], pin: Fingerprint, admin: &str) -> Option<usi
         let r = tokio::time::timeout(Duration::from_secs(2), async {
             one.connect().await?;
             let conn = one.connection().ok_or(CallError::NoAnswer)?;
-            jmp_transport::ctl::call_once(&conn, &call).await
+            jmp_transport::controller::call_once(&conn, &call).await
         })
         .await;
         one.close();

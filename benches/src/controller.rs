@@ -20,12 +20,12 @@ use crate::jmp::Bins;
 use crate::proc::{rss_kib, Proc, TempDir};
 use crate::stats::{cell, json, median, percentile, Target};
 use anyhow::{anyhow, bail, Context, Result};
-use jmp_protocol::ctl::{
+use jmp_protocol::api::{
     Call, ClientConfig, ClientSpec, CtlErrorCode, DeviceSummary, ExporterSpec, LeaseRequest,
     Registration, Reply, Request,
 };
 use jmp_protocol::selector::Labels;
-use jmp_transport::ctl::{call, call_once, CallError};
+use jmp_transport::controller::{call, call_once, CallError};
 use jmp_transport::{client_endpoint, connect, Fingerprint};
 use std::io::{Read, Write};
 use std::net::SocketAddr;

@@ -4,9 +4,9 @@
 
 use crate::cluster::Role;
 use crate::core::{Caller, Cmd};
-use jmp_protocol::ctl::{CtlError, CtlErrorCode, Reply, Request};
+use jmp_protocol::api::{CtlError, CtlErrorCode, Reply, Request};
 use jmp_protocol::token::TokenKind;
-use jmp_transport::ctl::{read_call, ReplyTx};
+use jmp_transport::controller::{read_call, ReplyTx};
 use jmp_transport::token::{TokenError, Verifier};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -376,7 +376,7 @@ impl Api {
     fn check_possession(
         conn: &quinn::Connection,
         name: &str,
-        reg: &mut jmp_protocol::ctl::Registration,
+        reg: &mut jmp_protocol::api::Registration,
     ) -> Result<(), String> {
         let proof = reg.proof.as_ref().ok_or(
             "it carries no proof of its TLS identity (a jmpd older than this controller: upgrade it)",

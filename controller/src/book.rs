@@ -195,7 +195,7 @@ pub enum Outcome {
         position: u32,
         behind: Option<String>,
     },
-    Refused(Refusal),
+    Refused(Denial),
     /// The request_id is already known (a retry after reconnect / controller restart): its
     /// current state. Nothing was changed for it.
     Existing(RequestState),
@@ -214,7 +214,7 @@ pub enum RequestState {
 
 /// Why a request was refused, most specific reason first.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
+pub enum Denial {
     /// The named exporter is not registered.
     NoSuchExporter(String),
     /// No registered exporter matches the selector (and name).
@@ -235,27 +235,27 @@ pub enum Refusal {
     LeaseNameInUse(String),
 }
 
-impl Refusal {
+impl Denial {
     /// A human-readable explanation naming the request's `selector` (and the client's
     /// `policy` where that is the reason), e.g. "no exporter matches selector 'board=rpi4'".
     pub fn message(&self, selector: &str, policy: &str) -> String {
         match self {
-            Refusal::NoSuchExporter(name) => format!("no exporter named '{name}' is registered"),
-            Refusal::NoMatch if selector.is_empty() => "no exporter is registered".to_owned(),
-            Refusal::NoMatch => format!("no exporter matches selector '{selector}'"),
-            Refusal::OutsidePolicy { matching } => format!(
+            Denial::NoSuchExporter(name) => format!("no exporter named '{name}' is registered"),
+            Denial::NoMatch if selector.is_empty() => "no exporter is registered".to_owned(),
+            Denial::NoMatch => format!("no exporter matches selector '{selector}'"),
+            Denial::OutsidePolicy { matching } => format!(
                 "{} but none is allowed by this client's policy '{policy}'",
                 matching_phrase(*matching, selector)
             ),
-            Refusal::AllOffline { matching: 1 } => format!(
+            Denial::AllOffline { matching: 1 } => format!(
                 "{} but it is not online and enabled",
                 matching_phrase(1, selector)
             ),
-            Refusal::AllOffline { matching } => format!(
+            Denial::AllOffline { matching } => format!(
                 "{} but none is online and enabled",
                 matching_phrase(*matching, selector)
             ),
-            Refusal::AllBusy { matching, behind } => {
+            Denial::AllBusy { matching, behind } => {
                 let verb = if *matching == 1 {
                     "it is leased"
                 } else {
@@ -267,8 +267,8 @@ impl Refusal {
                     .unwrap_or_default();
                 format!("{} but {verb}{next}", matching_phrase(*matching, selector))
             }
-            Refusal::BadDuration => "the lease duration must be greater than zero".to_owned(),
-            Refusal::LeaseNameInUse(name) => format!("lease name '{name}' is already in use"),
+            Denial::BadDuration => "the lease duration must be greater than zero".to_owned(),
+            Denial::LeaseNameInUse(name) => format!("lease name '{name}' is already in use"),
         }
     }
 }
@@ -422,15 +422,15 @@ struct Scan {
 impl Scan {
     /// Why no registered exporter could ever serve the request (`None`: some could, once
     /// online, enabled and free).
-    fn unservable(&self, exporter: Option<&str>) -> Option<Refusal> {
+    fn unservable(&self, exporter: Option<&str>) -> Option<Denial> {
         if self.named_missing {
-            Some(Refusal::NoSuchExporter(
+            Some(Denial::NoSuchExporter(
                 exporter.unwrap_or_default().to_owned(),
             ))
         } else if self.matching == 0 {
-            Some(Refusal::NoMatch)
+            Some(Denial::NoMatch)
         } else if self.candidates == 0 {
-            Some(Refusal::OutsidePolicy {
+            Some(Denial::OutsidePolicy {
                 matching: self.matching,
             })
         } else {
@@ -769,12 +769,12 @@ impl LeaseBook {
             return (Outcome::Existing(state), events);
         }
         if req.duration == 0 {
-            return (Outcome::Refused(Refusal::BadDuration), events);
+            return (Outcome::Refused(Denial::BadDuration), events);
         }
         if self.leases.contains_key(&req.lease_name)
             || self.queue_by_lease.contains_key(&req.lease_name)
         {
-            let refusal = Refusal::LeaseNameInUse(req.lease_name);
+            let refusal = Denial::LeaseNameInUse(req.lease_name);
             return (Outcome::Refused(refusal), events);
         }
         let not_before = req.not_before.max(now);
@@ -809,11 +809,11 @@ impl LeaseBook {
         };
         let Some(wait_until) = wait_until else {
             let refusal = if scan.usable == 0 {
-                Refusal::AllOffline {
+                Denial::AllOffline {
                     matching: scan.candidates,
                 }
             } else {
-                Refusal::AllBusy {
+                Denial::AllBusy {
                     matching: scan.candidates,
                     behind: self.behind(&scan.cand),
                 }
@@ -859,7 +859,7 @@ impl LeaseBook {
         now: Millis,
         client: &str,
         policy: &Selector,
-    ) -> (Vec<Event>, Vec<(Waiting, Refusal)>) {
+    ) -> (Vec<Event>, Vec<(Waiting, Denial)>) {
         let mut events = self.advance(now);
         let mine: Vec<u64> = self
             .queue
@@ -913,7 +913,7 @@ impl LeaseBook {
         selector: &Selector,
         policy: &Selector,
         exporter: Option<&str>,
-    ) -> Option<Refusal> {
+    ) -> Option<Denial> {
         self.scan(selector, policy, exporter).unservable(exporter)
     }
 
@@ -1646,7 +1646,7 @@ mod tests {
     }
 
     #[track_caller]
-    fn refused(o: &Outcome) -> Refusal {
+    fn refused(o: &Outcome) -> Denial {
         match o {
             Outcome::Refused(r) => r.clone(),
             other => panic!("expected Refused, got {other:?}"),
@@ -1706,7 +1706,7 @@ mod tests {
         // A newcomer without --wait is refused as busy, not offline.
         assert!(matches!(
             refused(&b.request(40, req("r3", "board=rpi4")).0),
-            Refusal::AllBusy { .. }
+            Denial::AllBusy { .. }
         ));
         assert_eq!(b.next_deadline(), Some(530));
         // Done: the waiter gets it at once.
@@ -1730,7 +1730,7 @@ mod tests {
         assert!(ev.is_empty());
         assert!(matches!(
             refused(&b.request(1, req("r1", "board=rpi4")).0),
-            Refusal::AllBusy { .. }
+            Denial::AllBusy { .. }
         ));
         ok(&b, 1);
         b.remove_exporter(2, "rpi-1");
@@ -1867,7 +1867,7 @@ mod tests {
         };
         assert_eq!(
             b.request(4, named.clone()).0,
-            Outcome::Refused(Refusal::NoSuchExporter(s("c")))
+            Outcome::Refused(Denial::NoSuchExporter(s("c")))
         );
         assert!(b.upsert_exporter(5, "c", labels(RPI), true).is_empty());
         ok(&b, 5);
@@ -1946,7 +1946,7 @@ mod tests {
         // The server's timer is late: the next call comes at 150 and it is a new request.
         let (o, ev) = b.request(150, req("r2", "board=rpi4"));
         assert_eq!(grants(&ev), vec![(s("r1"), s("rpi-1"))]);
-        assert!(matches!(refused(&o), Refusal::AllBusy { matching: 1, .. }));
+        assert!(matches!(refused(&o), Denial::AllBusy { matching: 1, .. }));
         ok(&b, 150);
     }
 
@@ -2008,7 +2008,7 @@ mod tests {
         assert_eq!(b.take_changes(), vec![], "online is not persisted");
         assert_eq!(
             refused(&b.request(20, req("r2", "board=rpi4")).0),
-            Refusal::AllOffline { matching: 1 }
+            Denial::AllOffline { matching: 1 }
         );
         assert!(matches!(
             b.request(30, wait_req("r3", "board=rpi4", 1000)).0,
@@ -2042,7 +2042,7 @@ mod tests {
         ok(&b, 10);
         assert_eq!(
             refused(&b.request(11, req("r3", "board=rpi4")).0),
-            Refusal::AllOffline { matching: 1 }
+            Denial::AllOffline { matching: 1 }
         );
         let ev = b.upsert_exporter(20, "rpi-1", labels(RPI), true);
         assert_eq!(grants(&ev), vec![(s("r2"), s("rpi-1"))]);
@@ -2061,7 +2061,7 @@ mod tests {
         // Nothing registered matches: no wait can help.
         assert_eq!(
             b.request(0, wait_req("r0", "board=imx8", 1000)).0,
-            Outcome::Refused(Refusal::NoMatch)
+            Outcome::Refused(Denial::NoMatch)
         );
         assert!(matches!(
             b.request(0, wait_req("r1", "board=rpi4", 1000)).0,
@@ -2114,13 +2114,13 @@ mod tests {
         // "b" alone, the imx8 request can never be served and is withdrawn.
         let (ev, withdrawn) = b.set_policy(2, "alice", &sel("team=y"));
         assert_eq!(ended(&ev), vec![(s("L-r1"), EndReason::PolicyChanged)]);
-        let withdrawn: Vec<(&str, &Refusal)> = withdrawn
+        let withdrawn: Vec<(&str, &Denial)> = withdrawn
             .iter()
             .map(|(w, r)| (w.request_id.as_str(), r))
             .collect();
         assert_eq!(
             withdrawn,
-            vec![("r4", &Refusal::OutsidePolicy { matching: 1 })]
+            vec![("r4", &Denial::OutsidePolicy { matching: 1 })]
         );
         assert_eq!(b.candidates("r3"), vec!["b"]);
         assert_eq!(b.waiting_by_id("r3").unwrap().policy, "team=y");
@@ -2148,7 +2148,7 @@ mod tests {
         assert_eq!(granted(&b.request(0, mine("r1")).0).exporter, "c");
         assert_eq!(
             refused(&b.request(1, mine("r2")).0),
-            Refusal::AllBusy {
+            Denial::AllBusy {
                 matching: 1,
                 behind: Some(s("L-r1"))
             }
@@ -2158,7 +2158,7 @@ mod tests {
             ..req("r3", "project=other")
         };
         let r = refused(&b.request(2, outside).0);
-        assert_eq!(r, Refusal::OutsidePolicy { matching: 2 });
+        assert_eq!(r, Denial::OutsidePolicy { matching: 2 });
         assert_eq!(
             r.message("project=other", "project=mine"),
             "2 exporters match 'project=other' but none is allowed by this client's policy 'project=mine'"
@@ -2194,11 +2194,11 @@ mod tests {
             ..req("n", "")
         };
         let r = refused(&b.request(1, named).0);
-        assert_eq!(r, Refusal::NoSuchExporter(s("nope")));
+        assert_eq!(r, Denial::NoSuchExporter(s("nope")));
         assert_eq!(r.message("", ""), "no exporter named 'nope' is registered");
 
         let r = refused(&b.request(1, req("m", "board=x")).0);
-        assert_eq!(r, Refusal::NoMatch);
+        assert_eq!(r, Denial::NoMatch);
         assert_eq!(
             r.message("board=x", ""),
             "no exporter matches selector 'board=x'"
@@ -2208,7 +2208,7 @@ mod tests {
             exporter: Some(s("rpi-1")),
             ..req("m2", "board=pi0")
         };
-        assert_eq!(refused(&b.request(1, named).0), Refusal::NoMatch);
+        assert_eq!(refused(&b.request(1, named).0), Denial::NoMatch);
 
         let r = refused(
             &b.request(
@@ -2220,10 +2220,10 @@ mod tests {
             )
             .0,
         );
-        assert_eq!(r, Refusal::OutsidePolicy { matching: 2 });
+        assert_eq!(r, Denial::OutsidePolicy { matching: 2 });
 
         let r = refused(&b.request(1, req("o", "board=pi0")).0);
-        assert_eq!(r, Refusal::AllOffline { matching: 2 });
+        assert_eq!(r, Denial::AllOffline { matching: 2 });
         assert_eq!(
             r.message("board=pi0", ""),
             "2 exporters match 'board=pi0' but none is online and enabled"
@@ -2252,7 +2252,7 @@ mod tests {
         let r = refused(&b.request(2, req("busy", "board=rpi4")).0);
         assert_eq!(
             r,
-            Refusal::AllBusy {
+            Denial::AllBusy {
                 matching: 2,
                 behind: Some(s("L-g2"))
             }
@@ -2264,7 +2264,7 @@ mod tests {
         // wait_until <= now does not wait either.
         assert!(matches!(
             refused(&b.request(2, wait_req("busy2", "board=rpi4", 2)).0),
-            Refusal::AllBusy { .. }
+            Denial::AllBusy { .. }
         ));
 
         let r = refused(
@@ -2277,7 +2277,7 @@ mod tests {
             )
             .0,
         );
-        assert_eq!(r, Refusal::BadDuration);
+        assert_eq!(r, Denial::BadDuration);
         assert!(r.message("", "").contains("greater than zero"));
 
         let dup = NewRequest {
@@ -2285,19 +2285,16 @@ mod tests {
             ..wait_req("dup", "board=rpi4", 100)
         };
         let r = refused(&b.request(2, dup).0);
-        assert_eq!(r, Refusal::LeaseNameInUse(s("L-g1")));
+        assert_eq!(r, Denial::LeaseNameInUse(s("L-g1")));
         assert_eq!(r.message("", ""), "lease name 'L-g1' is already in use");
 
+        assert_eq!(Denial::NoMatch.message("", ""), "no exporter is registered");
         assert_eq!(
-            Refusal::NoMatch.message("", ""),
-            "no exporter is registered"
-        );
-        assert_eq!(
-            Refusal::AllOffline { matching: 1 }.message("", ""),
+            Denial::AllOffline { matching: 1 }.message("", ""),
             "1 exporter exists but it is not online and enabled"
         );
         assert_eq!(
-            Refusal::AllBusy {
+            Denial::AllBusy {
                 matching: 1,
                 behind: None
             }
@@ -3006,9 +3003,9 @@ mod tests {
         selector: &Selector,
         policy: &Selector,
         exporter: Option<&str>,
-    ) -> Refusal {
+    ) -> Denial {
         if let Some(n) = exporter.filter(|n| b.exporter(n).is_none()) {
-            return Refusal::NoSuchExporter(n.to_owned());
+            return Denial::NoSuchExporter(n.to_owned());
         }
         let matching: Vec<(&String, &ExporterState)> = b
             .exporters()
@@ -3030,10 +3027,10 @@ mod tests {
             .min_by(|x, y| (x.end, &x.name).cmp(&(y.end, &y.name)))
             .map(|l| l.name.clone());
         match (matching.len(), candidates.len(), usable) {
-            (0, _, _) => Refusal::NoMatch,
-            (m, 0, _) => Refusal::OutsidePolicy { matching: m },
-            (_, c, 0) => Refusal::AllOffline { matching: c },
-            (_, c, _) => Refusal::AllBusy {
+            (0, _, _) => Denial::NoMatch,
+            (m, 0, _) => Denial::OutsidePolicy { matching: m },
+            (_, c, 0) => Denial::AllOffline { matching: c },
+            (_, c, _) => Denial::AllBusy {
                 matching: c,
                 behind,
             },
@@ -3041,10 +3038,10 @@ mod tests {
     }
 
     /// A refusal no wait can change.
-    fn is_unservable(r: &Refusal) -> bool {
+    fn is_unservable(r: &Denial) -> bool {
         matches!(
             r,
-            Refusal::NoSuchExporter(_) | Refusal::NoMatch | Refusal::OutsidePolicy { .. }
+            Denial::NoSuchExporter(_) | Denial::NoMatch | Denial::OutsidePolicy { .. }
         )
     }
 
@@ -3522,11 +3519,11 @@ mod tests {
                         }
                         Outcome::Refused(r) => {
                             let expected = if *duration == 0 {
-                                Refusal::BadDuration
+                                Denial::BadDuration
                             } else if b.lease(&lease_name).is_some()
                                 || b.waiting().any(|w| w.lease_name == lease_name)
                             {
-                                Refusal::LeaseNameInUse(lease_name.clone())
+                                Denial::LeaseNameInUse(lease_name.clone())
                             } else {
                                 let naive =
                                     naive_refusal(b, &selector, &policy, exporter.as_deref());
@@ -3542,13 +3539,13 @@ mod tests {
                                 return Err(format!("refused {r:?}, expected {expected:?}"));
                             }
                             match r {
-                                Refusal::NoSuchExporter(_) => "refused: no such exporter",
-                                Refusal::NoMatch => "refused: no match",
-                                Refusal::OutsidePolicy { .. } => "refused: outside policy",
-                                Refusal::AllOffline { .. } => "refused: all offline",
-                                Refusal::AllBusy { .. } => "refused: all busy",
-                                Refusal::BadDuration => "refused: bad duration",
-                                Refusal::LeaseNameInUse(_) => "refused: lease name in use",
+                                Denial::NoSuchExporter(_) => "refused: no such exporter",
+                                Denial::NoMatch => "refused: no match",
+                                Denial::OutsidePolicy { .. } => "refused: outside policy",
+                                Denial::AllOffline { .. } => "refused: all offline",
+                                Denial::AllBusy { .. } => "refused: all busy",
+                                Denial::BadDuration => "refused: bad duration",
+                                Denial::LeaseNameInUse(_) => "refused: lease name in use",
                             }
                         }
                     };

@@ -20,7 +20,7 @@
 //! system call per batch.
 
 use crate::metrics::Metrics;
-use jmp_protocol::ctl::{CtlError, CtlErrorCode, RelayGrant, Reply};
+use jmp_protocol::api::{CtlError, CtlErrorCode, RelayGrant, Reply};
 use jmp_protocol::relay::{decode, encode, same_secret, secret_hex, Kind, Secret};
 use jmp_transport::udp::QuietUdp;
 use quinn::udp::{RecvMeta, Transmit};
@@ -259,7 +259,7 @@ impl Relays {
             host: self.cfg.host.clone(),
             secret: secret_hex(secret),
         };
-        let session = Session {
+        let session = RelaySession {
             id: id.clone(),
             lease: lease.to_string(),
             exporter: exporter.to_string(),
@@ -314,7 +314,7 @@ impl Relays {
     }
 }
 
-struct Session {
+struct RelaySession {
     id: String,
     lease: String,
     exporter: String,
@@ -327,7 +327,7 @@ struct Session {
     metrics: Arc<Metrics>,
 }
 
-impl Session {
+impl RelaySession {
     async fn run(mut self) {
         self.metrics.relay_sessions.inc();
         let reason = self.splice().await;

@@ -1,7 +1,7 @@
 //! The command line, as clap definitions only: what each verb takes. What the verbs do lives in
 //! the modules named after their jobs (attach, local, device, verbs, state).
 
-use crate::ctl;
+use crate::controller as ctl;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 

@@ -66,7 +66,7 @@ macro_rules! outln {
 
 pub mod attach;
 pub mod cli;
-pub mod ctl;
+pub mod controller;
 pub mod ctlsock;
 pub mod device;
 pub mod known;

@@ -1,16 +1,16 @@
 //! The controller verbs of the CLI (`config client`, `create|get|update|delete lease`,
-//! `get exporters`, `admin`, `auth rotate`, `attach` by lease), on top of [`crate::ctl`].
+//! `get exporters`, `admin`, `auth rotate`, `attach` by lease), on top of [`crate::controller`].
 
 use super::*;
-use crate::ctl::{self as c, Ctl, Out};
-use jmp_protocol::ctl::{
+use crate::controller::{self as c, Ctl, Out};
+use jmp_protocol::api::{
     ClientConfig, ClientSpec, ClientUpdate, CtlErrorCode, ExporterSpec, LeaseRequest, Reply,
     Request,
 };
 use jmp_protocol::duration::parse_secs;
 use jmp_protocol::selector::{parse_label, Labels, Selector};
 use jmp_protocol::usage::UsageBy;
-use jmp_transport::ctl::CallError;
+use jmp_transport::controller::CallError;
 
 fn duration_arg(flag: &str, s: &str) -> Result<u64> {
     let d = parse_secs(s).map_err(|e| exit(code::USAGE, format!("{flag}: {e}")))?;
@@ -61,9 +61,9 @@ pub(super) fn config_client(cmd: ConfigClientCmd) -> Result<()> {
             let mut cfg = match (from, endpoint, fingerprint, token) {
                 (Some(f), _, _, _) => c::read_client_file(&f)?,
                 (None, Some(endpoint), Some(fingerprint), Some(token)) => ClientConfig {
-                    api_version: jmp_protocol::ctl::API_VERSION.into(),
+                    api_version: jmp_protocol::api::API_VERSION.into(),
                     kind: "ClientConfig".into(),
-                    metadata: jmp_protocol::ctl::ClientMeta { name: name.clone() },
+                    metadata: jmp_protocol::api::ClientMeta { name: name.clone() },
                     endpoint,
                     fingerprint,
                     token,
@@ -249,12 +249,12 @@ pub(super) fn create_cmd(what: CreateCmd) -> Result<()> {
 async fn reusable_lease(
     ctl: &Ctl,
     req: &LeaseRequest,
-) -> Result<Option<jmp_protocol::ctl::LeaseInfo>> {
+) -> Result<Option<jmp_protocol::api::LeaseInfo>> {
     let leases = match ctl.call(Request::GetLeases { all: false }).await? {
         Reply::Leases { leases } => leases,
         other => return Err(c::unexpected(other)),
     };
-    let mut mine: Vec<jmp_protocol::ctl::LeaseInfo> = leases
+    let mut mine: Vec<jmp_protocol::api::LeaseInfo> = leases
         .into_iter()
         .filter(|l| l.status == "active" && l.job == req.job)
         .collect();
@@ -840,8 +840,8 @@ pub(crate) fn relay_route(
                     Err(e) => Err(e),
                 }
                 .map_err(|e| {
-                    use jmp_protocol::ctl::CtlErrorCode as C;
-                    use jmp_transport::ctl::CallError;
+                    use jmp_protocol::api::CtlErrorCode as C;
+                    use jmp_transport::controller::CallError;
                     // The lease is over, or the token or the request is refused: no retry
                     // helps. Anything else (the exporter briefly away) may pass.
                     let code = match &e {
@@ -897,7 +897,7 @@ async fn wait_for_reservation(
         Reply::Leases { leases } => leases,
         other => return Err(c::unexpected(other)),
     };
-    let waiting: Vec<&jmp_protocol::ctl::LeaseInfo> = leases
+    let waiting: Vec<&jmp_protocol::api::LeaseInfo> = leases
         .iter()
         .filter(|l| l.status != "active" && name.is_none_or(|n| n == l.name))
         .collect();

@@ -8,12 +8,12 @@
 
 use crate::hooks::LeaseHooks;
 use jmp_exporter::{Admission, AuthError, Authorizer, Exporter, TokenAuth};
-use jmp_protocol::ctl::{
+use jmp_protocol::api::{
     Call, DeviceSummary, HookReport, Registration, RelayGrant, Reply, Request,
 };
 use jmp_protocol::token::{Claims, TokenKind};
 use jmp_protocol::Hello;
-use jmp_transport::ctl::{CallError, Controllers};
+use jmp_transport::controller::{CallError, Controllers};
 use jmp_transport::token::{peek, Verifier};
 use jmp_transport::Fingerprint;
 use std::collections::HashMap;
@@ -89,7 +89,7 @@ impl Ended {
     }
 
     /// Records what a push said ended (and writes the file if anything is new).
-    fn add(&mut self, ended: &[jmp_protocol::ctl::EndedLease], now: u64) {
+    fn add(&mut self, ended: &[jmp_protocol::api::EndedLease], now: u64) {
         let mut changed = self.prune(now);
         for e in ended {
             let until = match e.until {
@@ -356,7 +356,7 @@ impl Registrar {
             request: Request::Renew,
         };
         let exp = peek(&call.credential).ok().and_then(|c| c.exp).unwrap_or(0);
-        match jmp_transport::ctl::call_once(conn, &call).await {
+        match jmp_transport::controller::call_once(conn, &call).await {
             Ok(Reply::Credential(c)) => {
                 *self.renew_retry.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(tokio::time::Instant::now() + RENEW_RETRY);
@@ -601,7 +601,7 @@ impl Registrar {
         };
         let pending = pending.clone();
         tokio::spawn(async move {
-            if let Err(e) = jmp_transport::ctl::call_once(&conn, &call).await {
+            if let Err(e) = jmp_transport::controller::call_once(&conn, &call).await {
                 if e.is_transient() {
                     pending.lock().unwrap_or_else(|e| e.into_inner()).push(r);
                 } else {
@@ -728,7 +728,7 @@ mod tests {
             pushes: tokio::sync::watch::Sender::new(0),
             direct: None,
         };
-        let ended = |name: &str, until: u64| jmp_protocol::ctl::EndedLease {
+        let ended = |name: &str, until: u64| jmp_protocol::api::EndedLease {
             name: name.into(),
             reason: format!("lease {name} was released"),
             until,

@@ -20,7 +20,7 @@
 
 use jmp_exporter::config::{Hook, Hooks as HookConfig, OnFailure};
 use jmp_exporter::Exporter;
-use jmp_protocol::ctl::{ActiveLease, HookPhase, HookReport};
+use jmp_protocol::api::{ActiveLease, HookPhase, HookReport};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::path::PathBuf;

@@ -206,7 +206,7 @@ pub fn run(args: Args) -> Result<()> {
                 .export
                 .0
                 .iter()
-                .map(|(n, spec)| jmp_protocol::ctl::DeviceSummary {
+                .map(|(n, spec)| jmp_protocol::api::DeviceSummary {
                     name: n.clone(),
                     kind: spec.kind().as_str().to_string(),
                 })

@@ -3,7 +3,7 @@
 //! given client. Used by the controller tests and by every test of lease workflows.
 
 use crate::*;
-use jmp_protocol::ctl::ClientConfig;
+use jmp_protocol::api::ClientConfig;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -13,10 +13,10 @@
 use jmp_e2e::cluster::{have_etcd, Controllers, Etcd};
 use jmp_e2e::lab::LONG;
 use jmp_e2e::*;
-use jmp_protocol::ctl::{
+use jmp_protocol::api::{
     Call, ClientSpec, CtlError, CtlErrorCode, ExporterSpec, LeaseInfo, LeaseRequest, Reply, Request,
 };
-use jmp_transport::ctl::{CallError, Controllers as CtlConn};
+use jmp_transport::controller::{CallError, Controllers as CtlConn};
 use jmp_transport::Fingerprint;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -129,7 +129,7 @@ fn lease_req(id: &str, sel: &str, wait: u64) -> LeaseRequest {
 /// it was alone): what an operator writes into the admin config of a cluster.
 fn admin_config(ctls: &Controllers, root: &Path) -> (PathBuf, String) {
     let text = std::fs::read_to_string(ctls.admin_file()).expect("admin.yaml");
-    let mut c: jmp_protocol::ctl::ClientConfig = serde_norway::from_str(&text).expect("parse");
+    let mut c: jmp_protocol::api::ClientConfig = serde_norway::from_str(&text).expect("parse");
     c.endpoint = ctls.endpoints();
     let p = root.join("admin-all.yaml");
     write_private(&p, &serde_norway::to_string(&c).expect("yaml"));

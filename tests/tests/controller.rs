@@ -7,12 +7,12 @@
 
 use jmp_e2e::lab::*;
 use jmp_e2e::*;
-use jmp_protocol::ctl::{
+use jmp_protocol::api::{
     Call, ClientSpec, CtlErrorCode, ExporterSpec, LeaseInfo, LeaseRequest, Registration, Reply,
     Request,
 };
 use jmp_protocol::selector::{Labels, Selector};
-use jmp_transport::ctl::{call, call_once, CallError};
+use jmp_transport::controller::{call, call_once, CallError};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
@@ -120,7 +120,7 @@ impl Api {
         }
     }
 
-    async fn exporters(&self, cred: &str) -> Vec<jmp_protocol::ctl::ExporterInfo> {
+    async fn exporters(&self, cred: &str) -> Vec<jmp_protocol::api::ExporterInfo> {
         match self
             .call(cred, Request::GetExporters { selector: None })
             .await
@@ -1863,7 +1863,7 @@ fn usage_reports_ended_and_live_leases_per_team_and_survives_a_restart() {
 // Credentials expire; jmp and jmpd renew theirs before they do.
 
 fn token_of_config(file: &Path) -> String {
-    let c: jmp_protocol::ctl::ClientConfig =
+    let c: jmp_protocol::api::ClientConfig =
         serde_norway::from_str(&std::fs::read_to_string(file).expect("read client config"))
             .expect("client config parses");
     c.token

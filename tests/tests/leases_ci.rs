@@ -10,7 +10,7 @@
 
 use jmp_e2e::lab::*;
 use jmp_e2e::*;
-use jmp_protocol::ctl::{Call, Registration, Reply, Request};
+use jmp_protocol::api::{Call, Registration, Reply, Request};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -487,12 +487,12 @@ fn api_call(lab: &Lab, make: impl FnOnce(&quinn::Connection) -> Call) -> Result<
         // exporter offline, and ends the call).
         let keep_open = matches!(c.request, Request::Register(_));
         let r = tokio::time::timeout(LONG, async {
-            let (replies, _send) = jmp_transport::ctl::call(&conn, &c, keep_open).await?;
+            let (replies, _send) = jmp_transport::controller::call(&conn, &c, keep_open).await?;
             let mut replies = replies;
             replies
                 .next()
                 .await?
-                .ok_or(jmp_transport::ctl::CallError::NoAnswer)
+                .ok_or(jmp_transport::controller::CallError::NoAnswer)
         })
         .await
         .expect("an answer in time");

@@ -15,7 +15,7 @@
 
 pub mod channels;
 pub mod connector;
-pub mod ctl;
+pub mod controller;
 pub mod endpoint;
 pub mod gate;
 pub mod identity;

@@ -10,7 +10,7 @@
 //! The signature is ECDSA P-256 with SHA-256 (ASN.1 DER), the key type of [`Identity`].
 
 use crate::{Fingerprint, Identity};
-use jmp_protocol::ctl::{IdentityProof, REGISTRATION_BINDING};
+use jmp_protocol::api::{IdentityProof, REGISTRATION_BINDING};
 use rustls::pki_types::CertificateDer;
 
 /// Bytes of keying material signed.

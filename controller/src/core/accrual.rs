@@ -4,7 +4,7 @@
 use super::Core;
 use crate::book::{EndReason, Lease, Millis};
 use crate::store::{LeaseStore, Op};
-use jmp_protocol::ctl::Reply;
+use jmp_protocol::api::Reply;
 use std::collections::HashMap;
 use tracing::error;
 

@@ -5,7 +5,7 @@
 use super::{err, Caller, Core};
 use crate::book::{EndReason, Event, Lease, Millis};
 use crate::store::{LeaseStore, Table};
-use jmp_protocol::ctl::{CtlErrorCode, HookPhase, HookReport, Reply};
+use jmp_protocol::api::{CtlErrorCode, HookPhase, HookReport, Reply};
 use jmp_protocol::token::TokenKind;
 use tracing::{info, warn};
 

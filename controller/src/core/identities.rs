@@ -5,7 +5,7 @@ use super::records::{Allow, ClientRecord, ExporterRecord};
 use super::{err, now_ms, random_hex, Caller, Core};
 use crate::book::Millis;
 use crate::store::{LeaseStore, Table};
-use jmp_protocol::ctl::{
+use jmp_protocol::api::{
     ClientConfig, ClientInfo, ClientSpec, ClientUpdate, Credential, CtlErrorCode, ExporterSpec,
     IdentityKind, Reply,
 };

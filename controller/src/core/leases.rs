@@ -3,9 +3,9 @@
 //! and the lease tokens clients present to exporters.
 
 use super::{err, fmt_secs, random_hex, Caller, Core, ISSUER};
-use crate::book::{Lease, LeaseBook, Millis, NewRequest, Outcome, Refusal, RequestState, Waiting};
+use crate::book::{Denial, Lease, LeaseBook, Millis, NewRequest, Outcome, RequestState, Waiting};
 use crate::store::LeaseStore;
-use jmp_protocol::ctl::{Access, CtlError, CtlErrorCode, LeaseInfo, LeaseRequest, Reply};
+use jmp_protocol::api::{Access, CtlError, CtlErrorCode, LeaseInfo, LeaseRequest, Reply};
 use jmp_protocol::selector::Selector;
 use jmp_protocol::token::{Claims, TokenKind};
 use std::collections::HashMap;
@@ -43,19 +43,19 @@ fn waiting_info(w: &Waiting) -> LeaseInfo {
 
 /// A refusal's error code, its `jmp_lease_requests_total` result, and its message (naming the
 /// request's selector `sel`, "" for any, and the client's policy `allow`).
-fn refusal_reply(r: &Refusal, sel: &str, allow: &str) -> (CtlErrorCode, &'static str, String) {
+fn refusal_reply(r: &Denial, sel: &str, allow: &str) -> (CtlErrorCode, &'static str, String) {
     let (code, result) = match r {
-        Refusal::NoSuchExporter(_) => (CtlErrorCode::NoMatch, "no_match"),
-        Refusal::NoMatch => (CtlErrorCode::NoMatch, "no_match"),
-        Refusal::OutsidePolicy { .. } => (CtlErrorCode::Forbidden, "outside_policy"),
-        Refusal::AllOffline { .. } => (CtlErrorCode::AllOffline, "all_offline"),
-        Refusal::AllBusy { .. } => (CtlErrorCode::AllBusy, "all_busy"),
-        Refusal::BadDuration => (CtlErrorCode::Invalid, "invalid"),
-        Refusal::LeaseNameInUse(_) => (CtlErrorCode::Internal, "invalid"),
+        Denial::NoSuchExporter(_) => (CtlErrorCode::NoMatch, "no_match"),
+        Denial::NoMatch => (CtlErrorCode::NoMatch, "no_match"),
+        Denial::OutsidePolicy { .. } => (CtlErrorCode::Forbidden, "outside_policy"),
+        Denial::AllOffline { .. } => (CtlErrorCode::AllOffline, "all_offline"),
+        Denial::AllBusy { .. } => (CtlErrorCode::AllBusy, "all_busy"),
+        Denial::BadDuration => (CtlErrorCode::Invalid, "invalid"),
+        Denial::LeaseNameInUse(_) => (CtlErrorCode::Internal, "invalid"),
     };
     let shown = if sel.is_empty() { "(any)" } else { sel };
     let mut msg = r.message(shown, allow);
-    if matches!(r, Refusal::AllBusy { .. }) {
+    if matches!(r, Denial::AllBusy { .. }) {
         msg.push_str("; add --wait SECONDS to queue for one");
     }
     (code, result, msg)

@@ -42,7 +42,7 @@ pub use records::{ClientRecord, ExporterRecord};
 use crate::book::{Event, LeaseBook, Millis};
 use crate::metrics::Metrics;
 use crate::store::{LeaseStore, Table};
-use jmp_protocol::ctl::{CtlError, CtlErrorCode, IdentityKind, Reply, Request};
+use jmp_protocol::api::{CtlError, CtlErrorCode, IdentityKind, Reply, Request};
 use jmp_protocol::token::TokenKind;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;

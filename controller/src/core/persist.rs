@@ -4,7 +4,7 @@
 use super::{err, Core};
 use crate::book::Change;
 use crate::store::{LeaseStore, Op, Table};
-use jmp_protocol::ctl::{CtlError, CtlErrorCode, Reply};
+use jmp_protocol::api::{CtlError, CtlErrorCode, Reply};
 use std::collections::BTreeSet;
 use std::time::Instant;
 

@@ -3,7 +3,7 @@
 //! policy).
 
 use super::Caller;
-use jmp_protocol::ctl::{CtlError, CtlErrorCode, DeviceSummary};
+use jmp_protocol::api::{CtlError, CtlErrorCode, DeviceSummary};
 use jmp_protocol::selector::{Labels, Selector, SelectorError};
 use jmp_protocol::token::TokenKind;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};

@@ -5,7 +5,7 @@
 use super::{err, Caller, Core};
 use crate::book::{Lease, Millis};
 use crate::store::{LeaseStore, Table};
-use jmp_protocol::ctl::{ActiveLease, CtlErrorCode, EndedLease, ExporterInfo, Registration, Reply};
+use jmp_protocol::api::{ActiveLease, CtlErrorCode, EndedLease, ExporterInfo, Registration, Reply};
 use jmp_protocol::selector::Selector;
 use jmp_protocol::token::TokenKind;
 use std::collections::{BTreeSet, HashMap};
@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 /// An exporter's open registration stream.
-pub(super) struct Link {
+pub(super) struct ExporterLink {
     pub tx: mpsc::UnboundedSender<Reply>,
     pub stream: u64,
 }
@@ -21,7 +21,7 @@ pub(super) struct Link {
 /// The registered exporters' streams, and what is to be pushed on them after the commit.
 #[derive(Default)]
 pub(super) struct Links {
-    pub links: HashMap<String, Link>,
+    pub links: HashMap<String, ExporterLink>,
     /// stream → exporter, for `Gone`.
     pub streams: HashMap<u64, String>,
     /// Exporters whose state changed: each gets a push after the commit.
@@ -126,7 +126,7 @@ impl<S: LeaseStore> Core<S> {
         let enabled = rec.enabled;
         if let Some(old) = self.links.links.insert(
             name.clone(),
-            Link {
+            ExporterLink {
                 tx: tx.clone(),
                 stream,
             },

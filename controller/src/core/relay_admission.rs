@@ -4,7 +4,7 @@
 
 use super::{Caller, Core};
 use crate::store::LeaseStore;
-use jmp_protocol::ctl::{CtlError, CtlErrorCode, Reply};
+use jmp_protocol::api::{CtlError, CtlErrorCode, Reply};
 use jmp_protocol::token::TokenKind;
 use tokio::sync::mpsc;
 use tracing::info;

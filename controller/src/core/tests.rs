@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::store::{MemStore, RedbStore};
-use jmp_protocol::ctl::{ClientSpec, Credential, ExporterSpec, LeaseRequest, Registration};
+use jmp_protocol::api::{ClientSpec, Credential, ExporterSpec, LeaseRequest, Registration};
 use jmp_protocol::token::ControllerRef;
 use jmp_transport::token::{peek, Signer};
 
@@ -513,7 +513,7 @@ async fn the_relay_serves_only_the_lease_holder_of_a_relay_exporter_while_the_le
         let cred = match h
             .call(
                 &admin,
-                Request::CreateExporter(jmp_protocol::ctl::ExporterSpec {
+                Request::CreateExporter(jmp_protocol::api::ExporterSpec {
                     name: name.into(),
                     labels: [("site".to_string(), name.to_string())].into(),
                 }),
@@ -760,8 +760,8 @@ async fn an_exporter_credential_lists_no_exporters_and_no_leases() {
     }
 }
 
-fn update(name: &str) -> jmp_protocol::ctl::ClientUpdate {
-    jmp_protocol::ctl::ClientUpdate {
+fn update(name: &str) -> jmp_protocol::api::ClientUpdate {
+    jmp_protocol::api::ClientUpdate {
         name: name.into(),
         ..Default::default()
     }
@@ -832,7 +832,7 @@ async fn a_narrowed_policy_ends_leases_and_withdraws_requests_it_forbids() {
     let r = h
         .call(
             &admin,
-            Request::UpdateClient(jmp_protocol::ctl::ClientUpdate {
+            Request::UpdateClient(jmp_protocol::api::ClientUpdate {
                 allow: Some("board=b".into()),
                 ..update("c")
             }),
@@ -936,7 +936,7 @@ async fn creating_an_existing_client_is_refused_and_update_changes_only_what_is_
     let new = match h
         .call(
             &admin,
-            Request::UpdateClient(jmp_protocol::ctl::ClientUpdate {
+            Request::UpdateClient(jmp_protocol::api::ClientUpdate {
                 reissue: true,
                 ..update("ci")
             }),
@@ -961,7 +961,7 @@ async fn creating_an_existing_client_is_refused_and_update_changes_only_what_is_
     let i = info(
         h.call(
             &admin,
-            Request::UpdateClient(jmp_protocol::ctl::ClientUpdate {
+            Request::UpdateClient(jmp_protocol::api::ClientUpdate {
                 max_duration_secs: Some(4 * 3600),
                 ..update("ci")
             }),
@@ -981,7 +981,7 @@ async fn creating_an_existing_client_is_refused_and_update_changes_only_what_is_
     let r = h
         .call(
             &admin,
-            Request::UpdateClient(jmp_protocol::ctl::ClientUpdate {
+            Request::UpdateClient(jmp_protocol::api::ClientUpdate {
                 allow: Some("board in (".into()),
                 ..update("ci")
             }),

@@ -6,12 +6,12 @@
 
 use crate::{exit, paths};
 use anyhow::{Context, Result};
-use jmp_protocol::ctl::{
+use jmp_protocol::api::{
     Access, Call, ClientConfig, ClientInfo, Credential, CtlErrorCode, ExporterInfo, LeaseInfo,
     Reply, Request,
 };
 use jmp_protocol::exit as code;
-use jmp_transport::ctl::{CallError, Controllers, ReplyStream};
+use jmp_transport::controller::{CallError, Controllers, ReplyStream};
 use serde::{Deserialize, Serialize};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -589,7 +589,7 @@ pub async fn job_lease(ctl: &Ctl) -> Result<Option<String>> {
 // ---------- lease creation with a live queue line ----------
 
 pub struct CreateLease {
-    pub request: jmp_protocol::ctl::LeaseRequest,
+    pub request: jmp_protocol::api::LeaseRequest,
     pub out: Out,
 }
 
@@ -699,7 +699,7 @@ pub async fn create_lease(cfg: &ClientConfig, c: CreateLease) -> Result<LeaseInf
                             let _ = ctl.call(Request::DeleteLease { names: vec![name.clone()], all: false }).await;
                             eprintln!("jmp: withdrew the waiting request {name}");
                         }
-                        return Err(CallError::Refused(jmp_protocol::ctl::CtlError::new(CtlErrorCode::Timeout, "interrupted")));
+                        return Err(CallError::Refused(jmp_protocol::api::CtlError::new(CtlErrorCode::Timeout, "interrupted")));
                     }
                 }
             }
