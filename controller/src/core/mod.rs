@@ -58,6 +58,10 @@ pub const MAX_WAITING_PER_CLIENT: usize = 16;
 
 /// Longest lease when neither the client's policy nor the controller's flag says.
 pub const DEFAULT_MAX_DURATION_SECS: u64 = 24 * 3600;
+/// Default of `--default-idle-timeout`: a lease nothing uses for this long ends. Long enough
+/// for the gap between `jmp create lease` and its first use (a CI step starting, a person
+/// typing `jmp attach`); short enough that a cancelled job's board goes back to the lab soon.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 600;
 
 /// A verified credential's identity (signature checked by the API task; revocation here).
 #[derive(Debug, Clone)]
@@ -99,6 +103,8 @@ pub struct Core<S: LeaseStore> {
     verifier: jmp_transport::token::Verifier,
     metrics: Arc<Metrics>,
     default_max_secs: u64,
+    /// Idle timeout of leases that ask for none (`--default-idle-timeout`, seconds; 0: none).
+    default_idle_secs: u64,
     /// Waiting requests one client may have at once.
     max_waiting: usize,
     /// Lifetime of the credentials issued, seconds (`--credential-ttl`; 0: they never expire).
@@ -216,6 +222,7 @@ impl<S: LeaseStore> Core<S> {
             verifier,
             metrics,
             default_max_secs,
+            default_idle_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             max_waiting: MAX_WAITING_PER_CLIENT,
             credential_ttl: DEFAULT_CREDENTIAL_TTL_SECS,
             out: Vec::new(),
@@ -248,6 +255,12 @@ impl<S: LeaseStore> Core<S> {
     /// How long ended leases stay in the usage history (`--usage-retention`; 0: forever).
     pub fn set_usage_retention(&mut self, ms: Millis) {
         self.usage.history.set_retention(ms);
+    }
+
+    /// The idle timeout of leases that ask for none (`--default-idle-timeout`; 0: they have
+    /// none). A client's policy may cap it.
+    pub fn set_default_idle_timeout(&mut self, secs: u64) {
+        self.default_idle_secs = secs;
     }
 
     /// Changes how many requests one client may have waiting (`--max-waiting-per-client`).
@@ -378,6 +391,7 @@ impl<S: LeaseStore> Core<S> {
                 | Request::UpdateLease { .. }
                 | Request::DeleteLease { .. }
                 | Request::LeaseAccess { .. }
+                | Request::TouchLease { .. }
                 | Request::Relay { .. }
         );
         if client_only && caller.kind != TokenKind::Client {
@@ -427,6 +441,8 @@ impl<S: LeaseStore> Core<S> {
                 self.delete_leases(now, &caller, admin, names, all)
             }
             Request::LeaseAccess { name } => self.access(now, &caller, name),
+            Request::TouchLease { name } => self.touch_lease(now, &caller, name),
+            Request::InUse { lease } => self.in_use(now, &caller, lease),
             Request::GetExporters { selector } => self.get_exporters(&caller, admin, selector),
             Request::CreateClient(spec) => self.create_client(spec),
             Request::UpdateClient(u) => self.update_client(now, u),
@@ -467,9 +483,14 @@ impl<S: LeaseStore> Core<S> {
                     info!(lease = %lease.name, client = %lease.client, exporter = %lease.exporter, "granted from the queue");
                     self.links.push.insert(lease.exporter.clone());
                     self.granted_from_queue(&lease);
+                    self.granted_on(now, &lease);
                 }
                 Event::CleanupOverdue { exporter, lease } => {
                     self.cleanup_overdue(&exporter, &lease);
+                }
+                Event::Extended { lease } => {
+                    info!(lease = %lease.name, client = %lease.client, exporter = %lease.exporter, end = lease.end / 1000, "extended while in use");
+                    self.links.push.insert(lease.exporter.clone());
                 }
                 Event::Ended { lease, reason } => {
                     if let Some(r) = self.relays.as_mut() {
