@@ -67,6 +67,10 @@ pub struct Exporter {
     /// The current preparation's output so far, for clients that start waiting late.
     hook_backlog: Mutex<std::collections::VecDeque<String>>,
     stats: Stats,
+    /// The lease the session holding the board attached under (`None`: nobody holds it, or
+    /// the holder came without a lease), for the controller: a lease is in use while a session
+    /// of it is attached.
+    sessions: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl Exporter {
@@ -106,6 +110,7 @@ impl Exporter {
             hook_lines: tokio::sync::broadcast::channel(256).0,
             hook_backlog: Mutex::default(),
             stats: Stats::default(),
+            sessions: tokio::sync::watch::Sender::new(None),
         })
     }
 
@@ -124,6 +129,26 @@ impl Exporter {
 
     fn seat(&self) -> std::sync::MutexGuard<'_, Seat<LinkHandle>> {
         self.seat.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes the seat, then publishes the lease its holder attached under if that changed
+    /// (under the seat's lock, so two changes cannot publish in the wrong order).
+    fn with_seat<R>(&self, f: impl FnOnce(&mut Seat<LinkHandle>) -> R) -> R {
+        let mut seat = self.seat();
+        let r = f(&mut seat);
+        let lease = seat.holder_lease().map(str::to_string);
+        self.sessions.send_if_modified(|l| {
+            let changed = *l != lease;
+            *l = lease;
+            changed
+        });
+        r
+    }
+
+    /// The lease a session is attached under right now (`None`: nobody holds the board, or
+    /// its holder came without a lease), as it changes.
+    pub fn sessions(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.sessions.subscribe()
     }
 
     fn act(&self, a: Option<Action<LinkHandle>>) {
@@ -263,13 +288,13 @@ impl Exporter {
 
     /// Ends the session of `lease`, if it is attached, telling the client why.
     pub fn end_lease(&self, lease: &str, reason: &str) {
-        let a = self.seat().end_lease(lease, reason);
+        let a = self.with_seat(|s| s.end_lease(lease, reason));
         self.act(a);
     }
 
     /// The controller says `current` is this exporter's lease now.
     pub fn keep_only_lease(&self, current: Option<&str>) {
-        let a = self.seat().keep_only_lease(current);
+        let a = self.with_seat(|s| s.keep_only_lease(current));
         self.act(a);
     }
 
@@ -291,7 +316,7 @@ impl Exporter {
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = watchdog.tick() => {
-                    let a = self.seat().tick(jmp_transport::unix_now());
+                    let a = self.with_seat(|s| s.tick(jmp_transport::unix_now()));
                     self.act(a);
                 }
                 incoming = endpoint.accept() => match incoming {
@@ -310,7 +335,7 @@ impl Exporter {
                 },
             }
         }
-        let holder = self.seat().vacate();
+        let holder = self.with_seat(|s| s.vacate());
         if let Some(h) = holder {
             h.bye(
                 ErrorCode::Shutdown,
@@ -358,17 +383,19 @@ impl Exporter {
             return;
         }
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let verdict = self.seat().admit(
-            Claim {
-                conn: conn_id,
-                handle: link.handle.clone(),
-                client: &hello.client,
-                session: hello.session,
-                admission: &admission,
-                one_shot,
-            },
-            Instant::now(),
-        );
+        let verdict = self.with_seat(|s| {
+            s.admit(
+                Claim {
+                    conn: conn_id,
+                    handle: link.handle.clone(),
+                    client: &hello.client,
+                    session: hello.session,
+                    admission: &admission,
+                    one_shot,
+                },
+                Instant::now(),
+            )
+        });
         match verdict {
             Verdict::Refuse { code, reason } => {
                 warn!(client = %client, "refused {peer}: {reason}");
@@ -427,7 +454,7 @@ impl Exporter {
             w.abort();
         }
         self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
-        self.seat().detached(conn_id);
+        self.with_seat(|s| s.detached(conn_id));
     }
 
     /// The handshake, the Hello and the token check: the part of a connection's life before the

@@ -243,6 +243,11 @@ fn fmt_unix(secs: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
+/// An `in-use` call on its way: what it says, and the controller's answer.
+type InUseReport = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (Option<String>, Result<Reply, CallError>)> + Send>,
+>;
+
 /// What a registration says, and the TLS identity whose key it proves to hold.
 struct Registering<'a> {
     reg: &'a Registration,
@@ -413,6 +418,7 @@ impl Registrar {
             labels,
             devices,
             relay: extras.relay.is_some(),
+            reports_in_use: true,
             ..Default::default()
         };
         let mut reports = extras.reports.take();
@@ -429,6 +435,10 @@ impl Registrar {
                 reg.cleanup_secs = h.cleanup_secs();
                 reg.cleaning = h.owed();
             }
+            // Which lease is in use here, said afresh too: a controller that restarted or
+            // failed over meanwhile learns it from this.
+            let mut sessions = exporter.sessions();
+            reg.attached = sessions.borrow_and_update().clone();
             let res = self
                 .session(
                     &exporter,
@@ -440,6 +450,7 @@ impl Registrar {
                     &extras,
                     &mut reports,
                     &pending,
+                    &mut sessions,
                 )
                 .await;
             if registered {
@@ -469,6 +480,7 @@ impl Registrar {
         extras: &Extras,
         reports: &mut Option<tokio::sync::mpsc::UnboundedReceiver<HookReport>>,
         pending: &Arc<Mutex<Vec<HookReport>>>,
+        sessions: &mut tokio::sync::watch::Receiver<Option<String>>,
     ) -> Result<(), String> {
         let ctl = self.claims.ctl.as_ref().ok_or("no controller")?;
         let pin: Fingerprint = ctl
@@ -500,10 +512,49 @@ impl Registrar {
             .ok_or("the controller closed the connection")?;
         let addr = conn.remote_address();
         let mut first = true;
+        // The sessions as last told to the controller (the registration told the first), and
+        // the report on its way: one at a time, each sent after the answer to the one before,
+        // so the controller hears them in order.
+        let mut told = reg.attached.clone();
+        let mut report_in_flight: Option<InUseReport> = None;
+        // The exporter dropped its end (it is shutting down): nothing more to report.
+        let mut sessions_gone = false;
         loop {
+            if report_in_flight.is_none() && !first {
+                let now = sessions.borrow_and_update().clone();
+                if now != told {
+                    let call = Call {
+                        credential: self.credential(),
+                        request: Request::InUse { lease: now.clone() },
+                    };
+                    let conn = conn.clone();
+                    report_in_flight = Some(Box::pin(async move {
+                        let r = jmp_transport::controller::call_once(&conn, &call).await;
+                        (now, r)
+                    }));
+                }
+            }
             let renew_at = self.renewal_due();
             let next = tokio::select! {
                 r = replies.next() => r,
+                (said, r) = async {
+                    match report_in_flight.as_mut() {
+                        Some(f) => f.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    report_in_flight = None;
+                    match r {
+                        Ok(_) => told = said,
+                        // Registering again tells the controller where things stand.
+                        Err(e) => return Err(format!("reporting the sessions: {e}")),
+                    }
+                    continue;
+                }
+                r = sessions.changed(), if report_in_flight.is_none() && !sessions_gone => {
+                    sessions_gone = r.is_err();
+                    continue;
+                }
                 _ = async {
                     match renew_at {
                         Some(t) => tokio::time::sleep_until(t).await,
