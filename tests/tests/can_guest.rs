@@ -5,18 +5,14 @@
 //! a vcan interface. One boot runs every check (tests/guest/can_checks.sh).
 
 use jmp_e2e::*;
-use std::process::Command;
 use std::time::Duration;
 
 #[test]
 fn real_socketcan_in_a_guest() {
-    let Some(py) = python() else {
-        return skip("no python venv (scripts/install-test-deps.sh)");
-    };
+    let py = require!(python());
     let harness = workspace_root().join("tests/guest/vcan-guest.sh");
-    if !which("qemu-system-x86_64") || !which("candump") {
-        return skip("qemu-system-x86 or can-utils not installed (scripts/install-test-deps.sh)");
-    }
+    require!(skips::tool("qemu-system-x86_64"));
+    require!(skips::tool("candump"));
     let env = TestEnv::new("can-guest");
     // The host's jmpd, reached from the guest through qemu's user-mode network.
     let jmpd = env.start_jmpd(&env.exporter_yaml(
@@ -37,7 +33,7 @@ fn real_socketcan_in_a_guest() {
     let checks = std::fs::read_to_string(workspace_root().join("tests/guest/can_checks.sh"))
         .expect("can_checks.sh");
     std::fs::write(&script, header + &checks).expect("write script");
-    let mut c = Command::new(&harness);
+    let mut c = command(&harness);
     c.arg("run").arg(&script);
     let out = run("vcan-guest", c, &env.logs, Duration::from_secs(400));
     let text = format!("{}\n{}", out.stdout, out.stderr);

@@ -21,7 +21,7 @@ fn assert_passed(out: &RunOutput, what: &str) {
 
 #[test]
 fn the_console_reader_unit_tests_pass() {
-    let Some(bin) = venv_bin() else { return };
+    let bin = require!(venv_bin());
     let env = TestEnv::new("py-unit");
     let report = env.root.join("unit.xml");
     let mut c = tool(&env, &bin, "pytest");
@@ -38,7 +38,7 @@ fn the_console_reader_unit_tests_pass() {
 
 #[test]
 fn pytest_and_robot_against_a_local_board() {
-    let Some(bin) = venv_bin() else { return };
+    let bin = require!(venv_bin());
     let env = TestEnv::new("py-local");
     let _left = Leftovers { env: &env };
     let mut c = env.jmp();
@@ -80,7 +80,7 @@ fn pytest_and_robot_against_a_local_board() {
 
 #[test]
 fn pytest_and_robot_against_a_board_reached_directly() {
-    let Some(bin) = venv_bin() else { return };
+    let bin = require!(venv_bin());
     let env = TestEnv::new("py-direct");
     let _left = Leftovers { env: &env };
     let jmpd = env.start_jmpd(&env.exporter_yaml("bench-01", "127.0.0.1:0", widget_export()));
@@ -128,7 +128,7 @@ fn pytest_and_robot_against_a_board_reached_directly() {
 
 #[test]
 fn pytest_leases_by_selector_and_reports_the_console_of_a_failure() {
-    let Some(bin) = venv_bin() else { return };
+    let bin = require!(venv_bin());
     let (lab, _jmpd) = widget_lab("py-lease");
     let env = &lab.env;
     let _left = Leftovers { env };
@@ -231,7 +231,7 @@ fn pytest_leases_by_selector_and_reports_the_console_of_a_failure() {
 
 #[test]
 fn an_interrupted_pytest_gives_the_board_back() {
-    let Some(bin) = venv_bin() else { return };
+    let bin = require!(venv_bin());
     let (lab, _jmpd) = widget_lab("py-interrupt");
     let env = &lab.env;
     let _left = Leftovers { env };
@@ -262,7 +262,7 @@ fn an_interrupted_pytest_gives_the_board_back() {
 
 #[test]
 fn robot_leases_by_selector_and_logs_the_console_of_a_failure() {
-    let Some(bin) = venv_bin() else { return };
+    let bin = require!(venv_bin());
     let (lab, _jmpd) = widget_lab("py-robot");
     let env = &lab.env;
     let _left = Leftovers { env };
@@ -315,7 +315,7 @@ fn robot_leases_by_selector_and_logs_the_console_of_a_failure() {
 
 #[test]
 fn the_robot_library_documentation_builds() {
-    let Some(bin) = venv_bin() else { return };
+    let bin = require!(venv_bin());
     let env = TestEnv::new("py-libdoc");
     for lib in ["JmpLibrary", "JumpstarterLibrary"] {
         let spec = env.root.join(format!("{lib}.json"));
