@@ -103,12 +103,22 @@ pub struct Options {
     pub stdin: bool,
 }
 
+impl Options {
+    /// Stdout read line by line, stdin from /dev/null.
+    pub const LINES: Options = Options {
+        stdout: Stdout::Lines,
+        stdin: false,
+    };
+    /// Stdout into the log, stdin from /dev/null.
+    pub const LOG: Options = Options {
+        stdout: Stdout::Log,
+        stdin: false,
+    };
+}
+
 impl Default for Options {
     fn default() -> Options {
-        Options {
-            stdout: Stdout::Lines,
-            stdin: false,
-        }
+        Options::LINES
     }
 }
 
