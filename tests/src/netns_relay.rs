@@ -183,19 +183,7 @@ impl RelayNet {
 
     /// `cmd` (program, arguments, environment, directory) inside namespace `ns`.
     pub fn wrap(&self, ns: &str, cmd: Command) -> Command {
-        let mut c = command("ip");
-        c.args(["netns", "exec", ns]).arg(cmd.get_program());
-        c.args(cmd.get_args());
-        for (k, v) in cmd.get_envs() {
-            match v {
-                Some(v) => c.env(k, v),
-                None => c.env_remove(k),
-            };
-        }
-        if let Some(d) = cmd.get_current_dir() {
-            c.current_dir(d);
-        }
-        c
+        crate::in_netns(ns, cmd)
     }
 
     /// Packets the exporter's firewall dropped (new inbound connections).
