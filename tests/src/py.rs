@@ -156,13 +156,22 @@ pub fn widget_export() -> &'static str {
 /// vendor=acme, model=widget-v2 (the examples' selector) and project=myproject (the CI
 /// recipes'), and a client config `ci-client` (imported, not made current).
 pub fn widget_lab(tag: &str) -> (crate::lab::Lab, crate::Jmpd) {
+    widget_lab_at(tag, None)
+}
+
+/// [`widget_lab`] whose exporter tells the controller that clients reach it at `address`
+/// (`controller: {address: ...}`) instead of its own listening address.
+pub fn widget_lab_at(tag: &str, address: Option<&str>) -> (crate::lab::Lab, crate::Jmpd) {
     let lab = crate::lab::Lab::new(tag);
     let token = lab.create_exporter(
         "widget-01",
         &["vendor=acme", "model=widget-v2", "project=myproject"],
     );
+    let advertised = address
+        .map(|a| format!(", address: {a:?}"))
+        .unwrap_or_default();
     let yaml = format!(
-        "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: widget-01}}\nlisten: 127.0.0.1:0\nstateDir: {}\ncontroller: {{tokenFile: {}}}\nexport:\n  {}",
+        "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: widget-01}}\nlisten: 127.0.0.1:0\nstateDir: {}\ncontroller: {{tokenFile: {}{advertised}}}\nexport:\n  {}",
         lab.env.root.join("state-widget").display(),
         token.display(),
         widget_export().trim_end().replace('\n', "\n  ")

@@ -10,6 +10,8 @@ use jmp_e2e::py::*;
 use jmp_e2e::*;
 use nix::sys::signal::Signal;
 use serde_json::Value;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 fn leases_of(lab: &Lab) -> Vec<Value> {
@@ -399,22 +401,73 @@ fn a_pytest_interrupted_while_waiting_for_a_lease_leaves_no_request() {
     }
 }
 
+/// A UDP relay between clients and one server (jmpd) that carries nothing while closed: a
+/// client's QUIC handshake through it stays under way (its packets are dropped, and resent by
+/// QUIC) until it opens. Its thread ends with the test process.
+struct UdpGate {
+    addr: std::net::SocketAddr,
+    server: Arc<Mutex<Option<std::net::SocketAddr>>>,
+    open: Arc<AtomicBool>,
+}
+
+impl UdpGate {
+    fn new() -> UdpGate {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind the gate");
+        let addr = sock.local_addr().expect("the gate's address");
+        let server: Arc<Mutex<Option<std::net::SocketAddr>>> = Arc::default();
+        let open = Arc::new(AtomicBool::new(false));
+        let (srv, op) = (server.clone(), open.clone());
+        std::thread::spawn(move || {
+            let mut client = None;
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let Some(server) = *srv.lock().unwrap_or_else(|e| e.into_inner()) else {
+                    continue;
+                };
+                if !op.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let to = if from == server {
+                    match client {
+                        Some(c) => c,
+                        None => continue,
+                    }
+                } else {
+                    client = Some(from);
+                    server
+                };
+                let _ = sock.send_to(&buf[..n], to);
+            }
+        });
+        UdpGate { addr, server, open }
+    }
+
+    fn to(&self, server: std::net::SocketAddr) {
+        *self.server.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
+    }
+
+    fn set_open(&self, open: bool) {
+        self.open.store(open, Ordering::SeqCst);
+    }
+}
+
 #[test]
 fn a_pytest_interrupted_while_attaching_gives_the_board_back() {
     let bin = require!(venv_bin());
-    let (lab, jmpd) = widget_lab("py-int-attach");
+    // Clients reach the exporter through a gate: closed, an attachment stays under way for as
+    // long as the test needs, while the exporter stays connected to the controller.
+    let gate = UdpGate::new();
+    let (lab, jmpd) = widget_lab_at("py-int-attach", Some(&gate.addr.to_string()));
+    gate.to(jmpd.addr);
     let env = &lab.env;
     let _left = Leftovers { env };
     for how in INTERRUPTS {
-        let p = {
-            // The exporter does not answer while stopped: the attachment stays under way until
-            // the interruption has been sent; then it answers again, as a slow exporter would.
-            let _stopped = Stopped::new(&jmpd.proc);
-            let mut p = pytest_as_ci(env, &bin, &["interrupt", "-s"]);
-            wait_for_jmp(&mut p, &["attach", "--lease"]);
-            how.send(&p);
-            p
-        };
+        gate.set_open(false);
+        let mut p = pytest_as_ci(env, &bin, &["interrupt", "-s"]);
+        wait_for_jmp(&mut p, &["attach", "--lease"]);
+        how.send(&p);
+        // The exporter answers again, as a slow one would, once the interruption is sent.
+        gate.set_open(true);
         assert_given_back(&lab, p, how, "while attaching");
     }
 }
