@@ -21,7 +21,7 @@ use std::process::Command;
 const IDLE: &str = "2s";
 
 fn lab(tag: &str, listen: &str) -> (Lab, Jmpd) {
-    widget_lab_with(tag, listen, &["--default-idle-timeout", IDLE])
+    widget_lab_with(tag, listen, &["--default-idle-timeout", IDLE], None)
 }
 
 /// `jmp ARGS` as the CI client in job `job` (its leases are tagged with it).
