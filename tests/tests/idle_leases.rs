@@ -111,7 +111,7 @@ fn told_it_ended_idle(lab: &Lab, job: &str, lease: &str) {
 /// lease's idle timeout has passed; with a restart of the controller in between too.
 #[test]
 fn a_killed_job_frees_its_board_as_idle_with_and_without_a_controller_restart() {
-    let Some(bin) = venv_bin() else { return };
+    let bin = require!(venv_bin());
     let port = free_udp_port();
     let listen = format!("127.0.0.1:{port}");
     let (mut lab, _jmpd) = lab("idle-killed", &listen);
@@ -195,7 +195,7 @@ fn a_killed_job_frees_its_board_as_idle_with_and_without_a_controller_restart() 
 /// release nothing) takes the attachment along, and the lease the plugin made ends as idle.
 #[test]
 fn a_killed_pytest_takes_its_attachment_along_and_its_lease_ends_as_idle() {
-    let Some(bin) = venv_bin() else { return };
+    let bin = require!(venv_bin());
     let (lab, _jmpd) = lab("idle-pytest", "127.0.0.1:0");
     let env = &lab.env;
     let _left = Leftovers { env };
