@@ -30,7 +30,9 @@ fn job_cmd(lab: &Lab, job: &str, args: &[&str]) -> Command {
     for v in CI_VARS {
         c.env_remove(v);
     }
-    c.env("JMP_CLIENT", "ci-client").env("JMP_JOB", job).args(args);
+    c.env("JMP_CLIENT", "ci-client")
+        .env("JMP_JOB", job)
+        .args(args);
     c
 }
 
@@ -80,7 +82,11 @@ fn waiter(lab: &Lab, job: &str) -> Proc {
 /// The waiter's lease, once granted.
 fn granted(p: &mut Proc) -> Value {
     let status = p.expect_exit(LONG);
-    assert!(status.success(), "the waiter got no board: {}", p.describe());
+    assert!(
+        status.success(),
+        "the waiter got no board: {}",
+        p.describe()
+    );
     let l = lease_json(&p.stdout_so_far());
     assert_eq!(l["exporter"], "widget-01", "{l}");
     l
@@ -94,8 +100,7 @@ fn told_it_ended_idle(lab: &Lab, job: &str, lease: &str) {
     );
     assert_eq!(out.status.code(), Some(5), "{}", show(&out));
     assert!(
-        out.stderr
-            .contains(&format!("lease {lease} ended at "))
+        out.stderr.contains(&format!("lease {lease} ended at "))
             && out
                 .stderr
                 .contains("nothing used it for 2s (its idle timeout)"),
@@ -144,7 +149,10 @@ fn a_killed_job_frees_its_board_as_idle_with_and_without_a_controller_restart() 
         assert_eq!(l["idle_timeout"], 2, "{l}");
         // Step 2: the tests, under jmp shell; they hold the board until killed.
         let script = format!("jmp shell --lease {lease} pytest -p no:cacheprovider interrupt -s");
-        let mut step = lab.spawn(&format!("step-{restart}"), step_shell(&lab, &bin, &job, &script));
+        let mut step = lab.spawn(
+            &format!("step-{restart}"),
+            step_shell(&lab, &bin, &job, &script),
+        );
         step.expect_line(READY, "the test holding the board", |l| {
             l.contains("JMP-HOLDING widget-01")
         });
@@ -254,7 +262,10 @@ fn an_auto_extended_lease_in_use_outlives_its_duration_and_ends_at_its_hard_limi
         ),
     );
     let l = lease_json(&out);
-    let (name, first_end) = (l["name"].as_str().unwrap().to_string(), l["end"].as_u64().unwrap());
+    let (name, first_end) = (
+        l["name"].as_str().unwrap().to_string(),
+        l["end"].as_u64().unwrap(),
+    );
     let hard = l["hard_limit"].as_u64().expect("a hard limit");
     assert_eq!(hard, l["begin"].as_u64().unwrap() + 9, "{l}");
     assert_eq!(l["idle_timeout"], 30, "{l}");
@@ -297,7 +308,10 @@ fn an_auto_extended_lease_in_use_outlives_its_duration_and_ends_at_its_hard_limi
 #[test]
 fn an_extension_or_a_limit_beyond_the_policy_is_refused() {
     let (lab, _jmpd) = lab("idle-policy", "127.0.0.1:0");
-    lab.create_client("strict", &["--max-duration", "1h", "--max-idle-timeout", "5m"]);
+    lab.create_client(
+        "strict",
+        &["--max-duration", "1h", "--max-idle-timeout", "5m"],
+    );
     let as_strict = |args: &[&str]| {
         let mut c = lab.as_client("strict", args);
         for v in ["JMP_JOB", "GITHUB_RUN_ID", "CI_JOB_ID"] {
@@ -331,7 +345,10 @@ fn an_extension_or_a_limit_beyond_the_policy_is_refused() {
         .trim()
         .to_string();
     let l = find_lease(&lab.leases(), &name).cloned().expect("listed");
-    assert_eq!(l["idle_timeout"], 2, "the controller's default, within the policy: {l}");
+    assert_eq!(
+        l["idle_timeout"], 2,
+        "the controller's default, within the policy: {l}"
+    );
     refused(
         "extend-long",
         &["update", "lease", &name, "--duration", "2h"],
