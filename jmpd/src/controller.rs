@@ -252,6 +252,8 @@ type InUseReport = std::pin::Pin<
 struct Registering<'a> {
     reg: &'a Registration,
     identity: &'a jmp_transport::Identity,
+    /// Which lease a session is attached under, as the exporter says (reported on changes).
+    sessions: &'a mut tokio::sync::watch::Receiver<Option<String>>,
 }
 
 /// Everything needed to run controller mode, from the exporter's credential file.
@@ -445,12 +447,12 @@ impl Registrar {
                     Registering {
                         reg: &reg,
                         identity: &identity,
+                        sessions: &mut sessions,
                     },
                     &mut registered,
                     &extras,
                     &mut reports,
                     &pending,
-                    &mut sessions,
                 )
                 .await;
             if registered {
@@ -475,12 +477,15 @@ impl Registrar {
     async fn session(
         &self,
         exporter: &Exporter,
-        Registering { reg, identity }: Registering<'_>,
+        Registering {
+            reg,
+            identity,
+            sessions,
+        }: Registering<'_>,
         registered: &mut bool,
         extras: &Extras,
         reports: &mut Option<tokio::sync::mpsc::UnboundedReceiver<HookReport>>,
         pending: &Arc<Mutex<Vec<HookReport>>>,
-        sessions: &mut tokio::sync::watch::Receiver<Option<String>>,
     ) -> Result<(), String> {
         let ctl = self.claims.ctl.as_ref().ok_or("no controller")?;
         let pin: Fingerprint = ctl

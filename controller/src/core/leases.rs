@@ -918,12 +918,9 @@ impl<S: LeaseStore> Core<S> {
 
     /// The caller's lease `name`, or its only active one (the error says why there is none,
     /// or which to choose from).
-    fn lease_named(&self, caller: &Caller, name: Option<String>) -> Result<Lease, Reply> {
+    fn lease_named(&self, caller: &Caller, name: Option<String>) -> Result<Lease, CtlError> {
         Ok(match name {
-            Some(n) => match self.own_lease(caller, false, &n) {
-                Ok(l) => l,
-                Err(e) => return Err(Reply::Error(e)),
-            },
+            Some(n) => self.own_lease(caller, false, &n)?,
             None => {
                 let mine: Vec<&Lease> = self
                     .book
@@ -933,7 +930,7 @@ impl<S: LeaseStore> Core<S> {
                 match mine.as_slice() {
                     [l] => (*l).clone(),
                     [] => {
-                        return Err(err(
+                        return Err(CtlError::new(
                             CtlErrorCode::NotFound,
                             format!(
                                 "client {} has no active lease (jmp create lease -l SELECTOR)",
@@ -943,7 +940,7 @@ impl<S: LeaseStore> Core<S> {
                     }
                     many => {
                         let names: Vec<&str> = many.iter().map(|l| l.name.as_str()).collect();
-                        return Err(err(
+                        return Err(CtlError::new(
                             CtlErrorCode::Ambiguous,
                             format!(
                                 "client {} holds {} leases ({}); pick one with --lease",
@@ -967,7 +964,7 @@ impl<S: LeaseStore> Core<S> {
     ) -> Reply {
         let lease = match self.lease_named(caller, name) {
             Ok(l) => l,
-            Err(r) => return r,
+            Err(e) => return Reply::Error(e),
         };
         let (now_lease, ev) = self.book.touch(now, &lease.name);
         self.on_events(now, ev);
@@ -987,7 +984,7 @@ impl<S: LeaseStore> Core<S> {
     pub(super) fn access(&mut self, now: Millis, caller: &Caller, name: Option<String>) -> Reply {
         let lease = match self.lease_named(caller, name) {
             Ok(l) => l,
-            Err(r) => return r,
+            Err(e) => return Reply::Error(e),
         };
         let (now_lease, ev) = self.book.touch(now, &lease.name);
         self.on_events(now, ev);
