@@ -549,9 +549,17 @@ impl Registrar {
                     }
                 } => {
                     report_in_flight = None;
+                    // Anything but `done` (a refusal, a store that could not take it, a lost
+                    // connection) means the controller may not know: registering again tells
+                    // it where things stand.
                     match r {
-                        Ok(_) => told = said,
-                        // Registering again tells the controller where things stand.
+                        Ok(Reply::Done) => told = said,
+                        Ok(Reply::Error(e)) => {
+                            return Err(format!("reporting the sessions: {}", e.message))
+                        }
+                        Ok(other) => {
+                            return Err(format!("reporting the sessions: unexpected answer {other:?}"))
+                        }
                         Err(e) => return Err(format!("reporting the sessions: {e}")),
                     }
                     continue;
