@@ -119,6 +119,11 @@ pub struct Lease {
     /// Extended while in use, up to a hard limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_extend: Option<AutoExtend>,
+    /// It does not end as idle before this: a restored lease waits for its exporter to say
+    /// whether a session is attached ([`LeaseBook::hold_idle_ends`]). Not persisted: each load
+    /// sets its own.
+    #[serde(skip)]
+    pub idle_not_before: Millis,
 }
 
 impl Lease {
@@ -128,7 +133,8 @@ impl Lease {
         if self.attached {
             return None;
         }
-        self.idle_timeout.map(|d| self.last_use.saturating_add(d))
+        self.idle_timeout
+            .map(|d| self.last_use.saturating_add(d).max(self.idle_not_before))
     }
 
     /// Whether it counts as in use at `t` for its auto-extension: attached, or used within
@@ -919,6 +925,7 @@ impl LeaseBook {
                     last_use: now,
                     attached: false,
                     auto_extend: auto_extend(now, req.duration, req.max_duration),
+                    idle_not_before: 0,
                 };
                 self.insert_lease(lease.clone());
                 return (Outcome::Granted(lease), events);
@@ -1303,6 +1310,24 @@ impl LeaseBook {
     /// The latest `now` the book advanced to (time never goes backwards inside the book).
     pub fn clock(&self) -> Millis {
         self.clock
+    }
+
+    /// No lease live now ends as idle before `until`; one whose idle deadline passes earlier
+    /// ends then (if nothing used it meanwhile). For a restored book: what the store says is
+    /// attached is kept until the exporter says otherwise, but a session that attached while no
+    /// controller listened is only heard of when its exporter registers again, so idle
+    /// deadlines that passed during the downtime wait for that (a lease nobody used still
+    /// ends, a little later). Leases granted later are not held. Not a change to persist.
+    pub fn hold_idle_ends(&mut self, until: Millis) {
+        let names: Vec<String> = self.leases.keys().cloned().collect();
+        for name in names {
+            let change = Change::Lease(name.clone());
+            let had = self.changes.contains(&change);
+            self.modify_lease(&name, |l| l.idle_not_before = until);
+            if !had {
+                self.changes.remove(&change);
+            }
+        }
     }
 
     /// Checks every promise and every index against a from-scratch recomputation; slow, for
@@ -1788,6 +1813,7 @@ impl LeaseBook {
             last_use: self.clock,
             attached: false,
             auto_extend: auto_extend(self.clock, w.duration, w.max_duration),
+            idle_not_before: 0,
         };
         self.insert_lease(lease.clone());
         events.push(Event::Granted { lease });
@@ -2936,6 +2962,27 @@ mod tests {
         let l = r.lease("L-r2").unwrap();
         assert_eq!((l.last_use, l.idle_timeout), (3, None));
         assert_eq!(l.auto_extend.unwrap().hard_end, l.end);
+    }
+
+    #[test]
+    fn after_a_restart_idle_ends_wait_for_the_exporters_to_report() {
+        let mut b = book_with(&[("rpi-1", RPI), ("rpi-2", RPI)]);
+        granted(&b.request(0, live_req("r1", Some(10), None)).0);
+        granted(&b.request(0, live_req("r2", Some(10), None)).0);
+        let (exporters, leases, waiting) = parts(&b);
+        let mut r = LeaseBook::restore(exporters, leases, waiting);
+        // Down from 0 to 30: both deadlines (10) passed; the exporters may register until 50.
+        r.hold_idle_ends(50);
+        assert_eq!(r.next_deadline(), Some(50));
+        assert!(r.set_online(30, "rpi-1", true).is_empty());
+        assert!(r.set_online(30, "rpi-2", true).is_empty());
+        // rpi-1's session attached while the controller was down: it says so, and is in use.
+        assert!(r.set_attached(40, "rpi-1", Some("L-r1")).is_empty());
+        assert!(r.tick(49).is_empty());
+        // Nobody used L-r2: it ends once the hold is over, not later.
+        assert_eq!(ended(&r.tick(50)), vec![(s("L-r2"), EndReason::Idle)]);
+        assert!(r.lease("L-r1").is_some_and(|l| l.attached));
+        ok(&r, 50);
     }
 
     #[test]
@@ -4092,6 +4139,8 @@ mod tests {
                             return Err(format!("restore changed the state of {id}"));
                         }
                     }
+                    // Idle ends wait a little for the exporters to say what is attached.
+                    restored.hold_idle_ends(now + 3);
                     self.book = restored;
                     self.stat("restart");
                     for name in online {

@@ -105,6 +105,8 @@ pub struct Core<S: LeaseStore> {
     default_max_secs: u64,
     /// Idle timeout of leases that ask for none (`--default-idle-timeout`, seconds; 0: none).
     default_idle_secs: u64,
+    /// When the store was loaded (idle ends are held for a grace after it).
+    loaded_at: Millis,
     /// Waiting requests one client may have at once.
     max_waiting: usize,
     /// Lifetime of the credentials issued, seconds (`--credential-ttl`; 0: they never expire).
@@ -209,6 +211,11 @@ impl<S: LeaseStore> Core<S> {
             revision = snap.revision,
             "state loaded"
         );
+        let mut book = book;
+        // Leases whose idle deadline passed while no controller listened wait until the
+        // exporters could register again and say which are attached (see set_orphan_grace).
+        let loaded_at = now_ms();
+        book.hold_idle_ends(loaded_at + ORPHAN_GRACE.as_millis() as u64);
         let verifier = auth.signer.verifier();
         let mut core = Core {
             persist: persist::Persistence::new(store, store_name, snap.revision, unclaimed),
@@ -223,6 +230,7 @@ impl<S: LeaseStore> Core<S> {
             metrics,
             default_max_secs,
             default_idle_secs: DEFAULT_IDLE_TIMEOUT_SECS,
+            loaded_at,
             max_waiting: MAX_WAITING_PER_CLIENT,
             credential_ttl: DEFAULT_CREDENTIAL_TTL_SECS,
             out: Vec::new(),
@@ -269,9 +277,12 @@ impl<S: LeaseStore> Core<S> {
     }
 
     /// Changes [`ORPHAN_GRACE`] (tests).
-    /// Deadlines already set (those restored by [`Core::open`]) are capped to the new grace.
+    /// Deadlines already set (those restored by [`Core::open`]) are capped to the new grace,
+    /// and so is the hold on idle ends after the load (the exporters' time to register again).
     pub fn set_orphan_grace(&mut self, d: Duration) {
         self.waiters.set_grace(d);
+        self.book
+            .hold_idle_ends(self.loaded_at.saturating_add(d.as_millis() as u64));
     }
 
     pub fn has_client(&self, name: &str) -> bool {

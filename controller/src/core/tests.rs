@@ -1569,7 +1569,12 @@ async fn liveness_survives_a_restart_and_silent_exporters_count_as_attached() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         (exp, c, l)
     };
-    let mut h = start(RedbStore::open(&db).unwrap(), auth, ORPHAN_GRACE);
+    // A short grace after the load: idle ends wait that long for the exporters to register.
+    let mut h = start(
+        RedbStore::open(&db).unwrap(),
+        auth,
+        Duration::from_millis(300),
+    );
     let shown = leases_of(&mut h, &c).await;
     assert!(shown[0].attached, "attached across the restart: {shown:?}");
     // The exporter registers again: its session left while the controller was down.
