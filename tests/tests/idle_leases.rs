@@ -81,13 +81,18 @@ fn waiter(lab: &Lab, job: &str) -> Proc {
 
 /// The waiter's lease, once granted.
 fn granted(p: &mut Proc) -> Value {
+    // The line first: stdout is read by another thread, which may not have passed it on yet
+    // when the process's exit is seen.
+    let line = p.expect_line(LONG, "the granted lease (JSON)", |l| {
+        l.trim_start().starts_with('{')
+    });
     let status = p.expect_exit(LONG);
     assert!(
         status.success(),
         "the waiter got no board: {}",
         p.describe()
     );
-    let l = lease_json(&p.stdout_so_far());
+    let l = lease_json(&line);
     assert_eq!(l["exporter"], "widget-01", "{l}");
     l
 }
