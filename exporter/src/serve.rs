@@ -404,14 +404,18 @@ impl Exporter {
                 }
             }));
         }
+        // The session's channels and requests, within its budget; dropped below, when the
+        // session ends, which ends them all and stops their blocking work.
+        let scope = self.devices.session();
         while let Some(ev) = link.events.recv().await {
             match ev {
                 LinkEvent::Incoming(inc) if one_shot => inc.reject(
                     ErrorCode::Unsupported,
                     "a one-shot session makes device requests only; attach to open channels",
                 ),
-                LinkEvent::Incoming(inc) => self.devices.serve_incoming(inc),
-                LinkEvent::Request(r) => self.devices.serve_request(r),
+                LinkEvent::Incoming(inc) => scope.serve_incoming(inc),
+                LinkEvent::Request(r) => scope.serve_request(r),
+                LinkEvent::Closed { channel, .. } => scope.closed(channel),
                 LinkEvent::Ended {
                     code,
                     reason,
@@ -423,6 +427,7 @@ impl Exporter {
                 other => debug!(?other, "event"),
             }
         }
+        drop(scope);
         for w in watchers {
             w.abort();
         }
