@@ -727,8 +727,8 @@ async fn hashes_stop_when_their_channel_or_session_ends() {
     until("both hashes stop", || load(&usage.jobs) == 0).await;
     let done = load(&usage.job_bytes) - started;
     assert!(
-        done < 2 * BIG,
-        "the hashes ran to their end ({done} bytes) although their session ended"
+        done < BIG,
+        "a hash ran to its end ({done} bytes in all) although its session ended"
     );
     assert!(req.await.expect("task").is_err(), "no answer after the end");
     assert_eq!(load(&usage.bytes), 0, "everything given back");

@@ -43,6 +43,17 @@ pub enum PrepState {
     Failed(String),
 }
 
+/// Whose the board's output is now: the holder it is printed for. Controller mode: a lease
+/// and its client (the token's). Direct and local mode have no leases: a holder is a client
+/// name, the Hello's own, so there this keeps one user's console from the next user's by
+/// accident; it cannot keep it from someone else holding the same token, who is trusted
+/// alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Tenure {
+    lease: Option<String>,
+    client: String,
+}
+
 /// Counters for jmpd's metrics (the exporter library keeps them; jmpd serves them).
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -67,6 +78,9 @@ pub struct Exporter {
     /// The current preparation's output so far, for clients that start waiting late.
     hook_backlog: Mutex<std::collections::VecDeque<String>>,
     stats: Stats,
+    /// The current holder; `None` until the first one since the exporter started.
+    tenure: Mutex<Option<Tenure>>,
+    history: crate::config::History,
 }
 
 impl Exporter {
@@ -106,7 +120,43 @@ impl Exporter {
             hook_lines: tokio::sync::broadcast::channel(256).0,
             hook_backlog: Mutex::default(),
             stats: Stats::default(),
+            tenure: Mutex::default(),
+            history: cfg.history,
         })
+    }
+
+    /// A holder's tenure begins (or goes on): when it is another client's, or another lease's
+    /// and the config keeps history per lease, the devices forget what the board printed
+    /// before, so the new holder sees only its own lease's output (a power-on's boot log
+    /// inside it included). The first holder since the exporter started sees what the board
+    /// printed since the start: that was printed for nobody.
+    fn begin_tenure(&self, next: Tenure) {
+        let mut cur = self.tenure.lock().unwrap_or_else(|e| e.into_inner());
+        let forget = match cur.as_ref() {
+            None => false,
+            Some(c) if *c == next => return,
+            Some(c) => !(self.history == crate::config::History::Client && c.client == next.client),
+        };
+        info!(
+            lease = next.lease.as_deref().unwrap_or("-"),
+            client = %name::escape(&next.client),
+            "new holder; earlier console output is {}",
+            if forget { "not shown to it" } else { "kept for it" }
+        );
+        *cur = Some(next);
+        if forget {
+            self.devices.new_holder();
+        }
+    }
+
+    /// The controller says `lease` of `client` is this exporter's current lease: its tenure
+    /// begins now, before its client attaches (and before its beforeLease hook, which may
+    /// power the board on: that boot log is the new lease's).
+    pub fn lease_began(&self, lease: &str, client: &str) {
+        self.begin_tenure(Tenure {
+            lease: Some(lease.to_string()),
+            client: client.to_string(),
+        });
     }
 
     pub fn name(&self) -> &str {
@@ -126,21 +176,25 @@ impl Exporter {
         self.seat.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Does what the seat decided, then ends the one-shot sessions that may no longer stay
+    /// after that change (see [`Seat::strays`]).
     fn act(&self, a: Option<Action<LinkHandle>>) {
-        match a {
-            None => {}
-            Some(Action::Bye {
-                handle,
-                code,
-                reason,
-            }) => {
-                info!(
-                    "ending the session from {}: {reason}",
-                    handle.remote_address()
-                );
-                handle.bye(code, reason);
+        let strays = self.seat().strays(jmp_transport::unix_now());
+        for a in a.into_iter().chain(strays) {
+            match a {
+                Action::Bye {
+                    handle,
+                    code,
+                    reason,
+                } => {
+                    info!(
+                        "ending the session from {}: {reason}",
+                        handle.remote_address()
+                    );
+                    handle.bye(code, reason);
+                }
+                Action::Notice { handle, text } => handle.notice(text),
             }
-            Some(Action::Notice { handle, text }) => handle.notice(text),
         }
     }
 
@@ -376,7 +430,18 @@ impl Exporter {
                 drain(&mut link).await;
                 return;
             }
-            Verdict::Admit { evict } => self.act(evict),
+            Verdict::Admit { evict } => {
+                self.act(evict);
+                // A one-shot session beside the holder is the same tenure; one on a free board
+                // (a `jmp power on` before attaching) begins the tenure its attachment goes on.
+                self.begin_tenure(Tenure {
+                    lease: admission.lease.clone(),
+                    client: admission
+                        .client
+                        .clone()
+                        .unwrap_or_else(|| hello.client.clone()),
+                });
+            }
         }
         // Admitted: this connection no longer counts against the unauthenticated limits.
         ticket.release();

@@ -436,6 +436,11 @@ impl Registrar {
                             .as_ref()
                             .map(|l| (l.name.clone(), l.client.clone(), l.team.clone()));
                     }
+                    // The new lease's console history starts here, before its beforeLease
+                    // hook may power the board on (that boot log is the new lease's).
+                    if let Some(l) = &lease {
+                        exporter.lease_began(&l.name, &l.client);
+                    }
                     // Before waiting connections hear of the push: a client of a new lease
                     // must find the board "preparing", not ready.
                     if let Some(h) = &extras.hooks {
