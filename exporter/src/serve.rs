@@ -134,7 +134,8 @@ impl Exporter {
         let mut cur = self.tenure.lock().unwrap_or_else(|e| e.into_inner());
         let forget = match cur.as_ref() {
             None => false,
-            Some(c) if *c == next => return,
+            // The same lease is the same tenure, whoever's name its sessions give.
+            Some(c) if *c == next || (c.lease.is_some() && c.lease == next.lease) => return,
             Some(c) => !(self.history == crate::config::History::Client && c.client == next.client),
         };
         info!(
