@@ -548,6 +548,12 @@ impl Registrar {
                         );
                         first = false;
                     }
+                    // The new lease's console history starts here: before its tokens are
+                    // admitted (the view below) and before its beforeLease hook may power the
+                    // board on (that boot log is the new lease's).
+                    if let Some(l) = &lease {
+                        exporter.lease_began(&l.name, &l.client);
+                    }
                     {
                         let mut v = self.auth.view();
                         v.known = true;
@@ -559,11 +565,6 @@ impl Registrar {
                         *h.lock().unwrap_or_else(|e| e.into_inner()) = lease
                             .as_ref()
                             .map(|l| (l.name.clone(), l.client.clone(), l.team.clone()));
-                    }
-                    // The new lease's console history starts here, before its beforeLease
-                    // hook may power the board on (that boot log is the new lease's).
-                    if let Some(l) = &lease {
-                        exporter.lease_began(&l.name, &l.client);
                     }
                     // Before waiting connections hear of the push: a client of a new lease
                     // must find the board "preparing", not ready.

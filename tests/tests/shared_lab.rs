@@ -118,7 +118,6 @@ impl Hostile {
         let params = to_bytes(&OpenParams { resume_from: None });
         let (pipe, _) = self
             .link
-            .handle
             .open_stream("console", params)
             .await
             .expect("console");
@@ -132,7 +131,6 @@ impl Hostile {
     async fn unread_reads(&self, n: u64, len: u64, size: u64) -> Pipe {
         let (mut pipe, _) = self
             .link
-            .handle
             .open_stream("sd", Bytes::new())
             .await
             .expect("storage");
@@ -203,6 +201,11 @@ impl ConsolePipe {
         self.until("Password:").await;
         self.type_in("x\r").await;
         self.until("# ").await;
+        self.echo(marker).await;
+    }
+
+    /// Has a command's output echoed by the logged-in shell.
+    async fn echo(&mut self, marker: &str) {
         self.type_in(&format!("echo {marker}\r")).await;
         self.until(&format!("\r\n{marker}\r\n")).await;
     }
@@ -253,7 +256,7 @@ fn a_storage_flood_holds_jmpd_to_its_budget_while_its_console_answers() {
             "jmpd read {read} bytes for a client that reads nothing back"
         );
         // The console on the same session answers meanwhile.
-        console.login_and_echo("during-the-flood").await;
+        console.echo("during-the-flood").await;
         let flooded = vm_rss_kib(pid);
         let grew = flooded.saturating_sub(idle) / 1024;
         raw_stderr(&format!(
@@ -280,7 +283,9 @@ fn a_storage_flood_holds_jmpd_to_its_budget_while_its_console_answers() {
     // A good session attaches next and its console answers.
     let (_att, v) = env.attach(&jmpd, &[]);
     let mut c = Console::open(local_of(&v, "console"));
-    sim_login_and_echo(&mut c, "after-the-flood");
+    // The board's shell is still logged in from the flooding session.
+    c.write(b"echo after-the-flood\r");
+    c.read_until("\r\nafter-the-flood\r\n", READY);
 }
 
 #[test]
@@ -369,7 +374,7 @@ fn hashes_stop_when_the_client_detaches() {
 /// A controller-mode jmpd config for a board with a sim console, with `extra` top-level lines.
 fn board_config(lab: &jmp_e2e::lab::Lab, name: &str, token: &Path, extra: &str) -> PathBuf {
     let yaml = format!(
-        "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: {name}, labels: {{site: e2e}}}}\nlisten: 127.0.0.1:0\nstateDir: {}\ncontroller: {{tokenFile: {}}}\n{extra}export:\n  console: {{type: sim-console}}\n",
+        "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: {name}, labels: {{site: e2e}}}}\nlisten: 127.0.0.1:0\nstateDir: {}\ncontroller: {{tokenFile: {}}}\n{extra}export:\n  console: {{type: sim-console}}\n  power: {{type: power-sim}}\n",
         lab.env.root.join(format!("state-{name}")).display(),
         token.display()
     );
@@ -378,29 +383,42 @@ fn board_config(lab: &jmp_e2e::lab::Lab, name: &str, token: &Path, extra: &str) 
     p
 }
 
+/// `client` leases `board` and returns the lease's name.
+fn take_lease(lab: &jmp_e2e::lab::Lab, client: &str, board: &str) -> String {
+    lab.ok(
+        "create-lease",
+        lab.as_client(
+            client,
+            &["create", "lease", "-n", board, "--duration", "10m"],
+        ),
+    )
+    .trim()
+    .to_string()
+}
+
+/// `client` attaches under its lease; the attachment and its console.
+fn attach(lab: &jmp_e2e::lab::Lab, client: &str) -> (Proc, Console) {
+    let (att, v) = jmp_e2e::lab::attach_lease(lab, client, &[]);
+    (att, Console::open(local_of(&v, "console")))
+}
+
 /// `client` leases `board`, attaches, and returns the attachment, its console and the lease.
 fn lease_and_attach(lab: &jmp_e2e::lab::Lab, client: &str, board: &str) -> (Proc, Console, String) {
-    use jmp_e2e::lab::attach_lease;
-    let lease = lab
-        .ok(
-            "create-lease",
-            lab.as_client(
-                client,
-                &["create", "lease", "-n", board, "--duration", "10m"],
-            ),
-        )
-        .trim()
-        .to_string();
-    let (att, v) = attach_lease(lab, client, &[]);
-    let console = Console::open(local_of(&v, "console"));
+    let lease = take_lease(lab, client, board);
+    let (att, console) = attach(lab, client);
     (att, console, lease)
 }
 
-/// Types `marker` and waits for its echo: everything the channel replayed came before it.
+/// Types `marker` and waits for its echo: what the channel showed before it is what it
+/// replayed (what the board prints after it is the board's answer, from its live state).
 fn replayed_before(c: &mut Console, marker: &str) -> String {
     c.write(format!("{marker}\r").as_bytes());
     c.read_until(marker, READY);
-    String::from_utf8_lossy(&c.seen).into_owned()
+    let seen = String::from_utf8_lossy(&c.seen).into_owned();
+    match seen.find(marker) {
+        Some(at) => seen[..at].to_string(),
+        None => seen,
+    }
 }
 
 /// Ends `client`'s attachment and lease.
@@ -425,12 +443,26 @@ fn another_client_s_lease_does_not_see_the_previous_console() {
     sim_login_and_echo(&mut c, "TEAM-A-SECRET");
     release(&lab, "team-a", att, c, &lease);
 
-    let (att, mut c, lease) = lease_and_attach(&lab, "team-b", "hist");
+    // Team B power-cycles the board under its lease before attaching: that boot log is its
+    // own lease's and is replayed to it; nothing of team A's is.
+    let lease = take_lease(&lab, "team-b", "hist");
+    lab.ok(
+        "power-cycle",
+        lab.as_client("team-b", &["power", "cycle", "--lease", &lease]),
+    );
+    let (att, mut c) = attach(&lab, "team-b");
     let seen = replayed_before(&mut c, "TEAM-B-HERE");
     assert!(
         !seen.contains("TEAM-A-SECRET"),
         "team B was shown team A's console: {seen:?}"
     );
+    assert!(
+        seen.contains("Booting Linux"),
+        "the boot log of team B's own power cycle was not replayed: {seen:?}"
+    );
+    // The marker was typed at the login prompt: log in, so that the next marker is echoed.
+    c.write(b"x\r");
+    c.read_until("TEAM-B-HERE@hist:~$ ", READY);
     release(&lab, "team-b", att, c, &lease);
 
     // The same client's next lease starts afresh too (history per lease, the default).
