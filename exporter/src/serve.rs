@@ -43,6 +43,17 @@ pub enum PrepState {
     Failed(String),
 }
 
+/// Whose the board's output is now: the holder it is printed for. Controller mode: a lease
+/// and its client (the token's). Direct and local mode have no leases: a holder is a client
+/// name, the Hello's own, so there this keeps one user's console from the next user's by
+/// accident; it cannot keep it from someone else holding the same token, who is trusted
+/// alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Tenure {
+    lease: Option<String>,
+    client: String,
+}
+
 /// Counters for jmpd's metrics (the exporter library keeps them; jmpd serves them).
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -71,6 +82,9 @@ pub struct Exporter {
     /// the holder came without a lease), for the controller: a lease is in use while a session
     /// of it is attached.
     sessions: tokio::sync::watch::Sender<Option<String>>,
+    /// The current holder; `None` until the first one since the exporter started.
+    tenure: Mutex<Option<Tenure>>,
+    history: crate::config::History,
 }
 
 impl Exporter {
@@ -111,7 +125,44 @@ impl Exporter {
             hook_backlog: Mutex::default(),
             stats: Stats::default(),
             sessions: tokio::sync::watch::Sender::new(None),
+            tenure: Mutex::default(),
+            history: cfg.history,
         })
+    }
+
+    /// A holder's tenure begins (or goes on): when it is another client's, or another lease's
+    /// and the config keeps history per lease, the devices forget what the board printed
+    /// before, so the new holder sees only its own lease's output (a power-on's boot log
+    /// inside it included). The first holder since the exporter started sees what the board
+    /// printed since the start: that was printed for nobody.
+    fn begin_tenure(&self, next: Tenure) {
+        let mut cur = self.tenure.lock().unwrap_or_else(|e| e.into_inner());
+        let forget = match cur.as_ref() {
+            None => false,
+            // The same lease is the same tenure, whoever's name its sessions give.
+            Some(c) if *c == next || (c.lease.is_some() && c.lease == next.lease) => return,
+            Some(c) => !(self.history == crate::config::History::Client && c.client == next.client),
+        };
+        info!(
+            lease = next.lease.as_deref().unwrap_or("-"),
+            client = %name::escape(&next.client),
+            "new holder; earlier console output is {}",
+            if forget { "not shown to it" } else { "kept for it" }
+        );
+        *cur = Some(next);
+        if forget {
+            self.devices.new_holder();
+        }
+    }
+
+    /// The controller says `lease` of `client` is this exporter's current lease: its tenure
+    /// begins now, before its client attaches (and before its beforeLease hook, which may
+    /// power the board on: that boot log is the new lease's).
+    pub fn lease_began(&self, lease: &str, client: &str) {
+        self.begin_tenure(Tenure {
+            lease: Some(lease.to_string()),
+            client: client.to_string(),
+        });
     }
 
     pub fn name(&self) -> &str {
@@ -151,21 +202,25 @@ impl Exporter {
         self.sessions.subscribe()
     }
 
+    /// Does what the seat decided, then ends the one-shot sessions that may no longer stay
+    /// after that change (see [`Seat::strays`]).
     fn act(&self, a: Option<Action<LinkHandle>>) {
-        match a {
-            None => {}
-            Some(Action::Bye {
-                handle,
-                code,
-                reason,
-            }) => {
-                info!(
-                    "ending the session from {}: {reason}",
-                    handle.remote_address()
-                );
-                handle.bye(code, reason);
+        let strays = self.with_seat(|s| s.strays(jmp_transport::unix_now()));
+        for a in a.into_iter().chain(strays) {
+            match a {
+                Action::Bye {
+                    handle,
+                    code,
+                    reason,
+                } => {
+                    info!(
+                        "ending the session from {}: {reason}",
+                        handle.remote_address()
+                    );
+                    handle.bye(code, reason);
+                }
+                Action::Notice { handle, text } => handle.notice(text),
             }
-            Some(Action::Notice { handle, text }) => handle.notice(text),
         }
     }
 
@@ -403,7 +458,18 @@ impl Exporter {
                 drain(&mut link).await;
                 return;
             }
-            Verdict::Admit { evict } => self.act(evict),
+            Verdict::Admit { evict } => {
+                self.act(evict);
+                // A one-shot session beside the holder is the same tenure; one on a free board
+                // (a `jmp power on` before attaching) begins the tenure its attachment goes on.
+                self.begin_tenure(Tenure {
+                    lease: admission.lease.clone(),
+                    client: admission
+                        .client
+                        .clone()
+                        .unwrap_or_else(|| hello.client.clone()),
+                });
+            }
         }
         // Admitted: this connection no longer counts against the unauthenticated limits.
         ticket.release();
@@ -431,14 +497,18 @@ impl Exporter {
                 }
             }));
         }
+        // The session's channels and requests, within its budget; dropped below, when the
+        // session ends, which ends them all and stops their blocking work.
+        let scope = self.devices.session();
         while let Some(ev) = link.events.recv().await {
             match ev {
                 LinkEvent::Incoming(inc) if one_shot => inc.reject(
                     ErrorCode::Unsupported,
                     "a one-shot session makes device requests only; attach to open channels",
                 ),
-                LinkEvent::Incoming(inc) => self.devices.serve_incoming(inc),
-                LinkEvent::Request(r) => self.devices.serve_request(r),
+                LinkEvent::Incoming(inc) => scope.serve_incoming(inc),
+                LinkEvent::Request(r) => scope.serve_request(r),
+                LinkEvent::Closed { channel, .. } => scope.closed(channel),
                 LinkEvent::Ended {
                     code,
                     reason,
@@ -450,6 +520,7 @@ impl Exporter {
                 other => debug!(?other, "event"),
             }
         }
+        drop(scope);
         for w in watchers {
             w.abort();
         }

@@ -612,6 +612,12 @@ impl Registrar {
                         );
                         first = false;
                     }
+                    // The new lease's console history starts here: before its tokens are
+                    // admitted (the view below) and before its beforeLease hook may power the
+                    // board on (that boot log is the new lease's).
+                    if let Some(l) = &lease {
+                        exporter.lease_began(&l.name, &l.client);
+                    }
                     {
                         let mut v = self.auth.view();
                         v.known = true;
