@@ -12,7 +12,7 @@ use jmp_protocol::selector::{parse_label, Labels, Selector};
 use jmp_protocol::usage::UsageBy;
 use jmp_transport::controller::CallError;
 
-fn duration_arg(flag: &str, s: &str) -> Result<u64> {
+pub(crate) fn duration_arg(flag: &str, s: &str) -> Result<u64> {
     let d = parse_secs(s).map_err(|e| exit(code::USAGE, format!("{flag}: {e}")))?;
     if d == 0 {
         return Err(exit(code::USAGE, format!("{flag}: must be more than zero")));
@@ -22,7 +22,7 @@ fn duration_arg(flag: &str, s: &str) -> Result<u64> {
 
 /// Repeated `-l` selectors, each checked here so the error names its position in what the
 /// user typed.
-fn selector_arg(list: &[String]) -> Result<String> {
+pub(crate) fn selector_arg(list: &[String]) -> Result<String> {
     let mut sel = Selector::default();
     for s in list {
         let one = Selector::parse(s).map_err(|e| exit(code::USAGE, format!("--selector: {e}")))?;
@@ -40,7 +40,7 @@ fn labels_arg(list: &[String]) -> Result<Labels> {
     Ok(out)
 }
 
-fn random_id() -> String {
+pub(crate) fn random_id() -> String {
     let mut b = [0u8; 12];
     rand::Rng::fill(&mut rand::thread_rng(), &mut b);
     hex::encode(b)
@@ -237,6 +237,7 @@ pub(super) fn create_cmd(what: CreateCmd) -> Result<()> {
             c::CreateLease {
                 request: req,
                 out: output,
+                on_queue: None,
             },
         )
         .await?;
@@ -419,7 +420,7 @@ pub(super) fn delete_cmd(what: DeleteCmd) -> Result<()> {
 
 /// A point in time for `--since`/`--until`, Unix ms: `2026-11-01` (UTC midnight), an RFC 3339
 /// time (`2026-11-01T08:00:00Z`), or a duration before `now` (`30d`).
-fn time_arg(flag: &str, s: &str, now: u64) -> Result<u64> {
+pub(crate) fn time_arg(flag: &str, s: &str, now: u64) -> Result<u64> {
     let t = s.trim();
     let bad = |why: String| {
         exit(
@@ -927,6 +928,7 @@ async fn wait_for_reservation(
         c::CreateLease {
             request: req,
             out: Out::Name,
+            on_queue: None,
         },
     )
     .await?;
