@@ -252,14 +252,8 @@ async fn the_simulated_boards_console_follows_its_power() {
             readable: true
         })
     );
-    // Typed while off: an unpowered board does not echo, and does not keep it for later.
-    pipe.tx
-        .send(Bytes::from_static(
-            b"root
-",
-        ))
-        .await
-        .expect("type");
+    // (What is typed while it is off is dropped: tested on the console task itself, where
+    // the order of a keystroke and a power change is known; here they travel apart.)
     DeviceRequest::Power(Request::On)
         .run(link.as_ref(), "power")
         .await
@@ -268,11 +262,7 @@ async fn the_simulated_boards_console_follows_its_power() {
         boots(s) == 2 && s.ends_with("simb login: ")
     })
     .await;
-    assert!(
-        !String::from_utf8_lossy(&acc).contains("root"),
-        "nothing typed while off was echoed: {:?}",
-        String::from_utf8_lossy(&acc)
-    );
+
     // A cycle boots it a third time.
     DeviceRequest::Power(Request::Cycle { off_ms: None })
         .run(link.as_ref(), "power")
