@@ -292,7 +292,10 @@ mod tests {
         assert!(head.starts_with("éé\n"), "{head}");
         assert!(head.ends_with("[jmp: 16 more bytes not shown]"), "{head}");
         let tail = bounded(&s, 5, false);
-        assert!(tail.starts_with("[jmp: 16 earlier bytes not shown]\n"), "{tail}");
+        assert!(
+            tail.starts_with("[jmp: 16 earlier bytes not shown]\n"),
+            "{tail}"
+        );
         assert!(tail.ends_with("éé"), "{tail}");
     }
 
@@ -310,7 +313,10 @@ mod tests {
         m.insert("dta".into(), Value::String("x".into()));
         let e = parse::<Args>("console_write", m).expect_err("unknown field");
         assert_eq!(e.code, code::USAGE);
-        assert!(e.message.contains("console_write") && e.message.contains("dta"), "{e}");
+        assert!(
+            e.message.contains("console_write") && e.message.contains("dta"),
+            "{e}"
+        );
         let e = parse::<Args>("console_write", Map::new()).expect_err("missing field");
         assert!(e.message.contains("data"), "{e}");
     }

@@ -367,10 +367,7 @@ async fn own_channel(
         device.as_deref(),
         &kind,
     )?;
-    let (pipe, params) = link
-        .handle
-        .open_stream(&device, params)
-        .await?;
+    let (pipe, params) = link.handle.open_stream(&device, params).await?;
     let (tx, rx) = pipe.split();
     let origin = ChannelOrigin {
         device,

@@ -50,9 +50,7 @@ impl Tool {
     ];
 
     pub(crate) fn spec(self) -> ToolSpec {
-        let object = |props: Value, required: &[&str]| {
-            json!({"type": "object", "properties": props, "required": required, "additionalProperties": false})
-        };
+        let object = |props: Value, required: &[&str]| json!({"type": "object", "properties": props, "required": required, "additionalProperties": false});
         match self {
             Tool::ListBoards => ToolSpec {
                 name: "list_boards",
@@ -389,7 +387,10 @@ impl Session {
         if boards.is_empty() && !notes.is_empty() {
             return Err(VerbError::new(
                 code::UNAVAILABLE,
-                format!("{}; and no board runs on this machine (jmp local start)", notes.join("; ")),
+                format!(
+                    "{}; and no board runs on this machine (jmp local start)",
+                    notes.join("; ")
+                ),
             ));
         }
         let mut text = if rows.is_empty() {
@@ -406,7 +407,11 @@ impl Session {
         })
     }
 
-    async fn lease(&self, a: LeaseArgs, progress: Option<Arc<Progress>>) -> Result<ToolReply, VerbError> {
+    async fn lease(
+        &self,
+        a: LeaseArgs,
+        progress: Option<Arc<Progress>>,
+    ) -> Result<ToolReply, VerbError> {
         let mut st = self.state.lock().await;
         if let Some(b) = &st.board {
             return Err(usage(format!(
@@ -415,21 +420,28 @@ impl Session {
                 b.lease.as_deref().unwrap_or("local")
             )));
         }
-        let selector = crate::verbs::selector_arg(std::slice::from_ref(&a.selector)).map_err(verr)?;
+        let selector =
+            crate::verbs::selector_arg(std::slice::from_ref(&a.selector)).map_err(verr)?;
         if selector.is_empty() {
-            return Err(usage("lease: selector: say which board, e.g. \"board=rpi4\""));
+            return Err(usage(
+                "lease: selector: say which board, e.g. \"board=rpi4\"",
+            ));
         }
         let duration_secs =
             crate::verbs::duration_arg("duration", a.duration.as_deref().unwrap_or("30m"))
                 .map_err(verr)?;
         let wait = a.wait.unwrap_or(60);
         if wait > MAX_WAIT_SECS {
-            return Err(usage(format!("lease: wait {wait}: at most {MAX_WAIT_SECS} seconds")));
+            return Err(usage(format!(
+                "lease: wait {wait}: at most {MAX_WAIT_SECS} seconds"
+            )));
         }
         let cfg = self.config()?;
         let on_queue = progress.map(|p| {
             Box::new(move |position: u32, behind: Option<&str>| {
-                let behind = behind.map(|b| format!(", behind lease {b}")).unwrap_or_default();
+                let behind = behind
+                    .map(|b| format!(", behind lease {b}"))
+                    .unwrap_or_default();
                 p.tell(
                     u64::from(position),
                     None,
@@ -570,7 +582,10 @@ impl Session {
     /// The board's devices, from its attachment's control socket.
     async fn describe(&self, b: &Board) -> Result<ToolReply, VerbError> {
         let Some(a) = b.attachment.clone() else {
-            return Err(usage(format!("{} is not attached: call attach", b.exporter)));
+            return Err(usage(format!(
+                "{} is not attached: call attach",
+                b.exporter
+            )));
         };
         let live = tokio::task::spawn_blocking(move || state::live(&a))
             .await
@@ -659,7 +674,10 @@ impl Session {
         } else {
             let lease = b.lease.clone();
             return Ok(ToolReply {
-                text: format!("{text}; lease {} is still held", lease.as_deref().unwrap_or("-")),
+                text: format!(
+                    "{text}; lease {} is still held",
+                    lease.as_deref().unwrap_or("-")
+                ),
                 data: json!({"detached": true, "lease": lease}),
             });
         }
@@ -727,7 +745,9 @@ impl Session {
                 st.board
                     .as_ref()
                     .and_then(|b| b.lease.clone())
-                    .ok_or_else(|| usage("no lease to extend (this session holds none; name one)"))?
+                    .ok_or_else(|| {
+                        usage("no lease to extend (this session holds none; name one)")
+                    })?
             }
         };
         let (c, _) = self.controller().await?;
@@ -773,7 +793,9 @@ impl Session {
             }
         };
         let (c, _) = self.controller().await?;
-        let r = c.call(Request::Usage(UsageQuery { since, until, by })).await;
+        let r = c
+            .call(Request::Usage(UsageQuery { since, until, by }))
+            .await;
         c.close();
         match r.map_err(verr)? {
             Reply::Usage(r) => {

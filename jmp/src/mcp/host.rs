@@ -5,9 +5,7 @@
 use super::board::BoardNow;
 use crate::device::Host;
 use jmp_devices::agent::AgentHost;
-use jmp_devices::kind::{
-    BoxFuture, ChannelOrigin, Target, VerbChannel, VerbError, VerbHost,
-};
+use jmp_devices::kind::{BoxFuture, ChannelOrigin, Target, VerbChannel, VerbError, VerbHost};
 use jmp_devices::registry::{DeviceRequest, DeviceResponse};
 use jmp_protocol::exit as code;
 use jmp_protocol::Kind;
@@ -48,7 +46,10 @@ impl Progress {
         };
         {
             let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-            if last.as_ref().is_some_and(|(s, m)| *s == step && *m == message) {
+            if last
+                .as_ref()
+                .is_some_and(|(s, m)| *s == step && *m == message)
+            {
                 return;
             }
             *last = Some((step, message.clone()));
@@ -141,7 +142,10 @@ impl AgentHost for McpHost<'_> {
     }
 
     fn target(&self) -> Result<Target, VerbError> {
-        self.board.as_ref().map(|b| b.target.clone()).map_err(Clone::clone)
+        self.board
+            .as_ref()
+            .map(|b| b.target.clone())
+            .map_err(Clone::clone)
     }
 
     fn devices(&self) -> Result<Vec<(String, Kind)>, VerbError> {
