@@ -159,6 +159,12 @@ async def session():
                 seen["flash_progress"] = progress
                 r = await call(s, "detach")
             else:
+                before = seen["lease"]["end"]
+                r = await call(s, "extend", {"duration": "5m"})
+                seen["extended"] = [before, r.structured_content["end"]]
+                # Usage reports are the administrators': this client is refused, as by the CLI.
+                r = await call(s, "usage", {"since": "1d"}, ok=False)
+                seen["usage_refused"] = r.structured_content
                 r = await call(s, "release")
             seen["end"] = text(r)
 

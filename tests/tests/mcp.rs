@@ -3,7 +3,8 @@
 //! runs and against a board leased from a controller. The agent lists the tools, gets a board,
 //! waits for the login prompt, logs in, power cycles and sees the boot log again, asks the
 //! simulated ECU over CAN, floods the console and gets it back in bounded chunks, flashes the
-//! card with progress notifications, and gives the board back; a client whose policy forbids
+//! card with progress notifications, extends the lease, is refused the administrators' usage
+//! report, and gives the board back; a client whose policy forbids
 //! the board is refused; an agent that leaves holding a lease has it released; the exporter's
 //! log names the agent for what it did to the board.
 
@@ -266,6 +267,16 @@ fn an_agent_leases_a_board_from_a_controller_through_jmp_mcp() {
                     && f["data"].as_str().is_some_and(|d| d.starts_with("025003")))),
         "{}",
         v["can_recv"]
+    );
+    let ends = v["extended"].as_array().expect("extend's answer");
+    assert!(
+        ends[1].as_u64() > ends[0].as_u64(),
+        "extend moved the lease's end: {ends:?}"
+    );
+    assert_eq!(
+        v["usage_refused"]["exit_code"], 10,
+        "usage is for administrators: {}",
+        v["usage_refused"]
     );
     assert!(
         v["end"]
