@@ -33,7 +33,9 @@ fi
 venv="$here/target/pyenv"
 # The repository's own package (python/, editable: the tests run the working tree) with the
 # frameworks it plugs into (pytest, Robot Framework); python-can and can-isotp, the CAN tests'
-# third-party clients; python-can-remote and jumpstarter-driver-can, the CAN benchmark's peers.
+# third-party clients; python-can-remote and jumpstarter-driver-can, the CAN benchmark's peers;
+# pytest-xdist, the pool of boards' workers; mcp, the official MCP SDK whose stdio client drives
+# `jmp mcp` in the tests.
 # A venv copied from another checkout (a git worktree seeded with the main checkout's target/)
 # still imports everything, but its scripts' #! lines run the other venv and its editable
 # install is the other checkout's python/: the tests would run someone else's Python. Such a
@@ -43,7 +45,7 @@ venv_is_ours() {
     [ "$(head -n 1 "$venv/bin/pytest" 2>/dev/null)" = "#!$venv/bin/python3" ] || return 1
     "$venv/bin/python" - "$venv" "$here/python/src" <<'PY' 2>/dev/null
 import os, sys
-import serial, can, isotp, can_remote, jumpstarter_driver_can, pytest, robot, jmp_testing, JmpLibrary
+import serial, can, isotp, can_remote, jumpstarter_driver_can, pytest, xdist, mcp, robot, jmp_testing, JmpLibrary
 venv, src = (os.path.realpath(p) for p in sys.argv[1:3])
 assert os.path.realpath(sys.prefix) == venv, sys.prefix
 assert os.path.realpath(jmp_testing.__file__).startswith(src + os.sep), jmp_testing.__file__
@@ -54,7 +56,7 @@ if ! venv_is_ours; then
     rm -rf "$venv"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check pyserial python-can can-isotp \
-        python-can-remote jumpstarter-driver-can pytest robotframework
+        python-can-remote jumpstarter-driver-can pytest pytest-xdist mcp robotframework
     "$venv/bin/pip" install -q --disable-pip-version-check -e "$here/python"
 fi
 

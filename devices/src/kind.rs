@@ -82,6 +82,12 @@ pub trait DeviceKind: Send + Sync + 'static {
     fn client_needs(_info: &DeviceInfo, _opts: &Self::Options) -> ClientNeeds {
         ClientNeeds::default()
     }
+
+    /// The kind's tools for coding agents (`jmp mcp`), made fresh for each agent session;
+    /// none by default.
+    fn agent_tools() -> Vec<Box<dyn crate::agent::AgentTool>> {
+        Vec::new()
+    }
 }
 
 /// A kind's config: the device tables of its `type:` names.
@@ -574,13 +580,25 @@ pub trait VerbHost: Send + Sync {
         req: DeviceRequest,
     ) -> BoxFuture<'a, Result<(String, DeviceResponse, String), VerbError>>;
 
-    /// Opens a stream channel to `device` (default: the only one of `kind`) for bulk work.
+    /// Opens a stream channel to `device` (default: the only one of `kind`) for bulk work,
+    /// with the kind's open parameters (`params`, encoded; empty for a kind that takes none).
+    fn channel_with<'a>(
+        &'a self,
+        target: &'a Target,
+        kind: Kind,
+        device: Option<String>,
+        params: Bytes,
+    ) -> BoxFuture<'a, Result<VerbChannel, VerbError>>;
+
+    /// [`VerbHost::channel_with`] without open parameters.
     fn channel<'a>(
         &'a self,
         target: &'a Target,
         kind: Kind,
         device: Option<String>,
-    ) -> BoxFuture<'a, Result<VerbChannel, VerbError>>;
+    ) -> BoxFuture<'a, Result<VerbChannel, VerbError>> {
+        self.channel_with(target, kind, device, Bytes::new())
+    }
 
     /// Waits until every local attachment of the channel's exporter that caches `device`'s
     /// contents has caught up with `generation` (see [`crate::CacheState`]); says which one
@@ -593,6 +611,11 @@ pub trait VerbHost: Send + Sync {
 
     /// Writes the answer to stdout (a closed pipe ends the program quietly, as Unix tools do).
     fn print(&self, text: &str) -> Result<(), VerbError>;
+
+    /// How far a long operation got (`what`: "flashing"; bytes `done` of `total`), for a host
+    /// that shows it somewhere else than the terminal the verb draws its bar on (an agent's
+    /// progress notifications). Called often: the host throttles. Default: nothing.
+    fn progress(&self, _what: &str, _done: u64, _total: Option<u64>) {}
 }
 
 /// Whose device a verb's channel reaches.

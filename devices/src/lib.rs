@@ -17,6 +17,7 @@
 //! Does not own: the wire's generic layer or the connection (jmp-transport), the exporter's
 //! serving and seat logic (jmp-exporter), the CLI, leases.
 
+pub mod agent;
 pub mod board;
 pub mod budget;
 pub mod common;

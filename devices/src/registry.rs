@@ -193,6 +193,26 @@ macro_rules! registry {
             }
         }
 
+        /// Every kind's tools for coding agents (`jmp mcp`), fresh for one session: a tool
+        /// may keep state between calls (a console's reading position).
+        pub fn agent_tools() -> Vec<Box<dyn crate::agent::AgentTool>> {
+            let mut v = Vec::new();
+            $(v.extend(<$module::$kind as DeviceKind>::agent_tools());)*
+            v
+        }
+
+        /// A device request's body for the exporter's log (`Cycle { off_ms: None }`), or why
+        /// it does not decode.
+        pub fn request_text(kind: &Kind, body: &[u8]) -> String {
+            match kind {
+                $(Kind::$variant => match <<$module::$kind as DeviceKind>::Request as Codec>::decode_exact(body) {
+                    Ok(r) => format!("{r:?}"),
+                    Err(e) => format!("a request that does not decode ({e})"),
+                },)*
+                Kind::Other(k) => format!("a request of a kind this build does not know ({})", jmp_protocol::name::escape(k)),
+            }
+        }
+
         /// A short state for people (`jmp status`): a console's line settings, a switch's
         /// power.
         pub fn summary(kind: &Kind, params: &[u8]) -> Option<String> {

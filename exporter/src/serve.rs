@@ -479,7 +479,8 @@ impl Exporter {
             instance: self.instance,
             devices: self.devices.infos(),
         });
-        info!(client = %client, lease = admission.lease.as_deref().unwrap_or("-"), "attached from {peer}");
+        let identity = admission.client.as_deref().unwrap_or("-");
+        info!(client = %client, identity, lease = admission.lease.as_deref().unwrap_or("-"), "attached from {peer}");
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
         self.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
         let mut watchers = self.watch_status(&link.handle);
@@ -506,8 +507,22 @@ impl Exporter {
                     ErrorCode::Unsupported,
                     "a one-shot session makes device requests only; attach to open channels",
                 ),
-                LinkEvent::Incoming(inc) => scope.serve_incoming(inc),
-                LinkEvent::Request(r) => scope.serve_request(r),
+                // Everything a holder does to the board is in the log with who did it: each
+                // channel (a console typed on, a bus written to, a medium flashed) and each
+                // device request (a power switch), with the Hello's name (`jmp attach --name`,
+                // which names an agent's `jmp mcp` session) and the identity the token proves.
+                LinkEvent::Incoming(inc) => {
+                    info!(client = %client, identity, device = %name::escape(&inc.open.device), channel = inc.open.channel, "channel opened");
+                    scope.serve_incoming(inc)
+                }
+                LinkEvent::Request(r) => {
+                    let what = match self.devices.get(&r.device) {
+                        Some(d) => jmp_devices::registry::request_text(&d.kind(), &r.body),
+                        None => "a request for no such device".into(),
+                    };
+                    info!(client = %client, identity, device = %name::escape(&r.device), id = r.id, "request: {what}");
+                    scope.serve_request(r)
+                }
                 LinkEvent::Closed { channel, .. } => scope.closed(channel),
                 LinkEvent::Ended {
                     code,

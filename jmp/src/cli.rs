@@ -107,6 +107,20 @@ pub(crate) enum Cmd {
         #[command(subcommand)]
         cmd: TrustCmd,
     },
+    /// A Model Context Protocol server on stdin/stdout for coding agents: tools to lease,
+    /// attach and drive a board (power, console, CAN, flash) with this client's credential.
+    Mcp(McpArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct McpArgs {
+    /// Client config to lease with (default: the current one, see `jmp config client use`).
+    #[arg(long, env = "JMP_CLIENT")]
+    pub(crate) client: Option<String>,
+    /// Name the exporter's log and a busy board's message show for this session's attachment
+    /// (default: "USER@HOST via jmp mcp (AGENT)", the agent's name as its MCP client gives it).
+    #[arg(long)]
+    pub(crate) name: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -611,9 +611,15 @@ pub async fn job_lease(ctl: &Ctl) -> Result<Option<String>> {
 
 // ---------- lease creation with a live queue line ----------
 
+/// Told the queue place and the lease waited behind.
+pub type QueueTell = Box<dyn Fn(u32, Option<&str>) + Send + Sync>;
+
 pub struct CreateLease {
     pub request: jmp_protocol::api::LeaseRequest,
     pub out: Out,
+    /// Told the queue place (and the lease waited behind) at every change, besides the line on
+    /// stderr (`jmp mcp` sends it to the agent).
+    pub on_queue: Option<QueueTell>,
 }
 
 /// Shows the queue place: one live line on a terminal, a line per change otherwise.
@@ -701,6 +707,9 @@ pub async fn create_lease(cfg: &ClientConfig, c: CreateLease) -> Result<LeaseInf
                                 }
                             }
                             progress.show(position, &behind, wait_until);
+                            if let Some(tell) = &c.on_queue {
+                                tell(position, behind.as_deref());
+                            }
                             last = Some((position, behind, wait_until));
                         }
                         Some(Reply::Lease(l)) => {

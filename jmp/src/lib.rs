@@ -1,7 +1,7 @@
 //! jmp: the client CLI. `attach` makes a remote board's devices local; `local` runs a board on
 //! this machine (the built-in simulated one, or a config's); the device kinds' verbs (`power`,
 //! `serial`, `storage`, defined by the kinds) operate devices; `detach` ends a background
-//! attachment; the lease verbs talk to a controller.
+//! attachment; the lease verbs talk to a controller; `mcp` offers all of it to coding agents.
 //!
 //! Owns: the command line ([`cli`], definitions only), one module per job ([`attach`],
 //! [`local`], [`device`], [`verbs`], [`state`]), output formats and the one table printer
@@ -71,6 +71,7 @@ pub mod ctlsock;
 pub mod device;
 pub mod known;
 pub mod local;
+mod mcp;
 pub mod paths;
 mod shell;
 mod state;
@@ -122,6 +123,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Admin { cmd, admin_config } => verbs::admin_cmd(cmd, admin_config),
         Cmd::Auth { cmd } => verbs::auth_cmd(cmd),
         Cmd::Trust { cmd } => trust_cmd(cmd),
+        Cmd::Mcp(a) => mcp::run(a),
     }
 }
 

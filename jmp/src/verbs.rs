@@ -20,7 +20,7 @@ fn duration_or_none(flag: &str, s: &str) -> Result<u64> {
     duration_arg(flag, s)
 }
 
-fn duration_arg(flag: &str, s: &str) -> Result<u64> {
+pub(crate) fn duration_arg(flag: &str, s: &str) -> Result<u64> {
     let d = parse_secs(s).map_err(|e| exit(code::USAGE, format!("{flag}: {e}")))?;
     if d == 0 {
         return Err(exit(code::USAGE, format!("{flag}: must be more than zero")));
@@ -30,7 +30,7 @@ fn duration_arg(flag: &str, s: &str) -> Result<u64> {
 
 /// Repeated `-l` selectors, each checked here so the error names its position in what the
 /// user typed.
-fn selector_arg(list: &[String]) -> Result<String> {
+pub(crate) fn selector_arg(list: &[String]) -> Result<String> {
     let mut sel = Selector::default();
     for s in list {
         let one = Selector::parse(s).map_err(|e| exit(code::USAGE, format!("--selector: {e}")))?;
@@ -48,7 +48,7 @@ fn labels_arg(list: &[String]) -> Result<Labels> {
     Ok(out)
 }
 
-fn random_id() -> String {
+pub(crate) fn random_id() -> String {
     let mut b = [0u8; 12];
     rand::Rng::fill(&mut rand::thread_rng(), &mut b);
     hex::encode(b)
@@ -278,6 +278,7 @@ pub(super) fn create_cmd(what: CreateCmd) -> Result<()> {
             c::CreateLease {
                 request: req,
                 out: output,
+                on_queue: None,
             },
         )
         .await?;
@@ -460,7 +461,7 @@ pub(super) fn delete_cmd(what: DeleteCmd) -> Result<()> {
 
 /// A point in time for `--since`/`--until`, Unix ms: `2026-11-01` (UTC midnight), an RFC 3339
 /// time (`2026-11-01T08:00:00Z`), or a duration before `now` (`30d`).
-fn time_arg(flag: &str, s: &str, now: u64) -> Result<u64> {
+pub(crate) fn time_arg(flag: &str, s: &str, now: u64) -> Result<u64> {
     let t = s.trim();
     let bad = |why: String| {
         exit(
@@ -986,6 +987,7 @@ async fn wait_for_reservation(
         c::CreateLease {
             request: req,
             out: Out::Name,
+            on_queue: None,
         },
     )
     .await?;

@@ -10,6 +10,8 @@
 //!   script; lines a step appends to `$GITHUB_ENV` as `NAME=value` are in the environment of
 //!   the later steps; after a failed step only steps with `if: always()` run; `uses:` steps
 //!   (checkout) are done by the test itself. `GITHUB_RUN_ID`/`GITHUB_JOB` are set.
+//! - Tekton (tekton.yaml): a Pipeline's Tasks in order, each step's `script` run by its `#!`
+//!   line with its `env` and `workingDir`, results as files, then the `finally` Tasks.
 //! - GitLab CI: the `script` lines in one shell, stopping at the first failing line;
 //!   `after_script` in a new shell, whatever the script did. `CI_JOB_ID` is set.
 
@@ -291,4 +293,270 @@ fn the_self_hosted_recipe_runs_the_board_on_the_runner() {
     });
     assert_eq!(steps.len(), 1);
     assert!(attachments(&env).is_empty(), "{:?}", attachments(&env));
+}
+
+/// A Tekton object of examples/ci/tekton.yaml by kind and name.
+fn tekton_object<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in tekton.yaml"))
+}
+
+/// `text` with Tekton's variables replaced (`$(params.selector)`, `$(results.lease.path)`,
+/// ...); anything else, shell command substitution included, is left as it is, as Tekton does.
+fn tekton_subst(text: &str, vars: &[(String, String)]) -> String {
+    let mut s = text.to_string();
+    for (k, v) in vars {
+        s = s.replace(&format!("$({k})"), v);
+    }
+    s
+}
+
+struct TaskRun {
+    ok: bool,
+    results: Vec<(String, String)>,
+    steps: Vec<RunOutput>,
+}
+
+/// Runs Task `task` as Tekton runs a TaskRun's steps: each step's `script` written to a file
+/// and executed by its `#!` line, in its `workingDir`, with its `env`, in order, stopping at the
+/// first failing step; results are files the steps write (`$(results.NAME.path)`).
+fn run_tekton_task(
+    env: &TestEnv,
+    bin: &Path,
+    docs: &[Value],
+    task: &str,
+    params: &[(String, String)],
+    workspaces: &[(String, PathBuf)],
+) -> TaskRun {
+    let spec = &tekton_object(docs, "Task", task)["spec"];
+    let mut vars = Vec::new();
+    for p in spec["params"].as_array().into_iter().flatten() {
+        let name = p["name"].as_str().expect("param name");
+        let value = params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .or_else(|| p["default"].as_str().map(str::to_string))
+            .unwrap_or_else(|| panic!("Task {task}: no value for param {name}"));
+        vars.push((format!("params.{name}"), value));
+    }
+    let run_dir = env.root.join(format!("tekton-{task}"));
+    let _ = std::fs::remove_dir_all(&run_dir);
+    std::fs::create_dir_all(&run_dir).expect("mkdir");
+    let mut result_files = Vec::new();
+    for r in spec["results"].as_array().into_iter().flatten() {
+        let name = r["name"].as_str().expect("result name").to_string();
+        let f = run_dir.join(format!("result-{name}"));
+        vars.push((format!("results.{name}.path"), f.display().to_string()));
+        result_files.push((name, f));
+    }
+    for w in spec["workspaces"].as_array().into_iter().flatten() {
+        let name = w["name"].as_str().expect("workspace name");
+        let (_, dir) = workspaces
+            .iter()
+            .find(|(k, _)| k == name)
+            .unwrap_or_else(|| panic!("Task {task}: workspace {name} not bound"));
+        vars.push((format!("workspaces.{name}.path"), dir.display().to_string()));
+    }
+    let mut steps = Vec::new();
+    let mut ok = true;
+    for (i, step) in spec["steps"].as_array().expect("steps").iter().enumerate() {
+        let script = tekton_subst(step["script"].as_str().expect("a script step"), &vars);
+        assert!(script.starts_with("#!"), "{task} step {i}: no #! line");
+        let file = run_dir.join(format!("step-{i}"));
+        std::fs::write(&file, &script).expect("write the step's script");
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        let dir = step["workingDir"]
+            .as_str()
+            .map(|d| PathBuf::from(tekton_subst(d, &vars)))
+            .unwrap_or_else(|| run_dir.clone());
+        let step_env: Vec<(String, String)> = step["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                (
+                    e["name"].as_str().expect("env name").to_string(),
+                    tekton_subst(e["value"].as_str().expect("env value"), &vars),
+                )
+            })
+            .collect();
+        let mut c = ci_shell(env, bin, &dir, &step_env);
+        c.arg(format!("exec {}", file.display()));
+        let out = run_tool(env, &format!("tekton-{task}-{i}"), c);
+        let failed = !out.status.success();
+        steps.push(out);
+        if failed {
+            ok = false;
+            break;
+        }
+    }
+    let results = result_files
+        .into_iter()
+        .filter_map(|(n, f)| Some((n, std::fs::read_to_string(f).ok()?)))
+        .collect();
+    TaskRun { ok, results, steps }
+}
+
+/// Runs Pipeline `name` as Tekton does: its tasks in order (a task whose `runAfter` task failed
+/// or was skipped is skipped), then every `finally` task; a task whose params name a result
+/// that was not produced is skipped. `after` sees each TaskRun by its pipeline task's name.
+fn run_tekton_pipeline(
+    env: &TestEnv,
+    bin: &Path,
+    docs: &[Value],
+    name: &str,
+    params: &[(String, String)],
+    workspaces: &[(String, PathBuf)],
+    mut after: impl FnMut(&str, &TaskRun),
+) -> Vec<String> {
+    let spec = &tekton_object(docs, "Pipeline", name)["spec"];
+    let mut pvars: Vec<(String, String)> = Vec::new();
+    for p in spec["params"].as_array().into_iter().flatten() {
+        let n = p["name"].as_str().expect("param name");
+        let v = params
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.clone())
+            .or_else(|| p["default"].as_str().map(str::to_string))
+            .unwrap_or_else(|| panic!("no value for pipeline param {n}"));
+        pvars.push((format!("params.{n}"), v));
+    }
+    let mut succeeded: Vec<String> = Vec::new();
+    let mut ran = Vec::new();
+    let tasks = spec["tasks"].as_array().expect("tasks");
+    let finally = spec["finally"].as_array().expect("a finally");
+    for (t, is_finally) in tasks
+        .iter()
+        .map(|t| (t, false))
+        .chain(finally.iter().map(|t| (t, true)))
+    {
+        let tname = t["name"].as_str().expect("task name");
+        let waits_for_failure = t["runAfter"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|a| !succeeded.iter().any(|s| a == s.as_str()));
+        if !is_finally && waits_for_failure {
+            continue;
+        }
+        let mut missing = false;
+        let params: Vec<(String, String)> = t["params"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                let v = tekton_subst(p["value"].as_str().expect("param value"), &pvars);
+                if v.contains("$(tasks.") {
+                    missing = true;
+                }
+                (p["name"].as_str().expect("param name").to_string(), v)
+            })
+            .collect();
+        if missing {
+            continue;
+        }
+        let ws: Vec<(String, PathBuf)> = t["workspaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|w| {
+                let from = w["workspace"].as_str().expect("workspace");
+                let dir = workspaces
+                    .iter()
+                    .find(|(k, _)| k == from)
+                    .unwrap_or_else(|| panic!("pipeline workspace {from} not bound"))
+                    .1
+                    .clone();
+                (w["name"].as_str().expect("name").to_string(), dir)
+            })
+            .collect();
+        let task = t["taskRef"]["name"].as_str().expect("taskRef");
+        let run = run_tekton_task(env, bin, docs, task, &params, &ws);
+        after(tname, &run);
+        if run.ok {
+            succeeded.push(tname.to_string());
+        }
+        for (r, v) in &run.results {
+            pvars.push((format!("tasks.{tname}.results.{r}"), v.clone()));
+        }
+        ran.push(tname.to_string());
+    }
+    ran
+}
+
+#[test]
+fn the_tekton_pipeline_leases_tests_and_releases_in_finally() {
+    let bin = require!(venv_bin());
+    let (lab, _jmpd) = widget_lab("ci-tekton");
+    let env = &lab.env;
+    let _left = Leftovers { env };
+    let p = workspace_root().join("examples/ci/tekton.yaml");
+    let text = std::fs::read_to_string(&p).expect("tekton.yaml");
+    let docs: Vec<Value> = text
+        .split("\n---\n")
+        .map(|d| serde_norway::from_str(d).expect("a YAML document"))
+        .collect();
+    assert_eq!(docs.len(), 4, "three Tasks and the Pipeline");
+    // The client config as the Secret bound to the jmp-client workspace holds it.
+    let secret = env.root.join("jmp-client-secret");
+    std::fs::create_dir_all(&secret).expect("mkdir");
+    std::fs::copy(
+        env.root.join("ci-client.client.yaml"),
+        secret.join("client.yaml"),
+    )
+    .expect("copy the client config");
+    for broken in [false, true] {
+        let dir = checkout(env, broken);
+        let ws = [
+            ("source".to_string(), dir.clone()),
+            ("jmp-client".to_string(), secret.clone()),
+        ];
+        let mut lease = String::new();
+        let ran =
+            run_tekton_pipeline(
+                env,
+                &bin,
+                &docs,
+                "hardware-test",
+                &[],
+                &ws,
+                |task, run| match task {
+                    "lease" => {
+                        assert!(run.ok, "{}", show(&run.steps[0]));
+                        let a = active(&lab);
+                        assert_eq!(a.len(), 1, "one lease: {a:?}");
+                        assert_eq!(a[0]["exporter"], "widget-01");
+                        lease = run
+                            .results
+                            .iter()
+                            .find(|(k, _)| k == "lease")
+                            .map(|(_, v)| v.clone())
+                            .expect("the lease result");
+                        assert_eq!(a[0]["name"], lease.as_str(), "the result names the lease");
+                    }
+                    "test" => {
+                        let out = &run.steps[0];
+                        if broken {
+                            assert!(!run.ok, "the broken test fails the task");
+                            assert!(out.stdout.contains("1 failed, 2 passed"), "{}", out.stdout);
+                        } else {
+                            assert!(run.ok, "{}", show(out));
+                            assert!(out.stdout.contains("2 passed"), "{}", out.stdout);
+                        }
+                        assert!(attachments(env).is_empty(), "jmp shell detached");
+                        assert_eq!(active(&lab).len(), 1, "the lease is finally's to release");
+                    }
+                    "release" => {
+                        assert!(run.ok, "{}", show(&run.steps[0]));
+                        assert!(lab.leases().is_empty(), "released: {:?}", lab.leases());
+                    }
+                    other => panic!("unexpected task {other}"),
+                },
+            );
+        assert_eq!(ran, ["lease", "test", "release"], "broken: {broken}");
+        assert!(!lease.is_empty());
+    }
 }

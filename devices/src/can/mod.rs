@@ -3,6 +3,7 @@
 //! attachment carries frames both ways as numbered, time-stamped records
 //! (`jmp_protocol::kinds::can`).
 
+pub mod agent;
 pub mod backend;
 pub mod bridge;
 pub mod driver;
@@ -77,6 +78,10 @@ impl DeviceKind for Can {
         wire::DeviceParams::decode_exact(params)
             .ok()
             .map(|p| p.to_string())
+    }
+
+    fn agent_tools() -> Vec<Box<dyn crate::agent::AgentTool>> {
+        agent::tools()
     }
 }
 

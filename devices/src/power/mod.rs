@@ -3,6 +3,7 @@
 //! to the attached client as status. Backends: external commands (a relay board's CLI, a PDU's
 //! `snmpset`, `uhubctl`) and the simulated board.
 
+pub mod agent;
 pub mod bridge;
 pub mod command;
 pub mod driver;
@@ -62,6 +63,10 @@ impl DeviceKind for Power {
 
     fn describe(device: &str, req: &wire::Request, resp: &wire::Response) -> String {
         ops::describe(device, req, resp)
+    }
+
+    fn agent_tools() -> Vec<Box<dyn crate::agent::AgentTool>> {
+        agent::tools()
     }
 }
 

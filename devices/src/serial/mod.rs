@@ -1,5 +1,6 @@
 //! Serial consoles: a real tty or a simulated board on the exporter, a pty on the client.
 
+pub mod agent;
 pub mod bridge;
 pub mod driver;
 pub mod history;
@@ -65,6 +66,10 @@ impl DeviceKind for Serial {
 
     fn describe(device: &str, req: &wire::Request, resp: &wire::Response) -> String {
         ops::describe(device, req, resp)
+    }
+
+    fn agent_tools() -> Vec<Box<dyn crate::agent::AgentTool>> {
+        agent::tools()
     }
 }
 

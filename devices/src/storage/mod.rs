@@ -13,6 +13,7 @@
 //!   flash and dump over a client.
 //! - [`sim`]: the simulated card (`storage-sim`).
 
+pub mod agent;
 pub mod bridge;
 pub mod client;
 pub mod driver;
@@ -89,6 +90,10 @@ impl DeviceKind for Storage {
 
     fn describe(device: &str, _req: &wire::DeviceRequest, resp: &wire::DeviceResponse) -> String {
         ops::describe(device, resp)
+    }
+
+    fn agent_tools() -> Vec<Box<dyn crate::agent::AgentTool>> {
+        agent::tools()
     }
 }
 

@@ -259,14 +259,14 @@ fn stop_on_interrupt() -> Arc<AtomicBool> {
     stop
 }
 
-struct FlashArgs {
-    img: PathBuf,
-    bmap: Option<PathBuf>,
-    verify: bool,
-    compress: bool,
+pub(super) struct FlashArgs {
+    pub(super) img: PathBuf,
+    pub(super) bmap: Option<PathBuf>,
+    pub(super) verify: bool,
+    pub(super) compress: bool,
 }
 
-async fn flash_verb(
+pub(super) async fn flash_verb(
     host: &dyn VerbHost,
     target: &Target,
     device: Option<String>,
@@ -307,7 +307,10 @@ async fn flash_verb(
             compress,
         },
         stop,
-        |p| shown.update(p),
+        |p| {
+            shown.update(p);
+            host.progress("flashing", p.done, p.total);
+        },
     )
     .await;
     shown.done();

@@ -12,6 +12,9 @@ a lab by label selector.
             assert self.client.serial.read_until("boot complete") is not None
             self.client.power.off()
 
+With unittest (`python -m unittest`, or under pytest): `class TestMyDevice(JmpTestCase)`, the
+same shape, configured by environment variables (see `jmp_testing.unittest_case`).
+
 Outside pytest: `with jmp_testing.connect(selector="board=rpi4") as board: ...`.
 Everything goes through the `jmp` command line and the local devices it creates.
 """
@@ -20,6 +23,7 @@ from ._cli import Jmp, JmpError, JmpNotFound
 from .board import Board, BoardSpec, NoBoard, acquire
 from .console import Console, ConsoleClosed, ConsoleTimeout
 from .devices import Can, Device, Forward, Network, Power, Storage
+from .unittest_case import JmpTestCase
 
 __all__ = [
     "Board",
@@ -34,6 +38,7 @@ __all__ = [
     "JmpError",
     "JmpNotFound",
     "JmpTest",
+    "JmpTestCase",
     "Network",
     "NoBoard",
     "Power",

@@ -10,8 +10,9 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 # jmp's exit codes (README "Exit codes"); the errors below carry them.
 USAGE = 2
@@ -85,6 +86,7 @@ class Jmp:
         timeout: float = 60.0,
         env: Optional[Mapping[str, Optional[str]]] = None,
         shield: bool = False,
+        on_stderr: Optional[Callable[[str], None]] = None,
     ) -> str:
         """Runs `jmp ARGS`; its stdout, or `JmpError` naming what failed.
 
@@ -94,7 +96,8 @@ class Jmp:
         interruption goes on. With `shield` (a call that gives something back: detach, delete
         lease), jmp runs in its own session, out of reach of the terminal's Ctrl-C, and to its
         end whatever arrives meanwhile; the interruption is kept for
-        `raise_deferred_interrupt`."""
+        `raise_deferred_interrupt`. `on_stderr` is told each line jmp writes to stderr as it
+        comes (a lease's queue place), besides the error's text."""
         argv = [self.binary, *args]
         e = dict(self.env)
         for k, v in (env or {}).items():
@@ -111,7 +114,10 @@ class Jmp:
             text=True,
             start_new_session=shield,
         ) as p:
-            out, err = self._communicate(p, argv, timeout, shield)
+            if on_stderr is None:
+                out, err = self._communicate(p, argv, timeout, shield)
+            else:
+                out, err = self._communicate_streaming(p, argv, timeout, shield, on_stderr)
         if p.returncode != 0:
             raise JmpError(argv, p.returncode, err)
         return out
@@ -139,6 +145,38 @@ class Jmp:
                     p.kill()
                     p.wait()
                 raise
+
+    def _communicate_streaming(
+        self,
+        p: subprocess.Popen,
+        argv: List[str],
+        timeout: float,
+        shield: bool,
+        on_stderr: Callable[[str], None],
+    ) -> Tuple[str, str]:
+        # stderr is read line by line by a thread of its own; communicate() reads stdout only.
+        pipe, p.stderr = p.stderr, None
+        lines: List[str] = []
+
+        def pump() -> None:
+            for line in pipe:
+                lines.append(line)
+                # A live terminal line (\r, erase) is one line per change here.
+                text = line.rstrip("\n").split("\r")[-1].replace("\x1b[2K", "").strip()
+                if text:
+                    try:
+                        on_stderr(text)
+                    except Exception:
+                        pass
+
+        t = threading.Thread(target=pump, daemon=True)
+        t.start()
+        try:
+            out, _ = self._communicate(p, argv, timeout, shield)
+        finally:
+            t.join(timeout=5)
+            pipe.close()
+        return out, "".join(lines)
 
     def raise_deferred_interrupt(self) -> None:
         """Raises the KeyboardInterrupt that arrived during a shielded call, if one did."""

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import os
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from ._cli import Jmp, JmpError
 from .console import Console
@@ -47,6 +47,9 @@ class BoardSpec:
     client: Optional[str] = None
     dev_dir: Optional[str] = None
     name: Optional[str] = None
+    # Use a matching lease this job (or client) already holds (`create lease --reuse`). Off for
+    # a pool's workers: each leases a board of its own from the same selector.
+    reuse: bool = True
 
 
 class Board:
@@ -245,12 +248,19 @@ def _attached(jmp: Jmp, spec: BoardSpec, args: List[str], mode: str) -> Board:
     return b
 
 
-def acquire(spec: BoardSpec, jmp: Optional[Jmp] = None, on_lease=None, open_consoles: bool = True) -> Board:
+def acquire(
+    spec: BoardSpec,
+    jmp: Optional[Jmp] = None,
+    on_lease=None,
+    open_consoles: bool = True,
+    on_queue: Optional[Callable[[str], None]] = None,
+) -> Board:
     """The board `spec` means (see the module's docstring for the order). `on_lease` is called
     with a lease's name as soon as one is created, before it is attached, so that an
     interruption in between still releases it. With `open_consoles`, the consoles are read
     from now on (one reader per pty: a second Board on the same attachment would split its
-    output, so a caller that may already hold one opens them itself)."""
+    output, so a caller that may already hold one opens them itself). `on_queue` is told what
+    `jmp create lease` says while it waits (its place in the lab's queue)."""
     jmp = jmp or Jmp()
     if spec.exporter:
         args = ["--exporter", spec.exporter]
@@ -260,7 +270,7 @@ def acquire(spec: BoardSpec, jmp: Optional[Jmp] = None, on_lease=None, open_cons
             args += ["--fingerprint", spec.fingerprint]
         board = _attached(jmp, spec, args, "direct")
     else:
-        board = _existing(jmp) or _leased(jmp, spec, on_lease)
+        board = _existing(jmp) or _leased(jmp, spec, on_lease, on_queue)
     if open_consoles:
         try:
             board.open_consoles()
@@ -285,7 +295,7 @@ def _existing(jmp: Jmp) -> Optional[Board]:
     return None
 
 
-def _leased(jmp: Jmp, spec: BoardSpec, on_lease) -> Board:
+def _leased(jmp: Jmp, spec: BoardSpec, on_lease, on_queue=None) -> Board:
     name = spec.lease or jmp.env.get("JMP_LEASE") or None
     created = False
     if name is None:
@@ -297,10 +307,12 @@ def _leased(jmp: Jmp, spec: BoardSpec, on_lease) -> Board:
                 "or after `jmp local start`"
             )
         args = ["create", "lease", "--selector", spec.selector, "--duration", spec.duration]
-        args += ["--wait", str(int(spec.wait)), "--reuse", "-o", "json"]
+        args += ["--wait", str(int(spec.wait)), "-o", "json"]
+        if spec.reuse:
+            args.append("--reuse")
         if spec.client:
             args += ["--client", spec.client]
-        lease = jmp.json(args, timeout=spec.wait + 60)
+        lease = jmp.json(args, timeout=spec.wait + 60, on_stderr=on_queue)
         name = lease["name"]
         created = not lease.get("reused", False)
         if created and on_lease is not None:

@@ -7,6 +7,9 @@
 - Fixture `jmp_board`: the Board for the test. `JmpTest` classes get it as `self.client`
   and as a `client` fixture.
 - A failing test's report gets a section per console with what the board printed during it.
+- Under pytest-xdist (`pytest -n 4`) each worker leases a board of its own from the same
+  selector (a pool of identical boards), queueing when the pool is smaller, its place in the
+  queue shown as it changes; each test's report names the board that ran it.
 - Every board acquired is given back at the end of its scope, and at the end of the run
   whatever happened (a failed test, a fixture error, Ctrl-C, SIGTERM from the CI runner).
 """
@@ -14,6 +17,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -76,7 +80,9 @@ class _Boards:
         key = (spec, owner)
         b = self.boards.get(key)
         if b is None:
-            b = acquire(spec, self.jmp, on_lease=self._pending, open_consoles=False)
+            b = acquire(
+                spec, self.jmp, on_lease=self._pending, open_consoles=False, on_queue=self._queue
+            )
             if b.mode in ("shell", "local"):
                 # The one board of this machine, whatever the spec: share its consoles.
                 for other in self.boards.values():
@@ -97,6 +103,23 @@ class _Boards:
     def _pending(self, lease: str, client: Optional[str]) -> None:
         with self.lock:
             self.pending[lease] = client
+
+    def _queue(self, line: str) -> None:
+        """What `jmp create lease` says while it waits (its place in the queue), shown at once
+        past pytest's capture: on the terminal, or under xdist on the worker's stderr, which
+        is the terminal's, named by the worker."""
+        who = _worker(self.config)
+        text = f"jmp{f' [{who}]' if who else ''}: {line}\n"
+        capman = self.config.pluginmanager.getplugin("capturemanager")
+        try:
+            if capman is not None:
+                with capman.global_and_fixture_disabled():
+                    sys.stderr.write(text)
+                    sys.stderr.flush()
+            else:
+                sys.stderr.write(text)
+        except Exception:
+            pass
 
     def release(self, owner: Optional[str] = None) -> List[str]:
         with self.lock:
@@ -159,6 +182,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
             print(f"jmp: {p}", file=sys.stderr)
 
 
+def _worker(config: pytest.Config) -> Optional[str]:
+    """The pytest-xdist worker this process is (gw0, gw1, ...), or None."""
+    wi = getattr(config, "workerinput", None)
+    return wi.get("workerid") if isinstance(wi, dict) else None
+
+
 def _spec(request: pytest.FixtureRequest) -> Tuple[BoardSpec, str]:
     config = request.config
     marker = request.node.get_closest_marker("jmp")
@@ -188,6 +217,9 @@ def _spec(request: pytest.FixtureRequest) -> Tuple[BoardSpec, str]:
         duration=mk.get("duration") or _opt(config, "duration") or "30m",
         client=mk.get("client") or _opt(config, "client"),
         dev_dir=_opt(config, "dev-dir"),
+        # A pool: under pytest-xdist every worker leases a board of its own from the selector
+        # (queueing when the pool has fewer boards than workers), never another worker's.
+        reuse=_worker(config) is None,
     )
     return spec, scope
 
@@ -218,6 +250,8 @@ def jmp_board(request: pytest.FixtureRequest) -> Board:
         hang.addfinalizer(lambda: _report_problems(request.config, boards.release(owner)))
     marks = {name: c.mark() for name, c in board.consoles.items()}
     request.node.stash.setdefault(_ITEM_BOARDS, []).append((board, marks))
+    # The report names the board (JUnit XML: a property; the terminal: the -v outcome).
+    request.node.user_properties.append(("jmp_board", board.exporter))
     return board
 
 
@@ -244,6 +278,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
             rep.sections.append(
                 (f"jmp console {board.exporter}/{name} ({rep.when})", "\n".join(lines))
             )
+
+
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -> Any:
+    """`PASSED on widget-01`: which board ran the test (a pool spreads a suite over several)."""
+    if report.when != "call" or hasattr(report, "wasxfail"):
+        return None
+    boards = [v for k, v in getattr(report, "user_properties", ()) if k == "jmp_board"]
+    if not boards:
+        return None
+    on = ", ".join(dict.fromkeys(boards))
+    if report.passed:
+        return "passed", ".", (f"PASSED on {on}", {"green": True})
+    if report.failed:
+        return "failed", "F", (f"FAILED on {on}", {"red": True})
+    return None
 
 
 class JmpTest:
