@@ -77,6 +77,12 @@ pub trait DeviceKind: Send + Sync + 'static {
         format!("{device}: done")
     }
 
+    /// The request that cycles the board's power, for a kind whose devices switch it: a
+    /// console's power-cycle key (`jmp console`, `~p`) asks for it without naming that kind.
+    fn power_cycle() -> Option<Self::Request> {
+        None
+    }
+
     /// What the bridge of `info` needs on the client to be made as asked (root for a TUN or
     /// vhci). Checked before anything is created, so the user is told what to run.
     fn client_needs(_info: &DeviceInfo, _opts: &Self::Options) -> ClientNeeds {
@@ -574,12 +580,14 @@ pub trait VerbHost: Send + Sync {
         req: DeviceRequest,
     ) -> BoxFuture<'a, Result<(String, DeviceResponse, String), VerbError>>;
 
-    /// Opens a stream channel to `device` (default: the only one of `kind`) for bulk work.
+    /// Opens a stream channel to `device` (default: the only one of `kind`) with the kind's
+    /// open parameters `params` (`Open.params`).
     fn channel<'a>(
         &'a self,
         target: &'a Target,
         kind: Kind,
         device: Option<String>,
+        params: Bytes,
     ) -> BoxFuture<'a, Result<VerbChannel, VerbError>>;
 
     /// Waits until every local attachment of the channel's exporter that caches `device`'s

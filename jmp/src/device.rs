@@ -90,12 +90,13 @@ impl VerbHost for Host {
         target: &'a Target,
         kind: Kind,
         device: Option<String>,
+        params: bytes::Bytes,
     ) -> BoxFuture<'a, Result<VerbChannel, VerbError>> {
         Box::pin(async move {
             if let Some(st) = running(target)? {
-                return channel_via_attachment(&st, kind, device).await;
+                return channel_via_attachment(&st, kind, device, &params).await;
             }
-            own_channel(target, kind, device).await
+            own_channel(target, kind, device, params).await
         })
     }
 
@@ -286,6 +287,7 @@ async fn channel_via_attachment(
     st: &state::StateFile,
     kind: Kind,
     device: Option<String>,
+    params: &[u8],
 ) -> Result<VerbChannel, VerbError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut sock = tokio::net::UnixStream::connect(&st.socket)
@@ -301,7 +303,7 @@ async fn channel_via_attachment(
         op: Op::Channel {
             device,
             kind,
-            params: String::new(),
+            params: hex::encode(params),
         },
     };
     let mut line = serde_json::to_string(&req).map_err(|e| fail(e.to_string()))?;
@@ -355,6 +357,7 @@ async fn own_channel(
     target: &Target,
     kind: Kind,
     device: Option<String>,
+    params: bytes::Bytes,
 ) -> Result<VerbChannel, VerbError> {
     let connector = reach(target).await?.connector(features::CLIENT)?;
     let (link, welcome, fingerprint) = connector.connect().await.map_err(connect_error)?;
@@ -364,10 +367,7 @@ async fn own_channel(
         device.as_deref(),
         &kind,
     )?;
-    let (pipe, params) = link
-        .handle
-        .open_stream(&device, bytes::Bytes::new())
-        .await?;
+    let (pipe, params) = link.handle.open_stream(&device, params).await?;
     let (tx, rx) = pipe.split();
     let origin = ChannelOrigin {
         device,

@@ -63,6 +63,10 @@ impl DeviceKind for Power {
     fn describe(device: &str, req: &wire::Request, resp: &wire::Response) -> String {
         ops::describe(device, req, resp)
     }
+
+    fn power_cycle() -> Option<wire::Request> {
+        Some(wire::Request::Cycle { off_ms: None })
+    }
 }
 
 impl Spec for PowerSpec {

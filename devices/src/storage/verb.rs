@@ -151,7 +151,7 @@ async fn open(
         params,
         stream,
         close,
-    } = host.channel(target, Kind::Storage, device).await?;
+    } = host.channel(target, Kind::Storage, device, bytes::Bytes::new()).await?;
     let params = DeviceParams::decode_exact(&params).map_err(|e| {
         VerbError::new(
             code::FAILURE,
