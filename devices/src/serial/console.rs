@@ -681,7 +681,8 @@ async fn interactive(host: &dyn VerbHost, args: &ConsoleArgs) -> Result<(), Verb
     } else {
         format!("{esc}? at the start of a line")
     };
-    show(format!("[jmp console: {}; {what} for help, {esc}. to quit]\r\n", ch.title).as_bytes())?;
+    let on = ch.title.trim_start_matches("jmp console ");
+    show(format!("[jmp console: {on}; {what} for help, {esc}. to quit]\r\n").as_bytes())?;
     let mut escapes = Escapes::new(args.escape);
     let mut stamp = args.timestamps.then(Stamper::default);
     let mut pending: Option<(&'static str, Pending<'_>)> = None;
