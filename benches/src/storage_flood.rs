@@ -104,7 +104,10 @@ impl Session {
                 }
             }
         });
-        let params = to_bytes(&OpenParams { resume_from: None });
+        let params = to_bytes(&OpenParams {
+            resume_from: None,
+            pacing: None,
+        });
         let (console, _) = handle
             .open_stream("console", params)
             .await

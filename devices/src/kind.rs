@@ -77,6 +77,12 @@ pub trait DeviceKind: Send + Sync + 'static {
         format!("{device}: done")
     }
 
+    /// The request that cycles the board's power, for a kind whose devices switch it: a
+    /// console's power-cycle key (`jmp console`, `~p`) asks for it without naming that kind.
+    fn power_cycle() -> Option<Self::Request> {
+        None
+    }
+
     /// What the bridge of `info` needs on the client to be made as asked (root for a TUN or
     /// vhci). Checked before anything is created, so the user is told what to run.
     fn client_needs(_info: &DeviceInfo, _opts: &Self::Options) -> ClientNeeds {

@@ -146,6 +146,15 @@ macro_rules! registry {
         }
 
         impl DeviceRequest {
+            /// The request that cycles the board's power (the first kind that has one), for
+            /// a verb that must not name the power's kind.
+            pub fn power_cycle() -> Option<DeviceRequest> {
+                $(if let Some(r) = <$module::$kind as DeviceKind>::power_cycle() {
+                    return Some(DeviceRequest::$variant(r));
+                })*
+                None
+            }
+
             pub fn kind(&self) -> Kind {
                 match self {
                     $(DeviceRequest::$variant(_) => <$module::$kind as DeviceKind>::KIND,)*

@@ -216,6 +216,7 @@ async fn the_simulated_boards_console_follows_its_power() {
         Source::Sim {
             hostname: "simb".into(),
             board: board.clone(),
+            slow: None,
         },
         64 * 1024,
     ));
@@ -229,7 +230,7 @@ async fn the_simulated_boards_console_follows_its_power() {
     let (mut pipe, _) = jmp_transport::Channels::open_stream(
         link.as_ref(),
         "console",
-        to_bytes(&OpenParams { resume_from: None }),
+        to_bytes(&OpenParams::default()),
     )
     .await
     .expect("console channel");

@@ -32,7 +32,10 @@ fn open(resume_from: Option<u64>) -> Open {
         channel: 1,
         device: "console".into(),
         mode: ChannelMode::Stream,
-        params: to_bytes(&OpenParams { resume_from }),
+        params: to_bytes(&OpenParams {
+            resume_from,
+            pacing: None,
+        }),
     }
 }
 
@@ -42,6 +45,7 @@ fn sim(hostname: &str, history: usize) -> SerialDriver {
         Source::Sim {
             hostname: hostname.into(),
             board: Board::new(),
+            slow: None,
         },
         history,
     )

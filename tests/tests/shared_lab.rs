@@ -115,7 +115,10 @@ impl Hostile {
     }
 
     async fn console(&self) -> ConsolePipe {
-        let params = to_bytes(&OpenParams { resume_from: None });
+        let params = to_bytes(&OpenParams {
+            resume_from: None,
+            pacing: None,
+        });
         let (pipe, _) = self
             .link
             .open_stream("console", params)

@@ -68,6 +68,10 @@ impl DeviceKind for Power {
     fn agent_tools() -> Vec<Box<dyn crate::agent::AgentTool>> {
         agent::tools()
     }
+
+    fn power_cycle() -> Option<wire::Request> {
+        Some(wire::Request::Cycle { off_ms: None })
+    }
 }
 
 impl Spec for PowerSpec {

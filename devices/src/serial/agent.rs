@@ -199,6 +199,8 @@ impl Consoles {
         };
         let params = to_bytes(&OpenParams {
             resume_from: resume,
+            // The device's own pacing (its config's txDelay/lineDelay) applies.
+            pacing: None,
         });
         let ch: OpenChannel = host
             .verbs()

@@ -132,6 +132,7 @@ impl SerialBridge {
         };
         let params = to_bytes(&OpenParams {
             resume_from: resume,
+            pacing: None,
         });
         let (pipe, offset) = loop {
             match link.open_stream(&self.device, params.clone()).await {

@@ -7,6 +7,7 @@
 //! the reason, the device's status says why, and the rest of the exporter keeps serving.
 
 use super::history::History;
+use super::pace::{self, SlowReader};
 use super::sim::SimConsole;
 use super::spec::LinePolicy;
 use crate::board::Board;
@@ -14,8 +15,8 @@ use crate::{BoxFuture, Channel, DeviceStatus, Driver, Refusal};
 use bytes::{Bytes, BytesMut};
 use jmp_protocol::codec::{to_bytes, Codec};
 use jmp_protocol::kinds::serial::{
-    Control, DeviceParams, FlowControl, LineSettings, OpenParams, OpenedParams, Parity, Request,
-    Response, MAX_BREAK_MS,
+    Control, DeviceParams, FlowControl, LineSettings, OpenParams, OpenedParams, Pacing, Parity,
+    Request, Response, MAX_BREAK_MS,
 };
 use jmp_protocol::{ChannelMode, DeviceState, ErrorCode, Kind, Open};
 use jmp_transport::{ChannelIo, ChannelMsg};
@@ -39,12 +40,18 @@ pub enum Source {
         settings: LineSettings,
         policy: LinePolicy,
     },
-    /// The built-in simulated board, following the board's power.
-    Sim { hostname: String, board: Board },
+    /// The built-in simulated board, following the board's power; `slow`: it reads its input
+    /// as slowly as a bootloader does, losing what comes faster.
+    Sim {
+        hostname: String,
+        board: Board,
+        slow: Option<SlowReader>,
+    },
 }
 
 enum PortCmd {
-    Write(Bytes),
+    /// Bytes to write, with the pauses to make between them.
+    Write(Bytes, Pacing),
     Request(Request, oneshot::Sender<Result<LineSettings, String>>),
 }
 
@@ -54,6 +61,8 @@ pub struct SerialDriver {
     history: Arc<History>,
     cmds: mpsc::Sender<PortCmd>,
     status: watch::Receiver<DeviceStatus>,
+    /// The pacing of channels that ask for none (the config's `txDelay`, `lineDelay`).
+    pacing: Pacing,
 }
 
 fn status_of(settings: LineSettings, unavailable: Option<String>) -> DeviceStatus {
@@ -99,8 +108,12 @@ impl SerialDriver {
                     status_tx,
                 ));
             }
-            Source::Sim { hostname, board } => {
-                tokio::spawn(sim_task(hostname, board, history.clone(), rx));
+            Source::Sim {
+                hostname,
+                board,
+                slow,
+            } => {
+                tokio::spawn(sim_task(hostname, board, slow, history.clone(), rx));
             }
         }
         SerialDriver {
@@ -109,7 +122,14 @@ impl SerialDriver {
             history,
             cmds: tx,
             status,
+            pacing: Pacing::default(),
         }
+    }
+
+    /// Paces what channels type, unless they ask for their own pacing.
+    pub fn with_pacing(mut self, pacing: Pacing) -> Self {
+        self.pacing = pacing;
+        self
     }
 
     pub fn history(&self) -> &Arc<History> {
@@ -175,6 +195,7 @@ impl Driver for SerialDriver {
                 history: self.history.clone(),
                 cmds: self.cmds.clone(),
                 offset,
+                pacing: params.pacing.unwrap_or(self.pacing),
             }) as Box<dyn Channel>)
         })
     }
@@ -231,6 +252,7 @@ struct SerialChannel {
     history: Arc<History>,
     cmds: mpsc::Sender<PortCmd>,
     offset: u64,
+    pacing: Pacing,
 }
 
 impl Channel for SerialChannel {
@@ -285,9 +307,15 @@ async fn serve_channel(ch: SerialChannel, pipe: jmp_transport::Pipe) {
     let cmds = ch.cmds.clone();
     let inp = async {
         while let Ok(Some(b)) = rx.recv().await {
-            if cmds.send(PortCmd::Write(b)).await.is_err() {
+            if cmds.send(PortCmd::Write(b, ch.pacing)).await.is_err() {
                 return;
             }
+        }
+        // The client finished sending: end the channel only once the port task has written
+        // everything (its queue is in order), so `jmp console --send` knows it was typed.
+        let (tx, rx) = oneshot::channel();
+        if cmds.send(PortCmd::Request(Request::Get, tx)).await.is_ok() {
+            let _ = rx.await;
         }
     };
     // A local program's settings, to follow on the real port. Failures go back as notices.
@@ -488,7 +516,7 @@ async fn tty_task(
                         _ = &mut deadline => break,
                         c = cmds.recv() => match c {
                             None => return,
-                            Some(PortCmd::Write(_)) => {}
+                            Some(PortCmd::Write(..)) => {}
                             Some(PortCmd::Request(_, reply)) => { let _ = reply.send(Err(e.clone())); }
                         }
                     }
@@ -517,9 +545,14 @@ async fn tty_task(
             loop {
                 match cmds.recv().await {
                     None => return None,
-                    Some(PortCmd::Write(b)) => {
-                        if let Err(e) = crate::common::fdio::write_all(&fd, &b).await {
-                            return Some(e.to_string());
+                    Some(PortCmd::Write(b, pacing)) => {
+                        for (run, pause) in pace::runs(&pacing, &b) {
+                            if let Err(e) = crate::common::fdio::write_all(&fd, &run).await {
+                                return Some(e.to_string());
+                            }
+                            if !pause.is_zero() {
+                                tokio::time::sleep(pause).await;
+                            }
                         }
                     }
                     Some(PortCmd::Request(req, reply)) => {
@@ -553,6 +586,7 @@ async fn tty_task(
 async fn sim_task(
     hostname: String,
     board: Board,
+    mut slow: Option<SlowReader>,
     history: Arc<History>,
     mut cmds: mpsc::Receiver<PortCmd>,
 ) {
@@ -576,10 +610,22 @@ async fn sim_task(
         tokio::select! {
             cmd = cmds.recv() => match cmd {
                 None => return,
-                Some(PortCmd::Write(b)) => {
-                    follow(&mut sim, &mut seen, *power.borrow_and_update());
-                    if seen.on {
-                        history.push(&sim.input(&b));
+                Some(PortCmd::Write(b, pacing)) => {
+                    for (run, pause) in pace::runs(&pacing, &b) {
+                        follow(&mut sim, &mut seen, *power.borrow_and_update());
+                        if seen.on {
+                            let taken = match slow.as_mut() {
+                                Some(s) => s.accept(tokio::time::Instant::now().into_std(), &run),
+                                None => run.to_vec(),
+                            };
+                            history.push(&sim.input(&taken));
+                        }
+                        if !pause.is_zero() {
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
+                    if let Some(s) = &slow {
+                        debug!(dropped = s.dropped(), "simulated slow reader");
                     }
                 }
                 Some(PortCmd::Request(req, reply)) => {
@@ -625,13 +671,22 @@ mod tests {
         let board = Board::new();
         let history = Arc::new(History::new(64 * 1024));
         let (cmds, rx) = mpsc::channel(16);
-        tokio::spawn(sim_task("simb".into(), board.clone(), history.clone(), rx));
+        tokio::spawn(sim_task(
+            "simb".into(),
+            board.clone(),
+            None,
+            history.clone(),
+            rx,
+        ));
         barrier(&cmds).await;
         let boots = |h: &History| text(h).matches("U-Boot SPL").count();
         assert_eq!(boots(&history), 1);
 
         board.set_power(false);
-        cmds.send(PortCmd::Write(Bytes::from_static(b"root\n")))
+        cmds.send(PortCmd::Write(
+            Bytes::from_static(b"root\n"),
+            Pacing::default(),
+        ))
             .await
             .expect("write");
         barrier(&cmds).await;

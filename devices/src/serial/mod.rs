@@ -2,9 +2,11 @@
 
 pub mod agent;
 pub mod bridge;
+pub mod console;
 pub mod driver;
 pub mod history;
 pub mod ops;
+pub mod pace;
 pub mod sim;
 pub mod spec;
 pub mod verb;
@@ -29,8 +31,8 @@ pub struct Serial;
 crate::config_types! {
     /// `type: serial` (a real port) or `type: sim-console` (the simulated board's console).
     pub enum SerialConfig {
-        Tty(SerialSpec) = "serial" => "{path: /dev/ttyUSB0, baudrate: 115200}",
-        Sim(SimConsoleSpec) = "sim-console" => "{hostname: board}",
+        Tty(SerialSpec) = "serial" => "{path: /dev/ttyUSB0, baudrate: 115200, txDelay: 2ms, lineDelay: 20ms}",
+        Sim(SimConsoleSpec) = "sim-console" => "{hostname: board, slowInput: {charTime: 500us}}",
     }
 }
 
@@ -107,7 +109,8 @@ impl SerialSpec {
                 policy: self.line_settings,
             },
             spec::history_bytes(self.history),
-        ))
+        )
+        .with_pacing(spec::pacing(self.tx_delay, self.line_delay).unwrap_or_default()))
     }
 }
 
@@ -122,8 +125,13 @@ impl SimConsoleSpec {
                     .clone()
                     .unwrap_or_else(|| exporter.to_string()),
                 board: board.clone(),
+                slow: self
+                    .slow_input
+                    .as_ref()
+                    .map(|s| pace::SlowReader::new(s.fifo, s.char_time.0)),
             },
             spec::history_bytes(self.history),
-        ))
+        )
+        .with_pacing(spec::pacing(self.tx_delay, self.line_delay).unwrap_or_default()))
     }
 }

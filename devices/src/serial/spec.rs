@@ -1,7 +1,10 @@
 //! What an exporter config says about a serial console.
 
-use crate::spec::ByteSize;
-use jmp_protocol::kinds::serial::{FlowControl, LineSettings, Parity};
+use crate::spec::{ByteSize, DurationSpec};
+use jmp_protocol::kinds::serial::{
+    FlowControl, LineSettings, Pacing, Parity, MAX_CHAR_DELAY_US, MAX_LINE_DELAY_US,
+};
+use std::time::Duration;
 use serde::Deserialize;
 
 /// Most history a console may keep.
@@ -29,6 +32,13 @@ pub struct SerialSpec {
     /// `-b` would otherwise set the board's UART to 9600). Default `follow`.
     #[serde(default)]
     pub line_settings: LinePolicy,
+    /// Pause after each character written to the port (e.g. `2ms`), for a bootloader that
+    /// reads slowly; every client gets it, a `jmp console --char-delay` overrides it.
+    #[serde(default)]
+    pub tx_delay: Option<DurationSpec>,
+    /// Further pause after each line end written to the port.
+    #[serde(default)]
+    pub line_delay: Option<DurationSpec>,
 }
 
 /// Whether clients may change the real port's line settings.
@@ -50,6 +60,48 @@ pub struct SimConsoleSpec {
     pub hostname: Option<String>,
     #[serde(default)]
     pub history: Option<ByteSize>,
+    #[serde(default)]
+    pub tx_delay: Option<DurationSpec>,
+    #[serde(default)]
+    pub line_delay: Option<DurationSpec>,
+    /// Read input as slowly as a bootloader does, losing what arrives faster (to test pacing).
+    #[serde(default)]
+    pub slow_input: Option<SlowInputSpec>,
+}
+
+/// `slowInput: {charTime: 500us, fifo: 16}`: the simulated board takes one typed byte per
+/// `charTime` from a receive FIFO of `fifo` bytes; what arrives while it is full is lost.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SlowInputSpec {
+    pub char_time: DurationSpec,
+    #[serde(default = "default_fifo")]
+    pub fifo: usize,
+}
+
+fn default_fifo() -> usize {
+    16
+}
+
+/// Checks `txDelay` and `lineDelay` against what the protocol allows and makes them a pacing.
+pub(crate) fn pacing(
+    tx: Option<DurationSpec>,
+    line: Option<DurationSpec>,
+) -> Result<Pacing, String> {
+    let us = |d: Option<DurationSpec>, max: u32, what: &str| -> Result<u32, String> {
+        let d = d.map_or(Duration::ZERO, |d| d.0);
+        if d.as_micros() > u128::from(max) {
+            return Err(format!(
+                "{what} {d:?} is longer than the {:?} allowed",
+                Duration::from_micros(max.into())
+            ));
+        }
+        Ok(d.as_micros() as u32)
+    };
+    Ok(Pacing {
+        char_us: us(tx, MAX_CHAR_DELAY_US, "txDelay")?,
+        line_us: us(line, MAX_LINE_DELAY_US, "lineDelay")?,
+    })
 }
 
 fn default_baud() -> u32 {
@@ -96,6 +148,7 @@ impl SerialSpec {
         if !(1..=2).contains(&self.stop_bits) {
             return Err(format!("stopBits {} is not 1 or 2", self.stop_bits));
         }
+        pacing(self.tx_delay, self.line_delay)?;
         check_history(self.history)
     }
 
@@ -114,6 +167,18 @@ impl SimConsoleSpec {
     pub fn validate(&self) -> Result<(), String> {
         if let Some(h) = &self.hostname {
             jmp_protocol::name::check("hostname", h).map_err(|e| e.to_string())?;
+        }
+        pacing(self.tx_delay, self.line_delay)?;
+        if let Some(s) = &self.slow_input {
+            if s.char_time.0.is_zero() || s.char_time.0 > Duration::from_secs(1) {
+                return Err(format!(
+                    "slowInput.charTime {:?} must be more than 0 and at most 1s",
+                    s.char_time.0
+                ));
+            }
+            if !(1..=4096).contains(&s.fifo) {
+                return Err(format!("slowInput.fifo {} must be 1 to 4096 bytes", s.fifo));
+            }
         }
         check_history(self.history)
     }

@@ -1,5 +1,5 @@
 //! `jmp serial`: what a pty cannot carry (break, parity and data bits, modem lines), as device
-//! requests sent where the board is.
+//! requests sent where the board is; `jmp console`: a terminal on the console itself.
 
 use crate::kind::{KindVerb, Target, VerbError, VerbHost};
 use crate::registry::{run_request, DeviceRequest};
@@ -14,6 +14,10 @@ pub enum SerialVerb {
         #[command(subcommand)]
         cmd: SerialCmd,
     },
+    /// A terminal on the board's console: escape commands (`~.` quit, `~p` power cycle, `~b`
+    /// break, `~?` help) at the start of a line, paced typing for slow bootloaders
+    /// (`--char-delay`, `--line-delay`, `--send FILE`), an asciicast recording (`--record`).
+    Console(super::console::ConsoleArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -150,7 +154,10 @@ impl SerialCmd {
 
 impl KindVerb for SerialVerb {
     fn run(self, host: &dyn VerbHost) -> BoxFuture<'_, Result<(), VerbError>> {
-        let SerialVerb::Serial { cmd } = self;
+        let cmd = match self {
+            SerialVerb::Serial { cmd } => cmd,
+            SerialVerb::Console(args) => return super::console::run(host, args),
+        };
         let (device, target, req) = cmd.request();
         Box::pin(async move { run_request(host, &target, device, DeviceRequest::Serial(req)).await })
     }

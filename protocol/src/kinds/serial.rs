@@ -1,8 +1,8 @@
 //! Serial consoles on the wire.
 //!
 //! - `DeviceInfo.params`: [`DeviceParams`] (the real port's line settings as configured).
-//! - `Open.params`: [`OpenParams`] (where to resume); `Opened.params`: [`OpenedParams`] (the
-//!   offset the stream starts at).
+//! - `Open.params`: [`OpenParams`] (where to resume, and optionally how to pace what the
+//!   channel types); `Opened.params`: [`OpenedParams`] (the offset the stream starts at).
 //! - Stream payload: raw bytes both ways.
 //! - `Control.body` (client → exporter, no answer): [`Control`]: a local program changed the
 //!   pty's settings (only what a pty carries: speed, stop bits, flow control); a failure to
@@ -16,6 +16,10 @@ use serde::{Deserialize, Serialize};
 
 /// Longest break the exporter performs; a longer request is refused (it would hold the port).
 pub const MAX_BREAK_MS: u32 = 10_000;
+/// Longest pause after each character a channel may ask for (a slower board is not a console).
+pub const MAX_CHAR_DELAY_US: u32 = 100_000;
+/// Longest pause after each line end a channel may ask for.
+pub const MAX_LINE_DELAY_US: u32 = 10_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -125,6 +129,25 @@ pub struct OpenParams {
     /// The device-output offset the client has already seen; `None` on first attach (then the
     /// exporter replays its whole history).
     pub resume_from: Option<u64>,
+    /// How the exporter paces what this channel types (`None`: as the device is configured).
+    pub pacing: Option<Pacing>,
+}
+
+/// Pauses the exporter makes between the bytes it writes to the port, for a bootloader that
+/// reads slowly: after each byte, and in addition after each line end (`\r` or `\n`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pacing {
+    /// Microseconds after each byte, at most [`MAX_CHAR_DELAY_US`].
+    pub char_us: u32,
+    /// Microseconds after each line end, at most [`MAX_LINE_DELAY_US`].
+    pub line_us: u32,
+}
+
+impl Pacing {
+    /// Whether it pauses at all.
+    pub fn is_paced(&self) -> bool {
+        self.char_us > 0 || self.line_us > 0
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,17 +333,59 @@ impl Codec for DeviceParams {
     }
 }
 
+const O_PACING: u8 = 0x01;
+
+/// The pacing is a trailing field: an older client's `OpenParams` (resume only) still decode.
 impl Codec for OpenParams {
     fn encode(&self, buf: &mut BytesMut) {
-        put_opt_varint(buf, self.resume_from)
+        put_opt_varint(buf, self.resume_from);
+        if let Some(p) = &self.pacing {
+            buf.put_u8(O_PACING);
+            put_varint(buf, p.char_us.into());
+            put_varint(buf, p.line_us.into());
+        }
     }
     fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
+        let resume_from = get_opt_varint(buf, "resume")?;
+        let pacing = if buf.is_empty() {
+            None
+        } else {
+            match get_u8(buf, "open option")? {
+                O_PACING => {
+                    let char_us = get_u32_varint(buf, "char delay")?;
+                    if char_us > MAX_CHAR_DELAY_US {
+                        return Err(DecodeError::Invalid {
+                            field: "char delay",
+                            value: char_us.into(),
+                        });
+                    }
+                    let line_us = get_u32_varint(buf, "line delay")?;
+                    if line_us > MAX_LINE_DELAY_US {
+                        return Err(DecodeError::Invalid {
+                            field: "line delay",
+                            value: line_us.into(),
+                        });
+                    }
+                    Some(Pacing { char_us, line_us })
+                }
+                t => {
+                    return Err(DecodeError::Invalid {
+                        field: "open option",
+                        value: t.into(),
+                    })
+                }
+            }
+        };
         Ok(OpenParams {
-            resume_from: get_opt_varint(buf, "resume")?,
+            resume_from,
+            pacing,
         })
     }
     fn encoded_len(&self) -> usize {
         opt_varint_len(self.resume_from)
+            + self.pacing.map_or(0, |p| {
+                1 + varint_len(p.char_us.into()) + varint_len(p.line_us.into())
+            })
     }
 }
 
@@ -530,6 +595,18 @@ pub fn examples() -> Vec<(&'static str, Vec<u8>)> {
             "serial-open",
             to_bytes(&OpenParams {
                 resume_from: Some(4096),
+                pacing: None,
+            })
+            .to_vec(),
+        ),
+        (
+            "serial-open-paced",
+            to_bytes(&OpenParams {
+                resume_from: None,
+                pacing: Some(Pacing {
+                    char_us: 2000,
+                    line_us: 50_000,
+                }),
             })
             .to_vec(),
         ),
@@ -578,7 +655,7 @@ pub fn examples() -> Vec<(&'static str, Vec<u8>)> {
 pub fn decode_example(name: &str, bytes: &[u8]) -> bool {
     match name {
         "serial-params" => DeviceParams::decode_exact(bytes).is_ok(),
-        "serial-open" => OpenParams::decode_exact(bytes).is_ok(),
+        "serial-open" | "serial-open-paced" => OpenParams::decode_exact(bytes).is_ok(),
         "serial-opened" => OpenedParams::decode_exact(bytes).is_ok(),
         "serial-control-follow" => Control::decode_exact(bytes).is_ok(),
         n if n.starts_with("serial-request") => Request::decode_exact(bytes).is_ok(),
@@ -649,7 +726,8 @@ mod tests {
             round_trip(&Control::Follow(c));
             round_trip(&Response { settings: l });
             round_trip(&r);
-            round_trip(&OpenParams { resume_from: off });
+            round_trip(&OpenParams { resume_from: off, pacing: None });
+            round_trip(&OpenParams { resume_from: off, pacing: Some(Pacing { char_us: (off.unwrap_or(0) % u64::from(MAX_CHAR_DELAY_US + 1)) as u32, line_us: MAX_LINE_DELAY_US }) });
             round_trip(&OpenedParams { offset: off.unwrap_or(0) });
         }
 
@@ -677,6 +755,39 @@ mod tests {
                 field: "line change",
                 value: 0x20
             })
+        );
+    }
+
+    #[test]
+    fn pacing_beyond_its_limits_is_refused_by_name() {
+        let mut b = BytesMut::new();
+        put_opt_varint(&mut b, None);
+        b.put_u8(O_PACING);
+        put_varint(&mut b, u64::from(MAX_CHAR_DELAY_US) + 1);
+        put_varint(&mut b, 0);
+        assert_eq!(
+            OpenParams::decode_exact(&b),
+            Err(DecodeError::Invalid {
+                field: "char delay",
+                value: u64::from(MAX_CHAR_DELAY_US) + 1
+            })
+        );
+        let mut b = BytesMut::new();
+        put_opt_varint(&mut b, None);
+        b.put_u8(O_PACING);
+        put_varint(&mut b, 0);
+        put_varint(&mut b, u64::from(MAX_LINE_DELAY_US) + 1);
+        assert!(matches!(
+            OpenParams::decode_exact(&b),
+            Err(DecodeError::Invalid {
+                field: "line delay",
+                ..
+            })
+        ));
+        // An older client's body (resume only) still decodes, without pacing.
+        assert_eq!(
+            OpenParams::decode_exact(&[0]),
+            Ok(OpenParams::default())
         );
     }
 

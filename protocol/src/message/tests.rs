@@ -57,6 +57,7 @@ fn examples() -> Vec<(&'static str, Message)> {
                 mode: ChannelMode::Stream,
                 params: to_bytes(&serial::OpenParams {
                     resume_from: Some(4096),
+                    pacing: None,
                 }),
             }),
         ),

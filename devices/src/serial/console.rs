@@ -1,0 +1,873 @@
+//! `jmp console`: a terminal on the board's console for people who do not want to configure
+//! picocom, and a script typist for bootloaders (`--send`).
+//!
+//! - **Escape commands** (as ssh and conmux): the escape character (`~` by default) at the
+//!   start of a line, then `.` quit, `p` power cycle, `b` break, `?` help, the escape character
+//!   again for itself. A control character as escape (`--escape '^]'`) works anywhere in a line,
+//!   since nobody types it as text.
+//! - **Pacing** is done by the exporter (`OpenParams.pacing`), between its writes to the port:
+//!   pauses made here would be squeezed together again by the network and the exporter's
+//!   scheduling, and a slow bootloader loses whatever arrives in a burst.
+//! - **Recording** is an asciicast v2 file: every line a JSON value, output (`"o"`) and what was
+//!   typed (`"i"`) marked apart, seconds since the start; `asciinema play` replays it.
+
+use crate::kind::{Target, VerbChannel, VerbError, VerbHost, VerbStream};
+use crate::registry::{DeviceRequest, DeviceResponse};
+use crate::BoxFuture;
+use bytes::{Bytes, BytesMut};
+use jmp_protocol::codec::to_bytes;
+use jmp_protocol::exit as code;
+use jmp_protocol::kinds::serial::{
+    OpenParams, Pacing, Request, MAX_CHAR_DELAY_US, MAX_LINE_DELAY_US,
+};
+use jmp_protocol::Kind;
+use std::io::{IsTerminal, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Largest script `--send` types (a bootloader script, not an image).
+pub const MAX_SEND: u64 = 16 * 1024 * 1024;
+/// How long a break the break key sends.
+const BREAK_MS: u32 = 250;
+
+#[derive(clap::Args, Debug)]
+pub struct ConsoleArgs {
+    /// The serial device (default: the only one).
+    pub device: Option<String>,
+    /// The escape character: one character, or `^X` for a control character (`^]`).
+    #[arg(long, default_value = "~", value_parser = parse_escape)]
+    pub escape: u8,
+    /// Pause the exporter makes after each character it writes to the port (e.g. 2ms), for a
+    /// bootloader that reads slowly.
+    #[arg(long, value_parser = parse_char_delay)]
+    pub char_delay: Option<Duration>,
+    /// Further pause after each line end (e.g. 50ms), for a prompt that needs time per command.
+    #[arg(long, value_parser = parse_line_delay)]
+    pub line_delay: Option<Duration>,
+    /// Type FILE (`-`: standard input) with pacing and exit once the exporter has written all
+    /// of it to the port (showing what the board prints meanwhile); no terminal is needed.
+    #[arg(long, value_name = "FILE")]
+    pub send: Option<PathBuf>,
+    /// Write the session to FILE as an asciicast v2 recording (output and input marked apart,
+    /// seconds since the start).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+    /// Prefix each line on screen with the time it started (UTC, HH:MM:SS.mmm).
+    #[arg(long)]
+    pub timestamps: bool,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+fn parse_escape(s: &str) -> Result<u8, String> {
+    let b = s.as_bytes();
+    match b {
+        [c] if c.is_ascii() && *c != b'\r' && *c != b'\n' => Ok(*c),
+        [b'^', c] if (b'@'..=b'_').contains(&c.to_ascii_uppercase()) => {
+            Ok(c.to_ascii_uppercase() - b'@')
+        }
+        _ => Err(format!(
+            "{s:?} is not one ASCII character or ^X (examples: ~, ^])"
+        )),
+    }
+}
+
+fn parse_delay(s: &str, max_us: u32, what: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?}: {e} (examples: 2ms, 500us)"))?;
+    if d.as_micros() > u128::from(max_us) {
+        return Err(format!(
+            "{s:?} is longer than the {} the exporter allows {what}",
+            humantime::format_duration(Duration::from_micros(max_us.into()))
+        ));
+    }
+    Ok(d)
+}
+
+fn parse_char_delay(s: &str) -> Result<Duration, String> {
+    parse_delay(s, MAX_CHAR_DELAY_US, "per character")
+}
+
+fn parse_line_delay(s: &str) -> Result<Duration, String> {
+    parse_delay(s, MAX_LINE_DELAY_US, "per line")
+}
+
+impl ConsoleArgs {
+    /// The pacing asked for, `None` to leave the device's own.
+    fn pacing(&self) -> Option<Pacing> {
+        if self.char_delay.is_none() && self.line_delay.is_none() {
+            return None;
+        }
+        let us = |d: Option<Duration>| d.map_or(0, |d| d.as_micros() as u32);
+        Some(Pacing {
+            char_us: us(self.char_delay),
+            line_us: us(self.line_delay),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Escape commands
+
+/// What a keystroke (or a run of them) asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Bytes for the board.
+    Send(Vec<u8>),
+    Quit,
+    PowerCycle,
+    Break,
+    Help,
+}
+
+/// Recognises escape commands in what is typed. Pure: bytes in, actions out.
+#[derive(Debug, Clone)]
+pub struct Escapes {
+    escape: u8,
+    /// Nothing but line ends typed since the last line end (or since the start).
+    line_start: bool,
+    /// The escape character was just typed where it counts.
+    pending: bool,
+}
+
+impl Escapes {
+    pub fn new(escape: u8) -> Escapes {
+        Escapes {
+            escape,
+            line_start: true,
+            pending: false,
+        }
+    }
+
+    /// Whether the escape character counts here: a printable one only at the start of a line
+    /// (so `~` inside a command is typed), a control character anywhere.
+    fn counts(&self) -> bool {
+        self.line_start || self.escape.is_ascii_control()
+    }
+
+    pub fn feed(&mut self, data: &[u8]) -> Vec<Action> {
+        let mut out = Vec::new();
+        let mut send = Vec::new();
+        let flush = |send: &mut Vec<u8>, out: &mut Vec<Action>| {
+            if !send.is_empty() {
+                out.push(Action::Send(std::mem::take(send)));
+            }
+        };
+        for &b in data {
+            if self.pending {
+                self.pending = false;
+                let action = match b {
+                    b'.' => Some(Action::Quit),
+                    b'p' | b'P' => Some(Action::PowerCycle),
+                    b'b' | b'B' => Some(Action::Break),
+                    b'?' => Some(Action::Help),
+                    _ => None,
+                };
+                if let Some(a) = action {
+                    flush(&mut send, &mut out);
+                    out.push(a);
+                    // The line is still at its start: nothing was typed into it.
+                    continue;
+                }
+                // Anything else goes out as typed, the escape first unless it was doubled.
+                if b != self.escape {
+                    send.push(self.escape);
+                }
+                send.push(b);
+                self.line_start = b == b'\r' || b == b'\n';
+                continue;
+            }
+            if b == self.escape && self.counts() {
+                self.pending = true;
+                continue;
+            }
+            send.push(b);
+            self.line_start = b == b'\r' || b == b'\n';
+        }
+        flush(&mut send, &mut out);
+        out
+    }
+}
+
+fn escape_name(e: u8) -> String {
+    if e.is_ascii_control() {
+        format!("^{}", char::from(e + b'@'))
+    } else {
+        char::from(e).to_string()
+    }
+}
+
+fn help(escape: u8) -> String {
+    let e = escape_name(escape);
+    let at = if escape.is_ascii_control() {
+        "anywhere"
+    } else {
+        "at the start of a line"
+    };
+    format!(
+        "\r\n[jmp console: escape {e} {at}, then:\r\n  {e}.  quit\r\n  {e}p  power cycle the board\r\n  {e}b  send a break\r\n  {e}?  this help\r\n  {e}{e}  send {e} itself]\r\n"
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recording and timestamps
+
+/// Turns byte chunks into text without breaking a character split across chunks (JSON
+/// strings must be UTF-8; invalid bytes become U+FFFD).
+#[derive(Debug, Default)]
+pub struct Utf8Carry(Vec<u8>);
+
+impl Utf8Carry {
+    pub fn take(&mut self, data: &[u8]) -> String {
+        let mut buf = std::mem::take(&mut self.0);
+        buf.extend_from_slice(data);
+        let mut out = String::new();
+        let mut rest: &[u8] = &buf;
+        loop {
+            match std::str::from_utf8(rest) {
+                Ok(s) => {
+                    out.push_str(s);
+                    break;
+                }
+                Err(e) => {
+                    let (ok, bad) = rest.split_at(e.valid_up_to());
+                    // SAFETY-free: `ok` is valid UTF-8 by the error's own account.
+                    out.push_str(std::str::from_utf8(ok).unwrap_or_default());
+                    match e.error_len() {
+                        Some(n) => {
+                            out.push('\u{fffd}');
+                            rest = &bad[n..];
+                        }
+                        None => {
+                            // An incomplete character at the end: keep it for the next chunk.
+                            self.0 = bad.to_vec();
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// An asciicast v2 recording being written.
+pub struct Recorder {
+    file: std::io::BufWriter<std::fs::File>,
+    start: Instant,
+    last: f64,
+    out: Utf8Carry,
+    inp: Utf8Carry,
+}
+
+impl Recorder {
+    /// Creates `path` and writes the header.
+    pub fn create(
+        path: &std::path::Path,
+        size: (u16, u16),
+        title: &str,
+    ) -> std::io::Result<Recorder> {
+        let file = std::fs::File::create(path)?;
+        let mut r = Recorder {
+            file: std::io::BufWriter::new(file),
+            start: Instant::now(),
+            last: 0.0,
+            out: Utf8Carry::default(),
+            inp: Utf8Carry::default(),
+        };
+        let header = serde_json::json!({
+            "version": 2,
+            "width": size.0,
+            "height": size.1,
+            "timestamp": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            "title": title,
+            "env": {"TERM": std::env::var("TERM").unwrap_or_default()},
+        });
+        writeln!(r.file, "{header}")?;
+        r.file.flush()?;
+        Ok(r)
+    }
+
+    /// Seconds since the start, never less than the previous event's (the format wants them in
+    /// order).
+    fn now(&mut self) -> f64 {
+        let t = self.start.elapsed().as_secs_f64().max(self.last);
+        self.last = t;
+        t
+    }
+
+    fn event(&mut self, kind: &str, text: &str) -> std::io::Result<()> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        let t = self.now();
+        let line = serde_json::json!([(t * 1e6).round() / 1e6, kind, text]);
+        writeln!(self.file, "{line}")?;
+        // Flushed at once: a session that ends badly still leaves its record.
+        self.file.flush()
+    }
+
+    /// What the board printed.
+    pub fn output(&mut self, data: &[u8]) -> std::io::Result<()> {
+        let s = self.out.take(data);
+        self.event("o", &s)
+    }
+
+    /// What was sent to the board.
+    pub fn input(&mut self, data: &[u8]) -> std::io::Result<()> {
+        let s = self.inp.take(data);
+        self.event("i", &s)
+    }
+
+    /// A marker (an escape command: a power cycle, a break).
+    pub fn marker(&mut self, label: &str) -> std::io::Result<()> {
+        self.event("m", label)
+    }
+}
+
+/// Prefixes each output line with the wall-clock time its first byte arrived.
+#[derive(Debug)]
+pub struct Stamper {
+    line_start: bool,
+}
+
+impl Default for Stamper {
+    fn default() -> Self {
+        Stamper { line_start: true }
+    }
+}
+
+impl Stamper {
+    pub fn stamp(&mut self, data: &[u8], now: SystemTime) -> Vec<u8> {
+        let mut out = Vec::with_capacity(data.len() + 16);
+        for &b in data {
+            if self.line_start && b != b'\r' && b != b'\n' {
+                out.extend_from_slice(clock(now).as_bytes());
+                self.line_start = false;
+            }
+            out.push(b);
+            if b == b'\n' {
+                self.line_start = true;
+            }
+        }
+        out
+    }
+}
+
+/// `[HH:MM:SS.mmm] ` in UTC.
+fn clock(now: SystemTime) -> String {
+    let d = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let s = d.as_secs() % 86_400;
+    format!(
+        "[{:02}:{:02}:{:02}.{:03}] ",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        d.subsec_millis()
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// The terminal
+
+/// Standard input in raw mode and non-blocking; both undone on drop, which every way out of
+/// the console passes through (return, error, a signal turned into a return, a panic's unwind).
+struct Terminal {
+    saved: Option<nix::sys::termios::Termios>,
+    saved_flags: Option<libc::c_int>,
+}
+
+impl Terminal {
+    fn raw(raw: bool) -> std::io::Result<Terminal> {
+        use nix::sys::termios;
+        let stdin = std::io::stdin();
+        let mut t = Terminal {
+            saved: None,
+            saved_flags: None,
+        };
+        if raw {
+            let saved = termios::tcgetattr(stdin.as_fd()).map_err(std::io::Error::from)?;
+            let mut r = saved.clone();
+            termios::cfmakeraw(&mut r);
+            termios::tcsetattr(stdin.as_fd(), termios::SetArg::TCSAFLUSH, &r)
+                .map_err(std::io::Error::from)?;
+            t.saved = Some(saved);
+        }
+        // SAFETY: fcntl on standard input, which stays open for the life of the process.
+        let flags = unsafe { libc::fcntl(0, libc::F_GETFL) };
+        if flags >= 0 {
+            // The file status flags belong to the open file description, shared with the
+            // shell: restored on drop so the shell does not find its terminal non-blocking.
+            unsafe { libc::fcntl(0, libc::F_SETFL, flags | libc::O_NONBLOCK) };
+            t.saved_flags = Some(flags);
+        }
+        Ok(t)
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        if let Some(f) = self.saved_flags {
+            // SAFETY: as above.
+            unsafe { libc::fcntl(0, libc::F_SETFL, f) };
+        }
+        if let Some(s) = &self.saved {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin().as_fd(),
+                nix::sys::termios::SetArg::TCSADRAIN,
+                s,
+            );
+        }
+    }
+}
+
+fn window_size() -> (u16, u16) {
+    // SAFETY: TIOCGWINSZ fills a winsize; on failure it is left zeroed.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) } == 0;
+    if ok && ws.ws_col > 0 && ws.ws_row > 0 {
+        (ws.ws_col, ws.ws_row)
+    } else {
+        (80, 24)
+    }
+}
+
+fn stdin_fd() -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: dup returns a new descriptor we own, or -1 (checked).
+    let fd = unsafe { libc::dup(std::io::stdin().as_raw_fd()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    crate::async_fd(fd)
+}
+
+fn show(data: &[u8]) -> Result<(), VerbError> {
+    let mut o = std::io::stdout().lock();
+    o.write_all(data)
+        .and_then(|_| o.flush())
+        .map_err(|e| VerbError::new(code::FAILURE, format!("cannot write to the terminal: {e}")))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The channel
+
+/// The sending half of the console's channel, however it is carried.
+enum Tx {
+    Pipe(jmp_transport::PipeTx),
+    Socket(tokio::net::unix::OwnedWriteHalf),
+}
+
+/// The receiving half.
+enum Rx {
+    Pipe(jmp_transport::PipeRx),
+    Socket(tokio::net::unix::OwnedReadHalf),
+}
+
+impl Tx {
+    async fn send(&mut self, data: &[u8]) -> Result<(), String> {
+        match self {
+            Tx::Pipe(tx) => tx
+                .send(Bytes::copy_from_slice(data))
+                .await
+                .map_err(|e| e.to_string()),
+            Tx::Socket(w) => {
+                use tokio::io::AsyncWriteExt;
+                w.write_all(data).await.map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    async fn finish(&mut self) {
+        match self {
+            Tx::Pipe(tx) => {
+                let _ = tx.finish();
+            }
+            Tx::Socket(w) => {
+                use tokio::io::AsyncWriteExt;
+                let _ = w.shutdown().await;
+            }
+        }
+    }
+}
+
+impl Rx {
+    /// The board's next output; `Ok(None)` when the exporter ended the channel.
+    async fn recv(&mut self) -> Result<Option<Bytes>, String> {
+        match self {
+            Rx::Pipe(rx) => rx.recv().await.map_err(|e| e.to_string()),
+            Rx::Socket(r) => {
+                use tokio::io::AsyncReadExt;
+                let mut b = BytesMut::with_capacity(16 * 1024);
+                match r.read_buf(&mut b).await {
+                    Ok(0) => Ok(None),
+                    Ok(_) => Ok(Some(b.freeze())),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        }
+    }
+}
+
+struct Opened {
+    device: String,
+    title: String,
+    tx: Tx,
+    rx: Rx,
+    close: Option<Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>>,
+}
+
+async fn open(
+    host: &dyn VerbHost,
+    args: &ConsoleArgs,
+    resume_from: Option<u64>,
+) -> Result<Opened, VerbError> {
+    let params = to_bytes(&OpenParams {
+        resume_from,
+        pacing: args.pacing(),
+    });
+    let VerbChannel {
+        origin,
+        stream,
+        close,
+        ..
+    } = host
+        .channel_with(&args.target, Kind::Serial, args.device.clone(), params)
+        .await?;
+    let (tx, rx) = match stream {
+        VerbStream::Pipe(tx, rx) => (Tx::Pipe(tx), Rx::Pipe(rx)),
+        VerbStream::Socket(w, r) => (Tx::Socket(w), Rx::Socket(r)),
+    };
+    Ok(Opened {
+        title: format!("jmp console {} on {}", origin.device, origin.exporter),
+        device: origin.device,
+        tx,
+        rx,
+        close,
+    })
+}
+
+fn record_error(e: std::io::Error) -> VerbError {
+    VerbError::new(code::FAILURE, format!("cannot write the recording: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running
+
+type Pending<'a> = BoxFuture<'a, Result<(String, DeviceResponse, String), VerbError>>;
+
+pub fn run<'a>(host: &'a dyn VerbHost, args: ConsoleArgs) -> BoxFuture<'a, Result<(), VerbError>> {
+    Box::pin(async move {
+        match args.send.clone() {
+            Some(path) => send(host, &args, &path).await,
+            None => interactive(host, &args).await,
+        }
+    })
+}
+
+/// `--send`: types the script and returns once the exporter has written all of it.
+async fn send(
+    host: &dyn VerbHost,
+    args: &ConsoleArgs,
+    path: &std::path::Path,
+) -> Result<(), VerbError> {
+    let usage = |m: String| VerbError::new(code::USAGE, m);
+    let script = if path.as_os_str() == "-" {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(std::io::stdin().lock(), MAX_SEND + 1),
+            &mut v,
+        )
+        .map_err(|e| usage(format!("cannot read standard input: {e}")))?;
+        v
+    } else {
+        let len = std::fs::metadata(path)
+            .map_err(|e| usage(format!("cannot read {}: {e}", path.display())))?
+            .len();
+        if len > MAX_SEND {
+            return Err(usage(format!(
+                "{} is {len} bytes; --send types at most {MAX_SEND}",
+                path.display()
+            )));
+        }
+        std::fs::read(path).map_err(|e| usage(format!("cannot read {}: {e}", path.display())))?
+    };
+    if script.len() as u64 > MAX_SEND {
+        return Err(usage(format!(
+            "standard input holds more than the {MAX_SEND} bytes --send types"
+        )));
+    }
+    // Only what the board prints from now on: the history is not this script's doing.
+    let mut ch = open(host, args, Some(u64::MAX)).await?;
+    let mut rec = match &args.record {
+        Some(p) => Some(Recorder::create(p, window_size(), &ch.title).map_err(record_error)?),
+        None => None,
+    };
+    let mut stamp = args.timestamps.then(Stamper::default);
+    let mut pending: &[u8] = &script;
+    let lost = |e: String| VerbError::new(code::FAILURE, format!("{}: the console closed: {e}", ch.device));
+    let mut result = Ok(());
+    // Output is read while typing: the board's echo must not back up behind the script.
+    loop {
+        tokio::select! {
+            r = ch.tx.send(&pending[..pending.len().min(16 * 1024)]), if !pending.is_empty() => {
+                if let Err(e) = r {
+                    result = Err(lost(e));
+                    break;
+                }
+                let n = pending.len().min(16 * 1024);
+                if let Some(r) = rec.as_mut() {
+                    r.input(&pending[..n]).map_err(record_error)?;
+                }
+                pending = &pending[n..];
+                if pending.is_empty() {
+                    // The exporter ends the channel once it has written all we sent.
+                    ch.tx.finish().await;
+                }
+            }
+            r = ch.rx.recv() => match r {
+                Ok(Some(b)) => {
+                    if let Some(r) = rec.as_mut() {
+                        r.output(&b).map_err(record_error)?;
+                    }
+                    match stamp.as_mut() {
+                        Some(s) => show(&s.stamp(&b, SystemTime::now()))?,
+                        None => show(&b)?,
+                    }
+                }
+                Ok(None) => {
+                    if !pending.is_empty() {
+                        result = Err(lost("before the script was sent".into()));
+                    }
+                    break;
+                }
+                Err(e) => {
+                    result = Err(lost(e));
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(close) = ch.close.take() {
+        close().await;
+    }
+    result
+}
+
+/// The interactive terminal.
+async fn interactive(host: &dyn VerbHost, args: &ConsoleArgs) -> Result<(), VerbError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let fail = |m: String| VerbError::new(code::FAILURE, m);
+    let tty = std::io::stdin().is_terminal();
+    let mut ch = open(host, args, None).await?;
+    let mut rec = match &args.record {
+        Some(p) => Some(Recorder::create(p, window_size(), &ch.title).map_err(record_error)?),
+        None => None,
+    };
+    let sig = |k: SignalKind| signal(k).map_err(|e| fail(format!("cannot watch signals: {e}")));
+    let (mut term, mut hup, mut int) = (
+        sig(SignalKind::terminate())?,
+        sig(SignalKind::hangup())?,
+        sig(SignalKind::interrupt())?,
+    );
+    let input = stdin_fd().map_err(|e| fail(format!("cannot read standard input: {e}")))?;
+    // From here on the terminal is raw until `_raw` drops, whichever way this returns.
+    let _raw = Terminal::raw(tty).map_err(|e| fail(format!("cannot set the terminal up: {e}")))?;
+    let esc = escape_name(args.escape);
+    let what = if args.escape.is_ascii_control() {
+        format!("{esc}?")
+    } else {
+        format!("{esc}? at the start of a line")
+    };
+    let on = ch.title.trim_start_matches("jmp console ");
+    show(format!("[jmp console: {on}; {what} for help, {esc}. to quit]\r\n").as_bytes())?;
+    let mut escapes = Escapes::new(args.escape);
+    let mut stamp = args.timestamps.then(Stamper::default);
+    let mut pending: Option<(&'static str, Pending<'_>)> = None;
+    let mut buf = BytesMut::new();
+    let result = loop {
+        tokio::select! {
+            r = crate::common::fdio::read(&input, &mut buf, 4096, false) => {
+                let n = match r {
+                    Ok(n) => n,
+                    Err(e) => break Err(fail(format!("cannot read standard input: {e}"))),
+                };
+                if n == 0 {
+                    break Ok(());
+                }
+                let mut quit = false;
+                for a in escapes.feed(&buf) {
+                    match a {
+                        Action::Send(b) => {
+                            if let Some(r) = rec.as_mut() {
+                                r.input(&b).map_err(record_error)?;
+                            }
+                            if let Err(e) = ch.tx.send(&b).await {
+                                return Err(fail(format!("{}: the console closed: {e}", ch.device)));
+                            }
+                        }
+                        Action::Quit => quit = true,
+                        Action::Help => show(help(args.escape).as_bytes())?,
+                        Action::PowerCycle | Action::Break if pending.is_some() => {
+                            show(b"\r\n[jmp console: the last command is still running]\r\n")?;
+                        }
+                        Action::PowerCycle => {
+                            let Some(req) = DeviceRequest::power_cycle() else {
+                                show(b"\r\n[jmp console: no kind of device switches power]\r\n")?;
+                                continue;
+                            };
+                            show(b"\r\n[jmp console: power cycle]\r\n")?;
+                            if let Some(r) = rec.as_mut() {
+                                r.marker("power cycle").map_err(record_error)?;
+                            }
+                            pending = Some(("power cycle", host.request(&args.target, None, req)));
+                        }
+                        Action::Break => {
+                            show(b"\r\n[jmp console: break]\r\n")?;
+                            if let Some(r) = rec.as_mut() {
+                                r.marker("break").map_err(record_error)?;
+                            }
+                            let req = DeviceRequest::Serial(Request::Break { millis: BREAK_MS });
+                            pending = Some(("break", host.request(&args.target, Some(ch.device.clone()), req)));
+                        }
+                    }
+                    if quit {
+                        break;
+                    }
+                }
+                if quit {
+                    break Ok(());
+                }
+            }
+            r = ch.rx.recv() => match r {
+                Ok(Some(b)) => {
+                    if let Some(r) = rec.as_mut() {
+                        r.output(&b).map_err(record_error)?;
+                    }
+                    match stamp.as_mut() {
+                        Some(s) => show(&s.stamp(&b, SystemTime::now()))?,
+                        None => show(&b)?,
+                    }
+                }
+                Ok(None) => break Err(fail(format!("{}: the exporter ended the console", ch.device))),
+                Err(e) => break Err(fail(format!("{}: the console closed: {e}", ch.device))),
+            },
+            r = async { pending.as_mut().expect("guarded").1.as_mut().await }, if pending.is_some() => {
+                let what = pending.take().map_or("", |p| p.0);
+                let line = match r {
+                    Ok((_, _, line)) => line,
+                    Err(e) => format!("{what} failed: {}", e.message),
+                };
+                show(format!("\r\n[jmp console: {}]\r\n", jmp_protocol::name::escape(&line)).as_bytes())?;
+            }
+            _ = term.recv() => break Err(fail("terminated".into())),
+            _ = hup.recv() => break Err(fail("the terminal hung up".into())),
+            // Only when the terminal is not raw (raw mode sends Ctrl-C to the board).
+            _ = int.recv() => break Err(fail("interrupted".into())),
+        }
+    };
+    drop(_raw);
+    if result.is_ok() {
+        show(b"\r\n")?;
+    }
+    if let Some(close) = ch.close.take() {
+        close().await;
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send(s: &str) -> Action {
+        Action::Send(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn escapes_count_only_at_the_start_of_a_line() {
+        let mut e = Escapes::new(b'~');
+        assert_eq!(e.feed(b"~."), vec![Action::Quit]);
+        let mut e = Escapes::new(b'~');
+        assert_eq!(e.feed(b"ls ~.\r"), vec![send("ls ~.\r")]);
+        assert_eq!(e.feed(b"~p"), vec![Action::PowerCycle]);
+        // Still at the start of the line after a command.
+        assert_eq!(e.feed(b"~b~?"), vec![Action::Break, Action::Help]);
+        assert_eq!(e.feed(b"x\n~."), vec![send("x\n"), Action::Quit]);
+    }
+
+    #[test]
+    fn a_doubled_escape_is_typed_once_and_others_pass_through() {
+        let mut e = Escapes::new(b'~');
+        assert_eq!(e.feed(b"~~/x"), vec![send("~/x")]);
+        let mut e = Escapes::new(b'~');
+        assert_eq!(e.feed(b"~x"), vec![send("~x")]);
+        // After `~x` the line has begun: a later `~.` is text.
+        assert_eq!(e.feed(b"~."), vec![send("~.")]);
+    }
+
+    #[test]
+    fn an_escape_split_across_reads_still_counts() {
+        let mut e = Escapes::new(b'~');
+        assert_eq!(e.feed(b"echo\r~"), vec![send("echo\r")]);
+        assert_eq!(e.feed(b"."), vec![Action::Quit]);
+    }
+
+    #[test]
+    fn a_control_escape_counts_anywhere() {
+        let esc = parse_escape("^]").expect("parses");
+        assert_eq!(esc, 0x1d);
+        let mut e = Escapes::new(esc);
+        assert_eq!(e.feed(b"abc\x1d."), vec![send("abc"), Action::Quit]);
+        assert!(parse_escape("ab").is_err());
+        assert!(parse_escape("^1").is_err());
+        assert!(help(esc).contains("^]."));
+    }
+
+    #[test]
+    fn utf8_split_across_chunks_is_kept_whole() {
+        let mut c = Utf8Carry::default();
+        let s = "é✓".as_bytes();
+        assert_eq!(c.take(&s[..1]), "");
+        assert_eq!(c.take(&s[1..3]), "é");
+        assert_eq!(c.take(&s[3..]), "✓");
+        assert_eq!(c.take(b"a\xffb"), "a\u{fffd}b");
+    }
+
+    #[test]
+    fn timestamps_prefix_each_line_once() {
+        let mut s = Stamper::default();
+        let t = UNIX_EPOCH + Duration::from_millis(3_723_004);
+        let out = s.stamp(b"ab\r\ncd", t);
+        assert_eq!(out, b"[01:02:03.004] ab\r\n[01:02:03.004] cd");
+        // The line goes on in the next chunk: no second stamp.
+        assert_eq!(s.stamp(b"ef\r\n", t), b"ef\r\n");
+    }
+
+    #[test]
+    fn a_recording_is_asciicast_v2_in_order() {
+        let dir = std::env::temp_dir().join(format!("jmp-rec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("s.cast");
+        let mut r = Recorder::create(&path, (100, 30), "t").expect("create");
+        r.output(b"boot\r\n").expect("o");
+        r.input(b"ls\r").expect("i");
+        r.marker("power cycle").expect("m");
+        r.output(b"\xc3").expect("o");
+        r.output(b"\xa9").expect("o");
+        drop(r);
+        let text = std::fs::read_to_string(&path).expect("read");
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut lines = text.lines();
+        let h: serde_json::Value = serde_json::from_str(lines.next().expect("header")).expect("json");
+        assert_eq!((h["version"].as_u64(), h["width"].as_u64()), (Some(2), Some(100)));
+        let ev: Vec<serde_json::Value> = lines.map(|l| serde_json::from_str(l).expect("json")).collect();
+        let kinds: Vec<&str> = ev.iter().map(|e| e[1].as_str().expect("kind")).collect();
+        assert_eq!(kinds, ["o", "i", "m", "o"]);
+        assert_eq!(ev[3][2], "é");
+        let times: Vec<f64> = ev.iter().map(|e| e[0].as_f64().expect("time")).collect();
+        assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    }
+}
