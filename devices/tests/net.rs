@@ -70,6 +70,7 @@ async fn socks_connects_by_name_on_the_exporter_and_answers_refusals_with_their_
     let ctx = bridge_ctx("e", "net-socks");
     let args = bridge::NetArgs {
         socks: Some("127.0.0.1:0".into()),
+        ..Default::default()
     };
     let mut b = bridge::create(&info, &ctx, &args).await.expect("bridge");
     let proxy = match b.endpoints().as_slice() {
