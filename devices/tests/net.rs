@@ -59,6 +59,8 @@ async fn socks_connects_by_name_on_the_exporter_and_answers_refusals_with_their_
         via: "lo".into(),
         tunnel: None,
         mtu: None,
+        // The "board" is the lab host's own loopback here.
+        host_access: vec!["127.0.0.1".into()],
     };
     let driver: Arc<dyn Driver> = Arc::new(NetDriver::without_tunnel(
         "lan",

@@ -90,6 +90,8 @@ struct TunnelSide {
 struct SocksSide {
     listener: TcpListener,
     addr: SocketAddr,
+    users: crate::common::listen::LocalUsers,
+    refused: crate::common::Drops,
 }
 
 /// A `network` device on this machine.
@@ -124,7 +126,12 @@ pub async fn create(
             device,
             subnets: params.subnets,
             policy,
-            mode: Mode::Socks(SocksSide { listener, addr }),
+            mode: Mode::Socks(SocksSide {
+                listener,
+                addr,
+                users: ctx.local_users.clone(),
+                refused: crate::common::Drops::new("SOCKS connection refused"),
+            }),
         });
     }
     let name = ifname::ifname(ifname::CLIENT_PREFIX, &ctx.exporter)
@@ -394,6 +401,10 @@ async fn run_socks(
             Some(r) = back_rx.recv() => return BridgeExit::Refused(r),
             accepted = s.listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    if let Err(why) = s.users.admit_tcp(s.addr, peer) {
+                        s.refused.hit(device, why);
+                        continue;
+                    }
                     let span = tracing::debug_span!("socks", device = %device, %peer);
                     tokio::spawn(
                         serve_socks(link.clone(), device.to_string(), subnets.to_vec(), stream, back_tx.clone())
