@@ -77,8 +77,10 @@ fn sys_class(name: &str) -> PathBuf {
     PathBuf::from("/sys/class/net").join(name)
 }
 
+/// Asked of the kernel in the caller's network namespace (sysfs shows the namespace it was
+/// mounted in, which a thread that entered another one does not see).
 pub(crate) fn interface_exists(name: &str) -> bool {
-    check_ifname(name).is_ok() && sys_class(name).exists()
+    check_ifname(name).is_ok() && nix::net::if_::if_nametoindex(name).is_ok()
 }
 
 /// What is in the way of creating a TUN called `name`.
