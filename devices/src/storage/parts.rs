@@ -144,7 +144,7 @@ fn gpt_header_fault(h: &gpt::header::Header, sector: u64, size: u64) -> Option<S
         .part_start
         .checked_mul(sector)
         .and_then(|s| s.checked_add(array));
-    if !end.is_some_and(|e| e <= size) {
+    if end.is_none_or(|e| e > size) {
         return Some(format!(
             "a partition array at LBA {} past the end of the medium",
             h.part_start
