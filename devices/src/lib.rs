@@ -255,6 +255,8 @@ pub struct BridgeCtx {
     /// Where a bridge that listens (`DeviceKind::LISTENS`) listens, as `--forward` chose for
     /// this device; `None`: an ephemeral port on 127.0.0.1.
     pub listen: Option<std::net::SocketAddr>,
+    /// Who may use the local ports (`--allow-local-users`: anyone; else the owner only).
+    pub local_users: common::listen::LocalUsers,
 }
 
 /// Client side of a device kind: the local endpoints (pty, listening port) outlive any one

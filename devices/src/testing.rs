@@ -47,5 +47,6 @@ pub fn bridge_ctx(exporter: &str, tag: &str) -> crate::BridgeCtx {
         mount_dir: dir,
         owner: None,
         listen: None,
+        local_users: crate::common::listen::LocalUsers::new(None, false),
     }
 }

@@ -59,6 +59,8 @@ async fn socks_connects_by_name_on_the_exporter_and_answers_refusals_with_their_
         via: "lo".into(),
         tunnel: None,
         mtu: None,
+        // The "board" is the lab host's own loopback here.
+        host_access: vec!["127.0.0.1".into()],
     };
     let driver: Arc<dyn Driver> = Arc::new(NetDriver::without_tunnel(
         "lan",
@@ -70,6 +72,7 @@ async fn socks_connects_by_name_on_the_exporter_and_answers_refusals_with_their_
     let ctx = bridge_ctx("e", "net-socks");
     let args = bridge::NetArgs {
         socks: Some("127.0.0.1:0".into()),
+        ..Default::default()
     };
     let mut b = bridge::create(&info, &ctx, &args).await.expect("bridge");
     let proxy = match b.endpoints().as_slice() {

@@ -333,6 +333,10 @@ pub async fn run(
         mount_dir: session.opts.mount_dir.clone(),
         owner: session.opts.owner,
         listen: None,
+        local_users: jmp_devices::common::listen::LocalUsers::new(
+            session.opts.owner,
+            session.opts.devices.forward.allow_local_users,
+        ),
     };
     // Declared before the bridges, so dropped after them: the exporter's folders they made
     // go with them when nothing else is left in them (another attachment of the same exporter

@@ -130,6 +130,20 @@ impl Topology {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs `f` on a thread that has entered namespace `ns`: sockets it opens, interfaces it
+    /// makes and programs it starts live there.
+    pub fn enter<T: Send + 'static>(&self, ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{ns}");
+        std::thread::spawn(move || {
+            let f_ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            nix::sched::setns(f_ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("setns {path}: {e}"));
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
     /// Makes `ip netns exec NS` see `content` as /etc/hosts (iproute2 bind-mounts
     /// /etc/netns/NS/hosts over it).
     pub fn hosts(&mut self, ns: &str, content: &str) {

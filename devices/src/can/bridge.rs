@@ -225,7 +225,7 @@ impl CanBridge {
                 .map_err(|e| format!("cannot create the slcan pty: {e}"))?;
         }
         if fronts.socketcand {
-            b.start_socketcand(opts.port)
+            b.start_socketcand(opts.port, ctx.local_users.clone())
                 .await
                 .map_err(|e| format!("cannot listen for socketcand: {e}"))?;
         }
@@ -267,7 +267,11 @@ impl CanBridge {
         Ok(())
     }
 
-    async fn start_socketcand(&mut self, port: Option<u16>) -> std::io::Result<()> {
+    async fn start_socketcand(
+        &mut self,
+        port: Option<u16>,
+        users: crate::common::listen::LocalUsers,
+    ) -> std::io::Result<()> {
         let l =
             tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port.unwrap_or(0))))
                 .await?;
@@ -275,7 +279,7 @@ impl CanBridge {
         self.endpoints
             .push(Endpoint::with_role("socketcand", Local::Address(addr)));
         let sh = self.shared.clone();
-        self.tasks.push(tokio::spawn(socketcand_front(l, sh)));
+        self.tasks.push(tokio::spawn(socketcand_front(l, addr, users, sh)));
         Ok(())
     }
 
@@ -759,12 +763,22 @@ async fn slcan_front(mut pty: Pty, sh: Shared) {
 // ---------------------------------------------------------------------------------------------
 // socketcand front: this side is the server
 
-async fn socketcand_front(l: tokio::net::TcpListener, sh: Shared) {
+async fn socketcand_front(
+    l: tokio::net::TcpListener,
+    local: SocketAddr,
+    users: crate::common::listen::LocalUsers,
+    sh: Shared,
+) {
     let mut clients = tokio::task::JoinSet::new();
+    let refused = crate::common::Drops::new("socketcand connection refused");
     loop {
         tokio::select! {
             a = l.accept() => match a {
                 Ok((s, peer)) => {
+                    if let Err(why) = users.admit_tcp(local, peer) {
+                        refused.hit(&sh.device, why);
+                        continue;
+                    }
                     debug!(device = %sh.device, %peer, "socketcand client");
                     let _ = s.set_nodelay(true);
                     clients.spawn(socketcand_client(s, sh.clone()));

@@ -91,6 +91,12 @@ impl Pty {
                 flags | libc::O_NONBLOCK,
             ))?;
         }
+        // Only its owner may open it: devpts makes a new slave 0620 with group tty (for
+        // `write` and `wall`), and another local user must not type into the board.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&slave_path, std::fs::Permissions::from_mode(0o600))?;
+        }
         // Settings stay with the pty after our descriptor closes (the master keeps it alive).
         drop(slave);
         Ok(Pty {
@@ -310,5 +316,16 @@ mod tests {
             "removed on drop"
         );
         let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[tokio::test]
+    async fn a_new_pty_is_its_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let p = Pty::open().expect("pty");
+        let mode = std::fs::metadata(p.slave_path())
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     }
 }

@@ -9,6 +9,7 @@
 use super::pump::{self, Carry, PeerTx, Read, Stats, TunReader, TunWriter};
 use super::socks::{self, Request, Target};
 use super::tun::{self, Tun, TunError};
+use super::trust::{self, RoutingPolicy};
 use super::{ifname, sys};
 use crate::common::TaskGuard;
 use crate::kind::{BridgeError, OptionError};
@@ -35,6 +36,15 @@ pub struct NetArgs {
     /// instead of a TUN: no privileges needed; names resolve on the exporter (socks5h).
     #[arg(long = "socks", value_name = "[ADDR:]PORT")]
     pub socks: Option<String>,
+    /// Accept an exported subnet inside CIDR as a route even if it is wider than a /8 (or
+    /// the subnets together are): by default the tunnel takes at most a /8's worth of
+    /// addresses, never the default route or a route this machine already has.
+    #[arg(long = "allow-route", value_name = "CIDR")]
+    pub allow_route: Vec<String>,
+    /// The range the exporter's tunnel addresses must lie in (its `tunnel:`), by default
+    /// 100.64.0.0/10 (where the exporter's default 100.64.100.0/24 lies).
+    #[arg(long = "tunnel-range", value_name = "CIDR")]
+    pub tunnel_range: Option<String>,
 }
 
 impl NetArgs {
@@ -48,6 +58,11 @@ impl NetArgs {
         s.parse()
             .map(Some)
             .map_err(|_| format!("--socks {s:?}: expected PORT or ADDR:PORT, e.g. 1080"))
+    }
+
+    /// What the exporter may install on this machine.
+    pub(crate) fn policy(&self) -> Result<RoutingPolicy, String> {
+        RoutingPolicy::parse(&self.allow_route, self.tunnel_range.as_deref())
     }
 
     pub fn check(&self, exporter: &str, devices: &[DeviceInfo]) -> Result<(), String> {
@@ -75,12 +90,15 @@ struct TunnelSide {
 struct SocksSide {
     listener: TcpListener,
     addr: SocketAddr,
+    users: crate::common::listen::LocalUsers,
+    refused: crate::common::Drops,
 }
 
 /// A `network` device on this machine.
 pub struct NetBridge {
     device: String,
     subnets: Vec<Subnet>,
+    policy: RoutingPolicy,
     mode: Mode,
 }
 
@@ -96,6 +114,7 @@ pub async fn create(
         ))
     })?;
     let device = info.name.clone();
+    let policy = args.policy().map_err(OptionError)?;
     if let Some(addr) = args.parse().map_err(OptionError)? {
         let listener = TcpListener::bind(addr)
             .await
@@ -106,22 +125,21 @@ pub async fn create(
         return Ok(NetBridge {
             device,
             subnets: params.subnets,
-            mode: Mode::Socks(SocksSide { listener, addr }),
+            policy,
+            mode: Mode::Socks(SocksSide {
+                listener,
+                addr,
+                users: ctx.local_users.clone(),
+                refused: crate::common::Drops::new("SOCKS connection refused"),
+            }),
         });
     }
     let name = ifname::ifname(ifname::CLIENT_PREFIX, &ctx.exporter)
         .map_err(|e| BridgeError::Exporter(e.to_string()))?;
-    // Refuse before creating anything: a route that overlaps one the machine has would hide
-    // part of its network (or be hidden by it).
+    // Refuse before creating anything: the exporter's subnets become routes here.
     let routes = sys::routes().map_err(|e| BridgeError::Local(e.to_string()))?;
-    for s in &params.subnets {
-        if let Some(r) = sys::conflict(&routes, s, &name) {
-            return Err(BridgeError::Exporter(format!(
-                "the exported subnet {s} overlaps this machine's route {}; not adding a route for it (use --socks to reach the board without routes)",
-                r.text
-            )));
-        }
-    }
+    trust::check_subnets(&params.subnets, &policy, &routes, &name)
+        .map_err(BridgeError::Exporter)?;
     let mode = match tun::create(&name, params.mtu) {
         Ok(tun) => Mode::Tunnel(TunnelSide {
             tun,
@@ -145,6 +163,7 @@ pub async fn create(
     Ok(NetBridge {
         device,
         subnets: params.subnets,
+        policy,
         mode,
     })
 }
@@ -171,7 +190,7 @@ impl Bridge for NetBridge {
             let device = self.device.clone();
             let subnets = self.subnets.clone();
             match &mut self.mode {
-                Mode::Tunnel(t) => run_tunnel(t, &device, &subnets, link).await,
+                Mode::Tunnel(t) => run_tunnel(t, &device, &subnets, &self.policy, link).await,
                 Mode::Socks(s) => run_socks(s, &device, &subnets, link).await,
                 Mode::Off => {
                     link.closed().await;
@@ -201,6 +220,7 @@ async fn run_tunnel(
     t: &mut TunnelSide,
     device: &str,
     subnets: &[Subnet],
+    policy: &RoutingPolicy,
     link: Arc<dyn Channels>,
 ) -> BridgeExit {
     let want = t.assigned.map(|a| a.client);
@@ -223,6 +243,18 @@ async fn run_tunnel(
         }
     };
     if t.assigned != Some(assigned) {
+        // The address becomes this machine's: checked against what the machine has now.
+        let checked = sys::routes()
+            .and_then(|r| sys::addresses().map(|a| (r, a)))
+            .map_err(|e| e.to_string())
+            .and_then(|(routes, addrs)| {
+                trust::check_assigned(&assigned, policy, subnets, &routes, &addrs, &t.tun.name)
+            });
+        if let Err(e) = checked {
+            warn!("{device}: {e}; refusing the tunnel");
+            link.close(pipe.channel, ErrorCode::Protocol, "tunnel address refused");
+            return BridgeExit::Refused(Refusal::new(ErrorCode::Protocol, e));
+        }
         if let Err(e) = configure(&t.tun.name, &assigned, subnets) {
             return BridgeExit::Refused(Refusal::new(
                 ErrorCode::Internal,
@@ -369,6 +401,10 @@ async fn run_socks(
             Some(r) = back_rx.recv() => return BridgeExit::Refused(r),
             accepted = s.listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    if let Err(why) = s.users.admit_tcp(s.addr, peer) {
+                        s.refused.hit(device, why);
+                        continue;
+                    }
                     let span = tracing::debug_span!("socks", device = %device, %peer);
                     tokio::spawn(
                         serve_socks(link.clone(), device.to_string(), subnets.to_vec(), stream, back_tx.clone())
@@ -483,6 +519,7 @@ mod tests {
     fn socks_option_parses_port_or_address() {
         let a = |s: &str| NetArgs {
             socks: Some(s.into()),
+            ..NetArgs::default()
         };
         assert_eq!(
             a("1080").parse(),

@@ -29,7 +29,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -185,6 +185,8 @@ struct TunnelSide {
 pub struct NetDriver {
     name: String,
     subnets: Vec<Subnet>,
+    /// The lab host's own addresses a holder may reach (`hostAccess`).
+    host_access: Vec<Ipv4Addr>,
     detail: String,
     side: Result<TunnelSide, String>,
     status: watch::Receiver<DeviceStatus>,
@@ -231,6 +233,7 @@ impl NetDriver {
         NetDriver {
             name: name.to_string(),
             subnets: plan.subnets,
+            host_access: plan.host_access,
             detail,
             side,
             status,
@@ -246,6 +249,7 @@ impl NetDriver {
         NetDriver {
             name: name.to_string(),
             subnets: Vec::new(),
+            host_access: Vec::new(),
             detail: why.clone(),
             side: Err(why),
             status,
@@ -357,6 +361,16 @@ impl NetDriver {
             info!(device = %self.name, "SOCKS connect refused: {}", r.reason);
             return Err(r);
         };
+        // The lab host itself is not the board's: its addresses (read now, they change) are
+        // refused even inside the subnets, unless `hostAccess` names them.
+        if is_host_address(ip) && !self.host_access.contains(&ip) {
+            let r = refuse(
+                refusal::NOT_ALLOWED,
+                format!("{shown} ({ip}) is an address of the lab host itself"),
+            );
+            info!(device = %self.name, "SOCKS connect refused: {}", r.reason);
+            return Err(r);
+        }
         let target = SocketAddrV4::new(ip, port);
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
             Ok(Ok(s)) => s,
@@ -388,6 +402,27 @@ impl NetDriver {
     }
 }
 
+/// Whether `ip` is one of this host's own: loopback, unspecified (0.0.0.0 reaches local
+/// listeners), or an address of any of its interfaces. When the interfaces cannot be read,
+/// every address counts as the host's (fail closed).
+fn is_host_address(ip: Ipv4Addr) -> bool {
+    if ip.is_loopback() || ip.is_unspecified() {
+        return true;
+    }
+    match nix::ifaddrs::getifaddrs() {
+        Ok(addrs) => addrs.into_iter().any(|a| {
+            a.address
+                .as_ref()
+                .and_then(|s| s.as_sockaddr_in())
+                .is_some_and(|s| s.ip() == ip)
+        }),
+        Err(e) => {
+            warn!("cannot read this host's addresses ({e}): refusing {ip}");
+            true
+        }
+    }
+}
+
 fn start_tunnel(device: &str, exporter: &str, plan: &NetPlan) -> Result<TunnelSide, String> {
     let name = ifname::ifname(ifname::EXPORTER_PREFIX, exporter).map_err(|e| e.to_string())?;
     let gateway = plan
@@ -396,7 +431,7 @@ fn start_tunnel(device: &str, exporter: &str, plan: &NetPlan) -> Result<TunnelSi
         .ok_or_else(|| format!("tunnel {} has no room", plan.tunnel))?;
     let t = tun::create(&name, plan.mtu).map_err(|e| e.to_string())?;
     sys::set_address(&name, gateway, plan.tunnel.prefix()).map_err(|e| e.to_string())?;
-    let nat = NatTable::install(&name, &name, &plan.tunnel, &plan.via)?;
+    let nat = NatTable::install(&name, &name, &plan.tunnel, &plan.via, &plan.host_access)?;
     let tunnel = Arc::new(Tunnel {
         device: device.to_string(),
         tun_name: name.clone(),

@@ -21,6 +21,7 @@ pub(crate) mod pump;
 pub mod socks;
 pub mod spec;
 pub(crate) mod sys;
+pub(crate) mod trust;
 pub(crate) mod tun;
 
 pub use bridge::{NetArgs, NetBridge};
@@ -56,7 +57,8 @@ impl DeviceKind for Network {
     type Response = NoRequest;
 
     fn parse_options(opts: &NetArgs) -> Result<(), OptionError> {
-        opts.parse().map(|_| ()).map_err(OptionError)
+        opts.parse().map(|_| ()).map_err(OptionError)?;
+        opts.policy().map(|_| ()).map_err(OptionError)
     }
 
     fn check_options(

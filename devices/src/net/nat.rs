@@ -46,7 +46,13 @@ fn remove_stale(table: &str) {
 }
 
 impl NatTable {
-    pub fn install(table: &str, tun: &str, tunnel: &Subnet, via: &str) -> Result<Self, String> {
+    pub fn install(
+        table: &str,
+        tun: &str,
+        tunnel: &Subnet,
+        via: &str,
+        host_access: &[std::net::Ipv4Addr],
+    ) -> Result<Self, String> {
         sys::check_ifname(table)?;
         if !sys::interface_exists(via) {
             return Err(format!("via: there is no network interface {via:?}"));
@@ -70,8 +76,23 @@ impl NatTable {
             Some(_) => format!("\t\tiifname \"{via}\" oifname != \"{tun}\" drop\n"),
             None => String::new(),
         };
+        // Whatever the tunnel brings for this host itself (any address of any interface, its
+        // broadcast addresses, the tunnel's own end) is dropped before any socket sees it: no
+        // answer, not even a reset, unless `hostAccess` names the address. The kernel decides
+        // what is local, so addresses that come and go are covered as they change.
+        let allowed = if host_access.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = host_access.iter().map(|a| a.to_string()).collect();
+            format!(
+                "\t\tiifname \"{tun}\" ip daddr {{ {} }} accept\n",
+                list.join(", ")
+            )
+        };
         let script = format!(
             "table inet {table} {{\n\tcomment \"{comment}\"\n\
+             \tchain input {{\n\t\ttype filter hook input priority filter - 1; policy accept;\n\
+             {allowed}\t\tiifname \"{tun}\" counter drop\n\t}}\n\
              \tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\
              \t\tip saddr {tunnel} oifname \"{via}\" masquerade\n\t}}\n\
              \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n{guard}\t}}\n}}\n"

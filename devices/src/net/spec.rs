@@ -26,6 +26,11 @@ pub struct NetSpec {
     pub tunnel: Option<String>,
     #[serde(default)]
     pub mtu: Option<u16>,
+    /// Addresses of the lab host itself that lease holders may reach (through the tunnel and
+    /// SOCKS), each inside the subnets. By default none: the lab host's own addresses are
+    /// unreachable, whatever subnet they sit in.
+    #[serde(default, rename = "hostAccess")]
+    pub host_access: Vec<String>,
 }
 
 /// A spec's values, checked.
@@ -35,6 +40,7 @@ pub struct NetPlan {
     pub via: String,
     pub tunnel: Subnet,
     pub mtu: u16,
+    pub host_access: Vec<std::net::Ipv4Addr>,
 }
 
 impl NetSpec {
@@ -76,11 +82,24 @@ impl NetSpec {
             return Err(format!("mtu: {mtu} is outside 576-9000"));
         }
         super::sys::check_ifname(&self.via).map_err(|e| format!("via: {e}"))?;
+        let mut host_access = Vec::new();
+        for a in &self.host_access {
+            let ip: std::net::Ipv4Addr = a.trim().parse().map_err(|_| {
+                format!("hostAccess: {a:?} is not an IPv4 address like 192.168.10.1")
+            })?;
+            if !subnets.iter().any(|s| s.contains(ip)) {
+                return Err(format!(
+                    "hostAccess: {ip} is outside the subnets (only addresses inside them are reached)"
+                ));
+            }
+            host_access.push(ip);
+        }
         Ok(NetPlan {
             subnets,
             via: self.via.clone(),
             tunnel,
             mtu,
+            host_access,
         })
     }
 
@@ -112,6 +131,7 @@ mod tests {
             via: via.unwrap_or("lo").to_string(),
             tunnel: tunnel.map(str::to_string),
             mtu: None,
+            host_access: Vec::new(),
         }
     }
 
@@ -137,6 +157,20 @@ mod tests {
             .validate()
             .expect_err("via name");
         assert!(e.contains("via"), "{e}");
+        let e = NetSpec {
+            host_access: vec!["192.168.11.1".into()],
+            ..spec(&["192.168.10.0/24"], None, None)
+        }
+        .validate()
+        .expect_err("host access outside");
+        assert!(e.contains("hostAccess: 192.168.11.1 is outside"), "{e}");
+        let e = NetSpec {
+            host_access: vec!["me".into()],
+            ..spec(&["192.168.10.0/24"], None, None)
+        }
+        .validate()
+        .expect_err("host access name");
+        assert!(e.contains("\"me\""), "{e}");
         spec(&["192.168.10.0/24"], None, None)
             .validate()
             .expect("a good table");

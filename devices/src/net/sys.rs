@@ -77,8 +77,10 @@ fn sys_class(name: &str) -> PathBuf {
     PathBuf::from("/sys/class/net").join(name)
 }
 
+/// Asked of the kernel in the caller's network namespace (sysfs shows the namespace it was
+/// mounted in, which a thread that entered another one does not see).
 pub(crate) fn interface_exists(name: &str) -> bool {
-    check_ifname(name).is_ok() && sys_class(name).exists()
+    check_ifname(name).is_ok() && nix::net::if_::if_nametoindex(name).is_ok()
 }
 
 /// What is in the way of creating a TUN called `name`.
@@ -134,32 +136,41 @@ pub(crate) fn get_sysctl(path: &str) -> Option<String> {
 /// A route of the main table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Route {
+    /// `0.0.0.0/0` for a default route.
     pub dst: Subnet,
     pub dev: String,
+    pub gateway: Option<Ipv4Addr>,
     /// As `ip route` prints it, for messages.
     pub text: String,
 }
 
-/// The main table's IPv4 routes, without the default route (which every subnet "overlaps"
-/// and which the tunnel's more specific routes are meant to win over).
+/// The main table's IPv4 routes, default routes included.
 pub(crate) fn routes() -> Result<Vec<Route>, CmdError> {
     let out = ip(&["-j", "-4", "route", "show", "table", "main"])?;
-    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| CmdError {
+    parse_routes(&out).map_err(|message| CmdError {
         command: "ip -j -4 route show table main".into(),
-        message: format!("unreadable output: {e}"),
-    })?;
+        message,
+    })
+}
+
+fn parse_routes(json: &str) -> Result<Vec<Route>, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("unreadable output: {e}"))?;
     let mut routes = Vec::new();
     for r in v.as_array().into_iter().flatten() {
         let Some(dst) = r["dst"].as_str() else {
             continue;
         };
-        if dst == "default" {
-            continue;
-        }
-        let Ok(subnet) = dst.parse::<Subnet>() else {
-            continue;
+        let subnet = if dst == "default" {
+            Subnet::new(Ipv4Addr::UNSPECIFIED, 0).expect("0.0.0.0/0")
+        } else {
+            match dst.parse::<Subnet>() {
+                Ok(s) => s,
+                Err(_) => continue,
+            }
         };
         let dev = r["dev"].as_str().unwrap_or("").to_string();
+        let gateway = r["gateway"].as_str().and_then(|g| g.parse().ok());
         let mut text = dst.to_string();
         if let Some(g) = r["gateway"].as_str() {
             text.push_str(&format!(" via {g}"));
@@ -170,18 +181,31 @@ pub(crate) fn routes() -> Result<Vec<Route>, CmdError> {
         routes.push(Route {
             dst: subnet,
             dev,
+            gateway,
             text,
         });
     }
     Ok(routes)
 }
 
-/// The first existing route (not on `own`) that overlaps `subnet`.
-pub(crate) fn conflict(routes: &[Route], subnet: &Subnet, own: &str) -> Option<Route> {
-    routes
-        .iter()
-        .find(|r| r.dev != own && r.dst.overlaps(subnet))
-        .cloned()
+/// Every IPv4 address of this machine's interfaces (in this network namespace), with its
+/// interface.
+pub(crate) fn addresses() -> Result<Vec<(String, Ipv4Addr)>, CmdError> {
+    let out = ip(&["-j", "-4", "addr", "show"])?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| CmdError {
+        command: "ip -j -4 addr show".into(),
+        message: format!("unreadable output: {e}"),
+    })?;
+    let mut addrs = Vec::new();
+    for l in v.as_array().into_iter().flatten() {
+        let dev = l["ifname"].as_str().unwrap_or("").to_string();
+        for a in l["addr_info"].as_array().into_iter().flatten() {
+            if let Some(ip) = a["local"].as_str().and_then(|s| s.parse().ok()) {
+                addrs.push((dev.clone(), ip));
+            }
+        }
+    }
+    Ok(addrs)
 }
 
 pub(crate) fn add_route(subnet: &Subnet, dev: &str, src: Ipv4Addr) -> Result<(), CmdError> {
@@ -220,19 +244,17 @@ mod tests {
     }
 
     #[test]
-    fn conflicts_ignore_our_own_interface() {
-        let r = |d: &str, dev: &str| Route {
-            dst: d.parse().expect("subnet"),
-            dev: dev.into(),
-            text: format!("{d} dev {dev}"),
-        };
-        let routes = vec![r("192.168.0.0/16", "eth0"), r("10.1.0.0/24", "jmp-x")];
-        let lan: Subnet = "192.168.10.0/24".parse().expect("subnet");
-        assert_eq!(
-            conflict(&routes, &lan, "jmp-x").map(|r| r.text),
-            Some("192.168.0.0/16 dev eth0".into())
-        );
-        let other: Subnet = "10.1.0.0/24".parse().expect("subnet");
-        assert_eq!(conflict(&routes, &other, "jmp-x"), None);
+    fn routes_parse_with_default_and_gateways() {
+        let json = r#"[{"dst":"default","gateway":"10.0.2.2","dev":"eth0","flags":[]},
+            {"dst":"10.0.2.0/24","dev":"eth0","prefsrc":"10.0.2.15","flags":[]},
+            {"dst":"192.168.9.7","dev":"eth1","flags":[]},
+            {"dst":"nonsense","dev":"eth1","flags":[]}]"#;
+        let r = parse_routes(json).expect("routes");
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[0].dst.prefix(), 0);
+        assert_eq!(r[0].gateway, Some(Ipv4Addr::new(10, 0, 2, 2)));
+        assert_eq!(r[0].text, "default via 10.0.2.2 dev eth0");
+        assert_eq!(r[1].gateway, None);
+        assert_eq!(r[2].dst.to_string(), "192.168.9.7/32");
     }
 }

@@ -6,6 +6,7 @@
 //! link rather than dropped.
 
 use crate::common::forward::forward;
+use crate::common::listen::LocalUsers;
 use crate::{BoxFuture, Bridge, BridgeExit, Endpoint, Local, Refusal};
 use jmp_protocol::{DeviceInfo, ErrorCode, Kind};
 use jmp_transport::Channels;
@@ -43,6 +44,8 @@ pub struct TcpBridge {
     device: String,
     listener: TcpListener,
     local_addr: SocketAddr,
+    users: LocalUsers,
+    refused: crate::common::Drops,
     /// Connections handed back by their tasks because the link was lost; served first by the
     /// next `run`.
     pending: VecDeque<LocalConn>,
@@ -60,7 +63,8 @@ impl std::fmt::Debug for TcpBridge {
 }
 
 impl TcpBridge {
-    /// Listens on `addr` (port 0 picks a free port; see [`TcpBridge::local_addr`]).
+    /// Listens on `addr` (port 0 picks a free port; see [`TcpBridge::local_addr`]) for the
+    /// user running this process only (see [`TcpBridge::with_local_users`]).
     pub async fn bind(device: String, addr: SocketAddr) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr)
             .await
@@ -71,6 +75,8 @@ impl TcpBridge {
             device,
             listener,
             local_addr,
+            users: LocalUsers::new(None, false),
+            refused: crate::common::Drops::new("connection refused"),
             pending: VecDeque::new(),
             back_tx,
             back_rx,
@@ -79,6 +85,12 @@ impl TcpBridge {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Serves connections from `users` (from the owner only by default).
+    pub fn with_local_users(mut self, users: LocalUsers) -> Self {
+        self.users = users;
+        self
     }
 
     fn spawn(&self, link: &Arc<dyn Channels>, local: LocalConn) {
@@ -134,6 +146,10 @@ impl Bridge for TcpBridge {
                     },
                     accepted = self.listener.accept() => match accepted {
                         Ok((stream, peer)) => {
+                            if let Err(why) = self.users.admit_tcp(self.local_addr, peer) {
+                                self.refused.hit(&self.device, why);
+                                continue;
+                            }
                             debug!(device = %self.device, %peer, "local connection");
                             self.spawn(link, LocalConn { stream, peer });
                         }
@@ -230,6 +246,7 @@ pub async fn create(info: &DeviceInfo, ctx: &crate::BridgeCtx) -> Result<TcpBrid
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
     TcpBridge::bind(info.name.clone(), addr)
         .await
+        .map(|b| b.with_local_users(ctx.local_users.clone()))
         .map_err(|e| e.to_string())
 }
 

@@ -3,6 +3,7 @@
 //! [`FLOW_IDLE`] without traffic either way. The socket outlives links; flows do not (a new
 //! link opens new ones as datagrams arrive).
 
+use crate::common::listen::LocalUsers;
 use crate::common::{Drops, TaskGuard};
 use crate::{BoxFuture, Bridge, BridgeExit, Endpoint, Local, Refusal};
 use bytes::Bytes;
@@ -33,7 +34,9 @@ pub struct UdpBridge {
     device: String,
     sock: Arc<UdpSocket>,
     local_addr: SocketAddr,
+    users: LocalUsers,
     too_large: Arc<Drops>,
+    refused: Arc<Drops>,
 }
 
 impl UdpBridge {
@@ -46,8 +49,21 @@ impl UdpBridge {
             device,
             sock: Arc::new(sock),
             local_addr,
+            users: LocalUsers::new(None, false),
             too_large: Arc::new(Drops::new("datagram larger than the path allows")),
+            refused: Arc::new(Drops::new("datagram from another local user")),
         })
+    }
+
+    /// Local datagrams dropped because another local user sent them.
+    pub fn refused_datagrams(&self) -> u64 {
+        self.refused.count()
+    }
+
+    /// Serves datagrams from `users` (from the owner only by default).
+    pub fn with_local_users(mut self, users: LocalUsers) -> Self {
+        self.users = users;
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -68,6 +84,7 @@ pub async fn create(info: &DeviceInfo, ctx: &crate::BridgeCtx) -> Result<UdpBrid
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
     UdpBridge::bind(info.name.clone(), addr)
         .await
+        .map(|b| b.with_local_users(ctx.local_users.clone()))
         .map_err(|e| e.to_string())
 }
 
@@ -113,6 +130,12 @@ impl Bridge for UdpBridge {
                             Some(Err(mpsc::error::TrySendError::Closed(d))) => Some(d),
                         };
                         if let Some(d) = d {
+                            // Checked when a flow starts: its datagrams and the answers to
+                            // them stay with the sender's socket while the flow lives.
+                            if let Err(why) = self.users.admit_udp(self.local_addr, peer) {
+                                self.refused.hit(&self.device, format_args!("{why}"));
+                                continue;
+                            }
                             if flows.len() >= SWEEP_AT {
                                 flows.retain(|_, f| !f.tx.is_closed());
                             }
