@@ -703,7 +703,10 @@ async fn unmounting_ends_the_connection_for_every_namespace() {
     .await;
     let m2 = m.clone();
     finishes("unmounting", move || m2.unmount()).await;
-    assert!(!jmp_devices::places::is_mount_point(&dir.0), "unmounted here");
+    assert!(
+        !jmp_devices::places::is_mount_point(&dir.0),
+        "unmounted here"
+    );
     assert!(holder.has_mount(&dir.0), "the copy stays listed there");
     finishes("looking at the copy", move || {
         assert!(
@@ -719,30 +722,49 @@ async fn unmounting_ends_the_connection_for_every_namespace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_ends_through_fusectl_or_by_force() {
     use jmp_devices::storage::mount::{abort_by_force, abort_through_fusectl};
-    // fusectl, mounted where the test can remove it again.
+    // fusectl, mounted in a private mount namespace of a thread of its own: no mount of it
+    // here, where tests running meanwhile copy our mounts into namespaces of their own (and
+    // its unmount could find those busy); it goes with that namespace when the thread ends.
     let (dir, m) = scratch_mount("fusectl");
     let conn = m.connection().expect("a connection number");
     let ctl = Scratch(dir.0.with_extension("ctl"));
     std::fs::create_dir_all(&ctl.0).expect("dir");
-    nix::mount::mount(
-        Some("fusectl"),
-        &ctl.0,
-        Some("fusectl"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .expect("mount fusectl");
-    assert!(
-        ctl.0.join(conn.to_string()).is_dir(),
-        "fusectl lists connection {conn}"
-    );
     let (d, c) = (dir.0.clone(), ctl.0.clone());
     finishes("aborting through fusectl", move || {
-        abort_through_fusectl(&c, conn).expect("abort");
-        assert!(jmp_devices::places::is_dead_mount(&d), "aborted");
+        std::thread::spawn(move || {
+            use nix::mount::MsFlags;
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare");
+            nix::mount::mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+            .expect("make / private");
+            nix::mount::mount(
+                Some("fusectl"),
+                &c,
+                Some("fusectl"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .expect("mount fusectl");
+            assert!(
+                c.join(conn.to_string()).is_dir(),
+                "fusectl lists connection {conn}"
+            );
+            abort_through_fusectl(&c, conn).expect("abort");
+            assert!(jmp_devices::places::is_dead_mount(&d), "aborted");
+        })
+        .join()
+        .expect("no panic");
     })
     .await;
-    nix::mount::umount(&ctl.0).expect("umount fusectl");
+    assert!(
+        jmp_devices::places::is_dead_mount(&dir.0),
+        "aborted here too: one connection"
+    );
     finishes("unmounting", move || m.unmount()).await;
     assert!(!jmp_devices::places::is_mount_point(&dir.0));
 

@@ -149,6 +149,12 @@ impl Mounted {
     }
 }
 
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        self.unmount();
+    }
+}
+
 /// The FUSE connection number of a mount whose device number is `dev` (the kernel's own
 /// encoding of `st_dev`: major << 20 | minor), as `/sys/fs/fuse/connections/` names it.
 fn connection_number(dev: u64) -> u64 {
