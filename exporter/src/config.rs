@@ -74,6 +74,10 @@ pub struct ExporterConfig {
     /// `host:port` for jmpd's own Prometheus `/metrics` (none: no metrics endpoint).
     pub metrics: Option<String>,
     pub export: Export,
+    /// Scratch state the devices make for themselves (a simulated card at its default path)
+    /// starts anew instead of being kept from the last run: local mode's fresh board. Not
+    /// read from the file; jmpd keeps it off.
+    pub fresh_scratch: bool,
 }
 
 /// `hooks:`: commands jmpd runs around each lease, without a shell, in their own process
@@ -316,6 +320,7 @@ impl ExporterConfig {
             power_off_after_lease: raw.power_off_after_lease,
             metrics: raw.metrics,
             export: Export(export),
+            fresh_scratch: false,
         };
         c.validate()?;
         Ok(c)

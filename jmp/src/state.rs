@@ -73,21 +73,54 @@ fn alive(st: &StateFile) -> bool {
     }
 }
 
-/// What a dead attachment left: its state file, its control socket and its device links
-/// (only symlinks: a link is all jmp ever puts there). A dangling console link would
+/// What a dead attachment left: its state file, its control socket, its device links (only
+/// symlinks: a link is all jmp ever puts there), its dead FUSE mounts (a `kill -9` leaves them
+/// answering "transport endpoint is not connected"), its folders once empty, and a
+/// `<dev dir>/current` left pointing at a folder that is gone. A dangling console link would
 /// otherwise follow a reused pty number into some other program's terminal.
 fn clean_dead(path: &Path, st: &StateFile) {
+    use jmp_devices::places;
+    let mut dirs = Vec::new();
     for d in &st.ready.devices {
         for e in &d.endpoints {
-            if let jmp_devices::Local::Path(p) = &e.local {
-                if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()) {
-                    let _ = std::fs::remove_file(p);
-                    if let Some(dir) = p.parent() {
-                        // Only when empty.
-                        let _ = std::fs::remove_dir(dir);
+            match &e.local {
+                jmp_devices::Local::Path(p) => {
+                    if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()) {
+                        let _ = std::fs::remove_file(p);
+                        dirs.extend(p.parent().map(Path::to_path_buf));
                     }
                 }
+                // Only a dead one: a live mount there is another attachment's.
+                jmp_devices::Local::Mount(p) => {
+                    if places::is_dead_mount(p) {
+                        match places::detach(p) {
+                            Ok(()) => warn!("{}: removed the dead mount of an attachment that was killed (pid {})", p.display(), st.ready.pid),
+                            Err(e) => warn!("{}: cannot remove the dead mount of a killed attachment: {e}", p.display()),
+                        }
+                    }
+                    if !places::is_mount_point(p) {
+                        // Only when empty.
+                        let _ = std::fs::remove_dir(p);
+                    }
+                    dirs.extend(p.parent().map(Path::to_path_buf));
+                }
+                jmp_devices::Local::Address(_) | jmp_devices::Local::Interface(_) => {}
             }
+        }
+    }
+    dirs.sort();
+    dirs.dedup();
+    for dir in &dirs {
+        // Only when empty.
+        let _ = std::fs::remove_dir(dir);
+        let (Some(base), Some(name)) = (dir.parent(), dir.file_name()) else {
+            continue;
+        };
+        let current = base.join("current");
+        if std::fs::read_link(&current).is_ok_and(|t| t.as_os_str() == name)
+            && std::fs::metadata(&current).is_err()
+        {
+            let _ = std::fs::remove_file(&current);
         }
     }
     let _ = std::fs::remove_file(&st.socket);
