@@ -14,7 +14,7 @@ struct Holder(Proc);
 
 impl Holder {
     fn start(logs: &Path) -> Holder {
-        assert!(which("unshare"), "unshare (util-linux) is needed");
+        assert!(which("unshare").is_some(), "unshare (util-linux) is needed");
         let mut c = Command::new("unshare");
         c.args(["-m", "--propagation", "private", "sh", "-c"])
             .arg("echo ready; exec sleep 600");
