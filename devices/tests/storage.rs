@@ -647,17 +647,9 @@ async fn a_copy_in_another_mount_namespace_does_not_hold_up_the_unmount() {
     let d = driver(&img, true, None, None);
     let info = jmp_devices::info(d.as_ref());
     let (link, _srv) = mem_session(DeviceSet::new("b", vec![d]));
-    let dir = std::env::temp_dir().join(format!("jmp-storage-ns-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let _clean = Scratch(dir.clone());
-    let ctx = BridgeCtx {
-        exporter: "b".into(),
-        dev_dir: dir.clone(),
-        mount_dir: dir.clone(),
-        owner: None,
-        listen: None,
-    };
+    let ctx = bridge_ctx("b", "storage-ns");
+    std::fs::create_dir_all(&ctx.dev_dir).expect("dir");
+    let _clean = Scratch(ctx.dev_dir.clone());
     let mut bridge = jmp_devices::storage::StorageBridge::create(&info, &ctx).expect("mount");
     let mnt = bridge.path().to_path_buf();
     let run = tokio::spawn(async move {
