@@ -155,3 +155,54 @@ fn the_quick_start_demo_runs_every_kind_of_the_simulated_board() {
         left()
     );
 }
+
+/// With two attachments running, a verb that names none (`jmp power cycle`) asks for one by
+/// name, listing them, instead of saying that no attachment is running.
+#[test]
+fn a_verb_with_several_attachments_asks_which() {
+    let env = TestEnv::new("several");
+    let mut guards = Vec::new();
+    let mut jmpds = Vec::new();
+    for name in ["board-a", "board-b"] {
+        let jmpd = env.start_jmpd(&env.exporter_yaml(
+            name,
+            "127.0.0.1:0",
+            "console: {type: sim-console}\npower: {type: power-sim}",
+        ));
+        let mut p = Proc::spawn("jmp-attach-d", env.attach_cmd(&jmpd, &["-d"]), &env.logs);
+        let line = p.expect_line(READY, "the JSON line", |l| l.trim_start().starts_with('{'));
+        assert!(p.expect_exit(READY).success(), "{}", p.describe());
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+        guards.push(DaemonGuard {
+            env: &env,
+            pid: v["pid"].as_i64().expect("pid") as i32,
+            stop_args: vec!["detach".into(), name.into()],
+            stopped: false,
+        });
+        jmpds.push(jmpd);
+    }
+    let mut c = env.jmp();
+    c.args(["power", "cycle"]);
+    let out = run("jmp-power-cycle", c, &env.logs, READY);
+    assert_eq!(out.status.code(), Some(2), "a usage error: {}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("several attachments are running (board-a, board-b)")
+            && out.stderr.contains("--exporter"),
+        "names them and how to choose: {}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains("no attachment is running"),
+        "{}",
+        out.stderr
+    );
+    // Named, it acts on that one.
+    let mut c = env.jmp();
+    c.args(["power", "cycle", "--exporter", "board-b"]);
+    let out = run("jmp-power-cycle-b", c, &env.logs, READY);
+    assert!(out.status.success(), "{}", out.stderr);
+    for g in &mut guards {
+        assert!(g.stop().status.success());
+    }
+}
