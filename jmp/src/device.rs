@@ -54,7 +54,12 @@ fn running(target: &Target) -> Result<Option<state::StateFile>, VerbError> {
             .into_iter()
             .find(|s| s.ready.lease.as_deref() == Some(l)),
         (None, None) => {
-            let all = state::all();
+            // The caller's own, when they have any (another user's or job's do not count).
+            let caller = state::Owner::caller();
+            let mut all = state::all();
+            if all.iter().any(|s| s.is_callers(&caller)) {
+                all.retain(|s| s.is_callers(&caller));
+            }
             if all.len() > 1 {
                 // Not "the only one", and not the controller's lease either: the user means one
                 // of these (saying "no attachment is running" here would be false).

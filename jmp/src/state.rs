@@ -31,6 +31,44 @@ pub struct StateFile {
     /// kernel has since given to another process does not match, so it is never signalled.
     #[serde(default)]
     pub start_time: Option<u64>,
+    /// Who made it (none: a file of an older jmp, anyone's). Root's attachments share one
+    /// runtime directory; `--all` and "the only one" mean the caller's own.
+    #[serde(default)]
+    pub owner: Option<Owner>,
+}
+
+/// Whose attachment this is: the invoking user (`sudo`'s), their `HOME`, the client config
+/// named by `JMP_CLIENT`/`JMP_CLIENT_CONFIG`, and the CI job (`JMP_JOB` or the CI system's).
+/// Two jobs on one runner differ in the job; two people on one host in the user or `HOME`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub uid: u32,
+    #[serde(default)]
+    pub home: Option<PathBuf>,
+    #[serde(default)]
+    pub client: Option<String>,
+    #[serde(default)]
+    pub job: Option<String>,
+}
+
+impl Owner {
+    /// The caller of this process.
+    pub fn caller() -> Owner {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        Owner {
+            uid: crate::paths::invoking_user().0,
+            home: std::env::var_os("HOME").map(PathBuf::from),
+            client: var("JMP_CLIENT").or_else(|| var("JMP_CLIENT_CONFIG")),
+            job: crate::controller::current_job(),
+        }
+    }
+}
+
+impl StateFile {
+    /// Made by the caller (a file without an owner counts as anyone's).
+    pub fn is_callers(&self, caller: &Owner) -> bool {
+        self.owner.as_ref().is_none_or(|o| o == caller)
+    }
 }
 
 /// Local mode's own state file and the config it runs.
@@ -164,7 +202,14 @@ fn all_states() -> Vec<StateFile> {
 /// object: naming one (or implying "the only one") that does not exist exits 5; verbs that
 /// stop or clean up everything (`--all`, `jmp local stop`) succeed when there is nothing to do.
 pub fn find(exporter: Option<&str>) -> Result<StateFile> {
-    let all = all_states();
+    let mut all = all_states();
+    if exporter.is_none() {
+        // "The only one" is the caller's only one: another user's or job's does not count.
+        let caller = Owner::caller();
+        if all.iter().any(|s| s.is_callers(&caller)) {
+            all.retain(|s| s.is_callers(&caller));
+        }
+    }
     match exporter {
         Some(name) => all
             .into_iter()
@@ -226,6 +271,7 @@ impl StateGuard {
             log: std::env::var_os("JMP_LOG_FILE").map(PathBuf::from),
             config: local.as_ref().and_then(|l| l.config.clone()),
             start_time: start_time(std::process::id()),
+            owner: Some(Owner::caller()),
         };
         let text = serde_json::to_string_pretty(&state).map_err(|e| e.to_string())?;
         let mut files = vec![sock_path];
@@ -448,7 +494,12 @@ pub fn stop_attachment(st: &StateFile) -> Result<()> {
 
 pub fn detach(exporter: Option<&str>, all: bool) -> Result<()> {
     let targets = if all {
+        // The caller's own: never another user's, another HOME's, client config's or job's.
+        let caller = Owner::caller();
         all_states()
+            .into_iter()
+            .filter(|s| s.is_callers(&caller))
+            .collect()
     } else {
         vec![find(exporter)?]
     };

@@ -206,3 +206,65 @@ fn a_verb_with_several_attachments_asks_which() {
         assert!(g.stop().status.success());
     }
 }
+
+/// Two CI jobs on one runner (one user, one runtime directory): each job's plain `jmp detach`
+/// and `jmp detach --all` act on its own attachment only.
+#[test]
+fn two_jobs_on_one_runner_each_detach_their_own() {
+    let env = TestEnv::new("two-jobs");
+    let mut guards = Vec::new();
+    let mut jmpds = Vec::new();
+    let mut pids = Vec::new();
+    for (name, job) in [("board-a", "job-a"), ("board-b", "job-b")] {
+        let jmpd =
+            env.start_jmpd(&env.exporter_yaml(name, "127.0.0.1:0", "console: {type: sim-console}"));
+        let mut c = env.attach_cmd(&jmpd, &["-d"]);
+        c.env("JMP_JOB", job);
+        let mut p = Proc::spawn("jmp-attach-d", c, &env.logs);
+        let line = p.expect_line(READY, "the JSON line", |l| l.trim_start().starts_with('{'));
+        assert!(p.expect_exit(READY).success(), "{}", p.describe());
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+        let pid = v["pid"].as_i64().expect("pid") as i32;
+        pids.push(pid);
+        guards.push(DaemonGuard {
+            env: &env,
+            pid,
+            stop_args: vec!["detach".into(), name.into()],
+            stopped: false,
+        });
+        jmpds.push(jmpd);
+    }
+    let as_job = |job: &str, args: &[&str]| {
+        let mut c = env.jmp();
+        c.env("JMP_JOB", job).args(args);
+        run("jmp-detach", c, &env.logs, READY)
+    };
+    let out = as_job("job-b", &["detach"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), "detached board-b", "{}", out.stderr);
+    assert!(
+        poll_until(READY, || !pid_alive(pids[1])),
+        "job b's attachment ended"
+    );
+    assert!(pid_alive(pids[0]), "job a's attachment was left alone");
+
+    let out = as_job("job-c", &["detach", "--all"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        !out.stdout.contains("detached"),
+        "another job's --all detached nothing: {}",
+        out.stdout
+    );
+    assert!(pid_alive(pids[0]), "job a's attachment was left alone");
+
+    let out = as_job("job-a", &["detach", "--all"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), "detached board-a", "{}", out.stderr);
+    assert!(
+        poll_until(READY, || !pid_alive(pids[0])),
+        "job a's attachment ended"
+    );
+    for g in &mut guards {
+        g.stopped = true;
+    }
+}
