@@ -196,6 +196,9 @@ pub struct BuildCtx<'a> {
     /// The board's shared state (its power, as the power device last set it), followed by
     /// every device of this exporter that depends on it.
     pub board: &'a Board,
+    /// Scratch state a device makes for itself (a simulated card at its default path) starts
+    /// anew rather than as the last run left it (`jmp local start` without `--keep-card`).
+    pub fresh_scratch: bool,
 }
 
 /// Why a device's table was refused: where in the table (`parity`, `command.on`) and what.

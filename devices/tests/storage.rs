@@ -552,6 +552,224 @@ fn read_image(p: &std::path::Path, len: usize) -> Vec<u8> {
     b
 }
 
+// ---------------------------------------------------------------------------------------------
+// Another mount namespace holding a copy of the mount (`unshare -m`, `ip netns exec`, a
+// container): unmounting must not wait for it.
+
+/// A process in a mount namespace of its own, made while our mount existed, so it holds a
+/// copy of it; killed by PID and reaped on drop.
+struct Holder(std::process::Child);
+
+impl Holder {
+    fn start() -> Holder {
+        use std::io::BufRead;
+        let mut c = std::process::Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c"])
+            .arg("echo ready; exec sleep 600")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("unshare (util-linux) must run here");
+        let mut line = String::new();
+        std::io::BufReader::new(c.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read");
+        assert_eq!(line.trim(), "ready", "unshare -m did not start");
+        Holder(c)
+    }
+
+    /// `path` as this namespace sees it.
+    fn sees(&self, path: &std::path::Path) -> PathBuf {
+        let rel = path.strip_prefix("/").expect("absolute");
+        PathBuf::from(format!("/proc/{}/root", self.0.id())).join(rel)
+    }
+
+    fn has_mount(&self, path: &std::path::Path) -> bool {
+        let table = std::fs::read_to_string(format!("/proc/{}/mountinfo", self.0.id()))
+            .expect("the holder's mountinfo");
+        let want = path.to_string_lossy();
+        table
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(want.as_ref()))
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A FUSE mount of an unserved client at a fresh directory (nothing here reads the medium);
+/// the directory is removed on drop.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if jmp_devices::places::is_mount_point(&self.0) {
+            let _ = jmp_devices::places::detach(&self.0);
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch_mount(tag: &str) -> (Scratch, Arc<jmp_devices::storage::mount::Mounted>) {
+    assert!(
+        std::path::Path::new("/dev/fuse").exists(),
+        "/dev/fuse is needed"
+    );
+    let dir = std::env::temp_dir().join(format!("jmp-storage-ns-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let m = jmp_devices::storage::mount::Mounted::mount(
+        &dir,
+        Client::new("sd", Retry::Fail),
+        (0, 0),
+        false,
+    )
+    .expect("mount");
+    (Scratch(dir), Arc::new(m))
+}
+
+/// Runs `f` on a blocking thread; a hang guard turns a hang into a failure naming `what`.
+async fn finishes(what: &str, f: impl FnOnce() + Send + 'static) {
+    tokio::time::timeout(GUARD, tokio::task::spawn_blocking(f))
+        .await
+        .unwrap_or_else(|_| panic!("{what} hung"))
+        .expect("no panic");
+}
+
+/// The bridge is dropped (the attachment ends) while a private mount namespace holds a copy
+/// of its mount: the drop finishes, and the mount is gone here and there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_in_another_mount_namespace_does_not_hold_up_the_unmount() {
+    let img = Img::new("ns");
+    let d = driver(&img, true, None, None);
+    let info = jmp_devices::info(d.as_ref());
+    let (link, _srv) = mem_session(DeviceSet::new("b", vec![d]));
+    let ctx = bridge_ctx("b", "storage-ns");
+    std::fs::create_dir_all(&ctx.dev_dir).expect("dir");
+    let _clean = Scratch(ctx.dev_dir.clone());
+    let mut bridge = jmp_devices::storage::StorageBridge::create(&info, &ctx).expect("mount");
+    let mnt = bridge.path().to_path_buf();
+    let run = tokio::spawn(async move {
+        let exit = bridge.run(link).await;
+        (bridge, exit)
+    });
+    let m = mnt.clone();
+    finishes("listing the mount", move || {
+        assert!(std::fs::read_dir(&m).expect("ls").count() > 0);
+    })
+    .await;
+    let holder = Holder::start();
+    assert!(holder.has_mount(&mnt), "the new namespace holds a copy");
+    // Dropping the bridge (the task's abort) unmounts, on a runtime thread.
+    run.abort();
+    let joined = tokio::time::timeout(GUARD, run)
+        .await
+        .expect("the bridge's drop hung on the other namespace's copy");
+    assert!(joined.is_err_and(|e| e.is_cancelled()), "aborted");
+    assert!(!jmp_devices::places::is_mount_point(&mnt), "unmounted here");
+    assert!(
+        !holder.has_mount(&mnt) || jmp_devices::places::is_dead_mount(&holder.sees(&mnt)),
+        "the copy in the other namespace is gone or dead"
+    );
+}
+
+/// Unmounting ends the connection: the other namespace's copy answers ENOTCONN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmounting_ends_the_connection_for_every_namespace() {
+    let (dir, m) = scratch_mount("unmount");
+    let holder = Holder::start();
+    let there = holder.sees(&dir.0);
+    let t = there.clone();
+    finishes("listing the copy", move || {
+        assert!(!jmp_devices::places::is_dead_mount(&t), "alive before");
+    })
+    .await;
+    let m2 = m.clone();
+    finishes("unmounting", move || m2.unmount()).await;
+    assert!(
+        !jmp_devices::places::is_mount_point(&dir.0),
+        "unmounted here"
+    );
+    assert!(holder.has_mount(&dir.0), "the copy stays listed there");
+    finishes("looking at the copy", move || {
+        assert!(
+            jmp_devices::places::is_dead_mount(&there),
+            "the copy's connection is aborted"
+        );
+    })
+    .await;
+}
+
+/// Both ways of ending a connection work on this kernel: through fusectl (mounted by the
+/// test, as systemd mounts it) and by a forced unmount in a private namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_ends_through_fusectl_or_by_force() {
+    use jmp_devices::storage::mount::{abort_by_force, abort_through_fusectl};
+    // fusectl, mounted in a private mount namespace of a thread of its own: no mount of it
+    // here, where tests running meanwhile copy our mounts into namespaces of their own (and
+    // its unmount could find those busy); it goes with that namespace when the thread ends.
+    let (dir, m) = scratch_mount("fusectl");
+    let conn = m.connection().expect("a connection number");
+    let ctl = Scratch(dir.0.with_extension("ctl"));
+    std::fs::create_dir_all(&ctl.0).expect("dir");
+    let (d, c) = (dir.0.clone(), ctl.0.clone());
+    finishes("aborting through fusectl", move || {
+        std::thread::spawn(move || {
+            use nix::mount::MsFlags;
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare");
+            nix::mount::mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+            .expect("make / private");
+            nix::mount::mount(
+                Some("fusectl"),
+                &c,
+                Some("fusectl"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .expect("mount fusectl");
+            assert!(
+                c.join(conn.to_string()).is_dir(),
+                "fusectl lists connection {conn}"
+            );
+            abort_through_fusectl(&c, conn).expect("abort");
+            assert!(jmp_devices::places::is_dead_mount(&d), "aborted");
+        })
+        .join()
+        .expect("no panic");
+    })
+    .await;
+    assert!(
+        jmp_devices::places::is_dead_mount(&dir.0),
+        "aborted here too: one connection"
+    );
+    finishes("unmounting", move || m.unmount()).await;
+    assert!(!jmp_devices::places::is_mount_point(&dir.0));
+
+    // By force, from a private namespace: our mount stays, dead.
+    let (dir, m) = scratch_mount("force");
+    let d = dir.0.clone();
+    finishes("aborting by force", move || {
+        abort_by_force(&d).expect("abort");
+        assert!(
+            jmp_devices::places::is_mount_point(&d),
+            "the forced unmount was in the other namespace only"
+        );
+        assert!(jmp_devices::places::is_dead_mount(&d), "aborted");
+    })
+    .await;
+    finishes("unmounting", move || m.unmount()).await;
+    assert!(!jmp_devices::places::is_mount_point(&dir.0));
+}
+
 /// Polls `f` until it holds; the budgets signal nothing a test could await, so their
 /// counters are looked at every few milliseconds (at most `GUARD`).
 async fn until(what: &str, mut f: impl FnMut() -> bool) {

@@ -93,6 +93,10 @@ pub struct ExporterConfig {
     /// `host:port` for jmpd's own Prometheus `/metrics` (none: no metrics endpoint).
     pub metrics: Option<String>,
     pub export: Export,
+    /// Scratch state the devices make for themselves (a simulated card at its default path)
+    /// starts anew instead of being kept from the last run: local mode's fresh board. Not
+    /// read from the file; jmpd keeps it off.
+    pub fresh_scratch: bool,
 }
 
 /// `hooks:`: commands jmpd runs around each lease, without a shell, in their own process
@@ -336,6 +340,7 @@ impl ExporterConfig {
             history: raw.history,
             metrics: raw.metrics,
             export: Export(export),
+            fresh_scratch: false,
         };
         c.validate()?;
         Ok(c)

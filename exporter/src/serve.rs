@@ -98,6 +98,7 @@ impl Exporter {
         let ctx = BuildCtx {
             exporter: &cfg.metadata.name,
             board: &board,
+            fresh_scratch: cfg.fresh_scratch,
         };
         let drivers = cfg
             .export

@@ -448,6 +448,7 @@ pub async fn run(
         for t in tasks {
             let _ = t.await;
         }
+        info!("local devices removed");
     };
     if let Err(e) = on_ready(&ready, shared.clone()) {
         stop_bridges(tasks).await;

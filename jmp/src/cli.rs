@@ -609,6 +609,10 @@ pub(crate) struct LocalArgs {
     /// this, that is an error).
     #[arg(long)]
     pub(crate) restart: bool,
+    /// Keep the simulated card the last run wrote (without this, each start gets a fresh
+    /// card; a card at a config's `path:` is always kept).
+    #[arg(long)]
+    pub(crate) keep_card: bool,
     #[command(flatten)]
     pub(crate) common: CommonArgs,
 }

@@ -53,7 +53,29 @@ fn running(target: &Target) -> Result<Option<state::StateFile>, VerbError> {
         (None, Some(l)) => state::all()
             .into_iter()
             .find(|s| s.ready.lease.as_deref() == Some(l)),
-        (None, None) => state::find(None).ok(),
+        (None, None) => {
+            // The caller's own, when they have any (another user's or job's do not count).
+            let caller = state::Owner::caller();
+            let mut all = state::all();
+            if all.iter().any(|s| s.is_callers(&caller)) {
+                all.retain(|s| s.is_callers(&caller));
+            }
+            if all.len() > 1 {
+                // Not "the only one", and not the controller's lease either: the user means one
+                // of these (saying "no attachment is running" here would be false).
+                return Err(VerbError::new(
+                    code::USAGE,
+                    format!(
+                        "several attachments are running ({}); name one with --exporter NAME",
+                        all.iter()
+                            .map(|s| s.ready.exporter.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+            all.into_iter().next()
+        }
     };
     if found.is_none() {
         if let Some(e) = &target.exporter {

@@ -67,6 +67,8 @@ pub(crate) fn run(l: LocalArgs) -> Result<()> {
     };
     // In-process: nothing but this process can reach it.
     cfg.listen = "127.0.0.1:0".into();
+    // A fresh board: the last run's writes to a simulated card are not this run's.
+    cfg.fresh_scratch = !l.keep_card;
     let token = jmp_exporter::auth::random_token().map_err(|e| anyhow!(e))?;
     let identity = jmp_transport::Identity::generate()?;
     let json = l.common.output == Format::Json;

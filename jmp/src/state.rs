@@ -31,6 +31,44 @@ pub struct StateFile {
     /// kernel has since given to another process does not match, so it is never signalled.
     #[serde(default)]
     pub start_time: Option<u64>,
+    /// Who made it (none: a file of an older jmp, anyone's). Root's attachments share one
+    /// runtime directory; `--all` and "the only one" mean the caller's own.
+    #[serde(default)]
+    pub owner: Option<Owner>,
+}
+
+/// Whose attachment this is: the invoking user (`sudo`'s), their `HOME`, the client config
+/// named by `JMP_CLIENT`/`JMP_CLIENT_CONFIG`, and the CI job (`JMP_JOB` or the CI system's).
+/// Two jobs on one runner differ in the job; two people on one host in the user or `HOME`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub uid: u32,
+    #[serde(default)]
+    pub home: Option<PathBuf>,
+    #[serde(default)]
+    pub client: Option<String>,
+    #[serde(default)]
+    pub job: Option<String>,
+}
+
+impl Owner {
+    /// The caller of this process.
+    pub fn caller() -> Owner {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        Owner {
+            uid: crate::paths::invoking_user().0,
+            home: std::env::var_os("HOME").map(PathBuf::from),
+            client: var("JMP_CLIENT").or_else(|| var("JMP_CLIENT_CONFIG")),
+            job: crate::controller::current_job(),
+        }
+    }
+}
+
+impl StateFile {
+    /// Made by the caller (a file without an owner counts as anyone's).
+    pub fn is_callers(&self, caller: &Owner) -> bool {
+        self.owner.as_ref().is_none_or(|o| o == caller)
+    }
 }
 
 /// Local mode's own state file and the config it runs.
@@ -73,21 +111,54 @@ fn alive(st: &StateFile) -> bool {
     }
 }
 
-/// What a dead attachment left: its state file, its control socket and its device links
-/// (only symlinks: a link is all jmp ever puts there). A dangling console link would
+/// What a dead attachment left: its state file, its control socket, its device links (only
+/// symlinks: a link is all jmp ever puts there), its dead FUSE mounts (a `kill -9` leaves them
+/// answering "transport endpoint is not connected"), its folders once empty, and a
+/// `<dev dir>/current` left pointing at a folder that is gone. A dangling console link would
 /// otherwise follow a reused pty number into some other program's terminal.
 fn clean_dead(path: &Path, st: &StateFile) {
+    use jmp_devices::places;
+    let mut dirs = Vec::new();
     for d in &st.ready.devices {
         for e in &d.endpoints {
-            if let jmp_devices::Local::Path(p) = &e.local {
-                if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()) {
-                    let _ = std::fs::remove_file(p);
-                    if let Some(dir) = p.parent() {
-                        // Only when empty.
-                        let _ = std::fs::remove_dir(dir);
+            match &e.local {
+                jmp_devices::Local::Path(p) => {
+                    if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()) {
+                        let _ = std::fs::remove_file(p);
+                        dirs.extend(p.parent().map(Path::to_path_buf));
                     }
                 }
+                // Only a dead one: a live mount there is another attachment's.
+                jmp_devices::Local::Mount(p) => {
+                    if places::is_dead_mount(p) {
+                        match places::detach(p) {
+                            Ok(()) => warn!("{}: removed the dead mount of an attachment that was killed (pid {})", p.display(), st.ready.pid),
+                            Err(e) => warn!("{}: cannot remove the dead mount of a killed attachment: {e}", p.display()),
+                        }
+                    }
+                    if !places::is_mount_point(p) {
+                        // Only when empty.
+                        let _ = std::fs::remove_dir(p);
+                    }
+                    dirs.extend(p.parent().map(Path::to_path_buf));
+                }
+                jmp_devices::Local::Address(_) | jmp_devices::Local::Interface(_) => {}
             }
+        }
+    }
+    dirs.sort();
+    dirs.dedup();
+    for dir in &dirs {
+        // Only when empty.
+        let _ = std::fs::remove_dir(dir);
+        let (Some(base), Some(name)) = (dir.parent(), dir.file_name()) else {
+            continue;
+        };
+        let current = base.join("current");
+        if std::fs::read_link(&current).is_ok_and(|t| t.as_os_str() == name)
+            && std::fs::metadata(&current).is_err()
+        {
+            let _ = std::fs::remove_file(&current);
         }
     }
     let _ = std::fs::remove_file(&st.socket);
@@ -131,7 +202,14 @@ fn all_states() -> Vec<StateFile> {
 /// object: naming one (or implying "the only one") that does not exist exits 5; verbs that
 /// stop or clean up everything (`--all`, `jmp local stop`) succeed when there is nothing to do.
 pub fn find(exporter: Option<&str>) -> Result<StateFile> {
-    let all = all_states();
+    let mut all = all_states();
+    if exporter.is_none() {
+        // "The only one" is the caller's only one: another user's or job's does not count.
+        let caller = Owner::caller();
+        if all.iter().any(|s| s.is_callers(&caller)) {
+            all.retain(|s| s.is_callers(&caller));
+        }
+    }
     match exporter {
         Some(name) => all
             .into_iter()
@@ -193,6 +271,7 @@ impl StateGuard {
             log: std::env::var_os("JMP_LOG_FILE").map(PathBuf::from),
             config: local.as_ref().and_then(|l| l.config.clone()),
             start_time: start_time(std::process::id()),
+            owner: Some(Owner::caller()),
         };
         let text = serde_json::to_string_pretty(&state).map_err(|e| e.to_string())?;
         let mut files = vec![sock_path];
@@ -437,7 +516,12 @@ pub fn stop_attachment(st: &StateFile) -> Result<()> {
 
 pub fn detach(exporter: Option<&str>, all: bool) -> Result<()> {
     let targets = if all {
+        // The caller's own: never another user's, another HOME's, client config's or job's.
+        let caller = Owner::caller();
         all_states()
+            .into_iter()
+            .filter(|s| s.is_callers(&caller))
+            .collect()
     } else {
         vec![find(exporter)?]
     };

@@ -155,3 +155,116 @@ fn the_quick_start_demo_runs_every_kind_of_the_simulated_board() {
         left()
     );
 }
+
+/// With two attachments running, a verb that names none (`jmp power cycle`) asks for one by
+/// name, listing them, instead of saying that no attachment is running.
+#[test]
+fn a_verb_with_several_attachments_asks_which() {
+    let env = TestEnv::new("several");
+    let mut guards = Vec::new();
+    let mut jmpds = Vec::new();
+    for name in ["board-a", "board-b"] {
+        let jmpd = env.start_jmpd(&env.exporter_yaml(
+            name,
+            "127.0.0.1:0",
+            "console: {type: sim-console}\npower: {type: power-sim}",
+        ));
+        let mut p = Proc::spawn("jmp-attach-d", env.attach_cmd(&jmpd, &["-d"]), &env.logs);
+        let line = p.expect_line(READY, "the JSON line", |l| l.trim_start().starts_with('{'));
+        assert!(p.expect_exit(READY).success(), "{}", p.describe());
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+        guards.push(DaemonGuard {
+            env: &env,
+            pid: v["pid"].as_i64().expect("pid") as i32,
+            stop_args: vec!["detach".into(), name.into()],
+            stopped: false,
+        });
+        jmpds.push(jmpd);
+    }
+    let mut c = env.jmp();
+    c.args(["power", "cycle"]);
+    let out = run("jmp-power-cycle", c, &env.logs, READY);
+    assert_eq!(out.status.code(), Some(2), "a usage error: {}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("several attachments are running (board-a, board-b)")
+            && out.stderr.contains("--exporter"),
+        "names them and how to choose: {}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains("no attachment is running"),
+        "{}",
+        out.stderr
+    );
+    // Named, it acts on that one.
+    let mut c = env.jmp();
+    c.args(["power", "cycle", "--exporter", "board-b"]);
+    let out = run("jmp-power-cycle-b", c, &env.logs, READY);
+    assert!(out.status.success(), "{}", out.stderr);
+    for g in &mut guards {
+        assert!(g.stop().status.success());
+    }
+}
+
+/// Two CI jobs on one runner (one user, one runtime directory): each job's plain `jmp detach`
+/// and `jmp detach --all` act on its own attachment only.
+#[test]
+fn two_jobs_on_one_runner_each_detach_their_own() {
+    let env = TestEnv::new("two-jobs");
+    let mut guards = Vec::new();
+    let mut jmpds = Vec::new();
+    let mut pids = Vec::new();
+    for (name, job) in [("board-a", "job-a"), ("board-b", "job-b")] {
+        let jmpd =
+            env.start_jmpd(&env.exporter_yaml(name, "127.0.0.1:0", "console: {type: sim-console}"));
+        let mut c = env.attach_cmd(&jmpd, &["-d"]);
+        c.env("JMP_JOB", job);
+        let mut p = Proc::spawn("jmp-attach-d", c, &env.logs);
+        let line = p.expect_line(READY, "the JSON line", |l| l.trim_start().starts_with('{'));
+        assert!(p.expect_exit(READY).success(), "{}", p.describe());
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+        let pid = v["pid"].as_i64().expect("pid") as i32;
+        pids.push(pid);
+        guards.push(DaemonGuard {
+            env: &env,
+            pid,
+            stop_args: vec!["detach".into(), name.into()],
+            stopped: false,
+        });
+        jmpds.push(jmpd);
+    }
+    let as_job = |job: &str, args: &[&str]| {
+        let mut c = env.jmp();
+        c.env("JMP_JOB", job).args(args);
+        run("jmp-detach", c, &env.logs, READY)
+    };
+    let out = as_job("job-b", &["detach"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), "detached board-b", "{}", out.stderr);
+    assert!(
+        poll_until(READY, || !pid_alive(pids[1])),
+        "job b's attachment ended"
+    );
+    assert!(pid_alive(pids[0]), "job a's attachment was left alone");
+
+    let out = as_job("job-c", &["detach", "--all"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        !out.stdout.contains("detached"),
+        "another job's --all detached nothing: {}",
+        out.stdout
+    );
+    assert!(pid_alive(pids[0]), "job a's attachment was left alone");
+
+    let out = as_job("job-a", &["detach", "--all"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), "detached board-a", "{}", out.stderr);
+    assert!(
+        poll_until(READY, || !pid_alive(pids[0])),
+        "job a's attachment ended"
+    );
+    for g in &mut guards {
+        g.stopped = true;
+    }
+}

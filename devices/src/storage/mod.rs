@@ -117,7 +117,7 @@ impl Spec for StorageSimSpec {
     }
 
     fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn crate::Driver> {
-        StorageSimSpec::start(self, name, ctx.exporter, ctx.board)
+        StorageSimSpec::start(self, name, ctx.exporter, ctx.board, ctx.fresh_scratch)
     }
 
     /// The default image is made in the unit's private /tmp, so anew at each start; one of

@@ -3,6 +3,11 @@
 //! the kernel's cache dropped then), and unmounting when dropped, lazily if a program still
 //! has a file open. Stale mounts of killed processes are cleaned by
 //! [`crate::places::mount_point`] before mounting.
+//!
+//! Unmounting ends the FUSE connection first ([`abort_connection`]): a copy of the mount in
+//! another mount namespace (`unshare -m`, `ip netns exec`, a container started meanwhile)
+//! keeps the connection open after our umount, and the session thread, which only ends when
+//! the kernel says the connection is gone, would wait for that namespace to go.
 
 use super::client::{Client, Reply};
 use super::fs::{self, Files, StorageFs};
@@ -22,6 +27,9 @@ pub struct Mounted {
     session: std::sync::Mutex<Option<fuser::BackgroundSession>>,
     pub files: Arc<Files>,
     notifier: fuser::Notifier,
+    /// The FUSE connection's number (the mount's device number), as
+    /// `/sys/fs/fuse/connections/` names it; `None` if the mount could not be looked at.
+    conn: Option<u64>,
 }
 
 impl Mounted {
@@ -38,18 +46,29 @@ impl Mounted {
         let cfg = fs::config(client.device(), writable, others);
         let session = fuser::Session::new(fs, path, &cfg)?.spawn()?;
         let notifier = session.notifier();
-        raise_readahead(path);
+        // A getattr of the root: answered by the fuser thread without waiting on anything.
+        let dev = std::fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::dev(&m));
+        if let Ok(dev) = dev {
+            raise_readahead(dev);
+        }
         info!(device = client.device(), "mounted at {}", path.display());
         Ok(Mounted {
             path: path.to_path_buf(),
             session: std::sync::Mutex::new(Some(session)),
             files,
             notifier,
+            conn: dev.ok().map(connection_number),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The FUSE connection's number, as fusectl names it (`None`: the mount could not be
+    /// looked at after mounting).
+    pub fn connection(&self) -> Option<u64> {
+        self.conn
     }
 
     /// Drops the kernel's cached pages and names of every file (the medium changed behind
@@ -69,14 +88,9 @@ const READAHEAD_KB: u32 = 4096;
 
 /// The kernel offers a FUSE mount only 128 KiB of read-ahead at INIT (the negotiated maximum
 /// cannot be raised there), which keeps one small request in flight on a sequential read.
-/// Root can raise it on the mount's backing device info; for others it stays as it is.
-fn raise_readahead(path: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    // A getattr of the root: answered by the fuser thread without waiting on anything.
-    let Ok(m) = std::fs::metadata(path) else {
-        return;
-    };
-    let dev = m.dev();
+/// Root can raise it on the mount's backing device info (`dev`: the mount's device number);
+/// for others it stays as it is.
+fn raise_readahead(dev: u64) {
     let knob = format!(
         "/sys/class/bdi/{}:{}/read_ahead_kb",
         nix::sys::stat::major(dev),
@@ -88,24 +102,48 @@ fn raise_readahead(path: &Path) {
 }
 
 impl Mounted {
-    /// Unmounts now (once; later calls and the drop do nothing). Other holders of the mount
-    /// (an invalidation or a table read in flight) find their requests to the kernel failing,
-    /// which they ignore.
+    /// Unmounts now (once; later calls and the drop do nothing), without waiting on anything
+    /// outside this process: the connection is ended first, so copies of the mount in other
+    /// mount namespaces die with it (their users get ENOTCONN) and the session thread ends.
+    /// Other holders of the mount (an invalidation or a table read in flight) find their
+    /// requests to the kernel failing, which they ignore.
     pub fn unmount(&self) {
         let taken = self
             .session
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        if let Some(s) = taken {
-            if let Err(e) = s.umount_and_join() {
-                // Busy (a program has a file open, a loop device sits on a partition):
-                // detach it now; the kernel ends it when the last user lets go.
+        let Some(s) = taken else {
+            return;
+        };
+        let aborted = match self.conn {
+            Some(conn) => abort_connection(conn, &self.path),
+            None => Err(io::Error::other("its connection number is unknown")),
+        };
+        match aborted {
+            // The session thread's next read fails (ENODEV): the join cannot wait long.
+            Ok(()) => {
+                if let Err(e) = s.umount_and_join() {
+                    // Busy (a program has a file open, a loop device sits on a partition):
+                    // detach it now; the kernel ends it when the last user lets go.
+                    warn!(
+                        "unmounting {}: {e}; detaching it lazily",
+                        self.path.display()
+                    );
+                    let _ = crate::places::detach(&self.path);
+                }
+            }
+            Err(e) => {
+                // Unmounted here (fuser does it lazily for a user), and the session thread
+                // left to end when the last copy of the mount goes, or with this process.
                 warn!(
-                    "unmounting {}: {e}; detaching it lazily",
+                    "cannot end the FUSE connection of {} ({e}); unmounting it here only: a copy in another mount namespace stays open until this process exits",
                     self.path.display()
                 );
-                let _ = crate::places::detach(&self.path);
+                drop(s);
+                if crate::places::is_mount_point(&self.path) {
+                    let _ = crate::places::detach(&self.path);
+                }
             }
         }
     }
@@ -115,6 +153,68 @@ impl Drop for Mounted {
     fn drop(&mut self) {
         self.unmount();
     }
+}
+
+/// The FUSE connection number of a mount whose device number is `dev` (the kernel's own
+/// encoding of `st_dev`: major << 20 | minor), as `/sys/fs/fuse/connections/` names it.
+fn connection_number(dev: u64) -> u64 {
+    (nix::sys::stat::major(dev) << 20) | nix::sys::stat::minor(dev)
+}
+
+/// Where fusectl is mounted on a systemd host.
+pub const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// Ends FUSE connection `conn`, mounted (among other places) at `path`: every mount of it,
+/// in every mount namespace, then answers ENOTCONN, and its server's reads fail with ENODEV.
+/// Through fusectl when it is mounted (systemd mounts it; the mount's owner may write its
+/// `abort`), else, as root, by [`abort_by_force`].
+pub fn abort_connection(conn: u64, path: &Path) -> io::Result<()> {
+    let fusectl = Path::new(FUSECTL);
+    if fusectl.join(conn.to_string()).is_dir() {
+        return abort_through_fusectl(fusectl, conn);
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("fusectl is not mounted at {FUSECTL}"),
+        ));
+    }
+    abort_by_force(path)
+}
+
+/// Ends connection `conn` through fusectl mounted at `fusectl`.
+pub fn abort_through_fusectl(fusectl: &Path, conn: u64) -> io::Result<()> {
+    std::fs::write(fusectl.join(conn.to_string()).join("abort"), "1")
+}
+
+/// Ends the FUSE connection mounted at `path` by a forced unmount, which aborts it, of the
+/// copy of the mount in a private mount namespace made for that: nothing else is unmounted.
+/// Needs root.
+pub fn abort_by_force(path: &Path) -> io::Result<()> {
+    let path = path.to_path_buf();
+    // A thread of its own: unsharing the mount namespace changes only the calling thread's,
+    // and this one ends right after (its namespace with it).
+    std::thread::Builder::new()
+        .name("fuse-abort".into())
+        .spawn(move || -> io::Result<()> {
+            use nix::mount::{MntFlags, MsFlags};
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+            // Nothing done in this namespace may propagate back.
+            nix::mount::mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )?;
+            // The kernel aborts the connection before it looks at whether the mount is busy.
+            match nix::mount::umount2(&path, MntFlags::MNT_FORCE) {
+                Ok(()) | Err(nix::errno::Errno::EBUSY) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        })?
+        .join()
+        .map_err(|_| io::Error::other("the thread ending the FUSE connection panicked"))?
 }
 
 /// Reads the medium's partition table through `client` (blocking: call from a blocking

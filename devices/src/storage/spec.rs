@@ -112,8 +112,23 @@ impl StorageSimSpec {
         })
     }
 
-    pub fn start(&self, name: &str, exporter: &str, board: &Board) -> Arc<dyn crate::Driver> {
+    /// Starts the driver of the card, made first if missing; `fresh`: a card at the default
+    /// path is thrown away and made anew (one at a configured `path:` is the user's and kept).
+    pub fn start(
+        &self,
+        name: &str,
+        exporter: &str,
+        board: &Board,
+        fresh: bool,
+    ) -> Arc<dyn crate::Driver> {
         let path = self.image_path(exporter, name);
+        if fresh && self.path.is_none() {
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::info!(device = name, "a fresh simulated card replaces the last run's at {}", path.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(device = name, "cannot remove the last run's simulated card {}: {e}", path.display()),
+            }
+        }
         if let Err(e) = super::sim::ensure_image(&path, self.size.0, self.table) {
             // The driver then reports the device unavailable, naming the path.
             tracing::warn!(
