@@ -219,6 +219,7 @@ pub(crate) enum CreateCmd {
 #[derive(Subcommand, Debug)]
 pub(crate) enum GetCmd {
     /// Your leases (and waiting requests); -a: everyone's.
+    #[command(alias = "lease")]
     Leases {
         /// Everyone's leases, not only yours.
         #[arg(short, long)]
@@ -230,6 +231,7 @@ pub(crate) enum GetCmd {
         client: ClientSel,
     },
     /// Exporters you may lease.
+    #[command(alias = "exporter")]
     Exporters {
         /// Only exporters matching this label selector (repeatable: all must match).
         #[arg(short = 'l', long = "selector")]
@@ -248,6 +250,7 @@ pub(crate) enum GetCmd {
 #[derive(Subcommand, Debug)]
 pub(crate) enum UpdateCmd {
     /// Set a lease's total duration (from its start) or extend it.
+    #[command(alias = "leases")]
     Lease {
         /// The lease.
         name: String,
@@ -268,6 +271,7 @@ pub(crate) enum UpdateCmd {
 #[derive(Subcommand, Debug)]
 pub(crate) enum DeleteCmd {
     /// Release leases by name (default: your only lease); --all: all of yours.
+    #[command(alias = "leases")]
     Lease {
         /// The leases to release (default: your only lease).
         names: Vec<String>,
@@ -520,6 +524,17 @@ pub(crate) struct ShellArgs {
     /// started here is stopped afterwards).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["exporter", "lease", "token_file", "token"])]
     pub(crate) exporter_config: Option<PathBuf>,
+    /// Lease a board by label selector for the command (as `jmp create lease -l`; repeated
+    /// selectors must all match), attach it, and release the lease afterwards (Jumpstarter's
+    /// `jmp shell --selector`).
+    #[arg(short = 'l', long = "selector", conflicts_with_all = ["exporter", "lease", "token_file", "token", "exporter_config"])]
+    pub(crate) selector: Vec<String>,
+    /// With --selector: how long to hold the lease, e.g. 30m or 00:30:00.
+    #[arg(long, default_value = "30m", requires = "selector")]
+    pub(crate) duration: String,
+    /// With --selector: wait in the queue up to this many seconds if nothing is free.
+    #[arg(long, default_value_t = 0, requires = "selector")]
+    pub(crate) wait: u64,
     /// The command and its arguments (default: $SHELL); everything after the first word that
     /// is not an option of jmp shell is the command's, `--` optional.
     #[arg(

@@ -118,6 +118,126 @@ fn local_board(
 /// The attachment of this board already running, else one started for the command (`Some`
 /// state: stop it afterwards).
 fn attached_board(s: &ShellArgs) -> Result<(Ready, Option<state::StateFile>)> {
+    attached_board_with(s, None)
+}
+
+/// The options typed for `--selector` (`-l`, `--duration`, `--wait`, with their values) are
+/// the shell's own, not attach's: dropped from what attach gets.
+fn without_lease_request(typed: Vec<OsString>) -> Vec<OsString> {
+    const WITH_VALUE: [&str; 4] = ["-l", "--selector", "--duration", "--wait"];
+    let mut out = Vec::new();
+    let mut it = typed.into_iter();
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy();
+        if WITH_VALUE.contains(&s.as_ref()) {
+            it.next();
+            continue;
+        }
+        let joined = ["--selector=", "--duration=", "--wait="]
+            .iter()
+            .any(|p| s.starts_with(p))
+            || (s.starts_with("-l") && !s.starts_with("--"));
+        if !joined {
+            out.push(a);
+        }
+    }
+    out
+}
+
+/// This program, run as a `jmp` command of its own (stdout captured, stderr the user's).
+fn jmp_command(args: &[OsString]) -> Result<String> {
+    let exe = std::env::current_exe().map_err(|e| {
+        exit(
+            code::FAILURE,
+            format!("cannot find the jmp executable: {e}"),
+        )
+    })?;
+    let out = std::process::Command::new(exe)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| exit(code::FAILURE, format!("cannot run jmp: {e}")))?;
+    if !out.status.success() {
+        // Its own message is already on stderr.
+        let what: Vec<String> = args
+            .iter()
+            .take(2)
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        return Err(exit(
+            out.status.code().unwrap_or(code::FAILURE),
+            format!("`jmp {}` failed (above)", what.join(" ")),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// `--selector`: a lease made for the command (released afterwards by [`LeaseForCommand`]).
+fn lease_for_command(s: &ShellArgs) -> Result<LeaseForCommand> {
+    let mut args: Vec<OsString> = vec!["create".into(), "lease".into()];
+    for sel in &s.selector {
+        args.extend(["--selector".into(), sel.into()]);
+    }
+    args.extend([
+        "--duration".into(),
+        s.duration.clone().into(),
+        "--wait".into(),
+        s.wait.to_string().into(),
+        "-o".into(),
+        "name".into(),
+    ]);
+    if let Some(c) = &s.attach.client.client {
+        args.extend(["--client".into(), c.into()]);
+    }
+    let name = jmp_command(&args)?;
+    if name.is_empty() || name.contains(char::is_whitespace) {
+        return Err(exit(
+            code::FAILURE,
+            format!("jmp create lease printed no lease name: {name:?}"),
+        ));
+    }
+    Ok(LeaseForCommand {
+        name,
+        client: s.attach.client.client.clone(),
+    })
+}
+
+/// A lease `jmp shell --selector` made; released when dropped.
+struct LeaseForCommand {
+    name: String,
+    client: Option<String>,
+}
+
+impl Drop for LeaseForCommand {
+    fn drop(&mut self) {
+        let mut args: Vec<OsString> =
+            vec!["delete".into(), "lease".into(), self.name.clone().into()];
+        if let Some(c) = &self.client {
+            args.extend(["--client".into(), c.into()]);
+        }
+        if jmp_command(&args).is_err() {
+            eprintln!(
+                "jmp: could not release lease {}; `jmp delete lease {}`",
+                self.name, self.name
+            );
+        }
+    }
+}
+
+/// As [`attached_board`], attaching lease `lease` when given (made for the command).
+fn attached_board_with(
+    s: &ShellArgs,
+    lease: Option<&str>,
+) -> Result<(Ready, Option<state::StateFile>)> {
+    if let Some(l) = lease {
+        let mut args: Vec<OsString> = vec!["attach".into(), "--lease".into(), l.into()];
+        args.extend(without_lease_request(attach_args(s.command.len())));
+        args.extend(["-o".into(), "json".into()]);
+        let (_, ready) = state::start_background(&args)?;
+        let st = state::find(Some(&ready.exporter))?;
+        return Ok((ready, Some(st)));
+    }
     // An attachment already running for this board is used as it is.
     let by_name = s
         .attach
@@ -146,9 +266,15 @@ fn attached_board(s: &ShellArgs) -> Result<(Ready, Option<state::StateFile>)> {
 }
 
 pub(crate) fn run(s: ShellArgs) -> Result<()> {
+    // Released after the attachment is stopped (dropped after `ours` is used below).
+    let mut leased = None;
     let (ready, ours, local) = if let Some(cfg) = &s.exporter_config {
         let (ready, ours) = local_board(&s, cfg)?;
         (ready, ours, true)
+    } else if !s.selector.is_empty() {
+        let lease = leased.insert(lease_for_command(&s)?);
+        let (ready, ours) = attached_board_with(&s, Some(&lease.name))?;
+        (ready, ours, false)
     } else {
         let (ready, ours) = attached_board(&s)?;
         (ready, ours, false)
@@ -160,9 +286,18 @@ pub(crate) fn run(s: ShellArgs) -> Result<()> {
             Vec::new(),
         ),
     };
+    let mut path = jumpstarter_j().into_iter().collect::<Vec<_>>();
+    path.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
     let status = std::process::Command::new(&program)
         .args(&rest)
         .envs(environment(&ready))
+        .env(
+            "PATH",
+            std::env::join_paths(path)
+                .unwrap_or_else(|_| std::env::var_os("PATH").unwrap_or_default()),
+        )
         .status();
     if let Some(st) = &ours {
         let stopped = if local {
@@ -174,6 +309,7 @@ pub(crate) fn run(s: ShellArgs) -> Result<()> {
             eprintln!("jmp: {e:#}");
         }
     }
+    drop(leased);
     let status = status.map_err(|e| exit(code::FAILURE, format!("cannot run {program:?}: {e}")))?;
     match status.code() {
         Some(0) => Ok(()),
@@ -185,12 +321,58 @@ pub(crate) fn run(s: ShellArgs) -> Result<()> {
     }
 }
 
+/// A folder holding `j`, a link to this jmp: Jumpstarter's in-shell CLI is `j` (`j power
+/// on`), so recipes copied from it work inside `jmp shell`. In the runtime directory (private
+/// to this user); `None`, and no `j`, if it cannot be made.
+fn jumpstarter_j() -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = crate::paths::runtime_dir();
+    crate::paths::check_fallback(&dir).ok()?;
+    crate::paths::private_dir(&dir).ok()?;
+    let bin = dir.join("bin");
+    crate::paths::private_dir(&bin).ok()?;
+    let j = bin.join("j");
+    if std::fs::read_link(&j).ok().as_deref() != Some(exe.as_path()) {
+        // Made beside it and renamed over it: a shell starting meanwhile never misses it.
+        let tmp = bin.join(format!(".j.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&exe, &tmp).ok()?;
+        std::fs::rename(&tmp, &j).ok()?;
+    }
+    Some(bin)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::attach::DeviceRow;
     use jmp_devices::Endpoint;
     use jmp_protocol::{DeviceState, Kind};
+
+    #[test]
+    fn the_lease_request_options_are_not_passed_to_attach() {
+        let typed: Vec<OsString> = [
+            "-l",
+            "board=x",
+            "--selector=a=b",
+            "-lboard=y",
+            "--duration",
+            "00:30:00",
+            "--wait=5",
+            "--dev-dir",
+            "/tmp/d",
+            "--name",
+            "me",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        let kept: Vec<String> = without_lease_request(typed)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(kept, ["--dev-dir", "/tmp/d", "--name", "me"]);
+    }
 
     #[test]
     fn each_device_is_one_variable_and_addresses_are_split() {
