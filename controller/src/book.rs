@@ -3163,10 +3163,12 @@ mod tests {
                 let pre_labels = pre.exporters.get(e).map(|x| &x.0);
                 let post_labels = post.exporters.get(e).map(|x| &x.0);
                 for w in pre.waiting.values() {
+                    // What it wants now: a policy change in this call may have narrowed it.
+                    let now_w = post.waiting.get(&w.request_id).unwrap_or(w);
                     if w.seq >= seq
                         || w.not_before > b.clock()
                         || !waiter_wants(w, e, pre_labels)
-                        || !waiter_wants(w, e, post_labels)
+                        || !waiter_wants(now_w, e, post_labels)
                     {
                         continue;
                     }

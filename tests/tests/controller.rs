@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -1298,10 +1298,7 @@ fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
 
 #[test]
 fn metrics_pass_promtool_and_carry_the_team() {
-    if !which("promtool") {
-        skip("promtool not installed (apt-get install prometheus)");
-        return;
-    }
+    require!(skips::tool("promtool"));
     let (lab, _jmpd) = lab_with_one_board("ctl-metrics", "met-01", "met");
     lab.create_client("blue1", &["-l", "team=blue"]);
     lab.create_client("blue2", &["-l", "team=blue"]);
@@ -1340,7 +1337,7 @@ fn metrics_pass_promtool_and_carry_the_team() {
         head.starts_with("HTTP/1.") && head.contains(" 200"),
         "{head}"
     );
-    let mut p = Command::new("promtool")
+    let mut p = command("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -1710,7 +1707,7 @@ fn check_config_validates_the_controller_credential() {
     let lab = Lab::new("ctl-checkconfig");
     let token = lab.create_exporter("chk-01", &["board=chk"]);
     let check = |config: &Path| {
-        let mut c = Command::new(jmpd_bin());
+        let mut c = command(jmpd_bin());
         c.arg("--config").arg(config).arg("--check-config");
         lab.run("jmpd-check-config", c)
     };

@@ -51,7 +51,7 @@ impl Runner {
     }
 
     fn cmd(&self, job: &str, args: &[&str]) -> Command {
-        let mut c = Command::new(jmp_bin());
+        let mut c = command(jmp_bin());
         c.env("JMP_RUNTIME_DIR", &self.runtime)
             .env("JMP_CONFIG_DIR", &self.config)
             .env("JMP_ADMIN_CONFIG", &self.admin)
@@ -337,7 +337,7 @@ fn an_exporter_presenting_another_identity_is_refused_until_rebound() {
     let text = std::fs::read_to_string(&cfg).expect("config");
     let moved = text.replace("state-fp-01", "state-fp-01-new");
     std::fs::write(&cfg, moved).expect("write config");
-    let mut cmd = Command::new(jmpd_bin());
+    let mut cmd = command(jmpd_bin());
     cmd.arg("--config").arg(&cfg).env("JMP_LOG", "info");
     let mut second = lab.spawn("jmpd-new-identity", cmd);
     wait_stderr(&mut second, "is bound to TLS fingerprint", LONG);
