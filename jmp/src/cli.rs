@@ -622,4 +622,36 @@ mod tests {
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
     }
+
+    /// The device of `jmp storage flash`/`dump` is optional: the usage says so.
+    #[test]
+    fn storage_usage_shows_the_device_as_optional() {
+        let mut cmd = Cli::command();
+        for (verb, file) in [("flash", "IMAGE"), ("dump", "OUTPUT")] {
+            let sub = cmd
+                .find_subcommand_mut("storage")
+                .and_then(|s| s.find_subcommand_mut(verb))
+                .expect("jmp storage has the verb");
+            let usage = sub.render_usage().to_string();
+            assert!(
+                usage.contains(&format!("[DEVICE] {file}")),
+                "jmp storage {verb}: {usage}"
+            );
+            assert!(!usage.contains("<DEVICE>"), "jmp storage {verb}: {usage}");
+        }
+    }
+
+    /// Jumpstarter's spellings parse (the e2e table test runs them against a lab).
+    #[test]
+    fn jumpstarter_spellings_parse() {
+        for line in [
+            "jmp delete leases L1",
+            "jmp get lease",
+            "jmp get exporter -l board=x",
+            "jmp shell -l board=x -- j power on",
+            "jmp shell --selector board=x --duration 00:30:00 -- true",
+        ] {
+            Cli::try_parse_from(line.split(' ')).unwrap_or_else(|e| panic!("{line}: {e}"));
+        }
+    }
 }

@@ -4,10 +4,13 @@
 //!
 //! The environment: `JMP_EXPORTER` (the exporter's name; `jmp power` and friends pick the
 //! attachment by it), `JMP_LEASE` when attached by lease, and per device `JMP_DEV_<NAME>` (its
-//! first local endpoint as text) and, for an address, `JMP_DEV_<NAME>_HOST` and
-//! `JMP_DEV_<NAME>_PORT`; `<NAME>` is the device name upper-cased with every other character
-//! than A-Z and 0-9 turned into `_` (`ssh-debug` → `JMP_DEV_SSH_DEBUG`). The `DEV_` keeps a
-//! device name (chosen by the exporter) from ever naming one of jmp's own variables.
+//! first local endpoint as a program takes it: a path, `HOST:PORT` or an interface name, never
+//! with jmp's `slcan:` label, so python-can takes it as its channel as is) and, for the first
+//! address, `JMP_DEV_<NAME>_HOST` and `JMP_DEV_<NAME>_PORT`; an endpoint with a role (a CAN
+//! device's `slcan`, `socketcand`) also as `JMP_DEV_<NAME>_<ROLE>`, with `_HOST`/`_PORT` for
+//! an address. `<NAME>` is the device name upper-cased with every other character than A-Z
+//! and 0-9 turned into `_` (`ssh-debug` → `JMP_DEV_SSH_DEBUG`). The `DEV_` keeps a device
+//! name (chosen by the exporter) from ever naming one of jmp's own variables.
 
 use crate::attach::Ready;
 use crate::cli::ShellArgs;
@@ -20,7 +23,15 @@ use std::ffi::OsString;
 /// `JMP_DEV_<NAME>` for a device name.
 pub(crate) fn env_name(device: &str) -> String {
     let mut s = String::from("JMP_DEV_");
-    s.extend(device.chars().map(|c| {
+    s.push_str(&env_part(device));
+    s
+}
+
+/// A name as a part of a variable's name: upper-cased, every other character than A-Z and
+/// 0-9 turned into `_`.
+fn env_part(name: &str) -> String {
+    let mut s = String::new();
+    s.extend(name.chars().map(|c| {
         if c.is_ascii_alphanumeric() {
             c.to_ascii_uppercase()
         } else {
@@ -36,15 +47,34 @@ pub(crate) fn environment(r: &Ready) -> Vec<(String, String)> {
     if let Some(l) = &r.lease {
         env.push(("JMP_LEASE".into(), l.clone()));
     }
+    let value = |l: &Local| match l {
+        Local::Path(p) | Local::Mount(p) => p.display().to_string(),
+        Local::Address(a) => a.to_string(),
+        Local::Interface(i) => i.clone(),
+    };
     for d in &r.devices {
         let base = env_name(&d.name);
         let Some(e) = d.endpoints.first() else {
             continue;
         };
-        env.push((base.clone(), e.to_string()));
-        if let Local::Address(a) = &e.local {
+        env.push((base.clone(), value(&e.local)));
+        if let Some(a) = d.endpoints.iter().find_map(|e| match &e.local {
+            Local::Address(a) => Some(a),
+            _ => None,
+        }) {
             env.push((format!("{base}_HOST"), a.ip().to_string()));
             env.push((format!("{base}_PORT"), a.port().to_string()));
+        }
+        for e in &d.endpoints {
+            let Some(role) = &e.role else {
+                continue;
+            };
+            let name = format!("{base}_{}", env_part(role));
+            env.push((name.clone(), value(&e.local)));
+            if let Local::Address(a) = &e.local {
+                env.push((format!("{name}_HOST"), a.ip().to_string()));
+                env.push((format!("{name}_PORT"), a.port().to_string()));
+            }
         }
     }
     env
@@ -406,6 +436,20 @@ mod tests {
                     ))],
                 ),
                 row("power", Kind::Power, vec![]),
+                row(
+                    "can0",
+                    Kind::Can,
+                    vec![
+                        Endpoint {
+                            role: Some("slcan".into()),
+                            local: Local::Path("/dev/jmp/rpi4-01/can0".into()),
+                        },
+                        Endpoint {
+                            role: Some("socketcand".into()),
+                            local: Local::Address("127.0.0.1:29536".parse().expect("addr")),
+                        },
+                    ],
+                ),
             ],
         };
         let env = environment(&r);
@@ -417,5 +461,12 @@ mod tests {
         assert_eq!(get("JMP_DEV_SSH_DEBUG_HOST"), Some("127.0.0.1"));
         assert_eq!(get("JMP_DEV_SSH_DEBUG_PORT"), Some("2222"));
         assert_eq!(get("JMP_DEV_POWER"), None, "no endpoint, no variable");
+        // python-can's slcan channel as is, and the socketcand port's host and port.
+        assert_eq!(get("JMP_DEV_CAN0"), Some("/dev/jmp/rpi4-01/can0"));
+        assert_eq!(get("JMP_DEV_CAN0_SLCAN"), Some("/dev/jmp/rpi4-01/can0"));
+        assert_eq!(get("JMP_DEV_CAN0_SOCKETCAND"), Some("127.0.0.1:29536"));
+        assert_eq!(get("JMP_DEV_CAN0_SOCKETCAND_HOST"), Some("127.0.0.1"));
+        assert_eq!(get("JMP_DEV_CAN0_SOCKETCAND_PORT"), Some("29536"));
+        assert_eq!(get("JMP_DEV_CAN0_PORT"), Some("29536"));
     }
 }
