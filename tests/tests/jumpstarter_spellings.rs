@@ -184,3 +184,20 @@ fn mine(lab: &Lab) -> Vec<Value> {
         other => panic!("get leases -o json printed {out:?} ({other:?})"),
     }
 }
+
+/// A selector error names the option as the user typed it (`-l`, or `--selector`).
+#[test]
+fn a_selector_error_names_the_option_typed() {
+    let env = jmp_e2e::TestEnv::new("selector-flag");
+    for (flag, typed) in [("-l", "-l"), ("--selector", "--selector")] {
+        let mut c = env.jmp();
+        c.args(["create", "lease", typed, "board in (x"]);
+        let out = jmp_e2e::run("create", c, &env.logs, jmp_e2e::READY);
+        assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+        assert!(
+            out.stderr.contains(&format!("error: {flag}: ")),
+            "names {flag}: {}",
+            out.stderr
+        );
+    }
+}
