@@ -17,5 +17,6 @@ pub mod relay;
 pub mod serial;
 pub mod stats;
 pub mod storage;
+pub mod storage_flood;
 pub mod tcp;
 pub mod via_relay;
