@@ -246,6 +246,7 @@ pub(crate) enum CreateCmd {
 #[derive(Subcommand, Debug)]
 pub(crate) enum GetCmd {
     /// Your leases (and waiting requests); -a: everyone's.
+    #[command(alias = "lease")]
     Leases {
         /// Everyone's leases, not only yours.
         #[arg(short, long)]
@@ -257,6 +258,7 @@ pub(crate) enum GetCmd {
         client: ClientSel,
     },
     /// Exporters you may lease.
+    #[command(alias = "exporter")]
     Exporters {
         /// Only exporters matching this label selector (repeatable: all must match).
         #[arg(short = 'l', long = "selector")]
@@ -275,6 +277,7 @@ pub(crate) enum GetCmd {
 #[derive(Subcommand, Debug)]
 pub(crate) enum UpdateCmd {
     /// Set a lease's total duration (from its start) or extend it.
+    #[command(alias = "leases")]
     Lease {
         /// The lease.
         name: String,
@@ -295,6 +298,7 @@ pub(crate) enum UpdateCmd {
 #[derive(Subcommand, Debug)]
 pub(crate) enum DeleteCmd {
     /// Release leases by name (default: your only lease); --all: all of yours.
+    #[command(alias = "leases")]
     Lease {
         /// The leases to release (default: your only lease).
         names: Vec<String>,
@@ -556,6 +560,17 @@ pub(crate) struct ShellArgs {
     /// started here is stopped afterwards).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["exporter", "lease", "token_file", "token"])]
     pub(crate) exporter_config: Option<PathBuf>,
+    /// Lease a board by label selector for the command (as `jmp create lease -l`; repeated
+    /// selectors must all match), attach it, and release the lease afterwards (Jumpstarter's
+    /// `jmp shell --selector`).
+    #[arg(short = 'l', long = "selector", conflicts_with_all = ["exporter", "lease", "token_file", "token", "exporter_config"])]
+    pub(crate) selector: Vec<String>,
+    /// With --selector: how long to hold the lease, e.g. 30m or 00:30:00.
+    #[arg(long, default_value = "30m", requires = "selector")]
+    pub(crate) duration: String,
+    /// With --selector: wait in the queue up to this many seconds if nothing is free.
+    #[arg(long, default_value_t = 0, requires = "selector")]
+    pub(crate) wait: u64,
     /// The command and its arguments (default: $SHELL); everything after the first word that
     /// is not an option of jmp shell is the command's, `--` optional.
     #[arg(
@@ -650,5 +665,37 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// The device of `jmp storage flash`/`dump` is optional: the usage says so.
+    #[test]
+    fn storage_usage_shows_the_device_as_optional() {
+        let mut cmd = Cli::command();
+        for (verb, file) in [("flash", "IMAGE"), ("dump", "OUTPUT")] {
+            let sub = cmd
+                .find_subcommand_mut("storage")
+                .and_then(|s| s.find_subcommand_mut(verb))
+                .expect("jmp storage has the verb");
+            let usage = sub.render_usage().to_string();
+            assert!(
+                usage.contains(&format!("[DEVICE] {file}")),
+                "jmp storage {verb}: {usage}"
+            );
+            assert!(!usage.contains("<DEVICE>"), "jmp storage {verb}: {usage}");
+        }
+    }
+
+    /// Jumpstarter's spellings parse (the e2e table test runs them against a lab).
+    #[test]
+    fn jumpstarter_spellings_parse() {
+        for line in [
+            "jmp delete leases L1",
+            "jmp get lease",
+            "jmp get exporter -l board=x",
+            "jmp shell -l board=x -- j power on",
+            "jmp shell --selector board=x --duration 00:30:00 -- true",
+        ] {
+            Cli::try_parse_from(line.split(' ')).unwrap_or_else(|e| panic!("{line}: {e}"));
+        }
     }
 }

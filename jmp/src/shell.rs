@@ -4,10 +4,13 @@
 //!
 //! The environment: `JMP_EXPORTER` (the exporter's name; `jmp power` and friends pick the
 //! attachment by it), `JMP_LEASE` when attached by lease, and per device `JMP_DEV_<NAME>` (its
-//! first local endpoint as text) and, for an address, `JMP_DEV_<NAME>_HOST` and
-//! `JMP_DEV_<NAME>_PORT`; `<NAME>` is the device name upper-cased with every other character
-//! than A-Z and 0-9 turned into `_` (`ssh-debug` → `JMP_DEV_SSH_DEBUG`). The `DEV_` keeps a
-//! device name (chosen by the exporter) from ever naming one of jmp's own variables.
+//! first local endpoint as a program takes it: a path, `HOST:PORT` or an interface name, never
+//! with jmp's `slcan:` label, so python-can takes it as its channel as is) and, for the first
+//! address, `JMP_DEV_<NAME>_HOST` and `JMP_DEV_<NAME>_PORT`; an endpoint with a role (a CAN
+//! device's `slcan`, `socketcand`) also as `JMP_DEV_<NAME>_<ROLE>`, with `_HOST`/`_PORT` for
+//! an address. `<NAME>` is the device name upper-cased with every other character than A-Z
+//! and 0-9 turned into `_` (`ssh-debug` → `JMP_DEV_SSH_DEBUG`). The `DEV_` keeps a device
+//! name (chosen by the exporter) from ever naming one of jmp's own variables.
 
 use crate::attach::Ready;
 use crate::cli::ShellArgs;
@@ -20,7 +23,15 @@ use std::ffi::OsString;
 /// `JMP_DEV_<NAME>` for a device name.
 pub(crate) fn env_name(device: &str) -> String {
     let mut s = String::from("JMP_DEV_");
-    s.extend(device.chars().map(|c| {
+    s.push_str(&env_part(device));
+    s
+}
+
+/// A name as a part of a variable's name: upper-cased, every other character than A-Z and
+/// 0-9 turned into `_`.
+fn env_part(name: &str) -> String {
+    let mut s = String::new();
+    s.extend(name.chars().map(|c| {
         if c.is_ascii_alphanumeric() {
             c.to_ascii_uppercase()
         } else {
@@ -36,15 +47,34 @@ pub(crate) fn environment(r: &Ready) -> Vec<(String, String)> {
     if let Some(l) = &r.lease {
         env.push(("JMP_LEASE".into(), l.clone()));
     }
+    let value = |l: &Local| match l {
+        Local::Path(p) | Local::Mount(p) => p.display().to_string(),
+        Local::Address(a) => a.to_string(),
+        Local::Interface(i) => i.clone(),
+    };
     for d in &r.devices {
         let base = env_name(&d.name);
         let Some(e) = d.endpoints.first() else {
             continue;
         };
-        env.push((base.clone(), e.to_string()));
-        if let Local::Address(a) = &e.local {
+        env.push((base.clone(), value(&e.local)));
+        if let Some(a) = d.endpoints.iter().find_map(|e| match &e.local {
+            Local::Address(a) => Some(a),
+            _ => None,
+        }) {
             env.push((format!("{base}_HOST"), a.ip().to_string()));
             env.push((format!("{base}_PORT"), a.port().to_string()));
+        }
+        for e in &d.endpoints {
+            let Some(role) = &e.role else {
+                continue;
+            };
+            let name = format!("{base}_{}", env_part(role));
+            env.push((name.clone(), value(&e.local)));
+            if let Local::Address(a) = &e.local {
+                env.push((format!("{name}_HOST"), a.ip().to_string()));
+                env.push((format!("{name}_PORT"), a.port().to_string()));
+            }
         }
     }
     env
@@ -129,6 +159,126 @@ fn local_board(
 /// The attachment of this board already running, else one started for the command (`Some`
 /// state: stop it afterwards).
 fn attached_board(s: &ShellArgs) -> Result<(Ready, Option<state::StateFile>)> {
+    attached_board_with(s, None)
+}
+
+/// The options typed for `--selector` (`-l`, `--duration`, `--wait`, with their values) are
+/// the shell's own, not attach's: dropped from what attach gets.
+fn without_lease_request(typed: Vec<OsString>) -> Vec<OsString> {
+    const WITH_VALUE: [&str; 4] = ["-l", "--selector", "--duration", "--wait"];
+    let mut out = Vec::new();
+    let mut it = typed.into_iter();
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy();
+        if WITH_VALUE.contains(&s.as_ref()) {
+            it.next();
+            continue;
+        }
+        let joined = ["--selector=", "--duration=", "--wait="]
+            .iter()
+            .any(|p| s.starts_with(p))
+            || (s.starts_with("-l") && !s.starts_with("--"));
+        if !joined {
+            out.push(a);
+        }
+    }
+    out
+}
+
+/// This program, run as a `jmp` command of its own (stdout captured, stderr the user's).
+fn jmp_command(args: &[OsString]) -> Result<String> {
+    let exe = std::env::current_exe().map_err(|e| {
+        exit(
+            code::FAILURE,
+            format!("cannot find the jmp executable: {e}"),
+        )
+    })?;
+    let out = std::process::Command::new(exe)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| exit(code::FAILURE, format!("cannot run jmp: {e}")))?;
+    if !out.status.success() {
+        // Its own message is already on stderr.
+        let what: Vec<String> = args
+            .iter()
+            .take(2)
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        return Err(exit(
+            out.status.code().unwrap_or(code::FAILURE),
+            format!("`jmp {}` failed (above)", what.join(" ")),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// `--selector`: a lease made for the command (released afterwards by [`LeaseForCommand`]).
+fn lease_for_command(s: &ShellArgs) -> Result<LeaseForCommand> {
+    let mut args: Vec<OsString> = vec!["create".into(), "lease".into()];
+    for sel in &s.selector {
+        args.extend(["--selector".into(), sel.into()]);
+    }
+    args.extend([
+        "--duration".into(),
+        s.duration.clone().into(),
+        "--wait".into(),
+        s.wait.to_string().into(),
+        "-o".into(),
+        "name".into(),
+    ]);
+    if let Some(c) = &s.attach.client.client {
+        args.extend(["--client".into(), c.into()]);
+    }
+    let name = jmp_command(&args)?;
+    if name.is_empty() || name.contains(char::is_whitespace) {
+        return Err(exit(
+            code::FAILURE,
+            format!("jmp create lease printed no lease name: {name:?}"),
+        ));
+    }
+    Ok(LeaseForCommand {
+        name,
+        client: s.attach.client.client.clone(),
+    })
+}
+
+/// A lease `jmp shell --selector` made; released when dropped.
+struct LeaseForCommand {
+    name: String,
+    client: Option<String>,
+}
+
+impl Drop for LeaseForCommand {
+    fn drop(&mut self) {
+        let mut args: Vec<OsString> =
+            vec!["delete".into(), "lease".into(), self.name.clone().into()];
+        if let Some(c) = &self.client {
+            args.extend(["--client".into(), c.into()]);
+        }
+        if jmp_command(&args).is_err() {
+            eprintln!(
+                "jmp: could not release lease {}; `jmp delete lease {}`",
+                self.name, self.name
+            );
+        }
+    }
+}
+
+/// As [`attached_board`], attaching lease `lease` when given (made for the command).
+fn attached_board_with(
+    s: &ShellArgs,
+    lease: Option<&str>,
+) -> Result<(Ready, Option<state::StateFile>)> {
+    if let Some(l) = lease {
+        let mut args: Vec<OsString> = vec!["attach".into(), "--lease".into(), l.into()];
+        args.extend(without_lease_request(attach_args(s.command.len())));
+        args.extend(["-o".into(), "json".into()]);
+        let (_, ready) = state::start_background(&args)?;
+        let st = state::find(Some(&ready.exporter))?;
+        return Ok((ready, Some(st)));
+    }
     // An attachment already running for this board is used as it is.
     let by_name = s
         .attach
@@ -158,9 +308,15 @@ fn attached_board(s: &ShellArgs) -> Result<(Ready, Option<state::StateFile>)> {
 }
 
 pub(crate) fn run(s: ShellArgs) -> Result<()> {
+    // Released after the attachment is stopped (dropped after `ours` is used below).
+    let mut leased = None;
     let (ready, ours, local) = if let Some(cfg) = &s.exporter_config {
         let (ready, ours) = local_board(&s, cfg)?;
         (ready, ours, true)
+    } else if !s.selector.is_empty() {
+        let lease = leased.insert(lease_for_command(&s)?);
+        let (ready, ours) = attached_board_with(&s, Some(&lease.name))?;
+        (ready, ours, false)
     } else {
         let (ready, ours) = attached_board(&s)?;
         (ready, ours, false)
@@ -172,9 +328,18 @@ pub(crate) fn run(s: ShellArgs) -> Result<()> {
             Vec::new(),
         ),
     };
+    let mut path = jumpstarter_j().into_iter().collect::<Vec<_>>();
+    path.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
     let status = std::process::Command::new(&program)
         .args(&rest)
         .envs(environment(&ready))
+        .env(
+            "PATH",
+            std::env::join_paths(path)
+                .unwrap_or_else(|_| std::env::var_os("PATH").unwrap_or_default()),
+        )
         .status();
     if let Some(st) = &ours {
         let stopped = if local {
@@ -186,6 +351,7 @@ pub(crate) fn run(s: ShellArgs) -> Result<()> {
             eprintln!("jmp: {e:#}");
         }
     }
+    drop(leased);
     let status = status.map_err(|e| exit(code::FAILURE, format!("cannot run {program:?}: {e}")))?;
     match status.code() {
         Some(0) => Ok(()),
@@ -197,12 +363,58 @@ pub(crate) fn run(s: ShellArgs) -> Result<()> {
     }
 }
 
+/// A folder holding `j`, a link to this jmp: Jumpstarter's in-shell CLI is `j` (`j power
+/// on`), so recipes copied from it work inside `jmp shell`. In the runtime directory (private
+/// to this user); `None`, and no `j`, if it cannot be made.
+fn jumpstarter_j() -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = crate::paths::runtime_dir();
+    crate::paths::check_fallback(&dir).ok()?;
+    crate::paths::private_dir(&dir).ok()?;
+    let bin = dir.join("bin");
+    crate::paths::private_dir(&bin).ok()?;
+    let j = bin.join("j");
+    if std::fs::read_link(&j).ok().as_deref() != Some(exe.as_path()) {
+        // Made beside it and renamed over it: a shell starting meanwhile never misses it.
+        let tmp = bin.join(format!(".j.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&exe, &tmp).ok()?;
+        std::fs::rename(&tmp, &j).ok()?;
+    }
+    Some(bin)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::attach::DeviceRow;
     use jmp_devices::Endpoint;
     use jmp_protocol::{DeviceState, Kind};
+
+    #[test]
+    fn the_lease_request_options_are_not_passed_to_attach() {
+        let typed: Vec<OsString> = [
+            "-l",
+            "board=x",
+            "--selector=a=b",
+            "-lboard=y",
+            "--duration",
+            "00:30:00",
+            "--wait=5",
+            "--dev-dir",
+            "/tmp/d",
+            "--name",
+            "me",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        let kept: Vec<String> = without_lease_request(typed)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(kept, ["--dev-dir", "/tmp/d", "--name", "me"]);
+    }
 
     #[test]
     fn each_device_is_one_variable_and_addresses_are_split() {
@@ -236,6 +448,20 @@ mod tests {
                     ))],
                 ),
                 row("power", Kind::Power, vec![]),
+                row(
+                    "can0",
+                    Kind::Can,
+                    vec![
+                        Endpoint {
+                            role: Some("slcan".into()),
+                            local: Local::Path("/dev/jmp/rpi4-01/can0".into()),
+                        },
+                        Endpoint {
+                            role: Some("socketcand".into()),
+                            local: Local::Address("127.0.0.1:29536".parse().expect("addr")),
+                        },
+                    ],
+                ),
             ],
         };
         let env = environment(&r);
@@ -247,5 +473,12 @@ mod tests {
         assert_eq!(get("JMP_DEV_SSH_DEBUG_HOST"), Some("127.0.0.1"));
         assert_eq!(get("JMP_DEV_SSH_DEBUG_PORT"), Some("2222"));
         assert_eq!(get("JMP_DEV_POWER"), None, "no endpoint, no variable");
+        // python-can's slcan channel as is, and the socketcand port's host and port.
+        assert_eq!(get("JMP_DEV_CAN0"), Some("/dev/jmp/rpi4-01/can0"));
+        assert_eq!(get("JMP_DEV_CAN0_SLCAN"), Some("/dev/jmp/rpi4-01/can0"));
+        assert_eq!(get("JMP_DEV_CAN0_SOCKETCAND"), Some("127.0.0.1:29536"));
+        assert_eq!(get("JMP_DEV_CAN0_SOCKETCAND_HOST"), Some("127.0.0.1"));
+        assert_eq!(get("JMP_DEV_CAN0_SOCKETCAND_PORT"), Some("29536"));
+        assert_eq!(get("JMP_DEV_CAN0_PORT"), Some("29536"));
     }
 }

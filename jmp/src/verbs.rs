@@ -28,12 +28,27 @@ pub(crate) fn duration_arg(flag: &str, s: &str) -> Result<u64> {
     Ok(d)
 }
 
+/// The selector option as the user spelled it on this command line (`-l` or `--selector`), so
+/// that an error names what they typed.
+fn selector_flag() -> &'static str {
+    let short = std::env::args_os().skip(1).any(|a| {
+        let a = a.to_string_lossy();
+        a.starts_with("-l") && !a.starts_with("--")
+    });
+    if short {
+        "-l"
+    } else {
+        "--selector"
+    }
+}
+
 /// Repeated `-l` selectors, each checked here so the error names its position in what the
 /// user typed.
 pub(crate) fn selector_arg(list: &[String]) -> Result<String> {
     let mut sel = Selector::default();
     for s in list {
-        let one = Selector::parse(s).map_err(|e| exit(code::USAGE, format!("--selector: {e}")))?;
+        let one = Selector::parse(s)
+            .map_err(|e| exit(code::USAGE, format!("{}: {e}", selector_flag())))?;
         sel = sel.and(one);
     }
     Ok(sel.to_string())

@@ -2,14 +2,15 @@
 """python-can as a local program would use jmp's CAN fronts; prints one JSON line.
 
 Usage:
-  can_client.py slcan PATH MODE [N]          (MODE: mirror | isotp | reqresp | echo-ecu)
+  can_client.py slcan PATH MODE [N]          (MODE: mirror | isotp | reqresp | echo-ecu | flood)
   can_client.py socketcan IFACE MODE [N]
   can_client.py socketcand HOST:PORT BUS MODE [N]
 mirror: sends N frames of every class the front carries (11- and 29-bit ids, every DLC 0-8,
 remote frames and 64-byte CAN FD frames where the front and python-can carry them) with at
 most 64 in flight, reads the mirrored frames back and checks that every one came back, in
 order, unchanged. isotp: a 100-byte ISO-TP request to 0x7e0 answered multi-frame on 0x7e8
-(can-isotp). reqresp: a UDS single-frame request/response.
+(can-isotp). reqresp: a UDS single-frame request/response. flood: sends N frames and never
+reads (python-can's slcan reads only in recv), failing if the sends stop for 30 s.
 """
 import json, sys, threading, time
 import can
@@ -118,6 +119,28 @@ def reqresp():
     return {"ok": False}
 
 
+def flood(n):
+    """A writer that never reads: every send must complete although nothing is read back."""
+    import os
+    sent = [0]
+
+    def watchdog():
+        last = -1
+        while True:
+            time.sleep(30)
+            if sent[0] == last:
+                print(json.dumps({"sent": n, "stalled_at": sent[0]}), flush=True)
+                os._exit(3)
+            last = sent[0]
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    msg = can.Message(arbitration_id=0x2AB, is_extended_id=False, data=bytes(range(8)))
+    for _ in range(n):
+        bus.send(msg)
+        sent[0] += 1
+    return {"sent": n, "completed": sent[0]}
+
+
 def echo_ecu():
     """Mirrors every frame (an ECU on a real SocketCAN bus, for the exporter's backend test)."""
     print("echo-ecu ready", flush=True)
@@ -134,6 +157,8 @@ try:
         r = echo_ecu()
     elif mode == "mirror":
         r = mirror(int(rest[0]) if rest else 1000)
+    elif mode == "flood":
+        r = flood(int(rest[0]) if rest else 20000)
     elif mode == "isotp":
         r = isotp_exchange()
     else:

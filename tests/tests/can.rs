@@ -7,6 +7,7 @@
 
 use jmp_e2e::*;
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(180);
@@ -103,6 +104,78 @@ fn sim_ecu_through_python_can_slcan_and_socketcand() {
         .expect("ecu row");
     assert!(row["notes"].is_null(), "no losses reported: {row}");
     attach.stop();
+}
+
+/// A program that writes frames to the slcan pty and never reads it (python-can's slcan reads
+/// only in `recv`) is never blocked by the bus's frames piling up unread: they are dropped and
+/// counted in `jmp status`, as a real adapter drops what its host does not read. What it left
+/// unread is not there for the next program that opens the device.
+#[test]
+fn slcan_writer_that_never_reads_is_never_blocked() {
+    let py = python_can()
+        .expect("this test needs the venv with python-can (scripts/install-test-deps.sh)");
+    let env = TestEnv::new("can-flood");
+    let jmpd =
+        env.start_jmpd(&env.exporter_yaml("floodboard", "127.0.0.1:0", "ecu: {type: can-sim}"));
+    let mut cmd = env.attach_cmd(&jmpd, &["--can-as", "slcan"]);
+    // The front's close of the pty is the event the stale-data check waits for.
+    cmd.env("JMP_LOG", "info,jmp_devices::registry::can::bridge=debug");
+    let mut attach = Proc::spawn("jmp-attach", cmd, &env.logs);
+    let line = attach.expect_line(READY, "jmp attach's JSON line", |l| {
+        l.trim_start().starts_with('{')
+    });
+    let v: serde_json::Value = serde_json::from_str(&line).expect("ready JSON");
+    let slcan = endpoint(&v, "ecu", "slcan");
+
+    // The ECU mirrors every frame, so 20,000 frames sent are 20,000 frames for a reader that
+    // never comes: far more than a pty holds (about 20 KiB).
+    let r = client(&py, &env, &["slcan", &slcan, "flood", "20000"]);
+    assert_eq!(r["completed"], 20000, "every send completed: {r}");
+    let row = status_row(&env, "ecu");
+    assert!(
+        row["notes"]
+            .as_str()
+            .is_some_and(|n| n.contains("frames dropped for a local reader that did not keep up")),
+        "jmp status counts the frames the reader did not take: {row}"
+    );
+
+    wait_for_close(&mut attach, 1);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&slcan)
+        .expect("open the slcan pty");
+    let mut stale = vec![0u8; 64 * 1024];
+    // Nothing to read: EAGAIN, or 0 under the VMIN=0 pyserial left in the pty's settings.
+    match f.read(&mut stale) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Ok(n) => panic!(
+            "the next program found {n} bytes the last one left unread: {:?}",
+            String::from_utf8_lossy(&stale[..n.min(80)])
+        ),
+        Err(e) => panic!("reading the slcan pty: {e}"),
+    }
+    drop(f);
+
+    // The front goes on serving the next program normally.
+    let r = client(&py, &env, &["slcan", &slcan, "reqresp"]);
+    assert_eq!(r["ok"], true, "slcan request/response after the flood: {r}");
+    attach.stop();
+}
+
+/// Waits until the attachment's slcan front has seen a local program close the pty `n` times
+/// in all.
+fn wait_for_close(attach: &mut Proc, n: usize) {
+    const CLOSED: &str = "slcan pty closed by the local program";
+    let ok = poll_until(TIMEOUT, || {
+        attach.stderr().matches(CLOSED).count() >= n || !attach.is_running()
+    });
+    assert!(
+        ok && attach.stderr().matches(CLOSED).count() >= n,
+        "the slcan front never saw close #{n}: {}",
+        attach.describe()
+    );
 }
 
 /// A raw socketcand client: one message at a time.

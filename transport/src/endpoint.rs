@@ -42,9 +42,8 @@ pub enum ConnectError {
     },
     #[error(
         "the {peer} at {addr} presented certificate {got}, but {expected} is pinned for it. \
-         This is what an impostor would look like. If its identity was regenerated on purpose \
-         (a re-imaged lab host), trust the new one with `jmp trust pin {addr} {got}` after \
-         checking it (jmpd prints its fingerprint at start)"
+         This is what an impostor would look like. {}",
+        mismatch_advice(peer, addr, got)
     )]
     FingerprintMismatch {
         peer: &'static str,
@@ -54,6 +53,27 @@ pub enum ConnectError {
     },
     #[error("TLS setup failed: {0}")]
     Tls(String),
+}
+
+/// What to do about a fingerprint mismatch, for the peer's kind: an exporter's pin is this
+/// machine's (`jmp trust pin`); the controller's is the client config's `fingerprint:`, which
+/// `jmp trust` does not change.
+fn mismatch_advice(peer: &str, addr: &SocketAddr, got: &Fingerprint) -> String {
+    if peer == "controller" {
+        format!(
+            "The controller's fingerprint is pinned by the client config's `fingerprint:` (`jmp \
+             trust pin` does not change it). If the controller's identity was regenerated on \
+             purpose, check {got} with the lab's administrator (jmp-controller prints its \
+             fingerprint at start) and get a new client config from them (`jmp config client \
+             create NAME --from FILE`), or set `fingerprint: {got}` in the client config"
+        )
+    } else {
+        format!(
+            "If its identity was regenerated on purpose (a re-imaged lab host), trust the new \
+             one with `jmp trust pin {addr} {got}` after checking it (jmpd prints its \
+             fingerprint at start)"
+        )
+    }
 }
 
 /// ring's provider with AES-128-GCM first: as safe for this use and about a third less work
@@ -429,4 +449,41 @@ async fn connect_once(
         }
     };
     Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The advice for a mismatch fits the peer: `jmp trust pin` changes an exporter's pin, and
+    /// nothing of the controller's (the client config's `fingerprint:` wins).
+    #[test]
+    fn a_mismatch_advises_what_changes_that_peers_pin() {
+        let addr: SocketAddr = "127.0.0.1:7700".parse().expect("addr");
+        let (expected, got) = (Fingerprint([1; 32]), Fingerprint([2; 32]));
+        let ctl = ConnectError::FingerprintMismatch {
+            peer: "controller",
+            addr,
+            expected,
+            got,
+        }
+        .to_string();
+        assert!(ctl.contains("client config"), "{ctl}");
+        assert!(
+            ctl.contains(&format!("fingerprint: {got}")),
+            "names the new value: {ctl}"
+        );
+        assert!(!ctl.contains("`jmp trust pin 127"), "{ctl}");
+        let exp = ConnectError::FingerprintMismatch {
+            peer: "exporter",
+            addr,
+            expected,
+            got,
+        }
+        .to_string();
+        assert!(
+            exp.contains(&format!("jmp trust pin {addr} {got}")),
+            "{exp}"
+        );
+    }
 }

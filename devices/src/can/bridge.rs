@@ -54,6 +54,9 @@ struct Counters {
     missed: AtomicU64,
     /// Lines or messages from local programs that were refused as malformed.
     bad_input: AtomicU64,
+    /// Frames a local reader did not take in time (an slcan pty nobody reads): dropped here,
+    /// as a real adapter drops what its host does not read.
+    slow_reader: AtomicU64,
 }
 
 impl Counters {
@@ -63,6 +66,7 @@ impl Counters {
         let r = self.refused.load(Ordering::Relaxed);
         let m = self.missed.load(Ordering::Relaxed);
         let b = self.bad_input.load(Ordering::Relaxed);
+        let s = self.slow_reader.load(Ordering::Relaxed);
         if l > 0 {
             parts.push(format!("{l} frames lost"));
         }
@@ -74,6 +78,9 @@ impl Counters {
         }
         if b > 0 {
             parts.push(format!("{b} malformed local commands"));
+        }
+        if s > 0 {
+            parts.push(format!("{s} frames dropped for a local reader that did not keep up"));
         }
         parts.join(", ")
     }
@@ -123,6 +130,20 @@ impl Shared {
         warn!(device = %self.device, lost = n, total, "{why}");
         self.update_status();
         self.inject(error::CRTL_RX_OVERFLOW);
+    }
+
+    /// Frames dropped for one front's reader that is not reading: counted and logged (at the
+    /// 1st, 2nd, 4th, ...), not announced to the other fronts' readers, which lost nothing.
+    fn slow_reader(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let before = self.counters.slow_reader.fetch_add(n, Ordering::Relaxed);
+        let total = before + n;
+        if before == 0 || before.ilog2() != total.ilog2() {
+            warn!(device = %self.device, dropped = n, total, "the slcan pty's reader is not reading: frames dropped, as an adapter drops what its host does not read");
+        }
+        self.update_status();
     }
 
     /// An error frame for local readers (controller problem `detail`).
@@ -680,6 +701,60 @@ async fn slcan_line(
     }
 }
 
+/// What the slcan front has written for the local program that the pty has not taken yet.
+/// Whole lines only: a line that does not fit is dropped, never cut, so a program that falls
+/// behind reads fewer frames, never a frame spliced with another. Answers to the program's own
+/// commands have a little room that frames cannot take.
+#[derive(Default)]
+struct Outbox {
+    buf: BytesMut,
+}
+
+/// Bytes of frames the slcan front holds for a pty that is full, beyond what the kernel holds
+/// (about 20 KiB): past this, frames are dropped as a real adapter drops what its host does
+/// not read.
+const SLCAN_HOLD: usize = 4096;
+/// Extra room for answers (`z\r`, `\r`, `\a`): a program that reads them late still finds
+/// its answers in order.
+const SLCAN_ANSWER_ROOM: usize = 1024;
+
+impl Outbox {
+    /// Queues one frame's line; false (dropped) if the reader is that far behind.
+    fn frame(&mut self, line: &[u8]) -> bool {
+        if self.buf.len() + line.len() > SLCAN_HOLD {
+            return false;
+        }
+        self.buf.extend_from_slice(line);
+        true
+    }
+
+    /// Queues answers; false (dropped) if even the answers' room is full.
+    fn answers(&mut self, a: &[u8]) -> bool {
+        if self.buf.len() + a.len() > SLCAN_HOLD + SLCAN_ANSWER_ROOM {
+            return false;
+        }
+        self.buf.extend_from_slice(a);
+        true
+    }
+
+    /// Writes what the pty takes now. `Ok(true)` when all of it went.
+    fn flush(&mut self, pty: &Pty) -> std::io::Result<bool> {
+        while !self.buf.is_empty() {
+            let n = pty.try_write(&self.buf)?;
+            if n == 0 {
+                return Ok(false);
+            }
+            let _ = self.buf.split_to(n);
+        }
+        Ok(true)
+    }
+}
+
+/// The slcan pty, played as an adapter. It never waits for the local program to read: while
+/// the pty is full, frames beyond [`SLCAN_HOLD`] are dropped and counted, so a program that
+/// only writes (python-can's slcan reads only in `recv`) is never blocked by frames it does
+/// not read. When the program closes the device, what it left unread is discarded, so the
+/// next program starts with the bus as it is now.
 async fn slcan_front(mut pty: Pty, sh: Shared) {
     let mut bus = sh.from_bus.subscribe();
     let mut st = SlcanState {
@@ -690,9 +765,20 @@ async fn slcan_front(mut pty: Pty, sh: Shared) {
     let mut buf = BytesMut::new();
     let mut lines = LineSplitter::default();
     let mut answers = Vec::new();
-    let mut frames_out = Vec::new();
+    let mut line = Vec::new();
+    let mut out = Outbox::default();
+    // Registered for room only while the pty is full.
+    let mut full: Option<crate::common::fdio::RoomWaiter> = None;
     let mut opened = false;
     let mut poll = tokio::time::interval(Duration::from_millis(20));
+    // Closes the session with the local program: nothing of it is kept for the next one.
+    let closed = |pty: &Pty, st: &mut SlcanState, out: &mut Outbox| {
+        st.open = false;
+        out.buf.clear();
+        if let Err(e) = pty.discard_unread() {
+            debug!(device = %sh.device, "cannot discard what the slcan pty's last reader left: {e}");
+        }
+    };
     loop {
         tokio::select! {
             p = pty.read(&mut buf), if opened => match p {
@@ -703,20 +789,24 @@ async fn slcan_front(mut pty: Pty, sh: Shared) {
                     for l in ls {
                         slcan_line(&sh, &mut st, l.as_deref().map_err(Clone::clone), &mut answers).await;
                     }
-                    if !answers.is_empty() && pty.write_all(&answers).await.is_err() {
-                        opened = false;
+                    if !answers.is_empty() && !out.answers(&answers) {
+                        debug!(device = %sh.device, "the slcan pty's reader is behind: answers dropped");
                     }
                 }
                 Ok(Packet::Hangup) => {
                     debug!(device = %sh.device, "slcan pty closed by the local program");
                     opened = false;
-                    st.open = false;
+                    full = None;
+                    closed(&pty, &mut st, &mut out);
+                    continue;
                 }
                 Ok(_) => {}
                 Err(e) => {
                     warn!(device = %sh.device, "cannot read the slcan pty: {e}");
                     opened = false;
-                    st.open = false;
+                    full = None;
+                    closed(&pty, &mut st, &mut out);
+                    continue;
                 }
             },
             _ = poll.tick(), if !opened => {
@@ -724,10 +814,25 @@ async fn slcan_front(mut pty: Pty, sh: Shared) {
                     debug!(device = %sh.device, "slcan pty opened by a local program");
                     opened = true;
                 }
+                continue;
             }
+            r = async { full.as_ref().expect("guarded").room().await }, if full.is_some() && opened => match r {
+                Ok(true) => {}
+                Ok(false) => {
+                    debug!(device = %sh.device, "slcan pty closed by the local program");
+                    opened = false;
+                    full = None;
+                    closed(&pty, &mut st, &mut out);
+                    continue;
+                }
+                Err(e) => {
+                    debug!(device = %sh.device, "cannot wait for room in the slcan pty: {e}");
+                    full = None;
+                }
+            },
             r = bus.recv() => {
                 let mut first = Some(r);
-                frames_out.clear();
+                let mut dropped = 0u64;
                 // Everything waiting goes out in one write.
                 loop {
                     let r = match first.take() {
@@ -742,18 +847,39 @@ async fn slcan_front(mut pty: Pty, sh: Shared) {
                         Ok(rec) => {
                             if st.open && opened {
                                 let ts = st.timestamps.then_some(((rec.time_us / 1000) % 60_000) as u16);
-                                let _ = slcan::encode_frame(&mut frames_out, &rec.frame, ts);
+                                line.clear();
+                                if slcan::encode_frame(&mut line, &rec.frame, ts).is_some() && !out.frame(&line) {
+                                    dropped += 1;
+                                }
                             }
                         }
                         Err(broadcast::error::RecvError::Lagged(n)) => sh.lost(n, "the slcan pty's reader fell behind"),
                         Err(broadcast::error::RecvError::Closed) => return,
                     }
-                    if frames_out.len() > 32 * 1024 {
+                    if out.buf.len() >= SLCAN_HOLD {
                         break;
                     }
                 }
-                if !frames_out.is_empty() && pty.write_all(&frames_out).await.is_err() {
+                sh.slow_reader(dropped);
+            }
+        }
+        // Whatever is queued goes to the pty as far as it takes it, without waiting.
+        if opened && !out.buf.is_empty() {
+            match out.flush(&pty) {
+                Ok(true) => full = None,
+                Ok(false) => {
+                    if full.is_none() {
+                        match pty.room_waiter() {
+                            Ok(w) => full = Some(w),
+                            Err(e) => debug!(device = %sh.device, "cannot watch the slcan pty for room: {e}"),
+                        }
+                    }
+                }
+                Err(e) => {
+                    debug!(device = %sh.device, "slcan pty write: {e}");
                     opened = false;
+                    full = None;
+                    closed(&pty, &mut st, &mut out);
                 }
             }
         }

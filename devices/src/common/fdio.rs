@@ -51,13 +51,8 @@ pub async fn read(
     }
 }
 
-/// Writes some of `data`, waiting until the descriptor takes at least one byte.
-///
-/// `fd` is registered for readability only (see `crate::async_fd`), so a write is tried at once;
-/// only when the descriptor is full does a temporary registration of a duplicate wait for room.
-/// Registering a descriptor that is already writable reports it at once, so no wake-up is lost
-/// between the failed write and the registration.
-pub async fn write_some(fd: &AsyncFd<OwnedFd>, data: &[u8]) -> io::Result<usize> {
+/// Writes what the descriptor takes now, without waiting: the count, 0 when it is full.
+pub fn try_write(fd: &AsyncFd<OwnedFd>, data: &[u8]) -> io::Result<usize> {
     loop {
         // SAFETY: data is a valid slice; the descriptor stays open while `fd` lives.
         let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
@@ -67,14 +62,52 @@ pub async fn write_some(fd: &AsyncFd<OwnedFd>, data: &[u8]) -> io::Result<usize>
         let e = io::Error::last_os_error();
         match e.kind() {
             io::ErrorKind::Interrupted => continue,
-            io::ErrorKind::WouldBlock => {
-                let dup = fd.get_ref().try_clone()?;
-                // SAFETY: `dup` is owned by the AsyncFd and closed only when it is dropped.
-                let w =
-                    unsafe { AsyncFd::register_with_interest(dup, tokio::io::Interest::WRITABLE) }?;
-                let _ready = w.writable().await?;
-            }
+            io::ErrorKind::WouldBlock => return Ok(0),
             _ => return Err(e),
+        }
+    }
+}
+
+/// A registration of a duplicate of a descriptor for writability, held while it is full.
+///
+/// `fd` is registered for readability only (see `crate::async_fd`), so a write is tried at once;
+/// only when the descriptor is full does a temporary registration wait for room. Registering a
+/// descriptor that is already writable reports it at once, so no wake-up is lost between the
+/// failed write and the registration.
+pub struct RoomWaiter(AsyncFd<OwnedFd>);
+
+impl RoomWaiter {
+    pub fn new(fd: &AsyncFd<OwnedFd>) -> io::Result<RoomWaiter> {
+        let dup = fd.get_ref().try_clone()?;
+        // SAFETY: `dup` is owned by the AsyncFd and closed only when it is dropped.
+        let w = unsafe { AsyncFd::register_with_interest(dup, tokio::io::Interest::WRITABLE) }?;
+        Ok(RoomWaiter(w))
+    }
+
+    /// Completes when the descriptor has room again (`true`), or when its other end is gone
+    /// for good (`false`: a pty whose program closed it, where writes fail with EAGAIN and
+    /// waiting for room would spin). The readiness is consumed: the caller writes next, and if
+    /// that finds the descriptor full again, the kernel reports the next room as a new event.
+    pub async fn room(&self) -> io::Result<bool> {
+        let mut g = self.0.writable().await?;
+        if g.ready().is_write_closed() {
+            return Ok(false);
+        }
+        g.clear_ready();
+        Ok(true)
+    }
+}
+
+/// Writes some of `data`, waiting until the descriptor takes at least one byte.
+pub async fn write_some(fd: &AsyncFd<OwnedFd>, data: &[u8]) -> io::Result<usize> {
+    loop {
+        let n = try_write(fd, data)?;
+        if n > 0 || data.is_empty() {
+            return Ok(n);
+        }
+        let w = RoomWaiter::new(fd)?;
+        if !w.room().await? {
+            return Err(io::ErrorKind::BrokenPipe.into());
         }
     }
 }

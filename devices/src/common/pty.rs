@@ -161,6 +161,33 @@ impl Pty {
         crate::common::fdio::write_some(&self.master, data).await
     }
 
+    /// Writes what the pty takes now, without waiting: the count, 0 when it is full.
+    pub fn try_write(&self, data: &[u8]) -> io::Result<usize> {
+        crate::common::fdio::try_write(&self.master, data)
+    }
+
+    /// A waiter for room in the pty, for a writer that must not wait in a write (see
+    /// [`crate::common::fdio::RoomWaiter`]); hold it only while the pty is full.
+    pub fn room_waiter(&self) -> io::Result<crate::common::fdio::RoomWaiter> {
+        crate::common::fdio::RoomWaiter::new(&self.master)
+    }
+
+    /// Throws away what was written for the local program and not read: opens the slave for
+    /// a moment and flushes its input. A pty keeps its line discipline's buffer while the master
+    /// lives, so without this the next program to open the device would first read what the
+    /// previous one left unread. Call it only while no other writer is writing to the pty.
+    pub fn discard_unread(&self) -> io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+            .open(&self.slave_path)?;
+        // SAFETY: tcflush on a descriptor we own for the duration of the call.
+        cvt(unsafe { libc::tcflush(f.as_raw_fd(), libc::TCIFLUSH) })?;
+        Ok(())
+    }
+
     /// Writes all of `data` for the local program to read (waits while the pty is full).
     pub async fn write_all(&self, data: &[u8]) -> io::Result<()> {
         crate::common::fdio::write_all(&self.master, data).await

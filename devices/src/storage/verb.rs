@@ -45,9 +45,11 @@ pub enum StorageVerb {
 pub enum StorageCmd {
     /// Write an image onto the medium: raw, .gz, .xz, .zst or .bz2 (told by content); zero
     /// runs and bmap-unmapped ranges cost nothing on the link; flushed before success.
+    // clap would show the first of the two positionals as required: the device is optional.
+    #[command(override_usage = "jmp storage flash [OPTIONS] [DEVICE] IMAGE")]
     Flash {
         /// [DEVICE] IMAGE: the storage device (default: the only one) and the image file.
-        #[arg(num_args = 1..=2, value_names = ["DEVICE", "IMAGE"], required = true)]
+        #[arg(num_args = 1..=2, value_name = "[DEVICE] IMAGE", required = true)]
         args: Vec<String>,
         /// bmaptool's block map: only its mapped ranges are written, their checksums checked.
         #[arg(long)]
@@ -63,9 +65,10 @@ pub enum StorageCmd {
     },
     /// Read the whole medium into a file: raw and sparse, or compressed as its name says
     /// (.zst, .gz, .xz, .bz2).
+    #[command(override_usage = "jmp storage dump [OPTIONS] [DEVICE] OUTPUT")]
     Dump {
         /// [DEVICE] OUTPUT: the storage device (default: the only one) and the output file.
-        #[arg(num_args = 1..=2, value_names = ["DEVICE", "OUTPUT"], required = true)]
+        #[arg(num_args = 1..=2, value_name = "[DEVICE] OUTPUT", required = true)]
         args: Vec<String>,
         #[command(flatten)]
         target: Target,
