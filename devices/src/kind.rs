@@ -184,6 +184,10 @@ pub struct BuildCtx<'a> {
     /// The board's shared state (its power, as the power device last set it), followed by
     /// every device of this exporter that depends on it.
     pub board: &'a Board,
+    /// The exporter's state directory, where a device keeps what must outlive a crash of the
+    /// exporter (what it changed on the host, to undo at the next start); `None` when there is
+    /// none (`jmp local` without `stateDir`).
+    pub state_dir: Option<&'a Path>,
 }
 
 /// Why a device's table was refused: where in the table (`parity`, `command.on`) and what.

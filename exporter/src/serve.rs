@@ -80,6 +80,7 @@ impl Exporter {
         let ctx = BuildCtx {
             exporter: &cfg.metadata.name,
             board: &board,
+            state_dir: cfg.state_dir.as_deref(),
         };
         let drivers = cfg
             .export

@@ -118,6 +118,8 @@ pub fn run(args: Args) -> Result<()> {
         .state_dir
         .clone()
         .unwrap_or_else(|| default_state_dir(&cfg.metadata.name));
+    // Devices keep what must outlive a crash there too (what they changed on the host).
+    cfg.state_dir = Some(state_dir.clone());
     let identity = Identity::load_or_create(&state_dir)?;
     if args.print_fingerprint {
         println!("{}", identity.fingerprint());
