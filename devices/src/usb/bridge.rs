@@ -202,8 +202,10 @@ impl UsbBridge {
                 mut control_rx,
                 ..
             } = pipe;
-            loop {
+            let lost = loop {
                 tokio::select! {
+                    // The link is gone: the imports end with it (an unplug for local programs).
+                    _ = link.closed() => break true,
                     m = control_rx.recv() => match m {
                         Some(ChannelMsg::Control(b)) => match Control::decode_exact(&b) {
                             Ok(Control::Changed(p)) => self.sync(&p, &link, &mut imports),
@@ -211,14 +213,14 @@ impl UsbBridge {
                             Err(e) => warn!(device = %self.device, "a bad message from the exporter: {e}"),
                         },
                         Some(ChannelMsg::Notice(t)) => warn!(device = %self.device, "{}", escape(&t)),
-                        None => break,
+                        None => break false,
                     },
-                    r = rx.recv() => if !matches!(r, Ok(Some(_))) { break },
+                    r = rx.recv() => if !matches!(r, Ok(Some(_))) { break false },
                     Some(id) = imports.done.1.recv() => { imports.tasks.remove(&id); }
                 }
-            }
-            drop(imports);
-            if link.is_closed() {
+            };
+            imports.stop().await;
+            if lost || link.is_closed() {
                 return BridgeExit::LinkLost;
             }
             warn!(device = %self.device, "the exporter ended the device list; asking again in {RETRY:?}");
@@ -256,6 +258,19 @@ struct Imports {
     tried: HashSet<u64>,
     tasks: HashMap<u64, TaskGuard>,
     done: (mpsc::UnboundedSender<u64>, mpsc::UnboundedReceiver<u64>),
+}
+
+impl Imports {
+    /// Ends every import and waits until their ports are detached.
+    async fn stop(mut self) {
+        let tasks: Vec<TaskGuard> = self.tasks.drain().map(|(_, t)| t).collect();
+        for t in &tasks {
+            t.0.abort();
+        }
+        for mut t in tasks {
+            let _ = (&mut t.0).await;
+        }
+    }
 }
 
 struct ImportTask {

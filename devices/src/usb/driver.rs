@@ -107,7 +107,12 @@ impl Inner {
     /// Reads sysfs again: new matching devices are listed (present), those no longer there
     /// marked gone.
     fn rescan(&self) {
-        let scanned = self.host.devices();
+        let mut scanned = self.host.devices();
+        if let Ok(all) = &scanned {
+            if self.give_back_taken(all) {
+                scanned = self.host.devices();
+            }
+        }
         let mut d = self.lock();
         let matched: Vec<SysDevice> = match scanned {
             Ok(v) => v.into_iter().filter(|s| self.matches(s)).collect(),
@@ -180,6 +185,42 @@ impl Inner {
         self.publish(&d);
     }
 
+    /// A device that left while imported leaves its bus id in usbip-host's table (the kernel
+    /// forgets it only while a device is there), so whatever is plugged in there next is bound
+    /// to usbip-host. Such devices are given back at once; whether this driver matches them
+    /// is decided afterwards, like any other's. Whether it gave any back.
+    fn give_back_taken(&self, all: &[SysDevice]) -> bool {
+        let recorded = self.record.entries();
+        let mut any = false;
+        for s in all.iter().filter(|s| s.driver.as_deref() == Some(STUB)) {
+            let Some(b) = recorded.iter().find(|b| b.busid == s.busid) else {
+                continue;
+            };
+            let ours = self.lock().list.iter().any(|e| {
+                e.busid == s.busid && matches!(e.state, DevState::Exported | DevState::Imported)
+            });
+            if ours {
+                continue;
+            }
+            match self.host.release(&s.busid, b.driver.as_deref()) {
+                Ok(()) => info!(
+                    "{}: {} ({:04x}:{:04x}) plugged in where an imported device left: given back to {} from {STUB}",
+                    self.name,
+                    s.busid,
+                    s.vendor,
+                    s.product,
+                    b.driver.as_deref().unwrap_or("the kernel's choice of driver")
+                ),
+                Err(e) => warn!("{}: giving {} back: {e}", self.name, s.busid),
+            }
+            if let Err(e) = self.record.remove(&s.busid) {
+                warn!("{}: {e}", self.name);
+            }
+            any = true;
+        }
+        any
+    }
+
     fn set_state(&self, id: u64, state: DevState) {
         let mut d = self.lock();
         if let Some(e) = d
@@ -196,6 +237,10 @@ impl Inner {
     /// matching devices found on `usbip-host` anyway (a run without a state directory).
     fn restore(&self) {
         for b in self.record.entries() {
+            if !self.host.present(&b.busid) {
+                // Left while bound: given back when a device is there again (rescan).
+                continue;
+            }
             match self.host.release(&b.busid, b.driver.as_deref()) {
                 Ok(()) => warn!(
                     "{}: gave {} ({:04x}:{:04x}) back to {}: a previous jmpd left it bound to {STUB}",
@@ -393,8 +438,10 @@ async fn import(inner: Arc<Inner>, id: u64) -> Result<ImportChannel, Refusal> {
         Ok((kernel_side, devid, speed, original)) => {
             inner.set_state(id, DevState::Imported);
             info!(
-                "{name}: {} imported",
-                jmp_protocol::name::escape(&dev.describe())
+                "{name}: {} {} ({}) imported",
+                dev.ids(),
+                jmp_protocol::name::escape(&dev.name),
+                dev.busid
             );
             Ok(ImportChannel {
                 guard: ImportGuard {
@@ -490,8 +537,12 @@ impl ImportGuard {
             ),
             Err(e) => warn!("{name}: giving {} back: {e}", self.busid),
         }
-        if let Err(e) = self.inner.record.remove(&self.busid) {
-            warn!("{name}: {e}");
+        // A device that left keeps its entry in usbip-host's table: the record keeps it too,
+        // so that whatever is plugged in there next is given back (`give_back_taken`).
+        if host.present(&self.busid) {
+            if let Err(e) = self.inner.record.remove(&self.busid) {
+                warn!("{name}: {e}");
+            }
         }
         self.inner.set_state(self.id, DevState::Present);
         // It may have re-enumerated meanwhile.

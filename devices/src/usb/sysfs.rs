@@ -59,6 +59,8 @@ pub trait Host: Send + Sync + 'static {
     fn problem(&self) -> Option<String> {
         None
     }
+    /// Whether a device (of any kind, a hub too) is at `busid`.
+    fn present(&self, busid: &str) -> bool;
 }
 
 /// sysfs under `root` (`/sys`; tests use a tree of their own).
@@ -79,7 +81,14 @@ fn read_hex16(p: &Path) -> Option<u16> {
 
 /// Writes an attribute exactly (no newline), naming it and the kernel's answer on failure.
 fn write_attr(p: &Path, value: &str) -> Result<(), String> {
-    std::fs::write(p, value).map_err(|e| format!("writing {value:?} to {}: {e}", p.display()))
+    write_existing(p, value).map_err(|e| format!("writing {value:?} to {}: {e}", p.display()))
+}
+
+/// Writes `value` to a file that must exist (an attribute: never created).
+pub(crate) fn write_existing(p: &Path, value: &str) -> io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(p)?;
+    f.write_all(value.as_bytes())
 }
 
 /// The basename of a `driver` link, if the device has one.
@@ -112,6 +121,15 @@ impl Sysfs {
         let d = self.dev(busid);
         let class = u8::from_str_radix(read_text(&d.join("bDeviceClass"))?.trim(), 16).ok()?;
         if class == 0x09 {
+            return None;
+        }
+        // A device imported here over USB/IP (on a vhci-hcd port) is never exported again: on
+        // a host that is a client too, it would be imported from itself without end.
+        let real = std::fs::canonicalize(&d).ok()?;
+        if real
+            .components()
+            .any(|c| c.as_os_str().to_string_lossy().starts_with("vhci_hcd."))
+        {
             return None;
         }
         let text = |f: &str| read_text(&d.join(f)).map(|s| cut_text(&s)).unwrap_or_default();
@@ -235,27 +253,46 @@ impl Host for Sysfs {
                 errors.push(e);
             }
         }
-        // Not in the table (never added, or already forgotten) is not an error worth a word.
-        if self.stub_loaded() {
-            let _ = write_attr(&self.stub().join("match_busid"), &format!("del {busid}"));
-        }
-        if d.join("idVendor").exists() && link_name(&d.join("driver")).is_none() {
-            let bound = original
-                .filter(|o| *o != STUB)
-                .map(|o| self.root.join("bus/usb/drivers").join(o).join("bind"))
-                .filter(|p| p.exists())
-                .map(|p| write_attr(&p, busid));
-            if !matches!(bound, Some(Ok(()))) {
+        if d.join("idVendor").exists() {
+            // usbip-host forgets a bus id only through `rebind` (it marks the entry, lets the
+            // kernel probe the device's own driver, then deletes it): `del` alone leaves an
+            // entry that grabs the next device plugged in there. Without an entry, the kernel
+            // is asked to probe directly.
+            let rebound = self.stub_loaded()
+                && write_attr(&self.stub().join("rebind"), busid).is_ok();
+            if !rebound && link_name(&d.join("driver")).is_none() {
                 if let Err(e) = write_attr(&self.root.join("bus/usb/drivers_probe"), busid) {
                     errors.push(e);
                 }
             }
+            // The driver it had, if the kernel picked another.
+            if let Some(o) = original.filter(|o| *o != STUB) {
+                let bind = self.root.join("bus/usb/drivers").join(o).join("bind");
+                let now = link_name(&d.join("driver"));
+                if now.as_deref() != Some(o) && bind.exists() {
+                    if now.is_some() {
+                        let _ = write_attr(&d.join("driver/unbind"), busid);
+                    }
+                    if let Err(e) = write_attr(&bind, busid) {
+                        errors.push(e);
+                    }
+                }
+            }
+        } else if self.stub_loaded() {
+            // A device that left while bound: its entry stays (the kernel keeps it until a
+            // device is there to rebind); the driver gives back whatever usbip-host takes
+            // there next.
+            let _ = write_attr(&self.stub().join("match_busid"), &format!("del {busid}"));
         }
         if errors.is_empty() {
             Ok(())
         } else {
             Err(errors.join("; "))
         }
+    }
+
+    fn present(&self, busid: &str) -> bool {
+        self.dev(busid).join("idVendor").exists()
     }
 }
 
@@ -287,7 +324,7 @@ pub(crate) mod fake {
         pub fn load_stub(&self) {
             let s = self.root.join("bus/usb/drivers").join(STUB);
             std::fs::create_dir_all(&s).expect("mkdir");
-            for f in ["match_busid", "bind", "unbind"] {
+            for f in ["match_busid", "bind", "unbind", "rebind"] {
                 std::fs::write(s.join(f), "").expect("attr");
             }
         }
@@ -368,6 +405,13 @@ mod tests {
         t.add("1-2", 0x05e3, 0x0608, 0x09, "Hub", "", Some("usb"));
         t.add("usb1", 0x1d6b, 0x0002, 0x09, "root hub", "", Some("usb"));
         t.add("1-1:1.0", 0, 0, 0, "", "", None);
+        // Imported here through vhci-hcd: not exported again.
+        t.add("3-1", 0x1209, 0x0001, 0, "ACM", "s1", Some("usb"));
+        let vhci = t.root.join("devices/platform/vhci_hcd.0/usb3");
+        std::fs::create_dir_all(&vhci).expect("mkdir");
+        std::fs::rename(t.root.join("devices/pci0000:00/3-1"), vhci.join("3-1")).expect("move");
+        std::fs::remove_file(t.root.join("bus/usb/devices/3-1")).expect("rm");
+        std::os::unix::fs::symlink(vhci.join("3-1"), t.root.join("bus/usb/devices/3-1")).expect("link");
         let s = Sysfs::new(&t.root);
         let d = s.devices().expect("scan");
         assert_eq!(d.len(), 1, "{d:?}");
@@ -410,22 +454,26 @@ mod tests {
         assert_eq!(t.read("bus/usb/drivers/usbip-host/match_busid"), "add 1-1");
         assert_eq!(t.read("bus/usb/drivers/usb/unbind"), "1-1");
         assert_eq!(t.read("bus/usb/drivers/usbip-host/bind"), "1-1");
-        // Released from usbip-host: unbound, forgotten, back to its driver.
+        // Released from usbip-host: unbound, then rebound through usbip-host (which forgets
+        // the bus id and lets the kernel pick the device's driver).
         t.set_driver("1-1", Some(STUB));
-        s.release("1-1", Some("usb")).expect("release");
+        s.release("1-1", None).expect("release");
         assert_eq!(t.read("bus/usb/drivers/usbip-host/unbind"), "1-1");
-        assert_eq!(t.read("bus/usb/drivers/usbip-host/match_busid"), "del 1-1");
-        // (the fake kernel kept the link: nothing more was written)
-        t.set_driver("1-1", None);
+        assert_eq!(t.read("bus/usb/drivers/usbip-host/rebind"), "1-1");
+        assert_eq!(t.read("bus/usb/drivers_probe"), "", "rebind did it");
+        // The kernel picked another driver than the one it had: that one gets it back.
+        t.set_driver("1-1", Some("generic-other"));
         s.release("1-1", Some("usb")).expect("release");
+        assert_eq!(t.read("bus/usb/drivers/generic-other/unbind"), "1-1");
         assert_eq!(t.read("bus/usb/drivers/usb/bind"), "1-1");
-        // Without a known driver, the kernel picks one.
+        // Not in usbip-host's table and on no driver: the kernel is asked to probe.
+        std::fs::remove_file(t.root.join("bus/usb/drivers/usbip-host/rebind")).expect("rm");
+        t.set_driver("1-1", None);
         s.release("1-1", None).expect("release");
         assert_eq!(t.read("bus/usb/drivers_probe"), "1-1");
-        // A device that is gone is only forgotten.
+        // A device that is gone is only forgotten, as far as the kernel lets it.
         t.remove("1-1");
-        std::fs::write(t.root.join("bus/usb/drivers_probe"), "").expect("reset");
         s.release("1-1", Some("usb")).expect("release");
-        assert_eq!(t.read("bus/usb/drivers_probe"), "");
+        assert_eq!(t.read("bus/usb/drivers/usbip-host/match_busid"), "del 1-1");
     }
 }

@@ -79,7 +79,7 @@ impl Default for SysVhci {
 }
 
 fn write_attr(p: &Path, value: &str) -> std::io::Result<()> {
-    std::fs::write(p, value)
+    super::sysfs::write_existing(p, value)
 }
 
 impl SysVhci {

@@ -367,8 +367,9 @@ impl Codec for DeviceParams {
         for _ in 0..n {
             ids.push((get_u16(buf, "usb vendor")?, get_u16(buf, "usb product")?));
         }
-        // A device takes at least 19 bytes; the count is checked before anything is allocated.
-        let n = get_count(buf, "usb device count", 19)?;
+        // A device takes at least 15 bytes (empty strings); the count is checked before
+        // anything is allocated.
+        let n = get_count(buf, "usb device count", 15)?;
         if n > MAX_DEVICES {
             return Err(DecodeError::Invalid {
                 field: "usb device count",
@@ -1436,6 +1437,18 @@ mod tests {
             DeviceParams::decode_exact(&to_bytes(&many)),
             Err(DecodeError::Invalid { field: "usb device count", .. })
         ));
+        // The smallest device (empty strings) decodes: the count's bound is not above it.
+        let small = DeviceParams {
+            ids: vec![],
+            devices: vec![UsbDevice {
+                busid: String::new(),
+                manufacturer: String::new(),
+                name: String::new(),
+                serial: String::new(),
+                ..example_device()
+            }],
+        };
+        round_trip(&small);
         // A count larger than the bytes present is refused before allocating.
         assert!(DeviceParams::decode_exact(&[0x00, 0x8f, 0xff, 0xff, 0xff]).is_err());
         assert_eq!(cut_text(&"é".repeat(100)).len(), MAX_TEXT);
