@@ -34,8 +34,24 @@ venv="$here/target/pyenv"
 # The repository's own package (python/, editable: the tests run the working tree) with the
 # frameworks it plugs into (pytest, Robot Framework); python-can and can-isotp, the CAN tests'
 # third-party clients; python-can-remote and jumpstarter-driver-can, the CAN benchmark's peers.
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import serial, can, isotp, can_remote, jumpstarter_driver_can, pytest, robot, jmp_testing, JmpLibrary' 2>/dev/null; then
+# A venv copied from another checkout (a git worktree seeded with the main checkout's target/)
+# still imports everything, but its scripts' #! lines run the other venv and its editable
+# install is the other checkout's python/: the tests would run someone else's Python. Such a
+# venv is made again here.
+venv_is_ours() {
+    [ -x "$venv/bin/python" ] || return 1
+    [ "$(head -n 1 "$venv/bin/pytest" 2>/dev/null)" = "#!$venv/bin/python3" ] || return 1
+    "$venv/bin/python" - "$venv" "$here/python/src" <<'PY' 2>/dev/null
+import os, sys
+import serial, can, isotp, can_remote, jumpstarter_driver_can, pytest, robot, jmp_testing, JmpLibrary
+venv, src = (os.path.realpath(p) for p in sys.argv[1:3])
+assert os.path.realpath(sys.prefix) == venv, sys.prefix
+assert os.path.realpath(jmp_testing.__file__).startswith(src + os.sep), jmp_testing.__file__
+PY
+}
+if ! venv_is_ours; then
     echo "install-test-deps: python venv at $venv"
+    rm -rf "$venv"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check pyserial python-can can-isotp \
         python-can-remote jumpstarter-driver-can pytest robotframework

@@ -9,13 +9,14 @@
 //! frames/s (a 1 Mbit/s bus), checking that none of the load frames is lost.
 
 use crate::jmp::{start_attach, start_jmpd, Attach, Bins};
-use crate::proc::{free_port, wait_listening, Proc, TempDir};
+use crate::proc::{free_port, wait_listening, Options, Proc, TempDir};
 use crate::stats::{cell, json, median, percentile, Target};
 use anyhow::{anyhow, bail, Context, Result};
+use jmp_e2e::command;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::process::Command;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -109,14 +110,7 @@ impl Drop for Adapter {
 }
 
 fn python() -> Result<PathBuf> {
-    let p = crate::jmp::workspace_dir().join("target/pyenv/bin/python");
-    if !p.exists() {
-        bail!(
-            "SKIP: no venv at {} (scripts/install-test-deps.sh)",
-            p.display()
-        );
-    }
-    Ok(p)
+    jmp_e2e::venv_python(&["can", "can_remote"]).map_err(|e| anyhow!("SKIP: {e}"))
 }
 
 fn endpoint(a: &Attach, dev: &str, role: &str) -> Result<String> {
@@ -145,7 +139,7 @@ fn bench_py(
     n: usize,
 ) -> Result<serde_json::Value> {
     let script = crate::jmp::workspace_dir().join("benches/can_bench.py");
-    let out = Command::new(py)
+    let out = command(py)
         .arg(script)
         .arg(spec.to_string())
         .arg(mode)
@@ -310,45 +304,9 @@ fn sim_round(ecu: &str, loaded: &str) -> Result<SimResult> {
     })
 }
 
-/// `jmp attach` with extra options (as `start_attach`, which takes none).
-fn attach_with(
-    bins: &Bins,
-    dir: &TempDir,
-    exp: &crate::jmp::Exporter,
-    extra: &[&str],
-) -> Result<Attach> {
-    let dev_dir = dir.join("dev");
-    let runtime = dir.join("runtime");
-    let config = dir.join("config");
-    for d in [&dev_dir, &runtime, &config] {
-        std::fs::create_dir_all(d)?;
-    }
-    let mut proc = Proc::spawn(
-        "jmp attach",
-        Command::new(&bins.jmp)
-            .arg("attach")
-            .args(["--exporter", &exp.addr])
-            .arg("--token-file")
-            .arg(&exp.token_file)
-            .args(["--fingerprint", &exp.fingerprint])
-            .arg("--dev-dir")
-            .arg(&dev_dir)
-            .args(["-o", "json"])
-            .args(extra)
-            .env("JMP_RUNTIME_DIR", &runtime)
-            .env("JMP_CONFIG_DIR", &config),
-        &dir.join("attach.log"),
-        true,
-    )?;
-    let line = proc.line(Duration::from_secs(20))?;
-    let ready: serde_json::Value = serde_json::from_str(&line)
-        .with_context(|| format!("jmp attach ready line is not JSON: {line}"))?;
-    Ok(Attach { proc, ready })
-}
-
 pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
     let py = python()?;
-    let dir = TempDir::new("can")?;
+    let dir = TempDir::new("can");
     let mut skips = Vec::new();
     let mut paths: Vec<PyPath> = Vec::new();
 
@@ -362,7 +320,7 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
 
     // The same simulated ECU behind a second jmpd, attached with datagram channels: the
     // measurement behind the default transport (docs/benchmarks.md).
-    let dir_dg = TempDir::new("can-datagram")?;
+    let dir_dg = TempDir::new("can-datagram");
     let exp_dg = start_jmpd(
         bins,
         &dir_dg,
@@ -374,10 +332,10 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
             ),
         ],
     )?;
-    let att_dg = attach_with(bins, &dir_dg, &exp_dg, &["--can-transport", "datagram"])?;
+    let att_dg = start_attach(bins, &dir_dg, &exp_dg, &["--can-transport", "datagram"])?;
     let ecu_dg = endpoint(&att_dg, "ecu", "socketcand")?;
     let loaded_dg = endpoint(&att_dg, "loaded", "socketcand")?;
-    let _keep_dg = (att_dg.proc, exp_dg.proc);
+    let _keep_dg = (att_dg.proc, exp_dg.jmpd.proc);
 
     let a_jmp = Arc::new(Adapter::new()?);
     let exp = start_jmpd(
@@ -398,7 +356,7 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
             ),
         ],
     )?;
-    let att = start_attach(bins, &dir, &exp)?;
+    let att = start_attach(bins, &dir, &exp, &[])?;
     let slcan = endpoint(&att, "bus", "slcan")?;
     let scd = endpoint(&att, "bus", "socketcand")?;
     let ecu = endpoint(&att, "ecu", "socketcand")?;
@@ -415,22 +373,23 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
     paths.push(PyPath {
         name: "jmp socketcand",
         spec: serde_json::json!({"interface": "socketcand", "host": host, "port": port.parse::<u16>()?, "channel": "bus", "tcp_tune": true}),
-        _procs: vec![att.proc, exp.proc],
+        _procs: vec![att.proc, exp.jmpd.proc],
         _adapter: Some(a_jmp),
     });
 
     // python-can-remote: its server owns the adapter.
     let a_remote = Arc::new(Adapter::new()?);
     let rport = free_port()?;
-    match Proc::spawn(
+    match Proc::start(
         "can_remote",
-        Command::new(&py)
+        command(&py)
             .args(["-m", "can_remote", "-i", "slcan", "-c"])
             .arg(&a_remote.path)
             .args(["-H", "127.0.0.1", "-p", &rport.to_string()]),
-        &dir.join("can_remote.log"),
-        false,
+        dir.path(),
+        Options::LOG,
     )
+    .map_err(anyhow::Error::from)
     .and_then(|mut p| wait_listening(rport, &mut p, Duration::from_secs(30)).map(|_| p))
     {
         Ok(p) => paths.push(PyPath {

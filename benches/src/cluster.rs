@@ -10,120 +10,43 @@
 
 use crate::controller::{phase_round_trip, phase_scale, Figures};
 use crate::jmp::Bins;
-use crate::proc::{free_port, which, Proc, TempDir};
+use crate::proc::{command, free_port, Options, Proc, TempDir};
 use crate::stats::{cell, json, median, percentile, Target};
 use anyhow::{anyhow, bail, Context, Result};
-use jmp_protocol::ctl::{Call, ClientConfig, ExporterSpec, LeaseRequest, Reply, Request};
-use jmp_transport::ctl::{CallError, Controllers};
+use jmp_e2e::cluster::{etcd_installed, Etcd};
+use jmp_e2e::lab::Controller;
+use jmp_protocol::api::{Call, ClientConfig, ExporterSpec, LeaseRequest, Reply, Request};
+use jmp_transport::controller::{CallError, Controllers};
 use jmp_transport::Fingerprint;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub const KILLS: usize = 10;
 
-/// Three etcd members on loopback.
-struct Etcd {
-    _procs: Vec<Proc>,
-    url: String,
-}
-
-fn start_etcd(dir: &TempDir) -> Result<Etcd> {
-    let ports: Vec<(u16, u16)> = (0..3)
-        .map(|_| Ok((free_port()?, free_port()?)))
-        .collect::<Result<_>>()?;
-    let initial = ports
-        .iter()
-        .enumerate()
-        .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut procs = Vec::new();
-    for (i, (c, p)) in ports.iter().enumerate() {
-        procs.push(Proc::spawn(
-            &format!("etcd-m{i}"),
-            Command::new("etcd")
-                .args(["--name", &format!("m{i}")])
-                .arg("--data-dir")
-                .arg(dir.join(&format!("etcd-m{i}")))
-                .arg(format!("--listen-client-urls=http://127.0.0.1:{c}"))
-                .arg(format!("--advertise-client-urls=http://127.0.0.1:{c}"))
-                .arg(format!("--listen-peer-urls=http://127.0.0.1:{p}"))
-                .arg(format!(
-                    "--initial-advertise-peer-urls=http://127.0.0.1:{p}"
-                ))
-                .arg(format!("--initial-cluster={initial}"))
-                .arg("--initial-cluster-state=new")
-                .args(["--logger=zap", "--log-level=warn"]),
-            &dir.join(&format!("etcd-m{i}.log")),
-            false,
-        )?);
-    }
-    let eps = ports
-        .iter()
-        .map(|(c, _)| format!("http://127.0.0.1:{c}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let t0 = Instant::now();
-    loop {
-        let ok = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={eps}"))
-            .args(["endpoint", "health"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if ok {
-            break;
-        }
-        if t0.elapsed() > Duration::from_secs(60) {
-            bail!("etcd did not become healthy within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(Etcd {
-        _procs: procs,
-        url: format!(
-            "etcd://{}",
-            ports
-                .iter()
-                .map(|(c, _)| format!("127.0.0.1:{c}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        ),
-    })
-}
-
 fn etcd_args(etcd: &Etcd, prefix: &str) -> Vec<String> {
     vec![
         "--store".into(),
-        etcd.url.clone(),
+        etcd.url(),
         "--etcd-prefix".into(),
         prefix.into(),
     ]
 }
 
-struct Ctl {
-    proc: Proc,
-}
-
-fn spawn_ctl(bins: &Bins, data: &Path, listen: &str, extra: &[String], log: &Path) -> Result<Ctl> {
-    let mut proc = Proc::spawn(
-        "jmp-controller",
-        Command::new(&bins.controller)
-            .arg("--data-dir")
-            .arg(data)
-            .args(["--listen", listen, "--metrics", ""])
-            .args(extra),
-        log,
-        true,
-    )?;
-    loop {
-        let l = proc.line(Duration::from_secs(20))?;
-        if l.contains("listening on") {
-            break;
-        }
-    }
-    Ok(Ctl { proc })
+fn spawn_ctl(
+    bins: &Bins,
+    data: &Path,
+    listen: &str,
+    extra: &[String],
+    logs: &Path,
+) -> Result<Controller> {
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    Ok(Controller::start(
+        &bins.controller,
+        logs,
+        data,
+        listen,
+        &extra,
+    )?)
 }
 
 fn copy_identity(from: &Path, to: &Path) -> Result<()> {
@@ -151,7 +74,7 @@ async fn leader(listens: &[String], pin: Fingerprint, admin: &str) -> Option<usi
         let r = tokio::time::timeout(Duration::from_secs(2), async {
             one.connect().await?;
             let conn = one.connection().ok_or(CallError::NoAnswer)?;
-            jmp_transport::ctl::call_once(&conn, &call).await
+            jmp_transport::controller::call_once(&conn, &call).await
         })
         .await;
         one.close();
@@ -164,20 +87,19 @@ async fn leader(listens: &[String], pin: Fingerprint, admin: &str) -> Option<usi
 
 /// Kill → next grant, `KILLS` times. Returns the samples in ms.
 fn failover(bins: &Bins, etcd: &Etcd, rt: &tokio::runtime::Runtime) -> Result<Vec<f64>> {
-    let dir = TempDir::new("failover")?;
+    let dir = TempDir::new("failover");
     let extra = etcd_args(etcd, "/jmp-bench-failover");
     let listen: Vec<String> = (0..3)
         .map(|_| Ok(format!("127.0.0.1:{}", free_port()?)))
         .collect::<Result<_>>()?;
-    let data = |i: usize| dir.join(&format!("c{i}"));
-    let log = |i: usize, k: usize| dir.join(&format!("c{i}-{k}.log"));
-    let mut ctls: Vec<Option<Ctl>> = Vec::new();
+    let data = |i: usize| dir.join(format!("c{i}"));
+    let mut ctls: Vec<Option<Controller>> = Vec::new();
     ctls.push(Some(spawn_ctl(
         bins,
         &data(0),
         &listen[0],
         &extra,
-        &log(0, 0),
+        dir.path(),
     )?));
     let admin_file = data(0).join("admin.yaml");
     let t0 = Instant::now();
@@ -189,7 +111,7 @@ fn failover(bins: &Bins, etcd: &Etcd, rt: &tokio::runtime::Runtime) -> Result<Ve
     }
     for (i, l) in listen.iter().enumerate().skip(1) {
         copy_identity(&data(0), &data(i))?;
-        ctls.push(Some(spawn_ctl(bins, &data(i), l, &extra, &log(i, 0))?));
+        ctls.push(Some(spawn_ctl(bins, &data(i), l, &extra, dir.path())?));
     }
     let admin: ClientConfig = serde_norway::from_str(&std::fs::read_to_string(&admin_file)?)?;
     let pin: Fingerprint = admin
@@ -226,11 +148,11 @@ fn failover(bins: &Bins, etcd: &Etcd, rt: &tokio::runtime::Runtime) -> Result<Ve
             token.display()
         ),
     )?;
-    let _jmpd = Proc::spawn(
+    let _jmpd = Proc::start(
         "jmpd",
-        Command::new(&bins.jmpd).arg("--config").arg(&cfg),
-        &dir.join("jmpd.log"),
-        false,
+        command(&bins.jmpd).arg("--config").arg(&cfg),
+        dir.path(),
+        Options::LOG,
     )?;
     let mut samples = Vec::new();
     let mut n = 0u64;
@@ -285,7 +207,7 @@ fn failover(bins: &Bins, etcd: &Etcd, rt: &tokio::runtime::Runtime) -> Result<Ve
         let victim = ctls[idx]
             .take()
             .ok_or_else(|| anyhow!("the leader {idx} is not running"))?;
-        let pid = victim.proc.pid() as i32;
+        let pid = victim.proc.pid();
         let t_kill = Instant::now();
         let wall = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -320,7 +242,7 @@ fn failover(bins: &Bins, etcd: &Etcd, rt: &tokio::runtime::Runtime) -> Result<Ve
             &data(idx),
             &listen[idx],
             &extra,
-            &log(idx, k),
+            dir.path(),
         )?);
         // Let the restarted one become a member again before the next kill.
         std::thread::sleep(Duration::from_secs(2));
@@ -334,15 +256,13 @@ fn ms(d: Duration) -> f64 {
 
 /// `only_failover`: skip the store comparison (`jmp-bench etcd-failover`).
 pub fn run(bins: &Bins, rounds: usize, only_failover: bool) -> Result<(String, serde_json::Value)> {
-    if which("etcd").is_none() || which("etcdctl").is_none() {
-        bail!("SKIP: etcd is not installed (scripts/install-test-deps.sh installs etcd-server)");
-    }
+    etcd_installed().map_err(|e| anyhow!("SKIP: {e}"))?;
     let rounds = rounds.clamp(1, 5);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let dir = TempDir::new("etcd")?;
-    let etcd = start_etcd(&dir)?;
+    let dir = TempDir::new("etcd");
+    let etcd = Etcd::try_start(dir.path(), dir.path(), 3)?;
     let (mut redb, mut on_etcd) = (Figures::default(), Figures::default());
     for r in 0..if only_failover { 0 } else { rounds } {
         eprintln!("  etcd round {}/{rounds}", r + 1);

@@ -20,17 +20,18 @@ use crate::jmp::Bins;
 use crate::proc::{rss_kib, Proc, TempDir};
 use crate::stats::{cell, json, median, percentile, Target};
 use anyhow::{anyhow, bail, Context, Result};
-use jmp_protocol::ctl::{
+use jmp_e2e::command;
+use jmp_protocol::api::{
     Call, ClientConfig, ClientSpec, CtlErrorCode, DeviceSummary, ExporterSpec, LeaseRequest,
     Registration, Reply, Request,
 };
 use jmp_protocol::selector::Labels;
-use jmp_transport::ctl::{call, call_once, CallError};
+use jmp_transport::controller::{call, call_once, CallError};
 use jmp_transport::{client_endpoint, connect, Fingerprint};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
@@ -61,34 +62,19 @@ struct Controller {
 }
 
 fn start_controller(bins: &Bins, dir: &TempDir, extra: &[String]) -> Result<Controller> {
-    let data = dir.join("data");
-    let mut proc = Proc::spawn(
-        "jmp-controller",
-        Command::new(&bins.controller)
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
-            .args(extra),
-        &dir.join("controller.log"),
-        true,
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let ctl = jmp_e2e::lab::Controller::start(
+        &bins.controller,
+        dir.path(),
+        &dir.join("data"),
+        "127.0.0.1:0",
+        &extra,
     )?;
-    let mut metrics = None;
-    // "jmp-controller: metrics on http://ADDR/metrics", then
-    // "jmp-controller: listening on ADDR fingerprint FP admin FILE"
-    let line = loop {
-        let l = proc.line(Duration::from_secs(20))?;
-        if let Some(m) = l.split("metrics on http://").nth(1) {
-            metrics = Some(m.trim_end_matches("/metrics").to_string());
-        } else if l.contains("listening on") {
-            break l;
-        }
-    };
-    let after = |w: &str| crate::proc::word_after(&line, w, "controller");
-    let addr: SocketAddr = after("on")?.parse()?;
-    let fingerprint: Fingerprint = after("fingerprint")?
+    let fingerprint: Fingerprint = ctl
+        .fingerprint
         .parse()
         .map_err(|e: String| anyhow!("controller fingerprint: {e}"))?;
-    let admin_file = std::path::PathBuf::from(after("admin")?);
+    let admin_file = ctl.admin_file;
     // On etcd the admin credential is written once this controller has won the election.
     let t0 = Instant::now();
     while !admin_file.exists() && t0.elapsed() < Duration::from_secs(30) {
@@ -100,10 +86,10 @@ fn start_controller(bins: &Bins, dir: &TempDir, extra: &[String]) -> Result<Cont
     )
     .with_context(|| format!("parse {}", admin_file.display()))?;
     Ok(Controller {
-        proc,
-        addr,
+        proc: ctl.proc,
+        addr: ctl.addr,
         fingerprint,
-        metrics: metrics.ok_or_else(|| anyhow!("controller printed no metrics address"))?,
+        metrics: ctl.metrics.to_string(),
         admin,
         admin_file,
     })
@@ -286,17 +272,25 @@ async fn create_client(conn: &quinn::Connection, admin: &str, name: &str) -> Res
     }
 }
 
-fn registration(i: usize) -> Registration {
-    Registration {
+/// Exporter `e{i}`'s registration on `conn`, proving it holds `identity`'s key (one identity
+/// stands for every bench exporter: the controller checks the proof per registration).
+fn registration(
+    i: usize,
+    conn: &quinn::Connection,
+    identity: &jmp_transport::Identity,
+) -> Result<Registration> {
+    let proof = jmp_transport::possession::registration_proof(identity, conn, &format!("e{i}"))?;
+    Ok(Registration {
         address: format!("127.0.0.1:{}", 20000 + i % 40000),
-        fingerprint: format!("sha256:{:064x}", i),
+        fingerprint: identity.fingerprint().to_string(),
+        proof: Some(proof),
         labels: Labels::new(),
         devices: vec![DeviceSummary {
             name: "console".into(),
             kind: "sim-console".into(),
         }],
         ..Default::default()
-    }
+    })
 }
 
 /// Registers exporter `i` with `cred` on `conn`, keeps the request side open, reports the first
@@ -305,11 +299,19 @@ async fn hold_registration(
     conn: quinn::Connection,
     cred: String,
     i: usize,
+    identity: jmp_transport::Identity,
     online: tokio::sync::mpsc::UnboundedSender<Result<()>>,
 ) {
+    let reg = match registration(i, &conn, &identity) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = online.send(Err(e));
+            return;
+        }
+    };
     let c = Call {
         credential: cred,
-        request: Request::Register(registration(i)),
+        request: Request::Register(reg),
     };
     let (mut replies, send) = match call(&conn, &c, true).await {
         Ok(x) => x,
@@ -429,7 +431,7 @@ async fn burst(clients: &[(Conn, String)], metrics: &str) -> Result<Burst> {
 
 /// One `jmp` command; its trimmed stdout.
 fn jmp_cmd(jmp: &Path, dir: &TempDir, client: &Path, args: &[&str]) -> Result<String> {
-    let o = Command::new(jmp)
+    let o = command(jmp)
         .args(args)
         .env("JMP_CLIENT_CONFIG", client)
         .env("JMP_CONFIG_DIR", dir.join("config"))
@@ -455,7 +457,7 @@ fn cli_rounds(
     selector: &str,
 ) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
     let client = dir.join("cli-client.yaml");
-    let o = Command::new(&bins.jmp)
+    let o = command(&bins.jmp)
         .args(["admin", "create", "client", "bench-cli", "--out"])
         .arg(&client)
         .env("JMP_ADMIN_CONFIG", &ctl.admin_file)
@@ -527,7 +529,7 @@ pub(crate) fn phase_round_trip(
     f: &mut Figures,
     extra: &[String],
 ) -> Result<()> {
-    let dir = TempDir::new("controller-rt")?;
+    let dir = TempDir::new("controller-rt");
     let ctl = start_controller(bins, &dir, extra)?;
     let (addr, fp, admin) = (ctl.addr, ctl.fingerprint, ctl.admin.token.clone());
     let held = rt.block_on(async {
@@ -544,7 +546,8 @@ pub(crate) fn phase_round_trip(
         let cred = create_exporter(&a.conn, &admin, "e0", labels_of(0)).await?;
         let e = open(addr, fp).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let task = tokio::spawn(hold_registration(e.conn.clone(), cred, 0, tx));
+        let identity = jmp_transport::Identity::generate()?;
+        let task = tokio::spawn(hold_registration(e.conn.clone(), cred, 0, identity, tx));
         rx.recv()
             .await
             .ok_or_else(|| anyhow!("registration task ended"))??;
@@ -578,7 +581,7 @@ pub(crate) fn phase_scale(
     f: &mut Figures,
     extra: &[String],
 ) -> Result<()> {
-    let dir = TempDir::new("controller-scale")?;
+    let dir = TempDir::new("controller-scale");
     let mut ctl = start_controller(bins, &dir, extra)?;
     let (addr, fp, admin) = (ctl.addr, ctl.fingerprint, ctl.admin.token.clone());
     let pid = ctl.proc.pid();
@@ -619,9 +622,16 @@ pub(crate) fn phase_scale(
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut regs = JoinSet::new();
         let t0 = Instant::now();
+        let identity = jmp_transport::Identity::generate()?;
         for (i, cred) in creds.into_iter().enumerate() {
             let conn = conns[i % REGISTER_CONNS].conn.clone();
-            regs.spawn(hold_registration(conn, cred, i, tx.clone()));
+            regs.spawn(hold_registration(
+                conn,
+                cred,
+                i,
+                identity.clone(),
+                tx.clone(),
+            ));
         }
         for _ in 0..EXPORTERS {
             match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
@@ -696,8 +706,8 @@ pub(crate) fn phase_scale(
         extend(&mut f.scale_api, trips);
         anyhow::Ok(())
     })?;
-    if !ctl.proc.alive() {
-        bail!("controller exited; its log:\n{}", ctl.proc.log_tail());
+    if !ctl.proc.is_running() {
+        bail!("controller exited; its log:\n{}", ctl.proc.log_tail(20));
     }
     drop(clients);
     drop(held);

@@ -12,8 +12,9 @@ use crate::proc::{rss_kib, Proc, TempDir};
 use crate::serial::{Board, Client};
 use crate::stats::{cell, json, median, percentile, Target};
 use anyhow::{Context, Result};
+use jmp_e2e::{command, Options};
 use std::path::Path;
-use std::process::Command;
+
 use std::time::Duration;
 
 const ITERS: usize = 2000;
@@ -62,7 +63,7 @@ fn p50(c: &Client) -> f64 {
 }
 
 pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
-    let dir = TempDir::new("flood")?;
+    let dir = TempDir::new("flood");
     let board = Board::new()?;
     let exp = start_jmpd(
         bins,
@@ -75,24 +76,24 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
             ),
         )],
     )?;
-    let att = start_attach(bins, &dir, &exp)?;
+    let att = start_attach(bins, &dir, &exp, &[])?;
     let client = Client::open(Path::new(&att.local("console")?))?;
     let me = std::env::current_exe()?;
     let (mut quiet, mut flooded, mut rss_quiet, mut rss_flood) = (vec![], vec![], vec![], vec![]);
     for r in 0..rounds {
         quiet.push(p50(&client));
         rss_quiet.push(rss_kib(exp.proc.pid())?.0 as f64 / 1024.0);
-        let flood = Proc::spawn(
+        let flood = Proc::start(
             "flood",
-            Command::new(&me).args([
+            command(&me).args([
                 "relay",
                 "flood",
                 &exp.addr,
                 &exp.fingerprint,
                 &FLOOD.to_string(),
             ]),
-            &dir.join(&format!("flood-{r}.log")),
-            false,
+            dir.path(),
+            Options::LOG,
         )?;
         // Let the flood reach its steady state (every place taken, displacement under way).
         std::thread::sleep(Duration::from_secs(2));

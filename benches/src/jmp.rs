@@ -1,10 +1,11 @@
-//! Starting the real `jmpd` and `jmp attach` binaries (release builds) for a benchmark.
+//! Starting the real `jmpd` and `jmp attach` binaries (release builds) for a benchmark, with the
+//! e2e harness's starters (`jmp_e2e`: the same config, ready lines and process guards).
 
 use crate::proc::{Proc, TempDir};
 use anyhow::{anyhow, bail, Context, Result};
+use jmp_e2e::{attach_args, exporter_yaml, Jmpd};
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
 
 /// The workspace root (benches/..).
 pub fn workspace_dir() -> PathBuf {
@@ -37,7 +38,8 @@ pub fn bins(build: bool, bin_dir: Option<PathBuf>) -> Result<Bins> {
             bail!("cargo build --release --workspace --bins failed");
         }
     }
-    let dir = bin_dir.unwrap_or_else(|| ws.join("target/release"));
+    // Absolute: the pytest benchmark hands `jmp`'s path to programs running elsewhere.
+    let dir = std::path::absolute(bin_dir.unwrap_or_else(|| ws.join("target/release")))?;
     let b = Bins {
         jmpd: dir.join("jmpd"),
         jmp: dir.join("jmp"),
@@ -54,11 +56,19 @@ pub fn bins(build: bool, bin_dir: Option<PathBuf>) -> Result<Bins> {
     Ok(b)
 }
 
+/// A `jmpd` exporting in direct mode, and the token file its clients use.
 pub struct Exporter {
-    pub proc: Proc,
+    pub jmpd: Jmpd,
+    /// `jmpd.addr` as the command lines take it.
     pub addr: String,
-    pub fingerprint: String,
     pub token_file: PathBuf,
+}
+
+impl std::ops::Deref for Exporter {
+    type Target = Jmpd;
+    fn deref(&self) -> &Jmpd {
+        &self.jmpd
+    }
 }
 
 /// Starts `jmpd` exporting `devices` (`name`, YAML flow mapping) as exporter "bench" on
@@ -66,30 +76,25 @@ pub struct Exporter {
 pub fn start_jmpd(bins: &Bins, dir: &TempDir, devices: &[(&str, String)]) -> Result<Exporter> {
     let token_file = dir.join("token");
     std::fs::write(&token_file, "bench-token\n")?;
-    let mut cfg = format!(
-        "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: bench}}\n\
-         listen: 127.0.0.1:0\nstateDir: {}\nauth: {{tokenFile: {}}}\nexport:\n",
-        dir.join("state").display(),
-        token_file.display()
+    let export: String = devices
+        .iter()
+        .map(|(name, spec)| format!("{name}: {spec}\n"))
+        .collect();
+    let cfg = exporter_yaml(
+        "bench",
+        "127.0.0.1:0",
+        &dir.join("state"),
+        &token_file,
+        &export,
     );
-    for (name, spec) in devices {
-        cfg.push_str(&format!("  {name}: {spec}\n"));
-    }
     let cfg_file = dir.join("exporter.yaml");
     std::fs::write(&cfg_file, cfg)?;
-    let mut proc = Proc::spawn(
-        "jmpd",
-        Command::new(&bins.jmpd).arg("--config").arg(&cfg_file),
-        &dir.join("jmpd.log"),
-        true,
-    )?;
-    let line = proc.line(Duration::from_secs(20))?;
-    // "jmpd: exporter NAME listening on ADDR fingerprint sha256:HEX"
-    let after = |w: &str| crate::proc::word_after(&line, w, "jmpd");
+    let mut cmd = Command::new(&bins.jmpd);
+    cmd.arg("--config").arg(&cfg_file);
+    let jmpd = Jmpd::start(cmd, dir.path())?;
     Ok(Exporter {
-        addr: after("on")?,
-        fingerprint: after("fingerprint")?,
-        proc,
+        addr: jmpd.addr.to_string(),
+        jmpd,
         token_file,
     })
 }
@@ -111,32 +116,25 @@ impl Attach {
     }
 }
 
-/// Starts `jmp attach` against `exp` and waits for its JSON ready line.
-pub fn start_attach(bins: &Bins, dir: &TempDir, exp: &Exporter) -> Result<Attach> {
+/// Starts `jmp attach` against `exp` with `extra` options and waits for its JSON ready line.
+pub fn start_attach(bins: &Bins, dir: &TempDir, exp: &Exporter, extra: &[&str]) -> Result<Attach> {
     let dev_dir = dir.join("dev");
     let runtime = dir.join("runtime");
     let config = dir.join("config");
     for d in [&dev_dir, &runtime, &config] {
         std::fs::create_dir_all(d)?;
     }
-    let mut proc = Proc::spawn(
-        "jmp attach",
-        Command::new(&bins.jmp)
-            .arg("attach")
-            .args(["--exporter", &exp.addr])
-            .arg("--token-file")
-            .arg(&exp.token_file)
-            .args(["--fingerprint", &exp.fingerprint])
-            .arg("--dev-dir")
-            .arg(&dev_dir)
-            .args(["-o", "json"])
-            .env("JMP_RUNTIME_DIR", &runtime)
-            .env("JMP_CONFIG_DIR", &config),
-        &dir.join("attach.log"),
-        true,
-    )?;
-    let line = proc.line(Duration::from_secs(20))?;
-    let ready: serde_json::Value = serde_json::from_str(&line)
-        .with_context(|| format!("jmp attach ready line is not JSON: {line}"))?;
+    let mut cmd = Command::new(&bins.jmp);
+    attach_args(
+        &mut cmd,
+        &exp.addr,
+        &exp.token_file,
+        &exp.fingerprint,
+        &dev_dir,
+    )
+    .args(extra)
+    .env("JMP_RUNTIME_DIR", &runtime)
+    .env("JMP_CONFIG_DIR", &config);
+    let (proc, ready) = jmp_e2e::start_attach(cmd, dir.path())?;
     Ok(Attach { proc, ready })
 }

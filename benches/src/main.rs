@@ -31,7 +31,7 @@ const BENCHES: &[&str] = &[
 
 /// Run only when named: they need etcd and take minutes.
 const ON_REQUEST: &[&str] = &["etcd", "etcd-failover"];
-use std::process::Command;
+use jmp_e2e::command;
 
 struct Args {
     which: Vec<String>,
@@ -83,7 +83,7 @@ fn parse() -> Result<Args> {
 }
 
 fn sh(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
+    command(cmd)
         .args(args)
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())

@@ -18,7 +18,7 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
     let (mut d_idle, mut d_att, mut a, mut a_hwm, mut d_hwm) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for r in 0..rounds {
-        let dir = TempDir::new("memory")?;
+        let dir = TempDir::new("memory");
         let tcp_port = free_port()?;
         let exp = start_jmpd(
             bins,
@@ -33,7 +33,7 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
         )?;
         std::thread::sleep(SETTLE);
         let (idle, _) = rss_kib(exp.proc.pid())?;
-        let att = start_attach(bins, &dir, &exp)?;
+        let att = start_attach(bins, &dir, &exp, &[])?;
         std::thread::sleep(SETTLE);
         let (arss, ahwm) = rss_kib(att.proc.pid())?;
         let (drss, dhwm) = rss_kib(exp.proc.pid())?;

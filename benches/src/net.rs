@@ -15,6 +15,7 @@ use crate::proc::{rss_kib, which, Proc, TempDir};
 use crate::stats::{cell, json, median, Target};
 use anyhow::{anyhow, bail, Context, Result};
 use jmp_e2e::netns::{self, Topology};
+use jmp_e2e::{attach_args, command, start_attach, Jmpd, Options};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -36,7 +37,7 @@ struct Path_ {
 }
 
 fn ip_in(ns: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new("ip")
+    let out = command("ip")
         .args(["netns", "exec", ns])
         .args(args)
         .output()
@@ -51,7 +52,7 @@ fn ip_in(ns: &str, args: &[&str]) -> Result<String> {
 }
 
 fn in_ns(ns: &str, prog: impl AsRef<std::ffi::OsStr>) -> Command {
-    let mut c = Command::new("ip");
+    let mut c = command("ip");
     c.args(["netns", "exec", ns]).arg(prog);
     c
 }
@@ -66,10 +67,6 @@ fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()
         std::thread::sleep(Duration::from_millis(50));
     }
     bail!("{what}: not ready within {timeout:?}")
-}
-
-fn log_has(path: &Path, what: &str) -> bool {
-    std::fs::read_to_string(path).is_ok_and(|s| s.contains(what))
 }
 
 fn jmp_exporter(
@@ -92,15 +89,10 @@ fn jmp_exporter(
     );
     let cfg_file = dir.join("exporter.yaml");
     std::fs::write(&cfg_file, cfg)?;
-    let mut p = Proc::spawn(
-        "jmpd",
-        in_ns(&t.lab, &bins.jmpd).arg("--config").arg(&cfg_file),
-        &dir.join("jmpd.log"),
-        true,
-    )?;
-    let line = p.line(Duration::from_secs(20))?;
-    let fp = crate::proc::word_after(&line, "fingerprint", "jmpd")?;
-    Ok((p, fp))
+    let mut cmd = in_ns(&t.lab, &bins.jmpd);
+    cmd.arg("--config").arg(&cfg_file);
+    let jmpd = Jmpd::start(cmd, dir.path())?;
+    Ok((jmpd.proc, jmpd.fingerprint))
 }
 
 fn jmp_attach(
@@ -114,27 +106,19 @@ fn jmp_attach(
     for d in ["dev", "runtime", "config"] {
         std::fs::create_dir_all(dir.join(d))?;
     }
-    let log = dir.join("attach.log");
-    let mut p = Proc::spawn(
-        "jmp attach",
-        in_ns(&t.client, &bins.jmp)
-            .arg("attach")
-            .args(["--exporter", &format!("{}:{port}", netns::LAB_ADDR)])
-            .arg("--token-file")
-            .arg(dir.join("token"))
-            .args(["--fingerprint", fp])
-            .arg("--dev-dir")
-            .arg(dir.join("dev"))
-            .args(["-o", "json"])
-            .args(extra)
-            .env("JMP_RUNTIME_DIR", dir.join("runtime"))
-            .env("JMP_CONFIG_DIR", dir.join("config"))
-            .env("JMP_LOG", "info"),
-        &log,
-        true,
-    )?;
-    p.line(Duration::from_secs(20))?;
-    Ok(p)
+    let mut cmd = in_ns(&t.client, &bins.jmp);
+    attach_args(
+        &mut cmd,
+        &format!("{}:{port}", netns::LAB_ADDR),
+        &dir.join("token"),
+        fp,
+        &dir.join("dev"),
+    )
+    .args(extra)
+    .env("JMP_RUNTIME_DIR", dir.join("runtime"))
+    .env("JMP_CONFIG_DIR", dir.join("config"))
+    .env("JMP_LOG", "info");
+    Ok(start_attach(cmd, dir.path())?.0)
 }
 
 /// A WireGuard peer pair (wireguard-go or boringtun-cli): `cmd` starts one end in the
@@ -152,10 +136,10 @@ fn wireguard(
     let tag = std::process::id() % 10000;
     let (ci, li) = (format!("jb{tag}{short}c"), format!("jb{tag}{short}l"));
     let key = |n: &str| -> Result<(PathBuf, String)> {
-        let k = String::from_utf8(Command::new("wg").arg("genkey").output()?.stdout)?;
+        let k = String::from_utf8(command("wg").arg("genkey").output()?.stdout)?;
         let path = dir.join(n);
         std::fs::write(&path, &k)?;
-        let mut c = Command::new("wg")
+        let mut c = command("wg")
             .arg("pubkey")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -169,7 +153,7 @@ fn wireguard(
     let mut procs = Vec::new();
     for (ns, ifn) in [(&t.client, &ci), (&t.lab, &li)] {
         let mut c = start(ifn);
-        let mut w = Command::new("ip");
+        let mut w = command("ip");
         w.args(["netns", "exec", ns])
             .arg(c.get_program())
             .args(c.get_args());
@@ -179,12 +163,7 @@ fn wireguard(
             }
         }
         let _ = &mut c;
-        procs.push(Proc::spawn(
-            label,
-            &mut w,
-            &dir.join(&format!("{ifn}.log")),
-            false,
-        )?);
+        procs.push(Proc::start(label, &mut w, dir.path(), Options::LOG)?);
         let sock = PathBuf::from(format!("/var/run/wireguard/{ifn}.sock"));
         wait(&format!("{label} {ifn}"), Duration::from_secs(10), || {
             sock.exists()
@@ -243,7 +222,7 @@ fn wireguard(
 }
 
 fn keygen(path: &Path) -> Result<()> {
-    let st = Command::new("ssh-keygen")
+    let st = command("ssh-keygen")
         .args(["-q", "-N", "", "-t", "ed25519", "-f"])
         .arg(path)
         .status()
@@ -276,15 +255,14 @@ fn sshd(t: &Topology, dir: &TempDir) -> Result<(Proc, PathBuf)> {
             dir.join("authorized_keys").display()
         ),
     )?;
-    let log = dir.join("sshd.log");
-    let p = Proc::spawn(
+    let p = Proc::start(
         "sshd",
         in_ns(&t.lab, sshd).args(["-D", "-e", "-f"]).arg(&cfg),
-        &log,
-        false,
+        dir.path(),
+        Options::LOG,
     )?;
     wait("sshd", Duration::from_secs(10), || {
-        log_has(&log, "Server listening")
+        p.stderr().contains("Server listening")
     })?;
     Ok((p, user))
 }
@@ -309,13 +287,13 @@ fn ssh_cmd(t: &Topology, key: &Path) -> Command {
 fn ssh_w(t: &Topology, dir: &TempDir, key: &Path) -> Result<Path_> {
     let tun = 77;
     let dev = format!("tun{tun}");
-    let c = Proc::spawn(
+    let c = Proc::start(
         "ssh -w",
         ssh_cmd(t, key)
             .args(["-o", "Tunnel=point-to-point", "-w", &format!("{tun}:{tun}")])
             .arg(format!("root@{}", netns::LAB_ADDR)),
-        &dir.join("ssh-w.log"),
-        false,
+        dir.path(),
+        Options::LOG,
     )?;
     for ns in [&t.client, &t.lab] {
         wait("ssh -w tun", Duration::from_secs(15), || {
@@ -525,7 +503,7 @@ pub fn run(bins: &Bins, rounds: usize, seconds: u32) -> Result<(String, serde_js
         which(tool).ok_or_else(|| anyhow!("SKIP: {tool} is not installed"))?;
     }
     let t = Topology::new();
-    let dir = TempDir::new("net")?;
+    let dir = TempDir::new("net");
     // The lab host forwards (as a router would), and NATs whatever leaves towards the board,
     // for every path alike; jmpd adds its own table on top.
     ip_in(&t.lab, &["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"])?;
@@ -543,20 +521,20 @@ pub fn run(bins: &Bins, rounds: usize, seconds: u32) -> Result<(String, serde_js
     if !nat.wait()?.success() {
         bail!("bench NAT table");
     }
-    let _iperf_server = Proc::spawn(
+    let _iperf_server = Proc::start(
         "iperf3 -s",
         in_ns(&t.board, "iperf3").args(["-s", "-B", BOARD]),
-        &dir.join("iperf3-server.log"),
-        false,
+        dir.path(),
+        Options::LOG,
     )?;
-    let mut blast = Proc::spawn(
+    let mut blast = Proc::start(
         "blast",
         in_ns(&t.board, std::env::current_exe()?)
             .args(["net-blast", &format!("{BOARD}:{BLAST_PORT}")]),
-        &dir.join("blast.log"),
-        true,
+        dir.path(),
+        Options::LINES,
     )?;
-    blast.line(Duration::from_secs(10))?;
+    blast.next_line(Duration::from_secs(10))?;
 
     let mut skips = Vec::new();
     let mut paths = vec![Path_ {
@@ -565,11 +543,11 @@ pub fn run(bins: &Bins, rounds: usize, seconds: u32) -> Result<(String, serde_js
         _procs: vec![],
     }];
     // jmp first: it refuses to add a route over one that exists, so the others come after.
-    let dj = TempDir::new("net-jmp")?;
+    let dj = TempDir::new("net-jmp");
     let (jmpd, fp) = jmp_exporter(bins, &t, &dj, "bench", 7700)?;
     let attach = jmp_attach(bins, &t, &dj, 7700, &fp, &[])?;
     wait("jmp tunnel", Duration::from_secs(20), || {
-        log_has(&dj.join("attach.log"), "tunnel up on")
+        attach.stderr().contains("tunnel up on")
     })?;
     let attach_pid = attach.pid();
     let jmp_src = ip_in(
@@ -587,12 +565,12 @@ pub fn run(bins: &Bins, rounds: usize, seconds: u32) -> Result<(String, serde_js
         route: vec!["dev".into(), "jmp-bench".into(), "src".into(), jmp_src],
         _procs: vec![attach, jmpd],
     });
-    let dw = TempDir::new("net-wg")?;
+    let dw = TempDir::new("net-wg");
     match which("wireguard-go")
         .ok_or_else(|| anyhow!("wireguard-go is not installed"))
         .and_then(|wg| {
             wireguard(&t, &dw, "wireguard-go", "wg", 98, &|ifn| {
-                let mut c = Command::new(&wg);
+                let mut c = command(&wg);
                 c.args(["-f", ifn])
                     .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1");
                 c
@@ -601,7 +579,7 @@ pub fn run(bins: &Bins, rounds: usize, seconds: u32) -> Result<(String, serde_js
         Ok(p) => paths.push(p),
         Err(e) => skips.push(format!("SKIP: wireguard-go: {e:#}")),
     }
-    let db = TempDir::new("net-boringtun")?;
+    let db = TempDir::new("net-boringtun");
     let boringtun = which("boringtun-cli").or_else(|| {
         let p = PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
             .join(".cargo/bin/boringtun-cli");
@@ -611,7 +589,7 @@ pub fn run(bins: &Bins, rounds: usize, seconds: u32) -> Result<(String, serde_js
         .ok_or_else(|| anyhow!("boringtun-cli is not installed (cargo install boringtun-cli)"))
         .and_then(|bt| {
             wireguard(&t, &db, "boringtun", "bt", 97, &|ifn| {
-                let mut c = Command::new(&bt);
+                let mut c = command(&bt);
                 c.args(["-f", "--disable-drop-privileges", ifn]);
                 c
             })
@@ -619,7 +597,7 @@ pub fn run(bins: &Bins, rounds: usize, seconds: u32) -> Result<(String, serde_js
         Ok(p) => paths.push(p),
         Err(e) => skips.push(format!("SKIP: boringtun-cli: {e:#}")),
     }
-    let ds = TempDir::new("net-ssh")?;
+    let ds = TempDir::new("net-ssh");
     let ssh = sshd(&t, &ds);
     let mut ssh_d = None;
     match &ssh {
@@ -628,13 +606,13 @@ pub fn run(bins: &Bins, rounds: usize, seconds: u32) -> Result<(String, serde_js
                 Ok(p) => paths.push(p),
                 Err(e) => skips.push(format!("SKIP: ssh -w: {e:#}")),
             }
-            match Proc::spawn(
+            match Proc::start(
                 "ssh -D",
                 ssh_cmd(&t, key)
                     .args(["-D", "127.0.0.1:1081"])
                     .arg(format!("root@{}", netns::LAB_ADDR)),
-                &ds.join("ssh-D.log"),
-                false,
+                ds.path(),
+                Options::LOG,
             ) {
                 Ok(p) => ssh_d = Some(p),
                 Err(e) => skips.push(format!("SKIP: ssh -D: {e:#}")),
@@ -643,7 +621,7 @@ pub fn run(bins: &Bins, rounds: usize, seconds: u32) -> Result<(String, serde_js
         Err(e) => skips.push(format!("SKIP: ssh -w and ssh -D: {e:#}")),
     }
     // jmp's SOCKS door: a second exporter (its own TUN name), attached with --socks.
-    let dk = TempDir::new("net-socks")?;
+    let dk = TempDir::new("net-socks");
     let (kjmpd, kfp) = jmp_exporter(bins, &t, &dk, "benchs", 7701)?;
     let kattach = jmp_attach(bins, &t, &dk, 7701, &kfp, &["--socks", "1080"])?;
     for s in &skips {

@@ -1,153 +1,12 @@
-//! Child processes that are always cleaned up (by PID, on drop, even when a benchmark fails), a
-//! temporary directory removed on drop, and small helpers to wait for a process to be ready.
+//! Processes for the benchmarks: the e2e harness's ([`jmp_e2e::proc`]: started as a terminal
+//! would, killed by PID and reaped on drop, even when a benchmark fails), plus waits that only
+//! benchmarks need (a TCP port listening, a path appearing) and memory readings.
 
-use anyhow::{anyhow, bail, Context, Result};
-use std::fs::File;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use anyhow::{anyhow, bail, Result};
+pub use jmp_e2e::{command, which, Options, Proc, TempDir};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// A spawned child. Dropping it sends SIGTERM to its PID, waits up to 3 s, then SIGKILLs it.
-pub struct Proc {
-    pub name: String,
-    child: Child,
-    lines: Option<mpsc::Receiver<String>>,
-    log: PathBuf,
-}
-
-impl Proc {
-    /// Spawns `cmd` with stderr (and stdout unless `capture_stdout`) going to `log`. With
-    /// `capture_stdout`, stdout lines are available through [`Proc::line`].
-    pub fn spawn(name: &str, cmd: &mut Command, log: &Path, capture_stdout: bool) -> Result<Proc> {
-        let err = File::create(log).with_context(|| format!("create {}", log.display()))?;
-        let out: Stdio = if capture_stdout {
-            Stdio::piped()
-        } else {
-            err.try_clone()?.into()
-        };
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .with_context(|| format!("spawn {name} ({cmd:?})"))?;
-        let lines = if capture_stdout {
-            let stdout = child.stdout.take().expect("piped");
-            let (tx, rx) = mpsc::channel();
-            // Keeps draining stdout for the child's whole life so it never blocks on a full pipe.
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    let _ = tx.send(line);
-                }
-            });
-            Some(rx)
-        } else {
-            None
-        };
-        Ok(Proc {
-            name: name.to_string(),
-            child,
-            lines,
-            log: log.to_path_buf(),
-        })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The next stdout line, waiting at most `timeout`.
-    pub fn line(&mut self, timeout: Duration) -> Result<String> {
-        let got = self
-            .lines
-            .as_ref()
-            .ok_or_else(|| anyhow!("{}: stdout not captured", self.name))?
-            .recv_timeout(timeout);
-        match got {
-            Ok(l) => Ok(l),
-            Err(_) => {
-                let alive = self.alive();
-                bail!(
-                    "{} printed no ready line within {timeout:?} (alive: {alive}); its log:\n{}",
-                    self.name,
-                    self.log_tail()
-                )
-            }
-        }
-    }
-
-    pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    pub fn log_tail(&self) -> String {
-        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    /// SIGTERM, a grace period, then SIGKILL; always reaps the child.
-    pub fn stop(&mut self) {
-        if !self.alive() {
-            return;
-        }
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if !self.alive() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// A directory under /tmp, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> Result<TempDir> {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("jmp-bench-{}-{tag}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p)?;
-        Ok(TempDir(p))
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    pub fn join(&self, p: &str) -> PathBuf {
-        self.0.join(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        // JMP_BENCH_KEEP=1 keeps configs and logs for a look afterwards.
-        if std::env::var_os("JMP_BENCH_KEEP").is_some() {
-            eprintln!("kept {}", self.0.display());
-            return;
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A currently free TCP port on 127.0.0.1.
 /// The word after `key` in a program's ready line ("listening on ADDR fingerprint FP").
 pub fn word_after(line: &str, key: &str, what: &str) -> Result<String> {
     let mut words = line.split_whitespace();
@@ -159,6 +18,7 @@ pub fn word_after(line: &str, key: &str, what: &str) -> Result<String> {
         .ok_or_else(|| anyhow!("unexpected {what} ready line: {line}"))
 }
 
+/// A currently free TCP port on 127.0.0.1.
 pub fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
@@ -180,55 +40,46 @@ pub fn listening(port: u16) -> bool {
     })
 }
 
-/// Waits until `port` listens, or fails (with `proc`'s log) after `timeout`.
-pub fn wait_listening(port: u16, proc: &mut Proc, timeout: Duration) -> Result<()> {
+/// Waits until `ready` holds, or fails (with `proc`'s log) when `proc` exits or after `timeout`.
+pub fn wait_for(
+    what: &str,
+    proc: &mut Proc,
+    timeout: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if listening(port) {
+        if ready() {
             return Ok(());
         }
-        if !proc.alive() {
-            bail!("{} exited; its log:\n{}", proc.name, proc.log_tail());
+        if !proc.is_running() {
+            bail!("{} exited; its log:\n{}", proc.label, proc.log_tail(20));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     bail!(
-        "{} does not listen on port {port} after {timeout:?}; its log:\n{}",
-        proc.name,
-        proc.log_tail()
+        "{} not ready after {timeout:?} ({what}); its log:\n{}",
+        proc.label,
+        proc.log_tail(20)
     )
+}
+
+/// Waits until `port` listens.
+pub fn wait_listening(port: u16, proc: &mut Proc, timeout: Duration) -> Result<()> {
+    wait_for(&format!("listening on port {port}"), proc, timeout, || {
+        listening(port)
+    })
 }
 
 /// Waits until `path` exists.
 pub fn wait_path(path: &Path, proc: &mut Proc, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if path.exists() {
-            return Ok(());
-        }
-        if !proc.alive() {
-            bail!("{} exited; its log:\n{}", proc.name, proc.log_tail());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    bail!("{} did not create {}", proc.name, path.display())
-}
-
-/// The full path of `tool` on PATH (or given as an absolute path), if it exists.
-pub fn which(tool: &str) -> Option<PathBuf> {
-    if tool.starts_with('/') {
-        let p = PathBuf::from(tool);
-        return p.exists().then_some(p);
-    }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(tool))
-            .find(|p| p.is_file())
+    wait_for(&format!("{} exists", path.display()), proc, timeout, || {
+        path.exists()
     })
 }
 
 /// Resident memory of `pid` in KiB (VmRSS) and its peak (VmHWM).
-pub fn rss_kib(pid: u32) -> Result<(u64, u64)> {
+pub fn rss_kib(pid: i32) -> Result<(u64, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| -> Result<u64> {
         let l = s

@@ -11,6 +11,9 @@ use crate::jmp::{start_jmpd, workspace_dir, Bins};
 use crate::proc::{Proc, TempDir};
 use crate::stats::{cell, json, median, Target};
 use anyhow::{bail, Context, Result};
+use jmp_e2e::command;
+use jmp_e2e::lab::Controller;
+use jmp_e2e::Jmpd;
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -48,7 +51,7 @@ struct Env {
 
 impl Env {
     fn jmp(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(&self.bins_jmp);
+        let mut c = command(&self.bins_jmp);
         c.args(args)
             .env("JMP_CONFIG_DIR", self.dir.join("config"))
             .env("JMP_RUNTIME_DIR", self.dir.join("runtime"))
@@ -83,7 +86,7 @@ impl Env {
     fn pytest_first(&self, file: &str, args: &[&str]) -> Result<f64> {
         let stamp = self.dir.join("stamp");
         let _ = std::fs::remove_file(&stamp);
-        let mut c = Command::new(self.venv.join("pytest"));
+        let mut c = command(self.venv.join("pytest"));
         c.args(["-q", "-p", "no:cacheprovider"])
             .args(args)
             .arg(self.dir.join(file))
@@ -130,26 +133,8 @@ fn ms(d: Duration) -> f64 {
 /// made current.
 fn lab(bins: &Bins, env: &mut Env) -> Result<(Proc, Proc)> {
     let data = env.dir.join("controller");
-    let mut ctl = Proc::spawn(
-        "jmp-controller",
-        Command::new(&bins.controller)
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["--listen", "127.0.0.1:0"]),
-        &env.dir.join("controller.log"),
-        true,
-    )?;
-    let line = loop {
-        let l = ctl.line(Duration::from_secs(20))?;
-        if l.contains("listening on") {
-            break l;
-        }
-    };
-    env.admin = Some(PathBuf::from(crate::proc::word_after(
-        &line,
-        "admin",
-        "controller",
-    )?));
+    let ctl = Controller::start(&bins.controller, env.dir.path(), &data, "127.0.0.1:0", &[])?;
+    env.admin = Some(ctl.admin_file.clone());
     let token = env.ok(&["admin", "create", "exporter", "widget", "-l", "vendor=acme"])?;
     let token_file = env.dir.join("exporter.token");
     std::fs::write(&token_file, format!("{token}\n"))?;
@@ -162,13 +147,9 @@ fn lab(bins: &Bins, env: &mut Env) -> Result<(Proc, Proc)> {
     );
     let cfg_file = env.dir.join("widget.yaml");
     std::fs::write(&cfg_file, cfg)?;
-    let mut jmpd = Proc::spawn(
-        "jmpd",
-        Command::new(&bins.jmpd).arg("--config").arg(&cfg_file),
-        &env.dir.join("jmpd-lab.log"),
-        true,
-    )?;
-    jmpd.line(Duration::from_secs(20))?;
+    let mut cmd = command(&bins.jmpd);
+    cmd.arg("--config").arg(&cfg_file);
+    let jmpd = Jmpd::start(cmd, env.dir.path())?;
     let client = env.dir.join("client.yaml");
     let client_s = client.display().to_string();
     env.ok(&["admin", "create", "client", "bench-py", "--out", &client_s])?;
@@ -187,7 +168,7 @@ fn lab(bins: &Bins, env: &mut Env) -> Result<(Proc, Proc)> {
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
-    Ok((ctl, jmpd))
+    Ok((ctl.proc, jmpd.proc))
 }
 
 pub fn run(bins: &Bins, rounds: usize) -> Result<(String, Value)> {
@@ -196,7 +177,7 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, Value)> {
         bail!("SKIP: no test venv with pytest (run scripts/install-test-deps.sh)");
     }
     let mut env = Env {
-        dir: TempDir::new("pytest")?,
+        dir: TempDir::new("pytest"),
         bins_jmp: bins.jmp.clone(),
         venv,
         admin: None,
@@ -207,7 +188,7 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, Value)> {
     std::fs::write(env.dir.join("test_first.py"), FIRST_TEST)?;
     std::fs::write(env.dir.join("test_bare.py"), BARE_TEST)?;
     let (_ctl, _jmpd) = lab(bins, &mut env)?;
-    let direct_dir = TempDir::new("pytest-direct")?;
+    let direct_dir = TempDir::new("pytest-direct");
     let direct = start_jmpd(
         bins,
         &direct_dir,

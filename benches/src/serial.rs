@@ -8,12 +8,13 @@ use crate::jmp::{start_attach, start_jmpd, Attach, Bins, Exporter};
 use crate::proc::{free_port, wait_listening, wait_path, which, Proc, TempDir};
 use crate::stats::{cell, json, median, percentile, Target};
 use anyhow::{anyhow, bail, Context, Result};
+use jmp_e2e::{command, Options};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -331,7 +332,7 @@ fn jmp(bins: &Bins, dir: &TempDir, name: &str) -> Result<Route> {
             ),
         )],
     )?;
-    let att: Attach = start_attach(bins, dir, &exp)?;
+    let att: Attach = start_attach(bins, dir, &exp, &[])?;
     let local = att.local("console")?;
     let client = Client::open(Path::new(&local))?;
     Ok(Route {
@@ -339,7 +340,7 @@ fn jmp(bins: &Bins, dir: &TempDir, name: &str) -> Result<Route> {
         latency_only: false,
         client,
         // Attach first so it stops before the exporter.
-        _procs: vec![att.proc, exp.proc],
+        _procs: vec![att.proc, exp.jmpd.proc],
         _board: board,
     })
 }
@@ -388,25 +389,25 @@ fn ser2net(dir: &TempDir) -> Result<Route> {
             board.path.display()
         ),
     )?;
-    let mut s2n = Proc::spawn(
+    let mut s2n = Proc::start(
         "ser2net",
-        Command::new(ser2net)
+        command(ser2net)
             .args(["-n", "-d", "-u", "-c"])
             .arg(&cfg)
             .arg("-P")
             .arg(dir.join("ser2net.pid")),
-        &dir.join("ser2net.log"),
-        false,
+        dir.path(),
+        Options::LOG,
     )?;
     wait_listening(port, &mut s2n, Duration::from_secs(10))?;
     let link = dir.join("socat-pty");
-    let mut socat = Proc::spawn(
+    let mut socat = Proc::start(
         "socat",
-        Command::new(socat)
+        command(socat)
             .arg(format!("pty,link={},raw,echo=0", link.display()))
             .arg(format!("tcp:127.0.0.1:{port}")),
-        &dir.join("socat.log"),
-        false,
+        dir.path(),
+        Options::LOG,
     )?;
     wait_path(&link, &mut socat, Duration::from_secs(10))?;
     std::thread::sleep(Duration::from_millis(200));
@@ -435,25 +436,25 @@ fn reference(
 ) -> Result<Route> {
     let board = Board::new()?;
     let me = std::env::current_exe().context("own executable")?;
-    let mut srv = Proc::spawn(
+    let mut srv = Proc::start(
         server,
-        Command::new(&me)
+        command(&me)
             .args(["relay", server])
             .arg(&board.path)
             .args(extra),
-        &dir.join(&format!("{server}.log")),
-        true,
+        dir.path(),
+        Options::LINES,
     )?;
-    let hello = srv.line(Duration::from_secs(10))?;
-    let mut cli = Proc::spawn(
+    let hello = srv.next_line(Duration::from_secs(10))?;
+    let mut cli = Proc::start(
         client,
-        Command::new(&me)
+        command(&me)
             .args(["relay", client])
             .args(hello.split_whitespace()),
-        &dir.join(&format!("{client}.log")),
-        true,
+        dir.path(),
+        Options::LINES,
     )?;
-    let local = cli.line(Duration::from_secs(10))?;
+    let local = cli.next_line(Duration::from_secs(10))?;
     let client = Client::open(Path::new(local.trim()))?;
     Ok(Route {
         name: name.into(),
@@ -481,11 +482,11 @@ pub fn run(
     compare: Option<&Bins>,
     rounds: usize,
 ) -> Result<(String, serde_json::Value)> {
-    let dir_jmp = TempDir::new("serial-jmp")?;
-    let dir_cmp = TempDir::new("serial-jmp-compare")?;
-    let dir_s2n = TempDir::new("serial-ser2net")?;
-    let dir_ref = TempDir::new("serial-reference")?;
-    let dir_relay = TempDir::new("serial-relay")?;
+    let dir_jmp = TempDir::new("serial-jmp");
+    let dir_cmp = TempDir::new("serial-jmp-compare");
+    let dir_s2n = TempDir::new("serial-ser2net");
+    let dir_ref = TempDir::new("serial-reference");
+    let dir_relay = TempDir::new("serial-relay");
     let mut skips = Vec::new();
     let mut paths = vec![direct().context("direct pty")?];
     match jmp(bins, &dir_jmp, "jmp") {

@@ -17,6 +17,7 @@ use crate::proc::{free_port, wait_listening, which, Proc, TempDir};
 use crate::stats::{cell, json, median, Target};
 use crate::tcp::sshd;
 use anyhow::{anyhow, bail, Context, Result};
+use jmp_e2e::{command, Options};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -31,7 +32,7 @@ struct Unmount(PathBuf);
 
 impl Drop for Unmount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = command("umount").arg("-l").arg(&self.0).status();
     }
 }
 
@@ -39,7 +40,7 @@ struct Route {
     name: &'static str,
     file: PathBuf,
     /// The FUSE process, for its memory.
-    pid: Option<u32>,
+    pid: Option<i32>,
     local: bool,
     _procs: Vec<Proc>,
     _mount: Option<Unmount>,
@@ -59,11 +60,11 @@ fn wait_mounted(p: &Path, proc: &mut Proc) -> Result<()> {
         if mounted(p) {
             return Ok(());
         }
-        if !proc.alive() {
+        if !proc.is_running() {
             bail!(
                 "exited before mounting {}: {}",
                 p.display(),
-                proc.log_tail()
+                proc.log_tail(20)
             );
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -71,7 +72,7 @@ fn wait_mounted(p: &Path, proc: &mut Proc) -> Result<()> {
     bail!(
         "{} was not mounted in time: {}",
         p.display(),
-        proc.log_tail()
+        proc.log_tail(20)
     )
 }
 
@@ -99,18 +100,18 @@ fn jmp_mount(bins: &Bins, dir: &TempDir, img: &Path) -> Result<Route> {
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt)?;
     let bin = bins.jmp.with_file_name("jmp-mount");
-    let mut p = Proc::spawn(
+    let mut p = Proc::start(
         "jmp-mount",
-        Command::new(bin)
+        command(bin)
             .args(["--exporter", &exp.addr])
             .arg("--token-file")
             .arg(&exp.token_file)
             .args(["--fingerprint", &exp.fingerprint])
             .arg(&mnt),
-        &dir.join("jmp-mount.log"),
-        true,
+        dir.path(),
+        Options::LINES,
     )?;
-    p.line(Duration::from_secs(20))?;
+    p.next_line(Duration::from_secs(20))?;
     wait_mounted(&mnt, &mut p)?;
     Ok(Route {
         name: "jmp-mount",
@@ -118,7 +119,7 @@ fn jmp_mount(bins: &Bins, dir: &TempDir, img: &Path) -> Result<Route> {
         pid: Some(p.pid()),
         local: false,
         _mount: Some(Unmount(mnt)),
-        _procs: vec![p, exp.proc],
+        _procs: vec![p, exp.jmpd.proc],
     })
 }
 
@@ -128,9 +129,9 @@ fn sshfs(dir: &TempDir, img: &Path) -> Result<Route> {
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt)?;
     let share = img.parent().ok_or_else(|| anyhow!("image has no folder"))?;
-    let mut p = Proc::spawn(
+    let mut p = Proc::start(
         "sshfs",
-        Command::new(bin)
+        command(bin)
             .arg("-f")
             .arg(format!("{}@127.0.0.1:{}", d.user, share.display()))
             .arg(&mnt)
@@ -140,8 +141,8 @@ fn sshfs(dir: &TempDir, img: &Path) -> Result<Route> {
                 "IdentityFile={},StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,BatchMode=yes",
                 d.key.display()
             )),
-        &dir.join("sshfs.log"),
-        false,
+        dir.path(),
+        Options::LOG,
     )?;
     wait_mounted(&mnt, &mut p)?;
     let name = img
@@ -161,9 +162,9 @@ fn nbdfuse(dir: &TempDir, img: &Path) -> Result<Route> {
     let nbdkit = which("nbdkit").ok_or_else(|| anyhow!("nbdkit is missing"))?;
     let nbdfuse = which("nbdfuse").ok_or_else(|| anyhow!("nbdfuse is missing"))?;
     let port = free_port()?;
-    let mut k = Proc::spawn(
+    let mut k = Proc::start(
         "nbdkit",
-        Command::new(nbdkit)
+        command(nbdkit)
             .args([
                 "-f",
                 "--exit-with-parent",
@@ -174,19 +175,19 @@ fn nbdfuse(dir: &TempDir, img: &Path) -> Result<Route> {
                 "file",
             ])
             .arg(img),
-        &dir.join("nbdkit.log"),
-        false,
+        dir.path(),
+        Options::LOG,
     )?;
     wait_listening(port, &mut k, Duration::from_secs(10))?;
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt)?;
-    let mut f = Proc::spawn(
+    let mut f = Proc::start(
         "nbdfuse",
-        Command::new(nbdfuse)
+        command(nbdfuse)
             .arg(&mnt)
             .args(["--tcp", "127.0.0.1", &port.to_string()]),
-        &dir.join("nbdfuse.log"),
-        false,
+        dir.path(),
+        Options::LOG,
     )?;
     wait_mounted(&mnt, &mut f)?;
     Ok(Route {
@@ -201,7 +202,7 @@ fn nbdfuse(dir: &TempDir, img: &Path) -> Result<Route> {
 
 /// One fio job; (MB/s, IOPS) of its direction.
 fn fio(r: &Route, name: &str, rw: &str, bs: &str, args: &[&str]) -> Result<(f64, f64)> {
-    let mut c = Command::new("fio");
+    let mut c = command("fio");
     c.arg(format!("--name={name}"))
         .arg(format!("--filename={}", r.file.display()))
         .arg(format!("--rw={rw}"))
@@ -231,16 +232,14 @@ fn dd(r: &Route, write: bool) -> Result<f64> {
     if !write && !r.local {
         // Drop this route's client-side cache of the file.
         run_ok(
-            Command::new("dd").arg(format!("if={f}")).args([
-                "iflag=nocache",
-                "count=0",
-                "status=none",
-            ]),
+            command("dd")
+                .arg(format!("if={f}"))
+                .args(["iflag=nocache", "count=0", "status=none"]),
             "dd nocache",
         )?;
     }
     let t = Instant::now();
-    let mut c = Command::new("dd");
+    let mut c = command("dd");
     if write {
         c.arg("if=/dev/zero")
             .arg(format!("of={f}"))
@@ -266,9 +265,7 @@ const WORKLOADS: &[&str] = &[
 
 fn warm(img: &Path) -> Result<()> {
     run_ok(
-        Command::new("cat")
-            .arg(img)
-            .stdout(std::process::Stdio::null()),
+        command("cat").arg(img).stdout(std::process::Stdio::null()),
         "cat",
     )?;
     Ok(())
@@ -325,7 +322,7 @@ fn flash_source(dir: &TempDir) -> Result<(PathBuf, PathBuf)> {
     drop(f);
     for i in 0..8 {
         run_ok(
-            Command::new("dd")
+            command("dd")
                 .args([
                     "if=/dev/urandom",
                     "bs=1M",
@@ -340,7 +337,7 @@ fn flash_source(dir: &TempDir) -> Result<(PathBuf, PathBuf)> {
     }
     let bmap = dir.join("src2g.bmap");
     run_ok(
-        Command::new("bmaptool")
+        command("bmaptool")
             .args(["-q", "create", "-o"])
             .arg(&bmap)
             .arg(&src),
@@ -357,18 +354,18 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
     if !Path::new("/dev/fuse").exists() {
         bail!("SKIP: no /dev/fuse");
     }
-    let data = TempDir::new("storage-data")?;
+    let data = TempDir::new("storage-data");
     let img = data.join("img.raw");
     run_ok(
-        Command::new("dd")
+        command("dd")
             .args(["if=/dev/urandom", "bs=1M", "status=none"])
             .arg(format!("count={}", IMG >> 20))
             .arg(format!("of={}", img.display())),
         "dd urandom",
     )?;
-    let d_jmp = TempDir::new("storage-jmp")?;
-    let d_ssh = TempDir::new("storage-sshfs")?;
-    let d_nbd = TempDir::new("storage-nbd")?;
+    let d_jmp = TempDir::new("storage-jmp");
+    let d_ssh = TempDir::new("storage-sshfs");
+    let d_nbd = TempDir::new("storage-nbd");
     let mut skips = Vec::new();
     let mut routes = vec![Route {
         name: "local file",
@@ -482,11 +479,11 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
     ];
 
     // Flashing.
-    let d_flash = TempDir::new("storage-flash")?;
+    let d_flash = TempDir::new("storage-flash");
     let (src, bmap) = flash_source(&d_flash)?;
     let tgt = data.join("target.img");
     std::fs::File::create(&tgt)?.set_len(FLASH)?;
-    let d_fj = TempDir::new("storage-flash-jmpd")?;
+    let d_fj = TempDir::new("storage-flash-jmpd");
     let exp = start_jmpd(
         bins,
         &d_fj,
@@ -501,7 +498,7 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
         .map(|r| r.file.with_file_name("target.img"));
     let jmp_flash = |extra: &[&Path]| -> Result<f64> {
         let t = Instant::now();
-        let mut c = Command::new(&bins.jmp);
+        let mut c = command(&bins.jmp);
         c.args(["storage", "flash", "tgt"])
             .arg(&src)
             .args(["--exporter", &exp.addr])
@@ -530,7 +527,7 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
                     let t = Instant::now();
                     let dst = ssh_tgt.clone().unwrap_or_default();
                     run_ok(
-                        Command::new("bmaptool")
+                        command("bmaptool")
                             .args(["-q", "copy", "--bmap"])
                             .arg(&bmap)
                             .arg(&src)
@@ -543,7 +540,7 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
                     let t = Instant::now();
                     let dst = ssh_tgt.clone().unwrap_or_default();
                     run_ok(
-                        Command::new("dd")
+                        command("dd")
                             .arg(format!("if={}", src.display()))
                             .arg(format!("of={}", dst.display()))
                             .args(["bs=4M", "conv=notrunc,fsync", "status=none"]),

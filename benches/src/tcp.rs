@@ -6,7 +6,8 @@ use crate::jmp::{start_attach, start_jmpd, Bins};
 use crate::proc::{free_port, wait_listening, which, Proc, TempDir};
 use crate::stats::{cell, json, median, Target};
 use anyhow::{anyhow, bail, Context, Result};
-use std::process::Command;
+use jmp_e2e::{command, Options};
+
 use std::time::Duration;
 
 struct Route {
@@ -24,7 +25,7 @@ fn jmp(bins: &Bins, dir: &TempDir, iperf_port: u16) -> Result<Route> {
             format!("{{type: tcp, host: 127.0.0.1, port: {iperf_port}}}"),
         )],
     )?;
-    let att = start_attach(bins, dir, &exp)?;
+    let att = start_attach(bins, dir, &exp, &[])?;
     let local = att.local("iperf")?;
     let port: u16 = local
         .rsplit(':')
@@ -34,7 +35,7 @@ fn jmp(bins: &Bins, dir: &TempDir, iperf_port: u16) -> Result<Route> {
     Ok(Route {
         name: "jmp forward",
         port,
-        _procs: vec![att.proc, exp.proc],
+        _procs: vec![att.proc, exp.jmpd.proc],
     })
 }
 
@@ -64,7 +65,7 @@ fn jmp_relay(bins: &Bins, dir: &TempDir, iperf_port: u16) -> Result<Route> {
 }
 
 fn keygen(path: &std::path::Path) -> Result<()> {
-    let st = Command::new("ssh-keygen")
+    let st = command("ssh-keygen")
         .args(["-q", "-N", "", "-t", "ed25519", "-f"])
         .arg(path)
         .status()
@@ -111,11 +112,11 @@ pub fn sshd(dir: &TempDir) -> Result<Sshd> {
             dir.join("sshd.pid").display()
         ),
     )?;
-    let mut d = Proc::spawn(
+    let mut d = Proc::start(
         "sshd",
-        Command::new(sshd).args(["-D", "-e", "-f"]).arg(&cfg),
-        &dir.join("sshd.log"),
-        false,
+        command(sshd).args(["-D", "-e", "-f"]).arg(&cfg),
+        dir.path(),
+        Options::LOG,
     )?;
     wait_listening(ssh_port, &mut d, Duration::from_secs(10))?;
     Ok(Sshd {
@@ -135,9 +136,9 @@ fn ssh(dir: &TempDir, iperf_port: u16) -> Result<Route> {
         user,
     } = sshd(dir)?;
     let port = free_port()?;
-    let mut c = Proc::spawn(
+    let mut c = Proc::start(
         "ssh -L",
-        Command::new(ssh)
+        command(ssh)
             .arg("-N")
             .arg("-L")
             .arg(format!("127.0.0.1:{port}:127.0.0.1:{iperf_port}"))
@@ -156,8 +157,8 @@ fn ssh(dir: &TempDir, iperf_port: u16) -> Result<Route> {
                 "LogLevel=ERROR",
             ])
             .arg(format!("{user}@127.0.0.1")),
-        &dir.join("ssh.log"),
-        false,
+        dir.path(),
+        Options::LOG,
     )?;
     wait_listening(port, &mut c, Duration::from_secs(15))?;
     Ok(Route {
@@ -169,7 +170,7 @@ fn ssh(dir: &TempDir, iperf_port: u16) -> Result<Route> {
 
 /// One iperf3 client run; Gbit/s received.
 fn iperf(port: u16, seconds: u32) -> Result<f64> {
-    let out = Command::new("iperf3")
+    let out = command("iperf3")
         .args(["-c", "127.0.0.1", "-p", &port.to_string()])
         .args(["-t", &seconds.to_string(), "-J"])
         .output()
@@ -188,16 +189,16 @@ fn iperf(port: u16, seconds: u32) -> Result<f64> {
 /// Runs the TCP benchmark; returns (markdown, json).
 pub fn run(bins: &Bins, rounds: usize, seconds: u32) -> Result<(String, serde_json::Value)> {
     which("iperf3").ok_or_else(|| anyhow!("SKIP: iperf3 is not installed"))?;
-    let dir = TempDir::new("tcp")?;
-    let dir_jmp = TempDir::new("tcp-jmp")?;
-    let dir_ssh = TempDir::new("tcp-ssh")?;
-    let dir_relay = TempDir::new("tcp-relay")?;
+    let dir = TempDir::new("tcp");
+    let dir_jmp = TempDir::new("tcp-jmp");
+    let dir_ssh = TempDir::new("tcp-ssh");
+    let dir_relay = TempDir::new("tcp-relay");
     let iperf_port = free_port()?;
-    let mut server = Proc::spawn(
+    let mut server = Proc::start(
         "iperf3 -s",
-        Command::new("iperf3").args(["-s", "-B", "127.0.0.1", "-p", &iperf_port.to_string()]),
-        &dir.join("iperf3-server.log"),
-        false,
+        command("iperf3").args(["-s", "-B", "127.0.0.1", "-p", &iperf_port.to_string()]),
+        dir.path(),
+        Options::LOG,
     )?;
     wait_listening(iperf_port, &mut server, Duration::from_secs(10))?;
     let mut skips = Vec::new();

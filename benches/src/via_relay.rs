@@ -4,8 +4,10 @@
 //! path, so the relay is chosen explicitly). Everything listens on 127.0.0.1.
 
 use crate::jmp::{Attach, Bins};
-use crate::proc::{word_after, Proc, TempDir};
+use crate::proc::{command, Proc, TempDir};
 use anyhow::{bail, Context, Result};
+use jmp_e2e::lab::Controller;
+use jmp_e2e::{start_attach, Jmpd};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -17,7 +19,7 @@ pub struct Relayed {
 }
 
 fn jmp(bins: &Bins, dir: &TempDir, admin: &PathBuf) -> Command {
-    let mut c = Command::new(&bins.jmp);
+    let mut c = command(&bins.jmp);
     c.env("JMP_RUNTIME_DIR", dir.join("runtime"))
         .env("JMP_CONFIG_DIR", dir.join("config"))
         .env("JMP_ADMIN_CONFIG", admin)
@@ -47,18 +49,14 @@ pub fn start(bins: &Bins, dir: &TempDir, devices: &[(&str, String)]) -> Result<R
     for d in ["runtime", "config", "dev", "controller"] {
         std::fs::create_dir_all(dir.join(d))?;
     }
-    let mut ctl = Proc::spawn(
-        "jmp-controller",
-        Command::new(&bins.controller)
-            .arg("--data-dir")
-            .arg(dir.join("controller"))
-            .args(["--listen", "127.0.0.1:0", "--metrics", ""])
-            .env("JMP_LOG", "warn"),
-        &dir.join("controller.log"),
-        true,
+    let ctl = Controller::start(
+        &bins.controller,
+        dir.path(),
+        &dir.join("controller"),
+        "127.0.0.1:0",
+        &[],
     )?;
-    let line = ctl.line(Duration::from_secs(20))?;
-    let admin = PathBuf::from(word_after(&line, "admin", "controller")?);
+    let admin = ctl.admin_file.clone();
     let token = ok("jmp admin create exporter", {
         let mut c = jmp(bins, dir, &admin);
         c.args(["admin", "create", "exporter", "bench", "-l", "board=bench"]);
@@ -86,16 +84,9 @@ pub fn start(bins: &Bins, dir: &TempDir, devices: &[(&str, String)]) -> Result<R
     }
     let cfg_file = dir.join("exporter.yaml");
     std::fs::write(&cfg_file, cfg)?;
-    let mut exp = Proc::spawn(
-        "jmpd (relay)",
-        Command::new(&bins.jmpd)
-            .arg("--config")
-            .arg(&cfg_file)
-            .env("JMP_LOG", "info"),
-        &dir.join("jmpd.log"),
-        true,
-    )?;
-    exp.line(Duration::from_secs(20))?;
+    let mut cmd = command(&bins.jmpd);
+    cmd.arg("--config").arg(&cfg_file).env("JMP_LOG", "info");
+    let exp = Jmpd::start(cmd, dir.path())?.proc;
     // Registered once a lease can be granted: retry the lease until then.
     let mut granted = None;
     for _ in 0..100 {
@@ -110,26 +101,19 @@ pub fn start(bins: &Bins, dir: &TempDir, devices: &[(&str, String)]) -> Result<R
     if granted.is_none() {
         bail!(
             "no lease on the relayed exporter; jmpd's log:\n{}",
-            exp.log_tail()
+            exp.log_tail(20)
         );
     }
-    let mut att = Proc::spawn(
-        "jmp attach --via relay",
-        jmp(bins, dir, &admin)
-            .args(["attach", "--via", "relay", "-o", "json", "--dev-dir"])
-            .arg(dir.join("dev")),
-        &dir.join("attach.log"),
-        true,
-    )?;
-    let line = att.line(Duration::from_secs(30))?;
-    let ready: serde_json::Value = serde_json::from_str(&line)
-        .with_context(|| format!("jmp attach ready line is not JSON: {line}"))?;
-    let log = std::fs::read_to_string(dir.join("attach.log")).unwrap_or_default();
+    let mut cmd = jmp(bins, dir, &admin);
+    cmd.args(["attach", "--via", "relay", "-o", "json", "--dev-dir"])
+        .arg(dir.join("dev"));
+    let (att, ready) = start_attach(cmd, dir.path())?;
+    let log = att.stderr();
     if !log.contains("through the controller's relay") {
         bail!("jmp attach did not go through the relay: {log}");
     }
     Ok(Relayed {
         attach: Attach { proc: att, ready },
-        procs: vec![exp, ctl],
+        procs: vec![exp, ctl.proc],
     })
 }

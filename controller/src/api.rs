@@ -4,9 +4,9 @@
 
 use crate::cluster::Role;
 use crate::core::{Caller, Cmd};
-use jmp_protocol::ctl::{CtlError, CtlErrorCode, Reply, Request};
+use jmp_protocol::api::{CtlError, CtlErrorCode, Reply, Request};
 use jmp_protocol::token::TokenKind;
-use jmp_transport::ctl::{read_call, ReplyTx};
+use jmp_transport::controller::{read_call, ReplyTx};
 use jmp_transport::token::{TokenError, Verifier};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -201,7 +201,7 @@ impl Api {
                         .map(|c| format!("{} {:?}", c.kind.as_str(), c.sub))
                         .unwrap_or_else(|_| "this identity".into());
                     format!(
-                        "the credential of {who} expired {ago}s ago; jmp and jmpd renew a credential in use before it expires, so this one was not used in time: ask an admin for a new one (jmp admin create client|exporter NAME)"
+                        "the credential of {who} expired {ago}s ago; jmp and jmpd renew a credential in use before it expires, so this one was not used in time: ask an admin for a new one (jmp admin create client NAME --replace, or jmp admin create exporter NAME)"
                     )
                 }
                 other => other.to_string(),
@@ -269,6 +269,21 @@ impl Api {
                 return;
             }
         };
+        let mut call = call;
+        if let Request::Register(reg) = &mut call.request {
+            // The registration binds the exporter to a TLS fingerprint (clients pin it and are
+            // sent to the address registered with it): only a process holding that identity's
+            // key may register it, not just anyone holding the exporter's credential.
+            if let Err(why) = Self::check_possession(&conn, &caller.name, reg) {
+                info!(exporter = %caller.name, "registration refused from {}: {why}", conn.remote_address());
+                tx.error(
+                    CtlErrorCode::Unauthorized,
+                    format!("registration of exporter {} refused: {why}", caller.name),
+                )
+                .await;
+                return;
+            }
+        }
         let register = matches!(call.request, Request::Register(_));
         let create = matches!(call.request, Request::CreateLease(_));
         // Only the leader's core decides anything; another controller says where it is.
@@ -354,6 +369,31 @@ impl Api {
         }
         let _ = core.send(Cmd::Gone { stream }).await;
         let _ = tx.0.finish();
+    }
+
+    /// Whether the registration `reg` of exporter `name`, arriving on `conn`, proves that its
+    /// sender holds the key of the TLS identity whose fingerprint it registers.
+    fn check_possession(
+        conn: &quinn::Connection,
+        name: &str,
+        reg: &mut jmp_protocol::api::Registration,
+    ) -> Result<(), String> {
+        let proof = reg.proof.as_ref().ok_or(
+            "it carries no proof of its TLS identity (a jmpd older than this controller: upgrade it)",
+        )?;
+        let proven = jmp_transport::possession::check_registration(conn, name, proof)
+            .map_err(|e| format!("its proof of its TLS identity does not hold: {e}"))?;
+        let claimed: jmp_transport::Fingerprint = reg
+            .fingerprint
+            .parse()
+            .map_err(|e| format!("fingerprint: {e}"))?;
+        if claimed != proven {
+            return Err(format!(
+                "it registers fingerprint {claimed} but proves the key of {proven}"
+            ));
+        }
+        reg.fingerprint = proven.to_string();
+        Ok(())
     }
 
     /// Tells the core whether a lease reply reached its caller: the peer acknowledged the whole

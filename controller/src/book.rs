@@ -17,6 +17,12 @@
 //!   candidate. That is also why a new request never jumps the queue: it is only granted an
 //!   exporter that is grantable right now, and by this invariant no earlier waiter wants it.
 //! - **Deterministic choice.** Among several grantable candidates the lowest exporter name wins.
+//! - **Only what can be served waits.** A request that no registered exporter could ever
+//!   serve (none matches its selector or name, or its client's policy forbids every match) is
+//!   refused at once, even with a wait or a begin time; one whose candidates are offline,
+//!   disabled or busy may wait. A client's policy narrowed later ([`LeaseBook::set_policy`])
+//!   withdraws its waiting requests that can no longer be served and ends its leases on
+//!   exporters the policy now forbids.
 //! - **Clean before the next lease.** An exporter that declared a cleanup
 //!   ([`LeaseBook::set_cleanup`]: its afterLease hook) is *cleaning* from the moment a lease on
 //!   it ends until it reports done ([`LeaseBook::set_cleaning`]) or its declared time has
@@ -135,6 +141,8 @@ pub enum EndReason {
     ExporterRemoved,
     ExporterDisabled,
     ClientRemoved,
+    /// Its client's policy no longer allows its exporter.
+    PolicyChanged,
 }
 
 impl EndReason {
@@ -145,6 +153,7 @@ impl EndReason {
             EndReason::ExporterRemoved => "exporter removed",
             EndReason::ExporterDisabled => "exporter disabled",
             EndReason::ClientRemoved => "client removed",
+            EndReason::PolicyChanged => "policy changed",
         }
     }
 }
@@ -186,7 +195,7 @@ pub enum Outcome {
         position: u32,
         behind: Option<String>,
     },
-    Refused(Refusal),
+    Refused(Denial),
     /// The request_id is already known (a retry after reconnect / controller restart): its
     /// current state. Nothing was changed for it.
     Existing(RequestState),
@@ -205,7 +214,7 @@ pub enum RequestState {
 
 /// Why a request was refused, most specific reason first.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
+pub enum Denial {
     /// The named exporter is not registered.
     NoSuchExporter(String),
     /// No registered exporter matches the selector (and name).
@@ -226,27 +235,27 @@ pub enum Refusal {
     LeaseNameInUse(String),
 }
 
-impl Refusal {
+impl Denial {
     /// A human-readable explanation naming the request's `selector` (and the client's
     /// `policy` where that is the reason), e.g. "no exporter matches selector 'board=rpi4'".
     pub fn message(&self, selector: &str, policy: &str) -> String {
         match self {
-            Refusal::NoSuchExporter(name) => format!("no exporter named '{name}' is registered"),
-            Refusal::NoMatch if selector.is_empty() => "no exporter is registered".to_owned(),
-            Refusal::NoMatch => format!("no exporter matches selector '{selector}'"),
-            Refusal::OutsidePolicy { matching } => format!(
+            Denial::NoSuchExporter(name) => format!("no exporter named '{name}' is registered"),
+            Denial::NoMatch if selector.is_empty() => "no exporter is registered".to_owned(),
+            Denial::NoMatch => format!("no exporter matches selector '{selector}'"),
+            Denial::OutsidePolicy { matching } => format!(
                 "{} but none is allowed by this client's policy '{policy}'",
                 matching_phrase(*matching, selector)
             ),
-            Refusal::AllOffline { matching: 1 } => format!(
+            Denial::AllOffline { matching: 1 } => format!(
                 "{} but it is not online and enabled",
                 matching_phrase(1, selector)
             ),
-            Refusal::AllOffline { matching } => format!(
+            Denial::AllOffline { matching } => format!(
                 "{} but none is online and enabled",
                 matching_phrase(*matching, selector)
             ),
-            Refusal::AllBusy { matching, behind } => {
+            Denial::AllBusy { matching, behind } => {
                 let verb = if *matching == 1 {
                     "it is leased"
                 } else {
@@ -258,8 +267,8 @@ impl Refusal {
                     .unwrap_or_default();
                 format!("{} but {verb}{next}", matching_phrase(*matching, selector))
             }
-            Refusal::BadDuration => "the lease duration must be greater than zero".to_owned(),
-            Refusal::LeaseNameInUse(name) => format!("lease name '{name}' is already in use"),
+            Denial::BadDuration => "the lease duration must be greater than zero".to_owned(),
+            Denial::LeaseNameInUse(name) => format!("lease name '{name}' is already in use"),
         }
     }
 }
@@ -408,6 +417,26 @@ struct Scan {
     /// ... and are online and enabled.
     usable: usize,
     cand: Bits,
+}
+
+impl Scan {
+    /// Why no registered exporter could ever serve the request (`None`: some could, once
+    /// online, enabled and free).
+    fn unservable(&self, exporter: Option<&str>) -> Option<Denial> {
+        if self.named_missing {
+            Some(Denial::NoSuchExporter(
+                exporter.unwrap_or_default().to_owned(),
+            ))
+        } else if self.matching == 0 {
+            Some(Denial::NoMatch)
+        } else if self.candidates == 0 {
+            Some(Denial::OutsidePolicy {
+                matching: self.matching,
+            })
+        } else {
+            None
+        }
+    }
 }
 
 /// The lease logic; see the module documentation.
@@ -740,12 +769,12 @@ impl LeaseBook {
             return (Outcome::Existing(state), events);
         }
         if req.duration == 0 {
-            return (Outcome::Refused(Refusal::BadDuration), events);
+            return (Outcome::Refused(Denial::BadDuration), events);
         }
         if self.leases.contains_key(&req.lease_name)
             || self.queue_by_lease.contains_key(&req.lease_name)
         {
-            let refusal = Refusal::LeaseNameInUse(req.lease_name);
+            let refusal = Denial::LeaseNameInUse(req.lease_name);
             return (Outcome::Refused(refusal), events);
         }
         let not_before = req.not_before.max(now);
@@ -769,26 +798,22 @@ impl LeaseBook {
             }
         }
         let scan = self.scan(&req.selector, &req.policy, req.exporter.as_deref());
+        // Waiting cannot help a request no registered exporter could ever serve.
+        if let Some(refusal) = scan.unservable(req.exporter.as_deref()) {
+            return (Outcome::Refused(refusal), events);
+        }
         let wait_until = match req.wait_until {
             Some(t) if t > now || not_before > now => Some(t.max(not_before)),
             None if not_before > now => Some(not_before),
             _ => None,
         };
         let Some(wait_until) = wait_until else {
-            let refusal = if scan.named_missing {
-                Refusal::NoSuchExporter(req.exporter.unwrap_or_default())
-            } else if scan.matching == 0 {
-                Refusal::NoMatch
-            } else if scan.candidates == 0 {
-                Refusal::OutsidePolicy {
-                    matching: scan.matching,
-                }
-            } else if scan.usable == 0 {
-                Refusal::AllOffline {
+            let refusal = if scan.usable == 0 {
+                Denial::AllOffline {
                     matching: scan.candidates,
                 }
             } else {
-                Refusal::AllBusy {
+                Denial::AllBusy {
                     matching: scan.candidates,
                     behind: self.behind(&scan.cand),
                 }
@@ -823,6 +848,88 @@ impl LeaseBook {
         self.enqueue(entry);
         let (position, behind) = self.position(now, &req.request_id).unwrap_or((1, None));
         (Outcome::Queued { position, behind }, events)
+    }
+
+    /// `client`'s policy is now `policy`: its waiting requests wait for what the new policy
+    /// allows, and those that no registered exporter could serve any more are withdrawn
+    /// (returned with why, no event); its leases on exporters the policy forbids end
+    /// ([`EndReason::PolicyChanged`]), and the freed exporters go to other waiters.
+    pub fn set_policy(
+        &mut self,
+        now: Millis,
+        client: &str,
+        policy: &Selector,
+    ) -> (Vec<Event>, Vec<(Waiting, Denial)>) {
+        let mut events = self.advance(now);
+        let mine: Vec<u64> = self
+            .queue
+            .iter()
+            .filter(|(_, q)| q.w.client == client)
+            .map(|(seq, _)| *seq)
+            .collect();
+        let mut withdrawn = Vec::new();
+        for seq in mine {
+            let Some(q) = self.queue.get(&seq) else {
+                continue;
+            };
+            let scan = self.scan(&q.selector, policy, q.w.exporter.as_deref());
+            if let Some(why) = scan.unservable(q.w.exporter.as_deref()) {
+                if let Some(q) = self.dequeue(seq) {
+                    withdrawn.push((q.w, why));
+                }
+                continue;
+            }
+            if let Some(q) = self.queue.get_mut(&seq) {
+                q.policy = policy.clone();
+                q.w.policy = policy.to_string();
+                q.cand = scan.cand;
+                self.changes.insert(Change::Waiting(q.w.request_id.clone()));
+                // A wider policy may give it a grantable candidate.
+                self.dirty = true;
+            }
+        }
+        let forbidden: Vec<String> = self
+            .leases
+            .values()
+            .filter(|l| l.client == client)
+            .filter(|l| {
+                self.exporters
+                    .get(&l.exporter)
+                    .is_some_and(|e| !policy.matches(&e.state.labels))
+            })
+            .map(|l| l.name.clone())
+            .collect();
+        for name in forbidden {
+            self.end_lease(&name, EndReason::PolicyChanged, &mut events);
+        }
+        self.fill(&mut events);
+        (events, withdrawn)
+    }
+
+    /// Why no registered exporter could ever serve a request for `selector` within `policy`
+    /// (and by name `exporter`): waiting cannot help it. `None`: some could.
+    pub fn unservable(
+        &self,
+        selector: &Selector,
+        policy: &Selector,
+        exporter: Option<&str>,
+    ) -> Option<Denial> {
+        self.scan(selector, policy, exporter).unservable(exporter)
+    }
+
+    /// The registered exporters a waiting request could be granted (by name).
+    pub fn candidates(&self, request_id: &str) -> Vec<&str> {
+        let Some(q) = self
+            .queue_by_id
+            .get(request_id)
+            .and_then(|s| self.queue.get(s))
+        else {
+            return Vec::new();
+        };
+        q.cand
+            .ones()
+            .filter_map(|slot| self.slots.get(slot)?.as_deref())
+            .collect()
     }
 
     /// Ends the lease `lease_name` ([`EndReason::Released`]) and grants the freed exporter to
@@ -1539,7 +1646,7 @@ mod tests {
     }
 
     #[track_caller]
-    fn refused(o: &Outcome) -> Refusal {
+    fn refused(o: &Outcome) -> Denial {
         match o {
             Outcome::Refused(r) => r.clone(),
             other => panic!("expected Refused, got {other:?}"),
@@ -1599,7 +1706,7 @@ mod tests {
         // A newcomer without --wait is refused as busy, not offline.
         assert!(matches!(
             refused(&b.request(40, req("r3", "board=rpi4")).0),
-            Refusal::AllBusy { .. }
+            Denial::AllBusy { .. }
         ));
         assert_eq!(b.next_deadline(), Some(530));
         // Done: the waiter gets it at once.
@@ -1623,7 +1730,7 @@ mod tests {
         assert!(ev.is_empty());
         assert!(matches!(
             refused(&b.request(1, req("r1", "board=rpi4")).0),
-            Refusal::AllBusy { .. }
+            Denial::AllBusy { .. }
         ));
         ok(&b, 1);
         b.remove_exporter(2, "rpi-1");
@@ -1752,20 +1859,25 @@ mod tests {
         let ev = b.release(3, "L-r1");
         assert_eq!(grants(&ev), vec![(s("r2"), s("a"))]);
 
-        // A name that is not registered yet: waits, and gets it once it is registered and online.
+        // A name that is not registered: refused even with a wait (no wait can help); once
+        // registered, but offline, it waits, and gets it once online.
         let named = NewRequest {
             exporter: Some(s("c")),
             ..wait_req("r4", "board=rpi4", 500)
         };
         assert_eq!(
-            b.request(4, named).0,
+            b.request(4, named.clone()).0,
+            Outcome::Refused(Denial::NoSuchExporter(s("c")))
+        );
+        assert!(b.upsert_exporter(5, "c", labels(RPI), true).is_empty());
+        ok(&b, 5);
+        assert_eq!(
+            b.request(5, named).0,
             Outcome::Queued {
                 position: 1,
                 behind: None
             }
         );
-        assert!(b.upsert_exporter(5, "c", labels(RPI), true).is_empty());
-        ok(&b, 5);
         let ev = b.set_online(6, "c", true);
         assert_eq!(grants(&ev), vec![(s("r4"), s("c"))]);
         ok(&b, 6);
@@ -1834,7 +1946,7 @@ mod tests {
         // The server's timer is late: the next call comes at 150 and it is a new request.
         let (o, ev) = b.request(150, req("r2", "board=rpi4"));
         assert_eq!(grants(&ev), vec![(s("r1"), s("rpi-1"))]);
-        assert!(matches!(refused(&o), Refusal::AllBusy { matching: 1, .. }));
+        assert!(matches!(refused(&o), Denial::AllBusy { matching: 1, .. }));
         ok(&b, 150);
     }
 
@@ -1896,7 +2008,7 @@ mod tests {
         assert_eq!(b.take_changes(), vec![], "online is not persisted");
         assert_eq!(
             refused(&b.request(20, req("r2", "board=rpi4")).0),
-            Refusal::AllOffline { matching: 1 }
+            Denial::AllOffline { matching: 1 }
         );
         assert!(matches!(
             b.request(30, wait_req("r3", "board=rpi4", 1000)).0,
@@ -1930,7 +2042,7 @@ mod tests {
         ok(&b, 10);
         assert_eq!(
             refused(&b.request(11, req("r3", "board=rpi4")).0),
-            Refusal::AllOffline { matching: 1 }
+            Denial::AllOffline { matching: 1 }
         );
         let ev = b.upsert_exporter(20, "rpi-1", labels(RPI), true);
         assert_eq!(grants(&ev), vec![(s("r2"), s("rpi-1"))]);
@@ -1943,7 +2055,14 @@ mod tests {
 
     #[test]
     fn a_label_change_can_make_a_waiter_match() {
-        let mut b = book_with(&[("x", &[("board", "old")])]);
+        // "y" matches but is offline, so r1 may wait; "x" comes to match it.
+        let mut b = book_with(&[("x", &[("board", "old")]), ("y", RPI)]);
+        assert!(b.set_online(0, "y", false).is_empty());
+        // Nothing registered matches: no wait can help.
+        assert_eq!(
+            b.request(0, wait_req("r0", "board=imx8", 1000)).0,
+            Outcome::Refused(Denial::NoMatch)
+        );
         assert!(matches!(
             b.request(0, wait_req("r1", "board=rpi4", 1000)).0,
             Outcome::Queued {
@@ -1963,6 +2082,59 @@ mod tests {
     }
 
     #[test]
+    fn a_narrowed_policy_withdraws_what_it_forbids_and_a_wider_one_grants() {
+        let mut b = book_with(&[
+            ("a", &[("board", "rpi4"), ("team", "x")]),
+            ("b", &[("board", "rpi4"), ("team", "y")]),
+            ("c", &[("board", "imx8"), ("team", "x")]),
+        ]);
+        // alice holds "a", reserves any rpi4 for later, and waits for an imx8 behind c2.
+        granted(&b.request(0, req("r1", "board=rpi4")).0);
+        granted(
+            &b.request(
+                0,
+                NewRequest {
+                    client: s("c2"),
+                    ..req("r2", "board=imx8")
+                },
+            )
+            .0,
+        );
+        let reserve = NewRequest {
+            not_before: 100,
+            ..wait_req("r3", "board=rpi4", 500)
+        };
+        assert!(matches!(b.request(1, reserve).0, Outcome::Queued { .. }));
+        assert!(matches!(
+            b.request(1, wait_req("r4", "board=imx8", 500)).0,
+            Outcome::Queued { .. }
+        ));
+        b.take_changes();
+        // Now alice may use team y only: her lease on "a" ends, the rpi4 reservation waits for
+        // "b" alone, the imx8 request can never be served and is withdrawn.
+        let (ev, withdrawn) = b.set_policy(2, "alice", &sel("team=y"));
+        assert_eq!(ended(&ev), vec![(s("L-r1"), EndReason::PolicyChanged)]);
+        let withdrawn: Vec<(&str, &Denial)> = withdrawn
+            .iter()
+            .map(|(w, r)| (w.request_id.as_str(), r))
+            .collect();
+        assert_eq!(
+            withdrawn,
+            vec![("r4", &Denial::OutsidePolicy { matching: 1 })]
+        );
+        assert_eq!(b.candidates("r3"), vec!["b"]);
+        assert_eq!(b.waiting_by_id("r3").unwrap().policy, "team=y");
+        ok(&b, 2);
+        // Widening again lets the reservation take "a" at its begin; nothing else changes.
+        let (ev, withdrawn) = b.set_policy(3, "alice", &sel(""));
+        assert!(ev.is_empty() && withdrawn.is_empty());
+        assert_eq!(b.candidates("r3"), vec!["a", "b"]);
+        let ev = b.tick(100);
+        assert_eq!(grants(&ev), vec![(s("r3"), s("a"))]);
+        ok(&b, 100);
+    }
+
+    #[test]
     fn the_client_policy_limits_the_candidates() {
         let mut b = book_with(&[
             ("a", &[("board", "rpi4"), ("project", "other")]),
@@ -1976,7 +2148,7 @@ mod tests {
         assert_eq!(granted(&b.request(0, mine("r1")).0).exporter, "c");
         assert_eq!(
             refused(&b.request(1, mine("r2")).0),
-            Refusal::AllBusy {
+            Denial::AllBusy {
                 matching: 1,
                 behind: Some(s("L-r1"))
             }
@@ -1986,7 +2158,7 @@ mod tests {
             ..req("r3", "project=other")
         };
         let r = refused(&b.request(2, outside).0);
-        assert_eq!(r, Refusal::OutsidePolicy { matching: 2 });
+        assert_eq!(r, Denial::OutsidePolicy { matching: 2 });
         assert_eq!(
             r.message("project=other", "project=mine"),
             "2 exporters match 'project=other' but none is allowed by this client's policy 'project=mine'"
@@ -2022,11 +2194,11 @@ mod tests {
             ..req("n", "")
         };
         let r = refused(&b.request(1, named).0);
-        assert_eq!(r, Refusal::NoSuchExporter(s("nope")));
+        assert_eq!(r, Denial::NoSuchExporter(s("nope")));
         assert_eq!(r.message("", ""), "no exporter named 'nope' is registered");
 
         let r = refused(&b.request(1, req("m", "board=x")).0);
-        assert_eq!(r, Refusal::NoMatch);
+        assert_eq!(r, Denial::NoMatch);
         assert_eq!(
             r.message("board=x", ""),
             "no exporter matches selector 'board=x'"
@@ -2036,7 +2208,7 @@ mod tests {
             exporter: Some(s("rpi-1")),
             ..req("m2", "board=pi0")
         };
-        assert_eq!(refused(&b.request(1, named).0), Refusal::NoMatch);
+        assert_eq!(refused(&b.request(1, named).0), Denial::NoMatch);
 
         let r = refused(
             &b.request(
@@ -2048,10 +2220,10 @@ mod tests {
             )
             .0,
         );
-        assert_eq!(r, Refusal::OutsidePolicy { matching: 2 });
+        assert_eq!(r, Denial::OutsidePolicy { matching: 2 });
 
         let r = refused(&b.request(1, req("o", "board=pi0")).0);
-        assert_eq!(r, Refusal::AllOffline { matching: 2 });
+        assert_eq!(r, Denial::AllOffline { matching: 2 });
         assert_eq!(
             r.message("board=pi0", ""),
             "2 exporters match 'board=pi0' but none is online and enabled"
@@ -2080,7 +2252,7 @@ mod tests {
         let r = refused(&b.request(2, req("busy", "board=rpi4")).0);
         assert_eq!(
             r,
-            Refusal::AllBusy {
+            Denial::AllBusy {
                 matching: 2,
                 behind: Some(s("L-g2"))
             }
@@ -2092,7 +2264,7 @@ mod tests {
         // wait_until <= now does not wait either.
         assert!(matches!(
             refused(&b.request(2, wait_req("busy2", "board=rpi4", 2)).0),
-            Refusal::AllBusy { .. }
+            Denial::AllBusy { .. }
         ));
 
         let r = refused(
@@ -2105,7 +2277,7 @@ mod tests {
             )
             .0,
         );
-        assert_eq!(r, Refusal::BadDuration);
+        assert_eq!(r, Denial::BadDuration);
         assert!(r.message("", "").contains("greater than zero"));
 
         let dup = NewRequest {
@@ -2113,19 +2285,16 @@ mod tests {
             ..wait_req("dup", "board=rpi4", 100)
         };
         let r = refused(&b.request(2, dup).0);
-        assert_eq!(r, Refusal::LeaseNameInUse(s("L-g1")));
+        assert_eq!(r, Denial::LeaseNameInUse(s("L-g1")));
         assert_eq!(r.message("", ""), "lease name 'L-g1' is already in use");
 
+        assert_eq!(Denial::NoMatch.message("", ""), "no exporter is registered");
         assert_eq!(
-            Refusal::NoMatch.message("", ""),
-            "no exporter is registered"
-        );
-        assert_eq!(
-            Refusal::AllOffline { matching: 1 }.message("", ""),
+            Denial::AllOffline { matching: 1 }.message("", ""),
             "1 exporter exists but it is not online and enabled"
         );
         assert_eq!(
-            Refusal::AllBusy {
+            Denial::AllBusy {
                 matching: 1,
                 behind: None
             }
@@ -2399,7 +2568,7 @@ mod tests {
         b.request(
             8,
             NewRequest {
-                exporter: Some(s("zz")),
+                exporter: Some(s("b")),
                 ..wait_req("r5", "", 700)
             },
         );
@@ -2703,6 +2872,11 @@ mod tests {
         },
         Remove(usize),
         RemoveClient(usize),
+        /// A client's policy changes (an admin narrows or widens it).
+        SetPolicy {
+            client: usize,
+            policy: usize,
+        },
         Request {
             client: usize,
             selector: usize,
@@ -2777,6 +2951,8 @@ mod tests {
                 .prop_map(|(exporter, online)| Op::Online { exporter, online }),
             1 => (0..REGISTERED).prop_map(Op::Remove),
             1 => (0..CLIENTS.len()).prop_map(Op::RemoveClient),
+            2 => (0..CLIENTS.len(), 0..POLICIES.len())
+                .prop_map(|(client, policy)| Op::SetPolicy { client, policy }),
             12 => arb_request(),
             3 => any::<usize>().prop_map(Op::Release),
             2 => (any::<usize>(), -30i64..80).prop_map(|(i, d)| Op::SetEnd(i, d)),
@@ -2827,9 +3003,9 @@ mod tests {
         selector: &Selector,
         policy: &Selector,
         exporter: Option<&str>,
-    ) -> Refusal {
+    ) -> Denial {
         if let Some(n) = exporter.filter(|n| b.exporter(n).is_none()) {
-            return Refusal::NoSuchExporter(n.to_owned());
+            return Denial::NoSuchExporter(n.to_owned());
         }
         let matching: Vec<(&String, &ExporterState)> = b
             .exporters()
@@ -2851,14 +3027,22 @@ mod tests {
             .min_by(|x, y| (x.end, &x.name).cmp(&(y.end, &y.name)))
             .map(|l| l.name.clone());
         match (matching.len(), candidates.len(), usable) {
-            (0, _, _) => Refusal::NoMatch,
-            (m, 0, _) => Refusal::OutsidePolicy { matching: m },
-            (_, c, 0) => Refusal::AllOffline { matching: c },
-            (_, c, _) => Refusal::AllBusy {
+            (0, _, _) => Denial::NoMatch,
+            (m, 0, _) => Denial::OutsidePolicy { matching: m },
+            (_, c, 0) => Denial::AllOffline { matching: c },
+            (_, c, _) => Denial::AllBusy {
                 matching: c,
                 behind,
             },
         }
+    }
+
+    /// A refusal no wait can change.
+    fn is_unservable(r: &Denial) -> bool {
+        matches!(
+            r,
+            Denial::NoSuchExporter(_) | Denial::NoMatch | Denial::OutsidePolicy { .. }
+        )
     }
 
     /// Position from scratch: earlier waiters, active by `max(now, not_before)`, sharing a
@@ -2979,10 +3163,12 @@ mod tests {
                 let pre_labels = pre.exporters.get(e).map(|x| &x.0);
                 let post_labels = post.exporters.get(e).map(|x| &x.0);
                 for w in pre.waiting.values() {
+                    // What it wants now: a policy change in this call may have narrowed it.
+                    let now_w = post.waiting.get(&w.request_id).unwrap_or(w);
                     if w.seq >= seq
                         || w.not_before > b.clock()
                         || !waiter_wants(w, e, pre_labels)
-                        || !waiter_wants(w, e, post_labels)
+                        || !waiter_wants(now_w, e, post_labels)
                     {
                         continue;
                     }
@@ -3115,6 +3301,54 @@ mod tests {
                         || self.book.waiting().any(|w| w.client == client)
                     {
                         return Err(format!("{client} still has leases or waiting requests"));
+                    }
+                    self.check_call(&pre, &ev, None)?;
+                }
+                Op::SetPolicy { client, policy } => {
+                    let (client, policy) = (CLIENTS[*client], sel(POLICIES[*policy]));
+                    let (ev, withdrawn) = self.book.set_policy(now, client, &policy);
+                    let b = &self.book;
+                    for (w, why) in &withdrawn {
+                        let expected =
+                            naive_refusal(b, &sel(&w.selector), &policy, w.exporter.as_deref());
+                        if !is_unservable(&expected) || *why != expected {
+                            return Err(format!(
+                                "withdrew {} for {why:?}, expected {expected:?}",
+                                w.request_id
+                            ));
+                        }
+                        if w.client != client || !pre.waiting.contains_key(&w.request_id) {
+                            return Err(format!("withdrew {w:?}, not a waiter of {client}"));
+                        }
+                    }
+                    for w in b.waiting().filter(|w| w.client == client) {
+                        let r = naive_refusal(b, &sel(&w.selector), &policy, w.exporter.as_deref());
+                        if w.policy != policy.to_string() || is_unservable(&r) {
+                            return Err(format!(
+                                "{w:?} kept waiting under policy '{policy}' ({r:?})"
+                            ));
+                        }
+                    }
+                    for l in b.leases().filter(|l| l.client == client) {
+                        if b.exporter(&l.exporter)
+                            .is_some_and(|e| !policy.matches(&e.labels))
+                        {
+                            return Err(format!("{l:?} outlived a policy that forbids it"));
+                        }
+                    }
+                    if !withdrawn.is_empty() {
+                        self.stat("policy: withdrew a waiter");
+                    }
+                    if ev.iter().any(|e| {
+                        matches!(
+                            e,
+                            Event::Ended {
+                                reason: EndReason::PolicyChanged,
+                                ..
+                            }
+                        )
+                    }) {
+                        self.stat("policy: ended a lease");
                     }
                     self.check_call(&pre, &ev, None)?;
                 }
@@ -3268,6 +3502,10 @@ mod tests {
                             if !may_wait || w.seq < b.waiting().map(|x| x.seq).max().unwrap_or(0) {
                                 return Err(format!("bad enqueue {w:?}"));
                             }
+                            let r = naive_refusal(b, &selector, &policy, exporter.as_deref());
+                            if is_unservable(&r) {
+                                return Err(format!("queued although unservable: {r:?}"));
+                            }
                             if b.position(now, &id) != Some((*position, behind.clone()))
                                 || naive_position(b, now, w) != *position
                             {
@@ -3283,28 +3521,33 @@ mod tests {
                         }
                         Outcome::Refused(r) => {
                             let expected = if *duration == 0 {
-                                Refusal::BadDuration
+                                Denial::BadDuration
                             } else if b.lease(&lease_name).is_some()
                                 || b.waiting().any(|w| w.lease_name == lease_name)
                             {
-                                Refusal::LeaseNameInUse(lease_name.clone())
+                                Denial::LeaseNameInUse(lease_name.clone())
                             } else {
-                                if may_wait {
+                                let naive =
+                                    naive_refusal(b, &selector, &policy, exporter.as_deref());
+                                if may_wait && !is_unservable(&naive) {
                                     return Err(format!("refused {r:?} although it may wait"));
                                 }
-                                naive_refusal(b, &selector, &policy, exporter.as_deref())
+                                if may_wait {
+                                    self.stat("refused at once although it may wait");
+                                }
+                                naive
                             };
                             if *r != expected {
                                 return Err(format!("refused {r:?}, expected {expected:?}"));
                             }
                             match r {
-                                Refusal::NoSuchExporter(_) => "refused: no such exporter",
-                                Refusal::NoMatch => "refused: no match",
-                                Refusal::OutsidePolicy { .. } => "refused: outside policy",
-                                Refusal::AllOffline { .. } => "refused: all offline",
-                                Refusal::AllBusy { .. } => "refused: all busy",
-                                Refusal::BadDuration => "refused: bad duration",
-                                Refusal::LeaseNameInUse(_) => "refused: lease name in use",
+                                Denial::NoSuchExporter(_) => "refused: no such exporter",
+                                Denial::NoMatch => "refused: no match",
+                                Denial::OutsidePolicy { .. } => "refused: outside policy",
+                                Denial::AllOffline { .. } => "refused: all offline",
+                                Denial::AllBusy { .. } => "refused: all busy",
+                                Denial::BadDuration => "refused: bad duration",
+                                Denial::LeaseNameInUse(_) => "refused: lease name in use",
                             }
                         }
                     };
@@ -3373,6 +3616,9 @@ mod tests {
             "event: wait expired",
             "fifo: earlier waiter checked",
             "restart",
+            "refused at once although it may wait",
+            "policy: withdrew a waiter",
+            "policy: ended a lease",
         ] {
             assert!(
                 stats.get(what).is_some_and(|n| *n > 0),

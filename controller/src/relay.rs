@@ -8,12 +8,19 @@
 //! to the address of its claim; datagrams from anywhere else are dropped. Every session of a
 //! lease ends when the lease ends (the port closes), and a session idle for a minute ends too.
 //!
+//! How many ports one holder may take: a lease has at most [`PER_LEASE`] live sessions (a new
+//! one ends its oldest), and the ports of sessions that were ended but have not closed yet
+//! count against the lease and its client until they have; a client holds at most
+//! [`PER_CLIENT`] ports over all its leases, and with a port range (`--relay-ports`) at most a
+//! quarter of it, so one client never takes the range from the others. Beyond that a session
+//! is refused (busy, retry).
+//!
 //! Cost per datagram: none of its own. Datagrams are received in batches with GRO and sent on
 //! with GSO at the same segment size, so a burst of QUIC packets costs one receive and one send
 //! system call per batch.
 
 use crate::metrics::Metrics;
-use jmp_protocol::ctl::{CtlError, CtlErrorCode, RelayGrant, Reply};
+use jmp_protocol::api::{CtlError, CtlErrorCode, RelayGrant, Reply};
 use jmp_protocol::relay::{decode, encode, same_secret, secret_hex, Kind, Secret};
 use jmp_transport::udp::QuietUdp;
 use quinn::udp::{RecvMeta, Transmit};
@@ -35,7 +42,10 @@ const CLAIM_WAIT: Duration = Duration::from_secs(30);
 const IDLE: Duration = Duration::from_secs(60);
 /// Sessions one lease may have at once (an attachment, a `jmp power`, a reconnect in flight);
 /// a new one beyond this ends the oldest.
-const PER_LEASE: usize = 4;
+pub const PER_LEASE: usize = 4;
+/// Relay ports one client may hold at once, over all its leases, sessions still closing
+/// included (at most a quarter of a `--relay-ports` range).
+pub const PER_CLIENT: usize = 16;
 /// Receive buffers per batch.
 const BATCH: usize = 8;
 /// How long a session outlives its lease: jmpd ends the session when it hears of the end (at
@@ -77,8 +87,33 @@ pub fn parse_ports(s: &str) -> Result<(u16, u16), String> {
 
 struct Handle {
     id: String,
+    client: String,
     stop: watch::Sender<Option<&'static str>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// A session told to stop whose port may still be bound (until its task has ended).
+struct Closing {
+    lease: String,
+    client: String,
+    task: tokio::task::AbortHandle,
+}
+
+/// Why a session was not opened.
+#[derive(Debug, PartialEq)]
+pub enum OpenError {
+    /// The lease or its client holds as many relay ports as it may: retry later.
+    Busy(String),
+    /// No port could be bound, or the system failed.
+    Failed(String),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Busy(m) | OpenError::Failed(m) => f.write_str(m),
+        }
+    }
 }
 
 /// The core's view of the relay: opens sessions and ends them with their lease. Lives in the
@@ -87,6 +122,7 @@ pub struct Relays {
     cfg: RelayConfig,
     metrics: Arc<Metrics>,
     by_lease: HashMap<String, Vec<Handle>>,
+    closing: Vec<Closing>,
     next_port: u16,
 }
 
@@ -104,8 +140,55 @@ impl Relays {
             cfg,
             metrics,
             by_lease: HashMap::new(),
+            closing: Vec::new(),
             next_port,
         }
+    }
+
+    /// (live sessions per lease, ports per lease, ports per client): see the module's
+    /// documentation. A lease may hold one more port than live sessions, so that a new
+    /// session can replace one while the replaced one closes.
+    fn limits(&self) -> (usize, usize, usize) {
+        let per_client = match self.cfg.ports {
+            Some((lo, hi)) => ((usize::from(hi - lo) + 1) / 4).clamp(2, PER_CLIENT),
+            None => PER_CLIENT,
+        };
+        let lease_ports = (2 * PER_LEASE).min(per_client);
+        (PER_LEASE.min(lease_ports - 1), lease_ports, per_client)
+    }
+
+    /// Forgets sessions whose tasks have ended (their ports are closed).
+    fn reap(&mut self) {
+        self.closing.retain(|c| !c.task.is_finished());
+        self.by_lease.retain(|_, list| {
+            list.retain(|h| !h.task.is_finished());
+            !list.is_empty()
+        });
+    }
+
+    /// Ports held (live or closing) by sessions matching `lease` and `client` (`None`: any).
+    fn held(&self, lease: Option<&str>, client: Option<&str>) -> usize {
+        let fits = |l: &str, c: &str| lease.is_none_or(|x| x == l) && client.is_none_or(|x| x == c);
+        let live: usize = self
+            .by_lease
+            .iter()
+            .map(|(l, list)| list.iter().filter(|h| fits(l, &h.client)).count())
+            .sum();
+        live + self
+            .closing
+            .iter()
+            .filter(|c| fits(&c.lease, &c.client))
+            .count()
+    }
+
+    /// Tells `h` to stop; its port counts until its task has ended.
+    fn stop(&mut self, lease: &str, h: Handle, why: &'static str) {
+        let _ = h.stop.send(Some(why));
+        self.closing.push(Closing {
+            lease: lease.to_string(),
+            client: h.client,
+            task: h.task.abort_handle(),
+        });
     }
 
     fn bind(&mut self) -> Result<std::net::UdpSocket, String> {
@@ -127,27 +210,47 @@ impl Relays {
         ))
     }
 
-    /// Opens a session for `lease` on `exporter`. The client's answer (`Relay`, or an error)
-    /// goes to `client` once the exporter has punched through; the returned grant is what the
-    /// exporter must be sent (on its registration stream) to punch.
+    /// Opens a session for `lease` (held by `holder`) on `exporter`. The client's answer
+    /// (`Relay`, or an error) goes to `client` once the exporter has punched through; the
+    /// returned grant is what the exporter must be sent (on its registration stream) to punch.
     pub fn open(
         &mut self,
         lease: &str,
+        holder: &str,
         exporter: &str,
         client: mpsc::UnboundedSender<Reply>,
-    ) -> Result<RelayGrant, String> {
-        let list = self.by_lease.entry(lease.to_string()).or_default();
-        list.retain(|h| !h.task.is_finished());
-        while list.len() >= PER_LEASE {
+    ) -> Result<RelayGrant, OpenError> {
+        self.reap();
+        let (live_max, lease_max, client_max) = self.limits();
+        // A new session of a lease that has its share ends its oldest (a reconnect replaces
+        // the connection it lost).
+        loop {
+            let list = self.by_lease.entry(lease.to_string()).or_default();
+            if list.len() < live_max {
+                break;
+            }
             let old = list.remove(0);
-            let _ = old.stop.send(Some("replaced"));
+            self.stop(lease, old, "replaced");
         }
-        let socket = self.bind()?;
-        let port = socket.local_addr().map_err(|e| e.to_string())?.port();
-        let exporter_secret = random_secret()?;
-        let client_secret = random_secret()?;
-        let id = hex::encode(&random_secret()?[..6]);
-        let udp = QuietUdp::new(socket).map_err(|e| format!("relay socket: {e}"))?;
+        let n = self.held(Some(lease), None);
+        if n >= lease_max {
+            return Err(OpenError::Busy(format!(
+                "lease {lease} holds {n} relay ports (at most {lease_max}, sessions still closing included); retry in a moment"
+            )));
+        }
+        let n = self.held(None, Some(holder));
+        if n >= client_max {
+            return Err(OpenError::Busy(format!(
+                "client {holder} holds {n} relay ports over its leases (at most {client_max}); detach an attachment through the relay, or retry in a moment"
+            )));
+        }
+        let socket = self.bind().map_err(OpenError::Failed)?;
+        let fail = |e: String| OpenError::Failed(e);
+        let port = socket.local_addr().map_err(|e| fail(e.to_string()))?.port();
+        let exporter_secret = random_secret().map_err(fail)?;
+        let client_secret = random_secret().map_err(fail)?;
+        let id = hex::encode(&random_secret().map_err(fail)?[..6]);
+        let udp = QuietUdp::new(socket).map_err(|e| fail(format!("relay socket: {e}")))?;
         udp.set_buffer_sizes(4 << 20);
         let (stop, stop_rx) = watch::channel(None);
         let grant = |secret: &Secret| RelayGrant {
@@ -156,7 +259,7 @@ impl Relays {
             host: self.cfg.host.clone(),
             secret: secret_hex(secret),
         };
-        let session = Session {
+        let session = RelaySession {
             id: id.clone(),
             lease: lease.to_string(),
             exporter: exporter.to_string(),
@@ -174,6 +277,7 @@ impl Relays {
             .or_default()
             .push(Handle {
                 id: id.clone(),
+                client: holder.to_string(),
                 stop,
                 task,
             });
@@ -192,6 +296,14 @@ impl Relays {
             sessions = handles.len(),
             "ending relay sessions: the lease ended"
         );
+        // Their ports count against the client until they have closed.
+        for h in &handles {
+            self.closing.push(Closing {
+                lease: lease.to_string(),
+                client: h.client.clone(),
+                task: h.task.abort_handle(),
+            });
+        }
         tokio::spawn(async move {
             tokio::time::sleep(END_GRACE).await;
             for h in handles {
@@ -202,7 +314,7 @@ impl Relays {
     }
 }
 
-struct Session {
+struct RelaySession {
     id: String,
     lease: String,
     exporter: String,
@@ -215,7 +327,7 @@ struct Session {
     metrics: Arc<Metrics>,
 }
 
-impl Session {
+impl RelaySession {
     async fn run(mut self) {
         self.metrics.relay_sessions.inc();
         let reason = self.splice().await;
@@ -389,6 +501,55 @@ mod tests {
         assert!(parse_ports("1-99999").is_err());
     }
 
+    /// One client opening relay sessions as fast as it can, on one lease and on many, holds at
+    /// most its share of the port range (a quarter: 4 of 16 ports, sessions still closing
+    /// included); beyond it it is told to retry, and another client still gets a port.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_client_cannot_take_the_relay_port_range() {
+        let lo = 40000 + (std::process::id() % 1000) as u16 * 16;
+        let mut relays = Relays::new(
+            RelayConfig {
+                bind: "127.0.0.1".parse().unwrap(),
+                ports: Some((lo, lo + 15)),
+                host: None,
+            },
+            Arc::new(Metrics::new()),
+        );
+        let held_outside = || {
+            (lo..=lo + 15)
+                .filter(|p| std::net::UdpSocket::bind(("127.0.0.1", *p)).is_err())
+                .count()
+        };
+        let before = held_outside();
+        let mut opened = 0;
+        for lease in ["L1", "L2", "L3", "L4", "L5", "L6"] {
+            for _ in 0..6 {
+                let (tx, _rx) = mpsc::unbounded_channel();
+                match relays.open(lease, "c1", "e1", tx) {
+                    Ok(_) => opened += 1,
+                    Err(OpenError::Busy(why)) => {
+                        assert!(why.contains("retry"), "{why}")
+                    }
+                    Err(e) => panic!("not a refusal of the client's share: {e}"),
+                }
+                assert!(relays.held(None, Some("c1")) <= 4);
+                assert!(relays.held(Some(lease), None) <= 4);
+                assert!(
+                    held_outside() <= before + 4,
+                    "c1 holds more than its share of the range"
+                );
+            }
+        }
+        assert!(opened >= 4, "c1 got its share: {opened}");
+        let (tx, _rx) = mpsc::unbounded_channel();
+        relays
+            .open("L9", "c2", "e2", tx)
+            .expect("another client still gets a relay port");
+        for l in ["L1", "L2", "L3", "L4", "L5", "L6", "L9"] {
+            relays.end_lease(l);
+        }
+    }
+
     /// A session end to end on loopback: the exporter punches, the client claims, datagrams
     /// flow both ways unchanged, strangers are ignored, and ending the lease closes the port.
     // Two workers: the test's blocking sockets stand for other processes, and the session's
@@ -405,7 +566,7 @@ mod tests {
             metrics.clone(),
         );
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let eg = relays.open("L1", "e1", tx).expect("opened");
+        let eg = relays.open("L1", "c1", "e1", tx).expect("opened");
         let relay: SocketAddr = format!("127.0.0.1:{}", eg.port).parse().unwrap();
         let exp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         exp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

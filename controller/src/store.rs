@@ -101,6 +101,29 @@ pub trait LeaseStore: Send + 'static {
     }
 }
 
+/// Creates `path` empty with mode 0600 unless it exists, and takes group and other access
+/// away from an existing one.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    let mode = f.metadata()?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            "{} was readable by others (mode {:o}); making it the owner's only",
+            path.display(),
+            mode & 0o777
+        );
+        f.set_permissions(std::fs::Permissions::from_mode(mode & 0o700))?;
+    }
+    Ok(())
+}
+
 /// The embedded default: one redb file. redb commits are atomic and, with the default
 /// durability, fsynced before `commit` returns, so a crash leaves either all of a commit or none.
 pub struct RedbStore {
@@ -115,8 +138,16 @@ fn table_def(t: Table) -> redb::TableDefinition<'static, &'static str, &'static 
 }
 
 impl RedbStore {
+    /// Opens the store at `path`, creating it if missing. It holds every identity's record
+    /// and every lease, so it is the owner's only (0600, also when an older version left it
+    /// wider).
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
         let p = path.display().to_string();
+        let io = |e: std::io::Error| StoreError::Io {
+            path: p.clone(),
+            why: e.to_string(),
+        };
+        private_file(path).map_err(io)?;
         let db = redb::Database::create(path).map_err(|e| StoreError::Io {
             path: p.clone(),
             why: e.to_string(),
@@ -328,6 +359,30 @@ mod tests {
         let snap = s.load().unwrap();
         assert_eq!(snap.revision, 2);
         assert_eq!(snap.records.len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_redb_file_is_the_owners_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("jmp-store-mode-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let fresh = dir.join("leases.redb");
+        drop(RedbStore::open(&fresh).unwrap());
+        assert_eq!(mode(&fresh), 0o600);
+        // One an older version created 0644 is tightened, and its contents kept.
+        let old = dir.join("old.redb");
+        {
+            let mut s = RedbStore::open(&old).unwrap();
+            exercise(&mut s);
+        }
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut s = RedbStore::open(&old).unwrap();
+        assert_eq!(mode(&old), 0o600);
+        assert_eq!(s.load().unwrap().revision, 2);
+        drop(s);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

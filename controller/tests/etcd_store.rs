@@ -1,59 +1,11 @@
 //! The etcd store against a real etcd (one member on a loopback port, started and stopped by
-//! this test): compare-and-swap on the store revision, fencing of a controller that lost the
-//! leader key, commits larger than one etcd transaction, and the load that finishes a large
-//! commit its controller did not finish applying.
+//! this test with the e2e harness): compare-and-swap on the store revision, fencing of a
+//! controller that lost the leader key, commits larger than one etcd transaction, and the load
+//! that finishes a large commit its controller did not finish applying.
 
 use jmp_controller::etcd::{prefix_end, Etcd, EtcdStore, Fence};
 use jmp_controller::store::{LeaseStore, Op, StoreError, Table};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-struct Member {
-    child: Child,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        // By PID, and reaped.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn which(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-}
-
-fn start_etcd() -> (Member, String) {
-    let (c, p) = (free_port(), free_port());
-    let dir = std::env::temp_dir().join(format!("jmp-etcd-store-{}-{c}", std::process::id()));
-    let child = Command::new("etcd")
-        .arg("--data-dir")
-        .arg(&dir)
-        .arg(format!("--listen-client-urls=http://127.0.0.1:{c}"))
-        .arg(format!("--advertise-client-urls=http://127.0.0.1:{c}"))
-        .arg(format!("--listen-peer-urls=http://127.0.0.1:{p}"))
-        .arg(format!(
-            "--initial-advertise-peer-urls=http://127.0.0.1:{p}"
-        ))
-        .arg(format!("--initial-cluster=default=http://127.0.0.1:{p}"))
-        .args(["--logger=zap", "--log-level=error"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn etcd");
-    (Member { child, dir }, format!("http://127.0.0.1:{c}"))
-}
 
 fn put(t: Table, k: &str, v: &str) -> Op {
     Op::Put {
@@ -86,12 +38,11 @@ async fn make_leader(etcd: &Etcd, key: &[u8]) -> i64 {
 
 #[test]
 fn the_etcd_store_is_atomic_fenced_and_finishes_what_a_dead_leader_left() {
-    if !which("etcd") {
-        println!("SKIP: etcd is not installed (scripts/install-test-deps.sh installs etcd-server)");
-        return;
-    }
-    let (_member, url) = start_etcd();
-    let members = vec![url];
+    jmp_e2e::require!(jmp_e2e::cluster::etcd_installed());
+    // One member on loopback ports, killed by PID and its data removed when the test ends.
+    let dir = jmp_e2e::TempDir::new("etcd-store");
+    let member = jmp_e2e::cluster::Etcd::start(dir.path(), dir.path(), 1);
+    let members = vec![format!("http://127.0.0.1:{}", member.members[0].client)];
     let prefix = "/store-test";
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

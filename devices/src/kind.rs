@@ -46,7 +46,7 @@ pub trait DeviceKind: Send + Sync + 'static {
     type Response: Codec + Serialize + DeserializeOwned + Debug + Clone + Eq + Send + Sync;
 
     /// Checks the options before connecting (syntax).
-    fn parse_options(_opts: &Self::Options) -> Result<(), String> {
+    fn parse_options(_opts: &Self::Options) -> Result<(), OptionError> {
         Ok(())
     }
 
@@ -56,7 +56,7 @@ pub trait DeviceKind: Send + Sync + 'static {
         _opts: &Self::Options,
         _exporter: &str,
         _devices: &[DeviceInfo],
-    ) -> Result<(), String> {
+    ) -> Result<(), OptionError> {
         Ok(())
     }
 
@@ -65,7 +65,7 @@ pub trait DeviceKind: Send + Sync + 'static {
         info: &'a DeviceInfo,
         ctx: &'a BridgeCtx,
         opts: &'a Self::Options,
-    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, String>>;
+    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, BridgeError>>;
 
     /// A short state for people (`jmp status`) from the device's parameters; `None` when they
     /// do not decode.
@@ -92,7 +92,7 @@ pub trait KindConfig: Debug + Clone + Send + Sync + 'static {
 
     /// Reads a table whose `type:` is `ty`, one of [`KindConfig::TYPES`].
     fn from_yaml(ty: &str, v: serde_norway::Value) -> Result<Self, FieldError>;
-    fn validate(&self) -> Result<(), String>;
+    fn validate(&self) -> Result<(), InvalidSpec>;
     /// Starts the driver (background tasks need a tokio runtime).
     fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn Driver>;
     /// What the device needs from the exporter host's sandbox beyond the hardened unit.
@@ -105,7 +105,7 @@ pub trait KindConfig: Debug + Clone + Send + Sync + 'static {
 
 /// One table of a kind's config: a spec type with its own checks and driver.
 pub trait Spec: Debug + Clone + DeserializeOwned + Send + Sync + 'static {
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), InvalidSpec> {
         Ok(())
     }
     fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn Driver>;
@@ -151,7 +151,7 @@ macro_rules! config_types {
                 }
             }
 
-            fn validate(&self) -> Result<(), String> {
+            fn validate(&self) -> Result<(), $crate::kind::InvalidSpec> {
                 match self {
                     $($name::$variant(s) => $crate::kind::Spec::validate(s),)+
                 }
@@ -197,6 +197,45 @@ pub struct FieldError {
     /// The field's path inside the device's table; empty for the table itself.
     pub path: String,
     pub message: String,
+}
+
+/// A device table that parsed but does not make sense (a zero baud rate, a relative path):
+/// what is wrong, for people; the config reader adds the device and its line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidSpec(pub String);
+
+impl From<String> for InvalidSpec {
+    fn from(s: String) -> Self {
+        InvalidSpec(s)
+    }
+}
+
+/// A `jmp attach` option that is malformed or names what the exporter does not have: a usage
+/// error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct OptionError(pub String);
+
+impl From<String> for OptionError {
+    fn from(s: String) -> Self {
+        OptionError(s)
+    }
+}
+
+/// Why a device's bridge could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    /// The user's options for it are wrong (a usage error).
+    #[error(transparent)]
+    Options(#[from] OptionError),
+    /// The exporter described the device in a way this client cannot use (its parameters do
+    /// not decode, a subnet overlaps this machine's routes).
+    #[error("{0}")]
+    Exporter(String),
+    /// The local endpoint could not be made (a port in use, a mount refused).
+    #[error("{0}")]
+    Local(String),
 }
 
 /// Deserializes a device table, keeping the path of the field that was wrong.

@@ -6,8 +6,8 @@
 //! A kind's wire module is listed the same way in `jmp_protocol::kinds`.
 
 use crate::kind::{
-    BuildCtx, ClientNeeds, DeviceKind, FieldError, KindConfig, KindVerb, Sandbox, Target,
-    VerbError, VerbHost,
+    BridgeError, BuildCtx, ClientNeeds, DeviceKind, FieldError, InvalidSpec, KindConfig, KindVerb,
+    OptionError, Sandbox, Target, VerbError, VerbHost,
 };
 use crate::{common, Bridge, BridgeCtx, Driver};
 use jmp_protocol::codec::{to_bytes, Codec};
@@ -80,7 +80,7 @@ macro_rules! registry {
 
         impl ClientOptions {
             /// Checks what can be checked before connecting (syntax).
-            pub fn parse_check(&self) -> Result<(), String> {
+            pub fn parse_check(&self) -> Result<(), OptionError> {
                 self.forward.parse()?;
                 $(<$module::$kind as DeviceKind>::parse_options(&self.$module)?;)*
                 Ok(())
@@ -88,14 +88,14 @@ macro_rules! registry {
 
             /// Checks the options against what the exporter offers (a `--forward` naming a
             /// device that does not listen, a CAN option naming no CAN device, ...).
-            pub fn check(&self, exporter: &str, devices: &[DeviceInfo]) -> Result<(), String> {
+            pub fn check(&self, exporter: &str, devices: &[DeviceInfo]) -> Result<(), OptionError> {
                 for name in self.forward.parse()?.keys() {
                     if !devices.iter().any(|d| &d.name == name && listens(&d.kind)) {
                         let kinds: Vec<&str> = Kind::ALL.iter().filter(|k| listens(k)).map(|k| k.as_str()).collect();
-                        return Err(format!(
+                        return Err(OptionError(format!(
                             "--forward names {name:?}, which is not a device of {exporter} that listens on a local port (kinds: {})",
                             kinds.join(", ")
-                        ));
+                        )));
                     }
                 }
                 $(<$module::$kind as DeviceKind>::check_options(&self.$module, exporter, devices)?;)*
@@ -174,7 +174,7 @@ macro_rules! registry {
             info: &DeviceInfo,
             ctx: &BridgeCtx,
             opts: &ClientOptions,
-        ) -> Result<Option<Box<dyn Bridge>>, String> {
+        ) -> Result<Option<Box<dyn Bridge>>, BridgeError> {
             let mut ctx = ctx.clone();
             if listens(&info.kind) {
                 ctx.listen = opts.forward.parse()?.get(&info.name).copied();
@@ -217,14 +217,14 @@ registry! {
 
 /// A kind's config seen without its type, for the methods every kind has.
 trait ConfigDyn {
-    fn validate(&self) -> Result<(), String>;
+    fn validate(&self) -> Result<(), InvalidSpec>;
     fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn Driver>;
     fn sandbox(&self, name: &str) -> Sandbox;
     fn switches_power(&self) -> bool;
 }
 
 impl<C: KindConfig> ConfigDyn for C {
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), InvalidSpec> {
         KindConfig::validate(self)
     }
     fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn Driver> {
@@ -239,7 +239,7 @@ impl<C: KindConfig> ConfigDyn for C {
 }
 
 impl DeviceSpec {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSpec> {
         self.config().validate()
     }
 

@@ -21,3 +21,18 @@ pub fn mem_session(devices: DeviceSet) -> (Arc<MemChannels>, tokio::task::JoinHa
     });
     (Arc::new(client), task)
 }
+
+/// A [`BridgeCtx`](crate::BridgeCtx) for tests: exporter `exporter`, device nodes and mounts
+/// in a fresh directory of their own (`$TMPDIR/jmp-devices-<tag>-<pid>`, emptied first), owned
+/// by whoever runs the test. The directory is `ctx.dev_dir` (also `ctx.mount_dir`).
+pub fn bridge_ctx(exporter: &str, tag: &str) -> crate::BridgeCtx {
+    let dir = std::env::temp_dir().join(format!("jmp-devices-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    crate::BridgeCtx {
+        exporter: exporter.into(),
+        dev_dir: dir.clone(),
+        mount_dir: dir,
+        owner: None,
+        listen: None,
+    }
+}

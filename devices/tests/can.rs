@@ -8,6 +8,7 @@ use jmp_devices::can::backend::SimConfig;
 use jmp_devices::can::driver::{CanDriver, Source};
 use jmp_devices::can::ops::{DeviceOptions, Fronts};
 use jmp_devices::serve::DeviceSet;
+use jmp_devices::testing::bridge_ctx;
 use jmp_devices::testing::mem_session;
 use jmp_devices::{info, Bridge, BridgeCtx, Driver, Local};
 use jmp_protocol::codec::Codec;
@@ -35,15 +36,7 @@ fn sim(board: &Board) -> Arc<dyn Driver> {
 }
 
 fn ctx(tag: &str) -> BridgeCtx {
-    let dir = std::env::temp_dir().join(format!("jmp-can-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    BridgeCtx {
-        exporter: "exp".into(),
-        mount_dir: dir.clone(),
-        dev_dir: dir,
-        owner: None,
-        listen: None,
-    }
+    bridge_ctx("exp", &format!("can-{tag}"))
 }
 
 fn both() -> DeviceOptions {
@@ -429,7 +422,7 @@ fn configs_are_checked_naming_the_field() {
         m.remove("type");
         DeviceSpec::from_yaml(&ty, serde_norway::Value::Mapping(m))
             .map_err(|e| e.message)
-            .and_then(|s| s.validate().map(|_| s))
+            .and_then(|s| s.validate().map(|_| s).map_err(|e| e.0))
     };
     assert!(spec("{type: can, interface: can0, bitrate: 500000}").is_ok());
     assert!(spec("{type: can, slcan: {path: /dev/ttyACM0}}")

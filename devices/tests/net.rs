@@ -4,8 +4,9 @@
 
 use jmp_devices::net::{bridge, NetDriver, NetSpec};
 use jmp_devices::serve::DeviceSet;
-use jmp_devices::testing::mem_session;
-use jmp_devices::{Bridge, BridgeCtx, Driver, Endpoint, Local};
+use jmp_devices::testing::{bridge_ctx, mem_session};
+use jmp_devices::{Bridge, Driver, Endpoint, Local};
+use jmp_e2e::echo_server;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,22 +20,6 @@ async fn guard<T>(what: &str, f: impl Future<Output = T>) -> T {
     tokio::time::timeout(GUARD, f)
         .await
         .unwrap_or_else(|_| panic!("{what}: no progress in {GUARD:?}"))
-}
-
-async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((sock, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut rd, mut wr) = sock.into_split();
-                if tokio::io::copy(&mut rd, &mut wr).await.is_ok() {
-                    let _ = wr.shutdown().await;
-                }
-            });
-        }
-    });
-    addr
 }
 
 /// A SOCKS5 request for `target` (ATYP and address bytes, then the port); the reply code.
@@ -64,7 +49,7 @@ fn name(n: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn socks_connects_by_name_on_the_exporter_and_answers_refusals_with_their_codes() {
-    let echo = echo_server().await;
+    let echo = echo_server();
     let closed = {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         l.local_addr().expect("addr").port()
@@ -82,13 +67,7 @@ async fn socks_connects_by_name_on_the_exporter_and_answers_refusals_with_their_
     ));
     let info = jmp_devices::info(driver.as_ref());
     let (link, _task) = mem_session(DeviceSet::new("e", vec![driver]));
-    let ctx = BridgeCtx {
-        exporter: "e".into(),
-        dev_dir: std::env::temp_dir(),
-        mount_dir: std::env::temp_dir(),
-        owner: None,
-        listen: None,
-    };
+    let ctx = bridge_ctx("e", "net-socks");
     let args = bridge::NetArgs {
         socks: Some("127.0.0.1:0".into()),
     };

@@ -10,6 +10,7 @@ use jmp_devices::power::PowerDriver;
 use jmp_devices::serial::driver::{SerialDriver, Source};
 use jmp_devices::serve::DeviceSet;
 use jmp_devices::{DeviceStatus, Driver};
+use jmp_e2e::pipe::read_until;
 use jmp_protocol::codec::{to_bytes, Codec};
 use jmp_protocol::kinds::power::{DeviceParams, PowerState, Request, Response};
 use jmp_protocol::kinds::serial::OpenParams;
@@ -17,8 +18,6 @@ use jmp_protocol::ErrorCode;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const GUARD: Duration = Duration::from_secs(20);
 
 struct Relay {
     dir: PathBuf,
@@ -202,25 +201,6 @@ async fn bad_requests_are_refused_with_the_field() {
     assert!(d.modes().is_empty(), "power has no channels");
 }
 
-/// Reads until `pred` holds for everything read so far.
-async fn read_until(
-    pipe: &mut jmp_transport::Pipe,
-    acc: &mut Vec<u8>,
-    what: &str,
-    pred: impl Fn(&str) -> bool,
-) {
-    tokio::time::timeout(GUARD, async {
-        while !pred(&String::from_utf8_lossy(acc)) {
-            match pipe.rx.recv().await {
-                Ok(Some(b)) => acc.extend_from_slice(&b),
-                other => panic!("console ended: {other:?}"),
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no {what} in {:?}", String::from_utf8_lossy(acc)));
-}
-
 fn boots(s: &str) -> usize {
     s.matches("U-Boot SPL").count()
 }
@@ -254,7 +234,7 @@ async fn the_simulated_boards_console_follows_its_power() {
     .await
     .expect("console channel");
     let mut acc = Vec::new();
-    read_until(&mut pipe, &mut acc, "the first login prompt", |s| {
+    read_until(&mut pipe.rx, &mut acc, "the first login prompt", |s| {
         s.ends_with("simb login: ")
     })
     .await;
@@ -272,33 +252,23 @@ async fn the_simulated_boards_console_follows_its_power() {
             readable: true
         })
     );
-    // Typed while off: an unpowered board does not echo, and does not keep it for later.
-    pipe.tx
-        .send(Bytes::from_static(
-            b"root
-",
-        ))
-        .await
-        .expect("type");
+    // (What is typed while it is off is dropped: tested on the console task itself, where
+    // the order of a keystroke and a power change is known; here they travel apart.)
     DeviceRequest::Power(Request::On)
         .run(link.as_ref(), "power")
         .await
         .expect("on");
-    read_until(&mut pipe, &mut acc, "a second boot and prompt", |s| {
+    read_until(&mut pipe.rx, &mut acc, "a second boot and prompt", |s| {
         boots(s) == 2 && s.ends_with("simb login: ")
     })
     .await;
-    assert!(
-        !String::from_utf8_lossy(&acc).contains("root"),
-        "nothing typed while off was echoed: {:?}",
-        String::from_utf8_lossy(&acc)
-    );
+
     // A cycle boots it a third time.
     DeviceRequest::Power(Request::Cycle { off_ms: None })
         .run(link.as_ref(), "power")
         .await
         .expect("cycle");
-    read_until(&mut pipe, &mut acc, "a third boot", |s| {
+    read_until(&mut pipe.rx, &mut acc, "a third boot", |s| {
         boots(s) == 3 && s.ends_with("simb login: ")
     })
     .await;

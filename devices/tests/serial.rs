@@ -8,8 +8,9 @@ use jmp_devices::board::Board;
 use jmp_devices::serial::driver::{SerialDriver, Source};
 use jmp_devices::serial::spec::LinePolicy;
 use jmp_devices::serve::DeviceSet;
-use jmp_devices::testing::mem_session;
-use jmp_devices::{Bridge, BridgeCtx, DeviceStatus, Driver};
+use jmp_devices::testing::{bridge_ctx, mem_session};
+use jmp_devices::{Bridge, DeviceStatus, Driver};
+use jmp_e2e::pipe::read_until_text;
 use jmp_protocol::codec::{to_bytes, Codec};
 use jmp_protocol::kinds::serial::{
     Control, DeviceParams, FlowControl, LineChange, LineSettings, OpenParams, OpenedParams, Parity,
@@ -67,24 +68,6 @@ async fn status_until(
     got
 }
 
-/// Reads from the client end until `needle` shows up (or panics after a generous guard).
-async fn read_until(rx: &mut jmp_transport::PipeRx, acc: &mut Vec<u8>, needle: &str) {
-    let guard = tokio::time::timeout(GUARD, async {
-        while !String::from_utf8_lossy(acc).contains(needle) {
-            match rx.recv().await {
-                Ok(Some(b)) => acc.extend_from_slice(&b),
-                other => panic!(
-                    "channel ended before {needle:?}: {other:?}; got {:?}",
-                    String::from_utf8_lossy(acc)
-                ),
-            }
-        }
-    });
-    guard
-        .await
-        .unwrap_or_else(|_| panic!("no {needle:?} in {:?}", String::from_utf8_lossy(acc)));
-}
-
 #[tokio::test]
 async fn sim_console_replays_history_and_answers() {
     let d = sim("simhost", 64 * 1024);
@@ -98,29 +81,29 @@ async fn sim_console_replays_history_and_answers() {
     tokio::spawn(ch.serve(ChannelIo::Stream(exporter)));
     let (mut tx, mut rx) = client.split();
     let mut acc = Vec::new();
-    read_until(&mut rx, &mut acc, "simhost login: ").await;
+    read_until_text(&mut rx, &mut acc, "simhost login: ").await;
     tx.send(Bytes::from_static(b"root\r")).await.expect("send");
-    read_until(&mut rx, &mut acc, "Password: ").await;
+    read_until_text(&mut rx, &mut acc, "Password: ").await;
     tx.send(Bytes::from_static(b"pw\r")).await.expect("send");
-    read_until(&mut rx, &mut acc, "root@simhost:~# ").await;
+    read_until_text(&mut rx, &mut acc, "root@simhost:~# ").await;
     tx.send(Bytes::from_static(b"echo jmp-test\r"))
         .await
         .expect("send");
-    read_until(&mut rx, &mut acc, "jmp-test\r\nroot@simhost").await;
+    read_until_text(&mut rx, &mut acc, "jmp-test\r\nroot@simhost").await;
     let seen = acc.len() as u64;
 
     // A second channel resuming at what the first saw gets only what came after.
     tx.send(Bytes::from_static(b"echo after\r"))
         .await
         .expect("send");
-    read_until(&mut rx, &mut acc, "after\r\nroot@simhost").await;
+    read_until_text(&mut rx, &mut acc, "after\r\nroot@simhost").await;
     let ch2 = d.open(&open(Some(seen))).await.expect("open");
     assert_eq!(offset(ch2.as_ref()), seen);
     let (client2, exporter2) = pair(16);
     tokio::spawn(ch2.serve(ChannelIo::Stream(exporter2)));
     let (_tx2, mut rx2) = client2.split();
     let mut acc2 = Vec::new();
-    read_until(&mut rx2, &mut acc2, "after\r\nroot@simhost").await;
+    read_until_text(&mut rx2, &mut acc2, "after\r\nroot@simhost").await;
     assert!(
         acc2.starts_with(b"echo after"),
         "resumed exactly: {:?}",
@@ -360,19 +343,12 @@ async fn missing_port_is_refused_with_the_reason_and_retried() {
 /// reaches the board.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_over_an_in_memory_session() {
-    let dir = std::env::temp_dir().join(format!("jmp-serial-bridge-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
     let driver: Arc<dyn Driver> = Arc::new(sim("memhost", 64 * 1024));
     let info = jmp_devices::info(driver.as_ref());
     let devices = DeviceSet::new("board1", vec![driver]);
     let (link, _server) = mem_session(devices);
-    let ctx = BridgeCtx {
-        exporter: "board1".into(),
-        dev_dir: dir.clone(),
-        mount_dir: dir.clone(),
-        owner: None,
-        listen: None,
-    };
+    let ctx = bridge_ctx("board1", "serial-bridge");
+    let dir = ctx.dev_dir.clone();
     let mut bridge = jmp_devices::serial::SerialBridge::create(&info, &ctx).expect("pty");
     let path = dir.join("board1").join("console");
     assert_eq!(bridge.path(), path);

@@ -8,8 +8,9 @@ use jmp_devices::serve::DeviceSet;
 use jmp_devices::storage::client::{self, Client, Reply, Retry};
 use jmp_devices::storage::spec::Table;
 use jmp_devices::storage::{sim, SlowRange, StorageDriver};
+use jmp_devices::testing::bridge_ctx;
 use jmp_devices::testing::mem_session;
-use jmp_devices::{Bridge, BridgeCtx, Driver};
+use jmp_devices::{Bridge, Driver};
 use jmp_protocol::kinds::storage::{Op, StorageError};
 use jmp_transport::Channels;
 use std::os::unix::fs::FileExt;
@@ -368,16 +369,9 @@ async fn the_mount_shows_the_disk_and_its_partitions() {
     let d = driver(&img, true, None, None);
     let info = jmp_devices::info(d.as_ref());
     let (link, _srv) = mem_session(DeviceSet::new("b", vec![d]));
-    let dir = std::env::temp_dir().join(format!("jmp-storage-mnt-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let ctx = bridge_ctx("b", "storage-mnt");
+    let dir = ctx.dev_dir.clone();
     std::fs::create_dir_all(&dir).expect("dir");
-    let ctx = BridgeCtx {
-        exporter: "b".into(),
-        dev_dir: dir.clone(),
-        mount_dir: dir.clone(),
-        owner: None,
-        listen: None,
-    };
     let mut bridge = jmp_devices::storage::StorageBridge::create(&info, &ctx).expect("mount");
     let mnt = bridge.path().to_path_buf();
     let run = tokio::spawn(async move {

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use jmp_devices::serve::DeviceSet;
 use jmp_devices::tcp::{TcpBridge, TcpDriver};
 use jmp_devices::{Bridge, BridgeExit, Driver, Local};
+use jmp_e2e::echo_server;
 use jmp_protocol::*;
 use jmp_transport::*;
 use std::future::Future;
@@ -22,23 +23,6 @@ async fn guard<T>(what: &str, f: impl Future<Output = T>) -> T {
     tokio::time::timeout(GUARD, f)
         .await
         .unwrap_or_else(|_| panic!("{what}: no progress in {GUARD:?}"))
-}
-
-/// A server echoing every connection until the client half-closes, then closing its side.
-async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((sock, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut rd, mut wr) = sock.into_split();
-                if tokio::io::copy(&mut rd, &mut wr).await.is_ok() {
-                    let _ = wr.shutdown().await;
-                }
-            });
-        }
-    });
-    addr
 }
 
 /// A server that reads until EOF, then answers "got N bytes" and closes: works only if the
@@ -102,7 +86,7 @@ async fn pipe_roundtrip(pipe: Pipe, data: Vec<u8>) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn driver_echoes_a_mebibyte_byte_exact() {
-    let target = echo_server().await;
+    let target = echo_server();
     let driver = TcpDriver::new("echo".into(), "127.0.0.1".into(), target.port());
     let info = jmp_devices::info(&driver);
     assert_eq!(info.name, "echo");
@@ -274,7 +258,7 @@ async fn local_roundtrip(addr: SocketAddr, data: Vec<u8>) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_to_driver_over_an_in_memory_session() {
-    let target = echo_server().await;
+    let target = echo_server();
     let driver: Arc<dyn Driver> = Arc::new(TcpDriver::new(
         "echo".into(),
         "127.0.0.1".into(),
@@ -323,7 +307,7 @@ async fn bridge_to_driver_over_an_in_memory_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_to_driver_over_quic_carries_many_connections_with_half_close() {
-    let target = echo_server().await;
+    let target = echo_server();
     let (addr, fp) = exporter(vec![TcpDriver::new(
         "echo".into(),
         "127.0.0.1".into(),
@@ -425,7 +409,7 @@ async fn bridge_gives_up_a_device_the_exporter_does_not_have() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_made_during_an_outage_are_served_on_the_next_link() {
-    let target = echo_server().await;
+    let target = echo_server();
     let (addr, fp) = exporter(vec![TcpDriver::new(
         "echo".into(),
         "127.0.0.1".into(),
@@ -461,7 +445,7 @@ async fn connections_made_during_an_outage_are_served_on_the_next_link() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_whose_open_was_cut_off_is_served_on_the_next_link() {
-    let target = echo_server().await;
+    let target = echo_server();
     let stalled = Arc::new(tokio::sync::Notify::new());
     let (addr, fp) = exporter_stalling(
         vec![TcpDriver::new(

@@ -212,12 +212,12 @@ impl Shared {
     }
 }
 
-struct Session {
+struct Attachment {
     opts: Options,
     connector: Connector,
 }
 
-impl Session {
+impl Attachment {
     /// After the exporter ended the session for its lease: asks the controller (when attached
     /// by lease) for a fresh token. One that ends later than ours means the lease was extended
     /// and the exporter had not heard (it was cut off from the controller): keep it and
@@ -316,13 +316,13 @@ pub async fn run(
     let mut opts = opts;
     let mut connector = connector;
     connector.relay = opts.relay.take();
-    let session = Session { opts, connector };
+    let session = Attachment { opts, connector };
     let (link, welcome, fp) = session.connector.connect().await?;
     session
         .opts
         .devices
         .check(&welcome.exporter, &welcome.devices)
-        .map_err(AttachError::Other)?;
+        .map_err(|e| AttachError::Other(e.to_string()))?;
 
     // Local devices, in the exporter's order.
     let ctx = BridgeCtx {

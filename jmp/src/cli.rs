@@ -1,7 +1,7 @@
 //! The command line, as clap definitions only: what each verb takes. What the verbs do lives in
 //! the modules named after their jobs (attach, local, device, verbs, state).
 
-use crate::ctl;
+use crate::controller as ctl;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
@@ -286,6 +286,12 @@ pub(crate) enum AdminCmd {
         #[command(subcommand)]
         what: AdminCreate,
     },
+    /// Change a client's policy or labels (what is not given stays); a narrowed policy ends
+    /// its leases, reservations and waiting requests on exporters it no longer allows.
+    Update {
+        #[command(subcommand)]
+        what: AdminUpdate,
+    },
     /// List clients or exporters.
     Get {
         #[command(subcommand)]
@@ -361,22 +367,28 @@ pub(crate) enum ExporterWord {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum AdminCreate {
-    /// A client identity and its policy; prints (or writes) its client config.
+    /// A client identity and its policy; prints (or writes) its client config. An existing
+    /// client is refused unless --replace is given.
     Client {
         /// The client's name.
         name: String,
         /// Labels (k=v), e.g. team=platform for metrics.
         #[arg(short = 'l', long = "label")]
         labels: Vec<String>,
-        /// Selector of exporters it may lease (default: any).
-        #[arg(long, default_value = "")]
-        allow: String,
-        /// Longest lease it may hold, e.g. 2h (default: the controller's --max-duration).
+        /// Selector of exporters it may lease (default: any; with --replace: unchanged).
+        #[arg(long)]
+        allow: Option<String>,
+        /// Longest lease it may hold, e.g. 2h (default: the controller's --max-duration; with
+        /// --replace: unchanged).
         #[arg(long)]
         max_duration: Option<String>,
         /// Give it admin rights.
         #[arg(long)]
         admin: bool,
+        /// If the client exists, issue it a new credential (the old one is revoked at once),
+        /// keeping its policy, limits and labels unless given here.
+        #[arg(long)]
+        replace: bool,
         /// Write the client config to this file (0600) instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -394,6 +406,27 @@ pub(crate) enum AdminCreate {
         /// Write the credential to this file (0600) instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum AdminUpdate {
+    /// Change a client's policy, limits or labels; prints the client as it is now.
+    Client {
+        /// The client's name.
+        name: String,
+        /// Selector of exporters it may lease ('' for any).
+        #[arg(long)]
+        allow: Option<String>,
+        /// Longest lease it may hold, e.g. 2h (`default`: the controller's --max-duration).
+        #[arg(long)]
+        max_duration: Option<String>,
+        /// Its labels (k=v), replacing all it had.
+        #[arg(short = 'l', long = "label")]
+        labels: Vec<String>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
+        output: ctl::Out,
     },
 }
 

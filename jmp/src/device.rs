@@ -224,9 +224,11 @@ async fn lease_reach(target: &Target) -> Result<Reach, VerbError> {
         );
         v
     };
-    let (cfg, _) = crate::ctl::load_client(target.client.as_deref()).map_err(fail_ctl)?;
-    let ctl = crate::ctl::Ctl::connect(&cfg).await.map_err(fail_ctl)?;
-    let access = crate::ctl::access(&ctl, target.lease.clone())
+    let (cfg, _) = crate::controller::load_client(target.client.as_deref()).map_err(fail_ctl)?;
+    let ctl = crate::controller::Ctl::connect(&cfg)
+        .await
+        .map_err(fail_ctl)?;
+    let access = crate::controller::access(&ctl, target.lease.clone())
         .await
         .map_err(fail_ctl)?;
     ctl.close();

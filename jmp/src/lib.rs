@@ -66,7 +66,7 @@ macro_rules! outln {
 
 pub mod attach;
 pub mod cli;
-pub mod ctl;
+pub mod controller;
 pub mod ctlsock;
 pub mod device;
 pub mod known;
@@ -177,7 +177,7 @@ impl CommonArgs {
     ) -> Result<attach::Options> {
         self.devices
             .parse_check()
-            .map_err(|e| exit(code::USAGE, e))?;
+            .map_err(|e| exit(code::USAGE, e.to_string()))?;
         let dev_dir = match &self.dev_dir {
             Some(d) => d.clone(),
             None => {

@@ -1,12 +1,16 @@
 //! The controller verbs of the CLI (`config client`, `create|get|update|delete lease`,
-//! `get exporters`, `admin`, `auth rotate`, `attach` by lease), on top of [`crate::ctl`].
+//! `get exporters`, `admin`, `auth rotate`, `attach` by lease), on top of [`crate::controller`].
 
 use super::*;
-use crate::ctl::{self as c, Ctl, Out};
-use jmp_protocol::ctl::{ClientConfig, ClientSpec, ExporterSpec, LeaseRequest, Reply, Request};
+use crate::controller::{self as c, Ctl, Out};
+use jmp_protocol::api::{
+    ClientConfig, ClientSpec, ClientUpdate, CtlErrorCode, ExporterSpec, LeaseRequest, Reply,
+    Request,
+};
 use jmp_protocol::duration::parse_secs;
 use jmp_protocol::selector::{parse_label, Labels, Selector};
 use jmp_protocol::usage::UsageBy;
+use jmp_transport::controller::CallError;
 
 fn duration_arg(flag: &str, s: &str) -> Result<u64> {
     let d = parse_secs(s).map_err(|e| exit(code::USAGE, format!("{flag}: {e}")))?;
@@ -57,9 +61,9 @@ pub(super) fn config_client(cmd: ConfigClientCmd) -> Result<()> {
             let mut cfg = match (from, endpoint, fingerprint, token) {
                 (Some(f), _, _, _) => c::read_client_file(&f)?,
                 (None, Some(endpoint), Some(fingerprint), Some(token)) => ClientConfig {
-                    api_version: jmp_protocol::ctl::API_VERSION.into(),
+                    api_version: jmp_protocol::api::API_VERSION.into(),
                     kind: "ClientConfig".into(),
-                    metadata: jmp_protocol::ctl::ClientMeta { name: name.clone() },
+                    metadata: jmp_protocol::api::ClientMeta { name: name.clone() },
                     endpoint,
                     fingerprint,
                     token,
@@ -245,12 +249,12 @@ pub(super) fn create_cmd(what: CreateCmd) -> Result<()> {
 async fn reusable_lease(
     ctl: &Ctl,
     req: &LeaseRequest,
-) -> Result<Option<jmp_protocol::ctl::LeaseInfo>> {
+) -> Result<Option<jmp_protocol::api::LeaseInfo>> {
     let leases = match ctl.call(Request::GetLeases { all: false }).await? {
         Reply::Leases { leases } => leases,
         other => return Err(c::unexpected(other)),
     };
-    let mut mine: Vec<jmp_protocol::ctl::LeaseInfo> = leases
+    let mut mine: Vec<jmp_protocol::api::LeaseInfo> = leases
         .into_iter()
         .filter(|l| l.status == "active" && l.job == req.job)
         .collect();
@@ -454,26 +458,61 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                     allow,
                     max_duration,
                     admin,
+                    replace,
                     out,
                     save,
                 } => {
-                    if let Err(e) = Selector::parse(&allow) {
+                    if let Some(Err(e)) = allow.as_deref().map(Selector::parse) {
                         return Err(exit(code::USAGE, format!("--allow: {e}")));
                     }
-                    let spec = ClientSpec {
-                        name: name.clone(),
-                        labels: labels_arg(&labels)?,
-                        allow,
-                        max_duration_secs: max_duration
-                            .as_deref()
-                            .map(|d| duration_arg("--max-duration", d))
-                            .transpose()?
-                            .unwrap_or(0),
-                        admin,
+                    let max_duration_secs = max_duration
+                        .as_deref()
+                        .map(|d| duration_arg("--max-duration", d))
+                        .transpose()?;
+                    let labels = labels_arg(&labels)?;
+                    let mut replaced = false;
+                    let reissued = if replace {
+                        let u = ClientUpdate {
+                            name: name.clone(),
+                            labels: (!labels.is_empty()).then(|| labels.clone()),
+                            allow: allow.clone(),
+                            max_duration_secs,
+                            admin: admin.then_some(true),
+                            reissue: true,
+                        };
+                        match ctl.try_call(Request::UpdateClient(u)).await {
+                            Ok(Reply::Credential(cr)) => {
+                                replaced = true;
+                                Some(cr)
+                            }
+                            Ok(other) => return Err(c::unexpected(other)),
+                            // Not there yet: --replace creates it.
+                            Err(CallError::Refused(e)) if e.code == CtlErrorCode::NotFound => None,
+                            Err(e) => return Err(c::call_error(e, &cfg.endpoint)),
+                        }
+                    } else {
+                        None
                     };
-                    let cred = match ctl.call(Request::CreateClient(spec)).await? {
-                        Reply::Credential(cr) => cr,
-                        other => return Err(c::unexpected(other)),
+                    let cred = match reissued {
+                        Some(cr) => cr,
+                        None => {
+                            let spec = ClientSpec {
+                                name: name.clone(),
+                                labels,
+                                allow: allow.unwrap_or_default(),
+                                max_duration_secs: max_duration_secs.unwrap_or(0),
+                                admin,
+                            };
+                            match ctl.call(Request::CreateClient(spec)).await? {
+                                Reply::Credential(cr) => cr,
+                                other => return Err(c::unexpected(other)),
+                            }
+                        }
+                    };
+                    let done = if replaced {
+                        "given a new credential (the old one is revoked)"
+                    } else {
+                        "created"
                     };
                     let cc = c::credential_config(&cred);
                     if save {
@@ -487,7 +526,7 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                     match out {
                         Some(p) => {
                             c::write_client_file(&p, &cc)?;
-                            eprintln!("client {name} created; its config is in {}", p.display());
+                            eprintln!("client {name} {done}; its config is in {}", p.display());
                         }
                         None if !save => out!("{}", serde_norway::to_string(&cc)?),
                         None => {}
@@ -517,6 +556,45 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                     }
                 }
             },
+            AdminCmd::Update {
+                what:
+                    AdminUpdate::Client {
+                        name,
+                        allow,
+                        max_duration,
+                        labels,
+                        output,
+                    },
+            } => {
+                if let Some(Err(e)) = allow.as_deref().map(Selector::parse) {
+                    return Err(exit(code::USAGE, format!("--allow: {e}")));
+                }
+                let max_duration_secs = match max_duration.as_deref() {
+                    None => None,
+                    Some("default") => Some(0),
+                    Some(d) => Some(duration_arg("--max-duration", d)?),
+                };
+                if allow.is_none() && max_duration_secs.is_none() && labels.is_empty() {
+                    return Err(exit(
+                        code::USAGE,
+                        "nothing to change: give --allow, --max-duration or --label (a new credential: jmp admin create client NAME --replace)",
+                    ));
+                }
+                let u = ClientUpdate {
+                    name,
+                    labels: (!labels.is_empty())
+                        .then(|| labels_arg(&labels))
+                        .transpose()?,
+                    allow,
+                    max_duration_secs,
+                    admin: None,
+                    reissue: false,
+                };
+                match ctl.call(Request::UpdateClient(u)).await? {
+                    Reply::Clients { clients } => c::print_clients(&clients, output),
+                    other => Err(c::unexpected(other)),
+                }
+            }
             AdminCmd::Get { what } => match what {
                 AdminGet::Clients { name, output } => {
                     match ctl.call(Request::GetClients { name }).await? {
@@ -762,8 +840,8 @@ pub(crate) fn relay_route(
                     Err(e) => Err(e),
                 }
                 .map_err(|e| {
-                    use jmp_protocol::ctl::CtlErrorCode as C;
-                    use jmp_transport::ctl::CallError;
+                    use jmp_protocol::api::CtlErrorCode as C;
+                    use jmp_transport::controller::CallError;
                     // The lease is over, or the token or the request is refused: no retry
                     // helps. Anything else (the exporter briefly away) may pass.
                     let code = match &e {
@@ -819,7 +897,7 @@ async fn wait_for_reservation(
         Reply::Leases { leases } => leases,
         other => return Err(c::unexpected(other)),
     };
-    let waiting: Vec<&jmp_protocol::ctl::LeaseInfo> = leases
+    let waiting: Vec<&jmp_protocol::api::LeaseInfo> = leases
         .iter()
         .filter(|l| l.status != "active" && name.is_none_or(|n| n == l.name))
         .collect();

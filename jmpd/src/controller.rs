@@ -8,12 +8,12 @@
 
 use crate::hooks::LeaseHooks;
 use jmp_exporter::{Admission, AuthError, Authorizer, Exporter, TokenAuth};
-use jmp_protocol::ctl::{
+use jmp_protocol::api::{
     Call, DeviceSummary, HookReport, Registration, RelayGrant, Reply, Request,
 };
 use jmp_protocol::token::{Claims, TokenKind};
 use jmp_protocol::Hello;
-use jmp_transport::ctl::{CallError, Controllers};
+use jmp_transport::controller::{CallError, Controllers};
 use jmp_transport::token::{peek, Verifier};
 use jmp_transport::Fingerprint;
 use std::collections::HashMap;
@@ -29,9 +29,118 @@ struct View {
     /// for this exporter is accepted).
     known: bool,
     current: Option<(String, u64)>,
-    ended: HashMap<String, String>,
+    ended: Ended,
     /// The controller's clock when it sent this view (0: unknown).
     at: u64,
+}
+
+/// Ended leases that kept too many records when a controller did not say how long their
+/// tokens live: beyond this, the ones whose tokens expire first are forgotten first.
+const MAX_ENDED: usize = 4096;
+/// How long an ended lease is remembered when the controller did not say until when its
+/// tokens may be valid (an older controller).
+const ENDED_UNKNOWN_SECS: u64 = 7 * 86_400;
+
+/// One ended lease: why, and until when a token of it may still be presented (Unix seconds).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct EndedEntry {
+    reason: String,
+    until: u64,
+}
+
+/// The leases the controller said ended, whose tokens jmpd refuses until they expire. Kept in
+/// the state dir: after a restart of jmpd with the controller unreachable, a released lease's
+/// token is still refused (nothing else would tell jmpd it ended). Bounded by [`MAX_ENDED`];
+/// an entry goes once its tokens have expired (they are refused as expired then).
+#[derive(Default)]
+struct Ended {
+    leases: HashMap<String, EndedEntry>,
+    file: Option<std::path::PathBuf>,
+}
+
+impl Ended {
+    /// The ended leases recorded in `file` (none if it is missing or unreadable: that is
+    /// logged, and only loses what the controller would tell again).
+    fn load(file: std::path::PathBuf) -> Ended {
+        let leases = match std::fs::read(&file) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                warn!(
+                    "{} is not readable ({e}); starting without it",
+                    file.display()
+                );
+                HashMap::new()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
+            Err(e) => {
+                warn!("cannot read {}: {e}; starting without it", file.display());
+                HashMap::new()
+            }
+        };
+        let mut me = Ended {
+            leases,
+            file: Some(file),
+        };
+        me.prune(jmp_transport::unix_now());
+        me
+    }
+
+    fn get(&self, lease: &str) -> Option<&str> {
+        self.leases.get(lease).map(|e| e.reason.as_str())
+    }
+
+    /// Records what a push said ended (and writes the file if anything is new).
+    fn add(&mut self, ended: &[jmp_protocol::api::EndedLease], now: u64) {
+        let mut changed = self.prune(now);
+        for e in ended {
+            let until = match e.until {
+                0 => now.saturating_add(ENDED_UNKNOWN_SECS),
+                u => u,
+            };
+            if until <= now || self.leases.contains_key(&e.name) {
+                continue;
+            }
+            self.leases.insert(
+                e.name.clone(),
+                EndedEntry {
+                    reason: e.reason.clone(),
+                    until,
+                },
+            );
+            changed = true;
+        }
+        while self.leases.len() > MAX_ENDED {
+            let first = self
+                .leases
+                .iter()
+                .min_by(|a, b| (a.1.until, a.0).cmp(&(b.1.until, b.0)))
+                .map(|(k, _)| k.clone());
+            match first {
+                Some(k) => self.leases.remove(&k),
+                None => break,
+            };
+        }
+        if changed {
+            self.save();
+        }
+    }
+
+    /// Forgets leases whose tokens have expired; whether any was.
+    fn prune(&mut self, now: u64) -> bool {
+        let before = self.leases.len();
+        self.leases.retain(|_, e| e.until > now);
+        self.leases.len() != before
+    }
+
+    fn save(&self) {
+        let Some(file) = &self.file else { return };
+        let text = serde_json::to_vec(&self.leases).unwrap_or_default();
+        if let Err(e) = jmp_transport::write_secret_file(file, &text) {
+            warn!(
+                "cannot record the ended leases in {}: {e} (after a restart of jmpd with the controller unreachable, their tokens would be accepted until they expire)",
+                file.display()
+            );
+        }
+    }
 }
 
 pub struct LeaseAuth {
@@ -134,6 +243,12 @@ fn fmt_unix(secs: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
+/// What a registration says, and the TLS identity whose key it proves to hold.
+struct Registering<'a> {
+    reg: &'a Registration,
+    identity: &'a jmp_transport::Identity,
+}
+
 /// Everything needed to run controller mode, from the exporter's credential file.
 pub struct Registrar {
     pub auth: Arc<LeaseAuth>,
@@ -198,6 +313,13 @@ impl Registrar {
         })
     }
 
+    /// Keep the leases the controller says ended in `file` (in the state dir), so that their
+    /// tokens stay refused across restarts of jmpd.
+    pub fn remember_ended_in(self, file: std::path::PathBuf) -> Self {
+        self.auth.view().ended = Ended::load(file);
+        self
+    }
+
     /// Renew the credential before it expires and write it to `token_file`.
     pub fn renew_into(mut self, token_file: std::path::PathBuf, renew_before: Option<u64>) -> Self {
         self.renewal = Some((token_file, renew_before));
@@ -234,7 +356,7 @@ impl Registrar {
             request: Request::Renew,
         };
         let exp = peek(&call.credential).ok().and_then(|c| c.exp).unwrap_or(0);
-        match jmp_transport::ctl::call_once(conn, &call).await {
+        match jmp_transport::controller::call_once(conn, &call).await {
             Ok(Reply::Credential(c)) => {
                 *self.renew_retry.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(tokio::time::Instant::now() + RENEW_RETRY);
@@ -273,19 +395,21 @@ impl Registrar {
         &self.endpoint
     }
 
-    /// Registers and stays registered (reconnecting with backoff) for as long as it runs.
+    /// Registers and stays registered (reconnecting with backoff) for as long as it runs. Each
+    /// registration proves that this process holds `identity`'s key (the controller binds
+    /// the exporter to that identity's fingerprint).
     pub async fn run(
         self,
         exporter: Arc<Exporter>,
         address: String,
-        fingerprint: String,
+        identity: jmp_transport::Identity,
         labels: std::collections::BTreeMap<String, String>,
         devices: Vec<DeviceSummary>,
         mut extras: Extras,
     ) {
         let reg = Registration {
             address,
-            fingerprint,
+            fingerprint: identity.fingerprint().to_string(),
             labels,
             devices,
             relay: extras.relay.is_some(),
@@ -308,7 +432,10 @@ impl Registrar {
             let res = self
                 .session(
                     &exporter,
-                    &reg,
+                    Registering {
+                        reg: &reg,
+                        identity: &identity,
+                    },
                     &mut registered,
                     &extras,
                     &mut reports,
@@ -337,7 +464,7 @@ impl Registrar {
     async fn session(
         &self,
         exporter: &Exporter,
-        reg: &Registration,
+        Registering { reg, identity }: Registering<'_>,
         registered: &mut bool,
         extras: &Extras,
         reports: &mut Option<tokio::sync::mpsc::UnboundedReceiver<HookReport>>,
@@ -350,19 +477,22 @@ impl Registrar {
             .map_err(|e| format!("credential's controller fingerprint: {e}"))?;
         // One controller, or the several of a cluster: the registration goes to the leader.
         let ctls = Controllers::new(&self.endpoint, pin)?;
-        let (mut replies, _keep) = ctls
-            .call(
-                &Call {
-                    credential: self.credential(),
-                    request: Request::Register(reg.clone()),
-                },
-                true,
-            )
-            .await
-            .map_err(|e| {
-                ctls.close();
-                e.to_string()
-            })?;
+        // Made for the connection it goes on: the proof is bound to that connection.
+        let make = |conn: &quinn::Connection| {
+            let proof =
+                jmp_transport::possession::registration_proof(identity, conn, &self.claims.sub)
+                    .map_err(|e| format!("cannot prove this exporter's TLS identity: {e}"))?;
+            let mut reg = reg.clone();
+            reg.proof = Some(proof);
+            Ok(Call {
+                credential: self.credential(),
+                request: Request::Register(reg),
+            })
+        };
+        let (mut replies, _keep) = ctls.call_on(make, true).await.map_err(|e| {
+            ctls.close();
+            e.to_string()
+        })?;
         // The controller that took the registration (the leader): hook reports go to it, and
         // its host runs the relay.
         let conn = ctls
@@ -421,13 +551,7 @@ impl Registrar {
                     {
                         let mut v = self.auth.view();
                         v.known = true;
-                        for e in &ended {
-                            v.ended.insert(e.name.clone(), e.reason.clone());
-                        }
-                        // Only recent ends matter (tokens expire); keep the map small.
-                        if v.ended.len() > 1024 {
-                            v.ended.clear();
-                        }
+                        v.ended.add(&ended, jmp_transport::unix_now());
                         v.current = lease.as_ref().map(|l| (l.name.clone(), l.end));
                         v.at = at;
                     }
@@ -477,7 +601,7 @@ impl Registrar {
         };
         let pending = pending.clone();
         tokio::spawn(async move {
-            if let Err(e) = jmp_transport::ctl::call_once(&conn, &call).await {
+            if let Err(e) = jmp_transport::controller::call_once(&conn, &call).await {
                 if e.is_transient() {
                     pending.lock().unwrap_or_else(|e| e.into_inner()).push(r);
                 } else {
@@ -584,6 +708,65 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// The ended leases survive a restart of jmpd (a new `LeaseAuth` from the same state
+    /// dir, before the controller has said anything): a released lease's token stays refused.
+    /// Entries go when their tokens expire, and the file is bounded.
+    #[test]
+    fn ended_leases_are_refused_after_a_restart_until_their_tokens_expire() {
+        let dir = std::env::temp_dir().join(format!("jmpd-ended-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let signer = Signer::load_or_create(&dir.join("key")).unwrap();
+        let file = dir.join("ended-leases.json");
+        let now = jmp_transport::unix_now();
+        let auth = || LeaseAuth {
+            exporter: "e1".into(),
+            verifier: Verifier::from_public_key(&signer.public_key()).unwrap(),
+            view: Mutex::new(View {
+                ended: Ended::load(file.clone()),
+                ..View::default()
+            }),
+            pushes: tokio::sync::watch::Sender::new(0),
+            direct: None,
+        };
+        let ended = |name: &str, until: u64| jmp_protocol::api::EndedLease {
+            name: name.into(),
+            reason: format!("lease {name} was released"),
+            until,
+        };
+        {
+            let first = auth();
+            first
+                .view()
+                .ended
+                .add(&[ended("L1", now + 60), ended("gone", now - 1)], now);
+        }
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&file).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        // Restarted: nothing from the controller yet, and L1's token is refused with why.
+        let second = auth();
+        match second.check(&hello(&signer, "L1", now, now + 60)) {
+            Err(AuthError::Refused(why)) => assert!(why.contains("L1 was released"), "{why}"),
+            other => panic!("{:?}", other.map(|a| a.lease)),
+        }
+        // Another lease's valid token is admitted (unconfirmed, as before any push).
+        assert!(second.check(&hello(&signer, "L2", now, now + 60)).is_ok());
+        // Past its tokens' expiry the entry goes.
+        let mut v = second.view();
+        assert!(v.ended.prune(now + 61));
+        assert!(v.ended.get("L1").is_none());
+        // Bounded: the earliest-expiring are forgotten first.
+        let many: Vec<_> = (0..MAX_ENDED as u64 + 10)
+            .map(|i| ended(&format!("M{i}"), now + 100 + i))
+            .collect();
+        v.ended.add(&many, now);
+        assert_eq!(v.ended.leases.len(), MAX_ENDED);
+        assert!(v.ended.get("M0").is_none() && v.ended.get("M4105").is_some());
+        drop(v);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_token_newer_than_the_last_push_tells_the_lease_end() {
         let dir = std::env::temp_dir().join(format!("jmpd-leaseauth-{}", std::process::id()));
@@ -596,7 +779,7 @@ mod tests {
             view: Mutex::new(View {
                 known: true,
                 current: Some(("L1".into(), pushed_end)),
-                ended: HashMap::new(),
+                ended: Ended::default(),
                 at: now - 10,
             }),
             pushes: tokio::sync::watch::Sender::new(0),

@@ -20,7 +20,7 @@
 
 use jmp_exporter::config::{Hook, Hooks as HookConfig, OnFailure};
 use jmp_exporter::Exporter;
-use jmp_protocol::ctl::{ActiveLease, HookPhase, HookReport};
+use jmp_protocol::api::{ActiveLease, HookPhase, HookReport};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -45,6 +45,10 @@ struct Persisted {
     /// A lease that began here and whose afterLease has not run yet.
     #[serde(default)]
     owed: Option<String>,
+    /// The client that held `owed` (its afterLease hook gets it as `JMP_CLIENT`, also after a
+    /// restart of jmpd).
+    #[serde(default)]
+    owed_client: Option<String>,
     /// The last lease cleaned up after (its report may not have reached the controller: a
     /// second request to clean up after it is answered, not run again).
     #[serde(default)]
@@ -197,6 +201,7 @@ impl LeaseHooks {
         }
         // A new lease on this board: from now on its cleanup is owed.
         st.kept.owed = Some(l.name.clone());
+        st.kept.owed_client = Some(l.client.clone());
         let kept = st.kept.clone();
         let Some(hook) = self.before.clone() else {
             st.kept.prepared = Some(l.name.clone());
@@ -277,8 +282,18 @@ impl LeaseHooks {
         let mut summary = String::new();
         let mut disable = false;
         if let Some(hook) = self.after.clone() {
-            info!(lease = %lease, "afterLease hook: {}", hook.run.join(" "));
-            let ran = self.run(&hook, "afterLease", &lease, "").await;
+            // The lease's holder, as recorded when it began here ("" for a lease this exporter
+            // never saw begin).
+            let client = {
+                let st = self.state();
+                st.kept
+                    .owed_client
+                    .clone()
+                    .filter(|_| st.kept.owed.as_deref() == Some(lease.as_str()))
+                    .unwrap_or_default()
+            };
+            info!(lease = %lease, client = %client, "afterLease hook: {}", hook.run.join(" "));
+            let ran = self.run(&hook, "afterLease", &lease, &client).await;
             if ran.ok {
                 info!(lease = %lease, "afterLease hook done");
             } else {
@@ -311,6 +326,7 @@ impl LeaseHooks {
             st.cleaning = None;
             if st.kept.owed.as_deref() == Some(lease.as_str()) {
                 st.kept.owed = None;
+                st.kept.owed_client = None;
             }
             st.kept.cleaned = Some(lease.clone());
             let kept = st.kept.clone();

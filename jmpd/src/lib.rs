@@ -148,7 +148,8 @@ pub fn run(args: Args) -> Result<()> {
             let r =
                 controller::Registrar::new(&cfg.metadata.name, cred, c.endpoint.clone(), direct)
                     .map_err(|e| anyhow!("{}: {e}", c.token_file.display()))?
-                    .renew_into(c.token_file.clone(), c.renew_before.map(|d| d.0.as_secs()));
+                    .renew_into(c.token_file.clone(), c.renew_before.map(|d| d.0.as_secs()))
+                    .remember_ended_in(state_dir.join("ended-leases.json"));
             (Some(r), None)
         }
         None => (None, direct),
@@ -207,7 +208,7 @@ pub fn run(args: Args) -> Result<()> {
                 .export
                 .0
                 .iter()
-                .map(|(n, spec)| jmp_protocol::ctl::DeviceSummary {
+                .map(|(n, spec)| jmp_protocol::api::DeviceSummary {
                     name: n.clone(),
                     kind: spec.kind().as_str().to_string(),
                 })
@@ -220,7 +221,7 @@ pub fn run(args: Args) -> Result<()> {
             tokio::spawn(r.run(
                 exporter.clone(),
                 address,
-                identity.fingerprint().to_string(),
+                identity.clone(),
                 cfg.metadata.labels.clone(),
                 devices,
                 controller::Extras {

@@ -11,8 +11,8 @@
 //! Does not own: sockets, tasks, clocks or TLS. Nothing here performs I/O or reads the time; the
 //! caller passes `now` in. `cargo tree -p jmp-protocol` must never show tokio or quinn (CI checks).
 
+pub mod api;
 pub mod codec;
-pub mod ctl;
 pub mod duration;
 pub mod error;
 pub mod kinds;

@@ -6,11 +6,13 @@
 use crate::lab::{start_controller_with, Controller, LONG};
 use crate::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-/// Whether etcd can run here (`scripts/install-test-deps.sh` installs etcd-server).
-pub fn have_etcd() -> bool {
-    which("etcd") && which("etcdctl")
+/// `Ok` if etcd can run here (`scripts/install-test-deps.sh` installs etcd-server and
+/// etcd-client), for [`require!`](crate::require).
+pub fn etcd_installed() -> Result<(), String> {
+    crate::skips::tool("etcd")?;
+    crate::skips::tool("etcdctl")?;
+    Ok(())
 }
 
 pub struct EtcdMember {
@@ -32,6 +34,11 @@ pub struct Etcd {
 impl Etcd {
     /// Starts `n` members under `root` and waits until the cluster answers.
     pub fn start(root: &Path, logs: &Path, n: usize) -> Etcd {
+        Self::try_start(root, logs, n).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Etcd::start`], with an error instead of a panic.
+    pub fn try_start(root: &Path, logs: &Path, n: usize) -> Result<Etcd, crate::proc::Error> {
         let members: Vec<EtcdMember> = (0..n)
             .map(|i| EtcdMember {
                 name: format!("m{i}"),
@@ -53,15 +60,15 @@ impl Etcd {
             token: unique("jmp-etcd"),
         };
         for i in 0..n {
-            e.spawn(i, "new");
+            e.spawn(i, "new")?;
         }
-        e.wait_healthy();
-        e
+        e.try_wait_healthy()?;
+        Ok(e)
     }
 
-    fn spawn(&mut self, i: usize, state: &str) {
+    fn spawn(&mut self, i: usize, state: &str) -> Result<(), crate::proc::Error> {
         let m = &self.members[i];
-        let mut cmd = Command::new("etcd");
+        let mut cmd = command("etcd");
         cmd.args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&m.data)
@@ -83,8 +90,9 @@ impl Etcd {
             .arg(format!("--initial-cluster-state={state}"))
             .args(["--logger=zap", "--log-level=warn"]);
         let label = format!("etcd-{}", m.name);
-        let p = Proc::spawn(&label, cmd, &self.logs);
+        let p = Proc::start(&label, cmd, &self.logs, Options::default())?;
         self.members[i].proc = Some(p);
+        Ok(())
     }
 
     /// `etcd://127.0.0.1:C1,...` for `--store`.
@@ -110,7 +118,7 @@ impl Etcd {
 
     /// `etcdctl ARGS` against the live members.
     pub fn ctl(&self, args: &[&str]) -> RunOutput {
-        let mut c = Command::new("etcdctl");
+        let mut c = command("etcdctl");
         c.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.live_endpoints()))
             .args(["--command-timeout=3s"])
@@ -119,11 +127,18 @@ impl Etcd {
     }
 
     pub fn wait_healthy(&self) {
-        let ok = poll_until(LONG, || self.ctl(&["endpoint", "health"]).status.success());
-        assert!(ok, "etcd never became healthy: {}", {
-            let o = self.ctl(&["endpoint", "health"]);
-            format!("{}\n{}", o.stdout, o.stderr)
-        });
+        self.try_wait_healthy().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_wait_healthy(&self) -> Result<(), crate::proc::Error> {
+        if poll_until(LONG, || self.ctl(&["endpoint", "health"]).status.success()) {
+            return Ok(());
+        }
+        let o = self.ctl(&["endpoint", "health"]);
+        Err(crate::proc::Error(format!(
+            "etcd never became healthy: {}\n{}",
+            o.stdout, o.stderr
+        )))
     }
 
     /// The value of a key (`None` if absent or etcd does not answer).
@@ -160,7 +175,7 @@ impl Etcd {
     /// Starts a killed member again on its data dir.
     pub fn restart(&mut self, i: usize) {
         assert!(self.members[i].proc.is_none(), "member {i} is running");
-        self.spawn(i, "existing");
+        self.spawn(i, "existing").unwrap_or_else(|e| panic!("{e}"));
     }
 }
 

@@ -3,7 +3,7 @@
 //! given client. Used by the controller tests and by every test of lease workflows.
 
 use crate::*;
-use jmp_protocol::ctl::ClientConfig;
+use jmp_protocol::api::ClientConfig;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -49,36 +49,52 @@ pub fn start_controller(logs: &Path, data: &Path, listen: &str) -> Controller {
 
 /// [`start_controller`] with extra command-line arguments.
 pub fn start_controller_with(logs: &Path, data: &Path, listen: &str, extra: &[&str]) -> Controller {
-    let mut cmd = Command::new(bin("jmp-controller"));
-    cmd.arg("--data-dir")
-        .arg(data)
-        .args(["--listen", listen, "--metrics", "127.0.0.1:0"])
-        .args(extra)
-        .env("JMP_LOG", "info");
-    let mut proc = Proc::spawn("jmp-controller", cmd, logs);
-    let m = proc.expect_line(READY, "the controller's metrics line", |l| {
-        l.starts_with("jmp-controller: metrics on ")
-    });
-    let metrics = m
-        .trim_start_matches("jmp-controller: metrics on http://")
-        .trim_end_matches("/metrics")
-        .parse()
-        .unwrap_or_else(|e| panic!("metrics address in {m:?}: {e}"));
-    let l = proc.expect_line(READY, "the controller's listening line", |l| {
-        l.starts_with("jmp-controller: listening on ")
-    });
-    let w: Vec<&str> = l.split_whitespace().collect();
-    let ["jmp-controller:", "listening", "on", addr, "fingerprint", fp, "admin", admin] =
-        w.as_slice()
-    else {
-        panic!("unexpected listening line {l:?}")
-    };
-    Controller {
-        addr: addr.parse().expect("listen address"),
-        fingerprint: fp.to_string(),
-        admin_file: PathBuf::from(admin),
-        metrics,
-        proc,
+    Controller::start(&bin("jmp-controller"), logs, data, listen, extra)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+impl Controller {
+    /// Starts `program` (a jmp-controller binary) on `data`, listening on `listen`, with its
+    /// metrics on a free port and `extra` arguments, and waits for its two ready lines.
+    pub fn start(
+        program: &Path,
+        logs: &Path,
+        data: &Path,
+        listen: &str,
+        extra: &[&str],
+    ) -> Result<Controller, crate::proc::Error> {
+        let bad = |what: &str, l: &str| crate::proc::Error(format!("unexpected {what} line {l:?}"));
+        let mut cmd = command(program);
+        cmd.arg("--data-dir")
+            .arg(data)
+            .args(["--listen", listen, "--metrics", "127.0.0.1:0"])
+            .args(extra)
+            .env("JMP_LOG", "info");
+        let mut proc = Proc::start("jmp-controller", cmd, logs, Options::default())?;
+        let m = proc.wait_line(READY, "the controller's metrics line", |l| {
+            l.starts_with("jmp-controller: metrics on ")
+        })?;
+        let metrics = m
+            .trim_start_matches("jmp-controller: metrics on http://")
+            .trim_end_matches("/metrics")
+            .parse()
+            .map_err(|_| bad("metrics", &m))?;
+        let l = proc.wait_line(READY, "the controller's listening line", |l| {
+            l.starts_with("jmp-controller: listening on ")
+        })?;
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let ["jmp-controller:", "listening", "on", addr, "fingerprint", fp, "admin", admin] =
+            w.as_slice()
+        else {
+            return Err(bad("listening", &l));
+        };
+        Ok(Controller {
+            addr: addr.parse().map_err(|_| bad("listening", &l))?,
+            fingerprint: fp.to_string(),
+            admin_file: PathBuf::from(admin),
+            metrics,
+            proc,
+        })
     }
 }
 
@@ -198,27 +214,19 @@ impl Lab {
 
     /// Starts jmpd and waits until it has registered with the controller.
     pub fn start_jmpd(&self, config: &Path) -> Jmpd {
-        let mut cmd = Command::new(jmpd_bin());
+        let mut cmd = command(jmpd_bin());
         cmd.arg("--config").arg(config).env("JMP_LOG", "info");
-        let mut proc = Proc::spawn("jmpd", cmd, &self.env.logs);
-        let line = proc.expect_line(READY, "jmpd's ready line", |l| {
-            l.starts_with("jmpd: exporter ")
-        });
-        let (name, addr, fingerprint) = parse_jmpd_ready(&line)
-            .unwrap_or_else(|| panic!("unexpected jmpd ready line: {line:?}"));
+        let mut jmpd = Jmpd::start(cmd, &self.env.logs).unwrap_or_else(|e| panic!("{e}"));
         assert!(
-            poll_until(LONG, || proc
+            poll_until(LONG, || jmpd
+                .proc
                 .stderr()
                 .contains("registered with controller")),
-            "jmpd {name} never registered: {}",
-            proc.describe()
+            "jmpd {} never registered: {}",
+            jmpd.name,
+            jmpd.proc.describe()
         );
-        Jmpd {
-            proc,
-            name,
-            addr,
-            fingerprint,
-        }
+        jmpd
     }
 
     /// Every lease and waiting request (`jmp get leases -a -o json` as the admin).

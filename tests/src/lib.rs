@@ -1,9 +1,13 @@
-//! End-to-end tests live in tests/*.rs; this library holds their shared helpers.
+//! End-to-end tests live in tests/*.rs; this library holds the one harness they, the device
+//! crates' tests and the benchmarks (benches/) share.
 //!
-//! Owns: finding the built binaries, spawning real processes under guards that kill them by PID
-//! (never by name) and reap them even when a test panics, per-test temporary directories and
-//! environments (`JMP_RUNTIME_DIR`, `JMP_CONFIG_DIR`), starting `jmpd` and `jmp attach` and parsing
-//! their one "ready" line, a raw serial handle for reading consoles with timeouts, and `skip`.
+//! Owns: finding the built binaries; spawning real processes as a terminal would, under guards
+//! that kill them by PID (never by name) and reap them even when a test panics ([`proc`]);
+//! per-test temporary directories and environments (`JMP_RUNTIME_DIR`, `JMP_CONFIG_DIR`);
+//! starting `jmpd`, `jmp attach` and the controller and parsing their ready lines; a raw serial
+//! handle for reading consoles with timeouts; an echo server standing in for a board's service;
+//! and what a test does when something it needs is missing ([`skips`]: it fails, unless
+//! tests/SKIPS.md lists it).
 //! Does not own: building the binaries (`cargo build --workspace --bins` must have run) nor any
 //! timing assertion: every timeout here is a hang guard, never a measurement.
 
@@ -12,18 +16,23 @@ pub mod guest;
 pub mod lab;
 pub mod netns;
 pub mod netns_relay;
+pub mod pipe;
+pub mod proc;
 pub mod py;
+pub mod skips;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+pub use proc::{
+    as_terminal, command, kill_pid, pid_alive, poll_until, run, which, Options, Proc, RunOutput,
+    Stdout,
+};
+
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -81,36 +90,40 @@ pub fn board_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("board")
 }
 
-/// The test venv's python if it exists and has pyserial (`scripts/install-test-deps.sh`).
-pub fn python() -> Option<PathBuf> {
-    static PY: OnceLock<Option<PathBuf>> = OnceLock::new();
-    PY.get_or_init(|| {
-        let p = workspace_root().join("target/pyenv/bin/python");
-        if !p.exists() {
-            return None;
-        }
-        let ok = Command::new(&p)
-            .args(["-c", "import serial"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then_some(p)
-    })
-    .clone()
+/// The test venv's python (target/pyenv, made by `scripts/install-test-deps.sh`) if it can
+/// import every module of `modules`; else what is missing.
+pub fn venv_python(modules: &[&str]) -> Result<PathBuf, String> {
+    static CHECKED: OnceLock<std::sync::Mutex<std::collections::HashMap<String, bool>>> =
+        OnceLock::new();
+    let p = workspace_root().join("target/pyenv/bin/python");
+    let key = modules.join(",");
+    let ok = *CHECKED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(key.clone())
+        .or_insert_with(|| {
+            p.exists()
+                && command(&p)
+                    .args(["-c", &format!("import {key}")])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+        });
+    if ok {
+        Ok(p)
+    } else {
+        Err(format!(
+            "no Python venv at {} that imports {key} (run scripts/install-test-deps.sh)",
+            p.display()
+        ))
+    }
 }
 
-/// Is `tool` on PATH (an executable file)?
-pub fn which(tool: &str) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    let Some(path) = std::env::var_os("PATH") else {
-        return false;
-    };
-    std::env::split_paths(&path).any(|d| {
-        std::fs::metadata(d.join(tool))
-            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    })
+/// The test venv's python with pyserial (the board stand-ins in tests/board/).
+pub fn python() -> Result<PathBuf, String> {
+    venv_python(&["serial"])
 }
 
 /// Writes straight to fd 2, bypassing the test harness's output capture, so the line shows in
@@ -129,14 +142,6 @@ pub fn raw_stderr(line: &str) {
     }
 }
 
-/// Reports a test that cannot run here. The caller returns right after: the test counts as run,
-/// and the `SKIP: <reason>` line is visible in the log (DESIGN.md: never a silent pass).
-pub fn skip(reason: &str) {
-    let test = std::thread::current().name().unwrap_or("?").to_string();
-    println!("SKIP: {reason}");
-    raw_stderr(&format!("SKIP: {reason} ({test})"));
-}
-
 // ---------------------------------------------------------------------------------------------
 // Temporary directories
 
@@ -152,8 +157,8 @@ pub fn unique(tag: &str) -> String {
     format!("{tag}-{}-{n}-{nanos:x}", std::process::id())
 }
 
-/// A directory under the system temp dir, removed on drop unless the test is failing (then it
-/// is kept, and its path printed, for the post-mortem).
+/// A directory under the system temp dir, removed on drop unless the test is failing or
+/// `JMP_KEEP_TMP` is set (then it is kept, and its path printed, for the post-mortem).
 pub struct TempDir {
     path: PathBuf,
 }
@@ -176,7 +181,7 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("JMP_KEEP_TMP").is_some() {
             eprintln!("kept {} for inspection", self.path.display());
             return;
         }
@@ -184,303 +189,24 @@ impl Drop for TempDir {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Processes
-
-/// A spawned child: stdout lines arrive on a channel (read by a thread), stderr goes to a file.
-/// Dropping it sends SIGTERM by PID, waits up to 3 s, then SIGKILL, and reaps it.
-pub struct Proc {
-    pub label: String,
-    child: Child,
-    lines: Receiver<String>,
-    stdin: Option<ChildStdin>,
-    stderr_path: PathBuf,
-    /// Every stdout line read so far (for error messages).
-    seen: Vec<String>,
-    status: Option<ExitStatus>,
-}
-
-impl Proc {
-    /// Spawns `cmd` with piped stdout, stdin from /dev/null, stderr to `<log_dir>/<label>.N.stderr`.
-    pub fn spawn(label: &str, cmd: Command, log_dir: &Path) -> Proc {
-        Self::spawn_inner(label, cmd, log_dir, false)
-    }
-
-    /// Like `spawn` but with a piped stdin (see `send_line`).
-    pub fn spawn_with_stdin(label: &str, cmd: Command, log_dir: &Path) -> Proc {
-        Self::spawn_inner(label, cmd, log_dir, true)
-    }
-
-    fn spawn_inner(label: &str, mut cmd: Command, log_dir: &Path, stdin: bool) -> Proc {
-        let stderr_path = log_dir.join(format!("{}.stderr", unique(label)));
-        let err = File::create(&stderr_path).expect("create stderr log");
-        cmd.stdout(Stdio::piped())
-            .stderr(Stdio::from(err))
-            .stdin(if stdin { Stdio::piped() } else { Stdio::null() });
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn {label} ({cmd:?}): {e}"));
-        let out = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
+/// An echo server on 127.0.0.1 standing in for a board's service: every connection gets back
+/// what it sends until it half-closes, then the server closes its side. Its threads end with
+/// the test process.
+pub fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind echo server");
+    let addr = l.local_addr().expect("echo server address");
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let Ok(mut r) = s.try_clone() else { return };
+                if std::io::copy(&mut r, &mut s).is_ok() {
+                    let _ = s.shutdown(Shutdown::Write);
                 }
-            }
-        });
-        let stdin = child.stdin.take();
-        Proc {
-            label: label.to_string(),
-            child,
-            lines: rx,
-            stdin,
-            stderr_path,
-            seen: Vec::new(),
-            status: None,
+            });
         }
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// The next stdout line, or None on timeout or end of output.
-    pub fn line(&mut self, timeout: Duration) -> Option<String> {
-        match self.lines.recv_timeout(timeout) {
-            Ok(l) => {
-                self.seen.push(l.clone());
-                Some(l)
-            }
-            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => None,
-        }
-    }
-
-    /// The next stdout line satisfying `pred`, panicking with the process's output if none comes
-    /// within `timeout` or the process ends first.
-    pub fn expect_line(
-        &mut self,
-        timeout: Duration,
-        what: &str,
-        pred: impl Fn(&str) -> bool,
-    ) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if pred(&l) {
-                        return l;
-                    }
-                }
-                Err(e) => {
-                    let why = match e {
-                        RecvTimeoutError::Timeout => format!("no such line within {timeout:?}"),
-                        RecvTimeoutError::Disconnected => {
-                            let st = self.wait_timeout(Duration::from_secs(3));
-                            format!("stdout closed (exit: {st:?})")
-                        }
-                    };
-                    panic!(
-                        "{}: waiting for {what}: {why}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                        self.label,
-                        self.seen.join("\n"),
-                        self.stderr()
-                    );
-                }
-            }
-        }
-    }
-
-    /// Everything the process wrote to stderr so far.
-    pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    /// Stdout lines read so far plus any still queued (without waiting).
-    pub fn stdout_so_far(&mut self) -> String {
-        while let Ok(l) = self.lines.try_recv() {
-            self.seen.push(l);
-        }
-        self.seen.join("\n")
-    }
-
-    pub fn send_line(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("spawned with_stdin");
-        stdin
-            .write_all(format!("{line}\n").as_bytes())
-            .and_then(|_| stdin.flush())
-            .unwrap_or_else(|e| panic!("{}: write to stdin: {e}", self.label));
-    }
-
-    /// Exit status if it has exited (reaping it), without waiting.
-    pub fn try_status(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().ok().flatten();
-        }
-        self.status
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        self.try_status().is_none()
-    }
-
-    /// Waits up to `timeout` for the process to exit.
-    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.try_status() {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits for exit, panicking (with the output) if it does not come within `timeout`.
-    pub fn expect_exit(&mut self, timeout: Duration) -> ExitStatus {
-        match self.wait_timeout(timeout) {
-            Some(s) => s,
-            None => {
-                let out = self.stdout_so_far();
-                panic!(
-                    "{}: did not exit within {timeout:?}\n--- stdout ---\n{out}\n--- stderr ---\n{}",
-                    self.label,
-                    self.stderr()
-                )
-            }
-        }
-    }
-
-    pub fn signal(&self, sig: Signal) {
-        let _ = kill(Pid::from_raw(self.pid()), sig);
-    }
-
-    /// SIGKILL and reap, now (the "pull the plug" of resilience tests).
-    pub fn kill9(&mut self) -> ExitStatus {
-        self.signal(Signal::SIGKILL);
-        self.expect_exit(Duration::from_secs(10))
-    }
-
-    /// SIGTERM, up to 3 s, then SIGKILL; reaps. Idempotent.
-    pub fn stop(&mut self) -> Option<ExitStatus> {
-        if let Some(s) = self.try_status() {
-            return Some(s);
-        }
-        self.signal(Signal::SIGTERM);
-        if let Some(s) = self.wait_timeout(Duration::from_secs(3)) {
-            return Some(s);
-        }
-        self.signal(Signal::SIGKILL);
-        self.status = self.child.wait().ok();
-        self.status
-    }
-
-    /// Describes the process for an assertion message.
-    pub fn describe(&mut self) -> String {
-        let status = self.try_status();
-        let out = self.stdout_so_far();
-        format!(
-            "{} (pid {}, status {status:?})\n--- stdout ---\n{out}\n--- stderr ---\n{}",
-            self.label,
-            self.pid(),
-            self.stderr()
-        )
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-        if std::thread::panicking() {
-            let err = self.stderr();
-            let tail: String = err
-                .lines()
-                .rev()
-                .take(40)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n");
-            eprintln!(
-                "--- {} (pid {}) stdout ---\n{}\n--- {} stderr (last 40 lines) ---\n{tail}",
-                self.label,
-                self.pid(),
-                self.seen.join("\n"),
-                self.label
-            );
-        }
-    }
-}
-
-/// Runs `cmd` to completion (hang guard `timeout`): status, stdout, stderr.
-pub struct RunOutput {
-    pub status: ExitStatus,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-pub fn run(label: &str, cmd: Command, log_dir: &Path, timeout: Duration) -> RunOutput {
-    let mut p = Proc::spawn(label, cmd, log_dir);
-    let status = p.expect_exit(timeout);
-    // The stdout reader may still be draining; a background child (daemon) may also keep the
-    // pipe open, so only wait briefly for lines still in flight.
-    let mut out = Vec::new();
-    while let Some(l) = p.line(Duration::from_millis(200)) {
-        out.push(l);
-    }
-    RunOutput {
-        status,
-        stdout: out.join("\n"),
-        stderr: p.stderr(),
-    }
-}
-
-/// Is a process with this PID alive (not gone and not a zombie)?
-pub fn pid_alive(pid: i32) -> bool {
-    if kill(Pid::from_raw(pid), None).is_err() {
-        return false;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // Field 3 (after the parenthesised comm) is the state.
-        Ok(s) => s
-            .rsplit_once(')')
-            .map(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
-            .unwrap_or(true),
-        Err(_) => false,
-    }
-}
-
-/// Kills a process we do not own as a child (a daemon `jmp` left behind) by PID.
-pub fn kill_pid(pid: i32) {
-    if pid <= 1 || !pid_alive(pid) {
-        return;
-    }
-    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-    if poll_until(Duration::from_secs(3), || !pid_alive(pid)) {
-        return;
-    }
-    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-    poll_until(Duration::from_secs(3), || !pid_alive(pid));
-}
-
-/// Polls `f` every 20 ms until it is true or `timeout` passes; returns whether it became true.
-pub fn poll_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    });
+    addr
 }
 
 /// A port free on 127.0.0.1 right now (UDP, as jmpd listens on UDP).
@@ -538,7 +264,7 @@ impl TestEnv {
 
     /// A `jmp` command with this test's private runtime and config directories.
     pub fn jmp(&self) -> Command {
-        let mut c = Command::new(jmp_bin());
+        let mut c = command(jmp_bin());
         c.env("JMP_RUNTIME_DIR", &self.runtime)
             .env("JMP_CONFIG_DIR", &self.config)
             .env_remove("JMP_LOG");
@@ -546,20 +272,9 @@ impl TestEnv {
     }
 
     /// An exporter config named `name`, listening on `listen`, with this env's token file and
-    /// state dir. `export` is the YAML body of the `export:` map, one device per line, e.g.
-    /// `console: {type: sim-console}`.
+    /// state dir (see [`exporter_yaml`]).
     pub fn exporter_yaml(&self, name: &str, listen: &str, export: &str) -> String {
-        let mut y = format!(
-            "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata:\n  name: {name}\n  labels: {{board: e2e}}\nlisten: {listen}\nstateDir: {}\nauth: {{tokenFile: {}}}\nexport:\n",
-            self.state.display(),
-            self.token_file.display()
-        );
-        for l in export.lines().filter(|l| !l.trim().is_empty()) {
-            y.push_str("  ");
-            y.push_str(l.trim());
-            y.push('\n');
-        }
-        y
+        exporter_yaml(name, listen, &self.state, &self.token_file, export)
     }
 
     /// Writes `yaml` to a config file and returns its path.
@@ -577,40 +292,26 @@ impl TestEnv {
     /// Starts jmpd inside network namespace `ns` (`None`: this one).
     pub fn start_jmpd_in(&self, ns: Option<&str>, yaml: &str) -> Jmpd {
         let cfg = self.write_config(yaml);
-        let mut cmd = Command::new(jmpd_bin());
+        let mut cmd = command(jmpd_bin());
         cmd.arg("--config").arg(&cfg).env("JMP_LOG", "info");
         let cmd = match ns {
             Some(ns) => in_netns(ns, cmd),
             None => cmd,
         };
-        let mut proc = Proc::spawn("jmpd", cmd, &self.logs);
-        let line = proc.expect_line(READY, "jmpd's ready line", |l| {
-            l.starts_with("jmpd: exporter ")
-        });
-        let (name, addr, fingerprint) = parse_jmpd_ready(&line)
-            .unwrap_or_else(|| panic!("unexpected jmpd ready line: {line:?}"));
-        Jmpd {
-            proc,
-            name,
-            addr,
-            fingerprint,
-        }
+        Jmpd::start(cmd, &self.logs).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Command line of `jmp attach` against `jmpd` (foreground, -o json, private dev dir).
     pub fn attach_cmd(&self, jmpd: &Jmpd, extra: &[&str]) -> Command {
         let mut c = self.jmp();
-        c.arg("attach")
-            .arg("--exporter")
-            .arg(jmpd.addr.to_string())
-            .arg("--token-file")
-            .arg(&self.token_file)
-            .arg("--fingerprint")
-            .arg(&jmpd.fingerprint)
-            .arg("--dev-dir")
-            .arg(&self.dev)
-            .args(["-o", "json"])
-            .args(extra);
+        attach_args(
+            &mut c,
+            &jmpd.addr.to_string(),
+            &self.token_file,
+            &jmpd.fingerprint,
+            &self.dev,
+        )
+        .args(extra);
         c
     }
 
@@ -631,20 +332,71 @@ impl TestEnv {
             Some(ns) => in_netns(ns, cmd),
             None => cmd,
         };
-        let mut p = Proc::spawn("jmp-attach", cmd, &self.logs);
-        let line = p.expect_line(READY, "jmp attach's JSON line", |l| {
-            l.trim_start().starts_with('{')
-        });
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("jmp attach printed invalid JSON ({e}): {line:?}"));
-        (p, v)
+        start_attach(cmd, &self.logs).unwrap_or_else(|e| panic!("{e}"))
     }
+}
+
+/// An exporter config in direct mode: `name` (labelled board=e2e), listening on `listen`, with
+/// state in `state` and clients' token in `token_file`. `export` is the YAML body of the
+/// `export:` map, one device per line, e.g. `console: {type: sim-console}`.
+pub fn exporter_yaml(
+    name: &str,
+    listen: &str,
+    state: &Path,
+    token_file: &Path,
+    export: &str,
+) -> String {
+    let mut y = format!(
+        "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata:\n  name: {name}\n  labels: {{board: e2e}}\nlisten: {listen}\nstateDir: {}\nauth: {{tokenFile: {}}}\nexport:\n",
+        state.display(),
+        token_file.display()
+    );
+    for l in export.lines().filter(|l| !l.trim().is_empty()) {
+        y.push_str("  ");
+        y.push_str(l.trim());
+        y.push('\n');
+    }
+    y
+}
+
+/// Adds what `jmp attach` needs to reach the exporter at `addr` in direct mode, foreground,
+/// printing its ready line as JSON, with its devices under `dev_dir`.
+pub fn attach_args<'a>(
+    cmd: &'a mut Command,
+    addr: &str,
+    token_file: &Path,
+    fingerprint: &str,
+    dev_dir: &Path,
+) -> &'a mut Command {
+    cmd.arg("attach")
+        .args(["--exporter", addr])
+        .arg("--token-file")
+        .arg(token_file)
+        .args(["--fingerprint", fingerprint])
+        .arg("--dev-dir")
+        .arg(dev_dir)
+        .args(["-o", "json"])
+}
+
+/// Starts `cmd`, a `jmp attach -o json` (or one inside a namespace), and waits for its JSON
+/// ready line: the process and what the line said.
+pub fn start_attach(
+    cmd: impl std::borrow::BorrowMut<Command>,
+    logs: &Path,
+) -> Result<(Proc, serde_json::Value), proc::Error> {
+    let mut p = Proc::start("jmp-attach", cmd, logs, Options::default())?;
+    let line = p.wait_line(READY, "jmp attach's JSON line", |l| {
+        l.trim_start().starts_with('{')
+    })?;
+    let v = serde_json::from_str(&line)
+        .map_err(|e| proc::Error(format!("jmp attach printed invalid JSON ({e}): {line:?}")))?;
+    Ok((p, v))
 }
 
 /// `cmd` run inside network namespace `ns` (`ip netns exec`, which execs the program: the
 /// PID stays the program's, so guards still kill the right process).
 pub fn in_netns(ns: &str, cmd: Command) -> Command {
-    let mut c = Command::new("ip");
+    let mut c = command("ip");
     c.args(["netns", "exec", ns])
         .arg(cmd.get_program())
         .args(cmd.get_args());
@@ -689,6 +441,28 @@ pub struct Jmpd {
     pub name: String,
     pub addr: SocketAddr,
     pub fingerprint: String,
+}
+
+impl Jmpd {
+    /// Starts `cmd` (jmpd with its `--config`, or that inside a namespace) and waits for its
+    /// ready line.
+    pub fn start(
+        cmd: impl std::borrow::BorrowMut<Command>,
+        logs: &Path,
+    ) -> Result<Jmpd, proc::Error> {
+        let mut proc = Proc::start("jmpd", cmd, logs, Options::default())?;
+        let line = proc.wait_line(READY, "jmpd's ready line", |l| {
+            l.starts_with("jmpd: exporter ")
+        })?;
+        let (name, addr, fingerprint) = parse_jmpd_ready(&line)
+            .ok_or_else(|| proc::Error(format!("unexpected jmpd ready line: {line:?}")))?;
+        Ok(Jmpd {
+            proc,
+            name,
+            addr,
+            fingerprint,
+        })
+    }
 }
 
 /// The entry for device `name` in jmp's JSON ready line.
@@ -853,7 +627,7 @@ impl Tmux {
     }
 
     fn cmd(&self) -> Command {
-        let mut c = Command::new("tmux");
+        let mut c = command("tmux");
         c.arg("-L").arg(&self.socket);
         c.stdin(Stdio::null());
         c

@@ -13,6 +13,7 @@
 //! namespaces, and deleting them (on drop, even when a test panics) removes all of it. Files a
 //! namespace sees in place of /etc files (`/etc/netns/NS/hosts`) go with it.
 
+use crate::command;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -34,7 +35,7 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// Runs `ip ARGS`, panicking with its stderr on failure.
 pub fn ip(args: &[&str]) {
-    let out = Command::new("ip")
+    let out = command("ip")
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run ip: {e}"));
@@ -48,12 +49,8 @@ pub fn ip(args: &[&str]) {
 
 /// Whether this process may build namespaces (root with CAP_NET_ADMIN, `ip` present).
 pub fn available() -> Result<(), String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Err("network namespaces need root".into());
-    }
-    if !crate::which("ip") {
-        return Err("no ip command (iproute2)".into());
-    }
+    crate::skips::root().map_err(|_| "network namespaces need root".to_string())?;
+    crate::skips::tool("ip")?;
     Ok(())
 }
 
@@ -112,7 +109,7 @@ impl Topology {
 
     /// `ip netns exec NS PROG`: PROG runs inside the namespace, with its own PID (ip execs it).
     pub fn cmd(&self, ns: &str, prog: &str) -> Command {
-        let mut c = Command::new("ip");
+        let mut c = command("ip");
         c.args(["netns", "exec", ns, prog]);
         c
     }
@@ -173,7 +170,7 @@ impl Topology {
     pub fn remove(mut self) {
         let names = self.delete();
         let list = String::from_utf8_lossy(
-            &Command::new("ip")
+            &command("ip")
                 .args(["netns", "list"])
                 .output()
                 .map(|o| o.stdout)
@@ -194,7 +191,7 @@ impl Topology {
             return names;
         }
         for n in &names {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
+            let _ = command("ip").args(["netns", "del", n]).status();
         }
         for d in self.etc.drain(..) {
             let _ = std::fs::remove_dir_all(d);

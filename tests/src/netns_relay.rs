@@ -13,6 +13,7 @@
 //! nftables table), also when a test fails; processes started in them must be stopped first
 //! (the tests' `Proc` guards, by PID).
 
+use crate::command;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -30,7 +31,7 @@ pub struct RelayNet {
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
+    let out = command("ip")
         .args(args)
         .output()
         .map_err(|e| format!("cannot run ip: {e}"))?;
@@ -47,12 +48,10 @@ fn ip(args: &[&str]) -> Result<(), String> {
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 impl RelayNet {
-    /// Builds the topology; `Err` says why it cannot be built here (then the test skips).
+    /// Builds the topology; `Err` says why it cannot be built here (then the test fails, naming it).
     pub fn new() -> Result<RelayNet, String> {
         for tool in ["ip", "nft"] {
-            if !crate::which(tool) {
-                return Err(format!("{tool} is not installed"));
-            }
+            crate::skips::tool(tool)?;
         }
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let tag = format!("jr{}x{n}", std::process::id() % 100_000);
@@ -177,26 +176,14 @@ impl RelayNet {
 
     /// `program args` inside namespace `ns`.
     pub fn cmd(&self, ns: &str, program: &str, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
+        let mut c = command("ip");
         c.args(["netns", "exec", ns, program]).args(args);
         c
     }
 
     /// `cmd` (program, arguments, environment, directory) inside namespace `ns`.
     pub fn wrap(&self, ns: &str, cmd: Command) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns]).arg(cmd.get_program());
-        c.args(cmd.get_args());
-        for (k, v) in cmd.get_envs() {
-            match v {
-                Some(v) => c.env(k, v),
-                None => c.env_remove(k),
-            };
-        }
-        if let Some(d) = cmd.get_current_dir() {
-            c.current_dir(d);
-        }
-        c
+        crate::in_netns(ns, cmd)
     }
 
     /// Packets the exporter's firewall dropped (new inbound connections).
@@ -239,7 +226,7 @@ impl RelayNet {
 impl Drop for RelayNet {
     fn drop(&mut self) {
         for ns in [&self.client, &self.relay, &self.exporter] {
-            let _ = Command::new("ip")
+            let _ = command("ip")
                 .args(["netns", "del", ns])
                 .stderr(std::process::Stdio::null())
                 .status();

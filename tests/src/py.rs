@@ -2,10 +2,11 @@
 //! library) from the e2e tests: the test venv's tools with a test's private jmp directories,
 //! and a guard that leaves nothing of jmp running whatever the test did.
 
-use crate::{jmp_bin, kill_pid, run, skip, target_dir, workspace_root, RunOutput, TestEnv};
+use crate::{
+    command, jmp_bin, kill_pid, run, target_dir, venv_python, workspace_root, RunOutput, TestEnv,
+};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::process::Command;
 use std::time::Duration;
 
 /// Hang guard for a whole pytest or robot run.
@@ -30,27 +31,12 @@ pub const CI_VARS: &[&str] = &[
     "BUILD_TAG",
 ];
 
-/// The venv's bin directory if it has the package installed (scripts/install-test-deps.sh),
-/// else `None` after printing SKIP.
-pub fn venv_bin() -> Option<PathBuf> {
-    static BIN: OnceLock<Option<PathBuf>> = OnceLock::new();
-    let found = BIN
-        .get_or_init(|| {
-            let bin = workspace_root().join("target/pyenv/bin");
-            let ok = Command::new(bin.join("python"))
-                .args(["-c", "import jmp_testing, pytest, robot, JmpLibrary"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            ok.then_some(bin)
-        })
-        .clone();
-    if found.is_none() {
-        skip("the test venv has no jmp-testing/pytest/robotframework (run scripts/install-test-deps.sh)");
-    }
-    found
+/// The venv's bin directory if it has the package and the frameworks installed
+/// (scripts/install-test-deps.sh); else what is missing (for [`require!`](crate::require):
+/// the test fails).
+pub fn venv_bin() -> Result<PathBuf, String> {
+    let py = venv_python(&["jmp_testing", "pytest", "robot", "JmpLibrary"])?;
+    Ok(py.parent().expect("the venv's bin directory").to_path_buf())
 }
 
 /// The Python test files: tests/python/.
@@ -71,7 +57,7 @@ pub fn path_with(bin: &Path) -> String {
 /// `TOOL ARGS` from the venv (pytest, robot, python) with `env`'s jmp directories, run in
 /// tests/python.
 pub fn tool(env: &TestEnv, bin: &Path, name: &str) -> Command {
-    let mut c = Command::new(bin.join(name));
+    let mut c = command(bin.join(name));
     for v in CI_VARS {
         c.env_remove(v);
     }
@@ -170,13 +156,22 @@ pub fn widget_export() -> &'static str {
 /// vendor=acme, model=widget-v2 (the examples' selector) and project=myproject (the CI
 /// recipes'), and a client config `ci-client` (imported, not made current).
 pub fn widget_lab(tag: &str) -> (crate::lab::Lab, crate::Jmpd) {
+    widget_lab_at(tag, None)
+}
+
+/// [`widget_lab`] whose exporter tells the controller that clients reach it at `address`
+/// (`controller: {address: ...}`) instead of its own listening address.
+pub fn widget_lab_at(tag: &str, address: Option<&str>) -> (crate::lab::Lab, crate::Jmpd) {
     let lab = crate::lab::Lab::new(tag);
     let token = lab.create_exporter(
         "widget-01",
         &["vendor=acme", "model=widget-v2", "project=myproject"],
     );
+    let advertised = address
+        .map(|a| format!(", address: {a:?}"))
+        .unwrap_or_default();
     let yaml = format!(
-        "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: widget-01}}\nlisten: 127.0.0.1:0\nstateDir: {}\ncontroller: {{tokenFile: {}}}\nexport:\n  {}",
+        "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: widget-01}}\nlisten: 127.0.0.1:0\nstateDir: {}\ncontroller: {{tokenFile: {}{advertised}}}\nexport:\n  {}",
         lab.env.root.join("state-widget").display(),
         token.display(),
         widget_export().trim_end().replace('\n', "\n  ")

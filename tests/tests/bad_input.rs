@@ -3,7 +3,6 @@
 
 use jmp_e2e::*;
 use std::net::UdpSocket;
-use std::process::Command;
 
 fn exit_code(st: std::process::ExitStatus) -> Option<i32> {
     st.code()
@@ -72,7 +71,7 @@ fn unknown_config_field_is_named_by_check_config() {
         "console: {type: serial, path: /dev/ttyUSB0, baud: 115200}",
     );
     let cfg = env.write_config(&yaml);
-    let mut cmd = Command::new(jmpd_bin());
+    let mut cmd = command(jmpd_bin());
     cmd.arg("--config").arg(&cfg).arg("--check-config");
     let out = run("jmpd-check", cmd, &env.logs, READY);
     assert_eq!(exit_code(out.status), Some(2), "stderr: {}", out.stderr);
@@ -92,7 +91,7 @@ fn unknown_config_field_is_named_by_check_config() {
     assert!(out.stderr.contains("(line "), "{}", out.stderr);
     // A missing config file is reported once, with its path.
     let missing = env.root.join("nowhere.yaml");
-    let mut cmd = Command::new(jmpd_bin());
+    let mut cmd = command(jmpd_bin());
     cmd.arg("--config").arg(&missing);
     let out = run("jmpd-missing", cmd, &env.logs, READY);
     assert_eq!(exit_code(out.status), Some(2));
@@ -106,7 +105,7 @@ fn unknown_config_field_is_named_by_check_config() {
 
     // And the good version of the same config passes.
     let good = env.write_config(&yaml.replace("baud:", "baudrate:"));
-    let mut cmd = Command::new(jmpd_bin());
+    let mut cmd = command(jmpd_bin());
     cmd.arg("--config").arg(&good).arg("--check-config");
     let out = run("jmpd-check-good", cmd, &env.logs, READY);
     assert!(out.status.success(), "stderr: {}", out.stderr);

@@ -7,7 +7,6 @@
 
 use jmp_e2e::*;
 use std::io::{Read, Write};
-use std::process::Command;
 use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(180);
@@ -24,7 +23,7 @@ fn endpoint(v: &serde_json::Value, dev: &str, role: &str) -> String {
 }
 
 fn client(py: &std::path::Path, env: &TestEnv, args: &[&str]) -> serde_json::Value {
-    let mut c = Command::new(py);
+    let mut c = command(py);
     c.arg(board_dir().join("can_client.py")).args(args);
     let out = run("can-client", c, &env.logs, TIMEOUT);
     assert!(
@@ -46,20 +45,13 @@ fn assert_mirrored(r: &serde_json::Value, what: &str) {
     );
 }
 
-fn python_can() -> Option<std::path::PathBuf> {
-    let py = python()?;
-    let ok = Command::new(&py)
-        .args(["-c", "import can, isotp"])
-        .status()
-        .is_ok_and(|s| s.success());
-    ok.then_some(py)
+fn python_can() -> Result<std::path::PathBuf, String> {
+    venv_python(&["serial", "can", "isotp"])
 }
 
 #[test]
 fn sim_ecu_through_python_can_slcan_and_socketcand() {
-    let Some(py) = python_can() else {
-        return skip("no venv with python-can and can-isotp (scripts/install-test-deps.sh)");
-    };
+    let py = require!(python_can());
     let env = TestEnv::new("can-sim");
     let jmpd = env.start_jmpd(&env.exporter_yaml(
         "canboard",
@@ -172,12 +164,10 @@ fn status_row(env: &TestEnv, dev: &str) -> serde_json::Value {
 
 #[test]
 fn emulated_adapter_mirrors_survives_unplug_and_resumes() {
-    let Some(py) = python_can() else {
-        return skip("no venv with python-can and can-isotp (scripts/install-test-deps.sh)");
-    };
+    let py = require!(python_can());
     let env = TestEnv::new("can-adapter");
     let link = env.root.join("ttyCANable");
-    let mut emu_cmd = Command::new(&py);
+    let mut emu_cmd = command(&py);
     emu_cmd.arg(board_dir().join("slcan_adapter.py")).arg(&link);
     let mut emu = Proc::spawn_with_stdin("slcan-adapter", emu_cmd, &env.logs);
     emu.expect_line(READY, "the adapter's ready line", |l| {
@@ -237,7 +227,7 @@ fn emulated_adapter_mirrors_survives_unplug_and_resumes() {
     let back = poll_until(TIMEOUT, || status_row(&env, "body")["state"] == "available");
     assert!(back, "the adapter is back: {}", status_row(&env, "body"));
     let resumed = poll_until(TIMEOUT, || {
-        let mut c = Command::new(&py);
+        let mut c = command(&py);
         c.arg(board_dir().join("can_client.py")).args([
             "socketcand",
             &scd,
@@ -261,9 +251,7 @@ fn emulated_adapter_mirrors_survives_unplug_and_resumes() {
 
 #[test]
 fn jmpd_killed_mid_traffic_fronts_stay_and_resume() {
-    let Some(py) = python_can() else {
-        return skip("no venv with python-can and can-isotp (scripts/install-test-deps.sh)");
-    };
+    let py = require!(python_can());
     let env = TestEnv::new("can-kill");
     let port = free_udp_port();
     let yaml = env.exporter_yaml(
@@ -298,7 +286,7 @@ fn jmpd_killed_mid_traffic_fronts_stay_and_resume() {
     let _jmpd2 = env.start_jmpd(&yaml);
     // The same local endpoints work again.
     let ok = poll_until(TIMEOUT, || {
-        let mut c = Command::new(&py);
+        let mut c = command(&py);
         c.arg(board_dir().join("can_client.py"))
             .args(["socketcand", &scd, "ecu", "reqresp"]);
         let out = run("can-client", c, &env.logs, TIMEOUT);

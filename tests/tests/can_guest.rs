@@ -10,11 +10,9 @@ use std::time::Duration;
 
 #[test]
 fn real_socketcan_in_a_guest() {
-    let py = python().expect("no test venv: run scripts/install-test-deps.sh");
-    assert!(
-        which("candump"),
-        "can-utils is not installed: run scripts/install-test-deps.sh"
-    );
+    let py = require!(python());
+    require!(skips::tool("qemu-system-x86_64"));
+    require!(skips::tool("candump"));
     let env = TestEnv::new("can-guest");
     // The host's jmpd, reached from the guest through qemu's user-mode network.
     let jmpd = env.start_jmpd(&env.exporter_yaml(

@@ -61,7 +61,7 @@ fn checkout(env: &TestEnv, broken: bool) -> PathBuf {
 /// A shell as the CI system starts one for a step, in `dir`, with `env`'s jmp directories
 /// and the venv (pytest) and jmp on PATH.
 fn ci_shell(env: &TestEnv, bin: &Path, dir: &Path, vars: &[(String, String)]) -> Command {
-    let mut c = Command::new("bash");
+    let mut c = command("bash");
     c.args(["--noprofile", "--norc", "-eo", "pipefail", "-c"]);
     for v in CI_VARS {
         c.env_remove(v);
@@ -172,7 +172,7 @@ fn active(lab: &Lab) -> Vec<Value> {
 
 #[test]
 fn the_github_recipe_leases_tests_and_releases_even_when_the_tests_fail() {
-    let Some(bin) = venv_bin() else { return };
+    let bin = require!(venv_bin());
     let (lab, _jmpd) = widget_lab("ci-github");
     let env = &lab.env;
     let _left = Leftovers { env };
@@ -222,7 +222,7 @@ fn the_github_recipe_leases_tests_and_releases_even_when_the_tests_fail() {
 
 #[test]
 fn the_gitlab_recipe_runs_unchanged_and_after_script_releases() {
-    let Some(bin) = venv_bin() else { return };
+    let bin = require!(venv_bin());
     let (lab, _jmpd) = widget_lab("ci-gitlab");
     let env = &lab.env;
     let _left = Leftovers { env };
@@ -252,7 +252,7 @@ fn the_gitlab_recipe_runs_unchanged_and_after_script_releases() {
 
 #[test]
 fn the_self_hosted_recipe_runs_the_board_on_the_runner() {
-    let Some(bin) = venv_bin() else { return };
+    let bin = require!(venv_bin());
     let env = TestEnv::new("ci-local");
     let _left = Leftovers { env: &env };
     let wf = recipe("self-hosted-hw-test.yml");

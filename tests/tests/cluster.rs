@@ -10,17 +10,16 @@
 //!
 //! Every timeout here is a hang guard, never a measurement.
 
-use jmp_e2e::cluster::{have_etcd, Controllers, Etcd};
+use jmp_e2e::cluster::{etcd_installed, Controllers, Etcd};
 use jmp_e2e::lab::LONG;
 use jmp_e2e::*;
-use jmp_protocol::ctl::{
+use jmp_protocol::api::{
     Call, ClientSpec, CtlError, CtlErrorCode, ExporterSpec, LeaseInfo, LeaseRequest, Reply, Request,
 };
-use jmp_transport::ctl::{CallError, Controllers as CtlConn};
+use jmp_transport::controller::{CallError, Controllers as CtlConn};
 use jmp_transport::Fingerprint;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -129,7 +128,7 @@ fn lease_req(id: &str, sel: &str, wait: u64) -> LeaseRequest {
 /// it was alone): what an operator writes into the admin config of a cluster.
 fn admin_config(ctls: &Controllers, root: &Path) -> (PathBuf, String) {
     let text = std::fs::read_to_string(ctls.admin_file()).expect("admin.yaml");
-    let mut c: jmp_protocol::ctl::ClientConfig = serde_norway::from_str(&text).expect("parse");
+    let mut c: jmp_protocol::api::ClientConfig = serde_norway::from_str(&text).expect("parse");
     c.endpoint = ctls.endpoints();
     let p = root.join("admin-all.yaml");
     write_private(&p, &serde_norway::to_string(&c).expect("yaml"));
@@ -177,7 +176,7 @@ fn exporters(
         };
         let f = env.root.join(format!("{name}.token"));
         write_private(&f, &format!("{}\n", cred.token));
-        let mut cmd = Command::new(jmpd_bin());
+        let mut cmd = command(jmpd_bin());
         cmd.arg("--config")
             .arg(jmpd_config(env.root.path(), name, &f))
             .env("JMP_LOG", "info");
@@ -284,10 +283,7 @@ fn kill_leader(
 
 #[test]
 fn leases_survive_the_leader_controller_being_killed_again_and_again() {
-    if !have_etcd() {
-        skip("etcd is not installed (scripts/install-test-deps.sh installs etcd-server)");
-        return;
-    }
+    require!(etcd_installed());
     let env = TestEnv::new("cluster-kill");
     let etcd = Etcd::start(env.root.path(), &env.logs, 3);
     let mut ctls = Controllers::start(&etcd, env.root.path(), &env.logs, 3);
@@ -487,10 +483,7 @@ fn leases_survive_the_leader_controller_being_killed_again_and_again() {
 
 #[test]
 fn an_etcd_member_down_changes_nothing_and_all_of_etcd_down_is_a_clear_error_then_recovers() {
-    if !have_etcd() {
-        skip("etcd is not installed (scripts/install-test-deps.sh installs etcd-server)");
-        return;
-    }
+    require!(etcd_installed());
     let env = TestEnv::new("cluster-etcd-down");
     let mut etcd = Etcd::start(env.root.path(), &env.logs, 3);
     let ctls = Controllers::start(&etcd, env.root.path(), &env.logs, 3);

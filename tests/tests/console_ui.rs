@@ -6,9 +6,7 @@ use std::time::Duration;
 
 fn login_through(tool: &str, command: impl Fn(&str) -> String) {
     for t in [tool, "tmux"] {
-        if !which(t) {
-            return skip(&format!("{t} is not installed"));
-        }
+        require!(skips::tool(t));
     }
     let env = TestEnv::new(&format!("ui-{tool}"));
     let jmpd = env.start_jmpd(&env.exporter_yaml(

@@ -7,18 +7,18 @@
 
 use jmp_e2e::lab::*;
 use jmp_e2e::*;
-use jmp_protocol::ctl::{
+use jmp_protocol::api::{
     Call, ClientSpec, CtlErrorCode, ExporterSpec, LeaseInfo, LeaseRequest, Registration, Reply,
     Request,
 };
 use jmp_protocol::selector::{Labels, Selector};
-use jmp_transport::ctl::{call, call_once, CallError};
+use jmp_transport::controller::{call, call_once, CallError};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -57,7 +57,8 @@ fn check_listing(leases: &[LeaseInfo], context: &str) {
             }
         } else {
             // A waiting request by name shows the exporter it asks for (protocol/src/ctl.rs
-            // says `exporter` is empty while waiting; core.rs fills in the requested name).
+            // says `exporter` is empty while waiting; controller/src/core/leases.rs fills in the
+            // requested name).
             assert_eq!(l.status, "waiting", "{context}: odd status in {l:?}");
         }
     }
@@ -119,7 +120,7 @@ impl Api {
         }
     }
 
-    async fn exporters(&self, cred: &str) -> Vec<jmp_protocol::ctl::ExporterInfo> {
+    async fn exporters(&self, cred: &str) -> Vec<jmp_protocol::api::ExporterInfo> {
         match self
             .call(cred, Request::GetExporters { selector: None })
             .await
@@ -138,20 +139,30 @@ fn refusal(r: &Result<Reply, CallError>) -> Option<CtlErrorCode> {
 }
 
 /// An exporter that registers over the API and stays registered, re-registering (like jmpd)
-/// whenever the connection or the registration stream ends. Runs until aborted.
+/// whenever the connection or the registration stream ends. Runs until aborted. Each
+/// registration proves it holds its own TLS identity's key, on the connection it goes on.
 async fn keep_registered(addr: SocketAddr, fingerprint: String, credential: String, port: u16) {
+    let identity = jmp_transport::Identity::generate().expect("an identity");
+    let name = jmp_transport::token::peek(&credential)
+        .expect("an exporter credential")
+        .sub;
     let reg = Registration {
         address: format!("127.0.0.1:{port}"),
-        fingerprint: fingerprint.clone(),
+        fingerprint: identity.fingerprint().to_string(),
         labels: Labels::new(),
         devices: Vec::new(),
         ..Default::default()
     };
     loop {
         if let Ok(api) = Api::connect(addr, &fingerprint).await {
+            let mut reg = reg.clone();
+            reg.proof = Some(
+                jmp_transport::possession::registration_proof(&identity, &api.conn, &name)
+                    .expect("a proof"),
+            );
             let c = Call {
                 credential: credential.clone(),
-                request: Request::Register(reg.clone()),
+                request: Request::Register(reg),
             };
             if let Ok((mut replies, _keep_open)) = call(&api.conn, &c, true).await {
                 while let Ok(Some(_)) = replies.next().await {}
@@ -1287,10 +1298,7 @@ fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
 
 #[test]
 fn metrics_pass_promtool_and_carry_the_team() {
-    if !which("promtool") {
-        skip("promtool not installed (apt-get install prometheus)");
-        return;
-    }
+    require!(skips::tool("promtool"));
     let (lab, _jmpd) = lab_with_one_board("ctl-metrics", "met-01", "met");
     lab.create_client("blue1", &["-l", "team=blue"]);
     lab.create_client("blue2", &["-l", "team=blue"]);
@@ -1329,7 +1337,7 @@ fn metrics_pass_promtool_and_carry_the_team() {
         head.starts_with("HTTP/1.") && head.contains(" 200"),
         "{head}"
     );
-    let mut p = Command::new("promtool")
+    let mut p = command("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -1699,7 +1707,7 @@ fn check_config_validates_the_controller_credential() {
     let lab = Lab::new("ctl-checkconfig");
     let token = lab.create_exporter("chk-01", &["board=chk"]);
     let check = |config: &Path| {
-        let mut c = Command::new(jmpd_bin());
+        let mut c = command(jmpd_bin());
         c.arg("--config").arg(config).arg("--check-config");
         lab.run("jmpd-check-config", c)
     };
@@ -1852,7 +1860,7 @@ fn usage_reports_ended_and_live_leases_per_team_and_survives_a_restart() {
 // Credentials expire; jmp and jmpd renew theirs before they do.
 
 fn token_of_config(file: &Path) -> String {
-    let c: jmp_protocol::ctl::ClientConfig =
+    let c: jmp_protocol::api::ClientConfig =
         serde_norway::from_str(&std::fs::read_to_string(file).expect("read client config"))
             .expect("client config parses");
     c.token

@@ -7,7 +7,6 @@ use jmp_e2e::lab::{attach_lease, lease_json, wait_stderr, Lab, LONG};
 use jmp_e2e::netns_relay::http_get;
 use jmp_e2e::*;
 use std::collections::BTreeSet;
-use std::process::Command;
 
 /// Metric names in a PromQL expression: identifiers that are not functions, keywords, label
 /// names (inside `{...}` or `by (...)`), strings, durations or Grafana variables.
@@ -111,12 +110,10 @@ fn the_expression_scanner_finds_metric_names_only() {
 
 #[test]
 fn alert_rules_check_and_every_queried_metric_exists() {
-    if !which("promtool") {
-        return skip("promtool is not installed (Debian package prometheus)");
-    }
+    require!(skips::tool("promtool"));
     let root = workspace_root();
     let rules = root.join("deploy/prometheus/jmp-alerts.yml");
-    let out = Command::new("promtool")
+    let out = command("promtool")
         .args(["check", "rules"])
         .arg(&rules)
         .output()

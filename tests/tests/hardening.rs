@@ -10,7 +10,7 @@ use jmp_protocol::*;
 use jmp_transport::*;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(30);
@@ -200,9 +200,7 @@ fn output_into_a_closed_pipe_is_a_quiet_success() {
 
 #[test]
 fn a_runtime_directory_someone_else_made_is_refused() {
-    if !nix::unistd::geteuid().is_root() {
-        return skip("needs root to make a directory owned by another user");
-    }
+    require!(skips::root());
     let env = TestEnv::new("squat");
     let jmpd = env.start_jmpd(&env.exporter_yaml(
         "squat-board",
@@ -277,7 +275,7 @@ fn detach_never_signals_a_process_that_reused_a_recorded_pid() {
     let mut bystander = Proc::spawn(
         "bystander",
         {
-            let mut c = Command::new("sleep");
+            let mut c = command("sleep");
             c.arg("60");
             c
         },

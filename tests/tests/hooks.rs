@@ -51,8 +51,10 @@ fn the_board_is_granted_again_only_after_its_after_lease_hook() {
     std::fs::create_dir_all(&dir).expect("mkdir");
     let started = dir.join("started");
     let release = dir.join("release");
+    let client = dir.join("client");
     let script = format!(
-        "echo \"cleaning after $JMP_LEASE\"; : > {s}; while [ ! -e {r} ]; do sleep 0.05; done; echo cleaned-up",
+        "echo \"cleaning after $JMP_LEASE\"; printf %s \"$JMP_CLIENT\" > {c}; : > {s}; while [ ! -e {r} ]; do sleep 0.05; done; echo cleaned-up",
+        c = client.display(),
         s = started.display(),
         r = release.display()
     );
@@ -76,6 +78,11 @@ fn the_board_is_granted_again_only_after_its_after_lease_hook() {
         poll_until(LONG, || started.exists()),
         "the afterLease hook never started: {}",
         jmpd.proc.describe()
+    );
+    // The hook knows whose lease it cleans up after.
+    assert_eq!(
+        std::fs::read_to_string(&client).expect("the hook wrote JMP_CLIENT"),
+        "c1"
     );
     // While it runs: the controller shows the board cleaning and grants it to nobody.
     let e = lab.exporter("hk-01");

@@ -3,10 +3,16 @@
 //! client's leftover is told so; a reservation returns at once and `jmp attach` waits for its
 //! begin; waiting requests are bounded per client; an exporter whose TLS identity changed is
 //! refused until an admin rebinds it; connections that never authenticate do not live on.
+//! Policies: a narrowed policy reaches a live lease and a reservation at once; `create client`
+//! does not silently reset an existing client; a request no exporter could serve is refused at
+//! once with `--wait`. A leaked exporter credential cannot move its exporter, and a released
+//! lease's token stays refused by a jmpd restarted while the controller is down.
 
 use jmp_e2e::lab::*;
 use jmp_e2e::*;
+use jmp_protocol::api::{Call, Registration, Reply, Request};
 use serde_json::Value;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -45,7 +51,7 @@ impl Runner {
     }
 
     fn cmd(&self, job: &str, args: &[&str]) -> Command {
-        let mut c = Command::new(jmp_bin());
+        let mut c = command(jmp_bin());
         c.env("JMP_RUNTIME_DIR", &self.runtime)
             .env("JMP_CONFIG_DIR", &self.config)
             .env("JMP_ADMIN_CONFIG", &self.admin)
@@ -331,7 +337,7 @@ fn an_exporter_presenting_another_identity_is_refused_until_rebound() {
     let text = std::fs::read_to_string(&cfg).expect("config");
     let moved = text.replace("state-fp-01", "state-fp-01-new");
     std::fs::write(&cfg, moved).expect("write config");
-    let mut cmd = Command::new(jmpd_bin());
+    let mut cmd = command(jmpd_bin());
     cmd.arg("--config").arg(&cfg).env("JMP_LOG", "info");
     let mut second = lab.spawn("jmpd-new-identity", cmd);
     wait_stderr(&mut second, "is bound to TLS fingerprint", LONG);
@@ -437,4 +443,414 @@ fn an_exporter_credential_is_written_private() {
     assert_eq!(mode, 0o600, "{mode:o}");
     let token = std::fs::read_to_string(&file).expect("read");
     assert_eq!(token.trim().split('.').count(), 3, "a credential: {token}");
+}
+
+/// A controller-mode exporter config whose `power` device appends each command to `calls`.
+fn powered_config(lab: &Lab, name: &str, token: &Path, calls: &Path) -> PathBuf {
+    let state = lab.env.root.join(format!("state-{name}"));
+    let append = |what: &str| {
+        format!(
+            "[sh, -c, {}]",
+            serde_json::to_string(&format!("echo {what} >> {}", calls.display())).unwrap()
+        )
+    };
+    let yaml = format!(
+        "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: {name}}}\n\
+         listen: 127.0.0.1:0\nstateDir: {}\ncontroller: {{tokenFile: {}}}\nexport:\n  \
+         console: {{type: sim-console}}\n  \
+         power: {{type: power, command: {{on: {}, off: {}}}}}\n",
+        state.display(),
+        token.display(),
+        append("on"),
+        append("off"),
+    );
+    let p = lab.env.root.join(format!("{name}.exporter.yaml"));
+    std::fs::write(&p, yaml).expect("write exporter config");
+    p
+}
+
+/// One call on the controller API, as `jmp` and `jmpd` make it.
+fn api_call(lab: &Lab, make: impl FnOnce(&quinn::Connection) -> Call) -> Result<Reply, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let ep = jmp_transport::client_endpoint(lab.ctl.addr).expect("endpoint");
+        let fp: jmp_transport::Fingerprint = lab.ctl.fingerprint.parse().expect("fingerprint");
+        let (conn, _) =
+            jmp_transport::connect(&ep, lab.ctl.addr, jmp_protocol::ALPN_CONTROLLER, Some(fp))
+                .await
+                .expect("connect to the controller");
+        let c = make(&conn);
+        // A registration's request side stays open while it lasts (closing it takes the
+        // exporter offline, and ends the call).
+        let keep_open = matches!(c.request, Request::Register(_));
+        let r = tokio::time::timeout(LONG, async {
+            let (replies, _send) = jmp_transport::controller::call(&conn, &c, keep_open).await?;
+            let mut replies = replies;
+            replies
+                .next()
+                .await?
+                .ok_or(jmp_transport::controller::CallError::NoAnswer)
+        })
+        .await
+        .expect("an answer in time");
+        conn.close(0u32.into(), b"done");
+        r.map_err(|e| e.to_string())
+    })
+}
+
+#[test]
+fn a_narrowed_policy_ends_the_lease_and_the_reservation_and_powers_nothing() {
+    let lab = Lab::new("ci-narrow");
+    let calls = lab.env.root.join("power-calls");
+    let ta = lab.create_exporter("pa-01", &["board=pa"]);
+    let _a = lab.start_jmpd(&powered_config(&lab, "pa-01", &ta, &calls));
+    let tb = lab.create_exporter("pb-01", &["board=pb"]);
+    let _b = lab.start_jmpd(&lab.exporter_config("pb-01", &tb, 0));
+    lab.create_client("u", &[]);
+    // While u may use any exporter: a lease on pa-01 (attached), and a reservation of it.
+    let lease = lab
+        .ok(
+            "lease",
+            lab.as_client(
+                "u",
+                &["create", "lease", "-l", "board=pa", "--duration", "30m"],
+            ),
+        )
+        .trim()
+        .to_string();
+    let (mut attach, _) = attach_lease(&lab, "u", &["--lease", &lease]);
+    let out = lab.ok(
+        "reserve",
+        lab.as_client(
+            "u",
+            &[
+                "create",
+                "lease",
+                "-l",
+                "board=pa",
+                "--begin-time",
+                &rfc3339_in(3600),
+                "-o",
+                "json",
+            ],
+        ),
+    );
+    let reserved = lease_json(&out)["name"].as_str().expect("name").to_string();
+    // The admin narrows u to pb boards.
+    let out = lab.ok(
+        "narrow",
+        lab.admin(&["update", "client", "u", "--allow", "board=pb", "-o", "json"]),
+    );
+    let v: Value = serde_json::from_str(&out).expect("the client as JSON");
+    assert_eq!(v[0]["allow"], "board=pb", "{out}");
+    // The attached session ends at once, saying why.
+    let st = attach.expect_exit(LONG);
+    assert_eq!(
+        st.code(),
+        Some(jmp_protocol::exit::LEASE_ENDED),
+        "{}",
+        attach.describe()
+    );
+    assert!(
+        attach
+            .stderr()
+            .contains("the policy of client u no longer allows exporter pa-01"),
+        "{}",
+        attach.describe()
+    );
+    let listed = lab.leases();
+    assert!(find_lease(&listed, &lease).is_none(), "{listed:?}");
+    assert!(find_lease(&listed, &reserved).is_none(), "{listed:?}");
+    // A new credential (the finding re-issued one) keeps the narrowed policy: it powers nothing.
+    let file = lab.env.root.join("u-new.yaml");
+    let mut c = lab.admin(&["create", "client", "u", "--replace", "--out"]);
+    c.arg(&file);
+    lab.ok("replace", c);
+    let mut c = lab.jmp();
+    c.args(["config", "client", "create", "u", "--from"])
+        .arg(&file)
+        .arg("--no-use");
+    lab.ok("import", c);
+    for (label, args) in [
+        ("power-on", vec!["power", "on"]),
+        ("power-on-lease", vec!["power", "on", "--lease", &lease]),
+    ] {
+        let out = lab.run(label, lab.as_client("u", &args));
+        assert!(!out.status.success(), "{label}: {}", show(&out));
+    }
+    let powered = std::fs::read_to_string(&calls).unwrap_or_default();
+    assert!(
+        !powered.contains("on"),
+        "the board was powered: {powered:?}"
+    );
+    // Asking for it again, even with --wait, is refused at once, naming the policy.
+    let out = lab.run(
+        "again",
+        lab.as_client("u", &["create", "lease", "-l", "board=pa", "--wait", "300"]),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(jmp_protocol::exit::FORBIDDEN),
+        "{}",
+        show(&out)
+    );
+    assert!(out.stderr.contains("policy 'board=pb'"), "{}", show(&out));
+}
+
+#[test]
+fn creating_an_existing_client_is_refused_and_replace_keeps_its_policy() {
+    let lab = Lab::new("ci-recreate");
+    lab.create_client("ci", &["--allow", "board=x", "--max-duration", "2h"]);
+    let other = lab.env.root.join("ci-again.yaml");
+    let mut c = lab.admin(&["create", "client", "ci", "--out"]);
+    c.arg(&other);
+    let out = lab.run("create-again", c);
+    assert_eq!(
+        out.status.code(),
+        Some(jmp_protocol::exit::USAGE),
+        "{}",
+        show(&out)
+    );
+    for what in [
+        "client ci already exists",
+        "--replace",
+        "jmp admin update client ci",
+    ] {
+        assert!(out.stderr.contains(what), "says {what:?}: {}", show(&out));
+    }
+    assert!(!other.exists(), "no credential was written");
+    // Nothing changed: the credential in use works.
+    lab.ok("still-works", lab.as_client("ci", &["get", "leases"]));
+    let policy = |label: &str| -> Value {
+        let out = lab.ok(label, lab.admin(&["get", "clients", "ci", "-o", "json"]));
+        serde_json::from_str::<Value>(&out).expect("json")[0].clone()
+    };
+    let p = policy("policy-kept");
+    assert_eq!(
+        (p["allow"].clone(), p["max_duration_secs"].clone()),
+        ("board=x".into(), 7200.into())
+    );
+    // --replace: a new credential, the old one revoked, the policy kept.
+    let file = lab.env.root.join("ci-new.yaml");
+    let mut c = lab.admin(&["create", "client", "ci", "--replace", "--out"]);
+    c.arg(&file);
+    let out = lab.run("replace", c);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(out.stderr.contains("new credential"), "{}", show(&out));
+    let out = lab.run("old-revoked", lab.as_client("ci", &["get", "leases"]));
+    assert_eq!(
+        out.status.code(),
+        Some(jmp_protocol::exit::UNAUTHORIZED),
+        "{}",
+        show(&out)
+    );
+    let p = policy("policy-after-replace");
+    assert_eq!(
+        (p["allow"].clone(), p["max_duration_secs"].clone()),
+        ("board=x".into(), 7200.into())
+    );
+    // An explicit change of one limit keeps the rest.
+    let out = lab.ok(
+        "update",
+        lab.admin(&["update", "client", "ci", "--max-duration", "4h"]),
+    );
+    assert!(out.contains("board=x") && out.contains("4h"), "{out}");
+    let p = policy("policy-after-update");
+    assert_eq!(
+        (p["allow"].clone(), p["max_duration_secs"].clone()),
+        ("board=x".into(), 14400.into())
+    );
+}
+
+#[test]
+fn a_request_no_exporter_could_serve_is_refused_at_once_even_with_wait() {
+    let lab = Lab::new("ci-never");
+    let _boards = boards(&lab, 1, "nv");
+    let _others = boards(&lab, 1, "other");
+    lab.create_client("ci", &["--allow", "board=nv"]);
+    // (Each would wait 300 s if it were queued: the run's guard is far shorter.)
+    let out = lab.run(
+        "typo",
+        job(
+            &lab,
+            "j1",
+            &["create", "lease", "-l", "board=nv-typo", "--wait", "300"],
+        ),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(jmp_protocol::exit::UNAVAILABLE),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        out.stderr
+            .contains("no exporter matches selector 'board=nv-typo'"),
+        "{}",
+        show(&out)
+    );
+    let out = lab.run(
+        "outside-policy",
+        job(
+            &lab,
+            "j2",
+            &["create", "lease", "-l", "board=other", "--wait", "300"],
+        ),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(jmp_protocol::exit::FORBIDDEN),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        out.stderr
+            .contains("none is allowed by this client's policy 'board=nv'"),
+        "{}",
+        show(&out)
+    );
+    let out = lab.run(
+        "reservation",
+        job(
+            &lab,
+            "j3",
+            &[
+                "create",
+                "lease",
+                "-l",
+                "board=nv-typo",
+                "--begin-time",
+                &rfc3339_in(600),
+            ],
+        ),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(jmp_protocol::exit::UNAVAILABLE),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        lab.leases().is_empty(),
+        "nothing queued: {:?}",
+        lab.leases()
+    );
+}
+
+#[test]
+fn a_leaked_exporter_credential_cannot_register_the_exporter_elsewhere() {
+    let lab = Lab::new("ci-leak");
+    let token = lab.create_exporter("lk-01", &["board=lk"]);
+    let jmpd = lab.start_jmpd(&lab.exporter_config("lk-01", &token, 0));
+    // What an attacker has: the credential (leaked) and the fingerprint (public).
+    let cred = std::fs::read_to_string(&token)
+        .expect("credential")
+        .trim()
+        .to_string();
+    let fp = jmpd.fingerprint.clone();
+    let own = jmp_transport::Identity::generate().expect("an identity");
+    let register = |proof: Option<&jmp_transport::Identity>, fingerprint: &str| {
+        let (cred, fingerprint) = (cred.clone(), fingerprint.to_string());
+        api_call(&lab, move |conn| Call {
+            credential: cred,
+            request: Request::Register(Registration {
+                address: "192.0.2.66:7000".into(),
+                fingerprint,
+                proof: proof.map(|id| {
+                    jmp_transport::possession::registration_proof(id, conn, "lk-01").expect("proof")
+                }),
+                ..Default::default()
+            }),
+        })
+    };
+    let r = register(None, &fp);
+    assert!(
+        matches!(&r, Err(e) if e.contains("carries no proof of its TLS identity")),
+        "{r:?}"
+    );
+    let r = register(Some(&own), &fp);
+    assert!(
+        matches!(&r, Err(e) if e.contains("proves the key of")),
+        "{r:?}"
+    );
+    // Its own identity is proven, but the exporter is bound to the real one's.
+    let r = register(Some(&own), &own.fingerprint().to_string());
+    assert!(
+        matches!(&r, Err(e) if e.contains("is bound to TLS fingerprint")),
+        "{r:?}"
+    );
+    let e = lab.exporter("lk-01");
+    assert_eq!(e["address"], jmpd.addr.to_string(), "{e}");
+    assert_eq!(e["fingerprint"], fp, "{e}");
+    assert_eq!(e["online"], true, "{e}");
+}
+
+#[test]
+fn a_released_leases_token_stays_refused_after_jmpd_restarts_without_its_controller() {
+    let mut lab = Lab::new("ci-ended");
+    let token = lab.create_exporter("end-01", &["board=end"]);
+    let cfg = lab.exporter_config("end-01", &token, 0);
+    let jmpd = lab.start_jmpd(&cfg);
+    let client = lab.create_client("u", &[]);
+    let lease = lab
+        .ok(
+            "lease",
+            lab.as_client(
+                "u",
+                &["create", "lease", "-l", "board=end", "--duration", "30m"],
+            ),
+        )
+        .trim()
+        .to_string();
+    // Its lease token, as `jmp attach` fetches it.
+    let cred = config_token(&client);
+    let name = lease.clone();
+    let lease_token = match api_call(&lab, move |_| Call {
+        credential: cred,
+        request: Request::LeaseAccess { name: Some(name) },
+    }) {
+        Ok(Reply::Access(a)) => a.token,
+        other => panic!("lease-access: {other:?}"),
+    };
+    lab.ok("release", lab.as_client("u", &["delete", "lease", &lease]));
+    // jmpd heard of the end (it records it in its state dir).
+    let ended = lab.env.root.join("state-end-01").join("ended-leases.json");
+    assert!(
+        poll_until(LONG, || std::fs::read_to_string(&ended)
+            .is_ok_and(|t| t.contains(&lease))),
+        "jmpd never recorded the end of {lease}"
+    );
+    // The controller goes down; jmpd restarts without it.
+    lab.ctl.proc.kill9();
+    drop(jmpd);
+    let mut cmd = Command::new(jmpd_bin());
+    cmd.arg("--config").arg(&cfg).env("JMP_LOG", "info");
+    let mut restarted = lab.spawn("jmpd-restarted", cmd);
+    let line = restarted.expect_line(READY, "jmpd's ready line", |l| {
+        l.starts_with("jmpd: exporter ")
+    });
+    let (_, addr, fp) = parse_jmpd_ready(&line).expect("ready line");
+    let f = lab.env.root.join("released.lease-token");
+    write_private(&f, &lease_token);
+    let mut c = lab.jmp();
+    c.args(["attach", "--exporter", &addr.to_string(), "--token-file"])
+        .arg(&f)
+        .args(["--fingerprint", &fp, "--dev-dir"])
+        .arg(&lab.env.dev)
+        .args(["-o", "json"]);
+    let out = lab.run("released-token", c);
+    assert_eq!(
+        out.status.code(),
+        Some(jmp_protocol::exit::UNAUTHORIZED),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        out.stderr.contains(&format!("lease {lease} was released")),
+        "{}",
+        show(&out)
+    );
 }

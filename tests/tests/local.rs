@@ -2,7 +2,6 @@
 
 use jmp_e2e::*;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 #[test]
@@ -124,7 +123,7 @@ fn attach_daemon_then_detach() {
 #[test]
 fn the_quick_start_demo_runs_every_kind_of_the_simulated_board() {
     let env = TestEnv::new("demo");
-    let mut c = Command::new(workspace_root().join("scripts/demo.sh"));
+    let mut c = command(workspace_root().join("scripts/demo.sh"));
     c.env("JMP_RUNTIME_DIR", &env.runtime)
         .env("JMP_CONFIG_DIR", &env.config)
         .env("JMP_DEV_DIR", &env.dev)

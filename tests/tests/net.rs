@@ -7,7 +7,6 @@
 use jmp_e2e::netns::*;
 use jmp_e2e::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 const EXPORTER: &str = "rpi4";
@@ -35,7 +34,7 @@ fn board(t: &Topology, env: &TestEnv) -> Board {
     let dir = env.root.join("board");
     std::fs::create_dir_all(&dir).expect("mkdir");
     let keygen = |path: &Path| {
-        let st = Command::new("ssh-keygen")
+        let st = command("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-f"])
             .arg(path)
             .status()
@@ -171,9 +170,7 @@ fn stop_and_check_clean(t: Topology, mut attach: Proc, mut jmpd: Jmpd) {
 
 #[test]
 fn tunnel_carries_ping_ssh_scp_curl_iperf_with_nat_and_refuses_outside() {
-    if let Err(e) = available() {
-        return skip(&e);
-    }
+    require!(available());
     let env = TestEnv::new("net-tunnel");
     let t = Topology::new();
     let b = board(&t, &env);
@@ -297,9 +294,7 @@ fn tunnel_carries_ping_ssh_scp_curl_iperf_with_nat_and_refuses_outside() {
 
 #[test]
 fn socks_reaches_the_board_by_name_refuses_elsewhere_and_unprivileged_attach_offers_it() {
-    if let Err(e) = available() {
-        return skip(&e);
-    }
+    require!(available());
     let env = TestEnv::new("net-socks");
     let mut t = Topology::new();
     // Names resolve on the exporter only: the lab host knows them, the client does not.
@@ -313,7 +308,7 @@ fn socks_reaches_the_board_by_name_refuses_elsewhere_and_unprivileged_attach_off
     // Without CAP_NET_ADMIN: attach works, says why there is no tunnel and offers --socks.
     let mut c = env.attach_cmd(&jmpd, &[]);
     c = {
-        let mut p = Command::new("setpriv");
+        let mut p = command("setpriv");
         p.args(["--inh-caps=-net_admin", "--bounding-set=-net_admin"])
             .arg(c.get_program())
             .args(c.get_args());
@@ -401,9 +396,7 @@ fn socks_reaches_the_board_by_name_refuses_elsewhere_and_unprivileged_attach_off
 
 #[test]
 fn jmpd_killed_mid_transfer_tunnel_and_routes_stay_new_connections_work() {
-    if let Err(e) = available() {
-        return skip(&e);
-    }
+    require!(available());
     let env = TestEnv::new("net-kill9");
     let t = Topology::new();
     let b = board(&t, &env);
@@ -480,9 +473,7 @@ fn jmpd_killed_mid_transfer_tunnel_and_routes_stay_new_connections_work() {
 
 #[test]
 fn bad_configs_and_conflicting_routes_are_refused_naming_them_and_change_nothing() {
-    if let Err(e) = available() {
-        return skip(&e);
-    }
+    require!(available());
     let env = TestEnv::new("net-bad");
     let t = Topology::new();
     for (export, says) in [
@@ -491,7 +482,7 @@ fn bad_configs_and_conflicting_routes_are_refused_naming_them_and_change_nothing
         ("lan: {type: network, subnets: [192.168.10.1/24], via: l1}".to_string(), "host bits set"),
     ] {
         let cfg = env.write_config(&env.exporter_yaml(EXPORTER, &format!("{LAB_ADDR}:7700"), &export));
-        let mut c = Command::new(jmpd_bin());
+        let mut c = command(jmpd_bin());
         c.arg("--config").arg(&cfg).arg("--check-config");
         let out = run("jmpd-check", in_netns(&t.lab, c), &env.logs, READY);
         assert!(!out.status.success(), "{export} accepted");

@@ -4,7 +4,6 @@
 
 use jmp_e2e::*;
 use std::net::UdpSocket;
-use std::process::Command;
 use std::time::Duration;
 
 fn udp_echo_server() -> u16 {
@@ -24,7 +23,7 @@ fn udp_forward_echoes_byte_exact_and_carries_iperf3_udp() {
     let env = TestEnv::new("udp");
     let echo_port = udp_echo_server();
     let iperf_port = free_tcp_port();
-    let mut server = Command::new("iperf3");
+    let mut server = command("iperf3");
     server.args([
         "-s",
         "--forceflush",
@@ -95,7 +94,7 @@ fn udp_forward_echoes_byte_exact_and_carries_iperf3_udp() {
     let out = run(
         "iperf3-udp",
         {
-            let mut c = Command::new("iperf3");
+            let mut c = command("iperf3");
             c.args(["-c", "127.0.0.1", "-p", &local_iperf.to_string()])
                 .args(["-u", "-b", "50M", "-l", "1200", "-t", "2", "-J"]);
             c

@@ -4,16 +4,13 @@
 //! calls, a failing command, a hanging one), with the exit codes of the table.
 
 use jmp_e2e::*;
-use std::process::Command;
 use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 #[test]
 fn power_through_the_attachment_silences_and_reboots_the_console() {
-    let Some(py) = python() else {
-        return skip("no python venv with pyserial (scripts/install-test-deps.sh)");
-    };
+    let py = require!(python());
     let env = TestEnv::new("power-attach");
     let jmpd = env.start_jmpd(&env.exporter_yaml(
         "pboard",
@@ -34,7 +31,7 @@ fn power_through_the_attachment_silences_and_reboots_the_console() {
         "the simulated board starts on: {v}"
     );
 
-    let mut cmd = Command::new(&py);
+    let mut cmd = command(&py);
     cmd.arg(board_dir().join("power_console.py"))
         .arg(&console)
         .arg(jmp_bin())

@@ -1,14 +1,17 @@
 //! The Python integrations end to end: pytest (PyPI) and Robot Framework (PyPI) running the
 //! README's examples and Jumpstarter's spellings against the simulated board in local mode
 //! (`jmp local start`), direct mode (an exporter address and token) and lease mode (a
-//! controller and a selector); a failing test's report carries the console; an interrupted run
-//! gives the board back.
+//! controller and a selector); a failing test's report carries the console; a run interrupted
+//! (Ctrl-C to its process group, SIGINT or SIGTERM to pytest) while queueing for a lease,
+//! attaching, reading a console or giving the board back gives the board back all the same.
 
 use jmp_e2e::lab::{lease_json, show, Lab};
 use jmp_e2e::py::*;
 use jmp_e2e::*;
 use nix::sys::signal::Signal;
 use serde_json::Value;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 fn leases_of(lab: &Lab) -> Vec<Value> {
@@ -21,7 +24,7 @@ fn assert_passed(out: &RunOutput, what: &str) {
 
 #[test]
 fn the_console_reader_unit_tests_pass() {
-    let Some(bin) = venv_bin() else { return };
+    let bin = require!(venv_bin());
     let env = TestEnv::new("py-unit");
     let report = env.root.join("unit.xml");
     let mut c = tool(&env, &bin, "pytest");
@@ -38,7 +41,7 @@ fn the_console_reader_unit_tests_pass() {
 
 #[test]
 fn pytest_and_robot_against_a_local_board() {
-    let Some(bin) = venv_bin() else { return };
+    let bin = require!(venv_bin());
     let env = TestEnv::new("py-local");
     let _left = Leftovers { env: &env };
     let mut c = env.jmp();
@@ -80,7 +83,7 @@ fn pytest_and_robot_against_a_local_board() {
 
 #[test]
 fn pytest_and_robot_against_a_board_reached_directly() {
-    let Some(bin) = venv_bin() else { return };
+    let bin = require!(venv_bin());
     let env = TestEnv::new("py-direct");
     let _left = Leftovers { env: &env };
     let jmpd = env.start_jmpd(&env.exporter_yaml("bench-01", "127.0.0.1:0", widget_export()));
@@ -128,7 +131,7 @@ fn pytest_and_robot_against_a_board_reached_directly() {
 
 #[test]
 fn pytest_leases_by_selector_and_reports_the_console_of_a_failure() {
-    let Some(bin) = venv_bin() else { return };
+    let bin = require!(venv_bin());
     let (lab, _jmpd) = widget_lab("py-lease");
     let env = &lab.env;
     let _left = Leftovers { env };
@@ -229,40 +232,272 @@ fn pytest_leases_by_selector_and_reports_the_console_of_a_failure() {
     assert_eq!(leases_of(&lab).len(), 1);
 }
 
+/// How a run is interrupted.
+#[derive(Debug, Clone, Copy)]
+enum Interrupt {
+    /// Ctrl-C in a terminal: SIGINT to the foreground job, pytest's process group (pytest and
+    /// the `jmp` it is running).
+    CtrlC,
+    /// SIGINT to pytest alone (`kill -INT`).
+    Sigint,
+    /// A CI runner cancelling the job: SIGTERM to pytest.
+    Sigterm,
+}
+
+impl Interrupt {
+    fn send(self, p: &Proc) {
+        match self {
+            Interrupt::CtrlC => p.signal_group(Signal::SIGINT),
+            Interrupt::Sigint => p.signal(Signal::SIGINT),
+            Interrupt::Sigterm => p.signal(Signal::SIGTERM),
+        }
+    }
+}
+
+/// The command lines of `pid`'s children (from /proc: every thread's `children`).
+fn children(pid: i32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|k| std::fs::read(format!("/proc/{k}/cmdline")).ok())
+                .map(|argv| String::from_utf8_lossy(&argv).replace('\0', " "))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Waits until pytest runs a `jmp` whose arguments contain every word of `words` (the phase a
+/// test interrupts in), failing with pytest's output if it never does.
+fn wait_for_jmp(p: &mut Proc, words: &[&str]) -> String {
+    let mut found = None;
+    let ok = poll_until(READY, || {
+        found = children(p.pid()).into_iter().find(|c| {
+            let argv: Vec<&str> = c.split_whitespace().collect();
+            argv.first().is_some_and(|a| a.ends_with("/jmp"))
+                && words.iter().all(|w| argv.contains(w))
+        });
+        found.is_some() || !p.is_running()
+    });
+    match found {
+        Some(c) if ok => c,
+        _ => panic!("pytest never ran jmp {words:?}: {}", p.describe()),
+    }
+}
+
+/// A process stopped (SIGSTOP) for as long as this lives: the phase a test interrupts in stays
+/// open until the interruption has been sent.
+struct Stopped<'a>(&'a Proc);
+
+impl<'a> Stopped<'a> {
+    fn new(p: &'a Proc) -> Stopped<'a> {
+        p.signal(Signal::SIGSTOP);
+        Stopped(p)
+    }
+}
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        self.0.signal(Signal::SIGCONT);
+    }
+}
+
+/// `pytest ARGS` as ci-client, from tests/python, with a piped stdin.
+fn pytest_as_ci(env: &TestEnv, bin: &std::path::Path, args: &[&str]) -> Proc {
+    let mut c = tool(env, bin, "pytest");
+    c.args(args).env("JMP_CLIENT", "ci-client");
+    Proc::spawn_with_stdin("pytest", c, &env.logs)
+}
+
+/// Waits for the interrupted pytest to end, failing, then checks that nothing of the run is
+/// left: no lease or waiting request of ci-client on the controller, no attachment here.
+fn assert_given_back(lab: &Lab, mut p: Proc, how: Interrupt, phase: &str) {
+    let status = p.expect_exit(Duration::from_secs(60));
+    assert!(
+        !status.success(),
+        "{how:?} {phase}: pytest ended with {status}: {}",
+        p.describe()
+    );
+    let left: Vec<Value> = leases_of(lab)
+        .into_iter()
+        .filter(|l| l["client"] == "ci-client")
+        .collect();
+    assert!(
+        left.is_empty(),
+        "{how:?} {phase}: the run left {left:?}: {}",
+        p.describe()
+    );
+    assert!(
+        attachments(&lab.env).is_empty(),
+        "{how:?} {phase}: the attachment outlived the run: {:?}",
+        attachments(&lab.env)
+    );
+}
+
+const INTERRUPTS: [Interrupt; 3] = [Interrupt::CtrlC, Interrupt::Sigint, Interrupt::Sigterm];
+
 #[test]
 fn an_interrupted_pytest_gives_the_board_back() {
-    let Some(bin) = venv_bin() else { return };
+    let bin = require!(venv_bin());
     let (lab, _jmpd) = widget_lab("py-interrupt");
     let env = &lab.env;
     let _left = Leftovers { env };
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        let mut c = tool(env, &bin, "pytest");
-        c.args(["interrupt", "-s"]).env("JMP_CLIENT", "ci-client");
-        let mut p = Proc::spawn("pytest-hold", c, &env.logs);
+    // During a console read: the test holds the board, reading a line that never comes.
+    for how in INTERRUPTS {
+        let mut p = pytest_as_ci(env, &bin, &["interrupt", "-s"]);
         let line = p.expect_line(READY, "the test holding the board", |l| {
             l.contains("JMP-HOLDING ")
         });
         assert!(line.contains("widget-01"), "{line}");
         assert_eq!(leases_of(&lab).len(), 1, "held during the test");
         assert_eq!(attachments(env).len(), 1);
-        p.signal(sig);
-        let status = p.expect_exit(Duration::from_secs(60));
-        assert!(!status.success(), "{sig:?}: pytest ended with {status}");
+        how.send(&p);
+        assert_given_back(&lab, p, how, "during a console read");
+    }
+}
+
+#[test]
+fn a_pytest_interrupted_while_waiting_for_a_lease_leaves_no_request() {
+    let bin = require!(venv_bin());
+    let (lab, _jmpd) = widget_lab("py-int-wait");
+    let env = &lab.env;
+    let _left = Leftovers { env };
+    lab.create_client("blocker", &[]);
+    for how in INTERRUPTS {
+        // Someone else has the board: the run queues for it.
+        let held = lease_json(&lab.ok(
+            "blocker-lease",
+            lab.as_client(
+                "blocker",
+                &["create", "lease", "--selector", "vendor=acme", "-o", "json"],
+            ),
+        ));
+        let p = pytest_as_ci(env, &bin, &["interrupt", "-s"]);
+        let waiting = poll_until(READY, || {
+            leases_of(&lab)
+                .iter()
+                .any(|l| l["client"] == "ci-client" && l["status"] == "waiting")
+        });
         assert!(
-            leases_of(&lab).is_empty(),
-            "{sig:?}: the lease outlived the run: {:?}",
+            waiting,
+            "{how:?}: the run never queued: {:?}",
             leases_of(&lab)
         );
+        how.send(&p);
+        assert_given_back(&lab, p, how, "while waiting for a lease");
+        // When the board comes free, nobody gets it on the interrupted run's behalf.
+        let mut del = lab.as_client("blocker", &["delete", "lease"]);
+        del.arg(held["name"].as_str().expect("lease name"));
+        lab.ok("blocker-delete", del);
         assert!(
-            attachments(env).is_empty(),
-            "{sig:?}: the attachment outlived the run"
+            leases_of(&lab).is_empty(),
+            "{how:?}: granted to an interrupted run: {:?}",
+            leases_of(&lab)
         );
+    }
+}
+
+/// A UDP relay between clients and one server (jmpd) that carries nothing while closed: a
+/// client's QUIC handshake through it stays under way (its packets are dropped, and resent by
+/// QUIC) until it opens. Its thread ends with the test process.
+struct UdpGate {
+    addr: std::net::SocketAddr,
+    server: Arc<Mutex<Option<std::net::SocketAddr>>>,
+    open: Arc<AtomicBool>,
+}
+
+impl UdpGate {
+    fn new() -> UdpGate {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind the gate");
+        let addr = sock.local_addr().expect("the gate's address");
+        let server: Arc<Mutex<Option<std::net::SocketAddr>>> = Arc::default();
+        let open = Arc::new(AtomicBool::new(false));
+        let (srv, op) = (server.clone(), open.clone());
+        std::thread::spawn(move || {
+            let mut client = None;
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let Some(server) = *srv.lock().unwrap_or_else(|e| e.into_inner()) else {
+                    continue;
+                };
+                if !op.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let to = if from == server {
+                    match client {
+                        Some(c) => c,
+                        None => continue,
+                    }
+                } else {
+                    client = Some(from);
+                    server
+                };
+                let _ = sock.send_to(&buf[..n], to);
+            }
+        });
+        UdpGate { addr, server, open }
+    }
+
+    fn to(&self, server: std::net::SocketAddr) {
+        *self.server.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
+    }
+
+    fn set_open(&self, open: bool) {
+        self.open.store(open, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_pytest_interrupted_while_attaching_gives_the_board_back() {
+    let bin = require!(venv_bin());
+    // Clients reach the exporter through a gate: closed, an attachment stays under way for as
+    // long as the test needs, while the exporter stays connected to the controller.
+    let gate = UdpGate::new();
+    let (lab, jmpd) = widget_lab_at("py-int-attach", Some(&gate.addr.to_string()));
+    gate.to(jmpd.addr);
+    let env = &lab.env;
+    let _left = Leftovers { env };
+    for how in INTERRUPTS {
+        gate.set_open(false);
+        let mut p = pytest_as_ci(env, &bin, &["interrupt", "-s"]);
+        wait_for_jmp(&mut p, &["attach", "--lease"]);
+        how.send(&p);
+        // The exporter answers again, as a slow one would, once the interruption is sent.
+        gate.set_open(true);
+        assert_given_back(&lab, p, how, "while attaching");
+    }
+}
+
+#[test]
+fn a_pytest_interrupted_while_giving_the_board_back_still_gives_it_back() {
+    let bin = require!(venv_bin());
+    let (lab, _jmpd) = widget_lab("py-int-teardown");
+    let env = &lab.env;
+    let _left = Leftovers { env };
+    for how in INTERRUPTS {
+        let mut p = pytest_as_ci(env, &bin, &["interrupt_teardown", "-s"]);
+        p.expect_line(READY, "the test holding the board", |l| {
+            l.contains("JMP-HOLDING ")
+        });
+        {
+            // The controller does not answer while stopped: giving the lease back stays under
+            // way.
+            let _stopped = Stopped::new(&lab.ctl.proc);
+            p.send_line("go");
+            wait_for_jmp(&mut p, &["delete", "lease"]);
+            how.send(&p);
+        }
+        assert_given_back(&lab, p, how, "while giving the board back");
     }
 }
 
 #[test]
 fn robot_leases_by_selector_and_logs_the_console_of_a_failure() {
-    let Some(bin) = venv_bin() else { return };
+    let bin = require!(venv_bin());
     let (lab, _jmpd) = widget_lab("py-robot");
     let env = &lab.env;
     let _left = Leftovers { env };
@@ -315,7 +550,7 @@ fn robot_leases_by_selector_and_logs_the_console_of_a_failure() {
 
 #[test]
 fn the_robot_library_documentation_builds() {
-    let Some(bin) = venv_bin() else { return };
+    let bin = require!(venv_bin());
     let env = TestEnv::new("py-libdoc");
     for lib in ["JmpLibrary", "JumpstarterLibrary"] {
         let spec = env.root.join(format!("{lib}.json"));

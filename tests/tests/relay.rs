@@ -22,7 +22,7 @@ fn ok(label: &str, cmd: Command, logs: &Path) -> String {
 /// client-side address (which the exporter reaches too, through the relay's routing).
 fn controller(net: &RelayNet, env: &TestEnv) -> (Controller, std::path::PathBuf) {
     let data = env.root.join("controller");
-    let mut cmd = Command::new(bin("jmp-controller"));
+    let mut cmd = command(bin("jmp-controller"));
     cmd.arg("--data-dir")
         .arg(&data)
         .args(["--listen", "0.0.0.0:7800", "--metrics", "127.0.0.1:9100"])
@@ -53,13 +53,8 @@ fn metrics(net: &RelayNet) -> String {
 
 #[test]
 fn attach_console_and_forward_through_the_relay_encrypted_until_the_lease_ends() {
-    if !which("tcpdump") {
-        return skip("tcpdump is not installed (scripts/install-test-deps.sh installs it)");
-    }
-    let net = match RelayNet::new() {
-        Ok(n) => n,
-        Err(e) => return skip(&format!("no namespace topology: {e}")),
-    };
+    require!(skips::tool("tcpdump"));
+    let net = require!(RelayNet::new().map_err(|e| format!("no namespace topology: {e}")));
     let env = TestEnv::new("relay");
     let (mut ctl, _data) = controller(&net, &env);
     let jmp = |ns: &str, args: &[&str]| {
@@ -123,7 +118,7 @@ fn attach_console_and_forward_through_the_relay_encrypted_until_the_lease_ends()
         ),
     )
     .expect("write config");
-    let mut cmd = Command::new(jmpd_bin());
+    let mut cmd = command(jmpd_bin());
     cmd.arg("--config").arg(&cfg).env("JMP_LOG", "info");
     let mut jmpd = Proc::spawn("jmpd", net.wrap(&net.exporter, cmd), &env.logs);
     jmpd.expect_line(READY, "jmpd's ready line", |l| {

@@ -3,12 +3,11 @@
 
 use jmp_e2e::*;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 /// The echo board, running, and the slave path jmpd should open.
 fn start_board(env: &TestEnv, py: &PathBuf, speed_file: Option<&PathBuf>) -> (Proc, String) {
-    let mut cmd = Command::new(py);
+    let mut cmd = command(py);
     cmd.arg(board_dir().join("echo_board.py"))
         .arg("--record")
         .arg(env.root.join("board-received"));
@@ -26,11 +25,7 @@ fn read_speed(f: &PathBuf) -> Option<u32> {
 
 #[test]
 fn pyserial_all_byte_values_and_bulk_echo() {
-    let Some(py) = python() else {
-        return skip(
-            "no python venv with pyserial at target/pyenv (run scripts/install-test-deps.sh)",
-        );
-    };
+    let py = require!(python());
     let env = TestEnv::new("serial-bulk");
     let (_board, slave) = start_board(&env, &py, None);
     let jmpd = env.start_jmpd(&env.exporter_yaml(
@@ -51,7 +46,7 @@ fn pyserial_all_byte_values_and_bulk_echo() {
         "{console} is not a symlink"
     );
 
-    let mut cmd = Command::new(&py);
+    let mut cmd = command(&py);
     cmd.arg(board_dir().join("pyserial_bulk.py"))
         .arg(&console)
         .arg((1024 * 1024).to_string())
@@ -71,11 +66,7 @@ fn pyserial_all_byte_values_and_bulk_echo() {
 
 #[test]
 fn pyserial_baud_changes_reach_the_real_port() {
-    let Some(py) = python() else {
-        return skip(
-            "no python venv with pyserial at target/pyenv (run scripts/install-test-deps.sh)",
-        );
-    };
+    let py = require!(python());
     let env = TestEnv::new("serial-baud");
     let speed_file = env.root.join("speed");
     let (_board, slave) = start_board(&env, &py, Some(&speed_file));
@@ -87,7 +78,7 @@ fn pyserial_baud_changes_reach_the_real_port() {
     let (_attach, v) = env.attach(&jmpd, &[]);
     let console = local_of(&v, "console");
 
-    let mut cmd = Command::new(&py);
+    let mut cmd = command(&py);
     cmd.arg(board_dir().join("pyserial_baud.py"))
         .arg(&console)
         .args(["57600", "230400", "250000", "9600"]);

@@ -9,7 +9,6 @@
 use jmp_e2e::*;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(120);
@@ -21,16 +20,17 @@ const TOOLS: &[&str] = &[
     "mount", "umount",
 ];
 
-fn missing_tool() -> Option<&'static str> {
+/// `Ok` if FUSE and every tool of [`TOOLS`] are here (for `require!`).
+fn tools() -> Result<(), String> {
     if !Path::new("/dev/fuse").exists() {
-        return Some("/dev/fuse");
+        return Err("no /dev/fuse (the fuse3 package, and a kernel with FUSE)".into());
     }
-    TOOLS.iter().copied().find(|t| !which(t))
+    TOOLS.iter().try_for_each(|t| skips::tool(t).map(drop))
 }
 
 /// Runs a shell command line; its output, asserting success.
 fn sh(env: &TestEnv, label: &str, script: &str) -> RunOutput {
-    let mut c = Command::new("bash");
+    let mut c = command("bash");
     c.args(["-euo", "pipefail", "-c", script]);
     let out = run(label, c, &env.logs, T);
     assert!(
@@ -47,7 +47,7 @@ struct Mounted(PathBuf);
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = command("umount").arg(&self.0).status();
     }
 }
 
@@ -56,7 +56,7 @@ struct Loop(String);
 
 impl Drop for Loop {
     fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        let _ = command("losetup").args(["-d", &self.0]).status();
     }
 }
 
@@ -66,7 +66,7 @@ struct MountPoint(PathBuf);
 impl Drop for MountPoint {
     fn drop(&mut self) {
         if jmp_devices_is_mounted(&self.0) || std::fs::metadata(&self.0).is_err() {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+            let _ = command("umount").arg("-l").arg(&self.0).status();
         }
     }
 }
@@ -94,11 +94,7 @@ fn layout(size: u64) -> [(u64, u64); 2] {
 
 #[test]
 fn the_mounted_card_works_with_real_tools() {
-    if let Some(t) = missing_tool() {
-        return skip(&format!(
-            "{t} is missing (scripts/install-test-deps.sh installs it)"
-        ));
-    }
+    require!(tools());
     let env = TestEnv::new("storage-tools");
     let img = env.root.join("sd.img");
     let jmpd = env.start_jmpd(&env.exporter_yaml(
@@ -307,11 +303,7 @@ fn flash(env: &TestEnv, jmpd: &Jmpd, dev: &str, args: &[&str]) -> RunOutput {
 
 #[test]
 fn flash_zst_with_and_without_bmap_and_bad_input_fails_clearly() {
-    if let Some(t) = missing_tool() {
-        return skip(&format!(
-            "{t} is missing (scripts/install-test-deps.sh installs it)"
-        ));
-    }
+    require!(tools());
     let env = TestEnv::new("storage-flash");
     let card = env.root.join("card.img");
     let ro = env.root.join("ro.img");
@@ -529,11 +521,7 @@ fn flash_zst_with_and_without_bmap_and_bad_input_fails_clearly() {
 
 #[test]
 fn a_killed_mount_is_cleaned_up_by_the_next_one() {
-    if let Some(t) = missing_tool() {
-        return skip(&format!(
-            "{t} is missing (scripts/install-test-deps.sh installs it)"
-        ));
-    }
+    require!(tools());
     let env = TestEnv::new("storage-kill");
     let img = env.root.join("sd.img");
     let jmpd = env.start_jmpd(&env.exporter_yaml(
@@ -551,7 +539,7 @@ fn a_killed_mount_is_cleaned_up_by_the_next_one() {
     std::fs::create_dir_all(&mnt).expect("mkdir");
     let _guard = MountPoint(mnt.clone());
     let start = || {
-        let mut c = Command::new(bin("jmp-mount"));
+        let mut c = command(bin("jmp-mount"));
         c.arg("--exporter")
             .arg(jmpd.addr.to_string())
             .arg("--token-file")
@@ -593,11 +581,7 @@ fn a_killed_mount_is_cleaned_up_by_the_next_one() {
 
 #[test]
 fn killing_jmpd_mid_read_gives_an_error_or_the_right_data() {
-    if let Some(t) = missing_tool() {
-        return skip(&format!(
-            "{t} is missing (scripts/install-test-deps.sh installs it)"
-        ));
-    }
+    require!(tools());
     let env = TestEnv::new("storage-jmpd-kill");
     let img = env.root.join("sd.img");
     let port = free_udp_port();
@@ -615,7 +599,7 @@ fn killing_jmpd_mid_read_gives_an_error_or_the_right_data() {
     let _g = MountPoint(m.clone());
     // Small direct reads make the copy take long enough to be cut in the middle.
     let out = env.root.join("copy.bin");
-    let mut c = Command::new("dd");
+    let mut c = command("dd");
     c.arg(format!("if={}", m.join("disk").display()))
         .arg(format!("of={}", out.display()))
         .args(["bs=16k", "iflag=direct", "status=none"]);
@@ -651,11 +635,7 @@ fn killing_jmpd_mid_read_gives_an_error_or_the_right_data() {
 
 #[test]
 fn a_card_shared_with_the_board_takes_writes_only_while_it_is_off() {
-    if let Some(t) = missing_tool() {
-        return skip(&format!(
-            "{t} is missing (scripts/install-test-deps.sh installs it)"
-        ));
-    }
+    require!(tools());
     let env = TestEnv::new("storage-shared");
     let img = env.root.join("sd.img");
     let jmpd = env.start_jmpd(&env.exporter_yaml(
@@ -702,11 +682,7 @@ fn a_card_shared_with_the_board_takes_writes_only_while_it_is_off() {
 fn a_read_through_the_mount_right_after_a_flash_sees_the_new_bytes() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    if let Some(t) = missing_tool() {
-        return skip(&format!(
-            "{t} is missing (scripts/install-test-deps.sh installs it)"
-        ));
-    }
+    require!(tools());
     const ROUNDS: usize = 20;
     // The card's first sector (its partition table) is kept, so the mount's files stay the
     // same; the rest of the region is new in every round.

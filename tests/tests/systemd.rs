@@ -38,9 +38,7 @@ fn staged(dir: &TempDir, name: &str, text: &str) -> std::path::PathBuf {
 
 #[test]
 fn every_unit_verifies_and_is_hardened() {
-    if !which("systemd-analyze") {
-        return skip("systemd-analyze is not installed (Debian package systemd)");
-    }
+    require!(skips::tool("systemd-analyze"));
     // The binaries verify checks for.
     for b in ["jmpd", "jmp-controller"] {
         bin(b);
@@ -52,7 +50,7 @@ fn every_unit_verifies_and_is_hardened() {
             "{name}: not Type=notify with a watchdog"
         );
         let unit = staged(&dir, &name, &text);
-        let out = Command::new("systemd-analyze")
+        let out = command("systemd-analyze")
             .args(["verify", "--man=no"])
             .arg(&unit)
             .output()
@@ -64,7 +62,7 @@ fn every_unit_verifies_and_is_hardened() {
             !err.lines().any(|l| l.contains(&unit_name)),
             "{name}: verify warns: {err}"
         );
-        let out = Command::new("systemd-analyze")
+        let out = command("systemd-analyze")
             .args(["security", "--offline=yes", "--no-pager"])
             .arg(&unit)
             .output()
@@ -94,7 +92,7 @@ fn every_unit_verifies_and_is_hardened() {
 
 /// `program ARGS` with `WATCHDOG_PID` set to its own pid, as systemd does.
 fn watched(program: &std::path::Path) -> Command {
-    let mut c = Command::new("sh");
+    let mut c = command("sh");
     c.args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\""])
         .arg(program);
     c

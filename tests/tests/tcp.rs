@@ -3,25 +3,7 @@
 
 use jmp_e2e::*;
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-
-/// An echo server on 127.0.0.1:0 standing in for the board's service; returns its port.
-/// Its threads end with the test process.
-fn echo_server() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind echo server");
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut r = s.try_clone().expect("clone");
-                let _ = std::io::copy(&mut r, &mut s);
-                let _ = s.shutdown(Shutdown::Write);
-            });
-        }
-    });
-    port
-}
+use std::net::{Shutdown, TcpStream};
 
 /// Sends `data` on a new connection to `addr` (writing and reading concurrently), half-closes,
 /// and returns everything read until EOF.
@@ -43,7 +25,7 @@ fn echo_roundtrip(addr: &str, data: Vec<u8>) -> Vec<u8> {
 #[test]
 fn twenty_concurrent_connections_echo_exactly() {
     let env = TestEnv::new("tcp");
-    let board_port = echo_server();
+    let board_port = echo_server().port();
     let jmpd = env.start_jmpd(&env.exporter_yaml(
         "tcp-board",
         "127.0.0.1:0",
@@ -83,7 +65,7 @@ fn twenty_concurrent_connections_echo_exactly() {
 #[test]
 fn closed_board_port_gives_prompt_eof_and_attach_survives() {
     let env = TestEnv::new("tcp-closed");
-    let board_port = echo_server();
+    let board_port = echo_server().port();
     let dead_port = free_tcp_port(); // nothing listens there any more
     let jmpd = env.start_jmpd(&env.exporter_yaml(
         "tcp-board2",

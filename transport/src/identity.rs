@@ -56,6 +56,7 @@ impl std::str::FromStr for Fingerprint {
     }
 }
 
+#[derive(Clone)]
 pub struct Identity {
     pub cert: CertificateDer<'static>,
     key_der: Vec<u8>,
@@ -104,6 +105,11 @@ impl Identity {
 
     pub fn fingerprint(&self) -> Fingerprint {
         Fingerprint::of(self.cert.as_ref())
+    }
+
+    /// The private key, PKCS#8 DER (ECDSA P-256).
+    pub(crate) fn key_der(&self) -> &[u8] {
+        &self.key_der
     }
 
     pub(crate) fn key(&self) -> PrivateKeyDer<'static> {

@@ -15,13 +15,14 @@
 
 pub mod channels;
 pub mod connector;
-pub mod ctl;
+pub mod controller;
 pub mod endpoint;
 pub mod gate;
 pub mod identity;
 pub mod known;
 pub mod link;
 pub mod pipe;
+pub mod possession;
 pub mod relay;
 pub mod systemd;
 pub mod token;

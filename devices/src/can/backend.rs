@@ -61,7 +61,9 @@ async fn refuse_for(hub: &Hub, why: &str, bus: &mut mpsc::Receiver<Frame>, d: Du
 pub async fn sim_task(hub: Arc<Hub>, c: SimConfig, mut bus: mpsc::Receiver<Frame>) {
     let mut ecu = SimEcu::new(c.counter_id, c.request_id, c.response_id);
     let mut power = c.board.subscribe();
-    let mut on = *power.borrow_and_update();
+    let first = *power.borrow_and_update();
+    let mut on = first.on;
+    let mut ons = first.ons;
     let set_state = |on: bool| {
         hub.params().state = if on {
             BusState::ErrorActive
@@ -113,10 +115,12 @@ pub async fn sim_task(hub: Arc<Hub>, c: SimConfig, mut bus: mpsc::Receiver<Frame
                 if changed.is_err() {
                     return;
                 }
-                on = *power.borrow_and_update();
-                if !on {
+                let now = *power.borrow_and_update();
+                // A cycle too quick to see as two changes resets the ECU all the same.
+                if !now.on || now.ons != ons {
                     ecu.reset();
                 }
+                (on, ons) = (now.on, now.ons);
                 info!(device = %hub.name(), on, "simulated ECU power");
                 set_state(on);
             }

@@ -19,7 +19,8 @@ pub use ops::CanArgs;
 pub use spec::{CanSimSpec, CanSpec};
 
 use crate::board::Board;
-use crate::kind::{BuildCtx, DeviceKind, NoRequest, NoVerb, Sandbox, Spec};
+use crate::kind::{
+    BridgeError, InvalidSpec, OptionError, BuildCtx, DeviceKind, NoRequest, NoVerb, Sandbox, Spec};
 use crate::{BoxFuture, Bridge, BridgeCtx};
 use jmp_protocol::codec::Codec;
 use jmp_protocol::kinds::can as wire;
@@ -46,21 +47,28 @@ impl DeviceKind for Can {
     type Request = NoRequest;
     type Response = NoRequest;
 
-    fn parse_options(opts: &CanArgs) -> Result<(), String> {
-        opts.parse().map(|_| ())
+    fn parse_options(opts: &CanArgs) -> Result<(), OptionError> {
+        opts.parse().map(|_| ()).map_err(OptionError)
     }
 
-    fn check_options(opts: &CanArgs, exporter: &str, devices: &[DeviceInfo]) -> Result<(), String> {
-        opts.check(exporter, devices)
+    fn check_options(
+        opts: &CanArgs,
+        exporter: &str,
+        devices: &[DeviceInfo],
+    ) -> Result<(), OptionError> {
+        opts.check(exporter, devices).map_err(OptionError)
     }
 
     fn bridge<'a>(
         info: &'a DeviceInfo,
         ctx: &'a BridgeCtx,
         opts: &'a CanArgs,
-    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, String>> {
+    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, BridgeError>> {
         Box::pin(async move {
-            let b = CanBridge::create(info, ctx, opts.for_device(&info.name)?).await?;
+            let for_device = opts.for_device(&info.name).map_err(OptionError)?;
+            let b = CanBridge::create(info, ctx, for_device)
+                .await
+                .map_err(BridgeError::Local)?;
             Ok(Box::new(b) as Box<dyn Bridge>)
         })
     }
@@ -73,8 +81,8 @@ impl DeviceKind for Can {
 }
 
 impl Spec for CanSpec {
-    fn validate(&self) -> Result<(), String> {
-        CanSpec::validate(self)
+    fn validate(&self) -> Result<(), InvalidSpec> {
+        CanSpec::validate(self).map_err(InvalidSpec)
     }
 
     fn start(&self, name: &str, _ctx: &BuildCtx) -> Arc<dyn crate::Driver> {
@@ -107,8 +115,8 @@ impl Spec for CanSpec {
 }
 
 impl Spec for CanSimSpec {
-    fn validate(&self) -> Result<(), String> {
-        CanSimSpec::validate(self)
+    fn validate(&self) -> Result<(), InvalidSpec> {
+        CanSimSpec::validate(self).map_err(InvalidSpec)
     }
 
     fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn crate::Driver> {

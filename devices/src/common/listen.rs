@@ -16,7 +16,7 @@ pub struct ForwardArgs {
 
 impl ForwardArgs {
     /// device name → local address.
-    pub fn parse(&self) -> Result<HashMap<String, SocketAddr>, String> {
+    pub fn parse(&self) -> Result<HashMap<String, SocketAddr>, crate::kind::OptionError> {
         let mut out = HashMap::new();
         for f in &self.forwards {
             let (local, device) = f
@@ -56,7 +56,7 @@ mod tests {
             }
             .parse()
             .expect_err(bad);
-            assert!(e.contains(bad), "{e}");
+            assert!(e.0.contains(bad), "{e}");
         }
     }
 }

@@ -1,7 +1,7 @@
 //! A pty whose slave a local program opens like a tty: the client's side of a serial console,
 //! and of a CAN bus's slcan front.
 //!
-//! Two kernel facts carry this file (see shared/FACTS.md): with packet mode (TIOCPKT) on the
+//! Two kernel facts carry this file (see docs/machine-facts.md): with packet mode (TIOCPKT) on the
 //! master and EXTPROC on the slave, every tcsetattr by the local program produces an event on
 //! the master, so line settings can be forwarded to the real port; and the master can read the
 //! slave's termios, including arbitrary speeds through termios2. We hold no slave fd: then the

@@ -11,6 +11,7 @@ use super::socks::{self, Request, Target};
 use super::tun::{self, Tun, TunError};
 use super::{ifname, sys};
 use crate::common::TaskGuard;
+use crate::kind::{BridgeError, OptionError};
 use crate::{BoxFuture, Bridge, BridgeCtx, BridgeExit, Endpoint, Local, Refusal};
 use jmp_protocol::codec::{to_bytes, Codec};
 use jmp_protocol::kinds::net::{refusal, Assigned, Connected, DeviceParams, Open, Subnet};
@@ -88,32 +89,37 @@ pub async fn create(
     info: &DeviceInfo,
     ctx: &BridgeCtx,
     args: &NetArgs,
-) -> Result<NetBridge, String> {
+) -> Result<NetBridge, BridgeError> {
     let params = DeviceParams::decode_exact(&info.params).map_err(|e| {
-        format!("the exporter's description of this network device is unreadable: {e}")
+        BridgeError::Exporter(format!(
+            "the exporter's description of this network device is unreadable: {e}"
+        ))
     })?;
     let device = info.name.clone();
-    if let Some(addr) = args.parse()? {
+    if let Some(addr) = args.parse().map_err(OptionError)? {
         let listener = TcpListener::bind(addr)
             .await
-            .map_err(|e| format!("--socks: cannot listen on {addr}: {e}"))?;
-        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            .map_err(|e| BridgeError::Local(format!("--socks: cannot listen on {addr}: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| BridgeError::Local(e.to_string()))?;
         return Ok(NetBridge {
             device,
             subnets: params.subnets,
             mode: Mode::Socks(SocksSide { listener, addr }),
         });
     }
-    let name = ifname::ifname(ifname::CLIENT_PREFIX, &ctx.exporter).map_err(|e| e.to_string())?;
+    let name = ifname::ifname(ifname::CLIENT_PREFIX, &ctx.exporter)
+        .map_err(|e| BridgeError::Exporter(e.to_string()))?;
     // Refuse before creating anything: a route that overlaps one the machine has would hide
     // part of its network (or be hidden by it).
-    let routes = sys::routes().map_err(|e| e.to_string())?;
+    let routes = sys::routes().map_err(|e| BridgeError::Local(e.to_string()))?;
     for s in &params.subnets {
         if let Some(r) = sys::conflict(&routes, s, &name) {
-            return Err(format!(
+            return Err(BridgeError::Exporter(format!(
                 "the exported subnet {s} overlaps this machine's route {}; not adding a route for it (use --socks to reach the board without routes)",
                 r.text
-            ));
+            )));
         }
     }
     let mode = match tun::create(&name, params.mtu) {
@@ -134,7 +140,7 @@ pub async fn create(
             );
             Mode::Off
         }
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(BridgeError::Local(e.to_string())),
     };
     Ok(NetBridge {
         device,

@@ -28,6 +28,7 @@ pub use driver::NetDriver;
 pub use spec::NetSpec;
 
 use crate::kind::{
+    BridgeError, InvalidSpec, OptionError,
     BuildCtx, ClientNeeds, DeviceKind, NoRequest, NoVerb, Sandbox, Spec,
 };
 use crate::{BoxFuture, Bridge, BridgeCtx};
@@ -54,19 +55,23 @@ impl DeviceKind for Network {
     type Request = NoRequest;
     type Response = NoRequest;
 
-    fn parse_options(opts: &NetArgs) -> Result<(), String> {
-        opts.parse().map(|_| ())
+    fn parse_options(opts: &NetArgs) -> Result<(), OptionError> {
+        opts.parse().map(|_| ()).map_err(OptionError)
     }
 
-    fn check_options(opts: &NetArgs, exporter: &str, devices: &[DeviceInfo]) -> Result<(), String> {
-        opts.check(exporter, devices)
+    fn check_options(
+        opts: &NetArgs,
+        exporter: &str,
+        devices: &[DeviceInfo],
+    ) -> Result<(), OptionError> {
+        opts.check(exporter, devices).map_err(OptionError)
     }
 
     fn bridge<'a>(
         info: &'a DeviceInfo,
         ctx: &'a BridgeCtx,
         opts: &'a NetArgs,
-    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, String>> {
+    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, BridgeError>> {
         Box::pin(async move {
             Ok(Box::new(bridge::create(info, ctx, opts).await?) as Box<dyn Bridge>)
         })
@@ -95,8 +100,8 @@ impl DeviceKind for Network {
 }
 
 impl Spec for NetSpec {
-    fn validate(&self) -> Result<(), String> {
-        NetSpec::validate(self)
+    fn validate(&self) -> Result<(), InvalidSpec> {
+        NetSpec::validate(self).map_err(InvalidSpec)
     }
 
     fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn crate::Driver> {

@@ -14,7 +14,8 @@ pub use bridge::PowerBridge;
 pub use driver::PowerDriver;
 pub use spec::{PowerSimSpec, PowerSpec};
 
-use crate::kind::{BuildCtx, DeviceKind, NoOptions, Sandbox, Spec};
+use crate::kind::{
+    BridgeError, InvalidSpec, BuildCtx, DeviceKind, NoOptions, Sandbox, Spec};
 use crate::{BoxFuture, Bridge, BridgeCtx};
 use jmp_protocol::codec::Codec;
 use jmp_protocol::kinds::power as wire;
@@ -49,7 +50,7 @@ impl DeviceKind for Power {
         info: &'a DeviceInfo,
         _ctx: &'a BridgeCtx,
         _opts: &'a NoOptions,
-    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, String>> {
+    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, BridgeError>> {
         Box::pin(async move { Ok(Box::new(PowerBridge::new(info)) as Box<dyn Bridge>) })
     }
 
@@ -65,8 +66,8 @@ impl DeviceKind for Power {
 }
 
 impl Spec for PowerSpec {
-    fn validate(&self) -> Result<(), String> {
-        PowerSpec::validate(self)
+    fn validate(&self) -> Result<(), InvalidSpec> {
+        PowerSpec::validate(self).map_err(InvalidSpec)
     }
 
     fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn crate::Driver> {
@@ -87,8 +88,8 @@ impl Spec for PowerSpec {
 }
 
 impl Spec for PowerSimSpec {
-    fn validate(&self) -> Result<(), String> {
-        PowerSimSpec::validate(self)
+    fn validate(&self) -> Result<(), InvalidSpec> {
+        PowerSimSpec::validate(self).map_err(InvalidSpec)
     }
 
     fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn crate::Driver> {

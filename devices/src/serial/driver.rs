@@ -553,17 +553,27 @@ async fn sim_task(
 ) {
     let mut sim = SimConsole::new(&hostname);
     let mut power = board.subscribe();
-    let mut on = *power.borrow_and_update();
-    if on {
+    let mut seen = *power.borrow_and_update();
+    if seen.on {
         history.push(&sim.boot());
     }
+    // Follows the power as it is when something happens, not as of the last change this loop
+    // got to: `select!` may take a write before a pending change, and a quick off and on may
+    // reach it as one change.
+    let follow = |sim: &mut SimConsole, seen: &mut crate::board::Power, now: crate::board::Power| {
+        if now.on && now.ons != seen.ons {
+            history.push(&sim.boot());
+        }
+        *seen = now;
+    };
     let mut settings = LineSettings::default();
     loop {
         tokio::select! {
             cmd = cmds.recv() => match cmd {
                 None => return,
                 Some(PortCmd::Write(b)) => {
-                    if on {
+                    follow(&mut sim, &mut seen, *power.borrow_and_update());
+                    if seen.on {
                         history.push(&sim.input(&b));
                     }
                 }
@@ -579,12 +589,56 @@ async fn sim_task(
                 if changed.is_err() {
                     return;
                 }
-                let now_on = *power.borrow_and_update();
-                if now_on && !on {
-                    history.push(&sim.boot());
-                }
-                on = now_on;
+                follow(&mut sim, &mut seen, *power.borrow_and_update());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(h: &History) -> String {
+        String::from_utf8_lossy(&h.read(0, usize::MAX).data).into_owned()
+    }
+
+    /// Sends a request through the console's command queue and waits for its answer: every
+    /// write queued before it has then been handled (one queue, in order).
+    async fn barrier(cmds: &mpsc::Sender<PortCmd>) {
+        let (tx, rx) = oneshot::channel();
+        cmds.send(PortCmd::Request(Request::Get, tx))
+            .await
+            .expect("console task");
+        rx.await.expect("answer").expect("settings");
+    }
+
+    /// An unpowered board echoes nothing and keeps nothing typed for later; a quick off and on
+    /// the console could not see as two changes still boots it again.
+    #[tokio::test]
+    async fn typed_while_off_is_dropped_and_a_missed_cycle_still_boots() {
+        let board = Board::new();
+        let history = Arc::new(History::new(64 * 1024));
+        let (cmds, rx) = mpsc::channel(16);
+        tokio::spawn(sim_task("simb".into(), board.clone(), history.clone(), rx));
+        barrier(&cmds).await;
+        let boots = |h: &History| text(h).matches("U-Boot SPL").count();
+        assert_eq!(boots(&history), 1);
+
+        board.set_power(false);
+        cmds.send(PortCmd::Write(Bytes::from_static(b"root\n")))
+            .await
+            .expect("write");
+        barrier(&cmds).await;
+        board.set_power(true);
+        barrier(&cmds).await;
+        assert_eq!(boots(&history), 2, "{}", text(&history));
+        assert!(!text(&history).contains("root"), "{}", text(&history));
+
+        // Off and on before the console task runs at all: still a second boot.
+        board.set_power(false);
+        board.set_power(true);
+        barrier(&cmds).await;
+        assert_eq!(boots(&history), 3, "{}", text(&history));
     }
 }

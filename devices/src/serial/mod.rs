@@ -13,7 +13,8 @@ pub use driver::SerialDriver;
 pub use spec::{SerialSpec, SimConsoleSpec};
 
 use crate::board::Board;
-use crate::kind::{BuildCtx, DeviceKind, NoOptions, Sandbox, Spec};
+use crate::kind::{
+    BridgeError, InvalidSpec, BuildCtx, DeviceKind, NoOptions, Sandbox, Spec};
 use crate::{BoxFuture, Bridge, BridgeCtx};
 use jmp_protocol::codec::Codec;
 use jmp_protocol::kinds::serial as wire;
@@ -46,10 +47,12 @@ impl DeviceKind for Serial {
         info: &'a DeviceInfo,
         ctx: &'a BridgeCtx,
         _opts: &'a NoOptions,
-    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, String>> {
+    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, BridgeError>> {
         Box::pin(async move {
             let b = SerialBridge::create(info, ctx)
-                .map_err(|e| format!("cannot create the local serial device: {e}"))?;
+                .map_err(|e| {
+                    BridgeError::Local(format!("cannot create the local serial device: {e}"))
+                })?;
             Ok(Box::new(b) as Box<dyn Bridge>)
         })
     }
@@ -66,8 +69,8 @@ impl DeviceKind for Serial {
 }
 
 impl Spec for SerialSpec {
-    fn validate(&self) -> Result<(), String> {
-        SerialSpec::validate(self)
+    fn validate(&self) -> Result<(), InvalidSpec> {
+        SerialSpec::validate(self).map_err(InvalidSpec)
     }
 
     fn start(&self, name: &str, _ctx: &BuildCtx) -> Arc<dyn crate::Driver> {
@@ -80,8 +83,8 @@ impl Spec for SerialSpec {
 }
 
 impl Spec for SimConsoleSpec {
-    fn validate(&self) -> Result<(), String> {
-        SimConsoleSpec::validate(self)
+    fn validate(&self) -> Result<(), InvalidSpec> {
+        SimConsoleSpec::validate(self).map_err(InvalidSpec)
     }
 
     fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn crate::Driver> {

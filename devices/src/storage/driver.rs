@@ -97,12 +97,16 @@ impl StorageDriver {
         let _ = d.medium();
         if let Some(board) = &d.board {
             let mut power = board.subscribe();
+            let mut ons = power.borrow_and_update().ons;
             let weak = Arc::downgrade(&d);
             tokio::spawn(async move {
                 while power.changed().await.is_ok() {
-                    let on = *power.borrow_and_update();
+                    let now = *power.borrow_and_update();
                     let Some(d) = weak.upgrade() else { break };
-                    d.power_changed(on);
+                    // A cycle this task saw as one change was a power-on all the same: the
+                    // board may have written the card.
+                    d.power_changed(now.on, now.ons != ons);
+                    ons = now.ons;
                 }
             });
         }
@@ -115,11 +119,11 @@ impl Inner {
         DeviceParams::decode_exact(&self.status.borrow().params).ok()
     }
 
-    fn power_changed(&self, on: bool) {
+    fn power_changed(&self, on: bool, switched_on: bool) {
         self.state.send_modify(|st| {
             if let Ok(mut p) = DeviceParams::decode_exact(&st.params) {
                 p.board_on = on;
-                if on {
+                if switched_on {
                     // The board may write the card from now on: whatever a client cached is
                     // suspect.
                     p.generation += 1;

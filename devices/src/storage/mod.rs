@@ -31,7 +31,8 @@ pub use bridge::StorageBridge;
 pub use driver::{SlowRange, StorageDriver};
 pub use spec::{StorageSimSpec, StorageSpec};
 
-use crate::kind::{BuildCtx, DeviceKind, NoOptions, Sandbox, Spec};
+use crate::kind::{
+    BridgeError, InvalidSpec, BuildCtx, DeviceKind, NoOptions, Sandbox, Spec};
 use crate::{BoxFuture, Bridge, BridgeCtx};
 use jmp_protocol::codec::Codec;
 use jmp_protocol::kinds::storage as wire;
@@ -65,10 +66,10 @@ impl DeviceKind for Storage {
         info: &'a DeviceInfo,
         ctx: &'a BridgeCtx,
         _opts: &'a NoOptions,
-    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, String>> {
+    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, BridgeError>> {
         Box::pin(async move {
             let b = StorageBridge::create(info, ctx)
-                .map_err(|e| format!("cannot mount the storage device: {e}"))?;
+                .map_err(|e| BridgeError::Local(format!("cannot mount the storage device: {e}")))?;
             Ok(Box::new(b) as Box<dyn Bridge>)
         })
     }
@@ -92,8 +93,8 @@ impl DeviceKind for Storage {
 }
 
 impl Spec for StorageSpec {
-    fn validate(&self) -> Result<(), String> {
-        StorageSpec::validate(self)
+    fn validate(&self) -> Result<(), InvalidSpec> {
+        StorageSpec::validate(self).map_err(InvalidSpec)
     }
 
     fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn crate::Driver> {
@@ -106,8 +107,8 @@ impl Spec for StorageSpec {
 }
 
 impl Spec for StorageSimSpec {
-    fn validate(&self) -> Result<(), String> {
-        StorageSimSpec::validate(self)
+    fn validate(&self) -> Result<(), InvalidSpec> {
+        StorageSimSpec::validate(self).map_err(InvalidSpec)
     }
 
     fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn crate::Driver> {

@@ -9,7 +9,8 @@ pub use bridge::TcpBridge;
 pub use driver::TcpDriver;
 pub use spec::TcpSpec;
 
-use crate::kind::{BuildCtx, DeviceKind, NoOptions, NoRequest, NoVerb, Spec};
+use crate::kind::{
+    BridgeError, InvalidSpec, BuildCtx, DeviceKind, NoOptions, NoRequest, NoVerb, Spec};
 use crate::{BoxFuture, Bridge, BridgeCtx};
 use jmp_protocol::codec::Codec;
 use jmp_protocol::kinds::tcp as wire;
@@ -39,9 +40,10 @@ impl DeviceKind for Tcp {
         info: &'a DeviceInfo,
         ctx: &'a BridgeCtx,
         _opts: &'a NoOptions,
-    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, String>> {
+    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, BridgeError>> {
         Box::pin(async move {
-            Ok(Box::new(bridge::create(info, ctx).await?) as Box<dyn Bridge>)
+            let b = bridge::create(info, ctx).await.map_err(BridgeError::Local)?;
+            Ok(Box::new(b) as Box<dyn Bridge>)
         })
     }
 
@@ -53,8 +55,8 @@ impl DeviceKind for Tcp {
 }
 
 impl Spec for TcpSpec {
-    fn validate(&self) -> Result<(), String> {
-        TcpSpec::validate(self)
+    fn validate(&self) -> Result<(), InvalidSpec> {
+        TcpSpec::validate(self).map_err(InvalidSpec)
     }
 
     fn start(&self, name: &str, _ctx: &BuildCtx) -> Arc<dyn crate::Driver> {

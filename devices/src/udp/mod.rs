@@ -14,7 +14,8 @@ pub use bridge::UdpBridge;
 pub use driver::UdpDriver;
 pub use spec::UdpSpec;
 
-use crate::kind::{BuildCtx, DeviceKind, NoOptions, NoRequest, NoVerb, Spec};
+use crate::kind::{
+    BridgeError, InvalidSpec, BuildCtx, DeviceKind, NoOptions, NoRequest, NoVerb, Spec};
 use crate::{BoxFuture, Bridge, BridgeCtx};
 use jmp_protocol::codec::Codec;
 use jmp_protocol::kinds::udp as wire;
@@ -44,9 +45,10 @@ impl DeviceKind for Udp {
         info: &'a DeviceInfo,
         ctx: &'a BridgeCtx,
         _opts: &'a NoOptions,
-    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, String>> {
+    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, BridgeError>> {
         Box::pin(async move {
-            Ok(Box::new(bridge::create(info, ctx).await?) as Box<dyn Bridge>)
+            let b = bridge::create(info, ctx).await.map_err(BridgeError::Local)?;
+            Ok(Box::new(b) as Box<dyn Bridge>)
         })
     }
 
@@ -58,8 +60,8 @@ impl DeviceKind for Udp {
 }
 
 impl Spec for UdpSpec {
-    fn validate(&self) -> Result<(), String> {
-        UdpSpec::validate(self)
+    fn validate(&self) -> Result<(), InvalidSpec> {
+        UdpSpec::validate(self).map_err(InvalidSpec)
     }
 
     fn start(&self, name: &str, _ctx: &BuildCtx) -> Arc<dyn crate::Driver> {

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 # jmp's exit codes (README "Exit codes"); the errors below carry them.
 USAGE = 2
@@ -20,6 +22,10 @@ LEASE_ENDED = 6
 DEVICE_FAILED = 8
 FORBIDDEN = 10
 INTERRUPTED = 130
+
+# How long an interrupted jmp gets to finish what it does on SIGINT (withdraw a waiting lease
+# request, end an attachment under way) before it is killed.
+INTERRUPT_GRACE = 15.0
 
 
 class JmpError(Exception):
@@ -69,14 +75,26 @@ class Jmp:
     def __init__(self, binary: Optional[str] = None, env: Optional[Mapping[str, str]] = None):
         self.binary = find_jmp(binary)
         self.env = dict(os.environ if env is None else env)
+        # An interruption that arrived during a call that gives something back (`shield`),
+        # kept for `raise_deferred_interrupt` once everything is given back.
+        self._interrupted = False
 
     def run(
         self,
         args: Sequence[str],
         timeout: float = 60.0,
         env: Optional[Mapping[str, Optional[str]]] = None,
+        shield: bool = False,
     ) -> str:
-        """Runs `jmp ARGS`; its stdout, or `JmpError` naming what failed."""
+        """Runs `jmp ARGS`; its stdout, or `JmpError` naming what failed.
+
+        Interrupted (KeyboardInterrupt: Ctrl-C, or the SIGTERM the pytest plugin turns into
+        one), jmp gets the SIGINT a terminal would have sent it and `INTERRUPT_GRACE` seconds to
+        act on it (a waiting `create lease` withdraws its request) before it is killed; then the
+        interruption goes on. With `shield` (a call that gives something back: detach, delete
+        lease), jmp runs in its own session, out of reach of the terminal's Ctrl-C, and to its
+        end whatever arrives meanwhile; the interruption is kept for
+        `raise_deferred_interrupt`."""
         argv = [self.binary, *args]
         e = dict(self.env)
         for k, v in (env or {}).items():
@@ -84,21 +102,49 @@ class Jmp:
                 e.pop(k, None)
             else:
                 e[k] = v
-        try:
-            p = subprocess.run(
-                argv,
-                env=e,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired as t:
-            raise JmpError(argv, None, f"no answer within {timeout:g}s {t.stderr or ''}") from None
+        with subprocess.Popen(
+            argv,
+            env=e,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=shield,
+        ) as p:
+            out, err = self._communicate(p, argv, timeout, shield)
         if p.returncode != 0:
-            raise JmpError(argv, p.returncode, p.stderr)
-        return p.stdout
+            raise JmpError(argv, p.returncode, err)
+        return out
+
+    def _communicate(
+        self, p: subprocess.Popen, argv: List[str], timeout: float, shield: bool
+    ) -> Tuple[str, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return p.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                _, err = p.communicate()
+                raise JmpError(argv, None, f"no answer within {timeout:g}s {err or ''}") from None
+            except KeyboardInterrupt:
+                if shield:
+                    self._interrupted = True
+                    continue
+                if p.poll() is None:
+                    p.send_signal(signal.SIGINT)
+                try:
+                    p.communicate(timeout=INTERRUPT_GRACE)
+                except BaseException:
+                    p.kill()
+                    p.wait()
+                raise
+
+    def raise_deferred_interrupt(self) -> None:
+        """Raises the KeyboardInterrupt that arrived during a shielded call, if one did."""
+        if self._interrupted:
+            self._interrupted = False
+            raise KeyboardInterrupt("interrupted while giving the board back")
 
     def json(self, args: Sequence[str], **kw: Any) -> Any:
         """Runs a command with `-o json` output and parses its one JSON document."""

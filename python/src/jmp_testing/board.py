@@ -173,9 +173,12 @@ class Board:
 
     # ---------- giving it back ----------
 
-    def release(self) -> List[str]:
+    def release(self, raise_interrupt: bool = True) -> List[str]:
         """Closes the consoles, detaches what was attached here, deletes a lease created here.
-        Returns the problems met (each step is tried regardless)."""
+        Returns the problems met (each step is tried regardless). An interruption (Ctrl-C,
+        SIGTERM) meanwhile does not stop giving the board back: it is raised once the board is
+        given back (with `raise_interrupt`; else the caller raises it, `Jmp.raise_deferred_interrupt`,
+        after giving back everything else)."""
         with self._lock:
             if self._released:
                 return []
@@ -191,16 +194,20 @@ class Board:
             c.close()
         if self._owns_attachment:
             try:
-                self.jmp.run(["detach", self.exporter], timeout=30)
+                self.jmp.run(["detach", self.exporter], timeout=30, shield=True)
             except JmpError as e:
                 problems.append(str(e))
         if self._owns_lease and self.lease:
             try:
-                self.jmp.run(["delete", "lease", self.lease, *self._client_args()], timeout=30)
+                self.jmp.run(
+                    ["delete", "lease", self.lease, *self._client_args()], timeout=30, shield=True
+                )
             except JmpError as e:
                 problems.append(str(e))
         for p in problems:
             log.warning("releasing %s: %s", self.exporter, p)
+        if raise_interrupt:
+            self.jmp.raise_deferred_interrupt()
         return problems
 
     def _client_args(self) -> List[str]:
@@ -305,7 +312,11 @@ def _leased(jmp: Jmp, spec: BoardSpec, on_lease) -> Board:
     except BaseException:
         if created:
             try:
-                jmp.run(["delete", "lease", name] + (["--client", spec.client] if spec.client else []), timeout=30)
+                jmp.run(
+                    ["delete", "lease", name] + (["--client", spec.client] if spec.client else []),
+                    timeout=30,
+                    shield=True,
+                )
             except JmpError as e:
                 log.warning("releasing lease %s: %s", name, e)
         raise

@@ -113,12 +113,18 @@ class _Boards:
                 self.pending.clear()
         problems: List[str] = []
         for b in boards:
-            problems += b.release()
+            problems += b.release(raise_interrupt=False)
         for lease, client in pending.items():
             try:
-                self.jmp.run(["delete", "lease", lease] + (["--client", client] if client else []), timeout=30)
+                self.jmp.run(
+                    ["delete", "lease", lease] + (["--client", client] if client else []),
+                    timeout=30,
+                    shield=True,
+                )
             except JmpError as e:
                 problems.append(str(e))
+        # Interrupted meanwhile: everything is given back now; the interruption goes on.
+        self.jmp.raise_deferred_interrupt()
         return problems
 
 

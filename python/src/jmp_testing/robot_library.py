@@ -117,12 +117,14 @@ class JmpLibrary:
         if board is not None:
             for p in board.release():
                 logger.warn(f"releasing {board.exporter}: {p}")
+        jmp = Jmp(self._jmp_bin)
         for lease, client in list(self._pending.items()):
             self._pending.pop(lease, None)
             try:
-                Jmp(self._jmp_bin).run(["delete", "lease", lease] + (["--client", client] if client else []))
+                jmp.run(["delete", "lease", lease] + (["--client", client] if client else []), shield=True)
             except Exception as e:
                 logger.warn(f"releasing lease {lease}: {e}")
+        jmp.raise_deferred_interrupt()
 
     # ---------- power ----------
 

@@ -71,8 +71,14 @@ pub enum Request {
         #[serde(default)]
         selector: Option<String>,
     },
-    /// Admin: create (or replace the credential of) a client.
+    /// Admin: create a client. A client of that name must not exist (its credential is
+    /// re-issued, and its policy changed, with [`Request::UpdateClient`]).
     CreateClient(ClientSpec),
+    /// Admin: change a client's policy, labels or admin rights (what is not given stays), and
+    /// with `reissue` give it a new credential (the old one is revoked). A narrowed policy
+    /// reaches the client's queued requests, reservations and leases at once. Answered with
+    /// `Credential` when re-issued, else `Clients` (the client as it is now).
+    UpdateClient(ClientUpdate),
     /// Admin: create (or replace the credential of) an exporter.
     CreateExporter(ExporterSpec),
     /// Admin: list clients (one by name if given).
@@ -193,6 +199,25 @@ pub struct ClientSpec {
     pub admin: bool,
 }
 
+/// What [`Request::UpdateClient`] changes: only the fields given.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ClientUpdate {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Labels>,
+    /// Selector the client's leases are limited to ("" = any exporter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<String>,
+    /// Longest lease the client may hold (0 = the controller's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_duration_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<bool>,
+    /// Issue a new credential (the old one is revoked at once).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reissue: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct ExporterSpec {
     pub name: String,
@@ -224,6 +249,27 @@ pub struct Registration {
     /// it could run it); ignored while that lease is current.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cleaning: Option<String>,
+    /// That the registering process holds the private key of the TLS identity whose
+    /// `fingerprint` it registers (required: a leaked exporter credential alone cannot move the
+    /// exporter to another address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<IdentityProof>,
+}
+
+/// Label of the TLS keying material an exporter signs when it registers (RFC 8446 7.5); the
+/// context is the exporter's name.
+pub const REGISTRATION_BINDING: &[u8] = b"EXPORTER-jmp-registration";
+
+/// Proof of possession of a TLS key, for this connection only: `signature` is the key's
+/// ECDSA P-256 SHA-256 signature (ASN.1 DER) over 32 bytes of keying material exported from
+/// the connection the call arrives on ([`REGISTRATION_BINDING`], the exporter's name as
+/// context), which only the two ends of that connection can compute.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct IdentityProof {
+    /// The TLS certificate, DER, hex; its SHA-256 is the registered fingerprint.
+    pub certificate: String,
+    /// Hex.
+    pub signature: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -499,6 +545,14 @@ pub struct ActiveLease {
 pub struct EndedLease {
     pub name: String,
     pub reason: String,
+    /// Until when a lease token of it may be valid (Unix seconds; 0: unknown): jmpd keeps
+    /// refusing them that long, across its own restarts.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub until: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// A client's configuration file (`~/.config/jmp/clients/<name>.yaml`): everything `jmp`
@@ -623,6 +677,50 @@ pub fn decode_limited<T: for<'de> Deserialize<'de>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The controller API's examples in docs/protocol.md: every `→` line is a `Call` and every
+    /// `←` line a `Reply`, and each reads back as it was written (no field dropped or renamed).
+    #[test]
+    fn the_documented_examples_are_calls_and_replies() {
+        let doc = include_str!("../../docs/protocol.md");
+        let section = doc
+            .split("## The controller API")
+            .nth(1)
+            .expect("the controller API section");
+        let (mut calls, mut replies) = (0, 0);
+        for line in section.lines() {
+            let (json, call) = if let Some(j) = line.strip_prefix("→ ") {
+                (j, true)
+            } else if let Some(j) = line.strip_prefix("← ") {
+                (j, false)
+            } else {
+                continue;
+            };
+            let written: serde_json::Value =
+                serde_json::from_str(json).unwrap_or_else(|e| panic!("{line}: {e}"));
+            let read = if call {
+                calls += 1;
+                let c: Call = serde_json::from_str(json).unwrap_or_else(|e| panic!("{line}: {e}"));
+                serde_json::to_value(c).unwrap()
+            } else {
+                replies += 1;
+                let r: Reply = serde_json::from_str(json).unwrap_or_else(|e| panic!("{line}: {e}"));
+                serde_json::to_value(r).unwrap()
+            };
+            // Every field written is read (the serialiser may add defaults, e.g. nulls).
+            let (serde_json::Value::Object(w), serde_json::Value::Object(r)) = (&written, &read)
+            else {
+                panic!("{line}: not an object");
+            };
+            for (k, v) in w {
+                assert_eq!(r.get(k), Some(v), "{line}: field {k}");
+            }
+        }
+        assert!(
+            calls >= 4 && replies >= 6,
+            "{calls} calls, {replies} replies"
+        );
+    }
 
     #[test]
     fn a_call_round_trips_through_a_frame_split_anywhere() {

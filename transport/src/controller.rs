@@ -1,4 +1,4 @@
-//! Calls on the controller API ([`jmp_protocol::ctl`]) over a QUIC connection: one call per
+//! Calls on the controller API ([`jmp_protocol::api`]) over a QUIC connection: one call per
 //! bidirectional stream, a request frame out, reply frames back.
 //!
 //! Used by `jmp` and `jmpd` (the calling side, [`call`], and [`Controllers`] for a cluster of
@@ -6,7 +6,7 @@
 //! and [`ReplyTx`]).
 
 use crate::identity::Fingerprint;
-use jmp_protocol::ctl::{self, Call, CtlDecodeError, CtlError, CtlErrorCode, Reply};
+use jmp_protocol::api::{self, Call, CtlDecodeError, CtlError, CtlErrorCode, Reply};
 use std::net::ToSocketAddrs;
 use std::time::{Duration, Instant};
 
@@ -63,7 +63,7 @@ impl ReplyStream {
             return Ok(None);
         }
         loop {
-            if let Some(r) = ctl::decode::<Reply>(&mut self.buf)? {
+            if let Some(r) = api::decode::<Reply>(&mut self.buf)? {
                 if r.is_final() {
                     self.done = true;
                 }
@@ -102,7 +102,7 @@ pub async fn call(
 ) -> Result<(ReplyStream, Option<quinn::SendStream>), CallError> {
     let (mut send, recv) = conn.open_bi().await?;
     let mut out = Vec::new();
-    ctl::encode(call, &mut out);
+    api::encode(call, &mut out);
     send.write_all(&out)
         .await
         .map_err(|e| CallError::Stream(e.to_string()))?;
@@ -173,9 +173,9 @@ async fn connect_to(addr: &str, pin: Fingerprint) -> Result<Current, String> {
 }
 
 impl Controllers {
-    /// `endpoints`: one `host:port` or a comma-separated list ([`ctl::endpoints`]).
+    /// `endpoints`: one `host:port` or a comma-separated list ([`api::endpoints`]).
     pub fn new(endpoints: &str, pin: Fingerprint) -> Result<Controllers, String> {
-        let endpoints = ctl::endpoints(endpoints);
+        let endpoints = api::endpoints(endpoints);
         if endpoints.is_empty() {
             return Err("no controller endpoint given".into());
         }
@@ -273,6 +273,17 @@ impl Controllers {
         c: &Call,
         keep_open: bool,
     ) -> Result<(ReplyStream, Option<quinn::SendStream>), CallError> {
+        self.call_on(|_| Ok(c.clone()), keep_open).await
+    }
+
+    /// [`Controllers::call`] with the call made for the connection it goes out on (a call
+    /// that proves something about that connection, see [`crate::possession`]); `make`'s
+    /// error ends the call.
+    pub async fn call_on(
+        &self,
+        make: impl Fn(&quinn::Connection) -> Result<Call, String>,
+        keep_open: bool,
+    ) -> Result<(ReplyStream, Option<quinn::SendStream>), CallError> {
         let deadline = Instant::now() + LEADER_WAIT;
         // Where the last non-leader said the leader is.
         let mut redirect: Option<String> = None;
@@ -326,7 +337,8 @@ impl Controllers {
                 return Err(CallError::NoAnswer);
             };
             let here = self.current();
-            let failed = match call(&conn, c, keep_open).await {
+            let c = make(&conn).map_err(CallError::Stream)?;
+            let failed = match call(&conn, &c, keep_open).await {
                 Ok((mut rs, send)) => match rs.next().await {
                     Ok(Some(r)) => {
                         rs.pending = Some(r);
@@ -368,11 +380,11 @@ impl Controllers {
 }
 
 /// Controller side: reads the request frame of a newly accepted stream (at most
-/// [`ctl::MAX_CALL_FRAME`] bytes: the caller is not authenticated yet).
+/// [`api::MAX_CALL_FRAME`] bytes: the caller is not authenticated yet).
 pub async fn read_call(recv: &mut quinn::RecvStream) -> Result<Call, CallError> {
     let mut buf = Vec::new();
     loop {
-        if let Some(c) = ctl::decode_limited::<Call>(&mut buf, ctl::MAX_CALL_FRAME)? {
+        if let Some(c) = api::decode_limited::<Call>(&mut buf, api::MAX_CALL_FRAME)? {
             return Ok(c);
         }
         match recv.read_chunk(64 * 1024, true).await {
@@ -390,7 +402,7 @@ pub struct ReplyTx(pub quinn::SendStream);
 impl ReplyTx {
     pub async fn send(&mut self, r: &Reply) -> Result<(), CallError> {
         let mut out = Vec::new();
-        ctl::encode(r, &mut out);
+        api::encode(r, &mut out);
         self.0
             .write_all(&out)
             .await

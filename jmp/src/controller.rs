@@ -6,12 +6,12 @@
 
 use crate::{exit, paths};
 use anyhow::{Context, Result};
-use jmp_protocol::ctl::{
+use jmp_protocol::api::{
     Access, Call, ClientConfig, ClientInfo, Credential, CtlErrorCode, ExporterInfo, LeaseInfo,
     Reply, Request,
 };
 use jmp_protocol::exit as code;
-use jmp_transport::ctl::{CallError, Controllers, ReplyStream};
+use jmp_transport::controller::{CallError, Controllers, ReplyStream};
 use serde::{Deserialize, Serialize};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -293,6 +293,11 @@ impl Ctl {
             request,
         };
         Ok(self.ctls.call(&c, false).await?.0)
+    }
+
+    /// One call's final answer, its refusal kept as such (for callers that act on its code).
+    pub async fn try_call(&self, request: Request) -> Result<Reply, CallError> {
+        self.stream(request).await?.last().await
     }
 
     pub async fn call(&self, request: Request) -> Result<Reply> {
@@ -584,7 +589,7 @@ pub async fn job_lease(ctl: &Ctl) -> Result<Option<String>> {
 // ---------- lease creation with a live queue line ----------
 
 pub struct CreateLease {
-    pub request: jmp_protocol::ctl::LeaseRequest,
+    pub request: jmp_protocol::api::LeaseRequest,
     pub out: Out,
 }
 
@@ -694,7 +699,7 @@ pub async fn create_lease(cfg: &ClientConfig, c: CreateLease) -> Result<LeaseInf
                             let _ = ctl.call(Request::DeleteLease { names: vec![name.clone()], all: false }).await;
                             eprintln!("jmp: withdrew the waiting request {name}");
                         }
-                        return Err(CallError::Refused(jmp_protocol::ctl::CtlError::new(CtlErrorCode::Timeout, "interrupted")));
+                        return Err(CallError::Refused(jmp_protocol::api::CtlError::new(CtlErrorCode::Timeout, "interrupted")));
                     }
                 }
             }

@@ -1,0 +1,1187 @@
+//! The core driven through its command channel, as the API task drives it.
+
+use super::*;
+use crate::store::{MemStore, RedbStore};
+use jmp_protocol::api::{ClientSpec, Credential, ExporterSpec, LeaseRequest, Registration};
+use jmp_protocol::token::ControllerRef;
+use jmp_transport::token::{peek, Signer};
+
+struct Harness {
+    tx: mpsc::Sender<Cmd>,
+    admin: Caller,
+    next: u64,
+}
+
+fn caller_of(c: &Credential) -> Caller {
+    let claims = peek(&c.token).expect("credential parses");
+    Caller {
+        kind: claims.kind,
+        name: claims.sub,
+        jti: claims.jti,
+    }
+}
+
+fn authority() -> Arc<Authority> {
+    let der =
+        ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+    let signer = Signer::from_pkcs8(der.as_ref()).unwrap();
+    let ctl = ControllerRef {
+        endpoint: "127.0.0.1:1".into(),
+        fingerprint: "sha256:00".into(),
+        key: signer.public_key(),
+    };
+    Arc::new(Authority::new(signer, ctl))
+}
+
+fn start<S: LeaseStore>(store: S, auth: Arc<Authority>, grace: Duration) -> Harness {
+    run(
+        Core::open(store, "test", auth, Arc::new(Metrics::new()), 3600).unwrap(),
+        grace,
+    )
+}
+
+/// Runs `core` (set up as a test needs) with an admin and `grace` for orphans.
+fn run<S: LeaseStore>(mut core: Core<S>, grace: Duration) -> Harness {
+    core.set_orphan_grace(grace);
+    let admin = caller_of(&core.issue_admin("admin").unwrap());
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(core.run(rx));
+    Harness { tx, admin, next: 1 }
+}
+
+impl Harness {
+    /// Starts a call; returns its stream id and reply channel.
+    async fn start_call(
+        &mut self,
+        caller: &Caller,
+        request: Request,
+    ) -> (u64, mpsc::UnboundedReceiver<Reply>) {
+        let (rtx, rrx) = mpsc::unbounded_channel();
+        self.next += 1;
+        self.tx
+            .send(Cmd::Call {
+                caller: caller.clone(),
+                request,
+                reply: rtx,
+                stream: self.next,
+            })
+            .await
+            .unwrap();
+        (self.next, rrx)
+    }
+
+    async fn call(&mut self, caller: &Caller, request: Request) -> Reply {
+        let (_, mut rx) = self.start_call(caller, request).await;
+        loop {
+            let r = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("an answer")
+                .expect("an answer");
+            if r.is_final() {
+                return r;
+            }
+        }
+    }
+
+    async fn client(&mut self, name: &str, allow: &str, max: u64) -> Caller {
+        let admin = self.admin.clone();
+        match self
+            .call(
+                &admin,
+                Request::CreateClient(ClientSpec {
+                    name: name.into(),
+                    allow: allow.into(),
+                    max_duration_secs: max,
+                    ..Default::default()
+                }),
+            )
+            .await
+        {
+            Reply::Credential(c) => caller_of(&c),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Creates an exporter and brings it online; the receiver keeps it registered.
+    async fn exporter(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> mpsc::UnboundedReceiver<Reply> {
+        self.exporter_as(name, labels).await.2
+    }
+
+    /// [`Harness::exporter`], with the exporter's own identity and its registration's stream.
+    async fn exporter_as(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> (Caller, u64, mpsc::UnboundedReceiver<Reply>) {
+        let admin = self.admin.clone();
+        let cred = match self
+            .call(
+                &admin,
+                Request::CreateExporter(ExporterSpec {
+                    name: name.into(),
+                    labels: labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                }),
+            )
+            .await
+        {
+            Reply::Credential(c) => c,
+            other => panic!("{other:?}"),
+        };
+        let (stream, mut rx) = self
+            .start_call(
+                &caller_of(&cred),
+                Request::Register(Registration {
+                    address: "127.0.0.1:9".into(),
+                    fingerprint: "sha256:11".into(),
+                    ..Default::default()
+                }),
+            )
+            .await;
+        assert!(matches!(rx.recv().await, Some(Reply::ExporterState { .. })));
+        (caller_of(&cred), stream, rx)
+    }
+}
+
+fn lease_req(id: &str, sel: &str, secs: u64, wait: u64) -> Request {
+    Request::CreateLease(LeaseRequest {
+        request_id: id.into(),
+        selector: sel.into(),
+        duration_secs: secs,
+        wait_secs: wait,
+        ..Default::default()
+    })
+}
+
+fn code(r: &Reply) -> Option<CtlErrorCode> {
+    match r {
+        Reply::Error(e) => Some(e.code),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn revoked_credentials_policy_and_duration_limits_are_refused_with_reasons() {
+    let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
+    let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
+    let _b = h.exporter("imx8-01", &[("board", "imx8")]).await;
+    let old = h.client("ci", "board=rpi4", 7200).await;
+    let r = h.call(&old, lease_req("r1", "board=imx8", 60, 0)).await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+    assert!(
+        format!("{r:?}").contains("board=rpi4"),
+        "names the policy: {r:?}"
+    );
+    let r = h
+        .call(&old, lease_req("r2", "board=rpi4", 3 * 3600, 0))
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+    assert!(format!("{r:?}").contains("at most 2h"), "{r:?}");
+    // Rotating revokes the credential used for the call.
+    let new = match h.call(&old, Request::Rotate).await {
+        Reply::Credential(c) => caller_of(&c),
+        other => panic!("{other:?}"),
+    };
+    let r = h.call(&old, Request::Whoami).await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Unauthorized), "{r:?}");
+    assert!(format!("{r:?}").contains("revoked"), "{r:?}");
+    assert!(matches!(
+        h.call(&new, Request::Whoami).await,
+        Reply::Identity { .. }
+    ));
+    // Renewing does not: the same identity and id, a credential that expires, and the one
+    // used for the call still works (copies of it elsewhere keep working).
+    let renewed = match h.call(&new, Request::Renew).await {
+        Reply::Credential(c) => c,
+        other => panic!("{other:?}"),
+    };
+    let claims = jmp_transport::token::peek(&renewed.token).unwrap();
+    assert_eq!(claims.jti, new.jti);
+    assert_eq!(claims.sub, "ci");
+    assert_eq!(
+        claims.exp,
+        Some(claims.iat + DEFAULT_CREDENTIAL_TTL_SECS),
+        "credentials expire"
+    );
+    for c in [&new, &caller_of(&renewed)] {
+        assert!(matches!(
+            h.call(c, Request::Whoami).await,
+            Reply::Identity { .. }
+        ));
+    }
+    // Non-admins cannot create identities.
+    let r = h
+        .call(
+            &new,
+            Request::CreateClient(ClientSpec {
+                name: "x".into(),
+                ..Default::default()
+            }),
+        )
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+}
+
+#[tokio::test]
+async fn a_waiting_request_whose_requester_vanished_is_withdrawn_and_its_grant_released() {
+    let mut h = start(MemStore::default(), authority(), Duration::from_millis(300));
+    let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
+    let c1 = h.client("c1", "", 0).await;
+    let c2 = h.client("c2", "", 0).await;
+    let l1 = match h.call(&c1, lease_req("r1", "board=rpi4", 600, 0)).await {
+        Reply::Lease(l) => l,
+        other => panic!("{other:?}"),
+    };
+    // c2 waits, then goes away without a word.
+    let (stream, mut rx) = h
+        .start_call(&c2, lease_req("r2", "board=rpi4", 600, 60))
+        .await;
+    assert!(matches!(
+        rx.recv().await,
+        Some(Reply::Queued { position: 1, .. })
+    ));
+    h.tx.send(Cmd::Gone { stream }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Its place is gone: freeing the exporter does not lease it to nobody.
+    assert!(matches!(
+        h.call(
+            &c1,
+            Request::DeleteLease {
+                names: vec![l1.name],
+                all: false
+            }
+        )
+        .await,
+        Reply::Deleted { .. }
+    ));
+    let admin = h.admin.clone();
+    match h.call(&admin, Request::GetLeases { all: true }).await {
+        Reply::Leases { leases } => assert!(leases.is_empty(), "{leases:?}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_requester_that_comes_back_in_time_keeps_its_place_and_gets_its_lease() {
+    let mut h = start(MemStore::default(), authority(), Duration::from_secs(30));
+    let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
+    let c1 = h.client("c1", "", 0).await;
+    let c2 = h.client("c2", "", 0).await;
+    let l1 = match h.call(&c1, lease_req("r1", "board=rpi4", 600, 0)).await {
+        Reply::Lease(l) => l,
+        other => panic!("{other:?}"),
+    };
+    let (stream, mut rx) = h
+        .start_call(&c2, lease_req("r2", "board=rpi4", 600, 60))
+        .await;
+    assert!(matches!(rx.recv().await, Some(Reply::Queued { .. })));
+    h.tx.send(Cmd::Gone { stream }).await.unwrap();
+    h.call(
+        &c1,
+        Request::DeleteLease {
+            names: vec![l1.name],
+            all: false,
+        },
+    )
+    .await;
+    // The retry (same request id) finds the lease granted while it was away, not a new one.
+    match h.call(&c2, lease_req("r2", "board=rpi4", 600, 60)).await {
+        Reply::Lease(l) => {
+            assert_eq!(l.request_id, "r2");
+            assert_eq!(l.exporter, "rpi4-01");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn granted_leases_survive_a_restart_from_the_store() {
+    let dir = std::env::temp_dir().join(format!("jmp-core-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("leases.redb");
+    let auth = authority();
+    let (lease, client) = {
+        let mut h = start(RedbStore::open(&db).unwrap(), auth.clone(), ORPHAN_GRACE);
+        let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
+        let c = h.client("c1", "", 0).await;
+        let l = match h.call(&c, lease_req("r1", "board=rpi4", 600, 0)).await {
+            Reply::Lease(l) => l,
+            other => panic!("{other:?}"),
+        };
+        // Stop the core: every sender gone ends its task, which drops the store.
+        drop(h);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        (l, c)
+    };
+    let mut h = start(RedbStore::open(&db).unwrap(), auth, ORPHAN_GRACE);
+    match h.call(&client, Request::GetLeases { all: false }).await {
+        Reply::Leases { leases } => {
+            assert_eq!(leases.len(), 1, "{leases:?}");
+            assert_eq!(leases[0].name, lease.name);
+            assert_eq!(leases[0].exporter, "rpi4-01");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The same request id after the restart is the same lease, not a second one.
+    match h.call(&client, lease_req("r1", "board=rpi4", 600, 0)).await {
+        Reply::Lease(l) => assert_eq!(l.name, lease.name),
+        other => panic!("{other:?}"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn an_unclaimed_grant_is_released_after_a_restart_too() {
+    let dir = std::env::temp_dir().join(format!("jmp-core-unclaimed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("leases.redb");
+    let auth = authority();
+    let grace = Duration::from_millis(400);
+    // Two exporters; on each, a lease is granted from the queue to a waiter. The waiter on
+    // rpi4-01 confirms receipt; the one on rpi4-02 is still unconfirmed when the
+    // controller stops (it crashed, or the requester died with it).
+    {
+        let mut h = start(RedbStore::open(&db).unwrap(), auth.clone(), grace);
+        let a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
+        let b = h.exporter("rpi4-02", &[("board", "rpi4")]).await;
+        let c1 = h.client("c1", "", 0).await;
+        let c2 = h.client("c2", "", 0).await;
+        let mut first = Vec::new();
+        for id in ["h1", "h2"] {
+            match h.call(&c1, lease_req(id, "board=rpi4", 600, 0)).await {
+                Reply::Lease(l) => first.push(l.name),
+                other => panic!("{other:?}"),
+            }
+        }
+        let mut waiters = Vec::new();
+        for id in ["w1", "w2"] {
+            let (s, mut rx) = h
+                .start_call(&c2, lease_req(id, "board=rpi4", 600, 60))
+                .await;
+            assert!(matches!(rx.recv().await, Some(Reply::Queued { .. })));
+            waiters.push((s, rx));
+        }
+        h.call(
+            &c1,
+            Request::DeleteLease {
+                names: first,
+                all: false,
+            },
+        )
+        .await;
+        for (_, rx) in waiters.iter_mut() {
+            assert!(matches!(rx.recv().await, Some(Reply::Lease(_))));
+        }
+        h.tx.send(Cmd::Delivered {
+            stream: waiters[0].0,
+        })
+        .await
+        .unwrap();
+        // Let the core commit the confirmation, then stop it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop((waiters, a, b, h));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut h = start(RedbStore::open(&db).unwrap(), auth, grace);
+    let admin = h.admin.clone();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    match h.call(&admin, Request::GetLeases { all: true }).await {
+        Reply::Leases { leases } => {
+            let mut ids: Vec<&str> = leases.iter().map(|l| l.request_id.as_str()).collect();
+            ids.sort();
+            assert_eq!(
+                ids,
+                ["w1"],
+                "the unclaimed grant is held for nobody: {leases:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    drop(h);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_queued_grant_that_never_reaches_its_requester_is_released() {
+    let mut h = start(MemStore::default(), authority(), Duration::from_millis(400));
+    let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
+    let c1 = h.client("c1", "", 0).await;
+    let c2 = h.client("c2", "", 0).await;
+    let c3 = h.client("c3", "", 0).await;
+    let l1 = match h.call(&c1, lease_req("r1", "board=rpi4", 600, 0)).await {
+        Reply::Lease(l) => l,
+        other => panic!("{other:?}"),
+    };
+    // c2 waits; the grant is sent to it, but its stream dies before confirming.
+    let (s2, mut rx2) = h
+        .start_call(&c2, lease_req("r2", "board=rpi4", 600, 60))
+        .await;
+    assert!(matches!(rx2.recv().await, Some(Reply::Queued { .. })));
+    h.call(
+        &c1,
+        Request::DeleteLease {
+            names: vec![l1.name],
+            all: false,
+        },
+    )
+    .await;
+    assert!(matches!(rx2.recv().await, Some(Reply::Lease(_))));
+    h.tx.send(Cmd::Gone { stream: s2 }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let admin = h.admin.clone();
+    match h.call(&admin, Request::GetLeases { all: true }).await {
+        Reply::Leases { leases } => assert!(leases.is_empty(), "held for nobody: {leases:?}"),
+        other => panic!("{other:?}"),
+    }
+
+    // The same again, but delivered: the lease stays.
+    let l3 = match h.call(&c3, lease_req("r3", "board=rpi4", 600, 0)).await {
+        Reply::Lease(l) => l,
+        other => panic!("{other:?}"),
+    };
+    let (s4, mut rx4) = h
+        .start_call(&c2, lease_req("r4", "board=rpi4", 600, 60))
+        .await;
+    assert!(matches!(rx4.recv().await, Some(Reply::Queued { .. })));
+    h.call(
+        &c3,
+        Request::DeleteLease {
+            names: vec![l3.name],
+            all: false,
+        },
+    )
+    .await;
+    assert!(matches!(rx4.recv().await, Some(Reply::Lease(_))));
+    h.tx.send(Cmd::Delivered { stream: s4 }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    match h.call(&admin, Request::GetLeases { all: true }).await {
+        Reply::Leases { leases } => {
+            assert_eq!(leases.len(), 1, "{leases:?}");
+            assert_eq!(leases[0].request_id, "r4");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Another client cannot take over a request id.
+    let r = h.call(&c1, lease_req("r4", "board=rpi4", 600, 0)).await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Invalid), "{r:?}");
+    // Values from the wire that would overflow are refused, not wrapped.
+    let r = h
+        .call(
+            &c1,
+            Request::CreateLease(LeaseRequest {
+                request_id: "r5".into(),
+                selector: "board=rpi4".into(),
+                duration_secs: 60,
+                wait_secs: u64::MAX,
+                ..Default::default()
+            }),
+        )
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Invalid), "{r:?}");
+}
+
+/// The relay's admission in the core: only the lease's own client, with a valid token of
+/// an active lease, for an exporter that takes relayed sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_serves_only_the_lease_holder_of_a_relay_exporter_while_the_lease_lasts() {
+    let mut core = Core::open(
+        MemStore::default(),
+        "test",
+        authority(),
+        Arc::new(Metrics::new()),
+        3600,
+    )
+    .unwrap();
+    core.set_relay(crate::relay::RelayConfig {
+        bind: "127.0.0.1".parse().unwrap(),
+        ports: None,
+        host: None,
+    });
+    let mut h = run(core, ORPHAN_GRACE);
+    let admin = h.admin.clone();
+    let mut links = Vec::new();
+    for (name, relay) in [("nat-01", true), ("lan-01", false)] {
+        let cred = match h
+            .call(
+                &admin,
+                Request::CreateExporter(jmp_protocol::api::ExporterSpec {
+                    name: name.into(),
+                    labels: [("site".to_string(), name.to_string())].into(),
+                }),
+            )
+            .await
+        {
+            Reply::Credential(c) => caller_of(&c),
+            other => panic!("{other:?}"),
+        };
+        let (_, mut link) = h
+            .start_call(
+                &cred,
+                Request::Register(Registration {
+                    address: "127.0.0.1:9".into(),
+                    fingerprint: "sha256:11".into(),
+                    relay,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        assert!(matches!(
+            link.recv().await,
+            Some(Reply::ExporterState { .. })
+        ));
+        links.push(link);
+    }
+    let mut clients = Vec::new();
+    for name in ["c1", "c2"] {
+        match h
+            .call(
+                &admin,
+                Request::CreateClient(ClientSpec {
+                    name: name.into(),
+                    ..Default::default()
+                }),
+            )
+            .await
+        {
+            Reply::Credential(c) => clients.push(caller_of(&c)),
+            other => panic!("{other:?}"),
+        }
+    }
+    let (c1, c2) = (clients[0].clone(), clients[1].clone());
+    let mut tokens = Vec::new();
+    for (site, id) in [("nat-01", "r1"), ("lan-01", "r2")] {
+        let lease = match h
+            .call(
+                &c1,
+                Request::CreateLease(LeaseRequest {
+                    request_id: id.into(),
+                    selector: format!("site={site}"),
+                    duration_secs: 600,
+                    ..Default::default()
+                }),
+            )
+            .await
+        {
+            Reply::Lease(l) => l,
+            other => panic!("{other:?}"),
+        };
+        match h
+            .call(
+                &c1,
+                Request::LeaseAccess {
+                    name: Some(lease.name.clone()),
+                },
+            )
+            .await
+        {
+            Reply::Access(a) => {
+                assert_eq!(a.relay, site == "nat-01", "{a:?}");
+                tokens.push((lease.name, a.token));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // Someone else's token, garbage, an exporter without the relay: refused.
+    let r = h
+        .call(
+            &c2,
+            Request::Relay {
+                token: tokens[0].1.clone(),
+            },
+        )
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+    let r = h
+        .call(
+            &c1,
+            Request::Relay {
+                token: "x.y.z".into(),
+            },
+        )
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Unauthorized), "{r:?}");
+    let r = h
+        .call(
+            &c1,
+            Request::Relay {
+                token: tokens[1].1.clone(),
+            },
+        )
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+    assert!(
+        format!("{r:?}").contains("takes no relayed sessions"),
+        "{r:?}"
+    );
+    // The holder: the exporter is told to punch; once it has, the client gets the session.
+    let (_, mut answer) = h
+        .start_call(
+            &c1,
+            Request::Relay {
+                token: tokens[0].1.clone(),
+            },
+        )
+        .await;
+    let grant = loop {
+        match links[0].recv().await {
+            Some(Reply::RelayOpen(g)) => break g,
+            Some(Reply::ExporterState { .. }) => continue,
+            other => panic!("{other:?}"),
+        }
+    };
+    let exp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let secret = jmp_protocol::relay::parse_secret(&grant.secret).unwrap();
+    jmp_transport::relay::punch(
+        &exp,
+        format!("127.0.0.1:{}", grant.port).parse().unwrap(),
+        &secret,
+    )
+    .unwrap();
+    match answer.recv().await {
+        Some(Reply::Relay(g)) => assert_eq!(g.port, grant.port),
+        other => panic!("{other:?}"),
+    }
+    // The lease ends: its token opens nothing any more.
+    let r = h
+        .call(
+            &c1,
+            Request::DeleteLease {
+                names: vec![tokens[0].0.clone()],
+                all: false,
+            },
+        )
+        .await;
+    assert!(matches!(r, Reply::Deleted { .. }), "{r:?}");
+    let r = h
+        .call(
+            &c1,
+            Request::Relay {
+                token: tokens[0].1.clone(),
+            },
+        )
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::NotFound), "{r:?}");
+}
+
+/// A client record whose stored policy does not parse (another version wrote it, or a hand
+/// edit) loads, but its client is refused whatever needs the policy, naming the client; other
+/// clients are served as before.
+#[tokio::test]
+async fn a_client_whose_stored_policy_does_not_parse_is_refused_naming_it() {
+    let mut store = MemStore::default();
+    let rec = serde_json::json!({
+        "name": "broken", "allow": "board in (rpi4", "jti": "j-broken", "created": 0
+    });
+    store
+        .commit(
+            0,
+            &[crate::store::Op::Put {
+                table: Table::Clients,
+                key: "broken".into(),
+                value: serde_json::to_vec(&rec).unwrap(),
+            }],
+        )
+        .unwrap();
+    let mut h = start(store, authority(), ORPHAN_GRACE);
+    let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
+    let broken = Caller {
+        kind: TokenKind::Client,
+        name: "broken".into(),
+        jti: "j-broken".into(),
+    };
+    for req in [
+        lease_req("r1", "board=rpi4", 60, 0),
+        lease_req("r2", "board=rpi4", 60, 300),
+        Request::GetExporters { selector: None },
+    ] {
+        let r = h.call(&broken, req).await;
+        assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+        let text = format!("{r:?}");
+        assert!(
+            text.contains("policy of client broken") && text.contains("board in (rpi4"),
+            "names the client and its policy: {r:?}"
+        );
+    }
+    let admin = h.admin.clone();
+    match h.call(&admin, Request::GetLeases { all: true }).await {
+        Reply::Leases { leases } => assert!(leases.is_empty(), "nothing granted: {leases:?}"),
+        other => panic!("{other:?}"),
+    }
+    // The admin still sees the record as stored.
+    match h
+        .call(
+            &admin,
+            Request::GetClients {
+                name: Some("broken".into()),
+            },
+        )
+        .await
+    {
+        Reply::Clients { clients } => assert_eq!(clients[0].allow, "board in (rpi4"),
+        other => panic!("{other:?}"),
+    }
+    // A client with a readable policy is served as ever.
+    let good = h.client("good", "board=rpi4", 0).await;
+    assert!(matches!(
+        h.call(&good, lease_req("g1", "board=rpi4", 60, 0)).await,
+        Reply::Lease(_)
+    ));
+}
+
+/// A caller without a client record (an exporter's credential) gets no listing: neither the
+/// lab's exporters with their addresses and fingerprints nor its leases.
+#[tokio::test]
+async fn an_exporter_credential_lists_no_exporters_and_no_leases() {
+    let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
+    let (me, _, _link) = h.exporter_as("rpi4-01", &[("board", "rpi4")]).await;
+    let _b = h.exporter("imx8-01", &[("board", "imx8")]).await;
+    let c = h.client("c1", "", 0).await;
+    assert!(matches!(
+        h.call(&c, lease_req("r1", "board=imx8", 60, 0)).await,
+        Reply::Lease(_)
+    ));
+    for req in [
+        Request::GetExporters { selector: None },
+        Request::GetLeases { all: true },
+        Request::GetLeases { all: false },
+    ] {
+        let r = h.call(&me, req).await;
+        assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+        assert!(format!("{r:?}").contains("exporter rpi4-01"), "{r:?}");
+    }
+}
+
+fn update(name: &str) -> jmp_protocol::api::ClientUpdate {
+    jmp_protocol::api::ClientUpdate {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+/// Drains pushes on an exporter's registration stream until one reports `lease` ended;
+/// returns the reason it gives.
+async fn ended_reason(link: &mut mpsc::UnboundedReceiver<Reply>, lease: &str) -> String {
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(10), link.recv())
+            .await
+            .expect("a push")
+            .expect("the registration is open");
+        if let Reply::ExporterState { ended, .. } = r {
+            if let Some(e) = ended.iter().find(|e| e.name == lease) {
+                return e.reason.clone();
+            }
+        }
+    }
+}
+
+/// An admin narrows a client's policy: its lease on an exporter it may no longer use ends
+/// (the exporter is told why), its reservation and waiting request that only such exporters
+/// could serve are withdrawn (the waiting caller is told why), and a request the new policy
+/// still allows keeps waiting, for the allowed exporters only.
+#[tokio::test]
+async fn a_narrowed_policy_ends_leases_and_withdraws_requests_it_forbids() {
+    let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
+    let mut a = h.exporter("a-01", &[("board", "a")]).await;
+    let _b = h.exporter("b-01", &[("board", "b")]).await;
+    let c = h.client("c", "", 0).await;
+    let other = h.client("other", "", 0).await;
+    let lease = match h.call(&c, lease_req("l1", "board=a", 600, 0)).await {
+        Reply::Lease(l) => l,
+        r => panic!("{r:?}"),
+    };
+    assert!(matches!(
+        h.call(&other, lease_req("o1", "board=b", 600, 0)).await,
+        Reply::Lease(_)
+    ));
+    // A reservation for later, a request waiting for "a", one waiting for any board.
+    let begin = now_ms() / 1000 + 3600;
+    let r = h
+        .call(
+            &c,
+            Request::CreateLease(LeaseRequest {
+                request_id: "rsv".into(),
+                selector: "board=a".into(),
+                duration_secs: 600,
+                begin_time: Some(begin),
+                ..Default::default()
+            }),
+        )
+        .await;
+    assert!(
+        matches!(&r, Reply::Lease(l) if l.status == "reserved"),
+        "{r:?}"
+    );
+    let (_, mut waiting_a) = h.start_call(&c, lease_req("wa", "board=a", 600, 300)).await;
+    assert!(matches!(waiting_a.recv().await, Some(Reply::Queued { .. })));
+    let (_, mut waiting_any) = h.start_call(&c, lease_req("wany", "", 600, 300)).await;
+    assert!(matches!(
+        waiting_any.recv().await,
+        Some(Reply::Queued { .. })
+    ));
+
+    let admin = h.admin.clone();
+    let r = h
+        .call(
+            &admin,
+            Request::UpdateClient(jmp_protocol::api::ClientUpdate {
+                allow: Some("board=b".into()),
+                ..update("c")
+            }),
+        )
+        .await;
+    match &r {
+        Reply::Clients { clients } => assert_eq!(clients[0].allow, "board=b"),
+        r => panic!("{r:?}"),
+    }
+    let why = ended_reason(&mut a, &lease.name).await;
+    assert!(
+        why.contains("policy of client c no longer allows exporter a-01"),
+        "{why}"
+    );
+    let last = |rx: &mut mpsc::UnboundedReceiver<Reply>| {
+        let mut last = None;
+        while let Ok(r) = rx.try_recv() {
+            last = Some(r);
+        }
+        last
+    };
+    let r = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match waiting_a.recv().await {
+                Some(Reply::Queued { .. }) => continue,
+                other => break other,
+            }
+        }
+    })
+    .await
+    .expect("an answer");
+    let r = r.expect("an answer");
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+    assert!(
+        format!("{r:?}").contains("policy of client c changed"),
+        "{r:?}"
+    );
+    // The request for any board keeps waiting (for "b-01" now).
+    assert!(
+        !matches!(last(&mut waiting_any), Some(Reply::Error(_))),
+        "still waiting"
+    );
+    match h.call(&c, Request::GetLeases { all: false }).await {
+        Reply::Leases { leases } => {
+            let ids: Vec<&str> = leases.iter().map(|l| l.request_id.as_str()).collect();
+            assert_eq!(ids, ["wany"], "{leases:?}");
+        }
+        r => panic!("{r:?}"),
+    }
+    // Asking again for what the policy forbids is refused at once, with --wait too.
+    let r = h.call(&c, lease_req("again", "board=a", 600, 300)).await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+}
+
+/// `create client` refuses an existing name (it would reset the policy and revoke the
+/// credential in use); `update client` changes the policy or limits only, and `reissue` gives
+/// a new credential, keeping what is not given.
+#[tokio::test]
+async fn creating_an_existing_client_is_refused_and_update_changes_only_what_is_given() {
+    let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
+    let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
+    let c = h.client("ci", "board=rpi4", 7200).await;
+    let admin = h.admin.clone();
+    let r = h
+        .call(
+            &admin,
+            Request::CreateClient(ClientSpec {
+                name: "ci".into(),
+                ..Default::default()
+            }),
+        )
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Invalid), "{r:?}");
+    assert!(
+        format!("{r:?}").contains("already exists") && format!("{r:?}").contains("--replace"),
+        "{r:?}"
+    );
+    // Nothing changed: the credential in use still works, the policy is the same.
+    assert!(matches!(
+        h.call(&c, Request::Whoami).await,
+        Reply::Identity { .. }
+    ));
+    let info = |r: Reply| match r {
+        Reply::Clients { clients } => clients.into_iter().next().expect("one"),
+        r => panic!("{r:?}"),
+    };
+    let i = info(
+        h.call(
+            &admin,
+            Request::GetClients {
+                name: Some("ci".into()),
+            },
+        )
+        .await,
+    );
+    assert_eq!(
+        (i.allow.as_str(), i.max_duration_secs),
+        ("board=rpi4", 7200)
+    );
+    // Re-issue: a new credential, the old one revoked, the policy kept.
+    let new = match h
+        .call(
+            &admin,
+            Request::UpdateClient(jmp_protocol::api::ClientUpdate {
+                reissue: true,
+                ..update("ci")
+            }),
+        )
+        .await
+    {
+        Reply::Credential(cr) => caller_of(&cr),
+        r => panic!("{r:?}"),
+    };
+    assert_eq!(
+        code(&h.call(&c, Request::Whoami).await),
+        Some(CtlErrorCode::Unauthorized)
+    );
+    let r = h
+        .call(&new, lease_req("r1", "board=rpi4", 3 * 3600, 0))
+        .await;
+    assert!(
+        format!("{r:?}").contains("at most 2h"),
+        "limits kept: {r:?}"
+    );
+    // Only the duration changes; the selector stays.
+    let i = info(
+        h.call(
+            &admin,
+            Request::UpdateClient(jmp_protocol::api::ClientUpdate {
+                max_duration_secs: Some(4 * 3600),
+                ..update("ci")
+            }),
+        )
+        .await,
+    );
+    assert_eq!(
+        (i.allow.as_str(), i.max_duration_secs),
+        ("board=rpi4", 4 * 3600)
+    );
+    assert!(matches!(
+        h.call(&new, lease_req("r2", "board=rpi4", 3 * 3600, 0))
+            .await,
+        Reply::Lease(_)
+    ));
+    // A bad selector or an unknown client changes nothing.
+    let r = h
+        .call(
+            &admin,
+            Request::UpdateClient(jmp_protocol::api::ClientUpdate {
+                allow: Some("board in (".into()),
+                ..update("ci")
+            }),
+        )
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Invalid), "{r:?}");
+    let r = h
+        .call(&admin, Request::UpdateClient(update("nobody")))
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::NotFound), "{r:?}");
+}
+
+/// A request no registered exporter could ever serve is refused at once with why, even with
+/// a wait or a begin time, and takes no place in the queue (the quota does not hide the
+/// reason); one whose exporters are only offline or busy waits.
+#[tokio::test]
+async fn an_unservable_request_is_refused_at_once_even_with_a_wait() {
+    let mut core = Core::open(
+        MemStore::default(),
+        "test",
+        authority(),
+        Arc::new(Metrics::new()),
+        3600,
+    )
+    .unwrap();
+    core.set_max_waiting(1);
+    let mut h = run(core, ORPHAN_GRACE);
+    let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
+    let _imx = h.exporter("imx8-01", &[("board", "imx8")]).await;
+    let c = h.client("c", "board=rpi4", 0).await;
+    let holder = h.client("holder", "", 0).await;
+    assert!(matches!(
+        h.call(&holder, lease_req("h", "board=rpi4", 600, 0)).await,
+        Reply::Lease(_)
+    ));
+    // One waiting request fills c's quota of one.
+    let (_, mut w) = h
+        .start_call(&c, lease_req("w", "board=rpi4", 600, 300))
+        .await;
+    assert!(matches!(w.recv().await, Some(Reply::Queued { .. })));
+    let later = now_ms() / 1000 + 600;
+    let cases = [
+        (
+            lease_req("typo", "board=rpi5", 60, 300),
+            CtlErrorCode::NoMatch,
+            "no exporter matches selector 'board=rpi5'",
+        ),
+        (
+            Request::CreateLease(LeaseRequest {
+                request_id: "named".into(),
+                exporter: Some("rpi4-99".into()),
+                duration_secs: 60,
+                wait_secs: 300,
+                ..Default::default()
+            }),
+            CtlErrorCode::NoMatch,
+            "no exporter named 'rpi4-99'",
+        ),
+        (
+            Request::CreateLease(LeaseRequest {
+                request_id: "later".into(),
+                selector: "board=rpi5".into(),
+                duration_secs: 60,
+                begin_time: Some(later),
+                ..Default::default()
+            }),
+            CtlErrorCode::NoMatch,
+            "no exporter matches selector 'board=rpi5'",
+        ),
+        (
+            lease_req("imx", "board=imx8", 60, 300),
+            CtlErrorCode::Forbidden,
+            "1 exporter matches 'board=imx8' but none is allowed by this client's policy 'board=rpi4'",
+        ),
+    ];
+    for (req, want, text) in cases {
+        let r = h.call(&c, req).await;
+        assert_eq!(code(&r), Some(want), "{r:?}");
+        assert!(format!("{r:?}").contains(text), "names why: {r:?}");
+    }
+    // A servable request beyond the quota gets the quota's refusal.
+    let r = h.call(&c, lease_req("w2", "board=rpi4", 600, 300)).await;
+    assert!(format!("{r:?}").contains("at most 1 per client"), "{r:?}");
+    // An exporter that matches but is offline: the request waits for it.
+    let (_, stream, _pi0) = h.exporter_as("pi0-01", &[("board", "pi0")]).await;
+    h.tx.send(Cmd::Gone { stream }).await.unwrap();
+    let admin = h.admin.clone();
+    match h
+        .call(
+            &admin,
+            Request::GetExporters {
+                selector: Some("board=pi0".into()),
+            },
+        )
+        .await
+    {
+        Reply::Exporters { exporters } => assert!(!exporters[0].online, "{exporters:?}"),
+        r => panic!("{r:?}"),
+    }
+    let (_, mut q) = h
+        .start_call(&holder, lease_req("off", "board=pi0", 60, 300))
+        .await;
+    assert!(matches!(q.recv().await, Some(Reply::Queued { .. })));
+}
+
+/// `get leases -a` by a client restricted to some exporters lists the leases on those, and the
+/// requests competing for them, but nothing about the rest of the lab; an admin sees all.
+#[tokio::test]
+async fn a_restricted_client_lists_only_leases_on_exporters_it_may_lease() {
+    let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
+    let _a = h.exporter("team-a-01", &[("team", "a")]).await;
+    let _b = h.exporter("team-b-01", &[("team", "b")]).await;
+    let ra = h.client("ra", "team=a", 0).await;
+    let any = h.client("any", "", 0).await;
+    for (id, sel) in [("on-a", "team=a"), ("on-b", "team=b")] {
+        assert!(matches!(
+            h.call(&any, lease_req(id, sel, 600, 0)).await,
+            Reply::Lease(_)
+        ));
+    }
+    let (_, mut wb) = h
+        .start_call(&any, lease_req("wait-b", "team=b", 600, 300))
+        .await;
+    assert!(matches!(wb.recv().await, Some(Reply::Queued { .. })));
+    let (_, mut wa) = h
+        .start_call(&any, lease_req("wait-a", "team=a", 600, 300))
+        .await;
+    assert!(matches!(wa.recv().await, Some(Reply::Queued { .. })));
+    let ids = |r: Reply| -> Vec<String> {
+        match r {
+            Reply::Leases { leases } => {
+                let mut v: Vec<String> = leases.into_iter().map(|l| l.request_id).collect();
+                v.sort();
+                v
+            }
+            r => panic!("{r:?}"),
+        }
+    };
+    assert_eq!(
+        ids(h.call(&ra, Request::GetLeases { all: true }).await),
+        ["on-a", "wait-a"]
+    );
+    assert!(ids(h.call(&ra, Request::GetLeases { all: false }).await).is_empty());
+    assert_eq!(
+        ids(h.call(&any, Request::GetLeases { all: true }).await),
+        ["on-a", "on-b", "wait-a", "wait-b"]
+    );
+    let admin = h.admin.clone();
+    assert_eq!(
+        ids(h.call(&admin, Request::GetLeases { all: true }).await).len(),
+        4
+    );
+}
+
+/// A deleted client's reservation and waiting requests go with it (its waiting caller told
+/// why) and its leases end, their exporters told why.
+#[tokio::test]
+async fn a_deleted_clients_reservations_waiters_and_leases_go_with_it() {
+    let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
+    let mut a = h.exporter("a-01", &[("board", "a")]).await;
+    let c = h.client("c", "", 0).await;
+    let lease = match h.call(&c, lease_req("l1", "board=a", 600, 0)).await {
+        Reply::Lease(l) => l,
+        r => panic!("{r:?}"),
+    };
+    let r = h
+        .call(
+            &c,
+            Request::CreateLease(LeaseRequest {
+                request_id: "rsv".into(),
+                selector: "board=a".into(),
+                duration_secs: 600,
+                begin_time: Some(now_ms() / 1000 + 3600),
+                ..Default::default()
+            }),
+        )
+        .await;
+    assert!(
+        matches!(&r, Reply::Lease(l) if l.status == "reserved"),
+        "{r:?}"
+    );
+    let (_, mut waiting) = h.start_call(&c, lease_req("w", "board=a", 600, 300)).await;
+    assert!(matches!(waiting.recv().await, Some(Reply::Queued { .. })));
+    let admin = h.admin.clone();
+    assert!(matches!(
+        h.call(&admin, Request::DeleteClient { name: "c".into() })
+            .await,
+        Reply::Deleted { .. }
+    ));
+    let why = ended_reason(&mut a, &lease.name).await;
+    assert!(why.contains("client removed"), "{why}");
+    let r = loop {
+        match waiting.recv().await {
+            Some(Reply::Queued { .. }) => continue,
+            other => break other.expect("an answer"),
+        }
+    };
+    assert!(format!("{r:?}").contains("client c was deleted"), "{r:?}");
+    match h.call(&admin, Request::GetLeases { all: true }).await {
+        Reply::Leases { leases } => assert!(leases.is_empty(), "{leases:?}"),
+        r => panic!("{r:?}"),
+    }
+}
