@@ -18,7 +18,10 @@ pub use bridge::UsbBridge;
 pub use driver::UsbDriver;
 pub use spec::UsbSpec;
 
-use crate::kind::{BuildCtx, ClientNeeds, DeviceKind, NoOptions, NoRequest, NoVerb, Sandbox, Spec};
+use crate::kind::{
+    BridgeError, BuildCtx, ClientNeeds, DeviceKind, InvalidSpec, NoOptions, NoRequest, NoVerb,
+    Sandbox, Spec,
+};
 use crate::{BoxFuture, Bridge, BridgeCtx};
 use jmp_protocol::codec::Codec;
 use jmp_protocol::kinds::usb as wire;
@@ -47,7 +50,7 @@ impl DeviceKind for Usb {
         info: &'a DeviceInfo,
         ctx: &'a BridgeCtx,
         _opts: &'a NoOptions,
-    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, String>> {
+    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, BridgeError>> {
         Box::pin(async move {
             let vhci = Arc::new(vhci::SysVhci::default());
             Ok(Box::new(UsbBridge::new(info, &ctx.dev_dir, vhci)) as Box<dyn Bridge>)
@@ -75,8 +78,8 @@ impl DeviceKind for Usb {
 }
 
 impl Spec for UsbSpec {
-    fn validate(&self) -> Result<(), String> {
-        UsbSpec::validate(self)
+    fn validate(&self) -> Result<(), InvalidSpec> {
+        UsbSpec::validate(self).map_err(InvalidSpec)
     }
 
     fn start(&self, name: &str, ctx: &BuildCtx) -> Arc<dyn crate::Driver> {
