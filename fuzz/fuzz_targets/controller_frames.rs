@@ -1,7 +1,7 @@
 //! Controller API frames: calls as the controller reads them before any credential is checked
 //! (the small call limit), and replies as clients and exporters read them.
 #![no_main]
-use jmp_protocol::ctl::{decode, decode_limited, Call, Reply, MAX_CALL_FRAME};
+use jmp_protocol::api::{decode, decode_limited, Call, Reply, MAX_CALL_FRAME};
 use libfuzzer_sys::fuzz_target;
 
 #[global_allocator]
