@@ -18,4 +18,5 @@ pub mod serial;
 pub mod stats;
 pub mod storage;
 pub mod tcp;
+pub mod usb;
 pub mod via_relay;

@@ -13,6 +13,7 @@
 use anyhow::{bail, Result};
 use jmp_bench::{
     can, cluster, controller, flood, jmp, memory, net, pytest, quic, relay, serial, storage, tcp,
+    usb,
 };
 
 /// Every benchmark, in the order `all` runs them (one line each: device kinds add theirs).
@@ -27,6 +28,7 @@ const BENCHES: &[&str] = &[
     "net",
     "can",
     "storage",
+    "usb",
 ];
 
 /// Run only when named: they need etcd and take minutes.
@@ -147,6 +149,7 @@ fn main() -> Result<()> {
             "net" => net::run(&bins, args.rounds, args.iperf_seconds),
             "can" => can::run(&bins, args.rounds),
             "storage" => storage::run(&bins, args.rounds),
+            "usb" => usb::run(&bins, args.rounds),
             "etcd" => cluster::run(&bins, args.rounds, false),
             "etcd-failover" => cluster::run(&bins, args.rounds, true),
             _ => unreachable!("parsed"),

@@ -187,19 +187,19 @@ impl Host for FakeHost {
     }
 }
 
+/// An attach as vhci-hcd gets it: port, devid, speed, and the socket it serves.
+type AttachedPort = (u32, u32, Speed, UnixStream);
+
 /// The client's vhci-hcd: attached sockets go to the test, which plays the kernel.
 struct FakeVhci {
     ports: Mutex<Vec<(u32, u32)>>,
     next: Mutex<u32>,
-    attached: mpsc::UnboundedSender<(u32, u32, Speed, UnixStream)>,
+    attached: mpsc::UnboundedSender<AttachedPort>,
     detached: Mutex<Vec<u32>>,
 }
 
 impl FakeVhci {
-    fn new() -> (
-        Arc<FakeVhci>,
-        mpsc::UnboundedReceiver<(u32, u32, Speed, UnixStream)>,
-    ) {
+    fn new() -> (Arc<FakeVhci>, mpsc::UnboundedReceiver<AttachedPort>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
             Arc::new(FakeVhci {

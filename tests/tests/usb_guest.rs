@@ -52,7 +52,7 @@ fn usb_devices_through_vhci_in_a_guest() {
     let py = python().expect("no test venv: run scripts/install-test-deps.sh");
     for tool in ["picocom", "fio", "socat", "sfdisk", "mkfs.vfat"] {
         assert!(
-            which(tool),
+            which(tool).is_some(),
             "{tool} is not installed: run scripts/install-test-deps.sh"
         );
     }
