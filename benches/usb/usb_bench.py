@@ -2,8 +2,8 @@
 """The USB benchmark's serial helpers (benches/usb/usb_bench.sh, in the test guest; the test
 venv's Python for pyserial).
 
-  usb_bench.py echo TTY READY     the gadget's side: send every byte back as it comes (raw);
-                                  touches READY once the port is open
+  usb_bench.py echo TTY READY     the gadget's side: send every byte back as it comes (raw),
+                                  reopening the tty after each hangup; touches READY once open
   usb_bench.py rtt TTY N          N one-byte round trips through TTY (after 20 for warm-up);
                                   prints {"p50_us": ..., "p99_us": ...}
 """
@@ -21,15 +21,28 @@ def pct(v, p):
 
 
 def echo(tty, ready):
-    port = serial.Serial(tty, 115200, timeout=None)
-    open(ready, "w").close()
+    # The gadget's tty hangs up whenever the host side lets the device go (an unbind, a bind to
+    # usbip-host, a detach): open it again each time, so that every import finds the echo.
+    first = True
     while True:
-        b = port.read(max(1, port.in_waiting))
-        port.write(b)
+        try:
+            port = serial.Serial(tty, 115200, timeout=None)
+        except serial.SerialException:
+            time.sleep(0.1)  # the gadget is between hosts: try again
+            continue
+        if first:
+            open(ready, "w").close()
+            first = False
+        try:
+            while True:
+                b = port.read(max(1, port.in_waiting))
+                port.write(b)
+        except (serial.SerialException, OSError):
+            port.close()
 
 
 def rtt(tty, n):
-    port = serial.Serial(tty, 115200, timeout=5)
+    port = serial.Serial(tty, 115200, timeout=5, write_timeout=5)
     port.reset_input_buffer()
     out = []
     for i in range(20 + n):

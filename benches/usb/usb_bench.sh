@@ -89,7 +89,7 @@ round() { # PATH N
     fio --name=rand --filename="$DISK" --rw=randread --bs=4k --iodepth=1 --ioengine=psync \
         --direct=1 --size=60M --runtime=5 --time_based --randrepeat=0 \
         --output-format=json --output="$OUT/$1-$2-rand.json" > /dev/null 2>&1 || die "$1: fio rand"
-    "$PY" "$HELPER" rtt "$TTY" 300 > "$OUT/$1-$2-rtt.json" 2> $G/rtt.err || die "$1: rtt"
+    timeout 120 "$PY" "$HELPER" rtt "$TTY" 300 > "$OUT/$1-$2-rtt.json" 2> $G/rtt.err || die "$1: rtt"
     "release_$1"
     wait_until '[ "$(used_ports)" = 0 ] && [ "$(driver_of "$B")" = usb ]' || die "$1: $B not given back ($(driver_of "$B"))"
     echo "round $1 $2 ok"

@@ -3,7 +3,8 @@
   usb_tool.py endpoint STATUS_JSON DEVICE ROLE    print the device's first endpoint of ROLE
   usb_tool.py summary STATUS_JSON DEVICE          print the device's summary
   usb_tool.py echo-server TTY LOG                 the gadget's side of a serial port: answer
-                                                  every line in upper case (pyserial)
+                                                  every line in upper case (pyserial), the tty
+                                                  opened again after each hangup
   usb_tool.py serial TTY TEXT                     write TEXT and a newline to TTY with pyserial,
                                                   expect it back in upper case
   usb_tool.py hid HIDRAW HIDG                     read one report from HIDRAW (the imported
@@ -41,24 +42,34 @@ def endpoint(path, name, role):
 
 
 def echo_server(tty, log):
-    port = serial.Serial(tty, 115200, timeout=None)
+    # The gadget's tty hangs up whenever the host side lets the device go (an unbind, a bind to
+    # usbip-host, an unplug): open it again each time, so that every import finds the echo.
     with open(log, "a", buffering=1) as out:
         out.write("ready\n")
-        buf = b""
         while True:
-            b = port.read(1)
-            if b in (b"\r", b"\n"):
-                if buf:
-                    out.write(f"got {buf.decode(errors='replace')}\n")
-                    port.write(buf.upper() + b"\r\n")
-                    port.flush()
-                buf = b""
-            else:
-                buf += b
+            try:
+                port = serial.Serial(tty, 115200, timeout=None)
+            except serial.SerialException:
+                time.sleep(0.1)  # the gadget is between hosts: try again
+                continue
+            buf = b""
+            try:
+                while True:
+                    b = port.read(1)
+                    if b in (b"\r", b"\n"):
+                        if buf:
+                            out.write(f"got {buf.decode(errors='replace')}\n")
+                            port.write(buf.upper() + b"\r\n")
+                            port.flush()
+                        buf = b""
+                    else:
+                        buf += b
+            except (serial.SerialException, OSError):
+                port.close()
 
 
 def serial_roundtrip(tty, text):
-    port = serial.Serial(tty, 115200, timeout=10)
+    port = serial.Serial(tty, 115200, timeout=10, write_timeout=10)
     port.reset_input_buffer()
     port.write(text.encode() + b"\n")
     port.flush()

@@ -14,20 +14,53 @@ use bytes::Bytes;
 use jmp_e2e::guest::{Guest, Init};
 use jmp_e2e::*;
 use jmp_protocol::codec::{to_bytes, Codec};
-use jmp_protocol::kinds::usb::{build, DeviceParams, Imported, OpenParams};
+use jmp_protocol::kinds::usb::{build, Control, DevState, DeviceParams, Imported, OpenParams};
 use jmp_protocol::{ErrorCode, Kind};
 use jmp_transport::connector::{Connector, Pin};
-use jmp_transport::Channels;
+use jmp_transport::{ChannelMsg, Channels};
 use std::time::{Duration, Instant};
 
 /// One phase of the guest script; its output, asserting every named check passed.
 fn phase(g: &Guest, script: &std::path::Path, name: &str, checks: &[&str]) -> String {
     let started = Instant::now();
-    let out = g.run_timeout(
-        &format!("/bin/sh {} {name}", script.display()),
+    // The script traces its commands into a file this side reads, so that a phase that hangs
+    // says where.
+    let trace = g.dir().join(format!("{name}.trace"));
+    let out = match g.try_run(
+        &format!(
+            "/bin/sh -x {} {name} 2> {}",
+            script.display(),
+            trace.display()
+        ),
         Duration::from_secs(600),
+    ) {
+        Ok(out) => out,
+        Err(e) => {
+            let t = std::fs::read_to_string(&trace).unwrap_or_default();
+            let tail: Vec<&str> = t.lines().rev().take(40).collect();
+            let diag = g
+                .try_run(
+                    "for f in /tmp/g/*.err /tmp/g/*.log; do echo \"--- $f\"; tail -15 \"$f\"; done; \
+                     echo --- vhci; cat /sys/devices/platform/vhci_hcd.0/status; \
+                     echo --- match_busid; cat /sys/bus/usb/drivers/usbip-host/match_busid; \
+                     echo --- ps; ps -eo pid,stat,wchan:24,args | grep -v ' \\[' ; echo --- dmesg; dmesg | tail -60",
+                    Duration::from_secs(60),
+                )
+                .map(|o| o.stdout)
+                .unwrap_or_else(|e| format!("no diagnostics: {e}"));
+            panic!(
+                "guest phase {name}: {e}\n--- its last commands (newest first) ---\n{}\n{diag}",
+                tail.join("\n")
+            );
+        }
+    };
+    let t = std::fs::read_to_string(&trace).unwrap_or_default();
+    let tail: Vec<&str> = t.lines().rev().take(40).collect();
+    let text = format!(
+        "{}\n--- its last commands (newest first) ---\n{}",
+        out.stdout,
+        tail.join("\n")
     );
-    let text = format!("{}\n{}", out.stdout, out.stderr);
     for check in checks {
         assert!(
             text.contains(&format!("CHECK {check} ok")),
@@ -174,6 +207,20 @@ fn hostile_client(g: &Guest, g1: &str, g3: &str) {
             .await;
         assert!(r.is_err(), "a bus id as parameters was accepted");
 
+        // The device list, followed: after each import below ends, the exporter lists the
+        // device as present again once it gave it back (an import before that is refused as
+        // busy).
+        let (watch, _) = h
+            .open_stream("board", to_bytes(&OpenParams::Watch))
+            .await
+            .expect("watch");
+        let jmp_transport::Pipe {
+            tx: _watch_tx,
+            rx: _watch_rx,
+            mut control_rx,
+            ..
+        } = watch;
+
         // The listed device, imported; then commands usbip-host must never see. Each ends the
         // import, and the device goes back to its driver.
         let hostile: [(&str, fn(u32) -> Vec<u8>); 3] = [
@@ -227,6 +274,27 @@ fn hostile_client(g: &Guest, g1: &str, g3: &str) {
                     .ends_with("/usb")
             });
             assert!(back, "{what}: {g1} was not given back to usb");
+            let present = tokio::time::timeout(READY, async {
+                while let Some(m) = control_rx.recv().await {
+                    if let ChannelMsg::Control(b) = m {
+                        let Ok(Control::Changed(p)) = Control::decode_exact(&b) else {
+                            continue;
+                        };
+                        if p.devices
+                            .iter()
+                            .any(|d| d.id == listed && d.state == DevState::Present)
+                        {
+                            return true;
+                        }
+                    }
+                }
+                false
+            })
+            .await;
+            assert!(
+                matches!(present, Ok(true)),
+                "{what}: the exporter did not list {g1} as present again: {present:?}"
+            );
         }
         // Gone for good, so that the next client is not told the board is busy.
         link.handle.bye(ErrorCode::Ok, "done");
