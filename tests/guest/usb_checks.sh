@@ -2,7 +2,8 @@
 # and configfs gadgets: the lab host's USB devices are gadgets on dummy_hcd, jmpd exports them
 # and jmp attach imports them through vhci-hcd, both in this one guest.
 # The caller prepends: BIN (jmp and jmpd), PY (the venv's python), TOOL (usb_tool.py), and
-# runs one phase: setup, main, nonroot or final (the host's test talks to jmpd between them).
+# runs one phase: setup, main, devices, faults, nonroot or final (the host's test talks to
+# jmpd between setup and main).
 # Prints "CHECK <name> ok" per check passed; exits non-zero at the first that fails.
 set -eu
 G=/tmp/g
@@ -137,7 +138,7 @@ main() {
     # partition mounts, directly and through a loop device.
     cmp "$DISK" $G/disk.img || fail disk-cmp
     ok disk-cmp
-    fio --name=verify --filename="$DISK" --rw=randwrite --bs=4k --offset=10M --size=4M \
+    fio --name=verify --filename="$DISK" --rw=randwrite --bs=4k --offset=10M --size=1M \
         --direct=1 --verify=crc32c --do_verify=1 --output=$G/fio.log > /dev/null 2>&1 || fail disk-fio "$(cat $G/fio.log)"
     grep -q 'err= 0' $G/fio.log || fail disk-fio "$(cat $G/fio.log)"
     cmp "$DISK" $G/disk.img || fail disk-fio "the image differs from the disk after fio"
@@ -149,6 +150,12 @@ main() {
     mount -o ro "$LOOP" /mnt/p && grep -q 'hello from the board' /mnt/p/hello.txt || fail disk-mount "loop"
     umount /mnt/p; losetup -d "$LOOP"
     ok disk-mount
+}
+
+# The attachment of phase main goes on.
+devices() {
+    G1=$(busid_of jmp-g1); G2=$(busid_of jmp-g2); G3=$(busid_of jmp-g3)
+    HIDRAW=$(endpoint board hidraw); NIF=$(endpoint net net)
 
     # HID: a report the gadget sends arrives on the imported hidraw.
     "$PY" "$TOOL" hid "$HIDRAW" /dev/hidg0 > $G/hid.log 2>&1 || fail hid "$(cat $G/hid.log)"
@@ -181,6 +188,11 @@ main() {
     grep -q '(back)' $G/jmpd.err || fail reenumerate "jmpd did not see it come back"
     "$PY" "$TOOL" serial "$(endpoint board tty)" hello-again > $G/serial2.log 2>&1 || fail reenumerate "$(cat $G/serial2.log)"
     ok reenumerate
+
+}
+
+faults() {
+    G1=$(busid_of jmp-g1); G2=$(busid_of jmp-g2); G3=$(busid_of jmp-g3)
 
     # Unplugged in the middle of a read: the read fails, no vhci port or usbip-host binding
     # is left, and plugged in again the board comes back.
