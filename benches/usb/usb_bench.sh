@@ -17,7 +17,8 @@ imported_dev() { for d in /sys/bus/usb/devices/*; do [ "$(cat "$d/serial" 2>/dev
 # The imported device's tty and disk (the same lookup for both paths).
 node_tty() { d=$(imported_dev); [ -n "$d" ] && for t in /sys/class/tty/ttyACM*; do readlink -f "$t/device" | grep -q "^$d" && echo "/dev/$(basename "$t")"; done | head -1; }
 node_disk() { d=$(imported_dev); [ -n "$d" ] && for b in /sys/block/sd*; do readlink -f "$b" | grep -q "^$d" && [ "$(cat "$b/size")" -gt 0 ] && echo "/dev/$(basename "$b")"; done | head -1; }
-driver_of() { basename "$(readlink "/sys/bus/usb/devices/$1/driver" 2>/dev/null)" 2>/dev/null || echo none; }
+# The driver a device is bound to: "none" when it has none or is not there.
+driver_of() { l=$(readlink "/sys/bus/usb/devices/$1/driver" 2> /dev/null) && basename "$l" || echo none; }
 used_ports() { grep -cE '^(hs|ss) +[0-9]+ 00[567] ' /sys/devices/platform/vhci_hcd.0/status* | awk -F: '{s += $2} END {print s + 0}'; }
 
 setup() {

@@ -24,7 +24,8 @@ status() { "$BIN/jmp" status -o json > $G/status.json 2> $G/status.err; }
 endpoint() { status && "$PY" "$TOOL" endpoint $G/status.json "$1" "$2"; }
 summary() { status && "$PY" "$TOOL" summary $G/status.json "$1"; }
 busid_of() { for d in /sys/bus/usb/devices/*; do [ -f "$d/serial" ] && [ "$(cat "$d/serial")" = "$1" ] && ! readlink -f "$d" | grep -q vhci_hcd && basename "$d"; done | head -1; }
-driver_of() { basename "$(readlink "/sys/bus/usb/devices/$1/driver" 2>/dev/null)" 2>/dev/null || echo none; }
+# The driver a device is bound to: "none" when it has none or is not there.
+driver_of() { l=$(readlink "/sys/bus/usb/devices/$1/driver" 2> /dev/null) && basename "$l" || echo none; }
 used_ports() { grep -cE '^(hs|ss) +[0-9]+ 00[567] ' /sys/devices/platform/vhci_hcd.0/status* | awk -F: '{s += $2} END {print s + 0}'; }
 # Reads the disk again and again until a read fails (in the background: DD is its PID): at
 # any moment a transfer is under way.
@@ -203,7 +204,7 @@ faults() {
     wait $DD || true
     grep -qiE 'input/output error|no such' $G/dd1.err || fail unplug "$(cat $G/dd1.err)"
     wait_until '[ "$(used_ports)" = 1 ]' || fail unplug "vhci: $(cat /sys/devices/platform/vhci_hcd.0/status)"
-    [ "$(driver_of "$G1")" = none ] || fail unplug "$G1 is still there"
+    wait_until "[ ! -e /sys/bus/usb/devices/$G1 ]" || fail unplug "$G1 is still there, on $(driver_of "$G1")"
     # Plugged in again: usbip-host takes it (the kernel kept its bus id: it forgets one only
     # while a device is there), jmpd gives it back, and it is imported again.
     echo 0x0001 > $CFG/g1/idProduct
