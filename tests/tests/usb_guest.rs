@@ -138,22 +138,13 @@ fn usb_devices_through_vhci_in_a_guest() {
         &g,
         &script,
         "devices",
-        &[
-            "hid",
-            "ncm-ping",
-            "not-in-ids",
-            "reenumerate",
-        ],
+        &["hid", "ncm-ping", "not-in-ids", "reenumerate"],
     );
     phase(
         &g,
         &script,
         "faults",
-        &[
-            "unplug-mid-transfer",
-            "kill9-jmpd",
-            "kill9-attach",
-        ],
+        &["unplug-mid-transfer", "kill9-jmpd", "kill9-attach"],
     );
     phase(&g, &script, "nonroot", &["nonroot"]);
     phase(&g, &script, "final", &["clean-exit"]);
