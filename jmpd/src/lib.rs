@@ -374,6 +374,28 @@ mod tests {
         }
     }
 
+    /// usbip-host's files (bind, unbind, match_busid, rebind under /sys/bus/usb; each device's
+    /// usbip_sockfd under /sys/devices) and the kernel's device events; the module is loaded
+    /// at boot, which the drop-in says.
+    #[test]
+    fn usb_devices_get_usbip_hosts_files_and_the_kernels_events() {
+        let d = dropin("  probe: {type: usb, ids: ['0483:3748']}\n");
+        let mut got = directives(&d);
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                "ReadWritePaths=/sys/bus/usb /sys/devices",
+                "RestrictAddressFamilies=AF_NETLINK"
+            ],
+            "{d}"
+        );
+        assert!(
+            d.contains("\n# probe: ") && d.contains("modules-load.d"),
+            "{d}"
+        );
+    }
+
     #[test]
     fn a_virtual_can_bus_needs_no_capability() {
         let d = dropin("  vcan: {type: can, interface: vcan0}\n");
