@@ -360,6 +360,14 @@ pub async fn run(
                 );
                 rows.push(DeviceRow::new(d, Vec::new()));
             }
+            // A device the exporter could not open may have nothing to bridge (no size, no
+            // parameters): it is listed with the exporter's reason and the rest of the board
+            // is attached. A device that is there and cannot be bridged here (a port in use, a
+            // name taken) is the user's to fix, so it still fails the attachment.
+            Err(e) if matches!(d.state, DeviceState::Unavailable(_)) => {
+                warn!("{}: unavailable, not bridged: {e}", d.name);
+                rows.push(DeviceRow::new(d, Vec::new()));
+            }
             Err(e) => return Err(AttachError::Other(format!("{}: {e}", d.name))),
         }
         if let DeviceState::Unavailable(why) = &d.state {

@@ -260,6 +260,25 @@ pub fn systemd_dropin(cfg: &ExporterConfig, file: &std::path::Path) -> String {
     for (name, spec) in &cfg.export.0 {
         need.merge(spec.sandbox(name));
     }
+    // The unit grants its StateDirectory (/var/lib/jmp) only: a stateDir elsewhere would be
+    // read-only under ProtectSystem=strict, and jmpd could not create its identity there.
+    if let Some(path) = cfg.state_dir.as_deref() {
+        if !path.starts_with("/var/lib/jmp") {
+            if let Some(dir) = need.unit_path("stateDir", path) {
+                need.note(format!(
+                    "stateDir {dir} is outside the unit's StateDirectory (/var/lib/jmp)"
+                ));
+                // `-`: jmpd creates it at its first start.
+                need.set(format!("ReadWritePaths=-{dir}"));
+                if ["/home", "/root", "/run/user"]
+                    .iter()
+                    .any(|h| path.starts_with(h))
+                {
+                    need.set("ProtectHome=read-only".into());
+                }
+            }
+        }
+    }
     if cfg.hooks.is_some() {
         need.note(
             "lease hooks run inside this sandbox too (no new privileges, read-only OS, no W^X memory: a JIT needs MemoryDenyWriteExecute=no)"
@@ -325,6 +344,26 @@ mod tests {
             ["DeviceAllow=/dev/serial/by-id/usb-FTDI_x-if00 rw"],
             "ttyUSB7 is allowed already, a simulated console needs nothing: {d}"
         );
+    }
+
+    #[test]
+    fn a_state_dir_outside_var_lib_jmp_is_made_writable() {
+        let cfg = |extra: &str| {
+            ExporterConfig::parse(&format!(
+                "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: b1}}\n\
+                 {extra}auth: {{tokenFile: /tmp/t}}\nexport:\n  sim: {{type: sim-console}}\n"
+            ))
+            .expect("config")
+        };
+        let f = std::path::Path::new("/etc/jmp/b1.yaml");
+        let d = systemd_dropin(&cfg("stateDir: /srv/jmp/b1\n"), f);
+        assert_eq!(directives(&d), ["ReadWritePaths=-/srv/jmp/b1"], "{d}");
+        let d = systemd_dropin(&cfg("stateDir: /var/lib/jmp/b1\n"), f);
+        assert!(directives(&d).is_empty(), "the unit's own directory: {d}");
+        let d = systemd_dropin(&cfg(""), f);
+        assert!(directives(&d).is_empty(), "the default: {d}");
+        let d = systemd_dropin(&cfg("stateDir: \"/srv/x\\nExecStartPre=/bin/evil\"\n"), f);
+        assert!(directives(&d).is_empty(), "a path a unit cannot hold: {d}");
     }
 
     /// What tests/tests/systemd_guest.rs found each kind needs under the hardened unit.

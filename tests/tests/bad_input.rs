@@ -155,6 +155,32 @@ fn missing_serial_port_is_unavailable_but_the_rest_works() {
     assert!(jmpd.proc.is_running(), "{}", jmpd.proc.describe());
 }
 
+/// A storage medium the exporter cannot open is listed with its reason and the rest of the
+/// board is attached (it used to end the whole `jmp attach` with the bridge's error).
+#[test]
+fn missing_storage_image_is_unavailable_but_the_rest_works() {
+    let env = TestEnv::new("nosd");
+    let jmpd = env.start_jmpd(&env.exporter_yaml(
+        "no-card-board",
+        "127.0.0.1:0",
+        "sd: {type: storage, path: /nonexistent-jmp-test/card.img}\nconsole: {type: sim-console}",
+    ));
+    let (mut attach, v) = env.attach(&jmpd, &[]);
+    let sd = device(&v, "sd");
+    assert_eq!(sd["state"], "unavailable", "{sd}");
+    assert!(
+        sd["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("/nonexistent-jmp-test/card.img")),
+        "{sd}"
+    );
+    let mut c = Console::open(local_of(&v, "console"));
+    c.write(b"\r");
+    c.read_until("login: ", READY);
+    sim_login_and_echo(&mut c, "no-card-ok");
+    assert!(attach.is_running(), "{}", attach.describe());
+}
+
 #[test]
 fn garbage_udp_does_not_hurt_the_daemon() {
     let env = TestEnv::new("garbage");
