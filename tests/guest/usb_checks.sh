@@ -202,7 +202,7 @@ faults() {
     wait_for $G/dd1.err copied || fail unplug "the disk was not read"
     echo "" > $CFG/g1/UDC
     wait $DD || true
-    grep -qiE 'input/output error|no such' $G/dd1.err || fail unplug "$(cat $G/dd1.err)"
+    grep -qiE 'input/output error|no such|no medium' $G/dd1.err || fail unplug "$(cat $G/dd1.err)"
     wait_until '[ "$(used_ports)" = 1 ]' || fail unplug "vhci: $(cat /sys/devices/platform/vhci_hcd.0/status)"
     wait_until "[ ! -e /sys/bus/usb/devices/$G1 ]" || fail unplug "$G1 is still there, on $(driver_of "$G1")"
     # Plugged in again: it is imported again (if usbip-host took it, having kept its bus id,
@@ -219,7 +219,7 @@ faults() {
     wait_for $G/dd2.err copied || fail kill9-jmpd "the disk was not read"
     kill -9 "$(cat $G/jmpd.pid)"
     wait $DD || true
-    grep -qiE 'input/output error|no such' $G/dd2.err || fail kill9-jmpd "$(cat $G/dd2.err)"
+    grep -qiE 'input/output error|no such|no medium' $G/dd2.err || fail kill9-jmpd "$(cat $G/dd2.err)"
     wait_until '[ "$(used_ports)" = 0 ]' || fail kill9-jmpd "vhci: $(cat /sys/devices/platform/vhci_hcd.0/status)"
     [ "$(driver_of "$G1")" = usbip-host ] || fail kill9-jmpd "jmpd's death left $G1 on $(driver_of "$G1")"
     start_jmpd $G/jmpd2.err
@@ -234,7 +234,7 @@ faults() {
     wait_for $G/dd3.err copied || fail kill9-attach "the disk was not read"
     kill -9 "$(cat $G/attach.pid)"
     wait $DD || true
-    grep -qiE 'input/output error|no such' $G/dd3.err || fail kill9-attach "$(cat $G/dd3.err)"
+    grep -qiE 'input/output error|no such|no medium' $G/dd3.err || fail kill9-attach "$(cat $G/dd3.err)"
     wait_until '[ "$(used_ports)" = 0 ]' || fail kill9-attach "vhci: $(cat /sys/devices/platform/vhci_hcd.0/status)"
     wait_until '[ "$(driver_of "$G1")" = usb ] && [ "$(driver_of "$G2")" = usb ]' || fail kill9-attach "$G1 on $(driver_of "$G1"), $G2 on $(driver_of "$G2")"
     [ -z "$(tr -d ' \n' < /sys/bus/usb/drivers/usbip-host/match_busid)" ] || fail kill9-attach "$(cat /sys/bus/usb/drivers/usbip-host/match_busid)"
