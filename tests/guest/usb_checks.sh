@@ -263,7 +263,7 @@ nonroot() {
     PORT=$("$PY" -c 'import json, sys
 v = json.loads(open(sys.argv[1]).readline())
 print([d for d in v["devices"] if d["name"] == "echo"][0]["endpoints"][0]["at"].split(":")[1])' $G/nr.out)
-    [ "$(printf 'tcp-works\n' | timeout 10 socat - "TCP:127.0.0.1:$PORT")" = tcp-works ] || fail nonroot "the TCP forward did not echo"
+    [ "$(printf 'tcp-works\n' | timeout 20 socat -t 10 - "TCP:127.0.0.1:$PORT")" = tcp-works ] || fail nonroot "the TCP forward did not echo"
     [ "$(used_ports)" = 0 ] && [ "$(driver_of "$G1")" = usb ] || fail nonroot "something was imported"
     kill -TERM $NP; wait $NP || true
     ok nonroot
