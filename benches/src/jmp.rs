@@ -74,6 +74,16 @@ impl std::ops::Deref for Exporter {
 /// Starts `jmpd` exporting `devices` (`name`, YAML flow mapping) as exporter "bench" on
 /// 127.0.0.1 and waits for its ready line.
 pub fn start_jmpd(bins: &Bins, dir: &TempDir, devices: &[(&str, String)]) -> Result<Exporter> {
+    start_jmpd_with(bins, dir, devices, "")
+}
+
+/// [`start_jmpd`] with `extra` top-level config lines (e.g. `metrics: 127.0.0.1:PORT\n`).
+pub fn start_jmpd_with(
+    bins: &Bins,
+    dir: &TempDir,
+    devices: &[(&str, String)],
+    extra: &str,
+) -> Result<Exporter> {
     let token_file = dir.join("token");
     std::fs::write(&token_file, "bench-token\n")?;
     let export: String = devices
@@ -88,7 +98,7 @@ pub fn start_jmpd(bins: &Bins, dir: &TempDir, devices: &[(&str, String)]) -> Res
         &export,
     );
     let cfg_file = dir.join("exporter.yaml");
-    std::fs::write(&cfg_file, cfg)?;
+    std::fs::write(&cfg_file, format!("{cfg}{extra}"))?;
     let mut cmd = Command::new(&bins.jmpd);
     cmd.arg("--config").arg(&cfg_file);
     let jmpd = Jmpd::start(cmd, dir.path())?;

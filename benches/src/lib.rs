@@ -17,6 +17,7 @@ pub mod relay;
 pub mod serial;
 pub mod stats;
 pub mod storage;
+pub mod storage_flood;
 pub mod tcp;
 pub mod usb;
 pub mod via_relay;

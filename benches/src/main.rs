@@ -12,8 +12,8 @@
 
 use anyhow::{bail, Result};
 use jmp_bench::{
-    can, cluster, controller, flood, jmp, memory, net, pytest, quic, relay, serial, storage, tcp,
-    usb,
+    can, cluster, controller, flood, jmp, memory, net, pytest, quic, relay, serial, storage,
+    storage_flood, tcp, usb,
 };
 
 /// Every benchmark, in the order `all` runs them (one line each: device kinds add theirs).
@@ -28,6 +28,7 @@ const BENCHES: &[&str] = &[
     "net",
     "can",
     "storage",
+    "storage-flood",
     "usb",
 ];
 
@@ -149,6 +150,7 @@ fn main() -> Result<()> {
             "net" => net::run(&bins, args.rounds, args.iperf_seconds),
             "can" => can::run(&bins, args.rounds),
             "storage" => storage::run(&bins, args.rounds),
+            "storage-flood" => storage_flood::run(&bins, args.rounds),
             "usb" => usb::run(&bins, args.rounds),
             "etcd" => cluster::run(&bins, args.rounds, false),
             "etcd-failover" => cluster::run(&bins, args.rounds, true),

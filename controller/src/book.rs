@@ -23,6 +23,15 @@
 //!   disabled or busy may wait. A client's policy narrowed later ([`LeaseBook::set_policy`])
 //!   withdraws its waiting requests that can no longer be served and ends its leases on
 //!   exporters the policy now forbids.
+//! - **Liveness apart from duration.** A lease with an idle timeout ends
+//!   ([`EndReason::Idle`]) once nothing has used it for that long: no session of it attached at
+//!   its exporter ([`LeaseBook::set_attached`]) and no use reported ([`LeaseBook::touch`]).
+//!   An attached lease never ends as idle; when its session leaves, its idle timeout starts.
+//! - **Auto-extension.** An auto-extending lease that is in use at its *checkpoint* (half a
+//!   step before its end), or is used after it, is extended by one step (its first duration),
+//!   never past its hard limit. "In use" means attached, or used within its idle timeout (a
+//!   lease without one: within half a step). One not in use is not extended, and ends at its
+//!   end unless used before.
 //! - **Clean before the next lease.** An exporter that declared a cleanup
 //!   ([`LeaseBook::set_cleanup`]: its afterLease hook) is *cleaning* from the moment a lease on
 //!   it ends until it reports done ([`LeaseBook::set_cleaning`]) or its declared time has
@@ -35,7 +44,10 @@
 //! the book: a smaller `now` is treated as the clock. Every method that returns events first
 //! *advances* the book to `now`, in this order:
 //!
-//! 1. leases with `end <= now` end ([`EndReason::Expired`]);
+//! 1. what is due on leases, in the order of its time (at the same time: idle ends, then
+//!    checkpoints, then ends): leases idle since `last_use + idle_timeout <= now` end
+//!    ([`EndReason::Idle`]), auto-extending leases at their checkpoint are extended if in use
+//!    ([`Event::Extended`]), leases with `end <= now` end ([`EndReason::Expired`]);
 //! 2. waiting requests with `not_before <= now` become active;
 //! 3. grantable exporters go to active waiters (in `seq` order);
 //! 4. waiting requests with `wait_until <= now` that are still waiting give up
@@ -64,6 +76,15 @@ use serde::{Deserialize, Serialize};
 /// Unix time in milliseconds.
 pub type Millis = u64;
 
+/// How an auto-extending lease grows while it is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutoExtend {
+    /// Each extension moves the end this much later (the lease's first duration); > 0.
+    pub step: Millis,
+    /// Never extended past this (its begin plus the requested hard limit); `>= end`.
+    pub hard_end: Millis,
+}
+
 /// A granted lease: `client` may use `exporter` from `begin` until `end`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
@@ -84,6 +105,55 @@ pub struct Lease {
     /// the grant at once.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reserved: bool,
+    /// Ends when nothing has used it for this long (`None`: only at `end`); > 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<Millis>,
+    /// When something last used it: its grant, a use reported by a call naming it, a session
+    /// of it attaching to or leaving its exporter. `begin <= last_use <= clock`.
+    #[serde(default)]
+    pub last_use: Millis,
+    /// Its exporter says a session of it is attached: in use for as long as that lasts.
+    /// Kept while the exporter is offline (it cannot say otherwise until it registers again).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attached: bool,
+    /// Extended while in use, up to a hard limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_extend: Option<AutoExtend>,
+    /// It does not end as idle before this: a restored lease waits for its exporter to say
+    /// whether a session is attached ([`LeaseBook::hold_idle_ends`]). Not persisted: each load
+    /// sets its own.
+    #[serde(skip)]
+    pub idle_not_before: Millis,
+}
+
+impl Lease {
+    /// When it ends as idle unless something uses it first: `None` while attached or without
+    /// an idle timeout.
+    pub fn idle_deadline(&self) -> Option<Millis> {
+        if self.attached {
+            return None;
+        }
+        self.idle_timeout
+            .map(|d| self.last_use.saturating_add(d).max(self.idle_not_before))
+    }
+
+    /// Whether it counts as in use at `t` for its auto-extension: attached, or used within
+    /// its idle timeout before `t` (a lease without one: within half a step, so that its grant
+    /// alone does not earn its first extension).
+    pub fn in_use_at(&self, t: Millis) -> bool {
+        let window = self
+            .idle_timeout
+            .or(self.auto_extend.map(|a| a.step / 2))
+            .unwrap_or(0);
+        self.attached || self.last_use.saturating_add(window) > t
+    }
+
+    /// When its next extension is due: half a step before its end (rounded towards the end,
+    /// so never at its begin). `None`: not auto-extending, or at its hard limit.
+    pub fn checkpoint(&self) -> Option<Millis> {
+        let a = self.auto_extend?;
+        (self.end < a.hard_end).then(|| self.end.saturating_sub(a.step / 2))
+    }
 }
 
 /// A request waiting for an exporter.
@@ -111,6 +181,12 @@ pub struct Waiting {
     /// A reservation: it keeps its place without a caller waiting on it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reserved: bool,
+    /// The lease's idle timeout (> 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<Millis>,
+    /// Auto-extending: the hard limit counted from the lease's begin (`>= duration`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_duration: Option<Millis>,
 }
 
 /// A lease request as the server received it.
@@ -131,6 +207,11 @@ pub struct NewRequest {
     pub wait_until: Option<Millis>,
     pub job: Option<String>,
     pub reserved: bool,
+    /// The lease ends after this long without use (`None` or 0: no idle timeout).
+    pub idle_timeout: Option<Millis>,
+    /// Auto-extend up to this long from the lease's begin (`None`: no auto-extension; less
+    /// than `duration` is taken as `duration`).
+    pub max_duration: Option<Millis>,
 }
 
 /// Why a lease ended.
@@ -143,6 +224,8 @@ pub enum EndReason {
     ClientRemoved,
     /// Its client's policy no longer allows its exporter.
     PolicyChanged,
+    /// Nothing used it for its idle timeout.
+    Idle,
 }
 
 impl EndReason {
@@ -154,6 +237,7 @@ impl EndReason {
             EndReason::ExporterDisabled => "exporter disabled",
             EndReason::ClientRemoved => "client removed",
             EndReason::PolicyChanged => "policy changed",
+            EndReason::Idle => "idle",
         }
     }
 }
@@ -169,6 +253,10 @@ impl std::fmt::Display for EndReason {
 pub enum Event {
     /// A waiting request got its lease.
     Granted {
+        lease: Lease,
+    },
+    /// An auto-extending lease in use was extended (`lease` as it is now).
+    Extended {
         lease: Lease,
     },
     Ended {
@@ -308,6 +396,26 @@ pub struct ExporterState {
     pub cleanup: Option<Millis>,
     /// Cleaning up after lease `.1` until `.0` at the latest: not grantable meanwhile.
     pub cleaning: Option<(Millis, String)>,
+}
+
+/// A lease's end, idle deadline and checkpoint: what the book's time indexes hold of it.
+type LeaseTimes = (Millis, Option<Millis>, Option<Millis>);
+
+fn times(l: &Lease) -> LeaseTimes {
+    (l.end, l.idle_deadline(), l.checkpoint())
+}
+
+/// The auto-extension of a lease granted at `begin` for `duration` that may grow to
+/// `max_duration` (at least `duration`).
+fn auto_extend(
+    begin: Millis,
+    duration: Millis,
+    max_duration: Option<Millis>,
+) -> Option<AutoExtend> {
+    max_duration.map(|m| AutoExtend {
+        step: duration,
+        hard_end: begin.saturating_add(m.max(duration)),
+    })
 }
 
 /// A small fixed-universe bitset over exporter slots. Missing words are zero.
@@ -455,6 +563,11 @@ pub struct LeaseBook {
     leases: BTreeMap<String, Lease>,
     lease_by_request: BTreeMap<String, String>,
     lease_ends: BTreeSet<(Millis, String)>,
+    /// (idle deadline, name) of leases that have one (not attached, with an idle timeout).
+    idle_ends: BTreeSet<(Millis, String)>,
+    /// (checkpoint, name) of auto-extending leases whose checkpoint is still to be judged.
+    /// One judged not in use leaves the index until something changes it (a use, a new end).
+    checkpoints: BTreeSet<(Millis, String)>,
     /// (until, exporter) of exporters cleaning up after a lease.
     cleaning_ends: BTreeSet<(Millis, String)>,
     /// Waiting requests by seq.
@@ -516,7 +629,7 @@ impl LeaseBook {
         }
         book.clock = leases
             .iter()
-            .map(|l| l.begin)
+            .map(|l| l.begin.max(l.last_use))
             .chain(waiting.iter().map(|w| w.arrived))
             .max()
             .unwrap_or(0);
@@ -524,7 +637,21 @@ impl LeaseBook {
         // Restoring a record is not a change; repairing or dropping one is.
         let mut changes = BTreeSet::new();
         let mut ended = Vec::new();
-        for lease in leases {
+        for mut lease in leases {
+            // Liveness fields as the book itself would have written them.
+            let original = lease.clone();
+            lease.last_use = lease.last_use.max(lease.begin);
+            lease.idle_timeout = lease.idle_timeout.filter(|d| *d > 0);
+            lease.auto_extend = lease
+                .auto_extend
+                .filter(|a| a.step > 0)
+                .map(|a| AutoExtend {
+                    hard_end: a.hard_end.max(lease.end),
+                    ..a
+                });
+            if lease != original {
+                changes.insert(Change::Lease(lease.name.clone()));
+            }
             let duplicate = book.leases.contains_key(&lease.name)
                 || book.lease_by_request.contains_key(&lease.request_id)
                 || book
@@ -578,6 +705,8 @@ impl LeaseBook {
             w.arrived = w.arrived.max(last_arrived);
             w.not_before = w.not_before.max(w.arrived);
             w.wait_until = w.wait_until.max(w.not_before);
+            w.idle_timeout = w.idle_timeout.filter(|d| *d > 0);
+            w.max_duration = w.max_duration.map(|m| m.max(w.duration));
             if w != original {
                 changes.insert(id);
             }
@@ -792,6 +921,11 @@ impl LeaseBook {
                     end: now.saturating_add(req.duration),
                     job: req.job,
                     reserved: req.reserved,
+                    idle_timeout: req.idle_timeout.filter(|d| *d > 0),
+                    last_use: now,
+                    attached: false,
+                    auto_extend: auto_extend(now, req.duration, req.max_duration),
+                    idle_not_before: 0,
                 };
                 self.insert_lease(lease.clone());
                 return (Outcome::Granted(lease), events);
@@ -837,6 +971,8 @@ impl LeaseBook {
                 wait_until,
                 job: req.job,
                 reserved: req.reserved,
+                idle_timeout: req.idle_timeout.filter(|d| *d > 0),
+                max_duration: req.max_duration.map(|m| m.max(req.duration)),
             },
             selector: req.selector,
             policy: req.policy,
@@ -906,6 +1042,65 @@ impl LeaseBook {
         (events, withdrawn)
     }
 
+    /// `client`'s policy now limits idle timeouts to `max_idle` (`None`: no limit) and leases
+    /// to `max_duration` in all: its leases and waiting requests with a longer idle timeout,
+    /// or none, get `max_idle`, and its auto-extending ones a hard limit within `max_duration`
+    /// of their begin (never before their current end: shortening a live lease is
+    /// [`LeaseBook::set_end`]'s). A lease idle for longer than its new timeout ends now.
+    pub fn limit_client(
+        &mut self,
+        now: Millis,
+        client: &str,
+        max_idle: Option<Millis>,
+        max_duration: Millis,
+    ) -> Vec<Event> {
+        let mut events = self.advance(now);
+        let cap = |idle: Option<Millis>| match (idle, max_idle) {
+            (_, None) => idle,
+            (None, Some(m)) => Some(m),
+            (Some(d), Some(m)) => Some(d.min(m)),
+        };
+        let mine: Vec<String> = self
+            .leases
+            .values()
+            .filter(|l| l.client == client)
+            .map(|l| l.name.clone())
+            .collect();
+        for name in mine {
+            let Some(l) = self.leases.get(&name) else {
+                continue;
+            };
+            let idle = cap(l.idle_timeout).filter(|d| *d > 0);
+            let hard = l.auto_extend.map(|a| AutoExtend {
+                hard_end: a
+                    .hard_end
+                    .min(l.begin.saturating_add(max_duration))
+                    .max(l.end),
+                ..a
+            });
+            if idle != l.idle_timeout || hard != l.auto_extend {
+                self.modify_lease(&name, |l| {
+                    l.idle_timeout = idle;
+                    l.auto_extend = hard;
+                });
+            }
+        }
+        for q in self.queue.values_mut().filter(|q| q.w.client == client) {
+            let idle = cap(q.w.idle_timeout).filter(|d| *d > 0);
+            let hard =
+                q.w.max_duration
+                    .map(|m| m.min(max_duration).max(q.w.duration));
+            if idle != q.w.idle_timeout || hard != q.w.max_duration {
+                q.w.idle_timeout = idle;
+                q.w.max_duration = hard;
+                self.changes.insert(Change::Waiting(q.w.request_id.clone()));
+            }
+        }
+        self.process_due(&mut events);
+        self.fill(&mut events);
+        events
+    }
+
     /// Why no registered exporter could ever serve a request for `selector` within `policy`
     /// (and by name `exporter`): waiting cannot help it. `None`: some could.
     pub fn unservable(
@@ -950,24 +1145,63 @@ impl LeaseBook {
     /// at or before the clock ends the lease at the next advancing call, which
     /// [`LeaseBook::next_deadline`] then reports as due. A lease whose end has passed but that
     /// was not ended yet can still be extended. Errors if there is no such lease.
+    ///
+    /// An auto-extending lease moved past its hard limit takes the new end as its hard limit:
+    /// the limit is its holder's own, and an explicit change says more than it (the client's
+    /// policy is the caller's to check).
     pub fn set_end(
         &mut self,
         _now: Millis,
         lease_name: &str,
         end: Millis,
     ) -> Result<Lease, String> {
-        let lease = self
-            .leases
-            .get_mut(lease_name)
-            .ok_or_else(|| format!("no lease named '{lease_name}'"))?;
-        self.lease_ends.remove(&(lease.end, lease.name.clone()));
-        lease.end = end;
-        self.lease_ends.insert((end, lease.name.clone()));
-        self.changes.insert(Change::Lease(lease.name.clone()));
-        if let Some(e) = self.exporters.get(&lease.exporter) {
-            self.slot_lease[e.slot] = Some((end, lease.name.clone()));
+        self.modify_lease(lease_name, |l| {
+            l.end = end;
+            if let Some(a) = l.auto_extend.as_mut() {
+                a.hard_end = a.hard_end.max(end);
+            }
+        })
+        .ok_or_else(|| format!("no lease named '{lease_name}'"))
+    }
+
+    /// Something used lease `name` now (a call naming it): its idle timeout starts again, and
+    /// an auto-extending lease past its checkpoint is extended. Returns the lease as it is
+    /// now, or `None` if it is not live (it may have ended just now: see the events, which
+    /// are those of advancing to `now` first).
+    pub fn touch(&mut self, now: Millis, name: &str) -> (Option<Lease>, Vec<Event>) {
+        let mut events = self.advance(now);
+        let clock = self.clock;
+        if self.modify_lease(name, |l| l.last_use = clock).is_none() {
+            return (None, events);
         }
-        Ok(lease.clone())
+        self.process_due(&mut events);
+        (self.leases.get(name).cloned(), events)
+    }
+
+    /// Exporter `exporter` says a session of `lease` is attached now (`None`: nobody is).
+    /// Its current lease is in use while a report names it: attaching holds its idle timeout
+    /// (and extends an auto-extending lease past its checkpoint), leaving starts it again. A
+    /// report naming another lease than the current one (an old session, or a grant the
+    /// exporter heard of first) counts as none. Unknown exporters are ignored.
+    pub fn set_attached(&mut self, now: Millis, exporter: &str, lease: Option<&str>) -> Vec<Event> {
+        let mut events = self.advance(now);
+        let clock = self.clock;
+        let Some(current) = self.exporters.get(exporter).and_then(|e| e.lease.clone()) else {
+            return events;
+        };
+        let attached = lease == Some(current.as_str());
+        if self
+            .leases
+            .get(&current)
+            .is_some_and(|l| l.attached != attached)
+        {
+            self.modify_lease(&current, |l| {
+                l.attached = attached;
+                l.last_use = clock;
+            });
+            self.process_due(&mut events);
+        }
+        events
     }
 
     /// Advances the book to `now`: expires leases (`end <= now`), activates requests whose
@@ -977,14 +1211,16 @@ impl LeaseBook {
         self.advance(now)
     }
 
-    /// When the next `tick` has work: the earliest lease end, `not_before` of a waiting request
-    /// not yet active, or `wait_until`. It may be at or before the clock (after `set_end` into
+    /// When the next `tick` has work: the earliest lease end, idle deadline or checkpoint, the
+    /// end of a cleanup, `not_before` of a waiting request not yet active, or `wait_until`. It may be at or before the clock (after `set_end` into
     /// the past, or after `restore`): then tick at once. `None`: nothing will happen by itself.
     pub fn next_deadline(&self) -> Option<Millis> {
         let due_now = (!self.pending.is_empty()).then_some(self.clock);
         [
             due_now,
             self.lease_ends.first().map(|(t, _)| *t),
+            self.idle_ends.first().map(|(t, _)| *t),
+            self.checkpoints.first().map(|(t, _)| *t),
             self.cleaning_ends.first().map(|(t, _)| *t),
             self.not_before_idx.first().map(|(t, _)| *t),
             self.wait_until_idx.first().map(|(t, _)| *t),
@@ -1074,6 +1310,24 @@ impl LeaseBook {
     /// The latest `now` the book advanced to (time never goes backwards inside the book).
     pub fn clock(&self) -> Millis {
         self.clock
+    }
+
+    /// No lease live now ends as idle before `until`; one whose idle deadline passes earlier
+    /// ends then (if nothing used it meanwhile). For a restored book: what the store says is
+    /// attached is kept until the exporter says otherwise, but a session that attached while no
+    /// controller listened is only heard of when its exporter registers again, so idle
+    /// deadlines that passed during the downtime wait for that (a lease nobody used still
+    /// ends, a little later). Leases granted later are not held. Not a change to persist.
+    pub fn hold_idle_ends(&mut self, until: Millis) {
+        let names: Vec<String> = self.leases.keys().cloned().collect();
+        for name in names {
+            let change = Change::Lease(name.clone());
+            let had = self.changes.contains(&change);
+            self.modify_lease(&name, |l| l.idle_not_before = until);
+            if !had {
+                self.changes.remove(&change);
+            }
+        }
     }
 
     /// Checks every promise and every index against a from-scratch recomputation; slow, for
@@ -1191,6 +1445,36 @@ impl LeaseBook {
             if !self.lease_ends.contains(&(lease.end, name.clone())) {
                 return Err(format!("end index is missing lease '{name}'"));
             }
+            if lease.last_use < lease.begin || lease.last_use > self.clock {
+                return Err(format!(
+                    "lease '{name}': last use {} is outside begin {} .. clock {}",
+                    lease.last_use, lease.begin, self.clock
+                ));
+            }
+            if lease.idle_timeout == Some(0) {
+                return Err(format!("lease '{name}' has an idle timeout of 0"));
+            }
+            if let Some(d) = lease.idle_deadline() {
+                if !self.idle_ends.contains(&(d, name.clone())) {
+                    return Err(format!("idle index is missing lease '{name}' at {d}"));
+                }
+            }
+            if let Some(a) = lease.auto_extend {
+                if a.step == 0 || a.hard_end < lease.end {
+                    return Err(format!(
+                        "lease '{name}': auto-extension {a:?} with end {}",
+                        lease.end
+                    ));
+                }
+            }
+            if let Some(c) = lease.checkpoint() {
+                let judged = c <= self.clock && !lease.in_use_at(c);
+                if !self.checkpoints.contains(&(c, name.clone())) && !judged {
+                    return Err(format!(
+                        "checkpoint index is missing lease '{name}' at {c} (in use then)"
+                    ));
+                }
+            }
             if lease.begin > now {
                 return Err(format!(
                     "lease '{name}' begins at {} after now {now}",
@@ -1200,6 +1484,26 @@ impl LeaseBook {
             if self.queue_by_lease.contains_key(name) {
                 return Err(format!("lease name '{name}' is also a waiting request's"));
             }
+        }
+        let idle = self
+            .leases
+            .values()
+            .filter(|l| l.idle_deadline().is_some())
+            .count();
+        if idle != self.idle_ends.len() {
+            return Err(format!(
+                "idle index has {} entries for {idle} leases with an idle deadline",
+                self.idle_ends.len()
+            ));
+        }
+        if let Some((t, n)) = self
+            .checkpoints
+            .iter()
+            .find(|(t, n)| self.leases.get(n).and_then(Lease::checkpoint) != Some(*t))
+        {
+            return Err(format!(
+                "checkpoint index names '{n}' at {t}, which is not its checkpoint"
+            ));
         }
         if self.lease_by_request.len() != self.leases.len()
             || self.lease_ends.len() != self.leases.len()
@@ -1269,6 +1573,12 @@ impl LeaseBook {
             if w.duration == 0 {
                 return Err(format!("waiting '{id}' has duration 0"));
             }
+            if w.idle_timeout == Some(0) || w.max_duration.is_some_and(|m| m < w.duration) {
+                return Err(format!(
+                    "waiting '{id}': idle timeout {:?} or hard limit {:?} out of range",
+                    w.idle_timeout, w.max_duration
+                ));
+            }
             if !(w.arrived <= w.not_before && w.not_before <= w.wait_until) || w.arrived > now {
                 return Err(format!(
                     "waiting '{id}': arrived {} not_before {} wait_until {} now {now} are out of order",
@@ -1333,12 +1643,7 @@ impl LeaseBook {
         let mut events = std::mem::take(&mut self.pending);
         self.clock = self.clock.max(now);
         let now = self.clock;
-        while let Some((end, name)) = self.lease_ends.first().cloned() {
-            if end > now {
-                break;
-            }
-            self.end_lease(&name, EndReason::Expired, &mut events);
-        }
+        self.process_due(&mut events);
         while let Some((until, name)) = self.cleaning_ends.first().cloned() {
             if until > now {
                 break;
@@ -1405,6 +1710,89 @@ impl LeaseBook {
         }
     }
 
+    /// Does what is due on leases up to the clock, in the order of its time: idle ends, then
+    /// checkpoints, then ends at the same time (see the module documentation).
+    fn process_due(&mut self, events: &mut Vec<Event>) {
+        let now = self.clock;
+        let due = |set: &BTreeSet<(Millis, String)>, kind: u8| {
+            set.first()
+                .filter(|(t, _)| *t <= now)
+                .map(|(t, n)| (*t, kind, n.clone()))
+        };
+        loop {
+            let next = [
+                due(&self.idle_ends, 0),
+                due(&self.checkpoints, 1),
+                due(&self.lease_ends, 2),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let Some((t, kind, name)) = next else {
+                break;
+            };
+            match kind {
+                0 => self.end_lease(&name, EndReason::Idle, events),
+                1 => {
+                    // Judged once: in use, it is extended (its next checkpoint is later, so
+                    // this loop ends at its hard limit); not in use, it leaves the index.
+                    self.checkpoints.remove(&(t, name.clone()));
+                    if self.leases.get(&name).is_some_and(|l| l.in_use_at(t)) {
+                        let extended = self.modify_lease(&name, |l| {
+                            if let Some(a) = l.auto_extend {
+                                l.end = l.end.saturating_add(a.step).min(a.hard_end);
+                            }
+                        });
+                        if let Some(lease) = extended {
+                            events.push(Event::Extended { lease });
+                        }
+                    }
+                }
+                _ => self.end_lease(&name, EndReason::Expired, events),
+            }
+        }
+    }
+
+    /// Changes a live lease and keeps every index that depends on its times right; the lease
+    /// as it is now (`None`: no such live lease).
+    fn modify_lease(&mut self, name: &str, f: impl FnOnce(&mut Lease)) -> Option<Lease> {
+        let l = self.leases.get_mut(name)?;
+        let before = times(l);
+        f(l);
+        let after = times(l);
+        let lease = l.clone();
+        self.unindex(name, before);
+        self.index(name, after);
+        if let Some(e) = self.exporters.get(&lease.exporter) {
+            if e.lease.as_deref() == Some(name) {
+                self.slot_lease[e.slot] = Some((lease.end, name.to_owned()));
+            }
+        }
+        self.changes.insert(Change::Lease(name.to_owned()));
+        Some(lease)
+    }
+
+    fn index(&mut self, name: &str, (end, idle, check): LeaseTimes) {
+        self.lease_ends.insert((end, name.to_owned()));
+        if let Some(d) = idle {
+            self.idle_ends.insert((d, name.to_owned()));
+        }
+        if let Some(c) = check {
+            self.checkpoints.insert((c, name.to_owned()));
+        }
+    }
+
+    fn unindex(&mut self, name: &str, (end, idle, check): LeaseTimes) {
+        let name = name.to_owned();
+        self.lease_ends.remove(&(end, name.clone()));
+        if let Some(d) = idle {
+            self.idle_ends.remove(&(d, name.clone()));
+        }
+        if let Some(c) = check {
+            self.checkpoints.remove(&(c, name));
+        }
+    }
+
     fn grant_waiter(&mut self, seq: u64, exporter: String, events: &mut Vec<Event>) {
         let Some(q) = self.dequeue(seq) else {
             return;
@@ -1421,6 +1809,11 @@ impl LeaseBook {
             end: self.clock.saturating_add(w.duration),
             job: w.job,
             reserved: w.reserved,
+            idle_timeout: w.idle_timeout,
+            last_use: self.clock,
+            attached: false,
+            auto_extend: auto_extend(self.clock, w.duration, w.max_duration),
+            idle_not_before: 0,
         };
         self.insert_lease(lease.clone());
         events.push(Event::Granted { lease });
@@ -1462,7 +1855,7 @@ impl LeaseBook {
         }
         self.lease_by_request
             .insert(lease.request_id.clone(), lease.name.clone());
-        self.lease_ends.insert((lease.end, lease.name.clone()));
+        self.index(&lease.name, times(&lease));
         self.changes.insert(Change::Lease(lease.name.clone()));
         self.leases.insert(lease.name.clone(), lease);
     }
@@ -1472,7 +1865,7 @@ impl LeaseBook {
             return;
         };
         self.lease_by_request.remove(&lease.request_id);
-        self.lease_ends.remove(&(lease.end, lease.name.clone()));
+        self.unindex(&lease.name, times(&lease));
         if let Some(e) = self.exporters.get_mut(&lease.exporter) {
             if e.lease.as_deref() == Some(name) {
                 e.lease = None;
@@ -1614,6 +2007,8 @@ mod tests {
             wait_until: None,
             job: None,
             reserved: false,
+            idle_timeout: None,
+            max_duration: None,
         }
     }
 
@@ -2376,6 +2771,248 @@ mod tests {
         ok(&b, 4);
     }
 
+    /// A lease that asks for an idle timeout of 10 and a hard limit of `max` (if any).
+    fn live_req(id: &str, idle: Option<Millis>, max: Option<Millis>) -> NewRequest {
+        NewRequest {
+            idle_timeout: idle,
+            max_duration: max,
+            ..req(id, "board=rpi4")
+        }
+    }
+
+    #[test]
+    fn a_lease_nothing_uses_ends_as_idle_and_its_waiter_gets_the_board() {
+        let mut b = book_with(&[("rpi-1", RPI)]);
+        let l = granted(&b.request(0, live_req("r1", Some(10), None)).0);
+        assert_eq!((l.last_use, l.idle_deadline()), (0, Some(10)));
+        assert!(matches!(
+            b.request(1, wait_req("r2", "board=rpi4", 1000)).0,
+            Outcome::Queued { .. }
+        ));
+        // A use moves the deadline: nothing happens at the old one.
+        let (touched, ev) = b.touch(5, "L-r1");
+        assert!(ev.is_empty());
+        assert_eq!(touched.unwrap().idle_deadline(), Some(15));
+        assert_eq!(b.next_deadline(), Some(15));
+        assert!(b.tick(14).is_empty());
+        ok(&b, 14);
+        let ev = b.tick(15);
+        assert_eq!(ended(&ev), vec![(s("L-r1"), EndReason::Idle)]);
+        assert_eq!(grants(&ev), vec![(s("r2"), s("rpi-1"))]);
+        ok(&b, 15);
+        // Touching what ended finds nothing.
+        assert_eq!(b.touch(16, "L-r1").0, None);
+        // Without an idle timeout a lease only ends at its end.
+        let l = b.lease("L-r2").unwrap();
+        assert_eq!(
+            (l.idle_timeout, l.idle_deadline(), l.end),
+            (None, None, 115)
+        );
+    }
+
+    #[test]
+    fn an_attached_lease_never_ends_as_idle_and_its_timeout_starts_when_the_session_leaves() {
+        let mut b = book_with(&[("rpi-1", RPI)]);
+        granted(&b.request(0, live_req("r1", Some(10), None)).0);
+        // A session of another lease (an old one, say) is no use of this one.
+        assert!(b.set_attached(3, "rpi-1", Some("L-old")).is_empty());
+        assert!(!b.lease("L-r1").unwrap().attached);
+        assert!(b.set_attached(4, "rpi-1", Some("L-r1")).is_empty());
+        let l = b.lease("L-r1").unwrap();
+        assert!(l.attached && l.idle_deadline().is_none());
+        assert_eq!(b.next_deadline(), Some(100), "only its end is due");
+        b.take_changes();
+        assert!(
+            b.tick(60).is_empty(),
+            "in use for far longer than its idle timeout"
+        );
+        // The same report again changes nothing (nothing to store).
+        assert!(b.set_attached(61, "rpi-1", Some("L-r1")).is_empty());
+        assert!(b.take_changes().is_empty());
+        // The session leaves: the idle timeout runs from then.
+        assert!(b.set_attached(70, "rpi-1", None).is_empty());
+        assert_eq!(b.take_changes(), vec![Change::Lease(s("L-r1"))]);
+        assert_eq!(b.lease("L-r1").unwrap().idle_deadline(), Some(80));
+        assert!(b.tick(79).is_empty());
+        assert_eq!(ended(&b.tick(80)), vec![(s("L-r1"), EndReason::Idle)]);
+        ok(&b, 80);
+        // A report from an exporter without a lease, or an unknown one, is ignored.
+        assert!(b.set_attached(81, "rpi-1", Some("L-r1")).is_empty());
+        assert!(b.set_attached(81, "nope", None).is_empty());
+        ok(&b, 81);
+    }
+
+    #[test]
+    fn an_auto_extending_lease_grows_while_used_up_to_its_hard_limit() {
+        let mut b = book_with(&[("rpi-1", RPI), ("rpi-2", RPI)]);
+        // Step 100, hard limit 250 from its begin, idle timeout 30.
+        let l = granted(&b.request(0, live_req("r1", Some(30), Some(250))).0);
+        assert_eq!(
+            l.auto_extend,
+            Some(AutoExtend {
+                step: 100,
+                hard_end: 250
+            })
+        );
+        assert_eq!(l.checkpoint(), Some(50));
+        b.set_attached(10, "rpi-1", Some("L-r1"));
+        assert_eq!(b.next_deadline(), Some(50));
+        let ev = b.tick(50);
+        match &ev[..] {
+            [Event::Extended { lease }] => {
+                assert_eq!((lease.end, lease.checkpoint()), (200, Some(150)))
+            }
+            other => panic!("{other:?}"),
+        }
+        ok(&b, 50);
+        // A late tick does everything due in order: extended at 150 to the hard limit, then
+        // it ends there (still in use: the hard limit is the end).
+        let ev = b.tick(400);
+        match &ev[..] {
+            [Event::Extended { lease }, Event::Ended {
+                lease: gone,
+                reason: EndReason::Expired,
+            }] => {
+                assert_eq!((lease.end, lease.checkpoint()), (250, None));
+                assert_eq!(gone.end, 250);
+            }
+            other => panic!("{other:?}"),
+        }
+        ok(&b, 400);
+
+        // Not in use at its checkpoint: not extended, and with an idle timeout it ends as idle
+        // before that anyway.
+        let l = granted(&b.request(400, live_req("r2", Some(30), Some(1000))).0);
+        assert_eq!(l.exporter, "rpi-1");
+        let ev = b.tick(450);
+        assert_eq!(ended(&ev), vec![(s("L-r2"), EndReason::Idle)]);
+        assert!(!ev.iter().any(|e| matches!(e, Event::Extended { .. })));
+
+        // Without an idle timeout, "in use" is a use within the last half step: its grant
+        // alone is not, so it is not extended at its checkpoint; a use before its end extends
+        // it, and one not used again ends at its end.
+        granted(&b.request(500, live_req("r3", None, Some(1000))).0);
+        assert_eq!(b.next_deadline(), Some(550));
+        assert!(b.tick(550).is_empty());
+        assert_eq!(b.lease("L-r3").unwrap().end, 600);
+        ok(&b, 550);
+        let (l, ev) = b.touch(560, "L-r3");
+        assert_eq!(l.unwrap().end, 700);
+        assert!(matches!(&ev[..], [Event::Extended { lease }] if lease.end == 700));
+        ok(&b, 560);
+        assert!(
+            b.tick(650).is_empty(),
+            "last used 90 ago, more than half a step"
+        );
+        assert_eq!(ended(&b.tick(700)), vec![(s("L-r3"), EndReason::Expired)]);
+        ok(&b, 700);
+    }
+
+    #[test]
+    fn set_end_of_an_auto_extending_lease_past_its_hard_limit_moves_the_limit() {
+        let mut b = book_with(&[("rpi-1", RPI)]);
+        granted(&b.request(0, live_req("r1", None, Some(150))).0);
+        let l = b.set_end(10, "L-r1", 400).unwrap();
+        assert_eq!(l.auto_extend.unwrap().hard_end, 400);
+        assert_eq!(l.checkpoint(), None);
+        let l = b.set_end(10, "L-r1", 120).unwrap();
+        assert_eq!(
+            (l.auto_extend.unwrap().hard_end, l.checkpoint()),
+            (400, Some(70))
+        );
+        ok(&b, 10);
+    }
+
+    #[test]
+    fn liveness_survives_a_restart_of_the_book() {
+        let mut b = book_with(&[("rpi-1", RPI), ("rpi-2", RPI)]);
+        granted(&b.request(0, live_req("r1", Some(10), None)).0);
+        granted(&b.request(0, live_req("r2", Some(10), Some(500))).0);
+        b.set_attached(5, "rpi-1", Some("L-r1"));
+        b.touch(7, "L-r2");
+        let (exporters, leases, waiting) = parts(&b);
+        let mut r = LeaseBook::restore(exporters, leases, waiting);
+        ok(&r, 7);
+        assert_eq!(r.take_changes(), vec![]);
+        assert!(
+            r.lease("L-r1").unwrap().attached,
+            "kept until its exporter says otherwise"
+        );
+        assert_eq!(r.lease("L-r2").unwrap().idle_deadline(), Some(17));
+        // Time passes while the book is down: the unattached lease, idle since 7, ends at the
+        // first call; the attached one's exporter registers again and says nobody is attached,
+        // so its timeout starts then.
+        let ev = r.set_online(30, "rpi-1", true);
+        assert_eq!(ended(&ev), vec![(s("L-r2"), EndReason::Idle)]);
+        assert!(r.set_attached(30, "rpi-1", None).is_empty());
+        assert!(r.tick(39).is_empty());
+        assert_eq!(ended(&r.tick(40)), vec![(s("L-r1"), EndReason::Idle)]);
+        ok(&r, 40);
+        // Records a consistent book never writes are repaired.
+        let mut bad = b.lease("L-r2").unwrap().clone();
+        bad.last_use = 0;
+        bad.begin = 3;
+        bad.idle_timeout = Some(0);
+        bad.auto_extend = Some(AutoExtend {
+            step: 100,
+            hard_end: 1,
+        });
+        let r = LeaseBook::restore(vec![(s("rpi-2"), labels(RPI), true)], vec![bad], vec![]);
+        ok(&r, 3);
+        let l = r.lease("L-r2").unwrap();
+        assert_eq!((l.last_use, l.idle_timeout), (3, None));
+        assert_eq!(l.auto_extend.unwrap().hard_end, l.end);
+    }
+
+    #[test]
+    fn after_a_restart_idle_ends_wait_for_the_exporters_to_report() {
+        let mut b = book_with(&[("rpi-1", RPI), ("rpi-2", RPI)]);
+        granted(&b.request(0, live_req("r1", Some(10), None)).0);
+        granted(&b.request(0, live_req("r2", Some(10), None)).0);
+        let (exporters, leases, waiting) = parts(&b);
+        let mut r = LeaseBook::restore(exporters, leases, waiting);
+        // Down from 0 to 30: both deadlines (10) passed; the exporters may register until 50.
+        r.hold_idle_ends(50);
+        assert_eq!(r.next_deadline(), Some(50));
+        assert!(r.set_online(30, "rpi-1", true).is_empty());
+        assert!(r.set_online(30, "rpi-2", true).is_empty());
+        // rpi-1's session attached while the controller was down: it says so, and is in use.
+        assert!(r.set_attached(40, "rpi-1", Some("L-r1")).is_empty());
+        assert!(r.tick(49).is_empty());
+        // Nobody used L-r2: it ends once the hold is over, not later.
+        assert_eq!(ended(&r.tick(50)), vec![(s("L-r2"), EndReason::Idle)]);
+        assert!(r.lease("L-r1").is_some_and(|l| l.attached));
+        ok(&r, 50);
+    }
+
+    #[test]
+    fn a_narrower_policy_caps_idle_timeouts_and_hard_limits() {
+        let mut b = book_with(&[("rpi-1", RPI)]);
+        granted(&b.request(0, live_req("r1", None, Some(1000))).0);
+        assert!(matches!(
+            b.request(
+                1,
+                NewRequest {
+                    idle_timeout: Some(500),
+                    max_duration: Some(800),
+                    ..wait_req("r2", "board=rpi4", 5000)
+                }
+            )
+            .0,
+            Outcome::Queued { .. }
+        ));
+        b.take_changes();
+        let ev = b.limit_client(20, "alice", Some(15), 300);
+        // Unused since its grant at 0, it is idle for longer than its new timeout: it ends,
+        // and the waiter (with its own limits capped) gets the board.
+        assert_eq!(ended(&ev), vec![(s("L-r1"), EndReason::Idle)]);
+        assert_eq!(grants(&ev), vec![(s("r2"), s("rpi-1"))]);
+        let l = b.lease("L-r2").unwrap();
+        assert_eq!(l.idle_timeout, Some(15));
+        assert_eq!(l.auto_extend.unwrap().hard_end, 20 + 300);
+        ok(&b, 20);
+    }
+
     #[test]
     fn set_end_extends_and_shortens() {
         let mut b = book_with(&[("rpi-1", RPI)]);
@@ -2887,6 +3524,8 @@ mod tests {
             wait: Option<Millis>,
             reuse_id: Option<usize>,
             reuse_name: Option<usize>,
+            idle: Option<Millis>,
+            max_duration: Option<Millis>,
         },
         Release(usize),
         SetEnd(usize, i64),
@@ -2899,6 +3538,19 @@ mod tests {
         },
         /// An exporter reports its cleanup done.
         Cleaned(usize),
+        /// A call names a lease (one of the live ones, else a missing one).
+        Touch(usize),
+        /// An exporter reports a session: 0 none, 1 its current lease, 2 some other lease.
+        Attach {
+            exporter: usize,
+            which: usize,
+        },
+        /// A client's policy caps idle timeouts and lease durations.
+        Limit {
+            client: usize,
+            max_idle: Option<Millis>,
+            max_duration: Millis,
+        },
     }
 
     fn arb_request() -> impl Strategy<Value = Op> {
@@ -2912,6 +3564,8 @@ mod tests {
             proptest::option::weighted(0.7, 0u64..120),
             proptest::option::weighted(0.05, any::<usize>()),
             proptest::option::weighted(0.03, any::<usize>()),
+            proptest::option::weighted(0.5, 0u64..40),
+            proptest::option::weighted(0.4, 0u64..200),
         )
             .prop_map(
                 |(
@@ -2924,6 +3578,8 @@ mod tests {
                     wait,
                     reuse_id,
                     reuse_name,
+                    idle,
+                    max_duration,
                 )| {
                     Op::Request {
                         client,
@@ -2935,6 +3591,8 @@ mod tests {
                         wait,
                         reuse_id,
                         reuse_name,
+                        idle,
+                        max_duration,
                     }
                 },
             )
@@ -2960,6 +3618,11 @@ mod tests {
             2 => (0..REGISTERED, proptest::option::weighted(0.7, 1u64..60))
                 .prop_map(|(exporter, cleanup)| Op::Cleanup { exporter, cleanup }),
             3 => (0..REGISTERED).prop_map(Op::Cleaned),
+            4 => any::<usize>().prop_map(Op::Touch),
+            5 => (0..EXPORTER_NAMES.len(), prop_oneof![2 => Just(0usize), 5 => Just(1usize), 1 => Just(2usize)])
+                .prop_map(|(exporter, which)| Op::Attach { exporter, which }),
+            1 => (0..CLIENTS.len(), proptest::option::weighted(0.7, 1u64..30), 1u64..150)
+                .prop_map(|(client, max_idle, max_duration)| Op::Limit { client, max_idle, max_duration }),
         ]
     }
 
@@ -3196,6 +3859,65 @@ mod tests {
                     }
                 }
             }
+            // Liveness: an idle end only for a lease that nobody used for its idle timeout;
+            // an extension only of a lease in use, by one step within its hard limit; an
+            // auto-extending lease expiring below its hard limit was not in use.
+            let clock = b.clock();
+            let mut ends: BTreeMap<String, Millis> =
+                pre.leases.iter().map(|(n, l)| (n.clone(), l.end)).collect();
+            for e in events {
+                match e {
+                    Event::Ended {
+                        lease,
+                        reason: EndReason::Idle,
+                    } => {
+                        let due = lease.idle_deadline().is_some_and(|d| d <= clock);
+                        if lease.attached || !due {
+                            return Err(format!("{lease:?} ended as idle at {clock}"));
+                        }
+                        self.stat("event: idle");
+                    }
+                    Event::Ended {
+                        lease,
+                        reason: EndReason::Expired,
+                    } => {
+                        if lease.end > clock {
+                            return Err(format!("{lease:?} expired at {clock}"));
+                        }
+                        if let Some(c) = lease.checkpoint() {
+                            if lease.in_use_at(c) {
+                                return Err(format!(
+                                    "{lease:?} in use at its checkpoint {c} expired unextended"
+                                ));
+                            }
+                            self.stat("event: expired while auto-extending, not in use");
+                        } else if lease.auto_extend.is_some() {
+                            self.stat("event: auto-extended lease reached its hard limit");
+                        }
+                    }
+                    Event::Extended { lease } => {
+                        let Some(a) = lease.auto_extend else {
+                            return Err(format!("extended {lease:?} which does not auto-extend"));
+                        };
+                        let before = ends.get(&lease.name).copied().unwrap_or(lease.begin);
+                        let expected = before.saturating_add(a.step).min(a.hard_end);
+                        let checkpoint = before.saturating_sub(a.step / 2);
+                        if lease.end != expected
+                            || checkpoint > clock
+                            || !lease.in_use_at(checkpoint)
+                        {
+                            return Err(format!(
+                                "extended {lease:?} from {before} at {clock} (checkpoint {checkpoint})"
+                            ));
+                        }
+                        ends.insert(lease.name.clone(), lease.end);
+                        if lease.end.saturating_sub(lease.begin) > 2 * a.step {
+                            self.stat("extended past twice its first duration");
+                        }
+                    }
+                    _ => {}
+                }
+            }
             for e in events {
                 self.stat(match e {
                     Event::Granted { .. } => "event: granted from queue",
@@ -3206,7 +3928,25 @@ mod tests {
                     Event::Ended { .. } => "event: ended otherwise",
                     Event::WaitExpired { .. } => "event: wait expired",
                     Event::CleanupOverdue { .. } => "event: cleanup overdue",
+                    Event::Extended { .. } => "event: extended",
                 });
+            }
+            Ok(())
+        }
+
+        /// After a call that advanced the book: nothing is left due on a lease (every idle
+        /// deadline and end is later than the clock, and a checkpoint at or before it was
+        /// judged: the lease was not in use then).
+        fn nothing_due(&self) -> Result<(), String> {
+            let clock = self.book.clock();
+            for l in self.book.leases() {
+                let idle_due = l.idle_deadline().is_some_and(|d| d <= clock);
+                let check_due = l.checkpoint().is_some_and(|c| c <= clock && l.in_use_at(c));
+                if l.end <= clock || idle_due || check_due {
+                    return Err(format!(
+                        "{l:?} is due at clock {clock} after an advancing call"
+                    ));
+                }
             }
             Ok(())
         }
@@ -3399,6 +4139,8 @@ mod tests {
                             return Err(format!("restore changed the state of {id}"));
                         }
                     }
+                    // Idle ends wait a little for the exporters to say what is attached.
+                    restored.hold_idle_ends(now + 3);
                     self.book = restored;
                     self.stat("restart");
                     for name in online {
@@ -3406,6 +4148,76 @@ mod tests {
                         let ev = self.book.set_online(now, &name, true);
                         self.check_call(&pre, &ev, None)?;
                     }
+                }
+                Op::Touch(i) => {
+                    let mut names: Vec<String> = pre.leases.keys().cloned().collect();
+                    names.push(s("no-such-lease"));
+                    let name = &names[i % names.len()];
+                    let (lease, ev) = self.book.touch(now, name);
+                    let clock = self.book.clock();
+                    match &lease {
+                        Some(l) => {
+                            if l.last_use != clock || self.book.lease(name) != Some(l) {
+                                return Err(format!("touch({name}) gave {l:?} at {clock}"));
+                            }
+                            self.stat("touch");
+                        }
+                        None if self.book.lease(name).is_some() => {
+                            return Err(format!("touch({name}) found no live lease, but it is"));
+                        }
+                        None => {}
+                    }
+                    self.check_call(&pre, &ev, None)?;
+                }
+                Op::Attach { exporter, which } => {
+                    let name = EXPORTER_NAMES[*exporter];
+                    let current = self.book.lease_of_exporter(name).map(|l| l.name.clone());
+                    let said = match which {
+                        0 => None,
+                        1 => current.clone(),
+                        _ => Some(s("some-other-lease")),
+                    };
+                    let ev = self.book.set_attached(now, name, said.as_deref());
+                    // The exporter's lease after the call (a new grant may have come with
+                    // advancing) is attached exactly when the report named it.
+                    if let Some(l) = self.book.lease_of_exporter(name) {
+                        if current.as_ref() == Some(&l.name)
+                            && l.attached != (said.as_ref() == Some(&l.name))
+                        {
+                            return Err(format!("{name} said {said:?}, its lease is {l:?}"));
+                        }
+                        if l.attached {
+                            self.stat("attached");
+                        }
+                    }
+                    self.check_call(&pre, &ev, None)?;
+                }
+                Op::Limit {
+                    client,
+                    max_idle,
+                    max_duration,
+                } => {
+                    let client = CLIENTS[*client];
+                    let ev = self
+                        .book
+                        .limit_client(now, client, *max_idle, *max_duration);
+                    for l in self.book.leases().filter(|l| l.client == client) {
+                        let idle_ok = match (max_idle, l.idle_timeout) {
+                            (None, _) => true,
+                            (Some(m), Some(d)) => d <= *m,
+                            (Some(_), None) => false,
+                        };
+                        let hard_ok = l
+                            .auto_extend
+                            .is_none_or(|a| a.hard_end <= (l.begin + max_duration).max(l.end));
+                        if !idle_ok || !hard_ok {
+                            return Err(format!(
+                                "{l:?} outlived the limits {max_idle:?} {max_duration}"
+                            ));
+                        }
+                    }
+                    self.stat("limit");
+                    self.check_call(&pre, &ev, None)?;
                 }
                 Op::Request {
                     client,
@@ -3417,6 +4229,8 @@ mod tests {
                     wait,
                     reuse_id,
                     reuse_name,
+                    idle,
+                    max_duration,
                 } => {
                     let mut ids: Vec<String> = pre.waiting.keys().cloned().collect();
                     ids.extend(pre.leases.values().map(|l| l.request_id.clone()));
@@ -3446,6 +4260,10 @@ mod tests {
                         wait_until,
                         job: None,
                         reserved: false,
+                        idle_timeout: *idle,
+                        // A hard limit may come out below the duration: the book takes the
+                        // duration then.
+                        max_duration: max_duration.map(|m| m + duration / 2),
                     };
                     let (outcome, ev) = self.book.request(now, req);
                     let b = &self.book;
@@ -3485,6 +4303,14 @@ mod tests {
                                     lb,
                                 )
                             });
+                            let liveness = l.idle_timeout == idle.filter(|d| *d > 0)
+                                && l.last_use == now
+                                && !l.attached
+                                && l.auto_extend
+                                    == max_duration.map(|m| AutoExtend {
+                                        step: *duration,
+                                        hard_end: now + (m + duration / 2).max(*duration),
+                                    });
                             if l.request_id != id
                                 || l.name != lease_name
                                 || l.begin != now
@@ -3492,6 +4318,7 @@ mod tests {
                                 || l.end != now + duration
                                 || not_before > now
                                 || !wants
+                                || !liveness
                             {
                                 return Err(format!("bad immediate grant {l:?}"));
                             }
@@ -3559,6 +4386,10 @@ mod tests {
                     self.check_call(&pre, &ev, immediate.as_ref())?;
                 }
             }
+            // Every call but these advances the book.
+            if !matches!(op, Op::SetEnd(..) | Op::Cleanup { .. } | Op::Restart) {
+                self.nothing_due()?;
+            }
             Ok(())
         }
     }
@@ -3619,6 +4450,14 @@ mod tests {
             "refused at once although it may wait",
             "policy: withdrew a waiter",
             "policy: ended a lease",
+            "event: idle",
+            "event: extended",
+            "extended past twice its first duration",
+            "event: auto-extended lease reached its hard limit",
+            "event: expired while auto-extending, not in use",
+            "touch",
+            "attached",
+            "limit",
         ] {
             assert!(
                 stats.get(what).is_some_and(|n| *n > 0),

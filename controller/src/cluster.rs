@@ -61,6 +61,8 @@ pub struct ClusterArgs {
     pub ttl: Duration,
     pub data_dir: PathBuf,
     pub max_duration: u64,
+    /// `--default-idle-timeout`, seconds (0: none).
+    pub default_idle: u64,
     pub max_waiting: usize,
     /// Usage history retention, ms (0: forever).
     pub usage_retention: u64,
@@ -309,6 +311,7 @@ impl Node {
         let auth = self.auth.clone();
         let metrics = self.metrics.clone();
         let max = self.args.max_duration;
+        let idle = self.args.default_idle;
         let waiting = self.args.max_waiting;
         let retention = self.args.usage_retention;
         let ttl = self.args.credential_ttl;
@@ -320,6 +323,7 @@ impl Node {
             let store = EtcdStore::open(&members, &prefix, f)?;
             let mut core = Core::open(store, "etcd", auth, metrics, max)?;
             core.set_max_waiting(waiting);
+            core.set_default_idle_timeout(idle);
             core.set_usage_retention(retention);
             if let Some(r) = relay {
                 core.set_relay(r);

@@ -56,6 +56,12 @@ pub struct Args {
     /// Longest lease for clients whose policy sets none, e.g. `24h`.
     #[arg(long, default_value = "24h", value_parser = parse_duration_arg)]
     pub max_duration: u64,
+    /// A lease that nothing uses for this long ends (no session attached at its exporter,
+    /// no `jmp` command naming it), unless it asks for another idle timeout
+    /// (`--idle-timeout`); `0`: leases that ask for none have none. A client's policy may
+    /// cap it (`jmp admin update client --max-idle-timeout`).
+    #[arg(long, default_value = "10m", value_parser = parse_duration_arg)]
+    pub default_idle_timeout: u64,
     /// Waiting lease requests one client may have at once (more are refused, saying so).
     #[arg(long, default_value_t = core::MAX_WAITING_PER_CLIENT)]
     pub max_waiting_per_client: usize,
@@ -172,6 +178,7 @@ pub async fn run(args: Args) -> Result<()> {
     )
     .with_context(|| format!("loading {}", db.display()))?;
     core.set_max_waiting(args.max_waiting_per_client);
+    core.set_default_idle_timeout(args.default_idle_timeout);
     core.set_usage_retention(args.usage_retention.saturating_mul(1000));
     if let Some(r) = relay_config(&args, bound)? {
         core.set_relay(r);
@@ -272,6 +279,7 @@ async fn run_cluster(
         ttl: std::time::Duration::from_secs(args.leader_ttl),
         data_dir: args.data_dir.clone(),
         max_duration: args.max_duration,
+        default_idle: args.default_idle_timeout,
         max_waiting: args.max_waiting_per_client,
         usage_retention: args.usage_retention.saturating_mul(1000),
         credential_ttl: args.credential_ttl,

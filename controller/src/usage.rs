@@ -10,7 +10,7 @@ use crate::store::{Op, Table};
 use jmp_protocol::usage::{
     UsageBy, UsageQuery, UsageRecord, UsageReport, UsageRow, MAX_LEASE_ROWS,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Default retention: a little over a year, so a yearly report still finds last January.
 pub const DEFAULT_RETENTION_MS: Millis = 400 * 24 * 3600 * 1000;
@@ -18,6 +18,8 @@ pub const DEFAULT_RETENTION_MS: Millis = 400 * 24 * 3600 * 1000;
 pub struct History {
     /// By (end, lease name).
     records: BTreeMap<(Millis, String), UsageRecord>,
+    /// Lease name → its end, to find how a lease ended when its holder comes back for it.
+    by_name: HashMap<String, Millis>,
     /// `0`: keep forever.
     retention: Millis,
 }
@@ -30,6 +32,7 @@ impl History {
     pub fn new(retention: Millis) -> History {
         History {
             records: BTreeMap::new(),
+            by_name: HashMap::new(),
             retention,
         }
     }
@@ -48,7 +51,20 @@ impl History {
 
     /// A record read back from the store at start.
     pub fn restore(&mut self, rec: UsageRecord) {
+        self.insert(rec);
+    }
+
+    fn insert(&mut self, rec: UsageRecord) {
+        // Lease names are random: a name ended twice is not expected, and the later end wins.
+        let latest = self.by_name.entry(rec.lease.clone()).or_insert(rec.end);
+        *latest = (*latest).max(rec.end);
         self.records.insert((rec.end, rec.lease.clone()), rec);
+    }
+
+    /// How lease `name` ended, if the history still holds it.
+    pub fn ended_lease(&self, name: &str) -> Option<&UsageRecord> {
+        let end = *self.by_name.get(name)?;
+        self.records.get(&(end, name.to_string()))
     }
 
     /// `lease` ended at `now` for `reason`, its client in `team`: keeps the record and returns
@@ -66,17 +82,25 @@ impl History {
             team,
             exporter: lease.exporter.clone(),
             begin: lease.begin,
-            // Expired: at its end (the tick may come a little later). Released early: now.
-            end: now.min(lease.end).max(lease.begin),
+            // Expired: at its end, idle: at its idle deadline (the tick may come a little
+            // later). Released early: now.
+            end: now
+                .min(lease.end)
+                .min(match reason {
+                    EndReason::Idle => lease.idle_deadline().unwrap_or(now),
+                    _ => now,
+                })
+                .max(lease.begin),
             reason: reason.as_str().to_string(),
             job: lease.job.clone(),
+            idle_timeout: lease.idle_timeout,
         };
         let op = Op::Put {
             table: Table::Usage,
             key: key_of(rec.end, &rec.lease),
             value: serde_json::to_vec(&rec)?,
         };
-        self.records.insert((rec.end, rec.lease.clone()), rec);
+        self.insert(rec);
         Ok(op)
     }
 
@@ -93,6 +117,9 @@ impl History {
                 break;
             }
             let ((end, lease), _) = entry.remove_entry();
+            if self.by_name.get(&lease) == Some(&end) {
+                self.by_name.remove(&lease);
+            }
             ops.push(Op::Delete {
                 table: Table::Usage,
                 key: key_of(end, &lease),
@@ -128,6 +155,7 @@ impl History {
                 end: now.min(l.end),
                 reason: "active".into(),
                 job: l.job.clone(),
+                idle_timeout: l.idle_timeout,
             });
         let within = ended
             .chain(active)
@@ -257,6 +285,8 @@ mod tests {
                     wait_until: None,
                     job: None,
                     reserved: false,
+                    idle_timeout: None,
+                    max_duration: None,
                 },
             );
             self.feed(now, events);

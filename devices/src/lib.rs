@@ -9,7 +9,8 @@
 //! file that lists the kinds; [`common`] holds the machinery kinds share, naming none.
 //!
 //! The seams, and only these: [`Driver`] and [`Channel`] on the exporter, [`Bridge`] on the
-//! client. Both sides talk through jmp-transport's [`Channels`] / [`Incoming`] abstractions,
+//! client. What a client may make a driver hold is budgeted per channel and per session
+//! ([`budget`]). Both sides talk through jmp-transport's [`Channels`] / [`Incoming`] abstractions,
 //! which the QUIC link and an in-memory pair implement alike, so this crate names no QUIC type
 //! and every kind is tested over memory first ([`testing`]).
 //!
@@ -17,6 +18,7 @@
 //! serving and seat logic (jmp-exporter), the CLI, leases.
 
 pub mod board;
+pub mod budget;
 pub mod common;
 pub mod kind;
 pub mod places;
@@ -85,6 +87,13 @@ pub trait Driver: Send + Sync + 'static {
     fn power_switch(&self) -> Option<&dyn PowerSwitch> {
         None
     }
+
+    /// A new holder begins: the board now serves another client, or another lease (see
+    /// [`crate::serve::DeviceSet::new_holder`] for when exactly). A device that keeps what the
+    /// board said for clients that attach later (a console's history) keeps nothing from
+    /// before this for the new holder. Called outside the device's own tasks, at the moment
+    /// the exporter decides.
+    fn new_holder(&self) {}
 
     /// A device request (the kind's `Request` body); the kind's answer.
     fn request<'a>(&'a self, body: Bytes) -> BoxFuture<'a, Result<Bytes, Refusal>> {

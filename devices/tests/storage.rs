@@ -268,7 +268,7 @@ async fn a_read_only_medium_says_so() {
         )
         .await
         .expect_err("ro");
-    assert_eq!(e.error, StorageError::ReadOnly);
+    assert_eq!(e.error, StorageError::ReadOnly, "{e}");
     assert!(e.message.contains("writable: true"), "{e}");
 }
 
@@ -550,4 +550,180 @@ fn read_image(p: &std::path::Path, len: usize) -> Vec<u8> {
         .read_exact_at(&mut b, 0)
         .expect("pread");
     b
+}
+
+/// Polls `f` until it holds; the budgets signal nothing a test could await, so their
+/// counters are looked at every few milliseconds (at most `GUARD`).
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < GUARD, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn load(c: &std::sync::atomic::AtomicU64) -> u64 {
+    c.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_answers_holds_at_most_its_budget() {
+    use jmp_devices::budget::Limits;
+    use jmp_protocol::kinds::storage::{frame, Request};
+    let img = Img::new("budget");
+    let devices = DeviceSet::new("b", vec![driver(&img, false, None, None)]);
+    let usage = devices.usage().clone();
+    let limits = Limits {
+        session_bytes: 8 << 20,
+        channel_bytes: 4 << 20,
+        session_jobs: 4,
+        channel_jobs: 4,
+        session_heavy: 1,
+        channels: 8,
+    };
+    let (link, srv) = jmp_devices::testing::mem_session_with(devices, limits);
+    const READS: u64 = 100;
+    const LEN: u64 = 1 << 20;
+    let mut pipes = Vec::new();
+    for _ in 0..3 {
+        let (mut p, _) = link.open_stream("sd", Bytes::new()).await.expect("open");
+        // All requests in one chunk: the pipe's buffer (like QUIC's window) counts chunks,
+        // and the exporter stops taking them once its budget is used up.
+        let mut all = Vec::new();
+        for i in 0..READS {
+            let r = Request {
+                id: i + 1,
+                op: Op::Read {
+                    offset: (i * LEN) % (SIZE - LEN),
+                    len: LEN,
+                    compress: false,
+                },
+            };
+            all.extend_from_slice(&frame(&r));
+        }
+        p.tx.send(Bytes::from(all)).await.expect("send");
+        pipes.push(p);
+    }
+    // Stuck: no job runs, and the session's budget has no room for another read.
+    let cost = jmp_devices::storage::driver::cost(&Op::Read {
+        offset: 0,
+        len: LEN,
+        compress: false,
+    }) as u64;
+    until("the exporter stops reading requests", || {
+        load(&usage.jobs) == 0 && load(&usage.bytes) + cost > limits.session_bytes as u64
+    })
+    .await;
+    let read = load(&usage.job_bytes);
+    // What the exporter read from the medium is what its budget holds plus what the pipes
+    // buffer (16 chunks each: 8 answers of a frame and its data), not the 300 MiB asked for.
+    let bound = limits.session_bytes as u64 + 3 * 8 * LEN;
+    assert!(
+        read <= bound,
+        "read {read} bytes for a client that reads nothing; its budget allows {bound}"
+    );
+    assert!(load(&usage.bytes) <= limits.session_bytes as u64);
+    // Back-pressure, not failure: once the client reads, every answer comes.
+    for p in &mut pipes {
+        let mut r = jmp_protocol::kinds::storage::FrameReader::<
+            jmp_protocol::kinds::storage::Response,
+        >::new();
+        let mut answers = 0;
+        while answers < READS {
+            let c = tokio::time::timeout(GUARD, p.rx.recv())
+                .await
+                .expect("answers keep coming")
+                .expect("pipe")
+                .expect("not finished");
+            r.push(c);
+            while let Some((resp, payload)) = r.next_frame().expect("frame") {
+                assert!(
+                    matches!(
+                        resp,
+                        jmp_protocol::kinds::storage::Response::Data { len: LEN, .. }
+                    ),
+                    "{resp:?}"
+                );
+                assert_eq!(payload.iter().map(|b| b.len() as u64).sum::<u64>(), LEN);
+                answers += 1;
+            }
+        }
+    }
+    drop(pipes);
+    srv.abort();
+    until("the budget is given back", || load(&usage.bytes) == 0).await;
+}
+
+/// A sparse image large enough that hashing it takes seconds.
+struct Sparse(PathBuf);
+
+impl Sparse {
+    fn new(tag: &str, size: u64) -> Sparse {
+        let p = std::env::temp_dir().join(format!("jmp-sparse-{tag}-{}.img", std::process::id()));
+        std::fs::File::create(&p)
+            .and_then(|f| f.set_len(size))
+            .expect("sparse image");
+        Sparse(p)
+    }
+}
+
+impl Drop for Sparse {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hashes_stop_when_their_channel_or_session_ends() {
+    use jmp_protocol::kinds::storage::{frame, DeviceRequest, Request};
+    const BIG: u64 = 64 << 30;
+    let img = Sparse::new("hash", BIG);
+    let drv: Arc<dyn Driver> =
+        Arc::new(StorageDriver::start("sd", img.0.clone(), false, None, None));
+    let devices = DeviceSet::new("b", vec![drv]);
+    let usage = devices.usage().clone();
+    let (link, srv) = mem_session(devices.clone());
+    // A hash on a channel that the client then resets.
+    let (mut p, _) = link.open_stream("sd", Bytes::new()).await.expect("open");
+    let hash = Request {
+        id: 1,
+        op: Op::Hash {
+            offset: 0,
+            len: BIG,
+        },
+    };
+    p.tx.send(frame(&hash)).await.expect("send");
+    until("the hash runs", || {
+        load(&usage.jobs) == 1 && load(&usage.job_bytes) > 0
+    })
+    .await;
+    p.tx.reset(0);
+    until("the hash stops", || load(&usage.jobs) == 0).await;
+    let after_reset = load(&usage.job_bytes);
+    assert!(
+        after_reset < BIG,
+        "the hash ran to its end ({after_reset} bytes) although its channel was reset"
+    );
+    // Two hashes (one on a channel, one as a device request) stop when the session ends.
+    let (mut p, _) = link.open_stream("sd", Bytes::new()).await.expect("open");
+    p.tx.send(frame(&hash)).await.expect("send");
+    let l2 = link.clone();
+    let req = tokio::spawn(async move {
+        let body = jmp_protocol::codec::to_bytes(&DeviceRequest::Hash {
+            offset: 0,
+            len: BIG,
+        });
+        l2.request("sd", body, Duration::from_secs(3600)).await
+    });
+    until("both hashes run", || load(&usage.jobs) == 2).await;
+    let started = load(&usage.job_bytes);
+    srv.abort();
+    until("both hashes stop", || load(&usage.jobs) == 0).await;
+    let done = load(&usage.job_bytes) - started;
+    assert!(
+        done < BIG,
+        "a hash ran to its end ({done} bytes in all) although its session ended"
+    );
+    assert!(req.await.expect("task").is_err(), "no answer after the end");
+    assert_eq!(load(&usage.bytes), 0, "everything given back");
 }

@@ -50,8 +50,25 @@ struct RawConfig {
     #[serde(default)]
     power_off_after_lease: bool,
     #[serde(default)]
+    history: History,
+    #[serde(default)]
     metrics: Option<String>,
     export: RawExport,
+}
+
+/// `history:` what a new holder is shown of what the board printed before it (the console
+/// history a serial channel replays).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum History {
+    /// Only what the board printed since the holder's own lease began (its own boot log
+    /// included): nothing of an earlier holder's.
+    #[default]
+    Lease,
+    /// Also what it printed during the same client's earlier leases and since, up to the
+    /// history's size (a CI client that takes the board lease after lease); another client's
+    /// lease in between still starts afresh.
+    Client,
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +88,8 @@ pub struct ExporterConfig {
     pub hooks: Option<Hooks>,
     /// Switch every power device off after each lease (after the afterLease hook).
     pub power_off_after_lease: bool,
+    /// What a new holder sees of the board's earlier output.
+    pub history: History,
     /// `host:port` for jmpd's own Prometheus `/metrics` (none: no metrics endpoint).
     pub metrics: Option<String>,
     pub export: Export,
@@ -314,6 +333,7 @@ impl ExporterConfig {
             controller: raw.controller,
             hooks: raw.hooks,
             power_off_after_lease: raw.power_off_after_lease,
+            history: raw.history,
             metrics: raw.metrics,
             export: Export(export),
         };
@@ -563,7 +583,12 @@ export:
         );
         let c = ExporterConfig::parse(&with_ctl).expect("valid");
         assert!(c.controller.as_ref().unwrap().relay);
+        assert_eq!(c.history, History::Lease, "the default");
         assert_eq!(c.metrics.as_deref(), Some("127.0.0.1:9200"));
+        let c = ExporterConfig::parse(&format!("{with_ctl}\nhistory: client")).expect("valid");
+        assert_eq!(c.history, History::Client);
+        let e = ExporterConfig::parse(&format!("{with_ctl}\nhistory: forever")).expect_err("bad");
+        assert!(e.contains("history") || e.contains("forever"), "{e}");
         assert!(c.power_off_after_lease);
         let h = c.hooks.as_ref().unwrap();
         let b = h.before_lease.as_ref().unwrap();

@@ -18,7 +18,10 @@
 //!
 //! A one-shot session (a `jmp power` without an attachment) never takes the board and never
 //! replaces anyone: it is admitted while nobody holds the board, or beside a holder that is the
-//! same client under the same lease; otherwise it is busy.
+//! same client under the same lease; otherwise it is busy. At most [`MAX_ONE_SHOT`] are
+//! admitted at once (each has a session's budget). One that may no longer stay (its lease
+//! ended, expired or was superseded, or someone else holds the board now) is ended like a
+//! holder would be: [`Seat::strays`] names them after every change.
 
 use crate::auth::Admission;
 use jmp_protocol::ErrorCode;
@@ -26,6 +29,13 @@ use std::time::{Duration, Instant};
 
 /// How long before a lease's end the attached user is warned.
 pub const LEASE_WARNING: Duration = Duration::from_secs(300);
+
+/// One-shot sessions admitted at once. Each may hold a session's budget of the exporter, so
+/// their number is bounded too; `jmp power` needs one for a second or two.
+pub const MAX_ONE_SHOT: usize = 4;
+
+/// Leases remembered as ended, for one-shot sessions still attached under them.
+const ENDED_KEPT: usize = 16;
 
 /// Something the exporter must do to a session, named by its handle.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,10 +91,25 @@ struct Holder<H> {
     since: Instant,
 }
 
+/// A one-shot session admitted and not yet gone.
+#[derive(Debug, Clone)]
+struct OneShot<H> {
+    conn: u64,
+    handle: H,
+    identity: String,
+    lease: Option<String>,
+    until: Option<u64>,
+}
+
 #[derive(Debug)]
 pub struct Seat<H> {
     exporter: String,
     holder: Option<Holder<H>>,
+    one_shots: Vec<OneShot<H>>,
+    /// Leases the controller ended lately, and the one it says is current (`None`: it has
+    /// not said, or no lease is current).
+    ended: std::collections::VecDeque<String>,
+    current: Option<Option<String>>,
 }
 
 impl<H: Clone> Seat<H> {
@@ -92,7 +117,56 @@ impl<H: Clone> Seat<H> {
         Seat {
             exporter: exporter.to_string(),
             holder: None,
+            one_shots: Vec::new(),
+            ended: std::collections::VecDeque::new(),
+            current: None,
         }
+    }
+
+    /// One-shot sessions that may no longer stay, removed from the seat, each with the Bye
+    /// that ends it: its lease ended or was superseded, it expired (`unix_now`, seconds), or
+    /// the board is now held by another client or lease. Ask after every change.
+    pub fn strays(&mut self, unix_now: u64) -> Vec<Action<H>> {
+        let holder = self
+            .holder
+            .as_ref()
+            .map(|h| (h.identity.clone(), h.lease.clone(), h.client.clone()));
+        let ended = &self.ended;
+        let current = &self.current;
+        let mut out = Vec::new();
+        self.one_shots.retain(|o| {
+            let lease = o.lease.as_deref().unwrap_or_default();
+            let why = if o.lease.as_ref().is_some_and(|l| ended.contains(l)) {
+                Some(format!("lease {lease} ended"))
+            } else if o.lease.is_some()
+                && current
+                    .as_ref()
+                    .is_some_and(|c| c.as_ref() != o.lease.as_ref())
+            {
+                Some(format!("lease {lease} is over"))
+            } else if o.until.is_some_and(|u| unix_now >= u) {
+                Some(format!("lease {lease} expired"))
+            } else {
+                match &holder {
+                    Some((id, l, client)) if *id != o.identity || *l != o.lease => {
+                        Some(format!("the board is now held by {client}"))
+                    }
+                    _ => None,
+                }
+            };
+            match why {
+                Some(reason) => {
+                    out.push(Action::Bye {
+                        handle: o.handle.clone(),
+                        code: ErrorCode::LeaseEnded,
+                        reason,
+                    });
+                    false
+                }
+                None => true,
+            }
+        });
+        out
     }
 
     /// Who holds the board now, if anyone.
@@ -112,11 +186,28 @@ impl<H: Clone> Seat<H> {
             .clone()
             .unwrap_or_else(|| c.client.to_string());
         if c.one_shot {
+            let admit = |seat: &mut Self| {
+                seat.one_shots.push(OneShot {
+                    conn: c.conn,
+                    handle: c.handle.clone(),
+                    identity: identity.clone(),
+                    lease: c.admission.lease.clone(),
+                    until: c.admission.until,
+                });
+                Verdict::Admit { evict: None }
+            };
+            if self.one_shots.len() >= MAX_ONE_SHOT {
+                return Verdict::Refuse {
+                    code: ErrorCode::Busy,
+                    reason: format!(
+                        "{} already serves {MAX_ONE_SHOT} one-shot sessions; try again when one is done",
+                        self.exporter
+                    ),
+                };
+            }
             return match &self.holder {
-                None => Verdict::Admit { evict: None },
-                Some(h) if h.identity == identity && h.lease == c.admission.lease => {
-                    Verdict::Admit { evict: None }
-                }
+                None => admit(self),
+                Some(h) if h.identity == identity && h.lease == c.admission.lease => admit(self),
                 Some(h) => Verdict::Refuse {
                     code: ErrorCode::Busy,
                     reason: format!(
@@ -207,6 +298,7 @@ impl<H: Clone> Seat<H> {
         if self.holder.as_ref().is_some_and(|h| h.conn == conn) {
             self.holder = None;
         }
+        self.one_shots.retain(|o| o.conn != conn);
     }
 
     fn take_if(&mut self, pred: impl Fn(&Holder<H>) -> bool) -> Option<Holder<H>> {
@@ -217,8 +309,15 @@ impl<H: Clone> Seat<H> {
         }
     }
 
-    /// `lease` ended (deleted, revoked): its session, if attached, ends.
+    /// `lease` ended (deleted, revoked): its session, if attached, ends (and its one-shot
+    /// sessions, see [`Seat::strays`]).
     pub fn end_lease(&mut self, lease: &str, reason: &str) -> Option<Action<H>> {
+        if !self.ended.iter().any(|l| l == lease) {
+            self.ended.push_back(lease.to_string());
+            if self.ended.len() > ENDED_KEPT {
+                self.ended.pop_front();
+            }
+        }
         self.take_if(|h| h.lease.as_deref() == Some(lease))
             .map(|h| Action::Bye {
                 handle: h.handle,
@@ -230,6 +329,7 @@ impl<H: Clone> Seat<H> {
     /// The controller says `current` is this exporter's lease now: a session attached under
     /// any other lease is over (its end was missed while the controller was unreachable).
     pub fn keep_only_lease(&mut self, current: Option<&str>) -> Option<Action<H>> {
+        self.current = Some(current.map(str::to_string));
         self.take_if(|h| h.lease.is_some() && h.lease.as_deref() != current)
             .map(|h| {
                 let lease = h.lease.unwrap_or_default();
@@ -243,6 +343,11 @@ impl<H: Clone> Seat<H> {
 
     /// A lease's end moved (extended or shortened); `until` in Unix seconds.
     pub fn set_lease_end(&mut self, lease: &str, until: u64) {
+        for o in &mut self.one_shots {
+            if o.lease.as_deref() == Some(lease) {
+                o.until = Some(until);
+            }
+        }
         if let Some(h) = self.holder.as_mut() {
             if h.lease.as_deref() == Some(lease) && h.until != Some(until) {
                 h.until = Some(until);
@@ -438,6 +543,61 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn one_shot_sessions_are_bounded_and_end_with_their_lease() {
+        let t0 = Instant::now();
+        let mut s = Seat::new("rpi4");
+        let l1 = lease("L1", "alice", true);
+        let one_shot = |conn, a| {
+            let mut c = claim(conn, "alice@a", 100 + conn, a);
+            c.one_shot = true;
+            c
+        };
+        for conn in 1..=MAX_ONE_SHOT as u64 {
+            assert_eq!(
+                s.admit(one_shot(conn, &l1), t0),
+                Verdict::Admit { evict: None }
+            );
+        }
+        match s.admit(one_shot(9, &l1), t0) {
+            Verdict::Refuse { code, reason } => {
+                assert_eq!(code, ErrorCode::Busy);
+                assert!(reason.contains("one-shot"), "{reason}");
+            }
+            v => panic!("{v:?}"),
+        }
+        s.detached(1);
+        assert_eq!(s.strays(0), vec![], "all still within their lease");
+        // Expired (the token's end), ended by the controller, superseded by another lease.
+        assert_eq!(s.strays(1000).len(), 3, "L1's token ends at 1000");
+        s.admit(one_shot(10, &l1), t0);
+        s.end_lease("L1", "deleted");
+        assert!(matches!(
+            &s.strays(0)[..],
+            [Action::Bye {
+                handle: 10,
+                code: ErrorCode::LeaseEnded,
+                ..
+            }]
+        ));
+        let l2 = lease("L2", "alice", true);
+        s.admit(one_shot(11, &l2), t0);
+        s.keep_only_lease(Some("L3"));
+        assert_eq!(s.strays(0).len(), 1, "L2 is no longer current");
+        // Another client's holder: a one-shot of the previous one goes.
+        let mut s = Seat::new("rpi4");
+        s.admit(one_shot(1, &l1), t0);
+        let l3 = lease("L3", "bob", true);
+        s.admit(claim(2, "bob@b", 20, &l3), t0);
+        match &s.strays(0)[..] {
+            [Action::Bye {
+                handle: 1, reason, ..
+            }] => assert!(reason.contains("bob@b"), "{reason}"),
+            a => panic!("{a:?}"),
+        }
+        assert_eq!(s.holder(), Some("bob@b"), "the holder stays");
     }
 
     #[test]

@@ -43,6 +43,17 @@ pub enum PrepState {
     Failed(String),
 }
 
+/// Whose the board's output is now: the holder it is printed for. Controller mode: a lease
+/// and its client (the token's). Direct and local mode have no leases: a holder is a client
+/// name, the Hello's own, so there this keeps one user's console from the next user's by
+/// accident; it cannot keep it from someone else holding the same token, who is trusted
+/// alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Tenure {
+    lease: Option<String>,
+    client: String,
+}
+
 /// Counters for jmpd's metrics (the exporter library keeps them; jmpd serves them).
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -67,6 +78,13 @@ pub struct Exporter {
     /// The current preparation's output so far, for clients that start waiting late.
     hook_backlog: Mutex<std::collections::VecDeque<String>>,
     stats: Stats,
+    /// The lease the session holding the board attached under (`None`: nobody holds it, or
+    /// the holder came without a lease), for the controller: a lease is in use while a session
+    /// of it is attached.
+    sessions: tokio::sync::watch::Sender<Option<String>>,
+    /// The current holder; `None` until the first one since the exporter started.
+    tenure: Mutex<Option<Tenure>>,
+    history: crate::config::History,
 }
 
 impl Exporter {
@@ -107,7 +125,45 @@ impl Exporter {
             hook_lines: tokio::sync::broadcast::channel(256).0,
             hook_backlog: Mutex::default(),
             stats: Stats::default(),
+            sessions: tokio::sync::watch::Sender::new(None),
+            tenure: Mutex::default(),
+            history: cfg.history,
         })
+    }
+
+    /// A holder's tenure begins (or goes on): when it is another client's, or another lease's
+    /// and the config keeps history per lease, the devices forget what the board printed
+    /// before, so the new holder sees only its own lease's output (a power-on's boot log
+    /// inside it included). The first holder since the exporter started sees what the board
+    /// printed since the start: that was printed for nobody.
+    fn begin_tenure(&self, next: Tenure) {
+        let mut cur = self.tenure.lock().unwrap_or_else(|e| e.into_inner());
+        let forget = match cur.as_ref() {
+            None => false,
+            // The same lease is the same tenure, whoever's name its sessions give.
+            Some(c) if *c == next || (c.lease.is_some() && c.lease == next.lease) => return,
+            Some(c) => !(self.history == crate::config::History::Client && c.client == next.client),
+        };
+        info!(
+            lease = next.lease.as_deref().unwrap_or("-"),
+            client = %name::escape(&next.client),
+            "new holder; earlier console output is {}",
+            if forget { "not shown to it" } else { "kept for it" }
+        );
+        *cur = Some(next);
+        if forget {
+            self.devices.new_holder();
+        }
+    }
+
+    /// The controller says `lease` of `client` is this exporter's current lease: its tenure
+    /// begins now, before its client attaches (and before its beforeLease hook, which may
+    /// power the board on: that boot log is the new lease's).
+    pub fn lease_began(&self, lease: &str, client: &str) {
+        self.begin_tenure(Tenure {
+            lease: Some(lease.to_string()),
+            client: client.to_string(),
+        });
     }
 
     pub fn name(&self) -> &str {
@@ -127,21 +183,45 @@ impl Exporter {
         self.seat.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Changes the seat, then publishes the lease its holder attached under if that changed
+    /// (under the seat's lock, so two changes cannot publish in the wrong order).
+    fn with_seat<R>(&self, f: impl FnOnce(&mut Seat<LinkHandle>) -> R) -> R {
+        let mut seat = self.seat();
+        let r = f(&mut seat);
+        let lease = seat.holder_lease().map(str::to_string);
+        self.sessions.send_if_modified(|l| {
+            let changed = *l != lease;
+            *l = lease;
+            changed
+        });
+        r
+    }
+
+    /// The lease a session is attached under right now (`None`: nobody holds the board, or
+    /// its holder came without a lease), as it changes.
+    pub fn sessions(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.sessions.subscribe()
+    }
+
+    /// Does what the seat decided, then ends the one-shot sessions that may no longer stay
+    /// after that change (see [`Seat::strays`]).
     fn act(&self, a: Option<Action<LinkHandle>>) {
-        match a {
-            None => {}
-            Some(Action::Bye {
-                handle,
-                code,
-                reason,
-            }) => {
-                info!(
-                    "ending the session from {}: {reason}",
-                    handle.remote_address()
-                );
-                handle.bye(code, reason);
+        let strays = self.with_seat(|s| s.strays(jmp_transport::unix_now()));
+        for a in a.into_iter().chain(strays) {
+            match a {
+                Action::Bye {
+                    handle,
+                    code,
+                    reason,
+                } => {
+                    info!(
+                        "ending the session from {}: {reason}",
+                        handle.remote_address()
+                    );
+                    handle.bye(code, reason);
+                }
+                Action::Notice { handle, text } => handle.notice(text),
             }
-            Some(Action::Notice { handle, text }) => handle.notice(text),
         }
     }
 
@@ -264,13 +344,13 @@ impl Exporter {
 
     /// Ends the session of `lease`, if it is attached, telling the client why.
     pub fn end_lease(&self, lease: &str, reason: &str) {
-        let a = self.seat().end_lease(lease, reason);
+        let a = self.with_seat(|s| s.end_lease(lease, reason));
         self.act(a);
     }
 
     /// The controller says `current` is this exporter's lease now.
     pub fn keep_only_lease(&self, current: Option<&str>) {
-        let a = self.seat().keep_only_lease(current);
+        let a = self.with_seat(|s| s.keep_only_lease(current));
         self.act(a);
     }
 
@@ -292,7 +372,7 @@ impl Exporter {
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = watchdog.tick() => {
-                    let a = self.seat().tick(jmp_transport::unix_now());
+                    let a = self.with_seat(|s| s.tick(jmp_transport::unix_now()));
                     self.act(a);
                 }
                 incoming = endpoint.accept() => match incoming {
@@ -311,7 +391,7 @@ impl Exporter {
                 },
             }
         }
-        let holder = self.seat().vacate();
+        let holder = self.with_seat(|s| s.vacate());
         if let Some(h) = holder {
             h.bye(
                 ErrorCode::Shutdown,
@@ -359,17 +439,19 @@ impl Exporter {
             return;
         }
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let verdict = self.seat().admit(
-            Claim {
-                conn: conn_id,
-                handle: link.handle.clone(),
-                client: &hello.client,
-                session: hello.session,
-                admission: &admission,
-                one_shot,
-            },
-            Instant::now(),
-        );
+        let verdict = self.with_seat(|s| {
+            s.admit(
+                Claim {
+                    conn: conn_id,
+                    handle: link.handle.clone(),
+                    client: &hello.client,
+                    session: hello.session,
+                    admission: &admission,
+                    one_shot,
+                },
+                Instant::now(),
+            )
+        });
         match verdict {
             Verdict::Refuse { code, reason } => {
                 warn!(client = %client, "refused {peer}: {reason}");
@@ -377,7 +459,18 @@ impl Exporter {
                 drain(&mut link).await;
                 return;
             }
-            Verdict::Admit { evict } => self.act(evict),
+            Verdict::Admit { evict } => {
+                self.act(evict);
+                // A one-shot session beside the holder is the same tenure; one on a free board
+                // (a `jmp power on` before attaching) begins the tenure its attachment goes on.
+                self.begin_tenure(Tenure {
+                    lease: admission.lease.clone(),
+                    client: admission
+                        .client
+                        .clone()
+                        .unwrap_or_else(|| hello.client.clone()),
+                });
+            }
         }
         // Admitted: this connection no longer counts against the unauthenticated limits.
         ticket.release();
@@ -405,14 +498,18 @@ impl Exporter {
                 }
             }));
         }
+        // The session's channels and requests, within its budget; dropped below, when the
+        // session ends, which ends them all and stops their blocking work.
+        let scope = self.devices.session();
         while let Some(ev) = link.events.recv().await {
             match ev {
                 LinkEvent::Incoming(inc) if one_shot => inc.reject(
                     ErrorCode::Unsupported,
                     "a one-shot session makes device requests only; attach to open channels",
                 ),
-                LinkEvent::Incoming(inc) => self.devices.serve_incoming(inc),
-                LinkEvent::Request(r) => self.devices.serve_request(r),
+                LinkEvent::Incoming(inc) => scope.serve_incoming(inc),
+                LinkEvent::Request(r) => scope.serve_request(r),
+                LinkEvent::Closed { channel, .. } => scope.closed(channel),
                 LinkEvent::Ended {
                     code,
                     reason,
@@ -424,11 +521,12 @@ impl Exporter {
                 other => debug!(?other, "event"),
             }
         }
+        drop(scope);
         for w in watchers {
             w.abort();
         }
         self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
-        self.seat().detached(conn_id);
+        self.with_seat(|s| s.detached(conn_id));
     }
 
     /// The handshake, the Hello and the token check: the part of a connection's life before the

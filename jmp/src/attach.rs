@@ -51,6 +51,8 @@ pub struct Options {
     pub lease: Option<String>,
     /// The controller's relay, when the exporter takes relayed sessions.
     pub relay: Option<RelayRoute>,
+    /// The process the attachment belongs to (`--owner-pid`): it detaches when that ends.
+    pub owner_pid: Option<u32>,
 }
 
 /// One device of an attachment, as `jmp attach`, `jmp status` and `-o json` show it.

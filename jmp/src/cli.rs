@@ -194,9 +194,22 @@ pub(crate) enum CreateCmd {
         /// A specific exporter by name.
         #[arg(short = 'n', long = "name")]
         exporter: Option<String>,
-        /// How long to hold it, e.g. 30m, 2h.
+        /// How long to hold it, e.g. 30m, 2h (with --auto-extend: each step).
         #[arg(long, default_value = "30m")]
         duration: String,
+        /// End the lease once nothing has used it for this long (no attachment connected to
+        /// its exporter, no jmp command naming it), e.g. 15m; `none`: only at its end, if the
+        /// client's policy allows. Default: the controller's (10m unless its admin changed it).
+        #[arg(long, value_name = "DURATION|none")]
+        idle_timeout: Option<String>,
+        /// Extend the lease while it is in use, by --duration at a time, up to --max-duration;
+        /// one not in use is not extended.
+        #[arg(long)]
+        auto_extend: bool,
+        /// With --auto-extend: the hard limit, counted from the lease's begin, e.g. 8h
+        /// (default: the longest lease the client's policy allows).
+        #[arg(long, requires = "auto_extend")]
+        max_duration: Option<String>,
         /// Not before this time (RFC 3339, e.g. 2026-11-25T14:00:00Z).
         #[arg(long)]
         begin_time: Option<String>,
@@ -382,6 +395,11 @@ pub(crate) enum AdminCreate {
         /// --replace: unchanged).
         #[arg(long)]
         max_duration: Option<String>,
+        /// Longest idle timeout its leases may have, e.g. 30m: a lease asking for more, or
+        /// for none, is refused, and the controller's default is capped to it (default: no
+        /// limit; with --replace: unchanged).
+        #[arg(long, value_name = "DURATION|none")]
+        max_idle_timeout: Option<String>,
         /// Give it admin rights.
         #[arg(long)]
         admin: bool,
@@ -421,6 +439,10 @@ pub(crate) enum AdminUpdate {
         /// Longest lease it may hold, e.g. 2h (`default`: the controller's --max-duration).
         #[arg(long)]
         max_duration: Option<String>,
+        /// Longest idle timeout its leases may have, e.g. 30m (`none`: no limit). Its leases
+        /// and waiting requests with a longer one, or none, get this one.
+        #[arg(long, value_name = "DURATION|none")]
+        max_idle_timeout: Option<String>,
         /// Its labels (k=v), replacing all it had.
         #[arg(short = 'l', long = "label")]
         labels: Vec<String>,
@@ -547,6 +569,10 @@ pub(crate) struct CommonArgs {
     /// Return once the devices are ready, leaving the attachment in the background.
     #[arg(short, long)]
     pub(crate) detach: bool,
+    /// The attachment belongs to this process: it detaches when that process ends, however
+    /// it ends (SIGKILL included). For test runners and scripts that attach with -d.
+    #[arg(long, value_name = "PID")]
+    pub(crate) owner_pid: Option<u32>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -384,6 +384,9 @@ pub fn print_leases(leases: &[LeaseInfo], out: Out) -> Result<()> {
                 "BEGIN",
                 "END",
                 "REMAINING",
+                "LAST USE",
+                "IDLE UNTIL",
+                "HARD LIMIT",
             ],
             leases
                 .iter()
@@ -405,6 +408,9 @@ pub fn print_leases(leases: &[LeaseInfo], out: Out) -> Result<()> {
                         fmt_time(l.begin),
                         fmt_time(l.end),
                         fmt_left(l.end as i64 - now),
+                        last_use_text(l, now),
+                        l.idle_deadline.map_or("-".into(), fmt_time),
+                        l.hard_limit.map_or("-".into(), fmt_time),
                     ]
                 })
                 .collect(),
@@ -412,6 +418,17 @@ pub fn print_leases(leases: &[LeaseInfo], out: Out) -> Result<()> {
     };
     out!("{text}");
     Ok(())
+}
+
+/// "attached" while a session of it is attached, else how long ago it was last used.
+fn last_use_text(l: &LeaseInfo, now: i64) -> String {
+    if l.attached {
+        return "attached".into();
+    }
+    match l.last_use {
+        Some(t) => format!("{} ago", fmt_left((now - t as i64).max(1))),
+        None => "-".into(),
+    }
 }
 
 pub fn print_exporters(exps: &[ExporterInfo], with: &[String], out: Out) -> Result<()> {
@@ -498,6 +515,7 @@ pub fn print_clients(clients: &[ClientInfo], out: Out) -> Result<()> {
                 "LABELS",
                 "ALLOW",
                 "MAX DURATION",
+                "MAX IDLE",
                 "ADMIN",
                 "CREDENTIAL EXPIRES",
             ],
@@ -520,6 +538,11 @@ pub fn print_clients(clients: &[ClientInfo], out: Out) -> Result<()> {
                             "(default)".into()
                         } else {
                             fmt_left(c.max_duration_secs as i64)
+                        },
+                        if c.max_idle_timeout_secs == 0 {
+                            "(any)".into()
+                        } else {
+                            fmt_left(c.max_idle_timeout_secs as i64)
                         },
                         if c.admin { "yes" } else { "no" }.into(),
                         c.credential_expires.map_or("never".into(), fmt_time),

@@ -201,6 +201,7 @@ impl CommonArgs {
             owner: Some(paths::invoking_user()),
             lease: None,
             relay: None,
+            owner_pid: self.owner_pid,
         })
     }
 }
@@ -322,6 +323,23 @@ pub(crate) async fn run_attachment(
     json: bool,
     local: Option<state::LocalState>,
 ) -> Result<()> {
+    // An attachment started for a process (a test runner's `attach -d`) ends with it, even
+    // when it is killed and cannot clean up: otherwise its board would stay attached, and its
+    // lease in use, until someone noticed.
+    let owner = match opts.owner_pid {
+        Some(pid) => Some((pid, state::owner_exit(pid)?)),
+        None => None,
+    };
+    let shutdown = async move {
+        let signal = jmp_transport::shutdown_signal("removing local devices");
+        match owner {
+            Some((pid, gone)) => tokio::select! {
+                _ = signal => {}
+                _ = gone => tracing::info!("owner process {pid} ended; removing local devices"),
+            },
+            None => signal.await,
+        }
+    };
     let exporter_name = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let guard = std::sync::Arc::new(std::sync::Mutex::new(None::<state::StateGuard>));
     let (g2, n2) = (guard.clone(), exporter_name.clone());
@@ -331,12 +349,7 @@ pub(crate) async fn run_attachment(
         *n2.lock().unwrap_or_else(|e| e.into_inner()) = r.exporter.clone();
         print_ready(r, json)
     };
-    let res = attach::run(
-        opts,
-        on_ready,
-        jmp_transport::shutdown_signal("removing local devices"),
-    )
-    .await;
+    let res = attach::run(opts, on_ready, shutdown).await;
     // Devices are gone once `attach::run` returns; now the state files.
     guard.lock().unwrap_or_else(|e| e.into_inner()).take();
     let name = exporter_name

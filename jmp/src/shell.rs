@@ -65,6 +65,16 @@ fn attach_args(command_len: usize) -> Vec<OsString> {
     all.get(start..end).unwrap_or_default().to_vec()
 }
 
+/// What makes a background child started for the command ours: `--owner-pid` of this
+/// process, so it ends with us even if we are killed before we can stop it (a cancelled CI
+/// job), unless the user gave another owner.
+fn owned_by_us(s: &ShellArgs) -> Vec<OsString> {
+    match s.attach.common.owner_pid {
+        Some(_) => Vec::new(),
+        None => vec!["--owner-pid".into(), std::process::id().to_string().into()],
+    }
+}
+
 /// `--exporter-config`: the local exporter running with that config, else one started for
 /// the command (`Some` state: stop it afterwards).
 fn local_board(
@@ -109,6 +119,7 @@ fn local_board(
         }
     }
     args.extend(["-o".into(), "json".into()]);
+    args.extend(owned_by_us(s));
     let (_, ready) = state::start_background(&args)?;
     let st = state::local_running()
         .ok_or_else(|| exit(code::FAILURE, "the local exporter ended at once"))?;
@@ -138,6 +149,7 @@ fn attached_board(s: &ShellArgs) -> Result<(Ready, Option<state::StateFile>)> {
             let mut args: Vec<OsString> = vec!["attach".into()];
             args.extend(attach_args(s.command.len()));
             args.extend(["-o".into(), "json".into()]);
+            args.extend(owned_by_us(s));
             let (_, ready) = state::start_background(&args)?;
             let st = state::find(Some(&ready.exporter))?;
             Ok((ready, Some(st)))

@@ -388,6 +388,28 @@ impl PidFd {
     }
 }
 
+/// Waits until process `pid` has ended, however it ended (its pidfd becomes readable: a pid
+/// reused after it is never mistaken for it). Fails at once when there is no such process.
+/// Needs the runtime.
+pub(crate) fn owner_exit(pid: u32) -> Result<impl std::future::Future<Output = ()>> {
+    let fd = PidFd::open(pid).map_err(|e| {
+        crate::exit(
+            code::USAGE,
+            format!("--owner-pid {pid}: no such process ({e})"),
+        )
+    })?;
+    // SAFETY: an OwnedFd stays open and names the same pidfd until it is dropped, which
+    // happens only together with the AsyncFd that owns it.
+    let fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd.0, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow!("--owner-pid {pid}: cannot watch the process: {e}"))?;
+    Ok(async move {
+        // Readable once the process has exited; it stays so (no read clears it).
+        let _ = fd.readable().await;
+    })
+}
+
 /// Stops the attachment of `st`: SIGTERM, up to 10 s for it to remove its devices, then
 /// SIGKILL. Through a pidfd opened before checking the start time, so a recycled pid is never
 /// signalled.

@@ -12,6 +12,14 @@ use jmp_protocol::selector::{parse_label, Labels, Selector};
 use jmp_protocol::usage::UsageBy;
 use jmp_transport::controller::CallError;
 
+/// A duration that may also be `none` (0: no idle timeout, or no limit).
+fn duration_or_none(flag: &str, s: &str) -> Result<u64> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(0);
+    }
+    duration_arg(flag, s)
+}
+
 fn duration_arg(flag: &str, s: &str) -> Result<u64> {
     let d = parse_secs(s).map_err(|e| exit(code::USAGE, format!("{flag}: {e}")))?;
     if d == 0 {
@@ -175,6 +183,9 @@ pub(super) fn create_cmd(what: CreateCmd) -> Result<()> {
         selector,
         exporter,
         duration,
+        idle_timeout,
+        auto_extend,
+        max_duration,
         begin_time,
         wait,
         output,
@@ -189,6 +200,23 @@ pub(super) fn create_cmd(what: CreateCmd) -> Result<()> {
         ));
     }
     let duration_secs = duration_arg("--duration", &duration)?;
+    let idle_timeout_secs = idle_timeout
+        .as_deref()
+        .map(|d| duration_or_none("--idle-timeout", d))
+        .transpose()?;
+    let max_duration_secs = max_duration
+        .as_deref()
+        .map(|d| duration_arg("--max-duration", d))
+        .transpose()?;
+    if max_duration_secs.is_some_and(|m| m < duration_secs) {
+        return Err(exit(
+            code::USAGE,
+            format!(
+                "--max-duration {} is shorter than --duration {duration}",
+                max_duration.unwrap_or_default()
+            ),
+        ));
+    }
     let begin = match begin_time {
         Some(t) => Some(
             humantime::parse_rfc3339_weak(&t)
@@ -213,11 +241,24 @@ pub(super) fn create_cmd(what: CreateCmd) -> Result<()> {
         begin_time: begin,
         wait_secs: wait,
         job: c::current_job(),
+        idle_timeout_secs,
+        auto_extend,
+        max_duration_secs,
     };
     runtime()?.block_on(async {
         if reuse {
             let ctl = Ctl::connect(&cfg).await?;
             if let Some(l) = reusable_lease(&ctl, &req).await? {
+                // Found for use: a use, so it does not end as idle before its user attaches.
+                let l = match ctl
+                    .call(Request::TouchLease {
+                        name: Some(l.name.clone()),
+                    })
+                    .await?
+                {
+                    Reply::Lease(now) => now,
+                    other => return Err(c::unexpected(other)),
+                };
                 eprintln!("jmp: using lease {} on {} (--reuse)", l.name, l.exporter);
                 return match output {
                     c::Out::Json => {
@@ -457,6 +498,7 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                     labels,
                     allow,
                     max_duration,
+                    max_idle_timeout,
                     admin,
                     replace,
                     out,
@@ -469,6 +511,10 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                         .as_deref()
                         .map(|d| duration_arg("--max-duration", d))
                         .transpose()?;
+                    let max_idle_timeout_secs = max_idle_timeout
+                        .as_deref()
+                        .map(|d| duration_or_none("--max-idle-timeout", d))
+                        .transpose()?;
                     let labels = labels_arg(&labels)?;
                     let mut replaced = false;
                     let reissued = if replace {
@@ -477,6 +523,7 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                             labels: (!labels.is_empty()).then(|| labels.clone()),
                             allow: allow.clone(),
                             max_duration_secs,
+                            max_idle_timeout_secs,
                             admin: admin.then_some(true),
                             reissue: true,
                         };
@@ -501,6 +548,7 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                                 labels,
                                 allow: allow.unwrap_or_default(),
                                 max_duration_secs: max_duration_secs.unwrap_or(0),
+                                max_idle_timeout_secs: max_idle_timeout_secs.unwrap_or(0),
                                 admin,
                             };
                             match ctl.call(Request::CreateClient(spec)).await? {
@@ -562,6 +610,7 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                         name,
                         allow,
                         max_duration,
+                        max_idle_timeout,
                         labels,
                         output,
                     },
@@ -574,10 +623,18 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                     Some("default") => Some(0),
                     Some(d) => Some(duration_arg("--max-duration", d)?),
                 };
-                if allow.is_none() && max_duration_secs.is_none() && labels.is_empty() {
+                let max_idle_timeout_secs = max_idle_timeout
+                    .as_deref()
+                    .map(|d| duration_or_none("--max-idle-timeout", d))
+                    .transpose()?;
+                if allow.is_none()
+                    && max_duration_secs.is_none()
+                    && max_idle_timeout_secs.is_none()
+                    && labels.is_empty()
+                {
                     return Err(exit(
                         code::USAGE,
-                        "nothing to change: give --allow, --max-duration or --label (a new credential: jmp admin create client NAME --replace)",
+                        "nothing to change: give --allow, --max-duration, --max-idle-timeout or --label (a new credential: jmp admin create client NAME --replace)",
                     ));
                 }
                 let u = ClientUpdate {
@@ -587,6 +644,7 @@ pub(super) fn admin_cmd(cmd: AdminCmd, admin_config: Option<PathBuf>) -> Result<
                         .transpose()?,
                     allow,
                     max_duration_secs,
+                    max_idle_timeout_secs,
                     admin: None,
                     reissue: false,
                 };
@@ -921,6 +979,7 @@ async fn wait_for_reservation(
         begin_time: None,
         wait_secs: w.end.saturating_sub(jmp_transport::unix_now()).max(1),
         job: w.job.clone(),
+        ..Default::default()
     };
     let l = c::create_lease(
         cfg,

@@ -243,10 +243,17 @@ fn fmt_unix(secs: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
+/// An `in-use` call on its way: what it says, and the controller's answer.
+type InUseReport = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (Option<String>, Result<Reply, CallError>)> + Send>,
+>;
+
 /// What a registration says, and the TLS identity whose key it proves to hold.
 struct Registering<'a> {
     reg: &'a Registration,
     identity: &'a jmp_transport::Identity,
+    /// Which lease a session is attached under, as the exporter says (reported on changes).
+    sessions: &'a mut tokio::sync::watch::Receiver<Option<String>>,
 }
 
 /// Everything needed to run controller mode, from the exporter's credential file.
@@ -413,6 +420,7 @@ impl Registrar {
             labels,
             devices,
             relay: extras.relay.is_some(),
+            reports_in_use: true,
             ..Default::default()
         };
         let mut reports = extras.reports.take();
@@ -429,12 +437,17 @@ impl Registrar {
                 reg.cleanup_secs = h.cleanup_secs();
                 reg.cleaning = h.owed();
             }
+            // Which lease is in use here, said afresh too: a controller that restarted or
+            // failed over meanwhile learns it from this.
+            let mut sessions = exporter.sessions();
+            reg.attached = sessions.borrow_and_update().clone();
             let res = self
                 .session(
                     &exporter,
                     Registering {
                         reg: &reg,
                         identity: &identity,
+                        sessions: &mut sessions,
                     },
                     &mut registered,
                     &extras,
@@ -464,7 +477,11 @@ impl Registrar {
     async fn session(
         &self,
         exporter: &Exporter,
-        Registering { reg, identity }: Registering<'_>,
+        Registering {
+            reg,
+            identity,
+            sessions,
+        }: Registering<'_>,
         registered: &mut bool,
         extras: &Extras,
         reports: &mut Option<tokio::sync::mpsc::UnboundedReceiver<HookReport>>,
@@ -500,10 +517,57 @@ impl Registrar {
             .ok_or("the controller closed the connection")?;
         let addr = conn.remote_address();
         let mut first = true;
+        // The sessions as last told to the controller (the registration told the first), and
+        // the report on its way: one at a time, each sent after the answer to the one before,
+        // so the controller hears them in order.
+        let mut told = reg.attached.clone();
+        let mut report_in_flight: Option<InUseReport> = None;
+        // The exporter dropped its end (it is shutting down): nothing more to report.
+        let mut sessions_gone = false;
         loop {
+            if report_in_flight.is_none() && !first {
+                let now = sessions.borrow_and_update().clone();
+                if now != told {
+                    let call = Call {
+                        credential: self.credential(),
+                        request: Request::InUse { lease: now.clone() },
+                    };
+                    let conn = conn.clone();
+                    report_in_flight = Some(Box::pin(async move {
+                        let r = jmp_transport::controller::call_once(&conn, &call).await;
+                        (now, r)
+                    }));
+                }
+            }
             let renew_at = self.renewal_due();
             let next = tokio::select! {
                 r = replies.next() => r,
+                (said, r) = async {
+                    match report_in_flight.as_mut() {
+                        Some(f) => f.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    report_in_flight = None;
+                    // Anything but `done` (a refusal, a store that could not take it, a lost
+                    // connection) means the controller may not know: registering again tells
+                    // it where things stand.
+                    match r {
+                        Ok(Reply::Done) => told = said,
+                        Ok(Reply::Error(e)) => {
+                            return Err(format!("reporting the sessions: {}", e.message))
+                        }
+                        Ok(other) => {
+                            return Err(format!("reporting the sessions: unexpected answer {other:?}"))
+                        }
+                        Err(e) => return Err(format!("reporting the sessions: {e}")),
+                    }
+                    continue;
+                }
+                r = sessions.changed(), if report_in_flight.is_none() && !sessions_gone => {
+                    sessions_gone = r.is_err();
+                    continue;
+                }
                 _ = async {
                     match renew_at {
                         Some(t) => tokio::time::sleep_until(t).await,
@@ -547,6 +611,12 @@ impl Registrar {
                             if enabled { "" } else { " (disabled)" }
                         );
                         first = false;
+                    }
+                    // The new lease's console history starts here: before its tokens are
+                    // admitted (the view below) and before its beforeLease hook may power the
+                    // board on (that boot log is the new lease's).
+                    if let Some(l) = &lease {
+                        exporter.lease_began(&l.name, &l.client);
                     }
                     {
                         let mut v = self.auth.view();

@@ -1,5 +1,6 @@
 //! jmpd's own Prometheus endpoint (`metrics: HOST:PORT` in the config): sessions, bytes per
-//! device and direction, power-on time, the current holder, and the process's CPU and memory.
+//! device and direction, power-on time, the current holder, what sessions' budgets hold and
+//! the progress of their blocking work, and the process's CPU and memory.
 //! Values are read from the exporter when scraped, so nothing on the data path waits for them.
 
 use jmp_exporter::Exporter;
@@ -24,6 +25,11 @@ pub struct JmpdMetrics {
     bytes: IntCounterVec,
     power_on: prometheus::CounterVec,
     holder_info: GaugeVec,
+    budget_bytes: IntGauge,
+    jobs: IntGauge,
+    job_bytes: IntCounter,
+    channels: IntGauge,
+    waiting_channels: IntGauge,
     /// Per power device: (on since, total on before that).
     power: Vec<(String, PowerClock)>,
 }
@@ -71,6 +77,30 @@ impl JmpdMetrics {
         )
         .expect("valid metric");
         reg(Box::new(holder_info.clone()));
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            reg(Box::new(g.clone()));
+            g
+        };
+        let budget_bytes = gauge(
+            "jmpd_budget_bytes",
+            "Bytes sessions hold under their budgets now (payloads, read buffers, answers not yet sent).",
+        );
+        let jobs = gauge(
+            "jmpd_blocking_jobs",
+            "Blocking jobs (storage reads, writes, hashes) running now.",
+        );
+        let channels = gauge("jmpd_channels", "Channels served now, all sessions.");
+        let waiting_channels = gauge(
+            "jmpd_channels_waiting",
+            "Channel opens waiting for their session's channel budget now.",
+        );
+        let job_bytes = IntCounter::new(
+            "jmpd_blocking_job_bytes_total",
+            "Bytes blocking jobs have read, written or hashed (their progress).",
+        )
+        .expect("valid metric");
+        reg(Box::new(job_bytes.clone()));
         reg(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ));
@@ -115,6 +145,11 @@ impl JmpdMetrics {
             bytes,
             power_on,
             holder_info,
+            budget_bytes,
+            jobs,
+            job_bytes,
+            channels,
+            waiting_channels,
             power,
         })
     }
@@ -133,6 +168,19 @@ impl JmpdMetrics {
                 c.inc_by(n.load(Relaxed).saturating_sub(c.get()));
             }
         }
+        let u = self.exporter.devices().usage();
+        let gauge = |g: &IntGauge, v: &std::sync::atomic::AtomicU64| {
+            g.set(i64::try_from(v.load(Relaxed)).unwrap_or(i64::MAX))
+        };
+        gauge(&self.budget_bytes, &u.bytes);
+        gauge(&self.jobs, &u.jobs);
+        gauge(&self.channels, &u.channels);
+        gauge(&self.waiting_channels, &u.waiting_channels);
+        self.job_bytes.inc_by(
+            u.job_bytes
+                .load(Relaxed)
+                .saturating_sub(self.job_bytes.get()),
+        );
         for (dev, clock) in &self.power {
             let c = clock.lock().unwrap_or_else(|e| e.into_inner());
             let secs = (c.1 + c.0.map_or(Duration::ZERO, |s| s.elapsed())).as_secs_f64();

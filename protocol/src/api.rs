@@ -61,8 +61,17 @@ pub enum Request {
         all: bool,
     },
     /// What `jmp attach` needs to reach the leased exporter: answered with [`Reply::Access`].
-    /// `name: None` picks the caller's only active lease.
+    /// `name: None` picks the caller's only active lease. It counts as a use of the lease.
     LeaseAccess {
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// Client: the caller uses this lease (`name: None`: its only active one), so it does not
+    /// end as idle yet; an auto-extending lease due for its extension is extended. Answered
+    /// with [`Reply::Lease`] (the lease as it is now). The calls that name a lease for use
+    /// (`lease-access`, `update-lease`) count as a use too; this one is for a command that
+    /// uses a lease without them (`jmp create lease --reuse`).
+    TouchLease {
         #[serde(default)]
         name: Option<String>,
     },
@@ -110,6 +119,15 @@ pub enum Request {
     Relay { token: String },
     /// Exporter: a lease hook finished (see [`HookReport`]). Answered with `Done`.
     LeaseHook(HookReport),
+    /// Exporter: which lease a session is attached under right now (`None`: nobody holds the
+    /// board), sent whenever that changes. While a session of its lease is attached, a lease
+    /// is in use (it does not end as idle, and an auto-extending one is extended); when it
+    /// leaves, its idle timeout starts. The exporter sends these one at a time, each after the
+    /// answer to the previous, so they arrive in order. Answered with `Done`.
+    InUse {
+        #[serde(default)]
+        lease: Option<String>,
+    },
     /// Admin: leased time over a window, per team, client, exporter or lease, from the
     /// history of ended leases and the live ones. Answered with [`Reply::Usage`].
     Usage(crate::usage::UsageQuery),
@@ -181,6 +199,19 @@ pub struct LeaseRequest {
     /// that a job's commands find its own lease among its client's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
+    /// The lease ends when nothing has used it for this long (no session attached at its
+    /// exporter, no call naming it). Absent: the controller's default; `0`: no idle timeout
+    /// (refused when the client's policy caps it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u64>,
+    /// While in use, the lease is extended by `duration_secs` at a time (half a step before
+    /// its end), up to `max_duration_secs` from its begin.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_extend: bool,
+    /// With `auto_extend`: the hard limit, counted from the lease's begin (default: the most
+    /// the client's policy allows). At least `duration_secs`, at most the policy's maximum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_duration_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -194,6 +225,10 @@ pub struct ClientSpec {
     /// Longest lease the client may hold (0 = the controller's default).
     #[serde(default)]
     pub max_duration_secs: u64,
+    /// Longest idle timeout its leases may have (0 = no limit; a limit also refuses leases
+    /// without an idle timeout).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_idle_timeout_secs: u64,
     /// Admin rights (creating identities, seeing every lease).
     #[serde(default)]
     pub admin: bool,
@@ -211,6 +246,9 @@ pub struct ClientUpdate {
     /// Longest lease the client may hold (0 = the controller's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_duration_secs: Option<u64>,
+    /// Longest idle timeout its leases may have (0 = no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_idle_timeout_secs: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<bool>,
     /// Issue a new credential (the old one is revoked at once).
@@ -249,6 +287,16 @@ pub struct Registration {
     /// it could run it); ignored while that lease is current.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cleaning: Option<String>,
+    /// The lease a session is attached under right now (as [`Request::InUse`] says later):
+    /// after a restart or failover of the controller, what the exporters say rebuilds which
+    /// leases are in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attached: Option<String>,
+    /// The exporter reports its sessions (`attached` here, [`Request::InUse`] later). One that
+    /// does not (an older jmpd) has its leases counted as attached while it is online, so
+    /// they never end as idle.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reports_in_use: bool,
     /// That the registering process holds the private key of the TLS identity whose
     /// `fingerprint` it registers (required: a leaked exporter credential alone cannot move the
     /// exporter to another address).
@@ -462,6 +510,23 @@ pub struct LeaseInfo {
     pub status: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
+    /// It ends when nothing has used it for this long (seconds); absent: no idle timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<u64>,
+    /// When something last used it (Unix seconds): its grant, a call naming it, a session of
+    /// it leaving its exporter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_use: Option<u64>,
+    /// A session of it is attached at its exporter (as the exporter last said): in use.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attached: bool,
+    /// When it ends as idle unless something uses it first (Unix seconds); absent while
+    /// attached or without an idle timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_deadline: Option<u64>,
+    /// Auto-extending: extended while in use, never past this (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hard_limit: Option<u64>,
 }
 
 /// What `jmp attach` needs; the controller is not on the data path after this.
@@ -513,6 +578,9 @@ pub struct ClientInfo {
     pub labels: Labels,
     pub allow: String,
     pub max_duration_secs: u64,
+    /// Longest idle timeout its leases may have (0: no limit).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_idle_timeout_secs: u64,
     #[serde(default)]
     pub admin: bool,
     /// When the newest credential issued to it (created, rotated or renewed) expires, Unix

@@ -17,11 +17,17 @@ use std::time::{Duration, Instant};
 
 /// Streams an exporter holds for `Open`s that have not arrived yet (the two race).
 pub const MAX_ORPHAN_STREAMS: usize = 256;
-/// Channels (open or opening) one connection may have.
-pub const MAX_CHANNELS: usize = 4096;
-/// Device requests one connection may have unanswered at the exporter; beyond that a request
-/// is answered at once with `busy`.
+/// Channels (open or opening) one connection may have: as many as QUIC lets a client open
+/// streams at once.
+pub const MAX_CHANNELS: usize = 1024;
+/// Device requests one connection may have unanswered at the exporter. The exporter's link
+/// stops reading control messages while this many are unanswered ([`Session::takes_requests`]),
+/// so a client that sends more waits; a request beyond it that arrives anyway is answered at
+/// once with `busy`.
 pub const MAX_REQUESTS: usize = 64;
+/// Largest `Open.params` an exporter accepts: every kind's are a few dozen bytes, and an
+/// exporter holds each channel's `Open` while it waits for its stream.
+pub const MAX_OPEN_PARAMS: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -192,6 +198,13 @@ impl Session {
         self.channels.len()
     }
 
+    /// Exporter: whether another request may be delivered now (fewer than [`MAX_REQUESTS`]
+    /// unanswered). While it may not, the transport reads no more control messages: the
+    /// client's requests wait in its own flow control. Always true on the client.
+    pub fn takes_requests(&self) -> bool {
+        self.role == Role::Client || self.requests.len() < MAX_REQUESTS
+    }
+
     // ---- input ----
 
     pub fn handle_message(&mut self, msg: Message, now: Instant) {
@@ -328,6 +341,13 @@ impl Session {
         }
         if self.channels.len() >= MAX_CHANNELS {
             return self.violation(format!("more than {MAX_CHANNELS} channels"));
+        }
+        if o.params.len() > MAX_OPEN_PARAMS {
+            return self.violation(format!(
+                "Open for channel {} carries {} bytes of parameters (at most {MAX_OPEN_PARAMS})",
+                o.channel,
+                o.params.len()
+            ));
         }
         self.next_channel = o.channel.saturating_add(1);
         // Orphans with lower ids than this Open will never get theirs: ids only grow.

@@ -60,10 +60,13 @@ pub struct UsageRecord {
     pub begin: u64,
     /// Unix ms: when it really ended (a release ends it early).
     pub end: u64,
-    /// `expired`, `released`, `exporter removed`, ... or `active`.
+    /// `expired`, `released`, `idle`, `exporter removed`, ... or `active`.
     pub reason: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
+    /// The lease's idle timeout, ms (so that its holder can be told why an idle lease ended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<u64>,
 }
 
 impl UsageRecord {
@@ -105,7 +108,8 @@ pub struct UsageReport {
 /// frame's limit is 16 MiB).
 pub const MAX_LEASE_ROWS: usize = 20_000;
 
-fn rfc3339(ms: u64) -> String {
+/// Unix ms as RFC 3339 to the second (UTC).
+pub fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
@@ -315,6 +319,7 @@ mod tests {
             end: 5_000,
             reason: "expired".into(),
             job: None,
+            idle_timeout: None,
         };
         assert_eq!(r.ms_within(0, 10_000), 4_000);
         assert_eq!(r.ms_within(2_000, 10_000), 3_000);

@@ -424,10 +424,13 @@ pub fn run(
 ) -> RunOutput {
     let mut p = Proc::spawn(label, cmd, log_dir);
     let status = p.expect_exit(timeout);
-    // The stdout reader may still be draining; a background child (daemon) may also keep the
-    // pipe open, so only wait briefly for lines still in flight.
+    // The stdout reader may still be draining: it passes the lines on when it is scheduled,
+    // which on a loaded machine can be long after the exit (200 ms was seen to lose a whole
+    // `jmp get leases -o json`). Its end of file (the channel closing) says it has them all, at
+    // once for a program whose pipe closed with it; only a background child (daemon) that
+    // kept the pipe open makes this wait until the pipe has been quiet for a while.
     let mut out = Vec::new();
-    while let Some(l) = p.line(Duration::from_millis(200)) {
+    while let Some(l) = p.line(Duration::from_secs(2)) {
         out.push(l);
     }
     RunOutput {

@@ -156,13 +156,23 @@ pub fn widget_export() -> &'static str {
 /// vendor=acme, model=widget-v2 (the examples' selector) and project=myproject (the CI
 /// recipes'), and a client config `ci-client` (imported, not made current).
 pub fn widget_lab(tag: &str) -> (crate::lab::Lab, crate::Jmpd) {
-    widget_lab_at(tag, None)
+    widget_lab_with(tag, "127.0.0.1:0", &[], None)
 }
 
 /// [`widget_lab`] whose exporter tells the controller that clients reach it at `address`
 /// (`controller: {address: ...}`) instead of its own listening address.
 pub fn widget_lab_at(tag: &str, address: Option<&str>) -> (crate::lab::Lab, crate::Jmpd) {
-    let lab = crate::lab::Lab::new(tag);
+    widget_lab_with(tag, "127.0.0.1:0", &[], address)
+}
+
+/// [`widget_lab_at`] with the controller listening on `listen` and given `extra` arguments.
+pub fn widget_lab_with(
+    tag: &str,
+    listen: &str,
+    extra: &[&str],
+    address: Option<&str>,
+) -> (crate::lab::Lab, crate::Jmpd) {
+    let lab = crate::lab::Lab::with_args(tag, listen, extra);
     let token = lab.create_exporter(
         "widget-01",
         &["vendor=acme", "model=widget-v2", "project=myproject"],

@@ -417,6 +417,7 @@ async fn random_worker(ctx: Arc<RandomCtx>, me: String, token: String, seed: u64
                         begin_time: None,
                         wait_secs,
                         job: None,
+                        ..Default::default()
                     }),
                 )
                 .await;

@@ -239,6 +239,13 @@ impl ServerCertVerifier for PinVerifier {
 }
 
 fn client_config(alpn: &[u8]) -> Result<quinn::ClientConfig, ConnectError> {
+    client_config_tuned(alpn, |_| {})
+}
+
+fn client_config_tuned(
+    alpn: &[u8],
+    tune: impl FnOnce(&mut quinn::TransportConfig),
+) -> Result<quinn::ClientConfig, ConnectError> {
     let provider = provider();
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -257,6 +264,7 @@ fn client_config(alpn: &[u8]) -> Result<quinn::ClientConfig, ConnectError> {
             quinn::IdleTimeout::try_from(CONTROLLER_IDLE_TIMEOUT).expect("3 s fits a QUIC varint"),
         ));
     }
+    tune(&mut t);
     c.transport_config(Arc::new(t));
     Ok(c)
 }
@@ -275,7 +283,15 @@ pub async fn connect(
     alpn: &[u8],
     pin: Option<Fingerprint>,
 ) -> Result<(quinn::Connection, Fingerprint), ConnectError> {
-    connect_inner(endpoint, addr, alpn, pin, &REFUSED_BACKOFF).await
+    connect_inner(
+        endpoint,
+        addr,
+        alpn,
+        pin,
+        &REFUSED_BACKOFF,
+        client_config(alpn)?,
+    )
+    .await
 }
 
 /// [`connect`] without retrying a refusal: one attempt, whose refusal is the answer (tests of
@@ -286,7 +302,21 @@ pub async fn connect_without_retry(
     alpn: &[u8],
     pin: Option<Fingerprint>,
 ) -> Result<(quinn::Connection, Fingerprint), ConnectError> {
-    connect_inner(endpoint, addr, alpn, pin, &[]).await
+    connect_inner(endpoint, addr, alpn, pin, &[], client_config(alpn)?).await
+}
+
+/// [`connect`] with this side's QUIC transport settings changed by `tune`: for tests and
+/// benchmarks that play a client other than jmp's own (one with far larger receive windows,
+/// so that channels it never reads do not stall its others).
+pub async fn connect_tuned(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    alpn: &[u8],
+    pin: Option<Fingerprint>,
+    tune: impl FnOnce(&mut quinn::TransportConfig),
+) -> Result<(quinn::Connection, Fingerprint), ConnectError> {
+    let config = client_config_tuned(alpn, tune)?;
+    connect_inner(endpoint, addr, alpn, pin, &REFUSED_BACKOFF, config).await
 }
 
 async fn connect_inner(
@@ -295,13 +325,14 @@ async fn connect_inner(
     alpn: &[u8],
     pin: Option<Fingerprint>,
     retries: &[Duration],
+    config: quinn::ClientConfig,
 ) -> Result<(quinn::Connection, Fingerprint), ConnectError> {
     let peer = if alpn == jmp_protocol::ALPN_CONTROLLER {
         "controller"
     } else {
         "exporter"
     };
-    let conn = connect_retrying_refusals(endpoint, addr, alpn, peer, retries).await?;
+    let conn = connect_retrying_refusals(endpoint, addr, alpn, peer, retries, &config).await?;
     let got = conn
         .peer_identity()
         .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
@@ -343,10 +374,11 @@ async fn connect_retrying_refusals(
     alpn: &[u8],
     peer: &'static str,
     retries: &[Duration],
+    config: &quinn::ClientConfig,
 ) -> Result<quinn::Connection, ConnectError> {
     let mut pauses = retries.iter();
     loop {
-        match connect_once(endpoint, addr, alpn, peer).await {
+        match connect_once(endpoint, addr, alpn, peer, config).await {
             Err(ConnectError::Connection { source, .. }) if refused(&source) => {
                 match pauses.next() {
                     Some(p) => {
@@ -369,9 +401,10 @@ async fn connect_once(
     addr: SocketAddr,
     alpn: &[u8],
     peer: &'static str,
+    config: &quinn::ClientConfig,
 ) -> Result<quinn::Connection, ConnectError> {
     let connecting = endpoint
-        .connect_with(client_config(alpn)?, addr, "jmp-exporter")
+        .connect_with(config.clone(), addr, "jmp-exporter")
         .map_err(|source| ConnectError::Connect { addr, source })?;
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
         // The idle timeout (shorter than HANDSHAKE_TIMEOUT for the controller) ran out first.

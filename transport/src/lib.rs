@@ -30,8 +30,8 @@ pub mod udp;
 
 pub use channels::{BoxFuture, ChannelIo, Channels, Incoming, IncomingRequest};
 pub use endpoint::{
-    client_endpoint, client_endpoint_on, connect, connect_without_retry, server_endpoint,
-    ConnectError,
+    client_endpoint, client_endpoint_on, connect, connect_tuned, connect_without_retry,
+    server_endpoint, ConnectError,
 };
 pub use identity::{Fingerprint, Identity, IdentityError};
 pub use link::{Link, LinkEvent, LinkHandle, OpenError};

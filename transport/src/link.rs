@@ -11,7 +11,10 @@
 //! Every queue from this task to a consumer is bounded. A consumer that lets its queue fill
 //! (the application not reading events, a driver not reading its channel's control messages)
 //! ends the session with a reason instead of growing memory; datagrams beyond a channel's
-//! queue are dropped, as a busy bus drops frames.
+//! queue, or beyond [`DATAGRAM_BYTES`] queued on the whole link, are dropped, as a busy bus
+//! drops frames. An exporter whose client has [`jmp_protocol::session::MAX_REQUESTS`]
+//! requests unanswered reads no more control messages until one is answered: the client's
+//! requests wait in its own flow control.
 
 use crate::channels::{BoxFuture, ChannelIo, Channels, Incoming, IncomingRequest};
 use crate::pipe::{ChannelMsg, ControlTx, DatagramPipe, Pipe, PipeRx, PipeTx, CONTROL_DEPTH};
@@ -20,12 +23,18 @@ use jmp_protocol::codec::get_varint;
 use jmp_protocol::session::{Config, Event, Session, State, StreamVerdict};
 use jmp_protocol::*;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 /// Datagrams queued per channel before new ones are dropped (a busy bus drops frames too).
 const DATAGRAM_DEPTH: usize = 1024;
+/// Datagram payload bytes queued on one link for all its channels together; beyond that new
+/// datagrams are dropped. Each queued datagram is copied out of the packet buffer it arrived
+/// in (which may hold dozens of other packets), so this counts what is really held.
+pub const DATAGRAM_BYTES: usize = 4 << 20;
 /// Events queued for the application.
 const EVENT_DEPTH: usize = 1024;
 /// Streams whose header has been read, queued for the task.
@@ -119,6 +128,8 @@ enum Command {
 pub struct LinkHandle {
     cmds: mpsc::UnboundedSender<Command>,
     conn: quinn::Connection,
+    /// Datagram payload bytes queued for this link's channels (see [`DATAGRAM_BYTES`]).
+    dg_queued: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for LinkHandle {
@@ -229,6 +240,7 @@ impl LinkHandle {
                 channel,
                 self.conn.clone(),
                 dg_rx,
+                self.dg_queued.clone(),
                 ctl_rx,
                 ControlTx::Link(self.clone(), channel),
             ),
@@ -337,6 +349,7 @@ impl LinkHandle {
                     channel,
                     self.conn.clone(),
                     dg_rx,
+                    self.dg_queued.clone(),
                     ctl_rx,
                     control_tx,
                 )))
@@ -497,6 +510,7 @@ impl Link {
     ) -> Link {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (ev_tx, ev_rx) = mpsc::channel(EVENT_DEPTH);
+        let dg_queued = Arc::new(AtomicUsize::new(0));
         let task = Task {
             conn: conn.clone(),
             session,
@@ -512,10 +526,16 @@ impl Link {
             dg_routes: HashMap::new(),
             requests: HashMap::new(),
             self_tx: cmd_tx.downgrade(),
+            dg_queued: dg_queued.clone(),
+            dg_dropped: 0,
         };
         tokio::spawn(task.run());
         Link {
-            handle: LinkHandle { cmds: cmd_tx, conn },
+            handle: LinkHandle {
+                cmds: cmd_tx,
+                conn,
+                dg_queued,
+            },
             events: ev_rx,
         }
     }
@@ -580,6 +600,11 @@ struct Task {
     /// Client: requests waiting for their Done.
     requests: HashMap<u64, oneshot::Sender<Result<Bytes, Refusal>>>,
     self_tx: mpsc::WeakUnboundedSender<Command>,
+    /// Datagram payload bytes queued for channels (shared with their pipes, which count
+    /// down as they take them).
+    dg_queued: Arc<AtomicUsize>,
+    /// Datagrams dropped because the link's queues held [`DATAGRAM_BYTES`].
+    dg_dropped: u64,
 }
 
 fn describe(e: &quinn::ConnectionError) -> (ErrorCode, String) {
@@ -612,6 +637,9 @@ impl Task {
         let mut buf_ended = false;
         let mut dg_open = true;
         loop {
+            // Messages left undecoded while requests were backlogged, now that some may have
+            // been answered.
+            self.decode();
             if let Err(e) = self.flush().await {
                 debug!("control stream write failed: {e}");
             }
@@ -634,22 +662,15 @@ impl Task {
                     None => std::future::pending().await,
                 }
             };
+            // While the session takes no more requests, the control stream is not read: what
+            // the client sends meanwhile waits in QUIC flow control, at its cost.
+            let reading = !buf_ended && self.session.takes_requests();
             tokio::select! {
                 biased;
-                chunk = self.ctl_recv.read_chunk(16 * 1024, true), if !buf_ended => match chunk {
+                chunk = self.ctl_recv.read_chunk(16 * 1024, true), if reading => match chunk {
                     Ok(Some(c)) => {
                         self.decoder.feed(&c.bytes);
-                        loop {
-                            match self.decoder.next_message::<Message>() {
-                                Ok(Some(m)) => self.session.handle_message(m, Instant::now()),
-                                Ok(None) => break,
-                                Err(e) => {
-                                    warn!(peer = %self.conn.remote_address(), "malformed control frame: {e}");
-                                    self.session.bye(ErrorCode::Protocol, format!("malformed control frame: {e}"));
-                                    break;
-                                }
-                            }
-                        }
+                        self.decode();
                     }
                     Ok(None) | Err(_) => buf_ended = true,
                 },
@@ -687,6 +708,23 @@ impl Task {
             }
         }
         self.finish();
+    }
+
+    /// Hands the session the control messages received so far, stopping while it takes no
+    /// more requests (the rest stay in the decoder until it does).
+    fn decode(&mut self) {
+        while self.session.takes_requests() && self.session.state() != State::Closed {
+            match self.decoder.next_message::<Message>() {
+                Ok(Some(m)) => self.session.handle_message(m, Instant::now()),
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(peer = %self.conn.remote_address(), "malformed control frame: {e}");
+                    self.session
+                        .bye(ErrorCode::Protocol, format!("malformed control frame: {e}"));
+                    break;
+                }
+            }
+        }
     }
 
     /// Writes everything the session queued. A Bye also closes the connection with the same code
@@ -842,6 +880,7 @@ impl Task {
         Some(LinkHandle {
             cmds: self.self_tx.upgrade()?,
             conn: self.conn.clone(),
+            dg_queued: self.dg_queued.clone(),
         })
     }
 
@@ -871,10 +910,25 @@ impl Task {
         let Ok(channel) = get_varint(&mut s, "datagram channel") else {
             return;
         };
-        let header = d.len() - s.len();
-        if let Some(route) = self.dg_routes.get(&channel) {
-            // Full queue: drop, as a congested bus would. Never block the connection's task.
-            let _ = route.try_send(d.slice(header..));
+        let Some(route) = self.dg_routes.get(&channel) else {
+            return;
+        };
+        let n = s.len();
+        if self.dg_queued.load(Ordering::Relaxed) + n > DATAGRAM_BYTES {
+            self.dg_dropped += 1;
+            if self.dg_dropped.is_power_of_two() {
+                warn!(
+                    peer = %self.conn.remote_address(),
+                    "datagrams are not being taken: {DATAGRAM_BYTES} bytes queued; dropped {} so far",
+                    self.dg_dropped
+                );
+            }
+            return;
+        }
+        // Full queue: drop, as a congested bus would. Never block the connection's task.
+        self.dg_queued.fetch_add(n, Ordering::Relaxed);
+        if route.try_send(Bytes::copy_from_slice(s)).is_err() {
+            self.dg_queued.fetch_sub(n, Ordering::Relaxed);
         }
     }
 

@@ -325,8 +325,13 @@ pub struct DatagramPipe {
 #[derive(Clone)]
 pub struct DatagramTx(DgTx, Counter);
 
-/// The receiving half of a datagram channel.
-pub struct DatagramRx(mpsc::Receiver<Bytes>, Counter);
+/// The receiving half of a datagram channel. Over QUIC it counts down the link's queued
+/// datagram bytes as it takes them (see `link::DATAGRAM_BYTES`).
+pub struct DatagramRx(
+    mpsc::Receiver<Bytes>,
+    Counter,
+    Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
+);
 
 impl Clone for DgTx {
     fn clone(&self) -> Self {
@@ -393,8 +398,23 @@ impl DatagramRx {
         let d = self.0.recv().await;
         if let Some(d) = &d {
             count(&self.1, d.len());
+            if let Some(q) = &self.2 {
+                q.fetch_sub(d.len(), std::sync::atomic::Ordering::Relaxed);
+            }
         }
         d
+    }
+}
+
+impl Drop for DatagramRx {
+    fn drop(&mut self) {
+        // What is still queued is given back with the queue.
+        if let Some(q) = &self.2 {
+            self.0.close();
+            while let Ok(d) = self.0.try_recv() {
+                q.fetch_sub(d.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -403,6 +423,7 @@ impl DatagramPipe {
         channel: u64,
         conn: quinn::Connection,
         rx: mpsc::Receiver<Bytes>,
+        queued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
         control_rx: mpsc::Receiver<ChannelMsg>,
         control_tx: ControlTx,
     ) -> Self {
@@ -410,7 +431,7 @@ impl DatagramPipe {
         DatagramPipe {
             channel,
             tx: DatagramTx(DgTx::Quic { conn, header }, None),
-            rx: DatagramRx(rx, None),
+            rx: DatagramRx(rx, None, Some(queued)),
             control_rx,
             control_tx,
         }
@@ -453,14 +474,14 @@ pub(crate) fn datagram_pair_on(channel: u64, depth: usize) -> (DatagramPipe, Dat
         DatagramPipe {
             channel,
             tx: DatagramTx(DgTx::Mem(a_tx), None),
-            rx: DatagramRx(a_rx, None),
+            rx: DatagramRx(a_rx, None, None),
             control_rx: a_ctl_rx,
             control_tx: a_ctl_tx,
         },
         DatagramPipe {
             channel,
             tx: DatagramTx(DgTx::Mem(b_tx), None),
-            rx: DatagramRx(b_rx, None),
+            rx: DatagramRx(b_rx, None, None),
             control_rx: b_ctl_rx,
             control_tx: b_ctl_tx,
         },

@@ -17,7 +17,8 @@ struct Server {
 /// An exporter that welcomes token "good", echoes stream channels on device "echo" (answering
 /// the open's params reversed), echoes datagram channels on "dg" and answers each control
 /// message on them with the same body plus "!", answers requests on "clock" with their body
-/// repeated and never answers requests on "slow"; rejects everything else.
+/// repeated, never answers requests on "slow", and holds the first `MAX_REQUESTS` on "batch"
+/// until it has them all (then answers every one at once); rejects everything else.
 async fn server() -> Server {
     let id = Identity::generate().expect("identity");
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
@@ -30,6 +31,8 @@ async fn server() -> Server {
                 let conn = incoming.await.expect("handshake");
                 let mut link = Link::exporter(conn).await.expect("link");
                 let mut slow = Vec::new();
+                let mut batch = Vec::new();
+                let mut batched = false;
                 while let Some(ev) = link.events.recv().await {
                     match ev {
                         LinkEvent::Hello(h) if h.token == "good" => link.handle.welcome(Welcome {
@@ -97,6 +100,18 @@ async fn server() -> Server {
                             r.answer(Ok(Bytes::from(v)));
                         }
                         LinkEvent::Request(r) if r.device == "slow" => slow.push(r),
+                        LinkEvent::Request(r) if r.device == "batch" && !batched => {
+                            batch.push(r);
+                            if batch.len() == jmp_protocol::session::MAX_REQUESTS {
+                                batched = true;
+                                for r in batch.drain(..) {
+                                    r.answer(Ok(Bytes::from_static(b"ok")));
+                                }
+                            }
+                        }
+                        LinkEvent::Request(r) if r.device == "batch" => {
+                            r.answer(Ok(Bytes::from_static(b"ok")))
+                        }
                         LinkEvent::Request(r) => {
                             let reason = format!("no device {:?}", r.device);
                             r.answer(Err(Refusal::new(ErrorCode::NoSuchDevice, reason)));
@@ -238,6 +253,32 @@ async fn stream_and_datagram_channels_work_and_refusals_have_reasons() {
     assert_eq!(e.code, ErrorCode::Timeout);
 
     // Ending the session carries the reason to the peer and closes the connection.
+    link.handle.bye(ErrorCode::Ok, "done");
+}
+
+#[tokio::test]
+async fn requests_beyond_the_exporter_s_budget_wait_instead_of_failing() {
+    let s = server().await;
+    let ep = client_endpoint(s.addr).expect("client endpoint");
+    let (conn, _) = connect(&ep, s.addr, ALPN_EXPORTER, Some(s.fingerprint))
+        .await
+        .expect("connect");
+    let (link, _) = Link::client(conn, hello("good")).await.expect("welcome");
+    // One more than the exporter takes at once, all sent together: the last waits in the
+    // client's flow control until the exporter has answered the others, then is answered too.
+    let n = jmp_protocol::session::MAX_REQUESTS + 1;
+    let mut calls = Vec::new();
+    for _ in 0..n {
+        let h = link.handle.clone();
+        calls.push(tokio::spawn(async move {
+            h.request("batch", Bytes::new(), std::time::Duration::from_secs(20))
+                .await
+        }));
+    }
+    for c in calls {
+        let r = c.await.expect("task");
+        assert_eq!(r.as_deref().ok(), Some(&b"ok"[..]), "{r:?}");
+    }
     link.handle.bye(ErrorCode::Ok, "done");
 }
 

@@ -2,7 +2,7 @@
 //! output becomes the reason the client reads); after each lease an exporter that declared a
 //! cleanup is not granted again until it reports its afterLease hook done (or overdue).
 
-use super::{err, Caller, Core};
+use super::{err, fmt_secs, Caller, Core};
 use crate::book::{EndReason, Event, Lease, Millis};
 use crate::store::{LeaseStore, Table};
 use jmp_protocol::api::{CtlErrorCode, HookPhase, HookReport, Reply};
@@ -47,7 +47,19 @@ impl<S: LeaseStore> Core<S> {
             return format!("lease {} ended: {why}", lease.name);
         }
         match reason {
+            EndReason::Expired if lease.auto_extend.is_some_and(|a| a.hard_end <= lease.end) => {
+                format!(
+                    "lease {} reached its hard limit ({} after its begin)",
+                    lease.name,
+                    fmt_secs(lease.end.saturating_sub(lease.begin) / 1000)
+                )
+            }
             EndReason::Expired => format!("lease {} expired", lease.name),
+            EndReason::Idle => format!(
+                "lease {} ended: nothing used it for {} (its idle timeout)",
+                lease.name,
+                fmt_secs(lease.idle_timeout.unwrap_or(0).div_ceil(1000))
+            ),
             EndReason::Released => format!("lease {} was released", lease.name),
             EndReason::PolicyChanged => {
                 let allow = self

@@ -139,6 +139,7 @@ impl<S: LeaseStore> Core<S> {
             labels: Labels::new(),
             allow: Allow::any(),
             max_duration_secs: 0,
+            max_idle_timeout_secs: 0,
             admin: true,
             jti: random_hex(12),
             created: now_ms() / 1000,
@@ -209,6 +210,7 @@ impl<S: LeaseStore> Core<S> {
             labels: spec.labels,
             allow,
             max_duration_secs: spec.max_duration_secs,
+            max_idle_timeout_secs: spec.max_idle_timeout_secs,
             admin: spec.admin,
             jti: random_hex(12),
             created: now_ms() / 1000,
@@ -251,6 +253,9 @@ impl<S: LeaseStore> Core<S> {
         if let Some(m) = u.max_duration_secs {
             next.max_duration_secs = m;
         }
+        if let Some(m) = u.max_idle_timeout_secs {
+            next.max_idle_timeout_secs = m;
+        }
         if let Some(l) = u.labels {
             next.labels = l;
         }
@@ -260,8 +265,9 @@ impl<S: LeaseStore> Core<S> {
         if u.reissue {
             next.jti = random_hex(12);
         }
-        let policy_changed =
-            next.allow != rec.allow || next.max_duration_secs != rec.max_duration_secs;
+        let policy_changed = next.allow != rec.allow
+            || next.max_duration_secs != rec.max_duration_secs
+            || next.max_idle_timeout_secs != rec.max_idle_timeout_secs;
         // (Admin rights are the record's: a credential issued before a change follows it.)
         let cred = if u.reissue {
             match self.credential(IdentityKind::Client, &next.name, &next.jti, next.admin) {
@@ -276,6 +282,7 @@ impl<S: LeaseStore> Core<S> {
             client = %name,
             allow = %next.allow.text(),
             max_duration_secs = next.max_duration_secs,
+            max_idle_timeout_secs = next.max_idle_timeout_secs,
             reissued = cred.is_some(),
             "client updated"
         );
@@ -304,6 +311,7 @@ impl<S: LeaseStore> Core<S> {
                 labels: c.labels.clone(),
                 allow: c.allow.text().to_string(),
                 max_duration_secs: c.max_duration_secs,
+                max_idle_timeout_secs: c.max_idle_timeout_secs,
                 admin: c.admin,
                 credential_expires: (c.expires > 0).then_some(c.expires),
             })

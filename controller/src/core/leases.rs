@@ -24,6 +24,11 @@ pub fn lease_info(l: &Lease) -> LeaseInfo {
         request_id: l.request_id.clone(),
         status: "active".into(),
         job: l.job.clone(),
+        idle_timeout: l.idle_timeout.map(|d| d.div_ceil(1000)),
+        last_use: Some(l.last_use / 1000),
+        attached: l.attached,
+        idle_deadline: l.idle_deadline().map(|d| d.div_ceil(1000)),
+        hard_limit: l.auto_extend.map(|a| a.hard_end / 1000),
     }
 }
 
@@ -38,6 +43,36 @@ fn waiting_info(w: &Waiting) -> LeaseInfo {
         request_id: w.request_id.clone(),
         status: if w.reserved { "reserved" } else { "waiting" }.into(),
         job: w.job.clone(),
+        idle_timeout: w.idle_timeout.map(|d| d.div_ceil(1000)),
+        last_use: None,
+        attached: false,
+        idle_deadline: None,
+        hard_limit: None,
+    }
+}
+
+/// The idle timeout a new lease gets, seconds (`None`: none): the one asked for (`Some(0)`:
+/// none), else the controller's default; within the client's limit (`max_idle`), or why not.
+fn idle_timeout_of(
+    asked: Option<u64>,
+    default: u64,
+    max_idle: Option<u64>,
+    client: &str,
+) -> Result<Option<u64>, String> {
+    match (asked, max_idle) {
+        (Some(0), Some(m)) => Err(format!(
+            "client {client} may not hold a lease without an idle timeout (at most {}); give --idle-timeout",
+            fmt_secs(m)
+        )),
+        (Some(d), Some(m)) if d > m => Err(format!(
+            "an idle timeout of {} is longer than client {client} may ask for (at most {})",
+            fmt_secs(d),
+            fmt_secs(m)
+        )),
+        (Some(d), _) => Ok(Some(d).filter(|d| *d > 0)),
+        (None, Some(m)) if default == 0 => Ok(Some(m)),
+        (None, Some(m)) => Ok(Some(default.min(m))),
+        (None, None) => Ok(Some(default).filter(|d| *d > 0)),
     }
 }
 
@@ -343,11 +378,16 @@ impl<S: LeaseStore> Core<S> {
                 ),
             );
         }
-        let (policy, allow, max) = match self
+        let (policy, allow, max, max_idle) = match self
             .registry
             .client_policy(&caller.name, self.default_max_secs)
         {
-            Ok(p) => (p.allow.clone(), p.text.to_string(), p.max_secs),
+            Ok(p) => (
+                p.allow.clone(),
+                p.text.to_string(),
+                p.max_secs,
+                p.max_idle_secs,
+            ),
             Err(e) => {
                 warn!(client = %caller.name, "lease request refused: {}", e.message);
                 return refuse(self, "forbidden", Reply::Error(e));
@@ -368,6 +408,69 @@ impl<S: LeaseStore> Core<S> {
                 ),
             );
         }
+        if req.idle_timeout_secs.is_some_and(|d| d > TEN_YEARS) {
+            return refuse(
+                self,
+                "invalid",
+                err(CtlErrorCode::Invalid, "idle timeout is more than ten years"),
+            );
+        }
+        let idle = match idle_timeout_of(
+            req.idle_timeout_secs,
+            self.default_idle_secs,
+            max_idle,
+            &caller.name,
+        ) {
+            Ok(i) => i,
+            Err(msg) => return refuse(self, "forbidden", err(CtlErrorCode::Forbidden, msg)),
+        };
+        // Auto-extension's hard limit: asked for, else the most the policy allows.
+        let hard_limit = match (req.auto_extend, req.max_duration_secs) {
+            (false, Some(_)) => {
+                return refuse(
+                    self,
+                    "invalid",
+                    err(
+                        CtlErrorCode::Invalid,
+                        "a hard limit (max_duration_secs, --max-duration) is for an auto-extending lease (auto_extend, --auto-extend)",
+                    ),
+                )
+            }
+            (false, None) => None,
+            (true, asked) => {
+                let hard = asked.unwrap_or(max);
+                if hard < req.duration_secs {
+                    return refuse(
+                        self,
+                        "invalid",
+                        err(
+                            CtlErrorCode::Invalid,
+                            format!(
+                                "the hard limit {} is shorter than the lease's duration {}",
+                                fmt_secs(hard),
+                                fmt_secs(req.duration_secs)
+                            ),
+                        ),
+                    );
+                }
+                if hard > max {
+                    return refuse(
+                        self,
+                        "forbidden",
+                        err(
+                            CtlErrorCode::Forbidden,
+                            format!(
+                                "a hard limit of {} is longer than client {} may hold a lease (at most {})",
+                                fmt_secs(hard),
+                                caller.name,
+                                fmt_secs(max)
+                            ),
+                        ),
+                    );
+                }
+                Some(hard)
+            }
+        };
         if req
             .job
             .as_ref()
@@ -445,6 +548,8 @@ impl<S: LeaseStore> Core<S> {
                 wait_until,
                 job: req.job.clone(),
                 reserved,
+                idle_timeout: idle.map(|d| d.saturating_mul(1000)),
+                max_duration: hard_limit.map(|h| h.saturating_mul(1000)),
             },
         );
         match outcome {
@@ -460,6 +565,8 @@ impl<S: LeaseStore> Core<S> {
                 self.metrics.wait.with_label_values(&[&team]).observe(0.0);
                 info!(lease = %lease.name, client = %lease.client, exporter = %lease.exporter, "granted");
                 self.links.push.insert(lease.exporter.clone());
+                self.granted_on(now, &lease);
+                let lease = self.book.lease(&lease.name).cloned().unwrap_or(lease);
                 let r = Reply::Lease(lease_info(&lease));
                 self.reply(&tx, r);
             }
@@ -506,6 +613,10 @@ impl<S: LeaseStore> Core<S> {
             }
             Outcome::Existing(RequestState::Leased(lease)) => {
                 self.waiters.orphans.remove(&req.request_id);
+                // Its requester is back for it: a use.
+                let (now_lease, ev) = self.book.touch(now, &lease.name);
+                self.on_events(now, ev);
+                let lease = now_lease.unwrap_or(lease);
                 self.reply(&tx, Reply::Lease(lease_info(&lease)));
             }
             Outcome::Existing(RequestState::Waiting {
@@ -584,13 +695,19 @@ impl<S: LeaseStore> Core<S> {
     /// be granted are withdrawn (their callers told why), the rest wait for what it now
     /// allows, and its leases on exporters it no longer allows end.
     pub(super) fn policy_changed(&mut self, now: Millis, client: &str) {
-        let (allow, text, max) = match self.registry.client_policy(client, self.default_max_secs) {
-            Ok(p) => (p.allow.clone(), p.text.to_string(), p.max_secs),
-            Err(e) => {
-                warn!(client, "policy changed but cannot be read: {}", e.message);
-                return;
-            }
-        };
+        let (allow, text, max, max_idle) =
+            match self.registry.client_policy(client, self.default_max_secs) {
+                Ok(p) => (
+                    p.allow.clone(),
+                    p.text.to_string(),
+                    p.max_secs,
+                    p.max_idle_secs,
+                ),
+                Err(e) => {
+                    warn!(client, "policy changed but cannot be read: {}", e.message);
+                    return;
+                }
+            };
         let too_long: Vec<Waiting> = self
             .book
             .waiting()
@@ -613,6 +730,13 @@ impl<S: LeaseStore> Core<S> {
             let ev = self.book.release(now, &w.lease_name);
             self.on_events(now, ev);
         }
+        let ev = self.book.limit_client(
+            now,
+            client,
+            max_idle.map(|m| m.saturating_mul(1000)),
+            max.saturating_mul(1000),
+        );
+        self.on_events(now, ev);
         let (ev, withdrawn) = self.book.set_policy(now, client, &allow);
         for (w, why) in withdrawn {
             let (code, _, reason) = refusal_reply(&why, &w.selector, &text);
@@ -637,9 +761,34 @@ impl<S: LeaseStore> Core<S> {
             )),
             None => Err(CtlError::new(
                 CtlErrorCode::NotFound,
-                format!("no active lease {name:?} (ended, or never granted)"),
+                self.ended_text(caller, admin, name).unwrap_or_else(|| {
+                    format!("no active lease {name:?} (ended, or never granted)")
+                }),
             )),
         }
+    }
+
+    /// How lease `name` ended, for its holder (or an admin) coming back to it: "lease L ended
+    /// at T: nothing used it for 10m (its idle timeout)". `None` when it is not in the usage
+    /// history, or was someone else's.
+    pub(super) fn ended_text(&self, caller: &Caller, admin: bool, name: &str) -> Option<String> {
+        let rec = self.usage.history.ended_lease(name)?;
+        if !(admin || rec.client == caller.name) {
+            return None;
+        }
+        let at = jmp_protocol::usage::rfc3339(rec.end);
+        let why = match rec.reason.as_str() {
+            "idle" => match rec.idle_timeout {
+                Some(d) => format!(
+                    "nothing used it for {} (its idle timeout)",
+                    fmt_secs(d.div_ceil(1000))
+                ),
+                None => "nothing used it for its idle timeout".to_string(),
+            },
+            "expired" => "it expired".to_string(),
+            other => other.to_string(),
+        };
+        Some(format!("lease {name} ended at {at}: {why}"))
     }
 
     pub(super) fn update_lease(
@@ -690,10 +839,11 @@ impl<S: LeaseStore> Core<S> {
             Ok(l) => {
                 info!(lease = %name, end = l.end / 1000, "lease end changed");
                 self.links.push.insert(l.exporter.clone());
-                // A shortened lease that is already over ends now.
-                let ev = self.book.tick(now);
+                // Changing a lease uses it; a shortened lease that is already over ends now
+                // (touching advances the book first).
+                let (now_lease, ev) = self.book.touch(now, name);
                 self.on_events(now, ev);
-                Reply::Lease(lease_info(&l))
+                Reply::Lease(lease_info(&now_lease.unwrap_or(l)))
             }
             Err(e) => err(CtlErrorCode::NotFound, e),
         }
@@ -739,10 +889,14 @@ impl<S: LeaseStore> Core<S> {
                 }
             }
             if !unknown.is_empty() {
-                return err(
-                    CtlErrorCode::NotFound,
-                    format!("no lease named {}", unknown.join(", ")),
-                );
+                let said: Vec<String> = unknown
+                    .iter()
+                    .map(|n| {
+                        self.ended_text(caller, admin, n)
+                            .unwrap_or_else(|| format!("no lease named {n}"))
+                    })
+                    .collect();
+                return err(CtlErrorCode::NotFound, said.join("; "));
             }
         }
         for n in &targets {
@@ -762,13 +916,11 @@ impl<S: LeaseStore> Core<S> {
         Reply::Deleted { names: targets }
     }
 
-    /// A lease token for the caller's lease, with where its exporter is and how to pin it.
-    pub(super) fn access(&mut self, now: Millis, caller: &Caller, name: Option<String>) -> Reply {
-        let lease = match name {
-            Some(n) => match self.own_lease(caller, false, &n) {
-                Ok(l) => l,
-                Err(e) => return Reply::Error(e),
-            },
+    /// The caller's lease `name`, or its only active one (the error says why there is none,
+    /// or which to choose from).
+    fn lease_named(&self, caller: &Caller, name: Option<String>) -> Result<Lease, CtlError> {
+        Ok(match name {
+            Some(n) => self.own_lease(caller, false, &n)?,
             None => {
                 let mine: Vec<&Lease> = self
                     .book
@@ -778,17 +930,17 @@ impl<S: LeaseStore> Core<S> {
                 match mine.as_slice() {
                     [l] => (*l).clone(),
                     [] => {
-                        return err(
+                        return Err(CtlError::new(
                             CtlErrorCode::NotFound,
                             format!(
                                 "client {} has no active lease (jmp create lease -l SELECTOR)",
                                 caller.name
                             ),
-                        )
+                        ))
                     }
                     many => {
                         let names: Vec<&str> = many.iter().map(|l| l.name.as_str()).collect();
-                        return err(
+                        return Err(CtlError::new(
                             CtlErrorCode::Ambiguous,
                             format!(
                                 "client {} holds {} leases ({}); pick one with --lease",
@@ -796,10 +948,52 @@ impl<S: LeaseStore> Core<S> {
                                 many.len(),
                                 names.join(", ")
                             ),
-                        );
+                        ));
                     }
                 }
             }
+        })
+    }
+
+    /// The caller uses its lease (`touch-lease`): its idle timeout starts again.
+    pub(super) fn touch_lease(
+        &mut self,
+        now: Millis,
+        caller: &Caller,
+        name: Option<String>,
+    ) -> Reply {
+        let lease = match self.lease_named(caller, name) {
+            Ok(l) => l,
+            Err(e) => return Reply::Error(e),
+        };
+        let (now_lease, ev) = self.book.touch(now, &lease.name);
+        self.on_events(now, ev);
+        match now_lease {
+            Some(l) => Reply::Lease(lease_info(&l)),
+            None => err(
+                CtlErrorCode::NotFound,
+                self.ended_text(caller, false, &lease.name)
+                    .unwrap_or_else(|| format!("lease {} has ended", lease.name)),
+            ),
+        }
+    }
+
+    /// A lease token for the caller's lease, with where its exporter is and how to pin it.
+    /// Asking for one is a use of the lease (an attachment connecting or reconnecting, a
+    /// command on a connection of its own).
+    pub(super) fn access(&mut self, now: Millis, caller: &Caller, name: Option<String>) -> Reply {
+        let lease = match self.lease_named(caller, name) {
+            Ok(l) => l,
+            Err(e) => return Reply::Error(e),
+        };
+        let (now_lease, ev) = self.book.touch(now, &lease.name);
+        self.on_events(now, ev);
+        let Some(lease) = now_lease else {
+            return err(
+                CtlErrorCode::NotFound,
+                self.ended_text(caller, false, &lease.name)
+                    .unwrap_or_else(|| format!("lease {} has ended", lease.name)),
+            );
         };
         let Some(rec) = self.registry.exporters.get(&lease.exporter) else {
             return err(

@@ -58,6 +58,10 @@ pub const MAX_WAITING_PER_CLIENT: usize = 16;
 
 /// Longest lease when neither the client's policy nor the controller's flag says.
 pub const DEFAULT_MAX_DURATION_SECS: u64 = 24 * 3600;
+/// Default of `--default-idle-timeout`: a lease nothing uses for this long ends. Long enough
+/// for the gap between `jmp create lease` and its first use (a CI step starting, a person
+/// typing `jmp attach`); short enough that a cancelled job's board goes back to the lab soon.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 600;
 
 /// A verified credential's identity (signature checked by the API task; revocation here).
 #[derive(Debug, Clone)]
@@ -99,6 +103,10 @@ pub struct Core<S: LeaseStore> {
     verifier: jmp_transport::token::Verifier,
     metrics: Arc<Metrics>,
     default_max_secs: u64,
+    /// Idle timeout of leases that ask for none (`--default-idle-timeout`, seconds; 0: none).
+    default_idle_secs: u64,
+    /// When the store was loaded (idle ends are held for a grace after it).
+    loaded_at: Millis,
     /// Waiting requests one client may have at once.
     max_waiting: usize,
     /// Lifetime of the credentials issued, seconds (`--credential-ttl`; 0: they never expire).
@@ -203,6 +211,11 @@ impl<S: LeaseStore> Core<S> {
             revision = snap.revision,
             "state loaded"
         );
+        let mut book = book;
+        // Leases whose idle deadline passed while no controller listened wait until the
+        // exporters could register again and say which are attached (see set_orphan_grace).
+        let loaded_at = now_ms();
+        book.hold_idle_ends(loaded_at + ORPHAN_GRACE.as_millis() as u64);
         let verifier = auth.signer.verifier();
         let mut core = Core {
             persist: persist::Persistence::new(store, store_name, snap.revision, unclaimed),
@@ -216,6 +229,8 @@ impl<S: LeaseStore> Core<S> {
             verifier,
             metrics,
             default_max_secs,
+            default_idle_secs: DEFAULT_IDLE_TIMEOUT_SECS,
+            loaded_at,
             max_waiting: MAX_WAITING_PER_CLIENT,
             credential_ttl: DEFAULT_CREDENTIAL_TTL_SECS,
             out: Vec::new(),
@@ -250,15 +265,24 @@ impl<S: LeaseStore> Core<S> {
         self.usage.history.set_retention(ms);
     }
 
+    /// The idle timeout of leases that ask for none (`--default-idle-timeout`; 0: they have
+    /// none). A client's policy may cap it.
+    pub fn set_default_idle_timeout(&mut self, secs: u64) {
+        self.default_idle_secs = secs;
+    }
+
     /// Changes how many requests one client may have waiting (`--max-waiting-per-client`).
     pub fn set_max_waiting(&mut self, n: usize) {
         self.max_waiting = n.max(1);
     }
 
     /// Changes [`ORPHAN_GRACE`] (tests).
-    /// Deadlines already set (those restored by [`Core::open`]) are capped to the new grace.
+    /// Deadlines already set (those restored by [`Core::open`]) are capped to the new grace,
+    /// and so is the hold on idle ends after the load (the exporters' time to register again).
     pub fn set_orphan_grace(&mut self, d: Duration) {
         self.waiters.set_grace(d);
+        self.book
+            .hold_idle_ends(self.loaded_at.saturating_add(d.as_millis() as u64));
     }
 
     pub fn has_client(&self, name: &str) -> bool {
@@ -378,6 +402,7 @@ impl<S: LeaseStore> Core<S> {
                 | Request::UpdateLease { .. }
                 | Request::DeleteLease { .. }
                 | Request::LeaseAccess { .. }
+                | Request::TouchLease { .. }
                 | Request::Relay { .. }
         );
         if client_only && caller.kind != TokenKind::Client {
@@ -427,6 +452,8 @@ impl<S: LeaseStore> Core<S> {
                 self.delete_leases(now, &caller, admin, names, all)
             }
             Request::LeaseAccess { name } => self.access(now, &caller, name),
+            Request::TouchLease { name } => self.touch_lease(now, &caller, name),
+            Request::InUse { lease } => self.in_use(now, &caller, lease),
             Request::GetExporters { selector } => self.get_exporters(&caller, admin, selector),
             Request::CreateClient(spec) => self.create_client(spec),
             Request::UpdateClient(u) => self.update_client(now, u),
@@ -467,9 +494,14 @@ impl<S: LeaseStore> Core<S> {
                     info!(lease = %lease.name, client = %lease.client, exporter = %lease.exporter, "granted from the queue");
                     self.links.push.insert(lease.exporter.clone());
                     self.granted_from_queue(&lease);
+                    self.granted_on(now, &lease);
                 }
                 Event::CleanupOverdue { exporter, lease } => {
                     self.cleanup_overdue(&exporter, &lease);
+                }
+                Event::Extended { lease } => {
+                    info!(lease = %lease.name, client = %lease.client, exporter = %lease.exporter, end = lease.end / 1000, "extended while in use");
+                    self.links.push.insert(lease.exporter.clone());
                 }
                 Event::Ended { lease, reason } => {
                     if let Some(r) = self.relays.as_mut() {

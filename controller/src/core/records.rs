@@ -77,6 +77,9 @@ pub struct Policy<'a> {
     pub text: &'a str,
     /// Its longest lease, seconds.
     pub max_secs: u64,
+    /// The longest idle timeout its leases may have, seconds (`None`: no limit, and a lease
+    /// may have none).
+    pub max_idle_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -88,6 +91,9 @@ pub struct ClientRecord {
     pub allow: Allow,
     #[serde(default)]
     pub max_duration_secs: u64,
+    /// The longest idle timeout its leases may have (0: no limit).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_idle_timeout_secs: u64,
     #[serde(default)]
     pub admin: bool,
     /// The id of the one valid credential; anything else is revoked.
@@ -123,6 +129,10 @@ pub struct ExporterRecord {
     /// It takes relayed sessions (`controller: {relay: true}` in its config).
     #[serde(default)]
     pub relay: bool,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl ExporterRecord {
@@ -209,6 +219,7 @@ impl Registry {
             allow,
             text: rec.allow.text(),
             max_secs,
+            max_idle_secs: Some(rec.max_idle_timeout_secs).filter(|m| *m > 0),
         })
     }
 }

@@ -10,7 +10,7 @@ use jmp_protocol::selector::Selector;
 use jmp_protocol::token::TokenKind;
 use std::collections::{BTreeSet, HashMap};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// An exporter's open registration stream.
 pub(super) struct ExporterLink {
@@ -31,6 +31,9 @@ pub(super) struct Links {
     /// Per live lease, the latest expiry of a lease token issued for it by this process
     /// (Unix seconds): a token issued before its lease was shortened outlives the lease's end.
     tokens_until: HashMap<String, u64>,
+    /// Online exporters that do not report their sessions (older jmpd): their leases count
+    /// as attached, since nothing would say when they are used.
+    pub silent: BTreeSet<String>,
 }
 
 impl Links {
@@ -109,6 +112,8 @@ impl<S: LeaseStore> Core<S> {
             );
             return;
         }
+        let attached = reg.attached.clone();
+        let reports = reg.reports_in_use;
         let changed = rec.address != reg.address
             || rec.relay != reg.relay
             || rec.fingerprint != reg.fingerprint
@@ -142,10 +147,54 @@ impl<S: LeaseStore> Core<S> {
         // before running it): held before it comes online, so nobody is granted it first.
         ev.extend(self.declare_cleanup(now, &name, reg.cleanup_secs, reg.cleaning));
         ev.extend(self.book.set_online(now, &name, true));
+        // Which of its leases is in use, as it says (after a controller restart or failover,
+        // this rebuilds what the store's records could not know: a session that left while no
+        // controller listened). One that does not report counts its lease as attached.
+        let attached = if reports {
+            self.links.silent.remove(&name);
+            attached
+        } else {
+            self.links.silent.insert(name.clone());
+            self.book.lease_of_exporter(&name).map(|l| l.name.clone())
+        };
+        ev.extend(self.book.set_attached(now, &name, attached.as_deref()));
         info!(exporter = %name, "online");
         self.metrics.exporter_up.with_label_values(&[&name]).set(1);
         self.links.push.insert(name);
         self.on_events(now, ev);
+    }
+
+    /// Exporter `caller` says which lease has a session attached now (`in-use`).
+    pub(super) fn in_use(&mut self, now: Millis, caller: &Caller, lease: Option<String>) -> Reply {
+        if caller.kind != TokenKind::Exporter {
+            return err(
+                CtlErrorCode::Forbidden,
+                "only exporters report their sessions",
+            );
+        }
+        if !self.links.links.contains_key(&caller.name) {
+            // Said outside a registration (the exporter is offline as far as this controller
+            // knows): its next registration says it again.
+            return err(
+                CtlErrorCode::NotFound,
+                format!("exporter {} is not registered here", caller.name),
+            );
+        }
+        debug!(exporter = %caller.name, lease = lease.as_deref().unwrap_or("-"), "sessions reported");
+        let ev = self.book.set_attached(now, &caller.name, lease.as_deref());
+        self.on_events(now, ev);
+        Reply::Done
+    }
+
+    /// `lease` was granted: on an exporter that does not report its sessions, it counts as
+    /// attached from the start (see [`Links::silent`]).
+    pub(super) fn granted_on(&mut self, now: Millis, lease: &Lease) {
+        if self.links.silent.contains(&lease.exporter) {
+            let ev = self
+                .book
+                .set_attached(now, &lease.exporter, Some(&lease.name));
+            self.on_events(now, ev);
+        }
     }
 
     /// The registration of `stream` ended: its exporter is offline (its lease stays).

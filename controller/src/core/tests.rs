@@ -2,7 +2,9 @@
 
 use super::*;
 use crate::store::{MemStore, RedbStore};
-use jmp_protocol::api::{ClientSpec, Credential, ExporterSpec, LeaseRequest, Registration};
+use jmp_protocol::api::{
+    ClientSpec, Credential, ExporterSpec, LeaseInfo, LeaseRequest, Registration,
+};
 use jmp_protocol::token::ControllerRef;
 use jmp_transport::token::{peek, Signer};
 
@@ -117,6 +119,30 @@ impl Harness {
         name: &str,
         labels: &[(&str, &str)],
     ) -> (Caller, u64, mpsc::UnboundedReceiver<Reply>) {
+        self.exporter_registering(name, labels, Registration::default())
+            .await
+    }
+
+    /// An exporter that reports its sessions (as jmpd does), with its identity and stream.
+    async fn reporting_exporter(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> (Caller, u64, mpsc::UnboundedReceiver<Reply>) {
+        let reg = Registration {
+            reports_in_use: true,
+            ..Default::default()
+        };
+        self.exporter_registering(name, labels, reg).await
+    }
+
+    /// Creates exporter `name` and registers it with `reg` (address and fingerprint filled in).
+    async fn exporter_registering(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        reg: Registration,
+    ) -> (Caller, u64, mpsc::UnboundedReceiver<Reply>) {
         let admin = self.admin.clone();
         let cred = match self
             .call(
@@ -140,7 +166,7 @@ impl Harness {
                 Request::Register(Registration {
                     address: "127.0.0.1:9".into(),
                     fingerprint: "sha256:11".into(),
-                    ..Default::default()
+                    ..reg
                 }),
             )
             .await;
@@ -1184,4 +1210,395 @@ async fn a_deleted_clients_reservations_waiters_and_leases_go_with_it() {
         Reply::Leases { leases } => assert!(leases.is_empty(), "{leases:?}"),
         r => panic!("{r:?}"),
     }
+}
+
+/// A lease request with an idle timeout (seconds; 0: none) and, with `max`, auto-extension up
+/// to that hard limit.
+fn idle_req(id: &str, sel: &str, secs: u64, idle: Option<u64>, max: Option<u64>) -> Request {
+    Request::CreateLease(LeaseRequest {
+        request_id: id.into(),
+        selector: sel.into(),
+        duration_secs: secs,
+        idle_timeout_secs: idle,
+        auto_extend: max.is_some(),
+        max_duration_secs: max,
+        ..Default::default()
+    })
+}
+
+fn lease_of(r: Reply) -> LeaseInfo {
+    match r {
+        Reply::Lease(l) => l,
+        other => panic!("expected a lease, got {other:?}"),
+    }
+}
+
+async fn leases_of(h: &mut Harness, c: &Caller) -> Vec<LeaseInfo> {
+    match h.call(c, Request::GetLeases { all: false }).await {
+        Reply::Leases { leases } => leases,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A lease nothing uses ends as idle: the exporter hears why, a waiter gets the board, and the
+/// holder coming back is told how it ended. While a session of it is attached (as its exporter
+/// says) it is in use and has no idle deadline; once the session leaves, it has one again.
+#[tokio::test]
+async fn a_lease_nothing_uses_ends_as_idle_and_its_holder_is_told() {
+    let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
+    let (exp, _, mut link) = h.reporting_exporter("rpi4-01", &[("board", "rpi4")]).await;
+    let c = h.client("c1", "", 0).await;
+    let other = h.client("c2", "", 0).await;
+    let l = lease_of(
+        h.call(&c, idle_req("r1", "board=rpi4", 600, Some(1), None))
+            .await,
+    );
+    assert_eq!((l.idle_timeout, l.attached), (Some(1), false));
+    assert!(l.idle_deadline.is_some() && l.last_use.is_some());
+    // Attached: in use, no idle deadline (shown so in the listing).
+    assert!(matches!(
+        h.call(
+            &exp,
+            Request::InUse {
+                lease: Some(l.name.clone())
+            }
+        )
+        .await,
+        Reply::Done
+    ));
+    let shown = leases_of(&mut h, &c).await;
+    assert!(
+        shown[0].attached && shown[0].idle_deadline.is_none(),
+        "{shown:?}"
+    );
+    // Someone waits; the session leaves; a second later the lease ends as idle and the waiter
+    // gets the board.
+    let (_, mut waiter) = h
+        .start_call(&other, lease_req("w1", "board=rpi4", 600, 60))
+        .await;
+    assert!(matches!(waiter.recv().await, Some(Reply::Queued { .. })));
+    assert!(matches!(
+        h.call(&exp, Request::InUse { lease: None }).await,
+        Reply::Done
+    ));
+    let why = ended_reason(&mut link, &l.name).await;
+    assert!(why.contains("nothing used it for 1s"), "{why}");
+    let granted = loop {
+        match tokio::time::timeout(Duration::from_secs(10), waiter.recv()).await {
+            Ok(Some(Reply::Lease(g))) => break g,
+            Ok(Some(Reply::Queued { .. })) => continue,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(granted.exporter, "rpi4-01");
+    // The holder comes back for it.
+    for r in [
+        Request::LeaseAccess {
+            name: Some(l.name.clone()),
+        },
+        Request::TouchLease {
+            name: Some(l.name.clone()),
+        },
+        Request::DeleteLease {
+            names: vec![l.name.clone()],
+            all: false,
+        },
+    ] {
+        let e = h.call(&c, r).await;
+        let Reply::Error(e) = e else { panic!("{e:?}") };
+        assert_eq!(e.code, CtlErrorCode::NotFound);
+        assert!(
+            e.message.contains(&format!("lease {} ended at ", l.name))
+                && e.message
+                    .contains("nothing used it for 1s (its idle timeout)"),
+            "{e}"
+        );
+    }
+    // Someone else is told nothing about it.
+    let Reply::Error(e) = h
+        .call(
+            &other,
+            Request::LeaseAccess {
+                name: Some(l.name.clone()),
+            },
+        )
+        .await
+    else {
+        panic!()
+    };
+    assert!(!e.message.contains("idle"), "{e}");
+}
+
+/// Calls that name a lease for use move its last use; listing does not.
+#[tokio::test]
+async fn calls_naming_a_lease_use_it_and_listing_does_not() {
+    let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
+    let (_e, _, _link) = h.reporting_exporter("rpi4-01", &[("board", "rpi4")]).await;
+    let c = h.client("c1", "", 0).await;
+    let l = lease_of(
+        h.call(&c, idle_req("r1", "board=rpi4", 600, Some(600), None))
+            .await,
+    );
+    // last_use is in whole seconds: wait until the controller's clock has moved past it, so
+    // a use shows.
+    let moved = |t: u64| async move {
+        while jmp_transport::unix_now() <= t {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let mut last = l.last_use.unwrap();
+    moved(last).await;
+    let listed = leases_of(&mut h, &c).await;
+    assert_eq!(listed[0].last_use, Some(last), "listing is no use");
+    for r in [
+        Request::TouchLease { name: None },
+        Request::LeaseAccess { name: None },
+        Request::UpdateLease {
+            name: l.name.clone(),
+            duration_secs: None,
+            extend_secs: Some(60),
+        },
+        // A retry of the request that made it: its requester is back for it.
+        idle_req("r1", "board=rpi4", 600, Some(600), None),
+    ] {
+        let what = format!("{r:?}");
+        h.call(&c, r).await;
+        let now = leases_of(&mut h, &c).await[0].last_use.unwrap();
+        assert!(now > last, "{what} did not use the lease ({now} <= {last})");
+        last = now;
+        moved(last).await;
+    }
+}
+
+/// The client's policy caps idle timeouts: more than its maximum, or none, is refused; the
+/// controller's default is capped to it. A hard limit or an extension beyond the longest
+/// lease it may hold is refused.
+#[tokio::test]
+async fn idle_timeouts_hard_limits_and_extensions_beyond_policy_are_refused() {
+    let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
+    let _e = h.reporting_exporter("rpi4-01", &[("board", "rpi4")]).await;
+    let admin = h.admin.clone();
+    let c = match h
+        .call(
+            &admin,
+            Request::CreateClient(ClientSpec {
+                name: "c1".into(),
+                max_duration_secs: 3600,
+                max_idle_timeout_secs: 300,
+                ..Default::default()
+            }),
+        )
+        .await
+    {
+        Reply::Credential(cr) => caller_of(&cr),
+        other => panic!("{other:?}"),
+    };
+    let refused = |r: Reply| match r {
+        Reply::Error(e) => e,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let e = refused(
+        h.call(&c, idle_req("a", "board=rpi4", 600, Some(0), None))
+            .await,
+    );
+    assert_eq!(e.code, CtlErrorCode::Forbidden);
+    assert!(
+        e.message.contains("without an idle timeout (at most 5m)"),
+        "{e}"
+    );
+    let e = refused(
+        h.call(&c, idle_req("b", "board=rpi4", 600, Some(600), None))
+            .await,
+    );
+    assert!(
+        e.message
+            .contains("an idle timeout of 10m is longer than client c1 may ask for (at most 5m)"),
+        "{e}"
+    );
+    let e = refused(
+        h.call(&c, idle_req("c", "board=rpi4", 600, None, Some(7200)))
+            .await,
+    );
+    assert_eq!(e.code, CtlErrorCode::Forbidden);
+    assert!(
+        e.message
+            .contains("a hard limit of 2h is longer than client c1 may hold a lease (at most 1h)"),
+        "{e}"
+    );
+    let e = refused(
+        h.call(&c, idle_req("d", "board=rpi4", 600, None, Some(60)))
+            .await,
+    );
+    assert_eq!(e.code, CtlErrorCode::Invalid, "{e}");
+    // The controller's default (10m) is capped to the client's 5m; the hard limit defaults
+    // to the longest lease it may hold.
+    let l = lease_of(
+        h.call(&c, idle_req("e", "board=rpi4", 600, None, Some(3600)))
+            .await,
+    );
+    assert_eq!(l.idle_timeout, Some(300));
+    assert_eq!(l.hard_limit, Some(l.begin + 3600));
+    // An extension beyond the policy is refused; one within it is taken.
+    let e = refused(
+        h.call(
+            &c,
+            Request::UpdateLease {
+                name: l.name.clone(),
+                duration_secs: Some(7200),
+                extend_secs: None,
+            },
+        )
+        .await,
+    );
+    assert_eq!(e.code, CtlErrorCode::Forbidden);
+    assert!(
+        e.message
+            .contains("client c1 may hold a lease for at most 1h"),
+        "{e}"
+    );
+    let l2 = lease_of(
+        h.call(
+            &c,
+            Request::UpdateLease {
+                name: l.name.clone(),
+                duration_secs: Some(1800),
+                extend_secs: None,
+            },
+        )
+        .await,
+    );
+    assert_eq!(l2.end, l.begin + 1800);
+    // An admin lowers the client's limits: its lease's idle timeout and hard limit follow.
+    match h
+        .call(
+            &admin,
+            Request::UpdateClient(jmp_protocol::api::ClientUpdate {
+                max_idle_timeout_secs: Some(120),
+                max_duration_secs: Some(2400),
+                ..update("c1")
+            }),
+        )
+        .await
+    {
+        Reply::Clients { clients } => assert_eq!(clients[0].max_idle_timeout_secs, 120),
+        other => panic!("{other:?}"),
+    }
+    let now = leases_of(&mut h, &c).await;
+    assert_eq!(now[0].idle_timeout, Some(120));
+    assert_eq!(now[0].hard_limit, Some(l.begin + 2400));
+}
+
+/// An auto-extending lease in use outlives its first duration, in steps, and ends at its hard
+/// limit; the exporter is told each new end.
+#[tokio::test]
+async fn an_auto_extended_lease_in_use_grows_to_its_hard_limit() {
+    let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
+    let (exp, _, mut link) = h.reporting_exporter("rpi4-01", &[("board", "rpi4")]).await;
+    let c = h.client("c1", "", 0).await;
+    // Steps of 2 s up to 5 s in all.
+    let l = lease_of(
+        h.call(&c, idle_req("r1", "board=rpi4", 2, Some(600), Some(5)))
+            .await,
+    );
+    assert_eq!(l.hard_limit, Some(l.begin + 5));
+    h.call(
+        &exp,
+        Request::InUse {
+            lease: Some(l.name.clone()),
+        },
+    )
+    .await;
+    let mut ends = Vec::new();
+    let why = loop {
+        let r = tokio::time::timeout(Duration::from_secs(20), link.recv())
+            .await
+            .expect("a push")
+            .expect("registered");
+        if let Reply::ExporterState { lease, ended, .. } = r {
+            if let Some(e) = ended.iter().find(|e| e.name == l.name) {
+                break e.reason.clone();
+            }
+            if let Some(cur) = lease.filter(|x| x.name == l.name) {
+                if ends.last() != Some(&cur.end) {
+                    ends.push(cur.end);
+                }
+            }
+        }
+    };
+    assert!(why.contains("reached its hard limit"), "{why}");
+    assert!(
+        ends.iter().any(|e| *e > l.end),
+        "pushed ends {ends:?} never passed the first end {}",
+        l.end
+    );
+    // The push rounds its end up to the second, the listing down.
+    let last = *ends.last().expect("pushed ends");
+    assert!(
+        last.abs_diff(l.hard_limit.unwrap()) <= 1,
+        "last pushed end {last}, hard limit {:?}",
+        l.hard_limit
+    );
+}
+
+/// Liveness survives a restart of the controller: an attached lease stays in use across it;
+/// its exporter, registering again, says its session left meanwhile, and it ends as idle.
+/// An exporter that does not report its sessions counts its lease as attached.
+#[tokio::test]
+async fn liveness_survives_a_restart_and_silent_exporters_count_as_attached() {
+    let dir = std::env::temp_dir().join(format!("jmp-core-idle-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("leases.redb");
+    let auth = authority();
+    let (exp, c, lease) = {
+        let mut h = start(RedbStore::open(&db).unwrap(), auth.clone(), ORPHAN_GRACE);
+        let (exp, _, _link) = h.reporting_exporter("rpi4-01", &[("board", "rpi4")]).await;
+        let c = h.client("c1", "", 0).await;
+        let l = lease_of(
+            h.call(&c, idle_req("r1", "board=rpi4", 600, Some(1), None))
+                .await,
+        );
+        h.call(
+            &exp,
+            Request::InUse {
+                lease: Some(l.name.clone()),
+            },
+        )
+        .await;
+        drop(h);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        (exp, c, l)
+    };
+    // A short grace after the load: idle ends wait that long for the exporters to register.
+    let mut h = start(
+        RedbStore::open(&db).unwrap(),
+        auth,
+        Duration::from_millis(300),
+    );
+    let shown = leases_of(&mut h, &c).await;
+    assert!(shown[0].attached, "attached across the restart: {shown:?}");
+    // The exporter registers again: its session left while the controller was down.
+    let (_, mut link) = h
+        .start_call(
+            &exp,
+            Request::Register(Registration {
+                address: "127.0.0.1:9".into(),
+                fingerprint: "sha256:11".into(),
+                reports_in_use: true,
+                attached: None,
+                ..Default::default()
+            }),
+        )
+        .await;
+    let why = ended_reason(&mut link, &lease.name).await;
+    assert!(why.contains("nothing used it"), "{why}");
+
+    // An exporter that does not say: its lease counts as attached from the grant.
+    let _silent = h.exporter("old-01", &[("board", "old")]).await;
+    let l = lease_of(
+        h.call(&c, idle_req("r2", "board=old", 600, Some(1), None))
+            .await,
+    );
+    assert!(l.attached && l.idle_deadline.is_none(), "{l:?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

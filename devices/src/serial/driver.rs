@@ -145,6 +145,11 @@ impl Driver for SerialDriver {
         &[ChannelMode::Stream]
     }
 
+    /// The history starts again: a new holder's channels replay nothing printed before.
+    fn new_holder(&self) {
+        self.history.forget();
+    }
+
     fn open<'a>(&'a self, req: &'a Open) -> BoxFuture<'a, Result<Box<dyn Channel>, Refusal>> {
         Box::pin(async move {
             let params = OpenParams::decode_exact(&req.params).map_err(|e| {

@@ -101,6 +101,9 @@ impl History {
         let Some(min) = self.lock_cursors().values().min().copied() else {
             return true;
         };
+        // Bytes before the start are gone already (dropped, or forgotten for a new holder):
+        // a cursor behind it holds nothing back.
+        let min = min.max(self.start());
         let end = self.end();
         let cap = self.capacity() as u64;
         end.saturating_sub(min) + n as u64 <= cap
@@ -152,6 +155,19 @@ impl History {
         };
         // Offsets count every byte, also the ones too old to keep.
         self.end.send_replace(end);
+    }
+
+    /// Drops everything kept: a new holder of the board must not be shown what was printed
+    /// for the one before. Offsets go on (the next byte printed is at [`History::end`]); a
+    /// channel still reading older bytes continues from here.
+    pub fn forget(&self) {
+        let mut r = self.lock();
+        let end = r.start + r.buf.len() as u64;
+        r.buf.clear();
+        r.start = end;
+        drop(r);
+        // Cursors behind the new start count as having sent everything before it.
+        self.room.notify_waiters();
     }
 
     /// Offset one past the last byte printed.
@@ -225,6 +241,19 @@ mod tests {
         assert_eq!(h.end(), 21);
         assert_eq!(h.read(0, 100).data, Bytes::from_static(b"23456789"));
         assert_eq!(h.read(0, 100).offset, 13);
+    }
+
+    #[test]
+    fn forgotten_bytes_are_never_read_again_and_offsets_go_on() {
+        let h = History::new(64);
+        h.push(b"team A's login");
+        h.forget();
+        assert_eq!((h.start(), h.end()), (14, 14));
+        let r = h.read(0, 100);
+        assert_eq!((r.offset, r.data), (14, Bytes::new()), "nothing before the new start");
+        h.push(b"B");
+        assert_eq!(h.read(0, 100).data, Bytes::from_static(b"B"));
+        assert_eq!(h.read(0, 100).offset, 14);
     }
 
     #[test]

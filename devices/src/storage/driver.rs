@@ -4,6 +4,15 @@
 //! order they finish. A medium shared with the board (an SD-mux) refuses writes while the
 //! board's power is on, and every power-on bumps the generation so clients drop their caches.
 //!
+//! **Budgets.** Before a request is read any further than its header, the channel takes what
+//! it will hold from its session's budget ([`crate::budget`]): the bytes of its payload, read
+//! buffer and answer (see [`cost`]), then a place for its job. The bytes are given back once
+//! the answer has been handed to QUIC. While the budget is used up the channel reads nothing
+//! more, so a client that sends reads and never reads the answers holds at most its share of
+//! the exporter's memory, however many it sends or channels it opens. When the channel ends
+//! (reset, its session gone) its jobs stop at their next chunk; a channel the client finished
+//! cleanly still gets every answer.
+//!
 //! **Generations and writers.** A mount caches what it read; the generation tells it when
 //! that may be stale. It moves (1) when a channel writes that is not the one that wrote last
 //! (a flash beside a mount: the mount drops what it had), and (2) when such a channel's
@@ -14,8 +23,9 @@
 //! generation a mount must have reached to show its data (`jmp storage flash` waits for the
 //! local mounts to reach it, see jmp/src/storage.rs).
 
-use super::medium::{Failure, Medium};
+use super::medium::{Failure, Medium, CHUNK};
 use crate::board::Board;
+use crate::budget::{self, ChannelBudget, Held, Job};
 use crate::{BoxFuture, Channel, DeviceStatus, Driver, Refusal};
 use bytes::Bytes;
 use jmp_protocol::codec::{to_bytes, Codec};
@@ -24,17 +34,51 @@ use jmp_protocol::kinds::storage::{
     StorageError, MAX_IO,
 };
 use jmp_protocol::{ChannelMode, DeviceState, ErrorCode, Kind, Open};
-use jmp_transport::{ChannelIo, PipeTx};
+use jmp_transport::{ChannelIo, PipeRx, PipeTx};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-/// Requests of one channel running at once; more wait in the stream (QUIC flow control then
-/// slows the client down).
-const IN_FLIGHT: usize = 32;
+/// Answers of one channel queued for its writer. Each comes from a job holding a job place
+/// until it is queued, so the queue holds at most the channel's jobs' worth.
+const ANSWERS: usize = 64;
+
+/// Least a request counts against the byte budget (its frame, its answer, bookkeeping), so
+/// that requests without payload are bounded by bytes too.
+const REQUEST_FLOOR: u64 = 4096;
+
+/// What a request may hold at most while it is read, run and answered: the bytes taken from
+/// the budget before its payload is read.
+pub fn cost(op: &Op) -> usize {
+    let b = match *op {
+        Op::Read {
+            len,
+            compress: false,
+            ..
+        } => len,
+        // The data and its compressed copy, both held while compressing.
+        Op::Read {
+            len,
+            compress: true,
+            ..
+        } => 2 * len,
+        Op::Write { len, .. } => len,
+        // The payload, the payload joined into one buffer, the decompressed data.
+        Op::WriteZstd { len, clen, .. } => 2 * clen + len,
+        // One chunk's buffer (hashing, writing zeros where holes cannot be punched).
+        Op::Zero { .. } | Op::Discard { .. } | Op::Hash { .. } => CHUNK as u64,
+        Op::Flush => 0,
+    };
+    usize::try_from(b.saturating_add(REQUEST_FLOOR)).unwrap_or(usize::MAX)
+}
+
+/// Work that keeps a CPU busy for long.
+fn heavy(op: &Op) -> bool {
+    matches!(op, Op::Hash { .. })
+}
 
 /// A test hook: reads overlapping this range take this long (how the "a slow request does not
 /// stall the others" test makes one slow).
@@ -255,6 +299,7 @@ impl Inner {
         m: &Medium,
         op: Op,
         payload: Vec<Bytes>,
+        job: &Job,
     ) -> Result<(Response, Option<Bytes>), Failure> {
         let write = matches!(
             op,
@@ -264,7 +309,7 @@ impl Inner {
             self.may_write()?;
             self.writing(ch);
         }
-        let r = self.execute(m, op, payload);
+        let r = self.execute(m, op, payload, job);
         if write {
             // Marked after the write (whatever its outcome: a failed write may have written
             // part): a write still running when a flush finishes is covered by the next
@@ -282,6 +327,7 @@ impl Inner {
         m: &Medium,
         op: Op,
         payload: Vec<Bytes>,
+        job: &Job,
     ) -> Result<(Response, Option<Bytes>), Failure> {
         let ok = Response::Ok { id: 0 };
         match op {
@@ -295,7 +341,7 @@ impl Inner {
                         std::thread::sleep(s.delay);
                     }
                 }
-                let data = m.read(offset, len as usize)?;
+                let data = m.read(offset, len as usize, job)?;
                 if compress {
                     if let Ok(z) = zstd::bulk::compress(&data, 1) {
                         if z.len() < data.len() {
@@ -313,11 +359,11 @@ impl Inner {
                 Ok((Response::Data { id: 0, len }, Some(data)))
             }
             Op::Write { offset, .. } => {
-                m.write(offset, &payload)?;
+                m.write(offset, &payload, job)?;
                 Ok((ok, None))
             }
             Op::WriteZstd { offset, len, .. } => {
-                let z: Vec<u8> = payload.iter().flat_map(|b| b.iter().copied()).collect();
+                let z: Vec<u8> = payload.concat();
                 let data = zstd::bulk::decompress(&z, len as usize).map_err(|e| {
                     Failure::new(
                         StorageError::BadData,
@@ -337,15 +383,15 @@ impl Inner {
                         ),
                     ));
                 }
-                m.write(offset, &[Bytes::from(data)])?;
+                m.write(offset, &[Bytes::from(data)], job)?;
                 Ok((ok, None))
             }
             Op::Zero { offset, len } => {
-                m.zero(offset, len)?;
+                m.zero(offset, len, job)?;
                 Ok((ok, None))
             }
             Op::Discard { offset, len } => {
-                m.discard(offset, len)?;
+                m.discard(offset, len, job)?;
                 Ok((ok, None))
             }
             Op::Flush => {
@@ -355,7 +401,7 @@ impl Inner {
             Op::Hash { offset, len } => Ok((
                 Response::Hash {
                     id: 0,
-                    sha256: m.hash(offset, len)?,
+                    sha256: m.hash(offset, len, job)?,
                 },
                 None,
             )),
@@ -441,9 +487,19 @@ impl Driver for StorageDriver {
             let resp = match req {
                 DeviceRequest::Info => DeviceResponse::Info(self.0.params().unwrap_or_default()),
                 DeviceRequest::Hash { offset, len } => {
-                    let r = tokio::task::spawn_blocking(move || medium.hash(offset, len))
-                        .await
-                        .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
+                    // A request is budgeted like a channel of its session; the guard stops the
+                    // hash when this future is dropped (the session ended).
+                    let budget = budget::current().channel();
+                    let held = budget.bytes(cost(&Op::Hash { offset, len })).await;
+                    let slot = budget.job(true).await;
+                    let (job, _stop) = budget.jobs();
+                    let r = tokio::task::spawn_blocking(move || {
+                        let r = medium.hash(offset, len, &job);
+                        drop((slot, held));
+                        r
+                    })
+                    .await
+                    .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?;
                     DeviceResponse::Hash {
                         sha256: r.map_err(|f| Refusal::new(ErrorCode::Failed, f.message))?,
                     }
@@ -480,62 +536,114 @@ impl Channel for StorageChannel {
             let ChannelIo::Stream(pipe) = io else { return };
             self.driver.open.fetch_add(1, Ordering::Relaxed);
             let _open = OpenGuard(self.driver.clone(), self.writes.clone());
-            let (tx, mut rx) = pipe.split();
-            let (out, outq) = mpsc::channel::<(Response, Option<Bytes>)>(IN_FLIGHT * 2);
-            let writer = tokio::spawn(write_responses(tx, outq, self.driver.status.clone()));
-            let permits = Arc::new(Semaphore::new(IN_FLIGHT));
-            let mut reader = FrameReader::<Request>::new();
+            let budget = budget::current().channel();
+            // Dropped when this future ends however it ends (finished, reset, aborted with
+            // its session): the channel's jobs stop at their next chunk.
+            let (job, _stop) = budget.jobs();
+            let (tx, rx) = pipe.split();
+            let (out, outq) = mpsc::channel::<Answer>(ANSWERS);
+            let writer = write_responses(tx, outq, self.driver.status.clone());
+            tokio::pin!(writer);
             let name = self.driver.name.clone();
-            'read: loop {
-                let chunk = match rx.recv().await {
-                    Ok(Some(c)) => c,
-                    Ok(None) => break,
-                    Err(e) => {
-                        debug!(device = %name, "storage channel ended: {e}");
-                        break;
+            let reader = read_requests(&self, rx, &budget, &job, out);
+            tokio::select! {
+                finished = reader => {
+                    if finished {
+                        // The client finished cleanly: the answers of requests still running
+                        // go out before the channel ends.
+                        writer.await;
+                    }
+                }
+                // The writer ended first: the client stopped reading or the stream is gone.
+                () = &mut writer => debug!(device = %name, "storage channel's answers cannot be sent; stopping"),
+            }
+        })
+    }
+}
+
+/// An answer ready to send, with the budget its request held, given back once it is sent.
+struct Answer {
+    resp: Response,
+    data: Option<Bytes>,
+    held: Held,
+}
+
+/// Reads requests and starts a job for each, within the channel's budget. True when the
+/// client finished the stream cleanly; false when it broke off (reset, bad frame, lost
+/// connection), and the jobs should stop.
+async fn read_requests(
+    ch: &StorageChannel,
+    mut rx: PipeRx,
+    budget: &ChannelBudget,
+    job: &Job,
+    out: mpsc::Sender<Answer>,
+) -> bool {
+    let name = &ch.driver.name;
+    let mut reader = FrameReader::<Request>::new();
+    // The budget taken for the frame whose header has arrived and whose payload is still
+    // coming: taken before reading any of that payload.
+    let mut taken: Option<Held> = None;
+    loop {
+        loop {
+            let (req, payload) = match reader.next_frame() {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    if let (None, Some(req)) = (&taken, reader.pending()) {
+                        taken = Some(budget.bytes(cost(&req.op)).await);
+                    }
+                    break;
+                }
+                Err(e) => {
+                    warn!(device = %name, "bad storage request, closing the channel: {e}");
+                    return false;
+                }
+            };
+            let held = match taken.take() {
+                Some(h) => h,
+                None => budget.bytes(cost(&req.op)).await,
+            };
+            let slot = budget.job(heavy(&req.op)).await;
+            let driver = ch.driver.clone();
+            let medium = ch.medium.clone();
+            let out = out.clone();
+            let writes = ch.writes.clone();
+            let job = job.clone();
+            tokio::task::spawn_blocking(move || {
+                if job.stopped() {
+                    return;
+                }
+                let (resp, data) = match driver.run(&writes, &medium, req.op, payload, &job) {
+                    Ok((r, data)) => (with_id(r, req.id), data),
+                    Err(f) => {
+                        driver.lost(&f);
+                        (
+                            Response::Error {
+                                id: req.id,
+                                error: f.error,
+                                message: f.message,
+                            },
+                            None,
+                        )
                     }
                 };
-                reader.push(chunk);
-                loop {
-                    let (req, payload) = match reader.next_frame() {
-                        Ok(Some(r)) => r,
-                        Ok(None) => break,
-                        Err(e) => {
-                            warn!(device = %name, "bad storage request, closing the channel: {e}");
-                            break 'read;
-                        }
-                    };
-                    let Ok(permit) = permits.clone().acquire_owned().await else {
-                        break 'read;
-                    };
-                    let driver = self.driver.clone();
-                    let medium = self.medium.clone();
-                    let out = out.clone();
-                    let ch = self.writes.clone();
-                    tokio::task::spawn_blocking(move || {
-                        let r = match driver.run(&ch, &medium, req.op, payload) {
-                            Ok((r, data)) => (with_id(r, req.id), data),
-                            Err(f) => {
-                                driver.lost(&f);
-                                (
-                                    Response::Error {
-                                        id: req.id,
-                                        error: f.error,
-                                        message: f.message,
-                                    },
-                                    None,
-                                )
-                            }
-                        };
-                        let _ = out.blocking_send(r);
-                        drop(permit);
-                    });
-                }
+                // The job's place is given back only once its answer is queued, so threads
+                // waiting for room in the queue are counted among the channel's jobs.
+                let _ = out.blocking_send(Answer {
+                    resp,
+                    data,
+                    held,
+                });
+                drop(slot);
+            });
+        }
+        match rx.recv().await {
+            Ok(Some(c)) => reader.push(c),
+            Ok(None) => return true,
+            Err(e) => {
+                debug!(device = %name, "storage channel ended: {e}");
+                return false;
             }
-            drop(out);
-            // Answers of requests still running go out before the channel ends.
-            let _ = writer.await;
-        })
+        }
     }
 }
 
@@ -557,7 +665,7 @@ impl Drop for OpenGuard {
 /// generation the flush made (the writer relies on it, see the module's doc).
 async fn write_responses(
     mut tx: PipeTx,
-    mut q: mpsc::Receiver<(Response, Option<Bytes>)>,
+    mut q: mpsc::Receiver<Answer>,
     mut status: watch::Receiver<DeviceStatus>,
 ) {
     status.borrow_and_update();
@@ -586,16 +694,19 @@ async fn write_responses(
                 }
             }
         }
-        let Some((resp, data)) = answer else { continue };
-        debug_assert!(data.as_ref().is_none_or(|d| d.len() as u64 <= MAX_IO));
-        if tx.send(frame(&resp)).await.is_err() {
+        let Some(a) = answer else { continue };
+        debug_assert!(a.data.as_ref().is_none_or(|d| d.len() as u64 <= MAX_IO));
+        if tx.send(frame(&a.resp)).await.is_err() {
             return;
         }
-        if let Some(d) = data {
+        if let Some(d) = a.data {
             if tx.send(d).await.is_err() {
                 return;
             }
         }
+        // Handed to QUIC (whose own buffers are bounded by its windows): the budget the
+        // request held is free again.
+        drop(a.held);
     }
     let _ = tx.finish();
 }

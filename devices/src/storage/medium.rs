@@ -2,7 +2,12 @@
 //! `pread`/`pwritev` at the offsets the client asks (no seek position, so any number of
 //! requests run at once on one descriptor). Every failure is a [`Failure`] naming the medium
 //! and mapped to the wire's [`StorageError`].
+//!
+//! Work runs in pieces of at most [`CHUNK`] bytes (a hash of a whole card, a zeroing of it),
+//! and between pieces it checks its [`Job`]: when whoever asked is gone it stops with
+//! [`StorageError::Io`] ("stopped"), and it reports each piece as progress.
 
+use crate::budget::Job;
 use bytes::{Bytes, BytesMut};
 use jmp_protocol::kinds::storage::StorageError;
 use std::fs::File;
@@ -42,8 +47,13 @@ mod ioctl {
 /// Largest `iovec` count one `pwritev` takes (IOV_MAX on Linux).
 const IOV_MAX: usize = 1024;
 
-/// Unit of a hash read: large enough to stream, small enough to stay out of the way.
-const HASH_CHUNK: usize = 1 << 20;
+/// Unit of a hash read, and of every other piece of work between two looks at its [`Job`]:
+/// large enough to stream, small enough that a stopped job ends within milliseconds.
+pub const CHUNK: usize = 1 << 20;
+
+/// Largest range one `BLKZEROOUT`/`BLKDISCARD` covers: the kernel cannot be interrupted
+/// inside one, so a whole card is done in pieces with a look at the job between them.
+const RANGE_PIECE: u64 = 256 << 20;
 
 #[derive(Debug)]
 pub struct Medium {
@@ -159,6 +169,20 @@ impl Medium {
         }
     }
 
+    /// Fails when the job's asker is gone (its channel or session ended).
+    fn check_job(&self, job: &Job) -> Result<(), Failure> {
+        if job.stopped() {
+            return Err(Failure::new(
+                StorageError::Io,
+                format!(
+                    "{}: stopped: the channel or session that asked has ended",
+                    self.path.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn check_write(&self) -> Result<(), Failure> {
         if self.writable {
             return Ok(());
@@ -169,12 +193,14 @@ impl Medium {
         ))
     }
 
-    pub fn read(&self, offset: u64, len: usize) -> Result<Bytes, Failure> {
+    pub fn read(&self, offset: u64, len: usize, job: &Job) -> Result<Bytes, Failure> {
         self.check_range(offset, len as u64)?;
         let mut buf = BytesMut::zeroed(len);
         let mut done = 0;
         while done < len {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+            self.check_job(job)?;
+            let end = (done + CHUNK).min(len);
+            match self.file.read_at(&mut buf[done..end], offset + done as u64) {
                 Ok(0) => {
                     // A file shrunk under us, a device that lost its tail.
                     return Err(Failure::new(
@@ -186,7 +212,10 @@ impl Medium {
                         ),
                     ));
                 }
-                Ok(n) => done += n,
+                Ok(n) => {
+                    done += n;
+                    job.progress(n as u64);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(self.fail("reading", e)),
             }
@@ -196,7 +225,7 @@ impl Medium {
 
     /// Writes `data` (the chunks as they came off the link, written together with
     /// `pwritev`) at `offset`.
-    pub fn write(&self, offset: u64, data: &[Bytes]) -> Result<(), Failure> {
+    pub fn write(&self, offset: u64, data: &[Bytes], job: &Job) -> Result<(), Failure> {
         self.check_write()?;
         let len: usize = data.iter().map(|b| b.len()).sum();
         self.check_range(offset, len as u64)?;
@@ -208,7 +237,14 @@ impl Medium {
         let mut at = offset;
         let mut first = 0;
         while first < parts.len() {
-            let end = (first + IOV_MAX).min(parts.len());
+            self.check_job(job)?;
+            // At most IOV_MAX slices and about CHUNK bytes per call.
+            let mut end = first;
+            let mut bytes = 0;
+            while end < parts.len() && end - first < IOV_MAX && (bytes < CHUNK || end == first) {
+                bytes += parts[end].len();
+                end += 1;
+            }
             let iov: Vec<io::IoSlice> = parts[first..end]
                 .iter()
                 .map(|p| io::IoSlice::new(p))
@@ -225,6 +261,7 @@ impl Medium {
                 Err(e) => return Err(self.fail("writing", io::Error::from(e))),
             };
             at += n as u64;
+            job.progress(n as u64);
             // Skip what was written, possibly part of one slice.
             let mut left = n;
             while left > 0 && first < parts.len() {
@@ -242,47 +279,74 @@ impl Medium {
 
     /// Makes the range read back as zeros: `BLKZEROOUT` on a device, a punched hole in a file
     /// (which also gives the lab host its space back).
-    pub fn zero(&self, offset: u64, len: u64) -> Result<(), Failure> {
+    pub fn zero(&self, offset: u64, len: u64, job: &Job) -> Result<(), Failure> {
         self.check_write()?;
         self.check_range(offset, len)?;
         if self.block {
-            let range = [offset, len];
-            // SAFETY: BLKZEROOUT reads two u64 from the pointer, valid for the call.
-            unsafe { ioctl::blkzeroout(self.file.as_raw_fd(), &range) }
-                .map(|_| ())
-                .map_err(|e| self.fail("zeroing", io::Error::from(e)))
+            self.pieces(offset, len, job, |range| {
+                // SAFETY: BLKZEROOUT reads two u64 from the pointer, valid for the call.
+                unsafe { ioctl::blkzeroout(self.file.as_raw_fd(), range) }
+                    .map(|_| ())
+                    .map_err(|e| self.fail("zeroing", io::Error::from(e)))
+            })
         } else {
-            self.punch(offset, len, "zeroing")
+            self.punch(offset, len, "zeroing", job)
         }
     }
 
     /// TRIM: `BLKDISCARD` on a device, a punched hole in a file.
-    pub fn discard(&self, offset: u64, len: u64) -> Result<(), Failure> {
+    pub fn discard(&self, offset: u64, len: u64, job: &Job) -> Result<(), Failure> {
         self.check_write()?;
         self.check_range(offset, len)?;
         if self.block {
-            let range = [offset, len];
-            // SAFETY: BLKDISCARD reads two u64 from the pointer, valid for the call.
-            unsafe { ioctl::blkdiscard(self.file.as_raw_fd(), &range) }
-                .map(|_| ())
-                .map_err(|e| self.fail("discarding", io::Error::from(e)))
+            self.pieces(offset, len, job, |range| {
+                // SAFETY: BLKDISCARD reads two u64 from the pointer, valid for the call.
+                unsafe { ioctl::blkdiscard(self.file.as_raw_fd(), range) }
+                    .map(|_| ())
+                    .map_err(|e| self.fail("discarding", io::Error::from(e)))
+            })
         } else {
-            self.punch(offset, len, "discarding")
+            self.punch(offset, len, "discarding", job)
         }
     }
 
-    fn punch(&self, offset: u64, len: u64, what: &str) -> Result<(), Failure> {
+    /// Runs `op` over `[offset, offset+len)` in pieces of [`RANGE_PIECE`], looking at the job
+    /// between them.
+    fn pieces(
+        &self,
+        offset: u64,
+        len: u64,
+        job: &Job,
+        op: impl Fn(&[u64; 2]) -> Result<(), Failure>,
+    ) -> Result<(), Failure> {
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            self.check_job(job)?;
+            let n = (end - at).min(RANGE_PIECE);
+            op(&[at, n])?;
+            job.progress(n);
+            at += n;
+        }
+        Ok(())
+    }
+
+    fn punch(&self, offset: u64, len: u64, what: &str, job: &Job) -> Result<(), Failure> {
         use nix::fcntl::{fallocate, FallocateFlags};
         let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        self.check_job(job)?;
         match fallocate(self.file.as_raw_fd(), flags, offset as i64, len as i64) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                job.progress(len);
+                Ok(())
+            }
             // A file system without hole punching: write the zeros instead.
             Err(nix::errno::Errno::EOPNOTSUPP) => {
-                let zeros = Bytes::from(vec![0u8; HASH_CHUNK]);
+                let zeros = Bytes::from(vec![0u8; CHUNK]);
                 let mut at = offset;
                 while at < offset + len {
-                    let n = (offset + len - at).min(HASH_CHUNK as u64) as usize;
-                    self.write(at, &[zeros.slice(..n)])?;
+                    let n = (offset + len - at).min(CHUNK as u64) as usize;
+                    self.write(at, &[zeros.slice(..n)], job)?;
                     at += n as u64;
                 }
                 Ok(())
@@ -299,7 +363,7 @@ impl Medium {
     /// `O_DIRECT` from a descriptor of its own: a hash over the host's page cache would vouch
     /// for data the card may never have stored. An image file *is* the medium, so its page
     /// cache is the truth.
-    pub fn hash(&self, offset: u64, len: u64) -> Result<[u8; 32], Failure> {
+    pub fn hash(&self, offset: u64, len: u64, job: &Job) -> Result<[u8; 32], Failure> {
         self.check_range(offset, len)?;
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         let direct = if self.block {
@@ -313,10 +377,11 @@ impl Medium {
         };
         let bs = u64::from(self.block_size.max(512));
         let aligned = direct.is_some() && offset.is_multiple_of(bs) && len.is_multiple_of(bs);
-        let mut buf = AlignedBuf::new(HASH_CHUNK);
+        let mut buf = AlignedBuf::new(CHUNK);
         let mut at = offset;
         while at < offset + len {
-            let n = (offset + len - at).min(HASH_CHUNK as u64) as usize;
+            self.check_job(job)?;
+            let n = (offset + len - at).min(CHUNK as u64) as usize;
             let chunk = &mut buf.as_mut()[..n];
             let file = match (&direct, aligned) {
                 (Some(f), true) => f,
@@ -326,6 +391,7 @@ impl Medium {
                 .map_err(|e| self.fail("hashing", e))?;
             ctx.update(chunk);
             at += n as u64;
+            job.progress(n as u64);
         }
         let mut out = [0u8; 32];
         out.copy_from_slice(ctx.finish().as_ref());
@@ -379,20 +445,49 @@ mod tests {
     fn reads_writes_zeros_and_hashes_an_image_file() {
         let p = image("rw", 1 << 20);
         let m = Medium::open(&p, true).expect("open");
+        let j = &Job::detached();
         assert_eq!((m.size, m.block, m.writable), (1 << 20, false, true));
         let data = [Bytes::from_static(b"hello "), Bytes::from_static(b"world")];
-        m.write(4096, &data).expect("write");
-        assert_eq!(&m.read(4096, 11).expect("read")[..], b"hello world");
-        m.zero(4096, 4096).expect("zero");
-        assert_eq!(&m.read(4096, 11).expect("read")[..], &[0u8; 11]);
+        m.write(4096, &data, j).expect("write");
+        assert_eq!(&m.read(4096, 11, j).expect("read")[..], b"hello world");
+        m.zero(4096, 4096, j).expect("zero");
+        assert_eq!(&m.read(4096, 11, j).expect("read")[..], &[0u8; 11]);
         let want = ring::digest::digest(&ring::digest::SHA256, &[0u8; 8192]);
-        assert_eq!(&m.hash(0, 8192).expect("hash")[..], want.as_ref());
-        let e = m.read((1 << 20) - 1, 2).expect_err("past the end");
+        assert_eq!(&m.hash(0, 8192, j).expect("hash")[..], want.as_ref());
+        let e = m.read((1 << 20) - 1, 2, j).expect_err("past the end");
         assert_eq!(e.error, StorageError::OutOfRange);
         assert!(e.message.contains(&p.display().to_string()), "{e}");
         let ro = Medium::open(&p, false).expect("open ro");
-        let e = ro.write(0, &data).expect_err("read-only");
+        let e = ro.write(0, &data, j).expect_err("read-only");
         assert_eq!(e.error, StorageError::ReadOnly);
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[tokio::test]
+    async fn stopped_work_ends_at_its_next_chunk_and_says_so() {
+        use crate::budget::{SessionBudget, Usage, LIMITS};
+        let p = image("stop", 64 << 20);
+        let m = Medium::open(&p, true).expect("open");
+        let usage = std::sync::Arc::new(Usage::default());
+        let (job, guard) = SessionBudget::new(LIMITS, usage.clone()).channel().jobs();
+        m.hash(0, 4 << 20, &job).expect("hash");
+        let done = usage.job_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(done, 4 << 20, "progress counts every byte hashed");
+        guard.stop();
+        for e in [
+            m.hash(0, 64 << 20, &job).map(|_| ()),
+            m.read(0, 8 << 20, &job).map(|_| ()),
+            m.write(0, &[Bytes::from(vec![1u8; 4 << 20])], &job),
+            m.zero(0, 64 << 20, &job),
+        ] {
+            let e = e.expect_err("stopped");
+            assert!(e.message.contains("stopped"), "{e}");
+        }
+        assert_eq!(
+            usage.job_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            done,
+            "nothing more was done once stopped"
+        );
         let _ = std::fs::remove_file(&p);
     }
 }

@@ -582,6 +582,12 @@ impl<T: Framed> FrameReader<T> {
         self.buffered
     }
 
+    /// The frame whose header has been decoded and whose payload is still incomplete: what a
+    /// reader must make room for before it reads the payload.
+    pub fn pending(&self) -> Option<&T> {
+        self.pending.as_ref()
+    }
+
     /// The next frame and its payload (as received chunks, in order), `Ok(None)` until both
     /// are complete. After an error the stream is unusable.
     pub fn next_frame(&mut self) -> Result<Option<(T, Vec<Bytes>)>, DecodeError> {
@@ -1100,6 +1106,26 @@ mod tests {
         let mut r = FrameReader::<Response>::new();
         r.push(Bytes::from_static(&[0x7f, 0xff]));
         assert!(matches!(r.next_frame(), Err(DecodeError::FrameTooLarge(_))));
+    }
+
+    #[test]
+    fn pending_names_a_frame_before_its_payload_is_read() {
+        let req = Request {
+            id: 3,
+            op: Op::Write {
+                offset: 0,
+                len: 10,
+            },
+        };
+        let mut r = FrameReader::<Request>::new();
+        assert_eq!(r.pending(), None);
+        r.push(frame(&req));
+        assert_eq!(r.next_frame(), Ok(None), "payload missing");
+        assert_eq!(r.pending(), Some(&req), "known before its payload arrives");
+        r.push(Bytes::from_static(b"0123456789"));
+        let (got, payload) = r.next_frame().expect("decodes").expect("complete");
+        assert_eq!((got, payload.concat()), (req, b"0123456789".to_vec()));
+        assert_eq!(r.pending(), None);
     }
 
     #[test]

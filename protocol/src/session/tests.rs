@@ -304,12 +304,17 @@ fn too_many_requests_are_answered_busy_and_ids_never_reused() {
     for _ in 0..=MAX_REQUESTS {
         c.request("power", Bytes::new(), None);
     }
+    assert!(e.takes_requests() && c.takes_requests());
     pump(&mut c, &mut e, t0);
     let mut delivered = 0;
     while let Some(Event::Request(_)) = e.poll_event() {
         delivered += 1;
     }
     assert_eq!(delivered, MAX_REQUESTS);
+    assert!(
+        !e.takes_requests(),
+        "the exporter's transport stops reading until one is answered"
+    );
     pump(&mut e, &mut c, t0);
     assert!(matches!(
         c.poll_event(),
@@ -445,6 +450,24 @@ fn violations_end_the_session_with_a_reason() {
         t0,
     );
     assert!(matches!(c.poll_event(), Some(Event::Ended { .. })));
+    // Open parameters larger than any kind's.
+    let (_c, mut e) = established(t0);
+    e.handle_message(
+        Message::Open(Open {
+            channel: 1,
+            device: "x".into(),
+            mode: ChannelMode::Datagram,
+            params: Bytes::from(vec![0u8; MAX_OPEN_PARAMS + 1]),
+        }),
+        t0,
+    );
+    match e.poll_event() {
+        Some(Event::Ended { code, reason, .. }) => {
+            assert_eq!(code, ErrorCode::Protocol);
+            assert!(reason.contains("parameters"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 from typing import Any, Dict, List, Optional
 
@@ -234,7 +235,11 @@ def _attach_args(spec: BoardSpec) -> List[str]:
 
 
 def _attached(jmp: Jmp, spec: BoardSpec, args: List[str], mode: str) -> Board:
-    ready = jmp.json(["attach", *args, *_attach_args(spec), "-d", "-o", "json"], timeout=120)
+    # The attachment belongs to this process (`--owner-pid`): it ends when this test run ends,
+    # however it ends. A run killed before it can release anything (SIGKILL of a cancelled CI
+    # job) then leaves no attachment holding the board, and its lease ends as idle.
+    owner = ["--owner-pid", str(os.getpid())]
+    ready = jmp.json(["attach", *args, *_attach_args(spec), "-d", *owner, "-o", "json"], timeout=120)
     b = Board(jmp, ready, mode, spec)
     b._owns_attachment = True
     return b
