@@ -13,7 +13,10 @@ apt_pkgs=(picocom tio tmux socat ser2net iperf3 openssh-client openssh-server ip
     # storage: FUSE, the tools its tests run on the mount, and the benchmark's peers
     fuse3 fio sshfs nbdkit libnbd-bin bmap-tools dosfstools e2fsprogs fdisk util-linux mount qemu-utils zstd bzip2
     # the relay test's capture, and systemd-analyze for the units' test
-    tcpdump systemd)
+    tcpdump systemd
+    # USB (in the qemu guest): the kernel's own usbip tools (usbipd, usbip attach: the
+    # benchmark's peer), lsusb
+    usbip usbutils)
 # protoc and the well-known .proto files (libprotobuf-dev) build etcd-client's gRPC code, a
 # build dependency of jmp-controller; etcd-server and etcd-client (etcdctl) run the controller
 # cluster tests and the etcd benchmark.

@@ -19,4 +19,5 @@ pub mod stats;
 pub mod storage;
 pub mod storage_flood;
 pub mod tcp;
+pub mod usb;
 pub mod via_relay;

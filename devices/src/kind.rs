@@ -199,6 +199,10 @@ pub struct BuildCtx<'a> {
     /// Scratch state a device makes for itself (a simulated card at its default path) starts
     /// anew rather than as the last run left it (`jmp local start` without `--keep-card`).
     pub fresh_scratch: bool,
+    /// The exporter's state directory, where a device keeps what must outlive a crash of the
+    /// exporter (what it changed on the host, to undo at the next start); `None` when there is
+    /// none (`jmp local` without `stateDir`).
+    pub state_dir: Option<&'a Path>,
 }
 
 /// Why a device's table was refused: where in the table (`parity`, `command.on`) and what.

@@ -285,6 +285,14 @@ pub trait Bridge: Send + 'static {
         Box::pin(std::future::pending())
     }
 
+    /// Where the device appeared locally, as it changes, for a bridge whose endpoints come and
+    /// go while it runs (an imported USB device becomes a tty, a disk, a network interface
+    /// once the local kernel has enumerated it); `None` when [`Bridge::endpoints`] is all
+    /// there is.
+    fn live_endpoints(&self) -> Option<watch::Receiver<Vec<Endpoint>>> {
+        None
+    }
+
     /// The bridge's own state for people, as it changes (frames lost on the way, refused while
     /// the link was down); shown beside the exporter's summary in `jmp status`. `None` for a
     /// kind with nothing to add.

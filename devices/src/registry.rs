@@ -241,6 +241,7 @@ registry! {
     Udp => udp::Udp in "udp/mod.rs",
     Can => can::Can in "can/mod.rs",
     Storage => storage::Storage in "storage/mod.rs",
+    Usb => usb::Usb in "usb/mod.rs",
 }
 
 /// A kind's config seen without its type, for the methods every kind has.

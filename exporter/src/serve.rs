@@ -99,6 +99,7 @@ impl Exporter {
             exporter: &cfg.metadata.name,
             board: &board,
             fresh_scratch: cfg.fresh_scratch,
+            state_dir: cfg.state_dir.as_deref(),
         };
         let drivers = cfg
             .export

@@ -422,10 +422,32 @@ pub async fn run(
         .iter()
         .filter_map(|b| b.local_status().map(|rx| (b.device().to_string(), rx)))
         .collect();
+    // Bridges whose local endpoints come and go (an imported USB device's nodes).
+    let live: Vec<(String, watch::Receiver<Vec<Endpoint>>)> = bridges
+        .iter()
+        .filter_map(|b| b.live_endpoints().map(|rx| (b.device().to_string(), rx)))
+        .collect();
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = bridges
         .into_iter()
         .map(|b| tokio::spawn(bridge_task(b, slot_rx.clone())))
         .collect();
+    for (device, mut rx) in live {
+        let shared = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let eps = rx.borrow_and_update().clone();
+                shared.update(|l| {
+                    if let Some(d) = l.ready.devices.iter_mut().find(|d| d.name == device) {
+                        d.local = eps.first().map(|e| e.to_string()).unwrap_or_default();
+                        d.endpoints = eps;
+                    }
+                });
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        }));
+    }
     for (device, mut rx) in notes {
         let shared = shared.clone();
         tasks.push(tokio::spawn(async move {

@@ -133,6 +133,8 @@ pub fn run(args: Args) -> Result<()> {
         .state_dir
         .clone()
         .unwrap_or_else(|| default_state_dir(&cfg.metadata.name));
+    // Devices keep what must outlive a crash there too (what they changed on the host).
+    cfg.state_dir = Some(state_dir.clone());
     let identity = Identity::load_or_create(&state_dir)?;
     if args.print_fingerprint {
         println!("{}", identity.fingerprint());
@@ -424,6 +426,28 @@ mod tests {
                 "no word on {name}: {d}"
             );
         }
+    }
+
+    /// usbip-host's files (bind, unbind, match_busid, rebind under /sys/bus/usb; each device's
+    /// usbip_sockfd under /sys/devices) and the kernel's device events; the module is loaded
+    /// at boot, which the drop-in says.
+    #[test]
+    fn usb_devices_get_usbip_hosts_files_and_the_kernels_events() {
+        let d = dropin("  probe: {type: usb, ids: ['0483:3748']}\n");
+        let mut got = directives(&d);
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                "ReadWritePaths=/sys/bus/usb /sys/devices",
+                "RestrictAddressFamilies=AF_NETLINK"
+            ],
+            "{d}"
+        );
+        assert!(
+            d.contains("\n# probe: ") && d.contains("modules-load.d"),
+            "{d}"
+        );
     }
 
     #[test]

@@ -61,6 +61,7 @@ kinds! {
     Udp => udp, "udp",
     Can => can, "can",
     Storage => storage, "storage",
+    Usb => usb, "usb",
 }
 
 /// What every kind's wire module provides, so that tests, docs and fuzz targets cover each kind
