@@ -180,8 +180,11 @@ pub fn widget_lab_with(
     let advertised = address
         .map(|a| format!(", address: {a:?}"))
         .unwrap_or_default();
+    // As a lab shared by teams runs: every lease finds the board off. A lease sees only the
+    // console output of its own time (issue 18), so the README's example (power on, then wait
+    // for the boot log) needs the board to boot inside the lease, not to be left on by the last.
     let yaml = format!(
-        "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: widget-01}}\nlisten: 127.0.0.1:0\nstateDir: {}\ncontroller: {{tokenFile: {}{advertised}}}\nexport:\n  {}",
+        "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: widget-01}}\nlisten: 127.0.0.1:0\nstateDir: {}\npowerOffAfterLease: true\ncontroller: {{tokenFile: {}{advertised}}}\nexport:\n  {}",
         lab.env.root.join("state-widget").display(),
         token.display(),
         widget_export().trim_end().replace('\n', "\n  ")
