@@ -217,6 +217,24 @@ fn pytest_leases_by_selector_and_reports_the_console_of_a_failure() {
     );
     assert!(attachments(env).is_empty(), "detached");
 
+    // A test that names no board runs on the job's lease (it failed with NoBoard), and leaves
+    // the lease to the pipeline.
+    let mut c = tool(env, &bin, "pytest");
+    c.args(["no_selector", "-v"])
+        .env("JMP_CLIENT", "ci-client")
+        .env("JMP_JOB", "job-7");
+    let out = run_tool(env, "pytest-no-selector", c);
+    assert_passed(&out, "pytest without a selector, on the job's lease");
+    assert!(
+        out.stdout.contains("PASSED on widget-01"),
+        "the report names the board: {}",
+        out.stdout
+    );
+    let after = leases_of(&lab);
+    assert_eq!(after.len(), 1, "no second lease: {after:?}");
+    assert_eq!(after[0]["name"], lease["name"], "the job's lease stays");
+    assert!(attachments(env).is_empty(), "detached");
+
     // Another job's lease is not this job's: with the board taken, queueing fails at once.
     let mut c = tool(env, &bin, "pytest");
     c.args(["hardware_tests", "--jmp-lease-wait", "0"])

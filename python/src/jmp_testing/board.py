@@ -7,7 +7,8 @@ Where the board comes from, first match wins:
 3. the board of a running `jmp local start`;
 4. a lease named explicitly (or `JMP_LEASE`): attached here;
 5. a lease by label selector: a matching lease this CI job (outside CI: this client) already
-   holds is used as it is, else one is created (queueing up to `wait` seconds).
+   holds is used as it is, else one is created (queueing up to `wait` seconds);
+6. no selector at all: the lease this CI job (outside CI: this client's only lease) holds.
 
 Only what was made here is undone by `release()`: an attachment started here is detached, a
 lease created here is deleted. A lease the pipeline created stays for its own `jmp delete
@@ -295,17 +296,32 @@ def _existing(jmp: Jmp) -> Optional[Board]:
     return None
 
 
+def _jobs_lease(jmp: Jmp, spec: BoardSpec) -> Board:
+    """No selector and no lease named: the lease this CI job (outside CI: this client) holds,
+    as every `jmp` command finds it (the recipe's `jmp create lease`, then the tests). It is
+    the pipeline's: only the attachment made here is undone."""
+    held = [a for a in jmp.status() if a.get("lease")]
+    if len(held) == 1:
+        return Board(jmp, held[0], "lease", spec)
+    args = ["--client", spec.client] if spec.client else []
+    try:
+        return _attached(jmp, spec, args, "lease")
+    except JmpError as e:
+        raise NoBoard(
+            "no board to test: this job holds no lease to use "
+            f"({e}); give a selector (exporter_selector on the class, "
+            "@pytest.mark.jmp(selector=...), --jmp-selector), an exporter address "
+            "(--jmp-exporter with --jmp-token-file), or run the tests under `jmp shell` "
+            "or after `jmp local start`"
+        ) from e
+
+
 def _leased(jmp: Jmp, spec: BoardSpec, on_lease, on_queue=None) -> Board:
     name = spec.lease or jmp.env.get("JMP_LEASE") or None
     created = False
     if name is None:
         if not spec.selector:
-            raise NoBoard(
-                "no board to test: give a selector (exporter_selector on the class, "
-                "@pytest.mark.jmp(selector=...), --jmp-selector), an exporter address "
-                "(--jmp-exporter with --jmp-token-file), or run the tests under `jmp shell` "
-                "or after `jmp local start`"
-            )
+            return _jobs_lease(jmp, spec)
         args = ["create", "lease", "--selector", spec.selector, "--duration", spec.duration]
         args += ["--wait", str(int(spec.wait)), "-o", "json"]
         if spec.reuse:
