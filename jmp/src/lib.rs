@@ -332,8 +332,11 @@ pub(crate) async fn run_attachment(
         Some(pid) => Some((pid, state::owner_exit(pid)?)),
         None => None,
     };
+    // Registered here, before the session starts: inside the async block it would register
+    // only when first polled, and a SIGTERM right after the ready line would kill the process
+    // with its devices in place (CI caught it).
+    let signal = jmp_transport::shutdown_signal("removing local devices");
     let shutdown = async move {
-        let signal = jmp_transport::shutdown_signal("removing local devices");
         match owner {
             Some((pid, gone)) => tokio::select! {
                 _ = signal => {}
