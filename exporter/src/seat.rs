@@ -341,17 +341,21 @@ impl<H: Clone> Seat<H> {
             })
     }
 
-    /// A lease's end moved (extended or shortened); `until` in Unix seconds.
-    pub fn set_lease_end(&mut self, lease: &str, until: u64) {
+    /// A lease's end moved (extended or shortened); `until` in Unix seconds. `extends`: the
+    /// controller extends it while a session uses it (auto-extending, below its hard limit),
+    /// so its holder, who is using it, is not warned of this end; once it reaches its hard
+    /// limit the push says `extends: false` and the warning comes as for any lease.
+    pub fn set_lease_end(&mut self, lease: &str, until: u64, extends: bool) {
         for o in &mut self.one_shots {
             if o.lease.as_deref() == Some(lease) {
                 o.until = Some(until);
             }
         }
         if let Some(h) = self.holder.as_mut() {
-            if h.lease.as_deref() == Some(lease) && h.until != Some(until) {
+            if h.lease.as_deref() == Some(lease) {
+                let moved = h.until != Some(until);
                 h.until = Some(until);
-                h.warned = false;
+                h.warned = extends || (h.warned && !moved);
             }
         }
     }
@@ -601,6 +605,34 @@ mod tests {
     }
 
     #[test]
+    fn an_auto_extending_lease_warns_only_at_its_hard_limit() {
+        let t0 = Instant::now();
+        let mut s = Seat::new("rpi4");
+        let mut l1 = lease("L1", "alice", true);
+        l1.until = Some(1000);
+        s.admit(claim(1, "alice@a", 10, &l1), t0);
+        // The controller says it extends while used: no warning before this end.
+        s.set_lease_end("L1", 1000, true);
+        assert_eq!(
+            s.tick(700),
+            None,
+            "an end that moves while in use is not announced"
+        );
+        // Extended up to its hard limit: from now on it ends as any lease and is announced.
+        s.set_lease_end("L1", 1500, false);
+        match s.tick(1200) {
+            Some(Action::Notice { handle: 1, text }) => assert!(text.contains("5m00s"), "{text}"),
+            a => panic!("{a:?}"),
+        }
+        // A push repeating the same end does not warn twice.
+        s.set_lease_end("L1", 1500, false);
+        assert_eq!(s.tick(1201), None);
+        // Expiry still ends an extending lease whose extension never came (no controller).
+        s.set_lease_end("L1", 1600, true);
+        assert!(matches!(s.tick(1600), Some(Action::Bye { handle: 1, .. })));
+    }
+
+    #[test]
     fn leases_end_expire_and_warn_on_virtual_time() {
         let t0 = Instant::now();
         let mut s = Seat::new("rpi4");
@@ -614,7 +646,7 @@ mod tests {
         }
         assert_eq!(s.tick(701), None, "warned once");
         // Extended: warned again near the new end.
-        s.set_lease_end("L1", 2000);
+        s.set_lease_end("L1", 2000, false);
         assert_eq!(s.tick(1000), None);
         assert!(matches!(s.tick(1700), Some(Action::Notice { .. })));
         assert!(matches!(

@@ -355,9 +355,10 @@ impl Exporter {
         self.act(a);
     }
 
-    /// A lease's end moved (extended or shortened); `until` in Unix seconds.
-    pub fn set_lease_end(&self, lease: &str, until: u64) {
-        self.seat().set_lease_end(lease, until);
+    /// A lease's end moved (extended or shortened); `until` in Unix seconds; `extends`: the
+    /// controller extends it while in use (no end-of-lease warning for its holder).
+    pub fn set_lease_end(&self, lease: &str, until: u64, extends: bool) {
+        self.seat().set_lease_end(lease, until, extends);
     }
 
     /// Accepts connections until `shutdown` completes, then tells the holder why and closes.

@@ -641,7 +641,7 @@ impl Registrar {
                     }
                     exporter.keep_only_lease(lease.as_ref().map(|l| l.name.as_str()));
                     if let Some(l) = &lease {
-                        exporter.set_lease_end(&l.name, l.end);
+                        exporter.set_lease_end(&l.name, l.end, l.extends);
                     }
                 }
                 Ok(Some(other)) => warn!("unexpected reply from the controller: {other:?}"),

@@ -607,6 +607,10 @@ pub struct ActiveLease {
     /// The client's `team` label ("" without one), for the exporter's metrics.
     #[serde(default)]
     pub team: String,
+    /// Auto-extending and below its hard limit: `end` moves while a session uses it, so the
+    /// exporter does not warn its holder of an end that will not come while attached.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub extends: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
