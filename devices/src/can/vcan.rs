@@ -18,16 +18,32 @@ const CAN_ERR_FLAG: u32 = 0x2000_0000;
 const CANFD_BRS: u8 = 0x01;
 const CANFD_ESI: u8 = 0x02;
 
-/// Whether this host's kernel has SocketCAN (a raw CAN socket can be made).
-pub fn kernel_has_can() -> bool {
+/// Why a raw CAN socket cannot be made here, or `None` if it can.
+///
+/// A kernel without SocketCAN and a sandbox that forbids AF_CAN (systemd's
+/// `RestrictAddressFamilies`) both answer EAFNOSUPPORT; the kernel's own CAN files tell
+/// them apart, so the operator is sent to the right fix.
+pub fn can_unavailable() -> Option<String> {
     // SAFETY: socket(2) with constant arguments; the descriptor is closed right away.
     let fd = unsafe { libc::socket(libc::AF_CAN, libc::SOCK_RAW, libc::CAN_RAW) };
-    if fd < 0 {
-        return false;
+    if fd >= 0 {
+        // SAFETY: closing the descriptor just made.
+        unsafe { libc::close(fd) };
+        return None;
     }
-    // SAFETY: closing the descriptor just made.
-    unsafe { libc::close(fd) };
-    true
+    let err = io::Error::last_os_error();
+    let kernel_has_it = ["/proc/net/can", "/sys/module/can", "/sys/module/can_raw"]
+        .iter()
+        .any(|p| Path::new(p).exists());
+    Some(if kernel_has_it {
+        format!(
+            "this process may not open CAN sockets (socket(AF_CAN): {err}) although the \
+             kernel has SocketCAN: a sandbox forbids AF_CAN (under systemd, regenerate the \
+             drop-in with `jmpd --print-systemd`, which grants it for `type: can` devices)"
+        )
+    } else {
+        format!("this machine's kernel has no SocketCAN (socket(AF_CAN): {err})")
+    })
 }
 
 fn ifindex(name: &str) -> Option<u32> {
@@ -39,11 +55,8 @@ fn ifindex(name: &str) -> Option<u32> {
 
 /// Opens a raw CAN FD socket on `interface`, with receive timestamps and every error frame.
 pub fn open_socket(interface: &str) -> Result<socketcan::tokio::CanFdSocket, String> {
-    if !kernel_has_can() {
-        return Err(format!(
-            "this host's kernel has no SocketCAN (socket(AF_CAN): {}), so {interface} cannot be opened",
-            io::Error::last_os_error()
-        ));
+    if let Some(why) = can_unavailable() {
+        return Err(format!("{why}, so {interface} cannot be opened"));
     }
     if ifindex(interface).is_none() {
         return Err(format!("interface {interface} does not exist on this host"));
@@ -354,8 +367,8 @@ impl VcanFront {
     /// Creates the interface `name` (or the first free `jmpN`) and opens a socket on it.
     /// `lock_dir` holds the lock files (created if missing).
     pub fn create(name: Option<&str>, lock_dir: &Path) -> Result<VcanFront, String> {
-        if !kernel_has_can() {
-            return Err("this machine's kernel has no SocketCAN".into());
+        if let Some(why) = can_unavailable() {
+            return Err(why);
         }
         crate::places::ensure_dir(lock_dir)
             .map_err(|e| format!("cannot use {}: {e}", lock_dir.display()))?;

@@ -186,6 +186,16 @@ impl Inner {
         }
         match Medium::open(&self.path, self.writable) {
             Ok(m) => {
+                if self.writable && !m.writable {
+                    // Said once per open, not left for the first refused write to reveal.
+                    warn!(
+                        device = %self.name,
+                        "{} is write-protected (a card's lock switch, a read-only device or \
+                         file system): serving it read-only although the config says \
+                         `writable: true`",
+                        self.path.display()
+                    );
+                }
                 let m = Arc::new(m);
                 let generation = self.params().map_or(0, |p| p.generation);
                 let p = DeviceParams {
@@ -240,7 +250,12 @@ impl Inner {
         if !p.writable {
             return Err(Failure::new(
                 StorageError::ReadOnly,
-                format!("{}: {} is read-only", self.name, self.path.display()),
+                format!(
+                    "{}: {} is write-protected on the lab host (a card's lock switch, a \
+                     read-only device or file system)",
+                    self.name,
+                    self.path.display()
+                ),
             ));
         }
         if p.shared && p.board_on {
