@@ -15,8 +15,14 @@ pub struct ForwardArgs {
     #[arg(long = "forward", value_name = "LOCAL=DEVICE")]
     pub forwards: Vec<String>,
     /// Let other users of this machine use the local ports (forwards, SOCKS, socketcand): by
-    /// default a connection or datagram from another local user is refused.
-    #[arg(long = "allow-local-users")]
+    /// default a connection or datagram from another local user is refused. Also
+    /// `JMP_ALLOW_LOCAL_USERS=1`, for a cloud IDE whose port-forwarding proxy runs as
+    /// another user and starts attachments from scripts it does not own.
+    #[arg(
+        long = "allow-local-users",
+        env = "JMP_ALLOW_LOCAL_USERS",
+        value_parser = clap::builder::FalseyValueParser::new()
+    )]
     pub allow_local_users: bool,
 }
 
