@@ -183,6 +183,30 @@ fn the_board_page_drives_the_local_board_in_a_browser() {
         rt.len()
     ));
     web.stop();
+
+    // The same keystroke to echo through the console's pty (what picocom reads), at the login
+    // prompt of the board switched on again: printed beside the page's.
+    let mut c = env.jmp();
+    c.args(["power", "on"]);
+    let out = run("jmp-power-on", c, &env.logs, READY);
+    assert!(out.status.success(), "{}", show(&out));
+    let mut con = Console::open(endpoint(a, "console", "type", "path"));
+    con.write(b"\r");
+    con.read_until("login: ", READY);
+    let mut pty = Vec::new();
+    for ch in b"abcdefghijklmnopqrst" {
+        let t = std::time::Instant::now();
+        con.write(&[*ch]);
+        let got = con.read_some(READY);
+        pty.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(got, [*ch], "the echo of {:?}", *ch as char);
+    }
+    raw_stderr(&format!(
+        "console pty: keystroke to echo median {:.1} ms, max {:.1} ms over {}",
+        median(&pty),
+        pty.iter().cloned().fold(0.0, f64::max),
+        pty.len()
+    ));
 }
 
 #[test]

@@ -428,3 +428,73 @@ pub(crate) fn run(args: WebArgs) -> Result<()> {
         served
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn only_a_page_of_the_servers_own_origin_is_same_origin() {
+        let ok = headers(&[
+            ("host", "127.0.0.1:8080"),
+            ("origin", "http://127.0.0.1:8080"),
+        ]);
+        assert!(same_origin(&ok));
+        // Behind an IDE's forwarding the browser's host is the forwarder's, on both headers.
+        let fwd = headers(&[
+            ("host", "ws-1-8080.ide.example"),
+            ("origin", "https://ws-1-8080.ide.example"),
+        ]);
+        assert!(same_origin(&fwd));
+        for bad in [
+            headers(&[
+                ("host", "127.0.0.1:8080"),
+                ("origin", "http://evil.example"),
+            ]),
+            headers(&[
+                ("host", "127.0.0.1:8080"),
+                ("origin", "http://127.0.0.1:8081"),
+            ]),
+            headers(&[("host", "127.0.0.1:8080"), ("origin", "null")]),
+            headers(&[
+                ("host", "127.0.0.1:8080"),
+                ("origin", "file://127.0.0.1:8080"),
+            ]),
+            headers(&[("host", "127.0.0.1:8080")]),
+            headers(&[("origin", "http://127.0.0.1:8080")]),
+        ] {
+            assert!(!same_origin(&bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_token_is_taken_from_the_query_or_this_servers_cookie_only() {
+        let app = App {
+            board: Board::new("x".into()),
+            token: "ab12".into(),
+            cookie: "jmp-web-8080".into(),
+            max_upload: 0,
+            uploads: std::path::PathBuf::new(),
+        };
+        let none = TokenQuery { token: None };
+        let q = |t: &str| TokenQuery {
+            token: Some(t.into()),
+        };
+        assert!(app.allowed(&HeaderMap::new(), &q("ab12")));
+        assert!(!app.allowed(&HeaderMap::new(), &q("ab13")));
+        assert!(!app.allowed(&HeaderMap::new(), &q("ab1")));
+        assert!(!app.allowed(&HeaderMap::new(), &none));
+        assert!(app.allowed(&headers(&[("cookie", "a=b; jmp-web-8080=ab12")]), &none));
+        // Another server's cookie (another port on the same host) does not count.
+        assert!(!app.allowed(&headers(&[("cookie", "jmp-web-9090=ab12")]), &none));
+        assert!(!app.allowed(&headers(&[("cookie", "jmp-web-8080=zz")]), &none));
+    }
+}
