@@ -16,7 +16,10 @@ apt_pkgs=(picocom tio tmux socat ser2net iperf3 openssh-client openssh-server ip
     tcpdump systemd
     # USB (in the qemu guest): the kernel's own usbip tools (usbipd, usbip attach: the
     # benchmark's peer), lsusb
-    usbip usbutils)
+    usbip usbutils
+    # the web pages: npm installs their browser code (web/package-lock.json), which jmp's
+    # build embeds; their tests drive headless Chromium through chromedriver (Selenium)
+    nodejs npm chromium chromium-driver)
 # protoc and the well-known .proto files (libprotobuf-dev) build etcd-client's gRPC code, a
 # build dependency of jmp-controller; etcd-server and etcd-client (etcdctl) run the controller
 # cluster tests and the etcd benchmark.
@@ -38,7 +41,7 @@ venv="$here/target/pyenv"
 # frameworks it plugs into (pytest, Robot Framework); python-can and can-isotp, the CAN tests'
 # third-party clients; python-can-remote and jumpstarter-driver-can, the CAN benchmark's peers;
 # pytest-xdist, the pool of boards' workers; mcp, the official MCP SDK whose stdio client drives
-# `jmp mcp` in the tests.
+# `jmp mcp` in the tests; selenium, which drives headless Chromium in the web pages' tests.
 # A venv copied from another checkout (a git worktree seeded with the main checkout's target/)
 # still imports everything, but its scripts' #! lines run the other venv and its editable
 # install is the other checkout's python/: the tests would run someone else's Python. Such a
@@ -48,7 +51,7 @@ venv_is_ours() {
     [ "$(head -n 1 "$venv/bin/pytest" 2>/dev/null)" = "#!$venv/bin/python3" ] || return 1
     "$venv/bin/python" - "$venv" "$here/python/src" <<'PY' 2>/dev/null
 import os, sys
-import serial, can, isotp, can_remote, jumpstarter_driver_can, pytest, xdist, mcp, robot, jmp_testing, JmpLibrary
+import serial, can, isotp, can_remote, jumpstarter_driver_can, pytest, xdist, mcp, robot, selenium, jmp_testing, JmpLibrary
 venv, src = (os.path.realpath(p) for p in sys.argv[1:3])
 assert os.path.realpath(sys.prefix) == venv, sys.prefix
 assert os.path.realpath(jmp_testing.__file__).startswith(src + os.sep), jmp_testing.__file__
@@ -59,8 +62,15 @@ if ! venv_is_ours; then
     rm -rf "$venv"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check pyserial python-can can-isotp \
-        python-can-remote jumpstarter-driver-can pytest pytest-xdist mcp robotframework
+        python-can-remote jumpstarter-driver-can pytest pytest-xdist mcp robotframework selenium
     "$venv/bin/pip" install -q --disable-pip-version-check -e "$here/python"
+fi
+
+# The web pages' browser code (xterm.js and its fit addon), exactly as the lockfile says: jmp's
+# build.rs embeds it and fails, saying to run this, when it is missing.
+if [ ! -f "$here/web/node_modules/.package-lock.json" ] || [ "$here/web/package-lock.json" -nt "$here/web/node_modules/.package-lock.json" ]; then
+    echo "install-test-deps: npm ci in web/"
+    (cd "$here/web" && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
 # The test guest's kernel and initramfs (tests/guest/guest.sh): Debian's distribution kernel (it

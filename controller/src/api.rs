@@ -216,6 +216,39 @@ impl Api {
         })
     }
 
+    /// One call on behalf of `credential`, answered with its final reply as a QUIC caller
+    /// would get it: the lab dashboard's (`crate::web`, read-only calls only), so a page sees
+    /// exactly what the credential's own client sees.
+    pub async fn call_as(&self, credential: &str, request: Request) -> Result<Reply, String> {
+        let caller = self.authenticate(credential)?;
+        let core = match self.role.borrow().clone() {
+            Role::Leader(core) => core,
+            Role::Follower(leader) => {
+                return Err(format!(
+                    "this controller is not the leader; the leader is {leader}"
+                ))
+            }
+            Role::Electing => return Err("no controller is the leader yet".into()),
+            Role::Unavailable(why) => return Err(why),
+        };
+        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let (reply, mut replies) = mpsc::unbounded_channel::<Reply>();
+        core.send(Cmd::Call {
+            caller,
+            request,
+            reply,
+            stream,
+        })
+        .await
+        .map_err(|_| "the controller is shutting down".to_string())?;
+        while let Some(r) = replies.recv().await {
+            if r.is_final() {
+                return Ok(r);
+            }
+        }
+        Err("the controller did not answer".into())
+    }
+
     async fn stream(
         self: Arc<Self>,
         conn: quinn::Connection,

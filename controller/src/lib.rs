@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod relay;
 pub mod store;
 pub mod usage;
+pub mod web;
 
 use anyhow::{anyhow, Context, Result};
 use clap::Parser;
@@ -101,6 +102,9 @@ pub struct Args {
     /// each of them reaches it.
     #[arg(long)]
     pub relay_host: Option<String>,
+    /// Serve the read-only lab dashboard on this address (HTTP; off by default).
+    #[arg(long)]
+    pub web: Option<SocketAddr>,
 }
 
 fn parse_duration_arg(s: &str) -> Result<u64, String> {
@@ -197,6 +201,7 @@ pub async fn run(args: Args) -> Result<()> {
     print_listening(&args, bound, &fingerprint);
     let api = api::Api::new(tx, verifier);
     api.set_credential_skew(args.credential_skew);
+    serve_web(&args, &api).await?;
     jmp_transport::systemd::ready(&format!("serving on {bound}"));
     jmp_transport::systemd::spawn_watchdog();
     tokio::select! {
@@ -244,6 +249,19 @@ async fn serve_metrics(args: &Args, metrics: &Arc<metrics::Metrics>) -> Result<(
         });
         info!("metrics on http://{shown}/metrics");
         println!("jmp-controller: metrics on http://{shown}/metrics");
+    }
+    Ok(())
+}
+
+async fn serve_web(args: &Args, api: &Arc<api::Api>) -> Result<()> {
+    if let Some(addr) = args.web {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind --web {addr}"))?;
+        let shown = l.local_addr()?;
+        tokio::spawn(web::serve(l, api.clone()));
+        info!("lab dashboard on http://{shown}/");
+        println!("jmp-controller: lab dashboard on http://{shown}/");
     }
     Ok(())
 }
@@ -304,6 +322,7 @@ async fn run_cluster(
     );
     let api = api::Api::with_role(role_rx, verifier);
     api.set_credential_skew(args.credential_skew);
+    serve_web(&args, &api).await?;
     jmp_transport::systemd::ready(&format!("joining the cluster on {bound}"));
     jmp_transport::systemd::spawn_watchdog();
     let mut api_task = tokio::spawn(api.serve(endpoint, stopped(stop_rx.clone())));

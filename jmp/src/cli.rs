@@ -110,6 +110,25 @@ pub(crate) enum Cmd {
     /// A Model Context Protocol server on stdin/stdout for coding agents: tools to lease,
     /// attach and drive a board (power, console, CAN, flash) with this client's credential.
     Mcp(McpArgs),
+    /// The board page: serves a running attachment's console, devices, power, CAN and
+    /// flashing to a browser on a local address; prints its URL (with its token) first.
+    Web(WebArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct WebArgs {
+    /// Where to serve (loopback: the token of the printed URL is what guards the board).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub(crate) listen: std::net::SocketAddr,
+    /// The running attachment's exporter (default: the only attachment).
+    #[arg(long, env = "JMP_EXPORTER")]
+    pub(crate) exporter: Option<String>,
+    /// The running attachment of this lease.
+    #[arg(long, conflicts_with = "exporter")]
+    pub(crate) lease: Option<String>,
+    /// The largest image the page may upload for flashing, in MiB.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub(crate) max_upload_mib: u64,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -76,6 +76,7 @@ pub mod paths;
 mod shell;
 mod state;
 pub mod table;
+mod web;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -124,6 +125,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Auth { cmd } => verbs::auth_cmd(cmd),
         Cmd::Trust { cmd } => trust_cmd(cmd),
         Cmd::Mcp(a) => mcp::run(a),
+        Cmd::Web(a) => web::run(a),
     }
 }
 

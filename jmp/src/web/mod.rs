@@ -1,0 +1,500 @@
+//! `jmp web`: the board page. A small HTTP server (axum) on a local address that serves one
+//! page for a running attachment: its console in a terminal emulator (xterm.js), its devices
+//! and their endpoints, power buttons, a live view of CAN frames and flashing by upload. The
+//! board is driven through the kinds' agent tools on `jmp`'s own verb host ([`board`]), the
+//! status comes from the attachment's control socket: the CLI's paths, not new ones.
+//!
+//! Who may use it: whoever has the token of the URL printed on the first line. Every request
+//! (page, assets, WebSocket, upload) must carry it, as the `token` query parameter or the
+//! cookie the page sets on first load (`SameSite=Strict`, `HttpOnly`), so another local user
+//! or a page of another site in the same browser cannot drive the board. The WebSocket and the
+//! upload also need an `Origin` that is this server's own (the `Host` the browser asked for):
+//! a page of another origin, including one that rebinds a DNS name to 127.0.0.1, is refused.
+//! The page uses relative URLs and a same-origin WebSocket, so it works through an IDE's port
+//! forwarding.
+//!
+//! The assets are built into the binary (`build.rs`: the project's files from `web/src/`, the
+//! third-party ones from `web/node_modules`, installed by `npm ci` from the lockfile), served
+//! gzipped when the browser accepts it; nothing comes from the internet.
+
+mod board;
+
+use crate::cli::WebArgs;
+use anyhow::{Context, Result};
+use axum::body::Body;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::Router;
+use board::Board;
+use futures::StreamExt;
+use serde::Deserialize;
+use std::io::Write;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use tracing::{info, warn};
+
+/// One embedded asset.
+pub(crate) struct Asset {
+    pub name: &'static str,
+    pub content_type: &'static str,
+    pub raw: &'static [u8],
+    pub gzip: &'static [u8],
+}
+
+include!(concat!(env!("OUT_DIR"), "/assets.rs"));
+
+/// The largest WebSocket message a tab may send (typing, a power button).
+const MAX_WS_MESSAGE: usize = 256 * 1024;
+
+struct App {
+    board: Arc<Board>,
+    token: String,
+    cookie: String,
+    max_upload: u64,
+    uploads: std::path::PathBuf,
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// Equal without telling by its timing where the first difference is.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+impl App {
+    fn cookie_token<'a>(&self, headers: &'a HeaderMap) -> Option<&'a str> {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .find(|(k, _)| *k == self.cookie)
+            .map(|(_, v)| v)
+    }
+
+    /// Whether the request carries the token (query or cookie).
+    fn allowed(&self, headers: &HeaderMap, q: &TokenQuery) -> bool {
+        q.token.as_deref().is_some_and(|t| same(t, &self.token))
+            || self
+                .cookie_token(headers)
+                .is_some_and(|t| same(t, &self.token))
+    }
+}
+
+/// Whether the request comes from a page of this server's own origin: its `Origin` names the
+/// host (and port) the browser sent the request to.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let (Some(origin), Some(host)) = (
+        headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
+        headers.get(header::HOST).and_then(|v| v.to_str().ok()),
+    ) else {
+        return false;
+    };
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false;
+    };
+    matches!(scheme, "http" | "https") && rest.eq_ignore_ascii_case(host)
+}
+
+fn refused(why: &str) -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        format!("jmp web: {why}\n"),
+    )
+        .into_response()
+}
+
+const NO_TOKEN: &str =
+    "this page needs the token of the URL that `jmp web` printed (open that URL once)";
+
+fn asset(name: &str, headers: &HeaderMap) -> Response {
+    let Some(a) = ASSETS.iter().find(|a| a.name == name) else {
+        return (StatusCode::NOT_FOUND, "jmp web: no such asset\n").into_response();
+    };
+    let gzip = headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|e| e.trim().starts_with("gzip")));
+    let mut r = Response::new(Body::from(if gzip { a.gzip } else { a.raw }));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(a.content_type),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    if gzip {
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    r
+}
+
+async fn page(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+) -> Response {
+    if !app.allowed(&headers, &q) {
+        return refused(NO_TOKEN);
+    }
+    let mut r = asset("board.html", &headers);
+    // The page of another site may not frame this one (clickjacking the power buttons).
+    let h = r.headers_mut();
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static(
+            "default-src 'self'; connect-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+        ),
+    );
+    if q.token.is_some() {
+        if let Ok(v) = HeaderValue::from_str(&format!(
+            "{}={}; Path=/; HttpOnly; SameSite=Strict",
+            app.cookie, app.token
+        )) {
+            h.insert(header::SET_COOKIE, v);
+        }
+    }
+    r
+}
+
+async fn assets(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+) -> Response {
+    if !app.allowed(&headers, &q) {
+        return refused(NO_TOKEN);
+    }
+    asset(&name, &headers)
+}
+
+async fn ws(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(q): Query<TokenQuery>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    // Who asks is checked before what is asked (a refusal says 403, whatever the request).
+    if !app.allowed(&headers, &q) {
+        return refused(NO_TOKEN);
+    }
+    if !same_origin(&headers) {
+        return refused("the WebSocket is for pages of this server's own origin only");
+    }
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(e) => return e.into_response(),
+    };
+    let board = app.board.clone();
+    upgrade
+        .max_message_size(MAX_WS_MESSAGE)
+        .on_upgrade(move |s| tab(s, board))
+}
+
+/// What a tab sends.
+#[derive(Deserialize)]
+#[serde(tag = "t", rename_all = "kebab-case", deny_unknown_fields)]
+enum FromTab {
+    Input { data: String },
+    Power { action: String },
+}
+
+/// One tab: what a new tab is told first, then the board's events; its typing and buttons go
+/// to the board.
+async fn tab(socket: WebSocket, board: Arc<Board>) {
+    let (mut tx, mut rx) = socket.split();
+    let (first, mut events) = board.subscribe();
+    use futures::SinkExt;
+    for m in first {
+        if tx.send(Message::Text(m.into())).await.is_err() {
+            return;
+        }
+    }
+    let down = async {
+        loop {
+            match events.recv().await {
+                Ok(ev) => {
+                    if tx.send(Message::Text(ev.as_ref().into())).await.is_err() {
+                        break;
+                    }
+                }
+                // Too far behind: the page reconnects and starts again from the history.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    warn!("web: a tab fell {n} events behind; disconnecting it");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let _ = tx.close().await;
+    };
+    let up = async {
+        while let Some(Ok(m)) = rx.next().await {
+            let text = match m {
+                Message::Text(t) => t,
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            match serde_json::from_str::<FromTab>(text.as_str()) {
+                Ok(FromTab::Input { data }) => board.input(data).await,
+                Ok(FromTab::Power { action }) => {
+                    if matches!(action.as_str(), "on" | "off" | "cycle" | "status") {
+                        let b = board.clone();
+                        tokio::spawn(async move { b.power(&action).await });
+                    }
+                }
+                Err(e) => {
+                    warn!("web: a tab sent a bad message ({e}); closing it");
+                    break;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = down => {}
+        _ = up => {}
+    }
+}
+
+#[derive(Deserialize)]
+struct FlashQuery {
+    token: Option<String>,
+    name: Option<String>,
+}
+
+/// An image uploaded by the page is written to a private file, then flashed as `jmp storage
+/// flash FILE` would (the file's name keeps its extension: the compression is told by it).
+async fn flash(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(q): Query<FlashQuery>,
+    body: Body,
+) -> Response {
+    if !app.allowed(&headers, &TokenQuery { token: q.token }) {
+        return refused(NO_TOKEN);
+    }
+    if !same_origin(&headers) {
+        return refused("uploads are for pages of this server's own origin only");
+    }
+    let ext = q
+        .name
+        .as_deref()
+        .and_then(|n| n.rsplit_once('.'))
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .filter(|e| {
+            matches!(
+                e.as_str(),
+                "gz" | "xz" | "zst" | "bz2" | "img" | "raw" | "bin"
+            )
+        })
+        .unwrap_or_else(|| "img".into());
+    let reply = |ok: bool, text: String| {
+        let code = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::UNPROCESSABLE_ENTITY
+        };
+        (
+            code,
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::json!({"ok": ok, "text": text}).to_string(),
+        )
+            .into_response()
+    };
+    let path = app.uploads.join(format!(
+        "upload-{}.{ext}",
+        hex::encode(rand::random::<[u8; 8]>())
+    ));
+    // Removed however this ends.
+    struct Gone(std::path::PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _gone = Gone(path.clone());
+    let written = async {
+        let mut f = tokio::fs::File::create(&path).await?;
+        let mut n = 0u64;
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(std::io::Error::other)?;
+            n += chunk.len() as u64;
+            if n > app.max_upload {
+                return Err(std::io::Error::other(format!(
+                    "the image is larger than --max-upload ({} bytes)",
+                    app.max_upload
+                )));
+            }
+            f.write_all(&chunk).await?;
+        }
+        f.flush().await?;
+        Ok::<u64, std::io::Error>(n)
+    }
+    .await;
+    let n = match written {
+        Ok(n) => n,
+        Err(e) => return reply(false, format!("upload: {e}")),
+    };
+    info!("web: flashing an uploaded image of {n} bytes");
+    match app.board.flash(&path).await {
+        Ok(text) => reply(true, text.trim().to_string()),
+        Err(e) => reply(false, e),
+    }
+}
+
+/// Serves the page until SIGTERM/SIGINT.
+pub(crate) fn run(args: WebArgs) -> Result<()> {
+    let st = match &args.lease {
+        Some(l) => crate::state::all()
+            .into_iter()
+            .find(|s| s.ready.lease.as_deref() == Some(l.as_str()))
+            .ok_or_else(|| {
+                crate::exit(
+                    jmp_protocol::exit::UNAVAILABLE,
+                    format!("no attachment of lease {l:?} is running"),
+                )
+            })?,
+        None => crate::state::find(args.exporter.as_deref())
+            .context("jmp web serves a running attachment (start one with `jmp attach -d`)")?,
+    };
+    crate::runtime()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let bound = listener.local_addr()?;
+        if !bound.ip().is_loopback() {
+            warn!("web: serving on {bound}, not a loopback address: the token is all that guards the board");
+        }
+        let token = hex::encode(rand::random::<[u8; 16]>());
+        let uploads = std::env::temp_dir().join(format!("jmp-web-{}", std::process::id()));
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            let _ = std::fs::remove_dir_all(&uploads);
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&uploads)
+                .with_context(|| format!("cannot create {}", uploads.display()))?;
+        }
+        let board = Board::new(st.ready.exporter.clone());
+        tokio::spawn(board.clone().status_reader());
+        tokio::spawn(board.clone().console_reader());
+        tokio::spawn(board.clone().can_reader());
+        let app = Arc::new(App {
+            board,
+            cookie: format!("jmp-web-{}", bound.port()),
+            token: token.clone(),
+            max_upload: args.max_upload_mib.saturating_mul(1 << 20),
+            uploads: uploads.clone(),
+        });
+        let router = Router::new()
+            .route("/", get(page))
+            .route("/assets/{name}", get(assets))
+            .route("/ws", get(ws))
+            .route("/flash", put(flash))
+            .layer(axum::extract::DefaultBodyLimit::disable())
+            .with_state(app);
+        {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "http://{bound}/?token={token}")?;
+            writeln!(out, "jmp web: the board page of {}; Ctrl-C ends it", st.ready.exporter)?;
+            out.flush()?;
+        }
+        // Not a graceful shutdown: open WebSockets would hold it forever.
+        let stop = jmp_transport::shutdown_signal("jmp web ending");
+        let served = tokio::select! {
+            r = axum::serve(listener, router) => r.context("serving the page"),
+            _ = stop => Ok(()),
+        };
+        let _ = std::fs::remove_dir_all(&uploads);
+        served
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn only_a_page_of_the_servers_own_origin_is_same_origin() {
+        let ok = headers(&[
+            ("host", "127.0.0.1:8080"),
+            ("origin", "http://127.0.0.1:8080"),
+        ]);
+        assert!(same_origin(&ok));
+        // Behind an IDE's forwarding the browser's host is the forwarder's, on both headers.
+        let fwd = headers(&[
+            ("host", "ws-1-8080.ide.example"),
+            ("origin", "https://ws-1-8080.ide.example"),
+        ]);
+        assert!(same_origin(&fwd));
+        for bad in [
+            headers(&[
+                ("host", "127.0.0.1:8080"),
+                ("origin", "http://evil.example"),
+            ]),
+            headers(&[
+                ("host", "127.0.0.1:8080"),
+                ("origin", "http://127.0.0.1:8081"),
+            ]),
+            headers(&[("host", "127.0.0.1:8080"), ("origin", "null")]),
+            headers(&[
+                ("host", "127.0.0.1:8080"),
+                ("origin", "file://127.0.0.1:8080"),
+            ]),
+            headers(&[("host", "127.0.0.1:8080")]),
+            headers(&[("origin", "http://127.0.0.1:8080")]),
+        ] {
+            assert!(!same_origin(&bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_token_is_taken_from_the_query_or_this_servers_cookie_only() {
+        let app = App {
+            board: Board::new("x".into()),
+            token: "ab12".into(),
+            cookie: "jmp-web-8080".into(),
+            max_upload: 0,
+            uploads: std::path::PathBuf::new(),
+        };
+        let none = TokenQuery { token: None };
+        let q = |t: &str| TokenQuery {
+            token: Some(t.into()),
+        };
+        assert!(app.allowed(&HeaderMap::new(), &q("ab12")));
+        assert!(!app.allowed(&HeaderMap::new(), &q("ab13")));
+        assert!(!app.allowed(&HeaderMap::new(), &q("ab1")));
+        assert!(!app.allowed(&HeaderMap::new(), &none));
+        assert!(app.allowed(&headers(&[("cookie", "a=b; jmp-web-8080=ab12")]), &none));
+        // Another server's cookie (another port on the same host) does not count.
+        assert!(!app.allowed(&headers(&[("cookie", "jmp-web-9090=ab12")]), &none));
+        assert!(!app.allowed(&headers(&[("cookie", "jmp-web-8080=zz")]), &none));
+    }
+}

@@ -1,0 +1,291 @@
+//! The two web pages in a real browser: headless Chromium (Debian's `chromium` and
+//! `chromium-driver`) driven by Selenium from the test venv (tests/board/web_browser.py).
+//!
+//! The board page (`jmp web`) on the board `jmp local start` runs: the token is required (a
+//! request without it, or a WebSocket from another origin, is refused with 403), the boot log
+//! shows after the page's On button, typing logs in and `echo web-ok` answers in the page, a
+//! second tab shares the console, the Cycle button shows the boot log again, a CAN request sent
+//! from python-can and the ECU's answer show in the live view (and its filter), the Off button
+//! shows the board off, and an image uploaded from the page is flashed with its progress seen
+//! and its partition table read through the attachment's mount.
+//!
+//! The lab dashboard (`jmp-controller --web`): the admin sees the exporter, a lease made from
+//! the CLI while the page is open appears without a reload, with the usage per team; a client
+//! whose policy allows other boards sees neither the exporter nor the lease, and no usage; no
+//! credential or a bad one is refused.
+//!
+//! Screenshots of both pages go to the test's log directory. The figures (page weight, time
+//! to a console, keystroke to echo in the page) are printed for the report, never asserted as
+//! times.
+
+use jmp_e2e::lab::{show, Lab};
+use jmp_e2e::py::*;
+use jmp_e2e::*;
+use serde_json::Value;
+
+/// The venv's python with Selenium and python-can, and the browser and its driver.
+fn browser_venv() -> Result<std::path::PathBuf, String> {
+    venv_python(&["selenium", "can"])?;
+    for p in ["/usr/bin/chromium", "/usr/bin/chromedriver"] {
+        if !std::path::Path::new(p).exists() {
+            return Err(format!(
+                "{p} is missing (Debian chromium and chromium-driver: run scripts/install-test-deps.sh)"
+            ));
+        }
+    }
+    venv_bin()
+}
+
+/// Runs the browser script with `args`; what it saw.
+fn browse(
+    env: &TestEnv,
+    bin: &std::path::Path,
+    label: &str,
+    args: &[String],
+    client: Option<&str>,
+) -> Value {
+    let mut c = tool(env, bin, "python");
+    c.arg(board_dir().join("web_browser.py")).args(args);
+    if let Some(cl) = client {
+        c.env("JMP_CLIENT", cl);
+    }
+    let out = run_tool(env, label, c);
+    assert!(out.status.success(), "{label}: {}", show(&out));
+    let last = out.stdout.lines().last().unwrap_or("");
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{label}: not JSON ({e}): {}", out.stdout))
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v[k].as_str().unwrap_or_else(|| panic!("no {k} in {v}"))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The endpoint of `device` with `key` = `value` (an attachment's status row).
+fn endpoint(a: &Value, name: &str, key: &str, value: &str) -> String {
+    let d = device(a, name);
+    d["endpoints"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e[key] == value))
+        .and_then(|e| e["at"].as_str())
+        .unwrap_or_else(|| panic!("{name} has no {key}={value} endpoint: {d}"))
+        .to_string()
+}
+
+#[test]
+fn the_board_page_drives_the_local_board_in_a_browser() {
+    let bin = require!(browser_venv());
+    let env = TestEnv::new("web-board");
+    let _left = Leftovers { env: &env };
+    let mut c = env.jmp();
+    c.args(["local", "start", "-o", "json"]);
+    let out = run("jmp-local-start", c, &env.logs, READY);
+    assert!(out.status.success(), "{}", show(&out));
+    let status = attachments(&env);
+    let a = status.first().expect("the local board's attachment");
+    let ecu = endpoint(a, "ecu", "role", "slcan");
+    let mount = endpoint(a, "sd", "type", "mount");
+
+    let mut web = env.jmp();
+    web.arg("web").env("JMP_LOG", "info");
+    let mut web = Proc::spawn("jmp-web", web, &env.logs);
+    let url = web.expect_line(READY, "jmp web's URL", |l| l.starts_with("http://"));
+    assert!(
+        url.starts_with("http://127.0.0.1:") && url.contains("/?token=") && url.len() > 60,
+        "{url}"
+    );
+
+    let args: Vec<String> = [
+        "board",
+        url.as_str(),
+        &env.logs.display().to_string(),
+        &board_dir().join("can_client.py").display().to_string(),
+        "slcan",
+        &ecu,
+        "reqresp",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    let v = browse(&env, &bin, "web-board", &args, None);
+
+    for k in ["no_token", "bad_token", "asset_no_token", "ws_other_origin"] {
+        assert_eq!(v[k], 403, "{k}: refused: {v}");
+    }
+    assert!(
+        !s(&v, "address_bar").contains("token"),
+        "the token left the address bar: {}",
+        v["address_bar"]
+    );
+    assert!(s(&v, "power_on").contains("power is on"), "{v}");
+    assert_eq!(s(&v, "state"), "link up");
+    assert_eq!(v["second_tab"], true);
+    assert!(s(&v, "cycle").contains("cycled"), "{v}");
+    assert_eq!(v["boot_again"], true);
+    let can = s(&v, "can");
+    assert!(
+        can.contains("7E8") && can.contains("025003"),
+        "the ECU's answer: {can}"
+    );
+    let filtered = v["can_filtered"].as_array().expect("filtered rows");
+    assert!(
+        !filtered.is_empty()
+            && filtered
+                .iter()
+                .all(|r| r.as_str().is_some_and(|r| r.contains("7E8"))),
+        "the filter shows only 7E8: {filtered:?}"
+    );
+    assert_eq!(s(&v, "state_off"), "board is off");
+    let flash = s(&v, "flash");
+    assert!(
+        flash.starts_with("flashed: ") && flash.contains("3 MiB written"),
+        "{flash}"
+    );
+    let progress: Vec<&str> = v["flash_progress"]
+        .as_array()
+        .expect("progress")
+        .iter()
+        .filter_map(Value::as_str)
+        .filter(|p| p.starts_with("flashing: "))
+        .collect();
+    assert!(
+        progress.len() >= 2,
+        "progress seen twice: {:?}",
+        v["flash_progress"]
+    );
+    // The image's partition table, read through the attachment's mount: one 4 MiB partition.
+    let p1 = std::fs::metadata(format!("{mount}/p1")).map(|m| m.len());
+    assert_eq!(p1.ok(), Some(4 << 20), "the new partition through {mount}");
+
+    // Page weight: the page, its script and style, xterm.js and its addon, gzipped.
+    let transfer = v["weight"]["transfer"].as_u64().expect("transfer size");
+    assert!(transfer < 200_000, "the board page weighs {transfer} bytes");
+    let rt: Vec<f64> = v["roundtrip_ms"]
+        .as_array()
+        .expect("round trips")
+        .iter()
+        .filter_map(Value::as_f64)
+        .collect();
+    assert_eq!(rt.len(), 20, "{rt:?}");
+    raw_stderr(&format!(
+        "web board page: {transfer} bytes transferred ({} decoded, {} files); first console byte {:.2}s, login prompt {:.2}s, echo answered {:.2}s after the page was asked for; keystroke to echo in the page: median {:.1} ms, max {:.1} ms over {}",
+        v["weight"]["decoded"],
+        v["weight"]["files"],
+        v["first_byte_s"].as_f64().unwrap_or(0.0),
+        v["login_prompt_s"].as_f64().unwrap_or(0.0),
+        v["echo_s"].as_f64().unwrap_or(0.0),
+        median(&rt),
+        rt.iter().cloned().fold(0.0, f64::max),
+        rt.len()
+    ));
+    web.stop();
+
+    // The same keystroke to echo through the console's pty (what picocom reads), at the login
+    // prompt of the board switched on again: printed beside the page's.
+    let mut c = env.jmp();
+    c.args(["power", "on"]);
+    let out = run("jmp-power-on", c, &env.logs, READY);
+    assert!(out.status.success(), "{}", show(&out));
+    let mut con = Console::open(endpoint(a, "console", "type", "path"));
+    con.write(b"\r");
+    con.read_until("login: ", READY);
+    let mut pty = Vec::new();
+    for ch in b"abcdefghijklmnopqrst" {
+        let t = std::time::Instant::now();
+        con.write(&[*ch]);
+        let got = con.read_some(READY);
+        pty.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(got, [*ch], "the echo of {:?}", *ch as char);
+    }
+    raw_stderr(&format!(
+        "console pty: keystroke to echo median {:.1} ms, max {:.1} ms over {}",
+        median(&pty),
+        pty.iter().cloned().fold(0.0, f64::max),
+        pty.len()
+    ));
+}
+
+#[test]
+fn the_lab_dashboard_shows_exporters_and_leases_live() {
+    let bin = require!(browser_venv());
+    let mut lab = Lab::with_args("web-dash", "127.0.0.1:0", &["--web", "127.0.0.1:0"]);
+    let line = lab
+        .ctl
+        .proc
+        .expect_line(READY, "the dashboard's line", |l| {
+            l.starts_with("jmp-controller: lab dashboard on http://")
+        });
+    let base = line
+        .trim_start_matches("jmp-controller: lab dashboard on ")
+        .to_string();
+    let token = lab.create_exporter("mcp-01", &["vendor=acme", "team=platform"]);
+    let yaml = format!(
+        "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: mcp-01}}\nlisten: 127.0.0.1:0\nstateDir: {}\ncontroller: {{tokenFile: {}}}\nexport:\n  {}",
+        lab.env.root.join("state-web").display(),
+        token.display(),
+        widget_export().trim_end().replace('\n', "\n  ")
+    );
+    let p = lab.env.root.join("mcp-01.exporter.yaml");
+    std::fs::write(&p, yaml + "\n").expect("write exporter config");
+    let _jmpd = lab.start_jmpd(&p);
+    lab.create_client("agent", &["-l", "team=platform"]);
+    let limited = lab.create_client("limited", &["--allow", "vendor=other"]);
+    let credential = |f: &std::path::Path| -> String {
+        let text = std::fs::read_to_string(f).expect("client config");
+        let c: jmp_protocol::api::ClientConfig = serde_norway::from_str(&text).expect("config");
+        c.token
+    };
+    let admin_url = format!("{base}?token={}", credential(&lab.ctl.admin_file));
+    let limited_url = format!("{base}?token={}", credential(&limited));
+    let env = &lab.env;
+    let _left = Leftovers { env };
+    let args: Vec<String> = [
+        "dashboard",
+        admin_url.as_str(),
+        &env.logs.display().to_string(),
+        &jmp_bin().display().to_string(),
+        limited_url.as_str(),
+        "create",
+        "lease",
+        "-l",
+        "vendor=acme",
+        "--duration",
+        "10m",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    let v = browse(env, &bin, "web-dash", &args, Some("agent"));
+    for k in ["no_token", "bad_token", "state_no_token"] {
+        assert_eq!(v[k], 403, "{k}: refused: {v}");
+    }
+    assert!(s(&v, "exporters").contains("vendor=acme"), "{v}");
+    let leases = lab.leases();
+    let lease = leases.first().expect("the lease made from the CLI");
+    let name = lease["name"].as_str().expect("lease name");
+    assert!(
+        s(&v, "leases").contains(name) && s(&v, "leases").contains("mcp-01"),
+        "the lease appeared without a reload: {}",
+        v["leases"]
+    );
+    assert!(s(&v, "held").contains("agent"), "held by: {}", v["held"]);
+    assert!(
+        s(&v, "usage").contains("platform"),
+        "usage per team: {}",
+        v["usage"]
+    );
+    assert!(s(&v, "limited_me").starts_with("limited"), "{v}");
+    assert!(
+        !s(&v, "limited_exporters").contains("mcp-01") && !s(&v, "limited_leases").contains(name),
+        "a client sees only what its policy allows: {v}"
+    );
+    assert_eq!(v["limited_usage_shown"], false, "usage is for admins");
+    raw_stderr(&format!(
+        "web dashboard: {} bytes transferred ({} decoded, {} files)",
+        v["weight"]["transfer"], v["weight"]["decoded"], v["weight"]["files"]
+    ));
+}
