@@ -363,6 +363,15 @@ async fn flash(
 
 /// Serves the page until SIGTERM/SIGINT.
 pub(crate) fn run(args: WebArgs) -> Result<()> {
+    if let Some(m) = MISSING_ASSETS {
+        return Err(crate::exit(
+            jmp_protocol::exit::UNAVAILABLE,
+            format!(
+                "this jmp was built without the board page's browser code ({m} was missing): \
+                 run `npm ci` in web/ (scripts/install-test-deps.sh does) and build jmp again"
+            ),
+        ));
+    }
     let st = match &args.lease {
         Some(l) => crate::state::all()
             .into_iter()
