@@ -2607,7 +2607,7 @@ mod tests {
         let r = refused(&b.request(2, outside).0);
         assert_eq!(r, Denial::OutsidePolicy { matching: 2 });
         assert_eq!(
-            r.message("project=other", "project=mine"),
+            r.message("project=other", None, "project=mine"),
             "2 exporters match 'project=other' but none is allowed by this client's policy 'project=mine'"
         );
         // The policy also limits who waits for what: the waiter is not granted "a" or "b".
@@ -2642,12 +2642,15 @@ mod tests {
         };
         let r = refused(&b.request(1, named).0);
         assert_eq!(r, Denial::NoSuchExporter(s("nope")));
-        assert_eq!(r.message("", ""), "no exporter named 'nope' is registered");
+        assert_eq!(
+            r.message("", None, ""),
+            "no exporter named 'nope' is registered"
+        );
 
         let r = refused(&b.request(1, req("m", "board=x")).0);
         assert_eq!(r, Denial::NoMatch);
         assert_eq!(
-            r.message("board=x", ""),
+            r.message("board=x", None, ""),
             "no exporter matches selector 'board=x'"
         );
         // A named exporter that does not match the selector.
@@ -2672,7 +2675,7 @@ mod tests {
         let r = refused(&b.request(1, req("o", "board=pi0")).0);
         assert_eq!(r, Denial::AllOffline { matching: 2 });
         assert_eq!(
-            r.message("board=pi0", ""),
+            r.message("board=pi0", None, ""),
             "2 exporters match 'board=pi0' but none is online and enabled"
         );
 
@@ -2705,7 +2708,7 @@ mod tests {
             }
         );
         assert_eq!(
-            r.message("board=rpi4", ""),
+            r.message("board=rpi4", None, ""),
             "2 exporters match 'board=rpi4' but all are leased (next free: lease L-g2)"
         );
         // wait_until <= now does not wait either.
@@ -2725,7 +2728,7 @@ mod tests {
             .0,
         );
         assert_eq!(r, Denial::BadDuration);
-        assert!(r.message("", "").contains("greater than zero"));
+        assert!(r.message("", None, "").contains("greater than zero"));
 
         let dup = NewRequest {
             lease_name: s("L-g1"),
@@ -2733,11 +2736,17 @@ mod tests {
         };
         let r = refused(&b.request(2, dup).0);
         assert_eq!(r, Denial::LeaseNameInUse(s("L-g1")));
-        assert_eq!(r.message("", ""), "lease name 'L-g1' is already in use");
-
-        assert_eq!(Denial::NoMatch.message("", ""), "no exporter is registered");
         assert_eq!(
-            Denial::AllOffline { matching: 1 }.message("", ""),
+            r.message("", None, ""),
+            "lease name 'L-g1' is already in use"
+        );
+
+        assert_eq!(
+            Denial::NoMatch.message("", None, ""),
+            "no exporter is registered"
+        );
+        assert_eq!(
+            Denial::AllOffline { matching: 1 }.message("", None, ""),
             "1 exporter exists but it is not online and enabled"
         );
         assert_eq!(
@@ -2745,7 +2754,7 @@ mod tests {
                 matching: 1,
                 behind: None
             }
-            .message("a=b", ""),
+            .message("a=b", None, ""),
             "1 exporter matches 'a=b' but it is leased"
         );
         assert_eq!(b.waiting().count(), 0, "refusals queue nothing");
