@@ -83,3 +83,37 @@ fn an_impostor_at_the_advertised_address_is_never_used_and_the_relay_is() {
     con.read_until("genuine login: ", READY);
     att.stop();
 }
+
+/// An exporter listening on all addresses is advertised at the address its registration came
+/// from, with its port (its host name may resolve to a loopback address, which on a client's
+/// machine is the client itself), and a lease reaches it there.
+#[test]
+fn an_exporter_on_all_addresses_is_advertised_where_it_registered_from() {
+    let lab = Lab::new("via-any");
+    let token = lab.create_exporter("any-01", &["board=any"]);
+    let cfg = lab.exporter_config("any-01", &token, 0);
+    let yaml = std::fs::read_to_string(&cfg).expect("config");
+    assert!(yaml.contains("listen: 127.0.0.1:0"), "{yaml}");
+    std::fs::write(
+        &cfg,
+        yaml.replace("listen: 127.0.0.1:0", "listen: 0.0.0.0:0"),
+    )
+    .expect("config");
+    let jmpd = lab.start_jmpd(&cfg);
+    let port = jmpd.addr.port();
+    let e = lab.exporter("any-01");
+    assert_eq!(e["address"], format!("127.0.0.1:{port}").as_str(), "{e}");
+    lab.create_client("u", &[]);
+    lab.ok(
+        "create-lease",
+        lab.as_client(
+            "u",
+            &["create", "lease", "-l", "board=any", "--duration", "10m"],
+        ),
+    );
+    let (mut att, v) = attach_lease(&lab, "u", &["--via", "direct"]);
+    let mut con = Console::open(local_of(&v, "console"));
+    con.write(b"\r");
+    con.read_until("login: ", READY);
+    att.stop();
+}
