@@ -316,6 +316,10 @@ impl Api {
                 .await;
                 return;
             }
+            if let Some(seen) = seen_address(&reg.address, conn.remote_address()) {
+                debug!(exporter = %caller.name, "listens on {}; clients are sent to {seen}, where its registration came from", reg.address);
+                reg.address = seen;
+            }
         }
         let register = matches!(call.request, Request::Register(_));
         let create = matches!(call.request, Request::CreateLease(_));
@@ -447,5 +451,43 @@ impl Api {
             Cmd::Gone { stream }
         };
         let _ = core.send(cmd).await;
+    }
+}
+
+/// The address clients are sent to for an exporter that listens on all addresses
+/// (`0.0.0.0:PORT` or `[::]:PORT`): its port at the address its registration came from. The
+/// exporter's own host name is no good (on many hosts it resolves to a loopback address, which
+/// on the client's machine is the client itself). `None`: the address names a host, keep it.
+fn seen_address(advertised: &str, peer: std::net::SocketAddr) -> Option<String> {
+    let a: std::net::SocketAddr = advertised.parse().ok()?;
+    if !a.ip().is_unspecified() {
+        return None;
+    }
+    Some(std::net::SocketAddr::new(peer.ip().to_canonical(), a.port()).to_string())
+}
+
+#[cfg(test)]
+mod seen_address_tests {
+    use super::seen_address;
+
+    #[test]
+    fn an_exporter_on_all_addresses_is_reached_where_it_registered_from() {
+        let peer = "192.0.2.7:40000".parse().unwrap();
+        assert_eq!(
+            seen_address("0.0.0.0:7700", peer).as_deref(),
+            Some("192.0.2.7:7700")
+        );
+        assert_eq!(
+            seen_address("[::]:7701", "[2001:db8::5]:1".parse().unwrap()).as_deref(),
+            Some("[2001:db8::5]:7701")
+        );
+        // A v4 peer on a dual-stack socket shows as ::ffff:a.b.c.d: the address is v4.
+        assert_eq!(
+            seen_address("[::]:7700", "[::ffff:192.0.2.7]:1".parse().unwrap()).as_deref(),
+            Some("192.0.2.7:7700")
+        );
+        // Named addresses are the exporter's (or its admin's) choice.
+        assert_eq!(seen_address("10.1.2.3:7700", peer), None);
+        assert_eq!(seen_address("lab-host.example:7700", peer), None);
     }
 }

@@ -326,23 +326,35 @@ pub enum Denial {
 impl Denial {
     /// A human-readable explanation naming the request's `selector` (and the client's
     /// `policy` where that is the reason), e.g. "no exporter matches selector 'board=rpi4'".
-    pub fn message(&self, selector: &str, policy: &str) -> String {
+    /// The refusal as the user reads it: `selector` is the request's ("" for any),
+    /// `exporter` the exporter it named (`--name`), `policy` the client's allow-selector.
+    pub fn message(&self, selector: &str, exporter: Option<&str>, policy: &str) -> String {
+        let subject = |n: usize| match exporter {
+            Some(e) if selector.is_empty() => format!("exporter '{e}' exists"),
+            Some(e) => format!("exporter '{e}' matches '{selector}'"),
+            None => matching_phrase(n, selector),
+        };
         match self {
             Denial::NoSuchExporter(name) => format!("no exporter named '{name}' is registered"),
-            Denial::NoMatch if selector.is_empty() => "no exporter is registered".to_owned(),
-            Denial::NoMatch => format!("no exporter matches selector '{selector}'"),
+            Denial::NoMatch => match exporter {
+                Some(e) => format!("exporter '{e}' does not match selector '{selector}'"),
+                None if selector.is_empty() => "no exporter is registered".to_owned(),
+                None => format!("no exporter matches selector '{selector}'"),
+            },
+            Denial::OutsidePolicy { .. } if exporter.is_some() => format!(
+                "{} but this client's policy '{policy}' does not allow it",
+                subject(1)
+            ),
             Denial::OutsidePolicy { matching } => format!(
                 "{} but none is allowed by this client's policy '{policy}'",
-                matching_phrase(*matching, selector)
+                subject(*matching)
             ),
-            Denial::AllOffline { matching: 1 } => format!(
-                "{} but it is not online and enabled",
-                matching_phrase(1, selector)
-            ),
-            Denial::AllOffline { matching } => format!(
-                "{} but none is online and enabled",
-                matching_phrase(*matching, selector)
-            ),
+            Denial::AllOffline { matching: 1 } => {
+                format!("{} but it is not online and enabled", subject(1))
+            }
+            Denial::AllOffline { matching } => {
+                format!("{} but none is online and enabled", subject(*matching))
+            }
             Denial::AllBusy { matching, behind } => {
                 let verb = if *matching == 1 {
                     "it is leased"
@@ -353,7 +365,7 @@ impl Denial {
                     .as_ref()
                     .map(|b| format!(" (next free: lease {b})"))
                     .unwrap_or_default();
-                format!("{} but {verb}{next}", matching_phrase(*matching, selector))
+                format!("{} but {verb}{next}", subject(*matching))
             }
             Denial::BadDuration => "the lease duration must be greater than zero".to_owned(),
             Denial::LeaseNameInUse(name) => format!("lease name '{name}' is already in use"),
@@ -2082,6 +2094,46 @@ mod tests {
     }
 
     #[test]
+    fn refusals_of_a_named_exporter_name_it() {
+        let busy = Denial::AllBusy {
+            matching: 1,
+            behind: None,
+        };
+        let out = Denial::OutsidePolicy { matching: 1 };
+        let off = Denial::AllOffline { matching: 1 };
+        let m = out.message("", Some("board-b"), "team=a");
+        assert_eq!(
+            m,
+            "exporter 'board-b' exists but this client's policy 'team=a' does not allow it"
+        );
+        assert_eq!(
+            busy.message("", Some("board-b"), ""),
+            "exporter 'board-b' exists but it is leased"
+        );
+        assert_eq!(
+            off.message("soc=x", Some("board-b"), ""),
+            "exporter 'board-b' matches 'soc=x' but it is not online and enabled"
+        );
+        assert_eq!(
+            Denial::NoMatch.message("soc=x", Some("board-b"), ""),
+            "exporter 'board-b' does not match selector 'soc=x'"
+        );
+        // No name and no selector: any exporter, never "matches '(any)'".
+        assert_eq!(
+            Denial::AllBusy {
+                matching: 2,
+                behind: None
+            }
+            .message("", None, ""),
+            "2 exporters exist but all are leased"
+        );
+        assert_eq!(
+            out.message("soc=x", None, "team=a"),
+            "1 exporter matches 'soc=x' but none is allowed by this client's policy 'team=a'"
+        );
+    }
+
+    #[test]
     fn an_exporter_that_cleans_up_is_granted_only_once_it_is_done_or_overdue() {
         let mut b = book_with(&[("rpi-1", RPI)]);
         b.set_cleanup("rpi-1", Some(500));
@@ -2555,7 +2607,7 @@ mod tests {
         let r = refused(&b.request(2, outside).0);
         assert_eq!(r, Denial::OutsidePolicy { matching: 2 });
         assert_eq!(
-            r.message("project=other", "project=mine"),
+            r.message("project=other", None, "project=mine"),
             "2 exporters match 'project=other' but none is allowed by this client's policy 'project=mine'"
         );
         // The policy also limits who waits for what: the waiter is not granted "a" or "b".
@@ -2590,12 +2642,15 @@ mod tests {
         };
         let r = refused(&b.request(1, named).0);
         assert_eq!(r, Denial::NoSuchExporter(s("nope")));
-        assert_eq!(r.message("", ""), "no exporter named 'nope' is registered");
+        assert_eq!(
+            r.message("", None, ""),
+            "no exporter named 'nope' is registered"
+        );
 
         let r = refused(&b.request(1, req("m", "board=x")).0);
         assert_eq!(r, Denial::NoMatch);
         assert_eq!(
-            r.message("board=x", ""),
+            r.message("board=x", None, ""),
             "no exporter matches selector 'board=x'"
         );
         // A named exporter that does not match the selector.
@@ -2620,7 +2675,7 @@ mod tests {
         let r = refused(&b.request(1, req("o", "board=pi0")).0);
         assert_eq!(r, Denial::AllOffline { matching: 2 });
         assert_eq!(
-            r.message("board=pi0", ""),
+            r.message("board=pi0", None, ""),
             "2 exporters match 'board=pi0' but none is online and enabled"
         );
 
@@ -2653,7 +2708,7 @@ mod tests {
             }
         );
         assert_eq!(
-            r.message("board=rpi4", ""),
+            r.message("board=rpi4", None, ""),
             "2 exporters match 'board=rpi4' but all are leased (next free: lease L-g2)"
         );
         // wait_until <= now does not wait either.
@@ -2673,7 +2728,7 @@ mod tests {
             .0,
         );
         assert_eq!(r, Denial::BadDuration);
-        assert!(r.message("", "").contains("greater than zero"));
+        assert!(r.message("", None, "").contains("greater than zero"));
 
         let dup = NewRequest {
             lease_name: s("L-g1"),
@@ -2681,11 +2736,17 @@ mod tests {
         };
         let r = refused(&b.request(2, dup).0);
         assert_eq!(r, Denial::LeaseNameInUse(s("L-g1")));
-        assert_eq!(r.message("", ""), "lease name 'L-g1' is already in use");
-
-        assert_eq!(Denial::NoMatch.message("", ""), "no exporter is registered");
         assert_eq!(
-            Denial::AllOffline { matching: 1 }.message("", ""),
+            r.message("", None, ""),
+            "lease name 'L-g1' is already in use"
+        );
+
+        assert_eq!(
+            Denial::NoMatch.message("", None, ""),
+            "no exporter is registered"
+        );
+        assert_eq!(
+            Denial::AllOffline { matching: 1 }.message("", None, ""),
             "1 exporter exists but it is not online and enabled"
         );
         assert_eq!(
@@ -2693,7 +2754,7 @@ mod tests {
                 matching: 1,
                 behind: None
             }
-            .message("a=b", ""),
+            .message("a=b", None, ""),
             "1 exporter matches 'a=b' but it is leased"
         );
         assert_eq!(b.waiting().count(), 0, "refusals queue nothing");

@@ -545,9 +545,22 @@ pub struct Target {
     /// Client config to use (default: the current one, see `jmp config client use`).
     #[arg(long, env = "JMP_CLIENT")]
     pub client: Option<String>,
+    /// How to reach a lease's exporter: auto (straight to it and through the controller's
+    /// relay at once, if it takes relayed sessions), direct, or relay.
+    #[arg(long, env = "JMP_VIA", value_enum, default_value_t = ViaChoice::Auto)]
+    pub via: ViaChoice,
     /// Output: a line for people, or the typed answer as JSON.
     #[arg(short, long, value_enum, default_value_t = Format::Table)]
     pub output: Format,
+}
+
+/// `--via` of the kinds' verbs (as `jmp attach --via`).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ViaChoice {
+    #[default]
+    Auto,
+    Direct,
+    Relay,
 }
 
 /// How a command prints its answer.

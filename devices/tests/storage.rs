@@ -543,6 +543,84 @@ async fn every_format_flashes_and_dumps_back_identically() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Flash progress counts what the exporter acknowledged as written, never what is only queued
+/// (issue 20 item 6): on a slow card, at every report the medium already holds at least as
+/// many of the image's bytes as the report says; reports never go back, and the last one is
+/// the image's length.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flash_progress_never_runs_ahead_of_acknowledged_writes() {
+    use jmp_devices::storage::{flash, image};
+    use std::sync::atomic::AtomicBool;
+    const LEN: usize = 4 << 20;
+    let img = Img::new("progress");
+    let slow = SlowRange {
+        offset: 0,
+        len: LEN as u64,
+        delay: Duration::from_millis(20),
+    };
+    let (link, _srv) = mem_session(DeviceSet::new(
+        "b",
+        vec![driver(&img, true, None, Some(slow))],
+    ));
+    let (c, _t) = connect(link).await;
+    // An image without zeros (every piece is a data write) and a card holding its complement,
+    // so that each byte on the card tells whether it was written.
+    let mut raw = vec![0u8; LEN];
+    let mut x = 0x2545_f491_u32;
+    for b in raw.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = (x as u8) | 1;
+    }
+    let not: Vec<u8> = raw.iter().map(|b| !b).collect();
+    let card = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img.0)
+        .expect("card");
+    card.write_all_at(&not, 0).expect("prefill");
+    let path = std::env::temp_dir().join(format!("jmp-progress-{}.img", std::process::id()));
+    std::fs::write(&path, &raw).expect("image");
+    let mut seen: Vec<u64> = Vec::new();
+    let mut on_card = vec![0u8; LEN];
+    let rep = tokio::time::timeout(
+        GUARD,
+        flash::flash(
+            &c,
+            c.params().expect("params"),
+            image::open(&path).expect("open"),
+            flash::Options {
+                bmap: None,
+                verify: false,
+                compress: false,
+            },
+            Arc::new(AtomicBool::new(false)),
+            |p| {
+                card.read_exact_at(&mut on_card, 0).expect("read card");
+                let written = on_card.iter().zip(&raw).filter(|(a, b)| a == b).count() as u64;
+                assert!(
+                    p.done <= written,
+                    "progress says {} bytes written, the card holds {written}",
+                    p.done
+                );
+                seen.push(p.done);
+            },
+        ),
+    )
+    .await
+    .expect("hang guard")
+    .expect("flash");
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(rep.written, LEN as u64, "{rep:?}");
+    assert_eq!(seen.last(), Some(&(LEN as u64)), "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    assert!(
+        seen.iter().filter(|d| **d < LEN as u64).count() >= 2,
+        "progress along the way, not only at the end: {seen:?}"
+    );
+}
+
 fn read_image(p: &std::path::Path, len: usize) -> Vec<u8> {
     let mut b = vec![0u8; len];
     std::fs::File::open(p)

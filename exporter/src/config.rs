@@ -154,8 +154,9 @@ pub struct ControllerSection {
     /// Override the controller's `host:port` named in the credential.
     #[serde(default)]
     pub endpoint: Option<String>,
-    /// `host:port` clients reach this exporter at (default: `listen`, with this host's name
-    /// when listening on all addresses).
+    /// `host:port` clients reach this exporter at (default: `listen`; when listening on all
+    /// addresses, the controller sends clients to the address this host's registration comes
+    /// from).
     #[serde(default)]
     pub address: Option<String>,
     /// Keep an outbound connection for the controller's relay: clients that cannot reach
@@ -263,6 +264,15 @@ fn locate(text: &str, device: &str, field: &str) -> Option<usize> {
     Some(dev_line + 1)
 }
 
+/// No problems, one (as it is), or several: counted, one per line, so that none is missed.
+fn join_problems(problems: Vec<String>) -> Result<(), String> {
+    match problems.len() {
+        0 => Ok(()),
+        1 => Err(problems.into_iter().next().unwrap_or_default()),
+        n => Err(format!("{n} problems:\n  {}", problems.join("\n  "))),
+    }
+}
+
 impl ExporterConfig {
     pub fn load(path: &Path) -> Result<ExporterConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
@@ -275,58 +285,21 @@ impl ExporterConfig {
         })
     }
 
+    /// Parses and checks a config. Every problem found is reported, one per line (a device's
+    /// own error does not hide the next device's, nor a bad `listen` a bad label), so that
+    /// `jmpd --check-config` lists all that must be fixed at once. Only a config that is not
+    /// YAML of the expected shape at all stops at its first error (the YAML reader's).
     pub fn parse(text: &str) -> Result<ExporterConfig, String> {
         let raw: RawConfig = serde_norway::from_str(text).map_err(|e| e.to_string())?;
         let mut export = Vec::new();
+        let mut problems = Vec::new();
         for (dev, value) in raw.export.0 {
-            let at = |field: &str| {
-                locate(text, &dev, field)
-                    .map(|l| format!(" (line {l})"))
-                    .unwrap_or_default()
-            };
-            let shown = name::escape(&dev).into_owned();
-            let mut table = match value {
-                serde_norway::Value::Mapping(m) => m,
-                _ => {
-                    return Err(format!(
-                    "export.{shown}{}: expected a table like {{type: serial, path: /dev/ttyUSB0}}",
-                    at("")
-                ))
-                }
-            };
-            let ty = match table.remove("type") {
-                Some(serde_norway::Value::String(t)) => t,
-                Some(_) => {
-                    return Err(format!(
-                        "export.{shown}{}: type must be a string",
-                        at("type")
-                    ))
-                }
-                None => {
-                    return Err(format!(
-                        "export.{shown}{}: no type (one of: {})",
-                        at(""),
-                        DeviceSpec::types()
-                            .iter()
-                            .map(|(_, t, _)| *t)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ))
-                }
-            };
-            let spec =
-                DeviceSpec::from_yaml(&ty, serde_norway::Value::Mapping(table)).map_err(|e| {
-                    let field = if e.path.is_empty() {
-                        String::new()
-                    } else {
-                        format!(".{}", e.path)
-                    };
-                    format!("export.{shown}{field}{}: {}", at(&e.path), e.message)
-                })?;
-            spec.validate()
-                .map_err(|m| format!("export.{shown}{}: {m}", at("")))?;
-            export.push((dev, spec));
+            match Self::parse_device(text, &dev, value) {
+                Ok(spec) => export.push((dev, spec)),
+                Err(e) => problems.push(e),
+            }
         }
+        let export_complete = problems.is_empty();
         let c = ExporterConfig {
             api_version: raw.api_version,
             kind: raw.kind,
@@ -342,62 +315,143 @@ impl ExporterConfig {
             export: Export(export),
             fresh_scratch: false,
         };
-        c.validate()?;
+        problems.extend(c.problems(export_complete));
+        join_problems(problems)?;
         Ok(c)
     }
 
+    /// One device's table turned into its kind's spec, or why not (naming the device, the
+    /// field and its line).
+    fn parse_device(
+        text: &str,
+        dev: &str,
+        value: serde_norway::Value,
+    ) -> Result<DeviceSpec, String> {
+        let at = |field: &str| {
+            locate(text, dev, field)
+                .map(|l| format!(" (line {l})"))
+                .unwrap_or_default()
+        };
+        let shown = name::escape(dev).into_owned();
+        let mut table = match value {
+            serde_norway::Value::Mapping(m) => m,
+            _ => {
+                return Err(format!(
+                    "export.{shown}{}: expected a table like {{type: serial, path: /dev/ttyUSB0}}",
+                    at("")
+                ))
+            }
+        };
+        let ty = match table.remove("type") {
+            Some(serde_norway::Value::String(t)) => t,
+            Some(_) => {
+                return Err(format!(
+                    "export.{shown}{}: type must be a string",
+                    at("type")
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "export.{shown}{}: no type (one of: {})",
+                    at(""),
+                    DeviceSpec::types()
+                        .iter()
+                        .map(|(_, t, _)| *t)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            }
+        };
+        let spec =
+            DeviceSpec::from_yaml(&ty, serde_norway::Value::Mapping(table)).map_err(|e| {
+                let field = if e.path.is_empty() {
+                    String::new()
+                } else {
+                    format!(".{}", e.path)
+                };
+                format!("export.{shown}{field}{}: {}", at(&e.path), e.message)
+            })?;
+        spec.validate()
+            .map_err(|m| format!("export.{shown}{}: {m}", at("")))?;
+        Ok(spec)
+    }
+
+    /// Checks the whole config; every problem is reported (see [`ExporterConfig::parse`]).
     pub fn validate(&self) -> Result<(), String> {
+        join_problems(self.problems(true))
+    }
+
+    /// Every problem of the config. `export_complete`: every listed device was understood
+    /// (otherwise checks that need the whole list, such as "no devices" or "no power device",
+    /// would report what is only a consequence of a device's own error).
+    fn problems(&self, export_complete: bool) -> Vec<String> {
+        let mut p = Vec::new();
         if self.api_version != API_VERSION {
-            return Err(format!(
+            p.push(format!(
                 "apiVersion {:?} is not supported (expected {API_VERSION:?})",
                 self.api_version
             ));
         }
         if self.kind != "ExporterConfig" {
-            return Err(format!("kind {:?} is not ExporterConfig", self.kind));
+            p.push(format!("kind {:?} is not ExporterConfig", self.kind));
         }
-        name::check("metadata.name", &self.metadata.name).map_err(|e| e.to_string())?;
+        if let Err(e) = name::check("metadata.name", &self.metadata.name) {
+            p.push(e.to_string());
+        }
         for (k, v) in &self.metadata.labels {
-            validate_label(k, v).map_err(|e| format!("metadata.labels: {e}"))?;
+            if let Err(e) = validate_label(k, v) {
+                p.push(format!("metadata.labels: {e}"));
+            }
         }
-        self.listen_addr()?;
-        if self.export.0.is_empty() {
-            return Err("export: no devices listed".into());
+        if let Err(e) = self.listen_addr() {
+            p.push(e);
+        }
+        if self.export.0.is_empty() && export_complete {
+            p.push("export: no devices listed".into());
         }
         if self.export.0.len() > jmp_protocol::MAX_DEVICES {
-            return Err(format!(
+            p.push(format!(
                 "export: {} devices listed; at most {} are allowed",
                 self.export.0.len(),
                 jmp_protocol::MAX_DEVICES
             ));
         }
         for (dev, _) in &self.export.0 {
-            name::check("export: device name", dev).map_err(|e| e.to_string())?;
+            if let Err(e) = name::check("export: device name", dev) {
+                p.push(e.to_string());
+            }
         }
-        self.validate_lease_actions()?;
+        p.extend(self.lease_action_problems(export_complete));
         if let Some(m) = &self.metrics {
-            m.parse::<SocketAddr>()
-                .map_err(|_| format!("metrics {m:?} is not an address like 127.0.0.1:9200"))?;
+            if m.parse::<SocketAddr>().is_err() {
+                p.push(format!(
+                    "metrics {m:?} is not an address like 127.0.0.1:9200"
+                ));
+            }
         }
-        Ok(())
+        p
     }
 
-    fn validate_lease_actions(&self) -> Result<(), String> {
+    fn lease_action_problems(&self, export_complete: bool) -> Vec<String> {
+        let mut p = Vec::new();
         let any = self
             .hooks
             .as_ref()
             .is_some_and(|h| h.before_lease.is_some() || h.after_lease.is_some());
         if (any || self.power_off_after_lease) && self.controller.is_none() {
-            return Err(
+            p.push(
                 "hooks and powerOffAfterLease need a controller: section (leases come from the controller)"
                     .into(),
             );
         }
-        if self.power_off_after_lease && !self.export.0.iter().any(|(_, s)| s.switches_power()) {
-            return Err("powerOffAfterLease: true, but no power device is exported".into());
+        if self.power_off_after_lease
+            && export_complete
+            && !self.export.0.iter().any(|(_, s)| s.switches_power())
+        {
+            p.push("powerOffAfterLease: true, but no power device is exported".into());
         }
         let Some(h) = &self.hooks else {
-            return Ok(());
+            return p;
         };
         for (what, hook, allowed) in [
             (
@@ -413,16 +467,16 @@ impl ExporterConfig {
         ] {
             let Some(hook) = hook else { continue };
             if hook.run.is_empty() || hook.run[0].trim().is_empty() {
-                return Err(format!(
+                p.push(format!(
                     "hooks.{what}.run is empty (a program and its arguments)"
                 ));
             }
             if hook.timeout().is_zero() {
-                return Err(format!("hooks.{what}.timeout must be positive"));
+                p.push(format!("hooks.{what}.timeout must be positive"));
             }
             if let Some(f) = hook.on_failure {
                 if !allowed.contains(&f) {
-                    return Err(format!(
+                    p.push(format!(
                         "hooks.{what}.onFailure: {} is not possible here (use {} or {})",
                         on_failure_name(f),
                         on_failure_name(allowed[0]),
@@ -431,7 +485,7 @@ impl ExporterConfig {
                 }
             }
         }
-        Ok(())
+        p
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, String> {
@@ -546,6 +600,36 @@ export:
         let e = err(&GOOD.replace("      off: [relay, \"1\", \"off\"]\n", ""));
         assert!(e.contains("export.power.command"), "{e}");
         assert!(e.contains("off"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let bad = GOOD
+            .replace("baudrate: 115200", "baud: 115200")
+            .replace("cycleDelay: 3s", "cycleDelay: soon")
+            .replace("0.0.0.0:7700", "nowhere")
+            .replace("board: rpi4", "board: -rpi4");
+        let e = err(&bad);
+        assert!(e.starts_with("4 problems:\n"), "{e}");
+        for want in [
+            "export.console",
+            "unknown field `baud`",
+            "export.power.cycleDelay (line 18)",
+            "listen \"nowhere\"",
+            "metadata.labels",
+        ] {
+            assert!(e.contains(want), "{want} missing in: {e}");
+        }
+        assert_eq!(e.lines().count(), 5, "{e}");
+        // A device that cannot be read is not also reported as "no power device".
+        let only_power_bad = format!(
+            "{}\ncontroller: {{tokenFile: /t}}\npowerOffAfterLease: true",
+            GOOD.replace("auth: {tokenFile: /etc/jmp/rpi4-01.token}\n", "")
+                .replace("cycleDelay: 3s", "cycleDelay: soon")
+        );
+        let e = err(&only_power_bad);
+        assert!(e.contains("export.power.cycleDelay"), "{e}");
+        assert!(!e.contains("no power device"), "{e}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use jmp_devices::registry::{self, ClientOptions};
 use jmp_devices::{Bridge, BridgeCtx, BridgeExit, Endpoint};
 use jmp_protocol::{features, DeviceInfo, DeviceState, ErrorCode, Kind, Welcome};
 pub use jmp_transport::connector::{
-    is_final, Connector, ConnectorError as AttachError, Pin, RelayOpen, RelayRoute, Via, DIRECT_TRY,
+    is_final, Connector, ConnectorError as AttachError, Pin, RelayOpen, RelayRoute, Via,
 };
 use jmp_transport::token::peek;
 use jmp_transport::{Channels, ConnectError, LinkEvent};
@@ -152,7 +152,9 @@ impl Ready {
 pub struct Live {
     #[serde(flatten)]
     pub ready: Ready,
-    /// `up`, or `reconnecting` (the local devices stay meanwhile).
+    /// `up`, `stalled` (the exporter has not answered for `liveness::STALL_AFTER`; given up
+    /// and reconnected after the idle timeout), or `reconnecting` (the local devices stay
+    /// meanwhile).
     pub link: String,
     /// Unix seconds of the last change of `link`.
     pub since: u64,
@@ -485,8 +487,32 @@ pub async fn run(
         let Some((mut link, welcome)) = current.take() else {
             unreachable!("the loop always reconnects before coming back here");
         };
+        // A silent exporter is shown within liveness::STALL_AFTER (the session is given up,
+        // and reconnected, only after the idle timeout).
+        let mut stalled = link.handle.stalled();
         let ended: (ErrorCode, String) = loop {
             tokio::select! {
+                c = async { stalled.as_mut().expect("guarded").changed().await }, if stalled.is_some() => {
+                    let Some(rx) = stalled.as_mut().filter(|_| c.is_ok()) else {
+                        stalled = None;
+                        continue;
+                    };
+                    let now_stalled = *rx.borrow_and_update();
+                    if now_stalled {
+                        warn!(
+                            "no answer from {} for {:.1}s; typed console input is discarded until it answers (it is given up after {}s)",
+                            welcome.exporter,
+                            jmp_transport::liveness::STALL_AFTER.as_secs_f64(),
+                            jmp_transport::endpoint::IDLE_TIMEOUT.as_secs()
+                        );
+                    } else {
+                        info!("{} answers again", welcome.exporter);
+                    }
+                    shared.update(|l| {
+                        l.link = if now_stalled { "stalled" } else { "up" }.into();
+                        l.since = jmp_transport::unix_now();
+                    });
+                }
                 _ = &mut shutdown => {
                     link.handle.bye(ErrorCode::Ok, "client detached");
                     session.connector.linger(&link).await;
@@ -568,9 +594,12 @@ pub async fn run(
                     stop_bridges(tasks).await;
                     return Ok(Outcome::Ended { code, reason });
                 }
-                Err(AttachError::Connect(e @ ConnectError::FingerprintMismatch { .. })) => {
+                Err(
+                    e @ (AttachError::Connect(ConnectError::FingerprintMismatch { .. })
+                    | AttachError::Impostor(_)),
+                ) => {
                     stop_bridges(tasks).await;
-                    return Err(AttachError::Connect(e));
+                    return Err(e);
                 }
                 Err(e) => {
                     backoff = (backoff * 2).min(BACKOFF_MAX);

@@ -562,8 +562,9 @@ pub(crate) struct AttachArgs {
     /// ~/.config/jmp/known_exporters.
     #[arg(long)]
     pub(crate) fingerprint: Option<String>,
-    /// How to reach the lease's exporter: auto (straight to it, through the controller's relay
-    /// if it does not answer within 2 s and takes relayed sessions), direct, or relay.
+    /// How to reach the lease's exporter: auto (straight to it and through the controller's
+    /// relay at once, if it takes relayed sessions; the first that proves the exporter's
+    /// fingerprint is used), direct, or relay.
     #[arg(long, env = "JMP_VIA", value_enum, default_value = "auto")]
     pub(crate) via: ViaArg,
     #[command(flatten)]

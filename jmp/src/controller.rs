@@ -48,6 +48,11 @@ fn write_user_config(c: &UserConfig) -> Result<()> {
         .with_context(|| format!("cannot write {}", p.display()))
 }
 
+/// The current client config's name (`jmp config client use NAME`), if one is chosen.
+pub fn current_client() -> Option<String> {
+    read_user_config().current_client
+}
+
 /// Makes `name` the current client config.
 pub fn set_current(name: &str) -> Result<()> {
     let mut c = read_user_config();
@@ -82,6 +87,22 @@ pub fn read_client_file(path: &Path) -> Result<ClientConfig> {
             )
         })?;
     }
+    // A credential changed by hand or damaged is caught here, naming the file, rather than
+    // as a decoder's error from the controller (or no error at all until it is used).
+    jmp_transport::token::self_check(&c.token).map_err(|e| {
+        let why = match e {
+            jmp_transport::token::TokenError::Malformed(m) => m,
+            other => other.to_string(),
+        };
+        exit(
+            code::USAGE,
+            format!(
+                "client config {}: its credential (token:) is damaged: {why}; get a new client \
+                 config from your jmp administrator (jmp admin create client ... --out FILE)",
+                path.display()
+            ),
+        )
+    })?;
     remember_source(&c.token, path);
     Ok(c)
 }
@@ -793,5 +814,74 @@ pub async fn access(ctl: &Ctl, name: Option<String>) -> Result<Access> {
     match ctl.call(Request::LeaseAccess { name }).await? {
         Reply::Access(a) => Ok(a),
         other => Err(unexpected(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+    use jmp_protocol::token::{Claims, ControllerRef, TokenKind};
+
+    /// A tampered credential is refused where it is read, naming the file and what is wrong,
+    /// without the decoder's internals (issue 20 item 9).
+    #[test]
+    fn a_damaged_credential_names_its_file_and_the_damage() {
+        let dir = std::env::temp_dir().join(format!("jmp-cred-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let signer = jmp_transport::token::Signer::load_or_create(&dir.join("k")).unwrap();
+        let claims = Claims {
+            iss: "jmp-controller".into(),
+            sub: "alice".into(),
+            kind: TokenKind::Client,
+            jti: "j1".into(),
+            iat: 1,
+            exp: None,
+            client: None,
+            exporter: None,
+            ctl: Some(ControllerRef {
+                endpoint: "127.0.0.1:7780".into(),
+                fingerprint: "sha256:00".into(),
+                key: signer.public_key(),
+            }),
+            admin: false,
+        };
+        let token = signer.sign(&claims).unwrap();
+        let file = |name: &str, token: &str| {
+            let p = dir.join(name);
+            let text = format!(
+                "apiVersion: jmp.dev/v1alpha1\nkind: ClientConfig\nmetadata: {{name: alice}}\n\
+                 endpoint: 127.0.0.1:7780\nfingerprint: sha256:00\ntoken: {token}\n"
+            );
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let good = file("good.yaml", &token);
+        assert_eq!(read_client_file(&good).unwrap().token, token);
+
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let parts: Vec<&str> = token.split('.').collect();
+        let mut body = b64.decode(parts[1]).unwrap();
+        body[12] = b'\n';
+        let tampered = format!("{}.{}.{}", parts[0], b64.encode(&body), parts[2]);
+        let bad = file("tampered.yaml", &tampered);
+        let e = read_client_file(&bad).unwrap_err().to_string();
+        assert!(e.contains(&bad.display().to_string()), "{e}");
+        assert!(e.contains("credential (token:) is damaged"), "{e}");
+        assert!(!e.contains("JSON") && !e.contains("column"), "{e}");
+
+        let forged = serde_json::to_vec(&Claims {
+            admin: true,
+            ..claims.clone()
+        })
+        .unwrap();
+        let forged = format!("{}.{}.{}", parts[0], b64.encode(forged), parts[2]);
+        let e = read_client_file(&file("forged.yaml", &forged))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("forged.yaml"), "{e}");
+        assert!(e.contains("signature does not match its contents"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

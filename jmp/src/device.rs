@@ -54,11 +54,14 @@ fn running(target: &Target) -> Result<Option<state::StateFile>, VerbError> {
             .into_iter()
             .find(|s| s.ready.lease.as_deref() == Some(l)),
         (None, None) => {
-            // The caller's own, when they have any (another user's or job's do not count).
+            // The caller's own only: another user's, client config's or job's never counts,
+            // even as the only one running (then the caller's lease is asked for instead).
             let caller = state::Owner::caller();
             let mut all = state::all();
-            if all.iter().any(|s| s.is_callers(&caller)) {
-                all.retain(|s| s.is_callers(&caller));
+            let others = state::others_of(&all, &caller);
+            all.retain(|s| s.is_callers(&caller));
+            if all.is_empty() && !others.is_empty() {
+                tracing::info!("not using the attachments of others ({others}); asking the controller for your lease");
             }
             if all.len() > 1 {
                 // Not "the only one", and not the controller's lease either: the user means one
@@ -74,7 +77,20 @@ fn running(target: &Target) -> Result<Option<state::StateFile>, VerbError> {
                     ),
                 ));
             }
-            all.into_iter().next()
+            let found = all.into_iter().next();
+            if let Some(st) = &found {
+                // Said, since nothing was named: which board this acts on.
+                eprintln!(
+                    "jmp: {} (your attachment{})",
+                    jmp_protocol::name::escape(&st.ready.exporter),
+                    st.ready
+                        .lease
+                        .as_deref()
+                        .map(|l| format!(", lease {l}"))
+                        .unwrap_or_default()
+                );
+            }
+            found
         }
     };
     if found.is_none() {
@@ -197,7 +213,19 @@ async fn one_shot(
 fn connect_error(e: crate::attach::AttachError) -> VerbError {
     match e {
         crate::attach::AttachError::Refused { code, reason } => {
-            VerbError::new(code.exit_code(), reason)
+            // Direct mode's refusals ("<exporter>: " and what the exporter's shared-token check
+            // says) get the hint of where the token goes; a lease token's refusals say more.
+            let hint = if reason.ends_with(": invalid token")
+                || reason.ends_with(": no token presented")
+            {
+                crate::direct_token_hint(&crate::attach::AttachError::Refused {
+                    code,
+                    reason: reason.clone(),
+                })
+            } else {
+                String::new()
+            };
+            VerbError::new(code.exit_code(), format!("{reason}{hint}"))
         }
         other => fail(other.to_string()),
     }
@@ -265,10 +293,17 @@ async fn lease_reach(target: &Target) -> Result<Reach, VerbError> {
             ))
         })?;
     let fp = access.fingerprint.parse().map_err(fail)?;
-    // An exporter behind NAT is reached through the controller's relay, as by attach.
-    let relay = access
-        .relay
-        .then(|| crate::verbs::relay_route(&cfg, crate::attach::Via::Auto));
+    // An exporter behind NAT is reached through the controller's relay, as by attach (and
+    // `--via relay` asks for the relay even when the exporter did not say it takes it: the
+    // controller's answer is then the error to show).
+    use jmp_devices::kind::ViaChoice;
+    let via = match target.via {
+        ViaChoice::Auto => crate::attach::Via::Auto,
+        ViaChoice::Direct => crate::attach::Via::Direct,
+        ViaChoice::Relay => crate::attach::Via::Relay,
+    };
+    let relay = (access.relay || target.via == ViaChoice::Relay)
+        .then(|| crate::verbs::relay_route(&cfg, via));
     Ok(Reach {
         addr,
         pin: Pin::Fingerprint(fp),
@@ -283,12 +318,16 @@ fn direct_reach(target: &Target) -> Result<Reach> {
     let exporter = target.exporter.as_ref().ok_or_else(|| {
         exit(
             code::USAGE,
-            "--token-file (or JMP_TOKEN) needs --exporter HOST:PORT",
+            "--token/JMP_TOKEN and --token-file/JMP_TOKEN_FILE need --exporter HOST:PORT",
         )
     })?;
     let addr = resolve(exporter)?;
-    let token = crate::direct_token(&target.token, &target.token_file)?
-        .ok_or_else(|| exit(code::USAGE, "no token given"))?;
+    let token = crate::direct_token(&target.token, &target.token_file)?.ok_or_else(|| {
+        exit(
+            code::USAGE,
+            format!("no token given: {}", crate::DIRECT_TOKEN_WAYS),
+        )
+    })?;
     let pin = match &target.fingerprint {
         Some(f) => Pin::Fingerprint(f.parse().map_err(|e: String| exit(code::USAGE, e))?),
         None => Pin::Tofu {

@@ -304,7 +304,7 @@ fn attach_cmd(a: AttachArgs) -> Result<()> {
     let Some(token) = token else {
         return Err(exit(
             code::USAGE,
-            "--exporter needs the exporter's token: --token-file FILE (or JMP_TOKEN_FILE, JMP_TOKEN)",
+            format!("--exporter needs the exporter's token: {DIRECT_TOKEN_WAYS}"),
         ));
     };
     let addr = resolve(exporter)?;
@@ -330,6 +330,8 @@ pub(crate) async fn run_attachment(
     // An attachment started for a process (a test runner's `attach -d`) ends with it, even
     // when it is killed and cannot clean up: otherwise its board would stay attached, and its
     // lease in use, until someone noticed.
+    // Direct mode: a token the user gave, not a lease's nor local mode's own.
+    let direct = opts.lease.is_none() && opts.token_refresh.is_none() && local.is_none();
     let owner = match opts.owner_pid {
         Some(pid) => Some((pid, state::owner_exit(pid)?)),
         None => None,
@@ -365,7 +367,33 @@ pub(crate) async fn run_attachment(
         .clone();
     match res {
         Ok(o) => outcome_to_result(o, &name),
-        Err(e) => Err(exit(e.exit_code(), e.to_string())),
+        Err(e) => {
+            let hint = if direct {
+                direct_token_hint(&e)
+            } else {
+                String::new()
+            };
+            Err(exit(e.exit_code(), format!("{e}{hint}")))
+        }
+    }
+}
+
+/// How direct mode's token is given: the token itself, or a file holding it (one of the two;
+/// clap refuses both).
+pub(crate) const DIRECT_TOKEN_WAYS: &str = "the token itself with --token TOKEN or JMP_TOKEN, \
+     or a file holding it with --token-file FILE or JMP_TOKEN_FILE (not both)";
+
+/// What to do when an exporter refuses direct mode's token: which token it wants and where
+/// jmp took the one it sent from. Empty for any other error.
+pub(crate) fn direct_token_hint(e: &attach::AttachError) -> String {
+    match e {
+        attach::AttachError::Refused {
+            code: jmp_protocol::ErrorCode::Unauthorized,
+            ..
+        } => format!(
+            "; the exporter wants the token in its config's auth.tokenFile: give {DIRECT_TOKEN_WAYS}"
+        ),
+        _ => String::new(),
     }
 }
 

@@ -38,8 +38,10 @@ pub struct StateFile {
 }
 
 /// Whose attachment this is: the invoking user (`sudo`'s), their `HOME`, the client config
-/// named by `JMP_CLIENT`/`JMP_CLIENT_CONFIG`, and the CI job (`JMP_JOB` or the CI system's).
-/// Two jobs on one runner differ in the job; two people on one host in the user or `HOME`.
+/// (named by `JMP_CLIENT`/`JMP_CLIENT_CONFIG`, else the current one of `jmp config client
+/// use`), and the CI job (`JMP_JOB` or the CI system's). Two jobs on one runner differ in the
+/// job; two people on one host in the user or `HOME`; two client configs of one person in
+/// the client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
     pub uid: u32,
@@ -58,7 +60,9 @@ impl Owner {
         Owner {
             uid: crate::paths::invoking_user().0,
             home: std::env::var_os("HOME").map(PathBuf::from),
-            client: var("JMP_CLIENT").or_else(|| var("JMP_CLIENT_CONFIG")),
+            client: var("JMP_CLIENT")
+                .or_else(|| var("JMP_CLIENT_CONFIG"))
+                .or_else(crate::controller::current_client),
             job: crate::controller::current_job(),
         }
     }
@@ -204,10 +208,19 @@ fn all_states() -> Vec<StateFile> {
 pub fn find(exporter: Option<&str>) -> Result<StateFile> {
     let mut all = all_states();
     if exporter.is_none() {
-        // "The only one" is the caller's only one: another user's or job's does not count.
+        // "The only one" is the caller's only one: another user's, client config's or job's
+        // does not count, even when it is the only one running.
         let caller = Owner::caller();
-        if all.iter().any(|s| s.is_callers(&caller)) {
-            all.retain(|s| s.is_callers(&caller));
+        let others = others_of(&all, &caller);
+        all.retain(|s| s.is_callers(&caller));
+        if all.is_empty() && !others.is_empty() {
+            return Err(crate::exit(
+                code::UNAVAILABLE,
+                format!(
+                    "no attachment of yours is running (this user, HOME, client config and CI job); \
+                     others are ({others}): name one to act on it"
+                ),
+            ));
         }
     }
     match exporter {
@@ -235,6 +248,15 @@ pub fn find(exporter: Option<&str>) -> Result<StateFile> {
             )),
         },
     }
+}
+
+/// The exporters of the attachments in `all` that are not `caller`'s, for a message.
+pub fn others_of(all: &[StateFile], caller: &Owner) -> String {
+    all.iter()
+        .filter(|s| !s.is_callers(caller))
+        .map(|s| s.ready.exporter.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Owns an attachment's state file and control socket; removes both on drop.

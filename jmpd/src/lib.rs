@@ -314,17 +314,12 @@ pub fn systemd_dropin(cfg: &ExporterConfig, file: &std::path::Path) -> String {
     lines.join("\n") + "\n"
 }
 
-/// The address clients should use: the bound one, with this host's name if bound to all.
+/// The address clients should use: the bound one. Bound to all addresses (`0.0.0.0:PORT`),
+/// it is sent as it is and the controller puts in the address this host's registration comes
+/// from: this host's own name may resolve to a loopback address (Debian's 127.0.1.1), which on
+/// a client's machine is the client itself.
 fn advertised(local: std::net::SocketAddr) -> String {
-    if local.ip().is_unspecified() {
-        let host = nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "localhost".into());
-        format!("{host}:{}", local.port())
-    } else {
-        local.to_string()
-    }
+    local.to_string()
 }
 
 #[cfg(test)]

@@ -56,6 +56,32 @@ fn wrong_token_is_refused_and_the_daemon_keeps_serving() {
         "a refused attach left a console behind"
     );
 
+    // Without --fingerprint (trust on first use): the refusal says where the token goes, in
+    // the order jmp looks (the token itself, else its file), and an exporter that refused our
+    // token is not recorded as trusted.
+    let mut cmd = env.jmp();
+    cmd.arg("attach")
+        .arg("--exporter")
+        .arg(jmpd.addr.to_string())
+        .arg("--dev-dir")
+        .arg(&env.dev)
+        .env("JMP_TOKEN", "not-the-token")
+        .env_remove("JMP_TOKEN_FILE");
+    let out = run("jmp-attach-badtoken-tofu", cmd, &env.logs, READY);
+    assert_eq!(exit_code(out.status), Some(3), "stderr: {}", out.stderr);
+    let err = &out.stderr;
+    assert!(err.contains("auth.tokenFile"), "stderr: {err}");
+    let at = |s: &str| err.find(s).unwrap_or_else(|| panic!("{s} missing: {err}"));
+    assert!(
+        at("--token TOKEN or JMP_TOKEN") < at("--token-file FILE or JMP_TOKEN_FILE"),
+        "stderr: {err}"
+    );
+    let known = std::fs::read_to_string(env.config.join("known_exporters")).unwrap_or_default();
+    assert!(
+        !known.contains(&jmpd.addr.port().to_string()),
+        "an exporter that refused the token became trusted: {known}"
+    );
+
     let (_attach, v) = env.attach(&jmpd, &[]);
     let mut c = Console::open(local_of(&v, "console"));
     c.write(b"\r");
@@ -102,6 +128,26 @@ fn unknown_config_field_is_named_by_check_config() {
         out.stderr
     );
     assert!(out.stderr.contains(&missing.display().to_string()));
+
+    // Every problem of a config is reported at once, not only the first.
+    let many = env.write_config(&env.exporter_yaml(
+        "cfg-board",
+        "nowhere",
+        "console: {type: serial, path: /dev/ttyUSB0, baud: 115200}\n  \
+             power: {type: power, command: {on: [true], off: [true]}, cycleDelay: soon}",
+    ));
+    let mut cmd = command(jmpd_bin());
+    cmd.arg("--config").arg(&many).arg("--check-config");
+    let out = run("jmpd-check-many", cmd, &env.logs, READY);
+    assert_eq!(exit_code(out.status), Some(2), "stderr: {}", out.stderr);
+    for want in [
+        "3 problems",
+        "unknown field `baud`",
+        "export.power.cycleDelay",
+        "listen \"nowhere\"",
+    ] {
+        assert!(out.stderr.contains(want), "{want} missing: {}", out.stderr);
+    }
 
     // And the good version of the same config passes.
     let good = env.write_config(&yaml.replace("baud:", "baudrate:"));

@@ -248,6 +248,17 @@ fn two_jobs_on_one_runner_each_detach_their_own() {
     );
     assert!(pid_alive(pids[0]), "job a's attachment was left alone");
 
+    // Job a's is now the only attachment running, and still not job c's to take (issue 20
+    // item 3): plain detach says whose there are instead of detaching it.
+    let out = as_job("job-c", &["detach"]);
+    assert_eq!(out.status.code(), Some(5), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("no attachment of yours") && out.stderr.contains("board-a"),
+        "{}",
+        out.stderr
+    );
+    assert!(pid_alive(pids[0]), "job a's attachment was left alone");
+
     let out = as_job("job-c", &["detach", "--all"]);
     assert!(out.status.success(), "{}", out.stderr);
     assert!(

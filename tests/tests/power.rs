@@ -72,6 +72,12 @@ fn power_through_the_attachment_silences_and_reboots_the_console() {
     c.args(["power", "status", "-o", "json"]);
     let st = run("power-status", c, &env.logs, TIMEOUT);
     assert!(st.status.success(), "{}", st.stderr);
+    // Nothing was named: the command says which board it acts on.
+    assert!(
+        st.stderr.contains("jmp: pboard (your attachment"),
+        "{}",
+        st.stderr
+    );
     let sv: serde_json::Value = serde_json::from_str(st.stdout.trim()).expect("json");
     assert_eq!(sv["response"]["response"]["state"], "off", "{sv}");
     let status_shows_off = poll_until(TIMEOUT, || {

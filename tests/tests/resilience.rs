@@ -114,3 +114,69 @@ fn attach_sigterm_removes_devices_and_exits_zero() {
         );
     }
 }
+
+/// The link state `jmp status -o json` shows for the only attachment.
+fn link_state(env: &TestEnv) -> String {
+    let mut c = env.jmp();
+    c.args(["status", "-o", "json"]);
+    let st = run("status", c, &env.logs, READY);
+    serde_json::from_str::<serde_json::Value>(st.stdout.trim())
+        .ok()
+        .and_then(|v| v[0]["link"].as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("(no link in: {})", st.stdout))
+}
+
+/// Sends SIGCONT to a process stopped by the test, however the test ends.
+struct Resume(i32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), Signal::SIGCONT);
+    }
+}
+
+/// A stopped exporter (SIGSTOP: the connection stays open, nothing answers) is noticed well
+/// before the session's idle timeout gives it up (issue 20 item 5): `jmp status` shows the link
+/// `stalled`, the console's user reads it on the pty, what is typed meanwhile is discarded and
+/// counted; once the exporter runs again, the link is `up` and the console answers.
+#[test]
+fn a_stopped_exporter_shows_as_stalled_on_status_and_on_the_pty() {
+    let env = TestEnv::new("stalled");
+    let jmpd =
+        env.start_jmpd(&env.exporter_yaml("sleepy", "127.0.0.1:0", "console: {type: sim-console}"));
+    let (mut attach, v) = env.attach(&jmpd, &[]);
+    let mut c = Console::open(local_of(&v, "console"));
+    c.write(b"\r");
+    c.read_until("login: ", READY);
+    c.drain();
+    assert_eq!(link_state(&env), "up");
+
+    jmpd.proc.signal(Signal::SIGSTOP);
+    let resume = Resume(jmpd.proc.pid());
+    c.read_until(
+        "[jmp: no answer from the exporter; what you type is discarded until it answers]",
+        READY,
+    );
+    assert_eq!(link_state(&env), "stalled", "{}", attach.describe());
+    c.write(b"lost\r");
+    // The attachment has read (and discarded) what was typed once its log says so.
+    assert!(
+        poll_until(READY, || attach.stderr().contains("(5 in this outage)")),
+        "{}",
+        attach.describe()
+    );
+
+    drop(resume);
+    c.read_until(
+        "[jmp: the exporter answers again (5 typed bytes were discarded)]",
+        READY,
+    );
+    assert!(
+        poll_until(READY, || link_state(&env) == "up"),
+        "the link never showed up again: {}",
+        attach.describe()
+    );
+    c.write(b"\r");
+    c.read_until("login: ", READY);
+    assert!(attach.is_running(), "{}", attach.describe());
+}

@@ -46,6 +46,13 @@ pub trait Channels: Send + Sync + 'static {
     fn closed(&self) -> BoxFuture<'_, ()>;
 
     fn is_closed(&self) -> bool;
+
+    /// Whether the peer has stopped answering although the session is not given up yet
+    /// (see [`crate::liveness`]), as it changes; `None` where the carrier cannot tell (the
+    /// in-memory pair, the exporter's side).
+    fn stalled(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
 }
 
 /// The two ways a channel is carried.

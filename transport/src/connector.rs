@@ -39,17 +39,16 @@ pub type RelayOpen = Box<
 /// How `jmp attach` reaches an exporter of a lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
-    /// Straight to the exporter; through the controller's relay if it does not answer within
-    /// 2 s and takes relayed sessions.
+    /// Straight to the exporter and through the controller's relay (if it takes relayed
+    /// sessions) at once: the first connection that proves the pinned fingerprint is used. An
+    /// impostor at the direct address (another fingerprint) is never used: a warning, and
+    /// the relay.
     Auto,
     /// Only straight to the exporter.
     Direct,
     /// Only through the controller's relay.
     Relay,
 }
-
-/// How long a direct connection may take before `--via auto` tries the relay.
-pub const DIRECT_TRY: Duration = Duration::from_secs(2);
 
 /// The relay as a second way to the exporter.
 pub struct RelayRoute {
@@ -63,6 +62,9 @@ pub enum ConnectorError {
     Connect(#[from] ConnectError),
     #[error("the exporter refused: {reason}")]
     Refused { code: ErrorCode, reason: String },
+    /// A leased exporter's address answered with another certificate (final, as a mismatch).
+    #[error("{0}")]
+    Impostor(String),
     #[error("{0}")]
     Other(String),
 }
@@ -144,33 +146,73 @@ impl Connector {
             r
         };
         match route.via {
-            Via::Direct => Ok(direct().await?),
+            Via::Direct => direct().await.map_err(leased_mismatch),
             Via::Relay => relayed("--via relay".into()).await,
             Via::Auto if self.relayed.load(Relaxed) => match self.relayed(route, pin).await {
                 Ok(c) => Ok(c),
                 Err(e @ ConnectorError::Refused { .. }) => Err(e),
                 Err(e) => {
                     info!("the relay failed ({e}); trying {} directly", self.addr);
-                    let c = direct().await?;
+                    let c = direct().await.map_err(leased_mismatch)?;
                     self.relayed.store(false, Relaxed);
                     Ok(c)
                 }
             },
-            Via::Auto => match tokio::time::timeout(DIRECT_TRY, direct()).await {
-                Ok(Ok(c)) => Ok(c),
-                Ok(Err(e @ ConnectError::FingerprintMismatch { .. })) => Err(e.into()),
-                Ok(Err(e)) => {
-                    relayed(format!("{} is not reachable directly ({e})", self.addr)).await
-                }
-                Err(_) => {
-                    relayed(format!(
-                        "no answer from {} directly within {}s",
-                        self.addr,
-                        DIRECT_TRY.as_secs()
-                    ))
-                    .await
-                }
-            },
+            Via::Auto => self.race(route, pin).await,
+        }
+    }
+
+    /// `--via auto` on a first connection: direct and relayed at once, the first that proves
+    /// the pin wins (the other attempt is dropped, which abandons it). The direct path failing
+    /// only waits for the relay; an impostor there (another fingerprint) is warned about and
+    /// never used. With both failed: a final refusal of the relay if any, else the direct
+    /// path's error (an impostor's mismatch above all, which names what was seen).
+    async fn race(
+        &self,
+        route: &RelayRoute,
+        pin: Option<Fingerprint>,
+    ) -> Result<(quinn::Connection, Fingerprint), ConnectorError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let direct = connect(&self.endpoint, self.addr, jmp_protocol::ALPN_EXPORTER, pin);
+        let relayed = self.relayed(route, pin);
+        tokio::pin!(direct, relayed);
+        let mut direct_err: Option<ConnectError> = None;
+        let mut relay_err: Option<ConnectorError> = None;
+        loop {
+            tokio::select! {
+                r = &mut direct, if direct_err.is_none() => match r {
+                    Ok(c) => return Ok(c),
+                    Err(ConnectError::FingerprintMismatch { peer, addr, expected, got }) => {
+                        warn!("the {peer} at {addr} presented certificate {got}, but the controller registered {expected} for the leased exporter: not using {addr} (an impostor, or an address the exporter has left); trying the controller's relay");
+                        direct_err = Some(ConnectError::FingerprintMismatch { peer, addr, expected, got });
+                    }
+                    Err(e) => {
+                        info!("{} is not reachable directly ({e}); waiting for the controller's relay", self.addr);
+                        direct_err = Some(e);
+                    }
+                },
+                r = &mut relayed, if relay_err.is_none() => match r {
+                    Ok(c) => {
+                        self.relayed.store(true, Relaxed);
+                        return Ok(c);
+                    }
+                    Err(e) => {
+                        info!("the controller's relay failed ({e}); waiting for {} directly", self.addr);
+                        relay_err = Some(e);
+                    }
+                },
+            }
+            // (Each error is kept until both are in: its branch's guard must stay off, a
+            // finished future is never polled again.)
+            if direct_err.is_some() && relay_err.is_some() {
+                let (Some(d), Some(r)) = (direct_err.take(), relay_err.take()) else {
+                    unreachable!("both checked above");
+                };
+                return Err(match (d, r) {
+                    (_, r @ ConnectorError::Refused { .. }) => r,
+                    (d, _) => leased_mismatch(d),
+                });
+            }
         }
     }
 
@@ -217,18 +259,6 @@ impl Connector {
             Pin::Any => None,
         };
         let (conn, fp) = self.dial(pin).await?;
-        if let (Pin::Tofu { file, name }, None) = (&self.pin, pin) {
-            match crate::known::record(file, name, fp) {
-                Ok(()) => info!(
-                    "trusting exporter {name} ({fp}) from now on; recorded in {}",
-                    file.display()
-                ),
-                Err(e) => warn!(
-                    "cannot record {name}'s fingerprint in {}: {e}",
-                    file.display()
-                ),
-            }
-        }
         let hello = Hello {
             features: self.features,
             client: self.client.clone(),
@@ -236,7 +266,24 @@ impl Connector {
             token: self.token.lock().map(|t| t.clone()).unwrap_or_default(),
         };
         match Link::client(conn, hello).await {
-            Ok((link, welcome)) => Ok((link, welcome, fp)),
+            Ok((link, welcome)) => {
+                // Trust on first use is recorded only once the exporter took our token: an
+                // exporter that refuses it (the wrong address, or the wrong token) is not the
+                // one we were given the token for, and must not become trusted.
+                if let (Pin::Tofu { file, name }, None) = (&self.pin, pin) {
+                    match crate::known::record(file, name, fp) {
+                        Ok(()) => info!(
+                            "trusting exporter {name} ({fp}) from now on; recorded in {}",
+                            file.display()
+                        ),
+                        Err(e) => warn!(
+                            "cannot record {name}'s fingerprint in {}: {e}",
+                            file.display()
+                        ),
+                    }
+                }
+                Ok((link, welcome, fp))
+            }
             Err(LinkError::Refused { code, reason }) => {
                 Err(ConnectorError::Refused { code, reason })
             }
@@ -248,6 +295,27 @@ impl Connector {
     pub async fn linger(&self, link: &Link) {
         let _ =
             tokio::time::timeout(Duration::from_millis(300), link.handle.connection_closed()).await;
+    }
+}
+
+/// A connection to a leased exporter (its pin is the fingerprint the controller registered)
+/// that met another certificate: `jmp trust pin` would change nothing here (and would pin
+/// whoever answered), so the error says what it is and what reaches the real exporter.
+fn leased_mismatch(e: ConnectError) -> ConnectorError {
+    match e {
+        ConnectError::FingerprintMismatch {
+            addr,
+            expected,
+            got,
+            ..
+        } => ConnectorError::Impostor(format!(
+            "the exporter at {addr} presented certificate {got}, but the controller registered \
+             {expected} for the leased exporter: this is not it (an impostor, or an address the \
+             exporter has left). Not connecting; `--via relay` reaches it through the \
+             controller if it takes relayed sessions, and the lab's administrator can check \
+             the address it registers"
+        )),
+        other => other.into(),
     }
 }
 

@@ -277,6 +277,12 @@ fn client_config_tuned(
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| ConnectError::Tls(e.to_string()))?;
     let mut c = quinn::ClientConfig::new(Arc::new(crypto));
     let mut t = transport_config();
+    if alpn == jmp_protocol::ALPN_EXPORTER {
+        // Keep-alives often enough that a silent exporter is noticed within
+        // `liveness::STALL_AFTER` (the exporter acknowledges each at once); the idle timeout
+        // that gives the session up stays IDLE_TIMEOUT.
+        t.keep_alive_interval(Some(crate::liveness::CLIENT_KEEP_ALIVE));
+    }
     if alpn == jmp_protocol::ALPN_CONTROLLER {
         // The peers agree on the smaller idle timeout, so this side alone decides.
         t.keep_alive_interval(Some(CONTROLLER_KEEP_ALIVE));

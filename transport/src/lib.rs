@@ -21,6 +21,7 @@ pub mod gate;
 pub mod identity;
 pub mod known;
 pub mod link;
+pub mod liveness;
 pub mod pipe;
 pub mod possession;
 pub mod relay;

@@ -130,6 +130,8 @@ pub struct LinkHandle {
     conn: quinn::Connection,
     /// Datagram payload bytes queued for this link's channels (see [`DATAGRAM_BYTES`]).
     dg_queued: Arc<AtomicUsize>,
+    /// Client side: whether the exporter has stopped answering (see [`crate::liveness`]).
+    stalled: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl std::fmt::Debug for LinkHandle {
@@ -150,6 +152,12 @@ impl LinkHandle {
     /// The connection's round-trip estimate (for status output).
     pub fn rtt(&self) -> Duration {
         self.conn.rtt()
+    }
+
+    /// Client side: whether the exporter has stopped answering, as it changes (see
+    /// [`crate::liveness`]); `None` on the exporter's side.
+    pub fn stalled(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.stalled.clone()
     }
 
     /// Client: asks the task for a channel id and queues the Open. Returns the id and where
@@ -406,6 +414,10 @@ impl Channels for LinkHandle {
         })
     }
 
+    fn stalled(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.stalled.clone()
+    }
+
     fn is_closed(&self) -> bool {
         self.conn.close_reason().is_some()
     }
@@ -460,7 +472,9 @@ impl Link {
             .await
             .map_err(|e| LinkError::Connection(e.to_string()))?;
         let session = Session::client(hello, Config::default(), Instant::now());
+        let stalled = crate::liveness::watch(conn.clone());
         let mut link = Self::spawn(conn, session, send, recv, None);
+        link.handle.stalled = Some(stalled);
         loop {
             match link.events.recv().await {
                 Some(LinkEvent::Welcome(w)) => return Ok((link, w)),
@@ -535,6 +549,7 @@ impl Link {
                 cmds: cmd_tx,
                 conn,
                 dg_queued,
+                stalled: None,
             },
             events: ev_rx,
         }
@@ -881,6 +896,7 @@ impl Task {
             cmds: self.self_tx.upgrade()?,
             conn: self.conn.clone(),
             dg_queued: self.dg_queued.clone(),
+            stalled: None,
         })
     }
 

@@ -156,16 +156,70 @@ impl Verifier {
 }
 
 /// Reads a token's claims without checking the signature: only for finding out which
-/// controller a credential belongs to, never for deciding access.
+/// controller a credential belongs to, never for deciding access. A token that cannot be read
+/// says why in words a user can act on (it was cut, or characters were changed), not with the
+/// JSON or base64 decoder's internals.
 pub fn peek(token: &str) -> Result<Claims, TokenError> {
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(TokenError::Malformed("it is empty".into()));
+    }
+    let parts = token.split('.').count();
+    if parts != 3 {
+        return Err(TokenError::Malformed(format!(
+            "it has {parts} part(s) separated by '.', a token has 3 (it was cut, joined or \
+             is not a token)"
+        )));
+    }
     let mut v = Validation::new(Algorithm::EdDSA);
     v.insecure_disable_signature_validation();
     v.validate_exp = false;
     v.validate_aud = false;
     v.required_spec_claims.clear();
-    jsonwebtoken::decode::<Claims>(token.trim(), &DecodingKey::from_secret(&[]), &v)
+    jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(&[]), &v)
         .map(|d| d.claims)
-        .map_err(|e| TokenError::Malformed(e.to_string()))
+        .map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            TokenError::Malformed(
+                match e.kind() {
+                    K::Base64(_) | K::Utf8(_) => {
+                        "its text is not what the controller wrote (a character was changed, \
+                         added or removed)"
+                    }
+                    K::Json(_) => {
+                        "its contents do not read as a credential (a character was changed, \
+                         or it comes from another program)"
+                    }
+                    K::InvalidAlgorithm | K::InvalidAlgorithmName => {
+                        "it is not signed the way the controller signs (EdDSA)"
+                    }
+                    _ => "it cannot be read as a token",
+                }
+                .into(),
+            )
+        })
+}
+
+/// A credential read and checked against the controller key it names itself: readable, and
+/// signed by that key, so that a file changed by hand (or damaged) is caught where it is read,
+/// before anything is sent. Not a security check (the controller checks the credential); the
+/// expiry is not checked here either.
+pub fn self_check(token: &str) -> Result<Claims, TokenError> {
+    let claims = peek(token)?;
+    let ctl = claims.ctl.as_ref().ok_or_else(|| {
+        TokenError::Malformed("it names no controller (it is not a credential)".into())
+    })?;
+    let verifier = Verifier::from_public_key(&ctl.key)
+        .map_err(|_| TokenError::Malformed("the controller key it names is damaged".into()))?;
+    // Expiry is the controller's business: 0 as "now" never counts as expired.
+    verifier.verify_any(token, 0).map_err(|e| match e {
+        TokenError::BadSignature => TokenError::Malformed(
+            "its signature does not match its contents (it was changed after the controller \
+             issued it)"
+                .into(),
+        ),
+        other => other,
+    })
 }
 
 #[cfg(test)]
@@ -185,6 +239,51 @@ mod tests {
             ctl: None,
             admin: false,
         }
+    }
+
+    #[test]
+    fn damaged_credentials_say_what_is_wrong_in_plain_words() {
+        let dir = std::env::temp_dir().join(format!("jmp-token-dmg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let s = Signer::load_or_create(&dir.join("signing.key")).unwrap();
+        let mut c = claims(TokenKind::Client, None);
+        c.ctl = Some(jmp_protocol::token::ControllerRef {
+            endpoint: "ctl:7780".into(),
+            fingerprint: "sha256:00".into(),
+            key: s.public_key(),
+        });
+        let t = s.sign(&c).unwrap();
+        assert_eq!(self_check(&t).unwrap().sub, "l1");
+        let why = |t: &str| match self_check(t) {
+            Err(TokenError::Malformed(m)) => m,
+            other => panic!("{t}: {other:?}"),
+        };
+        let (head, rest) = t.split_once('.').unwrap();
+        let (body, sig) = rest.split_once('.').unwrap();
+        // A control character in the claims (the issue's "JSON error: control character").
+        let mut raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(body)
+            .unwrap();
+        raw[10] = 0x01;
+        let bad_json = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw);
+        let m = why(&format!("{head}.{bad_json}.{sig}"));
+        assert!(m.contains("do not read as a credential"), "{m}");
+        assert!(!m.contains("JSON") && !m.contains("column"), "{m}");
+        // Another client's name written into the claims: readable, but the signature fails.
+        let forged = serde_json::to_vec(&Claims {
+            sub: "mallory".into(),
+            ..c.clone()
+        })
+        .unwrap();
+        let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(forged);
+        let m = why(&format!("{head}.{forged}.{sig}"));
+        assert!(m.contains("signature does not match"), "{m}");
+        let m = why(&format!("{head}.{body}"));
+        assert!(m.contains("2 part(s)"), "{m}");
+        let m = why(&format!("{head}.{body}!.{sig}"));
+        assert!(m.contains("a character was changed"), "{m}");
+        assert_eq!(why("  "), "it is empty");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -77,8 +77,14 @@ fn idle_timeout_of(
 }
 
 /// A refusal's error code, its `jmp_lease_requests_total` result, and its message (naming the
-/// request's selector `sel`, "" for any, and the client's policy `allow`).
-fn refusal_reply(r: &Denial, sel: &str, allow: &str) -> (CtlErrorCode, &'static str, String) {
+/// request's selector `sel`, "" for any, the exporter it named, and the client's policy
+/// `allow`).
+fn refusal_reply(
+    r: &Denial,
+    sel: &str,
+    exporter: Option<&str>,
+    allow: &str,
+) -> (CtlErrorCode, &'static str, String) {
     let (code, result) = match r {
         Denial::NoSuchExporter(_) => (CtlErrorCode::NoMatch, "no_match"),
         Denial::NoMatch => (CtlErrorCode::NoMatch, "no_match"),
@@ -88,8 +94,7 @@ fn refusal_reply(r: &Denial, sel: &str, allow: &str) -> (CtlErrorCode, &'static 
         Denial::BadDuration => (CtlErrorCode::Invalid, "invalid"),
         Denial::LeaseNameInUse(_) => (CtlErrorCode::Internal, "invalid"),
     };
-    let shown = if sel.is_empty() { "(any)" } else { sel };
-    let mut msg = r.message(shown, allow);
+    let mut msg = r.message(sel, exporter, allow);
     if matches!(r, Denial::AllBusy { .. }) {
         msg.push_str("; add --wait SECONDS to queue for one");
     }
@@ -491,7 +496,8 @@ impl<S: LeaseStore> Core<S> {
                 .book
                 .unservable(&selector, &policy, req.exporter.as_deref())
             {
-                let (code, result, msg) = refusal_reply(&r, &selector.to_string(), &allow);
+                let (code, result, msg) =
+                    refusal_reply(&r, &selector.to_string(), req.exporter.as_deref(), &allow);
                 return refuse(self, result, err(code, msg));
             }
         }
@@ -534,6 +540,7 @@ impl<S: LeaseStore> Core<S> {
             lease_name = random_hex(8);
         }
         let sel_text = selector.to_string();
+        let req_exporter = req.exporter.clone();
         let (outcome, events) = self.book.request(
             now,
             NewRequest {
@@ -608,7 +615,8 @@ impl<S: LeaseStore> Core<S> {
                 );
             }
             Outcome::Refused(r) => {
-                let (code, result, msg) = refusal_reply(&r, &sel_text, &allow);
+                let (code, result, msg) =
+                    refusal_reply(&r, &sel_text, req_exporter.as_deref(), &allow);
                 refuse(self, result, err(code, msg));
             }
             Outcome::Existing(RequestState::Leased(lease)) => {
@@ -739,7 +747,7 @@ impl<S: LeaseStore> Core<S> {
         self.on_events(now, ev);
         let (ev, withdrawn) = self.book.set_policy(now, client, &allow);
         for (w, why) in withdrawn {
-            let (code, _, reason) = refusal_reply(&why, &w.selector, &text);
+            let (code, _, reason) = refusal_reply(&why, &w.selector, w.exporter.as_deref(), &text);
             let msg = format!(
                 "request {} was withdrawn: the policy of client {client} changed: {reason}",
                 w.lease_name

@@ -78,6 +78,8 @@ pub struct SerialBridge {
     /// Board output not yet in the pty (survives reconnects: it is ours once received).
     held: VecDeque<u8>,
     tty: Tty,
+    /// The program on the pty was told the link is lost (once per outage).
+    told_lost: bool,
 }
 
 impl SerialBridge {
@@ -112,6 +114,7 @@ impl SerialBridge {
             last_settings,
             held: VecDeque::new(),
             tty: Tty::Closed,
+            told_lost: false,
         })
     }
 
@@ -170,6 +173,9 @@ impl SerialBridge {
             None => {}
         }
         self.seen = Some((self.instance, offset));
+        if std::mem::take(&mut self.told_lost) {
+            self.tell("the link to the exporter is back");
+        }
         if let Some(c) = self.local_settings {
             pipe.control_tx.control(to_bytes(&Control::Follow(c)));
         }
@@ -179,13 +185,28 @@ impl SerialBridge {
             control_rx: pipe.control_rx,
             control_tx: pipe.control_tx,
         };
-        self.pump(Some(chan)).await
+        self.pump(Some(chan), link.stalled()).await
+    }
+
+    /// A line from jmp itself on the pty, between the board's output, for the person at the
+    /// console: what they type is not reaching the board. Only while a program has the device
+    /// open (a program opening it later would read a stale line).
+    fn tell(&mut self, what: &str) {
+        if self.tty == Tty::Open {
+            self.held.extend(format!("\r\n[jmp: {what}]\r\n").bytes());
+        }
     }
 
     /// Moves bytes between the pty and the channel (or, without a channel, keeps the pty
     /// serviced: typed bytes are discarded, held output is delivered to a program that opens
     /// the device). State that must outlive a cancelled pump lives in `self`.
-    async fn pump(&mut self, chan: Option<Chan>) -> BridgeExit {
+    /// `stalled`: whether the exporter has stopped answering (see
+    /// `jmp_transport::liveness`); typed bytes are discarded meanwhile, as in an outage.
+    async fn pump(
+        &mut self,
+        chan: Option<Chan>,
+        mut stalled: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> BridgeExit {
         let (mut rx, mut control_rx, control_tx, typed) = match chan {
             Some(c) => {
                 let (typed_tx, mut typed_rx) = tokio::sync::mpsc::channel::<Bytes>(TYPED_DEPTH);
@@ -212,6 +233,12 @@ impl SerialBridge {
         let mut open_poll = tokio::time::interval(OPEN_POLL);
         open_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut discarded = 0usize;
+        let mut silent = false;
+        // Without a channel the link is lost: said once per outage to whoever has the pty open.
+        if typed.is_none() && !self.told_lost {
+            self.tell("the link to the exporter is lost; reconnecting, and what you type is discarded until it is back");
+            self.told_lost = self.tty == Tty::Open;
+        }
         loop {
             let open = self.tty == Tty::Open;
             let closed = self.tty == Tty::Closed;
@@ -254,8 +281,24 @@ impl SerialBridge {
                     }
                 },
                 // The local program → board, settings, open/close.
+                c = async { stalled.as_mut().expect("guarded").changed().await }, if stalled.is_some() => {
+                    let Some(rx) = stalled.as_mut().filter(|_| c.is_ok()) else {
+                        stalled = None;
+                        continue;
+                    };
+                    let now = *rx.borrow_and_update();
+                    if now != silent {
+                        silent = now;
+                        if now {
+                            self.tell("no answer from the exporter; what you type is discarded until it answers");
+                        } else {
+                            self.tell(&format!("the exporter answers again ({discarded} typed bytes were discarded)"));
+                            discarded = 0;
+                        }
+                    }
+                }
                 p = self.pty.read(&mut buf), if !closed && can_type => match p {
-                    Ok(Packet::Data(d)) => match typed.as_ref() {
+                    Ok(Packet::Data(d)) => match typed.as_ref().filter(|_| !silent) {
                         Some(t) => {
                             if t.try_send(d).is_err() {
                                 return BridgeExit::LinkLost;
@@ -263,7 +306,8 @@ impl SerialBridge {
                         }
                         None => {
                             discarded += d.len();
-                            warn!(device = %self.device, "link down: discarded {} typed bytes ({discarded} in this outage)", d.len());
+                            let why = if silent { "no answer from the exporter" } else { "link down" };
+                            warn!(device = %self.device, "{why}: discarded {} typed bytes ({discarded} in this outage)", d.len());
                         }
                     },
                     Ok(Packet::SettingsChanged) => {
@@ -368,7 +412,7 @@ impl Bridge for SerialBridge {
 
     fn idle(&mut self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            self.pump(None).await;
+            self.pump(None, None).await;
         })
     }
 }

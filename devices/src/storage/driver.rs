@@ -80,8 +80,9 @@ fn heavy(op: &Op) -> bool {
     matches!(op, Op::Hash { .. })
 }
 
-/// A test hook: reads overlapping this range take this long (how the "a slow request does not
-/// stall the others" test makes one slow).
+/// A test hook: reads and writes overlapping this range take this long (how the "a slow
+/// request does not stall the others" test makes one slow, and the flash progress test a slow
+/// card).
 #[derive(Debug, Clone, Copy)]
 pub struct SlowRange {
     pub offset: u64,
@@ -337,6 +338,15 @@ impl Inner {
         r
     }
 
+    /// The test hook [`SlowRange`]: a request overlapping it waits first.
+    fn slow_down(&self, offset: u64, len: u64) {
+        if let Some(s) = self.slow {
+            if offset < s.offset + s.len && s.offset < offset + len {
+                std::thread::sleep(s.delay);
+            }
+        }
+    }
+
     fn execute(
         &self,
         m: &Medium,
@@ -351,11 +361,7 @@ impl Inner {
                 len,
                 compress,
             } => {
-                if let Some(s) = self.slow {
-                    if offset < s.offset + s.len && s.offset < offset + len {
-                        std::thread::sleep(s.delay);
-                    }
-                }
+                self.slow_down(offset, len);
                 let data = m.read(offset, len as usize, job)?;
                 if compress {
                     if let Ok(z) = zstd::bulk::compress(&data, 1) {
@@ -373,11 +379,13 @@ impl Inner {
                 }
                 Ok((Response::Data { id: 0, len }, Some(data)))
             }
-            Op::Write { offset, .. } => {
+            Op::Write { offset, len } => {
+                self.slow_down(offset, len);
                 m.write(offset, &payload, job)?;
                 Ok((ok, None))
             }
             Op::WriteZstd { offset, len, .. } => {
+                self.slow_down(offset, len);
                 let z: Vec<u8> = payload.concat();
                 let data = zstd::bulk::decompress(&z, len as usize).map_err(|e| {
                     Failure::new(

@@ -541,8 +541,10 @@ struct Shared {
     failure: Option<Failure>,
 }
 
-/// Flashes `image` onto the medium behind `client`. `progress` is called as pieces are sent;
-/// `stop` set (Ctrl-C) ends it early, reporting what was written.
+/// Flashes `image` onto the medium behind `client`. `progress` is called as the exporter
+/// acknowledges pieces as written (never for what is only queued or on the wire: with a fast
+/// link and a slow card that ran far ahead), its total what will be written (with a bmap, the
+/// mapped bytes); `stop` set (Ctrl-C) ends it early, reporting what was written.
 pub async fn flash(
     client: &Client,
     params: DeviceParams,
@@ -568,7 +570,12 @@ pub async fn flash(
             flushed: false,
         });
     }
-    let total = image.size.or(opts.bmap.as_ref().map(|b| b.image_size));
+    // What acknowledgements add up to: every byte of the image (written or zeroed), or with a
+    // bmap only the mapped ones.
+    let total = match &opts.bmap {
+        Some(b) => Some(b.mapped_bytes()),
+        None => image.size,
+    };
     let (tx, mut rx) = tokio::sync::mpsc::channel(MAX_IN_FLIGHT);
     let verify = opts.verify;
     let mut report = Report {
@@ -656,7 +663,7 @@ pub async fn flash(
             }),
         );
         progress(&Progress {
-            done: start + len,
+            done: lock(&shared).bytes(),
             total,
             wire: report.wire,
         });
@@ -666,8 +673,20 @@ pub async fn flash(
     }
     drop(rx);
     let _ = prod.await;
-    // Everything submitted has its answer before anything is claimed.
-    client.wait_below(1).await;
+    // Everything submitted has its answer before anything is claimed; the display follows
+    // each answer meanwhile.
+    loop {
+        let left = client.outstanding();
+        if left == 0 {
+            break;
+        }
+        client.wait_below(left).await;
+        progress(&Progress {
+            done: lock(&shared).bytes(),
+            total,
+            wire: report.wire,
+        });
+    }
     if let Some(f) = shared
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -727,9 +746,11 @@ pub async fn flash(
         }
         report.verified = true;
     }
+    // All acknowledged, flushed (and verified): the figure is what was written.
+    let written = lock(&shared).bytes();
     progress(&Progress {
-        done: total.unwrap_or(report.image),
-        total: Some(total.unwrap_or(report.image)),
+        done: written,
+        total: Some(written),
         wire: report.wire,
     });
     Ok(report)

@@ -297,7 +297,11 @@ pub(super) async fn flash_verb(
     let format = image.format;
     let opened = open(host, target, device).await?;
     let stop = stop_on_interrupt();
-    let total = image.size.or(bmap.as_ref().map(|b| b.image_size));
+    // As flash::flash counts: acknowledged bytes of the image, or of a bmap's mapped ranges.
+    let total = match &bmap {
+        Some(b) => Some(b.mapped_bytes()),
+        None => image.size,
+    };
     let mut shown = Shown::new("flashing", total);
     let started = Instant::now();
     let r = flash::flash(

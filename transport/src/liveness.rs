@@ -1,0 +1,49 @@
+//! Noticing a peer that stopped answering before the connection gives up on it.
+//!
+//! A session's QUIC idle timeout ([`crate::endpoint::IDLE_TIMEOUT`], 10 s) decides when a
+//! silent exporter is given up and the attachment reconnects; it is that long so that a busy
+//! host or a short network blip does not cost a reconnect. Meanwhile the user must not think
+//! the board is there: the client sends keep-alives every [`CLIENT_KEEP_ALIVE`] on its
+//! sessions, which an exporter that is alive acknowledges at once, so a connection from which
+//! nothing at all arrived for [`STALL_AFTER`] is *stalled*. `jmp status` shows it, and the
+//! console's pty says so (typed bytes are discarded meanwhile, as in an outage). The cost at
+//! rest is measured in docs/benchmarks.md.
+
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// The client's keep-alive on sessions with an exporter.
+pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_millis(500);
+/// Nothing received for this long although keep-alives went out: the peer is not answering.
+/// Three keep-alives, so one lost packet (or ACK) alone does not raise it.
+pub const STALL_AFTER: Duration = Duration::from_millis(1500);
+/// How often the received-packet count is looked at.
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// Watches `conn` until it closes: the receiver says whether it is stalled now. The watcher
+/// task ends with the connection (the receiver then keeps its last value).
+pub fn watch(conn: quinn::Connection) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut seen = conn.stats().udp_rx.datagrams;
+        let mut last = Instant::now();
+        let mut tick = tokio::time::interval(CHECK_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = conn.closed() => return,
+                _ = tick.tick() => {}
+            }
+            let now = Instant::now();
+            let rx_now = conn.stats().udp_rx.datagrams;
+            if rx_now != seen {
+                seen = rx_now;
+                last = now;
+            }
+            let stalled = now.duration_since(last) >= STALL_AFTER;
+            tx.send_if_modified(|s| std::mem::replace(s, stalled) != stalled);
+        }
+    });
+    rx
+}
