@@ -571,6 +571,26 @@ impl Console {
         }
     }
 
+    /// Reads until the text received since this call contains every one of `needles`, in
+    /// any order (output whose order against a local notice is not fixed); returns that text.
+    pub fn read_until_all(&mut self, needles: &[&str], timeout: Duration) -> String {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + timeout;
+        loop {
+            got.extend(self.read_some(Duration::from_millis(100)));
+            let text = String::from_utf8_lossy(&got).to_string();
+            if needles.iter().all(|n| text.contains(n)) {
+                return text;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{}: not all of {needles:?} within {timeout:?}; received: {text:?}",
+                    self.path.display()
+                );
+            }
+        }
+    }
+
     /// Discards whatever is pending.
     pub fn drain(&mut self) {
         while !self.read_some(Duration::from_millis(200)).is_empty() {}

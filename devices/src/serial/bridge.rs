@@ -201,7 +201,7 @@ impl SerialBridge {
     /// serviced: typed bytes are discarded, held output is delivered to a program that opens
     /// the device). State that must outlive a cancelled pump lives in `self`.
     /// `stalled`: whether the exporter has stopped answering (see
-    /// `jmp_transport::liveness`); typed bytes are discarded meanwhile, as in an outage.
+    /// `jmp_transport::liveness`); the pty is told, typed bytes keep queueing.
     async fn pump(
         &mut self,
         chan: Option<Chan>,
@@ -290,15 +290,18 @@ impl SerialBridge {
                     if now != silent {
                         silent = now;
                         if now {
-                            self.tell("no answer from the exporter; what you type is discarded until it answers");
+                            self.tell("no answer from the exporter; what you type is held for it, and lost if the link is given up");
                         } else {
-                            self.tell(&format!("the exporter answers again ({discarded} typed bytes were discarded)"));
-                            discarded = 0;
+                            self.tell("the exporter answers again");
                         }
                     }
                 }
                 p = self.pty.read(&mut buf), if !closed && can_type => match p {
-                    Ok(Packet::Data(d)) => match typed.as_ref().filter(|_| !silent) {
+                    // While the exporter is silent typed bytes still queue (bounded by the
+                    // queue, then the pty's own buffer): a slow host or a short blip must
+                    // not eat keystrokes QUIC would have delivered. Only a link that is
+                    // given up loses them, and that is said too.
+                    Ok(Packet::Data(d)) => match typed.as_ref() {
                         Some(t) => {
                             if t.try_send(d).is_err() {
                                 return BridgeExit::LinkLost;
@@ -306,8 +309,7 @@ impl SerialBridge {
                         }
                         None => {
                             discarded += d.len();
-                            let why = if silent { "no answer from the exporter" } else { "link down" };
-                            warn!(device = %self.device, "{why}: discarded {} typed bytes ({discarded} in this outage)", d.len());
+                            warn!(device = %self.device, "link down: discarded {} typed bytes ({discarded} in this outage)", d.len());
                         }
                     },
                     Ok(Packet::SettingsChanged) => {
