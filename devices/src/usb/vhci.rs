@@ -63,6 +63,12 @@ pub trait Vhci: Send + Sync + 'static {
     fn ports(&self) -> Vec<Port>;
     /// What the device at local bus id `busid` became.
     fn nodes(&self, busid: &str) -> Vec<Endpoint>;
+    /// Whether the device at local bus id `busid` is configured: bound to the kernel's generic
+    /// USB driver, whose probe adds the interfaces and probes them with every interface driver
+    /// already loaded, so the nodes those make exist by then.
+    fn configured(&self, _busid: &str) -> bool {
+        true
+    }
 }
 
 /// vhci-hcd through sysfs under `sys`, device nodes under `dev`.
@@ -184,6 +190,14 @@ impl Vhci for SysVhci {
             .collect();
         v.sort_by_key(|p| p.port);
         v
+    }
+
+    fn configured(&self, busid: &str) -> bool {
+        self.sys
+            .join("bus/usb/devices")
+            .join(busid)
+            .join("driver")
+            .exists()
     }
 
     fn nodes(&self, busid: &str) -> Vec<Endpoint> {
