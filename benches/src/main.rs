@@ -105,10 +105,18 @@ fn main() -> Result<()> {
     }
     let args = parse()?;
     let date = sh("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]);
-    let command = format!(
-        "cargo run --release -p jmp-bench -- {}",
-        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
-    );
+    // As it was run (`cargo run` runs target/<profile>/jmp-bench too): the harness's own
+    // path says its build, `--bin-dir` which binaries were measured.
+    let command = std::env::args()
+        .map(|a| {
+            if a.is_empty() || a.contains(|c: char| c.is_whitespace() || "'\"$`\\".contains(c)) {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            } else {
+                a
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
@@ -124,6 +132,15 @@ fn main() -> Result<()> {
     println!("- command: `{}`", command.trim_end());
     println!("- machine: {cores} cores, kernel {kernel}");
     println!("- jmpd: {}", bins.jmpd.display());
+    println!("- jmp: {}", bins.jmp.display());
+    // The machine may be shared: the ratios within one run are what counts.
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: String = load
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+    println!("- load average at start (1, 5, 15 min): {load}");
     println!(
         "- rounds: {} (interleaved; medians reported)\n",
         args.rounds
@@ -136,6 +153,8 @@ fn main() -> Result<()> {
     results.insert("kernel".into(), kernel.into());
     results.insert("rounds".into(), args.rounds.into());
     results.insert("jmpd".into(), bins.jmpd.display().to_string().into());
+    results.insert("jmp".into(), bins.jmp.display().to_string().into());
+    results.insert("load_at_start".into(), load.into());
     let mut failed = false;
     for w in &args.which {
         eprintln!("running {w} ...");

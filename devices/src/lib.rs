@@ -293,6 +293,14 @@ pub trait Bridge: Send + 'static {
         None
     }
 
+    /// For a bridge whose local devices come up only after [`Bridge::run`] started (USB
+    /// imports enumerate through the local kernel): turns `true` once the devices of its first
+    /// link are up or have failed, so that `jmp attach` can show them in its ready line. `None`
+    /// when [`Bridge::endpoints`] is complete as soon as the bridge exists.
+    fn settled(&self) -> Option<watch::Receiver<bool>> {
+        None
+    }
+
     /// The bridge's own state for people, as it changes (frames lost on the way, refused while
     /// the link was down); shown beside the exporter's summary in `jmp status`. `None` for a
     /// kind with nothing to add.

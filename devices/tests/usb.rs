@@ -683,3 +683,142 @@ async fn a_hostile_exporter_cannot_feed_the_client_kernel() {
         run.abort();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_the_checks_ended_is_imported_again() {
+    let host = FakeHost::new(vec![device("1-1", 0x0001, 5)]);
+    let driver = Arc::new(UsbDriver::new("board", &spec(), host.clone(), None));
+    driver.rescan();
+    let (link, _session) = mem_session(DeviceSet::new(
+        "lab",
+        vec![driver.clone() as Arc<dyn Driver>],
+    ));
+    let (vhci, mut attached) = FakeVhci::new();
+    let info = jmp_devices::info(driver.as_ref());
+    let mut bridge = UsbBridge::new(&info, &temp("again-dev"), vhci.clone());
+    let eps = bridge.live_endpoints().expect("live endpoints");
+    let mut settled = bridge.settled().expect("settled");
+    assert!(!*settled.borrow(), "nothing imported yet");
+    let l: Arc<dyn Channels> = link.clone();
+    let run = tokio::spawn(async move { bridge.run(l).await });
+
+    let (port, devid, _, mut k) = guard("attach", attached.recv()).await.expect("attached");
+    // Settled once the import is up, with its nodes already published (what `jmp attach`
+    // puts in its ready line).
+    guard("settled", settled.wait_for(|s| *s))
+        .await
+        .expect("settled");
+    assert_eq!(
+        eps.borrow()
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>(),
+        [format!("tty:/dev/fake-9-{}", port + 1)]
+    );
+    // A command for an endpoint the device does not have: the exporter's checks end the
+    // import (usbip-host never sees it), and the device goes back to its driver.
+    let k = tokio::task::spawn_blocking(move || {
+        k.write_all(&build::submit(1, devid, 3, true, 8, 0, [0; 8]))
+            .expect("command");
+        let mut rest = Vec::new();
+        k.read_to_end(&mut rest).expect("read");
+        rest
+    });
+    assert!(guard("import ends", k).await.expect("join").is_empty());
+    // Imported again, unasked, with the device neither re-enumerated nor the link lost.
+    let (port2, devid2, _, mut k) = guard("attach again", attached.recv())
+        .await
+        .expect("attached again");
+    assert_eq!(devid2, devid);
+    assert_ne!(port2, port);
+    assert_eq!(*vhci.detached.lock().unwrap(), [port]);
+    tokio::task::spawn_blocking(move || echo_through(&mut k, devid2, 1, b"imported again"))
+        .await
+        .expect("echo");
+    assert_eq!(host.log(), ["bind 1-1", "release 1-1 usb", "bind 1-1"]);
+    assert!(
+        !host.seen.lock().unwrap().iter().any(|(_, _, ep)| *ep == 3),
+        "usbip-host saw the refused command"
+    );
+    run.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exporter_refused_every_time_is_tried_a_bounded_number_of_times() {
+    let listing = DeviceParams {
+        ids: vec![(0x1209, 1)],
+        devices: vec![UsbDevice {
+            id: 1,
+            busid: "1-1".into(),
+            vendor: 0x1209,
+            product: 1,
+            class: 0,
+            manufacturer: String::new(),
+            name: String::new(),
+            serial: String::new(),
+            speed: Speed::High,
+            busnum: 1,
+            devnum: 5,
+            state: DevState::Present,
+            was: None,
+        }],
+    };
+    let driver = Arc::new(HostileExporter {
+        status: watch::Sender::new(jmp_devices::DeviceStatus::available(to_bytes(&listing))),
+        answer: build::ret_submit(99, 0, 0, 0, 0),
+    });
+    let (link, _session) = mem_session(DeviceSet::new(
+        "lab",
+        vec![driver.clone() as Arc<dyn Driver>],
+    ));
+    let (vhci, mut attached) = FakeVhci::new();
+    let info = DeviceInfo {
+        name: "board".into(),
+        kind: Kind::Usb,
+        state: jmp_protocol::DeviceState::Available,
+        params: to_bytes(&listing),
+        detail: String::new(),
+    };
+    let mut bridge = UsbBridge::new(&info, &temp("bounded"), vhci.clone());
+    let mut notes = bridge.local_status().expect("notes");
+    let l: Arc<dyn Channels> = link.clone();
+    let run = tokio::spawn(async move { bridge.run(l).await });
+    // Each import: the kernel's command is answered with a seqnum never sent, which the
+    // client refuses; the first and RETRIES more.
+    for n in 0..=jmp_devices::usb::bridge::RETRIES {
+        let (_, devid, _, mut k) = guard("attach", attached.recv())
+            .await
+            .unwrap_or_else(|| panic!("import {n}"));
+        let got = tokio::task::spawn_blocking(move || {
+            k.write_all(&build::submit(
+                1,
+                devid,
+                0,
+                true,
+                18,
+                0,
+                [0x80, 6, 0, 1, 0, 0, 18, 0],
+            ))
+            .expect("command");
+            let mut all = Vec::new();
+            k.read_to_end(&mut all).expect("read");
+            all
+        });
+        assert!(guard("refused", got).await.expect("join").is_empty());
+    }
+    guard("given up", notes.wait_for(|n| n.contains("not imported")))
+        .await
+        .expect("notes");
+    assert!(
+        notes.borrow().contains(&format!(
+            "{} attempts in a row",
+            jmp_devices::usb::bridge::RETRIES + 1
+        )),
+        "{}",
+        notes.borrow().as_str()
+    );
+    // Given up after the last attempt ended: no import after it.
+    assert!(attached.try_recv().is_err(), "imported once more");
+    assert_eq!(vhci.in_use(), 0);
+    run.abort();
+}

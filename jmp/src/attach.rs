@@ -29,6 +29,12 @@ use tracing::{info, warn};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long the ready line waits for devices that come up only once their bridge runs (USB
+/// imports, which enumerate here through the link): enumeration is a few dozen control
+/// transfers, each a round trip to the lab (about a second over a slow link, a few under
+/// software emulation); a device that never finishes must not hold back the line scripts wait
+/// for. What comes later shows in `jmp status`.
+const SETTLE_MAX: Duration = Duration::from_secs(10);
 
 /// Fetches a fresh token before a reconnect (controller mode: a lease token carries the lease's
 /// end, which an extension moves). `None`: keep the one we have.
@@ -302,6 +308,13 @@ async fn bridge_task(mut bridge: Box<dyn Bridge>, mut links: watch::Receiver<Lin
     }
 }
 
+fn set_endpoints(l: &mut Live, device: &str, eps: Vec<Endpoint>) {
+    if let Some(d) = l.ready.devices.iter_mut().find(|d| d.name == device) {
+        d.local = eps.first().map(|e| e.to_string()).unwrap_or_default();
+        d.endpoints = eps;
+    }
+}
+
 /// Runs an attachment until `shutdown` or a final refusal. `on_ready` is called once the local
 /// devices exist (it prints the table, writes state files, starts the control socket with the
 /// returned [`Shared`]).
@@ -429,6 +442,8 @@ pub async fn run(
         .iter()
         .filter_map(|b| b.live_endpoints().map(|rx| (b.device().to_string(), rx)))
         .collect();
+    let settling: Vec<watch::Receiver<bool>> = bridges.iter().filter_map(|b| b.settled()).collect();
+    let live_now = live.clone();
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = bridges
         .into_iter()
         .map(|b| tokio::spawn(bridge_task(b, slot_rx.clone())))
@@ -438,12 +453,7 @@ pub async fn run(
         tasks.push(tokio::spawn(async move {
             loop {
                 let eps = rx.borrow_and_update().clone();
-                shared.update(|l| {
-                    if let Some(d) = l.ready.devices.iter_mut().find(|d| d.name == device) {
-                        d.local = eps.first().map(|e| e.to_string()).unwrap_or_default();
-                        d.endpoints = eps;
-                    }
-                });
+                shared.update(|l| set_endpoints(l, &device, eps));
                 if rx.changed().await.is_err() {
                     break;
                 }
@@ -474,6 +484,25 @@ pub async fn run(
         }
         info!("local devices removed");
     };
+    let deadline = tokio::time::Instant::now() + SETTLE_MAX;
+    for mut rx in settling {
+        if tokio::time::timeout_at(deadline, rx.wait_for(|s| *s))
+            .await
+            .is_err()
+        {
+            warn!(
+                "devices still coming up after {SETTLE_MAX:?}: jmp status shows them once they are"
+            );
+            break;
+        }
+    }
+    let mut ready = ready;
+    shared.update(|l| {
+        for (device, rx) in &live_now {
+            set_endpoints(l, device, rx.borrow().clone());
+        }
+        ready = l.ready.clone();
+    });
     if let Err(e) = on_ready(&ready, shared.clone()) {
         stop_bridges(tasks).await;
         return Err(AttachError::Other(e));

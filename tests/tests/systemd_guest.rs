@@ -3,10 +3,13 @@
 //! with `systemctl start`, serving a SocketCAN interface (a vcan), a real CAN controller whose
 //! bit rate jmpd sets (qemu's SJA1000 card), a storage block device (a
 //! virtio disk, and a read-only one), a writable storage image, a serial port (a 16550 whose other end is on the
-//! host) and a network device; checked from the host through `jmp attach` to the guest's
+//! host), a network device and a USB device (a configfs ACM gadget on dummy_hcd, exported
+//! through usbip-host); checked from the host through `jmp attach` to the guest's
 //! forwarded port: CAN frames both ways, the controller at the configured bit rate and running,
-//! the storage mounts read and write the media, bytes both ways on the serial port, and the
-//! network device's TUN and NAT table exist.
+//! the storage mounts read and write the media, bytes both ways on the serial port, the
+//! network device's TUN and NAT table exist; and, from a `jmp attach` inside the guest (this
+//! host's kernel has no vhci-hcd), the gadget imported through vhci-hcd with its descriptors
+//! and its tty.
 //!
 //! Every device is checked and the failures are reported together, so that a drop-in that
 //! grants too little shows everything it misses at once.
@@ -22,6 +25,8 @@ use std::time::Duration;
 
 const PORT: u16 = 7811;
 const MEDIUM: usize = 4 << 20;
+/// The USB gadget's serial number (told apart from every other device by it).
+const USB_SERIAL: &str = "jmp-unit-gadget";
 /// Where the pattern written through each mount lands.
 const WRITE_AT: u64 = 1 << 20;
 
@@ -103,6 +108,12 @@ fn the_hardened_unit_with_its_printed_drop_in_serves_every_kind() {
          ip link add vcan0 type vcan && ip link set vcan0 up
          modprobe tun; modprobe kvaser_pci
          ip link set can0 type can bitrate 500000
+         for m in dummy_hcd libcomposite usb_f_acm usbip-host vhci-hcd cdc_acm; do modprobe $m; done
+         mountpoint -q /sys/kernel/config || mount -t configfs none /sys/kernel/config
+         g=/sys/kernel/config/usb_gadget/g1; mkdir -p $g/strings/0x409 $g/configs/c.1 $g/functions/acm.usb0
+         echo 0x1209 > $g/idVendor; echo 0x0001 > $g/idProduct
+         echo {USB_SERIAL} > $g/strings/0x409/serialnumber
+         ln -s $g/functions/acm.usb0 $g/configs/c.1/; echo dummy_udc.0 > $g/UDC
          umask 077; echo {TOKEN} > /etc/jmp/board.token
          cat > /etc/jmp/exporters/board.yaml <<'EOF'
 apiVersion: jmp.dev/v1alpha1
@@ -118,6 +129,7 @@ export:
   img: {{type: storage, path: /srv/jmp/board.img, writable: true}}
   console: {{type: serial, path: /dev/ttyS1}}
   lan: {{type: network, subnets: [10.0.2.0/24], via: eth0}}
+  gadget: {{type: usb, ids: ['1209:0001']}}
 EOF",
         bin = bin.display(),
         repo = repo.display(),
@@ -323,6 +335,73 @@ in the guest: {hw}",
         ));
     }
 
+    // The exporter serves one holder at a time: this host's attachment ends first (its USB
+    // import failed: no vhci-hcd here).
+    attached.stop();
+    // USB: imported by a `jmp attach` in the guest (vhci-hcd is there, not here) from jmpd
+    // under the unit, which bound the gadget to usbip-host and carries its USB/IP. Its ready
+    // line already names the tty it became; the imported device's serial number was read
+    // through the link.
+    let by_serial = |under: &str| {
+        format!(
+            "for d in /sys/bus/usb/devices/*; do [ \"$(cat $d/serial 2>/dev/null)\" = {USB_SERIAL} ] && readlink -f $d | grep -q {under} && basename $d; done; true"
+        )
+    };
+    let gadget_busid = g.sh(&by_serial("dummy_hcd")).trim().to_string();
+    let inside = g.spawn(
+        "usb-attach",
+        &format!(
+            // It bridges every device: FUSE for the storage mounts, and no TUN or vcan in the
+            // guest (SOCKS, socketcand).
+            "modprobe fuse; exec {bin}/jmp attach --exporter 127.0.0.1:{PORT} --token-file /etc/jmp/board.token --fingerprint {fingerprint} --dev-dir /run/jmp-usb --can-as socketcand --socks 127.0.0.1:1080 -o json",
+            bin = bin.display()
+        ),
+    );
+    let ready = inside.expect_line(READY, "the guest's jmp attach's JSON line", |l| {
+        l.trim_start().starts_with('{')
+    });
+    let u: serde_json::Value = serde_json::from_str(&ready).expect("JSON");
+    let imported = g.sh(&by_serial("vhci_hcd")).trim().to_string();
+    // The tty cdc_acm made of the imported device (the ready line may come before it).
+    let tty = g
+        .try_run(
+            &format!(
+                "i=0; until ls /sys/bus/usb/devices/{imported}:1.0/tty 2>/dev/null | grep -q ttyACM; do i=$((i+1)); [ $i -gt 60 ] && exit 1; sleep 0.5; done; ls /sys/bus/usb/devices/{imported}:1.0/tty"
+            ),
+            Duration::from_secs(90),
+        )
+        .ok()
+        .filter(|o| o.success())
+        .map(|o| format!("/dev/{}", o.stdout.trim()));
+    let acm = tty
+        .as_deref()
+        .map(|t| g.run(&format!("test -c {t}")))
+        .filter(|r| r.success());
+    if gadget_busid.is_empty() || imported.is_empty() || acm.is_none() {
+        failures.push(format!(
+            "USB: the gadget at {gadget_busid:?}, imported as {imported:?} with tty {tty:?}: {ready}\nin the guest: {}",
+            g.run("cat /sys/devices/platform/vhci_hcd.0/status; lsusb")
+        ));
+    }
+    // Ended as a user ends it (SIGTERM, by the PID its ready line gives), given time to unmount
+    // its storage mounts and detach its port under emulation.
+    let pid = u["pid"].as_u64().expect("pid");
+    g.run(&format!("kill -TERM {pid}"));
+    inside.wait(Duration::from_secs(120));
+    // Given back to its driver once the import ended.
+    let back = g.try_run(
+        &format!(
+            "i=0; until [ \"$(basename \"$(readlink -f /sys/bus/usb/devices/{gadget_busid}/driver)\")\" = usb ]; do i=$((i+1)); [ $i -gt 60 ] && exit 1; sleep 0.5; done"
+        ),
+        Duration::from_secs(90),
+    );
+    if gadget_busid.is_empty() || !back.as_ref().is_ok_and(|o| o.success()) {
+        failures.push(format!(
+            "USB: {gadget_busid} not back on its driver: {back:?}\nin the guest: {}",
+            g.run(&format!("ls -l /sys/bus/usb/devices/{gadget_busid}/driver; cat /sys/devices/platform/vhci_hcd.0/status"))
+        ));
+    }
+
     // Nothing it does is refused quietly either (a refused sched_setaffinity, say, is only a
     // warning, and lets CAN frames overtake each other): no warning naming an error a sandbox
     // gives.
@@ -350,7 +429,6 @@ in the guest: {hw}",
             journal()
         );
     }
-    attached.stop();
     drop(mounts);
     // The unit stops cleanly.
     g.sh("systemctl stop jmpd@board");

@@ -29,6 +29,16 @@ use tracing::{debug, info, warn};
 const RETRY: Duration = Duration::from_secs(2);
 /// How often the nodes are read while the kernel's events cannot be had.
 const POLL: Duration = Duration::from_millis(500);
+/// An import that ended because one side's checks refused the other's USB/IP (or the exporter
+/// ended it while the device stayed) is tried again: at most this many times in a row ...
+pub const RETRIES: u32 = 4;
+/// ... after this long first, doubling up to [`RETRY_MAX`] (about 4 s in all before giving up):
+/// time for the exporter to give the device back to its driver and list it as present again,
+/// and no busy loop against a peer that refuses every time.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// An import that lasted this long counts as having worked: the next failure starts afresh.
+const STEADY: Duration = Duration::from_secs(30);
 
 pub struct UsbBridge {
     device: String,
@@ -45,6 +55,11 @@ struct Views {
     endpoints: watch::Sender<Vec<Endpoint>>,
     notes: watch::Sender<String>,
     changed: Notify,
+    /// Devices no longer tried on this link, and why (shown in the notes).
+    given_up: Mutex<BTreeMap<u64, String>>,
+    /// The first link's imports not yet up (enumerated and configured here) or failed.
+    pending: Mutex<HashSet<u64>>,
+    settled: watch::Sender<bool>,
 }
 
 struct View {
@@ -67,13 +82,20 @@ impl Views {
             *e = eps;
             changed
         });
-        let notes: Vec<String> = map
+        let mut notes: Vec<String> = map
             .values()
             .map(|v| match &v.local {
                 Some(b) => format!("{} here as {b} (vhci port {})", v.what, v.port),
                 None => format!("{} attaching on vhci port {}", v.what, v.port),
             })
             .collect();
+        notes.extend(
+            self.given_up
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .cloned(),
+        );
         self.notes.send_if_modified(|n| {
             let s = notes.join("; ");
             let changed = *n != s;
@@ -82,11 +104,58 @@ impl Views {
         });
     }
 
+    /// The first link's imports to wait for before the bridge counts as settled (nothing more
+    /// once it has).
+    fn expect(&self, ids: impl IntoIterator<Item = u64>) {
+        if *self.settled.borrow() {
+            return;
+        }
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.extend(ids);
+        if p.is_empty() {
+            self.settled.send_replace(true);
+        }
+    }
+
+    /// Import `id` is up or has failed.
+    fn resolve(&self, id: u64) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if p.remove(&id) && p.is_empty() {
+            self.settled.send_replace(true);
+        }
+    }
+
+    /// Nothing more to wait for (the first link ended or listed nothing usable).
+    fn settle(&self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.settled.send_replace(true);
+    }
+
+    fn give_up(&self, id: u64, note: String) {
+        self.given_up
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, note);
+        self.publish(&self.lock());
+    }
+
+    /// A new link tries every device again.
+    fn forget_given_up(&self) {
+        let was = std::mem::take(&mut *self.given_up.lock().unwrap_or_else(|e| e.into_inner()));
+        if !was.is_empty() {
+            self.publish(&self.lock());
+        }
+    }
+
     /// Reads what each import became here.
     fn refresh(&self, vhci: &dyn Vhci) {
         let ports = vhci.ports();
+        let mut up = Vec::new();
         let mut map = self.lock();
-        for v in map.values_mut() {
+        for (id, v) in map.iter_mut() {
             let local = ports
                 .iter()
                 .find(|p| p.port == v.port)
@@ -102,10 +171,18 @@ impl Views {
                     list.join(" ")
                 );
             }
+            if local.as_deref().is_some_and(|b| vhci.configured(b)) {
+                up.push(*id);
+            }
             v.local = local;
             v.nodes = nodes;
         }
         self.publish(&map);
+        drop(map);
+        // After the nodes are published: whoever waits for this reads them next.
+        for id in up {
+            self.resolve(id);
+        }
     }
 }
 
@@ -155,6 +232,9 @@ impl UsbBridge {
             endpoints: watch::Sender::new(Vec::new()),
             notes: watch::Sender::new(String::new()),
             changed: Notify::new(),
+            given_up: Mutex::new(BTreeMap::new()),
+            pending: Mutex::new(HashSet::new()),
+            settled: watch::Sender::new(false),
         });
         let follower = tokio::spawn(follow(views.clone(), vhci.clone()));
         UsbBridge {
@@ -167,6 +247,13 @@ impl UsbBridge {
     }
 
     async fn run_link(&mut self, link: Arc<dyn Channels>) -> BridgeExit {
+        let exit = self.follow_list(link).await;
+        self.views.settle();
+        exit
+    }
+
+    async fn follow_list(&mut self, link: Arc<dyn Channels>) -> BridgeExit {
+        self.views.forget_given_up();
         loop {
             let (pipe, opened) = match link
                 .open_stream(&self.device, to_bytes(&OpenParams::Watch))
@@ -231,10 +318,13 @@ impl UsbBridge {
     /// Imports what the exporter lists as present and this link has not tried yet (a device
     /// back after a reset has a new id, so it is tried).
     fn sync(&self, params: &DeviceParams, link: &Arc<dyn Channels>, imports: &mut Imports) {
-        for d in &params.devices {
-            if d.state != DevState::Present || !imports.tried.insert(d.id) {
-                continue;
-            }
+        let new: Vec<&UsbDevice> = params
+            .devices
+            .iter()
+            .filter(|d| d.state == DevState::Present && imports.tried.insert(d.id))
+            .collect();
+        self.views.expect(new.iter().map(|d| d.id));
+        for d in new {
             if let Some(was) = d.was {
                 info!(device = %self.device, "{} is back (it was device {was})", escape(&d.describe()));
             }
@@ -305,16 +395,56 @@ impl Drop for PortGuard {
     }
 }
 
+/// How an import attempt ended.
+enum Ended {
+    /// For good (the device left the lab host, was detached here, or the exporter's answers
+    /// make no sense).
+    Done,
+    /// Worth another import, and why.
+    Again(String),
+}
+
 impl ImportTask {
     async fn run(self) {
         let id = self.dev.id;
-        let done = self.done.clone();
-        self.import().await;
-        let _ = done.send(id);
+        let device = &self.device;
+        let what = self.what();
+        let mut failures = 0u32;
+        let mut wait = RETRY_FIRST;
+        loop {
+            let started = tokio::time::Instant::now();
+            let ended = self.import(&what).await;
+            self.views.resolve(id);
+            let Ended::Again(why) = ended else { break };
+            if started.elapsed() >= STEADY {
+                failures = 0;
+                wait = RETRY_FIRST;
+            }
+            if failures >= RETRIES {
+                warn!(
+                    "{device}: {what}: not imported again after {} attempts in a row ({why}); it is once it re-enumerates or the link reconnects",
+                    RETRIES + 1
+                );
+                self.views.give_up(
+                    id,
+                    format!("{what} not imported: {} attempts in a row ended ({why})", RETRIES + 1),
+                );
+                break;
+            }
+            failures += 1;
+            warn!("{device}: {what}: importing it again in {wait:?} (retry {failures} of {RETRIES}): {why}");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(RETRY_MAX);
+            if self.link.is_closed() {
+                break;
+            }
+        }
+        let _ = self.done.send(id);
     }
 
-    async fn import(self) {
-        let what = escape(&format!(
+    /// The device, for people (escaped).
+    fn what(&self) -> String {
+        escape(&format!(
             "{} {}",
             self.dev.ids(),
             [self.dev.manufacturer.as_str(), self.dev.name.as_str()]
@@ -325,7 +455,11 @@ impl ImportTask {
                 .join(" ")
         ))
         .trim()
-        .to_string();
+        .to_string()
+    }
+
+    /// One import, until it ends.
+    async fn import(&self, what: &str) -> Ended {
         let device = &self.device;
         let (pipe, opened) = match self
             .link
@@ -333,27 +467,31 @@ impl ImportTask {
             .await
         {
             Ok(x) => x,
+            // The exporter is still giving the device back after the last import.
+            Err(e) if e.code == ErrorCode::Busy => {
+                return Ended::Again(format!("the exporter says: {}", escape(&e.reason)))
+            }
             Err(e) => {
                 warn!("{device}: {what} not imported: {}", escape(&e.reason));
-                return;
+                return Ended::Done;
             }
         };
         let imp = match Imported::decode_exact(&opened) {
             Ok(i) if i.id == self.dev.id => i,
             Ok(i) => {
                 warn!("{device}: the exporter answered an import of {} for device {}", self.dev.id, i.id);
-                return;
+                return Ended::Done;
             }
             Err(e) => {
                 warn!("{device}: a bad import answer from the exporter: {e}");
-                return;
+                return Ended::Done;
             }
         };
         let (ours, kernels) = match pump::socket_pair() {
             Ok(p) => p,
             Err(e) => {
                 warn!("{device}: socket pair: {e}");
-                return;
+                return Ended::Done;
             }
         };
         let vhci = self.vhci.clone();
@@ -370,7 +508,7 @@ impl ImportTask {
             Ok(p) => p,
             Err(e) => {
                 warn!("{device}: {what} not imported: {e}");
-                return;
+                return Ended::Done;
             }
         };
         let at = Attached {
@@ -383,7 +521,7 @@ impl ImportTask {
             map.insert(
                 self.dev.id,
                 View {
-                    what: what.clone(),
+                    what: what.to_string(),
                     port,
                     local: None,
                     nodes: Vec::new(),
@@ -433,15 +571,35 @@ impl ImportTask {
             }
         }
         match (gone, end) {
-            (Some(reason), _) => info!(
-                "{device}: {what} is gone on the exporter ({}); unplugged here",
-                escape(&reason)
-            ),
-            (None, End::Refused(e)) => warn!(
-                "{device}: {what} unplugged here: the exporter's USB/IP was refused: {e}"
-            ),
-            (None, End::Kernel(_)) => info!("{device}: {what} was detached here"),
-            (None, e) => info!("{device}: {what} unplugged here: {e}"),
+            (Some(reason), _) => {
+                info!(
+                    "{device}: {what} is gone on the exporter ({}); unplugged here",
+                    escape(&reason)
+                );
+                Ended::Done
+            }
+            (None, End::Refused(e)) => {
+                warn!("{device}: {what} unplugged here: the exporter's USB/IP was refused: {e}");
+                Ended::Again(format!("the exporter's USB/IP was refused: {e}"))
+            }
+            (None, e @ End::Local(_)) => {
+                warn!("{device}: {what} unplugged here: {e}");
+                Ended::Again(e.to_string())
+            }
+            (None, End::Kernel(_)) => {
+                info!("{device}: {what} was detached here");
+                Ended::Done
+            }
+            // The exporter ended the stream and did not say the device left: its checks
+            // refused what the kernel here sent, or its usbip-host closed the connection.
+            (None, e @ End::Peer(_)) => {
+                info!("{device}: {what} unplugged here: {e}");
+                if self.link.is_closed() {
+                    Ended::Done
+                } else {
+                    Ended::Again(format!("the exporter ended the import: {e}"))
+                }
+            }
         }
     }
 }
@@ -461,6 +619,9 @@ impl Bridge for UsbBridge {
     }
     fn local_status(&self) -> Option<watch::Receiver<String>> {
         Some(self.views.notes.subscribe())
+    }
+    fn settled(&self) -> Option<watch::Receiver<bool>> {
+        Some(self.views.settled.subscribe())
     }
     fn run<'a>(&'a mut self, link: Arc<dyn Channels>) -> BoxFuture<'a, BridgeExit> {
         Box::pin(self.run_link(link))

@@ -63,6 +63,12 @@ pub trait Vhci: Send + Sync + 'static {
     fn ports(&self) -> Vec<Port>;
     /// What the device at local bus id `busid` became.
     fn nodes(&self, busid: &str) -> Vec<Endpoint>;
+    /// Whether the device at local bus id `busid` is up: every interface of its configuration
+    /// there and bound to a driver (whose probe made its nodes). An interface no loaded driver
+    /// takes (a vendor interface for libusb) keeps it `false`: waiters bound their wait.
+    fn configured(&self, _busid: &str) -> bool {
+        true
+    }
 }
 
 /// vhci-hcd through sysfs under `sys`, device nodes under `dev`.
@@ -184,6 +190,31 @@ impl Vhci for SysVhci {
             .collect();
         v.sort_by_key(|p| p.port);
         v
+    }
+
+    fn configured(&self, busid: &str) -> bool {
+        let dev = self.sys.join("bus/usb/devices").join(busid);
+        // The device's own driver link comes before its probe adds the interfaces.
+        let Some(want) = std::fs::read_to_string(dev.join("bNumInterfaces"))
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+        else {
+            return false;
+        };
+        let Ok(rd) = std::fs::read_dir(&dev) else {
+            return false;
+        };
+        let prefix = format!("{busid}:");
+        let mut bound = 0;
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                if !e.path().join("driver").exists() {
+                    return false;
+                }
+                bound += 1;
+            }
+        }
+        want > 0 && bound >= want
     }
 
     fn nodes(&self, busid: &str) -> Vec<Endpoint> {
@@ -458,6 +489,17 @@ ss  0015 004 000 00000000 000000 0-0\n";
         std::fs::create_dir_all(root.join("sys/bus/usb/devices")).expect("mkdir");
         std::os::unix::fs::symlink(&real, root.join("sys/bus/usb/devices/3-1")).expect("link");
         let v = SysVhci::new(root.join("sys"), "/dev");
+        // Up once every interface it has is there with a driver.
+        assert!(!v.configured("3-1"), "no configuration read yet");
+        std::fs::write(real.join("bNumInterfaces"), " 6\n").expect("bNumInterfaces");
+        for i in [0, 2, 3, 4, 5] {
+            std::os::unix::fs::symlink(root.join("sys/class"), real.join(format!("3-1:1.{i}/driver"))).expect("link");
+        }
+        assert!(!v.configured("3-1"), "five of six interfaces");
+        std::fs::create_dir_all(real.join("3-1:1.1")).expect("mkdir");
+        assert!(!v.configured("3-1"), "the sixth has no driver yet");
+        std::os::unix::fs::symlink(root.join("sys/class"), real.join("3-1:1.1/driver")).expect("link");
+        assert!(v.configured("3-1"));
         let got: Vec<String> = v.nodes("3-1").iter().map(|e| e.to_string()).collect();
         assert_eq!(
             got,
