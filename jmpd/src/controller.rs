@@ -729,6 +729,7 @@ mod tests {
             exporter: Some("e1".into()),
             ctl: None,
             admin: false,
+            share: None,
         };
         Hello {
             features: 0,

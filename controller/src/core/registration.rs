@@ -229,6 +229,7 @@ impl<S: LeaseStore> Core<S> {
                 client: l.client.clone(),
                 end: l.end.div_ceil(1000),
                 team: self.registry.team(&l.client),
+                shares: super::leases::live_shares(l, self.book.clock()),
             });
             let cleaning = self
                 .book
