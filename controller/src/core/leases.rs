@@ -762,6 +762,29 @@ impl<S: LeaseStore> Core<S> {
             max.saturating_mul(1000),
         );
         self.on_events(now, ev);
+        // Shares with this client on exporters it may no longer use end too (the exporter
+        // ends its sessions when it hears): a share never grants what the policy forbids.
+        let unshared: Vec<(String, Vec<Share>)> = self
+            .book
+            .leases()
+            .filter(|l| l.shares.iter().any(|s| s.client == client))
+            .filter(|l| {
+                !self
+                    .book
+                    .exporter(&l.exporter)
+                    .is_some_and(|e| allow.matches(&e.labels))
+            })
+            .map(|l| {
+                let keep = l.shares.iter().filter(|s| s.client != client);
+                (l.name.clone(), keep.cloned().collect())
+            })
+            .collect();
+        for (lease, keep) in unshared {
+            if let Ok(l) = self.book.set_shares(&lease, keep) {
+                info!(%lease, client, "share ended: the client's policy no longer allows the exporter");
+                self.links.push.insert(l.exporter.clone());
+            }
+        }
         let (ev, withdrawn) = self.book.set_policy(now, client, &allow);
         for (w, why) in withdrawn {
             let (code, _, reason) = refusal_reply(&why, &w.selector, &text);

@@ -1795,6 +1795,9 @@ async fn a_lease_is_shared_only_within_the_colleagues_policy_and_unshared() {
         )
         .await;
     assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+    // ... and the share itself ended: the exporter hears it is gone.
+    assert_eq!(pushed_shares(&mut a).await, vec![]);
+    assert!(leases_of(&mut h, &colleague).await.is_empty());
     let r = h
         .call(
             &admin,
@@ -1805,6 +1808,20 @@ async fn a_lease_is_shared_only_within_the_colleagues_policy_and_unshared() {
         )
         .await;
     assert!(matches!(r, Reply::Clients { .. }), "{r:?}");
+    // Allowed again, it is shared again (the narrowing ended the share for good).
+    let r = h
+        .call(
+            &colleague,
+            Request::LeaseAccess {
+                name: Some(name.clone()),
+            },
+        )
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+    lease_of(
+        h.call(&holder, share(&name, "colleague", None, false))
+            .await,
+    );
 
     // Unshared: the exporter hears the share is gone; no more tokens.
     let r = h
