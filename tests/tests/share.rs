@@ -120,7 +120,11 @@ fn a_colleague_watches_read_only_controls_with_control_and_is_detached_by_unshar
         "colleague",
         &["attach", "-o", "json", "--lease", &lease, "--dev-dir"],
     );
-    cmd.arg(&dev);
+    // The colleague's machine: its own runtime directory (attachments are one per exporter
+    // per machine) and its own pty directory.
+    let runtime = lab.env.root.join("colleague-run");
+    std::fs::create_dir_all(&runtime).expect("runtime dir");
+    cmd.arg(&dev).env("JMP_RUNTIME_DIR", &runtime);
     let mut colleague = lab.spawn("colleague-attach", cmd);
     colleague.expect_line(READY, "the colleague's JSON line", |l| {
         l.trim_start().starts_with('{')
