@@ -317,6 +317,9 @@ pub enum Outcome {
 }
 
 /// Where a known request stands.
+// One per answer to a retried request, never stored in bulk: boxing the lease would only
+// add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestState {
     Waiting {

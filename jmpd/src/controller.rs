@@ -899,6 +899,7 @@ mod tests {
                 current: Some(("L1".into(), pushed_end)),
                 ended: Ended::default(),
                 at: now - 10,
+                shares: Vec::new(),
             }),
             pushes: tokio::sync::watch::Sender::new(0),
             direct: None,
@@ -931,6 +932,38 @@ mod tests {
             until(&hello(&signer, "L1", now - 5, now + 1000)),
             Ok(Some(pushed_end))
         );
+
+        // A colleague's share token: admitted only while the push lists the share with the
+        // token's terms, never past the share's end (the token's) or the lease's.
+        let shared = |control: bool, exp: u64| {
+            let mut h = hello(&signer, "L1", now - 5, exp);
+            let mut c = jmp_transport::token::peek(&h.token).unwrap();
+            c.client = Some("bob".into());
+            c.share = Some(jmp_protocol::token::ShareClaim { control });
+            h.token = signer.sign(&c).unwrap();
+            h
+        };
+        assert!(matches!(
+            auth.check(&shared(false, now + 30)),
+            Err(AuthError::NotYet(w)) if w.contains("not shared with bob")
+        ));
+        auth.view().shares = vec![jmp_protocol::api::ShareInfo {
+            client: "bob".into(),
+            until: Some(now + 30),
+            control: false,
+        }];
+        let a = auth.check(&shared(false, now + 30)).expect("admitted");
+        assert_eq!(a.client.as_deref(), Some("bob"));
+        assert_eq!(
+            a.share,
+            Some(jmp_protocol::token::ShareClaim { control: false })
+        );
+        assert_eq!(a.until, Some(now + 30), "the share ends before the lease");
+        assert_eq!(until(&shared(false, now + 1000)), Ok(Some(pushed_end)));
+        assert!(matches!(
+            auth.check(&shared(true, now + 30)),
+            Err(AuthError::Refused(w)) if w.contains("changed")
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -335,7 +335,7 @@ async fn serve_channel(ch: SerialChannel, pipe: jmp_transport::Pipe) {
         let mut refused = 0u64;
         while let Ok(Some(b)) = rx.recv().await {
             if let Some(why) = &ch.watching {
-                if refused % WATCH_NOTICE_EVERY == 0 {
+                if refused.is_multiple_of(WATCH_NOTICE_EVERY) {
                     control_tx.notice(format!(
                         "{}: typing refused ({} bytes dropped): {why}",
                         ch.name,
