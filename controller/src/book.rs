@@ -124,6 +124,33 @@ pub struct Lease {
     /// sets its own.
     #[serde(skip)]
     pub idle_not_before: Millis,
+    /// Other clients its holder lets attach beside it (`jmp share lease`), at most
+    /// [`MAX_SHARES`], one per client. Part of the record, so they survive a restart or
+    /// failover like the lease; they end with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<Share>,
+}
+
+/// Clients one lease may be shared with at once (each may hold sessions at the exporter).
+pub const MAX_SHARES: usize = 8;
+
+/// A lease shared with another client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Share {
+    pub client: String,
+    /// When the share ends (`None`: with the lease).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<Millis>,
+    /// The colleague may type and use the board's controls; else it only watches.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub control: bool,
+}
+
+impl Share {
+    /// Whether it still lets its client attach at `now`.
+    pub fn live_at(&self, now: Millis) -> bool {
+        self.until.is_none_or(|u| u > now)
+    }
 }
 
 impl Lease {
@@ -290,6 +317,9 @@ pub enum Outcome {
 }
 
 /// Where a known request stands.
+// One per answer to a retried request, never stored in bulk: boxing the lease would only
+// add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestState {
     Waiting {
@@ -938,6 +968,7 @@ impl LeaseBook {
                     attached: false,
                     auto_extend: auto_extend(now, req.duration, req.max_duration),
                     idle_not_before: 0,
+                    shares: Vec::new(),
                 };
                 self.insert_lease(lease.clone());
                 return (Outcome::Granted(lease), events);
@@ -1174,6 +1205,19 @@ impl LeaseBook {
             }
         })
         .ok_or_else(|| format!("no lease named '{lease_name}'"))
+    }
+
+    /// Replaces lease `name`'s shares (the caller checked who may share with whom). Errors if
+    /// there is no such lease or there would be more than [`MAX_SHARES`].
+    pub fn set_shares(&mut self, name: &str, shares: Vec<Share>) -> Result<Lease, String> {
+        if shares.len() > MAX_SHARES {
+            return Err(format!(
+                "lease {name} would be shared with {} clients; at most {MAX_SHARES} at once",
+                shares.len()
+            ));
+        }
+        self.modify_lease(name, |l| l.shares = shares)
+            .ok_or_else(|| format!("no lease named '{name}'"))
     }
 
     /// Something used lease `name` now (a call naming it): its idle timeout starts again, and
@@ -1826,6 +1870,7 @@ impl LeaseBook {
             attached: false,
             auto_extend: auto_extend(self.clock, w.duration, w.max_duration),
             idle_not_before: 0,
+            shares: Vec::new(),
         };
         self.insert_lease(lease.clone());
         events.push(Event::Granted { lease });

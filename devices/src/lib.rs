@@ -83,6 +83,28 @@ pub trait Driver: Send + Sync + 'static {
         })
     }
 
+    /// Opens a channel for a session that may only watch (a colleague under a lease shared
+    /// read-only): what the device says reaches it, nothing it sends reaches the board.
+    /// `why` says so, for the refusal or the client's notices. A kind that cannot be watched
+    /// without acting on the board refuses (the default).
+    fn watch<'a>(
+        &'a self,
+        req: &'a Open,
+        why: &'a str,
+    ) -> BoxFuture<'a, Result<Box<dyn Channel>, Refusal>> {
+        let _ = req;
+        Box::pin(async move {
+            Err(Refusal::new(
+                ErrorCode::Unauthorized,
+                format!(
+                    "{}: {why}; a {} device is not served read-only",
+                    self.name(),
+                    self.kind()
+                ),
+            ))
+        })
+    }
+
     /// The board's power switch, when this device is one: jmpd switches it off after a lease
     /// (`powerOffAfterLease`) and counts its on-time, whatever the device's kind.
     fn power_switch(&self) -> Option<&dyn PowerSwitch> {

@@ -56,6 +56,15 @@ impl DeviceSet {
         self.session_with(budget::LIMITS)
     }
 
+    /// A scope for a session that may only watch (a colleague under a lease shared
+    /// read-only): its channels open through [`Driver::watch`], its requests are refused;
+    /// `why` is said in each refusal.
+    pub fn session_watching(&self, why: String) -> SessionScope {
+        let mut s = self.session_with(budget::LIMITS);
+        s.watching = Some(why.into());
+        s
+    }
+
     /// A scope for one new session with other limits (tests of the budgets themselves).
     pub fn session_with(&self, limits: budget::Limits) -> SessionScope {
         SessionScope {
@@ -63,6 +72,7 @@ impl DeviceSet {
             budget: SessionBudget::new(limits, self.usage.clone()),
             tasks: Mutex::new(JoinSet::new()),
             waiting: Arc::default(),
+            watching: None,
         }
     }
 
@@ -110,7 +120,7 @@ impl DeviceSet {
     /// [`SessionScope::serve_incoming`]).
     pub fn serve_incoming(&self, inc: Incoming) {
         let budget = SessionBudget::new(budget::LIMITS, self.usage.clone());
-        if let Some(f) = self.incoming(inc, budget, Arc::default()) {
+        if let Some(f) = self.incoming(inc, budget, Arc::default(), None) {
             tokio::spawn(f);
         }
     }
@@ -122,6 +132,7 @@ impl DeviceSet {
         inc: Incoming,
         budget: Arc<SessionBudget>,
         waiting: Waiting,
+        watching: Option<Arc<str>>,
     ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let device = inc.open.device.clone();
         let Some(at) = self.devices.iter().position(|d| d.name() == device) else {
@@ -144,7 +155,11 @@ impl DeviceSet {
             budget::scope(budget.clone(), async move {
                 let slot = budget.channel_slot().await;
                 lock(&waiting).remove(&channel);
-                match driver.open(&inc.open).await {
+                let opened = match &watching {
+                    Some(why) => driver.watch(&inc.open, why).await,
+                    None => driver.open(&inc.open).await,
+                };
+                match opened {
                     Ok(ch) => {
                         if let Some(mut io) = inc.accept(ch.params()) {
                             match (&mut io, counters) {
@@ -174,7 +189,7 @@ impl DeviceSet {
     /// exporter uses [`SessionScope::serve_request`]).
     pub fn serve_request(&self, req: IncomingRequest) {
         let budget = SessionBudget::new(budget::LIMITS, self.usage.clone());
-        if let Some(f) = self.request(req, budget) {
+        if let Some(f) = self.request(req, budget, None) {
             tokio::spawn(f);
         }
     }
@@ -184,12 +199,22 @@ impl DeviceSet {
         &self,
         req: IncomingRequest,
         budget: Arc<SessionBudget>,
+        watching: Option<Arc<str>>,
     ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let Some(driver) = self.get(&req.device).cloned() else {
             let r = self.no_such(&req.device);
             req.answer(Err(r));
             return None;
         };
+        if let Some(why) = watching {
+            // Every request acts on the board (power, a break, line settings, a medium):
+            // none is a watcher's.
+            req.answer(Err(Refusal::new(
+                ErrorCode::Unauthorized,
+                format!("{}: refused: {why}", driver.name()),
+            )));
+            return None;
+        }
         let span = info_span!("request", id = req.id, device = %driver.name());
         Some(
             budget::scope(budget, async move {
@@ -221,6 +246,8 @@ pub struct SessionScope {
     budget: Arc<SessionBudget>,
     tasks: Mutex<JoinSet<()>>,
     waiting: Waiting,
+    /// Only watching: why (see [`DeviceSet::session_watching`]).
+    watching: Option<Arc<str>>,
 }
 
 impl SessionScope {
@@ -240,10 +267,12 @@ impl SessionScope {
     pub fn serve_incoming(&self, inc: Incoming) {
         let channel = inc.open.channel;
         let waiting = self.waiting.clone();
-        if let Some(f) = self
-            .devices
-            .incoming(inc, self.budget.clone(), waiting.clone())
-        {
+        if let Some(f) = self.devices.incoming(
+            inc,
+            self.budget.clone(),
+            waiting.clone(),
+            self.watching.clone(),
+        ) {
             // Listed before it runs: it removes itself once it has a place.
             let mut w = lock(&waiting);
             w.insert(channel, self.spawn(f));
@@ -252,7 +281,10 @@ impl SessionScope {
 
     /// Performs a device request.
     pub fn serve_request(&self, req: IncomingRequest) {
-        if let Some(f) = self.devices.request(req, self.budget.clone()) {
+        if let Some(f) = self
+            .devices
+            .request(req, self.budget.clone(), self.watching.clone())
+        {
             self.spawn(f);
         }
     }

@@ -403,3 +403,66 @@ async fn bridge_over_an_in_memory_session() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 21 item 2: a colleague watching a lease shared read-only. Its channel reads the same
+/// console as the holder's (two terminals on one pty); what it types never reaches the board
+/// and it is told so; the holder's typing does.
+#[tokio::test]
+async fn a_watcher_reads_the_console_and_its_typing_is_refused_with_a_notice() {
+    let d = sim("simhost", 64 * 1024);
+    let why = "lease L1 is shared with bob read-only";
+    let holder = d.open(&open(None)).await.expect("open");
+    let watcher = d.watch(&open(None), why).await.expect("watch");
+    let (h_client, h_exporter) = pair(16);
+    let (w_client, w_exporter) = pair(16);
+    tokio::spawn(holder.serve(ChannelIo::Stream(h_exporter)));
+    tokio::spawn(watcher.serve(ChannelIo::Stream(w_exporter)));
+    let jmp_transport::Pipe {
+        tx: mut w_tx,
+        rx: mut w_rx,
+        mut control_rx,
+        ..
+    } = w_client;
+    let (mut h_tx, mut h_rx) = h_client.split();
+    let (mut h_acc, mut w_acc) = (Vec::new(), Vec::new());
+    read_until_text(&mut w_rx, &mut w_acc, "simhost login: ").await;
+    // The watcher types a login: refused, with the reason.
+    w_tx.send(Bytes::from_static(b"watcher-typed\r"))
+        .await
+        .expect("send");
+    let notice = tokio::time::timeout(GUARD, async {
+        loop {
+            match control_rx.recv().await {
+                Some(ChannelMsg::Notice(t)) => break t,
+                Some(_) => continue,
+                None => panic!("the channel ended without a notice"),
+            }
+        }
+    })
+    .await
+    .expect("a notice");
+    assert!(
+        notice.contains("typing refused") && notice.contains(why),
+        "{notice}"
+    );
+    // The holder logs in and types; the watcher sees it all.
+    read_until_text(&mut h_rx, &mut h_acc, "simhost login: ").await;
+    h_tx.send(Bytes::from_static(b"root\r"))
+        .await
+        .expect("send");
+    read_until_text(&mut h_rx, &mut h_acc, "Password: ").await;
+    h_tx.send(Bytes::from_static(b"pw\r")).await.expect("send");
+    read_until_text(&mut h_rx, &mut h_acc, "root@simhost:~# ").await;
+    h_tx.send(Bytes::from_static(b"echo holder-typed\r"))
+        .await
+        .expect("send");
+    read_until_text(&mut h_rx, &mut h_acc, "holder-typed\r\nroot@simhost").await;
+    read_until_text(&mut w_rx, &mut w_acc, "holder-typed\r\nroot@simhost").await;
+    // The simulated board echoes what reaches it: the watcher's line never did, and the
+    // holder's login was not disturbed by it.
+    for (who, acc) in [("holder", &h_acc), ("watcher", &w_acc)] {
+        let text = String::from_utf8_lossy(acc);
+        assert!(!text.contains("watcher-typed"), "{who} saw: {text:?}");
+        assert!(!text.contains("Login incorrect"), "{who} saw: {text:?}");
+    }
+}

@@ -41,6 +41,9 @@ pub struct Admission {
     /// controller said so). A lease the exporter has only the token's word for cannot end
     /// another live session.
     pub confirmed: bool,
+    /// A colleague the lease's holder shared it with (`jmp share lease`): it attaches beside
+    /// the holder, never as the holder, and only watches unless the share gives control.
+    pub share: Option<jmp_protocol::token::ShareClaim>,
 }
 
 /// Direct mode: the client must present the token from the exporter's token file.

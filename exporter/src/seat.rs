@@ -22,6 +22,12 @@
 //! admitted at once (each has a session's budget). One that may no longer stay (its lease
 //! ended, expired or was superseded, or someone else holds the board now) is ended like a
 //! holder would be: [`Seat::strays`] names them after every change.
+//!
+//! A **guest** (a colleague the holder shared the lease with, `jmp share lease`) attaches
+//! beside whoever holds the board, never as the holder and never replacing anyone: admitted
+//! while its lease is the current one and the controller's last word lists its share, at most
+//! [`MAX_GUESTS`] at once. It goes (a stray) when its lease ends or is superseded, its token
+//! expires (the share's `--until`), or its share is revoked or its terms changed.
 
 use crate::auth::Admission;
 use jmp_protocol::ErrorCode;
@@ -33,6 +39,10 @@ pub const LEASE_WARNING: Duration = Duration::from_secs(300);
 /// One-shot sessions admitted at once. Each may hold a session's budget of the exporter, so
 /// their number is bounded too; `jmp power` needs one for a second or two.
 pub const MAX_ONE_SHOT: usize = 4;
+
+/// Guest sessions (colleagues of a shared lease) admitted at once, each with a session's
+/// budget.
+pub const MAX_GUESTS: usize = 8;
 
 /// Leases remembered as ended, for one-shot sessions still attached under them.
 const ENDED_KEPT: usize = 16;
@@ -101,11 +111,26 @@ struct OneShot<H> {
     until: Option<u64>,
 }
 
+/// A colleague's session under a shared lease.
+#[derive(Debug, Clone)]
+struct Guest<H> {
+    conn: u64,
+    handle: H,
+    identity: String,
+    lease: String,
+    until: Option<u64>,
+    control: bool,
+}
+
 #[derive(Debug)]
 pub struct Seat<H> {
     exporter: String,
     holder: Option<Holder<H>>,
     one_shots: Vec<OneShot<H>>,
+    guests: Vec<Guest<H>>,
+    /// The shares of the current lease as the controller last said: (lease, [(client,
+    /// control)]). `None`: it has not said; no guest is admitted then.
+    shares: Option<(String, Vec<(String, bool)>)>,
     /// Leases the controller ended lately, and the one it says is current (`None`: it has
     /// not said, or no lease is current).
     ended: std::collections::VecDeque<String>,
@@ -118,6 +143,8 @@ impl<H: Clone> Seat<H> {
             exporter: exporter.to_string(),
             holder: None,
             one_shots: Vec::new(),
+            guests: Vec::new(),
+            shares: None,
             ended: std::collections::VecDeque::new(),
             current: None,
         }
@@ -166,7 +193,58 @@ impl<H: Clone> Seat<H> {
                 None => true,
             }
         });
+        let shares = &self.shares;
+        self.guests.retain(|g| {
+            let lease = &g.lease;
+            let who = &g.identity;
+            let why = if ended.contains(lease) {
+                Some(format!("lease {lease} ended"))
+            } else if current
+                .as_ref()
+                .is_some_and(|c| c.as_deref() != Some(lease.as_str()))
+            {
+                Some(format!("lease {lease} is over"))
+            } else if g.until.is_some_and(|u| unix_now >= u) {
+                Some(format!("the share of lease {lease} with {who} ended"))
+            } else {
+                match share_of(shares, lease, who) {
+                    None => Some(format!(
+                        "the holder of lease {lease} ended its share with {who}"
+                    )),
+                    Some(control) if control != g.control => Some(format!(
+                        "the holder of lease {lease} changed its share with {who} ({}): attach again",
+                        if control { "control given" } else { "now read-only" }
+                    )),
+                    Some(_) => None,
+                }
+            };
+            match why {
+                Some(reason) => {
+                    out.push(Action::Bye {
+                        handle: g.handle.clone(),
+                        code: ErrorCode::LeaseEnded,
+                        reason,
+                    });
+                    false
+                }
+                None => true,
+            }
+        });
         out
+    }
+
+    /// The controller says lease `lease` is shared with these clients (each with whether it
+    /// has control). Guests whose share is gone or changed are strays from now on.
+    pub fn set_shares(&mut self, lease: Option<&str>, shares: Vec<(String, bool)>) {
+        self.shares = lease.map(|l| (l.to_string(), shares));
+    }
+
+    /// Guest sessions attached now, as (client, control).
+    pub fn guests(&self) -> Vec<(String, bool)> {
+        self.guests
+            .iter()
+            .map(|g| (g.identity.clone(), g.control))
+            .collect()
     }
 
     /// Who holds the board now, if anyone.
@@ -185,6 +263,9 @@ impl<H: Clone> Seat<H> {
             .client
             .clone()
             .unwrap_or_else(|| c.client.to_string());
+        if let Some(share) = c.admission.share {
+            return self.admit_guest(&c, identity, share.control);
+        }
         if c.one_shot {
             let admit = |seat: &mut Self| {
                 seat.one_shots.push(OneShot {
@@ -288,6 +369,53 @@ impl<H: Clone> Seat<H> {
         Verdict::Admit { evict }
     }
 
+    /// A colleague of a shared lease: beside whoever is there, if the controller's last word
+    /// lists its share with the terms its token claims.
+    fn admit_guest(&mut self, c: &Claim<'_, H>, identity: String, control: bool) -> Verdict<H> {
+        let refuse = |reason: String| Verdict::Refuse {
+            code: ErrorCode::Unauthorized,
+            reason,
+        };
+        let Some(lease) = c.admission.lease.clone() else {
+            return refuse("a share's token names no lease".into());
+        };
+        if self.ended.contains(&lease) {
+            return refuse(format!("lease {lease} ended"));
+        }
+        match share_of(&self.shares, &lease, &identity) {
+            None => {
+                return refuse(format!(
+                    "lease {lease} is not shared with {identity} (any more), as far as {} heard from the controller",
+                    self.exporter
+                ))
+            }
+            Some(granted) if granted != control => {
+                return refuse(format!(
+                    "the share of lease {lease} with {identity} changed; fetch a new token (attach again)"
+                ))
+            }
+            Some(_) => {}
+        }
+        if self.guests.len() >= MAX_GUESTS {
+            return Verdict::Refuse {
+                code: ErrorCode::Busy,
+                reason: format!(
+                    "{} already serves {MAX_GUESTS} sessions of shared leases; try again when one is done",
+                    self.exporter
+                ),
+            };
+        }
+        self.guests.push(Guest {
+            conn: c.conn,
+            handle: c.handle.clone(),
+            identity,
+            lease,
+            until: c.admission.until,
+            control,
+        });
+        Verdict::Admit { evict: None }
+    }
+
     /// Nobody holds the board any more (the exporter is shutting down); the holder's handle.
     pub fn vacate(&mut self) -> Option<H> {
         self.holder.take().map(|h| h.handle)
@@ -299,6 +427,7 @@ impl<H: Clone> Seat<H> {
             self.holder = None;
         }
         self.one_shots.retain(|o| o.conn != conn);
+        self.guests.retain(|g| g.conn != conn);
     }
 
     fn take_if(&mut self, pred: impl Fn(&Holder<H>) -> bool) -> Option<Holder<H>> {
@@ -391,6 +520,22 @@ impl<H: Clone> Seat<H> {
     }
 }
 
+/// Whether `client` may attach under `lease` as its colleague, and with control, as the
+/// controller last said.
+fn share_of(
+    shares: &Option<(String, Vec<(String, bool)>)>,
+    lease: &str,
+    client: &str,
+) -> Option<bool> {
+    let (l, list) = shares.as_ref()?;
+    if l != lease {
+        return None;
+    }
+    list.iter()
+        .find(|(c, _)| c == client)
+        .map(|(_, control)| *control)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,6 +546,7 @@ mod tests {
             until: Some(1000),
             client: Some(client.into()),
             confirmed,
+            share: None,
         }
     }
 
@@ -675,5 +821,107 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    fn guest(name: &str, client: &str, control: bool, until: u64) -> Admission {
+        Admission {
+            until: Some(until),
+            share: Some(jmp_protocol::token::ShareClaim { control }),
+            ..lease(name, client, true)
+        }
+    }
+
+    fn bye_reason(a: &[Action<u64>], handle: u64) -> String {
+        match a {
+            [Action::Bye {
+                handle: h,
+                code: ErrorCode::LeaseEnded,
+                reason,
+            }] if *h == handle => reason.clone(),
+            a => panic!("{a:?}"),
+        }
+    }
+
+    /// Issue 21 item 2: a colleague of a shared lease attaches beside the holder (never as the
+    /// holder), only while the controller lists its share with the terms its token claims; it
+    /// goes when the share is revoked or changed, when the share's end passes, and when the
+    /// lease ends or is superseded.
+    #[test]
+    fn a_colleague_of_a_shared_lease_attaches_beside_the_holder_until_unshared() {
+        let t0 = Instant::now();
+        let mut s = Seat::new("rpi4");
+        let l1 = lease("L1", "alice", true);
+        s.admit(claim(1, "alice@a", 10, &l1), t0);
+        s.keep_only_lease(Some("L1"));
+        let bob = guest("L1", "bob", false, 1000);
+        // Not shared as far as the controller said: refused, saying so.
+        match s.admit(claim(2, "bob@b", 20, &bob), t0) {
+            Verdict::Refuse { code, reason } => {
+                assert_eq!(code, ErrorCode::Unauthorized);
+                assert!(reason.contains("not shared with bob"), "{reason}");
+            }
+            v => panic!("{v:?}"),
+        }
+        s.set_shares(Some("L1"), vec![("bob".into(), false)]);
+        assert_eq!(
+            s.admit(claim(2, "bob@b", 20, &bob), t0),
+            Verdict::Admit { evict: None }
+        );
+        assert_eq!(s.holder(), Some("alice@a"), "the holder stays the holder");
+        assert_eq!(s.guests(), vec![("bob".to_string(), false)]);
+        // A token claiming control the share does not give is refused.
+        let bob_ctl = guest("L1", "bob", true, 1000);
+        assert!(matches!(
+            s.admit(claim(3, "bob@b", 21, &bob_ctl), t0),
+            Verdict::Refuse {
+                code: ErrorCode::Unauthorized,
+                ..
+            }
+        ));
+        assert_eq!(s.strays(0), vec![]);
+        // Control given: the read-only session goes (attach again for control).
+        s.set_shares(Some("L1"), vec![("bob".into(), true)]);
+        assert!(bye_reason(&s.strays(0), 2).contains("changed its share with bob"));
+        assert_eq!(
+            s.admit(claim(3, "bob@b", 21, &bob_ctl), t0),
+            Verdict::Admit { evict: None }
+        );
+        // Unshared: the colleague's session is ended with the reason.
+        s.set_shares(Some("L1"), vec![]);
+        assert!(bye_reason(&s.strays(0), 3).contains("ended its share with bob"));
+        assert!(s.guests().is_empty());
+        assert_eq!(s.holder(), Some("alice@a"));
+        // The share's end (its token's), and the lease's end.
+        s.set_shares(Some("L1"), vec![("bob".into(), false)]);
+        s.admit(claim(4, "bob@b", 22, &guest("L1", "bob", false, 500)), t0);
+        assert!(bye_reason(&s.strays(500), 4).contains("share of lease L1 with bob ended"));
+        s.admit(claim(5, "bob@b", 23, &bob), t0);
+        s.end_lease("L1", "released");
+        assert!(bye_reason(&s.strays(0), 5).contains("lease L1 ended"));
+        // A share of a lease that is not the current one admits nobody.
+        let mut s = Seat::new("rpi4");
+        s.keep_only_lease(Some("L2"));
+        s.set_shares(Some("L2"), vec![("bob".into(), false)]);
+        assert!(matches!(
+            s.admit(claim(6, "bob@b", 24, &bob), t0),
+            Verdict::Refuse { .. }
+        ));
+        // Guests are bounded.
+        let l2 = guest("L2", "bob", false, 1000);
+        for conn in 0..MAX_GUESTS as u64 {
+            assert_eq!(
+                s.admit(claim(10 + conn, "bob@b", 30 + conn, &l2), t0),
+                Verdict::Admit { evict: None }
+            );
+        }
+        assert!(matches!(
+            s.admit(claim(99, "bob@b", 99, &l2), t0),
+            Verdict::Refuse {
+                code: ErrorCode::Busy,
+                ..
+            }
+        ));
+        s.detached(10);
+        assert_eq!(s.guests().len(), MAX_GUESTS - 1);
     }
 }

@@ -355,6 +355,18 @@ impl Exporter {
         self.act(a);
     }
 
+    /// The controller says `lease` (the current one) is shared with these clients, each with
+    /// whether it has control: guests whose share is gone or changed are ended.
+    pub fn set_shares(&self, lease: Option<&str>, shares: Vec<(String, bool)>) {
+        self.with_seat(|s| s.set_shares(lease, shares));
+        self.act(None);
+    }
+
+    /// Sessions of colleagues under a shared lease attached now, as (client, control).
+    pub fn guests(&self) -> Vec<(String, bool)> {
+        self.seat().guests()
+    }
+
     /// A lease's end moved (extended or shortened); `until` in Unix seconds; `extends`: the
     /// controller extends it while in use (no end-of-lease warning for its holder).
     pub fn set_lease_end(&self, lease: &str, until: u64, extends: bool) {
@@ -461,6 +473,11 @@ impl Exporter {
                 drain(&mut link).await;
                 return;
             }
+            Verdict::Admit { evict } if admission.share.is_some() => {
+                // A colleague under a shared lease is a guest of the holder's tenure: it
+                // neither begins one nor makes the console forget.
+                self.act(evict);
+            }
             Verdict::Admit { evict } => {
                 self.act(evict);
                 // A one-shot session beside the holder is the same tenure; one on a free board
@@ -503,7 +520,16 @@ impl Exporter {
         }
         // The session's channels and requests, within its budget; dropped below, when the
         // session ends, which ends them all and stops their blocking work.
-        let scope = self.devices.session();
+        // A colleague without control only watches: its channels are opened read-only by
+        // the kinds that can (a console), refused by the rest, and its requests refused.
+        let scope = match admission.share {
+            Some(s) if !s.control => self.devices.session_watching(format!(
+                "lease {} is shared with {identity} read-only (the holder can give control: jmp share lease {} --with {identity} --control)",
+                admission.lease.as_deref().unwrap_or_default(),
+                admission.lease.as_deref().unwrap_or_default(),
+            )),
+            _ => self.devices.session(),
+        };
         while let Some(ev) = link.events.recv().await {
             match ev {
                 LinkEvent::Incoming(inc) if one_shot => inc.reject(

@@ -88,6 +88,17 @@ pub(crate) enum Cmd {
         #[command(subcommand)]
         what: DeleteCmd,
     },
+    /// Let another client attach to your leased board beside you: it watches the console
+    /// (read-only) unless --control, which also lets it type, power and write storage.
+    Share {
+        #[command(subcommand)]
+        what: ShareCmd,
+    },
+    /// End a share: the colleague's sessions are detached, its tokens refused.
+    Unshare {
+        #[command(subcommand)]
+        what: UnshareCmd,
+    },
     /// Identities: create, list and delete clients and exporters (needs the admin credential).
     Admin {
         #[command(subcommand)]
@@ -306,6 +317,50 @@ pub(crate) enum UpdateCmd {
         /// Move the lease's end this much later (e.g. 30m).
         #[arg(long)]
         extend: Option<String>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
+        output: ctl::Out,
+        #[command(flatten)]
+        client: ClientSel,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum ShareCmd {
+    /// Share a lease with another client (it attaches with `jmp attach --lease NAME` under its
+    /// own credential; its own policy must allow the exporter).
+    #[command(alias = "leases")]
+    Lease {
+        /// The lease.
+        name: String,
+        /// The client to share it with.
+        #[arg(long = "with", value_name = "CLIENT")]
+        with: String,
+        /// When the share ends: a time (RFC 3339, e.g. 2026-12-08T17:00:00Z) or a duration
+        /// from now (e.g. 30m). Default: with the lease.
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
+        /// Also let it type on the console and use power and storage writes.
+        #[arg(long)]
+        control: bool,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
+        output: ctl::Out,
+        #[command(flatten)]
+        client: ClientSel,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum UnshareCmd {
+    /// End a lease's share with another client.
+    #[command(alias = "leases")]
+    Lease {
+        /// The lease.
+        name: String,
+        /// The client it is shared with.
+        #[arg(long = "with", value_name = "CLIENT")]
+        with: String,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = ctl::Out::Table)]
         output: ctl::Out,

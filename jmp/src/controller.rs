@@ -408,6 +408,7 @@ pub fn print_leases(leases: &[LeaseInfo], out: Out) -> Result<()> {
                 "LAST USE",
                 "IDLE UNTIL",
                 "HARD LIMIT",
+                "SHARED WITH",
             ],
             leases
                 .iter()
@@ -432,6 +433,7 @@ pub fn print_leases(leases: &[LeaseInfo], out: Out) -> Result<()> {
                         last_use_text(l, now),
                         l.idle_deadline.map_or("-".into(), fmt_time),
                         l.hard_limit.map_or("-".into(), fmt_time),
+                        shares_text(l),
                     ]
                 })
                 .collect(),
@@ -807,6 +809,90 @@ pub fn print_lease(l: &LeaseInfo, out: Out) -> Result<()> {
 
 pub fn credential_config(c: &Credential) -> ClientConfig {
     ClientConfig::new(c)
+}
+
+/// `--until`: an RFC 3339 time, or a duration from now; Unix seconds.
+fn until_arg(s: &str) -> Result<u64> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        let secs = t
+            .duration_since(UNIX_EPOCH)
+            .map_err(|_| exit(code::USAGE, format!("--until {s}: before 1970")))?
+            .as_secs();
+        return Ok(secs);
+    }
+    match jmp_protocol::duration::parse_secs(s) {
+        Ok(d) if d > 0 => Ok(unix_now().saturating_add(d)),
+        _ => Err(exit(
+            code::USAGE,
+            format!("--until {s}: neither a time (2026-12-08T17:00:00Z) nor a duration (30m)"),
+        )),
+    }
+}
+
+pub(crate) fn share_cmd(what: crate::cli::ShareCmd) -> Result<()> {
+    let crate::cli::ShareCmd::Lease {
+        name,
+        with,
+        until,
+        control,
+        output,
+        client,
+    } = what;
+    let until = until.as_deref().map(until_arg).transpose()?;
+    let (cfg, _) = load_client(client.client.as_deref())?;
+    crate::runtime()?.block_on(async {
+        let ctl = Ctl::connect(&cfg).await?;
+        match ctl
+            .call(Request::ShareLease {
+                name,
+                with,
+                until,
+                control,
+            })
+            .await?
+        {
+            Reply::Lease(l) => print_lease(&l, output),
+            other => Err(unexpected(other)),
+        }
+    })
+}
+
+pub(crate) fn unshare_cmd(what: crate::cli::UnshareCmd) -> Result<()> {
+    let crate::cli::UnshareCmd::Lease {
+        name,
+        with,
+        output,
+        client,
+    } = what;
+    let (cfg, _) = load_client(client.client.as_deref())?;
+    crate::runtime()?.block_on(async {
+        let ctl = Ctl::connect(&cfg).await?;
+        match ctl.call(Request::UnshareLease { name, with }).await? {
+            Reply::Lease(l) => print_lease(&l, output),
+            other => Err(unexpected(other)),
+        }
+    })
+}
+
+/// "c2 (control, until 17:00)": a lease's shares for the table.
+fn shares_text(l: &LeaseInfo) -> String {
+    if l.shares.is_empty() {
+        return "-".into();
+    }
+    l.shares
+        .iter()
+        .map(|s| {
+            let mut t = s.client.clone();
+            let mut how = Vec::new();
+            how.push(if s.control { "control" } else { "read-only" }.to_string());
+            if let Some(u) = s.until {
+                how.push(format!("until {}", fmt_time(u)));
+            }
+            t.push_str(&format!(" ({})", how.join(", ")));
+            t
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The access to the caller's lease (`name`, or its only active one).

@@ -50,9 +50,15 @@ fn running(target: &Target) -> Result<Option<state::StateFile>, VerbError> {
     }
     let found = match (&target.exporter, &target.lease) {
         (Some(e), _) => state::find(Some(e)).ok(),
-        (None, Some(l)) => state::all()
-            .into_iter()
-            .find(|s| s.ready.lease.as_deref() == Some(l)),
+        // The caller's own attachment of that lease: a lease shared with a colleague may be
+        // attached on this machine by its holder too, and the colleague's command must go
+        // under its own credential (its own connection), never through the holder's.
+        (None, Some(l)) => {
+            let caller = state::Owner::caller();
+            state::all()
+                .into_iter()
+                .find(|s| s.ready.lease.as_deref() == Some(l) && s.is_callers(&caller))
+        }
         (None, None) => {
             // The caller's own only: another user's, client config's or job's never counts,
             // even as the only one running (then the caller's lease is asked for instead).

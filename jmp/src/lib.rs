@@ -121,6 +121,8 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Get { what } => verbs::get_cmd(what),
         Cmd::Update { what } => verbs::update_cmd(what),
         Cmd::Delete { what } => verbs::delete_cmd(what),
+        Cmd::Share { what } => controller::share_cmd(what),
+        Cmd::Unshare { what } => controller::unshare_cmd(what),
         Cmd::Admin { cmd, admin_config } => verbs::admin_cmd(cmd, admin_config),
         Cmd::Auth { cmd } => verbs::auth_cmd(cmd),
         Cmd::Trust { cmd } => trust_cmd(cmd),

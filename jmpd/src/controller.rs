@@ -32,6 +32,8 @@ struct View {
     ended: Ended,
     /// The controller's clock when it sent this view (0: unknown).
     at: u64,
+    /// Who the current lease is shared with (`jmp share lease`).
+    shares: Vec<jmp_protocol::api::ShareInfo>,
 }
 
 /// Ended leases that kept too many records when a controller did not say how long their
@@ -211,6 +213,37 @@ impl Authorizer for LeaseAuth {
                 }
             }
         }
+        if let Some(share) = c.share {
+            // A colleague's token: admitted only on the controller's word that the share
+            // stands with these terms (a share revoked while jmpd was cut off must not let
+            // its token in on its own), and never past the share's end or the lease's.
+            let who = c.client.clone().unwrap_or_default();
+            if !view.known {
+                return Err(AuthError::NotYet(format!(
+                    "lease token refused: {} has not heard from the controller since it started, so it cannot tell whether lease {} is still shared with {who}",
+                    self.exporter, c.sub
+                )));
+            }
+            match view.shares.iter().find(|s| s.client == who) {
+                None => {
+                    return Err(AuthError::NotYet(format!(
+                        "lease token refused: lease {} is not shared with {who}",
+                        c.sub
+                    )))
+                }
+                Some(s) if s.control != share.control => {
+                    return Err(AuthError::Refused(format!(
+                        "lease token refused: the share of lease {} with {who} changed; attach again for a new token",
+                        c.sub
+                    )))
+                }
+                Some(_) => {}
+            }
+            until = match (until, c.exp) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
         Ok(Admission {
             lease: Some(c.sub),
             until,
@@ -218,6 +251,7 @@ impl Authorizer for LeaseAuth {
             // Until the controller has spoken, the token is the only word on the lease: it
             // may attach to a free board but not end another live session.
             confirmed: view.known,
+            share: c.share,
         })
     }
 
@@ -623,6 +657,7 @@ impl Registrar {
                         v.known = true;
                         v.ended.add(&ended, jmp_transport::unix_now());
                         v.current = lease.as_ref().map(|l| (l.name.clone(), l.end));
+                        v.shares = lease.as_ref().map(|l| l.shares.clone()).unwrap_or_default();
                         v.at = at;
                     }
                     if let Some(h) = &extras.holder {
@@ -640,6 +675,18 @@ impl Registrar {
                         exporter.end_lease(&e.name, &e.reason);
                     }
                     exporter.keep_only_lease(lease.as_ref().map(|l| l.name.as_str()));
+                    exporter.set_shares(
+                        lease.as_ref().map(|l| l.name.as_str()),
+                        lease
+                            .as_ref()
+                            .map(|l| {
+                                l.shares
+                                    .iter()
+                                    .map(|s| (s.client.clone(), s.control))
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                    );
                     if let Some(l) = &lease {
                         exporter.set_lease_end(&l.name, l.end, l.extends);
                     }
@@ -729,6 +776,7 @@ mod tests {
             exporter: Some("e1".into()),
             ctl: None,
             admin: false,
+            share: None,
         };
         Hello {
             features: 0,
@@ -851,6 +899,7 @@ mod tests {
                 current: Some(("L1".into(), pushed_end)),
                 ended: Ended::default(),
                 at: now - 10,
+                shares: Vec::new(),
             }),
             pushes: tokio::sync::watch::Sender::new(0),
             direct: None,
@@ -883,6 +932,38 @@ mod tests {
             until(&hello(&signer, "L1", now - 5, now + 1000)),
             Ok(Some(pushed_end))
         );
+
+        // A colleague's share token: admitted only while the push lists the share with the
+        // token's terms, never past the share's end (the token's) or the lease's.
+        let shared = |control: bool, exp: u64| {
+            let mut h = hello(&signer, "L1", now - 5, exp);
+            let mut c = jmp_transport::token::peek(&h.token).unwrap();
+            c.client = Some("bob".into());
+            c.share = Some(jmp_protocol::token::ShareClaim { control });
+            h.token = signer.sign(&c).unwrap();
+            h
+        };
+        assert!(matches!(
+            auth.check(&shared(false, now + 30)),
+            Err(AuthError::NotYet(w)) if w.contains("not shared with bob")
+        ));
+        auth.view().shares = vec![jmp_protocol::api::ShareInfo {
+            client: "bob".into(),
+            until: Some(now + 30),
+            control: false,
+        }];
+        let a = auth.check(&shared(false, now + 30)).expect("admitted");
+        assert_eq!(a.client.as_deref(), Some("bob"));
+        assert_eq!(
+            a.share,
+            Some(jmp_protocol::token::ShareClaim { control: false })
+        );
+        assert_eq!(a.until, Some(now + 30), "the share ends before the lease");
+        assert_eq!(until(&shared(false, now + 1000)), Ok(Some(pushed_end)));
+        assert!(matches!(
+            auth.check(&shared(true, now + 30)),
+            Err(AuthError::Refused(w)) if w.contains("changed")
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

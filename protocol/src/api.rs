@@ -75,6 +75,23 @@ pub enum Request {
         #[serde(default)]
         name: Option<String>,
     },
+    /// The lease's holder lets another client attach to the same board beside it
+    /// (`jmp share lease`): `with` attaches with its own credential (its `lease-access` for
+    /// this lease is answered with a share's token), read-only unless `control`, until
+    /// `until` (Unix seconds; absent: the lease's end). Refused when `with`'s own policy does
+    /// not allow the lease's exporter. Sharing again with the same client replaces its share.
+    /// Answered with `Lease` (the lease as it is now, its shares listed).
+    ShareLease {
+        name: String,
+        with: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<u64>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        control: bool,
+    },
+    /// The holder ends a share: the colleague's sessions are ended, its tokens refused.
+    /// Answered with `Lease`.
+    UnshareLease { name: String, with: String },
     /// Exporters visible to the caller, optionally filtered by a selector.
     GetExporters {
         #[serde(default)]
@@ -527,6 +544,22 @@ pub struct LeaseInfo {
     /// Auto-extending: extended while in use, never past this (Unix seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hard_limit: Option<u64>,
+    /// Clients the holder shares it with (`jmp share lease`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<ShareInfo>,
+}
+
+/// A lease shared with another client.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ShareInfo {
+    /// The colleague's client name.
+    pub client: String,
+    /// When the share ends (Unix seconds); absent: with the lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<u64>,
+    /// The colleague may type on the console and use the board's controls.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub control: bool,
 }
 
 /// What `jmp attach` needs; the controller is not on the data path after this.
@@ -611,6 +644,10 @@ pub struct ActiveLease {
     /// exporter does not warn its holder of an end that will not come while attached.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub extends: bool,
+    /// Other clients that may attach beside the holder (current shares only): jmpd admits
+    /// their share tokens and ends the sessions of a share that is no longer listed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<ShareInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -63,6 +63,19 @@ pub struct Claims {
     /// Client credentials: admin rights.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub admin: bool,
+    /// Lease tokens of a share: `client` is not the lease's holder but a colleague it shared
+    /// the lease with (`jmp share lease`), attaching beside the holder; absent: the holder's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<ShareClaim>,
+}
+
+/// What a share's lease token lets its colleague do.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct ShareClaim {
+    /// Type on the console and use the board's controls (power, storage writes); without it
+    /// the colleague only watches.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub control: bool,
 }
 
 impl Claims {

@@ -238,6 +238,7 @@ mod tests {
             exporter: Some("rpi4-01".into()),
             ctl: None,
             admin: false,
+            share: None,
         }
     }
 

@@ -176,6 +176,7 @@ impl<S: LeaseStore> Core<S> {
             exporter: None,
             ctl: Some(ctl),
             admin,
+            share: None,
         };
         Ok(Credential {
             kind,

@@ -3,11 +3,15 @@
 //! and the lease tokens clients present to exporters.
 
 use super::{err, fmt_secs, random_hex, Caller, Core, ISSUER};
-use crate::book::{Denial, Lease, LeaseBook, Millis, NewRequest, Outcome, RequestState, Waiting};
+use crate::book::{
+    Denial, Lease, LeaseBook, Millis, NewRequest, Outcome, RequestState, Share, Waiting,
+};
 use crate::store::LeaseStore;
-use jmp_protocol::api::{Access, CtlError, CtlErrorCode, LeaseInfo, LeaseRequest, Reply};
+use jmp_protocol::api::{
+    Access, CtlError, CtlErrorCode, LeaseInfo, LeaseRequest, Reply, ShareInfo,
+};
 use jmp_protocol::selector::Selector;
-use jmp_protocol::token::{Claims, TokenKind};
+use jmp_protocol::token::{Claims, ShareClaim, TokenKind};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -29,7 +33,26 @@ pub fn lease_info(l: &Lease) -> LeaseInfo {
         attached: l.attached,
         idle_deadline: l.idle_deadline().map(|d| d.div_ceil(1000)),
         hard_limit: l.auto_extend.map(|a| a.hard_end / 1000),
+        shares: l.shares.iter().map(share_info).collect(),
     }
+}
+
+pub fn share_info(s: &Share) -> ShareInfo {
+    ShareInfo {
+        client: s.client.clone(),
+        until: s.until.map(|u| u / 1000),
+        control: s.control,
+    }
+}
+
+/// The shares of `l` that still let their client attach at `now` (one whose `--until` passed
+/// stays in the record until the lease ends or is shared again, but admits nobody).
+pub fn live_shares(l: &Lease, now: Millis) -> Vec<ShareInfo> {
+    l.shares
+        .iter()
+        .filter(|s| s.live_at(now))
+        .map(share_info)
+        .collect()
 }
 
 fn waiting_info(w: &Waiting) -> LeaseInfo {
@@ -48,6 +71,7 @@ fn waiting_info(w: &Waiting) -> LeaseInfo {
         attached: false,
         idle_deadline: None,
         hard_limit: None,
+        shares: Vec::new(),
     }
 }
 
@@ -676,10 +700,11 @@ impl<S: LeaseStore> Core<S> {
             })
         };
         let mine = |c: &str| c == caller.name;
+        let shared_with_me = |l: &Lease| l.shares.iter().any(|s| mine(&s.client));
         let mut leases: Vec<LeaseInfo> = self
             .book
             .leases()
-            .filter(|l| mine(&l.client) || (all && allowed(&l.exporter)))
+            .filter(|l| mine(&l.client) || shared_with_me(l) || (all && allowed(&l.exporter)))
             .map(lease_info)
             .collect();
         leases.extend(
@@ -745,6 +770,29 @@ impl<S: LeaseStore> Core<S> {
             max.saturating_mul(1000),
         );
         self.on_events(now, ev);
+        // Shares with this client on exporters it may no longer use end too (the exporter
+        // ends its sessions when it hears): a share never grants what the policy forbids.
+        let unshared: Vec<(String, Vec<Share>)> = self
+            .book
+            .leases()
+            .filter(|l| l.shares.iter().any(|s| s.client == client))
+            .filter(|l| {
+                !self
+                    .book
+                    .exporter(&l.exporter)
+                    .is_some_and(|e| allow.matches(&e.labels))
+            })
+            .map(|l| {
+                let keep = l.shares.iter().filter(|s| s.client != client);
+                (l.name.clone(), keep.cloned().collect())
+            })
+            .collect();
+        for (lease, keep) in unshared {
+            if let Ok(l) = self.book.set_shares(&lease, keep) {
+                info!(%lease, client, "share ended: the client's policy no longer allows the exporter");
+                self.links.push.insert(l.exporter.clone());
+            }
+        }
         let (ev, withdrawn) = self.book.set_policy(now, client, &allow);
         for (w, why) in withdrawn {
             let (code, _, reason) = refusal_reply(&why, &w.selector, w.exporter.as_deref(), &text);
@@ -988,8 +1036,19 @@ impl<S: LeaseStore> Core<S> {
 
     /// A lease token for the caller's lease, with where its exporter is and how to pin it.
     /// Asking for one is a use of the lease (an attachment connecting or reconnecting, a
-    /// command on a connection of its own).
+    /// command on a connection of its own). A client that a lease named by `name` is shared
+    /// with gets a share's token for it (see [`Core::share_access`]).
     pub(super) fn access(&mut self, now: Millis, caller: &Caller, name: Option<String>) -> Reply {
+        if let Some(n) = &name {
+            if let Some(l) = self.book.lease(n) {
+                if l.client != caller.name {
+                    if let Some(sh) = l.shares.iter().find(|s| s.client == caller.name) {
+                        let (l, sh) = (l.clone(), sh.clone());
+                        return self.share_access(now, caller, l, sh);
+                    }
+                }
+            }
+        }
         let lease = match self.lease_named(caller, name) {
             Ok(l) => l,
             Err(e) => return Reply::Error(e),
@@ -1003,6 +1062,81 @@ impl<S: LeaseStore> Core<S> {
                     .unwrap_or_else(|| format!("lease {} has ended", lease.name)),
             );
         };
+        let (client, end) = (lease.client.clone(), lease.end);
+        self.sign_access(now, &lease, &client, end, None)
+    }
+
+    /// A share's token for `caller`, whom `lease`'s holder shared it with: only while the
+    /// share lasts, and only if the caller's own policy allows the lease's exporter (checked
+    /// at each use, so a share never grants what the colleague's policy forbids, however the
+    /// policy changed since the share was made). It expires with the share or the lease,
+    /// whichever ends first.
+    fn share_access(&mut self, now: Millis, caller: &Caller, lease: Lease, share: Share) -> Reply {
+        if !share.live_at(now) {
+            return err(
+                CtlErrorCode::NotFound,
+                format!(
+                    "the share of lease {} with {} ended at {}",
+                    lease.name,
+                    caller.name,
+                    jmp_protocol::usage::rfc3339(share.until.unwrap_or_default())
+                ),
+            );
+        }
+        if let Err(e) = self.share_allowed(&lease, &caller.name) {
+            return Reply::Error(e);
+        }
+        let (now_lease, ev) = self.book.touch(now, &lease.name);
+        self.on_events(now, ev);
+        let Some(lease) = now_lease else {
+            return err(
+                CtlErrorCode::NotFound,
+                format!("lease {} has ended", lease.name),
+            );
+        };
+        let end = share.until.map_or(lease.end, |u| u.min(lease.end));
+        self.sign_access(
+            now,
+            &lease,
+            &caller.name,
+            end,
+            Some(ShareClaim {
+                control: share.control,
+            }),
+        )
+    }
+
+    /// Whether `client`'s own policy lets it use `lease`'s exporter (an error naming both if
+    /// not, or if the policy cannot be read: that never means "any exporter").
+    fn share_allowed(&self, lease: &Lease, client: &str) -> Result<(), CtlError> {
+        let policy = self.registry.client_policy(client, self.default_max_secs)?;
+        let allowed = self
+            .book
+            .exporter(&lease.exporter)
+            .is_some_and(|e| policy.allow.matches(&e.labels));
+        if allowed {
+            Ok(())
+        } else {
+            Err(CtlError::new(
+                CtlErrorCode::Forbidden,
+                format!(
+                    "lease {} cannot be shared with {client}: the policy of client {client} (allow {:?}) does not allow exporter {}",
+                    lease.name, policy.text, lease.exporter
+                ),
+            ))
+        }
+    }
+
+    /// A lease token naming `lease` and `client`, valid until `end_ms`, with where the
+    /// lease's exporter is.
+    fn sign_access(
+        &mut self,
+        now: Millis,
+        lease: &Lease,
+        client: &str,
+        end_ms: Millis,
+        share: Option<ShareClaim>,
+    ) -> Reply {
         let Some(rec) = self.registry.exporters.get(&lease.exporter) else {
             return err(
                 CtlErrorCode::NotFound,
@@ -1024,24 +1158,123 @@ impl<S: LeaseStore> Core<S> {
             kind: TokenKind::Lease,
             jti: random_hex(8),
             iat: now / 1000,
-            exp: Some(lease.end.div_ceil(1000)),
-            client: Some(lease.client.clone()),
+            exp: Some(end_ms.div_ceil(1000)),
+            client: Some(client.to_string()),
             exporter: Some(lease.exporter.clone()),
             ctl: None,
             admin: false,
+            share,
         };
         if let Some(exp) = claims.exp {
             self.links.token_issued(&lease.name, exp);
         }
         match self.auth.signer.sign(&claims) {
             Ok(token) => Reply::Access(Access {
-                lease: lease_info(&lease),
+                lease: lease_info(lease),
                 token,
                 address: rec.address.clone(),
                 fingerprint: rec.fingerprint.clone(),
                 relay: rec.relay && self.relays.is_some(),
             }),
             Err(e) => err(CtlErrorCode::Internal, e.to_string()),
+        }
+    }
+
+    /// `jmp share lease NAME --with CLIENT`: the holder (or an admin) lets `with` attach beside
+    /// it. Refused when `with`'s own policy does not allow the exporter (a share never widens
+    /// a policy), for the holder itself, an unknown client, or an end already past. Sharing
+    /// again with the same client replaces its share (a new end, control given or taken: its
+    /// sessions under the old terms are ended by the exporter).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn share_lease(
+        &mut self,
+        now: Millis,
+        caller: &Caller,
+        admin: bool,
+        name: &str,
+        with: &str,
+        until: Option<u64>,
+        control: bool,
+    ) -> Reply {
+        let lease = match self.own_lease(caller, admin, name) {
+            Ok(l) => l,
+            Err(e) => return Reply::Error(e),
+        };
+        if with == lease.client {
+            return err(
+                CtlErrorCode::Invalid,
+                format!("lease {name} is {with}'s own; share it with another client"),
+            );
+        }
+        let until = until.map(|u| u.saturating_mul(1000));
+        if let Some(u) = until {
+            if u <= now {
+                return err(
+                    CtlErrorCode::Invalid,
+                    format!(
+                        "--until {} is already past",
+                        jmp_protocol::usage::rfc3339(u)
+                    ),
+                );
+            }
+        }
+        if let Err(e) = self.share_allowed(&lease, with) {
+            return Reply::Error(e);
+        }
+        let mut shares: Vec<Share> = lease
+            .shares
+            .iter()
+            .filter(|s| s.client != with && s.live_at(now))
+            .cloned()
+            .collect();
+        shares.push(Share {
+            client: with.to_string(),
+            until,
+            control,
+        });
+        match self.book.set_shares(name, shares) {
+            Ok(l) => {
+                info!(lease = %name, with, control, until = until.map(|u| u / 1000), "lease shared");
+                self.links.push.insert(l.exporter.clone());
+                Reply::Lease(lease_info(&l))
+            }
+            Err(e) => err(CtlErrorCode::Invalid, e),
+        }
+    }
+
+    /// `jmp unshare lease NAME --with CLIENT`: the share ends; the exporter ends the
+    /// colleague's sessions when it hears (its next push) and refuses its tokens.
+    pub(super) fn unshare_lease(
+        &mut self,
+        now: Millis,
+        caller: &Caller,
+        admin: bool,
+        name: &str,
+        with: &str,
+    ) -> Reply {
+        let lease = match self.own_lease(caller, admin, name) {
+            Ok(l) => l,
+            Err(e) => return Reply::Error(e),
+        };
+        if !lease.shares.iter().any(|s| s.client == with) {
+            return err(
+                CtlErrorCode::NotFound,
+                format!("lease {name} is not shared with {with}"),
+            );
+        }
+        let shares: Vec<Share> = lease
+            .shares
+            .iter()
+            .filter(|s| s.client != with && s.live_at(now))
+            .cloned()
+            .collect();
+        match self.book.set_shares(name, shares) {
+            Ok(l) => {
+                info!(lease = %name, with, "lease unshared");
+                self.links.push.insert(l.exporter.clone());
+                Reply::Lease(lease_info(&l))
+            }
+            Err(e) => err(CtlErrorCode::NotFound, e),
         }
     }
 

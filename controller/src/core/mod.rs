@@ -403,6 +403,8 @@ impl<S: LeaseStore> Core<S> {
                 | Request::DeleteLease { .. }
                 | Request::LeaseAccess { .. }
                 | Request::TouchLease { .. }
+                | Request::ShareLease { .. }
+                | Request::UnshareLease { .. }
                 | Request::Relay { .. }
         );
         if client_only && caller.kind != TokenKind::Client {
@@ -453,6 +455,15 @@ impl<S: LeaseStore> Core<S> {
             }
             Request::LeaseAccess { name } => self.access(now, &caller, name),
             Request::TouchLease { name } => self.touch_lease(now, &caller, name),
+            Request::ShareLease {
+                name,
+                with,
+                until,
+                control,
+            } => self.share_lease(now, &caller, admin, &name, &with, until, control),
+            Request::UnshareLease { name, with } => {
+                self.unshare_lease(now, &caller, admin, &name, &with)
+            }
             Request::InUse { lease } => self.in_use(now, &caller, lease),
             Request::GetExporters { selector } => self.get_exporters(&caller, admin, selector),
             Request::CreateClient(spec) => self.create_client(spec),

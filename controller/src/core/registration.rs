@@ -230,6 +230,7 @@ impl<S: LeaseStore> Core<S> {
                 end: l.end.div_ceil(1000),
                 team: self.registry.team(&l.client),
                 extends: l.checkpoint().is_some(),
+                shares: super::leases::live_shares(l, self.book.clock()),
             });
             let cleaning = self
                 .book

@@ -5,7 +5,7 @@ use crate::store::{MemStore, RedbStore};
 use jmp_protocol::api::{
     ClientSpec, Credential, ExporterSpec, LeaseInfo, LeaseRequest, Registration,
 };
-use jmp_protocol::token::ControllerRef;
+use jmp_protocol::token::{ControllerRef, ShareClaim};
 use jmp_transport::token::{peek, Signer};
 
 struct Harness {
@@ -1600,5 +1600,319 @@ async fn liveness_survives_a_restart_and_silent_exporters_count_as_attached() {
             .await,
     );
     assert!(l.attached && l.idle_deadline.is_none(), "{l:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn access_claims(r: &Reply) -> jmp_protocol::token::Claims {
+    match r {
+        Reply::Access(a) => peek(&a.token).expect("a lease token"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The latest push's shares of the exporter's current lease (waits for a push that has a
+/// lease).
+async fn pushed_shares(
+    link: &mut mpsc::UnboundedReceiver<Reply>,
+) -> Vec<jmp_protocol::api::ShareInfo> {
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(10), link.recv())
+            .await
+            .expect("a push")
+            .expect("the registration is open");
+        if let Reply::ExporterState { lease: Some(l), .. } = r {
+            // Drain to the newest: the pushes come in order.
+            let mut shares = l.shares;
+            while let Ok(r) = link.try_recv() {
+                if let Reply::ExporterState { lease: Some(l), .. } = r {
+                    shares = l.shares;
+                }
+            }
+            return shares;
+        }
+    }
+}
+
+fn share(name: &str, with: &str, until: Option<u64>, control: bool) -> Request {
+    Request::ShareLease {
+        name: name.into(),
+        with: with.into(),
+        until,
+        control,
+    }
+}
+
+/// Issue 21 item 2: a lease shared with a colleague. The colleague gets a share's token for
+/// that lease only while the share lasts and only while its own policy allows the exporter (a
+/// share never grants what the colleague's policy forbids, checked when sharing and at each
+/// use); the exporter is told who may attach beside the holder; only the holder shares and
+/// unshares; `get leases` shows the shares, to the colleague too.
+#[tokio::test]
+async fn a_lease_is_shared_only_within_the_colleagues_policy_and_unshared() {
+    use jmp_protocol::api::ShareInfo;
+    let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
+    let mut a = h.exporter("a-01", &[("board", "a")]).await;
+    let _b = h.exporter("b-01", &[("board", "b")]).await;
+    let holder = h.client("holder", "", 0).await;
+    let colleague = h.client("colleague", "", 0).await;
+    let only_b = h.client("only-b", "board=b", 0).await;
+    let lease = lease_of(h.call(&holder, lease_req("l1", "board=a", 600, 0)).await);
+    let name = lease.name.clone();
+
+    // Not shared yet: the colleague gets nothing for it.
+    let r = h
+        .call(
+            &colleague,
+            Request::LeaseAccess {
+                name: Some(name.clone()),
+            },
+        )
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+
+    // A client whose policy forbids the exporter: refused, naming why.
+    let r = h.call(&holder, share(&name, "only-b", None, false)).await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+    assert!(
+        format!("{r:?}").contains("policy of client only-b"),
+        "{r:?}"
+    );
+    let r = h
+        .call(
+            &only_b,
+            Request::LeaseAccess {
+                name: Some(name.clone()),
+            },
+        )
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+    // Nor with oneself, an unknown client, or an end already past.
+    let r = h.call(&holder, share(&name, "holder", None, false)).await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Invalid), "{r:?}");
+    let r = h.call(&holder, share(&name, "nobody", None, false)).await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+    let r = h
+        .call(&holder, share(&name, "colleague", Some(1_000), false))
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Invalid), "{r:?}");
+    // Only the holder shares.
+    let r = h
+        .call(&colleague, share(&name, "colleague", None, true))
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+
+    // Read-only: the exporter hears of it; the colleague's token says it is a share.
+    let l = lease_of(
+        h.call(&holder, share(&name, "colleague", None, false))
+            .await,
+    );
+    let ro = ShareInfo {
+        client: "colleague".into(),
+        until: None,
+        control: false,
+    };
+    assert_eq!(l.shares, vec![ro.clone()]);
+    assert_eq!(pushed_shares(&mut a).await, vec![ro.clone()]);
+    let c = access_claims(
+        &h.call(
+            &colleague,
+            Request::LeaseAccess {
+                name: Some(name.clone()),
+            },
+        )
+        .await,
+    );
+    assert_eq!(c.sub, name);
+    assert_eq!(c.client.as_deref(), Some("colleague"));
+    assert_eq!(c.exporter.as_deref(), Some("a-01"));
+    assert_eq!(c.share, Some(ShareClaim { control: false }));
+    // With the lease (listed in whole seconds, the token's expiry rounded up).
+    let exp = c.exp.expect("an expiry");
+    assert!(
+        exp == lease.end || exp == lease.end + 1,
+        "{exp} vs {}",
+        lease.end
+    );
+    // The holder's own token is no share's.
+    let c = access_claims(
+        &h.call(
+            &holder,
+            Request::LeaseAccess {
+                name: Some(name.clone()),
+            },
+        )
+        .await,
+    );
+    assert_eq!((c.client.as_deref(), c.share), (Some("holder"), None));
+    // The colleague sees the lease it may attach to.
+    let mine = leases_of(&mut h, &colleague).await;
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    assert_eq!(mine[0].shares, vec![ro]);
+
+    // Sharing again replaces the share: control, until a time; the token ends with it.
+    let until = now_ms() / 1000 + 120;
+    let l = lease_of(
+        h.call(&holder, share(&name, "colleague", Some(until), true))
+            .await,
+    );
+    let ctl = ShareInfo {
+        client: "colleague".into(),
+        until: Some(until),
+        control: true,
+    };
+    assert_eq!(l.shares, vec![ctl.clone()]);
+    assert_eq!(pushed_shares(&mut a).await, vec![ctl]);
+    let c = access_claims(
+        &h.call(
+            &colleague,
+            Request::LeaseAccess {
+                name: Some(name.clone()),
+            },
+        )
+        .await,
+    );
+    assert_eq!(c.share, Some(ShareClaim { control: true }));
+    assert_eq!(c.exp, Some(until));
+
+    // The colleague's policy narrowed after the share: its tokens are refused from then on.
+    let admin = h.admin.clone();
+    let r = h
+        .call(
+            &admin,
+            Request::UpdateClient(jmp_protocol::api::ClientUpdate {
+                allow: Some("board=b".into()),
+                ..update("colleague")
+            }),
+        )
+        .await;
+    assert!(matches!(r, Reply::Clients { .. }), "{r:?}");
+    let r = h
+        .call(
+            &colleague,
+            Request::LeaseAccess {
+                name: Some(name.clone()),
+            },
+        )
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+    // ... and the share itself ended: the exporter hears it is gone.
+    assert_eq!(pushed_shares(&mut a).await, vec![]);
+    assert!(leases_of(&mut h, &colleague).await.is_empty());
+    let r = h
+        .call(
+            &admin,
+            Request::UpdateClient(jmp_protocol::api::ClientUpdate {
+                allow: Some(String::new()),
+                ..update("colleague")
+            }),
+        )
+        .await;
+    assert!(matches!(r, Reply::Clients { .. }), "{r:?}");
+    // Allowed again, it is shared again (the narrowing ended the share for good).
+    let r = h
+        .call(
+            &colleague,
+            Request::LeaseAccess {
+                name: Some(name.clone()),
+            },
+        )
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+    lease_of(
+        h.call(&holder, share(&name, "colleague", None, false))
+            .await,
+    );
+
+    // Unshared: the exporter hears the share is gone; no more tokens.
+    let r = h
+        .call(
+            &colleague,
+            Request::UnshareLease {
+                name: name.clone(),
+                with: "colleague".into(),
+            },
+        )
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+    let l = lease_of(
+        h.call(
+            &holder,
+            Request::UnshareLease {
+                name: name.clone(),
+                with: "colleague".into(),
+            },
+        )
+        .await,
+    );
+    assert!(l.shares.is_empty(), "{l:?}");
+    assert_eq!(pushed_shares(&mut a).await, vec![]);
+    let r = h
+        .call(
+            &colleague,
+            Request::LeaseAccess {
+                name: Some(name.clone()),
+            },
+        )
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+    assert!(leases_of(&mut h, &colleague).await.is_empty());
+    let r = h
+        .call(
+            &holder,
+            Request::UnshareLease {
+                name,
+                with: "colleague".into(),
+            },
+        )
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::NotFound), "{r:?}");
+}
+
+/// A share is part of the lease's record: after a restart of the controller it is still
+/// there, and still admits the colleague.
+#[tokio::test]
+async fn a_share_survives_a_controller_restart() {
+    let dir = std::env::temp_dir().join(format!("jmp-core-share-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("leases.redb");
+    let auth = authority();
+    let (name, colleague) = {
+        let mut h = start(RedbStore::open(&db).unwrap(), auth.clone(), ORPHAN_GRACE);
+        let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
+        let holder = h.client("holder", "", 0).await;
+        let colleague = h.client("colleague", "", 0).await;
+        let l = lease_of(h.call(&holder, lease_req("r1", "board=rpi4", 600, 0)).await);
+        lease_of(
+            h.call(&holder, share(&l.name, "colleague", None, true))
+                .await,
+        );
+        (l.name, colleague)
+    };
+    // The old core drops the store once its command channel is gone: the file opens again
+    // only then.
+    let store = loop {
+        match RedbStore::open(&db) {
+            Ok(s) => break s,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let mut h = start(store, auth, ORPHAN_GRACE);
+    let mine = leases_of(&mut h, &colleague).await;
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    assert_eq!(mine[0].name, name);
+    assert_eq!(
+        mine[0].shares,
+        vec![jmp_protocol::api::ShareInfo {
+            client: "colleague".into(),
+            until: None,
+            control: true,
+        }]
+    );
+    let c = access_claims(
+        &h.call(&colleague, Request::LeaseAccess { name: Some(name) })
+            .await,
+    );
+    assert_eq!(c.share, Some(ShareClaim { control: true }));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -144,6 +144,42 @@ impl SerialDriver {
     }
 }
 
+impl SerialDriver {
+    /// A channel from `req`'s offset; `watching`: read-only, and why.
+    fn channel(
+        &self,
+        req: &Open,
+        watching: Option<Arc<str>>,
+    ) -> Result<Box<dyn Channel>, Refusal> {
+        let params = OpenParams::decode_exact(&req.params).map_err(|e| {
+            Refusal::new(
+                ErrorCode::Protocol,
+                format!("{}: bad open parameters: {e}", self.name),
+            )
+        })?;
+        if let Some(why) = self.unavailable() {
+            return Err(Refusal::new(
+                ErrorCode::DeviceUnavailable,
+                format!("{}: {why} (retrying every second)", self.name),
+            ));
+        }
+        let start = self.history.start();
+        let end = self.history.end();
+        let offset = match params.resume_from {
+            Some(r) => r.clamp(start, end),
+            None => start,
+        };
+        Ok(Box::new(SerialChannel {
+            name: self.name.clone(),
+            history: self.history.clone(),
+            cmds: self.cmds.clone(),
+            offset,
+            pacing: params.pacing.unwrap_or(self.pacing),
+            watching,
+        }) as Box<dyn Channel>)
+    }
+}
+
 impl Driver for SerialDriver {
     fn name(&self) -> &str {
         &self.name
@@ -171,33 +207,17 @@ impl Driver for SerialDriver {
     }
 
     fn open<'a>(&'a self, req: &'a Open) -> BoxFuture<'a, Result<Box<dyn Channel>, Refusal>> {
-        Box::pin(async move {
-            let params = OpenParams::decode_exact(&req.params).map_err(|e| {
-                Refusal::new(
-                    ErrorCode::Protocol,
-                    format!("{}: bad open parameters: {e}", self.name),
-                )
-            })?;
-            if let Some(why) = self.unavailable() {
-                return Err(Refusal::new(
-                    ErrorCode::DeviceUnavailable,
-                    format!("{}: {why} (retrying every second)", self.name),
-                ));
-            }
-            let start = self.history.start();
-            let end = self.history.end();
-            let offset = match params.resume_from {
-                Some(r) => r.clamp(start, end),
-                None => start,
-            };
-            Ok(Box::new(SerialChannel {
-                name: self.name.clone(),
-                history: self.history.clone(),
-                cmds: self.cmds.clone(),
-                offset,
-                pacing: params.pacing.unwrap_or(self.pacing),
-            }) as Box<dyn Channel>)
-        })
+        Box::pin(async move { self.channel(req, None) })
+    }
+
+    /// A console can be watched: the watcher reads what the board prints like any other
+    /// channel (two terminals on one pty), and what it types is refused with a notice.
+    fn watch<'a>(
+        &'a self,
+        req: &'a Open,
+        why: &'a str,
+    ) -> BoxFuture<'a, Result<Box<dyn Channel>, Refusal>> {
+        Box::pin(async move { self.channel(req, Some(why.into())) })
     }
 
     fn request<'a>(&'a self, body: Bytes) -> BoxFuture<'a, Result<Bytes, Refusal>> {
@@ -253,7 +273,13 @@ struct SerialChannel {
     cmds: mpsc::Sender<PortCmd>,
     offset: u64,
     pacing: Pacing,
+    /// Read-only (a colleague watching a shared lease): why, for the notices.
+    watching: Option<Arc<str>>,
 }
+
+/// A watcher is reminded that its typing is refused at its first keystroke and then once per
+/// this many refused writes (a notice per keystroke would flood its terminal).
+const WATCH_NOTICE_EVERY: u64 = 64;
 
 impl Channel for SerialChannel {
     fn params(&self) -> Bytes {
@@ -306,7 +332,19 @@ async fn serve_channel(ch: SerialChannel, pipe: jmp_transport::Pipe) {
     // Client → device.
     let cmds = ch.cmds.clone();
     let inp = async {
+        let mut refused = 0u64;
         while let Ok(Some(b)) = rx.recv().await {
+            if let Some(why) = &ch.watching {
+                if refused.is_multiple_of(WATCH_NOTICE_EVERY) {
+                    control_tx.notice(format!(
+                        "{}: typing refused ({} bytes dropped): {why}",
+                        ch.name,
+                        b.len()
+                    ));
+                }
+                refused += 1;
+                continue;
+            }
             if cmds.send(PortCmd::Write(b, ch.pacing)).await.is_err() {
                 return;
             }
@@ -325,6 +363,8 @@ async fn serve_channel(ch: SerialChannel, pipe: jmp_transport::Pipe) {
                 continue;
             };
             let change = match Control::decode_exact(&body) {
+                // A watcher's terminal settings stay its own: the port follows the holder's.
+                Ok(Control::Follow(_)) if ch.watching.is_some() => continue,
                 Ok(Control::Follow(c)) => c,
                 Err(e) => {
                     control_tx.notice(format!("{}: bad control message: {e}", ch.name));
