@@ -58,10 +58,12 @@ struct Chan {
     control_tx: ControlTx,
 }
 
-/// Typed bytes waiting for the channel. The sending runs in its own task so that the pump
-/// never stops reading board output while QUIC flow control holds typed bytes back (the board
-/// may be waiting for us to read before it reads more).
-const TYPED_DEPTH: usize = 32;
+/// Typed bytes waiting for the channel, at most. The pump writes them itself, with a
+/// cancel-safe write beside its other branches (no task or queue between the pty and the
+/// stream: one wake-up less per keystroke), so it never stops reading board output while QUIC
+/// flow control holds typed bytes back (the board may be waiting for us to read before it reads
+/// more); past this limit it stops reading the pty, which holds the rest.
+const TYPED_LIMIT: usize = 64 * 1024;
 
 pub struct SerialBridge {
     device: String,
@@ -186,26 +188,23 @@ impl SerialBridge {
     /// serviced: typed bytes are discarded, held output is delivered to a program that opens
     /// the device). State that must outlive a cancelled pump lives in `self`.
     async fn pump(&mut self, chan: Option<Chan>) -> BridgeExit {
-        let (mut rx, mut control_rx, control_tx, typed) = match chan {
+        let (mut rx, mut control_rx, control_tx, mut tx) = match chan {
             Some(c) => {
-                let (typed_tx, mut typed_rx) = tokio::sync::mpsc::channel::<Bytes>(TYPED_DEPTH);
-                let mut tx = c.tx;
-                tokio::spawn(async move {
-                    while let Some(b) = typed_rx.recv().await {
-                        if tx.send(b).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+                // Keystrokes go before bulk channels' data queued on the same connection.
+                c.tx.set_priority(jmp_transport::PRIORITY_INTERACTIVE);
                 (
                     Some(c.rx),
                     Some(c.control_rx),
                     Some(c.control_tx),
-                    Some(typed_tx),
+                    Some(c.tx),
                 )
             }
             None => (None, None, None, None),
         };
+        // Typed bytes the channel has not taken yet (at most `TYPED_LIMIT` in all): `sending`
+        // is being written, `queued` came meanwhile (each byte is copied at most once).
+        let mut sending = Bytes::new();
+        let mut queued = BytesMut::new();
         let mut buf = BytesMut::new();
         let mut settings_poll = tokio::time::interval(SETTINGS_POLL);
         settings_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -220,8 +219,11 @@ impl SerialBridge {
                 _ => None,
             };
             let can_take = rx.is_some() && (closed || self.held.len() < HOLD_LIMIT);
+            if sending.is_empty() && !queued.is_empty() {
+                sending = queued.split().freeze();
+            }
             // Read typed bytes only when they can be queued (or are discarded: no link).
-            let can_type = typed.as_ref().is_none_or(|t| t.capacity() > 0);
+            let can_type = sending.len() + queued.len() < TYPED_LIMIT;
             let (front, _) = self.held.as_slices();
             tokio::select! {
                 // Board → held output.
@@ -253,14 +255,18 @@ impl SerialBridge {
                         self.tty = Tty::Closed;
                     }
                 },
+                // Typed bytes → the channel (cancel-safe: what it did not take stays queued).
+                w = async { tx.as_mut().expect("guarded").write_some(&mut sending).await }, if tx.is_some() && !sending.is_empty() => {
+                    if let Err(e) = w {
+                        debug!(device = %self.device, "channel send: {e}");
+                        return BridgeExit::LinkLost;
+                    }
+                }
                 // The local program → board, settings, open/close.
                 p = self.pty.read(&mut buf), if !closed && can_type => match p {
-                    Ok(Packet::Data(d)) => match typed.as_ref() {
-                        Some(t) => {
-                            if t.try_send(d).is_err() {
-                                return BridgeExit::LinkLost;
-                            }
-                        }
+                    Ok(Packet::Data(d)) => match tx.as_ref() {
+                        Some(_) if sending.is_empty() && queued.is_empty() => sending = d,
+                        Some(_) => queued.extend_from_slice(&d),
                         None => {
                             discarded += d.len();
                             warn!(device = %self.device, "link down: discarded {} typed bytes ({discarded} in this outage)", d.len());
@@ -310,10 +316,6 @@ impl SerialBridge {
                     Some(ChannelMsg::Control(_)) => debug!(device = %self.device, "ignoring a control message"),
                     None => return BridgeExit::LinkLost,
                 },
-                // The typed-bytes sender task ended: the channel is gone.
-                _ = async { typed.as_ref().expect("guarded").closed().await }, if typed.is_some() => {
-                    return BridgeExit::LinkLost;
-                }
             }
         }
     }
