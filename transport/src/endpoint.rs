@@ -199,22 +199,12 @@ fn make_endpoint(
     if std::env::var("JMP_UDP_SOCKET").is_ok_and(|v| v == "quinn") {
         return quinn::Endpoint::new(config, server, socket, runtime);
     }
-    let udp = crate::udp::QuietUdp::new(socket)?;
-    udp.set_buffer_sizes(udp_buffer());
-    quinn::Endpoint::new_with_abstract_socket(config, server, udp, runtime)
-}
-
-/// Socket buffer asked for (the kernel caps it at `net.core.rmem_max`/`wmem_max`). The
-/// default (about 200 KiB) holds about a millisecond of a flash: a peer descheduled for longer
-/// on a busy host drops packets, and the losses stall every channel of the connection, a
-/// console's keystrokes included, for the recovery's round trips (issue 22, docs/benchmarks.md,
-/// "Console while flashing"). `JMP_UDP_BUFFER=BYTES` overrides it, for experiments; 0 keeps the
-/// kernel's default.
-fn udp_buffer() -> usize {
-    std::env::var("JMP_UDP_BUFFER")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4 << 20)
+    quinn::Endpoint::new_with_abstract_socket(
+        config,
+        server,
+        crate::udp::QuietUdp::new(socket)?,
+        runtime,
+    )
 }
 
 /// Accepts any certificate at the TLS layer but still verifies the handshake signature with the

@@ -49,9 +49,6 @@ impl QuietUdp {
     /// Asks the kernel for larger socket buffers (a relay moving a whole connection's packets
     /// through one socket); best effort, as the kernel caps them.
     pub fn set_buffer_sizes(&self, bytes: usize) {
-        if bytes == 0 {
-            return;
-        }
         let _ = self
             .state
             .set_recv_buffer_size(self.io.get_ref().into(), bytes);
