@@ -5,6 +5,7 @@
 
 pub mod can;
 pub mod cluster;
+pub mod console_flash;
 pub mod controller;
 pub mod flood;
 pub mod jmp;

@@ -12,8 +12,8 @@
 
 use anyhow::{bail, Result};
 use jmp_bench::{
-    can, cluster, controller, flood, jmp, memory, net, pytest, quic, relay, serial, storage,
-    storage_flood, tcp, usb,
+    can, cluster, console_flash, controller, flood, jmp, memory, net, pytest, quic, relay, serial,
+    storage, storage_flood, tcp, usb,
 };
 
 /// Every benchmark, in the order `all` runs them (one line each: device kinds add theirs).
@@ -29,6 +29,7 @@ const BENCHES: &[&str] = &[
     "can",
     "storage",
     "storage-flood",
+    "console-flash",
     "usb",
 ];
 
@@ -170,6 +171,7 @@ fn main() -> Result<()> {
             "can" => can::run(&bins, args.rounds),
             "storage" => storage::run(&bins, args.rounds),
             "storage-flood" => storage_flood::run(&bins, args.rounds),
+            "console-flash" => console_flash::run(&bins, compare.as_ref(), args.rounds),
             "usb" => usb::run(&bins, args.rounds),
             "etcd" => cluster::run(&bins, args.rounds, false),
             "etcd-failover" => cluster::run(&bins, args.rounds, true),

@@ -213,6 +213,38 @@ impl Client {
         }
     }
 
+    /// One round trip of byte `b`, in µs (the echo is checked).
+    pub fn round_trip(&self, b: u8) -> Result<f64> {
+        let mut buf = [0u8; 64];
+        let t0 = Instant::now();
+        Self::write_all(&self.f, &[b])?;
+        let n = Self::read_some(&self.f, &mut buf)?;
+        let dt = t0.elapsed();
+        if n != 1 || buf[0] != b {
+            bail!("echo mismatch: sent {:?}, got {:?}", [b], &buf[..n]);
+        }
+        Ok(dt.as_secs_f64() * 1e6)
+    }
+
+    /// Round trips of one byte at a person's typing rate: one key every `gap` (the path is
+    /// idle between keys, so every byte pays the wake-ups from sleep), in µs.
+    pub fn latency_paced(&self, iters: usize, gap: Duration) -> Result<Vec<f64>> {
+        self.drain()?;
+        for i in 0..20 {
+            self.round_trip(i as u8)?;
+        }
+        let mut out = Vec::with_capacity(iters);
+        let mut next = Instant::now();
+        for i in 0..iters {
+            next += gap;
+            if let Some(d) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(d);
+            }
+            out.push(self.round_trip((i % 251) as u8)?);
+        }
+        Ok(out)
+    }
+
     /// Round trips of one byte, in µs (after a warm-up).
     pub fn latency(&self, iters: usize) -> Result<Vec<f64>> {
         self.drain()?;
@@ -471,7 +503,15 @@ struct Rounds {
     p99: Vec<f64>,
     bulk: Vec<f64>,
     lost: Vec<f64>,
+    typing_p50: Vec<f64>,
+    typing_p99: Vec<f64>,
 }
+
+/// Keystrokes per round of the typing-rate measurement, and the time between them (20 keys/s:
+/// a person typing; between keys every process on the path goes idle, so each byte pays the
+/// wake-ups from sleep that back-to-back round trips hide).
+const TYPING_KEYS: usize = 150;
+const TYPING_GAP: Duration = Duration::from_millis(50);
 
 /// The name of the `--compare-bin-dir` build's path.
 pub const COMPARE: &str = "jmp (--compare-bin-dir)";
@@ -536,6 +576,15 @@ pub fn run(
                     (f64::NAN, f64::NAN)
                 }
             };
+            let (t50, t99) = match p.client.latency_paced(TYPING_KEYS, TYPING_GAP) {
+                Ok(l) => (percentile(&l, 50.0), percentile(&l, 99.0)),
+                Err(e) => {
+                    eprintln!("  round {}: {} typing: {e:#}", r + 1, p.name);
+                    (f64::NAN, f64::NAN)
+                }
+            };
+            out.typing_p50.push(t50);
+            out.typing_p99.push(t99);
             let bulk = if p.latency_only {
                 Ok(Bulk {
                     mb_s: f64::NAN,
@@ -569,11 +618,13 @@ pub fn run(
                 }
             };
             eprintln!(
-                "  serial round {}: {:<24} p50 {:>7.1} µs  p99 {:>7.1} µs  bulk {:>7} MB/s",
+                "  serial round {}: {:<24} p50 {:>7.1} µs  p99 {:>7.1} µs  typing p50 {:>7.1} µs  p99 {:>7.1} µs  bulk {:>7} MB/s",
                 r + 1,
                 p.name,
                 p50,
                 p99,
+                t50,
+                t99,
                 cell(bulk, 1)
             );
             out.p50.push(p50);
@@ -596,22 +647,37 @@ pub fn run(
     let floor = med[0];
     let jm = find("jmp");
     let s2n = find("ser2net + socat");
+    let typing: Vec<(f64, f64)> = res
+        .iter()
+        .map(|r| (median(&r.typing_p50), median(&r.typing_p99)))
+        .collect();
+    let find_typing = |name: &str| {
+        paths
+            .iter()
+            .position(|p| p.name == name)
+            .map(|i| typing[i])
+            .unwrap_or((f64::NAN, f64::NAN))
+    };
 
     let mut md = format!(
         "### Serial echo round trip and bulk\n\n1-byte round trips ({LATENCY_ITERS} per round \
-         after {WARMUP_ITERS} warm-up), bulk = {} MiB written while reading the echo. Medians \
-         over {rounds} interleaved rounds.\n\n\
-         | path | p50 µs | p99 µs | bulk MB/s | p50 × floor | bulk × floor | bytes lost \
-         (all rounds) |\n|---|---:|---:|---:|---:|---:|---:|\n",
+         after {WARMUP_ITERS} warm-up), typing = {TYPING_KEYS} round trips per round at {} \
+         keys/s, bulk = {} MiB written while reading the echo. Medians over {rounds} \
+         interleaved rounds.\n\n\
+         | path | p50 µs | p99 µs | typing p50 µs | typing p99 µs | bulk MB/s | p50 × floor | \
+         bulk × floor | bytes lost (all rounds) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        1000 / TYPING_GAP.as_millis(),
         BULK_BYTES >> 20
     );
     let lost: Vec<f64> = res.iter().map(|r| r.lost.iter().sum()).collect();
-    for ((p, m), l) in paths.iter().zip(&med).zip(&lost) {
+    for (((p, m), l), t) in paths.iter().zip(&med).zip(&lost).zip(&typing) {
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             p.name,
             cell(m.0, 1),
             cell(m.1, 1),
+            cell(t.0, 1),
+            cell(t.1, 1),
             cell(m.2, 1),
             cell(m.0 / floor.0, 2),
             cell(m.2 / floor.2, 3),
@@ -661,6 +727,35 @@ pub fn run(
         cell(quic.0 / udp.0, 2),
         cell(spin.0 / s2n.0, 2),
     ));
+    let (jt, st, ut) = (
+        find_typing("jmp"),
+        find_typing("ser2net + socat"),
+        find_typing(UDP_BOUND),
+    );
+    md.push_str(&format!(
+        "- jmp ÷ ser2net+socat: back to back p50 {} / p99 {}; typing p50 {} / p99 {} \
+         (issue 22 goal ≤ 1.0)\n\
+         - jmp ÷ {UDP_BOUND}: back to back p50 {} / p99 {}; typing p50 {} / p99 {} \
+         (issue 22 goal ≤ 1.15 back to back)\n",
+        cell(jm.0 / s2n.0, 2),
+        cell(jm.1 / s2n.1, 2),
+        cell(jt.0 / st.0, 2),
+        cell(jt.1 / st.1, 2),
+        cell(jm.0 / udp.0, 2),
+        cell(jm.1 / udp.1, 2),
+        cell(jt.0 / ut.0, 2),
+        cell(jt.1 / ut.1, 2),
+    ));
+    if compare.is_some() {
+        let (c, ct) = (find(COMPARE), find_typing(COMPARE));
+        md.push_str(&format!(
+            "- jmp ÷ {COMPARE}: back to back p50 {} / p99 {}; typing p50 {} / p99 {}\n",
+            cell(jm.0 / c.0, 2),
+            cell(jm.1 / c.1, 2),
+            cell(jt.0 / ct.0, 2),
+            cell(jt.1 / ct.1, 2),
+        ));
+    }
     let rel = find(VIA_RELAY);
     md.push_str(&format!(
         "- {VIA_RELAY} / jmp: p50 × {}, bulk × {} (the relay is one more hop: the controller \
@@ -678,7 +773,10 @@ pub fn run(
         "paths": paths.iter().zip(&res).zip(&med).map(|((p, r), m)| serde_json::json!({
             "name": p.name,
             "p50_us": json(m.0), "p99_us": json(m.1), "bulk_mb_s": json(m.2),
+            "typing_p50_us": json(median(&r.typing_p50)), "typing_p99_us": json(median(&r.typing_p99)),
             "rounds": {
+                "typing_p50_us": r.typing_p50.iter().map(|v| json(*v)).collect::<Vec<_>>(),
+                "typing_p99_us": r.typing_p99.iter().map(|v| json(*v)).collect::<Vec<_>>(),
                 "p50_us": r.p50.iter().map(|v| json(*v)).collect::<Vec<_>>(),
                 "p99_us": r.p99.iter().map(|v| json(*v)).collect::<Vec<_>>(),
                 "bulk_mb_s": r.bulk.iter().map(|v| json(*v)).collect::<Vec<_>>(),

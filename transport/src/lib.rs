@@ -38,6 +38,7 @@ pub use identity::{Fingerprint, Identity, IdentityError};
 pub use link::{Link, LinkEvent, LinkHandle, OpenError};
 pub use pipe::{
     ChannelMsg, ControlTx, DatagramPipe, DatagramRx, DatagramTx, Pipe, PipeError, PipeRx, PipeTx,
+    PRIORITY_BULK, PRIORITY_INTERACTIVE,
 };
 
 /// The runtime jmp's processes run on. Single-threaded by default: a console round trip crosses

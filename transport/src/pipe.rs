@@ -62,6 +62,13 @@ fn count(c: &Counter, n: usize) {
     }
 }
 
+/// Priority of a channel a person waits on (a console's keystrokes and output): its queued
+/// data goes out before any other channel's.
+pub const PRIORITY_INTERACTIVE: i32 = 1;
+/// Priority of a channel that moves bulk data nobody watches byte by byte (storage): the
+/// other channels' data goes out first.
+pub const PRIORITY_BULK: i32 = -1;
+
 /// The sending half of a stream channel.
 pub struct PipeTx(TxInner, Counter);
 
@@ -81,6 +88,41 @@ impl PipeTx {
             TxInner::Quic(s) => Ok(s.write_chunk(data).await?),
             TxInner::Mem(Some(tx)) => tx.send(Ok(data)).await.map_err(|_| PipeError::Closed),
             TxInner::Mem(None) => Err(PipeError::Closed),
+        }
+    }
+
+    /// Sends a prefix of `data` as soon as the transport takes any, and leaves the rest in
+    /// `data`. Cancel-safe (unlike [`PipeTx::send`]): when the future is dropped before it
+    /// completes nothing was sent, so a pump can wait for this beside other work in a
+    /// `select!` without a task or a queue of its own.
+    pub async fn write_some(&mut self, data: &mut Bytes) -> Result<(), PipeError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match &mut self.0 {
+            TxInner::Quic(s) => {
+                let w = s.write_chunks(std::slice::from_mut(data)).await?;
+                count(&self.1, w.bytes);
+                Ok(())
+            }
+            TxInner::Mem(Some(tx)) => {
+                let permit = tx.reserve().await.map_err(|_| PipeError::Closed)?;
+                let d = std::mem::take(data);
+                count(&self.1, d.len());
+                permit.send(Ok(d));
+                Ok(())
+            }
+            TxInner::Mem(None) => Err(PipeError::Closed),
+        }
+    }
+
+    /// Where this channel's queued data goes among the connection's other channels: higher
+    /// first ([`PRIORITY_INTERACTIVE`], [`PRIORITY_BULK`]; 0 is the default). In memory, where
+    /// nothing queues between channels, it does nothing.
+    pub fn set_priority(&self, priority: i32) {
+        if let TxInner::Quic(s) = &self.0 {
+            // Fails only on a stream already closed, whose data no longer queues.
+            let _ = s.set_priority(priority);
         }
     }
 
@@ -506,6 +548,27 @@ mod tests {
             b.control_rx.recv().await,
             Some(ChannelMsg::Control(Bytes::from_static(b"\x02")))
         );
+    }
+
+    #[tokio::test]
+    async fn write_some_dropped_while_full_sends_nothing_and_keeps_the_data() {
+        let (mut a, mut b) = pair(1);
+        a.tx.send(Bytes::from_static(b"first")).await.expect("send");
+        let mut data = Bytes::from_static(b"second");
+        // The pipe is full: the write cannot complete, and dropping it must lose nothing.
+        tokio::select! {
+            biased;
+            r = a.tx.write_some(&mut data) => panic!("a full pipe took a write: {r:?}"),
+            _ = std::future::ready(()) => {}
+        }
+        assert_eq!(&data[..], b"second", "the dropped write kept its data");
+        assert_eq!(b.rx.recv().await, Ok(Some(Bytes::from_static(b"first"))));
+        a.tx.set_priority(PRIORITY_INTERACTIVE);
+        a.tx.write_some(&mut data).await.expect("room now");
+        assert!(data.is_empty(), "all of it was taken");
+        a.tx.finish().expect("finish");
+        assert_eq!(b.rx.recv().await, Ok(Some(Bytes::from_static(b"second"))));
+        assert_eq!(b.rx.recv().await, Ok(None), "sent once, not twice");
     }
 
     #[tokio::test]

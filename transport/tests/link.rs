@@ -256,6 +256,68 @@ async fn stream_and_datagram_channels_work_and_refusals_have_reasons() {
     link.handle.bye(ErrorCode::Ok, "done");
 }
 
+/// A pump in the serial bridge's style: one task writes with `write_some` beside reading the
+/// echo in one `select!`, so writes are dropped half-way whenever the echo comes first. Every
+/// byte must arrive exactly once and in order, on a stream given a priority, beside a bulk one.
+#[tokio::test]
+async fn write_some_in_a_select_loop_delivers_every_byte_once() {
+    let s = server().await;
+    let ep = client_endpoint(s.addr).expect("client endpoint");
+    let (conn, _) = connect(&ep, s.addr, ALPN_EXPORTER, Some(s.fingerprint))
+        .await
+        .expect("connect");
+    let (link, _) = Link::client(conn, hello("good")).await.expect("welcome");
+    let (bulk, _) = link
+        .handle
+        .open_stream("echo", Bytes::new())
+        .await
+        .expect("open bulk");
+    let (pipe, _) = link
+        .handle
+        .open_stream("echo", Bytes::new())
+        .await
+        .expect("open");
+    let (mut bulk_tx, mut bulk_rx) = bulk.split();
+    bulk_tx.set_priority(PRIORITY_BULK);
+    let bulk_data = Bytes::from(vec![0x5a; 4 << 20]);
+    let bulk_len = bulk_data.len();
+    let bulk_task = tokio::spawn(async move {
+        bulk_tx.send(bulk_data).await.expect("bulk send");
+        bulk_tx.finish().expect("finish");
+        let mut n = 0;
+        while let Some(b) = bulk_rx.recv().await.expect("bulk recv") {
+            assert!(b.iter().all(|&x| x == 0x5a));
+            n += b.len();
+        }
+        n
+    });
+    let (mut tx, mut rx) = pipe.split();
+    tx.set_priority(PRIORITY_INTERACTIVE);
+    let data: Vec<u8> = (0..300_000u32).map(|x| (x % 251) as u8).collect();
+    let mut chunks = data.chunks(3000).map(Bytes::copy_from_slice);
+    let mut pending = Bytes::new();
+    let mut got = Vec::new();
+    let mut finished = false;
+    while got.len() < data.len() {
+        if pending.is_empty() {
+            match chunks.next() {
+                Some(c) => pending = c,
+                None if !finished => {
+                    tx.finish().expect("finish");
+                    finished = true;
+                }
+                None => {}
+            }
+        }
+        tokio::select! {
+            w = tx.write_some(&mut pending), if !pending.is_empty() => w.expect("write_some"),
+            r = rx.recv() => got.extend_from_slice(&r.expect("recv").expect("echo ended early")),
+        }
+    }
+    assert_eq!(got, data, "every byte once, in order");
+    assert_eq!(bulk_task.await.expect("bulk task"), bulk_len);
+}
+
 #[tokio::test]
 async fn requests_beyond_the_exporter_s_budget_wait_instead_of_failing() {
     let s = server().await;

@@ -58,10 +58,12 @@ struct Chan {
     control_tx: ControlTx,
 }
 
-/// Typed bytes waiting for the channel. The sending runs in its own task so that the pump
-/// never stops reading board output while QUIC flow control holds typed bytes back (the board
-/// may be waiting for us to read before it reads more).
-const TYPED_DEPTH: usize = 32;
+/// Typed bytes waiting for the channel, at most. The pump writes them itself, with a
+/// cancel-safe write beside its other branches (no task or queue between the pty and the
+/// stream: one wake-up less per keystroke), so it never stops reading board output while QUIC
+/// flow control holds typed bytes back (the board may be waiting for us to read before it reads
+/// more); past this limit it stops reading the pty, which holds the rest.
+const TYPED_LIMIT: usize = 64 * 1024;
 
 pub struct SerialBridge {
     device: String,
@@ -207,26 +209,23 @@ impl SerialBridge {
         chan: Option<Chan>,
         mut stalled: Option<tokio::sync::watch::Receiver<bool>>,
     ) -> BridgeExit {
-        let (mut rx, mut control_rx, control_tx, typed) = match chan {
+        let (mut rx, mut control_rx, control_tx, mut tx) = match chan {
             Some(c) => {
-                let (typed_tx, mut typed_rx) = tokio::sync::mpsc::channel::<Bytes>(TYPED_DEPTH);
-                let mut tx = c.tx;
-                tokio::spawn(async move {
-                    while let Some(b) = typed_rx.recv().await {
-                        if tx.send(b).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+                // Keystrokes go before bulk channels' data queued on the same connection.
+                c.tx.set_priority(jmp_transport::PRIORITY_INTERACTIVE);
                 (
                     Some(c.rx),
                     Some(c.control_rx),
                     Some(c.control_tx),
-                    Some(typed_tx),
+                    Some(c.tx),
                 )
             }
             None => (None, None, None, None),
         };
+        // Typed bytes the channel has not taken yet (at most `TYPED_LIMIT` in all): `sending`
+        // is being written, `queued` came meanwhile (each byte is copied at most once).
+        let mut sending = Bytes::new();
+        let mut queued = BytesMut::new();
         let mut buf = BytesMut::new();
         let mut settings_poll = tokio::time::interval(SETTINGS_POLL);
         settings_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -235,7 +234,7 @@ impl SerialBridge {
         let mut discarded = 0usize;
         let mut silent = false;
         // Without a channel the link is lost: said once per outage to whoever has the pty open.
-        if typed.is_none() && !self.told_lost {
+        if tx.is_none() && !self.told_lost {
             self.tell("the link to the exporter is lost; reconnecting, and what you type is discarded until it is back");
             self.told_lost = self.tty == Tty::Open;
         }
@@ -247,8 +246,11 @@ impl SerialBridge {
                 _ => None,
             };
             let can_take = rx.is_some() && (closed || self.held.len() < HOLD_LIMIT);
+            if sending.is_empty() && !queued.is_empty() {
+                sending = queued.split().freeze();
+            }
             // Read typed bytes only when they can be queued (or are discarded: no link).
-            let can_type = typed.as_ref().is_none_or(|t| t.capacity() > 0);
+            let can_type = sending.len() + queued.len() < TYPED_LIMIT;
             let (front, _) = self.held.as_slices();
             tokio::select! {
                 // Board → held output.
@@ -280,6 +282,13 @@ impl SerialBridge {
                         self.tty = Tty::Closed;
                     }
                 },
+                // Typed bytes → the channel (cancel-safe: what it did not take stays queued).
+                w = async { tx.as_mut().expect("guarded").write_some(&mut sending).await }, if tx.is_some() && !sending.is_empty() => {
+                    if let Err(e) = w {
+                        debug!(device = %self.device, "channel send: {e}");
+                        return BridgeExit::LinkLost;
+                    }
+                }
                 // The local program → board, settings, open/close.
                 c = async { stalled.as_mut().expect("guarded").changed().await }, if stalled.is_some() => {
                     let Some(rx) = stalled.as_mut().filter(|_| c.is_ok()) else {
@@ -297,16 +306,12 @@ impl SerialBridge {
                     }
                 }
                 p = self.pty.read(&mut buf), if !closed && can_type => match p {
-                    // While the exporter is silent typed bytes still queue (bounded by the
-                    // queue, then the pty's own buffer): a slow host or a short blip must
-                    // not eat keystrokes QUIC would have delivered. Only a link that is
-                    // given up loses them, and that is said too.
-                    Ok(Packet::Data(d)) => match typed.as_ref() {
-                        Some(t) => {
-                            if t.try_send(d).is_err() {
-                                return BridgeExit::LinkLost;
-                            }
-                        }
+                    // While the exporter is silent typed bytes still queue (bounded: see
+                    // `can_type`): a slow host or a short blip must not eat keystrokes QUIC
+                    // would have delivered. Only a link that is given up loses them.
+                    Ok(Packet::Data(d)) => match tx.as_ref() {
+                        Some(_) if sending.is_empty() && queued.is_empty() => sending = d,
+                        Some(_) => queued.extend_from_slice(&d),
                         None => {
                             discarded += d.len();
                             warn!(device = %self.device, "link down: discarded {} typed bytes ({discarded} in this outage)", d.len());
@@ -356,10 +361,6 @@ impl SerialBridge {
                     Some(ChannelMsg::Control(_)) => debug!(device = %self.device, "ignoring a control message"),
                     None => return BridgeExit::LinkLost,
                 },
-                // The typed-bytes sender task ended: the channel is gone.
-                _ = async { typed.as_ref().expect("guarded").closed().await }, if typed.is_some() => {
-                    return BridgeExit::LinkLost;
-                }
             }
         }
     }

@@ -305,6 +305,8 @@ async fn serve_channel(ch: SerialChannel, pipe: jmp_transport::Pipe) {
         control_tx,
         channel,
     } = pipe;
+    // Console output goes before bulk channels' data queued on the same connection.
+    tx.set_priority(jmp_transport::PRIORITY_INTERACTIVE);
     let history = ch.history.clone();
     let mut offset = ch.offset;
     let cursor = history.cursor(offset);

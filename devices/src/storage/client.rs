@@ -446,5 +446,7 @@ pub async fn open(
         )
     })?;
     let (tx, rx) = pipe.split();
+    // Megabytes of writes must not hold back a console's keystrokes on the same connection.
+    tx.set_priority(jmp_transport::PRIORITY_BULK);
     Ok((tx, rx, p))
 }

@@ -691,6 +691,8 @@ async fn write_responses(
     mut q: mpsc::Receiver<Answer>,
     mut status: watch::Receiver<DeviceStatus>,
 ) {
+    // Megabytes of read answers must not hold back console output on the same connection.
+    tx.set_priority(jmp_transport::PRIORITY_BULK);
     status.borrow_and_update();
     let mut watching = true;
     loop {
