@@ -932,6 +932,7 @@ mod tests {
                 key: signer.public_key(),
             }),
             admin: false,
+            share: None,
         };
         let token = signer.sign(&claims).unwrap();
         let file = |name: &str, token: &str| {
