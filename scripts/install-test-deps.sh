@@ -17,9 +17,14 @@ apt_pkgs=(picocom tio tmux socat ser2net iperf3 openssh-client openssh-server ip
     # USB (in the qemu guest): the kernel's own usbip tools (usbipd, usbip attach: the
     # benchmark's peer), lsusb
     usbip usbutils
-    # the web pages: npm installs their browser code (web/package-lock.json), which jmp's
-    # build embeds; their tests drive headless Chromium through chromedriver (Selenium)
-    nodejs npm chromium chromium-driver)
+    # the web pages' tests drive headless Chromium through chromedriver (Selenium)
+    chromium chromium-driver)
+# The web pages' browser code comes from npm (web/package-lock.json) and jmp's build embeds it.
+# Machines of this kind carry Node.js with its own npm (NodeSource's nodejs, which conflicts
+# with Debian's npm package): Debian's are installed only where there is no npm at all.
+if ! command -v npm >/dev/null 2>&1; then
+    apt_pkgs+=(nodejs npm)
+fi
 # protoc and the well-known .proto files (libprotobuf-dev) build etcd-client's gRPC code, a
 # build dependency of jmp-controller; etcd-server and etcd-client (etcdctl) run the controller
 # cluster tests and the etcd benchmark.
