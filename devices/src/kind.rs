@@ -23,6 +23,14 @@ use std::sync::Arc;
 
 pub use jmp_transport::BoxFuture;
 
+/// What a verb that must not name the power's kind asks of the board's power.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerAction {
+    On,
+    Off,
+    Cycle,
+}
+
 /// One device kind. Implemented by a unit struct in the kind's folder.
 pub trait DeviceKind: Send + Sync + 'static {
     /// The kind on the wire.
@@ -77,9 +85,10 @@ pub trait DeviceKind: Send + Sync + 'static {
         format!("{device}: done")
     }
 
-    /// The request that cycles the board's power, for a kind whose devices switch it: a
-    /// console's power-cycle key (`jmp console`, `~p`) asks for it without naming that kind.
-    fn power_cycle() -> Option<Self::Request> {
+    /// The request that switches the board's power as `action` says, for a kind whose devices
+    /// switch it: a console's power keys (`jmp console`, `~p`, `~o`, `~f`) ask for it without
+    /// naming that kind.
+    fn power(_action: PowerAction) -> Option<Self::Request> {
         None
     }
 

@@ -146,10 +146,10 @@ macro_rules! registry {
         }
 
         impl DeviceRequest {
-            /// The request that cycles the board's power (the first kind that has one), for
-            /// a verb that must not name the power's kind.
-            pub fn power_cycle() -> Option<DeviceRequest> {
-                $(if let Some(r) = <$module::$kind as DeviceKind>::power_cycle() {
+            /// The request that switches the board's power as `action` says (the first kind
+            /// that has one), for a verb that must not name the power's kind.
+            pub fn power(action: $crate::kind::PowerAction) -> Option<DeviceRequest> {
+                $(if let Some(r) = <$module::$kind as DeviceKind>::power(action) {
                     return Some(DeviceRequest::$variant(r));
                 })*
                 None

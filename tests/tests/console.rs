@@ -103,6 +103,39 @@ fn console_ends(end: End) {
             tmux.wait_for("the break's answer", READY, |s| {
                 s.contains("break of 250 ms sent")
             });
+            tmux.send("~f", false);
+            tmux.wait_for("the power-off answer", READY, |s| {
+                s.contains("power: switched off; power is off")
+            });
+            let before = boots(&tmux.capture());
+            tmux.send("~o", false);
+            tmux.wait_for("a boot after power on, to its login prompt", READY, |s| {
+                boots(s) > before
+                    && s.contains("power: switched on; power is on")
+                    && s.trim_end().ends_with("cbox login:")
+            });
+            // The record key: stops the --record recording, starts a second one beside it,
+            // which holds only what happens while it runs, then stops that one.
+            tmux.send("~r", false);
+            tmux.wait_for("the first recording stopped", READY, |s| {
+                s.contains("[jmp console: recording stopped: ")
+            });
+            tmux.send("~r", false);
+            tmux.wait_for("a second recording started", READY, |s| {
+                s.contains("session-2.cast]")
+            });
+            tmux.send("rec2", true);
+            tmux.wait_for(
+                "the login name typed into the second recording",
+                READY,
+                |s| s.contains("cbox login: rec2"),
+            );
+            tmux.send("~r", false);
+            tmux.wait_for("the second recording stopped", READY, |s| {
+                s.contains("recording stopped: ")
+                    && s.contains("session-2.cast]")
+                    && s.matches("recording stopped").count() >= 2
+            });
             tmux.send("~.", false);
         }
         End::Term => {
@@ -156,7 +189,20 @@ fn console_ends(end: End) {
         // Exactly what was typed, less the escape commands (`~?`, `~p`, `~b`, `~.`), which
         // are markers or nothing.
         assert_eq!(inp, "root\rx\recho a~.b\r");
-        assert_eq!(marks, ["power cycle", "break"]);
+        assert_eq!(marks, ["power cycle", "break", "power off", "power on"]);
+        // The second recording: its own header, and only what was typed while it ran.
+        let second =
+            std::fs::read_to_string(env.root.join("session-2.cast")).expect("the second recording");
+        let mut lines = second.lines();
+        let header: serde_json::Value =
+            serde_json::from_str(lines.next().expect("a header")).expect("header JSON");
+        assert_eq!(header["version"], 2, "{header}");
+        let typed: String = lines
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("event JSON"))
+            .filter(|ev| ev[1] == "i")
+            .map(|ev| ev[2].as_str().expect("data").to_string())
+            .collect();
+        assert_eq!(typed, "rec2\r");
     }
 }
 

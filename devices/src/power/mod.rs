@@ -69,8 +69,13 @@ impl DeviceKind for Power {
         agent::tools()
     }
 
-    fn power_cycle() -> Option<wire::Request> {
-        Some(wire::Request::Cycle { off_ms: None })
+    fn power(action: crate::kind::PowerAction) -> Option<wire::Request> {
+        use crate::kind::PowerAction;
+        Some(match action {
+            PowerAction::On => wire::Request::On,
+            PowerAction::Off => wire::Request::Off,
+            PowerAction::Cycle => wire::Request::Cycle { off_ms: None },
+        })
     }
 }
 

@@ -2,8 +2,8 @@
 //! picocom, and a script typist for bootloaders (`--send`).
 //!
 //! - **Escape commands** (as ssh and conmux): the escape character (`~` by default) at the
-//!   start of a line, then `.` quit, `p` power cycle, `b` break, `?` help, the escape character
-//!   again for itself. A control character as escape (`--escape '^]'`) works anywhere in a line,
+//!   start of a line, then `.` quit, `p` power cycle, `o` power on, `f` power off, `b` break,
+//!   `r` start or stop a recording, `?` help, the escape character again for itself. A control character as escape (`--escape '^]'`) works anywhere in a line,
 //!   since nobody types it as text.
 //! - **Pacing** is done by the exporter (`OpenParams.pacing`), between its writes to the port:
 //!   pauses made here would be squeezed together again by the network and the exporter's
@@ -11,7 +11,7 @@
 //! - **Recording** is an asciicast v2 file: every line a JSON value, output (`"o"`) and what was
 //!   typed (`"i"`) marked apart, seconds since the start; `asciinema play` replays it.
 
-use crate::kind::{Target, VerbChannel, VerbError, VerbHost, VerbStream};
+use crate::kind::{PowerAction, Target, VerbChannel, VerbError, VerbHost, VerbStream};
 use crate::registry::{DeviceRequest, DeviceResponse};
 use crate::BoxFuture;
 use bytes::{Bytes, BytesMut};
@@ -116,8 +116,10 @@ pub enum Action {
     /// Bytes for the board.
     Send(Vec<u8>),
     Quit,
-    PowerCycle,
+    Power(PowerAction),
     Break,
+    /// Start a recording, or stop the one running.
+    Record,
     Help,
 }
 
@@ -159,8 +161,11 @@ impl Escapes {
                 self.pending = false;
                 let action = match b {
                     b'.' => Some(Action::Quit),
-                    b'p' | b'P' => Some(Action::PowerCycle),
+                    b'p' | b'P' => Some(Action::Power(PowerAction::Cycle)),
+                    b'o' | b'O' => Some(Action::Power(PowerAction::On)),
+                    b'f' | b'F' => Some(Action::Power(PowerAction::Off)),
                     b'b' | b'B' => Some(Action::Break),
+                    b'r' | b'R' => Some(Action::Record),
                     b'?' => Some(Action::Help),
                     _ => None,
                 };
@@ -206,7 +211,7 @@ fn help(escape: u8) -> String {
         "at the start of a line"
     };
     format!(
-        "\r\n[jmp console: escape {e} {at}, then:\r\n  {e}.  quit\r\n  {e}p  power cycle the board\r\n  {e}b  send a break\r\n  {e}?  this help\r\n  {e}{e}  send {e} itself]\r\n"
+        "\r\n[jmp console: escape {e} {at}, then:\r\n  {e}.  quit\r\n  {e}p  power cycle the board\r\n  {e}o  power on\r\n  {e}f  power off\r\n  {e}b  send a break\r\n  {e}r  start or stop recording\r\n  {e}?  this help\r\n  {e}{e}  send {e} itself]\r\n"
     )
 }
 
@@ -656,6 +661,46 @@ async fn send(
     result
 }
 
+/// Where the next recording started with the record key goes: `--record FILE` first, then
+/// FILE-2, FILE-3... beside it (the extension kept); without `--record`,
+/// `jmp-console-DEVICE-UNIXTIME.cast` in the current directory. Never one already used in this
+/// session.
+fn next_recording(
+    record: Option<&std::path::Path>,
+    device: &str,
+    used: &[PathBuf],
+) -> PathBuf {
+    let base = match record {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let secs = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            // The device name comes from the exporter: only its safe characters make a name.
+            let dev: String = device
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+                .collect();
+            PathBuf::from(format!("jmp-console-{dev}-{secs}.cast"))
+        }
+    };
+    if !used.contains(&base) {
+        return base;
+    }
+    let stem = base
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = base
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    (2..)
+        .map(|n| base.with_file_name(format!("{stem}-{n}{ext}")))
+        .find(|p| !used.contains(p))
+        .expect("an unused name")
+}
+
 /// The interactive terminal.
 async fn interactive(host: &dyn VerbHost, args: &ConsoleArgs) -> Result<(), VerbError> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -666,6 +711,8 @@ async fn interactive(host: &dyn VerbHost, args: &ConsoleArgs) -> Result<(), Verb
         Some(p) => Some(Recorder::create(p, window_size(), &ch.title).map_err(record_error)?),
         None => None,
     };
+    // The files recorded in this session, in order: `~r` starts the next one beside them.
+    let mut recordings: Vec<PathBuf> = args.record.iter().cloned().collect();
     let sig = |k: SignalKind| signal(k).map_err(|e| fail(format!("cannot watch signals: {e}")));
     let (mut term, mut hup, mut int) = (
         sig(SignalKind::terminate())?,
@@ -710,20 +757,43 @@ async fn interactive(host: &dyn VerbHost, args: &ConsoleArgs) -> Result<(), Verb
                         }
                         Action::Quit => quit = true,
                         Action::Help => show(help(args.escape).as_bytes())?,
-                        Action::PowerCycle | Action::Break if pending.is_some() => {
+                        Action::Power(_) | Action::Break if pending.is_some() => {
                             show(b"\r\n[jmp console: the last command is still running]\r\n")?;
                         }
-                        Action::PowerCycle => {
-                            let Some(req) = DeviceRequest::power_cycle() else {
+                        Action::Power(action) => {
+                            let Some(req) = DeviceRequest::power(action) else {
                                 show(b"\r\n[jmp console: no kind of device switches power]\r\n")?;
                                 continue;
                             };
-                            show(b"\r\n[jmp console: power cycle]\r\n")?;
+                            let what = match action {
+                                PowerAction::Cycle => "power cycle",
+                                PowerAction::On => "power on",
+                                PowerAction::Off => "power off",
+                            };
+                            show(format!("\r\n[jmp console: {what}]\r\n").as_bytes())?;
                             if let Some(r) = rec.as_mut() {
-                                r.marker("power cycle").map_err(record_error)?;
+                                r.marker(what).map_err(record_error)?;
                             }
-                            pending = Some(("power cycle", host.request(&args.target, None, req)));
+                            pending = Some((what, host.request(&args.target, None, req)));
                         }
+                        Action::Record => match rec.take() {
+                            Some(r) => {
+                                drop(r);
+                                let at = recordings.last().map(|p| p.display().to_string()).unwrap_or_default();
+                                show(format!("\r\n[jmp console: recording stopped: {at}]\r\n").as_bytes())?;
+                            }
+                            None => {
+                                let path = next_recording(args.record.as_deref(), &ch.device, &recordings);
+                                match Recorder::create(&path, window_size(), &ch.title) {
+                                    Ok(r) => {
+                                        rec = Some(r);
+                                        show(format!("\r\n[jmp console: recording to {}]\r\n", path.display()).as_bytes())?;
+                                        recordings.push(path);
+                                    }
+                                    Err(e) => show(format!("\r\n[jmp console: cannot record to {}: {e}]\r\n", path.display()).as_bytes())?,
+                                }
+                            }
+                        },
                         Action::Break => {
                             show(b"\r\n[jmp console: break]\r\n")?;
                             if let Some(r) = rec.as_mut() {
@@ -792,10 +862,44 @@ mod tests {
         assert_eq!(e.feed(b"~."), vec![Action::Quit]);
         let mut e = Escapes::new(b'~');
         assert_eq!(e.feed(b"ls ~.\r"), vec![send("ls ~.\r")]);
-        assert_eq!(e.feed(b"~p"), vec![Action::PowerCycle]);
+        assert_eq!(e.feed(b"~p"), vec![Action::Power(PowerAction::Cycle)]);
         // Still at the start of the line after a command.
         assert_eq!(e.feed(b"~b~?"), vec![Action::Break, Action::Help]);
         assert_eq!(e.feed(b"x\n~."), vec![send("x\n"), Action::Quit]);
+    }
+
+    #[test]
+    fn power_and_record_keys() {
+        let mut e = Escapes::new(b'~');
+        assert_eq!(
+            e.feed(b"~o~f\r~r"),
+            vec![
+                Action::Power(PowerAction::On),
+                Action::Power(PowerAction::Off),
+                send("\r"),
+                Action::Record
+            ]
+        );
+    }
+
+    #[test]
+    fn each_recording_of_a_session_gets_its_own_file() {
+        let base = std::path::Path::new("/tmp/s.cast");
+        let first = next_recording(Some(base), "console", &[]);
+        assert_eq!(first, base);
+        let used = vec![first];
+        let second = next_recording(Some(base), "console", &used);
+        assert_eq!(second, std::path::Path::new("/tmp/s-2.cast"));
+        let used = vec![base.to_path_buf(), second];
+        assert_eq!(
+            next_recording(Some(base), "console", &used),
+            std::path::Path::new("/tmp/s-3.cast")
+        );
+        // Without --record: named after the device, whose unsafe characters are replaced.
+        let p = next_recording(None, "../evil dev", &[]);
+        let name = p.to_string_lossy().into_owned();
+        assert!(name.starts_with("jmp-console-___evil_dev-"), "{name}");
+        assert!(!name.contains('/'), "{name}");
     }
 
     #[test]
