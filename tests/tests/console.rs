@@ -284,3 +284,29 @@ fn a_pasted_script_reaches_a_slow_reader_whole_only_when_paced() {
         "unpaced, all {whole} lines arrived whole: {seen:?}"
     );
 }
+
+/// `jmp attach --char-delay` paces what any program types on the attachment's pty (a paste
+/// in picocom, pyserial's write), overriding the device's own pacing for that attachment.
+#[test]
+fn an_attachment_paced_by_its_option_delivers_a_paste_whole() {
+    let env = TestEnv::new("attach-pace");
+    let jmpd = env.start_jmpd(&env.exporter_yaml(
+        "pboard",
+        "127.0.0.1:0",
+        "console: {type: sim-console, hostname: slow, slowInput: {charTime: 500us, fifo: 16}}",
+    ));
+    let (mut attach, v) = env.attach(&jmpd, &["--char-delay", "1ms"]);
+    let mut pty = Console::open(local_of(&v, "console"));
+    pty.read_until("slow login:", READY);
+    // Logging in is typed as a person would; the paste is one write of the whole script.
+    pty.write(b"root\r");
+    pty.read_until("Password:", READY);
+    pty.write(b"x\r");
+    pty.read_until("root@slow:~# ", READY);
+    let (text, outs) = script();
+    pty.write(text.replace('\n', "\r").as_bytes());
+    let last = outs.last().expect("lines");
+    let seen = pty.read_until(&format!("\r\n{last}\r\n"), READY);
+    assert_eq!(printed(&seen, &outs), outs.len(), "paced by --char-delay: {seen:?}");
+    attach.stop();
+}

@@ -82,6 +82,9 @@ pub struct SerialBridge {
     tty: Tty,
     /// The program on the pty was told the link is lost (once per outage).
     told_lost: bool,
+    /// Pacing asked of the exporter for what is typed here (`jmp attach --char-delay`);
+    /// `None`: the device's own.
+    pacing: Option<jmp_protocol::kinds::serial::Pacing>,
 }
 
 impl SerialBridge {
@@ -117,7 +120,14 @@ impl SerialBridge {
             held: VecDeque::new(),
             tty: Tty::Closed,
             told_lost: false,
+            pacing: None,
         })
+    }
+
+    /// Asks the exporter to pace what is typed on this pty (`None`: the device's own pacing).
+    pub fn with_pacing(mut self, pacing: Option<jmp_protocol::kinds::serial::Pacing>) -> Self {
+        self.pacing = pacing;
+        self
     }
 
     pub fn path(&self) -> PathBuf {
@@ -137,7 +147,7 @@ impl SerialBridge {
         };
         let params = to_bytes(&OpenParams {
             resume_from: resume,
-            pacing: None,
+            pacing: self.pacing,
         });
         let (pipe, offset) = loop {
             match link.open_stream(&self.device, params.clone()).await {

@@ -85,25 +85,32 @@ fn parse_delay(s: &str, max_us: u32, what: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-fn parse_char_delay(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_char_delay(s: &str) -> Result<Duration, String> {
     parse_delay(s, MAX_CHAR_DELAY_US, "per character")
 }
 
-fn parse_line_delay(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_line_delay(s: &str) -> Result<Duration, String> {
     parse_delay(s, MAX_LINE_DELAY_US, "per line")
+}
+
+/// The pacing asked for by `--char-delay`/`--line-delay`, `None` to leave the device's own
+/// (the exporter config's `txDelay`/`lineDelay`).
+pub(crate) fn pacing_of(char_delay: Option<Duration>, line_delay: Option<Duration>) -> Option<Pacing> {
+    if char_delay.is_none() && line_delay.is_none() {
+        return None;
+    }
+    // Both were checked against the protocol's maxima when parsed, so they fit in u32.
+    let us = |d: Option<Duration>| d.map_or(0, |d| d.as_micros() as u32);
+    Some(Pacing {
+        char_us: us(char_delay),
+        line_us: us(line_delay),
+    })
 }
 
 impl ConsoleArgs {
     /// The pacing asked for, `None` to leave the device's own.
     fn pacing(&self) -> Option<Pacing> {
-        if self.char_delay.is_none() && self.line_delay.is_none() {
-            return None;
-        }
-        let us = |d: Option<Duration>| d.map_or(0, |d| d.as_micros() as u32);
-        Some(Pacing {
-            char_us: us(self.char_delay),
-            line_us: us(self.line_delay),
-        })
+        pacing_of(self.char_delay, self.line_delay)
     }
 }
 

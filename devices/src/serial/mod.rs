@@ -16,8 +16,7 @@ pub use driver::SerialDriver;
 pub use spec::{SerialSpec, SimConsoleSpec};
 
 use crate::board::Board;
-use crate::kind::{
-    BridgeError, InvalidSpec, BuildCtx, DeviceKind, NoOptions, Sandbox, Spec};
+use crate::kind::{BridgeError, BuildCtx, DeviceKind, InvalidSpec, Sandbox, Spec};
 use crate::{BoxFuture, Bridge, BridgeCtx};
 use jmp_protocol::codec::Codec;
 use jmp_protocol::kinds::serial as wire;
@@ -27,6 +26,20 @@ use std::time::Duration;
 
 /// The serial console kind.
 pub struct Serial;
+
+/// `jmp attach`'s options for the board's consoles.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SerialArgs {
+    /// Pacing of what this attachment's programs type on the consoles (picocom, pyserial,
+    /// pastes into a slow bootloader): the exporter pauses this long after each character it
+    /// writes to the port (e.g. 2ms). Overrides the exporter config's `txDelay` for this
+    /// attachment; `jmp console --char-delay` overrides it in turn.
+    #[arg(long = "char-delay", value_name = "DELAY", value_parser = console::parse_char_delay)]
+    pub char_delay: Option<Duration>,
+    /// Further pause after each line end (e.g. 50ms); overrides the config's `lineDelay`.
+    #[arg(long = "line-delay", value_name = "DELAY", value_parser = console::parse_line_delay)]
+    pub line_delay: Option<Duration>,
+}
 
 crate::config_types! {
     /// `type: serial` (a real port) or `type: sim-console` (the simulated board's console).
@@ -41,7 +54,7 @@ impl DeviceKind for Serial {
     /// A break of the longest allowed duration, and margin.
     const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
     type Config = SerialConfig;
-    type Options = NoOptions;
+    type Options = SerialArgs;
     type Verb = verb::SerialVerb;
     type Request = wire::Request;
     type Response = wire::Response;
@@ -49,13 +62,14 @@ impl DeviceKind for Serial {
     fn bridge<'a>(
         info: &'a DeviceInfo,
         ctx: &'a BridgeCtx,
-        _opts: &'a NoOptions,
+        opts: &'a SerialArgs,
     ) -> BoxFuture<'a, Result<Box<dyn Bridge>, BridgeError>> {
         Box::pin(async move {
             let b = SerialBridge::create(info, ctx)
                 .map_err(|e| {
                     BridgeError::Local(format!("cannot create the local serial device: {e}"))
-                })?;
+                })?
+                .with_pacing(console::pacing_of(opts.char_delay, opts.line_delay));
             Ok(Box::new(b) as Box<dyn Bridge>)
         })
     }
