@@ -239,6 +239,17 @@ impl<H: Clone> Seat<H> {
         self.shares = lease.map(|l| (l.to_string(), shares));
     }
 
+    /// The controller's end of each share of `lease` (client, Unix seconds): a guest is not
+    /// kept past its share's end, even when its token (made before the holder narrowed the
+    /// share) says later.
+    pub fn cap_guests(&mut self, lease: &str, ends: &[(String, u64)]) {
+        for g in self.guests.iter_mut().filter(|g| g.lease == lease) {
+            if let Some((_, end)) = ends.iter().find(|(c, _)| *c == g.identity) {
+                g.until = Some(g.until.map_or(*end, |u| u.min(*end)));
+            }
+        }
+    }
+
     /// Guest sessions attached now, as (client, control).
     pub fn guests(&self) -> Vec<(String, bool)> {
         self.guests
@@ -895,6 +906,11 @@ mod tests {
         s.set_shares(Some("L1"), vec![("bob".into(), false)]);
         s.admit(claim(4, "bob@b", 22, &guest("L1", "bob", false, 500)), t0);
         assert!(bye_reason(&s.strays(500), 4).contains("share of lease L1 with bob ended"));
+        // The holder narrowed the share after the token was made: the pushed end counts.
+        s.admit(claim(7, "bob@b", 25, &bob), t0);
+        s.cap_guests("L1", &[("bob".into(), 600)]);
+        assert_eq!(s.strays(599), vec![]);
+        assert!(bye_reason(&s.strays(600), 7).contains("share of lease L1 with bob ended"));
         s.admit(claim(5, "bob@b", 23, &bob), t0);
         s.end_lease("L1", "released");
         assert!(bye_reason(&s.strays(0), 5).contains("lease L1 ended"));

@@ -362,6 +362,11 @@ impl Exporter {
         self.act(None);
     }
 
+    /// The controller's end of each share of `lease`: guests are ended by then at the latest.
+    pub fn cap_guests(&self, lease: &str, ends: &[(String, u64)]) {
+        self.with_seat(|s| s.cap_guests(lease, ends));
+    }
+
     /// Sessions of colleagues under a shared lease attached now, as (client, control).
     pub fn guests(&self) -> Vec<(String, bool)> {
         self.seat().guests()

@@ -237,12 +237,18 @@ impl Authorizer for LeaseAuth {
                         c.sub
                     )))
                 }
-                Some(_) => {}
+                // The holder narrowed the share after this token was made: the controller's
+                // end is the one that counts.
+                Some(s) if s.until.is_some_and(|u| u <= jmp_transport::unix_now()) => {
+                    return Err(AuthError::Refused(format!(
+                        "lease token refused: the share of lease {} with {who} has ended",
+                        c.sub
+                    )))
+                }
+                Some(s) => {
+                    until = [until, c.exp, s.until].into_iter().flatten().min();
+                }
             }
-            until = match (until, c.exp) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
         }
         Ok(Admission {
             lease: Some(c.sub),
@@ -455,6 +461,7 @@ impl Registrar {
             devices,
             relay: extras.relay.is_some(),
             reports_in_use: true,
+            admits_shares: true,
             ..Default::default()
         };
         let mut reports = extras.reports.take();
@@ -688,6 +695,12 @@ impl Registrar {
                             .unwrap_or_default(),
                     );
                     if let Some(l) = &lease {
+                        let ends: Vec<(String, u64)> = l
+                            .shares
+                            .iter()
+                            .filter_map(|s| s.until.map(|u| (s.client.clone(), u)))
+                            .collect();
+                        exporter.cap_guests(&l.name, &ends);
                         exporter.set_lease_end(&l.name, l.end, l.extends);
                     }
                 }
@@ -959,7 +972,20 @@ mod tests {
             Some(jmp_protocol::token::ShareClaim { control: false })
         );
         assert_eq!(a.until, Some(now + 30), "the share ends before the lease");
+        // A token made before the holder narrowed the share: the pushed end counts.
+        assert_eq!(
+            until(&shared(false, now + 1000)),
+            Ok(Some(now + 30)),
+            "the share's end as pushed caps an older, longer token"
+        );
+        auth.view().shares[0].until = None;
         assert_eq!(until(&shared(false, now + 1000)), Ok(Some(pushed_end)));
+        auth.view().shares[0].until = Some(now - 1);
+        assert!(matches!(
+            auth.check(&shared(false, now + 1000)),
+            Err(AuthError::Refused(w)) if w.contains("has ended")
+        ));
+        auth.view().shares[0].until = Some(now + 30);
         assert!(matches!(
             auth.check(&shared(true, now + 30)),
             Err(AuthError::Refused(w)) if w.contains("changed")

@@ -314,6 +314,11 @@ pub struct Registration {
     /// they never end as idle.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reports_in_use: bool,
+    /// The exporter knows share tokens (`jmp share lease`) and admits them as read-only or
+    /// controlling guests beside the holder. One that does not (an older jmpd) would drop the
+    /// token's `share` claim and admit a colleague as the holder, so no lease of it is shared.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admits_shares: bool,
     /// That the registering process holds the private key of the TLS identity whose
     /// `fingerprint` it registers (required: a leaked exporter credential alone cannot move the
     /// exporter to another address).

@@ -307,6 +307,10 @@ fn an_attachment_paced_by_its_option_delivers_a_paste_whole() {
     pty.write(text.replace('\n', "\r").as_bytes());
     let last = outs.last().expect("lines");
     let seen = pty.read_until(&format!("\r\n{last}\r\n"), READY);
-    assert_eq!(printed(&seen, &outs), outs.len(), "paced by --char-delay: {seen:?}");
+    assert_eq!(
+        printed(&seen, &outs),
+        outs.len(),
+        "paced by --char-delay: {seen:?}"
+    );
     attach.stop();
 }

@@ -402,6 +402,9 @@ impl<S: LeaseStore> Core<S> {
         }
         let ev = self.book.remove_client(now, name);
         self.on_events(now, ev);
+        // Its shares of others' leases end with it: a client made later under the same name
+        // must not inherit them, and its tokens' sessions end when the exporters hear.
+        self.end_shares_of(name, |_| true, "the client was deleted");
         self.waiters.positions_dirty = true;
         info!(client = %name, "client deleted");
         Reply::Deleted {

@@ -727,6 +727,31 @@ impl<S: LeaseStore> Core<S> {
     /// `client`'s policy changed: its waiting requests and reservations that it may no longer
     /// be granted are withdrawn (their callers told why), the rest wait for what it now
     /// allows, and its leases on exporters it no longer allows end.
+    /// Ends `client`'s shares of the leases `which` picks, telling their exporters (which end
+    /// the colleague's sessions when they hear).
+    pub(super) fn end_shares_of(
+        &mut self,
+        client: &str,
+        which: impl Fn(&crate::book::Lease) -> bool,
+        why: &str,
+    ) {
+        let unshared: Vec<(String, Vec<Share>)> = self
+            .book
+            .leases()
+            .filter(|l| l.shares.iter().any(|s| s.client == client) && which(l))
+            .map(|l| {
+                let keep = l.shares.iter().filter(|s| s.client != client);
+                (l.name.clone(), keep.cloned().collect())
+            })
+            .collect();
+        for (lease, keep) in unshared {
+            if let Ok(l) = self.book.set_shares(&lease, keep) {
+                info!(%lease, client, "share ended: {why}");
+                self.links.push.insert(l.exporter.clone());
+            }
+        }
+    }
+
     pub(super) fn policy_changed(&mut self, now: Millis, client: &str) {
         let (allow, text, max, max_idle) =
             match self.registry.client_policy(client, self.default_max_secs) {
@@ -772,27 +797,22 @@ impl<S: LeaseStore> Core<S> {
         self.on_events(now, ev);
         // Shares with this client on exporters it may no longer use end too (the exporter
         // ends its sessions when it hears): a share never grants what the policy forbids.
-        let unshared: Vec<(String, Vec<Share>)> = self
+        let forbidden: Vec<String> = self
             .book
             .leases()
-            .filter(|l| l.shares.iter().any(|s| s.client == client))
             .filter(|l| {
                 !self
                     .book
                     .exporter(&l.exporter)
                     .is_some_and(|e| allow.matches(&e.labels))
             })
-            .map(|l| {
-                let keep = l.shares.iter().filter(|s| s.client != client);
-                (l.name.clone(), keep.cloned().collect())
-            })
+            .map(|l| l.name.clone())
             .collect();
-        for (lease, keep) in unshared {
-            if let Ok(l) = self.book.set_shares(&lease, keep) {
-                info!(%lease, client, "share ended: the client's policy no longer allows the exporter");
-                self.links.push.insert(l.exporter.clone());
-            }
-        }
+        self.end_shares_of(
+            client,
+            |l| forbidden.contains(&l.name),
+            "the client's policy no longer allows the exporter",
+        );
         let (ev, withdrawn) = self.book.set_policy(now, client, &allow);
         for (w, why) in withdrawn {
             let (code, _, reason) = refusal_reply(&why, &w.selector, w.exporter.as_deref(), &text);
@@ -1109,6 +1129,15 @@ impl<S: LeaseStore> Core<S> {
     /// Whether `client`'s own policy lets it use `lease`'s exporter (an error naming both if
     /// not, or if the policy cannot be read: that never means "any exporter").
     fn share_allowed(&self, lease: &Lease, client: &str) -> Result<(), CtlError> {
+        if !self.links.admits_shares.contains(&lease.exporter) {
+            return Err(CtlError::new(
+                CtlErrorCode::Forbidden,
+                format!(
+                    "lease {} cannot be shared: exporter {} runs a jmpd that does not know shares (it would admit a colleague as the holder); upgrade its jmpd",
+                    lease.name, lease.exporter
+                ),
+            ));
+        }
         let policy = self.registry.client_policy(client, self.default_max_secs)?;
         let allowed = self
             .book

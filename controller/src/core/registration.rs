@@ -34,6 +34,9 @@ pub(super) struct Links {
     /// Online exporters that do not report their sessions (older jmpd): their leases count
     /// as attached, since nothing would say when they are used.
     pub silent: BTreeSet<String>,
+    /// Online exporters that admit share tokens as guests ([`Registration::admits_shares`]):
+    /// only their leases are shared.
+    pub admits_shares: BTreeSet<String>,
 }
 
 impl Links {
@@ -114,6 +117,11 @@ impl<S: LeaseStore> Core<S> {
         }
         let attached = reg.attached.clone();
         let reports = reg.reports_in_use;
+        if reg.admits_shares {
+            self.links.admits_shares.insert(name.clone());
+        } else {
+            self.links.admits_shares.remove(&name);
+        }
         let changed = rec.address != reg.address
             || rec.relay != reg.relay
             || rec.fingerprint != reg.fingerprint

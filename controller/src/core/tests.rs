@@ -119,8 +119,11 @@ impl Harness {
         name: &str,
         labels: &[(&str, &str)],
     ) -> (Caller, u64, mpsc::UnboundedReceiver<Reply>) {
-        self.exporter_registering(name, labels, Registration::default())
-            .await
+        let reg = Registration {
+            admits_shares: true,
+            ..Default::default()
+        };
+        self.exporter_registering(name, labels, reg).await
     }
 
     /// An exporter that reports its sessions (as jmpd does), with its identity and stream.
@@ -1868,6 +1871,57 @@ async fn a_lease_is_shared_only_within_the_colleagues_policy_and_unshared() {
     assert_eq!(code(&r), Some(CtlErrorCode::NotFound), "{r:?}");
 }
 
+/// An exporter whose jmpd does not know shares would drop a share token's `share` claim and
+/// admit the colleague as the holder: its leases are never shared, and a share made before an
+/// older jmpd took its place gives no more tokens. A deleted client's shares end with it.
+#[tokio::test]
+async fn no_share_on_an_exporter_that_does_not_know_shares_nor_for_a_deleted_client() {
+    let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
+    let _old = h
+        .exporter_registering("old-01", &[("board", "old")], Registration::default())
+        .await;
+    let mut new = h.exporter("new-01", &[("board", "new")]).await;
+    let holder = h.client("holder", "", 0).await;
+    let colleague = h.client("colleague", "", 0).await;
+    let old = lease_of(h.call(&holder, lease_req("l1", "board=old", 600, 0)).await);
+    let r = h
+        .call(&holder, share(&old.name, "colleague", None, false))
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+    assert!(format!("{r:?}").contains("does not know shares"), "{r:?}");
+
+    // Shared on an exporter that knows shares; then its client is deleted.
+    let l = lease_of(h.call(&holder, lease_req("l2", "board=new", 600, 0)).await);
+    lease_of(
+        h.call(&holder, share(&l.name, "colleague", None, false))
+            .await,
+    );
+    assert_eq!(pushed_shares(&mut new).await.len(), 1);
+    let admin = h.admin.clone();
+    let r = h
+        .call(
+            &admin,
+            Request::DeleteClient {
+                name: "colleague".into(),
+            },
+        )
+        .await;
+    assert!(matches!(r, Reply::Deleted { .. }), "{r:?}");
+    assert_eq!(pushed_shares(&mut new).await, vec![], "the exporter hears");
+    // A client made later under the same name inherits nothing.
+    let again = h.client("colleague", "", 0).await;
+    let r = h
+        .call(
+            &again,
+            Request::LeaseAccess {
+                name: Some(l.name.clone()),
+            },
+        )
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+    let _ = colleague;
+}
+
 /// A share is part of the lease's record: after a restart of the controller it is still
 /// there, and still admits the colleague.
 #[tokio::test]
@@ -1877,9 +1931,9 @@ async fn a_share_survives_a_controller_restart() {
     std::fs::create_dir_all(&dir).unwrap();
     let db = dir.join("leases.redb");
     let auth = authority();
-    let (name, colleague) = {
+    let (name, colleague, exporter) = {
         let mut h = start(RedbStore::open(&db).unwrap(), auth.clone(), ORPHAN_GRACE);
-        let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
+        let (exporter, _, _a) = h.exporter_as("rpi4-01", &[("board", "rpi4")]).await;
         let holder = h.client("holder", "", 0).await;
         let colleague = h.client("colleague", "", 0).await;
         let l = lease_of(h.call(&holder, lease_req("r1", "board=rpi4", 600, 0)).await);
@@ -1887,7 +1941,7 @@ async fn a_share_survives_a_controller_restart() {
             h.call(&holder, share(&l.name, "colleague", None, true))
                 .await,
         );
-        (l.name, colleague)
+        (l.name, colleague, exporter)
     };
     // The old core drops the store once its command channel is gone: the file opens again
     // only then.
@@ -1901,6 +1955,20 @@ async fn a_share_survives_a_controller_restart() {
     let mine = leases_of(&mut h, &colleague).await;
     assert_eq!(mine.len(), 1, "{mine:?}");
     assert_eq!(mine[0].name, name);
+    // Tokens again once the exporter has registered with this controller and said it knows
+    // shares (a new controller cannot know an exporter's jmpd before that).
+    let (_, mut rx) = h
+        .start_call(
+            &exporter,
+            Request::Register(Registration {
+                address: "127.0.0.1:9".into(),
+                fingerprint: "sha256:11".into(),
+                admits_shares: true,
+                ..Default::default()
+            }),
+        )
+        .await;
+    assert!(matches!(rx.recv().await, Some(Reply::ExporterState { .. })));
     assert_eq!(
         mine[0].shares,
         vec![jmp_protocol::api::ShareInfo {
