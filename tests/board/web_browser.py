@@ -72,26 +72,25 @@ def page_weight(d):
 
 
 def board(url, shots):
-    base = url.split("?")[0]
+    # http://HOST:PORT/TOKEN/: the token is the path's first segment.
+    root = url.rstrip("/").rsplit("/", 1)[0] + "/"
     seen = {}
     # Refused without the token, with a wrong one, and (the WebSocket) from another origin.
-    seen["no_token"] = status_of(base)
-    seen["bad_token"] = status_of(base + "?token=0000")
-    seen["asset_no_token"] = status_of(base + "assets/xterm.js")
+    seen["no_token"] = status_of(root)
+    seen["bad_token"] = status_of(root + "0000/")
+    seen["asset_no_token"] = status_of(root + "assets/xterm.js")
     ws_headers = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
                   "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
-    token = url.split("token=")[1]
-    seen["ws_other_origin"] = status_of(base + "ws?token=" + token,
-                                        dict(ws_headers, Origin="http://evil.example"))
+    seen["ws_no_token"] = status_of(root + "ws", dict(ws_headers, Origin=root.rstrip("/")))
+    seen["ws_other_origin"] = status_of(url + "ws", dict(ws_headers, Origin="http://evil.example"))
     d = browser()
     try:
         t0 = time.monotonic()
         d.get(url)
-        # The token left the address bar (a cookie carries it now).
-        seen["address_bar"] = d.current_url
         wait_for(d, "console output", lambda d: len(mirror(d)) > 0)
         seen["first_byte_s"] = time.monotonic() - t0
         seen["weight"] = page_weight(d)
+        seen["cookies"] = len(d.get_cookies())
         # The board may be off: switch it on from the page and wait for the login prompt.
         d.find_element(By.CSS_SELECTOR, "button[data-power=on]").click()
         wait_for(d, "the power result", lambda d: "on" in text(d, "power-result") and "…" not in text(d, "power-result"))
@@ -128,7 +127,7 @@ def board(url, shots):
         # A second tab shares the console: it gets the history, and sees what the first types.
         first = d.current_window_handle
         d.switch_to.new_window("tab")
-        d.get(base)
+        d.get(url)
         wait_for(d, "the history in a second tab", lambda d: "\nweb-ok\n" in mirror(d))
         second = d.current_window_handle
         d.switch_to.window(first)

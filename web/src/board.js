@@ -4,11 +4,8 @@
 "use strict";
 (function () {
   const $ = (id) => document.getElementById(id);
-  // The token came in the URL; the server has set it as a cookie, so it leaves the address bar
-  // (and the history, and screenshots).
-  if (location.search.includes("token=")) {
-    history.replaceState(null, "", location.pathname);
-  }
+  // The token is the first segment of this page's path: every relative URL below (assets, the
+  // WebSocket, the upload) carries it, and no cookie is needed.
 
   const term = new Terminal({ convertEol: false, scrollback: 5000, screenReaderMode: false });
   const fit = new FitAddon.FitAddon();

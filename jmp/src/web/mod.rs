@@ -4,12 +4,12 @@
 //! board is driven through the kinds' agent tools on `jmp`'s own verb host ([`board`]), the
 //! status comes from the attachment's control socket: the CLI's paths, not new ones.
 //!
-//! Who may use it: whoever has the token of the URL printed on the first line. Every request
-//! (page, assets, WebSocket, upload) must carry it, as the `token` query parameter or the
-//! cookie the page sets on first load (`SameSite=Strict`, `HttpOnly`), so another local user
-//! or a page of another site in the same browser cannot drive the board. The WebSocket and the
-//! upload also need an `Origin` that is this server's own (the `Host` the browser asked for):
-//! a page of another origin, including one that rebinds a DNS name to 127.0.0.1, is refused.
+//! Who may use it: whoever has the token of the URL printed on the first line. The token is
+//! the first segment of every path (`/TOKEN/`, `/TOKEN/assets/...`, `/TOKEN/ws`,
+//! `/TOKEN/flash`), so every request carries it and no cookie is ever set: a cookie would be
+//! sent to any other server on the same host whatever its port, so another local user's page
+//! could collect it. The WebSocket and the upload also need an `Origin` that is this server's
+//! own (the `Host` the browser asked for): a page of another origin is refused.
 //! The page uses relative URLs and a same-origin WebSocket, so it works through an IDE's port
 //! forwarding.
 //!
@@ -53,14 +53,8 @@ const MAX_WS_MESSAGE: usize = 256 * 1024;
 struct App {
     board: Arc<Board>,
     token: String,
-    cookie: String,
     max_upload: u64,
     uploads: std::path::PathBuf,
-}
-
-#[derive(Deserialize)]
-struct TokenQuery {
-    token: Option<String>,
 }
 
 /// Equal without telling by its timing where the first difference is.
@@ -73,23 +67,9 @@ fn same(a: &str, b: &str) -> bool {
 }
 
 impl App {
-    fn cookie_token<'a>(&self, headers: &'a HeaderMap) -> Option<&'a str> {
-        headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|c| c.trim().split_once('='))
-            .find(|(k, _)| *k == self.cookie)
-            .map(|(_, v)| v)
-    }
-
-    /// Whether the request carries the token (query or cookie).
-    fn allowed(&self, headers: &HeaderMap, q: &TokenQuery) -> bool {
-        q.token.as_deref().is_some_and(|t| same(t, &self.token))
-            || self
-                .cookie_token(headers)
-                .is_some_and(|t| same(t, &self.token))
+    /// Whether the path's token is this server's.
+    fn allowed(&self, token: &str) -> bool {
+        same(token, &self.token)
     }
 }
 
@@ -148,39 +128,42 @@ fn asset(name: &str, headers: &HeaderMap) -> Response {
 
 async fn page(
     State(app): State<Arc<App>>,
+    Path(token): Path<String>,
     headers: HeaderMap,
-    Query(q): Query<TokenQuery>,
 ) -> Response {
-    if !app.allowed(&headers, &q) {
+    if !app.allowed(&token) {
         return refused(NO_TOKEN);
     }
     let mut r = asset("board.html", &headers);
     // The page of another site may not frame this one (clickjacking the power buttons).
-    let h = r.headers_mut();
-    h.insert(
+    r.headers_mut().insert(
         "content-security-policy",
         HeaderValue::from_static(
             "default-src 'self'; connect-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
         ),
     );
-    if q.token.is_some() {
-        if let Ok(v) = HeaderValue::from_str(&format!(
-            "{}={}; Path=/; HttpOnly; SameSite=Strict",
-            app.cookie, app.token
-        )) {
-            h.insert(header::SET_COOKIE, v);
-        }
-    }
     r
+}
+
+/// `/TOKEN` without its slash: the page's relative URLs need it.
+async fn slash(State(app): State<Arc<App>>, Path(token): Path<String>) -> Response {
+    if !app.allowed(&token) {
+        return refused(NO_TOKEN);
+    }
+    axum::response::Redirect::permanent(&format!("/{token}/")).into_response()
+}
+
+/// Anything else: the same answer as a wrong token, so nothing tells what exists.
+async fn anything_else() -> Response {
+    refused(NO_TOKEN)
 }
 
 async fn assets(
     State(app): State<Arc<App>>,
-    Path(name): Path<String>,
+    Path((token, name)): Path<(String, String)>,
     headers: HeaderMap,
-    Query(q): Query<TokenQuery>,
 ) -> Response {
-    if !app.allowed(&headers, &q) {
+    if !app.allowed(&token) {
         return refused(NO_TOKEN);
     }
     asset(&name, &headers)
@@ -188,12 +171,12 @@ async fn assets(
 
 async fn ws(
     State(app): State<Arc<App>>,
+    Path(token): Path<String>,
     headers: HeaderMap,
-    Query(q): Query<TokenQuery>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     // Who asks is checked before what is asked (a refusal says 403, whatever the request).
-    if !app.allowed(&headers, &q) {
+    if !app.allowed(&token) {
         return refused(NO_TOKEN);
     }
     if !same_origin(&headers) {
@@ -276,7 +259,6 @@ async fn tab(socket: WebSocket, board: Arc<Board>) {
 
 #[derive(Deserialize)]
 struct FlashQuery {
-    token: Option<String>,
     name: Option<String>,
 }
 
@@ -284,11 +266,12 @@ struct FlashQuery {
 /// flash FILE` would (the file's name keeps its extension: the compression is told by it).
 async fn flash(
     State(app): State<Arc<App>>,
+    Path(token): Path<String>,
     headers: HeaderMap,
     Query(q): Query<FlashQuery>,
     body: Body,
 ) -> Response {
-    if !app.allowed(&headers, &TokenQuery { token: q.token }) {
+    if !app.allowed(&token) {
         return refused(NO_TOKEN);
     }
     if !same_origin(&headers) {
@@ -409,21 +392,22 @@ pub(crate) fn run(args: WebArgs) -> Result<()> {
         tokio::spawn(board.clone().can_reader());
         let app = Arc::new(App {
             board,
-            cookie: format!("jmp-web-{}", bound.port()),
             token: token.clone(),
             max_upload: args.max_upload_mib.saturating_mul(1 << 20),
             uploads: uploads.clone(),
         });
         let router = Router::new()
-            .route("/", get(page))
-            .route("/assets/{name}", get(assets))
-            .route("/ws", get(ws))
-            .route("/flash", put(flash))
+            .route("/{token}", get(slash))
+            .route("/{token}/", get(page))
+            .route("/{token}/assets/{name}", get(assets))
+            .route("/{token}/ws", get(ws))
+            .route("/{token}/flash", put(flash))
+            .fallback(anything_else)
             .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(app);
         {
             let mut out = std::io::stdout().lock();
-            writeln!(out, "http://{bound}/?token={token}")?;
+            writeln!(out, "http://{bound}/{token}/")?;
             writeln!(out, "jmp web: the board page of {}; Ctrl-C ends it", st.ready.exporter)?;
             out.flush()?;
         }
@@ -485,25 +469,17 @@ mod tests {
     }
 
     #[test]
-    fn the_token_is_taken_from_the_query_or_this_servers_cookie_only() {
+    fn only_this_servers_token_in_the_path_is_let_in() {
         let app = App {
             board: Board::new("x".into()),
             token: "ab12".into(),
-            cookie: "jmp-web-8080".into(),
             max_upload: 0,
             uploads: std::path::PathBuf::new(),
         };
-        let none = TokenQuery { token: None };
-        let q = |t: &str| TokenQuery {
-            token: Some(t.into()),
-        };
-        assert!(app.allowed(&HeaderMap::new(), &q("ab12")));
-        assert!(!app.allowed(&HeaderMap::new(), &q("ab13")));
-        assert!(!app.allowed(&HeaderMap::new(), &q("ab1")));
-        assert!(!app.allowed(&HeaderMap::new(), &none));
-        assert!(app.allowed(&headers(&[("cookie", "a=b; jmp-web-8080=ab12")]), &none));
-        // Another server's cookie (another port on the same host) does not count.
-        assert!(!app.allowed(&headers(&[("cookie", "jmp-web-9090=ab12")]), &none));
-        assert!(!app.allowed(&headers(&[("cookie", "jmp-web-8080=zz")]), &none));
+        assert!(app.allowed("ab12"));
+        assert!(!app.allowed("ab13"));
+        assert!(!app.allowed("ab1"));
+        assert!(!app.allowed(""));
+        assert!(!app.allowed("ab12x"));
     }
 }
