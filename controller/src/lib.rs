@@ -102,9 +102,15 @@ pub struct Args {
     /// each of them reaches it.
     #[arg(long)]
     pub relay_host: Option<String>,
-    /// Serve the read-only lab dashboard on this address (HTTP; off by default).
+    /// Serve the read-only lab dashboard on this address (HTTP; off by default). A loopback
+    /// address only, unless --web-plain-http: people sign in with their client credential,
+    /// which plain HTTP would show to anyone on the path (reach it through an SSH tunnel, an
+    /// IDE's port forwarding or a TLS proxy on the same host).
     #[arg(long)]
     pub web: Option<SocketAddr>,
+    /// Let --web listen on a non-loopback address over plain HTTP (a network you trust).
+    #[arg(long)]
+    pub web_plain_http: bool,
 }
 
 fn parse_duration_arg(s: &str) -> Result<u64, String> {
@@ -255,6 +261,11 @@ async fn serve_metrics(args: &Args, metrics: &Arc<metrics::Metrics>) -> Result<(
 
 async fn serve_web(args: &Args, api: &Arc<api::Api>) -> Result<()> {
     if let Some(addr) = args.web {
+        if !addr.ip().is_loopback() && !args.web_plain_http {
+            anyhow::bail!(
+                "--web {addr} is not a loopback address: the dashboard is plain HTTP and people sign in to it with their client credential, which anyone on the path would see. Serve it on 127.0.0.1 and reach it through an SSH tunnel, an IDE's port forwarding or a TLS proxy on this host, or give --web-plain-http on a network you trust"
+            );
+        }
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot bind --web {addr}"))?;

@@ -196,6 +196,10 @@ def dashboard(url, shots, jmp, client_url, lease_args):
         d.get(url)
         wait_for(d, "the exporters", lambda d: "mcp-01" in text(d, "exporters"))
         seen["weight"] = page_weight(d)
+        # The browser keeps a session id, never the credential it signed in with.
+        token = url.split("token=")[1]
+        seen["cookie_is_credential"] = any(token in c["value"] for c in d.get_cookies())
+        seen["cookies"] = len(d.get_cookies())
         seen["exporters"] = text(d, "exporters")
         # A lease made from the CLI appears without a reload.
         out = subprocess.run([jmp, *lease_args], check=True, capture_output=True, text=True, timeout=60)

@@ -267,6 +267,9 @@ fn the_lab_dashboard_shows_exporters_and_leases_live() {
     for k in ["no_token", "bad_token", "state_no_token"] {
         assert_eq!(v[k], 403, "{k}: refused: {v}");
     }
+    // Signed in: the browser holds a session id, never the credential.
+    assert_eq!(v["cookies"], 1, "{v}");
+    assert_eq!(v["cookie_is_credential"], false, "{v}");
     assert!(s(&v, "exporters").contains("vendor=acme"), "{v}");
     let leases = lab.leases();
     let lease = leases.first().expect("the lease made from the CLI");
@@ -292,4 +295,23 @@ fn the_lab_dashboard_shows_exporters_and_leases_live() {
         "web dashboard: {} bytes transferred ({} decoded, {} files)",
         v["weight"]["transfer"], v["weight"]["decoded"], v["weight"]["files"]
     ));
+}
+
+/// `--web` on a non-loopback address is refused unless asked for by name: people sign in to the
+/// dashboard with their client credential, which plain HTTP shows to anyone on the path.
+#[test]
+fn the_dashboard_refuses_a_non_loopback_address_over_plain_http() {
+    let env = TestEnv::new("web-plain");
+    let data = env.root.join("ctl");
+    let mut c = std::process::Command::new(bin("jmp-controller"));
+    c.arg("--data-dir")
+        .arg(&data)
+        .args(["--listen", "127.0.0.1:0", "--web", "0.0.0.0:0"]);
+    let out = run("jmp-controller-web-plain", c, &env.logs, READY);
+    assert!(!out.status.success(), "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("not a loopback address") && out.stderr.contains("--web-plain-http"),
+        "{}",
+        out.stderr
+    );
 }
