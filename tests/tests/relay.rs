@@ -160,7 +160,12 @@ fn attach_console_and_forward_through_the_relay_encrypted_until_the_lease_ends()
         net.cmd(
             &net.relay,
             "tcpdump",
+            // --immediate-mode: each packet goes to tcpdump as it arrives. Without it the
+            // kernel holds them in a ring block until the block's timeout (1 s), and a test
+            // that is done in less stops tcpdump with everything still there: CI caught "0
+            // packets captured, 264 received by filter".
             &[
+                "--immediate-mode",
                 "-i",
                 "any",
                 "-U",
