@@ -43,6 +43,9 @@ const RETRY: Duration = Duration::from_secs(2);
 /// its own (python-can compares one `recv` with the exact answer).
 const RAWMODE_HOLDOFF: Duration = Duration::from_millis(30);
 
+/// At most one overflow error frame per this long (see [`Shared::lost`]).
+const INJECT_GAP_US: u64 = 100_000;
+
 /// The bridge's counters, shown in `jmp status` and the log.
 #[derive(Default)]
 struct Counters {
@@ -57,6 +60,8 @@ struct Counters {
     /// Frames a local reader did not take in time (an slcan pty nobody reads): dropped here,
     /// as a real adapter drops what its host does not read.
     slow_reader: AtomicU64,
+    /// When the last overflow error frame was injected (Unix microseconds).
+    last_inject_us: AtomicU64,
 }
 
 impl Counters {
@@ -126,10 +131,28 @@ impl Shared {
         if n == 0 {
             return;
         }
-        let total = self.counters.lost.fetch_add(n, Ordering::Relaxed) + n;
-        warn!(device = %self.device, lost = n, total, "{why}");
+        let before = self.counters.lost.fetch_add(n, Ordering::Relaxed);
+        let total = before + n;
+        // Logged at the 1st, 2nd, 4th... lost frame: a flood must not become one of log lines.
+        if before == 0 || before.ilog2() != total.ilog2() {
+            warn!(device = %self.device, lost = n, total, "{why}");
+        }
         self.update_status();
-        self.inject(error::CRTL_RX_OVERFLOW);
+        // The error frame goes into the same broadcast the lagging reader reads: one at every
+        // lag would evict the very frame that reader takes next and lag it again, without end
+        // (a livelock CI caught: half a million lags of one frame, the attachment too busy to
+        // answer `jmp status`). At most one per INJECT_GAP_US, so the reader catches up.
+        let now = super::driver::now_us();
+        let last = self.counters.last_inject_us.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= INJECT_GAP_US
+            && self
+                .counters
+                .last_inject_us
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.inject(error::CRTL_RX_OVERFLOW);
+        }
     }
 
     /// Frames dropped for one front's reader that is not reading: counted and logged (at the
