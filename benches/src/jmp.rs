@@ -128,6 +128,18 @@ impl Attach {
 
 /// Starts `jmp attach` against `exp` with `extra` options and waits for its JSON ready line.
 pub fn start_attach(bins: &Bins, dir: &TempDir, exp: &Exporter, extra: &[&str]) -> Result<Attach> {
+    let cmd = attach_command(bins, dir, exp, extra)?;
+    let (proc, ready) = jmp_e2e::start_attach(cmd, dir.path())?;
+    Ok(Attach { proc, ready })
+}
+
+/// The `jmp attach` command [`start_attach`] runs (its devices, runtime and config under `dir`).
+pub fn attach_command(
+    bins: &Bins,
+    dir: &TempDir,
+    exp: &Exporter,
+    extra: &[&str],
+) -> Result<Command> {
     let dev_dir = dir.join("dev");
     let runtime = dir.join("runtime");
     let config = dir.join("config");
@@ -145,6 +157,5 @@ pub fn start_attach(bins: &Bins, dir: &TempDir, exp: &Exporter, extra: &[&str]) 
     .args(extra)
     .env("JMP_RUNTIME_DIR", &runtime)
     .env("JMP_CONFIG_DIR", &config);
-    let (proc, ready) = jmp_e2e::start_attach(cmd, dir.path())?;
-    Ok(Attach { proc, ready })
+    Ok(cmd)
 }

@@ -3,6 +3,7 @@
 //! (`cargo run --release -p jmp-bench -- [all|BENCHMARK...]
 //! [--rounds N]`); the method and recorded figures are in `docs/benchmarks.md`.
 
+pub mod boards;
 pub mod can;
 pub mod cluster;
 pub mod console_flash;

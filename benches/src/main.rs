@@ -12,8 +12,8 @@
 
 use anyhow::{bail, Result};
 use jmp_bench::{
-    can, cluster, console_flash, controller, flood, jmp, memory, net, pytest, quic, relay, serial,
-    storage, storage_flood, tcp, usb,
+    boards, can, cluster, console_flash, controller, flood, jmp, memory, net, pytest, quic, relay,
+    serial, storage, storage_flood, tcp, usb,
 };
 
 /// Every benchmark, in the order `all` runs them (one line each: device kinds add theirs).
@@ -31,6 +31,7 @@ const BENCHES: &[&str] = &[
     "storage-flood",
     "console-flash",
     "usb",
+    "boards",
 ];
 
 /// Run only when named: they need etcd and take minutes.
@@ -173,6 +174,7 @@ fn main() -> Result<()> {
             "storage-flood" => storage_flood::run(&bins, args.rounds),
             "console-flash" => console_flash::run(&bins, compare.as_ref(), args.rounds),
             "usb" => usb::run(&bins, args.rounds),
+            "boards" => boards::run(&bins, args.rounds),
             "etcd" => cluster::run(&bins, args.rounds, false),
             "etcd-failover" => cluster::run(&bins, args.rounds, true),
             _ => unreachable!("parsed"),
