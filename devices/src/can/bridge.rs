@@ -793,7 +793,7 @@ async fn slcan_front(mut pty: Pty, sh: Shared) {
     // Registered for room only while the pty is full.
     let mut full: Option<crate::common::fdio::RoomWaiter> = None;
     let mut opened = false;
-    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    let mut open_watch = pty.open_watch(Duration::from_millis(20));
     // Closes the session with the local program: nothing of it is kept for the next one.
     let closed = |pty: &Pty, st: &mut SlcanState, out: &mut Outbox| {
         st.open = false;
@@ -832,7 +832,7 @@ async fn slcan_front(mut pty: Pty, sh: Shared) {
                     continue;
                 }
             },
-            _ = poll.tick(), if !opened => {
+            _ = open_watch.wait(), if !opened => {
                 if pty.slave_open() && pty.reregister().is_ok() {
                     debug!(device = %sh.device, "slcan pty opened by a local program");
                     opened = true;

@@ -12,7 +12,9 @@ use bytes::{Bytes, BytesMut};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use tokio::io::unix::AsyncFd;
+use tracing::debug;
 
 /// Packet-mode status bit: the slave's termios changed (with EXTPROC set).
 const TIOCPKT_IOCTL: u8 = 0x40;
@@ -144,6 +146,11 @@ impl Pty {
         Ok(())
     }
 
+    /// A watch for programs opening the slave (see [`OpenWatch`]).
+    pub fn open_watch(&self, fallback: Duration) -> OpenWatch {
+        OpenWatch::new(&self.slave_path, fallback)
+    }
+
     /// Whether a program has the slave open now (the master is not hung up).
     pub fn slave_open(&self) -> bool {
         let mut pfd = libc::pollfd {
@@ -261,10 +268,133 @@ impl Drop for StableLink {
     }
 }
 
+/// The inotify descriptor, for the reactor (nix's `Inotify` is `AsFd` only).
+struct InotifyFd(nix::sys::inotify::Inotify);
+
+impl AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+/// Wakes a bridge whose device no program has open when one may have opened it, so that a
+/// closed device costs no wake-ups: an idle `jmp attach` used to check every console 50 times a
+/// second. The kernel sends inotify's `IN_OPEN` for every open of the slave's node, under any
+/// name (the dev-dir link included); the watch is held for the bridge's life, so an open that
+/// comes while the bridge is busy is queued, never missed. A wake-up only says "look": the
+/// caller checks [`Pty::slave_open`], which stays the truth (an open and close in between, or
+/// our own descriptors, wake it for nothing). Without inotify (`fs.inotify.max_user_instances`
+/// used up) it falls back to polling every `fallback`.
+pub struct OpenWatch {
+    ino: Option<AsyncFd<InotifyFd>>,
+    poll: tokio::time::Interval,
+    /// The first wait returns at once: an open before the watch existed sent no event.
+    primed: bool,
+}
+
+impl OpenWatch {
+    fn new(slave: &Path, fallback: Duration) -> OpenWatch {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+            .and_then(|i| i.add_watch(slave, AddWatchFlags::IN_OPEN).map(|_| i))
+            .map_err(io::Error::from)
+            .and_then(|i| {
+                // SAFETY: the Inotify owns its descriptor until it is dropped, which happens
+                // only together with the AsyncFd that owns it.
+                Ok(unsafe {
+                    AsyncFd::register_with_interest(InotifyFd(i), tokio::io::Interest::READABLE)
+                }?)
+            });
+        let ino = match ino {
+            Ok(i) => Some(i),
+            Err(e) => {
+                debug!(
+                    "cannot watch {} for opens ({e}); checking every {fallback:?} instead",
+                    slave.display()
+                );
+                None
+            }
+        };
+        let mut poll = tokio::time::interval(fallback);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        OpenWatch {
+            ino,
+            poll,
+            primed: true,
+        }
+    }
+
+    /// Whether opens are watched (false: polled).
+    pub fn watched(&self) -> bool {
+        self.ino.is_some()
+    }
+
+    /// Returns once a program may have opened the slave since the last call, and at once the
+    /// first time (cancel-safe).
+    pub async fn wait(&mut self) {
+        if std::mem::take(&mut self.primed) {
+            return;
+        }
+        loop {
+            let Some(ino) = &self.ino else {
+                self.poll.tick().await;
+                return;
+            };
+            let mut g = match ino.readable().await {
+                Ok(g) => g,
+                Err(e) => {
+                    debug!("cannot wait for inotify ({e}); polling instead");
+                    self.ino = None;
+                    continue;
+                }
+            };
+            // Draining the queued events is what makes the next wait sleep again.
+            match g.try_io(|fd| fd.get_ref().0.read_events().map_err(io::Error::from)) {
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) => {
+                    debug!("reading inotify events: {e}; looking anyway");
+                    return;
+                }
+                // Nothing queued after all (readiness was stale): wait again.
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+
+    /// A closed device's bridge sleeps until a program opens the slave (no polling), and the
+    /// open wakes it. The clock is paused: the runtime jumps it ahead whenever nothing is ready,
+    /// so "no wake-up in an hour" is checked without waiting, and a fallback poll would fail it.
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_pty_sleeps_until_a_program_opens_it() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let pty = Pty::open().expect("pty");
+        let mut w = pty.open_watch(Duration::from_millis(20));
+        assert!(w.watched(), "inotify is unavailable here");
+        w.wait().await; // the first wait returns at once: look before sleeping
+        let hour = Duration::from_secs(3600);
+        assert!(
+            tokio::time::timeout(hour, w.wait()).await.is_err(),
+            "woke with nobody opening the device"
+        );
+        let slave = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(pty.slave_path())
+            .expect("open slave");
+        tokio::time::timeout(hour, w.wait())
+            .await
+            .expect("the open did not wake the watch");
+        assert!(pty.slave_open());
+        drop(slave);
+    }
 
     #[tokio::test]
     async fn bytes_both_ways_and_settings_events() {

@@ -34,7 +34,8 @@ use tracing::{debug, info, warn};
 /// How often termios is polled in addition to packet-mode events (which a program that clears
 /// EXTPROC stops producing until it is set again).
 const SETTINGS_POLL: Duration = Duration::from_millis(500);
-/// How often a closed device is checked for a program opening it.
+/// How often a closed device is checked for a program opening it, where opens cannot be
+/// watched (see [`crate::common::pty::OpenWatch`]).
 const OPEN_POLL: Duration = Duration::from_millis(20);
 /// Quiet time after an open (no settings change, no flush) before held output is delivered.
 const SETTLE: Duration = Duration::from_millis(50);
@@ -239,8 +240,7 @@ impl SerialBridge {
         let mut buf = BytesMut::new();
         let mut settings_poll = tokio::time::interval(SETTINGS_POLL);
         settings_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut open_poll = tokio::time::interval(OPEN_POLL);
-        open_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut open_watch = self.pty.open_watch(OPEN_POLL);
         let mut discarded = 0usize;
         let mut silent = false;
         // Without a channel the link is lost: said once per outage to whoever has the pty open.
@@ -349,7 +349,7 @@ impl SerialBridge {
                         self.tty = Tty::Closed;
                     }
                 },
-                _ = open_poll.tick(), if closed => {
+                _ = open_watch.wait(), if closed => {
                     if self.pty.slave_open() {
                         debug!(device = %self.device, "opened by a local program");
                         if let Err(e) = self.pty.reregister() {
@@ -363,7 +363,8 @@ impl SerialBridge {
                     debug!(device = %self.device, held = self.held.len(), "settled: delivering output");
                     self.tty = Tty::Open;
                 }
-                _ = settings_poll.tick() => {
+                // Only a program that has the device open changes its settings.
+                _ = settings_poll.tick(), if !closed => {
                     self.settings_changed(control_tx.as_ref());
                 }
                 c = async { control_rx.as_mut().expect("guarded").recv().await }, if control_rx.is_some() => match c {
