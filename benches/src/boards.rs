@@ -3,6 +3,8 @@
 //! jobs) runs them:
 //! - jmp: one `jmpd` per board (what the template unit `jmpd@.service` runs) and one
 //!   `jmp attach` per client, all started together;
+//! - jmp with one `jmpd` exporting all N boards and one `jmp attach` of all N (devices per
+//!   exporter: what one jmpd and one connection cost as they grow);
 //! - the peer: one `ser2net` serving every board (its usual set-up) and one `socat` local pty
 //!   per client.
 //!
@@ -36,6 +38,7 @@ const DEFAULT_SCALES: &[usize] = &[1, 8, 32];
 const MAX_SCALE: usize = 64;
 
 const JMP: &str = "jmp (jmpd per board)";
+const JMP_ONE: &str = "jmp (one jmpd, one attach, N devices)";
 const PEER: &str = "ser2net + socat";
 
 /// The scales to run: `JMP_BENCH_BOARDS` (comma separated) or 1, 8, 32.
@@ -137,6 +140,49 @@ fn jmp_fleet(bins: &Bins, n: usize) -> Result<Fleet> {
     })
 }
 
+/// One jmpd exporting all N boards as N serial devices and one `jmp attach` of them all: the
+/// cost of devices per exporter, and the alternative to a jmpd per board.
+fn jmp_one_fleet(bins: &Bins, n: usize) -> Result<Fleet> {
+    let boards = (0..n).map(|_| Board::new()).collect::<Result<Vec<_>>>()?;
+    let dir = TempDir::new("boards-one");
+    let devices: Vec<(String, String)> = boards
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            (
+                format!("console{i}"),
+                format!(
+                    "{{type: serial, path: {}, baudrate: 115200}}",
+                    b.path.display()
+                ),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, String)> = devices
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.clone()))
+        .collect();
+    let exp = start_jmpd(bins, &dir, &refs)?;
+    let cmd = attach_command(bins, &dir, &exp, &[])?;
+    let t0 = Instant::now();
+    let (proc, ready) = jmp_e2e::start_attach(cmd, dir.path())?;
+    let ready_s = t0.elapsed().as_secs_f64();
+    let att = Attach { proc, ready };
+    let clients = (0..n)
+        .map(|i| Client::open(Path::new(&att.local(&format!("console{i}"))?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Fleet {
+        clients,
+        host: vec![exp.jmpd.proc.pid()],
+        local: vec![att.proc.pid()],
+        ready_s,
+        _local_procs: vec![att.proc],
+        _host_procs: vec![exp.jmpd.proc],
+        _boards: boards,
+        _dirs: vec![dir],
+    })
+}
+
 fn peer_fleet(n: usize) -> Result<Fleet> {
     let ser2net = which("ser2net").ok_or_else(|| anyhow!("ser2net is not installed"))?;
     let socat = which("socat").ok_or_else(|| anyhow!("socat is not installed"))?;
@@ -205,20 +251,24 @@ fn peer_fleet(n: usize) -> Result<Fleet> {
     })
 }
 
-/// CPU time (user + system) `pid` has used, in seconds.
+/// CPU time `pid` has used, in seconds: the sum over its threads of the scheduler's
+/// nanosecond run time (`/proc/PID/task/TID/schedstat`); /proc/PID/stat counts in 10 ms ticks,
+/// too coarse for a console typed at 20 keys/s. A thread that ended meanwhile is not counted.
 fn cpu_s(pid: i32) -> Result<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The fields after the command name, which may itself hold spaces and parentheses.
-    let rest = s
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow!("unreadable /proc/{pid}/stat"))?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 =
-        f.get(11).unwrap_or(&"0").parse::<f64>()? + f.get(12).unwrap_or(&"0").parse::<f64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks / hz)
+    let mut ns = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let p = t?.path().join("schedstat");
+        let Ok(s) = std::fs::read_to_string(&p) else {
+            continue;
+        };
+        ns += s
+            .split_whitespace()
+            .next()
+            .ok_or_else(|| anyhow!("empty {}", p.display()))?
+            .parse::<u64>()
+            .with_context(|| format!("{}", p.display()))?;
+    }
+    Ok(ns as f64 / 1e9)
 }
 
 fn cpu_of(pids: &[i32]) -> Result<f64> {
@@ -325,20 +375,20 @@ fn mib_per_board(pids: &[i32], boards: usize) -> Result<(f64, f64)> {
 /// Runs the benchmark; returns (markdown, json).
 pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
     let scales = scales()?;
-    let paths = [JMP, PEER];
+    let paths = [JMP, JMP_ONE, PEER];
     let mut cells: Vec<Vec<Cell>> = paths
         .iter()
         .map(|_| scales.iter().map(|_| Cell::default()).collect())
         .collect();
     for r in 0..rounds {
         // Each path's single-client typing p99 this round, the reference for its larger scales.
-        let mut one = [f64::NAN; 2];
+        let mut one = [f64::NAN; 3];
         for (si, &n) in scales.iter().enumerate() {
             for (pi, path) in paths.iter().enumerate() {
-                let f = if pi == 0 {
-                    jmp_fleet(bins, n)?
-                } else {
-                    peer_fleet(n)?
+                let f = match pi {
+                    0 => jmp_fleet(bins, n)?,
+                    1 => jmp_one_fleet(bins, n)?,
+                    _ => peer_fleet(n)?,
                 };
                 let typing = phase(&f, true)?;
                 let flat = phase(&f, false)?;
@@ -429,19 +479,19 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
                 "host_rss_mib_per_board": json(m(&c.host_rss_mib)),
                 "local_pss_mib_per_board": json(m(&c.local_pss_mib)),
             }));
-            if pi == 0 && n > 1 {
+            if pi < 2 && n > 1 {
                 let v = m(&c.typing_p99_vs_one);
                 verdicts += &format!(
-                    "- jmp, N={n}: typing worst p99 ÷ a single client's = {} (target {}): **{}**\n",
+                    "- {path}, N={n}: typing worst p99 ÷ a single client's = {} (target {}): **{}**\n",
                     cell(v, 2),
                     t_p99.describe(),
                     t_p99.verdict(v)
                 );
             }
-            if pi == 0 {
+            if pi < 2 {
                 let v = m(&c.host_pss_mib);
                 verdicts += &format!(
-                    "- jmp, N={n}: jmpd MiB (PSS) per board = {} (target {}): **{}**\n",
+                    "- {path}, N={n}: jmpd MiB (PSS) per board = {} (target {}): **{}**\n",
                     cell(v, 1),
                     t_mem.describe(),
                     t_mem.verdict(v)
@@ -451,9 +501,9 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
     }
     // jmp against the peer at each scale, flat out (where the lab host's work shows).
     for (si, &n) in scales.iter().enumerate() {
-        let (j, p) = (&cells[0][si], &cells[1][si]);
+        let (j, p) = (&cells[0][si], &cells[2][si]);
         verdicts += &format!(
-            "- N={n}: jmp ÷ {PEER}: typing p50 {} / worst p99 {}; flat out p50 {} / worst p99 {}; host CPU per console {}\n",
+            "- N={n}: {JMP} ÷ {PEER}: typing p50 {} / worst p99 {}; flat out p50 {} / worst p99 {}; host CPU per console {}\n",
             cell(median(&j.typing_p50) / median(&p.typing_p50), 2),
             cell(median(&j.typing_worst_p99) / median(&p.typing_worst_p99), 2),
             cell(median(&j.flat_p50) / median(&p.flat_p50), 2),
