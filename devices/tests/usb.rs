@@ -778,7 +778,7 @@ async fn an_import_the_checks_ended_is_imported_again() {
     guard("usb node", watching.wait_for(|e| !e.is_empty()))
         .await
         .expect("endpoints");
-    assert_eq!(shown(&eps), [usb_node.clone()]);
+    assert_eq!(shown(&eps), std::slice::from_ref(&usb_node));
     // The interface's driver made its tty, but the device's `bind` has not come: its other
     // interfaces may still be probing, so it is not up yet (the refresh that showed the tty
     // was done with the device as it is now).

@@ -348,17 +348,16 @@ fn writev(fd: &OwnedFd, chunks: &[Bytes], skip: usize) -> io::Result<usize> {
         iov_base: std::ptr::null_mut(),
         iov_len: 0,
     }; IOV];
-    let mut n = 0;
-    for (i, b) in chunks.iter().take(IOV).enumerate() {
+    let used = chunks.len().min(IOV);
+    for (i, b) in chunks[..used].iter().enumerate() {
         let s = if i == 0 { &b[skip..] } else { &b[..] };
         iov[i] = libc::iovec {
             iov_base: s.as_ptr() as *mut libc::c_void,
             iov_len: s.len(),
         };
-        n += 1;
     }
-    // SAFETY: the first `n` iovecs point into Bytes borrowed for the duration of the call.
-    let n = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), n as i32) };
+    // SAFETY: the first `used` iovecs point into Bytes borrowed for the duration of the call.
+    let n = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), used as i32) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
