@@ -3,8 +3,8 @@
 //!
 //! `--bin-dir` takes `jmpd`, `jmp` and `jmp-controller` from DIR instead of building the
 //! workspace (to measure a fixed commit while the working tree changes). `--compare-bin-dir
-//! DIR` adds DIR's `jmpd` and `jmp` as one more path of the serial benchmark, in the same
-//! interleaved rounds (to show a change's effect: DIR holds the build from before it).
+//! DIR` adds DIR's `jmpd` and `jmp` as one more path of the serial, console-flash and usb
+//! benchmarks, in the same interleaved rounds (to show a change's effect: DIR holds the build from before it).
 //!
 //! Runs each benchmark's baseline and peers in the same run, interleaved round by round, prints
 //! a markdown table per benchmark (medians, ratios, PASS/MISS against the targets) and writes
@@ -173,7 +173,7 @@ fn main() -> Result<()> {
             "storage" => storage::run(&bins, args.rounds),
             "storage-flood" => storage_flood::run(&bins, args.rounds),
             "console-flash" => console_flash::run(&bins, compare.as_ref(), args.rounds),
-            "usb" => usb::run(&bins, args.rounds),
+            "usb" => usb::run(&bins, compare.as_ref(), args.rounds),
             "boards" => boards::run(&bins, args.rounds),
             "etcd" => cluster::run(&bins, args.rounds, false),
             "etcd-failover" => cluster::run(&bins, args.rounds, true),

@@ -7,7 +7,11 @@
 //! reads at queue depth 1 for 5 s) and the same one-byte round trips through the imported
 //! ttyACM to an echo on the gadget's ttyGS0 (pyserial). The guest script is
 //! `benches/usb/usb_bench.sh`. Everything runs under software emulation (TCG): the absolute
-//! figures are the emulator's, the ratios are the point.
+//! figures are the emulator's, the ratios are the point. With `--compare-bin-dir` another
+//! build of jmp is a third path in the same rounds (a change's effect, in the same machine
+//! state). After the rounds, a profile of each
+//! path: context switches per exchange of everything on it, and for jmp the syscalls of jmpd
+//! and jmp attach and their own counts of reads and writes per USB/IP message.
 
 use crate::jmp::{workspace_dir, Bins};
 use crate::stats::{cell, json, median, Target};
@@ -15,7 +19,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use jmp_e2e::guest::{Guest, Init};
 use std::time::Duration;
 
-const PATHS: [&str; 2] = ["usbip", "jmp"];
+/// The paths measured, as the guest script names them: the kernel's usbip, jmp, and with
+/// `--compare-bin-dir` another build of jmp (the one from before a change) in the same rounds.
+const PATHS: [&str; 3] = ["usbip", "jmp", "jmpcmp"];
 
 /// A table row: what, its figure in a round, decimals shown, the target of jmp / usbip.
 type Row = (&'static str, fn(&Figures) -> f64, usize, Target);
@@ -55,7 +61,21 @@ fn figures(dir: &std::path::Path, path: &str, round: usize) -> Result<Figures> {
     Ok(f)
 }
 
-pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
+pub fn run(
+    bins: &Bins,
+    compare: Option<&Bins>,
+    rounds: usize,
+) -> Result<(String, serde_json::Value)> {
+    let paths = &PATHS[..if compare.is_some() { 3 } else { 2 }];
+    let cmp_dir = match compare {
+        Some(c) => c
+            .jmpd
+            .parent()
+            .ok_or_else(|| anyhow!("{} has no directory", c.jmpd.display()))?
+            .display()
+            .to_string(),
+        None => String::new(),
+    };
     let py = jmp_e2e::python().map_err(|e| anyhow!("{e}"))?;
     for tool in ["fio", "usbip", "usbipd"] {
         if jmp_e2e::which(tool).is_none() {
@@ -74,7 +94,7 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
     std::fs::write(
         &script,
         format!(
-            "BIN={}\nPY={}\nHELPER={}\nOUT={}\n{body}",
+            "BIN={}\nCMP={cmp_dir}\nPY={}\nHELPER={}\nOUT={}\n{body}",
             bin_dir.display(),
             py.display(),
             workspace_dir().join("benches/usb/usb_bench.py").display(),
@@ -94,16 +114,24 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
         Ok(o.stdout)
     };
     phase("setup")?;
-    let mut v: Vec<Vec<Figures>> = vec![Vec::new(); PATHS.len()];
+    let mut v: Vec<Vec<Figures>> = vec![Vec::new(); paths.len()];
     for r in 0..rounds {
-        // Alternate which path goes first, so that neither always follows the other.
-        let order: Vec<usize> = if r % 2 == 0 { vec![0, 1] } else { vec![1, 0] };
+        // Rotate which path goes first, so that none always follows another.
+        let order: Vec<usize> = (0..paths.len()).map(|i| (i + r) % paths.len()).collect();
         for i in order {
-            phase(&format!("round {} {r}", PATHS[i]))?;
-            v[i].push(figures(&out, PATHS[i], r)?);
+            phase(&format!("round {} {r}", paths[i]))?;
+            v[i].push(figures(&out, paths[i], r)?);
         }
         eprintln!("  usb round {} of {rounds} done", r + 1);
     }
+    // Where an exchange's time goes (context switches and syscalls per exchange, and jmp's
+    // own counts of reads and writes per USB/IP message): shown, not judged.
+    let profile: String = paths
+        .iter()
+        .map(|p| {
+            phase(&format!("profile {p}")).unwrap_or_else(|e| format!("profile {p} failed: {e}\n"))
+        })
+        .collect();
     let med = |i: usize, f: fn(&Figures) -> f64| median(&v[i].iter().map(f).collect::<Vec<_>>());
     let rows: [Row; 3] = [
         (
@@ -127,22 +155,28 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
     ];
     let mut md = String::from(
         "### usb (in the qemu guest, TCG; one gadget on dummy_hcd imported through vhci-hcd)\n\n\
-         | measure | usbip (TCP, plain) | jmp (QUIC, encrypted) | jmp / usbip | target | verdict |\n\
-         |---|---|---|---|---|---|\n",
+         | measure | usbip (TCP, plain) | jmp (QUIC, encrypted) | jmp / usbip | target | verdict |",
     );
+    if compare.is_some() {
+        md.push_str(
+            " jmp (--compare-bin-dir) | that / usbip |\n|---|---|---|---|---|---|---|---|\n",
+        );
+    } else {
+        md.push_str("\n|---|---|---|---|---|---|\n");
+    }
     let mut js_rows = Vec::new();
     for (what, f, dec, target) in rows {
         let (u, j) = (med(0, f), med(1, f));
         let ratio = j / u;
         md.push_str(&format!(
-            "| {what} | {} | {} | {} | {} | {} |\n",
+            "| {what} | {} | {} | {} | {} | {} |",
             cell(u, dec),
             cell(j, dec),
             cell(ratio, 2),
             target.describe(),
             target.verdict(ratio)
         ));
-        js_rows.push(serde_json::json!({
+        let mut row = serde_json::json!({
             "what": what,
             "usbip": json(u),
             "jmp": json(j),
@@ -153,7 +187,22 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
                 "usbip": v[0].iter().map(|x| json(f(x))).collect::<Vec<_>>(),
                 "jmp": v[1].iter().map(|x| json(f(x))).collect::<Vec<_>>(),
             },
-        }));
+        });
+        if compare.is_some() {
+            let c = med(2, f);
+            md.push_str(&format!(" {} | {} |", cell(c, dec), cell(c / u, 2)));
+            row["compare"] = json(c);
+            row["compare_ratio"] = json(c / u);
+            row["rounds"]["compare"] = v[2].iter().map(|x| json(f(x))).collect();
+        }
+        md.push('\n');
+        js_rows.push(row);
     }
-    Ok((md, serde_json::json!({ "rows": js_rows })))
+    md.push_str(&format!(
+        "\nWhere an exchange's time goes (`usb_bench.sh profile`):\n\n```\n{profile}```\n"
+    ));
+    Ok((
+        md,
+        serde_json::json!({ "rows": js_rows, "profile": profile }),
+    ))
 }

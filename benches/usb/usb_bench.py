@@ -27,7 +27,7 @@ def echo(tty, ready):
     while True:
         try:
             port = serial.Serial(tty, 115200, timeout=None)
-        except serial.SerialException:
+        except (serial.SerialException, OSError):
             time.sleep(0.1)  # the gadget is between hosts: try again
             continue
         if first:

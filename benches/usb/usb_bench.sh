@@ -2,9 +2,10 @@
 # root): one configfs gadget on dummy_hcd (an ACM serial port and a 64 MiB disk) is the lab
 # host's device, imported through vhci-hcd in the same guest either by jmp (jmpd + jmp attach
 # over QUIC on loopback) or by the kernel's own usbip (Debian's usbipd + usbip attach over TCP
-# on loopback). The caller prepends BIN (jmpd, jmp), PY (the venv's python), HELPER
-# (usb_bench.py), OUT (a directory the host reads), and runs one phase: setup, or
-# `round PATH N` (PATH jmp or usbip; N the round, naming the result files).
+# on loopback). The caller prepends BIN (jmpd, jmp), CMP (another build's jmpd and jmp, for
+# `--compare-bin-dir`, or empty), PY (the venv's python), HELPER (usb_bench.py), OUT (a
+# directory the host reads), and runs one phase: setup, `round PATH N` (PATH jmp, jmpcmp (the
+# CMP build) or usbip; N the round, naming the result files) or `profile PATH`.
 set -eu
 G=/tmp/ub
 CFG=/sys/kernel/config/usb_gadget
@@ -55,11 +56,14 @@ YAML
     echo "setup ok: $(board_busid)"
 }
 
-import_jmp() {
-    setsid "$BIN/jmpd" --config $G/jmpd.yaml > $G/jmpd.out 2> $G/jmpd.err < /dev/null &
+import_jmp() { start_jmp "$BIN"; }
+import_jmpcmp() { start_jmp "$CMP"; }
+release_jmpcmp() { release_jmp; }
+start_jmp() { # BIN
+    setsid "$1/jmpd" --config $G/jmpd.yaml > $G/jmpd.out 2> $G/jmpd.err < /dev/null &
     JMPD=$!
     wait_until "grep -q 'listening on' $G/jmpd.out" || die "jmpd not ready"
-    JMP_RUNTIME_DIR=$G/rt JMP_CONFIG_DIR=$G/cfg setsid "$BIN/jmp" attach --exporter 127.0.0.1:7811 \
+    JMP_RUNTIME_DIR=$G/rt JMP_CONFIG_DIR=$G/cfg setsid "$1/jmp" attach --exporter 127.0.0.1:7811 \
         --token-file $G/token --fingerprint "$(sed -n 's/.*fingerprint \(sha256:[0-9a-f]*\).*/\1/p' $G/jmpd.out)" \
         --dev-dir $G/dev -o json > $G/attach.out 2> $G/attach.err < /dev/null &
     ATTACH=$!
@@ -94,6 +98,59 @@ round() { # PATH N
     "release_$1"
     wait_until '[ "$(used_ports)" = 0 ] && [ "$(driver_of "$B")" = usb ]' || die "$1: $B not given back ($(driver_of "$B"))"
     echo "round $1 $2 ok"
+}
+
+# Where an exchange's time goes. The context switches of everything on the path (the kernel's
+# USB/IP threads vhci_tx/vhci_rx/stub_rx/stub_tx, and with jmp also jmpd and jmp attach) over
+# 120 one-byte round trips (rtt 100 after its 20 for warm-up) and over 100 4 KiB reads at QD1;
+# then, with jmp, the same again under strace -c for the two processes' syscalls (a separate
+# pass: tracing adds switches of its own). Prints one line per figure and strace's tables.
+ctxt_of() { cat /proc/"$1"/task/*/status 2> /dev/null | awk '/ctxt_switches/ {s += $2} END {print s + 0}'; }
+ctxt_sum() { s=0; for p in "$@"; do s=$((s + $(ctxt_of "$p"))); done; echo $s; }
+kthreads() { for p in /proc/[0-9]*; do case "$(cat "$p/comm" 2> /dev/null)" in vhci_tx | vhci_rx | stub_rx | stub_tx) basename "$p" ;; esac; done; }
+workload() { # WHAT
+    case $1 in
+        rtt) timeout 120 "$PY" "$HELPER" rtt "$TTY" 100 > /dev/null 2> $G/rtt.err || die "profile rtt" ;;
+        rand) fio --name=p --filename="$DISK" --rw=randread --bs=4k --iodepth=1 --ioengine=psync \
+                --direct=1 --size=60M --number_ios=100 --randrepeat=0 > /dev/null 2>&1 || die "profile rand" ;;
+    esac
+}
+profile() { # PATH
+    B=$(board_busid)
+    "import_$1"
+    wait_until '[ -n "$(node_tty)" ] && [ -n "$(node_disk)" ]' || die "$1: not imported"
+    TTY=$(node_tty); DISK=$(node_disk)
+    K=$(kthreads | tr '\n' ' ')
+    U=""; [ "$1" != usbip ] && U="$JMPD $ATTACH"
+    for what in rtt rand; do
+        n=100; unit="4 KiB reads"; [ $what = rtt ] && n=120 && unit="one-byte round trips"
+        k0=$(ctxt_sum $K); u0=$(ctxt_sum $U)
+        t0=$(cut -d" " -f1 /proc/uptime)
+        workload $what
+        t1=$(cut -d" " -f1 /proc/uptime)
+        k1=$(ctxt_sum $K); u1=$(ctxt_sum $U)
+        echo "profile $1 $what: $n $unit in $(echo "$t0 $t1" | awk '{printf "%.1f", $2 - $1}') s; context switches each: kernel USB/IP threads $(echo "$k0 $k1 $n" | awk '{printf "%.1f", ($2 - $1) / $3}'), jmpd + jmp attach $(echo "$u0 $u1 $n" | awk '{printf "%.1f", ($2 - $1) / $3}')"
+        [ -n "$U" ] || continue
+        S=""
+        for p in $U; do
+            strace -c -f -qq -o "$G/strace-$what-$p" -p "$p" &
+            S="$S $!"
+            wait_until "! grep -q '^TracerPid:[[:space:]]*0\$' /proc/$p/status" || die "strace did not attach to $p"
+        done
+        workload $what
+        kill -INT $S; wait $S || true
+        for p in $U; do
+            who=jmpd; [ "$p" = "$ATTACH" ] && who="jmp attach"
+            calls=$(awk '$NF == "total" {print $4}' "$G/strace-$what-$p")
+            echo "profile $1 $what: $who: ${calls:-?} syscalls ($(echo "${calls:-0} $n" | awk '{printf "%.1f", $1 / $2}') each); the most frequent:"
+            grep -vE '^(%|-|.*total$)' "$G/strace-$what-$p" | sort -k4 -n -r | head -6 | awk '{print "    " $NF, $4}'
+        done
+    done
+    "release_$1"
+    wait_until '[ "$(used_ports)" = 0 ] && [ "$(driver_of "$B")" = usb ]' || die "$1: $B not given back ($(driver_of "$B"))"
+    # jmp's own figures per stream (builds before they were logged have none).
+    [ "$1" != usbip ] && grep -h 'USB/IP stream ended' $G/jmpd.err $G/attach.err | sed "s/^.*USB\/IP/$1: USB\/IP/"
+    true
 }
 
 "$@"

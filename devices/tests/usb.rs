@@ -9,6 +9,7 @@ use bytes::Bytes;
 use jmp_devices::serve::DeviceSet;
 use jmp_devices::testing::mem_session;
 use jmp_devices::usb::sysfs::{Host, SysDevice, STUB};
+use jmp_devices::usb::uevent::{Uevent, UeventSource};
 use jmp_devices::usb::vhci::{Port, Vhci};
 use jmp_devices::usb::{UsbBridge, UsbDriver, UsbSpec};
 use jmp_devices::{Bridge, BridgeExit, Channel, Driver, Endpoint, Local};
@@ -190,23 +191,66 @@ impl Host for FakeHost {
 /// An attach as vhci-hcd gets it: port, devid, speed, and the socket it serves.
 type AttachedPort = (u32, u32, Speed, UnixStream);
 
-/// The client's vhci-hcd: attached sockets go to the test, which plays the kernel.
+/// The client's vhci-hcd: attached sockets go to the test, which plays the kernel, and sends
+/// the kernel's events (`events`) for them. A device shows its usb node at once, its tty once
+/// the test lists its bus id in `probed`.
 struct FakeVhci {
     ports: Mutex<Vec<(u32, u32)>>,
     next: Mutex<u32>,
     attached: mpsc::UnboundedSender<AttachedPort>,
     detached: Mutex<Vec<u32>>,
+    events: mpsc::UnboundedSender<Option<Uevent>>,
+    source: Mutex<Option<mpsc::UnboundedReceiver<Option<Uevent>>>>,
+    probed: Mutex<Vec<String>>,
+}
+
+/// The kernel's events as the test sends them.
+struct FakeEvents(mpsc::UnboundedReceiver<Option<Uevent>>);
+
+impl UeventSource for FakeEvents {
+    fn next(&mut self) -> BoxFuture<'_, std::io::Result<Vec<Option<Uevent>>>> {
+        Box::pin(async move {
+            match self.0.recv().await {
+                Some(e) => Ok(vec![e]),
+                None => std::future::pending().await,
+            }
+        })
+    }
+}
+
+/// A kernel event about the vhci device at `busid` (or, with `tty`, its interface's tty).
+fn vhci_event(action: &str, busid: &str, tty: bool) -> Option<Uevent> {
+    let dev = format!("/devices/platform/vhci_hcd.0/usb9/{busid}");
+    Some(if tty {
+        Uevent {
+            action: action.into(),
+            devpath: format!("{dev}/{busid}:1.0/tty/ttyACM0"),
+            subsystem: Some("tty".into()),
+            devtype: None,
+        }
+    } else {
+        Uevent {
+            action: action.into(),
+            devpath: dev,
+            subsystem: Some("usb".into()),
+            devtype: Some("usb_device".into()),
+        }
+    })
 }
 
 impl FakeVhci {
     fn new() -> (Arc<FakeVhci>, mpsc::UnboundedReceiver<AttachedPort>) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (events, source) = mpsc::unbounded_channel();
         (
             Arc::new(FakeVhci {
                 ports: Mutex::new(Vec::new()),
                 next: Mutex::new(0),
                 attached: tx,
                 detached: Mutex::new(Vec::new()),
+                events,
+                source: Mutex::new(Some(source)),
+                probed: Mutex::new(Vec::new()),
             }),
             rx,
         )
@@ -248,10 +292,23 @@ impl Vhci for FakeVhci {
             .collect()
     }
     fn nodes(&self, busid: &str) -> Vec<Endpoint> {
-        vec![Endpoint::with_role(
-            "tty",
-            Local::Path(PathBuf::from(format!("/dev/fake-{busid}"))),
-        )]
+        let mut v = vec![Endpoint::with_role(
+            "usb",
+            Local::Path(PathBuf::from(format!("/dev/bus/usb/fake-{busid}"))),
+        )];
+        if self.probed.lock().unwrap().iter().any(|b| b == busid) {
+            v.push(Endpoint::with_role(
+                "tty",
+                Local::Path(PathBuf::from(format!("/dev/fake-{busid}"))),
+            ));
+        }
+        v
+    }
+    fn events(&self) -> std::io::Result<Box<dyn UeventSource>> {
+        match self.source.lock().unwrap().take() {
+            Some(rx) => Ok(Box::new(FakeEvents(rx))),
+            None => Err(std::io::Error::other("one bridge per fake")),
+        }
     }
 }
 
@@ -345,7 +402,7 @@ async fn devices_are_imported_carry_usbip_and_come_back() {
         .expect("endpoints");
     assert_eq!(
         eps.borrow()[0].to_string(),
-        format!("tty:/dev/fake-9-{}", port + 1)
+        format!("usb:/dev/bus/usb/fake-9-{}", port + 1)
     );
 
     // Unplugged on the lab host: gone there, detached here (the kernel's socket ends).
@@ -399,13 +456,15 @@ async fn devices_are_imported_carry_usbip_and_come_back() {
     let (bridge, exit) = guard("bridge ends", run).await.expect("run");
     assert_eq!(exit, BridgeExit::LinkLost);
     assert_eq!(vhci.in_use(), 0);
-    guard("given back", async {
-        while host.driver("1-1").as_deref() != Some("usb") {
+    // Given back, then taken off the record (in that order, on the exporter's task: waiting
+    // for the driver alone and then looking at the record raced its removal).
+    guard("given back and nothing left recorded as bound", async {
+        while host.driver("1-1").as_deref() != Some("usb") || state.join("usb-board.json").exists()
+        {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await;
-    assert!(!state.join("usb-board.json").exists(), "nothing left bound");
     drop(bridge);
     let _ = std::fs::remove_dir_all(&state);
 }
@@ -703,18 +762,43 @@ async fn an_import_the_checks_ended_is_imported_again() {
     let run = tokio::spawn(async move { bridge.run(l).await });
 
     let (port, devid, _, mut k) = guard("attach", attached.recv()).await.expect("attached");
-    // Settled once the import is up, with its nodes already published (what `jmp attach`
+    let busid = format!("9-{}", port + 1);
+    let shown = |eps: &watch::Receiver<Vec<Endpoint>>| -> Vec<String> {
+        eps.borrow().iter().map(|e| e.to_string()).collect()
+    };
+    let (usb_node, tty_node) = (
+        format!("usb:/dev/bus/usb/fake-{busid}"),
+        format!("tty:/dev/fake-{busid}"),
+    );
+    // Enumerated here, its interfaces not probed yet: the usb node only.
+    vhci.events
+        .send(vhci_event("add", &busid, false))
+        .expect("event");
+    let mut watching = eps.clone();
+    guard("usb node", watching.wait_for(|e| !e.is_empty()))
+        .await
+        .expect("endpoints");
+    assert_eq!(shown(&eps), std::slice::from_ref(&usb_node));
+    // The interface's driver made its tty, but the device's `bind` has not come: its other
+    // interfaces may still be probing, so it is not up yet (the refresh that showed the tty
+    // was done with the device as it is now).
+    vhci.probed.lock().unwrap().push(busid.clone());
+    vhci.events
+        .send(vhci_event("add", &busid, true))
+        .expect("event");
+    guard("tty node", watching.wait_for(|e| e.len() == 2))
+        .await
+        .expect("endpoints");
+    assert!(!*settled.borrow(), "settled before the device's bind event");
+    // Settled at the device's bind, with every node already published (what `jmp attach`
     // puts in its ready line).
+    vhci.events
+        .send(vhci_event("bind", &busid, false))
+        .expect("event");
     guard("settled", settled.wait_for(|s| *s))
         .await
         .expect("settled");
-    assert_eq!(
-        eps.borrow()
-            .iter()
-            .map(|e| e.to_string())
-            .collect::<Vec<_>>(),
-        [format!("tty:/dev/fake-9-{}", port + 1)]
-    );
+    assert_eq!(shown(&eps), [usb_node, tty_node]);
     // A command for an endpoint the device does not have: the exporter's checks end the
     // import (usbip-host never sees it), and the device goes back to its driver.
     let k = tokio::task::spawn_blocking(move || {

@@ -116,6 +116,13 @@ main() {
     attach $G/attach.err
     grep -q '"name":"board","kind":"usb"' $G/attach.out && grep -q '"name":"net","kind":"usb"' $G/attach.out || fail listed "$(cat $G/attach.out)"
     ok listed
+    # The ready line waits for each import's bind (every interface probed): it already names
+    # the ttyACM cdc_acm made, and the node is there.
+    head -1 $G/attach.out > $G/ready.json
+    READY_TTY=$("$PY" "$TOOL" endpoint $G/ready.json board tty) || fail ready-tty "no tty in the ready line: $(cat $G/ready.json)"
+    case $READY_TTY in /dev/ttyACM*) ;; *) fail ready-tty "$READY_TTY" ;; esac
+    [ -c "$READY_TTY" ] || fail ready-tty "$READY_TTY is not a device"
+    ok ready-tty
     imported || fail imported "$(cat $G/status.json)"
     ok imported
     # Both devices imported at the same time, each with its nodes.

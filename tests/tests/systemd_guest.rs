@@ -340,8 +340,8 @@ in the guest: {hw}",
     attached.stop();
     // USB: imported by a `jmp attach` in the guest (vhci-hcd is there, not here) from jmpd
     // under the unit, which bound the gadget to usbip-host and carries its USB/IP. Its ready
-    // line already names the tty it became; the imported device's serial number was read
-    // through the link.
+    // line names the tty it became; the imported device's serial number was read through the
+    // link.
     let by_serial = |under: &str| {
         format!(
             "for d in /sys/bus/usb/devices/*; do [ \"$(cat $d/serial 2>/dev/null)\" = {USB_SERIAL} ] && readlink -f $d | grep -q {under} && basename $d; done; true"
@@ -362,24 +362,32 @@ in the guest: {hw}",
     });
     let u: serde_json::Value = serde_json::from_str(&ready).expect("JSON");
     let imported = g.sh(&by_serial("vhci_hcd")).trim().to_string();
-    // The tty cdc_acm made of the imported device (the ready line may come before it).
-    let tty = g
-        .try_run(
-            &format!(
-                "i=0; until ls /sys/bus/usb/devices/{imported}:1.0/tty 2>/dev/null | grep -q ttyACM; do i=$((i+1)); [ $i -gt 60 ] && exit 1; sleep 0.5; done; ls /sys/bus/usb/devices/{imported}:1.0/tty"
-            ),
-            Duration::from_secs(90),
-        )
-        .ok()
-        .filter(|o| o.success())
-        .map(|o| format!("/dev/{}", o.stdout.trim()));
-    let acm = tty
-        .as_deref()
-        .map(|t| g.run(&format!("test -c {t}")))
-        .filter(|r| r.success());
+    // The ready line waits for the imported device's bind (every interface probed), so it
+    // already names the ttyACM cdc_acm made of it, and that is the tty sysfs shows under it.
+    let ready_tty = u["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["name"] == "gadget")
+        .flat_map(|d| d["endpoints"].as_array().into_iter().flatten())
+        .find(|e| e["role"] == "tty")
+        .and_then(|e| e["at"].as_str())
+        .map(str::to_string);
+    let sysfs_tty = g
+        .run(&format!(
+            "ls /sys/bus/usb/devices/{imported}:1.0/tty 2>/dev/null"
+        ))
+        .stdout
+        .trim()
+        .to_string();
+    let acm = ready_tty.as_deref().filter(|t| {
+        t.starts_with("/dev/ttyACM")
+            && *t == format!("/dev/{sysfs_tty}")
+            && g.run(&format!("test -c {t}")).success()
+    });
     if gadget_busid.is_empty() || imported.is_empty() || acm.is_none() {
         failures.push(format!(
-            "USB: the gadget at {gadget_busid:?}, imported as {imported:?} with tty {tty:?}: {ready}\nin the guest: {}",
+            "USB: the gadget at {gadget_busid:?}, imported as {imported:?}; tty in the ready line {ready_tty:?}, in sysfs {sysfs_tty:?}: {ready}\nin the guest: {}",
             g.run("cat /sys/devices/platform/vhci_hcd.0/status; lsusb")
         ));
     }

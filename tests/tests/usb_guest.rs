@@ -125,6 +125,7 @@ fn usb_devices_through_vhci_in_a_guest() {
         "main",
         &[
             "listed",
+            "ready-tty",
             "imported",
             "two-at-once",
             "acm-pyserial",

@@ -10,6 +10,7 @@
 //! as the device's endpoints.
 
 use super::pump::{self, End, Side};
+use super::uevent::Uevent;
 use super::vhci::{Attached, PortsFile, Vhci};
 use crate::common::TaskGuard;
 use crate::{BoxFuture, Bridge, BridgeExit, Endpoint, Refusal};
@@ -59,6 +60,11 @@ struct Views {
     given_up: Mutex<BTreeMap<u64, String>>,
     /// The first link's imports not yet up (enumerated and configured here) or failed.
     pending: Mutex<HashSet<u64>>,
+    /// Local bus ids of vhci devices whose `bind` event came (and no `unbind`, `remove` or
+    /// new `add` since). The kernel sends a USB device's `bind` after its generic driver's
+    /// probe returned, which set its configuration and probed every interface: the nodes
+    /// those probes made (a ttyACM, a hidraw) exist by then. Bounded by the vhci ports.
+    bound: Mutex<HashSet<String>>,
     settled: watch::Sender<bool>,
 }
 
@@ -150,8 +156,27 @@ impl Views {
         }
     }
 
-    /// Reads what each import became here.
-    fn refresh(&self, vhci: &dyn Vhci) {
+    /// Follows one kernel event: which imported devices are up.
+    fn note(&self, ev: &Uevent) {
+        let Some(busid) = ev.vhci_usb_device() else {
+            return;
+        };
+        let mut b = self.bound.lock().unwrap_or_else(|e| e.into_inner());
+        match ev.action.as_str() {
+            "bind" => {
+                b.insert(busid.to_string());
+            }
+            "unbind" | "remove" | "add" => {
+                b.remove(busid);
+            }
+            _ => {}
+        }
+    }
+
+    /// Reads what each import became here. An import counts as up once its device's `bind`
+    /// event came (`events`: the kernel's events are followed), or, without events or after
+    /// some were lost (`lost`), once sysfs shows every interface with a driver.
+    fn refresh(&self, vhci: &dyn Vhci, events: bool, lost: bool) {
         let ports = vhci.ports();
         let mut up = Vec::new();
         let mut map = self.lock();
@@ -171,8 +196,18 @@ impl Views {
                     list.join(" ")
                 );
             }
-            if local.as_deref().is_some_and(|b| vhci.configured(b)) {
-                up.push(*id);
+            if let Some(b) = local.as_deref() {
+                let is_up = if events && !lost {
+                    self.bound
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .contains(b)
+                } else {
+                    vhci.configured(b)
+                };
+                if is_up {
+                    up.push(*id);
+                }
             }
             v.local = local;
             v.nodes = nodes;
@@ -189,7 +224,8 @@ impl Views {
 /// Follows the kernel's events for as long as the bridge lives, reading the imports' nodes
 /// again at each.
 async fn follow(views: Arc<Views>, vhci: Arc<dyn Vhci>) {
-    let mut events = super::uevent::Uevents::open()
+    let mut events = vhci
+        .events()
         .map_err(|e| {
             warn!(
                 "{}: no kernel events ({e}); reading the imported devices' nodes every {POLL:?}",
@@ -198,10 +234,27 @@ async fn follow(views: Arc<Views>, vhci: Arc<dyn Vhci>) {
         })
         .ok();
     loop {
+        let mut lost = false;
         match &mut events {
             Some(ev) => {
                 tokio::select! {
-                    r = ev.next() => if r.is_err() { events = None; },
+                    r = ev.next() => match r {
+                        Ok(list) => {
+                            for e in list {
+                                match e {
+                                    Some(e) => views.note(&e),
+                                    None => lost = true,
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            warn!(
+                                "{}: kernel events: {e}; reading the imported devices' nodes every {POLL:?}",
+                                views.device
+                            );
+                            events = None;
+                        }
+                    },
                     _ = views.changed.notified() => {}
                 }
             }
@@ -212,8 +265,8 @@ async fn follow(views: Arc<Views>, vhci: Arc<dyn Vhci>) {
                 }
             }
         }
-        let (v, h) = (views.clone(), vhci.clone());
-        let _ = tokio::task::spawn_blocking(move || v.refresh(h.as_ref())).await;
+        let (v, h, by_events) = (views.clone(), vhci.clone(), events.is_some());
+        let _ = tokio::task::spawn_blocking(move || v.refresh(h.as_ref(), by_events, lost)).await;
     }
 }
 
@@ -234,6 +287,7 @@ impl UsbBridge {
             changed: Notify::new(),
             given_up: Mutex::new(BTreeMap::new()),
             pending: Mutex::new(HashSet::new()),
+            bound: Mutex::new(HashSet::new()),
             settled: watch::Sender::new(false),
         });
         let follower = tokio::spawn(follow(views.clone(), vhci.clone()));

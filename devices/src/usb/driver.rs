@@ -329,8 +329,11 @@ async fn follow(inner: Arc<Inner>) {
     match super::uevent::Uevents::open() {
         Ok(mut ev) => loop {
             match ev.next().await {
-                Ok(subs) => {
-                    if subs.iter().any(|s| s.as_deref().is_none_or(|s| s == "usb")) {
+                Ok(events) => {
+                    if events
+                        .iter()
+                        .any(|e| e.as_ref().is_none_or(|e| e.subsystem.as_deref() == Some("usb")))
+                    {
                         let i = inner.clone();
                         let _ = tokio::task::spawn_blocking(move || i.rescan()).await;
                     }

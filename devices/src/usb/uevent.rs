@@ -8,6 +8,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use tokio::io::unix::AsyncFd;
+use crate::BoxFuture;
 
 /// A socket receiving the kernel's uevents.
 pub struct Uevents {
@@ -53,21 +54,28 @@ impl Uevents {
         })
     }
 
-    /// Waits for events and returns the subsystems of those that came (`usb`, `tty`,
-    /// `block`, ...; `None` in the list for an overflow, whose events are unknown). Drains
-    /// whatever is queued, so a burst is one wake-up.
-    pub async fn next(&mut self) -> io::Result<Vec<Option<String>>> {
+    /// Waits for events and returns those that came (`None` in the list for an overflow,
+    /// whose events are unknown). Drains whatever is queued, so a burst is one wake-up.
+    /// Messages not from the kernel (a sender port other than 0) are ignored: only a
+    /// privileged process can send on this group, and what the kernel says is all we act on.
+    pub async fn next(&mut self) -> io::Result<Vec<Option<Uevent>>> {
         let mut got = Vec::new();
         loop {
             let mut guard = self.fd.readable().await?;
             loop {
-                // SAFETY: buf is valid for its length; recv writes at most that much.
+                // SAFETY: sockaddr_nl is plain data; all-zero is a valid start.
+                let mut from: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+                let mut from_len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+                // SAFETY: buf is valid for its length; recvfrom writes at most that much, and
+                // at most `from_len` bytes of the sender's address.
                 let n = unsafe {
-                    libc::recv(
+                    libc::recvfrom(
                         guard.get_inner().as_raw_fd(),
                         self.buf.as_mut_ptr().cast(),
                         self.buf.len(),
                         libc::MSG_DONTWAIT,
+                        (&mut from as *mut libc::sockaddr_nl).cast(),
+                        &mut from_len,
                     )
                 };
                 if n < 0 {
@@ -85,7 +93,12 @@ impl Uevents {
                         _ => return Err(e),
                     }
                 }
-                got.push(subsystem(&self.buf[..n as usize]));
+                if from.nl_pid != 0 {
+                    continue;
+                }
+                if let Some(ev) = Uevent::parse(&self.buf[..n as usize]) {
+                    got.push(Some(ev));
+                }
             }
             if !got.is_empty() {
                 return Ok(got);
@@ -94,11 +107,70 @@ impl Uevents {
     }
 }
 
-/// The `SUBSYSTEM=` of one uevent message (`ACTION@DEVPATH\0KEY=VALUE\0...`).
-pub fn subsystem(msg: &[u8]) -> Option<String> {
-    msg.split(|b| *b == 0)
-        .find_map(|f| f.strip_prefix(b"SUBSYSTEM="))
-        .map(|s| String::from_utf8_lossy(s).into_owned())
+impl UeventSource for Uevents {
+    fn next(&mut self) -> BoxFuture<'_, io::Result<Vec<Option<Uevent>>>> {
+        Box::pin(Uevents::next(self))
+    }
+}
+
+/// Where a reader's kernel events come from: [`Uevents`], or a test's own.
+pub trait UeventSource: Send {
+    /// As [`Uevents::next`].
+    fn next(&mut self) -> BoxFuture<'_, io::Result<Vec<Option<Uevent>>>>;
+}
+
+/// One kernel event: what happened (`add`, `remove`, `bind`, `unbind`, `change`, ...) to which
+/// device (its path under /sys), of which subsystem and device type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uevent {
+    pub action: String,
+    pub devpath: String,
+    pub subsystem: Option<String>,
+    pub devtype: Option<String>,
+}
+
+impl Uevent {
+    /// Parses one kernel message (`ACTION@DEVPATH\0KEY=VALUE\0...`); `None` for anything
+    /// else (udev's re-sent messages begin `libudev\0`).
+    pub fn parse(msg: &[u8]) -> Option<Uevent> {
+        let mut fields = msg.split(|b| *b == 0);
+        let head = fields.next()?;
+        if !head.contains(&b'@') {
+            return None;
+        }
+        let (mut action, mut devpath, mut subsystem, mut devtype) = (None, None, None, None);
+        let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+        for f in fields {
+            if let Some(v) = f.strip_prefix(b"ACTION=") {
+                action = Some(text(v));
+            } else if let Some(v) = f.strip_prefix(b"DEVPATH=") {
+                devpath = Some(text(v));
+            } else if let Some(v) = f.strip_prefix(b"SUBSYSTEM=") {
+                subsystem = Some(text(v));
+            } else if let Some(v) = f.strip_prefix(b"DEVTYPE=") {
+                devtype = Some(text(v));
+            }
+        }
+        Some(Uevent {
+            action: action?,
+            devpath: devpath?,
+            subsystem,
+            devtype,
+        })
+    }
+
+    /// The bus id (`3-1`) of a USB device (not an interface, whose id has a colon) on a
+    /// `vhci-hcd` controller that this event is about.
+    pub fn vhci_usb_device(&self) -> Option<&str> {
+        if self.subsystem.as_deref() != Some("usb")
+            || self.devtype.as_deref() != Some("usb_device")
+            || !self.devpath.starts_with("/devices/platform/vhci_hcd.")
+        {
+            return None;
+        }
+        let busid = self.devpath.rsplit('/').next()?;
+        (!busid.is_empty() && !busid.contains(':') && busid.contains('-')).then_some(busid)
+    }
 }
 
 #[cfg(test)]
@@ -106,10 +178,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_subsystem_is_read_from_a_message() {
+    fn a_message_is_read() {
         let m = b"add@/devices/platform/dummy_hcd.0/usb1/1-1\0ACTION=add\0DEVPATH=/devices/platform/dummy_hcd.0/usb1/1-1\0SUBSYSTEM=usb\0DEVTYPE=usb_device\0SEQNUM=1234\0";
-        assert_eq!(subsystem(m).as_deref(), Some("usb"));
-        assert_eq!(subsystem(b"libudev\0\xfe\xed"), None);
+        assert_eq!(
+            Uevent::parse(m),
+            Some(Uevent {
+                action: "add".into(),
+                devpath: "/devices/platform/dummy_hcd.0/usb1/1-1".into(),
+                subsystem: Some("usb".into()),
+                devtype: Some("usb_device".into()),
+            })
+        );
+        assert_eq!(Uevent::parse(b"libudev\0\xfe\xed"), None);
+        assert_eq!(Uevent::parse(b"add@/x\0SUBSYSTEM=usb\0"), None, "no action");
+    }
+
+    #[test]
+    fn only_usb_devices_on_vhci_name_a_bus_id() {
+        let ev = |path: &str, sub: &str, ty: &str| Uevent {
+            action: "bind".into(),
+            devpath: path.into(),
+            subsystem: Some(sub.into()),
+            devtype: Some(ty.into()),
+        };
+        let dev = ev("/devices/platform/vhci_hcd.0/usb3/3-1", "usb", "usb_device");
+        assert_eq!(dev.vhci_usb_device(), Some("3-1"));
+        let hub = ev("/devices/platform/vhci_hcd.0/usb3/3-1/3-1.2", "usb", "usb_device");
+        assert_eq!(hub.vhci_usb_device(), Some("3-1.2"));
+        for other in [
+            ev("/devices/platform/vhci_hcd.0/usb3/3-1/3-1:1.0", "usb", "usb_interface"),
+            ev("/devices/platform/dummy_hcd.0/usb1/1-1", "usb", "usb_device"),
+            ev("/devices/platform/vhci_hcd.0/usb3/3-1/3-1:1.0/tty/ttyACM0", "tty", "usb_device"),
+            ev("/devices/platform/vhci_hcd.0/usb3", "usb", "usb_device"),
+        ] {
+            assert_eq!(other.vhci_usb_device(), None, "{other:?}");
+        }
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@
 //! a port by itself when the process holding the other end of its socket dies; the file covers
 //! a socket that outlived it.)
 
+use super::uevent::{UeventSource, Uevents};
 use crate::{Endpoint, Local};
 use jmp_protocol::kinds::usb::Speed;
 use serde::{Deserialize, Serialize};
@@ -63,11 +64,19 @@ pub trait Vhci: Send + Sync + 'static {
     fn ports(&self) -> Vec<Port>;
     /// What the device at local bus id `busid` became.
     fn nodes(&self, busid: &str) -> Vec<Endpoint>;
-    /// Whether the device at local bus id `busid` is up: every interface of its configuration
-    /// there and bound to a driver (whose probe made its nodes). An interface no loaded driver
-    /// takes (a vendor interface for libusb) keeps it `false`: waiters bound their wait.
+    /// Whether the device at local bus id `busid` looks up from sysfs alone: every interface
+    /// of its configuration there and bound to a driver. Only a fallback for when the kernel's
+    /// events cannot be had or some were lost: an interface's `driver` link appears before its
+    /// driver's probe has made the nodes (a tty about 0.2 s later under emulation), and an
+    /// interface no loaded driver takes (a vendor interface for libusb) keeps it `false`
+    /// (waiters bound their wait).
     fn configured(&self, _busid: &str) -> bool {
         true
+    }
+    /// The kernel's device events, which say when an imported device is up: its `bind`
+    /// (see `bridge`).
+    fn events(&self) -> std::io::Result<Box<dyn UeventSource>> {
+        Ok(Box::new(Uevents::open()?))
     }
 }
 

@@ -787,6 +787,8 @@ pub struct Framer {
     /// For an answer: the command it answers (taken off the ledger at its header) and the
     /// actual length it reports.
     answer: Option<(Pending, u32)>,
+    /// Headers passed so far (for the stream's figures: crossings per message).
+    frames: u64,
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
@@ -815,7 +817,13 @@ impl Framer {
             current: 0,
             iso: 0,
             answer: None,
+            frames: 0,
         }
+    }
+
+    /// How many USB/IP messages (headers) it has passed.
+    pub fn frames(&self) -> u64 {
+        self.frames
     }
 
     /// Whether the stream is between frames (a clean place for it to end).
@@ -926,6 +934,7 @@ impl Framer {
         let command = be32(h, 0);
         let seq = be32(h, 4);
         self.current = seq;
+        self.frames += 1;
         let (data, iso) = match (self.flow.commands(), command) {
             (true, CMD_SUBMIT) => self.submit(ledger, h, seq)?,
             (true, CMD_UNLINK) => {
@@ -1533,13 +1542,17 @@ mod tests {
         for step in [1, 2, 7, 47, 48, 49, 100, 4096] {
             // The client records its kernel's commands and checks the answers ...
             let mut client = Ledger::client(DEV);
-            let (out, p) = feed_all(&mut Framer::new(Flow::LocalCommands), &mut client, &cmds, step)
-                .expect("commands");
+            let (mut commands, mut answers) = (
+                Framer::new(Flow::LocalCommands),
+                Framer::new(Flow::PeerReturns),
+            );
+            let (out, p) = feed_all(&mut commands, &mut client, &cmds, step).expect("commands");
             assert_eq!((out.as_slice(), p), (cmds.as_slice(), Progress::Done), "step {step}");
             assert_eq!(client.outstanding(), 5);
-            let (out, _) = feed_all(&mut Framer::new(Flow::PeerReturns), &mut client, &rets, step)
-                .expect("answers");
+            let (out, _) = feed_all(&mut answers, &mut client, &rets, step).expect("answers");
             assert_eq!(out, rets, "step {step}");
+            // Five commands (one an unlink) and four answers (the unlinked one has none).
+            assert_eq!((commands.frames(), answers.frames()), (5, 4), "step {step}");
             assert_eq!(client.outstanding(), 0, "every command answered (step {step})");
             // ... the exporter checks the commands and releases them with its kernel's answers.
             let mut exp = Ledger::exporter(DEV, eps());
