@@ -33,6 +33,8 @@ pub struct Api {
     skew: AtomicU64,
     next_stream: AtomicU64,
     gate: Arc<jmp_transport::gate::Gate>,
+    /// The lab dashboard's sign-in links (`web-sign-in`), when `--web` serves one.
+    web_links: std::sync::OnceLock<Arc<crate::web::SignIns>>,
 }
 
 /// One connection's authentication: closed after [`AUTH_DEADLINE`] unless a call on it
@@ -81,7 +83,48 @@ impl Api {
             skew: AtomicU64::new(300),
             next_stream: AtomicU64::new(1),
             gate: jmp_transport::gate::Gate::new(jmp_transport::gate::Limits::default()),
+            web_links: std::sync::OnceLock::new(),
         })
+    }
+
+    /// `--web` serves a dashboard: `web-sign-in` issues links for it from now on.
+    pub fn set_web_links(&self, links: Arc<crate::web::SignIns>) {
+        let _ = self.web_links.set(links);
+    }
+
+    /// `web-sign-in`: a sign-in link for the dashboard, for a client whose credential is live
+    /// (the core checks that it is not revoked, as for any call).
+    async fn web_sign_in(&self, caller: &Caller, credential: &str) -> Reply {
+        let Some(links) = self.web_links.get() else {
+            return Reply::Error(CtlError::new(
+                CtlErrorCode::NotFound,
+                "this controller serves no lab dashboard (it runs without --web ADDR)",
+            ));
+        };
+        if caller.kind != TokenKind::Client {
+            return Reply::Error(CtlError::new(
+                CtlErrorCode::Forbidden,
+                "only clients sign in to the lab dashboard",
+            ));
+        }
+        match self.call_as(credential, Request::Whoami).await {
+            Ok(Reply::Identity { .. }) => {}
+            Ok(Reply::Error(e)) => return Reply::Error(e),
+            Ok(other) => {
+                return Reply::Error(CtlError::new(
+                    CtlErrorCode::Internal,
+                    format!("unexpected answer {other:?}"),
+                ))
+            }
+            Err(e) => return Reply::Error(CtlError::new(CtlErrorCode::Unavailable, e)),
+        }
+        match links.issue(&caller.name, credential) {
+            Ok((url, expires)) => {
+                info!(client = %caller.name, "issued a dashboard sign-in link");
+                Reply::SignInLink { url, expires }
+            }
+            Err(why) => Reply::Error(CtlError::new(CtlErrorCode::Forbidden, why)),
+        }
     }
 
     pub fn set_credential_skew(&self, secs: u64) {
@@ -347,6 +390,13 @@ impl Api {
                 return;
             }
         };
+        // The API keeps the dashboard's links, on the leader (a follower's dashboard could not
+        // answer as the client anyway): the core never sees this call.
+        if matches!(call.request, Request::WebSignIn) {
+            let r = self.web_sign_in(&caller, &call.credential).await;
+            let _ = tx.finish(&r).await;
+            return;
+        }
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let (rtx, mut rrx) = mpsc::unbounded_channel::<Reply>();
         if core

@@ -102,9 +102,9 @@ pub struct Args {
     /// each of them reaches it.
     #[arg(long)]
     pub relay_host: Option<String>,
-    /// Serve the read-only lab dashboard on this address (HTTP; off by default). A loopback
-    /// address only, unless --web-plain-http: people sign in with their client credential,
-    /// which plain HTTP would show to anyone on the path (reach it through an SSH tunnel, an
+    /// Serve the lab dashboard on this address (HTTP; off by default; people sign in with a
+    /// link from `jmp web --lab`). A loopback address only, unless --web-plain-http: the
+    /// session cookie would be seen by anyone on the path (reach it through an SSH tunnel, an
     /// IDE's port forwarding or a TLS proxy on the same host).
     #[arg(long)]
     pub web: Option<SocketAddr>,
@@ -263,14 +263,16 @@ async fn serve_web(args: &Args, api: &Arc<api::Api>) -> Result<()> {
     if let Some(addr) = args.web {
         if !addr.ip().is_loopback() && !args.web_plain_http {
             anyhow::bail!(
-                "--web {addr} is not a loopback address: the dashboard is plain HTTP and people sign in to it with their client credential, which anyone on the path would see. Serve it on 127.0.0.1 and reach it through an SSH tunnel, an IDE's port forwarding or a TLS proxy on this host, or give --web-plain-http on a network you trust"
+                "--web {addr} is not a loopback address: the dashboard is plain HTTP and its sign-in links and session cookies would be seen by anyone on the path. Serve it on 127.0.0.1 and reach it through an SSH tunnel, an IDE's port forwarding or a TLS proxy on this host, or give --web-plain-http on a network you trust"
             );
         }
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot bind --web {addr}"))?;
         let shown = l.local_addr()?;
-        tokio::spawn(web::serve(l, api.clone()));
+        let links = web::SignIns::new(format!("http://{shown}/"));
+        api.set_web_links(links.clone());
+        tokio::spawn(web::serve(l, api.clone(), links));
         info!("lab dashboard on http://{shown}/");
         println!("jmp-controller: lab dashboard on http://{shown}/");
     }

@@ -1,56 +1,147 @@
-//! The lab dashboard (`jmp-controller --web ADDR`, off by default): a read-only page of the
-//! exporters (labels, online, devices, who holds each and until when), the leases and the
-//! queue, and for admins the usage per team over the last 30 days. The page polls
-//! `state` every [`POLL_MS`] ms: live without a reload.
+//! The lab dashboard (`jmp-controller --web ADDR`, off by default): a page of the exporters
+//! (labels, online, cleaning, devices, who holds each and until when), the leases, the queue
+//! (each waiter's position and its wait so far), and for admins the usage per team over a
+//! chosen month, as a chart. The page polls `state` every [`POLL_MS`] ms: live without a
+//! reload. Its only action is "release my lease".
 //!
-//! Who sees what: the page signs in with a client credential (`?token=CREDENTIAL` once), which
-//! stays on the server: the browser gets a random session id in a `SameSite=Strict`,
-//! `HttpOnly` cookie (a cookie goes to every port of the host, and over plain HTTP to anyone on
-//! the path, so it must not be the credential), valid [`SESSION_SECS`] and while the
-//! credential is. Every answer is the controller's own answer to that client's calls (`Api::call_as`: `whoami`, `get-exporters`, `get-leases`, `usage`),
-//! so a client sees what its policy allows and an admin everything. Only those read-only
-//! calls are made. The page itself (`web/src/dashboard.*`) is built into the binary.
+//! Sign-in: `jmp web --lab` asks the controller (`web-sign-in`, as its client) for a link
+//! `/signin/LINK` that works once and for [`LINK_SECS`] s ([`SignIns`]); opening it gives the
+//! browser a random session id in a `SameSite=Strict`, `HttpOnly` cookie (a cookie goes to
+//! every port of the host, and over plain HTTP to anyone on the path, so it must not be the
+//! credential), valid [`SESSION_SECS`] and while the credential is. The credential itself
+//! never reaches the browser, and no person pastes it anywhere.
+//!
+//! Who sees what: every answer is the controller's own answer to that client's calls
+//! (`Api::call_as`: `whoami`, `get-exporters`, `get-leases --all`, `usage`, and
+//! `delete-lease` of the viewer's own lease), so a client sees what its policy allows and an
+//! admin everything.
+//!
+//! What a browser may make the controller do is bounded: each address has a request budget
+//! ([`RequestBudget`], 429 beyond it), links and sessions are capped, and the release must come
+//! from a page of the dashboard's own origin (with the `SameSite=Strict` session, the CSRF
+//! defence). The page itself (`web/src/dashboard.*`) is built into the binary.
 
 use crate::api::Api;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Path, Query, Request as HttpRequest, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use jmp_protocol::api::{Reply, Request};
 use jmp_protocol::usage::{UsageBy, UsageQuery};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use subtle::ConstantTimeEq;
 
 /// How often the page asks for the lab's state.
 pub const POLL_MS: u64 = 2000;
-/// The longest credential accepted (a credential is a few hundred bytes).
-const MAX_CREDENTIAL: usize = 8 * 1024;
 const COOKIE: &str = "jmp-lab";
 /// How long a sign-in lasts.
 pub const SESSION_SECS: u64 = 12 * 3600;
 /// Signed-in sessions kept at most (the oldest is dropped first): sign-ins need a valid
 /// credential, so this bounds what its holders can make the controller keep.
 const MAX_SESSIONS: usize = 1024;
+/// How long a sign-in link works.
+pub const LINK_SECS: u64 = 60;
+/// Unused sign-in links one client may have at once (a new one beyond is refused until one is
+/// used or expires).
+pub const MAX_LINKS_PER_CLIENT: usize = 4;
+/// Unused sign-in links kept at most, over all clients.
+const MAX_LINKS: usize = 4096;
+/// Requests one address may make in a burst, and per second after it.
+const BURST: f64 = 100.0;
+const PER_SEC: f64 = 20.0;
+/// Addresses whose budget is tracked at most (the fullest buckets are forgotten first: an
+/// address with a full bucket loses nothing by it).
+const MAX_ADDRESSES: usize = 4096;
+/// The only content the HTML may load: its own files; no frames of it elsewhere.
+const CSP: &str = "default-src 'self'; style-src 'self'; frame-ancestors 'none'";
 
-/// The dashboard's state: the API it calls as each signed-in client, and the sign-ins.
+/// Equal without telling by its timing where the first difference is.
+fn same(a: &str, b: &str) -> bool {
+    a.as_bytes().ct_eq(b.as_bytes()).into()
+}
+
+fn random_id() -> Option<String> {
+    let mut b = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).ok()?;
+    Some(hex::encode(b))
+}
+
+/// Sign-in links: link id → (client, credential, expiry in Unix seconds). Issued by the API's
+/// `web-sign-in` to a client that presented `credential`, redeemed once by the dashboard.
+pub struct SignIns {
+    /// `http://ADDR/`: where the dashboard is served (what the link starts with).
+    base: String,
+    links: Mutex<HashMap<String, (String, String, u64)>>,
+}
+
+impl SignIns {
+    pub fn new(base: String) -> Arc<SignIns> {
+        Arc::new(SignIns {
+            base,
+            links: Mutex::default(),
+        })
+    }
+
+    /// A new link for `client` (who presented `credential`): its URL and expiry, or why not.
+    pub fn issue(&self, client: &str, credential: &str) -> Result<(String, u64), String> {
+        let now = jmp_transport::unix_now();
+        let mut m = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|_, (_, _, exp)| *exp > now);
+        let mine = m.values().filter(|(c, _, _)| c == client).count();
+        if mine >= MAX_LINKS_PER_CLIENT {
+            return Err(format!(
+                "client {client} already has {mine} unused sign-in links (at most {MAX_LINKS_PER_CLIENT}); use one or wait {LINK_SECS} s"
+            ));
+        }
+        if m.len() >= MAX_LINKS {
+            return Err(
+                "too many unused sign-in links on this controller; try again in a minute".into(),
+            );
+        }
+        let id = random_id().ok_or("no random link could be made; try again")?;
+        let expires = now + LINK_SECS;
+        m.insert(
+            id.clone(),
+            (client.to_string(), credential.to_string(), expires),
+        );
+        Ok((format!("{}signin/{id}", self.base), expires))
+    }
+
+    /// The credential of link `id`, once: a used, expired or unknown link gives `None`.
+    fn redeem(&self, id: &str) -> Option<String> {
+        let now = jmp_transport::unix_now();
+        let mut m = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let key = m.keys().find(|k| same(k, id))?.clone();
+        let (_, cred, exp) = m.remove(&key)?;
+        (exp > now).then_some(cred)
+    }
+}
+
+/// The dashboard's state: the API it calls as each signed-in client, the sign-ins, and the
+/// request budgets.
 pub struct Web {
     api: Arc<Api>,
+    links: Arc<SignIns>,
     sessions: Sessions,
+    budget: RequestBudget,
 }
 
 /// Signed-in sessions: session id → (credential, expiry in Unix seconds).
 #[derive(Default)]
-struct Sessions(std::sync::Mutex<std::collections::HashMap<String, (String, u64)>>);
+struct Sessions(Mutex<HashMap<String, (String, u64)>>);
 
 impl Sessions {
     /// A new session for `credential`; `None` if no random id could be had (never a guessable
     /// one).
     fn sign_in(&self, credential: &str) -> Option<String> {
-        let mut b = [0u8; 16];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).ok()?;
-        let id = hex::encode(b);
+        let id = random_id()?;
         let now = jmp_transport::unix_now();
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
         m.retain(|_, (_, exp)| *exp > now);
@@ -78,13 +169,55 @@ impl Sessions {
     }
 }
 
-/// Equal without telling by its timing where the first difference is.
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+/// A token bucket per client address: [`BURST`] requests at once, [`PER_SEC`] a second after
+/// that. Every request to the dashboard makes the controller check a credential or a session,
+/// so nobody who can reach it may make it do so without bound.
+#[derive(Default)]
+struct RequestBudget(Mutex<HashMap<IpAddr, (f64, Instant)>>);
+
+impl RequestBudget {
+    /// Whether `ip` may make one more request at `now` (and it is counted).
+    fn take(&self, ip: IpAddr, now: Instant) -> bool {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !m.contains_key(&ip) && m.len() >= MAX_ADDRESSES {
+            // Forget the addresses that have been quiet long enough to be full again.
+            m.retain(|_, (t, at)| {
+                *t + now.saturating_duration_since(*at).as_secs_f64() * PER_SEC < BURST
+            });
+            if m.len() >= MAX_ADDRESSES {
+                return false;
+            }
+        }
+        let (tokens, at) = m.entry(ip).or_insert((BURST, now));
+        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * PER_SEC).min(BURST);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+async fn budget(
+    State(web): State<Arc<Web>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: HttpRequest,
+    next: Next,
+) -> Response {
+    if !web.budget.take(peer.ip().to_canonical(), Instant::now()) {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [
+                (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+                (header::RETRY_AFTER, "1"),
+            ],
+            "jmp-controller: too many requests from this address; slow down\n",
+        )
+            .into_response();
+    }
+    next.run(req).await
 }
 
 fn cookie(headers: &HeaderMap) -> Option<&str> {
@@ -98,23 +231,41 @@ fn cookie(headers: &HeaderMap) -> Option<&str> {
         .map(|(_, v)| v)
 }
 
+/// Whether the request comes from a page of the dashboard's own origin: its `Origin` names the
+/// host (and port) the browser sent the request to. With the `SameSite=Strict` session, what
+/// keeps another site's page from releasing a lease.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let (Some(origin), Some(host)) = (
+        headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
+        headers.get(header::HOST).and_then(|v| v.to_str().ok()),
+    ) else {
+        return false;
+    };
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false;
+    };
+    matches!(scheme, "http" | "https") && rest.eq_ignore_ascii_case(host)
+}
+
 const PAGE: &str = include_str!("../../web/src/dashboard.html");
 const SCRIPT: &str = include_str!("../../web/src/dashboard.js");
 const STYLE: &str = include_str!("../../web/src/style.css");
 
-#[derive(Deserialize)]
-struct TokenQuery {
-    token: Option<String>,
-}
-
-fn refused(why: impl std::fmt::Display) -> Response {
+fn text(code: StatusCode, why: impl std::fmt::Display) -> Response {
     (
-        StatusCode::FORBIDDEN,
+        code,
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         format!("jmp-controller: {why}\n"),
     )
         .into_response()
 }
+
+fn refused(why: impl std::fmt::Display) -> Response {
+    text(StatusCode::FORBIDDEN, why)
+}
+
+const SIGN_IN: &str =
+    "not signed in: open a sign-in link from `jmp web --lab` (it works once, for a minute)";
 
 /// Who the credential is, or why it is refused.
 async fn whoami(api: &Api, credential: &str) -> Result<(String, bool), String> {
@@ -125,23 +276,21 @@ async fn whoami(api: &Api, credential: &str) -> Result<(String, bool), String> {
     }
 }
 
-async fn page(
-    State(web): State<Arc<Web>>,
-    headers: HeaderMap,
-    Query(q): Query<TokenQuery>,
-) -> Response {
-    // A sign-in (`?token=`) makes a session; otherwise the session cookie must be live.
-    let given = q
-        .token
-        .as_deref()
-        .filter(|c| !c.is_empty() && c.len() <= MAX_CREDENTIAL);
-    let cred = match (given, web.sessions.credential(&headers)) {
-        (Some(c), _) => c.to_string(),
-        (None, Some(c)) => c,
-        (None, None) => return refused("the lab dashboard needs a client credential: open it once as /?token=CREDENTIAL (the token of your client config)"),
-    };
-    if let Err(why) = whoami(&web.api, &cred).await {
-        return refused(format!("credential refused: {why}"));
+/// The signed-in client's credential and who it is, or the refusal to answer with.
+async fn signed_in(web: &Web, headers: &HeaderMap) -> Result<(String, String, bool), Response> {
+    let cred = web
+        .sessions
+        .credential(headers)
+        .ok_or_else(|| refused(SIGN_IN))?;
+    let (name, admin) = whoami(&web.api, &cred)
+        .await
+        .map_err(|why| refused(format!("credential refused: {why}")))?;
+    Ok((cred, name, admin))
+}
+
+async fn page(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
+    if let Err(r) = signed_in(&web, &headers).await {
+        return r;
     }
     let mut r = (
         [
@@ -151,30 +300,41 @@ async fn page(
         PAGE,
     )
         .into_response();
-    let h = r.headers_mut();
-    h.insert(
-        "content-security-policy",
-        HeaderValue::from_static("default-src 'self'; style-src 'self'; frame-ancestors 'none'"),
-    );
-    if given.is_some() {
-        let Some(id) = web.sessions.sign_in(&cred) else {
-            return refused("no random session id could be made; try again");
-        };
-        if let Ok(v) = HeaderValue::from_str(&format!(
-            "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={SESSION_SECS}"
-        )) {
-            h.insert(header::SET_COOKIE, v);
-        }
+    r.headers_mut()
+        .insert("content-security-policy", HeaderValue::from_static(CSP));
+    r
+}
+
+/// A sign-in link: a session for its client, then the page (the link leaves the address bar).
+async fn sign_in(State(web): State<Arc<Web>>, Path(link): Path<String>) -> Response {
+    let Some(cred) = web.links.redeem(&link) else {
+        return refused("this sign-in link was used already, has expired or is unknown (a link works once, for a minute): run `jmp web --lab` again");
+    };
+    if let Err(why) = whoami(&web.api, &cred).await {
+        return refused(format!("credential refused: {why}"));
+    }
+    let Some(id) = web.sessions.sign_in(&cred) else {
+        return refused("no random session id could be made; try again");
+    };
+    let mut r = (
+        StatusCode::SEE_OTHER,
+        [
+            (header::LOCATION, "../"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={SESSION_SECS}"
+    )) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
     }
     r
 }
 
 async fn asset(name: &str, headers: &HeaderMap, web: &Web) -> Response {
-    let Some(cred) = web.sessions.credential(headers) else {
-        return refused("not signed in");
-    };
-    if let Err(why) = whoami(&web.api, &cred).await {
-        return refused(format!("credential refused: {why}"));
+    if let Err(r) = signed_in(web, headers).await {
+        return r;
     }
     let (ty, body) = match name {
         "dashboard.js" => ("text/javascript; charset=utf-8", SCRIPT),
@@ -184,6 +344,7 @@ async fn asset(name: &str, headers: &HeaderMap, web: &Web) -> Response {
         [
             (header::CONTENT_TYPE, ty),
             (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         ],
         body,
     )
@@ -198,17 +359,37 @@ async fn style(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
     asset("style.css", &headers, &web).await
 }
 
+/// The usage window the page asks for (Unix milliseconds, the chosen month's); absent: the
+/// last 30 days.
+#[derive(Deserialize)]
+struct Window {
+    since: Option<u64>,
+    until: Option<u64>,
+}
+
 /// The lab as the credential's client sees it.
-async fn state(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
-    let Some(cred) = web.sessions.credential(&headers) else {
-        return refused("not signed in");
+async fn state(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    Query(w): Query<Window>,
+) -> Response {
+    let (cred, name, admin) = match signed_in(&web, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let now_ms = jmp_transport::unix_now().saturating_mul(1000);
+    let (since, until) = match (w.since, w.until) {
+        (None, None) => (now_ms.saturating_sub(30 * 86_400_000), None),
+        (Some(s), Some(u)) if s < u => (s, Some(u)),
+        _ => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "the usage window needs both since and until (Unix ms), since before until",
+            )
+        }
     };
     let cred = cred.as_str();
     let api = &web.api;
-    let (name, admin) = match whoami(api, cred).await {
-        Ok(w) => w,
-        Err(why) => return refused(format!("credential refused: {why}")),
-    };
     let answer = |r: Result<Reply, String>| match r {
         Ok(Reply::Error(e)) => json!({"error": e.message}),
         Ok(r) => serde_json::to_value(&r).unwrap_or(Value::Null),
@@ -218,15 +399,16 @@ async fn state(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
         api.call_as(cred, Request::GetExporters { selector: None })
             .await,
     );
-    let leases = answer(api.call_as(cred, Request::GetLeases { all: admin }).await);
-    let now_ms = jmp_transport::unix_now().saturating_mul(1000);
+    // Everything the client's policy lets it see (the queue for its boards included), as
+    // `jmp get leases --all` shows it.
+    let leases = answer(api.call_as(cred, Request::GetLeases { all: true }).await);
     let usage = if admin {
         answer(
             api.call_as(
                 cred,
                 Request::Usage(UsageQuery {
-                    since: now_ms.saturating_sub(30 * 86_400_000),
-                    until: None,
+                    since,
+                    until,
                     by: UsageBy::Team,
                 }),
             )
@@ -247,24 +429,109 @@ async fn state(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
             "exporters": exporters,
             "leases": leases,
             "usage": usage,
+            "window": {"since": since, "until": until},
         })
         .to_string(),
     )
         .into_response()
 }
 
-/// Serves the dashboard on `listener` until the controller ends.
-pub async fn serve(listener: tokio::net::TcpListener, api: Arc<Api>) -> std::io::Result<()> {
+#[derive(Deserialize)]
+struct ReleaseQuery {
+    lease: String,
+}
+
+/// "Release my lease": only the viewer's own lease (an admin's page releases no one else's),
+/// only from a page of this origin.
+async fn release(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    Query(q): Query<ReleaseQuery>,
+) -> Response {
+    if !same_origin(&headers) {
+        return refused("a release must come from the dashboard's own page");
+    }
+    let (cred, me, _) = match signed_in(&web, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let reply = |ok: bool, text: String| {
+        let code = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::FORBIDDEN
+        };
+        (
+            code,
+            [(header::CONTENT_TYPE, "application/json")],
+            json!({"ok": ok, "text": text}).to_string(),
+        )
+            .into_response()
+    };
+    let mine = match web
+        .api
+        .call_as(&cred, Request::GetLeases { all: false })
+        .await
+    {
+        Ok(Reply::Leases { leases }) => leases.iter().any(|l| l.name == q.lease && l.client == me),
+        Ok(Reply::Error(e)) => return reply(false, e.message),
+        Ok(other) => return reply(false, format!("unexpected answer {other:?}")),
+        Err(e) => return reply(false, e),
+    };
+    if !mine {
+        return reply(
+            false,
+            format!(
+                "{me} holds no lease named {:?}: a page releases only its viewer's own leases",
+                q.lease
+            ),
+        );
+    }
+    match web
+        .api
+        .call_as(
+            &cred,
+            Request::DeleteLease {
+                names: vec![q.lease.clone()],
+                all: false,
+            },
+        )
+        .await
+    {
+        Ok(Reply::Deleted { names }) => reply(true, format!("released {}", names.join(", "))),
+        Ok(Reply::Error(e)) => reply(false, e.message),
+        Ok(other) => reply(false, format!("unexpected answer {other:?}")),
+        Err(e) => reply(false, e),
+    }
+}
+
+/// Serves the dashboard on `listener` until the controller ends; `links` are the sign-in
+/// links the API issues for it.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    api: Arc<Api>,
+    links: Arc<SignIns>,
+) -> std::io::Result<()> {
+    let web = Arc::new(Web {
+        api,
+        links,
+        sessions: Default::default(),
+        budget: Default::default(),
+    });
     let router = Router::new()
         .route("/", get(page))
+        .route("/signin/{link}", get(sign_in))
         .route("/dashboard.js", get(script))
         .route("/style.css", get(style))
         .route("/state", get(state))
-        .with_state(Arc::new(Web {
-            api,
-            sessions: Default::default(),
-        }));
-    axum::serve(listener, router).await
+        .route("/release", post(release))
+        .layer(axum::middleware::from_fn_with_state(web.clone(), budget))
+        .with_state(web);
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -302,5 +569,81 @@ mod tests {
             web.sign_in("C").expect("an id");
         }
         assert!(web.0.lock().unwrap().len() <= MAX_SESSIONS);
+    }
+
+    #[test]
+    fn a_sign_in_link_works_once_before_it_expires_and_each_client_has_few() {
+        let links = SignIns::new("http://127.0.0.1:9/".into());
+        let (url, exp) = links.issue("alice", "CRED-A").expect("a link");
+        let id = url
+            .strip_prefix("http://127.0.0.1:9/signin/")
+            .expect("the dashboard's sign-in path");
+        assert_eq!(id.len(), 32);
+        assert!(!url.contains("CRED"), "{url}");
+        assert!(exp > jmp_transport::unix_now() && exp <= jmp_transport::unix_now() + LINK_SECS);
+        // A wrong or longer id does nothing (and does not use the link up).
+        assert_eq!(links.redeem(&format!("{id}0")), None);
+        assert_eq!(links.redeem(""), None);
+        assert_eq!(links.redeem(id).as_deref(), Some("CRED-A"));
+        // Used: refused.
+        assert_eq!(links.redeem(id), None);
+        // Expired: refused.
+        let (url, _) = links.issue("alice", "CRED-A").expect("a link");
+        let id = url.rsplit('/').next().unwrap().to_string();
+        links.links.lock().unwrap().get_mut(&id).unwrap().2 = 0;
+        assert_eq!(links.redeem(&id), None);
+        // At most MAX_LINKS_PER_CLIENT unused links per client; others are not held back.
+        for _ in 0..MAX_LINKS_PER_CLIENT {
+            links.issue("bob", "CRED-B").expect("a link");
+        }
+        let e = links.issue("bob", "CRED-B").expect_err("over the budget");
+        assert!(
+            e.contains("bob") && e.contains("unused sign-in links"),
+            "{e}"
+        );
+        links
+            .issue("alice", "CRED-A")
+            .expect("another client's link");
+    }
+
+    #[test]
+    fn each_address_has_a_request_budget_that_refills() {
+        let b = RequestBudget::default();
+        let t0 = Instant::now();
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let other: IpAddr = "127.0.0.2".parse().unwrap();
+        let burst = (0..1000).take_while(|_| b.take(a, t0)).count();
+        assert_eq!(burst, BURST as usize);
+        assert!(!b.take(a, t0), "an empty bucket refuses");
+        assert!(b.take(other, t0), "another address has its own budget");
+        // A second later, PER_SEC more.
+        let t1 = t0 + std::time::Duration::from_secs(1);
+        let refilled = (0..1000).take_while(|_| b.take(a, t1)).count();
+        assert_eq!(refilled, PER_SEC as usize);
+    }
+
+    #[test]
+    fn only_a_page_of_the_dashboards_own_origin_may_release() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(*k, HeaderValue::from_static(v));
+            }
+            h
+        };
+        assert!(same_origin(&h(&[
+            ("host", "127.0.0.1:8080"),
+            ("origin", "http://127.0.0.1:8080")
+        ])));
+        for bad in [
+            h(&[
+                ("host", "127.0.0.1:8080"),
+                ("origin", "http://evil.example"),
+            ]),
+            h(&[("host", "127.0.0.1:8080"), ("origin", "null")]),
+            h(&[("host", "127.0.0.1:8080")]),
+        ] {
+            assert!(!same_origin(&bad), "{bad:?}");
+        }
     }
 }

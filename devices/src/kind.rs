@@ -653,6 +653,59 @@ pub trait VerbHost: Send + Sync {
     fn progress(&self, _what: &str, _done: u64, _total: Option<u64>) {}
 }
 
+/// Where a verb's answer text and progress go: the part of a [`VerbHost`] in which hosts
+/// that reach the board the same way differ (`jmp mcp` sends progress to its agent, `jmp web`
+/// to its tabs).
+pub trait VerbOutput: Send + Sync {
+    /// As [`VerbHost::print`].
+    fn print(&self, text: &str) -> Result<(), VerbError>;
+    /// As [`VerbHost::progress`].
+    fn progress(&self, _what: &str, _done: u64, _total: Option<u64>) {}
+}
+
+/// The verb host `base`, its answer text and progress going to `out` instead.
+pub struct WithOutput<B, O> {
+    pub base: B,
+    pub out: O,
+}
+
+impl<B: VerbHost, O: VerbOutput> VerbHost for WithOutput<B, O> {
+    fn request<'a>(
+        &'a self,
+        target: &'a Target,
+        device: Option<String>,
+        req: DeviceRequest,
+    ) -> BoxFuture<'a, Result<(String, DeviceResponse, String), VerbError>> {
+        self.base.request(target, device, req)
+    }
+
+    fn channel_with<'a>(
+        &'a self,
+        target: &'a Target,
+        kind: Kind,
+        device: Option<String>,
+        params: Bytes,
+    ) -> BoxFuture<'a, Result<VerbChannel, VerbError>> {
+        self.base.channel_with(target, kind, device, params)
+    }
+
+    fn settle<'a>(
+        &'a self,
+        ch: &'a ChannelOrigin,
+        generation: u64,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        self.base.settle(ch, generation)
+    }
+
+    fn print(&self, text: &str) -> Result<(), VerbError> {
+        self.out.print(text)
+    }
+
+    fn progress(&self, what: &str, done: u64, total: Option<u64>) {
+        self.out.progress(what, done, total)
+    }
+}
+
 /// Whose device a verb's channel reaches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChannelOrigin {

@@ -140,6 +140,13 @@ pub(crate) struct WebArgs {
     /// The largest image the page may upload for flashing, in MiB.
     #[arg(long, default_value_t = 64 * 1024)]
     pub(crate) max_upload_mib: u64,
+    /// Instead of a board page: print a sign-in link to the controller's lab dashboard for
+    /// the client (it works once, within a minute; the dashboard shows what this client may
+    /// see). The controller must serve one (`jmp-controller --web ADDR`).
+    #[arg(long)]
+    pub(crate) lab: bool,
+    #[command(flatten)]
+    pub(crate) client: ClientSel,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -148,6 +148,11 @@ pub enum Request {
     /// Admin: leased time over a window, per team, client, exporter or lease, from the
     /// history of ended leases and the live ones. Answered with [`Reply::Usage`].
     Usage(crate::usage::UsageQuery),
+    /// Client: a short-lived, single-use link that signs its opener in to the lab dashboard
+    /// (`jmp-controller --web`) as the caller, so no credential is ever pasted into a page
+    /// (`jmp web --lab`). Answered with [`Reply::SignInLink`] by the controller's API itself,
+    /// which keeps the links; refused when the controller serves no dashboard.
+    WebSignIn,
 }
 
 /// What jmpd reports when a lease hook has run.
@@ -413,6 +418,11 @@ pub enum Reply {
     RelayOpen(RelayGrant),
     /// The answer to `usage`.
     Usage(crate::usage::UsageReport),
+    /// The answer to `web-sign-in`: open `url` within `expires` (Unix seconds), once.
+    SignInLink {
+        url: String,
+        expires: u64,
+    },
 }
 
 impl Reply {
@@ -552,6 +562,10 @@ pub struct LeaseInfo {
     /// Clients the holder shares it with (`jmp share lease`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shares: Vec<ShareInfo>,
+    /// A waiting request's place in the queue (1: served first among the requests that
+    /// compete for the same exporters); absent for leases and reservations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u32>,
 }
 
 /// A lease shared with another client.

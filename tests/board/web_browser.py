@@ -3,7 +3,11 @@ Selenium, as a person would, and prints what it saw as one JSON object; tests/te
 asserts on it.
 
     web_browser.py board URL SHOTS_DIR           the board page of `jmp web` (the local board)
-    web_browser.py dashboard URL SHOTS_DIR ...   the controller's lab dashboard
+    web_browser.py link URL SHOTS_DIR            the board page while jmpd is killed and
+                                                 restarted (steps told on stdout, answered on
+                                                 stdin)
+    web_browser.py dashboard JSON                the controller's lab dashboard (JSON: its
+                                                 address, the jmp binary, the admin's config...)
 
 Measurements (page weight, time to a console, keystroke-to-echo) are taken in the browser.
 """
@@ -58,6 +62,11 @@ def wait_for(d, what, pred, timeout=WAIT):
 
 def text(d, id_):
     return d.find_element(By.ID, id_).get_attribute("textContent")
+
+
+def flash_done(d):
+    # Not "flashing: N%" (the progress): the result, either way.
+    return text(d, "flash-result").startswith(("flashed: ", "flash failed: "))
 
 
 def page_weight(d):
@@ -177,56 +186,251 @@ def board(url, shots):
               .observe(r, { childList: true, characterData: true, subtree: true });""")
         d.find_element(By.ID, "image").send_keys(img.name)
         d.find_element(By.ID, "flash").click()
-        wait_for(d, "the flash's result", lambda d: text(d, "flash-result").startswith("flash"), timeout=120)
+        wait_for(d, "the flash's result", flash_done, timeout=120)
         os.unlink(img.name)
         seen["flash"] = text(d, "flash-result")
         seen["flash_progress"] = d.execute_script("return window.__progress")
         d.save_screenshot(os.path.join(shots, "board-page-flashed.png"))
+
+        # By a path on the machine jmp web runs on: a device is refused, saying what it is; an
+        # image file (one 6 MiB partition, 2 MiB of data) is flashed.
+        def flash_path(p):
+            f = d.find_element(By.ID, "image-path")
+            f.clear()
+            f.send_keys(p)
+            d.execute_script("document.getElementById('flash-result').textContent = ''")
+            d.find_element(By.ID, "flash-path").click()
+            wait_for(d, "the flash's result", flash_done, timeout=120)
+            return text(d, "flash-result")
+        seen["flash_path_device"] = flash_path("/dev/null")
+        mbr[446:462] = bytes([0, 0, 0, 0, 0x83, 0, 0, 0]) + (2048).to_bytes(4, "little") + (12288).to_bytes(4, "little")
+        img = tempfile.NamedTemporaryFile(suffix=".img", delete=False)
+        img.write(bytes(mbr) + os.urandom((2 << 20) - 512))
+        img.close()
+        seen["flash_path"] = flash_path(img.name)
+        os.unlink(img.name)
     finally:
         d.quit()
     return seen
 
 
-def dashboard(url, shots, jmp, client_url, lease_args):
-    base = url.split("?")[0]
-    seen = {"no_token": status_of(base), "bad_token": status_of(base + "?token=not-a-credential"),
-            "state_no_token": status_of(base + "state")}
+def step(name):
+    """Tells the test a step is reached (a line of its own), and returns its answer."""
+    print(name, flush=True)
+    return sys.stdin.readline().strip()
+
+
+def link(url):
+    """The board page while jmpd is killed and started again (the test does both when told)."""
+    seen = {}
     d = browser()
     try:
         d.get(url)
+        wait_for(d, "the link up", lambda d: text(d, "state") == "link up")
+        keys = d.find_element(By.CSS_SELECTOR, ".xterm-helper-textarea")
+        keys.send_keys(Keys.ENTER)
+        wait_for(d, "the login prompt", lambda d: mirror(d).rstrip().endswith("login:"))
+        keys.send_keys("root" + Keys.ENTER)
+        wait_for(d, "the password prompt", lambda d: mirror(d).rstrip().endswith("Password:"))
+        keys.send_keys("x" + Keys.ENTER)
+        wait_for(d, "the shell prompt", lambda d: mirror(d).rstrip().endswith("#"))
+        keys.send_keys("echo before-the-drop" + Keys.ENTER)
+        wait_for(d, "echo's answer", lambda d: "\nbefore-the-drop\n" in mirror(d))
+        seen["before"] = text(d, "state")
+        assert step("up") == "killed"
+        wait_for(d, "reconnecting", lambda d: "reconnecting" in text(d, "state"))
+        seen["down"] = text(d, "state")
+        d.save_screenshot(os.path.join(sys.argv[3], "board-page-reconnecting.png"))
+        assert step("reconnecting") == "restarted"
+        wait_for(d, "the link up again", lambda d: text(d, "state") == "link up")
+        seen["again"] = text(d, "state")
+        # Keystrokes typed while the link was down were discarded (by design): press Enter
+        # until the restarted board's login prompt answers.
+        prompts = mirror(d).count("login:")
+        deadline = time.monotonic() + WAIT
+        while mirror(d).count("login:") == prompts:
+            if time.monotonic() > deadline:
+                raise SystemExit("no login prompt after the restart:\n" + mirror(d)[-2000:])
+            keys.send_keys(Keys.ENTER)
+            try:
+                WebDriverWait(d, 2, poll_frequency=0.05).until(lambda d: mirror(d).count("login:") > prompts)
+            except Exception:
+                pass
+        keys.send_keys("root" + Keys.ENTER)
+        wait_for(d, "the password prompt", lambda d: mirror(d).rstrip().endswith("Password:"))
+        keys.send_keys("x" + Keys.ENTER)
+        wait_for(d, "the shell prompt", lambda d: mirror(d).rstrip().endswith("#"))
+        keys.send_keys("echo after-the-restart" + Keys.ENTER)
+        wait_for(d, "echo's answer", lambda d: "\nafter-the-restart\n" in mirror(d))
+        seen["echo_after"] = True
+    finally:
+        d.quit()
+    return seen
+
+
+def sign_in_link(cfg, who):
+    """`jmp web --lab` as client `who` (a name, or "admin": the admin's config file): the link."""
+    env = dict(os.environ)
+    env.pop("JMP_CLIENT", None)
+    env.pop("JMP_CLIENT_CONFIG", None)
+    if who == "admin":
+        env["JMP_CLIENT_CONFIG"] = cfg["admin_config"]
+    else:
+        env["JMP_CLIENT"] = who
+    out = subprocess.run([cfg["jmp"], "web", "--lab"], env=env, check=True, capture_output=True,
+                         text=True, timeout=60)
+    return out.stdout.splitlines()[0]
+
+
+def jmp_as(cfg, who, *args, wait=True):
+    env = dict(os.environ, JMP_CLIENT=who)
+    env.pop("JMP_CLIENT_CONFIG", None)
+    if wait:
+        return subprocess.run([cfg["jmp"], *args], env=env, check=True, capture_output=True,
+                              text=True, timeout=60)
+    return subprocess.Popen([cfg["jmp"], *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def post_status(url, headers):
+    req = urllib.request.Request(url, data=b"", method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def lease_json(out):
+    """The lease of `jmp create lease -o json`'s output (its JSON line)."""
+    return json.loads(next(l for l in out.splitlines() if l.lstrip().startswith("{")))
+
+
+def queue_rows(d):
+    # Read in one script: the page redraws the table between two of Selenium's calls.
+    return d.execute_script(
+        "return [...document.querySelectorAll('#queue tbody tr')]"
+        ".map(r => [...r.cells].map(c => c.textContent))")
+
+
+def position_of(d, lease):
+    for r in queue_rows(d):
+        if len(r) > 1 and r[1] == lease:
+            return r[0]
+    return None
+
+
+def dashboard(cfg):
+    base, shots = cfg["base"], cfg["shots"]
+    origin = base.rstrip("/")
+    seen = {"no_session": status_of(base), "state_no_session": status_of(base + "state"),
+            "bad_link": status_of(base + "signin/" + "0" * 32),
+            "release_no_session": post_status(base + "release?lease=x", {"Origin": origin})[0]}
+    waiters = []
+    d = browser()
+    try:
+        # The admin signs in with a link from `jmp web --lab`; the link works once.
+        link = sign_in_link(cfg, "admin")
+        seen["link_has_credential"] = cfg["admin_token"] in link
+        d.get(link)
         wait_for(d, "the exporters", lambda d: "mcp-01" in text(d, "exporters"))
+        seen["url_after_sign_in"] = d.current_url
+        seen["link_again"] = status_of(link)
         seen["weight"] = page_weight(d)
-        # The browser keeps a session id, never the credential it signed in with.
-        token = url.split("token=")[1]
-        seen["cookie_is_credential"] = any(token in c["value"] for c in d.get_cookies())
-        seen["cookies"] = len(d.get_cookies())
+        # The browser keeps a session id, neither the link nor the credential.
+        cookies = d.get_cookies()
+        seen["cookies"] = len(cookies)
+        seen["cookie_is_secret"] = any(cfg["admin_token"] in c["value"] or c["value"] in link
+                                       for c in cookies)
+        session = "; ".join(c["name"] + "=" + c["value"] for c in cookies)
         seen["exporters"] = text(d, "exporters")
         # A lease made from the CLI appears without a reload.
-        out = subprocess.run([jmp, *lease_args], check=True, capture_output=True, text=True, timeout=60)
-        seen["lease_out"] = out.stdout
-        wait_for(d, "the lease", lambda d: "agent" in text(d, "leases"))
+        out = jmp_as(cfg, "agent", "create", "lease", "-l", "vendor=acme", "--duration", "10m",
+                     "-o", "json")
+        lease = lease_json(out.stdout)["name"]
+        seen["lease"] = lease
+        wait_for(d, "the lease", lambda d: lease in text(d, "leases"))
         seen["leases"] = text(d, "leases")
         seen["held"] = text(d, "exporters")
-        wait_for(d, "the usage", lambda d: d.find_element(By.ID, "usage-box").is_displayed())
+        # The admin's page has no button for another client's lease.
+        seen["admin_buttons"] = len(d.find_elements(By.CSS_SELECTOR, "button.release"))
+        wait_for(d, "the usage", lambda d: d.find_element(By.ID, "usage-box").is_displayed()
+                 and "platform" in text(d, "usage"))
         seen["usage"] = text(d, "usage")
+        seen["chart_bars"] = len(d.find_elements(By.CSS_SELECTOR, "#chart rect"))
+        # Another month: no leases then.
+        d.execute_script("const m = document.getElementById('month'); m.value = '2020-01';"
+                         "m.dispatchEvent(new Event('change'));")
+        wait_for(d, "the usage of 2020-01", lambda d: "platform" not in text(d, "usage"))
+        seen["usage_2020"] = text(d, "usage")
+        d.execute_script("const m = document.getElementById('month'); const n = new Date();"
+                         "m.value = n.getUTCFullYear() + '-' + String(n.getUTCMonth() + 1).padStart(2, '0');"
+                         "m.dispatchEvent(new Event('change'));")
+        wait_for(d, "this month's usage again", lambda d: "platform" in text(d, "usage"))
+
+        # Two waiters queue for the held board: positions 1 and 2, with their wait so far.
+        for w in ["w1", "w2"]:
+            waiters.append(jmp_as(cfg, w, "create", "lease", "-l", "vendor=acme", "--duration",
+                                  "5m", "--wait", "300", "-o", "json", wait=False))
+            wait_for(d, "waiter " + w + " in the queue",
+                     lambda d, w=w: any(len(r) > 2 and r[2] == w for r in queue_rows(d)))
+        q = {r[2]: r for r in queue_rows(d)}
+        seen["queue"] = {w: q[w][0] for w in ["w1", "w2"]}
+        seen["queue_wait"] = q["w2"][4]
+        w1_lease, w2_lease = q["w1"][1], q["w2"][1]
         d.save_screenshot(os.path.join(shots, "dashboard.png"))
+
+        # A forged release: from another origin with the admin's session, and from the admin's
+        # own page for a lease the admin does not hold: both refused, the lease stays.
+        seen["forged_origin"] = post_status(base + "release?lease=" + lease,
+                                            {"Origin": "http://evil.example", "Cookie": session})[0]
+        seen["forged_holder"] = d.execute_script(
+            "return fetch('release?lease=' + arguments[0], {method: 'POST'}).then(r => r.status)", lease)
+        seen["lease_after_forgery"] = lease in text(d, "leases")
+
+        # The holder signs in and releases it from its page.
+        d.delete_all_cookies()
+        d.get(sign_in_link(cfg, "agent"))
+        wait_for(d, "the agent's release button",
+                 lambda d: d.find_elements(By.CSS_SELECTOR, "button.release[data-lease='%s']" % lease))
+        d.execute_script("document.querySelector(arguments[0]).click()",
+                         "button.release[data-lease='%s']" % lease)
+        wait_for(d, "the release", lambda d: text(d, "release-result").startswith("released"))
+        seen["released"] = text(d, "release-result")
+        # Its afterLease hook runs: the exporter shows cleaning and the queue waits.
+        wait_for(d, "cleaning", lambda d: "cleaning" in text(d, "exporters"))
+        seen["cleaning"] = text(d, "exporters")
+        seen["queue_cleaning"] = {"w1": position_of(d, w1_lease), "w2": position_of(d, w2_lease)}
+        open(cfg["hook_release"], "w").close()
+        # Cleaned: the first waiter gets the board, the second moves up.
+        wait_for(d, "the second waiter at the head",
+                 lambda d: position_of(d, w1_lease) is None and position_of(d, w2_lease) == "1")
+        seen["queue_after"] = {"w1": position_of(d, w1_lease), "w2": position_of(d, w2_lease)}
+        seen["w1_granted"] = lease_json(waiters[0].communicate(timeout=60)[0])["name"]
+
         # Another client's view: only what its policy allows, no usage.
         d.delete_all_cookies()
-        d.get(client_url)
+        d.get(sign_in_link(cfg, "limited"))
         wait_for(d, "the limited client's view", lambda d: "live" in text(d, "state"))
         seen["limited_me"] = text(d, "me")
         seen["limited_exporters"] = text(d, "exporters")
-        seen["limited_leases"] = text(d, "leases")
+        seen["limited_leases"] = text(d, "leases") + text(d, "queue")
         seen["limited_usage_shown"] = d.find_element(By.ID, "usage-box").is_displayed()
     finally:
+        for w in waiters:
+            if w.poll() is None:
+                w.terminate()
+                w.wait(timeout=30)
         d.quit()
     return seen
 
 
 if __name__ == "__main__":
-    mode, url, shots = sys.argv[1:4]
+    mode = sys.argv[1]
     if mode == "board":
-        r = board(url, shots)
+        r = board(sys.argv[2], sys.argv[3])
+    elif mode == "link":
+        r = link(sys.argv[2])
     else:
-        r = dashboard(url, shots, sys.argv[4], sys.argv[5], sys.argv[6:])
+        r = dashboard(json.loads(sys.argv[2]))
     print(json.dumps(r))

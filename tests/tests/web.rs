@@ -6,13 +6,18 @@
 //! shows after the page's On button, typing logs in and `echo web-ok` answers in the page, a
 //! second tab shares the console, the Cycle button shows the boot log again, a CAN request sent
 //! from python-can and the ECU's answer show in the live view (and its filter), the Off button
-//! shows the board off, and an image uploaded from the page is flashed with its progress seen
-//! and its partition table read through the attachment's mount.
+//! shows the board off, an image uploaded from the page is flashed with its progress seen, a
+//! device named as the image's path is refused, and an image named by its path on this machine
+//! is flashed, its partition table read through the attachment's mount.
 //!
-//! The lab dashboard (`jmp-controller --web`): the admin sees the exporter, a lease made from
-//! the CLI while the page is open appears without a reload, with the usage per team; a client
-//! whose policy allows other boards sees neither the exporter nor the lease, and no usage; no
-//! credential or a bad one is refused.
+//! The lab dashboard (`jmp-controller --web`): people sign in with a link from `jmp web --lab`
+//! (once: a used link is refused; nothing without a session); the admin sees the exporter, a
+//! lease made from the CLI while the page is open appears without a reload, with the usage per
+//! team for the chosen month as a chart; two waiters show their queue positions; a forged
+//! release (another origin, or not the holder) is refused; the holder's button releases the
+//! lease, the board shows "cleaning" while its afterLease hook runs, then the head of the queue
+//! gets it and the other waiter moves up; a client whose policy allows other boards sees
+//! neither the exporter nor the lease, and no usage.
 //!
 //! Screenshots of both pages go to the test's log directory. The figures (page weight, time
 //! to a console, keystroke to echo in the page) are printed for the report, never asserted as
@@ -161,9 +166,22 @@ fn the_board_page_drives_the_local_board_in_a_browser() {
         "progress seen twice: {:?}",
         v["flash_progress"]
     );
-    // The image's partition table, read through the attachment's mount: one 4 MiB partition.
+    // By a path: a device is refused, saying what it is; an image file is flashed.
+    let refused = s(&v, "flash_path_device");
+    assert!(
+        refused.starts_with("flash failed: ")
+            && refused.contains("/dev/null is a character device"),
+        "{refused}"
+    );
+    let by_path = s(&v, "flash_path");
+    assert!(
+        by_path.starts_with("flashed: ") && by_path.contains("2 MiB written"),
+        "{by_path}"
+    );
+    // The last image's partition table, read through the attachment's mount: one 6 MiB
+    // partition (the upload's was 4 MiB).
     let p1 = std::fs::metadata(format!("{mount}/p1")).map(|m| m.len());
-    assert_eq!(p1.ok(), Some(4 << 20), "the new partition through {mount}");
+    assert_eq!(p1.ok(), Some(6 << 20), "the new partition through {mount}");
 
     // Page weight: the page, its script and style, xterm.js and its addon, gzipped.
     let transfer = v["weight"]["transfer"].as_u64().expect("transfer size");
@@ -213,8 +231,54 @@ fn the_board_page_drives_the_local_board_in_a_browser() {
     ));
 }
 
+/// The board page against a separate jmpd: killed with SIGKILL, the page shows the link
+/// reconnecting; started again on the same address, the page's console works again.
 #[test]
-fn the_lab_dashboard_shows_exporters_and_leases_live() {
+fn the_board_page_shows_the_link_dropping_and_recovers() {
+    let bin = require!(browser_venv());
+    let env = TestEnv::new("web-link");
+    let _left = Leftovers { env: &env };
+    let port = free_udp_port();
+    let yaml = env.exporter_yaml(
+        "phoenix",
+        &format!("127.0.0.1:{port}"),
+        "console: {type: sim-console}",
+    );
+    let mut jmpd = env.start_jmpd(&yaml);
+    let (mut attach, _) = env.attach(&jmpd, &[]);
+    let mut web = env.jmp();
+    web.arg("web").env("JMP_LOG", "info");
+    let mut web = Proc::spawn("jmp-web", web, &env.logs);
+    let url = web.expect_line(READY, "jmp web's URL", |l| l.starts_with("http://"));
+    let mut c = tool(&env, &bin, "python");
+    c.arg(board_dir().join("web_browser.py"))
+        .args(["link", url.as_str()])
+        .arg(&env.logs);
+    let mut page = Proc::spawn_with_stdin("web-link", c, &env.logs);
+    page.expect_line(RUN, "the page's console up", |l| l == "up");
+    jmpd.proc.kill9();
+    page.send_line("killed");
+    page.expect_line(RUN, "the page showing the link down", |l| {
+        l == "reconnecting"
+    });
+    let jmpd2 = env.start_jmpd(&yaml);
+    assert_eq!(jmpd2.addr.port(), port);
+    page.send_line("restarted");
+    let last = page.expect_line(RUN, "what the page saw", |l| l.starts_with('{'));
+    let st = page.expect_exit(READY);
+    assert!(st.success(), "{}", page.describe());
+    let v: Value = serde_json::from_str(&last).expect("JSON");
+    assert_eq!(s(&v, "before"), "link up", "{v}");
+    assert_eq!(s(&v, "down"), "link down: reconnecting…", "{v}");
+    assert_eq!(s(&v, "again"), "link up", "{v}");
+    assert_eq!(v["echo_after"], true, "{v}");
+    assert!(attach.is_running(), "{}", attach.describe());
+    web.stop();
+    attach.stop();
+}
+
+#[test]
+fn the_lab_dashboard_shows_exporters_leases_and_the_queue_live() {
     let bin = require!(browser_venv());
     let mut lab = Lab::with_args("web-dash", "127.0.0.1:0", &["--web", "127.0.0.1:0"]);
     let line = lab
@@ -227,67 +291,112 @@ fn the_lab_dashboard_shows_exporters_and_leases_live() {
         .trim_start_matches("jmp-controller: lab dashboard on ")
         .to_string();
     let token = lab.create_exporter("mcp-01", &["vendor=acme", "team=platform"]);
+    // Its afterLease hook runs until the browser script creates `release`: the dashboard
+    // shows the board cleaning meanwhile, and the queue waits.
+    let release = lab.env.root.join("hook-release");
+    let hook = format!(
+        "while [ ! -e {r} ]; do sleep 0.05; done",
+        r = release.display()
+    );
     let yaml = format!(
-        "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: mcp-01}}\nlisten: 127.0.0.1:0\nstateDir: {}\ncontroller: {{tokenFile: {}}}\nexport:\n  {}",
+        "apiVersion: jmp.dev/v1alpha1\nkind: ExporterConfig\nmetadata: {{name: mcp-01}}\nlisten: 127.0.0.1:0\nstateDir: {}\ncontroller: {{tokenFile: {}}}\nhooks:\n  afterLease: {{run: [sh, -c, {}], timeout: 120s}}\nexport:\n  {}",
         lab.env.root.join("state-web").display(),
         token.display(),
+        serde_json::to_string(&hook).expect("json string"),
         widget_export().trim_end().replace('\n', "\n  ")
     );
     let p = lab.env.root.join("mcp-01.exporter.yaml");
     std::fs::write(&p, yaml + "\n").expect("write exporter config");
     let _jmpd = lab.start_jmpd(&p);
     lab.create_client("agent", &["-l", "team=platform"]);
-    let limited = lab.create_client("limited", &["--allow", "vendor=other"]);
-    let credential = |f: &std::path::Path| -> String {
-        let text = std::fs::read_to_string(f).expect("client config");
-        let c: jmp_protocol::api::ClientConfig = serde_norway::from_str(&text).expect("config");
-        c.token
-    };
-    let admin_url = format!("{base}?token={}", credential(&lab.ctl.admin_file));
-    let limited_url = format!("{base}?token={}", credential(&limited));
+    lab.create_client("w1", &["-l", "team=platform"]);
+    lab.create_client("w2", &["-l", "team=platform"]);
+    lab.create_client("limited", &["--allow", "vendor=other"]);
+    let text = std::fs::read_to_string(&lab.ctl.admin_file).expect("the admin's config");
+    let admin: jmp_protocol::api::ClientConfig = serde_norway::from_str(&text).expect("config");
     let env = &lab.env;
     let _left = Leftovers { env };
-    let args: Vec<String> = [
-        "dashboard",
-        admin_url.as_str(),
-        &env.logs.display().to_string(),
-        &jmp_bin().display().to_string(),
-        limited_url.as_str(),
-        "create",
-        "lease",
-        "-l",
-        "vendor=acme",
-        "--duration",
-        "10m",
-    ]
-    .iter()
-    .map(|x| x.to_string())
-    .collect();
-    let v = browse(env, &bin, "web-dash", &args, Some("agent"));
-    for k in ["no_token", "bad_token", "state_no_token"] {
+    let cfg = serde_json::json!({
+        "base": base,
+        "shots": env.logs.display().to_string(),
+        "jmp": jmp_bin().display().to_string(),
+        "admin_config": lab.ctl.admin_file.display().to_string(),
+        "admin_token": admin.token,
+        "hook_release": release.display().to_string(),
+    });
+    let v = browse(
+        env,
+        &bin,
+        "web-dash",
+        &["dashboard".into(), cfg.to_string()],
+        None,
+    );
+    // Nothing without a session, and no session without a live link.
+    for k in [
+        "no_session",
+        "state_no_session",
+        "bad_link",
+        "release_no_session",
+    ] {
         assert_eq!(v[k], 403, "{k}: refused: {v}");
     }
-    // Signed in: the browser holds a session id, never the credential.
+    assert_eq!(v["link_has_credential"], false, "{v}");
+    assert_eq!(
+        s(&v, "url_after_sign_in"),
+        base,
+        "the link leaves the address bar"
+    );
+    assert_eq!(v["link_again"], 403, "a used link is refused: {v}");
+    // Signed in: the browser holds a session id, never the credential or the link.
     assert_eq!(v["cookies"], 1, "{v}");
-    assert_eq!(v["cookie_is_credential"], false, "{v}");
+    assert_eq!(v["cookie_is_secret"], false, "{v}");
     assert!(s(&v, "exporters").contains("vendor=acme"), "{v}");
-    let leases = lab.leases();
-    let lease = leases.first().expect("the lease made from the CLI");
-    let name = lease["name"].as_str().expect("lease name");
+    let lease = s(&v, "lease");
     assert!(
-        s(&v, "leases").contains(name) && s(&v, "leases").contains("mcp-01"),
+        s(&v, "leases").contains(lease) && s(&v, "leases").contains("mcp-01"),
         "the lease appeared without a reload: {}",
         v["leases"]
     );
     assert!(s(&v, "held").contains("agent"), "held by: {}", v["held"]);
+    assert_eq!(v["admin_buttons"], 0, "no button for another's lease: {v}");
     assert!(
         s(&v, "usage").contains("platform"),
         "usage per team: {}",
         v["usage"]
     );
+    assert_eq!(v["chart_bars"], 1, "one team, one bar: {v}");
+    assert!(
+        !s(&v, "usage_2020").contains("platform"),
+        "another month: {}",
+        v["usage_2020"]
+    );
+    // The queue: each waiter's position, and its wait so far.
+    assert_eq!(v["queue"]["w1"], "1", "{v}");
+    assert_eq!(v["queue"]["w2"], "2", "{v}");
+    assert!(
+        s(&v, "queue_wait").ends_with('s'),
+        "wait so far: {}",
+        v["queue_wait"]
+    );
+    // A forged release is refused, and the lease stays.
+    assert_eq!(v["forged_origin"], 403, "{v}");
+    assert_eq!(v["forged_holder"], 403, "{v}");
+    assert_eq!(v["lease_after_forgery"], true, "{v}");
+    // The holder's button releases it; the board is cleaning while its hook runs and
+    // nobody is granted it meanwhile; then the head of the queue gets it and the next moves up.
+    assert_eq!(s(&v, "released"), format!("released {lease}"), "{v}");
+    assert!(s(&v, "cleaning").contains("cleaning"), "{v}");
+    assert_eq!(v["queue_cleaning"]["w1"], "1", "{v}");
+    assert_eq!(v["queue_cleaning"]["w2"], "2", "{v}");
+    assert_eq!(v["queue_after"]["w2"], "1", "{v}");
+    assert!(v["queue_after"]["w1"].is_null(), "{v}");
+    assert!(!s(&v, "w1_granted").is_empty(), "{v}");
+    // Another client sees only what its policy allows.
     assert!(s(&v, "limited_me").starts_with("limited"), "{v}");
     assert!(
-        !s(&v, "limited_exporters").contains("mcp-01") && !s(&v, "limited_leases").contains(name),
+        !s(&v, "limited_exporters").contains("mcp-01")
+            && !s(&v, "limited_leases").contains("mcp-01")
+            && !s(&v, "limited_leases").contains(lease),
         "a client sees only what its policy allows: {v}"
     );
     assert_eq!(v["limited_usage_shown"], false, "usage is for admins");

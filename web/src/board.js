@@ -37,6 +37,7 @@
     if (linkState === "page-lost") return showState("jmp web is not answering; reconnecting…", "down");
     if (linkState.startsWith("ended")) return showState(linkState, "ended");
     if (linkState === "reconnecting") return showState("link down: reconnecting…", "down");
+    if (linkState === "stalled") return showState("link stalled: the exporter is not answering…", "down");
     if (boardOff) return showState("board is off", "off");
     if (linkState === "up") return showState("link up", "up");
     showState(linkState);
@@ -131,6 +132,32 @@
     });
   }
 
+  function flashDone(status, body) {
+    let r;
+    try { r = JSON.parse(body); } catch (_) { r = { ok: false, text: status + " " + body }; }
+    $("flash-result").textContent = (r.ok ? "flashed: " : "flash failed: ") + r.text;
+    $("flash-result").className = r.ok ? "" : "bad";
+    if (r.ok) $("flash-progress").value = 100;
+  }
+
+  // By a path on the machine jmp web runs on: jmp reads the file, the page sends its name.
+  $("flash-path").addEventListener("click", async () => {
+    const path = $("image-path").value.trim();
+    if (!path) {
+      $("flash-result").textContent = "give the path of an image file first";
+      return;
+    }
+    $("flash-result").textContent = "flashing " + path + "…";
+    $("flash-result").className = "";
+    try {
+      const r = await fetch("flash-path", { method: "POST", body: path });
+      flashDone(r.status, await r.text());
+    } catch (_) {
+      $("flash-result").textContent = "flash failed: jmp web did not answer";
+      $("flash-result").className = "bad";
+    }
+  });
+
   $("flash").addEventListener("click", () => {
     const file = $("image").files[0];
     if (!file) {
@@ -145,13 +172,7 @@
         $("flash-result").textContent = "uploading: " + Math.floor((100 * e.loaded) / e.total) + "%";
       }
     };
-    xhr.onload = () => {
-      let r;
-      try { r = JSON.parse(xhr.responseText); } catch (_) { r = { ok: false, text: xhr.status + " " + xhr.responseText }; }
-      $("flash-result").textContent = (r.ok ? "flashed: " : "flash failed: ") + r.text;
-      $("flash-result").className = r.ok ? "" : "bad";
-      if (r.ok) $("flash-progress").value = 100;
-    };
+    xhr.onload = () => flashDone(xhr.status, xhr.responseText);
     xhr.onerror = () => { $("flash-result").textContent = "flash failed: the upload did not reach jmp web"; };
     $("flash-result").textContent = "uploading…";
     xhr.send(file);

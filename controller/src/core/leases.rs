@@ -34,6 +34,7 @@ pub fn lease_info(l: &Lease) -> LeaseInfo {
         idle_deadline: l.idle_deadline().map(|d| d.div_ceil(1000)),
         hard_limit: l.auto_extend.map(|a| a.hard_end / 1000),
         shares: l.shares.iter().map(share_info).collect(),
+        position: None,
     }
 }
 
@@ -72,6 +73,7 @@ fn waiting_info(w: &Waiting) -> LeaseInfo {
         idle_deadline: None,
         hard_limit: None,
         shares: Vec::new(),
+        position: None,
     }
 }
 
@@ -680,7 +682,7 @@ impl<S: LeaseStore> Core<S> {
     /// place in the queue depends on those). An admin sees everything. A client restricted to
     /// some exporters learns nothing about the rest of the lab (who holds them, for how long,
     /// which jobs run there).
-    pub(super) fn get_leases(&self, caller: &Caller, admin: bool, all: bool) -> Reply {
+    pub(super) fn get_leases(&self, now: Millis, caller: &Caller, admin: bool, all: bool) -> Reply {
         let policy = if all && !admin {
             match self
                 .registry
@@ -719,7 +721,13 @@ impl<S: LeaseStore> Core<S> {
                                 .into_iter()
                                 .any(&allowed))
                 })
-                .map(waiting_info),
+                .map(|w| {
+                    let mut i = waiting_info(w);
+                    if !w.reserved {
+                        i.position = self.book.position(now, &w.request_id).map(|(p, _)| p);
+                    }
+                    i
+                }),
         );
         Reply::Leases { leases }
     }

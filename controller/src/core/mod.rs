@@ -444,7 +444,7 @@ impl<S: LeaseStore> Core<S> {
                 admin,
             },
             Request::CreateLease(req) => return self.create_lease(now, &caller, req, tx, stream),
-            Request::GetLeases { all } => self.get_leases(&caller, admin, all),
+            Request::GetLeases { all } => self.get_leases(now, &caller, admin, all),
             Request::UpdateLease {
                 name,
                 duration_secs,
@@ -482,6 +482,11 @@ impl<S: LeaseStore> Core<S> {
             Request::LeaseHook(report) => self.lease_hook(now, &caller, report),
             Request::Usage(q) => self.usage_report(now, &q),
             Request::Register(reg) => return self.register(now, &caller, reg, tx, stream),
+            // The API answers it (it keeps the dashboard's sign-in links); never sent here.
+            Request::WebSignIn => err(
+                CtlErrorCode::Invalid,
+                "web-sign-in is answered by the controller's API",
+            ),
         };
         self.reply(&tx, r);
     }

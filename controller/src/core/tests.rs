@@ -1984,3 +1984,47 @@ async fn a_share_survives_a_controller_restart() {
     assert_eq!(c.share, Some(ShareClaim { control: true }));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `get-leases` gives each waiting request its place in the queue (what the lab dashboard
+/// shows): 1 + the earlier requests competing for the same exporters; a lease has none.
+#[tokio::test]
+async fn listed_waiting_requests_carry_their_queue_position() {
+    let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
+    let _a = h.exporter("team-a-01", &[("team", "a")]).await;
+    let _b = h.exporter("team-b-01", &[("team", "b")]).await;
+    let any = h.client("any", "", 0).await;
+    for (id, sel) in [("on-a", "team=a"), ("on-b", "team=b")] {
+        assert!(matches!(
+            h.call(&any, lease_req(id, sel, 600, 0)).await,
+            Reply::Lease(_)
+        ));
+    }
+    let mut waiting = Vec::new();
+    for (id, sel) in [("a1", "team=a"), ("b1", "team=b"), ("a2", "team=a")] {
+        let (_, mut r) = h.start_call(&any, lease_req(id, sel, 600, 300)).await;
+        assert!(matches!(r.recv().await, Some(Reply::Queued { .. })));
+        waiting.push(r);
+    }
+    let positions = match h.call(&any, Request::GetLeases { all: true }).await {
+        Reply::Leases { leases } => {
+            let mut v: Vec<(String, Option<u32>)> = leases
+                .into_iter()
+                .map(|l| (l.request_id, l.position))
+                .collect();
+            v.sort();
+            v
+        }
+        r => panic!("{r:?}"),
+    };
+    let s = |x: &str| x.to_string();
+    assert_eq!(
+        positions,
+        vec![
+            (s("a1"), Some(1)),
+            (s("a2"), Some(2)),
+            (s("b1"), Some(1)),
+            (s("on-a"), None),
+            (s("on-b"), None),
+        ]
+    );
+}

@@ -5,8 +5,7 @@
 use super::board::BoardNow;
 use crate::device::Host;
 use jmp_devices::agent::AgentHost;
-use jmp_devices::kind::{BoxFuture, ChannelOrigin, Target, VerbChannel, VerbError, VerbHost};
-use jmp_devices::registry::{DeviceRequest, DeviceResponse};
+use jmp_devices::kind::{Target, VerbError, VerbHost, VerbOutput, WithOutput};
 use jmp_protocol::exit as code;
 use jmp_protocol::Kind;
 use rmcp::model::{ProgressNotificationParam, ProgressToken};
@@ -61,42 +60,16 @@ impl Progress {
     }
 }
 
-/// `jmp`'s own verb host (a unit value with no state: the one the CLI's verbs run on).
-static JMP: Host = Host;
-
-/// `jmp`'s verb host, with a call's progress going to the agent.
-pub(super) struct Verbs<'a> {
+/// Where a call's verb output goes: its progress to the agent, no text (the tool's reply
+/// carries it).
+pub(super) struct ToAgent<'a> {
     progress: Option<&'a Progress>,
 }
 
-impl VerbHost for Verbs<'_> {
-    fn request<'b>(
-        &'b self,
-        target: &'b Target,
-        device: Option<String>,
-        req: DeviceRequest,
-    ) -> BoxFuture<'b, Result<(String, DeviceResponse, String), VerbError>> {
-        JMP.request(target, device, req)
-    }
+/// `jmp`'s own verb host, with a call's progress going to the agent.
+pub(super) type Verbs<'a> = WithOutput<Host, ToAgent<'a>>;
 
-    fn channel_with<'b>(
-        &'b self,
-        target: &'b Target,
-        kind: Kind,
-        device: Option<String>,
-        params: bytes::Bytes,
-    ) -> BoxFuture<'b, Result<VerbChannel, VerbError>> {
-        JMP.channel_with(target, kind, device, params)
-    }
-
-    fn settle<'b>(
-        &'b self,
-        ch: &'b ChannelOrigin,
-        generation: u64,
-    ) -> BoxFuture<'b, Result<(), String>> {
-        JMP.settle(ch, generation)
-    }
-
+impl VerbOutput for ToAgent<'_> {
     fn print(&self, _text: &str) -> Result<(), VerbError> {
         // stdout is the protocol's: a tool returns what it has to say in its reply.
         Err(VerbError::new(
@@ -131,7 +104,10 @@ impl<'a> McpHost<'a> {
     pub(super) fn new(board: Result<BoardNow, VerbError>, progress: Option<&'a Progress>) -> Self {
         McpHost {
             board,
-            verbs: Verbs { progress },
+            verbs: WithOutput {
+                base: Host,
+                out: ToAgent { progress },
+            },
         }
     }
 }

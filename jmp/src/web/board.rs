@@ -13,8 +13,7 @@ use crate::ctlsock::{self, Op, ReplyBody};
 use crate::device::Host;
 use crate::state;
 use jmp_devices::agent::{AgentHost, AgentTool};
-use jmp_devices::kind::{BoxFuture, ChannelOrigin, Target, VerbChannel, VerbError, VerbHost};
-use jmp_devices::registry::{DeviceRequest, DeviceResponse};
+use jmp_devices::kind::{Target, VerbError, VerbHost, VerbOutput, WithOutput};
 use jmp_protocol::Kind;
 use serde_json::{json, Map, Value};
 use std::collections::VecDeque;
@@ -43,6 +42,9 @@ struct Shared {
     status: Value,
     console: Value,
     power: Option<Value>,
+    /// The running attachment's devices, as the status reader last found them (`None`: no
+    /// attachment found).
+    devices: Option<Vec<(String, Kind)>>,
 }
 
 pub(crate) struct Board {
@@ -56,40 +58,17 @@ pub(crate) struct Board {
     verbs: Verbs,
 }
 
-/// `jmp`'s verb host, whose progress reports go to every tab.
-struct Verbs {
+/// Where the page's verb output goes: its progress to every tab, no text (`Capture` keeps the
+/// verb's text for the tool's reply).
+struct ToTabs {
     events: broadcast::Sender<Arc<str>>,
     last: Mutex<(u64, u64)>,
 }
 
-impl VerbHost for Verbs {
-    fn request<'b>(
-        &'b self,
-        target: &'b Target,
-        device: Option<String>,
-        req: DeviceRequest,
-    ) -> BoxFuture<'b, Result<(String, DeviceResponse, String), VerbError>> {
-        Host.request(target, device, req)
-    }
+/// `jmp`'s verb host, whose progress reports go to every tab.
+type Verbs = WithOutput<Host, ToTabs>;
 
-    fn channel_with<'b>(
-        &'b self,
-        target: &'b Target,
-        kind: Kind,
-        device: Option<String>,
-        params: bytes::Bytes,
-    ) -> BoxFuture<'b, Result<VerbChannel, VerbError>> {
-        Host.channel_with(target, kind, device, params)
-    }
-
-    fn settle<'b>(
-        &'b self,
-        ch: &'b ChannelOrigin,
-        generation: u64,
-    ) -> BoxFuture<'b, Result<(), String>> {
-        Host.settle(ch, generation)
-    }
-
+impl VerbOutput for ToTabs {
     fn print(&self, _text: &str) -> Result<(), VerbError> {
         // Verbs run here through `Capture`, which keeps their text for the reply.
         Ok(())
@@ -125,16 +104,25 @@ impl AgentHost for Board {
         Ok(self.target.clone())
     }
 
+    /// The attachment's devices as the status reader last found them (every keystroke asks,
+    /// through the console tool: reading every attachment's state file each time made typing
+    /// in the page slow); read from the state file while it has not found them.
     fn devices(&self) -> Result<Vec<(String, Kind)>, VerbError> {
+        if let Some(d) = self.shared().devices.clone() {
+            return Ok(d);
+        }
         let st = state::find(Some(&self.exporter))
             .map_err(|e| VerbError::new(jmp_protocol::exit::UNAVAILABLE, format!("{e:#}")))?;
-        Ok(st
-            .ready
-            .devices
-            .iter()
-            .map(|d| (d.name.clone(), d.kind.clone()))
-            .collect())
+        Ok(devices_of(&st))
     }
+}
+
+fn devices_of(st: &state::StateFile) -> Vec<(String, Kind)> {
+    st.ready
+        .devices
+        .iter()
+        .map(|d| (d.name.clone(), d.kind.clone()))
+        .collect()
 }
 
 fn args(v: Value) -> Map<String, Value> {
@@ -154,9 +142,12 @@ impl Board {
             },
             exporter,
             tools: jmp_devices::registry::agent_tools(),
-            verbs: Verbs {
-                events: events.clone(),
-                last: Mutex::new((u64::MAX, 0)),
+            verbs: WithOutput {
+                base: Host,
+                out: ToTabs {
+                    events: events.clone(),
+                    last: Mutex::new((u64::MAX, 0)),
+                },
             },
             events,
             shared: Mutex::new(Shared {
@@ -165,6 +156,7 @@ impl Board {
                 status: json!({"t": "status", "live": null, "error": "starting"}),
                 console: json!({"t": "console-state"}),
                 power: None,
+                devices: None,
             }),
             flashing: tokio::sync::Mutex::new(()),
         })
@@ -345,8 +337,11 @@ impl Board {
         let mut asked_power = false;
         loop {
             let exporter = self.exporter.clone();
+            let me = self.clone();
             let got = tokio::task::spawn_blocking(move || -> Result<Value, String> {
-                let st = state::find(Some(&exporter)).map_err(|_| {
+                let found = state::find(Some(&exporter));
+                me.shared().devices = found.as_ref().ok().map(devices_of);
+                let st = found.map_err(|_| {
                     format!(
                         "the attachment of {exporter} has ended (jmp detach, the lease ended or was released, or the exporter ended it)"
                     )

@@ -27,7 +27,7 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::Router;
 use board::Board;
 use futures::StreamExt;
@@ -49,22 +49,32 @@ include!(concat!(env!("OUT_DIR"), "/assets.rs"));
 
 /// The largest WebSocket message a tab may send (typing, a power button).
 const MAX_WS_MESSAGE: usize = 256 * 1024;
+/// The longest path the page may name for flashing.
+const MAX_PATH_BODY: usize = 4096;
+/// Uploads at once (one flashing, one waiting for it: flashes run one at a time).
+const MAX_UPLOADS: usize = 2;
 
 struct App {
     board: Arc<Board>,
     token: String,
+    /// The most bytes all uploads at once may write (`--max-upload-mib`).
     max_upload: u64,
     uploads: std::path::PathBuf,
+    /// Uploads under way, at most [`MAX_UPLOADS`].
+    uploading: tokio::sync::Semaphore,
+    /// Bytes the uploads under way have written; at most `max_upload` together.
+    upload_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// Equal without telling by its timing where the first difference is.
 fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    use subtle::ConstantTimeEq;
+    a.as_bytes().ct_eq(b.as_bytes()).into()
 }
+
+/// What every HTML answer may load: its own files and WebSocket; no frames of it elsewhere
+/// (clickjacking the power buttons). xterm.js sets inline styles on its elements.
+const CSP: &str = "default-src 'self'; connect-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'";
 
 impl App {
     /// Whether the path's token is this server's.
@@ -123,6 +133,10 @@ fn asset(name: &str, headers: &HeaderMap) -> Response {
     if gzip {
         h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
     }
+    // Every HTML answer, the page itself or the same file as an asset, has the policy.
+    if a.content_type.starts_with("text/html") {
+        h.insert("content-security-policy", HeaderValue::from_static(CSP));
+    }
     r
 }
 
@@ -134,15 +148,7 @@ async fn page(
     if !app.allowed(&token) {
         return refused(NO_TOKEN);
     }
-    let mut r = asset("board.html", &headers);
-    // The page of another site may not frame this one (clickjacking the power buttons).
-    r.headers_mut().insert(
-        "content-security-policy",
-        HeaderValue::from_static(
-            "default-src 'self'; connect-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
-        ),
-    );
-    r
+    asset("board.html", &headers)
 }
 
 /// `/TOKEN` without its slash: the page's relative URLs need it.
@@ -302,29 +308,43 @@ async fn flash(
         )
             .into_response()
     };
+    let Ok(_one) = app.uploading.try_acquire() else {
+        return reply(
+            false,
+            format!("{MAX_UPLOADS} uploads are under way already; flash again when one is done"),
+        );
+    };
     let path = app.uploads.join(format!(
         "upload-{}.{ext}",
         hex::encode(rand::random::<[u8; 8]>())
     ));
-    // Removed however this ends.
-    struct Gone(std::path::PathBuf);
-    impl Drop for Gone {
+    // Removed however this ends, and its bytes no longer counted.
+    struct Gone<'a>(std::path::PathBuf, &'a std::sync::atomic::AtomicU64, u64);
+    impl Drop for Gone<'_> {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.0);
+            self.1
+                .fetch_sub(self.2, std::sync::atomic::Ordering::Relaxed);
         }
     }
-    let _gone = Gone(path.clone());
+    let mut gone = Gone(path.clone(), &app.upload_bytes, 0);
     let written = async {
         let mut f = tokio::fs::File::create(&path).await?;
         let mut n = 0u64;
         let mut stream = body.into_data_stream();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(std::io::Error::other)?;
-            n += chunk.len() as u64;
-            if n > app.max_upload {
+            let len = chunk.len() as u64;
+            n += len;
+            // Counted before it is written, so uploads at once never write more together.
+            let before = app
+                .upload_bytes
+                .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+            gone.2 += len;
+            if before + len > app.max_upload {
                 return Err(std::io::Error::other(format!(
-                    "the image is larger than --max-upload ({} bytes)",
-                    app.max_upload
+                    "the uploads at once would write more than --max-upload-mib ({} MiB; this image reached {n} bytes)",
+                    app.max_upload >> 20
                 )));
             }
             f.write_all(&chunk).await?;
@@ -344,8 +364,115 @@ async fn flash(
     }
 }
 
+/// `jmp web --lab`: a single-use sign-in link to the lab dashboard, asked of the controller as
+/// the client, so the client's credential never goes into a browser.
+fn lab_link(args: &WebArgs) -> Result<()> {
+    use jmp_protocol::api::{Reply, Request};
+    let (cfg, _) = crate::controller::load_client(args.client.client.as_deref())?;
+    crate::runtime()?.block_on(async {
+        let ctl = crate::controller::Ctl::connect(&cfg).await?;
+        let r = ctl.call(Request::WebSignIn).await;
+        ctl.close();
+        match r? {
+            Reply::SignInLink { url, expires } => {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{url}")?;
+                writeln!(
+                    out,
+                    "jmp web: open it within {} s, once: it signs the browser in to the lab dashboard as {}",
+                    expires.saturating_sub(jmp_transport::unix_now()),
+                    cfg.metadata.name
+                )?;
+                out.flush()?;
+                Ok(())
+            }
+            other => Err(crate::controller::unexpected(other)),
+        }
+    })
+}
+
+/// Why the image at `path` (on this machine, named in the page) cannot be flashed, if it
+/// cannot: only an absolute path to a regular file (following links) is taken, never a
+/// directory, a device or a pipe (a page must not make jmp read a disk or block on a FIFO).
+fn check_image_path(path: &str) -> Result<std::path::PathBuf, String> {
+    let p = std::path::PathBuf::from(path.trim());
+    if path.trim().is_empty() {
+        return Err("give the path of an image file on the machine jmp web runs on".into());
+    }
+    if !p.is_absolute() {
+        return Err(format!(
+            "{}: give an absolute path (jmp web's working directory is not the page's)",
+            p.display()
+        ));
+    }
+    let m = std::fs::metadata(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+    let ft = m.file_type();
+    if !ft.is_file() {
+        use std::os::unix::fs::FileTypeExt;
+        let what = if ft.is_dir() {
+            "a directory"
+        } else if ft.is_block_device() {
+            "a block device"
+        } else if ft.is_char_device() {
+            "a character device"
+        } else if ft.is_fifo() {
+            "a pipe"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(format!(
+            "{} is {what}: only a regular image file is flashed from the page",
+            p.display()
+        ));
+    }
+    Ok(p)
+}
+
+/// Flashes an image file named by its path on this machine: jmp reads it, the browser sends
+/// only the path (the body, as text).
+async fn flash_path(
+    State(app): State<Arc<App>>,
+    Path(token): Path<String>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    if !app.allowed(&token) {
+        return refused(NO_TOKEN);
+    }
+    if !same_origin(&headers) {
+        return refused("flashing is for pages of this server's own origin only");
+    }
+    let reply = |ok: bool, text: String| {
+        let code = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::UNPROCESSABLE_ENTITY
+        };
+        (
+            code,
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::json!({"ok": ok, "text": text}).to_string(),
+        )
+            .into_response()
+    };
+    let path = match check_image_path(&body) {
+        Ok(p) => p,
+        Err(e) => return reply(false, e),
+    };
+    info!("web: flashing {}", path.display());
+    match app.board.flash(&path).await {
+        Ok(text) => reply(true, text.trim().to_string()),
+        Err(e) => reply(false, e),
+    }
+}
+
 /// Serves the page until SIGTERM/SIGINT.
 pub(crate) fn run(args: WebArgs) -> Result<()> {
+    if args.lab {
+        return lab_link(&args);
+    }
     if let Some(m) = MISSING_ASSETS {
         return Err(crate::exit(
             jmp_protocol::exit::UNAVAILABLE,
@@ -395,6 +522,8 @@ pub(crate) fn run(args: WebArgs) -> Result<()> {
             token: token.clone(),
             max_upload: args.max_upload_mib.saturating_mul(1 << 20),
             uploads: uploads.clone(),
+            uploading: tokio::sync::Semaphore::new(MAX_UPLOADS),
+            upload_bytes: Default::default(),
         });
         let router = Router::new()
             .route("/{token}", get(slash))
@@ -402,6 +531,10 @@ pub(crate) fn run(args: WebArgs) -> Result<()> {
             .route("/{token}/assets/{name}", get(assets))
             .route("/{token}/ws", get(ws))
             .route("/{token}/flash", put(flash))
+            .route(
+                "/{token}/flash-path",
+                post(flash_path).layer(axum::extract::DefaultBodyLimit::max(MAX_PATH_BODY)),
+            )
             .fallback(anything_else)
             .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(app);
@@ -469,12 +602,38 @@ mod tests {
     }
 
     #[test]
+    fn only_an_absolute_path_to_a_regular_file_is_flashed() {
+        let dir = std::env::temp_dir().join(format!("jmp-web-path-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("a.img");
+        std::fs::write(&img, b"image").unwrap();
+        let link = dir.join("link.img");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&img, &link).unwrap();
+        assert_eq!(check_image_path(img.to_str().unwrap()), Ok(img.clone()));
+        assert_eq!(check_image_path(link.to_str().unwrap()), Ok(link.clone()));
+        let why = |p: &str| check_image_path(p).expect_err(p);
+        assert!(why(dir.to_str().unwrap()).contains("is a directory"));
+        assert!(why("/dev/null").contains("is a character device"));
+        assert!(why("a.img").contains("absolute path"));
+        assert!(why("").contains("give the path"));
+        assert!(why(dir.join("none.img").to_str().unwrap()).contains("No such file"));
+        let fifo = dir.join("fifo");
+        let _ = std::fs::remove_file(&fifo);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(why(fifo.to_str().unwrap()).contains("is a pipe"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn only_this_servers_token_in_the_path_is_let_in() {
         let app = App {
             board: Board::new("x".into()),
             token: "ab12".into(),
             max_upload: 0,
             uploads: std::path::PathBuf::new(),
+            uploading: tokio::sync::Semaphore::new(MAX_UPLOADS),
+            upload_bytes: Default::default(),
         };
         assert!(app.allowed("ab12"));
         assert!(!app.allowed("ab13"));
