@@ -2112,5 +2112,8 @@ async fn a_share_is_bounded_by_the_colleagues_longest_lease() {
         "{until} within {t1}+120..{t2}+120"
     );
     let short = pushed.iter().find(|x| x.client == "short").unwrap();
-    assert_eq!(short.until, s.shares[0].until, "the other share is as it was");
+    assert_eq!(
+        short.until, s.shares[0].until,
+        "the other share is as it was"
+    );
 }
