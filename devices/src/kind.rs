@@ -647,6 +647,20 @@ pub trait VerbHost: Send + Sync {
     /// Writes the answer to stdout (a closed pipe ends the program quietly, as Unix tools do).
     fn print(&self, text: &str) -> Result<(), VerbError>;
 
+    /// The board's devices and their local endpoints as `jmp status` shows them, one device a
+    /// line (the console's devices key). Default: a host that has no such list says so.
+    fn local_devices<'a>(
+        &'a self,
+        _target: &'a Target,
+    ) -> BoxFuture<'a, Result<String, VerbError>> {
+        Box::pin(async {
+            Err(VerbError::new(
+                jmp_protocol::exit::UNAVAILABLE,
+                "this host lists no local devices",
+            ))
+        })
+    }
+
     /// How far a long operation got (`what`: "flashing"; bytes `done` of `total`), for a host
     /// that shows it somewhere else than the terminal the verb draws its bar on (an agent's
     /// progress notifications). Called often: the host throttles. Default: nothing.

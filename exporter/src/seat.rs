@@ -26,8 +26,10 @@
 //! A **guest** (a colleague the holder shared the lease with, `jmp share lease`) attaches
 //! beside whoever holds the board, never as the holder and never replacing anyone: admitted
 //! while its lease is the current one and the controller's last word lists its share, at most
-//! [`MAX_GUESTS`] at once. It goes (a stray) when its lease ends or is superseded, its token
-//! expires (the share's `--until`), or its share is revoked or its terms changed.
+//! [`MAX_GUESTS`] at once and at most [`MAX_GUESTS_PER_CLIENT`] of one colleague, so one
+//! colleague cannot take every guest slot from the others. It goes (a stray) when its lease
+//! ends or is superseded, its token expires (the share's `--until`), or its share is revoked or
+//! its terms changed. The holder is told who is attached beside it ([`Seat::guest_watch`]).
 
 use crate::auth::Admission;
 use jmp_protocol::ErrorCode;
@@ -43,6 +45,10 @@ pub const MAX_ONE_SHOT: usize = 4;
 /// Guest sessions (colleagues of a shared lease) admitted at once, each with a session's
 /// budget.
 pub const MAX_GUESTS: usize = 8;
+
+/// Guest sessions of one colleague at once (a console watcher and a `jmp power`, or two
+/// terminals): the rest of [`MAX_GUESTS`] stays for the others the holder shared with.
+pub const MAX_GUESTS_PER_CLIENT: usize = 2;
 
 /// Leases remembered as ended, for one-shot sessions still attached under them.
 const ENDED_KEPT: usize = 16;
@@ -85,6 +91,9 @@ pub struct Claim<'a, H> {
     pub admission: &'a Admission,
     /// Requests only; does not take the board (`features::ONE_SHOT`).
     pub one_shot: bool,
+    /// Its Hello says it understands the list of guests (`features::GUESTS`): as the holder,
+    /// it is told who is attached beside it.
+    pub wants_guests: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -99,6 +108,7 @@ struct Holder<H> {
     until: Option<u64>,
     warned: bool,
     since: Instant,
+    wants_guests: bool,
 }
 
 /// A one-shot session admitted and not yet gone.
@@ -120,6 +130,7 @@ struct Guest<H> {
     lease: String,
     until: Option<u64>,
     control: bool,
+    since: Instant,
 }
 
 #[derive(Debug)]
@@ -258,6 +269,34 @@ impl<H: Clone> Seat<H> {
             .collect()
     }
 
+    /// The holder to tell who is attached beside it (if it holds the board and understands
+    /// the list), and the list: (client, control, since) of each guest session.
+    pub fn guest_watch(&self) -> (Option<H>, Vec<(String, bool, Instant)>) {
+        let to = self
+            .holder
+            .as_ref()
+            .filter(|h| h.wants_guests)
+            .map(|h| h.handle.clone());
+        let list = self
+            .guests
+            .iter()
+            .map(|g| (g.identity.clone(), g.control, g.since))
+            .collect();
+        (to, list)
+    }
+
+    /// The connection holding the board, if any.
+    pub fn holder_conn(&self) -> Option<u64> {
+        self.holder.as_ref().map(|h| h.conn)
+    }
+
+    /// The lease a session uses now, for the controller's liveness: the holder's, else a
+    /// guest's (a colleague watching a shared lease keeps it in use while the holder is away).
+    pub fn lease_in_use(&self) -> Option<&str> {
+        self.holder_lease()
+            .or_else(|| self.guests.first().map(|g| g.lease.as_str()))
+    }
+
     /// Who holds the board now, if anyone.
     pub fn holder(&self) -> Option<&str> {
         self.holder.as_ref().map(|h| h.client.as_str())
@@ -275,7 +314,7 @@ impl<H: Clone> Seat<H> {
             .clone()
             .unwrap_or_else(|| c.client.to_string());
         if let Some(share) = c.admission.share {
-            return self.admit_guest(&c, identity, share.control);
+            return self.admit_guest(&c, identity, share.control, now);
         }
         if c.one_shot {
             let admit = |seat: &mut Self| {
@@ -376,13 +415,20 @@ impl<H: Clone> Seat<H> {
             until: c.admission.until,
             warned: false,
             since: now,
+            wants_guests: c.wants_guests,
         });
         Verdict::Admit { evict }
     }
 
     /// A colleague of a shared lease: beside whoever is there, if the controller's last word
     /// lists its share with the terms its token claims.
-    fn admit_guest(&mut self, c: &Claim<'_, H>, identity: String, control: bool) -> Verdict<H> {
+    fn admit_guest(
+        &mut self,
+        c: &Claim<'_, H>,
+        identity: String,
+        control: bool,
+        now: Instant,
+    ) -> Verdict<H> {
         let refuse = |reason: String| Verdict::Refuse {
             code: ErrorCode::Unauthorized,
             reason,
@@ -416,6 +462,20 @@ impl<H: Clone> Seat<H> {
                 ),
             };
         }
+        let own = self
+            .guests
+            .iter()
+            .filter(|g| g.identity == identity)
+            .count();
+        if own >= MAX_GUESTS_PER_CLIENT {
+            return Verdict::Refuse {
+                code: ErrorCode::Busy,
+                reason: format!(
+                    "{identity} already has {own} sessions on {} under lease {lease} (at most {MAX_GUESTS_PER_CLIENT} per colleague); end one first",
+                    self.exporter
+                ),
+            };
+        }
         self.guests.push(Guest {
             conn: c.conn,
             handle: c.handle.clone(),
@@ -423,6 +483,7 @@ impl<H: Clone> Seat<H> {
             lease,
             until: c.admission.until,
             control,
+            since: now,
         });
         Verdict::Admit { evict: None }
     }
@@ -569,6 +630,7 @@ mod tests {
             session,
             admission: a,
             one_shot: false,
+            wants_guests: true,
         }
     }
 
@@ -922,22 +984,100 @@ mod tests {
             s.admit(claim(6, "bob@b", 24, &bob), t0),
             Verdict::Refuse { .. }
         ));
-        // Guests are bounded.
-        let l2 = guest("L2", "bob", false, 1000);
-        for conn in 0..MAX_GUESTS as u64 {
+        // Guests are bounded: in all, and per colleague (issue 21: one colleague cannot take
+        // every slot from the others the holder shared with).
+        let names: Vec<String> = (0..MAX_GUESTS).map(|i| format!("c{i}")).collect();
+        s.set_shares(
+            Some("L2"),
+            names.iter().map(|n| (n.clone(), false)).collect(),
+        );
+        let c0 = guest("L2", "c0", false, 1000);
+        for conn in 0..MAX_GUESTS_PER_CLIENT as u64 {
             assert_eq!(
-                s.admit(claim(10 + conn, "bob@b", 30 + conn, &l2), t0),
+                s.admit(claim(10 + conn, "c0@b", 30 + conn, &c0), t0),
                 Verdict::Admit { evict: None }
             );
         }
-        assert!(matches!(
-            s.admit(claim(99, "bob@b", 99, &l2), t0),
-            Verdict::Refuse {
-                code: ErrorCode::Busy,
-                ..
+        match s.admit(claim(98, "c0@b", 98, &c0), t0) {
+            Verdict::Refuse { code, reason } => {
+                assert_eq!(code, ErrorCode::Busy);
+                assert!(
+                    reason.contains("c0 already has 2 sessions")
+                        && reason.contains("per colleague"),
+                    "{reason}"
+                );
             }
-        ));
+            v => panic!("{v:?}"),
+        }
+        for (i, n) in names.iter().enumerate().skip(1) {
+            if s.guests().len() == MAX_GUESTS {
+                break;
+            }
+            let a = guest("L2", n, false, 1000);
+            assert_eq!(
+                s.admit(claim(20 + i as u64, "x@b", 40 + i as u64, &a), t0),
+                Verdict::Admit { evict: None },
+                "{n}"
+            );
+        }
+        assert_eq!(s.guests().len(), MAX_GUESTS);
+        let last = guest("L2", &names[MAX_GUESTS - 1], false, 1000);
+        match s.admit(claim(99, "x@b", 99, &last), t0) {
+            Verdict::Refuse { code, reason } => {
+                assert_eq!(code, ErrorCode::Busy);
+                assert!(reason.contains("already serves 8"), "{reason}");
+            }
+            v => panic!("{v:?}"),
+        }
         s.detached(10);
         assert_eq!(s.guests().len(), MAX_GUESTS - 1);
+        assert_eq!(
+            s.admit(claim(12, "c0@b", 32, &c0), t0),
+            Verdict::Admit { evict: None },
+            "a colleague's slot comes back when its session ends"
+        );
+    }
+
+    /// Issue 21: the holder is told who is attached beside it (if its Hello asked), and a
+    /// guest alone keeps its lease in use.
+    #[test]
+    fn the_holder_sees_its_guests_and_a_guest_alone_keeps_the_lease_in_use() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(5);
+        let mut s = Seat::new("rpi4");
+        let l1 = lease("L1", "alice", true);
+        s.keep_only_lease(Some("L1"));
+        s.set_shares(
+            Some("L1"),
+            vec![("bob".into(), false), ("carol".into(), true)],
+        );
+        assert_eq!(s.guest_watch(), (None, vec![]), "nobody holds the board");
+        s.admit(claim(1, "alice@a", 10, &l1), t0);
+        s.admit(claim(2, "bob@b", 20, &guest("L1", "bob", false, 1000)), t1);
+        s.admit(
+            claim(3, "carol@c", 30, &guest("L1", "carol", true, 1000)),
+            t1,
+        );
+        assert_eq!(
+            s.guest_watch(),
+            (
+                Some(1),
+                vec![("bob".into(), false, t1), ("carol".into(), true, t1)]
+            )
+        );
+        assert_eq!(s.lease_in_use(), Some("L1"));
+        // The holder leaves: the colleagues still use the lease.
+        s.detached(1);
+        assert_eq!(s.guest_watch().0, None);
+        assert_eq!(s.lease_in_use(), Some("L1"));
+        s.detached(2);
+        s.detached(3);
+        assert_eq!(s.lease_in_use(), None);
+        // A holder whose Hello does not understand the list is not sent it.
+        let mut c = claim(4, "alice@a", 11, &l1);
+        c.wants_guests = false;
+        s.admit(c, t1);
+        s.admit(claim(5, "bob@b", 21, &guest("L1", "bob", false, 1000)), t1);
+        assert_eq!(s.guest_watch(), (None, vec![("bob".into(), false, t1)]));
     }
 }

@@ -78,12 +78,15 @@ pub struct Exporter {
     /// The current preparation's output so far, for clients that start waiting late.
     hook_backlog: Mutex<std::collections::VecDeque<String>>,
     stats: Stats,
-    /// The lease the session holding the board attached under (`None`: nobody holds it, or
-    /// the holder came without a lease), for the controller: a lease is in use while a session
-    /// of it is attached.
+    /// The lease a session attached under uses the board now (the holder's, else a guest's;
+    /// `None`: nobody, or the holder came without a lease), for the controller: a lease is in
+    /// use while a session of it is attached, a colleague's of a shared lease included.
     sessions: tokio::sync::watch::Sender<Option<String>>,
     /// The current holder; `None` until the first one since the exporter started.
     tenure: Mutex<Option<Tenure>>,
+    /// A moment on both clocks: the seat's times (monotonic) become Unix seconds from it,
+    /// the same for a guest at every push.
+    epoch: (Instant, u64),
     history: crate::config::History,
 }
 
@@ -128,6 +131,7 @@ impl Exporter {
             stats: Stats::default(),
             sessions: tokio::sync::watch::Sender::new(None),
             tenure: Mutex::default(),
+            epoch: (Instant::now(), jmp_transport::unix_now()),
             history: cfg.history,
         })
     }
@@ -184,12 +188,18 @@ impl Exporter {
         self.seat.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Changes the seat, then publishes the lease its holder attached under if that changed
-    /// (under the seat's lock, so two changes cannot publish in the wrong order).
+    /// Changes the seat, then publishes the lease in use if that changed, and tells the
+    /// holder its guests if they changed (under the seat's lock, so two changes cannot
+    /// publish in the wrong order).
     fn with_seat<R>(&self, f: impl FnOnce(&mut Seat<LinkHandle>) -> R) -> R {
         let mut seat = self.seat();
+        let (_, guests_before) = seat.guest_watch();
         let r = f(&mut seat);
-        let lease = seat.holder_lease().map(str::to_string);
+        let (to, guests) = seat.guest_watch();
+        if let Some(h) = to.filter(|_| guests != guests_before) {
+            h.guests(self.guest_list(&guests));
+        }
+        let lease = seat.lease_in_use().map(str::to_string);
         self.sessions.send_if_modified(|l| {
             let changed = *l != lease;
             *l = lease;
@@ -367,6 +377,22 @@ impl Exporter {
         self.with_seat(|s| s.cap_guests(lease, ends));
     }
 
+    /// The seat's guests as the holder is told them (since when in Unix seconds, from
+    /// `epoch`, so a guest's time is the same in every list).
+    fn guest_list(&self, guests: &[(String, bool, Instant)]) -> jmp_protocol::Guests {
+        let (at, unix) = self.epoch;
+        jmp_protocol::Guests {
+            guests: guests
+                .iter()
+                .map(|(client, control, since)| jmp_protocol::GuestInfo {
+                    client: client.clone(),
+                    control: *control,
+                    since: unix + since.saturating_duration_since(at).as_secs(),
+                })
+                .collect(),
+        }
+    }
+
     /// Sessions of colleagues under a shared lease attached now, as (client, control).
     pub fn guests(&self) -> Vec<(String, bool)> {
         self.seat().guests()
@@ -467,6 +493,7 @@ impl Exporter {
                     session: hello.session,
                     admission: &admission,
                     one_shot,
+                    wants_guests: hello.features & features::GUESTS != 0,
                 },
                 Instant::now(),
             )
@@ -504,6 +531,17 @@ impl Exporter {
             instance: self.instance,
             devices: self.devices.infos(),
         });
+        {
+            // A holder hears who is already attached beside it (changes come from with_seat;
+            // one sent before this Welcome was dropped). Under the seat's lock, so this list
+            // cannot overtake a newer one.
+            let seat = self.seat();
+            if let (Some(h), guests) = seat.guest_watch() {
+                if seat.holder_conn() == Some(conn_id) && !guests.is_empty() {
+                    h.guests(self.guest_list(&guests));
+                }
+            }
+        }
         let identity = admission.client.as_deref().unwrap_or("-");
         info!(client = %client, identity, lease = admission.lease.as_deref().unwrap_or("-"), "attached from {peer}");
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);

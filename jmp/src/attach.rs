@@ -170,6 +170,41 @@ pub struct Live {
     /// is; absent in the control socket's own answer).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub local: bool,
+    /// Colleagues attached beside this session under a shared lease (`jmp share lease`), as
+    /// the exporter last said; empty (and absent) when nobody is, and while reconnecting.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guests: Vec<GuestRow>,
+}
+
+/// A colleague's session beside ours, as `jmp status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestRow {
+    /// The client the share names (from the exporter: escape it before printing).
+    pub client: String,
+    /// It may type and power (`--control`); otherwise it only watches.
+    pub control: bool,
+    /// Unix seconds it attached at (the exporter's clock).
+    pub since: u64,
+}
+
+impl GuestRow {
+    fn from_wire(g: &jmp_protocol::GuestInfo) -> Self {
+        GuestRow {
+            client: g.client.clone(),
+            control: g.control,
+            since: g.since,
+        }
+    }
+
+    /// One line for `jmp status`: who, with what access, since when.
+    pub fn text(&self) -> String {
+        format!(
+            "{} ({}) since {}",
+            jmp_protocol::name::escape(&self.client),
+            if self.control { "control" } else { "read-only" },
+            crate::controller::fmt_time(self.since)
+        )
+    }
 }
 
 /// Why the attachment ended.
@@ -429,6 +464,7 @@ pub async fn run(
             since: jmp_transport::unix_now(),
             log: std::env::var_os("JMP_LOG_FILE").map(PathBuf::from),
             local: false,
+            guests: Vec::new(),
         }),
         links: slot_rx.clone(),
     });
@@ -568,6 +604,17 @@ pub async fn run(
                             }
                         }
                     }
+                    Some(LinkEvent::Guests(g)) => {
+                        let rows: Vec<GuestRow> = g.guests.iter().map(GuestRow::from_wire).collect();
+                        let mut before = Vec::new();
+                        shared.update(|l| before = std::mem::replace(&mut l.guests, rows.clone()));
+                        for r in rows.iter().filter(|r| !before.contains(r)) {
+                            info!("attached beside you: {}", r.text());
+                        }
+                        for r in before.iter().filter(|r| !rows.iter().any(|n| n.client == r.client && n.since == r.since)) {
+                            info!("detached from beside you: {}", jmp_protocol::name::escape(&r.client));
+                        }
+                    }
                     Some(_) => {}
                     None => break (ErrorCode::Internal, "the link task ended".into()),
                 },
@@ -594,6 +641,8 @@ pub async fn run(
         shared.update(|l| {
             l.link = "reconnecting".into();
             l.since = jmp_transport::unix_now();
+            // The next session's exporter says who is beside it then.
+            l.guests.clear();
         });
 
         // ---- disconnected: reconnect with backoff while bridges idle ----

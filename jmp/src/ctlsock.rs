@@ -607,14 +607,30 @@ mod tests {
             since: 1_795_000_000,
             log: None,
             local: false,
+            guests: Vec::new(),
         };
         round(
-            &Reply::new(ReplyBody::Status(live)),
+            &Reply::new(ReplyBody::Status(live.clone())),
             concat!(
                 r#"{"v":1,"reply":"status","exporter":"rpi4-01","fingerprint":"sha256:ab","pid":42,"lease":"L1","devices":["#,
                 r#"{"name":"console","kind":"serial","local":"/dev/jmp/rpi4-01/console","endpoints":[{"type":"path","at":"/dev/jmp/rpi4-01/console"}],"state":"available","summary":"115200 8N1"},"#,
                 r#"{"name":"power","kind":"power","local":"","endpoints":[],"state":"unavailable","reason":"relay unplugged"}],"#,
                 r#""link":"up","since":1795000000}"#
+            ),
+        );
+        // Issue 21: the colleagues attached beside the holder (absent when there are none).
+        let mut shared = live.clone();
+        shared.ready.devices.clear();
+        shared.guests = vec![crate::attach::GuestRow {
+            client: "bob".into(),
+            control: false,
+            since: 1_795_000_100,
+        }];
+        round(
+            &Reply::new(ReplyBody::Status(shared)),
+            concat!(
+                r#"{"v":1,"reply":"status","exporter":"rpi4-01","fingerprint":"sha256:ab","pid":42,"lease":"L1","devices":[],"#,
+                r#""link":"up","since":1795000000,"guests":[{"client":"bob","control":false,"since":1795000100}]}"#
             ),
         );
     }
@@ -642,6 +658,7 @@ mod tests {
             since: 0,
             log: None,
             local: false,
+            guests: Vec::new(),
         };
         let p = DeviceRequest::Power(power::Request::On);
         assert_eq!(pick_device(&live, None, &p).ok().as_deref(), Some("power"));

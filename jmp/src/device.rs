@@ -45,6 +45,16 @@ fn from_anyhow(e: anyhow::Error) -> VerbError {
 /// The running attachment `target` names (by exporter, by lease, or the only one), if any.
 /// An exporter named without a token must be a running attachment's.
 fn running(target: &Target) -> Result<Option<state::StateFile>, VerbError> {
+    running_as(target, true)
+}
+
+/// [`running`] without saying which board it picked when none was named (the console's
+/// devices key: the console said so when it started, and its terminal is raw now).
+fn running_quietly(target: &Target) -> Result<Option<state::StateFile>, VerbError> {
+    running_as(target, false)
+}
+
+fn running_as(target: &Target, say: bool) -> Result<Option<state::StateFile>, VerbError> {
     if target.token_file.is_some() || target.token.is_some() {
         return Ok(None);
     }
@@ -66,7 +76,7 @@ fn running(target: &Target) -> Result<Option<state::StateFile>, VerbError> {
             let mut all = state::all();
             let others = state::others_of(&all, &caller);
             all.retain(|s| s.is_callers(&caller));
-            if all.is_empty() && !others.is_empty() {
+            if all.is_empty() && !others.is_empty() && say {
                 tracing::info!("not using the attachments of others ({others}); asking the controller for your lease");
             }
             if all.len() > 1 {
@@ -84,7 +94,7 @@ fn running(target: &Target) -> Result<Option<state::StateFile>, VerbError> {
                 ));
             }
             let found = all.into_iter().next();
-            if let Some(st) = &found {
+            if let Some(st) = found.as_ref().filter(|_| say) {
                 // Said, since nothing was named: which board this acts on.
                 eprintln!(
                     "jmp: {} (your attachment{})",
@@ -154,6 +164,22 @@ impl VerbHost for Host {
 
     fn print(&self, text: &str) -> Result<(), VerbError> {
         print_out(text).map_err(from_anyhow)
+    }
+
+    fn local_devices<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<String, VerbError>> {
+        Box::pin(async move {
+            match running_quietly(target)? {
+                Some(st) => Ok(tokio::task::spawn_blocking(move || {
+                    state::live_text(&state::live(&st))
+                })
+                .await
+                .map_err(|e| fail(e.to_string()))?),
+                None => Err(VerbError::new(
+                    code::UNAVAILABLE,
+                    "no attachment of this board runs here, so its devices have no local endpoints (jmp attach makes them)",
+                )),
+            }
+        })
     }
 }
 

@@ -599,6 +599,7 @@ pub fn live(st: &StateFile) -> Live {
             since: 0,
             log: st.log.clone(),
             local: false,
+            guests: Vec::new(),
         },
     }
 }
@@ -619,26 +620,36 @@ pub fn status(json: bool) -> Result<()> {
         out.push_str("no attachment is running\n");
     } else {
         for l in &all {
-            let r = &l.ready;
-            out.push_str(&format!(
-                "{}{} (pid {}, link {}{}, {})\n",
-                jmp_protocol::name::escape(&r.exporter),
-                if l.local { " [local]" } else { "" },
-                r.pid,
-                l.link,
-                r.lease
-                    .as_deref()
-                    .map(|x| format!(", lease {x}"))
-                    .unwrap_or_default(),
-                r.fingerprint
-            ));
-            for line in r.table().lines() {
-                out.push_str(&format!("  {line}\n"));
-            }
-            if let Some(log) = &l.log {
-                out.push_str(&format!("  log: {}\n", log.display()));
-            }
+            out.push_str(&live_text(l));
         }
     }
     crate::print_out(&out)
+}
+
+/// One attachment as `jmp status` shows it (and the console's devices key): the board, its
+/// devices with their local endpoints, the colleagues attached beside it, its log.
+pub fn live_text(l: &Live) -> String {
+    let r = &l.ready;
+    let mut out = format!(
+        "{}{} (pid {}, link {}{}, {})\n",
+        jmp_protocol::name::escape(&r.exporter),
+        if l.local { " [local]" } else { "" },
+        r.pid,
+        l.link,
+        r.lease
+            .as_deref()
+            .map(|x| format!(", lease {x}"))
+            .unwrap_or_default(),
+        r.fingerprint
+    );
+    for line in r.table().lines() {
+        out.push_str(&format!("  {line}\n"));
+    }
+    for g in &l.guests {
+        out.push_str(&format!("  attached beside you: {}\n", g.text()));
+    }
+    if let Some(log) = &l.log {
+        out.push_str(&format!("  log: {}\n", log.display()));
+    }
+    out
 }

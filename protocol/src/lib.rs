@@ -54,8 +54,11 @@ pub mod features {
     /// board" while the exporter's beforeLease hook runs) and keeps waiting for the `Welcome`
     /// while they come. An exporter never holds a client without it: it refuses as busy.
     pub const WAITS: u64 = 1 << 4;
+    /// In `Hello` only: this client understands `Guests` (the colleagues attached beside it
+    /// under a shared lease). An exporter sends it only to a holder whose Hello has this bit.
+    pub const GUESTS: u64 = 1 << 5;
     /// Everything this build speaks (`ONE_SHOT` is a choice, not a capability).
     pub const ALL: u64 = DATAGRAMS | REQUESTS | STATUS;
     /// What this build's `jmp` says in its Hello.
-    pub const CLIENT: u64 = ALL | WAITS;
+    pub const CLIENT: u64 = ALL | WAITS | GUESTS;
 }

@@ -33,6 +33,7 @@ pub enum Message {
     Done(Done),
     Notice(Notice),
     Status(Status),
+    Guests(Guests),
 }
 
 /// Client → exporter, first message. The token is a secret: never log it (Debug masks it).
@@ -190,6 +191,30 @@ const T_REQUEST: u8 = 0x09;
 const T_DONE: u8 = 0x0a;
 const T_NOTICE: u8 = 0x0b;
 const T_STATUS: u8 = 0x0c;
+const T_GUESTS: u8 = 0x0d;
+
+/// Most colleagues one [`Guests`] may list: the exporter admits 8 guest sessions; the bound
+/// keeps a hostile exporter from making a client hold an unbounded list.
+pub const MAX_GUESTS_LISTED: usize = 64;
+
+/// Exporter → client, only to the session holding the board and only when its Hello has
+/// [`crate::features::GUESTS`]: the colleagues attached beside it under a shared lease (`jmp
+/// share lease`), the whole list each time it changes (empty: nobody any more).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Guests {
+    pub guests: Vec<GuestInfo>,
+}
+
+/// One colleague's session beside the holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestInfo {
+    /// The client the share names (the identity its token proves).
+    pub client: String,
+    /// Whether it may type and power (`--control`), or only watches.
+    pub control: bool,
+    /// Unix seconds it attached at, by the exporter's clock.
+    pub since: u64,
+}
 
 fn put_state(buf: &mut BytesMut, s: &DeviceState) {
     match s {
@@ -343,6 +368,15 @@ impl Codec for Message {
                 put_state(buf, &s.state);
                 put_bytes(buf, &s.params);
             }
+            Message::Guests(g) => {
+                buf.put_u8(T_GUESTS);
+                put_varint(buf, g.guests.len() as u64);
+                for x in &g.guests {
+                    put_str(buf, &x.client);
+                    buf.put_u8(u8::from(x.control));
+                    put_varint(buf, x.since);
+                }
+            }
         }
     }
 
@@ -440,6 +474,36 @@ impl Codec for Message {
                 state: get_state(buf)?,
                 params: get_bytes(buf, "status params")?,
             }),
+            T_GUESTS => {
+                // Three bytes is the smallest guest (an empty name, the flag, a 1-byte time).
+                let n = get_count(buf, "guest count", 3)?;
+                if n > MAX_GUESTS_LISTED {
+                    return Err(DecodeError::Invalid {
+                        field: "guest count",
+                        value: n as u64,
+                    });
+                }
+                let mut guests = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let client = get_str(buf, "guest client")?;
+                    let control = match get_u8(buf, "guest control")? {
+                        0 => false,
+                        1 => true,
+                        v => {
+                            return Err(DecodeError::Invalid {
+                                field: "guest control",
+                                value: v.into(),
+                            })
+                        }
+                    };
+                    guests.push(GuestInfo {
+                        client,
+                        control,
+                        since: get_varint(buf, "guest since")?,
+                    });
+                }
+                Message::Guests(Guests { guests })
+            }
             t => return Err(DecodeError::UnknownType(t)),
         })
     }
@@ -478,6 +542,13 @@ impl Codec for Message {
             }
             Message::Notice(n) => varint_len(n.channel) + str_len(&n.text),
             Message::Status(s) => str_len(&s.device) + state_len(&s.state) + bytes_len(&s.params),
+            Message::Guests(g) => {
+                varint_len(g.guests.len() as u64)
+                    + g.guests
+                        .iter()
+                        .map(|x| str_len(&x.client) + 1 + varint_len(x.since))
+                        .sum::<usize>()
+            }
         }
     }
 }
@@ -498,6 +569,7 @@ impl Message {
             Message::Done(_) => "Done",
             Message::Notice(_) => "Notice",
             Message::Status(_) => "Status",
+            Message::Guests(_) => "Guests",
         }
     }
 

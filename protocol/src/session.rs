@@ -86,6 +86,8 @@ pub enum Event {
     Notice(Notice),
     /// Client: a device's state changed.
     Status(Status),
+    /// Client: the colleagues attached beside this session now (the whole list).
+    Guests(Guests),
     /// The session is over; always the last event. `by_peer`: the other side said Bye;
     /// otherwise we ended it (a protocol violation, a timeout, or our own `bye`).
     Ended {
@@ -330,6 +332,9 @@ impl Session {
             }
             (Role::Client, State::Established, Message::Status(s)) => {
                 self.events.push_back(Event::Status(s));
+            }
+            (Role::Client, State::Established, Message::Guests(g)) => {
+                self.events.push_back(Event::Guests(g));
             }
             (_, _, m) => self.violation(format!("unexpected {} in this state", m.name())),
         }
@@ -627,6 +632,15 @@ impl Session {
     pub fn status(&mut self, status: Status) {
         if self.role == Role::Exporter && self.state == State::Established {
             self.outbox.push_back(Message::Status(status));
+        }
+    }
+
+    /// Exporter: the colleagues attached beside this session (send only to a holder whose
+    /// Hello has [`crate::features::GUESTS`]; the caller knows). Dropped before the Welcome:
+    /// the exporter sends the list as it is then, after it.
+    pub fn guests(&mut self, guests: Guests) {
+        if self.role == Role::Exporter && self.state == State::Established {
+            self.outbox.push_back(Message::Guests(guests));
         }
     }
 

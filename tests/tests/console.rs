@@ -1,5 +1,5 @@
 //! `jmp console` on the simulated board, driven in a real terminal (tmux): escape commands
-//! (power cycle, break, help, quit), the terminal restored however the console ends, the
+//! (power cycle, break, help, devices, quit), the terminal restored however the console ends, the
 //! asciicast recording, and paced typing into a board that reads slowly.
 
 use jmp_e2e::*;
@@ -82,6 +82,11 @@ fn console_ends(end: End) {
             tmux.send("~?", false);
             tmux.wait_for("the escape help", READY, |s| {
                 s.contains("~p  power cycle the board")
+            });
+            // Without an attachment the devices key says why there is no list.
+            tmux.send("~d", false);
+            tmux.wait_for("the devices key's answer", READY, |s| {
+                s.contains("no attachment of this board runs here")
             });
             tmux.send("root", true);
             tmux.wait_for("Password:", READY, |s| s.contains("Password:"));
@@ -318,5 +323,68 @@ fn an_attachment_paced_by_its_option_delivers_a_paste_whole() {
         outs.len(),
         "paced by --char-delay: {seen:?}"
     );
+    attach.stop();
+}
+
+/// The devices key (`~d`, listed in `~?`) shows the board's devices and their local endpoints
+/// as `jmp status` does, without leaving the console: here through the running attachment,
+/// whose console pty and power switch it lists; the console goes on after it.
+#[test]
+fn the_devices_key_lists_the_local_devices_without_leaving_the_console() {
+    require!(skips::tool("tmux"));
+    let env = TestEnv::new("console-devices");
+    let jmpd = env.start_jmpd(&env.exporter_yaml(
+        "dboard",
+        "127.0.0.1:0",
+        "console: {type: sim-console, hostname: dbox}\npower: {type: power-sim}",
+    ));
+    let (mut attach, v) = env.attach(&jmpd, &[]);
+    let pty = local_of(&v, "console");
+    let root = env.root.path();
+    let script = root.join("console.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "env JMP_RUNTIME_DIR={rt} JMP_CONFIG_DIR={cfg} {jmp} console\necho \"CONSOLE EXITED $?\"\nsleep 600\n",
+            rt = env.runtime.display(),
+            cfg = env.config.display(),
+            jmp = jmp_bin().display(),
+        ),
+    )
+    .expect("write the script");
+    let tmux = Tmux::start(&format!("sh {}", script.display()));
+    tmux.wait_for("the replayed login prompt", READY, |s| {
+        s.contains("dbox login:")
+    });
+    tmux.send("~?", false);
+    tmux.wait_for("the devices key in the help", READY, |s| {
+        s.contains("~d  show the board's devices")
+    });
+    tmux.send("~d", false);
+    let screen = tmux.wait_for("the device list", READY, |s| {
+        s.contains("[jmp console: end of devices]")
+    });
+    let list = screen
+        .split("[jmp console: devices]")
+        .last()
+        .expect("the list");
+    assert!(list.contains("dboard"), "names the board: {list}");
+    let console_row = list
+        .lines()
+        .find(|l| l.trim_start().starts_with("console "))
+        .unwrap_or_else(|| panic!("a console row: {list}"));
+    assert!(console_row.contains(&pty), "its local pty: {console_row}");
+    assert!(
+        list.lines().any(|l| l.trim_start().starts_with("power ")),
+        "a power row: {list}"
+    );
+    // Still the console: typing reaches the board.
+    tmux.send("root", true);
+    tmux.wait_for("Password:", READY, |s| s.contains("Password:"));
+    tmux.send("~.", false);
+    let screen = tmux.wait_for("the console's exit", READY, |s| {
+        s.contains("CONSOLE EXITED")
+    });
+    assert!(screen.contains("CONSOLE EXITED 0"), "{screen}");
     attach.stop();
 }

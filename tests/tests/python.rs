@@ -14,6 +14,34 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// An asciicast v2 recording of the failing example: a header, events in time order, the
+/// boot log and the marker's echo printed, and `typed` (exactly) written.
+fn assert_recording(path: &std::path::Path, typed: &str) {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("the recording {}: {e}", path.display()));
+    let mut lines = text.lines();
+    let header: Value = serde_json::from_str(lines.next().expect("a header")).expect("header JSON");
+    assert_eq!(header["version"], 2, "{header}");
+    assert!(header["width"].as_u64().is_some_and(|w| w > 0), "{header}");
+    let (mut out, mut inp, mut last) = (String::new(), String::new(), 0.0);
+    for l in lines {
+        let ev: Value = serde_json::from_str(l).expect("event JSON");
+        let t = ev[0].as_f64().expect("a time");
+        assert!(t >= last, "time goes back: {l}");
+        last = t;
+        let data = ev[2].as_str().expect("data");
+        match ev[1].as_str().expect("a code") {
+            "o" => out.push_str(data),
+            "i" => inp.push_str(data),
+            c => panic!("unknown event code {c}: {l}"),
+        }
+    }
+    for seen in ["boot complete", "echo-marker-4711"] {
+        assert!(out.contains(seen), "{seen:?} not recorded: {out:?}");
+    }
+    assert_eq!(inp, typed);
+}
+
 fn leases_of(lab: &Lab) -> Vec<Value> {
     lab.leases()
 }
@@ -142,16 +170,20 @@ fn pytest_leases_by_selector_and_reports_the_console_of_a_failure() {
     };
 
     let report = env.root.join("lease.xml");
+    let recs = env.root.join("recordings");
+    let record_dir = format!("--jmp-record-dir={}", recs.display());
     let out = pytest(
         "pytest-lease",
         &[
             "hardware_tests",
             "jumpstarter",
             &format!("--junitxml={}", report.display()),
+            &record_dir,
         ],
     );
     assert_passed(&out, "pytest in lease mode");
     assert_eq!(junit_counts(&report), (5, 0, 0), "{}", out.stdout);
+    assert!(!recs.exists(), "passed tests leave no recording");
     assert!(
         leases_of(&lab).is_empty(),
         "released: {:?}",
@@ -159,8 +191,9 @@ fn pytest_leases_by_selector_and_reports_the_console_of_a_failure() {
     );
     assert!(attachments(env).is_empty(), "detached");
 
-    // A failing test: its report has the console's output from during the test.
-    let out = pytest("pytest-failing", &["failing", "-rf"]);
+    // A failing test: its report has the console's output from during the test, and the
+    // path of its recording.
+    let out = pytest("pytest-failing", &["failing", "-rf", &record_dir]);
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     assert!(
         out.stdout.contains("jmp console widget-01/console (call)"),
@@ -182,6 +215,22 @@ fn pytest_leases_by_selector_and_reports_the_console_of_a_failure() {
             .contains("'kernel panic' did not appear within 1s"),
         "{}",
         out.stdout
+    );
+    let section = &out.stdout[out
+        .stdout
+        .find("jmp recording widget-01/console (call)")
+        .unwrap_or_else(|| panic!("no recording section in the report:\n{}", out.stdout))..];
+    let path = section
+        .lines()
+        .find_map(|l| l.split("asciinema play FILE): ").nth(1))
+        .unwrap_or_else(|| panic!("no recording path:\n{section}"))
+        .trim();
+    assert!(path.starts_with(&*recs.to_string_lossy()), "{path}");
+    assert_recording(std::path::Path::new(path), "echo-marker-4711\r");
+    assert_eq!(
+        std::fs::read_dir(&recs).expect("recordings").count(),
+        1,
+        "one console, one failed test"
     );
     assert!(leases_of(&lab).is_empty(), "released after a failure");
 
@@ -539,6 +588,8 @@ fn robot_leases_by_selector_and_logs_the_console_of_a_failure() {
     let out = robot("pass", "robot/boot.robot");
     assert_passed(&out, "robot in lease mode");
     assert!(leases_of(&lab).is_empty(), "released");
+    let recs = out_dir.join("jmp-recordings");
+    assert!(!recs.exists(), "passed tests leave no recording");
 
     let out = robot("fail", "robot/failing.robot");
     assert_eq!(
@@ -562,6 +613,22 @@ fn robot_leases_by_selector_and_logs_the_console_of_a_failure() {
         log.contains("boot complete") && log.contains("echo-marker-4711"),
         "{log}"
     );
+    // The recording, beside the log and linked from it.
+    let files: Vec<_> = std::fs::read_dir(&recs)
+        .expect("the recordings")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let name = files[0]
+        .file_name()
+        .expect("a name")
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        t.contains("href=") && t.contains(&format!("jmp-recordings/{name}")),
+        "no link to {name} in the log: {t}"
+    );
+    assert_recording(&files[0], "echo-marker-4711\r");
     assert!(leases_of(&lab).is_empty(), "released after a failure");
     assert!(attachments(env).is_empty(), "detached");
 }

@@ -2,7 +2,8 @@
 //! and jmp: a share to a client whose own policy forbids the exporter is refused; a colleague
 //! sharing read-only is refused the board's controls (a power switch) with a clear message,
 //! with `--control` it switches the power; it attaches beside the holder (its own pty
-//! directory), and `jmp unshare` detaches it with the reason while the holder stays attached.
+//! directory), the holder's `jmp status` shows it there (text and JSON), and `jmp unshare`
+//! detaches it with the reason while the holder stays attached and stops showing it.
 
 use jmp_e2e::lab::*;
 use jmp_e2e::*;
@@ -20,6 +21,30 @@ fn board_config(lab: &Lab, name: &str, token: &Path) -> PathBuf {
     let p = lab.env.root.join(format!("{name}.exporter.yaml"));
     std::fs::write(&p, yaml).expect("write exporter config");
     p
+}
+
+/// Waits for one more `needle` on `p`'s stderr than `before` (a colleague's `jmp power` is a
+/// short guest session too, so the holder may have said it before).
+fn wait_another(p: &mut Proc, needle: &str, before: usize) {
+    let ok = poll_until(LONG, || {
+        p.stderr().matches(needle).count() > before || !p.is_running()
+    });
+    assert!(
+        ok && p.stderr().matches(needle).count() > before,
+        "no new {needle:?} on stderr of {}",
+        p.describe()
+    );
+}
+
+/// The holder's `jmp status -o json`: its one attachment's colleagues attached beside it.
+fn guests_in_status(lab: &Lab) -> Vec<Value> {
+    let out = lab.ok(
+        "status-json",
+        lab.as_client("holder", &["status", "-o", "json"]),
+    );
+    let all: Vec<Value> = serde_json::from_str(&out).expect("a JSON list");
+    assert_eq!(all.len(), 1, "one attachment: {out}");
+    all[0]["guests"].as_array().cloned().unwrap_or_default()
 }
 
 fn shares_seen_by(lab: &Lab, client: &str, lease: &str) -> Vec<Value> {
@@ -125,10 +150,42 @@ fn a_colleague_watches_read_only_controls_with_control_and_is_detached_by_unshar
     let runtime = lab.env.root.join("colleague-run");
     std::fs::create_dir_all(&runtime).expect("runtime dir");
     cmd.arg(&dev).env("JMP_RUNTIME_DIR", &runtime);
+    const BESIDE: &str = "attached beside you: colleague (control)";
+    const GONE: &str = "detached from beside you: colleague";
+    // Each of the colleague's two `jmp power` was a short session beside the holder, and the
+    // holder was told of it coming and going: wait for both to be told, so what follows is
+    // about the attachment only.
+    let settled = poll_until(LONG, || {
+        let e = holder.stderr();
+        e.matches("attached beside you: colleague (").count() == 2 && e.matches(GONE).count() == 2
+    });
+    assert!(settled, "two short sessions told: {}", holder.describe());
+    let beside = holder.stderr().matches(BESIDE).count();
     let mut colleague = lab.spawn("colleague-attach", cmd);
     colleague.expect_line(READY, "the colleague's JSON line", |l| {
         l.trim_start().starts_with('{')
     });
+    // The holder is told who is attached beside it, and `jmp status` shows it.
+    wait_another(&mut holder, BESIDE, beside);
+    let gone = holder.stderr().matches(GONE).count();
+    let guests = guests_in_status(&lab);
+    assert_eq!(guests.len(), 1, "{guests:?}");
+    assert_eq!(guests[0]["client"], "colleague");
+    assert_eq!(guests[0]["control"], true);
+    let since = guests[0]["since"].as_u64().expect("since, Unix seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    assert!(
+        since <= now && since + 600 > now,
+        "attached lately: {since} vs {now}"
+    );
+    let text = lab.ok("status", lab.as_client("holder", &["status"]));
+    assert!(
+        text.contains("attached beside you: colleague (control) since "),
+        "{text}"
+    );
     lab.ok(
         "unshare",
         lab.as_client(
@@ -151,4 +208,9 @@ fn a_colleague_watches_read_only_controls_with_control_and_is_detached_by_unshar
         holder.describe()
     );
     assert!(shares_seen_by(&lab, "holder", &lease).is_empty());
+    wait_another(&mut holder, GONE, gone);
+    assert_eq!(guests_in_status(&lab), Vec::<Value>::new());
+    assert!(!lab
+        .ok("status", lab.as_client("holder", &["status"]))
+        .contains("beside you"));
 }

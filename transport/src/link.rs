@@ -55,6 +55,8 @@ pub enum LinkEvent {
     Notice(String),
     /// Client: a device's state changed.
     Status(Status),
+    /// Client: the colleagues attached beside this session now (the whole list).
+    Guests(jmp_protocol::Guests),
     /// The peer closed a channel.
     Closed {
         channel: u64,
@@ -114,6 +116,7 @@ enum Command {
     },
     Notice(String),
     Status(Status),
+    Guests(jmp_protocol::Guests),
     Welcome(Welcome),
     Bye {
         code: ErrorCode,
@@ -300,6 +303,12 @@ impl LinkHandle {
     /// Exporter: tell the client a device's state changed.
     pub fn status(&self, status: Status) {
         let _ = self.cmds.send(Command::Status(status));
+    }
+
+    /// Exporter: tell the holder who is attached beside it (only to a client whose Hello has
+    /// `features::GUESTS`).
+    pub fn guests(&self, guests: jmp_protocol::Guests) {
+        let _ = self.cmds.send(Command::Guests(guests));
     }
 
     /// End the session, telling the peer why (the connection closes with this code and reason).
@@ -824,6 +833,7 @@ impl Task {
                     }
                 }
                 Event::Status(s) => self.emit(LinkEvent::Status(s)),
+                Event::Guests(g) => self.emit(LinkEvent::Guests(g)),
                 Event::Ended {
                     code,
                     reason,
@@ -1033,6 +1043,7 @@ impl Task {
                 self.session.notice(0, text);
             }
             Command::Status(s) => self.session.status(s),
+            Command::Guests(g) => self.session.guests(g),
             Command::Welcome(w) => self.session.welcome(w),
             Command::Bye { code, reason } => self.session.bye(code, reason),
         }

@@ -47,7 +47,7 @@ pub fn share_info(s: &Share) -> ShareInfo {
 }
 
 /// The shares of `l` that still let their client attach at `now` (one whose `--until` passed
-/// stays in the record until the lease ends or is shared again, but admits nobody).
+/// admits nobody, and is removed from the record at that time: see [`Core::end_past_shares`]).
 pub fn live_shares(l: &Lease, now: Millis) -> Vec<ShareInfo> {
     l.shares
         .iter()
@@ -803,6 +803,39 @@ impl<S: LeaseStore> Core<S> {
             max.saturating_mul(1000),
         );
         self.on_events(now, ev);
+        // Its shares end by its new longest lease at the latest, as a new share would.
+        let limit = now.saturating_add(max.saturating_mul(1000));
+        let capped: Vec<(String, Vec<Share>)> = self
+            .book
+            .leases()
+            .filter(|l| {
+                l.shares
+                    .iter()
+                    .any(|s| s.client == client && s.until.is_none_or(|u| u > limit))
+                    && l.end > limit
+            })
+            .map(|l| {
+                let shares = l
+                    .shares
+                    .iter()
+                    .map(|s| match s.until {
+                        Some(u) if s.client == client && u <= limit => s.clone(),
+                        _ if s.client == client => Share {
+                            until: Some(limit),
+                            ..s.clone()
+                        },
+                        _ => s.clone(),
+                    })
+                    .collect();
+                (l.name.clone(), shares)
+            })
+            .collect();
+        for (lease, shares) in capped {
+            if let Ok(l) = self.book.set_shares(&lease, shares) {
+                info!(%lease, client, "share shortened to the client's new longest lease");
+                self.links.push.insert(l.exporter.clone());
+            }
+        }
         // Shares with this client on exporters it may no longer use end too (the exporter
         // ends its sessions when it hears): a share never grants what the policy forbids.
         let forbidden: Vec<String> = self
@@ -1258,6 +1291,30 @@ impl<S: LeaseStore> Core<S> {
         if let Err(e) = self.share_allowed(&lease, with) {
             return Reply::Error(e);
         }
+        // The colleague's own longest lease bounds its share too: a share is no way around
+        // its policy's `max_duration`. Asked beyond it, refused (as a lease that long would
+        // be); asked for nothing (with the lease), it ends at that limit if the lease outlasts
+        // it, which `get leases` shows.
+        let max = match self.registry.client_policy(with, self.default_max_secs) {
+            Ok(p) => p.max_secs.saturating_mul(1000),
+            Err(e) => return Reply::Error(e),
+        };
+        let limit = now.saturating_add(max);
+        let until = match until {
+            Some(u) if u > limit => {
+                return err(
+                    CtlErrorCode::Forbidden,
+                    format!(
+                        "--until {} is beyond what client {with} may hold: its policy's longest lease is {}, so its share may last until {} at the latest",
+                        jmp_protocol::usage::rfc3339(u),
+                        fmt_secs(max / 1000),
+                        jmp_protocol::usage::rfc3339(limit)
+                    ),
+                )
+            }
+            None if lease.end > limit => Some(limit),
+            u => u,
+        };
         let mut shares: Vec<Share> = lease
             .shares
             .iter()
@@ -1276,6 +1333,41 @@ impl<S: LeaseStore> Core<S> {
                 Reply::Lease(lease_info(&l))
             }
             Err(e) => err(CtlErrorCode::Invalid, e),
+        }
+    }
+
+    /// When the next listed share reaches its `--until` (`None`: none has one). Scans every
+    /// lease: there are at most as many as exporters, each with at most `MAX_SHARES` shares.
+    pub(super) fn next_share_end(&self) -> Option<Millis> {
+        self.book
+            .leases()
+            .flat_map(|l| l.shares.iter().filter_map(|s| s.until))
+            .min()
+    }
+
+    /// Shares past their `--until` are removed from their leases (the store keeps the rest,
+    /// `get leases` stops listing them) and the exporters hear of it (their guests of that
+    /// share were ended at the share's end already: their tokens said so).
+    pub(super) fn end_past_shares(&mut self, now: Millis) {
+        let past: Vec<(String, Vec<String>, Vec<Share>)> = self
+            .book
+            .leases()
+            .filter(|l| l.shares.iter().any(|s| !s.live_at(now)))
+            .map(|l| {
+                let (keep, gone): (Vec<Share>, Vec<Share>) =
+                    l.shares.iter().cloned().partition(|s| s.live_at(now));
+                (
+                    l.name.clone(),
+                    gone.into_iter().map(|s| s.client).collect(),
+                    keep,
+                )
+            })
+            .collect();
+        for (lease, gone, keep) in past {
+            if let Ok(l) = self.book.set_shares(&lease, keep) {
+                info!(%lease, with = ?gone, "share ended: its --until passed");
+                self.links.push.insert(l.exporter.clone());
+            }
         }
     }
 

@@ -306,6 +306,7 @@ impl<S: LeaseStore> Core<S> {
             }
             let events = self.book.tick(now);
             self.on_events(now, events);
+            self.end_past_shares(now);
             self.reap_orphans(now);
             self.accrue(now);
             self.usage.prune(now);
@@ -331,6 +332,7 @@ impl<S: LeaseStore> Core<S> {
             self.book.next_deadline(),
             self.waiters.next_orphan_deadline(),
             self.usage.next_accrual(),
+            self.next_share_end(),
         ]
         .into_iter()
         .flatten()

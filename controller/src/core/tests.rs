@@ -2028,3 +2028,136 @@ async fn listed_waiting_requests_carry_their_queue_position() {
         ]
     );
 }
+
+/// Issue 21: a share past its `--until` drops out on its own: the controller removes it at
+/// that time (no share, unshare or lease end needed), the exporter hears, `get leases` no
+/// longer lists it (the colleague no longer sees the lease), and the store keeps it removed
+/// across a restart. (The core's clock is the wall clock, so this waits the share's 1-2 s;
+/// every step awaits the event it checks.)
+#[tokio::test]
+async fn a_share_past_its_until_is_removed_pushed_and_stays_removed() {
+    let dir = std::env::temp_dir().join(format!("jmp-core-share-end-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("leases.redb");
+    let auth = authority();
+    let (name, holder, colleague) = {
+        let mut h = start(RedbStore::open(&db).unwrap(), auth.clone(), ORPHAN_GRACE);
+        let mut a = h.exporter("a-01", &[("board", "a")]).await;
+        let holder = h.client("holder", "", 0).await;
+        let colleague = h.client("colleague", "", 0).await;
+        let other = h.client("other", "", 0).await;
+        let l = lease_of(h.call(&holder, lease_req("l1", "board=a", 600, 0)).await);
+        let until = now_ms() / 1000 + 2;
+        lease_of(
+            h.call(&holder, share(&l.name, "colleague", Some(until), false))
+                .await,
+        );
+        // A share without an end stays: only the one past its end goes.
+        lease_of(h.call(&holder, share(&l.name, "other", None, true)).await);
+        let mut shares = pushed_shares(&mut a).await;
+        assert_eq!(shares.len(), 2, "{shares:?}");
+        while shares.len() == 2 {
+            shares = pushed_shares(&mut a).await;
+        }
+        assert!(now_ms() / 1000 >= until, "not before its end");
+        assert_eq!(
+            shares,
+            vec![jmp_protocol::api::ShareInfo {
+                client: "other".into(),
+                until: None,
+                control: true,
+            }]
+        );
+        let mine = leases_of(&mut h, &holder).await;
+        assert_eq!(mine[0].shares, shares, "get leases lists what is left");
+        assert!(
+            leases_of(&mut h, &colleague).await.is_empty(),
+            "the colleague no longer sees the lease"
+        );
+        let _ = other;
+        (l.name, holder, colleague)
+    };
+    let store = loop {
+        match RedbStore::open(&db) {
+            Ok(s) => break s,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let mut h = start(store, auth, ORPHAN_GRACE);
+    let mine = leases_of(&mut h, &holder).await;
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    assert_eq!(mine[0].name, name);
+    assert_eq!(mine[0].shares.len(), 1, "{mine:?}");
+    assert_eq!(mine[0].shares[0].client, "other");
+    assert!(leases_of(&mut h, &colleague).await.is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 21: a share never lasts longer than the colleague may hold a lease of its own (its
+/// policy's `max_duration`): an `--until` beyond is refused naming the limit; a share with no
+/// end on a lease that outlasts the limit ends at the limit; and when an admin shortens the
+/// colleague's limit later, its shares are shortened with it and the exporter hears.
+#[tokio::test]
+async fn a_share_is_bounded_by_the_colleagues_longest_lease() {
+    let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
+    let mut a = h.exporter("a-01", &[("board", "a")]).await;
+    let holder = h.client("holder", "", 0).await;
+    let _short = h.client("short", "", 300).await;
+    let _long = h.client("long", "", 0).await;
+    let l = lease_of(h.call(&holder, lease_req("l1", "board=a", 3000, 0)).await);
+    let t0 = now_ms() / 1000;
+    let r = h
+        .call(&holder, share(&l.name, "short", Some(t0 + 400), false))
+        .await;
+    assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
+    let msg = format!("{r:?}");
+    assert!(
+        msg.contains("client short") && msg.contains("longest lease is 5m"),
+        "{msg}"
+    );
+    // Within the limit: as asked.
+    let s = lease_of(
+        h.call(&holder, share(&l.name, "short", Some(t0 + 200), false))
+            .await,
+    );
+    assert_eq!(s.shares[0].until, Some(t0 + 200));
+    // No end asked: the limit, since the lease outlasts it.
+    let s = lease_of(h.call(&holder, share(&l.name, "short", None, false)).await);
+    let t1 = now_ms() / 1000;
+    let until = s.shares[0].until.expect("an end");
+    assert!(
+        (t0 + 300..=t1 + 300).contains(&until),
+        "{until} within {t0}+300..{t1}+300"
+    );
+    // A colleague whose limit (the default, 1 h) is beyond the lease: with the lease.
+    let s = lease_of(h.call(&holder, share(&l.name, "long", None, false)).await);
+    let long = s.shares.iter().find(|x| x.client == "long").unwrap();
+    assert_eq!(long.until, None);
+    assert_eq!(pushed_shares(&mut a).await.len(), 2);
+    // The admin shortens its limit: its share is shortened too, and the exporter hears.
+    let admin = h.admin.clone();
+    let r = h
+        .call(
+            &admin,
+            Request::UpdateClient(jmp_protocol::api::ClientUpdate {
+                max_duration_secs: Some(120),
+                ..update("long")
+            }),
+        )
+        .await;
+    assert!(matches!(r, Reply::Clients { .. }), "{r:?}");
+    let t2 = now_ms() / 1000;
+    let pushed = pushed_shares(&mut a).await;
+    let long = pushed.iter().find(|x| x.client == "long").unwrap();
+    let until = long.until.expect("an end now");
+    assert!(
+        (t1 + 120..=t2 + 120).contains(&until),
+        "{until} within {t1}+120..{t2}+120"
+    );
+    let short = pushed.iter().find(|x| x.client == "short").unwrap();
+    assert_eq!(
+        short.until, s.shares[0].until,
+        "the other share is as it was"
+    );
+}

@@ -3,7 +3,8 @@
 //!
 //! - **Escape commands** (as ssh and conmux): the escape character (`~` by default) at the
 //!   start of a line, then `.` quit, `p` power cycle, `o` power on, `f` power off, `b` break,
-//!   `r` start or stop a recording, `?` help, the escape character again for itself. A control character as escape (`--escape '^]'`) works anywhere in a line,
+//!   `r` start or stop a recording, `d` show the board's devices and their local endpoints (as
+//!   `jmp status`), `?` help, the escape character again for itself. A control character as escape (`--escape '^]'`) works anywhere in a line,
 //!   since nobody types it as text.
 //! - **Pacing** is done by the exporter (`OpenParams.pacing`), between its writes to the port:
 //!   pauses made here would be squeezed together again by the network and the exporter's
@@ -127,6 +128,8 @@ pub enum Action {
     Break,
     /// Start a recording, or stop the one running.
     Record,
+    /// Show the board's devices and where they are on this machine.
+    Devices,
     Help,
 }
 
@@ -173,6 +176,7 @@ impl Escapes {
                     b'f' | b'F' => Some(Action::Power(PowerAction::Off)),
                     b'b' | b'B' => Some(Action::Break),
                     b'r' | b'R' => Some(Action::Record),
+                    b'd' | b'D' => Some(Action::Devices),
                     b'?' => Some(Action::Help),
                     _ => None,
                 };
@@ -218,8 +222,20 @@ fn help(escape: u8) -> String {
         "at the start of a line"
     };
     format!(
-        "\r\n[jmp console: escape {e} {at}, then:\r\n  {e}.  quit\r\n  {e}p  power cycle the board\r\n  {e}o  power on\r\n  {e}f  power off\r\n  {e}b  send a break\r\n  {e}r  start or stop recording\r\n  {e}?  this help\r\n  {e}{e}  send {e} itself]\r\n"
+        "\r\n[jmp console: escape {e} {at}, then:\r\n  {e}.  quit\r\n  {e}p  power cycle the board\r\n  {e}o  power on\r\n  {e}f  power off\r\n  {e}b  send a break\r\n  {e}r  start or stop recording\r\n  {e}d  show the board's devices\r\n  {e}?  this help\r\n  {e}{e}  send {e} itself]\r\n"
     )
+}
+
+/// The devices key's answer for a raw terminal: framed like the console's other messages,
+/// every line end a CR LF, control characters from the far side escaped.
+fn devices_text(text: &str) -> String {
+    let mut out = String::from("\r\n[jmp console: devices]\r\n");
+    for line in text.lines() {
+        out.push_str(&jmp_protocol::name::escape(line));
+        out.push_str("\r\n");
+    }
+    out.push_str("[jmp console: end of devices]\r\n");
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -764,6 +780,15 @@ async fn interactive(host: &dyn VerbHost, args: &ConsoleArgs) -> Result<(), Verb
                         }
                         Action::Quit => quit = true,
                         Action::Help => show(help(args.escape).as_bytes())?,
+                        Action::Devices => {
+                            // Asked of the attachment's control socket (a local call, answered
+                            // at once): the board's output waits meanwhile, never lost.
+                            let text = match host.local_devices(&args.target).await {
+                                Ok(t) => t,
+                                Err(e) => e.message,
+                            };
+                            show(devices_text(&text).as_bytes())?;
+                        }
                         Action::Power(_) | Action::Break if pending.is_some() => {
                             show(b"\r\n[jmp console: the last command is still running]\r\n")?;
                         }
@@ -886,6 +911,19 @@ mod tests {
                 send("\r"),
                 Action::Record
             ]
+        );
+    }
+
+    #[test]
+    fn the_devices_key_is_listed_and_framed_for_a_raw_terminal() {
+        let mut e = Escapes::new(b'~');
+        assert_eq!(e.feed(b"~d"), vec![Action::Devices]);
+        assert_eq!(e.feed(b"x~d"), vec![send("x~d")], "inside a line it is text");
+        assert!(help(b'~').contains("~d  show the board's devices"));
+        let t = devices_text("console  serial  /dev/jmp/b/console\nevil\x1b[2J\n");
+        assert_eq!(
+            t,
+            "\r\n[jmp console: devices]\r\nconsole  serial  /dev/jmp/b/console\r\nevil\\u{1b}[2J\r\n[jmp console: end of devices]\r\n"
         );
     }
 

@@ -129,6 +129,16 @@ fn examples() -> Vec<(&'static str, Message)> {
             }),
         ),
         (
+            "guests",
+            Message::Guests(Guests {
+                guests: vec![GuestInfo {
+                    client: "bob".into(),
+                    control: false,
+                    since: 1_700_000_000,
+                }],
+            }),
+        ),
+        (
             "bye",
             Message::Bye(Bye {
                 code: ErrorCode::Busy,
@@ -348,6 +358,18 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 params,
             })
         }),
+        proptest::collection::vec((arb_string(), any::<bool>(), 0u64..(1 << 62)), 0..4).prop_map(
+            |g| Message::Guests(Guests {
+                guests: g
+                    .into_iter()
+                    .map(|(client, control, since)| GuestInfo {
+                        client,
+                        control,
+                        since
+                    })
+                    .collect()
+            })
+        ),
     ]
 }
 

@@ -530,6 +530,43 @@ fn notices_and_status_flow() {
     assert!(matches!(c.poll_event(), Some(Event::Status(s)) if s.device == "console"));
 }
 
+/// The holder hears who is attached beside it; a client has no business sending the list, and
+/// an exporter's list is dropped before its Welcome (it sends the list as it is then, after).
+#[test]
+fn guests_flow_from_exporter_to_client_only() {
+    let t0 = Instant::now();
+    let bob = Guests {
+        guests: vec![GuestInfo {
+            client: "bob".into(),
+            control: true,
+            since: 42,
+        }],
+    };
+    let mut c = Session::client(hello(), Config::default(), t0);
+    let mut e = Session::exporter(Config::default(), t0);
+    pump(&mut c, &mut e, t0);
+    e.guests(bob.clone());
+    assert!(
+        !std::iter::from_fn(|| e.poll_transmit()).any(|m| matches!(m, Message::Guests(_))),
+        "nothing before the Welcome"
+    );
+    let (mut c, mut e) = established(t0);
+    e.guests(bob.clone());
+    e.guests(Guests::default());
+    pump(&mut e, &mut c, t0);
+    assert_eq!(c.poll_event(), Some(Event::Guests(bob.clone())));
+    assert_eq!(c.poll_event(), Some(Event::Guests(Guests::default())));
+    // The other way is a protocol violation.
+    e.handle_message(Message::Guests(bob), t0);
+    assert!(matches!(
+        e.poll_event(),
+        Some(Event::Ended {
+            code: ErrorCode::Protocol,
+            ..
+        })
+    ));
+}
+
 #[test]
 fn notices_before_welcome_keep_a_waiting_client_waiting() {
     let t0 = Instant::now();

@@ -5,14 +5,21 @@ while the test waits for what it expects.
 Reading is by position: each wait starts where the previous one stopped, and what it returns
 is consumed. Output is kept as bytes and searched as bytes, so a multi-byte character split
 across reads never breaks a match.
+
+Each chunk read is kept with the time it arrived, and each write with the time it was made,
+so a stretch of the session can be written out as an asciicast v2 recording (`asciicast`):
+the test integrations attach one to the report of a failed test.
 """
 
 from __future__ import annotations
 
+import codecs
+import collections
+import json
 import re
 import threading
 import time
-from typing import Optional, Pattern, Union
+from typing import Deque, List, Optional, Pattern, Tuple, Union
 
 import serial
 
@@ -85,6 +92,11 @@ class Console:
         self._pos = 0  # absolute offset of the first unconsumed byte
         self._error: Optional[BaseException] = None
         self._stop = False
+        # (absolute offset where a chunk starts, wall-clock time it arrived): the times of the
+        # output for recordings. Bounded; output older than the oldest entry takes its time.
+        self._chunks: Deque[Tuple[int, float]] = collections.deque(maxlen=1 << 16)
+        # (wall-clock time, bytes) of what was written to the board, bounded alike.
+        self._typed: Deque[Tuple[float, bytes]] = collections.deque(maxlen=1 << 12)
         # pexpect's names for the last match: text before it and the match itself.
         self.before = ""
         self.after = ""
@@ -110,6 +122,7 @@ class Console:
             if not chunk:
                 continue
             with self._cond:
+                self._chunks.append((self._base + len(self._data), time.time()))
                 self._data += chunk
                 over = len(self._data) - self._keep
                 if over > 0:
@@ -206,6 +219,8 @@ class Console:
     def write(self, data: Union[str, bytes]) -> None:
         """Writes text (UTF-8) or bytes to the board, as typed; no newline added."""
         raw = data.encode() if isinstance(data, str) else bytes(data)
+        with self._cond:
+            self._typed.append((time.time(), raw))
         self._port.write(raw)
         self._port.flush()
 
@@ -222,6 +237,61 @@ class Console:
         with self._cond:
             start = 0 if since is None else max(0, since - self._base)
             return _text(bytes(self._data[start:]))
+
+    def asciicast(
+        self,
+        since: Optional[int] = None,
+        started: Optional[float] = None,
+        title: str = "",
+    ) -> str:
+        """An asciicast v2 recording (`asciinema play` replays it) of what the board printed
+        after `mark()` returned `since` ("o" events) and what was written to it from
+        `started` (wall-clock seconds, default: when that output began) on ("i" events), each
+        at the time this reader saw it, in seconds since `started`."""
+        with self._cond:
+            base = self._base
+            end = base + len(self._data)
+            start = base if since is None else min(max(base, since), end)
+            data = bytes(self._data[start - base :])
+            chunks = list(self._chunks)
+            typed = list(self._typed)
+        # Each stretch of output [from, to) with the time its first byte arrived.
+        spans: List[Tuple[float, int, int]] = []
+        for i, (off, t) in enumerate(chunks):
+            nxt = chunks[i + 1][0] if i + 1 < len(chunks) else end
+            lo, hi = max(off, start), min(nxt, end)
+            if hi > lo:
+                spans.append((t, lo, hi))
+        if spans and spans[0][1] > start:
+            # Older than the oldest time kept: it takes that time.
+            spans.insert(0, (spans[0][0], start, spans[0][1]))
+        elif not spans and data:
+            spans.append((time.time(), start, end))
+        t0 = started if started is not None else (spans[0][0] if spans else time.time())
+        events: List[Tuple[float, str, bytes]] = [(t, "o", data[lo - start : hi - start]) for t, lo, hi in spans]
+        events += [(t, "i", raw) for t, raw in typed if t >= t0]
+        events.sort(key=lambda e: e[0])  # stable: output and input each stay in order
+        decoders = {k: codecs.getincrementaldecoder("utf-8")(errors="replace") for k in "oi"}
+        header = {
+            "version": 2,
+            "width": 80,
+            "height": 24,
+            "timestamp": int(t0),
+            "title": title or f"jmp console {self.name}",
+        }
+        lines = [json.dumps(header)]
+        last = 0.0
+        for t, kind, raw in events:
+            text = decoders[kind].decode(raw)
+            if not text:
+                continue
+            last = max(last, round(t - t0, 6))
+            lines.append(json.dumps([last, kind, text]))
+        for kind, d in decoders.items():
+            rest = d.decode(b"", final=True)
+            if rest:
+                lines.append(json.dumps([last, kind, rest]))
+        return "\n".join(lines) + "\n"
 
     def tail(self, lines: int = 20) -> str:
         with self._cond:
@@ -258,3 +328,31 @@ class Console:
 
     def __repr__(self) -> str:
         return f"Console({self.name!r}, {self.path!r})"
+
+
+def save_recording(
+    directory: str,
+    stem: str,
+    console: Console,
+    since: Optional[int],
+    started: Optional[float],
+    title: str = "",
+) -> str:
+    """Writes `console.asciicast(since, started, title)` to `directory` (made if missing) as
+    `STEM.cast`, the stem reduced to safe characters, never over an earlier file (`STEM-2.cast`
+    then); returns the path."""
+    import os
+
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "recording"
+    safe = safe[:150]
+    os.makedirs(directory, exist_ok=True)
+    text = console.asciicast(since=since, started=started, title=title)
+    n = 1
+    while True:
+        path = os.path.join(directory, f"{safe}{'' if n == 1 else f'-{n}'}.cast")
+        try:
+            with open(path, "x", encoding="utf-8") as f:
+                f.write(text)
+            return path
+        except FileExistsError:
+            n += 1

@@ -6,7 +6,11 @@
 - Marker: `@pytest.mark.jmp(selector=..., scope=..., exporter=..., lease=...)`.
 - Fixture `jmp_board`: the Board for the test. `JmpTest` classes get it as `self.client`
   and as a `client` fixture.
-- A failing test's report gets a section per console with what the board printed during it.
+- A failing test's report gets a section per console with what the board printed during it,
+  and an asciicast v2 recording of each console during the test (what the board printed and
+  what the test typed, timed; `asciinema play` replays it), its path in a report section.
+  Passed tests leave none (--jmp-record all keeps every test's, none makes none; the files go
+  to --jmp-record-dir, default `jmp-recordings` in the directory pytest runs in).
 - Under pytest-xdist (`pytest -n 4`) each worker leases a board of its own from the same
   selector (a pool of identical boards), queueing when the pool is smaller, its place in the
   queue shown as it changes; each test's report names the board that ran it.
@@ -16,15 +20,18 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
 from ._cli import Jmp, JmpError
 from .board import Board, BoardSpec, acquire
+from .console import save_recording
 
 SCOPES = ("session", "class", "function")
 
@@ -41,7 +48,11 @@ _OPTIONS = [
     ("scope", "one board per session (default), class or function", "session"),
     ("dev-dir", "where the board's serial devices appear (default: jmp's)", None),
     ("bin", "the jmp binary (default: JMP_BIN, else jmp on PATH)", None),
+    ("record", "asciicast recordings of the board's consoles: failed (of a failed test, the default), all (every test) or none", "failed"),
+    ("record-dir", "where the recordings go (default: jmp-recordings in the directory pytest runs in)", None),
 ]
+
+RECORD = ("failed", "all", "none")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -152,7 +163,8 @@ class _Boards:
 
 
 _KEY = pytest.StashKey[_Boards]()
-_ITEM_BOARDS = pytest.StashKey[List[Tuple[Board, Dict[str, int]]]]()
+# Per test: each board it used, the consoles' marks and when the test took the board.
+_ITEM_BOARDS = pytest.StashKey[List[Tuple[Board, Dict[str, int], float]]]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -160,6 +172,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "jmp(selector=None, scope=None, exporter=None, lease=None): the board this test needs",
     )
+    record = _opt(config, "record") or "failed"
+    if record not in RECORD:
+        raise pytest.UsageError(f"--jmp-record {record!r}: expected one of {', '.join(RECORD)}")
     config.stash[_KEY] = _Boards(config)
     # A CI runner cancels a job with SIGTERM: make it an interruption like Ctrl-C, so that the
     # session ends through pytest's own path and the boards are given back. Only when nobody
@@ -249,7 +264,7 @@ def jmp_board(request: pytest.FixtureRequest) -> Board:
     if fresh and hang is not None:
         hang.addfinalizer(lambda: _report_problems(request.config, boards.release(owner)))
     marks = {name: c.mark() for name, c in board.consoles.items()}
-    request.node.stash.setdefault(_ITEM_BOARDS, []).append((board, marks))
+    request.node.stash.setdefault(_ITEM_BOARDS, []).append((board, marks, time.time()))
     # The report names the board (JUnit XML: a property; the terminal: the -v outcome).
     request.node.user_properties.append(("jmp_board", board.exporter))
     return board
@@ -267,17 +282,57 @@ def _report_problems(config: pytest.Config, problems: List[str]) -> None:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     outcome = yield
     rep = outcome.get_result()
-    if not rep.failed:
+    record = _opt(item.config, "record") or "failed"
+    keep = record == "all" and rep.when == "call" and rep.passed
+    if not rep.failed and not keep:
         return
-    for board, marks in item.stash.get(_ITEM_BOARDS, []):
+    for board, marks, started in item.stash.get(_ITEM_BOARDS, []):
         for name, console in board.consoles.items():
-            text = console.transcript(since=marks.get(name))
-            lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-            if len(lines) > 400:
-                lines = [f"... ({len(lines) - 400} earlier lines)"] + lines[-400:]
+            if rep.failed:
+                text = console.transcript(since=marks.get(name))
+                lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+                if len(lines) > 400:
+                    lines = [f"... ({len(lines) - 400} earlier lines)"] + lines[-400:]
+                rep.sections.append(
+                    (f"jmp console {board.exporter}/{name} ({rep.when})", "\n".join(lines))
+                )
+            if record == "none":
+                continue
             rep.sections.append(
-                (f"jmp console {board.exporter}/{name} ({rep.when})", "\n".join(lines))
+                (
+                    f"jmp recording {board.exporter}/{name} ({rep.when})",
+                    _record(item, board, name, console, marks.get(name), started, rep.when),
+                )
             )
+
+
+def _record(
+    item: pytest.Item,
+    board: Board,
+    name: str,
+    console: Any,
+    since: Optional[int],
+    started: float,
+    when: str,
+) -> str:
+    """Writes the recording of `console` during the test; the report's line about it."""
+    directory = _opt(item.config, "record-dir") or os.path.join(
+        str(item.config.invocation_params.dir), "jmp-recordings"
+    )
+    who = _worker(item.config)
+    stem = f"{item.nodeid}{'' if when == 'call' else '-' + when}-{board.exporter}-{name}"
+    try:
+        path = save_recording(
+            directory,
+            stem,
+            console,
+            since,
+            started,
+            title=f"{item.nodeid} on {board.exporter}/{name}" + (f" [{who}]" if who else ""),
+        )
+    except Exception as e:  # a report hook never raises: say what went wrong instead
+        return f"cannot write the recording to {directory}: {e}"
+    return f"asciicast v2 recording (asciinema play FILE): {os.path.abspath(path)}"
 
 
 def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -> Any:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import html
+import os
 import signal
 import threading
+import time
 from typing import Any, Optional
 
 from robot.api import logger
@@ -11,6 +14,7 @@ from robot.api.deco import keyword, library
 
 from ._cli import Jmp
 from .board import Board, BoardSpec, acquire
+from .console import save_recording
 
 
 @library(scope="GLOBAL", version="0.1.0", doc_format="ROBOT")
@@ -24,7 +28,11 @@ class JmpLibrary:
     is used as it is). Serial keywords read the board's console through its local pty; power
     and storage keywords run ``jmp power`` and ``jmp storage`` on the attachment.
 
-    When a test fails, the console output printed during it is written to the log. The board
+    When a test fails, the console output printed during it is written to the log, and an
+    asciicast v2 recording of each console during the test (what the board printed and what
+    the test typed, timed; ``asciinema play`` replays it) is written beside the log, in
+    ``jmp-recordings`` of the output directory, and linked from the log. Passed tests leave
+    no recording (``record=all`` keeps every test's, ``record=none`` makes none). The board
     is given back by ``Release Board``, at the end of the run, and when the run is stopped
     (Ctrl-C, SIGTERM): only what the library made is undone (an attachment it started, a
     lease it created).
@@ -45,14 +53,27 @@ class JmpLibrary:
 
     ROBOT_LISTENER_API_VERSION = 3
 
-    def __init__(self, jmp: Optional[str] = None, dev_dir: Optional[str] = None):
+    def __init__(
+        self,
+        jmp: Optional[str] = None,
+        dev_dir: Optional[str] = None,
+        record: str = "failed",
+        record_dir: Optional[str] = None,
+    ):
         """``jmp``: the jmp binary (default: JMP_BIN, else jmp on PATH). ``dev_dir``: where
-        serial devices appear (default: jmp's)."""
+        serial devices appear (default: jmp's). ``record``: recordings of the consoles of
+        ``failed`` tests (the default), ``all`` tests, or ``none``; ``record_dir``: where
+        (default: ``jmp-recordings`` in the output directory)."""
+        if record not in ("failed", "all", "none"):
+            raise ValueError(f"record={record!r}: expected failed, all or none")
         self.ROBOT_LIBRARY_LISTENER = self
         self._jmp_bin = jmp
         self._dev_dir = dev_dir
+        self._record = record
+        self._record_dir = record_dir
         self._board: Optional[Board] = None
         self._marks: dict = {}
+        self._started = time.time()
         self._pending: dict = {}
         if threading.current_thread() is threading.main_thread():
             if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
@@ -103,6 +124,7 @@ class JmpLibrary:
         if self._board.lease:
             self._pending.pop(self._board.lease, None)
         self._marks = {n: c.mark() for n, c in self._board.consoles.items()}
+        self._started = time.time()
         logger.info(f"attached {self._board!r}")
         return self._board.exporter
 
@@ -222,16 +244,50 @@ class JmpLibrary:
     def start_test(self, data: Any, result: Any) -> None:
         if self._board is not None:
             self._marks = {n: c.mark() for n, c in self._board.consoles.items()}
+            self._started = time.time()
 
     def end_test(self, data: Any, result: Any) -> None:
-        if self._board is None or result.passed:
+        if self._board is None:
             return
+        record = self._record == "all" or (self._record == "failed" and not result.passed)
         for name, console in self._board.consoles.items():
-            text = console.transcript(since=self._marks.get(name))
-            text = text.replace("\r\n", "\n").replace("\r", "\n")
-            logger.info(
-                f"console {self._board.exporter}/{name} during this test:\n{text[-20000:]}"
+            if not result.passed:
+                text = console.transcript(since=self._marks.get(name))
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
+                logger.info(
+                    f"console {self._board.exporter}/{name} during this test:\n{text[-20000:]}"
+                )
+            if record:
+                self._log_recording(data, name, console)
+
+    def _log_recording(self, test: Any, name: str, console: Any) -> None:
+        """Writes the recording of `console` during `test` and links it from the log."""
+        from robot.libraries.BuiltIn import BuiltIn
+
+        out_dir = BuiltIn().get_variable_value("${OUTPUT DIR}") or os.getcwd()
+        directory = self._record_dir or os.path.join(out_dir, "jmp-recordings")
+        board = self.board.exporter
+        # `full_name` since Robot Framework 7, `longname` before.
+        test_name = getattr(test, "full_name", None) or getattr(test, "longname", None) or test.name
+        try:
+            path = save_recording(
+                directory,
+                f"{test_name}-{board}-{name}",
+                console,
+                self._marks.get(name),
+                self._started,
+                title=f"{test_name} on {board}/{name}",
             )
+        except Exception as e:
+            logger.warn(f"cannot write the recording of {board}/{name} to {directory}: {e}")
+            return
+        # Linked relative to the log, so the output directory can be moved or archived whole.
+        rel = os.path.relpath(path, out_dir)
+        logger.info(
+            f'recording of console {html.escape(board)}/{html.escape(name)} during this test '
+            f'(asciicast v2, <code>asciinema play</code>): <a href="{html.escape(rel)}">{html.escape(rel)}</a>',
+            html=True,
+        )
 
     def close(self) -> None:
         self.release_board()

@@ -137,3 +137,43 @@ def test_a_vanished_pty_ends_a_wait_with_a_clear_error(pair):
     os.close(m)
     with pytest.raises(ConsoleClosed):
         c.read_until("login:", timeout=5)
+
+
+def test_an_asciicast_recording_holds_what_came_after_the_mark_in_order(pair, tmp_path):
+    import json
+    import time
+
+    from jmp_testing.console import save_recording
+
+    c, m = pair
+    board(m, b"before the test\r\n")
+    c.read_until("before the test", timeout=5)
+    since, started = c.mark(), time.time()
+    board(m, b"U-Boot 2024\r\nboot complete\r\n")
+    c.read_until("boot complete", timeout=5)
+    c.sendline("echo hi")
+    # A character split across two reads is whole in the recording.
+    raw = "Grüße\r\n".encode()
+    cut = raw.index(b"\xc3") + 1
+    board(m, raw[:cut])
+    c.read_until(b"Gr\xc3", timeout=5)
+    board(m, raw[cut:])
+    c.read_until("\r\n", timeout=5)
+    path = save_recording(str(tmp_path / "rec"), "tests/x.py::test a", c, since, started)
+    assert os.path.basename(path) == "tests_x.py_test_a.cast"
+    # Never over an earlier one.
+    again = save_recording(str(tmp_path / "rec"), "tests/x.py::test a", c, since, started)
+    assert os.path.basename(again) == "tests_x.py_test_a-2.cast"
+    lines = open(path, encoding="utf-8").read().splitlines()
+    header = json.loads(lines[0])
+    assert header["version"] == 2 and header["width"] > 0 and header["height"] > 0
+    assert header["timestamp"] == int(started)
+    events = [json.loads(x) for x in lines[1:]]
+    times = [e[0] for e in events]
+    assert times == sorted(times) and times[0] >= 0
+    out = "".join(e[2] for e in events if e[1] == "o")
+    typed = "".join(e[2] for e in events if e[1] == "i")
+    assert out == "U-Boot 2024\r\nboot complete\r\nGrüße\r\n"
+    assert "before the test" not in out
+    assert typed == "echo hi\r"
+    assert {e[1] for e in events} == {"o", "i"}
