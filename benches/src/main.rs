@@ -3,8 +3,9 @@
 //!
 //! `--bin-dir` takes `jmpd`, `jmp` and `jmp-controller` from DIR instead of building the
 //! workspace (to measure a fixed commit while the working tree changes). `--compare-bin-dir
-//! DIR` adds DIR's `jmpd` and `jmp` as one more path of the serial, console-flash and usb
-//! benchmarks, in the same interleaved rounds (to show a change's effect: DIR holds the build from before it).
+//! DIR` adds DIR's `jmpd` and `jmp` (and `jmp-mount`) as one more path of `serial`, `tcp`,
+//! `storage` and `usb` and one more build of `console-flash`, in the same interleaved rounds (to
+//! show a change's effect: DIR holds the build from before it).
 //!
 //! Runs each benchmark's baseline and peers in the same run, interleaved round by round, prints
 //! a markdown table per benchmark (medians, ratios, PASS/MISS against the targets) and writes
@@ -162,7 +163,7 @@ fn main() -> Result<()> {
         eprintln!("running {w} ...");
         let r = match w.as_str() {
             "serial" => serial::run(&bins, compare.as_ref(), args.rounds),
-            "tcp" => tcp::run(&bins, args.rounds, args.iperf_seconds),
+            "tcp" => tcp::run(&bins, compare.as_ref(), args.rounds, args.iperf_seconds),
             "quinn" => quic::run(args.rounds),
             "memory" => memory::run(&bins, args.rounds),
             "controller" => controller::run(&bins, args.rounds),
@@ -170,7 +171,7 @@ fn main() -> Result<()> {
             "pytest" => pytest::run(&bins, args.rounds),
             "net" => net::run(&bins, args.rounds, args.iperf_seconds),
             "can" => can::run(&bins, args.rounds),
-            "storage" => storage::run(&bins, args.rounds),
+            "storage" => storage::run(&bins, compare.as_ref(), args.rounds),
             "storage-flood" => storage_flood::run(&bins, args.rounds),
             "console-flash" => console_flash::run(&bins, compare.as_ref(), args.rounds),
             "usb" => usb::run(&bins, compare.as_ref(), args.rounds),

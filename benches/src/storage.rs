@@ -23,6 +23,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const IMG: u64 = 1 << 30;
+/// The route of `--compare-bin-dir`'s jmp-mount.
+const COMPARE: &str = "jmp-mount, compare build";
 const FLASH: u64 = 2 << 30;
 /// Seconds each random-I/O job runs.
 const RAND_SECS: u32 = 4;
@@ -347,7 +349,11 @@ fn flash_source(dir: &TempDir) -> Result<(PathBuf, PathBuf)> {
 }
 
 /// Runs the storage benchmark; returns (markdown, json).
-pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
+pub fn run(
+    bins: &Bins,
+    compare: Option<&Bins>,
+    rounds: usize,
+) -> Result<(String, serde_json::Value)> {
     for t in ["fio", "dd", "bmaptool"] {
         which(t).ok_or_else(|| anyhow!("SKIP: {t} is not installed"))?;
     }
@@ -375,11 +381,20 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
         _procs: vec![],
         _mount: None,
     }];
-    for (name, r) in [
-        ("jmp-mount", jmp_mount(bins, &d_jmp, &img)),
-        ("sshfs", sshfs(&d_ssh, &img)),
-        ("nbdkit+nbdfuse", nbdfuse(&d_nbd, &img)),
-    ] {
+    let d_cmp = TempDir::new("storage-jmp-compare");
+    let mut candidates = vec![("jmp-mount", jmp_mount(bins, &d_jmp, &img))];
+    if let Some(c) = compare {
+        // The same mount from `--compare-bin-dir`'s build (its jmpd and jmp-mount), in the
+        // same rounds.
+        let r = jmp_mount(c, &d_cmp, &img).map(|mut r| {
+            r.name = COMPARE;
+            r
+        });
+        candidates.push((COMPARE, r));
+    }
+    candidates.push(("sshfs", sshfs(&d_ssh, &img)));
+    candidates.push(("nbdkit+nbdfuse", nbdfuse(&d_nbd, &img)));
+    for (name, r) in candidates {
         match r {
             Ok(r) => routes.push(r),
             Err(e) => skips.push(format!("SKIP: {name}: {e:#}")),
@@ -454,12 +469,12 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
         (
             "jmp / sshfs seq read (fio)",
             at("jmp-mount", 0) / at("sshfs", 0),
-            Target::AtLeast(1.5),
+            Target::AtLeast(2.0),
         ),
         (
             "jmp / sshfs randread QD1",
             at("jmp-mount", 4) / at("sshfs", 4),
-            Target::AtLeast(1.5),
+            Target::AtLeast(2.0),
         ),
         (
             "jmp / sshfs randread QD16",
@@ -469,7 +484,7 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
         (
             "jmp / nbdfuse seq read (fio)",
             at("jmp-mount", 0) / at("nbdkit+nbdfuse", 0),
-            Target::AtLeast(0.8),
+            Target::AtLeast(1.0),
         ),
         (
             "jmp-mount peak RSS (MiB)",
@@ -477,6 +492,20 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
             Target::AtMost(30.0),
         ),
     ];
+
+    if compare.is_some() {
+        for (what, w) in [
+            ("jmp-mount, this build / compare build, seq read (fio)", 0),
+            ("jmp-mount, this build / compare build, randread QD1", 4),
+            ("jmp-mount, this build / compare build, randread QD16", 5),
+        ] {
+            targets.push((
+                what,
+                at("jmp-mount", w) / at(COMPARE, w),
+                Target::AtLeast(1.0),
+            ));
+        }
+    }
 
     // Flashing.
     let d_flash = TempDir::new("storage-flash");
@@ -496,9 +525,9 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
         .iter()
         .find(|r| r.name == "sshfs")
         .map(|r| r.file.with_file_name("target.img"));
-    let jmp_flash = |extra: &[&Path]| -> Result<f64> {
+    let jmp_flash = |jmp: &Path, extra: &[&Path]| -> Result<f64> {
         let t = Instant::now();
-        let mut c = command(&bins.jmp);
+        let mut c = command(jmp);
         c.args(["storage", "flash", "tgt"])
             .arg(&src)
             .args(["--exporter", &exp.addr])
@@ -517,13 +546,28 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
     if ssh_tgt.is_some() {
         flash_names.extend(["bmaptool copy onto sshfs", "dd onto sshfs"]);
     }
+    // `--compare-bin-dir`'s `jmp` flashing through this run's jmpd (the flash's pacing is the
+    // client's).
+    let compare_jmp = compare.map(|c| c.jmp.clone());
+    if compare_jmp.is_some() {
+        flash_names.extend([
+            "jmp storage flash (raw), compare build",
+            "jmp storage flash --bmap, compare build",
+        ]);
+    }
     let mut fres: Vec<Vec<f64>> = flash_names.iter().map(|_| Vec::new()).collect();
     for k in 0..rounds {
         for (i, name) in flash_names.iter().enumerate() {
-            let r = match i {
-                0 => jmp_flash(&[]),
-                1 => jmp_flash(&[&bmap]),
-                2 => {
+            let r = match *name {
+                "jmp storage flash (raw)" => jmp_flash(&bins.jmp, &[]),
+                "jmp storage flash --bmap" => jmp_flash(&bins.jmp, &[&bmap]),
+                "jmp storage flash (raw), compare build" => {
+                    jmp_flash(compare_jmp.as_deref().unwrap_or(&bins.jmp), &[])
+                }
+                "jmp storage flash --bmap, compare build" => {
+                    jmp_flash(compare_jmp.as_deref().unwrap_or(&bins.jmp), &[&bmap])
+                }
+                "bmaptool copy onto sshfs" => {
                     let t = Instant::now();
                     let dst = ssh_tgt.clone().unwrap_or_default();
                     run_ok(
@@ -537,6 +581,7 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
                     .map(|_| t.elapsed().as_secs_f64())
                 }
                 _ => {
+                    // "dd onto sshfs"
                     let t = Instant::now();
                     let dst = ssh_tgt.clone().unwrap_or_default();
                     run_ok(
@@ -580,6 +625,13 @@ pub fn run(bins: &Bins, rounds: usize) -> Result<(String, serde_json::Value)> {
         fat("bmaptool copy onto sshfs") / fat("jmp storage flash --bmap"),
         Target::AtLeast(3.0),
     ));
+    if compare_jmp.is_some() {
+        targets.push((
+            "jmp flash (raw), this build / compare build (time)",
+            fat("jmp storage flash (raw)") / fat("jmp storage flash (raw), compare build"),
+            Target::AtMost(1.1),
+        ));
+    }
     md.push('\n');
     for (what, v, t) in &targets {
         md.push_str(&format!(

@@ -315,21 +315,39 @@ async fn open_channel(
     Ok((device, pipe, opened, instance))
 }
 
-/// Relays raw bytes between the socket and the channel until either ends.
+/// Most one read of the socket yields (the relay's read buffer grows by this much at a time).
+const RELAY_CHUNK: usize = 256 << 10;
+/// A read buffer with less spare room than this is renewed: reads do not shrink to slivers
+/// while earlier chunks, still queued on the stream, hold the rest of its allocation.
+const RELAY_MIN_SPARE: usize = 16 << 10;
+
+/// Relays raw bytes between the socket and the channel until either ends. Bulk kinds
+/// (`storage`: a flash streams gigabytes) send at [`jmp_transport::PRIORITY_BULK`], below
+/// the default and the consoles, as the attachment's own storage channels do.
 async fn relay(
     mut r: impl tokio::io::AsyncRead + Unpin,
     mut w: impl tokio::io::AsyncWrite + Unpin,
     pipe: jmp_transport::Pipe,
+    bulk: bool,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut tx, mut rx) = pipe.split();
+    if bulk {
+        tx.set_priority(jmp_transport::PRIORITY_BULK);
+    }
     let up = async {
+        // One allocation serves many reads: each read's bytes are split off and sent, the
+        // rest of the buffer takes the next read (a fresh 256 KiB per read cost an allocation
+        // and page faults per read on every flash).
+        let mut b = bytes::BytesMut::new();
         loop {
-            let mut b = bytes::BytesMut::with_capacity(256 << 10);
+            if b.capacity() < RELAY_MIN_SPARE {
+                b.reserve(RELAY_CHUNK);
+            }
             match r.read_buf(&mut b).await {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {
-                    if tx.send(b.freeze()).await.is_err() {
+                    if tx.send(b.split().freeze()).await.is_err() {
                         break;
                     }
                 }
@@ -393,7 +411,7 @@ pub async fn serve(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
                         // channel's, so the relay reads them first.
                         let pre = std::io::Cursor::new(reader.buffer().to_vec());
                         let rest = reader.into_inner().into_inner();
-                        return relay(pre.chain(rest), w, pipe).await;
+                        return relay(pre.chain(rest), w, pipe, kind == Kind::Storage).await;
                     }
                     Err(reply) => reply,
                 },
@@ -674,5 +692,53 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// The relay reuses one read buffer across reads: many reads of every size (larger than
+    /// the buffer, and slivers) reach the channel complete and in order; what the channel
+    /// sends reaches the socket; the socket's end finishes the channel.
+    #[tokio::test]
+    async fn relay_carries_many_reads_intact_both_ways() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (sock_app, sock_relay) = tokio::io::duplex(64 << 10);
+        let (relay_end, mut far) = jmp_transport::pipe::pair(8);
+        let (r, w) = tokio::io::split(sock_relay);
+        let task = tokio::spawn(relay(r, w, relay_end, true));
+        let (mut app_r, mut app_w) = tokio::io::split(sock_app);
+        far.tx
+            .send(bytes::Bytes::from_static(b"answer"))
+            .await
+            .expect("send back");
+        let mut back = [0u8; 6];
+        app_r.read_exact(&mut back).await.expect("read back");
+        assert_eq!(&back, b"answer");
+        // Writes of varied sizes, some larger than RELAY_CHUNK: 3 MiB that no repeat of a
+        // short pattern could fake.
+        let data: Vec<u8> = (0..3u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let writer = {
+            let data = data.clone();
+            tokio::spawn(async move {
+                let sizes = [1usize, 7, 4096, 300 << 10, 17, 65_536, 1 << 20];
+                let mut at = 0;
+                let mut k = 0;
+                while at < data.len() {
+                    let n = sizes[k % sizes.len()].min(data.len() - at);
+                    app_w.write_all(&data[at..at + n]).await.expect("write");
+                    at += n;
+                    k += 1;
+                }
+                app_w.shutdown().await.expect("shutdown");
+            })
+        };
+        let mut got = Vec::with_capacity(data.len());
+        while let Some(c) = far.rx.recv().await.expect("recv") {
+            got.extend_from_slice(&c);
+        }
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "the relayed bytes differ from those written");
+        writer.await.expect("writer");
+        task.await.expect("relay ends");
     }
 }

@@ -121,6 +121,23 @@ fn transport_config() -> quinn::TransportConfig {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(max_mtu());
     t.mtu_discovery_config(Some(mtu));
+    // For experiments (docs/benchmarks.md), the QUIC ACK frequency extension: ask the peer to
+    // acknowledge only every `JMP_ACK_THRESHOLD`+1 ack-eliciting packets (quinn's default is
+    // every second: fewer ACKs are fewer packets to build, send and process per byte of a
+    // bulk transfer), and within `JMP_ACK_DELAY_US` µs rather than the default 25 ms (the
+    // delay a lost last packet, such as a keystroke's, waits out before it is sent again).
+    let env_num = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u32>().ok());
+    let (threshold, delay) = (env_num("JMP_ACK_THRESHOLD"), env_num("JMP_ACK_DELAY_US"));
+    if threshold.is_some() || delay.is_some() {
+        let mut ack = quinn::AckFrequencyConfig::default();
+        if let Some(n) = threshold {
+            ack.ack_eliciting_threshold(n.into());
+        }
+        if let Some(us) = delay {
+            ack.max_ack_delay(Some(Duration::from_micros(us.into())));
+        }
+        t.ack_frequency_config(Some(ack));
+    }
     // For experiments (docs/benchmarks.md): the congestion controller, `cubic` (quinn's
     // default) unless `JMP_CONGESTION` says `bbr` or `newreno`.
     match std::env::var("JMP_CONGESTION").as_deref() {
@@ -199,12 +216,16 @@ fn make_endpoint(
     if std::env::var("JMP_UDP_SOCKET").is_ok_and(|v| v == "quinn") {
         return quinn::Endpoint::new(config, server, socket, runtime);
     }
-    quinn::Endpoint::new_with_abstract_socket(
-        config,
-        server,
-        crate::udp::QuietUdp::new(socket)?,
-        runtime,
-    )
+    let udp = crate::udp::QuietUdp::new(socket)?;
+    // For experiments (docs/benchmarks.md): socket buffers of `JMP_UDP_BUFFER` bytes (the
+    // kernel caps them at net.core.rmem_max / wmem_max).
+    if let Some(n) = std::env::var("JMP_UDP_BUFFER")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        udp.set_buffer_sizes(n);
+    }
+    quinn::Endpoint::new_with_abstract_socket(config, server, udp, runtime)
 }
 
 /// Accepts any certificate at the TLS layer but still verifies the handshake signature with the

@@ -1,7 +1,8 @@
 //! Exporter side of a storage device: opens the medium, publishes its parameters, and serves
 //! storage channels. Each request of a channel runs on its own blocking thread (`pread`,
 //! `pwritev`, `fsync` block), so a slow one never holds up the others; answers go back in the
-//! order they finish. A medium shared with the board (an SD-mux) refuses writes while the
+//! order they finish. The one exception: a small read the page cache holds entirely is
+//! answered on the channel's task, without waiting on the device ([`INLINE_READ_MAX`]). A medium shared with the board (an SD-mux) refuses writes while the
 //! board's power is on, and every power-on bumps the generation so clients drop their caches.
 //!
 //! **Budgets.** Before a request is read any further than its header, the channel takes what
@@ -539,6 +540,28 @@ struct StorageChannel {
     medium: Arc<Medium>,
 }
 
+/// Reads up to this size that the page cache holds are answered on the channel's own task
+/// ([`Medium::read_cached`]): copying them costs less than the two thread hand-offs of a
+/// blocking job (a 4 KiB random read's round trip), and little enough not to hold up the
+/// runtime's other tasks (a console). Larger reads, and misses, run as jobs.
+const INLINE_READ_MAX: u64 = 64 << 10;
+
+impl StorageChannel {
+    /// The data of `op` if it is a small plain read the page cache can answer at once.
+    fn cached_read(&self, op: &Op, job: &Job) -> Option<Bytes> {
+        match *op {
+            Op::Read {
+                offset,
+                len,
+                compress: false,
+            } if len <= INLINE_READ_MAX && self.driver.slow.is_none() && !job.stopped() => {
+                self.medium.read_cached(offset, len as usize)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// One channel's writing, as the generation rules need it (see the module's doc).
 #[derive(Debug, Default)]
 struct Writes {
@@ -626,6 +649,21 @@ async fn read_requests(
                 None => budget.bytes(cost(&req.op)).await,
             };
             let slot = budget.job(heavy(&req.op)).await;
+            if let Some(data) = ch.cached_read(&req.op, job) {
+                let len = data.len() as u64;
+                let answer = Answer {
+                    resp: Response::Data { id: req.id, len },
+                    data: Some(data),
+                    held,
+                };
+                // Waiting here for room in the answer queue holds off reading further
+                // requests, as a job waiting in `blocking_send` would hold its place.
+                if out.send(answer).await.is_err() {
+                    return false;
+                }
+                drop(slot);
+                continue;
+            }
             let driver = ch.driver.clone();
             let medium = ch.medium.clone();
             let out = out.clone();

@@ -27,6 +27,20 @@ use std::sync::{Arc, Mutex};
 pub const UNIT: usize = 1 << 20;
 /// Granularity of zero detection: a run of zeros shorter than this is sent as data.
 pub const ZERO_GRAIN: usize = 64 << 10;
+/// Writes of [`UNIT`] a flash keeps outstanding. Every one queued ahead is data the link must
+/// carry before anything sent later on the same connection (a console's keystroke) reaches
+/// the exporter. The stream's flow-control window (8 MiB, jmp_transport) already caps what a
+/// flash has on the link at any one time; fewer than that is what shortens the queue, and no
+/// fewer than keeps the exporter's writers busy over a loaded link. `JMP_FLASH_IN_FLIGHT`
+/// (1 to the client's 64) overrides it, for measurements.
+pub const FLASH_IN_FLIGHT: usize = 4;
+
+fn flash_in_flight() -> usize {
+    std::env::var("JMP_FLASH_IN_FLIGHT")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(FLASH_IN_FLIGHT, |n| n.clamp(1, MAX_IN_FLIGHT))
+}
 
 /// Byte ranges `[start, end)`, merged.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -576,6 +590,9 @@ pub async fn flash(
         Some(b) => Some(b.mapped_bytes()),
         None => image.size,
     };
+    let in_flight = flash_in_flight();
+    // The producer's read-ahead (image read and compressed, not yet sent) stays deep: it is
+    // memory of this process only, not data queued on the link.
     let (tx, mut rx) = tokio::sync::mpsc::channel(MAX_IN_FLIGHT);
     let verify = opts.verify;
     let mut report = Report {
@@ -647,7 +664,7 @@ pub async fn flash(
                 break;
             }
         };
-        client.wait_below(MAX_IN_FLIGHT).await;
+        client.wait_below(in_flight).await;
         let s = shared.clone();
         client.submit(
             op,
