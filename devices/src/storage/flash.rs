@@ -28,12 +28,14 @@ pub const UNIT: usize = 1 << 20;
 /// Granularity of zero detection: a run of zeros shorter than this is sent as data.
 pub const ZERO_GRAIN: usize = 64 << 10;
 /// Writes of [`UNIT`] a flash keeps outstanding. Every one queued ahead is data the link must
-/// carry before anything sent later on the same connection (a console's keystroke) reaches
-/// the exporter. The stream's flow-control window (8 MiB, jmp_transport) already caps what a
-/// flash has on the link at any one time; fewer than that is what shortens the queue, and no
-/// fewer than keeps the exporter's writers busy over a loaded link. `JMP_FLASH_IN_FLIGHT`
-/// (1 to the client's 64) overrides it, for measurements.
-pub const FLASH_IN_FLIGHT: usize = 4;
+/// carry before anything sent later on the same connection (a console's keystroke) reaches the
+/// exporter, and the stream's flow-control window (8 MiB, jmp_transport) already caps what a
+/// flash has on the link, so fewer looked like a shorter queue for keystrokes. Measured, 4
+/// made the console's p99 during a flash worse, not better (2 rounds on a loaded machine,
+/// 2026-12-08: 250 and 645 ms against 20 and 352 ms with 64), so it stays at the client's
+/// maximum until an idle-machine run says otherwise. `JMP_FLASH_IN_FLIGHT` (1 to 64) overrides
+/// it, for those measurements.
+pub const FLASH_IN_FLIGHT: usize = MAX_IN_FLIGHT;
 
 fn flash_in_flight() -> usize {
     std::env::var("JMP_FLASH_IN_FLIGHT")
