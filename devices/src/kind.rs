@@ -41,6 +41,10 @@ pub trait DeviceKind: Send + Sync + 'static {
     /// How long a device request may take before the client gives up (a guard against a
     /// hang: the exporter enforces each operation's own timeout and answers `timeout`).
     const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+    /// Whether the kind's channels carry bulk data (images, blocks) that must queue behind
+    /// interactive channels on the same connection: a channel relayed for a local tool (the
+    /// attachment's control socket) gets the bulk stream priority then.
+    const BULK: bool = false;
 
     /// The kind's tables in an exporter config.
     type Config: KindConfig;

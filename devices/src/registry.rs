@@ -111,6 +111,14 @@ macro_rules! registry {
             }
         }
 
+        /// Whether `kind`'s channels carry bulk data (see [`DeviceKind::BULK`]).
+        pub fn bulk(kind: &Kind) -> bool {
+            match kind {
+                $(Kind::$variant => <$module::$kind as DeviceKind>::BULK,)*
+                Kind::Other(_) => false,
+            }
+        }
+
         /// The kinds' `jmp` verbs (`jmp power`, `jmp serial`, `jmp storage`), flattened into
         /// `jmp`'s commands.
         #[derive(clap::Subcommand, Debug)]

@@ -411,7 +411,8 @@ pub async fn serve(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
                         // channel's, so the relay reads them first.
                         let pre = std::io::Cursor::new(reader.buffer().to_vec());
                         let rest = reader.into_inner().into_inner();
-                        return relay(pre.chain(rest), w, pipe, kind == Kind::Storage).await;
+                        return relay(pre.chain(rest), w, pipe, jmp_devices::registry::bulk(&kind))
+                            .await;
                     }
                     Err(reply) => reply,
                 },

@@ -55,6 +55,7 @@ crate::config_types! {
 
 impl DeviceKind for Storage {
     const KIND: Kind = Kind::Storage;
+    const BULK: bool = true;
     /// A hang guard: hashing a large card on the exporter reads all of it.
     const REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
     type Config = StorageConfig;
