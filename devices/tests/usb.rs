@@ -316,11 +316,9 @@ fn spec() -> UsbSpec {
     serde_norway::from_str("{ids: ['1209:0001', '1209:0002']}").expect("spec")
 }
 
-fn temp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("jmp-usb-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("mkdir");
-    d
+/// A scratch directory, removed when dropped (also when the test fails).
+fn temp(tag: &str) -> jmp_e2e::TempDir {
+    jmp_e2e::TempDir::new(&format!("usb-test-{tag}"))
 }
 
 /// As the client's kernel: a bulk out of `data`, then a bulk in that must bring it back.
@@ -358,7 +356,12 @@ fn params(d: &dyn Driver) -> DeviceParams {
 async fn devices_are_imported_carry_usbip_and_come_back() {
     let host = FakeHost::new(vec![device("1-1", 0x0001, 5), device("1-2", 0x0666, 6)]);
     let state = temp("import");
-    let driver = Arc::new(UsbDriver::new("board", &spec(), host.clone(), Some(&state)));
+    let driver = Arc::new(UsbDriver::new(
+        "board",
+        &spec(),
+        host.clone(),
+        Some(state.path()),
+    ));
     driver.rescan();
     let p = params(driver.as_ref());
     assert_eq!(p.devices.len(), 1, "only what ids match is listed: {p:?}");
@@ -374,7 +377,8 @@ async fn devices_are_imported_carry_usbip_and_come_back() {
     ));
     let (vhci, mut attached) = FakeVhci::new();
     let info = jmp_devices::info(driver.as_ref());
-    let mut bridge = UsbBridge::new(&info, &temp("import-dev"), vhci.clone());
+    let dev_dir = temp("import-dev");
+    let mut bridge = UsbBridge::new(&info, dev_dir.path(), vhci.clone());
     let mut eps = bridge.live_endpoints().expect("live endpoints");
     let link2: Arc<dyn Channels> = link.clone();
     let run = tokio::spawn(async move {
@@ -466,7 +470,6 @@ async fn devices_are_imported_carry_usbip_and_come_back() {
     })
     .await;
     drop(bridge);
-    let _ = std::fs::remove_dir_all(&state);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -580,7 +583,7 @@ async fn what_a_killed_exporter_left_bound_is_given_back_at_start() {
     let mut unrecorded = device("1-4", 0x0002, 8);
     unrecorded.driver = Some(STUB.into());
     let host = FakeHost::new(vec![on_stub, unrecorded, device("1-2", 0x0666, 6)]);
-    let driver = UsbDriver::new("board", &spec(), host.clone(), Some(&state));
+    let driver = UsbDriver::new("board", &spec(), host.clone(), Some(state.path()));
     driver.restore();
     assert_eq!(host.log(), ["release 1-1 usb", "release 1-4 -"]);
     // 1-3 left the bus while bound: usbip-host keeps its bus id, so the record keeps it ...
@@ -593,7 +596,6 @@ async fn what_a_killed_exporter_left_bound_is_given_back_at_start() {
     driver.rescan();
     assert_eq!(host.driver("1-3").as_deref(), Some("usb"));
     assert!(!state.join("usb-board.json").exists());
-    let _ = std::fs::remove_dir_all(&state);
 }
 
 /// An exporter that lists one device and answers its import with USB/IP nobody asked for.
@@ -711,7 +713,8 @@ async fn a_hostile_exporter_cannot_feed_the_client_kernel() {
             params: to_bytes(&listing),
             detail: String::new(),
         };
-        let mut bridge = UsbBridge::new(&info, &temp("hostile-exporter"), vhci.clone());
+        let dev_dir = temp("hostile-exporter");
+        let mut bridge = UsbBridge::new(&info, dev_dir.path(), vhci.clone());
         let l: Arc<dyn Channels> = link.clone();
         let run = tokio::spawn(async move { bridge.run(l).await });
         let (_, devid, _, mut k) = guard("attach", attached.recv()).await.expect("attached");
@@ -754,7 +757,8 @@ async fn an_import_the_checks_ended_is_imported_again() {
     ));
     let (vhci, mut attached) = FakeVhci::new();
     let info = jmp_devices::info(driver.as_ref());
-    let mut bridge = UsbBridge::new(&info, &temp("again-dev"), vhci.clone());
+    let dev_dir = temp("again-dev");
+    let mut bridge = UsbBridge::new(&info, dev_dir.path(), vhci.clone());
     let eps = bridge.live_endpoints().expect("live endpoints");
     let mut settled = bridge.settled().expect("settled");
     assert!(!*settled.borrow(), "nothing imported yet");
@@ -863,7 +867,8 @@ async fn an_exporter_refused_every_time_is_tried_a_bounded_number_of_times() {
         params: to_bytes(&listing),
         detail: String::new(),
     };
-    let mut bridge = UsbBridge::new(&info, &temp("bounded"), vhci.clone());
+    let dev_dir = temp("bounded");
+    let mut bridge = UsbBridge::new(&info, dev_dir.path(), vhci.clone());
     let mut notes = bridge.local_status().expect("notes");
     let l: Arc<dyn Channels> = link.clone();
     let run = tokio::spawn(async move { bridge.run(l).await });
