@@ -812,7 +812,6 @@ impl<S: LeaseStore> Core<S> {
                 l.shares
                     .iter()
                     .any(|s| s.client == client && s.until.is_none_or(|u| u > limit))
-                    && l.end > limit
             })
             .map(|l| {
                 let shares = l
@@ -1293,8 +1292,9 @@ impl<S: LeaseStore> Core<S> {
         }
         // The colleague's own longest lease bounds its share too: a share is no way around
         // its policy's `max_duration`. Asked beyond it, refused (as a lease that long would
-        // be); asked for nothing (with the lease), it ends at that limit if the lease outlasts
-        // it, which `get leases` shows.
+        // be); asked for nothing, it ends at that limit, which `get leases` shows. The limit
+        // is stored even when the lease ends sooner: the lease may be extended (by hand or
+        // auto-extension) past it later, and nothing re-caps a share then.
         let max = match self.registry.client_policy(with, self.default_max_secs) {
             Ok(p) => p.max_secs.saturating_mul(1000),
             Err(e) => return Reply::Error(e),
@@ -1312,7 +1312,7 @@ impl<S: LeaseStore> Core<S> {
                     ),
                 )
             }
-            None if lease.end > limit => Some(limit),
+            None => Some(limit),
             u => u,
         };
         let mut shares: Vec<Share> = lease

@@ -1705,13 +1705,22 @@ async fn a_lease_is_shared_only_within_the_colleagues_policy_and_unshared() {
     assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
 
     // Read-only: the exporter hears of it; the colleague's token says it is a share.
+    let t0 = now_ms() / 1000;
     let l = lease_of(
         h.call(&holder, share(&name, "colleague", None, false))
             .await,
     );
+    // Asked for no end, a share still ends at the colleague's longest lease (the default,
+    // 1 h), even though this lease ends sooner: the lease may be extended past it later.
+    let t1 = now_ms() / 1000;
+    let until = l.shares[0].until.expect("a share always has an end");
+    assert!(
+        (t0 + 3600..=t1 + 3600).contains(&until),
+        "{until} within {t0}+3600..{t1}+3600"
+    );
     let ro = ShareInfo {
         client: "colleague".into(),
-        until: None,
+        until: Some(until),
         control: false,
     };
     assert_eq!(l.shares, vec![ro.clone()]);
@@ -1931,17 +1940,18 @@ async fn a_share_survives_a_controller_restart() {
     std::fs::create_dir_all(&dir).unwrap();
     let db = dir.join("leases.redb");
     let auth = authority();
-    let (name, colleague, exporter) = {
+    let (name, colleague, exporter, shared_until) = {
         let mut h = start(RedbStore::open(&db).unwrap(), auth.clone(), ORPHAN_GRACE);
         let (exporter, _, _a) = h.exporter_as("rpi4-01", &[("board", "rpi4")]).await;
         let holder = h.client("holder", "", 0).await;
         let colleague = h.client("colleague", "", 0).await;
         let l = lease_of(h.call(&holder, lease_req("r1", "board=rpi4", 600, 0)).await);
-        lease_of(
+        let s = lease_of(
             h.call(&holder, share(&l.name, "colleague", None, true))
                 .await,
         );
-        (l.name, colleague, exporter)
+        let until = s.shares[0].until.expect("a share always has an end");
+        (l.name, colleague, exporter, until)
     };
     // The old core drops the store once its command channel is gone: the file opens again
     // only then.
@@ -1973,7 +1983,7 @@ async fn a_share_survives_a_controller_restart() {
         mine[0].shares,
         vec![jmp_protocol::api::ShareInfo {
             client: "colleague".into(),
-            until: None,
+            until: Some(shared_until),
             control: true,
         }]
     );
@@ -2053,8 +2063,15 @@ async fn a_share_past_its_until_is_removed_pushed_and_stays_removed() {
             h.call(&holder, share(&l.name, "colleague", Some(until), false))
                 .await,
         );
-        // A share without an end stays: only the one past its end goes.
-        lease_of(h.call(&holder, share(&l.name, "other", None, true)).await);
+        // A share asked for without an end (so ending at the colleague's limit) stays: only
+        // the one past its end goes.
+        let other = lease_of(h.call(&holder, share(&l.name, "other", None, true)).await);
+        let other_until = other
+            .shares
+            .iter()
+            .find(|x| x.client == "other")
+            .and_then(|x| x.until);
+        assert!(other_until.is_some(), "{other:?}");
         let mut shares = pushed_shares(&mut a).await;
         assert_eq!(shares.len(), 2, "{shares:?}");
         while shares.len() == 2 {
@@ -2065,7 +2082,7 @@ async fn a_share_past_its_until_is_removed_pushed_and_stays_removed() {
             shares,
             vec![jmp_protocol::api::ShareInfo {
                 client: "other".into(),
-                until: None,
+                until: other_until,
                 control: true,
             }]
         );
@@ -2130,10 +2147,16 @@ async fn a_share_is_bounded_by_the_colleagues_longest_lease() {
         (t0 + 300..=t1 + 300).contains(&until),
         "{until} within {t0}+300..{t1}+300"
     );
-    // A colleague whose limit (the default, 1 h) is beyond the lease: with the lease.
+    // A colleague whose limit (the default, 1 h) is beyond the lease: still its limit, not
+    // open-ended, so a later extension of the lease does not stretch the share with it.
     let s = lease_of(h.call(&holder, share(&l.name, "long", None, false)).await);
+    let t1b = now_ms() / 1000;
     let long = s.shares.iter().find(|x| x.client == "long").unwrap();
-    assert_eq!(long.until, None);
+    let long_until = long.until.expect("a share always has an end");
+    assert!(
+        (t1 + 3600..=t1b + 3600).contains(&long_until),
+        "{long_until} within {t1}+3600..{t1b}+3600"
+    );
     assert_eq!(pushed_shares(&mut a).await.len(), 2);
     // The admin shortens its limit: its share is shortened too, and the exporter hears.
     let admin = h.admin.clone();
@@ -2160,4 +2183,42 @@ async fn a_share_is_bounded_by_the_colleagues_longest_lease() {
         short.until, s.shares[0].until,
         "the other share is as it was"
     );
+}
+
+/// The bypass a review found: a share asked for without an end, on a lease that then ended
+/// before the colleague's limit, was stored open-ended, so extending the lease afterwards
+/// let the colleague use the board past its own policy's longest lease. The share keeps the
+/// colleague's limit through an extension, and the exporter is told that end.
+#[tokio::test]
+async fn a_share_stays_within_the_colleagues_limit_when_the_lease_is_extended() {
+    let mut h = start(MemStore::default(), authority(), ORPHAN_GRACE);
+    let mut a = h.exporter("a-01", &[("board", "a")]).await;
+    let holder = h.client("holder", "", 0).await;
+    let _short = h.client("short", "", 300).await;
+    let l = lease_of(h.call(&holder, lease_req("l1", "board=a", 200, 0)).await);
+    let t0 = now_ms() / 1000;
+    let s = lease_of(h.call(&holder, share(&l.name, "short", None, false)).await);
+    let t1 = now_ms() / 1000;
+    let until = s.shares[0].until.expect("a share always has an end");
+    assert!(
+        (t0 + 300..=t1 + 300).contains(&until),
+        "{until} within {t0}+300..{t1}+300"
+    );
+    assert_eq!(pushed_shares(&mut a).await[0].until, Some(until));
+    // The holder (policy: 1 h) extends the lease well past the colleague's 5 minutes.
+    let r = h
+        .call(
+            &holder,
+            Request::UpdateLease {
+                name: l.name.clone(),
+                duration_secs: None,
+                extend_secs: Some(3000),
+            },
+        )
+        .await;
+    let extended = lease_of(r);
+    assert!(extended.end > until + 2000, "{extended:?}");
+    assert_eq!(extended.shares[0].until, Some(until), "{extended:?}");
+    let mine = leases_of(&mut h, &holder).await;
+    assert_eq!(mine[0].shares[0].until, Some(until), "{mine:?}");
 }
