@@ -331,9 +331,8 @@ async fn a_requester_that_comes_back_in_time_keeps_its_place_and_gets_its_lease(
 
 #[tokio::test]
 async fn granted_leases_survive_a_restart_from_the_store() {
-    let dir = std::env::temp_dir().join(format!("jmp-core-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = Scratch::new("jmp-core");
+    let dir = scratch.0.clone();
     let db = dir.join("leases.redb");
     let auth = authority();
     let (lease, client) = {
@@ -363,14 +362,12 @@ async fn granted_leases_survive_a_restart_from_the_store() {
         Reply::Lease(l) => assert_eq!(l.name, lease.name),
         other => panic!("{other:?}"),
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
 async fn an_unclaimed_grant_is_released_after_a_restart_too() {
-    let dir = std::env::temp_dir().join(format!("jmp-core-unclaimed-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = Scratch::new("jmp-core-unclaimed");
+    let dir = scratch.0.clone();
     let db = dir.join("leases.redb");
     let auth = authority();
     let grace = Duration::from_millis(400);
@@ -436,7 +433,6 @@ async fn an_unclaimed_grant_is_released_after_a_restart_too() {
     }
     drop(h);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
@@ -1548,9 +1544,8 @@ async fn an_auto_extended_lease_in_use_grows_to_its_hard_limit() {
 /// An exporter that does not report its sessions counts its lease as attached.
 #[tokio::test]
 async fn liveness_survives_a_restart_and_silent_exporters_count_as_attached() {
-    let dir = std::env::temp_dir().join(format!("jmp-core-idle-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = Scratch::new("jmp-core-idle");
+    let dir = scratch.0.clone();
     let db = dir.join("leases.redb");
     let auth = authority();
     let (exp, c, lease) = {
@@ -1603,7 +1598,6 @@ async fn liveness_survives_a_restart_and_silent_exporters_count_as_attached() {
             .await,
     );
     assert!(l.attached && l.idle_deadline.is_none(), "{l:?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn access_claims(r: &Reply) -> jmp_protocol::token::Claims {
@@ -1935,9 +1929,8 @@ async fn no_share_on_an_exporter_that_does_not_know_shares_nor_for_a_deleted_cli
 /// there, and still admits the colleague.
 #[tokio::test]
 async fn a_share_survives_a_controller_restart() {
-    let dir = std::env::temp_dir().join(format!("jmp-core-share-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = Scratch::new("jmp-core-share");
+    let dir = scratch.0.clone();
     let db = dir.join("leases.redb");
     let auth = authority();
     let (name, colleague, exporter, shared_until) = {
@@ -1992,7 +1985,6 @@ async fn a_share_survives_a_controller_restart() {
             .await,
     );
     assert_eq!(c.share, Some(ShareClaim { control: true }));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `get-leases` gives each waiting request its place in the queue (what the lab dashboard
@@ -2046,9 +2038,8 @@ async fn listed_waiting_requests_carry_their_queue_position() {
 /// every step awaits the event it checks.)
 #[tokio::test]
 async fn a_share_past_its_until_is_removed_pushed_and_stays_removed() {
-    let dir = std::env::temp_dir().join(format!("jmp-core-share-end-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = Scratch::new("jmp-core-share-end");
+    let dir = scratch.0.clone();
     let db = dir.join("leases.redb");
     let auth = authority();
     let (name, holder, colleague) = {
@@ -2065,13 +2056,13 @@ async fn a_share_past_its_until_is_removed_pushed_and_stays_removed() {
         );
         // A share asked for without an end (so ending at the colleague's limit) stays: only
         // the one past its end goes.
-        let other = lease_of(h.call(&holder, share(&l.name, "other", None, true)).await);
-        let other_until = other
+        let shared = lease_of(h.call(&holder, share(&l.name, "other", None, true)).await);
+        let other_until = shared
             .shares
             .iter()
             .find(|x| x.client == "other")
             .and_then(|x| x.until);
-        assert!(other_until.is_some(), "{other:?}");
+        assert!(other_until.is_some(), "{shared:?}");
         let mut shares = pushed_shares(&mut a).await;
         assert_eq!(shares.len(), 2, "{shares:?}");
         while shares.len() == 2 {
@@ -2108,7 +2099,6 @@ async fn a_share_past_its_until_is_removed_pushed_and_stays_removed() {
     assert_eq!(mine[0].shares.len(), 1, "{mine:?}");
     assert_eq!(mine[0].shares[0].client, "other");
     assert!(leases_of(&mut h, &colleague).await.is_empty());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Issue 21: a share never lasts longer than the colleague may hold a lease of its own (its
@@ -2221,4 +2211,22 @@ async fn a_share_stays_within_the_colleagues_limit_when_the_lease_is_extended() 
     assert_eq!(extended.shares[0].until, Some(until), "{extended:?}");
     let mine = leases_of(&mut h, &holder).await;
     assert_eq!(mine[0].shares[0].until, Some(until), "{mine:?}");
+}
+
+/// A scratch directory for a store file, removed when the test ends, failed or not.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
