@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod console_flash;
 pub mod controller;
 pub mod flood;
+pub mod growth;
 pub mod jmp;
 pub mod memory;
 pub mod net;

@@ -13,8 +13,8 @@
 
 use anyhow::{bail, Result};
 use jmp_bench::{
-    boards, can, cluster, console_flash, controller, flood, jmp, memory, net, pytest, quic, relay,
-    serial, storage, storage_flood, tcp, usb,
+    boards, can, cluster, console_flash, controller, flood, growth, jmp, memory, net, pytest, quic,
+    relay, serial, storage, storage_flood, tcp, usb,
 };
 
 /// Every benchmark, in the order `all` runs them (one line each: device kinds add theirs).
@@ -33,6 +33,7 @@ const BENCHES: &[&str] = &[
     "console-flash",
     "usb",
     "boards",
+    "growth",
 ];
 
 /// Run only when named: they need etcd and take minutes.
@@ -176,6 +177,7 @@ fn main() -> Result<()> {
             "console-flash" => console_flash::run(&bins, compare.as_ref(), args.rounds),
             "usb" => usb::run(&bins, compare.as_ref(), args.rounds),
             "boards" => boards::run(&bins, args.rounds),
+            "growth" => growth::run(&bins, args.rounds),
             "etcd" => cluster::run(&bins, args.rounds, false),
             "etcd-failover" => cluster::run(&bins, args.rounds, true),
             _ => unreachable!("parsed"),

@@ -170,7 +170,7 @@ impl Client {
     }
 
     /// Discards whatever is waiting to be read (stale echo from an earlier test).
-    fn drain(&self) -> Result<()> {
+    pub fn drain(&self) -> Result<()> {
         let mut buf = [0u8; 4096];
         while poll(self.f.as_raw_fd(), libc::POLLIN, Duration::from_millis(50))? {
             match (&self.f).read(&mut buf) {
@@ -222,6 +222,24 @@ impl Client {
         let dt = t0.elapsed();
         if n != 1 || buf[0] != b {
             bail!("echo mismatch: sent {:?}, got {:?}", [b], &buf[..n]);
+        }
+        Ok(dt.as_secs_f64() * 1e6)
+    }
+
+    /// One round trip of `data` (written whole, then read until as many bytes came back), in
+    /// µs; the echo is checked.
+    pub fn echo(&self, data: &[u8]) -> Result<f64> {
+        let mut back = vec![0u8; data.len()];
+        let t0 = Instant::now();
+        Self::write_all(&self.f, data)?;
+        let mut got = 0;
+        while got < data.len() {
+            got += Self::read_some(&self.f, &mut back[got..])?;
+        }
+        let dt = t0.elapsed();
+        if back != data {
+            let at = back.iter().zip(data).position(|(a, b)| a != b);
+            bail!("echo of {} bytes differs at byte {at:?}", data.len());
         }
         Ok(dt.as_secs_f64() * 1e6)
     }
@@ -331,27 +349,28 @@ pub struct Bulk {
 }
 
 /// One way of reaching a board, with everything it needs kept alive.
-struct Route {
-    name: String,
+pub(crate) struct Route {
+    pub(crate) name: String,
     /// Reference relays are measured for latency only (the UDP one drops bytes under load).
     latency_only: bool,
-    client: Client,
-    _procs: Vec<Proc>,
+    pub(crate) client: Client,
+    /// The relaying processes (client side first), for their memory.
+    pub(crate) procs: Vec<Proc>,
     _board: Board,
 }
 
-fn direct() -> Result<Route> {
+pub(crate) fn direct() -> Result<Route> {
     let board = Board::new()?;
     Ok(Route {
         name: "direct pty (floor)".into(),
         latency_only: false,
         client: Client::open(&board.path)?,
-        _procs: vec![],
+        procs: vec![],
         _board: board,
     })
 }
 
-fn jmp(bins: &Bins, dir: &TempDir, name: &str) -> Result<Route> {
+pub(crate) fn jmp(bins: &Bins, dir: &TempDir, name: &str) -> Result<Route> {
     let board = Board::new()?;
     let exp: Exporter = start_jmpd(
         bins,
@@ -372,7 +391,7 @@ fn jmp(bins: &Bins, dir: &TempDir, name: &str) -> Result<Route> {
         latency_only: false,
         client,
         // Attach first so it stops before the exporter.
-        _procs: vec![att.proc, exp.jmpd.proc],
+        procs: vec![att.proc, exp.jmpd.proc],
         _board: board,
     })
 }
@@ -402,12 +421,12 @@ fn jmp_relay(bins: &Bins, dir: &TempDir) -> Result<Route> {
         name: VIA_RELAY.into(),
         latency_only: false,
         client,
-        _procs: procs,
+        procs,
         _board: board,
     })
 }
 
-fn ser2net(dir: &TempDir) -> Result<Route> {
+pub(crate) fn ser2net(dir: &TempDir) -> Result<Route> {
     let ser2net = which("ser2net").ok_or_else(|| anyhow!("ser2net is not installed"))?;
     let socat = which("socat").ok_or_else(|| anyhow!("socat is not installed"))?;
     let board = Board::new()?;
@@ -448,7 +467,7 @@ fn ser2net(dir: &TempDir) -> Result<Route> {
         name: "ser2net + socat".into(),
         latency_only: false,
         client,
-        _procs: vec![socat, s2n],
+        procs: vec![socat, s2n],
         _board: board,
     })
 }
@@ -492,7 +511,7 @@ fn reference(
         name: name.into(),
         latency_only: true,
         client,
-        _procs: vec![cli, srv],
+        procs: vec![cli, srv],
         _board: board,
     })
 }

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 /// Where the benchmark runs: both ends on this namespace's loopback, or the client end and
 /// the lab end in two namespaces joined by a veth pair at MTU 1500.
-enum Net {
+pub(crate) enum Net {
     Loopback,
     Veth(Topology),
 }
@@ -103,12 +103,12 @@ fn wait_port(proc: &mut Proc, port: u16) -> Result<()> {
     )
 }
 
-struct Route {
-    name: String,
-    port: u16,
+pub(crate) struct Route {
+    pub(crate) name: String,
+    pub(crate) port: u16,
     /// The forwarding processes, whose CPU time (with their descendants') is counted.
-    pids: Vec<i32>,
-    _procs: Vec<Proc>,
+    pub(crate) pids: Vec<i32>,
+    pub(crate) _procs: Vec<Proc>,
 }
 
 fn local_port(local: &str) -> Result<u16> {
@@ -119,7 +119,13 @@ fn local_port(local: &str) -> Result<u16> {
         .ok_or_else(|| anyhow!("unexpected local address {local}"))
 }
 
-fn jmp(net: &Net, bins: &Bins, name: &str, dir: &TempDir, iperf_port: u16) -> Result<Route> {
+pub(crate) fn jmp(
+    net: &Net,
+    bins: &Bins,
+    name: &str,
+    dir: &TempDir,
+    iperf_port: u16,
+) -> Result<Route> {
     let token = dir.join("token");
     std::fs::write(&token, "bench-token\n")?;
     let cfg = exporter_yaml(
@@ -243,7 +249,7 @@ fn sshd_on(net: &Net, dir: &TempDir) -> Result<Sshd> {
     })
 }
 
-fn ssh(net: &Net, dir: &TempDir, iperf_port: u16) -> Result<Route> {
+pub(crate) fn ssh(net: &Net, dir: &TempDir, iperf_port: u16) -> Result<Route> {
     let ssh = which("ssh").ok_or_else(|| anyhow!("ssh is missing"))?;
     let Sshd {
         proc: d,
