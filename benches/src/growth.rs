@@ -225,13 +225,14 @@ fn serial_growth(
     rounds: usize,
     js: &mut serde_json::Map<String, serde_json::Value>,
 ) -> Result<String> {
-    let dirs: Vec<TempDir> = (0..2)
+    let dirs: Vec<TempDir> = (0..3)
         .map(|i| TempDir::new(&format!("growth-serial-{i}")))
         .collect();
     let routes = [
         serial::direct()?,
         serial::jmp(bins, &dirs[0], "jmp")?,
         serial::ser2net(&dirs[1])?,
+        serial::ser2net_with(&dirs[2], true)?,
     ];
     let names: Vec<String> = routes.iter().map(|r| r.name.clone()).collect();
     let mut cells: Vec<Cells> = routes
@@ -257,12 +258,13 @@ fn serial_growth(
             }
         }
     }
+    // The tuned peer is the fair one to compare with.
     Ok(table(
         "Console (pty echo board)",
         SERIAL_SIZES,
         &names,
         &cells,
-        2,
+        3,
         js,
     ))
 }

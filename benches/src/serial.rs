@@ -427,6 +427,13 @@ fn jmp_relay(bins: &Bins, dir: &TempDir) -> Result<Route> {
 }
 
 pub(crate) fn ser2net(dir: &TempDir) -> Result<Route> {
+    ser2net_with(dir, false)
+}
+
+/// ser2net + socat; `nodelay`: TCP_NODELAY on both ends (ser2net's `tcp(nodelay)` accepter,
+/// socat's `nodelay`). Without it, ser2net's writes of more than a few bytes wait ~40 ms for
+/// socat's delayed ACK (Nagle), which the `growth` benchmark shows.
+pub(crate) fn ser2net_with(dir: &TempDir, nodelay: bool) -> Result<Route> {
     let ser2net = which("ser2net").ok_or_else(|| anyhow!("ser2net is not installed"))?;
     let socat = which("socat").ok_or_else(|| anyhow!("socat is not installed"))?;
     let board = Board::new()?;
@@ -435,8 +442,9 @@ pub(crate) fn ser2net(dir: &TempDir) -> Result<Route> {
     std::fs::write(
         &cfg,
         format!(
-            "connection: &con0\n  accepter: tcp,127.0.0.1,{port}\n  \
+            "connection: &con0\n  accepter: tcp{},127.0.0.1,{port}\n  \
              connector: serialdev,{},115200n81,local\n  options:\n    chardelay: false\n",
+            if nodelay { "(nodelay)" } else { "" },
             board.path.display()
         ),
     )?;
@@ -456,7 +464,10 @@ pub(crate) fn ser2net(dir: &TempDir) -> Result<Route> {
         "socat",
         command(socat)
             .arg(format!("pty,link={},raw,echo=0", link.display()))
-            .arg(format!("tcp:127.0.0.1:{port}")),
+            .arg(format!(
+                "tcp:127.0.0.1:{port}{}",
+                if nodelay { ",nodelay" } else { "" }
+            )),
         dir.path(),
         Options::LOG,
     )?;
@@ -464,7 +475,12 @@ pub(crate) fn ser2net(dir: &TempDir) -> Result<Route> {
     std::thread::sleep(Duration::from_millis(200));
     let client = Client::open(&link)?;
     Ok(Route {
-        name: "ser2net + socat".into(),
+        name: if nodelay {
+            "ser2net + socat, nodelay"
+        } else {
+            "ser2net + socat"
+        }
+        .into(),
         latency_only: false,
         client,
         procs: vec![socat, s2n],
