@@ -71,7 +71,12 @@ fn console_ends(end: End) {
         "console: {type: sim-console, hostname: cbox}\npower: {type: power-sim}",
     ));
     let rec = env.root.join("session.cast");
-    let tmux = console_in_tmux(&env, &jmpd, &format!("--record {}", rec.display()));
+    // Typing is recorded only when asked: asked here, to check what the escape keys leave out.
+    let tmux = console_in_tmux(
+        &env,
+        &jmpd,
+        &format!("--record {} --record-input", rec.display()),
+    );
     // The history is replayed: the boot log and the login prompt.
     tmux.wait_for("the replayed login prompt", READY, |s| {
         s.contains("cbox login:")
@@ -172,7 +177,13 @@ fn console_ends(end: End) {
     });
     assert_restored(env.root.path(), &screen);
 
-    // The recording: asciicast v2, events in time order, both directions.
+    // The recording: private to its owner, asciicast v2, events in time order, both
+    // directions.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&rec).expect("the recording").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the recording's mode is {mode:o}");
+    }
     let text = std::fs::read_to_string(&rec).expect("the recording");
     let mut lines = text.lines();
     let header: serde_json::Value =

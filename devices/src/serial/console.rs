@@ -9,8 +9,9 @@
 //! - **Pacing** is done by the exporter (`OpenParams.pacing`), between its writes to the port:
 //!   pauses made here would be squeezed together again by the network and the exporter's
 //!   scheduling, and a slow bootloader loses whatever arrives in a burst.
-//! - **Recording** is an asciicast v2 file: every line a JSON value, output (`"o"`) and what was
-//!   typed (`"i"`) marked apart, seconds since the start; `asciinema play` replays it.
+//! - **Recording** is an asciicast v2 file: every line a JSON value, output (`"o"`), markers
+//!   (`"m"`) and, only with `--record-input`, what was typed (`"i"`), seconds since the start;
+//!   `asciinema play` replays it. The file is created new and private (0600).
 
 use crate::kind::{PowerAction, Target, VerbChannel, VerbError, VerbHost, VerbStream};
 use crate::registry::{DeviceRequest, DeviceResponse};
@@ -50,10 +51,16 @@ pub struct ConsoleArgs {
     /// of it to the port (showing what the board prints meanwhile); no terminal is needed.
     #[arg(long, value_name = "FILE")]
     pub send: Option<PathBuf>,
-    /// Write the session to FILE as an asciicast v2 recording (output and input marked apart,
-    /// seconds since the start).
+    /// Write the session to FILE as an asciicast v2 recording (what the board printed, at the
+    /// times the exporter read it). The file is created new, readable by you alone (0600); an
+    /// existing FILE is never written over.
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
+    /// Also record what was typed. Off by default: the board's echo already records visible
+    /// typing, and what it does not echo (a password at a login prompt) must not end up in a
+    /// file that is attached to bug reports or uploaded as a CI artifact.
+    #[arg(long)]
+    pub record_input: bool,
     /// Prefix each line on screen with the time it started (UTC, HH:MM:SS.mmm).
     #[arg(long)]
     pub timestamps: bool,
@@ -287,22 +294,47 @@ pub struct Recorder {
     last: f64,
     out: Utf8Carry,
     inp: Utf8Carry,
+    /// Whether what was typed is recorded (`--record-input`).
+    input: bool,
+}
+
+/// Creates a recording's file: new (never an existing file or a symlink planted at the name:
+/// `O_CREAT|O_EXCL`), and readable by its owner alone from the first byte, since a session
+/// can show secrets the board prints.
+pub fn create_private(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                " (a recording never writes over an existing file)"
+            } else {
+                ""
+            };
+            std::io::Error::new(e.kind(), format!("{}: {e}{hint}", path.display()))
+        })
 }
 
 impl Recorder {
-    /// Creates `path` and writes the header.
+    /// Creates `path` (see [`create_private`]) and writes the header. `input`: also record
+    /// what is typed.
     pub fn create(
         path: &std::path::Path,
         size: (u16, u16),
         title: &str,
+        input: bool,
     ) -> std::io::Result<Recorder> {
-        let file = std::fs::File::create(path)?;
+        let file = create_private(path)?;
         let mut r = Recorder {
             file: std::io::BufWriter::new(file),
             start: Instant::now(),
             last: 0.0,
             out: Utf8Carry::default(),
             inp: Utf8Carry::default(),
+            input,
         };
         let header = serde_json::json!({
             "version": 2,
@@ -342,8 +374,11 @@ impl Recorder {
         self.event("o", &s)
     }
 
-    /// What was sent to the board.
+    /// What was sent to the board (nothing unless the recording was created to hold input).
     pub fn input(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if !self.input {
+            return Ok(());
+        }
         let s = self.inp.take(data);
         self.event("i", &s)
     }
@@ -630,7 +665,7 @@ async fn send(
     // Only what the board prints from now on: the history is not this script's doing.
     let mut ch = open(host, args, Some(u64::MAX)).await?;
     let mut rec = match &args.record {
-        Some(p) => Some(Recorder::create(p, window_size(), &ch.title).map_err(record_error)?),
+        Some(p) => Some(Recorder::create(p, window_size(), &ch.title, args.record_input).map_err(record_error)?),
         None => None,
     };
     let mut stamp = args.timestamps.then(Stamper::default);
@@ -731,7 +766,7 @@ async fn interactive(host: &dyn VerbHost, args: &ConsoleArgs) -> Result<(), Verb
     let tty = std::io::stdin().is_terminal();
     let mut ch = open(host, args, None).await?;
     let mut rec = match &args.record {
-        Some(p) => Some(Recorder::create(p, window_size(), &ch.title).map_err(record_error)?),
+        Some(p) => Some(Recorder::create(p, window_size(), &ch.title, args.record_input).map_err(record_error)?),
         None => None,
     };
     // The files recorded in this session, in order: `~r` starts the next one beside them.
@@ -816,7 +851,7 @@ async fn interactive(host: &dyn VerbHost, args: &ConsoleArgs) -> Result<(), Verb
                             }
                             None => {
                                 let path = next_recording(args.record.as_deref(), &ch.device, &recordings);
-                                match Recorder::create(&path, window_size(), &ch.title) {
+                                match Recorder::create(&path, window_size(), &ch.title, args.record_input) {
                                     Ok(r) => {
                                         rec = Some(r);
                                         show(format!("\r\n[jmp console: recording to {}]\r\n", path.display()).as_bytes())?;
@@ -1000,7 +1035,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("jmp-rec-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("s.cast");
-        let mut r = Recorder::create(&path, (100, 30), "t").expect("create");
+        let mut r = Recorder::create(&path, (100, 30), "t", true).expect("create");
         r.output(b"boot\r\n").expect("o");
         r.input(b"ls\r").expect("i");
         r.marker("power cycle").expect("m");
@@ -1018,5 +1053,34 @@ mod tests {
         assert_eq!(ev[3][2], "é");
         let times: Vec<f64> = ev.iter().map(|e| e[0].as_f64().expect("time")).collect();
         assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    }
+
+    #[test]
+    fn a_recording_is_private_new_and_without_typing_unless_asked() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("jmp-rec-private-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("s.cast");
+        let mut r = Recorder::create(&path, (80, 24), "t", false).expect("create");
+        r.output(b"Password: ").expect("o");
+        r.input(b"hunter2\r").expect("i");
+        r.output(b"\r\n$ ").expect("o");
+        drop(r);
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{mode:o}");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("Password: "), "{text}");
+        // An existing file (or a link planted at the name) is never written over.
+        let err = Recorder::create(&path, (80, 24), "t", false).err().expect("refused");
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+        assert!(err.to_string().contains("never writes over"), "{err}");
+        let link = dir.join("link.cast");
+        std::os::unix::fs::symlink(dir.join("target"), &link).expect("symlink");
+        let followed = Recorder::create(&link, (80, 24), "t", false).is_ok()
+            || dir.join("target").exists();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!followed, "followed a link planted at the name");
     }
 }
