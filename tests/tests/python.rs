@@ -29,7 +29,10 @@ fn assert_recording(path: &std::path::Path, secret: Option<&str>) {
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("the recording {}: {e}", path.display()));
     if let Some(secret) = secret {
-        assert!(!text.contains(secret), "the password is in the recording: {text}");
+        assert!(
+            !text.contains(secret),
+            "the password is in the recording: {text}"
+        );
     }
     let mut lines = text.lines();
     let header: Value = serde_json::from_str(lines.next().expect("a header")).expect("header JSON");
