@@ -11,16 +11,21 @@
 //!   scheduling, and a slow bootloader loses whatever arrives in a burst.
 //! - **Recording** is an asciicast v2 file: every line a JSON value, output (`"o"`), markers
 //!   (`"m"`) and, only with `--record-input`, what was typed (`"i"`), seconds since the start;
-//!   `asciinema play` replays it. The file is created new and private (0600).
+//!   `asciinema play` replays it. The file is created new and private (0600). The board's
+//!   output is timed by the exporter (a timed channel: each chunk with when jmpd read it from
+//!   the board), so a replayed boot log keeps its rhythm and the network's bunching does not
+//!   show; times count from the first exporter time recorded. What happens here (typing,
+//!   markers) is placed on that clock from the latest output's time.
 
 use crate::kind::{PowerAction, Target, VerbChannel, VerbError, VerbHost, VerbStream};
 use crate::registry::{DeviceRequest, DeviceResponse};
 use crate::BoxFuture;
 use bytes::{Bytes, BytesMut};
-use jmp_protocol::codec::to_bytes;
+use jmp_protocol::codec::{to_bytes, Codec};
 use jmp_protocol::exit as code;
 use jmp_protocol::kinds::serial::{
-    OpenParams, Pacing, Request, MAX_CHAR_DELAY_US, MAX_LINE_DELAY_US,
+    OpenParams, OpenedParams, Pacing, Request, TimedDecoder, MAX_CHAR_DELAY_US,
+    MAX_LINE_DELAY_US,
 };
 use jmp_protocol::Kind;
 use std::io::{IsTerminal, Write};
@@ -292,6 +297,10 @@ pub struct Recorder {
     file: std::io::BufWriter<std::fs::File>,
     start: Instant,
     last: f64,
+    /// The first exporter time recorded (µs): the recording's zero.
+    origin: Option<u64>,
+    /// The latest exporter time recorded, and when its output arrived here.
+    anchor: Option<(u64, Instant)>,
     out: Utf8Carry,
     inp: Utf8Carry,
     /// Whether what was typed is recorded (`--record-input`).
@@ -332,6 +341,8 @@ impl Recorder {
             file: std::io::BufWriter::new(file),
             start: Instant::now(),
             last: 0.0,
+            origin: None,
+            anchor: None,
             out: Utf8Carry::default(),
             inp: Utf8Carry::default(),
             input,
@@ -349,29 +360,43 @@ impl Recorder {
         Ok(r)
     }
 
-    /// Seconds since the start, never less than the previous event's (the format wants them in
-    /// order).
-    fn now(&mut self) -> f64 {
-        let t = self.start.elapsed().as_secs_f64().max(self.last);
+    /// Seconds since the recording's zero for output the exporter read at `exporter_us` (`None`:
+    /// an exporter without timed channels, so when it arrived here), or for something that
+    /// happens here now; never less than the previous event's (the format wants them in order).
+    fn time(&mut self, exporter_us: Option<u64>) -> f64 {
+        let t = match (exporter_us, self.origin, self.anchor) {
+            (Some(us), _, _) => {
+                let origin = *self.origin.get_or_insert(us);
+                self.anchor = Some((us, Instant::now()));
+                us.saturating_sub(origin) as f64 / 1e6
+            }
+            // Here and now: the latest output's exporter time, plus what passed here since.
+            (None, Some(origin), Some((us, at))) => {
+                us.saturating_sub(origin) as f64 / 1e6 + at.elapsed().as_secs_f64()
+            }
+            _ => self.start.elapsed().as_secs_f64(),
+        };
+        let t = t.max(self.last);
         self.last = t;
         t
     }
 
-    fn event(&mut self, kind: &str, text: &str) -> std::io::Result<()> {
+    fn event(&mut self, kind: &str, text: &str, exporter_us: Option<u64>) -> std::io::Result<()> {
         if text.is_empty() {
             return Ok(());
         }
-        let t = self.now();
+        let t = self.time(exporter_us);
         let line = serde_json::json!([(t * 1e6).round() / 1e6, kind, text]);
         writeln!(self.file, "{line}")?;
         // Flushed at once: a session that ends badly still leaves its record.
         self.file.flush()
     }
 
-    /// What the board printed.
-    pub fn output(&mut self, data: &[u8]) -> std::io::Result<()> {
+    /// What the board printed, and when the exporter read it (µs on its clock; `None`: not
+    /// known, so now).
+    pub fn output(&mut self, data: &[u8], exporter_us: Option<u64>) -> std::io::Result<()> {
         let s = self.out.take(data);
-        self.event("o", &s)
+        self.event("o", &s, exporter_us)
     }
 
     /// What was sent to the board (nothing unless the recording was created to hold input).
@@ -380,12 +405,12 @@ impl Recorder {
             return Ok(());
         }
         let s = self.inp.take(data);
-        self.event("i", &s)
+        self.event("i", &s, None)
     }
 
     /// A marker (an escape command: a power cycle, a break).
     pub fn marker(&mut self, label: &str) -> std::io::Result<()> {
-        self.event("m", label)
+        self.event("m", label, None)
     }
 }
 
@@ -579,26 +604,81 @@ struct Opened {
     title: String,
     tx: Tx,
     rx: Rx,
+    /// The output comes as timed frames (the exporter knows them).
+    timed: Option<TimedDecoder>,
     close: Option<Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>>,
 }
 
+/// Output as it came: chunks, each with the exporter's time when the channel is timed.
+type Chunks = Vec<(Bytes, Option<u64>)>;
+
+/// The board's next output (an [`Opened`]'s `rx` and `timed`, borrowed apart from its `tx`);
+/// `Ok(None)` when the exporter ended the channel. A timed stream that breaks its rules ends
+/// the console with the reason.
+async fn recv_chunks(rx: &mut Rx, timed: &mut Option<TimedDecoder>) -> Result<Option<Chunks>, String> {
+    loop {
+        let Some(b) = rx.recv().await? else {
+            return match timed.as_ref().map_or(0, |d| d.pending()) {
+                0 => Ok(None),
+                n => Err(format!("the exporter ended the channel inside a frame ({n} bytes of it)")),
+            };
+        };
+        let Some(d) = timed.as_mut() else {
+            return Ok(Some(vec![(b, None)]));
+        };
+        let chunks = d.feed(&b).map_err(|e| e.to_string())?;
+        if !chunks.is_empty() {
+            return Ok(Some(
+                chunks.into_iter().map(|c| (c.data, Some(c.time_us))).collect(),
+            ));
+        }
+    }
+}
+
+/// Whether a refusal is an exporter's that does not know timed channels (it names the open
+/// option it cannot parse).
+fn refuses_timed(e: &VerbError) -> bool {
+    e.message.contains("bad open parameters") && e.message.contains("open option")
+}
+
+/// Opens the console's channel, timed: the recording (and only it) needs the exporter's
+/// times, and asking costs an exporter that knows them nothing. One that does not gets a plain
+/// open after its refusal.
 async fn open(
     host: &dyn VerbHost,
     args: &ConsoleArgs,
     resume_from: Option<u64>,
 ) -> Result<Opened, VerbError> {
-    let params = to_bytes(&OpenParams {
-        resume_from,
-        pacing: args.pacing(),
-    });
+    let ask = |timed: bool| {
+        to_bytes(&OpenParams {
+            resume_from,
+            pacing: args.pacing(),
+            timed,
+        })
+    };
+    let channel = match host
+        .channel_with(&args.target, Kind::Serial, args.device.clone(), ask(true))
+        .await
+    {
+        Err(e) if refuses_timed(&e) => {
+            tracing::info!("the exporter does not time console output; recordings use the times it arrives here");
+            host.channel_with(&args.target, Kind::Serial, args.device.clone(), ask(false))
+                .await?
+        }
+        r => r?,
+    };
+    let opened = OpenedParams::decode_exact(&channel.params).map_err(|e| {
+        VerbError::new(
+            code::FAILURE,
+            format!("{}: bad answer from the exporter: {e}", channel.origin.device),
+        )
+    })?;
     let VerbChannel {
         origin,
         stream,
         close,
         ..
-    } = host
-        .channel_with(&args.target, Kind::Serial, args.device.clone(), params)
-        .await?;
+    } = channel;
     let (tx, rx) = match stream {
         VerbStream::Pipe(tx, rx) => (Tx::Pipe(tx), Rx::Pipe(rx)),
         VerbStream::Socket(w, r) => (Tx::Socket(w), Rx::Socket(r)),
@@ -608,6 +688,7 @@ async fn open(
         device: origin.device,
         tx,
         rx,
+        timed: opened.timed.then(TimedDecoder::new),
         close,
     })
 }
@@ -690,14 +771,16 @@ async fn send(
                     ch.tx.finish().await;
                 }
             }
-            r = ch.rx.recv() => match r {
-                Ok(Some(b)) => {
-                    if let Some(r) = rec.as_mut() {
-                        r.output(&b).map_err(record_error)?;
-                    }
-                    match stamp.as_mut() {
-                        Some(s) => show(&s.stamp(&b, SystemTime::now()))?,
-                        None => show(&b)?,
+            r = recv_chunks(&mut ch.rx, &mut ch.timed) => match r {
+                Ok(Some(chunks)) => {
+                    for (b, at) in chunks {
+                        if let Some(r) = rec.as_mut() {
+                            r.output(&b, at).map_err(record_error)?;
+                        }
+                        match stamp.as_mut() {
+                            Some(s) => show(&s.stamp(&b, SystemTime::now()))?,
+                            None => show(&b)?,
+                        }
                     }
                 }
                 Ok(None) => {
@@ -878,14 +961,16 @@ async fn interactive(host: &dyn VerbHost, args: &ConsoleArgs) -> Result<(), Verb
                     break Ok(());
                 }
             }
-            r = ch.rx.recv() => match r {
-                Ok(Some(b)) => {
-                    if let Some(r) = rec.as_mut() {
-                        r.output(&b).map_err(record_error)?;
-                    }
-                    match stamp.as_mut() {
-                        Some(s) => show(&s.stamp(&b, SystemTime::now()))?,
-                        None => show(&b)?,
+            r = recv_chunks(&mut ch.rx, &mut ch.timed) => match r {
+                Ok(Some(chunks)) => {
+                    for (b, at) in chunks {
+                        if let Some(r) = rec.as_mut() {
+                            r.output(&b, at).map_err(record_error)?;
+                        }
+                        match stamp.as_mut() {
+                            Some(s) => show(&s.stamp(&b, SystemTime::now()))?,
+                            None => show(&b)?,
+                        }
                     }
                 }
                 Ok(None) => break Err(fail(format!("{}: the exporter ended the console", ch.device))),
@@ -1036,11 +1121,11 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("s.cast");
         let mut r = Recorder::create(&path, (100, 30), "t", true).expect("create");
-        r.output(b"boot\r\n").expect("o");
+        r.output(b"boot\r\n", Some(5_000_000)).expect("o");
         r.input(b"ls\r").expect("i");
         r.marker("power cycle").expect("m");
-        r.output(b"\xc3").expect("o");
-        r.output(b"\xa9").expect("o");
+        r.output(b"\xc3", Some(5_500_000)).expect("o");
+        r.output(b"\xa9", Some(5_600_000)).expect("o");
         drop(r);
         let text = std::fs::read_to_string(&path).expect("read");
         let _ = std::fs::remove_dir_all(&dir);
@@ -1051,6 +1136,13 @@ mod tests {
         let kinds: Vec<&str> = ev.iter().map(|e| e[1].as_str().expect("kind")).collect();
         assert_eq!(kinds, ["o", "i", "m", "o"]);
         assert_eq!(ev[3][2], "é");
+        // Output at the exporter's times, from the first one: "boot" at 5.0 s is the zero, the
+        // character completed by the chunk read at 5.6 s is at 0.6 s, though all of it arrived
+        // here within microseconds.
+        assert_eq!(ev[0][0].as_f64(), Some(0.0));
+        assert_eq!(ev[3][0].as_f64(), Some(0.6));
+        // Typing and markers fall on the same clock, after the output before them.
+        assert!(ev[1][0].as_f64().is_some_and(|t| t < 0.6), "{:?}", ev[1]);
         let times: Vec<f64> = ev.iter().map(|e| e[0].as_f64().expect("time")).collect();
         assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
     }
@@ -1063,9 +1155,9 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("s.cast");
         let mut r = Recorder::create(&path, (80, 24), "t", false).expect("create");
-        r.output(b"Password: ").expect("o");
+        r.output(b"Password: ", None).expect("o");
         r.input(b"hunter2\r").expect("i");
-        r.output(b"\r\n$ ").expect("o");
+        r.output(b"\r\n$ ", None).expect("o");
         drop(r);
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{mode:o}");
