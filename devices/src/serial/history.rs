@@ -238,7 +238,28 @@ impl History {
     /// Up to `max` bytes from `offset` (or from the oldest kept byte, if `offset` is older).
     /// Empty when `offset` is at the end.
     pub fn read(&self, offset: u64, max: usize) -> Read {
+        self.lock().read(offset, max)
+    }
+
+    /// Like [`History::read`], but only bytes read from the device together (one stamp), and
+    /// when that was. One lock: the stamp and the bytes are of the same moment.
+    pub fn read_timed(&self, offset: u64, max: usize) -> (Read, u64) {
         let r = self.lock();
+        let from = offset.max(r.start);
+        let (time, next) = r.stamp_at(from);
+        let max = next.map_or(max, |n| max.min(usize::try_from(n - from).unwrap_or(max)));
+        (r.read(from, max.max(1)), time)
+    }
+
+    /// Wakes when the end moves.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.end.subscribe()
+    }
+}
+
+impl Ring {
+    fn read(&self, offset: u64, max: usize) -> Read {
+        let r = self;
         let from = offset.max(r.start);
         let end = r.start + r.buf.len() as u64;
         if from >= end {
@@ -265,25 +286,6 @@ impl History {
         }
     }
 
-    /// Like [`History::read`], but only bytes read from the device together (one stamp), and
-    /// when that was.
-    pub fn read_timed(&self, offset: u64, max: usize) -> (Read, u64) {
-        let (from, time, next) = {
-            let r = self.lock();
-            let from = offset.max(r.start);
-            let (time, next) = r.stamp_at(from);
-            (from, time, next)
-        };
-        // The ring only grows at its end between the two locks (or drops its oldest bytes,
-        // which `read` then skips): the stamp found still covers what is read.
-        let max = next.map_or(max, |n| max.min(usize::try_from(n - from).unwrap_or(max)));
-        (self.read(from, max.max(1)), time)
-    }
-
-    /// Wakes when the end moves.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.end.subscribe()
-    }
 }
 
 #[cfg(test)]
