@@ -635,10 +635,11 @@ async fn recv_chunks(rx: &mut Rx, timed: &mut Option<TimedDecoder>) -> Result<Op
     }
 }
 
-/// Whether a refusal is an exporter's that does not know timed channels (it names the open
-/// option it cannot parse).
+/// Whether a refusal is an exporter's that does not know timed channels: it names the open
+/// option it cannot parse, or (after a pacing option it knows) the byte it did not expect.
 fn refuses_timed(e: &VerbError) -> bool {
-    e.message.contains("bad open parameters") && e.message.contains("open option")
+    e.message.contains("bad open parameters")
+        && (e.message.contains("open option") || e.message.contains("trailing bytes"))
 }
 
 /// Opens the console's channel, timed: the recording (and only it) needs the exporter's
@@ -1145,6 +1146,23 @@ mod tests {
         assert!(ev[1][0].as_f64().is_some_and(|t| t < 0.6), "{:?}", ev[1]);
         let times: Vec<f64> = ev.iter().map(|e| e[0].as_f64().expect("time")).collect();
         assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    }
+
+    #[test]
+    fn an_exporter_without_timed_channels_is_recognised_by_its_refusal() {
+        // What an older jmpd says to `02` timed: its driver's refusal of the open parameters.
+        let e = jmp_protocol::codec::DecodeError::Invalid {
+            field: "open option",
+            value: 2,
+        };
+        let old = VerbError::new(code::FAILURE, format!("console: bad open parameters: {e}"));
+        assert!(refuses_timed(&old), "{}", old.message);
+        // After a pacing option it knows, the timed option is a byte too many.
+        let e = jmp_protocol::codec::DecodeError::Trailing(1);
+        let old = VerbError::new(code::FAILURE, format!("console: bad open parameters: {e}"));
+        assert!(refuses_timed(&old), "{}", old.message);
+        let other = VerbError::new(code::FAILURE, "console: unavailable (retrying every second)");
+        assert!(!refuses_timed(&other));
     }
 
     #[test]
