@@ -107,6 +107,7 @@ impl Session {
         let params = to_bytes(&OpenParams {
             resume_from: None,
             pacing: None,
+            timed: false,
         });
         let (console, _) = handle
             .open_stream("console", params)

@@ -35,6 +35,7 @@ fn open(resume_from: Option<u64>) -> Open {
         params: to_bytes(&OpenParams {
             resume_from,
             pacing: None,
+            timed: false,
         }),
     }
 }

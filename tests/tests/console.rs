@@ -71,7 +71,12 @@ fn console_ends(end: End) {
         "console: {type: sim-console, hostname: cbox}\npower: {type: power-sim}",
     ));
     let rec = env.root.join("session.cast");
-    let tmux = console_in_tmux(&env, &jmpd, &format!("--record {}", rec.display()));
+    // Typing is recorded only when asked: asked here, to check what the escape keys leave out.
+    let tmux = console_in_tmux(
+        &env,
+        &jmpd,
+        &format!("--record {} --record-input", rec.display()),
+    );
     // The history is replayed: the boot log and the login prompt.
     tmux.wait_for("the replayed login prompt", READY, |s| {
         s.contains("cbox login:")
@@ -172,7 +177,17 @@ fn console_ends(end: End) {
     });
     assert_restored(env.root.path(), &screen);
 
-    // The recording: asciicast v2, events in time order, both directions.
+    // The recording: private to its owner, asciicast v2, events in time order, both
+    // directions.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&rec)
+            .expect("the recording")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "the recording's mode is {mode:o}");
+    }
     let text = std::fs::read_to_string(&rec).expect("the recording");
     let mut lines = text.lines();
     let header: serde_json::Value =
@@ -387,4 +402,75 @@ fn the_devices_key_lists_the_local_devices_without_leaving_the_console() {
     });
     assert!(screen.contains("CONSOLE EXITED 0"), "{screen}");
     attach.stop();
+}
+
+/// The recording's times are the exporter's, not the times output reached the client. The
+/// board boots when jmpd starts, then is power cycled with 1.5 s off (jmpd's own timer), so
+/// its second boot log was read at least 1.5 s after the first on jmpd's clock. `jmp console
+/// --record` then opens the console: both boot logs come as the replayed history, within
+/// moments of each other; a recording timed by their arrival would put them together.
+#[test]
+fn a_recording_is_timed_by_the_exporter() {
+    const OFF: f64 = 1.5;
+    let env = TestEnv::new("console-timed");
+    let jmpd = env.start_jmpd(&env.exporter_yaml(
+        "tboard",
+        "127.0.0.1:0",
+        "console: {type: sim-console, hostname: tbox}\npower: {type: power-sim}",
+    ));
+    let direct = |c: &mut std::process::Command| {
+        c.arg("--exporter")
+            .arg(jmpd.addr.to_string())
+            .arg("--token-file")
+            .arg(&env.token_file)
+            .arg("--fingerprint")
+            .arg(&jmpd.fingerprint);
+    };
+    let mut cycle = env.jmp();
+    cycle.args(["power", "cycle", "--delay", &format!("{}ms", OFF * 1000.0)]);
+    direct(&mut cycle);
+    let out = run("power-cycle", cycle, &env.logs, READY);
+    assert!(out.status.success(), "power cycle: {}", out.stderr);
+
+    let rec = env.root.join("timed.cast");
+    let mut console = env.jmp();
+    console.arg("console").arg("--record").arg(&rec);
+    direct(&mut console);
+    let mut p = Proc::spawn_with_stdin("console", console, &env.logs);
+    let both = poll_until(READY, || {
+        std::fs::read_to_string(&rec).is_ok_and(|t| boots(&t) >= 2)
+    });
+    assert!(
+        both,
+        "the recording never held both boots: {:?}",
+        std::fs::read_to_string(&rec)
+    );
+    p.send_line("~.");
+    assert!(p.expect_exit(READY).success(), "{}", p.stderr());
+
+    let text = std::fs::read_to_string(&rec).expect("the recording");
+    let mut out = String::new();
+    let mut at = Vec::new();
+    for l in text.lines().skip(1) {
+        let ev: serde_json::Value = serde_json::from_str(l).expect("event JSON");
+        if ev[1] != "o" {
+            continue;
+        }
+        let before = boots(&out);
+        out.push_str(ev[2].as_str().expect("data"));
+        for _ in before..boots(&out) {
+            at.push(ev[0].as_f64().expect("a time"));
+        }
+    }
+    assert!(at.len() >= 2, "{text}");
+    assert_eq!(
+        at[0], 0.0,
+        "times count from the first exporter time: {text}"
+    );
+    assert!(
+        at[1] - at[0] >= OFF - 1e-3,
+        "the second boot is recorded {:.3} s after the first, though jmpd kept the board off \
+         for {OFF} s between them: the times are not the exporter's\n{text}",
+        at[1] - at[0]
+    );
 }

@@ -214,3 +214,141 @@ fn a_colleague_watches_read_only_controls_with_control_and_is_detached_by_unshar
         .ok("status", lab.as_client("holder", &["status"]))
         .contains("beside you"));
 }
+
+/// A colleague alone keeps the lease from idling: the lease has a 2 s idle timeout and is
+/// shared; the holder's attachment is SIGKILLed (a cancelled job) while the colleague stays
+/// attached. Once jmpd has seen the holder go, a probe lease on a second board, made then
+/// with twice that idle timeout and never used, ends as idle: the controller's clock is past
+/// the shared lease's idle timeout with room to spare. The shared lease is still there,
+/// attached, and the colleague's console works. When the colleague detaches, the lease ends
+/// as idle.
+#[test]
+fn a_colleague_alone_keeps_the_lease_from_idling() {
+    let lab = Lab::new("share-idle");
+    let token = lab.create_exporter("board-01", &["board=a"]);
+    let mut jmpd = lab.start_jmpd(&board_config(&lab, "board-01", &token));
+    let probe_token = lab.create_exporter("board-02", &["board=b"]);
+    let _probe_jmpd = lab.start_jmpd(&board_config(&lab, "board-02", &probe_token));
+    lab.create_client("holder", &[]);
+    lab.create_client("colleague", &[]);
+    let create = |selector: &str, idle: &str| {
+        let out = lab.ok(
+            "create-lease",
+            lab.as_client(
+                "holder",
+                &[
+                    "create",
+                    "lease",
+                    "-l",
+                    selector,
+                    "--duration",
+                    "10m",
+                    "--idle-timeout",
+                    idle,
+                    "-o",
+                    "json",
+                ],
+            ),
+        );
+        lease_json(&out)["name"]
+            .as_str()
+            .expect("a lease name")
+            .to_string()
+    };
+    let lease = create("board=a", "2s");
+    let (mut holder, _) = attach_lease(&lab, "holder", &["--lease", &lease]);
+    lab.ok(
+        "share-control",
+        lab.as_client(
+            "holder",
+            &["share", "lease", &lease, "--with", "colleague", "--control"],
+        ),
+    );
+    let dev = lab.env.root.join("colleague-dev");
+    let runtime = lab.env.root.join("colleague-run");
+    for d in [&dev, &runtime] {
+        std::fs::create_dir_all(d).expect("dir");
+    }
+    let mut cmd = lab.as_client(
+        "colleague",
+        &["attach", "-o", "json", "--lease", &lease, "--dev-dir"],
+    );
+    cmd.arg(&dev).env("JMP_RUNTIME_DIR", &runtime);
+    let mut colleague = lab.spawn("colleague-attach", cmd);
+    let line = colleague.expect_line(READY, "the colleague's JSON line", |l| {
+        l.trim_start().starts_with('{')
+    });
+    let ready: Value = serde_json::from_str(&line).expect("the colleague's JSON");
+    wait_another(&mut holder, "attached beside you: colleague (control)", 0);
+
+    // The holder's job is cancelled: its attachment SIGKILLed, so jmpd sees it go only when
+    // the link times out. jmpd logs each connection's lines under its peer address: the
+    // holder's is the one it attached from.
+    let log = jmpd.proc.stderr();
+    let conn = log
+        .lines()
+        .find(|l| l.contains("attached from") && l.contains("identity=\"holder\""))
+        .and_then(|l| l.split_whitespace().find(|w| w.starts_with("conn{peer=")))
+        .unwrap_or_else(|| panic!("no attach of the holder in jmpd's log:\n{log}"))
+        .to_string();
+    let detached = |j: &mut Jmpd| {
+        j.proc
+            .stderr()
+            .lines()
+            .any(|l| l.contains(&conn) && l.contains(" detached: "))
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(holder.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the holder's attachment");
+    holder.expect_exit(READY);
+    assert!(
+        poll_until(LONG, || detached(&mut jmpd)),
+        "jmpd never saw the holder go: {}",
+        jmpd.proc.describe()
+    );
+
+    // A probe: made now, idle for twice the shared lease's timeout, it ends as idle.
+    let probe = create("board=b", "4s");
+    assert!(
+        poll_until(LONG, || find_lease(&lab.leases(), &probe).is_none()),
+        "the probe lease never ended as idle"
+    );
+    told_ended_idle(&lab, &probe, "4s");
+    // The shared lease outlived it: the colleague's attachment is use.
+    let leases = lab.leases();
+    let l = find_lease(&leases, &lease)
+        .unwrap_or_else(|| panic!("the lease ended with only the colleague attached: {leases:?}"));
+    assert_eq!(l["attached"], true, "{l}");
+    assert!(l.get("idle_deadline").is_none(), "{l}");
+    assert!(colleague.is_running(), "{}", colleague.describe());
+    let mut console = Console::open(local_of(&ready, "console"));
+    sim_login_and_echo(&mut console, "colleague-alone-4242");
+    drop(console);
+
+    // The colleague detaches: nothing uses the lease any more, and it ends as idle.
+    colleague.signal(nix::sys::signal::Signal::SIGTERM);
+    colleague.expect_exit(LONG);
+    assert!(
+        poll_until(LONG, || find_lease(&lab.leases(), &lease).is_none()),
+        "the lease never ended after the colleague left"
+    );
+    told_ended_idle(&lab, &lease, "2s");
+}
+
+/// `jmp delete lease NAME` of a lease that ended as idle: refused, saying so.
+fn told_ended_idle(lab: &Lab, lease: &str, idle: &str) {
+    let out = lab.run(
+        "delete-ended",
+        lab.as_client("holder", &["delete", "lease", lease]),
+    );
+    assert!(
+        !out.status.success()
+            && out
+                .stderr
+                .contains(&format!("nothing used it for {idle} (its idle timeout)")),
+        "{}",
+        show(&out)
+    );
+}

@@ -118,6 +118,7 @@ impl Hostile {
         let params = to_bytes(&OpenParams {
             resume_from: None,
             pacing: None,
+            timed: false,
         });
         let (pipe, _) = self
             .link

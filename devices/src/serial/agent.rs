@@ -201,6 +201,7 @@ impl Consoles {
             resume_from: resume,
             // The device's own pacing (its config's txDelay/lineDelay) applies.
             pacing: None,
+            timed: false,
         });
         let ch: OpenChannel = host
             .verbs()

@@ -149,6 +149,8 @@ impl SerialBridge {
         let params = to_bytes(&OpenParams {
             resume_from: resume,
             pacing: self.pacing,
+            // The pty carries bytes only: times would have nowhere to go.
+            timed: false,
         });
         let (pipe, offset) = loop {
             match link.open_stream(&self.device, params.clone()).await {

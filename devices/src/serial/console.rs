@@ -9,17 +9,23 @@
 //! - **Pacing** is done by the exporter (`OpenParams.pacing`), between its writes to the port:
 //!   pauses made here would be squeezed together again by the network and the exporter's
 //!   scheduling, and a slow bootloader loses whatever arrives in a burst.
-//! - **Recording** is an asciicast v2 file: every line a JSON value, output (`"o"`) and what was
-//!   typed (`"i"`) marked apart, seconds since the start; `asciinema play` replays it.
+//! - **Recording** is an asciicast v2 file: every line a JSON value, output (`"o"`), markers
+//!   (`"m"`) and, only with `--record-input`, what was typed (`"i"`), seconds since the start;
+//!   `asciinema play` replays it. The file is created new and private (0600). The board's
+//!   output is timed by the exporter (a timed channel: each chunk with when jmpd read it from
+//!   the board), so a replayed boot log keeps its rhythm and the network's bunching does not
+//!   show; times count from the first exporter time recorded. What happens here (typing,
+//!   markers) is placed on that clock from the latest output's time.
 
 use crate::kind::{PowerAction, Target, VerbChannel, VerbError, VerbHost, VerbStream};
 use crate::registry::{DeviceRequest, DeviceResponse};
 use crate::BoxFuture;
 use bytes::{Bytes, BytesMut};
-use jmp_protocol::codec::to_bytes;
+use jmp_protocol::codec::{to_bytes, Codec};
 use jmp_protocol::exit as code;
 use jmp_protocol::kinds::serial::{
-    OpenParams, Pacing, Request, MAX_CHAR_DELAY_US, MAX_LINE_DELAY_US,
+    OpenParams, OpenedParams, Pacing, Request, TimedDecoder, MAX_CHAR_DELAY_US,
+    MAX_LINE_DELAY_US,
 };
 use jmp_protocol::Kind;
 use std::io::{IsTerminal, Write};
@@ -50,10 +56,16 @@ pub struct ConsoleArgs {
     /// of it to the port (showing what the board prints meanwhile); no terminal is needed.
     #[arg(long, value_name = "FILE")]
     pub send: Option<PathBuf>,
-    /// Write the session to FILE as an asciicast v2 recording (output and input marked apart,
-    /// seconds since the start).
+    /// Write the session to FILE as an asciicast v2 recording (what the board printed, at the
+    /// times the exporter read it). The file is created new, readable by you alone (0600); an
+    /// existing FILE is never written over.
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
+    /// Also record what was typed. Off by default: the board's echo already records visible
+    /// typing, and what it does not echo (a password at a login prompt) must not end up in a
+    /// file that is attached to bug reports or uploaded as a CI artifact.
+    #[arg(long)]
+    pub record_input: bool,
     /// Prefix each line on screen with the time it started (UTC, HH:MM:SS.mmm).
     #[arg(long)]
     pub timestamps: bool,
@@ -285,24 +297,55 @@ pub struct Recorder {
     file: std::io::BufWriter<std::fs::File>,
     start: Instant,
     last: f64,
+    /// The first exporter time recorded (µs): the recording's zero.
+    origin: Option<u64>,
+    /// The latest exporter time recorded, and when its output arrived here.
+    anchor: Option<(u64, Instant)>,
     out: Utf8Carry,
     inp: Utf8Carry,
+    /// Whether what was typed is recorded (`--record-input`).
+    input: bool,
+}
+
+/// Creates a recording's file: new (never an existing file or a symlink planted at the name:
+/// `O_CREAT|O_EXCL`), and readable by its owner alone from the first byte, since a session
+/// can show secrets the board prints.
+pub fn create_private(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                " (a recording never writes over an existing file)"
+            } else {
+                ""
+            };
+            std::io::Error::new(e.kind(), format!("{}: {e}{hint}", path.display()))
+        })
 }
 
 impl Recorder {
-    /// Creates `path` and writes the header.
+    /// Creates `path` (see [`create_private`]) and writes the header. `input`: also record
+    /// what is typed.
     pub fn create(
         path: &std::path::Path,
         size: (u16, u16),
         title: &str,
+        input: bool,
     ) -> std::io::Result<Recorder> {
-        let file = std::fs::File::create(path)?;
+        let file = create_private(path)?;
         let mut r = Recorder {
             file: std::io::BufWriter::new(file),
             start: Instant::now(),
             last: 0.0,
+            origin: None,
+            anchor: None,
             out: Utf8Carry::default(),
             inp: Utf8Carry::default(),
+            input,
         };
         let header = serde_json::json!({
             "version": 2,
@@ -317,40 +360,57 @@ impl Recorder {
         Ok(r)
     }
 
-    /// Seconds since the start, never less than the previous event's (the format wants them in
-    /// order).
-    fn now(&mut self) -> f64 {
-        let t = self.start.elapsed().as_secs_f64().max(self.last);
+    /// Seconds since the recording's zero for output the exporter read at `exporter_us` (`None`:
+    /// an exporter without timed channels, so when it arrived here), or for something that
+    /// happens here now; never less than the previous event's (the format wants them in order).
+    fn time(&mut self, exporter_us: Option<u64>) -> f64 {
+        let t = match (exporter_us, self.origin, self.anchor) {
+            (Some(us), _, _) => {
+                let origin = *self.origin.get_or_insert(us);
+                self.anchor = Some((us, Instant::now()));
+                us.saturating_sub(origin) as f64 / 1e6
+            }
+            // Here and now: the latest output's exporter time, plus what passed here since.
+            (None, Some(origin), Some((us, at))) => {
+                us.saturating_sub(origin) as f64 / 1e6 + at.elapsed().as_secs_f64()
+            }
+            _ => self.start.elapsed().as_secs_f64(),
+        };
+        let t = t.max(self.last);
         self.last = t;
         t
     }
 
-    fn event(&mut self, kind: &str, text: &str) -> std::io::Result<()> {
+    fn event(&mut self, kind: &str, text: &str, exporter_us: Option<u64>) -> std::io::Result<()> {
         if text.is_empty() {
             return Ok(());
         }
-        let t = self.now();
+        let t = self.time(exporter_us);
         let line = serde_json::json!([(t * 1e6).round() / 1e6, kind, text]);
         writeln!(self.file, "{line}")?;
         // Flushed at once: a session that ends badly still leaves its record.
         self.file.flush()
     }
 
-    /// What the board printed.
-    pub fn output(&mut self, data: &[u8]) -> std::io::Result<()> {
+    /// What the board printed, and when the exporter read it (µs on its clock; `None`: not
+    /// known, so now).
+    pub fn output(&mut self, data: &[u8], exporter_us: Option<u64>) -> std::io::Result<()> {
         let s = self.out.take(data);
-        self.event("o", &s)
+        self.event("o", &s, exporter_us)
     }
 
-    /// What was sent to the board.
+    /// What was sent to the board (nothing unless the recording was created to hold input).
     pub fn input(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if !self.input {
+            return Ok(());
+        }
         let s = self.inp.take(data);
-        self.event("i", &s)
+        self.event("i", &s, None)
     }
 
     /// A marker (an escape command: a power cycle, a break).
     pub fn marker(&mut self, label: &str) -> std::io::Result<()> {
-        self.event("m", label)
+        self.event("m", label, None)
     }
 }
 
@@ -544,26 +604,82 @@ struct Opened {
     title: String,
     tx: Tx,
     rx: Rx,
+    /// The output comes as timed frames (the exporter knows them).
+    timed: Option<TimedDecoder>,
     close: Option<Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>>,
 }
 
+/// Output as it came: chunks, each with the exporter's time when the channel is timed.
+type Chunks = Vec<(Bytes, Option<u64>)>;
+
+/// The board's next output (an [`Opened`]'s `rx` and `timed`, borrowed apart from its `tx`);
+/// `Ok(None)` when the exporter ended the channel. A timed stream that breaks its rules ends
+/// the console with the reason.
+async fn recv_chunks(rx: &mut Rx, timed: &mut Option<TimedDecoder>) -> Result<Option<Chunks>, String> {
+    loop {
+        let Some(b) = rx.recv().await? else {
+            return match timed.as_ref().map_or(0, |d| d.pending()) {
+                0 => Ok(None),
+                n => Err(format!("the exporter ended the channel inside a frame ({n} bytes of it)")),
+            };
+        };
+        let Some(d) = timed.as_mut() else {
+            return Ok(Some(vec![(b, None)]));
+        };
+        let chunks = d.feed(&b).map_err(|e| e.to_string())?;
+        if !chunks.is_empty() {
+            return Ok(Some(
+                chunks.into_iter().map(|c| (c.data, Some(c.time_us))).collect(),
+            ));
+        }
+    }
+}
+
+/// Whether a refusal is an exporter's that does not know timed channels: it names the open
+/// option it cannot parse, or (after a pacing option it knows) the byte it did not expect.
+fn refuses_timed(e: &VerbError) -> bool {
+    e.message.contains("bad open parameters")
+        && (e.message.contains("open option") || e.message.contains("trailing bytes"))
+}
+
+/// Opens the console's channel, timed: the recording (and only it) needs the exporter's
+/// times, and asking costs an exporter that knows them nothing. One that does not gets a plain
+/// open after its refusal.
 async fn open(
     host: &dyn VerbHost,
     args: &ConsoleArgs,
     resume_from: Option<u64>,
 ) -> Result<Opened, VerbError> {
-    let params = to_bytes(&OpenParams {
-        resume_from,
-        pacing: args.pacing(),
-    });
+    let ask = |timed: bool| {
+        to_bytes(&OpenParams {
+            resume_from,
+            pacing: args.pacing(),
+            timed,
+        })
+    };
+    let channel = match host
+        .channel_with(&args.target, Kind::Serial, args.device.clone(), ask(true))
+        .await
+    {
+        Err(e) if refuses_timed(&e) => {
+            tracing::info!("the exporter does not time console output; recordings use the times it arrives here");
+            host.channel_with(&args.target, Kind::Serial, args.device.clone(), ask(false))
+                .await?
+        }
+        r => r?,
+    };
+    let opened = OpenedParams::decode_exact(&channel.params).map_err(|e| {
+        VerbError::new(
+            code::FAILURE,
+            format!("{}: bad answer from the exporter: {e}", channel.origin.device),
+        )
+    })?;
     let VerbChannel {
         origin,
         stream,
         close,
         ..
-    } = host
-        .channel_with(&args.target, Kind::Serial, args.device.clone(), params)
-        .await?;
+    } = channel;
     let (tx, rx) = match stream {
         VerbStream::Pipe(tx, rx) => (Tx::Pipe(tx), Rx::Pipe(rx)),
         VerbStream::Socket(w, r) => (Tx::Socket(w), Rx::Socket(r)),
@@ -573,6 +689,7 @@ async fn open(
         device: origin.device,
         tx,
         rx,
+        timed: opened.timed.then(TimedDecoder::new),
         close,
     })
 }
@@ -630,7 +747,7 @@ async fn send(
     // Only what the board prints from now on: the history is not this script's doing.
     let mut ch = open(host, args, Some(u64::MAX)).await?;
     let mut rec = match &args.record {
-        Some(p) => Some(Recorder::create(p, window_size(), &ch.title).map_err(record_error)?),
+        Some(p) => Some(Recorder::create(p, window_size(), &ch.title, args.record_input).map_err(record_error)?),
         None => None,
     };
     let mut stamp = args.timestamps.then(Stamper::default);
@@ -655,14 +772,16 @@ async fn send(
                     ch.tx.finish().await;
                 }
             }
-            r = ch.rx.recv() => match r {
-                Ok(Some(b)) => {
-                    if let Some(r) = rec.as_mut() {
-                        r.output(&b).map_err(record_error)?;
-                    }
-                    match stamp.as_mut() {
-                        Some(s) => show(&s.stamp(&b, SystemTime::now()))?,
-                        None => show(&b)?,
+            r = recv_chunks(&mut ch.rx, &mut ch.timed) => match r {
+                Ok(Some(chunks)) => {
+                    for (b, at) in chunks {
+                        if let Some(r) = rec.as_mut() {
+                            r.output(&b, at).map_err(record_error)?;
+                        }
+                        match stamp.as_mut() {
+                            Some(s) => show(&s.stamp(&b, SystemTime::now()))?,
+                            None => show(&b)?,
+                        }
                     }
                 }
                 Ok(None) => {
@@ -731,7 +850,7 @@ async fn interactive(host: &dyn VerbHost, args: &ConsoleArgs) -> Result<(), Verb
     let tty = std::io::stdin().is_terminal();
     let mut ch = open(host, args, None).await?;
     let mut rec = match &args.record {
-        Some(p) => Some(Recorder::create(p, window_size(), &ch.title).map_err(record_error)?),
+        Some(p) => Some(Recorder::create(p, window_size(), &ch.title, args.record_input).map_err(record_error)?),
         None => None,
     };
     // The files recorded in this session, in order: `~r` starts the next one beside them.
@@ -816,7 +935,7 @@ async fn interactive(host: &dyn VerbHost, args: &ConsoleArgs) -> Result<(), Verb
                             }
                             None => {
                                 let path = next_recording(args.record.as_deref(), &ch.device, &recordings);
-                                match Recorder::create(&path, window_size(), &ch.title) {
+                                match Recorder::create(&path, window_size(), &ch.title, args.record_input) {
                                     Ok(r) => {
                                         rec = Some(r);
                                         show(format!("\r\n[jmp console: recording to {}]\r\n", path.display()).as_bytes())?;
@@ -843,14 +962,16 @@ async fn interactive(host: &dyn VerbHost, args: &ConsoleArgs) -> Result<(), Verb
                     break Ok(());
                 }
             }
-            r = ch.rx.recv() => match r {
-                Ok(Some(b)) => {
-                    if let Some(r) = rec.as_mut() {
-                        r.output(&b).map_err(record_error)?;
-                    }
-                    match stamp.as_mut() {
-                        Some(s) => show(&s.stamp(&b, SystemTime::now()))?,
-                        None => show(&b)?,
+            r = recv_chunks(&mut ch.rx, &mut ch.timed) => match r {
+                Ok(Some(chunks)) => {
+                    for (b, at) in chunks {
+                        if let Some(r) = rec.as_mut() {
+                            r.output(&b, at).map_err(record_error)?;
+                        }
+                        match stamp.as_mut() {
+                            Some(s) => show(&s.stamp(&b, SystemTime::now()))?,
+                            None => show(&b)?,
+                        }
                     }
                 }
                 Ok(None) => break Err(fail(format!("{}: the exporter ended the console", ch.device))),
@@ -1000,12 +1121,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("jmp-rec-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("s.cast");
-        let mut r = Recorder::create(&path, (100, 30), "t").expect("create");
-        r.output(b"boot\r\n").expect("o");
+        let mut r = Recorder::create(&path, (100, 30), "t", true).expect("create");
+        r.output(b"boot\r\n", Some(5_000_000)).expect("o");
         r.input(b"ls\r").expect("i");
         r.marker("power cycle").expect("m");
-        r.output(b"\xc3").expect("o");
-        r.output(b"\xa9").expect("o");
+        r.output(b"\xc3", Some(5_500_000)).expect("o");
+        r.output(b"\xa9", Some(5_600_000)).expect("o");
         drop(r);
         let text = std::fs::read_to_string(&path).expect("read");
         let _ = std::fs::remove_dir_all(&dir);
@@ -1016,7 +1137,60 @@ mod tests {
         let kinds: Vec<&str> = ev.iter().map(|e| e[1].as_str().expect("kind")).collect();
         assert_eq!(kinds, ["o", "i", "m", "o"]);
         assert_eq!(ev[3][2], "é");
+        // Output at the exporter's times, from the first one: "boot" at 5.0 s is the zero, the
+        // character completed by the chunk read at 5.6 s is at 0.6 s, though all of it arrived
+        // here within microseconds.
+        assert_eq!(ev[0][0].as_f64(), Some(0.0));
+        assert_eq!(ev[3][0].as_f64(), Some(0.6));
+        // Typing and markers fall on the same clock, after the output before them.
+        assert!(ev[1][0].as_f64().is_some_and(|t| t < 0.6), "{:?}", ev[1]);
         let times: Vec<f64> = ev.iter().map(|e| e[0].as_f64().expect("time")).collect();
         assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    }
+
+    #[test]
+    fn an_exporter_without_timed_channels_is_recognised_by_its_refusal() {
+        // What an older jmpd says to `02` timed: its driver's refusal of the open parameters.
+        let e = jmp_protocol::codec::DecodeError::Invalid {
+            field: "open option",
+            value: 2,
+        };
+        let old = VerbError::new(code::FAILURE, format!("console: bad open parameters: {e}"));
+        assert!(refuses_timed(&old), "{}", old.message);
+        // After a pacing option it knows, the timed option is a byte too many.
+        let e = jmp_protocol::codec::DecodeError::Trailing(1);
+        let old = VerbError::new(code::FAILURE, format!("console: bad open parameters: {e}"));
+        assert!(refuses_timed(&old), "{}", old.message);
+        let other = VerbError::new(code::FAILURE, "console: unavailable (retrying every second)");
+        assert!(!refuses_timed(&other));
+    }
+
+    #[test]
+    fn a_recording_is_private_new_and_without_typing_unless_asked() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("jmp-rec-private-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("s.cast");
+        let mut r = Recorder::create(&path, (80, 24), "t", false).expect("create");
+        r.output(b"Password: ", None).expect("o");
+        r.input(b"hunter2\r").expect("i");
+        r.output(b"\r\n$ ", None).expect("o");
+        drop(r);
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{mode:o}");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("Password: "), "{text}");
+        // An existing file (or a link planted at the name) is never written over.
+        let err = Recorder::create(&path, (80, 24), "t", false).err().expect("refused");
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+        assert!(err.to_string().contains("never writes over"), "{err}");
+        let link = dir.join("link.cast");
+        std::os::unix::fs::symlink(dir.join("target"), &link).expect("symlink");
+        let followed = Recorder::create(&link, (80, 24), "t", false).is_ok()
+            || dir.join("target").exists();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!followed, "followed a link planted at the name");
     }
 }

@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use jmp_protocol::codec::{to_bytes, Codec};
 use jmp_protocol::kinds::serial::{
     Control, DeviceParams, FlowControl, LineSettings, OpenParams, OpenedParams, Pacing, Parity,
-    Request, Response, MAX_BREAK_MS,
+    put_timed, Request, Response, MAX_BREAK_MS, MAX_TIMED_CHUNK,
 };
 use jmp_protocol::{ChannelMode, DeviceState, ErrorCode, Kind, Open};
 use jmp_transport::{ChannelIo, ChannelMsg};
@@ -175,6 +175,7 @@ impl SerialDriver {
             cmds: self.cmds.clone(),
             offset,
             pacing: params.pacing.unwrap_or(self.pacing),
+            timed: params.timed,
             watching,
         }) as Box<dyn Channel>)
     }
@@ -273,6 +274,8 @@ struct SerialChannel {
     cmds: mpsc::Sender<PortCmd>,
     offset: u64,
     pacing: Pacing,
+    /// Output goes as timed frames (the client asked).
+    timed: bool,
     /// Read-only (a colleague watching a shared lease): why, for the notices.
     watching: Option<Arc<str>>,
 }
@@ -285,6 +288,7 @@ impl Channel for SerialChannel {
     fn params(&self) -> Bytes {
         to_bytes(&OpenedParams {
             offset: self.offset,
+            timed: self.timed,
         })
     }
 
@@ -314,7 +318,11 @@ async fn serve_channel(ch: SerialChannel, pipe: jmp_transport::Pipe) {
     let out = async {
         let mut end = history.subscribe();
         loop {
-            let r = history.read(offset, SEND_CHUNK);
+            let (r, time_us) = if ch.timed {
+                history.read_timed(offset, SEND_CHUNK.min(MAX_TIMED_CHUNK))
+            } else {
+                (history.read(offset, SEND_CHUNK), 0)
+            };
             if r.data.is_empty() {
                 if end.changed().await.is_err() {
                     return;
@@ -325,7 +333,14 @@ async fn serve_channel(ch: SerialChannel, pipe: jmp_transport::Pipe) {
                 debug!(device = %ch.name, lost = r.offset - offset, "channel fell behind the history");
             }
             offset = r.offset + r.data.len() as u64;
-            if tx.send(r.data).await.is_err() {
+            let data = if ch.timed {
+                let mut b = BytesMut::with_capacity(r.data.len() + 20);
+                put_timed(&mut b, time_us, &r.data);
+                b.freeze()
+            } else {
+                r.data
+            };
+            if tx.send(data).await.is_err() {
                 return;
             }
             cursor.advance(offset);

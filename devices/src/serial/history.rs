@@ -8,6 +8,10 @@
 //! the device (a pty's or UART driver's buffer, hardware flow control) — a slow client slows
 //! the console down instead of losing bytes. Without a live channel the reader never waits; a
 //! client coming back later resumes from what is still kept, and learns how much it lost.
+//!
+//! Each push is stamped with when it was read from the device (microseconds on a monotonic
+//! clock since the history began): a timed channel sends each chunk with its stamp, so a
+//! recording shows the board's own rhythm even for output replayed long after it was printed.
 
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
@@ -16,6 +20,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{watch, Notify};
 
 pub const DEFAULT_CAPACITY: usize = 64 * 1024;
+/// Most stamps kept: the oldest go first, and the bytes they covered take the time of the next
+/// stamp kept (a little late, never early). A device printing in tiny pieces cannot make the
+/// history hold more than this many.
+pub const MAX_STAMPS: usize = 4096;
 
 pub struct History {
     ring: Mutex<Ring>,
@@ -25,6 +33,8 @@ pub struct History {
     next_cursor: AtomicU64,
     /// Woken when a cursor moves or goes away.
     room: Notify,
+    /// Where the stamps' clock starts.
+    epoch: std::time::Instant,
 }
 
 /// A live channel's position in the history; dropping it releases the reader.
@@ -53,6 +63,25 @@ struct Ring {
     /// Offset of `buf[0]`.
     start: u64,
     capacity: usize,
+    /// (offset of a push's first byte, when it was read), offsets and times ascending; at
+    /// most [`MAX_STAMPS`].
+    stamps: VecDeque<(u64, u64)>,
+}
+
+impl Ring {
+    /// The time of the byte at `offset` and the offset where the next stamp begins (`None`:
+    /// the last stamp's bytes run to the end).
+    fn stamp_at(&self, offset: u64) -> (u64, Option<u64>) {
+        let i = self.stamps.partition_point(|(o, _)| *o <= offset);
+        match i {
+            // Older than every stamp kept: the oldest one's time (see MAX_STAMPS).
+            0 => (
+                self.stamps.front().map_or(0, |s| s.1),
+                self.stamps.front().map(|s| s.0),
+            ),
+            i => (self.stamps[i - 1].1, self.stamps.get(i).map(|s| s.0)),
+        }
+    }
 }
 
 /// What [`History::read`] found at an offset.
@@ -70,12 +99,19 @@ impl History {
                 buf: VecDeque::with_capacity(capacity.min(1 << 20)),
                 start: 0,
                 capacity: capacity.max(1),
+                stamps: VecDeque::new(),
             }),
             end: watch::channel(0).0,
             cursors: Mutex::new(HashMap::new()),
             next_cursor: AtomicU64::new(0),
             room: Notify::new(),
+            epoch: std::time::Instant::now(),
         }
+    }
+
+    /// Now on the stamps' clock.
+    pub fn now_us(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
     fn lock_cursors(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u64>> {
@@ -128,12 +164,25 @@ impl History {
         self.ring.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Appends what the device printed just now.
     pub fn push(&self, data: &[u8]) {
+        self.push_at(data, self.now_us())
+    }
+
+    /// Appends what the device printed at `time_us` (on [`History::now_us`]'s clock; a time
+    /// before the last push's counts as that one's, so times never go back).
+    pub fn push_at(&self, data: &[u8], time_us: u64) {
         if data.is_empty() {
             return;
         }
         let end = {
             let mut r = self.lock();
+            let at = r.start + r.buf.len() as u64;
+            let time_us = r.stamps.back().map_or(time_us, |s| s.1.max(time_us));
+            r.stamps.push_back((at, time_us));
+            if r.stamps.len() > MAX_STAMPS {
+                r.stamps.pop_front();
+            }
             let cap = r.capacity;
             // Keep only what fits; drop the oldest first.
             let (dropped, data) = if data.len() > cap {
@@ -151,6 +200,11 @@ impl History {
             r.buf.drain(..overflow);
             r.start += overflow as u64;
             r.buf.extend(data);
+            // Stamps wholly before the start cover nothing kept.
+            let start = r.start;
+            while r.stamps.len() > 1 && r.stamps[1].0 <= start {
+                r.stamps.pop_front();
+            }
             r.start + r.buf.len() as u64
         };
         // Offsets count every byte, also the ones too old to keep.
@@ -165,6 +219,7 @@ impl History {
         let end = r.start + r.buf.len() as u64;
         r.buf.clear();
         r.start = end;
+        r.stamps.clear();
         drop(r);
         // Cursors behind the new start count as having sent everything before it.
         self.room.notify_waiters();
@@ -183,7 +238,28 @@ impl History {
     /// Up to `max` bytes from `offset` (or from the oldest kept byte, if `offset` is older).
     /// Empty when `offset` is at the end.
     pub fn read(&self, offset: u64, max: usize) -> Read {
+        self.lock().read(offset, max)
+    }
+
+    /// Like [`History::read`], but only bytes read from the device together (one stamp), and
+    /// when that was. One lock: the stamp and the bytes are of the same moment.
+    pub fn read_timed(&self, offset: u64, max: usize) -> (Read, u64) {
         let r = self.lock();
+        let from = offset.max(r.start);
+        let (time, next) = r.stamp_at(from);
+        let max = next.map_or(max, |n| max.min(usize::try_from(n - from).unwrap_or(max)));
+        (r.read(from, max.max(1)), time)
+    }
+
+    /// Wakes when the end moves.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.end.subscribe()
+    }
+}
+
+impl Ring {
+    fn read(&self, offset: u64, max: usize) -> Read {
+        let r = self;
         let from = offset.max(r.start);
         let end = r.start + r.buf.len() as u64;
         if from >= end {
@@ -210,10 +286,6 @@ impl History {
         }
     }
 
-    /// Wakes when the end moves.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.end.subscribe()
-    }
 }
 
 #[cfg(test)]
@@ -286,6 +358,45 @@ mod tests {
             .expect("task");
         drop(c);
         assert!(h.has_room(1000));
+    }
+
+    #[test]
+    fn timed_reads_keep_each_push_with_its_time() {
+        let h = History::new(16);
+        h.push_at(b"abc", 10);
+        h.push_at(b"de", 20);
+        h.push_at(b"f", 15); // earlier than the last: counts as 20
+        let (r, t) = h.read_timed(0, 100);
+        assert_eq!((r.offset, r.data.as_ref(), t), (0, &b"abc"[..], 10));
+        let (r, t) = h.read_timed(1, 100);
+        assert_eq!((r.data.as_ref(), t), (&b"bc"[..], 10));
+        let (r, t) = h.read_timed(3, 100);
+        assert_eq!((r.data.as_ref(), t), (&b"de"[..], 20));
+        let (r, t) = h.read_timed(5, 100);
+        assert_eq!((r.data.as_ref(), t), (&b"f"[..], 20));
+        let (r, _) = h.read_timed(3, 1);
+        assert_eq!(r.data.as_ref(), b"d", "max still applies");
+        // Dropped bytes take their stamps with them.
+        h.push_at(&[b'x'; 14], 30); // 20 printed, 16 kept: from offset 4
+        let (r, t) = h.read_timed(0, 100);
+        assert_eq!((r.offset, r.data.as_ref(), t), (4, &b"e"[..], 20));
+        let (r, t) = h.read_timed(6, 100);
+        assert_eq!((r.data.len(), t), (14, 30));
+        h.forget();
+        h.push_at(b"new", 40);
+        assert_eq!(h.read_timed(0, 100).1, 40);
+    }
+
+    #[test]
+    fn stamps_are_bounded_and_never_early() {
+        let h = History::new(1 << 20);
+        for i in 0..(MAX_STAMPS as u64 + 100) {
+            h.push_at(b"x", 1000 + i);
+        }
+        assert_eq!(h.lock().stamps.len(), MAX_STAMPS);
+        // The first 100 bytes lost their own stamps: they take the oldest kept (later) time.
+        let (r, t) = h.read_timed(0, 1000);
+        assert_eq!((r.data.len(), t), (100, 1100));
     }
 
     #[tokio::test]

@@ -3,7 +3,12 @@
 //! - `DeviceInfo.params`: [`DeviceParams`] (the real port's line settings as configured).
 //! - `Open.params`: [`OpenParams`] (where to resume, and optionally how to pace what the
 //!   channel types); `Opened.params`: [`OpenedParams`] (the offset the stream starts at).
-//! - Stream payload: raw bytes both ways.
+//! - Stream payload: raw bytes both ways; on a *timed* channel (asked for with
+//!   `OpenParams.timed`, confirmed by `OpenedParams.timed`) the device's output comes as
+//!   [timed frames](TimedDecoder) instead: each chunk with the time the exporter read it from
+//!   the board. What the client types stays raw bytes. A peer that does not know timed
+//!   channels never sees one: the client asks per channel, and an exporter that does not
+//!   know the option refuses the open (the client then opens a plain channel again).
 //! - `Control.body` (client → exporter, no answer): [`Control`]: a local program changed the
 //!   pty's settings (only what a pty carries: speed, stop bits, flow control); a failure to
 //!   apply them comes back as a `Notice`.
@@ -131,6 +136,8 @@ pub struct OpenParams {
     pub resume_from: Option<u64>,
     /// How the exporter paces what this channel types (`None`: as the device is configured).
     pub pacing: Option<Pacing>,
+    /// Send the device's output as timed frames ([`TimedDecoder`]), for recordings.
+    pub timed: bool,
 }
 
 /// Pauses the exporter makes between the bytes it writes to the port, for a bootloader that
@@ -150,11 +157,117 @@ impl Pacing {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OpenedParams {
     /// The device-output offset of the first byte sent on the stream. Larger than the client's
     /// `resume_from` when history was lost in between.
     pub offset: u64,
+    /// The output comes as timed frames (the client asked, and the exporter knows them).
+    pub timed: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timed output
+
+/// Largest chunk of output one timed frame carries (the exporter cuts its reads to it).
+pub const MAX_TIMED_CHUNK: usize = 64 * 1024;
+/// Latest time a frame may carry: 10 years of the exporter's uptime, in microseconds. The
+/// clock is the exporter's monotonic one, counted from when the device's history began, so
+/// anything beyond is a broken or hostile peer (and would lose precision as seconds in f64).
+pub const MAX_TIMED_US: u64 = 10 * 366 * 86_400 * 1_000_000;
+/// Longest frame header: two varints.
+const TIMED_HEADER_MAX: usize = 16;
+
+/// One chunk of the device's output and when the exporter read it from the board:
+/// microseconds on the exporter's monotonic clock since the device's history began. Only
+/// differences between times mean something (a recording counts from its first one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimedChunk {
+    pub time_us: u64,
+    pub data: bytes::Bytes,
+}
+
+/// A timed frame on the wire: varint time (µs), varint length (1..=[`MAX_TIMED_CHUNK`]), the
+/// bytes. Times never go back.
+pub fn put_timed(buf: &mut BytesMut, time_us: u64, data: &[u8]) {
+    debug_assert!(!data.is_empty() && data.len() <= MAX_TIMED_CHUNK);
+    put_varint(buf, time_us);
+    put_varint(buf, data.len() as u64);
+    buf.put_slice(data);
+}
+
+/// What is wrong with a timed stream; the channel is unusable after it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimedError {
+    #[error("timed console output: a chunk of {0} bytes (1 to {MAX_TIMED_CHUNK} allowed)")]
+    ChunkSize(u64),
+    #[error("timed console output: time {now} µs is before the previous chunk's {prev} µs")]
+    Backwards { prev: u64, now: u64 },
+    #[error("timed console output: time {0} µs is beyond the {MAX_TIMED_US} µs allowed")]
+    Absurd(u64),
+    #[error("timed console output: {0}")]
+    Decode(DecodeError),
+}
+
+/// Splits a timed stream, received in pieces of any size, into [`TimedChunk`]s. Holds at most
+/// one frame's header and [`MAX_TIMED_CHUNK`] bytes of a frame not yet whole; everything from
+/// the peer is checked: the length of each chunk, and each time against the previous one and
+/// [`MAX_TIMED_US`].
+#[derive(Debug, Default)]
+pub struct TimedDecoder {
+    buf: BytesMut,
+    last: Option<u64>,
+}
+
+impl TimedDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The whole chunks `data` completes, in order.
+    pub fn feed(&mut self, data: &[u8]) -> Result<Vec<TimedChunk>, TimedError> {
+        self.buf.extend_from_slice(data);
+        let mut out = Vec::new();
+        loop {
+            let mut rest: &[u8] = &self.buf;
+            let header = (|| -> Result<(u64, u64), DecodeError> {
+                Ok((get_varint(&mut rest, "time")?, get_varint(&mut rest, "length")?))
+            })();
+            let (time_us, len) = match header {
+                Ok(h) => h,
+                Err(DecodeError::Truncated(_)) if self.buf.len() < TIMED_HEADER_MAX => break,
+                Err(e) => return Err(TimedError::Decode(e)),
+            };
+            if len == 0 || len > MAX_TIMED_CHUNK as u64 {
+                return Err(TimedError::ChunkSize(len));
+            }
+            if time_us > MAX_TIMED_US {
+                return Err(TimedError::Absurd(time_us));
+            }
+            if let Some(prev) = self.last {
+                if time_us < prev {
+                    return Err(TimedError::Backwards { prev, now: time_us });
+                }
+            }
+            let head = self.buf.len() - rest.len();
+            let len = len as usize;
+            if rest.len() < len {
+                break;
+            }
+            self.last = Some(time_us);
+            let _ = self.buf.split_to(head);
+            out.push(TimedChunk {
+                time_us,
+                data: self.buf.split_to(len).freeze(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Bytes of a frame not yet whole.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -334,8 +447,10 @@ impl Codec for DeviceParams {
 }
 
 const O_PACING: u8 = 0x01;
+const O_TIMED: u8 = 0x02;
 
-/// The pacing is a trailing field: an older client's `OpenParams` (resume only) still decode.
+/// Options are trailing tagged fields, each at most once and in tag order: an older client's
+/// `OpenParams` (resume only) still decode.
 impl Codec for OpenParams {
     fn encode(&self, buf: &mut BytesMut) {
         put_opt_varint(buf, self.resume_from);
@@ -344,13 +459,27 @@ impl Codec for OpenParams {
             put_varint(buf, p.char_us.into());
             put_varint(buf, p.line_us.into());
         }
+        if self.timed {
+            buf.put_u8(O_TIMED);
+        }
     }
     fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
         let resume_from = get_opt_varint(buf, "resume")?;
-        let pacing = if buf.is_empty() {
-            None
-        } else {
-            match get_u8(buf, "open option")? {
+        let mut pacing = None;
+        let mut timed = false;
+        let mut after = 0u8;
+        while !buf.is_empty() {
+            let tag = get_u8(buf, "open option")?;
+            if tag <= after {
+                // Repeated or out of order: one spelling per body.
+                return Err(DecodeError::Invalid {
+                    field: "open option",
+                    value: tag.into(),
+                });
+            }
+            after = tag;
+            match tag {
+                O_TIMED => timed = true,
                 O_PACING => {
                     let char_us = get_u32_varint(buf, "char delay")?;
                     if char_us > MAX_CHAR_DELAY_US {
@@ -366,7 +495,7 @@ impl Codec for OpenParams {
                             value: line_us.into(),
                         });
                     }
-                    Some(Pacing { char_us, line_us })
+                    pacing = Some(Pacing { char_us, line_us });
                 }
                 t => {
                     return Err(DecodeError::Invalid {
@@ -375,10 +504,11 @@ impl Codec for OpenParams {
                     })
                 }
             }
-        };
+        }
         Ok(OpenParams {
             resume_from,
             pacing,
+            timed,
         })
     }
     fn encoded_len(&self) -> usize {
@@ -386,20 +516,40 @@ impl Codec for OpenParams {
             + self.pacing.map_or(0, |p| {
                 1 + varint_len(p.char_us.into()) + varint_len(p.line_us.into())
             })
+            + usize::from(self.timed)
     }
 }
 
+const OPENED_TIMED: u8 = 0x01;
+
+/// The timed flag is a trailing byte, present only on a timed channel (which only a client
+/// that knows it asks for), so an older client never sees it.
 impl Codec for OpenedParams {
     fn encode(&self, buf: &mut BytesMut) {
-        put_varint(buf, self.offset)
+        put_varint(buf, self.offset);
+        if self.timed {
+            buf.put_u8(OPENED_TIMED);
+        }
     }
     fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
-        Ok(OpenedParams {
-            offset: get_varint(buf, "offset")?,
-        })
+        let offset = get_varint(buf, "offset")?;
+        let timed = if buf.is_empty() {
+            false
+        } else {
+            match get_u8(buf, "opened flags")? {
+                OPENED_TIMED => true,
+                v => {
+                    return Err(DecodeError::Invalid {
+                        field: "opened flags",
+                        value: v.into(),
+                    })
+                }
+            }
+        };
+        Ok(OpenedParams { offset, timed })
     }
     fn encoded_len(&self) -> usize {
-        varint_len(self.offset)
+        varint_len(self.offset) + usize::from(self.timed)
     }
 }
 
@@ -576,6 +726,13 @@ pub fn fuzz(data: &[u8]) {
     let _ = LineChange::decode_exact(data);
     let _ = Request::decode_exact(data);
     let _ = Response::decode_exact(data);
+    let mut d = TimedDecoder::new();
+    for piece in data.chunks(7) {
+        if d.feed(piece).is_err() {
+            break;
+        }
+        assert!(d.pending() <= TIMED_HEADER_MAX + MAX_TIMED_CHUNK);
+    }
 }
 
 pub fn examples() -> Vec<(&'static str, Vec<u8>)> {
@@ -596,6 +753,16 @@ pub fn examples() -> Vec<(&'static str, Vec<u8>)> {
             to_bytes(&OpenParams {
                 resume_from: Some(4096),
                 pacing: None,
+                timed: false,
+            })
+            .to_vec(),
+        ),
+        (
+            "serial-open-timed",
+            to_bytes(&OpenParams {
+                resume_from: None,
+                pacing: None,
+                timed: true,
             })
             .to_vec(),
         ),
@@ -607,12 +774,25 @@ pub fn examples() -> Vec<(&'static str, Vec<u8>)> {
                     char_us: 2000,
                     line_us: 50_000,
                 }),
+                timed: false,
             })
             .to_vec(),
         ),
         (
             "serial-opened",
-            to_bytes(&OpenedParams { offset: 4096 }).to_vec(),
+            to_bytes(&OpenedParams {
+                offset: 4096,
+                timed: false,
+            })
+            .to_vec(),
+        ),
+        (
+            "serial-opened-timed",
+            to_bytes(&OpenedParams {
+                offset: 4096,
+                timed: true,
+            })
+            .to_vec(),
         ),
         (
             "serial-control-follow",
@@ -655,8 +835,10 @@ pub fn examples() -> Vec<(&'static str, Vec<u8>)> {
 pub fn decode_example(name: &str, bytes: &[u8]) -> bool {
     match name {
         "serial-params" => DeviceParams::decode_exact(bytes).is_ok(),
-        "serial-open" | "serial-open-paced" => OpenParams::decode_exact(bytes).is_ok(),
-        "serial-opened" => OpenedParams::decode_exact(bytes).is_ok(),
+        "serial-open" | "serial-open-paced" | "serial-open-timed" => {
+            OpenParams::decode_exact(bytes).is_ok()
+        }
+        "serial-opened" | "serial-opened-timed" => OpenedParams::decode_exact(bytes).is_ok(),
         "serial-control-follow" => Control::decode_exact(bytes).is_ok(),
         n if n.starts_with("serial-request") => Request::decode_exact(bytes).is_ok(),
         "serial-response" => Response::decode_exact(bytes).is_ok(),
@@ -726,9 +908,11 @@ mod tests {
             round_trip(&Control::Follow(c));
             round_trip(&Response { settings: l });
             round_trip(&r);
-            round_trip(&OpenParams { resume_from: off, pacing: None });
-            round_trip(&OpenParams { resume_from: off, pacing: Some(Pacing { char_us: (off.unwrap_or(0) % u64::from(MAX_CHAR_DELAY_US + 1)) as u32, line_us: MAX_LINE_DELAY_US }) });
-            round_trip(&OpenedParams { offset: off.unwrap_or(0) });
+            round_trip(&OpenParams { resume_from: off, pacing: None, timed: false });
+            round_trip(&OpenParams { resume_from: off, pacing: None, timed: true });
+            round_trip(&OpenParams { resume_from: off, pacing: Some(Pacing { char_us: (off.unwrap_or(0) % u64::from(MAX_CHAR_DELAY_US + 1)) as u32, line_us: MAX_LINE_DELAY_US }), timed: off.is_some() });
+            round_trip(&OpenedParams { offset: off.unwrap_or(0), timed: false });
+            round_trip(&OpenedParams { offset: off.unwrap_or(0), timed: true });
         }
 
         #[test]
@@ -789,6 +973,104 @@ mod tests {
             OpenParams::decode_exact(&[0]),
             Ok(OpenParams::default())
         );
+    }
+
+    proptest! {
+        /// However a timed stream is cut into pieces, the same chunks come out, in order.
+        #[test]
+        fn timed_frames_survive_any_split(
+            chunks in proptest::collection::vec((0u64..1_000_000, proptest::collection::vec(any::<u8>(), 1..300)), 0..20),
+            cuts in proptest::collection::vec(1usize..50, 1..40),
+        ) {
+            let mut wire = BytesMut::new();
+            let mut t = 0;
+            let mut want = Vec::new();
+            for (dt, data) in &chunks {
+                t += dt;
+                put_timed(&mut wire, t, data);
+                want.push(TimedChunk { time_us: t, data: bytes::Bytes::from(data.clone()) });
+            }
+            let mut d = TimedDecoder::new();
+            let mut got = Vec::new();
+            let mut rest: &[u8] = &wire;
+            let mut i = 0;
+            while !rest.is_empty() {
+                let n = cuts[i % cuts.len()].min(rest.len());
+                got.extend(d.feed(&rest[..n]).expect("valid"));
+                rest = &rest[n..];
+                i += 1;
+            }
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(d.pending(), 0);
+        }
+
+        #[test]
+        fn hostile_timed_streams_never_panic_nor_hoard(data in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            fuzz(&data);
+        }
+    }
+
+    #[test]
+    fn hostile_timed_frames_are_refused_by_name() {
+        let frame = |t: u64, len: u64, body: &[u8]| {
+            let mut b = BytesMut::new();
+            put_varint(&mut b, t);
+            put_varint(&mut b, len);
+            b.put_slice(body);
+            b
+        };
+        // A chunk longer than allowed is refused from its header, before its bytes arrive.
+        let mut d = TimedDecoder::new();
+        let big = MAX_TIMED_CHUNK as u64 + 1;
+        assert_eq!(d.feed(&frame(5, big, b"")), Err(TimedError::ChunkSize(big)));
+        // So is an empty one (a flood of frames carrying nothing).
+        assert_eq!(TimedDecoder::new().feed(&frame(5, 0, b"")), Err(TimedError::ChunkSize(0)));
+        // Time going back.
+        let mut d = TimedDecoder::new();
+        let mut b = frame(2_000_000, 2, b"ab");
+        b.extend_from_slice(&frame(1_000_000, 1, b"c"));
+        let e = d.feed(&b).expect_err("backwards");
+        assert_eq!(e, TimedError::Backwards { prev: 2_000_000, now: 1_000_000 });
+        assert!(e.to_string().contains("before the previous chunk"), "{e}");
+        // The same time twice is fine (two reads within a microsecond).
+        let mut d = TimedDecoder::new();
+        let mut b = frame(7, 1, b"a");
+        b.extend_from_slice(&frame(7, 1, b"b"));
+        assert_eq!(d.feed(&b).map(|v| v.len()), Ok(2));
+        // An absurd time.
+        let e = TimedDecoder::new().feed(&frame(MAX_TIMED_US + 1, 1, b"x")).expect_err("absurd");
+        assert_eq!(e, TimedError::Absurd(MAX_TIMED_US + 1));
+        // A header of all-ones varints: the length is checked before anything is held.
+        let mut d = TimedDecoder::new();
+        assert!(d.feed(&[0xff; TIMED_HEADER_MAX + 1]).is_err());
+        // A header cut short is held, and no more than a header.
+        let mut d = TimedDecoder::new();
+        assert_eq!(d.feed(&[0xc0, 0, 0]), Ok(vec![]));
+        assert!(d.pending() <= TIMED_HEADER_MAX);
+        // A frame's bytes trickling in are held, no more than announced.
+        let mut d = TimedDecoder::new();
+        let f = frame(1, 3, b"xyz");
+        assert_eq!(d.feed(&f[..3]), Ok(vec![]));
+        assert_eq!(d.pending(), 3);
+        assert_eq!(d.feed(&f[3..]).expect("whole")[0].data.as_ref(), b"xyz");
+    }
+
+    #[test]
+    fn open_options_are_each_given_once_in_order() {
+        let timed = to_bytes(&OpenParams { resume_from: None, pacing: None, timed: true });
+        assert_eq!(
+            OpenParams::decode_exact(&timed),
+            Ok(OpenParams { resume_from: None, pacing: None, timed: true })
+        );
+        let mut twice = timed.to_vec();
+        twice.push(O_TIMED);
+        assert!(OpenParams::decode_exact(&twice).is_err());
+        // An older exporter refuses the option by name; the client then opens plainly.
+        assert_eq!(
+            OpenedParams::decode_exact(&[0x05]),
+            Ok(OpenedParams { offset: 5, timed: false })
+        );
+        assert!(OpenedParams::decode_exact(&[0x05, 0x02]).is_err());
     }
 
     #[test]

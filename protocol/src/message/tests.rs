@@ -58,6 +58,7 @@ fn examples() -> Vec<(&'static str, Message)> {
                 params: to_bytes(&serial::OpenParams {
                     resume_from: Some(4096),
                     pacing: None,
+                    timed: false,
                 }),
             }),
         ),
@@ -65,7 +66,10 @@ fn examples() -> Vec<(&'static str, Message)> {
             "opened",
             Message::Opened(Opened {
                 channel: 1,
-                params: to_bytes(&serial::OpenedParams { offset: 4096 }),
+                params: to_bytes(&serial::OpenedParams {
+                    offset: 4096,
+                    timed: false,
+                }),
             }),
         ),
         (

@@ -8,7 +8,10 @@ across reads never breaks a match.
 
 Each chunk read is kept with the time it arrived, and each write with the time it was made,
 so a stretch of the session can be written out as an asciicast v2 recording (`asciicast`):
-the test integrations attach one to the report of a failed test.
+the test integrations attach one to the report of a failed test. What was written is left
+out of recordings unless asked for (`input=True`): the board's echo already shows visible
+typing, and a password typed at a prompt that does not echo must not end up in a file that
+CI uploads. Recording files are created new and readable by their owner alone (0600).
 """
 
 from __future__ import annotations
@@ -243,11 +246,12 @@ class Console:
         since: Optional[int] = None,
         started: Optional[float] = None,
         title: str = "",
+        input: bool = False,
     ) -> str:
         """An asciicast v2 recording (`asciinema play` replays it) of what the board printed
-        after `mark()` returned `since` ("o" events) and what was written to it from
-        `started` (wall-clock seconds, default: when that output began) on ("i" events), each
-        at the time this reader saw it, in seconds since `started`."""
+        after `mark()` returned `since` ("o" events) and, with `input=True` only, what was
+        written to it from `started` (wall-clock seconds, default: when that output began) on
+        ("i" events), each at the time this reader saw it, in seconds since `started`."""
         with self._cond:
             base = self._base
             end = base + len(self._data)
@@ -269,7 +273,8 @@ class Console:
             spans.append((time.time(), start, end))
         t0 = started if started is not None else (spans[0][0] if spans else time.time())
         events: List[Tuple[float, str, bytes]] = [(t, "o", data[lo - start : hi - start]) for t, lo, hi in spans]
-        events += [(t, "i", raw) for t, raw in typed if t >= t0]
+        if input:
+            events += [(t, "i", raw) for t, raw in typed if t >= t0]
         events.sort(key=lambda e: e[0])  # stable: output and input each stay in order
         decoders = {k: codecs.getincrementaldecoder("utf-8")(errors="replace") for k in "oi"}
         header = {
@@ -337,22 +342,29 @@ def save_recording(
     since: Optional[int],
     started: Optional[float],
     title: str = "",
+    input: bool = False,
 ) -> str:
-    """Writes `console.asciicast(since, started, title)` to `directory` (made if missing) as
-    `STEM.cast`, the stem reduced to safe characters, never over an earlier file (`STEM-2.cast`
-    then); returns the path."""
+    """Writes `console.asciicast(since, started, title, input)` to `directory` (made if
+    missing, 0700 when made) as `STEM.cast`, the stem reduced to safe characters, never over
+    an earlier file or a link planted at the name (`STEM-2.cast` then); the file is created
+    0600, before anything is written to it. Returns the path."""
     import os
 
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "recording"
     safe = safe[:150]
-    os.makedirs(directory, exist_ok=True)
-    text = console.asciicast(since=since, started=started, title=title)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    text = console.asciicast(since=since, started=started, title=title, input=input)
     n = 1
     while True:
         path = os.path.join(directory, f"{safe}{'' if n == 1 else f'-{n}'}.cast")
         try:
-            with open(path, "x", encoding="utf-8") as f:
-                f.write(text)
-            return path
+            # O_EXCL: never an existing file, nor a symlink's target. The mode is given at
+            # creation (the umask can only take bits away), so no moment is the file readable
+            # by others.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except FileExistsError:
             n += 1
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path

@@ -7,10 +7,12 @@
 - Fixture `jmp_board`: the Board for the test. `JmpTest` classes get it as `self.client`
   and as a `client` fixture.
 - A failing test's report gets a section per console with what the board printed during it,
-  and an asciicast v2 recording of each console during the test (what the board printed and
-  what the test typed, timed; `asciinema play` replays it), its path in a report section.
-  Passed tests leave none (--jmp-record all keeps every test's, none makes none; the files go
-  to --jmp-record-dir, default `jmp-recordings` in the directory pytest runs in).
+  and an asciicast v2 recording of each console during the test (what the board printed,
+  timed; `asciinema play` replays it), its path in a report section. What the test typed is
+  recorded only with --jmp-record-input yes (a password typed at a prompt that does not echo
+  must not land in a CI artifact); the files are created 0600. Passed tests leave none
+  (--jmp-record all keeps every test's, none makes none; the files go to --jmp-record-dir,
+  default `jmp-recordings` in the directory pytest runs in).
 - Under pytest-xdist (`pytest -n 4`) each worker leases a board of its own from the same
   selector (a pool of identical boards), queueing when the pool is smaller, its place in the
   queue shown as it changes; each test's report names the board that ran it.
@@ -50,6 +52,7 @@ _OPTIONS = [
     ("bin", "the jmp binary (default: JMP_BIN, else jmp on PATH)", None),
     ("record", "asciicast recordings of the board's consoles: failed (of a failed test, the default), all (every test) or none", "failed"),
     ("record-dir", "where the recordings go (default: jmp-recordings in the directory pytest runs in)", None),
+    ("record-input", "yes: recordings also hold what the tests typed, passwords included (default: no)", "no"),
 ]
 
 RECORD = ("failed", "all", "none")
@@ -175,6 +178,7 @@ def pytest_configure(config: pytest.Config) -> None:
     record = _opt(config, "record") or "failed"
     if record not in RECORD:
         raise pytest.UsageError(f"--jmp-record {record!r}: expected one of {', '.join(RECORD)}")
+    _record_input(config)
     config.stash[_KEY] = _Boards(config)
     # A CI runner cancels a job with SIGTERM: make it an interruption like Ctrl-C, so that the
     # session ends through pytest's own path and the boards are given back. Only when nobody
@@ -306,6 +310,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
             )
 
 
+def _record_input(config: pytest.Config) -> bool:
+    v = (_opt(config, "record-input") or "no").strip().lower()
+    if v in ("yes", "true", "1", "on"):
+        return True
+    if v in ("no", "false", "0", "off"):
+        return False
+    raise pytest.UsageError(f"--jmp-record-input {v!r}: expected yes or no")
+
+
 def _record(
     item: pytest.Item,
     board: Board,
@@ -329,6 +342,7 @@ def _record(
             since,
             started,
             title=f"{item.nodeid} on {board.exporter}/{name}" + (f" [{who}]" if who else ""),
+            input=_record_input(item.config),
         )
     except Exception as e:  # a report hook never raises: say what went wrong instead
         return f"cannot write the recording to {directory}: {e}"

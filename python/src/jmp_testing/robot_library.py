@@ -29,9 +29,11 @@ class JmpLibrary:
     and storage keywords run ``jmp power`` and ``jmp storage`` on the attachment.
 
     When a test fails, the console output printed during it is written to the log, and an
-    asciicast v2 recording of each console during the test (what the board printed and what
-    the test typed, timed; ``asciinema play`` replays it) is written beside the log, in
-    ``jmp-recordings`` of the output directory, and linked from the log. Passed tests leave
+    asciicast v2 recording of each console during the test (what the board printed, timed;
+    ``asciinema play`` replays it; what the test typed only with ``record_input=yes``, since
+    a password typed at a prompt that does not echo must not land in a CI artifact) is written
+    0600 beside the log, in ``jmp-recordings`` of the output directory, and linked from the
+    log. Passed tests leave
     no recording (``record=all`` keeps every test's, ``record=none`` makes none). The board
     is given back by ``Release Board``, at the end of the run, and when the run is stopped
     (Ctrl-C, SIGTERM): only what the library made is undone (an attachment it started, a
@@ -59,11 +61,13 @@ class JmpLibrary:
         dev_dir: Optional[str] = None,
         record: str = "failed",
         record_dir: Optional[str] = None,
+        record_input: Any = False,
     ):
         """``jmp``: the jmp binary (default: JMP_BIN, else jmp on PATH). ``dev_dir``: where
         serial devices appear (default: jmp's). ``record``: recordings of the consoles of
         ``failed`` tests (the default), ``all`` tests, or ``none``; ``record_dir``: where
-        (default: ``jmp-recordings`` in the output directory)."""
+        (default: ``jmp-recordings`` in the output directory); ``record_input``: also record
+        what the tests typed (default: no)."""
         if record not in ("failed", "all", "none"):
             raise ValueError(f"record={record!r}: expected failed, all or none")
         self.ROBOT_LIBRARY_LISTENER = self
@@ -71,6 +75,7 @@ class JmpLibrary:
         self._dev_dir = dev_dir
         self._record = record
         self._record_dir = record_dir
+        self._record_input = _bool(record_input)
         self._board: Optional[Board] = None
         self._marks: dict = {}
         self._started = time.time()
@@ -277,6 +282,7 @@ class JmpLibrary:
                 self._marks.get(name),
                 self._started,
                 title=f"{test_name} on {board}/{name}",
+                input=self._record_input,
             )
         except Exception as e:
             logger.warn(f"cannot write the recording of {board}/{name} to {directory}: {e}")

@@ -159,10 +159,11 @@ def test_an_asciicast_recording_holds_what_came_after_the_mark_in_order(pair, tm
     c.read_until(b"Gr\xc3", timeout=5)
     board(m, raw[cut:])
     c.read_until("\r\n", timeout=5)
-    path = save_recording(str(tmp_path / "rec"), "tests/x.py::test a", c, since, started)
+    path = save_recording(str(tmp_path / "rec"), "tests/x.py::test a", c, since, started, input=True)
     assert os.path.basename(path) == "tests_x.py_test_a.cast"
+    assert os.stat(path).st_mode & 0o777 == 0o600
     # Never over an earlier one.
-    again = save_recording(str(tmp_path / "rec"), "tests/x.py::test a", c, since, started)
+    again = save_recording(str(tmp_path / "rec"), "tests/x.py::test a", c, since, started, input=True)
     assert os.path.basename(again) == "tests_x.py_test_a-2.cast"
     lines = open(path, encoding="utf-8").read().splitlines()
     header = json.loads(lines[0])
@@ -177,3 +178,32 @@ def test_an_asciicast_recording_holds_what_came_after_the_mark_in_order(pair, tm
     assert "before the test" not in out
     assert typed == "echo hi\r"
     assert {e[1] for e in events} == {"o", "i"}
+
+
+def test_a_recording_leaves_typing_out_unless_asked_and_is_private(pair, tmp_path):
+    import json
+    import time
+
+    from jmp_testing.console import save_recording
+
+    c, m = pair
+    os.umask(0o022)
+    since, started = c.mark(), time.time()
+    board(m, b"Password: ")
+    c.read_until("Password: ", timeout=5)
+    c.sendline("hunter2-secret")  # not echoed, as at a login prompt
+    board(m, b"\r\n$ ")
+    c.read_until("$ ", timeout=5)
+    # A link planted at the name is not followed: the next free name is taken.
+    target = tmp_path / "elsewhere"
+    os.makedirs(tmp_path / "rec")
+    os.symlink(target, tmp_path / "rec" / "t.cast")
+    path = save_recording(str(tmp_path / "rec"), "t", c, since, started)
+    assert os.path.basename(path) == "t-2.cast"
+    assert not target.exists()
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    text = open(path, encoding="utf-8").read()
+    assert "hunter2" not in text
+    events = [json.loads(x) for x in text.splitlines()[1:]]
+    assert {e[1] for e in events} == {"o"}
+    assert "".join(e[2] for e in events) == "Password: \r\n$ "
