@@ -285,11 +285,14 @@ struct Watcher {
     ino: nix::sys::inotify::Inotify,
     /// Watch descriptor → the watches waiting on it. One inode has one descriptor per
     /// instance, so two watches of the same slave share it (and its removal waits for the last).
-    subs: Mutex<HashMap<WatchDescriptor, Vec<(u64, Arc<Notify>)>>>,
+    subs: Mutex<HashMap<WatchDescriptor, Vec<Sub>>>,
     next: AtomicU64,
     /// The reading thread ended (a read failed): watches poll from then on.
     dead: AtomicBool,
 }
+
+/// A watch's subscription: its id and what wakes it.
+type Sub = (u64, Arc<Notify>);
 
 /// The watcher, started on first use; `None` after a failed start (tried again next time).
 static WATCHER: Mutex<Option<Arc<Watcher>>> = Mutex::new(None);
