@@ -759,3 +759,53 @@ fn a_read_through_the_mount_right_after_a_flash_sees_the_new_bytes() {
     }
     attach.stop();
 }
+
+/// The mount reads ahead for a sequential reader (devices/src/storage/fs.rs, `ReadAhead`):
+/// what it read ahead must never hide a write made through the mount after it. A direct-I/O
+/// reader (so the kernel's page cache answers nothing) reads the start of the card 1 MiB at a
+/// time, which has the mount read the next megabytes ahead; then bytes inside that stretch
+/// are written through the mount (through another file of it, the partition, in one round),
+/// and the reader goes on: it must get the new bytes, and everything it read must be the
+/// exporter's image.
+#[test]
+fn read_ahead_never_hides_a_write_made_through_the_mount() {
+    require!(tools());
+    let env = TestEnv::new("storage-readahead");
+    let img = env.root.join("sd.img");
+    let jmpd = env.start_jmpd(&env.exporter_yaml(
+        "raboard",
+        "127.0.0.1:0",
+        &format!(
+            "sd: {{type: storage-sim, size: 64MiB, path: {}}}",
+            img.display()
+        ),
+    ));
+    let (mut attach, v) = env.attach(&jmpd, &[]);
+    let m = mount_of(&v, "sd");
+    let _guard = MountPoint(m.clone());
+    let r = env.root.path().display().to_string();
+    for (round, (file, base)) in [("disk", 0u64), ("p1", 1u64)].iter().enumerate() {
+        // The written megabyte, in card megabytes: the reader is at 8 MiB, the mount has read
+        // up to 8 MiB past it.
+        let at = 11u64;
+        let out = sh(
+            &env,
+            "readahead",
+            &format!(
+                "dd if={m}/disk of={r}/a.bin bs=1M count=8 iflag=direct status=none;\
+                 head -c 1048576 /dev/urandom > {r}/new.bin;\
+                 dd if={r}/new.bin of={m}/{file} bs=1M seek={seek} count=1 oflag=direct conv=notrunc status=none;\
+                 dd if={m}/disk of={r}/b.bin bs=1M skip=8 count=8 iflag=direct status=none;\
+                 cmp {r}/a.bin <(dd if={img} bs=1M count=8 status=none);\
+                 cmp {r}/b.bin <(dd if={img} bs=1M skip=8 count=8 status=none);\
+                 cmp <(dd if={r}/b.bin bs=1M skip={rel} count=1 status=none) {r}/new.bin; echo same",
+                m = m.display(),
+                img = img.display(),
+                seek = at - base,
+                rel = at - 8,
+            ),
+        );
+        assert!(out.stdout.contains("same"), "round {round}: {}", out.stdout);
+    }
+    attach.stop();
+}

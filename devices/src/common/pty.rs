@@ -9,11 +9,16 @@
 //! the bridge knows when to hold output back and when to deliver it.
 
 use bytes::{Bytes, BytesMut};
+use nix::sys::inotify::WatchDescriptor;
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
 use tracing::debug;
 
 /// Packet-mode status bit: the slave's termios changed (with EXTPROC set).
@@ -268,13 +273,126 @@ impl Drop for StableLink {
     }
 }
 
-/// The inotify descriptor, for the reactor (nix's `Inotify` is `AsFd` only).
-struct InotifyFd(nix::sys::inotify::Inotify);
+/// The process's one inotify instance for [`OpenWatch`]es, read by a thread of its own.
+///
+/// One instance per process, not per pty: `fs.inotify.max_user_instances` (128 by default) is
+/// shared by all of the user's programs, and an exporter that declares many consoles must not
+/// be able to use it up (64 consoles attached twice would have taken all 128). Each watched
+/// slave costs one watch instead (`max_user_watches`, in the tens of thousands). A thread, not
+/// a reactor registration: watches are made from any runtime (each test has its own, and
+/// a runtime may end while the process goes on), and a [`Notify`] wakes a task of any runtime.
+struct Watcher {
+    ino: nix::sys::inotify::Inotify,
+    /// Watch descriptor → the watches waiting on it. One inode has one descriptor per
+    /// instance, so two watches of the same slave share it (and its removal waits for the last).
+    subs: Mutex<HashMap<WatchDescriptor, Vec<Sub>>>,
+    next: AtomicU64,
+    /// The reading thread ended (a read failed): watches poll from then on.
+    dead: AtomicBool,
+}
 
-impl AsRawFd for InotifyFd {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsFd;
-        self.0.as_fd().as_raw_fd()
+/// A watch's subscription: its id and what wakes it.
+type Sub = (u64, Arc<Notify>);
+
+/// The watcher, started on first use; `None` after a failed start (tried again next time).
+static WATCHER: Mutex<Option<Arc<Watcher>>> = Mutex::new(None);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Watcher {
+    fn get() -> io::Result<Arc<Watcher>> {
+        use nix::sys::inotify::{InitFlags, Inotify};
+        let mut g = lock(&WATCHER);
+        if let Some(w) = g.as_ref() {
+            if !w.dead.load(Ordering::Acquire) {
+                return Ok(w.clone());
+            }
+        }
+        // Blocking reads: the thread sleeps in read(2) until an event comes.
+        let ino = Inotify::init(InitFlags::IN_CLOEXEC)?;
+        let w = Arc::new(Watcher {
+            ino,
+            subs: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+            dead: AtomicBool::new(false),
+        });
+        let t = w.clone();
+        std::thread::Builder::new()
+            .name("jmp-pty-opens".into())
+            .spawn(move || t.read_loop())?;
+        *g = Some(w.clone());
+        Ok(w)
+    }
+
+    fn read_loop(&self) {
+        use nix::sys::inotify::AddWatchFlags;
+        loop {
+            match self.ino.read_events() {
+                Ok(events) => {
+                    let mut subs = lock(&self.subs);
+                    for e in events {
+                        let wd = e.wd;
+                        if e.mask.contains(AddWatchFlags::IN_IGNORED) {
+                            // The watch is gone (its slave was removed, or we removed it):
+                            // whoever still waits on it looks once more, then polls.
+                            if let Some(list) = subs.remove(&wd) {
+                                for (_, n) in list {
+                                    n.notify_one();
+                                }
+                            }
+                            continue;
+                        }
+                        for (_, n) in subs.get(&wd).into_iter().flatten() {
+                            n.notify_one();
+                        }
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    debug!("reading inotify events: {e}; open watches poll from now on");
+                    self.dead.store(true, Ordering::Release);
+                    for (_, list) in lock(&self.subs).drain() {
+                        for (_, n) in list {
+                            n.notify_one();
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Watches `slave` for opens; (watch descriptor, subscription id).
+    fn add(&self, slave: &Path, notify: Arc<Notify>) -> io::Result<(WatchDescriptor, u64)> {
+        use nix::sys::inotify::AddWatchFlags;
+        // Under the lock: a removal of the same inode's descriptor cannot come in between.
+        let mut subs = lock(&self.subs);
+        let wd = self.ino.add_watch(slave, AddWatchFlags::IN_OPEN)?;
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        subs.entry(wd).or_default().push((id, notify));
+        Ok((wd, id))
+    }
+
+    /// Whether watch `wd` still exists.
+    fn has(&self, wd: WatchDescriptor) -> bool {
+        lock(&self.subs).contains_key(&wd)
+    }
+
+    fn remove(&self, wd: WatchDescriptor, id: u64) {
+        let mut subs = lock(&self.subs);
+        let Some(list) = subs.get_mut(&wd) else {
+            // Already gone with its slave (IN_IGNORED).
+            return;
+        };
+        list.retain(|(i, _)| *i != id);
+        if list.is_empty() {
+            subs.remove(&wd);
+            if let Err(e) = self.ino.rm_watch(wd) {
+                debug!("removing an open watch: {e}");
+            }
+        }
     }
 }
 
@@ -282,12 +400,15 @@ impl AsRawFd for InotifyFd {
 /// closed device costs no wake-ups: an idle `jmp attach` used to check every console 50 times a
 /// second. The kernel sends inotify's `IN_OPEN` for every open of the slave's node, under any
 /// name (the dev-dir link included); the watch is held for the bridge's life, so an open that
-/// comes while the bridge is busy is queued, never missed. A wake-up only says "look": the
-/// caller checks [`Pty::slave_open`], which stays the truth (an open and close in between, or
-/// our own descriptors, wake it for nothing). Without inotify (`fs.inotify.max_user_instances`
-/// used up) it falls back to polling every `fallback`.
+/// comes while the bridge is busy is kept (as a [`Notify`] permit), never missed. A wake-up
+/// only says "look": the caller checks [`Pty::slave_open`], which stays the truth (an open and
+/// close in between, or our own descriptors, wake it for nothing). All watches of the process
+/// share one inotify instance ([`Watcher`]). Without inotify (`fs.inotify.max_user_instances`
+/// or `max_user_watches` used up) it falls back to polling every `fallback`.
 pub struct OpenWatch {
-    ino: Option<AsyncFd<InotifyFd>>,
+    /// The watcher, the watch's descriptor and this subscription's id.
+    sub: Option<(Arc<Watcher>, WatchDescriptor, u64)>,
+    notify: Arc<Notify>,
     poll: tokio::time::Interval,
     /// The first wait returns at once: an open before the watch existed sent no event.
     primed: bool,
@@ -295,19 +416,13 @@ pub struct OpenWatch {
 
 impl OpenWatch {
     fn new(slave: &Path, fallback: Duration) -> OpenWatch {
-        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-        let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
-            .and_then(|i| i.add_watch(slave, AddWatchFlags::IN_OPEN).map(|_| i))
-            .map_err(io::Error::from)
-            .and_then(|i| {
-                // SAFETY: the Inotify owns its descriptor until it is dropped, which happens
-                // only together with the AsyncFd that owns it.
-                Ok(unsafe {
-                    AsyncFd::register_with_interest(InotifyFd(i), tokio::io::Interest::READABLE)
-                }?)
-            });
-        let ino = match ino {
-            Ok(i) => Some(i),
+        let notify = Arc::new(Notify::new());
+        let sub = Watcher::get().and_then(|w| {
+            let (wd, id) = w.add(slave, notify.clone())?;
+            Ok((w, wd, id))
+        });
+        let sub = match sub {
+            Ok(s) => Some(s),
             Err(e) => {
                 debug!(
                     "cannot watch {} for opens ({e}); checking every {fallback:?} instead",
@@ -319,7 +434,8 @@ impl OpenWatch {
         let mut poll = tokio::time::interval(fallback);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         OpenWatch {
-            ino,
+            sub,
+            notify,
             poll,
             primed: true,
         }
@@ -327,38 +443,31 @@ impl OpenWatch {
 
     /// Whether opens are watched (false: polled).
     pub fn watched(&self) -> bool {
-        self.ino.is_some()
+        self.sub
+            .as_ref()
+            .is_some_and(|(w, wd, _)| !w.dead.load(Ordering::Acquire) && w.has(*wd))
     }
 
     /// Returns once a program may have opened the slave since the last call, and at once the
-    /// first time (cancel-safe).
+    /// first time (cancel-safe: a wake-up not taken stays for the next call).
     pub async fn wait(&mut self) {
         if std::mem::take(&mut self.primed) {
             return;
         }
-        loop {
-            let Some(ino) = &self.ino else {
-                self.poll.tick().await;
-                return;
-            };
-            let mut g = match ino.readable().await {
-                Ok(g) => g,
-                Err(e) => {
-                    debug!("cannot wait for inotify ({e}); polling instead");
-                    self.ino = None;
-                    continue;
-                }
-            };
-            // Draining the queued events is what makes the next wait sleep again.
-            match g.try_io(|fd| fd.get_ref().0.read_events().map_err(io::Error::from)) {
-                Ok(Ok(_)) => return,
-                Ok(Err(e)) => {
-                    debug!("reading inotify events: {e}; looking anyway");
-                    return;
-                }
-                // Nothing queued after all (readiness was stale): wait again.
-                Err(_would_block) => continue,
-            }
+        if self.watched() {
+            self.notify.notified().await;
+        } else {
+            // Also after the watch went away (the reading thread ended, the slave's node
+            // was removed): whoever waited was woken once, and polls from then on.
+            self.poll.tick().await;
+        }
+    }
+}
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        if let Some((w, wd, id)) = self.sub.take() {
+            w.remove(wd, id);
         }
     }
 }
@@ -373,7 +482,6 @@ mod tests {
     /// so "no wake-up in an hour" is checked without waiting, and a fallback poll would fail it.
     #[tokio::test(start_paused = true)]
     async fn a_closed_pty_sleeps_until_a_program_opens_it() {
-        use std::os::unix::fs::OpenOptionsExt;
         let pty = Pty::open().expect("pty");
         let mut w = pty.open_watch(Duration::from_millis(20));
         assert!(w.watched(), "inotify is unavailable here");
@@ -383,17 +491,89 @@ mod tests {
             tokio::time::timeout(hour, w.wait()).await.is_err(),
             "woke with nobody opening the device"
         );
-        let slave = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NOCTTY)
-            .open(pty.slave_path())
-            .expect("open slave");
-        tokio::time::timeout(hour, w.wait())
+        // The open's event comes from the watcher's thread: with the clock paused, the
+        // runtime would jump past the hang guard before that thread runs.
+        tokio::time::resume();
+        let slave = open_slave(pty.slave_path());
+        tokio::time::timeout(Duration::from_secs(60), w.wait())
             .await
             .expect("the open did not wake the watch");
         assert!(pty.slave_open());
         drop(slave);
+    }
+
+    fn open_slave(p: &Path) -> std::fs::File {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(p)
+            .expect("open slave")
+    }
+
+    /// This process's inotify instances (each is a descriptor on `anon_inode:inotify`).
+    fn inotify_instances() -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .expect("/proc/self/fd")
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|t| t.as_os_str() == "anon_inode:inotify")
+            .count()
+    }
+
+    /// Review finding L5: a hostile exporter declaring many consoles must not use up the
+    /// user's inotify instances (128 by default, shared by all their programs). Many watches
+    /// share the process's one instance, and an open wakes exactly the watch of its pty.
+    #[tokio::test]
+    async fn many_watches_share_one_inotify_instance_and_each_wakes() {
+        const N: usize = 40;
+        let ptys: Vec<Pty> = (0..N).map(|_| Pty::open().expect("pty")).collect();
+        let mut watches: Vec<OpenWatch> = ptys
+            .iter()
+            .map(|p| p.open_watch(Duration::from_secs(3600)))
+            .collect();
+        // Two watches of one slave share its watch descriptor; both must wake.
+        let mut twin = ptys[0].open_watch(Duration::from_secs(3600));
+        twin.wait().await;
+        for w in &mut watches {
+            assert!(w.watched(), "inotify is unavailable here");
+            w.wait().await; // the first wait returns at once
+        }
+        // Every watch of the process (other tests' too) shares one instance.
+        assert_eq!(inotify_instances(), 1, "one inotify instance per process");
+        let guard = Duration::from_secs(60);
+        for (i, p) in ptys.iter().enumerate() {
+            let slave = open_slave(p.slave_path());
+            tokio::time::timeout(guard, watches[i].wait())
+                .await
+                .unwrap_or_else(|_| panic!("opening pty {i} did not wake its watch"));
+            if i == 0 {
+                tokio::time::timeout(guard, twin.wait())
+                    .await
+                    .expect("the second watch of pty 0 did not wake");
+            }
+            // The event was dispatched before the wake-up above: a watch it wrongly woke
+            // would hold a permit now, and its wait would return at once.
+            let next = (i + 1) % N;
+            // (A timeout polls its future before its clock.)
+            assert!(
+                tokio::time::timeout(Duration::ZERO, watches[next].wait())
+                    .await
+                    .is_err(),
+                "opening pty {i} woke the watch of pty {next}"
+            );
+            drop(slave);
+        }
+        // A dropped watch is removed; the other watch of the same slave still wakes.
+        drop(watches.remove(0));
+        let slave = open_slave(ptys[0].slave_path());
+        tokio::time::timeout(guard, twin.wait())
+            .await
+            .expect("pty 0's remaining watch did not wake after the other was dropped");
+        drop(slave);
+        drop(watches);
+        drop(twin);
+        assert_eq!(inotify_instances(), 1, "the instance stays for the process");
     }
 
     #[tokio::test]

@@ -194,25 +194,44 @@ impl Producer {
         self.tx.blocking_send(Ok(p)).is_ok()
     }
 
+    /// Sends `b` as zstd if that saves the link a tenth; `None`: not compressed.
+    fn try_zstd(&self, offset: u64, b: &[u8]) -> Option<bool> {
+        if !self.opts.compress {
+            return None;
+        }
+        let z = zstd::bulk::compress(b, 1).ok()?;
+        (z.len() < b.len() - b.len() / 10).then(|| {
+            self.send(Piece::Data {
+                offset,
+                raw: b.len() as u64,
+                zstd: true,
+                bytes: Bytes::from(z),
+            })
+        })
+    }
+
     fn data(&self, offset: u64, b: &[u8]) -> bool {
-        if self.opts.compress {
-            if let Ok(z) = zstd::bulk::compress(b, 1) {
-                // Worth it only when the link saves a tenth.
-                if z.len() < b.len() - b.len() / 10 {
-                    return self.send(Piece::Data {
-                        offset,
-                        raw: b.len() as u64,
-                        zstd: true,
-                        bytes: Bytes::from(z),
-                    });
-                }
-            }
+        if let Some(sent) = self.try_zstd(offset, b) {
+            return sent;
         }
         self.send(Piece::Data {
             offset,
             raw: b.len() as u64,
             zstd: false,
             bytes: Bytes::copy_from_slice(b),
+        })
+    }
+
+    /// [`Self::data`] for bytes already copied out of the read buffer.
+    fn data_bytes(&self, offset: u64, b: Bytes) -> bool {
+        if let Some(sent) = self.try_zstd(offset, &b) {
+            return sent;
+        }
+        self.send(Piece::Data {
+            offset,
+            raw: b.len() as u64,
+            zstd: false,
+            bytes: b,
         })
     }
 
@@ -340,24 +359,56 @@ impl Producer {
 
     /// With a bmap: only the mapped ranges are written (read with `pread` from a raw image,
     /// picked out of the decompressed stream otherwise), each checked against its checksum.
+    ///
+    /// The checksums are computed on a thread of their own ([`Checker`]), beside this one's
+    /// reading, compressing and handing data to the link: hashing a megabyte costs about as
+    /// much as compressing it, and on one thread the two took turns. A range's data goes out
+    /// before its checksum is known either way (the flash fails, reporting what was written,
+    /// if a range turns out corrupt); success waits for every range's checksum.
     fn mapped(
         &mut self,
         b: &Bmap,
         raw: Option<&std::fs::File>,
         out: &mut Out,
     ) -> Result<u64, String> {
+        let verify = out.verify.is_some();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Check>(CHECK_QUEUE);
+        let failed = AtomicBool::new(false);
+        let (sent, checked) = std::thread::scope(|s| {
+            let checker = std::thread::Builder::new()
+                .name("jmp-bmap-check".into())
+                .spawn_scoped(s, || Checker::run(b.checksum, verify, rx, &failed))
+                .map_err(|e| format!("starting the checksum thread: {e}"))?;
+            let sent = self.mapped_send(b, raw, &tx, &failed, &mut out.stopped);
+            drop(tx);
+            let checked = checker
+                .join()
+                .unwrap_or_else(|_| Err("the checksum thread panicked".into()));
+            Ok::<_, String>((sent, checked))
+        })?;
+        // A checksum mismatch explains an early stop better than the stop itself.
+        let hashes = checked?;
+        let end = sent?;
+        if let Some(v) = out.verify.as_mut() {
+            v.extend(hashes.into_iter().map(|(s, e, h)| (s, e, Hash::Done(h))));
+        }
+        Ok(end)
+    }
+
+    /// [`Self::mapped`]'s reading and sending; each chunk also goes to the checker.
+    fn mapped_send(
+        &mut self,
+        b: &Bmap,
+        raw: Option<&std::fs::File>,
+        check: &std::sync::mpsc::SyncSender<Check>,
+        failed: &AtomicBool,
+        stopped: &mut bool,
+    ) -> Result<u64, String> {
         use std::os::unix::fs::FileExt;
         let mut buf = vec![0u8; UNIT];
         let mut pos = 0u64; // stream position (compressed images)
+        let checker_gone = || "the checksum thread ended early".to_string();
         for r in &b.ranges {
-            let mut check = r
-                .checksum
-                .as_ref()
-                .map(|_| ring::digest::Context::new(b.checksum.algorithm()));
-            // The verify hash is SHA-256; a sha256 bmap's own checksum serves for both.
-            let reuse = b.checksum == super::image::Checksum::Sha256 && check.is_some();
-            let mut vhash = (out.verify.is_some() && !reuse)
-                .then(|| ring::digest::Context::new(&ring::digest::SHA256));
             let mut at = r.start;
             if raw.is_none() {
                 // Skip the unmapped stretch of the stream before this range.
@@ -374,6 +425,10 @@ impl Producer {
                 if self.stopped() {
                     return Err("interrupted".into());
                 }
+                if failed.load(Ordering::Relaxed) {
+                    // The checker has the reason.
+                    return Err("a checksum failed".into());
+                }
                 let k = (r.end - at).min(UNIT as u64) as usize;
                 match raw {
                     Some(f) => f
@@ -387,41 +442,24 @@ impl Producer {
                         pos += n as u64;
                     }
                 }
-                let part = &buf[..k];
-                if let Some(c) = check.as_mut() {
-                    c.update(part);
-                }
-                if let Some(c) = vhash.as_mut() {
-                    c.update(part);
-                }
-                if !self.data(at, part) {
-                    out.stopped = true;
+                // One copy, shared by the checker and the link.
+                let part = Bytes::copy_from_slice(&buf[..k]);
+                check
+                    .send(Check::Data(part.clone()))
+                    .map_err(|_| checker_gone())?;
+                if !self.data_bytes(at, part) {
+                    *stopped = true;
                     return Ok(at);
                 }
                 at += k as u64;
             }
-            if let (Some(want), Some(c)) = (&r.checksum, check) {
-                let got = c.finish();
-                if got.as_ref() != want.as_slice() {
-                    return Err(format!(
-                        "bmap checksum mismatch for bytes {}..{}: the image or its bmap is corrupt (expected {}, the image has {})",
-                        r.start,
-                        r.end,
-                        hex::encode(want),
-                        hex::encode(got.as_ref())
-                    ));
-                }
-                if reuse {
-                    if let Some(v) = out.verify.as_mut() {
-                        let mut h = [0u8; 32];
-                        h.copy_from_slice(got.as_ref());
-                        v.push((r.start, r.end, Hash::Done(h)));
-                    }
-                }
-            }
-            if let (Some(v), Some(c)) = (out.verify.as_mut(), vhash) {
-                v.push((r.start, r.end, Hash::Running(c)));
-            }
+            check
+                .send(Check::End {
+                    start: r.start,
+                    end: r.end,
+                    want: r.checksum.clone(),
+                })
+                .map_err(|_| checker_gone())?;
         }
         if raw.is_none() {
             // The rest of the stream must decompress (a corrupt tail is still a corrupt image)
@@ -447,6 +485,91 @@ impl Producer {
             }
         }
         Ok(b.image_size)
+    }
+}
+
+/// Chunks of a bmap flash queued for the checker at most: memory of this process only
+/// (each chunk is shared with the link's queue, not copied).
+const CHECK_QUEUE: usize = 16;
+
+/// What [`Producer::mapped_send`] gives the checker.
+enum Check {
+    /// The next bytes of the current range.
+    Data(Bytes),
+    /// The current range ends; its bmap checksum, if it has one.
+    End {
+        start: u64,
+        end: u64,
+        want: Option<Vec<u8>>,
+    },
+}
+
+/// Checks each mapped range against its bmap checksum and computes its verify hash
+/// (SHA-256; a sha256 bmap's own checksum serves for both).
+struct Checker;
+
+impl Checker {
+    fn run(
+        algo: super::image::Checksum,
+        verify: bool,
+        rx: std::sync::mpsc::Receiver<Check>,
+        failed: &AtomicBool,
+    ) -> Result<Vec<(u64, u64, [u8; 32])>, String> {
+        let r = Self::check(algo, verify, rx);
+        if r.is_err() {
+            failed.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn check(
+        algo: super::image::Checksum,
+        verify: bool,
+        rx: std::sync::mpsc::Receiver<Check>,
+    ) -> Result<Vec<(u64, u64, [u8; 32])>, String> {
+        use ring::digest::Context;
+        let new = || Context::new(algo.algorithm());
+        let reuse = algo == super::image::Checksum::Sha256;
+        let new_v = || (verify && !reuse).then(|| Context::new(&ring::digest::SHA256));
+        let mut check = new();
+        let mut vhash = new_v();
+        let mut hashes = Vec::new();
+        // Ends when the sender is done (or gone: then its own error is reported).
+        while let Ok(m) = rx.recv() {
+            match m {
+                Check::Data(b) => {
+                    check.update(&b);
+                    if let Some(v) = vhash.as_mut() {
+                        v.update(&b);
+                    }
+                }
+                Check::End { start, end, want } => {
+                    let got = std::mem::replace(&mut check, new()).finish();
+                    if let Some(want) = &want {
+                        if got.as_ref() != want.as_slice() {
+                            return Err(format!(
+                                "bmap checksum mismatch for bytes {start}..{end}: the image or its bmap is corrupt (expected {}, the image has {})",
+                                hex::encode(want),
+                                hex::encode(got.as_ref())
+                            ));
+                        }
+                    }
+                    let v = std::mem::replace(&mut vhash, new_v());
+                    if verify {
+                        // Without a verify context the checksum is SHA-256 (computed also for a
+                        // range the bmap gives no checksum).
+                        let d = match v {
+                            Some(c) => c.finish(),
+                            None => got,
+                        };
+                        let mut h = [0u8; 32];
+                        h.copy_from_slice(d.as_ref());
+                        hashes.push((start, end, h));
+                    }
+                }
+            }
+        }
+        Ok(hashes)
     }
 }
 

@@ -218,7 +218,7 @@ impl Medium {
 
     pub fn read(&self, offset: u64, len: usize, job: &Job) -> Result<Bytes, Failure> {
         self.check_range(offset, len as u64)?;
-        let mut buf = BytesMut::zeroed(len);
+        let mut buf = ReadBuf::take(len);
         let mut done = 0;
         while done < len {
             self.check_job(job)?;
@@ -453,6 +453,85 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// Idle read buffers of [`CHUNK`] bytes kept for the next large read. A fresh megabyte from
+/// the allocator is fresh pages: the read faults each of its 256 pages in (the kernel zeroes
+/// each), and freeing it unmaps them again. Measured on a sequential read through a mount
+/// (2026-12-08), page faults and unmapping were a fifth of jmpd's CPU time; a buffer used
+/// before costs neither.
+static READ_POOL: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+/// Idle buffers kept at most (the buffers in use are bounded by the channels' budgets).
+const READ_POOL_KEEP: usize = 16;
+/// Reads from this size take a pooled buffer; smaller ones are cheap to allocate.
+const READ_POOL_MIN: usize = 128 << 10;
+
+/// A read's buffer: pooled (given back when the last `Bytes` of it is dropped, after QUIC has
+/// sent it) or allocated for this read.
+enum ReadBuf {
+    Pooled(Pooled),
+    Plain(BytesMut),
+}
+
+/// A pooled buffer and how much of it a read filled.
+struct Pooled {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let mut pool = READ_POOL.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < READ_POOL_KEEP {
+            pool.push(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+impl ReadBuf {
+    fn take(len: usize) -> ReadBuf {
+        if !(READ_POOL_MIN..=CHUNK).contains(&len) {
+            return ReadBuf::Plain(BytesMut::zeroed(len));
+        }
+        let buf = READ_POOL
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_else(|| vec![0; CHUNK]);
+        ReadBuf::Pooled(Pooled { buf, len })
+    }
+
+    fn freeze(self) -> Bytes {
+        match self {
+            ReadBuf::Pooled(p) => Bytes::from_owner(p),
+            ReadBuf::Plain(b) => b.freeze(),
+        }
+    }
+}
+
+impl std::ops::Deref for ReadBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ReadBuf::Pooled(p) => &p.buf[..p.len],
+            ReadBuf::Plain(b) => b,
+        }
+    }
+}
+
+impl std::ops::DerefMut for ReadBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            ReadBuf::Pooled(p) => &mut p.buf[..p.len],
+            ReadBuf::Plain(b) => b,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -483,6 +562,33 @@ mod tests {
         let ro = Medium::open(&p, false).expect("open ro");
         let e = ro.write(0, &data, j).expect_err("read-only");
         assert_eq!(e.error, StorageError::ReadOnly);
+        let _ = std::fs::remove_file(&p);
+    }
+
+    /// Large reads reuse pooled buffers: a buffer given back holds the last read's bytes, and
+    /// a shorter read into it returns exactly its own bytes; a buffer is back in the pool once
+    /// the last `Bytes` of it is dropped, not before.
+    #[test]
+    fn pooled_read_buffers_return_exactly_each_reads_bytes() {
+        let p = image("pool", 4 << 20);
+        let m = Medium::open(&p, true).expect("open");
+        let j = &Job::detached();
+        let a = vec![0xaa_u8; CHUNK];
+        let b: Vec<u8> = (0..300u32 << 10).map(|i| (i % 251) as u8).collect();
+        m.write(0, &[Bytes::from(a.clone())], j).expect("write a");
+        m.write(CHUNK as u64, &[Bytes::from(b.clone())], j).expect("write b");
+        for _ in 0..3 {
+            let got = m.read(0, CHUNK, j).expect("read a");
+            let half = got.slice(..CHUNK / 2);
+            drop(got);
+            // A slice still holds the buffer: the next read must not get it.
+            let got_b = m.read(CHUNK as u64, b.len(), j).expect("read b");
+            assert_eq!(&half[..], &a[..CHUNK / 2], "a held buffer was reused");
+            assert_eq!(got_b.len(), b.len());
+            assert_eq!(&got_b[..], &b[..], "a reused buffer leaked another read's bytes");
+            drop(half);
+            drop(got_b);
+        }
         let _ = std::fs::remove_file(&p);
     }
 
