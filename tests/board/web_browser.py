@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 
+import websocket
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -78,6 +79,28 @@ def page_weight(d):
           decoded: nav.decodedBodySize + res.reduce((a, r) => a + r.decodedBodySize, 0),
           files: 1 + res.length,
         };""")
+
+
+def ws_roundtrips(url, keys):
+    """Keystroke to echo through jmp web's WebSocket without a browser (as the page sends a
+    key, a client of its own): what jmp web, the attachment, the link and the board take."""
+    host = url.split("/")[2]
+    ws = websocket.create_connection(url.replace("http://", "ws://", 1) + "ws",
+                                     origin="http://" + host, timeout=WAIT)
+    try:
+        rts = []
+        for c in keys:
+            t = time.perf_counter()
+            ws.send(json.dumps({"t": "input", "data": c}))
+            # The echo, not the history a new client is sent first (kilobytes by now).
+            while True:
+                m = json.loads(ws.recv())
+                if m.get("t") == "console" and len(m["data"]) < 16 and c in m["data"]:
+                    break
+            rts.append((time.perf_counter() - t) * 1000)
+        return rts
+    finally:
+        ws.close()
 
 
 def board(url, shots):
@@ -144,6 +167,7 @@ def board(url, shots):
                 lambda d: len(d.execute_script("return window.__rt")) > i)
         seen["roundtrip_ms"] = d.execute_script("return window.__rt")
         seen["roundtrip_hops_ms"] = d.execute_script("return window.__hops")
+        seen["ws_roundtrip_ms"] = ws_roundtrips(url, "uvwxyzuvwxyzuvwxyzuv")
         keys.send_keys(Keys.ENTER)
 
         # A second tab shares the console: it gets the history, and sees what the first types.

@@ -213,10 +213,15 @@ fn the_board_page_drives_the_local_board_in_a_browser() {
     // Where the time goes: from the key's first event to the page's WebSocket send (the
     // browser's and its driver's key events: the driver sends a key's events one by one), and
     // from the send to the echo in the page (jmp web, the attachment, the link, the board).
-    let hops = v["roundtrip_hops_ms"].as_array().expect("the round trips' hops");
+    let hops = v["roundtrip_hops_ms"]
+        .as_array()
+        .expect("the round trips' hops");
     let hop = |i: usize| -> Vec<f64> {
         hops.iter()
-            .map(|h| h[i].as_f64().unwrap_or_else(|| panic!("a round trip without a send: {h}")))
+            .map(|h| {
+                h[i].as_f64()
+                    .unwrap_or_else(|| panic!("a round trip without a send: {h}"))
+            })
             .collect()
     };
     let (to_send, send_to_echo) = (hop(0), hop(1));
@@ -226,6 +231,20 @@ fn the_board_page_drives_the_local_board_in_a_browser() {
         median(&to_send),
         median(&send_to_echo),
         send_to_echo.iter().cloned().fold(0.0, f64::max),
+    ));
+    // The same through the WebSocket from a client of the test's own, without a browser.
+    let ws: Vec<f64> = v["ws_roundtrip_ms"]
+        .as_array()
+        .expect("the WebSocket's round trips")
+        .iter()
+        .filter_map(Value::as_f64)
+        .collect();
+    assert_eq!(ws.len(), 20, "{ws:?}");
+    raw_stderr(&format!(
+        "jmp web's WebSocket without a browser: keystroke to echo median {:.1} ms, max {:.1} ms over {}",
+        median(&ws),
+        ws.iter().cloned().fold(0.0, f64::max),
+        ws.len()
     ));
     raw_stderr(&format!(
         "web board page: {transfer} bytes transferred ({} decoded, {} files); first console byte {:.2}s, login prompt {:.2}s, echo answered {:.2}s after the page was asked for; keystroke to echo in the page: median {:.1} ms, max {:.1} ms over {}",
