@@ -16,10 +16,22 @@
 //! `delete-lease` of the viewer's own lease), so a client sees what its policy allows and an
 //! admin everything.
 //!
-//! What a browser may make the controller do is bounded: each address has a request budget
-//! ([`RequestBudget`], 429 beyond it), links and sessions are capped, and the release must come
-//! from a page of the dashboard's own origin (with the `SameSite=Strict` session, the CSRF
-//! defence). The page itself (`web/src/dashboard.*`) is built into the binary.
+//! What a browser may make the controller do is bounded: each signed-in session, and each
+//! address for requests without one, has a request budget ([`RequestBudget`], 429 beyond it),
+//! links are capped per client and in all, sessions per client ([`MAX_SESSIONS_PER_CLIENT`])
+//! and in all.
+//!
+//! The release needs more than the cookie. A cookie is not isolated by port: any other server
+//! on the same host (another local user's, on 127.0.0.1) can collect it from the browser and
+//! replay it with curl and a forged `Origin`. So each session has a second secret, handed out
+//! once, in the fragment of the redirect that sets the cookie (`/#csrf=...`: a fragment is
+//! never sent to a server, nor in a `Referer`), kept by the page in its tab's
+//! `sessionStorage` (readable by pages of the dashboard's own origin, port included, only)
+//! and sent as the [`CSRF_HEADER`] header with every release; no answer that the cookie
+//! alone can get contains it. A release must also come from a page of the dashboard's own
+//! origin. A sign-in link is redeemed only by a navigation no other site's page made
+//! (`Sec-Fetch-Site`: login CSRF). The page itself (`web/src/dashboard.*`) is built into the
+//! binary.
 
 use crate::api::Api;
 use axum::extract::{ConnectInfo, Path, Query, Request as HttpRequest, State};
@@ -43,9 +55,14 @@ pub const POLL_MS: u64 = 2000;
 const COOKIE: &str = "jmp-lab";
 /// How long a sign-in lasts.
 pub const SESSION_SECS: u64 = 12 * 3600;
-/// Signed-in sessions kept at most (the oldest is dropped first): sign-ins need a valid
-/// credential, so this bounds what its holders can make the controller keep.
+/// Signed-in sessions one client may have (its oldest is dropped first): one client signing
+/// in again and again drops only its own sessions, never another client's.
+pub const MAX_SESSIONS_PER_CLIENT: usize = 8;
+/// Signed-in sessions kept at most. One client fills at most [`MAX_SESSIONS_PER_CLIENT`] of
+/// them; when full, the client holding the most loses its oldest.
 const MAX_SESSIONS: usize = 1024;
+/// The header a release carries the session's second secret in (see the module's doc).
+pub const CSRF_HEADER: &str = "x-jmp-csrf";
 /// How long a sign-in link works.
 pub const LINK_SECS: u64 = 60;
 /// Unused sign-in links one client may have at once (a new one beyond is refused until one is
@@ -53,12 +70,13 @@ pub const LINK_SECS: u64 = 60;
 pub const MAX_LINKS_PER_CLIENT: usize = 4;
 /// Unused sign-in links kept at most, over all clients.
 const MAX_LINKS: usize = 4096;
-/// Requests one address may make in a burst, and per second after it.
+/// Requests one session (or one address, without a session) may make in a burst, and per
+/// second after it.
 const BURST: f64 = 100.0;
 const PER_SEC: f64 = 20.0;
-/// Addresses whose budget is tracked at most (the fullest buckets are forgotten first: an
-/// address with a full bucket loses nothing by it).
-const MAX_ADDRESSES: usize = 4096;
+/// Sessions and addresses whose budget is tracked at most (the full buckets are forgotten
+/// first: a payer with a full bucket loses nothing by it).
+const MAX_PAYERS: usize = 4096 + MAX_SESSIONS;
 /// The only content the HTML may load: its own files; no frames of it elsewhere.
 const CSP: &str = "default-src 'self'; style-src 'self'; frame-ancestors 'none'";
 
@@ -115,7 +133,7 @@ impl SignIns {
     }
 
     /// The credential of link `id`, once: a used, expired or unknown link gives `None`.
-    fn redeem(&self, id: &str) -> Option<String> {
+    pub(crate) fn redeem(&self, id: &str) -> Option<String> {
         let now = jmp_transport::unix_now();
         let mut m = self.links.lock().unwrap_or_else(|e| e.into_inner());
         let key = m.keys().find(|k| same(k, id))?.clone();
@@ -133,62 +151,129 @@ pub struct Web {
     budget: RequestBudget,
 }
 
-/// Signed-in sessions: session id → (credential, expiry in Unix seconds).
+/// One signed-in browser: whose, with which credential, until when, and the second secret its
+/// releases must carry.
+struct Session {
+    client: String,
+    credential: String,
+    expires: u64,
+    csrf: String,
+    /// The order of the sign-ins (many are made in one second): the oldest goes first.
+    made: u64,
+}
+
+/// A signed-in session as a request presents it: its id (what its budget is charged to), its
+/// credential and its second secret.
+struct Signed {
+    id: String,
+    credential: String,
+    csrf: String,
+}
+
+/// Signed-in sessions by id, and the number of sign-ins so far.
 #[derive(Default)]
-struct Sessions(Mutex<HashMap<String, (String, u64)>>);
+struct Sessions(
+    Mutex<HashMap<String, Session>>,
+    std::sync::atomic::AtomicU64,
+);
 
 impl Sessions {
-    /// A new session for `credential`; `None` if no random id could be had (never a guessable
-    /// one).
-    fn sign_in(&self, credential: &str) -> Option<String> {
+    /// A new session of `client` for `credential`: its id and its second secret; `None` if no
+    /// random id could be had (never a guessable one).
+    fn sign_in(&self, client: &str, credential: &str) -> Option<(String, String)> {
         let id = random_id()?;
+        let csrf = random_id()?;
         let now = jmp_transport::unix_now();
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        m.retain(|_, (_, exp)| *exp > now);
-        if m.len() >= MAX_SESSIONS {
-            if let Some(oldest) = m
-                .iter()
-                .min_by_key(|(_, (_, exp))| *exp)
+        m.retain(|_, s| s.expires > now);
+        let oldest_of = |m: &HashMap<String, Session>, who: &str| {
+            m.iter()
+                .filter(|(_, s)| s.client == who)
+                .min_by_key(|(_, s)| s.made)
                 .map(|(k, _)| k.clone())
-            {
-                m.remove(&oldest);
+        };
+        if m.values().filter(|s| s.client == client).count() >= MAX_SESSIONS_PER_CLIENT {
+            if let Some(k) = oldest_of(&m, client) {
+                m.remove(&k);
             }
         }
-        m.insert(id.clone(), (credential.to_string(), now + SESSION_SECS));
-        Some(id)
+        if m.len() >= MAX_SESSIONS {
+            let mut per: HashMap<&str, usize> = HashMap::new();
+            for s in m.values() {
+                *per.entry(s.client.as_str()).or_default() += 1;
+            }
+            let most = per
+                .into_iter()
+                .max_by_key(|(_, n)| *n)
+                .map(|(c, _)| c.to_string());
+            if let Some(k) = most.and_then(|c| oldest_of(&m, &c)) {
+                m.remove(&k);
+            }
+        }
+        m.insert(
+            id.clone(),
+            Session {
+                client: client.to_string(),
+                credential: credential.to_string(),
+                expires: now + SESSION_SECS,
+                csrf: csrf.clone(),
+                made: self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            },
+        );
+        Some((id, csrf))
     }
 
-    /// The credential of the request's session cookie, if it is signed in and not expired.
-    fn credential(&self, headers: &HeaderMap) -> Option<String> {
+    /// The request's session (by its cookie), if it is signed in and not expired.
+    fn find(&self, headers: &HeaderMap) -> Option<Signed> {
         let id = cookie(headers)?;
         let now = jmp_transport::unix_now();
         let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
         m.iter()
             .find(|(k, _)| same(k, id))
-            .and_then(|(_, (cred, exp))| (*exp > now).then(|| cred.clone()))
+            .filter(|(_, s)| s.expires > now)
+            .map(|(k, s)| Signed {
+                id: k.clone(),
+                credential: s.credential.clone(),
+                csrf: s.csrf.clone(),
+            })
+    }
+
+    /// The credential of the request's session cookie, if it is signed in and not expired.
+    #[cfg(test)]
+    fn credential(&self, headers: &HeaderMap) -> Option<String> {
+        self.find(headers).map(|s| s.credential)
     }
 }
 
-/// A token bucket per client address: [`BURST`] requests at once, [`PER_SEC`] a second after
+/// Who a request's budget is charged to: its session when it presents one (behind a tunnel or
+/// a proxy every viewer has the same address, and one page must not use up everyone's
+/// budget), its address otherwise.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+enum Payer {
+    Session(String),
+    Address(IpAddr),
+}
+
+/// A token bucket per [`Payer`]: [`BURST`] requests at once, [`PER_SEC`] a second after
 /// that. Every request to the dashboard makes the controller check a credential or a session,
 /// so nobody who can reach it may make it do so without bound.
 #[derive(Default)]
-struct RequestBudget(Mutex<HashMap<IpAddr, (f64, Instant)>>);
+struct RequestBudget(Mutex<HashMap<Payer, (f64, Instant)>>);
 
 impl RequestBudget {
-    /// Whether `ip` may make one more request at `now` (and it is counted).
-    fn take(&self, ip: IpAddr, now: Instant) -> bool {
+    /// Whether `who` may make one more request at `now` (and it is counted).
+    fn take(&self, who: Payer, now: Instant) -> bool {
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if !m.contains_key(&ip) && m.len() >= MAX_ADDRESSES {
-            // Forget the addresses that have been quiet long enough to be full again.
+        if !m.contains_key(&who) && m.len() >= MAX_PAYERS {
+            // Forget the payers that have been quiet long enough to be full again.
             m.retain(|_, (t, at)| {
                 *t + now.saturating_duration_since(*at).as_secs_f64() * PER_SEC < BURST
             });
-            if m.len() >= MAX_ADDRESSES {
+            if m.len() >= MAX_PAYERS {
                 return false;
             }
         }
-        let (tokens, at) = m.entry(ip).or_insert((BURST, now));
+        let (tokens, at) = m.entry(who).or_insert((BURST, now));
         *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * PER_SEC).min(BURST);
         *at = now;
         if *tokens >= 1.0 {
@@ -200,20 +285,32 @@ impl RequestBudget {
     }
 }
 
+impl Sessions {
+    /// Who pays for a request from `peer`: its session if it presents a live one (an unknown
+    /// or expired cookie is charged to its address, so made-up cookies buy nothing).
+    fn payer(&self, headers: &HeaderMap, peer: IpAddr) -> Payer {
+        match self.find(headers) {
+            Some(s) => Payer::Session(s.id),
+            None => Payer::Address(peer.to_canonical()),
+        }
+    }
+}
+
 async fn budget(
     State(web): State<Arc<Web>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: HttpRequest,
     next: Next,
 ) -> Response {
-    if !web.budget.take(peer.ip().to_canonical(), Instant::now()) {
+    let payer = web.sessions.payer(req.headers(), peer.ip());
+    if !web.budget.take(payer, Instant::now()) {
         return (
             StatusCode::TOO_MANY_REQUESTS,
             [
                 (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
                 (header::RETRY_AFTER, "1"),
             ],
-            "jmp-controller: too many requests from this address; slow down\n",
+            "jmp-controller: too many requests from this session or address; slow down\n",
         )
             .into_response();
     }
@@ -231,20 +328,11 @@ fn cookie(headers: &HeaderMap) -> Option<&str> {
         .map(|(_, v)| v)
 }
 
-/// Whether the request comes from a page of the dashboard's own origin: its `Origin` names the
-/// host (and port) the browser sent the request to. With the `SameSite=Strict` session, what
-/// keeps another site's page from releasing a lease.
+/// Whether the request comes from a page of the dashboard's own origin
+/// ([`jmp_protocol::web::same_origin`]).
 fn same_origin(headers: &HeaderMap) -> bool {
-    let (Some(origin), Some(host)) = (
-        headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
-        headers.get(header::HOST).and_then(|v| v.to_str().ok()),
-    ) else {
-        return false;
-    };
-    let Some((scheme, rest)) = origin.split_once("://") else {
-        return false;
-    };
-    matches!(scheme, "http" | "https") && rest.eq_ignore_ascii_case(host)
+    let h = |n| headers.get(n).and_then(|v: &HeaderValue| v.to_str().ok());
+    jmp_protocol::web::same_origin(h(header::ORIGIN), h(header::HOST))
 }
 
 const PAGE: &str = include_str!("../../web/src/dashboard.html");
@@ -277,15 +365,12 @@ async fn whoami(api: &Api, credential: &str) -> Result<(String, bool), String> {
 }
 
 /// The signed-in client's credential and who it is, or the refusal to answer with.
-async fn signed_in(web: &Web, headers: &HeaderMap) -> Result<(String, String, bool), Response> {
-    let cred = web
-        .sessions
-        .credential(headers)
-        .ok_or_else(|| refused(SIGN_IN))?;
-    let (name, admin) = whoami(&web.api, &cred)
+async fn signed_in(web: &Web, headers: &HeaderMap) -> Result<(Signed, String, bool), Response> {
+    let s = web.sessions.find(headers).ok_or_else(|| refused(SIGN_IN))?;
+    let (name, admin) = whoami(&web.api, &s.credential)
         .await
         .map_err(|why| refused(format!("credential refused: {why}")))?;
-    Ok((cred, name, admin))
+    Ok((s, name, admin))
 }
 
 async fn page(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
@@ -306,21 +391,37 @@ async fn page(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
 }
 
 /// A sign-in link: a session for its client, then the page (the link leaves the address bar).
-async fn sign_in(State(web): State<Arc<Web>>, Path(link): Path<String>) -> Response {
+/// The session's second secret goes in the redirect's fragment, the only time it is told.
+async fn sign_in(
+    State(web): State<Arc<Web>>,
+    Path(link): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let site = headers
+        .get("sec-fetch-site")
+        .map(|v| v.to_str().unwrap_or("?"));
+    if !jmp_protocol::web::sign_in_navigation_allowed(site) {
+        return refused(format!(
+            "a sign-in link opened from another site's page ({}) is refused: paste it in the address bar",
+            site.unwrap_or_default()
+        ));
+    }
     let Some(cred) = web.links.redeem(&link) else {
         return refused("this sign-in link was used already, has expired or is unknown (a link works once, for a minute): run `jmp web --lab` again");
     };
-    if let Err(why) = whoami(&web.api, &cred).await {
-        return refused(format!("credential refused: {why}"));
-    }
-    let Some(id) = web.sessions.sign_in(&cred) else {
+    let name = match whoami(&web.api, &cred).await {
+        Ok((name, _)) => name,
+        Err(why) => return refused(format!("credential refused: {why}")),
+    };
+    let Some((id, csrf)) = web.sessions.sign_in(&name, &cred) else {
         return refused("no random session id could be made; try again");
     };
     let mut r = (
         StatusCode::SEE_OTHER,
         [
-            (header::LOCATION, "../"),
-            (header::CACHE_CONTROL, "no-store"),
+            (header::LOCATION, format!("../#csrf={csrf}")),
+            (header::CACHE_CONTROL, "no-store".to_string()),
+            (header::REFERRER_POLICY, "no-referrer".to_string()),
         ],
     )
         .into_response();
@@ -373,7 +474,7 @@ async fn state(
     headers: HeaderMap,
     Query(w): Query<Window>,
 ) -> Response {
-    let (cred, name, admin) = match signed_in(&web, &headers).await {
+    let (session, name, admin) = match signed_in(&web, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
@@ -388,7 +489,7 @@ async fn state(
             )
         }
     };
-    let cred = cred.as_str();
+    let cred = session.credential.as_str();
     let api = &web.api;
     let answer = |r: Result<Reply, String>| match r {
         Ok(Reply::Error(e)) => json!({"error": e.message}),
@@ -442,7 +543,7 @@ struct ReleaseQuery {
 }
 
 /// "Release my lease": only the viewer's own lease (an admin's page releases no one else's),
-/// only from a page of this origin.
+/// only from a page of this origin, only with the session's second secret.
 async fn release(
     State(web): State<Arc<Web>>,
     headers: HeaderMap,
@@ -451,10 +552,20 @@ async fn release(
     if !same_origin(&headers) {
         return refused("a release must come from the dashboard's own page");
     }
-    let (cred, me, _) = match signed_in(&web, &headers).await {
+    let (session, me, _) = match signed_in(&web, &headers).await {
         Ok(s) => s,
         Err(r) => return r,
     };
+    let secret = headers
+        .get(CSRF_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !same(secret, &session.csrf) {
+        return refused(format!(
+            "a release needs the session's second secret in {CSRF_HEADER}, which only the tab that opened the sign-in link holds (the cookie alone is not enough): release from that tab, or sign in again with `jmp web --lab`"
+        ));
+    }
+    let cred = session.credential;
     let reply = |ok: bool, text: String| {
         let code = if ok {
             StatusCode::OK
@@ -547,7 +658,9 @@ mod tests {
     #[test]
     fn a_session_id_stands_for_its_credential_until_it_expires() {
         let web = Sessions::default();
-        let id = web.sign_in("CRED").expect("an id");
+        let (id, csrf) = web.sign_in("alice", "CRED").expect("an id");
+        assert_ne!(csrf, id);
+        assert_eq!(csrf.len(), 32);
         assert_ne!(id, "CRED");
         assert_eq!(id.len(), 32);
         let h = with_cookie(&format!("a=b; {COOKIE}={id}"));
@@ -561,14 +674,58 @@ mod tests {
             None
         );
         assert_eq!(web.credential(&HeaderMap::new()), None);
+        // The second secret is the session's, kept with it.
+        assert_eq!(web.find(&h).map(|s| s.csrf), Some(csrf));
         // Expired: gone.
-        web.0.lock().unwrap().get_mut(&id).unwrap().1 = 0;
+        web.0.lock().unwrap().get_mut(&id).unwrap().expires = 0;
         assert_eq!(web.credential(&h), None);
-        // Bounded: the oldest goes first.
-        for _ in 0..MAX_SESSIONS + 10 {
-            web.sign_in("C").expect("an id");
+    }
+
+    #[test]
+    fn one_client_signing_in_again_and_again_drops_only_its_own_sessions() {
+        let web = Sessions::default();
+        let (bob, _) = web.sign_in("bob", "CRED-B").expect("an id");
+        let bob = with_cookie(&format!("{COOKIE}={bob}"));
+        let mallory: Vec<String> = (0..MAX_SESSIONS * 2)
+            .map(|_| web.sign_in("mallory", "CRED-M").expect("an id").0)
+            .collect();
+        assert_eq!(
+            web.credential(&bob).as_deref(),
+            Some("CRED-B"),
+            "bob kept his"
+        );
+        let count = |who: &str| {
+            let m = web.0.lock().unwrap();
+            m.values().filter(|s| s.client == who).count()
+        };
+        assert_eq!(count("mallory"), MAX_SESSIONS_PER_CLIENT);
+        // The newest are kept, the oldest dropped.
+        let alive = |id: &String| {
+            web.credential(&with_cookie(&format!("{COOKIE}={id}")))
+                .is_some()
+        };
+        assert!(mallory
+            .iter()
+            .rev()
+            .take(MAX_SESSIONS_PER_CLIENT)
+            .all(alive));
+        assert!(!mallory
+            .iter()
+            .take(mallory.len() - MAX_SESSIONS_PER_CLIENT)
+            .any(alive));
+        // Full over all clients: the client holding the most loses its oldest, never bob.
+        let many = MAX_SESSIONS / MAX_SESSIONS_PER_CLIENT + 5;
+        for c in 0..many {
+            for _ in 0..MAX_SESSIONS_PER_CLIENT {
+                web.sign_in(&format!("c{c}"), "C").expect("an id");
+            }
         }
         assert!(web.0.lock().unwrap().len() <= MAX_SESSIONS);
+        assert_eq!(
+            web.credential(&bob).as_deref(),
+            Some("CRED-B"),
+            "bob kept his"
+        );
     }
 
     #[test]
@@ -610,16 +767,52 @@ mod tests {
     fn each_address_has_a_request_budget_that_refills() {
         let b = RequestBudget::default();
         let t0 = Instant::now();
-        let a: IpAddr = "127.0.0.1".parse().unwrap();
-        let other: IpAddr = "127.0.0.2".parse().unwrap();
-        let burst = (0..1000).take_while(|_| b.take(a, t0)).count();
+        let a = Payer::Address("127.0.0.1".parse().unwrap());
+        let other = Payer::Address("127.0.0.2".parse().unwrap());
+        let burst = (0..1000).take_while(|_| b.take(a.clone(), t0)).count();
         assert_eq!(burst, BURST as usize);
-        assert!(!b.take(a, t0), "an empty bucket refuses");
+        assert!(!b.take(a.clone(), t0), "an empty bucket refuses");
         assert!(b.take(other, t0), "another address has its own budget");
         // A second later, PER_SEC more.
         let t1 = t0 + std::time::Duration::from_secs(1);
-        let refilled = (0..1000).take_while(|_| b.take(a, t1)).count();
+        let refilled = (0..1000).take_while(|_| b.take(a.clone(), t1)).count();
         assert_eq!(refilled, PER_SEC as usize);
+    }
+
+    #[test]
+    fn a_signed_in_request_is_charged_to_its_session_not_to_the_shared_address() {
+        // Behind a tunnel every viewer comes from one address.
+        let tunnel: IpAddr = "127.0.0.1".parse().unwrap();
+        let sessions = Sessions::default();
+        let (alice, _) = sessions.sign_in("alice", "CRED-A").expect("an id");
+        let (bob, _) = sessions.sign_in("bob", "CRED-B").expect("an id");
+        let alice = with_cookie(&format!("{COOKIE}={alice}"));
+        let bob = with_cookie(&format!("{COOKIE}={bob}"));
+        let b = RequestBudget::default();
+        let t0 = Instant::now();
+        let take = |h: &HeaderMap| b.take(sessions.payer(h, tunnel), t0);
+        // Alice's page uses up her budget...
+        assert_eq!(
+            (0..1000).take_while(|_| take(&alice)).count(),
+            BURST as usize
+        );
+        assert!(!take(&alice));
+        // ...and neither bob's nor the address's unauthenticated one.
+        assert!(take(&bob));
+        assert!(take(&HeaderMap::new()));
+        // A made-up or unknown cookie is charged to the address: it buys nothing.
+        let anon = (0..1000)
+            .take_while(|i| take(&with_cookie(&format!("{COOKIE}={i:032x}"))))
+            .count();
+        assert_eq!(anon, BURST as usize - 1);
+        assert!(!take(&HeaderMap::new()));
+        assert!(take(&bob), "the address's budget is not bob's");
+        // An IPv4-mapped IPv6 address is the same payer as the IPv4 one.
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(
+            sessions.payer(&HeaderMap::new(), mapped),
+            Payer::Address(tunnel)
+        );
     }
 
     #[test]

@@ -140,6 +140,11 @@ pub(crate) struct WebArgs {
     /// The largest image the page may upload for flashing, in MiB.
     #[arg(long, default_value_t = 64 * 1024)]
     pub(crate) max_upload_mib: u64,
+    /// The directory whose images the page may flash by their path (absolute, or relative to
+    /// it). Without it flashing by a path is off: the page must not make jmp read any file you
+    /// can read (and the working directory may well hold credentials).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) image_dir: Option<std::path::PathBuf>,
     /// Instead of a board page: print a sign-in link to the controller's lab dashboard for
     /// the client (it works once, within a minute; the dashboard shows what this client may
     /// see). The controller must serve one (`jmp-controller --web ADDR`).

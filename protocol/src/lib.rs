@@ -23,6 +23,7 @@ pub mod selector;
 pub mod session;
 pub mod token;
 pub mod usage;
+pub mod web;
 
 pub use codec::{Codec, DecodeError, FrameDecoder};
 pub use error::{exit, ErrorCode, Refusal};

@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 
+import websocket
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -80,6 +81,28 @@ def page_weight(d):
         };""")
 
 
+def ws_roundtrips(url, keys):
+    """Keystroke to echo through jmp web's WebSocket without a browser (as the page sends a
+    key, a client of its own): what jmp web, the attachment, the link and the board take."""
+    host = url.split("/")[2]
+    ws = websocket.create_connection(url.replace("http://", "ws://", 1) + "ws",
+                                     origin="http://" + host, timeout=WAIT)
+    try:
+        rts = []
+        for c in keys:
+            t = time.perf_counter()
+            ws.send(json.dumps({"t": "input", "data": c}))
+            # The echo, not the history a new client is sent first (kilobytes by now).
+            while True:
+                m = json.loads(ws.recv())
+                if m.get("t") == "console" and len(m["data"]) < 16 and c in m["data"]:
+                    break
+            rts.append((time.perf_counter() - t) * 1000)
+        return rts
+    finally:
+        ws.close()
+
+
 def board(url, shots):
     # http://HOST:PORT/TOKEN/: the token is the path's first segment.
     root = url.rstrip("/").rsplit("/", 1)[0] + "/"
@@ -117,20 +140,34 @@ def board(url, shots):
         seen["echo_s"] = time.monotonic() - t0
         seen["state"] = text(d, "state")
 
-        # Keystroke to echo, measured in the page: from the key event to the mirror growing.
+        # Keystroke to echo, measured in the page: from the key event to the mirror growing;
+        # and its two hops: the key event to the page's WebSocket send (the browser's key
+        # events, which the driver sends one CDP call at a time), the send to the echo.
         d.execute_script("""
-            window.__rt = [];
+            window.__rt = []; window.__hops = [];
             const m = document.getElementById('mirror');
-            let t = null, len = 0;
-            document.addEventListener('keydown', () => { t = performance.now(); len = m.textContent.length; }, true);
+            let t = null, sent = null, len = 0;
+            document.addEventListener('keydown', () => { t = performance.now(); sent = null; len = m.textContent.length; }, true);
+            const send = WebSocket.prototype.send;
+            WebSocket.prototype.send = function (data) {
+              if (t !== null && sent === null) sent = performance.now();
+              return send.call(this, data);
+            };
             new MutationObserver(() => {
-              if (t !== null && m.textContent.length > len) { window.__rt.push(performance.now() - t); t = null; }
+              if (t !== null && m.textContent.length > len) {
+                const now = performance.now();
+                window.__rt.push(now - t);
+                window.__hops.push(sent === null ? [null, null] : [sent - t, now - sent]);
+                t = null;
+              }
             }).observe(m, { childList: true, characterData: true, subtree: true });""")
         for i, c in enumerate("abcdefghijklmnopqrst"):
             keys.send_keys(c)
             WebDriverWait(d, WAIT, poll_frequency=0.01).until(
                 lambda d: len(d.execute_script("return window.__rt")) > i)
         seen["roundtrip_ms"] = d.execute_script("return window.__rt")
+        seen["roundtrip_hops_ms"] = d.execute_script("return window.__hops")
+        seen["ws_roundtrip_ms"] = ws_roundtrips(url, "uvwxyzuvwxyzuvwxyzuv")
         keys.send_keys(Keys.ENTER)
 
         # A second tab shares the console: it gets the history, and sees what the first types.
@@ -192,8 +229,9 @@ def board(url, shots):
         seen["flash_progress"] = d.execute_script("return window.__progress")
         d.save_screenshot(os.path.join(shots, "board-page-flashed.png"))
 
-        # By a path on the machine jmp web runs on: a device is refused, saying what it is; an
-        # image file (one 6 MiB partition, 2 MiB of data) is flashed.
+        # By a path on the machine jmp web runs on, under jmp web's --image-dir only: any
+        # other file (the environment, a device, a link out of the directory) is refused; an
+        # image file there (one 6 MiB partition, 2 MiB of data) is flashed.
         def flash_path(p):
             f = d.find_element(By.ID, "image-path")
             f.clear()
@@ -202,9 +240,13 @@ def board(url, shots):
             d.find_element(By.ID, "flash-path").click()
             wait_for(d, "the flash's result", flash_done, timeout=120)
             return text(d, "flash-result")
+        images = os.environ["JMP_WEB_IMAGES"]
+        seen["flash_path_environ"] = flash_path("/proc/self/environ")
         seen["flash_path_device"] = flash_path("/dev/null")
+        os.symlink("/proc/self/environ", os.path.join(images, "out.img"))
+        seen["flash_path_link_out"] = flash_path(os.path.join(images, "out.img"))
         mbr[446:462] = bytes([0, 0, 0, 0, 0x83, 0, 0, 0]) + (2048).to_bytes(4, "little") + (12288).to_bytes(4, "little")
-        img = tempfile.NamedTemporaryFile(suffix=".img", delete=False)
+        img = tempfile.NamedTemporaryFile(suffix=".img", delete=False, dir=images)
         img.write(bytes(mbr) + os.urandom((2 << 20) - 512))
         img.close()
         seen["flash_path"] = flash_path(img.name)
@@ -301,6 +343,30 @@ def post_status(url, headers):
         return e.code, e.read().decode()
 
 
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args):
+        return None
+
+
+def head_of(url, headers):
+    """A GET's status and headers, its redirect not followed."""
+    req = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.build_opener(NoRedirect).open(req, timeout=10) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}
+
+
+def body_of(url, headers):
+    req = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.read().decode()
+
+
 def lease_json(out):
     """The lease of `jmp create lease -o json`'s output (its JSON line)."""
     return json.loads(next(l for l in out.splitlines() if l.lstrip().startswith("{")))
@@ -327,6 +393,14 @@ def dashboard(cfg):
             "bad_link": status_of(base + "signin/" + "0" * 32),
             "release_no_session": post_status(base + "release?lease=x", {"Origin": origin})[0]}
     waiters = []
+    # A sign-in link opened from another site's page (login CSRF), or from another server of
+    # the same host (the same site), is refused and stays unused; opened directly it signs in.
+    link = sign_in_link(cfg, "admin")
+    seen["cross_site_link"] = head_of(link, {"Sec-Fetch-Site": "cross-site"})[0]
+    seen["same_site_link"] = head_of(link, {"Sec-Fetch-Site": "same-site"})[0]
+    st, h = head_of(link, {"Sec-Fetch-Site": "none"})
+    seen["direct_link"] = {"status": st, "cookie": "jmp-lab=" in h.get("set-cookie", ""),
+                           "fragment": h.get("location", "").startswith("../#csrf=")}
     d = browser()
     try:
         # The admin signs in with a link from `jmp web --lab`; the link works once.
@@ -343,6 +417,13 @@ def dashboard(cfg):
         seen["cookie_is_secret"] = any(cfg["admin_token"] in c["value"] or c["value"] in link
                                        for c in cookies)
         session = "; ".join(c["name"] + "=" + c["value"] for c in cookies)
+        # The second secret is in the tab's sessionStorage, and no answer the cookie alone
+        # gets (what another server of this host could collect and replay) contains it.
+        secret = d.execute_script("return sessionStorage.getItem('jmp-csrf')") or ""
+        seen["secret_len"] = len(secret)
+        seen["secret_in_cookie"] = any(secret in c["value"] for c in cookies) if secret else None
+        seen["secret_leaks"] = [p for p in ["", "state", "dashboard.js", "style.css"]
+                                if secret and secret in body_of(base + p, {"Cookie": session})]
         seen["exporters"] = text(d, "exporters")
         # A lease made from the CLI appears without a reload.
         out = jmp_as(cfg, "agent", "create", "lease", "-l", "vendor=acme", "--duration", "10m",
@@ -385,7 +466,9 @@ def dashboard(cfg):
         seen["forged_origin"] = post_status(base + "release?lease=" + lease,
                                             {"Origin": "http://evil.example", "Cookie": session})[0]
         seen["forged_holder"] = d.execute_script(
-            "return fetch('release?lease=' + arguments[0], {method: 'POST'}).then(r => r.status)", lease)
+            "return fetch('release?lease=' + arguments[0], {method: 'POST', headers: "
+            "{'X-Jmp-Csrf': sessionStorage.getItem('jmp-csrf')}})"
+            ".then(async r => [r.status, await r.text()])", lease)
         seen["lease_after_forgery"] = lease in text(d, "leases")
 
         # The holder signs in and releases it from its page.
@@ -393,6 +476,17 @@ def dashboard(cfg):
         d.get(sign_in_link(cfg, "agent"))
         wait_for(d, "the agent's release button",
                  lambda d: d.find_elements(By.CSS_SELECTOR, "button.release[data-lease='%s']" % lease))
+        # The agent's cookie stolen and replayed with curl and a correct Origin: without the
+        # tab's second secret, with a wrong one, or with another session's (the admin's), the
+        # release is refused and the lease stays.
+        agent = "; ".join(c["name"] + "=" + c["value"] for c in d.get_cookies())
+        rel = base + "release?lease=" + lease
+        seen["stolen_no_secret"] = post_status(rel, {"Origin": origin, "Cookie": agent})
+        seen["stolen_bad_secret"] = post_status(rel, {"Origin": origin, "Cookie": agent,
+                                                      "X-Jmp-Csrf": "0" * 32})[0]
+        seen["stolen_other_secret"] = post_status(rel, {"Origin": origin, "Cookie": agent,
+                                                        "X-Jmp-Csrf": secret})[0]
+        seen["lease_after_stolen"] = lease in text(d, "leases")
         d.execute_script("document.querySelector(arguments[0]).click()",
                          "button.release[data-lease='%s']" % lease)
         wait_for(d, "the release", lambda d: text(d, "release-result").startswith("released"))

@@ -5,6 +5,17 @@
   const $ = (id) => document.getElementById(id);
   const SVG = "http://www.w3.org/2000/svg";
 
+  // The session's second secret, told once in the fragment of the sign-in redirect: kept in
+  // this tab's sessionStorage (this origin's, port included) and sent with each release; the
+  // cookie alone, which other servers of this host can collect, releases nothing. The fragment
+  // leaves the address bar and the history.
+  const CSRF = "jmp-csrf";
+  const told = /^#csrf=([0-9a-f]{32})$/.exec(location.hash);
+  if (told) {
+    sessionStorage.setItem(CSRF, told[1]);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+
   const time = (s) => (s ? new Date(s * 1000).toLocaleString() : "");
   const ago = (now, s) => {
     const d = Math.max(0, now - s);
@@ -84,7 +95,10 @@
       b.disabled = true;
       $("release-result").textContent = "releasing " + l.name + "…";
       try {
-        const r = await fetch("release?lease=" + encodeURIComponent(l.name), { method: "POST" });
+        const r = await fetch("release?lease=" + encodeURIComponent(l.name), {
+          method: "POST",
+          headers: { "X-Jmp-Csrf": sessionStorage.getItem(CSRF) || "" },
+        });
         let a;
         try { a = await r.json(); } catch (_) { a = { ok: false, text: r.status + " " + (await r.text()) }; }
         $("release-result").textContent = a.text;

@@ -13,6 +13,11 @@
 //! The page uses relative URLs and a same-origin WebSocket, so it works through an IDE's port
 //! forwarding.
 //!
+//! Flashing by a path on this machine reads only the images under `--image-dir DIR` (off
+//! without it): the token must not be a way to read any file the user can read (its content
+//! written to the board's card, read back through the mount). The image is opened once, its
+//! last component not followed, and what is flashed is that open file ([`open_image`]).
+//!
 //! The assets are built into the binary (`build.rs`: the project's files from `web/src/`, the
 //! third-party ones from `web/node_modules`, installed by `npm ci` from the lockfile), served
 //! gzipped when the browser accepts it; nothing comes from the internet.
@@ -64,6 +69,9 @@ struct App {
     uploading: tokio::sync::Semaphore,
     /// Bytes the uploads under way have written; at most `max_upload` together.
     upload_bytes: std::sync::atomic::AtomicU64,
+    /// Where images flashed by their path must be (`--image-dir`, canonical); `None`: flashing
+    /// by path is off.
+    image_dir: Option<std::path::PathBuf>,
 }
 
 /// Equal without telling by its timing where the first difference is.
@@ -83,19 +91,11 @@ impl App {
     }
 }
 
-/// Whether the request comes from a page of this server's own origin: its `Origin` names the
-/// host (and port) the browser sent the request to.
+/// Whether the request comes from a page of this server's own origin
+/// ([`jmp_protocol::web::same_origin`]).
 fn same_origin(headers: &HeaderMap) -> bool {
-    let (Some(origin), Some(host)) = (
-        headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
-        headers.get(header::HOST).and_then(|v| v.to_str().ok()),
-    ) else {
-        return false;
-    };
-    let Some((scheme, rest)) = origin.split_once("://") else {
-        return false;
-    };
-    matches!(scheme, "http" | "https") && rest.eq_ignore_ascii_case(host)
+    let h = |n| headers.get(n).and_then(|v: &HeaderValue| v.to_str().ok());
+    jmp_protocol::web::same_origin(h(header::ORIGIN), h(header::HOST))
 }
 
 fn refused(why: &str) -> Response {
@@ -263,6 +263,31 @@ async fn tab(socket: WebSocket, board: Arc<Board>) {
     }
 }
 
+/// The page's answer to a flash (by upload or by path): `{ok, text}`.
+fn flash_reply(ok: bool, text: String) -> Response {
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    };
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::json!({"ok": ok, "text": text}).to_string(),
+    )
+        .into_response()
+}
+
+/// Flashes the image at `path` and answers the page with the result; the result names the
+/// image as `shown` (what the person named, not the path jmp read it by).
+async fn flash_and_reply(app: &App, path: &std::path::Path, shown: &str) -> Response {
+    let read_as = path.to_string_lossy();
+    match app.board.flash(path).await {
+        Ok(text) => flash_reply(true, text.trim().replace(read_as.as_ref(), shown)),
+        Err(e) => flash_reply(false, e.replace(read_as.as_ref(), shown)),
+    }
+}
+
 #[derive(Deserialize)]
 struct FlashQuery {
     name: Option<String>,
@@ -295,21 +320,8 @@ async fn flash(
             )
         })
         .unwrap_or_else(|| "img".into());
-    let reply = |ok: bool, text: String| {
-        let code = if ok {
-            StatusCode::OK
-        } else {
-            StatusCode::UNPROCESSABLE_ENTITY
-        };
-        (
-            code,
-            [(header::CONTENT_TYPE, "application/json")],
-            serde_json::json!({"ok": ok, "text": text}).to_string(),
-        )
-            .into_response()
-    };
     let Ok(_one) = app.uploading.try_acquire() else {
-        return reply(
+        return flash_reply(
             false,
             format!("{MAX_UPLOADS} uploads are under way already; flash again when one is done"),
         );
@@ -355,13 +367,11 @@ async fn flash(
     .await;
     let n = match written {
         Ok(n) => n,
-        Err(e) => return reply(false, format!("upload: {e}")),
+        Err(e) => return flash_reply(false, format!("upload: {e}")),
     };
     info!("web: flashing an uploaded image of {n} bytes");
-    match app.board.flash(&path).await {
-        Ok(text) => reply(true, text.trim().to_string()),
-        Err(e) => reply(false, e),
-    }
+    let shown = q.name.as_deref().unwrap_or("the upload");
+    flash_and_reply(&app, &path, shown).await
 }
 
 /// `jmp web --lab`: a single-use sign-in link to the lab dashboard, asked of the controller as
@@ -391,22 +401,65 @@ fn lab_link(args: &WebArgs) -> Result<()> {
     })
 }
 
-/// Why the image at `path` (on this machine, named in the page) cannot be flashed, if it
-/// cannot: only an absolute path to a regular file (following links) is taken, never a
-/// directory, a device or a pipe (a page must not make jmp read a disk or block on a FIFO).
-fn check_image_path(path: &str) -> Result<std::path::PathBuf, String> {
-    let p = std::path::PathBuf::from(path.trim());
-    if path.trim().is_empty() {
-        return Err("give the path of an image file on the machine jmp web runs on".into());
-    }
-    if !p.is_absolute() {
+/// Why flashing by path is refused without `--image-dir`.
+const NO_IMAGE_DIR: &str = "flashing by a path is off: start jmp web with --image-dir DIR to flash the images under DIR (the page must not read any file you can read)";
+
+/// Opens the image named in the page (`path`, absolute or relative to `dir`) once, for
+/// reading, and only if it is a regular file inside `dir` (canonical): the open file, and the
+/// path it was named by. Nothing outside `dir` is opened (a device's open can do something), the
+/// last component is not followed (`O_NOFOLLOW`), and the open file's own path (its
+/// `/proc/self/fd` link, after every link of the way) must be inside `dir`: no symbolic link
+/// leads out, and no swap of the file after the check changes what is flashed.
+fn open_image(
+    dir: Option<&std::path::Path>,
+    path: &str,
+) -> Result<(std::fs::File, std::path::PathBuf), String> {
+    use std::path::Path;
+    let dir = dir.ok_or(NO_IMAGE_DIR)?;
+    let path = path.trim();
+    if path.is_empty() {
         return Err(format!(
-            "{}: give an absolute path (jmp web's working directory is not the page's)",
-            p.display()
+            "give the path of an image file under {}",
+            dir.display()
         ));
     }
-    let m = std::fs::metadata(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-    let ft = m.file_type();
+    let named = dir.join(Path::new(path));
+    let outside = || {
+        format!(
+            "{path} is outside --image-dir {}: only the images under it are flashed from the page",
+            dir.display()
+        )
+    };
+    // Nothing outside is opened (where every link of the way leads; the open file's own path
+    // below is what counts).
+    let ahead = std::fs::canonicalize(&named).map_err(|e| format!("{path}: {e}"))?;
+    if !ahead.starts_with(dir) {
+        return Err(outside());
+    }
+    let f = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            // A pipe would block the open; a terminal must not become jmp's.
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(&named)
+    }
+    .map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) => format!("{path} is a symbolic link: name the image itself"),
+        _ => format!("{path}: {e}"),
+    })?;
+    let real = std::fs::read_link(format!("/proc/self/fd/{}", {
+        use std::os::fd::AsRawFd;
+        f.as_raw_fd()
+    }))
+    .map_err(|e| format!("{path}: where it is cannot be told: {e}"))?;
+    if !real.starts_with(dir) {
+        return Err(outside());
+    }
+    let ft = f
+        .metadata()
+        .map_err(|e| format!("{path}: {e}"))?
+        .file_type();
     if !ft.is_file() {
         use std::os::unix::fs::FileTypeExt;
         let what = if ft.is_dir() {
@@ -423,11 +476,10 @@ fn check_image_path(path: &str) -> Result<std::path::PathBuf, String> {
             "not a regular file"
         };
         return Err(format!(
-            "{} is {what}: only a regular image file is flashed from the page",
-            p.display()
+            "{path} is {what}: only a regular image file is flashed from the page"
         ));
     }
-    Ok(p)
+    Ok((f, named))
 }
 
 /// Flashes an image file named by its path on this machine: jmp reads it, the browser sends
@@ -444,28 +496,20 @@ async fn flash_path(
     if !same_origin(&headers) {
         return refused("flashing is for pages of this server's own origin only");
     }
-    let reply = |ok: bool, text: String| {
-        let code = if ok {
-            StatusCode::OK
-        } else {
-            StatusCode::UNPROCESSABLE_ENTITY
-        };
-        (
-            code,
-            [(header::CONTENT_TYPE, "application/json")],
-            serde_json::json!({"ok": ok, "text": text}).to_string(),
-        )
-            .into_response()
+    let (file, named) = match open_image(app.image_dir.as_deref(), &body) {
+        Ok(f) => f,
+        Err(e) => return flash_reply(false, e),
     };
-    let path = match check_image_path(&body) {
-        Ok(p) => p,
-        Err(e) => return reply(false, e),
-    };
-    info!("web: flashing {}", path.display());
-    match app.board.flash(&path).await {
-        Ok(text) => reply(true, text.trim().to_string()),
-        Err(e) => reply(false, e),
-    }
+    info!("web: flashing {}", named.display());
+    // The flash reads the file opened and checked above, by its descriptor (the same open
+    // file, whatever happens to the path meanwhile); `file` stays open until it is done.
+    let by_fd = std::path::PathBuf::from(format!("/proc/self/fd/{}", {
+        use std::os::fd::AsRawFd;
+        file.as_raw_fd()
+    }));
+    let r = flash_and_reply(&app, &by_fd, &named.to_string_lossy()).await;
+    drop(file);
+    r
 }
 
 /// Serves the page until SIGTERM/SIGINT.
@@ -503,6 +547,17 @@ pub(crate) fn run(args: WebArgs) -> Result<()> {
         if !bound.ip().is_loopback() {
             warn!("web: serving on {bound}, not a loopback address: the token is all that guards the board");
         }
+        let image_dir = match &args.image_dir {
+            Some(d) => Some(std::fs::canonicalize(d).with_context(|| {
+                format!("--image-dir {}", d.display())
+            })?),
+            None => None,
+        };
+        if let Some(d) = &image_dir {
+            if !std::fs::metadata(d)?.is_dir() {
+                anyhow::bail!("--image-dir {}: not a directory", d.display());
+            }
+        }
         let token = hex::encode(rand::random::<[u8; 16]>());
         let uploads = std::env::temp_dir().join(format!("jmp-web-{}", std::process::id()));
         {
@@ -524,6 +579,7 @@ pub(crate) fn run(args: WebArgs) -> Result<()> {
             uploads: uploads.clone(),
             uploading: tokio::sync::Semaphore::new(MAX_UPLOADS),
             upload_bytes: Default::default(),
+            image_dir,
         });
         let router = Router::new()
             .route("/{token}", get(slash))
@@ -568,31 +624,16 @@ mod tests {
     }
 
     #[test]
-    fn only_a_page_of_the_servers_own_origin_is_same_origin() {
+    fn the_origin_check_reads_the_requests_origin_and_host() {
         let ok = headers(&[
             ("host", "127.0.0.1:8080"),
             ("origin", "http://127.0.0.1:8080"),
         ]);
         assert!(same_origin(&ok));
-        // Behind an IDE's forwarding the browser's host is the forwarder's, on both headers.
-        let fwd = headers(&[
-            ("host", "ws-1-8080.ide.example"),
-            ("origin", "https://ws-1-8080.ide.example"),
-        ]);
-        assert!(same_origin(&fwd));
         for bad in [
             headers(&[
                 ("host", "127.0.0.1:8080"),
-                ("origin", "http://evil.example"),
-            ]),
-            headers(&[
-                ("host", "127.0.0.1:8080"),
                 ("origin", "http://127.0.0.1:8081"),
-            ]),
-            headers(&[("host", "127.0.0.1:8080"), ("origin", "null")]),
-            headers(&[
-                ("host", "127.0.0.1:8080"),
-                ("origin", "file://127.0.0.1:8080"),
             ]),
             headers(&[("host", "127.0.0.1:8080")]),
             headers(&[("origin", "http://127.0.0.1:8080")]),
@@ -601,28 +642,96 @@ mod tests {
         }
     }
 
+    /// A scratch directory, removed on drop even when the test fails.
+    struct Scratch(std::path::PathBuf);
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    fn scratch(name: &str) -> Scratch {
+        let d = std::env::temp_dir().join(format!("jmp-web-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Scratch(std::fs::canonicalize(&d).unwrap())
+    }
+
+    fn read(mut f: std::fs::File) -> Vec<u8> {
+        use std::io::Read;
+        let mut v = Vec::new();
+        f.read_to_end(&mut v).unwrap();
+        v
+    }
+
     #[test]
-    fn only_an_absolute_path_to_a_regular_file_is_flashed() {
-        let dir = std::env::temp_dir().join(format!("jmp-web-path-{}", std::process::id()));
+    fn only_a_regular_file_under_the_image_dir_is_opened_for_flashing() {
+        let s = scratch("path");
+        let dir = s.0.join("images");
+        let out = s.0.join("elsewhere");
         std::fs::create_dir_all(&dir).unwrap();
-        let img = dir.join("a.img");
-        std::fs::write(&img, b"image").unwrap();
-        let link = dir.join("link.img");
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&img, &link).unwrap();
-        assert_eq!(check_image_path(img.to_str().unwrap()), Ok(img.clone()));
-        assert_eq!(check_image_path(link.to_str().unwrap()), Ok(link.clone()));
-        let why = |p: &str| check_image_path(p).expect_err(p);
-        assert!(why(dir.to_str().unwrap()).contains("is a directory"));
-        assert!(why("/dev/null").contains("is a character device"));
-        assert!(why("a.img").contains("absolute path"));
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(dir.join("a.img"), b"image").unwrap();
+        std::fs::write(out.join("secret"), b"secret").unwrap();
+        let d = Some(dir.as_path());
+        let why = |p: &str| open_image(d, p).map(|_| ()).expect_err(p);
+
+        // Absolute, or relative to the directory: the same file.
+        let (f, named) = open_image(d, dir.join("a.img").to_str().unwrap()).unwrap();
+        assert_eq!(
+            (read(f), named.clone()),
+            (b"image".to_vec(), dir.join("a.img"))
+        );
+        let (f, named) = open_image(d, " a.img\n").unwrap();
+        assert_eq!((read(f), named), (b"image".to_vec(), dir.join("a.img")));
+
+        // Without --image-dir, nothing.
+        let e = open_image(None, dir.join("a.img").to_str().unwrap())
+            .map(|_| ())
+            .unwrap_err();
+        assert!(e.contains("--image-dir"), "{e}");
+        // Any other file the user can read, however it is named.
+        for p in [
+            "/proc/self/environ".to_string(),
+            out.join("secret").display().to_string(),
+            "../elsewhere/secret".into(),
+            format!("{}/../elsewhere/secret", dir.display()),
+        ] {
+            assert!(why(&p).contains("outside --image-dir"), "{p}: {}", why(&p));
+        }
+        // A link inside to a file outside; a directory inside linked to one outside.
+        std::os::unix::fs::symlink(out.join("secret"), dir.join("link.img")).unwrap();
+        std::os::unix::fs::symlink(&out, dir.join("sub")).unwrap();
+        assert!(why("link.img").contains("outside --image-dir"));
+        assert!(why("sub/secret").contains("outside --image-dir"));
+        // A link inside to a file inside: not followed, the image is named itself.
+        std::os::unix::fs::symlink(dir.join("a.img"), dir.join("same.img")).unwrap();
+        assert!(why("same.img").contains("is a symbolic link"));
+        // Not regular files; a pipe does not block the open.
+        std::fs::create_dir(dir.join("d")).unwrap();
+        assert!(why("d").contains("is a directory"));
+        nix::unistd::mkfifo(&dir.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(why("fifo").contains("is a pipe"));
         assert!(why("").contains("give the path"));
-        assert!(why(dir.join("none.img").to_str().unwrap()).contains("No such file"));
-        let fifo = dir.join("fifo");
-        let _ = std::fs::remove_file(&fifo);
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
-        assert!(why(fifo.to_str().unwrap()).contains("is a pipe"));
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(why("none.img").contains("No such file"));
+    }
+
+    #[test]
+    fn what_is_flashed_is_the_file_opened_and_checked_whatever_becomes_of_its_path() {
+        let s = scratch("swap");
+        let dir = s.0.join("images");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.img"), b"image").unwrap();
+        std::fs::write(s.0.join("secret"), b"secret").unwrap();
+        let (f, _) = open_image(Some(&dir), "a.img").unwrap();
+        // Swapped for a link out after the check: the flash (which reads the descriptor's
+        // path, as flash_path does) still reads the image.
+        std::fs::remove_file(dir.join("a.img")).unwrap();
+        std::os::unix::fs::symlink(s.0.join("secret"), dir.join("a.img")).unwrap();
+        let by_fd = format!("/proc/self/fd/{}", {
+            use std::os::fd::AsRawFd;
+            f.as_raw_fd()
+        });
+        assert_eq!(std::fs::read(&by_fd).unwrap(), b"image");
     }
 
     #[test]
@@ -634,6 +743,7 @@ mod tests {
             uploads: std::path::PathBuf::new(),
             uploading: tokio::sync::Semaphore::new(MAX_UPLOADS),
             upload_bytes: Default::default(),
+            image_dir: None,
         };
         assert!(app.allowed("ab12"));
         assert!(!app.allowed("ab13"));
