@@ -618,7 +618,13 @@ mod tests {
             nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
         )
         .expect("fadvise");
-        assert_eq!(m.read_cached(8192, 4096), None, "pages dropped: a miss");
+        // Dropped pages are a miss, except that the kernel starts read-ahead for a RWF_NOWAIT
+        // miss, and when that I/O completes before it checks the page (a fast disk, or this
+        // thread preempted in between, as happened under load), the read is answered from it.
+        // Either way nothing blocked, and the bytes are right: asserting None here was flaky.
+        if let Some(got) = m.read_cached(8192, 4096) {
+            assert_eq!(&got[..], &data[8192..8192 + 4096], "dropped, then read ahead");
+        }
         assert_eq!(&m.read(8192, 4096, j).expect("read")[..], &data[8192..8192 + 4096]);
         let got = m.read_cached(8192, 4096).expect("cached after the blocking read");
         assert_eq!(&got[..], &data[8192..8192 + 4096]);
