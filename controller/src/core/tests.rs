@@ -193,6 +193,25 @@ impl Harness {
     }
 }
 
+/// A core on a fresh in-memory store, not yet running.
+fn mem_core() -> Core<MemStore> {
+    Core::open(
+        MemStore::default(),
+        "test",
+        authority(),
+        Arc::new(Metrics::new()),
+        3600,
+    )
+    .unwrap()
+}
+
+/// A request for the token of lease `name` (as `jmp attach` asks for it).
+fn access(name: &str) -> Request {
+    Request::LeaseAccess {
+        name: Some(name.to_string()),
+    }
+}
+
 fn lease_req(id: &str, sel: &str, secs: u64, wait: u64) -> Request {
     Request::CreateLease(LeaseRequest {
         request_id: id.into(),
@@ -482,14 +501,7 @@ async fn a_queued_grant_that_never_reaches_its_requester_is_released() {
 /// an active lease, for an exporter that takes relayed sessions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_serves_only_the_lease_holder_of_a_relay_exporter_while_the_lease_lasts() {
-    let mut core = Core::open(
-        MemStore::default(),
-        "test",
-        authority(),
-        Arc::new(Metrics::new()),
-        3600,
-    )
-    .unwrap();
+    let mut core = mem_core();
     core.set_relay(crate::relay::RelayConfig {
         bind: "127.0.0.1".parse().unwrap(),
         ports: None,
@@ -560,15 +572,7 @@ async fn the_relay_serves_only_the_lease_holder_of_a_relay_exporter_while_the_le
             )
             .await,
         );
-        match h
-            .call(
-                &c1,
-                Request::LeaseAccess {
-                    name: Some(lease.name.clone()),
-                },
-            )
-            .await
-        {
+        match h.call(&c1, access(&lease.name)).await {
             Reply::Access(a) => {
                 assert_eq!(a.relay, site == "nat-01", "{a:?}");
                 tokens.push((lease.name, a.token));
@@ -983,14 +987,7 @@ async fn creating_an_existing_client_is_refused_and_update_changes_only_what_is_
 /// reason); one whose exporters are only offline or busy waits.
 #[tokio::test]
 async fn an_unservable_request_is_refused_at_once_even_with_a_wait() {
-    let mut core = Core::open(
-        MemStore::default(),
-        "test",
-        authority(),
-        Arc::new(Metrics::new()),
-        3600,
-    )
-    .unwrap();
+    let mut core = mem_core();
     core.set_max_waiting(1);
     let mut h = run(core, ORPHAN_GRACE);
     let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
@@ -1235,9 +1232,7 @@ async fn a_lease_nothing_uses_ends_as_idle_and_its_holder_is_told() {
     assert_eq!(granted.exporter, "rpi4-01");
     // The holder comes back for it.
     for r in [
-        Request::LeaseAccess {
-            name: Some(l.name.clone()),
-        },
+        access(&l.name),
         Request::TouchLease {
             name: Some(l.name.clone()),
         },
@@ -1257,15 +1252,7 @@ async fn a_lease_nothing_uses_ends_as_idle_and_its_holder_is_told() {
         );
     }
     // Someone else is told nothing about it.
-    let Reply::Error(e) = h
-        .call(
-            &other,
-            Request::LeaseAccess {
-                name: Some(l.name.clone()),
-            },
-        )
-        .await
-    else {
+    let Reply::Error(e) = h.call(&other, access(&l.name)).await else {
         panic!()
     };
     assert!(!e.message.contains("idle"), "{e}");
@@ -1600,14 +1587,7 @@ async fn a_lease_is_shared_only_within_the_colleagues_policy_and_unshared() {
     let name = lease.name.clone();
 
     // Not shared yet: the colleague gets nothing for it.
-    let r = h
-        .call(
-            &colleague,
-            Request::LeaseAccess {
-                name: Some(name.clone()),
-            },
-        )
-        .await;
+    let r = h.call(&colleague, access(&name)).await;
     assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
 
     // A client whose policy forbids the exporter: refused, naming why.
@@ -1617,14 +1597,7 @@ async fn a_lease_is_shared_only_within_the_colleagues_policy_and_unshared() {
         format!("{r:?}").contains("policy of client only-b"),
         "{r:?}"
     );
-    let r = h
-        .call(
-            &only_b,
-            Request::LeaseAccess {
-                name: Some(name.clone()),
-            },
-        )
-        .await;
+    let r = h.call(&only_b, access(&name)).await;
     assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
     // Nor with oneself, an unknown client, or an end already past.
     let r = h.call(&holder, share(&name, "holder", None, false)).await;
@@ -1662,15 +1635,7 @@ async fn a_lease_is_shared_only_within_the_colleagues_policy_and_unshared() {
     };
     assert_eq!(l.shares, vec![ro.clone()]);
     assert_eq!(pushed_shares(&mut a).await, vec![ro.clone()]);
-    let c = access_claims(
-        &h.call(
-            &colleague,
-            Request::LeaseAccess {
-                name: Some(name.clone()),
-            },
-        )
-        .await,
-    );
+    let c = access_claims(&h.call(&colleague, access(&name)).await);
     assert_eq!(c.sub, name);
     assert_eq!(c.client.as_deref(), Some("colleague"));
     assert_eq!(c.exporter.as_deref(), Some("a-01"));
@@ -1683,15 +1648,7 @@ async fn a_lease_is_shared_only_within_the_colleagues_policy_and_unshared() {
         lease.end
     );
     // The holder's own token is no share's.
-    let c = access_claims(
-        &h.call(
-            &holder,
-            Request::LeaseAccess {
-                name: Some(name.clone()),
-            },
-        )
-        .await,
-    );
+    let c = access_claims(&h.call(&holder, access(&name)).await);
     assert_eq!((c.client.as_deref(), c.share), (Some("holder"), None));
     // The colleague sees the lease it may attach to.
     let mine = leases_of(&mut h, &colleague).await;
@@ -1711,15 +1668,7 @@ async fn a_lease_is_shared_only_within_the_colleagues_policy_and_unshared() {
     };
     assert_eq!(l.shares, vec![ctl.clone()]);
     assert_eq!(pushed_shares(&mut a).await, vec![ctl]);
-    let c = access_claims(
-        &h.call(
-            &colleague,
-            Request::LeaseAccess {
-                name: Some(name.clone()),
-            },
-        )
-        .await,
-    );
+    let c = access_claims(&h.call(&colleague, access(&name)).await);
     assert_eq!(c.share, Some(ShareClaim { control: true }));
     assert_eq!(c.exp, Some(until));
 
@@ -1735,14 +1684,7 @@ async fn a_lease_is_shared_only_within_the_colleagues_policy_and_unshared() {
         )
         .await;
     assert!(matches!(r, Reply::Clients { .. }), "{r:?}");
-    let r = h
-        .call(
-            &colleague,
-            Request::LeaseAccess {
-                name: Some(name.clone()),
-            },
-        )
-        .await;
+    let r = h.call(&colleague, access(&name)).await;
     assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
     // ... and the share itself ended: the exporter hears it is gone.
     assert_eq!(pushed_shares(&mut a).await, vec![]);
@@ -1758,14 +1700,7 @@ async fn a_lease_is_shared_only_within_the_colleagues_policy_and_unshared() {
         .await;
     assert!(matches!(r, Reply::Clients { .. }), "{r:?}");
     // Allowed again, it is shared again (the narrowing ended the share for good).
-    let r = h
-        .call(
-            &colleague,
-            Request::LeaseAccess {
-                name: Some(name.clone()),
-            },
-        )
-        .await;
+    let r = h.call(&colleague, access(&name)).await;
     assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
     lease_of(
         h.call(&holder, share(&name, "colleague", None, false))
@@ -1795,14 +1730,7 @@ async fn a_lease_is_shared_only_within_the_colleagues_policy_and_unshared() {
     );
     assert!(l.shares.is_empty(), "{l:?}");
     assert_eq!(pushed_shares(&mut a).await, vec![]);
-    let r = h
-        .call(
-            &colleague,
-            Request::LeaseAccess {
-                name: Some(name.clone()),
-            },
-        )
-        .await;
+    let r = h.call(&colleague, access(&name)).await;
     assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
     assert!(leases_of(&mut h, &colleague).await.is_empty());
     let r = h
@@ -1856,14 +1784,7 @@ async fn no_share_on_an_exporter_that_does_not_know_shares_nor_for_a_deleted_cli
     assert_eq!(pushed_shares(&mut new).await, vec![], "the exporter hears");
     // A client made later under the same name inherits nothing.
     let again = h.client("colleague", "", 0).await;
-    let r = h
-        .call(
-            &again,
-            Request::LeaseAccess {
-                name: Some(l.name.clone()),
-            },
-        )
-        .await;
+    let r = h.call(&again, access(&l.name)).await;
     assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
     let _ = colleague;
 }
