@@ -18,6 +18,7 @@ pub mod pytest;
 pub mod quic;
 pub mod relay;
 pub mod serial;
+pub mod ssh;
 pub mod stats;
 pub mod storage;
 pub mod storage_flood;

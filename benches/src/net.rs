@@ -12,6 +12,7 @@
 
 use crate::jmp::Bins;
 use crate::proc::{rss_kib, which, Proc, TempDir};
+use crate::ssh::{self, keygen};
 use crate::stats::{cell, json, median, Target};
 use anyhow::{anyhow, bail, Context, Result};
 use jmp_e2e::netns::{self, Topology};
@@ -221,18 +222,6 @@ fn wireguard(
     })
 }
 
-fn keygen(path: &Path) -> Result<()> {
-    let st = command("ssh-keygen")
-        .args(["-q", "-N", "", "-t", "ed25519", "-f"])
-        .arg(path)
-        .status()
-        .context("ssh-keygen")?;
-    if !st.success() {
-        bail!("ssh-keygen failed");
-    }
-    Ok(())
-}
-
 /// sshd in the lab namespace (tunnels and forwarding allowed) and the client's key.
 fn sshd(t: &Topology, dir: &TempDir) -> Result<(Proc, PathBuf)> {
     let sshd = which("/usr/sbin/sshd").ok_or_else(|| anyhow!("/usr/sbin/sshd is missing"))?;
@@ -269,18 +258,9 @@ fn sshd(t: &Topology, dir: &TempDir) -> Result<(Proc, PathBuf)> {
 
 fn ssh_cmd(t: &Topology, key: &Path) -> Command {
     let mut c = in_ns(&t.client, "ssh");
-    c.args(["-N", "-p", "2222", "-i"]).arg(key).args([
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "ExitOnForwardFailure=yes",
-        "-o",
-        "LogLevel=ERROR",
-    ]);
+    c.args(["-N", "-p", "2222", "-i"])
+        .arg(key)
+        .args(ssh::CLIENT_OPTIONS);
     c
 }
 

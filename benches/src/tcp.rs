@@ -13,6 +13,7 @@
 
 use crate::jmp::Bins;
 use crate::proc::{free_port, wait_for, which, Proc, TempDir};
+use crate::ssh::{self, keygen};
 use crate::stats::{cell, json, median, Target};
 use anyhow::{anyhow, bail, Context, Result};
 use jmp_e2e::netns::{self, Topology};
@@ -184,18 +185,6 @@ fn jmp_relay(bins: &Bins, dir: &TempDir, iperf_port: u16) -> Result<Route> {
     })
 }
 
-fn keygen(path: &std::path::Path) -> Result<()> {
-    let st = command("ssh-keygen")
-        .args(["-q", "-N", "", "-t", "ed25519", "-f"])
-        .arg(path)
-        .status()
-        .context("ssh-keygen")?;
-    if !st.success() {
-        bail!("ssh-keygen failed");
-    }
-    Ok(())
-}
-
 /// A private sshd on 127.0.0.1 that accepts `key` for this user (also used by the storage
 /// benchmark's sshfs).
 pub struct Sshd {
@@ -264,18 +253,7 @@ pub(crate) fn ssh(net: &Net, dir: &TempDir, iperf_port: u16) -> Result<Route> {
         .arg(format!("127.0.0.1:{port}:127.0.0.1:{iperf_port}"))
         .args(["-p", &ssh_port.to_string(), "-i"])
         .arg(&user_key)
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ExitOnForwardFailure=yes",
-            "-o",
-            "LogLevel=ERROR",
-        ])
+        .args(ssh::CLIENT_OPTIONS)
         .arg(format!("{user}@{}", net.lab_addr()));
     let mut c = Proc::start("ssh -L", cmd, dir.path(), Options::LOG)?;
     wait_port(&mut c, port)?;

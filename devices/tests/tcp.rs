@@ -157,6 +157,18 @@ async fn exporter(drivers: Vec<TcpDriver>) -> (SocketAddr, Fingerprint) {
     exporter_stalling(drivers, None).await
 }
 
+/// An exporter with one TCP device, `name`, forwarding to 127.0.0.1:`port`.
+async fn exporter_to(name: &str, port: u16) -> (SocketAddr, Fingerprint) {
+    exporter(vec![TcpDriver::new(name.into(), "127.0.0.1".into(), port)]).await
+}
+
+/// A bridge for device `name` on a free local port.
+async fn bind_bridge(name: &str) -> TcpBridge {
+    TcpBridge::bind(name.into(), "127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("bind bridge")
+}
+
 /// Like [`exporter`], but if `stall` is given the first channel request is never answered
 /// (it is held and `stall` notified), as if the link died while it was on its way.
 async fn exporter_stalling(
@@ -265,9 +277,7 @@ async fn bridge_to_driver_over_an_in_memory_session() {
         target.port(),
     ));
     let (link, _server) = jmp_devices::testing::mem_session(DeviceSet::new("mem", vec![driver]));
-    let bridge = TcpBridge::bind("echo".into(), "127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("bind bridge");
+    let bridge = bind_bridge("echo").await;
     let local = bridge.local_addr();
     let link: Arc<dyn Channels> = link;
     let running = {
@@ -291,9 +301,7 @@ async fn bridge_to_driver_over_an_in_memory_session() {
         counted.port(),
     ));
     let (link2, _s2) = jmp_devices::testing::mem_session(DeviceSet::new("mem", vec![d2]));
-    let b2 = TcpBridge::bind("count".into(), "127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("bind");
+    let b2 = bind_bridge("count").await;
     let l2 = b2.local_addr();
     let r2 = {
         let mut b2 = b2;
@@ -308,16 +316,9 @@ async fn bridge_to_driver_over_an_in_memory_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_to_driver_over_quic_carries_many_connections_with_half_close() {
     let target = echo_server();
-    let (addr, fp) = exporter(vec![TcpDriver::new(
-        "echo".into(),
-        "127.0.0.1".into(),
-        target.port(),
-    )])
-    .await;
+    let (addr, fp) = exporter_to("echo", target.port()).await;
     let (link, _ep) = client(addr, fp).await;
-    let bridge = TcpBridge::bind("echo".into(), "127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("bind bridge");
+    let bridge = bind_bridge("echo").await;
     let local = bridge.local_addr();
     assert_eq!(bridge.kind(), Kind::Tcp);
     assert_eq!(bridge.device(), "echo");
@@ -354,16 +355,9 @@ async fn bridge_to_driver_over_quic_carries_many_connections_with_half_close() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_closes_the_local_connection_when_the_target_refuses() {
     let dead = dead_addr();
-    let (addr, fp) = exporter(vec![TcpDriver::new(
-        "ssh".into(),
-        "127.0.0.1".into(),
-        dead.port(),
-    )])
-    .await;
+    let (addr, fp) = exporter_to("ssh", dead.port()).await;
     let (link, _ep) = client(addr, fp).await;
-    let bridge = TcpBridge::bind("ssh".into(), "127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("bind bridge");
+    let bridge = bind_bridge("ssh").await;
     let local = bridge.local_addr();
     let running = run_bridge(bridge, link.handle.clone());
 
@@ -386,9 +380,7 @@ async fn bridge_closes_the_local_connection_when_the_target_refuses() {
 async fn bridge_gives_up_a_device_the_exporter_does_not_have() {
     let (addr, fp) = exporter(vec![]).await;
     let (link, _ep) = client(addr, fp).await;
-    let bridge = TcpBridge::bind("nope".into(), "127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("bind bridge");
+    let bridge = bind_bridge("nope").await;
     let local = bridge.local_addr();
     let running = run_bridge(bridge, link.handle.clone());
     let mut sock = TcpStream::connect(local).await.expect("connect");
@@ -410,15 +402,8 @@ async fn bridge_gives_up_a_device_the_exporter_does_not_have() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_made_during_an_outage_are_served_on_the_next_link() {
     let target = echo_server();
-    let (addr, fp) = exporter(vec![TcpDriver::new(
-        "echo".into(),
-        "127.0.0.1".into(),
-        target.port(),
-    )])
-    .await;
-    let bridge = TcpBridge::bind("echo".into(), "127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("bind bridge");
+    let (addr, fp) = exporter_to("echo", target.port()).await;
+    let bridge = bind_bridge("echo").await;
     let local = bridge.local_addr();
 
     let (first, _ep1) = client(addr, fp).await;
@@ -456,9 +441,7 @@ async fn a_connection_whose_open_was_cut_off_is_served_on_the_next_link() {
         Some(stalled.clone()),
     )
     .await;
-    let bridge = TcpBridge::bind("echo".into(), "127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("bind bridge");
+    let bridge = bind_bridge("echo").await;
     let local = bridge.local_addr();
 
     let (first, _ep1) = client(addr, fp).await;

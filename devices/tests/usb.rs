@@ -604,6 +604,55 @@ struct HostileExporter {
     answer: Vec<u8>,
 }
 
+impl HostileExporter {
+    /// Lists `listing` and answers every import with `answer`.
+    fn new(listing: &DeviceParams, answer: Vec<u8>) -> Arc<HostileExporter> {
+        Arc::new(HostileExporter {
+            status: watch::Sender::new(jmp_devices::DeviceStatus::available(to_bytes(listing))),
+            answer,
+        })
+    }
+}
+
+/// What the hostile exporter lists: one device, 1-1 (1209:0001 at high speed).
+fn hostile_listing() -> DeviceParams {
+    DeviceParams {
+        ids: vec![(0x1209, 1)],
+        devices: vec![UsbDevice {
+            id: 1,
+            busid: "1-1".into(),
+            vendor: 0x1209,
+            product: 1,
+            class: 0,
+            manufacturer: String::new(),
+            name: String::new(),
+            serial: String::new(),
+            speed: Speed::High,
+            busnum: 1,
+            devnum: 5,
+            state: DevState::Present,
+            was: None,
+        }],
+    }
+}
+
+/// The hostile exporter's device as the client sees it, listing `listing`.
+fn hostile_info(listing: &DeviceParams) -> DeviceInfo {
+    DeviceInfo {
+        name: "board".into(),
+        kind: Kind::Usb,
+        state: jmp_protocol::DeviceState::Available,
+        params: to_bytes(listing),
+        detail: String::new(),
+    }
+}
+
+/// The kernel's first command to an imported device: GET_DESCRIPTOR (device, 18 bytes) on
+/// endpoint 0, seqnum 1.
+fn get_device_descriptor(devid: u32) -> Vec<u8> {
+    build::submit(1, devid, 0, true, 18, 0, [0x80, 6, 0, 1, 0, 0, 18, 0])
+}
+
 struct HostileChannel {
     params: Bytes,
     answer: Option<Vec<u8>>,
@@ -669,24 +718,7 @@ impl Driver for HostileExporter {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_exporter_cannot_feed_the_client_kernel() {
-    let listing = DeviceParams {
-        ids: vec![(0x1209, 1)],
-        devices: vec![UsbDevice {
-            id: 1,
-            busid: "1-1".into(),
-            vendor: 0x1209,
-            product: 1,
-            class: 0,
-            manufacturer: String::new(),
-            name: String::new(),
-            serial: String::new(),
-            speed: Speed::High,
-            busnum: 1,
-            devnum: 5,
-            state: DevState::Present,
-            was: None,
-        }],
-    };
+    let listing = hostile_listing();
     // An answer to a command never sent, an answer longer than asked, data for an out.
     let answers: [(&str, Vec<u8>); 3] = [
         ("unknown seqnum", build::ret_submit(99, 0, 0, 0, 0)),
@@ -697,22 +729,13 @@ async fn a_hostile_exporter_cannot_feed_the_client_kernel() {
         ("a positive status", build::ret_submit(1, 1, 0, 0, 0)),
     ];
     for (what, answer) in answers {
-        let driver = Arc::new(HostileExporter {
-            status: watch::Sender::new(jmp_devices::DeviceStatus::available(to_bytes(&listing))),
-            answer,
-        });
+        let driver = HostileExporter::new(&listing, answer);
         let (link, _session) = mem_session(DeviceSet::new(
             "lab",
             vec![driver.clone() as Arc<dyn Driver>],
         ));
         let (vhci, mut attached) = FakeVhci::new();
-        let info = DeviceInfo {
-            name: "board".into(),
-            kind: Kind::Usb,
-            state: jmp_protocol::DeviceState::Available,
-            params: to_bytes(&listing),
-            detail: String::new(),
-        };
+        let info = hostile_info(&listing);
         let dev_dir = temp("hostile-exporter");
         let mut bridge = UsbBridge::new(&info, dev_dir.path(), vhci.clone());
         let l: Arc<dyn Channels> = link.clone();
@@ -720,16 +743,8 @@ async fn a_hostile_exporter_cannot_feed_the_client_kernel() {
         let (_, devid, _, mut k) = guard("attach", attached.recv()).await.expect("attached");
         // The kernel asks for 18 bytes; what comes back must never reach it.
         let got = tokio::task::spawn_blocking(move || {
-            k.write_all(&build::submit(
-                1,
-                devid,
-                0,
-                true,
-                18,
-                0,
-                [0x80, 6, 0, 1, 0, 0, 18, 0],
-            ))
-            .unwrap_or_else(|e| panic!("{what}: writing the command: {e}"));
+            k.write_all(&get_device_descriptor(devid))
+                .unwrap_or_else(|e| panic!("{what}: writing the command: {e}"));
             let mut all = Vec::new();
             k.read_to_end(&mut all).expect("read");
             all
@@ -833,40 +848,14 @@ async fn an_import_the_checks_ended_is_imported_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exporter_refused_every_time_is_tried_a_bounded_number_of_times() {
-    let listing = DeviceParams {
-        ids: vec![(0x1209, 1)],
-        devices: vec![UsbDevice {
-            id: 1,
-            busid: "1-1".into(),
-            vendor: 0x1209,
-            product: 1,
-            class: 0,
-            manufacturer: String::new(),
-            name: String::new(),
-            serial: String::new(),
-            speed: Speed::High,
-            busnum: 1,
-            devnum: 5,
-            state: DevState::Present,
-            was: None,
-        }],
-    };
-    let driver = Arc::new(HostileExporter {
-        status: watch::Sender::new(jmp_devices::DeviceStatus::available(to_bytes(&listing))),
-        answer: build::ret_submit(99, 0, 0, 0, 0),
-    });
+    let listing = hostile_listing();
+    let driver = HostileExporter::new(&listing, build::ret_submit(99, 0, 0, 0, 0));
     let (link, _session) = mem_session(DeviceSet::new(
         "lab",
         vec![driver.clone() as Arc<dyn Driver>],
     ));
     let (vhci, mut attached) = FakeVhci::new();
-    let info = DeviceInfo {
-        name: "board".into(),
-        kind: Kind::Usb,
-        state: jmp_protocol::DeviceState::Available,
-        params: to_bytes(&listing),
-        detail: String::new(),
-    };
+    let info = hostile_info(&listing);
     let dev_dir = temp("bounded");
     let mut bridge = UsbBridge::new(&info, dev_dir.path(), vhci.clone());
     let mut notes = bridge.local_status().expect("notes");
@@ -879,16 +868,7 @@ async fn an_exporter_refused_every_time_is_tried_a_bounded_number_of_times() {
             .await
             .unwrap_or_else(|| panic!("import {n}"));
         let got = tokio::task::spawn_blocking(move || {
-            k.write_all(&build::submit(
-                1,
-                devid,
-                0,
-                true,
-                18,
-                0,
-                [0x80, 6, 0, 1, 0, 0, 18, 0],
-            ))
-            .expect("command");
+            k.write_all(&get_device_descriptor(devid)).expect("command");
             let mut all = Vec::new();
             k.read_to_end(&mut all).expect("read");
             all

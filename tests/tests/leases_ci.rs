@@ -22,6 +22,33 @@ fn job(lab: &Lab, job: &str, args: &[&str]) -> Command {
     c
 }
 
+/// `create lease -l SELECTOR --wait SECS` as job `job_name` of client ci.
+fn wait_lease(lab: &Lab, job_name: &str, selector: &str, secs: &str) -> Command {
+    job(
+        lab,
+        job_name,
+        &["create", "lease", "-l", selector, "--wait", secs],
+    )
+}
+
+/// Runs `cmd`, which must exit with `code` and say each of `says` on stderr.
+fn fails(lab: &Lab, label: &str, cmd: Command, code: i32, says: &[&str]) {
+    let out = lab.run(label, cmd);
+    assert_eq!(out.status.code(), Some(code), "{label}: {}", show(&out));
+    for what in says {
+        assert!(
+            out.stderr.contains(what),
+            "{label} says {what:?}: {}",
+            show(&out)
+        );
+    }
+}
+
+/// Makes a lease with `cmd` (which prints its name); the name.
+fn create_lease(lab: &Lab, label: &str, cmd: Command) -> String {
+    lab.ok(label, cmd).trim().to_string()
+}
+
 fn boards(lab: &Lab, n: usize, board: &str) -> Vec<Jmpd> {
     (1..=n)
         .map(|i| {
@@ -153,13 +180,7 @@ fn two_jobs_of_one_client_get_and_release_their_own_boards_despite_a_leftover() 
     );
     let mut c = lab.as_client("ci", &["delete", "lease"]);
     c.env_remove("JMP_JOB");
-    let out = lab.run("delete-ambiguous", c);
-    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
-    assert!(
-        out.stderr.contains("name them or use --all"),
-        "{}",
-        out.stderr
-    );
+    fails(&lab, "delete-ambiguous", c, 2, &["name them or use --all"]);
     // JMP_LEASE binds a command to a lease explicitly.
     let mut c = lab.as_client("ci", &["delete", "lease"]);
     c.env("JMP_LEASE", &leftover);
@@ -171,33 +192,21 @@ fn a_job_queued_behind_its_own_clients_leftover_is_told() {
     let lab = Lab::new("ci-own");
     let _boards = boards(&lab, 1, "ci");
     lab.create_client("ci", &[]);
-    let leftover = lab
-        .ok(
-            "leftover",
-            job(&lab, "old-job", &["create", "lease", "-l", "board=ci"]),
-        )
-        .trim()
-        .to_string();
-    let out = lab.run(
+    let leftover = create_lease(
+        &lab,
+        "leftover",
+        job(&lab, "old-job", &["create", "lease", "-l", "board=ci"]),
+    );
+    // The wait runs out (exit 4), and the message says whose lease it waited behind.
+    fails(
+        &lab,
         "create-behind-own",
-        job(
-            &lab,
-            "new-job",
-            &["create", "lease", "-l", "board=ci", "--wait", "3"],
-        ),
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(4),
-        "the wait runs out: {}",
-        out.stderr
-    );
-    assert!(
-        out.stderr.contains(&format!(
-            "waiting behind lease {leftover}, which is your own client's (job old-job"
-        )) && out.stderr.contains(&format!("jmp delete lease {leftover}")),
-        "{}",
-        out.stderr
+        wait_lease(&lab, "new-job", "board=ci", "3"),
+        4,
+        &[
+            &format!("waiting behind lease {leftover}, which is your own client's (job old-job"),
+            &format!("jmp delete lease {leftover}"),
+        ],
     );
 }
 
@@ -297,29 +306,18 @@ fn waiting_requests_are_bounded_per_client() {
         .map(|i| {
             let mut p = lab.spawn(
                 "waiter",
-                job(
-                    &lab,
-                    &format!("w{i}"),
-                    &["create", "lease", "-l", "board=q", "--wait", "60"],
-                ),
+                wait_lease(&lab, &format!("w{i}"), "board=q", "60"),
             );
             wait_stderr(&mut p, "waiting: position", LONG);
             p
         })
         .collect();
-    let out = lab.run(
+    fails(
+        &lab,
         "third",
-        job(
-            &lab,
-            "w2",
-            &["create", "lease", "-l", "board=q", "--wait", "60"],
-        ),
-    );
-    assert_eq!(out.status.code(), Some(10), "{}", out.stderr);
-    assert!(
-        out.stderr.contains("at most 2 per client"),
-        "{}",
-        out.stderr
+        wait_lease(&lab, "w2", "board=q", "60"),
+        10,
+        &["at most 2 per client"],
     );
     drop(waiters);
 }
@@ -511,16 +509,14 @@ fn a_narrowed_policy_ends_the_lease_and_the_reservation_and_powers_nothing() {
     let _b = lab.start_jmpd(&lab.exporter_config("pb-01", &tb, 0));
     lab.create_client("u", &[]);
     // While u may use any exporter: a lease on pa-01 (attached), and a reservation of it.
-    let lease = lab
-        .ok(
-            "lease",
-            lab.as_client(
-                "u",
-                &["create", "lease", "-l", "board=pa", "--duration", "30m"],
-            ),
-        )
-        .trim()
-        .to_string();
+    let lease = create_lease(
+        &lab,
+        "lease",
+        lab.as_client(
+            "u",
+            &["create", "lease", "-l", "board=pa", "--duration", "30m"],
+        ),
+    );
     let (mut attach, _) = attach_lease(&lab, "u", &["--lease", &lease]);
     let out = lab.ok(
         "reserve",
@@ -587,17 +583,13 @@ fn a_narrowed_policy_ends_the_lease_and_the_reservation_and_powers_nothing() {
         "the board was powered: {powered:?}"
     );
     // Asking for it again, even with --wait, is refused at once, naming the policy.
-    let out = lab.run(
+    fails(
+        &lab,
         "again",
         lab.as_client("u", &["create", "lease", "-l", "board=pa", "--wait", "300"]),
+        jmp_protocol::exit::FORBIDDEN,
+        &["policy 'board=pb'"],
     );
-    assert_eq!(
-        out.status.code(),
-        Some(jmp_protocol::exit::FORBIDDEN),
-        "{}",
-        show(&out)
-    );
-    assert!(out.stderr.contains("policy 'board=pb'"), "{}", show(&out));
 }
 
 #[test]
@@ -607,20 +599,17 @@ fn creating_an_existing_client_is_refused_and_replace_keeps_its_policy() {
     let other = lab.env.root.join("ci-again.yaml");
     let mut c = lab.admin(&["create", "client", "ci", "--out"]);
     c.arg(&other);
-    let out = lab.run("create-again", c);
-    assert_eq!(
-        out.status.code(),
-        Some(jmp_protocol::exit::USAGE),
-        "{}",
-        show(&out)
+    fails(
+        &lab,
+        "create-again",
+        c,
+        jmp_protocol::exit::USAGE,
+        &[
+            "client ci already exists",
+            "--replace",
+            "jmp admin update client ci",
+        ],
     );
-    for what in [
-        "client ci already exists",
-        "--replace",
-        "jmp admin update client ci",
-    ] {
-        assert!(out.stderr.contains(what), "says {what:?}: {}", show(&out));
-    }
     assert!(!other.exists(), "no credential was written");
     // Nothing changed: the credential in use works.
     lab.ok("still-works", lab.as_client("ci", &["get", "leases"]));
@@ -640,12 +629,12 @@ fn creating_an_existing_client_is_refused_and_replace_keeps_its_policy() {
     let out = lab.run("replace", c);
     assert!(out.status.success(), "{}", show(&out));
     assert!(out.stderr.contains("new credential"), "{}", show(&out));
-    let out = lab.run("old-revoked", lab.as_client("ci", &["get", "leases"]));
-    assert_eq!(
-        out.status.code(),
-        Some(jmp_protocol::exit::UNAUTHORIZED),
-        "{}",
-        show(&out)
+    fails(
+        &lab,
+        "old-revoked",
+        lab.as_client("ci", &["get", "leases"]),
+        jmp_protocol::exit::UNAUTHORIZED,
+        &[],
     );
     let p = policy("policy-after-replace");
     assert_eq!(
@@ -672,47 +661,22 @@ fn a_request_no_exporter_could_serve_is_refused_at_once_even_with_wait() {
     let _others = boards(&lab, 1, "other");
     lab.create_client("ci", &["--allow", "board=nv"]);
     // (Each would wait 300 s if it were queued: the run's guard is far shorter.)
-    let out = lab.run(
+    fails(
+        &lab,
         "typo",
-        job(
-            &lab,
-            "j1",
-            &["create", "lease", "-l", "board=nv-typo", "--wait", "300"],
-        ),
+        wait_lease(&lab, "j1", "board=nv-typo", "300"),
+        jmp_protocol::exit::UNAVAILABLE,
+        &["no exporter matches selector 'board=nv-typo'"],
     );
-    assert_eq!(
-        out.status.code(),
-        Some(jmp_protocol::exit::UNAVAILABLE),
-        "{}",
-        show(&out)
-    );
-    assert!(
-        out.stderr
-            .contains("no exporter matches selector 'board=nv-typo'"),
-        "{}",
-        show(&out)
-    );
-    let out = lab.run(
+    fails(
+        &lab,
         "outside-policy",
-        job(
-            &lab,
-            "j2",
-            &["create", "lease", "-l", "board=other", "--wait", "300"],
-        ),
+        wait_lease(&lab, "j2", "board=other", "300"),
+        jmp_protocol::exit::FORBIDDEN,
+        &["none is allowed by this client's policy 'board=nv'"],
     );
-    assert_eq!(
-        out.status.code(),
-        Some(jmp_protocol::exit::FORBIDDEN),
-        "{}",
-        show(&out)
-    );
-    assert!(
-        out.stderr
-            .contains("none is allowed by this client's policy 'board=nv'"),
-        "{}",
-        show(&out)
-    );
-    let out = lab.run(
+    fails(
+        &lab,
         "reservation",
         job(
             &lab,
@@ -726,12 +690,8 @@ fn a_request_no_exporter_could_serve_is_refused_at_once_even_with_wait() {
                 &rfc3339_in(600),
             ],
         ),
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(jmp_protocol::exit::UNAVAILABLE),
-        "{}",
-        show(&out)
+        jmp_protocol::exit::UNAVAILABLE,
+        &[],
     );
     assert!(
         lab.leases().is_empty(),
@@ -795,16 +755,14 @@ fn a_released_leases_token_stays_refused_after_jmpd_restarts_without_its_control
     let cfg = lab.exporter_config("end-01", &token, 0);
     let jmpd = lab.start_jmpd(&cfg);
     let client = lab.create_client("u", &[]);
-    let lease = lab
-        .ok(
-            "lease",
-            lab.as_client(
-                "u",
-                &["create", "lease", "-l", "board=end", "--duration", "30m"],
-            ),
-        )
-        .trim()
-        .to_string();
+    let lease = create_lease(
+        &lab,
+        "lease",
+        lab.as_client(
+            "u",
+            &["create", "lease", "-l", "board=end", "--duration", "30m"],
+        ),
+    );
     // Its lease token, as `jmp attach` fetches it.
     let cred = config_token(&client);
     let name = lease.clone();
@@ -841,16 +799,11 @@ fn a_released_leases_token_stays_refused_after_jmpd_restarts_without_its_control
         .args(["--fingerprint", &fp, "--dev-dir"])
         .arg(&lab.env.dev)
         .args(["-o", "json"]);
-    let out = lab.run("released-token", c);
-    assert_eq!(
-        out.status.code(),
-        Some(jmp_protocol::exit::UNAUTHORIZED),
-        "{}",
-        show(&out)
-    );
-    assert!(
-        out.stderr.contains(&format!("lease {lease} was released")),
-        "{}",
-        show(&out)
+    fails(
+        &lab,
+        "released-token",
+        c,
+        jmp_protocol::exit::UNAUTHORIZED,
+        &[&format!("lease {lease} was released")],
     );
 }

@@ -85,6 +85,21 @@ impl Harness {
         }
     }
 
+    /// `caller` deletes the leases `names`; the answer.
+    async fn delete(&mut self, caller: &Caller, names: Vec<String>) -> Reply {
+        self.call(caller, Request::DeleteLease { names, all: false })
+            .await
+    }
+
+    /// Every lease, as the admin lists them.
+    async fn all_leases(&mut self) -> Vec<LeaseInfo> {
+        let admin = self.admin.clone();
+        match self.call(&admin, Request::GetLeases { all: true }).await {
+            Reply::Leases { leases } => leases,
+            other => panic!("{other:?}"),
+        }
+    }
+
     async fn client(&mut self, name: &str, allow: &str, max: u64) -> Caller {
         let admin = self.admin.clone();
         match self
@@ -178,6 +193,25 @@ impl Harness {
     }
 }
 
+/// A core on a fresh in-memory store, not yet running.
+fn mem_core() -> Core<MemStore> {
+    Core::open(
+        MemStore::default(),
+        "test",
+        authority(),
+        Arc::new(Metrics::new()),
+        3600,
+    )
+    .unwrap()
+}
+
+/// A request for the token of lease `name` (as `jmp attach` asks for it).
+fn access(name: &str) -> Request {
+    Request::LeaseAccess {
+        name: Some(name.to_string()),
+    }
+}
+
 fn lease_req(id: &str, sel: &str, secs: u64, wait: u64) -> Request {
     Request::CreateLease(LeaseRequest {
         request_id: id.into(),
@@ -186,6 +220,20 @@ fn lease_req(id: &str, sel: &str, secs: u64, wait: u64) -> Request {
         wait_secs: wait,
         ..Default::default()
     })
+}
+
+fn lease_of(r: Reply) -> LeaseInfo {
+    match r {
+        Reply::Lease(l) => l,
+        other => panic!("expected a lease, got {other:?}"),
+    }
+}
+
+async fn leases_of(h: &mut Harness, c: &Caller) -> Vec<LeaseInfo> {
+    match h.call(c, Request::GetLeases { all: false }).await {
+        Reply::Leases { leases } => leases,
+        other => panic!("{other:?}"),
+    }
 }
 
 fn code(r: &Reply) -> Option<CtlErrorCode> {
@@ -263,10 +311,7 @@ async fn a_waiting_request_whose_requester_vanished_is_withdrawn_and_its_grant_r
     let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
     let c1 = h.client("c1", "", 0).await;
     let c2 = h.client("c2", "", 0).await;
-    let l1 = match h.call(&c1, lease_req("r1", "board=rpi4", 600, 0)).await {
-        Reply::Lease(l) => l,
-        other => panic!("{other:?}"),
-    };
+    let l1 = lease_of(h.call(&c1, lease_req("r1", "board=rpi4", 600, 0)).await);
     // c2 waits, then goes away without a word.
     let (stream, mut rx) = h
         .start_call(&c2, lease_req("r2", "board=rpi4", 600, 60))
@@ -279,21 +324,11 @@ async fn a_waiting_request_whose_requester_vanished_is_withdrawn_and_its_grant_r
     tokio::time::sleep(Duration::from_millis(600)).await;
     // Its place is gone: freeing the exporter does not lease it to nobody.
     assert!(matches!(
-        h.call(
-            &c1,
-            Request::DeleteLease {
-                names: vec![l1.name],
-                all: false
-            }
-        )
-        .await,
+        h.delete(&c1, vec![l1.name]).await,
         Reply::Deleted { .. }
     ));
-    let admin = h.admin.clone();
-    match h.call(&admin, Request::GetLeases { all: true }).await {
-        Reply::Leases { leases } => assert!(leases.is_empty(), "{leases:?}"),
-        other => panic!("{other:?}"),
-    }
+    let leases = h.all_leases().await;
+    assert!(leases.is_empty(), "{leases:?}");
 }
 
 #[tokio::test]
@@ -302,23 +337,13 @@ async fn a_requester_that_comes_back_in_time_keeps_its_place_and_gets_its_lease(
     let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
     let c1 = h.client("c1", "", 0).await;
     let c2 = h.client("c2", "", 0).await;
-    let l1 = match h.call(&c1, lease_req("r1", "board=rpi4", 600, 0)).await {
-        Reply::Lease(l) => l,
-        other => panic!("{other:?}"),
-    };
+    let l1 = lease_of(h.call(&c1, lease_req("r1", "board=rpi4", 600, 0)).await);
     let (stream, mut rx) = h
         .start_call(&c2, lease_req("r2", "board=rpi4", 600, 60))
         .await;
     assert!(matches!(rx.recv().await, Some(Reply::Queued { .. })));
     h.tx.send(Cmd::Gone { stream }).await.unwrap();
-    h.call(
-        &c1,
-        Request::DeleteLease {
-            names: vec![l1.name],
-            all: false,
-        },
-    )
-    .await;
+    h.delete(&c1, vec![l1.name]).await;
     // The retry (same request id) finds the lease granted while it was away, not a new one.
     match h.call(&c2, lease_req("r2", "board=rpi4", 600, 60)).await {
         Reply::Lease(l) => {
@@ -339,10 +364,7 @@ async fn granted_leases_survive_a_restart_from_the_store() {
         let mut h = start(RedbStore::open(&db).unwrap(), auth.clone(), ORPHAN_GRACE);
         let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
         let c = h.client("c1", "", 0).await;
-        let l = match h.call(&c, lease_req("r1", "board=rpi4", 600, 0)).await {
-            Reply::Lease(l) => l,
-            other => panic!("{other:?}"),
-        };
+        let l = lease_of(h.call(&c, lease_req("r1", "board=rpi4", 600, 0)).await);
         // Stop the core: every sender gone ends its task, which drops the store.
         drop(h);
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -395,14 +417,7 @@ async fn an_unclaimed_grant_is_released_after_a_restart_too() {
             assert!(matches!(rx.recv().await, Some(Reply::Queued { .. })));
             waiters.push((s, rx));
         }
-        h.call(
-            &c1,
-            Request::DeleteLease {
-                names: first,
-                all: false,
-            },
-        )
-        .await;
+        h.delete(&c1, first).await;
         for (_, rx) in waiters.iter_mut() {
             assert!(matches!(rx.recv().await, Some(Reply::Lease(_))));
         }
@@ -417,20 +432,15 @@ async fn an_unclaimed_grant_is_released_after_a_restart_too() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let mut h = start(RedbStore::open(&db).unwrap(), auth, grace);
-    let admin = h.admin.clone();
     tokio::time::sleep(Duration::from_millis(900)).await;
-    match h.call(&admin, Request::GetLeases { all: true }).await {
-        Reply::Leases { leases } => {
-            let mut ids: Vec<&str> = leases.iter().map(|l| l.request_id.as_str()).collect();
-            ids.sort();
-            assert_eq!(
-                ids,
-                ["w1"],
-                "the unclaimed grant is held for nobody: {leases:?}"
-            );
-        }
-        other => panic!("{other:?}"),
-    }
+    let leases = h.all_leases().await;
+    let mut ids: Vec<&str> = leases.iter().map(|l| l.request_id.as_str()).collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        ["w1"],
+        "the unclaimed grant is held for nobody: {leases:?}"
+    );
     drop(h);
     tokio::time::sleep(Duration::from_millis(200)).await;
 }
@@ -442,59 +452,32 @@ async fn a_queued_grant_that_never_reaches_its_requester_is_released() {
     let c1 = h.client("c1", "", 0).await;
     let c2 = h.client("c2", "", 0).await;
     let c3 = h.client("c3", "", 0).await;
-    let l1 = match h.call(&c1, lease_req("r1", "board=rpi4", 600, 0)).await {
-        Reply::Lease(l) => l,
-        other => panic!("{other:?}"),
-    };
+    let l1 = lease_of(h.call(&c1, lease_req("r1", "board=rpi4", 600, 0)).await);
     // c2 waits; the grant is sent to it, but its stream dies before confirming.
     let (s2, mut rx2) = h
         .start_call(&c2, lease_req("r2", "board=rpi4", 600, 60))
         .await;
     assert!(matches!(rx2.recv().await, Some(Reply::Queued { .. })));
-    h.call(
-        &c1,
-        Request::DeleteLease {
-            names: vec![l1.name],
-            all: false,
-        },
-    )
-    .await;
+    h.delete(&c1, vec![l1.name]).await;
     assert!(matches!(rx2.recv().await, Some(Reply::Lease(_))));
     h.tx.send(Cmd::Gone { stream: s2 }).await.unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let admin = h.admin.clone();
-    match h.call(&admin, Request::GetLeases { all: true }).await {
-        Reply::Leases { leases } => assert!(leases.is_empty(), "held for nobody: {leases:?}"),
-        other => panic!("{other:?}"),
-    }
+    let leases = h.all_leases().await;
+    assert!(leases.is_empty(), "held for nobody: {leases:?}");
 
     // The same again, but delivered: the lease stays.
-    let l3 = match h.call(&c3, lease_req("r3", "board=rpi4", 600, 0)).await {
-        Reply::Lease(l) => l,
-        other => panic!("{other:?}"),
-    };
+    let l3 = lease_of(h.call(&c3, lease_req("r3", "board=rpi4", 600, 0)).await);
     let (s4, mut rx4) = h
         .start_call(&c2, lease_req("r4", "board=rpi4", 600, 60))
         .await;
     assert!(matches!(rx4.recv().await, Some(Reply::Queued { .. })));
-    h.call(
-        &c3,
-        Request::DeleteLease {
-            names: vec![l3.name],
-            all: false,
-        },
-    )
-    .await;
+    h.delete(&c3, vec![l3.name]).await;
     assert!(matches!(rx4.recv().await, Some(Reply::Lease(_))));
     h.tx.send(Cmd::Delivered { stream: s4 }).await.unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    match h.call(&admin, Request::GetLeases { all: true }).await {
-        Reply::Leases { leases } => {
-            assert_eq!(leases.len(), 1, "{leases:?}");
-            assert_eq!(leases[0].request_id, "r4");
-        }
-        other => panic!("{other:?}"),
-    }
+    let leases = h.all_leases().await;
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    assert_eq!(leases[0].request_id, "r4");
     // Another client cannot take over a request id.
     let r = h.call(&c1, lease_req("r4", "board=rpi4", 600, 0)).await;
     assert_eq!(code(&r), Some(CtlErrorCode::Invalid), "{r:?}");
@@ -518,14 +501,7 @@ async fn a_queued_grant_that_never_reaches_its_requester_is_released() {
 /// an active lease, for an exporter that takes relayed sessions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_serves_only_the_lease_holder_of_a_relay_exporter_while_the_lease_lasts() {
-    let mut core = Core::open(
-        MemStore::default(),
-        "test",
-        authority(),
-        Arc::new(Metrics::new()),
-        3600,
-    )
-    .unwrap();
+    let mut core = mem_core();
     core.set_relay(crate::relay::RelayConfig {
         bind: "127.0.0.1".parse().unwrap(),
         ports: None,
@@ -584,8 +560,8 @@ async fn the_relay_serves_only_the_lease_holder_of_a_relay_exporter_while_the_le
     let (c1, c2) = (clients[0].clone(), clients[1].clone());
     let mut tokens = Vec::new();
     for (site, id) in [("nat-01", "r1"), ("lan-01", "r2")] {
-        let lease = match h
-            .call(
+        let lease = lease_of(
+            h.call(
                 &c1,
                 Request::CreateLease(LeaseRequest {
                     request_id: id.into(),
@@ -594,20 +570,9 @@ async fn the_relay_serves_only_the_lease_holder_of_a_relay_exporter_while_the_le
                     ..Default::default()
                 }),
             )
-            .await
-        {
-            Reply::Lease(l) => l,
-            other => panic!("{other:?}"),
-        };
-        match h
-            .call(
-                &c1,
-                Request::LeaseAccess {
-                    name: Some(lease.name.clone()),
-                },
-            )
-            .await
-        {
+            .await,
+        );
+        match h.call(&c1, access(&lease.name)).await {
             Reply::Access(a) => {
                 assert_eq!(a.relay, site == "nat-01", "{a:?}");
                 tokens.push((lease.name, a.token));
@@ -737,10 +702,8 @@ async fn a_client_whose_stored_policy_does_not_parse_is_refused_naming_it() {
         );
     }
     let admin = h.admin.clone();
-    match h.call(&admin, Request::GetLeases { all: true }).await {
-        Reply::Leases { leases } => assert!(leases.is_empty(), "nothing granted: {leases:?}"),
-        other => panic!("{other:?}"),
-    }
+    let leases = h.all_leases().await;
+    assert!(leases.is_empty(), "nothing granted: {leases:?}");
     // The admin still sees the record as stored.
     match h
         .call(
@@ -1024,14 +987,7 @@ async fn creating_an_existing_client_is_refused_and_update_changes_only_what_is_
 /// reason); one whose exporters are only offline or busy waits.
 #[tokio::test]
 async fn an_unservable_request_is_refused_at_once_even_with_a_wait() {
-    let mut core = Core::open(
-        MemStore::default(),
-        "test",
-        authority(),
-        Arc::new(Metrics::new()),
-        3600,
-    )
-    .unwrap();
+    let mut core = mem_core();
     core.set_max_waiting(1);
     let mut h = run(core, ORPHAN_GRACE);
     let _a = h.exporter("rpi4-01", &[("board", "rpi4")]).await;
@@ -1205,10 +1161,8 @@ async fn a_deleted_clients_reservations_waiters_and_leases_go_with_it() {
         }
     };
     assert!(format!("{r:?}").contains("client c was deleted"), "{r:?}");
-    match h.call(&admin, Request::GetLeases { all: true }).await {
-        Reply::Leases { leases } => assert!(leases.is_empty(), "{leases:?}"),
-        r => panic!("{r:?}"),
-    }
+    let leases = h.all_leases().await;
+    assert!(leases.is_empty(), "{leases:?}");
 }
 
 /// A lease request with an idle timeout (seconds; 0: none) and, with `max`, auto-extension up
@@ -1223,20 +1177,6 @@ fn idle_req(id: &str, sel: &str, secs: u64, idle: Option<u64>, max: Option<u64>)
         max_duration_secs: max,
         ..Default::default()
     })
-}
-
-fn lease_of(r: Reply) -> LeaseInfo {
-    match r {
-        Reply::Lease(l) => l,
-        other => panic!("expected a lease, got {other:?}"),
-    }
-}
-
-async fn leases_of(h: &mut Harness, c: &Caller) -> Vec<LeaseInfo> {
-    match h.call(c, Request::GetLeases { all: false }).await {
-        Reply::Leases { leases } => leases,
-        other => panic!("{other:?}"),
-    }
 }
 
 /// A lease nothing uses ends as idle: the exporter hears why, a waiter gets the board, and the
@@ -1292,9 +1232,7 @@ async fn a_lease_nothing_uses_ends_as_idle_and_its_holder_is_told() {
     assert_eq!(granted.exporter, "rpi4-01");
     // The holder comes back for it.
     for r in [
-        Request::LeaseAccess {
-            name: Some(l.name.clone()),
-        },
+        access(&l.name),
         Request::TouchLease {
             name: Some(l.name.clone()),
         },
@@ -1314,15 +1252,7 @@ async fn a_lease_nothing_uses_ends_as_idle_and_its_holder_is_told() {
         );
     }
     // Someone else is told nothing about it.
-    let Reply::Error(e) = h
-        .call(
-            &other,
-            Request::LeaseAccess {
-                name: Some(l.name.clone()),
-            },
-        )
-        .await
-    else {
+    let Reply::Error(e) = h.call(&other, access(&l.name)).await else {
         panic!()
     };
     assert!(!e.message.contains("idle"), "{e}");
@@ -1657,14 +1587,7 @@ async fn a_lease_is_shared_only_within_the_colleagues_policy_and_unshared() {
     let name = lease.name.clone();
 
     // Not shared yet: the colleague gets nothing for it.
-    let r = h
-        .call(
-            &colleague,
-            Request::LeaseAccess {
-                name: Some(name.clone()),
-            },
-        )
-        .await;
+    let r = h.call(&colleague, access(&name)).await;
     assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
 
     // A client whose policy forbids the exporter: refused, naming why.
@@ -1674,14 +1597,7 @@ async fn a_lease_is_shared_only_within_the_colleagues_policy_and_unshared() {
         format!("{r:?}").contains("policy of client only-b"),
         "{r:?}"
     );
-    let r = h
-        .call(
-            &only_b,
-            Request::LeaseAccess {
-                name: Some(name.clone()),
-            },
-        )
-        .await;
+    let r = h.call(&only_b, access(&name)).await;
     assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
     // Nor with oneself, an unknown client, or an end already past.
     let r = h.call(&holder, share(&name, "holder", None, false)).await;
@@ -1719,15 +1635,7 @@ async fn a_lease_is_shared_only_within_the_colleagues_policy_and_unshared() {
     };
     assert_eq!(l.shares, vec![ro.clone()]);
     assert_eq!(pushed_shares(&mut a).await, vec![ro.clone()]);
-    let c = access_claims(
-        &h.call(
-            &colleague,
-            Request::LeaseAccess {
-                name: Some(name.clone()),
-            },
-        )
-        .await,
-    );
+    let c = access_claims(&h.call(&colleague, access(&name)).await);
     assert_eq!(c.sub, name);
     assert_eq!(c.client.as_deref(), Some("colleague"));
     assert_eq!(c.exporter.as_deref(), Some("a-01"));
@@ -1740,15 +1648,7 @@ async fn a_lease_is_shared_only_within_the_colleagues_policy_and_unshared() {
         lease.end
     );
     // The holder's own token is no share's.
-    let c = access_claims(
-        &h.call(
-            &holder,
-            Request::LeaseAccess {
-                name: Some(name.clone()),
-            },
-        )
-        .await,
-    );
+    let c = access_claims(&h.call(&holder, access(&name)).await);
     assert_eq!((c.client.as_deref(), c.share), (Some("holder"), None));
     // The colleague sees the lease it may attach to.
     let mine = leases_of(&mut h, &colleague).await;
@@ -1768,15 +1668,7 @@ async fn a_lease_is_shared_only_within_the_colleagues_policy_and_unshared() {
     };
     assert_eq!(l.shares, vec![ctl.clone()]);
     assert_eq!(pushed_shares(&mut a).await, vec![ctl]);
-    let c = access_claims(
-        &h.call(
-            &colleague,
-            Request::LeaseAccess {
-                name: Some(name.clone()),
-            },
-        )
-        .await,
-    );
+    let c = access_claims(&h.call(&colleague, access(&name)).await);
     assert_eq!(c.share, Some(ShareClaim { control: true }));
     assert_eq!(c.exp, Some(until));
 
@@ -1792,14 +1684,7 @@ async fn a_lease_is_shared_only_within_the_colleagues_policy_and_unshared() {
         )
         .await;
     assert!(matches!(r, Reply::Clients { .. }), "{r:?}");
-    let r = h
-        .call(
-            &colleague,
-            Request::LeaseAccess {
-                name: Some(name.clone()),
-            },
-        )
-        .await;
+    let r = h.call(&colleague, access(&name)).await;
     assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
     // ... and the share itself ended: the exporter hears it is gone.
     assert_eq!(pushed_shares(&mut a).await, vec![]);
@@ -1815,14 +1700,7 @@ async fn a_lease_is_shared_only_within_the_colleagues_policy_and_unshared() {
         .await;
     assert!(matches!(r, Reply::Clients { .. }), "{r:?}");
     // Allowed again, it is shared again (the narrowing ended the share for good).
-    let r = h
-        .call(
-            &colleague,
-            Request::LeaseAccess {
-                name: Some(name.clone()),
-            },
-        )
-        .await;
+    let r = h.call(&colleague, access(&name)).await;
     assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
     lease_of(
         h.call(&holder, share(&name, "colleague", None, false))
@@ -1852,14 +1730,7 @@ async fn a_lease_is_shared_only_within_the_colleagues_policy_and_unshared() {
     );
     assert!(l.shares.is_empty(), "{l:?}");
     assert_eq!(pushed_shares(&mut a).await, vec![]);
-    let r = h
-        .call(
-            &colleague,
-            Request::LeaseAccess {
-                name: Some(name.clone()),
-            },
-        )
-        .await;
+    let r = h.call(&colleague, access(&name)).await;
     assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
     assert!(leases_of(&mut h, &colleague).await.is_empty());
     let r = h
@@ -1913,14 +1784,7 @@ async fn no_share_on_an_exporter_that_does_not_know_shares_nor_for_a_deleted_cli
     assert_eq!(pushed_shares(&mut new).await, vec![], "the exporter hears");
     // A client made later under the same name inherits nothing.
     let again = h.client("colleague", "", 0).await;
-    let r = h
-        .call(
-            &again,
-            Request::LeaseAccess {
-                name: Some(l.name.clone()),
-            },
-        )
-        .await;
+    let r = h.call(&again, access(&l.name)).await;
     assert_eq!(code(&r), Some(CtlErrorCode::Forbidden), "{r:?}");
     let _ = colleague;
 }

@@ -14,13 +14,8 @@ pub use bridge::UdpBridge;
 pub use driver::UdpDriver;
 pub use spec::UdpSpec;
 
-use crate::kind::{
-    BridgeError, InvalidSpec, BuildCtx, DeviceKind, NoOptions, NoRequest, NoVerb, Spec};
-use crate::{BoxFuture, Bridge, BridgeCtx};
-use jmp_protocol::codec::Codec;
 use jmp_protocol::kinds::udp as wire;
-use jmp_protocol::{DeviceInfo, Kind};
-use std::sync::Arc;
+use jmp_protocol::Kind;
 
 /// UDP forwards: a local port per device, a datagram channel per flow.
 pub struct Udp;
@@ -32,39 +27,13 @@ crate::config_types! {
     }
 }
 
-impl DeviceKind for Udp {
-    const KIND: Kind = Kind::Udp;
-    const LISTENS: bool = true;
-    type Config = UdpConfig;
-    type Options = NoOptions;
-    type Verb = NoVerb;
-    type Request = NoRequest;
-    type Response = NoRequest;
-
-    fn bridge<'a>(
-        info: &'a DeviceInfo,
-        ctx: &'a BridgeCtx,
-        _opts: &'a NoOptions,
-    ) -> BoxFuture<'a, Result<Box<dyn Bridge>, BridgeError>> {
-        Box::pin(async move {
-            let b = bridge::create(info, ctx).await.map_err(BridgeError::Local)?;
-            Ok(Box::new(b) as Box<dyn Bridge>)
-        })
-    }
-
-    fn summary(params: &[u8]) -> Option<String> {
-        wire::DeviceParams::decode_exact(params)
-            .ok()
-            .map(|p| format!("to udp {}:{}", p.host, p.port))
-    }
-}
-
-impl Spec for UdpSpec {
-    fn validate(&self) -> Result<(), InvalidSpec> {
-        UdpSpec::validate(self).map_err(InvalidSpec)
-    }
-
-    fn start(&self, name: &str, _ctx: &BuildCtx) -> Arc<dyn crate::Driver> {
-        UdpSpec::start(self, name)
+crate::common::forward_kind! {
+    impl DeviceKind for Udp {
+        kind: Kind::Udp,
+        config: UdpConfig,
+        spec: UdpSpec,
+        params: wire::DeviceParams,
+        bridge: bridge::create,
+        summary: "to udp",
     }
 }
