@@ -22,7 +22,6 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
 };
 use jmp_protocol::kinds::storage::Op;
-use bytes::Bytes;
 use std::ffi::OsStr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
@@ -53,12 +52,10 @@ pub struct Table {
 }
 
 /// Shared between the filesystem (fuser's thread) and the code that reads the table.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Files {
     table: Mutex<Table>,
     changed: Condvar,
-    /// Data read ahead for a sequential reader (dropped with the kernel's cache).
-    pub readahead: ReadAhead,
 }
 
 impl Files {
@@ -106,201 +103,6 @@ impl Files {
             .iter()
             .find(|e| OsStr::new(&e.name) == name)
             .cloned()
-    }
-}
-
-/// Read-ahead chunks are this long (the kernel's own read requests are at most [`MAX_IO`]).
-const RA_CHUNK: u64 = MAX_IO as u64;
-/// Chunks read ahead at most: the memory a mount holds for it ([`RA_CHUNK`] each), and the
-/// requests a sequential reader keeps on the link beyond the kernel's own read-ahead.
-pub const RA_CHUNKS: usize = 8;
-/// Reads shorter than this never start a read-ahead (4 KiB random reads stay as they are).
-const RA_MIN_READ: u64 = 128 << 10;
-
-/// Client-side read-ahead for one sequential reader: when a read starts where the last one
-/// ended, the next [`RA_CHUNKS`] chunks after it are requested from the exporter, and the
-/// kernel's next reads are answered from them (or wait for them) instead of each crossing the
-/// link after the kernel asks. The kernel's own read-ahead on a FUSE mount comes in windows
-/// (4 MiB here: four requests, then nothing until the reader reaches the next window), so
-/// without this the link idles between windows.
-///
-/// Offsets are the medium's (every file of the mount reads the same medium). What was read
-/// ahead is dropped where this mount writes or zeroes, and wholly when the medium changes
-/// behind the mount ([`ReadAhead::clear`], with the kernel's cache): a read that comes after
-/// a write never sees data from before it. A chunk requested before a write and still on its
-/// way serves only the reads that were waiting for it already (concurrent with the write).
-#[derive(Default)]
-pub struct ReadAhead {
-    state: Mutex<RaState>,
-}
-
-struct RaState {
-    /// Where the last read ended (medium offset).
-    last_end: u64,
-    /// Chunks by start, each `(len, slot)`, at most [`RA_CHUNKS`].
-    chunks: std::collections::BTreeMap<u64, (u64, Arc<Slot>)>,
-}
-
-impl Default for RaState {
-    fn default() -> Self {
-        RaState {
-            last_end: u64::MAX,
-            chunks: Default::default(),
-        }
-    }
-}
-
-#[derive(Default)]
-struct Slot {
-    state: Mutex<SlotState>,
-}
-
-enum SlotState {
-    /// Requested; reads waiting for it: (offset in the chunk, length, reply).
-    Pending(Vec<(usize, usize, ReplyData)>),
-    Ready(Bytes),
-    /// The request failed: reads ask the exporter themselves (and get its error).
-    Failed,
-}
-
-impl Default for SlotState {
-    fn default() -> Self {
-        SlotState::Pending(Vec::new())
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A plain read of `len` bytes at medium offset `at`, answered to `reply`.
-fn read_direct(client: &Client, at: u64, len: u64, reply: ReplyData) {
-    client.submit(
-        Op::Read {
-            offset: at,
-            len,
-            compress: false,
-        },
-        None,
-        Box::new(move |r| match r {
-            Ok(Reply::Data(d)) => reply.data(&d),
-            Ok(_) => reply.error(Errno::EIO),
-            Err(f) => reply.error(errno(f.error.errno())),
-        }),
-    );
-}
-
-impl ReadAhead {
-    /// Drops everything read ahead (the medium changed behind the mount).
-    pub fn clear(&self) {
-        let mut st = lock(&self.state);
-        st.chunks.clear();
-        st.last_end = u64::MAX;
-    }
-
-    /// Drops what was read ahead of `[start, end)` (this mount writes or zeroes it).
-    pub fn forget(&self, start: u64, end: u64) {
-        let mut st = lock(&self.state);
-        st.chunks.retain(|&s, (l, _)| s + *l <= start || s >= end);
-    }
-
-    /// Chunks held now (for tests and the memory budget).
-    pub fn held(&self) -> usize {
-        lock(&self.state).chunks.len()
-    }
-
-    /// Answers a read of `len` bytes at medium offset `at` (within a file that ends at
-    /// medium offset `file_end`), from what was read ahead if it can, and reads ahead of it
-    /// if it continues the last read.
-    fn read(&self, client: &Client, at: u64, len: u64, file_end: u64, reply: ReplyData) {
-        let end = at + len;
-        let mut st = lock(&self.state);
-        let sequential = st.last_end == at;
-        st.last_end = end;
-        // Chunks wholly behind this read will not be read again by a sequential reader.
-        st.chunks.retain(|&s, (l, _)| s + *l > at);
-        let hit = st
-            .chunks
-            .range(..=at)
-            .next_back()
-            .filter(|(&s, (l, _))| end <= s + *l)
-            .map(|(&s, (l, slot))| (s, *l, slot.clone()));
-        if let Some((s, l, _)) = hit {
-            if end == s + l {
-                // Read to its end: a sequential reader is done with it.
-                st.chunks.remove(&s);
-            }
-        }
-        if sequential && len >= RA_MIN_READ {
-            self.ahead(&mut st, client, end, file_end);
-        }
-        drop(st);
-        let Some((s, _, slot)) = hit else {
-            return read_direct(client, at, len, reply);
-        };
-        let from = (at - s) as usize;
-        let mut g = lock(&slot.state);
-        match &mut *g {
-            SlotState::Ready(d) => {
-                let d = d.slice(from..from + len as usize);
-                drop(g);
-                reply.data(&d);
-            }
-            SlotState::Pending(waiting) => waiting.push((from, len as usize, reply)),
-            SlotState::Failed => {
-                drop(g);
-                read_direct(client, at, len, reply);
-            }
-        }
-    }
-
-    /// Requests chunks from `from` on (after those already held) up to [`RA_CHUNKS`] of
-    /// them, not past `file_end`.
-    fn ahead(&self, st: &mut RaState, client: &Client, from: u64, file_end: u64) {
-        let mut next = from;
-        // Continue after the chunks already held that follow on from `from`.
-        while let Some((l, _)) = st.chunks.get(&next) {
-            next += *l;
-        }
-        while st.chunks.len() < RA_CHUNKS && next < file_end {
-            let len = RA_CHUNK.min(file_end - next);
-            let slot = Arc::new(Slot::default());
-            st.chunks.insert(next, (len, slot.clone()));
-            let c = client.clone();
-            let at = next;
-            client.submit(
-                Op::Read {
-                    offset: at,
-                    len,
-                    compress: false,
-                },
-                None,
-                Box::new(move |r| {
-                    let data = match r {
-                        Ok(Reply::Data(d)) if d.len() as u64 == len => Some(d),
-                        _ => None,
-                    };
-                    let waiting = {
-                        let mut g = lock(&slot.state);
-                        let new = match &data {
-                            Some(d) => SlotState::Ready(d.clone()),
-                            None => SlotState::Failed,
-                        };
-                        match std::mem::replace(&mut *g, new) {
-                            SlotState::Pending(w) => w,
-                            _ => Vec::new(),
-                        }
-                    };
-                    for (from, n, reply) in waiting {
-                        match &data {
-                            Some(d) => reply.data(&d[from..from + n]),
-                            None => read_direct(&c, at + from as u64, n as u64, reply),
-                        }
-                    }
-                }),
-            );
-            next += len;
-        }
     }
 }
 
@@ -455,9 +257,19 @@ impl Filesystem for StorageFs {
             return reply.data(&[]);
         }
         let len = u64::from(size).min(e.len - offset);
-        self.files
-            .readahead
-            .read(&self.client, e.offset + offset, len, e.offset + e.len, reply);
+        self.client.submit(
+            Op::Read {
+                offset: e.offset + offset,
+                len,
+                compress: false,
+            },
+            None,
+            Box::new(move |r| match r {
+                Ok(Reply::Data(d)) => reply.data(&d),
+                Ok(_) => reply.error(Errno::EIO),
+                Err(f) => reply.error(errno(f.error.errno())),
+            }),
+        );
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -484,9 +296,6 @@ impl Filesystem for StorageFs {
             return reply.error(Errno::ENOSPC);
         }
         let n = (data.len() as u64).min(e.len - offset) as usize;
-        self.files
-            .readahead
-            .forget(e.offset + offset, e.offset + offset + n as u64);
         // The one copy of a write: fuser's buffer is reused for the next request.
         let payload = bytes::Bytes::copy_from_slice(&data[..n]);
         self.client.submit(
@@ -562,9 +371,6 @@ impl Filesystem for StorageFs {
         if length == 0 {
             return reply.ok();
         }
-        self.files
-            .readahead
-            .forget(e.offset + offset, e.offset + offset + length);
         self.client.submit(
             op,
             None,

@@ -74,7 +74,6 @@ impl Mounted {
     /// Drops the kernel's cached pages and names of every file (the medium changed behind
     /// this mount).
     pub fn invalidate(&self) {
-        self.files.readahead.clear();
         for e in self.files.entries() {
             let _ = self.notifier.inval_inode(fuser::INodeNo(e.ino), 0, -1);
             let _ = self
