@@ -334,6 +334,14 @@ impl Watcher {
                     let mut subs = lock(&self.subs);
                     for e in events {
                         let wd = e.wd;
+                        if e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                            // Events were lost (the one queue serves every pty of the
+                            // process): any watch may have missed its open, so all look again.
+                            for (_, n) in subs.values().flatten() {
+                                n.notify_one();
+                            }
+                            continue;
+                        }
                         if e.mask.contains(AddWatchFlags::IN_IGNORED) {
                             // The watch is gone (its slave was removed, or we removed it):
                             // whoever still waits on it looks once more, then polls.
