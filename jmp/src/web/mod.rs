@@ -401,6 +401,28 @@ fn lab_link(args: &WebArgs) -> Result<()> {
     })
 }
 
+/// Opens `rel` for reading, resolved beneath `dir` only (openat2's `RESOLVE_BENEATH`: no `..`
+/// above it, no link leading out, no /proc magic link: `EXDEV` or `ELOOP` instead), the last
+/// component not followed, without blocking on a pipe or taking a terminal.
+fn open_beneath(dir: &std::path::Path, rel: &std::path::Path) -> nix::Result<std::fs::File> {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let base = std::fs::File::open(dir)
+        .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    let how = OpenHow::new()
+        .flags(
+            OFlag::O_RDONLY
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_NONBLOCK
+                | OFlag::O_NOCTTY
+                | OFlag::O_CLOEXEC,
+        )
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let fd = openat2(base.as_raw_fd(), rel, how)?;
+    // SAFETY: openat2 returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
 /// Why flashing by path is refused without `--image-dir`.
 const NO_IMAGE_DIR: &str = "flashing by a path is off: start jmp web with --image-dir DIR to flash the images under DIR (the page must not read any file you can read)";
 
@@ -436,17 +458,14 @@ fn open_image(
     if !ahead.starts_with(dir) {
         return Err(outside());
     }
-    let f = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .read(true)
-            // A pipe would block the open; a terminal must not become jmp's.
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-            .open(&named)
-    }
-    .map_err(|e| match e.raw_os_error() {
-        Some(libc::ELOOP) => format!("{path} is a symbolic link: name the image itself"),
-        _ => format!("{path}: {e}"),
+    // The open resolves beneath the directory (openat2's RESOLVE_BENEATH): a directory on the
+    // way swapped for a link out after the check above makes the open fail rather than open a
+    // device elsewhere (opening a tty toggles its DTR line, which resets many boards).
+    let rel = named.strip_prefix(dir).map_err(|_| outside())?;
+    let f = open_beneath(dir, rel).map_err(|e| match e {
+        nix::errno::Errno::ELOOP => format!("{path} is a symbolic link: name the image itself"),
+        nix::errno::Errno::EXDEV => outside(),
+        e => format!("{path}: {}", std::io::Error::from(e)),
     })?;
     let real = std::fs::read_link(format!("/proc/self/fd/{}", {
         use std::os::fd::AsRawFd;
@@ -713,6 +732,36 @@ mod tests {
         assert!(why("fifo").contains("is a pipe"));
         assert!(why("").contains("give the path"));
         assert!(why("none.img").contains("No such file"));
+    }
+
+    #[test]
+    fn the_open_itself_stays_beneath_the_image_dir() {
+        // What the check before the open cannot see (a directory on the way swapped for a
+        // link out in between), the open refuses by itself.
+        let s = scratch("beneath");
+        let dir = s.0.join("images");
+        let out = s.0.join("elsewhere");
+        std::fs::create_dir_all(dir.join("real")).unwrap();
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(dir.join("real/a.img"), b"image").unwrap();
+        std::fs::write(out.join("secret"), b"secret").unwrap();
+        std::os::unix::fs::symlink(&out, dir.join("sub")).unwrap();
+        let rel = |p: &str| std::path::PathBuf::from(p);
+        assert_eq!(
+            read(open_beneath(&dir, &rel("real/a.img")).unwrap()),
+            b"image"
+        );
+        for p in ["sub/secret", "../elsewhere/secret"] {
+            assert_eq!(
+                open_beneath(&dir, &rel(p)).map(|_| ()),
+                Err(nix::errno::Errno::EXDEV),
+                "{p}"
+            );
+        }
+        assert_eq!(
+            open_beneath(&dir, &rel("/proc/self/environ")).map(|_| ()),
+            Err(nix::errno::Errno::EXDEV)
+        );
     }
 
     #[test]
