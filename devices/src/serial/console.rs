@@ -694,6 +694,25 @@ async fn open(
     })
 }
 
+/// The board's output: recorded (at the exporter's times when the channel is timed), then
+/// shown, stamped with the local time when asked.
+fn show_output(
+    chunks: Chunks,
+    rec: &mut Option<Recorder>,
+    stamp: &mut Option<Stamper>,
+) -> Result<(), VerbError> {
+    for (b, at) in chunks {
+        if let Some(r) = rec.as_mut() {
+            r.output(&b, at).map_err(record_error)?;
+        }
+        match stamp.as_mut() {
+            Some(s) => show(&s.stamp(&b, SystemTime::now()))?,
+            None => show(&b)?,
+        }
+    }
+    Ok(())
+}
+
 fn record_error(e: std::io::Error) -> VerbError {
     VerbError::new(code::FAILURE, format!("cannot write the recording: {e}"))
 }
@@ -773,17 +792,7 @@ async fn send(
                 }
             }
             r = recv_chunks(&mut ch.rx, &mut ch.timed) => match r {
-                Ok(Some(chunks)) => {
-                    for (b, at) in chunks {
-                        if let Some(r) = rec.as_mut() {
-                            r.output(&b, at).map_err(record_error)?;
-                        }
-                        match stamp.as_mut() {
-                            Some(s) => show(&s.stamp(&b, SystemTime::now()))?,
-                            None => show(&b)?,
-                        }
-                    }
-                }
+                Ok(Some(chunks)) => show_output(chunks, &mut rec, &mut stamp)?,
                 Ok(None) => {
                     if !pending.is_empty() {
                         result = Err(lost("before the script was sent".into()));
@@ -963,17 +972,7 @@ async fn interactive(host: &dyn VerbHost, args: &ConsoleArgs) -> Result<(), Verb
                 }
             }
             r = recv_chunks(&mut ch.rx, &mut ch.timed) => match r {
-                Ok(Some(chunks)) => {
-                    for (b, at) in chunks {
-                        if let Some(r) = rec.as_mut() {
-                            r.output(&b, at).map_err(record_error)?;
-                        }
-                        match stamp.as_mut() {
-                            Some(s) => show(&s.stamp(&b, SystemTime::now()))?,
-                            None => show(&b)?,
-                        }
-                    }
-                }
+                Ok(Some(chunks)) => show_output(chunks, &mut rec, &mut stamp)?,
                 Ok(None) => break Err(fail(format!("{}: the exporter ended the console", ch.device))),
                 Err(e) => break Err(fail(format!("{}: the console closed: {e}", ch.device))),
             },
